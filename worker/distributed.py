@@ -1,0 +1,88 @@
+"""ParallelContext: rank, world size, process group and device, built once and passed to constructors.
+
+World size 1 runs no collective at all. Built from the torchrun environment (`RANK`, `WORLD_SIZE`,
+`LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) by the CLI, never read inside layers.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    group: Optional[object] = None  # torch.distributed ProcessGroup when world_size > 1
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over ranks in place (identity at world size 1)."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate each rank's `x` along the last dim, in rank order."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(x, src=src, group=self.group)
+        return x
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+def init_from_env(env: Mapping[str, str], device: str = "auto",
+                  timeout_s: float = 600.0) -> ParallelContext:
+    """Build the context from torchrun variables; initialise NCCL (CUDA) or gloo (CPU) when world_size > 1."""
+    rank = int(env.get("RANK", "0"))
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world_size == 1:
+        return ParallelContext(0, 1, dev, None)
+    addr = env.get("MASTER_ADDR", "localhost")
+    port = env.get("MASTER_PORT", "29500")
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
+                            **({"device_id": dev} if dev.type == "cuda" else {}))
+    return ParallelContext(rank, world_size, dev, dist.group.WORLD)
+
+
+def shutdown(ctx: ParallelContext) -> None:
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def env_snapshot() -> dict[str, str]:
+    """The torchrun variables of this process (read once, by the CLI)."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: os.environ[k] for k in keys if k in os.environ}

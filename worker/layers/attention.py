@@ -1,0 +1,92 @@
+"""Attention over the paged KV cache, behind one interface with backends chosen once at start-up.
+
+`torch` (portable, CPU and GPU; the reference the others are tested against) handles, for a batch
+mixing sequences of different lengths and non-contiguous, out-of-order blocks:
+  (a) plain prefill, (b) prefill of a suffix after `cache_len` cached tokens, (c) decode.
+Queries of a sequence's new tokens attend causally to all of its cached tokens plus themselves.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.kv_cache import store_kv
+from worker.layers.context import ForwardContext
+
+log = logging.getLogger(__name__)
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor) -> None: ...
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
+               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float) -> torch.Tensor: ...
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one sequence: [length, heads, head_dim]."""
+    nb, bs, h, d = cache.shape
+    n_blocks = (length + bs - 1) // bs
+    return cache[block_table[:n_blocks].long()].reshape(n_blocks * bs, h, d)[:length]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [n, h, d] at the last n positions of k/v: [L, h, d]; fp32 math, result in q's dtype."""
+    n, L = q.shape[0], k.shape[0]
+    offset = L - n
+    key_pos = torch.arange(L, device=q.device)
+    query_pos = torch.arange(n, device=q.device) + offset
+    mask = key_pos[None, :] <= query_pos[:, None]  # [n, L]
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1),
+                                         v.float().transpose(0, 1), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).to(q.dtype)
+
+
+class TorchAttention:
+    """Per-sequence gather + SDPA in fp32. Exact; not the fast path."""
+
+    name = "torch"
+
+    def store(self, k, v, k_cache, v_cache, slots) -> None:
+        store_kv(k, v, k_cache, v_cache, slots)
+
+    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        # q, k, v: [T, heads, head_dim] of the new tokens -> [T, heads, head_dim]
+        cu = ctx.seqlen.cu_seqlen_q.tolist()
+        lengths = ctx.seqlen.input_lengths.tolist()
+        out = torch.empty_like(q)
+        for i in range(len(cu) - 1):
+            s, e = cu[i], cu[i + 1]
+            if k_cache is None:  # no cache: the new tokens are the whole context
+                keys, values = k[s:e], v[s:e]
+            else:
+                keys = gather_context(k_cache, ctx.block_tables[i], lengths[i]).to(q.dtype)
+                values = gather_context(v_cache, ctx.block_tables[i], lengths[i]).to(q.dtype)
+            out[s:e] = causal_attention(q[s:e], keys, values, scale)
+        return out
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` picks `triton` on CUDA when available, else `torch`."""
+    if name == "auto":
+        name = "torch"
+        if device.type == "cuda":
+            try:
+                from worker.kernels import triton_attention  # noqa: F401
+
+                name = "triton"
+            except ImportError:
+                pass
+    if name == "torch":
+        return TorchAttention()
+    if name == "triton":
+        from worker.kernels.triton_attention import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or triton)")

@@ -1,0 +1,107 @@
+"""Tensor-parallel linear layers. Each owns its sharding rule and loads its own slice.
+
+Weights are [out, in] as in the checkpoint. `pctx` is the ParallelContext (rank, world size, group).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from worker.distributed import ParallelContext
+from worker.weights import Weights, shard_range
+
+
+def _param(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T (+ b_r): the output dim is split across ranks, no communication.
+
+    Packed layers (fused q/k/v, merged gate/up) split each packed block on its own, so rank r holds
+    [block0_r; block1_r; ...]. `packed_sizes` are the blocks' total sizes (one block = plain column).
+    """
+
+    def __init__(self, in_features: int, packed_sizes: Sequence[int], bias: bool, pctx: ParallelContext,
+                 dtype: torch.dtype, what: str = "linear"):
+        super().__init__()
+        self.pctx = pctx
+        self.in_features = in_features
+        self.packed_sizes_total = list(packed_sizes)
+        for size in packed_sizes:
+            shard_range(size, pctx.rank, pctx.world_size, f"{what} output")  # clear error if not divisible
+        self.packed_sizes = [s // pctx.world_size for s in packed_sizes]  # per rank
+        self.out_features = sum(self.packed_sizes)  # per rank
+        self.weight = _param((self.out_features, in_features), dtype, pctx.device)
+        self.bias = _param((self.out_features,), dtype, pctx.device) if bias else None
+
+    def load(self, weights: Weights, names: Sequence[str]) -> None:
+        """`names`: one checkpoint prefix per stored tensor; a single name may hold all packed blocks
+        (c_attn), several names are concatenated as the packed blocks (w2 then w1)."""
+        r, n = self.pctx.rank, self.pctx.world_size
+        if len(names) == 1:
+            name = names[0]
+            w = weights.get_packed_sharded(f"{name}.weight", 0, self.packed_sizes_total, r, n,
+                                           (sum(self.packed_sizes_total), self.in_features))
+            b = (weights.get_packed_sharded(f"{name}.bias", 0, self.packed_sizes_total, r, n,
+                                            (sum(self.packed_sizes_total),)) if self.bias is not None else None)
+        else:
+            if len(names) != len(self.packed_sizes_total):
+                raise ValueError(f"{len(names)} tensors for {len(self.packed_sizes_total)} packed blocks")
+            w = torch.cat([weights.get_sharded(f"{nm}.weight", 0, r, n, (size, self.in_features))
+                           for nm, size in zip(names, self.packed_sizes_total)])
+            b = (torch.cat([weights.get_sharded(f"{nm}.bias", 0, r, n, (size,))
+                            for nm, size in zip(names, self.packed_sizes_total)]) if self.bias is not None else None)
+        self.weight.data.copy_(w)
+        if self.bias is not None:
+            self.bias.data.copy_(b)
+
+    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        # x: [T, in] -> [T, out_per_rank]; ctx is read only by LoRA wrappers
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T (+ b): the input dim is split; one all-reduce in `forward`; bias added once,
+    after the reduction. `partial(x)` gives this rank's un-reduced term (LoRA adds into it)."""
+
+    def __init__(self, in_features_total: int, out_features: int, bias: bool, pctx: ParallelContext,
+                 dtype: torch.dtype, what: str = "linear"):
+        super().__init__()
+        self.pctx = pctx
+        start, stop = shard_range(in_features_total, pctx.rank, pctx.world_size, f"{what} input")
+        self.in_features = stop - start  # per rank
+        self.out_features = out_features
+        self.weight = _param((out_features, self.in_features), dtype, pctx.device)
+        self.bias = _param((out_features,), dtype, pctx.device) if bias else None
+
+    def load(self, weights: Weights, name: str) -> None:
+        r, n = self.pctx.rank, self.pctx.world_size
+        self.weight.data.copy_(weights.get_sharded(f"{name}.weight", 1, r, n,
+                                                   (self.out_features, self.in_features * n)))
+        if self.bias is not None:
+            self.bias.data.copy_(weights.get(f"{name}.bias", (self.out_features,)))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
+        return nn.functional.linear(x, self.weight)
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        y = self.pctx.all_reduce(y)
+        return y + self.bias if self.bias is not None else y
+
+    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        return self.reduce(self.partial(x))
+
+
+def make_qkv(hidden: int, heads_total: int, head_dim: int, pctx: ParallelContext, dtype: torch.dtype,
+             bias: bool = True) -> ColumnParallelLinear:
+    """Fused c_attn: q, k, v each split by heads (so each rank's heads keep their q, k and v)."""
+    if heads_total % pctx.world_size:
+        raise ValueError(f"{heads_total} attention heads do not divide across {pctx.world_size} shards")
+    size = heads_total * head_dim
+    return ColumnParallelLinear(hidden, [size, size, size], bias, pctx, dtype, "c_attn")
+
+

@@ -1,0 +1,205 @@
+"""Qwen (v1), exactly as the published reference computes it, over a paged KV cache.
+
+The seven classes of LoRAX's flash_qwen_modeling.py, with its forward I/O contract. Inside, every
+layer receives one ForwardContext. Sharding lives in the parallel layers; this file holds only the
+mapping from checkpoint names to layers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from worker.config import QwenConfig
+from worker.distributed import ParallelContext
+from worker.layers.attention import AttentionBackend, TorchAttention
+from worker.layers.context import ForwardContext, Seqlen
+from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, make_qkv
+from worker.layers.norm import RMSNorm
+from worker.layers.rotary import apply_rotary, logn_scale, rotary_cos_sin
+from worker.weights import Weights
+
+__all__ = ["QwenConfig", "QwenRMSNorm", "FlashQwenAttention", "QwenMLP", "FlashQwenLayer", "FlashQwenModel",
+           "FlashQwenForCausalLM"]
+
+log = logging.getLogger(__name__)
+KVLayer = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+class QwenRMSNorm(RMSNorm):
+    """ln_1 / ln_2 / ln_f (replicated on every rank)."""
+
+
+class FlashQwenAttention(nn.Module):
+    """c_attn (fused q/k/v, with bias; column parallel by heads) → RoPE (+ logn on q) → paged
+    attention → c_proj (row parallel, one all-reduce)."""
+
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend):
+        super().__init__()
+        self.num_heads_total = config.num_attention_heads
+        self.num_heads = self.num_heads_total // pctx.world_size  # per rank
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.backend = backend
+        self.c_attn = make_qkv(config.hidden_size, self.num_heads_total, self.head_dim, pctx, dtype, bias=True)
+        self.c_proj = RowParallelLinear(config.hidden_size, config.hidden_size, not config.no_bias, pctx, dtype,
+                                        "attn.c_proj")
+
+    def load(self, weights: Weights, prefix: str) -> None:
+        self.c_attn.load(weights, [f"{prefix}.c_attn"])
+        self.c_proj.load(weights, f"{prefix}.c_proj")
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer) -> torch.Tensor:
+        # x: [T, H]
+        T = x.shape[0]
+        qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
+        q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
+        q = apply_rotary(q, ctx.cos, ctx.sin, ctx.logn)
+        k = apply_rotary(k, ctx.cos, ctx.sin)
+        k_cache, v_cache = kv if kv is not None else (None, None)
+        if kv is not None and ctx.slots is not None:
+            self.backend.store(k, v, k_cache, v_cache, ctx.slots)
+        o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale)  # [T, heads, head_dim]
+        return self.c_proj(o.reshape(T, self.num_heads * self.head_dim), ctx)
+
+
+class QwenMLP(nn.Module):
+    """c_proj(w1(x) * silu(w2(x))): w2 is the gate. w2 and w1 are merged into one column-parallel
+    gate_up layer ([w2_r; w1_r] per rank); c_proj is row parallel."""
+
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype):
+        super().__init__()
+        width = config.mlp_width
+        self.gate_up = ColumnParallelLinear(config.hidden_size, [width, width], not config.no_bias, pctx, dtype,
+                                            "mlp.w2/w1")
+        self.c_proj = RowParallelLinear(width, config.hidden_size, not config.no_bias, pctx, dtype, "mlp.c_proj")
+
+    def load(self, weights: Weights, prefix: str) -> None:
+        self.gate_up.load(weights, [f"{prefix}.w2", f"{prefix}.w1"])
+        self.c_proj.load(weights, f"{prefix}.c_proj")
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        gate, up = self.gate_up(x, ctx).chunk(2, dim=-1)  # each [T, width_per_rank]
+        return self.c_proj(up * nn.functional.silu(gate), ctx)
+
+
+class FlashQwenLayer(nn.Module):
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
+        self.attn = FlashQwenAttention(config, pctx, dtype, backend)
+        self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
+        self.mlp = QwenMLP(config, pctx, dtype)
+
+    def load(self, weights: Weights, prefix: str) -> None:
+        for name in ("ln_1", "ln_2"):
+            norm = getattr(self, name)
+            norm.weight.data.copy_(weights.get(f"{prefix}.{name}.weight", tuple(norm.weight.shape)))
+        self.attn.load(weights, f"{prefix}.attn")
+        self.mlp.load(weights, f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer) -> torch.Tensor:
+        h = x + self.attn(self.ln_1(x), ctx, kv)
+        return h + self.mlp(self.ln_2(h), ctx)
+
+
+class FlashQwenModel(nn.Module):
+    """`transformer`: wte (vocab parallel) → layers → ln_f."""
+
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend):
+        super().__init__()
+        self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
+        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend) for _ in range(config.num_hidden_layers))
+        self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Optional[List[KVLayer]]) -> torch.Tensor:
+        x = self.wte(input_ids)  # [T, H]
+        for i, layer in enumerate(self.h):
+            x = layer(x, ctx, kv_cache[i] if kv_cache is not None else None)
+        return self.ln_f(x)
+
+
+class FlashQwenForCausalLM(nn.Module):
+    def __init__(self, config: QwenConfig, pctx: Optional[ParallelContext] = None,
+                 dtype: torch.dtype = torch.float32, backend: Optional[AttentionBackend] = None):
+        super().__init__()
+        self.config = config
+        self.pctx = pctx or ParallelContext()
+        self.dtype = dtype
+        self.backend = backend or TorchAttention()
+        self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, pctx: Optional[ParallelContext] = None,
+                        dtype: Optional[torch.dtype] = None, backend: Optional[AttentionBackend] = None,
+                        progress: bool = True) -> "FlashQwenForCausalLM":
+        from worker.weights import torch_dtype
+
+        config = QwenConfig.from_pretrained(model_dir)
+        dtype = dtype or torch_dtype(config.torch_dtype)
+        model = cls(config, pctx, dtype, backend)
+        model.load(Weights(model_dir, dtype, model.pctx.device), progress=progress)
+        return model
+
+    def load(self, weights: Weights, progress: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.transformer.wte.load(weights, "transformer.wte")
+        layers = tqdm(enumerate(self.transformer.h), total=len(self.transformer.h), desc="loading layers",
+                      disable=not progress or self.pctx.rank != 0, unit="layer")
+        for i, layer in layers:
+            layer.load(weights, f"transformer.h.{i}")
+        self.transformer.ln_f.weight.data.copy_(weights.get("transformer.ln_f.weight",
+                                                            (self.config.hidden_size,)))
+        self.lm_head.load(weights, "lm_head")
+
+    def make_context(self, position_ids: torch.Tensor, cu_seqlen_prefill: Optional[torch.Tensor],
+                     block_tables: Optional[torch.Tensor], slots: Optional[torch.Tensor], seqlen: Seqlen,
+                     lm_head_indices: Optional[torch.Tensor], adapter_data: Any) -> ForwardContext:
+        cfg = self.config
+        positions = position_ids.long()
+        n_new = seqlen.cu_seqlen_q[1:] - seqlen.cu_seqlen_q[:-1]  # [B]
+        if seqlen.ntk_alpha is None:
+            alpha_tok = torch.ones(positions.shape[0], device=positions.device)
+        else:
+            alpha_tok = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
+        cos, sin = rotary_cos_sin(positions, alpha_tok, cfg.rotary_dim, cfg.rotary_emb_base)
+        logn = logn_scale(positions, cfg.seq_length) if cfg.use_logn_attn else None
+        return ForwardContext(is_prefill=cu_seqlen_prefill is not None, positions=positions,
+                              slots=None if slots is None else slots.long(), block_tables=block_tables,
+                              seqlen=seqlen, cos=cos, sin=sin, logn=logn, lm_head_indices=lm_head_indices,
+                              adapter_data=adapter_data)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        position_ids: torch.Tensor,  # [T]
+        cu_seqlen_prefill: Optional[torch.Tensor],  # [B+1] at prefill, None at decode
+        kv_cache: Optional[List[Tuple[torch.Tensor, torch.Tensor]]],
+        block_tables: Optional[torch.Tensor],  # [B, max_blocks]
+        slots: Optional[torch.Tensor],  # [T]
+        seqlen: Seqlen,
+        max_s: int,
+        adapter_data: Any = None,
+        prefill_cache_indices: Optional[torch.Tensor] = None,  # sliding-window only: unused by Qwen v1
+        lm_head_indices: Optional[torch.Tensor] = None,  # [N]
+        skip_lm_head: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        ctx = self.make_context(position_ids, cu_seqlen_prefill, block_tables, slots, seqlen, lm_head_indices,
+                                adapter_data)
+        return self.forward_context(input_ids, ctx, kv_cache, skip_lm_head), None
+
+    def forward_context(self, input_ids: torch.Tensor, ctx: ForwardContext,
+                        kv_cache: Optional[List[KVLayer]], skip_lm_head: bool = False) -> torch.Tensor:
+        hidden = self.transformer(input_ids, ctx, kv_cache)  # [T, H]
+        if ctx.lm_head_indices is not None:
+            hidden = hidden[ctx.lm_head_indices]
+        if skip_lm_head:
+            return hidden
+        return self.lm_head(hidden)  # [N, vocab_size] (padded vocab; the sampler masks ids >= real vocab)
