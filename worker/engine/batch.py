@@ -1,0 +1,209 @@
+"""Batch state and the router contract on it: from_pb / concatenate / filter / to_pb.
+
+Everything here is plain Python plus the per-request sampler state; no forward pass. Validation of
+a new batch happens entirely before any state changes, so a rejected Prefill leaves the shard as it was.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from worker.engine.kv_cache import BlockAllocator
+from worker.engine.sampling import BatchSampler, SamplingParams
+from worker.engine.stopping import StoppingCriteria
+from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from worker.layers.rotary import ntk_alpha
+from worker.tokenizer import IncrementalDetokenizer, QwenTokenizer
+
+MAX_U32 = 2**32 - 1
+
+
+@dataclass
+class RequestState:
+    id: int
+    prompt_len: int  # prompt tokens after truncation
+    ids: list[int]  # prompt + generated ids
+    n_cached: int  # leading ids whose K/V are in the cache
+    blocks: list[int]  # KV blocks in order
+    slots: list[int]  # one KV slot per token position
+    owns_blocks: bool  # True: blocks come from the shard's own allocator (request came without blocks)
+    ntk_alpha: float  # dynamic-NTK alpha fixed at prefill from the whole prompt's length
+    params: SamplingParams
+    stopping: StoppingCriteria
+    detok: IncrementalDetokenizer
+    adapter_index: int
+    prefill_logprobs: bool
+    report: bool  # this shard answers this request's generations (id % world_size == rank)
+    finished: bool = False
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+@dataclass
+class Batch:
+    id: int
+    requests: list[RequestState]
+    sampler: BatchSampler
+
+    @property
+    def request_ids(self) -> list[int]:
+        return [r.id for r in self.requests]
+
+    @property
+    def max_tokens(self) -> int:
+        """KV token slots the batch holds."""
+        return sum(len(r.slots) for r in self.requests)
+
+    def to_pb(self, pb):  # pb: the generated generate_pb2 module
+        return pb.CachedBatch(id=self.id, request_ids=self.request_ids, size=len(self.requests),
+                              max_tokens=self.max_tokens, current_tokens=len(self.requests))
+
+    def filter(self, request_ids: list[int]) -> tuple["Batch", list[RequestState]]:
+        """Keep `request_ids` in that order; returns the new batch and the dropped requests."""
+        index = {r.id: i for i, r in enumerate(self.requests)}
+        missing = [rid for rid in request_ids if rid not in index]
+        if missing:
+            raise NotFound(f"request ids {missing} are not in batch {self.id}")
+        if len(set(request_ids)) != len(request_ids):
+            raise InvalidArgument(f"FilterBatch lists a request id twice: {request_ids}")
+        keep = [index[rid] for rid in request_ids]
+        kept = set(keep)
+        dropped = [r for i, r in enumerate(self.requests) if i not in kept]
+        return Batch(self.id, [self.requests[i] for i in keep], self.sampler.filter(keep)), dropped
+
+    @staticmethod
+    def concatenate(batches: list["Batch"]) -> "Batch":
+        """One batch holding all requests in order; keeps the first batch's id."""
+        return Batch(batches[0].id, [r for b in batches for r in b.requests],
+                     BatchSampler.concatenate([b.sampler for b in batches]))
+
+
+class AdapterLookup(Protocol):
+    def has(self, adapter_index: int) -> bool: ...
+
+
+@dataclass
+class BatchBuilder:
+    """Turns a protobuf Batch into a Batch, validating every field first."""
+
+    tokenizer: QwenTokenizer
+    vocab_size: int  # logits width
+    seq_length: int
+    use_dynamic_ntk: bool
+    block_size: int
+    router_blocks: int  # blocks [0, router_blocks) belong to the router
+    allocator: BlockAllocator  # the shard's own blocks, after the router's
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    adapters: Optional[AdapterLookup] = None
+    max_batch_size: int = 0  # 0: no limit
+    chunked_prefill: bool = False
+    live_request_ids: set[int] = field(default_factory=set)
+
+    def prompt_ids(self, req) -> list[int]:
+        ids = list(req.tokenized_inputs.ids) if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids \
+            else (self.tokenizer.encode(req.inputs) if req.inputs else [])
+        if not ids:
+            raise InvalidArgument(f"request {req.id}: empty prompt (no inputs text and no tokenized ids)")
+        bad = [t for t in ids if t >= self.tokenizer.n_real_vocab]
+        if bad:
+            raise InvalidArgument(f"request {req.id}: token id {bad[0]} is not a valid token "
+                                  f"(the vocabulary has {self.tokenizer.n_real_vocab} tokens)")
+        if req.truncate and len(ids) > req.truncate:
+            ids = ids[-req.truncate:]
+        return ids
+
+    def build(self, pb_batch) -> Batch:
+        if self.max_batch_size and len(pb_batch.requests) > self.max_batch_size:
+            raise ResourceExhausted(f"batch of {len(pb_batch.requests)} requests exceeds --max-batch-size "
+                                    f"{self.max_batch_size}")
+        if not pb_batch.requests:
+            raise InvalidArgument(f"batch {pb_batch.id} has no requests")
+        seen: set[int] = set()
+        plans = []
+        own_blocks_needed = 0
+        for req in pb_batch.requests:
+            if req.id in seen or req.id in self.live_request_ids:
+                raise InvalidArgument(f"duplicate request id {req.id}: already in this or a live batch")
+            seen.add(req.id)
+            plans.append(self._plan(req))
+            own_blocks_needed += plans[-1][3]
+        if own_blocks_needed > self.allocator.free:
+            raise ResourceExhausted(f"not enough KV space: the batch needs {own_blocks_needed} self-allocated "
+                                    f"blocks of {self.block_size} tokens, {self.allocator.free} are free")
+        requests, params = [], []
+        for req, (ids, sp, stop, n_own) in zip(pb_batch.requests, plans):
+            if n_own:
+                blocks = self.allocator.allocate(n_own)
+                total = len(ids) + stop.max_new_tokens - 1
+                slots = [b * self.block_size + j for b in blocks for j in range(self.block_size)][:max(total, 1)]
+            else:
+                blocks, slots = list(req.blocks), list(req.slots)
+            requests.append(RequestState(
+                id=req.id, prompt_len=len(ids), ids=ids, n_cached=req.cache_len, blocks=blocks, slots=slots,
+                owns_blocks=bool(n_own), ntk_alpha=ntk_alpha(len(ids), self.seq_length, self.use_dynamic_ntk),
+                params=sp, stopping=stop, detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False),
+                adapter_index=req.adapter_index, prefill_logprobs=req.prefill_logprobs,
+                report=req.id % self.world_size == self.rank))
+            params.append(sp)
+        sampler = BatchSampler(params, self.vocab_size, self.tokenizer.n_real_vocab, self.device)
+        return Batch(pb_batch.id, requests, sampler)
+
+    def _plan(self, req) -> tuple[list[int], SamplingParams, StoppingCriteria, int]:
+        """Validate one request; returns (prompt ids, sampling, stopping, self-allocated blocks needed)."""
+        ids = self.prompt_ids(req)
+        p = req.parameters
+        if p.watermark:
+            raise FailedPrecondition(f"request {req.id}: watermarking is not supported by this worker")
+        if p.HasField("schema") and p.schema:
+            raise FailedPrecondition(f"request {req.id}: JSON-schema constrained decoding is not supported")
+        sp = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
+                            do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
+                            frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
+                            return_k_alternatives=p.return_k_alternatives)
+        try:
+            sp.validate()
+        except ValueError as exc:
+            raise InvalidArgument(f"request {req.id}: {exc}") from exc
+        s = req.stopping_parameters
+        if s.max_new_tokens < 1:
+            raise InvalidArgument(f"request {req.id}: stopping_parameters.max_new_tokens must be >= 1, "
+                                  f"got {s.max_new_tokens}")
+        stop = StoppingCriteria(max_new_tokens=s.max_new_tokens, stop_sequences=list(s.stop_sequences),
+                                ignore_eos_token=s.ignore_eos_token, eos_ids=self.tokenizer.eos_token_ids)
+        if req.adapter_index and (self.adapters is None or not self.adapters.has(req.adapter_index)):
+            raise NotFound(f"request {req.id}: adapter index {req.adapter_index} is not loaded on this shard")
+        if req.cache_len >= len(ids):
+            raise InvalidArgument(f"request {req.id}: cache_len {req.cache_len} must be smaller than the prompt "
+                                  f"({len(ids)} tokens): at least one token is computed")
+        if req.HasField("chunk_len") and req.chunk_len < len(ids) - req.cache_len and not self.chunked_prefill:
+            raise FailedPrecondition(f"request {req.id}: chunk_len {req.chunk_len} asks for chunked prefill, "
+                                     "which this worker does not offer (Info.chunked_prefill=false)")
+        needed = len(ids) + s.max_new_tokens - 1  # KV slots the request will write
+        if not req.blocks:
+            if req.slots:
+                raise InvalidArgument(f"request {req.id}: slots given without blocks")
+            if req.cache_len:
+                raise InvalidArgument(f"request {req.id}: cache_len needs router-allocated blocks")
+            n_own = math.ceil(needed / self.block_size)
+            if n_own > self.allocator.count:
+                raise ResourceExhausted(f"request {req.id}: prompt of {len(ids)} tokens + {s.max_new_tokens} new "
+                                        f"tokens needs {needed} KV slots, more than the shard's "
+                                        f"{self.allocator.count * self.block_size} self-allocatable slots")
+            return ids, sp, stop, n_own
+        bad_blocks = [b for b in req.blocks if b >= self.router_blocks]
+        if bad_blocks:
+            raise InvalidArgument(f"request {req.id}: block {bad_blocks[0]} is out of range (the router owns "
+                                  f"blocks 0..{self.router_blocks - 1})")
+        if len(req.slots) < needed:
+            raise InvalidArgument(f"request {req.id}: {len(req.slots)} slots for {needed} tokens "
+                                  f"(prompt {len(ids)} + max_new_tokens {s.max_new_tokens} - 1)")
+        allowed = set(req.blocks)
+        bad_slots = [sl for sl in req.slots if sl // self.block_size not in allowed]
+        if bad_slots:
+            raise InvalidArgument(f"request {req.id}: slot {bad_slots[0]} lies outside the request's blocks")
+        return ids, sp, stop, 0
