@@ -35,6 +35,7 @@ class RequestState:
     adapter_index: int
     prefill_logprobs: bool
     report: bool  # this shard answers this request's generations (id % world_size == rank)
+    prefill_cache_len: int = 0  # cache_len the request arrived with
     finished: bool = False
 
     @property
@@ -148,7 +149,7 @@ class BatchBuilder:
                 owns_blocks=bool(n_own), ntk_alpha=ntk_alpha(len(ids), self.seq_length, self.use_dynamic_ntk),
                 params=sp, stopping=stop, detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False),
                 adapter_index=req.adapter_index, prefill_logprobs=req.prefill_logprobs,
-                report=req.id % self.world_size == self.rank))
+                report=req.id % self.world_size == self.rank, prefill_cache_len=req.cache_len))
             params.append(sp)
         sampler = BatchSampler(params, self.vocab_size, self.tokenizer.n_real_vocab, self.device)
         return Batch(pb_batch.id, requests, sampler)

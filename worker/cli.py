@@ -1,0 +1,143 @@
+"""`qwen-worker serve MODEL_DIR --uds-path PATH [...]`: one shard of the model, serving LoRAX's gRPC
+contract on `unix://PATH-{RANK}`. Rank and world size come from the torchrun environment."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+# LoRAX launcher flags accepted for drop-in use but without effect here (each is logged once).
+IGNORED_FLAGS = {
+    "--quantize": "quantization is not supported; weights are served in --dtype",
+    "--sharded": "sharding follows WORLD_SIZE from the launcher",
+    "--trust-remote-code": "no remote code is ever run; Qwen v1 is implemented natively",
+    "--revision": "models are read from a local directory only",
+    "--speculative-tokens": "speculative decoding is not implemented (Info.speculate=0)",
+    "--compile": "use CUDA graphs (default on GPU) instead",
+    "--otlp-endpoint": "no OpenTelemetry exporter",
+    "--source": "models are read from a local directory only",
+    "--merge-lora": "adapters are applied at run time",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                           "msg": record.getMessage()})
+
+
+def setup_logging(level: str, json_logs: bool, rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else
+                         logging.Formatter(f"%(asctime)s %(levelname)s [shard {rank}] %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qwen-worker", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve one shard")
+    s.add_argument("model_dir", help="directory with config.json, safetensors and qwen.tiktoken")
+    s.add_argument("--uds-path", default="/tmp/qwen-worker", help="socket path prefix: shard r binds PATH-r")
+    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights/activations dtype (auto: bf16 on GPU, fp32 on CPU)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
+    s.add_argument("--max-total-tokens", type=int, default=0,
+                   help="KV token slots per shard (0: from free GPU memory after Warmup; 16384 on CPU)")
+    s.add_argument("--memory-fraction", type=float, default=0.9, help="share of free GPU memory for the KV cache")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="KV cache dtype (auto: the model dtype)")
+    s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
+    s.add_argument("--max-batch-size", type=int, default=0, help="reject larger batches (0: no limit)")
+    s.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective gives up")
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--json-logs", action="store_true")
+    return ap
+
+
+def split_ignored(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Drop LoRAX flags we accept but ignore (with their value, if any)."""
+    kept, ignored, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in IGNORED_FLAGS:
+            ignored.append(flag)
+            if "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+        else:
+            kept.append(argv[i])
+        i += 1
+    return kept, ignored
+
+
+def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
+    import torch
+
+    from worker.distributed import init_from_env, shutdown
+    from worker.engine.engine import Engine, EngineConfig
+    from worker.layers.attention import make_backend
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.server import LoraxServicer, make_server, serve_forever
+    from worker.tokenizer import QwenTokenizer
+    from worker.weights import torch_dtype
+
+    log = logging.getLogger("worker")
+    pctx = init_from_env(env, args.device, args.dist_timeout)
+    dtype = (torch.bfloat16 if pctx.device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+        else torch_dtype(args.dtype)
+    backend = make_backend(args.attention_backend, pctx.device)
+    log.info("rank %d/%d on %s, dtype %s, attention backend %s", pctx.rank, pctx.world_size, pctx.device, dtype,
+             backend.name)
+    t0 = time.time()
+    model = FlashQwenForCausalLM.from_pretrained(args.model_dir, pctx, dtype, backend)
+    tokenizer = QwenTokenizer.from_dir(args.model_dir)
+    log.info("model loaded in %.1fs: %d layers, hidden %d, vocab %d", time.time() - t0,
+             model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size)
+    adapters = None
+    if args.adapter_root:
+        from worker.adapters.pool import AdapterManager
+
+        adapters = AdapterManager.from_args(args, model, pctx)
+    kv_dtype = None if args.kv_cache_dtype == "auto" else torch_dtype(args.kv_cache_dtype)
+    engine = Engine(model, tokenizer, pctx,
+                    EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
+                                 max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,
+                                 max_batch_size=args.max_batch_size), adapters)
+    if adapters is not None:
+        model_adapters = adapters
+        model_adapters.attach(engine)
+    socket_path = f"{args.uds_path}-{pctx.rank}"
+    servicer = LoraxServicer(engine, args.uds_path, pctx.device.type, adapters)
+    server = make_server(servicer, socket_path)
+    log.info("serving on unix://%s", socket_path)
+    try:
+        serve_forever(server, socket_path)
+    finally:
+        shutdown(pctx)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from worker.distributed import env_snapshot
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, ignored = split_ignored(argv)
+    args = build_parser().parse_args(argv)
+    env = env_snapshot()
+    setup_logging(args.log_level, args.json_logs, int(env.get("RANK", "0")))
+    for flag in ignored:
+        logging.getLogger("worker").warning("ignoring %s: %s", flag, IGNORED_FLAGS[flag])
+    if args.command == "serve":
+        return serve(args, env)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

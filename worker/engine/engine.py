@@ -1,0 +1,267 @@
+"""The shard's state machine: live batches, the KV cache, and one generation step.
+
+Every shard runs every batch (same sampling, same stop checks) so their states never drift; a
+shard reports generations only for its own requests (`request.id % world_size == rank`). Calls are
+serialised by the server; nothing here is thread-safe on its own.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from worker.distributed import ParallelContext
+from worker.engine.batch import Batch, BatchBuilder, RequestState
+from worker.engine.kv_cache import BlockAllocator, KVCache
+from worker.engine.runner import Runner
+from worker.engine.sampling import prefill_logprobs
+from worker.errors import InvalidArgument, NotFound, ResourceExhausted
+from worker.models.qwen import FlashQwenForCausalLM
+from worker.pb import generate_pb2 as pb
+from worker.tokenizer import QwenTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_dtype: Optional[torch.dtype] = None  # None: the model dtype
+    max_total_tokens: int = 0  # KV token slots per shard; 0: size from memory (GPU) or cpu_default_tokens
+    memory_fraction: float = 0.9  # share of free GPU memory the KV cache may take after Warmup
+    cpu_default_tokens: int = 16384
+    shard_block_fraction: float = 1 / 16  # blocks kept for requests that come without blocks
+    max_batch_size: int = 0
+
+
+class Engine:
+    def __init__(self, model: FlashQwenForCausalLM, tokenizer: QwenTokenizer, pctx: ParallelContext,
+                 cfg: EngineConfig, adapters: object = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pctx = pctx
+        self.cfg = cfg
+        self.adapters = adapters
+        self.batches: dict[int, Batch] = {}
+        self.kv: Optional[KVCache] = None
+        self.runner: Optional[Runner] = None
+        self.allocator: Optional[BlockAllocator] = None
+        self.router_blocks = 0
+        self.max_supported_total_tokens = 0
+
+    # ------------------------------------------------------------------ KV cache
+    def allocate_cache(self, num_blocks: int) -> None:
+        c = self.model.config
+        dtype = self.cfg.kv_cache_dtype or self.model.dtype
+        num_blocks = max(num_blocks, 2)
+        self.kv = None
+        self.kv = KVCache(c.num_hidden_layers, num_blocks, self.cfg.block_size,
+                          c.num_attention_heads // self.pctx.world_size, c.head_dim, dtype, self.pctx.device)
+        own = max(1, int(num_blocks * self.cfg.shard_block_fraction))
+        self.router_blocks = num_blocks - own
+        self.allocator = BlockAllocator(self.router_blocks, own)
+        self.max_supported_total_tokens = self.router_blocks * self.cfg.block_size
+        self.runner = Runner(self.model, self.kv, self.pctx.device)
+        log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
+                 num_blocks, self.cfg.block_size, dtype, self.router_blocks, self.max_supported_total_tokens, own)
+
+    def _ensure_cache(self) -> None:
+        if self.kv is None:
+            tokens = self.cfg.max_total_tokens or self.cfg.cpu_default_tokens
+            self.allocate_cache(math.ceil(tokens / self.cfg.block_size))
+
+    def _blocks_from_memory(self, activation_peak: int) -> int:
+        c = self.model.config
+        per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // self.pctx.world_size,
+                                            c.head_dim, self.cfg.kv_cache_dtype or self.model.dtype)
+        if self.cfg.max_total_tokens:
+            return math.ceil(self.cfg.max_total_tokens / self.cfg.block_size)
+        if self.pctx.device.type != "cuda":
+            return math.ceil(self.cfg.cpu_default_tokens / self.cfg.block_size)
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.pctx.device)
+        budget = int((free - activation_peak) * self.cfg.memory_fraction)
+        blocks = budget // (per_token * self.cfg.block_size)
+        if blocks < 2:
+            raise ResourceExhausted(f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
+                                    f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations")
+        return blocks
+
+    # ------------------------------------------------------------------ RPC bodies
+    def builder(self) -> BatchBuilder:
+        self._ensure_cache()
+        assert self.allocator is not None
+        live = {rid for b in self.batches.values() for rid in b.request_ids}
+        return BatchBuilder(self.tokenizer, self.model.config.vocab_size, self.model.config.seq_length,
+                            self.model.config.use_dynamic_ntk, self.cfg.block_size, self.router_blocks,
+                            self.allocator, self.pctx.rank, self.pctx.world_size, str(self.pctx.device),
+                            self.adapters, self.cfg.max_batch_size, False, live)
+
+    def warmup(self, request: "pb.WarmupRequest") -> int:
+        """Run the router's largest prefill without a cache to find the activation peak, then size the
+        KV cache from what is left. Returns max_supported_total_tokens."""
+        self.clear(None)
+        self.kv = self.runner = self.allocator = None
+        builder = BatchBuilder(self.tokenizer, self.model.config.vocab_size, self.model.config.seq_length,
+                               self.model.config.use_dynamic_ntk, self.cfg.block_size, 0,
+                               BlockAllocator(0, 10**9), world_size=self.pctx.world_size, rank=self.pctx.rank)
+        lengths, ids, alphas = [], [], []
+        for req in request.batch.requests:
+            p = builder.prompt_ids(req)
+            if request.max_input_length:
+                p = p[-request.max_input_length:]
+            lengths.append(len(p))
+            ids += p
+            alphas.append(1.0)
+        peak = 0
+        if ids:
+            if self.pctx.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(self.pctx.device)
+                base = torch.cuda.memory_allocated(self.pctx.device)
+            try:
+                Runner(self.model, None, self.pctx.device).forward_no_cache(lengths, ids, alphas)  # type: ignore
+            except torch.OutOfMemoryError as exc:
+                raise ResourceExhausted(f"not enough memory for {len(ids)} prefill tokens in Warmup: {exc}") from exc
+            if self.pctx.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.pctx.device) - base
+        self.allocate_cache(self._blocks_from_memory(peak))
+        return self.max_supported_total_tokens
+
+    def prefill(self, pb_batch: "pb.Batch", cached: Optional["pb.CachedBatch"]) -> tuple[list, Optional[Batch]]:
+        if pb_batch.id in self.batches:
+            raise InvalidArgument(f"batch id {pb_batch.id} is already live on this shard")
+        if cached is not None and cached.id not in self.batches:
+            raise NotFound(f"cached batch {cached.id} is not on this shard")
+        batch = self.builder().build(pb_batch)  # validates everything before any state changes
+        try:
+            generations = self._step(batch, prefill=True)
+        except Exception:
+            self._release(batch.requests)
+            raise
+        batch = self._drop_finished(batch)
+        if cached is not None:
+            old = self.batches.pop(cached.id)
+            batch = Batch.concatenate([old] + ([batch] if batch else [])) if batch else old
+        if batch is not None:
+            self.batches[batch.id] = batch
+        return generations, batch
+
+    def decode(self, cached: list["pb.CachedBatch"]) -> tuple[list, Optional[Batch]]:
+        if not cached:
+            raise InvalidArgument("Decode needs at least one cached batch")
+        missing = [c.id for c in cached if c.id not in self.batches]
+        if missing:
+            raise NotFound(f"batch ids {missing} are not on this shard")
+        if len({c.id for c in cached}) != len(cached):
+            raise InvalidArgument(f"Decode lists a batch twice: {[c.id for c in cached]}")
+        batches = [self.batches.pop(c.id) for c in cached]
+        batch = Batch.concatenate(batches) if len(batches) > 1 else batches[0]
+        try:
+            generations = self._step(batch, prefill=False)
+        except Exception:
+            self._release(batch.requests)
+            raise
+        batch = self._drop_finished(batch)
+        if batch is not None:
+            self.batches[batch.id] = batch
+        return generations, batch
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> Batch:
+        if batch_id not in self.batches:
+            raise NotFound(f"batch id {batch_id} is not on this shard")
+        batch, dropped = self.batches[batch_id].filter(request_ids)
+        self._release(dropped)
+        if batch.requests:
+            self.batches[batch_id] = batch
+        else:
+            del self.batches[batch_id]
+        return batch
+
+    def clear(self, batch_id: Optional[int]) -> None:
+        ids = list(self.batches) if batch_id is None else [batch_id]
+        for bid in ids:
+            batch = self.batches.pop(bid, None)
+            if batch is not None:
+                self._release(batch.requests)
+
+    def stats(self) -> dict[str, int]:
+        return {"batches": len(self.batches),
+                "requests": sum(len(b.requests) for b in self.batches.values()),
+                "shard_blocks_free": self.allocator.free if self.allocator else 0,
+                "shard_blocks_total": self.allocator.count if self.allocator else 0,
+                "router_blocks": self.router_blocks}
+
+    def health(self) -> None:
+        logits = Runner(self.model, None, self.pctx.device).forward_no_cache([1], [0], [1.0])  # type: ignore
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError("health check: the model returned non-finite logits")
+
+    # ------------------------------------------------------------------ one step
+    def _release(self, requests: list[RequestState]) -> None:
+        assert self.allocator is not None
+        for r in requests:
+            if r.owns_blocks and r.blocks:
+                self.allocator.release(r.blocks)
+                r.blocks = []
+
+    def _drop_finished(self, batch: Batch) -> Optional[Batch]:
+        keep = [r.id for r in batch.requests if not r.finished]
+        if len(keep) == len(batch.requests):
+            return batch
+        if not keep:
+            self._release(batch.requests)
+            return None
+        new, dropped = batch.filter(keep)
+        self._release(dropped)
+        return new
+
+    def _step(self, batch: Batch, prefill: bool) -> list:
+        assert self.runner is not None
+        adapter_data = self.adapters.batch_data(batch, prefill) if self.adapters is not None else None
+        step = self.runner.forward(batch, prefill, adapter_data)
+        out = batch.sampler(step.last, [r.ids for r in batch.requests])
+        next_ids = self.pctx.broadcast(out.next_ids.clone())  # identical tokens on every rank
+        next_list = next_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        generations = []
+        for i, r in enumerate(batch.requests):
+            tid = next_list[i]
+            prompt_pb = None
+            if prefill and r.prefill_logprobs and r.report:
+                prompt_pb = self._prefill_tokens(r, step.prompt[i])
+            r.ids.append(tid)
+            text = r.detok.add(tid)
+            reason = r.stopping.check(tid, r.detok.text, r.n_generated)
+            if reason is not None:
+                r.finished = True
+            if not r.report:
+                continue
+            alts = []
+            if r.params.return_k_alternatives:
+                alts = [pb.AlternativeTokens(ids=out.top_ids[i], logprobs=out.top_logprobs[i],
+                                             texts=[self.tokenizer.token_text(t) for t in out.top_ids[i]])]
+            gen = pb.Generation(
+                request_id=r.id,
+                next_tokens=pb.NextTokens(ids=[tid], logprobs=[logprobs[i]], texts=[text],
+                                          is_special=[self.tokenizer.is_special(tid)], alternative_tokens=alts),
+                prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0)
+            if prompt_pb is not None:
+                gen.prefill_tokens.CopyFrom(prompt_pb)
+            if reason is not None:
+                generated = r.ids[r.prompt_len:]
+                gen.generated_text.CopyFrom(pb.GeneratedText(
+                    text=self.tokenizer.decode(generated, skip_special_tokens=True),
+                    generated_tokens=len(generated), finish_reason=int(reason),
+                    **({"seed": batch.sampler.seeds[i]} if not r.params.is_greedy else {})))
+            generations.append(gen)
+        return generations
+
+    def _prefill_tokens(self, r: RequestState, logits: torch.Tensor) -> "pb.NextTokens":
+        ids = r.ids[r.prefill_cache_len:r.prompt_len]
+        lp = prefill_logprobs(logits, torch.tensor(ids, device=logits.device), self.tokenizer.n_real_vocab)
+        return pb.NextTokens(ids=ids, logprobs=lp.tolist(), texts=[self.tokenizer.token_text(t) for t in ids],
+                             is_special=[self.tokenizer.is_special(t) for t in ids])
