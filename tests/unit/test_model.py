@@ -5,59 +5,14 @@ different lengths; every logit is compared with the reference run on that sequen
 """
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from conftest import TINY, write_checkpoint
+from paged import Paged
 from reference import random_checkpoint, ref_config, ref_forward, to_qwen2
-from worker.engine.kv_cache import KVCache
-from worker.layers.context import Seqlen
 from worker.layers.rotary import ntk_alpha
 from worker.models.qwen import FlashQwenForCausalLM
-
-BLOCK = 4
-
-
-class Paged:
-    """Drives FlashQwenForCausalLM through prefill / decode over a paged cache, like a runner would."""
-
-    def __init__(self, model: FlashQwenForCausalLM, num_blocks: int = 96, seed: int = 0):
-        c = model.config
-        self.model = model
-        self.cache = KVCache(c.num_hidden_layers, num_blocks, BLOCK, c.num_attention_heads, c.head_dim,
-                             model.dtype, torch.device("cpu"))
-        self.free = list(range(1, num_blocks))
-        random.Random(seed).shuffle(self.free)  # non-contiguous, out-of-order blocks
-        self.blocks: list[list[int]] = []
-
-    def _slots(self, i: int, start: int, stop: int) -> list[int]:
-        need = (stop + BLOCK - 1) // BLOCK
-        while len(self.blocks[i]) < need:
-            self.blocks[i].append(self.free.pop())
-        return [self.blocks[i][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)]
-
-    def _table(self, idx: list[int]) -> torch.Tensor:
-        width = max(len(self.blocks[i]) for i in idx)
-        return torch.tensor([self.blocks[i] + [0] * (width - len(self.blocks[i])) for i in idx], dtype=torch.int32)
-
-    def step(self, idx: list[int], seqs: list[list[int]], starts: list[int], alphas: list[float],
-             prefill: bool) -> list[torch.Tensor]:
-        """Compute tokens seqs[k][starts[k]:] of sequences idx; returns each one's logits [n_new, V]."""
-        for i in idx:
-            while len(self.blocks) <= i:
-                self.blocks.append([])
-        ids, pos, slots, lens = [], [], [], []
-        for i, s, st in zip(idx, seqs, starts):
-            ids += s[st:]
-            pos += list(range(st, len(s)))
-            slots += self._slots(i, st, len(s))
-            lens.append(len(s) - st)
-        seqlen = Seqlen.for_prefill(lens, starts, alphas)
-        logits, _ = self.model(torch.tensor(ids), torch.tensor(pos), seqlen.cu_seqlen_q if prefill else None,
-                               self.cache.layers, self._table(idx), torch.tensor(slots), seqlen, seqlen.max_k)
-        return list(logits.split(lens))
 
 
 def make(tmp_path, cfg: dict, seed: int = 0, dtype=torch.float32):

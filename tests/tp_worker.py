@@ -1,0 +1,62 @@
+"""One rank of a tensor-parallel check, run as its own process with torchrun variables in the env.
+
+    RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/tp_worker.py CKPT OUT
+
+Runs a mixed prefill (NTK/logn active), 6 greedy decode steps and a suffix prefill through the paged
+cache, and writes every logit it computed to OUT-{rank}.safetensors.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from paged import Paged  # noqa: E402
+from worker.distributed import init_from_env, shutdown  # noqa: E402
+from worker.layers.rotary import ntk_alpha  # noqa: E402
+from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
+
+
+def main() -> None:
+    ckpt, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    pctx = init_from_env(os.environ, "cpu", timeout_s=60)
+    model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, progress=False)
+    S = model.config.seq_length
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 21)]
+    alphas = [ntk_alpha(len(p), S, True) for p in prompts]
+    paged = Paged(model, seed=3)
+    results = {}
+    out_logits = paged.step([0, 1, 2], prompts, [0, 0, 0], alphas, prefill=True)
+    for k, o in enumerate(out_logits):
+        results[f"prefill{k}"] = o
+    seqs = [list(p) for p in prompts]
+    for step in range(6):
+        for s, o in zip(seqs, out_logits):
+            s.append(int(o[-1].argmax()))
+        out_logits = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, prefill=False)
+        for k, o in enumerate(out_logits):
+            results[f"decode{step}_{k}"] = o
+    suffix = torch.randint(0, 256, (15,), generator=g).tolist()
+    paged.step([3], [suffix[:6]], [0], [ntk_alpha(15, S, True)], prefill=True)
+    results["suffix"] = paged.step([3], [suffix], [6], [ntk_alpha(15, S, True)], prefill=True)[0]
+    # this rank's weight slices, to check that they reassemble to the checkpoint's tensors
+    layer = model.transformer.h[0]
+    results["c_attn_w"] = layer.attn.c_attn.weight
+    results["c_attn_b"] = layer.attn.c_attn.bias
+    results["gate_up"] = layer.mlp.gate_up.weight
+    results["attn_c_proj"] = layer.attn.c_proj.weight
+    results["mlp_c_proj"] = layer.mlp.c_proj.weight
+    results["wte"] = model.transformer.wte.weight
+    save_file({k: v.contiguous() for k, v in results.items()}, f"{out}-{pctx.rank}.safetensors")
+    shutdown(pctx)
+
+
+if __name__ == "__main__":
+    main()
