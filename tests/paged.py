@@ -37,7 +37,7 @@ class Paged:
         return torch.tensor([self.blocks[i] + [0] * (width - len(self.blocks[i])) for i in idx], dtype=torch.int32)
 
     def step(self, idx: list[int], seqs: list[list[int]], starts: list[int], alphas: list[float],
-             prefill: bool) -> list[torch.Tensor]:
+             prefill: bool, adapter_slots: list[int] | None = None) -> list[torch.Tensor]:
         """Compute tokens seqs[k][starts[k]:] of sequences idx; returns each one's logits [n_new, V]."""
         for i in idx:
             while len(self.blocks) <= i:
@@ -49,6 +49,12 @@ class Paged:
             slots += self._slots(i, st, len(s))
             lens.append(len(s) - st)
         seqlen = Seqlen.for_prefill(lens, starts, alphas)
+        adapter_data = None
+        if adapter_slots is not None:
+            from worker.layers.lora import AdapterBatchData
+
+            adapter_data = AdapterBatchData.build(adapter_slots, lens, "cpu")
         logits, _ = self.model(torch.tensor(ids), torch.tensor(pos), seqlen.cu_seqlen_q if prefill else None,
-                               self.cache.layers, self._table(idx), torch.tensor(slots), seqlen, seqlen.max_k)
+                               self.cache.layers, self._table(idx), torch.tensor(slots), seqlen, seqlen.max_k,
+                               adapter_data)
         return list(logits.split(lens))

@@ -23,7 +23,7 @@ from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 
 
 def main() -> None:
-    ckpt, out = sys.argv[1], sys.argv[2]
+    ckpt, out = sys.argv[1], sys.argv[2]  # optional argv[3]: adapter root with a4 and a16
     torch.set_num_threads(1)
     pctx = init_from_env(os.environ, "cpu", timeout_s=60)
     model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, progress=False)
@@ -54,6 +54,22 @@ def main() -> None:
     results["attn_c_proj"] = layer.attn.c_proj.weight
     results["mlp_c_proj"] = layer.mlp.c_proj.weight
     results["wte"] = model.transformer.wte.weight
+    if len(sys.argv) > 3:  # adapters: a mixed batch (base + two adapters) under TP
+        from lora_helpers import attach_manager, load
+
+        mgr, _ = attach_manager(model, sys.argv[3], max_rank=16, num_slots=2)
+        load(mgr, 1, "a4")
+        load(mgr, 2, "a16")
+        slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]
+        lp = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 9)]
+        paged_l = Paged(model, seed=7)
+        ids = [10, 11, 12]
+        out_l = paged_l.step(ids, lp, [0, 0, 0], [1.0, 3.0, 3.0], True, slots)
+        for step in range(3):
+            for k, o in enumerate(out_l):
+                results[f"lora{step}_{k}"] = o
+                lp[k].append(int(o[-1].argmax()))
+            out_l = paged_l.step(ids, lp, [len(s) - 1 for s in lp], [1.0, 3.0, 3.0], False, slots)
     save_file({k: v.contiguous() for k, v in results.items()}, f"{out}-{pctx.rank}.safetensors")
     shutdown(pctx)
 

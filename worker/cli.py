@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache dtype (auto: the model dtype)")
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
+    s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
+    s.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident at once (the pool size)")
+    s.add_argument("--allow-bin-adapters", action="store_true",
+                   help="also read adapter_model.bin (weights-only torch.load); default: safetensors only")
+    s.add_argument("--preloaded-adapter-ids", default="", help="comma-separated adapter ids loaded at start-up "
+                   "as indices 1..n (reported in Info)")
     s.add_argument("--max-batch-size", type=int, default=0, help="reject larger batches (0: no limit)")
     s.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective gives up")
     s.add_argument("--log-level", default="info")
@@ -111,8 +117,8 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
                                  max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,
                                  max_batch_size=args.max_batch_size), adapters)
     if adapters is not None:
-        model_adapters = adapters
-        model_adapters.attach(engine)
+        adapters.attach(engine)
+        adapters.preload([a for a in args.preloaded_adapter_ids.split(",") if a])
     socket_path = f"{args.uds_path}-{pctx.rank}"
     servicer = LoraxServicer(engine, args.uds_path, pctx.device.type, adapters)
     server = make_server(servicer, socket_path)

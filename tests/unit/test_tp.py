@@ -10,19 +10,21 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, write_checkpoint
+from lora_helpers import write_adapter
 from reference import random_checkpoint
 from worker.launcher import free_port
 
 CFG = {**TINY, "seq_length": 8}
 
 
-def run_world(ckpt: str, out: str, world: int) -> list[dict[str, torch.Tensor]]:
+def run_world(ckpt: str, out: str, world: int, adapter_root: str) -> list[dict[str, torch.Tensor]]:
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "tp_worker.py"), ckpt, out],
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "tp_worker.py"), ckpt, out,
+                                       adapter_root],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         output, _ = p.communicate(timeout=180)
@@ -35,16 +37,20 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp")
     state = random_checkpoint(CFG, seed=11)
     ckpt = write_checkpoint(str(tmp / "ckpt"), CFG, state)
-    return state, {w: run_world(ckpt, str(tmp / f"w{w}"), w) for w in (1, 2, 4)}
+    root = str(tmp / "adapters")
+    write_adapter(root, "a4", CFG, 4, 8, seed=1)
+    write_adapter(root, "a16", CFG, 16, 16, seed=2, targets=("c_attn", "c_proj", "w1", "w2"))
+    return state, {w: run_world(ckpt, str(tmp / f"w{w}"), w, root) for w in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_logits_equal_world_size_1(runs, world):
     _, results = runs
     single = results[1][0]
+    assert sum(k.startswith("lora") for k in single) == 9
     for rank_result in results[world]:
         for key, ref in single.items():
-            if key.startswith(("prefill", "decode", "suffix")):
+            if key.startswith(("prefill", "decode", "suffix", "lora")):
                 diff = (rank_result[key] - ref).abs().max().item()
                 assert diff <= 1e-4, f"{key} at world size {world}: {diff}"
 

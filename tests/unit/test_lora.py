@@ -1,0 +1,193 @@
+"""Multi-LoRA: a batch mixing the base model and three adapters of different ranks equals, per request,
+the reference with that adapter merged into the weights; merges; validation; pool lifecycle."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, write_checkpoint
+from lora_helpers import attach_manager, load, write_adapter
+from paged import Paged
+from reference import merge_lora, random_checkpoint, ref_forward
+from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from worker.models.qwen import FlashQwenForCausalLM
+
+CFG = {**TINY, "seq_length": 16}
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    state = random_checkpoint(CFG, seed=21)
+    model = FlashQwenForCausalLM.from_pretrained(write_checkpoint(str(tmp_path / "ckpt"), CFG, state),
+                                                 dtype=torch.float32, progress=False)
+    root = str(tmp_path / "adapters")
+    adapters = {
+        "a4": write_adapter(root, "a4", CFG, 4, 8, seed=1),
+        "a8": write_adapter(root, "a8", CFG, 8, 16, seed=2, use_rslora=True),
+        "a16": write_adapter(root, "nested/a16", CFG, 16, 16, seed=3,
+                             targets=("c_attn", "w2", "mlp.c_proj")),
+    }
+    mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
+    return state, model, root, adapters, mgr, engine
+
+
+def test_mixed_batch_prefill_and_decode(setup):
+    state, model, root, adapters, mgr, _ = setup
+    for i, name in enumerate(["a4", "a8", "nested/a16"], start=1):
+        load(mgr, i, name)
+    merged = {0: state, 1: merge_lora(state, *adapters["a4"]), 2: merge_lora(state, *adapters["a8"]),
+              3: merge_lora(state, *adapters["a16"])}
+    g = torch.Generator().manual_seed(5)
+    lengths = [6, 9, 3, 20, 11]
+    which = [0, 1, 2, 3, 1]  # base and three adapters; adapter 1 twice
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    slots = [mgr.entries[i].slot if i else 0 for i in which]
+    paged = Paged(model)
+    out = paged.step(list(range(5)), prompts, [0] * 5, [1.0, 1.0, 1.0, 3.0, 1.0], True, slots)
+    worst = 0.0
+    for p, a, o in zip(prompts, which, out):
+        worst = max(worst, (o.double() - ref_forward(merged[a], CFG, p)).abs().max().item())
+    seqs = [list(p) for p in prompts]
+    for _ in range(4):
+        for s, o in zip(seqs, out):
+            s.append(int(o[-1].argmax()))
+        out = paged.step(list(range(5)), seqs, [len(s) - 1 for s in seqs], [1.0, 1.0, 1.0, 3.0, 1.0], False, slots)
+    for s, p, a, o in zip(seqs, prompts, which, out):
+        worst = max(worst, (o[-1].double() - ref_forward(merged[a], CFG, s, prompt_len=len(p))[-1]).abs().max().item())
+    assert worst <= 1e-4, worst
+    # the adapters really change the output (the test would not notice a no-op otherwise)
+    assert (ref_forward(merged[1], CFG, prompts[1]) - ref_forward(state, CFG, prompts[1])).abs().max() > 1e-2
+
+
+def _independent_merge(ts, ws, strategy, density, sign_total, gen):
+    """The merge formulas written out again, tensor by tensor (TIES: trim, elect sign, disjoint mean)."""
+    out = []
+    if strategy == "linear":
+        return sum(w * t for w, t in zip(ws, ts))
+    trimmed = []
+    for t in ts:
+        k = int(density * t.numel())
+        flat = t.flatten().clone()
+        keep = flat.abs().argsort(descending=True)[:k]
+        m = torch.zeros_like(flat)
+        m[keep] = flat[keep]
+        trimmed.append(m.view_as(t))
+    stack = torch.stack(trimmed)
+    elect = torch.sign(stack.sum(0) if sign_total else stack.sign().sum(0))
+    elect[elect == 0] = 1
+    agree = stack.sign() == elect
+    num = sum(w * t * a for w, t, a in zip(ws, trimmed, agree))
+    return num / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("strategy,density,sign", [("linear", 1.0, 0), ("ties", 0.5, 0), ("ties", 0.3, 1)])
+def test_merge_equals_independent_computation(setup, strategy, density, sign):
+    from worker.adapters.peft import read_adapter
+
+    state, model, root, adapters, mgr, _ = setup
+    write_adapter(root, "b8", CFG, 8, 16, seed=9)
+    code = {"linear": 0, "ties": 1}[strategy]
+    load(mgr, 1, "a8", "b8", strategy=code, weights=[0.7, 0.4], density=density, sign=sign)
+    a = read_adapter(os.path.join(root, "a8"), model.config, 16)
+    b = read_adapter(os.path.join(root, "b8"), model.config, 16)
+    host = mgr.entries[1].host
+    for key in a.weights:
+        for j in (0, 1):  # A and B merged separately
+            expect = _independent_merge([a.weights[key][j], b.weights[key][j]], [0.7, 0.4], strategy, density,
+                                        sign == 0, None)
+            assert torch.allclose(host[key][j], expect, atol=1e-6), (key, j)
+
+
+def test_bad_adapters_clear_errors(setup, tmp_path):
+    state, model, root, adapters, mgr, _ = setup
+    import json
+    import shutil
+
+    with pytest.raises(InvalidArgument, match=r"'\.\.'"):
+        load(mgr, 1, "../ckpt")
+    os.symlink(str(tmp_path / "ckpt"), os.path.join(root, "escape"))
+    with pytest.raises(InvalidArgument, match="outside the adapter root"):
+        load(mgr, 1, "escape")
+    with pytest.raises(InvalidArgument, match="outside the adapter root"):
+        load(mgr, 1, str(tmp_path / "ckpt"))
+    with pytest.raises(NotFound, match="not found"):
+        load(mgr, 1, "nope")
+    big = {**CFG, "hidden_size": 128, "kv_channels": 32}
+    write_adapter(root, "other_base", big, 4, 8, seed=1)
+    with pytest.raises(InvalidArgument, match="do not match the base model"):
+        load(mgr, 1, "other_base")
+    write_adapter(root, "r32", CFG, 32, 8, seed=1)
+    with pytest.raises(FailedPrecondition, match="exceeds the configured maximum"):
+        load(mgr, 1, "r32")
+    for flag, needle in (({"use_dora": True}, "DoRA"), ({"modules_to_save": ["wte"]}, "modules_to_save")):
+        shutil.copytree(os.path.join(root, "a4"), os.path.join(root, f"v{needle}"))
+        path = os.path.join(root, f"v{needle}", "adapter_config.json")
+        json.dump({**json.load(open(path)), **flag}, open(path, "w"))
+        with pytest.raises(FailedPrecondition, match=needle):
+            load(mgr, 1, f"v{needle}")
+    shutil.copytree(os.path.join(root, "a4"), os.path.join(root, "trunc"))
+    f = os.path.join(root, "trunc", "adapter_model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        load(mgr, 1, "trunc")
+    os.makedirs(os.path.join(root, "pickled"))
+    shutil.copy(os.path.join(root, "a4", "adapter_config.json"), os.path.join(root, "pickled"))
+    open(os.path.join(root, "pickled", "adapter_model.bin"), "wb").write(b"\x80\x04K\x01.")
+    with pytest.raises(FailedPrecondition, match="only safetensors"):
+        load(mgr, 1, "pickled")
+    assert mgr.entries == {} and mgr.stats()["adapter_slots_used"] == 0  # nothing half-loaded
+
+
+def test_load_offload_200_cycles_no_leak_and_busy_never_evicted(setup):
+    from types import SimpleNamespace
+
+    from worker.pb import generate_pb2 as pb
+
+    state, model, root, adapters, mgr, engine = setup
+    names = ["a4", "a8", "nested/a16"]
+    for k in range(3, 8):
+        write_adapter(root, f"x{k}", CFG, 4, 4, seed=100 + k)
+        names.append(f"x{k}")
+    baseline = [p.clone() for pair in mgr.pools.values() for p in pair]
+    # a live batch uses index 1: it must survive every eviction
+    engine.batches[7] = SimpleNamespace(requests=[SimpleNamespace(adapter_index=1)])
+    load(mgr, 1, "a4")
+    slot1 = mgr.entries[1].slot
+    for cycle in range(200):
+        index = 2 + cycle % 7  # 7 more adapters than the 3 remaining slots
+        load(mgr, index, names[1 + cycle % 7])
+        assert mgr.entries[1].slot == slot1
+        if cycle % 3 == 0:
+            mgr.offload(pb.OffloadAdapterRequest(adapter_index=index))
+    with pytest.raises(FailedPrecondition, match="live batch"):
+        mgr.offload(pb.OffloadAdapterRequest(adapter_index=1))
+    # outputs still right for the busy adapter after all that churn
+    p = list(range(30, 41))
+    out = Paged(model).step([0], [p], [0], [1.0], True, [slot1])[0]
+    assert (out.double() - ref_forward(merge_lora(state, *adapters["a4"]), CFG, p)).abs().max() <= 1e-4
+    # memory back to baseline: offload everything; the pool is all zeros again, host cache bounded
+    engine.batches.clear()
+    for i in list(mgr.entries):
+        if mgr.entries[i].slot is not None:
+            mgr.offload(pb.OffloadAdapterRequest(adapter_index=i))
+    after = [p.clone() for pair in mgr.pools.values() for p in pair]
+    assert all(torch.equal(a, b) for a, b in zip(baseline, after))
+    assert mgr.stats()["adapter_slots_used"] == 0
+    assert mgr.stats()["adapter_host_bytes"] <= mgr.host_cache * max(
+        e.rank for e in mgr.entries.values()) * 4 * 10 * CFG["hidden_size"] * CFG["num_hidden_layers"]
+
+
+def test_all_slots_busy_is_resource_exhausted(setup):
+    from types import SimpleNamespace
+
+    state, model, root, adapters, mgr, engine = setup
+    for k in range(5):
+        write_adapter(root, f"y{k}", CFG, 4, 4, seed=200 + k)
+    for i in range(1, 5):
+        load(mgr, i, f"y{i - 1}")
+    engine.batches[1] = SimpleNamespace(requests=[SimpleNamespace(adapter_index=i) for i in range(1, 5)])
+    with pytest.raises(ResourceExhausted, match="adapter slots"):
+        load(mgr, 5, "y4")

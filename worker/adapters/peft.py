@@ -1,0 +1,151 @@
+"""Read and validate PEFT LoRA adapters for Qwen v1, and cut them for this rank.
+
+Targets: attn.c_attn, attn.c_proj, mlp.c_proj, mlp.w1, mlp.w2 — dispatched by the full key path
+(`c_proj` alone names two different modules). Scale alpha/r (or alpha/sqrt(r) with rsLoRA) is folded
+into B at load. Only safetensors are read unless `allow_bin` explicitly permits a weights-only
+`.bin` (torch.load(weights_only=True)).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from worker.config import QwenConfig
+from worker.errors import FailedPrecondition, InvalidArgument, NotFound
+from worker.weights import shard_packed, shard_tensor
+
+MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_proj", "mlp.w1", "mlp.w2")
+COLUMN = {"attn.c_attn", "mlp.w1", "mlp.w2"}  # A whole, B split like the base output
+ROW = {"attn.c_proj", "mlp.c_proj"}  # A split on its input dim, B whole
+_KEY = re.compile(r"^base_model\.model\.transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_proj|mlp\.w1|"
+                  r"mlp\.w2)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+@dataclass
+class LoraAdapter:
+    """Full (unsharded) LoRA weights on the host, scale folded into B."""
+
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, module) -> (A [r, in], B [out, r])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+def module_dims(config: QwenConfig, module: str) -> tuple[int, int]:
+    """(in, out) of a target module, full size."""
+    H, w = config.hidden_size, config.mlp_width
+    return {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.c_proj": (w, H),
+            "mlp.w1": (H, w), "mlp.w2": (H, w)}[module]
+
+
+def resolve_adapter_dir(root: str, adapter_id: str) -> str:
+    """The adapter directory for `adapter_id` under `root`; rejects anything that escapes the root
+    (`..`, absolute paths elsewhere, symlinks pointing out)."""
+    if not adapter_id or "\x00" in adapter_id:
+        raise InvalidArgument(f"invalid adapter id {adapter_id!r}")
+    if ".." in adapter_id.replace("\\", "/").split("/"):
+        raise InvalidArgument(f"adapter id {adapter_id!r} contains '..': adapters load only from under the "
+                              "adapter root")
+    root_real = os.path.realpath(root)
+    candidate = adapter_id if os.path.isabs(adapter_id) else os.path.join(root_real, adapter_id)
+    real = os.path.realpath(candidate)
+    if os.path.commonpath([real, root_real]) != root_real:
+        raise InvalidArgument(f"adapter id {adapter_id!r} resolves outside the adapter root {root}")
+    if not os.path.isdir(real):
+        raise NotFound(f"adapter {adapter_id!r} not found under the adapter root {root}")
+    return real
+
+
+def read_adapter(path: str, config: QwenConfig, max_rank: int, allow_bin: bool = False) -> LoraAdapter:
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise NotFound(f"adapter at {path} has no adapter_config.json")
+    try:
+        with open(cfg_path) as f:
+            acfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise FailedPrecondition(f"adapter {path}: peft_type {acfg.get('peft_type')!r} is not supported (LORA only)")
+    if acfg.get("use_dora"):
+        raise FailedPrecondition(f"adapter {path}: DoRA (use_dora=true) is not supported")
+    if acfg.get("modules_to_save"):
+        raise FailedPrecondition(f"adapter {path}: modules_to_save {acfg['modules_to_save']} (full replacement "
+                                 "matrices) is not supported")
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
+        raise FailedPrecondition(f"adapter {path}: per-module rank_pattern/alpha_pattern is not supported")
+    if acfg.get("fan_in_fan_out"):
+        raise FailedPrecondition(f"adapter {path}: fan_in_fan_out=true does not apply to Qwen's Linear layers")
+    r = int(acfg.get("r", 0))
+    if r < 1:
+        raise InvalidArgument(f"adapter {path}: rank r={r} must be positive")
+    if r > max_rank:
+        raise FailedPrecondition(f"adapter {path}: rank {r} exceeds the configured maximum --max-lora-rank {max_rank}")
+    alpha = float(acfg.get("lora_alpha", r))
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    tensors = _read_tensors(path, allow_bin)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise FailedPrecondition(f"adapter {path}: unsupported tensor {key!r} (LoRA on c_attn, attn.c_proj, "
+                                     "mlp.c_proj, w1, w2 only)")
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= config.num_hidden_layers:
+            raise InvalidArgument(f"adapter {path}: {key} names layer {layer}; the base model has "
+                                  f"{config.num_hidden_layers} layers")
+        pairs.setdefault((layer, module), {})[which] = t
+    if not pairs:
+        raise InvalidArgument(f"adapter {path}: no LoRA tensors found")
+    weights = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise InvalidArgument(f"adapter {path}: layer {layer} {module} has lora_{next(iter(ab))} but not both")
+        a, b = ab["A"].float(), ab["B"].float()
+        d_in, d_out = module_dims(config, module)
+        if tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
+            raise InvalidArgument(f"adapter {path}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
+                                  f"{tuple(b.shape)} do not match the base model (expected {(r, d_in)} / {(d_out, r)})"
+                                  " — was it trained for another base model?")
+        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+    return LoraAdapter(r, weights)
+
+
+def _read_tensors(path: str, allow_bin: bool) -> dict[str, torch.Tensor]:
+    st = os.path.join(path, "adapter_model.safetensors")
+    if os.path.isfile(st):
+        try:
+            with safe_open(st, framework="pt") as h:
+                return {k: h.get_tensor(k) for k in h.keys()}
+        except Exception as exc:  # truncated or corrupt
+            raise InvalidArgument(f"cannot read {st}: {exc}") from exc
+    binary = os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(binary):
+        if not allow_bin:
+            raise FailedPrecondition(f"{binary} is a pickle; only safetensors are read (start the worker with "
+                                     "--allow-bin-adapters to accept weights-only .bin files)")
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InvalidArgument(f"cannot read {binary} as weights-only: {exc}") from exc
+    raise NotFound(f"adapter at {path} has no adapter_model.safetensors")
+
+
+def shard_lora(module: str, a: torch.Tensor, b: torch.Tensor, config: QwenConfig, rank: int,
+               world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (A, B): column layers keep A whole and split B like the base output (c_attn per
+    q/k/v); row layers split A on the input dim and keep B whole."""
+    if module == "attn.c_attn":
+        H = config.hidden_size
+        return a, shard_packed(b, 0, [H, H, H], rank, world_size, "lora_B of c_attn")
+    if module in COLUMN:
+        return a, shard_tensor(b, 0, rank, world_size, f"lora_B of {module}")
+    return shard_tensor(a, 1, rank, world_size, f"lora_A of {module}"), b

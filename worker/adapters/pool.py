@@ -1,0 +1,239 @@
+"""The adapter slot pool: fixed-shape per-module slots, the router's adapter_index → slot map, LRU
+eviction of idle adapters, a host copy for fast reloads, and the adapter RPCs' bodies.
+
+Slot 0 is the base model (zeros). Slots never change shape, so decode can be captured in a CUDA
+graph. An adapter used by a live batch is never evicted or offloaded.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from worker.adapters.merge import merge_adapters
+from worker.adapters.peft import MODULES, LoraAdapter, module_dims, read_adapter, resolve_adapter_dir, shard_lora
+from worker.config import QwenConfig
+from worker.distributed import ParallelContext
+from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from worker.layers.lora import AdapterBatchData, LoraColumnParallelLinear, LoraRowParallelLinear
+from worker.pb import generate_pb2 as pb
+
+log = logging.getLogger(__name__)
+LOCAL = 2  # proto AdapterSource.LOCAL
+
+
+@dataclass
+class Entry:
+    params: Any  # pb.AdapterParameters (kept to reload from disk if the host copy was dropped)
+    source: int
+    slot: Optional[int] = None
+    host: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # this rank's (A, B)
+    rank: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class AdapterManager:
+    def __init__(self, root: str, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, max_rank: int = 64,
+                 num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32):
+        if num_slots < 1:
+            raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
+        self.root = root
+        self.config = config
+        self.pctx = pctx
+        self.dtype = dtype
+        self.max_rank = max_rank
+        self.num_slots = num_slots
+        self.allow_bin = allow_bin
+        self.host_cache = host_cache
+        self.entries: dict[int, Entry] = {}
+        self.slot_owner: list[Optional[int]] = [None] * (num_slots + 1)  # slot -> adapter index; slot 0 = base
+        self.pools: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.engine: Any = None
+        self.preloaded: list[tuple[int, str]] = []
+        n = pctx.world_size
+        for layer in range(config.num_hidden_layers):
+            for module in MODULES:
+                d_in, d_out = module_dims(config, module)
+                if module in ("attn.c_proj", "mlp.c_proj"):
+                    d_in //= n
+                else:
+                    d_out //= n
+                self.pools[(layer, module)] = (
+                    torch.zeros(num_slots + 1, max_rank, d_in, dtype=dtype, device=pctx.device),
+                    torch.zeros(num_slots + 1, d_out, max_rank, dtype=dtype, device=pctx.device))
+        self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
+                              for a, b in self.pools.values())
+        log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s", num_slots,
+                 max_rank, self.slot_bytes / 2**20, self.slot_bytes * num_slots / 2**20, root)
+
+    @classmethod
+    def from_args(cls, args: Any, model: Any, pctx: ParallelContext) -> "AdapterManager":
+        mgr = cls(args.adapter_root, model.config, pctx, model.dtype, args.max_lora_rank, args.max_adapter_slots,
+                  args.allow_bin_adapters)
+        return mgr
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, engine: Any) -> None:
+        """Wrap the model's target linears and register with the engine."""
+        self.engine = engine
+        engine.adapters = self
+        model = engine.model
+        for i, layer in enumerate(model.transformer.h):
+            attn, mlp = layer.attn, layer.mlp
+            width = mlp.gate_up.out_features // 2
+            attn.c_attn = LoraColumnParallelLinear(attn.c_attn, [(slice(None), *self.pools[(i, "attn.c_attn")])])
+            attn.c_proj = LoraRowParallelLinear(attn.c_proj, *self.pools[(i, "attn.c_proj")])
+            mlp.gate_up = LoraColumnParallelLinear(mlp.gate_up, [(slice(0, width), *self.pools[(i, "mlp.w2")]),
+                                                                 (slice(width, 2 * width), *self.pools[(i, "mlp.w1")])])
+            mlp.c_proj = LoraRowParallelLinear(mlp.c_proj, *self.pools[(i, "mlp.c_proj")])
+
+    def preload(self, adapter_ids: list[str]) -> None:
+        for k, adapter_id in enumerate(adapter_ids, start=1):
+            params = pb.AdapterParameters(adapter_ids=[adapter_id])
+            self.load(pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=LOCAL, adapter_index=k))
+            self.preloaded.append((k, adapter_id))
+
+    def preloaded_pb(self) -> list:
+        return [pb.PreloadedAdapter(adapter_parameters=pb.AdapterParameters(adapter_ids=[aid]), adapter_source=LOCAL,
+                                    adapter_index=k) for k, aid in self.preloaded]
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, params: Any, source: int) -> LoraAdapter:
+        ids = list(params.adapter_ids)
+        if not ids:
+            raise InvalidArgument("adapter_parameters.adapter_ids is empty")
+        adapters = []
+        for adapter_id in ids:
+            try:
+                path = resolve_adapter_dir(self.root, adapter_id)
+            except NotFound:
+                if source != LOCAL:
+                    raise FailedPrecondition(
+                        f"adapter {adapter_id!r}: source {pb.AdapterSource.Name(source)} needs network access, "
+                        f"which this worker does not have, and no local copy is under {self.root}") from None
+                raise
+            adapters.append(read_adapter(path, self.config, self.max_rank, self.allow_bin))
+        if len(adapters) == 1:
+            return adapters[0]
+        return merge_adapters(adapters, list(params.weights), params.merge_strategy, params.density,
+                              params.majority_sign_method, seed=0)
+
+    def _shard(self, adapter: LoraAdapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        return {key: shard_lora(key[1], a, b, self.config, self.pctx.rank, self.pctx.world_size)
+                for key, (a, b) in adapter.weights.items()}
+
+    # ------------------------------------------------------------------ RPC bodies
+    def download(self, req: Any) -> Any:
+        adapter = self._read(req.adapter_parameters, req.adapter_source)
+        fraction = 1.0 / self.num_slots  # every adapter takes one fixed-size slot of the budget
+        log.info("adapter %s validated: rank %d, %.1f MiB", list(req.adapter_parameters.adapter_ids), adapter.rank,
+                 adapter.nbytes / 2**20)
+        return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
+
+    def load(self, req: Any) -> Any:
+        index = req.adapter_index
+        if index == 0:
+            raise InvalidArgument("adapter_index 0 is the base model and cannot be loaded")
+        entry = self.entries.get(index)
+        if entry is None or entry.params != req.adapter_parameters:
+            t0 = time.perf_counter()
+            adapter = self._read(req.adapter_parameters, req.adapter_source)
+            if entry is not None:
+                self._free_slot(entry)
+            entry = Entry(req.adapter_parameters, req.adapter_source, host=self._shard(adapter), rank=adapter.rank)
+            self.entries[index] = entry
+            log.info("adapter index %d (%s) read in %.1f ms", index, list(req.adapter_parameters.adapter_ids),
+                     (time.perf_counter() - t0) * 1e3)
+        self._make_resident(index, pinned=set())
+        return pb.LoadAdapterResponse(loaded=True)
+
+    def offload(self, req: Any) -> Any:
+        index = req.adapter_index
+        entry = self.entries.get(index)
+        if entry is None:
+            raise NotFound(f"adapter index {index} is not loaded")
+        if index in self._in_use():
+            raise FailedPrecondition(f"adapter index {index} is used by a live batch and cannot be offloaded")
+        self._free_slot(entry)
+        self._trim_host_cache()
+        return pb.OffloadAdapterResponse(offloaded=True)
+
+    # ------------------------------------------------------------------ slots
+    def has(self, index: int) -> bool:
+        return index in self.entries
+
+    def _in_use(self) -> set[int]:
+        if self.engine is None:
+            return set()
+        return {r.adapter_index for b in self.engine.batches.values() for r in b.requests if r.adapter_index}
+
+    def _free_slot(self, entry: Entry) -> None:
+        if entry.slot is not None:
+            for a_pool, b_pool in self.pools.values():
+                a_pool[entry.slot].zero_()
+                b_pool[entry.slot].zero_()
+            self.slot_owner[entry.slot] = None
+            entry.slot = None
+
+    def _trim_host_cache(self) -> None:
+        """Drop host copies of offloaded adapters beyond the cache size (least recently used first);
+        they are read from disk again if used."""
+        offloaded = sorted((e.last_used, i) for i, e in self.entries.items() if e.slot is None and e.host is not None)
+        for _, i in offloaded[: max(0, len(offloaded) - self.host_cache)]:
+            self.entries[i].host = None
+
+    def _make_resident(self, index: int, pinned: set[int]) -> int:
+        entry = self.entries[index]
+        entry.last_used = time.monotonic()
+        if entry.slot is not None:
+            return entry.slot
+        free = [s for s in range(1, self.num_slots + 1) if self.slot_owner[s] is None]
+        if not free:
+            busy = self._in_use() | pinned
+            idle = sorted((self.entries[i].last_used, i) for i in self.slot_owner[1:] if i is not None and i not in busy)
+            if not idle:
+                raise ResourceExhausted(f"all {self.num_slots} adapter slots are used by live requests; "
+                                        "raise --max-adapter-slots or wait")
+            victim = self.entries[idle[0][1]]
+            log.info("evicting idle adapter index %d from slot %d", idle[0][1], victim.slot)
+            free = [victim.slot]
+            self._free_slot(victim)
+        slot = free[0]
+        if entry.host is None:  # dropped from the host cache: read again
+            entry.host = self._shard(self._read(entry.params, entry.source))
+        for key, (a, b) in entry.host.items():
+            a_pool, b_pool = self.pools[key]
+            r = a.shape[0]
+            a_pool[slot, :r].copy_(a)
+            b_pool[slot, :, :r].copy_(b)
+        self.slot_owner[slot] = index
+        entry.slot = slot
+        self._trim_host_cache()
+        return slot
+
+    def batch_data(self, batch: Any, prefill: bool) -> Optional[AdapterBatchData]:
+        indices = [r.adapter_index for r in batch.requests]
+        wanted = {i for i in indices if i}
+        if not wanted:
+            return None
+        slots = {i: self._make_resident(i, pinned=wanted) for i in sorted(wanted)}
+        tokens = [len(r.ids) - r.n_cached if prefill else 1 for r in batch.requests]
+        return AdapterBatchData.build([slots.get(i, 0) for i in indices], tokens, self.pctx.device)
+
+    def stats(self) -> dict[str, int]:
+        host = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for e in self.entries.values() if e.host for a, b in e.host.values())
+        return {"adapters_known": len(self.entries),
+                "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
+                "adapter_slots_total": self.num_slots, "adapter_host_bytes": host}
+
+
+def default_root_check(root: str) -> str:
+    if not os.path.isdir(root):
+        raise ValueError(f"--adapter-root {root} is not a directory")
+    return root
