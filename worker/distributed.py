@@ -78,8 +78,12 @@ def init_from_env(env: Mapping[str, str], device: str = "auto",
 
 
 def shutdown(ctx: ParallelContext) -> None:
+    """Leave the process group together (a barrier first: gloo aborts if a peer vanishes mid-teardown)."""
     if ctx.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier(group=ctx.group)
+        finally:
+            dist.destroy_process_group()
 
 
 def env_snapshot() -> dict[str, str]:
