@@ -104,6 +104,7 @@ class BatchBuilder:
     max_batch_size: int = 0  # 0: no limit
     chunked_prefill: bool = False
     live_request_ids: set[int] = field(default_factory=set)
+    seed_nonce: int = 0  # identical on every rank: unseeded sampling draws the same seed on all shards
 
     def prompt_ids(self, req) -> list[int]:
         ids = list(req.tokenized_inputs.ids) if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids \
@@ -170,6 +171,8 @@ class BatchBuilder:
             sp.validate()
         except ValueError as exc:
             raise InvalidArgument(f"request {req.id}: {exc}") from exc
+        if not sp.is_greedy and sp.seed == 0:  # reported back in GeneratedText.seed
+            sp.seed = ((self.seed_nonce ^ (req.id * 0x9E3779B97F4A7C15)) & (2**63 - 1)) | 1
         s = req.stopping_parameters
         if s.max_new_tokens < 1:
             raise InvalidArgument(f"request {req.id}: stopping_parameters.max_new_tokens must be >= 1, "

@@ -51,6 +51,8 @@ class Engine:
         self.allocator: Optional[BlockAllocator] = None
         self.router_blocks = 0
         self.max_supported_total_tokens = 0
+        nonce = torch.randint(1, 2**62, (1,), device=pctx.device)
+        self.seed_nonce = int(pctx.broadcast(nonce).item())  # rank 0's, on every rank
 
     # ------------------------------------------------------------------ KV cache
     def allocate_cache(self, num_blocks: int) -> None:
@@ -98,7 +100,7 @@ class Engine:
         return BatchBuilder(self.tokenizer, self.model.config.vocab_size, self.model.config.seq_length,
                             self.model.config.use_dynamic_ntk, self.cfg.block_size, self.router_blocks,
                             self.allocator, self.pctx.rank, self.pctx.world_size, str(self.pctx.device),
-                            self.adapters, self.cfg.max_batch_size, False, live)
+                            self.adapters, self.cfg.max_batch_size, False, live, self.seed_nonce)
 
     def warmup(self, request: "pb.WarmupRequest") -> int:
         """Run the router's largest prefill without a cache to find the activation peak, then size the

@@ -167,6 +167,8 @@ class FlashQwenForCausalLM(nn.Module):
         n_new = seqlen.cu_seqlen_q[1:] - seqlen.cu_seqlen_q[:-1]  # [B]
         if seqlen.ntk_alpha is None:
             alpha_tok = torch.ones(positions.shape[0], device=positions.device)
+        elif cu_seqlen_prefill is None:  # decode: one token per sequence (no host sync: CUDA-graph safe)
+            alpha_tok = seqlen.ntk_alpha.to(positions.device)
         else:
             alpha_tok = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
         cos, sin = rotary_cos_sin(positions, alpha_tok, cfg.rotary_dim, cfg.rotary_emb_base)

@@ -1,0 +1,216 @@
+"""`qwen-router`: drive running qwen-worker shards from the command line.
+
+    qwen-router generate --uds-path P --model-dir D "prompt" [--adapter ID ...] [--stream] [sampling flags]
+    qwen-router load --uds-path P --model-dir D --requests N --concurrency C --max-new-tokens M [--prompt ...]
+    qwen-router health --uds-path P
+
+`--uds-path P` is the worker's socket prefix: shard r listens on `P-r`; the router dials `P-0`.
+Everything heavy (grpc stubs, the tokenizer) is imported only when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+
+def _router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uds-path", required=True, help="socket prefix of the shards (shard 0 is at P-0)")
+    p.add_argument("--model-dir", help="model directory, for the tokenizer (qwen.tiktoken / tokenizer.json)")
+    p.add_argument("--max-input-length", type=int, default=1024)
+    p.add_argument("--max-total-tokens", type=int, default=2048)
+    p.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-batch-total-tokens", type=int, default=None,
+                   help="KV tokens to assume when Warmup is skipped or answers none")
+    p.add_argument("--no-warmup", action="store_true", help="skip Warmup (needs --max-batch-total-tokens)")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline of each RPC, seconds")
+    p.add_argument("--connect-timeout", type=float, default=60.0)
+    p.add_argument("--adapter", action="append", default=[], metavar="ID",
+                   help="adapter id to load (repeatable; generate runs the prompt once per adapter)")
+    p.add_argument("--adapter-source", default="local", choices=["local", "hub", "s3", "pbase"])
+    p.add_argument("--merge", action="store_true", help="merge the --adapter ids into one adapter (LINEAR)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--typical-p", type=float, default=1.0)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--return-k-alternatives", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past EOS (benchmarking)")
+    p.add_argument("--truncate", type=int, default=0, help="keep only the last N prompt tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-router", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    _router_args(gen)
+    _sampling_args(gen, max_new_tokens=32)
+    gen.add_argument("prompt")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--prefill-logprobs", action="store_true")
+    gen.add_argument("--json", action="store_true", help="one JSON object per result on stdout")
+    load = sub.add_parser("load", help="a load test: N requests, C in flight; tokens/s and latencies")
+    _router_args(load)
+    _sampling_args(load, max_new_tokens=64)
+    load.add_argument("--requests", type=int, default=64)
+    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--prompt", action="append", default=[], help="prompt(s), used round-robin")
+    load.add_argument("--json", action="store_true", help="print the summary as JSON")
+    health = sub.add_parser("health", help="Health on every shard (no warmup)")
+    health.add_argument("--uds-path", required=True)
+    health.add_argument("--timeout", type=float, default=10.0)
+    return parser
+
+
+def _sampling(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    parameters = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
+                      do_sample=a.do_sample, seed=a.seed, repetition_penalty=a.repetition_penalty,
+                      frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
+                      return_k_alternatives=a.return_k_alternatives)
+    stopping = dict(max_new_tokens=a.max_new_tokens, stop_sequences=a.stop, ignore_eos_token=a.ignore_eos)
+    return parameters, stopping
+
+
+def _start_router(a: argparse.Namespace) -> Any:
+    from router_client.router import Router, RouterConfig
+
+    if not a.model_dir:
+        raise SystemExit("error: --model-dir is needed (the router tokenizes prompts to allocate KV blocks)")
+    from worker.tokenizer import QwenTokenizer
+
+    tokenizer = QwenTokenizer.from_dir(a.model_dir)
+    config = RouterConfig(max_input_length=a.max_input_length, max_total_tokens=a.max_total_tokens,
+                          max_batch_prefill_tokens=a.max_batch_prefill_tokens, max_batch_size=a.max_batch_size,
+                          max_batch_total_tokens=a.max_batch_total_tokens, warmup=not a.no_warmup,
+                          call_timeout_s=a.timeout, connect_timeout_s=a.connect_timeout)
+    return Router.connect(f"{a.uds_path}-0", tokenizer=tokenizer, config=config)
+
+
+def _load_adapters(router: Any, a: argparse.Namespace) -> list[tuple[str, int]]:
+    """(label, adapter_index) per generation target; the base model alone when no --adapter."""
+    if not a.adapter:
+        return [("base", 0)]
+    if a.merge:
+        return [("+".join(a.adapter), router.load_adapter(a.adapter, a.adapter_source))]
+    return [(aid, router.load_adapter(aid, a.adapter_source)) for aid in a.adapter]
+
+
+def _result_json(label: str, result: Any) -> dict[str, Any]:
+    return {"adapter": label, "text": result.text, "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason, "generated_tokens": result.generated_tokens,
+            "prefill_tokens_length": result.prefill_tokens_length, "seed": result.seed,
+            "prefill_tokens": [[t.id, t.logprob, t.text] for t in result.prefill_tokens],
+            "ttft_s": round(result.ttft_s, 6), "latency_s": round(result.latency_s, 6)}
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    parameters, stopping = _sampling(a)
+    with _start_router(a) as router:
+        targets = _load_adapters(router, a)
+        handles = [(label, router.submit(a.prompt, dict(parameters), stopping, adapter_index=index,
+                                         prefill_logprobs=a.prefill_logprobs, truncate=a.truncate))
+                   for label, index in targets]
+        for label, handle in handles:
+            if a.stream and not a.json:
+                if len(handles) > 1:
+                    print(f"[{label}] ", end="", flush=True)
+                for event in handle.stream():
+                    print(event.text, end="", flush=True)
+                print()
+                continue
+            result = handle.result()
+            if a.json:
+                print(json.dumps(_result_json(label, result)))
+            else:
+                print(f"[{label}] {result.text}" if len(handles) > 1 else result.text)
+    return 0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(min(rank, len(ordered))) - 1]
+
+
+def cmd_load(a: argparse.Namespace) -> int:
+    if a.requests < 1 or a.concurrency < 1:
+        raise SystemExit("error: --requests and --concurrency must be >= 1")
+    prompts = a.prompt or ["Hello, my name is"]
+    parameters, stopping = _sampling(a)
+    with _start_router(a) as router:
+        targets = _load_adapters(router, a)
+
+        def one(i: int) -> Any:
+            index = targets[i % len(targets)][1]
+            return router.generate(prompts[i % len(prompts)], parameters=dict(parameters), stopping=stopping,
+                                   adapter_index=index, truncate=a.truncate)
+
+        start = time.perf_counter()
+        results, errors = [], []
+        with ThreadPoolExecutor(max_workers=a.concurrency) as pool:
+            for fut in [pool.submit(one, i) for i in range(a.requests)]:
+                try:
+                    results.append(fut.result())
+                except Exception as err:  # counted and reported, the run goes on
+                    errors.append(str(err))
+        wall = time.perf_counter() - start
+        stats = router.stats
+    tokens = sum(r.generated_tokens for r in results)
+    summary: dict[str, Any] = {"requests": a.requests, "ok": len(results), "failed": len(errors),
+                               "concurrency": a.concurrency, "wall_s": round(wall, 4), "generated_tokens": tokens,
+                               "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+                               "steps": stats.steps, "errors": errors[:5]}
+    for name, values in (("latency_s", [r.latency_s for r in results]), ("ttft_s", [r.ttft_s for r in results])):
+        if values:
+            summary[name] = {f"p{q}": round(percentile(values, q), 4) for q in (50, 90, 99)}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"requests {summary['ok']}/{a.requests} ok (failed {len(errors)}), concurrency {a.concurrency}, "
+              f"wall {wall:.2f}s, {stats.steps} steps")
+        print(f"generated tokens {tokens}: {summary['tokens_per_s']} tokens/s")
+        for name in ("latency_s", "ttft_s"):
+            if name in summary:
+                print(f"{name[:-2]:8s} " + "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in summary[name].items()))
+        for err in errors[:5]:
+            print(f"error: {err}", file=sys.stderr)
+    return 0 if not errors else 1
+
+
+def cmd_health(a: argparse.Namespace) -> int:
+    from router_client.client import ShardedClient
+
+    with ShardedClient.connect(f"{a.uds_path}-0", timeout_s=a.timeout, connect_timeout_s=a.timeout) as client:
+        for rank, metadata in enumerate(client.health()):
+            print(f"shard {rank} ({client.urls[rank]}): ok {json.dumps(metadata)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"generate": cmd_generate, "load": cmd_load, "health": cmd_health}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ConnectionError, RuntimeError, ValueError) as err:  # ShardError, RequestError, ValidationError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""GPU benchmark against the physical floor (spec/performance.md): P1, P4, P7, P8 (and P5 with --tp).
+
+    python scripts/bench.py --shape 7b --out bench_out/bench.json        # one GPU
+    python scripts/bench.py --shape 7b --tp 2 --only decode               # TP decode (spawns 2 ranks)
+
+Builds a random bf16 checkpoint of the chosen shape in GPU memory (same bytes and FLOPs as the real
+one), measures copy bandwidth and bf16 matmul rate in the same run, then decode step time at batch
+1/8/32/64/128 with 512-token contexts (eager and CUDA graphs), prefill MFU on 8 x 1024 tokens, and
+KV capacity after Warmup. Prints a table last and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from worker.config import QwenConfig  # noqa: E402
+from worker.distributed import ParallelContext  # noqa: E402
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, intermediate_size=22016,
+               vocab_size=151936, seq_length=8192),
+    "1.8b": dict(hidden_size=2048, num_attention_heads=16, num_hidden_layers=24, intermediate_size=11008,
+                 vocab_size=151936, seq_length=8192),
+    "tiny": dict(hidden_size=256, num_attention_heads=2, num_hidden_layers=2, intermediate_size=1024,
+                 vocab_size=1024, seq_length=8192),
+}
+
+
+def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call, with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    t = cuda_time(lambda: y.copy_(x), iters=10)
+    del x, y
+    return 2 * 2 * 2**30 / t  # read + write
+
+
+def matmul_rate(device: torch.device) -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    t = cuda_time(lambda: a @ b, iters=10)
+    return 2 * 8192**3 / t
+
+
+def build_model(shape: str, pctx: ParallelContext, backend_name: str):
+    from worker.layers.attention import make_backend
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = QwenConfig.from_dict({"model_type": "qwen", **SHAPES[shape]})
+    model = FlashQwenForCausalLM(cfg, pctx, torch.bfloat16, make_backend(backend_name, pctx.device))
+    g = torch.Generator(device=pctx.device).manual_seed(pctx.rank)
+    for name, p in model.named_parameters():
+        if "ln_" in name:
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_inputs(model, batch: int, ctx_len: int, block_size: int, kv):
+    """Static decode inputs: `batch` sequences, each with ctx_len cached tokens, one new token."""
+    from worker.layers.context import Seqlen
+
+    dev = model.pctx.device
+    per_seq = math.ceil((ctx_len + 1) / block_size)
+    tables = torch.arange(1, 1 + batch * per_seq, dtype=torch.int32, device=dev).view(batch, per_seq)
+    slots = (tables[:, ctx_len // block_size].long() * block_size + ctx_len % block_size)
+    seqlen = Seqlen(input_lengths=torch.full((batch,), ctx_len + 1, dtype=torch.int32, device=dev),
+                    cache_lengths=torch.full((batch,), ctx_len, dtype=torch.int32, device=dev),
+                    cu_seqlen_q=torch.arange(batch + 1, dtype=torch.int32, device=dev), max_q=1, max_k=ctx_len + 1,
+                    ntk_alpha=torch.ones(batch, device=dev))
+    ids = torch.randint(0, 1000, (batch,), device=dev)
+    pos = torch.full((batch,), ctx_len, dtype=torch.long, device=dev)
+    return ids, pos, tables, slots, seqlen
+
+
+def bench_decode(model, batches: list[int], ctx_len: int, block_size: int, bw: float, graphs: bool) -> list[dict]:
+    from worker.engine.kv_cache import KVCache
+
+    c = model.config
+    heads = c.num_attention_heads // model.pctx.world_size
+    max_batch = max(batches)
+    num_blocks = 2 + max_batch * math.ceil((ctx_len + 1) / block_size)
+    kv = KVCache(c.num_hidden_layers, num_blocks, block_size, heads, c.head_dim, torch.bfloat16, model.pctx.device)
+    kv_per_token = KVCache.bytes_per_token(c.num_hidden_layers, heads, c.head_dim, torch.bfloat16)
+    wbytes = weight_bytes(model)
+    rows = []
+    for b in batches:
+        ids, pos, tables, slots, seqlen = decode_inputs(model, b, ctx_len, block_size, kv)
+
+        def step():
+            with torch.inference_mode():
+                return model(ids, pos, None, kv.layers, tables, slots, seqlen, ctx_len + 1)[0]
+
+        eager = cuda_time(step, iters=10)
+        graph_t = None
+        if graphs:
+            from worker.engine.cuda_graphs import capture
+
+            g, _ = capture(step)
+            graph_t = cuda_time(g.replay, iters=30)
+        floor = (wbytes + b * (ctx_len + 1) * kv_per_token) / bw
+        best = graph_t or eager
+        rows.append(dict(batch=b, eager_ms=eager * 1e3, graph_ms=None if graph_t is None else graph_t * 1e3,
+                         floor_ms=floor * 1e3, ratio=best / floor, tok_s=b / best))
+    del kv
+    return rows
+
+
+def bench_prefill(model, n_seqs: int, seq_len: int, block_size: int, matmul: float) -> dict:
+    from worker.engine.kv_cache import KVCache
+    from worker.layers.context import Seqlen
+
+    c = model.config
+    dev = model.pctx.device
+    heads = c.num_attention_heads // model.pctx.world_size
+    per_seq = math.ceil(seq_len / block_size)
+    kv = KVCache(c.num_hidden_layers, 1 + n_seqs * per_seq, block_size, heads, c.head_dim, torch.bfloat16, dev)
+    tables = torch.arange(1, 1 + n_seqs * per_seq, dtype=torch.int32, device=dev).view(n_seqs, per_seq)
+    slots = (tables.long()[:, :, None] * block_size + torch.arange(block_size, device=dev)).view(n_seqs, -1)
+    slots = slots[:, :seq_len].reshape(-1)
+    seqlen = Seqlen.for_prefill([seq_len] * n_seqs, None, [1.0] * n_seqs, device=dev)
+    ids = torch.randint(0, 1000, (n_seqs * seq_len,), device=dev)
+    pos = torch.arange(seq_len, device=dev).repeat(n_seqs)
+    last = torch.arange(1, n_seqs + 1, device=dev) * seq_len - 1
+
+    def step():
+        with torch.inference_mode():
+            return model(ids, pos, seqlen.cu_seqlen_q, kv.layers, tables, slots, seqlen, seq_len,
+                         lm_head_indices=last)[0]
+
+    t = cuda_time(step, iters=5, warmup=2)
+    H, L, W = c.hidden_size, c.num_hidden_layers, c.mlp_width
+    layer_params = 3 * H * H + H * H + 3 * H * W
+    tokens = n_seqs * seq_len
+    flops = 2 * layer_params * L * tokens + 2 * H * c.vocab_size * n_seqs  # linears + LM head (last tokens)
+    flops += L * 4 * H * n_seqs * seq_len * seq_len / 2  # causal attention: QK^T and PV over half the square
+    flops /= model.pctx.world_size
+    del kv
+    return dict(tokens=tokens, ms=t * 1e3, tflops=flops / t / 1e12, mfu=flops / t / matmul)
+
+
+def bench_kv_capacity(model, block_size: int, memory_fraction: float) -> dict:
+    from worker.engine.engine import Engine, EngineConfig
+    from worker.engine.kv_cache import KVCache
+    from worker.pb import generate_pb2 as pb
+
+    class _Tok:  # Warmup sends token ids; only the vocabulary bound is read
+        n_real_vocab = model.config.vocab_size
+        eos_token_ids = frozenset()
+
+        def encode(self, text):
+            return [1] * len(text)
+
+    engine = Engine(model, _Tok(), model.pctx, EngineConfig(block_size=block_size, memory_fraction=memory_fraction))
+    torch.cuda.empty_cache()
+    free_before = torch.cuda.mem_get_info(model.pctx.device)[0]
+    c = model.config
+    per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // model.pctx.world_size,
+                                        c.head_dim, torch.bfloat16)
+    req = pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=[1] * 4096),
+                     stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=16))
+    reqs = [pb.Request(id=i, tokenized_inputs=req.tokenized_inputs, stopping_parameters=req.stopping_parameters)
+            for i in range(2)]
+    total = engine.warmup(pb.WarmupRequest(batch=pb.Batch(id=0, requests=reqs), max_input_length=4096,
+                                           max_prefill_tokens=8192, max_new_tokens=16))
+    cache_tokens = engine.kv.num_slots
+    ideal = free_before / per_token
+    out = dict(max_supported_total_tokens=total, cache_tokens=cache_tokens, ideal_tokens=int(ideal),
+               ratio=cache_tokens / ideal, per_token_bytes=per_token, free_gib=free_before / 2**30)
+    engine.kv = None
+    engine.runner = None
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="7b", choices=list(SHAPES))
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv")
+    ap.add_argument("--memory-fraction", type=float, default=0.95)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench.py needs a CUDA GPU")
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    pctx = ParallelContext(0, 1, dev)
+    only = set(args.only.split(",")) if args.only != "all" else {"decode", "prefill", "kv"}
+    res: dict = dict(card=torch.cuda.get_device_name(dev), date=time.strftime("%Y-%m-%d"), shape=args.shape,
+                     torch=torch.__version__, command=" ".join(sys.argv))
+    res["copy_TBps"] = copy_bandwidth(dev) / 1e12
+    res["matmul_TFLOPs"] = matmul_rate(dev) / 1e12
+    model = build_model(args.shape, pctx, args.backend)
+    res["backend"] = model.backend.name
+    res["weight_GB"] = weight_bytes(model) / 1e9
+    if "decode" in only:
+        res["decode"] = bench_decode(model, [int(b) for b in args.batches.split(",")], args.ctx, args.block_size,
+                                     res["copy_TBps"] * 1e12, not args.no_graphs)
+    if "prefill" in only:
+        res["prefill"] = bench_prefill(model, 8, 1024, args.block_size, res["matmul_TFLOPs"] * 1e12)
+    if "kv" in only:
+        res["kv"] = bench_kv_capacity(model, args.block_size, args.memory_fraction)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print_table(res)
+
+
+def print_table(res: dict) -> None:
+    print(f"\n{res['card']} | {res['shape']} bf16 | backend {res['backend']} | copy {res['copy_TBps']:.2f} TB/s | "
+          f"bf16 matmul {res['matmul_TFLOPs']:.0f} TFLOP/s | weights {res['weight_GB']:.2f} GB")
+    print("| id | figure | measured | target |\n|---|---|---|---|")
+    for row in res.get("decode", []):
+        graph = f"{row['graph_ms']:.2f}" if row["graph_ms"] is not None else "-"
+        tag = "P1" if row["batch"] == 1 else "  "
+        print(f"| {tag} | decode b={row['batch']}: eager {row['eager_ms']:.2f} ms, graph {graph} ms, floor "
+              f"{row['floor_ms']:.2f} ms | step/floor {row['ratio']:.2f} ({row['tok_s']:.0f} tok/s) | "
+              f"{'<= 1.2' if row['batch'] == 1 else ''} |")
+    if "prefill" in res:
+        p = res["prefill"]
+        print(f"| P4 | prefill 8x1024: {p['ms']:.1f} ms, {p['tflops']:.0f} TFLOP/s | MFU {p['mfu']:.2f} | >= 0.6 |")
+    if "kv" in res:
+        k = res["kv"]
+        print(f"| P8 | KV capacity {k['cache_tokens']} tokens of {k['ideal_tokens']} ideal "
+              f"({k['free_gib']:.1f} GiB free) | {k['ratio']:.2f} | >= 0.9 |")
+
+
+if __name__ == "__main__":
+    main()
