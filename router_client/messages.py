@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from router_client.requests import U64_MAX, ValidationError
 from worker.pb import generate_pb2 as pb
@@ -17,6 +17,12 @@ SAMPLING_DEFAULTS: dict[str, Any] = dict(
     frequency_penalty=0.0, presence_penalty=0.0, watermark=False, adapter_id="", schema=None,
     return_k_alternatives=0)
 STOPPING_DEFAULTS: dict[str, Any] = dict(max_new_tokens=20, stop_sequences=(), ignore_eos_token=False)
+
+
+class Tokenizer(Protocol):
+    """What the router needs of a tokenizer (`decode(ids) -> str` is used when present)."""
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass

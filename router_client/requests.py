@@ -135,8 +135,8 @@ class RequestHandle:
         done = gen.generated_text
         now = time.perf_counter()
         self._result = GenerationResult(
-            text=done.text, token_ids=list(self._tokens), finish_reason=FINISH_REASONS.get(done.finish_reason, "unknown"),
-            generated_tokens=done.generated_tokens, prefill_tokens=self._prefill,
+            text=done.text, token_ids=list(self._tokens),
+            finish_reason=FINISH_REASONS.get(done.finish_reason, "unknown"), generated_tokens=done.generated_tokens, prefill_tokens=self._prefill,
             prefill_tokens_length=self._prefill_length, seed=done.seed if done.HasField("seed") else None,
             request_id=self.request_id, ttft_s=(self.first_token_at or now) - self.submitted_at,
             latency_s=now - self.submitted_at)

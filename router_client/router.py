@@ -18,23 +18,19 @@ import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from router_client.blocks import BlockAllocator, blocks_needed, slots_for, tokens_needed
 from router_client.client import ShardedClient, ShardError
-from router_client.messages import (HEALTH_ID, AdapterInfo, RouterConfig, RouterStats, adapter_parameters,
-                                    adapter_source, health_batch, sampling_parameters, stopping_parameters,
-                                    warmup_batch)
+from router_client.messages import (HEALTH_ID, AdapterInfo, RouterConfig, RouterStats, Tokenizer,
+                                    adapter_parameters, adapter_source, health_batch, sampling_parameters,
+                                    stopping_parameters, warmup_batch)
 from router_client.requests import GenerationResult, Pending, RequestError, RequestHandle, ValidationError
 from worker.pb import generate_pb2 as pb
 
 __all__ = ["Router", "RouterConfig", "RouterStats", "AdapterInfo", "HEALTH_ID"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -101,7 +97,8 @@ class Router:
                                        c.max_total_tokens - c.max_input_length, timeout_s=c.warmup_timeout_s)
         total = total if total is not None else c.max_batch_total_tokens
         if total is None:
-            raise RuntimeError("Warmup reported no max_supported_total_tokens: set RouterConfig.max_batch_total_tokens")
+            raise RuntimeError("Warmup reported no max_supported_total_tokens: "
+                               "set RouterConfig.max_batch_total_tokens")
         self.max_supported_total_tokens = total
         self._use_blocks = info.requires_block_allocator
         self._blocks = BlockAllocator(total // info.block_size, info.block_size)
@@ -225,26 +222,30 @@ class Router:
     # ------------------------------------------------------------------ loop
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._stopping or self._commands or self._queue or self._running is not None):
-                    self._cv.wait()
-                if self._stopping:
-                    break
-                commands, self._commands = self._commands, []
-            for cmd in commands:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._commands or self._queue or self._running is not None):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    commands, self._commands = self._commands, []
+                for cmd in commands:
+                    try:
+                        cmd.future.set_result(cmd.fn())
+                    except BaseException as err:  # handed to the caller
+                        cmd.future.set_exception(err)
                 try:
-                    cmd.future.set_result(cmd.fn())
-                except BaseException as err:  # handed to the caller
-                    cmd.future.set_exception(err)
-            try:
-                self._step()
-            except Exception as err:  # a router bug: fail what is in flight, keep serving
-                log.exception("router step failed")
-                batch_ids = [self._running.id] if self._running is not None else []
-                self._running = None
-                self._fail(batch_ids, list(self._in_flight), f"router error: {err!r}")
-        self._shutdown()
+                    self._step()
+                except Exception as err:  # a router bug: fail what is in flight, keep serving
+                    log.exception("router step failed")
+                    batch_ids = [self._running.id] if self._running is not None else []
+                    self._running = None
+                    self._fail(batch_ids, list(self._in_flight), f"router error: {err!r}")
+        finally:  # also when the loop itself broke: no handle is left waiting forever
+            with self._cv:
+                self._stopping = True
+            self._shutdown()
 
     def _step(self) -> None:
         admitted = self._admit()
@@ -315,8 +316,8 @@ class Router:
             self._stats.tokens_generated += len(gen.next_tokens.ids)
             if p.handle._on_generation(gen):
                 finished.append(p)
-        self._retire(finished)
         try:
+            self._retire(finished)
             if cached is None:  # every request of the step finished
                 self._fail([], [i for i in ids if i in self._in_flight],
                            "the shards dropped the batch before the request finished")

@@ -20,8 +20,8 @@ class Paged:
         c = model.config
         self.model = model
         heads = c.num_attention_heads // model.pctx.world_size
-        self.cache = KVCache(c.num_hidden_layers, num_blocks, BLOCK, heads, c.head_dim, model.dtype,
-                             torch.device("cpu"))
+        self.device = model.pctx.device
+        self.cache = KVCache(c.num_hidden_layers, num_blocks, BLOCK, heads, c.head_dim, model.dtype, self.device)
         self.free = list(range(1, num_blocks))
         random.Random(seed).shuffle(self.free)  # non-contiguous, out-of-order blocks
         self.blocks: list[list[int]] = []
@@ -34,7 +34,8 @@ class Paged:
 
     def _table(self, idx: list[int]) -> torch.Tensor:
         width = max(len(self.blocks[i]) for i in idx)
-        return torch.tensor([self.blocks[i] + [0] * (width - len(self.blocks[i])) for i in idx], dtype=torch.int32)
+        return torch.tensor([self.blocks[i] + [0] * (width - len(self.blocks[i])) for i in idx], dtype=torch.int32,
+                            device=self.device)
 
     def step(self, idx: list[int], seqs: list[list[int]], starts: list[int], alphas: list[float],
              prefill: bool, adapter_slots: list[int] | None = None) -> list[torch.Tensor]:
@@ -48,13 +49,14 @@ class Paged:
             pos += list(range(st, len(s)))
             slots += self._slots(i, st, len(s))
             lens.append(len(s) - st)
-        seqlen = Seqlen.for_prefill(lens, starts, alphas)
+        seqlen = Seqlen.for_prefill(lens, starts, alphas, device=self.device)
         adapter_data = None
         if adapter_slots is not None:
             from worker.layers.lora import AdapterBatchData
 
-            adapter_data = AdapterBatchData.build(adapter_slots, lens, "cpu")
-        logits, _ = self.model(torch.tensor(ids), torch.tensor(pos), seqlen.cu_seqlen_q if prefill else None,
-                               self.cache.layers, self._table(idx), torch.tensor(slots), seqlen, seqlen.max_k,
-                               adapter_data)
+            adapter_data = AdapterBatchData.build(adapter_slots, lens, self.device)
+        dev = self.device
+        logits, _ = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
+                               seqlen.cu_seqlen_q if prefill else None, self.cache.layers, self._table(idx),
+                               torch.tensor(slots, device=dev), seqlen, seqlen.max_k, adapter_data)
         return list(logits.split(lens))

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-fraction", type=float, default=0.9, help="share of free GPU memory for the KV cache")
     s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="KV cache dtype (auto: the model dtype)")
+    s.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    s.add_argument("--max-seq-len", type=int, default=16384,
+                   help="longest context served from CUDA graphs (longer ones decode eagerly)")
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
@@ -115,7 +118,8 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     engine = Engine(model, tokenizer, pctx,
                     EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
                                  max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,
-                                 max_batch_size=args.max_batch_size), adapters)
+                                 max_batch_size=args.max_batch_size, cuda_graphs=not args.eager,
+                                 max_seq_len=args.max_seq_len), adapters)
     if adapters is not None:
         adapters.attach(engine)
         adapters.preload([a for a in args.preloaded_adapter_ids.split(",") if a])

@@ -20,7 +20,7 @@ from worker.adapters.peft import MODULES, LoraAdapter, module_dims, read_adapter
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from worker.layers.lora import AdapterBatchData, LoraColumnParallelLinear, LoraRowParallelLinear
+from worker.layers.lora import LoraColumnParallelLinear, LoraRowParallelLinear
 from worker.pb import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,15 @@ class AdapterManager:
         self._trim_host_cache()
         return slot
 
-    def batch_data(self, batch: Any, prefill: bool) -> Optional[AdapterBatchData]:
+    def request_slots(self, batch: Any) -> Optional[list[int]]:
+        """The pool slot of each request's adapter (0: base model), loading idle ones back if needed;
+        None when no request of the batch uses an adapter."""
         indices = [r.adapter_index for r in batch.requests]
         wanted = {i for i in indices if i}
         if not wanted:
             return None
         slots = {i: self._make_resident(i, pinned=wanted) for i in sorted(wanted)}
-        tokens = [len(r.ids) - r.n_cached if prefill else 1 for r in batch.requests]
-        return AdapterBatchData.build([slots.get(i, 0) for i in indices], tokens, self.pctx.device)
+        return [slots.get(i, 0) for i in indices]
 
     def stats(self) -> dict[str, int]:
         host = sum(a.numel() * a.element_size() + b.numel() * b.element_size()

@@ -32,3 +32,93 @@ def bucket_sizes(max_batch: int) -> list[int]:
     if not sizes or sizes[-1] < max_batch:
         sizes.append(max_batch)
     return sizes
+
+
+class GraphedDecode:
+    """Decode steps replayed from CUDA graphs, one per batch-size bucket (and with/without LoRA).
+
+    Rows past the real batch are padding: they write their K/V into a scratch block that no request
+    owns and their logits are dropped.
+    """
+
+    def __init__(self, model, kv, max_batch: int, max_blocks_per_seq: int, scratch_block: int,
+                 adapter_pools: bool):
+        from worker.layers.context import Seqlen
+        from worker.layers.lora import AdapterBatchData
+
+        dev = model.pctx.device
+        self.model, self.kv = model, kv
+        self.max_blocks = max_blocks_per_seq
+        self.scratch_block = scratch_block
+        self.sizes = bucket_sizes(max_batch)
+        n = self.sizes[-1]
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(n, max_blocks_per_seq, **i32)
+        self.lengths = torch.ones(n, **i32)
+        self.cache_lengths = torch.zeros(n, **i32)
+        self.cu = torch.arange(n + 1, **i32)
+        self.alpha = torch.ones(n, dtype=torch.float32, device=dev)
+        self.adapter_slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        backend = model.backend
+        for lora in ([False, True] if adapter_pools else [False]):
+            for bs in reversed(self.sizes):  # largest first: the pool is sized once
+                seqlen = Seqlen(self.lengths[:bs], self.cache_lengths[:bs], self.cu[:bs + 1], 1,
+                                max_blocks_per_seq * kv.block_size, self.alpha[:bs])
+                data = AdapterBatchData(self.cu[:bs, None].long(), torch.ones(bs, 1, dtype=torch.bool, device=dev),
+                                        self.adapter_slots[:bs]) if lora else None
+                splits = None
+                if hasattr(backend, "num_splits"):
+                    from worker.kernels.triton_attention import choose_num_splits
+
+                    sm = torch.cuda.get_device_properties(dev).multi_processor_count
+                    heads = model.config.num_attention_heads // model.pctx.world_size
+                    splits = choose_num_splits(bs, heads, max_blocks_per_seq * kv.block_size, 64, sm)
+
+                def step(bs=bs, seqlen=seqlen, data=data):
+                    return model(self.ids[:bs], self.pos[:bs], None, kv.layers, self.tables[:bs], self.slots[:bs],
+                                 seqlen, seqlen.max_k, data)[0]
+
+                old = getattr(backend, "num_splits", None)
+                if splits is not None:
+                    backend.num_splits = splits
+                try:
+                    with torch.inference_mode():
+                        self.graphs[(bs, lora)] = capture(step, self.pool)
+                finally:
+                    if splits is not None:
+                        backend.num_splits = old
+
+    def can_run(self, batch) -> bool:
+        return len(batch.requests) <= self.sizes[-1] and all(len(r.blocks) <= self.max_blocks for r in batch.requests)
+
+    def run(self, batch, adapter_slots: Optional[list[int]]) -> torch.Tensor:
+        n = len(batch.requests)
+        bs = next(s for s in self.sizes if s >= n)
+        dev = self.ids.device
+        scratch = self.scratch_block * self.kv.block_size
+        reqs = batch.requests
+        self.ids[:bs].copy_(torch.tensor([r.ids[-1] for r in reqs] + [0] * (bs - n)), non_blocking=True)
+        self.pos[:bs].copy_(torch.tensor([len(r.ids) - 1 for r in reqs] + [0] * (bs - n)), non_blocking=True)
+        self.slots[:bs].copy_(torch.tensor([r.slots[len(r.ids) - 1] for r in reqs] + [scratch] * (bs - n)),
+                              non_blocking=True)
+        rows = [r.blocks + [self.scratch_block] * (self.max_blocks - len(r.blocks)) for r in reqs]
+        rows += [[self.scratch_block] * self.max_blocks] * (bs - n)
+        self.tables[:bs].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        self.lengths[:bs].copy_(torch.tensor([len(r.ids) for r in reqs] + [1] * (bs - n), dtype=torch.int32),
+                                non_blocking=True)
+        self.cache_lengths[:bs].copy_(torch.tensor([len(r.ids) - 1 for r in reqs] + [0] * (bs - n),
+                                                   dtype=torch.int32), non_blocking=True)
+        self.alpha[:bs].copy_(torch.tensor([r.ntk_alpha for r in reqs] + [1.0] * (bs - n)), non_blocking=True)
+        lora = adapter_slots is not None and any(adapter_slots)
+        if lora:
+            self.adapter_slots[:bs].copy_(torch.tensor(list(adapter_slots) + [0] * (bs - n)), non_blocking=True)
+        graph, out = self.graphs[(bs, lora)]  # (bs, True) exists whenever adapters are enabled
+        graph.replay()
+        for r in reqs:
+            r.n_cached = len(r.ids)
+        return out[:n]

@@ -35,6 +35,9 @@ class EngineConfig:
     cpu_default_tokens: int = 16384
     shard_block_fraction: float = 1 / 16  # blocks kept for requests that come without blocks
     max_batch_size: int = 0
+    cuda_graphs: bool = True  # decode from CUDA graphs (GPU with the triton backend); --eager turns them off
+    graph_max_batch: int = 128
+    max_seq_len: int = 16384  # longest context a graphed decode serves (block-table width); longer: eager
 
 
 class Engine:
@@ -58,15 +61,29 @@ class Engine:
     def allocate_cache(self, num_blocks: int) -> None:
         c = self.model.config
         dtype = self.cfg.kv_cache_dtype or self.model.dtype
-        num_blocks = max(num_blocks, 2)
+        num_blocks = max(num_blocks, 3)
         self.kv = None
         self.kv = KVCache(c.num_hidden_layers, num_blocks, self.cfg.block_size,
                           c.num_attention_heads // self.pctx.world_size, c.head_dim, dtype, self.pctx.device)
-        own = max(1, int(num_blocks * self.cfg.shard_block_fraction))
+        own = max(2, int(num_blocks * self.cfg.shard_block_fraction))  # incl. the scratch block
         self.router_blocks = num_blocks - own
-        self.allocator = BlockAllocator(self.router_blocks, own)
+        scratch = num_blocks - 1  # padding rows of graphed decode write here; nobody owns it
+        self.allocator = BlockAllocator(self.router_blocks, own - 1)
         self.max_supported_total_tokens = self.router_blocks * self.cfg.block_size
-        self.runner = Runner(self.model, self.kv, self.pctx.device)
+        graphs = None
+        if self.cfg.cuda_graphs and self.pctx.device.type == "cuda" and self.model.backend.name == "triton":
+            import time
+
+            from worker.engine.cuda_graphs import GraphedDecode
+
+            t0 = time.time()
+            free0 = torch.cuda.mem_get_info(self.pctx.device)[0]
+            graphs = GraphedDecode(self.model, self.kv, self.cfg.max_batch_size or self.cfg.graph_max_batch,
+                                   math.ceil(self.cfg.max_seq_len / self.cfg.block_size), scratch,
+                                   self.adapters is not None)
+            log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs),
+                     time.time() - t0, (free0 - torch.cuda.mem_get_info(self.pctx.device)[0]) / 2**20)
+        self.runner = Runner(self.model, self.kv, self.pctx.device, graphs)
         log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
                  num_blocks, self.cfg.block_size, dtype, self.router_blocks, self.max_supported_total_tokens, own)
 
@@ -223,8 +240,8 @@ class Engine:
 
     def _step(self, batch: Batch, prefill: bool) -> list:
         assert self.runner is not None
-        adapter_data = self.adapters.batch_data(batch, prefill) if self.adapters is not None else None
-        step = self.runner.forward(batch, prefill, adapter_data)
+        adapter_slots = self.adapters.request_slots(batch) if self.adapters is not None else None
+        step = self.runner.forward(batch, prefill, adapter_slots)
         out = batch.sampler(step.last, [r.ids for r in batch.requests])
         next_ids = self.pctx.broadcast(out.next_ids.clone())  # identical tokens on every rank
         next_list = next_ids.tolist()

@@ -12,8 +12,10 @@ from typing import Optional
 import torch
 
 from worker.engine.batch import Batch
+from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.kv_cache import KVCache
 from worker.layers.context import Seqlen
+from worker.layers.lora import AdapterBatchData
 from worker.models.qwen import FlashQwenForCausalLM
 
 
@@ -24,10 +26,12 @@ class StepLogits:
 
 
 class Runner:
-    def __init__(self, model: FlashQwenForCausalLM, kv: KVCache, device: torch.device):
+    def __init__(self, model: FlashQwenForCausalLM, kv: Optional[KVCache], device: torch.device,
+                 graphs: Optional[GraphedDecode] = None):
         self.model = model
         self.kv = kv
         self.device = device
+        self.graphs = graphs  # CUDA graphs for decode (None: eager)
 
     def _block_table(self, batch: Batch) -> torch.Tensor:
         width = max(len(r.blocks) for r in batch.requests)
@@ -35,7 +39,10 @@ class Runner:
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, prefill: bool, adapter_data: Optional[object] = None) -> StepLogits:
+    def forward(self, batch: Batch, prefill: bool, adapter_slots: Optional[list[int]] = None) -> StepLogits:
+        """adapter_slots: the adapter pool slot of each request (0: base), or None when none uses one."""
+        if not prefill and self.graphs is not None and self.graphs.can_run(batch):
+            return StepLogits(last=self.graphs.run(batch, adapter_slots), prompt={})
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -60,6 +67,7 @@ class Runner:
         dev = self.device
         seqlen = Seqlen.for_prefill(n_new, cache_lens, [r.ntk_alpha for r in batch.requests], device=dev)
         lm_head_indices = torch.tensor(head, dtype=torch.long, device=dev)
+        adapter_data = None if adapter_slots is None else AdapterBatchData.build(adapter_slots, n_new, dev)
         logits, _ = self.model(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             position_ids=torch.tensor(pos, dtype=torch.long, device=dev),

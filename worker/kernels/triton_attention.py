@@ -345,7 +345,7 @@ class TritonAttention:
             q, keys, values, out, tables, cu, cache_lens, tile_seq, tile_m, cu.numel() - 1, scale * LOG2E,
             q.stride(0), q.stride(1), *strides, tables.stride(0), out.stride(0), out.stride(1),
             PAGED=paged, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=self.prefill_block_m,
-            BLOCK_N=self.prefill_block_n, num_warps=4)
+            BLOCK_N=self.prefill_block_n, num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3)
         return out
 
     def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,

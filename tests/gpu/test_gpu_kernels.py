@@ -1,0 +1,199 @@
+"""The Triton attention backend on CUDA against TorchAttention / store_kv, at Qwen-7B shapes (32 heads,
+head_dim 128, blocks of 16), in bf16 and fp16, plus CUDA-graph capture of decode and a timing print.
+
+Tolerances, on |ours - ref| <= tol * (1 + |ref|) with ref the fp32-math reference rounded to the
+input dtype: bf16 2e-2, fp16 4e-3 (prefill rounds the softmax weights to the input dtype before the
+P @ V product, as FlashAttention does; decode keeps them in fp32), fp32 1e-4.
+Run: `pytest -q -s -m gpu tests/gpu/test_gpu_kernels.py` (-s shows the timing table).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+pytest.importorskip("triton")
+
+from worker.engine.kv_cache import store_kv  # noqa: E402
+from worker.kernels.triton_attention import TritonAttention  # noqa: E402
+from worker.layers.attention import TorchAttention  # noqa: E402
+from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
+
+HEADS, HEAD_DIM, BLOCK = 32, 128, 16
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+DTYPES = [torch.bfloat16, torch.float16]
+CUDA = torch.device("cuda")
+
+
+class Batch:
+    """New tokens `new[i]` after `cached[i]` cached ones over shuffled blocks; unused cache rows are NaN."""
+
+    def __init__(self, new: list[int], cached: list[int], dtype: torch.dtype, prefill: bool = True,
+                 seed: int = 0, spare_blocks: int = 3):
+        g = torch.Generator(device=CUDA).manual_seed(seed)
+        total = [c + n for c, n in zip(cached, new)]
+        need = [-(-t // BLOCK) for t in total]
+        num_blocks = sum(need) + spare_blocks
+        free = list(range(num_blocks))
+        random.Random(seed).shuffle(free)
+        pad = free.pop()
+        self.blocks = [[free.pop() for _ in range(n)] for n in need]
+        width = max(need)
+        self.tables = torch.tensor([b + [pad] * (width - len(b)) for b in self.blocks], dtype=torch.int32,
+                                   device=CUDA)
+        shape = (num_blocks, BLOCK, HEADS, HEAD_DIM)
+        self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device=CUDA)
+        self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device=CUDA)
+        prefix = torch.cat([self.slots_of(b, 0, c) for b, c in enumerate(cached)])
+        n = prefix.numel()
+        store_kv(torch.randn(n, HEADS, HEAD_DIM, generator=g, device=CUDA),
+                 torch.randn(n, HEADS, HEAD_DIM, generator=g, device=CUDA), self.k_cache, self.v_cache, prefix)
+        T = sum(new)
+        qkv = (torch.randn(T, 3, HEADS, HEAD_DIM, generator=g, device=CUDA) * 2).to(dtype)
+        self.q, self.k, self.v = qkv.unbind(1)  # non-contiguous views, as in the model
+        self.slots = torch.cat([self.slots_of(b, c, t) for b, (c, t) in enumerate(zip(cached, total))])
+        store_kv(self.k, self.v, self.k_cache, self.v_cache, self.slots)
+        seqlen = Seqlen.for_prefill(new, cached, device=CUDA)
+        dummy = torch.zeros(T, HEAD_DIM // 2, device=CUDA)
+        self.ctx = ForwardContext(is_prefill=prefill, positions=torch.zeros(T, dtype=torch.long, device=CUDA),
+                                  slots=self.slots, block_tables=self.tables, seqlen=seqlen, cos=dummy, sin=dummy,
+                                  logn=None, lm_head_indices=None)
+        self.scale = HEAD_DIM ** -0.5
+
+    def slots_of(self, b: int, start: int, stop: int) -> torch.Tensor:
+        return torch.tensor([self.blocks[b][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)],
+                            dtype=torch.long, device=CUDA)
+
+    def attend(self, backend, cache: bool = True, **kw) -> torch.Tensor:
+        kc, vc = (self.k_cache, self.v_cache) if cache else (None, None)
+        return backend.attend(self.q, self.k, self.v, kc, vc, self.ctx, self.scale, **kw)
+
+
+def decode_batch(contexts: list[int], dtype: torch.dtype, seed: int = 0) -> Batch:
+    return Batch([1] * len(contexts), [c - 1 for c in contexts], dtype, prefill=False, seed=seed)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs()
+    worst = (err / (TOL[dtype] * (1 + ref.float().abs()))).max().item()
+    assert worst <= 1.0, f"max abs diff {err.max().item()} (worst at {worst:.2f} x tolerance)"
+
+
+def contexts(n: int, top: int, seed: int) -> list[int]:
+    r = random.Random(seed)
+    return [1, top] + [r.randint(1, top) for _ in range(n - 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store(dtype):
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    T, nb = 333, 64
+    k, v = torch.randn(2, T, HEADS, HEAD_DIM, generator=g, device=CUDA).unbind(0)  # fp32 -> dtype cache
+    slots = torch.randperm(nb * BLOCK, generator=g, device=CUDA)[:T]
+    ours = [torch.randn(nb, BLOCK, HEADS, HEAD_DIM, generator=g, device=CUDA).to(dtype) for _ in range(2)]
+    ref = [c.clone() for c in ours]
+    TritonAttention().store(k, v, *ours, slots)
+    store_kv(k, v, *ref, slots)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,top", [(1, 4096), (7, 1000), (64, 4096)])
+@pytest.mark.parametrize("num_splits", [None, 1, 16])
+def test_decode(batch, top, num_splits, dtype):
+    b = decode_batch(contexts(batch, top, seed=batch) if batch > 1 else [top], dtype, seed=batch)
+    close(b.attend(TritonAttention(), num_splits=num_splits), b.attend(TorchAttention()), dtype)
+
+
+PREFILL = {
+    "fresh": ([1, 17, 300, 1024, 2000], [0] * 5),
+    "suffix": ([1, 17, 300, 1024, 64], [100, 0, 3000, 7, 4000]),
+    "many": ([33] * 40, [0, 5, 16, 100] * 10),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(PREFILL))
+def test_prefill_paged(case, dtype):
+    new, cached = PREFILL[case]
+    b = Batch(new, cached, dtype, seed=len(case))
+    close(b.attend(TritonAttention()), b.attend(TorchAttention()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("use_varlen", [True, False])
+def test_prefill_without_cache(use_varlen, dtype):
+    """torch's varlen_attn (bf16/fp16, when importable) and the Triton kernel reading k/v directly."""
+    b = Batch([1, 17, 300, 1024, 2000, 3], [0] * 6, dtype, seed=9)
+    ref = b.attend(TorchAttention(), cache=False)
+    close(b.attend(TritonAttention(use_varlen_attn=use_varlen), cache=False), ref, dtype)
+
+
+def test_decode_in_cuda_graph():
+    """Fixed num_splits, captured once; new lengths and block tables written in place, then replayed."""
+    dtype = torch.bfloat16
+    b = decode_batch([1, 700, 33, 2048], dtype, seed=3)
+    c = decode_batch([2048, 16, 1, 900], dtype, seed=4)  # same batch size, another state
+    backend = TritonAttention(num_splits=8)
+    static = decode_batch([2048] * 4, dtype, seed=5)  # widest table; caches large enough for both
+    static.k_cache = torch.cat([b.k_cache, c.k_cache])
+    static.v_cache = torch.cat([b.v_cache, c.v_cache])
+
+    def load(src: Batch, offset: int) -> None:
+        static.q.copy_(src.q)
+        static.ctx.seqlen.input_lengths.copy_(src.ctx.seqlen.input_lengths)
+        static.tables.zero_()
+        static.tables[:, :src.tables.shape[1]].copy_(src.tables + offset)
+
+    load(b, 0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        static.attend(backend)  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = static.attend(backend)
+    for src, offset in ((b, 0), (c, b.k_cache.shape[0])):
+        load(src, offset)
+        graph.replay()
+        close(out, src.attend(TorchAttention()), dtype)
+
+
+def _time_ms(fn, iters: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def test_timing_print(capsys):
+    """Not an assertion: decode (batch 32 x 512 context) and prefill (8 x 1024) times, one layer."""
+    dtype = torch.bfloat16
+    d = decode_batch([512] * 32, dtype)
+    kv_bytes = 2 * 32 * 512 * HEADS * HEAD_DIM * 2
+    rows = [("decode 32x512 triton", _time_ms(lambda: d.attend(TritonAttention())), kv_bytes),
+            ("decode 32x512 triton 1 split", _time_ms(lambda: d.attend(TritonAttention(), num_splits=1)), kv_bytes),
+            ("decode 32x512 torch ref", _time_ms(lambda: d.attend(TorchAttention()), iters=5), kv_bytes)]
+    p = Batch([1024] * 8, [0] * 8, dtype)
+    rows += [("prefill 8x1024 triton paged", _time_ms(lambda: p.attend(TritonAttention())), None),
+             ("prefill 8x1024 triton no cache",
+              _time_ms(lambda: p.attend(TritonAttention(use_varlen_attn=False), cache=False)), None),
+             ("prefill 8x1024 varlen_attn", _time_ms(lambda: p.attend(TritonAttention(), cache=False)), None)]
+    with capsys.disabled():
+        print(f"\n{torch.cuda.get_device_name()}: one layer, {HEADS} heads x {HEAD_DIM}, bf16")
+        for name, ms, nbytes in rows:
+            bw = f"{nbytes / ms / 1e9:8.0f} GB/s KV read" if nbytes else ""
+            print(f"  {name:34s} {ms * 1000:9.1f} us {bw}")
