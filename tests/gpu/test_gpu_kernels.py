@@ -188,12 +188,14 @@ def test_timing_print(capsys):
             ("decode 32x512 triton 1 split", _time_ms(lambda: d.attend(TritonAttention(), num_splits=1)), kv_bytes),
             ("decode 32x512 torch ref", _time_ms(lambda: d.attend(TorchAttention()), iters=5), kv_bytes)]
     p = Batch([1024] * 8, [0] * 8, dtype)
+    default = TritonAttention()  # torch's varlen_attn unless it failed (then varlen_attn is None)
     rows += [("prefill 8x1024 triton paged", _time_ms(lambda: p.attend(TritonAttention())), None),
              ("prefill 8x1024 triton no cache",
               _time_ms(lambda: p.attend(TritonAttention(use_varlen_attn=False), cache=False)), None),
-             ("prefill 8x1024 varlen_attn", _time_ms(lambda: p.attend(TritonAttention(), cache=False)), None)]
+             ("prefill 8x1024 no cache, default", _time_ms(lambda: p.attend(default, cache=False)), None)]
     with capsys.disabled():
-        print(f"\n{torch.cuda.get_device_name()}: one layer, {HEADS} heads x {HEAD_DIM}, bf16")
+        print(f"\n{torch.cuda.get_device_name()}: one layer, {HEADS} heads x {HEAD_DIM}, bf16; "
+              f"no-cache prefill default = {'varlen_attn' if default.varlen_attn else 'triton'}")
         for name, ms, nbytes in rows:
             bw = f"{nbytes / ms / 1e9:8.0f} GB/s KV read" if nbytes else ""
             print(f"  {name:34s} {ms * 1000:9.1f} us {bw}")
