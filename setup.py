@@ -33,6 +33,7 @@ setup(
         "protobuf>=4.25",
         "numpy",
         "tqdm",
+        "regex",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "grpcio-tools>=1.60"],

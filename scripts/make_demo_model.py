@@ -62,9 +62,10 @@ def demo_config(n_real_vocab: int) -> dict:
     }
 
 
-def full_forward(model: FlashQwenForCausalLM, seqs: list[list[int]], prompt_lens: list[int] | None = None
-                 ) -> torch.Tensor:
-    """Logits of every token of each sequence, no KV cache (training and quick checks)."""
+def full_forward(model: FlashQwenForCausalLM, seqs: list[list[int]], prompt_lens: list[int] | None = None,
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits of every token of each sequence, no KV cache (training and quick checks); `params`
+    replaces the model's parameters (functional call, differentiable)."""
     from worker.layers.rotary import ntk_alpha
 
     cfg = model.config
@@ -73,8 +74,10 @@ def full_forward(model: FlashQwenForCausalLM, seqs: list[list[int]], prompt_lens
     pos = torch.cat([torch.arange(len(s)) for s in seqs])
     alphas = [ntk_alpha(p, cfg.seq_length, cfg.use_dynamic_ntk) for p in prompt_lens]
     seqlen = Seqlen.for_prefill([len(s) for s in seqs], ntk_alpha=alphas)
-    logits, _ = model(ids, pos, seqlen.cu_seqlen_q, None, None, None, seqlen, seqlen.max_q)
-    return logits
+    args = (ids, pos, seqlen.cu_seqlen_q, None, None, None, seqlen, seqlen.max_q)
+    if params is None:
+        return model(*args)[0]
+    return torch.func.functional_call(model, params, args)[0]
 
 
 def greedy(model, prompt: list[int], max_new: int, eos: int, params: dict | None = None) -> list[int]:
@@ -90,15 +93,7 @@ def greedy(model, prompt: list[int], max_new: int, eos: int, params: dict | None
 
 
 def _call(model, params, seqs, prompt_lens):
-    saved = {n: p.data for n, p in model.named_parameters()}
-    try:
-        for n, p in model.named_parameters():
-            if n in params:
-                p.data = params[n]
-        return full_forward(model, seqs, prompt_lens)
-    finally:
-        for n, p in model.named_parameters():
-            p.data = saved[n]
+    return full_forward(model, seqs, prompt_lens, params)
 
 
 def init_weights(model: FlashQwenForCausalLM, seed: int) -> None:
@@ -123,7 +118,7 @@ def train(model, seqs: list[list[int]], steps: int, lr: float, params: list[torc
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def hf_state(model: FlashQwenForCausalLM) -> dict[str, torch.Tensor]:

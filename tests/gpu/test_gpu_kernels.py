@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu,
 pytest.importorskip("triton")
 
 from worker.engine.kv_cache import store_kv  # noqa: E402
-from worker.kernels.triton_attention import TritonAttention  # noqa: E402
+from worker.kernels.triton_attention import Tiles, TritonAttention  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
 
@@ -180,22 +180,28 @@ def _time_ms(fn, iters: int = 50) -> float:
 
 
 def test_timing_print(capsys):
-    """Not an assertion: decode (batch 32 x 512 context) and prefill (8 x 1024) times, one layer."""
+    """Not an assertion: one layer's decode (batch 32 x 512 context) and prefill (8 x 1024) times, for the
+    default tiles and a few others (to pick defaults on the card at hand)."""
     dtype = torch.bfloat16
     d = decode_batch([512] * 32, dtype)
     kv_bytes = 2 * 32 * 512 * HEADS * HEAD_DIM * 2
-    rows = [("decode 32x512 triton", _time_ms(lambda: d.attend(TritonAttention())), kv_bytes),
-            ("decode 32x512 triton 1 split", _time_ms(lambda: d.attend(TritonAttention(), num_splits=1)), kv_bytes),
-            ("decode 32x512 torch ref", _time_ms(lambda: d.attend(TorchAttention()), iters=5), kv_bytes)]
+    rows = [("decode triton, default", _time_ms(lambda: d.attend(TritonAttention())), kv_bytes)]
+    for n, w, splits in [(16, 4, 1), (32, 4, 1), (32, 4, 4), (64, 8, 1), (64, 8, 4)]:
+        be = TritonAttention(tiles=Tiles(decode_n=n, decode_warps=w), num_splits=splits)
+        rows.append((f"decode triton n{n} w{w} splits {splits}", _time_ms(lambda: d.attend(be)), kv_bytes))
+    rows.append(("decode torch reference", _time_ms(lambda: d.attend(TorchAttention()), iters=5), kv_bytes))
     p = Batch([1024] * 8, [0] * 8, dtype)
+    flops = 8 * 2 * 2 * HEADS * HEAD_DIM * 1024 * 1025 / 2  # causal QK^T and PV
     default = TritonAttention()  # torch's varlen_attn unless it failed (then varlen_attn is None)
-    rows += [("prefill 8x1024 triton paged", _time_ms(lambda: p.attend(TritonAttention())), None),
-             ("prefill 8x1024 triton no cache",
-              _time_ms(lambda: p.attend(TritonAttention(use_varlen_attn=False), cache=False)), None),
-             ("prefill 8x1024 no cache, default", _time_ms(lambda: p.attend(default, cache=False)), None)]
+    rows += [("prefill no cache, default", _time_ms(lambda: p.attend(default, cache=False)), flops),
+             ("prefill triton paged, default", _time_ms(lambda: p.attend(TritonAttention())), flops)]
+    for m, n, w in [(64, 64, 4), (128, 64, 8), (64, 32, 4)]:
+        be = TritonAttention(tiles=Tiles(prefill_m=m, prefill_n=n, prefill_warps=w))
+        rows.append((f"prefill triton paged m{m} n{n} w{w}", _time_ms(lambda: p.attend(be)), flops))
     with capsys.disabled():
         print(f"\n{torch.cuda.get_device_name()}: one layer, {HEADS} heads x {HEAD_DIM}, bf16; "
               f"no-cache prefill default = {'varlen_attn' if default.varlen_attn else 'triton'}")
-        for name, ms, nbytes in rows:
-            bw = f"{nbytes / ms / 1e9:8.0f} GB/s KV read" if nbytes else ""
-            print(f"  {name:34s} {ms * 1000:9.1f} us {bw}")
+        for name, ms, work in rows:
+            per_s = work / (ms * 1e-3)
+            rate = f"{per_s / 1e9:7.0f} GB/s KV" if name.startswith("decode") else f"{per_s / 1e12:7.1f} TFLOP/s"
+            print(f"  {name:36s} {ms * 1000:9.1f} us {rate}")

@@ -26,14 +26,14 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from worker.engine.kv_cache import store_kv  # noqa: E402
-from worker.kernels.triton_attention import TritonAttention, choose_num_splits, prefill_tile_map  # noqa: E402
+from worker.kernels.triton_attention import Tiles, TritonAttention, choose_num_splits, prefill_tile_map  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 2, 16, 8
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}  # atol and rtol: fp16 outputs of O(1) are within ~2 ulp
 # small tiles so that short sequences still span several query and key tiles
-SMALL = dict(prefill_block_m=16, prefill_block_n=16, decode_block_n=8)
+SMALL = dict(tiles=Tiles(prefill_m=16, prefill_n=16, decode_n=8))
 
 
 class Batch:
@@ -116,7 +116,8 @@ def test_store_skips_padding_slots_and_applies_scale():
     TritonAttention().store(k, v, *ours, slots, k_scale=2.0, v_scale=0.5)
     keep = slots >= 0
     store_kv(k[keep] / 2.0, v[keep] / 0.5, *ref, slots[keep])
-    torch.testing.assert_close(ours[0], ref[0]) and torch.testing.assert_close(ours[1], ref[1])
+    torch.testing.assert_close(ours[0], ref[0])
+    torch.testing.assert_close(ours[1], ref[1])
 
 
 # --------------------------------------------------------------------------------------- prefill
@@ -143,12 +144,14 @@ def test_prefill_without_cache_matches_torch(dtype):
     close(b.attend(TritonAttention(**SMALL), cache=False), b.attend(TorchAttention(), cache=False), dtype)
 
 
-@pytest.mark.parametrize("block,block_m,block_n,head_dim", [(8, 32, 8, 16), (32, 16, 16, 16), (16, 16, 32, 64)])
-def test_prefill_tile_shapes(block, block_m, block_n, head_dim):
-    """Key tiles smaller than, equal to and larger than a cache block; query tiles of 16 and 32."""
-    b = Batch([3, 17, 45], [19, 0, 6], torch.float32, block=block, head_dim=head_dim, seed=4)
-    backend = TritonAttention(prefill_block_m=block_m, prefill_block_n=block_n)
-    close(b.attend(backend), b.attend(TorchAttention()), torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block,block_m,block_n,head_dim", [(8, 64, 8, 16), (32, 16, 16, 16), (16, 16, 32, 64)])
+def test_prefill_tile_shapes(block, block_m, block_n, head_dim, dtype):
+    """Key tiles smaller than, equal to and larger than a cache block; query tiles of 16 and 64 (fp32
+    caps prefill tiles at 32 x 32)."""
+    b = Batch([3, 17, 45], [19, 0, 6], dtype, block=block, head_dim=head_dim, seed=4)
+    backend = TritonAttention(tiles=Tiles(prefill_m=block_m, prefill_n=block_n))
+    close(b.attend(backend), b.attend(TorchAttention()), dtype)
 
 
 def test_prefill_tile_map():
@@ -176,7 +179,7 @@ def test_decode_matches_torch(num_splits, dtype):
 @pytest.mark.parametrize("block,block_n,head_dim", [(8, 32, 16), (32, 8, 16), (16, 16, 64)])
 def test_decode_tile_shapes(block, block_n, head_dim):
     b = decode_batch([1, 47, 130], torch.float32, block=block, head_dim=head_dim, seed=6)
-    backend = TritonAttention(decode_block_n=block_n, num_splits=4)
+    backend = TritonAttention(tiles=Tiles(decode_n=block_n), num_splits=4)
     close(b.attend(backend), b.attend(TorchAttention()), torch.float32)
 
 

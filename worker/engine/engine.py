@@ -126,7 +126,7 @@ class Engine:
         self.kv = self.runner = self.allocator = None
         builder = BatchBuilder(self.tokenizer, self.model.config.vocab_size, self.model.config.seq_length,
                                self.model.config.use_dynamic_ntk, self.cfg.block_size, 0,
-                               BlockAllocator(0, 10**9), world_size=self.pctx.world_size, rank=self.pctx.rank)
+                               BlockAllocator(0, 1), world_size=self.pctx.world_size, rank=self.pctx.rank)
         lengths, ids, alphas = [], [], []
         for req in request.batch.requests:
             p = builder.prompt_ids(req)

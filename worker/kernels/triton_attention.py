@@ -24,6 +24,7 @@ key row, so any power-of-two block_size works with any key tile BLOCK_N.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -70,16 +71,16 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, inv_k_scale, inv_v
 # ---------------------------------------------------------------------------------------- decode
 @triton.jit
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-                         scale_log2e, stride_qt, stride_qh, stride_cb, stride_cr, stride_ch, stride_tb,
-                         stride_ot, stride_oh,
+                         scale_log2e, num_splits, stride_qt, stride_qh, stride_cb, stride_cr, stride_ch,
+                         stride_tb, stride_ot, stride_oh,
                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr):
+                         DIRECT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1)
     ctx_len = tl.load(lens_ptr + b)
-    tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), NUM_SPLITS)
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
 
@@ -103,25 +104,25 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, out_ptr, m
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
 
-    if NUM_SPLITS == 1:  # l_i >= 1 unless the context is empty (padding): then the output is 0
+    if DIRECT:  # a single split: l_i >= 1 unless the context is empty (padding), then the output is 0
         out = acc / tl.maximum(l_i, 1e-30)
         tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
     else:
-        part = (b * num_heads + h) * NUM_SPLITS + split
+        part = (b * num_heads + h) * num_splits + split
         tl.store(m_ptr + part, m_i)
         tl.store(l_ptr + part, l_i)
         tl.store(acc_ptr + part.to(tl.int64) * HEAD_DIM + d, acc)
 
 
 @triton.jit
-def _decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
     s = tl.arange(0, BLOCK_S)
-    ok = s < NUM_SPLITS
-    part = (b * num_heads + h) * NUM_SPLITS + s
+    ok = s < num_splits
+    part = (b * num_heads + h) * num_splits + s
     m = tl.load(m_ptr + part, mask=ok, other=NEG_BIG)
     l = tl.load(l_ptr + part, mask=ok, other=0.0)
     d = tl.arange(0, HEAD_DIM)
@@ -245,6 +246,29 @@ def _pow2(x: int, what: str) -> int:
     return x
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """Tile shapes (powers of two) and warps. The defaults compile without register spills for head_dim
+    128 on sm_90 in bf16/fp16 (ptxas -v); fp32 prefill (exact fp32 dots, not the serving path) uses at
+    most 32 x 32 tiles and 4 warps."""
+
+    prefill_m: int = 128  # query rows per program (tl.dot needs >= 16)
+    prefill_n: int = 32  # keys per inner step
+    prefill_warps: int = 8
+    decode_n: int = 32  # keys per inner step of a split
+    decode_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_m", "prefill_n", "decode_n"):
+            _pow2(getattr(self, name), name)
+
+    def prefill(self, dtype: torch.dtype) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of `dtype`."""
+        if dtype == torch.float32:
+            return min(self.prefill_m, 32), min(self.prefill_n, 32), 4, 2
+        return self.prefill_m, self.prefill_n, self.prefill_warps, 3
+
+
 class TritonAttention:
     """Paged attention in Triton (GPU; the Triton interpreter runs it on CPU tensors for tests).
 
@@ -253,12 +277,9 @@ class TritonAttention:
 
     name = "triton"
 
-    def __init__(self, num_splits: Optional[int] = None, prefill_block_m: int = 64, prefill_block_n: int = 64,
-                 decode_block_n: int = 64, use_varlen_attn: bool = True):
+    def __init__(self, num_splits: Optional[int] = None, tiles: Tiles = Tiles(), use_varlen_attn: bool = True):
         self.num_splits = num_splits
-        self.prefill_block_m = _pow2(prefill_block_m, "prefill_block_m")
-        self.prefill_block_n = _pow2(prefill_block_n, "prefill_block_n")
-        self.decode_block_n = _pow2(decode_block_n, "decode_block_n")
+        self.tiles = tiles
         self.varlen_attn = _torch_varlen_attn if use_varlen_attn else None
 
     # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
@@ -299,7 +320,7 @@ class TritonAttention:
         _check_cache(k_cache, v_cache, H, D)
         if num_splits is None:
             sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-            num_splits = choose_num_splits(B, H, ctx.seqlen.max_k, self.decode_block_n, sm_count)
+            num_splits = choose_num_splits(B, H, ctx.seqlen.max_k, self.tiles.decode_n, sm_count)
         out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
         if B == 0:
             return out
@@ -309,13 +330,13 @@ class TritonAttention:
         acc = torch.empty(B, H, num_splits, D, **f32) if num_splits > 1 else out
         tables = ctx.block_tables
         _decode_split_kernel[(B, H, num_splits)](
-            q, k_cache, v_cache, tables, ctx.seqlen.input_lengths, out, m, l, acc, scale * LOG2E,
+            q, k_cache, v_cache, tables, ctx.seqlen.input_lengths, out, m, l, acc, scale * LOG2E, num_splits,
             q.stride(0), q.stride(1), *k_cache.stride()[:3], tables.stride(0), out.stride(0), out.stride(1),
-            BLOCK_SIZE=_pow2(k_cache.shape[1], "block_size"), HEAD_DIM=D, BLOCK_N=self.decode_block_n,
-            NUM_SPLITS=num_splits, num_warps=4)
+            BLOCK_SIZE=_pow2(k_cache.shape[1], "block_size"), HEAD_DIM=D, BLOCK_N=self.tiles.decode_n,
+            DIRECT=num_splits == 1, num_warps=self.tiles.decode_warps)
         if num_splits > 1:
-            _decode_reduce_kernel[(B, H)](m, l, acc, out, out.stride(0), out.stride(1), HEAD_DIM=D,
-                                          NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            _decode_reduce_kernel[(B, H)](m, l, acc, out, num_splits, out.stride(0), out.stride(1), HEAD_DIM=D,
+                                          BLOCK_S=triton.next_power_of_2(num_splits),
                                           num_warps=1 if D <= 64 else 2)
         return out
 
@@ -328,7 +349,8 @@ class TritonAttention:
         if T == 0:
             return out
         cu = ctx.seqlen.cu_seqlen_q
-        tile_seq, tile_m = prefill_tile_map(cu, T, self.prefill_block_m)
+        block_m, block_n, warps, stages = self.tiles.prefill(q.dtype)
+        tile_seq, tile_m = prefill_tile_map(cu, T, block_m)
         paged = k_cache is not None
         if paged:
             _check_cache(k_cache, v_cache, H, D)
@@ -344,8 +366,8 @@ class TritonAttention:
         _prefill_kernel[(tile_seq.numel(), H)](
             q, keys, values, out, tables, cu, cache_lens, tile_seq, tile_m, cu.numel() - 1, scale * LOG2E,
             q.stride(0), q.stride(1), *strides, tables.stride(0), out.stride(0), out.stride(1),
-            PAGED=paged, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=self.prefill_block_m,
-            BLOCK_N=self.prefill_block_n, num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3)
+            PAGED=paged, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages)
         return out
 
     def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
@@ -374,4 +396,4 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, head_
         raise ValueError(f"cache {tuple(k_cache.shape)} does not hold [*, *, {heads}, {head_dim}] rows")
 
 
-__all__ = ["TritonAttention", "choose_num_splits", "prefill_tile_map"]
+__all__ = ["Tiles", "TritonAttention", "choose_num_splits", "prefill_tile_map"]

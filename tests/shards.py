@@ -1,0 +1,63 @@
+"""Start and stop real shard processes (through the launcher) on real unix sockets, for tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class ShardProc:
+    uds: str  # prefix: shard r listens on {uds}-{r}
+    proc: subprocess.Popen
+    log_path: str
+
+    def stub(self, rank: int = 0):
+        from worker.pb import generate_pb2_grpc as pb_grpc
+
+        channel = grpc.insecure_channel(f"unix://{self.uds}-{rank}")
+        return pb_grpc.LoraxServiceStub(channel)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra: tuple[str, ...] = ()) -> ShardProc:
+    tmp = tempfile.mkdtemp(prefix="qw", dir="/tmp")  # short: unix socket paths are limited to 107 bytes
+    uds = os.path.join(tmp, "s")
+    log_path = os.path.join(tmp, "log.txt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(num_shard), "--uds-path", uds,
+           "--adapter-root", adapter_root, "--max-total-tokens", "4096", "--block-size", "16", *extra]
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while not all(os.path.exists(f"{uds}-{r}") for r in range(num_shard)):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("shards did not start:\n" + open(log_path).read()[-4000:])
+        time.sleep(0.1)
+    return ShardProc(uds, proc, log_path)
+
+
+def stop(shard: ShardProc) -> int:
+    shard.proc.send_signal(signal.SIGTERM)
+    try:
+        rc = shard.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        shard.proc.kill()
+        rc = -9
+    shutil.rmtree(os.path.dirname(shard.uds), ignore_errors=True)
+    return rc
+
+
