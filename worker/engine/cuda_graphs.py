@@ -77,7 +77,7 @@ class GraphedDecode:
 
                     sm = torch.cuda.get_device_properties(dev).multi_processor_count
                     heads = model.config.num_attention_heads // model.pctx.world_size
-                    splits = choose_num_splits(bs, heads, max_blocks_per_seq * kv.block_size, 64, sm)
+                    splits = choose_num_splits(bs, heads, max_blocks_per_seq * kv.block_size, backend.tiles.decode_n, sm)
 
                 def step(bs=bs, seqlen=seqlen, data=data):
                     return model(self.ids[:bs], self.pos[:bs], None, kv.layers, self.tables[:bs], self.slots[:bs],
