@@ -204,6 +204,111 @@ def bench_kv_capacity(model, block_size: int, memory_fraction: float) -> dict:
     return out
 
 
+def bench_rpc_overhead(model, tmp_dir: str, batch: int, ctx_len: int, forward_ms: float) -> dict:
+    """P7: Decode RPC wall time through a real shard process vs the in-process forward time."""
+    import subprocess
+
+    import grpc
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
+    from make_demo_model import _save_sharded, hf_state
+    from worker.pb import generate_pb2 as pb
+    from worker.pb import generate_pb2_grpc as pb_grpc
+
+    model_dir = os.path.join(tmp_dir, "model")
+    os.makedirs(model_dir, exist_ok=True)
+    t0 = time.time()
+    _save_sharded({k: v.cpu() for k, v in hf_state(model).items()}, model_dir)
+    write_tiktoken_file(os.path.join(model_dir, "qwen.tiktoken"), train_bpe_ranks("benchmark text", 0))
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen", **shape_of(model.config), "bf16": True}, f)
+    save_s = time.time() - t0
+    uds = os.path.join(tmp_dir, "sock")
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", model_dir, "--uds-path", uds,
+                             "--max-total-tokens", str(2 * batch * (ctx_len + 64)), "--log-level", "warning"],
+                            cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(f"{uds}-0"):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("shard did not start")
+            time.sleep(0.5)
+        stub = pb_grpc.LoraxServiceStub(grpc.insecure_channel(f"unix://{uds}-0"))
+        ids = [(7 * i) % 400 + 1 for i in range(ctx_len)]
+        params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
+        stop = pb.StoppingCriteriaParameters(max_new_tokens=60, ignore_eos_token=True)
+        warm = pb.Batch(id=0, requests=[pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=ids),
+                                                   parameters=params, stopping_parameters=stop)])
+        total = stub.Warmup(pb.WarmupRequest(batch=warm, max_input_length=ctx_len, max_prefill_tokens=8192,
+                                             max_new_tokens=60)).max_supported_total_tokens
+        info = stub.Info(pb.InfoRequest())
+        bs = info.block_size
+        per = math.ceil((ctx_len + 59) / bs)
+        reqs = []
+        for i in range(batch):
+            blocks = list(range(1 + i * per, 1 + (i + 1) * per))
+            slots = [b * bs + j for b in blocks for j in range(bs)][:ctx_len + 59]
+            reqs.append(pb.Request(id=i, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params,
+                                   stopping_parameters=stop, blocks=blocks, slots=slots))
+        resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=batch)))
+        cached = resp.batch
+        walls = []
+        for step in range(50):
+            t = time.perf_counter()
+            resp = stub.Decode(pb.DecodeRequest(batches=[cached]))
+            walls.append(time.perf_counter() - t)
+            cached = resp.batch
+        walls = sorted(walls[5:])
+        wall_ms = walls[len(walls) // 2] * 1e3
+        stub.ClearCache(pb.ClearCacheRequest())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return dict(batch=batch, rpc_ms=wall_ms, forward_ms=forward_ms, overhead=(wall_ms - forward_ms) / wall_ms,
+                checkpoint_save_s=save_s, max_supported_total_tokens=total)
+
+
+def shape_of(c: QwenConfig) -> dict:
+    return dict(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                num_hidden_layers=c.num_hidden_layers, intermediate_size=c.intermediate_size,
+                vocab_size=c.vocab_size, seq_length=c.seq_length)
+
+
+def tp_main(rank: int, world: int, port: int, args, queue) -> None:
+    """One rank of the TP decode benchmark (P5): NCCL, CUDA graphs, same shape."""
+    from worker.distributed import init_from_env, shutdown
+
+    env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    pctx = init_from_env(env, "cuda")
+    bw = copy_bandwidth(pctx.device)
+    model = build_model(args.shape, pctx, args.backend)
+    rows = bench_decode(model, [int(b) for b in args.tp_batches.split(",")], args.ctx, args.block_size, bw,
+                        not args.no_graphs)
+    if rank == 0:
+        queue.put(rows)
+    shutdown(pctx)
+
+
+def run_tp(args, world: int) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from worker.launcher import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=tp_main, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    rows = queue.get(timeout=900)
+    for p in procs:
+        p.join(timeout=120)
+    return rows
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="7b", choices=list(SHAPES))
@@ -215,6 +320,9 @@ def main() -> None:
     ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv")
     ap.add_argument("--memory-fraction", type=float, default=0.95)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench.json"))
+    ap.add_argument("--tp", default="", help="comma list of TP sizes for the decode TP table, e.g. 2 or 2,4")
+    ap.add_argument("--tp-batches", default="1,8,32")
+    ap.add_argument("--rpc-dir", default="", help="directory for P7's on-disk checkpoint (empty: skip P7)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
@@ -236,6 +344,13 @@ def main() -> None:
         res["prefill"] = bench_prefill(model, 8, 1024, args.block_size, res["matmul_TFLOPs"] * 1e12)
     if "kv" in only:
         res["kv"] = bench_kv_capacity(model, args.block_size, args.memory_fraction)
+    if args.rpc_dir and "decode" in res:
+        fwd = next(r for r in res["decode"] if r["batch"] == 64)
+        res["rpc"] = bench_rpc_overhead(model, args.rpc_dir, 64, args.ctx, fwd["graph_ms"] or fwd["eager_ms"])
+    if args.tp:
+        del model
+        torch.cuda.empty_cache()
+        res["tp"] = {int(w): run_tp(args, int(w)) for w in args.tp.split(",")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
@@ -255,6 +370,19 @@ def print_table(res: dict) -> None:
     if "prefill" in res:
         p = res["prefill"]
         print(f"| P4 | prefill 8x1024: {p['ms']:.1f} ms, {p['tflops']:.0f} TFLOP/s | MFU {p['mfu']:.2f} | >= 0.6 |")
+    if "rpc" in res:
+        r = res["rpc"]
+        print(f"| P7 | Decode RPC at b={r['batch']}: {r['rpc_ms']:.2f} ms wall vs {r['forward_ms']:.2f} ms forward "
+              f"| overhead {r['overhead']:.1%} | <= 10% |")
+    for w, rows in res.get("tp", {}).items():
+        base = {row["batch"]: row for row in res.get("decode", [])}
+        for row in rows:
+            b1 = base.get(row["batch"])
+            t_tp = row["graph_ms"] or row["eager_ms"]
+            speed = f"{(b1['graph_ms'] or b1['eager_ms']) / t_tp:.2f}x" if b1 else "-"
+            print(f"| {'P5' if row['batch'] == 1 and w == 2 else '  '} | TP={w} decode b={row['batch']}: "
+                  f"{t_tp:.2f} ms (floor/rank {row['floor_ms']:.2f} ms) | speed-up over TP=1 {speed} | "
+                  f"{'>= 1.6x' if row['batch'] == 1 and w == 2 else ''} |")
     if "kv" in res:
         k = res["kv"]
         print(f"| P8 | KV capacity {k['cache_tokens']} tokens of {k['ideal_tokens']} ideal "

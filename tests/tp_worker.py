@@ -25,8 +25,11 @@ from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 def main() -> None:
     ckpt, out = sys.argv[1], sys.argv[2]  # optional argv[3]: adapter root with a4 and a16
     torch.set_num_threads(1)
-    pctx = init_from_env(os.environ, "cpu", timeout_s=60)
-    model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, progress=False)
+    pctx = init_from_env(os.environ, os.environ.get("QWEN_TEST_DEVICE", "cpu"), timeout_s=60)
+    from worker.layers.attention import make_backend
+
+    backend = make_backend(os.environ.get("QWEN_TEST_BACKEND", "torch"), pctx.device)
+    model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, backend, progress=False)
     S = model.config.seq_length
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 21)]
@@ -70,7 +73,7 @@ def main() -> None:
                 results[f"lora{step}_{k}"] = o
                 lp[k].append(int(o[-1].argmax()))
             out_l = paged_l.step(ids, lp, [len(s) - 1 for s in lp], [1.0, 3.0, 3.0], False, slots)
-    save_file({k: v.contiguous() for k, v in results.items()}, f"{out}-{pctx.rank}.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in results.items()}, f"{out}-{pctx.rank}.safetensors")
     shutdown(pctx)
 
 

@@ -17,12 +17,12 @@ from worker.launcher import free_port
 CFG = {**TINY, "seq_length": 8}
 
 
-def run_world(ckpt: str, out: str, world: int, adapter_root: str) -> list[dict[str, torch.Tensor]]:
+def run_world(ckpt: str, out: str, world: int, adapter_root: str, **env_extra: str) -> list[dict[str, torch.Tensor]]:
     port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env_extra)
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "tp_worker.py"), ckpt, out,
                                        adapter_root],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

@@ -22,6 +22,7 @@ class Seqlen:
     max_q: int  # longest new-token run
     max_k: int  # longest context (input_lengths.max())
     ntk_alpha: Optional[torch.Tensor] = None  # [B] fp32: dynamic-NTK alpha fixed at each prompt's prefill
+    max_cache_len: int = -1  # host-side max of cache_lengths (-1: unknown); 0 lets prefill skip the paged path
 
     @classmethod
     def for_prefill(cls, lengths: list[int], cache_lengths: Optional[list[int]] = None,
@@ -35,7 +36,8 @@ class Seqlen:
         i32 = dict(dtype=torch.int32, device=device)
         return cls(torch.tensor(total, **i32), torch.tensor(cache, **i32), torch.tensor(cu, **i32),
                    max(lengths), max(total),
-                   None if ntk_alpha is None else torch.tensor(ntk_alpha, dtype=torch.float32, device=device))
+                   None if ntk_alpha is None else torch.tensor(ntk_alpha, dtype=torch.float32, device=device),
+                   max(cache))
 
 
 @dataclass
