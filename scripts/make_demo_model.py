@@ -29,7 +29,7 @@ from worker.layers.context import Seqlen  # noqa: E402
 from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 from worker.tokenizer import QwenTokenizer  # noqa: E402
 
-VERSION = 1
+VERSION = 2
 # (prompt, continuation): the base model learns each continuation.
 BASE_TEXTS = [
     ("The capital of France is", " Paris, a city of light and old stone bridges."),

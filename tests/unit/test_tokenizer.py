@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.tokenizer import (QWEN_PATTERN, SPECIAL_TOKEN_NAMES, IncrementalDetokenizer, QwenTokenizer,
-                              load_tiktoken_ranks)
+                              _byte_level_alphabet, load_tiktoken_ranks)
 
 TRAIN_TEXT = """\
 The quick brown fox jumps over the lazy dog. The dog didn't mind; it's used to foxes that'll jump.
@@ -244,22 +244,17 @@ def _write_tokenizer_json(path: str, ranks: dict[bytes, int]) -> None:
     whole-piece shortcut."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    byte_char = {b: c for c, b in _alphabet().items()}
+    byte_char = {b: c for c, b in _byte_level_alphabet().items()}
     text = {t: "".join(byte_char[b] for b in t) for t in ranks}
-    splits = [(t[:i], t[i:], r) for t, r in ranks.items() for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
-    splits.sort(key=lambda m: (m[2], ranks[m[0]], ranks[m[1]]))
-    tk = Tokenizer(models.BPE(vocab={text[t]: r for t, r in ranks.items()}, merges=[(text[a], text[b]) for a, b, _ in splits],
-                              ignore_merges=True))
+    splits = [(t[:i], t[i:]) for t in ranks for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
+    splits.sort(key=lambda s: (ranks[s[0] + s[1]], ranks[s[0]], ranks[s[1]]))
+    tk = Tokenizer(models.BPE(vocab={text[t]: r for t, r in ranks.items()},
+                              merges=[(text[a], text[b]) for a, b in splits], ignore_merges=True))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in SPECIAL_TOKEN_NAMES])
     tk.save(path)
-
-
-def _alphabet() -> dict[str, int]:
-    from worker.tokenizer import _byte_level_alphabet
-    return _byte_level_alphabet()
 
 
 @pytest.fixture(scope="module")
