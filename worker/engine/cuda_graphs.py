@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 
@@ -97,23 +98,29 @@ class GraphedDecode:
         return len(batch.requests) <= self.sizes[-1] and all(len(r.blocks) <= self.max_blocks for r in batch.requests)
 
     def run(self, batch, adapter_slots: Optional[list[int]]) -> torch.Tensor:
-        n = len(batch.requests)
-        bs = next(s for s in self.sizes if s >= n)
-        dev = self.ids.device
-        scratch = self.scratch_block * self.kv.block_size
+        """Fill the static inputs for this batch (padding rows point at the scratch block) and replay."""
         reqs = batch.requests
-        self.ids[:bs].copy_(torch.tensor([r.ids[-1] for r in reqs] + [0] * (bs - n)), non_blocking=True)
-        self.pos[:bs].copy_(torch.tensor([len(r.ids) - 1 for r in reqs] + [0] * (bs - n)), non_blocking=True)
-        self.slots[:bs].copy_(torch.tensor([r.slots[len(r.ids) - 1] for r in reqs] + [scratch] * (bs - n)),
-                              non_blocking=True)
-        rows = [r.blocks + [self.scratch_block] * (self.max_blocks - len(r.blocks)) for r in reqs]
-        rows += [[self.scratch_block] * self.max_blocks] * (bs - n)
-        self.tables[:bs].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        self.lengths[:bs].copy_(torch.tensor([len(r.ids) for r in reqs] + [1] * (bs - n), dtype=torch.int32),
-                                non_blocking=True)
-        self.cache_lengths[:bs].copy_(torch.tensor([len(r.ids) - 1 for r in reqs] + [0] * (bs - n),
-                                                   dtype=torch.int32), non_blocking=True)
-        self.alpha[:bs].copy_(torch.tensor([r.ntk_alpha for r in reqs] + [1.0] * (bs - n)), non_blocking=True)
+        n = len(reqs)
+        bs = next(s for s in self.sizes if s >= n)
+        scratch = self.scratch_block
+        tables = np.full((bs, self.max_blocks), scratch, dtype=np.int32)
+        ints = np.zeros((5, bs), dtype=np.int64)  # ids, positions, slots, lengths, cache lengths
+        ints[2, n:] = scratch * self.kv.block_size
+        ints[3, n:] = 1
+        alpha = np.ones(bs, dtype=np.float32)
+        for i, r in enumerate(reqs):
+            tables[i, :len(r.blocks)] = r.blocks
+            last = len(r.ids) - 1
+            ints[:, i] = (r.ids[-1], last, r.slots[last], last + 1, last)
+            alpha[i] = r.ntk_alpha
+        ints_t = torch.from_numpy(ints)
+        self.ids[:bs].copy_(ints_t[0], non_blocking=True)
+        self.pos[:bs].copy_(ints_t[1], non_blocking=True)
+        self.slots[:bs].copy_(ints_t[2], non_blocking=True)
+        self.lengths[:bs].copy_(ints_t[3], non_blocking=True)
+        self.cache_lengths[:bs].copy_(ints_t[4], non_blocking=True)
+        self.tables[:bs].copy_(torch.from_numpy(tables), non_blocking=True)
+        self.alpha[:bs].copy_(torch.from_numpy(alpha), non_blocking=True)
         lora = adapter_slots is not None and any(adapter_slots)
         if lora:
             self.adapter_slots[:bs].copy_(torch.tensor(list(adapter_slots) + [0] * (bs - n)), non_blocking=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import ModuleType
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -34,12 +35,24 @@ class QwenRMSNorm(RMSNorm):
     """ln_1 / ln_2 / ln_f (replicated on every rank)."""
 
 
+def fused_kernels(fused: bool) -> Optional[ModuleType]:
+    """worker.kernels.fused (Triton: residual add + RMSNorm, in-place RoPE, SiLU-mul) when `fused`, else
+    None: the layers then run their PyTorch reference code. Imported only when asked for (needs triton)."""
+    if not fused:
+        return None
+    from worker.kernels import fused as kernels
+
+    return kernels
+
+
 class FlashQwenAttention(nn.Module):
     """c_attn (fused q/k/v, with bias; column parallel by heads) → RoPE (+ logn on q) → paged
     attention → c_proj (row parallel, one all-reduce)."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend):
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
+                 fused: bool = False):
         super().__init__()
+        self.kernels = fused_kernels(fused)
         self.num_heads_total = config.num_attention_heads
         self.num_heads = self.num_heads_total // pctx.world_size  # per rank
         self.head_dim = config.head_dim
@@ -58,8 +71,11 @@ class FlashQwenAttention(nn.Module):
         T = x.shape[0]
         qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
-        q = apply_rotary(q, ctx.cos, ctx.sin, ctx.logn)
-        k = apply_rotary(k, ctx.cos, ctx.sin)
+        if self.kernels is not None:
+            self.kernels.rotary_(q, k, ctx.cos, ctx.sin, ctx.logn)  # in place, inside qkv
+        else:
+            q = apply_rotary(q, ctx.cos, ctx.sin, ctx.logn)
+            k = apply_rotary(k, ctx.cos, ctx.sin)
         k_cache, v_cache = kv if kv is not None else (None, None)
         if kv is not None and ctx.slots is not None:
             self.backend.store(k, v, k_cache, v_cache, ctx.slots)
@@ -71,8 +87,9 @@ class QwenMLP(nn.Module):
     """c_proj(w1(x) * silu(w2(x))): w2 is the gate. w2 and w1 are merged into one column-parallel
     gate_up layer ([w2_r; w1_r] per rank); c_proj is row parallel."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype):
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, fused: bool = False):
         super().__init__()
+        self.kernels = fused_kernels(fused)
         width = config.mlp_width
         self.gate_up = ColumnParallelLinear(config.hidden_size, [width, width], not config.no_bias, pctx, dtype,
                                             "mlp.w2/w1")
@@ -83,18 +100,23 @@ class QwenMLP(nn.Module):
         self.c_proj.load(weights, f"{prefix}.c_proj")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        gate, up = self.gate_up(x, ctx).chunk(2, dim=-1)  # each [T, width_per_rank]
+        gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
+        if self.kernels is not None:
+            return self.c_proj(self.kernels.silu_mul(gate_up), ctx)
+        gate, up = gate_up.chunk(2, dim=-1)  # each [T, width_per_rank]
         return self.c_proj(up * nn.functional.silu(gate), ctx)
 
 
 class FlashQwenLayer(nn.Module):
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend):
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
+                 fused: bool = False):
         super().__init__()
         eps = config.layer_norm_epsilon
+        self.kernels = fused_kernels(fused)
         self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
-        self.attn = FlashQwenAttention(config, pctx, dtype, backend)
+        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused)
         self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
-        self.mlp = QwenMLP(config, pctx, dtype)
+        self.mlp = QwenMLP(config, pctx, dtype, fused)
 
     def load(self, weights: Weights, prefix: str) -> None:
         for name in ("ln_1", "ln_2"):
@@ -107,43 +129,68 @@ class FlashQwenLayer(nn.Module):
         h = x + self.attn(self.ln_1(x), ctx, kv)
         return h + self.mlp(self.ln_2(h), ctx)
 
+    def forward_fused(self, x: torch.Tensor, residual: Optional[torch.Tensor], ctx: ForwardContext,
+                      kv: KVLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with each residual add fused into the next norm: the block input is x + residual
+        (residual None: x alone); returns (mlp output, h), whose sum is `forward`'s output."""
+        # x, residual: [T, H]
+        normed, block_in = self.kernels.rms_norm(x, self.ln_1.weight, self.ln_1.eps, residual)
+        attn_out = self.attn(normed, ctx, kv)
+        normed, h = self.kernels.rms_norm(attn_out, self.ln_2.weight, self.ln_2.eps, block_in)
+        return self.mlp(normed, ctx), h
+
 
 class FlashQwenModel(nn.Module):
     """`transformer`: wte (vocab parallel) → layers → ln_f."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend):
+    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
+                 fused: bool = False):
         super().__init__()
+        self.kernels = fused_kernels(fused)
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
-        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend) for _ in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend, fused)
+                               for _ in range(config.num_hidden_layers))
         self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Optional[List[KVLayer]]) -> torch.Tensor:
         x = self.wte(input_ids)  # [T, H]
+        if self.kernels is not None:
+            residual = None
+            for i, layer in enumerate(self.h):
+                x, residual = layer.forward_fused(x, residual, ctx, kv_cache[i] if kv_cache is not None else None)
+            return self.kernels.rms_norm(x, self.ln_f.weight, self.ln_f.eps, residual)[0]
         for i, layer in enumerate(self.h):
             x = layer(x, ctx, kv_cache[i] if kv_cache is not None else None)
         return self.ln_f(x)
 
 
 class FlashQwenForCausalLM(nn.Module):
+    """`fused` (None: on exactly when the model is on CUDA with the `triton` attention backend) runs the
+    elementwise chains through worker/kernels/fused.py; the PyTorch path is the reference."""
+
     def __init__(self, config: QwenConfig, pctx: Optional[ParallelContext] = None,
-                 dtype: torch.dtype = torch.float32, backend: Optional[AttentionBackend] = None):
+                 dtype: torch.dtype = torch.float32, backend: Optional[AttentionBackend] = None,
+                 fused: Optional[bool] = None):
         super().__init__()
         self.config = config
         self.pctx = pctx or ParallelContext()
         self.dtype = dtype
         self.backend = backend or TorchAttention()
-        self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend)
+        if fused is None:
+            fused = self.backend.name == "triton" and self.pctx.device.type == "cuda"
+        self.use_fused = fused
+        self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, pctx: Optional[ParallelContext] = None,
                         dtype: Optional[torch.dtype] = None, backend: Optional[AttentionBackend] = None,
-                        progress: bool = True) -> "FlashQwenForCausalLM":
+                        progress: bool = True, fused: Optional[bool] = None) -> "FlashQwenForCausalLM":
         from worker.weights import torch_dtype
 
         config = QwenConfig.from_pretrained(model_dir)
         dtype = dtype or torch_dtype(config.torch_dtype)
-        model = cls(config, pctx, dtype, backend)
+        model = cls(config, pctx, dtype, backend, fused)
         model.load(Weights(model_dir, dtype, model.pctx.device), progress=progress)
         return model
 
