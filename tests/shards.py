@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from worker.launcher import _die_with_parent
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,7 +42,8 @@ def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra:
     cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(num_shard), "--uds-path", uds,
            "--adapter-root", adapter_root, "--max-total-tokens", "4096", "--block-size", "16", *extra]
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # no orphans even if pytest is killed
     deadline = time.time() + 180
     while not all(os.path.exists(f"{uds}-{r}") for r in range(num_shard)):
         if proc.poll() is not None or time.time() > deadline:

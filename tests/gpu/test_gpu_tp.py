@@ -14,7 +14,7 @@ CFG = {**TINY, "seq_length": 8, "kv_channels": 16}
 
 
 def test_nccl_equals_single(tmp_path):
-    from unit.test_tp import run_world
+    from tp_worker import run_world
 
     state = random_checkpoint(CFG, seed=11)
     ckpt = write_checkpoint(str(tmp_path / "ckpt"), CFG, state)

@@ -1,35 +1,15 @@
 """Tensor parallelism on CPU (gloo): world sizes 2 and 4 against world size 1, real processes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, write_checkpoint
+from conftest import TINY, write_checkpoint
 from lora_helpers import write_adapter
 from reference import random_checkpoint
-from worker.launcher import free_port
+from tp_worker import run_world
 
 CFG = {**TINY, "seq_length": 8}
-
-
-def run_world(ckpt: str, out: str, world: int, adapter_root: str, **env_extra: str) -> list[dict[str, torch.Tensor]]:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env_extra)
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "tp_worker.py"), ckpt, out,
-                                       adapter_root],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output.decode()[-3000:]
-    return [load_file(f"{out}-{r}.safetensors") for r in range(world)]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,10 @@ the last bit except where a reduction order differs (the RMSNorm mean: rare 1-ul
 Kernels launch with `enable_fp_fusion=False`: no multiply-add is contracted into an FMA, so every fp32
 product and sum rounds where PyTorch's would. On CUDA, exp is libdevice's `expf` (what PyTorch's silu
 calls) and the division is IEEE round-to-nearest; the Triton interpreter has no libdevice and uses
-numpy's exp instead.
+numpy's exp instead. (Triton may turn "fp32 op, then round to bf16/fp16" into the native 16-bit op: the
+same result, since fp32 holds more than twice the 16-bit significand, so the double rounding is exact.)
+
+The model uses these on CUDA with the `triton` attention backend (`FlashQwenForCausalLM(fused=...)`).
 """
 from __future__ import annotations
 
@@ -100,11 +103,12 @@ def _rotate_heads(ptr, stride_h, heads, c, s, scale, h, j, rest,
         o2 = (o2.to(tl.float32) * scale.to(tl.float32)).to(dtype)
     tl.store(row + j[None, :], o1, mask=mask)
     tl.store(row + HALF + j[None, :], o2, mask=mask)
-    if SCALED and REST > 0:  # dims past the rotary ones are scaled too
-        rmask = (h[:, None] < heads) & (rest[None, :] < REST)
-        x = tl.load(row + 2 * HALF + rest[None, :], mask=rmask, other=0.0)
-        x = (x.to(tl.float32) * scale.to(tl.float32)).to(dtype)
-        tl.store(row + 2 * HALF + rest[None, :], x, mask=rmask)
+    if SCALED:
+        if REST > 0:  # dims past the rotary ones are scaled too
+            rmask = (h[:, None] < heads) & (rest[None, :] < REST)
+            x = tl.load(row + 2 * HALF + rest[None, :], mask=rmask, other=0.0)
+            x = (x.to(tl.float32) * scale.to(tl.float32)).to(dtype)
+            tl.store(row + 2 * HALF + rest[None, :], x, mask=rmask)
 
 
 @triton.jit
@@ -148,7 +152,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q, k, cos, sin, logn if logn is not None else cos, H,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         HALF=half, REST=rest, HAS_LOGN=logn is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        BLOCK_REST=triton.next_power_of_2(max(rest, 1)), num_warps=4, enable_fp_fusion=False)
+        BLOCK_REST=triton.next_power_of_2(max(rest, 16)), num_warps=4, enable_fp_fusion=False)
 
 
 def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
