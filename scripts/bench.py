@@ -386,7 +386,8 @@ def print_table(res: dict) -> None:
     if "kv" in res:
         k = res["kv"]
         print(f"| P8 | KV capacity {k['cache_tokens']} tokens of {k['ideal_tokens']} ideal "
-              f"({k['free_gib']:.1f} GiB free) | {k['ratio']:.2f} | >= 0.9 |")
+              f"({k['free_gib']:.1f} GiB free); the router is offered {k['max_supported_total_tokens']} "
+              f"({k['max_supported_total_tokens'] / k['ideal_tokens']:.2f}) | {k['ratio']:.2f} | >= 0.9 |")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_model_fused_vs_unfused(tmp_path, dtype, tol):
     decode of a mixed batch with NTK and logn active. bf16 bound: below the 0.15 the unfused model gets
     against the float64 reference (tests/gpu/test_gpu_model.py); a flipped last bit of a hidden state
     moves logits of O(5) by a few hundredths."""
-    from conftest import write_checkpoint
+    from helpers import write_checkpoint
     from paged import Paged
     from reference import random_checkpoint
     from worker.distributed import ParallelContext

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import write_checkpoint
+from helpers import write_checkpoint
 from paged import Paged
 from reference import random_checkpoint, ref_forward
 from worker.distributed import ParallelContext

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, write_checkpoint
+from helpers import TINY, write_checkpoint
 from lora_helpers import write_adapter
 from reference import random_checkpoint
 

@@ -155,7 +155,7 @@ def test_model_fused_matches_unfused(tmp_path, name, dtype):
     """The tiny model with the fused path forced on (CPU tensors, interpreter) gives the unfused model's
     logits: prefill of a mixed batch, decode steps (logn active past seq_length 8), suffix prefill.
     fp32 within 1e-5; fp16 within 1e-2 (logits of O(4), fp16 ulp 4e-3: room for a flipped hidden bit)."""
-    from conftest import TINY, write_checkpoint
+    from helpers import TINY, write_checkpoint
     from paged import Paged
     from reference import random_checkpoint
     from worker.layers.rotary import ntk_alpha
@@ -186,7 +186,7 @@ def test_model_fused_matches_unfused(tmp_path, name, dtype):
 
 def test_model_fused_with_lora_adapter(tmp_path):
     """The LoRA wrappers replace c_attn / c_proj / gate_up; the fused path still goes through them."""
-    from conftest import TINY, write_checkpoint
+    from helpers import TINY, write_checkpoint
     from lora_helpers import attach_manager, load, write_adapter
     from paged import Paged
     from reference import random_checkpoint

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, write_checkpoint
+from helpers import TINY, write_checkpoint
 from lora_helpers import attach_manager, load, write_adapter
 from paged import Paged
 from reference import merge_lora, random_checkpoint, ref_forward

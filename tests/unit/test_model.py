@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, write_checkpoint
+from helpers import TINY, write_checkpoint
 from paged import Paged
 from reference import random_checkpoint, ref_config, ref_forward, to_qwen2
 from worker.layers.rotary import ntk_alpha

@@ -205,7 +205,7 @@ def test_choose_num_splits():
 # ----------------------------------------------------------------------------------------- model
 def test_model_with_triton_backend_matches_torch_backend(tmp_path):
     """The tiny model over the paged driver (shuffled blocks of 4): prefill, decode, suffix prefill."""
-    from conftest import TINY, write_checkpoint
+    from helpers import TINY, write_checkpoint
     from paged import Paged
     from reference import random_checkpoint
     from worker.models.qwen import FlashQwenForCausalLM

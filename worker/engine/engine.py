@@ -33,7 +33,7 @@ class EngineConfig:
     max_total_tokens: int = 0  # KV token slots per shard; 0: size from memory (GPU) or cpu_default_tokens
     memory_fraction: float = 0.9  # share of free GPU memory the KV cache may take after Warmup
     cpu_default_tokens: int = 16384
-    shard_block_fraction: float = 1 / 16  # blocks kept for requests that come without blocks
+    shard_block_fraction: float = 1 / 64  # blocks kept for requests that come without blocks
     max_batch_size: int = 0
     cuda_graphs: bool = True  # decode from CUDA graphs (GPU with the triton backend); --eager turns them off
     graph_max_batch: int = 128
