@@ -210,3 +210,86 @@ def test_self_allocated_blocks_released(warmed, ref):
     assert after["shard_blocks_free"] == before["shard_blocks_free"] == after["shard_blocks_total"]
     for i in range(3):
         assert out[i] == ref_greedy(state, cfg, [7, 8, 9, 10][: i + 1], 5)
+
+
+def test_cache_len_reuses_a_cached_prefix(warmed, ref):
+    """Prefix caching as the router does it: a second request shares the first one's full blocks and
+    says cache_len; only its suffix is computed, and the tokens equal the reference on the whole prompt."""
+    pb = pbm()
+    stub = warmed[0]
+    state, cfg = ref
+    prefix = [(5 * i) % 200 + 3 for i in range(32)]  # two full blocks of 16
+    first = make_request(70, prefix + [9], 3, 80)
+    run_to_end(stub, 70, [first])
+    shared = list(first.blocks[:2])  # the blocks holding the 32 prefix tokens' K/V
+    second_prompt = prefix + [11, 12, 13]
+    n = len(second_prompt) + 5 - 1
+    blocks = shared + list(range(90, 90 + -(-n // BS) - 2))
+    req = make_request(71, second_prompt, 5, None, cache_len=32)
+    req.blocks[:] = blocks
+    req.slots[:] = [b * BS + j for b in blocks for j in range(BS)][:n]
+    out = run_to_end(stub, 71, [req])
+    assert out[71] == ref_greedy(state, cfg, second_prompt, 5)
+
+
+def test_prefill_merged_with_cached_batch(warmed, ref):
+    """Prefill(batch, cached_batch): the new requests join the running batch (LoRAX's Prefill merge)."""
+    pb = pbm()
+    stub = warmed[0]
+    state, cfg = ref
+    first = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=80, requests=[make_request(80, [4, 5], 6, 100)],
+                                                          size=1)))
+    got = {80: list(first.generations[0].next_tokens.ids), 81: []}
+    resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=81, requests=[make_request(81, [6, 7, 8], 4, 104)],
+                                                        size=1), cached_batch=first.batch))
+    assert set(resp.batch.request_ids) == {80, 81}
+    while True:
+        for g in resp.generations:
+            got[g.request_id] += list(g.next_tokens.ids)
+        if not resp.HasField("batch"):
+            break
+        batch = resp.batch
+        finished = {g.request_id for g in resp.generations if g.HasField("generated_text")}
+        if finished:
+            keep = [r for r in batch.request_ids if r not in finished]
+            batch = stub.FilterBatch(pb.FilterBatchRequest(batch_id=batch.id, request_ids=keep)).batch
+        resp = stub.Decode(pb.DecodeRequest(batches=[batch]))
+    assert got[80] == ref_greedy(state, cfg, [4, 5], 6)
+    assert got[81] == ref_greedy(state, cfg, [6, 7, 8], 4)
+    assert stats(stub)["batches"] == 0
+
+
+def test_socket_permissions_stale_socket_and_clean_exit(demo_dir, tmp_path):
+    """Owner-only socket; a stale socket file is replaced; SIGTERM exits 0 and removes the socket."""
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from helpers import ROOT
+
+    d = tempfile.mkdtemp(prefix="qs", dir="/tmp")
+    uds = os.path.join(d, "s")
+    open(f"{uds}-0", "w").close()  # stale leftover
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", os.path.join(demo_dir, "model"),
+                             "--uds-path", uds, "--max-total-tokens", "1024"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (os.path.exists(f"{uds}-0") and stat.S_ISSOCK(os.stat(f"{uds}-0").st_mode)):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        assert stat.S_IMODE(os.stat(f"{uds}-0").st_mode) == 0o600
+        from worker.pb import generate_pb2 as pb
+        from worker.pb import generate_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.LoraxServiceStub(grpc.insecure_channel(f"unix://{uds}-0"))
+        assert stub.Info(pb.InfoRequest()).supports_generation
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.exists(f"{uds}-0")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

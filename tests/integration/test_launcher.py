@@ -102,3 +102,67 @@ def test_kill_one_shard_stops_all(demo_dir):
     for pid in shard_pids:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     stop(s)
+
+
+def test_two_launchers_as_two_nodes(demo_dir):
+    """Multi-node path on one machine: two launchers (--nnodes 2, distinct --node-rank, one shard each)
+    form one world of 2; seeded sampling gives the same tokens as a single shard, and preloaded
+    adapters are reported in Info."""
+    import sys
+    import tempfile
+
+    from shards import ROOT, ShardProc, _die_with_parent
+    from worker.launcher import free_port
+
+    pb = _pb()
+    model_dir, root = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters")
+    d = tempfile.mkdtemp(prefix="qn", dir="/tmp")
+    uds, port = os.path.join(d, "s"), free_port()
+    nodes = []
+    for node in (0, 1):
+        log = open(os.path.join(d, f"node{node}.log"), "w")
+        cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", "1", "--nnodes", "2",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "--uds-path", uds, "--adapter-root", root, "--max-total-tokens", "2048",
+               "--preloaded-adapter-ids", "pirate"]
+        nodes.append(ShardProc(uds, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                     preexec_fn=_die_with_parent), log.name))
+    single = start_launcher(model_dir, root, num_shard=1)
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(f"{uds}-0") and os.path.exists(f"{uds}-1")):
+            assert all(n.proc.poll() is None for n in nodes) and time.time() < deadline, nodes[0].log()
+            time.sleep(0.1)
+        stubs = [nodes[0].stub(0), nodes[1].stub(1)]
+        info = stubs[0].Info(pb.InfoRequest())
+        assert [(a.adapter_index, list(a.adapter_parameters.adapter_ids)) for a in info.preloaded_adapters] == [
+            (1, ["pirate"])]
+        sampled = dict(temperature=0.9, top_k=20, top_p=0.95, do_sample=True, seed=1234)
+
+        def request(rid):
+            r = _request(rid, [3, 4, 5], 8, 1 + 2 * (rid % 4))
+            r.parameters.CopyFrom(pb.NextTokenChooserParameters(typical_p=1.0, repetition_penalty=1.0, **sampled))
+            return r
+
+        def run(stub_list, rids):
+            out = {rid: [] for rid in rids}
+            batch = pb.Batch(id=3, requests=[request(r) for r in rids], size=len(rids))
+            resps = on_all([lambda s=s: s.Prefill(pb.PrefillRequest(batch=batch)) for s in stub_list])
+            while True:
+                for resp in resps:
+                    for g in resp.generations:
+                        out[g.request_id] += list(g.next_tokens.ids)
+                if not resps[0].HasField("batch"):
+                    return out
+                cached = resps[0].batch
+                resps = on_all([lambda s=s: s.Decode(pb.DecodeRequest(batches=[cached])) for s in stub_list])
+
+        two_nodes = run(stubs, [20, 21])  # request 21 is answered by rank 1 (the second node)
+        one = run([single.stub(0)], [20, 21])
+        assert two_nodes == one and len(one[21]) == 8
+    finally:
+        stop(single)
+        for n in nodes:
+            n.proc.send_signal(signal.SIGTERM)
+        for n in nodes:
+            n.proc.wait(timeout=30)

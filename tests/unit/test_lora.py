@@ -191,3 +191,42 @@ def test_all_slots_busy_is_resource_exhausted(setup):
     engine.batches[1] = SimpleNamespace(requests=[SimpleNamespace(adapter_index=i) for i in range(1, 5)])
     with pytest.raises(ResourceExhausted, match="adapter slots"):
         load(mgr, 5, "y4")
+
+
+def test_dare_merges(setup):
+    """DARE at density 1 keeps everything (equals LINEAR / TIES); at density d it keeps ~d of the
+    entries, rescaled by 1/d, and is seeded (the same on every shard and every reload)."""
+    from worker.adapters.merge import DARE_LINEAR, DARE_TIES, LINEAR, TIES, merge_adapters
+    from worker.adapters.peft import read_adapter
+
+    state, model, root, adapters, mgr, _ = setup
+    write_adapter(root, "b8", CFG, 8, 16, seed=9)
+    a = read_adapter(os.path.join(root, "a8"), model.config, 16)
+    b = read_adapter(os.path.join(root, "b8"), model.config, 16)
+    w = [0.6, 0.4]
+    for dare, plain in ((DARE_LINEAR, LINEAR), (DARE_TIES, TIES)):
+        m1 = merge_adapters([a, b], w, dare, 1.0, 0)
+        m2 = merge_adapters([a, b], w, plain, 1.0, 0)
+        assert all(torch.allclose(m1.weights[k][j], m2.weights[k][j]) for k in m1.weights for j in (0, 1))
+    half = merge_adapters([a, a], [1.0, 0.0], DARE_LINEAR, 0.5, 0)
+    again = merge_adapters([a, a], [1.0, 0.0], DARE_LINEAR, 0.5, 0)
+    key = next(iter(a.weights))
+    kept = half.weights[key][1] != 0
+    assert 0.35 < kept.float().mean().item() < 0.65  # ~density of B's entries survive
+    assert torch.allclose(half.weights[key][1][kept], a.weights[key][1][kept] / 0.5)  # rescaled by 1/d
+    assert torch.equal(half.weights[key][1], again.weights[key][1])  # seeded
+
+
+def test_remote_sources_need_a_local_copy(setup):
+    from worker.pb import generate_pb2 as pb
+
+    state, model, root, adapters, mgr, _ = setup
+    for source in (0, 1, 3):  # HUB, S3, PBASE
+        req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["org/remote-only"]),
+                                    adapter_source=source, adapter_index=1)
+        with pytest.raises(FailedPrecondition, match="network access"):
+            mgr.load(req)
+    # a HUB id that exists under the adapter root is served from there
+    req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["a4"]), adapter_source=0,
+                                adapter_index=1)
+    assert mgr.load(req).loaded
