@@ -1,0 +1,56 @@
+"""Where does a decode step's GPU time go? Kernel time by name for one step (torch profiler).
+
+    python scripts/profile_decode.py --shape 7b --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from bench import build_model, decode_inputs  # noqa: E402
+from worker.distributed import ParallelContext  # noqa: E402
+from worker.engine.kv_cache import KVCache  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ctx", type=int, default=512)
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    model = build_model(args.shape, ParallelContext(0, 1, dev), "auto")
+    c = model.config
+    kv = KVCache(c.num_hidden_layers, 2 + args.batch * (args.ctx // 16 + 2), 16, c.num_attention_heads, c.head_dim,
+                 torch.bfloat16, dev)
+    ids, pos, tables, slots, seqlen = decode_inputs(model, args.batch, args.ctx, 16, kv)
+
+    def step():
+        with torch.inference_mode():
+            return model(ids, pos, None, kv.layers, tables, slots, seqlen, args.ctx + 1)[0]
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    rows = sorted(((e.key, e.device_time_total / 5, e.count // 5) for e in events if e.device_time_total > 0),
+                  key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"GPU kernel time per step: {total / 1e3:.2f} ms over {sum(r[2] for r in rows)} kernels")
+    for name, us, n in rows[:25]:
+        print(f"{us / 1e3:8.3f} ms  {n:5d}x  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
