@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
@@ -64,6 +65,7 @@ class Router:
         self._next_request_id = 0
         self._next_batch_id = 0
         self._next_adapter_index = 1
+        self._adapter_used: dict[int, float] = {}  # adapter index -> last admission (LRU offload)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -160,7 +162,7 @@ class Router:
             if self._stopping or self._thread is None:
                 raise RequestError("the router is not running")
             adapter = self.adapters.get(adapter_index)
-            if adapter_index != 0 and (adapter is None or not adapter.loaded):
+            if adapter_index != 0 and adapter is None:  # known but offloaded: reloaded when admitted
                 raise ValidationError(f"adapter index {adapter_index} is not loaded (load_adapter() first)")
             if adapter is not None and not sampling.adapter_id:
                 sampling.adapter_id = ",".join(adapter.ids)
@@ -254,13 +256,20 @@ class Router:
         self._running = self._decode(batches) if batches else None
 
     def _admit(self) -> list[Pending]:
-        """Take waiting requests FIFO while blocks, batch size and the prefill budget allow."""
+        """Take waiting requests FIFO while blocks, batch size, the prefill budget and the adapter
+        memory budget allow (an offloaded adapter the next request needs is loaded back first)."""
         assert self._blocks is not None
         admitted: list[Pending] = []
         prefill_tokens = 0
+        self._reload_head_adapter()
         with self._cv:
             while self._queue:
                 p = self._queue[0]
+                info = self.adapters.get(p.request.adapter_index)
+                if info is not None and not info.loaded:
+                    break  # waits until its adapter fits the budget again
+                if p.request.adapter_index:
+                    self._adapter_used[p.request.adapter_index] = time.monotonic()
                 if len(self._in_flight) + len(admitted) >= self.config.max_batch_size:
                     break
                 if admitted and prefill_tokens + p.prompt_tokens > self.config.max_batch_prefill_tokens:
@@ -415,8 +424,40 @@ class Router:
             log.warning("health probe ClearCache failed: %s", err)
         return ok
 
+    def _make_room(self, fraction: float) -> bool:
+        """Offload idle adapters (least recently used first) until `fraction` more fits the shards'
+        adapter memory budget (the DownloadAdapter fractions of loaded adapters add up to at most 1)."""
+        with self._cv:
+            busy = {p.request.adapter_index for p in self._in_flight.values()}
+            loaded = [a for a in self.adapters.values() if a.loaded]
+            used = sum(a.memory_fraction for a in loaded)
+            idle = sorted((a for a in loaded if a.index not in busy), key=lambda a: self._adapter_used.get(a.index, 0))
+        while used + fraction > 1.0 + 1e-6:
+            if not idle:
+                return False
+            victim = idle.pop(0)
+            self.client.offload_adapter(victim.params, victim.source, victim.index)
+            victim.loaded = False
+            used -= victim.memory_fraction
+            log.info("offloaded idle adapter index %d to make room", victim.index)
+        return True
+
+    def _reload_head_adapter(self) -> None:
+        with self._cv:
+            if not self._queue:
+                return
+            info = self.adapters.get(self._queue[0].request.adapter_index)
+            if info is None or info.loaded:
+                return
+        if self._make_room(info.memory_fraction):
+            self.client.load_adapter(info.params, info.source, info.index)
+            info.loaded = True
+
     def _load_adapter(self, params: pb.AdapterParameters, source: int, api_token: str | None,
                       memory_fraction: float) -> int:
+        if not self._make_room(memory_fraction):
+            raise ValidationError(f"adapter {list(params.adapter_ids)} needs {memory_fraction:.3f} of the adapter "
+                                  "memory budget and every loaded adapter is in use")
         index = self._next_adapter_index
         self._next_adapter_index += 1  # burned even if loading fails: indices are never reused
         if not self.client.load_adapter(params, source, index, api_token):

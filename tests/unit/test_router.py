@@ -259,9 +259,24 @@ def test_adapters_load_use_offload(fake: tuple[str, list], router: Router) -> No
     assert shard.of("Prefill")[-1]["adapter_index"] == [1]
     router.offload_adapter(1)
     assert shard.of("OffloadAdapter") == [{"ids": ["a1"], "index": 1}]
+    # an offloaded adapter is loaded back (same index) when a request for it is admitted
+    router.generate("hi", timeout=5, adapter_index=1, stopping={"max_new_tokens": 2})
+    assert [f["index"] for f in shard.of("LoadAdapter")] == [1, 2, 1]
     with pytest.raises(ValidationError, match="not loaded"):
-        router.submit("hi", adapter_index=1)
+        router.submit("hi", adapter_index=99)  # never loaded
     assert router.load_adapter("a1") == 3  # indices are never reused
+
+
+def test_adapter_budget_offloads_idle_lru(fake: tuple[str, list], router: Router) -> None:
+    """Each fake adapter takes 0.25 of the budget: the fifth load offloads the least recently used
+    idle one; an adapter in use is never offloaded."""
+    shard = fake[1][0]
+    for k in range(4):
+        assert router.load_adapter(f"b{k}") == k + 1
+    router.generate("hi", timeout=5, adapter_index=1, stopping={"max_new_tokens": 1})  # 1 is now the most recent
+    assert router.load_adapter("b4") == 5
+    assert [f["index"] for f in shard.of("OffloadAdapter")] == [2]  # LRU idle: loaded but never used
+    assert sum(a["loaded"] for a in router.debug_state()["adapters"].values()) == 4
 
 
 def test_close_fails_waiting_and_running_requests(fake: tuple[str, list]) -> None:
