@@ -166,3 +166,9 @@ def test_two_launchers_as_two_nodes(demo_dir):
             n.proc.send_signal(signal.SIGTERM)
         for n in nodes:
             n.proc.wait(timeout=30)
+
+
+def test_health_on_one_shard_does_not_hang(two):
+    pb = _pb()
+    for rank in (1, 0):
+        two.stub(rank).Health(pb.HealthRequest(), timeout=10)  # no collective: answers alone
