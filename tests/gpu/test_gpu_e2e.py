@@ -29,8 +29,11 @@ def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
             jobs = [(p, 0, c) for p, c in BASE_TEXTS] + [(STORY_PROMPT, idx[n], ADAPTERS[n][2]) for n in ADAPTERS]
             handles = [router.submit(p, {}, {"max_new_tokens": 48}, adapter_index=i) for p, i, _ in jobs]
             results = [h.result(timeout=300) for h in handles]
-        for (p, i, expect), res in zip(jobs, results):
-            assert res.text == expect, (p, i, res.text)
+        wrong = [(p, i, res.text) for (p, i, expect), res in zip(jobs, results) if res.text != expect]
+        assert not wrong, wrong
+    except BaseException:
+        print(shard.log()[-4000:])
+        raise
     finally:
         assert stop(shard) == 0, shard.log()[-3000:]
 
