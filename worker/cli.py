@@ -50,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-total-tokens", type=int, default=0,
                    help="KV token slots per shard (0: from free GPU memory after Warmup; 16384 on CPU)")
     s.add_argument("--memory-fraction", type=float, default=0.9, help="share of free GPU memory for the KV cache")
-    s.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="KV cache dtype (auto: the model dtype)")
+    s.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8"],
+                   help="KV cache dtype (auto: the model dtype). fp8_e4m3 (alias fp8) halves the KV bytes of "
+                   "bf16: per-layer K/V scales come from the checkpoint (transformer.h.N.attn.k_scale / "
+                   "v_scale) when present, else from Warmup's prefill (max |k|, |v| per layer)")
+    s.add_argument("--kv-scale-margin", type=float, default=2.0,
+                   help="fp8 KV calibrated at Warmup: scale = margin x max|x| / 448, so values up to margin "
+                   "times Warmup's largest fit before they clamp")
     s.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     s.add_argument("--max-seq-len", type=int, default=16384,
                    help="longest context served from CUDA graphs (longer ones decode eagerly)")
@@ -91,6 +97,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
 
     from worker.distributed import init_from_env, shutdown
     from worker.engine.engine import Engine, EngineConfig
+    from worker.engine.kv_cache import parse_kv_dtype
     from worker.layers.attention import make_backend
     from worker.models.qwen import FlashQwenForCausalLM
     from worker.server import LoraxServicer, make_server, serve_forever
@@ -98,6 +105,8 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     from worker.weights import torch_dtype
 
     log = logging.getLogger("worker")
+    if not args.kv_scale_margin > 0:
+        raise SystemExit(f"--kv-scale-margin must be positive, got {args.kv_scale_margin}")
     pctx = init_from_env(env, args.device, args.dist_timeout)
     dtype = (torch.bfloat16 if pctx.device.type == "cuda" else torch.float32) if args.dtype == "auto" \
         else torch_dtype(args.dtype)
@@ -114,12 +123,12 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
         from worker.adapters.pool import AdapterManager
 
         adapters = AdapterManager.from_args(args, model, pctx)
-    kv_dtype = None if args.kv_cache_dtype == "auto" else torch_dtype(args.kv_cache_dtype)
+    kv_dtype = parse_kv_dtype(args.kv_cache_dtype)
     engine = Engine(model, tokenizer, pctx,
                     EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
                                  max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,
                                  max_batch_size=args.max_batch_size, cuda_graphs=not args.eager,
-                                 max_seq_len=args.max_seq_len), adapters)
+                                 max_seq_len=args.max_seq_len, kv_scale_margin=args.kv_scale_margin), adapters)
     if adapters is not None:
         adapters.attach(engine)
         adapters.preload([a for a in args.preloaded_adapter_ids.split(",") if a])

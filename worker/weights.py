@@ -120,6 +120,13 @@ class Weights:
         self.check_shape(name, expected_shape)
         return self._finish(self._slice(name)[:])
 
+    def scalar(self, name: str) -> float:
+        """A one-element tensor (e.g. an fp8 KV scale) as a python float, read at full precision."""
+        t = self._slice(name)[:]
+        if t.numel() != 1:
+            raise WeightError(f"tensor {name!r}: expected one number, found shape {tuple(t.shape)}")
+        return float(t.float().reshape(()))
+
     def check_shape(self, name: str, expected_shape: Optional[Sequence[int]]) -> None:
         found = self.shape(name)
         if expected_shape is not None and tuple(expected_shape) != found:

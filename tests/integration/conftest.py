@@ -1,11 +1,15 @@
-"""Fixtures: a real shard process on the demo model."""
+"""Fixtures: a real shard process on the demo model, and a Router driving it."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from shards import start_launcher, stop
+
+# A router sized for the demo model (seq_length 256): prompts up to 64 tokens, 256 tokens in all.
+ROUTER_LIMITS = dict(max_input_length=64, max_total_tokens=256, max_batch_prefill_tokens=256)
 
 
 @pytest.fixture(scope="module")
@@ -13,3 +17,42 @@ def shard(demo_dir):
     s = start_launcher(os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"))
     yield s
     assert stop(s) == 0, s.log()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def tok(demo_dir):
+    from worker.tokenizer import QwenTokenizer
+
+    return QwenTokenizer.from_dir(os.path.join(demo_dir, "model"))
+
+
+@pytest.fixture(scope="session")
+def ref_model(demo_dir):
+    """(state, cfg) of the demo checkpoint in float64, for tests/reference.py."""
+    from reference import load_checkpoint
+
+    return load_checkpoint(os.path.join(demo_dir, "model"))
+
+
+@pytest.fixture(scope="module")
+def router(shard, tok):
+    """One Router on the module's shard, through LoRAX's startup sequence."""
+    from router_client.router import Router, RouterConfig
+
+    with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=RouterConfig(**ROUTER_LIMITS)) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def shard_stats(shard):
+    """`shard_stats()`: the shard's own bookkeeping (live batches, shard-owned KV blocks, adapter
+    slots), read from Health's trailing metadata."""
+    from worker.pb import generate_pb2 as pb
+
+    stub = shard.stub(0)
+
+    def read() -> dict:
+        _, call = stub.Health.with_call(pb.HealthRequest())
+        return json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"])
+
+    return read

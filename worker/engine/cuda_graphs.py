@@ -64,6 +64,7 @@ class GraphedDecode:
         self.alpha = torch.ones(n, dtype=torch.float32, device=dev)
         self.adapter_slots = torch.zeros(n, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.has_lora = adapter_pools  # also capture the adapter variant of every bucket
         self.pool = torch.cuda.graph_pool_handle()
         backend = model.backend
         for lora in ([False, True] if adapter_pools else [False]):

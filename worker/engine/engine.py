@@ -15,7 +15,7 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.engine.batch import Batch, BatchBuilder, RequestState
-from worker.engine.kv_cache import BlockAllocator, KVCache
+from worker.engine.kv_cache import BlockAllocator, KVCache, scales_from_amax
 from worker.engine.runner import Runner
 from worker.engine.sampling import prefill_logprobs
 from worker.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -38,6 +38,11 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode from CUDA graphs (GPU with the triton backend); --eager turns them off
     graph_max_batch: int = 128
     max_seq_len: int = 16384  # longest context a graphed decode serves (block-table width); longer: eager
+    # fp8 KV without checkpoint scales: scale = margin × (Warmup's max |k| or |v|) / 448 per layer. e4m3 is a
+    # float format, so a margin of 2 costs one binade at the bottom of its range (values under
+    # scale × 2^-6 lose relative precision), while values above the calibrated maximum clamp; real
+    # prompts can exceed Warmup's. vLLM's defaults are amax/200 (K) and amax/100 (V): margins 2.24 and 4.48.
+    kv_scale_margin: float = 2.0
 
 
 class Engine:
@@ -54,17 +59,23 @@ class Engine:
         self.allocator: Optional[BlockAllocator] = None
         self.router_blocks = 0
         self.max_supported_total_tokens = 0
+        self.calibrated_kv_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # from Warmup (fp8 KV)
         nonce = torch.randint(1, 2**62, (1,), device=pctx.device)
         self.seed_nonce = int(pctx.broadcast(nonce).item())  # rank 0's, on every rank
 
     # ------------------------------------------------------------------ KV cache
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.cfg.kv_cache_dtype or self.model.dtype
+
     def allocate_cache(self, num_blocks: int) -> None:
         c = self.model.config
-        dtype = self.cfg.kv_cache_dtype or self.model.dtype
+        dtype = self.kv_dtype
         num_blocks = max(num_blocks, 3)
         self.kv = None
         self.kv = KVCache(c.num_hidden_layers, num_blocks, self.cfg.block_size,
                           c.num_attention_heads // self.pctx.world_size, c.head_dim, dtype, self.pctx.device)
+        self._set_kv_scales()  # before the graphs are captured (they read the scales through pointers)
         own = max(2, int(num_blocks * self.cfg.shard_block_fraction))  # incl. the scratch block
         self.router_blocks = num_blocks - own
         scratch = num_blocks - 1  # padding rows of graphed decode write here; nobody owns it
@@ -80,12 +91,32 @@ class Engine:
             free0 = torch.cuda.mem_get_info(self.pctx.device)[0]
             graphs = GraphedDecode(self.model, self.kv, self.cfg.max_batch_size or self.cfg.graph_max_batch,
                                    math.ceil(self.cfg.max_seq_len / self.cfg.block_size), scratch,
-                                   self.adapters is not None)
+                                   adapter_pools=False)  # adapter batches decode eagerly (see BENCHMARKS.md)
             log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs),
                      time.time() - t0, (free0 - torch.cuda.mem_get_info(self.pctx.device)[0]) / 2**20)
         self.runner = Runner(self.model, self.kv, self.pctx.device, graphs)
         log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
                  num_blocks, self.cfg.block_size, dtype, self.router_blocks, self.max_supported_total_tokens, own)
+
+    def _set_kv_scales(self) -> None:
+        """fp8 cache: per-layer scales from the checkpoint, else from Warmup's calibration, else 1.0."""
+        assert self.kv is not None
+        if not self.kv.is_fp8:
+            self.model.set_kv_scales(None, None)
+            return
+        from_ckpt = self.model.checkpoint_kv_scales()
+        if from_ckpt is not None:
+            source, scales = "checkpoint", from_ckpt
+        elif self.calibrated_kv_scales is not None:
+            source, scales = f"Warmup calibration (margin {self.cfg.kv_scale_margin:g})", self.calibrated_kv_scales
+        else:
+            source, scales = "default 1.0 (no checkpoint scales, no Warmup yet)", ([1.0] * self.kv.num_layers,) * 2
+            log.warning("fp8 KV cache without k_scale/v_scale in the checkpoint and before Warmup: scales are 1.0")
+        self.kv.set_scales(*scales)
+        self.model.set_kv_scales(self.kv.k_scales, self.kv.v_scales)
+        k, v = self.kv.k_scales.tolist(), self.kv.v_scales.tolist()
+        log.info("fp8 KV scales from %s: k %.3g..%.3g (layer 0 %.3g), v %.3g..%.3g (layer 0 %.3g)", source,
+                 min(k), max(k), k[0], min(v), max(v), v[0])
 
     def _ensure_cache(self) -> None:
         if self.kv is None:
@@ -95,7 +126,7 @@ class Engine:
     def _blocks_from_memory(self, activation_peak: int) -> int:
         c = self.model.config
         per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // self.pctx.world_size,
-                                            c.head_dim, self.cfg.kv_cache_dtype or self.model.dtype)
+                                            c.head_dim, self.kv_dtype)
         if self.cfg.max_total_tokens:
             return math.ceil(self.cfg.max_total_tokens / self.cfg.block_size)
         if self.pctx.device.type != "cuda":
@@ -136,17 +167,22 @@ class Engine:
             ids += p
             alphas.append(1.0)
         peak = 0
+        calibrate = self.kv_dtype == torch.float8_e4m3fn and self.model.checkpoint_kv_scales() is None
+        amax = torch.zeros(self.model.config.num_hidden_layers, 2, device=self.pctx.device) if calibrate else None
         if ids:
             if self.pctx.device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(self.pctx.device)
                 base = torch.cuda.memory_allocated(self.pctx.device)
             try:
-                Runner(self.model, None, self.pctx.device).forward_no_cache(lengths, ids, alphas)  # type: ignore
+                Runner(self.model, None, self.pctx.device).forward_no_cache(lengths, ids, alphas, amax)  # type: ignore
             except torch.OutOfMemoryError as exc:
                 raise ResourceExhausted(f"not enough memory for {len(ids)} prefill tokens in Warmup: {exc}") from exc
             if self.pctx.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.pctx.device) - base
+            if amax is not None:  # same scales on every rank (each saw its own heads)
+                scales = scales_from_amax(self.pctx.all_reduce_max(amax), self.cfg.kv_scale_margin)
+                self.calibrated_kv_scales = (scales[:, 0], scales[:, 1])
         self.allocate_cache(self._blocks_from_memory(peak))
         return self.max_supported_total_tokens
 

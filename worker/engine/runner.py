@@ -41,7 +41,8 @@ class Runner:
     @torch.inference_mode()
     def forward(self, batch: Batch, prefill: bool, adapter_slots: Optional[list[int]] = None) -> StepLogits:
         """adapter_slots: the adapter pool slot of each request (0: base), or None when none uses one."""
-        if not prefill and self.graphs is not None and self.graphs.can_run(batch):
+        if not prefill and self.graphs is not None and self.graphs.can_run(batch) and (
+                adapter_slots is None or self.graphs.has_lora):
             return StepLogits(last=self.graphs.run(batch, adapter_slots), prompt={})
         ids: list[int] = []
         pos: list[int] = []
@@ -96,13 +97,15 @@ class Runner:
         return StepLogits(last=logits[torch.tensor(last_rows, device=logits.device)], prompt=prompt)
 
     @torch.inference_mode()
-    def forward_no_cache(self, lengths: list[int], ids: list[int], alphas: list[float]) -> torch.Tensor:
-        """A prefill that writes no KV (Warmup's memory probe, Health): last-token logits [B, V]."""
+    def forward_no_cache(self, lengths: list[int], ids: list[int], alphas: list[float],
+                         kv_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A prefill that writes no KV (Warmup's memory probe, Health): last-token logits [B, V].
+        kv_amax ([layers, 2] fp32, updated in place): each layer's max |k|, |v| (fp8 KV calibration)."""
         dev = self.device
         seqlen = Seqlen.for_prefill(lengths, None, alphas, device=dev)
         pos = [p for n in lengths for p in range(n)]
         last = torch.cumsum(torch.tensor(lengths, device=dev), 0) - 1
-        logits, _ = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                               torch.tensor(pos, dtype=torch.long, device=dev), seqlen.cu_seqlen_q, None, None,
-                               None, seqlen, seqlen.max_k, lm_head_indices=last)
-        return logits
+        ctx = self.model.make_context(torch.tensor(pos, dtype=torch.long, device=dev), seqlen.cu_seqlen_q, None,
+                                      None, seqlen, last, None)
+        ctx.kv_amax = kv_amax
+        return self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx, None)

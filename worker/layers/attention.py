@@ -4,6 +4,10 @@
 mixing sequences of different lengths and non-contiguous, out-of-order blocks:
   (a) plain prefill, (b) prefill of a suffix after `cache_len` cached tokens, (c) decode.
 Queries of a sequence's new tokens attend causally to all of its cached tokens plus themselves.
+
+fp8 caches: `store` and `attend` take the layer's `k_scale`/`v_scale` (python floats or 0-d fp32 tensors;
+None, the default, means an unscaled cache). The reference stores clamp(x / scale, ±448) as e4m3 and
+reads the cached rows back as fp32 × scale (worker.engine.kv_cache.quantize / dequantize).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from worker.engine.kv_cache import store_kv
+from worker.engine.kv_cache import Scale, dequantize, store_kv
 from worker.layers.context import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -23,10 +27,11 @@ class AttentionBackend(Protocol):
     name: str
 
     def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor) -> None: ...
+              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None: ...
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
-               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float) -> torch.Tensor: ...
+               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
+               v_scale: Scale = None) -> torch.Tensor: ...
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -53,11 +58,13 @@ class TorchAttention:
 
     name = "torch"
 
-    def store(self, k, v, k_cache, v_cache, slots) -> None:
-        store_kv(k, v, k_cache, v_cache, slots)
+    def store(self, k, v, k_cache, v_cache, slots, k_scale: Scale = None, v_scale: Scale = None) -> None:
+        store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
-    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, k_scale: Scale = None,
+               v_scale: Scale = None) -> torch.Tensor:
         # q, k, v: [T, heads, head_dim] of the new tokens -> [T, heads, head_dim]
+        scaled = k_scale is not None or v_scale is not None
         cu = ctx.seqlen.cu_seqlen_q.tolist()
         lengths = ctx.seqlen.input_lengths.tolist()
         out = torch.empty_like(q)
@@ -65,6 +72,9 @@ class TorchAttention:
             s, e = cu[i], cu[i + 1]
             if k_cache is None:  # no cache: the new tokens are the whole context
                 keys, values = k[s:e], v[s:e]
+            elif scaled:  # fp32 keys/values, dequantised exactly (causal_attention computes in fp32)
+                keys = dequantize(gather_context(k_cache, ctx.block_tables[i], lengths[i]), k_scale)
+                values = dequantize(gather_context(v_cache, ctx.block_tables[i], lengths[i]), v_scale)
             else:
                 keys = gather_context(k_cache, ctx.block_tables[i], lengths[i]).to(q.dtype)
                 values = gather_context(v_cache, ctx.block_tables[i], lengths[i]).to(q.dtype)

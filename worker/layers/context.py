@@ -52,3 +52,4 @@ class ForwardContext:
     logn: Optional[torch.Tensor]  # [T] fp32 query scale, None when logn attention is off
     lm_head_indices: Optional[torch.Tensor]  # [N] long: tokens whose logits are wanted (None: all)
     adapter_data: Any = None  # per-token adapter slots and segments (layers/lora.py)
+    kv_amax: Optional[torch.Tensor] = None  # [layers, 2] fp32: running max |k|, |v| (fp8 KV calibration only)

@@ -53,11 +53,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: tor
     y: [T, out] (may be a column slice of a wider output); x: [T, in];
     a_pool: [slots, r_max, in]; b_pool: [slots, out, r_max].
     """
-    xs = x[data.token_idx] * data.valid[..., None].to(x.dtype)  # [S, L, in]
+    xs = x[data.token_idx] * data.valid[..., None].to(x.dtype)  # [S, L, in]; padding rows are zero
     h = torch.bmm(xs, a_pool[data.slots].transpose(1, 2))  # [S, L, r_max]
-    delta = torch.bmm(h, b_pool[data.slots].transpose(1, 2))  # [S, L, out]
-    flat_valid = data.valid.flatten()
-    y.index_add_(0, data.token_idx.flatten()[flat_valid], delta.reshape(-1, delta.shape[-1])[flat_valid].to(y.dtype))
+    delta = torch.bmm(h, b_pool[data.slots].transpose(1, 2))  # [S, L, out]; zero on padding rows
+    # no boolean indexing (a host sync, which CUDA-graph capture forbids): padding rows add exact zeros
+    y.index_add_(0, data.token_idx.flatten(), delta.reshape(-1, delta.shape[-1]).to(y.dtype))
 
 
 class LoraColumnParallelLinear(nn.Module):

@@ -47,12 +47,19 @@ def fused_kernels(fused: bool) -> Optional[ModuleType]:
 
 class FlashQwenAttention(nn.Module):
     """c_attn (fused q/k/v, with bias; column parallel by heads) → RoPE (+ logn on q) → paged
-    attention → c_proj (row parallel, one all-reduce)."""
+    attention → c_proj (row parallel, one all-reduce).
+
+    fp8 KV: `kv_scales` holds this layer's (k_scale, v_scale) (0-d fp32 views into the KVCache's
+    per-layer scales, set by `FlashQwenForCausalLM.set_kv_scales`), None for unscaled caches;
+    `checkpoint_kv_scales` the checkpoint's `attn.k_scale`/`attn.v_scale` when it has them."""
 
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False):
+                 fused: bool = False, layer_idx: int = 0):
         super().__init__()
         self.kernels = fused_kernels(fused)
+        self.layer_idx = layer_idx
+        self.kv_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.checkpoint_kv_scales: Optional[Tuple[float, float]] = None
         self.num_heads_total = config.num_attention_heads
         self.num_heads = self.num_heads_total // pctx.world_size  # per rank
         self.head_dim = config.head_dim
@@ -65,6 +72,9 @@ class FlashQwenAttention(nn.Module):
     def load(self, weights: Weights, prefix: str) -> None:
         self.c_attn.load(weights, [f"{prefix}.c_attn"])
         self.c_proj.load(weights, f"{prefix}.c_proj")
+        names = (f"{prefix}.k_scale", f"{prefix}.v_scale")
+        if all(n in weights for n in names):
+            self.checkpoint_kv_scales = (weights.scalar(names[0]), weights.scalar(names[1]))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer) -> torch.Tensor:
         # x: [T, H]
@@ -76,10 +86,14 @@ class FlashQwenAttention(nn.Module):
         else:
             q = apply_rotary(q, ctx.cos, ctx.sin, ctx.logn)
             k = apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.kv_amax is not None:  # Warmup's fp8 calibration: what the cache would store
+            amax = ctx.kv_amax[self.layer_idx]
+            torch.maximum(amax, torch.stack([k.abs().amax(), v.abs().amax()]).float(), out=amax)
         k_cache, v_cache = kv if kv is not None else (None, None)
+        scales = {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0], v_scale=self.kv_scales[1])
         if kv is not None and ctx.slots is not None:
-            self.backend.store(k, v, k_cache, v_cache, ctx.slots)
-        o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale)  # [T, heads, head_dim]
+            self.backend.store(k, v, k_cache, v_cache, ctx.slots, **scales)
+        o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
         return self.c_proj(o.reshape(T, self.num_heads * self.head_dim), ctx)
 
 
@@ -109,12 +123,12 @@ class QwenMLP(nn.Module):
 
 class FlashQwenLayer(nn.Module):
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False):
+                 fused: bool = False, layer_idx: int = 0):
         super().__init__()
         eps = config.layer_norm_epsilon
         self.kernels = fused_kernels(fused)
         self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
-        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused)
+        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused, layer_idx)
         self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
         self.mlp = QwenMLP(config, pctx, dtype, fused)
 
@@ -148,8 +162,8 @@ class FlashQwenModel(nn.Module):
         super().__init__()
         self.kernels = fused_kernels(fused)
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
-        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend, fused)
-                               for _ in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend, fused, i)
+                               for i in range(config.num_hidden_layers))
         self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Optional[List[KVLayer]]) -> torch.Tensor:
@@ -205,6 +219,21 @@ class FlashQwenForCausalLM(nn.Module):
         self.transformer.ln_f.weight.data.copy_(weights.get("transformer.ln_f.weight",
                                                             (self.config.hidden_size,)))
         self.lm_head.load(weights, "lm_head")
+
+    def checkpoint_kv_scales(self) -> Optional[Tuple[List[float], List[float]]]:
+        """Per-layer (k_scales, v_scales) from the checkpoint, or None unless every layer has both."""
+        found = [layer.attn.checkpoint_kv_scales for layer in self.transformer.h]
+        if any(f is None for f in found):
+            if any(f is not None for f in found):
+                log.warning("the checkpoint has k_scale/v_scale for only some layers: ignoring them")
+            return None
+        return [f[0] for f in found], [f[1] for f in found]
+
+    def set_kv_scales(self, k_scales: Optional[torch.Tensor], v_scales: Optional[torch.Tensor]) -> None:
+        """Point each attention layer at its entry of the KV cache's per-layer scales ([layers] fp32, read
+        by the kernels through pointers); None: an unscaled cache (the attention calls get no scales)."""
+        for i, layer in enumerate(self.transformer.h):
+            layer.attn.kv_scales = None if k_scales is None else (k_scales[i], v_scales[i])
 
     def make_context(self, position_ids: torch.Tensor, cu_seqlen_prefill: Optional[torch.Tensor],
                      block_tables: Optional[torch.Tensor], slots: Optional[torch.Tensor], seqlen: Seqlen,
