@@ -16,12 +16,16 @@ BLOCK = 4
 class Paged:
     """Drives FlashQwenForCausalLM through prefill / decode over a paged cache, like a runner would."""
 
-    def __init__(self, model: FlashQwenForCausalLM, num_blocks: int = 96, seed: int = 0):
+    def __init__(self, model: FlashQwenForCausalLM, num_blocks: int = 96, seed: int = 0,
+                 kv_dtype: torch.dtype | None = None):
+        """kv_dtype: the cache dtype (None: the model's). An fp8 cache starts with scales 1.0; its scales
+        reach the model's layers in `step` (the model may be shared with other drivers)."""
         c = model.config
         self.model = model
         heads = c.num_attention_heads // model.pctx.world_size
         self.device = model.pctx.device
-        self.cache = KVCache(c.num_hidden_layers, num_blocks, BLOCK, heads, c.head_dim, model.dtype, self.device)
+        self.cache = KVCache(c.num_hidden_layers, num_blocks, BLOCK, heads, c.head_dim, kv_dtype or model.dtype,
+                             self.device)
         self.free = list(range(1, num_blocks))
         random.Random(seed).shuffle(self.free)  # non-contiguous, out-of-order blocks
         self.blocks: list[list[int]] = []
@@ -56,6 +60,10 @@ class Paged:
 
             adapter_data = AdapterBatchData.build(adapter_slots, lens, self.device)
         dev = self.device
+        if self.cache.is_fp8:
+            self.model.set_kv_scales(self.cache.k_scales, self.cache.v_scales)
+        else:
+            self.model.set_kv_scales(None, None)
         logits, _ = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
                                seqlen.cu_seqlen_q if prefill else None, self.cache.layers, self._table(idx),
                                torch.tensor(slots, device=dev), seqlen, seqlen.max_k, adapter_data)

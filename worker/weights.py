@@ -122,7 +122,7 @@ class Weights:
 
     def scalar(self, name: str) -> float:
         """A one-element tensor (e.g. an fp8 KV scale) as a python float, read at full precision."""
-        t = self._slice(name)[:]
+        t = self._slice(name)[...]  # `[:]` fails on 0-d tensors
         if t.numel() != 1:
             raise WeightError(f"tensor {name!r}: expected one number, found shape {tuple(t.shape)}")
         return float(t.float().reshape(()))

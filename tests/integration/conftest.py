@@ -56,3 +56,25 @@ def shard_stats(shard):
         return json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"])
 
     return read
+
+
+@pytest.fixture(scope="module")
+def wire(router):
+    """What the router sends from here on, in order: ("prefill", a copy of the Batch) and
+    ("decode", [request ids of each CachedBatch]); a spy on its ShardedClient for the module."""
+    from worker.pb import generate_pb2 as pb
+
+    sent: list[tuple[str, object]] = []
+    prefill, decode = router.client.prefill, router.client.decode
+
+    def spy_prefill(batch, *args, **kwargs):
+        sent.append(("prefill", pb.Batch.FromString(batch.SerializeToString())))
+        return prefill(batch, *args, **kwargs)
+
+    def spy_decode(batches, *args, **kwargs):
+        sent.append(("decode", [list(b.request_ids) for b in batches]))
+        return decode(batches, *args, **kwargs)
+
+    router.client.prefill, router.client.decode = spy_prefill, spy_decode
+    yield sent
+    del router.client.prefill, router.client.decode

@@ -1,5 +1,5 @@
 """End to end through the Router: a real shard process on the demo model, driven by `router_client`'s
-serving loop (Prefill / Decode / FilterBatch / ClearCache, health probes) over a real unix socket.
+serving loop (continuous batching over Prefill / Decode, health probes) over a real unix socket.
 
 Expectations never come from a recorded output: they are the float64 reference (tests/reference.py),
 the sentences the demo model was trained on (scripts/make_demo_model.py), or the same request run
@@ -21,6 +21,7 @@ SAMPLING = dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.95)
 # Prompts the demo model never saw: their next-token distributions are wide enough that sampling
 # really samples (the trained prompts' continuations are near-certain at any temperature).
 OPEN_PROMPTS = ["a small sea", "Once"]
+pytestmark = pytest.mark.usefixtures("wire")  # record the whole module's traffic (see the block-0 test)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +69,19 @@ def test_greedy_equals_reference_and_training_text(router, tok, greedy_ref, k):
 # ---------------------------------------------------------------------------------- continuous batching
 
 
-def test_continuous_batching_matches_each_request_alone(router, tok, shard_stats):
-    """Requests join a running batch (Prefill + Decode(batches=[running, new])), leave it at different
-    steps, and the batch ends; every request still gets exactly the tokens it gets alone, greedy
-    or seeded sampling."""
-    story = BASE_TEXTS[3][0]
-    # name -> (prompt, parameters, stopping); finishing at different steps: eos, 12, 20, 6, 16 tokens
+def test_continuous_batching_matches_each_request_alone(router, shard_stats, wire):
+    """Requests join a running batch (Prefill, then Decode(batches=[running, new])), leave it at
+    different steps, and the batch ends; every request still gets exactly the tokens it gets alone,
+    greedy or seeded sampling."""
+    # name -> (prompt, parameters, stopping); they finish at different steps: eos, 12, 20, 6, 16 tokens,
+    # and F at its Prefill (whose answer then has no batch to merge)
     specs = {
-        "A": (story, {}, dict(max_new_tokens=48)),
+        "A": (BASE_TEXTS[3][0], {}, dict(max_new_tokens=48)),
         "B": (BASE_TEXTS[0][0], {}, dict(max_new_tokens=12)),
         "C": (OPEN_PROMPTS[0], dict(SAMPLING, seed=7), dict(max_new_tokens=20, ignore_eos_token=True)),
         "D": (BASE_TEXTS[1][0], {}, dict(max_new_tokens=6)),
         "E": (OPEN_PROMPTS[1], dict(SAMPLING, seed=11), dict(max_new_tokens=16, ignore_eos_token=True)),
+        "F": (BASE_TEXTS[4][0], {}, dict(max_new_tokens=1)),
     }
     solo = {name: alone(router, p, parameters=params, stopping=stop) for name, (p, params, stop) in specs.items()}
     assert len(solo["A"].token_ids) > 20  # A outlives everything submitted after its 5th token
@@ -88,26 +90,26 @@ def test_continuous_batching_matches_each_request_alone(router, tok, shard_stats
         p, params, stop = specs[name]
         return router.submit(p, parameters=params, stopping=stop)
 
+    start = len(wire)
     handles = {"A": submit("A")}
-    running: list[list[int]] = []  # the router's running batch (request ids) after each of A's tokens
     for n, _ in enumerate(handles["A"].stream(timeout=60), start=1):
         if n == 2:
             handles.update(B=submit("B"), C=submit("C"))
         if n == 5:
-            handles.update(D=submit("D"), E=submit("E"))
-        batch = router.debug_state()["running_batch"]
-        running.append(batch["request_ids"] if batch else [])
+            handles.update(D=submit("D"), E=submit("E"), F=submit("F"))
 
     results = {name: h.result(timeout=60) for name, h in handles.items()}
     for name, res in results.items():
         assert (res.token_ids, res.text, res.finish_reason) == \
                (solo[name].token_ids, solo[name].text, solo[name].finish_reason), name
     assert results["C"].seed == 7 and results["E"].seed == 11
-    # the batch really grew and shrank while A ran
-    sizes = [len(ids) for ids in running]
-    assert max(sizes) >= 3, running
-    peak = sizes.index(max(sizes))
-    assert any(0 < s < max(sizes) for s in sizes[peak:]), running
+
+    # on the wire: new requests were merged into A's running batch, which then shrank as they finished
+    a = handles["A"].request_id
+    steps = [batches for kind, batches in wire[start:] if kind == "decode" and a in batches[0]]
+    assert sum(len(batches) == 2 for batches in steps) >= 2  # Decode([running, new]) at least twice
+    sizes = [sum(map(len, batches)) for batches in steps]
+    assert max(sizes) >= 3 and sizes[-1] < max(sizes), sizes
     # and it ended: nothing left on the router or the shard
     state = router.debug_state()
     assert state["running_batch"] is None and state["in_flight"] == [] and state["used_blocks"] == 0
@@ -195,8 +197,11 @@ def test_truncate_keeps_the_last_tokens(router, tok, greedy_ref):
 # -------------------------------------------------------------------------------------------- logprobs
 
 
-def test_logprobs_alternatives_and_prefill_logprobs_match_reference(router, ref_model, tok):
-    prompt = tok.encode(BASE_TEXTS[2][0])
+# a trained prompt, and one the model never saw: there the padded vocabulary rows of lm_head carry
+# up to ~2e-3 of the softmax mass, so leaving them unmasked shows in the logprobs
+@pytest.mark.parametrize("text", [BASE_TEXTS[2][0], "of and to in"])
+def test_logprobs_alternatives_and_prefill_logprobs_match_reference(router, ref_model, tok, text):
+    prompt = tok.encode(text)
     P = len(prompt)
     handle = router.submit(prompt, parameters=dict(return_k_alternatives=3), stopping=dict(max_new_tokens=10),
                            prefill_logprobs=True)
@@ -263,40 +268,75 @@ def _is_utf8(data: bytes) -> bool:
 # ------------------------------------------------------------------------------ health and failures
 
 
-def test_health_probe_while_requests_run(router, tok, shard_stats):
-    """LoRAX's liveness probe (a one-token Prefill on block 0 with ids 2^64-1, then ClearCache) answers
-    while a batch is decoding, and the batch's tokens are those it gets without the probes."""
+def test_health_probe_while_requests_run(router, shard_stats, wire):
+    """LoRAX's liveness probe (a one-token Prefill on block 0 with batch and request id 2^64-1, then
+    ClearCache) answers while a batch is decoding, and the batch's tokens and logprobs are those it
+    gets without the probes."""
+    from router_client.messages import HEALTH_ID
+
     specs = [(BASE_TEXTS[3][0], dict(max_new_tokens=48)), (BASE_TEXTS[1][0], dict(max_new_tokens=48))]
-    solo = [alone(router, p, stopping=s) for p, s in specs]
+    solo = [list(router.submit(p, stopping=s).stream(timeout=60)) for p, s in specs]  # one at a time
+    start = len(wire)
     handles = [router.submit(p, stopping=s) for p, s in specs]
-    probes = []
-    for n, _ in enumerate(handles[0].stream(timeout=60), start=1):
+    events: list[list] = [[], []]
+    for n, event in enumerate(handles[0].stream(timeout=60), start=1):
+        events[0].append(event)
         if n == 2:
-            probes = [router.health_probe() for _ in range(3)]
-            assert not handles[0].done  # the probes ran while the batch was live
-    assert probes == [True, True, True]
-    for h, s in zip(handles, solo):
-        assert h.result(timeout=60).token_ids == s.token_ids
-    assert shard_stats()["batches"] == 0  # the probe's batch (id 2^64-1) was cleared too
+            assert [router.health_probe() for _ in range(3)] == [True, True, True]
+    events[1] = list(handles[1].stream(timeout=60))
+    for got, want in zip(events, solo):
+        assert [e.id for e in got] == [e.id for e in want]
+        assert all(math.isclose(g.logprob, w.logprob, abs_tol=1e-5) for g, w in zip(got, want))
+    # on the wire: three probes on block 0 / slot 0 with ids 2^64-1, between decodes of the live batch
+    sent = wire[start:]
+    probes = [k for k, (kind, batch) in enumerate(sent) if kind == "prefill" and batch.id == HEALTH_ID]
+    assert len(probes) == 3
+    for k in probes:
+        (req,) = sent[k][1].requests
+        assert (req.id, list(req.blocks), list(req.slots)) == (HEALTH_ID, [0], [0])
+    live = [k for k, (kind, batches) in enumerate(sent)
+            if kind == "decode" and any(handles[0].request_id in b for b in batches)]
+    assert live[0] < probes[0] and probes[-1] < live[-1]
+    assert shard_stats()["batches"] == 0  # the probe's batch was cleared too
 
 
 @pytest.mark.parametrize("bad, needle", [(dict(top_p=0.0), "top_p"), (dict(watermark=True), "watermark")])
-def test_a_rejected_request_fails_alone(router, tok, shard_stats, bad, needle):
+def test_a_rejected_request_fails_alone(router, shard_stats, wire, bad, needle):
     """A request the shard refuses (the router does not pre-check these) fails with the shard's
     message; the batch already running is untouched and nothing leaks."""
     from router_client.requests import RequestError
 
     prompt = BASE_TEXTS[2][0]
     solo = alone(router, prompt, stopping=dict(max_new_tokens=48))
+    start = len(wire)
     running = router.submit(prompt, stopping=dict(max_new_tokens=48))
     stream = running.stream(timeout=60)
     next(stream)
     bad_handle = router.submit(BASE_TEXTS[0][0], parameters=bad, stopping=dict(max_new_tokens=8))
     with pytest.raises(RequestError, match=needle):
         bad_handle.result(timeout=60)
-    assert not running.done  # it failed while the other request was decoding
     list(stream)
     assert running.result().token_ids == solo.token_ids
+    # the refused Prefill came while the other request was decoding
+    sent = wire[start:]
+    refused = [k for k, (kind, batch) in enumerate(sent)
+               if kind == "prefill" and bad_handle.request_id in [r.id for r in batch.requests]]
+    live = [k for k, (kind, batches) in enumerate(sent) if kind == "decode" and running.request_id in batches[0]]
+    assert len(refused) == 1 and live[0] < refused[0] < live[-1]
     state = router.debug_state()
     assert state["used_blocks"] == 0 and state["in_flight"] == []
     assert shard_stats()["batches"] == 0
+
+
+def test_block_0_is_never_handed_to_a_request(router, wire):
+    """Block 0 is the health probe's: no request the router sent in this module was given it, and
+    every request's slots lie in its own blocks."""
+    from router_client.messages import HEALTH_ID
+
+    router.generate(BASE_TEXTS[0][0], stopping=dict(max_new_tokens=4), timeout=60)  # at least one request
+    block_size = router.debug_state()["block_size"]
+    requests = [r for kind, batch in wire if kind == "prefill" for r in batch.requests if r.id != HEALTH_ID]
+    assert requests
+    for r in requests:
+        assert r.blocks and 0 not in r.blocks, r.id
+        assert {s // block_size for s in r.slots} <= set(r.blocks), r.id

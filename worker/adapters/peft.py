@@ -29,7 +29,7 @@ _KEY = re.compile(r"^base_model\.model\.transformer\.h\.(\d+)\.(attn\.c_attn|att
 
 @dataclass
 class LoraAdapter:
-    """Full (unsharded) LoRA weights on the host, scale folded into B."""
+    """Full (unsharded) LoRA weights on the host, scale folded into B (fp32 unless read for a pool dtype)."""
 
     rank: int
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, module) -> (A [r, in], B [out, r])
@@ -64,7 +64,9 @@ def resolve_adapter_dir(root: str, adapter_id: str) -> str:
     return real
 
 
-def read_adapter(path: str, config: QwenConfig, max_rank: int, allow_bin: bool = False) -> LoraAdapter:
+def read_adapter(path: str, config: QwenConfig, max_rank: int, allow_bin: bool = False,
+                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """The adapter at `path`, validated, in `dtype` (B scaled in fp32, then rounded once to `dtype`)."""
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise NotFound(f"adapter at {path} has no adapter_config.json")
@@ -109,13 +111,13 @@ def read_adapter(path: str, config: QwenConfig, max_rank: int, allow_bin: bool =
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise InvalidArgument(f"adapter {path}: layer {layer} {module} has lora_{next(iter(ab))} but not both")
-        a, b = ab["A"].float(), ab["B"].float()
+        a, b = ab["A"], ab["B"]
         d_in, d_out = module_dims(config, module)
         if tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
             raise InvalidArgument(f"adapter {path}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
                                   f"{tuple(b.shape)} do not match the base model (expected {(r, d_in)} / {(d_out, r)})"
                                   " — was it trained for another base model?")
-        weights[(layer, module)] = (a.contiguous(), (b * scale).contiguous())
+        weights[(layer, module)] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
     return LoraAdapter(r, weights)
 
 

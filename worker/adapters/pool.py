@@ -2,7 +2,13 @@
 eviction of idle adapters, a host copy for fast reloads, and the adapter RPCs' bodies.
 
 Slot 0 is the base model (zeros). Slots never change shape, so decode can be captured in a CUDA
-graph. An adapter used by a live batch is never evicted or offloaded.
+graph. An adapter used by a live batch is never evicted or offloaded. w2 and w1 of a layer share one
+stacked pool (the merged gate_up's two parts, one kernel launch); `ranks[slot, layer, module]` holds
+each slot's true rank per module (0: empty), which bounds the kernels' work.
+
+On CUDA the host copy is kept in the pool dtype in one pinned buffer per adapter (scale folded in), so
+filling a slot is one asynchronous copy per tensor on a side stream, and a reload after offload reads
+nothing from disk.
 """
 from __future__ import annotations
 
@@ -16,15 +22,16 @@ from typing import Any, Optional
 import torch
 
 from worker.adapters.merge import merge_adapters
-from worker.adapters.peft import MODULES, LoraAdapter, module_dims, read_adapter, resolve_adapter_dir, shard_lora
+from worker.adapters.peft import LoraAdapter, module_dims, read_adapter, resolve_adapter_dir, shard_lora
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from worker.layers.lora import LoraColumnParallelLinear, LoraRowParallelLinear
+from worker.layers.lora import LoraColumnParallelLinear, LoraRowParallelLinear, lora_kernels
 from worker.pb import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
 LOCAL = 2  # proto AdapterSource.LOCAL
+POOL_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.w2", "mlp.w1", "mlp.c_proj")  # ranks' module axis (w2, w1 adjacent)
 
 
 @dataclass
@@ -34,12 +41,14 @@ class Entry:
     slot: Optional[int] = None
     host: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # this rank's (A, B)
     rank: int = 0
+    ranks: Optional[torch.Tensor] = None  # [layers, len(POOL_MODULES)] int32: rank per module (0: not targeted)
     last_used: float = field(default_factory=time.monotonic)
 
 
 class AdapterManager:
     def __init__(self, root: str, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, max_rank: int = 64,
-                 num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32):
+                 num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32, triton: Optional[bool] = None):
+        """triton: the Triton LoRA kernels (None: on CUDA when Triton imports; False: the PyTorch path)."""
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
@@ -52,22 +61,35 @@ class AdapterManager:
         self.host_cache = host_cache
         self.entries: dict[int, Entry] = {}
         self.slot_owner: list[Optional[int]] = [None] * (num_slots + 1)  # slot -> adapter index; slot 0 = base
-        self.pools: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.engine: Any = None
         self.preloaded: list[tuple[int, str]] = []
+        self.kernels = lora_kernels(pctx.device) if triton in (None, True) else None
+        if triton and self.kernels is None:
+            raise ValueError(f"the Triton LoRA kernels need CUDA and triton (device {pctx.device})")
+        self.on_cuda = pctx.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(pctx.device) if self.on_cuda else None
+        # stacked pools, one per (layer, module group): A [slots, P, r_max, in], B [slots, P, out/P, r_max]
+        self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pools: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # per module: views of one part
+        self.ranks = torch.zeros(num_slots + 1, config.num_hidden_layers, len(POOL_MODULES), dtype=torch.int32,
+                                 device=pctx.device)
         n = pctx.world_size
         for layer in range(config.num_hidden_layers):
-            for module in MODULES:
-                d_in, d_out = module_dims(config, module)
-                if module in ("attn.c_proj", "mlp.c_proj"):
+            for group, modules in (("attn.c_attn", ["attn.c_attn"]), ("attn.c_proj", ["attn.c_proj"]),
+                                   ("mlp.gate_up", ["mlp.w2", "mlp.w1"]), ("mlp.c_proj", ["mlp.c_proj"])):
+                d_in, d_out = module_dims(config, modules[0])
+                if group in ("attn.c_proj", "mlp.c_proj"):
                     d_in //= n
                 else:
                     d_out //= n
-                self.pools[(layer, module)] = (
-                    torch.zeros(num_slots + 1, max_rank, d_in, dtype=dtype, device=pctx.device),
-                    torch.zeros(num_slots + 1, d_out, max_rank, dtype=dtype, device=pctx.device))
+                P = len(modules)
+                a = torch.zeros(num_slots + 1, P, max_rank, d_in, dtype=dtype, device=pctx.device)
+                b = torch.zeros(num_slots + 1, P, d_out, max_rank, dtype=dtype, device=pctx.device)
+                self.stacked[(layer, group)] = (a, b)
+                for p, module in enumerate(modules):
+                    self.pools[(layer, module)] = (a[:, p], b[:, p])
         self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
-                              for a, b in self.pools.values())
+                              for a, b in self.stacked.values())
         log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s", num_slots,
                  max_rank, self.slot_bytes / 2**20, self.slot_bytes * num_slots / 2**20, root)
 
@@ -85,12 +107,15 @@ class AdapterManager:
         model = engine.model
         for i, layer in enumerate(model.transformer.h):
             attn, mlp = layer.attn, layer.mlp
-            width = mlp.gate_up.out_features // 2
-            attn.c_attn = LoraColumnParallelLinear(attn.c_attn, [(slice(None), *self.pools[(i, "attn.c_attn")])])
-            attn.c_proj = LoraRowParallelLinear(attn.c_proj, *self.pools[(i, "attn.c_proj")])
-            mlp.gate_up = LoraColumnParallelLinear(mlp.gate_up, [(slice(0, width), *self.pools[(i, "mlp.w2")]),
-                                                                 (slice(width, 2 * width), *self.pools[(i, "mlp.w1")])])
-            mlp.c_proj = LoraRowParallelLinear(mlp.c_proj, *self.pools[(i, "mlp.c_proj")])
+
+            def term(group: str, first: str, parts: int = 1) -> tuple:
+                k = POOL_MODULES.index(first)
+                return (*self.stacked[(i, group)], self.ranks[:, i, k:k + parts].t(), self.kernels)  # ranks [P, slots]
+
+            attn.c_attn = LoraColumnParallelLinear(attn.c_attn, *term("attn.c_attn", "attn.c_attn"))
+            attn.c_proj = LoraRowParallelLinear(attn.c_proj, *term("attn.c_proj", "attn.c_proj"))
+            mlp.gate_up = LoraColumnParallelLinear(mlp.gate_up, *term("mlp.gate_up", "mlp.w2", 2))  # w2 | w1
+            mlp.c_proj = LoraRowParallelLinear(mlp.c_proj, *term("mlp.c_proj", "mlp.c_proj"))
 
     def preload(self, adapter_ids: list[str]) -> None:
         for k, adapter_id in enumerate(adapter_ids, start=1):
@@ -103,7 +128,8 @@ class AdapterManager:
                                     adapter_index=k) for k, aid in self.preloaded]
 
     # ------------------------------------------------------------------ reading
-    def _read(self, params: Any, source: int) -> LoraAdapter:
+    def _read(self, params: Any, source: int, dtype: torch.dtype = torch.float32) -> LoraAdapter:
+        """The adapter (merged when several ids are given), in `dtype` when a single one (merges run in fp32)."""
         ids = list(params.adapter_ids)
         if not ids:
             raise InvalidArgument("adapter_parameters.adapter_ids is empty")
@@ -117,7 +143,8 @@ class AdapterManager:
                         f"adapter {adapter_id!r}: source {pb.AdapterSource.Name(source)} needs network access, "
                         f"which this worker does not have, and no local copy is under {self.root}") from None
                 raise
-            adapters.append(read_adapter(path, self.config, self.max_rank, self.allow_bin))
+            adapters.append(read_adapter(path, self.config, self.max_rank, self.allow_bin,
+                                         dtype if len(ids) == 1 else torch.float32))
         if len(adapters) == 1:
             return adapters[0]
         return merge_adapters(adapters, list(params.weights), params.merge_strategy, params.density,
@@ -126,6 +153,26 @@ class AdapterManager:
     def _shard(self, adapter: LoraAdapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         return {key: shard_lora(key[1], a, b, self.config, self.pctx.rank, self.pctx.world_size)
                 for key, (a, b) in adapter.weights.items()}
+
+    def _host_copy(self, params: Any, source: int) -> tuple[LoraAdapter, dict, torch.Tensor]:
+        """(adapter, this rank's host (A, B) per module, ranks [layers, modules] int32). On CUDA the host
+        copy is in the pool dtype, in one pinned buffer (so filling a slot is asynchronous)."""
+        adapter = self._read(params, source, self.dtype if self.on_cuda else torch.float32)
+        host = self._shard(adapter)
+        ranks = torch.zeros(self.config.num_hidden_layers, len(POOL_MODULES), dtype=torch.int32)
+        for (layer, module), (a, _) in host.items():
+            ranks[layer, POOL_MODULES.index(module)] = a.shape[0]
+        if not self.on_cuda:
+            return adapter, host, ranks
+        buf = torch.empty(sum(a.numel() + b.numel() for a, b in host.values()), dtype=self.dtype, pin_memory=True)
+        pinned, offset = {}, 0
+        for key, pair in host.items():
+            views = []
+            for t in pair:
+                views.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
+                offset += t.numel()
+            pinned[key] = (views[0], views[1])
+        return adapter, pinned, ranks.pin_memory()
 
     # ------------------------------------------------------------------ RPC bodies
     def download(self, req: Any) -> Any:
@@ -142,10 +189,10 @@ class AdapterManager:
         entry = self.entries.get(index)
         if entry is None or entry.params != req.adapter_parameters:
             t0 = time.perf_counter()
-            adapter = self._read(req.adapter_parameters, req.adapter_source)
+            adapter, host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
             if entry is not None:
                 self._free_slot(entry)
-            entry = Entry(req.adapter_parameters, req.adapter_source, host=self._shard(adapter), rank=adapter.rank)
+            entry = Entry(req.adapter_parameters, req.adapter_source, host=host, rank=adapter.rank, ranks=ranks)
             self.entries[index] = entry
             log.info("adapter index %d (%s) read in %.1f ms", index, list(req.adapter_parameters.adapter_ids),
                      (time.perf_counter() - t0) * 1e3)
@@ -174,9 +221,10 @@ class AdapterManager:
 
     def _free_slot(self, entry: Entry) -> None:
         if entry.slot is not None:
-            for a_pool, b_pool in self.pools.values():
+            for a_pool, b_pool in self.stacked.values():
                 a_pool[entry.slot].zero_()
                 b_pool[entry.slot].zero_()
+            self.ranks[entry.slot].zero_()
             self.slot_owner[entry.slot] = None
             entry.slot = None
 
@@ -205,16 +253,33 @@ class AdapterManager:
             self._free_slot(victim)
         slot = free[0]
         if entry.host is None:  # dropped from the host cache: read again
-            entry.host = self._shard(self._read(entry.params, entry.source))
-        for key, (a, b) in entry.host.items():
-            a_pool, b_pool = self.pools[key]
-            r = a.shape[0]
-            a_pool[slot, :r].copy_(a)
-            b_pool[slot, :, :r].copy_(b)
+            _, entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
+        self._fill(slot, entry)
         self.slot_owner[slot] = index
         entry.slot = slot
         self._trim_host_cache()
         return slot
+
+    def _fill(self, slot: int, entry: Entry) -> None:
+        """Copy the entry's host (A, B) and ranks into `slot` (all zeros). On CUDA: from pinned memory, on a
+        side stream ordered after the main stream's work so far (the zeroing, steps still reading the slot),
+        with the main stream's later work ordered after the copies; no host sync."""
+        def copy() -> None:
+            for key, (a, b) in entry.host.items():
+                a_pool, b_pool = self.pools[key]
+                r = a.shape[0]
+                a_pool[slot, :r].copy_(a, non_blocking=True)
+                b_pool[slot, :, :r].copy_(b, non_blocking=True)
+            self.ranks[slot].copy_(entry.ranks, non_blocking=True)
+
+        if self.copy_stream is None:
+            copy()
+            return
+        main = torch.cuda.current_stream(self.pctx.device)
+        self.copy_stream.wait_stream(main)
+        with torch.cuda.stream(self.copy_stream):
+            copy()
+        main.wait_stream(self.copy_stream)
 
     def request_slots(self, batch: Any) -> Optional[list[int]]:
         """The pool slot of each request's adapter (0: base model), loading idle ones back if needed;

@@ -71,8 +71,7 @@ class GraphedDecode:
             for bs in reversed(self.sizes):  # largest first: the pool is sized once
                 seqlen = Seqlen(self.lengths[:bs], self.cache_lengths[:bs], self.cu[:bs + 1], 1,
                                 max_blocks_per_seq * kv.block_size, self.alpha[:bs])
-                data = AdapterBatchData(self.cu[:bs, None].long(), torch.ones(bs, 1, dtype=torch.bool, device=dev),
-                                        self.adapter_slots[:bs]) if lora else None
+                data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
                 splits = None
                 if hasattr(backend, "num_splits"):
                     from worker.kernels.triton_attention import choose_num_splits

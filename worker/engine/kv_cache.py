@@ -40,8 +40,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
     """Write new keys/values [T, heads, head_dim] into their slots [T] (reference implementation)."""
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slots, quantize(k, k_cache.dtype, k_scale))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slots, quantize(v, v_cache.dtype, v_scale))
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        x = quantize(x, cache.dtype, scale)
+        if cache.dtype == FP8:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(nb * bs, h, d).index_copy_(0, slots, x)
 
 
 def scales_from_amax(amax: torch.Tensor, margin: float = 2.0) -> torch.Tensor:
@@ -102,10 +105,6 @@ class KVCache:
             if src.numel() != self.num_layers or not bool(torch.isfinite(src).all() and (src > 0).all()):
                 raise ValueError(f"KV scales must be {self.num_layers} finite positive numbers, got {src.tolist()}")
             dst.copy_(src)
-
-    def layer_scales(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's (k_scale, v_scale): 0-d views into the per-layer tensors."""
-        return self.k_scales[i], self.v_scales[i]
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:

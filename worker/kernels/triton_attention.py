@@ -74,8 +74,8 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, k_scale_ptr, v_sca
     if SCALED:
         k = tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr))
         v = tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr))
-    if FP8:  # torch's cast turns out-of-range values into NaN; saturate like the reference
-        k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)
+    if FP8:  # torch's cast turns out-of-range values into NaN: clamp like the reference (the cast then rounds
+        k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)  # to nearest even, as torch's does)
         v = tl.minimum(tl.maximum(v.to(tl.float32), -FP8_MAX), FP8_MAX)
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cr + h[:, None] * stride_ch + d[None, :]
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)

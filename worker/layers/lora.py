@@ -1,15 +1,20 @@
 """Adapter-aware wrappers around the parallel linears: y += (x Aᵀ) Bᵀ per token, for the adapter of
 the token's request, read from the ForwardContext.
 
-Adapter weights live in fixed-shape slot pools (slot 0 = the base model, all zeros). A step's
-requests that use adapters form segments (one per request); each module then costs two batched
-matmuls over [segments, tokens, …], whatever the number of distinct adapters — no per-adapter loop.
+Adapter weights live in fixed-shape slot pools (slot 0 = the base model, all zeros), with a part dim:
+A [slots, P, r_max, in], B [slots, P, out/P, r_max] — P = 2 for the merged gate_up (w2 then w1), 1 for
+the others — and each slot's true rank per part in `ranks` [P, slots] int32. A step's requests that use
+adapters form segments (one per request); each module then costs two launches over all segments,
+whatever the number of distinct adapters — no per-adapter loop: on CUDA the Triton kernels of
+worker/kernels/lora.py, whose loops run over each slot's real rank; elsewhere (and as their reference)
+two batched matmuls per part (`add_lora`).
 Under TP: column layers keep A whole and B split like the base output; row layers split A on the
 input dim and add (x_r A_rᵀ) Bᵀ into the partial sum before the layer's one all-reduce.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
@@ -22,7 +27,10 @@ from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 class AdapterBatchData:
     token_idx: torch.Tensor  # [S, L] long: token rows of each segment (padded with 0)
     valid: torch.Tensor  # [S, L] bool: real (not padding) positions
-    slots: torch.Tensor  # [S] long: adapter slot of each segment (never 0)
+    slots: torch.Tensor  # [S] long: adapter slot of each segment (0 only for base rows of graphed decode)
+    starts: torch.Tensor  # [S] int32: first token row of each segment (segments are runs of rows)
+    lens: torch.Tensor  # [S] int32: tokens of each segment
+    max_len: int  # host-side max of lens (the kernels' grid; no host sync)
 
     @staticmethod
     def build(slot_per_request: Sequence[int], tokens_per_request: Sequence[int],
@@ -43,7 +51,18 @@ class AdapterBatchData:
         start_t, len_t = torch.tensor(starts), torch.tensor(lens)
         valid = ar[None, :] < len_t[:, None]
         token_idx = torch.where(valid, start_t[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
-        return AdapterBatchData(token_idx.to(device), valid.to(device), torch.tensor(slots, device=device))
+        i32 = dict(device=device, dtype=torch.int32)
+        return AdapterBatchData(token_idx.to(device), valid.to(device), torch.tensor(slots, device=device),
+                                start_t.to(**i32), len_t.to(**i32), L)
+
+    @staticmethod
+    def for_decode(slots: torch.Tensor) -> "AdapterBatchData":
+        """One segment per row of a decode batch, row i with adapter slot slots[i] (0: base, skipped by
+        the kernels; exact zeros on the torch path). `slots` may be a static buffer a CUDA graph reads."""
+        n, dev = slots.shape[0], slots.device
+        rows = torch.arange(n, device=dev)
+        return AdapterBatchData(rows[:, None], torch.ones(n, 1, dtype=torch.bool, device=dev), slots,
+                                rows.to(torch.int32), torch.ones(n, dtype=torch.int32, device=dev), 1)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
@@ -60,34 +79,75 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: tor
     y.index_add_(0, data.token_idx.flatten(), delta.reshape(-1, delta.shape[-1]).to(y.dtype))
 
 
-class LoraColumnParallelLinear(nn.Module):
-    """A column-parallel linear plus adapters; `parts` map output column ranges to slot pools
-    (c_attn: one part; merged gate_up: w2 then w1)."""
+def add_lora_parts(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
+                   data: AdapterBatchData) -> None:
+    """`add_lora` for each part p of a stacked pool: y[:, p·N:(p+1)·N] += B[s, p] A[s, p] x.
 
-    def __init__(self, base: ColumnParallelLinear, parts: Sequence[tuple[slice, torch.Tensor, torch.Tensor]]):
+    y: [T, P·N]; a_pool: [slots, P, r_max, in]; b_pool: [slots, P, N, r_max]."""
+    n = b_pool.shape[2]
+    for p in range(a_pool.shape[1]):
+        add_lora(y[:, p * n:(p + 1) * n], x, a_pool[:, p], b_pool[:, p], data)
+
+
+def lora_kernels(device: torch.device) -> Optional[ModuleType]:
+    """worker.kernels.lora on CUDA when Triton imports, else None (the PyTorch path)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from worker.kernels import lora
+    except ImportError:
+        return None
+    return lora
+
+
+@dataclass
+class LoraTerm:
+    """The adapter term of one module: pools with a part dim, per-part slot ranks, and the kernels
+    module (None: PyTorch's `add_lora_parts`)."""
+
+    a_pool: torch.Tensor  # [slots, P, r_max, in]
+    b_pool: torch.Tensor  # [slots, P, out / P, r_max]
+    ranks: torch.Tensor  # [P, slots] int32
+    kernels: Optional[ModuleType] = None
+
+    def add_(self, y: torch.Tensor, x: torch.Tensor, data: AdapterBatchData) -> None:
+        # y: [T, out] += lora(x: [T, in]), in place
+        if self.kernels is not None:
+            self.kernels.add_lora(y, x, self.a_pool, self.b_pool, self.ranks, data)
+        else:
+            add_lora_parts(y, x, self.a_pool, self.b_pool, data)
+
+
+class LoraColumnParallelLinear(nn.Module):
+    """A column-parallel linear plus adapters; the pool's parts cover the output columns in order
+    (c_attn: one part, q|k|v; merged gate_up: w2 then w1)."""
+
+    def __init__(self, base: ColumnParallelLinear, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
+                 kernels: Optional[ModuleType] = None):
         super().__init__()
         self.base = base
-        self.parts = list(parts)
+        self.lora = LoraTerm(a_pool, b_pool, ranks, kernels)
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
-        y = self.base(x, ctx)
+        y = self.base(x, ctx)  # [T, out_per_rank]
         data = getattr(ctx, "adapter_data", None)
         if data is not None:
-            for cols, a_pool, b_pool in self.parts:
-                add_lora(y[:, cols], x, a_pool, b_pool, data)
+            self.lora.add_(y, x, data)
         return y
 
 
 class LoraRowParallelLinear(nn.Module):
-    def __init__(self, base: RowParallelLinear, a_pool: torch.Tensor, b_pool: torch.Tensor):
+    """A row-parallel linear plus adapters (one part: A split on the input dim, B whole)."""
+
+    def __init__(self, base: RowParallelLinear, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
+                 kernels: Optional[ModuleType] = None):
         super().__init__()
         self.base = base
-        self.a_pool = a_pool
-        self.b_pool = b_pool
+        self.lora = LoraTerm(a_pool, b_pool, ranks, kernels)
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         y = self.base.partial(x)  # [T, out]: this rank's share
         data = getattr(ctx, "adapter_data", None)
         if data is not None:
-            add_lora(y, x, self.a_pool, self.b_pool, data)
+            self.lora.add_(y, x, data)
         return self.base.reduce(y)

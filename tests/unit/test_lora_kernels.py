@@ -1,0 +1,177 @@
+"""The multi-LoRA Triton kernels (worker/kernels/lora.py) against their PyTorch reference (`add_lora` per
+part), on the CPU through the Triton interpreter; and the tiny model with the kernels wired in against the
+float64 reference with each adapter merged.
+
+Awkward shapes: one token; 7 segments of odd lengths (1 to 40 tokens: every token-tile size); decode rows
+(one token each) with base rows among them; ranks 4/8/16 in an r_max-16 pool and a rank-16 slot in an
+r_max-64 pool; K and N that are not powers of two or tile multiples; K long enough for decode's K split;
+c_attn-like (one part) and gate_up-like (two parts) modules; a part an adapter does not target (rank 0).
+Pool lanes past a slot's rank, and slot 0, hold NaN for the kernels: the result is finite and equal to
+the reference (which reads zeros there), so the kernels read nothing past the real rank and skip base
+rows. Rows outside the segments stay bit-identical. fp32 and fp16 (the interpreter mishandles bf16;
+bf16 runs in tests/gpu/test_gpu_lora.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+if "worker.kernels.lora" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    # kernels are bound to the interpreter (or not) when defined: here they were compiled for the GPU by
+    # an earlier module (tests/gpu in the same session); run this file on its own instead
+    pytest.skip("Triton kernels already compiled for the GPU in this session", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from worker.kernels.lora import add_lora, add_lora_reference, lora_shrink  # noqa: E402
+from worker.layers.lora import AdapterBatchData  # noqa: E402
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+LAYERS, MODULES = 3, 5  # the pool's ranks table is [slots, layers, modules]; modules use views of it
+
+
+def make_pool(P: int, K: int, N: int, r_max: int, slot_ranks: dict[int, list[int]], dtype: torch.dtype, seed: int):
+    """(A, B, ranks view [P, slots], clean copies): slot s, part p holds a rank slot_ranks[s][p] adapter;
+    lanes past the rank and slot 0 hold NaN in the kernels' copy, zeros in the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    slots = 1 + max(slot_ranks)
+    a = torch.zeros(slots, P, r_max, K)
+    b = torch.zeros(slots, P, N, r_max)
+    table = torch.zeros(slots, LAYERS, MODULES, dtype=torch.int32)
+    ranks = table[:, 1, 2:2 + P].t()  # [P, slots], strided like the pool's
+    for s, rs in slot_ranks.items():
+        for p, r in enumerate(rs):
+            if r:
+                a[s, p, :r] = torch.randn(r, K, generator=g) / K**0.5
+                b[s, p, :, :r] = torch.randn(N, r, generator=g) / r**0.5
+            ranks[p, s] = r
+    clean = (a.to(dtype), b.to(dtype))
+    nan_a, nan_b = a.clone(), b.clone()
+    for s in range(slots):
+        for p in range(P):
+            r = int(ranks[p, s]) if s else 0
+            nan_a[s, p, r:] = float("nan")
+            nan_b[s, p, :, r:] = float("nan")
+    return nan_a.to(dtype), nan_b.to(dtype), ranks, clean
+
+
+def check(y0: torch.Tensor, x: torch.Tensor, pool, data: AdapterBatchData, touched: torch.Tensor) -> None:
+    a, b, ranks, (ca, cb) = pool
+    y, ref = y0.clone(), y0.clone()
+    add_lora(y, x, a, b, ranks, data)
+    add_lora_reference(ref, x, ca, cb, ranks, data)
+    assert torch.isfinite(y).all()  # nothing read past a slot's rank, nor from slot 0
+    torch.testing.assert_close(y, ref, **TOL[x.dtype])
+    assert torch.equal(y[~touched], y0[~touched])  # rows outside the segments are untouched
+    assert not torch.equal(ref[touched], y0[touched])  # the adapters do change the touched rows
+
+
+DTYPES = [torch.float32, torch.float16]
+SHAPES = [  # (P, K, N, r_max): c_attn-like, gate_up-like, row-parallel-like with K split at decode
+    (1, 96, 3 * 40, 16),
+    (2, 80, 72, 16),
+    (1, 600, 48, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P,K,N,r_max", SHAPES)
+def test_prefill_segments(dtype, P, K, N, r_max):
+    ranks = {1: [4] * P, 2: [8] * P, 3: [16] * P, 4: [16, 0][:P] if P == 2 else [16]}  # slot 4: w1 not targeted
+    pool = make_pool(P, K, N, r_max, ranks, dtype, seed=K)
+    lengths = [1, 5, 3, 17, 9, 2, 40, 6]
+    slots = [1, 0, 2, 3, 4, 1, 3, 0]  # base requests (slot 0) are no segment
+    T = sum(lengths)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, K, generator=g).to(dtype)
+    y0 = torch.randn(T, P * N, generator=g).to(dtype)
+    data = AdapterBatchData.build(slots, lengths, "cpu")
+    assert data.slots.numel() == 6 and data.max_len == 40
+    touched = torch.tensor([s != 0 for s, n in zip(slots, lengths) for _ in range(n)])
+    check(y0, x, pool, data, touched)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P,K,N,r_max", SHAPES)
+def test_decode_rows(dtype, P, K, N, r_max):
+    """One token per row (the CUDA-graph layout): base rows (slot 0) stay exact."""
+    pool = make_pool(P, K, N, r_max, {1: [4] * P, 2: [16] * P, 3: [8] * P}, dtype, seed=3)
+    slots = torch.tensor([2, 0, 1, 3, 3, 0, 2])
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, K, generator=g).to(dtype)
+    y0 = torch.randn(7, P * N, generator=g).to(dtype)
+    data = AdapterBatchData.for_decode(slots)
+    if K == 600:  # decode splits K over programs: the expand sums the partials
+        assert lora_shrink(x, pool[0], pool[2], data).shape[0] > 1
+    check(y0, x, pool, data, slots != 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_token(dtype):
+    pool = make_pool(2, 80, 72, 16, {1: [8, 8]}, dtype, seed=4)
+    x = torch.randn(1, 80).to(dtype)
+    y0 = torch.randn(1, 144).to(dtype)
+    check(y0, x, pool, AdapterBatchData.build([1], [1], "cpu"), torch.tensor([True]))
+    check(y0, x, pool, AdapterBatchData.for_decode(torch.tensor([1])), torch.tensor([True]))
+
+
+def test_shrink_partials_sum_to_x_at():
+    """The shrink's fp32 partial sums over the K split add up to x · A[slot]ᵀ on each real rank lane."""
+    pool = make_pool(1, 600, 8, 16, {1: [16], 2: [4]}, torch.float32, seed=5)
+    x = torch.randn(3, 600)
+    slots = torch.tensor([1, 2, 1])
+    data = AdapterBatchData.for_decode(slots)
+    h = lora_shrink(x, pool[0], pool[2], data)
+    assert h.dtype == torch.float32 and h.shape[0] > 1
+    clean_a = pool[3][0]
+    for t, (s, r) in enumerate(((1, 16), (2, 4), (1, 16))):
+        expect = x[t].double() @ clean_a[s, 0, :r].double().t()
+        torch.testing.assert_close(h[:, t, 0, :r].sum(0).double(), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_model_with_kernels_vs_reference(tmp_path):
+    """The tiny model with the kernels wired into every adapter-aware linear (interpreted here; on CUDA
+    the manager picks them itself) equals the float64 reference with each adapter merged, in a batch that
+    mixes the base model and three adapters of ranks 4, 8 and 16 (one touching only 3 modules)."""
+    from helpers import TINY, write_checkpoint
+    from lora_helpers import attach_manager, load, write_adapter
+    from paged import Paged
+    from reference import merge_lora, random_checkpoint, ref_forward
+    from worker.kernels import lora as kernels
+    from worker.layers.rotary import ntk_alpha
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "seq_length": 16}
+    state = random_checkpoint(cfg, seed=21)
+    model = FlashQwenForCausalLM.from_pretrained(write_checkpoint(str(tmp_path / "ckpt"), cfg, state),
+                                                 dtype=torch.float32, progress=False)
+    root = str(tmp_path / "adapters")
+    adapters = [write_adapter(root, "a4", cfg, 4, 8, seed=1), write_adapter(root, "a8", cfg, 8, 16, seed=2),
+                write_adapter(root, "a16", cfg, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj"))]
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=4)
+    for layer in model.transformer.h:
+        for linear in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.gate_up, layer.mlp.c_proj):
+            linear.lora.kernels = kernels
+    for i, name in enumerate(["a4", "a8", "a16"], start=1):
+        load(mgr, i, name)
+    assert mgr.ranks[mgr.entries[3].slot, 0].tolist() == [16, 0, 16, 0, 16]  # c_attn, attn.c_proj, w2, w1, c_proj
+    merged = [state] + [merge_lora(state, *ad) for ad in adapters]
+    g = torch.Generator().manual_seed(5)
+    lengths, which = [6, 9, 3, 20], [0, 1, 2, 3]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    slots = [mgr.entries[i].slot if i else 0 for i in which]
+    alphas = [ntk_alpha(n, cfg["seq_length"], True) for n in lengths]
+    paged = Paged(model)
+    out = paged.step(list(range(4)), prompts, [0] * 4, alphas, True, slots)
+    worst = max((o.double() - ref_forward(merged[a], cfg, p)).abs().max().item()
+                for p, a, o in zip(prompts, which, out))
+    seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
+    out = paged.step(list(range(4)), seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
+    worst = max(worst, max((o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+                           for s, p, a, o in zip(seqs, prompts, which, out)))
+    assert worst <= 1e-4, worst

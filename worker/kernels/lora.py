@@ -1,0 +1,198 @@
+"""Segmented multi-LoRA kernels over the fixed-shape slot pool: y[t, part cols] += B[s, p] (A[s, p] x[t]).
+
+Two launches per module, whatever the number of distinct adapters (Punica's SGMV, S-LoRA's MBGMV):
+  shrink   h[split, t, p, :rank] = x[t, k-range of split] · A[slot, p, :rank]ᵀ       (fp32 partial sums)
+           grid (segment, token tile, part × K split)
+  expand   y[t, p·N + n] += (Σ_split h[split, t, p, :rank]) · B[slot, p, n, :rank]ᵀ (in place)
+           grid (segment, token tile, part × output tile)
+A module with several output parts (merged gate_up: w2 → columns [0, N), w1 → [N, 2N)) keeps its parts
+stacked in one pool, so both parts go through the same two launches; c_attn is one part (its B covers
+q|k|v). Row-parallel modules are one part.
+
+Cost follows each slot's true rank, not the pool's r_max: `ranks[p, slot]` (int32, 0 for an empty slot,
+slot 0 and modules an adapter does not touch) bounds the rank loops (`range(0, rank, BLOCK_R)`) and masks
+the rank lanes, and masked lanes read no memory. A segment whose rank is 0 (slot 0: the base model, as
+padding and base rows of graphed decode are) returns at once. No host syncs: grids come from shapes and
+the host-side `max_len`, so decode is CUDA-graph capturable. Decode (one token per segment) uses a GEMV
+form (broadcast multiply and sum) and splits K over programs to fill the GPU; prefill uses tl.dot.
+
+Numerics follow the reference (`add_lora_reference` = `worker.layers.lora.add_lora` per part): h is
+accumulated in fp32 and rounded to the model dtype, the product with B accumulates in fp32 and is rounded
+to the model dtype, then added to y (in fp32, rounded once). Only the summation order differs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.layers.lora import AdapterBatchData, add_lora_parts
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, h_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_ptr, K, K_PER_SPLIT,
+                   stride_xt, stride_as, stride_ap, stride_ar, stride_hs, stride_ht, stride_hp, stride_rp, stride_rs,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   USE_DOT: tl.constexpr):
+    seg = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    part = tl.program_id(2) // SPLIT_K
+    split = tl.program_id(2) % SPLIT_K
+    length = tl.load(lens_ptr + seg)
+    slot = tl.load(slots_ptr + seg).to(tl.int64)
+    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
+    if (slot == 0) | (rank == 0) | (m0 >= length):
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < length
+    rows = (tl.load(starts_ptr + seg) + offs_m).to(tl.int64)  # token rows of x and h
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    a_base = a_ptr + slot * stride_as + part * stride_ap
+    h_base = h_ptr + split * stride_hs + part * stride_hp
+    for r0 in range(0, rank, BLOCK_R):  # only the slot's real rank
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)  # [BM, BK]
+            a = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :],
+                        other=0.0)  # [BR, BK]
+            if USE_DOT:
+                acc += tl.dot(x, tl.trans(a), input_precision="ieee")
+            else:  # GEMV: one token per segment
+                acc += tl.sum(x[:, None, :].to(tl.float32) * a[None, :, :].to(tl.float32), axis=2)
+        tl.store(h_base + rows[:, None] * stride_ht + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_ptr, N, N_TILES,
+                   stride_hs, stride_ht, stride_hp, stride_bs, stride_bp, stride_bn, stride_yt, stride_rp, stride_rs,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   USE_DOT: tl.constexpr):
+    seg = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    part = tl.program_id(2) // N_TILES
+    n0 = (tl.program_id(2) % N_TILES) * BLOCK_N
+    length = tl.load(lens_ptr + seg)
+    slot = tl.load(slots_ptr + seg).to(tl.int64)
+    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
+    if (slot == 0) | (rank == 0) | (m0 >= length):
+        return
+    dtype = y_ptr.dtype.element_ty
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < length
+    rows = (tl.load(starts_ptr + seg) + offs_m).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    b_base = b_ptr + slot * stride_bs + part * stride_bp
+    h_base = h_ptr + part * stride_hp
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):  # the K loop runs over the slot's real rank only
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        h_mask = mask_m[:, None] & mask_r[None, :]
+        h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            h += tl.load(h_base + s * stride_hs + rows[:, None] * stride_ht + offs_r[None, :], mask=h_mask, other=0.0)
+        h = h.to(dtype)  # the reference's h is a model-dtype tensor
+        b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0)  # [BN, BR]
+        if USE_DOT:
+            acc += tl.dot(h, tl.trans(b), input_precision="ieee")
+        else:
+            acc += tl.sum(h[:, None, :].to(tl.float32) * b[None, :, :].to(tl.float32), axis=2)
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + part * N + offs_n[None, :]
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=y_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs are enough
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiles(max_len: int, r_max: int) -> tuple[int, bool, int]:
+    """(token rows per program, tl.dot or GEMV, shrink's rank tile) for segments of up to max_len tokens."""
+    if max_len == 1:  # decode: one token per segment
+        return 1, False, 16
+    block_m = 16 if max_len <= 16 else 32 if max_len <= 32 else 64
+    return block_m, True, min(64, max(16, triton.next_power_of_2(r_max)))
+
+
+def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+    """h[split, t, p, :rank] = partial sums of x[t] · A[slot(t), p, :rank]ᵀ over K split `split`, fp32.
+
+    x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32 -> h: [SPLIT, T, P, r_max] fp32, written
+    only at tokens of segments with a non-zero rank and rank lanes below it (the expand reads no others).
+    """
+    T, K = x.shape
+    _, P, r_max, K_a = a_pool.shape
+    if K_a != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"lora_shrink: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
+    S = data.slots.shape[0]
+    block_m, use_dot, block_r = _tiles(data.max_len, r_max)
+    block_k = 256 if not use_dot else 64
+    m_tiles = triton.cdiv(data.max_len, block_m)
+    programs = S * m_tiles * P
+    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per_split)
+    h = torch.empty(split, T, P, r_max, dtype=torch.float32, device=x.device)
+    if S == 0 or T == 0:
+        return h
+    _shrink_kernel[(S, m_tiles, P * split)](
+        x, a_pool, h, data.starts, data.lens, data.slots, ranks, K, k_per_split,
+        x.stride(0), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2), h.stride(0), h.stride(1), h.stride(2),
+        ranks.stride(0), ranks.stride(1), SPLIT_K=split, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_DOT=use_dot,
+        num_warps=4)
+    return h
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
+                data: AdapterBatchData) -> None:
+    """y[t, p·N + n] += (Σ_split h[split, t, p]) · B[slot(t), p, n, :rank]ᵀ, in place.
+
+    y: [T, P·N] (row stride free, unit column stride); h from `lora_shrink`; b_pool: [slots, P, N, r_max].
+    """
+    T = y.shape[0]
+    _, P, N, r_max = b_pool.shape
+    if y.shape[1] != P * N or y.stride(-1) != 1 or b_pool.stride(-1) != 1 or h.shape[1:] != (T, P, r_max):
+        raise ValueError(f"lora_expand: y {tuple(y.shape)}, h {tuple(h.shape)}, B pool {tuple(b_pool.shape)}")
+    S = data.slots.shape[0]
+    if S == 0 or T == 0:
+        return
+    block_m, use_dot, _ = _tiles(data.max_len, r_max)
+    block_n = 128
+    n_tiles = triton.cdiv(N, block_n)
+    _expand_kernel[(S, triton.cdiv(data.max_len, block_m), P * n_tiles)](
+        h, b_pool, y, data.starts, data.lens, data.slots, ranks, N, n_tiles,
+        h.stride(0), h.stride(1), h.stride(2), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0),
+        ranks.stride(0), ranks.stride(1), SPLIT_K=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, USE_DOT=use_dot,
+        num_warps=4)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
+             data: AdapterBatchData) -> None:
+    """y[t, p·N:(p+1)·N] += B[s, p] A[s, p] x[t] for every token t of a segment with slot s, in place.
+
+    y: [T, P·N]; x: [T, K]; a_pool: [slots, P, r_max, K]; b_pool: [slots, P, N, r_max]; ranks: [P, slots] int32.
+    """
+    lora_expand(y, lora_shrink(x, a_pool, ranks, data), b_pool, ranks, data)
+
+
+def add_lora_reference(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
+                       ranks: torch.Tensor, data: AdapterBatchData) -> None:
+    """The PyTorch path (ranks unused: rank lanes past a slot's rank hold zeros)."""
+    add_lora_parts(y, x, a_pool, b_pool, data)
+
+
+__all__ = ["lora_shrink", "lora_expand", "add_lora", "add_lora_reference"]
