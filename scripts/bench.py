@@ -1,12 +1,19 @@
-"""GPU benchmark against the physical floor (spec/performance.md): P1, P4, P7, P8 (and P5 with --tp).
+"""GPU benchmark against the physical floor (spec/performance.md): P1, P4, P7, P8 (and P5 with --tp, P2/P6
+and our side of P3 with --lora).
 
     python scripts/bench.py --shape 7b --out bench_out/bench.json        # one GPU
     python scripts/bench.py --shape 7b --tp 2 --only decode               # TP decode (spawns 2 ranks)
+    python scripts/bench.py --shape 7b --only lora                        # multi-LoRA rows only
 
 Builds a random bf16 checkpoint of the chosen shape in GPU memory (same bytes and FLOPs as the real
 one), measures copy bandwidth and bf16 matmul rate in the same run, then decode step time at batch
 1/8/32/64/128 with 512-token contexts (eager and CUDA graphs), prefill MFU on 8 x 1024 tokens, and
-KV capacity after Warmup. Prints a table last and writes JSON.
+KV capacity after Warmup. With --lora: decode with N distinct rank-16 adapters (every request its own,
+all five modules) against base-only decode, both replayed from the served CUDA graphs
+(GraphedDecode(adapter_pools=True)) — P2; LoadAdapter latency from local safetensors, cold and from the
+host cache — P6; and the mixed-adapter generate workload of scripts/bench_peer.py (prefill of
+32 x 512 tokens + 15 decode steps at batch 32, 32 adapters) — our side of P3. Prints a table last and
+writes JSON.
 """
 from __future__ import annotations
 
@@ -170,6 +177,194 @@ def bench_prefill(model, n_seqs: int, seq_len: int, block_size: int, matmul: flo
     return dict(tokens=tokens, ms=t * 1e3, tflops=flops / t / 1e12, mfu=flops / t / matmul)
 
 
+def fill_random_adapters(mgr, n: int, rank: int, alpha: float, seed: int = 0) -> None:
+    """Slots 1..n of the pool hold random rank-`rank` adapters on all five modules, written straight into
+    the pool as LoadAdapter leaves them (A; B with alpha/rank folded in) with their ranks set."""
+    g = torch.Generator(device=mgr.pctx.device).manual_seed(seed)
+    for a, b in mgr.stacked.values():  # a: [slots, P, r_max, in]; b: [slots, P, out, r_max]
+        a[1:n + 1, :, :rank].normal_(0.0, a.shape[-1] ** -0.5, generator=g)
+        b[1:n + 1, :, :, :rank].normal_(0.0, 0.02 * alpha / rank, generator=g)
+    mgr.ranks[1:n + 1] = rank
+
+
+def lora_bytes(mgr, rank: int) -> int:
+    """Bytes of one rank-`rank` adapter on all modules (what a step reads per distinct adapter)."""
+    return sum(rank * (a.shape[1] * a.shape[-1] + b.shape[1] * b.shape[2]) * a.element_size()
+               for a, b in mgr.stacked.values())
+
+
+def unwrap_lora(model) -> None:
+    for layer in model.transformer.h:
+        for owner, name in ((layer.attn, "c_attn"), (layer.attn, "c_proj"), (layer.mlp, "gate_up"),
+                            (layer.mlp, "c_proj")):
+            setattr(owner, name, getattr(owner, name).base)
+
+
+def bench_lora_decode(model, batches: list[int], ctx_len: int, block_size: int, bw: float, slots: int, rank: int,
+                      max_rank: int, peer_batch: int, peer_prompt: int, peer_new: int) -> dict:
+    """P2: graphed decode with every request on its own adapter vs graphed base-only decode (the same
+    GraphedDecode, the same inputs); and our side of P3 (prefill + decode of bench_peer's workload)."""
+    from types import SimpleNamespace
+
+    from worker.adapters.pool import AdapterManager
+    from worker.engine.cuda_graphs import GraphedDecode
+    from worker.engine.kv_cache import KVCache
+    from worker.layers.context import Seqlen
+    from worker.layers.lora import AdapterBatchData
+
+    c, dev = model.config, model.pctx.device
+    if max(batches + [peer_batch]) > slots:
+        raise SystemExit(f"--lora-slots {slots} < the largest batch: every request needs its own adapter")
+    mgr = AdapterManager("", c, model.pctx, model.dtype, max_rank, slots)
+    mgr.attach(SimpleNamespace(model=model, batches={}, adapters=None))
+    fill_random_adapters(mgr, slots, rank, alpha=2.0 * rank)
+    heads = c.num_attention_heads // model.pctx.world_size
+    per_seq = math.ceil((max(ctx_len + 1, peer_prompt + peer_new)) / block_size)
+    max_batch = max(batches + [peer_batch])
+    num_blocks = 2 + max_batch * per_seq
+    kv = KVCache(c.num_hidden_layers, num_blocks, block_size, heads, c.head_dim, torch.bfloat16, dev)
+    kv_per_token = KVCache.bytes_per_token(c.num_hidden_layers, heads, c.head_dim, torch.bfloat16)
+    t0 = time.time()
+    graphs = GraphedDecode(model, kv, max_batch, per_seq, num_blocks - 1, adapter_pools=True)
+    capture_s = time.time() - t0
+    reqs = []
+    for i in range(max_batch):
+        blocks = list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))
+        reqs.append(SimpleNamespace(ids=[(7 * i + j) % 1000 + 1 for j in range(ctx_len + 1)], blocks=blocks,
+                                    slots=[blocks[p // block_size] * block_size + p % block_size
+                                           for p in range(ctx_len + 1)], ntk_alpha=1.0, n_cached=0))
+    wbytes, per_adapter = weight_bytes(model), lora_bytes(mgr, rank)
+    rows = []
+    for b in batches:
+        batch = SimpleNamespace(requests=reqs[:b])
+        bucket = next(s for s in graphs.sizes if s >= b)
+        graphs.run(batch, None)  # fills the static inputs of this bucket
+        base = cuda_time(graphs.graphs[(bucket, False)][0].replay, iters=30)
+        graphs.run(batch, list(range(1, b + 1)))  # request i on slot i + 1: b distinct adapters
+        lora = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
+        floor = (wbytes + b * (ctx_len + 1) * kv_per_token) / bw
+        rows.append(dict(batch=b, adapters=b, base_ms=base * 1e3, lora_ms=lora * 1e3, ratio=base / lora,
+                         extra_ms=(lora - base) * 1e3, lora_floor_ms=b * per_adapter / bw * 1e3,
+                         base_floor_ms=floor * 1e3, base_tok_s=b / base, lora_tok_s=b / lora))
+    # our side of P3: bench_peer's workload (peer_batch prompts of peer_prompt tokens, peer_new new tokens,
+    # every request its own adapter): one eager prefill with adapters, then graphed adapter decode steps
+    n, L = peer_batch, peer_prompt
+    tables = torch.tensor([r.blocks for r in reqs[:n]], dtype=torch.int32, device=dev)
+    kv_slots = torch.tensor([r.slots[p] for r in reqs[:n] for p in range(L)], dtype=torch.long, device=dev)
+    seqlen = Seqlen.for_prefill([L] * n, None, [1.0] * n, device=dev)
+    ids = torch.randint(0, 1000, (n * L,), device=dev)
+    pos = torch.arange(L, device=dev).repeat(n)
+    last = torch.arange(1, n + 1, device=dev) * L - 1
+    data = AdapterBatchData.build(list(range(1, n + 1)), [L] * n, dev)
+
+    def prefill():
+        with torch.inference_mode():
+            return model(ids, pos, seqlen.cu_seqlen_q, kv.layers, tables, kv_slots, seqlen, L, data,
+                         lm_head_indices=last)[0]
+
+    prefill_t = cuda_time(prefill, iters=3, warmup=1)
+    batch = SimpleNamespace(requests=reqs[:n])
+    graphs.run(batch, list(range(1, n + 1)))
+    bucket = next(s for s in graphs.sizes if s >= n)
+    step_t = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
+    gen_s = prefill_t + (peer_new - 1) * step_t
+    generate = dict(batch=n, prompt=L, new_tokens=peer_new, adapters=n, prefill_ms=prefill_t * 1e3,
+                    step_ms=step_t * 1e3, tok_s=n * peer_new / gen_s, decode_tok_s=n / step_t)
+    out = dict(rank=rank, max_rank=max_rank, slots=slots, alpha=2.0 * rank, adapter_MB=per_adapter / 1e6,
+               graph_capture_s=capture_s, decode=rows, generate=generate)
+    del graphs, kv
+    unwrap_lora(model)
+    del mgr
+    torch.cuda.empty_cache()
+    return out
+
+
+def write_peft_adapter(path: str, config: QwenConfig, rank: int, alpha: float, dtype: torch.dtype, seed: int) -> int:
+    """A PEFT LoRA adapter directory (all five modules of every layer); returns the file's size."""
+    from safetensors.torch import save_file
+
+    from worker.adapters.peft import MODULES, module_dims
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module in MODULES:
+            d_in, d_out = module_dims(config, module)
+            prefix = f"base_model.model.transformer.h.{layer}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) * d_in**-0.5).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.02).to(dtype)
+    os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, "adapter_model.safetensors")
+    save_file(tensors, file)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+                   "target_modules": ["c_attn", "c_proj", "w1", "w2"], "lora_dropout": 0.0, "bias": "none"}, f)
+    return os.path.getsize(file)
+
+
+def drop_page_cache(path: str) -> bool:
+    """Ask the kernel to drop a file's cached pages (best effort: clean pages of a file we wrote)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: int, max_rank: int,
+                    repeats: int, file_dtypes: list[str]) -> list[dict]:
+    """P6: LoadAdapter (read, validate, fold the scale, stage in pinned memory, fill a slot; synchronized)
+    of a rank-`rank` adapter on all five modules: cold (first read of each file, its pages dropped from
+    the page cache first) and from the host cache (reload after offload). Medians."""
+    from worker.adapters.pool import AdapterManager
+    from worker.pb import generate_pb2 as pb
+
+    rows = []
+    for name in file_dtypes:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        mgr = AdapterManager(root, config, pctx, torch.bfloat16, max_rank, num_slots=2)
+        size = 0
+        for i in range(repeats + 1):  # adapter 0 warms the code paths up
+            size = write_peft_adapter(os.path.join(root, f"{name}-{i}"), config, rank, 2.0 * rank, dtype, seed=i)
+
+        def load(index: int, adapter_id: str) -> float:
+            req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=[adapter_id]),
+                                        adapter_source=2, adapter_index=index)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            mgr.load(req)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        def offload(index: int) -> None:
+            mgr.offload(pb.OffloadAdapterRequest(adapter_index=index))
+
+        cold, warm, dropped = [], [], True
+        for i in range(repeats + 1):
+            dropped &= drop_page_cache(os.path.join(root, f"{name}-{i}", "adapter_model.safetensors"))
+            t = load(i + 1, f"{name}-{i}")
+            offload(i + 1)
+            if i:
+                cold.append(t)
+        for i in range(repeats):
+            warm.append(load(i + 2, f"{name}-{i + 1}"))
+            offload(i + 2)
+        cold.sort()
+        warm.sort()
+        rows.append(dict(file_dtype=name, file_MB=size / 1e6, rank=rank, max_rank=max_rank, repeats=repeats,
+                         page_cache_dropped=dropped, cold_ms=cold[len(cold) // 2] * 1e3,
+                         cached_ms=warm[len(warm) // 2] * 1e3, cold_all_ms=[t * 1e3 for t in cold],
+                         cached_all_ms=[t * 1e3 for t in warm]))
+        del mgr
+        torch.cuda.empty_cache()
+    return rows
+
+
 def bench_kv_capacity(model, block_size: int, memory_fraction: float) -> dict:
     from worker.engine.engine import Engine, EngineConfig
     from worker.engine.kv_cache import KVCache
@@ -323,6 +518,18 @@ def main() -> None:
     ap.add_argument("--tp", default="", help="comma list of TP sizes for the decode TP table, e.g. 2 or 2,4")
     ap.add_argument("--tp-batches", default="1,8,32")
     ap.add_argument("--rpc-dir", default="", help="directory for P7's on-disk checkpoint (empty: skip P7)")
+    ap.add_argument("--lora", action="store_true", help="also the multi-LoRA rows (P2, P6, our side of P3)")
+    ap.add_argument("--lora-batches", default="8,32,128")
+    ap.add_argument("--lora-slots", type=int, default=128, help="adapter pool slots (>= the largest batch)")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-max-rank", type=int, default=16, help="the pool's r_max for P2 (64 = the server's default)")
+    ap.add_argument("--lora-load-max-rank", type=int, default=64, help="the pool's r_max for P6")
+    ap.add_argument("--lora-load-repeats", type=int, default=5)
+    ap.add_argument("--lora-file-dtypes", default="bf16,fp32", help="adapter file dtypes for P6")
+    ap.add_argument("--lora-dir", default="", help="directory for P6's adapter files (default: a temp dir)")
+    ap.add_argument("--peer-batch", type=int, default=32)
+    ap.add_argument("--peer-prompt", type=int, default=512)
+    ap.add_argument("--peer-new", type=int, default=16)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
@@ -330,6 +537,8 @@ def main() -> None:
     torch.cuda.set_device(dev)
     pctx = ParallelContext(0, 1, dev)
     only = set(args.only.split(",")) if args.only != "all" else {"decode", "prefill", "kv"}
+    if args.lora:
+        only.add("lora")
     res: dict = dict(card=torch.cuda.get_device_name(dev), date=time.strftime("%Y-%m-%d"), shape=args.shape,
                      torch=torch.__version__, command=" ".join(sys.argv))
     res["copy_TBps"] = copy_bandwidth(dev) / 1e12
@@ -344,6 +553,15 @@ def main() -> None:
         res["prefill"] = bench_prefill(model, 8, 1024, args.block_size, res["matmul_TFLOPs"] * 1e12)
     if "kv" in only:
         res["kv"] = bench_kv_capacity(model, args.block_size, args.memory_fraction)
+    if "lora" in only:
+        import tempfile
+
+        res["lora"] = bench_lora_decode(model, [int(b) for b in args.lora_batches.split(",")], args.ctx,
+                                        args.block_size, res["copy_TBps"] * 1e12, args.lora_slots, args.lora_rank,
+                                        args.lora_max_rank, args.peer_batch, args.peer_prompt, args.peer_new)
+        with tempfile.TemporaryDirectory(dir=args.lora_dir or None) as root:
+            res["lora"]["load"] = bench_lora_load(model.config, pctx, root, args.lora_rank, args.lora_load_max_rank,
+                                                  args.lora_load_repeats, args.lora_file_dtypes.split(","))
     if args.rpc_dir and "decode" in res:
         fwd = next(r for r in res["decode"] if r["batch"] == 64)
         res["rpc"] = bench_rpc_overhead(model, args.rpc_dir, 64, args.ctx, fwd["graph_ms"] or fwd["eager_ms"])
@@ -383,6 +601,22 @@ def print_table(res: dict) -> None:
             print(f"| {'P5' if row['batch'] == 1 and w == 2 else '  '} | TP={w} decode b={row['batch']}: "
                   f"{t_tp:.2f} ms (floor/rank {row['floor_ms']:.2f} ms) | speed-up over TP=1 {speed} | "
                   f"{'>= 1.6x' if row['batch'] == 1 and w == 2 else ''} |")
+    if "lora" in res:
+        lo = res["lora"]
+        for row in lo["decode"]:
+            p2 = row["batch"] == 32
+            print(f"| {'P2' if p2 else '  '} | LoRA decode b={row['batch']}, {row['adapters']} distinct "
+                  f"rank-{lo['rank']} adapters (r_max {lo['max_rank']}): {row['lora_ms']:.2f} ms vs base "
+                  f"{row['base_ms']:.2f} ms (+{row['extra_ms']:.2f} ms; adapter bytes floor "
+                  f"{row['lora_floor_ms']:.2f} ms) | {row['ratio']:.3f} | {'>= 0.90' if p2 else ''} |")
+        g = lo["generate"]
+        print(f"| P3 | ours, {g['batch']} x {g['prompt']} prompts + {g['new_tokens']} tokens, {g['adapters']} "
+              f"adapters: prefill {g['prefill_ms']:.0f} ms, step {g['step_ms']:.2f} ms | {g['tok_s']:.0f} tok/s "
+              f"(decode {g['decode_tok_s']:.0f}) | bench_peer.py |")
+        for row in lo.get("load", []):
+            print(f"| P6 | LoadAdapter rank {row['rank']}, 5 modules, {row['file_dtype']} file {row['file_MB']:.0f} "
+                  f"MB: cold{'' if row['page_cache_dropped'] else ' (page cache kept)'} / host cache | "
+                  f"{row['cold_ms']:.1f} / {row['cached_ms']:.1f} ms | <= 100 ms |")
     if "kv" in res:
         k = res["kv"]
         print(f"| P8 | KV capacity {k['cache_tokens']} tokens of {k['ideal_tokens']} ideal "

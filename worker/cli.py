@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
+    s.add_argument("--lora-backend", default="torch", choices=["torch", "triton"],
+                   help="mixed-adapter matmuls: torch (batched bmm; default) or triton (segmented kernels that "
+                        "skip unused rank; tested in the Triton interpreter, not yet verified on a GPU)")
     s.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident at once (the pool size)")
     s.add_argument("--allow-bin-adapters", action="store_true",
                    help="also read adapter_model.bin (weights-only torch.load); default: safetensors only")
@@ -124,6 +127,9 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
 
         adapters = AdapterManager.from_args(args, model, pctx)
     kv_dtype = parse_kv_dtype(args.kv_cache_dtype)
+    if kv_dtype == torch.float8_e4m3fn and backend.name != "torch":
+        raise SystemExit("--kv-cache-dtype fp8_e4m3 needs --attention-backend torch in this release: the Triton "
+                         "kernels' fp8 reads are not verified on a GPU yet")
     engine = Engine(model, tokenizer, pctx,
                     EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
                                  max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,

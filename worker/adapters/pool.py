@@ -96,7 +96,7 @@ class AdapterManager:
     @classmethod
     def from_args(cls, args: Any, model: Any, pctx: ParallelContext) -> "AdapterManager":
         mgr = cls(args.adapter_root, model.config, pctx, model.dtype, args.max_lora_rank, args.max_adapter_slots,
-                  args.allow_bin_adapters)
+                  args.allow_bin_adapters, triton=getattr(args, "lora_backend", "torch") == "triton")
         return mgr
 
     # ------------------------------------------------------------------ wiring

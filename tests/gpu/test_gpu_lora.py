@@ -1,0 +1,268 @@
+"""The multi-LoRA Triton kernels (worker/kernels/lora.py) on CUDA: bf16 at Qwen-7B module shapes against the
+PyTorch path, captured in a CUDA graph, and the tiny model with three adapters (kernels picked by the
+AdapterManager on CUDA) against the float64 reference with each adapter merged, eager and graphed decode;
+the LoadAdapter fast path (pinned host copy, side-stream copies) fills the same slots as before.
+
+Tolerance (bf16): the kernels and the PyTorch path round h and the delta to bf16 at the same points and
+differ only in fp32 summation order, so each may land one bf16 ulp off the other; the test bounds the
+kernels' error against a float64 truth by the PyTorch path's own error (x 1.5, plus a few ulps of |y|).
+Run: `pytest -q -s -m gpu tests/gpu/test_gpu_lora.py`.
+"""
+from __future__ import annotations
+
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+pytest.importorskip("triton")
+
+from worker.kernels.lora import add_lora, add_lora_reference  # noqa: E402
+from worker.layers.lora import AdapterBatchData  # noqa: E402
+
+CUDA = torch.device("cuda")
+H, W = 4096, 11008
+MODULES = {  # (P, K, N): one launch pair each
+    "c_attn": (1, H, 3 * H),
+    "gate_up": (2, H, W),
+    "attn.c_proj": (1, H, H),
+    "mlp.c_proj": (1, W, H),
+}
+SLOT_RANKS = {1: 8, 2: 16, 3: 64, 4: 16, 5: 4}
+
+
+def make_pool(P: int, K: int, N: int, r_max: int = 64, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """(A, B with NaN past each slot's rank and in slot 0, ranks [P, slots], clean A, clean B)."""
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+    slots = 1 + max(SLOT_RANKS)
+    a = torch.zeros(slots, P, r_max, K, device=CUDA)
+    b = torch.zeros(slots, P, N, r_max, device=CUDA)
+    table = torch.zeros(slots, 4, 5, dtype=torch.int32, device=CUDA)
+    ranks = table[:, 2, 2:2 + P].t()  # [P, slots] with the pool's strides
+    for s, r in SLOT_RANKS.items():
+        a[s, :, :r] = torch.randn(P, r, K, generator=g, device=CUDA) / K**0.5
+        b[s, :, :, :r] = torch.randn(P, N, r, generator=g, device=CUDA) / r**0.5
+        ranks[:, s] = r
+    clean_a, clean_b = a.to(dtype), b.to(dtype)
+    for s in range(slots):
+        r = SLOT_RANKS.get(s, 0)
+        a[s, :, r:] = float("nan")
+        b[s, :, :, r:] = float("nan")
+    return a.to(dtype), b.to(dtype), ranks, clean_a, clean_b
+
+
+def truth(y0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+    """float64: y0 + B A x per token of each segment."""
+    out = y0.double().clone()
+    P, N = a.shape[1], b.shape[2]
+    for seg in range(data.slots.numel()):
+        s, start, n = int(data.slots[seg]), int(data.starts[seg]), int(data.lens[seg])
+        if s == 0:
+            continue
+        xs = x[start:start + n].double()
+        for p in range(P):
+            out[start:start + n, p * N:(p + 1) * N] += xs @ a[s, p].double().t() @ b[s, p].double().t()
+    return out
+
+
+def check(y0, x, pool, data, touched) -> tuple[float, float]:
+    a, b, ranks, clean_a, clean_b = pool
+    y, ref = y0.clone(), y0.clone()
+    add_lora(y, x, a, b, ranks, data)
+    add_lora_reference(ref, x, clean_a, clean_b, ranks, data)
+    exact = truth(y0, x, clean_a, clean_b, data)
+    assert torch.isfinite(y).all()  # nothing read past a slot's rank, nor from slot 0
+    assert torch.equal(y[~touched], y0[~touched])
+    err, err_ref = (y.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
+    ulp = exact.abs().max().item() * 2**-8
+    assert err <= 1.5 * err_ref + 4 * ulp, (err, err_ref, ulp)
+    return err, err_ref
+
+
+@pytest.mark.parametrize("module", list(MODULES))
+def test_prefill_bf16_7b_shapes(module):
+    P, K, N = MODULES[module]
+    pool = make_pool(P, K, N, seed=len(module))
+    lengths = [1, 7, 300, 33, 1024, 5, 64]
+    slots = [1, 0, 2, 3, 4, 5, 2]
+    T = sum(lengths)
+    x = torch.randn(T, K, device=CUDA).to(torch.bfloat16)
+    y0 = torch.randn(T, P * N, device=CUDA).to(torch.bfloat16)
+    data = AdapterBatchData.build(slots, lengths, CUDA)
+    touched = torch.tensor([s != 0 for s, n in zip(slots, lengths) for _ in range(n)], device=CUDA)
+    err, err_ref = check(y0, x, pool, data, touched)
+    print(f"{module} prefill: max err vs fp64 {err:.3e} (PyTorch path {err_ref:.3e})")
+
+
+@pytest.mark.parametrize("module", list(MODULES))
+@pytest.mark.parametrize("bs", [1, 8, 33, 128])
+def test_decode_bf16_7b_shapes(module, bs):
+    P, K, N = MODULES[module]
+    pool = make_pool(P, K, N, seed=bs)
+    slots = torch.tensor([(i % 6) for i in range(bs)], device=CUDA)  # slot 0 (base) rows among them
+    x = torch.randn(bs, K, device=CUDA).to(torch.bfloat16)
+    y0 = torch.randn(bs, P * N, device=CUDA).to(torch.bfloat16)
+    check(y0, x, pool, AdapterBatchData.for_decode(slots), slots != 0)
+
+
+def test_decode_kernels_in_a_cuda_graph():
+    """Captured once over static buffers; new slots and inputs each replay give the eager result."""
+    P, K, N = MODULES["gate_up"]
+    a, b, ranks, clean_a, clean_b = make_pool(P, K, N, seed=7)
+    bs = 16
+    x = torch.zeros(bs, K, dtype=torch.bfloat16, device=CUDA)
+    y = torch.zeros(bs, P * N, dtype=torch.bfloat16, device=CUDA)
+    slots = torch.zeros(bs, dtype=torch.long, device=CUDA)
+    data = AdapterBatchData.for_decode(slots)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        add_lora(y, x, a, b, ranks, data)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        add_lora(y, x, a, b, ranks, data)
+    for step in range(3):
+        g = torch.Generator(device=CUDA).manual_seed(step)
+        y0 = torch.randn(bs, P * N, generator=g, device=CUDA).to(torch.bfloat16)
+        x.copy_(torch.randn(bs, K, generator=g, device=CUDA))
+        slots.copy_(torch.randint(0, 6, (bs,), generator=g, device=CUDA))
+        y.copy_(y0)
+        graph.replay()
+        eager = y0.clone()
+        add_lora(eager, x, a, b, ranks, AdapterBatchData.for_decode(slots.clone()))
+        assert torch.equal(y, eager)
+        ref = y0.clone()
+        add_lora_reference(ref, x, clean_a, clean_b, ranks, AdapterBatchData.for_decode(slots.clone()))
+        torch.testing.assert_close(y.float(), ref.float(), atol=0.1, rtol=0.02)
+
+
+# ------------------------------------------------------------------------------------------ model
+CFG = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channels=128, num_hidden_layers=2,
+           intermediate_size=1024, vocab_size=512, seq_length=32, rotary_emb_base=10000)
+
+
+def lora_model(tmp_path, dtype):
+    from helpers import write_checkpoint
+    from lora_helpers import attach_manager, load, write_adapter
+    from reference import merge_lora, random_checkpoint
+    from worker.distributed import ParallelContext
+    from worker.kernels.triton_attention import TritonAttention
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    state = random_checkpoint(CFG, seed=3)
+    path = write_checkpoint(str(tmp_path / "ckpt"), CFG, state)
+    pctx = ParallelContext(0, 1, CUDA)
+    model = FlashQwenForCausalLM.from_pretrained(path, pctx, dtype, TritonAttention(), progress=False)
+    root = str(tmp_path / "adapters")
+    adapters = [write_adapter(root, "a4", CFG, 4, 8, seed=1), write_adapter(root, "a8", CFG, 8, 16, seed=2),
+                write_adapter(root, "a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj"))]
+    mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
+    assert model.transformer.h[0].mlp.gate_up.lora.kernels is not None  # the Triton path on CUDA
+    for i, name in enumerate(["a4", "a8", "a16"], start=1):
+        load(mgr, i, name)
+    merged = [state] + [merge_lora(state, *ad) for ad in adapters]
+    return model, mgr, merged
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 0.15)])
+def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
+    from paged import Paged
+    from reference import ref_forward
+    from worker.layers.rotary import ntk_alpha
+
+    model, mgr, merged = lora_model(tmp_path, dtype)
+    g = torch.Generator().manual_seed(5)
+    lengths = [6, 17, 3, 70, 11]
+    which = [0, 1, 2, 3, 1]  # base and three adapters; adapter 1 twice
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+    alphas = [ntk_alpha(n, 32, True) for n in lengths]
+    slots = [mgr.entries[i].slot if i else 0 for i in which]
+    p = Paged(model, num_blocks=256)
+    out = p.step(list(range(5)), prompts, [0] * 5, alphas, True, slots)
+    worst = max((o.double().cpu() - ref_forward(merged[a], CFG, s)).abs().max().item()
+                for s, a, o in zip(prompts, which, out))
+    seqs = [list(x) for x in prompts]
+    for _ in range(4):
+        for s, o in zip(seqs, out):
+            s.append(int(o[-1].argmax()))
+        out = p.step(list(range(5)), seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
+        for s, x, a, o in zip(seqs, prompts, which, out):
+            ref = ref_forward(merged[a], CFG, s, prompt_len=len(x))[-1]
+            worst = max(worst, (o[-1].double().cpu() - ref).abs().max().item())
+    print(f"{dtype}: max abs logit diff vs float64 merged reference {worst:.2e} (bound {tol})")
+    assert worst <= tol
+    effect = (ref_forward(merged[1], CFG, prompts[1]) - ref_forward(merged[0], CFG, prompts[1])).abs().max()
+    assert effect > 10 * tol  # the adapters change the logits far beyond the tolerance
+
+
+def test_graphed_adapter_decode_equals_eager(tmp_path):
+    """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode."""
+    from worker.engine.cuda_graphs import GraphedDecode
+    from worker.engine.kv_cache import KVCache
+    from worker.engine.runner import Runner
+    from worker.layers.rotary import ntk_alpha
+
+    model, mgr, _ = lora_model(tmp_path, torch.bfloat16)
+    c = model.config
+    kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
+    graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=True)
+    free = list(range(1, 199))
+    random.Random(0).shuffle(free)
+    reqs = []
+    for n in (3, 40, 100, 7, 200, 9):
+        blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
+        slots = [blocks[p // 16] * 16 + p % 16 for p in range(n + 1)]
+        reqs.append(SimpleNamespace(ids=torch.randint(0, 512, (n,)).tolist(), blocks=blocks, slots=slots,
+                                    ntk_alpha=ntk_alpha(n, 32, True), n_cached=0, prefill_logprobs=False))
+    adapter_slots = [mgr.entries[i].slot if i else 0 for i in (1, 0, 2, 3, 1, 0)]
+    batch = SimpleNamespace(requests=reqs)
+    runner = Runner(model, kv, CUDA)
+    runner.forward(batch, True, adapter_slots)
+    for r in reqs:
+        r.ids.append(5)
+    eager = runner.forward(batch, False, adapter_slots).last
+    for r in reqs:
+        r.n_cached -= 1
+    graphed = graphs.run(batch, adapter_slots)
+    diff = (eager.float() - graphed.float()).abs().max().item()
+    print(f"graphed vs eager adapter decode: max abs diff {diff:.2e}")
+    assert diff <= 1e-2
+
+
+def test_load_fast_path_fills_the_same_slots(tmp_path):
+    """Pinned pool-dtype host copy, side-stream copies: the slot holds exactly A and the scaled B rounded
+    to the pool dtype (as the PyTorch path wrote them), ranks are set; offload zeroes the slot; a reload
+    from the host cache restores it bit for bit without reading the files."""
+    import shutil
+
+    from lora_helpers import load
+    from worker.adapters.peft import read_adapter
+    from worker.pb import generate_pb2 as pb
+
+    model, mgr, _ = lora_model(tmp_path, torch.bfloat16)
+    entry = mgr.entries[2]
+    assert all(a.is_pinned() and b.is_pinned() and a.dtype == torch.bfloat16 for a, b in entry.host.values())
+    expect = read_adapter(str(tmp_path / "adapters" / "a8"), model.config, 16)  # fp32, scale folded
+    slot = entry.slot
+    torch.cuda.synchronize()
+    for key, (a, b) in expect.weights.items():
+        a_pool, b_pool = mgr.pools[key]
+        assert torch.equal(a_pool[slot, :8].cpu(), a.to(torch.bfloat16))
+        assert torch.equal(b_pool[slot, :, :8].cpu(), b.to(torch.bfloat16))
+        assert not a_pool[slot, 8:].any() and not b_pool[slot, :, 8:].any()
+    assert mgr.ranks[slot].tolist() == [[8] * 5] * CFG["num_hidden_layers"]
+    before = {k: (a[slot].clone(), b[slot].clone()) for k, (a, b) in mgr.stacked.items()}
+    mgr.offload(pb.OffloadAdapterRequest(adapter_index=2))
+    assert not mgr.ranks[slot].any() and all(not a[slot].any() for a, _ in mgr.stacked.values())
+    shutil.rmtree(tmp_path / "adapters" / "a8")  # a reload must come from the host cache
+    load(mgr, 2, "a8")
+    torch.cuda.synchronize()
+    slot = mgr.entries[2].slot
+    assert all(torch.equal(a[slot], before[k][0]) and torch.equal(b[slot], before[k][1])
+               for k, (a, b) in mgr.stacked.items())
