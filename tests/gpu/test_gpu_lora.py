@@ -147,7 +147,7 @@ CFG = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channel
            intermediate_size=1024, vocab_size=512, seq_length=32, rotary_emb_base=10000)
 
 
-def lora_model(tmp_path, dtype):
+def lora_model(tmp_path, dtype, overlap: bool = True):
     from helpers import write_checkpoint
     from lora_helpers import attach_manager, load, write_adapter
     from reference import merge_lora, random_checkpoint
@@ -164,6 +164,11 @@ def lora_model(tmp_path, dtype):
                 write_adapter(root, "a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj"))]
     mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
     assert model.transformer.h[0].mlp.gate_up.lora.kernels is not None  # the Triton path on CUDA
+    assert model.transformer.h[0].mlp.gate_up.lora.stream is not None  # shrink beside the base matmul
+    if not overlap:
+        for layer in model.transformer.h:
+            for linear in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.gate_up, layer.mlp.c_proj):
+                linear.lora.stream = None
     for i, name in enumerate(["a4", "a8", "a16"], start=1):
         load(mgr, i, name)
     merged = [state] + [merge_lora(state, *ad) for ad in adapters]
@@ -201,14 +206,16 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     assert effect > 10 * tol  # the adapters change the logits far beyond the tolerance
 
 
-def test_graphed_adapter_decode_equals_eager(tmp_path):
-    """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_graphed_adapter_decode_equals_eager(tmp_path, overlap):
+    """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
+    the shrink on the side stream (captured as a fork/join in the graph) or serial."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
     from worker.layers.rotary import ntk_alpha
 
-    model, mgr, _ = lora_model(tmp_path, torch.bfloat16)
+    model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
     c = model.config
     kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
     graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=True)
@@ -229,10 +236,16 @@ def test_graphed_adapter_decode_equals_eager(tmp_path):
     eager = runner.forward(batch, False, adapter_slots).last
     for r in reqs:
         r.n_cached -= 1
-    graphed = graphs.run(batch, adapter_slots)
+    graphed = graphs.run(batch, adapter_slots).clone()  # a view of the graph's static output
     diff = (eager.float() - graphed.float()).abs().max().item()
     print(f"graphed vs eager adapter decode: max abs diff {diff:.2e}")
     assert diff <= 1e-2
+    for r in reqs:
+        r.n_cached -= 1
+    base = graphs.run(batch, None).clone()  # the base-only graph of the same bucket
+    on = torch.tensor(adapter_slots, device=CUDA) != 0
+    assert torch.equal(graphed[~on], base[~on])  # base rows of the adapter graph: the kernels skipped them
+    assert (graphed[on].float() - base[on].float()).abs().max() > 0.1  # adapter rows: the adapters act
 
 
 def test_load_fast_path_fills_the_same_slots(tmp_path):

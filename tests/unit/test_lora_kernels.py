@@ -175,3 +175,8 @@ def test_model_with_kernels_vs_reference(tmp_path):
     worst = max(worst, max((o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
                            for s, p, a, o in zip(seqs, prompts, which, out)))
     assert worst <= 1e-4, worst
+    from worker.pb import generate_pb2 as pb
+
+    slot = mgr.entries[3].slot
+    mgr.offload(pb.OffloadAdapterRequest(adapter_index=3))
+    assert not mgr.ranks[slot].any()  # a freed slot costs the kernels nothing

@@ -26,7 +26,7 @@ from worker.adapters.peft import LoraAdapter, module_dims, read_adapter, resolve
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from worker.layers.lora import LoraColumnParallelLinear, LoraRowParallelLinear, lora_kernels
+from worker.layers.lora import LoraColumnParallelLinear, LoraRowParallelLinear, LoraTerm, lora_kernels
 from worker.pb import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,10 @@ class Entry:
 
 class AdapterManager:
     def __init__(self, root: str, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, max_rank: int = 64,
-                 num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32, triton: Optional[bool] = None):
-        """triton: the Triton LoRA kernels (None: on CUDA when Triton imports; False: the PyTorch path)."""
+                 num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32, triton: Optional[bool] = None,
+                 overlap: bool = True):
+        """triton: the Triton LoRA kernels (None: on CUDA when Triton imports; False: the PyTorch path);
+        overlap: with the kernels, run each module's shrink on a side stream alongside its base matmul."""
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
@@ -68,6 +70,7 @@ class AdapterManager:
             raise ValueError(f"the Triton LoRA kernels need CUDA and triton (device {pctx.device})")
         self.on_cuda = pctx.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(pctx.device) if self.on_cuda else None
+        self.shrink_stream = torch.cuda.Stream(pctx.device) if self.kernels is not None and overlap else None
         # stacked pools, one per (layer, module group): A [slots, P, r_max, in], B [slots, P, out/P, r_max]
         self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pools: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # per module: views of one part
@@ -108,14 +111,15 @@ class AdapterManager:
         for i, layer in enumerate(model.transformer.h):
             attn, mlp = layer.attn, layer.mlp
 
-            def term(group: str, first: str, parts: int = 1) -> tuple:
+            def term(group: str, first: str, parts: int = 1) -> LoraTerm:
                 k = POOL_MODULES.index(first)
-                return (*self.stacked[(i, group)], self.ranks[:, i, k:k + parts].t(), self.kernels)  # ranks [P, slots]
+                return LoraTerm(*self.stacked[(i, group)], self.ranks[:, i, k:k + parts].t(),  # ranks [P, slots]
+                                self.kernels, self.shrink_stream)
 
-            attn.c_attn = LoraColumnParallelLinear(attn.c_attn, *term("attn.c_attn", "attn.c_attn"))
-            attn.c_proj = LoraRowParallelLinear(attn.c_proj, *term("attn.c_proj", "attn.c_proj"))
-            mlp.gate_up = LoraColumnParallelLinear(mlp.gate_up, *term("mlp.gate_up", "mlp.w2", 2))  # w2 | w1
-            mlp.c_proj = LoraRowParallelLinear(mlp.c_proj, *term("mlp.c_proj", "mlp.c_proj"))
+            attn.c_attn = LoraColumnParallelLinear(attn.c_attn, term("attn.c_attn", "attn.c_attn"))
+            attn.c_proj = LoraRowParallelLinear(attn.c_proj, term("attn.c_proj", "attn.c_proj"))
+            mlp.gate_up = LoraColumnParallelLinear(mlp.gate_up, term("mlp.gate_up", "mlp.w2", 2))  # w2 | w1
+            mlp.c_proj = LoraRowParallelLinear(mlp.c_proj, term("mlp.c_proj", "mlp.c_proj"))
 
     def preload(self, adapter_ids: list[str]) -> None:
         for k, adapter_id in enumerate(adapter_ids, start=1):

@@ -14,7 +14,10 @@ slot 0 and modules an adapter does not touch) bounds the rank loops (`range(0, r
 the rank lanes, and masked lanes read no memory. A segment whose rank is 0 (slot 0: the base model, as
 padding and base rows of graphed decode are) returns at once. No host syncs: grids come from shapes and
 the host-side `max_len`, so decode is CUDA-graph capturable. Decode (one token per segment) uses a GEMV
-form (broadcast multiply and sum) and splits K over programs to fill the GPU; prefill uses tl.dot.
+form (broadcast multiply and sum) and splits K over programs to fill the GPU; prefill uses tl.dot. The
+K split's partial sums go to separate planes of h that the expand adds up: no atomics, no zeroing launch.
+The shrink only reads x, so `worker.layers.lora.LoraTerm` may run it on a side stream beside the base
+matmul; the expand then waits for both.
 
 Numerics follow the reference (`add_lora_reference` = `worker.layers.lora.add_lora` per part): h is
 accumulated in fp32 and rounded to the model dtype, the product with B accumulates in fp32 and is rounded
@@ -23,6 +26,8 @@ to the model dtype, then added to y (in fp32, rounded once). Only the summation 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -34,8 +39,7 @@ from worker.layers.lora import AdapterBatchData, add_lora_parts
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_ptr, K, K_PER_SPLIT,
                    stride_xt, stride_as, stride_ap, stride_ar, stride_hs, stride_ht, stride_hp, stride_rp, stride_rs,
-                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_DOT: tl.constexpr):
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     part = tl.program_id(2) // SPLIT_K
@@ -45,9 +49,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
     rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
     if (slot == 0) | (rank == 0) | (m0 >= length):
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < length
-    rows = (tl.load(starts_ptr + seg) + offs_m).to(tl.int64)  # token rows of x and h
+    start = tl.load(starts_ptr + seg).to(tl.int64)
     k_lo = split * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     a_base = a_ptr + slot * stride_as + part * stride_ap
@@ -55,26 +57,37 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
     for r0 in range(0, rank, BLOCK_R):  # only the slot's real rank
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
-        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < k_hi
-            x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)  # [BM, BK]
-            a = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :], mask=mask_r[:, None] & mask_k[None, :],
-                        other=0.0)  # [BR, BK]
-            if USE_DOT:
+        if BLOCK_M == 1:  # decode, one token: GEMV (multiply and reduce over K)
+            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < k_hi
+                x = tl.load(x_ptr + (start + m0) * stride_xt + offs_k, mask=mask_k, other=0.0)  # [BK]
+                a = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :],
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BR, BK]
+                acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            tl.store(h_base + (start + m0) * stride_ht + offs_r, acc, mask=mask_r)
+        else:  # a tile of tokens: tl.dot
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < length
+            rows = start + offs_m
+            acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < k_hi
+                x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+                a = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :],
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BR, BK]
                 acc += tl.dot(x, tl.trans(a), input_precision="ieee")
-            else:  # GEMV: one token per segment
-                acc += tl.sum(x[:, None, :].to(tl.float32) * a[None, :, :].to(tl.float32), axis=2)
-        tl.store(h_base + rows[:, None] * stride_ht + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
+            tl.store(h_base + rows[:, None] * stride_ht + offs_r[None, :], acc,
+                     mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_ptr, N, N_TILES,
                    stride_hs, stride_ht, stride_hp, stride_bs, stride_bp, stride_bn, stride_yt, stride_rp, stride_rs,
-                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   USE_DOT: tl.constexpr):
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     part = tl.program_id(2) // N_TILES
@@ -85,32 +98,48 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
     if (slot == 0) | (rank == 0) | (m0 >= length):
         return
     dtype = y_ptr.dtype.element_ty
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < length
-    rows = (tl.load(starts_ptr + seg) + offs_m).to(tl.int64)
+    start = tl.load(starts_ptr + seg).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     b_base = b_ptr + slot * stride_bs + part * stride_bp
     h_base = h_ptr + part * stride_hp
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):  # the K loop runs over the slot's real rank only
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
-        h_mask = mask_m[:, None] & mask_r[None, :]
-        h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            h += tl.load(h_base + s * stride_hs + rows[:, None] * stride_ht + offs_r[None, :], mask=h_mask, other=0.0)
-        h = h.to(dtype)  # the reference's h is a model-dtype tensor
-        b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
-                    other=0.0)  # [BN, BR]
-        if USE_DOT:
-            acc += tl.dot(h, tl.trans(b), input_precision="ieee")
-        else:
-            acc += tl.sum(h[:, None, :].to(tl.float32) * b[None, :, :].to(tl.float32), axis=2)
-    y_ptrs = y_ptr + rows[:, None] * stride_yt + part * N + offs_n[None, :]
-    y_mask = mask_m[:, None] & mask_n[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=y_mask)
+    y_base = y_ptr + part * N
+    if BLOCK_M == 1:  # decode, one token: GEMV
+        row = start + m0
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):  # the K loop runs over the slot's real rank only
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            h = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # the shrink's partial sums over K
+                h += tl.load(h_base + s * stride_hs + row * stride_ht + offs_r, mask=mask_r, other=0.0)
+            h = h.to(dtype)  # the reference's h is a model-dtype tensor
+            b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+            acc += tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        y_ptrs = y_base + row * stride_yt + offs_n
+        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=mask_n)
+    else:  # a tile of tokens: tl.dot
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < length
+        rows = start + offs_m
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            h_mask = mask_m[:, None] & mask_r[None, :]
+            h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                h += tl.load(h_base + s * stride_hs + rows[:, None] * stride_ht + offs_r[None, :], mask=h_mask,
+                             other=0.0)
+            b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+            acc += tl.dot(h.to(dtype), tl.trans(b), input_precision="ieee")
+        y_ptrs = y_base + rows[:, None] * stride_yt + offs_n[None, :]
+        y_mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=y_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,40 +149,63 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _tiles(max_len: int, r_max: int) -> tuple[int, bool, int]:
-    """(token rows per program, tl.dot or GEMV, shrink's rank tile) for segments of up to max_len tokens."""
-    if max_len == 1:  # decode: one token per segment
-        return 1, False, 16
-    block_m = 16 if max_len <= 16 else 32 if max_len <= 32 else 64
-    return block_m, True, min(64, max(16, triton.next_power_of_2(r_max)))
+@dataclass(frozen=True)
+class _Plan:
+    """Tiles of one module call; a function of shapes and the host-side max_len only (graph-stable)."""
+
+    block_m: int  # token rows per program (1: decode's GEMV form)
+    m_tiles: int
+    shrink_r: int  # the shrink's rank tile (a tl.dot operand dim when block_m > 1)
+    block_k: int
+    split: int  # programs splitting K in the shrink (partial sums, added by the expand)
+    k_per_split: int
 
 
-def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+def _plan(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> _Plan:
+    K, (_, P, r_max, _) = x.shape[1], a_pool.shape
+    if data.max_len == 1:  # decode: one token per segment
+        block_m, shrink_r, block_k = 1, 16, 256
+    else:
+        block_m = 16 if data.max_len <= 16 else 32 if data.max_len <= 32 else 64
+        shrink_r, block_k = min(64, max(16, triton.next_power_of_2(r_max))), 64  # one pass over x for r_max <= 64
+    m_tiles = triton.cdiv(data.max_len, block_m)
+    programs = data.slots.shape[0] * m_tiles * P
+    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    return _Plan(block_m, m_tiles, shrink_r, block_k, triton.cdiv(K, k_per_split), k_per_split)
+
+
+def shrink_buffer(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+    """The (uninitialised) output of `lora_shrink` for these inputs: [SPLIT, T, P, r_max] fp32."""
+    _, P, r_max, _ = a_pool.shape
+    return torch.empty(_plan(x, a_pool, data).split, x.shape[0], P, r_max, dtype=torch.float32, device=x.device)
+
+
+def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, data: AdapterBatchData,
+                h: Optional[torch.Tensor] = None) -> torch.Tensor:
     """h[split, t, p, :rank] = partial sums of x[t] · A[slot(t), p, :rank]ᵀ over K split `split`, fp32.
 
-    x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32 -> h: [SPLIT, T, P, r_max] fp32, written
-    only at tokens of segments with a non-zero rank and rank lanes below it (the expand reads no others).
+    x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32 -> h: [SPLIT, T, P, r_max] fp32 (`h`: a
+    `shrink_buffer` to write into), written only at tokens of segments with a non-zero rank and rank lanes
+    below it (the expand reads no others).
     """
     T, K = x.shape
     _, P, r_max, K_a = a_pool.shape
     if K_a != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"lora_shrink: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
+    plan = _plan(x, a_pool, data)
+    if h is None:
+        h = torch.empty(plan.split, T, P, r_max, dtype=torch.float32, device=x.device)
+    elif h.shape != (plan.split, T, P, r_max) or h.dtype != torch.float32:
+        raise ValueError(f"lora_shrink: h {tuple(h.shape)} {h.dtype}, expected {(plan.split, T, P, r_max)} fp32")
     S = data.slots.shape[0]
-    block_m, use_dot, block_r = _tiles(data.max_len, r_max)
-    block_k = 256 if not use_dot else 64
-    m_tiles = triton.cdiv(data.max_len, block_m)
-    programs = S * m_tiles * P
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_per_split)
-    h = torch.empty(split, T, P, r_max, dtype=torch.float32, device=x.device)
     if S == 0 or T == 0:
         return h
-    _shrink_kernel[(S, m_tiles, P * split)](
-        x, a_pool, h, data.starts, data.lens, data.slots, ranks, K, k_per_split,
+    _shrink_kernel[(S, plan.m_tiles, P * plan.split)](
+        x, a_pool, h, data.starts, data.lens, data.slots, ranks, K, plan.k_per_split,
         x.stride(0), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2), h.stride(0), h.stride(1), h.stride(2),
-        ranks.stride(0), ranks.stride(1), SPLIT_K=split, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_DOT=use_dot,
-        num_warps=4)
+        ranks.stride(0), ranks.stride(1), SPLIT_K=plan.split, BLOCK_M=plan.block_m, BLOCK_R=plan.shrink_r,
+        BLOCK_K=plan.block_k, num_warps=4)
     return h
 
 
@@ -170,13 +222,13 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: t
     S = data.slots.shape[0]
     if S == 0 or T == 0:
         return
-    block_m, use_dot, _ = _tiles(data.max_len, r_max)
-    block_n = 128
+    block_m = 1 if data.max_len == 1 else 16 if data.max_len <= 16 else 32 if data.max_len <= 32 else 64
+    block_n = 256 if block_m == 1 else 128
     n_tiles = triton.cdiv(N, block_n)
     _expand_kernel[(S, triton.cdiv(data.max_len, block_m), P * n_tiles)](
         h, b_pool, y, data.starts, data.lens, data.slots, ranks, N, n_tiles,
         h.stride(0), h.stride(1), h.stride(2), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0),
-        ranks.stride(0), ranks.stride(1), SPLIT_K=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16, USE_DOT=use_dot,
+        ranks.stride(0), ranks.stride(1), SPLIT_K=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
         num_warps=4)
 
 
@@ -195,4 +247,4 @@ def add_lora_reference(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b
     add_lora_parts(y, x, a_pool, b_pool, data)
 
 
-__all__ = ["lora_shrink", "lora_expand", "add_lora", "add_lora_reference"]
+__all__ = ["shrink_buffer", "lora_shrink", "lora_expand", "add_lora", "add_lora_reference"]

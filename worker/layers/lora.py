@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -102,52 +102,65 @@ def lora_kernels(device: torch.device) -> Optional[ModuleType]:
 
 @dataclass
 class LoraTerm:
-    """The adapter term of one module: pools with a part dim, per-part slot ranks, and the kernels
-    module (None: PyTorch's `add_lora_parts`)."""
+    """The adapter term of one module: pools with a part dim, per-part slot ranks, the kernels module
+    (None: PyTorch's `add_lora_parts`) and an optional side stream on which the kernels' shrink runs
+    alongside the base matmul (both only read x; the expand waits for both)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
     ranks: torch.Tensor  # [P, slots] int32
     kernels: Optional[ModuleType] = None
+    stream: Optional[torch.cuda.Stream] = None
 
-    def add_(self, y: torch.Tensor, x: torch.Tensor, data: AdapterBatchData) -> None:
-        # y: [T, out] += lora(x: [T, in]), in place
-        if self.kernels is not None:
-            self.kernels.add_lora(y, x, self.a_pool, self.b_pool, self.ranks, data)
-        else:
+    def apply(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+        """base() + lora(x): y [T, out] from the base matmul, the adapter term added in place."""
+        if self.kernels is None:
+            y = base()
             add_lora_parts(y, x, self.a_pool, self.b_pool, data)
+            return y
+        k = self.kernels
+        if self.stream is None:
+            y = base()
+            k.lora_expand(y, k.lora_shrink(x, self.a_pool, self.ranks, data), self.b_pool, self.ranks, data)
+            return y
+        main = torch.cuda.current_stream(x.device)
+        h = k.shrink_buffer(x, self.a_pool, data)  # allocated on the main stream, which frees it after the expand
+        self.stream.wait_stream(main)  # x is ready
+        with torch.cuda.stream(self.stream):
+            k.lora_shrink(x, self.a_pool, self.ranks, data, h)
+        y = base()
+        main.wait_stream(self.stream)
+        k.lora_expand(y, h, self.b_pool, self.ranks, data)
+        return y
 
 
 class LoraColumnParallelLinear(nn.Module):
     """A column-parallel linear plus adapters; the pool's parts cover the output columns in order
     (c_attn: one part, q|k|v; merged gate_up: w2 then w1)."""
 
-    def __init__(self, base: ColumnParallelLinear, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
-                 kernels: Optional[ModuleType] = None):
+    def __init__(self, base: ColumnParallelLinear, lora: LoraTerm):
         super().__init__()
         self.base = base
-        self.lora = LoraTerm(a_pool, b_pool, ranks, kernels)
+        self.lora = lora
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
-        y = self.base(x, ctx)  # [T, out_per_rank]
         data = getattr(ctx, "adapter_data", None)
-        if data is not None:
-            self.lora.add_(y, x, data)
-        return y
+        if data is None:
+            return self.base(x, ctx)
+        return self.lora.apply(lambda: self.base(x, ctx), x, data)  # [T, out_per_rank]
 
 
 class LoraRowParallelLinear(nn.Module):
     """A row-parallel linear plus adapters (one part: A split on the input dim, B whole)."""
 
-    def __init__(self, base: RowParallelLinear, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
-                 kernels: Optional[ModuleType] = None):
+    def __init__(self, base: RowParallelLinear, lora: LoraTerm):
         super().__init__()
         self.base = base
-        self.lora = LoraTerm(a_pool, b_pool, ranks, kernels)
+        self.lora = lora
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
-        y = self.base.partial(x)  # [T, out]: this rank's share
         data = getattr(ctx, "adapter_data", None)
-        if data is not None:
-            self.lora.add_(y, x, data)
+        if data is None:
+            return self.base(x, ctx)
+        y = self.lora.apply(lambda: self.base.partial(x), x, data)  # [T, out]: this rank's share
         return self.base.reduce(y)
