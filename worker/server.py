@@ -138,7 +138,7 @@ def make_server(servicer: LoraxServicer, socket_path: str, workers: int = 4) -> 
                          options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
                                   ("grpc.max_send_message_length", 256 * 1024 * 1024)])
     pb_grpc.add_LoraxServiceServicer_to_server(servicer, server)
-    old = os.umask(0o077)
+    old = os.umask(0o177)  # the socket is born 0600: no window with other bits
     try:
         server.add_insecure_port(f"unix://{socket_path}")
         server.start()
