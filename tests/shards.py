@@ -37,7 +37,8 @@ class ShardProc:
 def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra: tuple[str, ...] = ()) -> ShardProc:
     tmp = tempfile.mkdtemp(prefix="qw", dir="/tmp")  # short: unix socket paths are limited to 107 bytes
     uds = os.path.join(tmp, "s")
-    log_path = os.path.join(tmp, "log.txt")
+    log_dir = os.environ.get("QWEN_SHARD_LOG_DIR")  # e.g. the device's $OUT: logs survive a killed run
+    log_path = os.path.join(log_dir, f"shard-{os.path.basename(tmp)}.log") if log_dir else os.path.join(tmp, "log.txt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(num_shard), "--uds-path", uds,
            "--adapter-root", adapter_root, "--max-total-tokens", "4096", "--block-size", "16", *extra]

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
-    s.add_argument("--lora-backend", default="torch", choices=["torch", "triton"],
-                   help="mixed-adapter matmuls: torch (batched bmm; default) or triton (segmented kernels that "
-                        "skip unused rank; tested in the Triton interpreter, not yet verified on a GPU)")
+    s.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="mixed-adapter matmuls: triton (segmented shrink/expand kernels that skip unused rank, "
+                        "captured in the decode CUDA graphs), torch (batched bmm over gathered slots), or auto: "
+                        "triton on CUDA when it imports, else torch")
     s.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident at once (the pool size)")
     s.add_argument("--allow-bin-adapters", action="store_true",
                    help="also read adapter_model.bin (weights-only torch.load); default: safetensors only")

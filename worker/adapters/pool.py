@@ -93,13 +93,15 @@ class AdapterManager:
                     self.pools[(layer, module)] = (a[:, p], b[:, p])
         self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stacked.values())
-        log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s", num_slots,
-                 max_rank, self.slot_bytes / 2**20, self.slot_bytes * num_slots / 2**20, root)
+        log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
+                 num_slots, max_rank, self.slot_bytes / 2**20, self.slot_bytes * num_slots / 2**20, root,
+                 "triton" if self.kernels is not None else "torch",
+                 " (shrink on a side stream)" if self.shrink_stream is not None else "")
 
     @classmethod
     def from_args(cls, args: Any, model: Any, pctx: ParallelContext) -> "AdapterManager":
         mgr = cls(args.adapter_root, model.config, pctx, model.dtype, args.max_lora_rank, args.max_adapter_slots,
-                  args.allow_bin_adapters, triton=getattr(args, "lora_backend", "torch") == "triton")
+                  args.allow_bin_adapters, triton={"auto": None, "torch": False, "triton": True}[getattr(args, "lora_backend", "auto")])
         return mgr
 
     # ------------------------------------------------------------------ wiring

@@ -91,7 +91,7 @@ class Engine:
             free0 = torch.cuda.mem_get_info(self.pctx.device)[0]
             graphs = GraphedDecode(self.model, self.kv, self.cfg.max_batch_size or self.cfg.graph_max_batch,
                                    math.ceil(self.cfg.max_seq_len / self.cfg.block_size), scratch,
-                                   adapter_pools=False)  # adapter batches decode eagerly (see BENCHMARKS.md)
+                                   adapter_pools=self.adapters is not None)  # + a variant with LoRA per bucket
             log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs),
                      time.time() - t0, (free0 - torch.cuda.mem_get_info(self.pctx.device)[0]) / 2**20)
         self.runner = Runner(self.model, self.kv, self.pctx.device, graphs)
