@@ -23,12 +23,13 @@ STORY = dict(max_new_tokens=48)
 BASE_STORY = dict(BASE_TEXTS)[STORY_PROMPT]
 
 
-@pytest.fixture(scope="module")
-def shard(demo_dir):
+@pytest.fixture(scope="module", params=["torch", "triton"])
+def shard(demo_dir, request):
     """Room for two resident adapters: the router's adapter budget (DownloadAdapter answers 1/2 per
-    adapter) then holds exactly the demo's two, and a third load must offload one."""
+    adapter) then holds exactly the demo's two, and a third load must offload one. Both LoRA backends:
+    the batched-bmm path and the Triton kernels (in the Triton interpreter on a CPU)."""
     s = start_launcher(os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"),
-                       extra=("--max-adapter-slots", "2"))
+                       extra=("--max-adapter-slots", "2", "--lora-backend", request.param))
     yield s
     assert stop(s) == 0, s.log()[-3000:]
 

@@ -65,12 +65,14 @@ class AdapterManager:
         self.slot_owner: list[Optional[int]] = [None] * (num_slots + 1)  # slot -> adapter index; slot 0 = base
         self.engine: Any = None
         self.preloaded: list[tuple[int, str]] = []
-        self.kernels = lora_kernels(pctx.device) if triton in (None, True) else None
+        auto = triton is None and pctx.device.type == "cuda"
+        self.kernels = lora_kernels(pctx.device) if triton or auto else None
         if triton and self.kernels is None:
             raise ValueError(f"the Triton LoRA kernels need CUDA and triton (device {pctx.device})")
         self.on_cuda = pctx.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(pctx.device) if self.on_cuda else None
-        self.shrink_stream = torch.cuda.Stream(pctx.device) if self.kernels is not None and overlap else None
+        self.shrink_stream = (torch.cuda.Stream(pctx.device) if self.kernels is not None and overlap and self.on_cuda
+                              else None)
         # stacked pools, one per (layer, module group): A [slots, P, r_max, in], B [slots, P, out/P, r_max]
         self.stacked: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.pools: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # per module: views of one part

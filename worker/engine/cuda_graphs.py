@@ -64,6 +64,9 @@ class GraphedDecode:
         self.alpha = torch.ones(n, dtype=torch.float32, device=dev)
         self.adapter_slots = torch.zeros(n, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # every tensor a graph reads must outlive it: the graph keeps raw pointers, not references
+        # (for_decode's row/segment tensors, freed and reused, were read as garbage slot ids at replay)
+        self.inputs: dict[tuple[int, bool], tuple[object, object]] = {}
         self.has_lora = adapter_pools  # also capture the adapter variant of every bucket
         self.pool = torch.cuda.graph_pool_handle()
         backend = model.backend
@@ -87,6 +90,7 @@ class GraphedDecode:
                 old = getattr(backend, "num_splits", None)
                 if splits is not None:
                     backend.num_splits = splits
+                self.inputs[(bs, lora)] = (seqlen, data)
                 try:
                     with torch.inference_mode():
                         self.graphs[(bs, lora)] = capture(step, self.pool)

@@ -90,8 +90,11 @@ def add_lora_parts(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_poo
 
 
 def lora_kernels(device: torch.device) -> Optional[ModuleType]:
-    """worker.kernels.lora on CUDA when Triton imports, else None (the PyTorch path)."""
-    if device.type != "cuda":
+    """worker.kernels.lora on CUDA when Triton imports (on the CPU too under TRITON_INTERPRET=1, for
+    tests), else None (the PyTorch path)."""
+    import os
+
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return None
     try:
         from worker.kernels import lora
