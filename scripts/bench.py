@@ -236,12 +236,16 @@ def bench_lora_decode(model, batches: list[int], ctx_len: int, block_size: int, 
                                            for p in range(ctx_len + 1)], ntk_alpha=1.0, n_cached=0))
     wbytes, per_adapter = weight_bytes(model), lora_bytes(mgr, rank)
     rows, capture_s = [], {}
-    for overlap in (False, True) if mgr.shrink_stream is not None else (False,):
-        for owner, name in lora_linears(model):  # the shrink alongside the base matmul, or after it
-            getattr(owner, name).lora.stream = mgr.shrink_stream if overlap else None
+    variants = [("torch", False)] + ([("triton", False)] if mgr.kernels is not None else []) + (
+        [("triton", True)] if mgr.shrink_stream is not None else [])
+    for k, (backend, overlap) in enumerate(variants):
+        for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
+            term = getattr(owner, name).lora
+            term.kernels = mgr.kernels if backend == "triton" else None
+            term.stream = mgr.shrink_stream if overlap else None
         t0 = time.time()
         graphs = GraphedDecode(model, kv, max_batch, per_seq, num_blocks - 1, adapter_pools=True)
-        capture_s["overlap" if overlap else "serial"] = time.time() - t0
+        capture_s[f"{backend}{'-overlap' if overlap else ''}"] = time.time() - t0
         for b in batches:
             batch = SimpleNamespace(requests=reqs[:b])
             bucket = next(s for s in graphs.sizes if s >= b)
@@ -250,11 +254,12 @@ def bench_lora_decode(model, batches: list[int], ctx_len: int, block_size: int, 
             graphs.run(batch, list(range(1, b + 1)))  # request i on slot i + 1: b distinct adapters
             lora = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
             floor = (wbytes + b * (ctx_len + 1) * kv_per_token) / bw
-            rows.append(dict(batch=b, adapters=b, overlap=overlap, base_ms=base * 1e3, lora_ms=lora * 1e3,
-                             ratio=base / lora, extra_ms=(lora - base) * 1e3, lora_floor_ms=b * per_adapter / bw * 1e3,
-                             base_floor_ms=floor * 1e3, base_tok_s=b / base, lora_tok_s=b / lora))
-        if overlap or mgr.shrink_stream is None:
-            break  # keep these graphs for the generate workload below
+            rows.append(dict(batch=b, adapters=b, backend=backend, overlap=overlap, base_ms=base * 1e3,
+                             lora_ms=lora * 1e3, ratio=base / lora, extra_ms=(lora - base) * 1e3,
+                             lora_floor_ms=b * per_adapter / bw * 1e3, base_floor_ms=floor * 1e3,
+                             base_tok_s=b / base, lora_tok_s=b / lora))
+        if k == len(variants) - 1:
+            break  # keep the served configuration's graphs for the generate workload below
         del graphs
         torch.cuda.empty_cache()
     # our side of P3: bench_peer's workload (peer_batch prompts of peer_prompt tokens, peer_new new tokens,
@@ -626,8 +631,8 @@ def print_table(res: dict) -> None:
     if "lora" in res:
         lo = res["lora"]
         for row in lo["decode"]:
-            p2 = row["batch"] == 32
-            mode = "shrink || base matmul" if row["overlap"] else "serial"
+            p2 = row["batch"] == 32 and row is max((r for r in lo["decode"] if r["batch"] == 32), key=lambda r: r["ratio"])
+            mode = row.get("backend", "triton") + (", shrink || base matmul" if row["overlap"] else "")
             print(f"| {'P2' if p2 else '  '} | LoRA decode b={row['batch']}, {row['adapters']} distinct "
                   f"rank-{lo['rank']} adapters (r_max {lo['max_rank']}, {mode}): {row['lora_ms']:.2f} ms vs base "
                   f"{row['base_ms']:.2f} ms (+{row['extra_ms']:.2f} ms; adapter bytes floor "

@@ -3,6 +3,7 @@ serving the demo model and its adapters through the router; and a random Qwen-7B
 triton + fused path agrees with the PyTorch reference path in bf16 (margin-aware greedy check)."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -39,6 +40,9 @@ def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
 
 
 def test_random_7b_shape_triton_matches_torch_reference():
+    """bf16 tolerance, stated: against an fp32 run of the same weights (torch path), the triton + fused bf16
+    path's worst logit error is at most 1.5x the plain torch bf16 path's own (plus 2 bf16 ulps of the
+    largest logit), and wherever the fp32 choice has a margin above twice that error, greedy agrees."""
     from paged import Paged
     from worker.config import QwenConfig
     from worker.distributed import ParallelContext
@@ -55,26 +59,32 @@ def test_random_7b_shape_triton_matches_torch_reference():
         p.data.fill_(1.0) if "ln_" in name else p.data.normal_(0, 0.02, generator=g)
     fast = FlashQwenForCausalLM(cfg, pctx, torch.bfloat16, TritonAttention(), fused=True)
     fast.load_state_dict(ref.state_dict())
+    truth = FlashQwenForCausalLM(cfg, pctx, torch.float32, TorchAttention(), fused=False)
+    truth.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     lengths = [1, 37, 300, 700]  # 700 > seq_length 512: NTK alpha 3 and logn active
     prompts = [torch.randint(0, 150000, (n,)).tolist() for n in lengths]
     alphas = [3.0 if n > 512 else 1.0 for n in lengths]
-    runs = {"ref": Paged(ref, num_blocks=1200), "fast": Paged(fast, num_blocks=1200)}
+    runs = {k: Paged(m, num_blocks=1200) for k, m in (("truth", truth), ("ref", ref), ("fast", fast))}
     seqs = [list(p) for p in prompts]
     outs = {k: r.step(list(range(4)), prompts, [0] * 4, alphas, True) for k, r in runs.items()}
-    worst, checked, agree = 0.0, 0, 0
+    err = {"ref": 0.0, "fast": 0.0}
+    scale, margins = 0.0, []
     for step in range(16):
         for i in range(4):
-            r, f = outs["ref"][i][-1].float(), outs["fast"][i][-1].float()
-            d = (r - f).abs().max().item()
-            worst = max(worst, d)
-            top2 = r.topk(2).values
-            if (top2[0] - top2[1]).item() > 2 * d:  # the reference's choice is clear: ours must agree
-                checked += 1
-                agree += int(r.argmax() == f.argmax())
-        nxt = [int(o[-1].argmax()) for o in outs["ref"]]  # teacher-force both on the reference's tokens
+            t = outs["truth"][i][-1].float()
+            scale = max(scale, t.abs().max().item())
+            for k in err:
+                err[k] = max(err[k], (outs[k][i][-1].float() - t).abs().max().item())
+            top2 = t.topk(2).values
+            margins.append(((top2[0] - top2[1]).item(), int(t.argmax()), int(outs["fast"][i][-1].float().argmax())))
+        nxt = [int(o[-1].argmax()) for o in outs["truth"]]  # teacher-force every run on the fp32 tokens
         for s, t in zip(seqs, nxt):
             s.append(t)
         outs = {k: r.step(list(range(4)), seqs, [len(s) - 1 for s in seqs], alphas, False) for k, r in runs.items()}
-    print(f"7B shape bf16, triton+fused vs torch reference path: max |logit diff| {worst:.3e}, "
-          f"greedy agreement {agree}/{checked} clear-margin steps")
-    assert worst <= 0.25 and agree == checked and checked > 0
+    ulp = 2.0 ** (math.floor(math.log2(scale)) - 7)
+    clear = [(a, b) for m, a, b in margins if m > 2 * err["fast"]]
+    agree = sum(a == b for a, b in clear)
+    print(f"7B shape vs fp32 (max |logit| {scale:.2f}): torch bf16 path max err {err['ref']:.3e}, triton+fused bf16 "
+          f"{err['fast']:.3e}; greedy agreement {agree}/{len(clear)} clear-margin steps of {len(margins)}")
+    assert err["fast"] <= 1.5 * err["ref"] + 2 * ulp
+    assert agree == len(clear) and len(clear) > 0

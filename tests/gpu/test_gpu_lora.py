@@ -10,6 +10,7 @@ Run: `pytest -q -s -m gpu tests/gpu/test_gpu_lora.py`.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from types import SimpleNamespace
@@ -238,8 +239,12 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, overlap):
         r.n_cached -= 1
     graphed = graphs.run(batch, adapter_slots).clone()  # a view of the graph's static output
     diff = (eager.float() - graphed.float()).abs().max().item()
-    print(f"graphed vs eager adapter decode: max abs diff {diff:.2e}")
-    assert diff <= 1e-2
+    scale = eager.float().abs().max().item()
+    ulp = 2.0 ** (math.floor(math.log2(scale)) - 7)  # bf16's spacing at the largest logit
+    print(f"graphed vs eager adapter decode: max abs diff {diff:.2e} (bf16 ulp at max |logit| {scale:.2f}: {ulp:.2e})")
+    # the graph's segments are all rows (eager: adapter rows only), so the shrink may split K differently:
+    # fp32 sums in another order, each logit at most a couple of bf16 ulps apart
+    assert diff <= 2 * ulp
     for r in reqs:
         r.n_cached -= 1
     base = graphs.run(batch, None).clone()  # the base-only graph of the same bucket
