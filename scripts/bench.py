@@ -346,10 +346,13 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
         mgr = AdapterManager(root, config, pctx, torch.bfloat16, max_rank, num_slots=2)
         host_copy, host_s = mgr._host_copy, []
 
+        phases: list[dict] = []
+
         def timed_host_copy(*a, **kw):  # the read + validate + scale + pinned staging part of a cold load
             t = time.perf_counter()
             out = host_copy(*a, **kw)
             host_s.append(time.perf_counter() - t)
+            phases.append(dict(mgr.last_timing))
             return out
 
         mgr._host_copy = timed_host_copy
@@ -385,7 +388,8 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
         rows.append(dict(file_dtype=name, file_MB=size / 1e6, rank=rank, max_rank=max_rank, repeats=repeats,
                          page_cache_dropped=dropped, cold_ms=cold[len(cold) // 2] * 1e3,
                          cold_read_stage_ms=read[len(read) // 2] * 1e3,
-                         cached_ms=warm[len(warm) // 2] * 1e3, cold_all_ms=[t * 1e3 for t in cold],
+                         cached_ms=warm[len(warm) // 2] * 1e3, cold_phases_ms=phases[1:],
+                         cold_all_ms=[t * 1e3 for t in cold],
                          cached_all_ms=[t * 1e3 for t in warm]))
         del mgr
         torch.cuda.empty_cache()

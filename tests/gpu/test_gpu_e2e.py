@@ -42,7 +42,9 @@ def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
 def test_random_7b_shape_triton_matches_torch_reference():
     """bf16 tolerance, stated: against an fp32 run of the same weights (torch path), the triton + fused bf16
     path's worst logit error is at most 1.5x the plain torch bf16 path's own (plus 2 bf16 ulps of the
-    largest logit), and wherever the fp32 choice has a margin above twice that error, greedy agrees."""
+    largest logit); its greedy choices agree with fp32's wherever fp32's top-2 margin exceeds twice that
+    error, and overall at least as often as the torch bf16 path's do, less 4 of 64. (A random model's
+    top-2 margins are mostly below bf16's error, so exact greedy equality is not a property it has.)"""
     from paged import Paged
     from worker.config import QwenConfig
     from worker.distributed import ParallelContext
@@ -76,15 +78,19 @@ def test_random_7b_shape_triton_matches_torch_reference():
             for k in err:
                 err[k] = max(err[k], (outs[k][i][-1].float() - t).abs().max().item())
             top2 = t.topk(2).values
-            margins.append(((top2[0] - top2[1]).item(), int(t.argmax()), int(outs["fast"][i][-1].float().argmax())))
+            margins.append(((top2[0] - top2[1]).item(), int(t.argmax()), int(outs["fast"][i][-1].float().argmax()),
+                            int(outs["ref"][i][-1].float().argmax())))
         nxt = [int(o[-1].argmax()) for o in outs["truth"]]  # teacher-force every run on the fp32 tokens
         for s, t in zip(seqs, nxt):
             s.append(t)
         outs = {k: r.step(list(range(4)), seqs, [len(s) - 1 for s in seqs], alphas, False) for k, r in runs.items()}
     ulp = 2.0 ** (math.floor(math.log2(scale)) - 7)
-    clear = [(a, b) for m, a, b in margins if m > 2 * err["fast"]]
-    agree = sum(a == b for a, b in clear)
+    clear = [(a, b) for m, a, b, _ in margins if m > 2 * err["fast"]]
+    agree_fast = sum(a == b for _, a, b, _ in margins)
+    agree_ref = sum(a == c for _, a, _, c in margins)
     print(f"7B shape vs fp32 (max |logit| {scale:.2f}): torch bf16 path max err {err['ref']:.3e}, triton+fused bf16 "
-          f"{err['fast']:.3e}; greedy agreement {agree}/{len(clear)} clear-margin steps of {len(margins)}")
+          f"{err['fast']:.3e}; greedy = fp32 on {agree_fast}/{len(margins)} steps (torch bf16: {agree_ref}), "
+          f"clear-margin steps {sum(a == b for a, b in clear)}/{len(clear)}")
     assert err["fast"] <= 1.5 * err["ref"] + 2 * ulp
-    assert agree == len(clear) and len(clear) > 0
+    assert all(a == b for a, b in clear)
+    assert agree_fast >= agree_ref - 4

@@ -64,6 +64,7 @@ class AdapterManager:
         self.entries: dict[int, Entry] = {}
         self.slot_owner: list[Optional[int]] = [None] * (num_slots + 1)  # slot -> adapter index; slot 0 = base
         self.engine: Any = None
+        self.last_timing: dict[str, float] = {}  # phases of the last cold read (logged; read by the benchmark)
         self.preloaded: list[tuple[int, str]] = []
         auto = triton is None and pctx.device.type == "cuda"
         self.kernels = lora_kernels(pctx.device) if triton or auto else None
@@ -165,14 +166,18 @@ class AdapterManager:
     def _host_copy(self, params: Any, source: int) -> tuple[LoraAdapter, dict, torch.Tensor]:
         """(adapter, this rank's host (A, B) per module, ranks [layers, modules] int32). On CUDA the host
         copy is in the pool dtype, in one pinned buffer (so filling a slot is asynchronous)."""
+        t0 = time.perf_counter()
         adapter = self._read(params, source, self.dtype if self.on_cuda else torch.float32)
         host = self._shard(adapter)
+        self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
         ranks = torch.zeros(self.config.num_hidden_layers, len(POOL_MODULES), dtype=torch.int32)
         for (layer, module), (a, _) in host.items():
             ranks[layer, POOL_MODULES.index(module)] = a.shape[0]
         if not self.on_cuda:
             return adapter, host, ranks
+        t1 = time.perf_counter()
         buf = torch.empty(sum(a.numel() + b.numel() for a, b in host.values()), dtype=self.dtype, pin_memory=True)
+        t2 = time.perf_counter()
         pinned, offset = {}, 0
         for key, pair in host.items():
             views = []
@@ -180,6 +185,7 @@ class AdapterManager:
                 views.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
                 offset += t.numel()
             pinned[key] = (views[0], views[1])
+        self.last_timing.update(pin_alloc_ms=(t2 - t1) * 1e3, stage_ms=(time.perf_counter() - t2) * 1e3)
         return adapter, pinned, ranks.pin_memory()
 
     # ------------------------------------------------------------------ RPC bodies
@@ -202,8 +208,8 @@ class AdapterManager:
                 self._free_slot(entry)
             entry = Entry(req.adapter_parameters, req.adapter_source, host=host, rank=adapter.rank, ranks=ranks)
             self.entries[index] = entry
-            log.info("adapter index %d (%s) read in %.1f ms", index, list(req.adapter_parameters.adapter_ids),
-                     (time.perf_counter() - t0) * 1e3)
+            log.info("adapter index %d (%s) read in %.1f ms (%s)", index, list(req.adapter_parameters.adapter_ids),
+                     (time.perf_counter() - t0) * 1e3, ", ".join(f"{k} {v:.1f}" for k, v in self.last_timing.items()))
         self._make_resident(index, pinned=set())
         return pb.LoadAdapterResponse(loaded=True)
 
