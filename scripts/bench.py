@@ -352,7 +352,6 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
             t = time.perf_counter()
             out = host_copy(*a, **kw)
             host_s.append(time.perf_counter() - t)
-            phases.append(dict(mgr.last_timing))
             return out
 
         mgr._host_copy = timed_host_copy
@@ -376,6 +375,7 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
         for i in range(repeats + 1):
             dropped &= drop_page_cache(os.path.join(root, f"{name}-{i}", "adapter_model.safetensors"))
             t = load(i + 1, f"{name}-{i}")
+            phases.append(dict(mgr.last_timing))
             offload(i + 1)
             if i:
                 cold.append(t)

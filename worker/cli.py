@@ -128,9 +128,6 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
 
         adapters = AdapterManager.from_args(args, model, pctx)
     kv_dtype = parse_kv_dtype(args.kv_cache_dtype)
-    if kv_dtype == torch.float8_e4m3fn and backend.name != "torch":
-        raise SystemExit("--kv-cache-dtype fp8_e4m3 needs --attention-backend torch in this release: the Triton "
-                         "kernels' fp8 reads are not verified on a GPU yet")
     engine = Engine(model, tokenizer, pctx,
                     EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
                                  max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,

@@ -17,7 +17,7 @@ import random
 import pytest
 import torch
 
-pytestmark = [pytest.mark.skip(reason='Triton fp8 KV kernels not in this release'), pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
 pytest.importorskip("triton")

@@ -1,7 +1,7 @@
 """The multi-LoRA Triton kernels (worker/kernels/lora.py) on CUDA: bf16 at Qwen-7B module shapes against the
 PyTorch path, captured in a CUDA graph, and the tiny model with three adapters (kernels picked by the
 AdapterManager on CUDA) against the float64 reference with each adapter merged, eager and graphed decode;
-the LoadAdapter fast path (pinned host copy, side-stream copies) fills the same slots as before.
+the LoadAdapter fast path (pinned staging buffer, side-stream copies) fills the same slots as before.
 
 Tolerance (bf16): the kernels and the PyTorch path round h and the delta to bf16 at the same points and
 differ only in fp32 summation order, so each may land one bf16 ulp off the other; the test bounds the
@@ -254,8 +254,9 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, overlap):
 
 
 def test_load_fast_path_fills_the_same_slots(tmp_path):
-    """Pinned pool-dtype host copy, side-stream copies: the slot holds exactly A and the scaled B rounded
-    to the pool dtype (as the PyTorch path wrote them), ranks are set; offload zeroes the slot; a reload
+    """Pool-dtype host copy, packed into the pinned staging buffer and copied on a side stream: the slot
+    holds exactly A and the scaled B rounded to the pool dtype (as the PyTorch path wrote them), ranks are
+    set — after two more adapters went through the same staging buffer; offload zeroes the slot; a reload
     from the host cache restores it bit for bit without reading the files."""
     import shutil
 
@@ -265,7 +266,8 @@ def test_load_fast_path_fills_the_same_slots(tmp_path):
 
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16)
     entry = mgr.entries[2]
-    assert all(a.is_pinned() and b.is_pinned() and a.dtype == torch.bfloat16 for a, b in entry.host.values())
+    assert mgr.staging.is_pinned() and mgr.staging.numel() * 2 == mgr.slot_bytes
+    assert all(a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 for a, b in entry.host.values())
     expect = read_adapter(str(tmp_path / "adapters" / "a8"), model.config, 16)  # fp32, scale folded
     slot = entry.slot
     torch.cuda.synchronize()

@@ -125,8 +125,6 @@ def test_torch_attend_over_fp8_cache_close_to_fp32():
 
 # ------------------------------------------------------------------------ Triton (interpreter)
 def _triton():
-    pytest.skip("the Triton fp8 KV path is not in this release (fp8 KV runs on the torch backend); "
-                "its kernels were not verified on a GPU")
     if not TRITON_ON_CPU:
         pytest.skip("Triton kernels already compiled for the GPU in this session")
     pytest.importorskip("triton")

@@ -6,15 +6,18 @@ graph. An adapter used by a live batch is never evicted or offloaded. w2 and w1 
 stacked pool (the merged gate_up's two parts, one kernel launch); `ranks[slot, layer, module]` holds
 each slot's true rank per module (0: empty), which bounds the kernels' work.
 
-On CUDA the host copy is kept in the pool dtype in one pinned buffer per adapter (scale folded in), so
-filling a slot is one asynchronous copy per tensor on a side stream, and a reload after offload reads
-nothing from disk.
+The host copy of an adapter (this rank's shard, in the pool dtype, scale folded in) stays in ordinary
+memory, so a reload after offload reads nothing from disk. On CUDA a slot is filled through one pinned
+staging buffer of a slot's size, allocated once with the pool (page-locking is the slow part of pinned
+memory: ~1 ms per MB, so never per load): the host copy is packed into it and copied to the slot
+asynchronously on a side stream; the next fill waits for that copy before reusing the buffer.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -96,6 +99,14 @@ class AdapterManager:
                     self.pools[(layer, module)] = (a[:, p], b[:, p])
         self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stacked.values())
+        self.staging: Optional[torch.Tensor] = None  # pinned, one slot's elements (CUDA only)
+        self.staging_done: Optional[torch.cuda.Event] = None  # the last copy out of it
+        self.staging_lock = threading.Lock()
+        if self.on_cuda:
+            t0 = time.perf_counter()
+            self.staging = torch.empty(self.slot_bytes // dtype.itemsize, dtype=dtype, pin_memory=True)
+            log.info("adapter staging buffer: %.1f MiB pinned in %.0f ms", self.slot_bytes / 2**20,
+                     (time.perf_counter() - t0) * 1e3)
         log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
                  num_slots, max_rank, self.slot_bytes / 2**20, self.slot_bytes * num_slots / 2**20, root,
                  "triton" if self.kernels is not None else "torch",
@@ -164,29 +175,16 @@ class AdapterManager:
                 for key, (a, b) in adapter.weights.items()}
 
     def _host_copy(self, params: Any, source: int) -> tuple[LoraAdapter, dict, torch.Tensor]:
-        """(adapter, this rank's host (A, B) per module, ranks [layers, modules] int32). On CUDA the host
-        copy is in the pool dtype, in one pinned buffer (so filling a slot is asynchronous)."""
+        """(adapter, this rank's host (A, B) per module in the pool dtype (fp32 on a CPU), ranks [layers,
+        modules] int32)."""
         t0 = time.perf_counter()
         adapter = self._read(params, source, self.dtype if self.on_cuda else torch.float32)
         host = self._shard(adapter)
-        self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
         ranks = torch.zeros(self.config.num_hidden_layers, len(POOL_MODULES), dtype=torch.int32)
         for (layer, module), (a, _) in host.items():
             ranks[layer, POOL_MODULES.index(module)] = a.shape[0]
-        if not self.on_cuda:
-            return adapter, host, ranks
-        t1 = time.perf_counter()
-        buf = torch.empty(sum(a.numel() + b.numel() for a, b in host.values()), dtype=self.dtype, pin_memory=True)
-        t2 = time.perf_counter()
-        pinned, offset = {}, 0
-        for key, pair in host.items():
-            views = []
-            for t in pair:
-                views.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
-                offset += t.numel()
-            pinned[key] = (views[0], views[1])
-        self.last_timing.update(pin_alloc_ms=(t2 - t1) * 1e3, stage_ms=(time.perf_counter() - t2) * 1e3)
-        return adapter, pinned, ranks.pin_memory()
+        self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
+        return adapter, host, ranks
 
     # ------------------------------------------------------------------ RPC bodies
     def download(self, req: Any) -> Any:
@@ -275,25 +273,43 @@ class AdapterManager:
         return slot
 
     def _fill(self, slot: int, entry: Entry) -> None:
-        """Copy the entry's host (A, B) and ranks into `slot` (all zeros). On CUDA: from pinned memory, on a
-        side stream ordered after the main stream's work so far (the zeroing, steps still reading the slot),
-        with the main stream's later work ordered after the copies; no host sync."""
-        def copy() -> None:
+        """Copy the entry's host (A, B) and ranks into `slot` (all zeros). On CUDA: packed into the pinned
+        staging buffer, then copied on a side stream ordered after the main stream's work so far (the
+        zeroing, steps still reading the slot), with the main stream's later work ordered after the copies;
+        the host waits only for the previous fill's copies (before it overwrites the buffer)."""
+        if self.staging is None:
             for key, (a, b) in entry.host.items():
                 a_pool, b_pool = self.pools[key]
                 r = a.shape[0]
-                a_pool[slot, :r].copy_(a, non_blocking=True)
-                b_pool[slot, :, :r].copy_(b, non_blocking=True)
-            self.ranks[slot].copy_(entry.ranks, non_blocking=True)
-
-        if self.copy_stream is None:
-            copy()
+                a_pool[slot, :r].copy_(a)
+                b_pool[slot, :, :r].copy_(b)
+            self.ranks[slot].copy_(entry.ranks)
             return
-        main = torch.cuda.current_stream(self.pctx.device)
-        self.copy_stream.wait_stream(main)
-        with torch.cuda.stream(self.copy_stream):
-            copy()
-        main.wait_stream(self.copy_stream)
+        with self.staging_lock:
+            t0 = time.perf_counter()
+            if self.staging_done is not None:
+                self.staging_done.synchronize()
+            views, offset = [], 0
+            for key, pair in entry.host.items():
+                for t in pair:
+                    views.append(self.staging[offset:offset + t.numel()].view(t.shape).copy_(t))
+                    offset += t.numel()
+            t1 = time.perf_counter()
+            main = torch.cuda.current_stream(self.pctx.device)
+            self.copy_stream.wait_stream(main)
+            with torch.cuda.stream(self.copy_stream):
+                it = iter(views)
+                for key in entry.host:
+                    a_pool, b_pool = self.pools[key]
+                    a, b = next(it), next(it)
+                    r = a.shape[0]
+                    a_pool[slot, :r].copy_(a, non_blocking=True)
+                    b_pool[slot, :, :r].copy_(b, non_blocking=True)
+                self.ranks[slot].copy_(entry.ranks.to(self.pctx.device, non_blocking=False))
+                self.staging_done = torch.cuda.Event()
+                self.staging_done.record(self.copy_stream)
+            main.wait_stream(self.copy_stream)
+            self.last_timing.update(stage_ms=(t1 - t0) * 1e3, issue_ms=(time.perf_counter() - t1) * 1e3)
 
     def request_slots(self, batch: Any) -> Optional[list[int]]:
         """The pool slot of each request's adapter (0: base model), loading idle ones back if needed;
