@@ -396,7 +396,7 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
     return rows
 
 
-def bench_kv_capacity(model, block_size: int, memory_fraction: float) -> dict:
+def bench_kv_capacity(model, block_size: int, memory_fraction: float, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
     from worker.engine.engine import Engine, EngineConfig
     from worker.engine.kv_cache import KVCache
     from worker.pb import generate_pb2 as pb
@@ -408,12 +408,13 @@ def bench_kv_capacity(model, block_size: int, memory_fraction: float) -> dict:
         def encode(self, text):
             return [1] * len(text)
 
-    engine = Engine(model, _Tok(), model.pctx, EngineConfig(block_size=block_size, memory_fraction=memory_fraction))
+    engine = Engine(model, _Tok(), model.pctx, EngineConfig(block_size=block_size, memory_fraction=memory_fraction,
+                                                            kv_cache_dtype=kv_dtype))
     torch.cuda.empty_cache()
     free_before = torch.cuda.mem_get_info(model.pctx.device)[0]
     c = model.config
     per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // model.pctx.world_size,
-                                        c.head_dim, torch.bfloat16)
+                                        c.head_dim, kv_dtype)
     req = pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=[1] * 4096),
                      stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=16))
     reqs = [pb.Request(id=i, tokenized_inputs=req.tokenized_inputs, stopping_parameters=req.stopping_parameters)
@@ -423,7 +424,8 @@ def bench_kv_capacity(model, block_size: int, memory_fraction: float) -> dict:
     cache_tokens = engine.kv.num_slots
     ideal = free_before / per_token
     out = dict(max_supported_total_tokens=total, cache_tokens=cache_tokens, ideal_tokens=int(ideal),
-               ratio=cache_tokens / ideal, per_token_bytes=per_token, free_gib=free_before / 2**30)
+               ratio=cache_tokens / ideal, per_token_bytes=per_token, free_gib=free_before / 2**30,
+               kv_dtype=str(kv_dtype).replace("torch.", ""))
     engine.kv = None
     engine.runner = None
     torch.cuda.empty_cache()
@@ -584,6 +586,7 @@ def main() -> None:
         res["prefill"] = bench_prefill(model, 8, 1024, args.block_size, res["matmul_TFLOPs"] * 1e12)
     if "kv" in only:
         res["kv"] = bench_kv_capacity(model, args.block_size, args.memory_fraction)
+        res["kv_fp8"] = bench_kv_capacity(model, args.block_size, args.memory_fraction, torch.float8_e4m3fn)
     if "lora" in only:
         import tempfile
 
@@ -650,11 +653,15 @@ def print_table(res: dict) -> None:
                   f"MB: cold{'' if row['page_cache_dropped'] else ' (page cache kept)'} / host cache | "
                   f"{row['cold_ms']:.1f} (read+stage {row['cold_read_stage_ms']:.1f}) / {row['cached_ms']:.1f} ms | "
                   "<= 100 ms |")
-    if "kv" in res:
-        k = res["kv"]
-        print(f"| P8 | KV capacity {k['cache_tokens']} tokens of {k['ideal_tokens']} ideal "
-              f"({k['free_gib']:.1f} GiB free); the router is offered {k['max_supported_total_tokens']} "
-              f"({k['max_supported_total_tokens'] / k['ideal_tokens']:.2f}) | {k['ratio']:.2f} | >= 0.9 |")
+    for key in ("kv", "kv_fp8"):
+        if key in res:
+            k = res[key]
+            twice = (f"; {k['cache_tokens'] / res['kv']['cache_tokens']:.2f}x the bf16 cache's tokens"
+                     if key == "kv_fp8" and "kv" in res else "")
+            print(f"| P8 | KV capacity ({k.get('kv_dtype', 'bfloat16')}) {k['cache_tokens']} tokens of "
+                  f"{k['ideal_tokens']} ideal ({k['free_gib']:.1f} GiB free); the router is offered "
+                  f"{k['max_supported_total_tokens']} ({k['max_supported_total_tokens'] / k['ideal_tokens']:.2f})"
+                  f"{twice} | {k['ratio']:.2f} | >= 0.9 |")
 
 
 if __name__ == "__main__":
