@@ -1,4 +1,5 @@
-"""End to end on the GPU: real shard processes (triton backend, CUDA graphs or --eager, TP 1 and 2)
+"""End to end on the GPU: real shard processes (triton backend, CUDA graphs or --eager, both LoRA backends,
+bf16 or fp8 KV cache, TP 1 and 2)
 serving the demo model and its adapters through the router; and a random Qwen-7B-shaped model whose
 triton + fused path agrees with the PyTorch reference path in bf16 (margin-aware greedy check)."""
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("num_shard,extra", [(1, ()), (1, ("--eager",)), (2, ())])
+@pytest.mark.parametrize("num_shard,extra", [(1, ()), (1, ("--eager",)), (1, ("--lora-backend", "torch")),
+                                             (1, ("--kv-cache-dtype", "fp8_e4m3")), (2, ())])
 def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
     if num_shard > torch.cuda.device_count():
         pytest.skip(f"needs {num_shard} GPUs")
