@@ -257,7 +257,7 @@ def test_load_fast_path_fills_the_same_slots(tmp_path):
     """Pool-dtype host copy, packed into the pinned staging buffer and copied on a side stream: the slot
     holds exactly A and the scaled B rounded to the pool dtype (as the PyTorch path wrote them), ranks are
     set — after two more adapters went through the same staging buffer; offload zeroes the slot; a reload
-    from the host cache restores it bit for bit without reading the files."""
+    from the (by then pinned) host cache restores it bit for bit without reading the files."""
     import shutil
 
     from lora_helpers import load
@@ -281,7 +281,9 @@ def test_load_fast_path_fills_the_same_slots(tmp_path):
     mgr.offload(pb.OffloadAdapterRequest(adapter_index=2))
     assert not mgr.ranks[slot].any() and all(not a[slot].any() for a, _ in mgr.stacked.values())
     shutil.rmtree(tmp_path / "adapters" / "a8")  # a reload must come from the host cache
-    load(mgr, 2, "a8")
+    mgr.wait_pinned()  # the background thread moved the host copies into pinned memory
+    assert mgr.entries[2].pinned and all(a.is_pinned() and b.is_pinned() for a, b in mgr.entries[2].host.values())
+    load(mgr, 2, "a8")  # straight from the pinned host copy
     torch.cuda.synchronize()
     slot = mgr.entries[2].slot
     assert all(torch.equal(a[slot], before[k][0]) and torch.equal(b[slot], before[k][1])

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-import safetensors.torch
+from safetensors import safe_open
 
 from worker.config import QwenConfig
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -124,9 +124,9 @@ def read_adapter(path: str, config: QwenConfig, max_rank: int, allow_bin: bool =
 def _read_tensors(path: str, allow_bin: bool) -> dict[str, torch.Tensor]:
     st = os.path.join(path, "adapter_model.safetensors")
     if os.path.isfile(st):
-        try:  # one sequential read (a cold file reads faster than through mmap's page faults)
-            with open(st, "rb") as f:
-                return safetensors.torch.load(f.read())
+        try:  # mmap'd (measured on an H200 host, page cache dropped: faster than one read() + load(bytes))
+            with safe_open(st, framework="pt") as h:
+                return {k: h.get_tensor(k) for k in h.keys()}
         except Exception as exc:  # truncated or corrupt
             raise InvalidArgument(f"cannot read {st}: {exc}") from exc
     binary = os.path.join(path, "adapter_model.bin")

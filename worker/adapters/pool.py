@@ -6,15 +6,17 @@ graph. An adapter used by a live batch is never evicted or offloaded. w2 and w1 
 stacked pool (the merged gate_up's two parts, one kernel launch); `ranks[slot, layer, module]` holds
 each slot's true rank per module (0: empty), which bounds the kernels' work.
 
-The host copy of an adapter (this rank's shard, in the pool dtype, scale folded in) stays in ordinary
-memory, so a reload after offload reads nothing from disk. On CUDA a slot is filled through one pinned
-staging buffer of a slot's size, allocated once with the pool (page-locking is the slow part of pinned
-memory: ~1 ms per MB, so never per load): the host copy is packed into it and copied to the slot
-asynchronously on a side stream; the next fill waits for that copy before reusing the buffer.
+The host copy of an adapter (this rank's shard, in the pool dtype, scale folded in) is kept, so a
+reload after offload reads nothing from disk. On CUDA, page-locking memory costs about 1 ms per MB
+(measured on an H200 host), so a cold load never waits for it: the fresh host copy is packed into one
+pinned staging buffer of a slot's size (allocated once with the pool) and copied to the slot
+asynchronously on a side stream, and a background thread then moves the host copy into pinned memory
+of its own, from which a later reload is one asynchronous copy per tensor, no staging.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -43,6 +45,7 @@ class Entry:
     source: int
     slot: Optional[int] = None
     host: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # this rank's (A, B)
+    pinned: bool = False  # host is in page-locked memory (then a slot is filled from it directly)
     rank: int = 0
     ranks: Optional[torch.Tensor] = None  # [layers, len(POOL_MODULES)] int32: rank per module (0: not targeted)
     last_used: float = field(default_factory=time.monotonic)
@@ -102,7 +105,10 @@ class AdapterManager:
         self.staging: Optional[torch.Tensor] = None  # pinned, one slot's elements (CUDA only)
         self.staging_done: Optional[torch.cuda.Event] = None  # the last copy out of it
         self.staging_lock = threading.Lock()
+        self.pinner: Optional[concurrent.futures.ThreadPoolExecutor] = None  # pins host copies off the load path
+        self.pinning: list[concurrent.futures.Future] = []
         if self.on_cuda:
+            self.pinner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-pin")
             t0 = time.perf_counter()
             self.staging = torch.empty(self.slot_bytes // dtype.itemsize, dtype=dtype, pin_memory=True)
             log.info("adapter staging buffer: %.1f MiB pinned in %.0f ms", self.slot_bytes / 2**20,
@@ -245,7 +251,7 @@ class AdapterManager:
         they are read from disk again if used."""
         offloaded = sorted((e.last_used, i) for i, e in self.entries.items() if e.slot is None and e.host is not None)
         for _, i in offloaded[: max(0, len(offloaded) - self.host_cache)]:
-            self.entries[i].host = None
+            self.entries[i].host, self.entries[i].pinned = None, False
 
     def _make_resident(self, index: int, pinned: set[int]) -> int:
         entry = self.entries[index]
@@ -266,6 +272,7 @@ class AdapterManager:
         slot = free[0]
         if entry.host is None:  # dropped from the host cache: read again
             _, entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
+            entry.pinned = False
         self._fill(slot, entry)
         self.slot_owner[slot] = index
         entry.slot = slot
@@ -273,12 +280,14 @@ class AdapterManager:
         return slot
 
     def _fill(self, slot: int, entry: Entry) -> None:
-        """Copy the entry's host (A, B) and ranks into `slot` (all zeros). On CUDA: packed into the pinned
-        staging buffer, then copied on a side stream ordered after the main stream's work so far (the
-        zeroing, steps still reading the slot), with the main stream's later work ordered after the copies;
-        the host waits only for the previous fill's copies (before it overwrites the buffer)."""
+        """Copy the entry's host (A, B) and ranks into `slot` (all zeros). On CUDA: on a side stream ordered
+        after the main stream's work so far (the zeroing, steps still reading the slot), with the main
+        stream's later work ordered after the copies; straight from a pinned host copy, else packed into the
+        staging buffer first (waiting only for the previous staged fill's copies) and the host copy queued
+        for pinning."""
+        host = entry.host
         if self.staging is None:
-            for key, (a, b) in entry.host.items():
+            for key, (a, b) in host.items():
                 a_pool, b_pool = self.pools[key]
                 r = a.shape[0]
                 a_pool[slot, :r].copy_(a)
@@ -287,29 +296,44 @@ class AdapterManager:
             return
         with self.staging_lock:
             t0 = time.perf_counter()
-            if self.staging_done is not None:
-                self.staging_done.synchronize()
-            views, offset = [], 0
-            for key, pair in entry.host.items():
-                for t in pair:
-                    views.append(self.staging[offset:offset + t.numel()].view(t.shape).copy_(t))
-                    offset += t.numel()
+            staged = not entry.pinned
+            if staged:
+                if self.staging_done is not None:
+                    self.staging_done.synchronize()
+                src = _pack(self.staging, host)
+            else:
+                src = host
             t1 = time.perf_counter()
             main = torch.cuda.current_stream(self.pctx.device)
             self.copy_stream.wait_stream(main)
             with torch.cuda.stream(self.copy_stream):
-                it = iter(views)
-                for key in entry.host:
+                for key, (a, b) in src.items():
                     a_pool, b_pool = self.pools[key]
-                    a, b = next(it), next(it)
                     r = a.shape[0]
                     a_pool[slot, :r].copy_(a, non_blocking=True)
                     b_pool[slot, :, :r].copy_(b, non_blocking=True)
-                self.ranks[slot].copy_(entry.ranks.to(self.pctx.device, non_blocking=False))
-                self.staging_done = torch.cuda.Event()
-                self.staging_done.record(self.copy_stream)
+                self.ranks[slot].copy_(entry.ranks.to(self.pctx.device))
+                if staged:
+                    self.staging_done = torch.cuda.Event()
+                    self.staging_done.record(self.copy_stream)
             main.wait_stream(self.copy_stream)
             self.last_timing.update(stage_ms=(t1 - t0) * 1e3, issue_ms=(time.perf_counter() - t1) * 1e3)
+        if staged and self.pinner is not None:
+            self.pinning = [f for f in self.pinning if not f.done()] + [self.pinner.submit(self._pin, entry, host)]
+
+    def _pin(self, entry: Entry, host: dict) -> None:
+        """Background: the host copy in one pinned buffer; swapped in unless the entry moved on meanwhile."""
+        buf = torch.empty(sum(a.numel() + b.numel() for a, b in host.values()), dtype=self.dtype, pin_memory=True)
+        pinned = _pack(buf, host)
+        with self.staging_lock:
+            if entry.host is host:
+                entry.host, entry.pinned = pinned, True
+
+    def wait_pinned(self) -> None:
+        """Block until the queued host copies are pinned (tests, benchmarks)."""
+        for f in self.pinning:
+            f.result()
+        self.pinning = []
 
     def request_slots(self, batch: Any) -> Optional[list[int]]:
         """The pool slot of each request's adapter (0: base model), loading idle ones back if needed;
@@ -327,6 +351,18 @@ class AdapterManager:
         return {"adapters_known": len(self.entries),
                 "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
                 "adapter_slots_total": self.num_slots, "adapter_host_bytes": host}
+
+
+def _pack(buf: torch.Tensor, host: dict) -> dict:
+    """Copy each (A, B) of `host` into consecutive views of the flat `buf`; returns the views, same keys."""
+    out, offset = {}, 0
+    for key, pair in host.items():
+        views = []
+        for t in pair:
+            views.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
+            offset += t.numel()
+        out[key] = (views[0], views[1])
+    return out
 
 
 def default_root_check(root: str) -> str:
