@@ -83,6 +83,15 @@ def init_from_env(env: Mapping[str, str], device: str = "auto",
     return ParallelContext(rank, world_size, dev, dist.group.WORLD)
 
 
+def bind_thread(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (no-op elsewhere). The current device is
+    per thread: a gRPC worker thread or a helper thread starts on cuda:0, where Triton refuses the
+    pointers of shard r's tensors on cuda:r ("cannot be accessed from Triton") and a pinned allocation
+    would open a second CUDA context. Every thread of a shard that touches CUDA starts here."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def shutdown(ctx: ParallelContext) -> None:
     """Leave the process group together (a barrier first: gloo aborts if a peer vanishes mid-teardown)."""
     if ctx.world_size > 1 and dist.is_initialized():
