@@ -15,7 +15,6 @@ of its own, from which a later reload is one asynchronous copy per tensor, no st
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import os

@@ -4,7 +4,7 @@ Weights are [out, in] as in the checkpoint. `pctx` is the ParallelContext (rank,
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

@@ -137,33 +137,39 @@ class LoraTerm:
         return y
 
 
-class LoraColumnParallelLinear(nn.Module):
+class _LoraLinear(nn.Module):
+    """A base linear plus its adapter term; without adapter data in the context, just the base."""
+
+    def __init__(self, base: nn.Module, lora: LoraTerm):
+        super().__init__()
+        self.base = base
+        self.lora = lora
+
+    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        data = getattr(ctx, "adapter_data", None)
+        if data is None:
+            return self.base(x, ctx)
+        return self.with_adapters(x, ctx, data)
+
+    def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoraColumnParallelLinear(_LoraLinear):
     """A column-parallel linear plus adapters; the pool's parts cover the output columns in order
     (c_attn: one part, q|k|v; merged gate_up: w2 then w1)."""
 
-    def __init__(self, base: ColumnParallelLinear, lora: LoraTerm):
-        super().__init__()
-        self.base = base
-        self.lora = lora
+    base: ColumnParallelLinear
 
-    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
-        data = getattr(ctx, "adapter_data", None)
-        if data is None:
-            return self.base(x, ctx)
+    def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.lora.apply(lambda: self.base(x, ctx), x, data)  # [T, out_per_rank]
 
 
-class LoraRowParallelLinear(nn.Module):
-    """A row-parallel linear plus adapters (one part: A split on the input dim, B whole)."""
+class LoraRowParallelLinear(_LoraLinear):
+    """A row-parallel linear plus adapters (one part: A split on the input dim, B whole), added to this
+    rank's partial sum before the layer's one all-reduce."""
 
-    def __init__(self, base: RowParallelLinear, lora: LoraTerm):
-        super().__init__()
-        self.base = base
-        self.lora = lora
+    base: RowParallelLinear
 
-    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
-        data = getattr(ctx, "adapter_data", None)
-        if data is None:
-            return self.base(x, ctx)
-        y = self.lora.apply(lambda: self.base.partial(x), x, data)  # [T, out]: this rank's share
-        return self.base.reduce(y)
+    def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
+        return self.base.reduce(self.lora.apply(lambda: self.base.partial(x), x, data))  # [T, out]
