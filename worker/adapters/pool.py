@@ -296,7 +296,7 @@ class AdapterManager:
             return
         with self.staging_lock:
             t0 = time.perf_counter()
-            staged = not entry.pinned
+            host, staged = entry.host, not entry.pinned  # read together: the pinning thread swaps both
             if staged:
                 if self.staging_done is not None:
                     self.staging_done.synchronize()
