@@ -164,6 +164,10 @@ def test_load_offload_200_cycles_no_leak_and_busy_never_evicted(setup):
             mgr.offload(pb.OffloadAdapterRequest(adapter_index=index))
     with pytest.raises(FailedPrecondition, match="live batch"):
         mgr.offload(pb.OffloadAdapterRequest(adapter_index=1))
+    with pytest.raises(FailedPrecondition, match="live batch"):  # nor replaced by another adapter
+        load(mgr, 1, "a8")
+    load(mgr, 1, "a4")  # loading the same adapter again is a no-op
+    assert mgr.entries[1].slot == slot1
     # outputs still right for the busy adapter after all that churn
     p = list(range(30, 41))
     out = Paged(model).step([0], [p], [0], [1.0], True, [slot1])[0]

@@ -134,6 +134,57 @@ def test_shrink_partials_sum_to_x_at():
         torch.testing.assert_close(h[:, t, 0, :r].sum(0).double(), expect, atol=1e-5, rtol=1e-5)
 
 
+def _segments(T: int, segs: list[tuple[int, int]]) -> AdapterBatchData:
+    """Requests covering T tokens: the (start, length) segments on adapter slot 1, base requests between."""
+    slots, tokens, pos = [], [], 0
+    for start, n in segs:
+        if start > pos:
+            slots.append(0)
+            tokens.append(start - pos)
+        slots.append(1)
+        tokens.append(n)
+        pos = start + n
+    if pos < T:
+        slots.append(0)
+        tokens.append(T - pos)
+    return AdapterBatchData.build(slots, tokens, "cpu")
+
+
+@pytest.mark.parametrize("T, segs, K", [(8192, [(8176, 16)], 11008), (4096, [(0, 4096)], 4096),
+                                        (300, [(5, 7), (100, 200)], 600)])
+def test_plan_caps_the_partial_sums(T, segs, K, monkeypatch):
+    """A long prefill with one short adapter request keeps the shrink's fp32 partial sums within the
+    budget (uncapped on an H100/H200: 172 K splits of [8192 tokens, 64 lanes] = 360 MB); the splits still
+    cover K."""
+    from worker.kernels import lora as kernels
+    from worker.kernels.lora import H_BUDGET, _plan, shrink_buffer
+
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)  # the GPU's programs, not the interpreter's
+
+    x, a_pool = torch.zeros(T, K), torch.zeros(2, 1, 64, K)
+    data = _segments(T, segs)
+    plan = _plan(x, a_pool, data)
+    assert plan.k_per_split * plan.split >= K and plan.split & (plan.split - 1) == 0
+    assert shrink_buffer(x, a_pool, data).numel() * 4 <= max(H_BUDGET, T * 64 * 4)
+
+
+def test_plan_compiles_few_split_variants(monkeypatch):
+    """SPLIT_K is a compile-time constant: decode batches of 1..256 rows and prefills of 1..64 segments
+    give a handful of distinct values per module width (each a fresh Triton compile), not one per shape."""
+    from worker.kernels import lora as kernels
+    from worker.kernels.lora import _plan
+
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: 132)
+
+    for K in (4096, 11008, 600):
+        a_pool = torch.zeros(2, 2, 16, K)
+        splits = {_plan(torch.zeros(n, K), a_pool, AdapterBatchData.for_decode(torch.ones(n, dtype=torch.long))).split
+                  for n in range(1, 257)}
+        splits |= {_plan(torch.zeros(40 * n, K), a_pool, _segments(40 * n, [(40 * i, 33) for i in range(n)])).split
+                   for n in range(1, 65)}
+        assert len(splits) <= 8 and all(s & (s - 1) == 0 for s in splits), (K, sorted(splits))  # 1 ... 128
+
+
 def test_model_with_kernels_vs_reference(tmp_path):
     """The tiny model with the kernels wired into every adapter-aware linear (interpreted here; on CUDA
     the manager picks them itself) equals the float64 reference with each adapter merged, in a batch that

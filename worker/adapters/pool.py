@@ -190,7 +190,7 @@ class AdapterManager:
         for (layer, module), (a, _) in host.items():
             ranks[layer, POOL_MODULES.index(module)] = a.shape[0]
         self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
-        return adapter, host, ranks
+        return adapter, host, ranks.pin_memory() if self.on_cuda else ranks  # 1 KB: copied asynchronously
 
     # ------------------------------------------------------------------ RPC bodies
     def download(self, req: Any) -> Any:
@@ -205,6 +205,9 @@ class AdapterManager:
         if index == 0:
             raise InvalidArgument("adapter_index 0 is the base model and cannot be loaded")
         entry = self.entries.get(index)
+        if entry is not None and entry.params != req.adapter_parameters and index in self._in_use():
+            raise FailedPrecondition(f"adapter index {index} holds another adapter that a live batch uses; "
+                                     "it cannot be replaced until those requests finish")
         if entry is None or entry.params != req.adapter_parameters:
             t0 = time.perf_counter()
             adapter, host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
@@ -312,14 +315,16 @@ class AdapterManager:
                     r = a.shape[0]
                     a_pool[slot, :r].copy_(a, non_blocking=True)
                     b_pool[slot, :, :r].copy_(b, non_blocking=True)
-                self.ranks[slot].copy_(entry.ranks.to(self.pctx.device))
+                self.ranks[slot].copy_(entry.ranks, non_blocking=True)  # pinned
                 if staged:
                     self.staging_done = torch.cuda.Event()
                     self.staging_done.record(self.copy_stream)
             main.wait_stream(self.copy_stream)
             self.last_timing.update(stage_ms=(t1 - t0) * 1e3, issue_ms=(time.perf_counter() - t1) * 1e3)
         if staged and self.pinner is not None:
-            self.pinning = [f for f in self.pinning if not f.done()] + [self.pinner.submit(self._pin, entry, host)]
+            future = self.pinner.submit(self._pin, entry, host)
+            future.add_done_callback(_log_pin_failure)
+            self.pinning = [f for f in self.pinning if not f.done()] + [future]
 
     def _pin(self, entry: Entry, host: dict) -> None:
         """Background: the host copy in one pinned buffer; swapped in unless the entry moved on meanwhile."""
@@ -330,9 +335,9 @@ class AdapterManager:
                 entry.host, entry.pinned = pinned, True
 
     def wait_pinned(self) -> None:
-        """Block until the queued host copies are pinned (tests, benchmarks)."""
-        for f in self.pinning:
-            f.result()
+        """Block until the queued host copies are pinned (before CUDA-graph capture, which forbids another
+        thread's pinned allocation; tests; benchmarks). A failed one was logged and is not raised here."""
+        concurrent.futures.wait(self.pinning)
         self.pinning = []
 
     def request_slots(self, batch: Any) -> Optional[list[int]]:
@@ -351,6 +356,11 @@ class AdapterManager:
         return {"adapters_known": len(self.entries),
                 "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
                 "adapter_slots_total": self.num_slots, "adapter_host_bytes": host}
+
+
+def _log_pin_failure(future: concurrent.futures.Future) -> None:
+    if future.exception() is not None:  # the slot was filled already: only reloads stay on the staged path
+        log.warning("pinning an adapter's host copy failed: %r", future.exception())
 
 
 def _pack(buf: torch.Tensor, host: dict) -> dict:

@@ -87,6 +87,8 @@ class Engine:
 
             from worker.engine.cuda_graphs import GraphedDecode
 
+            if self.adapters is not None:  # no pinned allocation in another thread while capturing
+                self.adapters.wait_pinned()
             t0 = time.time()
             free0 = torch.cuda.mem_get_info(self.pctx.device)[0]
             graphs = GraphedDecode(self.model, self.kv, self.cfg.max_batch_size or self.cfg.graph_max_batch,

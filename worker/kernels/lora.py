@@ -161,8 +161,14 @@ class _Plan:
     k_per_split: int
 
 
+H_BUDGET = 32 * 2**20  # bytes of fp32 partial sums one shrink may allocate (a long prefill caps its K split)
+
+
 def _plan(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> _Plan:
-    K, (_, P, r_max, _) = x.shape[1], a_pool.shape
+    """The K split fills the GPU when the segments alone give too few programs; it is rounded down to a
+    power of two (SPLIT_K is a compile-time constant: a handful of variants, not one per batch shape) and
+    capped so the partial sums [split, T, P, r_max] stay within H_BUDGET."""
+    (T, K), (_, P, r_max, _) = x.shape, a_pool.shape
     if data.max_len == 1:  # decode: one token per segment
         block_m, shrink_r, block_k = 1, 16, 256
     else:
@@ -170,9 +176,11 @@ def _plan(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> _Pla
         shrink_r, block_k = min(64, max(16, triton.next_power_of_2(r_max))), 64  # one pass over x for r_max <= 64
     m_tiles = triton.cdiv(data.max_len, block_m)
     programs = data.slots.shape[0] * m_tiles * P
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    return _Plan(block_m, m_tiles, shrink_r, block_k, triton.cdiv(K, k_per_split), k_per_split)
+    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs),
+                       H_BUDGET // max(1, T * P * r_max * 4)))
+    split = 1 << (split.bit_length() - 1)
+    k_per_split = triton.cdiv(triton.cdiv(K, split), 64) * 64  # 128-byte aligned; the K loop masks the tail
+    return _Plan(block_m, m_tiles, shrink_r, block_k, split, k_per_split)  # a trailing empty split writes zeros
 
 
 def shrink_buffer(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
