@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -125,7 +126,8 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     if args.adapter_root:
         from worker.adapters.pool import AdapterManager
 
-        adapters = AdapterManager.from_args(args, model, pctx)
+        adapters = AdapterManager.from_args(args, model, pctx,
+                                            triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1")
     kv_dtype = parse_kv_dtype(args.kv_cache_dtype)
     engine = Engine(model, tokenizer, pctx,
                     EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,

@@ -53,7 +53,7 @@ class Entry:
 class AdapterManager:
     def __init__(self, root: str, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, max_rank: int = 64,
                  num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32, triton: Optional[bool] = None,
-                 overlap: bool = True):
+                 overlap: bool = True, triton_interpreter: bool = False):
         """triton: the Triton LoRA kernels (None: on CUDA when Triton imports; False: the PyTorch path);
         overlap: with the kernels, run each module's shrink on a side stream alongside its base matmul."""
         if num_slots < 1:
@@ -72,7 +72,7 @@ class AdapterManager:
         self.last_timing: dict[str, float] = {}  # phases of the last cold read (logged; read by the benchmark)
         self.preloaded: list[tuple[int, str]] = []
         auto = triton is None and pctx.device.type == "cuda"
-        self.kernels = lora_kernels(pctx.device) if triton or auto else None
+        self.kernels = lora_kernels(pctx.device, triton_interpreter) if triton or auto else None
         if triton and self.kernels is None:
             raise ValueError(f"the Triton LoRA kernels need CUDA and triton (device {pctx.device})")
         self.on_cuda = pctx.device.type == "cuda"
@@ -119,10 +119,11 @@ class AdapterManager:
                  " (shrink on a side stream)" if self.shrink_stream is not None else "")
 
     @classmethod
-    def from_args(cls, args: Any, model: Any, pctx: ParallelContext) -> "AdapterManager":
-        mgr = cls(args.adapter_root, model.config, pctx, model.dtype, args.max_lora_rank, args.max_adapter_slots,
-                  args.allow_bin_adapters, triton={"auto": None, "torch": False, "triton": True}[getattr(args, "lora_backend", "auto")])
-        return mgr
+    def from_args(cls, args: Any, model: Any, pctx: ParallelContext,
+                  triton_interpreter: bool = False) -> "AdapterManager":
+        triton = {"auto": None, "torch": False, "triton": True}[getattr(args, "lora_backend", "auto")]
+        return cls(args.adapter_root, model.config, pctx, model.dtype, args.max_lora_rank, args.max_adapter_slots,
+                   args.allow_bin_adapters, triton=triton, triton_interpreter=triton_interpreter)
 
     # ------------------------------------------------------------------ wiring
     def attach(self, engine: Any) -> None:

@@ -89,12 +89,10 @@ def add_lora_parts(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_poo
         add_lora(y[:, p * n:(p + 1) * n], x, a_pool[:, p], b_pool[:, p], data)
 
 
-def lora_kernels(device: torch.device) -> Optional[ModuleType]:
-    """worker.kernels.lora on CUDA when Triton imports (on the CPU too under TRITON_INTERPRET=1, for
-    tests), else None (the PyTorch path)."""
-    import os
-
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def lora_kernels(device: torch.device, interpreter: bool = False) -> Optional[ModuleType]:
+    """worker.kernels.lora on CUDA when Triton imports (on a CPU only when the process runs Triton's
+    interpreter: `interpreter`), else None (the PyTorch path)."""
+    if device.type != "cuda" and not interpreter:
         return None
     try:
         from worker.kernels import lora
