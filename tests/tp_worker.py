@@ -78,6 +78,12 @@ def main() -> None:
         from lora_helpers import attach_manager, load
 
         mgr, _ = attach_manager(model, sys.argv[3], max_rank=16, num_slots=2)
+        if os.environ.get("QWEN_TEST_LORA_BACKEND") == "triton":  # the Triton kernels (interpreted on a CPU)
+            from worker.kernels import lora as kernels
+
+            for layer in model.transformer.h:
+                for linear in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.gate_up, layer.mlp.c_proj):
+                    linear.lora.kernels = kernels
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]
