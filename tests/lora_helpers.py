@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from safetensors.torch import save_file
 
-from reference import random_lora
+from random_weights import random_lora
 
 
 def write_adapter(root: str, name: str, cfg: dict, rank: int, alpha: float, seed: int, **kw):

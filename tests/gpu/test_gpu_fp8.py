@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 
 from helpers import write_checkpoint  # noqa: E402
 from paged import Paged  # noqa: E402
-from reference import random_checkpoint  # noqa: E402
+from random_weights import random_checkpoint  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.kv_cache import FP8, KVCache, scales_from_amax, store_kv  # noqa: E402
 from worker.kernels.triton_attention import TritonAttention  # noqa: E402

@@ -98,7 +98,7 @@ def test_model_fused_vs_unfused(tmp_path, dtype, tol):
     moves logits of O(5) by a few hundredths."""
     from helpers import write_checkpoint
     from paged import Paged
-    from reference import random_checkpoint
+    from random_weights import random_checkpoint
     from worker.distributed import ParallelContext
     from worker.kernels.triton_attention import TritonAttention
     from worker.layers.rotary import ntk_alpha

@@ -151,7 +151,8 @@ CFG = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channel
 def lora_model(tmp_path, dtype, overlap: bool = True):
     from helpers import write_checkpoint
     from lora_helpers import attach_manager, load, write_adapter
-    from reference import merge_lora, random_checkpoint
+    from random_weights import random_checkpoint
+    from reference import merge_lora
     from worker.distributed import ParallelContext
     from worker.kernels.triton_attention import TritonAttention
     from worker.models.qwen import FlashQwenForCausalLM

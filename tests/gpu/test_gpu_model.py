@@ -9,7 +9,8 @@ import torch
 
 from helpers import write_checkpoint
 from paged import Paged
-from reference import random_checkpoint, ref_forward
+from random_weights import random_checkpoint
+from reference import ref_forward
 from worker.distributed import ParallelContext
 from worker.layers.rotary import ntk_alpha
 from worker.models.qwen import FlashQwenForCausalLM

@@ -6,7 +6,7 @@ import torch
 
 from helpers import TINY, write_checkpoint
 from lora_helpers import write_adapter
-from reference import random_checkpoint
+from random_weights import random_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                                   reason="needs 2 CUDA GPUs")]

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from helpers import TINY, write_checkpoint  # noqa: E402
 from paged import Paged  # noqa: E402
-from reference import random_checkpoint  # noqa: E402
+from random_weights import random_checkpoint  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.engine import Engine, EngineConfig  # noqa: E402
 from worker.engine.kv_cache import FP8, FP8_MAX, KVCache, parse_kv_dtype, scales_from_amax, store_kv  # noqa: E402

@@ -157,7 +157,7 @@ def test_model_fused_matches_unfused(tmp_path, name, dtype):
     fp32 within 1e-5; fp16 within 1e-2 (logits of O(4), fp16 ulp 4e-3: room for a flipped hidden bit)."""
     from helpers import TINY, write_checkpoint
     from paged import Paged
-    from reference import random_checkpoint
+    from random_weights import random_checkpoint
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 
@@ -189,7 +189,7 @@ def test_model_fused_with_lora_adapter(tmp_path):
     from helpers import TINY, write_checkpoint
     from lora_helpers import attach_manager, load, write_adapter
     from paged import Paged
-    from reference import random_checkpoint
+    from random_weights import random_checkpoint
     from worker.models.qwen import FlashQwenForCausalLM
 
     cfg = {**TINY, "seq_length": 16}

@@ -10,7 +10,8 @@ import torch
 from helpers import TINY, write_checkpoint
 from lora_helpers import attach_manager, load, write_adapter
 from paged import Paged
-from reference import merge_lora, random_checkpoint, ref_forward
+from random_weights import random_checkpoint
+from reference import merge_lora, ref_forward
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from worker.models.qwen import FlashQwenForCausalLM
 

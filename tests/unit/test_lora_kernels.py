@@ -192,7 +192,8 @@ def test_model_with_kernels_vs_reference(tmp_path):
     from helpers import TINY, write_checkpoint
     from lora_helpers import attach_manager, load, write_adapter
     from paged import Paged
-    from reference import merge_lora, random_checkpoint, ref_forward
+    from random_weights import random_checkpoint
+    from reference import merge_lora, ref_forward
     from worker.kernels import lora as kernels
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM

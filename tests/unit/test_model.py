@@ -10,7 +10,8 @@ import torch
 
 from helpers import TINY, write_checkpoint
 from paged import Paged
-from reference import random_checkpoint, ref_config, ref_forward, to_qwen2
+from random_weights import random_checkpoint
+from reference import ref_config, ref_forward, to_qwen2
 from worker.layers.rotary import ntk_alpha
 from worker.models.qwen import FlashQwenForCausalLM
 

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import reference as R  # noqa: E402
+from random_weights import random_checkpoint, random_lora  # noqa: E402
 
 F64 = torch.float64
 
@@ -115,7 +116,7 @@ def _hf_logits(model, ids):
 @pytest.mark.parametrize("length", [1, 7, 64])
 def test_matches_transformers_qwen2(hf_qwen2, base, length):
     cfg = small_cfg(rotary_emb_base=base)
-    state = R.random_checkpoint(cfg, seed=1)
+    state = random_checkpoint(cfg, seed=1)
     ids = rand_ids(length, 300, seed=length)
     ref = R.ref_forward(state, cfg, ids)
     assert ref.dtype == F64 and ref.shape == (length, 300)
@@ -128,7 +129,7 @@ def test_matches_transformers_qwen2(hf_qwen2, base, length):
 def test_ntk_base_matches_transformers_with_scaled_theta(hf_qwen2):
     """Beyond seq_length with logn off, NTK = plain RoPE with base*alpha^(d/(d-2))."""
     cfg = small_cfg(seq_length=8, use_logn_attn=False)
-    state = R.random_checkpoint(cfg, seed=2)
+    state = random_checkpoint(cfg, seed=2)
     ids = rand_ids(20, 300, seed=3)  # L=20 in (2S, 4S] -> alpha 7
     ref = R.ref_forward(state, cfg, ids)
     d = 16
@@ -140,7 +141,7 @@ def test_ntk_base_matches_transformers_with_scaled_theta(hf_qwen2):
 def test_mlp_gate_is_w2(hf_qwen2):
     """Swapping w1/w2 changes the result (so silu-on-w2 is actually exercised)."""
     cfg = small_cfg()
-    state = R.random_checkpoint(cfg, seed=4)
+    state = random_checkpoint(cfg, seed=4)
     ids = rand_ids(9, 300, seed=4)
     swapped = dict(state)
     for i in range(2):
@@ -166,7 +167,7 @@ def test_ntk_alpha_values():
 
 def test_ntk_changes_logits_and_prompt_len_matters():
     cfg = small_cfg(seq_length=8, use_logn_attn=False)
-    state = R.random_checkpoint(cfg, seed=5)
+    state = random_checkpoint(cfg, seed=5)
     ids = rand_ids(20, 300, seed=6)
     on = R.ref_forward(state, cfg, ids)
     off = R.ref_forward(state, dict(cfg, use_dynamic_ntk=False), ids)
@@ -184,7 +185,7 @@ def test_ntk_changes_logits_and_prompt_len_matters():
 def test_decode_step_equals_prefix_forward():
     """Causality: row t of the full forward = last row of the forward on ids[:t+1]."""
     cfg = small_cfg(seq_length=8)
-    state = R.random_checkpoint(cfg, seed=7)
+    state = random_checkpoint(cfg, seed=7)
     ids = rand_ids(14, 300, seed=8)
     full = R.ref_forward(state, cfg, ids, prompt_len=10)
     for t in (9, 11, 13):
@@ -194,7 +195,7 @@ def test_decode_step_equals_prefix_forward():
 
 def test_ref_greedy_consistent():
     cfg = small_cfg(seq_length=8)
-    state = R.random_checkpoint(cfg, seed=9)
+    state = random_checkpoint(cfg, seed=9)
     prompt = rand_ids(6, 300, seed=10)
     gen = R.ref_greedy(state, cfg, prompt, 8)
     assert len(gen) == 8
@@ -213,7 +214,7 @@ def test_ref_greedy_consistent():
 
 def test_logn_only_after_seq_length():
     cfg = small_cfg(seq_length=8, use_dynamic_ntk=False)
-    state = R.random_checkpoint(cfg, seed=11)
+    state = random_checkpoint(cfg, seed=11)
     ids = rand_ids(20, 300, seed=12)
     on = R.ref_forward(state, cfg, ids)
     off = R.ref_forward(state, dict(cfg, use_logn_attn=False), ids)
@@ -267,7 +268,7 @@ def test_rotary_pct_half_leaves_second_half_unrotated():
     with rotary_pct=1.0, or with q/k in dims 0..7 instead, they are not."""
     cfg = small_cfg(num_hidden_layers=1, rotary_pct=0.5)
     assert R.ref_config(cfg)["rotary_dims"] == 8
-    state = R.random_checkpoint(cfg, seed=13)
+    state = random_checkpoint(cfg, seed=13)
     ids = rand_ids(12, 300, seed=14)
     perm = ids[:-1][::-1] + ids[-1:]
     assert perm != ids
@@ -288,7 +289,7 @@ def test_rotary_pct_half_leaves_second_half_unrotated():
 def test_to_qwen2_rejects_partial_rotary():
     cfg = small_cfg(rotary_pct=0.5)
     with pytest.raises(ValueError):
-        R.to_qwen2(R.random_checkpoint(cfg, 0), cfg)
+        R.to_qwen2(random_checkpoint(cfg, 0), cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,8 +299,8 @@ def test_to_qwen2_rejects_partial_rotary():
 
 def test_merge_lora_zero_b_is_identity():
     cfg = small_cfg()
-    state = R.random_checkpoint(cfg, seed=15)
-    tensors, acfg = R.random_lora(cfg, rank=4, alpha=16, seed=16)
+    state = random_checkpoint(cfg, seed=15)
+    tensors, acfg = random_lora(cfg, rank=4, alpha=16, seed=16)
     zero = {k: (torch.zeros_like(v) if "lora_B" in k else v) for k, v in tensors.items()}
     merged = R.merge_lora(state, zero, acfg)
     assert merged.keys() == state.keys()
@@ -310,9 +311,9 @@ def test_merge_lora_zero_b_is_identity():
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merge_lora_delta(rslora):
     cfg = small_cfg()
-    state = R.random_checkpoint(cfg, seed=17)
+    state = random_checkpoint(cfg, seed=17)
     r, alpha = 4, 16
-    tensors, acfg = R.random_lora(cfg, rank=r, alpha=alpha, seed=18, use_rslora=rslora)
+    tensors, acfg = random_lora(cfg, rank=r, alpha=alpha, seed=18, use_rslora=rslora)
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     merged = R.merge_lora(state, tensors, acfg)
     H, M = 64, 96
@@ -342,15 +343,15 @@ def test_merge_lora_delta(rslora):
 def test_merge_lora_dispatch_by_full_path():
     """An adapter targeting only attn.c_proj must leave mlp.c_proj alone (and vice versa)."""
     cfg = small_cfg()
-    state = R.random_checkpoint(cfg, seed=20)
+    state = random_checkpoint(cfg, seed=20)
     for tgt, other in (("attn.c_proj", "mlp.c_proj"), ("mlp.c_proj", "attn.c_proj")):
-        tensors, acfg = R.random_lora(cfg, 2, 8, seed=21, targets=(tgt,))
+        tensors, acfg = random_lora(cfg, 2, 8, seed=21, targets=(tgt,))
         merged = R.merge_lora(state, tensors, acfg)
         assert torch.equal(merged[f"transformer.h.0.{other}.weight"],
                            state[f"transformer.h.0.{other}.weight"].to(F64))
         assert not torch.equal(merged[f"transformer.h.0.{tgt}.weight"],
                                state[f"transformer.h.0.{tgt}.weight"].to(F64))
-    both, _ = R.random_lora(cfg, 2, 8, seed=21, targets=("c_proj",))
+    both, _ = random_lora(cfg, 2, 8, seed=21, targets=("c_proj",))
     assert {k.split(".h.0.")[1] for k in both if ".h.0." in k} == {
         "attn.c_proj.lora_A.weight", "attn.c_proj.lora_B.weight",
         "mlp.c_proj.lora_A.weight", "mlp.c_proj.lora_B.weight"}
@@ -358,7 +359,7 @@ def test_merge_lora_dispatch_by_full_path():
 
 def test_merge_lora_modules_to_save():
     cfg = small_cfg()
-    state = R.random_checkpoint(cfg, seed=22)
+    state = random_checkpoint(cfg, seed=22)
     new_head = torch.randn(300, 64)
     merged = R.merge_lora(state, {"base_model.model.lm_head.weight": new_head}, {"r": 4, "lora_alpha": 8})
     assert torch.equal(merged["lm_head.weight"], new_head.to(F64))
@@ -398,7 +399,7 @@ def test_v10_spelling_same_model_and_padded_vocab():
              "rotary_pct": 1.0, "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6,
              "use_dynamic_ntk": True, "use_logn_attn": True, "pos_emb": "rotary",
              "params_dtype": "torch.bfloat16"}
-    state10 = R.random_checkpoint(cfg10, seed=23)
+    state10 = random_checkpoint(cfg10, seed=23)
     assert state10["transformer.wte.weight"].shape == (320, 64)
     assert state10["lm_head.weight"].shape == (300, 64)
     ids = rand_ids(12, 300, seed=24) + [310]  # an id only wte (padded) has
@@ -420,7 +421,7 @@ def test_load_checkpoint_roundtrip(tmp_path):
     from safetensors.torch import save_file
 
     cfg = small_cfg()
-    state = R.random_checkpoint(cfg, seed=25, dtype=torch.bfloat16)
+    state = random_checkpoint(cfg, seed=25, dtype=torch.bfloat16)
     keys = sorted(state)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}

@@ -6,7 +6,7 @@ import torch
 
 from helpers import TINY, write_checkpoint
 from lora_helpers import write_adapter
-from reference import random_checkpoint
+from random_weights import random_checkpoint
 from tp_worker import run_world
 
 CFG = {**TINY, "seq_length": 8}

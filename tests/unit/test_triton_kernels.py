@@ -207,7 +207,7 @@ def test_model_with_triton_backend_matches_torch_backend(tmp_path):
     """The tiny model over the paged driver (shuffled blocks of 4): prefill, decode, suffix prefill."""
     from helpers import TINY, write_checkpoint
     from paged import Paged
-    from reference import random_checkpoint
+    from random_weights import random_checkpoint
     from worker.models.qwen import FlashQwenForCausalLM
 
     path = write_checkpoint(str(tmp_path / "ckpt"), TINY, random_checkpoint(TINY, 0))
