@@ -1,4 +1,5 @@
-"""Shared test helpers: repo paths, a tiny Qwen v1 config, writing checkpoints to disk."""
+"""Shared test helpers: repo paths, a tiny Qwen v1 config, writing checkpoints to disk, tolerance checks
+and seeded random tensors."""
 from __future__ import annotations
 
 import json
@@ -29,3 +30,28 @@ def write_checkpoint(path: str, cfg: dict, state: dict[str, torch.Tensor], n_fil
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     return path
+
+
+def within(out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Assert `out` is finite, shaped like `ref` and within tol · (1 + |ref|) of it everywhere; returns the
+    max abs diff."""
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs()
+    worst = (err / (tol * (1 + ref.float().abs()))).max().item()
+    assert worst <= 1.0, f"max abs diff {err.max().item()} (worst at {worst:.2f} x tolerance)"
+    return err.max().item()
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in units of the last place of b (elementwise; ulp(b) = 2^floor(log2|b|) * eps)."""
+    info = torch.finfo(b.dtype)
+    _, exp = torch.frexp(b.double().abs().clamp_min(info.tiny))
+    ulp = torch.ldexp(torch.full_like(b, info.eps, dtype=torch.float64), exp - 1)
+    return ((a.double() - b.double()).abs() / ulp).max().item()
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0,
+          device: str | torch.device = "cpu") -> torch.Tensor:
+    """Seeded N(0, scale²) in `dtype` (drawn in fp32 on `device`)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)

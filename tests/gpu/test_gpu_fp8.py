@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
 pytest.importorskip("triton")
 
-from helpers import write_checkpoint  # noqa: E402
+from helpers import within, write_checkpoint  # noqa: E402
 from paged import Paged  # noqa: E402
 from random_weights import random_checkpoint  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
@@ -37,11 +37,7 @@ CUDA = torch.device("cuda")
 
 
 def close(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    err = (out.float() - ref.float()).abs()
-    worst = (err / (TOL * (1 + ref.float().abs()))).max().item()
-    assert worst <= 1.0, f"max abs diff {err.max().item()} (worst at {worst:.2f} x tolerance)"
-    return err.max().item()
+    return within(out, ref, TOL)
 
 
 class Fp8Batch:

@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
 pytest.importorskip("triton")
 
+import helpers  # noqa: E402
+from helpers import ulps  # noqa: E402
 from worker.kernels.fused import (rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul,  # noqa: E402
                                   silu_mul_reference)
 from worker.layers.rotary import logn_scale, rotary_cos_sin  # noqa: E402
@@ -34,17 +36,8 @@ RMS_ULPS = {torch.bfloat16: 2.0, torch.float16: 2.0, torch.float32: 8.0}
 SILU_ULPS = {torch.bfloat16: 2.0, torch.float16: 2.0, torch.float32: 2.0}
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in units of the last place of b (ulp(b) = 2^floor(log2|b|) * eps)."""
-    info = torch.finfo(b.dtype)
-    _, exp = torch.frexp(b.double().abs().clamp_min(info.tiny))
-    ulp = torch.ldexp(torch.full_like(b, info.eps, dtype=torch.float64), exp - 1)
-    return ((a.double() - b.double()).abs() / ulp).max().item()
-
-
 def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator(device=CUDA).manual_seed(seed)
-    return (torch.randn(*shape, generator=g, device=CUDA) * scale).to(dtype)
+    return helpers.randn(*shape, dtype=dtype, seed=seed, scale=scale, device=CUDA)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from helpers import randn, ulps  # noqa: E402
 from worker.kernels.fused import (rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul,  # noqa: E402
                                   silu_mul_reference)
 
@@ -37,17 +38,6 @@ DTYPES = [torch.float32, torch.float16]
 MAX_ULPS = {torch.float32: 8.0, torch.float16: 2.0}
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in units of the last place of b (elementwise; ulp(b) = 2^floor(log2|b|) * eps)."""
-    info = torch.finfo(b.dtype)
-    _, exp = torch.frexp(b.double().abs().clamp_min(info.tiny))
-    ulp = torch.ldexp(torch.full_like(b, info.eps, dtype=torch.float64), exp - 1)
-    return ((a.double() - b.double()).abs() / ulp).max().item()
-
-
-def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
 
 # --------------------------------------------------------------------------------------- RMSNorm
