@@ -194,12 +194,7 @@ class Engine:
         if cached is not None and cached.id not in self.batches:
             raise NotFound(f"cached batch {cached.id} is not on this shard")
         batch = self.builder().build(pb_batch)  # validates everything before any state changes
-        try:
-            generations = self._step(batch, prefill=True)
-        except Exception:
-            self._release(batch.requests)
-            raise
-        batch = self._drop_finished(batch)
+        generations, batch = self._run(batch, prefill=True)
         if cached is not None:
             old = self.batches.pop(cached.id)
             batch = Batch.concatenate([old] + ([batch] if batch else [])) if batch else old
@@ -217,15 +212,20 @@ class Engine:
             raise InvalidArgument(f"Decode lists a batch twice: {[c.id for c in cached]}")
         batches = [self.batches.pop(c.id) for c in cached]
         batch = Batch.concatenate(batches) if len(batches) > 1 else batches[0]
-        try:
-            generations = self._step(batch, prefill=False)
-        except Exception:
-            self._release(batch.requests)
-            raise
-        batch = self._drop_finished(batch)
+        generations, batch = self._run(batch, prefill=False)
         if batch is not None:
             self.batches[batch.id] = batch
         return generations, batch
+
+    def _run(self, batch: Batch, prefill: bool) -> tuple[list, Optional[Batch]]:
+        """One forward + sampling step; on failure the batch's KV blocks are released and the error raised.
+        Returns the generations and the batch without its finished requests (None if none are left)."""
+        try:
+            generations = self._step(batch, prefill=prefill)
+        except Exception:
+            self._release(batch.requests)
+            raise
+        return generations, self._drop_finished(batch)
 
     def filter(self, batch_id: int, request_ids: list[int]) -> Batch:
         if batch_id not in self.batches:
