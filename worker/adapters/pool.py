@@ -289,14 +289,8 @@ class AdapterManager:
         stream's later work ordered after the copies; straight from a pinned host copy, else packed into the
         staging buffer first (waiting only for the previous staged fill's copies) and the host copy queued
         for pinning."""
-        host = entry.host
         if self.staging is None:
-            for key, (a, b) in host.items():
-                a_pool, b_pool = self.pools[key]
-                r = a.shape[0]
-                a_pool[slot, :r].copy_(a)
-                b_pool[slot, :, :r].copy_(b)
-            self.ranks[slot].copy_(entry.ranks)
+            self._copy_into(slot, entry.host, entry.ranks, non_blocking=False)
             return
         with self.staging_lock:
             t0 = time.perf_counter()
@@ -311,12 +305,7 @@ class AdapterManager:
             main = torch.cuda.current_stream(self.pctx.device)
             self.copy_stream.wait_stream(main)
             with torch.cuda.stream(self.copy_stream):
-                for key, (a, b) in src.items():
-                    a_pool, b_pool = self.pools[key]
-                    r = a.shape[0]
-                    a_pool[slot, :r].copy_(a, non_blocking=True)
-                    b_pool[slot, :, :r].copy_(b, non_blocking=True)
-                self.ranks[slot].copy_(entry.ranks, non_blocking=True)  # pinned
+                self._copy_into(slot, src, entry.ranks, non_blocking=True)  # src and ranks are pinned
                 if staged:
                     self.staging_done = torch.cuda.Event()
                     self.staging_done.record(self.copy_stream)
@@ -326,6 +315,15 @@ class AdapterManager:
             future = self.pinner.submit(self._pin, entry, host)
             future.add_done_callback(_log_pin_failure)
             self.pinning = [f for f in self.pinning if not f.done()] + [future]
+
+    def _copy_into(self, slot: int, src: dict, ranks: torch.Tensor, non_blocking: bool) -> None:
+        """Each module's (A, B) of rank r into the slot's first r lanes, and the slot's ranks."""
+        for key, (a, b) in src.items():
+            a_pool, b_pool = self.pools[key]
+            r = a.shape[0]
+            a_pool[slot, :r].copy_(a, non_blocking=non_blocking)
+            b_pool[slot, :, :r].copy_(b, non_blocking=non_blocking)
+        self.ranks[slot].copy_(ranks, non_blocking=non_blocking)
 
     def _pin(self, entry: Entry, host: dict) -> None:
         """Background: the host copy in one pinned buffer; swapped in unless the entry moved on meanwhile."""

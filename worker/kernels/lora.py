@@ -164,15 +164,20 @@ class _Plan:
 H_BUDGET = 32 * 2**20  # bytes of fp32 partial sums one shrink may allocate (a long prefill caps its K split)
 
 
+def _block_m(max_len: int) -> int:
+    """Token rows per program for segments of up to max_len tokens (1: decode's GEMV form)."""
+    return 1 if max_len == 1 else 16 if max_len <= 16 else 32 if max_len <= 32 else 64
+
+
 def _plan(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> _Plan:
     """The K split fills the GPU when the segments alone give too few programs; it is rounded down to a
     power of two (SPLIT_K is a compile-time constant: a handful of variants, not one per batch shape) and
     capped so the partial sums [split, T, P, r_max] stay within H_BUDGET."""
     (T, K), (_, P, r_max, _) = x.shape, a_pool.shape
-    if data.max_len == 1:  # decode: one token per segment
-        block_m, shrink_r, block_k = 1, 16, 256
+    block_m = _block_m(data.max_len)
+    if block_m == 1:  # decode: one token per segment
+        shrink_r, block_k = 16, 256
     else:
-        block_m = 16 if data.max_len <= 16 else 32 if data.max_len <= 32 else 64
         shrink_r, block_k = min(64, max(16, triton.next_power_of_2(r_max))), 64  # one pass over x for r_max <= 64
     m_tiles = triton.cdiv(data.max_len, block_m)
     programs = data.slots.shape[0] * m_tiles * P
@@ -230,7 +235,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: t
     S = data.slots.shape[0]
     if S == 0 or T == 0:
         return
-    block_m = 1 if data.max_len == 1 else 16 if data.max_len <= 16 else 32 if data.max_len <= 32 else 64
+    block_m = _block_m(data.max_len)
     block_n = 256 if block_m == 1 else 128
     n_tiles = triton.cdiv(N, block_n)
     _expand_kernel[(S, triton.cdiv(data.max_len, block_m), P * n_tiles)](
