@@ -83,13 +83,22 @@ def init_from_env(env: Mapping[str, str], device: str = "auto",
     return ParallelContext(rank, world_size, dev, dist.group.WORLD)
 
 
+def resolve_device(device: torch.device) -> torch.device:
+    """`device` with its index made explicit: a bare `cuda` means the calling thread's current device,
+    which a helper thread would otherwise read as cuda:0. Resolve in the thread that owns the device,
+    before handing it to another thread's `bind_thread`."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def bind_thread(device: torch.device) -> None:
     """Make `device` the calling thread's current CUDA device (no-op elsewhere). The current device is
     per thread: a gRPC worker thread or a helper thread starts on cuda:0, where Triton refuses the
     pointers of shard r's tensors on cuda:r ("cannot be accessed from Triton") and a pinned allocation
     would open a second CUDA context. Every thread of a shard that touches CUDA starts here."""
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(resolve_device(device))
 
 
 def shutdown(ctx: ParallelContext) -> None:

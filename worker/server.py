@@ -13,7 +13,7 @@ from typing import Optional
 
 import grpc
 
-from worker.distributed import bind_thread
+from worker.distributed import bind_thread, resolve_device
 from worker.engine.engine import Engine
 from worker.errors import NotFound, Unimplemented, rpc
 from worker.pb import generate_pb2 as pb
@@ -135,7 +135,7 @@ def make_server(servicer: LoraxServicer, socket_path: str, workers: int = 4) -> 
 
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # stale socket from a crashed run
-    device = servicer.engine.pctx.device
+    device = resolve_device(servicer.engine.pctx.device)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, initializer=bind_thread, initargs=(device,)),
                          options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
                                   ("grpc.max_send_message_length", 256 * 1024 * 1024)])

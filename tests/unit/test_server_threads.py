@@ -33,3 +33,25 @@ def test_rpc_threads_bind_the_shard_device(monkeypatch):
     finally:
         server.stop(None)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_bare_cuda_device_binds_the_owning_threads_device(monkeypatch):
+    """A shard built on plain `cuda` (no index) means the device current where it was built: the worker
+    threads must bind that one, not re-read `cuda` on a fresh thread (cuda:0) or reject it."""
+    bound = []
+    current = {"index": 1}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(d))
+    engine = SimpleNamespace(pctx=SimpleNamespace(device=torch.device("cuda")),
+                             model=SimpleNamespace(dtype=torch.bfloat16), cfg=SimpleNamespace(block_size=16))
+    d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
+    path = os.path.join(d, "s-1")
+    server = make_server(LoraxServicer(engine, os.path.join(d, "s"), "cuda"), path)
+    current["index"] = 0  # what a fresh worker thread would see
+    try:
+        with grpc.insecure_channel(f"unix://{path}") as channel:
+            pb_grpc.LoraxServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert bound and all(isinstance(dev, torch.device) and dev.index == 1 for dev in bound), bound
+    finally:
+        server.stop(None)
+        shutil.rmtree(d, ignore_errors=True)

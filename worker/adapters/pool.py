@@ -28,7 +28,7 @@ import torch
 from worker.adapters.merge import merge_adapters
 from worker.adapters.peft import LoraAdapter, module_dims, read_adapter, resolve_adapter_dir, shard_lora
 from worker.config import QwenConfig
-from worker.distributed import ParallelContext, bind_thread
+from worker.distributed import ParallelContext, bind_thread, resolve_device
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from worker.layers.lora import LoraColumnParallelLinear, LoraRowParallelLinear, LoraTerm, lora_kernels
 from worker.pb import generate_pb2 as pb
@@ -108,7 +108,8 @@ class AdapterManager:
         self.pinning: list[concurrent.futures.Future] = []
         if self.on_cuda:
             self.pinner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-pin",
-                                                                initializer=bind_thread, initargs=(pctx.device,))
+                                                                initializer=bind_thread,
+                                                                initargs=(resolve_device(pctx.device),))
             t0 = time.perf_counter()
             self.staging = torch.empty(self.slot_bytes // dtype.itemsize, dtype=dtype, pin_memory=True)
             log.info("adapter staging buffer: %.1f MiB pinned in %.0f ms", self.slot_bytes / 2**20,
