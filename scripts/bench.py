@@ -326,7 +326,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-graphs", action="store_true")
-    ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv")
+    ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv, lora, load (P6 alone)")
     ap.add_argument("--memory-fraction", type=float, default=0.95)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench.json"))
     ap.add_argument("--tp", default="", help="comma list of TP sizes for the decode TP table, e.g. 2 or 2,4")
@@ -369,16 +369,20 @@ def main() -> None:
         res["kv"] = bench_kv_capacity(model, args.block_size, args.memory_fraction)
         res["kv_fp8"] = bench_kv_capacity(model, args.block_size, args.memory_fraction, torch.float8_e4m3fn)
     if "lora" in only:
-        import tempfile
-
-        from bench_lora import bench_lora_decode, bench_lora_load
+        from bench_lora import bench_lora_decode
 
         res["lora"] = bench_lora_decode(model, [int(b) for b in args.lora_batches.split(",")], args.ctx,
                                         args.block_size, res["copy_TBps"] * 1e12, args.lora_slots, args.lora_rank,
                                         args.lora_max_rank, args.peer_batch, args.peer_prompt, args.peer_new)
+    if "lora" in only or "load" in only:
+        import tempfile
+
+        from bench_lora import bench_lora_load
+
         with tempfile.TemporaryDirectory(dir=args.lora_dir or None) as root:
-            res["lora"]["load"] = bench_lora_load(model.config, pctx, root, args.lora_rank, args.lora_load_max_rank,
-                                                  args.lora_load_repeats, args.lora_file_dtypes.split(","))
+            res.setdefault("lora", {})["load"] = bench_lora_load(model.config, pctx, root, args.lora_rank,
+                                                                 args.lora_load_max_rank, args.lora_load_repeats,
+                                                                 args.lora_file_dtypes.split(","))
     if args.rpc_dir and "decode" in res:
         fwd = next(r for r in res["decode"] if r["batch"] == 64)
         res["rpc"] = bench_rpc_overhead(model, args.rpc_dir, 64, args.ctx, fwd["graph_ms"] or fwd["eager_ms"])
@@ -420,21 +424,23 @@ def print_table(res: dict) -> None:
                   f"{'>= 1.6x' if row['batch'] == 1 and w == 2 else ''} |")
     if "lora" in res:
         lo = res["lora"]
-        for row in lo["decode"]:
+        for row in lo.get("decode", []):
             p2 = row["batch"] == 32 and row is max((r for r in lo["decode"] if r["batch"] == 32), key=lambda r: r["ratio"])
             mode = row.get("backend", "triton") + (", shrink || base matmul" if row["overlap"] else "")
             print(f"| {'P2' if p2 else '  '} | LoRA decode b={row['batch']}, {row['adapters']} distinct "
                   f"rank-{lo['rank']} adapters (r_max {lo['max_rank']}, {mode}): {row['lora_ms']:.2f} ms vs base "
                   f"{row['base_ms']:.2f} ms (+{row['extra_ms']:.2f} ms; adapter bytes floor "
                   f"{row['lora_floor_ms']:.2f} ms) | {row['ratio']:.3f} | {'>= 0.90' if p2 else ''} |")
-        g = lo["generate"]
-        print(f"| P3 | ours, {g['batch']} x {g['prompt']} prompts + {g['new_tokens']} tokens, {g['adapters']} "
-              f"adapters: prefill {g['prefill_ms']:.0f} ms, step {g['step_ms']:.2f} ms | {g['tok_s']:.0f} tok/s "
-              f"(decode {g['decode_tok_s']:.0f}) | bench_peer.py |")
+        g = lo.get("generate")
+        if g:
+            print(f"| P3 | ours, {g['batch']} x {g['prompt']} prompts + {g['new_tokens']} tokens, {g['adapters']} "
+                  f"adapters: prefill {g['prefill_ms']:.0f} ms, step {g['step_ms']:.2f} ms | {g['tok_s']:.0f} tok/s "
+                  f"(decode {g['decode_tok_s']:.0f}) | bench_peer.py |")
         for row in lo.get("load", []):
             print(f"| P6 | LoadAdapter rank {row['rank']}, 5 modules, {row['file_dtype']} file {row['file_MB']:.0f} "
-                  f"MB: cold{'' if row['page_cache_dropped'] else ' (page cache kept)'} / host cache | "
-                  f"{row['cold_ms']:.1f} (read {row['cold_read_stage_ms']:.1f}) / {row['cached_ms']:.1f} ms | "
+                  f"MB: cold{'' if row['page_cache_dropped'] else ' (page cache kept)'} / after DownloadAdapter / "
+                  f"host cache | {row['cold_ms']:.1f} (read {row['cold_read_stage_ms']:.1f}) / "
+                  f"{row['after_download_ms']:.1f} / {row['cached_ms']:.1f} ms | "
                   "<= 100 ms |")
     for key in ("kv", "kv_fp8"):
         if key in res:

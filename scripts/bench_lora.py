@@ -174,7 +174,8 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
                     repeats: int, file_dtypes: list[str]) -> list[dict]:
     """P6: LoadAdapter (read, validate, fold the scale, stage in pinned memory, fill a slot; synchronized)
     of a rank-`rank` adapter on all five modules: cold (first read of each file, its pages dropped from
-    the page cache first) and from the host cache (reload after offload). Medians."""
+    the page cache first), after a DownloadAdapter of it (the router's order: the file's pages are
+    cached by then) and from the host cache (reload after offload). Medians."""
     from worker.adapters.pool import AdapterManager
     from worker.pb import generate_pb2 as pb
 
@@ -221,6 +222,16 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
         for i in range(repeats):
             warm.append(load(i + 2, f"{name}-{i + 1}"))
             offload(i + 2)
+        after_download = []  # the router's order: DownloadAdapter (reads and validates), then LoadAdapter
+        for i in range(repeats):
+            adapter_id = f"{name}-{i + 1}"
+            drop_page_cache(os.path.join(root, adapter_id, "adapter_model.safetensors"))
+            mgr.download(pb.DownloadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=[adapter_id]),
+                                                   adapter_source=2))
+            after_download.append(load(100 + i, adapter_id))  # a new index: read from the file again
+            mgr.wait_pinned()
+            offload(100 + i)
+        after_download.sort()
         cold.sort()
         warm.sort()
         read = sorted(host_s[1:])
@@ -228,6 +239,8 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
                          page_cache_dropped=dropped, cold_ms=cold[len(cold) // 2] * 1e3,
                          cold_read_stage_ms=read[len(read) // 2] * 1e3,
                          cached_ms=warm[len(warm) // 2] * 1e3, cold_phases_ms=phases[1:],
+                         after_download_ms=after_download[len(after_download) // 2] * 1e3,
+                         after_download_all_ms=[t * 1e3 for t in after_download],
                          cold_all_ms=[t * 1e3 for t in cold],
                          cached_all_ms=[t * 1e3 for t in warm]))
         del mgr

@@ -254,38 +254,61 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, overlap):
     assert (graphed[on].float() - base[on].float()).abs().max() > 0.1  # adapter rows: the adapters act
 
 
-def test_load_fast_path_fills_the_same_slots(tmp_path):
-    """Pool-dtype host copy, packed into the pinned staging buffer and copied on a side stream: the slot
-    holds exactly A and the scaled B rounded to the pool dtype (as the PyTorch path wrote them), ranks are
-    set — after two more adapters went through the same staging buffer; offload zeroes the slot; a reload
-    from the (by then pinned) host cache restores it bit for bit without reading the files."""
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32])
+def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
+    """Cold loads read the file's bytes into the pinned staging buffer and fold the scale into B on the GPU:
+    each slot holds exactly read_adapter's A and B (scale applied in fp32, rounded once to bf16), ranks
+    set. The pinning thread is held back while three adapters go through the staging buffer, so each load
+    must first keep a copy of the bytes the previous one left there (an fp32 rank-16 file does not fit the
+    staging buffer and goes through read_adapter instead); released, it pins every host copy. Offload
+    zeroes the slots; reloads from the pinned host copies (files deleted) restore them bit for bit."""
     import shutil
+    import threading
 
-    from lora_helpers import load
+    from lora_helpers import load, write_adapter
     from worker.adapters.peft import read_adapter
     from worker.pb import generate_pb2 as pb
 
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16)
-    entry = mgr.entries[2]
-    assert mgr.staging.is_pinned() and mgr.staging.numel() * 2 == mgr.slot_bytes
-    assert all(a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 for a, b in entry.host.values())
-    expect = read_adapter(str(tmp_path / "adapters" / "a8"), model.config, 16)  # fp32, scale folded
-    slot = entry.slot
+    root = str(tmp_path / "adapters")
+    mgr.wait_pinned()
+    specs = {4: ("x0", 8, 7.0), 5: ("x1", 16, 5.0), 6: ("x2", 4, 3.0)}  # scales 7/8, 5/16, 3/4
+    gate = threading.Event()
+    mgr.pinner.submit(gate.wait)  # the pinning thread waits behind this
+    try:
+        for index, (name, rank, alpha) in specs.items():
+            write_adapter(root, name, CFG, rank, alpha, seed=10 + index, dtype=file_dtype)
+            load(mgr, index, name)
+        hosts = {i: mgr.entries[i].host for i in specs}
+        staging = mgr.staging.data_ptr()
+        assert not any(h.pinned for h in hosts.values())
+        assert hosts[6].buf.data_ptr() == staging and hosts[6].scale == 0.75  # the last one's bytes: staging
+        assert hosts[4].buf.data_ptr() != staging and hosts[4].scale == 7 / 8  # kept before staging was reused
+        assert hosts[5].scale == (1.0 if file_dtype == torch.float32 else 5 / 16)  # fp32 r16: read_adapter
+    finally:
+        gate.set()
     torch.cuda.synchronize()
-    for key, (a, b) in expect.weights.items():
-        a_pool, b_pool = mgr.pools[key]
-        assert torch.equal(a_pool[slot, :8].cpu(), a.to(torch.bfloat16))
-        assert torch.equal(b_pool[slot, :, :8].cpu(), b.to(torch.bfloat16))
-        assert not a_pool[slot, 8:].any() and not b_pool[slot, :, 8:].any()
-    assert mgr.ranks[slot].tolist() == [[8] * 5] * CFG["num_hidden_layers"]
-    before = {k: (a[slot].clone(), b[slot].clone()) for k, (a, b) in mgr.stacked.items()}
-    mgr.offload(pb.OffloadAdapterRequest(adapter_index=2))
-    assert not mgr.ranks[slot].any() and all(not a[slot].any() for a, _ in mgr.stacked.values())
-    shutil.rmtree(tmp_path / "adapters" / "a8")  # a reload must come from the host cache
-    mgr.wait_pinned()  # the background thread moved the host copies into pinned memory
-    assert mgr.entries[2].pinned and all(a.is_pinned() and b.is_pinned() for a, b in mgr.entries[2].host.values())
-    load(mgr, 2, "a8")  # straight from the pinned host copy
+    for index, (name, rank, _) in specs.items():
+        slot = mgr.entries[index].slot
+        expect = read_adapter(os.path.join(root, name), model.config, 16, dtype=torch.bfloat16)
+        for key, (a, b) in expect.weights.items():
+            a_pool, b_pool = mgr.pools[key]
+            assert torch.equal(a_pool[slot, :rank].cpu(), a) and torch.equal(b_pool[slot, :, :rank].cpu(), b)
+            assert not a_pool[slot, rank:].any() and not b_pool[slot, :, rank:].any()
+        assert mgr.ranks[slot].tolist() == [[rank] * 5] * CFG["num_hidden_layers"]
+    before = {i: {k: (a[mgr.entries[i].slot].clone(), b[mgr.entries[i].slot].clone())
+                  for k, (a, b) in mgr.stacked.items()} for i in specs}
+    mgr.wait_pinned()  # released: the background thread moved every host copy into pinned memory
+    assert all(h.pinned and h.buf.is_pinned() and h.buf.data_ptr() != staging for h in hosts.values())
+    for index, (name, _, _) in specs.items():
+        slot = mgr.entries[index].slot
+        mgr.offload(pb.OffloadAdapterRequest(adapter_index=index))
+        assert not mgr.ranks[slot].any() and all(not a[slot].any() for a, _ in mgr.stacked.values())
+        shutil.rmtree(os.path.join(root, name))  # a reload must come from the host cache
+    for index in specs:
+        load(mgr, index, specs[index][0])  # straight from the pinned host copy
     torch.cuda.synchronize()
-    slot = mgr.entries[2].slot
-    assert all(torch.equal(a[slot], before[k][0]) and torch.equal(b[slot], before[k][1])
-               for k, (a, b) in mgr.stacked.items())
+    for index in specs:
+        slot = mgr.entries[index].slot
+        assert all(torch.equal(a[slot], before[index][k][0]) and torch.equal(b[slot], before[index][k][1])
+                   for k, (a, b) in mgr.stacked.items())

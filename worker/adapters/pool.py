@@ -6,12 +6,14 @@ graph. An adapter used by a live batch is never evicted or offloaded. w2 and w1 
 stacked pool (the merged gate_up's two parts, one kernel launch); `ranks[slot, layer, module]` holds
 each slot's true rank per module (0: empty), which bounds the kernels' work.
 
-The host copy of an adapter (this rank's shard, in the pool dtype, scale folded in) is kept, so a
-reload after offload reads nothing from disk. On CUDA, page-locking memory costs about 1 ms per MB
-(measured on an H200 host), so a cold load never waits for it: the fresh host copy is packed into one
-pinned staging buffer of a slot's size (allocated once with the pool) and copied to the slot
-asynchronously on a side stream, and a background thread then moves the host copy into pinned memory
-of its own, from which a later reload is one asynchronous copy per tensor, no staging.
+The host copy of an adapter (a HostAdapter: the whole adapter's bytes, as in its file when it was read
+straight from safetensors) is kept, so a reload after offload reads nothing from disk; a slot fill
+shards it for this rank and folds the scale into B on the slot's device. On CUDA, a cold load reads
+the file's data section straight into one pinned staging buffer (allocated once with the pool, the
+size of a whole adapter at the maximum rank in the pool dtype): no CPU pass over the values, and
+page-locking memory (about 1 ms per MB on an H200 host) is never waited for. A background thread then
+copies the bytes into pinned memory of the entry's own, from which a later reload is one asynchronous
+copy per tensor; a load that needs the staging buffer before that first keeps a pageable copy.
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from worker.adapters.merge import merge_adapters
-from worker.adapters.peft import LoraAdapter, module_dims, read_adapter, resolve_adapter_dir, shard_lora
+from worker.adapters.peft import (HostAdapter, LoraAdapter, module_dims, read_adapter, read_adapter_bytes,
+                                  resolve_adapter_dir, shard_lora)
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext, bind_thread, resolve_device
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -43,8 +47,7 @@ class Entry:
     params: Any  # pb.AdapterParameters (kept to reload from disk if the host copy was dropped)
     source: int
     slot: Optional[int] = None
-    host: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # this rank's (A, B)
-    pinned: bool = False  # host is in page-locked memory (then a slot is filled from it directly)
+    host: Optional[HostAdapter] = None  # the whole adapter on the host (pinned: a slot fills from it directly)
     rank: int = 0
     ranks: Optional[torch.Tensor] = None  # [layers, len(POOL_MODULES)] int32: rank per module (0: not targeted)
     last_used: float = field(default_factory=time.monotonic)
@@ -101,8 +104,9 @@ class AdapterManager:
                     self.pools[(layer, module)] = (a[:, p], b[:, p])
         self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
                               for a, b in self.stacked.values())
-        self.staging: Optional[torch.Tensor] = None  # pinned, one slot's elements (CUDA only)
+        self.staging: Optional[torch.Tensor] = None  # pinned uint8, a whole adapter at max rank (CUDA only)
         self.staging_done: Optional[torch.cuda.Event] = None  # the last copy out of it
+        self.staging_holder: Optional[weakref.ref] = None  # a HostAdapter whose only bytes are in staging
         self.staging_lock = threading.Lock()
         self.pinner: Optional[concurrent.futures.ThreadPoolExecutor] = None  # pins host copies off the load path
         self.pinning: list[concurrent.futures.Future] = []
@@ -111,8 +115,9 @@ class AdapterManager:
                                                                 initializer=bind_thread,
                                                                 initargs=(resolve_device(pctx.device),))
             t0 = time.perf_counter()
-            self.staging = torch.empty(self.slot_bytes // dtype.itemsize, dtype=dtype, pin_memory=True)
-            log.info("adapter staging buffer: %.1f MiB pinned in %.0f ms", self.slot_bytes / 2**20,
+            full = sum(max_rank * sum(module_dims(config, m)) for m in POOL_MODULES) * config.num_hidden_layers
+            self.staging = torch.empty(full * dtype.itemsize, dtype=torch.uint8, pin_memory=True)
+            log.info("adapter staging buffer: %.1f MiB pinned in %.0f ms", self.staging.numel() / 2**20,
                      (time.perf_counter() - t0) * 1e3)
         log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
                  num_slots, max_rank, self.slot_bytes / 2**20, self.slot_bytes * num_slots / 2**20, root,
@@ -156,43 +161,63 @@ class AdapterManager:
                                     adapter_index=k) for k, aid in self.preloaded]
 
     # ------------------------------------------------------------------ reading
+    def _path(self, adapter_id: str, source: int) -> str:
+        try:
+            return resolve_adapter_dir(self.root, adapter_id)
+        except NotFound:
+            if source != LOCAL:
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r}: source {pb.AdapterSource.Name(source)} needs network access, "
+                    f"which this worker does not have, and no local copy is under {self.root}") from None
+            raise
+
     def _read(self, params: Any, source: int, dtype: torch.dtype = torch.float32) -> LoraAdapter:
         """The adapter (merged when several ids are given), in `dtype` when a single one (merges run in fp32)."""
         ids = list(params.adapter_ids)
         if not ids:
             raise InvalidArgument("adapter_parameters.adapter_ids is empty")
-        adapters = []
-        for adapter_id in ids:
-            try:
-                path = resolve_adapter_dir(self.root, adapter_id)
-            except NotFound:
-                if source != LOCAL:
-                    raise FailedPrecondition(
-                        f"adapter {adapter_id!r}: source {pb.AdapterSource.Name(source)} needs network access, "
-                        f"which this worker does not have, and no local copy is under {self.root}") from None
-                raise
-            adapters.append(read_adapter(path, self.config, self.max_rank, self.allow_bin,
-                                         dtype if len(ids) == 1 else torch.float32))
+        adapters = [read_adapter(self._path(i, source), self.config, self.max_rank, self.allow_bin,
+                                 dtype if len(ids) == 1 else torch.float32) for i in ids]
         if len(adapters) == 1:
             return adapters[0]
         return merge_adapters(adapters, list(params.weights), params.merge_strategy, params.density,
                               params.majority_sign_method, seed=0)
 
-    def _shard(self, adapter: LoraAdapter) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        return {key: shard_lora(key[1], a, b, self.config, self.pctx.rank, self.pctx.world_size)
-                for key, (a, b) in adapter.weights.items()}
-
-    def _host_copy(self, params: Any, source: int) -> tuple[LoraAdapter, dict, torch.Tensor]:
-        """(adapter, this rank's host (A, B) per module in the pool dtype (fp32 on a CPU), ranks [layers,
-        modules] int32)."""
+    def _host_copy(self, params: Any, source: int) -> tuple[HostAdapter, torch.Tensor]:
+        """(the whole adapter on the host, this rank's ranks [layers, modules] int32). A single safetensors
+        adapter is read as its file's bytes (on CUDA straight into the pinned staging buffer); merges,
+        .bin files and files that do not fit go through read_adapter (pool dtype on CUDA, fp32 on a CPU)."""
         t0 = time.perf_counter()
-        adapter = self._read(params, source, self.dtype if self.on_cuda else torch.float32)
-        host = self._shard(adapter)
+        host = None
+        if len(params.adapter_ids) == 1:
+            path = self._path(params.adapter_ids[0], source)
+            if self.on_cuda:
+                with self.staging_lock:
+                    host = read_adapter_bytes(path, self.config, self.max_rank, self._claim_staging)
+                    if host is not None:
+                        self.staging_holder = weakref.ref(host)
+            else:
+                host = read_adapter_bytes(path, self.config, self.max_rank, _pageable)
+        if host is None:
+            host = HostAdapter.from_weights(self._read(params, source, self.dtype if self.on_cuda else torch.float32))
         ranks = torch.zeros(self.config.num_hidden_layers, len(POOL_MODULES), dtype=torch.int32)
-        for (layer, module), (a, _) in host.items():
-            ranks[layer, POOL_MODULES.index(module)] = a.shape[0]
+        for layer, module in host.layout:
+            ranks[layer, POOL_MODULES.index(module)] = host.rank
         self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
-        return adapter, host, ranks.pin_memory() if self.on_cuda else ranks  # 1 KB: copied asynchronously
+        return host, ranks.pin_memory() if self.on_cuda else ranks  # 1 KB: copied asynchronously
+
+    def _claim_staging(self, nbytes: int) -> Optional[torch.Tensor]:
+        """The staging buffer's first `nbytes` (None: they do not fit), once the copies out of it are done
+        and the bytes it held for an adapter without a copy of its own were copied out. Under staging_lock."""
+        if nbytes > self.staging.numel():
+            return None
+        holder = self.staging_holder() if self.staging_holder is not None else None
+        if holder is not None and holder.buf.data_ptr() == self.staging.data_ptr():
+            holder.buf = holder.buf.clone()  # pageable; the pinning thread pins it later
+        self.staging_holder = None
+        if self.staging_done is not None:
+            self.staging_done.synchronize()
+        return self.staging[:nbytes]
 
     # ------------------------------------------------------------------ RPC bodies
     def download(self, req: Any) -> Any:
@@ -212,10 +237,10 @@ class AdapterManager:
                                      "it cannot be replaced until those requests finish")
         if entry is None or entry.params != req.adapter_parameters:
             t0 = time.perf_counter()
-            adapter, host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
+            host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
             if entry is not None:
                 self._free_slot(entry)
-            entry = Entry(req.adapter_parameters, req.adapter_source, host=host, rank=adapter.rank, ranks=ranks)
+            entry = Entry(req.adapter_parameters, req.adapter_source, host=host, rank=host.rank, ranks=ranks)
             self.entries[index] = entry
             log.info("adapter index %d (%s) read in %.1f ms (%s)", index, list(req.adapter_parameters.adapter_ids),
                      (time.perf_counter() - t0) * 1e3, ", ".join(f"{k} {v:.1f}" for k, v in self.last_timing.items()))
@@ -256,7 +281,7 @@ class AdapterManager:
         they are read from disk again if used."""
         offloaded = sorted((e.last_used, i) for i, e in self.entries.items() if e.slot is None and e.host is not None)
         for _, i in offloaded[: max(0, len(offloaded) - self.host_cache)]:
-            self.entries[i].host, self.entries[i].pinned = None, False
+            self.entries[i].host = None
 
     def _make_resident(self, index: int, pinned: set[int]) -> int:
         entry = self.entries[index]
@@ -276,8 +301,7 @@ class AdapterManager:
             self._free_slot(victim)
         slot = free[0]
         if entry.host is None:  # dropped from the host cache: read again
-            _, entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
-            entry.pinned = False
+            entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
         self._fill(slot, entry)
         self.slot_owner[slot] = index
         entry.slot = slot
@@ -285,28 +309,27 @@ class AdapterManager:
         return slot
 
     def _fill(self, slot: int, entry: Entry) -> None:
-        """Copy the entry's host (A, B) and ranks into `slot` (all zeros). On CUDA: on a side stream ordered
-        after the main stream's work so far (the zeroing, steps still reading the slot), with the main
-        stream's later work ordered after the copies; straight from a pinned host copy, else packed into the
-        staging buffer first (waiting only for the previous staged fill's copies) and the host copy queued
-        for pinning."""
+        """Copy the entry's adapter (this rank's shard, scale folded into B) and ranks into `slot` (all zeros).
+        On CUDA: on a side stream ordered after the main stream's work so far (the zeroing, steps still
+        reading the slot), with the main stream's later work ordered after the copies; straight from a
+        pinned host copy or from the staging buffer the cold read left the bytes in, else from the staging
+        buffer after one copy into it; an unpinned host copy is then queued for pinning."""
+        host = entry.host
         if self.staging is None:
-            self._copy_into(slot, entry.host, entry.ranks, non_blocking=False)
+            self._copy_into(slot, host, host.buf, entry.ranks, non_blocking=False)
             return
         with self.staging_lock:
             t0 = time.perf_counter()
-            host, staged = entry.host, not entry.pinned  # read together: the pinning thread swaps both
-            if staged:
-                if self.staging_done is not None:
-                    self.staging_done.synchronize()
-                src = _pack(self.staging, host)
+            staged = not host.pinned  # read together with buf: the pinning thread swaps both
+            if staged and host.buf.data_ptr() != self.staging.data_ptr():
+                src = self._claim_staging(host.nbytes).copy_(host.buf)
             else:
-                src = host
+                src = host.buf
             t1 = time.perf_counter()
             main = torch.cuda.current_stream(self.pctx.device)
             self.copy_stream.wait_stream(main)
             with torch.cuda.stream(self.copy_stream):
-                self._copy_into(slot, src, entry.ranks, non_blocking=True)  # src and ranks are pinned
+                self._copy_into(slot, host, src, entry.ranks, non_blocking=True)  # src and ranks are pinned
                 if staged:
                     self.staging_done = torch.cuda.Event()
                     self.staging_done.record(self.copy_stream)
@@ -317,22 +340,34 @@ class AdapterManager:
             future.add_done_callback(_log_pin_failure)
             self.pinning = [f for f in self.pinning if not f.done()] + [future]
 
-    def _copy_into(self, slot: int, src: dict, ranks: torch.Tensor, non_blocking: bool) -> None:
-        """Each module's (A, B) of rank r into the slot's first r lanes, and the slot's ranks."""
-        for key, (a, b) in src.items():
+    def _copy_into(self, slot: int, host: HostAdapter, src: torch.Tensor, ranks: torch.Tensor,
+                   non_blocking: bool) -> None:
+        """Each module's (A, B) of rank r, laid out in `src` as in `host`, into the slot's first r lanes:
+        this rank's shard, B times the host's scale (in fp32, rounded once to the pool dtype, as
+        read_adapter does); then the slot's ranks."""
+        dev, rank, world, r = self.pctx.device, self.pctx.rank, self.pctx.world_size, host.rank
+        for key, (a, b) in host.tensors(src).items():
             a_pool, b_pool = self.pools[key]
-            r = a.shape[0]
-            a_pool[slot, :r].copy_(a, non_blocking=non_blocking)
-            b_pool[slot, :, :r].copy_(b, non_blocking=non_blocking)
+            dst_a, dst_b = a_pool[slot, :r], b_pool[slot, :, :r]
+            if world > 1:  # whole tensors over, cut on the device (c_attn's B is cut per q/k/v)
+                a, b = shard_lora(key[1], a.to(dev, non_blocking=non_blocking), b.to(dev, non_blocking=non_blocking),
+                                  self.config, rank, world)
+            dst_a.copy_(a, non_blocking=non_blocking)
+            if host.scale == 1.0:
+                dst_b.copy_(b, non_blocking=non_blocking)
+            elif self.on_cuda and b.dtype == dst_b.dtype:  # the kernel multiplies in fp32 and rounds once
+                dst_b.copy_(b, non_blocking=non_blocking).mul_(host.scale)
+            else:
+                dst_b.copy_(b.to(dev, non_blocking=non_blocking).float() * host.scale)  # never b itself
         self.ranks[slot].copy_(ranks, non_blocking=non_blocking)
 
-    def _pin(self, entry: Entry, host: dict) -> None:
-        """Background: the host copy in one pinned buffer; swapped in unless the entry moved on meanwhile."""
-        buf = torch.empty(sum(a.numel() + b.numel() for a, b in host.values()), dtype=self.dtype, pin_memory=True)
-        pinned = _pack(buf, host)
+    def _pin(self, entry: Entry, host: HostAdapter) -> None:
+        """Background: the host copy's bytes into pinned memory of its own; swapped in unless the entry
+        moved on meanwhile."""
+        buf = torch.empty(host.nbytes, dtype=torch.uint8, pin_memory=True)
         with self.staging_lock:
-            if entry.host is host:
-                entry.host, entry.pinned = pinned, True
+            if entry.host is host and not host.pinned:
+                host.buf, host.pinned = buf.copy_(host.buf), True
 
     def wait_pinned(self) -> None:
         """Block until the queued host copies are pinned (before CUDA-graph capture, which forbids another
@@ -351,8 +386,7 @@ class AdapterManager:
         return [slots.get(i, 0) for i in indices]
 
     def stats(self) -> dict[str, int]:
-        host = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for e in self.entries.values() if e.host for a, b in e.host.values())
+        host = sum(e.host.nbytes for e in self.entries.values() if e.host is not None)
         return {"adapters_known": len(self.entries),
                 "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
                 "adapter_slots_total": self.num_slots, "adapter_host_bytes": host}
@@ -363,16 +397,8 @@ def _log_pin_failure(future: concurrent.futures.Future) -> None:
         log.warning("pinning an adapter's host copy failed: %r", future.exception())
 
 
-def _pack(buf: torch.Tensor, host: dict) -> dict:
-    """Copy each (A, B) of `host` into consecutive views of the flat `buf`; returns the views, same keys."""
-    out, offset = {}, 0
-    for key, pair in host.items():
-        views = []
-        for t in pair:
-            views.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
-            offset += t.numel()
-        out[key] = (views[0], views[1])
-    return out
+def _pageable(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def default_root_check(root: str) -> str:

@@ -1,0 +1,98 @@
+"""LoadAdapter's fast path keeps the safetensors file's bytes as they are and folds the scale into B while
+filling a slot. Every slot must hold exactly what read_adapter (scale applied in fp32, rounded once to the
+pool dtype) then shard_lora give this rank: for each file dtype, pool dtype and TP rank, on the first
+fill and on a reload from the host copy (the fold must never touch the host copy)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import TINY
+from lora_helpers import load, write_adapter
+from worker.adapters.peft import read_adapter, read_adapter_bytes, shard_lora
+from worker.adapters.pool import AdapterManager
+from worker.config import QwenConfig
+from worker.distributed import ParallelContext
+from worker.errors import InvalidArgument
+from worker.pb import generate_pb2 as pb
+
+CONFIG = QwenConfig.from_dict(TINY)
+RANK, ALPHA, MAX_RANK = 3, 7.0, 8  # scale 7/3: not a power of two, so rounding order shows
+
+
+def _expected(path: str, pool_dtype: torch.dtype, rank: int, world: int):
+    adapter = read_adapter(path, CONFIG, MAX_RANK, dtype=pool_dtype)
+    return {key: shard_lora(key[1], a, b, CONFIG, rank, world) for key, (a, b) in adapter.weights.items()}
+
+
+def _assert_slot_holds(mgr: AdapterManager, slot: int, expect: dict) -> None:
+    assert expect.keys() == {key for key in mgr.pools if key in expect}
+    for key, (a, b) in expect.items():
+        a_pool, b_pool = mgr.pools[key]
+        assert torch.equal(a_pool[slot, :RANK], a), key
+        assert torch.equal(b_pool[slot, :, :RANK], b), key
+        assert not a_pool[slot, RANK:].any() and not b_pool[slot, :, RANK:].any(), key
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank,world", [(0, 1), (0, 2), (1, 2)])
+def test_slot_from_file_bytes_equals_read_adapter(tmp_path, file_dtype, pool_dtype, rank, world):
+    root = str(tmp_path)
+    write_adapter(root, "x", TINY, RANK, ALPHA, seed=5, dtype=file_dtype)
+    mgr = AdapterManager(root, CONFIG, ParallelContext(rank, world), pool_dtype, MAX_RANK, num_slots=2)
+    load(mgr, 1, "x")
+    entry = mgr.entries[1]
+    # the fast path was taken: the host copy is the file's values, the scale not yet applied
+    assert entry.host.scale == ALPHA / RANK
+    assert all(a.dtype == file_dtype and b.dtype == file_dtype for a, b in entry.host.tensors().values())
+    expect = _expected(os.path.join(root, "x"), pool_dtype, rank, world)
+    _assert_slot_holds(mgr, entry.slot, expect)
+    assert mgr.ranks[entry.slot].tolist() == [[RANK] * 5] * CONFIG.num_hidden_layers
+    for _ in range(2):  # reloads from the host copy: the same values, the scale applied once
+        mgr.offload(pb.OffloadAdapterRequest(adapter_index=1))
+        assert not mgr.ranks.any() and all(not a.any() and not b.any() for a, b in mgr.stacked.values())
+        load(mgr, 1, "x")
+        _assert_slot_holds(mgr, mgr.entries[1].slot, expect)
+
+
+def test_host_copy_is_the_file_and_reads_only_what_the_header_names(tmp_path):
+    from safetensors.torch import load_file
+
+    write_adapter(str(tmp_path), "x", TINY, RANK, ALPHA, seed=6, dtype=torch.bfloat16,
+                  targets=("c_attn", "w1"))
+    path = str(tmp_path / "x")
+    sizes = []
+
+    def into(n):
+        sizes.append(n)
+        return torch.full((n + 100,), 0xAB, dtype=torch.uint8)  # larger than asked: only n bytes are used
+
+    host = read_adapter_bytes(path, CONFIG, MAX_RANK, into)
+    file = load_file(os.path.join(path, "adapter_model.safetensors"))
+    data = os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
+    assert sizes == [host.nbytes] and host.nbytes == sum(t.numel() * t.element_size() for t in file.values())
+    assert host.nbytes < data  # the header is not part of it
+    assert set(host.tensors()) == {(i, m) for i in range(CONFIG.num_hidden_layers)
+                                   for m in ("attn.c_attn", "mlp.w1")}
+    for (layer, module), (a, b) in host.tensors().items():
+        prefix = f"base_model.model.transformer.h.{layer}.{module}."
+        assert torch.equal(a, file[prefix + "lora_A.weight"]) and torch.equal(b, file[prefix + "lora_B.weight"])
+    assert read_adapter_bytes(path, CONFIG, MAX_RANK, lambda n: None) is None  # declined: the caller falls back
+
+
+def test_truncated_file_is_a_clear_error_and_the_pool_keeps_serving(tmp_path):
+    root = str(tmp_path)
+    write_adapter(root, "good", TINY, RANK, ALPHA, seed=7)
+    write_adapter(root, "cut", TINY, RANK, ALPHA, seed=8)
+    file = os.path.join(root, "cut", "adapter_model.safetensors")
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) - 10)
+    mgr = AdapterManager(root, CONFIG, ParallelContext(), torch.float32, MAX_RANK, num_slots=2)
+    load(mgr, 1, "good")
+    with pytest.raises(InvalidArgument, match="cannot read .*adapter_model.safetensors"):
+        load(mgr, 2, "cut")
+    assert 2 not in mgr.entries
+    _assert_slot_holds(mgr, mgr.entries[1].slot, _expected(os.path.join(root, "good"), torch.float32, 0, 1))
