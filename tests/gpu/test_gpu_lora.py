@@ -261,7 +261,8 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
     set. The pinning thread is held back while three adapters go through the staging buffer, so each load
     must first keep a copy of the bytes the previous one left there (an fp32 rank-16 file does not fit the
     staging buffer and goes through read_adapter instead); released, it pins every host copy. Offload
-    zeroes the slots; reloads from the pinned host copies (files deleted) restore them bit for bit."""
+    zeroes the slots; reloads from the pinned host copies (scale folded in on the host, bf16; files deleted)
+    restore them bit for bit."""
     import shutil
     import threading
 
@@ -298,8 +299,11 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
         assert mgr.ranks[slot].tolist() == [[rank] * 5] * CFG["num_hidden_layers"]
     before = {i: {k: (a[mgr.entries[i].slot].clone(), b[mgr.entries[i].slot].clone())
                   for k, (a, b) in mgr.stacked.items()} for i in specs}
-    mgr.wait_pinned()  # released: the background thread moved every host copy into pinned memory
-    assert all(h.pinned and h.buf.is_pinned() and h.buf.data_ptr() != staging for h in hosts.values())
+    mgr.wait_pinned()  # released: the background thread moved every host copy into pinned memory, folded
+    for index in specs:
+        h = mgr.entries[index].host
+        assert h.pinned and h.buf.is_pinned() and h.buf.data_ptr() != staging and h.scale == 1.0
+        assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in h.tensors().values())
     for index, (name, _, _) in specs.items():
         slot = mgr.entries[index].slot
         mgr.offload(pb.OffloadAdapterRequest(adapter_index=index))

@@ -96,3 +96,21 @@ def test_truncated_file_is_a_clear_error_and_the_pool_keeps_serving(tmp_path):
         load(mgr, 2, "cut")
     assert 2 not in mgr.entries
     _assert_slot_holds(mgr, mgr.entries[1].slot, _expected(os.path.join(root, "good"), torch.float32, 0, 1))
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_folded_host_copy_holds_read_adapters_values(tmp_path, file_dtype, pool_dtype):
+    """What the pinning thread stores for fast reloads: read_adapter's values, bit for bit, scale 1."""
+    write_adapter(str(tmp_path), "x", TINY, RANK, ALPHA, seed=9, dtype=file_dtype)
+    path = str(tmp_path / "x")
+    host = read_adapter_bytes(path, CONFIG, MAX_RANK, lambda n: torch.empty(n, dtype=torch.uint8))
+    before = host.buf.clone()
+    buf = torch.empty(host.folded_nbytes(pool_dtype) + 64, dtype=torch.uint8)
+    folded = host.folded(pool_dtype, buf)
+    assert folded.scale == 1.0 and folded.nbytes == host.folded_nbytes(pool_dtype)
+    assert folded.buf.data_ptr() == buf.data_ptr() and torch.equal(host.buf, before)  # the source is untouched
+    expect = read_adapter(path, CONFIG, MAX_RANK, dtype=pool_dtype).weights
+    assert folded.tensors().keys() == expect.keys()
+    for key, (a, b) in folded.tensors().items():
+        assert torch.equal(a, expect[key][0]) and torch.equal(b, expect[key][1]), key

@@ -171,9 +171,18 @@ class HostAdapter:
         buf = self.buf if buf is None else buf
         return {key: (a.view(buf), b.view(buf)) for key, (a, b) in self.layout.items()}
 
+    def folded_nbytes(self, dtype: torch.dtype) -> int:
+        return sum(math.prod(t.shape) for pair in self.layout.values() for t in pair) * dtype.itemsize
+
+    def folded(self, dtype: torch.dtype, buf: torch.Tensor) -> "HostAdapter":
+        """A copy in `buf` (folded_nbytes(dtype) bytes) with read_adapter's values: A in `dtype`, and B times
+        the scale in fp32, rounded once to `dtype`; its scale is 1.0."""
+        weights = {key: (a.to(dtype), (b.float() * self.scale).to(dtype)) for key, (a, b) in self.tensors().items()}
+        return HostAdapter.from_weights(LoraAdapter(self.rank, weights), buf)
+
     @classmethod
-    def from_weights(cls, adapter: LoraAdapter) -> "HostAdapter":
-        """Pack a read (or merged) adapter, scale already folded in, into one pageable buffer."""
+    def from_weights(cls, adapter: LoraAdapter, buf: Optional[torch.Tensor] = None) -> "HostAdapter":
+        """Pack a read (or merged) adapter, scale already folded in, into `buf` (default: a new pageable one)."""
         layout, offset = {}, 0
         for key, pair in adapter.weights.items():
             ats = []
@@ -182,11 +191,11 @@ class HostAdapter:
                 ats.append(TensorAt(offset, tuple(t.shape), t.dtype))
                 offset += t.numel() * t.element_size()
             layout[key] = (ats[0], ats[1])
-        buf = torch.empty(offset, dtype=torch.uint8)
+        buf = torch.empty(offset, dtype=torch.uint8) if buf is None else buf[:offset]
         for key, pair in adapter.weights.items():
             for at, t in zip(layout[key], pair):
                 at.view(buf).copy_(t)
-        return cls(adapter.rank, 1.0, buf, layout)
+        return cls(adapter.rank, 1.0, buf, layout, pinned=buf.is_pinned())
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

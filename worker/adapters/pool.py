@@ -12,8 +12,9 @@ shards it for this rank and folds the scale into B on the slot's device. On CUDA
 the file's data section straight into one pinned staging buffer (allocated once with the pool, the
 size of a whole adapter at the maximum rank in the pool dtype): no CPU pass over the values, and
 page-locking memory (about 1 ms per MB on an H200 host) is never waited for. A background thread then
-copies the bytes into pinned memory of the entry's own, from which a later reload is one asynchronous
-copy per tensor; a load that needs the staging buffer before that first keeps a pageable copy.
+folds the scale in and stores the adapter in the pool dtype in pinned memory of the entry's own, from
+which a later reload is one asynchronous copy per tensor; a load that needs the staging buffer before
+that first keeps a pageable copy of the bytes left there.
 """
 from __future__ import annotations
 
@@ -362,12 +363,23 @@ class AdapterManager:
         self.ranks[slot].copy_(ranks, non_blocking=non_blocking)
 
     def _pin(self, entry: Entry, host: HostAdapter) -> None:
-        """Background: the host copy's bytes into pinned memory of its own; swapped in unless the entry
-        moved on meanwhile."""
-        buf = torch.empty(host.nbytes, dtype=torch.uint8, pin_memory=True)
+        """Background: the host copy into pinned memory of its own, scale folded in and in the pool dtype
+        (read_adapter's values: a reload is then plain copies); swapped in unless the entry moved on
+        meanwhile. Bytes still in the staging buffer are folded under its lock (a load would reuse it)."""
+        buf = torch.empty(host.folded_nbytes(self.dtype), dtype=torch.uint8, pin_memory=True)
+        pinned = None
         with self.staging_lock:
-            if entry.host is host and not host.pinned:
-                host.buf, host.pinned = buf.copy_(host.buf), True
+            if entry.host is not host or host.pinned:
+                return
+            if host.buf.data_ptr() == self.staging.data_ptr():
+                pinned = host.folded(self.dtype, buf)
+        if pinned is None:  # its own pageable bytes: nothing else writes them
+            pinned = host.folded(self.dtype, buf)
+        with self.staging_lock:
+            if entry.host is host:
+                entry.host = pinned
+            if self.staging_holder is not None and self.staging_holder() is host:
+                self.staging_holder = None  # replaced: nothing to keep from the staging buffer
 
     def wait_pinned(self) -> None:
         """Block until the queued host copies are pinned (before CUDA-graph capture, which forbids another
