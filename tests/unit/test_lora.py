@@ -237,3 +237,22 @@ def test_remote_sources_need_a_local_copy(setup):
     req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["a4"]), adapter_source=0,
                                 adapter_index=1)
     assert mgr.load(req).loaded
+
+
+def test_adapter_files_linked_outside_the_root_are_refused(setup, tmp_path):
+    """Files inside an adapter directory may be links that stay under the root (an HF cache's snapshots
+    link into its blobs); a link that leaves the root is refused, naming the file."""
+    state, model, root, adapters, mgr, _ = setup
+    outside = tmp_path / "outside"
+    write_adapter(str(outside), "x", CFG, 4, 8, seed=4)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        inside = os.path.join(root, f"link-{name}")
+        write_adapter(root, f"link-{name}", CFG, 4, 8, seed=4)
+        os.replace(os.path.join(inside, name), os.path.join(root, f"blob-{name}"))
+        os.symlink(os.path.join(root, f"blob-{name}"), os.path.join(inside, name))
+        load(mgr, 1, f"link-{name}")  # under the root: served
+        os.remove(os.path.join(inside, name))
+        os.symlink(str(outside / "x" / name), os.path.join(inside, name))
+        with pytest.raises(InvalidArgument, match=f"{name} is a link that resolves outside the adapter root"):
+            load(mgr, 2, f"link-{name}")
+        assert 2 not in mgr.entries

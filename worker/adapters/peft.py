@@ -27,6 +27,7 @@ from worker.weights import shard_packed, shard_tensor
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_proj", "mlp.w1", "mlp.w2")
 COLUMN = {"attn.c_attn", "mlp.w1", "mlp.w2"}  # A whole, B split like the base output
 ROW = {"attn.c_proj", "mlp.c_proj"}  # A split on its input dim, B whole
+CONFIG_FILE, WEIGHTS_FILE, BIN_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 _KEY = re.compile(r"^base_model\.model\.transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_proj|mlp\.w1|"
                   r"mlp\.w2)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
@@ -65,12 +66,17 @@ def resolve_adapter_dir(root: str, adapter_id: str) -> str:
         raise InvalidArgument(f"adapter id {adapter_id!r} resolves outside the adapter root {root}")
     if not os.path.isdir(real):
         raise NotFound(f"adapter {adapter_id!r} not found under the adapter root {root}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, BIN_FILE):  # links may point elsewhere under the root (HF cache blobs)
+        file = os.path.join(real, name)
+        if os.path.lexists(file) and os.path.commonpath([os.path.realpath(file), root_real]) != root_real:
+            raise InvalidArgument(f"adapter {adapter_id!r}: {name} is a link that resolves outside the adapter "
+                                  f"root {root}")
     return real
 
 
 def _adapter_config(path: str, max_rank: int) -> tuple[int, float]:
     """(rank r, scale) from the adapter's adapter_config.json, refusing what this worker cannot serve."""
-    cfg_path = os.path.join(path, "adapter_config.json")
+    cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise NotFound(f"adapter at {path} has no adapter_config.json")
     try:
@@ -211,7 +217,7 @@ def read_adapter_bytes(path: str, config: QwenConfig, max_rank: int,
     read_adapter's. None when this path does not apply (no safetensors file, a non-float or misaligned
     tensor, or `into` declines the size): read_adapter then reads it, with its errors."""
     r, scale = _adapter_config(path, max_rank)
-    st = os.path.join(path, "adapter_model.safetensors")
+    st = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(st):
         return None
     try:
@@ -264,14 +270,14 @@ def _pread_all(file: str, buf: torch.Tensor, start: int) -> None:
 
 
 def _read_tensors(path: str, allow_bin: bool) -> dict[str, torch.Tensor]:
-    st = os.path.join(path, "adapter_model.safetensors")
+    st = os.path.join(path, WEIGHTS_FILE)
     if os.path.isfile(st):
         try:  # mmap'd (measured on an H200 host, page cache dropped: faster than one read() + load(bytes))
             with safe_open(st, framework="pt") as h:
                 return {k: h.get_tensor(k) for k in h.keys()}
         except Exception as exc:  # truncated or corrupt
             raise InvalidArgument(f"cannot read {st}: {exc}") from exc
-    binary = os.path.join(path, "adapter_model.bin")
+    binary = os.path.join(path, BIN_FILE)
     if os.path.isfile(binary):
         if not allow_bin:
             raise FailedPrecondition(f"{binary} is a pickle; only safetensors are read (start the worker with "
