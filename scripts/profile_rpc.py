@@ -1,0 +1,187 @@
+"""Where a Decode RPC's time goes beyond the forward (P7): one process, the Qwen-7B shape with random bf16
+weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks.
+
+    python scripts/profile_rpc.py --batch 64 --ctx 512
+
+Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC) split
+into input preparation + replay issue, sampling (GPU time by events), the wait for the GPU, and the
+Python after it (detokenize, stop checks, protobufs); the same Decode through gRPC on a unix socket;
+then the torch profiler's top CPU operations over a few in-process steps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_rpc.py needs a CUDA GPU")
+
+    import grpc
+
+    from bench import build_model
+    from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
+    from worker.distributed import ParallelContext
+    from worker.engine.engine import Engine, EngineConfig
+    from worker.pb import generate_pb2 as pb
+    from worker.pb import generate_pb2_grpc as pb_grpc
+    from worker.server import LoraxServicer, make_server
+    from worker.tokenizer import QwenTokenizer
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.set_device(dev)
+    pctx = ParallelContext(0, 1, dev)
+    model = build_model(args.shape, pctx, "triton")
+    tmp = tempfile.mkdtemp()
+    write_tiktoken_file(os.path.join(tmp, "qwen.tiktoken"), train_bpe_ranks("benchmark text", 0))
+    tok = QwenTokenizer.from_dir(tmp)
+    B, ctx, new = args.batch, args.ctx, 6 * args.steps + 40  # every Decode round below adds a token
+    engine = Engine(model, tok, pctx, EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new)))
+    servicer = LoraxServicer(engine, os.path.join(tmp, "s"), "cuda")
+    ids = [(7 * i) % 400 + 1 for i in range(ctx)]
+    params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
+    stop = pb.StoppingCriteriaParameters(max_new_tokens=new, ignore_eos_token=True)
+    warm = pb.Batch(id=0, requests=[pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params,
+                                               stopping_parameters=stop)])
+    servicer.Warmup(pb.WarmupRequest(batch=warm, max_input_length=ctx, max_prefill_tokens=8192,
+                                     max_new_tokens=new), None)
+    bs = engine.cfg.block_size
+    per = math.ceil((ctx + new) / bs)
+    reqs = []
+    for i in range(B):
+        blocks = list(range(1 + i * per, 1 + (i + 1) * per))
+        slots = [b * bs + j for b in blocks for j in range(bs)][:ctx + new]
+        reqs.append(pb.Request(id=i, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params,
+                               stopping_parameters=stop, blocks=blocks, slots=slots))
+    cached = servicer.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=B)), None).batch
+
+    # phases of the in-process Decode
+    phases: dict[str, list[float]] = {"prep+issue": [], "sampler_gpu": [], "after_issue": []}
+    runner_forward = engine.runner.forward
+
+    def forward(*a, **kw):
+        t = time.perf_counter()
+        out = runner_forward(*a, **kw)
+        phases["prep+issue"].append(time.perf_counter() - t)
+        return out
+
+    engine.runner.forward = forward
+
+    def decode_in_process(n: int) -> list[float]:
+        nonlocal cached
+        walls = []
+        for _ in range(n):
+            batch = engine.batches[cached.id]
+            sampler = batch.sampler
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+            def timed_sampler(*a, _s=sampler, **kw):
+                start.record()
+                out = type(_s).__call__(_s, *a, **kw)
+                end.record()
+                return out
+
+            batch.sampler = timed_sampler
+            t = time.perf_counter()
+            resp = servicer.Decode(pb.DecodeRequest(batches=[cached]), None)
+            resp.SerializeToString()
+            walls.append(time.perf_counter() - t)
+            end.synchronize()
+            phases["sampler_gpu"].append(start.elapsed_time(end) / 1e3)
+            engine.batches[resp.batch.id].sampler = sampler
+            cached = resp.batch
+        return walls
+
+    decode_in_process(5)
+    for v in phases.values():
+        v.clear()
+    walls = decode_in_process(args.steps)
+
+    def replay_now() -> float:
+        """The graph replay alone, back to back, at the batch's current context (rewrites the same KV)."""
+        batch = engine.batches[cached.id]
+        graphs = engine.runner.graphs
+        for r in batch.requests:
+            r.n_cached -= 1
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            graphs.run(batch, None)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / 20
+
+    replay = replay_now()
+
+    # through gRPC on a unix socket (client and server in this process): server threads x GIL switch interval
+    # the handler's own time, measured inside the gRPC worker thread
+    handler_walls: list[float] = []
+    decode_handler = servicer.Decode
+
+    def timed_decode(request, context):
+        t = time.perf_counter()
+        out = decode_handler(request, context)
+        handler_walls.append(time.perf_counter() - t)
+        return out
+
+    servicer.Decode = timed_decode  # registered by make_server below
+    grpc_rows = []
+    for workers, interval in ((4, 0.005), (1, 0.005), (4, 1e-4)):
+        sys.setswitchinterval(interval)
+        path = os.path.join(tmp, f"s{workers}{interval}-0")
+        server = make_server(servicer, path, workers=workers)
+        stub = pb_grpc.LoraxServiceStub(grpc.insecure_channel(f"unix://{path}"))
+        grpc_walls = []
+        handler_walls.clear()
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            cached = stub.Decode(pb.DecodeRequest(batches=[cached])).batch
+            grpc_walls.append(time.perf_counter() - t)
+        here = replay_now()  # the forward at this round's final context (it grows a token per step)
+        t = time.perf_counter()
+        for _ in range(50):
+            stub.Info(pb.InfoRequest())
+        grpc_rows.append((workers, interval, statistics.median(grpc_walls[3:]), statistics.median(handler_walls[3:]),
+                          here, (time.perf_counter() - t) / 50))
+        server.stop(None)
+    sys.setswitchinterval(0.005)
+
+    med = statistics.median
+    wall = med(walls)
+    print(f"{torch.cuda.get_device_name(dev)}: {args.shape}, batch {B}, context {ctx}, greedy")
+    print(f"  graph replay alone              {replay * 1e3:7.2f} ms")
+    print(f"  Decode in process (no gRPC)     {wall * 1e3:7.2f} ms  (+{(wall - replay) / replay * 100:.1f} % over replay)")
+    print(f"    input prep + replay issue     {med(phases['prep+issue']) * 1e3:7.2f} ms (CPU)")
+    print(f"    sampler                       {med(phases['sampler_gpu']) * 1e3:7.2f} ms (GPU)")
+    for workers, interval, decode, handler, here, info in grpc_rows:
+        print(f"  through gRPC, {workers} server threads, GIL switch {interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
+              f"its handler {handler * 1e3:.2f} ms, replay at that context {here * 1e3:.2f} ms: "
+              f"+{(decode - here) / here * 100:.1f} % (handler +{(handler - here) / here * 100:.1f} %); "
+              f"empty RPC round trip {info * 1e3:.2f} ms")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_in_process(5)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
