@@ -11,8 +11,8 @@ import torch
 
 from helpers import TINY
 from lora_helpers import load, write_adapter
-from worker.adapters.peft import read_adapter, read_adapter_bytes, shard_lora
-from worker.adapters.pool import AdapterManager
+from worker.adapters.peft import HostAdapter, module_dims, read_adapter, read_adapter_bytes, shard_lora
+from worker.adapters.pool import POOL_MODULES, AdapterManager
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext
 from worker.errors import InvalidArgument
@@ -106,11 +106,94 @@ def test_folded_host_copy_holds_read_adapters_values(tmp_path, file_dtype, pool_
     path = str(tmp_path / "x")
     host = read_adapter_bytes(path, CONFIG, MAX_RANK, lambda n: torch.empty(n, dtype=torch.uint8))
     before = host.buf.clone()
-    buf = torch.empty(host.folded_nbytes(pool_dtype) + 64, dtype=torch.uint8)
-    folded = host.folded(pool_dtype, buf)
-    assert folded.scale == 1.0 and folded.nbytes == host.folded_nbytes(pool_dtype)
-    assert folded.buf.data_ptr() == buf.data_ptr() and torch.equal(host.buf, before)  # the source is untouched
+    sizes = []
+    folded = HostAdapter.from_weights(host.folded(pool_dtype),
+                                      lambda n: sizes.append(n) or torch.empty(n + 64, dtype=torch.uint8))
+    assert folded.scale == 1.0 and folded.nbytes == sizes[0] and not folded.cut
+    assert torch.equal(host.buf, before)  # the source is untouched
     expect = read_adapter(path, CONFIG, MAX_RANK, dtype=pool_dtype).weights
     assert folded.tensors().keys() == expect.keys()
     for key, (a, b) in folded.tensors().items():
         assert torch.equal(a, expect[key][0]) and torch.equal(b, expect[key][1]), key
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_cut_host_copy_fills_the_same_slot(tmp_path, rank):
+    """Under TP the pinned host copy keeps only this rank's shard (cut=True): a fill from it must not cut
+    again, and must give the slot the fast path's values."""
+    write_adapter(str(tmp_path), "x", TINY, RANK, ALPHA, seed=10, dtype=torch.bfloat16)
+    mgr = AdapterManager(str(tmp_path), CONFIG, ParallelContext(rank, 2), torch.bfloat16, MAX_RANK, num_slots=2)
+    load(mgr, 1, "x")
+    host = mgr.entries[1].host
+    cut = HostAdapter.from_weights(host.folded(torch.bfloat16, mgr._cut), cut=True)
+    assert cut.nbytes < HostAdapter.from_weights(host.folded(torch.bfloat16)).nbytes  # a shard, not all of it
+    before = {k: (a[1].clone(), b[1].clone()) for k, (a, b) in mgr.stacked.items()}
+    mgr.offload(pb.OffloadAdapterRequest(adapter_index=1))
+    mgr.entries[1].host = cut
+    load(mgr, 1, "x")
+    slot = mgr.entries[1].slot
+    assert all(torch.equal(a[slot], before[k][0]) and torch.equal(b[slot], before[k][1])
+               for k, (a, b) in mgr.stacked.items())
+
+
+def test_merged_adapters_are_kept_in_the_pool_dtype(tmp_path):
+    """A merge is computed in fp32; its host copy is rounded once to the pool dtype, so that on CUDA it
+    fits the staging buffer (a whole adapter at the maximum rank in the pool dtype)."""
+    root = str(tmp_path)
+    write_adapter(root, "a", TINY, MAX_RANK, ALPHA, seed=11)
+    write_adapter(root, "b", TINY, MAX_RANK, ALPHA, seed=12)
+    mgr = AdapterManager(root, CONFIG, ParallelContext(), torch.bfloat16, MAX_RANK, num_slots=2)
+    load(mgr, 1, "a", "b", weights=[0.5, 0.5])
+    host = mgr.entries[1].host
+    assert all(a.dtype == b.dtype == torch.bfloat16 for a, b in host.tensors().values())
+    whole = sum(MAX_RANK * sum(module_dims(CONFIG, m)) for m in POOL_MODULES) * CONFIG.num_hidden_layers * 2
+    assert host.nbytes <= whole
+
+
+def test_a_file_replaced_after_validation_is_a_clear_error(tmp_path, monkeypatch):
+    """The offsets used come from the header read with the data (same open file), checked against what
+    safetensors validated: a file swapped in between is InvalidArgument, and nothing is registered."""
+    import shutil
+
+    import worker.adapters.peft as peft
+
+    root = str(tmp_path)
+    write_adapter(root, "x", TINY, RANK, ALPHA, seed=13, dtype=torch.bfloat16)
+    write_adapter(str(tmp_path / "other"), "x", TINY, RANK, ALPHA, seed=14, dtype=torch.float32)
+    real_open = peft.safe_open
+
+    class SwapAfterValidation:
+        def __init__(self, file, **kw):
+            self.file, self.inner = file, real_open(file, **kw)
+
+        def __enter__(self):
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            self.inner.__exit__(*exc)
+            shutil.copy(str(tmp_path / "other" / "x" / "adapter_model.safetensors"), self.file)
+
+    monkeypatch.setattr(peft, "safe_open", SwapAfterValidation)
+    mgr = AdapterManager(root, CONFIG, ParallelContext(), torch.float32, MAX_RANK, num_slots=2)
+    with pytest.raises(InvalidArgument, match="changed while the file was being read"):
+        load(mgr, 1, "x")
+    assert mgr.entries == {} and not mgr.ranks.any()
+
+
+def test_a_fill_that_fails_part_way_leaves_the_slot_zeroed(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    write_adapter(root, "x", TINY, RANK, ALPHA, seed=15)
+    mgr = AdapterManager(root, CONFIG, ParallelContext(), torch.float32, MAX_RANK, num_slots=1)
+    copy_into = mgr._copy_into
+
+    def fails_after_copying(slot, host, src, ranks, non_blocking):
+        copy_into(slot, host, src, ranks, non_blocking)  # every lane written ...
+        raise torch.OutOfMemoryError("injected")  # ... then a failure before the fill returns
+
+    monkeypatch.setattr(mgr, "_copy_into", fails_after_copying)
+    with pytest.raises(torch.OutOfMemoryError):
+        load(mgr, 1, "x")
+    assert not mgr.ranks.any() and all(not a.any() and not b.any() for a, b in mgr.stacked.values())
+    monkeypatch.setattr(mgr, "_copy_into", copy_into)
+    load(mgr, 1, "x")  # the slot serves again
+    _assert_slot_holds(mgr, mgr.entries[1].slot, _expected(os.path.join(root, "x"), torch.float32, 0, 1))

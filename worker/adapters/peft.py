@@ -159,14 +159,16 @@ class TensorAt:
 
 @dataclass(eq=False)
 class HostAdapter:
-    """An adapter's full (unsharded) A and B as bytes in one flat uint8 buffer: `buf` may be swapped for a
-    copy (pageable or pinned) with the same layout. B is still to be multiplied by `scale` (1.0: folded in)."""
+    """An adapter's A and B as bytes in one flat uint8 buffer (`tensors()` gives the views). B is still to be
+    multiplied by `scale` (1.0: folded in). `cut`: the tensors are already this TP rank's shard (else the
+    whole adapter). A copy may replace `buf` with a byte-identical one (same layout)."""
 
     rank: int
     scale: float
     buf: torch.Tensor
     layout: dict[tuple[int, str], tuple[TensorAt, TensorAt]]
     pinned: bool = False
+    cut: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -177,18 +179,21 @@ class HostAdapter:
         buf = self.buf if buf is None else buf
         return {key: (a.view(buf), b.view(buf)) for key, (a, b) in self.layout.items()}
 
-    def folded_nbytes(self, dtype: torch.dtype) -> int:
-        return sum(math.prod(t.shape) for pair in self.layout.values() for t in pair) * dtype.itemsize
-
-    def folded(self, dtype: torch.dtype, buf: torch.Tensor) -> "HostAdapter":
-        """A copy in `buf` (folded_nbytes(dtype) bytes) with read_adapter's values: A in `dtype`, and B times
-        the scale in fp32, rounded once to `dtype`; its scale is 1.0."""
-        weights = {key: (a.to(dtype), (b.float() * self.scale).to(dtype)) for key, (a, b) in self.tensors().items()}
-        return HostAdapter.from_weights(LoraAdapter(self.rank, weights), buf)
+    def folded(self, dtype: torch.dtype, cut: Optional[Callable] = None) -> LoraAdapter:
+        """New tensors with read_adapter's values: A in `dtype`, B times the scale in fp32 rounded once to
+        `dtype`; each pair first through `cut(key, a, b)` when given (this rank's shard)."""
+        out = {}
+        for key, (a, b) in self.tensors().items():
+            if cut is not None:
+                a, b = cut(key, a, b)
+            out[key] = (a.to(dtype, copy=True), (b.float() * self.scale).to(dtype))
+        return LoraAdapter(self.rank, out)
 
     @classmethod
-    def from_weights(cls, adapter: LoraAdapter, buf: Optional[torch.Tensor] = None) -> "HostAdapter":
-        """Pack a read (or merged) adapter, scale already folded in, into `buf` (default: a new pageable one)."""
+    def from_weights(cls, adapter: LoraAdapter, alloc: Optional[Callable[[int], torch.Tensor]] = None,
+                     cut: bool = False) -> "HostAdapter":
+        """Pack an adapter whose scale is folded in already into one buffer from `alloc(nbytes)` (default:
+        a new pageable one)."""
         layout, offset = {}, 0
         for key, pair in adapter.weights.items():
             ats = []
@@ -197,11 +202,11 @@ class HostAdapter:
                 ats.append(TensorAt(offset, tuple(t.shape), t.dtype))
                 offset += t.numel() * t.element_size()
             layout[key] = (ats[0], ats[1])
-        buf = torch.empty(offset, dtype=torch.uint8) if buf is None else buf[:offset]
+        buf = (alloc or (lambda n: torch.empty(n, dtype=torch.uint8)))(offset)[:offset]
         for key, pair in adapter.weights.items():
             for at, t in zip(layout[key], pair):
                 at.view(buf).copy_(t)
-        return cls(adapter.rank, 1.0, buf, layout, pinned=buf.is_pinned())
+        return cls(adapter.rank, 1.0, buf, layout, pinned=buf.is_pinned(), cut=cut)
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -213,9 +218,12 @@ def read_adapter_bytes(path: str, config: QwenConfig, max_rank: int,
                        into: Callable[[int], Optional[torch.Tensor]]) -> Optional[HostAdapter]:
     """The adapter at `path` with its safetensors data section read unconverted, in parallel pieces, into
     the uint8 buffer `into(nbytes)` returns (e.g. pinned staging memory: no CPU pass over the values).
-    safetensors validates the file (header, offsets, sizes) first; the checks on names and shapes are
-    read_adapter's. None when this path does not apply (no safetensors file, a non-float or misaligned
-    tensor, or `into` declines the size): read_adapter then reads it, with its errors."""
+    safetensors validates the file first; the header whose offsets are used is then read from the same
+    open file as the data and checked again (every tensor's extent matches its shape and dtype, the
+    extents tile the data section, names, shapes and dtypes are the ones safetensors saw), so a file
+    replaced meanwhile is an error, not garbage. The checks on names and shapes are read_adapter's. None
+    when this path does not apply (no safetensors file, a non-float or misaligned tensor, or `into`
+    declines the size): read_adapter then reads it, with its errors."""
     r, scale = _adapter_config(path, max_rank)
     st = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(st):
@@ -224,49 +232,69 @@ def read_adapter_bytes(path: str, config: QwenConfig, max_rank: int,
         with safe_open(st, framework="pt") as h:
             meta = {k: h.get_slice(k) for k in h.keys()}
             meta = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in meta.items()}
-        with open(st, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
     except Exception as exc:  # truncated or corrupt
         raise InvalidArgument(f"cannot read {st}: {exc}") from exc
     pairs = _pair_keys(path, config, r, {k: shape for k, (shape, _) in meta.items()})
-    ats, end = {}, 0
-    for key, (shape, dtype_name) in meta.items():
-        info = header[key]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        begin, stop = info["data_offsets"]
-        if dtype is None or begin % dtype.itemsize or info["dtype"] != dtype_name or tuple(info["shape"]) != shape:
+    try:
+        fd = os.open(st, os.O_RDONLY)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {st}: {exc}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0).ljust(8, b"\0"))
+        if n > size - 8:
+            raise ValueError(f"a header of {n} bytes in a file of {size}")
+        header = json.loads(os.pread(fd, n, 8))
+        ats, extents = {}, []
+        for key, (shape, dtype_name) in meta.items():
+            info = header.get(key)
+            if not isinstance(info, dict) or info.get("dtype") != dtype_name or tuple(info.get("shape", ())) != shape:
+                raise ValueError(f"{key!r} changed while the file was being read")
+            dtype = _ST_DTYPES.get(dtype_name)
+            begin, stop = (int(x) for x in info["data_offsets"])
+            if dtype is None or begin % dtype.itemsize:
+                return None
+            if stop - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{key!r}: data_offsets {begin}..{stop} do not hold {shape} of {dtype_name}")
+            ats[key] = TensorAt(begin, shape, dtype)
+            extents.append((begin, stop))
+        end = 0
+        for begin, stop in sorted(extents):
+            if begin != end:
+                raise ValueError(f"tensor data at {begin} where {end} was expected")
+            end = stop
+        if end != size - 8 - n:
+            raise ValueError(f"the tensors hold {end} bytes, the data section {size - 8 - n}")
+        buf = into(end)
+        if buf is None:
             return None
-        ats[key] = TensorAt(begin, shape, dtype)
-        end = max(end, stop)
-    buf = into(end)
-    if buf is None:
-        return None
-    _pread_all(st, buf[:end], 8 + n)
+        _pread_all(fd, buf[:end], 8 + n)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InvalidArgument(f"cannot read {st}: {exc}") from exc
+    finally:
+        os.close(fd)
     return HostAdapter(r, scale, buf[:end], {key: (ats[ka], ats[kb]) for key, (ka, kb) in pairs.items()})
 
 
-def _pread_all(file: str, buf: torch.Tensor, start: int) -> None:
-    """Fill the uint8 tensor `buf` with the file's bytes from `start` on, READ_CHUNK pieces in parallel."""
+def _pread_all(fd: int, buf: torch.Tensor, start: int) -> None:
+    """Fill the uint8 tensor `buf` with the open file's bytes from `start` on, READ_CHUNK pieces in parallel."""
     global _readers
     if _readers is None:
         _readers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="adapter-read")
     view, total = memoryview(buf.numpy()), buf.numel()
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        def piece(offset: int) -> None:
-            stop = min(offset + READ_CHUNK, total)
-            while offset < stop:
-                got = os.preadv(fd, [view[offset:stop]], start + offset)
-                if got <= 0:
-                    raise InvalidArgument(f"cannot read {file}: it ends before its header says")
-                offset += got
-        futures = [_readers.submit(piece, o) for o in range(0, total, READ_CHUNK)]
-        concurrent.futures.wait(futures)  # all of them: none may still read once the fd is closed
-        for future in futures:
-            future.result()
-    finally:
-        os.close(fd)
+
+    def piece(offset: int) -> None:
+        stop = min(offset + READ_CHUNK, total)
+        while offset < stop:
+            got = os.preadv(fd, [view[offset:stop]], start + offset)
+            if got <= 0:
+                raise ValueError("the file ends before its header says")
+            offset += got
+
+    futures = [_readers.submit(piece, o) for o in range(0, total, READ_CHUNK)]
+    concurrent.futures.wait(futures)  # all of them: none may still read once the caller closes the fd
+    for future in futures:
+        future.result()
 
 
 def _read_tensors(path: str, allow_bin: bool) -> dict[str, torch.Tensor]:

@@ -187,7 +187,8 @@ class AdapterManager:
     def _host_copy(self, params: Any, source: int) -> tuple[HostAdapter, torch.Tensor]:
         """(the whole adapter on the host, this rank's ranks [layers, modules] int32). A single safetensors
         adapter is read as its file's bytes (on CUDA straight into the pinned staging buffer); merges,
-        .bin files and files that do not fit go through read_adapter (pool dtype on CUDA, fp32 on a CPU)."""
+        .bin files and files that do not fit go through read_adapter and are kept in the pool dtype (so
+        they fit the staging buffer: it holds a whole adapter at the maximum rank in that dtype)."""
         t0 = time.perf_counter()
         host = None
         if len(params.adapter_ids) == 1:
@@ -200,7 +201,9 @@ class AdapterManager:
             else:
                 host = read_adapter_bytes(path, self.config, self.max_rank, _pageable)
         if host is None:
-            host = HostAdapter.from_weights(self._read(params, source, self.dtype if self.on_cuda else torch.float32))
+            adapter = self._read(params, source, self.dtype)  # a merge comes in fp32: rounded once here
+            host = HostAdapter.from_weights(LoraAdapter(adapter.rank, {
+                key: (a.to(self.dtype), b.to(self.dtype)) for key, (a, b) in adapter.weights.items()}))
         ranks = torch.zeros(self.config.num_hidden_layers, len(POOL_MODULES), dtype=torch.int32)
         for layer, module in host.layout:
             ranks[layer, POOL_MODULES.index(module)] = host.rank
@@ -281,8 +284,9 @@ class AdapterManager:
         """Drop host copies of offloaded adapters beyond the cache size (least recently used first);
         they are read from disk again if used."""
         offloaded = sorted((e.last_used, i) for i, e in self.entries.items() if e.slot is None and e.host is not None)
-        for _, i in offloaded[: max(0, len(offloaded) - self.host_cache)]:
-            self.entries[i].host = None
+        with self.staging_lock:  # the pinning thread swaps host copies under it
+            for _, i in offloaded[: max(0, len(offloaded) - self.host_cache)]:
+                self.entries[i].host = None
 
     def _make_resident(self, index: int, pinned: set[int]) -> int:
         entry = self.entries[index]
@@ -314,24 +318,35 @@ class AdapterManager:
         On CUDA: on a side stream ordered after the main stream's work so far (the zeroing, steps still
         reading the slot), with the main stream's later work ordered after the copies; straight from a
         pinned host copy or from the staging buffer the cold read left the bytes in, else from the staging
-        buffer after one copy into it; an unpinned host copy is then queued for pinning."""
+        buffer after one copy into it; an unpinned host copy is then queued for pinning. A fill that fails
+        part-way leaves the slot zeroed again."""
         host = entry.host
         if self.staging is None:
-            self._copy_into(slot, host, host.buf, entry.ranks, non_blocking=False)
+            try:
+                self._copy_into(slot, host, host.buf, entry.ranks, non_blocking=False)
+            except BaseException:
+                self._zero_slot(slot)
+                raise
             return
         with self.staging_lock:
             t0 = time.perf_counter()
             staged = not host.pinned  # read together with buf: the pinning thread swaps both
+            src = host.buf
             if staged and host.buf.data_ptr() != self.staging.data_ptr():
-                src = self._claim_staging(host.nbytes).copy_(host.buf)
-            else:
-                src = host.buf
+                claimed = self._claim_staging(host.nbytes)  # None: too big (never, by _host_copy's dtypes)
+                src = host.buf if claimed is None else claimed.copy_(host.buf)  # pageable: synchronous copies
             t1 = time.perf_counter()
             main = torch.cuda.current_stream(self.pctx.device)
             self.copy_stream.wait_stream(main)
-            with torch.cuda.stream(self.copy_stream):
-                self._copy_into(slot, host, src, entry.ranks, non_blocking=True)  # src and ranks are pinned
-                if staged:
+            try:
+                with torch.cuda.stream(self.copy_stream):
+                    self._copy_into(slot, host, src, entry.ranks, non_blocking=True)  # src and ranks are pinned
+            except BaseException:
+                main.wait_stream(self.copy_stream)
+                self._zero_slot(slot)  # on the main stream, after whatever copies were queued
+                raise
+            finally:
+                if src.data_ptr() == self.staging.data_ptr():  # staging is not reused before these copies end
                     self.staging_done = torch.cuda.Event()
                     self.staging_done.record(self.copy_stream)
             main.wait_stream(self.copy_stream)
@@ -341,18 +356,23 @@ class AdapterManager:
             future.add_done_callback(_log_pin_failure)
             self.pinning = [f for f in self.pinning if not f.done()] + [future]
 
+    def _zero_slot(self, slot: int) -> None:
+        for a_pool, b_pool in self.stacked.values():
+            a_pool[slot].zero_()
+            b_pool[slot].zero_()
+        self.ranks[slot].zero_()
+
     def _copy_into(self, slot: int, host: HostAdapter, src: torch.Tensor, ranks: torch.Tensor,
                    non_blocking: bool) -> None:
         """Each module's (A, B) of rank r, laid out in `src` as in `host`, into the slot's first r lanes:
         this rank's shard, B times the host's scale (in fp32, rounded once to the pool dtype, as
         read_adapter does); then the slot's ranks."""
-        dev, rank, world, r = self.pctx.device, self.pctx.rank, self.pctx.world_size, host.rank
+        dev, world, r = self.pctx.device, self.pctx.world_size, host.rank
         for key, (a, b) in host.tensors(src).items():
             a_pool, b_pool = self.pools[key]
             dst_a, dst_b = a_pool[slot, :r], b_pool[slot, :, :r]
-            if world > 1:  # whole tensors over, cut on the device (c_attn's B is cut per q/k/v)
-                a, b = shard_lora(key[1], a.to(dev, non_blocking=non_blocking), b.to(dev, non_blocking=non_blocking),
-                                  self.config, rank, world)
+            if world > 1 and not host.cut:  # whole tensors over, cut on the device (c_attn's B per q/k/v)
+                a, b = self._cut(key, a.to(dev, non_blocking=non_blocking), b.to(dev, non_blocking=non_blocking))
             dst_a.copy_(a, non_blocking=non_blocking)
             if host.scale == 1.0:
                 dst_b.copy_(b, non_blocking=non_blocking)
@@ -362,19 +382,25 @@ class AdapterManager:
                 dst_b.copy_(b.to(dev, non_blocking=non_blocking).float() * host.scale)  # never b itself
         self.ranks[slot].copy_(ranks, non_blocking=non_blocking)
 
+    def _cut(self, key: tuple[int, str], a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of a module's (A, B)."""
+        return shard_lora(key[1], a, b, self.config, self.pctx.rank, self.pctx.world_size)
+
     def _pin(self, entry: Entry, host: HostAdapter) -> None:
-        """Background: the host copy into pinned memory of its own, scale folded in and in the pool dtype
-        (read_adapter's values: a reload is then plain copies); swapped in unless the entry moved on
-        meanwhile. Bytes still in the staging buffer are folded under its lock (a load would reuse it)."""
-        buf = torch.empty(host.folded_nbytes(self.dtype), dtype=torch.uint8, pin_memory=True)
-        pinned = None
+        """Background: a host copy in pinned memory of its own, with read_adapter's values in the pool dtype
+        and only this rank's shard (a reload is then plain copies); swapped in unless the entry moved on
+        meanwhile. Bytes still in the staging buffer are read under its lock (a load would reuse it)."""
+        cut = self._cut if self.pctx.world_size > 1 and not host.cut else None
+        weights = None
         with self.staging_lock:
             if entry.host is not host or host.pinned:
                 return
             if host.buf.data_ptr() == self.staging.data_ptr():
-                pinned = host.folded(self.dtype, buf)
-        if pinned is None:  # its own pageable bytes: nothing else writes them
-            pinned = host.folded(self.dtype, buf)
+                weights = host.folded(self.dtype, cut)
+        if weights is None:  # its own pageable bytes: nothing else writes them
+            weights = host.folded(self.dtype, cut)
+        pinned = HostAdapter.from_weights(weights, lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True),
+                                          cut=cut is not None or host.cut)
         with self.staging_lock:
             if entry.host is host:
                 entry.host = pinned
