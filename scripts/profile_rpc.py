@@ -3,9 +3,10 @@ weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks
 
     python scripts/profile_rpc.py --batch 64 --ctx 512
 
-Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC) split
-into input preparation + replay issue, sampling (GPU time by events), the wait for the GPU, and the
-Python after it (detokenize, stop checks, protobufs); the same Decode through gRPC on a unix socket;
+Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC, look-ahead
+off) with its input preparation + replay issue (CPU) and sampling (GPU time by events); then the same
+Decode through gRPC on a unix socket, client in this process, with the handler's own time and the replay
+at that round's context, for look-ahead off and on, one server thread, and a 0.1 ms GIL switch interval;
 then the torch profiler's top CPU operations over a few in-process steps.
 """
 from __future__ import annotations
@@ -53,8 +54,9 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     write_tiktoken_file(os.path.join(tmp, "qwen.tiktoken"), train_bpe_ranks("benchmark text", 0))
     tok = QwenTokenizer.from_dir(tmp)
-    B, ctx, new = args.batch, args.ctx, 6 * args.steps + 40  # every Decode round below adds a token
-    engine = Engine(model, tok, pctx, EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new)))
+    B, ctx, new = args.batch, args.ctx, 7 * args.steps + 40  # every Decode round below adds a token
+    engine = Engine(model, tok, pctx, EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new),
+                                                   look_ahead=False))  # the gRPC rounds below compare both
     servicer = LoraxServicer(engine, os.path.join(tmp, "s"), "cuda")
     ids = [(7 * i) % 400 + 1 for i in range(ctx)]
     params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
@@ -143,8 +145,9 @@ def main() -> None:
 
     servicer.Decode = timed_decode  # registered by make_server below
     grpc_rows = []
-    for workers, interval in ((4, 0.005), (1, 0.005), (4, 1e-4)):
+    for workers, interval, ahead in ((4, 0.005, False), (4, 0.005, None), (1, 0.005, False), (4, 1e-4, False)):
         sys.setswitchinterval(interval)
+        engine.cfg.look_ahead = ahead
         path = os.path.join(tmp, f"s{workers}{interval}-0")
         server = make_server(servicer, path, workers=workers)
         stub = pb_grpc.LoraxServiceStub(grpc.insecure_channel(f"unix://{path}"))
@@ -158,8 +161,8 @@ def main() -> None:
         t = time.perf_counter()
         for _ in range(50):
             stub.Info(pb.InfoRequest())
-        grpc_rows.append((workers, interval, statistics.median(grpc_walls[3:]), statistics.median(handler_walls[3:]),
-                          here, (time.perf_counter() - t) / 50))
+        grpc_rows.append((workers, interval, ahead, statistics.median(grpc_walls[3:]),
+                          statistics.median(handler_walls[3:]), here, (time.perf_counter() - t) / 50))
         server.stop(None)
     sys.setswitchinterval(0.005)
 
@@ -170,8 +173,9 @@ def main() -> None:
     print(f"  Decode in process (no gRPC)     {wall * 1e3:7.2f} ms  (+{(wall - replay) / replay * 100:.1f} % over replay)")
     print(f"    input prep + replay issue     {med(phases['prep+issue']) * 1e3:7.2f} ms (CPU)")
     print(f"    sampler                       {med(phases['sampler_gpu']) * 1e3:7.2f} ms (GPU)")
-    for workers, interval, decode, handler, here, info in grpc_rows:
-        print(f"  through gRPC, {workers} server threads, GIL switch {interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
+    for workers, interval, ahead, decode, handler, here, info in grpc_rows:
+        print(f"  through gRPC, look-ahead {'on' if ahead is None else 'off'}, {workers} server threads, GIL switch "
+              f"{interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
               f"its handler {handler * 1e3:.2f} ms, replay at that context {here * 1e3:.2f} ms: "
               f"+{(decode - here) / here * 100:.1f} % (handler +{(handler - here) / here * 100:.1f} %); "
               f"empty RPC round trip {info * 1e3:.2f} ms")

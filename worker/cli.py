@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8 KV calibrated at Warmup: scale = margin x max|x| / 448, so values up to margin "
                    "times Warmup's largest fit before they clamp")
     s.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
+    s.add_argument("--look-ahead", choices=["auto", "on", "off"], default="auto",
+                   help="start each batch's next decode forward before replying, so the reply, the router and the "
+                        "next Decode overlap the GPU (auto: where CUDA graphs serve the batch)")
     s.add_argument("--max-seq-len", type=int, default=16384,
                    help="longest context served from CUDA graphs (longer ones decode eagerly)")
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
@@ -133,6 +136,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
                     EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
                                  max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,
                                  max_batch_size=args.max_batch_size, cuda_graphs=not args.eager,
+                                 look_ahead={"auto": None, "on": True, "off": False}[args.look_ahead],
                                  max_seq_len=args.max_seq_len, kv_scale_margin=args.kv_scale_margin), adapters)
     if adapters is not None:
         adapters.attach(engine)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from worker.engine.kv_cache import BlockAllocator
 from worker.engine.sampling import BatchSampler, SamplingParams
@@ -37,6 +37,9 @@ class RequestState:
     report: bool  # this shard answers this request's generations (id % world_size == rank)
     prefill_cache_len: int = 0  # cache_len the request arrived with
     finished: bool = False
+    # (logits [n, V], row, len(ids) when computed): the next decode step's logits, computed ahead of the Decode
+    # that uses them (Engine._look_ahead); valid only while `ids` has that length
+    ahead: Optional[tuple[Any, int, int]] = None
 
     @property
     def n_generated(self) -> int:

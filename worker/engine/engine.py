@@ -16,7 +16,7 @@ import torch
 from worker.distributed import ParallelContext
 from worker.engine.batch import Batch, BatchBuilder, RequestState
 from worker.engine.kv_cache import BlockAllocator, KVCache, scales_from_amax
-from worker.engine.runner import Runner
+from worker.engine.runner import Runner, StepLogits
 from worker.engine.sampling import prefill_logprobs
 from worker.errors import InvalidArgument, NotFound, ResourceExhausted
 from worker.models.qwen import FlashQwenForCausalLM
@@ -43,6 +43,9 @@ class EngineConfig:
     # scale × 2^-6 lose relative precision), while values above the calibrated maximum clamp; real
     # prompts can exceed Warmup's. vLLM's defaults are amax/200 (K) and amax/100 (V): margins 2.24 and 4.48.
     kv_scale_margin: float = 2.0
+    # start each batch's next decode forward before replying (overlaps the reply, the router and the next
+    # request with the GPU): None = when CUDA graphs serve the batch; True = always (tests); False = never
+    look_ahead: Optional[bool] = None
 
 
 class Engine:
@@ -97,6 +100,8 @@ class Engine:
             log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs),
                      time.time() - t0, (free0 - torch.cuda.mem_get_info(self.pctx.device)[0]) / 2**20)
         self.runner = Runner(self.model, self.kv, self.pctx.device, graphs)
+        log.info("decode look-ahead: %s", {None: "on where CUDA graphs serve the batch" if graphs else
+                                            "off (no CUDA graphs)", True: "on", False: "off"}[self.cfg.look_ahead])
         log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
                  num_blocks, self.cfg.block_size, dtype, self.router_blocks, self.max_supported_total_tokens, own)
 
@@ -219,13 +224,17 @@ class Engine:
 
     def _run(self, batch: Batch, prefill: bool) -> tuple[list, Optional[Batch]]:
         """One forward + sampling step; on failure the batch's KV blocks are released and the error raised.
-        Returns the generations and the batch without its finished requests (None if none are left)."""
+        Returns the generations and the batch without its finished requests (None if none are left), whose
+        next forward is then started (look-ahead)."""
         try:
             generations = self._step(batch, prefill=prefill)
         except Exception:
             self._release(batch.requests)
             raise
-        return generations, self._drop_finished(batch)
+        survivors = self._drop_finished(batch)
+        if survivors is not None:
+            self._look_ahead(survivors)
+        return generations, survivors
 
     def filter(self, batch_id: int, request_ids: list[int]) -> Batch:
         if batch_id not in self.batches:
@@ -276,10 +285,60 @@ class Engine:
         self._release(dropped)
         return new
 
+    def _look_ahead(self, batch: Batch) -> None:
+        """Start the batch's next decode forward now, so the reply, the router's turn and the next Decode
+        travel while the device works. Only the forward: sampling waits for the Decode that uses these
+        logits (seeded streams stay as they were), and a request's row serves only while its tokens are
+        unchanged. Rows a later filter or concatenate leaves out are dropped with their requests, and
+        requests without one are computed then. The K/V this writes are the ones that step would write. Every
+        rank takes the same decisions (same calls, same state), so the collectives stay in step."""
+        assert self.runner is not None
+        reqs = batch.requests
+        for r in reqs:
+            r.ahead = None
+        wanted = self.cfg.look_ahead
+        graphs = self.runner.graphs
+        if wanted is False or (wanted is None and (graphs is None or not graphs.can_run(batch))):
+            return
+        if any(len(r.slots) < len(r.ids) for r in reqs):  # the next position's KV slot is not allocated yet
+            return
+        slots = self.adapters.request_slots(batch) if self.adapters is not None else None
+        logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
+        for i, r in enumerate(reqs):
+            r.ahead = (logits, i, len(r.ids))
+
+    def _logits(self, batch: Batch, prefill: bool, adapter_slots: Optional[list[int]]) -> StepLogits:
+        """This step's logits. A decode takes each request's look-ahead row when it was computed for the
+        request's current tokens and runs the forward for the other requests only."""
+        assert self.runner is not None
+        reqs = batch.requests
+        ready = [not prefill and r.ahead is not None and r.ahead[2] == len(r.ids) for r in reqs]
+        if not any(ready):
+            for r in reqs:
+                r.ahead = None
+            return self.runner.forward(batch, prefill, adapter_slots)
+        rows: list[Optional[torch.Tensor]] = [None] * len(reqs)
+        missing = [i for i, ok in enumerate(ready) if not ok]
+        if missing:
+            sub = Batch(batch.id, [reqs[i] for i in missing], batch.sampler)
+            computed = self.runner.forward(sub, False, None if adapter_slots is None else
+                                           [adapter_slots[i] for i in missing]).last
+            for j, i in enumerate(missing):
+                rows[i] = computed[j]
+        sources = {id(r.ahead[0]) for r, ok in zip(reqs, ready) if ok}
+        first = reqs[0].ahead
+        whole = (not missing and len(sources) == 1 and first[0].shape[0] == len(reqs)
+                 and all(r.ahead[1] == i for i, r in enumerate(reqs)))
+        for i, (r, ok) in enumerate(zip(reqs, ready)):
+            if ok:
+                rows[i] = r.ahead[0][r.ahead[1]]
+            r.ahead = None
+        return StepLogits(last=first[0] if whole else torch.stack(rows), prompt={})
+
     def _step(self, batch: Batch, prefill: bool) -> list:
         assert self.runner is not None
         adapter_slots = self.adapters.request_slots(batch) if self.adapters is not None else None
-        step = self.runner.forward(batch, prefill, adapter_slots)
+        step = self._logits(batch, prefill, adapter_slots)
         out = batch.sampler(step.last, [r.ids for r in batch.requests])
         next_ids = self.pctx.broadcast(out.next_ids.clone())  # identical tokens on every rank
         next_list = next_ids.tolist()

@@ -1,0 +1,137 @@
+"""Decode look-ahead (EngineConfig.look_ahead): each step starts the surviving batch's next forward before
+replying. What the router sees must not change: the same scripted sequence of Prefill / Decode /
+concatenation / FilterBatch / requests finishing, with greedy and seeded-sampling requests, gives the same
+tokens, texts, finish reasons and (within float noise from other batch shapes) logprobs with the look-ahead
+on and off; and with it on, the decode steps take their logits from the look-ahead rows, computing only
+rows that have none."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from worker.distributed import ParallelContext
+from worker.engine.engine import Engine, EngineConfig
+from worker.models.qwen import FlashQwenForCausalLM
+from worker.pb import generate_pb2 as pb
+from worker.tokenizer import QwenTokenizer
+
+
+def _engine(model_dir: str, look_ahead: bool) -> Engine:
+    model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False)
+    cfg = EngineConfig(max_total_tokens=4096, shard_block_fraction=0.5, cuda_graphs=False, look_ahead=look_ahead)
+    return Engine(model, QwenTokenizer.from_dir(model_dir), ParallelContext(), cfg)
+
+
+def _request(rid: int, text: str, max_new: int, **sampling) -> pb.Request:
+    params = pb.NextTokenChooserParameters(**{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0,
+                                              "repetition_penalty": 1.0, **sampling})
+    return pb.Request(id=rid, inputs=text, parameters=params,
+                      stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True))
+
+
+def _record(generations) -> list[tuple]:
+    out = []
+    for g in generations:
+        t = g.next_tokens
+        done = (g.generated_text.text, g.generated_text.finish_reason) if g.HasField("generated_text") else None
+        out.append((g.request_id, list(t.ids), list(t.texts), list(t.logprobs), done))
+    return out
+
+
+def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool) -> list:
+    """A router's sequence; returns every generation in order. `computed_rows` collects, per decode step,
+    how many rows the Decode itself had to run the forward for."""
+    runner_forward = engine.runner.forward if engine.runner else None
+    log = []
+    engine.warmup(pb.WarmupRequest(batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
+                                   max_input_length=64, max_prefill_tokens=256, max_new_tokens=32))
+    runner_forward = engine.runner.forward
+    in_decode = {"on": False}
+
+    def counting_forward(batch, prefill, adapter_slots=None):
+        if in_decode["on"] and not prefill:
+            computed_rows[-1] += len(batch.requests)
+        return runner_forward(batch, prefill, adapter_slots)
+
+    engine.runner.forward = counting_forward
+    real_look_ahead = engine._look_ahead
+
+    def look_ahead_outside_the_count(batch):
+        was, in_decode["on"] = in_decode["on"], False
+        try:
+            real_look_ahead(batch)
+        finally:
+            in_decode["on"] = was
+
+    engine._look_ahead = look_ahead_outside_the_count
+
+    def decode(cached):
+        computed_rows.append(0)
+        in_decode["on"] = True
+        try:
+            gens, batch = engine.decode(cached)
+        finally:
+            in_decode["on"] = False
+        log.append(_record(gens))
+        return batch
+
+    gens, b1 = engine.prefill(pb.Batch(id=1, size=3, requests=[
+        _request(1, "Once upon a time", 5),
+        _request(2, "The pirate said", 12, temperature=0.8, seed=7, do_sample=True),
+        _request(3, "A robot walks", 12)]), None)
+    log.append(_record(gens))
+    for _ in range(3):
+        b1 = decode([b1.to_pb(pb)])
+    gens, b2 = engine.prefill(pb.Batch(id=2, size=2, requests=[
+        _request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True),
+        _request(5, "Hello there", 10)]), None)
+    log.append(_record(gens))
+    if drop_one_look_ahead:  # a request without a look-ahead row: the Decode computes that row alone
+        b2.requests[0].ahead = None
+    batch = decode([b1.to_pb(pb), b2.to_pb(pb)])  # concatenated; request 1 finishes during these steps
+    batch = decode([batch.to_pb(pb)])
+    batch = engine.filter(batch.id, [r.id for r in batch.requests if r.id != 3])  # the router drops one
+    while batch is not None:
+        batch = decode([batch.to_pb(pb)])
+    return log
+
+
+@pytest.mark.parametrize("drop_one", [False, True])
+def test_look_ahead_changes_nothing_the_router_sees(demo_dir, drop_one):
+    model_dir = os.path.join(demo_dir, "model")
+    rows_off, rows_on = [], []
+    off = _script(_engine(model_dir, False), rows_off, drop_one)
+    on = _script(_engine(model_dir, True), rows_on, drop_one)
+    assert len(on) == len(off) and sum(len(step) for step in on) > 40
+    for step_on, step_off in zip(on, off):
+        assert [(g[0], g[1], g[2], g[4]) for g in step_on] == [(g[0], g[1], g[2], g[4]) for g in step_off]
+        for g_on, g_off in zip(step_on, step_off):
+            assert g_on[3] == pytest.approx(g_off[3], abs=1e-4)
+    assert all(n > 0 for n in rows_off)  # without look-ahead every Decode runs its own forward
+    # with it, the Decodes use the look-ahead rows: only the request whose row was dropped is computed
+    expect = [0] * len(rows_on)
+    if drop_one:
+        expect[3] = 1  # the first Decode after batch 2's Prefill (three Decodes of batch 1 alone come before)
+    assert rows_on == expect
+
+
+def test_rows_come_from_their_own_look_ahead():
+    from types import SimpleNamespace
+
+    x = torch.arange(12.0).view(3, 4)
+    y = 100 + torch.arange(8.0).view(2, 4)
+    engine = Engine.__new__(Engine)
+    engine.runner = object()  # no row is missing: the forward is never called
+
+    def logits(*aheads):
+        reqs = [SimpleNamespace(ids=[0] * 5, ahead=a) for a in aheads]
+        out = engine._logits(SimpleNamespace(id=1, requests=reqs, sampler=None), False, None).last
+        assert all(r.ahead is None for r in reqs)  # used once
+        return out
+
+    assert torch.equal(logits((x, 0, 5), (y, 1, 5)), torch.stack([x[0], y[1]]))  # two look-aheads, concatenated
+    assert torch.equal(logits((x, 0, 5), (x, 1, 5)), x[:2])  # a filter kept a prefix: not the whole tensor
+    assert torch.equal(logits((x, 2, 5), (x, 0, 5)), torch.stack([x[2], x[0]]))  # reordered
+    assert logits((x, 0, 5), (x, 1, 5), (x, 2, 5)) is x  # all of one look-ahead, in order: no copy
