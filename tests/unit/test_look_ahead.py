@@ -135,3 +135,25 @@ def test_rows_come_from_their_own_look_ahead():
     assert torch.equal(logits((x, 0, 5), (x, 1, 5)), x[:2])  # a filter kept a prefix: not the whole tensor
     assert torch.equal(logits((x, 2, 5), (x, 0, 5)), torch.stack([x[2], x[0]]))  # reordered
     assert logits((x, 0, 5), (x, 1, 5), (x, 2, 5)) is x  # all of one look-ahead, in order: no copy
+
+
+def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplog):
+    engine = _engine(os.path.join(demo_dir, "model"), True)
+    engine.warmup(pb.WarmupRequest(batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
+                                   max_input_length=64, max_prefill_tokens=256, max_new_tokens=32))
+    gens, batch = engine.prefill(pb.Batch(id=1, size=2, requests=[_request(1, "Once upon a time", 4),
+                                                                  _request(2, "Hello there", 4)]), None)
+    assert all(r.ahead is not None for r in batch.requests)
+    forward = engine.runner.forward
+
+    def fails_once(b, prefill, slots=None):  # this Decode's rows are all looked-ahead: the first call is the next
+        monkeypatch.setattr(engine.runner, "forward", forward)  # look-ahead's
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(engine.runner, "forward", fails_once)
+    gens, after = engine.decode([batch.to_pb(pb)])
+    assert len(gens) == 2 and after is batch and engine.batches[batch.id] is batch
+    assert all(r.ahead is None for r in batch.requests) and "look-ahead of batch 1 failed" in caplog.text
+    while after is not None:  # the next Decodes run their own forward and finish the requests
+        gens, after = engine.decode([after.to_pb(pb)])
+    assert engine.batches == {}

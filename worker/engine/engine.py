@@ -302,8 +302,13 @@ class Engine:
             return
         if any(len(r.slots) < len(r.ids) for r in reqs):  # the next position's KV slot is not allocated yet
             return
-        slots = self.adapters.request_slots(batch) if self.adapters is not None else None
-        logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
+        try:  # an optimisation: a failure must not fail the step that already happened
+            slots = self.adapters.request_slots(batch) if self.adapters is not None else None
+            logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
+        except Exception as exc:
+            log.warning("decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself",
+                        batch.id, exc)
+            return
         for i, r in enumerate(reqs):
             r.ahead = (logits, i, len(r.ids))
 
