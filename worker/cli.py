@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
     s.add_argument("--look-ahead", choices=["auto", "on", "off"], default="auto",
                    help="start each batch's next decode forward before replying, so the reply, the router and the "
-                        "next Decode overlap the GPU (auto: where CUDA graphs serve the batch)")
+                        "next Decode overlap the GPU (auto: where CUDA graphs serve the batch, TP=1 only)")
     s.add_argument("--max-seq-len", type=int, default=16384,
                    help="longest context served from CUDA graphs (longer ones decode eagerly)")
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])

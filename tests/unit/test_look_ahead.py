@@ -157,3 +157,22 @@ def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplo
     while after is not None:  # the next Decodes run their own forward and finish the requests
         gens, after = engine.decode([after.to_pb(pb)])
     assert engine.batches == {}
+
+
+@pytest.mark.parametrize("setting,world,graphed,runs", [
+    (None, 1, True, True), (None, 2, True, False), (None, 1, False, False),  # auto: graphs, TP=1 only
+    (True, 2, True, True), (True, 1, False, True), (False, 1, True, False)])
+def test_when_the_look_ahead_runs(setting, world, graphed, runs):
+    from types import SimpleNamespace
+
+    calls = []
+    engine = Engine.__new__(Engine)
+    engine.cfg = EngineConfig(look_ahead=setting)
+    engine.pctx = SimpleNamespace(world_size=world)
+    engine.adapters = None
+    engine.runner = SimpleNamespace(graphs=SimpleNamespace(can_run=lambda b: True) if graphed else None,
+                                    forward=lambda b, prefill, slots: calls.append(b) or
+                                    SimpleNamespace(last=torch.zeros(1, 4)))
+    request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None)
+    engine._look_ahead(SimpleNamespace(id=1, requests=[request]))
+    assert bool(calls) == runs and (request.ahead is not None) == runs

@@ -44,7 +44,9 @@ class EngineConfig:
     # prompts can exceed Warmup's. vLLM's defaults are amax/200 (K) and amax/100 (V): margins 2.24 and 4.48.
     kv_scale_margin: float = 2.0
     # start each batch's next decode forward before replying (overlaps the reply, the router and the next
-    # request with the GPU): None = when CUDA graphs serve the batch; True = always (tests); False = never
+    # request with the GPU). None: when CUDA graphs serve the batch, at TP=1 only (under TP a look-ahead that
+    # fails on one rank alone, e.g. out of memory, would leave the ranks' collectives out of step);
+    # True: always (tests; under TP at that risk); False: never
     look_ahead: Optional[bool] = None
 
 
@@ -100,8 +102,9 @@ class Engine:
             log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs),
                      time.time() - t0, (free0 - torch.cuda.mem_get_info(self.pctx.device)[0]) / 2**20)
         self.runner = Runner(self.model, self.kv, self.pctx.device, graphs)
-        log.info("decode look-ahead: %s", {None: "on where CUDA graphs serve the batch" if graphs else
-                                            "off (no CUDA graphs)", True: "on", False: "off"}[self.cfg.look_ahead])
+        auto = ("off (no CUDA graphs)" if graphs is None else "off (TP: set --look-ahead on to use it)"
+                if self.pctx.world_size > 1 else "on where CUDA graphs serve the batch")
+        log.info("decode look-ahead: %s", {None: auto, True: "on", False: "off"}[self.cfg.look_ahead])
         log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
                  num_blocks, self.cfg.block_size, dtype, self.router_blocks, self.max_supported_total_tokens, own)
 
@@ -298,7 +301,8 @@ class Engine:
             r.ahead = None
         wanted = self.cfg.look_ahead
         graphs = self.runner.graphs
-        if wanted is False or (wanted is None and (graphs is None or not graphs.can_run(batch))):
+        if wanted is False or (wanted is None and (graphs is None or not graphs.can_run(batch)
+                                                   or self.pctx.world_size > 1)):
             return
         if any(len(r.slots) < len(r.ids) for r in reqs):  # the next position's KV slot is not allocated yet
             return
@@ -306,8 +310,9 @@ class Engine:
             slots = self.adapters.request_slots(batch) if self.adapters is not None else None
             logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
         except Exception as exc:
-            log.warning("decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself",
-                        batch.id, exc)
+            log.warning("decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
+                        batch.id, exc, "; under TP the ranks' collectives may now be out of step"
+                        if self.pctx.world_size > 1 else "")
             return
         for i, r in enumerate(reqs):
             r.ahead = (logits, i, len(r.ids))
