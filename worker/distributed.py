@@ -96,9 +96,10 @@ def bind_thread(device: torch.device) -> None:
     """Make `device` the calling thread's current CUDA device (no-op elsewhere). The current device is
     per thread: a gRPC worker thread or a helper thread starts on cuda:0, where Triton refuses the
     pointers of shard r's tensors on cuda:r ("cannot be accessed from Triton") and a pinned allocation
-    would open a second CUDA context. Every thread of a shard that touches CUDA starts here."""
+    would open a second CUDA context. Every thread of a shard that touches CUDA starts here, with a device
+    `resolve_device` gave in the owning thread (a bare `cuda` here would be this thread's cuda:0)."""
     if device.type == "cuda":
-        torch.cuda.set_device(resolve_device(device))
+        torch.cuda.set_device(device)
 
 
 def shutdown(ctx: ParallelContext) -> None:

@@ -132,6 +132,8 @@ def test_rows_come_from_their_own_look_ahead():
         return out
 
     assert torch.equal(logits((x, 0, 5), (y, 1, 5)), torch.stack([x[0], y[1]]))  # two look-aheads, concatenated
+    z = 200 + torch.arange(8.0).view(2, 4)
+    assert torch.equal(logits((z, 0, 5), (y, 1, 5)), torch.stack([z[0], y[1]]))  # same size, rows in place
     assert torch.equal(logits((x, 0, 5), (x, 1, 5)), x[:2])  # a filter kept a prefix: not the whole tensor
     assert torch.equal(logits((x, 2, 5), (x, 0, 5)), torch.stack([x[2], x[0]]))  # reordered
     assert logits((x, 0, 5), (x, 1, 5), (x, 2, 5)) is x  # all of one look-ahead, in order: no copy

@@ -335,10 +335,9 @@ class Engine:
                                            [adapter_slots[i] for i in missing]).last
             for j, i in enumerate(missing):
                 rows[i] = computed[j]
-        sources = {id(r.ahead[0]) for r, ok in zip(reqs, ready) if ok}
         first = reqs[0].ahead
-        whole = (not missing and len(sources) == 1 and first[0].shape[0] == len(reqs)
-                 and all(r.ahead[1] == i for i, r in enumerate(reqs)))
+        whole = (not missing and first[0].shape[0] == len(reqs)  # all of one look-ahead, in its order
+                 and all(r.ahead[0] is first[0] and r.ahead[1] == i for i, r in enumerate(reqs)))
         for i, (r, ok) in enumerate(zip(reqs, ready)):
             if ok:
                 rows[i] = r.ahead[0][r.ahead[1]]
