@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import save_file
+
+# GPU tests of Triton code: on a CUDA machine only, and not in a CPU run under TRITON_INTERPRET
+GPU_TRITON_MARKS = [pytest.mark.gpu,
+                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+                    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

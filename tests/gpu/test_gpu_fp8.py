@@ -11,18 +11,16 @@ Run: `pytest -q -s -m gpu tests/gpu/test_gpu_fp8.py` (-s prints the measured num
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+from helpers import GPU_TRITON_MARKS, within, write_checkpoint
+
+pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
-from helpers import within, write_checkpoint  # noqa: E402
 from paged import Paged  # noqa: E402
 from random_weights import random_checkpoint  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402

@@ -13,18 +13,16 @@ Run: `pytest -q -s -m gpu tests/gpu/test_gpu_fused.py` (-s shows the mismatch co
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+from helpers import GPU_TRITON_MARKS, ulps
+
+pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
 import helpers  # noqa: E402
-from helpers import ulps  # noqa: E402
 from worker.kernels.fused import (rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul,  # noqa: E402
                                   silu_mul_reference)
 from worker.layers.rotary import logn_scale, rotary_cos_sin  # noqa: E402

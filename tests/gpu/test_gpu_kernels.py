@@ -8,18 +8,16 @@ Run: `pytest -q -s -m gpu tests/gpu/test_gpu_kernels.py` (-s shows the timing ta
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+from helpers import GPU_TRITON_MARKS, within
+
+pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
-from helpers import within  # noqa: E402
 from worker.engine.kv_cache import store_kv  # noqa: E402
 from worker.kernels.triton_attention import Tiles, TritonAttention  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+from helpers import GPU_TRITON_MARKS
+
+pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
 from worker.kernels.lora import add_lora, add_lora_reference  # noqa: E402
