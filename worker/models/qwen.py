@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, List, Optional, Tuple
 
@@ -29,6 +30,26 @@ __all__ = ["QwenConfig", "QwenRMSNorm", "FlashQwenAttention", "QwenMLP", "FlashQ
 
 log = logging.getLogger(__name__)
 KVLayer = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+# LoRA targets: the layer attribute each adapter wraps -> the PEFT modules it packs, in output order
+# (w2 is the gate, so it comes first in gate_up).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "attn.c_attn": ("attn.c_attn",),
+    "attn.c_proj": ("attn.c_proj",),
+    "mlp.gate_up": ("mlp.w2", "mlp.w1"),
+    "mlp.c_proj": ("mlp.c_proj",),
+}
+
+
+@dataclass
+class LoraTarget:
+    """One wrappable linear: `getattr(owner, attr)` is the layer; setattr replaces it with its LoRA wrapper."""
+    layer: int  # decoder layer index
+    key: str  # LORA_TARGETS key, e.g. "mlp.gate_up"
+    modules: tuple[str, ...]  # PEFT module names it packs, in output order
+    owner: nn.Module
+    attr: str
 
 
 class QwenRMSNorm(RMSNorm):
@@ -281,3 +302,12 @@ class FlashQwenForCausalLM(nn.Module):
         if skip_lm_head:
             return hidden
         return self.lm_head(hidden)  # [N, vocab_size] (padded vocab; the sampler masks ids >= real vocab)
+
+    def lora_targets(self) -> list[LoraTarget]:
+        """Every linear an adapter may wrap, layer by layer in LORA_TARGETS order."""
+        out = []
+        for i, layer in enumerate(self.transformer.h):
+            for key, modules in LORA_TARGETS.items():
+                owner, attr = key.split(".")
+                out.append(LoraTarget(layer=i, key=key, modules=modules, owner=getattr(layer, owner), attr=attr))
+        return out
