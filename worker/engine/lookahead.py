@@ -1,0 +1,101 @@
+"""Decode look-ahead: after a step, start the surviving batch's next decode forward before replying.
+
+The reply, the router's turn and the next Decode then travel while the device works. Only the forward
+runs early: sampling waits for the Decode that uses the logits (seeded streams stay as they were), and a
+request's row serves only while its tokens are unchanged. Rows that a filter or concatenate leaves out go
+with their requests; requests without a row are computed by the Decode. The K/V written are the ones that
+step would write. Every rank takes the same decisions from the same state, so collectives stay in step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A request's next-step logits computed ahead: row `row` of `logits`, valid while len(ids) == length."""
+
+    logits: torch.Tensor  # [n, V]: the whole look-ahead's output, shared by its requests
+    row: int
+    length: int
+
+
+class HasAhead(Protocol):
+    ids: list[int]
+    ahead: Optional[Ahead]
+
+
+@dataclass(frozen=True)
+class Decision:
+    run: bool
+    reason: str
+
+
+def decide(*, wanted: Optional[bool], graphs_available: bool, graphs_can_run: bool, world_size: int,
+           slots_allocated: bool) -> Decision:
+    """Whether to look ahead for a batch. wanted None (auto) runs it only where CUDA graphs serve the batch
+    and at TP=1: under TP a look-ahead that fails on one rank alone (e.g. out of memory) would leave the
+    ranks' collectives out of step. It never runs before the next position's KV slot is allocated."""
+    if wanted is False:
+        return Decision(False, "off")
+    if wanted is None:
+        if not graphs_available:
+            return Decision(False, "auto: no CUDA graphs")
+        if not graphs_can_run:
+            return Decision(False, "auto: the CUDA graphs do not serve this batch")
+        if world_size > 1:
+            return Decision(False, "auto: off under TP")
+    if not slots_allocated:
+        return Decision(False, "the next position's KV slot is not allocated")
+    return Decision(True, "on" if wanted else "auto: CUDA graphs at TP=1")
+
+
+def describe(wanted: Optional[bool], graphs_available: bool, world_size: int) -> str:
+    """The setting as the start-up log states it."""
+    if wanted is not None:
+        return "on" if wanted else "off"
+    if not graphs_available:
+        return "off (no CUDA graphs)"
+    return "off (TP: set --look-ahead on to use it)" if world_size > 1 else "on where CUDA graphs serve the batch"
+
+
+def attach(requests: Sequence[HasAhead], logits: torch.Tensor) -> None:
+    """Give request i row i of a look-ahead's logits [n, V]."""
+    for i, r in enumerate(requests):
+        r.ahead = Ahead(logits, i, len(r.ids))
+
+
+def clear(requests: Sequence[HasAhead]) -> None:
+    for r in requests:
+        r.ahead = None
+
+
+def ready(requests: Sequence[HasAhead], prefill: bool) -> list[bool]:
+    """Per request: does a look-ahead row computed for its current tokens serve this step?"""
+    return [not prefill and r.ahead is not None and r.ahead.length == len(r.ids) for r in requests]
+
+
+def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool],
+              computed: Optional[torch.Tensor]) -> torch.Tensor:
+    """This step's logits [B, V]: ready requests' look-ahead rows, the others' rows of `computed`
+    ([missing, V], in order). Every request's row is used once: all are cleared. All rows of one
+    look-ahead, in its order, return its tensor as is (no copy)."""
+    rows: list[torch.Tensor] = []
+    j = 0
+    for r, ok in zip(requests, is_ready):
+        if ok:
+            assert r.ahead is not None
+            rows.append(r.ahead.logits[r.ahead.row])
+        else:
+            assert computed is not None
+            rows.append(computed[j])
+            j += 1
+    first = requests[0].ahead
+    whole = (all(is_ready) and first is not None and first.logits.shape[0] == len(requests)
+             and all(r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i
+                     for i, r in enumerate(requests)))
+    clear(requests)
+    return first.logits if whole and first is not None else torch.stack(rows)
