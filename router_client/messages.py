@@ -56,6 +56,27 @@ class RouterStats:
     requests_failed: int = 0
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One Prefill or Decode the router made, for its `step_observer`."""
+    method: str  # "prefill" | "decode"
+    duration_s: float
+    batch_size: int  # requests in the step
+
+
+@dataclass(frozen=True)
+class RouterLoad:
+    """A snapshot of the router's load (gauges)."""
+    queued: int
+    in_flight: int
+    batch_size: int  # requests in the running batch
+    batch_max_tokens: int  # KV token slots the running batch holds
+    blocks_used: int
+    blocks_free: int
+    adapters_loaded: int
+    adapters_offloaded: int
+
+
 @dataclass
 class AdapterInfo:
     index: int

@@ -5,14 +5,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from worker.pb import generate_pb2 as pb
 
 U64_MAX = 2**64 - 1
 FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS_TOKEN: "eos_token",
                   pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
-
+CANCELLED = "CANCELLED"  # RequestError.code of a request its caller cancelled
 
 
 class ValidationError(ValueError):
@@ -20,7 +20,14 @@ class ValidationError(ValueError):
 
 
 class RequestError(RuntimeError):
-    """A request failed after it was accepted (a shard error, or the router closed)."""
+    """A request failed after it was accepted (a shard error, or the router closed). `code` is the
+    shard's gRPC status name (e.g. "INVALID_ARGUMENT") when a shard refused it, `CANCELLED` when
+    its caller cancelled it, else None; `at_prefill` is True when its Prefill failed."""
+
+    def __init__(self, message: str, code: str | None = None, at_prefill: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.at_prefill = at_prefill
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,10 @@ class GenerationResult:
 class RequestHandle:
     """Handle to one submitted request. `stream()` yields `TokenEvent`s as they arrive (once per
     handle); `result()` blocks for the `GenerationResult` and raises `RequestError` on failure.
-    The router's loop thread feeds it; every other method may be called from any thread."""
+    The router's loop thread feeds it; every other method may be called from any thread.
+
+    Event-loop callers use `take()` instead of `stream()`, with `notify` (called on the router's
+    thread after new events or the end are queued) to wake them."""
 
     _DONE = object()
 
@@ -73,7 +83,9 @@ class RequestHandle:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.submitted_at = time.perf_counter()
+        self.admitted_at: float | None = None  # the router sent its Prefill
         self.first_token_at: float | None = None
+        self.notify: Callable[[], None] | None = None
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done = threading.Event()
         self._tokens: list[int] = []
@@ -110,6 +122,19 @@ class RequestHandle:
         if self._error is not None:
             raise self._error
 
+    def take(self) -> tuple[list[TokenEvent], bool]:
+        """Without blocking: the token events queued since the last call, and whether the request
+        has finished (then `result()` answers at once). Consumes what `stream()` would yield."""
+        events: list[TokenEvent] = []
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return events, False
+            if item is self._DONE:
+                return events, True
+            events.append(item)
+
     # -------------------------------------------------------------- router side
 
     def _on_generation(self, gen: pb.Generation) -> bool:
@@ -131,26 +156,31 @@ class RequestHandle:
             self._events.put(TokenEvent(token_id, _at(nt.texts, k, ""), _at(nt.logprobs, k, float("nan")),
                                         _at(nt.is_special, k, False), alts))
         if not gen.HasField("generated_text"):
+            if nt.ids and self.notify is not None:
+                self.notify()
             return False
         done = gen.generated_text
         now = time.perf_counter()
         self._result = GenerationResult(
             text=done.text, token_ids=list(self._tokens),
-            finish_reason=FINISH_REASONS.get(done.finish_reason, "unknown"), generated_tokens=done.generated_tokens, prefill_tokens=self._prefill,
+            finish_reason=FINISH_REASONS.get(done.finish_reason, "unknown"), generated_tokens=done.generated_tokens,
+            prefill_tokens=self._prefill,
             prefill_tokens_length=self._prefill_length, seed=done.seed if done.HasField("seed") else None,
             request_id=self.request_id, ttft_s=(self.first_token_at or now) - self.submitted_at,
             latency_s=now - self.submitted_at)
         return True  # the router calls _finish() once its bookkeeping for this step is done
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, code: str | None = None, at_prefill: bool = False) -> None:
         if self._done.is_set():
             return
-        self._error = RequestError(f"request {self.request_id} failed: {message}")
+        self._error = RequestError(f"request {self.request_id} failed: {message}", code, at_prefill)
         self._finish()
 
     def _finish(self) -> None:
         self._events.put(self._DONE)
         self._done.set()
+        if self.notify is not None:
+            self.notify()
 
 
 def _texts(tokens: Any) -> list[str]:
