@@ -1,4 +1,4 @@
-"""Thin gRPC servicer for LoRAX's `generate.v1.LoraxService`: protobuf → engine → protobuf.
+"""Thin gRPC servicer for LoRAX's `generate.v1.LoraxService`: protobuf → engine → protobuf (worker/wire.py).
 
 One lock serialises the calls: every shard must run the same sequence of steps. Errors are mapped
 to gRPC status codes in worker/errors.py.
@@ -18,6 +18,7 @@ from worker.engine.engine import Engine
 from worker.errors import NotFound, Unimplemented, rpc
 from worker.pb import generate_pb2 as pb
 from worker.pb import generate_pb2_grpc as pb_grpc
+from worker.wire import cached_batch_pb, step_response
 
 log = logging.getLogger(__name__)
 STATS_KEY = "x-qwen-worker-stats"  # Health's trailing metadata: live batches, shard-owned KV blocks
@@ -54,8 +55,8 @@ class LoraxServicer(pb_grpc.LoraxServiceServicer):
     @rpc
     def FilterBatch(self, request, context):
         with self.lock:
-            batch = self.engine.filter(request.batch_id, list(request.request_ids))
-        return pb.FilterBatchResponse(batch=batch.to_pb(pb))
+            info = self.engine.filter(request.batch_id, list(request.request_ids)).info()
+        return pb.FilterBatchResponse(batch=cached_batch_pb(info))
 
     @rpc
     def Warmup(self, request, context):
@@ -68,32 +69,20 @@ class LoraxServicer(pb_grpc.LoraxServiceServicer):
         with self.lock:
             cached = request.cached_batch if request.HasField("cached_batch") else None
             generations, batch = self.engine.prefill(request.batch, cached)
-        return self._step_response(pb.PrefillResponse, generations, batch)
+            info = batch.info() if batch is not None else None
+        return step_response(pb.PrefillResponse, generations, info)
 
     @rpc
     def Decode(self, request, context):
         with self.lock:
             generations, batch = self.engine.decode(list(request.batches))
-        return self._step_response(pb.DecodeResponse, generations, batch)
-
-    @staticmethod
-    def _step_response(cls, generations, batch):
-        resp = cls(generations=generations)
-        if batch is not None:
-            resp.batch.CopyFrom(batch.to_pb(pb))
-        return resp
+            info = batch.info() if batch is not None else None
+        return step_response(pb.DecodeResponse, generations, info)
 
     @rpc
     def Health(self, request, context):
         with self.lock:
-            if self.engine.pctx.world_size == 1:
-                self.engine.health()  # the model answers a one-token forward with finite logits
-            else:  # a forward needs every shard's collectives: a Health sent to one shard must not hang it
-                import torch
-
-                probe = torch.ones(8, device=self.engine.pctx.device).sum()
-                if float(probe) != 8.0:
-                    raise RuntimeError("health check: the device computed a wrong sum")
+            self.engine.health()
             stats = self.engine.stats()
             if self.adapters is not None:
                 stats.update(self.adapters.stats())

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from worker.distributed import ParallelContext
+from worker.engine import lookahead
 from worker.engine.engine import Engine, EngineConfig
+from worker.engine.lookahead import Ahead
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
 from worker.tokenizer import QwenTokenizer
@@ -35,7 +37,7 @@ def _record(generations) -> list[tuple]:
     out = []
     for g in generations:
         t = g.next_tokens
-        done = (g.generated_text.text, g.generated_text.finish_reason) if g.HasField("generated_text") else None
+        done = (g.generated_text.text, g.generated_text.finish_reason) if g.generated_text is not None else None
         out.append((g.request_id, list(t.ids), list(t.texts), list(t.logprobs), done))
     return out
 
@@ -83,18 +85,18 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
         _request(3, "A robot walks", 12)]), None)
     log.append(_record(gens))
     for _ in range(3):
-        b1 = decode([b1.to_pb(pb)])
+        b1 = decode([b1.info()])
     gens, b2 = engine.prefill(pb.Batch(id=2, size=2, requests=[
         _request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True),
         _request(5, "Hello there", 10)]), None)
     log.append(_record(gens))
     if drop_one_look_ahead:  # a request without a look-ahead row: the Decode computes that row alone
         b2.requests[0].ahead = None
-    batch = decode([b1.to_pb(pb), b2.to_pb(pb)])  # concatenated; request 1 finishes during these steps
-    batch = decode([batch.to_pb(pb)])
+    batch = decode([b1.info(), b2.info()])  # concatenated; request 1 finishes during these steps
+    batch = decode([batch.info()])
     batch = engine.filter(batch.id, [r.id for r in batch.requests if r.id != 3])  # the router drops one
     while batch is not None:
-        batch = decode([batch.to_pb(pb)])
+        batch = decode([batch.info()])
     return log
 
 
@@ -131,12 +133,27 @@ def test_rows_come_from_their_own_look_ahead():
         assert all(r.ahead is None for r in reqs)  # used once
         return out
 
-    assert torch.equal(logits((x, 0, 5), (y, 1, 5)), torch.stack([x[0], y[1]]))  # two look-aheads, concatenated
+    assert torch.equal(logits(Ahead(x, 0, 5), Ahead(y, 1, 5)), torch.stack([x[0], y[1]]))  # two, concatenated
     z = 200 + torch.arange(8.0).view(2, 4)
-    assert torch.equal(logits((z, 0, 5), (y, 1, 5)), torch.stack([z[0], y[1]]))  # same size, rows in place
-    assert torch.equal(logits((x, 0, 5), (x, 1, 5)), x[:2])  # a filter kept a prefix: not the whole tensor
-    assert torch.equal(logits((x, 2, 5), (x, 0, 5)), torch.stack([x[2], x[0]]))  # reordered
-    assert logits((x, 0, 5), (x, 1, 5), (x, 2, 5)) is x  # all of one look-ahead, in order: no copy
+    assert torch.equal(logits(Ahead(z, 0, 5), Ahead(y, 1, 5)), torch.stack([z[0], y[1]]))  # same size, in place
+    assert torch.equal(logits(Ahead(x, 0, 5), Ahead(x, 1, 5)), x[:2])  # a filter kept a prefix: not all of x
+    assert torch.equal(logits(Ahead(x, 2, 5), Ahead(x, 0, 5)), torch.stack([x[2], x[0]]))  # reordered
+    assert logits(Ahead(x, 0, 5), Ahead(x, 1, 5), Ahead(x, 2, 5)) is x  # all of one look-ahead, in order: no copy
+
+
+def test_rows_stale_or_missing_are_computed():
+    """A row computed for other tokens (the request's ids grew) does not serve; the computed rows fill in."""
+    from types import SimpleNamespace
+
+    x = torch.arange(12.0).view(3, 4)
+    reqs = [SimpleNamespace(ids=[0] * 5, ahead=Ahead(x, 0, 5)), SimpleNamespace(ids=[0] * 6, ahead=Ahead(x, 1, 5)),
+            SimpleNamespace(ids=[0] * 5, ahead=None)]
+    ready = lookahead.ready(reqs, prefill=False)
+    assert ready == [True, False, False] and lookahead.ready(reqs, prefill=True) == [False] * 3
+    computed = -1 - torch.arange(8.0).view(2, 4)
+    out = lookahead.take_rows(reqs, ready, computed)
+    assert torch.equal(out, torch.stack([x[0], computed[0], computed[1]]))
+    assert all(r.ahead is None for r in reqs)
 
 
 def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplog):
@@ -153,11 +170,11 @@ def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplo
         raise torch.OutOfMemoryError("injected")
 
     monkeypatch.setattr(engine.runner, "forward", fails_once)
-    gens, after = engine.decode([batch.to_pb(pb)])
+    gens, after = engine.decode([batch.info()])
     assert len(gens) == 2 and after is batch and engine.batches[batch.id] is batch
     assert all(r.ahead is None for r in batch.requests) and "look-ahead of batch 1 failed" in caplog.text
     while after is not None:  # the next Decodes run their own forward and finish the requests
-        gens, after = engine.decode([after.to_pb(pb)])
+        gens, after = engine.decode([after.info()])
     assert engine.batches == {}
 
 
@@ -178,3 +195,25 @@ def test_when_the_look_ahead_runs(setting, world, graphed, runs):
     request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None)
     engine._look_ahead(SimpleNamespace(id=1, requests=[request]))
     assert bool(calls) == runs and (request.ahead is not None) == runs
+
+
+@pytest.mark.parametrize("wanted,graphs,can_run,world,slots,runs,reason", [
+    (None, True, True, 1, True, True, "auto: CUDA graphs at TP=1"),
+    (None, False, False, 1, True, False, "auto: no CUDA graphs"),
+    (None, True, False, 1, True, False, "auto: the CUDA graphs do not serve this batch"),
+    (None, True, True, 2, True, False, "auto: off under TP"),
+    (None, True, True, 1, False, False, "the next position's KV slot is not allocated"),
+    (True, False, False, 2, True, True, "on"),
+    (True, True, True, 1, False, False, "the next position's KV slot is not allocated"),
+    (False, True, True, 1, True, False, "off")])
+def test_look_ahead_policy(wanted, graphs, can_run, world, slots, runs, reason):
+    decision = lookahead.decide(wanted=wanted, graphs_available=graphs, graphs_can_run=can_run, world_size=world,
+                                slots_allocated=slots)
+    assert decision == lookahead.Decision(runs, reason)
+
+
+def test_look_ahead_setting_as_logged():
+    assert lookahead.describe(None, True, 1) == "on where CUDA graphs serve the batch"
+    assert lookahead.describe(None, True, 2) == "off (TP: set --look-ahead on to use it)"
+    assert lookahead.describe(None, False, 1) == "off (no CUDA graphs)"
+    assert lookahead.describe(True, False, 2) == "on" and lookahead.describe(False, True, 1) == "off"

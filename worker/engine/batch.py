@@ -1,15 +1,18 @@
-"""Batch state and the router contract on it: from_pb / concatenate / filter / to_pb.
+"""Batch state and the router contract on it: BatchBuilder.build (from a protobuf Batch), concatenate,
+filter, info (the CachedBatch the router sees).
 
-Everything here is plain Python plus the per-request sampler state; no forward pass. Validation of
-a new batch happens entirely before any state changes, so a rejected Prefill leaves the shard as it was.
+Plain Python plus the per-request sampler state; no forward pass. A new batch is validated entirely
+before any state changes, so a rejected Prefill leaves the shard as it was.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Protocol
 
+from worker.engine.generations import CachedBatchInfo
 from worker.engine.kv_cache import BlockAllocator
+from worker.engine.lookahead import Ahead
 from worker.engine.sampling import BatchSampler, SamplingParams
 from worker.engine.stopping import StoppingCriteria
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -37,9 +40,7 @@ class RequestState:
     report: bool  # this shard answers this request's generations (id % world_size == rank)
     prefill_cache_len: int = 0  # cache_len the request arrived with
     finished: bool = False
-    # (logits [n, V], row, len(ids) when computed): the next decode step's logits, computed ahead of the Decode
-    # that uses them (Engine._look_ahead); valid only while `ids` has that length
-    ahead: Optional[tuple[Any, int, int]] = None
+    ahead: Optional[Ahead] = None  # the next decode step's logits, computed ahead (worker/engine/lookahead.py)
 
     @property
     def n_generated(self) -> int:
@@ -61,9 +62,14 @@ class Batch:
         """KV token slots the batch holds."""
         return sum(len(r.slots) for r in self.requests)
 
-    def to_pb(self, pb):  # pb: the generated generate_pb2 module
-        return pb.CachedBatch(id=self.id, request_ids=self.request_ids, size=len(self.requests),
-                              max_tokens=self.max_tokens, current_tokens=len(self.requests))
+    def info(self) -> CachedBatchInfo:
+        return CachedBatchInfo(id=self.id, request_ids=self.request_ids, size=len(self.requests),
+                               max_tokens=self.max_tokens, current_tokens=len(self.requests))
+
+    def to_pb(self, pb: Any) -> Any:
+        """info() as a pb.CachedBatch (pb: the generate_pb2 module), for tests that drive the engine directly;
+        the server converts in worker/wire.py."""
+        return pb.CachedBatch(**asdict(self.info()))
 
     def filter(self, request_ids: list[int]) -> tuple["Batch", list[RequestState]]:
         """Keep `request_ids` in that order; returns the new batch and the dropped requests."""
@@ -90,6 +96,16 @@ class AdapterLookup(Protocol):
 
 
 @dataclass
+class RequestPlan:
+    """A validated request, before any KV block is taken."""
+
+    ids: list[int]  # prompt ids after truncation
+    sampling: SamplingParams
+    stopping: StoppingCriteria
+    own_blocks: int  # blocks to take from the shard's allocator (0: the router gave blocks)
+
+
+@dataclass(kw_only=True)
 class BatchBuilder:
     """Turns a protobuf Batch into a Batch, validating every field first."""
 
@@ -109,7 +125,7 @@ class BatchBuilder:
     live_request_ids: set[int] = field(default_factory=set)
     seed_nonce: int = 0  # identical on every rank: unseeded sampling draws the same seed on all shards
 
-    def prompt_ids(self, req) -> list[int]:
+    def prompt_ids(self, req: Any) -> list[int]:
         ids = list(req.tokenized_inputs.ids) if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids \
             else (self.tokenizer.encode(req.inputs) if req.inputs else [])
         if not ids:
@@ -122,44 +138,44 @@ class BatchBuilder:
             ids = ids[-req.truncate:]
         return ids
 
-    def build(self, pb_batch) -> Batch:
+    def build(self, pb_batch: Any) -> Batch:
         if self.max_batch_size and len(pb_batch.requests) > self.max_batch_size:
             raise ResourceExhausted(f"batch of {len(pb_batch.requests)} requests exceeds --max-batch-size "
                                     f"{self.max_batch_size}")
         if not pb_batch.requests:
             raise InvalidArgument(f"batch {pb_batch.id} has no requests")
         seen: set[int] = set()
-        plans = []
-        own_blocks_needed = 0
+        plans: list[RequestPlan] = []
         for req in pb_batch.requests:
             if req.id in seen or req.id in self.live_request_ids:
                 raise InvalidArgument(f"duplicate request id {req.id}: already in this or a live batch")
             seen.add(req.id)
             plans.append(self._plan(req))
-            own_blocks_needed += plans[-1][3]
+        own_blocks_needed = sum(p.own_blocks for p in plans)
         if own_blocks_needed > self.allocator.free:
             raise ResourceExhausted(f"not enough KV space: the batch needs {own_blocks_needed} self-allocated "
                                     f"blocks of {self.block_size} tokens, {self.allocator.free} are free")
-        requests, params = [], []
-        for req, (ids, sp, stop, n_own) in zip(pb_batch.requests, plans):
-            if n_own:
-                blocks = self.allocator.allocate(n_own)
-                total = len(ids) + stop.max_new_tokens - 1
+        requests = []
+        for req, plan in zip(pb_batch.requests, plans):
+            ids = plan.ids
+            if plan.own_blocks:
+                blocks = self.allocator.allocate(plan.own_blocks)
+                total = len(ids) + plan.stopping.max_new_tokens - 1
                 slots = [b * self.block_size + j for b in blocks for j in range(self.block_size)][:max(total, 1)]
             else:
                 blocks, slots = list(req.blocks), list(req.slots)
             requests.append(RequestState(
                 id=req.id, prompt_len=len(ids), ids=ids, n_cached=req.cache_len, blocks=blocks, slots=slots,
-                owns_blocks=bool(n_own), ntk_alpha=ntk_alpha(len(ids), self.seq_length, self.use_dynamic_ntk),
-                params=sp, stopping=stop, detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False),
+                owns_blocks=bool(plan.own_blocks),
+                ntk_alpha=ntk_alpha(len(ids), self.seq_length, self.use_dynamic_ntk), params=plan.sampling,
+                stopping=plan.stopping, detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False),
                 adapter_index=req.adapter_index, prefill_logprobs=req.prefill_logprobs,
                 report=req.id % self.world_size == self.rank, prefill_cache_len=req.cache_len))
-            params.append(sp)
-        sampler = BatchSampler(params, self.vocab_size, self.tokenizer.n_real_vocab, self.device)
+        sampler = BatchSampler([p.sampling for p in plans], self.vocab_size, self.tokenizer.n_real_vocab, self.device)
         return Batch(pb_batch.id, requests, sampler)
 
-    def _plan(self, req) -> tuple[list[int], SamplingParams, StoppingCriteria, int]:
-        """Validate one request; returns (prompt ids, sampling, stopping, self-allocated blocks needed)."""
+    def _plan(self, req: Any) -> RequestPlan:
+        """Validate one request."""
         ids = self.prompt_ids(req)
         p = req.parameters
         if p.watermark:
@@ -201,7 +217,7 @@ class BatchBuilder:
                 raise ResourceExhausted(f"request {req.id}: prompt of {len(ids)} tokens + {s.max_new_tokens} new "
                                         f"tokens needs {needed} KV slots, more than the shard's "
                                         f"{self.allocator.count * self.block_size} self-allocatable slots")
-            return ids, sp, stop, n_own
+            return RequestPlan(ids, sp, stop, n_own)
         bad_blocks = [b for b in req.blocks if b >= self.router_blocks]
         if bad_blocks:
             raise InvalidArgument(f"request {req.id}: block {bad_blocks[0]} is out of range (the router owns "
@@ -213,4 +229,4 @@ class BatchBuilder:
         bad_slots = [sl for sl in req.slots if sl // self.block_size not in allowed]
         if bad_slots:
             raise InvalidArgument(f"request {req.id}: slot {bad_slots[0]} lies outside the request's blocks")
-        return ids, sp, stop, 0
+        return RequestPlan(ids, sp, stop, 0)

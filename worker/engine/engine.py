@@ -1,53 +1,42 @@
-"""The shard's state machine: live batches, the KV cache, and one generation step.
+"""The shard's state machine: live batches and one generation step (the runner owns the KV cache).
 
-Every shard runs every batch (same sampling, same stop checks) so their states never drift; a
-shard reports generations only for its own requests (`request.id % world_size == rank`). Calls are
-serialised by the server; nothing here is thread-safe on its own.
+Every shard runs every batch (same sampling, same stop checks) so their states never drift; a shard
+reports generations only for its own requests (`request.id % world_size == rank`). Calls are serialised
+by the server; nothing here is thread-safe on its own. Requests come in as protobuf messages (read here
+and in BatchBuilder); results go out as the dataclasses of worker/engine/generations.py.
 """
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import torch
 
 from worker.distributed import ParallelContext
+from worker.engine import lookahead
 from worker.engine.batch import Batch, BatchBuilder, RequestState
+from worker.engine.config import EngineConfig
+from worker.engine.generations import Alternatives, GeneratedText, Generation, Tokens
 from worker.engine.kv_cache import BlockAllocator, KVCache, scales_from_amax
-from worker.engine.runner import Runner, StepLogits
+from worker.engine.runner import Runner, StepLogits, kv_blocks
 from worker.engine.sampling import prefill_logprobs
+from worker.engine.stopping import FinishReason
 from worker.errors import InvalidArgument, NotFound, ResourceExhausted
 from worker.models.qwen import FlashQwenForCausalLM
-from worker.pb import generate_pb2 as pb
 from worker.tokenizer import QwenTokenizer
 
+if TYPE_CHECKING:
+    from worker.pb import generate_pb2 as pb
+
+__all__ = ["Engine", "EngineConfig"]
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_dtype: Optional[torch.dtype] = None  # None: the model dtype
-    max_total_tokens: int = 0  # KV token slots per shard; 0: size from memory (GPU) or cpu_default_tokens
-    memory_fraction: float = 0.9  # share of free GPU memory the KV cache may take after Warmup
-    cpu_default_tokens: int = 16384
-    shard_block_fraction: float = 1 / 64  # blocks kept for requests that come without blocks
-    max_batch_size: int = 0
-    cuda_graphs: bool = True  # decode from CUDA graphs (GPU with the triton backend); --eager turns them off
-    graph_max_batch: int = 128
-    max_seq_len: int = 16384  # longest context a graphed decode serves (block-table width); longer: eager
-    # fp8 KV without checkpoint scales: scale = margin × (Warmup's max |k| or |v|) / 448 per layer. e4m3 is a
-    # float format, so a margin of 2 costs one binade at the bottom of its range (values under
-    # scale × 2^-6 lose relative precision), while values above the calibrated maximum clamp; real
-    # prompts can exceed Warmup's. vLLM's defaults are amax/200 (K) and amax/100 (V): margins 2.24 and 4.48.
-    kv_scale_margin: float = 2.0
-    # start each batch's next decode forward before replying (overlaps the reply, the router and the next
-    # request with the GPU). None: when CUDA graphs serve the batch, at TP=1 only (under TP a look-ahead that
-    # fails on one rank alone, e.g. out of memory, would leave the ranks' collectives out of step);
-    # True: always (tests; under TP at that risk); False: never
-    look_ahead: Optional[bool] = None
+class BatchRef(Protocol):
+    """A cached batch named in a request (pb.CachedBatch or CachedBatchInfo): only its id is read."""
+
+    @property
+    def id(self) -> int: ...
 
 
 class Engine:
@@ -59,8 +48,7 @@ class Engine:
         self.cfg = cfg
         self.adapters = adapters
         self.batches: dict[int, Batch] = {}
-        self.kv: Optional[KVCache] = None
-        self.runner: Optional[Runner] = None
+        self.runner: Optional[Runner] = None  # owns the KV cache; built on first use or by Warmup
         self.allocator: Optional[BlockAllocator] = None
         self.router_blocks = 0
         self.max_supported_total_tokens = 0
@@ -73,101 +61,55 @@ class Engine:
     def kv_dtype(self) -> torch.dtype:
         return self.cfg.kv_cache_dtype or self.model.dtype
 
+    @property
+    def kv(self) -> Optional[KVCache]:
+        return self.runner.kv if self.runner is not None else None
+
     def allocate_cache(self, num_blocks: int) -> None:
-        c = self.model.config
-        dtype = self.kv_dtype
-        num_blocks = max(num_blocks, 3)
-        self.kv = None
-        self.kv = KVCache(c.num_hidden_layers, num_blocks, self.cfg.block_size,
-                          c.num_attention_heads // self.pctx.world_size, c.head_dim, dtype, self.pctx.device)
-        self._set_kv_scales()  # before the graphs are captured (they read the scales through pointers)
-        own = max(2, int(num_blocks * self.cfg.shard_block_fraction))  # incl. the scratch block
+        """A new runner with a KV cache of num_blocks; the router gets all blocks but the shard's share."""
+        self.runner = None  # the old cache goes before the new one is allocated
+        self.runner = Runner.with_cache(self.model, self.pctx, self.cfg, num_blocks, self.calibrated_kv_scales,
+                                        self.adapters)
+        assert self.runner.kv is not None
+        num_blocks = self.runner.kv.num_blocks
+        own = max(2, int(num_blocks * self.cfg.shard_block_fraction))  # incl. the runner's scratch block (the last)
         self.router_blocks = num_blocks - own
-        scratch = num_blocks - 1  # padding rows of graphed decode write here; nobody owns it
         self.allocator = BlockAllocator(self.router_blocks, own - 1)
         self.max_supported_total_tokens = self.router_blocks * self.cfg.block_size
-        graphs = None
-        if self.cfg.cuda_graphs and self.pctx.device.type == "cuda" and self.model.backend.name == "triton":
-            import time
-
-            from worker.engine.cuda_graphs import GraphedDecode
-
-            if self.adapters is not None:  # no pinned allocation in another thread while capturing
-                self.adapters.wait_pinned()
-            t0 = time.time()
-            free0 = torch.cuda.mem_get_info(self.pctx.device)[0]
-            graphs = GraphedDecode(self.model, self.kv, self.cfg.max_batch_size or self.cfg.graph_max_batch,
-                                   math.ceil(self.cfg.max_seq_len / self.cfg.block_size), scratch,
-                                   adapter_pools=self.adapters is not None)  # + a variant with LoRA per bucket
-            log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs),
-                     time.time() - t0, (free0 - torch.cuda.mem_get_info(self.pctx.device)[0]) / 2**20)
-        self.runner = Runner(self.model, self.kv, self.pctx.device, graphs)
-        auto = ("off (no CUDA graphs)" if graphs is None else "off (TP: set --look-ahead on to use it)"
-                if self.pctx.world_size > 1 else "on where CUDA graphs serve the batch")
-        log.info("decode look-ahead: %s", {None: auto, True: "on", False: "off"}[self.cfg.look_ahead])
+        log.info("decode look-ahead: %s", lookahead.describe(self.cfg.look_ahead, self.runner.graphs is not None,
+                                                              self.pctx.world_size))
         log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
-                 num_blocks, self.cfg.block_size, dtype, self.router_blocks, self.max_supported_total_tokens, own)
-
-    def _set_kv_scales(self) -> None:
-        """fp8 cache: per-layer scales from the checkpoint, else from Warmup's calibration, else 1.0."""
-        assert self.kv is not None
-        if not self.kv.is_fp8:
-            self.model.set_kv_scales(None, None)
-            return
-        from_ckpt = self.model.checkpoint_kv_scales()
-        if from_ckpt is not None:
-            source, scales = "checkpoint", from_ckpt
-        elif self.calibrated_kv_scales is not None:
-            source, scales = f"Warmup calibration (margin {self.cfg.kv_scale_margin:g})", self.calibrated_kv_scales
-        else:
-            source, scales = "default 1.0 (no checkpoint scales, no Warmup yet)", ([1.0] * self.kv.num_layers,) * 2
-            log.warning("fp8 KV cache without k_scale/v_scale in the checkpoint and before Warmup: scales are 1.0")
-        self.kv.set_scales(*scales)
-        self.model.set_kv_scales(self.kv.k_scales, self.kv.v_scales)
-        k, v = self.kv.k_scales.tolist(), self.kv.v_scales.tolist()
-        log.info("fp8 KV scales from %s: k %.3g..%.3g (layer 0 %.3g), v %.3g..%.3g (layer 0 %.3g)", source,
-                 min(k), max(k), k[0], min(v), max(v), v[0])
+                 num_blocks, self.cfg.block_size, self.runner.kv.dtype, self.router_blocks,
+                 self.max_supported_total_tokens, own)
 
     def _ensure_cache(self) -> None:
-        if self.kv is None:
-            tokens = self.cfg.max_total_tokens or self.cfg.cpu_default_tokens
-            self.allocate_cache(math.ceil(tokens / self.cfg.block_size))
+        if self.runner is None:
+            self.allocate_cache(kv_blocks(self.model, self.pctx, self.cfg, activation_peak=None))
 
     def _blocks_from_memory(self, activation_peak: int) -> int:
-        c = self.model.config
-        per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // self.pctx.world_size,
-                                            c.head_dim, self.kv_dtype)
-        if self.cfg.max_total_tokens:
-            return math.ceil(self.cfg.max_total_tokens / self.cfg.block_size)
-        if self.pctx.device.type != "cuda":
-            return math.ceil(self.cfg.cpu_default_tokens / self.cfg.block_size)
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(self.pctx.device)
-        budget = int((free - activation_peak) * self.cfg.memory_fraction)
-        blocks = budget // (per_token * self.cfg.block_size)
-        if blocks < 2:
-            raise ResourceExhausted(f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
-                                    f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations")
-        return blocks
+        return kv_blocks(self.model, self.pctx, self.cfg, activation_peak)
 
     # ------------------------------------------------------------------ RPC bodies
     def builder(self) -> BatchBuilder:
         self._ensure_cache()
         assert self.allocator is not None
         live = {rid for b in self.batches.values() for rid in b.request_ids}
-        return BatchBuilder(self.tokenizer, self.model.config.vocab_size, self.model.config.seq_length,
-                            self.model.config.use_dynamic_ntk, self.cfg.block_size, self.router_blocks,
-                            self.allocator, self.pctx.rank, self.pctx.world_size, str(self.pctx.device),
-                            self.adapters, self.cfg.max_batch_size, False, live, self.seed_nonce)
+        c = self.model.config
+        return BatchBuilder(tokenizer=self.tokenizer, vocab_size=c.vocab_size, seq_length=c.seq_length,
+                            use_dynamic_ntk=c.use_dynamic_ntk, block_size=self.cfg.block_size,
+                            router_blocks=self.router_blocks, allocator=self.allocator, rank=self.pctx.rank,
+                            world_size=self.pctx.world_size, device=str(self.pctx.device), adapters=self.adapters,
+                            max_batch_size=self.cfg.max_batch_size, live_request_ids=live, seed_nonce=self.seed_nonce)
 
     def warmup(self, request: "pb.WarmupRequest") -> int:
         """Run the router's largest prefill without a cache to find the activation peak, then size the
         KV cache from what is left. Returns max_supported_total_tokens."""
         self.clear(None)
-        self.kv = self.runner = self.allocator = None
-        builder = BatchBuilder(self.tokenizer, self.model.config.vocab_size, self.model.config.seq_length,
-                               self.model.config.use_dynamic_ntk, self.cfg.block_size, 0,
-                               BlockAllocator(0, 1), world_size=self.pctx.world_size, rank=self.pctx.rank)
+        self.runner = self.allocator = None
+        c = self.model.config
+        builder = BatchBuilder(tokenizer=self.tokenizer, vocab_size=c.vocab_size, seq_length=c.seq_length,
+                               use_dynamic_ntk=c.use_dynamic_ntk, block_size=self.cfg.block_size, router_blocks=0,
+                               allocator=BlockAllocator(0, 1), world_size=self.pctx.world_size, rank=self.pctx.rank)
         lengths, ids, alphas = [], [], []
         for req in request.batch.requests:
             p = builder.prompt_ids(req)
@@ -196,7 +138,8 @@ class Engine:
         self.allocate_cache(self._blocks_from_memory(peak))
         return self.max_supported_total_tokens
 
-    def prefill(self, pb_batch: "pb.Batch", cached: Optional["pb.CachedBatch"]) -> tuple[list, Optional[Batch]]:
+    def prefill(self, pb_batch: pb.Batch, cached: Optional[BatchRef]) -> tuple[list[Generation], Optional[Batch]]:
+        """Build and run a new batch (concatenated after `cached` when given); the batch left to decode."""
         if pb_batch.id in self.batches:
             raise InvalidArgument(f"batch id {pb_batch.id} is already live on this shard")
         if cached is not None and cached.id not in self.batches:
@@ -210,7 +153,8 @@ class Engine:
             self.batches[batch.id] = batch
         return generations, batch
 
-    def decode(self, cached: list["pb.CachedBatch"]) -> tuple[list, Optional[Batch]]:
+    def decode(self, cached: Sequence[BatchRef]) -> tuple[list[Generation], Optional[Batch]]:
+        """One step of the cached batches, concatenated; the batch left to decode."""
         if not cached:
             raise InvalidArgument("Decode needs at least one cached batch")
         missing = [c.id for c in cached if c.id not in self.batches]
@@ -225,10 +169,10 @@ class Engine:
             self.batches[batch.id] = batch
         return generations, batch
 
-    def _run(self, batch: Batch, prefill: bool) -> tuple[list, Optional[Batch]]:
-        """One forward + sampling step; on failure the batch's KV blocks are released and the error raised.
-        Returns the generations and the batch without its finished requests (None if none are left), whose
-        next forward is then started (look-ahead)."""
+    def _run(self, batch: Batch, prefill: bool) -> tuple[list[Generation], Optional[Batch]]:
+        """One step; on failure the batch's KV blocks are released and the error raised. Returns the
+        generations and the batch without its finished requests (None if none are left), whose next
+        forward is then started (look-ahead)."""
         try:
             generations = self._step(batch, prefill=prefill)
         except Exception:
@@ -265,7 +209,14 @@ class Engine:
                 "router_blocks": self.router_blocks}
 
     def health(self) -> None:
-        logits = Runner(self.model, None, self.pctx.device).forward_no_cache([1], [0], [1.0])  # type: ignore
+        """TP=1: a one-token forward gives finite logits. Under TP a forward needs every shard's collectives
+        (a Health sent to one shard must not hang it), so only the device is probed."""
+        if self.pctx.world_size > 1:
+            probe = torch.ones(8, device=self.pctx.device).sum()
+            if float(probe) != 8.0:
+                raise RuntimeError("health check: the device computed a wrong sum")
+            return
+        logits = Runner(self.model, None, self.pctx.device).forward_no_cache([1], [0], [1.0])
         if not bool(torch.isfinite(logits).all()):
             raise RuntimeError("health check: the model returned non-finite logits")
 
@@ -289,24 +240,19 @@ class Engine:
         return new
 
     def _look_ahead(self, batch: Batch) -> None:
-        """Start the batch's next decode forward now, so the reply, the router's turn and the next Decode
-        travel while the device works. Only the forward: sampling waits for the Decode that uses these
-        logits (seeded streams stay as they were), and a request's row serves only while its tokens are
-        unchanged. Rows a later filter or concatenate leaves out are dropped with their requests, and
-        requests without one are computed then. The K/V this writes are the ones that step would write. Every
-        rank takes the same decisions (same calls, same state), so the collectives stay in step."""
+        """Start the batch's next decode forward now (worker/engine/lookahead.py); a failure only costs the
+        look-ahead: the next Decode runs its own forward."""
         assert self.runner is not None
         reqs = batch.requests
-        for r in reqs:
-            r.ahead = None
-        wanted = self.cfg.look_ahead
+        lookahead.clear(reqs)
         graphs = self.runner.graphs
-        if wanted is False or (wanted is None and (graphs is None or not graphs.can_run(batch)
-                                                   or self.pctx.world_size > 1)):
+        decision = lookahead.decide(wanted=self.cfg.look_ahead, graphs_available=graphs is not None,
+                                    graphs_can_run=graphs is not None and graphs.can_run(batch),
+                                    world_size=self.pctx.world_size,
+                                    slots_allocated=all(len(r.slots) >= len(r.ids) for r in reqs))
+        if not decision.run:
             return
-        if any(len(r.slots) < len(r.ids) for r in reqs):  # the next position's KV slot is not allocated yet
-            return
-        try:  # an optimisation: a failure must not fail the step that already happened
+        try:
             slots = self.adapters.request_slots(batch) if self.adapters is not None else None
             logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
         except Exception as exc:
@@ -314,50 +260,38 @@ class Engine:
                         batch.id, exc, "; under TP the ranks' collectives may now be out of step"
                         if self.pctx.world_size > 1 else "")
             return
-        for i, r in enumerate(reqs):
-            r.ahead = (logits, i, len(r.ids))
+        lookahead.attach(reqs, logits)
 
     def _logits(self, batch: Batch, prefill: bool, adapter_slots: Optional[list[int]]) -> StepLogits:
-        """This step's logits. A decode takes each request's look-ahead row when it was computed for the
-        request's current tokens and runs the forward for the other requests only."""
+        """This step's logits: a decode takes each request's look-ahead row when it was computed for the
+        request's current tokens, and runs the forward for the other requests only."""
         assert self.runner is not None
         reqs = batch.requests
-        ready = [not prefill and r.ahead is not None and r.ahead[2] == len(r.ids) for r in reqs]
+        ready = lookahead.ready(reqs, prefill)
         if not any(ready):
-            for r in reqs:
-                r.ahead = None
+            lookahead.clear(reqs)
             return self.runner.forward(batch, prefill, adapter_slots)
-        rows: list[Optional[torch.Tensor]] = [None] * len(reqs)
         missing = [i for i, ok in enumerate(ready) if not ok]
+        computed = None
         if missing:
             sub = Batch(batch.id, [reqs[i] for i in missing], batch.sampler)
             computed = self.runner.forward(sub, False, None if adapter_slots is None else
                                            [adapter_slots[i] for i in missing]).last
-            for j, i in enumerate(missing):
-                rows[i] = computed[j]
-        first = reqs[0].ahead
-        whole = (not missing and first[0].shape[0] == len(reqs)  # all of one look-ahead, in its order
-                 and all(r.ahead[0] is first[0] and r.ahead[1] == i for i, r in enumerate(reqs)))
-        for i, (r, ok) in enumerate(zip(reqs, ready)):
-            if ok:
-                rows[i] = r.ahead[0][r.ahead[1]]
-            r.ahead = None
-        return StepLogits(last=first[0] if whole else torch.stack(rows), prompt={})
+        return StepLogits(last=lookahead.take_rows(reqs, ready, computed), prompt={})
 
-    def _step(self, batch: Batch, prefill: bool) -> list:
+    def _step(self, batch: Batch, prefill: bool) -> list[Generation]:
+        """Sample a token for every request, append it and check the stops; this shard's generations."""
         assert self.runner is not None
         adapter_slots = self.adapters.request_slots(batch) if self.adapters is not None else None
         step = self._logits(batch, prefill, adapter_slots)
         out = batch.sampler(step.last, [r.ids for r in batch.requests])
-        next_ids = self.pctx.broadcast(out.next_ids.clone())  # identical tokens on every rank
-        next_list = next_ids.tolist()
+        next_ids = self.pctx.broadcast(out.next_ids.clone()).tolist()  # identical tokens on every rank
         logprobs = out.logprobs.tolist()
+        tok = self.tokenizer
         generations = []
         for i, r in enumerate(batch.requests):
-            tid = next_list[i]
-            prompt_pb = None
-            if prefill and r.prefill_logprobs and r.report:
-                prompt_pb = self._prefill_tokens(r, step.prompt[i])
+            tid = next_ids[i]
+            prompt = self._prefill_tokens(r, step.prompt[i]) if prefill and r.prefill_logprobs and r.report else None
             r.ids.append(tid)
             text = r.detok.add(tid)
             reason = r.stopping.check(tid, r.detok.text, r.n_generated)
@@ -367,26 +301,26 @@ class Engine:
                 continue
             alts = []
             if r.params.return_k_alternatives:
-                alts = [pb.AlternativeTokens(ids=out.top_ids[i], logprobs=out.top_logprobs[i],
-                                             texts=[self.tokenizer.token_text(t) for t in out.top_ids[i]])]
-            gen = pb.Generation(
+                alts = [Alternatives(ids=out.top_ids[i], logprobs=out.top_logprobs[i],
+                                     texts=[tok.token_text(t) for t in out.top_ids[i]])]
+            generations.append(Generation(
                 request_id=r.id,
-                next_tokens=pb.NextTokens(ids=[tid], logprobs=[logprobs[i]], texts=[text],
-                                          is_special=[self.tokenizer.is_special(tid)], alternative_tokens=alts),
-                prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0)
-            if prompt_pb is not None:
-                gen.prefill_tokens.CopyFrom(prompt_pb)
-            if reason is not None:
-                generated = r.ids[r.prompt_len:]
-                gen.generated_text.CopyFrom(pb.GeneratedText(
-                    text=self.tokenizer.decode(generated, skip_special_tokens=True),
-                    generated_tokens=len(generated), finish_reason=int(reason),
-                    **({"seed": batch.sampler.seeds[i]} if not r.params.is_greedy else {})))
-            generations.append(gen)
+                next_tokens=Tokens(ids=[tid], logprobs=[logprobs[i]], texts=[text], is_special=[tok.is_special(tid)],
+                                   alternative_tokens=alts),
+                prefill_tokens=prompt,
+                prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0,
+                generated_text=None if reason is None else self._generated_text(r, reason, batch.sampler.seeds[i])))
         return generations
 
-    def _prefill_tokens(self, r: RequestState, logits: torch.Tensor) -> "pb.NextTokens":
+    def _generated_text(self, r: RequestState, reason: FinishReason, seed: int) -> GeneratedText:
+        generated = r.ids[r.prompt_len:]
+        return GeneratedText(text=self.tokenizer.decode(generated, skip_special_tokens=True),
+                             generated_tokens=len(generated), finish_reason=reason,
+                             seed=None if r.params.is_greedy else seed)
+
+    def _prefill_tokens(self, r: RequestState, logits: torch.Tensor) -> Tokens:
+        """The computed prompt tokens with their log-probs (NaN for the first)."""
         ids = r.ids[r.prefill_cache_len:r.prompt_len]
         lp = prefill_logprobs(logits, torch.tensor(ids, device=logits.device), self.tokenizer.n_real_vocab)
-        return pb.NextTokens(ids=ids, logprobs=lp.tolist(), texts=[self.tokenizer.token_text(t) for t in ids],
-                             is_special=[self.tokenizer.is_special(t) for t in ids])
+        return Tokens(ids=ids, logprobs=lp.tolist(), texts=[self.tokenizer.token_text(t) for t in ids],
+                      is_special=[self.tokenizer.is_special(t) for t in ids])

@@ -1,4 +1,5 @@
-"""Batch → model inputs (the seed's forward arguments) → logits.
+"""Batch → model inputs (the seed's forward arguments) → logits; the runner owns the KV cache and the
+decode CUDA graphs (sized and built from what the engine asks for).
 
 Prefill computes each request's tokens `ids[n_cached:]`; decode computes each request's last token.
 Logits come back only for the tokens that need them (the last of each request, and every computed
@@ -6,23 +7,86 @@ prompt token of requests that asked for prefill logprobs).
 """
 from __future__ import annotations
 
+import logging
+import math
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from worker.distributed import ParallelContext
 from worker.engine.batch import Batch
+from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.kv_cache import KVCache
+from worker.errors import ResourceExhausted
 from worker.layers.context import Seqlen
 from worker.layers.lora import AdapterBatchData
 from worker.models.qwen import FlashQwenForCausalLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class StepLogits:
     last: torch.Tensor  # [B, V]: logits for each request's next token
     prompt: dict[int, torch.Tensor]  # request position in batch -> [n_computed, V] (prefill logprobs only)
+
+
+def kv_blocks(model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineConfig,
+              activation_peak: Optional[int]) -> int:
+    """KV blocks to allocate: cfg.max_total_tokens when set; on a GPU after Warmup (activation_peak known),
+    cfg.memory_fraction of the memory left free beside Warmup's activation peak; else cfg.cpu_default_tokens."""
+    if cfg.max_total_tokens or activation_peak is None or pctx.device.type != "cuda":
+        return math.ceil((cfg.max_total_tokens or cfg.cpu_default_tokens) / cfg.block_size)
+    c = model.config
+    per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // pctx.world_size, c.head_dim,
+                                        cfg.kv_cache_dtype or model.dtype)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(pctx.device)
+    blocks = int((free - activation_peak) * cfg.memory_fraction) // (per_token * cfg.block_size)
+    if blocks < 2:
+        raise ResourceExhausted(f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
+                                f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations")
+    return blocks
+
+
+def set_kv_scales(model: FlashQwenForCausalLM, kv: KVCache,
+                  calibrated: Optional[tuple[torch.Tensor, torch.Tensor]], margin: float) -> None:
+    """fp8 cache: per-layer scales from the checkpoint, else from Warmup's calibration, else 1.0."""
+    if not kv.is_fp8:
+        model.set_kv_scales(None, None)
+        return
+    from_ckpt = model.checkpoint_kv_scales()
+    if from_ckpt is not None:
+        source, scales = "checkpoint", from_ckpt
+    elif calibrated is not None:
+        source, scales = f"Warmup calibration (margin {margin:g})", calibrated
+    else:
+        source, scales = "default 1.0 (no checkpoint scales, no Warmup yet)", ([1.0] * kv.num_layers,) * 2
+        log.warning("fp8 KV cache without k_scale/v_scale in the checkpoint and before Warmup: scales are 1.0")
+    kv.set_scales(*scales)
+    model.set_kv_scales(kv.k_scales, kv.v_scales)
+    k, v = kv.k_scales.tolist(), kv.v_scales.tolist()
+    log.info("fp8 KV scales from %s: k %.3g..%.3g (layer 0 %.3g), v %.3g..%.3g (layer 0 %.3g)", source,
+             min(k), max(k), k[0], min(v), max(v), v[0])
+
+
+def capture_decode(model: FlashQwenForCausalLM, kv: KVCache, pctx: ParallelContext, cfg: EngineConfig,
+                   adapters: Any) -> GraphedDecode:
+    """Decode graphs per batch-size bucket (and a LoRA variant of each when adapters are enabled); padding
+    rows write into the last block, which no request owns."""
+    if adapters is not None:  # no pinned allocation in another thread while capturing
+        adapters.wait_pinned()
+    t0 = time.time()
+    free0 = torch.cuda.mem_get_info(pctx.device)[0]
+    graphs = GraphedDecode(model, kv, cfg.max_batch_size or cfg.graph_max_batch,
+                           math.ceil(cfg.max_seq_len / cfg.block_size), kv.num_blocks - 1,
+                           adapter_pools=adapters is not None)
+    log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs), time.time() - t0,
+             (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20)
+    return graphs
 
 
 class Runner:
@@ -32,6 +96,21 @@ class Runner:
         self.kv = kv
         self.device = device
         self.graphs = graphs  # CUDA graphs for decode (None: eager)
+
+    @classmethod
+    def with_cache(cls, model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineConfig, num_blocks: int,
+                   calibrated: Optional[tuple[torch.Tensor, torch.Tensor]] = None, adapters: Any = None) -> Runner:
+        """A runner owning a new KV cache of num_blocks (at least 3: the last is the graphs' scratch block)
+        with its fp8 scales set, and decode CUDA graphs where they apply (GPU, triton backend)."""
+        c = model.config
+        kv = KVCache(c.num_hidden_layers, max(num_blocks, 3), cfg.block_size,
+                     c.num_attention_heads // pctx.world_size, c.head_dim, cfg.kv_cache_dtype or model.dtype,
+                     pctx.device)
+        set_kv_scales(model, kv, calibrated, cfg.kv_scale_margin)  # before capture: graphs read them by pointer
+        graphs = None
+        if cfg.cuda_graphs and pctx.device.type == "cuda" and model.backend.name == "triton":
+            graphs = capture_decode(model, kv, pctx, cfg, adapters)
+        return cls(model, kv, pctx.device, graphs)
 
     def _block_table(self, batch: Batch) -> torch.Tensor:
         width = max(len(r.blocks) for r in batch.requests)
