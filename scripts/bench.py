@@ -207,8 +207,7 @@ def bench_kv_capacity(model, block_size: int, memory_fraction: float, kv_dtype: 
     out = dict(max_supported_total_tokens=total, cache_tokens=cache_tokens, ideal_tokens=int(ideal),
                ratio=cache_tokens / ideal, per_token_bytes=per_token, free_gib=free_before / 2**30,
                kv_dtype=str(kv_dtype).replace("torch.", ""))
-    engine.kv = None
-    engine.runner = None
+    engine.runner = None  # frees the KV cache (the runner owns it)
     torch.cuda.empty_cache()
     return out
 
