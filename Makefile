@@ -1,22 +1,28 @@
-# qwen-worker: `make demo` and `make test` work on a fresh machine.
+# qwen-worker: `make demo` and `make test` work on a fresh machine. Versions: pyproject.toml.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NUM_SHARD ?= 1
+# Test packages installed without their dependencies (pyproject.toml, [test], says why).
+NO_DEPS := lorax-client==0.6.3 text-generation==0.7.0
+STUBS := worker/pb/generate_pb2.py worker/pb/generate_pb2_grpc.py
 
-.PHONY: install proto test test-gpu demo lint clean
+.PHONY: install proto test test-gpu test-packaging demo lint clean
 
 install: $(VENV)/.installed
 
-# On a CPU-only machine the CPU build of torch goes in first; elsewhere setup.py asks torch>=2.10.
-$(VENV)/.installed: setup.py
+# On a CPU-only machine the CPU build of torch goes in first (from local disk), so that pip never pulls
+# a CUDA build. The editable install generates the stubs into worker/pb/.
+$(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q 'triton==3.9.0' || echo "triton not installed: Triton kernel tests will be skipped"
-	$(PY) scripts/gen_proto.py
+	$(PY) -m pip install -q -e '.[test,gpu]' || { echo "triton not installed: Triton kernel tests will be skipped"; \
+		$(PY) -m pip install -q -e '.[test]'; }
+	$(PY) -m pip install -q --no-deps $(NO_DEPS)
 	touch $@
 
-proto: install
+proto: $(STUBS)
+
+$(STUBS) &: proto/generate.proto scripts/gen_proto.py | $(VENV)/.installed
 	$(PY) scripts/gen_proto.py
 
 test: install proto
@@ -25,11 +31,21 @@ test: install proto
 test-gpu: install proto
 	$(PY) -m pytest -q -m gpu tests/gpu
 
+# A fresh virtualenv, `pip install -e .` and `pip install .` of a copy of the tracked files, a shard served.
+test-packaging: install
+	QWEN_PACKAGING_TEST=1 $(PY) -m pytest -q tests/packaging
+
 demo: install proto
 	$(PY) scripts/demo.py --num-shard $(NUM_SHARD)
 
-lint:
-	$(PY) -m pyflakes worker router_client scripts tests 2>/dev/null || $(PY) -m compileall -q worker router_client scripts tests
+# Every check runs; any finding fails the target.
+lint: install proto
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/ruff format --check . || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	$(VENV)/bin/lint-imports || status=1; \
+	exit $$status
 
 clean:
-	rm -rf $(VENV) worker/pb/generate_pb2*.py .demo build *.egg-info
+	rm -rf $(VENV) $(STUBS) .demo build *.egg-info .mypy_cache .ruff_cache .import_linter_cache
