@@ -19,22 +19,20 @@ def fill_random_adapters(mgr, n: int, rank: int, alpha: float, seed: int = 0) ->
     """Slots 1..n of the pool hold random rank-`rank` adapters on all five modules, written straight into
     the pool as LoadAdapter leaves them (A; B with alpha/rank folded in) with their ranks set."""
     g = torch.Generator(device=mgr.pctx.device).manual_seed(seed)
-    for a, b in mgr.stacked.values():  # a: [slots, P, r_max, in]; b: [slots, P, out, r_max]
+    for a, b in mgr.slots.stacked.values():  # a: [slots, P, r_max, in]; b: [slots, P, out, r_max]
         a[1:n + 1, :, :rank].normal_(0.0, a.shape[-1] ** -0.5, generator=g)
         b[1:n + 1, :, :, :rank].normal_(0.0, 0.02 * alpha / rank, generator=g)
-    mgr.ranks[1:n + 1] = rank
+    mgr.slots.ranks[1:n + 1] = rank
 
 
 def lora_bytes(mgr, rank: int) -> int:
     """Bytes of one rank-`rank` adapter on all modules (what a step reads per distinct adapter)."""
     return sum(rank * (a.shape[1] * a.shape[-1] + b.shape[1] * b.shape[2]) * a.element_size()
-               for a, b in mgr.stacked.values())
+               for a, b in mgr.slots.stacked.values())
 
 
 def lora_linears(model) -> list[tuple[object, str]]:
-    return [(owner, name) for layer in model.transformer.h
-            for owner, name in ((layer.attn, "c_attn"), (layer.attn, "c_proj"), (layer.mlp, "gate_up"),
-                                (layer.mlp, "c_proj"))]
+    return [(t.owner, t.attr) for t in model.lora_targets()]
 
 
 def unwrap_lora(model) -> None:
@@ -57,7 +55,7 @@ def bench_lora_decode(model, batches: list[int], ctx_len: int, block_size: int, 
     c, dev = model.config, model.pctx.device
     if max(batches + [peer_batch]) > slots:
         raise SystemExit(f"--lora-slots {slots} < the largest batch: every request needs its own adapter")
-    mgr = AdapterManager("", c, model.pctx, model.dtype, max_rank, slots)
+    mgr = AdapterManager("", model, model.pctx, model.dtype, max_rank, slots)
     mgr.attach(SimpleNamespace(model=model, batches={}, adapters=None))
     fill_random_adapters(mgr, slots, rank, alpha=2.0 * rank)
     heads = c.num_attention_heads // model.pctx.world_size
@@ -177,12 +175,14 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
     the page cache first), after a DownloadAdapter of it (the router's order: the file's pages are
     cached by then) and from the host cache (reload after offload). Medians."""
     from worker.adapters.pool import AdapterManager
+    from worker.models.qwen import FlashQwenForCausalLM
     from worker.pb import generate_pb2 as pb
 
+    shapes = FlashQwenForCausalLM(config, ParallelContext(pctx.rank, pctx.world_size, torch.device("meta")))
     rows = []
     for name in file_dtypes:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-        mgr = AdapterManager(root, config, pctx, torch.bfloat16, max_rank, num_slots=2)
+        mgr = AdapterManager(root, shapes, pctx, torch.bfloat16, max_rank, num_slots=2)
         host_copy, host_s = mgr._host_copy, []
 
         phases: list[dict] = []
@@ -200,7 +200,7 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
 
         def load(index: int, adapter_id: str) -> float:
             req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=[adapter_id]),
-                                        adapter_source=2, adapter_index=index)
+                                        adapter_source=pb.AdapterSource.LOCAL, adapter_index=index)
             torch.cuda.synchronize()
             t = time.perf_counter()
             mgr.load(req)
@@ -227,7 +227,7 @@ def bench_lora_load(config: QwenConfig, pctx: ParallelContext, root: str, rank: 
             adapter_id = f"{name}-{i + 1}"
             drop_page_cache(os.path.join(root, adapter_id, "adapter_model.safetensors"))
             mgr.download(pb.DownloadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=[adapter_id]),
-                                                   adapter_source=2))
+                                                   adapter_source=pb.AdapterSource.LOCAL))
             after_download.append(load(100 + i, adapter_id))  # a new index: read from the file again
             mgr.wait_pinned()
             offload(100 + i)

@@ -83,14 +83,16 @@ def _independent_merge(ts, ws, strategy, density, sign_total, gen):
     return num / agree.sum(0).clamp(min=1)
 
 
-@pytest.mark.parametrize("strategy,density,sign", [("linear", 1.0, 0), ("ties", 0.5, 0), ("ties", 0.3, 1)])
+@pytest.mark.parametrize("strategy,density,sign", [("linear", 1.0, "TOTAL"), ("ties", 0.5, "TOTAL"),
+                                                   ("ties", 0.3, "FREQUENCY")])
 def test_merge_equals_independent_computation(setup, strategy, density, sign):
     from worker.adapters.peft import read_adapter
+    from worker.pb import generate_pb2 as pb
 
     state, model, root, adapters, mgr, _ = setup
     write_adapter(root, "b8", CFG, 8, 16, seed=9)
-    code = {"linear": 0, "ties": 1}[strategy]
-    load(mgr, 1, "a8", "b8", strategy=code, weights=[0.7, 0.4], density=density, sign=sign)
+    load(mgr, 1, "a8", "b8", strategy=pb.MergeStrategy.Value(strategy.upper()), weights=[0.7, 0.4], density=density,
+         sign=pb.MajoritySignMethod.Value(sign))
     a = read_adapter(os.path.join(root, "a8"), model.config, 16)
     b = read_adapter(os.path.join(root, "b8"), model.config, 16)
     host = mgr.entries[1].host
@@ -99,7 +101,7 @@ def test_merge_equals_independent_computation(setup, strategy, density, sign):
     for key in a.weights:
         for j in (0, 1):  # A and B merged separately
             expect = _independent_merge([a.weights[key][j], b.weights[key][j]], [0.7, 0.4], strategy, density,
-                                        sign == 0, None)
+                                        sign == "TOTAL", None)
             assert torch.allclose(host[key][j], expect, atol=1e-6), (key, j)
 
 
@@ -154,7 +156,7 @@ def test_load_offload_200_cycles_no_leak_and_busy_never_evicted(setup):
     for k in range(3, 8):
         write_adapter(root, f"x{k}", CFG, 4, 4, seed=100 + k)
         names.append(f"x{k}")
-    baseline = [p.clone() for pair in mgr.pools.values() for p in pair]
+    baseline = [p.clone() for pair in mgr.slots.pools.values() for p in pair]
     # a live batch uses index 1: it must survive every eviction
     engine.batches[7] = SimpleNamespace(requests=[SimpleNamespace(adapter_index=1)])
     load(mgr, 1, "a4")
@@ -180,7 +182,7 @@ def test_load_offload_200_cycles_no_leak_and_busy_never_evicted(setup):
     for i in list(mgr.entries):
         if mgr.entries[i].slot is not None:
             mgr.offload(pb.OffloadAdapterRequest(adapter_index=i))
-    after = [p.clone() for pair in mgr.pools.values() for p in pair]
+    after = [p.clone() for pair in mgr.slots.pools.values() for p in pair]
     assert all(torch.equal(a, b) for a, b in zip(baseline, after))
     assert mgr.stats()["adapter_slots_used"] == 0
     assert mgr.stats()["adapter_host_bytes"] <= mgr.host_cache * max(
@@ -203,8 +205,13 @@ def test_all_slots_busy_is_resource_exhausted(setup):
 def test_dare_merges(setup):
     """DARE at density 1 keeps everything (equals LINEAR / TIES); at density d it keeps ~d of the
     entries, rescaled by 1/d, and is seeded (the same on every shard and every reload)."""
-    from worker.adapters.merge import DARE_LINEAR, DARE_TIES, LINEAR, TIES, merge_adapters
+    from worker.adapters.merge import merge_adapters
     from worker.adapters.peft import read_adapter
+    from worker.pb import generate_pb2 as pb
+
+    LINEAR, TIES, DARE_LINEAR, DARE_TIES = (pb.MergeStrategy.LINEAR, pb.MergeStrategy.TIES,
+                                            pb.MergeStrategy.DARE_LINEAR, pb.MergeStrategy.DARE_TIES)
+    TOTAL = pb.MajoritySignMethod.TOTAL
 
     state, model, root, adapters, mgr, _ = setup
     write_adapter(root, "b8", CFG, 8, 16, seed=9)
@@ -212,11 +219,11 @@ def test_dare_merges(setup):
     b = read_adapter(os.path.join(root, "b8"), model.config, 16)
     w = [0.6, 0.4]
     for dare, plain in ((DARE_LINEAR, LINEAR), (DARE_TIES, TIES)):
-        m1 = merge_adapters([a, b], w, dare, 1.0, 0)
-        m2 = merge_adapters([a, b], w, plain, 1.0, 0)
+        m1 = merge_adapters([a, b], w, dare, 1.0, TOTAL)
+        m2 = merge_adapters([a, b], w, plain, 1.0, TOTAL)
         assert all(torch.allclose(m1.weights[k][j], m2.weights[k][j]) for k in m1.weights for j in (0, 1))
-    half = merge_adapters([a, a], [1.0, 0.0], DARE_LINEAR, 0.5, 0)
-    again = merge_adapters([a, a], [1.0, 0.0], DARE_LINEAR, 0.5, 0)
+    half = merge_adapters([a, a], [1.0, 0.0], DARE_LINEAR, 0.5, TOTAL)
+    again = merge_adapters([a, a], [1.0, 0.0], DARE_LINEAR, 0.5, TOTAL)
     key = next(iter(a.weights))
     kept = half.weights[key][1] != 0
     assert 0.35 < kept.float().mean().item() < 0.65  # ~density of B's entries survive
@@ -228,14 +235,14 @@ def test_remote_sources_need_a_local_copy(setup):
     from worker.pb import generate_pb2 as pb
 
     state, model, root, adapters, mgr, _ = setup
-    for source in (0, 1, 3):  # HUB, S3, PBASE
+    for source in (pb.AdapterSource.HUB, pb.AdapterSource.S3, pb.AdapterSource.PBASE):
         req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["org/remote-only"]),
                                     adapter_source=source, adapter_index=1)
         with pytest.raises(FailedPrecondition, match="network access"):
             mgr.load(req)
     # a HUB id that exists under the adapter root is served from there
-    req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["a4"]), adapter_source=0,
-                                adapter_index=1)
+    req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["a4"]),
+                                adapter_source=pb.AdapterSource.HUB, adapter_index=1)
     assert mgr.load(req).loaded
 
 
@@ -256,3 +263,38 @@ def test_adapter_files_linked_outside_the_root_are_refused(setup, tmp_path):
         with pytest.raises(InvalidArgument, match=f"{name} is a link that resolves outside the adapter root"):
             load(mgr, 2, f"link-{name}")
         assert 2 not in mgr.entries
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_cut_rules_reassemble_the_full_lora_term(world):
+    """Every LoRA target under TP: each rank's cut (A, B), applied as its layer applies it (column-parallel:
+    this rank's output columns, in place within each packed block like the base weight; row-parallel: a
+    partial sum over this rank's input columns), reassembles x Aᵀ Bᵀ of the whole adapter."""
+    from lora_helpers import shapes_only
+    from worker.config import QwenConfig
+    from worker.layers.linear import ColumnParallelLinear
+    from worker.layers.lora import lora_parts
+    from worker.weights import unshard_packed
+
+    config = QwenConfig.from_dict(CFG)
+    g = torch.Generator().manual_seed(0)
+    targets = [shapes_only(config, rank, world).lora_targets() for rank in range(world)]
+    for per_rank in zip(*targets):
+        bases = [getattr(t.owner, t.attr) for t in per_rank]
+        parts = [lora_parts(base, len(per_rank[0].modules)) for base in bases]
+        for p, module in enumerate(per_rank[0].modules):
+            full = parts[0][p]
+            a, b = torch.randn(5, full.d_in, generator=g), torch.randn(full.d_out, 5, generator=g)
+            x = torch.randn(3, full.d_in, generator=g)
+            shards = [ps[p].cut(a, b, rank, world) for rank, ps in enumerate(parts)]
+            for (a_r, b_r), ps in zip(shards, parts):
+                assert (a_r.shape[1], b_r.shape[0]) == ps[p].shard_dims(world), module
+            if isinstance(bases[0], ColumnParallelLinear):
+                ys = [x @ a_r.t() @ b_r.t() for a_r, b_r in shards]  # [T, out / world] each
+                y = unshard_packed(ys, 1, len(full.blocks))
+            else:
+                xs = x.chunk(world, 1)  # each rank's input columns
+                y = sum(x_r @ a_r.t() @ b_r.t() for x_r, (a_r, b_r) in zip(xs, shards))
+            torch.testing.assert_close(y, x @ a.t() @ b.t(), msg=module)
+    c_attn = lora_parts(getattr(targets[0][0].owner, targets[0][0].attr), 1)[0]
+    assert not c_attn.row and len(c_attn.blocks) == 3  # q, k and v cut separately (by heads)

@@ -1,5 +1,5 @@
-"""The multi-LoRA Triton kernels (worker/kernels/lora.py) against their PyTorch reference (`add_lora` per
-part), on the CPU through the Triton interpreter; and the tiny model with the kernels wired in against the
+"""The multi-LoRA Triton kernels (worker/kernels/lora.py) against their PyTorch reference (`add_lora_reference`),
+on the CPU through the Triton interpreter; and the tiny model with the kernels wired in against the
 float64 reference with each adapter merged.
 
 Awkward shapes: one token; 7 segments of odd lengths (1 to 40 tokens: every token-tile size); decode rows
@@ -30,6 +30,11 @@ pytest.importorskip("triton")
 
 from worker.kernels.lora import add_lora, add_lora_reference, lora_shrink  # noqa: E402
 from worker.layers.lora import AdapterBatchData  # noqa: E402
+
+
+def segments(data: AdapterBatchData) -> tuple:
+    """The kernels' segment arguments: starts, lens, slots, max_len."""
+    return data.starts, data.lens, data.slots, data.max_len
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
 LAYERS, MODULES = 3, 5  # the pool's ranks table is [slots, layers, modules]; modules use views of it
@@ -63,8 +68,8 @@ def make_pool(P: int, K: int, N: int, r_max: int, slot_ranks: dict[int, list[int
 def check(y0: torch.Tensor, x: torch.Tensor, pool, data: AdapterBatchData, touched: torch.Tensor) -> None:
     a, b, ranks, (ca, cb) = pool
     y, ref = y0.clone(), y0.clone()
-    add_lora(y, x, a, b, ranks, data)
-    add_lora_reference(ref, x, ca, cb, ranks, data)
+    add_lora(y, x, a, b, ranks, *segments(data))
+    add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
     assert torch.isfinite(y).all()  # nothing read past a slot's rank, nor from slot 0
     torch.testing.assert_close(y, ref, **TOL[x.dtype])
     assert torch.equal(y[~touched], y0[~touched])  # rows outside the segments are untouched
@@ -107,7 +112,7 @@ def test_decode_rows(dtype, P, K, N, r_max):
     y0 = torch.randn(7, P * N, generator=g).to(dtype)
     data = AdapterBatchData.for_decode(slots)
     if K == 600:  # decode splits K over programs: the expand sums the partials
-        assert lora_shrink(x, pool[0], pool[2], data).shape[0] > 1
+        assert lora_shrink(x, pool[0], pool[2], *segments(data)).shape[0] > 1
     check(y0, x, pool, data, slots != 0)
 
 
@@ -126,7 +131,7 @@ def test_shrink_partials_sum_to_x_at():
     x = torch.randn(3, 600)
     slots = torch.tensor([1, 2, 1])
     data = AdapterBatchData.for_decode(slots)
-    h = lora_shrink(x, pool[0], pool[2], data)
+    h = lora_shrink(x, pool[0], pool[2], *segments(data))
     assert h.dtype == torch.float32 and h.shape[0] > 1
     clean_a = pool[3][0]
     for t, (s, r) in enumerate(((1, 16), (2, 4), (1, 16))):
@@ -163,9 +168,9 @@ def test_plan_caps_the_partial_sums(T, segs, K, monkeypatch):
 
     x, a_pool = torch.zeros(T, K), torch.zeros(2, 1, 64, K)
     data = _segments(T, segs)
-    plan = _plan(x, a_pool, data)
+    plan = _plan(x, a_pool, data.slots.shape[0], data.max_len)
     assert plan.k_per_split * plan.split >= K and plan.split & (plan.split - 1) == 0
-    assert shrink_buffer(x, a_pool, data).numel() * 4 <= max(H_BUDGET, T * 64 * 4)
+    assert shrink_buffer(x, a_pool, data.slots.shape[0], data.max_len).numel() * 4 <= max(H_BUDGET, T * 64 * 4)
 
 
 def test_plan_compiles_few_split_variants(monkeypatch):
@@ -178,10 +183,8 @@ def test_plan_compiles_few_split_variants(monkeypatch):
 
     for K in (4096, 11008, 600):
         a_pool = torch.zeros(2, 2, 16, K)
-        splits = {_plan(torch.zeros(n, K), a_pool, AdapterBatchData.for_decode(torch.ones(n, dtype=torch.long))).split
-                  for n in range(1, 257)}
-        splits |= {_plan(torch.zeros(40 * n, K), a_pool, _segments(40 * n, [(40 * i, 33) for i in range(n)])).split
-                   for n in range(1, 65)}
+        splits = {_plan(torch.zeros(n, K), a_pool, n, 1).split for n in range(1, 257)}  # decode: n rows
+        splits |= {_plan(torch.zeros(40 * n, K), a_pool, n, 33).split for n in range(1, 65)}  # n segments of 33
         assert len(splits) <= 8 and all(s & (s - 1) == 0 for s in splits), (K, sorted(splits))  # 1 ... 128
 
 
@@ -206,12 +209,11 @@ def test_model_with_kernels_vs_reference(tmp_path):
     adapters = [write_adapter(root, "a4", cfg, 4, 8, seed=1), write_adapter(root, "a8", cfg, 8, 16, seed=2),
                 write_adapter(root, "a16", cfg, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj"))]
     mgr, _ = attach_manager(model, root, max_rank=16, num_slots=4)
-    for layer in model.transformer.h:
-        for linear in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.gate_up, layer.mlp.c_proj):
-            linear.lora.kernels = kernels
+    for t in model.lora_targets():
+        getattr(t.owner, t.attr).lora.kernels = kernels
     for i, name in enumerate(["a4", "a8", "a16"], start=1):
         load(mgr, i, name)
-    assert mgr.ranks[mgr.entries[3].slot, 0].tolist() == [16, 0, 16, 0, 16]  # c_attn, attn.c_proj, w2, w1, c_proj
+    assert mgr.slots.ranks[mgr.entries[3].slot, 0].tolist() == [16, 0, 16, 0, 16]  # c_attn, attn.c_proj, w2, w1, c_proj
     merged = [state] + [merge_lora(state, *ad) for ad in adapters]
     g = torch.Generator().manual_seed(5)
     lengths, which = [6, 9, 3, 20], [0, 1, 2, 3]
@@ -231,4 +233,4 @@ def test_model_with_kernels_vs_reference(tmp_path):
 
     slot = mgr.entries[3].slot
     mgr.offload(pb.OffloadAdapterRequest(adapter_index=3))
-    assert not mgr.ranks[slot].any()  # a freed slot costs the kernels nothing
+    assert not mgr.slots.ranks[slot].any()  # a freed slot costs the kernels nothing

@@ -12,9 +12,7 @@ import torch
 
 from worker.adapters.peft import LoraAdapter
 from worker.errors import InvalidArgument
-
-LINEAR, TIES, DARE_LINEAR, DARE_TIES = 0, 1, 2, 3  # proto MergeStrategy
-TOTAL, FREQUENCY = 0, 1  # proto MajoritySignMethod
+from worker.pb import generate_pb2 as pb
 
 
 def magnitude_prune(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -35,8 +33,9 @@ def random_prune(t: torch.Tensor, density: float, generator: torch.Generator) ->
 
 
 def majority_sign_mask(stacked: torch.Tensor, method: int) -> torch.Tensor:
+    """Where each entry's sign agrees with the sign elected by total value or by count (pb.MajoritySignMethod)."""
     sign = stacked.sign()
-    magnitude = stacked.sum(0) if method == TOTAL else sign.sum(0)
+    magnitude = stacked.sum(0) if method == pb.MajoritySignMethod.TOTAL else sign.sum(0)
     elected = torch.where(magnitude >= 0, 1.0, -1.0)
     return sign == elected
 
@@ -44,16 +43,16 @@ def majority_sign_mask(stacked: torch.Tensor, method: int) -> torch.Tensor:
 def merge_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], strategy: int, density: float,
                   sign_method: int, generator: torch.Generator) -> torch.Tensor:
     w = torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * tensors[0].dim()))
-    if strategy == LINEAR:
+    if strategy == pb.MergeStrategy.LINEAR:
         return (torch.stack(list(tensors)) * w).sum(0)
-    if strategy in (TIES, DARE_TIES):
-        pruned = [magnitude_prune(t, density) if strategy == TIES else random_prune(t, density, generator)
-                  for t in tensors]
+    if strategy in (pb.MergeStrategy.TIES, pb.MergeStrategy.DARE_TIES):
+        pruned = [magnitude_prune(t, density) if strategy == pb.MergeStrategy.TIES
+                  else random_prune(t, density, generator) for t in tensors]
         stacked = torch.stack(pruned)
         mask = majority_sign_mask(stacked, sign_method)
         weighted = stacked * w * mask
         return weighted.sum(0) / mask.sum(0).clamp(min=1)
-    if strategy == DARE_LINEAR:
+    if strategy == pb.MergeStrategy.DARE_LINEAR:
         return (torch.stack([random_prune(t, density, generator) for t in tensors]) * w).sum(0)
     raise InvalidArgument(f"unknown merge_strategy {strategy}")
 
@@ -63,7 +62,7 @@ def merge_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float], st
     if len(weights) not in (0, len(adapters)):
         raise InvalidArgument(f"{len(weights)} merge weights for {len(adapters)} adapters")
     weights = list(weights) or [1.0 / len(adapters)] * len(adapters)
-    if strategy != LINEAR and not 0.0 < density <= 1.0:
+    if strategy != pb.MergeStrategy.LINEAR and not 0.0 < density <= 1.0:
         raise InvalidArgument(f"merge density must be in (0, 1], got {density}")
     ranks = {a.rank for a in adapters}
     if len(ranks) != 1:

@@ -5,23 +5,21 @@ Two launches per module, whatever the number of distinct adapters (Punica's SGMV
            grid (segment, token tile, part × K split)
   expand   y[t, p·N + n] += (Σ_split h[split, t, p, :rank]) · B[slot, p, n, :rank]ᵀ (in place)
            grid (segment, token tile, part × output tile)
-A module with several output parts (merged gate_up: w2 → columns [0, N), w1 → [N, 2N)) keeps its parts
-stacked in one pool, so both parts go through the same two launches; c_attn is one part (its B covers
-q|k|v). Row-parallel modules are one part.
+A module's output parts (merged gate_up: w2 → columns [0, N), w1 → [N, 2N)) share one pool and the same
+two launches; c_attn is one part (its B covers q|k|v).
 
-Cost follows each slot's true rank, not the pool's r_max: `ranks[p, slot]` (int32, 0 for an empty slot,
-slot 0 and modules an adapter does not touch) bounds the rank loops (`range(0, rank, BLOCK_R)`) and masks
-the rank lanes, and masked lanes read no memory. A segment whose rank is 0 (slot 0: the base model, as
-padding and base rows of graphed decode are) returns at once. No host syncs: grids come from shapes and
-the host-side `max_len`, so decode is CUDA-graph capturable. Decode (one token per segment) uses a GEMV
-form (broadcast multiply and sum) and splits K over programs to fill the GPU; prefill uses tl.dot. The
-K split's partial sums go to separate planes of h that the expand adds up: no atomics, no zeroing launch.
-The shrink only reads x, so `worker.layers.lora.LoraTerm` may run it on a side stream beside the base
-matmul; the expand then waits for both.
+Segments arrive as plain tensors: `starts`, `lens` [S] int32 (each segment's first token row and its
+length), `slots` [S] (its pool slot), and the host-side `max_len` (the grid; no host sync, so decode is
+CUDA-graph capturable). `ranks[p, slot]` (int32; 0 for an empty slot, slot 0 and untargeted modules)
+bounds the rank loops and masks the rank lanes: cost follows each slot's true rank, and a segment of
+rank 0 returns at once. Decode (one token per segment) uses a GEMV form and splits K over programs to fill
+the GPU; prefill uses tl.dot. The K split's partial sums go to separate planes of h that the expand adds
+up: no atomics, no zeroing launch. The shrink only reads x, so it may run on a side stream beside the
+base matmul.
 
-Numerics follow the reference (`add_lora_reference` = `worker.layers.lora.add_lora` per part): h is
-accumulated in fp32 and rounded to the model dtype, the product with B accumulates in fp32 and is rounded
-to the model dtype, then added to y (in fp32, rounded once). Only the summation order differs.
+Numerics follow the reference (`add_lora_reference`, worker/kernels/lora_reference.py): h accumulates in
+fp32 and is rounded to the model dtype, the product with B accumulates in fp32 and is rounded to the model
+dtype, then added to y (in fp32, rounded once). Only the summation order differs.
 """
 from __future__ import annotations
 
@@ -33,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.layers.lora import AdapterBatchData, add_lora_parts
+from worker.kernels.lora_reference import add_lora_reference
 
 
 @triton.jit
@@ -169,18 +167,18 @@ def _block_m(max_len: int) -> int:
     return 1 if max_len == 1 else 16 if max_len <= 16 else 32 if max_len <= 32 else 64
 
 
-def _plan(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> _Plan:
+def _plan(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int) -> _Plan:
     """The K split fills the GPU when the segments alone give too few programs; it is rounded down to a
     power of two (SPLIT_K is a compile-time constant: a handful of variants, not one per batch shape) and
     capped so the partial sums [split, T, P, r_max] stay within H_BUDGET."""
     (T, K), (_, P, r_max, _) = x.shape, a_pool.shape
-    block_m = _block_m(data.max_len)
+    block_m = _block_m(max_len)
     if block_m == 1:  # decode: one token per segment
         shrink_r, block_k = 16, 256
     else:
         shrink_r, block_k = min(64, max(16, triton.next_power_of_2(r_max))), 64  # one pass over x for r_max <= 64
-    m_tiles = triton.cdiv(data.max_len, block_m)
-    programs = data.slots.shape[0] * m_tiles * P
+    m_tiles = triton.cdiv(max_len, block_m)
+    programs = num_segments * m_tiles * P
     split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs),
                        H_BUDGET // max(1, T * P * r_max * 4)))
     split = 1 << (split.bit_length() - 1)
@@ -188,76 +186,75 @@ def _plan(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> _Pla
     return _Plan(block_m, m_tiles, shrink_r, block_k, split, k_per_split)  # a trailing empty split writes zeros
 
 
-def shrink_buffer(x: torch.Tensor, a_pool: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+def shrink_buffer(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int) -> torch.Tensor:
     """The (uninitialised) output of `lora_shrink` for these inputs: [SPLIT, T, P, r_max] fp32."""
     _, P, r_max, _ = a_pool.shape
-    return torch.empty(_plan(x, a_pool, data).split, x.shape[0], P, r_max, dtype=torch.float32, device=x.device)
+    split = _plan(x, a_pool, num_segments, max_len).split
+    return torch.empty(split, x.shape[0], P, r_max, dtype=torch.float32, device=x.device)
 
 
-def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, data: AdapterBatchData,
+def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, starts: torch.Tensor,
+                lens: torch.Tensor, slots: torch.Tensor, max_len: int,
                 h: Optional[torch.Tensor] = None) -> torch.Tensor:
     """h[split, t, p, :rank] = partial sums of x[t] · A[slot(t), p, :rank]ᵀ over K split `split`, fp32.
 
-    x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32 -> h: [SPLIT, T, P, r_max] fp32 (`h`: a
-    `shrink_buffer` to write into), written only at tokens of segments with a non-zero rank and rank lanes
-    below it (the expand reads no others).
+    x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32; starts, lens, slots: [S] (segments)
+    -> h: [SPLIT, T, P, r_max] fp32 (`h`: a `shrink_buffer` to write into), written only at tokens of
+    segments with a non-zero rank and rank lanes below it (the expand reads no others).
     """
     T, K = x.shape
     _, P, r_max, K_a = a_pool.shape
     if K_a != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"lora_shrink: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
-    plan = _plan(x, a_pool, data)
+    S = slots.shape[0]
+    plan = _plan(x, a_pool, S, max_len)
     if h is None:
         h = torch.empty(plan.split, T, P, r_max, dtype=torch.float32, device=x.device)
     elif h.shape != (plan.split, T, P, r_max) or h.dtype != torch.float32:
         raise ValueError(f"lora_shrink: h {tuple(h.shape)} {h.dtype}, expected {(plan.split, T, P, r_max)} fp32")
-    S = data.slots.shape[0]
     if S == 0 or T == 0:
         return h
     _shrink_kernel[(S, plan.m_tiles, P * plan.split)](
-        x, a_pool, h, data.starts, data.lens, data.slots, ranks, K, plan.k_per_split,
+        x, a_pool, h, starts, lens, slots, ranks, K, plan.k_per_split,
         x.stride(0), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2), h.stride(0), h.stride(1), h.stride(2),
         ranks.stride(0), ranks.stride(1), SPLIT_K=plan.split, BLOCK_M=plan.block_m, BLOCK_R=plan.shrink_r,
         BLOCK_K=plan.block_k, num_warps=4)
     return h
 
 
-def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
-                data: AdapterBatchData) -> None:
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor, starts: torch.Tensor,
+                lens: torch.Tensor, slots: torch.Tensor, max_len: int) -> None:
     """y[t, p·N + n] += (Σ_split h[split, t, p]) · B[slot(t), p, n, :rank]ᵀ, in place.
 
-    y: [T, P·N] (row stride free, unit column stride); h from `lora_shrink`; b_pool: [slots, P, N, r_max].
+    y: [T, P·N] (row stride free, unit column stride); h from `lora_shrink`; b_pool: [slots, P, N, r_max];
+    ranks, starts, lens, slots, max_len: as for `lora_shrink`.
     """
     T = y.shape[0]
     _, P, N, r_max = b_pool.shape
     if y.shape[1] != P * N or y.stride(-1) != 1 or b_pool.stride(-1) != 1 or h.shape[1:] != (T, P, r_max):
         raise ValueError(f"lora_expand: y {tuple(y.shape)}, h {tuple(h.shape)}, B pool {tuple(b_pool.shape)}")
-    S = data.slots.shape[0]
+    S = slots.shape[0]
     if S == 0 or T == 0:
         return
-    block_m = _block_m(data.max_len)
+    block_m = _block_m(max_len)
     block_n = 256 if block_m == 1 else 128
     n_tiles = triton.cdiv(N, block_n)
-    _expand_kernel[(S, triton.cdiv(data.max_len, block_m), P * n_tiles)](
-        h, b_pool, y, data.starts, data.lens, data.slots, ranks, N, n_tiles,
+    _expand_kernel[(S, triton.cdiv(max_len, block_m), P * n_tiles)](
+        h, b_pool, y, starts, lens, slots, ranks, N, n_tiles,
         h.stride(0), h.stride(1), h.stride(2), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0),
         ranks.stride(0), ranks.stride(1), SPLIT_K=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
         num_warps=4)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
-             data: AdapterBatchData) -> None:
+             starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, max_len: int) -> None:
     """y[t, p·N:(p+1)·N] += B[s, p] A[s, p] x[t] for every token t of a segment with slot s, in place.
 
-    y: [T, P·N]; x: [T, K]; a_pool: [slots, P, r_max, K]; b_pool: [slots, P, N, r_max]; ranks: [P, slots] int32.
+    y: [T, P·N]; x: [T, K]; a_pool: [slots, P, r_max, K]; b_pool: [slots, P, N, r_max]; ranks: [P, slots]
+    int32; starts, lens, slots: [S] (segments); max_len: the longest segment.
     """
-    lora_expand(y, lora_shrink(x, a_pool, ranks, data), b_pool, ranks, data)
-
-
-def add_lora_reference(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
-                       ranks: torch.Tensor, data: AdapterBatchData) -> None:
-    """The PyTorch path (ranks unused: rank lanes past a slot's rank hold zeros)."""
-    add_lora_parts(y, x, a_pool, b_pool, data)
+    h = lora_shrink(x, a_pool, ranks, starts, lens, slots, max_len)
+    lora_expand(y, h, b_pool, ranks, starts, lens, slots, max_len)
 
 
 __all__ = ["shrink_buffer", "lora_shrink", "lora_expand", "add_lora", "add_lora_reference"]

@@ -1,15 +1,15 @@
-"""Adapter-aware wrappers around the parallel linears: y += (x Aᵀ) Bᵀ per token, for the adapter of
-the token's request, read from the ForwardContext.
+"""Adapter-aware wrappers around the parallel linears, and the LoRA TP cut rules.
 
-Adapter weights live in fixed-shape slot pools (slot 0 = the base model, all zeros), with a part dim:
-A [slots, P, r_max, in], B [slots, P, out/P, r_max] — P = 2 for the merged gate_up (w2 then w1), 1 for
-the others — and each slot's true rank per part in `ranks` [P, slots] int32. A step's requests that use
-adapters form segments (one per request); each module then costs two launches over all segments,
-whatever the number of distinct adapters — no per-adapter loop: on CUDA the Triton kernels of
-worker/kernels/lora.py, whose loops run over each slot's real rank; elsewhere (and as their reference)
-two batched matmuls per part (`add_lora`).
-Under TP: column layers keep A whole and B split like the base output; row layers split A on the
-input dim and add (x_r A_rᵀ) Bᵀ into the partial sum before the layer's one all-reduce.
+y += (x Aᵀ) Bᵀ per token, for the adapter of the token's request, read from the ForwardContext. Adapter
+weights live in fixed-shape slot pools (slot 0 = the base model, all zeros) with a part dim:
+A [slots, P, r_max, in], B [slots, P, out/P, r_max] (P = 2 for the merged gate_up, w2 then w1; else 1),
+and each slot's true rank per part in `ranks` [P, slots] int32. A step's adapter requests form segments;
+each module then costs two kernel launches over all segments (worker/kernels/lora.py on CUDA), or two
+batched matmuls per part (the PyTorch reference) elsewhere.
+
+Under TP, a column-parallel linear keeps A whole and cuts B by output rows within each packed block
+(c_attn: q, k, v each by heads); a row-parallel one cuts A by input columns, keeps B whole, and adds
+(x_r A_rᵀ) Bᵀ into its partial sum before the layer's one all-reduce.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from worker.kernels.lora_reference import add_lora_reference
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.weights import shard_packed, shard_tensor
 
 
 @dataclass
@@ -57,38 +59,63 @@ class AdapterBatchData:
 
     @staticmethod
     def for_decode(slots: torch.Tensor) -> "AdapterBatchData":
-        """One segment per row of a decode batch, row i with adapter slot slots[i] (0: base, skipped by
-        the kernels; exact zeros on the torch path). `slots` may be a static buffer a CUDA graph reads."""
+        """One segment per row of a decode batch, row i on adapter slot slots[i] (0: base, skipped by the
+        kernels, exact zeros on the torch path). `slots` may be a static buffer a CUDA graph reads."""
         n, dev = slots.shape[0], slots.device
         rows = torch.arange(n, device=dev)
         return AdapterBatchData(rows[:, None], torch.ones(n, 1, dtype=torch.bool, device=dev), slots,
                                 rows.to(torch.int32), torch.ones(n, dtype=torch.int32, device=dev), 1)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
-             data: AdapterBatchData) -> None:
-    """y[t] += B[s] A[s] x[t] for every token t of a segment with slot s, in place.
-
-    y: [T, out] (may be a column slice of a wider output); x: [T, in];
-    a_pool: [slots, r_max, in]; b_pool: [slots, out, r_max].
-    """
-    xs = x[data.token_idx] * data.valid[..., None].to(x.dtype)  # [S, L, in]; padding rows are zero
-    h = torch.bmm(xs, a_pool[data.slots].transpose(1, 2))  # [S, L, r_max]
-    delta = torch.bmm(h, b_pool[data.slots].transpose(1, 2))  # [S, L, out]; zero on padding rows
-    # no boolean indexing (a host sync, which CUDA-graph capture forbids): padding rows add exact zeros
-    y.index_add_(0, data.token_idx.flatten(), delta.reshape(-1, delta.shape[-1]).to(y.dtype))
+# ---------------------------------------------------------------- TP cut rules
+def cut_column_lora(a: torch.Tensor, b: torch.Tensor, blocks: Sequence[int], rank: int,
+                    world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-parallel: A [r, in] whole; B [sum(blocks), r] cut by output rows within each packed block,
+    like the base weight (q, k, v of c_attn each by heads)."""
+    return a, shard_packed(b, 0, blocks, rank, world_size, "lora_B")
 
 
-def add_lora_parts(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor,
-                   data: AdapterBatchData) -> None:
-    """`add_lora` for each part p of a stacked pool: y[:, p·N:(p+1)·N] += B[s, p] A[s, p] x.
-
-    y: [T, P·N]; a_pool: [slots, P, r_max, in]; b_pool: [slots, P, N, r_max]."""
-    n = b_pool.shape[2]
-    for p in range(a_pool.shape[1]):
-        add_lora(y[:, p * n:(p + 1) * n], x, a_pool[:, p], b_pool[:, p], data)
+def cut_row_lora(a: torch.Tensor, b: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-parallel: A [r, in] cut by input columns, like the base weight; B [out, r] whole."""
+    return shard_tensor(a, 1, rank, world_size, "lora_A"), b
 
 
+@dataclass(frozen=True)
+class LoraPart:
+    """One adapter module of a wrapped linear (A [r, d_in], B [d_out, r], full sizes) and its TP cut."""
+
+    row: bool  # the base is row-parallel (else column-parallel)
+    d_in: int
+    blocks: tuple[int, ...]  # the base's packed output blocks that B covers, in order (c_attn: q, k, v)
+
+    @property
+    def d_out(self) -> int:
+        return sum(self.blocks)
+
+    def shard_dims(self, world_size: int) -> tuple[int, int]:
+        """(in, out) of one rank's shard."""
+        return (self.d_in // world_size, self.d_out) if self.row else (self.d_in, self.d_out // world_size)
+
+    def cut(self, a: torch.Tensor, b: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (A, B)."""
+        if self.row:
+            return cut_row_lora(a, b, rank, world_size)
+        return cut_column_lora(a, b, self.blocks, rank, world_size)
+
+
+def lora_parts(base: nn.Module, n: int) -> list[LoraPart]:
+    """The `n` adapter modules of a base linear, in output order: a column-parallel base's packed blocks
+    shared evenly among them (c_attn: one over q|k|v; gate_up: w2, w1); a row-parallel base has one."""
+    if isinstance(base, RowParallelLinear) and n == 1:
+        return [LoraPart(True, base.in_features * base.pctx.world_size, (base.out_features,))]
+    if isinstance(base, ColumnParallelLinear) and n > 0 and len(base.packed_sizes_total) % n == 0:
+        k = len(base.packed_sizes_total) // n
+        return [LoraPart(False, base.in_features, tuple(base.packed_sizes_total[p * k:(p + 1) * k]))
+                for p in range(n)]
+    raise ValueError(f"cannot split {type(base).__name__} into {n} LoRA parts")
+
+
+# ---------------------------------------------------------------- the wrappers
 def lora_kernels(device: torch.device, interpreter: bool = False) -> Optional[ModuleType]:
     """worker.kernels.lora on CUDA when Triton imports (on a CPU only when the process runs Triton's
     interpreter: `interpreter`), else None (the PyTorch path)."""
@@ -104,8 +131,8 @@ def lora_kernels(device: torch.device, interpreter: bool = False) -> Optional[Mo
 @dataclass
 class LoraTerm:
     """The adapter term of one module: pools with a part dim, per-part slot ranks, the kernels module
-    (None: PyTorch's `add_lora_parts`) and an optional side stream on which the kernels' shrink runs
-    alongside the base matmul (both only read x; the expand waits for both)."""
+    (None: the PyTorch reference) and an optional side stream on which the kernels' shrink runs beside the
+    base matmul (both only read x; the expand waits for both)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
@@ -117,21 +144,24 @@ class LoraTerm:
         """base() + lora(x): y [T, out] from the base matmul, the adapter term added in place."""
         if self.kernels is None:
             y = base()
-            add_lora_parts(y, x, self.a_pool, self.b_pool, data)
+            add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
         k = self.kernels
+        segments = (data.starts, data.lens, data.slots, data.max_len)
         if self.stream is None:
             y = base()
-            k.lora_expand(y, k.lora_shrink(x, self.a_pool, self.ranks, data), self.b_pool, self.ranks, data)
+            k.lora_expand(y, k.lora_shrink(x, self.a_pool, self.ranks, *segments), self.b_pool, self.ranks,
+                          *segments)
             return y
         main = torch.cuda.current_stream(x.device)
-        h = k.shrink_buffer(x, self.a_pool, data)  # allocated on the main stream, which frees it after the expand
+        # allocated on the main stream, which frees it after the expand
+        h = k.shrink_buffer(x, self.a_pool, data.slots.shape[0], data.max_len)
         self.stream.wait_stream(main)  # x is ready
         with torch.cuda.stream(self.stream):
-            k.lora_shrink(x, self.a_pool, self.ranks, data, h)
+            k.lora_shrink(x, self.a_pool, self.ranks, *segments, h)
         y = base()
         main.wait_stream(self.stream)
-        k.lora_expand(y, h, self.b_pool, self.ranks, data)
+        k.lora_expand(y, h, self.b_pool, self.ranks, *segments)
         return y
 
 
@@ -154,8 +184,7 @@ class _LoraLinear(nn.Module):
 
 
 class LoraColumnParallelLinear(_LoraLinear):
-    """A column-parallel linear plus adapters; the pool's parts cover the output columns in order
-    (c_attn: one part, q|k|v; merged gate_up: w2 then w1)."""
+    """A column-parallel linear plus adapters; the pool's parts cover the output columns in order."""
 
     base: ColumnParallelLinear
 
@@ -164,10 +193,19 @@ class LoraColumnParallelLinear(_LoraLinear):
 
 
 class LoraRowParallelLinear(_LoraLinear):
-    """A row-parallel linear plus adapters (one part: A split on the input dim, B whole), added to this
-    rank's partial sum before the layer's one all-reduce."""
+    """A row-parallel linear plus adapters (one part), added to this rank's partial sum before the
+    layer's one all-reduce."""
 
     base: RowParallelLinear
 
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.base.reduce(self.lora.apply(lambda: self.base.partial(x), x, data))  # [T, out]
+
+
+def wrap_lora(base: nn.Module, lora: LoraTerm) -> _LoraLinear:
+    """The adapter-aware wrapper of a parallel linear."""
+    if isinstance(base, RowParallelLinear):
+        return LoraRowParallelLinear(base, lora)
+    if isinstance(base, ColumnParallelLinear):
+        return LoraColumnParallelLinear(base, lora)
+    raise TypeError(f"no LoRA wrapper for {type(base).__name__}")

@@ -1,0 +1,100 @@
+"""The adapter slot pool: fixed-shape A and B tensors for every LoRA target of the model, one slot per
+resident adapter.
+
+Slot 0 is the base model (zeros). Slots never change shape, so decode can be captured in a CUDA graph.
+A target's parts share one stacked pool (gate_up: w2 then w1, one kernel launch), and
+`ranks[slot, layer, module]` holds each slot's true rank per module (0: empty), which bounds the kernels'
+work. A fill copies this rank's shard, cut by the LoRA layer's rule, with the scale folded into B.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional, Sequence
+
+import torch
+
+from worker.adapters.host import HostAdapter, Key, Pair
+from worker.adapters.peft import MODULES
+from worker.distributed import ParallelContext
+from worker.layers.lora import LoraPart, LoraTerm, lora_parts, wrap_lora
+from worker.models.qwen import LoraTarget
+
+
+class SlotPool:
+    """A [slots, P, r_max, in] and B [slots, P, out/P, r_max] per (layer, target), this rank's shard."""
+
+    def __init__(self, targets: Sequence[LoraTarget], pctx: ParallelContext, dtype: torch.dtype, max_rank: int,
+                 num_slots: int):
+        self.targets = list(targets)
+        self.pctx = pctx
+        self.max_rank = max_rank
+        self.num_slots = num_slots
+        self.stacked: dict[tuple[int, str], Pair] = {}  # (layer, target key) -> (A, B) with the part dim
+        self.pools: dict[Key, Pair] = {}  # (layer, module) -> (A, B): views of its part
+        self.parts: dict[Key, LoraPart] = {}  # (layer, module) -> full sizes and TP cut
+        layers = 1 + max(t.layer for t in self.targets)
+        self.ranks = torch.zeros(num_slots + 1, layers, len(MODULES), dtype=torch.int32, device=pctx.device)
+        for t in self.targets:
+            parts = lora_parts(getattr(t.owner, t.attr), len(t.modules))
+            dims = {p.shard_dims(pctx.world_size) for p in parts}
+            if len(dims) != 1:
+                raise ValueError(f"{t.key}: LoRA parts of different sizes {sorted(dims)} cannot share a pool")
+            ((d_in, d_out),) = dims
+            a = torch.zeros(num_slots + 1, len(parts), max_rank, d_in, dtype=dtype, device=pctx.device)
+            b = torch.zeros(num_slots + 1, len(parts), d_out, max_rank, dtype=dtype, device=pctx.device)
+            self.stacked[(t.layer, t.key)] = (a, b)
+            for p, (module, part) in enumerate(zip(t.modules, parts)):
+                self.pools[(t.layer, module)] = (a[:, p], b[:, p])
+                self.parts[(t.layer, module)] = part
+        self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
+                              for a, b in self.stacked.values())
+
+    def adapter_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of a whole (unsharded) adapter at the maximum rank on every module, in `dtype`."""
+        return sum(self.max_rank * (p.d_in + p.d_out) for p in self.parts.values()) * dtype.itemsize
+
+    def wrap_targets(self, kernels: Optional[ModuleType], stream: Optional[torch.cuda.Stream]) -> None:
+        """Replace each target linear of the model by its adapter-aware wrapper over this pool."""
+        for t in self.targets:
+            k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
+            term = LoraTerm(*self.stacked[(t.layer, t.key)], self.ranks[:, t.layer, k:k + len(t.modules)].t(),
+                            kernels, stream)  # ranks [P, slots]
+            setattr(t.owner, t.attr, wrap_lora(getattr(t.owner, t.attr), term))
+
+    def ranks_of(self, host: HostAdapter) -> torch.Tensor:
+        """An adapter's rank per module: [layers, modules] int32 on the host (0: not targeted)."""
+        ranks = torch.zeros(self.ranks.shape[1:], dtype=torch.int32)
+        for layer, module in host.layout:
+            ranks[layer, MODULES.index(module)] = host.rank
+        return ranks
+
+    def cut(self, key: Key, a: torch.Tensor, b: torch.Tensor) -> Pair:
+        """This rank's shard of a module's (A, B)."""
+        return self.parts[key].cut(a, b, self.pctx.rank, self.pctx.world_size)
+
+    def zero(self, slot: int) -> None:
+        for a_pool, b_pool in self.stacked.values():
+            a_pool[slot].zero_()
+            b_pool[slot].zero_()
+        self.ranks[slot].zero_()
+
+    def copy_into(self, slot: int, host: HostAdapter, src: torch.Tensor, ranks: torch.Tensor,
+                  non_blocking: bool) -> None:
+        """Each module's (A, B) of rank r, laid out in `src` as in `host`, into the slot's first r lanes:
+        this rank's shard, B times the host's scale (in fp32, rounded once to the pool dtype, as
+        read_adapter does); then the slot's ranks."""
+        dev, world, r = self.pctx.device, self.pctx.world_size, host.rank
+        on_cuda = dev.type == "cuda"
+        for key, (a, b) in host.tensors(src).items():
+            a_pool, b_pool = self.pools[key]
+            dst_a, dst_b = a_pool[slot, :r], b_pool[slot, :, :r]
+            if world > 1 and not host.cut:  # whole tensors over, cut on the device (c_attn's B per q/k/v)
+                a, b = self.cut(key, a.to(dev, non_blocking=non_blocking), b.to(dev, non_blocking=non_blocking))
+            dst_a.copy_(a, non_blocking=non_blocking)
+            if host.scale == 1.0:
+                dst_b.copy_(b, non_blocking=non_blocking)
+            elif on_cuda and b.dtype == dst_b.dtype:  # the kernel multiplies in fp32 and rounds once
+                dst_b.copy_(b, non_blocking=non_blocking).mul_(host.scale)
+            else:
+                dst_b.copy_(b.to(dev, non_blocking=non_blocking).float() * host.scale)  # never b itself
+        self.ranks[slot].copy_(ranks, non_blocking=non_blocking)
