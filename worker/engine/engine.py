@@ -16,11 +16,9 @@ from worker.distributed import ParallelContext
 from worker.engine import lookahead
 from worker.engine.batch import Batch, BatchBuilder, RequestState
 from worker.engine.config import EngineConfig
-from worker.engine.generations import Alternatives, GeneratedText, Generation, Tokens
+from worker.engine.generations import Generation, alternatives, generated_text, next_token, prompt_tokens
 from worker.engine.kv_cache import BlockAllocator, KVCache, scales_from_amax
 from worker.engine.runner import Runner, StepLogits, kv_blocks
-from worker.engine.sampling import prefill_logprobs
-from worker.engine.stopping import FinishReason
 from worker.errors import InvalidArgument, NotFound, ResourceExhausted
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
@@ -291,7 +289,9 @@ class Engine:
         generations = []
         for i, r in enumerate(batch.requests):
             tid = next_ids[i]
-            prompt = self._prefill_tokens(r, step.prompt[i]) if prefill and r.prefill_logprobs and r.report else None
+            prompt = None
+            if prefill and r.prefill_logprobs and r.report:
+                prompt = prompt_tokens(tok, r.ids[r.prefill_cache_len:r.prompt_len], step.prompt[i])
             r.ids.append(tid)
             text = r.detok.add(tid)
             reason = r.stopping.check(tid, r.detok.text, r.n_generated)
@@ -299,28 +299,10 @@ class Engine:
                 r.finished = True
             if not r.report:
                 continue
-            alts = []
-            if r.params.return_k_alternatives:
-                alts = [Alternatives(ids=out.top_ids[i], logprobs=out.top_logprobs[i],
-                                     texts=[tok.token_text(t) for t in out.top_ids[i]])]
+            alts = [alternatives(tok, out.top_ids[i], out.top_logprobs[i])] if r.params.return_k_alternatives else []
+            seed = None if r.params.is_greedy else batch.sampler.seeds[i]
             generations.append(Generation(
-                request_id=r.id,
-                next_tokens=Tokens(ids=[tid], logprobs=[logprobs[i]], texts=[text], is_special=[tok.is_special(tid)],
-                                   alternative_tokens=alts),
-                prefill_tokens=prompt,
+                request_id=r.id, next_tokens=next_token(tok, tid, logprobs[i], text, alts), prefill_tokens=prompt,
                 prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0,
-                generated_text=None if reason is None else self._generated_text(r, reason, batch.sampler.seeds[i])))
+                generated_text=None if reason is None else generated_text(tok, r.ids[r.prompt_len:], reason, seed)))
         return generations
-
-    def _generated_text(self, r: RequestState, reason: FinishReason, seed: int) -> GeneratedText:
-        generated = r.ids[r.prompt_len:]
-        return GeneratedText(text=self.tokenizer.decode(generated, skip_special_tokens=True),
-                             generated_tokens=len(generated), finish_reason=reason,
-                             seed=None if r.params.is_greedy else seed)
-
-    def _prefill_tokens(self, r: RequestState, logits: torch.Tensor) -> Tokens:
-        """The computed prompt tokens with their log-probs (NaN for the first)."""
-        ids = r.ids[r.prefill_cache_len:r.prompt_len]
-        lp = prefill_logprobs(logits, torch.tensor(ids, device=logits.device), self.tokenizer.n_real_vocab)
-        return Tokens(ids=ids, logprobs=lp.tolist(), texts=[self.tokenizer.token_text(t) for t in ids],
-                      is_special=[self.tokenizer.is_special(t) for t in ids])

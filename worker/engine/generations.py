@@ -7,7 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
+from worker.engine.sampling import prefill_logprobs
 from worker.engine.stopping import FinishReason
+from worker.tokenizer import QwenTokenizer
 
 
 @dataclass
@@ -60,3 +64,25 @@ class CachedBatchInfo:
     size: int
     max_tokens: int  # KV token slots the batch holds
     current_tokens: int
+
+
+def alternatives(tok: QwenTokenizer, ids: list[int], logprobs: list[float]) -> Alternatives:
+    return Alternatives(ids=ids, logprobs=logprobs, texts=[tok.token_text(t) for t in ids])
+
+
+def next_token(tok: QwenTokenizer, token_id: int, logprob: float, text: str, alts: list[Alternatives]) -> Tokens:
+    return Tokens(ids=[token_id], logprobs=[logprob], texts=[text], is_special=[tok.is_special(token_id)],
+                  alternative_tokens=alts)
+
+
+def prompt_tokens(tok: QwenTokenizer, ids: list[int], logits: torch.Tensor) -> Tokens:
+    """A prompt's computed tokens with their log-probs under logits [len(ids), V] (NaN for the first)."""
+    lp = prefill_logprobs(logits, torch.tensor(ids, device=logits.device), tok.n_real_vocab)
+    return Tokens(ids=ids, logprobs=lp.tolist(), texts=[tok.token_text(t) for t in ids],
+                  is_special=[tok.is_special(t) for t in ids])
+
+
+def generated_text(tok: QwenTokenizer, generated: list[int], reason: FinishReason,
+                   seed: Optional[int]) -> GeneratedText:
+    return GeneratedText(text=tok.decode(generated, skip_special_tokens=True), generated_tokens=len(generated),
+                         finish_reason=reason, seed=seed)
