@@ -1,4 +1,5 @@
 """Build hook only (metadata lives in pyproject.toml): generate the protobuf stubs into worker/pb/."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -16,6 +16,7 @@ P3 = our tokens/s on the same workload (scripts/bench.py --lora: an eager prefil
 graphed adapter decode steps, key lora.generate) / the peer's. Both end to end (prefill + decode) and
 decode only. Run both on the same card (the JSON's card is checked). Prints a table last, writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench import SHAPES  # noqa: E402
+from bench_common import SHAPES  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,11 +40,18 @@ def build_peer(shape: str, device: torch.device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     s = SHAPES[shape]
-    config = Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                         intermediate_size=s["intermediate_size"] // 2,  # Qwen v1's intermediate_size is 2x the width
-                         num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-                         num_key_value_heads=s["num_attention_heads"], max_position_embeddings=s["seq_length"],
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu")
+    config = Qwen2Config(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"] // 2,  # Qwen v1's intermediate_size is 2x the width
+        num_hidden_layers=s["num_hidden_layers"],
+        num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_attention_heads"],
+        max_position_embeddings=s["seq_length"],
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -60,8 +68,15 @@ def add_adapters(model, n: int, rank: int, alpha: float, dtype: str):
     handling unless dtype == 'bf16')."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, bias="none",
-                     init_lora_weights=False, task_type="CAUSAL_LM")  # False: random A and B (not zero B)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )  # False: random A and B (not zero B)
     peft_model = get_peft_model(model, cfg, adapter_name="a0")
     for i in range(1, n):
         peft_model.add_adapter(f"a{i}", cfg)
@@ -72,8 +87,14 @@ def add_adapters(model, n: int, rank: int, alpha: float, dtype: str):
 
 
 def timed_generate(model, ids: torch.Tensor, new: int, adapter_names=None) -> float:
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                  do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+    )
     if adapter_names is not None:
         kwargs["adapter_names"] = adapter_names
     sync(ids.device)
@@ -95,8 +116,13 @@ def measure(model, ids: torch.Tensor, new: int, names, repeats: int) -> dict:
     full = min(timed_generate(model, ids, new, names) for _ in range(repeats))
     one = min(timed_generate(model, ids, 1, names) for _ in range(repeats))
     B = ids.shape[0]
-    return dict(generate_s=full, first_token_s=one, tok_s=B * new / full,
-                decode_tok_s=B * (new - 1) / max(full - one, 1e-9), step_ms=(full - one) / (new - 1) * 1e3)
+    return dict(
+        generate_s=full,
+        first_token_s=one,
+        tok_s=B * new / full,
+        decode_tok_s=B * (new - 1) / max(full - one, 1e-9),
+        step_ms=(full - one) / (new - 1) * 1e3,
+    )
 
 
 def main() -> None:
@@ -108,8 +134,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--adapter-dtype", default="peft", choices=["peft", "bf16"],
-                    help="peft: PEFT's default (adapter weights upcast to fp32 on a bf16 model); bf16: cast down")
+    ap.add_argument(
+        "--adapter-dtype",
+        default="peft",
+        choices=["peft", "bf16"],
+        help="peft: PEFT's default (adapter weights upcast to fp32 on a bf16 model); bf16: cast down",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-base", action="store_true", help="skip the base-only (adapters disabled) run")
     ap.add_argument("--ours", default="", help="bench.py --lora JSON (key lora.generate)")
@@ -124,10 +154,22 @@ def main() -> None:
     import transformers
 
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    res: dict = dict(card=card, date=time.strftime("%Y-%m-%d"), shape=args.shape, torch=torch.__version__,
-                     transformers=transformers.__version__, peft=peft.__version__, batch=args.batch,
-                     adapters=args.adapters, prompt=args.prompt, new_tokens=args.new, rank=args.rank,
-                     alpha=args.alpha, adapter_dtype=args.adapter_dtype, command=" ".join(sys.argv))
+    res: dict = dict(
+        card=card,
+        date=time.strftime("%Y-%m-%d"),
+        shape=args.shape,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        batch=args.batch,
+        adapters=args.adapters,
+        prompt=args.prompt,
+        new_tokens=args.new,
+        rank=args.rank,
+        alpha=args.alpha,
+        adapter_dtype=args.adapter_dtype,
+        command=" ".join(sys.argv),
+    )
     t0 = time.time()
     model = add_adapters(build_peer(args.shape, dev), args.adapters, args.rank, args.alpha, args.adapter_dtype)
     res["build_s"] = time.time() - t0
@@ -161,21 +203,29 @@ def main() -> None:
 
 def print_table(res: dict) -> None:
     m = res["mixed"]
-    print(f"\n{res['card']} | {res['shape']} bf16 | transformers {res['transformers']}, peft {res['peft']} | batch "
-          f"{res['batch']} x {res['prompt']} prompt tokens -> {res['new_tokens']} new | {res['adapters']} distinct "
-          f"rank-{res['rank']} adapters (adapter dtype: {res['adapter_dtype']})")
+    print(
+        f"\n{res['card']} | {res['shape']} bf16 | transformers {res['transformers']}, peft {res['peft']} | batch "
+        f"{res['batch']} x {res['prompt']} prompt tokens -> {res['new_tokens']} new | {res['adapters']} distinct "
+        f"rank-{res['rank']} adapters (adapter dtype: {res['adapter_dtype']})"
+    )
     print("| id | figure | measured | target |\n|---|---|---|---|")
-    print(f"| | peer HF+PEFT mixed adapters: generate {m['generate_s']:.2f} s (first token {m['first_token_s']:.2f} s, "
-          f"step {m['step_ms']:.0f} ms) | {m['tok_s']:.1f} tok/s (decode {m['decode_tok_s']:.1f}) | |")
+    print(
+        f"| | peer HF+PEFT mixed adapters: generate {m['generate_s']:.2f} s (first token {m['first_token_s']:.2f} s, "
+        f"step {m['step_ms']:.0f} ms) | {m['tok_s']:.1f} tok/s (decode {m['decode_tok_s']:.1f}) | |"
+    )
     if "base" in res:
         b = res["base"]
-        print(f"| | peer HF base only: generate {b['generate_s']:.2f} s (step {b['step_ms']:.0f} ms) | "
-              f"{b['tok_s']:.1f} tok/s (decode {b['decode_tok_s']:.1f}) | |")
+        print(
+            f"| | peer HF base only: generate {b['generate_s']:.2f} s (step {b['step_ms']:.0f} ms) | "
+            f"{b['tok_s']:.1f} tok/s (decode {b['decode_tok_s']:.1f}) | |"
+        )
     if "P3" in res:
         o = res["ours"]
         decode = f", decode only {res['P3_decode']:.0f}x" if "P3_decode" in res else ""
-        print(f"| P3 | ours {o['tok_s']:.0f} tok/s / peer {m['tok_s']:.1f} tok/s (same workload) | "
-              f"{res['P3']:.0f}x{decode} | >= 100x |")
+        print(
+            f"| P3 | ours {o['tok_s']:.0f} tok/s / peer {m['tok_s']:.1f} tok/s (same workload) | "
+            f"{res['P3']:.0f}x{decode} | >= 100x |"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 The stubs require at run time a grpcio at least as new as the grpcio-tools that generated them: the
 pinned grpcio-tools (pyproject.toml) is the oldest grpcio we run on (the GPU image's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,16 @@ def generate(out: str, proto_dir: str = os.path.join(ROOT, "proto")) -> None:
 
     os.makedirs(out, exist_ok=True)
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    rc = protoc.main(["grpc_tools.protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", "generate.proto"])
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{proto_dir}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            "generate.proto",
+        ]
+    )
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}")
     grpc_file = os.path.join(out, "generate_pb2_grpc.py")

@@ -1,7 +1,8 @@
 """Where does a decode step's GPU time go? Kernel time by name for one step (torch profiler).
 
-    python scripts/profile_decode.py --shape 7b --batch 1
+python scripts/profile_decode.py --shape 7b --batch 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench import build_model, decode_inputs  # noqa: E402
+from bench_common import DecodeInputs, build_model  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
 
@@ -28,13 +29,16 @@ def main() -> None:
     dev = torch.device("cuda", 0)
     model = build_model(args.shape, ParallelContext(0, 1, dev), "auto")
     c = model.config
-    kv = KVCache(c.num_hidden_layers, 2 + args.batch * (args.ctx // 16 + 2), 16, c.num_attention_heads, c.head_dim,
-                 torch.bfloat16, dev)
-    ids, pos, tables, slots, seqlen = decode_inputs(model, args.batch, args.ctx, 16, kv)
-
-    def step():
-        with torch.inference_mode():
-            return model(ids, pos, None, kv.layers, tables, slots, seqlen, args.ctx + 1)[0]
+    kv = KVCache(
+        c.num_hidden_layers,
+        2 + args.batch * (args.ctx // 16 + 2),
+        16,
+        c.num_attention_heads,
+        c.head_dim,
+        torch.bfloat16,
+        dev,
+    )
+    step = DecodeInputs.build(model, args.batch, args.ctx, 16).step(model, kv.layers)
 
     for _ in range(3):
         step()
@@ -44,8 +48,9 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    rows = sorted(((e.key, e.device_time_total / 5, e.count // 5) for e in events if e.device_time_total > 0),
-                  key=lambda r: -r[1])
+    rows = sorted(
+        ((e.key, e.device_time_total / 5, e.count // 5) for e in events if e.device_time_total > 0), key=lambda r: -r[1]
+    )
     total = sum(r[1] for r in rows)
     print(f"GPU kernel time per step: {total / 1e3:.2f} ms over {sum(r[2] for r in rows)} kernels")
     for name, us, n in rows[:25]:

@@ -9,6 +9,7 @@ Decode through gRPC on a unix socket, client in this process, with the handler's
 at that round's context, for look-ahead off and on, one server thread, and a 0.1 ms GIL switch interval;
 then the torch profiler's top CPU operations over a few in-process steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def main() -> None:
 
     import grpc
 
-    from bench import build_model
+    from bench_common import build_model
     from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
     from worker.distributed import ParallelContext
     from worker.engine.engine import Engine, EngineConfig
@@ -55,24 +56,38 @@ def main() -> None:
     write_tiktoken_file(os.path.join(tmp, "qwen.tiktoken"), train_bpe_ranks("benchmark text", 0))
     tok = QwenTokenizer.from_dir(tmp)
     B, ctx, new = args.batch, args.ctx, 7 * args.steps + 40  # every Decode round below adds a token
-    engine = Engine(model, tok, pctx, EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new),
-                                                   look_ahead=False))  # the gRPC rounds below compare both
+    engine = Engine(
+        model, tok, pctx, EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new), look_ahead=False)
+    )  # the gRPC rounds below compare both
     servicer = LoraxServicer(engine, os.path.join(tmp, "s"), "cuda")
     ids = [(7 * i) % 400 + 1 for i in range(ctx)]
     params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
     stop = pb.StoppingCriteriaParameters(max_new_tokens=new, ignore_eos_token=True)
-    warm = pb.Batch(id=0, requests=[pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params,
-                                               stopping_parameters=stop)])
-    servicer.Warmup(pb.WarmupRequest(batch=warm, max_input_length=ctx, max_prefill_tokens=8192,
-                                     max_new_tokens=new), None)
+    warm = pb.Batch(
+        id=0,
+        requests=[
+            pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params, stopping_parameters=stop)
+        ],
+    )
+    servicer.Warmup(
+        pb.WarmupRequest(batch=warm, max_input_length=ctx, max_prefill_tokens=8192, max_new_tokens=new), None
+    )
     bs = engine.cfg.block_size
     per = math.ceil((ctx + new) / bs)
     reqs = []
     for i in range(B):
         blocks = list(range(1 + i * per, 1 + (i + 1) * per))
-        slots = [b * bs + j for b in blocks for j in range(bs)][:ctx + new]
-        reqs.append(pb.Request(id=i, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params,
-                               stopping_parameters=stop, blocks=blocks, slots=slots))
+        slots = [b * bs + j for b in blocks for j in range(bs)][: ctx + new]
+        reqs.append(
+            pb.Request(
+                id=i,
+                tokenized_inputs=pb.TokenizedInputs(ids=ids),
+                parameters=params,
+                stopping_parameters=stop,
+                blocks=blocks,
+                slots=slots,
+            )
+        )
     cached = servicer.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=B)), None).batch
 
     # phases of the in-process Decode
@@ -95,10 +110,10 @@ def main() -> None:
             sampler = batch.sampler
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-            def timed_sampler(*a, _s=sampler, **kw):
-                start.record()
+            def timed_sampler(*a, _s=sampler, _start=start, _end=end, **kw):
+                _start.record()
                 out = type(_s).__call__(_s, *a, **kw)
-                end.record()
+                _end.record()
                 return out
 
             batch.sampler = timed_sampler
@@ -161,8 +176,17 @@ def main() -> None:
         t = time.perf_counter()
         for _ in range(50):
             stub.Info(pb.InfoRequest())
-        grpc_rows.append((workers, interval, ahead, statistics.median(grpc_walls[3:]),
-                          statistics.median(handler_walls[3:]), here, (time.perf_counter() - t) / 50))
+        grpc_rows.append(
+            (
+                workers,
+                interval,
+                ahead,
+                statistics.median(grpc_walls[3:]),
+                statistics.median(handler_walls[3:]),
+                here,
+                (time.perf_counter() - t) / 50,
+            )
+        )
         server.stop(None)
     sys.setswitchinterval(0.005)
 
@@ -170,15 +194,19 @@ def main() -> None:
     wall = med(walls)
     print(f"{torch.cuda.get_device_name(dev)}: {args.shape}, batch {B}, context {ctx}, greedy")
     print(f"  graph replay alone              {replay * 1e3:7.2f} ms")
-    print(f"  Decode in process (no gRPC)     {wall * 1e3:7.2f} ms  (+{(wall - replay) / replay * 100:.1f} % over replay)")
+    print(
+        f"  Decode in process (no gRPC)     {wall * 1e3:7.2f} ms  (+{(wall - replay) / replay * 100:.1f} % over replay)"
+    )
     print(f"    input prep + replay issue     {med(phases['prep+issue']) * 1e3:7.2f} ms (CPU)")
     print(f"    sampler                       {med(phases['sampler_gpu']) * 1e3:7.2f} ms (GPU)")
     for workers, interval, ahead, decode, handler, here, info in grpc_rows:
-        print(f"  through gRPC, look-ahead {'on' if ahead is None else 'off'}, {workers} server threads, GIL switch "
-              f"{interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
-              f"its handler {handler * 1e3:.2f} ms, replay at that context {here * 1e3:.2f} ms: "
-              f"+{(decode - here) / here * 100:.1f} % (handler +{(handler - here) / here * 100:.1f} %); "
-              f"empty RPC round trip {info * 1e3:.2f} ms")
+        print(
+            f"  through gRPC, look-ahead {'on' if ahead is None else 'off'}, {workers} server threads, GIL switch "
+            f"{interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
+            f"its handler {handler * 1e3:.2f} ms, replay at that context {here * 1e3:.2f} ms: "
+            f"+{(decode - here) / here * 100:.1f} % (handler +{(handler - here) / here * 100:.1f} %); "
+            f"empty RPC round trip {info * 1e3:.2f} ms"
+        )
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -2,6 +2,7 @@
 copy of the tracked files each give importable protobuf stubs (generated at build time), and the installed
 console scripts serve the demo model and its adapters. Minutes, so it runs only when asked:
 `make test-packaging` (CI does)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMPORT_STUBS = "import worker.pb.generate_pb2_grpc as g; print(g.__file__)"
 
-pytestmark = pytest.mark.skipif(not os.environ.get("QWEN_PACKAGING_TEST"),
-                                reason="minutes: set QWEN_PACKAGING_TEST=1 (make test-packaging)")
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("QWEN_PACKAGING_TEST"), reason="minutes: set QWEN_PACKAGING_TEST=1 (make test-packaging)"
+)
 
 
 @dataclass
@@ -40,8 +42,9 @@ class Venv:
 
 def copy_tracked_files(dst: str) -> None:
     """What a clean clone holds (plus files not yet committed, but nothing git ignores, e.g. worker/pb/)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+    ).stdout.decode()
     for rel in filter(None, listed.split("\0")):
         src = os.path.join(ROOT, rel)
         if os.path.isfile(src):
@@ -73,17 +76,43 @@ def test_fresh_venv_installs_and_serves(tmp_path, demo_dir):
     model, adapters = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(tmp_path / "shard.log", "w") as log:
-        shard = subprocess.Popen([os.path.join(venv.bin, "qwen-launch"), model, "--uds-path", uds, "--adapter-root",
-                                  adapters, "--max-total-tokens", "1024"], cwd=work, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
+        shard = subprocess.Popen(
+            [
+                os.path.join(venv.bin, "qwen-launch"),
+                model,
+                "--uds-path",
+                uds,
+                "--adapter-root",
+                adapters,
+                "--max-total-tokens",
+                "1024",
+            ],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 180
         while not os.path.exists(f"{uds}-0"):
             assert shard.poll() is None and time.time() < deadline, (tmp_path / "shard.log").read_text()[-3000:]
             time.sleep(0.2)
-        router = [os.path.join(venv.bin, "qwen-router"), "generate", "--uds-path", uds, "--model-dir", model,
-                  "--max-input-length", "64", "--max-total-tokens", "256", "--max-batch-prefill-tokens", "256",
-                  "--max-new-tokens", "16"]
+        router = [
+            os.path.join(venv.bin, "qwen-router"),
+            "generate",
+            "--uds-path",
+            uds,
+            "--model-dir",
+            model,
+            "--max-input-length",
+            "64",
+            "--max-total-tokens",
+            "256",
+            "--max-batch-prefill-tokens",
+            "256",
+            "--max-new-tokens",
+            "16",
+        ]
         base = venv.run(*router, "The capital of France is", cwd=work)
         assert base.startswith(" Paris, a city of light"), base
         pirate = venv.run(*router, "--adapter", "pirate", "Tell me a story:", cwd=work)

@@ -1,0 +1,153 @@
+"""What the GPU benchmark and profiling scripts share: model shapes, timing, the card's measured floors,
+a random-weight model, static decode inputs. Imports nothing from the other scripts."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from worker.config import QwenConfig  # noqa: E402
+from worker.distributed import ParallelContext  # noqa: E402
+from worker.layers.context import Seqlen  # noqa: E402
+
+SHAPES: dict[str, dict[str, int]] = {
+    "7b": dict(
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_hidden_layers=32,
+        intermediate_size=22016,
+        vocab_size=151936,
+        seq_length=8192,
+    ),
+    "1.8b": dict(
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_hidden_layers=24,
+        intermediate_size=11008,
+        vocab_size=151936,
+        seq_length=8192,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=1024,
+        vocab_size=1024,
+        seq_length=8192,
+    ),
+}
+
+
+def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call, with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    t = cuda_time(lambda: y.copy_(x), iters=10)
+    return 2 * 2 * 2**30 / t
+
+
+def matmul_rate(device: torch.device) -> float:
+    """bf16 FLOP/s of an 8192^3 matmul."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    t = cuda_time(lambda: a @ b, iters=10)
+    return 2 * 8192**3 / t
+
+
+def build_model(shape: str, pctx: ParallelContext, backend_name: str) -> Any:
+    """FlashQwenForCausalLM of a named shape with random bf16 weights (norm weights 1)."""
+    from worker.layers.attention import make_backend
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = QwenConfig.from_dict({"model_type": "qwen", **SHAPES[shape]})
+    model = FlashQwenForCausalLM(cfg, pctx, torch.bfloat16, make_backend(backend_name, pctx.device))
+    g = torch.Generator(device=pctx.device).manual_seed(pctx.rank)
+    for name, p in model.named_parameters():
+        if "ln_" in name:
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def shape_of(c: QwenConfig) -> dict[str, int]:
+    return dict(
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_hidden_layers=c.num_hidden_layers,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        seq_length=c.seq_length,
+    )
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step's static inputs: `batch` sequences, each with ctx_len cached tokens, one new token."""
+
+    ids: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B] long
+    block_tables: torch.Tensor  # [B, blocks per sequence] int32
+    slots: torch.Tensor  # [B] long: the new token's KV slot
+    seqlen: Seqlen
+    max_s: int  # ctx_len + 1
+
+    @classmethod
+    def build(cls, model: Any, batch: int, ctx_len: int, block_size: int) -> DecodeInputs:
+        dev = model.pctx.device
+        per_seq = math.ceil((ctx_len + 1) / block_size)
+        tables = torch.arange(1, 1 + batch * per_seq, dtype=torch.int32, device=dev).view(batch, per_seq)
+        slots = tables[:, ctx_len // block_size].long() * block_size + ctx_len % block_size
+        seqlen = Seqlen(
+            input_lengths=torch.full((batch,), ctx_len + 1, dtype=torch.int32, device=dev),
+            cache_lengths=torch.full((batch,), ctx_len, dtype=torch.int32, device=dev),
+            cu_seqlen_q=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+            max_q=1,
+            max_k=ctx_len + 1,
+            ntk_alpha=torch.ones(batch, device=dev),
+        )
+        ids = torch.randint(0, 1000, (batch,), device=dev)
+        pos = torch.full((batch,), ctx_len, dtype=torch.long, device=dev)
+        return cls(ids, pos, tables, slots, seqlen, ctx_len + 1)
+
+    def step(self, model: Any, kv_layers: Any) -> Callable[[], torch.Tensor]:
+        """The decode forward on these inputs, as a no-argument call (to time or capture)."""
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return model(
+                    self.ids, self.positions, None, kv_layers, self.block_tables, self.slots, self.seqlen, self.max_s
+                )[0]
+
+        return run
