@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 from concurrent import futures
-from typing import Optional
 
 import grpc
 
@@ -140,7 +139,7 @@ def make_server(servicer: LoraxServicer, socket_path: str, workers: int = 4) -> 
     return server
 
 
-def serve_forever(server: grpc.Server, socket_path: str, stop: Optional[threading.Event] = None) -> None:
+def serve_forever(server: grpc.Server, socket_path: str, stop: threading.Event | None = None) -> None:
     """Block until SIGTERM/SIGINT (or `stop`), then shut down and remove the socket."""
     import os
     import signal

@@ -1,12 +1,13 @@
 """The engine's results as LoRAX protobuf messages: the one place the server side builds them."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, TypeVar, Union
+from collections.abc import Sequence
+from typing import TypeVar
 
 from worker.engine.generations import CachedBatchInfo, Generation, Tokens
 from worker.pb import generate_pb2 as pb
 
-StepResponse = TypeVar("StepResponse", bound=Union[pb.PrefillResponse, pb.DecodeResponse])
+StepResponse = TypeVar("StepResponse", bound=pb.PrefillResponse | pb.DecodeResponse)
 
 
 def tokens_pb(t: Tokens) -> pb.NextTokens:
@@ -35,7 +36,7 @@ def cached_batch_pb(b: CachedBatchInfo) -> pb.CachedBatch:
 
 
 def step_response(cls: type[StepResponse], generations: Sequence[Generation],
-                  batch: Optional[CachedBatchInfo]) -> StepResponse:
+                  batch: CachedBatchInfo | None) -> StepResponse:
     """A PrefillResponse or DecodeResponse; `batch` None: every request finished (no batch field)."""
     resp = cls(generations=[generation_pb(g) for g in generations])
     if batch is not None:

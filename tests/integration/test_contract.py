@@ -8,7 +8,7 @@ import os
 import grpc
 import pytest
 
-from reference import load_checkpoint, ref_forward, ref_greedy
+from reference import load_checkpoint, ref_greedy
 
 U64 = 2**64 - 1
 BS = 16
@@ -27,9 +27,9 @@ def make_request(rid: int, ids: list[int], max_new: int, first_block: int | None
         n = len(ids) + max_new - 1
         blocks = list(range(first_block, first_block + math.ceil(n / BS)))
         slots = [b * BS + j for b in blocks for j in range(BS)][:n]
-    params = dict(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
+    params = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}
     params.update(kw.pop("params", {}))
-    stop = dict(max_new_tokens=max_new)
+    stop = {"max_new_tokens": max_new}
     stop.update(kw.pop("stopping", {}))
     return pb.Request(id=rid, inputs="", tokenized_inputs=pb.TokenizedInputs(ids=ids),
                       parameters=pb.NextTokenChooserParameters(**params),
@@ -56,7 +56,8 @@ def run_to_end(stub, batch_id: int, requests) -> dict[int, list[int]]:
         done = [g.request_id for g in resp.generations if g.HasField("generated_text")]
         batch = resp.batch
         if done:
-            batch = stub.FilterBatch(pb.FilterBatchRequest(batch_id=batch.id, request_ids=list(batch.request_ids))).batch
+            keep = pb.FilterBatchRequest(batch_id=batch.id, request_ids=list(batch.request_ids))
+            batch = stub.FilterBatch(keep).batch
         resp = stub.Decode(pb.DecodeRequest(batches=[batch]))
 
 
@@ -143,13 +144,13 @@ BAD = {
     "slots shorter than the tokens": (lambda: _short_slots(), grpc.StatusCode.INVALID_ARGUMENT, "slots for"),
     "blocks out of range": (lambda: [make_request(7, [1, 2], 2, 100000)], grpc.StatusCode.INVALID_ARGUMENT,
                             "out of range"),
-    "NaN temperature": (lambda: [make_request(7, [1], 2, 40, params=dict(temperature=float("nan")))],
+    "NaN temperature": (lambda: [make_request(7, [1], 2, 40, params={"temperature": float("nan")})],
                         grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    "negative repetition penalty": (lambda: [make_request(7, [1], 2, 40, params=dict(repetition_penalty=-1.0))],
+    "negative repetition penalty": (lambda: [make_request(7, [1], 2, 40, params={"repetition_penalty": -1.0})],
                                     grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
-    "top_p = 0": (lambda: [make_request(7, [1], 2, 40, params=dict(top_p=0.0))], grpc.StatusCode.INVALID_ARGUMENT,
+    "top_p = 0": (lambda: [make_request(7, [1], 2, 40, params={"top_p": 0.0})], grpc.StatusCode.INVALID_ARGUMENT,
                   "top_p"),
-    "top_p > 1": (lambda: [make_request(7, [1], 2, 40, params=dict(top_p=1.5))], grpc.StatusCode.INVALID_ARGUMENT,
+    "top_p > 1": (lambda: [make_request(7, [1], 2, 40, params={"top_p": 1.5})], grpc.StatusCode.INVALID_ARGUMENT,
                   "top_p"),
     "unknown adapter index": (lambda: [make_request(7, [1], 2, 40, adapter_index=999)], grpc.StatusCode.NOT_FOUND,
                               "adapter index 999"),
@@ -215,7 +216,6 @@ def test_self_allocated_blocks_released(warmed, ref):
 def test_cache_len_reuses_a_cached_prefix(warmed, ref):
     """Prefix caching as the router does it: a second request shares the first one's full blocks and
     says cache_len; only its suffix is computed, and the tokens equal the reference on the whole prompt."""
-    pb = pbm()
     stub = warmed[0]
     state, cfg = ref
     prefix = [(5 * i) % 200 + 3 for i in range(32)]  # two full blocks of 16

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.engine import sampling
 from worker.engine.sampling import BatchSampler, SamplingParams, prefill_logprobs
@@ -83,12 +84,12 @@ def test_greedy_is_argmax_with_logsoftmax_logprob():
 
 
 @pytest.mark.parametrize("kw,field_name", [
-    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-0.5), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-    (dict(typical_p=0.0), "typical_p"), (dict(typical_p=2.0), "typical_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
-    (dict(presence_penalty=float("-inf")), "presence_penalty"),
-    (dict(return_k_alternatives=101), "return_k_alternatives"), (dict(return_k_alternatives=-1), "return_k_alternatives"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"typical_p": 0.0}, "typical_p"), ({"typical_p": 2.0}, "typical_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+    ({"presence_penalty": float("-inf")}, "presence_penalty"),
+    ({"return_k_alternatives": 101}, "return_k_alternatives"), ({"return_k_alternatives": -1}, "return_k_alternatives"),
 ])
 def test_invalid_params_name_field_and_value(kw, field_name):
     with pytest.raises(ValueError) as e:
@@ -102,9 +103,9 @@ def test_valid_params_pass():
 
 
 @pytest.mark.parametrize("kw,greedy", [
-    ({}, True), (dict(do_sample=True), False), (dict(temperature=0.7), False), (dict(top_k=5), False),
-    (dict(top_p=0.9), False), (dict(typical_p=0.9), False), (dict(temperature=0.0), True),
-    (dict(temperature=0.0, do_sample=True, top_k=3), True), (dict(repetition_penalty=1.5), True),
+    ({}, True), ({"do_sample": True}, False), ({"temperature": 0.7}, False), ({"top_k": 5}, False),
+    ({"top_p": 0.9}, False), ({"typical_p": 0.9}, False), ({"temperature": 0.0}, True),
+    ({"temperature": 0.0, "do_sample": True, "top_k": 3}, True), ({"repetition_penalty": 1.5}, True),
 ])
 def test_sampling_rule_is_do_sample_or_warpers(kw, greedy):
     assert SamplingParams(**kw).is_greedy is greedy
@@ -190,8 +191,9 @@ def test_penalties_match_naive_loop():
 def test_top_k_one_with_sampling_equals_greedy():
     for case in range(5):
         logits, prev = random_case(200 + case)
-        pen = dict(repetition_penalty=1.4, frequency_penalty=0.3)
-        sampled = BatchSampler([SamplingParams(do_sample=True, top_k=1, seed=s + 1, **pen) for s in range(5)], V, N_REAL)
+        pen = {"repetition_penalty": 1.4, "frequency_penalty": 0.3}
+        sampled = BatchSampler([SamplingParams(do_sample=True, top_k=1, seed=s + 1, **pen) for s in range(5)], V,
+                               N_REAL)
         greedy = BatchSampler([SamplingParams(**pen)] * 5, V, N_REAL)
         a, b = sampled(logits, prev), greedy(logits, prev)
         assert a.next_ids.tolist() == b.next_ids.tolist()

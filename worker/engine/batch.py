@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from worker.engine.generations import CachedBatchInfo
 from worker.engine.kv_cache import BlockAllocator
@@ -40,7 +40,7 @@ class RequestState:
     report: bool  # this shard answers this request's generations (id % world_size == rank)
     prefill_cache_len: int = 0  # cache_len the request arrived with
     finished: bool = False
-    ahead: Optional[Ahead] = None  # the next decode step's logits, computed ahead (worker/engine/lookahead.py)
+    ahead: Ahead | None = None  # the next decode step's logits, computed ahead (worker/engine/lookahead.py)
 
     @property
     def n_generated(self) -> int:
@@ -71,7 +71,7 @@ class Batch:
         the server converts in worker/wire.py."""
         return pb.CachedBatch(**asdict(self.info()))
 
-    def filter(self, request_ids: list[int]) -> tuple["Batch", list[RequestState]]:
+    def filter(self, request_ids: list[int]) -> tuple[Batch, list[RequestState]]:
         """Keep `request_ids` in that order; returns the new batch and the dropped requests."""
         index = {r.id: i for i, r in enumerate(self.requests)}
         missing = [rid for rid in request_ids if rid not in index]
@@ -85,7 +85,7 @@ class Batch:
         return Batch(self.id, [self.requests[i] for i in keep], self.sampler.filter(keep)), dropped
 
     @staticmethod
-    def concatenate(batches: list["Batch"]) -> "Batch":
+    def concatenate(batches: list[Batch]) -> Batch:
         """One batch holding all requests in order; keeps the first batch's id."""
         return Batch(batches[0].id, [r for b in batches for r in b.requests],
                      BatchSampler.concatenate([b.sampler for b in batches]))
@@ -93,6 +93,14 @@ class Batch:
 
 class AdapterLookup(Protocol):
     def has(self, adapter_index: int) -> bool: ...
+
+
+class Adapters(AdapterLookup, Protocol):
+    """What the engine and the runner use of the adapter manager."""
+
+    def request_slots(self, batch: Batch) -> list[int] | None: ...  # per request its pool slot; None: no adapters
+
+    def wait_pinned(self) -> None: ...
 
 
 @dataclass
@@ -119,7 +127,7 @@ class BatchBuilder:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
-    adapters: Optional[AdapterLookup] = None
+    adapters: AdapterLookup | None = None
     max_batch_size: int = 0  # 0: no limit
     chunked_prefill: bool = False
     live_request_ids: set[int] = field(default_factory=set)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -10,7 +9,7 @@ import torch
 @dataclass
 class EngineConfig:
     block_size: int = 16
-    kv_cache_dtype: Optional[torch.dtype] = None  # None: the model dtype
+    kv_cache_dtype: torch.dtype | None = None  # None: the model dtype
     max_total_tokens: int = 0  # KV token slots per shard; 0: from free memory (GPU) or cpu_default_tokens
     memory_fraction: float = 0.9  # share of the free GPU memory after Warmup that the KV cache may take
     cpu_default_tokens: int = 16384
@@ -25,4 +24,4 @@ class EngineConfig:
     kv_scale_margin: float = 2.0
     # start each batch's next decode forward before replying (worker/engine/lookahead.py).
     # None: auto (CUDA graphs, TP=1); True: always; False: never
-    look_ahead: Optional[bool] = None
+    look_ahead: bool | None = None

@@ -14,7 +14,7 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.engine import lookahead
-from worker.engine.batch import Batch, BatchBuilder, RequestState
+from worker.engine.batch import Adapters, Batch, BatchBuilder, RequestState
 from worker.engine.config import EngineConfig
 from worker.engine.generations import Generation, alternatives, generated_text, next_token, prompt_tokens
 from worker.engine.kv_cache import BlockAllocator, KVCache, scales_from_amax
@@ -39,7 +39,7 @@ class BatchRef(Protocol):
 
 class Engine:
     def __init__(self, model: FlashQwenForCausalLM, tokenizer: QwenTokenizer, pctx: ParallelContext,
-                 cfg: EngineConfig, adapters: object = None):
+                 cfg: EngineConfig, adapters: Optional[Adapters] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.pctx = pctx
@@ -142,11 +142,11 @@ class Engine:
             raise InvalidArgument(f"batch id {pb_batch.id} is already live on this shard")
         if cached is not None and cached.id not in self.batches:
             raise NotFound(f"cached batch {cached.id} is not on this shard")
-        batch = self.builder().build(pb_batch)  # validates everything before any state changes
-        generations, batch = self._run(batch, prefill=True)
+        new = self.builder().build(pb_batch)  # validates everything before any state changes
+        generations, batch = self._run(new, prefill=True)
         if cached is not None:
             old = self.batches.pop(cached.id)
-            batch = Batch.concatenate([old] + ([batch] if batch else [])) if batch else old
+            batch = Batch.concatenate([old, batch]) if batch is not None else old
         if batch is not None:
             self.batches[batch.id] = batch
         return generations, batch
@@ -161,8 +161,7 @@ class Engine:
         if len({c.id for c in cached}) != len(cached):
             raise InvalidArgument(f"Decode lists a batch twice: {[c.id for c in cached]}")
         batches = [self.batches.pop(c.id) for c in cached]
-        batch = Batch.concatenate(batches) if len(batches) > 1 else batches[0]
-        generations, batch = self._run(batch, prefill=False)
+        generations, batch = self._run(Batch.concatenate(batches) if len(batches) > 1 else batches[0], prefill=False)
         if batch is not None:
             self.batches[batch.id] = batch
         return generations, batch

@@ -5,7 +5,6 @@ Field names follow generate.proto (Generation, NextTokens, AlternativeTokens, Ge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -41,7 +40,7 @@ class GeneratedText:
     text: str
     generated_tokens: int
     finish_reason: FinishReason
-    seed: Optional[int] = None  # sampling requests only
+    seed: int | None = None  # sampling requests only
 
 
 @dataclass
@@ -50,9 +49,9 @@ class Generation:
 
     request_id: int
     next_tokens: Tokens
-    prefill_tokens: Optional[Tokens] = None  # Prefill of a request that asked for prefill logprobs
+    prefill_tokens: Tokens | None = None  # Prefill of a request that asked for prefill logprobs
     prefill_tokens_length: int = 0  # prompt tokens computed by this Prefill (0 in Decode)
-    generated_text: Optional[GeneratedText] = None  # set when the request finished
+    generated_text: GeneratedText | None = None  # set when the request finished
 
 
 @dataclass
@@ -83,6 +82,6 @@ def prompt_tokens(tok: QwenTokenizer, ids: list[int], logits: torch.Tensor) -> T
 
 
 def generated_text(tok: QwenTokenizer, generated: list[int], reason: FinishReason,
-                   seed: Optional[int]) -> GeneratedText:
+                   seed: int | None) -> GeneratedText:
     return GeneratedText(text=tok.decode(generated, skip_special_tokens=True), generated_tokens=len(generated),
                          finish_reason=reason, seed=seed)

@@ -8,8 +8,9 @@ step would write. Every rank takes the same decisions from the same state, so co
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -25,7 +26,7 @@ class Ahead:
 
 class HasAhead(Protocol):
     ids: list[int]
-    ahead: Optional[Ahead]
+    ahead: Ahead | None
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Decision:
     reason: str
 
 
-def decide(*, wanted: Optional[bool], graphs_available: bool, graphs_can_run: bool, world_size: int,
+def decide(*, wanted: bool | None, graphs_available: bool, graphs_can_run: bool, world_size: int,
            slots_allocated: bool) -> Decision:
     """Whether to look ahead for a batch. wanted None (auto) runs it only where CUDA graphs serve the batch
     and at TP=1: under TP a look-ahead that fails on one rank alone (e.g. out of memory) would leave the
@@ -53,7 +54,7 @@ def decide(*, wanted: Optional[bool], graphs_available: bool, graphs_can_run: bo
     return Decision(True, "on" if wanted else "auto: CUDA graphs at TP=1")
 
 
-def describe(wanted: Optional[bool], graphs_available: bool, world_size: int) -> str:
+def describe(wanted: bool | None, graphs_available: bool, world_size: int) -> str:
     """The setting as the start-up log states it."""
     if wanted is not None:
         return "on" if wanted else "off"
@@ -79,7 +80,7 @@ def ready(requests: Sequence[HasAhead], prefill: bool) -> list[bool]:
 
 
 def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool],
-              computed: Optional[torch.Tensor]) -> torch.Tensor:
+              computed: torch.Tensor | None) -> torch.Tensor:
     """This step's logits [B, V]: ready requests' look-ahead rows, the others' rows of `computed`
     ([missing, V], in order). Every request's row is used once: all are cleared. All rows of one
     look-ahead, in its order, return its tensor as is (no copy)."""

@@ -11,12 +11,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
 from worker.distributed import ParallelContext
-from worker.engine.batch import Batch
+from worker.engine.batch import Adapters, Batch
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.kv_cache import KVCache
@@ -59,6 +60,7 @@ def set_kv_scales(model: FlashQwenForCausalLM, kv: KVCache,
         model.set_kv_scales(None, None)
         return
     from_ckpt = model.checkpoint_kv_scales()
+    scales: tuple[Sequence[float] | torch.Tensor, Sequence[float] | torch.Tensor]
     if from_ckpt is not None:
         source, scales = "checkpoint", from_ckpt
     elif calibrated is not None:
@@ -67,6 +69,7 @@ def set_kv_scales(model: FlashQwenForCausalLM, kv: KVCache,
         source, scales = "default 1.0 (no checkpoint scales, no Warmup yet)", ([1.0] * kv.num_layers,) * 2
         log.warning("fp8 KV cache without k_scale/v_scale in the checkpoint and before Warmup: scales are 1.0")
     kv.set_scales(*scales)
+    assert kv.k_scales is not None and kv.v_scales is not None
     model.set_kv_scales(kv.k_scales, kv.v_scales)
     k, v = kv.k_scales.tolist(), kv.v_scales.tolist()
     log.info("fp8 KV scales from %s: k %.3g..%.3g (layer 0 %.3g), v %.3g..%.3g (layer 0 %.3g)", source,
@@ -74,7 +77,7 @@ def set_kv_scales(model: FlashQwenForCausalLM, kv: KVCache,
 
 
 def capture_decode(model: FlashQwenForCausalLM, kv: KVCache, pctx: ParallelContext, cfg: EngineConfig,
-                   adapters: Any) -> GraphedDecode:
+                   adapters: Optional[Adapters]) -> GraphedDecode:
     """Decode graphs per batch-size bucket (and a LoRA variant of each when adapters are enabled); padding
     rows write into the last block, which no request owns."""
     if adapters is not None:  # no pinned allocation in another thread while capturing
@@ -99,7 +102,8 @@ class Runner:
 
     @classmethod
     def with_cache(cls, model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineConfig, num_blocks: int,
-                   calibrated: Optional[tuple[torch.Tensor, torch.Tensor]] = None, adapters: Any = None) -> Runner:
+                   calibrated: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   adapters: Optional[Adapters] = None) -> Runner:
         """A runner owning a new KV cache of num_blocks (at least 3: the last is the graphs' scratch block)
         with its fp8 scales set, and decode CUDA graphs where they apply (GPU, triton backend)."""
         c = model.config

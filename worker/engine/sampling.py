@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Union
 
 import torch
 
-Device = Union[str, torch.device]
+Device = str | torch.device
 MAX_ALTERNATIVES = 100
 PREFILL_CHUNK_ROWS = 1024  # bounds the fp32 copy of prompt logits in prefill_logprobs
 
@@ -95,8 +95,8 @@ class BatchSampler:
     """
 
     def __init__(self, params: Sequence[SamplingParams], vocab_size: int, n_real_vocab: int,
-                 device: Device = "cpu", *, generators: Optional[list[Optional[torch.Generator]]] = None,
-                 seeds: Optional[list[int]] = None):
+                 device: Device = "cpu", *, generators: list[torch.Generator | None] | None = None,
+                 seeds: list[int] | None = None):
         if not 0 < n_real_vocab <= vocab_size:
             raise ValueError(f"n_real_vocab must be in (0, vocab_size={vocab_size}], got {n_real_vocab}")
         self.params = list(params)
@@ -109,7 +109,7 @@ class BatchSampler:
             generators = [_generator(seed, self.device) if s else None for seed, s in zip(seeds, self.sampling)]
         assert seeds is not None and len(seeds) == len(generators) == len(self.params)
         self.seeds: list[int] = list(seeds)
-        self.generators: list[Optional[torch.Generator]] = list(generators)
+        self.generators: list[torch.Generator | None] = list(generators)
         self._build_tensors()
 
     def _build_tensors(self) -> None:
@@ -184,13 +184,13 @@ class BatchSampler:
         ids, vals = top.indices.tolist(), top.values.tolist()
         return [row[:k] for row, k in zip(ids, ks)], [row[:k] for row, k in zip(vals, ks)]
 
-    def filter(self, indices: Sequence[int]) -> "BatchSampler":
+    def filter(self, indices: Sequence[int]) -> BatchSampler:
         """Rows `indices` in that order; the new sampler takes over their generators (state kept)."""
         return BatchSampler([self.params[i] for i in indices], self.vocab_size, self.n_real_vocab, self.device,
                             generators=[self.generators[i] for i in indices], seeds=[self.seeds[i] for i in indices])
 
     @classmethod
-    def concatenate(cls, samplers: Sequence["BatchSampler"]) -> "BatchSampler":
+    def concatenate(cls, samplers: Sequence[BatchSampler]) -> BatchSampler:
         """All rows in order; generators are carried over, so each request's stream continues."""
         first = samplers[0]
         for s in samplers[1:]:
@@ -233,7 +233,7 @@ def typical_warp(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill_(remove.scatter(1, order, remove), -math.inf)
 
 
-def prefill_logprobs(logits: torch.Tensor, ids: torch.Tensor, n_real_vocab: Optional[int] = None) -> torch.Tensor:
+def prefill_logprobs(logits: torch.Tensor, ids: torch.Tensor, n_real_vocab: int | None = None) -> torch.Tensor:
     """Log-prob of each prompt token under the raw logits of the position before it.
 
     logits: [T, V] (row t predicts token t+1); ids: [T]. Returns [T] fp32 with NaN at position 0.

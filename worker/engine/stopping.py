@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Optional
 
 
 class FinishReason(IntEnum):
@@ -32,7 +31,7 @@ class StoppingCriteria:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
-    def check(self, new_id: int, generated_text: str, n_generated: int) -> Optional[FinishReason]:
+    def check(self, new_id: int, generated_text: str, n_generated: int) -> FinishReason | None:
         """After appending `new_id` (the n_generated-th new token; text decoded so far): why stop, or None."""
         if n_generated >= self.max_new_tokens:
             return FinishReason.FINISH_REASON_LENGTH
