@@ -1,6 +1,6 @@
 """The fused kernels (worker/kernels/fused.py) on CUDA against their PyTorch references at Qwen-7B shapes
 (hidden 4096, 32 heads x 128, MLP width 11008; up to 8192 tokens), bf16 / fp16 / fp32; the model's fused
-path against its unfused path; and a timing print (not an assertion) of one layer's elementwise work.
+path against its unfused path. Timings: scripts/bench_kernels.py --only fused.
 
 Tolerances, in ulps of the reference output (max over elements):
   rotary_   bit-exact: the same fp32 products and sums (no FMA contraction), the same casts
@@ -9,7 +9,7 @@ Tolerances, in ulps of the reference output (max over elements):
   rms_norm  the residual sum bit-exact; the output <= 2 ulps in bf16/fp16 (the mean sums in another
             order: fp32 noise that flips the last bit of the normed value, then of the product with the
             weight, rarely), <= 8 ulps in fp32
-Run: `pytest -q -s -m gpu tests/gpu/test_gpu_fused.py` (-s shows the mismatch counts and the timings).
+Run: `pytest -q -s -m gpu tests/gpu/test_gpu_fused.py` (-s shows the mismatch counts).
 """
 from __future__ import annotations
 
@@ -116,63 +116,3 @@ def test_model_fused_vs_unfused(tmp_path, dtype, tol):
         seqs = [s + [int(o[-1].argmax())] for s, o in zip(seqs, outs[1])]
     print(f"model {dtype}: max abs logit diff fused vs unfused {worst:.2e} (bound {tol})")
     assert worst <= tol
-
-
-def _graph_ms(fn, reps: int = 20, iters: int = 20) -> float:
-    """Milliseconds per call of `fn` replayed from a CUDA graph holding `reps` calls (launch cost gone, as
-    in graphed decode)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (iters * reps)
-
-
-def test_timing_print(capsys):
-    """Not an assertion: one layer's elementwise work (residual add + ln_2, RoPE + logn on q and k,
-    silu * up, residual add + next ln_1) at 7B shapes in bf16, reference vs fused, inside CUDA graphs."""
-    dtype, eps = torch.bfloat16, 1e-6
-    rows = []
-    for T in (1, 128):
-        x, attn_out, mlp_out = (randn(T, HIDDEN, dtype=dtype, seed=i) for i in range(3))
-        w1, w2 = ((1 + 0.1 * randn(HIDDEN, dtype=torch.float32, seed=i)).to(dtype) for i in (3, 4))
-        qkv = randn(T, 3 * HEADS * HEAD_DIM, dtype=dtype, seed=5)
-        q, k, _ = qkv.view(T, 3, HEADS, HEAD_DIM).unbind(1)
-        positions = torch.arange(T, device=CUDA) + 100
-        cos, sin = rotary_cos_sin(positions, torch.ones(T, device=CUDA), HEAD_DIM, 10000.0)
-        logn = torch.ones(T, device=CUDA)  # factor 1: repeated in-place replays keep the values finite
-        gate_up = randn(T, 2 * WIDTH, dtype=dtype, seed=6)
-
-        def reference() -> None:
-            h = x + attn_out
-            rms_norm_reference(h, w2, eps)
-            rotary_reference(q, k, cos, sin, logn)
-            silu_mul_reference(gate_up)
-            rms_norm_reference(h + mlp_out, w1, eps)
-
-        def fused() -> None:
-            _, h = rms_norm(attn_out, w2, eps, x)
-            rotary_(q, k, cos, sin, logn)
-            silu_mul(gate_up)
-            rms_norm(mlp_out, w1, eps, h)
-
-        rows.append((T, _graph_ms(reference), _graph_ms(fused)))
-    with capsys.disabled():
-        print(f"\n{torch.cuda.get_device_name()}: one layer's elementwise ops, hidden {HIDDEN}, {HEADS} x {HEAD_DIM} "
-              f"heads, MLP width {WIDTH}, bf16, in CUDA graphs")
-        for T, ref_ms, fused_ms in rows:
-            print(f"  T={T:4d}  reference {ref_ms * 1000:7.1f} us  fused {fused_ms * 1000:7.1f} us  "
-                  f"({ref_ms / fused_ms:.1f}x)")

@@ -1,10 +1,11 @@
 """The Triton attention backend on CUDA against TorchAttention / store_kv, at Qwen-7B shapes (32 heads,
-head_dim 128, blocks of 16), in bf16 and fp16, plus CUDA-graph capture of decode and a timing print.
+head_dim 128, blocks of 16), in bf16 and fp16, plus CUDA-graph capture of decode. Timings:
+scripts/bench_kernels.py --only attention.
 
 Tolerances, on |ours - ref| <= tol * (1 + |ref|) with ref the fp32-math reference rounded to the
 input dtype: bf16 2e-2, fp16 4e-3 (prefill rounds the softmax weights to the input dtype before the
 P @ V product, as FlashAttention does; decode keeps them in fp32), fp32 1e-4.
-Run: `pytest -q -s -m gpu tests/gpu/test_gpu_kernels.py` (-s shows the timing table).
+Run: `pytest -q -m gpu tests/gpu/test_gpu_kernels.py`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
 from worker.engine.kv_cache import store_kv  # noqa: E402
-from worker.kernels.triton_attention import Tiles, TritonAttention  # noqa: E402
+from worker.kernels.triton_attention import TritonAttention  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
 
@@ -161,43 +162,3 @@ def test_decode_in_cuda_graph():
         load(src, offset)
         graph.replay()
         close(out, src.attend(TorchAttention()), dtype)
-
-
-def _time_ms(fn, iters: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def test_timing_print(capsys):
-    """Not an assertion: one layer's decode (batch 32 x 512 context) and prefill (8 x 1024) times, for the
-    default tiles and a few others (to pick defaults on the card at hand)."""
-    dtype = torch.bfloat16
-    d = decode_batch([512] * 32, dtype)
-    kv_bytes = 2 * 32 * 512 * HEADS * HEAD_DIM * 2
-    rows = [("decode triton, default", _time_ms(lambda: d.attend(TritonAttention())), kv_bytes)]
-    for n, w, splits in [(16, 4, 1), (32, 4, 1), (32, 4, 4), (64, 8, 1), (64, 8, 4)]:
-        be = TritonAttention(tiles=Tiles(decode_n=n, decode_warps=w), num_splits=splits)
-        rows.append((f"decode triton n{n} w{w} splits {splits}", _time_ms(lambda: d.attend(be)), kv_bytes))
-    rows.append(("decode torch reference", _time_ms(lambda: d.attend(TorchAttention()), iters=5), kv_bytes))
-    p = Batch([1024] * 8, [0] * 8, dtype)
-    flops = 8 * 2 * 2 * HEADS * HEAD_DIM * 1024 * 1025 / 2  # causal QK^T and PV
-    default = TritonAttention()  # torch's varlen_attn unless it failed (then varlen_attn is None)
-    rows += [("prefill no cache, default", _time_ms(lambda: p.attend(default, cache=False)), flops),
-             ("prefill triton paged, default", _time_ms(lambda: p.attend(TritonAttention())), flops)]
-    for m, n, w in [(64, 64, 4), (128, 64, 8), (64, 32, 4)]:
-        be = TritonAttention(tiles=Tiles(prefill_m=m, prefill_n=n, prefill_warps=w))
-        rows.append((f"prefill triton paged m{m} n{n} w{w}", _time_ms(lambda: p.attend(be)), flops))
-    with capsys.disabled():
-        print(f"\n{torch.cuda.get_device_name()}: one layer, {HEADS} heads x {HEAD_DIM}, bf16; "
-              f"no-cache prefill default = {'varlen_attn' if default.varlen_attn else 'triton'}")
-        for name, ms, work in rows:
-            per_s = work / (ms * 1e-3)
-            rate = f"{per_s / 1e9:7.0f} GB/s KV" if name.startswith("decode") else f"{per_s / 1e12:7.1f} TFLOP/s"
-            print(f"  {name:36s} {ms * 1000:9.1f} us {rate}")
