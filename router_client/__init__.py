@@ -2,18 +2,24 @@
 
 Exports resolve lazily, so `router_client.cli` imports without the generated protobuf stubs.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ShardedClient": "router_client.client", "ShardError": "router_client.client",
+    "ShardedClient": "router_client.client",
+    "ShardError": "router_client.client",
     "ShardMismatchError": "router_client.client",
-    "Router": "router_client.router", "RouterConfig": "router_client.messages",
-    "RouterStats": "router_client.messages", "AdapterInfo": "router_client.messages",
-    "RequestHandle": "router_client.requests", "GenerationResult": "router_client.requests",
-    "TokenEvent": "router_client.requests", "RequestError": "router_client.requests",
+    "Router": "router_client.router",
+    "RouterConfig": "router_client.messages",
+    "RouterStats": "router_client.messages",
+    "AdapterInfo": "router_client.messages",
+    "RequestHandle": "router_client.requests",
+    "GenerationResult": "router_client.requests",
+    "TokenEvent": "router_client.requests",
+    "RequestError": "router_client.requests",
     "ValidationError": "router_client.requests",
     "BlockAllocator": "router_client.blocks",
 }

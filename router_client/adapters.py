@@ -6,12 +6,13 @@ are offloaded least recently used first to make room. An offloaded adapter keeps
 loaded back when a request for it reaches the head of the queue. Load/Offload RPCs are made only
 from the router's loop thread (tensor-parallel shards must see one call order).
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from router_client.client import ShardedClient
 from router_client.messages import AdapterInfo
@@ -19,6 +20,10 @@ from router_client.requests import ValidationError
 from worker.pb import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+class AdapterBudgetFull(ValidationError):
+    """The adapter needs memory that only adapters in use hold; retry when they finish."""
 
 
 class AdapterScheduler:
@@ -32,8 +37,9 @@ class AdapterScheduler:
     def add_preloaded(self, preloaded: Iterable[pb.AdapterInfo]) -> None:
         """Adapters the shards loaded at start-up (Info.preloaded_adapters) keep their indices."""
         for pre in preloaded:
-            self.adapters[pre.adapter_index] = AdapterInfo(pre.adapter_index, pre.adapter_parameters,
-                                                           pre.adapter_source)
+            self.adapters[pre.adapter_index] = AdapterInfo(
+                pre.adapter_index, pre.adapter_parameters, pre.adapter_source
+            )
         self._next_index = max([1, *(i + 1 for i in self.adapters)])
 
     def find(self, params: pb.AdapterParameters, source: int) -> AdapterInfo | None:
@@ -90,15 +96,24 @@ class AdapterScheduler:
             self.client.load_adapter(info.params, info.source, info.index)
             info.loaded = True
 
-    def load(self, params: pb.AdapterParameters, source: int, api_token: str | None, memory_fraction: float,
-             busy: set[int], reuse: bool = False) -> int:
+    def load(
+        self,
+        params: pb.AdapterParameters,
+        source: int,
+        api_token: str | None,
+        memory_fraction: float,
+        busy: set[int],
+        reuse: bool = False,
+    ) -> int:
         """LoadAdapter into a fresh index (or, with `reuse`, the index these parameters already have)."""
         known = self.find(params, source) if reuse else None
         if known is not None:
             return known.index
         if not self.make_room(memory_fraction, busy):
-            raise ValidationError(f"adapter {list(params.adapter_ids)} needs {memory_fraction:.3f} of the adapter "
-                                  "memory budget and every loaded adapter is in use")
+            raise AdapterBudgetFull(
+                f"adapter {list(params.adapter_ids)} needs {memory_fraction:.3f} of the adapter "
+                "memory budget and every loaded adapter is in use"
+            )
         index = self._next_index
         self._next_index += 1  # burned even if loading fails: indices are never reused
         if not self.client.load_adapter(params, source, index, api_token):

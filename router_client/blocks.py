@@ -4,10 +4,11 @@ When a shard's Info says `requires_block_allocator`, the router owns the shard's
 it hands each request a list of block ids and one KV slot per token position. Slot `s` is row
 `s % block_size` of block `s // block_size`. Block 0 is never handed out: the health probe uses it.
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 RESERVED_BLOCKS = 1  # block 0 belongs to the health probe
 
@@ -16,8 +17,10 @@ def tokens_needed(prompt_tokens: int, max_new_tokens: int, speculate: int = 0) -
     """KV token slots one request can ever use: the prompt, every generated token but the last
     (its K/V is never written), and the speculative lookahead."""
     if prompt_tokens < 1 or max_new_tokens < 1 or speculate < 0:
-        raise ValueError(f"need prompt_tokens >= 1, max_new_tokens >= 1, speculate >= 0; got "
-                         f"{prompt_tokens}, {max_new_tokens}, {speculate}")
+        raise ValueError(
+            f"need prompt_tokens >= 1, max_new_tokens >= 1, speculate >= 0; got "
+            f"{prompt_tokens}, {max_new_tokens}, {speculate}"
+        )
     return prompt_tokens + max_new_tokens - 1 + speculate
 
 
@@ -46,8 +49,10 @@ class BlockAllocator:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if num_blocks <= RESERVED_BLOCKS:
-            raise ValueError(f"a pool of {num_blocks} blocks leaves none after the {RESERVED_BLOCKS} reserved "
-                             "for the health probe: the shards reported too little KV memory")
+            raise ValueError(
+                f"a pool of {num_blocks} blocks leaves none after the {RESERVED_BLOCKS} reserved "
+                "for the health probe: the shards reported too little KV memory"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(RESERVED_BLOCKS, num_blocks))
@@ -81,7 +86,9 @@ class BlockAllocator:
         blocks = list(blocks)
         bad = [b for b in blocks if b not in self._allocated]
         if bad or len(set(blocks)) != len(blocks):
-            raise ValueError(f"cannot free blocks {sorted(set(bad)) or blocks}: not allocated "
-                             "(double free, reserved block, or unknown id)")
+            raise ValueError(
+                f"cannot free blocks {sorted(set(bad)) or blocks}: not allocated "
+                "(double free, reserved block, or unknown id)"
+            )
         self._allocated.difference_update(blocks)
         self._free.extend(blocks)

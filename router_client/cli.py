@@ -3,18 +3,21 @@
     qwen-router generate --uds-path P --model-dir D "prompt" [--adapter ID ...] [--stream] [sampling flags]
     qwen-router load --uds-path P --model-dir D --requests N --concurrency C --max-new-tokens M [--prompt ...]
     qwen-router health --uds-path P
+    qwen-router serve --uds-path P --model-dir D [--host 127.0.0.1] [--port 8080] [--api-key K]  (HTTP front)
 
 `--uds-path P` is the worker's socket prefix: shard r listens on `P-r`; the router dials `P-0`.
 Everything heavy (grpc stubs, the tokenizer) is imported only when a command runs.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 
 def _router_args(p: argparse.ArgumentParser) -> None:
@@ -24,13 +27,22 @@ def _router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=int, default=2048)
     p.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     p.add_argument("--max-batch-size", type=int, default=256)
-    p.add_argument("--max-batch-total-tokens", type=int, default=None,
-                   help="KV tokens to assume when Warmup is skipped or answers none")
+    p.add_argument(
+        "--max-batch-total-tokens",
+        type=int,
+        default=None,
+        help="KV tokens to assume when Warmup is skipped or answers none",
+    )
     p.add_argument("--no-warmup", action="store_true", help="skip Warmup (needs --max-batch-total-tokens)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each RPC, seconds")
     p.add_argument("--connect-timeout", type=float, default=60.0)
-    p.add_argument("--adapter", action="append", default=[], metavar="ID",
-                   help="adapter id to load (repeatable; generate runs the prompt once per adapter)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="adapter id to load (repeatable; generate runs the prompt once per adapter)",
+    )
     p.add_argument("--adapter-source", default="local", choices=["local", "hub", "s3", "pbase"])
     p.add_argument("--merge", action="store_true", help="merge the --adapter ids into one adapter (LINEAR)")
 
@@ -69,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, default=8)
     load.add_argument("--prompt", action="append", default=[], help="prompt(s), used round-robin")
     load.add_argument("--json", action="store_true", help="print the summary as JSON")
+    serve = sub.add_parser("serve", help="serve LoRAX's REST API and OpenAI's API over HTTP")
+    _router_args(serve)
+    from router_client.front.server import add_serve_args
+
+    add_serve_args(serve)
     health = sub.add_parser("health", help="Health on every shard (no warmup)")
     health.add_argument("--uds-path", required=True)
     health.add_argument("--timeout", type=float, default=10.0)
@@ -76,11 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    parameters = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, typical_p=a.typical_p,
-                      do_sample=a.do_sample, seed=a.seed, repetition_penalty=a.repetition_penalty,
-                      frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
-                      return_k_alternatives=a.return_k_alternatives)
-    stopping = dict(max_new_tokens=a.max_new_tokens, stop_sequences=a.stop, ignore_eos_token=a.ignore_eos)
+    parameters = {
+        "temperature": a.temperature,
+        "top_k": a.top_k,
+        "top_p": a.top_p,
+        "typical_p": a.typical_p,
+        "do_sample": a.do_sample,
+        "seed": a.seed,
+        "repetition_penalty": a.repetition_penalty,
+        "frequency_penalty": a.frequency_penalty,
+        "presence_penalty": a.presence_penalty,
+        "return_k_alternatives": a.return_k_alternatives,
+    }
+    stopping = {"max_new_tokens": a.max_new_tokens, "stop_sequences": a.stop, "ignore_eos_token": a.ignore_eos}
     return parameters, stopping
 
 
@@ -92,10 +117,16 @@ def _start_router(a: argparse.Namespace) -> Any:
     from worker.tokenizer import QwenTokenizer
 
     tokenizer = QwenTokenizer.from_dir(a.model_dir)
-    config = RouterConfig(max_input_length=a.max_input_length, max_total_tokens=a.max_total_tokens,
-                          max_batch_prefill_tokens=a.max_batch_prefill_tokens, max_batch_size=a.max_batch_size,
-                          max_batch_total_tokens=a.max_batch_total_tokens, warmup=not a.no_warmup,
-                          call_timeout_s=a.timeout, connect_timeout_s=a.connect_timeout)
+    config = RouterConfig(
+        max_input_length=a.max_input_length,
+        max_total_tokens=a.max_total_tokens,
+        max_batch_prefill_tokens=a.max_batch_prefill_tokens,
+        max_batch_size=a.max_batch_size,
+        max_batch_total_tokens=a.max_batch_total_tokens,
+        warmup=not a.no_warmup,
+        call_timeout_s=a.timeout,
+        connect_timeout_s=a.connect_timeout,
+    )
     return Router.connect(f"{a.uds_path}-0", tokenizer=tokenizer, config=config)
 
 
@@ -109,20 +140,38 @@ def _load_adapters(router: Any, a: argparse.Namespace) -> list[tuple[str, int]]:
 
 
 def _result_json(label: str, result: Any) -> dict[str, Any]:
-    return {"adapter": label, "text": result.text, "token_ids": result.token_ids,
-            "finish_reason": result.finish_reason, "generated_tokens": result.generated_tokens,
-            "prefill_tokens_length": result.prefill_tokens_length, "seed": result.seed,
-            "prefill_tokens": [[t.id, t.logprob, t.text] for t in result.prefill_tokens],
-            "ttft_s": round(result.ttft_s, 6), "latency_s": round(result.latency_s, 6)}
+    return {
+        "adapter": label,
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "generated_tokens": result.generated_tokens,
+        "prefill_tokens_length": result.prefill_tokens_length,
+        "seed": result.seed,
+        "prefill_tokens": [[t.id, t.logprob, t.text] for t in result.prefill_tokens],
+        "ttft_s": round(result.ttft_s, 6),
+        "latency_s": round(result.latency_s, 6),
+    }
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
     parameters, stopping = _sampling(a)
     with _start_router(a) as router:
         targets = _load_adapters(router, a)
-        handles = [(label, router.submit(a.prompt, dict(parameters), stopping, adapter_index=index,
-                                         prefill_logprobs=a.prefill_logprobs, truncate=a.truncate))
-                   for label, index in targets]
+        handles = [
+            (
+                label,
+                router.submit(
+                    a.prompt,
+                    dict(parameters),
+                    stopping,
+                    adapter_index=index,
+                    prefill_logprobs=a.prefill_logprobs,
+                    truncate=a.truncate,
+                ),
+            )
+            for label, index in targets
+        ]
         for label, handle in handles:
             if a.stream and not a.json:
                 if len(handles) > 1:
@@ -156,8 +205,13 @@ def cmd_load(a: argparse.Namespace) -> int:
 
         def one(i: int) -> Any:
             index = targets[i % len(targets)][1]
-            return router.generate(prompts[i % len(prompts)], parameters=dict(parameters), stopping=stopping,
-                                   adapter_index=index, truncate=a.truncate)
+            return router.generate(
+                prompts[i % len(prompts)],
+                parameters=dict(parameters),
+                stopping=stopping,
+                adapter_index=index,
+                truncate=a.truncate,
+            )
 
         start = time.perf_counter()
         results, errors = [], []
@@ -170,24 +224,33 @@ def cmd_load(a: argparse.Namespace) -> int:
         wall = time.perf_counter() - start
         stats = router.stats
     tokens = sum(r.generated_tokens for r in results)
-    summary: dict[str, Any] = {"requests": a.requests, "ok": len(results), "failed": len(errors),
-                               "concurrency": a.concurrency, "wall_s": round(wall, 4), "generated_tokens": tokens,
-                               "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
-                               "steps": stats.steps, "errors": errors[:5]}
+    summary: dict[str, Any] = {
+        "requests": a.requests,
+        "ok": len(results),
+        "failed": len(errors),
+        "concurrency": a.concurrency,
+        "wall_s": round(wall, 4),
+        "generated_tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+        "steps": stats.steps,
+        "errors": errors[:5],
+    }
     for name, values in (("latency_s", [r.latency_s for r in results]), ("ttft_s", [r.ttft_s for r in results])):
         if values:
             summary[name] = {f"p{q}": round(percentile(values, q), 4) for q in (50, 90, 99)}
     if a.json:
         print(json.dumps(summary))
     else:
-        print(f"requests {summary['ok']}/{a.requests} ok (failed {len(errors)}), concurrency {a.concurrency}, "
-              f"wall {wall:.2f}s, {stats.steps} steps")
+        print(
+            f"requests {summary['ok']}/{a.requests} ok (failed {len(errors)}), concurrency {a.concurrency}, "
+            f"wall {wall:.2f}s, {stats.steps} steps"
+        )
         print(f"generated tokens {tokens}: {summary['tokens_per_s']} tokens/s")
         for name in ("latency_s", "ttft_s"):
             if name in summary:
                 print(f"{name[:-2]:8s} " + "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in summary[name].items()))
-        for err in errors[:5]:
-            print(f"error: {err}", file=sys.stderr)
+        for message in errors[:5]:
+            print(f"error: {message}", file=sys.stderr)
     return 0 if not errors else 1
 
 
@@ -200,9 +263,18 @@ def cmd_health(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    from router_client.front.server import serve
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(a, _start_router(a))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"generate": cmd_generate, "load": cmd_load, "health": cmd_health}[args.command]
+    command = {"generate": cmd_generate, "load": cmd_load, "health": cmd_health, "serve": cmd_serve}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt:

@@ -5,13 +5,15 @@ each later call to every shard concurrently (except DownloadAdapter: shard 0 onl
 generation lists are concatenated in rank order (shard r answers only for `request.id % world == r`)
 and the cached batch is shard 0's.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 
@@ -49,8 +51,14 @@ def grpc_target(address: str) -> str:
     return address
 
 
-def _stub_call(stub: pb_grpc.LoraxServiceStub, method: str, request: Any, timeout_s: float | None,
-               with_metadata: bool = False, wait_for_ready: bool = False) -> Any:
+def _stub_call(
+    stub: pb_grpc.LoraxServiceStub,
+    method: str,
+    request: Any,
+    timeout_s: float | None,
+    with_metadata: bool = False,
+    wait_for_ready: bool = False,
+) -> Any:
     call = getattr(stub, method)
     if not with_metadata:
         return call(request, timeout=timeout_s, wait_for_ready=wait_for_ready)
@@ -73,24 +81,33 @@ class ShardedClient:
         self.timeout_s = timeout_s
         self._channels = [grpc.insecure_channel(u, options=CHANNEL_OPTIONS) for u in self.urls]
         self._stubs = [pb_grpc.LoraxServiceStub(ch) for ch in self._channels]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="shard-call") \
-            if len(self.urls) > 1 else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="shard-call")
+            if len(self.urls) > 1
+            else None
+        )
 
     @classmethod
-    def connect(cls, uds_path_of_shard0: str, timeout_s: float | None = 60.0,
-                connect_timeout_s: float = 60.0) -> "ShardedClient":
+    def connect(
+        cls, uds_path_of_shard0: str, timeout_s: float | None = 60.0, connect_timeout_s: float = 60.0
+    ) -> ShardedClient:
         """Connect to shard 0 (a socket path like `/tmp/qwen-0` or a `unix://` URL), waiting up to
         `connect_timeout_s` for it to come up, ask ServiceDiscovery for all shards, and open a
         channel to each (the first call on a channel connects it; see `clear_cache(wait_for_ready=)`)."""
         target = grpc_target(uds_path_of_shard0)
         with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             try:
-                urls = list(pb_grpc.LoraxServiceStub(channel).ServiceDiscovery(
-                    pb.ServiceDiscoveryRequest(), timeout=connect_timeout_s, wait_for_ready=True).urls)
+                urls = list(
+                    pb_grpc.LoraxServiceStub(channel)
+                    .ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=connect_timeout_s, wait_for_ready=True)
+                    .urls
+                )
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise ConnectionError(f"no shard answered at {target} within {connect_timeout_s:g}s "
-                                          "(is the worker running, and is the socket path right?)") from None
+                    raise ConnectionError(
+                        f"no shard answered at {target} within {connect_timeout_s:g}s "
+                        "(is the worker running, and is the socket path right?)"
+                    ) from None
                 raise ShardError(0, target, "ServiceDiscovery", err.code(), err.details()) from None
         if not urls:
             raise ShardError(0, target, "ServiceDiscovery", None, "shard 0 listed no shard addresses")
@@ -111,7 +128,7 @@ class ShardedClient:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def __enter__(self) -> "ShardedClient":
+    def __enter__(self) -> ShardedClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,8 +136,15 @@ class ShardedClient:
 
     # ------------------------------------------------------------------ fan-out
 
-    def _call(self, rank: int, method: str, request: Any, timeout_s: float | None,
-              with_metadata: bool = False, wait_for_ready: bool = False) -> Any:
+    def _call(
+        self,
+        rank: int,
+        method: str,
+        request: Any,
+        timeout_s: float | None,
+        with_metadata: bool = False,
+        wait_for_ready: bool = False,
+    ) -> Any:
         try:
             return _stub_call(self._stubs[rank], method, request, timeout_s, with_metadata, wait_for_ready)
         except grpc.RpcError as err:
@@ -128,16 +152,24 @@ class ShardedClient:
         except ValueError as err:  # e.g. "Cannot invoke RPC on closed channel!"
             raise ShardError(rank, self.urls[rank], method, None, str(err)) from None
 
-    def _all(self, method: str, request: Any, timeout_s: float | None = None,
-             with_metadata: bool = False, wait_for_ready: bool = False) -> list[Any]:
+    def _all(
+        self,
+        method: str,
+        request: Any,
+        timeout_s: float | None = None,
+        with_metadata: bool = False,
+        wait_for_ready: bool = False,
+    ) -> list[Any]:
         """Send `request` to every shard concurrently; responses in rank order."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if not self._stubs:
             raise RuntimeError("ShardedClient is closed")
         if self._pool is None:
             return [self._call(0, method, request, timeout, with_metadata, wait_for_ready)]
-        futures = [self._pool.submit(self._call, r, method, request, timeout, with_metadata, wait_for_ready)
-                   for r in range(len(self._stubs))]
+        futures = [
+            self._pool.submit(self._call, r, method, request, timeout, with_metadata, wait_for_ready)
+            for r in range(len(self._stubs))
+        ]
         errors = [f.exception() for f in futures]  # waits for every shard
         for err in errors:
             if err is not None:
@@ -157,28 +189,45 @@ class ShardedClient:
         for rank, info in enumerate(infos[1:], start=1):
             for field in ("block_size", "dtype"):
                 if getattr(info, field) != getattr(infos[0], field):
-                    raise ShardMismatchError(f"shard {rank} reports {field}={getattr(info, field)!r} but shard 0 "
-                                             f"reports {getattr(infos[0], field)!r}: every shard must match")
+                    raise ShardMismatchError(
+                        f"shard {rank} reports {field}={getattr(info, field)!r} but shard 0 "
+                        f"reports {getattr(infos[0], field)!r}: every shard must match"
+                    )
         return infos[0]
 
-    def clear_cache(self, batch_id: int | None = None, timeout_s: float | None = None,
-                    wait_for_ready: bool = False) -> None:
+    def clear_cache(
+        self, batch_id: int | None = None, timeout_s: float | None = None, wait_for_ready: bool = False
+    ) -> None:
         """Drop one cached batch, or every cached batch when `batch_id` is None. With `wait_for_ready`
         (the router's first call) a shard that is still coming up is waited for, up to the deadline."""
         request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
         self._all("ClearCache", request, timeout_s, wait_for_ready=wait_for_ready)
 
-    def warmup(self, batch: pb.Batch, max_input_length: int, max_prefill_tokens: int, max_new_tokens: int,
-               timeout_s: float | None = None) -> int | None:
+    def warmup(
+        self,
+        batch: pb.Batch,
+        max_input_length: int,
+        max_prefill_tokens: int,
+        max_new_tokens: int,
+        timeout_s: float | None = None,
+    ) -> int | None:
         """Minimum `max_supported_total_tokens` over the shards (None if no shard answers one)."""
-        request = pb.WarmupRequest(batch=batch, max_input_length=max_input_length,
-                                   max_prefill_tokens=max_prefill_tokens, max_new_tokens=max_new_tokens)
-        answers = [r.max_supported_total_tokens for r in self._all("Warmup", request, timeout_s)
-                   if r.HasField("max_supported_total_tokens")]
+        request = pb.WarmupRequest(
+            batch=batch,
+            max_input_length=max_input_length,
+            max_prefill_tokens=max_prefill_tokens,
+            max_new_tokens=max_new_tokens,
+        )
+        answers = [
+            r.max_supported_total_tokens
+            for r in self._all("Warmup", request, timeout_s)
+            if r.HasField("max_supported_total_tokens")
+        ]
         return min(answers) if answers else None
 
-    def prefill(self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
-                timeout_s: float | None = None) -> StepResult:
+    def prefill(
+        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None, timeout_s: float | None = None
+    ) -> StepResult:
         request = pb.PrefillRequest(batch=batch)
         if cached_batch is not None:
             request.cached_batch.CopyFrom(cached_batch)
@@ -188,8 +237,7 @@ class ShardedClient:
         """One step over the listed cached batches (the shards merge them, keeping the first id)."""
         return _merge_step(self._all("Decode", pb.DecodeRequest(batches=list(batches)), timeout_s))
 
-    def filter_batch(self, batch_id: int, request_ids: Sequence[int],
-                     timeout_s: float | None = None) -> pb.CachedBatch:
+    def filter_batch(self, batch_id: int, request_ids: Sequence[int], timeout_s: float | None = None) -> pb.CachedBatch:
         """Keep only `request_ids` (in that order) of a cached batch; shard 0's resulting batch."""
         request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
         return self._all("FilterBatch", request, timeout_s)[0].batch
@@ -201,24 +249,32 @@ class ShardedClient:
             out.append({key: _maybe_json(value) for key, value in metadata})
         return out
 
-    def download_adapter(self, params: pb.AdapterParameters, source: int,
-                         api_token: str | None = None, timeout_s: float | None = None) -> pb.DownloadAdapterResponse:
+    def download_adapter(
+        self, params: pb.AdapterParameters, source: int, api_token: str | None = None, timeout_s: float | None = None
+    ) -> pb.DownloadAdapterResponse:
         """DownloadAdapter on shard 0 only (the shards share the adapter files)."""
         request = pb.DownloadAdapterRequest(adapter_parameters=params, adapter_source=source)
         if api_token is not None:
             request.api_token = api_token
         return self._one("DownloadAdapter", request, timeout_s)
 
-    def load_adapter(self, params: pb.AdapterParameters, source: int, index: int,
-                     api_token: str | None = None, timeout_s: float | None = None) -> bool:
+    def load_adapter(
+        self,
+        params: pb.AdapterParameters,
+        source: int,
+        index: int,
+        api_token: str | None = None,
+        timeout_s: float | None = None,
+    ) -> bool:
         """LoadAdapter into `index` on every shard; True when every shard says loaded."""
         request = pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=source, adapter_index=index)
         if api_token is not None:
             request.api_token = api_token
         return all(r.loaded for r in self._all("LoadAdapter", request, timeout_s))
 
-    def offload_adapter(self, params: pb.AdapterParameters, source: int, index: int,
-                        timeout_s: float | None = None) -> bool:
+    def offload_adapter(
+        self, params: pb.AdapterParameters, source: int, index: int, timeout_s: float | None = None
+    ) -> bool:
         """OffloadAdapter `index` on every shard; True when every shard says offloaded."""
         request = pb.OffloadAdapterRequest(adapter_parameters=params, adapter_source=source, adapter_index=index)
         return all(r.offloaded for r in self._all("OffloadAdapter", request, timeout_s))
@@ -238,4 +294,3 @@ def _maybe_json(value: str | bytes) -> Any:
         return json.loads(value)
     except ValueError:
         return value
-

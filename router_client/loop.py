@@ -4,14 +4,16 @@ together with the new one (the shards merge them keeping the running id), then F
 ClearCache away whatever finished or was cancelled. Commands (health probe, adapter loads) run
 between steps, so every shard sees one call order.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from router_client.adapters import AdapterScheduler
 from router_client.client import ShardedClient, ShardError
@@ -35,8 +37,15 @@ class ServingLoop:
     """Drives the shards from one thread. `stats` and `running` are read under `cv`;
     `step_observer`, if set, is called on the loop thread after every Prefill and Decode."""
 
-    def __init__(self, client: ShardedClient, scheduler: Scheduler, adapters: AdapterScheduler,
-                 config: RouterConfig, tokenizer: Tokenizer | None, cv: threading.Condition) -> None:
+    def __init__(
+        self,
+        client: ShardedClient,
+        scheduler: Scheduler,
+        adapters: AdapterScheduler,
+        config: RouterConfig,
+        tokenizer: Tokenizer | None,
+        cv: threading.Condition,
+    ) -> None:
         self.client = client
         self.scheduler = scheduler
         self.adapters = adapters
@@ -117,8 +126,13 @@ class ServingLoop:
     def _prefill(self, entries: list[Pending]) -> list[pb.CachedBatch]:
         batch_id = self._next_batch_id
         self._next_batch_id += 1
-        batch = pb.Batch(id=batch_id, requests=[p.request for p in entries], size=len(entries),
-                         max_tokens=sum(p.n_tokens for p in entries), max_blocks=sum(len(p.blocks) for p in entries))
+        batch = pb.Batch(
+            id=batch_id,
+            requests=[p.request for p in entries],
+            size=len(entries),
+            max_tokens=sum(p.n_tokens for p in entries),
+            max_blocks=sum(len(p.blocks) for p in entries),
+        )
         ids = [p.id for p in entries]
         start = time.perf_counter()
         try:
@@ -155,8 +169,9 @@ class ServingLoop:
             except Exception:  # an observer never breaks serving
                 log.exception("step observer failed")
 
-    def _after_step(self, generations: list[pb.Generation], cached: pb.CachedBatch | None,
-                    ids: list[int]) -> pb.CachedBatch | None:
+    def _after_step(
+        self, generations: list[pb.Generation], cached: pb.CachedBatch | None, ids: list[int]
+    ) -> pb.CachedBatch | None:
         """Route generations to handles; free finished and cancelled requests' blocks; FilterBatch /
         ClearCache. Finished handles are released last, so a caller woken by `result()` sees settled state."""
         sched = self.scheduler
@@ -177,12 +192,18 @@ class ServingLoop:
             cancelled = sched.cancelled()
             self._fail([], [i for i in ids if i in cancelled], "cancelled by the caller", CANCELLED)
             if cached is None:  # every request of the step finished
-                self._fail([], [i for i in ids if i in sched.in_flight],
-                           "the shards dropped the batch before the request finished")
+                self._fail(
+                    [],
+                    [i for i in ids if i in sched.in_flight],
+                    "the shards dropped the batch before the request finished",
+                )
                 return None
             present = set(cached.request_ids)
-            self._fail([], [i for i in ids if i in sched.in_flight and i not in present],
-                       f"the shards' batch {cached.id} lost the request")
+            self._fail(
+                [],
+                [i for i in ids if i in sched.in_flight and i not in present],
+                f"the shards' batch {cached.id} lost the request",
+            )
             keep = [rid for rid in cached.request_ids if rid in sched.in_flight]
             try:
                 if not keep:
@@ -198,8 +219,14 @@ class ServingLoop:
             for p in finished:
                 p.handle._finish()
 
-    def _fail(self, batch_ids: list[int], request_ids: list[int], message: str, code: str | None = None,
-              at_prefill: bool = False) -> None:
+    def _fail(
+        self,
+        batch_ids: list[int],
+        request_ids: list[int],
+        message: str,
+        code: str | None = None,
+        at_prefill: bool = False,
+    ) -> None:
         """Fail these requests (free their blocks) and ClearCache these batches on every shard."""
         failed = self.scheduler.release(request_ids)
         with self.cv:

@@ -1,22 +1,35 @@
 """Router configuration and state records, and every protobuf message the router builds itself:
 sampling/stopping parameters from dicts, LoRAX's warmup batch, the health-probe batch, adapter
 parameters."""
+
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from router_client.requests import U64_MAX, ValidationError
 from worker.pb import generate_pb2 as pb
 
 HEALTH_ID = U64_MAX  # batch id and request id of the health probe; never used by real requests
 
-SAMPLING_DEFAULTS: dict[str, Any] = dict(
-    temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, do_sample=False, seed=None, repetition_penalty=1.0,
-    frequency_penalty=0.0, presence_penalty=0.0, watermark=False, adapter_id="", schema=None,
-    return_k_alternatives=0)
-STOPPING_DEFAULTS: dict[str, Any] = dict(max_new_tokens=20, stop_sequences=(), ignore_eos_token=False)
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "do_sample": False,
+    "seed": None,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "watermark": False,
+    "adapter_id": "",
+    "schema": None,
+    "return_k_alternatives": 0,
+}
+STOPPING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 20, "stop_sequences": (), "ignore_eos_token": False}
 
 
 class Tokenizer(Protocol):
@@ -39,11 +52,14 @@ class RouterConfig:
 
     def validate(self) -> None:
         if not 1 <= self.max_input_length < self.max_total_tokens:
-            raise ValueError(f"need 1 <= max_input_length ({self.max_input_length}) < max_total_tokens "
-                             f"({self.max_total_tokens})")
+            raise ValueError(
+                f"need 1 <= max_input_length ({self.max_input_length}) < max_total_tokens ({self.max_total_tokens})"
+            )
         if self.max_batch_prefill_tokens < self.max_input_length or self.max_batch_size < 1:
-            raise ValueError(f"need max_batch_prefill_tokens ({self.max_batch_prefill_tokens}) >= max_input_length "
-                             f"({self.max_input_length}) and max_batch_size ({self.max_batch_size}) >= 1")
+            raise ValueError(
+                f"need max_batch_prefill_tokens ({self.max_batch_prefill_tokens}) >= max_input_length "
+                f"({self.max_input_length}) and max_batch_size ({self.max_batch_size}) >= 1"
+            )
 
 
 @dataclass
@@ -59,6 +75,7 @@ class RouterStats:
 @dataclass(frozen=True)
 class StepRecord:
     """One Prefill or Decode the router made, for its `step_observer`."""
+
     method: str  # "prefill" | "decode"
     duration_s: float
     batch_size: int  # requests in the step
@@ -67,6 +84,7 @@ class StepRecord:
 @dataclass(frozen=True)
 class RouterLoad:
     """A snapshot of the router's load (gauges)."""
+
     queued: int
     in_flight: int
     batch_size: int  # requests in the running batch
@@ -129,11 +147,18 @@ def warmup_batch(config: RouterConfig) -> pb.Batch:
     n_tokens = 0
     while n_tokens < c.max_batch_prefill_tokens and len(requests) < c.max_batch_size:
         truncate = min(c.max_input_length, c.max_batch_prefill_tokens - n_tokens)
-        requests.append(pb.Request(
-            id=len(requests), inputs="_test " * c.max_input_length, truncate=truncate, prefill_logprobs=True,
-            parameters=pb.NextTokenChooserParameters(temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9,
-                                                     repetition_penalty=1.2),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=c.max_total_tokens - truncate)))
+        requests.append(
+            pb.Request(
+                id=len(requests),
+                inputs="_test " * c.max_input_length,
+                truncate=truncate,
+                prefill_logprobs=True,
+                parameters=pb.NextTokenChooserParameters(
+                    temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, repetition_penalty=1.2
+                ),
+                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=c.max_total_tokens - truncate),
+            )
+        )
         n_tokens += c.max_input_length
     return pb.Batch(id=0, requests=requests, size=len(requests), max_tokens=len(requests) * c.max_total_tokens)
 
@@ -142,9 +167,13 @@ def health_batch(token_ids: list[int], use_blocks: bool) -> pb.Batch:
     """LoRAX's liveness batch: batch and request id 2^64-1, one prompt token, max_new_tokens 1,
     block 0 (reserved by the router's allocator) and slot 0."""
     request = pb.Request(
-        id=HEALTH_ID, inputs="liveness", tokenized_inputs=pb.TokenizedInputs(ids=token_ids[:1]), truncate=1,
+        id=HEALTH_ID,
+        inputs="liveness",
+        tokenized_inputs=pb.TokenizedInputs(ids=token_ids[:1]),
+        truncate=1,
         parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1))
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
+    )
     if use_blocks:
         request.blocks[:] = [0]
         request.slots[:] = [0]

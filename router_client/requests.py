@@ -1,17 +1,22 @@
 """What a caller of the router sees: request handles, token events, results, errors."""
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from worker.pb import generate_pb2 as pb
 
 U64_MAX = 2**64 - 1
-FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_EOS_TOKEN: "eos_token",
-                  pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
+FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS_TOKEN: "eos_token",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
 CANCELLED = "CANCELLED"  # RequestError.code of a request its caller cancelled
 
 
@@ -40,11 +45,13 @@ class Alternative:
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token, in the order the shard produced it."""
+
     id: int
     text: str
     logprob: float
     special: bool
     alternatives: tuple[Alternative, ...] = ()
+    last: bool = False  # the request's final token (its result follows)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class PrefillToken:
 @dataclass
 class GenerationResult:
     """The finished request."""
+
     text: str
     token_ids: list[int]
     finish_reason: str  # "length" | "eos_token" | "stop_sequence"
@@ -147,27 +155,41 @@ class RequestHandle:
         nt = gen.next_tokens
         if nt.ids and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        final = gen.HasField("generated_text")
         for k, token_id in enumerate(nt.ids):
-            alts = ()
+            alts: tuple[Alternative, ...] = ()
             if k < len(nt.alternative_tokens):
                 a = nt.alternative_tokens[k]
                 alts = tuple(Alternative(i, lp, t) for i, lp, t in zip(a.ids, a.logprobs, _texts(a)))
             self._tokens.append(token_id)
-            self._events.put(TokenEvent(token_id, _at(nt.texts, k, ""), _at(nt.logprobs, k, float("nan")),
-                                        _at(nt.is_special, k, False), alts))
-        if not gen.HasField("generated_text"):
+            self._events.put(
+                TokenEvent(
+                    token_id,
+                    _at(nt.texts, k, ""),
+                    _at(nt.logprobs, k, float("nan")),
+                    _at(nt.is_special, k, False),
+                    alts,
+                    final and k == len(nt.ids) - 1,
+                )
+            )
+        if not final:
             if nt.ids and self.notify is not None:
                 self.notify()
             return False
         done = gen.generated_text
         now = time.perf_counter()
         self._result = GenerationResult(
-            text=done.text, token_ids=list(self._tokens),
-            finish_reason=FINISH_REASONS.get(done.finish_reason, "unknown"), generated_tokens=done.generated_tokens,
+            text=done.text,
+            token_ids=list(self._tokens),
+            finish_reason=FINISH_REASONS.get(done.finish_reason, "unknown"),
+            generated_tokens=done.generated_tokens,
             prefill_tokens=self._prefill,
-            prefill_tokens_length=self._prefill_length, seed=done.seed if done.HasField("seed") else None,
-            request_id=self.request_id, ttft_s=(self.first_token_at or now) - self.submitted_at,
-            latency_s=now - self.submitted_at)
+            prefill_tokens_length=self._prefill_length,
+            seed=done.seed if done.HasField("seed") else None,
+            request_id=self.request_id,
+            ttft_s=(self.first_token_at or now) - self.submitted_at,
+            latency_s=now - self.submitted_at,
+        )
         return True  # the router calls _finish() once its bookkeeping for this step is done
 
     def _fail(self, message: str, code: str | None = None, at_prefill: bool = False) -> None:
@@ -195,6 +217,7 @@ def _at(seq: Any, k: int, default: Any) -> Any:
 class Pending:
     """A request the router accepted: its handle, its protobuf (blocks/slots filled on admission),
     and how much KV it will need."""
+
     handle: RequestHandle
     request: pb.Request
     n_blocks: int

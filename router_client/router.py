@@ -12,20 +12,33 @@ only the refused request fails. Adapters: adapters.py.
 Every RPC that drives the shards (steps, health probe, LoadAdapter/OffloadAdapter) is made from
 the loop thread, so all shards see the same call order (tensor-parallel shards run collectives).
 """
+
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from router_client.adapters import AdapterScheduler
 from router_client.blocks import BlockAllocator, blocks_needed, tokens_needed
 from router_client.client import ShardedClient
 from router_client.loop import ServingLoop
-from router_client.messages import (HEALTH_ID, AdapterInfo, RouterConfig, RouterLoad, RouterStats, StepRecord,
-                                    Tokenizer, adapter_parameters, adapter_source, sampling_parameters,
-                                    stopping_parameters, warmup_batch)
+from router_client.messages import (
+    HEALTH_ID,
+    AdapterInfo,
+    RouterConfig,
+    RouterLoad,
+    RouterStats,
+    StepRecord,
+    Tokenizer,
+    adapter_parameters,
+    adapter_source,
+    sampling_parameters,
+    stopping_parameters,
+    warmup_batch,
+)
 from router_client.requests import CANCELLED, GenerationResult, Pending, RequestError, RequestHandle, ValidationError
 from router_client.scheduler import Scheduler
 from worker.pb import generate_pb2 as pb
@@ -39,8 +52,13 @@ class Router:
     `Router(client, ...).start()`; use as a context manager or call `close()`. `step_observer`, if
     set, is called on the loop thread after every Prefill and Decode."""
 
-    def __init__(self, client: ShardedClient, tokenizer: Tokenizer | None = None,
-                 config: RouterConfig | None = None, owns_client: bool = True) -> None:
+    def __init__(
+        self,
+        client: ShardedClient,
+        tokenizer: Tokenizer | None = None,
+        config: RouterConfig | None = None,
+        owns_client: bool = True,
+    ) -> None:
         self.config = config or RouterConfig()
         self.config.validate()
         self.client = client
@@ -56,13 +74,15 @@ class Router:
         self._next_request_id = 0
 
     @classmethod
-    def connect(cls, uds_path_of_shard0: str, tokenizer: Tokenizer | None = None,
-                config: RouterConfig | None = None) -> "Router":
+    def connect(
+        cls, uds_path_of_shard0: str, tokenizer: Tokenizer | None = None, config: RouterConfig | None = None
+    ) -> Router:
         """Connect to running shards (shard 0's socket path, e.g. `/tmp/qwen-0`), run the startup
         sequence and start serving."""
         config = config or RouterConfig()
-        client = ShardedClient.connect(uds_path_of_shard0, timeout_s=config.call_timeout_s,
-                                       connect_timeout_s=config.connect_timeout_s)
+        client = ShardedClient.connect(
+            uds_path_of_shard0, timeout_s=config.call_timeout_s, connect_timeout_s=config.connect_timeout_s
+        )
         router = cls(client, tokenizer, config)
         try:
             return router.start()
@@ -72,7 +92,7 @@ class Router:
 
     # ------------------------------------------------------------------ startup / shutdown
 
-    def start(self) -> "Router":
+    def start(self) -> Router:
         """ClearCache(None) → Info → Warmup → block pool → serving thread."""
         c = self.config
         self.client.clear_cache(None, timeout_s=c.connect_timeout_s, wait_for_ready=True)
@@ -81,19 +101,28 @@ class Router:
             raise RuntimeError("the shards do not support generation (Info.supports_generation is false)")
         total = None
         if c.warmup:
-            total = self.client.warmup(warmup_batch(c), c.max_input_length, c.max_batch_prefill_tokens,
-                                       c.max_total_tokens - c.max_input_length, timeout_s=c.warmup_timeout_s)
+            total = self.client.warmup(
+                warmup_batch(c),
+                c.max_input_length,
+                c.max_batch_prefill_tokens,
+                c.max_total_tokens - c.max_input_length,
+                timeout_s=c.warmup_timeout_s,
+            )
         total = total if total is not None else c.max_batch_total_tokens
         if total is None:
-            raise RuntimeError("Warmup reported no max_supported_total_tokens: "
-                               "set RouterConfig.max_batch_total_tokens")
+            raise RuntimeError("Warmup reported no max_supported_total_tokens: set RouterConfig.max_batch_total_tokens")
         self.max_supported_total_tokens = total
         blocks = BlockAllocator(total // info.block_size, info.block_size)
         self._scheduler = Scheduler(blocks, info.requires_block_allocator, self._cv)
         self._adapters.add_preloaded(info.preloaded_adapters)
-        log.info("router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s",
-                 self.client.world_size, info.block_size, total, blocks.capacity,
-                 "on" if info.requires_block_allocator else "off (shards allocate)")
+        log.info(
+            "router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s",
+            self.client.world_size,
+            info.block_size,
+            total,
+            blocks.capacity,
+            "on" if info.requires_block_allocator else "off (shards allocate)",
+        )
         self._loop = ServingLoop(self.client, self._scheduler, self._adapters, c, self.tokenizer, self._cv)
         self._loop.step_observer = self._step_observer
         self._loop.start()
@@ -106,7 +135,7 @@ class Router:
         if self.owns_client:
             self.client.close()
 
-    def __enter__(self) -> "Router":
+    def __enter__(self) -> Router:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,9 +143,15 @@ class Router:
 
     # ------------------------------------------------------------------ public API
 
-    def submit(self, prompt: str | Sequence[int], parameters: dict[str, Any] | None = None,
-               stopping: dict[str, Any] | None = None, adapter_index: int = 0, prefill_logprobs: bool = False,
-               truncate: int = 0) -> RequestHandle:
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        parameters: dict[str, Any] | None = None,
+        stopping: dict[str, Any] | None = None,
+        adapter_index: int = 0,
+        prefill_logprobs: bool = False,
+        truncate: int = 0,
+    ) -> RequestHandle:
         """Queue one request; raises ValidationError at once if it is malformed or can never fit."""
         text, ids = self._tokenize(prompt)
         if truncate and truncate < len(ids):
@@ -125,20 +160,26 @@ class Router:
         if not ids:
             raise ValidationError("the prompt is empty")
         if len(ids) > c.max_input_length:
-            raise ValidationError(f"the prompt has {len(ids)} tokens, more than max_input_length {c.max_input_length} "
-                                  "(pass truncate= to keep the last tokens)")
+            raise ValidationError(
+                f"the prompt has {len(ids)} tokens, more than max_input_length {c.max_input_length} "
+                "(pass truncate= to keep the last tokens)"
+            )
         sampling, stop = sampling_parameters(parameters), stopping_parameters(stopping)
         if len(ids) + stop.max_new_tokens > c.max_total_tokens:
-            raise ValidationError(f"prompt ({len(ids)}) + max_new_tokens ({stop.max_new_tokens}) exceeds "
-                                  f"max_total_tokens {c.max_total_tokens}")
+            raise ValidationError(
+                f"prompt ({len(ids)}) + max_new_tokens ({stop.max_new_tokens}) exceeds "
+                f"max_total_tokens {c.max_total_tokens}"
+            )
         sched = self._scheduler
         assert sched is not None and self.info is not None, "call start() first"
         speculate, block_size = self.info.speculate, sched.blocks.block_size
         n_blocks = blocks_needed(len(ids), stop.max_new_tokens, block_size, speculate)
         n_tokens = tokens_needed(len(ids), stop.max_new_tokens, speculate)
         if n_blocks > sched.blocks.capacity:
-            raise ValidationError(f"the request needs {n_blocks} KV blocks ({n_tokens} tokens) but the pool has "
-                                  f"only {sched.blocks.capacity} usable blocks of {block_size}: it can never run")
+            raise ValidationError(
+                f"the request needs {n_blocks} KV blocks ({n_tokens} tokens) but the pool has "
+                f"only {sched.blocks.capacity} usable blocks of {block_size}: it can never run"
+            )
         with self._cv:
             if self._loop is None or self._loop.stopping:
                 raise RequestError("the router is not running")
@@ -149,14 +190,20 @@ class Router:
                 sampling.adapter_id = ",".join(adapter.ids)
             handle = RequestHandle(self._next_request_id, ids)
             self._next_request_id += 1
-            request = pb.Request(id=handle.request_id, inputs=text, tokenized_inputs=pb.TokenizedInputs(ids=ids),
-                                 truncate=truncate, parameters=sampling, stopping_parameters=stop,
-                                 prefill_logprobs=prefill_logprobs, adapter_index=adapter_index)
+            request = pb.Request(
+                id=handle.request_id,
+                inputs=text,
+                tokenized_inputs=pb.TokenizedInputs(ids=ids),
+                truncate=truncate,
+                parameters=sampling,
+                stopping_parameters=stop,
+                prefill_logprobs=prefill_logprobs,
+                adapter_index=adapter_index,
+            )
             sched.enqueue(Pending(handle, request, n_blocks, n_tokens))
         return handle
 
-    def generate(self, prompt: str | Sequence[int], timeout: float | None = None,
-                 **kwargs: Any) -> GenerationResult:
+    def generate(self, prompt: str | Sequence[int], timeout: float | None = None, **kwargs: Any) -> GenerationResult:
         """`submit(prompt, **kwargs).result(timeout)`."""
         return self.submit(prompt, **kwargs).result(timeout)
 
@@ -174,8 +221,13 @@ class Router:
         block 0, slot 0, max_new_tokens 1) then ClearCache(2^64-1). True when the Prefill succeeded."""
         return self._loop_or_raise().health_probe()
 
-    def load_adapter(self, adapter_id: str | Sequence[str] | pb.AdapterParameters, source: str | int = "LOCAL",
-                     api_token: str | None = None, reuse: bool = False) -> int:
+    def load_adapter(
+        self,
+        adapter_id: str | Sequence[str] | pb.AdapterParameters,
+        source: str | int = "LOCAL",
+        api_token: str | None = None,
+        reuse: bool = False,
+    ) -> int:
         """DownloadAdapter on shard 0, then LoadAdapter on every shard into a fresh index (from 1,
         never reused). Several ids (or AdapterParameters) ask the shards for a merge. With `reuse`,
         an adapter already known with the same parameters keeps its index (an offloaded one is loaded
@@ -186,8 +238,9 @@ class Router:
             return known.index
         downloaded = self.client.download_adapter(params, src, api_token)  # shard 0; no collectives
         busy = self._scheduler.busy_adapters if self._scheduler is not None else set
-        return self._loop_or_raise().run(lambda: self._adapters.load(params, src, api_token,
-                                                                      downloaded.memory_fraction, busy(), reuse))
+        return self._loop_or_raise().run(
+            lambda: self._adapters.load(params, src, api_token, downloaded.memory_fraction, busy(), reuse)
+        )
 
     def offload_adapter(self, index: int) -> None:
         """OffloadAdapter on every shard; refused while a waiting or running request uses it."""
@@ -222,9 +275,16 @@ class Router:
         loaded, offloaded = self._adapters.counts()
         with self._cv:
             running = self._loop.running if self._loop is not None else None
-            return RouterLoad(len(sched.queue), len(sched.in_flight), running.size if running is not None else 0,
-                              running.max_tokens if running is not None else 0, sched.blocks.used_count,
-                              sched.blocks.free_count, loaded, offloaded)
+            return RouterLoad(
+                len(sched.queue),
+                len(sched.in_flight),
+                running.size if running is not None else 0,
+                running.max_tokens if running is not None else 0,
+                sched.blocks.used_count,
+                sched.blocks.free_count,
+                loaded,
+                offloaded,
+            )
 
     def debug_state(self) -> dict[str, Any]:
         """A snapshot for tests and debugging: KV blocks, queue, batch, adapters, counters."""
@@ -240,8 +300,9 @@ class Router:
                 "max_supported_total_tokens": self.max_supported_total_tokens,
                 "queued": [p.id for p in sched.queue] if sched else [],
                 "in_flight": sorted(sched.in_flight) if sched else [],
-                "running_batch": None if running is None else
-                {"id": running.id, "request_ids": list(running.request_ids)},
+                "running_batch": None
+                if running is None
+                else {"id": running.id, "request_ids": list(running.request_ids)},
                 "adapters": {i: {"ids": a.ids, "loaded": a.loaded} for i, a in self.adapters.items()},
                 "stats": asdict(loop.stats if loop is not None else RouterStats()),
             }

@@ -1,12 +1,13 @@
 """`Scheduler`: the router's request bookkeeping in plain Python (no RPCs): the waiting queue
 (FIFO), the in-flight table, KV blocks taken on admission and given back on retirement, and
 cancellations. One condition variable guards it; the router's loop also waits on it."""
+
 from __future__ import annotations
 
 import collections
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from router_client.blocks import BlockAllocator, slots_for
 from router_client.requests import Pending

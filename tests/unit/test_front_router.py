@@ -2,18 +2,19 @@
 (queued and running; FilterBatch drops the request and its blocks come back), a refused request
 failing alone when it shares a Prefill, adapter reuse by parameters, non-blocking event delivery
 (`take` + `notify`), step records and the load snapshot."""
+
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
+from test_router import CONFIG, CharTokenizer, wait_until
+from test_router_fakes import serve_fakes, token_for
 
 from router_client.messages import StepRecord
 from router_client.requests import CANCELLED, RequestError
 from router_client.router import Router
-from test_router import CONFIG, CharTokenizer, wait_until
-from test_router_fakes import serve_fakes, token_for
 
 
 @pytest.fixture

@@ -1,0 +1,52 @@
+"""Errors of the HTTP front: one JSON shape, `{"error": message, "error_type": kind}`, with LoRAX's
+status codes (422 validation, 424 generation, 429 overloaded, 500 incomplete generation, 503
+unhealthy), and the mapping from router errors to them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from router_client.requests import CANCELLED, RequestError
+
+REFUSED_CODES = ("INVALID_ARGUMENT", "FAILED_PRECONDITION")  # the shard refused the request itself
+NO_STRUCTURED_OUTPUT = "structured output not supported by this shard"
+
+
+class FrontError(Exception):
+    """An error answered as `{"error", "error_type"}` with `status`."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "error_type": self.error_type}
+
+
+def validation(message: str) -> FrontError:
+    return FrontError(422, "validation", message)
+
+
+def overloaded(message: str = "Model is overloaded") -> FrontError:
+    return FrontError(429, "overloaded", message)
+
+
+def unhealthy(message: str) -> FrontError:
+    return FrontError(503, "unhealthy", message)
+
+
+def from_request_error(err: RequestError, structured: bool) -> FrontError:
+    """A request the router accepted and then failed: a refusal at Prefill is the request's fault
+    (422); anything else is a generation error (424)."""
+    message = str(err)
+    if err.code and f"{err.code}: " in message:  # the shard's own words, without socket paths
+        message = message.split(f"{err.code}: ", 1)[1]
+    if err.code == CANCELLED:
+        return FrontError(424, "cancelled", message)
+    if err.at_prefill and err.code in REFUSED_CODES:
+        if structured and err.code == "FAILED_PRECONDITION":
+            return validation(f"{NO_STRUCTURED_OUTPUT}: {message}")
+        return validation(message)
+    return FrontError(424, "generation", message)
