@@ -222,7 +222,7 @@ def _linear(x: Tensor, state: dict[str, Tensor], name: str) -> Tensor:
 
 def ref_forward(state: dict[str, Tensor], cfg: dict, ids: Sequence[int],
                 prompt_len: int | None = None, *,
-                inv_freq_dtype: torch.dtype = F64) -> Tensor:
+                inv_freq_dtype: torch.dtype = F64, kv_out: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """Float64 logits ``[len(ids), vocab_size]`` for one sequence (positions 0..len-1, causal).
 
     Dynamic-NTK alpha is computed from ``prompt_len`` (default ``len(ids)``), so the logits a
@@ -230,6 +230,7 @@ def ref_forward(state: dict[str, Tensor], cfg: dict, ids: Sequence[int],
     ``ref_forward(P + generated, prompt_len=len(P))[t]``. logn scaling uses each token's
     absolute position. Any ``*.bias`` present in ``state`` for a linear layer is added
     (``no_bias=false`` checkpoints); ``c_attn`` always has one in released checkpoints.
+    ``kv_out``, when given, receives each layer's (k after RoPE, v) [T, heads, D] (what a KV cache holds).
     """
     c = ref_config(cfg)
     ids = [int(i) for i in ids]
@@ -264,6 +265,8 @@ def ref_forward(state: dict[str, Tensor], cfg: dict, ids: Sequence[int],
         q = apply_rope(q, pos, c["rotary_dims"], base, inv_freq_dtype)
         k = apply_rope(k, pos, c["rotary_dims"], base, inv_freq_dtype)
         q = q * qscale[:, None, None]
+        if kv_out is not None:
+            kv_out.append((k, v))
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         scores = scores.masked_fill(~causal, float("-inf"))
         probs = torch.softmax(scores, dim=-1)

@@ -50,7 +50,7 @@ def test_random_7b_shape_triton_matches_torch_reference():
     from paged import Paged
     from worker.config import QwenConfig
     from worker.distributed import ParallelContext
-    from worker.kernels.triton_attention import TritonAttention
+    from worker.layers.attention_triton import TritonAttention
     from worker.layers.attention import TorchAttention
     from worker.models.qwen import FlashQwenForCausalLM
 

@@ -24,10 +24,11 @@ pytest.importorskip("triton")
 from paged import Paged  # noqa: E402
 from random_weights import random_checkpoint  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
-from worker.engine.kv_cache import FP8, KVCache, scales_from_amax, store_kv  # noqa: E402
-from worker.kernels.triton_attention import TritonAttention  # noqa: E402
+from worker.engine.kv_cache import KVCache  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
+from worker.layers.attention_triton import TritonAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
+from worker.ops import FP8, scales_from_amax, store_kv  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 TOL = 2e-2
@@ -158,10 +159,10 @@ def test_wide_model_bf16_vs_fp8_cache(wide_model):
     model = wide_model
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in (1, 100, 517, 1000)]
-    amax = torch.zeros(2, 2, device=CUDA)
     warm = torch.randint(0, 32000, (512,), generator=g).tolist()
-    Runner(model, None, CUDA).forward_no_cache([512], warm, [1.0], amax)
-    scales = scales_from_amax(amax)
+    scratch = KVCache(2, 512, 1, 32, 128, torch.bfloat16, CUDA)  # what Warmup calibrates from
+    Runner(model, None, CUDA).forward_no_cache([512], warm, [1.0], scratch)
+    scales = scales_from_amax(scratch.amax())
     runs = {"bf16": Paged(model, num_blocks=1200), "fp8": Paged(model, num_blocks=1200, kv_dtype=FP8)}
     runs["fp8"].cache.set_scales(scales[:, 0], scales[:, 1])
     seqs = {k: [list(p) for p in prompts] for k in runs}

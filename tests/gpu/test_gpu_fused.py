@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 import helpers  # noqa: E402
 from worker.kernels.fused import (rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul,  # noqa: E402
                                   silu_mul_reference)
-from worker.layers.rotary import logn_scale, rotary_cos_sin  # noqa: E402
+from worker.ops import logn_scale, rotary_cos_sin  # noqa: E402
 
 CUDA = torch.device("cuda")
 HIDDEN, HEADS, HEAD_DIM, WIDTH = 4096, 32, 128, 11008
@@ -91,7 +91,7 @@ def test_model_fused_vs_unfused(tmp_path, dtype, tol):
     from paged import Paged
     from random_weights import random_checkpoint
     from worker.distributed import ParallelContext
-    from worker.kernels.triton_attention import TritonAttention
+    from worker.layers.attention_triton import TritonAttention
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 

@@ -19,10 +19,10 @@ from helpers import GPU_TRITON_MARKS, within
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
-from worker.engine.kv_cache import store_kv  # noqa: E402
-from worker.kernels.triton_attention import TritonAttention  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
+from worker.layers.attention_triton import TritonAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
+from worker.ops import store_kv  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}

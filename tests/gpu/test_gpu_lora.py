@@ -154,7 +154,7 @@ def lora_model(tmp_path, dtype, overlap: bool = True):
     from random_weights import random_checkpoint
     from reference import merge_lora
     from worker.distributed import ParallelContext
-    from worker.kernels.triton_attention import TritonAttention
+    from worker.layers.attention_triton import TritonAttention
     from worker.models.qwen import FlashQwenForCausalLM
 
     state = random_checkpoint(CFG, seed=3)

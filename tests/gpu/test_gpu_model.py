@@ -22,7 +22,7 @@ CFG = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channel
 
 
 def gpu_model(tmp_path, dtype):
-    from worker.kernels.triton_attention import TritonAttention
+    from worker.layers.attention_triton import TritonAttention
 
     state = random_checkpoint(CFG, seed=3)
     path = write_checkpoint(str(tmp_path / "ckpt"), CFG, state)

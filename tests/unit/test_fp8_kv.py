@@ -31,11 +31,12 @@ from paged import Paged  # noqa: E402
 from random_weights import random_checkpoint  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.engine import Engine, EngineConfig  # noqa: E402
-from worker.engine.kv_cache import FP8, FP8_MAX, KVCache, parse_kv_dtype, scales_from_amax, store_kv  # noqa: E402
+from worker.engine.kv_cache import KVCache, parse_kv_dtype  # noqa: E402
 from worker.engine.runner import Runner  # noqa: E402
-from worker.layers.attention import TorchAttention, gather_context  # noqa: E402
+from worker.layers.attention import TorchAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
 from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
+from worker.ops import FP8, FP8_MAX, gather_context, scales_from_amax, store_kv  # noqa: E402
 from worker.pb import generate_pb2 as pb  # noqa: E402
 
 REL = 2.0 ** -4  # half an ulp of a 3-bit mantissa, relative
@@ -128,7 +129,8 @@ def _triton():
     if not TRITON_ON_CPU:
         pytest.skip("Triton kernels already compiled for the GPU in this session")
     pytest.importorskip("triton")
-    from worker.kernels.triton_attention import Tiles, TritonAttention
+    from worker.kernels.triton_attention import Tiles
+    from worker.layers.attention_triton import TritonAttention
 
     return TritonAttention, Tiles(prefill_m=16, prefill_n=16, decode_n=8)
 
@@ -208,12 +210,39 @@ def test_triton_decode_reads_fp8(num_splits, dtype):
 
 # ------------------------------------------------------------------------ models
 def calibrate(model: FlashQwenForCausalLM, prompts: list[list[int]], margin: float = 2.0) -> torch.Tensor:
-    """Per-layer [k, v] scales from a no-cache prefill of `prompts` (what Engine.warmup does)."""
-    amax = torch.zeros(model.config.num_hidden_layers, 2)
+    """Per-layer [k, v] scales from a prefill of `prompts` into an unscaled scratch cache of exactly their
+    tokens (what Engine.warmup does); the model's own KV scales are left as they were."""
+    c = model.config
+    saved = [layer.attn.kv_scales for layer in model.transformer.h]
+    model.set_kv_scales(None, None)
+    scratch = KVCache(c.num_hidden_layers, sum(map(len, prompts)), 1, c.num_attention_heads, c.head_dim, model.dtype,
+                      torch.device("cpu"))
     Runner(model, None, torch.device("cpu")).forward_no_cache([len(p) for p in prompts], sum(prompts, []),
-                                                              [1.0] * len(prompts), amax)
+                                                              [1.0] * len(prompts), scratch)
+    for layer, s in zip(model.transformer.h, saved):
+        layer.attn.kv_scales = s
+    amax = scratch.amax()
     assert (amax > 0).all()
     return scales_from_amax(amax, margin)
+
+
+def test_calibration_takes_max_post_rope_k_and_v(tmp_path):
+    """The calibrated scales come from each layer's max |K| after RoPE and max |V| over every prompt token:
+    the float64 reference's maxima, within fp32 rounding."""
+    from reference import ref_forward
+
+    state = random_checkpoint(TINY, 3)
+    model = FlashQwenForCausalLM.from_pretrained(write_checkpoint(str(tmp_path / "ckpt"), TINY, state),
+                                                 dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 30)]  # <= seq_length: alpha 1
+    amax = torch.zeros(TINY["num_hidden_layers"], 2, dtype=torch.float64)
+    for p in prompts:
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        ref_forward(state, TINY, p, kv_out=kv)
+        for i, (k, v) in enumerate(kv):
+            amax[i] = torch.maximum(amax[i], torch.stack([k.abs().max(), v.abs().max()]))
+    torch.testing.assert_close(calibrate(model, prompts, 1.5), scales_from_amax(amax.float(), 1.5), rtol=1e-5, atol=0)
 
 
 def fp8_paged(model: FlashQwenForCausalLM, scales: torch.Tensor, seed: int = 0) -> Paged:
@@ -267,9 +296,13 @@ def _request(rid: int, text: str, max_new: int, ignore_eos: bool = False, logpro
                       prefill_logprobs=logprobs)
 
 
-def _warmup(engine: Engine, text: str = "The capital of France is " * 4) -> int:
+WARMUP_TEXT, WARMUP_MAX_INPUT = "The capital of France is " * 4, 64
+
+
+def _warmup(engine: Engine, text: str = WARMUP_TEXT) -> int:
     batch = pb.Batch(id=0, requests=[_request(0, text, 8)], size=1)
-    return engine.warmup(pb.WarmupRequest(batch=batch, max_input_length=64, max_prefill_tokens=64, max_new_tokens=8))
+    return engine.warmup(pb.WarmupRequest(batch=batch, max_input_length=WARMUP_MAX_INPUT,
+                                          max_prefill_tokens=64, max_new_tokens=8))
 
 
 def test_checkpoint_scales_are_used_and_not_recalibrated(tmp_path, demo_dir):
@@ -328,6 +361,9 @@ def demo_engines(demo_dir):
 def test_warmup_calibrates_fp8_scales(demo_engines):
     e = demo_engines["fp8"]
     k, v = e.calibrated_kv_scales
+    warm = e.tokenizer.encode(WARMUP_TEXT)[-WARMUP_MAX_INPUT:]  # the prompt _warmup sends, as the shard cuts it
+    expected = calibrate(e.model, [warm], e.cfg.kv_scale_margin)
+    assert torch.equal(k, expected[:, 0]) and torch.equal(v, expected[:, 1])
     assert e.kv.is_fp8 and torch.equal(e.kv.k_scales, k) and torch.equal(e.kv.v_scales, v)
     assert (k > 1e-6).all() and (k != 1.0).all() and (v != 1.0).all()
     attn = e.model.transformer.h[0].attn

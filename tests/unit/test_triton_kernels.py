@@ -1,5 +1,5 @@
-"""The Triton attention kernels against their PyTorch references (store_kv, TorchAttention), on the CPU
-through the Triton interpreter.
+"""The Triton attention kernels (through the `triton` backend) against their PyTorch references
+(ops.store_kv, TorchAttention), on the CPU through the Triton interpreter.
 
 Every case uses awkward sizes (one token, odd lengths, many sequences, contexts over many blocks),
 shuffled non-contiguous block tables, and a cache whose unused rows are NaN: a kernel that reads a
@@ -26,10 +26,13 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from helpers import within  # noqa: E402
-from worker.engine.kv_cache import store_kv  # noqa: E402
-from worker.kernels.triton_attention import Tiles, TritonAttention, choose_num_splits, prefill_tile_map  # noqa: E402
+from worker.kernels.paged_decode import choose_num_splits  # noqa: E402
+from worker.kernels.paged_prefill import prefill_tile_map  # noqa: E402
+from worker.kernels.triton_attention import Tiles  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
+from worker.layers.attention_triton import TritonAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
+from worker.ops import store_kv  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 2, 16, 8
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3}  # atol and rtol: fp16 outputs of O(1) are within ~2 ulp

@@ -10,6 +10,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from worker.engine.kv_cache import KVCache
+from worker.layers.context import ForwardContext, Seqlen
+from worker.layers.lora import AdapterBatchData
+from worker.models.qwen import FlashQwenForCausalLM
+
 
 def capture(fn: Callable[[], torch.Tensor], pool: Optional[object] = None,
             warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -42,11 +47,8 @@ class GraphedDecode:
     owns and their logits are dropped.
     """
 
-    def __init__(self, model, kv, max_batch: int, max_blocks_per_seq: int, scratch_block: int,
-                 adapter_pools: bool):
-        from worker.layers.context import Seqlen
-        from worker.layers.lora import AdapterBatchData
-
+    def __init__(self, model: FlashQwenForCausalLM, kv: KVCache, max_batch: int, max_blocks_per_seq: int,
+                 scratch_block: int, adapter_pools: bool):
         dev = model.pctx.device
         self.model, self.kv = model, kv
         self.max_blocks = max_blocks_per_seq
@@ -77,15 +79,17 @@ class GraphedDecode:
                 data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
                 splits = None
                 if hasattr(backend, "num_splits"):
-                    from worker.kernels.triton_attention import choose_num_splits
+                    from worker.kernels.paged_decode import choose_num_splits
 
                     sm = torch.cuda.get_device_properties(dev).multi_processor_count
                     heads = model.config.num_attention_heads // model.pctx.world_size
-                    splits = choose_num_splits(bs, heads, max_blocks_per_seq * kv.block_size, backend.tiles.decode_n, sm)
+                    splits = choose_num_splits(bs, heads, max_blocks_per_seq * kv.block_size, backend.tiles.decode_n,
+                                               sm)
 
                 def step(bs=bs, seqlen=seqlen, data=data):
-                    return model(self.ids[:bs], self.pos[:bs], None, kv.layers, self.tables[:bs], self.slots[:bs],
-                                 seqlen, seqlen.max_k, data)[0]
+                    ctx = ForwardContext.build(model.rotary, is_prefill=False, positions=self.pos[:bs], seqlen=seqlen,
+                                               slots=self.slots[:bs], block_tables=self.tables[:bs], adapter_data=data)
+                    return model.forward_context(self.ids[:bs], ctx, kv.layers)
 
                 old = getattr(backend, "num_splits", None)
                 if splits is not None:

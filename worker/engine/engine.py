@@ -118,20 +118,25 @@ class Engine:
             alphas.append(1.0)
         peak = 0
         calibrate = self.kv_dtype == torch.float8_e4m3fn and self.model.checkpoint_kv_scales() is None
-        amax = torch.zeros(self.model.config.num_hidden_layers, 2, device=self.pctx.device) if calibrate else None
         if ids:
             if self.pctx.device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(self.pctx.device)
                 base = torch.cuda.memory_allocated(self.pctx.device)
+            scratch = None
             try:
-                Runner(self.model, None, self.pctx.device).forward_no_cache(lengths, ids, alphas, amax)  # type: ignore
+                if calibrate:  # fp8 scales from this prefill's K/V, stored unscaled in a cache of exactly its tokens
+                    scratch = KVCache(c.num_hidden_layers, len(ids), 1, c.num_attention_heads // self.pctx.world_size,
+                                      c.head_dim, self.model.dtype, self.pctx.device)
+                    self.model.set_kv_scales(None, None)
+                Runner(self.model, None, self.pctx.device).forward_no_cache(lengths, ids, alphas,  # type: ignore
+                                                                            scratch)
             except torch.OutOfMemoryError as exc:
                 raise ResourceExhausted(f"not enough memory for {len(ids)} prefill tokens in Warmup: {exc}") from exc
-            if self.pctx.device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(self.pctx.device) - base
-            if amax is not None:  # same scales on every rank (each saw its own heads)
-                scales = scales_from_amax(self.pctx.all_reduce_max(amax), self.cfg.kv_scale_margin)
+            if self.pctx.device.type == "cuda":  # the activations alone: the scratch cache is not kept
+                peak = torch.cuda.max_memory_allocated(self.pctx.device) - base - (scratch.nbytes if scratch else 0)
+            if scratch is not None:  # same scales on every rank (each saw its own heads)
+                scales = scales_from_amax(self.pctx.all_reduce_max(scratch.amax()), self.cfg.kv_scale_margin)
                 self.calibrated_kv_scales = (scales[:, 0], scales[:, 1])
         self.allocate_cache(self._blocks_from_memory(peak))
         return self.max_supported_total_tokens

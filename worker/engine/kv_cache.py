@@ -1,7 +1,7 @@
 """The paged KV cache: per layer, K and V as [num_blocks, block_size, kv_heads_per_shard, head_dim].
 
-An fp8 (e4m3) cache stores clamp(x / scale, ±448) and reads fp8 → fp32 × scale, with one K scale and
-one V scale per layer (`k_scales`/`v_scales`, fp32 [num_layers] on the device, 1.0 until the engine
+An fp8 (e4m3) cache stores clamp(x / scale, ±448) and reads fp8 → fp32 × scale (worker.ops), with one K
+scale and one V scale per layer (`k_scales`/`v_scales`, fp32 [num_layers] on the device, 1.0 until the engine
 sets them from the checkpoint or from Warmup's calibration). Other dtypes store a plain cast.
 
 Slot `s` is row `s % block_size` of block `s // block_size`. Blocks are owned either by the router
@@ -12,47 +12,16 @@ that is never reported to the router.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value; torch's cast turns anything larger into NaN
-Scale = Union[float, torch.Tensor, None]  # a python float or a 0-d fp32 tensor (None: no scaling)
+from worker.ops import FP8, scales_from_amax
+
+# the store / gather / fp8 maths lives in worker.ops; scales_from_amax is re-exported for the engine
+__all__ = ["FP8", "KV_DTYPES", "BlockAllocator", "KVCache", "parse_kv_dtype", "scales_from_amax"]
+
 KV_DTYPES = {"fp8_e4m3": FP8, "fp8": FP8, "float8_e4m3fn": FP8}  # --kv-cache-dtype names beyond torch_dtype's
-
-
-def quantize(x: torch.Tensor, dtype: torch.dtype, scale: Scale = None) -> torch.Tensor:
-    """x in the cache's `dtype`: x / scale (fp32) when scaled, clamped to ±448 for fp8, then cast."""
-    if scale is not None:
-        x = x.float() / scale
-    if dtype == FP8:
-        x = x.float().clamp(-FP8_MAX, FP8_MAX)
-    return x.to(dtype)
-
-
-def dequantize(x: torch.Tensor, scale: Scale = None) -> torch.Tensor:
-    """Cached rows back to numbers: fp32 x × scale (None: x as stored)."""
-    return x if scale is None else x.float() * scale
-
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
-    """Write new keys/values [T, heads, head_dim] into their slots [T] (reference implementation)."""
-    nb, bs, h, d = k_cache.shape
-    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        x = quantize(x, cache.dtype, scale)
-        if cache.dtype == FP8:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
-            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
-        cache.view(nb * bs, h, d).index_copy_(0, slots, x)
-
-
-def scales_from_amax(amax: torch.Tensor, margin: float = 2.0) -> torch.Tensor:
-    """fp8 scales from calibrated maxima |x|: amax × margin / 448, so the largest value seen maps to
-    448 / margin; a zero or non-finite maximum (nothing seen) gives 1.0."""
-    scale = amax.float() * margin / FP8_MAX
-    ok = torch.isfinite(scale) & (scale > 0)
-    return torch.where(ok, scale.clamp(min=1e-12), torch.ones_like(scale))
 
 
 def parse_kv_dtype(name: str) -> Optional[torch.dtype]:
@@ -105,6 +74,15 @@ class KVCache:
             if src.numel() != self.num_layers or not bool(torch.isfinite(src).all() and (src > 0).all()):
                 raise ValueError(f"KV scales must be {self.num_layers} finite positive numbers, got {src.tolist()}")
             dst.copy_(src)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V tensors."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def amax(self) -> torch.Tensor:
+        """[num_layers, 2] fp32: each layer's max |K| and |V| over the whole cache (fp8 calibration)."""
+        return torch.stack([torch.stack([k.abs().amax(), v.abs().amax()]) for k, v in self.layers]).float()
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:

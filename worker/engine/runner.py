@@ -22,7 +22,7 @@ from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.kv_cache import KVCache
 from worker.errors import ResourceExhausted
-from worker.layers.context import Seqlen
+from worker.layers.context import ForwardContext, Seqlen
 from worker.layers.lora import AdapterBatchData
 from worker.models.qwen import FlashQwenForCausalLM
 
@@ -46,7 +46,7 @@ def kv_blocks(model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineCon
                                         cfg.kv_cache_dtype or model.dtype)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(pctx.device)
-    blocks = int((free - activation_peak) * cfg.memory_fraction) // (per_token * cfg.block_size)
+    blocks = int((free - activation_peak) ) // (per_token * cfg.block_size)
     if blocks < 2:
         raise ResourceExhausted(f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
                                 f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations")
@@ -152,18 +152,12 @@ class Runner:
         seqlen = Seqlen.for_prefill(n_new, cache_lens, [r.ntk_alpha for r in batch.requests], device=dev)
         lm_head_indices = torch.tensor(head, dtype=torch.long, device=dev)
         adapter_data = None if adapter_slots is None else AdapterBatchData.build(adapter_slots, n_new, dev)
-        logits, _ = self.model(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            position_ids=torch.tensor(pos, dtype=torch.long, device=dev),
-            cu_seqlen_prefill=seqlen.cu_seqlen_q if prefill else None,
-            kv_cache=self.kv.layers,
-            block_tables=self._block_table(batch),
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
-            seqlen=seqlen,
-            max_s=seqlen.max_k,
-            adapter_data=adapter_data,
-            lm_head_indices=lm_head_indices,
-        )
+        ctx = ForwardContext.build(self.model.rotary, is_prefill=prefill,
+                                   positions=torch.tensor(pos, dtype=torch.long, device=dev), seqlen=seqlen,
+                                   slots=torch.tensor(slots, dtype=torch.long, device=dev),
+                                   block_tables=self._block_table(batch), lm_head_indices=lm_head_indices,
+                                   adapter_data=adapter_data)
+        logits = self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx, self.kv.layers)
         for r in batch.requests:
             r.n_cached = len(r.ids)
         last_rows, prompt = [], {}
@@ -181,14 +175,24 @@ class Runner:
 
     @torch.inference_mode()
     def forward_no_cache(self, lengths: list[int], ids: list[int], alphas: list[float],
-                         kv_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """A prefill that writes no KV (Warmup's memory probe, Health): last-token logits [B, V].
-        kv_amax ([layers, 2] fp32, updated in place): each layer's max |k|, |v| (fp8 KV calibration)."""
+                         scratch: Optional[KVCache] = None) -> torch.Tensor:
+        """A prefill of whole prompts outside the serving cache (Warmup's memory probe, Health): last-token
+        logits [B, V]. K/V are stored only into `scratch` when given: an unscaled cache with block size 1 and
+        a block per token (Warmup's fp8 calibration reads it), token t of the step in slot t."""
         dev = self.device
         seqlen = Seqlen.for_prefill(lengths, None, alphas, device=dev)
         pos = [p for n in lengths for p in range(n)]
         last = torch.cumsum(torch.tensor(lengths, device=dev), 0) - 1
-        ctx = self.model.make_context(torch.tensor(pos, dtype=torch.long, device=dev), seqlen.cu_seqlen_q, None,
-                                      None, seqlen, last, None)
-        ctx.kv_amax = kv_amax
-        return self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx, None)
+        slots = tables = None
+        if scratch is not None:
+            slots = torch.arange(len(ids), device=dev)
+            width, start, rows = max(lengths), 0, []
+            for n in lengths:
+                rows.append(list(range(start, start + n)) + [0] * (width - n))
+                start += n
+            tables = torch.tensor(rows, dtype=torch.int32, device=dev)  # [B, max length]
+        ctx = ForwardContext.build(self.model.rotary, is_prefill=True,
+                                   positions=torch.tensor(pos, dtype=torch.long, device=dev), seqlen=seqlen,
+                                   slots=slots, block_tables=tables, lm_head_indices=last)
+        return self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx,
+                                          None if scratch is None else scratch.layers)

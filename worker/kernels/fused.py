@@ -1,21 +1,20 @@
 """Fused elementwise kernels for the decode/prefill hot path: residual add + RMSNorm, RoPE (+ logn) in
-place, SiLU-and-multiply. Each replaces a chain of small PyTorch kernels with one launch.
+place, SiLU-and-multiply. Each replaces a chain of small PyTorch kernels with one launch; the layers pick
+these or their references in worker.ops once, at construction.
 
-Each kernel follows its PyTorch reference op for op, with the same dtype casts, so results agree to
-the last bit except where a reduction order differs (the RMSNorm mean: rare 1-ulp differences):
-  rms_norm   `worker.layers.norm.RMSNorm.forward` after `s = x + residual` (the block's `h = x + ...`)
-  rotary_    `worker.layers.rotary.apply_rotary` (q with logn, k without)
-  silu_mul   `QwenMLP`: `up * silu(gate)`; silu in fp32 rounded to the input dtype, then the product
-             rounded again, as PyTorch does for fp16/bf16
-`*_reference` below compose those references; tests/unit/test_fused_kernels.py compares the two.
+Each kernel follows its reference op for op, with the same dtype casts, so results agree to the last bit
+except where a reduction order differs (the RMSNorm mean: rare 1-ulp differences):
+  rms_norm   `ops.add_rms_norm`: RMSNorm of s = x + residual, and s
+  rotary     `ops.rotary_qk`: q with logn, k without (in place here)
+  silu_mul   `ops.silu_mul`: silu in fp32 rounded to the input dtype, then the product rounded again, as
+             PyTorch does for fp16/bf16
+tests/unit/test_fused_kernels.py compares each pair.
 
 Kernels launch with `enable_fp_fusion=False`: no multiply-add is contracted into an FMA, so every fp32
 product and sum rounds where PyTorch's would. On CUDA, exp is libdevice's `expf` (what PyTorch's silu
 calls) and the division is IEEE round-to-nearest; the Triton interpreter has no libdevice and uses
 numpy's exp instead. (Triton may turn "fp32 op, then round to bf16/fp16" into the native 16-bit op: the
 same result, since fp32 holds more than twice the 16-bit significand, so the double rounding is exact.)
-
-The model uses these on CUDA with the `triton` attention backend (`FlashQwenForCausalLM(fused=...)`).
 """
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from worker.layers import norm
-from worker.layers.rotary import apply_rotary
+from worker import ops
 
 
 # --------------------------------------------------------------------------------------- RMSNorm
@@ -79,10 +77,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out, total
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                       residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    total = x if residual is None else x + residual
-    return norm.rms_norm(total, weight, eps), total
+rms_norm_reference = ops.add_rms_norm
 
 
 # ---------------------------------------------------------------------------------------- rotary
@@ -155,9 +150,14 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         BLOCK_REST=triton.next_power_of_2(max(rest, 16)), num_warps=4, enable_fp_fusion=False)
 
 
-def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     logn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return apply_rotary(q, cos, sin, logn), apply_rotary(k, cos, sin)
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           logn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_` returning (q, k), the signature of its reference `ops.rotary_qk`."""
+    rotary_(q, k, cos, sin, logn)
+    return q, k
+
+
+rotary_reference = ops.rotary_qk
 
 
 # ---------------------------------------------------------------------------------- SiLU · mul
@@ -196,9 +196,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return up * torch.nn.functional.silu(gate)
+silu_mul_reference = ops.silu_mul
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -210,4 +208,4 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-__all__ = ["rms_norm", "rotary_", "silu_mul", "rms_norm_reference", "rotary_reference", "silu_mul_reference"]
+__all__ = ["rms_norm", "rotary", "rotary_", "silu_mul", "rms_norm_reference", "rotary_reference", "silu_mul_reference"]

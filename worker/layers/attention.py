@@ -1,13 +1,14 @@
 """Attention over the paged KV cache, behind one interface with backends chosen once at start-up.
 
 `torch` (portable, CPU and GPU; the reference the others are tested against) handles, for a batch
-mixing sequences of different lengths and non-contiguous, out-of-order blocks:
-  (a) plain prefill, (b) prefill of a suffix after `cache_len` cached tokens, (c) decode.
-Queries of a sequence's new tokens attend causally to all of its cached tokens plus themselves.
+mixing sequences of different lengths and non-contiguous, out-of-order blocks: (a) plain prefill,
+(b) prefill of a suffix after `cache_len` cached tokens, (c) decode. Queries of a sequence's new tokens
+attend causally to all of its cached tokens plus themselves.
+`triton` (attention_triton.py; GPU, and on CPU tensors through the Triton interpreter in tests) unpacks the
+context into the plain-tensor kernels of worker/kernels.
 
 fp8 caches: `store` and `attend` take the layer's `k_scale`/`v_scale` (python floats or 0-d fp32 tensors;
-None, the default, means an unscaled cache). The reference stores clamp(x / scale, ±448) as e4m3 and
-reads the cached rows back as fp32 × scale (worker.engine.kv_cache.quantize / dequantize).
+None, the default, means an unscaled cache): stored clamp(x / scale, ±448), read back as fp32 × scale.
 """
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ from typing import Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from worker.engine.kv_cache import Scale, dequantize, store_kv
 from worker.layers.context import ForwardContext
+from worker.ops import Scale, dequantize, gather_context, store_kv
 
 log = logging.getLogger(__name__)
-
 
 class AttentionBackend(Protocol):
     name: str
@@ -32,13 +32,6 @@ class AttentionBackend(Protocol):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
                v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
                v_scale: Scale = None) -> torch.Tensor: ...
-
-
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached rows of one sequence: [length, heads, head_dim]."""
-    nb, bs, h, d = cache.shape
-    n_blocks = (length + bs - 1) // bs
-    return cache[block_table[:n_blocks].long()].reshape(n_blocks * bs, h, d)[:length]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -58,45 +51,43 @@ class TorchAttention:
 
     name = "torch"
 
-    def store(self, k, v, k_cache, v_cache, slots, k_scale: Scale = None, v_scale: Scale = None) -> None:
+    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
         store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
-    def attend(self, q, k, v, k_cache, v_cache, ctx: ForwardContext, scale: float, k_scale: Scale = None,
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
+               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
                v_scale: Scale = None) -> torch.Tensor:
         # q, k, v: [T, heads, head_dim] of the new tokens -> [T, heads, head_dim]
         scaled = k_scale is not None or v_scale is not None
         cu = ctx.seqlen.cu_seqlen_q.tolist()
         lengths = ctx.seqlen.input_lengths.tolist()
         out = torch.empty_like(q)
+        tables = ctx.block_tables
         for i in range(len(cu) - 1):
             s, e = cu[i], cu[i + 1]
             if k_cache is None:  # no cache: the new tokens are the whole context
                 keys, values = k[s:e], v[s:e]
             elif scaled:  # fp32 keys/values, dequantised exactly (causal_attention computes in fp32)
-                keys = dequantize(gather_context(k_cache, ctx.block_tables[i], lengths[i]), k_scale)
-                values = dequantize(gather_context(v_cache, ctx.block_tables[i], lengths[i]), v_scale)
+                keys = dequantize(gather_context(k_cache, tables[i], lengths[i]), k_scale)
+                values = dequantize(gather_context(v_cache, tables[i], lengths[i]), v_scale)
             else:
-                keys = gather_context(k_cache, ctx.block_tables[i], lengths[i]).to(q.dtype)
-                values = gather_context(v_cache, ctx.block_tables[i], lengths[i]).to(q.dtype)
+                keys = gather_context(k_cache, tables[i], lengths[i]).to(q.dtype)
+                values = gather_context(v_cache, tables[i], lengths[i]).to(q.dtype)
             out[s:e] = causal_attention(q[s:e], keys, values, scale)
         return out
 
 
 def make_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto` picks `triton` on CUDA when available, else `torch`."""
-    if name == "auto":
-        name = "torch"
-        if device.type == "cuda":
-            try:
-                from worker.kernels import triton_attention  # noqa: F401
-
-                name = "triton"
-            except ImportError:
-                pass
-    if name == "torch":
+    """`auto` picks `triton` on CUDA when triton imports, else `torch`."""
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or triton)")
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchAttention()
-    if name == "triton":
-        from worker.kernels.triton_attention import TritonAttention
-
-        return TritonAttention()
-    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or triton)")
+    try:
+        from worker.layers.attention_triton import TritonAttention
+    except ImportError:
+        if name == "triton":
+            raise
+        return TorchAttention()
+    return TritonAttention()

@@ -1,5 +1,5 @@
-"""The per-step metadata every layer reads: one `ForwardContext`, built once per forward and passed
-explicitly (never a module global).
+"""The per-step metadata every layer reads: one `ForwardContext`, built by the runner once per forward
+(`ForwardContext.build`) and passed explicitly (never a module global).
 
 Token-level tensors cover the T tokens computed in this step (all sequences concatenated); sequence-
 level tensors cover the B sequences of the batch.
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+
+from worker.ops import logn_scale, rotary_cos_sin
 
 
 @dataclass
@@ -40,11 +42,21 @@ class Seqlen:
                    max(cache))
 
 
-@dataclass
+@dataclass(frozen=True)
+class RotarySettings:
+    """The model's rotary constants the context's cos/sin/logn tables are computed from."""
+
+    rotary_dim: int
+    base: float
+    seq_length: int  # logn scales queries past this position
+    use_logn: bool
+
+
+@dataclass(slots=True)
 class ForwardContext:
     is_prefill: bool
     positions: torch.Tensor  # [T] long: absolute position of each new token
-    slots: Optional[torch.Tensor]  # [T] long: KV slot of each new token (None: no cache, e.g. training)
+    slots: Optional[torch.Tensor]  # [T] long: KV slot of each new token (None: no cache)
     block_tables: Optional[torch.Tensor]  # [B, max_blocks] int32: KV blocks of each sequence, in order
     seqlen: Seqlen
     cos: torch.Tensor  # [T, rotary_dim/2] fp32
@@ -52,4 +64,23 @@ class ForwardContext:
     logn: Optional[torch.Tensor]  # [T] fp32 query scale, None when logn attention is off
     lm_head_indices: Optional[torch.Tensor]  # [N] long: tokens whose logits are wanted (None: all)
     adapter_data: Any = None  # per-token adapter slots and segments (layers/lora.py)
-    kv_amax: Optional[torch.Tensor] = None  # [layers, 2] fp32: running max |k|, |v| (fp8 KV calibration only)
+
+    @classmethod
+    def build(cls, rotary: RotarySettings, *, is_prefill: bool, positions: torch.Tensor, seqlen: Seqlen,
+              slots: Optional[torch.Tensor] = None, block_tables: Optional[torch.Tensor] = None,
+              lm_head_indices: Optional[torch.Tensor] = None, adapter_data: Any = None) -> "ForwardContext":
+        """The context of one step: each token's rotary tables from its position and its sequence's NTK
+        alpha. Makes no host sync, so a decode step builds it inside a CUDA graph."""
+        positions = positions.long()
+        if seqlen.ntk_alpha is None:
+            alpha = torch.ones(positions.shape[0], device=positions.device)  # [T]
+        elif not is_prefill:  # decode: one token per sequence
+            alpha = seqlen.ntk_alpha.to(positions.device)
+        else:
+            n_new = seqlen.cu_seqlen_q[1:] - seqlen.cu_seqlen_q[:-1]  # [B]
+            alpha = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
+        cos, sin = rotary_cos_sin(positions, alpha, rotary.rotary_dim, rotary.base)
+        logn = logn_scale(positions, rotary.seq_length) if rotary.use_logn else None
+        return cls(is_prefill=is_prefill, positions=positions, slots=None if slots is None else slots.long(),
+                   block_tables=block_tables, seqlen=seqlen, cos=cos, sin=sin, logn=logn,
+                   lm_head_indices=lm_head_indices, adapter_data=adapter_data)

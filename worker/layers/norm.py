@@ -1,26 +1,33 @@
-"""RMSNorm exactly as Qwen v1: normalise in fp32, cast back to the model dtype, then scale.
+"""RMSNorm exactly as Qwen v1 (worker.ops.rms_norm), with the residual add before it fused in.
 
-Not sharded: every rank holds the whole weight [H].
+Not sharded: every rank holds the whole weight [H]. `forward(x, residual)` returns (RMSNorm(s), s) with
+s = x + residual, so a decoder loop carries the residual stream the same way whichever implementation
+runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at construction.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from worker import ops
+
+NormFn = Callable[[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device,
+                 fused: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.impl: NormFn = ops.add_rms_norm
+        if fused:
+            from worker.kernels import fused as kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+            self.impl = kernels.rms_norm
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The reference math (the fused Triton kernel in worker/kernels/fused.py is tested against it)."""
-    # x: [T, H]; weight: [H]
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return normed.to(x.dtype) * weight
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, H] -> (normed [T, H], s = x + residual [T, H])
+        return self.impl(x, self.weight, self.eps, residual)

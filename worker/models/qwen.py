@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -17,12 +16,13 @@ from torch import nn
 
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext
+from worker.layers.activation import SiluAndMul
 from worker.layers.attention import AttentionBackend, TorchAttention
-from worker.layers.context import ForwardContext, Seqlen
+from worker.layers.context import ForwardContext, RotarySettings, Seqlen
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, make_qkv
 from worker.layers.norm import RMSNorm
-from worker.layers.rotary import apply_rotary, logn_scale, rotary_cos_sin
+from worker.layers.rotary import Rotary
 from worker.weights import Weights
 
 __all__ = ["QwenConfig", "QwenRMSNorm", "FlashQwenAttention", "QwenMLP", "FlashQwenLayer", "FlashQwenModel",
@@ -56,16 +56,6 @@ class QwenRMSNorm(RMSNorm):
     """ln_1 / ln_2 / ln_f (replicated on every rank)."""
 
 
-def fused_kernels(fused: bool) -> Optional[ModuleType]:
-    """worker.kernels.fused (Triton: residual add + RMSNorm, in-place RoPE, SiLU-mul) when `fused`, else
-    None: the layers then run their PyTorch reference code. Imported only when asked for (needs triton)."""
-    if not fused:
-        return None
-    from worker.kernels import fused as kernels
-
-    return kernels
-
-
 class FlashQwenAttention(nn.Module):
     """c_attn (fused q/k/v, with bias; column parallel by heads) → RoPE (+ logn on q) → paged
     attention → c_proj (row parallel, one all-reduce).
@@ -75,10 +65,8 @@ class FlashQwenAttention(nn.Module):
     `checkpoint_kv_scales` the checkpoint's `attn.k_scale`/`attn.v_scale` when it has them."""
 
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False, layer_idx: int = 0):
+                 fused: bool = False):
         super().__init__()
-        self.kernels = fused_kernels(fused)
-        self.layer_idx = layer_idx
         self.kv_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.checkpoint_kv_scales: Optional[Tuple[float, float]] = None
         self.num_heads_total = config.num_attention_heads
@@ -87,6 +75,7 @@ class FlashQwenAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.backend = backend
         self.c_attn = make_qkv(config.hidden_size, self.num_heads_total, self.head_dim, pctx, dtype, bias=True)
+        self.rotary = Rotary(fused)
         self.c_proj = RowParallelLinear(config.hidden_size, config.hidden_size, not config.no_bias, pctx, dtype,
                                         "attn.c_proj")
 
@@ -102,14 +91,7 @@ class FlashQwenAttention(nn.Module):
         T = x.shape[0]
         qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
-        if self.kernels is not None:
-            self.kernels.rotary_(q, k, ctx.cos, ctx.sin, ctx.logn)  # in place, inside qkv
-        else:
-            q = apply_rotary(q, ctx.cos, ctx.sin, ctx.logn)
-            k = apply_rotary(k, ctx.cos, ctx.sin)
-        if ctx.kv_amax is not None:  # Warmup's fp8 calibration: what the cache would store
-            amax = ctx.kv_amax[self.layer_idx]
-            torch.maximum(amax, torch.stack([k.abs().amax(), v.abs().amax()]).float(), out=amax)
+        q, k = self.rotary(q, k, ctx.cos, ctx.sin, ctx.logn)
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0], v_scale=self.kv_scales[1])
         if kv is not None and ctx.slots is not None:
@@ -124,10 +106,10 @@ class QwenMLP(nn.Module):
 
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, fused: bool = False):
         super().__init__()
-        self.kernels = fused_kernels(fused)
         width = config.mlp_width
         self.gate_up = ColumnParallelLinear(config.hidden_size, [width, width], not config.no_bias, pctx, dtype,
                                             "mlp.w2/w1")
+        self.act = SiluAndMul(fused)
         self.c_proj = RowParallelLinear(width, config.hidden_size, not config.no_bias, pctx, dtype, "mlp.c_proj")
 
     def load(self, weights: Weights, prefix: str) -> None:
@@ -136,21 +118,20 @@ class QwenMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
-        if self.kernels is not None:
-            return self.c_proj(self.kernels.silu_mul(gate_up), ctx)
-        gate, up = gate_up.chunk(2, dim=-1)  # each [T, width_per_rank]
-        return self.c_proj(up * nn.functional.silu(gate), ctx)
+        return self.c_proj(self.act(gate_up), ctx)
 
 
 class FlashQwenLayer(nn.Module):
+    """One decoder block. Each residual add is fused into the next norm: the block's input is x + residual
+    (residual None: x alone) and it returns (mlp output, h) for the next block to add."""
+
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False, layer_idx: int = 0):
+                 fused: bool = False):
         super().__init__()
         eps = config.layer_norm_epsilon
-        self.kernels = fused_kernels(fused)
-        self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
-        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused, layer_idx)
-        self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device)
+        self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
+        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused)
+        self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
         self.mlp = QwenMLP(config, pctx, dtype, fused)
 
     def load(self, weights: Weights, prefix: str) -> None:
@@ -160,18 +141,11 @@ class FlashQwenLayer(nn.Module):
         self.attn.load(weights, f"{prefix}.attn")
         self.mlp.load(weights, f"{prefix}.mlp")
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer) -> torch.Tensor:
-        h = x + self.attn(self.ln_1(x), ctx, kv)
-        return h + self.mlp(self.ln_2(h), ctx)
-
-    def forward_fused(self, x: torch.Tensor, residual: Optional[torch.Tensor], ctx: ForwardContext,
-                      kv: KVLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` with each residual add fused into the next norm: the block input is x + residual
-        (residual None: x alone); returns (mlp output, h), whose sum is `forward`'s output."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], ctx: ForwardContext,
+                kv: KVLayer) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H]
-        normed, block_in = self.kernels.rms_norm(x, self.ln_1.weight, self.ln_1.eps, residual)
-        attn_out = self.attn(normed, ctx, kv)
-        normed, h = self.kernels.rms_norm(attn_out, self.ln_2.weight, self.ln_2.eps, block_in)
+        normed, block_in = self.ln_1(x, residual)
+        normed, h = self.ln_2(self.attn(normed, ctx, kv), block_in)  # h = block_in + attention
         return self.mlp(normed, ctx), h
 
 
@@ -181,27 +155,23 @@ class FlashQwenModel(nn.Module):
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
                  fused: bool = False):
         super().__init__()
-        self.kernels = fused_kernels(fused)
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
-        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend, fused, i)
-                               for i in range(config.num_hidden_layers))
-        self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device)
+        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend, fused)
+                               for _ in range(config.num_hidden_layers))
+        self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device, fused)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Optional[List[KVLayer]]) -> torch.Tensor:
         x = self.wte(input_ids)  # [T, H]
-        if self.kernels is not None:
-            residual = None
-            for i, layer in enumerate(self.h):
-                x, residual = layer.forward_fused(x, residual, ctx, kv_cache[i] if kv_cache is not None else None)
-            return self.kernels.rms_norm(x, self.ln_f.weight, self.ln_f.eps, residual)[0]
+        residual = None
         for i, layer in enumerate(self.h):
-            x = layer(x, ctx, kv_cache[i] if kv_cache is not None else None)
-        return self.ln_f(x)
+            x, residual = layer(x, residual, ctx, kv_cache[i] if kv_cache is not None else None)
+        return self.ln_f(x, residual)[0]
 
 
 class FlashQwenForCausalLM(nn.Module):
     """`fused` (None: on exactly when the model is on CUDA with the `triton` attention backend) runs the
-    elementwise chains through worker/kernels/fused.py; the PyTorch path is the reference."""
+    norms, RoPE and SiLU-mul through worker/kernels/fused.py; the PyTorch path is the reference.
+    `rotary` holds the constants the runner builds each step's ForwardContext from."""
 
     def __init__(self, config: QwenConfig, pctx: Optional[ParallelContext] = None,
                  dtype: torch.dtype = torch.float32, backend: Optional[AttentionBackend] = None,
@@ -214,6 +184,8 @@ class FlashQwenForCausalLM(nn.Module):
         if fused is None:
             fused = self.backend.name == "triton" and self.pctx.device.type == "cuda"
         self.use_fused = fused
+        self.rotary = RotarySettings(config.rotary_dim, config.rotary_emb_base, config.seq_length,
+                                     config.use_logn_attn)
         self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
 
@@ -256,25 +228,6 @@ class FlashQwenForCausalLM(nn.Module):
         for i, layer in enumerate(self.transformer.h):
             layer.attn.kv_scales = None if k_scales is None else (k_scales[i], v_scales[i])
 
-    def make_context(self, position_ids: torch.Tensor, cu_seqlen_prefill: Optional[torch.Tensor],
-                     block_tables: Optional[torch.Tensor], slots: Optional[torch.Tensor], seqlen: Seqlen,
-                     lm_head_indices: Optional[torch.Tensor], adapter_data: Any) -> ForwardContext:
-        cfg = self.config
-        positions = position_ids.long()
-        n_new = seqlen.cu_seqlen_q[1:] - seqlen.cu_seqlen_q[:-1]  # [B]
-        if seqlen.ntk_alpha is None:
-            alpha_tok = torch.ones(positions.shape[0], device=positions.device)
-        elif cu_seqlen_prefill is None:  # decode: one token per sequence (no host sync: CUDA-graph safe)
-            alpha_tok = seqlen.ntk_alpha.to(positions.device)
-        else:
-            alpha_tok = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
-        cos, sin = rotary_cos_sin(positions, alpha_tok, cfg.rotary_dim, cfg.rotary_emb_base)
-        logn = logn_scale(positions, cfg.seq_length) if cfg.use_logn_attn else None
-        return ForwardContext(is_prefill=cu_seqlen_prefill is not None, positions=positions,
-                              slots=None if slots is None else slots.long(), block_tables=block_tables,
-                              seqlen=seqlen, cos=cos, sin=sin, logn=logn, lm_head_indices=lm_head_indices,
-                              adapter_data=adapter_data)
-
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -290,18 +243,22 @@ class FlashQwenForCausalLM(nn.Module):
         lm_head_indices: Optional[torch.Tensor] = None,  # [N]
         skip_lm_head: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        ctx = self.make_context(position_ids, cu_seqlen_prefill, block_tables, slots, seqlen, lm_head_indices,
-                                adapter_data)
+        """The seed's contract: builds the step's ForwardContext and runs `forward_context`."""
+        ctx = ForwardContext.build(self.rotary, is_prefill=cu_seqlen_prefill is not None, positions=position_ids,
+                                   seqlen=seqlen, slots=slots, block_tables=block_tables,
+                                   lm_head_indices=lm_head_indices, adapter_data=adapter_data)
         return self.forward_context(input_ids, ctx, kv_cache, skip_lm_head), None
 
     def forward_context(self, input_ids: torch.Tensor, ctx: ForwardContext,
                         kv_cache: Optional[List[KVLayer]], skip_lm_head: bool = False) -> torch.Tensor:
+        """input_ids [T] -> logits [N, vocab_size] of the tokens ctx.lm_head_indices picks (hidden states
+        [N, H] with skip_lm_head). The padded vocab's extra ids are masked by the sampler."""
         hidden = self.transformer(input_ids, ctx, kv_cache)  # [T, H]
         if ctx.lm_head_indices is not None:
             hidden = hidden[ctx.lm_head_indices]
         if skip_lm_head:
             return hidden
-        return self.lm_head(hidden)  # [N, vocab_size] (padded vocab; the sampler masks ids >= real vocab)
+        return self.lm_head(hidden)
 
     def lora_targets(self) -> list[LoraTarget]:
         """Every linear an adapter may wrap, layer by layer in LORA_TARGETS order."""

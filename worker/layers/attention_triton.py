@@ -1,0 +1,88 @@
+"""The `triton` attention backend: unpacks the ForwardContext into the plain-tensor Triton kernels of
+worker/kernels (store, paged decode, paged prefill). Importing it needs triton.
+
+Prefill without cached tokens goes to torch's FlashAttention `varlen_attn` on CUDA in fp16/bf16 when it
+is available, with an fp8 cache too: such prompts attend over their unquantised K/V (as vLLM does);
+suffix prefill and decode read the cache.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from worker.kernels.paged_decode import paged_decode
+from worker.kernels.paged_prefill import paged_prefill
+from worker.kernels.triton_attention import Tiles, pow2, rows_contiguous, store_kv
+from worker.layers.context import ForwardContext
+from worker.ops import Scale
+
+log = logging.getLogger(__name__)
+
+try:  # FlashAttention-2 inside PyTorch (torch >= 2.10); causal only with window_size=(-1, 0)
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _torch_varlen_attn = None
+
+
+class TritonAttention:
+    """Paged attention in Triton. `num_splits` fixes the decode split count (e.g. per captured CUDA-graph
+    batch size); None picks it per call from the batch and the longest context."""
+
+    name = "triton"
+
+    def __init__(self, num_splits: Optional[int] = None, tiles: Tiles = Tiles(), use_varlen_attn: bool = True):
+        self.num_splits = num_splits
+        self.tiles = tiles
+        self.varlen_attn = _torch_varlen_attn if use_varlen_attn else None
+
+    # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
+    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
+        store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
+               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
+               v_scale: Scale = None, num_splits: Optional[int] = None) -> torch.Tensor:
+        # q, k, v: [T, heads, head_dim] of the new tokens -> [T, heads, head_dim] in q's dtype
+        pow2(q.shape[2], "head_dim")
+        q = rows_contiguous(q)
+        if not ctx.is_prefill:
+            if k_cache is None or v_cache is None:
+                raise ValueError("decode needs the KV cache")
+            return self.decode(q, k_cache, v_cache, ctx, scale, num_splits or self.num_splits, k_scale, v_scale)
+        if k_cache is None or ctx.seqlen.max_cache_len == 0:  # fresh prompts: the new tokens are the context
+            out = self._varlen(q, k, v, ctx, scale)
+            if out is not None:
+                return out
+        return self.prefill(q, k, v, k_cache, v_cache, ctx, scale, k_scale, v_scale)
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
+               scale: float, num_splits: Optional[int] = None, k_scale: Scale = None,
+               v_scale: Scale = None) -> torch.Tensor:
+        """One new token per sequence (row b of q is sequence b), already stored in the cache."""
+        assert ctx.block_tables is not None
+        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seqlen.input_lengths, ctx.seqlen.max_k,
+                            scale, self.tiles, num_splits, k_scale, v_scale)
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
+                v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
+                v_scale: Scale = None) -> torch.Tensor:
+        """Each sequence's new tokens over its cached prefix (k_cache given, new tokens already stored) or
+        over themselves alone (k_cache None; the scales then do not apply)."""
+        return paged_prefill(q, k, v, k_cache, v_cache, ctx.block_tables, ctx.seqlen.cu_seqlen_q,
+                             ctx.seqlen.cache_lengths, scale, self.tiles, k_scale, v_scale)
+
+    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                scale: float) -> Optional[torch.Tensor]:
+        """torch's FlashAttention varlen kernel for prefill without a cache; None where it does not apply."""
+        if self.varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        cu, max_q = ctx.seqlen.cu_seqlen_q, ctx.seqlen.max_q
+        try:
+            return self.varlen_attn(q, k, v, cu, cu, max_q, max_q, scale=scale, window_size=(-1, 0))
+        except (RuntimeError, TypeError, ValueError) as exc:  # unsupported build / signature: Triton from now on
+            log.warning("torch varlen_attn unavailable (%s); using the Triton prefill kernel", exc)
+            self.varlen_attn = None
+            return None
