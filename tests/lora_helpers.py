@@ -1,10 +1,11 @@
 """Helpers for adapter tests: write PEFT adapter directories, wire an AdapterManager to a model."""
+
 from __future__ import annotations
 
 import json
 import os
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -31,8 +32,7 @@ def shapes_only(config, rank: int = 0, world: int = 1):
     return FlashQwenForCausalLM(config, ParallelContext(rank, world, torch.device("meta")))
 
 
-def manager(root: str, config, pctx, dtype: torch.dtype, max_rank: int, num_slots: int,
-            model: Optional[object] = None, **kw):
+def manager(root: str, config, pctx, dtype: torch.dtype, max_rank: int, num_slots: int, model: Any = None, **kw):
     """An AdapterManager for `pctx` (its model: `model`, or the shapes of `config` on pctx's TP rank)."""
     from worker.adapters.pool import AdapterManager
 
@@ -48,13 +48,18 @@ def attach_manager(model, root: str, max_rank: int = 16, num_slots: int = 4):
     return mgr, engine
 
 
-def load(mgr, index: int, *ids: str, strategy: Optional[int] = None, weights=(), density: float = 1.0,
-         sign: Optional[int] = None):
+def load(
+    mgr, index: int, *ids: str, strategy: int | None = None, weights=(), density: float = 1.0, sign: int | None = None
+):
     from worker.pb import generate_pb2 as pb
 
-    params = pb.AdapterParameters(adapter_ids=list(ids), weights=list(weights),
-                                  merge_strategy=pb.MergeStrategy.LINEAR if strategy is None else strategy,
-                                  density=density,
-                                  majority_sign_method=pb.MajoritySignMethod.TOTAL if sign is None else sign)
-    return mgr.load(pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL,
-                                          adapter_index=index))
+    params = pb.AdapterParameters(
+        adapter_ids=list(ids),
+        weights=list(weights),
+        merge_strategy=pb.MergeStrategy.LINEAR if strategy is None else strategy,
+        density=density,
+        majority_sign_method=pb.MajoritySignMethod.TOTAL if sign is None else sign,
+    )
+    return mgr.load(
+        pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL, adapter_index=index)
+    )

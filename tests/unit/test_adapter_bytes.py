@@ -2,6 +2,7 @@
 filling a slot. Every slot must hold exactly read_adapter's values (scale applied in fp32, rounded once to
 the pool dtype), cut for this TP rank: for each file dtype, pool dtype and TP rank, on the first fill and
 on a reload from the host copy (the fold must never touch the host copy)."""
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,7 @@ def test_slot_from_file_bytes_equals_read_adapter(tmp_path, file_dtype, pool_dty
 def test_host_copy_is_the_file_and_reads_only_what_the_header_names(tmp_path):
     from safetensors.torch import load_file
 
-    write_adapter(str(tmp_path), "x", TINY, RANK, ALPHA, seed=6, dtype=torch.bfloat16,
-                  targets=("c_attn", "w1"))
+    write_adapter(str(tmp_path), "x", TINY, RANK, ALPHA, seed=6, dtype=torch.bfloat16, targets=("c_attn", "w1"))
     path = str(tmp_path / "x")
     sizes = []
 
@@ -90,8 +90,7 @@ def test_host_copy_is_the_file_and_reads_only_what_the_header_names(tmp_path):
     data = os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
     assert sizes == [host.nbytes] and host.nbytes == sum(t.numel() * t.element_size() for t in file.values())
     assert host.nbytes < data  # the header is not part of it
-    assert set(host.tensors()) == {(i, m) for i in range(CONFIG.num_hidden_layers)
-                                   for m in ("attn.c_attn", "mlp.w1")}
+    assert set(host.tensors()) == {(i, m) for i in range(CONFIG.num_hidden_layers) for m in ("attn.c_attn", "mlp.w1")}
     for (layer, module), (a, b) in host.tensors().items():
         prefix = f"base_model.model.transformer.h.{layer}.{module}."
         assert torch.equal(a, file[prefix + "lora_A.weight"]) and torch.equal(b, file[prefix + "lora_B.weight"])
@@ -122,8 +121,9 @@ def test_folded_host_copy_holds_read_adapters_values(tmp_path, file_dtype, pool_
     host = read_adapter_bytes(path, CONFIG, MAX_RANK, lambda n: torch.empty(n, dtype=torch.uint8))
     before = host.buf.clone()
     sizes = []
-    folded = HostAdapter.from_weights(host.folded(pool_dtype),
-                                      lambda n: sizes.append(n) or torch.empty(n + 64, dtype=torch.uint8))
+    folded = HostAdapter.from_weights(
+        host.folded(pool_dtype), lambda n: sizes.append(n) or torch.empty(n + 64, dtype=torch.uint8)
+    )
     assert folded.scale == 1.0 and folded.nbytes == sizes[0] and not folded.cut
     assert torch.equal(host.buf, before)  # the source is untouched
     expect = read_adapter(path, CONFIG, MAX_RANK, dtype=pool_dtype).weights
@@ -147,8 +147,10 @@ def test_a_cut_host_copy_fills_the_same_slot(tmp_path, rank):
     mgr.entries[1].host = cut
     load(mgr, 1, "x")
     slot = mgr.entries[1].slot
-    assert all(torch.equal(a[slot], before[k][0]) and torch.equal(b[slot], before[k][1])
-               for k, (a, b) in mgr.slots.stacked.items())
+    assert all(
+        torch.equal(a[slot], before[k][0]) and torch.equal(b[slot], before[k][1])
+        for k, (a, b) in mgr.slots.stacked.items()
+    )
 
 
 def test_merged_adapters_are_kept_in_the_pool_dtype(tmp_path):

@@ -1,5 +1,6 @@
 """Multi-LoRA: a batch mixing the base model and three adapters of different ranks equals, per request,
 the reference with that adapter merged into the weights; merges; validation; pool lifecycle."""
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,14 @@ CFG = {**TINY, "seq_length": 16}
 @pytest.fixture()
 def setup(tmp_path):
     state = random_checkpoint(CFG, seed=21)
-    model = FlashQwenForCausalLM.from_pretrained(write_checkpoint(str(tmp_path / "ckpt"), CFG, state),
-                                                 dtype=torch.float32, progress=False)
+    model = FlashQwenForCausalLM.from_pretrained(
+        write_checkpoint(str(tmp_path / "ckpt"), CFG, state), dtype=torch.float32, progress=False
+    )
     root = str(tmp_path / "adapters")
     adapters = {
         "a4": write_adapter(root, "a4", CFG, 4, 8, seed=1),
         "a8": write_adapter(root, "a8", CFG, 8, 16, seed=2, use_rslora=True),
-        "a16": write_adapter(root, "nested/a16", CFG, 16, 16, seed=3,
-                             targets=("c_attn", "w2", "mlp.c_proj")),
+        "a16": write_adapter(root, "nested/a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj")),
     }
     mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
     return state, model, root, adapters, mgr, engine
@@ -38,8 +39,12 @@ def test_mixed_batch_prefill_and_decode(setup):
     state, model, root, adapters, mgr, _ = setup
     for i, name in enumerate(["a4", "a8", "nested/a16"], start=1):
         load(mgr, i, name)
-    merged = {0: state, 1: merge_lora(state, *adapters["a4"]), 2: merge_lora(state, *adapters["a8"]),
-              3: merge_lora(state, *adapters["a16"])}
+    merged = {
+        0: state,
+        1: merge_lora(state, *adapters["a4"]),
+        2: merge_lora(state, *adapters["a8"]),
+        3: merge_lora(state, *adapters["a16"]),
+    }
     g = torch.Generator().manual_seed(5)
     lengths = [6, 9, 3, 20, 11]
     which = [0, 1, 2, 3, 1]  # base and three adapters; adapter 1 twice
@@ -64,7 +69,6 @@ def test_mixed_batch_prefill_and_decode(setup):
 
 def _independent_merge(ts, ws, strategy, density, sign_total, gen):
     """The merge formulas written out again, tensor by tensor (TIES: trim, elect sign, disjoint mean)."""
-    out = []
     if strategy == "linear":
         return sum(w * t for w, t in zip(ws, ts))
     trimmed = []
@@ -83,16 +87,25 @@ def _independent_merge(ts, ws, strategy, density, sign_total, gen):
     return num / agree.sum(0).clamp(min=1)
 
 
-@pytest.mark.parametrize("strategy,density,sign", [("linear", 1.0, "TOTAL"), ("ties", 0.5, "TOTAL"),
-                                                   ("ties", 0.3, "FREQUENCY")])
+@pytest.mark.parametrize(
+    "strategy,density,sign", [("linear", 1.0, "TOTAL"), ("ties", 0.5, "TOTAL"), ("ties", 0.3, "FREQUENCY")]
+)
 def test_merge_equals_independent_computation(setup, strategy, density, sign):
     from worker.adapters.peft import read_adapter
     from worker.pb import generate_pb2 as pb
 
     state, model, root, adapters, mgr, _ = setup
     write_adapter(root, "b8", CFG, 8, 16, seed=9)
-    load(mgr, 1, "a8", "b8", strategy=pb.MergeStrategy.Value(strategy.upper()), weights=[0.7, 0.4], density=density,
-         sign=pb.MajoritySignMethod.Value(sign))
+    load(
+        mgr,
+        1,
+        "a8",
+        "b8",
+        strategy=pb.MergeStrategy.Value(strategy.upper()),
+        weights=[0.7, 0.4],
+        density=density,
+        sign=pb.MajoritySignMethod.Value(sign),
+    )
     a = read_adapter(os.path.join(root, "a8"), model.config, 16)
     b = read_adapter(os.path.join(root, "b8"), model.config, 16)
     host = mgr.entries[1].host
@@ -100,8 +113,9 @@ def test_merge_equals_independent_computation(setup, strategy, density, sign):
     host = host.tensors()
     for key in a.weights:
         for j in (0, 1):  # A and B merged separately
-            expect = _independent_merge([a.weights[key][j], b.weights[key][j]], [0.7, 0.4], strategy, density,
-                                        sign == "TOTAL", None)
+            expect = _independent_merge(
+                [a.weights[key][j], b.weights[key][j]], [0.7, 0.4], strategy, density, sign == "TOTAL", None
+            )
             assert torch.allclose(host[key][j], expect, atol=1e-6), (key, j)
 
 
@@ -185,8 +199,15 @@ def test_load_offload_200_cycles_no_leak_and_busy_never_evicted(setup):
     after = [p.clone() for pair in mgr.slots.pools.values() for p in pair]
     assert all(torch.equal(a, b) for a, b in zip(baseline, after))
     assert mgr.stats()["adapter_slots_used"] == 0
-    assert mgr.stats()["adapter_host_bytes"] <= mgr.host_cache * max(
-        e.rank for e in mgr.entries.values()) * 4 * 10 * CFG["hidden_size"] * CFG["num_hidden_layers"]
+    assert (
+        mgr.stats()["adapter_host_bytes"]
+        <= mgr.host_cache
+        * max(e.rank for e in mgr.entries.values())
+        * 4
+        * 10
+        * CFG["hidden_size"]
+        * CFG["num_hidden_layers"]
+    )
 
 
 def test_all_slots_busy_is_resource_exhausted(setup):
@@ -209,8 +230,12 @@ def test_dare_merges(setup):
     from worker.adapters.peft import read_adapter
     from worker.pb import generate_pb2 as pb
 
-    LINEAR, TIES, DARE_LINEAR, DARE_TIES = (pb.MergeStrategy.LINEAR, pb.MergeStrategy.TIES,
-                                            pb.MergeStrategy.DARE_LINEAR, pb.MergeStrategy.DARE_TIES)
+    LINEAR, TIES, DARE_LINEAR, DARE_TIES = (
+        pb.MergeStrategy.LINEAR,
+        pb.MergeStrategy.TIES,
+        pb.MergeStrategy.DARE_LINEAR,
+        pb.MergeStrategy.DARE_TIES,
+    )
     TOTAL = pb.MajoritySignMethod.TOTAL
 
     state, model, root, adapters, mgr, _ = setup
@@ -236,13 +261,19 @@ def test_remote_sources_need_a_local_copy(setup):
 
     state, model, root, adapters, mgr, _ = setup
     for source in (pb.AdapterSource.HUB, pb.AdapterSource.S3, pb.AdapterSource.PBASE):
-        req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["org/remote-only"]),
-                                    adapter_source=source, adapter_index=1)
+        req = pb.LoadAdapterRequest(
+            adapter_parameters=pb.AdapterParameters(adapter_ids=["org/remote-only"]),
+            adapter_source=source,
+            adapter_index=1,
+        )
         with pytest.raises(FailedPrecondition, match="network access"):
             mgr.load(req)
     # a HUB id that exists under the adapter root is served from there
-    req = pb.LoadAdapterRequest(adapter_parameters=pb.AdapterParameters(adapter_ids=["a4"]),
-                                adapter_source=pb.AdapterSource.HUB, adapter_index=1)
+    req = pb.LoadAdapterRequest(
+        adapter_parameters=pb.AdapterParameters(adapter_ids=["a4"]),
+        adapter_source=pb.AdapterSource.HUB,
+        adapter_index=1,
+    )
     assert mgr.load(req).loaded
 
 

@@ -11,6 +11,7 @@ the reference (which reads zeros there), so the kernels read nothing past the re
 rows. Rows outside the segments stay bit-identical. fp32 and fp16 (the interpreter mishandles bf16;
 bf16 runs in tests/gpu/test_gpu_lora.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,8 @@ def segments(data: AdapterBatchData) -> tuple:
     """The kernels' segment arguments: starts, lens, slots, max_len."""
     return data.starts, data.lens, data.slots, data.max_len
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3)}  # (atol, rtol)
 LAYERS, MODULES = 3, 5  # the pool's ranks table is [slots, layers, modules]; modules use views of it
 
 
@@ -48,7 +50,7 @@ def make_pool(P: int, K: int, N: int, r_max: int, slot_ranks: dict[int, list[int
     a = torch.zeros(slots, P, r_max, K)
     b = torch.zeros(slots, P, N, r_max)
     table = torch.zeros(slots, LAYERS, MODULES, dtype=torch.int32)
-    ranks = table[:, 1, 2:2 + P].t()  # [P, slots], strided like the pool's
+    ranks = table[:, 1, 2 : 2 + P].t()  # [P, slots], strided like the pool's
     for s, rs in slot_ranks.items():
         for p, r in enumerate(rs):
             if r:
@@ -71,7 +73,8 @@ def check(y0: torch.Tensor, x: torch.Tensor, pool, data: AdapterBatchData, touch
     add_lora(y, x, a, b, ranks, *segments(data))
     add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
     assert torch.isfinite(y).all()  # nothing read past a slot's rank, nor from slot 0
-    torch.testing.assert_close(y, ref, **TOL[x.dtype])
+    atol, rtol = TOL[x.dtype]
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol)
     assert torch.equal(y[~touched], y0[~touched])  # rows outside the segments are untouched
     assert not torch.equal(ref[touched], y0[touched])  # the adapters do change the touched rows
 
@@ -152,11 +155,14 @@ def _segments(T: int, segs: list[tuple[int, int]]) -> AdapterBatchData:
     if pos < T:
         slots.append(0)
         tokens.append(T - pos)
-    return AdapterBatchData.build(slots, tokens, "cpu")
+    data = AdapterBatchData.build(slots, tokens, "cpu")
+    assert data is not None
+    return data
 
 
-@pytest.mark.parametrize("T, segs, K", [(8192, [(8176, 16)], 11008), (4096, [(0, 4096)], 4096),
-                                        (300, [(5, 7), (100, 200)], 600)])
+@pytest.mark.parametrize(
+    "T, segs, K", [(8192, [(8176, 16)], 11008), (4096, [(0, 4096)], 4096), (300, [(5, 7), (100, 200)], 600)]
+)
 def test_plan_caps_the_partial_sums(T, segs, K, monkeypatch):
     """A long prefill with one short adapter request keeps the shrink's fp32 partial sums within the
     budget (uncapped on an H100/H200: 172 K splits of [8192 tokens, 64 lanes] = 360 MB); the splits still
@@ -203,11 +209,15 @@ def test_model_with_kernels_vs_reference(tmp_path):
 
     cfg = {**TINY, "seq_length": 16}
     state = random_checkpoint(cfg, seed=21)
-    model = FlashQwenForCausalLM.from_pretrained(write_checkpoint(str(tmp_path / "ckpt"), cfg, state),
-                                                 dtype=torch.float32, progress=False)
+    model = FlashQwenForCausalLM.from_pretrained(
+        write_checkpoint(str(tmp_path / "ckpt"), cfg, state), dtype=torch.float32, progress=False
+    )
     root = str(tmp_path / "adapters")
-    adapters = [write_adapter(root, "a4", cfg, 4, 8, seed=1), write_adapter(root, "a8", cfg, 8, 16, seed=2),
-                write_adapter(root, "a16", cfg, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj"))]
+    adapters = [
+        write_adapter(root, "a4", cfg, 4, 8, seed=1),
+        write_adapter(root, "a8", cfg, 8, 16, seed=2),
+        write_adapter(root, "a16", cfg, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj")),
+    ]
     mgr, _ = attach_manager(model, root, max_rank=16, num_slots=4)
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.kernels = kernels
@@ -222,12 +232,18 @@ def test_model_with_kernels_vs_reference(tmp_path):
     alphas = [ntk_alpha(n, cfg["seq_length"], True) for n in lengths]
     paged = Paged(model)
     out = paged.step(list(range(4)), prompts, [0] * 4, alphas, True, slots)
-    worst = max((o.double() - ref_forward(merged[a], cfg, p)).abs().max().item()
-                for p, a, o in zip(prompts, which, out))
+    worst = max(
+        (o.double() - ref_forward(merged[a], cfg, p)).abs().max().item() for p, a, o in zip(prompts, which, out)
+    )
     seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
     out = paged.step(list(range(4)), seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
-    worst = max(worst, max((o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
-                           for s, p, a, o in zip(seqs, prompts, which, out)))
+    worst = max(
+        worst,
+        max(
+            (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+            for s, p, a, o in zip(seqs, prompts, which, out)
+        ),
+    )
     assert worst <= 1e-4, worst
     from worker.pb import generate_pb2 as pb
 

@@ -4,9 +4,10 @@ Applied to the A and B matrices separately (as LoRAX does); all adapters must sh
 adapter's scale is already folded into its B. DARE's random pruning is seeded, so every shard (and
 every reload) computes the same merge.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -40,14 +41,22 @@ def majority_sign_mask(stacked: torch.Tensor, method: int) -> torch.Tensor:
     return sign == elected
 
 
-def merge_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], strategy: int, density: float,
-                  sign_method: int, generator: torch.Generator) -> torch.Tensor:
+def merge_tensors(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    strategy: int,
+    density: float,
+    sign_method: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     w = torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * tensors[0].dim()))
     if strategy == pb.MergeStrategy.LINEAR:
         return (torch.stack(list(tensors)) * w).sum(0)
     if strategy in (pb.MergeStrategy.TIES, pb.MergeStrategy.DARE_TIES):
-        pruned = [magnitude_prune(t, density) if strategy == pb.MergeStrategy.TIES
-                  else random_prune(t, density, generator) for t in tensors]
+        pruned = [
+            magnitude_prune(t, density) if strategy == pb.MergeStrategy.TIES else random_prune(t, density, generator)
+            for t in tensors
+        ]
         stacked = torch.stack(pruned)
         mask = majority_sign_mask(stacked, sign_method)
         weighted = stacked * w * mask
@@ -57,8 +66,14 @@ def merge_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], str
     raise InvalidArgument(f"unknown merge_strategy {strategy}")
 
 
-def merge_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float], strategy: int, density: float,
-                   sign_method: int, seed: int = 0) -> LoraAdapter:
+def merge_adapters(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float],
+    strategy: int,
+    density: float,
+    sign_method: int,
+    seed: int = 0,
+) -> LoraAdapter:
     if len(weights) not in (0, len(adapters)):
         raise InvalidArgument(f"{len(weights)} merge weights for {len(adapters)} adapters")
     weights = list(weights) or [1.0 / len(adapters)] * len(adapters)
@@ -74,7 +89,8 @@ def merge_adapters(adapters: Sequence[LoraAdapter], weights: Sequence[float], st
     g = torch.Generator().manual_seed(seed)
     merged = {}
     for key in sorted(keys):
-        a = merge_tensors([ad.weights[key][0] for ad in adapters], weights, strategy, density, sign_method, g)
-        b = merge_tensors([ad.weights[key][1] for ad in adapters], weights, strategy, density, sign_method, g)
-        merged[key] = (a, b)
+        merged[key] = (
+            merge_tensors([ad.weights[key][0] for ad in adapters], weights, strategy, density, sign_method, g),
+            merge_tensors([ad.weights[key][1] for ad in adapters], weights, strategy, density, sign_method, g),
+        )
     return LoraAdapter(ranks.pop(), merged)

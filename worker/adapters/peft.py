@@ -5,6 +5,7 @@ names two modules). read_adapter folds the scale alpha/r (alpha/sqrt(r) with rsL
 byte reader (worker/adapters/host.py) leaves that to the slot fill. Only safetensors are read unless
 `allow_bin` permits a weights-only `.bin` (torch.load(weights_only=True)).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,15 @@ from safetensors import safe_open
 from worker.config import QwenConfig
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound
 from worker.models.qwen import LORA_TARGETS
+from worker.pb import generate_pb2 as pb
 
 MODULES: tuple[str, ...] = tuple(m for modules in LORA_TARGETS.values() for m in modules)  # PEFT names
 CONFIG_FILE, WEIGHTS_FILE, BIN_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-_KEY = re.compile(r"^base_model\.model\.transformer\.h\.(\d+)\.(" + "|".join(re.escape(m) for m in MODULES)
-                  + r")\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_KEY = re.compile(
+    r"^base_model\.model\.transformer\.h\.(\d+)\.("
+    + "|".join(re.escape(m) for m in MODULES)
+    + r")\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
 
 
 @dataclass
@@ -41,8 +46,9 @@ class LoraAdapter:
 def module_dims(config: QwenConfig, module: str) -> tuple[int, int]:
     """(in, out) of a PEFT target module in the adapter file (full size, unsharded)."""
     H, w = config.hidden_size, config.mlp_width
-    return {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.c_proj": (w, H),
-            "mlp.w1": (H, w), "mlp.w2": (H, w)}[module]
+    return {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.c_proj": (w, H), "mlp.w1": (H, w), "mlp.w2": (H, w)}[
+        module
+    ]
 
 
 def resolve_adapter_dir(root: str, adapter_id: str) -> str:
@@ -51,8 +57,9 @@ def resolve_adapter_dir(root: str, adapter_id: str) -> str:
     if not adapter_id or "\x00" in adapter_id:
         raise InvalidArgument(f"invalid adapter id {adapter_id!r}")
     if ".." in adapter_id.replace("\\", "/").split("/"):
-        raise InvalidArgument(f"adapter id {adapter_id!r} contains '..': adapters load only from under the "
-                              "adapter root")
+        raise InvalidArgument(
+            f"adapter id {adapter_id!r} contains '..': adapters load only from under the adapter root"
+        )
     root_real = os.path.realpath(root)
     candidate = adapter_id if os.path.isabs(adapter_id) else os.path.join(root_real, adapter_id)
     real = os.path.realpath(candidate)
@@ -63,9 +70,24 @@ def resolve_adapter_dir(root: str, adapter_id: str) -> str:
     for name in (CONFIG_FILE, WEIGHTS_FILE, BIN_FILE):  # links may point elsewhere under the root (HF cache)
         file = os.path.join(real, name)
         if os.path.lexists(file) and os.path.commonpath([os.path.realpath(file), root_real]) != root_real:
-            raise InvalidArgument(f"adapter {adapter_id!r}: {name} is a link that resolves outside the adapter "
-                                  f"root {root}")
+            raise InvalidArgument(
+                f"adapter {adapter_id!r}: {name} is a link that resolves outside the adapter root {root}"
+            )
     return real
+
+
+def adapter_dir(root: str, adapter_id: str, source: int) -> str:
+    """The directory of `adapter_id` from `source` (pb.AdapterSource): a local copy under `root` only (this
+    worker has no network access)."""
+    try:
+        return resolve_adapter_dir(root, adapter_id)
+    except NotFound:
+        if source != pb.AdapterSource.LOCAL:
+            raise FailedPrecondition(
+                f"adapter {adapter_id!r}: source {pb.AdapterSource.Name(source)} needs network access, "
+                f"which this worker does not have, and no local copy is under {root}"
+            ) from None
+        raise
 
 
 def adapter_config(path: str, max_rank: int) -> tuple[int, float]:
@@ -83,8 +105,9 @@ def adapter_config(path: str, max_rank: int) -> tuple[int, float]:
     if acfg.get("use_dora"):
         raise FailedPrecondition(f"adapter {path}: DoRA (use_dora=true) is not supported")
     if acfg.get("modules_to_save"):
-        raise FailedPrecondition(f"adapter {path}: modules_to_save {acfg['modules_to_save']} (full replacement "
-                                 "matrices) is not supported")
+        raise FailedPrecondition(
+            f"adapter {path}: modules_to_save {acfg['modules_to_save']} (full replacement matrices) is not supported"
+        )
     if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
         raise FailedPrecondition(f"adapter {path}: per-module rank_pattern/alpha_pattern is not supported")
     if acfg.get("fan_in_fan_out"):
@@ -93,25 +116,25 @@ def adapter_config(path: str, max_rank: int) -> tuple[int, float]:
     if r < 1:
         raise InvalidArgument(f"adapter {path}: rank r={r} must be positive")
     if r > max_rank:
-        raise FailedPrecondition(f"adapter {path}: rank {r} exceeds the configured maximum --max-lora-rank "
-                                 f"{max_rank}")
+        raise FailedPrecondition(f"adapter {path}: rank {r} exceeds the configured maximum --max-lora-rank {max_rank}")
     alpha = float(acfg.get("lora_alpha", r))
     return r, alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
 
 
-def pair_keys(path: str, config: QwenConfig, r: int,
-              shapes: dict[str, tuple[int, ...]]) -> dict[tuple[int, str], tuple[str, str]]:
+def pair_keys(
+    path: str, config: QwenConfig, r: int, shapes: dict[str, tuple[int, ...]]
+) -> dict[tuple[int, str], tuple[str, str]]:
     """(layer, module) -> (key of lora_A, key of lora_B), each name and shape checked against the base model."""
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         m = _KEY.match(key)
         if m is None:
-            raise FailedPrecondition(f"adapter {path}: unsupported tensor {key!r} (LoRA on "
-                                     f"{', '.join(MODULES)} only)")
+            raise FailedPrecondition(f"adapter {path}: unsupported tensor {key!r} (LoRA on {', '.join(MODULES)} only)")
         layer, module, which = int(m.group(1)), m.group(2), m.group(3)
         if layer >= config.num_hidden_layers:
-            raise InvalidArgument(f"adapter {path}: {key} names layer {layer}; the base model has "
-                                  f"{config.num_hidden_layers} layers")
+            raise InvalidArgument(
+                f"adapter {path}: {key} names layer {layer}; the base model has {config.num_hidden_layers} layers"
+            )
         pairs.setdefault((layer, module), {})[which] = key
     if not pairs:
         raise InvalidArgument(f"adapter {path}: no LoRA tensors found")
@@ -122,22 +145,29 @@ def pair_keys(path: str, config: QwenConfig, r: int,
         a, b = shapes[ab["A"]], shapes[ab["B"]]
         d_in, d_out = module_dims(config, module)
         if tuple(a) != (r, d_in) or tuple(b) != (d_out, r):
-            raise InvalidArgument(f"adapter {path}: layer {layer} {module}: lora_A {tuple(a)} / lora_B "
-                                  f"{tuple(b)} do not match the base model (expected {(r, d_in)} / {(d_out, r)})"
-                                  " — was it trained for another base model?")
+            raise InvalidArgument(
+                f"adapter {path}: layer {layer} {module}: lora_A {tuple(a)} / lora_B "
+                f"{tuple(b)} do not match the base model (expected {(r, d_in)} / {(d_out, r)})"
+                " — was it trained for another base model?"
+            )
         out[(layer, module)] = (ab["A"], ab["B"])
     return out
 
 
-def read_adapter(path: str, config: QwenConfig, max_rank: int, allow_bin: bool = False,
-                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
+def read_adapter(
+    path: str, config: QwenConfig, max_rank: int, allow_bin: bool = False, dtype: torch.dtype = torch.float32
+) -> LoraAdapter:
     """The adapter at `path`, validated, in `dtype` (B scaled in fp32, then rounded once to `dtype`)."""
     r, scale = adapter_config(path, max_rank)
     tensors = _read_tensors(path, allow_bin)
     pairs = pair_keys(path, config, r, {k: tuple(t.shape) for k, t in tensors.items()})
-    return LoraAdapter(r, {key: (tensors[ka].to(dtype).contiguous(),
-                                 (tensors[kb].float() * scale).to(dtype).contiguous())
-                           for key, (ka, kb) in pairs.items()})
+    return LoraAdapter(
+        r,
+        {
+            key: (tensors[ka].to(dtype).contiguous(), (tensors[kb].float() * scale).to(dtype).contiguous())
+            for key, (ka, kb) in pairs.items()
+        },
+    )
 
 
 def _read_tensors(path: str, allow_bin: bool) -> dict[str, torch.Tensor]:
@@ -151,8 +181,10 @@ def _read_tensors(path: str, allow_bin: bool) -> dict[str, torch.Tensor]:
     binary = os.path.join(path, BIN_FILE)
     if os.path.isfile(binary):
         if not allow_bin:
-            raise FailedPrecondition(f"{binary} is a pickle; only safetensors are read (start the worker with "
-                                     "--allow-bin-adapters to accept weights-only .bin files)")
+            raise FailedPrecondition(
+                f"{binary} is a pickle; only safetensors are read (start the worker with "
+                "--allow-bin-adapters to accept weights-only .bin files)"
+            )
         try:
             return torch.load(binary, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -4,18 +4,19 @@ adapter RPCs' bodies, over the slot pool (slots.py) and the host copies (staging
 An adapter used by a live batch is never evicted or offloaded. Host copies of offloaded adapters are
 kept up to `host_cache` (least recently used dropped first; read from disk again if used).
 """
+
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from worker.adapters.host import HostAdapter
 from worker.adapters.merge import merge_adapters
-from worker.adapters.peft import LoraAdapter, read_adapter, resolve_adapter_dir
+from worker.adapters.peft import LoraAdapter, adapter_dir, read_adapter
 from worker.adapters.slots import SlotPool
 from worker.adapters.staging import HostCopies
 from worker.distributed import ParallelContext
@@ -33,17 +34,28 @@ class Entry:
 
     params: Any  # pb.AdapterParameters (kept to reload from disk if the host copy was dropped)
     source: int  # pb.AdapterSource
-    slot: Optional[int] = None
-    host: Optional[HostAdapter] = None  # the whole adapter on the host (pinned: a slot fills from it directly)
-    rank: int = 0
-    ranks: Optional[torch.Tensor] = None  # [layers, modules] int32: rank per module (0: not targeted)
+    host: HostAdapter | None  # the whole adapter on the host (pinned: a slot fills from it directly)
+    rank: int
+    ranks: torch.Tensor  # [layers, modules] int32: rank per module (0: not targeted)
+    slot: int | None = None
     last_used: float = field(default_factory=time.monotonic)
 
 
 class AdapterManager:
-    def __init__(self, root: str, model: FlashQwenForCausalLM, pctx: ParallelContext, dtype: torch.dtype,
-                 max_rank: int = 64, num_slots: int = 8, allow_bin: bool = False, host_cache: int = 32,
-                 triton: Optional[bool] = None, overlap: bool = True, triton_interpreter: bool = False):
+    def __init__(
+        self,
+        root: str,
+        model: FlashQwenForCausalLM,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        max_rank: int = 64,
+        num_slots: int = 8,
+        allow_bin: bool = False,
+        host_cache: int = 32,
+        triton: bool | None = None,
+        overlap: bool = True,
+        triton_interpreter: bool = False,
+    ):
         """model: its LoRA targets shape the pool (`attach` wraps them; a model on the meta device gives the
         shapes alone); pctx, dtype: the pool's device and dtype. triton: the Triton LoRA kernels (None: on
         CUDA when Triton imports; False: the PyTorch path); overlap: with the kernels, run each module's
@@ -59,7 +71,7 @@ class AdapterManager:
         self.allow_bin = allow_bin
         self.host_cache = host_cache
         self.entries: dict[int, Entry] = {}
-        self.slot_owner: list[Optional[int]] = [None] * (num_slots + 1)  # slot -> adapter index; slot 0 = base
+        self.slot_owner: list[int | None] = [None] * (num_slots + 1)  # slot -> adapter index; slot 0 = base
         self.engine: Any = None
         self.last_timing: dict[str, float] = {}  # phases of the last cold read (logged; read by the benchmark)
         self.preloaded: list[tuple[int, str]] = []
@@ -68,21 +80,38 @@ class AdapterManager:
         if triton and self.kernels is None:
             raise ValueError(f"the Triton LoRA kernels need CUDA and triton (device {pctx.device})")
         self.on_cuda = pctx.device.type == "cuda"
-        self.shrink_stream = (torch.cuda.Stream(pctx.device) if self.kernels is not None and overlap and self.on_cuda
-                              else None)
+        self.shrink_stream = (
+            torch.cuda.Stream(pctx.device) if self.kernels is not None and overlap and self.on_cuda else None
+        )
         self.slots = SlotPool(model.lora_targets(), pctx, dtype, max_rank, num_slots)
         self.copies = HostCopies(self.slots, self.config, dtype)
-        log.info("adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
-                 num_slots, max_rank, self.slots.slot_bytes / 2**20, self.slots.slot_bytes * num_slots / 2**20, root,
-                 "triton" if self.kernels is not None else "torch",
-                 " (shrink on a side stream)" if self.shrink_stream is not None else "")
+        log.info(
+            "adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
+            num_slots,
+            max_rank,
+            self.slots.slot_bytes / 2**20,
+            self.slots.slot_bytes * num_slots / 2**20,
+            root,
+            "triton" if self.kernels is not None else "torch",
+            " (shrink on a side stream)" if self.shrink_stream is not None else "",
+        )
 
     @classmethod
-    def from_args(cls, args: Any, model: FlashQwenForCausalLM, pctx: ParallelContext,
-                  triton_interpreter: bool = False) -> "AdapterManager":
+    def from_args(
+        cls, args: Any, model: FlashQwenForCausalLM, pctx: ParallelContext, triton_interpreter: bool = False
+    ) -> AdapterManager:
         triton = {"auto": None, "torch": False, "triton": True}[getattr(args, "lora_backend", "auto")]
-        return cls(args.adapter_root, model, pctx, model.dtype, args.max_lora_rank, args.max_adapter_slots,
-                   args.allow_bin_adapters, triton=triton, triton_interpreter=triton_interpreter)
+        return cls(
+            args.adapter_root,
+            model,
+            pctx,
+            model.dtype,
+            args.max_lora_rank,
+            args.max_adapter_slots,
+            args.allow_bin_adapters,
+            triton=triton,
+            triton_interpreter=triton_interpreter,
+        )
 
     # ------------------------------------------------------------------ wiring
     def attach(self, engine: Any) -> None:
@@ -94,42 +123,47 @@ class AdapterManager:
     def preload(self, adapter_ids: list[str]) -> None:
         for k, adapter_id in enumerate(adapter_ids, start=1):
             params = pb.AdapterParameters(adapter_ids=[adapter_id])
-            self.load(pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL,
-                                            adapter_index=k))
+            self.load(
+                pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL, adapter_index=k)
+            )
             self.preloaded.append((k, adapter_id))
 
     def preloaded_pb(self) -> list:
-        return [pb.PreloadedAdapter(adapter_parameters=pb.AdapterParameters(adapter_ids=[aid]),
-                                    adapter_source=pb.AdapterSource.LOCAL, adapter_index=k)
-                for k, aid in self.preloaded]
+        return [
+            pb.PreloadedAdapter(
+                adapter_parameters=pb.AdapterParameters(adapter_ids=[aid]),
+                adapter_source=pb.AdapterSource.LOCAL,
+                adapter_index=k,
+            )
+            for k, aid in self.preloaded
+        ]
 
     # ------------------------------------------------------------------ reading
-    def _path(self, adapter_id: str, source: int) -> str:
-        try:
-            return resolve_adapter_dir(self.root, adapter_id)
-        except NotFound:
-            if source != pb.AdapterSource.LOCAL:
-                raise FailedPrecondition(
-                    f"adapter {adapter_id!r}: source {pb.AdapterSource.Name(source)} needs network access, "
-                    f"which this worker does not have, and no local copy is under {self.root}") from None
-            raise
-
     def _read(self, params: Any, source: int, dtype: torch.dtype = torch.float32) -> LoraAdapter:
         """The adapter (merged when several ids are given), in `dtype` when a single one (merges run in fp32)."""
         ids = list(params.adapter_ids)
         if not ids:
             raise InvalidArgument("adapter_parameters.adapter_ids is empty")
-        adapters = [read_adapter(self._path(i, source), self.config, self.max_rank, self.allow_bin,
-                                 dtype if len(ids) == 1 else torch.float32) for i in ids]
+        adapters = [
+            read_adapter(
+                adapter_dir(self.root, i, source),
+                self.config,
+                self.max_rank,
+                self.allow_bin,
+                dtype if len(ids) == 1 else torch.float32,
+            )
+            for i in ids
+        ]
         if len(adapters) == 1:
             return adapters[0]
-        return merge_adapters(adapters, list(params.weights), params.merge_strategy, params.density,
-                              params.majority_sign_method, seed=0)
+        return merge_adapters(
+            adapters, list(params.weights), params.merge_strategy, params.density, params.majority_sign_method, seed=0
+        )
 
     def _host_copy(self, params: Any, source: int) -> tuple[HostAdapter, torch.Tensor]:
         """(the whole adapter on the host, its ranks [layers, modules] int32; pinned on CUDA)."""
         t0 = time.perf_counter()
-        path = self._path(params.adapter_ids[0], source) if len(params.adapter_ids) == 1 else None
+        path = adapter_dir(self.root, params.adapter_ids[0], source) if len(params.adapter_ids) == 1 else None
         host = self.copies.read(path, self.max_rank, lambda: self._read(params, source, self.dtype))
         ranks = self.slots.ranks_of(host)
         self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
@@ -139,8 +173,12 @@ class AdapterManager:
     def download(self, req: Any) -> Any:
         adapter = self._read(req.adapter_parameters, req.adapter_source)
         fraction = 1.0 / self.num_slots  # every adapter takes one fixed-size slot of the budget
-        log.info("adapter %s validated: rank %d, %.1f MiB", list(req.adapter_parameters.adapter_ids), adapter.rank,
-                 adapter.nbytes / 2**20)
+        log.info(
+            "adapter %s validated: rank %d, %.1f MiB",
+            list(req.adapter_parameters.adapter_ids),
+            adapter.rank,
+            adapter.nbytes / 2**20,
+        )
         return pb.DownloadAdapterResponse(downloaded=True, memory_fraction=fraction)
 
     def load(self, req: Any) -> Any:
@@ -149,17 +187,24 @@ class AdapterManager:
             raise InvalidArgument("adapter_index 0 is the base model and cannot be loaded")
         entry = self.entries.get(index)
         if entry is not None and entry.params != req.adapter_parameters and index in self._in_use():
-            raise FailedPrecondition(f"adapter index {index} holds another adapter that a live batch uses; "
-                                     "it cannot be replaced until those requests finish")
+            raise FailedPrecondition(
+                f"adapter index {index} holds another adapter that a live batch uses; "
+                "it cannot be replaced until those requests finish"
+            )
         if entry is None or entry.params != req.adapter_parameters:
             t0 = time.perf_counter()
             host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
             if entry is not None:
                 self._free_slot(entry)
-            entry = Entry(req.adapter_parameters, req.adapter_source, host=host, rank=host.rank, ranks=ranks)
+            entry = Entry(req.adapter_parameters, req.adapter_source, host, host.rank, ranks)
             self.entries[index] = entry
-            log.info("adapter index %d (%s) read in %.1f ms (%s)", index, list(req.adapter_parameters.adapter_ids),
-                     (time.perf_counter() - t0) * 1e3, ", ".join(f"{k} {v:.1f}" for k, v in self.last_timing.items()))
+            log.info(
+                "adapter index %d (%s) read in %.1f ms (%s)",
+                index,
+                list(req.adapter_parameters.adapter_ids),
+                (time.perf_counter() - t0) * 1e3,
+                ", ".join(f"{k} {v:.1f}" for k, v in self.last_timing.items()),
+            )
         self._make_resident(index, pinned=set())
         return pb.LoadAdapterResponse(loaded=True)
 
@@ -202,15 +247,19 @@ class AdapterManager:
         free = [s for s in range(1, self.num_slots + 1) if self.slot_owner[s] is None]
         if not free:
             busy = self._in_use() | pinned
-            idle = sorted((self.entries[i].last_used, i) for i in self.slot_owner[1:]
-                          if i is not None and i not in busy)
+            idle = sorted(
+                (self.entries[i].last_used, i, s)
+                for s, i in enumerate(self.slot_owner)
+                if s and i is not None and i not in busy
+            )
             if not idle:
-                raise ResourceExhausted(f"all {self.num_slots} adapter slots are used by live requests; "
-                                        "raise --max-adapter-slots or wait")
-            victim = self.entries[idle[0][1]]
-            log.info("evicting idle adapter index %d from slot %d", idle[0][1], victim.slot)
-            free = [victim.slot]
-            self._free_slot(victim)
+                raise ResourceExhausted(
+                    f"all {self.num_slots} adapter slots are used by live requests; raise --max-adapter-slots or wait"
+                )
+            _, victim, victim_slot = idle[0]
+            log.info("evicting idle adapter index %d from slot %d", victim, victim_slot)
+            free = [victim_slot]
+            self._free_slot(self.entries[victim])
         slot = free[0]
         if entry.host is None:  # dropped from the host cache: read again
             entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
@@ -225,7 +274,7 @@ class AdapterManager:
         thread's pinned allocation; tests; benchmarks). A failed one was logged and is not raised here."""
         self.copies.wait_pinned()
 
-    def request_slots(self, batch: Any) -> Optional[list[int]]:
+    def request_slots(self, batch: Any) -> list[int] | None:
         """The pool slot of each request's adapter (0: base model), loading idle ones back if needed;
         None when no request of the batch uses an adapter."""
         indices = [r.adapter_index for r in batch.requests]
@@ -237,6 +286,9 @@ class AdapterManager:
 
     def stats(self) -> dict[str, int]:
         host = sum(e.host.nbytes for e in self.entries.values() if e.host is not None)
-        return {"adapters_known": len(self.entries),
-                "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
-                "adapter_slots_total": self.num_slots, "adapter_host_bytes": host}
+        return {
+            "adapters_known": len(self.entries),
+            "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
+            "adapter_slots_total": self.num_slots,
+            "adapter_host_bytes": host,
+        }

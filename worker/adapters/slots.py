@@ -6,10 +6,11 @@ A target's parts share one stacked pool (gate_up: w2 then w1, one kernel launch)
 `ranks[slot, layer, module]` holds each slot's true rank per module (0: empty), which bounds the kernels'
 work. A fill copies this rank's shard, cut by the LoRA layer's rule, with the scale folded into B.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Optional, Sequence
 
 import torch
 
@@ -23,8 +24,9 @@ from worker.models.qwen import LoraTarget
 class SlotPool:
     """A [slots, P, r_max, in] and B [slots, P, out/P, r_max] per (layer, target), this rank's shard."""
 
-    def __init__(self, targets: Sequence[LoraTarget], pctx: ParallelContext, dtype: torch.dtype, max_rank: int,
-                 num_slots: int):
+    def __init__(
+        self, targets: Sequence[LoraTarget], pctx: ParallelContext, dtype: torch.dtype, max_rank: int, num_slots: int
+    ):
         self.targets = list(targets)
         self.pctx = pctx
         self.max_rank = max_rank
@@ -46,19 +48,21 @@ class SlotPool:
             for p, (module, part) in enumerate(zip(t.modules, parts)):
                 self.pools[(t.layer, module)] = (a[:, p], b[:, p])
                 self.parts[(t.layer, module)] = part
-        self.slot_bytes = sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
-                              for a, b in self.stacked.values())
+        self.slot_bytes = sum(
+            a[0].numel() * a.element_size() + b[0].numel() * b.element_size() for a, b in self.stacked.values()
+        )
 
     def adapter_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of a whole (unsharded) adapter at the maximum rank on every module, in `dtype`."""
         return sum(self.max_rank * (p.d_in + p.d_out) for p in self.parts.values()) * dtype.itemsize
 
-    def wrap_targets(self, kernels: Optional[ModuleType], stream: Optional[torch.cuda.Stream]) -> None:
+    def wrap_targets(self, kernels: ModuleType | None, stream: torch.cuda.Stream | None) -> None:
         """Replace each target linear of the model by its adapter-aware wrapper over this pool."""
         for t in self.targets:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
-            term = LoraTerm(*self.stacked[(t.layer, t.key)], self.ranks[:, t.layer, k:k + len(t.modules)].t(),
-                            kernels, stream)  # ranks [P, slots]
+            term = LoraTerm(
+                *self.stacked[(t.layer, t.key)], self.ranks[:, t.layer, k : k + len(t.modules)].t(), kernels, stream
+            )  # ranks [P, slots]
             setattr(t.owner, t.attr, wrap_lora(getattr(t.owner, t.attr), term))
 
     def ranks_of(self, host: HostAdapter) -> torch.Tensor:
@@ -78,8 +82,9 @@ class SlotPool:
             b_pool[slot].zero_()
         self.ranks[slot].zero_()
 
-    def copy_into(self, slot: int, host: HostAdapter, src: torch.Tensor, ranks: torch.Tensor,
-                  non_blocking: bool) -> None:
+    def copy_into(
+        self, slot: int, host: HostAdapter, src: torch.Tensor, ranks: torch.Tensor, non_blocking: bool
+    ) -> None:
         """Each module's (A, B) of rank r, laid out in `src` as in `host`, into the slot's first r lanes:
         this rank's shard, B times the host's scale (in fp32, rounded once to the pool dtype, as
         read_adapter does); then the slot's ranks."""

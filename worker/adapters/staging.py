@@ -8,14 +8,18 @@ folds the scale in and keeps this rank's shard in the pool dtype in pinned memor
 from which a reload is one asynchronous copy per tensor; a load that needs the staging buffer before that
 first keeps a pageable copy of the bytes left there.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
 import weakref
-from typing import Callable, Iterable, Optional, Protocol
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -31,7 +35,23 @@ log = logging.getLogger(__name__)
 class HasHostCopy(Protocol):
     """What owns a host copy (the pool's entry of one adapter index); the pinning thread swaps it."""
 
-    host: Optional[HostAdapter]
+    host: HostAdapter | None
+
+
+@dataclass
+class Staging:
+    """CUDA only: the pinned staging buffer, the side stream that copies into slots, the pinning thread."""
+
+    buf: torch.Tensor  # pinned uint8, a whole adapter at the maximum rank in the pool dtype
+    copy_stream: torch.cuda.Stream
+    pinner: concurrent.futures.ThreadPoolExecutor  # pins host copies off the load path
+    done: torch.cuda.Event | None = None  # the last copy out of buf
+    holder: weakref.ref | None = None  # a HostAdapter whose only bytes are in buf
+    pinning: list[concurrent.futures.Future] = field(default_factory=list)
+
+    def holds(self, host: HostAdapter) -> bool:
+        """Whether `host`'s bytes are the staging buffer's."""
+        return host.buf.data_ptr() == self.buf.data_ptr()
 
 
 class HostCopies:
@@ -45,23 +65,24 @@ class HostCopies:
         self.device = slots.pctx.device
         self.readers = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="adapter-read")  # parallel pread
         self.lock = threading.Lock()
-        self.staging: Optional[torch.Tensor] = None  # pinned uint8, a whole adapter at max rank (CUDA only)
-        self.staging_done: Optional[torch.cuda.Event] = None  # the last copy out of it
-        self.staging_holder: Optional[weakref.ref] = None  # a HostAdapter whose only bytes are in staging
-        self.copy_stream: Optional[torch.cuda.Stream] = None
-        self.pinner: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self.pinning: list[concurrent.futures.Future] = []
+        self.staging: Staging | None = None
         if self.device.type == "cuda":
-            self.copy_stream = torch.cuda.Stream(self.device)
-            self.pinner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-pin",
-                                                                initializer=bind_thread,
-                                                                initargs=(resolve_device(self.device),))
+            pinner = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="adapter-pin",
+                initializer=bind_thread,
+                initargs=(resolve_device(self.device),),
+            )
             t0 = time.perf_counter()
-            self.staging = torch.empty(slots.adapter_bytes(dtype), dtype=torch.uint8, pin_memory=True)
-            log.info("adapter staging buffer: %.1f MiB pinned in %.0f ms", self.staging.numel() / 2**20,
-                     (time.perf_counter() - t0) * 1e3)
+            buf = torch.empty(slots.adapter_bytes(dtype), dtype=torch.uint8, pin_memory=True)
+            log.info(
+                "adapter staging buffer: %.1f MiB pinned in %.0f ms",
+                buf.numel() / 2**20,
+                (time.perf_counter() - t0) * 1e3,
+            )
+            self.staging = Staging(buf, torch.cuda.Stream(self.device), pinner)
 
-    def read(self, path: Optional[str], max_rank: int, read_weights: Callable[[], LoraAdapter]) -> HostAdapter:
+    def read(self, path: str | None, max_rank: int, read_weights: Callable[[], LoraAdapter]) -> HostAdapter:
         """A host copy: the safetensors file at `path` as its bytes (on CUDA straight into the staging
         buffer); else (no path: a merge; .bin files; files that do not fit) `read_weights()` kept in the pool
         dtype, so it fits the staging buffer too."""
@@ -69,29 +90,35 @@ class HostCopies:
         if path is not None:
             if self.staging is not None:
                 with self.lock:
-                    host = read_adapter_bytes(path, self.config, max_rank, self._claim_staging, self.readers)
+                    claim = functools.partial(self._claim, self.staging)
+                    host = read_adapter_bytes(path, self.config, max_rank, claim, self.readers)
                     if host is not None:
-                        self.staging_holder = weakref.ref(host)
+                        self.staging.holder = weakref.ref(host)
             else:
                 host = read_adapter_bytes(path, self.config, max_rank, _pageable, self.readers)
         if host is None:
             adapter = read_weights()  # a merge comes in fp32: rounded once here
-            host = HostAdapter.from_weights(LoraAdapter(adapter.rank, {
-                key: (a.to(self.dtype), b.to(self.dtype)) for key, (a, b) in adapter.weights.items()}))
+            host = HostAdapter.from_weights(
+                LoraAdapter(
+                    adapter.rank,
+                    {key: (a.to(self.dtype), b.to(self.dtype)) for key, (a, b) in adapter.weights.items()},
+                )
+            )
         return host
 
-    def _claim_staging(self, nbytes: int) -> Optional[torch.Tensor]:
+    @staticmethod
+    def _claim(staging: Staging, nbytes: int) -> torch.Tensor | None:
         """The staging buffer's first `nbytes` (None: they do not fit), once the copies out of it are done
         and the bytes it held for an adapter without a copy of its own were copied out. Under the lock."""
-        if nbytes > self.staging.numel():
+        if nbytes > staging.buf.numel():
             return None
-        holder = self.staging_holder() if self.staging_holder is not None else None
-        if holder is not None and holder.buf.data_ptr() == self.staging.data_ptr():
+        holder = staging.holder() if staging.holder is not None else None
+        if holder is not None and staging.holds(holder):
             holder.buf = holder.buf.clone()  # pageable; the pinning thread pins it later
-        self.staging_holder = None
-        if self.staging_done is not None:
-            self.staging_done.synchronize()
-        return self.staging[:nbytes]
+        staging.holder = None
+        if staging.done is not None:
+            staging.done.synchronize()
+        return staging.buf[:nbytes]
 
     def fill(self, slot: int, owner: HasHostCopy, ranks: torch.Tensor) -> dict[str, float]:
         """Copy the owner's adapter (this rank's shard, scale folded into B) and `ranks` into `slot` (all
@@ -100,8 +127,10 @@ class HostCopies:
         work ordered after them; straight from a pinned host copy or from the staging buffer the cold read
         left the bytes in, else from the staging buffer after one copy into it; an unpinned host copy is
         then queued for pinning. A fill that fails part-way leaves the slot zeroed again."""
-        host = owner.host
-        if self.staging is None:
+        host, staging = owner.host, self.staging
+        if host is None:
+            raise ValueError(f"slot {slot}: no host copy to fill it from")
+        if staging is None:
             try:
                 self.slots.copy_into(slot, host, host.buf, ranks, non_blocking=False)
             except BaseException:
@@ -112,32 +141,32 @@ class HostCopies:
             t0 = time.perf_counter()
             staged = not host.pinned  # read together with buf: the pinning thread swaps both
             src = host.buf
-            if staged and host.buf.data_ptr() != self.staging.data_ptr():
-                claimed = self._claim_staging(host.nbytes)  # None: too big (never, by read's dtypes)
+            if staged and not staging.holds(host):
+                claimed = self._claim(staging, host.nbytes)  # None: too big (never, by read's dtypes)
                 src = host.buf if claimed is None else claimed.copy_(host.buf)  # pageable: synchronous copies
             t1 = time.perf_counter()
             main = torch.cuda.current_stream(self.device)
-            self.copy_stream.wait_stream(main)
+            staging.copy_stream.wait_stream(main)
             try:
-                with torch.cuda.stream(self.copy_stream):
+                with torch.cuda.stream(staging.copy_stream):
                     self.slots.copy_into(slot, host, src, ranks, non_blocking=True)  # src and ranks are pinned
             except BaseException:
-                main.wait_stream(self.copy_stream)
+                main.wait_stream(staging.copy_stream)
                 self.slots.zero(slot)  # on the main stream, after whatever copies were queued
                 raise
             finally:
-                if src.data_ptr() == self.staging.data_ptr():  # staging is not reused before these copies end
-                    self.staging_done = torch.cuda.Event()
-                    self.staging_done.record(self.copy_stream)
-            main.wait_stream(self.copy_stream)
-            timing = dict(stage_ms=(t1 - t0) * 1e3, issue_ms=(time.perf_counter() - t1) * 1e3)
-        if staged and self.pinner is not None:
-            future = self.pinner.submit(self._pin, owner, host)
+                if src.data_ptr() == staging.buf.data_ptr():  # staging is not reused before these copies end
+                    staging.done = torch.cuda.Event()
+                    staging.done.record(staging.copy_stream)
+            main.wait_stream(staging.copy_stream)
+            timing = {"stage_ms": (t1 - t0) * 1e3, "issue_ms": (time.perf_counter() - t1) * 1e3}
+        if staged:
+            future = staging.pinner.submit(self._pin, staging, owner, host)
             future.add_done_callback(_log_pin_failure)
-            self.pinning = [f for f in self.pinning if not f.done()] + [future]
+            staging.pinning = [f for f in staging.pinning if not f.done()] + [future]
         return timing
 
-    def _pin(self, owner: HasHostCopy, host: HostAdapter) -> None:
+    def _pin(self, staging: Staging, owner: HasHostCopy, host: HostAdapter) -> None:
         """Background: a host copy in pinned memory of its own, with read_adapter's values in the pool dtype
         and only this rank's shard (a reload is then plain copies); swapped in unless the owner moved on
         meanwhile. Bytes still in the staging buffer are read under the lock (a load would reuse it)."""
@@ -146,22 +175,24 @@ class HostCopies:
         with self.lock:
             if owner.host is not host or host.pinned:
                 return
-            if host.buf.data_ptr() == self.staging.data_ptr():
+            if staging.holds(host):
                 weights = host.folded(self.dtype, cut)
         if weights is None:  # its own pageable bytes: nothing else writes them
             weights = host.folded(self.dtype, cut)
-        pinned = HostAdapter.from_weights(weights, lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True),
-                                          cut=cut is not None or host.cut)
+        pinned = HostAdapter.from_weights(
+            weights, lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True), cut=cut is not None or host.cut
+        )
         with self.lock:
             if owner.host is host:
                 owner.host = pinned
-            if self.staging_holder is not None and self.staging_holder() is host:
-                self.staging_holder = None  # replaced: nothing to keep from the staging buffer
+            if staging.holder is not None and staging.holder() is host:
+                staging.holder = None  # replaced: nothing to keep from the staging buffer
 
     def wait_pinned(self) -> None:
         """Block until the queued host copies are pinned. A failed one was logged and is not raised here."""
-        concurrent.futures.wait(self.pinning)
-        self.pinning = []
+        if self.staging is not None:
+            concurrent.futures.wait(self.staging.pinning)
+            self.staging.pinning = []
 
     def drop(self, owners: Iterable[HasHostCopy]) -> None:
         """Forget these owners' host copies (under the lock: the pinning thread swaps host copies)."""

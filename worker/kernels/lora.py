@@ -21,11 +21,11 @@ Numerics follow the reference (`add_lora_reference`, worker/kernels/lora_referen
 fp32 and is rounded to the model dtype, the product with B accumulates in fp32 and is rounded to the model
 dtype, then added to y (in fp32, rounded once). Only the summation order differs.
 """
+
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -34,6 +34,8 @@ import triton.language as tl
 from worker.kernels.lora_reference import add_lora_reference
 
 
+# Triton kernel signatures stay packed, one line per group of arguments
+# fmt: off
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, h_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_ptr, K, K_PER_SPLIT,
                    stride_xt, stride_as, stride_ap, stride_ar, stride_hs, stride_ht, stride_hp, stride_rp, stride_rs,
@@ -138,9 +140,10 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
         y_mask = mask_m[:, None] & mask_n[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0)
         tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=y_mask)
+# fmt: on
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few programs are enough
@@ -179,8 +182,14 @@ def _plan(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int
         shrink_r, block_k = min(64, max(16, triton.next_power_of_2(r_max))), 64  # one pass over x for r_max <= 64
     m_tiles = triton.cdiv(max_len, block_m)
     programs = num_segments * m_tiles * P
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(2 * _num_sms(x.device), programs),
-                       H_BUDGET // max(1, T * P * r_max * 4)))
+    split = max(
+        1,
+        min(
+            triton.cdiv(K, block_k),
+            triton.cdiv(2 * _num_sms(x.device), programs),
+            H_BUDGET // max(1, T * P * r_max * 4),
+        ),
+    )
     split = 1 << (split.bit_length() - 1)
     k_per_split = triton.cdiv(triton.cdiv(K, split), 64) * 64  # 128-byte aligned; the K loop masks the tail
     return _Plan(block_m, m_tiles, shrink_r, block_k, split, k_per_split)  # a trailing empty split writes zeros
@@ -193,9 +202,16 @@ def shrink_buffer(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_
     return torch.empty(split, x.shape[0], P, r_max, dtype=torch.float32, device=x.device)
 
 
-def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, starts: torch.Tensor,
-                lens: torch.Tensor, slots: torch.Tensor, max_len: int,
-                h: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    slots: torch.Tensor,
+    max_len: int,
+    h: torch.Tensor | None = None,
+) -> torch.Tensor:
     """h[split, t, p, :rank] = partial sums of x[t] · A[slot(t), p, :rank]ᵀ over K split `split`, fp32.
 
     x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32; starts, lens, slots: [S] (segments)
@@ -214,16 +230,23 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, ranks: torch.Tensor, star
         raise ValueError(f"lora_shrink: h {tuple(h.shape)} {h.dtype}, expected {(plan.split, T, P, r_max)} fp32")
     if S == 0 or T == 0:
         return h
-    _shrink_kernel[(S, plan.m_tiles, P * plan.split)](
-        x, a_pool, h, starts, lens, slots, ranks, K, plan.k_per_split,
-        x.stride(0), a_pool.stride(0), a_pool.stride(1), a_pool.stride(2), h.stride(0), h.stride(1), h.stride(2),
-        ranks.stride(0), ranks.stride(1), SPLIT_K=plan.split, BLOCK_M=plan.block_m, BLOCK_R=plan.shrink_r,
-        BLOCK_K=plan.block_k, num_warps=4)
+    strides = (x.stride(0), *a_pool.stride()[:3], *h.stride()[:3], *ranks.stride())
+    tiles = {"SPLIT_K": plan.split, "BLOCK_M": plan.block_m, "BLOCK_R": plan.shrink_r, "BLOCK_K": plan.block_k}
+    grid = (S, plan.m_tiles, P * plan.split)
+    _shrink_kernel[grid](x, a_pool, h, starts, lens, slots, ranks, K, plan.k_per_split, *strides, **tiles, num_warps=4)
     return h
 
 
-def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor, starts: torch.Tensor,
-                lens: torch.Tensor, slots: torch.Tensor, max_len: int) -> None:
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    slots: torch.Tensor,
+    max_len: int,
+) -> None:
     """y[t, p·N + n] += (Σ_split h[split, t, p]) · B[slot(t), p, n, :rank]ᵀ, in place.
 
     y: [T, P·N] (row stride free, unit column stride); h from `lora_shrink`; b_pool: [slots, P, N, r_max];
@@ -239,15 +262,23 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b_pool: torch.Tensor, ranks: t
     block_m = _block_m(max_len)
     block_n = 256 if block_m == 1 else 128
     n_tiles = triton.cdiv(N, block_n)
-    _expand_kernel[(S, triton.cdiv(max_len, block_m), P * n_tiles)](
-        h, b_pool, y, starts, lens, slots, ranks, N, n_tiles,
-        h.stride(0), h.stride(1), h.stride(2), b_pool.stride(0), b_pool.stride(1), b_pool.stride(2), y.stride(0),
-        ranks.stride(0), ranks.stride(1), SPLIT_K=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=16,
-        num_warps=4)
+    strides = (*h.stride()[:3], *b_pool.stride()[:3], y.stride(0), *ranks.stride())
+    tiles = {"SPLIT_K": h.shape[0], "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": 16}
+    grid = (S, triton.cdiv(max_len, block_m), P * n_tiles)
+    _expand_kernel[grid](h, b_pool, y, starts, lens, slots, ranks, N, n_tiles, *strides, **tiles, num_warps=4)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor, ranks: torch.Tensor,
-             starts: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor, max_len: int) -> None:
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    slots: torch.Tensor,
+    max_len: int,
+) -> None:
     """y[t, p·N:(p+1)·N] += B[s, p] A[s, p] x[t] for every token t of a segment with slot s, in place.
 
     y: [T, P·N]; x: [T, K]; a_pool: [slots, P, r_max, K]; b_pool: [slots, P, N, r_max]; ranks: [P, slots]

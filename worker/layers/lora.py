@@ -11,11 +11,12 @@ Under TP, a column-parallel linear keeps A whole and cuts B by output rows withi
 (c_attn: q, k, v each by heads); a row-parallel one cuts A by input columns, keeps B whole, and adds
 (x_r A_rᵀ) Bᵀ into its partial sum before the layer's one all-reduce.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,8 +36,9 @@ class AdapterBatchData:
     max_len: int  # host-side max of lens (the kernels' grid; no host sync)
 
     @staticmethod
-    def build(slot_per_request: Sequence[int], tokens_per_request: Sequence[int],
-              device: torch.device | str) -> Optional["AdapterBatchData"]:
+    def build(
+        slot_per_request: Sequence[int], tokens_per_request: Sequence[int], device: torch.device | str
+    ) -> AdapterBatchData | None:
         """Segments for the requests whose slot is not 0; None when the step uses no adapter."""
         starts, lens, slots = [], [], []
         offset = 0
@@ -53,23 +55,35 @@ class AdapterBatchData:
         start_t, len_t = torch.tensor(starts), torch.tensor(lens)
         valid = ar[None, :] < len_t[:, None]
         token_idx = torch.where(valid, start_t[:, None] + ar[None, :], torch.zeros_like(ar)[None, :])
-        i32 = dict(device=device, dtype=torch.int32)
-        return AdapterBatchData(token_idx.to(device), valid.to(device), torch.tensor(slots, device=device),
-                                start_t.to(**i32), len_t.to(**i32), L)
+        return AdapterBatchData(
+            token_idx.to(device),
+            valid.to(device),
+            torch.tensor(slots, device=device),
+            start_t.to(device=device, dtype=torch.int32),
+            len_t.to(device=device, dtype=torch.int32),
+            L,
+        )
 
     @staticmethod
-    def for_decode(slots: torch.Tensor) -> "AdapterBatchData":
+    def for_decode(slots: torch.Tensor) -> AdapterBatchData:
         """One segment per row of a decode batch, row i on adapter slot slots[i] (0: base, skipped by the
         kernels, exact zeros on the torch path). `slots` may be a static buffer a CUDA graph reads."""
         n, dev = slots.shape[0], slots.device
         rows = torch.arange(n, device=dev)
-        return AdapterBatchData(rows[:, None], torch.ones(n, 1, dtype=torch.bool, device=dev), slots,
-                                rows.to(torch.int32), torch.ones(n, dtype=torch.int32, device=dev), 1)
+        return AdapterBatchData(
+            rows[:, None],
+            torch.ones(n, 1, dtype=torch.bool, device=dev),
+            slots,
+            rows.to(torch.int32),
+            torch.ones(n, dtype=torch.int32, device=dev),
+            1,
+        )
 
 
 # ---------------------------------------------------------------- TP cut rules
-def cut_column_lora(a: torch.Tensor, b: torch.Tensor, blocks: Sequence[int], rank: int,
-                    world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cut_column_lora(
+    a: torch.Tensor, b: torch.Tensor, blocks: Sequence[int], rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-parallel: A [r, in] whole; B [sum(blocks), r] cut by output rows within each packed block,
     like the base weight (q, k, v of c_attn each by heads)."""
     return a, shard_packed(b, 0, blocks, rank, world_size, "lora_B")
@@ -110,13 +124,14 @@ def lora_parts(base: nn.Module, n: int) -> list[LoraPart]:
         return [LoraPart(True, base.in_features * base.pctx.world_size, (base.out_features,))]
     if isinstance(base, ColumnParallelLinear) and n > 0 and len(base.packed_sizes_total) % n == 0:
         k = len(base.packed_sizes_total) // n
-        return [LoraPart(False, base.in_features, tuple(base.packed_sizes_total[p * k:(p + 1) * k]))
-                for p in range(n)]
+        return [
+            LoraPart(False, base.in_features, tuple(base.packed_sizes_total[p * k : (p + 1) * k])) for p in range(n)
+        ]
     raise ValueError(f"cannot split {type(base).__name__} into {n} LoRA parts")
 
 
 # ---------------------------------------------------------------- the wrappers
-def lora_kernels(device: torch.device, interpreter: bool = False) -> Optional[ModuleType]:
+def lora_kernels(device: torch.device, interpreter: bool = False) -> ModuleType | None:
     """worker.kernels.lora on CUDA when Triton imports (on a CPU only when the process runs Triton's
     interpreter: `interpreter`), else None (the PyTorch path)."""
     if device.type != "cuda" and not interpreter:
@@ -137,8 +152,8 @@ class LoraTerm:
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
     ranks: torch.Tensor  # [P, slots] int32
-    kernels: Optional[ModuleType] = None
-    stream: Optional[torch.cuda.Stream] = None
+    kernels: ModuleType | None = None
+    stream: torch.cuda.Stream | None = None
 
     def apply(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """base() + lora(x): y [T, out] from the base matmul, the adapter term added in place."""
@@ -150,8 +165,7 @@ class LoraTerm:
         segments = (data.starts, data.lens, data.slots, data.max_len)
         if self.stream is None:
             y = base()
-            k.lora_expand(y, k.lora_shrink(x, self.a_pool, self.ranks, *segments), self.b_pool, self.ranks,
-                          *segments)
+            k.lora_expand(y, k.lora_shrink(x, self.a_pool, self.ranks, *segments), self.b_pool, self.ranks, *segments)
             return y
         main = torch.cuda.current_stream(x.device)
         # allocated on the main stream, which frees it after the expand
