@@ -46,7 +46,7 @@ def kv_blocks(model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineCon
                                         cfg.kv_cache_dtype or model.dtype)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(pctx.device)
-    blocks = int((free - activation_peak) ) // (per_token * cfg.block_size)
+    blocks = int((free - activation_peak) * cfg.memory_fraction) // (per_token * cfg.block_size)
     if blocks < 2:
         raise ResourceExhausted(f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
                                 f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations")
