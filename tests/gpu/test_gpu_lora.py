@@ -8,6 +8,7 @@ differ only in fp32 summation order, so each may land one bf16 ulp off the other
 kernels' error against a float64 truth by the PyTorch path's own error (x 1.5, plus a few ulps of |y|).
 Run: `pytest -q -s -m gpu tests/gpu/test_gpu_lora.py`.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,17 @@ from helpers import GPU_TRITON_MARKS
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
-from worker.kernels.lora import add_lora, add_lora_reference  # noqa: E402
+from worker.kernels import lora as kernels  # noqa: E402
 from worker.layers.lora import AdapterBatchData  # noqa: E402
+
+
+def add_lora(y, x, a, b, ranks, data: AdapterBatchData) -> None:
+    kernels.add_lora(y, x, a, b, ranks, data.starts, data.lens, data.slots, data.max_len)
+
+
+def add_lora_reference(y, x, a, b, data: AdapterBatchData) -> None:
+    kernels.add_lora_reference(y, x, a, b, data.token_idx, data.valid, data.slots)
+
 
 CUDA = torch.device("cuda")
 H, W = 4096, 11008
@@ -44,7 +54,7 @@ def make_pool(P: int, K: int, N: int, r_max: int = 64, dtype: torch.dtype = torc
     a = torch.zeros(slots, P, r_max, K, device=CUDA)
     b = torch.zeros(slots, P, N, r_max, device=CUDA)
     table = torch.zeros(slots, 4, 5, dtype=torch.int32, device=CUDA)
-    ranks = table[:, 2, 2:2 + P].t()  # [P, slots] with the pool's strides
+    ranks = table[:, 2, 2 : 2 + P].t()  # [P, slots] with the pool's strides
     for s, r in SLOT_RANKS.items():
         a[s, :, :r] = torch.randn(P, r, K, generator=g, device=CUDA) / K**0.5
         b[s, :, :, :r] = torch.randn(P, N, r, generator=g, device=CUDA) / r**0.5
@@ -65,9 +75,9 @@ def truth(y0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d
         s, start, n = int(data.slots[seg]), int(data.starts[seg]), int(data.lens[seg])
         if s == 0:
             continue
-        xs = x[start:start + n].double()
+        xs = x[start : start + n].double()
         for p in range(P):
-            out[start:start + n, p * N:(p + 1) * N] += xs @ a[s, p].double().t() @ b[s, p].double().t()
+            out[start : start + n, p * N : (p + 1) * N] += xs @ a[s, p].double().t() @ b[s, p].double().t()
     return out
 
 
@@ -75,7 +85,7 @@ def check(y0, x, pool, data, touched) -> tuple[float, float]:
     a, b, ranks, clean_a, clean_b = pool
     y, ref = y0.clone(), y0.clone()
     add_lora(y, x, a, b, ranks, data)
-    add_lora_reference(ref, x, clean_a, clean_b, ranks, data)
+    add_lora_reference(ref, x, clean_a, clean_b, data)
     exact = truth(y0, x, clean_a, clean_b, data)
     assert torch.isfinite(y).all()  # nothing read past a slot's rank, nor from slot 0
     assert torch.equal(y[~touched], y0[~touched])
@@ -139,13 +149,22 @@ def test_decode_kernels_in_a_cuda_graph():
         add_lora(eager, x, a, b, ranks, AdapterBatchData.for_decode(slots.clone()))
         assert torch.equal(y, eager)
         ref = y0.clone()
-        add_lora_reference(ref, x, clean_a, clean_b, ranks, AdapterBatchData.for_decode(slots.clone()))
+        add_lora_reference(ref, x, clean_a, clean_b, AdapterBatchData.for_decode(slots.clone()))
         torch.testing.assert_close(y.float(), ref.float(), atol=0.1, rtol=0.02)
 
 
 # ------------------------------------------------------------------------------------------ model
-CFG = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channels=128, num_hidden_layers=2,
-           intermediate_size=1024, vocab_size=512, seq_length=32, rotary_emb_base=10000)
+CFG = dict(
+    model_type="qwen",
+    hidden_size=256,
+    num_attention_heads=2,
+    kv_channels=128,
+    num_hidden_layers=2,
+    intermediate_size=1024,
+    vocab_size=512,
+    seq_length=32,
+    rotary_emb_base=10000,
+)
 
 
 def lora_model(tmp_path, dtype, overlap: bool = True):
@@ -162,15 +181,18 @@ def lora_model(tmp_path, dtype, overlap: bool = True):
     pctx = ParallelContext(0, 1, CUDA)
     model = FlashQwenForCausalLM.from_pretrained(path, pctx, dtype, TritonAttention(), progress=False)
     root = str(tmp_path / "adapters")
-    adapters = [write_adapter(root, "a4", CFG, 4, 8, seed=1), write_adapter(root, "a8", CFG, 8, 16, seed=2),
-                write_adapter(root, "a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj"))]
+    adapters = [
+        write_adapter(root, "a4", CFG, 4, 8, seed=1),
+        write_adapter(root, "a8", CFG, 8, 16, seed=2),
+        write_adapter(root, "a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj")),
+    ]
     mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
-    assert model.transformer.h[0].mlp.gate_up.lora.kernels is not None  # the Triton path on CUDA
-    assert model.transformer.h[0].mlp.gate_up.lora.stream is not None  # shrink beside the base matmul
+    terms = [getattr(t.owner, t.attr).lora for t in model.lora_targets()]
+    assert all(term.kernels is not None for term in terms)  # the Triton path on CUDA
+    assert all(term.stream is not None for term in terms)  # shrink beside the base matmul
     if not overlap:
-        for layer in model.transformer.h:
-            for linear in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.gate_up, layer.mlp.c_proj):
-                linear.lora.stream = None
+        for term in terms:
+            term.stream = None
     for i, name in enumerate(["a4", "a8", "a16"], start=1):
         load(mgr, i, name)
     merged = [state] + [merge_lora(state, *ad) for ad in adapters]
@@ -192,8 +214,9 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     slots = [mgr.entries[i].slot if i else 0 for i in which]
     p = Paged(model, num_blocks=256)
     out = p.step(list(range(5)), prompts, [0] * 5, alphas, True, slots)
-    worst = max((o.double().cpu() - ref_forward(merged[a], CFG, s)).abs().max().item()
-                for s, a, o in zip(prompts, which, out))
+    worst = max(
+        (o.double().cpu() - ref_forward(merged[a], CFG, s)).abs().max().item() for s, a, o in zip(prompts, which, out)
+    )
     seqs = [list(x) for x in prompts]
     for _ in range(4):
         for s, o in zip(seqs, out):
@@ -227,8 +250,16 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, overlap):
     for n in (3, 40, 100, 7, 200, 9):
         blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
         slots = [blocks[p // 16] * 16 + p % 16 for p in range(n + 1)]
-        reqs.append(SimpleNamespace(ids=torch.randint(0, 512, (n,)).tolist(), blocks=blocks, slots=slots,
-                                    ntk_alpha=ntk_alpha(n, 32, True), n_cached=0, prefill_logprobs=False))
+        reqs.append(
+            SimpleNamespace(
+                ids=torch.randint(0, 512, (n,)).tolist(),
+                blocks=blocks,
+                slots=slots,
+                ntk_alpha=ntk_alpha(n, 32, True),
+                n_cached=0,
+                prefill_logprobs=False,
+            )
+        )
     adapter_slots = [mgr.entries[i].slot if i else 0 for i in (1, 0, 2, 3, 1, 0)]
     batch = SimpleNamespace(requests=reqs)
     runner = Runner(model, kv, CUDA)
@@ -275,13 +306,13 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
     mgr.wait_pinned()
     specs = {4: ("x0", 8, 7.0), 5: ("x1", 16, 5.0), 6: ("x2", 4, 3.0)}  # scales 7/8, 5/16, 3/4
     gate = threading.Event()
-    mgr.pinner.submit(gate.wait)  # the pinning thread waits behind this
+    mgr.copies.staging.pinner.submit(gate.wait)  # the pinning thread waits behind this
     try:
         for index, (name, rank, alpha) in specs.items():
             write_adapter(root, name, CFG, rank, alpha, seed=10 + index, dtype=file_dtype)
             load(mgr, index, name)
         hosts = {i: mgr.entries[i].host for i in specs}
-        staging = mgr.staging.data_ptr()
+        staging = mgr.copies.staging.buf.data_ptr()
         assert not any(h.pinned for h in hosts.values())
         assert hosts[6].buf.data_ptr() == staging and hosts[6].scale == 0.75  # the last one's bytes: staging
         assert hosts[4].buf.data_ptr() != staging and hosts[4].scale == 7 / 8  # kept before staging was reused
@@ -293,12 +324,17 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
         slot = mgr.entries[index].slot
         expect = read_adapter(os.path.join(root, name), model.config, 16, dtype=torch.bfloat16)
         for key, (a, b) in expect.weights.items():
-            a_pool, b_pool = mgr.pools[key]
+            a_pool, b_pool = mgr.slots.pools[key]
             assert torch.equal(a_pool[slot, :rank].cpu(), a) and torch.equal(b_pool[slot, :, :rank].cpu(), b)
             assert not a_pool[slot, rank:].any() and not b_pool[slot, :, rank:].any()
-        assert mgr.ranks[slot].tolist() == [[rank] * 5] * CFG["num_hidden_layers"]
-    before = {i: {k: (a[mgr.entries[i].slot].clone(), b[mgr.entries[i].slot].clone())
-                  for k, (a, b) in mgr.stacked.items()} for i in specs}
+        assert mgr.slots.ranks[slot].tolist() == [[rank] * 5] * CFG["num_hidden_layers"]
+    before = {
+        i: {
+            k: (a[mgr.entries[i].slot].clone(), b[mgr.entries[i].slot].clone())
+            for k, (a, b) in mgr.slots.stacked.items()
+        }
+        for i in specs
+    }
     mgr.wait_pinned()  # released: the background thread moved every host copy into pinned memory, folded
     for index in specs:
         h = mgr.entries[index].host
@@ -307,12 +343,14 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
     for index, (name, _, _) in specs.items():
         slot = mgr.entries[index].slot
         mgr.offload(pb.OffloadAdapterRequest(adapter_index=index))
-        assert not mgr.ranks[slot].any() and all(not a[slot].any() for a, _ in mgr.stacked.values())
+        assert not mgr.slots.ranks[slot].any() and all(not a[slot].any() for a, _ in mgr.slots.stacked.values())
         shutil.rmtree(os.path.join(root, name))  # a reload must come from the host cache
     for index in specs:
         load(mgr, index, specs[index][0])  # straight from the pinned host copy
     torch.cuda.synchronize()
     for index in specs:
         slot = mgr.entries[index].slot
-        assert all(torch.equal(a[slot], before[index][k][0]) and torch.equal(b[slot], before[index][k][1])
-                   for k, (a, b) in mgr.stacked.items())
+        assert all(
+            torch.equal(a[slot], before[index][k][0]) and torch.equal(b[slot], before[index][k][1])
+            for k, (a, b) in mgr.slots.stacked.items()
+        )
