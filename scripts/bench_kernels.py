@@ -130,7 +130,9 @@ def attention_table() -> None:
     dtype = torch.bfloat16
     d = PagedBatch([1] * 32, [511] * 32, dtype, prefill=False)
     kv_bytes = 2 * 32 * 512 * HEADS * HEAD_DIM * 2
-    rows = [("decode triton, default", time_ms(lambda: d.attend(TritonAttention())), kv_bytes)]
+    rows: list[tuple[str, float, float]] = [
+        ("decode triton, default", time_ms(lambda: d.attend(TritonAttention())), kv_bytes)
+    ]
     for n, w, splits in [(16, 4, 1), (32, 4, 1), (32, 4, 4), (64, 8, 1), (64, 8, 4)]:
         be = TritonAttention(tiles=Tiles(decode_n=n, decode_warps=w), num_splits=splits)
         rows.append((f"decode triton n{n} w{w} splits {splits}", time_ms(partial(d.attend, be)), kv_bytes))

@@ -33,7 +33,7 @@ def bench_kv_capacity(
 
     engine = Engine(
         model,
-        _Tok(),
+        _Tok(),  # type: ignore[arg-type]  # a stand-in: Warmup reads only what _Tok has
         model.pctx,
         EngineConfig(block_size=block_size, memory_fraction=memory_fraction, kv_cache_dtype=kv_dtype),
     )
@@ -57,6 +57,7 @@ def bench_kv_capacity(
             batch=pb.Batch(id=0, requests=reqs), max_input_length=4096, max_prefill_tokens=8192, max_new_tokens=16
         )
     )
+    assert engine.kv is not None
     cache_tokens = engine.kv.num_slots
     ideal = free_before / per_token
     out = dict(
