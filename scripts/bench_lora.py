@@ -104,7 +104,7 @@ def bench_lora_decode(
         graphs = GraphedDecode(model, kv, max_batch, per_seq, num_blocks - 1, adapter_pools=True)
         capture_s[f"{backend}{'-overlap' if overlap else ''}"] = time.time() - t0
         for b in batches:
-            batch = SimpleNamespace(requests=reqs[:b])
+            batch: Any = SimpleNamespace(requests=reqs[:b])  # a Batch as far as graphs.run reads it
             bucket = next(s for s in graphs.sizes if s >= b)
             graphs.run(batch, None)  # fills the static inputs of this bucket
             base = cuda_time(graphs.graphs[(bucket, False)][0].replay, iters=30)
