@@ -1,4 +1,5 @@
 """One place mapping failures to gRPC status codes, with messages a person can act on."""
+
 from __future__ import annotations
 
 import functools

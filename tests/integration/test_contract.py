@@ -1,4 +1,5 @@
 """The wire contract, driven call by call over gRPC against a real shard process (demo model)."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,16 @@ def make_request(rid: int, ids: list[int], max_new: int, first_block: int | None
     params.update(kw.pop("params", {}))
     stop = {"max_new_tokens": max_new}
     stop.update(kw.pop("stopping", {}))
-    return pb.Request(id=rid, inputs="", tokenized_inputs=pb.TokenizedInputs(ids=ids),
-                      parameters=pb.NextTokenChooserParameters(**params),
-                      stopping_parameters=pb.StoppingCriteriaParameters(**stop), blocks=blocks, slots=slots, **kw)
+    return pb.Request(
+        id=rid,
+        inputs="",
+        tokenized_inputs=pb.TokenizedInputs(ids=ids),
+        parameters=pb.NextTokenChooserParameters(**params),
+        stopping_parameters=pb.StoppingCriteriaParameters(**stop),
+        blocks=blocks,
+        slots=slots,
+        **kw,
+    )
 
 
 def stats(stub) -> dict:
@@ -75,11 +83,20 @@ def warmed(shard):
     assert list(urls) == [f"unix://{shard.uds}-0"]
     stub.ClearCache(pb.ClearCacheRequest())  # no id: drop everything
     info = stub.Info(pb.InfoRequest())
-    warm = pb.Batch(id=0, requests=[pb.Request(id=0, inputs="The capital of France is " * 4, truncate=64,
-                                               parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0,
-                                                                                        typical_p=1.0),
-                                               stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=8))],
-                    size=1, max_tokens=72)
+    warm = pb.Batch(
+        id=0,
+        requests=[
+            pb.Request(
+                id=0,
+                inputs="The capital of France is " * 4,
+                truncate=64,
+                parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0),
+                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=8),
+            )
+        ],
+        size=1,
+        max_tokens=72,
+    )
     resp = stub.Warmup(pb.WarmupRequest(batch=warm, max_input_length=64, max_prefill_tokens=64, max_new_tokens=8))
     return stub, info, resp.max_supported_total_tokens
 
@@ -134,26 +151,53 @@ def test_embed_classify_unimplemented(warmed):
 
 
 BAD = {
-    "duplicate request ids": (lambda: [make_request(7, [1, 2], 2, 40), make_request(7, [3], 2, 44)],
-                              grpc.StatusCode.INVALID_ARGUMENT, "duplicate request id 7"),
-    "token id >= vocab": (lambda: [make_request(7, [1, 10**6], 2, 40)], grpc.StatusCode.INVALID_ARGUMENT,
-                          "token id 1000000"),
+    "duplicate request ids": (
+        lambda: [make_request(7, [1, 2], 2, 40), make_request(7, [3], 2, 44)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "duplicate request id 7",
+    ),
+    "token id >= vocab": (
+        lambda: [make_request(7, [1, 10**6], 2, 40)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "token id 1000000",
+    ),
     "empty prompt": (lambda: [make_request(7, [], 2, 40)], grpc.StatusCode.INVALID_ARGUMENT, "empty prompt"),
-    "prompt longer than the KV space": (lambda: [make_request(7, [1] * 5000, 2, None)],
-                                        grpc.StatusCode.RESOURCE_EXHAUSTED, "KV slots"),
+    "prompt longer than the KV space": (
+        lambda: [make_request(7, [1] * 5000, 2, None)],
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "KV slots",
+    ),
     "slots shorter than the tokens": (lambda: _short_slots(), grpc.StatusCode.INVALID_ARGUMENT, "slots for"),
-    "blocks out of range": (lambda: [make_request(7, [1, 2], 2, 100000)], grpc.StatusCode.INVALID_ARGUMENT,
-                            "out of range"),
-    "NaN temperature": (lambda: [make_request(7, [1], 2, 40, params={"temperature": float("nan")})],
-                        grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    "negative repetition penalty": (lambda: [make_request(7, [1], 2, 40, params={"repetition_penalty": -1.0})],
-                                    grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty"),
-    "top_p = 0": (lambda: [make_request(7, [1], 2, 40, params={"top_p": 0.0})], grpc.StatusCode.INVALID_ARGUMENT,
-                  "top_p"),
-    "top_p > 1": (lambda: [make_request(7, [1], 2, 40, params={"top_p": 1.5})], grpc.StatusCode.INVALID_ARGUMENT,
-                  "top_p"),
-    "unknown adapter index": (lambda: [make_request(7, [1], 2, 40, adapter_index=999)], grpc.StatusCode.NOT_FOUND,
-                              "adapter index 999"),
+    "blocks out of range": (
+        lambda: [make_request(7, [1, 2], 2, 100000)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "out of range",
+    ),
+    "NaN temperature": (
+        lambda: [make_request(7, [1], 2, 40, params={"temperature": float("nan")})],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    "negative repetition penalty": (
+        lambda: [make_request(7, [1], 2, 40, params={"repetition_penalty": -1.0})],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "repetition_penalty",
+    ),
+    "top_p = 0": (
+        lambda: [make_request(7, [1], 2, 40, params={"top_p": 0.0})],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    "top_p > 1": (
+        lambda: [make_request(7, [1], 2, 40, params={"top_p": 1.5})],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    "unknown adapter index": (
+        lambda: [make_request(7, [1], 2, 40, adapter_index=999)],
+        grpc.StatusCode.NOT_FOUND,
+        "adapter index 999",
+    ),
 }
 
 
@@ -169,8 +213,7 @@ def test_bad_input_keeps_serving(warmed, ref, case):
     stub = warmed[0]
     state, cfg = ref
     # a live batch that must survive the bad call untouched
-    live = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=50, requests=[make_request(50, [3, 4, 5], 6, 60)],
-                                                         size=1)))
+    live = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=50, requests=[make_request(50, [3, 4, 5], 6, 60)], size=1)))
     before = stats(stub)
     make, code, needle = BAD[case]
     with pytest.raises(grpc.RpcError) as e:
@@ -187,14 +230,16 @@ def test_bad_input_keeps_serving(warmed, ref, case):
         if not resp.HasField("batch"):
             break
         batch = resp.batch
-    assert got == ref_greedy(state, cfg, [3, 4, 5], 6)[:len(got)] and len(got) >= 1
+    assert got == ref_greedy(state, cfg, [3, 4, 5], 6)[: len(got)] and len(got) >= 1
 
 
 def test_unknown_batch_ids(warmed):
     pb = pbm()
     stub = warmed[0]
-    for call in (lambda: stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=12345)])),
-                 lambda: stub.FilterBatch(pb.FilterBatchRequest(batch_id=12345, request_ids=[1]))):
+    for call in (
+        lambda: stub.Decode(pb.DecodeRequest(batches=[pb.CachedBatch(id=12345)])),
+        lambda: stub.FilterBatch(pb.FilterBatchRequest(batch_id=12345, request_ids=[1])),
+    ):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "12345" in e.value.details()
@@ -237,11 +282,13 @@ def test_prefill_merged_with_cached_batch(warmed, ref):
     pb = pbm()
     stub = warmed[0]
     state, cfg = ref
-    first = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=80, requests=[make_request(80, [4, 5], 6, 100)],
-                                                          size=1)))
+    first = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=80, requests=[make_request(80, [4, 5], 6, 100)], size=1)))
     got = {80: list(first.generations[0].next_tokens.ids), 81: []}
-    resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=81, requests=[make_request(81, [6, 7, 8], 4, 104)],
-                                                        size=1), cached_batch=first.batch))
+    resp = stub.Prefill(
+        pb.PrefillRequest(
+            batch=pb.Batch(id=81, requests=[make_request(81, [6, 7, 8], 4, 104)], size=1), cached_batch=first.batch
+        )
+    )
     assert set(resp.batch.request_ids) == {80, 81}
     while True:
         for g in resp.generations:
@@ -273,9 +320,22 @@ def test_socket_permissions_stale_socket_and_clean_exit(demo_dir, tmp_path):
     d = tempfile.mkdtemp(prefix="qs", dir="/tmp")
     uds = os.path.join(d, "s")
     open(f"{uds}-0", "w").close()  # stale leftover
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", os.path.join(demo_dir, "model"),
-                             "--uds-path", uds, "--max-total-tokens", "1024"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "serve",
+            os.path.join(demo_dir, "model"),
+            "--uds-path",
+            uds,
+            "--max-total-tokens",
+            "1024",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not (os.path.exists(f"{uds}-0") and stat.S_ISSOCK(os.stat(f"{uds}-0").st_mode)):

@@ -1,11 +1,12 @@
 """The engine/runner split: the runner sizes and owns the KV cache, the engine partitions its blocks."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import TINY, write_checkpoint
 from random_weights import random_checkpoint
-
 from worker.distributed import ParallelContext
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.runner import kv_blocks
@@ -35,8 +36,12 @@ def test_kv_blocks_sizing(model, monkeypatch):
 
 
 def test_the_runner_owns_the_cache_and_the_engine_partitions_it(model):
-    engine = Engine(model, None, ParallelContext(), EngineConfig(max_total_tokens=64 * 16, shard_block_fraction=0.25,
-                                                                 cuda_graphs=False))
+    engine = Engine(
+        model,
+        None,
+        ParallelContext(),
+        EngineConfig(max_total_tokens=64 * 16, shard_block_fraction=0.25, cuda_graphs=False),
+    )
     assert engine.runner is None and engine.kv is None
     engine.allocate_cache(64)
     assert engine.kv is engine.runner.kv and engine.kv.num_blocks == 64 and engine.runner.graphs is None

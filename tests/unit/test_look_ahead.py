@@ -4,6 +4,7 @@ concatenation / FilterBatch / requests finishing, with greedy and seeded-samplin
 tokens, texts, finish reasons and (within float noise from other batch shapes) logprobs with the look-ahead
 on and off; and with it on, the decode steps take their logits from the look-ahead rows, computing only
 rows that have none."""
+
 from __future__ import annotations
 
 import os
@@ -27,10 +28,15 @@ def _engine(model_dir: str, look_ahead: bool) -> Engine:
 
 
 def _request(rid: int, text: str, max_new: int, **sampling) -> pb.Request:
-    params = pb.NextTokenChooserParameters(**{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0,
-                                              "repetition_penalty": 1.0, **sampling})
-    return pb.Request(id=rid, inputs=text, parameters=params,
-                      stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True))
+    params = pb.NextTokenChooserParameters(
+        **{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, **sampling}
+    )
+    return pb.Request(
+        id=rid,
+        inputs=text,
+        parameters=params,
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
+    )
 
 
 def _record(generations) -> list[tuple]:
@@ -47,8 +53,14 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
     how many rows the Decode itself had to run the forward for."""
     runner_forward = engine.runner.forward if engine.runner else None
     log = []
-    engine.warmup(pb.WarmupRequest(batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
-                                   max_input_length=64, max_prefill_tokens=256, max_new_tokens=32))
+    engine.warmup(
+        pb.WarmupRequest(
+            batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
+            max_input_length=64,
+            max_prefill_tokens=256,
+            max_new_tokens=32,
+        )
+    )
     runner_forward = engine.runner.forward
     in_decode = {"on": False}
 
@@ -79,16 +91,32 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
         log.append(_record(gens))
         return batch
 
-    gens, b1 = engine.prefill(pb.Batch(id=1, size=3, requests=[
-        _request(1, "Once upon a time", 5),
-        _request(2, "The pirate said", 12, temperature=0.8, seed=7, do_sample=True),
-        _request(3, "A robot walks", 12)]), None)
+    gens, b1 = engine.prefill(
+        pb.Batch(
+            id=1,
+            size=3,
+            requests=[
+                _request(1, "Once upon a time", 5),
+                _request(2, "The pirate said", 12, temperature=0.8, seed=7, do_sample=True),
+                _request(3, "A robot walks", 12),
+            ],
+        ),
+        None,
+    )
     log.append(_record(gens))
     for _ in range(3):
         b1 = decode([b1.info()])
-    gens, b2 = engine.prefill(pb.Batch(id=2, size=2, requests=[
-        _request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True),
-        _request(5, "Hello there", 10)]), None)
+    gens, b2 = engine.prefill(
+        pb.Batch(
+            id=2,
+            size=2,
+            requests=[
+                _request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True),
+                _request(5, "Hello there", 10),
+            ],
+        ),
+        None,
+    )
     log.append(_record(gens))
     if drop_one_look_ahead:  # a request without a look-ahead row: the Decode computes that row alone
         b2.requests[0].ahead = None
@@ -146,8 +174,11 @@ def test_rows_stale_or_missing_are_computed():
     from types import SimpleNamespace
 
     x = torch.arange(12.0).view(3, 4)
-    reqs = [SimpleNamespace(ids=[0] * 5, ahead=Ahead(x, 0, 5)), SimpleNamespace(ids=[0] * 6, ahead=Ahead(x, 1, 5)),
-            SimpleNamespace(ids=[0] * 5, ahead=None)]
+    reqs = [
+        SimpleNamespace(ids=[0] * 5, ahead=Ahead(x, 0, 5)),
+        SimpleNamespace(ids=[0] * 6, ahead=Ahead(x, 1, 5)),
+        SimpleNamespace(ids=[0] * 5, ahead=None),
+    ]
     ready = lookahead.ready(reqs, prefill=False)
     assert ready == [True, False, False] and lookahead.ready(reqs, prefill=True) == [False] * 3
     computed = -1 - torch.arange(8.0).view(2, 4)
@@ -158,10 +189,17 @@ def test_rows_stale_or_missing_are_computed():
 
 def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplog):
     engine = _engine(os.path.join(demo_dir, "model"), True)
-    engine.warmup(pb.WarmupRequest(batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
-                                   max_input_length=64, max_prefill_tokens=256, max_new_tokens=32))
-    gens, batch = engine.prefill(pb.Batch(id=1, size=2, requests=[_request(1, "Once upon a time", 4),
-                                                                  _request(2, "Hello there", 4)]), None)
+    engine.warmup(
+        pb.WarmupRequest(
+            batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
+            max_input_length=64,
+            max_prefill_tokens=256,
+            max_new_tokens=32,
+        )
+    )
+    gens, batch = engine.prefill(
+        pb.Batch(id=1, size=2, requests=[_request(1, "Once upon a time", 4), _request(2, "Hello there", 4)]), None
+    )
     assert all(r.ahead is not None for r in batch.requests)
     forward = engine.runner.forward
 
@@ -178,9 +216,17 @@ def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplo
     assert engine.batches == {}
 
 
-@pytest.mark.parametrize("setting,world,graphed,runs", [
-    (None, 1, True, True), (None, 2, True, False), (None, 1, False, False),  # auto: graphs, TP=1 only
-    (True, 2, True, True), (True, 1, False, True), (False, 1, True, False)])
+@pytest.mark.parametrize(
+    "setting,world,graphed,runs",
+    [
+        (None, 1, True, True),
+        (None, 2, True, False),
+        (None, 1, False, False),  # auto: graphs, TP=1 only
+        (True, 2, True, True),
+        (True, 1, False, True),
+        (False, 1, True, False),
+    ],
+)
 def test_when_the_look_ahead_runs(setting, world, graphed, runs):
     from types import SimpleNamespace
 
@@ -189,26 +235,32 @@ def test_when_the_look_ahead_runs(setting, world, graphed, runs):
     engine.cfg = EngineConfig(look_ahead=setting)
     engine.pctx = SimpleNamespace(world_size=world)
     engine.adapters = None
-    engine.runner = SimpleNamespace(graphs=SimpleNamespace(can_run=lambda b: True) if graphed else None,
-                                    forward=lambda b, prefill, slots: calls.append(b) or
-                                    SimpleNamespace(last=torch.zeros(1, 4)))
+    engine.runner = SimpleNamespace(
+        graphs=SimpleNamespace(can_run=lambda b: True) if graphed else None,
+        forward=lambda b, prefill, slots: calls.append(b) or SimpleNamespace(last=torch.zeros(1, 4)),
+    )
     request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None)
     engine._look_ahead(SimpleNamespace(id=1, requests=[request]))
     assert bool(calls) == runs and (request.ahead is not None) == runs
 
 
-@pytest.mark.parametrize("wanted,graphs,can_run,world,slots,runs,reason", [
-    (None, True, True, 1, True, True, "auto: CUDA graphs at TP=1"),
-    (None, False, False, 1, True, False, "auto: no CUDA graphs"),
-    (None, True, False, 1, True, False, "auto: the CUDA graphs do not serve this batch"),
-    (None, True, True, 2, True, False, "auto: off under TP"),
-    (None, True, True, 1, False, False, "the next position's KV slot is not allocated"),
-    (True, False, False, 2, True, True, "on"),
-    (True, True, True, 1, False, False, "the next position's KV slot is not allocated"),
-    (False, True, True, 1, True, False, "off")])
+@pytest.mark.parametrize(
+    "wanted,graphs,can_run,world,slots,runs,reason",
+    [
+        (None, True, True, 1, True, True, "auto: CUDA graphs at TP=1"),
+        (None, False, False, 1, True, False, "auto: no CUDA graphs"),
+        (None, True, False, 1, True, False, "auto: the CUDA graphs do not serve this batch"),
+        (None, True, True, 2, True, False, "auto: off under TP"),
+        (None, True, True, 1, False, False, "the next position's KV slot is not allocated"),
+        (True, False, False, 2, True, True, "on"),
+        (True, True, True, 1, False, False, "the next position's KV slot is not allocated"),
+        (False, True, True, 1, True, False, "off"),
+    ],
+)
 def test_look_ahead_policy(wanted, graphs, can_run, world, slots, runs, reason):
-    decision = lookahead.decide(wanted=wanted, graphs_available=graphs, graphs_can_run=can_run, world_size=world,
-                                slots_allocated=slots)
+    decision = lookahead.decide(
+        wanted=wanted, graphs_available=graphs, graphs_can_run=can_run, world_size=world, slots_allocated=slots
+    )
     assert decision == lookahead.Decision(runs, reason)
 
 

@@ -1,4 +1,5 @@
 """BatchSampler and prefill_logprobs against naive per-row references (float64, plain loops)."""
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ def reference_logprobs(logits: torch.Tensor, prev: list[int], p: SamplingParams,
 def random_case(seed: int, batch: int = 5) -> tuple[torch.Tensor, list[list[int]]]:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, V, generator=g) * 3
-    prev = [torch.randint(0, N_REAL, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(batch)]
+    prev = [
+        torch.randint(0, N_REAL, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(batch)
+    ]
     return logits, prev
 
 
@@ -83,14 +86,23 @@ def test_greedy_is_argmax_with_logsoftmax_logprob():
     assert out.top_ids == [[]] * 5 and out.top_logprobs == [[]] * 5
 
 
-@pytest.mark.parametrize("kw,field_name", [
-    ({"temperature": float("nan")}, "temperature"), ({"temperature": -0.5}, "temperature"),
-    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"),
-    ({"typical_p": 0.0}, "typical_p"), ({"typical_p": 2.0}, "typical_p"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"frequency_penalty": float("inf")}, "frequency_penalty"),
-    ({"presence_penalty": float("-inf")}, "presence_penalty"),
-    ({"return_k_alternatives": 101}, "return_k_alternatives"), ({"return_k_alternatives": -1}, "return_k_alternatives"),
-])
+@pytest.mark.parametrize(
+    "kw,field_name",
+    [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"typical_p": 0.0}, "typical_p"),
+        ({"typical_p": 2.0}, "typical_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"presence_penalty": float("-inf")}, "presence_penalty"),
+        ({"return_k_alternatives": 101}, "return_k_alternatives"),
+        ({"return_k_alternatives": -1}, "return_k_alternatives"),
+    ],
+)
 def test_invalid_params_name_field_and_value(kw, field_name):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kw).validate()
@@ -102,11 +114,20 @@ def test_valid_params_pass():
     SamplingParams(temperature=0.0, top_p=1.0, typical_p=1.0, return_k_alternatives=100, seed=2**64 - 1).validate()
 
 
-@pytest.mark.parametrize("kw,greedy", [
-    ({}, True), ({"do_sample": True}, False), ({"temperature": 0.7}, False), ({"top_k": 5}, False),
-    ({"top_p": 0.9}, False), ({"typical_p": 0.9}, False), ({"temperature": 0.0}, True),
-    ({"temperature": 0.0, "do_sample": True, "top_k": 3}, True), ({"repetition_penalty": 1.5}, True),
-])
+@pytest.mark.parametrize(
+    "kw,greedy",
+    [
+        ({}, True),
+        ({"do_sample": True}, False),
+        ({"temperature": 0.7}, False),
+        ({"top_k": 5}, False),
+        ({"top_p": 0.9}, False),
+        ({"typical_p": 0.9}, False),
+        ({"temperature": 0.0}, True),
+        ({"temperature": 0.0, "do_sample": True, "top_k": 3}, True),
+        ({"repetition_penalty": 1.5}, True),
+    ],
+)
 def test_sampling_rule_is_do_sample_or_warpers(kw, greedy):
     assert SamplingParams(**kw).is_greedy is greedy
 
@@ -114,8 +135,12 @@ def test_sampling_rule_is_do_sample_or_warpers(kw, greedy):
 def test_padded_vocab_never_chosen():
     logits, prev = random_case(1, batch=4)
     logits[:, N_REAL:] = 1e4
-    params = [SamplingParams(return_k_alternatives=100), SamplingParams(do_sample=True, seed=9),
-              SamplingParams(temperature=50.0, seed=10), SamplingParams(top_k=V, seed=11)]
+    params = [
+        SamplingParams(return_k_alternatives=100),
+        SamplingParams(do_sample=True, seed=9),
+        SamplingParams(temperature=50.0, seed=10),
+        SamplingParams(top_k=V, seed=11),
+    ]
     sampler = BatchSampler(params, V, N_REAL)
     for _ in range(50):
         out = sampler(logits, prev)
@@ -148,7 +173,7 @@ def test_alternatives_are_topk_of_processed_logprobs():
     assert out.top_ids[0] == [] and [len(x) for x in out.top_ids[1:]] == [1, 3, 5, N_REAL]
     for i, p in enumerate(params[1:], start=1):
         ref = reference_logprobs(logits[i], prev[i], p, N_REAL)
-        best = sorted(ref[:N_REAL].tolist(), reverse=True)[:len(out.top_ids[i])]
+        best = sorted(ref[:N_REAL].tolist(), reverse=True)[: len(out.top_ids[i])]
         assert out.top_logprobs[i] == sorted(out.top_logprobs[i], reverse=True)
         for tok, lp, want in zip(out.top_ids[i], out.top_logprobs[i], best):
             assert lp == pytest.approx(want, abs=1e-4) and lp == pytest.approx(ref[tok].item(), abs=1e-4)
@@ -156,12 +181,30 @@ def test_alternatives_are_topk_of_processed_logprobs():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), rep=st.floats(0.5, 2.0), freq=st.floats(-1, 1), pres=st.floats(-1, 1),
-       temp=st.floats(0.3, 3.0), top_k=st.integers(0, 40), top_p=st.floats(0.05, 1.0), typical=st.floats(0.05, 1.0))
+@given(
+    seed=st.integers(0, 10_000),
+    rep=st.floats(0.5, 2.0),
+    freq=st.floats(-1, 1),
+    pres=st.floats(-1, 1),
+    temp=st.floats(0.3, 3.0),
+    top_k=st.integers(0, 40),
+    top_p=st.floats(0.05, 1.0),
+    typical=st.floats(0.05, 1.0),
+)
 def test_random_params_match_reference(seed, rep, freq, pres, temp, top_k, top_p, typical):
     logits, prev = random_case(seed, batch=2)
-    p = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, typical_p=typical, do_sample=True, seed=seed + 1,
-                       repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres, return_k_alternatives=100)
+    p = SamplingParams(
+        temperature=temp,
+        top_k=top_k,
+        top_p=top_p,
+        typical_p=typical,
+        do_sample=True,
+        seed=seed + 1,
+        repetition_penalty=rep,
+        frequency_penalty=freq,
+        presence_penalty=pres,
+        return_k_alternatives=100,
+    )
     p.validate()
     got = full_logprobs(BatchSampler([SamplingParams(return_k_alternatives=100), p], V, N_REAL), logits, prev)[1]
     ref = reference_logprobs(logits[1], prev[1], p, N_REAL)
@@ -174,8 +217,10 @@ def test_random_params_match_reference(seed, rep, freq, pres, temp, top_k, top_p
 def test_penalties_match_naive_loop():
     logits, prev = random_case(11)
     prev[2] = [3, 3, 3, 7, 32]  # repeated ids: frequency counts them, presence once
-    params = [SamplingParams(repetition_penalty=r, frequency_penalty=f, presence_penalty=q, return_k_alternatives=100)
-              for r, f, q in [(1.0, 0.0, 0.0), (1.7, 0.0, 0.0), (1.3, 0.5, 0.25), (0.6, -0.3, 0.0), (1.0, 0.0, 2.0)]]
+    params = [
+        SamplingParams(repetition_penalty=r, frequency_penalty=f, presence_penalty=q, return_k_alternatives=100)
+        for r, f, q in [(1.0, 0.0, 0.0), (1.7, 0.0, 0.0), (1.3, 0.5, 0.25), (0.6, -0.3, 0.0), (1.0, 0.0, 2.0)]
+    ]
     got = full_logprobs(BatchSampler(params, V, N_REAL), logits, prev)
     for i, p in enumerate(params):
         s = logits[i, :N_REAL].double().clone()
@@ -192,8 +237,9 @@ def test_top_k_one_with_sampling_equals_greedy():
     for case in range(5):
         logits, prev = random_case(200 + case)
         pen = {"repetition_penalty": 1.4, "frequency_penalty": 0.3}
-        sampled = BatchSampler([SamplingParams(do_sample=True, top_k=1, seed=s + 1, **pen) for s in range(5)], V,
-                               N_REAL)
+        sampled = BatchSampler(
+            [SamplingParams(do_sample=True, top_k=1, seed=s + 1, **pen) for s in range(5)], V, N_REAL
+        )
         greedy = BatchSampler([SamplingParams(**pen)] * 5, V, N_REAL)
         a, b = sampled(logits, prev), greedy(logits, prev)
         assert a.next_ids.tolist() == b.next_ids.tolist()
@@ -223,8 +269,9 @@ class Req:
 
 def step(sampler: BatchSampler, reqs: list[Req]) -> None:
     """One decode step with logits that depend only on (request, position)."""
-    logits = torch.stack([torch.randn(V, generator=torch.Generator().manual_seed(997 * r.key + len(r.ids))) * 2
-                          for r in reqs])
+    logits = torch.stack(
+        [torch.randn(V, generator=torch.Generator().manual_seed(997 * r.key + len(r.ids))) * 2 for r in reqs]
+    )
     for r, t in zip(reqs, sampler(logits.to(torch.bfloat16), [r.ids for r in reqs]).next_ids.tolist()):
         r.ids.append(t)
 

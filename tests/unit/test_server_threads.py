@@ -1,5 +1,6 @@
 """Every gRPC worker thread of a shard runs on the shard's CUDA device (the current device is per
 thread: without this, rank r's RPCs ran with cuda:0 current and Triton refused its tensors on cuda:r)."""
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,16 @@ from worker.server import LoraxServicer, make_server
 
 def test_rpc_threads_bind_the_shard_device(monkeypatch):
     bound = []
-    monkeypatch.setattr(torch.cuda, "set_device",
-                        lambda d: bound.append((threading.current_thread() is threading.main_thread(), str(d))))
-    engine = SimpleNamespace(pctx=SimpleNamespace(device=torch.device("cuda", 1)),
-                             model=SimpleNamespace(dtype=torch.bfloat16), cfg=SimpleNamespace(block_size=16))
+    monkeypatch.setattr(
+        torch.cuda,
+        "set_device",
+        lambda d: bound.append((threading.current_thread() is threading.main_thread(), str(d))),
+    )
+    engine = SimpleNamespace(
+        pctx=SimpleNamespace(device=torch.device("cuda", 1)),
+        model=SimpleNamespace(dtype=torch.bfloat16),
+        cfg=SimpleNamespace(block_size=16),
+    )
     d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
     path = os.path.join(d, "s-1")
     server = make_server(LoraxServicer(engine, os.path.join(d, "s"), "cuda"), path)
@@ -42,8 +49,11 @@ def test_bare_cuda_device_binds_the_owning_threads_device(monkeypatch):
     current = {"index": 1}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(d))
-    engine = SimpleNamespace(pctx=SimpleNamespace(device=torch.device("cuda")),
-                             model=SimpleNamespace(dtype=torch.bfloat16), cfg=SimpleNamespace(block_size=16))
+    engine = SimpleNamespace(
+        pctx=SimpleNamespace(device=torch.device("cuda")),
+        model=SimpleNamespace(dtype=torch.bfloat16),
+        cfg=SimpleNamespace(block_size=16),
+    )
     d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
     path = os.path.join(d, "s-1")
     server = make_server(LoraxServicer(engine, os.path.join(d, "s"), "cuda"), path)

@@ -1,4 +1,5 @@
 """StoppingCriteria: order of checks, eos handling, stop sequences across token boundaries."""
+
 import pytest
 
 from worker.engine.stopping import FinishReason, StoppingCriteria

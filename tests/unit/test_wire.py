@@ -1,4 +1,5 @@
 """worker/wire.py: the engine's step results become exactly the contract's protobuf messages."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ from worker.wire import cached_batch_pb, generation_pb, step_response
 
 
 def _tokens(ids: list[int], **kw) -> Tokens:
-    return Tokens(ids=ids, logprobs=[-0.5] * len(ids), texts=[f"t{i}" for i in ids], is_special=[False] * len(ids),
-                  **kw)
+    return Tokens(
+        ids=ids, logprobs=[-0.5] * len(ids), texts=[f"t{i}" for i in ids], is_special=[False] * len(ids), **kw
+    )
 
 
 def test_finish_reasons_are_the_proto_enum():
@@ -34,9 +36,15 @@ def test_a_decode_generation_has_only_its_next_token():
 def test_a_finished_prefill_generation():
     prompt = _tokens([1, 2, 3])
     prompt.logprobs[0] = math.nan  # the first prompt token has none
-    gen = Generation(request_id=5, next_tokens=_tokens([9]), prefill_tokens=prompt, prefill_tokens_length=3,
-                     generated_text=GeneratedText(text="done", generated_tokens=1,
-                                                  finish_reason=FinishReason.FINISH_REASON_EOS_TOKEN))
+    gen = Generation(
+        request_id=5,
+        next_tokens=_tokens([9]),
+        prefill_tokens=prompt,
+        prefill_tokens_length=3,
+        generated_text=GeneratedText(
+            text="done", generated_tokens=1, finish_reason=FinishReason.FINISH_REASON_EOS_TOKEN
+        ),
+    )
     msg = generation_pb(gen)
     assert list(msg.prefill_tokens.ids) == [1, 2, 3] and math.isnan(msg.prefill_tokens.logprobs[0])
     assert msg.prefill_tokens_length == 3

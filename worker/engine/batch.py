@@ -4,6 +4,7 @@ filter, info (the CachedBatch the router sees).
 Plain Python plus the per-request sampler state; no forward pass. A new batch is validated entirely
 before any state changes, so a rejected Prefill leaves the shard as it was.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,13 @@ class Batch:
         return sum(len(r.slots) for r in self.requests)
 
     def info(self) -> CachedBatchInfo:
-        return CachedBatchInfo(id=self.id, request_ids=self.request_ids, size=len(self.requests),
-                               max_tokens=self.max_tokens, current_tokens=len(self.requests))
+        return CachedBatchInfo(
+            id=self.id,
+            request_ids=self.request_ids,
+            size=len(self.requests),
+            max_tokens=self.max_tokens,
+            current_tokens=len(self.requests),
+        )
 
     def to_pb(self, pb: Any) -> Any:
         """info() as a pb.CachedBatch (pb: the generate_pb2 module), for tests that drive the engine directly;
@@ -87,8 +93,11 @@ class Batch:
     @staticmethod
     def concatenate(batches: list[Batch]) -> Batch:
         """One batch holding all requests in order; keeps the first batch's id."""
-        return Batch(batches[0].id, [r for b in batches for r in b.requests],
-                     BatchSampler.concatenate([b.sampler for b in batches]))
+        return Batch(
+            batches[0].id,
+            [r for b in batches for r in b.requests],
+            BatchSampler.concatenate([b.sampler for b in batches]),
+        )
 
 
 class AdapterLookup(Protocol):
@@ -134,22 +143,28 @@ class BatchBuilder:
     seed_nonce: int = 0  # identical on every rank: unseeded sampling draws the same seed on all shards
 
     def prompt_ids(self, req: Any) -> list[int]:
-        ids = list(req.tokenized_inputs.ids) if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids \
+        ids = (
+            list(req.tokenized_inputs.ids)
+            if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids
             else (self.tokenizer.encode(req.inputs) if req.inputs else [])
+        )
         if not ids:
             raise InvalidArgument(f"request {req.id}: empty prompt (no inputs text and no tokenized ids)")
         bad = [t for t in ids if t >= self.tokenizer.n_real_vocab]
         if bad:
-            raise InvalidArgument(f"request {req.id}: token id {bad[0]} is not a valid token "
-                                  f"(the vocabulary has {self.tokenizer.n_real_vocab} tokens)")
+            raise InvalidArgument(
+                f"request {req.id}: token id {bad[0]} is not a valid token "
+                f"(the vocabulary has {self.tokenizer.n_real_vocab} tokens)"
+            )
         if req.truncate and len(ids) > req.truncate:
-            ids = ids[-req.truncate:]
+            ids = ids[-req.truncate :]
         return ids
 
     def build(self, pb_batch: Any) -> Batch:
         if self.max_batch_size and len(pb_batch.requests) > self.max_batch_size:
-            raise ResourceExhausted(f"batch of {len(pb_batch.requests)} requests exceeds --max-batch-size "
-                                    f"{self.max_batch_size}")
+            raise ResourceExhausted(
+                f"batch of {len(pb_batch.requests)} requests exceeds --max-batch-size {self.max_batch_size}"
+            )
         if not pb_batch.requests:
             raise InvalidArgument(f"batch {pb_batch.id} has no requests")
         seen: set[int] = set()
@@ -161,24 +176,38 @@ class BatchBuilder:
             plans.append(self._plan(req))
         own_blocks_needed = sum(p.own_blocks for p in plans)
         if own_blocks_needed > self.allocator.free:
-            raise ResourceExhausted(f"not enough KV space: the batch needs {own_blocks_needed} self-allocated "
-                                    f"blocks of {self.block_size} tokens, {self.allocator.free} are free")
+            raise ResourceExhausted(
+                f"not enough KV space: the batch needs {own_blocks_needed} self-allocated "
+                f"blocks of {self.block_size} tokens, {self.allocator.free} are free"
+            )
         requests = []
         for req, plan in zip(pb_batch.requests, plans):
             ids = plan.ids
             if plan.own_blocks:
                 blocks = self.allocator.allocate(plan.own_blocks)
                 total = len(ids) + plan.stopping.max_new_tokens - 1
-                slots = [b * self.block_size + j for b in blocks for j in range(self.block_size)][:max(total, 1)]
+                slots = [b * self.block_size + j for b in blocks for j in range(self.block_size)][: max(total, 1)]
             else:
                 blocks, slots = list(req.blocks), list(req.slots)
-            requests.append(RequestState(
-                id=req.id, prompt_len=len(ids), ids=ids, n_cached=req.cache_len, blocks=blocks, slots=slots,
-                owns_blocks=bool(plan.own_blocks),
-                ntk_alpha=ntk_alpha(len(ids), self.seq_length, self.use_dynamic_ntk), params=plan.sampling,
-                stopping=plan.stopping, detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False),
-                adapter_index=req.adapter_index, prefill_logprobs=req.prefill_logprobs,
-                report=req.id % self.world_size == self.rank, prefill_cache_len=req.cache_len))
+            requests.append(
+                RequestState(
+                    id=req.id,
+                    prompt_len=len(ids),
+                    ids=ids,
+                    n_cached=req.cache_len,
+                    blocks=blocks,
+                    slots=slots,
+                    owns_blocks=bool(plan.own_blocks),
+                    ntk_alpha=ntk_alpha(len(ids), self.seq_length, self.use_dynamic_ntk),
+                    params=plan.sampling,
+                    stopping=plan.stopping,
+                    detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False),
+                    adapter_index=req.adapter_index,
+                    prefill_logprobs=req.prefill_logprobs,
+                    report=req.id % self.world_size == self.rank,
+                    prefill_cache_len=req.cache_len,
+                )
+            )
         sampler = BatchSampler([p.sampling for p in plans], self.vocab_size, self.tokenizer.n_real_vocab, self.device)
         return Batch(pb_batch.id, requests, sampler)
 
@@ -190,10 +219,18 @@ class BatchBuilder:
             raise FailedPrecondition(f"request {req.id}: watermarking is not supported by this worker")
         if p.HasField("schema") and p.schema:
             raise FailedPrecondition(f"request {req.id}: JSON-schema constrained decoding is not supported")
-        sp = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
-                            do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
-                            frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-                            return_k_alternatives=p.return_k_alternatives)
+        sp = SamplingParams(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            return_k_alternatives=p.return_k_alternatives,
+        )
         try:
             sp.validate()
         except ValueError as exc:
@@ -202,18 +239,27 @@ class BatchBuilder:
             sp.seed = ((self.seed_nonce ^ (req.id * 0x9E3779B97F4A7C15)) & (2**63 - 1)) | 1
         s = req.stopping_parameters
         if s.max_new_tokens < 1:
-            raise InvalidArgument(f"request {req.id}: stopping_parameters.max_new_tokens must be >= 1, "
-                                  f"got {s.max_new_tokens}")
-        stop = StoppingCriteria(max_new_tokens=s.max_new_tokens, stop_sequences=list(s.stop_sequences),
-                                ignore_eos_token=s.ignore_eos_token, eos_ids=self.tokenizer.eos_token_ids)
+            raise InvalidArgument(
+                f"request {req.id}: stopping_parameters.max_new_tokens must be >= 1, got {s.max_new_tokens}"
+            )
+        stop = StoppingCriteria(
+            max_new_tokens=s.max_new_tokens,
+            stop_sequences=list(s.stop_sequences),
+            ignore_eos_token=s.ignore_eos_token,
+            eos_ids=self.tokenizer.eos_token_ids,
+        )
         if req.adapter_index and (self.adapters is None or not self.adapters.has(req.adapter_index)):
             raise NotFound(f"request {req.id}: adapter index {req.adapter_index} is not loaded on this shard")
         if req.cache_len >= len(ids):
-            raise InvalidArgument(f"request {req.id}: cache_len {req.cache_len} must be smaller than the prompt "
-                                  f"({len(ids)} tokens): at least one token is computed")
+            raise InvalidArgument(
+                f"request {req.id}: cache_len {req.cache_len} must be smaller than the prompt "
+                f"({len(ids)} tokens): at least one token is computed"
+            )
         if req.HasField("chunk_len") and req.chunk_len < len(ids) - req.cache_len and not self.chunked_prefill:
-            raise FailedPrecondition(f"request {req.id}: chunk_len {req.chunk_len} asks for chunked prefill, "
-                                     "which this worker does not offer (Info.chunked_prefill=false)")
+            raise FailedPrecondition(
+                f"request {req.id}: chunk_len {req.chunk_len} asks for chunked prefill, "
+                "which this worker does not offer (Info.chunked_prefill=false)"
+            )
         needed = len(ids) + s.max_new_tokens - 1  # KV slots the request will write
         if not req.blocks:
             if req.slots:
@@ -222,17 +268,23 @@ class BatchBuilder:
                 raise InvalidArgument(f"request {req.id}: cache_len needs router-allocated blocks")
             n_own = math.ceil(needed / self.block_size)
             if n_own > self.allocator.count:
-                raise ResourceExhausted(f"request {req.id}: prompt of {len(ids)} tokens + {s.max_new_tokens} new "
-                                        f"tokens needs {needed} KV slots, more than the shard's "
-                                        f"{self.allocator.count * self.block_size} self-allocatable slots")
+                raise ResourceExhausted(
+                    f"request {req.id}: prompt of {len(ids)} tokens + {s.max_new_tokens} new "
+                    f"tokens needs {needed} KV slots, more than the shard's "
+                    f"{self.allocator.count * self.block_size} self-allocatable slots"
+                )
             return RequestPlan(ids, sp, stop, n_own)
         bad_blocks = [b for b in req.blocks if b >= self.router_blocks]
         if bad_blocks:
-            raise InvalidArgument(f"request {req.id}: block {bad_blocks[0]} is out of range (the router owns "
-                                  f"blocks 0..{self.router_blocks - 1})")
+            raise InvalidArgument(
+                f"request {req.id}: block {bad_blocks[0]} is out of range (the router owns "
+                f"blocks 0..{self.router_blocks - 1})"
+            )
         if len(req.slots) < needed:
-            raise InvalidArgument(f"request {req.id}: {len(req.slots)} slots for {needed} tokens "
-                                  f"(prompt {len(ids)} + max_new_tokens {s.max_new_tokens} - 1)")
+            raise InvalidArgument(
+                f"request {req.id}: {len(req.slots)} slots for {needed} tokens "
+                f"(prompt {len(ids)} + max_new_tokens {s.max_new_tokens} - 1)"
+            )
         allowed = set(req.blocks)
         bad_slots = [sl for sl in req.slots if sl // self.block_size not in allowed]
         if bad_slots:

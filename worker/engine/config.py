@@ -1,4 +1,5 @@
 """The engine's settings (one shard): KV cache size and dtype, batch limits, CUDA graphs, look-ahead."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,10 +5,12 @@ reports generations only for its own requests (`request.id % world_size == rank`
 by the server; nothing here is thread-safe on its own. Requests come in as protobuf messages (read here
 and in BatchBuilder); results go out as the dataclasses of worker/engine/generations.py.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -38,19 +40,25 @@ class BatchRef(Protocol):
 
 
 class Engine:
-    def __init__(self, model: FlashQwenForCausalLM, tokenizer: QwenTokenizer, pctx: ParallelContext,
-                 cfg: EngineConfig, adapters: Optional[Adapters] = None):
+    def __init__(
+        self,
+        model: FlashQwenForCausalLM,
+        tokenizer: QwenTokenizer,
+        pctx: ParallelContext,
+        cfg: EngineConfig,
+        adapters: Adapters | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.pctx = pctx
         self.cfg = cfg
         self.adapters = adapters
         self.batches: dict[int, Batch] = {}
-        self.runner: Optional[Runner] = None  # owns the KV cache; built on first use or by Warmup
-        self.allocator: Optional[BlockAllocator] = None
+        self.runner: Runner | None = None  # owns the KV cache; built on first use or by Warmup
+        self.allocator: BlockAllocator | None = None
         self.router_blocks = 0
         self.max_supported_total_tokens = 0
-        self.calibrated_kv_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # from Warmup (fp8 KV)
+        self.calibrated_kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # from Warmup (fp8 KV)
         nonce = torch.randint(1, 2**62, (1,), device=pctx.device)
         self.seed_nonce = int(pctx.broadcast(nonce).item())  # rank 0's, on every rank
 
@@ -60,25 +68,34 @@ class Engine:
         return self.cfg.kv_cache_dtype or self.model.dtype
 
     @property
-    def kv(self) -> Optional[KVCache]:
+    def kv(self) -> KVCache | None:
         return self.runner.kv if self.runner is not None else None
 
     def allocate_cache(self, num_blocks: int) -> None:
         """A new runner with a KV cache of num_blocks; the router gets all blocks but the shard's share."""
         self.runner = None  # the old cache goes before the new one is allocated
-        self.runner = Runner.with_cache(self.model, self.pctx, self.cfg, num_blocks, self.calibrated_kv_scales,
-                                        self.adapters)
+        self.runner = Runner.with_cache(
+            self.model, self.pctx, self.cfg, num_blocks, self.calibrated_kv_scales, self.adapters
+        )
         assert self.runner.kv is not None
         num_blocks = self.runner.kv.num_blocks
         own = max(2, int(num_blocks * self.cfg.shard_block_fraction))  # incl. the runner's scratch block (the last)
         self.router_blocks = num_blocks - own
         self.allocator = BlockAllocator(self.router_blocks, own - 1)
         self.max_supported_total_tokens = self.router_blocks * self.cfg.block_size
-        log.info("decode look-ahead: %s", lookahead.describe(self.cfg.look_ahead, self.runner.graphs is not None,
-                                                              self.pctx.world_size))
-        log.info("KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
-                 num_blocks, self.cfg.block_size, self.runner.kv.dtype, self.router_blocks,
-                 self.max_supported_total_tokens, own)
+        log.info(
+            "decode look-ahead: %s",
+            lookahead.describe(self.cfg.look_ahead, self.runner.graphs is not None, self.pctx.world_size),
+        )
+        log.info(
+            "KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
+            num_blocks,
+            self.cfg.block_size,
+            self.runner.kv.dtype,
+            self.router_blocks,
+            self.max_supported_total_tokens,
+            own,
+        )
 
     def _ensure_cache(self) -> None:
         if self.runner is None:
@@ -93,26 +110,45 @@ class Engine:
         assert self.allocator is not None
         live = {rid for b in self.batches.values() for rid in b.request_ids}
         c = self.model.config
-        return BatchBuilder(tokenizer=self.tokenizer, vocab_size=c.vocab_size, seq_length=c.seq_length,
-                            use_dynamic_ntk=c.use_dynamic_ntk, block_size=self.cfg.block_size,
-                            router_blocks=self.router_blocks, allocator=self.allocator, rank=self.pctx.rank,
-                            world_size=self.pctx.world_size, device=str(self.pctx.device), adapters=self.adapters,
-                            max_batch_size=self.cfg.max_batch_size, live_request_ids=live, seed_nonce=self.seed_nonce)
+        return BatchBuilder(
+            tokenizer=self.tokenizer,
+            vocab_size=c.vocab_size,
+            seq_length=c.seq_length,
+            use_dynamic_ntk=c.use_dynamic_ntk,
+            block_size=self.cfg.block_size,
+            router_blocks=self.router_blocks,
+            allocator=self.allocator,
+            rank=self.pctx.rank,
+            world_size=self.pctx.world_size,
+            device=str(self.pctx.device),
+            adapters=self.adapters,
+            max_batch_size=self.cfg.max_batch_size,
+            live_request_ids=live,
+            seed_nonce=self.seed_nonce,
+        )
 
-    def warmup(self, request: "pb.WarmupRequest") -> int:
+    def warmup(self, request: pb.WarmupRequest) -> int:
         """Run the router's largest prefill without a cache to find the activation peak, then size the
         KV cache from what is left. Returns max_supported_total_tokens."""
         self.clear(None)
         self.runner = self.allocator = None
         c = self.model.config
-        builder = BatchBuilder(tokenizer=self.tokenizer, vocab_size=c.vocab_size, seq_length=c.seq_length,
-                               use_dynamic_ntk=c.use_dynamic_ntk, block_size=self.cfg.block_size, router_blocks=0,
-                               allocator=BlockAllocator(0, 1), world_size=self.pctx.world_size, rank=self.pctx.rank)
+        builder = BatchBuilder(
+            tokenizer=self.tokenizer,
+            vocab_size=c.vocab_size,
+            seq_length=c.seq_length,
+            use_dynamic_ntk=c.use_dynamic_ntk,
+            block_size=self.cfg.block_size,
+            router_blocks=0,
+            allocator=BlockAllocator(0, 1),
+            world_size=self.pctx.world_size,
+            rank=self.pctx.rank,
+        )
         lengths, ids, alphas = [], [], []
         for req in request.batch.requests:
             p = builder.prompt_ids(req)
             if request.max_input_length:
-                p = p[-request.max_input_length:]
+                p = p[-request.max_input_length :]
             lengths.append(len(p))
             ids += p
             alphas.append(1.0)
@@ -126,11 +162,22 @@ class Engine:
             scratch = None
             try:
                 if calibrate:  # fp8 scales from this prefill's K/V, stored unscaled in a cache of exactly its tokens
-                    scratch = KVCache(c.num_hidden_layers, len(ids), 1, c.num_attention_heads // self.pctx.world_size,
-                                      c.head_dim, self.model.dtype, self.pctx.device)
+                    scratch = KVCache(
+                        c.num_hidden_layers,
+                        len(ids),
+                        1,
+                        c.num_attention_heads // self.pctx.world_size,
+                        c.head_dim,
+                        self.model.dtype,
+                        self.pctx.device,
+                    )
                     self.model.set_kv_scales(None, None)
-                Runner(self.model, None, self.pctx.device).forward_no_cache(lengths, ids, alphas,  # type: ignore
-                                                                            scratch)
+                Runner(self.model, None, self.pctx.device).forward_no_cache(
+                    lengths,
+                    ids,
+                    alphas,  # type: ignore
+                    scratch,
+                )
             except torch.OutOfMemoryError as exc:
                 raise ResourceExhausted(f"not enough memory for {len(ids)} prefill tokens in Warmup: {exc}") from exc
             if self.pctx.device.type == "cuda":  # the activations alone: the scratch cache is not kept
@@ -141,7 +188,7 @@ class Engine:
         self.allocate_cache(self._blocks_from_memory(peak))
         return self.max_supported_total_tokens
 
-    def prefill(self, pb_batch: pb.Batch, cached: Optional[BatchRef]) -> tuple[list[Generation], Optional[Batch]]:
+    def prefill(self, pb_batch: pb.Batch, cached: BatchRef | None) -> tuple[list[Generation], Batch | None]:
         """Build and run a new batch (concatenated after `cached` when given); the batch left to decode."""
         if pb_batch.id in self.batches:
             raise InvalidArgument(f"batch id {pb_batch.id} is already live on this shard")
@@ -156,7 +203,7 @@ class Engine:
             self.batches[batch.id] = batch
         return generations, batch
 
-    def decode(self, cached: Sequence[BatchRef]) -> tuple[list[Generation], Optional[Batch]]:
+    def decode(self, cached: Sequence[BatchRef]) -> tuple[list[Generation], Batch | None]:
         """One step of the cached batches, concatenated; the batch left to decode."""
         if not cached:
             raise InvalidArgument("Decode needs at least one cached batch")
@@ -171,7 +218,7 @@ class Engine:
             self.batches[batch.id] = batch
         return generations, batch
 
-    def _run(self, batch: Batch, prefill: bool) -> tuple[list[Generation], Optional[Batch]]:
+    def _run(self, batch: Batch, prefill: bool) -> tuple[list[Generation], Batch | None]:
         """One step; on failure the batch's KV blocks are released and the error raised. Returns the
         generations and the batch without its finished requests (None if none are left), whose next
         forward is then started (look-ahead)."""
@@ -196,7 +243,7 @@ class Engine:
             del self.batches[batch_id]
         return batch
 
-    def clear(self, batch_id: Optional[int]) -> None:
+    def clear(self, batch_id: int | None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]
         for bid in ids:
             batch = self.batches.pop(bid, None)
@@ -204,11 +251,13 @@ class Engine:
                 self._release(batch.requests)
 
     def stats(self) -> dict[str, int]:
-        return {"batches": len(self.batches),
-                "requests": sum(len(b.requests) for b in self.batches.values()),
-                "shard_blocks_free": self.allocator.free if self.allocator else 0,
-                "shard_blocks_total": self.allocator.count if self.allocator else 0,
-                "router_blocks": self.router_blocks}
+        return {
+            "batches": len(self.batches),
+            "requests": sum(len(b.requests) for b in self.batches.values()),
+            "shard_blocks_free": self.allocator.free if self.allocator else 0,
+            "shard_blocks_total": self.allocator.count if self.allocator else 0,
+            "router_blocks": self.router_blocks,
+        }
 
     def health(self) -> None:
         """TP=1: a one-token forward gives finite logits. Under TP a forward needs every shard's collectives
@@ -230,7 +279,7 @@ class Engine:
                 self.allocator.release(r.blocks)
                 r.blocks = []
 
-    def _drop_finished(self, batch: Batch) -> Optional[Batch]:
+    def _drop_finished(self, batch: Batch) -> Batch | None:
         keep = [r.id for r in batch.requests if not r.finished]
         if len(keep) == len(batch.requests):
             return batch
@@ -248,23 +297,29 @@ class Engine:
         reqs = batch.requests
         lookahead.clear(reqs)
         graphs = self.runner.graphs
-        decision = lookahead.decide(wanted=self.cfg.look_ahead, graphs_available=graphs is not None,
-                                    graphs_can_run=graphs is not None and graphs.can_run(batch),
-                                    world_size=self.pctx.world_size,
-                                    slots_allocated=all(len(r.slots) >= len(r.ids) for r in reqs))
+        decision = lookahead.decide(
+            wanted=self.cfg.look_ahead,
+            graphs_available=graphs is not None,
+            graphs_can_run=graphs is not None and graphs.can_run(batch),
+            world_size=self.pctx.world_size,
+            slots_allocated=all(len(r.slots) >= len(r.ids) for r in reqs),
+        )
         if not decision.run:
             return
         try:
             slots = self.adapters.request_slots(batch) if self.adapters is not None else None
             logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
         except Exception as exc:
-            log.warning("decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
-                        batch.id, exc, "; under TP the ranks' collectives may now be out of step"
-                        if self.pctx.world_size > 1 else "")
+            log.warning(
+                "decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
+                batch.id,
+                exc,
+                "; under TP the ranks' collectives may now be out of step" if self.pctx.world_size > 1 else "",
+            )
             return
         lookahead.attach(reqs, logits)
 
-    def _logits(self, batch: Batch, prefill: bool, adapter_slots: Optional[list[int]]) -> StepLogits:
+    def _logits(self, batch: Batch, prefill: bool, adapter_slots: list[int] | None) -> StepLogits:
         """This step's logits: a decode takes each request's look-ahead row when it was computed for the
         request's current tokens, and runs the forward for the other requests only."""
         assert self.runner is not None
@@ -277,8 +332,9 @@ class Engine:
         computed = None
         if missing:
             sub = Batch(batch.id, [reqs[i] for i in missing], batch.sampler)
-            computed = self.runner.forward(sub, False, None if adapter_slots is None else
-                                           [adapter_slots[i] for i in missing]).last
+            computed = self.runner.forward(
+                sub, False, None if adapter_slots is None else [adapter_slots[i] for i in missing]
+            ).last
         return StepLogits(last=lookahead.take_rows(reqs, ready, computed), prompt={})
 
     def _step(self, batch: Batch, prefill: bool) -> list[Generation]:
@@ -295,7 +351,7 @@ class Engine:
             tid = next_ids[i]
             prompt = None
             if prefill and r.prefill_logprobs and r.report:
-                prompt = prompt_tokens(tok, r.ids[r.prefill_cache_len:r.prompt_len], step.prompt[i])
+                prompt = prompt_tokens(tok, r.ids[r.prefill_cache_len : r.prompt_len], step.prompt[i])
             r.ids.append(tid)
             text = r.detok.add(tid)
             reason = r.stopping.check(tid, r.detok.text, r.n_generated)
@@ -305,8 +361,13 @@ class Engine:
                 continue
             alts = [alternatives(tok, out.top_ids[i], out.top_logprobs[i])] if r.params.return_k_alternatives else []
             seed = None if r.params.is_greedy else batch.sampler.seeds[i]
-            generations.append(Generation(
-                request_id=r.id, next_tokens=next_token(tok, tid, logprobs[i], text, alts), prefill_tokens=prompt,
-                prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0,
-                generated_text=None if reason is None else generated_text(tok, r.ids[r.prompt_len:], reason, seed)))
+            generations.append(
+                Generation(
+                    request_id=r.id,
+                    next_tokens=next_token(tok, tid, logprobs[i], text, alts),
+                    prefill_tokens=prompt,
+                    prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0,
+                    generated_text=None if reason is None else generated_text(tok, r.ids[r.prompt_len :], reason, seed),
+                )
+            )
         return generations

@@ -2,6 +2,7 @@
 
 Field names follow generate.proto (Generation, NextTokens, AlternativeTokens, GeneratedText, CachedBatch).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,18 +71,26 @@ def alternatives(tok: QwenTokenizer, ids: list[int], logprobs: list[float]) -> A
 
 
 def next_token(tok: QwenTokenizer, token_id: int, logprob: float, text: str, alts: list[Alternatives]) -> Tokens:
-    return Tokens(ids=[token_id], logprobs=[logprob], texts=[text], is_special=[tok.is_special(token_id)],
-                  alternative_tokens=alts)
+    return Tokens(
+        ids=[token_id], logprobs=[logprob], texts=[text], is_special=[tok.is_special(token_id)], alternative_tokens=alts
+    )
 
 
 def prompt_tokens(tok: QwenTokenizer, ids: list[int], logits: torch.Tensor) -> Tokens:
     """A prompt's computed tokens with their log-probs under logits [len(ids), V] (NaN for the first)."""
     lp = prefill_logprobs(logits, torch.tensor(ids, device=logits.device), tok.n_real_vocab)
-    return Tokens(ids=ids, logprobs=lp.tolist(), texts=[tok.token_text(t) for t in ids],
-                  is_special=[tok.is_special(t) for t in ids])
+    return Tokens(
+        ids=ids,
+        logprobs=lp.tolist(),
+        texts=[tok.token_text(t) for t in ids],
+        is_special=[tok.is_special(t) for t in ids],
+    )
 
 
-def generated_text(tok: QwenTokenizer, generated: list[int], reason: FinishReason,
-                   seed: int | None) -> GeneratedText:
-    return GeneratedText(text=tok.decode(generated, skip_special_tokens=True), generated_tokens=len(generated),
-                         finish_reason=reason, seed=seed)
+def generated_text(tok: QwenTokenizer, generated: list[int], reason: FinishReason, seed: int | None) -> GeneratedText:
+    return GeneratedText(
+        text=tok.decode(generated, skip_special_tokens=True),
+        generated_tokens=len(generated),
+        finish_reason=reason,
+        seed=seed,
+    )

@@ -6,6 +6,7 @@ request's row serves only while its tokens are unchanged. Rows that a filter or 
 with their requests; requests without a row are computed by the Decode. The K/V written are the ones that
 step would write. Every rank takes the same decisions from the same state, so collectives stay in step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,8 +36,9 @@ class Decision:
     reason: str
 
 
-def decide(*, wanted: bool | None, graphs_available: bool, graphs_can_run: bool, world_size: int,
-           slots_allocated: bool) -> Decision:
+def decide(
+    *, wanted: bool | None, graphs_available: bool, graphs_can_run: bool, world_size: int, slots_allocated: bool
+) -> Decision:
     """Whether to look ahead for a batch. wanted None (auto) runs it only where CUDA graphs serve the batch
     and at TP=1: under TP a look-ahead that fails on one rank alone (e.g. out of memory) would leave the
     ranks' collectives out of step. It never runs before the next position's KV slot is allocated."""
@@ -79,8 +81,7 @@ def ready(requests: Sequence[HasAhead], prefill: bool) -> list[bool]:
     return [not prefill and r.ahead is not None and r.ahead.length == len(r.ids) for r in requests]
 
 
-def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool],
-              computed: torch.Tensor | None) -> torch.Tensor:
+def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool], computed: torch.Tensor | None) -> torch.Tensor:
     """This step's logits [B, V]: ready requests' look-ahead rows, the others' rows of `computed`
     ([missing, V], in order). Every request's row is used once: all are cleared. All rows of one
     look-ahead, in its order, return its tensor as is (no copy)."""
@@ -95,8 +96,13 @@ def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool],
             rows.append(computed[j])
             j += 1
     first = requests[0].ahead
-    whole = (all(is_ready) and first is not None and first.logits.shape[0] == len(requests)
-             and all(r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i
-                     for i, r in enumerate(requests)))
+    whole = (
+        all(is_ready)
+        and first is not None
+        and first.logits.shape[0] == len(requests)
+        and all(
+            r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i for i, r in enumerate(requests)
+        )
+    )
     clear(requests)
     return first.logits if whole and first is not None else torch.stack(rows)

@@ -5,14 +5,14 @@ Prefill computes each request's tokens `ids[n_cached:]`; decode computes each re
 Logits come back only for the tokens that need them (the last of each request, and every computed
 prompt token of requests that asked for prefill logprobs).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 
@@ -35,26 +35,31 @@ class StepLogits:
     prompt: dict[int, torch.Tensor]  # request position in batch -> [n_computed, V] (prefill logprobs only)
 
 
-def kv_blocks(model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineConfig,
-              activation_peak: Optional[int]) -> int:
+def kv_blocks(
+    model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineConfig, activation_peak: int | None
+) -> int:
     """KV blocks to allocate: cfg.max_total_tokens when set; on a GPU after Warmup (activation_peak known),
     cfg.memory_fraction of the memory left free beside Warmup's activation peak; else cfg.cpu_default_tokens."""
     if cfg.max_total_tokens or activation_peak is None or pctx.device.type != "cuda":
         return math.ceil((cfg.max_total_tokens or cfg.cpu_default_tokens) / cfg.block_size)
     c = model.config
-    per_token = KVCache.bytes_per_token(c.num_hidden_layers, c.num_attention_heads // pctx.world_size, c.head_dim,
-                                        cfg.kv_cache_dtype or model.dtype)
+    per_token = KVCache.bytes_per_token(
+        c.num_hidden_layers, c.num_attention_heads // pctx.world_size, c.head_dim, cfg.kv_cache_dtype or model.dtype
+    )
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(pctx.device)
     blocks = int((free - activation_peak) * cfg.memory_fraction) // (per_token * cfg.block_size)
     if blocks < 2:
-        raise ResourceExhausted(f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
-                                f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations")
+        raise ResourceExhausted(
+            f"not enough GPU memory for a KV cache: {free / 2**30:.2f} GiB free, "
+            f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations"
+        )
     return blocks
 
 
-def set_kv_scales(model: FlashQwenForCausalLM, kv: KVCache,
-                  calibrated: Optional[tuple[torch.Tensor, torch.Tensor]], margin: float) -> None:
+def set_kv_scales(
+    model: FlashQwenForCausalLM, kv: KVCache, calibrated: tuple[torch.Tensor, torch.Tensor] | None, margin: float
+) -> None:
     """fp8 cache: per-layer scales from the checkpoint, else from Warmup's calibration, else 1.0."""
     if not kv.is_fp8:
         model.set_kv_scales(None, None)
@@ -72,44 +77,75 @@ def set_kv_scales(model: FlashQwenForCausalLM, kv: KVCache,
     assert kv.k_scales is not None and kv.v_scales is not None
     model.set_kv_scales(kv.k_scales, kv.v_scales)
     k, v = kv.k_scales.tolist(), kv.v_scales.tolist()
-    log.info("fp8 KV scales from %s: k %.3g..%.3g (layer 0 %.3g), v %.3g..%.3g (layer 0 %.3g)", source,
-             min(k), max(k), k[0], min(v), max(v), v[0])
+    log.info(
+        "fp8 KV scales from %s: k %.3g..%.3g (layer 0 %.3g), v %.3g..%.3g (layer 0 %.3g)",
+        source,
+        min(k),
+        max(k),
+        k[0],
+        min(v),
+        max(v),
+        v[0],
+    )
 
 
-def capture_decode(model: FlashQwenForCausalLM, kv: KVCache, pctx: ParallelContext, cfg: EngineConfig,
-                   adapters: Optional[Adapters]) -> GraphedDecode:
+def capture_decode(
+    model: FlashQwenForCausalLM, kv: KVCache, pctx: ParallelContext, cfg: EngineConfig, adapters: Adapters | None
+) -> GraphedDecode:
     """Decode graphs per batch-size bucket (and a LoRA variant of each when adapters are enabled); padding
     rows write into the last block, which no request owns."""
     if adapters is not None:  # no pinned allocation in another thread while capturing
         adapters.wait_pinned()
     t0 = time.time()
     free0 = torch.cuda.mem_get_info(pctx.device)[0]
-    graphs = GraphedDecode(model, kv, cfg.max_batch_size or cfg.graph_max_batch,
-                           math.ceil(cfg.max_seq_len / cfg.block_size), kv.num_blocks - 1,
-                           adapter_pools=adapters is not None)
-    log.info("CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB", len(graphs.graphs), time.time() - t0,
-             (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20)
+    graphs = GraphedDecode(
+        model,
+        kv,
+        cfg.max_batch_size or cfg.graph_max_batch,
+        math.ceil(cfg.max_seq_len / cfg.block_size),
+        kv.num_blocks - 1,
+        adapter_pools=adapters is not None,
+    )
+    log.info(
+        "CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB",
+        len(graphs.graphs),
+        time.time() - t0,
+        (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20,
+    )
     return graphs
 
 
 class Runner:
-    def __init__(self, model: FlashQwenForCausalLM, kv: Optional[KVCache], device: torch.device,
-                 graphs: Optional[GraphedDecode] = None):
+    def __init__(
+        self, model: FlashQwenForCausalLM, kv: KVCache | None, device: torch.device, graphs: GraphedDecode | None = None
+    ):
         self.model = model
         self.kv = kv
         self.device = device
         self.graphs = graphs  # CUDA graphs for decode (None: eager)
 
     @classmethod
-    def with_cache(cls, model: FlashQwenForCausalLM, pctx: ParallelContext, cfg: EngineConfig, num_blocks: int,
-                   calibrated: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                   adapters: Optional[Adapters] = None) -> Runner:
+    def with_cache(
+        cls,
+        model: FlashQwenForCausalLM,
+        pctx: ParallelContext,
+        cfg: EngineConfig,
+        num_blocks: int,
+        calibrated: tuple[torch.Tensor, torch.Tensor] | None = None,
+        adapters: Adapters | None = None,
+    ) -> Runner:
         """A runner owning a new KV cache of num_blocks (at least 3: the last is the graphs' scratch block)
         with its fp8 scales set, and decode CUDA graphs where they apply (GPU, triton backend)."""
         c = model.config
-        kv = KVCache(c.num_hidden_layers, max(num_blocks, 3), cfg.block_size,
-                     c.num_attention_heads // pctx.world_size, c.head_dim, cfg.kv_cache_dtype or model.dtype,
-                     pctx.device)
+        kv = KVCache(
+            c.num_hidden_layers,
+            max(num_blocks, 3),
+            cfg.block_size,
+            c.num_attention_heads // pctx.world_size,
+            c.head_dim,
+            cfg.kv_cache_dtype or model.dtype,
+            pctx.device,
+        )
         set_kv_scales(model, kv, calibrated, cfg.kv_scale_margin)  # before capture: graphs read them by pointer
         graphs = None
         if cfg.cuda_graphs and pctx.device.type == "cuda" and model.backend.name == "triton":
@@ -122,10 +158,14 @@ class Runner:
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, prefill: bool, adapter_slots: Optional[list[int]] = None) -> StepLogits:
+    def forward(self, batch: Batch, prefill: bool, adapter_slots: list[int] | None = None) -> StepLogits:
         """adapter_slots: the adapter pool slot of each request (0: base), or None when none uses one."""
-        if not prefill and self.graphs is not None and self.graphs.can_run(batch) and (
-                adapter_slots is None or self.graphs.has_lora):
+        if (
+            not prefill
+            and self.graphs is not None
+            and self.graphs.can_run(batch)
+            and (adapter_slots is None or self.graphs.has_lora)
+        ):
             return StepLogits(last=self.graphs.run(batch, adapter_slots), prompt={})
         ids: list[int] = []
         pos: list[int] = []
@@ -152,11 +192,16 @@ class Runner:
         seqlen = Seqlen.for_prefill(n_new, cache_lens, [r.ntk_alpha for r in batch.requests], device=dev)
         lm_head_indices = torch.tensor(head, dtype=torch.long, device=dev)
         adapter_data = None if adapter_slots is None else AdapterBatchData.build(adapter_slots, n_new, dev)
-        ctx = ForwardContext.build(self.model.rotary, is_prefill=prefill,
-                                   positions=torch.tensor(pos, dtype=torch.long, device=dev), seqlen=seqlen,
-                                   slots=torch.tensor(slots, dtype=torch.long, device=dev),
-                                   block_tables=self._block_table(batch), lm_head_indices=lm_head_indices,
-                                   adapter_data=adapter_data)
+        ctx = ForwardContext.build(
+            self.model.rotary,
+            is_prefill=prefill,
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            seqlen=seqlen,
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=self._block_table(batch),
+            lm_head_indices=lm_head_indices,
+            adapter_data=adapter_data,
+        )
         logits = self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx, self.kv.layers)
         for r in batch.requests:
             r.n_cached = len(r.ids)
@@ -165,7 +210,7 @@ class Runner:
         for i in range(len(batch.requests)):
             if i in prompt_rows:
                 s, n = prompt_rows[i]
-                prompt[i] = logits[s:s + n]
+                prompt[i] = logits[s : s + n]
                 last_rows.append(s + n - 1)
                 cursor = s + n
             else:
@@ -174,8 +219,9 @@ class Runner:
         return StepLogits(last=logits[torch.tensor(last_rows, device=logits.device)], prompt=prompt)
 
     @torch.inference_mode()
-    def forward_no_cache(self, lengths: list[int], ids: list[int], alphas: list[float],
-                         scratch: Optional[KVCache] = None) -> torch.Tensor:
+    def forward_no_cache(
+        self, lengths: list[int], ids: list[int], alphas: list[float], scratch: KVCache | None = None
+    ) -> torch.Tensor:
         """A prefill of whole prompts outside the serving cache (Warmup's memory probe, Health): last-token
         logits [B, V]. K/V are stored only into `scratch` when given: an unscaled cache with block size 1 and
         a block per token (Warmup's fp8 calibration reads it), token t of the step in slot t."""
@@ -191,8 +237,15 @@ class Runner:
                 rows.append(list(range(start, start + n)) + [0] * (width - n))
                 start += n
             tables = torch.tensor(rows, dtype=torch.int32, device=dev)  # [B, max length]
-        ctx = ForwardContext.build(self.model.rotary, is_prefill=True,
-                                   positions=torch.tensor(pos, dtype=torch.long, device=dev), seqlen=seqlen,
-                                   slots=slots, block_tables=tables, lm_head_indices=last)
-        return self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx,
-                                          None if scratch is None else scratch.layers)
+        ctx = ForwardContext.build(
+            self.model.rotary,
+            is_prefill=True,
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            seqlen=seqlen,
+            slots=slots,
+            block_tables=tables,
+            lm_head_indices=last,
+        )
+        return self.model.forward_context(
+            torch.tensor(ids, dtype=torch.long, device=dev), ctx, None if scratch is None else scratch.layers
+        )

@@ -11,6 +11,7 @@ Every operation is row-wise, and each sampling request draws from its own `torch
 only its own row's probabilities, so a seeded request's token stream does not depend on which
 requests it is batched with, nor on filter/concatenate.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,7 @@ class SamplingParams:
 
     @property
     def has_warpers(self) -> bool:
-        return (self.temperature not in (0.0, 1.0) or self.top_k != 0 or self.top_p < 1.0
-                or self.typical_p < 1.0)
+        return self.temperature not in (0.0, 1.0) or self.top_k != 0 or self.top_p < 1.0 or self.typical_p < 1.0
 
     @property
     def is_greedy(self) -> bool:
@@ -60,8 +60,11 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("typical_p", 0 < self.typical_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 disables it)"),
-            ("return_k_alternatives", 0 <= self.return_k_alternatives <= MAX_ALTERNATIVES,
-             f"in [0, {MAX_ALTERNATIVES}]"),
+            (
+                "return_k_alternatives",
+                0 <= self.return_k_alternatives <= MAX_ALTERNATIVES,
+                f"in [0, {MAX_ALTERNATIVES}]",
+            ),
             ("seed", 0 <= self.seed < 2**64, "in [0, 2^64)"),
         ]
         for name, ok, rule in checks:
@@ -94,9 +97,16 @@ class BatchSampler:
     random when its params gave 0), to be reported back; greedy rows keep their params' seed.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, n_real_vocab: int,
-                 device: Device = "cpu", *, generators: list[torch.Generator | None] | None = None,
-                 seeds: list[int] | None = None):
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        vocab_size: int,
+        n_real_vocab: int,
+        device: Device = "cpu",
+        *,
+        generators: list[torch.Generator | None] | None = None,
+        seeds: list[int] | None = None,
+    ):
         if not 0 < n_real_vocab <= vocab_size:
             raise ValueError(f"n_real_vocab must be in (0, vocab_size={vocab_size}], got {n_real_vocab}")
         self.params = list(params)
@@ -119,8 +129,7 @@ class BatchSampler:
         def col(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
 
-        self._use_penalty = any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-                                for p in ps)
+        self._use_penalty = any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in ps)
         self._repetition = col([p.repetition_penalty for p in ps])
         self._frequency = col([p.frequency_penalty for p in ps])
         self._presence = col([p.presence_penalty for p in ps])
@@ -140,10 +149,12 @@ class BatchSampler:
         """logits: [B, vocab_size] any float dtype; prev_ids: prompt + generated ids per row."""
         batch = len(self.params)
         if tuple(logits.shape) != (batch, self.vocab_size) or len(prev_ids) != batch:
-            raise ValueError(f"sampler for {batch} rows x {self.vocab_size} got logits {tuple(logits.shape)} "
-                             f"and {len(prev_ids)} id lists")
+            raise ValueError(
+                f"sampler for {batch} rows x {self.vocab_size} got logits {tuple(logits.shape)} "
+                f"and {len(prev_ids)} id lists"
+            )
         scores = logits.to(device=self.device, dtype=torch.float32, copy=True)  # [B, V]
-        scores[:, self.n_real_vocab:] = -math.inf  # padded vocab rows of lm_head are never chosen
+        scores[:, self.n_real_vocab :] = -math.inf  # padded vocab rows of lm_head are never chosen
         if self._use_penalty:
             scores = self._penalize(scores, prev_ids)
         if self._temperature is not None:
@@ -158,7 +169,7 @@ class BatchSampler:
         next_ids = scores.argmax(dim=-1)  # [B]
         for i, g in enumerate(self.generators):
             if g is not None:  # one draw from this row alone: independent of the rest of the batch
-                next_ids[i:i + 1] = torch.multinomial(torch.softmax(scores[i], dim=-1), 1, generator=g)
+                next_ids[i : i + 1] = torch.multinomial(torch.softmax(scores[i], dim=-1), 1, generator=g)
         chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
         top_ids, top_lps = self._alternatives(logprobs)
         return SampleOutput(next_ids=next_ids, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
@@ -166,8 +177,9 @@ class BatchSampler:
     def _penalize(self, scores: torch.Tensor, prev_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         batch, vocab = scores.shape
         width = max(1, max(len(ids) for ids in prev_ids))
-        padded = torch.tensor([list(ids) + [vocab] * (width - len(ids)) for ids in prev_ids],
-                              dtype=torch.int64, device=scores.device)  # [B, L]; pad = extra column
+        padded = torch.tensor(
+            [list(ids) + [vocab] * (width - len(ids)) for ids in prev_ids], dtype=torch.int64, device=scores.device
+        )  # [B, L]; pad = extra column
         counts = torch.zeros(batch, vocab + 1, dtype=torch.float32, device=scores.device)
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
         counts = counts[:, :vocab]  # [B, V] occurrences of each id
@@ -180,14 +192,20 @@ class BatchSampler:
         ks = [min(p.return_k_alternatives, self.n_real_vocab) for p in self.params]
         if not any(ks):
             return [[] for _ in ks], [[] for _ in ks]
-        top = torch.topk(logprobs[:, :self.n_real_vocab], max(ks), dim=-1)  # sorted, largest first
+        top = torch.topk(logprobs[:, : self.n_real_vocab], max(ks), dim=-1)  # sorted, largest first
         ids, vals = top.indices.tolist(), top.values.tolist()
         return [row[:k] for row, k in zip(ids, ks)], [row[:k] for row, k in zip(vals, ks)]
 
     def filter(self, indices: Sequence[int]) -> BatchSampler:
         """Rows `indices` in that order; the new sampler takes over their generators (state kept)."""
-        return BatchSampler([self.params[i] for i in indices], self.vocab_size, self.n_real_vocab, self.device,
-                            generators=[self.generators[i] for i in indices], seeds=[self.seeds[i] for i in indices])
+        return BatchSampler(
+            [self.params[i] for i in indices],
+            self.vocab_size,
+            self.n_real_vocab,
+            self.device,
+            generators=[self.generators[i] for i in indices],
+            seeds=[self.seeds[i] for i in indices],
+        )
 
     @classmethod
     def concatenate(cls, samplers: Sequence[BatchSampler]) -> BatchSampler:
@@ -196,8 +214,14 @@ class BatchSampler:
         for s in samplers[1:]:
             if (s.vocab_size, s.n_real_vocab, s.device) != (first.vocab_size, first.n_real_vocab, first.device):
                 raise ValueError("cannot concatenate samplers with different vocab sizes or devices")
-        return cls([p for s in samplers for p in s.params], first.vocab_size, first.n_real_vocab, first.device,
-                   generators=[g for s in samplers for g in s.generators], seeds=[x for s in samplers for x in s.seeds])
+        return cls(
+            [p for s in samplers for p in s.params],
+            first.vocab_size,
+            first.n_real_vocab,
+            first.device,
+            generators=[g for s in samplers for g in s.generators],
+            seeds=[x for s in samplers for x in s.seeds],
+        )
 
 
 def top_k_warp(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:
@@ -247,6 +271,6 @@ def prefill_logprobs(logits: torch.Tensor, ids: torch.Tensor, n_real_vocab: int 
     for start in range(0, n_tokens - 1, PREFILL_CHUNK_ROWS):
         stop = min(start + PREFILL_CHUNK_ROWS, n_tokens - 1)
         rows = logits[start:stop, :width].float()  # [chunk, V]
-        target = ids[start + 1:stop + 1].to(device=logits.device, dtype=torch.int64).unsqueeze(1)
-        out[start + 1:stop + 1] = rows.gather(1, target).squeeze(1) - torch.logsumexp(rows, dim=-1)
+        target = ids[start + 1 : stop + 1].to(device=logits.device, dtype=torch.int64).unsqueeze(1)
+        out[start + 1 : stop + 1] = rows.gather(1, target).squeeze(1) - torch.logsumexp(rows, dim=-1)
     return out

@@ -1,4 +1,5 @@
 """Per-request stop checks, in the contract's order: length, then eos, then stop sequences."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class StoppingCriteria:
         if not self.ignore_eos_token and new_id in self.eos_ids:
             return FinishReason.FINISH_REASON_EOS_TOKEN
         if self._window:
-            tail = generated_text[-self._window:]
+            tail = generated_text[-self._window :]
             if any(tail.endswith(s) for s in self._stops):
                 return FinishReason.FINISH_REASON_STOP_SEQUENCE
         return None
