@@ -146,7 +146,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     server = make_server(servicer, socket_path)
     log.info("serving on unix://%s", socket_path)
     try:
-        serve_forever(server, socket_path)
+        serve_forever(server, socket_path, health=servicer.health)
     finally:
         shutdown(pctx)
     return 0

@@ -3,6 +3,7 @@
 One lock serialises the calls: every shard must run the same sequence of steps. Errors are mapped
 to gRPC status codes in worker/errors.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import grpc
 from worker.distributed import bind_thread, resolve_device
 from worker.engine.engine import Engine
 from worker.errors import NotFound, Unimplemented, rpc
+from worker.health import ShardHealth
 from worker.pb import generate_pb2 as pb
 from worker.pb import generate_pb2_grpc as pb_grpc
 from worker.wire import cached_batch_pb, step_response
@@ -30,20 +32,31 @@ class LoraxServicer(pb_grpc.LoraxServiceServicer):
         self.device_type = device_type
         self.adapters = adapters
         self.lock = threading.Lock()
+        self.health: ShardHealth | None = None  # grpc.health.v1, set by make_server
 
     @rpc
     def Info(self, request, context):
         e = self.engine
         preloaded = self.adapters.preloaded_pb() if self.adapters is not None else []
-        return pb.InfoResponse(requires_padding=False, dtype=str(e.model.dtype).replace("torch.", ""),
-                               device_type=self.device_type, block_size=e.cfg.block_size, speculate=0,
-                               preloaded_adapters=preloaded, supports_generation=True, supports_embeddings=False,
-                               supports_classification=False, chunked_prefill=False, requires_block_allocator=True)
+        return pb.InfoResponse(
+            requires_padding=False,
+            dtype=str(e.model.dtype).replace("torch.", ""),
+            device_type=self.device_type,
+            block_size=e.cfg.block_size,
+            speculate=0,
+            preloaded_adapters=preloaded,
+            supports_generation=True,
+            supports_embeddings=False,
+            supports_classification=False,
+            chunked_prefill=False,
+            requires_block_allocator=True,
+        )
 
     @rpc
     def ServiceDiscovery(self, request, context):
         return pb.ServiceDiscoveryResponse(
-            urls=[f"unix://{self.uds_path}-{r}" for r in range(self.engine.pctx.world_size)])
+            urls=[f"unix://{self.uds_path}-{r}" for r in range(self.engine.pctx.world_size)]
+        )
 
     @rpc
     def ClearCache(self, request, context):
@@ -61,6 +74,8 @@ class LoraxServicer(pb_grpc.LoraxServiceServicer):
     def Warmup(self, request, context):
         with self.lock:
             tokens = self.engine.warmup(request)
+        if self.health is not None:
+            self.health.serving()
         return pb.WarmupResponse(max_supported_total_tokens=tokens)
 
     @rpc
@@ -124,10 +139,15 @@ def make_server(servicer: LoraxServicer, socket_path: str, workers: int = 4) -> 
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # stale socket from a crashed run
     device = resolve_device(servicer.engine.pctx.device)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, initializer=bind_thread, initargs=(device,)),
-                         options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
-                                  ("grpc.max_send_message_length", 256 * 1024 * 1024)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, initializer=bind_thread, initargs=(device,)),
+        options=[
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ],
+    )
     pb_grpc.add_LoraxServiceServicer_to_server(servicer, server)
+    servicer.health = ShardHealth(server)  # standard health (SERVING after Warmup) and reflection
     old = os.umask(0o177)  # the socket is born 0600: no window with other bits
     try:
         server.add_insecure_port(f"unix://{socket_path}")
@@ -139,8 +159,10 @@ def make_server(servicer: LoraxServicer, socket_path: str, workers: int = 4) -> 
     return server
 
 
-def serve_forever(server: grpc.Server, socket_path: str, stop: threading.Event | None = None) -> None:
-    """Block until SIGTERM/SIGINT (or `stop`), then shut down and remove the socket."""
+def serve_forever(
+    server: grpc.Server, socket_path: str, stop: threading.Event | None = None, health: ShardHealth | None = None
+) -> None:
+    """Block until SIGTERM/SIGINT (or `stop`), then report NOT_SERVING, shut down and remove the socket."""
     import os
     import signal
 
@@ -149,6 +171,8 @@ def serve_forever(server: grpc.Server, socket_path: str, stop: threading.Event |
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down")
+    if health is not None:
+        health.shutdown()
     server.stop(grace=2).wait()
     if os.path.exists(socket_path):
         os.unlink(socket_path)

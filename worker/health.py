@@ -1,0 +1,36 @@
+"""The standard gRPC services of a shard, beside LoRAX's own (whose Health RPC is unchanged):
+`grpc.health.v1.Health` for grpc-health-probe and Kubernetes gRPC probes, and server reflection for
+grpcurl. Health answers NOT_SERVING until the first Warmup succeeded (the KV cache is sized then),
+SERVING after, and NOT_SERVING again once shutdown began."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from worker.pb import generate_pb2 as pb
+
+LORAX_SERVICE = pb.DESCRIPTOR.services_by_name["LoraxService"].full_name  # generate.v1.LoraxService
+
+
+class ShardHealth:
+    """Registers health and reflection on `server` (before it starts); `serving()` after Warmup,
+    `shutdown()` when the shard stops."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((LORAX_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set(self, status: int) -> None:
+        for name in ("", LORAX_SERVICE):  # "" is the whole server, as probes ask by default
+            self._health.set(name, status)
+
+    def serving(self) -> None:
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    def shutdown(self) -> None:
+        """NOT_SERVING from now on, whatever is set later."""
+        self._health.enter_graceful_shutdown()
