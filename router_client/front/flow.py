@@ -102,6 +102,8 @@ class EventStream(StreamingResponse):
 
 def event_stream(front: Front, run: Run, events: AsyncIterator[bytes]) -> EventStream:
     def close() -> None:
+        if not all(h.done for h in run.handles):  # the client went away mid-stream
+            front.metrics.request_failed("cancelled")
         run.cancel()
         front.release()
 
