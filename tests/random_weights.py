@@ -4,7 +4,7 @@ the inputs the tests feed to both the worker and the float64 reference (tests/re
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -17,16 +17,18 @@ def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (c["padded_vocab_size"], H)}
     for i in range(c["num_hidden_layers"]):
         p = f"transformer.h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (H,),
-            p + "attn.c_attn.weight": (3 * H, H),
-            p + "attn.c_attn.bias": (3 * H,),
-            p + "attn.c_proj.weight": (H, H),
-            p + "ln_2.weight": (H,),
-            p + "mlp.w1.weight": (M, H),
-            p + "mlp.w2.weight": (M, H),
-            p + "mlp.c_proj.weight": (H, M),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (H,),
+                p + "attn.c_attn.weight": (3 * H, H),
+                p + "attn.c_attn.bias": (3 * H,),
+                p + "attn.c_proj.weight": (H, H),
+                p + "ln_2.weight": (H,),
+                p + "mlp.w1.weight": (M, H),
+                p + "mlp.w2.weight": (M, H),
+                p + "mlp.c_proj.weight": (H, M),
+            }
+        )
     shapes["transformer.ln_f.weight"] = (H,)
     shapes["lm_head.weight"] = (c["vocab_size"], H)
     return shapes
@@ -42,8 +44,7 @@ def random_checkpoint(cfg: dict, seed: int, dtype: torch.dtype = torch.float32) 
     """
     c = ref_config(cfg)
     g = torch.Generator().manual_seed(int(seed))
-    gains = {"attn.c_attn": 1.0, "attn.c_proj": 0.5, "mlp.w1": 1.0, "mlp.w2": 1.0,
-             "mlp.c_proj": 0.5, "lm_head": 1.0}
+    gains = {"attn.c_attn": 1.0, "attn.c_proj": 0.5, "mlp.w1": 1.0, "mlp.w2": 1.0, "mlp.c_proj": 0.5, "lm_head": 1.0}
     out: dict[str, Tensor] = {}
     for name, shape in _shapes(c).items():
         z = torch.randn(shape, generator=g, dtype=torch.float32)
@@ -61,10 +62,15 @@ def random_checkpoint(cfg: dict, seed: int, dtype: torch.dtype = torch.float32) 
     return out
 
 
-def random_lora(cfg: dict, rank: int, alpha: float, seed: int,
-                targets: Sequence[str] = ("c_attn", "attn.c_proj", "mlp.c_proj", "w1", "w2"),
-                use_rslora: bool = False,
-                dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], dict]:
+def random_lora(
+    cfg: dict,
+    rank: int,
+    alpha: float,
+    seed: int,
+    targets: Sequence[str] = ("c_attn", "attn.c_proj", "mlp.c_proj", "w1", "w2"),
+    use_rslora: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, Tensor], dict]:
     """Random PEFT LoRA adapter (nonzero A and B) in PEFT key layout.
 
     ``targets`` entries are matched as module-path suffixes: ``"c_attn"``,
@@ -75,8 +81,7 @@ def random_lora(cfg: dict, rank: int, alpha: float, seed: int,
     """
     c = ref_config(cfg)
     H, M = c["hidden_size"], c["mlp_width"]
-    io = {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.w1": (H, M),
-          "mlp.w2": (H, M), "mlp.c_proj": (M, H)}
+    io = {"attn.c_attn": (H, 3 * H), "attn.c_proj": (H, H), "mlp.w1": (H, M), "mlp.w2": (H, M), "mlp.c_proj": (M, H)}
     g = torch.Generator().manual_seed(int(seed))
     tensors: dict[str, Tensor] = {}
     for i in range(c["num_hidden_layers"]):

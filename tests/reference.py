@@ -25,7 +25,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,7 +116,7 @@ def ref_config(cfg: dict) -> dict:
     base = cfg.get("rotary_emb_base")
     if base is None:
         base = cfg.get("rope_theta", 10000)
-    vocab = int(cfg.get("vocab_size") if cfg.get("vocab_size") is not None else defaults["vocab_size"])
+    vocab = int(cfg["vocab_size"] if cfg.get("vocab_size") is not None else defaults["vocab_size"])
     padded = cfg.get("padded_vocab_size")
     out.update(
         hidden_size=H,
@@ -129,8 +130,7 @@ def ref_config(cfg: dict) -> dict:
         rotary_emb_base=float(base),
         seq_length=int(cfg["seq_length"]),
         layer_norm_epsilon=float(
-            cfg["layer_norm_epsilon"] if cfg.get("layer_norm_epsilon") is not None
-            else defaults["layer_norm_epsilon"]
+            cfg["layer_norm_epsilon"] if cfg.get("layer_norm_epsilon") is not None else defaults["layer_norm_epsilon"]
         ),
         use_dynamic_ntk=bool(cfg.get("use_dynamic_ntk", defaults["use_dynamic_ntk"])),
         use_logn_attn=bool(cfg.get("use_logn_attn", defaults["use_logn_attn"])),
@@ -170,8 +170,9 @@ def rope_base(cfg: dict, prompt_len: int) -> float:
     return base
 
 
-def rope_cos_sin(positions: Tensor, rot_dims: int, base: float,
-                 inv_freq_dtype: torch.dtype = F64) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    positions: Tensor, rot_dims: int, base: float, inv_freq_dtype: torch.dtype = F64
+) -> tuple[Tensor, Tensor]:
     """cos/sin tables [len(positions), rot_dims] (float64) for rotate-half RoPE.
 
     ``inv_freq = 1 / base**(arange(0, d, 2)/d)``; computed in ``inv_freq_dtype`` (the
@@ -183,8 +184,7 @@ def rope_cos_sin(positions: Tensor, rot_dims: int, base: float,
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, positions: Tensor, rot_dims: int, base: float,
-               inv_freq_dtype: torch.dtype = F64) -> Tensor:
+def apply_rope(x: Tensor, positions: Tensor, rot_dims: int, base: float, inv_freq_dtype: torch.dtype = F64) -> Tensor:
     """Rotate-half (GPT-NeoX) RoPE on the first ``rot_dims`` dims of ``x`` [T, heads, D].
 
     ``x' = x*cos + rot(x)*sin`` with ``rot(x) = cat(-x2, x1)`` over the rotated part; the
@@ -193,7 +193,7 @@ def apply_rope(x: Tensor, positions: Tensor, rot_dims: int, base: float,
     cos, sin = rope_cos_sin(positions, rot_dims, base, inv_freq_dtype)
     cos, sin = cos[:, None, :], sin[:, None, :]
     xr, xp = x[..., :rot_dims], x[..., rot_dims:]
-    x1, x2 = xr[..., : rot_dims // 2], xr[..., rot_dims // 2:]
+    x1, x2 = xr[..., : rot_dims // 2], xr[..., rot_dims // 2 :]
     rotated = torch.cat([-x2, x1], dim=-1)
     return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
 
@@ -220,9 +220,15 @@ def _linear(x: Tensor, state: dict[str, Tensor], name: str) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def ref_forward(state: dict[str, Tensor], cfg: dict, ids: Sequence[int],
-                prompt_len: int | None = None, *,
-                inv_freq_dtype: torch.dtype = F64, kv_out: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+def ref_forward(
+    state: dict[str, Tensor],
+    cfg: dict,
+    ids: Sequence[int],
+    prompt_len: int | None = None,
+    *,
+    inv_freq_dtype: torch.dtype = F64,
+    kv_out: list[tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
     """Float64 logits ``[len(ids), vocab_size]`` for one sequence (positions 0..len-1, causal).
 
     Dynamic-NTK alpha is computed from ``prompt_len`` (default ``len(ids)``), so the logits a
@@ -280,8 +286,9 @@ def ref_forward(state: dict[str, Tensor], cfg: dict, ids: Sequence[int],
     return x @ lm_head.T
 
 
-def ref_greedy(state: dict[str, Tensor], cfg: dict, prompt_ids: Sequence[int],
-               max_new_tokens: int, stop_ids: Iterable[int] = ()) -> list[int]:
+def ref_greedy(
+    state: dict[str, Tensor], cfg: dict, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: Iterable[int] = ()
+) -> list[int]:
     """Greedy decoding; returns the generated ids only (not the prompt).
 
     Each step recomputes the full forward with ``prompt_len=len(prompt_ids)`` (NTK alpha
@@ -313,8 +320,7 @@ def lora_scale(adapter_cfg: dict, r: int | None = None) -> float:
     return alpha / math.sqrt(r) if adapter_cfg.get("use_rslora", False) else alpha / r
 
 
-def merge_lora(state: dict[str, Tensor], adapter_tensors: dict[str, Tensor],
-               adapter_cfg: dict) -> dict[str, Tensor]:
+def merge_lora(state: dict[str, Tensor], adapter_tensors: dict[str, Tensor], adapter_cfg: dict) -> dict[str, Tensor]:
     """Return a new float64 state with every LoRA pair merged: ``W += B @ A * scale``.
 
     Keys like ``base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight`` are mapped
@@ -331,7 +337,7 @@ def merge_lora(state: dict[str, Tensor], adapter_tensors: dict[str, Tensor],
     new = {k: v.to(F64).clone() for k, v in state.items()}
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in adapter_tensors.items():
-        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        k = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", k)
         if m:
             module, which = m.group(1), m.group(2)
@@ -438,15 +444,20 @@ def to_qwen2(state: dict[str, Tensor], cfg: dict):
                 raise ValueError(f"{p + n}.bias not expressible in Qwen2")
         qw, kw, vw = state[p + "attn.c_attn.weight"].to(F64).split(H, dim=0)
         qb, kb, vb = state[p + "attn.c_attn.bias"].to(F64).split(H, dim=0)
-        sd.update({
-            o + "input_layernorm.weight": state[p + "ln_1.weight"].to(F64),
-            o + "post_attention_layernorm.weight": state[p + "ln_2.weight"].to(F64),
-            o + "self_attn.q_proj.weight": qw, o + "self_attn.q_proj.bias": qb,
-            o + "self_attn.k_proj.weight": kw, o + "self_attn.k_proj.bias": kb,
-            o + "self_attn.v_proj.weight": vw, o + "self_attn.v_proj.bias": vb,
-            o + "self_attn.o_proj.weight": state[p + "attn.c_proj.weight"].to(F64),
-            o + "mlp.gate_proj.weight": state[p + "mlp.w2.weight"].to(F64),
-            o + "mlp.up_proj.weight": state[p + "mlp.w1.weight"].to(F64),
-            o + "mlp.down_proj.weight": state[p + "mlp.c_proj.weight"].to(F64),
-        })
+        sd.update(
+            {
+                o + "input_layernorm.weight": state[p + "ln_1.weight"].to(F64),
+                o + "post_attention_layernorm.weight": state[p + "ln_2.weight"].to(F64),
+                o + "self_attn.q_proj.weight": qw,
+                o + "self_attn.q_proj.bias": qb,
+                o + "self_attn.k_proj.weight": kw,
+                o + "self_attn.k_proj.bias": kb,
+                o + "self_attn.v_proj.weight": vw,
+                o + "self_attn.v_proj.bias": vb,
+                o + "self_attn.o_proj.weight": state[p + "attn.c_proj.weight"].to(F64),
+                o + "mlp.gate_proj.weight": state[p + "mlp.w2.weight"].to(F64),
+                o + "mlp.up_proj.weight": state[p + "mlp.w1.weight"].to(F64),
+                o + "mlp.down_proj.weight": state[p + "mlp.c_proj.weight"].to(F64),
+            }
+        )
     return conf, {k: v.contiguous() for k, v in sd.items()}

@@ -4,17 +4,17 @@ RMSNorm, rotary with dynamic NTK and logn, SiLU-and-multiply, and the paged KV c
 and fp8 (e4m3) quantisation. The layers run these as the reference path; the kernels in worker/kernels
 reproduce them op for op and their tests compare the two.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value; torch's cast turns anything larger into NaN
-Scale = Union[float, torch.Tensor, None]  # a python float or a 0-d fp32 tensor (None: no scaling)
+Scale = float | torch.Tensor | None  # a python float or a 0-d fp32 tensor (None: no scaling)
 
 
 # --------------------------------------------------------------------------------------- RMSNorm
@@ -25,8 +25,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return normed.to(x.dtype) * weight
 
 
-def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(s), s) with s = x + residual (s = x without one): a residual add fused into the norm."""
     total = x if residual is None else x + residual
     return rms_norm(total, weight, eps), total
@@ -44,8 +45,9 @@ def ntk_alpha(prompt_len: int, seq_length: int, use_dynamic_ntk: bool) -> float:
     return float(max(2 ** math.ceil(context_value) - 1, 1))
 
 
-def rotary_cos_sin(positions: torch.Tensor, alpha_per_token: torch.Tensor, rotary_dim: int,
-                   base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    positions: torch.Tensor, alpha_per_token: torch.Tensor, rotary_dim: int, base: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [T, rotary_dim/2] fp32 for positions [T]; each token's base is base * alpha ** (d / (d - 2))."""
     d = rotary_dim
     exponent = torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d  # [d/2]
@@ -62,8 +64,9 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
     return scale.float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 logn: Optional[torch.Tensor] = None) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
+) -> torch.Tensor:
     """GPT-NeoX rotate-half on the first rotary_dim dims of each head in fp32, cast back; then scale by logn.
 
     x: [T, heads, head_dim]; cos/sin: [T, rotary_dim/2]; logn: [T] or None.
@@ -73,14 +76,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     x1, x2 = rot[..., :half], rot[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-    out = torch.cat((rotated, x[..., 2 * half:]), dim=-1) if 2 * half < x.shape[-1] else rotated
+    out = torch.cat((rotated, x[..., 2 * half :]), dim=-1) if 2 * half < x.shape[-1] else rotated
     if logn is not None:
         out = out * logn.to(x.dtype)[:, None, None]
     return out
 
 
-def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              logn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(RoPE(q) scaled by logn, RoPE(k)): new tensors. q, k: [T, heads, head_dim]."""
     return apply_rotary(q, cos, sin, logn), apply_rotary(k, cos, sin)
 
@@ -107,8 +111,15 @@ def dequantize(x: torch.Tensor, scale: Scale = None) -> torch.Tensor:
     return x if scale is None else x.float() * scale
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+) -> None:
     """Write new keys/values [T, heads, head_dim] into their slots [T] of caches [blocks, block_size, heads,
     head_dim]; slot s is row s % block_size of block s // block_size."""
     nb, bs, h, d = k_cache.shape

@@ -9,6 +9,7 @@ The Triton interpreter cannot check the rounding store (its fp32 → fp8 cast is
 and in bf16 rounding of q and of prefill's softmax weights).
 Run: `pytest -q -s -m gpu tests/gpu/test_gpu_fp8.py` (-s prints the measured numbers).
 """
+
 from __future__ import annotations
 
 import random
@@ -51,8 +52,9 @@ class Fp8Batch:
         random.Random(seed).shuffle(free)
         pad = free.pop()
         self.blocks = [[free.pop() for _ in range(n)] for n in need]
-        self.tables = torch.tensor([b + [pad] * (max(need) - len(b)) for b in self.blocks], dtype=torch.int32,
-                                   device=CUDA)
+        self.tables = torch.tensor(
+            [b + [pad] * (max(need) - len(b)) for b in self.blocks], dtype=torch.int32, device=CUDA
+        )
         shape = (sum(need) + 3, BLOCK, HEADS, HEAD_DIM)
         self.k_cache = torch.full(shape, float("nan"), device=CUDA).to(FP8)
         self.v_cache = torch.full(shape, float("nan"), device=CUDA).to(FP8)
@@ -67,16 +69,36 @@ class Fp8Batch:
         T = sum(new)
         self.q = (torch.randn(T, HEADS, HEAD_DIM, generator=g, device=CUDA) * 2).to(torch.bfloat16)
         dummy = torch.zeros(T, HEAD_DIM // 2, device=CUDA)
-        self.ctx = ForwardContext(prefill, torch.zeros(T, dtype=torch.long, device=CUDA), None, self.tables,
-                                  Seqlen.for_prefill(new, cached, device=CUDA), dummy, dummy, None, None)
+        self.ctx = ForwardContext(
+            prefill,
+            torch.zeros(T, dtype=torch.long, device=CUDA),
+            None,
+            self.tables,
+            Seqlen.for_prefill(new, cached, device=CUDA),
+            dummy,
+            dummy,
+            None,
+            None,
+        )
 
     def slots_of(self, b: int, start: int, stop: int) -> torch.Tensor:
-        return torch.tensor([self.blocks[b][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)],
-                            dtype=torch.long, device=CUDA)
+        return torch.tensor(
+            [self.blocks[b][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)], dtype=torch.long, device=CUDA
+        )
 
     def attend(self, backend, **kw) -> torch.Tensor:
-        return backend.attend(self.q, self.q, self.q, self.k_cache, self.v_cache, self.ctx, HEAD_DIM ** -0.5,
-                              k_scale=self.k_scale, v_scale=self.v_scale, **kw)
+        return backend.attend(
+            self.q,
+            self.q,
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.ctx,
+            HEAD_DIM**-0.5,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
@@ -107,13 +129,18 @@ def test_decode_fp8(batch, top, num_splits):
     close(b.attend(TritonAttention(), num_splits=num_splits), b.attend(TorchAttention()))
 
 
-@pytest.mark.parametrize("new,cached", [([1, 17, 300, 1024, 64], [100, 0, 3000, 7, 4000]),
-                                        ([33] * 40, [0, 5, 16, 100] * 10), ([1, 17, 300, 1024], [0] * 4)])
+@pytest.mark.parametrize(
+    "new,cached",
+    [
+        ([1, 17, 300, 1024, 64], [100, 0, 3000, 7, 4000]),
+        ([33] * 40, [0, 5, 16, 100] * 10),
+        ([1, 17, 300, 1024], [0] * 4),
+    ],
+)
 def test_paged_prefill_fp8(new, cached):
     """The paged prefill kernel over fp8 (called directly: fresh prompts go to varlen_attn via attend)."""
     b = Fp8Batch(new, cached, prefill=True, seed=len(new))
-    ours = TritonAttention().prefill(b.q, b.q, b.q, b.k_cache, b.v_cache, b.ctx, HEAD_DIM ** -0.5,
-                                     b.k_scale, b.v_scale)
+    ours = TritonAttention().prefill(b.q, b.q, b.q, b.k_cache, b.v_cache, b.ctx, HEAD_DIM**-0.5, b.k_scale, b.v_scale)
     print(f"prefill fp8 {len(new)} seqs: max abs diff {close(ours, b.attend(TorchAttention())):.2e}")
 
 
@@ -137,8 +164,17 @@ def test_decode_graph_reads_scales_at_replay():
 
 
 # ------------------------------------------------------------------------ a 7B-wide model
-CFG_7B = dict(model_type="qwen", hidden_size=4096, num_attention_heads=32, kv_channels=128, num_hidden_layers=2,
-              intermediate_size=22016, vocab_size=32000, seq_length=8192, rotary_emb_base=10000)  # MLP 11008
+CFG_7B = dict(
+    model_type="qwen",
+    hidden_size=4096,
+    num_attention_heads=32,
+    kv_channels=128,
+    num_hidden_layers=2,
+    intermediate_size=22016,
+    vocab_size=32000,
+    seq_length=8192,
+    rotary_emb_base=10000,
+)  # MLP 11008
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +182,9 @@ def wide_model(tmp_path_factory):
     from worker.models.qwen import FlashQwenForCausalLM
 
     path = write_checkpoint(str(tmp_path_factory.mktemp("wide")), CFG_7B, random_checkpoint(CFG_7B, 7, torch.bfloat16))
-    return FlashQwenForCausalLM.from_pretrained(path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(),
-                                                progress=False)
+    return FlashQwenForCausalLM.from_pretrained(
+        path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(), progress=False
+    )
 
 
 def test_wide_model_bf16_vs_fp8_cache(wide_model):
@@ -168,7 +205,7 @@ def test_wide_model_bf16_vs_fp8_cache(wide_model):
     seqs = {k: [list(p) for p in prompts] for k in runs}
     outs = {k: r.step([0, 1, 2, 3], prompts, [0] * 4, [1.0] * 4, True) for k, r in runs.items()}
     worst, spread, agree = 0.0, 0.0, 0
-    for step in range(64):
+    for _ in range(64):
         last = {k: torch.stack([o[-1].float() for o in v]) for k, v in outs.items()}  # [4, V]
         worst = max(worst, (last["fp8"] - last["bf16"]).abs().max().item())
         spread = max(spread, last["bf16"].abs().max().item())
@@ -177,8 +214,9 @@ def test_wide_model_bf16_vs_fp8_cache(wide_model):
         for k in runs:
             for s, t in zip(seqs[k], nxt):
                 s.append(t)
-        outs = {k: r.step([0, 1, 2, 3], seqs[k], [len(s) - 1 for s in seqs[k]], [1.0] * 4, False)
-                for k, r in runs.items()}
+        outs = {
+            k: r.step([0, 1, 2, 3], seqs[k], [len(s) - 1 for s in seqs[k]], [1.0] * 4, False) for k, r in runs.items()
+        }
     free = {}
     for k in ("bf16", "fp8"):  # free-running greedy, prompt 3 alone, fresh caches
         p = Paged(model, num_blocks=400, kv_dtype=FP8 if k == "fp8" else None)
@@ -189,11 +227,13 @@ def test_wide_model_bf16_vs_fp8_cache(wide_model):
         for _ in range(64):
             s.append(int(out[0][-1].argmax()))
             out = p.step([0], [s], [len(s) - 1], [1.0], False)
-        free[k] = s[len(prompts[2]):]
+        free[k] = s[len(prompts[2]) :]
     first = next((i for i, (a, b) in enumerate(zip(free["bf16"], free["fp8"])) if a != b), 64)
-    print(f"\n7B-wide 2-layer model, fp8 vs bf16 KV: k scales {scales[:, 0].tolist()}, v scales "
-          f"{scales[:, 1].tolist()}; max |logit diff| {worst:.3f} (|logits| up to {spread:.1f}); teacher-forced "
-          f"greedy agreement {agree}/256; free-running greedy identical for the first {first}/64 tokens")
+    print(
+        f"\n7B-wide 2-layer model, fp8 vs bf16 KV: k scales {scales[:, 0].tolist()}, v scales "
+        f"{scales[:, 1].tolist()}; max |logit diff| {worst:.3f} (|logits| up to {spread:.1f}); teacher-forced "
+        f"greedy agreement {agree}/256; free-running greedy identical for the first {first}/64 tokens"
+    )
     assert worst < 0.1 * spread and agree >= 0.85 * 256  # CPU fp32 run of this model, 16 steps: 0.078 of 5.45, 63/64
 
 
@@ -215,9 +255,16 @@ def test_fp8_graphed_decode_equals_eager(wide_model):
     reqs = []
     for n in (3, 40, 100, 200):
         blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
-        reqs.append(SimpleNamespace(ids=torch.randint(0, 32000, (n,)).tolist(), blocks=blocks, n_cached=0,
-                                    slots=[blocks[p // 16] * 16 + p % 16 for p in range(n + 1)], ntk_alpha=1.0,
-                                    prefill_logprobs=False))
+        reqs.append(
+            SimpleNamespace(
+                ids=torch.randint(0, 32000, (n,)).tolist(),
+                blocks=blocks,
+                n_cached=0,
+                slots=[blocks[p // 16] * 16 + p % 16 for p in range(n + 1)],
+                ntk_alpha=1.0,
+                prefill_logprobs=False,
+            )
+        )
     batch = SimpleNamespace(requests=reqs)
     runner = Runner(model, kv, CUDA)
     runner.forward(batch, True)

@@ -11,8 +11,8 @@ Tolerances, in ulps of the reference output (max over elements):
             weight, rarely), <= 8 ulps in fp32
 Run: `pytest -q -s -m gpu tests/gpu/test_gpu_fused.py` (-s shows the mismatch counts).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
@@ -23,8 +23,7 @@ pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
 import helpers  # noqa: E402
-from worker.kernels.fused import (rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul,  # noqa: E402
-                                  silu_mul_reference)
+from worker.kernels.fused import rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul, silu_mul_reference  # noqa: E402
 from worker.ops import logn_scale, rotary_cos_sin  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -95,12 +94,24 @@ def test_model_fused_vs_unfused(tmp_path, dtype, tol):
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 
-    cfg = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channels=128, num_hidden_layers=2,
-               intermediate_size=1024, vocab_size=512, seq_length=32, rotary_emb_base=10000, rotary_pct=0.5)
+    cfg = dict(
+        model_type="qwen",
+        hidden_size=256,
+        num_attention_heads=2,
+        kv_channels=128,
+        num_hidden_layers=2,
+        intermediate_size=1024,
+        vocab_size=512,
+        seq_length=32,
+        rotary_emb_base=10000,
+        rotary_pct=0.5,
+    )
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, random_checkpoint(cfg, seed=3))
     pctx = ParallelContext(0, 1, CUDA)
-    models = [FlashQwenForCausalLM.from_pretrained(path, pctx, dtype, TritonAttention(), progress=False, fused=f)
-              for f in (None, False)]
+    models = [
+        FlashQwenForCausalLM.from_pretrained(path, pctx, dtype, TritonAttention(), progress=False, fused=f)
+        for f in (None, False)
+    ]
     assert [m.use_fused for m in models] == [True, False]
     g = torch.Generator().manual_seed(0)
     lengths = [1, 17, 70, 129]

@@ -7,6 +7,7 @@ input dtype: bf16 2e-2, fp16 4e-3 (prefill rounds the softmax weights to the inp
 P @ V product, as FlashAttention does; decode keeps them in fp32), fp32 1e-4.
 Run: `pytest -q -m gpu tests/gpu/test_gpu_kernels.py`.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,8 +34,15 @@ CUDA = torch.device("cuda")
 class Batch:
     """New tokens `new[i]` after `cached[i]` cached ones over shuffled blocks; unused cache rows are NaN."""
 
-    def __init__(self, new: list[int], cached: list[int], dtype: torch.dtype, prefill: bool = True,
-                 seed: int = 0, spare_blocks: int = 3):
+    def __init__(
+        self,
+        new: list[int],
+        cached: list[int],
+        dtype: torch.dtype,
+        prefill: bool = True,
+        seed: int = 0,
+        spare_blocks: int = 3,
+    ):
         g = torch.Generator(device=CUDA).manual_seed(seed)
         total = [c + n for c, n in zip(cached, new)]
         need = [-(-t // BLOCK) for t in total]
@@ -44,15 +52,19 @@ class Batch:
         pad = free.pop()
         self.blocks = [[free.pop() for _ in range(n)] for n in need]
         width = max(need)
-        self.tables = torch.tensor([b + [pad] * (width - len(b)) for b in self.blocks], dtype=torch.int32,
-                                   device=CUDA)
+        self.tables = torch.tensor([b + [pad] * (width - len(b)) for b in self.blocks], dtype=torch.int32, device=CUDA)
         shape = (num_blocks, BLOCK, HEADS, HEAD_DIM)
         self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device=CUDA)
         self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device=CUDA)
         prefix = torch.cat([self.slots_of(b, 0, c) for b, c in enumerate(cached)])
         n = prefix.numel()
-        store_kv(torch.randn(n, HEADS, HEAD_DIM, generator=g, device=CUDA),
-                 torch.randn(n, HEADS, HEAD_DIM, generator=g, device=CUDA), self.k_cache, self.v_cache, prefix)
+        store_kv(
+            torch.randn(n, HEADS, HEAD_DIM, generator=g, device=CUDA),
+            torch.randn(n, HEADS, HEAD_DIM, generator=g, device=CUDA),
+            self.k_cache,
+            self.v_cache,
+            prefix,
+        )
         T = sum(new)
         qkv = (torch.randn(T, 3, HEADS, HEAD_DIM, generator=g, device=CUDA) * 2).to(dtype)
         self.q, self.k, self.v = qkv.unbind(1)  # non-contiguous views, as in the model
@@ -60,14 +72,23 @@ class Batch:
         store_kv(self.k, self.v, self.k_cache, self.v_cache, self.slots)
         seqlen = Seqlen.for_prefill(new, cached, device=CUDA)
         dummy = torch.zeros(T, HEAD_DIM // 2, device=CUDA)
-        self.ctx = ForwardContext(is_prefill=prefill, positions=torch.zeros(T, dtype=torch.long, device=CUDA),
-                                  slots=self.slots, block_tables=self.tables, seqlen=seqlen, cos=dummy, sin=dummy,
-                                  logn=None, lm_head_indices=None)
-        self.scale = HEAD_DIM ** -0.5
+        self.ctx = ForwardContext(
+            is_prefill=prefill,
+            positions=torch.zeros(T, dtype=torch.long, device=CUDA),
+            slots=self.slots,
+            block_tables=self.tables,
+            seqlen=seqlen,
+            cos=dummy,
+            sin=dummy,
+            logn=None,
+            lm_head_indices=None,
+        )
+        self.scale = HEAD_DIM**-0.5
 
     def slots_of(self, b: int, start: int, stop: int) -> torch.Tensor:
-        return torch.tensor([self.blocks[b][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)],
-                            dtype=torch.long, device=CUDA)
+        return torch.tensor(
+            [self.blocks[b][p // BLOCK] * BLOCK + p % BLOCK for p in range(start, stop)], dtype=torch.long, device=CUDA
+        )
 
     def attend(self, backend, cache: bool = True, **kw) -> torch.Tensor:
         kc, vc = (self.k_cache, self.v_cache) if cache else (None, None)
@@ -147,7 +168,7 @@ def test_decode_in_cuda_graph():
         static.q.copy_(src.q)
         static.ctx.seqlen.input_lengths.copy_(src.ctx.seqlen.input_lengths)
         static.tables.zero_()
-        static.tables[:, :src.tables.shape[1]].copy_(src.tables + offset)
+        static.tables[:, : src.tables.shape[1]].copy_(src.tables + offset)
 
     load(b, 0)
     stream = torch.cuda.Stream()

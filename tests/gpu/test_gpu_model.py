@@ -1,4 +1,5 @@
 """The model on the GPU (triton backend, CUDA graphs) against the float64 reference and eager decode."""
+
 from __future__ import annotations
 
 import random
@@ -17,8 +18,17 @@ from worker.models.qwen import FlashQwenForCausalLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-CFG = dict(model_type="qwen", hidden_size=256, num_attention_heads=2, kv_channels=128, num_hidden_layers=2,
-           intermediate_size=1024, vocab_size=512, seq_length=32, rotary_emb_base=10000)
+CFG = dict(
+    model_type="qwen",
+    hidden_size=256,
+    num_attention_heads=2,
+    kv_channels=128,
+    num_hidden_layers=2,
+    intermediate_size=1024,
+    vocab_size=512,
+    seq_length=32,
+    rotary_emb_base=10000,
+)
 
 
 def gpu_model(tmp_path, dtype):
@@ -46,7 +56,8 @@ def test_prefill_decode_vs_reference(tmp_path, dtype, tol):
             s.append(int(o[-1].argmax()))
         out = p.step([0, 1, 2, 3], seqs, [len(s) - 1 for s in seqs], alphas, False)
     for s, x, o in zip(seqs, prompts, out):
-        worst = max(worst, (o[-1].double().cpu() - ref_forward(state, CFG, s, prompt_len=len(x))[-1]).abs().max().item())
+        ref = ref_forward(state, CFG, s, prompt_len=len(x))[-1]
+        worst = max(worst, (o[-1].double().cpu() - ref).abs().max().item())
     print(f"{dtype}: max abs logit diff vs float64 reference {worst:.2e} (bound {tol})")
     assert worst <= tol
 
@@ -57,8 +68,7 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
 
     _, model = gpu_model(tmp_path, torch.bfloat16)
     c = model.config
-    kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16,
-                 torch.device("cuda"))
+    kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, torch.device("cuda"))
     graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=False)
     free = list(range(1, 199))
     random.Random(0).shuffle(free)
@@ -67,8 +77,16 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
         blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
         slots = [blocks[p // 16] * 16 + p % 16 for p in range(n + 1)]
         ids = torch.randint(0, 512, (n,)).tolist()
-        reqs.append(SimpleNamespace(ids=ids, blocks=blocks, slots=slots, ntk_alpha=ntk_alpha(n, 32, True), n_cached=0,
-                                    prefill_logprobs=False))
+        reqs.append(
+            SimpleNamespace(
+                ids=ids,
+                blocks=blocks,
+                slots=slots,
+                ntk_alpha=ntk_alpha(n, 32, True),
+                n_cached=0,
+                prefill_logprobs=False,
+            )
+        )
     from worker.engine.runner import Runner
 
     batch = SimpleNamespace(requests=reqs)

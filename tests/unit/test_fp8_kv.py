@@ -10,6 +10,7 @@ The Triton interpreter (CPU) decodes fp8 exactly, but its fp32 → fp8 cast does
 the Triton store is checked only on values it need not round; caches for the attention kernels are
 filled by the reference store, and the rounding store runs in tests/gpu/test_gpu_fp8.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,8 @@ from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 from worker.ops import FP8, FP8_MAX, gather_context, scales_from_amax, store_kv  # noqa: E402
 from worker.pb import generate_pb2 as pb  # noqa: E402
 
-REL = 2.0 ** -4  # half an ulp of a 3-bit mantissa, relative
-SUB = 2.0 ** -10  # half the smallest e4m3 subnormal (2^-9), in units of the scale
+REL = 2.0**-4  # half an ulp of a 3-bit mantissa, relative
+SUB = 2.0**-10  # half the smallest e4m3 subnormal (2^-9), in units of the scale
 
 
 def stored_error_ok(x: torch.Tensor, read: torch.Tensor, scale: float) -> torch.Tensor:
@@ -65,7 +66,7 @@ def test_store_gather_round_trip_within_e4m3_rounding(scale):
     clipped = k.clamp(-FP8_MAX * scale, FP8_MAX * scale)
     assert read[0, 0, :4].tolist() == pytest.approx([448 * scale, -448 * scale, 0.0, 448 * scale])
     assert stored_error_ok(clipped, read, scale).all()
-    normal = clipped.abs() >= 2.0 ** -6 * scale
+    normal = clipped.abs() >= 2.0**-6 * scale
     rel = ((read - clipped).abs() / clipped.abs())[normal]
     print(f"\nscale {scale}: relative error mean {rel.mean():.4f}, max {rel.max():.4f} (bound {REL})")
     assert rel.max() <= REL and 0.01 < rel.mean() < 0.03  # mean ~ REL / 3 for uniformly spread mantissas
@@ -109,16 +110,16 @@ def test_torch_attend_over_fp8_cache_close_to_fp32():
     table = torch.randperm(12, generator=g)[:10].int()
     slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in range(L)])
     seqlen = Seqlen.for_prefill([1], [L - 1])
-    ctx = ForwardContext(False, torch.tensor([L - 1]), slots[-1:], table[None], seqlen, torch.ones(1, 8),
-                         torch.zeros(1, 8), None, None)
+    ctx = ForwardContext(
+        False, torch.tensor([L - 1]), slots[-1:], table[None], seqlen, torch.ones(1, 8), torch.zeros(1, 8), None, None
+    )
     outs = {}
     for dtype, scale in ((torch.float32, None), (FP8, float(v.abs().max() / FP8_MAX))):
         kc, vc = (torch.zeros(12, bs, H, D, dtype=dtype) for _ in range(2))
         store_kv(k, v, kc, vc, slots, scale, scale)
         if scale is not None:
-            assert torch.equal(gather_context(kc, table, L).float() * scale,
-                               (k / scale).to(FP8).float() * scale)
-        outs[dtype] = TorchAttention().attend(q, None, None, kc, vc, ctx, D ** -0.5, k_scale=scale, v_scale=scale)
+            assert torch.equal(gather_context(kc, table, L).float() * scale, (k / scale).to(FP8).float() * scale)
+        outs[dtype] = TorchAttention().attend(q, None, None, kc, vc, ctx, D**-0.5, k_scale=scale, v_scale=scale)
     err = (outs[FP8] - outs[torch.float32]).abs().max().item()
     print(f"\nattention output max |fp8 - fp32| = {err:.4f} (outputs ~{outs[torch.float32].abs().max():.2f})")
     assert err < 0.1
@@ -158,8 +159,17 @@ def test_triton_store_fp8_scales_clamps_and_skips_padding():
 class Fp8Batch:
     """A paged batch over fp8 caches filled by the reference store (shuffled blocks, NaN-coded unused rows)."""
 
-    def __init__(self, new: list[int], cached: list[int], prefill: bool, dtype: torch.dtype, seed: int,
-                 H: int = 2, D: int = 16, bs: int = 8):
+    def __init__(
+        self,
+        new: list[int],
+        cached: list[int],
+        prefill: bool,
+        dtype: torch.dtype,
+        seed: int,
+        H: int = 2,
+        D: int = 16,
+        bs: int = 8,
+    ):
         g = torch.Generator().manual_seed(seed)
         total = [c + n for c, n in zip(cached, new)]
         need = [-(-t // bs) for t in total]
@@ -174,17 +184,42 @@ class Fp8Batch:
         self.k_scale, self.v_scale = torch.tensor(0.05), 0.02  # a tensor and a float
         slots = [torch.tensor([blocks[b][p // bs] * bs + p % bs for p in range(t)]) for b, t in enumerate(total)]
         for s in slots:  # K ~ 4 (values up to ~80 / 0.05 clamp at 448), V ~ 1
-            store_kv(torch.randn(len(s), H, D, generator=g) * 4, torch.randn(len(s), H, D, generator=g),
-                     self.k_cache, self.v_cache, s, self.k_scale, self.v_scale)
+            store_kv(
+                torch.randn(len(s), H, D, generator=g) * 4,
+                torch.randn(len(s), H, D, generator=g),
+                self.k_cache,
+                self.v_cache,
+                s,
+                self.k_scale,
+                self.v_scale,
+            )
         T = sum(new)
         self.q = torch.randn(T, H, D, generator=g).to(dtype)
-        self.ctx = ForwardContext(prefill, torch.zeros(T, dtype=torch.long), None, self.tables,
-                                  Seqlen.for_prefill(new, cached), torch.ones(T, D // 2), torch.zeros(T, D // 2),
-                                  None, None)
+        self.ctx = ForwardContext(
+            prefill,
+            torch.zeros(T, dtype=torch.long),
+            None,
+            self.tables,
+            Seqlen.for_prefill(new, cached),
+            torch.ones(T, D // 2),
+            torch.zeros(T, D // 2),
+            None,
+            None,
+        )
 
     def attend(self, backend, **kw) -> torch.Tensor:
-        return backend.attend(self.q, self.q, self.q, self.k_cache, self.v_cache, self.ctx, 0.25,
-                              k_scale=self.k_scale, v_scale=self.v_scale, **kw)
+        return backend.attend(
+            self.q,
+            self.q,
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.ctx,
+            0.25,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+            **kw,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -204,8 +239,9 @@ def test_triton_decode_reads_fp8(num_splits, dtype):
     lengths = [1, 9, 40, 77, 16]
     b = Fp8Batch([1] * 5, [n - 1 for n in lengths], False, dtype, seed=num_splits)
     ours = b.attend(TritonAttention(tiles=tiles), num_splits=num_splits)
-    torch.testing.assert_close(ours, b.attend(TorchAttention()), atol=2e-3 if dtype == torch.float16 else 1e-5,
-                               rtol=1e-3)
+    torch.testing.assert_close(
+        ours, b.attend(TorchAttention()), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3
+    )
 
 
 # ------------------------------------------------------------------------ models
@@ -213,14 +249,22 @@ def calibrate(model: FlashQwenForCausalLM, prompts: list[list[int]], margin: flo
     """Per-layer [k, v] scales from a prefill of `prompts` into an unscaled scratch cache of exactly their
     tokens (what Engine.warmup does); the model's own KV scales are left as they were."""
     c = model.config
-    saved = [layer.attn.kv_scales for layer in model.transformer.h]
+    saved = [attn.kv_scales for attn in model.attention_layers()]
     model.set_kv_scales(None, None)
-    scratch = KVCache(c.num_hidden_layers, sum(map(len, prompts)), 1, c.num_attention_heads, c.head_dim, model.dtype,
-                      torch.device("cpu"))
-    Runner(model, None, torch.device("cpu")).forward_no_cache([len(p) for p in prompts], sum(prompts, []),
-                                                              [1.0] * len(prompts), scratch)
-    for layer, s in zip(model.transformer.h, saved):
-        layer.attn.kv_scales = s
+    scratch = KVCache(
+        c.num_hidden_layers,
+        sum(map(len, prompts)),
+        1,
+        c.num_attention_heads,
+        c.head_dim,
+        model.dtype,
+        torch.device("cpu"),
+    )
+    Runner(model, None, torch.device("cpu")).forward_no_cache(
+        [len(p) for p in prompts], sum(prompts, []), [1.0] * len(prompts), scratch
+    )
+    for attn, s in zip(model.attention_layers(), saved):
+        attn.kv_scales = s
     amax = scratch.amax()
     assert (amax > 0).all()
     return scales_from_amax(amax, margin)
@@ -232,8 +276,9 @@ def test_calibration_takes_max_post_rope_k_and_v(tmp_path):
     from reference import ref_forward
 
     state = random_checkpoint(TINY, 3)
-    model = FlashQwenForCausalLM.from_pretrained(write_checkpoint(str(tmp_path / "ckpt"), TINY, state),
-                                                 dtype=torch.float32, progress=False)
+    model = FlashQwenForCausalLM.from_pretrained(
+        write_checkpoint(str(tmp_path / "ckpt"), TINY, state), dtype=torch.float32, progress=False
+    )
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 30)]  # <= seq_length: alpha 1
     amax = torch.zeros(TINY["num_hidden_layers"], 2, dtype=torch.float64)
@@ -262,7 +307,7 @@ def test_tiny_model_fp8_cache_against_fp32_cache(tmp_path):
     seqs = {name: [list(p) for p in prompts] for name in runs}
     worst, agree, total, spread = 0.0, 0, 0, 0.0
     outs = {name: r.step([0, 1, 2, 3], prompts, [0] * 4, [1.0] * 4, prefill=True) for name, r in runs.items()}
-    for step in range(16):
+    for _ in range(16):
         for a, b in zip(outs["fp32"], outs["fp8"]):
             worst = max(worst, (a - b).abs().max().item())
             spread = max(spread, a.abs().max().item())
@@ -271,10 +316,14 @@ def test_tiny_model_fp8_cache_against_fp32_cache(tmp_path):
                 s.append(int(o[-1].argmax()))
         agree += sum(int(a[-1].argmax()) == int(b[-1].argmax()) for a, b in zip(outs["fp32"], outs["fp8"]))
         total += 4
-        outs = {name: r.step([0, 1, 2, 3], seqs[name], [len(s) - 1 for s in seqs[name]], [1.0] * 4, prefill=False)
-                for name, r in runs.items()}
-    print(f"\ntiny model: max |logit fp8 - fp32| = {worst:.4f} (|logits| up to {spread:.2f}), "
-          f"greedy agreement {agree}/{total}, k scales {scales[:, 0].tolist()}, v scales {scales[:, 1].tolist()}")
+        outs = {
+            name: r.step([0, 1, 2, 3], seqs[name], [len(s) - 1 for s in seqs[name]], [1.0] * 4, prefill=False)
+            for name, r in runs.items()
+        }
+    print(
+        f"\ntiny model: max |logit fp8 - fp32| = {worst:.4f} (|logits| up to {spread:.2f}), "
+        f"greedy agreement {agree}/{total}, k scales {scales[:, 0].tolist()}, v scales {scales[:, 1].tolist()}"
+    )
     assert worst < 0.15 and agree >= total - 2
 
 
@@ -288,12 +337,14 @@ def _engine(model_dir: str, kv_dtype: torch.dtype) -> Engine:
     return Engine(model, tok, ParallelContext(), cfg)
 
 
-def _request(rid: int, text: str, max_new: int, ignore_eos: bool = False, logprobs: bool = False) -> "pb.Request":
-    return pb.Request(id=rid, inputs=text, parameters=pb.NextTokenChooserParameters(
-        temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-                      stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new,
-                                                                        ignore_eos_token=ignore_eos),
-                      prefill_logprobs=logprobs)
+def _request(rid: int, text: str, max_new: int, ignore_eos: bool = False, logprobs: bool = False) -> pb.Request:
+    return pb.Request(
+        id=rid,
+        inputs=text,
+        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=ignore_eos),
+        prefill_logprobs=logprobs,
+    )
 
 
 WARMUP_TEXT, WARMUP_MAX_INPUT = "The capital of France is " * 4, 64
@@ -301,8 +352,9 @@ WARMUP_TEXT, WARMUP_MAX_INPUT = "The capital of France is " * 4, 64
 
 def _warmup(engine: Engine, text: str = WARMUP_TEXT) -> int:
     batch = pb.Batch(id=0, requests=[_request(0, text, 8)], size=1)
-    return engine.warmup(pb.WarmupRequest(batch=batch, max_input_length=WARMUP_MAX_INPUT,
-                                          max_prefill_tokens=64, max_new_tokens=8))
+    return engine.warmup(
+        pb.WarmupRequest(batch=batch, max_input_length=WARMUP_MAX_INPUT, max_prefill_tokens=64, max_new_tokens=8)
+    )
 
 
 def test_checkpoint_scales_are_used_and_not_recalibrated(tmp_path, demo_dir):
@@ -314,8 +366,11 @@ def test_checkpoint_scales_are_used_and_not_recalibrated(tmp_path, demo_dir):
     dst = str(tmp_path / "model")
     shutil.copytree(src, dst)
     n = FlashQwenForCausalLM.from_pretrained(src, progress=False).config.num_hidden_layers
-    extra = {f"transformer.h.{i}.attn.{w}_scale": torch.tensor(0.01 * (i + 1) + (w == "v") * 0.001)
-             for i in range(n) for w in "kv"}
+    extra = {
+        f"transformer.h.{i}.attn.{w}_scale": torch.tensor(0.01 * (i + 1) + (w == "v") * 0.001)
+        for i in range(n)
+        for w in "kv"
+    }
     save_file(extra, os.path.join(dst, "kv_scales.safetensors"))
     os.remove(os.path.join(dst, "model.safetensors.index.json"))  # no index: every *.safetensors file is read
     engine = _engine(dst, FP8)
@@ -344,15 +399,21 @@ def _loss(engine: Engine, texts: list[str]) -> float:
     """Mean next-token NLL over each whole text, from prefill logprobs (computed over the KV cache)."""
     reqs = [_request(i, t, 1, logprobs=True) for i, t in enumerate(texts)]
     gens, _ = engine.prefill(pb.Batch(id=2, requests=reqs, size=len(reqs)), None)
-    lps = [lp for gen in gens for lp in list(gen.prefill_tokens.logprobs)[1:]]  # the first token has none
+    lps: list[float] = []
+    for gen in gens:
+        assert gen.prefill_tokens is not None
+        lps += list(gen.prefill_tokens.logprobs)[1:]  # the first token has none
     return -sum(lps) / len(lps)
 
 
 @pytest.fixture(scope="module")
 def demo_engines(demo_dir):
     model_dir = os.path.join(demo_dir, "model")
-    engines = {"fp32": _engine(model_dir, torch.float32), "bf16": _engine(model_dir, torch.bfloat16),
-               "fp8": _engine(model_dir, FP8)}
+    engines = {
+        "fp32": _engine(model_dir, torch.float32),
+        "bf16": _engine(model_dir, torch.bfloat16),
+        "fp8": _engine(model_dir, FP8),
+    }
     for e in engines.values():
         _warmup(e)
     return engines
@@ -393,9 +454,10 @@ def test_demo_model_greedy_agreement_and_loss_fp8_vs_fp32(demo_engines):
     first_diff = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), 32) for r, o in zip(ref, ours)]
     texts = [p + c for p, c in BASE_TEXTS]
     losses = {name: _loss(demo_engines[name], texts) for name in ("fp32", "bf16", "fp8")}
-    print(f"\ndemo greedy agreement fp8 vs fp32 over 32 tokens: {agree}/{32 * len(prompts)}, first divergence "
-          f"per prompt {first_diff}; loss on the training text: " +
-          ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
+    print(
+        f"\ndemo greedy agreement fp8 vs fp32 over 32 tokens: {agree}/{32 * len(prompts)}, first divergence "
+        f"per prompt {first_diff}; loss on the training text: " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items())
+    )
     assert agree >= 0.9 * 32 * len(prompts)  # measured: all 192 (the sentences themselves: the test above)
     assert abs(losses["fp8"] - losses["fp32"]) <= 0.1 * losses["fp32"] + 1e-3
 

@@ -11,6 +11,7 @@ FMA contraction, so RoPE and the residual add are bit-exact. The RMSNorm mean su
 (fp32 noise, so at most 1 ulp after rounding); the interpreter's exp (numpy) can differ from torch's
 CPU exp by an ulp in fp32, which then shows in silu_mul's fp32 output (fp16 rounds it away).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,15 +30,12 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from helpers import randn, ulps  # noqa: E402
-from worker.kernels.fused import (rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul,  # noqa: E402
-                                  silu_mul_reference)
+from worker.kernels.fused import rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul, silu_mul_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 # max ulps of the output where the math is not bit-identical (see the module docstring): fp32 shows the
 # fp32 noise itself; fp16 rounds it away except for a rare flip of the last bit, in one of two roundings
 MAX_ULPS = {torch.float32: 8.0, torch.float16: 2.0}
-
-
 
 
 # --------------------------------------------------------------------------------------- RMSNorm
@@ -154,8 +152,7 @@ def test_model_fused_matches_unfused(tmp_path, name, dtype):
     cfg = {**TINY, **MODEL_CONFIGS[name]}
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, random_checkpoint(cfg, 0))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    models = [FlashQwenForCausalLM.from_pretrained(path, dtype=dtype, progress=False, fused=f)
-              for f in (False, True)]
+    models = [FlashQwenForCausalLM.from_pretrained(path, dtype=dtype, progress=False, fused=f) for f in (False, True)]
     assert [m.use_fused for m in models] == [False, True]
     runners = [Paged(m, seed=2) for m in models]
     g = torch.Generator().manual_seed(0)

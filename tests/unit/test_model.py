@@ -3,6 +3,7 @@
 Our model runs over a paged KV cache with shuffled, non-contiguous blocks, batching sequences of
 different lengths; every logit is compared with the reference run on that sequence alone.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,18 @@ CONFIGS = {
     "ntk_logn_active": {**TINY, "seq_length": 8},
     "base_1e6": {**TINY, "rotary_emb_base": 1e6},
     "rotary_pct_half": {**TINY, "rotary_pct": 0.5, "seq_length": 16},
-    "v1_0_spelling": dict(model_type="qwen", n_embd=64, n_head=4, n_layer=2, ffn_hidden_size=192, n_positions=64,
-                          kv_channels=16, vocab_size=256, padded_vocab_size=320, seq_length=8),
+    "v1_0_spelling": dict(
+        model_type="qwen",
+        n_embd=64,
+        n_head=4,
+        n_layer=2,
+        ffn_hidden_size=192,
+        n_positions=64,
+        kv_channels=16,
+        vocab_size=256,
+        padded_vocab_size=320,
+        seq_length=8,
+    ),
 }
 
 
@@ -52,7 +63,7 @@ def test_prefill_decode_against_reference(tmp_path, name):
         ref = ref_forward(state, cfg, p)
         worst = max(worst, (logits.double() - ref).abs().max().item())
     seqs = [list(p) for p in prompts]
-    for step in range(20):  # decode: one token each, alpha fixed at prefill
+    for _ in range(20):  # decode: one token each, alpha fixed at prefill
         nxt = [int(o[-1].argmax()) for o in out]
         for s, t in zip(seqs, nxt):
             s.append(t)

@@ -133,8 +133,7 @@ def test_ntk_base_matches_transformers_with_scaled_theta(hf_qwen2):
     ids = rand_ids(20, 300, seed=3)  # L=20 in (2S, 4S] -> alpha 7
     ref = R.ref_forward(state, cfg, ids)
     d = 16
-    hf = _hf_logits(hf_qwen2(state, dict(cfg, use_dynamic_ntk=False,
-                                         rotary_emb_base=10000 * 7 ** (d / (d - 2)))), ids)
+    hf = _hf_logits(hf_qwen2(state, dict(cfg, use_dynamic_ntk=False, rotary_emb_base=10000 * 7 ** (d / (d - 2)))), ids)
     assert (ref - hf).abs().max().item() <= 1e-8
 
 
@@ -317,9 +316,13 @@ def test_merge_lora_delta(rslora):
     scale = alpha / math.sqrt(r) if rslora else alpha / r
     merged = R.merge_lora(state, tensors, acfg)
     H, M = 64, 96
-    shapes = {"attn.c_attn": ((r, H), (3 * H, r)), "attn.c_proj": ((r, H), (H, r)),
-              "mlp.w1": ((r, H), (M, r)), "mlp.w2": ((r, H), (M, r)),
-              "mlp.c_proj": ((r, M), (H, r))}
+    shapes = {
+        "attn.c_attn": ((r, H), (3 * H, r)),
+        "attn.c_proj": ((r, H), (H, r)),
+        "mlp.w1": ((r, H), (M, r)),
+        "mlp.w2": ((r, H), (M, r)),
+        "mlp.c_proj": ((r, M), (H, r)),
+    }
     touched = set()
     for i in range(2):
         for mod, (sa, sb) in shapes.items():
@@ -347,14 +350,15 @@ def test_merge_lora_dispatch_by_full_path():
     for tgt, other in (("attn.c_proj", "mlp.c_proj"), ("mlp.c_proj", "attn.c_proj")):
         tensors, acfg = random_lora(cfg, 2, 8, seed=21, targets=(tgt,))
         merged = R.merge_lora(state, tensors, acfg)
-        assert torch.equal(merged[f"transformer.h.0.{other}.weight"],
-                           state[f"transformer.h.0.{other}.weight"].to(F64))
-        assert not torch.equal(merged[f"transformer.h.0.{tgt}.weight"],
-                               state[f"transformer.h.0.{tgt}.weight"].to(F64))
+        assert torch.equal(merged[f"transformer.h.0.{other}.weight"], state[f"transformer.h.0.{other}.weight"].to(F64))
+        assert not torch.equal(merged[f"transformer.h.0.{tgt}.weight"], state[f"transformer.h.0.{tgt}.weight"].to(F64))
     both, _ = random_lora(cfg, 2, 8, seed=21, targets=("c_proj",))
     assert {k.split(".h.0.")[1] for k in both if ".h.0." in k} == {
-        "attn.c_proj.lora_A.weight", "attn.c_proj.lora_B.weight",
-        "mlp.c_proj.lora_A.weight", "mlp.c_proj.lora_B.weight"}
+        "attn.c_proj.lora_A.weight",
+        "attn.c_proj.lora_B.weight",
+        "mlp.c_proj.lora_A.weight",
+        "mlp.c_proj.lora_B.weight",
+    }
 
 
 def test_merge_lora_modules_to_save():
@@ -373,20 +377,43 @@ def test_merge_lora_modules_to_save():
 
 
 def test_config_defaults_by_version():
-    v11 = R.ref_config({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-                        "intermediate_size": 192, "seq_length": 64})
-    assert (v11["use_dynamic_ntk"], v11["use_logn_attn"], v11["layer_norm_epsilon"],
-            v11["vocab_size"]) == (True, True, 1e-6, 151936)
+    v11 = R.ref_config(
+        {
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "intermediate_size": 192,
+            "seq_length": 64,
+        }
+    )
+    assert (v11["use_dynamic_ntk"], v11["use_logn_attn"], v11["layer_norm_epsilon"], v11["vocab_size"]) == (
+        True,
+        True,
+        1e-6,
+        151936,
+    )
     assert v11["mlp_width"] == 96 and v11["kv_channels"] == 16 and v11["rotary_dims"] == 16
-    v10 = R.ref_config({"n_embd": 64, "n_head": 4, "n_layer": 2, "ffn_hidden_size": 192,
-                        "n_positions": 64, "seq_length": 64, "padded_vocab_size": 151936})
-    assert (v10["use_dynamic_ntk"], v10["use_logn_attn"], v10["layer_norm_epsilon"],
-            v10["vocab_size"]) == (False, False, 1e-5, 151851)
+    v10 = R.ref_config(
+        {
+            "n_embd": 64,
+            "n_head": 4,
+            "n_layer": 2,
+            "ffn_hidden_size": 192,
+            "n_positions": 64,
+            "seq_length": 64,
+            "padded_vocab_size": 151936,
+        }
+    )
+    assert (v10["use_dynamic_ntk"], v10["use_logn_attn"], v10["layer_norm_epsilon"], v10["vocab_size"]) == (
+        False,
+        False,
+        1e-5,
+        151851,
+    )
     assert v10["padded_vocab_size"] == 151936 and v10["hidden_size"] == 64
     assert R.ref_config(v10) == v10 and R.ref_config(v11) == v11
     with pytest.raises(ValueError):
-        R.ref_config({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-                      "intermediate_size": 192})
+        R.ref_config({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 192})
     # rope_theta only used when rotary_emb_base is absent
     assert R.ref_config(dict(small_cfg(), rotary_emb_base=None, rope_theta=1e6))["rotary_emb_base"] == 1e6
     assert R.ref_config(dict(small_cfg(), rope_theta=5.0))["rotary_emb_base"] == 10000.0
@@ -394,11 +421,24 @@ def test_config_defaults_by_version():
 
 def test_v10_spelling_same_model_and_padded_vocab():
     cfg11 = small_cfg(seq_length=8)
-    cfg10 = {"n_embd": 64, "n_head": 4, "n_layer": 2, "ffn_hidden_size": 192, "n_positions": 64,
-             "kv_channels": 16, "seq_length": 8, "vocab_size": 300, "padded_vocab_size": 320,
-             "rotary_pct": 1.0, "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-6,
-             "use_dynamic_ntk": True, "use_logn_attn": True, "pos_emb": "rotary",
-             "params_dtype": "torch.bfloat16"}
+    cfg10 = {
+        "n_embd": 64,
+        "n_head": 4,
+        "n_layer": 2,
+        "ffn_hidden_size": 192,
+        "n_positions": 64,
+        "kv_channels": 16,
+        "seq_length": 8,
+        "vocab_size": 300,
+        "padded_vocab_size": 320,
+        "rotary_pct": 1.0,
+        "rotary_emb_base": 10000,
+        "layer_norm_epsilon": 1e-6,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "pos_emb": "rotary",
+        "params_dtype": "torch.bfloat16",
+    }
     state10 = random_checkpoint(cfg10, seed=23)
     assert state10["transformer.wte.weight"].shape == (320, 64)
     assert state10["lm_head.weight"].shape == (300, 64)
@@ -407,11 +447,9 @@ def test_v10_spelling_same_model_and_padded_vocab():
     b = R.ref_forward(state10, cfg11, ids)
     assert a.shape == (13, 300) and torch.equal(a, b)
     # v1.0 defaults (NTK/logn off, eps 1e-5) differ from v1.1's for the same weights
-    bare10 = {k: v for k, v in cfg10.items()
-              if k not in ("use_dynamic_ntk", "use_logn_attn", "layer_norm_epsilon")}
+    bare10 = {k: v for k, v in cfg10.items() if k not in ("use_dynamic_ntk", "use_logn_attn", "layer_norm_epsilon")}
     c = R.ref_forward(state10, bare10, ids)
-    d = R.ref_forward(state10, dict(cfg11, use_dynamic_ntk=False, use_logn_attn=False,
-                                    layer_norm_epsilon=1e-5), ids)
+    d = R.ref_forward(state10, dict(cfg11, use_dynamic_ntk=False, use_logn_attn=False, layer_norm_epsilon=1e-5), ids)
     assert torch.equal(c, d) and (c - a).abs().max() > 1e-3
 
 
@@ -423,12 +461,15 @@ def test_load_checkpoint_roundtrip(tmp_path):
     cfg = small_cfg()
     state = random_checkpoint(cfg, seed=25, dtype=torch.bfloat16)
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for fn, ks in shards.items():
         save_file({k: state[k].contiguous() for k in ks}, str(tmp_path / fn))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: fn for fn, ks in shards.items() for k in ks}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: fn for fn, ks in shards.items() for k in ks}})
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "stray.safetensors").write_text("not listed in the index; must be ignored")
     loaded, lcfg = R.load_checkpoint(str(tmp_path))

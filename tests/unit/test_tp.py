@@ -1,4 +1,5 @@
 """Tensor parallelism on CPU (gloo): world sizes 2 and 4 against world size 1, real processes."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,8 +43,9 @@ def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path):
     _, results = runs
     ckpt, root = results["paths"]
     single = results[1][0]
-    for rank_result in run_world(ckpt, str(tmp_path / "w2t"), 2, root, QWEN_TEST_LORA_BACKEND="triton",
-                                 TRITON_INTERPRET="1"):
+    for rank_result in run_world(
+        ckpt, str(tmp_path / "w2t"), 2, root, QWEN_TEST_LORA_BACKEND="triton", TRITON_INTERPRET="1"
+    ):
         for key, ref in single.items():
             if key.startswith("lora"):
                 diff = (rank_result[key] - ref).abs().max().item()
@@ -54,22 +56,24 @@ def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path):
 def test_weight_slices_reassemble(runs, world):
     state, results = runs
     parts = results[world]
-    H, heads, d = CFG["hidden_size"], CFG["num_attention_heads"], CFG["kv_channels"]
+    heads, d = CFG["num_attention_heads"], CFG["kv_channels"]
     n = heads // world * d
     # c_attn: rank r holds [q_r; k_r; v_r] -> reassemble q, k, v separately
     q = torch.cat([p["c_attn_w"][:n] for p in parts])
-    k = torch.cat([p["c_attn_w"][n:2 * n] for p in parts])
-    v = torch.cat([p["c_attn_w"][2 * n:] for p in parts])
+    k = torch.cat([p["c_attn_w"][n : 2 * n] for p in parts])
+    v = torch.cat([p["c_attn_w"][2 * n :] for p in parts])
     assert torch.equal(torch.cat([q, k, v]), state["transformer.h.0.attn.c_attn.weight"].float())
-    bias = torch.cat([torch.cat([p["c_attn_b"][j * n:(j + 1) * n] for p in parts]) for j in range(3)])
+    bias = torch.cat([torch.cat([p["c_attn_b"][j * n : (j + 1) * n] for p in parts]) for j in range(3)])
     assert torch.equal(bias, state["transformer.h.0.attn.c_attn.bias"].float())
     w = CFG["intermediate_size"] // 2 // world
     assert torch.equal(torch.cat([p["gate_up"][:w] for p in parts]), state["transformer.h.0.mlp.w2.weight"].float())
     assert torch.equal(torch.cat([p["gate_up"][w:] for p in parts]), state["transformer.h.0.mlp.w1.weight"].float())
-    assert torch.equal(torch.cat([p["attn_c_proj"] for p in parts], 1),
-                       state["transformer.h.0.attn.c_proj.weight"].float())
-    assert torch.equal(torch.cat([p["mlp_c_proj"] for p in parts], 1),
-                       state["transformer.h.0.mlp.c_proj.weight"].float())
+    assert torch.equal(
+        torch.cat([p["attn_c_proj"] for p in parts], 1), state["transformer.h.0.attn.c_proj.weight"].float()
+    )
+    assert torch.equal(
+        torch.cat([p["mlp_c_proj"] for p in parts], 1), state["transformer.h.0.mlp.c_proj.weight"].float()
+    )
     assert torch.equal(torch.cat([p["wte"] for p in parts]), state["transformer.wte.weight"].float())
 
 

@@ -6,6 +6,7 @@ shuffled non-contiguous block tables, and a cache whose unused rows are NaN: a k
 row outside a sequence's context turns its output into NaN. fp32 and fp16 (the interpreter mishandles
 bf16 loads; bf16 runs in tests/gpu).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,18 @@ class Batch:
     """A paged batch like the runner builds: new tokens `new[i]` after `cached[i]` cached ones, blocks
     drawn from a shuffled free list, the new tokens' K/V stored in the cache, unused cache rows NaN."""
 
-    def __init__(self, new: list[int], cached: list[int], dtype: torch.dtype, *, heads: int = HEADS,
-                 head_dim: int = HEAD_DIM, block: int = BLOCK, prefill: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        new: list[int],
+        cached: list[int],
+        dtype: torch.dtype,
+        *,
+        heads: int = HEADS,
+        head_dim: int = HEAD_DIM,
+        block: int = BLOCK,
+        prefill: bool = True,
+        seed: int = 0,
+    ):
         g = torch.Generator().manual_seed(seed)
         total = [c + n for c, n in zip(cached, new)]
         need = [-(-t // block) for t in total]
@@ -60,7 +71,7 @@ class Batch:
         self.k_cache = torch.full(shape, float("nan"), dtype=dtype)
         self.v_cache = torch.full(shape, float("nan"), dtype=dtype)
         flat_k, flat_v = self.k_cache.view(-1, heads, head_dim), self.v_cache.view(-1, heads, head_dim)
-        for b, (c, t) in enumerate(zip(cached, total)):  # the cached prefix
+        for b, c in enumerate(cached):  # the cached prefix
             s = self.slots_of(b, 0, c, block)
             flat_k[s] = torch.randn(c, heads, head_dim, generator=g).to(dtype)
             flat_v[s] = torch.randn(c, heads, head_dim, generator=g).to(dtype)
@@ -71,14 +82,23 @@ class Batch:
         store_kv(self.k, self.v, self.k_cache, self.v_cache, self.slots)
         seqlen = Seqlen.for_prefill(new, cached)
         positions = torch.cat([torch.arange(c, t) for c, t in zip(cached, total)])
-        self.ctx = ForwardContext(is_prefill=prefill, positions=positions, slots=self.slots, block_tables=self.tables,
-                                  seqlen=seqlen, cos=torch.ones(T, head_dim // 2), sin=torch.zeros(T, head_dim // 2),
-                                  logn=None, lm_head_indices=None)
-        self.scale = head_dim ** -0.5
+        self.ctx = ForwardContext(
+            is_prefill=prefill,
+            positions=positions,
+            slots=self.slots,
+            block_tables=self.tables,
+            seqlen=seqlen,
+            cos=torch.ones(T, head_dim // 2),
+            sin=torch.zeros(T, head_dim // 2),
+            logn=None,
+            lm_head_indices=None,
+        )
+        self.scale = head_dim**-0.5
 
     def slots_of(self, b: int, start: int, stop: int, block: int) -> torch.Tensor:
-        return torch.tensor([self.blocks[b][p // block] * block + p % block for p in range(start, stop)],
-                            dtype=torch.long)
+        return torch.tensor(
+            [self.blocks[b][p // block] * block + p % block for p in range(start, stop)], dtype=torch.long
+        )
 
     def attend(self, backend, cache: bool = True, **kw) -> torch.Tensor:
         kc, vc = (self.k_cache, self.v_cache) if cache else (None, None)
@@ -161,7 +181,7 @@ def test_prefill_tile_map():
     assert seq.numel() == 53 // 16 + 5
     pairs = [(s, t) for s, t in zip(seq.tolist(), m.tolist()) if s < 5]
     assert pairs == [(0, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0)]
-    assert all(s == 5 for s in seq.tolist()[len(pairs):])
+    assert all(s == 5 for s in seq.tolist()[len(pairs) :])
 
 
 # ---------------------------------------------------------------------------------------- decode
@@ -212,8 +232,10 @@ def test_model_with_triton_backend_matches_torch_backend(tmp_path):
     from worker.models.qwen import FlashQwenForCausalLM
 
     path = write_checkpoint(str(tmp_path / "ckpt"), TINY, random_checkpoint(TINY, 0))
-    models = [FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, backend=be, progress=False)
-              for be in (TorchAttention(), TritonAttention(**SMALL))]
+    models = [
+        FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, backend=be, progress=False)
+        for be in (TorchAttention(), TritonAttention(**SMALL))
+    ]
     runners = [Paged(m, seed=2) for m in models]
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 6, 19)]

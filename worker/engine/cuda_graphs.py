@@ -3,21 +3,25 @@
 The decode forward (model + Triton attention with a fixed split count) makes no host syncs, so it
 can be captured; inputs live in static buffers that each step overwrites before replay.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from worker.engine.batch import Batch
 from worker.engine.kv_cache import KVCache
 from worker.layers.context import ForwardContext, Seqlen
 from worker.layers.lora import AdapterBatchData
 from worker.models.qwen import FlashQwenForCausalLM
 
 
-def capture(fn: Callable[[], torch.Tensor], pool: Optional[object] = None,
-            warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture(
+    fn: Callable[[], torch.Tensor], pool: Any = None, warmup: int = 2
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Capture `fn` (reading only static tensors) into a graph; returns (graph, static output)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -47,22 +51,28 @@ class GraphedDecode:
     owns and their logits are dropped.
     """
 
-    def __init__(self, model: FlashQwenForCausalLM, kv: KVCache, max_batch: int, max_blocks_per_seq: int,
-                 scratch_block: int, adapter_pools: bool):
+    def __init__(
+        self,
+        model: FlashQwenForCausalLM,
+        kv: KVCache,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        adapter_pools: bool,
+    ):
         dev = model.pctx.device
         self.model, self.kv = model, kv
         self.max_blocks = max_blocks_per_seq
         self.scratch_block = scratch_block
         self.sizes = bucket_sizes(max_batch)
         n = self.sizes[-1]
-        i32 = dict(dtype=torch.int32, device=dev)
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.slots = torch.zeros(n, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(n, max_blocks_per_seq, **i32)
-        self.lengths = torch.ones(n, **i32)
-        self.cache_lengths = torch.zeros(n, **i32)
-        self.cu = torch.arange(n + 1, **i32)
+        self.tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.lengths = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cache_lengths = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.alpha = torch.ones(n, dtype=torch.float32, device=dev)
         self.adapter_slots = torch.zeros(n, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -71,11 +81,17 @@ class GraphedDecode:
         self.inputs: dict[tuple[int, bool], tuple[object, object]] = {}
         self.has_lora = adapter_pools  # also capture the adapter variant of every bucket
         self.pool = torch.cuda.graph_pool_handle()
-        backend = model.backend
-        for lora in ([False, True] if adapter_pools else [False]):
+        backend: Any = model.backend  # the triton backend has num_splits and tiles
+        for lora in [False, True] if adapter_pools else [False]:
             for bs in reversed(self.sizes):  # largest first: the pool is sized once
-                seqlen = Seqlen(self.lengths[:bs], self.cache_lengths[:bs], self.cu[:bs + 1], 1,
-                                max_blocks_per_seq * kv.block_size, self.alpha[:bs])
+                seqlen = Seqlen(
+                    self.lengths[:bs],
+                    self.cache_lengths[:bs],
+                    self.cu[: bs + 1],
+                    1,
+                    max_blocks_per_seq * kv.block_size,
+                    self.alpha[:bs],
+                )
                 data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
                 splits = None
                 if hasattr(backend, "num_splits"):
@@ -83,12 +99,20 @@ class GraphedDecode:
 
                     sm = torch.cuda.get_device_properties(dev).multi_processor_count
                     heads = model.config.num_attention_heads // model.pctx.world_size
-                    splits = choose_num_splits(bs, heads, max_blocks_per_seq * kv.block_size, backend.tiles.decode_n,
-                                               sm)
+                    splits = choose_num_splits(
+                        bs, heads, max_blocks_per_seq * kv.block_size, backend.tiles.decode_n, sm
+                    )
 
-                def step(bs=bs, seqlen=seqlen, data=data):
-                    ctx = ForwardContext.build(model.rotary, is_prefill=False, positions=self.pos[:bs], seqlen=seqlen,
-                                               slots=self.slots[:bs], block_tables=self.tables[:bs], adapter_data=data)
+                def step(bs: int = bs, seqlen: Seqlen = seqlen, data: AdapterBatchData | None = data) -> torch.Tensor:
+                    ctx = ForwardContext.build(
+                        model.rotary,
+                        is_prefill=False,
+                        positions=self.pos[:bs],
+                        seqlen=seqlen,
+                        slots=self.slots[:bs],
+                        block_tables=self.tables[:bs],
+                        adapter_data=data,
+                    )
                     return model.forward_context(self.ids[:bs], ctx, kv.layers)
 
                 old = getattr(backend, "num_splits", None)
@@ -102,10 +126,10 @@ class GraphedDecode:
                     if splits is not None:
                         backend.num_splits = old
 
-    def can_run(self, batch) -> bool:
+    def can_run(self, batch: Batch) -> bool:
         return len(batch.requests) <= self.sizes[-1] and all(len(r.blocks) <= self.max_blocks for r in batch.requests)
 
-    def run(self, batch, adapter_slots: Optional[list[int]]) -> torch.Tensor:
+    def run(self, batch: Batch, adapter_slots: list[int] | None) -> torch.Tensor:
         """Fill the static inputs for this batch (padding rows point at the scratch block) and replay."""
         reqs = batch.requests
         n = len(reqs)
@@ -117,7 +141,7 @@ class GraphedDecode:
         ints[3, n:] = 1
         alpha = np.ones(bs, dtype=np.float32)
         for i, r in enumerate(reqs):
-            tables[i, :len(r.blocks)] = r.blocks
+            tables[i, : len(r.blocks)] = r.blocks
             last = len(r.ids) - 1
             ints[:, i] = (r.ids[-1], last, r.slots[last], last + 1, last)
             alpha[i] = r.ntk_alpha
@@ -129,9 +153,10 @@ class GraphedDecode:
         self.cache_lengths[:bs].copy_(ints_t[4], non_blocking=True)
         self.tables[:bs].copy_(torch.from_numpy(tables), non_blocking=True)
         self.alpha[:bs].copy_(torch.from_numpy(alpha), non_blocking=True)
-        lora = adapter_slots is not None and any(adapter_slots)
+        slots = list(adapter_slots or [])
+        lora = any(slots)
         if lora:
-            self.adapter_slots[:bs].copy_(torch.tensor(list(adapter_slots) + [0] * (bs - n)), non_blocking=True)
+            self.adapter_slots[:bs].copy_(torch.tensor(slots + [0] * (bs - n)), non_blocking=True)
         graph, out = self.graphs[(bs, lora)]  # (bs, True) exists whenever adapters are enabled
         graph.replay()
         for r in reqs:

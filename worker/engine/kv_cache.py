@@ -9,10 +9,11 @@ Slot `s` is row `s % block_size` of block `s // block_size`. Blocks are owned ei
 without blocks (Warmup, standalone use), by the shard's own allocator over a reserved tail of blocks
 that is never reported to the router.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 
@@ -24,7 +25,7 @@ __all__ = ["FP8", "KV_DTYPES", "BlockAllocator", "KVCache", "parse_kv_dtype", "s
 KV_DTYPES = {"fp8_e4m3": FP8, "fp8": FP8, "float8_e4m3fn": FP8}  # --kv-cache-dtype names beyond torch_dtype's
 
 
-def parse_kv_dtype(name: str) -> Optional[torch.dtype]:
+def parse_kv_dtype(name: str) -> torch.dtype | None:
     """`--kv-cache-dtype`: auto (None: the model dtype), fp8_e4m3 / fp8, or a float dtype name."""
     from worker.weights import torch_dtype
 
@@ -43,20 +44,23 @@ class KVCache:
     dtype: torch.dtype
     device: torch.device
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    k_scales: Optional[torch.Tensor] = None  # [num_layers] fp32: stored K = K / k_scales[layer] (fp8 only)
-    v_scales: Optional[torch.Tensor] = None  # [num_layers] fp32
+    k_scales: torch.Tensor | None = None  # [num_layers] fp32: stored K = K / k_scales[layer] (fp8 only)
+    v_scales: torch.Tensor | None = None  # [num_layers] fp32
 
     def __post_init__(self) -> None:
         if not self.layers:
             shape = (self.num_blocks, self.block_size, self.num_heads, self.head_dim)
-            self.layers = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                            torch.zeros(shape, dtype=self.dtype, device=self.device))
-                           for _ in range(self.num_layers)]
-        ones = dict(dtype=torch.float32, device=self.device)
+            self.layers = [
+                (
+                    torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device),
+                )
+                for _ in range(self.num_layers)
+            ]
         if self.k_scales is None:
-            self.k_scales = torch.ones(self.num_layers, **ones)
+            self.k_scales = torch.ones(self.num_layers, dtype=torch.float32, device=self.device)
         if self.v_scales is None:
-            self.v_scales = torch.ones(self.num_layers, **ones)
+            self.v_scales = torch.ones(self.num_layers, dtype=torch.float32, device=self.device)
 
     @property
     def num_slots(self) -> int:
@@ -70,6 +74,7 @@ class KVCache:
         """Overwrite the per-layer scales in place (kernels and captured CUDA graphs read them through
         pointers, so they see the new values)."""
         for dst, src in ((self.k_scales, k_scales), (self.v_scales, v_scales)):
+            assert dst is not None  # set in __post_init__
             src = torch.as_tensor(src, dtype=torch.float32).reshape(-1)
             if src.numel() != self.num_layers or not bool(torch.isfinite(src).all() and (src > 0).all()):
                 raise ValueError(f"KV scales must be {self.num_layers} finite positive numbers, got {src.tolist()}")

@@ -16,9 +16,8 @@ calls) and the division is IEEE round-to-nearest; the Triton interpreter has no 
 numpy's exp instead. (Triton may turn "fp32 op, then round to bf16/fp16" into the native 16-bit op: the
 same result, since fp32 holds more than twice the 16-bit significand, so the double rounding is exact.)
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import triton
@@ -30,9 +29,22 @@ from worker import ops
 
 # --------------------------------------------------------------------------------------- RMSNorm
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, inv_n, n_cols,
-                     stride_x, stride_res, stride_out, stride_sum,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    sum_ptr,
+    eps,
+    inv_n,
+    n_cols,
+    stride_x,
+    stride_res,
+    stride_out,
+    stride_sum,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -49,16 +61,19 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, eps, inv_n, n_cols
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s), s) with s = x + residual (or s = x when residual is None).
 
     x, residual: [T, H] in the model dtype; weight: [H] in the same dtype.
     """
     T, H = x.shape
     if weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
-        raise ValueError(f"rms_norm wants one dtype, got x {x.dtype}, weight {weight.dtype}, "
-                         f"residual {None if residual is None else residual.dtype}")
+        raise ValueError(
+            f"rms_norm wants one dtype, got x {x.dtype}, weight {weight.dtype}, "
+            f"residual {None if residual is None else residual.dtype}"
+        )
     x = _unit_stride(x)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     if residual is None:
@@ -70,10 +85,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out, total
     block = triton.next_power_of_2(H)
     _rms_norm_kernel[(T,)](
-        x, res, weight, out, total, eps, 1.0 / H, H,
-        x.stride(0), res.stride(0), out.stride(0), total.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
-        enable_fp_fusion=False)
+        x,
+        res,
+        weight,
+        out,
+        total,
+        eps,
+        1.0 / H,
+        H,
+        x.stride(0),
+        res.stride(0),
+        out.stride(0),
+        total.stride(0),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(max(block // 512, 1), 16),
+        enable_fp_fusion=False,
+    )
     return out, total
 
 
@@ -82,8 +110,9 @@ rms_norm_reference = ops.add_rms_norm
 
 # ---------------------------------------------------------------------------------------- rotary
 @triton.jit
-def _rotate_heads(ptr, stride_h, heads, c, s, scale, h, j, rest,
-                  HALF: tl.constexpr, REST: tl.constexpr, SCALED: tl.constexpr):
+def _rotate_heads(
+    ptr, stride_h, heads, c, s, scale, h, j, rest, HALF: tl.constexpr, REST: tl.constexpr, SCALED: tl.constexpr
+):
     """Rotate dims [0, 2*HALF) of rows `h` (a tile of heads of one token) in place; with SCALED also
     multiply all head_dim dims by `scale` (already in the tensor's dtype)."""
     dtype = ptr.dtype.element_ty
@@ -107,10 +136,26 @@ def _rotate_heads(ptr, stride_h, heads, c, s, scale, h, j, rest,
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, logn_ptr, heads,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-                   HALF: tl.constexpr, REST: tl.constexpr, HAS_LOGN: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    logn_ptr,
+    heads,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    stride_st,
+    HALF: tl.constexpr,
+    REST: tl.constexpr,
+    HAS_LOGN: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_REST: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
@@ -125,8 +170,9 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, logn_ptr, heads,
     _rotate_heads(k_ptr + t * stride_kt, stride_kh, heads, c, s, scale, h, j, rest, HALF, REST, False)
 
 
-def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            logn: Optional[torch.Tensor] = None) -> None:
+def rotary_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
+) -> None:
     """In place: q = apply_rotary(q, cos, sin, logn), k = apply_rotary(k, cos, sin).
 
     q, k: [T, heads, head_dim] with unit stride on head_dim (views like qkv.unbind(1) are fine);
@@ -144,14 +190,32 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_half))
     rest = D - 2 * half
     _rotary_kernel[(T, triton.cdiv(H, block_h))](
-        q, k, cos, sin, logn if logn is not None else cos, H,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        HALF=half, REST=rest, HAS_LOGN=logn is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        BLOCK_REST=triton.next_power_of_2(max(rest, 16)), num_warps=4, enable_fp_fusion=False)
+        q,
+        k,
+        cos,
+        sin,
+        logn if logn is not None else cos,
+        H,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        HALF=half,
+        REST=rest,
+        HAS_LOGN=logn is not None,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        BLOCK_REST=triton.next_power_of_2(max(rest, 16)),
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           logn: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_` returning (q, k), the signature of its reference `ops.rotary_qk`."""
     rotary_(q, k, cos, sin, logn)
     return q, k
@@ -162,8 +226,7 @@ rotary_reference = ops.rotary_qk
 
 # ---------------------------------------------------------------------------------- SiLU · mul
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, width, stride_gu, stride_out,
-                     BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, width, stride_gu, stride_out, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -191,8 +254,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(W))
     _silu_mul_kernel[(T, triton.cdiv(W, block))](
-        gate_up, out, W, gate_up.stride(0), out.stride(0), BLOCK=block, LIBDEVICE=not _INTERPRETED,
-        num_warps=4, enable_fp_fusion=False)
+        gate_up,
+        out,
+        W,
+        gate_up.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        LIBDEVICE=not _INTERPRETED,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
     return out
 
 

@@ -5,9 +5,8 @@ in-kernel from the context lengths, so a fixed num_splits works under CUDA graph
 (max, sum, acc) partials; a second kernel merges the splits with the log-sum-exp rule. One split
 writes the output directly. fp8 keys and values are widened to fp32 exactly.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import triton
@@ -18,11 +17,34 @@ from worker.ops import Scale
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-                         k_scale_ptr, v_scale_ptr, scale_log2e, num_splits, stride_qt, stride_qh, stride_cb,
-                         stride_cr, stride_ch, stride_tb, stride_ot, stride_oh,
-                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DIRECT: tl.constexpr, SCALED: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    tables_ptr,
+    lens_ptr,
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    scale_log2e,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cr,
+    stride_ch,
+    stride_tb,
+    stride_ot,
+    stride_oh,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr,
+    SCALED: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -67,8 +89,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, out_ptr, m
 
 
 @triton.jit
-def _decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_reduce_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -76,16 +99,15 @@ def _decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, stride_ot,
     ok = s < num_splits
     part = (b * num_heads + h) * num_splits + s
     m = tl.load(m_ptr + part, mask=ok, other=NEG_BIG)
-    l = tl.load(l_ptr + part, mask=ok, other=0.0)
+    l_sum = tl.load(l_ptr + part, mask=ok, other=0.0)
     d = tl.arange(0, HEAD_DIM)
     acc = tl.load(acc_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
     w = tl.exp2(m - tl.max(m, 0))  # [S]: empty splits carry l = 0, acc = 0
-    out = tl.sum(w[:, None] * acc, 0) / tl.maximum(tl.sum(w * l, 0), 1e-30)
+    out = tl.sum(w[:, None] * acc, 0) / tl.maximum(tl.sum(w * l_sum, 0), 1e-30)
     tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def choose_num_splits(batch: int, heads: int, max_k: int, block_n: int, sm_count: int,
-                      max_splits: int = 16) -> int:
+def choose_num_splits(batch: int, heads: int, max_k: int, block_n: int, sm_count: int, max_splits: int = 16) -> int:
     """Splits per (sequence, head): enough programs to fill the GPU (~2 per SM), each split covering at
     least two key tiles of the longest context, at most `max_splits`."""
     by_length = max(1, max_k // (2 * block_n))
@@ -93,9 +115,19 @@ def choose_num_splits(batch: int, heads: int, max_k: int, block_n: int, sm_count
     return max(1, min(max_splits, by_length, by_occupancy))
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, max_k: int, scale: float, tiles: Tiles,
-                 num_splits: Optional[int] = None, k_scale: Scale = None, v_scale: Scale = None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_k: int,
+    scale: float,
+    tiles: Tiles,
+    num_splits: int | None = None,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+) -> torch.Tensor:
     """Attention of each sequence's one new token over its whole cached context.
 
     q: [B, heads, head_dim] (row b is sequence b); block_tables: [B, max_blocks] int32; context_lens: [B]
@@ -113,16 +145,49 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    f32 = dict(dtype=torch.float32, device=q.device)
-    m = torch.empty(B, H, num_splits, **f32) if num_splits > 1 else out  # partials (unused at 1 split)
-    l = torch.empty(B, H, num_splits, **f32) if num_splits > 1 else out
-    acc = torch.empty(B, H, num_splits, D, **f32) if num_splits > 1 else out
-    _decode_split_kernel[(B, H, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, m, l, acc, ks, vs, scale * LOG2E,
-        num_splits, q.stride(0), q.stride(1), *k_cache.stride()[:3], block_tables.stride(0), out.stride(0),
-        out.stride(1), BLOCK_SIZE=pow2(k_cache.shape[1], "block_size"), HEAD_DIM=D,
-        BLOCK_N=tiles.decode_n, DIRECT=num_splits == 1, SCALED=scaled, num_warps=tiles.decode_warps)
+    m_part = l_part = acc_part = out  # fp32 partials of the splits (unused at 1 split)
     if num_splits > 1:
-        _decode_reduce_kernel[(B, H)](m, l, acc, out, num_splits, out.stride(0), out.stride(1), HEAD_DIM=D,
-                                      BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1 if D <= 64 else 2)
+        m_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
+        acc_part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B, H, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        m_part,
+        l_part,
+        acc_part,
+        ks,
+        vs,
+        scale * LOG2E,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_SIZE=pow2(k_cache.shape[1], "block_size"),
+        HEAD_DIM=D,
+        BLOCK_N=tiles.decode_n,
+        DIRECT=num_splits == 1,
+        SCALED=scaled,
+        num_warps=tiles.decode_warps,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(B, H)](
+            m_part,
+            l_part,
+            acc_part,
+            out,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=D,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=1 if D <= 64 else 2,
+        )
     return out

@@ -6,9 +6,8 @@ its first query without masks, then the diagonal tiles with the causal mask. Key
 the paged cache (new tokens already stored) or, without a cache, straight from the new tokens' k/v.
 fp8 keys enter tl.dot widened exactly to the query dtype.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import triton
@@ -19,8 +18,20 @@ from worker.ops import Scale
 
 
 @triton.jit
-def _kv_rows(pos, mask, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h,
-             PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _kv_rows(
+    pos,
+    mask,
+    seq,
+    h,
+    kv_start,
+    tables_ptr,
+    stride_tb,
+    stride_b,
+    stride_r,
+    stride_h,
+    PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     """Element offsets of key positions `pos` of sequence `seq`, head h: paged cache or packed k/v."""
     if PAGED:
         blk = tl.load(tables_ptr + seq.to(tl.int64) * stride_tb + pos // BLOCK_SIZE, mask=mask, other=0)
@@ -30,21 +41,44 @@ def _kv_rows(pos, mask, seq, h, kv_start, tables_ptr, stride_tb, stride_b, strid
 
 
 @triton.jit
-def _prefill_tile(q, acc, m_i, l_i, k_ptr, v_ptr, n0, seq, h, kv_start, q_pos, key_end, scale_log2e,
-                  tables_ptr, stride_tb, stride_b, stride_r, stride_h,
-                  PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL_MASK: tl.constexpr):
+def _prefill_tile(
+    q,
+    acc,
+    m_i,
+    l_i,
+    k_ptr,
+    v_ptr,
+    n0,
+    seq,
+    h,
+    kv_start,
+    q_pos,
+    key_end,
+    scale_log2e,
+    tables_ptr,
+    stride_tb,
+    stride_b,
+    stride_r,
+    stride_h,
+    PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+):
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     if CAUSAL_MASK:
         valid = pos < key_end
-        rows = _kv_rows(pos, valid, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h,
-                        PAGED, BLOCK_SIZE)
+        rows = _kv_rows(
+            pos, valid, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
+        )
         k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     else:
-        rows = _kv_rows(pos, pos >= 0, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h,
-                        PAGED, BLOCK_SIZE)
+        rows = _kv_rows(
+            pos, pos >= 0, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
+        )
         k = tl.load(k_ptr + rows[:, None] + d[None, :])
         v = tl.load(v_ptr + rows[:, None] + d[None, :])
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2e  # [BM, BN]
@@ -59,11 +93,35 @@ def _prefill_tile(q, acc, m_i, l_i, k_ptr, v_ptr, n0, seq, h, kv_start, q_pos, k
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, cu_q_ptr, cache_lens_ptr, tile_seq_ptr, tile_m_ptr,
-                    k_scale_ptr, v_scale_ptr, num_seqs, scale_log2e, stride_qt, stride_qh, stride_b, stride_r,
-                    stride_h, stride_tb, stride_ot, stride_oh,
-                    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    tables_ptr,
+    cu_q_ptr,
+    cache_lens_ptr,
+    tile_seq_ptr,
+    tile_m_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    num_seqs,
+    scale_log2e,
+    stride_qt,
+    stride_qh,
+    stride_b,
+    stride_r,
+    stride_h,
+    stride_tb,
+    stride_ot,
+    stride_oh,
+    PAGED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCALED: tl.constexpr,
+):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
@@ -90,13 +148,57 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, cu_q_ptr, cache_le
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, k_ptr, v_ptr, n0, seq, h, q_start, q_pos, key_end,
-                                      scale_log2e, tables_ptr, stride_tb, stride_b, stride_r, stride_h,
-                                      PAGED, BLOCK_SIZE, HEAD_DIM, BLOCK_N, False)
+        acc, m_i, l_i = _prefill_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_ptr,
+            v_ptr,
+            n0,
+            seq,
+            h,
+            q_start,
+            q_pos,
+            key_end,
+            scale_log2e,
+            tables_ptr,
+            stride_tb,
+            stride_b,
+            stride_r,
+            stride_h,
+            PAGED,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            BLOCK_N,
+            False,
+        )
     for n0 in range(full_end, key_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(q, acc, m_i, l_i, k_ptr, v_ptr, n0, seq, h, q_start, q_pos, key_end,
-                                      scale_log2e, tables_ptr, stride_tb, stride_b, stride_r, stride_h,
-                                      PAGED, BLOCK_SIZE, HEAD_DIM, BLOCK_N, True)
+        acc, m_i, l_i = _prefill_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_ptr,
+            v_ptr,
+            n0,
+            seq,
+            h,
+            q_start,
+            q_pos,
+            key_end,
+            scale_log2e,
+            tables_ptr,
+            stride_tb,
+            stride_b,
+            stride_r,
+            stride_h,
+            PAGED,
+            BLOCK_SIZE,
+            HEAD_DIM,
+            BLOCK_N,
+            True,
+        )
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     if SCALED:
         out = out * tl.load(v_scale_ptr)
@@ -119,10 +221,20 @@ def prefill_tile_map(cu_seqlen_q: torch.Tensor, num_tokens: int, block_m: int) -
     return seq.to(torch.int32), (t - first_tile).to(torch.int32)
 
 
-def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
-                  v_cache: Optional[torch.Tensor], block_tables: Optional[torch.Tensor], cu_seqlen_q: torch.Tensor,
-                  cache_lens: Optional[torch.Tensor], scale: float, tiles: Tiles, k_scale: Scale = None,
-                  v_scale: Scale = None) -> torch.Tensor:
+def paged_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    block_tables: torch.Tensor | None,
+    cu_seqlen_q: torch.Tensor,
+    cache_lens: torch.Tensor | None,
+    scale: float,
+    tiles: Tiles,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
+) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix (k_cache given, new tokens
     already stored) or over the new tokens alone (k_cache None; tables, cache lengths and scales unused).
 
@@ -153,8 +265,32 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Op
         tables, lens = cu, cu  # unused
         strides = (0, keys.stride(0), keys.stride(1))
     _prefill_kernel[(tile_seq.numel(), H)](
-        q, keys, values, out, tables, cu, lens, tile_seq, tile_m, ks, vs, cu.numel() - 1, scale * LOG2E,
-        q.stride(0), q.stride(1), *strides, tables.stride(0), out.stride(0), out.stride(1),
-        PAGED=k_cache is not None, BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        SCALED=scaled, num_warps=warps, num_stages=stages)
+        q,
+        keys,
+        values,
+        out,
+        tables,
+        cu,
+        lens,
+        tile_seq,
+        tile_m,
+        ks,
+        vs,
+        cu.numel() - 1,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        *strides,
+        tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        PAGED=k_cache is not None,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SCALED=scaled,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out

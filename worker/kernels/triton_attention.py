@@ -15,6 +15,7 @@ scales. Store writes clamp(x / scale, ±448); attention widens fp8 rows exactly 
 outside the inner products (k_scale on the scores, v_scale on the output). Without scales SCALED (a
 constexpr) compiles the unscaled kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,8 +70,9 @@ def scale_args(k_scale: ops.Scale, v_scale: ops.Scale, like: torch.Tensor) -> tu
     def one(s: ops.Scale) -> torch.Tensor:
         if isinstance(s, torch.Tensor):
             if s.numel() != 1 or s.dtype != torch.float32 or s.device != like.device:
-                raise ValueError(f"a KV scale must be one fp32 number on {like.device}, got {s.dtype} "
-                                 f"{tuple(s.shape)} on {s.device}")
+                raise ValueError(
+                    f"a KV scale must be one fp32 number on {like.device}, got {s.dtype} {tuple(s.shape)} on {s.device}"
+                )
             return s
         return torch.full((), 1.0 if s is None else float(s), dtype=torch.float32, device=like.device)
 
@@ -91,10 +93,28 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, head_d
 
 # ----------------------------------------------------------------------------------------- store
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, k_scale_ptr, v_scale_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cr, stride_ch, num_heads,
-                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                     SCALED: tl.constexpr, FP8: tl.constexpr):
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slots_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cr,
+    stride_ch,
+    num_heads,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SCALED: tl.constexpr,
+    FP8: tl.constexpr,
+):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:  # padding token
@@ -115,8 +135,15 @@ def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, k_scale_ptr, v_sca
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slots: torch.Tensor, k_scale: ops.Scale = None, v_scale: ops.Scale = None) -> None:
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k_scale: ops.Scale = None,
+    v_scale: ops.Scale = None,
+) -> None:
     """`ops.store_kv` in one launch (one program per token); slots < 0 (padded CUDA-graph rows) are skipped.
 
     k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T].
@@ -128,7 +155,23 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     k, v = rows_contiguous(k), rows_contiguous(v)
     ks, vs, scaled = scale_args(k_scale, v_scale, k)
     _store_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slots, ks, vs,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), *k_cache.stride()[:3], H,
-        BLOCK_SIZE=pow2(k_cache.shape[1], "block_size"), HEAD_DIM=pow2(D, "head_dim"),
-        BLOCK_H=triton.next_power_of_2(H), SCALED=scaled, FP8=k_cache.dtype == ops.FP8, num_warps=4)
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        ks,
+        vs,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        *k_cache.stride()[:3],
+        H,
+        BLOCK_SIZE=pow2(k_cache.shape[1], "block_size"),
+        HEAD_DIM=pow2(D, "head_dim"),
+        BLOCK_H=triton.next_power_of_2(H),
+        SCALED=scaled,
+        FP8=k_cache.dtype == ops.FP8,
+        num_warps=4,
+    )

@@ -1,7 +1,8 @@
 """SiLU-and-multiply of the merged gate/up projection (worker.ops.silu_mul), fused or reference."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -10,10 +10,11 @@ context into the plain-tensor kernels of worker/kernels.
 fp8 caches: `store` and `attend` take the layer's `k_scale`/`v_scale` (python floats or 0-d fp32 tensors;
 None, the default, means an unscaled cache): stored clamp(x / scale, ±448), read back as fp32 × scale.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +24,33 @@ from worker.ops import Scale, dequantize, gather_context, store_kv
 
 log = logging.getLogger(__name__)
 
+
 class AttentionBackend(Protocol):
     name: str
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None: ...
+    def store(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> None: ...
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
-               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
-               v_scale: Scale = None) -> torch.Tensor: ...
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        ctx: ForwardContext,
+        scale: float,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> torch.Tensor: ...
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -41,8 +60,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     key_pos = torch.arange(L, device=q.device)
     query_pos = torch.arange(n, device=q.device) + offset
     mask = key_pos[None, :] <= query_pos[:, None]  # [n, L]
-    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1),
-                                         v.float().transpose(0, 1), attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=mask, scale=scale
+    )
     return out.transpose(0, 1).to(q.dtype)
 
 
@@ -51,13 +71,30 @@ class TorchAttention:
 
     name = "torch"
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
+    def store(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> None:
         store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
-               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
-               v_scale: Scale = None) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        ctx: ForwardContext,
+        scale: float,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> torch.Tensor:
         # q, k, v: [T, heads, head_dim] of the new tokens -> [T, heads, head_dim]
         scaled = k_scale is not None or v_scale is not None
         cu = ctx.seqlen.cu_seqlen_q.tolist()
@@ -68,12 +105,14 @@ class TorchAttention:
             s, e = cu[i], cu[i + 1]
             if k_cache is None:  # no cache: the new tokens are the whole context
                 keys, values = k[s:e], v[s:e]
-            elif scaled:  # fp32 keys/values, dequantised exactly (causal_attention computes in fp32)
-                keys = dequantize(gather_context(k_cache, tables[i], lengths[i]), k_scale)
-                values = dequantize(gather_context(v_cache, tables[i], lengths[i]), v_scale)
             else:
-                keys = gather_context(k_cache, tables[i], lengths[i]).to(q.dtype)
-                values = gather_context(v_cache, tables[i], lengths[i]).to(q.dtype)
+                assert v_cache is not None and tables is not None
+                keys = gather_context(k_cache, tables[i], lengths[i])
+                values = gather_context(v_cache, tables[i], lengths[i])
+                if scaled:  # fp32, dequantised exactly (causal_attention computes in fp32)
+                    keys, values = dequantize(keys, k_scale), dequantize(values, v_scale)
+                else:
+                    keys, values = keys.to(q.dtype), values.to(q.dtype)
             out[s:e] = causal_attention(q[s:e], keys, values, scale)
         return out
 

@@ -5,10 +5,12 @@ Prefill without cached tokens goes to torch's FlashAttention `varlen_attn` on CU
 is available, with an fp8 cache too: such prompts attend over their unquantised K/V (as vLLM does);
 suffix prefill and decode read the cache.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,10 +22,16 @@ from worker.ops import Scale
 
 log = logging.getLogger(__name__)
 
-try:  # FlashAttention-2 inside PyTorch (torch >= 2.10); causal only with window_size=(-1, 0)
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
-except ImportError:  # pragma: no cover - depends on the torch build
-    _torch_varlen_attn = None
+VarlenAttn = Callable[..., Any]
+
+
+def torch_varlen_attn() -> VarlenAttn | None:
+    """FlashAttention-2 inside PyTorch (torch >= 2.10; causal only with window_size=(-1, 0)), if this build has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - depends on the torch build
+        return None
+    return varlen_attn
 
 
 class TritonAttention:
@@ -32,19 +40,37 @@ class TritonAttention:
 
     name = "triton"
 
-    def __init__(self, num_splits: Optional[int] = None, tiles: Tiles = Tiles(), use_varlen_attn: bool = True):
+    def __init__(self, num_splits: int | None = None, tiles: Tiles | None = None, use_varlen_attn: bool = True):
         self.num_splits = num_splits
-        self.tiles = tiles
-        self.varlen_attn = _torch_varlen_attn if use_varlen_attn else None
+        self.tiles = tiles or Tiles()
+        self.varlen_attn = torch_varlen_attn() if use_varlen_attn else None
 
     # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
-    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor, k_scale: Scale = None, v_scale: Scale = None) -> None:
+    def store(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> None:
         store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
-               v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
-               v_scale: Scale = None, num_splits: Optional[int] = None) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        ctx: ForwardContext,
+        scale: float,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+        num_splits: int | None = None,
+    ) -> torch.Tensor:
         # q, k, v: [T, heads, head_dim] of the new tokens -> [T, heads, head_dim] in q's dtype
         pow2(q.shape[2], "head_dim")
         q = rows_contiguous(q)
@@ -58,24 +84,65 @@ class TritonAttention:
                 return out
         return self.prefill(q, k, v, k_cache, v_cache, ctx, scale, k_scale, v_scale)
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext,
-               scale: float, num_splits: Optional[int] = None, k_scale: Scale = None,
-               v_scale: Scale = None) -> torch.Tensor:
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: ForwardContext,
+        scale: float,
+        num_splits: int | None = None,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> torch.Tensor:
         """One new token per sequence (row b of q is sequence b), already stored in the cache."""
         assert ctx.block_tables is not None
-        return paged_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seqlen.input_lengths, ctx.seqlen.max_k,
-                            scale, self.tiles, num_splits, k_scale, v_scale)
+        return paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            ctx.block_tables,
+            ctx.seqlen.input_lengths,
+            ctx.seqlen.max_k,
+            scale,
+            self.tiles,
+            num_splits,
+            k_scale,
+            v_scale,
+        )
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
-                v_cache: Optional[torch.Tensor], ctx: ForwardContext, scale: float, k_scale: Scale = None,
-                v_scale: Scale = None) -> torch.Tensor:
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        ctx: ForwardContext,
+        scale: float,
+        k_scale: Scale = None,
+        v_scale: Scale = None,
+    ) -> torch.Tensor:
         """Each sequence's new tokens over its cached prefix (k_cache given, new tokens already stored) or
         over themselves alone (k_cache None; the scales then do not apply)."""
-        return paged_prefill(q, k, v, k_cache, v_cache, ctx.block_tables, ctx.seqlen.cu_seqlen_q,
-                             ctx.seqlen.cache_lengths, scale, self.tiles, k_scale, v_scale)
+        return paged_prefill(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            ctx.block_tables,
+            ctx.seqlen.cu_seqlen_q,
+            ctx.seqlen.cache_lengths,
+            scale,
+            self.tiles,
+            k_scale,
+            v_scale,
+        )
 
-    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
-                scale: float) -> Optional[torch.Tensor]:
+    def _varlen(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, scale: float
+    ) -> torch.Tensor | None:
         """torch's FlashAttention varlen kernel for prefill without a cache; None where it does not apply."""
         if self.varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             return None

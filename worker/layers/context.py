@@ -4,10 +4,11 @@
 Token-level tensors cover the T tokens computed in this step (all sequences concatenated); sequence-
 level tensors cover the B sequences of the batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -23,23 +24,32 @@ class Seqlen:
     cu_seqlen_q: torch.Tensor  # [B+1] int32: offsets of each sequence's new tokens in the step
     max_q: int  # longest new-token run
     max_k: int  # longest context (input_lengths.max())
-    ntk_alpha: Optional[torch.Tensor] = None  # [B] fp32: dynamic-NTK alpha fixed at each prompt's prefill
+    ntk_alpha: torch.Tensor | None = None  # [B] fp32: dynamic-NTK alpha fixed at each prompt's prefill
     max_cache_len: int = -1  # host-side max of cache_lengths (-1: unknown); 0 lets prefill skip the paged path
 
     @classmethod
-    def for_prefill(cls, lengths: list[int], cache_lengths: Optional[list[int]] = None,
-                    ntk_alpha: Optional[list[float]] = None, device: torch.device | str = "cpu") -> "Seqlen":
+    def for_prefill(
+        cls,
+        lengths: list[int],
+        cache_lengths: list[int] | None = None,
+        ntk_alpha: list[float] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Seqlen:
         """Lengths of a (suffix) prefill: `lengths` new tokens after `cache_lengths` cached ones."""
         cache = cache_lengths or [0] * len(lengths)
         total = [c + n for c, n in zip(cache, lengths)]
         cu = [0]
         for n in lengths:
             cu.append(cu[-1] + n)
-        i32 = dict(dtype=torch.int32, device=device)
-        return cls(torch.tensor(total, **i32), torch.tensor(cache, **i32), torch.tensor(cu, **i32),
-                   max(lengths), max(total),
-                   None if ntk_alpha is None else torch.tensor(ntk_alpha, dtype=torch.float32, device=device),
-                   max(cache))
+        return cls(
+            torch.tensor(total, dtype=torch.int32, device=device),
+            torch.tensor(cache, dtype=torch.int32, device=device),
+            torch.tensor(cu, dtype=torch.int32, device=device),
+            max(lengths),
+            max(total),
+            None if ntk_alpha is None else torch.tensor(ntk_alpha, dtype=torch.float32, device=device),
+            max(cache),
+        )
 
 
 @dataclass(frozen=True)
@@ -56,19 +66,28 @@ class RotarySettings:
 class ForwardContext:
     is_prefill: bool
     positions: torch.Tensor  # [T] long: absolute position of each new token
-    slots: Optional[torch.Tensor]  # [T] long: KV slot of each new token (None: no cache)
-    block_tables: Optional[torch.Tensor]  # [B, max_blocks] int32: KV blocks of each sequence, in order
+    slots: torch.Tensor | None  # [T] long: KV slot of each new token (None: no cache)
+    block_tables: torch.Tensor | None  # [B, max_blocks] int32: KV blocks of each sequence, in order
     seqlen: Seqlen
     cos: torch.Tensor  # [T, rotary_dim/2] fp32
     sin: torch.Tensor  # [T, rotary_dim/2] fp32
-    logn: Optional[torch.Tensor]  # [T] fp32 query scale, None when logn attention is off
-    lm_head_indices: Optional[torch.Tensor]  # [N] long: tokens whose logits are wanted (None: all)
+    logn: torch.Tensor | None  # [T] fp32 query scale, None when logn attention is off
+    lm_head_indices: torch.Tensor | None  # [N] long: tokens whose logits are wanted (None: all)
     adapter_data: Any = None  # per-token adapter slots and segments (layers/lora.py)
 
     @classmethod
-    def build(cls, rotary: RotarySettings, *, is_prefill: bool, positions: torch.Tensor, seqlen: Seqlen,
-              slots: Optional[torch.Tensor] = None, block_tables: Optional[torch.Tensor] = None,
-              lm_head_indices: Optional[torch.Tensor] = None, adapter_data: Any = None) -> "ForwardContext":
+    def build(
+        cls,
+        rotary: RotarySettings,
+        *,
+        is_prefill: bool,
+        positions: torch.Tensor,
+        seqlen: Seqlen,
+        slots: torch.Tensor | None = None,
+        block_tables: torch.Tensor | None = None,
+        lm_head_indices: torch.Tensor | None = None,
+        adapter_data: Any = None,
+    ) -> ForwardContext:
         """The context of one step: each token's rotary tables from its position and its sequence's NTK
         alpha. Makes no host sync, so a decode step builds it inside a CUDA graph."""
         positions = positions.long()
@@ -81,6 +100,15 @@ class ForwardContext:
             alpha = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
         cos, sin = rotary_cos_sin(positions, alpha, rotary.rotary_dim, rotary.base)
         logn = logn_scale(positions, rotary.seq_length) if rotary.use_logn else None
-        return cls(is_prefill=is_prefill, positions=positions, slots=None if slots is None else slots.long(),
-                   block_tables=block_tables, seqlen=seqlen, cos=cos, sin=sin, logn=logn,
-                   lm_head_indices=lm_head_indices, adapter_data=adapter_data)
+        return cls(
+            is_prefill=is_prefill,
+            positions=positions,
+            slots=None if slots is None else slots.long(),
+            block_tables=block_tables,
+            seqlen=seqlen,
+            cos=cos,
+            sin=sin,
+            logn=logn,
+            lm_head_indices=lm_head_indices,
+            adapter_data=adapter_data,
+        )

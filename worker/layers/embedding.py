@@ -2,6 +2,7 @@
 
 Rank r holds rows [r*V/n, (r+1)*V/n) of `wte` / `lm_head`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,12 +18,20 @@ class VocabParallelEmbedding(nn.Module):
         self.pctx = pctx
         self.num_embeddings_total = num_embeddings_total
         self.start, self.stop = shard_range(num_embeddings_total, pctx.rank, pctx.world_size, "vocab")
-        self.weight = nn.Parameter(torch.empty(self.stop - self.start, hidden, dtype=dtype, device=pctx.device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(self.stop - self.start, hidden, dtype=dtype, device=pctx.device), requires_grad=False
+        )
 
     def load(self, weights: Weights, name: str) -> None:
-        self.weight.data.copy_(weights.get_sharded(f"{name}.weight", 0, self.pctx.rank, self.pctx.world_size,
-                                                   (self.num_embeddings_total, self.weight.shape[1])))
+        self.weight.data.copy_(
+            weights.get_sharded(
+                f"{name}.weight",
+                0,
+                self.pctx.rank,
+                self.pctx.world_size,
+                (self.num_embeddings_total, self.weight.shape[1]),
+            )
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids: [T] -> [T, H]
@@ -43,12 +52,16 @@ class ParallelLMHead(nn.Module):
         self.pctx = pctx
         self.vocab_total = vocab_total
         start, stop = shard_range(vocab_total, pctx.rank, pctx.world_size, "vocab")
-        self.weight = nn.Parameter(torch.empty(stop - start, hidden, dtype=dtype, device=pctx.device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(stop - start, hidden, dtype=dtype, device=pctx.device), requires_grad=False
+        )
 
     def load(self, weights: Weights, name: str) -> None:
-        self.weight.data.copy_(weights.get_sharded(f"{name}.weight", 0, self.pctx.rank, self.pctx.world_size,
-                                                   (self.vocab_total, self.weight.shape[1])))
+        self.weight.data.copy_(
+            weights.get_sharded(
+                f"{name}.weight", 0, self.pctx.rank, self.pctx.world_size, (self.vocab_total, self.weight.shape[1])
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, H] -> [N, V]

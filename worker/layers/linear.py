@@ -2,9 +2,10 @@
 
 Weights are [out, in] as in the checkpoint. `pctx` is the ParallelContext (rank, world size, group).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,8 +25,15 @@ class ColumnParallelLinear(nn.Module):
     [block0_r; block1_r; ...]. `packed_sizes` are the blocks' total sizes (one block = plain column).
     """
 
-    def __init__(self, in_features: int, packed_sizes: Sequence[int], bias: bool, pctx: ParallelContext,
-                 dtype: torch.dtype, what: str = "linear"):
+    def __init__(
+        self,
+        in_features: int,
+        packed_sizes: Sequence[int],
+        bias: bool,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        what: str = "linear",
+    ):
         super().__init__()
         self.pctx = pctx
         self.in_features = in_features
@@ -43,19 +51,37 @@ class ColumnParallelLinear(nn.Module):
         r, n = self.pctx.rank, self.pctx.world_size
         if len(names) == 1:
             name = names[0]
-            w = weights.get_packed_sharded(f"{name}.weight", 0, self.packed_sizes_total, r, n,
-                                           (sum(self.packed_sizes_total), self.in_features))
-            b = (weights.get_packed_sharded(f"{name}.bias", 0, self.packed_sizes_total, r, n,
-                                            (sum(self.packed_sizes_total),)) if self.bias is not None else None)
+            w = weights.get_packed_sharded(
+                f"{name}.weight", 0, self.packed_sizes_total, r, n, (sum(self.packed_sizes_total), self.in_features)
+            )
+            b = (
+                weights.get_packed_sharded(
+                    f"{name}.bias", 0, self.packed_sizes_total, r, n, (sum(self.packed_sizes_total),)
+                )
+                if self.bias is not None
+                else None
+            )
         else:
             if len(names) != len(self.packed_sizes_total):
                 raise ValueError(f"{len(names)} tensors for {len(self.packed_sizes_total)} packed blocks")
-            w = torch.cat([weights.get_sharded(f"{nm}.weight", 0, r, n, (size, self.in_features))
-                           for nm, size in zip(names, self.packed_sizes_total)])
-            b = (torch.cat([weights.get_sharded(f"{nm}.bias", 0, r, n, (size,))
-                            for nm, size in zip(names, self.packed_sizes_total)]) if self.bias is not None else None)
+            w = torch.cat(
+                [
+                    weights.get_sharded(f"{nm}.weight", 0, r, n, (size, self.in_features))
+                    for nm, size in zip(names, self.packed_sizes_total)
+                ]
+            )
+            b = (
+                torch.cat(
+                    [
+                        weights.get_sharded(f"{nm}.bias", 0, r, n, (size,))
+                        for nm, size in zip(names, self.packed_sizes_total)
+                    ]
+                )
+                if self.bias is not None
+                else None
+            )
         self.weight.data.copy_(w)
-        if self.bias is not None:
+        if self.bias is not None and b is not None:
             self.bias.data.copy_(b)
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
@@ -67,8 +93,15 @@ class RowParallelLinear(nn.Module):
     """y = sum_r x_r W_r^T (+ b): the input dim is split; one all-reduce in `forward`; bias added once,
     after the reduction. `partial(x)` gives this rank's un-reduced term (LoRA adds into it)."""
 
-    def __init__(self, in_features_total: int, out_features: int, bias: bool, pctx: ParallelContext,
-                 dtype: torch.dtype, what: str = "linear"):
+    def __init__(
+        self,
+        in_features_total: int,
+        out_features: int,
+        bias: bool,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        what: str = "linear",
+    ):
         super().__init__()
         self.pctx = pctx
         start, stop = shard_range(in_features_total, pctx.rank, pctx.world_size, f"{what} input")
@@ -79,8 +112,9 @@ class RowParallelLinear(nn.Module):
 
     def load(self, weights: Weights, name: str) -> None:
         r, n = self.pctx.rank, self.pctx.world_size
-        self.weight.data.copy_(weights.get_sharded(f"{name}.weight", 1, r, n,
-                                                   (self.out_features, self.in_features * n)))
+        self.weight.data.copy_(
+            weights.get_sharded(f"{name}.weight", 1, r, n, (self.out_features, self.in_features * n))
+        )
         if self.bias is not None:
             self.bias.data.copy_(weights.get(f"{name}.bias", (self.out_features,)))
 
@@ -96,12 +130,11 @@ class RowParallelLinear(nn.Module):
         return self.reduce(self.partial(x))
 
 
-def make_qkv(hidden: int, heads_total: int, head_dim: int, pctx: ParallelContext, dtype: torch.dtype,
-             bias: bool = True) -> ColumnParallelLinear:
+def make_qkv(
+    hidden: int, heads_total: int, head_dim: int, pctx: ParallelContext, dtype: torch.dtype, bias: bool = True
+) -> ColumnParallelLinear:
     """Fused c_attn: q, k, v each split by heads (so each rank's heads keep their q, k and v)."""
     if heads_total % pctx.world_size:
         raise ValueError(f"{heads_total} attention heads do not divide across {pctx.world_size} shards")
     size = heads_total * head_dim
     return ColumnParallelLinear(hidden, [size, size, size], bias, pctx, dtype, "c_attn")
-
-

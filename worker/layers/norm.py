@@ -4,21 +4,21 @@ Not sharded: every rank holds the whole weight [H]. `forward(x, residual)` retur
 s = x + residual, so a decoder loop carries the residual stream the same way whichever implementation
 runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at construction.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from worker import ops
 
-NormFn = Callable[[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+NormFn = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device,
-                 fused: bool = False):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device, fused: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
@@ -28,6 +28,6 @@ class RMSNorm(nn.Module):
 
             self.impl = kernels.rms_norm
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] -> (normed [T, H], s = x + residual [T, H])
         return self.impl(x, self.weight, self.eps, residual)

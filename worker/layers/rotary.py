@@ -4,9 +4,10 @@ The maths is in worker.ops: each token's cos/sin come from its sequence's NTK al
 (fixed at prefill), and the query of the token at position p is scaled by log(p + 1) / log(S) past
 S = seq_length. The ForwardContext holds the step's tables; `Rotary` applies them to q and k.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,8 +16,9 @@ from worker.ops import ntk_alpha, rotary_qk
 
 __all__ = ["Rotary", "ntk_alpha"]  # ntk_alpha: the batch builder fixes each prompt's alpha with it
 
-RotaryFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
-                    tuple[torch.Tensor, torch.Tensor]]
+RotaryFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 class Rotary(nn.Module):
@@ -31,7 +33,8 @@ class Rotary(nn.Module):
 
             self.impl = kernels.rotary
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                logn: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: [T, heads, head_dim]; cos, sin: [T, rotary_dim/2] fp32; logn: [T] fp32 or None
         return self.impl(q, k, cos, sin, logn)

@@ -4,12 +4,14 @@ The seven classes of LoRAX's flash_qwen_modeling.py, with its forward I/O contra
 layer receives one ForwardContext. Sharding lives in the parallel layers; this file holds only the
 mapping from checkpoint names to layers.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,11 +27,18 @@ from worker.layers.norm import RMSNorm
 from worker.layers.rotary import Rotary
 from worker.weights import Weights
 
-__all__ = ["QwenConfig", "QwenRMSNorm", "FlashQwenAttention", "QwenMLP", "FlashQwenLayer", "FlashQwenModel",
-           "FlashQwenForCausalLM"]
+__all__ = [
+    "QwenConfig",
+    "QwenRMSNorm",
+    "FlashQwenAttention",
+    "QwenMLP",
+    "FlashQwenLayer",
+    "FlashQwenModel",
+    "FlashQwenForCausalLM",
+]
 
 log = logging.getLogger(__name__)
-KVLayer = Optional[Tuple[torch.Tensor, torch.Tensor]]
+KVLayer = tuple[torch.Tensor, torch.Tensor]  # one layer's (K cache, V cache)
 
 
 # LoRA targets: the layer attribute each adapter wraps -> the PEFT modules it packs, in output order
@@ -45,6 +54,7 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 @dataclass
 class LoraTarget:
     """One wrappable linear: `getattr(owner, attr)` is the layer; setattr replaces it with its LoRA wrapper."""
+
     layer: int  # decoder layer index
     key: str  # LORA_TARGETS key, e.g. "mlp.gate_up"
     modules: tuple[str, ...]  # PEFT module names it packs, in output order
@@ -64,11 +74,17 @@ class FlashQwenAttention(nn.Module):
     per-layer scales, set by `FlashQwenForCausalLM.set_kv_scales`), None for unscaled caches;
     `checkpoint_kv_scales` the checkpoint's `attn.k_scale`/`attn.v_scale` when it has them."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False):
+    def __init__(
+        self,
+        config: QwenConfig,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        backend: AttentionBackend,
+        fused: bool = False,
+    ):
         super().__init__()
-        self.kv_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self.checkpoint_kv_scales: Optional[Tuple[float, float]] = None
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.checkpoint_kv_scales: tuple[float, float] | None = None
         self.num_heads_total = config.num_attention_heads
         self.num_heads = self.num_heads_total // pctx.world_size  # per rank
         self.head_dim = config.head_dim
@@ -76,8 +92,9 @@ class FlashQwenAttention(nn.Module):
         self.backend = backend
         self.c_attn = make_qkv(config.hidden_size, self.num_heads_total, self.head_dim, pctx, dtype, bias=True)
         self.rotary = Rotary(fused)
-        self.c_proj = RowParallelLinear(config.hidden_size, config.hidden_size, not config.no_bias, pctx, dtype,
-                                        "attn.c_proj")
+        self.c_proj = RowParallelLinear(
+            config.hidden_size, config.hidden_size, not config.no_bias, pctx, dtype, "attn.c_proj"
+        )
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.c_attn.load(weights, [f"{prefix}.c_attn"])
@@ -86,7 +103,7 @@ class FlashQwenAttention(nn.Module):
         if all(n in weights for n in names):
             self.checkpoint_kv_scales = (weights.scalar(names[0]), weights.scalar(names[1]))
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
         # x: [T, H]
         T = x.shape[0]
         qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
@@ -95,7 +112,7 @@ class FlashQwenAttention(nn.Module):
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0], v_scale=self.kv_scales[1])
         if kv is not None and ctx.slots is not None:
-            self.backend.store(k, v, k_cache, v_cache, ctx.slots, **scales)
+            self.backend.store(k, v, kv[0], kv[1], ctx.slots, **scales)
         o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
         return self.c_proj(o.reshape(T, self.num_heads * self.head_dim), ctx)
 
@@ -107,8 +124,9 @@ class QwenMLP(nn.Module):
     def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, fused: bool = False):
         super().__init__()
         width = config.mlp_width
-        self.gate_up = ColumnParallelLinear(config.hidden_size, [width, width], not config.no_bias, pctx, dtype,
-                                            "mlp.w2/w1")
+        self.gate_up = ColumnParallelLinear(
+            config.hidden_size, [width, width], not config.no_bias, pctx, dtype, "mlp.w2/w1"
+        )
         self.act = SiluAndMul(fused)
         self.c_proj = RowParallelLinear(width, config.hidden_size, not config.no_bias, pctx, dtype, "mlp.c_proj")
 
@@ -125,8 +143,14 @@ class FlashQwenLayer(nn.Module):
     """One decoder block. Each residual add is fused into the next norm: the block's input is x + residual
     (residual None: x alone) and it returns (mlp output, h) for the next block to add."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False):
+    def __init__(
+        self,
+        config: QwenConfig,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        backend: AttentionBackend,
+        fused: bool = False,
+    ):
         super().__init__()
         eps = config.layer_norm_epsilon
         self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
@@ -141,8 +165,9 @@ class FlashQwenLayer(nn.Module):
         self.attn.load(weights, f"{prefix}.attn")
         self.mlp.load(weights, f"{prefix}.mlp")
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], ctx: ForwardContext,
-                kv: KVLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext, kv: KVLayer | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H]
         normed, block_in = self.ln_1(x, residual)
         normed, h = self.ln_2(self.attn(normed, ctx, kv), block_in)  # h = block_in + attention
@@ -152,15 +177,22 @@ class FlashQwenLayer(nn.Module):
 class FlashQwenModel(nn.Module):
     """`transformer`: wte (vocab parallel) → layers → ln_f."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, backend: AttentionBackend,
-                 fused: bool = False):
+    def __init__(
+        self,
+        config: QwenConfig,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        backend: AttentionBackend,
+        fused: bool = False,
+    ):
         super().__init__()
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
-        self.h = nn.ModuleList(FlashQwenLayer(config, pctx, dtype, backend, fused)
-                               for _ in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(
+            FlashQwenLayer(config, pctx, dtype, backend, fused) for _ in range(config.num_hidden_layers)
+        )
         self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device, fused)
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Optional[List[KVLayer]]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Sequence[KVLayer] | None) -> torch.Tensor:
         x = self.wte(input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.h):
@@ -173,9 +205,14 @@ class FlashQwenForCausalLM(nn.Module):
     norms, RoPE and SiLU-mul through worker/kernels/fused.py; the PyTorch path is the reference.
     `rotary` holds the constants the runner builds each step's ForwardContext from."""
 
-    def __init__(self, config: QwenConfig, pctx: Optional[ParallelContext] = None,
-                 dtype: torch.dtype = torch.float32, backend: Optional[AttentionBackend] = None,
-                 fused: Optional[bool] = None):
+    def __init__(
+        self,
+        config: QwenConfig,
+        pctx: ParallelContext | None = None,
+        dtype: torch.dtype = torch.float32,
+        backend: AttentionBackend | None = None,
+        fused: bool | None = None,
+    ):
         super().__init__()
         self.config = config
         self.pctx = pctx or ParallelContext()
@@ -184,15 +221,20 @@ class FlashQwenForCausalLM(nn.Module):
         if fused is None:
             fused = self.backend.name == "triton" and self.pctx.device.type == "cuda"
         self.use_fused = fused
-        self.rotary = RotarySettings(config.rotary_dim, config.rotary_emb_base, config.seq_length,
-                                     config.use_logn_attn)
+        self.rotary = RotarySettings(config.rotary_dim, config.rotary_emb_base, config.seq_length, config.use_logn_attn)
         self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, pctx: Optional[ParallelContext] = None,
-                        dtype: Optional[torch.dtype] = None, backend: Optional[AttentionBackend] = None,
-                        progress: bool = True, fused: Optional[bool] = None) -> "FlashQwenForCausalLM":
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        pctx: ParallelContext | None = None,
+        dtype: torch.dtype | None = None,
+        backend: AttentionBackend | None = None,
+        progress: bool = True,
+        fused: bool | None = None,
+    ) -> FlashQwenForCausalLM:
         from worker.weights import torch_dtype
 
         config = QwenConfig.from_pretrained(model_dir)
@@ -205,52 +247,72 @@ class FlashQwenForCausalLM(nn.Module):
         from tqdm import tqdm
 
         self.transformer.wte.load(weights, "transformer.wte")
-        layers = tqdm(enumerate(self.transformer.h), total=len(self.transformer.h), desc="loading layers",
-                      disable=not progress or self.pctx.rank != 0, unit="layer")
+        layers = tqdm(
+            enumerate(self.transformer.h),
+            total=len(self.transformer.h),
+            desc="loading layers",
+            disable=not progress or self.pctx.rank != 0,
+            unit="layer",
+        )
         for i, layer in layers:
             layer.load(weights, f"transformer.h.{i}")
-        self.transformer.ln_f.weight.data.copy_(weights.get("transformer.ln_f.weight",
-                                                            (self.config.hidden_size,)))
+        self.transformer.ln_f.weight.data.copy_(weights.get("transformer.ln_f.weight", (self.config.hidden_size,)))
         self.lm_head.load(weights, "lm_head")
 
-    def checkpoint_kv_scales(self) -> Optional[Tuple[List[float], List[float]]]:
+    def attention_layers(self) -> list[FlashQwenAttention]:
+        return [cast(FlashQwenLayer, layer).attn for layer in self.transformer.h]
+
+    def checkpoint_kv_scales(self) -> tuple[list[float], list[float]] | None:
         """Per-layer (k_scales, v_scales) from the checkpoint, or None unless every layer has both."""
-        found = [layer.attn.checkpoint_kv_scales for layer in self.transformer.h]
-        if any(f is None for f in found):
-            if any(f is not None for f in found):
+        found = [attn.checkpoint_kv_scales for attn in self.attention_layers()]
+        complete = [f for f in found if f is not None]
+        if len(complete) < len(found):
+            if complete:
                 log.warning("the checkpoint has k_scale/v_scale for only some layers: ignoring them")
             return None
-        return [f[0] for f in found], [f[1] for f in found]
+        return [f[0] for f in complete], [f[1] for f in complete]
 
-    def set_kv_scales(self, k_scales: Optional[torch.Tensor], v_scales: Optional[torch.Tensor]) -> None:
+    def set_kv_scales(self, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None) -> None:
         """Point each attention layer at its entry of the KV cache's per-layer scales ([layers] fp32, read
         by the kernels through pointers); None: an unscaled cache (the attention calls get no scales)."""
-        for i, layer in enumerate(self.transformer.h):
-            layer.attn.kv_scales = None if k_scales is None else (k_scales[i], v_scales[i])
+        for i, attn in enumerate(self.attention_layers()):
+            attn.kv_scales = None if k_scales is None or v_scales is None else (k_scales[i], v_scales[i])
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
         position_ids: torch.Tensor,  # [T]
-        cu_seqlen_prefill: Optional[torch.Tensor],  # [B+1] at prefill, None at decode
-        kv_cache: Optional[List[Tuple[torch.Tensor, torch.Tensor]]],
-        block_tables: Optional[torch.Tensor],  # [B, max_blocks]
-        slots: Optional[torch.Tensor],  # [T]
+        cu_seqlen_prefill: torch.Tensor | None,  # [B+1] at prefill, None at decode
+        kv_cache: Sequence[KVLayer] | None,
+        block_tables: torch.Tensor | None,  # [B, max_blocks]
+        slots: torch.Tensor | None,  # [T]
         seqlen: Seqlen,
         max_s: int,
         adapter_data: Any = None,
-        prefill_cache_indices: Optional[torch.Tensor] = None,  # sliding-window only: unused by Qwen v1
-        lm_head_indices: Optional[torch.Tensor] = None,  # [N]
+        prefill_cache_indices: torch.Tensor | None = None,  # sliding-window only: unused by Qwen v1
+        lm_head_indices: torch.Tensor | None = None,  # [N]
         skip_lm_head: bool = False,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The seed's contract: builds the step's ForwardContext and runs `forward_context`."""
-        ctx = ForwardContext.build(self.rotary, is_prefill=cu_seqlen_prefill is not None, positions=position_ids,
-                                   seqlen=seqlen, slots=slots, block_tables=block_tables,
-                                   lm_head_indices=lm_head_indices, adapter_data=adapter_data)
+        ctx = ForwardContext.build(
+            self.rotary,
+            is_prefill=cu_seqlen_prefill is not None,
+            positions=position_ids,
+            seqlen=seqlen,
+            slots=slots,
+            block_tables=block_tables,
+            lm_head_indices=lm_head_indices,
+            adapter_data=adapter_data,
+        )
         return self.forward_context(input_ids, ctx, kv_cache, skip_lm_head), None
 
-    def forward_context(self, input_ids: torch.Tensor, ctx: ForwardContext,
-                        kv_cache: Optional[List[KVLayer]], skip_lm_head: bool = False) -> torch.Tensor:
+    def forward_context(
+        self,
+        input_ids: torch.Tensor,
+        ctx: ForwardContext,
+        kv_cache: Sequence[KVLayer] | None,
+        skip_lm_head: bool = False,
+    ) -> torch.Tensor:
         """input_ids [T] -> logits [N, vocab_size] of the tokens ctx.lm_head_indices picks (hidden states
         [N, H] with skip_lm_head). The padded vocab's extra ids are masked by the sampler."""
         hidden = self.transformer(input_ids, ctx, kv_cache)  # [T, H]
