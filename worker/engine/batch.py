@@ -11,9 +11,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from worker.engine.generations import CachedBatchInfo
 from worker.engine.kv_cache import BlockAllocator
-from worker.engine.lookahead import Ahead
 from worker.engine.sampling import BatchSampler, SamplingParams
 from worker.engine.stopping import StoppingCriteria
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -21,6 +22,15 @@ from worker.layers.rotary import ntk_alpha
 from worker.tokenizer import IncrementalDetokenizer, QwenTokenizer
 
 MAX_U32 = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A request's next-step logits computed ahead: row `row` of `logits`, valid while len(ids) == length."""
+
+    logits: torch.Tensor  # [n, V]: the whole look-ahead's output, shared by its requests
+    row: int
+    length: int
 
 
 @dataclass
@@ -100,6 +110,26 @@ class Batch:
         )
 
 
+def prompt_ids(tokenizer: QwenTokenizer, req: Any) -> list[int]:
+    """A request's prompt ids (tokenized_inputs, else its text encoded), validated, then truncated."""
+    ids = (
+        list(req.tokenized_inputs.ids)
+        if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids
+        else (tokenizer.encode(req.inputs) if req.inputs else [])
+    )
+    if not ids:
+        raise InvalidArgument(f"request {req.id}: empty prompt (no inputs text and no tokenized ids)")
+    bad = [t for t in ids if t >= tokenizer.n_real_vocab]
+    if bad:
+        raise InvalidArgument(
+            f"request {req.id}: token id {bad[0]} is not a valid token "
+            f"(the vocabulary has {tokenizer.n_real_vocab} tokens)"
+        )
+    if req.truncate and len(ids) > req.truncate:
+        ids = ids[-req.truncate :]
+    return ids
+
+
 class AdapterLookup(Protocol):
     def has(self, adapter_index: int) -> bool: ...
 
@@ -141,24 +171,6 @@ class BatchBuilder:
     chunked_prefill: bool = False
     live_request_ids: set[int] = field(default_factory=set)
     seed_nonce: int = 0  # identical on every rank: unseeded sampling draws the same seed on all shards
-
-    def prompt_ids(self, req: Any) -> list[int]:
-        ids = (
-            list(req.tokenized_inputs.ids)
-            if req.HasField("tokenized_inputs") and req.tokenized_inputs.ids
-            else (self.tokenizer.encode(req.inputs) if req.inputs else [])
-        )
-        if not ids:
-            raise InvalidArgument(f"request {req.id}: empty prompt (no inputs text and no tokenized ids)")
-        bad = [t for t in ids if t >= self.tokenizer.n_real_vocab]
-        if bad:
-            raise InvalidArgument(
-                f"request {req.id}: token id {bad[0]} is not a valid token "
-                f"(the vocabulary has {self.tokenizer.n_real_vocab} tokens)"
-            )
-        if req.truncate and len(ids) > req.truncate:
-            ids = ids[-req.truncate :]
-        return ids
 
     def build(self, pb_batch: Any) -> Batch:
         if self.max_batch_size and len(pb_batch.requests) > self.max_batch_size:
@@ -213,7 +225,7 @@ class BatchBuilder:
 
     def _plan(self, req: Any) -> RequestPlan:
         """Validate one request."""
-        ids = self.prompt_ids(req)
+        ids = prompt_ids(self.tokenizer, req)
         p = req.parameters
         if p.watermark:
             raise FailedPrecondition(f"request {req.id}: watermarking is not supported by this worker")

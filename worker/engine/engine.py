@@ -16,12 +16,12 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.engine import lookahead
-from worker.engine.batch import Adapters, Batch, BatchBuilder, RequestState
+from worker.engine.batch import Adapters, Batch, BatchBuilder, RequestState, prompt_ids
 from worker.engine.config import EngineConfig
 from worker.engine.generations import Generation, alternatives, generated_text, next_token, prompt_tokens
-from worker.engine.kv_cache import BlockAllocator, KVCache, scales_from_amax
-from worker.engine.runner import Runner, StepLogits, kv_blocks
-from worker.errors import InvalidArgument, NotFound, ResourceExhausted
+from worker.engine.kv_cache import BlockAllocator, KVCache
+from worker.engine.runner import Runner, StepLogits, kv_blocks, warmup_prefill
+from worker.errors import InvalidArgument, NotFound
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
 
@@ -128,64 +128,22 @@ class Engine:
         )
 
     def warmup(self, request: pb.WarmupRequest) -> int:
-        """Run the router's largest prefill without a cache to find the activation peak, then size the
-        KV cache from what is left. Returns max_supported_total_tokens."""
+        """Run the router's largest prefill without a cache to find the activation peak (and calibrate fp8
+        scales), then size the KV cache from what is left. Returns max_supported_total_tokens."""
         self.clear(None)
         self.runner = self.allocator = None
-        c = self.model.config
-        builder = BatchBuilder(
-            tokenizer=self.tokenizer,
-            vocab_size=c.vocab_size,
-            seq_length=c.seq_length,
-            use_dynamic_ntk=c.use_dynamic_ntk,
-            block_size=self.cfg.block_size,
-            router_blocks=0,
-            allocator=BlockAllocator(0, 1),
-            world_size=self.pctx.world_size,
-            rank=self.pctx.rank,
-        )
-        lengths, ids, alphas = [], [], []
+        lengths, ids = [], []
         for req in request.batch.requests:
-            p = builder.prompt_ids(req)
+            p = prompt_ids(self.tokenizer, req)
             if request.max_input_length:
                 p = p[-request.max_input_length :]
             lengths.append(len(p))
             ids += p
-            alphas.append(1.0)
-        peak = 0
         calibrate = self.kv_dtype == torch.float8_e4m3fn and self.model.checkpoint_kv_scales() is None
-        if ids:
-            if self.pctx.device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(self.pctx.device)
-                base = torch.cuda.memory_allocated(self.pctx.device)
-            scratch = None
-            try:
-                if calibrate:  # fp8 scales from this prefill's K/V, stored unscaled in a cache of exactly its tokens
-                    scratch = KVCache(
-                        c.num_hidden_layers,
-                        len(ids),
-                        1,
-                        c.num_attention_heads // self.pctx.world_size,
-                        c.head_dim,
-                        self.model.dtype,
-                        self.pctx.device,
-                    )
-                    self.model.set_kv_scales(None, None)
-                Runner(self.model, None, self.pctx.device).forward_no_cache(
-                    lengths,
-                    ids,
-                    alphas,  # type: ignore
-                    scratch,
-                )
-            except torch.OutOfMemoryError as exc:
-                raise ResourceExhausted(f"not enough memory for {len(ids)} prefill tokens in Warmup: {exc}") from exc
-            if self.pctx.device.type == "cuda":  # the activations alone: the scratch cache is not kept
-                peak = torch.cuda.max_memory_allocated(self.pctx.device) - base - (scratch.nbytes if scratch else 0)
-            if scratch is not None:  # same scales on every rank (each saw its own heads)
-                scales = scales_from_amax(self.pctx.all_reduce_max(scratch.amax()), self.cfg.kv_scale_margin)
-                self.calibrated_kv_scales = (scales[:, 0], scales[:, 1])
-        self.allocate_cache(self._blocks_from_memory(peak))
+        probe = warmup_prefill(self.model, self.pctx, lengths, ids, calibrate, self.cfg.kv_scale_margin)
+        if probe.kv_scales is not None:
+            self.calibrated_kv_scales = probe.kv_scales
+        self.allocate_cache(self._blocks_from_memory(probe.activation_peak))
         return self.max_supported_total_tokens
 
     def prefill(self, pb_batch: pb.Batch, cached: BatchRef | None) -> tuple[list[Generation], Batch | None]:
@@ -291,51 +249,12 @@ class Engine:
         return new
 
     def _look_ahead(self, batch: Batch) -> None:
-        """Start the batch's next decode forward now (worker/engine/lookahead.py); a failure only costs the
-        look-ahead: the next Decode runs its own forward."""
         assert self.runner is not None
-        reqs = batch.requests
-        lookahead.clear(reqs)
-        graphs = self.runner.graphs
-        decision = lookahead.decide(
-            wanted=self.cfg.look_ahead,
-            graphs_available=graphs is not None,
-            graphs_can_run=graphs is not None and graphs.can_run(batch),
-            world_size=self.pctx.world_size,
-            slots_allocated=all(len(r.slots) >= len(r.ids) for r in reqs),
-        )
-        if not decision.run:
-            return
-        try:
-            slots = self.adapters.request_slots(batch) if self.adapters is not None else None
-            logits = self.runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
-        except Exception as exc:
-            log.warning(
-                "decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
-                batch.id,
-                exc,
-                "; under TP the ranks' collectives may now be out of step" if self.pctx.world_size > 1 else "",
-            )
-            return
-        lookahead.attach(reqs, logits)
+        lookahead.start(self.runner, batch, self.adapters, wanted=self.cfg.look_ahead, world_size=self.pctx.world_size)
 
     def _logits(self, batch: Batch, prefill: bool, adapter_slots: list[int] | None) -> StepLogits:
-        """This step's logits: a decode takes each request's look-ahead row when it was computed for the
-        request's current tokens, and runs the forward for the other requests only."""
         assert self.runner is not None
-        reqs = batch.requests
-        ready = lookahead.ready(reqs, prefill)
-        if not any(ready):
-            lookahead.clear(reqs)
-            return self.runner.forward(batch, prefill, adapter_slots)
-        missing = [i for i, ok in enumerate(ready) if not ok]
-        computed = None
-        if missing:
-            sub = Batch(batch.id, [reqs[i] for i in missing], batch.sampler)
-            computed = self.runner.forward(
-                sub, False, None if adapter_slots is None else [adapter_slots[i] for i in missing]
-            ).last
-        return StepLogits(last=lookahead.take_rows(reqs, ready, computed), prompt={})
+        return lookahead.step_logits(self.runner, batch, prefill, adapter_slots)
 
     def _step(self, batch: Batch, prefill: bool) -> list[Generation]:
         """Sample a token for every request, append it and check the stops; this shard's generations."""

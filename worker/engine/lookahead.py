@@ -9,20 +9,17 @@ step would write. Every rank takes the same decisions from the same state, so co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from worker.engine.batch import Adapters, Ahead, Batch
+from worker.engine.runner import Runner, StepLogits
 
-@dataclass(frozen=True)
-class Ahead:
-    """A request's next-step logits computed ahead: row `row` of `logits`, valid while len(ids) == length."""
-
-    logits: torch.Tensor  # [n, V]: the whole look-ahead's output, shared by its requests
-    row: int
-    length: int
+log = logging.getLogger(__name__)
 
 
 class HasAhead(Protocol):
@@ -106,3 +103,49 @@ def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool], computed: 
     )
     clear(requests)
     return first.logits if whole and first is not None else torch.stack(rows)
+
+
+def start(runner: Runner, batch: Batch, adapters: Adapters | None, *, wanted: bool | None, world_size: int) -> None:
+    """Start the batch's next decode forward now, when `decide` says so. A failure only costs the look-ahead:
+    the next Decode runs its own forward."""
+    reqs = batch.requests
+    clear(reqs)
+    graphs = runner.graphs
+    decision = decide(
+        wanted=wanted,
+        graphs_available=graphs is not None,
+        graphs_can_run=graphs is not None and graphs.can_run(batch),
+        world_size=world_size,
+        slots_allocated=all(len(r.slots) >= len(r.ids) for r in reqs),
+    )
+    if not decision.run:
+        return
+    try:
+        slots = adapters.request_slots(batch) if adapters is not None else None
+        logits = runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
+    except Exception as exc:
+        log.warning(
+            "decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
+            batch.id,
+            exc,
+            "; under TP the ranks' collectives may now be out of step" if world_size > 1 else "",
+        )
+        return
+    attach(reqs, logits)
+
+
+def step_logits(runner: Runner, batch: Batch, prefill: bool, adapter_slots: list[int] | None) -> StepLogits:
+    """This step's logits: a decode takes each request's look-ahead row when it was computed for the
+    request's current tokens, and runs the forward for the other requests only."""
+    reqs = batch.requests
+    is_ready = ready(reqs, prefill)
+    if not any(is_ready):
+        clear(reqs)
+        return runner.forward(batch, prefill, adapter_slots)
+    missing = [i for i, ok in enumerate(is_ready) if not ok]
+    computed = None
+    if missing:
+        sub = Batch(batch.id, [reqs[i] for i in missing], batch.sampler)
+        sub_slots = None if adapter_slots is None else [adapter_slots[i] for i in missing]
+        computed = runner.forward(sub, False, sub_slots).last
+    return StepLogits(last=take_rows(reqs, is_ready, computed), prompt={})

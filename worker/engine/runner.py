@@ -20,7 +20,7 @@ from worker.distributed import ParallelContext
 from worker.engine.batch import Adapters, Batch
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
-from worker.engine.kv_cache import KVCache
+from worker.engine.kv_cache import KVCache, scales_from_amax
 from worker.errors import ResourceExhausted
 from worker.layers.context import ForwardContext, Seqlen
 from worker.layers.lora import AdapterBatchData
@@ -55,6 +55,48 @@ def kv_blocks(
             f"{activation_peak / 2**30:.2f} GiB needed by the warmup batch's activations"
         )
     return blocks
+
+
+@dataclass
+class WarmupProbe:
+    activation_peak: int  # bytes the prefill's activations took on the GPU (0 elsewhere)
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None  # fp8 (k, v) scales, [num_layers] each; None: not asked
+
+
+def warmup_prefill(
+    model: FlashQwenForCausalLM,
+    pctx: ParallelContext,
+    lengths: list[int],
+    ids: list[int],
+    calibrate: bool,
+    margin: float,
+) -> WarmupProbe:
+    """The router's largest prefill outside the serving cache: its activation peak and, with `calibrate`, fp8
+    scales from its K/V (stored unscaled in a scratch cache of exactly its tokens; the same on every rank)."""
+    if not ids:
+        return WarmupProbe(0, None)
+    dev = pctx.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    scratch = None
+    try:
+        if calibrate:
+            c = model.config
+            heads = c.num_attention_heads // pctx.world_size
+            scratch = KVCache(c.num_hidden_layers, len(ids), 1, heads, c.head_dim, model.dtype, dev)
+            model.set_kv_scales(None, None)
+        Runner(model, None, dev).forward_no_cache(lengths, ids, [1.0] * len(lengths), scratch)
+    except torch.OutOfMemoryError as exc:
+        raise ResourceExhausted(f"not enough memory for {len(ids)} prefill tokens in Warmup: {exc}") from exc
+    peak = 0
+    if dev.type == "cuda":  # the activations alone: the scratch cache is not kept
+        peak = torch.cuda.max_memory_allocated(dev) - base - (scratch.nbytes if scratch else 0)
+    if scratch is None:
+        return WarmupProbe(peak, None)
+    scales = scales_from_amax(pctx.all_reduce_max(scratch.amax()), margin)  # each rank saw its own heads
+    return WarmupProbe(peak, (scales[:, 0], scales[:, 1]))
 
 
 def set_kv_scales(
@@ -188,6 +230,7 @@ class Runner:
                 head += range(offset, offset + stop - start)
             else:
                 head.append(offset + stop - start - 1)
+        assert self.kv is not None  # only forward_no_cache runs without a cache
         dev = self.device
         seqlen = Seqlen.for_prefill(n_new, cache_lens, [r.ntk_alpha for r in batch.requests], device=dev)
         lm_head_indices = torch.tensor(head, dtype=torch.long, device=dev)
