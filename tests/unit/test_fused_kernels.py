@@ -30,7 +30,16 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from helpers import randn, ulps  # noqa: E402
-from worker.kernels.fused import rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul, silu_mul_reference  # noqa: E402
+from worker import ops  # noqa: E402
+from worker.kernels.fused import (  # noqa: E402
+    rms_norm,
+    rms_norm_reference,
+    rotary,
+    rotary_,
+    rotary_reference,
+    silu_mul,
+    silu_mul_reference,
+)
 
 DTYPES = [torch.float32, torch.float16]
 # max ulps of the output where the math is not bit-identical (see the module docstring): fp32 shows the
@@ -154,6 +163,10 @@ def test_model_fused_matches_unfused(tmp_path, name, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     models = [FlashQwenForCausalLM.from_pretrained(path, dtype=dtype, progress=False, fused=f) for f in (False, True)]
     assert [m.use_fused for m in models] == [False, True]
+    for m, impls in zip(models, [(ops.add_rms_norm, ops.rotary_qk, ops.silu_mul), (rms_norm, rotary, silu_mul)]):
+        layer = m.transformer.h[1]  # every norm, RoPE and SiLU-mul runs the implementation chosen at construction
+        assert (layer.ln_1.impl, layer.ln_2.impl, layer.attn.rotary.impl, layer.mlp.act.impl) == (impls[0], *impls)
+        assert m.transformer.ln_f.impl is impls[0]
     runners = [Paged(m, seed=2) for m in models]
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 6, 19)]

@@ -1,6 +1,6 @@
 """Triton paged-attention kernels: the pieces they share and the fused KV store.
 
-Decode is in paged_decode.py, prefill in paged_prefill.py; `worker.layers.attention.TritonAttention`
+Decode is in paged_decode.py, prefill in paged_prefill.py; `worker.layers.attention_triton.TritonAttention`
 unpacks the ForwardContext into their plain-tensor arguments. The PyTorch references the tests compare
 against are `worker.ops.store_kv` (store) and `worker.layers.attention.TorchAttention` (attend).
 

@@ -89,7 +89,7 @@ class ForwardContext:
         adapter_data: Any = None,
     ) -> ForwardContext:
         """The context of one step: each token's rotary tables from its position and its sequence's NTK
-        alpha. Makes no host sync, so a decode step builds it inside a CUDA graph."""
+        alpha. A decode step makes no host sync here, so a CUDA graph captures it with the forward."""
         positions = positions.long()
         if seqlen.ntk_alpha is None:
             alpha = torch.ones(positions.shape[0], device=positions.device)  # [T]
