@@ -279,14 +279,17 @@ class Engine:
             if not r.report:
                 continue
             alts = [alternatives(tok, out.top_ids[i], out.top_logprobs[i])] if r.params.return_k_alternatives else []
-            seed = None if r.params.is_greedy else batch.sampler.seeds[i]
+            done = None
+            if reason is not None:
+                seed = None if r.params.is_greedy else batch.sampler.seeds[i]
+                done = generated_text(tok, r.ids[r.prompt_len :], reason, seed)
             generations.append(
                 Generation(
                     request_id=r.id,
                     next_tokens=next_token(tok, tid, logprobs[i], text, alts),
                     prefill_tokens=prompt,
                     prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0,
-                    generated_text=None if reason is None else generated_text(tok, r.ids[r.prompt_len :], reason, seed),
+                    generated_text=done,
                 )
             )
         return generations
