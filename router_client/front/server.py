@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from typing import Any
+
+import uvicorn
 
 log = logging.getLogger("router_client.front")
 
@@ -29,10 +34,22 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, except that SIGINT/SIGTERM end `run()` after the graceful shutdown instead of being
+    raised again (which would kill the process before the router is closed)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def serve(a: argparse.Namespace, router: Any) -> int:
     """Serve `router` (started, owned: closed here) over HTTP."""
-    import uvicorn
-
     from router_client.front.app import create_app
     from router_client.front.service import Front, FrontConfig
 
@@ -54,7 +71,7 @@ def serve(a: argparse.Namespace, router: Any) -> int:
         app = create_app(front)
         if a.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
             log.warning("serving on %s without an API key: anyone who reaches this address can use the model", a.host)
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
                 app,
                 host=a.host,
