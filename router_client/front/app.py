@@ -141,6 +141,9 @@ def create_app(front: Front) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, err: HTTPException) -> JSONResponse:
+        if err.status_code == 400:  # a body FastAPI could not read: LoRAX answers 422 for every bad request
+            failed(request, "validation", counted=False)
+            return JSONResponse({"error": f"malformed request body: {err.detail}", "error_type": "validation"}, 422)
         error_type = HTTP_ERROR_TYPES.get(err.status_code, "validation" if err.status_code < 500 else "internal")
         return JSONResponse(
             {"error": str(err.detail), "error_type": error_type},

@@ -19,12 +19,13 @@ from router_client.front.schemas import (
     Parameters,
     TokenizedPiece,
     TokenizeRequest,
+    sse_content,
 )
 from router_client.front.service import Front, Job, Outcome, Run
 from router_client.front.text import token_offsets
 from router_client.requests import TokenEvent
 
-SSE_DOC = {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamResponse"}}}
+SSE_DOC = sse_content("StreamResponse")
 
 
 def token_json(e: TokenEvent, alternatives: bool) -> dict[str, Any]:
@@ -164,7 +165,7 @@ class LoraxRoutes:
 
 def add_lorax_routes(app: FastAPI, front: Front, errors: dict[int | str, dict[str, Any]]) -> None:
     routes = LoraxRoutes(front)
-    one = {200: {"model": GenerateResponse, "content": SSE_DOC}, **errors}
+    one = {200: {"model": list[GenerateResponse], "content": SSE_DOC}, **errors}
 
     @app.post("/", response_model=list[GenerateResponse], responses=one, summary="Generate (LoRAX / TGI clients)")
     async def compat_generate(body: CompatGenerateRequest, request: Request) -> Any:

@@ -28,6 +28,7 @@ from router_client.front.openai_schemas import (
     SamplingFields,
 )
 from router_client.front.params import adapter_ref, sampling, stop_list, stopping, structured_schema
+from router_client.front.schemas import sse_content
 from router_client.front.service import Front, Job, Outcome, Run
 from router_client.front.text import StopTrimmer, trim_stop
 from router_client.requests import TokenEvent
@@ -151,7 +152,7 @@ class OpenAIRoutes:
         return self._plan(req, prompts, req.max_tokens or 16, best_of, n, (), req.logprobs or 0, "cmpl")
 
     def chat_plan(self, req: ChatRequest) -> Plan:
-        if req.tools or req.tool_choice not in (None, "none"):
+        if req.tools:
             raise validation("tool calls are not supported")
         turns = [Turn(ROLES[m.role], _content(m)) for m in req.messages]
         ids = chatml_ids(self.front.tokenizer, turns)
@@ -344,13 +345,15 @@ def _adapter_dirs(root: str) -> list[str]:
 
 def add_openai_routes(app: FastAPI, front: Front, errors: dict[int | str, dict[str, Any]]) -> None:
     routes = OpenAIRoutes(front)
-    sse_doc = {"text/event-stream": {"schema": {"type": "string", "description": "data: <chunk> ... data: [DONE]"}}}
+    text_chunks, chat_chunks = sse_content("Completion", done=True), sse_content("ChatCompletionChunk", done=True)
 
-    @app.post("/v1/completions", response_model=Completion, responses={200: {"content": sse_doc}, **errors})
+    @app.post("/v1/completions", response_model=Completion, responses={200: {"content": text_chunks}, **errors})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await routes.completions(body, request)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": sse_doc}, **errors})
+    @app.post(
+        "/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": chat_chunks}, **errors}
+    )
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         return await routes.chat(body, request)
 

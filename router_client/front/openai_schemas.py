@@ -4,12 +4,14 @@ top_k, ignore_eos_token, response_format on completions)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from router_client.front.schemas import MAX_ADAPTER_ID, U64, ResponseFormat, Strict
 
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 OpenAIFinish = Literal["stop", "length"] | None
 
 
@@ -44,7 +46,9 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: int | None = Field(default=None, ge=1, description="null: 16")
     best_of: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -69,8 +73,8 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=0, description="not supported")
+    tool_choice: Literal["none", "auto"] | None = None
 
 
 # ---------------------------------------------------------------------------------------- responses

@@ -18,6 +18,18 @@ MAX_ALTERNATIVES = 100  # the shard's limit on return_k_alternatives
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
+def sse_content(*event_models: str, done: bool = False) -> dict[str, Any]:
+    """OpenAPI for a server-sent event stream: each event's `data` is one of these models (or an
+    ErrorBody after the stream started) as JSON, or with `done` the text `[DONE]`."""
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{m}"} for m in (*event_models, "ErrorBody")]},
+    }
+    data = {"anyOf": [json_data, {"const": "[DONE]"}]} if done else json_data
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": data}}}}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, populate_by_name=True)
 
