@@ -1,6 +1,7 @@
 """`make demo`: build the demo model if missing, launch the shard(s), serve the demo prompts through the
-router — base model and both demo adapters in the same batch — print each output and the speed, and
-stop everything (also on Ctrl-C: the launcher's shards die with it).
+router — base model and both demo adapters in the same batch — print each output and the speed, then
+start the HTTP front (`qwen-router serve`) and make one OpenAI chat call and one lorax-client call
+with an adapter, and stop everything (also on Ctrl-C: the launcher's shards die with it).
 
     python scripts/demo.py [--num-shard 2] [--out .demo]
 """
@@ -94,7 +95,54 @@ def run(args, model_dir: str, uds: str, launcher: subprocess.Popen, log_path: st
         print(f"UNEXPECTED outputs for {wrong}: the forward pass is broken")
         return 1
     print("every output is the sentence the model (or its adapter) was trained on")
-    return 0
+    return http_front(model_dir, uds)
+
+
+def http_front(model_dir: str, uds: str) -> int:
+    """`qwen-router serve` on the same shards, called with the openai and lorax-client packages."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "router_client.cli", "serve", "--uds-path", uds, "--model-dir", model_dir,
+           "--adapter-root", os.path.join(os.path.dirname(model_dir), "adapters"), "--port", str(port),
+           "--max-input-length", "96", "--max-total-tokens", "160", "--log-level", "warning"]
+    print(f"\nHTTP front: {' '.join(['qwen-router', *cmd[3:]])}")
+    front = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=30) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if front.poll() is not None or time.time() > deadline:
+                    print("the HTTP front did not start")
+                    return 1
+                time.sleep(0.2)
+        try:
+            import openai
+            from lorax import Client
+        except ImportError as err:
+            print(f"{err.name} is not installed (pip install openai lorax-client): skipping the client calls")
+            return 0
+        chat = openai.OpenAI(base_url=f"{url}/v1", api_key="unused").chat.completions.create(
+            model="", messages=[{"role": "user", "content": "Hello!"}], max_tokens=16, temperature=0)
+        print(f"openai chat ({url}/v1, ChatML, the demo model is not chat-trained): "
+              f"{chat.choices[0].message.content!r} ({chat.usage.completion_tokens} tokens)")
+        story = Client(url).generate(STORY_PROMPT, adapter_id="pirate", max_new_tokens=48)
+        print(f"lorax-client, adapter_id='pirate': {STORY_PROMPT!r} -> {story.generated_text!r}")
+        return 0 if story.generated_text == ADAPTERS["pirate"][2] else 1
+    finally:
+        front.send_signal(signal.SIGTERM)
+        try:
+            front.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            front.kill()
 
 
 if __name__ == "__main__":
