@@ -60,7 +60,7 @@ def run_direct(uds: str, model_dir: str, a: argparse.Namespace) -> Load:
     from worker.tokenizer import QwenTokenizer
 
     stopping = {"max_new_tokens": a.max_new_tokens, "ignore_eos_token": True}
-    with Router.connect(f"{uds}-0", QwenTokenizer.from_dir(model_dir), RouterConfig(**LIMITS)) as router:
+    with Router.connect(f"{uds}-0", QwenTokenizer.from_dir(model_dir), RouterConfig(**LIMITS)  # type: ignore[arg-type]) as router:
 
         def one(i: int) -> tuple[int, float]:
             handle = router.submit(PROMPTS[i % len(PROMPTS)], stopping=stopping)
