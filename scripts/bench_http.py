@@ -60,7 +60,12 @@ def run_direct(uds: str, model_dir: str, a: argparse.Namespace) -> Load:
     from worker.tokenizer import QwenTokenizer
 
     stopping = {"max_new_tokens": a.max_new_tokens, "ignore_eos_token": True}
-    with Router.connect(f"{uds}-0", QwenTokenizer.from_dir(model_dir), RouterConfig(**LIMITS)  # type: ignore[arg-type]) as router:
+    config = RouterConfig(
+        max_input_length=LIMITS["max_input_length"],
+        max_total_tokens=LIMITS["max_total_tokens"],
+        max_batch_prefill_tokens=LIMITS["max_batch_prefill_tokens"],
+    )
+    with Router.connect(f"{uds}-0", QwenTokenizer.from_dir(model_dir), config) as router:
 
         def one(i: int) -> tuple[int, float]:
             handle = router.submit(PROMPTS[i % len(PROMPTS)], stopping=stopping)
