@@ -237,3 +237,22 @@ def test_metrics_keep_lorax_names_and_move(served: Served) -> None:
     ):
         assert f"\n{gauge} " in after
     assert sample(after, "lorax_kv_blocks_free") == served.router.debug_state()["usable_blocks"]
+
+
+def test_best_of_and_n_run_several_sequences(served: Served) -> None:
+    body = {"inputs": "ab", "parameters": {"max_new_tokens": 2, "best_of": 3, "do_sample": True, "details": True}}
+    res = httpx.post(f"{served.url}/generate", json=body).json()
+    assert len(served.shard.of("Prefill")[-1]["request_ids"]) == 3  # one batch of three sequences
+    others = res["details"]["best_of_sequences"]
+    assert len(others) == 2 and all(len(s["tokens"]) == 2 for s in others)
+    texts = {res["generated_text"], *(s["generated_text"] for s in others)}
+    assert len(texts) == 3  # the fake shard gives each request its own tokens: three distinct sequences
+    stream = {**body, "stream": True}
+    assert httpx.post(f"{served.url}/", json=stream).status_code == 422  # best_of > 1 cannot stream
+    chat = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        json={"model": "", "messages": [{"role": "user", "content": "x"}], "n": 2, "max_tokens": 3},
+    )
+    assert [c["index"] for c in chat.json()["choices"]] == [0, 1] and chat.json()["usage"]["completion_tokens"] == 6
+    too_many = httpx.post(f"{served.url}/v1/completions", json={"model": "", "prompt": "x", "n": 5})
+    assert too_many.status_code == 422 and "n and best_of" in too_many.json()["error"]
