@@ -251,7 +251,12 @@ def test_best_of_and_n_run_several_sequences(served: Served) -> None:
     assert httpx.post(f"{served.url}/", json=stream).status_code == 422  # best_of > 1 cannot stream
     chat = httpx.post(
         f"{served.url}/v1/chat/completions",
-        json={"model": "", "messages": [{"role": "user", "content": "x"}], "n": 2, "max_tokens": 3},
+        json={
+            "model": "",
+            "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}],
+            "n": 2,
+            "max_tokens": 3,
+        },  # a short system turn: the ChatML prompt fits max_input_length 32
     )
     assert [c["index"] for c in chat.json()["choices"]] == [0, 1] and chat.json()["usage"]["completion_tokens"] == 6
     too_many = httpx.post(f"{served.url}/v1/completions", json={"model": "", "prompt": "x", "n": 5})
