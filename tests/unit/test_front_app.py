@@ -261,3 +261,39 @@ def test_best_of_and_n_run_several_sequences(served: Served) -> None:
     assert [c["index"] for c in chat.json()["choices"]] == [0, 1] and chat.json()["usage"]["completion_tokens"] == 6
     too_many = httpx.post(f"{served.url}/v1/completions", json={"model": "", "prompt": "x", "n": 5})
     assert too_many.status_code == 422 and "n and best_of" in too_many.json()["error"]
+
+
+def test_structured_output_reaches_the_shard_as_the_schema_field(served: Served) -> None:
+    sent = []
+    prefill = served.router.client.prefill
+
+    def spy(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sent.append(batch.requests[0].parameters)
+        return prefill(batch, *args, **kwargs)
+
+    served.router.client.prefill = spy  # type: ignore[method-assign]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    lorax = {
+        "inputs": "x",
+        "parameters": {"max_new_tokens": 1, "response_format": {"type": "json_object", "schema": schema}},
+    }
+    tgi = {"inputs": "x", "parameters": {"max_new_tokens": 1, "grammar": {"type": "json", "value": schema}}}
+    oai = {
+        "model": "",
+        "prompt": "x",
+        "max_tokens": 1,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    plain = {"inputs": "x", "parameters": {"max_new_tokens": 1}}
+    for route, body in (("/generate", lorax), ("/generate", tgi), ("/v1/completions", oai), ("/generate", plain)):
+        assert httpx.post(f"{served.url}{route}", json=body).status_code == 200
+    assert [p.schema if p.HasField("schema") else None for p in sent] == [
+        json.dumps(schema, separators=(",", ":"))
+    ] * 3 + [None]
+
+
+def test_health_answers_503_when_generation_fails(served: Served) -> None:
+    assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
+    served.shard.fail_prefill_text = "liveness"  # the probe's one-token Prefill now fails
+    r = httpx.get(f"{served.url}/health")
+    assert r.status_code == 503 and r.json()["error_type"] == "unhealthy"
