@@ -5,6 +5,7 @@ with an adapter, and stop everything (also on Ctrl-C: the launcher's shards die 
 
     python scripts/demo.py [--num-shard 2] [--out .demo]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,26 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log_path = os.path.join(tmp, "shards.log")
     log = open(log_path, "w")
-    launcher = subprocess.Popen([sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(args.num_shard),
-                                 "--uds-path", uds, "--adapter-root", adapter_root, "--max-total-tokens", "8192"],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker.launcher",
+            model_dir,
+            "--num-shard",
+            str(args.num_shard),
+            "--uds-path",
+            uds,
+            "--adapter-root",
+            adapter_root,
+            "--max-total-tokens",
+            "8192",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         return run(args, model_dir, uds, launcher, log_path)
     except KeyboardInterrupt:
@@ -78,16 +96,19 @@ def run(args, model_dir: str, uds: str, launcher: subprocess.Popen, log_path: st
         jobs = [(p, "base", 0) for p, _ in BASE_TEXTS]
         jobs += [(STORY_PROMPT, name, idx) for name, idx in indices.items()]
         t0 = time.time()
-        handles = [router.submit(p, {}, {"max_new_tokens": args.max_new_tokens}, adapter_index=idx)
-                   for p, _, idx in jobs]
+        handles = [
+            router.submit(p, {}, {"max_new_tokens": args.max_new_tokens}, adapter_index=idx) for p, _, idx in jobs
+        ]
         results = [h.result(timeout=300) for h in handles]
         elapsed = time.time() - t0
     tokens = sum(r.generated_tokens for r in results)
     print()
     for (prompt, who, _), res in zip(jobs, results):
         print(f"[{who:>6}] {prompt!r} -> {res.text!r}  ({res.generated_tokens} tokens, {res.finish_reason})")
-    print(f"\n{len(results)} requests in one continuous batch, {tokens} tokens in {elapsed:.2f}s: "
-          f"{tokens / elapsed:.0f} tokens/s on {args.num_shard} CPU shard(s)")
+    print(
+        f"\n{len(results)} requests in one continuous batch, {tokens} tokens in {elapsed:.2f}s: "
+        f"{tokens / elapsed:.0f} tokens/s on {args.num_shard} CPU shard(s)"
+    )
     expected = {(p, "base"): c for p, c in BASE_TEXTS}
     expected.update({(STORY_PROMPT, name): cont for name, (_, _, cont) in ADAPTERS.items()})
     wrong = [(p, who) for (p, who, _), r in zip(jobs, results) if r.text != expected[(p, who)]]
@@ -107,9 +128,26 @@ def http_front(model_dir: str, uds: str) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "router_client.cli", "serve", "--uds-path", uds, "--model-dir", model_dir,
-           "--adapter-root", os.path.join(os.path.dirname(model_dir), "adapters"), "--port", str(port),
-           "--max-input-length", "96", "--max-total-tokens", "160", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "router_client.cli",
+        "serve",
+        "--uds-path",
+        uds,
+        "--model-dir",
+        model_dir,
+        "--adapter-root",
+        os.path.join(os.path.dirname(model_dir), "adapters"),
+        "--port",
+        str(port),
+        "--max-input-length",
+        "96",
+        "--max-total-tokens",
+        "160",
+        "--log-level",
+        "warning",
+    ]
     print(f"\nHTTP front: {' '.join(['qwen-router', *cmd[3:]])}")
     front = subprocess.Popen(cmd, cwd=ROOT)
     try:
@@ -131,9 +169,12 @@ def http_front(model_dir: str, uds: str) -> int:
             print(f"{err.name} is not installed (pip install openai lorax-client): skipping the client calls")
             return 0
         chat = openai.OpenAI(base_url=f"{url}/v1", api_key="unused").chat.completions.create(
-            model="", messages=[{"role": "user", "content": "Hello!"}], max_tokens=16, temperature=0)
-        print(f"openai chat ({url}/v1, ChatML, the demo model is not chat-trained): "
-              f"{chat.choices[0].message.content!r} ({chat.usage.completion_tokens} tokens)")
+            model="", messages=[{"role": "user", "content": "Hello!"}], max_tokens=16, temperature=0
+        )
+        print(
+            f"openai chat ({url}/v1, ChatML, the demo model is not chat-trained): "
+            f"{chat.choices[0].message.content!r} ({chat.usage.completion_tokens} tokens)"
+        )
         story = Client(url).generate(STORY_PROMPT, adapter_id="pirate", max_new_tokens=48)
         print(f"lorax-client, adapter_id='pirate': {STORY_PROMPT!r} -> {story.generated_text!r}")
         return 0 if story.generated_text == ADAPTERS["pirate"][2] else 1
