@@ -173,7 +173,7 @@ def http_front(model_dir: str, uds: str) -> int:
         )
         print(
             f"openai chat ({url}/v1, ChatML, the demo model is not chat-trained): "
-            f"{chat.choices[0].message.content!r} ({chat.usage.completion_tokens} tokens)"
+            f"{chat.choices[0].message.content!r} ({chat.usage.completion_tokens if chat.usage else '?'} tokens)"
         )
         story = Client(url).generate(STORY_PROMPT, adapter_id="pirate", max_new_tokens=48)
         print(f"lorax-client, adapter_id='pirate': {STORY_PROMPT!r} -> {story.generated_text!r}")

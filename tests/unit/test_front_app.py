@@ -8,8 +8,9 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -49,7 +50,7 @@ class ByteTokenizer:
             text = text[at + len(name) :]
         return ids
 
-    def decode_bytes(self, ids: list[int], skip_special_tokens: bool = False) -> bytes:
+    def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = False) -> bytes:
         names = {v: k for k, v in self.special_tokens.items()}
         return b"".join(
             names[i].encode() if i in names else bytes([i]) for i in ids if not (skip_special_tokens and i in names)
@@ -96,7 +97,7 @@ def served(request: pytest.FixtureRequest) -> Iterator[Served]:
                 thread.join(timeout=10)
 
 
-def wait_until(cond, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+def wait_until(cond: Callable[[], object], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -267,7 +268,7 @@ def test_structured_output_reaches_the_shard_as_the_schema_field(served: Served)
     sent = []
     prefill = served.router.client.prefill
 
-    def spy(batch, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(batch: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append(batch.requests[0].parameters)
         return prefill(batch, *args, **kwargs)
 
