@@ -4,6 +4,7 @@ parameters."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
     "return_k_alternatives": 0,
 }
 STOPPING_DEFAULTS: dict[str, Any] = {"max_new_tokens": 20, "stop_sequences": (), "ignore_eos_token": False}
+# The shard's ranges (worker/engine/sampling.py, which imports torch): beyond them its fp32 sampler overflows.
+MIN_TEMPERATURE, MAX_PENALTY_FACTOR, MAX_ADDITIVE_PENALTY = 1e-4, 1e4, 1e4
 
 
 class Tokenizer(Protocol):
@@ -111,6 +114,7 @@ class AdapterInfo:
 def sampling_parameters(params: dict[str, Any] | None) -> pb.NextTokenChooserParameters:
     """Keys of NextTokenChooserParameters with LoRAX's defaults; `do_sample` without a seed draws one."""
     merged = _merge(SAMPLING_DEFAULTS, params or {}, "sampling parameter")
+    _check_ranges(merged)
     if merged["seed"] is None:
         merged["seed"] = random.getrandbits(63) if merged["do_sample"] else 0
     schema = merged.pop("schema")
@@ -118,6 +122,30 @@ def sampling_parameters(params: dict[str, Any] | None) -> pb.NextTokenChooserPar
     if schema is not None:
         out.schema = schema
     return out
+
+
+def _check_ranges(p: dict[str, Any]) -> None:
+    """Refuse sampling values the shard refuses (ValidationError naming the field and the range)."""
+    for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+        if not math.isfinite(p[name]):
+            raise ValidationError(f"{name} must be a finite number, got {p[name]}")
+    t, rep, additive = p["temperature"], p["repetition_penalty"], MAX_ADDITIVE_PENALTY
+    checks = [
+        ("temperature", t == 0 or t >= MIN_TEMPERATURE, f"0 (greedy) or >= {MIN_TEMPERATURE:g}"),
+        ("top_k", p["top_k"] >= 0, ">= 0 (0 disables top-k)"),
+        ("top_p", 0 < p["top_p"] <= 1, "in (0, 1]"),
+        ("typical_p", 0 < p["typical_p"] <= 1, "in (0, 1]"),
+        (
+            "repetition_penalty",
+            1 / MAX_PENALTY_FACTOR <= rep <= MAX_PENALTY_FACTOR,
+            f"in [{1 / MAX_PENALTY_FACTOR:g}, {MAX_PENALTY_FACTOR:g}]",
+        ),
+        ("frequency_penalty", abs(p["frequency_penalty"]) <= additive, f"in [-{additive:g}, {additive:g}]"),
+        ("presence_penalty", abs(p["presence_penalty"]) <= additive, f"in [-{additive:g}, {additive:g}]"),
+    ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValidationError(f"{name} must be {rule}, got {p[name]}")
 
 
 def stopping_parameters(stopping: dict[str, Any] | None) -> pb.StoppingCriteriaParameters:

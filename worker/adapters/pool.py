@@ -2,7 +2,8 @@
 adapter RPCs' bodies, over the slot pool (slots.py) and the host copies (staging.py).
 
 An adapter used by a live batch is never evicted or offloaded. Host copies of offloaded adapters are
-kept up to `host_cache` (least recently used dropped first; read from disk again if used).
+kept up to `host_cache` (least recently used dropped first; read from disk again if used); an offloaded
+index whose host copy is dropped is forgotten, so indices the router never reuses cannot grow memory.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Entry:
     ranks: torch.Tensor  # [layers, modules] int32: rank per module (0: not targeted)
     slot: int | None = None
     last_used: float = field(default_factory=time.monotonic)
+    offloaded: bool = False  # by OffloadAdapter (not evicted): forgotten when its host copy is dropped
 
 
 class AdapterManager:
@@ -205,6 +207,7 @@ class AdapterManager:
                 (time.perf_counter() - t0) * 1e3,
                 ", ".join(f"{k} {v:.1f}" for k, v in self.last_timing.items()),
             )
+        entry.offloaded = False
         self._make_resident(index, pinned=set())
         return pb.LoadAdapterResponse(loaded=True)
 
@@ -216,6 +219,7 @@ class AdapterManager:
         if index in self._in_use():
             raise FailedPrecondition(f"adapter index {index} is used by a live batch and cannot be offloaded")
         self._free_slot(entry)
+        entry.offloaded = True
         self._trim_host_cache()
         return pb.OffloadAdapterResponse(offloaded=True)
 
@@ -235,9 +239,12 @@ class AdapterManager:
             entry.slot = None
 
     def _trim_host_cache(self) -> None:
-        """Drop host copies of offloaded adapters beyond the cache size, least recently used first."""
+        """Drop host copies of offloaded adapters beyond the cache size, least recently used first, and forget
+        the offloaded indices left without one."""
         offloaded = sorted((e.last_used, i) for i, e in self.entries.items() if e.slot is None and e.host is not None)
         self.copies.drop(self.entries[i] for _, i in offloaded[: max(0, len(offloaded) - self.host_cache)])
+        for i in [i for i, e in self.entries.items() if e.offloaded and e.host is None]:
+            del self.entries[i]
 
     def _make_resident(self, index: int, pinned: set[int]) -> int:
         entry = self.entries[index]

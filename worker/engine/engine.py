@@ -129,9 +129,8 @@ class Engine:
 
     def warmup(self, request: pb.WarmupRequest) -> int:
         """Run the router's largest prefill without a cache to find the activation peak (and calibrate fp8
-        scales), then size the KV cache from what is left. Returns max_supported_total_tokens."""
-        self.clear(None)
-        self.runner = self.allocator = None
+        scales), then size the KV cache from what is left. Returns max_supported_total_tokens. The batch is
+        validated before the live batches and the cache are dropped: a refused Warmup changes nothing."""
         lengths, ids = [], []
         for req in request.batch.requests:
             p = prompt_ids(self.tokenizer, req)
@@ -139,6 +138,8 @@ class Engine:
                 p = p[-request.max_input_length :]
             lengths.append(len(p))
             ids += p
+        self.clear(None)
+        self.runner = self.allocator = None
         calibrate = self.kv_dtype == torch.float8_e4m3fn and self.model.checkpoint_kv_scales() is None
         probe = warmup_prefill(self.model, self.pctx, lengths, ids, calibrate, self.cfg.kv_scale_margin)
         if probe.kv_scales is not None:

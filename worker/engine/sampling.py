@@ -14,6 +14,7 @@ requests it is batched with, nor on filter/concatenate.
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from collections.abc import Sequence
@@ -24,6 +25,12 @@ import torch
 Device = str | torch.device
 MAX_ALTERNATIVES = 100
 PREFILL_CHUNK_ROWS = 1024  # bounds the fp32 copy of prompt logits in prefill_logprobs
+# Ranges that keep the processed scores finite in fp32 for logits up to ~1e4 in size (beyond them a score
+# overflows to inf and the row's probabilities to NaN). router_client/messages.py checks the same.
+MIN_TEMPERATURE = 1e-4  # of a sampling row; 0 means greedy
+MAX_PENALTY_FACTOR = 1e4  # repetition_penalty in [1 / this, this]
+MAX_ADDITIVE_PENALTY = 1e4  # |frequency_penalty|, |presence_penalty|
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,12 +61,23 @@ class SamplingParams:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
+        additive = f"in [-{MAX_ADDITIVE_PENALTY:g}, {MAX_ADDITIVE_PENALTY:g}]"
         checks = [
-            ("temperature", self.temperature >= 0, ">= 0 (0 means greedy)"),
+            (
+                "temperature",
+                self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+                f"0 (greedy) or >= {MIN_TEMPERATURE:g}",
+            ),
             ("top_k", self.top_k >= 0, ">= 0 (0 disables top-k)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("typical_p", 0 < self.typical_p <= 1, "in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 disables it)"),
+            (
+                "repetition_penalty",
+                1 / MAX_PENALTY_FACTOR <= self.repetition_penalty <= MAX_PENALTY_FACTOR,
+                f"in [{1 / MAX_PENALTY_FACTOR:g}, {MAX_PENALTY_FACTOR:g}] (1 disables it)",
+            ),
+            ("frequency_penalty", abs(self.frequency_penalty) <= MAX_ADDITIVE_PENALTY, additive),
+            ("presence_penalty", abs(self.presence_penalty) <= MAX_ADDITIVE_PENALTY, additive),
             (
                 "return_k_alternatives",
                 0 <= self.return_k_alternatives <= MAX_ALTERNATIVES,
@@ -165,14 +183,30 @@ class BatchSampler:
             scores = top_p_warp(scores, self._top_p)
         if self._typical is not None:
             scores = typical_warp(scores, self._typical)
+        fell_back = self._fall_back(scores, logits)
         logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
         next_ids = scores.argmax(dim=-1)  # [B]
         for i, g in enumerate(self.generators):
-            if g is not None:  # one draw from this row alone: independent of the rest of the batch
+            if g is not None and not fell_back[i]:  # one draw from this row alone: independent of the batch
                 next_ids[i : i + 1] = torch.multinomial(torch.softmax(scores[i], dim=-1), 1, generator=g)
         chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)  # [B]
         top_ids, top_lps = self._alternatives(logprobs)
         return SampleOutput(next_ids=next_ids, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lps)
+
+    def _fall_back(self, scores: torch.Tensor, logits: torch.Tensor) -> list[bool]:
+        """Rows whose processed scores are no distribution (a NaN, a +inf, nothing finite: an extreme value got
+        past validation) take their raw logits instead and are chosen greedily, so that one row cannot fail the
+        batch. Edits `scores` in place; returns which rows fell back."""
+        bad = ~torch.isfinite(scores.amax(dim=-1))  # [B]: the max of such a row is NaN, +inf or -inf
+        if not bool(bad.any()):
+            return [False] * len(self.params)
+        raw = logits[bad].to(device=self.device, dtype=torch.float32)
+        raw = raw.nan_to_num(nan=-math.inf, posinf=torch.finfo(torch.float32).max)
+        raw[:, self.n_real_vocab :] = -math.inf
+        scores[bad] = raw
+        rows = bad.nonzero().flatten().tolist()
+        log.warning("sampling rows %s went non-finite: greedy on their raw logits instead", rows)
+        return bad.tolist()
 
     def _penalize(self, scores: torch.Tensor, prev_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         batch, vocab = scores.shape
