@@ -61,7 +61,9 @@ def test_extreme_values_are_refused_by_name(kw, field_name):
 )
 def test_the_limits_themselves_pass_at_shard_and_router(kw):
     SamplingParams(**kw).validate()
-    sampling_parameters(kw)
+    wire = sampling_parameters(kw)  # fp32 on the wire: 1e-4 arrives as 9.99999974e-05
+    names = ["temperature", "do_sample", "repetition_penalty", "frequency_penalty", "presence_penalty"]
+    SamplingParams(**{name: getattr(wire, name) for name in names}).validate()
 
 
 def test_router_refuses_non_finite_and_out_of_range_values():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -65,7 +66,7 @@ class SamplingParams:
         checks = [
             (
                 "temperature",
-                self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+                self.temperature == 0 or self.temperature >= _as_fp32(MIN_TEMPERATURE),
                 f"0 (greedy) or >= {MIN_TEMPERATURE:g}",
             ),
             ("top_k", self.top_k >= 0, ">= 0 (0 disables top-k)"),
@@ -73,7 +74,7 @@ class SamplingParams:
             ("typical_p", 0 < self.typical_p <= 1, "in (0, 1]"),
             (
                 "repetition_penalty",
-                1 / MAX_PENALTY_FACTOR <= self.repetition_penalty <= MAX_PENALTY_FACTOR,
+                _as_fp32(1 / MAX_PENALTY_FACTOR) <= self.repetition_penalty <= MAX_PENALTY_FACTOR,
                 f"in [{1 / MAX_PENALTY_FACTOR:g}, {MAX_PENALTY_FACTOR:g}] (1 disables it)",
             ),
             ("frequency_penalty", abs(self.frequency_penalty) <= MAX_ADDITIVE_PENALTY, additive),
@@ -88,6 +89,11 @@ class SamplingParams:
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+
+
+def _as_fp32(x: float) -> float:
+    """`x` as a protobuf float carries it: a value the router accepts in fp64 passes here after the wire."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 @dataclass
