@@ -5,7 +5,6 @@ are cut out of the text, as OpenAI does."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +16,17 @@ from fastapi.responses import JSONResponse
 
 from router_client.front.chat import CHAT_STOPS, ROLES, Turn, chatml_ids
 from router_client.front.errors import validation
-from router_client.front.flow import begin, collect, event_stream, finite, sse
+from router_client.front.flow import begin, collect, event_stream, sse
+from router_client.front.openai_answers import (
+    FINISH,
+    adapter_dirs,
+    chat_logprob,
+    completion_logprobs,
+    mean_logprob,
+    message_text,
+)
 from router_client.front.openai_schemas import (
     ChatCompletion,
-    ChatMessage,
     ChatRequest,
     Completion,
     CompletionRequest,
@@ -32,8 +38,6 @@ from router_client.front.schemas import sse_content
 from router_client.front.service import Front, Job, Outcome, Run
 from router_client.front.text import StopTrimmer, trim_stop
 from router_client.requests import TokenEvent
-
-FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
 @dataclass
@@ -154,7 +158,7 @@ class OpenAIRoutes:
     def chat_plan(self, req: ChatRequest) -> Plan:
         if req.tools:
             raise validation("tool calls are not supported")
-        turns = [Turn(ROLES[m.role], _content(m)) for m in req.messages]
+        turns = [Turn(ROLES[m.role], message_text(m)) for m in req.messages]
         ids = chatml_ids(self.front.tokenizer, turns)
         k = (req.top_logprobs or 0) if req.logprobs else 0
         n = req.n or 1
@@ -177,7 +181,7 @@ class OpenAIRoutes:
         for start in range(0, len(outcomes), plan.per_prompt):
             group = list(range(start, start + plan.per_prompt))
             if plan.per_prompt > plan.n:
-                group.sort(key=lambda j: -_mean_logprob(outcomes[j]))
+                group.sort(key=lambda j: -mean_logprob(outcomes[j]))
             out += [(j, outcomes[j]) for j in group[: plan.n]]
         return out
 
@@ -202,7 +206,7 @@ class OpenAIRoutes:
                     "index": index,
                     "text": echo + text,
                     "finish_reason": FINISH[o.result.finish_reason],
-                    "logprobs": _completion_logprobs(o.events) if req.logprobs is not None else None,
+                    "logprobs": completion_logprobs(o.events) if req.logprobs is not None else None,
                 }
             )
         usage = self._usage(plan, run, [j for j, _ in self._chosen(plan, outcomes)])
@@ -222,7 +226,7 @@ class OpenAIRoutes:
                     "index": index,
                     "message": {"role": "assistant", "content": trim_stop(o.result.text, plan.stops)},
                     "finish_reason": FINISH[o.result.finish_reason],
-                    "logprobs": {"content": [_chat_logprob(e) for e in o.events if not e.special]}
+                    "logprobs": {"content": [chat_logprob(e) for e in o.events if not e.special]}
                     if req.logprobs
                     else None,
                 }
@@ -244,7 +248,7 @@ class OpenAIRoutes:
         ) -> bytes:
             lp = None
             if event is not None and logprobs:
-                lp = {"content": [_chat_logprob(event)]} if chat else _completion_logprobs([event])
+                lp = {"content": [chat_logprob(event)]} if chat else completion_logprobs([event])
             if chat:
                 delta = {"role": "assistant", "content": text} if role else {} if text is None else {"content": text}
                 choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
@@ -281,7 +285,7 @@ class OpenAIRoutes:
     def models(self) -> dict[str, Any]:
         cfg = self.front.config
         ids = {ids[0] for ids in (a.ids for a in self.front.router.adapters.values()) if len(ids) == 1}
-        ids |= set(_adapter_dirs(cfg.adapter_root)) if cfg.adapter_root else set()
+        ids |= set(adapter_dirs(cfg.adapter_root)) if cfg.adapter_root else set()
         return {
             "object": "list",
             "data": [
@@ -291,61 +295,12 @@ class OpenAIRoutes:
         }
 
 
-def _content(m: ChatMessage) -> str:
-    if m.content is None or isinstance(m.content, str):
-        return m.content or ""
-    return "".join(part.text for part in m.content)
-
-
-def _mean_logprob(o: Outcome) -> float:
-    return sum(finite(e.logprob, -1e9) or 0.0 for e in o.events) / max(1, len(o.events))
-
-
-def _chat_logprob(e: TokenEvent) -> dict[str, Any]:
-    return {
-        "token": e.text,
-        "logprob": finite(e.logprob, -9999.0),
-        "bytes": list(e.text.encode()),
-        "top_logprobs": [
-            {"token": a.text, "logprob": finite(a.logprob, -9999.0), "bytes": list(a.text.encode())}
-            for a in e.alternatives
-        ],
-    }
-
-
-def _completion_logprobs(events: list[TokenEvent]) -> dict[str, Any]:
-    events = [e for e in events if not e.special]
-    offsets, at = [], 0
-    for e in events:
-        offsets.append(at)
-        at += len(e.text)
-    return {
-        "tokens": [e.text for e in events],
-        "token_logprobs": [finite(e.logprob, -9999.0) for e in events],
-        "top_logprobs": [{a.text: finite(a.logprob, -9999.0) for a in e.alternatives} for e in events],
-        "text_offset": offsets,
-    }
-
-
-def _adapter_dirs(root: str) -> list[str]:
-    """Adapter ids under the adapter root: directories holding adapter_config.json (name or org/name)."""
-    found = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name)
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            found.append(name)
-        elif os.path.isdir(path):
-            found += [
-                f"{name}/{sub}"
-                for sub in sorted(os.listdir(path))
-                if os.path.isfile(os.path.join(path, sub, "adapter_config.json"))
-            ]
-    return found
-
-
 def add_openai_routes(app: FastAPI, front: Front, errors: dict[int | str, dict[str, Any]]) -> None:
     routes = OpenAIRoutes(front)
-    text_chunks, chat_chunks = sse_content("Completion", done=True), sse_content("ChatCompletionChunk", done=True)
+    text_chunks, chat_chunks = (
+        sse_content("Completion", done=True),
+        sse_content("ChatCompletionChunk", done=True),
+    )
 
     @app.post("/v1/completions", response_model=Completion, responses={200: {"content": text_chunks}, **errors})
     async def completions(body: CompletionRequest, request: Request) -> Any:
