@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from worker.engine.generations import CachedBatchInfo
+from worker.engine.grammar import Grammar, Grammars
 from worker.engine.kv_cache import BlockAllocator
 from worker.engine.sampling import BatchSampler, SamplingParams
 from worker.engine.stopping import StoppingCriteria
@@ -52,6 +53,7 @@ class RequestState:
     prefill_cache_len: int = 0  # cache_len the request arrived with
     finished: bool = False
     ahead: Ahead | None = None  # the next decode step's logits, computed ahead (worker/engine/lookahead.py)
+    grammar: Grammar | None = None  # JSON-schema constrained decoding: the request's matcher (engine/grammar.py)
 
     @property
     def n_generated(self) -> int:
@@ -150,6 +152,7 @@ class RequestPlan:
     sampling: SamplingParams
     stopping: StoppingCriteria
     own_blocks: int  # blocks to take from the shard's allocator (0: the router gave blocks)
+    grammar: str | None = None  # llguidance grammar of the request's JSON schema, checked
 
 
 @dataclass(kw_only=True)
@@ -171,6 +174,7 @@ class BatchBuilder:
     chunked_prefill: bool = False
     live_request_ids: set[int] = field(default_factory=set)
     seed_nonce: int = 0  # identical on every rank: unseeded sampling draws the same seed on all shards
+    grammars: Grammars | None = None  # None: JSON schemas are refused (FailedPrecondition)
 
     def build(self, pb_batch: Any) -> Batch:
         if self.max_batch_size and len(pb_batch.requests) > self.max_batch_size:
@@ -218,6 +222,7 @@ class BatchBuilder:
                     prefill_logprobs=req.prefill_logprobs,
                     report=req.id % self.world_size == self.rank,
                     prefill_cache_len=req.cache_len,
+                    grammar=self.grammars.compile(plan.grammar) if self.grammars and plan.grammar else None,
                 )
             )
         sampler = BatchSampler([p.sampling for p in plans], self.vocab_size, self.tokenizer.n_real_vocab, self.device)
@@ -229,8 +234,7 @@ class BatchBuilder:
         p = req.parameters
         if p.watermark:
             raise FailedPrecondition(f"request {req.id}: watermarking is not supported by this worker")
-        if p.HasField("schema") and p.schema:
-            raise FailedPrecondition(f"request {req.id}: JSON-schema constrained decoding is not supported")
+        grammar = self._grammar(req.id, p.schema) if p.HasField("schema") and p.schema else None
         sp = SamplingParams(
             temperature=p.temperature,
             top_k=p.top_k,
@@ -285,7 +289,7 @@ class BatchBuilder:
                     f"tokens needs {needed} KV slots, more than the shard's "
                     f"{self.allocator.count * self.block_size} self-allocatable slots"
                 )
-            return RequestPlan(ids, sp, stop, n_own)
+            return RequestPlan(ids, sp, stop, n_own, grammar)
         bad_blocks = [b for b in req.blocks if b >= self.router_blocks]
         if bad_blocks:
             raise InvalidArgument(
@@ -301,4 +305,13 @@ class BatchBuilder:
         bad_slots = [sl for sl in req.slots if sl // self.block_size not in allowed]
         if bad_slots:
             raise InvalidArgument(f"request {req.id}: slot {bad_slots[0]} lies outside the request's blocks")
-        return RequestPlan(ids, sp, stop, 0)
+        return RequestPlan(ids, sp, stop, 0, grammar)
+
+    def _grammar(self, request_id: int, schema: str) -> str:
+        """A request's JSON schema, checked (the compile starts once the whole batch is valid)."""
+        if self.grammars is None:
+            raise FailedPrecondition(f"request {request_id}: JSON-schema constrained decoding is not enabled")
+        try:
+            return self.grammars.check(schema)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"request {request_id}: {exc}") from exc

@@ -19,8 +19,10 @@ from worker.engine import lookahead
 from worker.engine.batch import Adapters, Batch, BatchBuilder, RequestState, prompt_ids
 from worker.engine.config import EngineConfig
 from worker.engine.generations import Generation, alternatives, generated_text, next_token, prompt_tokens
+from worker.engine.grammar import Grammars
 from worker.engine.kv_cache import BlockAllocator, KVCache
 from worker.engine.runner import Runner, StepLogits, kv_blocks, warmup_prefill
+from worker.engine.stopping import FinishReason
 from worker.errors import InvalidArgument, NotFound
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
@@ -54,6 +56,7 @@ class Engine:
         self.cfg = cfg
         self.adapters = adapters
         self.batches: dict[int, Batch] = {}
+        self.grammars = Grammars(tokenizer)  # JSON-schema constrained decoding; built up at the first schema
         self.runner: Runner | None = None  # owns the KV cache; built on first use or by Warmup
         self.allocator: BlockAllocator | None = None
         self.router_blocks = 0
@@ -125,6 +128,7 @@ class Engine:
             max_batch_size=self.cfg.max_batch_size,
             live_request_ids=live,
             seed_nonce=self.seed_nonce,
+            grammars=self.grammars,
         )
 
     def warmup(self, request: pb.WarmupRequest) -> int:
@@ -262,7 +266,8 @@ class Engine:
         assert self.runner is not None
         adapter_slots = self.adapters.request_slots(batch) if self.adapters is not None else None
         step = self._logits(batch, prefill, adapter_slots)
-        out = batch.sampler(step.last, [r.ids for r in batch.requests])
+        allowed = self.grammars.masks([r.grammar for r in batch.requests])  # None unless a request is constrained
+        out = batch.sampler(step.last, [r.ids for r in batch.requests], allowed)
         next_ids = self.pctx.broadcast(out.next_ids.clone()).tolist()  # identical tokens on every rank
         logprobs = out.logprobs.tolist()
         tok = self.tokenizer
@@ -275,6 +280,8 @@ class Engine:
             r.ids.append(tid)
             text = r.detok.add(tid)
             reason = r.stopping.check(tid, r.detok.text, r.n_generated)
+            if r.grammar is not None and r.grammar.consume(tid):  # the schema's output is whole: it ends here
+                reason = FinishReason.FINISH_REASON_EOS_TOKEN
             if reason is not None:
                 r.finished = True
             if not r.report:

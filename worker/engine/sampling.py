@@ -169,8 +169,11 @@ class BatchSampler:
     def __len__(self) -> int:
         return len(self.params)
 
-    def __call__(self, logits: torch.Tensor, prev_ids: Sequence[Sequence[int]]) -> SampleOutput:
-        """logits: [B, vocab_size] any float dtype; prev_ids: prompt + generated ids per row."""
+    def __call__(
+        self, logits: torch.Tensor, prev_ids: Sequence[Sequence[int]], allowed: torch.Tensor | None = None
+    ) -> SampleOutput:
+        """logits: [B, vocab_size] any float dtype; prev_ids: prompt + generated ids per row; allowed: None, or the
+        tokens each row may take as a bitmask [B, ceil(n_real_vocab / 32)] int32 (see apply_token_bitmask)."""
         batch = len(self.params)
         if tuple(logits.shape) != (batch, self.vocab_size) or len(prev_ids) != batch:
             raise ValueError(
@@ -179,6 +182,8 @@ class BatchSampler:
             )
         scores = logits.to(device=self.device, dtype=torch.float32, copy=True)  # [B, V]
         scores[:, self.n_real_vocab :] = -math.inf  # padded vocab rows of lm_head are never chosen
+        if allowed is not None:  # constrained decoding: before penalties, warpers and the choice
+            apply_token_bitmask(scores, allowed, self.n_real_vocab)
         if self._use_penalty:
             scores = self._penalize(scores, prev_ids)
         if self._temperature is not None:
@@ -190,6 +195,8 @@ class BatchSampler:
         if self._typical is not None:
             scores = typical_warp(scores, self._typical)
         fell_back = self._fall_back(scores, logits)
+        if allowed is not None and any(fell_back):  # raw logits replaced those rows: constrain them again
+            apply_token_bitmask(scores, allowed, self.n_real_vocab)
         logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
         next_ids = scores.argmax(dim=-1)  # [B]
         for i, g in enumerate(self.generators):
@@ -262,6 +269,20 @@ class BatchSampler:
             generators=[g for s in samplers for g in s.generators],
             seeds=[x for s in samplers for x in s.seeds],
         )
+
+
+def apply_token_bitmask(scores: torch.Tensor, bitmask: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """-inf for the tokens a bitmask leaves out, all rows in one pass on the scores' device. scores: [B, V] with
+    V >= n_tokens, in place; bitmask: [B, ceil(n_tokens / 32)] int32, bit j of word w set when token 32·w + j
+    is allowed (llguidance's layout; a row of -1 allows everything)."""
+    batch = scores.shape[0]
+    if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (batch, (n_tokens + 31) // 32):
+        raise ValueError(f"bitmask for {batch} rows x {n_tokens} tokens got {bitmask.dtype} {tuple(bitmask.shape)}")
+    words = bitmask.to(scores.device, non_blocking=True)  # [B, W]
+    shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
+    scores[:, :n_tokens].masked_fill_(bits.view(batch, -1)[:, :n_tokens] == 0, -math.inf)
+    return scores
 
 
 def top_k_warp(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:

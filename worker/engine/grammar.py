@@ -1,0 +1,133 @@
+"""JSON-schema constrained decoding with llguidance.
+
+A request's `NextTokenChooserParameters.schema` is JSON Schema text (the HTTP front sends json_object as
+{"type":"object"}, json_schema and TGI's `grammar` {type: json} as their schema). `Grammars.check` validates
+it at Prefill without the tokenizer (well under a millisecond), so a bad schema is refused before any state
+changes; `Grammars.compile` then builds the request's matcher on a thread pool while the batch's forward
+runs, and the step waits for it only when it needs the first mask. The llguidance tokenizer is built once,
+by the first compile. Masks are bitmasks computed on the CPU for all constrained rows at once (on
+llguidance's own threads); the sampler applies them on the logits' device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import llguidance
+import llguidance.torch
+import tiktoken
+import torch
+from llguidance.tiktoken import lltokenizer_from_encoding
+
+from worker.errors import InvalidArgument
+from worker.tokenizer import QWEN_PATTERN, QwenTokenizer
+
+log = logging.getLogger(__name__)
+
+# Whitespace between JSON tokens is bounded, so a weak model cannot spend its tokens on it; a schema's own
+# "x-guidance" options override these defaults.
+JSON_DEFAULTS: llguidance._lib.JsonCompileOptions = {"whitespace_pattern": r"[ ]?"}
+
+
+def lltokenizer(tok: QwenTokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of our vocabulary: the BPE tokens by id, the special tokens, every eos id an end token."""
+    specials = {name: i for name, i in tok.special_tokens.items() if i < tok.n_real_vocab}
+    ranks = {tok.decode_bytes([i]): i for i in range(tok.n_real_vocab) if i not in tok.special_ids}
+    enc = tiktoken.Encoding("qwen-llguidance", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    return lltokenizer_from_encoding(enc, n_vocab=tok.n_real_vocab, eos_token=sorted(tok.eos_token_ids))
+
+
+class Grammar:
+    """One request's matcher: compiled in the background, advanced once per accepted token."""
+
+    def __init__(self, compiling: Future[llguidance.LLMatcher]):
+        self._compiling = compiling
+        self._matcher: llguidance.LLMatcher | None = None
+
+    @property
+    def matcher(self) -> llguidance.LLMatcher:
+        """The compiled matcher (waits for the compile the first time)."""
+        if self._matcher is None:
+            matcher = self._compiling.result()
+            if matcher.is_error():
+                raise InvalidArgument(f"invalid JSON schema: {matcher.get_error()}")
+            self._matcher = matcher
+        return self._matcher
+
+    def consume(self, token_id: int) -> bool:
+        """Advance by the sampled token; True when the output is complete (only an end token may follow)."""
+        matcher = self.matcher
+        if not matcher.consume_token(token_id):  # the mask allowed it, so this is a bug: stop, never emit junk
+            log.error(
+                "constrained decoding: token %d was refused (%s); the request stops", token_id, matcher.get_error()
+            )
+            return True
+        return bool(matcher.is_stopped())
+
+
+@dataclass
+class Grammars:
+    """The shard's llguidance state: the tokenizer (built at the first compile), a thread pool for compiles
+    and an executor computing masks in parallel. Thread-safe where it says so; otherwise step-thread only."""
+
+    tokenizer: QwenTokenizer
+    compile_threads: int = 2
+    mask_threads: int | None = None  # None: llguidance's default (80% of the CPUs, at most 32)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _lltok: llguidance.LLTokenizer | None = field(default=None, init=False, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _executor: llguidance.LLExecutor | None = field(default=None, init=False, repr=False)
+
+    @staticmethod
+    def check(schema: str) -> str:
+        """The llguidance grammar of a JSON schema (text), validated; InvalidArgument names the problem."""
+        try:
+            parsed = json.loads(schema)
+        except ValueError as exc:
+            raise InvalidArgument(f"the JSON schema is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise InvalidArgument(f"the JSON schema must be a JSON object, got {type(parsed).__name__}")
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(parsed, defaults=JSON_DEFAULTS)
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid JSON schema: {exc}") from exc
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+        if is_error:
+            raise InvalidArgument(f"invalid JSON schema: {messages[0]}")
+        return grammar
+
+    def compile(self, grammar: str) -> Grammar:
+        """Start compiling a checked grammar on the pool; returns at once."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.compile_threads, thread_name_prefix="grammar")
+        return Grammar(self._pool.submit(self._matcher, grammar))
+
+    def _matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """Runs on the pool (llguidance releases the GIL while it compiles)."""
+        with self._lock:  # the first compile builds the tokenizer (about a second for Qwen's 151k tokens)
+            if self._lltok is None:
+                self._lltok = lltokenizer(self.tokenizer)
+            lltok = self._lltok
+        return llguidance.LLMatcher(lltok, grammar, log_level=0)
+
+    def masks(self, grammars: Sequence[Grammar | None]) -> torch.Tensor | None:
+        """The allowed next tokens of each row as a bitmask [B, ceil(n_real_vocab / 32)] int32 on the CPU (bit j
+        of word w: token 32·w + j); rows without a grammar allow everything. None when no row has a grammar."""
+        rows = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None]
+        if not rows:
+            return None
+        bitmask = torch.full(
+            llguidance.torch.get_bitmask_shape(len(grammars), self.tokenizer.n_real_vocab),
+            -1,
+            dtype=torch.int32,
+            pin_memory=torch.cuda.is_available(),  # the sampler copies it to the GPU without blocking
+        )
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(self.mask_threads)
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
+        return bitmask
