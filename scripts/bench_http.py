@@ -2,7 +2,7 @@
 the same load through the router directly, on the same shard process(es) in the same run.
 
     python scripts/bench_http.py [--model-dir D] [--num-shard 1] [--streams 64] [--requests 256]
-                                 [--max-new-tokens 64] [--rounds 2] [--json bench_http.json]
+                                 [--max-new-tokens 64] [--rounds 2] [--json bench_http.json] [--shard-arg=...]
 
 Each round runs the direct load (a Router in this process, one thread streaming each request), then
 the HTTP load (`qwen-router serve` as its own process, one streaming `POST /generate_stream` per
@@ -173,6 +173,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", default="bench_http.json")
+    ap.add_argument("--shard-arg", action="append", default=[], help="passed to qwen-launch (e.g. --shard-arg=--eager)")
     a = ap.parse_args()
     model_dir = a.model_dir
     if model_dir is None:
@@ -195,6 +196,7 @@ def main() -> int:
                 uds,
                 "--max-total-tokens",
                 "32768",
+                *a.shard_arg,
             ],
             cwd=ROOT,
             env=env,

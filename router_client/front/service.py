@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -71,6 +72,14 @@ class Front:
         self.loading = 0  # adapter loads under way (event loop only)
         self.metrics = Metrics(router.load, lambda: self.loading)
         router.step_observer = self.metrics.observe_step
+        self._waker: Waker | None = None
+
+    def waker(self) -> Waker:
+        """The Waker of the running event loop (the server's)."""
+        loop = asyncio.get_running_loop()
+        if self._waker is None or self._waker.loop is not loop:
+            self._waker = Waker(loop)
+        return self._waker
 
     def admit(self) -> None:
         """Take a concurrency slot (give it back with `release`), or 429."""
@@ -135,6 +144,33 @@ class Front:
             return False
 
 
+class Waker:
+    """Wakes event-loop waiters from the router's thread, one loop callback per burst: a step that
+    advances 64 streams costs one cross-thread wake-up, not 64 (each is a syscall that also hands the
+    GIL to the event loop in the middle of the router's bookkeeping)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+
+    def wake(self, event: asyncio.Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:
+                return  # a flush is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _flush(self) -> None:  # on the event loop
+        with self._lock:
+            events, self._pending = self._pending, []
+        for event in events:
+            event.set()
+
+
 class Run:
     """The router handles of one HTTP request, read from the event loop."""
 
@@ -146,7 +182,7 @@ class Run:
         self.received = received
         self.submitted = submitted
         self.structured = structured
-        self._loop = asyncio.get_running_loop()
+        self._waker = front.waker()
         self._wake = asyncio.Event()
         self._buffers: list[collections.deque[TokenEvent | None]] = [collections.deque() for _ in handles]
         self._ended = [False] * len(handles)  # the end marker (None) was buffered
@@ -155,10 +191,7 @@ class Run:
             h.notify = self._notify
 
     def _notify(self) -> None:  # on the router's thread
-        try:
-            self._loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        self._waker.wake(self._wake)
 
     def _pull(self) -> None:
         self._wake.clear()
