@@ -8,7 +8,11 @@ import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.tokenizer import QwenTokenizer
 
 # LoRAX launcher flags accepted for drop-in use but without effect here (each is logged once).
 IGNORED_FLAGS = {
@@ -108,7 +112,6 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     from worker.layers.attention import make_backend
     from worker.models.qwen import FlashQwenForCausalLM
     from worker.server import LoraxServicer, make_server, serve_forever
-    from worker.tokenizer import QwenTokenizer
     from worker.weights import torch_dtype
 
     log = logging.getLogger("worker")
@@ -121,8 +124,8 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     log.info("rank %d/%d on %s, dtype %s, attention backend %s", pctx.rank, pctx.world_size, pctx.device, dtype,
              backend.name)
     t0 = time.time()
+    tokenizer = checked_tokenizer(args.model_dir)  # before the weights: a clear refusal, fast
     model = FlashQwenForCausalLM.from_pretrained(args.model_dir, pctx, dtype, backend)
-    tokenizer = QwenTokenizer.from_dir(args.model_dir)
     log.info("model loaded in %.1fs: %d layers, hidden %d, vocab %d", time.time() - t0,
              model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size)
     adapters = None
@@ -152,7 +155,24 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def checked_tokenizer(model_dir: str) -> QwenTokenizer:
+    """The checkpoint's tokenizer, once config.json is valid and has a row for every one of its tokens
+    (else ConfigError naming the files)."""
+    from worker.config import ConfigError, QwenConfig
+    from worker.tokenizer import QwenTokenizer
+
+    config = QwenConfig.from_pretrained(model_dir)
+    tokenizer = QwenTokenizer.from_dir(model_dir)
+    tiktoken_file = os.path.join(model_dir, "qwen.tiktoken")
+    tokenizer_file = tiktoken_file if os.path.isfile(tiktoken_file) else os.path.join(model_dir, "tokenizer.json")
+    try:
+        config.check_tokenizer(tokenizer.n_real_vocab, tokenizer_file)
+    except ConfigError as exc:
+        raise ConfigError(f"{os.path.join(model_dir, 'config.json')}: {exc}") from exc
+    return tokenizer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from worker.distributed import env_snapshot
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,7 +183,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag in ignored:
         logging.getLogger("worker").warning("ignoring %s: %s", flag, IGNORED_FLAGS[flag])
     if args.command == "serve":
-        return serve(args, env)
+        from worker.config import ConfigError
+        from worker.weights import WeightError
+
+        try:
+            return serve(args, env)
+        except (ConfigError, WeightError, FileNotFoundError) as exc:  # a checkpoint that cannot be served
+            logging.getLogger("worker").error("cannot serve %s: %s", args.model_dir, exc)
+            return 1
     return 2
 
 

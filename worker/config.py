@@ -4,9 +4,11 @@ v1.0 checkpoints (Aug 2023) spell `n_embd`/`n_head`/`n_layer`/`n_positions`/`ffn
 spells `hidden_size`/`num_attention_heads`/`num_hidden_layers`/`max_position_embeddings`/
 `intermediate_size`. Defaults for omitted keys differ by version (see spec/qwen-v1.md).
 """
+
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +21,8 @@ _SPELLINGS = {
     "max_position_embeddings": "n_positions",
     "intermediate_size": "ffn_hidden_size",
 }
-_V10_DEFAULTS = {"use_dynamic_ntk": False, "use_logn_attn": False, "layer_norm_epsilon": 1e-5,
-                 "vocab_size": 151851}
-_V11_DEFAULTS = {"use_dynamic_ntk": True, "use_logn_attn": True, "layer_norm_epsilon": 1e-6,
-                 "vocab_size": 151936}
+_V10_DEFAULTS = {"use_dynamic_ntk": False, "use_logn_attn": False, "layer_norm_epsilon": 1e-5, "vocab_size": 151851}
+_V11_DEFAULTS = {"use_dynamic_ntk": True, "use_logn_attn": True, "layer_norm_epsilon": 1e-6, "vocab_size": 151936}
 
 
 class ConfigError(ValueError):
@@ -64,12 +64,24 @@ class QwenConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_pct)
 
+    def check_tokenizer(self, n_tokens: int, tokenizer_file: str) -> None:
+        """Every id the tokenizer produces needs a row in wte and lm_head: refuse a smaller vocabulary at load
+        (else every request fails in the sampler)."""
+        rows = min(self.vocab_size, self.padded_vocab_size)
+        if n_tokens > rows:
+            raise ConfigError(
+                f"vocab_size {rows} is smaller than the {n_tokens} tokens of {tokenizer_file}: wte and lm_head "
+                "need a row for every token id"
+            )
+
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "QwenConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> QwenConfig:
         model_type = raw.get("model_type", "qwen")
         if model_type != "qwen":
-            raise ConfigError(f"unknown model_type {model_type!r}: this worker serves Qwen v1 (model_type 'qwen'); "
-                              "Qwen1.5/Qwen2 ('qwen2') use another layout")
+            raise ConfigError(
+                f"unknown model_type {model_type!r}: this worker serves Qwen v1 (model_type 'qwen'); "
+                "Qwen1.5/Qwen2 ('qwen2') use another layout"
+            )
         is_v10 = any(old in raw for old in _SPELLINGS.values())
         defaults = _V10_DEFAULTS if is_v10 else _V11_DEFAULTS
         d: dict[str, Any] = {}
@@ -80,26 +92,27 @@ class QwenConfig:
                 d[new] = raw[new]
             elif old in raw:
                 d[new] = raw[old]
-        missing = [f"{k} (or {_SPELLINGS[k]})" for k in ("hidden_size", "num_attention_heads", "num_hidden_layers",
-                                                          "intermediate_size") if k not in d]
+        missing = [
+            f"{k} (or {_SPELLINGS[k]})"
+            for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+            if k not in d
+        ]
         if "seq_length" not in raw:
             missing.append("seq_length")
         if missing:
-            raise ConfigError(f"config.json is missing required keys: {', '.join(missing)}")
-        heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
-        kv_channels = int(raw.get("kv_channels", hidden // heads if heads else 0))
+            raise ConfigError(f"missing required keys: {', '.join(missing)}")
+        heads, hidden = _int(d, "num_attention_heads"), _int(d, "hidden_size")
+        kv_channels = _int(raw, "kv_channels", hidden // heads or 1)
         if kv_channels * heads != hidden:
             raise ConfigError(f"hidden_size ({hidden}) != kv_channels ({kv_channels}) * num_attention_heads ({heads})")
-        if int(d["intermediate_size"]) % 2:
+        if _int(d, "intermediate_size") % 2:
             raise ConfigError(f"intermediate_size ({d['intermediate_size']}) must be even: the MLP width is half of it")
-        vocab = int(raw.get("vocab_size", defaults["vocab_size"]))
-        base = raw.get("rotary_emb_base", raw.get("rope_theta", 10000.0))
-        rotary_pct = float(raw.get("rotary_pct", 1.0))
+        vocab = _int(raw, "vocab_size", int(defaults["vocab_size"]))
+        base = _float(raw, "rotary_emb_base", _float(raw, "rope_theta", 10000.0))
+        rotary_pct = _float(raw, "rotary_pct", 1.0)
         if not 0.0 < rotary_pct <= 1.0 or int(kv_channels * rotary_pct) % 2:
             raise ConfigError(f"rotary_pct ({rotary_pct}) must be in (0, 1] and rotate an even number of dims")
-        if int(raw["seq_length"]) < 1:
-            raise ConfigError(f"seq_length must be positive, got {raw['seq_length']}")
+        seq_length = _int(raw, "seq_length")
         if raw.get("bf16"):
             dtype = "bfloat16"
         elif raw.get("fp16"):
@@ -109,35 +122,56 @@ class QwenConfig:
         else:
             dtype = "bfloat16"
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        known = set(_SPELLINGS) | set(_SPELLINGS.values()) | {
-            "vocab_size", "padded_vocab_size", "seq_length", "kv_channels", "rotary_pct", "rotary_emb_base",
-            "rope_theta", "layer_norm_epsilon", "use_dynamic_ntk", "use_logn_attn", "no_bias",
-            "tie_word_embeddings", "bf16", "fp16", "fp32", "eos_token_id", "model_type"}
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab for e in eos_ids):
+            raise ConfigError(f"eos_token_id must be token ids in [0, vocab_size={vocab}), got {eos!r}")
+        known = (
+            set(_SPELLINGS)
+            | set(_SPELLINGS.values())
+            | {
+                "vocab_size",
+                "padded_vocab_size",
+                "seq_length",
+                "kv_channels",
+                "rotary_pct",
+                "rotary_emb_base",
+                "rope_theta",
+                "layer_norm_epsilon",
+                "use_dynamic_ntk",
+                "use_logn_attn",
+                "no_bias",
+                "tie_word_embeddings",
+                "bf16",
+                "fp16",
+                "fp32",
+                "eos_token_id",
+                "model_type",
+            }
+        )
         return cls(
             hidden_size=hidden,
             num_attention_heads=heads,
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=_int(d, "num_hidden_layers"),
+            intermediate_size=_int(d, "intermediate_size"),
             vocab_size=vocab,
-            padded_vocab_size=int(raw.get("padded_vocab_size", vocab)),
-            seq_length=int(raw["seq_length"]),
+            padded_vocab_size=_int(raw, "padded_vocab_size", vocab),
+            seq_length=seq_length,
             kv_channels=kv_channels,
             rotary_pct=rotary_pct,
-            rotary_emb_base=float(base),
-            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", defaults["layer_norm_epsilon"])),
+            rotary_emb_base=base,
+            layer_norm_epsilon=_float(raw, "layer_norm_epsilon", defaults["layer_norm_epsilon"]),
             use_dynamic_ntk=bool(raw.get("use_dynamic_ntk", defaults["use_dynamic_ntk"])),
             use_logn_attn=bool(raw.get("use_logn_attn", defaults["use_logn_attn"])),
             no_bias=bool(raw.get("no_bias", True)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", raw["seq_length"])),
+            max_position_embeddings=_int(d, "max_position_embeddings", seq_length),
             torch_dtype=dtype,
             eos_token_ids=eos_ids,
             extra={k: v for k, v in raw.items() if k not in known},
         )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str) -> "QwenConfig":
+    def from_pretrained(cls, model_dir: str) -> QwenConfig:
         path = os.path.join(model_dir, "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json in {model_dir}")
@@ -146,4 +180,25 @@ class QwenConfig:
                 raw = json.load(f)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(raw)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """raw[key] (else `default`) as a positive integer; a ConfigError naming the key otherwise."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer() or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _float(raw: dict[str, Any], key: str, default: float) -> float:
+    """raw[key] (else `default`) as a positive finite number; a ConfigError naming the key otherwise."""
+    value = raw.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    return float(value)

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE = 2000  # characters of a status message: gRPC drops a call whose metadata exceeds ~16 KB
 
 
 class WorkerError(Exception):
@@ -38,7 +39,15 @@ class Unimplemented(WorkerError):
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an exception raised while serving a call."""
+    """The gRPC status for an exception raised while serving a call, its message cut to MAX_MESSAGE (a
+    request's own huge string echoed back would otherwise replace the answer with a transport error)."""
+    code, message = _status_of(exc)
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters, cut)"
+    return code, message
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, WorkerError):
         return exc.code, str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():

@@ -4,11 +4,13 @@ Files are memory-mapped by `safetensors.safe_open`; a rank reads only its own sl
 (`get_slice`), converts it to the model dtype and moves it to its device. Only safetensors are ever
 read: no pickle.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,8 +35,9 @@ def shard_tensor(t: torch.Tensor, dim: int, rank: int, world_size: int, what: st
     return t.narrow(dim, start, stop - start)
 
 
-def shard_packed(t: torch.Tensor, dim: int, sizes: Sequence[int], rank: int, world_size: int,
-                 what: str = "tensor") -> torch.Tensor:
+def shard_packed(
+    t: torch.Tensor, dim: int, sizes: Sequence[int], rank: int, world_size: int, what: str = "tensor"
+) -> torch.Tensor:
     """For a tensor packing several blocks along `dim` (e.g. q, k, v of c_attn), shard each block
     separately and concatenate the rank's pieces: [q_r; k_r; v_r]."""
     if sum(sizes) != t.shape[dim]:
@@ -62,32 +65,41 @@ class Weights:
         self.dtype = dtype
         self.device = torch.device(device)
         self._file_of: dict[str, str] = self._index(model_dir)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, Any] = {}  # path -> safe_open handle
 
     @staticmethod
     def _index(model_dir: str) -> dict[str, str]:
         index_path = os.path.join(model_dir, "model.safetensors.index.json")
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise WeightError(f"{index_path} has no 'weight_map'")
-            files = {os.path.join(model_dir, fn) for fn in weight_map.values()}
-            for fn in files:
-                if not os.path.isfile(fn):
-                    raise WeightError(f"{index_path} names {os.path.basename(fn)}, which is missing")
+            try:
+                with open(index_path) as f:
+                    index = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise WeightError(f"{index_path} is not readable JSON: {exc}") from exc
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise WeightError(f"{index_path} has no 'weight_map' of tensor name -> file name")
+            for fn in set(weight_map.values()):
+                if not os.path.isfile(os.path.join(model_dir, fn)):
+                    raise WeightError(f"{index_path} names {fn}, which is missing")
             return {name: os.path.join(model_dir, fn) for name, fn in weight_map.items()}
         files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
         if not files:
-            hint = " (.bin/.pt pickles are never loaded: convert to safetensors)" if any(
-                f.endswith((".bin", ".pt")) for f in os.listdir(model_dir)) else ""
+            hint = (
+                " (.bin/.pt pickles are never loaded: convert to safetensors)"
+                if any(f.endswith((".bin", ".pt")) for f in os.listdir(model_dir))
+                else ""
+            )
             raise WeightError(f"no *.safetensors files in {model_dir}{hint}")
         out: dict[str, str] = {}
         for fn in files:
             path = os.path.join(model_dir, fn)
-            with safe_open(path, framework="pt") as h:
-                for name in h.keys():
-                    out[name] = path
+            try:
+                with safe_open(path, framework="pt") as h:
+                    for name in h.keys():
+                        out[name] = path
+            except Exception as exc:  # truncated / corrupt file
+                raise WeightError(f"cannot read {path}: {exc}") from exc
         return out
 
     def names(self) -> Iterable[str]:
@@ -96,10 +108,12 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def _slice(self, name: str):
+    def _slice(self, name: str) -> Any:
         path = self._file_of.get(name)
         if path is None:
-            raise WeightError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
+            index = os.path.join(self.model_dir, "model.safetensors.index.json")
+            where = index if os.path.isfile(index) else f"the *.safetensors files in {self.model_dir}"
+            raise WeightError(f"tensor {name!r} is missing from the checkpoint: {where} does not list it")
         handle = self._handles.get(path)
         if handle is None:
             try:
@@ -115,7 +129,7 @@ class Weights:
     def _finish(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype=self.dtype).to(self.device)
 
-    def get(self, name: str, expected_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def get(self, name: str, expected_shape: Sequence[int] | None = None) -> torch.Tensor:
         """The whole tensor, checked against `expected_shape`."""
         self.check_shape(name, expected_shape)
         return self._finish(self._slice(name)[:])
@@ -127,13 +141,16 @@ class Weights:
             raise WeightError(f"tensor {name!r}: expected one number, found shape {tuple(t.shape)}")
         return float(t.float().reshape(()))
 
-    def check_shape(self, name: str, expected_shape: Optional[Sequence[int]]) -> None:
+    def check_shape(self, name: str, expected_shape: Sequence[int] | None) -> None:
         found = self.shape(name)
         if expected_shape is not None and tuple(expected_shape) != found:
-            raise WeightError(f"tensor {name!r}: expected shape {tuple(expected_shape)}, found {found}")
+            raise WeightError(
+                f"{self._file_of[name]}: tensor {name!r}: expected shape {tuple(expected_shape)}, found {found}"
+            )
 
-    def get_sharded(self, name: str, dim: int, rank: int, world_size: int,
-                    expected_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def get_sharded(
+        self, name: str, dim: int, rank: int, world_size: int, expected_shape: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Rank's contiguous slice along `dim`, reading only that slice from disk."""
         self.check_shape(name, expected_shape)
         sl = self._slice(name)
@@ -142,8 +159,15 @@ class Weights:
         index = tuple(slice(None) if d != dim else slice(start, stop) for d in range(len(shape)))
         return self._finish(sl[index])
 
-    def get_packed_sharded(self, name: str, dim: int, sizes: Sequence[int], rank: int, world_size: int,
-                           expected_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def get_packed_sharded(
+        self,
+        name: str,
+        dim: int,
+        sizes: Sequence[int],
+        rank: int,
+        world_size: int,
+        expected_shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Rank's pieces of each packed block (see shard_packed), reading only those rows."""
         self.check_shape(name, expected_shape)
         sl = self._slice(name)
@@ -153,16 +177,23 @@ class Weights:
         pieces, offset = [], 0
         for size in sizes:
             start, stop = shard_range(size, rank, world_size, f"{name} block")
-            index = tuple(slice(None) if d != dim else slice(offset + start, offset + stop)
-                          for d in range(len(shape)))
+            index = tuple(slice(None) if d != dim else slice(offset + start, offset + stop) for d in range(len(shape)))
             pieces.append(sl[index])
             offset += size
         return self._finish(torch.cat(pieces, dim=dim))
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)}")
     return table[name]
