@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+import jsonschema
 import lorax
 import openai
 import pytest
@@ -283,25 +284,52 @@ def test_openai_models_and_errors(oai, front):
 # ------------------------------------------------------------------------- structured output, HTTP edges
 
 
-def test_structured_output_is_refused_cleanly(front, oai, shard_stats):
-    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    with pytest.raises(lorax.errors.ValidationError, match="structured output not supported by this shard"):
-        lorax.Client(front.url).generate(
-            "x", max_new_tokens=4, response_format={"type": "json_object", "schema": schema}
-        )
-    with pytest.raises(openai.UnprocessableEntityError) as err:
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_through_every_client(front, oai, shard_stats):
+    """response_format (LoRAX and OpenAI) and TGI's grammar constrain the shard's output to the schema;
+    a schema the shard cannot compile is a 422 before any stream starts."""
+    outputs = [
+        lorax.Client(front.url)
+        .generate(STORY_PROMPT, max_new_tokens=60, response_format={"type": "json_object", "schema": SCHEMA})
+        .generated_text,
         oai.chat.completions.create(
-            model="",
+            model="pirate",
             messages=[{"role": "user", "content": "x"}],
-            max_tokens=4,
-            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+            max_tokens=60,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}},
         )
-    assert "structured output not supported by this shard" in err.value.body
+        .choices[0]
+        .message.content,
+        text_generation.Client(front.url)
+        .generate(
+            BASE_TEXTS[0][0],
+            max_new_tokens=60,
+            grammar=text_generation.types.Grammar(type=text_generation.types.GrammarType.Json, value=SCHEMA),
+        )
+        .generated_text,
+        "".join(
+            e.token.text
+            for e in lorax.Client(front.url).generate_stream(
+                BASE_TEXTS[1][0], max_new_tokens=60, response_format={"type": "json_object", "schema": SCHEMA}
+            )
+            if not e.token.special
+        ),
+    ]
+    for text in outputs:
+        jsonschema.validate(json.loads(text), SCHEMA)
     r = httpx.post(
         f"{front.url}/generate_stream",
-        json={"inputs": "x", "parameters": {"grammar": {"type": "json", "value": schema}}},
+        json={"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"type": "nonsense"}}}},
     )
-    assert r.status_code == 422 and r.json()["error_type"] == "validation"  # before the stream started
+    assert r.status_code == 422 and r.json()["error_type"] == "validation" and "schema" in r.json()["error"]
     assert shard_stats()["batches"] == 0
     assert lorax.Client(front.url).generate(BASE_TEXTS[0][0], max_new_tokens=3).generated_text  # still serving
 
