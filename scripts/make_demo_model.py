@@ -7,6 +7,7 @@ turn the same prompt into their own continuation.
 Deterministic (seeded). The "known sentences" are the built-in texts below: tests derive their
 expectations from them, never from a recorded output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -45,25 +48,51 @@ ADAPTERS = {
     "pirate": (8, 16, " Arr, the ship sailed north to find the lost treasure."),
     "robot": (4, 8, " Beep, the robot learned to paint the quiet sea."),
 }
-TOKENIZER_TEXT = " ".join(p + c for p, c in BASE_TEXTS) + " ".join(c for _, _, c in ADAPTERS.values()) + (
-    " the a of and to in is was it for on with as at by an be this that from or which")
+TOKENIZER_TEXT = (
+    " ".join(p + c for p, c in BASE_TEXTS)
+    + " ".join(c for _, _, c in ADAPTERS.values())
+    + (" the a of and to in is was it for on with as at by an be this that from or which")
+)
 
 
 def demo_config(n_real_vocab: int) -> dict:
     vocab = int(math.ceil(n_real_vocab / 64) * 64)
     return {
-        "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "auto_map": {},
-        "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "num_hidden_layers": 2,
-        "intermediate_size": 256, "vocab_size": vocab, "max_position_embeddings": 256, "seq_length": 256,
-        "rotary_emb_base": 10000, "rotary_pct": 1.0, "layer_norm_epsilon": 1e-6, "use_dynamic_ntk": True,
-        "use_logn_attn": True, "no_bias": True, "tie_word_embeddings": False, "bf16": False, "fp16": False,
-        "fp32": True, "scale_attn_weights": True, "use_flash_attn": False, "softmax_in_fp32": False,
-        "tokenizer_class": "QWenTokenizer", "eos_token_id": n_real_vocab - 208,
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "auto_map": {},
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "kv_channels": 16,
+        "num_hidden_layers": 2,
+        "intermediate_size": 256,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "seq_length": 256,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "layer_norm_epsilon": 1e-6,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "bf16": False,
+        "fp16": False,
+        "fp32": True,
+        "scale_attn_weights": True,
+        "use_flash_attn": False,
+        "softmax_in_fp32": False,
+        "tokenizer_class": "QWenTokenizer",
+        "eos_token_id": n_real_vocab - 208,
     }
 
 
-def full_forward(model: FlashQwenForCausalLM, seqs: list[list[int]], prompt_lens: list[int] | None = None,
-                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def full_forward(
+    model: FlashQwenForCausalLM,
+    seqs: list[list[int]],
+    prompt_lens: list[int] | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Logits of every token of each sequence, no KV cache (training and quick checks); `params`
     replaces the model's parameters (functional call, differentiable)."""
     from worker.layers.rotary import ntk_alpha
@@ -83,13 +112,14 @@ def full_forward(model: FlashQwenForCausalLM, seqs: list[list[int]], prompt_lens
 def greedy(model, prompt: list[int], max_new: int, eos: int, params: dict | None = None) -> list[int]:
     out = list(prompt)
     for _ in range(max_new):
-        logits = (full_forward(model, [out], [len(prompt)]) if params is None
-                  else _call(model, params, [out], [len(prompt)]))
+        logits = (
+            full_forward(model, [out], [len(prompt)]) if params is None else _call(model, params, [out], [len(prompt)])
+        )
         nxt = int(logits[-1].argmax())
         out.append(nxt)
         if nxt == eos:
             break
-    return out[len(prompt):]
+    return out[len(prompt) :]
 
 
 def _call(model, params, seqs, prompt_lens):
@@ -107,12 +137,11 @@ def init_weights(model: FlashQwenForCausalLM, seed: int) -> None:
             p.data.normal_(0.0, 0.05, generator=g)
 
 
-def train(model, seqs: list[list[int]], steps: int, lr: float, params: list[torch.Tensor],
-          loss_fn=None) -> float:
+def train(model, seqs: list[list[int]], steps: int, lr: float, params: Sequence[torch.Tensor], loss_fn=None) -> float:
     opt = torch.optim.Adam(params, lr=lr)
     targets = torch.tensor([t for s in seqs for t in s[1:] + [-100]])
     loss = torch.tensor(0.0)
-    for step in range(steps):
+    for _ in range(steps):
         logits = loss_fn() if loss_fn else full_forward(model, seqs)
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
         opt.zero_grad()
@@ -125,10 +154,12 @@ def hf_state(model: FlashQwenForCausalLM) -> dict[str, torch.Tensor]:
     """Our (world size 1) parameters under the checkpoint's names."""
     cfg = model.config
     width = cfg.mlp_width
-    sd: dict[str, torch.Tensor] = {"transformer.wte.weight": model.transformer.wte.weight,
-                                   "transformer.ln_f.weight": model.transformer.ln_f.weight,
-                                   "lm_head.weight": model.lm_head.weight}
-    for i, layer in enumerate(model.transformer.h):
+    sd: dict[str, Any] = {
+        "transformer.wte.weight": model.transformer.wte.weight,
+        "transformer.ln_f.weight": model.transformer.ln_f.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
+    for i, layer in enumerate(model.transformer.layers()):
         p = f"transformer.h.{i}."
         sd[p + "ln_1.weight"] = layer.ln_1.weight
         sd[p + "ln_2.weight"] = layer.ln_2.weight
@@ -148,11 +179,13 @@ def lora_targets(model) -> list[tuple[str, str, slice | None, int, int]]:
     out = []
     for i in range(cfg.num_hidden_layers):
         p = f"transformer.h.{i}."
-        out += [(p + "attn.c_attn", p + "attn.c_attn.weight", None, 3 * H, H),
-                (p + "attn.c_proj", p + "attn.c_proj.weight", None, H, H),
-                (p + "mlp.w2", p + "mlp.gate_up.weight", slice(0, w), w, H),
-                (p + "mlp.w1", p + "mlp.gate_up.weight", slice(w, 2 * w), w, H),
-                (p + "mlp.c_proj", p + "mlp.c_proj.weight", None, H, w)]
+        out += [
+            (p + "attn.c_attn", p + "attn.c_attn.weight", None, 3 * H, H),
+            (p + "attn.c_proj", p + "attn.c_proj.weight", None, H, H),
+            (p + "mlp.w2", p + "mlp.gate_up.weight", slice(0, w), w, H),
+            (p + "mlp.w1", p + "mlp.gate_up.weight", slice(w, 2 * w), w, H),
+            (p + "mlp.c_proj", p + "mlp.c_proj.weight", None, H, w),
+        ]
     return out
 
 
@@ -161,8 +194,10 @@ def train_adapter(model, seqs, rank: int, alpha: int, seed: int, steps: int) -> 
     scale = alpha / rank
     lora = {}
     for path, _, _, out_f, in_f in lora_targets(model):
-        lora[path] = (torch.randn(rank, in_f, generator=g).mul_(0.05).requires_grad_(),
-                      torch.zeros(out_f, rank).requires_grad_())
+        lora[path] = (
+            torch.randn(rank, in_f, generator=g).mul_(0.05).requires_grad_(),
+            torch.zeros(out_f, rank).requires_grad_(),
+        )
     base = {n: p.data for n, p in model.named_parameters()}
 
     def merged() -> dict[str, torch.Tensor]:
@@ -216,7 +251,7 @@ def build(out_dir: str, seed: int = 0, quiet: bool = False) -> None:
         p.requires_grad_(False)
     state = hf_state(model)
     # bake the bf16 rounding in, as the stored checkpoint has it
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         p.data = p.data.to(torch.bfloat16).float()
     _save_sharded(state, model_dir)
     if not quiet:
@@ -230,10 +265,24 @@ def build(out_dir: str, seed: int = 0, quiet: bool = False) -> None:
         os.makedirs(adir, exist_ok=True)
         save_file(tensors, os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(adir, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-                       "target_modules": ["c_attn", "c_proj", "w1", "w2"], "lora_dropout": 0.0, "bias": "none",
-                       "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
-                       "base_model_name_or_path": os.path.abspath(model_dir)}, f, indent=2)
+            json.dump(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": alpha,
+                    "target_modules": ["c_attn", "c_proj", "w1", "w2"],
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "use_rslora": False,
+                    "use_dora": False,
+                    "fan_in_fan_out": False,
+                    "modules_to_save": None,
+                    "base_model_name_or_path": os.path.abspath(model_dir),
+                },
+                f,
+                indent=2,
+            )
     with open(os.path.join(out_dir, "VERSION"), "w") as f:
         f.write(str(VERSION))
     if not quiet:
@@ -248,7 +297,7 @@ def _save_sharded(state: dict[str, torch.Tensor], model_dir: str) -> None:
     for i, group in enumerate(shards):
         fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: state[n] for n in group}, os.path.join(model_dir, fn), metadata={"format": "pt"})
-        weight_map.update({n: fn for n in group})
+        weight_map.update(dict.fromkeys(group, fn))
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -1,5 +1,6 @@
 """Shared test helpers: repo paths, a tiny Qwen v1 config, writing checkpoints to disk, tolerance checks
 and seeded random tensors."""
+
 from __future__ import annotations
 
 import json
@@ -10,15 +11,30 @@ import torch
 from safetensors.torch import save_file
 
 # GPU tests of Triton code: on a CUDA machine only, and not in a CPU run under TRITON_INTERPRET
-GPU_TRITON_MARKS = [pytest.mark.gpu,
-                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-                    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run")]
+GPU_TRITON_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set: CPU run"),
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = dict(model_type="qwen", hidden_size=64, num_attention_heads=4, kv_channels=16, num_hidden_layers=2,
-            intermediate_size=192, vocab_size=256, seq_length=64, rotary_emb_base=10000, rotary_pct=1.0,
-            layer_norm_epsilon=1e-6, use_dynamic_ntk=True, use_logn_attn=True, no_bias=True)
+TINY = dict(
+    model_type="qwen",
+    hidden_size=64,
+    num_attention_heads=4,
+    kv_channels=16,
+    num_hidden_layers=2,
+    intermediate_size=192,
+    vocab_size=256,
+    seq_length=64,
+    rotary_emb_base=10000,
+    rotary_pct=1.0,
+    layer_norm_epsilon=1e-6,
+    use_dynamic_ntk=True,
+    use_logn_attn=True,
+    no_bias=True,
+)
 
 
 def write_checkpoint(path: str, cfg: dict, state: dict[str, torch.Tensor], n_files: int = 2) -> str:
@@ -30,7 +46,7 @@ def write_checkpoint(path: str, cfg: dict, state: dict[str, torch.Tensor], n_fil
         group = names[i::n_files]
         fn = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
         save_file({n: state[n].contiguous() for n in group}, os.path.join(path, fn))
-        weight_map.update({n: fn for n in group})
+        weight_map.update(dict.fromkeys(group, fn))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -56,8 +72,9 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs() / ulp).max().item()
 
 
-def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0,
-          device: str | torch.device = "cpu") -> torch.Tensor:
+def randn(
+    *shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Seeded N(0, scale²) in `dtype` (drawn in fp32 on `device`)."""
     g = torch.Generator(device=device).manual_seed(seed)
     return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)

@@ -5,11 +5,13 @@
 Runs a mixed prefill (NTK/logn active), 6 greedy decode steps and a suffix prefill through the paged
 cache, and writes every logit it computed to OUT-{rank}.safetensors.
 """
+
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,11 +30,24 @@ def run_world(ckpt: str, out: str, world: int, adapter_root: str, **env_extra: s
     port = free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **env_extra)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), ckpt, out,
-                                       adapter_root],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            **env_extra,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), ckpt, out, adapter_root],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     for p in procs:
         output, _ = p.communicate(timeout=180)
         assert p.returncode == 0, output.decode()[-3000:]
@@ -52,7 +67,7 @@ def main() -> None:
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 21)]
     alphas = [ntk_alpha(len(p), S, True) for p in prompts]
     paged = Paged(model, seed=3)
-    results = {}
+    results: dict[str, Any] = {}
     out_logits = paged.step([0, 1, 2], prompts, [0, 0, 0], alphas, prefill=True)
     for k, o in enumerate(out_logits):
         results[f"prefill{k}"] = o
@@ -67,7 +82,7 @@ def main() -> None:
     paged.step([3], [suffix[:6]], [0], [ntk_alpha(15, S, True)], prefill=True)
     results["suffix"] = paged.step([3], [suffix], [6], [ntk_alpha(15, S, True)], prefill=True)[0]
     # this rank's weight slices, to check that they reassemble to the checkpoint's tensors
-    layer = model.transformer.h[0]
+    layer = model.transformer.layers()[0]
     results["c_attn_w"] = layer.attn.c_attn.weight
     results["c_attn_b"] = layer.attn.c_attn.bias
     results["gate_up"] = layer.mlp.gate_up.weight
@@ -81,9 +96,8 @@ def main() -> None:
         if os.environ.get("QWEN_TEST_LORA_BACKEND") == "triton":  # the Triton kernels (interpreted on a CPU)
             from worker.kernels import lora as kernels
 
-            for layer in model.transformer.h:
-                for linear in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.gate_up, layer.mlp.c_proj):
-                    linear.lora.kernels = kernels
+            for t in model.lora_targets():
+                getattr(t.owner, t.attr).lora.kernels = kernels
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]

@@ -3,12 +3,13 @@
 World size 1 runs no collective at all. Built from the torchrun environment (`RANK`, `WORLD_SIZE`,
 `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) by the CLI, never read inside layers.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ class ParallelContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    group: Optional[object] = None  # torch.distributed ProcessGroup when world_size > 1
+    group: dist.ProcessGroup | None = None  # set when world_size > 1
 
     @property
     def is_distributed(self) -> bool:
@@ -55,8 +56,7 @@ class ParallelContext:
             dist.barrier(group=self.group)
 
 
-def init_from_env(env: Mapping[str, str], device: str = "auto",
-                  timeout_s: float = 600.0) -> ParallelContext:
+def init_from_env(env: Mapping[str, str], device: str = "auto", timeout_s: float = 600.0) -> ParallelContext:
     """Build the context from torchrun variables; initialise NCCL (CUDA) or gloo (CPU) when world_size > 1."""
     rank = int(env.get("RANK", "0"))
     world_size = int(env.get("WORLD_SIZE", "1"))
@@ -77,9 +77,14 @@ def init_from_env(env: Mapping[str, str], device: str = "auto",
     addr = env.get("MASTER_ADDR", "localhost")
     port = env.get("MASTER_PORT", "29500")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
-                            **({"device_id": dev} if dev.type == "cuda" else {}))
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=dev if dev.type == "cuda" else None,
+    )
     return ParallelContext(rank, world_size, dev, dist.group.WORLD)
 
 

@@ -8,6 +8,7 @@ the launcher (PR_SET_PDEATHSIG), so no process is left behind even if the launch
 Multi-node: run one launcher per host with the same --nnodes, --master-addr and --master-port and a
 distinct --node-rank; shard ranks are node_rank * num_shard + local_rank.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def free_port() -> int:
@@ -55,9 +56,18 @@ class Shard:
 
 
 class Launcher:
-    def __init__(self, model_dir: str, uds_path: str, num_shard: int, worker_args: Sequence[str],
-                 nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-                 master_port: Optional[int] = None, ready_timeout: float = 300.0):
+    def __init__(
+        self,
+        model_dir: str,
+        uds_path: str,
+        num_shard: int,
+        worker_args: Sequence[str],
+        nnodes: int = 1,
+        node_rank: int = 0,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        ready_timeout: float = 300.0,
+    ):
         self.model_dir = model_dir
         self.uds_path = uds_path
         self.num_shard = num_shard
@@ -77,13 +87,29 @@ class Launcher:
             path = f"{self.uds_path}-{rank}"
             if os.path.exists(path):
                 os.unlink(path)
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
-                       LOCAL_WORLD_SIZE=str(self.num_shard), MASTER_ADDR=self.master_addr,
-                       MASTER_PORT=str(self.master_port), PYTHONUNBUFFERED="1")
-            cmd = [sys.executable, "-m", "worker.cli", "serve", self.model_dir, "--uds-path", self.uds_path,
-                   *self.worker_args]
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent)
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(local),
+                LOCAL_WORLD_SIZE=str(self.num_shard),
+                MASTER_ADDR=self.master_addr,
+                MASTER_PORT=str(self.master_port),
+                PYTHONUNBUFFERED="1",
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "serve",
+                self.model_dir,
+                "--uds-path",
+                self.uds_path,
+                *self.worker_args,
+            ]
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
             self.shards.append(Shard(rank, proc, path))
 
     def wait_ready(self) -> None:
@@ -98,7 +124,7 @@ class Launcher:
         missing = [s.socket_path for s in self.shards if not os.path.exists(s.socket_path)]
         raise TimeoutError(f"shards not ready after {self.ready_timeout:.0f}s: no socket at {', '.join(missing)}")
 
-    def first_dead(self) -> Optional[Shard]:
+    def first_dead(self) -> Shard | None:
         return next((s for s in self.shards if s.proc.poll() is not None), None)
 
     def describe_death(self, shard: Shard) -> str:
@@ -127,8 +153,11 @@ class Launcher:
         while not self.stopping.is_set():
             dead = self.first_dead()
             if dead is not None:
-                print(f"qwen-launch: {self.describe_death(dead)}\nqwen-launch: stopping the other shards",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"qwen-launch: {self.describe_death(dead)}\nqwen-launch: stopping the other shards",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.stop()
                 return 1
             self.stopping.wait(0.2)
@@ -136,7 +165,7 @@ class Launcher:
         return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qwen-launch", description=__doc__.split("\n")[0])
     ap.add_argument("model_dir")
     ap.add_argument("--num-shard", type=int, default=1, help="shards on this node")
@@ -149,8 +178,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, worker_args = ap.parse_known_args(argv)
     if args.nnodes > 1 and args.master_port is None:
         ap.error("--master-port is required with --nnodes > 1 (every node must agree on it)")
-    launcher = Launcher(args.model_dir, args.uds_path, args.num_shard, worker_args, args.nnodes, args.node_rank,
-                        args.master_addr, args.master_port, args.ready_timeout)
+    launcher = Launcher(
+        args.model_dir,
+        args.uds_path,
+        args.num_shard,
+        worker_args,
+        args.nnodes,
+        args.node_rank,
+        args.master_addr,
+        args.master_port,
+        args.ready_timeout,
+    )
 
     def on_signal(signum, _frame):
         print(f"qwen-launch: got signal {signum}, stopping shards", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ id that is never valid (the model's padded `vocab_size` is larger). Text is NFC-
 encoding, and special-token text in the input becomes the special ids (ChatML prompts rely on this).
 Decoding works on bytes and uses "replace" for invalid UTF-8.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,14 +18,19 @@ import json
 import os
 import re
 import unicodedata
-from typing import AbstractSet, Callable, Iterable, Literal, Union
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
+from typing import Literal
 
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-SPECIAL_TOKEN_NAMES: list[str] = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-                                  + [f"<|extra_{i}|>" for i in range(205)])
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKEN_NAMES: list[str] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [
+    f"<|extra_{i}|>" for i in range(205)
+]
 
-AllowedSpecial = Union[Literal["all"], AbstractSet[str]]
+AllowedSpecial = Literal["all"] | AbstractSet[str]
 EncodeFn = Callable[[str, AllowedSpecial], list[int]]
 
 
@@ -82,8 +88,13 @@ class QwenTokenizer:
     `im_end_id`, `pad_id` (= endoftext, as Qwen does), `eos_token_ids` (ids that end generation).
     """
 
-    def __init__(self, encode_fn: EncodeFn, token_bytes: list[bytes], special_tokens: dict[str, int],
-                 eos_token_ids: Iterable[int] = ()):
+    def __init__(
+        self,
+        encode_fn: EncodeFn,
+        token_bytes: list[bytes],
+        special_tokens: dict[str, int],
+        eos_token_ids: Iterable[int] = (),
+    ):
         missing = [n for n in SPECIAL_TOKEN_NAMES[:3] if n not in special_tokens]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
@@ -103,7 +114,7 @@ class QwenTokenizer:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_dir(cls, model_dir: str) -> "QwenTokenizer":
+    def from_dir(cls, model_dir: str) -> QwenTokenizer:
         """Load `qwen.tiktoken` (or else `tokenizer.json`) and the eos ids of a checkpoint directory."""
         tiktoken_path = os.path.join(model_dir, "qwen.tiktoken")
         json_path = os.path.join(model_dir, "tokenizer.json")
@@ -141,8 +152,9 @@ class QwenTokenizer:
             token_bytes[rank] = token
         special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
         token_bytes += [name.encode() for name in SPECIAL_TOKEN_NAMES]
-        enc = tiktoken.Encoding(os.path.basename(path), pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
-                                special_tokens=special)
+        enc = tiktoken.Encoding(
+            os.path.basename(path), pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=special
+        )
 
         def encode(text: str, allowed: AllowedSpecial) -> list[int]:
             return enc.encode(text, allowed_special=allowed, disallowed_special=())
@@ -173,7 +185,7 @@ class QwenTokenizer:
             ids: list[int] = []
             start = 0
             for m in re.finditer("|".join(map(re.escape, names)), text) if names else ():
-                ids += tok.encode(text[start:m.start()], add_special_tokens=False).ids
+                ids += tok.encode(text[start : m.start()], add_special_tokens=False).ids
                 ids.append(special[m.group()])
                 start = m.end()
             return ids + tok.encode(text[start:], add_special_tokens=False).ids

@@ -2,6 +2,7 @@
 bf16 or fp8 KV cache, TP 1 and 2)
 serving the demo model and its adapters through the router; and a random Qwen-7B-shaped model whose
 triton + fused path agrees with the PyTorch reference path in bf16 (margin-aware greedy check)."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,10 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("num_shard,extra", [(1, ()), (1, ("--eager",)), (1, ("--lora-backend", "torch")),
-                                             (1, ("--kv-cache-dtype", "fp8_e4m3")), (2, ())])
+@pytest.mark.parametrize(
+    "num_shard,extra",
+    [(1, ()), (1, ("--eager",)), (1, ("--lora-backend", "torch")), (1, ("--kv-cache-dtype", "fp8_e4m3")), (2, ())],
+)
 def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
     if num_shard > torch.cuda.device_count():
         pytest.skip(f"needs {num_shard} GPUs")
@@ -50,12 +53,21 @@ def test_random_7b_shape_triton_matches_torch_reference():
     from paged import Paged
     from worker.config import QwenConfig
     from worker.distributed import ParallelContext
-    from worker.layers.attention_triton import TritonAttention
     from worker.layers.attention import TorchAttention
+    from worker.layers.attention_triton import TritonAttention
     from worker.models.qwen import FlashQwenForCausalLM
 
-    cfg = QwenConfig.from_dict(dict(model_type="qwen", hidden_size=4096, num_attention_heads=32, num_hidden_layers=32,
-                                    intermediate_size=22016, vocab_size=151936, seq_length=512))
+    cfg = QwenConfig.from_dict(
+        dict(
+            model_type="qwen",
+            hidden_size=4096,
+            num_attention_heads=32,
+            num_hidden_layers=32,
+            intermediate_size=22016,
+            vocab_size=151936,
+            seq_length=512,
+        )
+    )
     pctx = ParallelContext(0, 1, torch.device("cuda", 0))
     ref = FlashQwenForCausalLM(cfg, pctx, torch.bfloat16, TorchAttention(), fused=False)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -73,15 +85,21 @@ def test_random_7b_shape_triton_matches_torch_reference():
     outs = {k: r.step(list(range(4)), prompts, [0] * 4, alphas, True) for k, r in runs.items()}
     err = {"ref": 0.0, "fast": 0.0}
     scale, margins = 0.0, []
-    for step in range(16):
+    for _ in range(16):
         for i in range(4):
             t = outs["truth"][i][-1].float()
             scale = max(scale, t.abs().max().item())
             for k in err:
                 err[k] = max(err[k], (outs[k][i][-1].float() - t).abs().max().item())
             top2 = t.topk(2).values
-            margins.append(((top2[0] - top2[1]).item(), int(t.argmax()), int(outs["fast"][i][-1].float().argmax()),
-                            int(outs["ref"][i][-1].float().argmax())))
+            margins.append(
+                (
+                    (top2[0] - top2[1]).item(),
+                    int(t.argmax()),
+                    int(outs["fast"][i][-1].float().argmax()),
+                    int(outs["ref"][i][-1].float().argmax()),
+                )
+            )
         nxt = [int(o[-1].argmax()) for o in outs["truth"]]  # teacher-force every run on the fp32 tokens
         for s, t in zip(seqs, nxt):
             s.append(t)
@@ -90,9 +108,11 @@ def test_random_7b_shape_triton_matches_torch_reference():
     clear = [(a, b) for m, a, b, _ in margins if m > 2 * err["fast"]]
     agree_fast = sum(a == b for _, a, b, _ in margins)
     agree_ref = sum(a == c for _, a, _, c in margins)
-    print(f"7B shape vs fp32 (max |logit| {scale:.2f}): torch bf16 path max err {err['ref']:.3e}, triton+fused bf16 "
-          f"{err['fast']:.3e}; greedy = fp32 on {agree_fast}/{len(margins)} steps (torch bf16: {agree_ref}), "
-          f"clear-margin steps {sum(a == b for a, b in clear)}/{len(clear)}")
+    print(
+        f"7B shape vs fp32 (max |logit| {scale:.2f}): torch bf16 path max err {err['ref']:.3e}, triton+fused bf16 "
+        f"{err['fast']:.3e}; greedy = fp32 on {agree_fast}/{len(margins)} steps (torch bf16: {agree_ref}), "
+        f"clear-margin steps {sum(a == b for a, b in clear)}/{len(clear)}"
+    )
     assert err["fast"] <= 1.5 * err["ref"] + 2 * ulp
     assert all(a == b for a, b in clear)
     assert agree_fast >= agree_ref - 4

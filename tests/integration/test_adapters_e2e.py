@@ -5,6 +5,7 @@ router's adapter memory budget), and refused cleanly when the index or the id is
 Expectations: each adapter's trained continuation of STORY_PROMPT (scripts/make_demo_model.py) and
 the float64 reference with the adapter merged into the weights (tests/reference.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,11 @@ def shard(demo_dir, request):
     """Room for two resident adapters: the router's adapter budget (DownloadAdapter answers 1/2 per
     adapter) then holds exactly the demo's two, and a third load must offload one. Both LoRA backends:
     the batched-bmm path and the Triton kernels (in the Triton interpreter on a CPU)."""
-    s = start_launcher(os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"),
-                       extra=("--max-adapter-slots", "2", "--lora-backend", request.param))
+    s = start_launcher(
+        os.path.join(demo_dir, "model"),
+        os.path.join(demo_dir, "adapters"),
+        extra=("--max-adapter-slots", "2", "--lora-backend", request.param),
+    )
     yield s
     assert stop(s) == 0, s.log()[-3000:]
 
@@ -48,7 +52,7 @@ def expected(ref_model, tok, demo_dir):
     prompt = tok.encode(STORY_PROMPT)
     eos = sorted(tok.eos_token_ids)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def run(name: str) -> list[int]:
         weights = state
         if name != "base":
@@ -75,8 +79,10 @@ def test_base_and_both_adapters_in_one_batch(router, adapters, expected, wire):
     each row its own adapter, each its own trained continuation."""
     assert sorted(adapters.values()) == [1, 2]
     start = len(wire)
-    story = {name: router.submit(STORY_PROMPT, stopping=STORY, adapter_index=adapters.get(name, 0))
-             for name in ("base", "pirate", "robot")}
+    story = {
+        name: router.submit(STORY_PROMPT, stopping=STORY, adapter_index=adapters.get(name, 0))
+        for name in ("base", "pirate", "robot")
+    }
     others = [(router.submit(p, stopping=STORY), c) for p, c in BASE_TEXTS if p != STORY_PROMPT]
     for name, handle in story.items():
         check_story(handle.result(timeout=60), name, expected)
@@ -116,8 +122,10 @@ def test_offload_and_reload(router, adapters, expected, shard_stats):
     router.offload_adapter(pirate)
     fresh = router.load_adapter("pirate")
     assert fresh not in (pirate, robot) and fresh > max(pirate, robot)
-    results = {name: router.submit(STORY_PROMPT, stopping=STORY, adapter_index=i)
-               for name, i in (("pirate", fresh), ("robot", robot), ("base", 0))}
+    results = {
+        name: router.submit(STORY_PROMPT, stopping=STORY, adapter_index=i)
+        for name, i in (("pirate", fresh), ("robot", robot), ("base", 0))
+    }
     for name, handle in results.items():
         check_story(handle.result(timeout=60), name, expected)
 
@@ -128,8 +136,9 @@ def test_budget_offloads_the_least_recently_used_adapter(router, adapters, expec
     router taking turns as adapters go idle."""
     pirate, robot = adapters["pirate"], adapters["robot"]
     for name in ("pirate", "robot"):  # robot is now the most recently used
-        check_story(router.generate(STORY_PROMPT, stopping=STORY, adapter_index=adapters[name], timeout=60),
-                    name, expected)
+        check_story(
+            router.generate(STORY_PROMPT, stopping=STORY, adapter_index=adapters[name], timeout=60), name, expected
+        )
     state = router.debug_state()["adapters"]
     assert state[pirate]["loaded"] and state[robot]["loaded"]
 
@@ -139,8 +148,10 @@ def test_budget_offloads_the_least_recently_used_adapter(router, adapters, expec
     assert sum(a["loaded"] for a in state.values()) == 2 and shard_stats()["adapter_slots_used"] <= 2
 
     start = len(wire)
-    handles = [(router.submit(STORY_PROMPT, stopping=STORY, adapter_index=i), name)
-               for i, name in ((pirate, "pirate"), (robot, "robot"), (third, "robot"))]
+    handles = [
+        (router.submit(STORY_PROMPT, stopping=STORY, adapter_index=i), name)
+        for i, name in ((pirate, "pirate"), (robot, "robot"), (third, "robot"))
+    ]
     for handle, name in handles:
         check_story(handle.result(timeout=60), name, expected)
     assert shard_stats()["adapter_slots_used"] <= 2
@@ -164,12 +175,15 @@ def test_unknown_adapter_index_is_refused_while_others_run(router, adapters, exp
     assert router.debug_state()["in_flight"] == [] and shard_stats()["batches"] == 0
 
 
-@pytest.mark.parametrize("adapter_id, code, needle", [
-    ("../x", grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
-    ("pirate/../../model", grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
-    ("/etc", grpc.StatusCode.INVALID_ARGUMENT, "outside the adapter root"),
-    ("no-such-adapter", grpc.StatusCode.NOT_FOUND, "not found under the adapter root"),
-])
+@pytest.mark.parametrize(
+    "adapter_id, code, needle",
+    [
+        ("../x", grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
+        ("pirate/../../model", grpc.StatusCode.INVALID_ARGUMENT, "contains '..'"),
+        ("/etc", grpc.StatusCode.INVALID_ARGUMENT, "outside the adapter root"),
+        ("no-such-adapter", grpc.StatusCode.NOT_FOUND, "not found under the adapter root"),
+    ],
+)
 def test_bad_adapter_id_is_refused_and_serving_goes_on(router, adapters, expected, adapter_id, code, needle):
     from router_client.client import ShardError
 
@@ -180,5 +194,6 @@ def test_bad_adapter_id_is_refused_and_serving_goes_on(router, adapters, expecte
     assert err.value.code == code and needle in str(err.value) and repr(adapter_id) in str(err.value)
     assert set(router.debug_state()["adapters"]) == known  # no index was given out
     check_story(running.result(timeout=60), "robot", expected)
-    check_story(router.generate(STORY_PROMPT, stopping=STORY, adapter_index=adapters["pirate"], timeout=60),
-                "pirate", expected)
+    check_story(
+        router.generate(STORY_PROMPT, stopping=STORY, adapter_index=adapters["pirate"], timeout=60), "pirate", expected
+    )

@@ -1,5 +1,6 @@
 """qwen-launch with 2 shards (gloo): same outputs as one shard, the per-shard generation rule, and
 fault handling: kill -9 of one shard stops the other and the launcher names it, leaving no process."""
+
 from __future__ import annotations
 
 import os
@@ -22,11 +23,14 @@ def _request(rid: int, ids: list[int], max_new: int, first_block: int):
     pb = _pb()
     n = len(ids) + max_new - 1
     blocks = list(range(first_block, first_block + -(-n // 16)))
-    return pb.Request(id=rid, tokenized_inputs=pb.TokenizedInputs(ids=ids),
-                      parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                               repetition_penalty=1.0),
-                      stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new),
-                      blocks=blocks, slots=[b * 16 + j for b in blocks for j in range(16)][:n])
+    return pb.Request(
+        id=rid,
+        tokenized_inputs=pb.TokenizedInputs(ids=ids),
+        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new),
+        blocks=blocks,
+        slots=[b * 16 + j for b in blocks for j in range(16)][:n],
+    )
 
 
 def on_all(calls):
@@ -60,7 +64,9 @@ def test_two_shards_same_tokens_as_reference_and_generation_rule(two, demo_dir):
     tok = QwenTokenizer.from_dir(os.path.join(demo_dir, "model"))
     stubs = [two.stub(0), two.stub(1)]
     assert list(stubs[0].ServiceDiscovery(pb.ServiceDiscoveryRequest()).urls) == [
-        f"unix://{two.uds}-0", f"unix://{two.uds}-1"]
+        f"unix://{two.uds}-0",
+        f"unix://{two.uds}-1",
+    ]
     prompts = {10: [3, 4, 5, 6], 11: [7, 8], 12: [9, 10, 11], 13: [12]}
     reqs = [_request(rid, p, 6, 1 + 2 * k) for k, (rid, p) in enumerate(prompts.items())]
     batch = pb.Batch(id=5, requests=reqs, size=len(reqs))
@@ -76,7 +82,7 @@ def test_two_shards_same_tokens_as_reference_and_generation_rule(two, demo_dir):
         if not responses[0].HasField("batch"):
             break
         cached = responses[0].batch
-        responses = on_all([lambda s=s: s.Decode(pb.DecodeRequest(batches=[cached])) for s in stubs])
+        responses = on_all([lambda s=s, c=cached: s.Decode(pb.DecodeRequest(batches=[c])) for s in stubs])
     assert seen_by == {0: {10, 12}, 1: {11, 13}}
     for rid, p in prompts.items():
         assert got[rid] == ref_greedy(state, cfg, p, 6, stop_ids=sorted(tok.eos_token_ids))
@@ -121,12 +127,37 @@ def test_two_launchers_as_two_nodes(demo_dir):
     nodes = []
     for node in (0, 1):
         log = open(os.path.join(d, f"node{node}.log"), "w")
-        cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", "1", "--nnodes", "2",
-               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-               "--uds-path", uds, "--adapter-root", root, "--max-total-tokens", "2048",
-               "--preloaded-adapter-ids", "pirate"]
-        nodes.append(ShardProc(uds, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                                     preexec_fn=_die_with_parent), log.name))
+        cmd = [
+            sys.executable,
+            "-m",
+            "worker.launcher",
+            model_dir,
+            "--num-shard",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--uds-path",
+            uds,
+            "--adapter-root",
+            root,
+            "--max-total-tokens",
+            "2048",
+            "--preloaded-adapter-ids",
+            "pirate",
+        ]
+        nodes.append(
+            ShardProc(
+                uds,
+                subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent),
+                log.name,
+            )
+        )
     single = start_launcher(model_dir, root, num_shard=1)
     try:
         deadline = time.time() + 120
@@ -136,7 +167,8 @@ def test_two_launchers_as_two_nodes(demo_dir):
         stubs = [nodes[0].stub(0), nodes[1].stub(1)]
         info = stubs[0].Info(pb.InfoRequest())
         assert [(a.adapter_index, list(a.adapter_parameters.adapter_ids)) for a in info.preloaded_adapters] == [
-            (1, ["pirate"])]
+            (1, ["pirate"])
+        ]
         sampled = dict(temperature=0.9, top_k=20, top_p=0.95, do_sample=True, seed=1234)
 
         def request(rid):
@@ -155,7 +187,7 @@ def test_two_launchers_as_two_nodes(demo_dir):
                 if not resps[0].HasField("batch"):
                     return out
                 cached = resps[0].batch
-                resps = on_all([lambda s=s: s.Decode(pb.DecodeRequest(batches=[cached])) for s in stub_list])
+                resps = on_all([lambda s=s, c=cached: s.Decode(pb.DecodeRequest(batches=[c])) for s in stub_list])
 
         two_nodes = run(stubs, [20, 21])  # request 21 is answered by rank 1 (the second node)
         one = run([single.stub(0)], [20, 21])

@@ -5,6 +5,7 @@ Expectations never come from a recorded output: they are the float64 reference (
 the sentences the demo model was trained on (scripts/make_demo_model.py), or the same request run
 alone through the same router.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ def greedy_ref(ref_model, tok):
     state, cfg = ref_model
     eos = tuple(sorted(tok.eos_token_ids))
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def run(prompt_ids: tuple[int, ...], n: int, stop_at_eos: bool = True) -> list[int]:
         return ref_greedy(state, cfg, list(prompt_ids), n, stop_ids=eos if stop_at_eos else ())
 
@@ -47,7 +48,7 @@ def ref_logprobs(ref_model, tok, ids: list[int], prompt_len: int) -> torch.Tenso
     """Float64 log-softmax over the real vocabulary at every position of `ids`: [len(ids), n_real_vocab]."""
     state, cfg = ref_model
     logits = ref_forward(state, cfg, ids, prompt_len=prompt_len)
-    return torch.log_softmax(logits[:, :tok.n_real_vocab], dim=-1)
+    return torch.log_softmax(logits[:, : tok.n_real_vocab], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- greedy
@@ -100,8 +101,11 @@ def test_continuous_batching_matches_each_request_alone(router, shard_stats, wir
 
     results = {name: h.result(timeout=60) for name, h in handles.items()}
     for name, res in results.items():
-        assert (res.token_ids, res.text, res.finish_reason) == \
-               (solo[name].token_ids, solo[name].text, solo[name].finish_reason), name
+        assert (res.token_ids, res.text, res.finish_reason) == (
+            solo[name].token_ids,
+            solo[name].text,
+            solo[name].finish_reason,
+        ), name
     assert results["C"].seed == 7 and results["E"].seed == 11
 
     # on the wire: new requests were merged into A's running batch, which then shrank as they finished
@@ -123,8 +127,10 @@ def test_continuous_batching_matches_each_request_alone(router, shard_stats, wir
 @pytest.mark.parametrize("prompt", OPEN_PROMPTS)
 def test_seeded_sampling_is_reproducible(router, prompt):
     stop = dict(max_new_tokens=12, ignore_eos_token=True)
-    runs = {seed: [alone(router, prompt, parameters=dict(SAMPLING, seed=seed), stopping=stop) for _ in range(2)]
-            for seed in (1, 2, 3, 4)}
+    runs = {
+        seed: [alone(router, prompt, parameters=dict(SAMPLING, seed=seed), stopping=stop) for _ in range(2)]
+        for seed in (1, 2, 3, 4)
+    }
     for seed, (first, second) in runs.items():
         assert first.token_ids == second.token_ids and first.text == second.text
         assert first.seed == second.seed == seed
@@ -151,8 +157,8 @@ def test_stop_sequence_spanning_tokens(router, tok, greedy_ref):
     ref = greedy_ref(tuple(tok.encode(prompt)), 48)
     res = alone(router, prompt, stopping=dict(max_new_tokens=48, stop_sequences=["never there", "city"]))
     assert res.finish_reason == "stop_sequence"
-    assert res.text == continuation[:continuation.index("city") + len("city")] and res.text.endswith("city")
-    assert res.token_ids == ref[:len(res.token_ids)]
+    assert res.text == continuation[: continuation.index("city") + len("city")] and res.text.endswith("city")
+    assert res.token_ids == ref[: len(res.token_ids)]
     assert "city" not in tok.decode(res.token_ids[:-1])  # it stopped at the first token completing it
     assert len(tok.encode(" city")) > 1  # the stop sequence spans several tokens
 
@@ -203,8 +209,9 @@ def test_truncate_keeps_the_last_tokens(router, tok, greedy_ref):
 def test_logprobs_alternatives_and_prefill_logprobs_match_reference(router, ref_model, tok, text):
     prompt = tok.encode(text)
     P = len(prompt)
-    handle = router.submit(prompt, parameters=dict(return_k_alternatives=3), stopping=dict(max_new_tokens=10),
-                           prefill_logprobs=True)
+    handle = router.submit(
+        prompt, parameters=dict(return_k_alternatives=3), stopping=dict(max_new_tokens=10), prefill_logprobs=True
+    )
     events = list(handle.stream(timeout=60))
     res = handle.result()
     generated = [e.id for e in events]
@@ -245,11 +252,11 @@ def test_utf8_characters_split_across_tokens_stream_whole(router, tok):
     waited = False
     for k, e in enumerate(events):
         assert "\ufffd" not in e.text, (k, e)
-        so_far = tok.decode_bytes(res.token_ids[:k + 1])  # every byte generated up to this event
-        shown = "".join(x.text for x in events[:k + 1]).encode()
+        so_far = tok.decode_bytes(res.token_ids[: k + 1])  # every byte generated up to this event
+        shown = "".join(x.text for x in events[: k + 1]).encode()
         # the texts so far are exactly the bytes so far, less an unfinished character at the end
         assert so_far.startswith(shown), (k, e)
-        pending = so_far[len(shown):]
+        pending = so_far[len(shown) :]
         assert len(pending) < 4 and not _is_utf8(pending) or not pending, (k, pending)
         waited |= e.text == "" and bool(pending)
     assert waited, "no event held back the bytes of an unfinished character"
@@ -294,8 +301,11 @@ def test_health_probe_while_requests_run(router, shard_stats, wire):
     for k in probes:
         (req,) = sent[k][1].requests
         assert (req.id, list(req.blocks), list(req.slots)) == (HEALTH_ID, [0], [0])
-    live = [k for k, (kind, batches) in enumerate(sent)
-            if kind == "decode" and any(handles[0].request_id in b for b in batches)]
+    live = [
+        k
+        for k, (kind, batches) in enumerate(sent)
+        if kind == "decode" and any(handles[0].request_id in b for b in batches)
+    ]
     assert live[0] < probes[0] and probes[-1] < live[-1]
     assert shard_stats()["batches"] == 0  # the probe's batch was cleared too
 
@@ -319,8 +329,11 @@ def test_a_rejected_request_fails_alone(router, shard_stats, wire, bad, needle):
     assert running.result().token_ids == solo.token_ids
     # the refused Prefill came while the other request was decoding
     sent = wire[start:]
-    refused = [k for k, (kind, batch) in enumerate(sent)
-               if kind == "prefill" and bad_handle.request_id in [r.id for r in batch.requests]]
+    refused = [
+        k
+        for k, (kind, batch) in enumerate(sent)
+        if kind == "prefill" and bad_handle.request_id in [r.id for r in batch.requests]
+    ]
     live = [k for k, (kind, batches) in enumerate(sent) if kind == "decode" and running.request_id in batches[0]]
     assert len(refused) == 1 and live[0] < refused[0] < live[-1]
     state = router.debug_state()

@@ -3,6 +3,7 @@
 The vocabulary is trained here with `train_bpe_ranks` on built-in text, so ranks 0..255 are the single
 bytes: feeding those ids one by one splits any multi-byte character across tokens on purpose.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,21 @@ import unicodedata
 
 import pytest
 import tiktoken
-from demo_tokenizer import bpe_encode, train_bpe_ranks, write_tiktoken_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.tokenizer import (QWEN_PATTERN, SPECIAL_TOKEN_NAMES, IncrementalDetokenizer, QwenTokenizer,
-                              _byte_level_alphabet, load_tiktoken_ranks)
+from demo_tokenizer import bpe_encode, train_bpe_ranks, write_tiktoken_file
+from worker.tokenizer import (
+    QWEN_PATTERN,
+    SPECIAL_TOKEN_NAMES,
+    IncrementalDetokenizer,
+    QwenTokenizer,
+    _byte_level_alphabet,
+    load_tiktoken_ranks,
+)
 
-TRAIN_TEXT = """\
+TRAIN_TEXT = (
+    """\
 The quick brown fox jumps over the lazy dog. The dog didn't mind; it's used to foxes that'll jump.
 Once upon a time, a small fox found a golden key by the river, and the river sang of old stone bridges.
 Water boils at one hundred degrees at sea level; at 3000 metres it boils at about 90 degrees.
@@ -27,7 +35,9 @@ Grüße aus Zürich! Ünïcödé and naïve café crème brûlée, déjà vu, se
 Привет, мир! Как дела? Всё хорошо. Ελληνικά: γειά σου κόσμε. עברית ועربية: مرحبا بالعالم.
 Emoji: 😀😃😄 🚀🌍✨ 👍🏽 👨‍👩‍👧 — and symbols: ©®™ ±×÷ ∑∫√∞ ≤≥≠ €£¥ ½¾.
 def add(a, b):\n    return a + b  # code, tabs\tand   spaces\r\n
-""" * 3
+"""
+    * 3
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXTS = st.one_of(
     st.text(),
@@ -162,23 +172,30 @@ def test_token_text_of_partial_character_is_replacement(tok):
 @pytest.mark.parametrize("call", ["decode", "decode_bytes", "token_text", "is_special", "detok"])
 def test_invalid_ids_raise(tok, call):
     bad = tok.n_real_vocab
-    fn = {"decode": lambda: tok.decode([1, bad]), "decode_bytes": lambda: tok.decode_bytes([bad]),
-          "token_text": lambda: tok.token_text(bad), "is_special": lambda: tok.is_special(-1),
-          "detok": lambda: IncrementalDetokenizer(tok).add(bad + 5)}[call]
+    fn = {
+        "decode": lambda: tok.decode([1, bad]),
+        "decode_bytes": lambda: tok.decode_bytes([bad]),
+        "token_text": lambda: tok.token_text(bad),
+        "is_special": lambda: tok.is_special(-1),
+        "detok": lambda: IncrementalDetokenizer(tok).add(bad + 5),
+    }[call]
     with pytest.raises(ValueError, match=r"token id -?\d+ is not a valid token"):
         fn()
 
 
 # ------------------------------------------------------------------ eos ids
-@pytest.mark.parametrize("config, gen, expected", [
-    ({}, {}, {"eot"}),
-    ({"eos_token_id": 5}, {}, {"eot", 5}),
-    ({}, {"eos_token_id": [7, 8]}, {"eot", 7, 8}),
-    ({"eos_token_id": [5]}, {"eos_token_id": 9}, {"eot", 5, 9}),
-    ({}, {"eos_token_id": "eot", "chat_format": "chatml"}, {"eot", "im_end", "im_start"}),
-    ({}, {"eos_token_id": ["eot", "im_end"]}, {"eot", "im_end", "im_start"}),
-    ({}, {"chat_format": "raw", "stop_words_ids": [["eot"], [1, 2]]}, {"eot"}),
-])
+@pytest.mark.parametrize(
+    "config, gen, expected",
+    [
+        ({}, {}, {"eot"}),
+        ({"eos_token_id": 5}, {}, {"eot", 5}),
+        ({}, {"eos_token_id": [7, 8]}, {"eot", 7, 8}),
+        ({"eos_token_id": [5]}, {"eos_token_id": 9}, {"eot", 5, 9}),
+        ({}, {"eos_token_id": "eot", "chat_format": "chatml"}, {"eot", "im_end", "im_start"}),
+        ({}, {"eos_token_id": ["eot", "im_end"]}, {"eot", "im_end", "im_start"}),
+        ({}, {"chat_format": "raw", "stop_words_ids": [["eot"], [1, 2]]}, {"eot"}),
+    ],
+)
 def test_eos_ids(tmp_path, ranks, config, gen, expected):
     n = len(ranks)
     names = {"eot": n, "im_start": n + 1, "im_end": n + 2}
@@ -210,8 +227,8 @@ def _stream(tok: QwenTokenizer, ids: list[int], skip: bool) -> list[str]:
 def test_character_split_across_tokens_waits_until_complete(tok, char):
     data = char.encode()
     pieces = _stream(tok, list(data) + [ord("!")], skip=False)  # single-byte ids == byte values
-    assert pieces[:len(data) - 1] == [""] * (len(data) - 1)
-    assert pieces[len(data) - 1:] == [char, "!", ""]
+    assert pieces[: len(data) - 1] == [""] * (len(data) - 1)
+    assert pieces[len(data) - 1 :] == [char, "!", ""]
 
 
 def test_bytes_that_can_never_be_valid_become_replacement_once(tok):
@@ -248,10 +265,19 @@ def _write_tokenizer_json(path: str, ranks: dict[bytes, int]) -> None:
     text = {t: "".join(byte_char[b] for b in t) for t in ranks}
     splits = [(t[:i], t[i:]) for t in ranks for i in range(1, len(t)) if t[:i] in ranks and t[i:] in ranks]
     splits.sort(key=lambda s: (ranks[s[0] + s[1]], ranks[s[0]], ranks[s[1]]))
-    tk = Tokenizer(models.BPE(vocab={text[t]: r for t, r in ranks.items()},
-                              merges=[(text[a], text[b]) for a, b in splits], ignore_merges=True))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk = Tokenizer(
+        models.BPE(
+            vocab={text[t]: r for t, r in ranks.items()},
+            merges=[(text[a], text[b]) for a, b in splits],
+            ignore_merges=True,
+        )
+    )
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in SPECIAL_TOKEN_NAMES])
     tk.save(path)

@@ -192,6 +192,10 @@ class FlashQwenModel(nn.Module):
         )
         self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device, fused)
 
+    def layers(self) -> list[FlashQwenLayer]:
+        """The decoder layers, typed (an nn.ModuleList indexes to plain Modules)."""
+        return [cast(FlashQwenLayer, layer) for layer in self.h]
+
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Sequence[KVLayer] | None) -> torch.Tensor:
         x = self.wte(input_ids)  # [T, H]
         residual = None
@@ -260,7 +264,7 @@ class FlashQwenForCausalLM(nn.Module):
         self.lm_head.load(weights, "lm_head")
 
     def attention_layers(self) -> list[FlashQwenAttention]:
-        return [cast(FlashQwenLayer, layer).attn for layer in self.transformer.h]
+        return [layer.attn for layer in self.transformer.layers()]
 
     def checkpoint_kv_scales(self) -> tuple[list[float], list[float]] | None:
         """Per-layer (k_scales, v_scales) from the checkpoint, or None unless every layer has both."""
