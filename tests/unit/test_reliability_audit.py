@@ -143,6 +143,7 @@ def _permuted_script(engine: Engine) -> dict[int, list[int]]:
     reqs = [_request(31, [3, 4, 5], 9), _request(32, [100, 200, 300, 7], 9), _request(33, [50, 9], 9)]
     gens, batch = engine.prefill(pb.Batch(id=30, requests=reqs), None)
     _tokens(gens, out)
+    assert batch is not None
     gens, batch = engine.decode([batch.info()])
     _tokens(gens, out)
     batch = engine.filter(30, [33, 31, 32])  # every request kept, in another order
