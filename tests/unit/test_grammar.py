@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from worker.distributed import ParallelContext
 from worker.engine import grammar as grammar_module
+from worker.engine.batch import Batch
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.grammar import Grammars
 from worker.engine.sampling import apply_token_bitmask
@@ -210,10 +211,10 @@ def test_json_object_starts_an_object(engine):
 # ------------------------------------------------------------------------------------- batch state
 
 
-def test_matchers_survive_filter_and_concatenation(engine):
+def test_matchers_survive_filter_and_concatenation(engine: Engine) -> None:
     """Constrained requests decoded in a batch that is concatenated with another, filtered (the router drops
     an unconstrained request) and decoded on give the same output as each alone."""
-    sampled = dict(do_sample=True, seed=11, temperature=1.2)
+    sampled: dict[str, Any] = dict(do_sample=True, seed=11, temperature=1.2)
     alone = {
         1: generate(engine, [request(1, PERSON)])[1],
         3: generate(engine, [request(3, POINT, 100, **sampled)])[3],
@@ -249,7 +250,7 @@ def test_unconstrained_greedy_output_is_unchanged_beside_constrained_requests(en
     assert mixed[5] == alone and not alone.text.lstrip().startswith("{")
 
 
-def test_a_bad_schema_is_refused_before_any_state_changes(engine):
+def test_a_bad_schema_is_refused_before_any_state_changes(engine: Engine) -> None:
     gens, live = engine.prefill(pb.Batch(id=7, requests=[request(1, PERSON)], size=1), None)
     assert live is not None
     assert engine.allocator is not None
@@ -260,7 +261,7 @@ def test_a_bad_schema_is_refused_before_any_state_changes(engine):
     assert engine.allocator.free == free and engine.batches == batches
     out: dict[int, Result] = {}
     ids: dict[int, list[int]] = {1: list(gens[0].next_tokens.ids)}
-    batch = live
+    batch: Batch | None = live
     while batch is not None:  # the live request goes on, and a new one is served
         gens, batch = engine.decode([batch.info()])
         collect(gens, out, ids)
@@ -271,7 +272,9 @@ def test_a_bad_schema_is_refused_before_any_state_changes(engine):
 # ------------------------------------------------------------------------------------- compilation
 
 
-def test_compiles_run_off_the_calling_thread_and_share_one_tokenizer(demo_dir, monkeypatch):
+def test_compiles_run_off_the_calling_thread_and_share_one_tokenizer(
+    demo_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tok = QwenTokenizer.from_dir(os.path.join(demo_dir, "model"))
     grammars = Grammars(tok)
     built: list[str] = []
