@@ -29,8 +29,8 @@ from worker.tokenizer import QWEN_PATTERN, QwenTokenizer
 
 log = logging.getLogger(__name__)
 
-# Whitespace between JSON tokens is bounded, so a weak model cannot spend its tokens on it; a schema's own
-# "x-guidance" options override these defaults.
+# At most one space between JSON tokens (outlines' default, hence LoRAX's): a model cannot spend its tokens on
+# whitespace. A schema's own "x-guidance" options override these defaults.
 JSON_DEFAULTS: llguidance._lib.JsonCompileOptions = {"whitespace_pattern": r"[ ]?"}
 
 
