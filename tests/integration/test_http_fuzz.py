@@ -13,8 +13,8 @@ import sys
 import tempfile
 
 import pytest
-from test_http_clients import start_front, stop_front
 
+from fronts import start_front, stop_front
 from shards import start_launcher, stop
 
 FUZZ_LIMITS = (

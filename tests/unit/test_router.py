@@ -1,22 +1,30 @@
 """The router: block allocator, slot layout, and the LoRAX serving loop against fake shards on
 real unix sockets (see test_router_fakes.py for the fake's generation rule)."""
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from test_router_fakes import serve_fakes, token_for
 
 from router_client.blocks import BlockAllocator, blocks_needed, slots_for, tokens_needed
 from router_client.messages import RouterConfig
 from router_client.requests import RequestError, ValidationError
 from router_client.router import Router
-from test_router_fakes import serve_fakes, token_for
 
 U64_MAX = 2**64 - 1
-CONFIG = RouterConfig(max_input_length=16, max_total_tokens=48, max_batch_prefill_tokens=32, max_batch_size=8,
-                      call_timeout_s=10, connect_timeout_s=10)
+CONFIG = RouterConfig(
+    max_input_length=16,
+    max_total_tokens=48,
+    max_batch_prefill_tokens=32,
+    max_batch_size=8,
+    call_timeout_s=10,
+    connect_timeout_s=10,
+)
 
 
 class CharTokenizer:
@@ -59,6 +67,7 @@ def router(fake: tuple[str, list]) -> Iterator[Router]:
 
 # ---------------------------------------------------------------------- blocks and slots
 
+
 def test_block_allocator_reserves_block_0_and_is_all_or_nothing() -> None:
     alloc = BlockAllocator(num_blocks=5, block_size=4)
     assert alloc.capacity == alloc.free_count == 4
@@ -79,6 +88,7 @@ def test_block_allocator_reserves_block_0_and_is_all_or_nothing() -> None:
 def test_block_allocator_rejects_bad_frees() -> None:
     alloc = BlockAllocator(num_blocks=4, block_size=2)
     blocks = alloc.allocate(2)
+    assert blocks is not None
     alloc.free(blocks[:1])
     with pytest.raises(ValueError, match="double free"):
         alloc.free(blocks[:1])
@@ -107,6 +117,7 @@ def test_slot_layout() -> None:
 
 
 # ---------------------------------------------------------------------- startup and one request
+
 
 def test_startup_sequence(fake: tuple[str, list], router: Router) -> None:
     shard = fake[1][0]
@@ -156,6 +167,7 @@ def test_clear_cache_when_the_batch_comes_back_all_finished(fake: tuple[str, lis
 
 # ---------------------------------------------------------------------- continuous batching
 
+
 def test_continuous_batching_merges_then_filters_in_order(fake: tuple[str, list], router: Router) -> None:
     shard = fake[1][0]
     shard.decode_gate.clear()
@@ -176,7 +188,7 @@ def test_continuous_batching_merges_then_filters_in_order(fake: tuple[str, list]
     assert shard.calls[second_prefill + 1] == ("Decode", {"batch_ids": [0, 1], "request_ids": [[0], [1, 2, 3]]})
     # C finished on that merged step: the router keeps the others, in batch order
     assert shard.calls[second_prefill + 2] == ("FilterBatch", {"batch_id": 0, "request_ids": [0, 1, 3]})
-    later_decodes = [f for f in shard.of("Decode")[2:]]
+    later_decodes = shard.of("Decode")[2:]
     assert all(f["batch_ids"] == [0] for f in later_decodes)
     used = [blk for f in shard.of("Prefill") for blocks in f["blocks"] for blk in blocks]
     assert 0 not in used and len(used) == len(set(used))  # no block shared by two live requests
@@ -217,6 +229,7 @@ def test_validation_errors(router: Router) -> None:
 
 
 # ---------------------------------------------------------------------- health, failures, adapters
+
 
 def test_health_probe_shape(fake: tuple[str, list], router: Router) -> None:
     shard = fake[1][0]

@@ -1,4 +1,5 @@
 """ShardedClient fan-out and merge rules over two fake shards, and the `qwen-router` CLI."""
+
 from __future__ import annotations
 
 import json
@@ -6,17 +7,17 @@ import os
 import subprocess
 import sys
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
-
-from router_client import cli
 import test_router
-from router_client.client import ShardedClient, ShardError, ShardMismatchError, grpc_target
-from router_client.router import Router
 from test_router import CONFIG, CharTokenizer
 from test_router_fakes import serve_fakes, token_for
+
+from router_client import cli
+from router_client.client import ShardedClient, ShardError, ShardMismatchError, grpc_target
+from router_client.router import Router
 from worker.pb import generate_pb2 as pb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,9 +25,15 @@ no_leaked_threads = test_router.no_leaked_threads  # the same autouse check: no 
 
 
 def _batch(batch_id: int, *inputs: str) -> pb.Batch:
-    reqs = [pb.Request(id=i, inputs=text, tokenized_inputs=pb.TokenizedInputs(ids=[1, 2]),
-                       stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=3))
-            for i, text in enumerate(inputs)]
+    reqs = [
+        pb.Request(
+            id=i,
+            inputs=text,
+            tokenized_inputs=pb.TokenizedInputs(ids=[1, 2]),
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=3),
+        )
+        for i, text in enumerate(inputs)
+    ]
     return pb.Batch(id=batch_id, requests=reqs, size=len(reqs))
 
 
@@ -96,11 +103,12 @@ def test_without_block_allocator_requests_carry_no_blocks() -> None:
 
 # ---------------------------------------------------------------------- CLI
 
+
 @pytest.fixture
 def fake_tokenizer_module(monkeypatch: pytest.MonkeyPatch) -> None:
     """`worker.tokenizer.QwenTokenizer.from_dir` answering the one-token-per-char tokenizer."""
     module = types.ModuleType("worker.tokenizer")
-    module.QwenTokenizer = types.SimpleNamespace(from_dir=lambda path: CharTokenizer())
+    vars(module)["QwenTokenizer"] = types.SimpleNamespace(from_dir=lambda path: CharTokenizer())
     monkeypatch.setitem(sys.modules, "worker.tokenizer", module)
 
 
@@ -125,8 +133,20 @@ def test_cli_generate(served, fake_tokenizer_module, capsys) -> None:
 
 def test_cli_load(served, fake_tokenizer_module, capsys) -> None:
     prefix, _ = served
-    argv = ["load", "--uds-path", prefix, "--model-dir", "unused", "--requests", "6", "--concurrency", "3",
-            "--max-new-tokens", "4", "--json"]
+    argv = [
+        "load",
+        "--uds-path",
+        prefix,
+        "--model-dir",
+        "unused",
+        "--requests",
+        "6",
+        "--concurrency",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]
     assert cli.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ok"] == 6 and summary["failed"] == 0 and summary["generated_tokens"] == 24
@@ -143,7 +163,9 @@ def test_cli_errors_and_percentile(tmp_path, capsys) -> None:
 
 
 def test_cli_imports_without_stubs() -> None:
-    code = ("import sys; sys.modules['worker.pb'] = None; import router_client.cli as c; "
-            "c.build_parser().parse_args(['generate', '--uds-path', 'p', 'x']); import router_client; print('ok')")
+    code = (
+        "import sys; sys.modules['worker.pb'] = None; import router_client.cli as c; "
+        "c.build_parser().parse_args(['generate', '--uds-path', 'p', 'x']); import router_client; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "ok", out.stderr

@@ -5,6 +5,7 @@ text f"<{id}>", and finishes with FINISH_REASON_LENGTH at max_new_tokens. Shard 
 answers generations only for `r % world == rank`, like a real shard. Batches are kept per id;
 Decode concatenates the listed batches under the first id, as the contract says.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +13,10 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 
@@ -42,8 +44,14 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
     request whose inputs equal it aborts INVALID_ARGUMENT), `decode_gate` (Decode waits on it),
     `return_finished_batch` (answer the batch even when every request finished)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, block_size: int = 4, total_tokens: int = 64,
-                 requires_block_allocator: bool = True) -> None:
+    def __init__(
+        self,
+        rank: int = 0,
+        world: int = 1,
+        block_size: int = 4,
+        total_tokens: int = 64,
+        requires_block_allocator: bool = True,
+    ) -> None:
         self.rank, self.world = rank, world
         self.urls: list[str] = []
         self.block_size = block_size
@@ -78,12 +86,15 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
             r.generated += 1
             if r.id % self.world != self.rank:
                 continue
-            gen = pb.Generation(request_id=r.id, next_tokens=pb.NextTokens(
-                ids=[token], logprobs=[-0.5], texts=[f"<{token}>"], is_special=[False]))
+            gen = pb.Generation(
+                request_id=r.id,
+                next_tokens=pb.NextTokens(ids=[token], logprobs=[-0.5], texts=[f"<{token}>"], is_special=[False]),
+            )
             if r.finished:
                 text = "".join(f"<{token_for(r.id, s)}>" for s in range(r.generated))
-                gen.generated_text.CopyFrom(pb.GeneratedText(text=text, generated_tokens=r.generated,
-                                                             finish_reason=pb.FINISH_REASON_LENGTH))
+                gen.generated_text.CopyFrom(
+                    pb.GeneratedText(text=text, generated_tokens=r.generated, finish_reason=pb.FINISH_REASON_LENGTH)
+                )
             out.append(gen)
         return out
 
@@ -93,8 +104,15 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
         if all(r.finished for r in reqs) and not self.return_finished_batch:
             return resp
         self.batches[batch_id] = reqs
-        resp.batch.CopyFrom(pb.CachedBatch(id=batch_id, request_ids=[r.id for r in reqs], size=len(reqs),
-                                           max_tokens=len(reqs) * 8, current_tokens=len(reqs)))
+        resp.batch.CopyFrom(
+            pb.CachedBatch(
+                id=batch_id,
+                request_ids=[r.id for r in reqs],
+                size=len(reqs),
+                max_tokens=len(reqs) * 8,
+                current_tokens=len(reqs),
+            )
+        )
         return resp
 
     # ------------------------------------------------------------------ RPCs
@@ -114,22 +132,37 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
 
     def Info(self, request: Any, context: Any) -> pb.InfoResponse:
         self.record("Info")
-        return pb.InfoResponse(dtype="float32", device_type="cpu", block_size=self.block_size,
-                               supports_generation=True, requires_block_allocator=self.requires_block_allocator)
+        return pb.InfoResponse(
+            dtype="float32",
+            device_type="cpu",
+            block_size=self.block_size,
+            supports_generation=True,
+            requires_block_allocator=self.requires_block_allocator,
+        )
 
     def Warmup(self, request: Any, context: Any) -> pb.WarmupResponse:
-        self.record("Warmup", requests=list(request.batch.requests), max_input_length=request.max_input_length,
-                    max_prefill_tokens=request.max_prefill_tokens, max_new_tokens=request.max_new_tokens)
+        self.record(
+            "Warmup",
+            requests=list(request.batch.requests),
+            max_input_length=request.max_input_length,
+            max_prefill_tokens=request.max_prefill_tokens,
+            max_new_tokens=request.max_new_tokens,
+        )
         return pb.WarmupResponse(max_supported_total_tokens=self.total_tokens)
 
     def Prefill(self, request: Any, context: Any) -> pb.PrefillResponse:
         batch = request.batch
-        self.record("Prefill", batch_id=batch.id, request_ids=[r.id for r in batch.requests],
-                    blocks=[list(r.blocks) for r in batch.requests], slots=[list(r.slots) for r in batch.requests],
-                    ids=[list(r.tokenized_inputs.ids) for r in batch.requests],
-                    max_new_tokens=[r.stopping_parameters.max_new_tokens for r in batch.requests],
-                    adapter_index=[r.adapter_index for r in batch.requests],
-                    cached=request.HasField("cached_batch"))
+        self.record(
+            "Prefill",
+            batch_id=batch.id,
+            request_ids=[r.id for r in batch.requests],
+            blocks=[list(r.blocks) for r in batch.requests],
+            slots=[list(r.slots) for r in batch.requests],
+            ids=[list(r.tokenized_inputs.ids) for r in batch.requests],
+            max_new_tokens=[r.stopping_parameters.max_new_tokens for r in batch.requests],
+            adapter_index=[r.adapter_index for r in batch.requests],
+            cached=request.HasField("cached_batch"),
+        )
         if self.fail_prefill_text is not None and any(r.inputs == self.fail_prefill_text for r in batch.requests):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"boom on shard {self.rank}")
         if batch.id in self.batches:
@@ -156,8 +189,9 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
         by_id = {r.id: r for r in self.batches[request.batch_id]}
         reqs = [by_id[i] for i in request.request_ids]
         self.batches[request.batch_id] = reqs
-        return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id, request_ids=[r.id for r in reqs],
-                                                           size=len(reqs)))
+        return pb.FilterBatchResponse(
+            batch=pb.CachedBatch(id=request.batch_id, request_ids=[r.id for r in reqs], size=len(reqs))
+        )
 
     def Health(self, request: Any, context: Any) -> pb.HealthResponse:
         self.record("Health")
