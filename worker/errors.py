@@ -50,7 +50,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, WorkerError):
         return exc.code, str(exc)
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {exc}"
     if isinstance(exc, ValueError):  # validation in plain-Python modules (sampling, stopping, tokenizer)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)

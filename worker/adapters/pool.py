@@ -193,7 +193,8 @@ class AdapterManager:
                 f"adapter index {index} holds another adapter that a live batch uses; "
                 "it cannot be replaced until those requests finish"
             )
-        if entry is None or entry.params != req.adapter_parameters:
+        fresh = entry is None or entry.params != req.adapter_parameters
+        if fresh:
             t0 = time.perf_counter()
             host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
             if entry is not None:
@@ -207,8 +208,15 @@ class AdapterManager:
                 (time.perf_counter() - t0) * 1e3,
                 ", ".join(f"{k} {v:.1f}" for k, v in self.last_timing.items()),
             )
-        entry.offloaded = False
-        self._make_resident(index, pinned=set())
+        assert entry is not None
+        was_offloaded, entry.offloaded = entry.offloaded, False
+        try:
+            self._make_resident(index, pinned=set())
+        except BaseException:  # a failed load leaves no half-loaded index behind (its slot is zeroed again)
+            if fresh:
+                del self.entries[index]
+            entry.offloaded = was_offloaded
+            raise
         return pb.LoadAdapterResponse(loaded=True)
 
     def offload(self, req: Any) -> Any:
