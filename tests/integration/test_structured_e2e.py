@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import jsonschema  # type: ignore[import-untyped]
+import jsonschema
 import lorax
 import openai
 import pytest
 
+from fronts import FrontProc, start_front, stop_front
 from make_demo_model import BASE_TEXTS
-from shards import ROOT, ShardProc, start_launcher, stop
+from shards import start_launcher, stop
 
 PERSON = {
     "type": "object",
@@ -45,54 +40,11 @@ POINT = {
 }
 
 
-@dataclass
-class Front:
-    url: str
-    proc: subprocess.Popen
-    log_path: str
-
-
-def start_front(shard: ShardProc, demo_dir: str) -> Front:
-    """`qwen-router serve` on the shard(s), ready once /health answers 200."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    log_path = os.path.join(tempfile.mkdtemp(prefix="qws"), "front.log")
-    cmd = [sys.executable, "-m", "router_client.cli", "serve", "--uds-path", shard.uds, "--model-dir"]
-    cmd += [os.path.join(demo_dir, "model"), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    cmd += ["--max-input-length", "128", "--max-total-tokens", "256", "--max-batch-prefill-tokens", "512"]
-    with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
-    front = Front(f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{front.url}/health", timeout=30).status_code == 200:
-                return front
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the front did not start:\n" + open(log_path).read()[-4000:])
-        time.sleep(0.2)
-
-
-def stop_front(front: Front) -> int:
-    front.proc.send_signal(signal.SIGTERM)
-    try:
-        return front.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        front.proc.kill()
-        return -9
-
-
 @pytest.fixture(scope="module")
-def front(shard, demo_dir) -> Iterator[Front]:
+def front(shard, demo_dir) -> Iterator[FrontProc]:
     f = start_front(shard, demo_dir)
     yield f
-    assert stop_front(f) == 0, open(f.log_path).read()[-3000:]
+    assert stop_front(f) == 0, f.log()[-3000:]
 
 
 def lorax_json(url: str, prompt: str, schema: dict, **kwargs: Any) -> tuple[Any, str]:

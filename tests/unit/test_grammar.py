@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]
+import jsonschema
 import llguidance
 import pytest
 import torch
@@ -294,7 +294,12 @@ def test_compiles_run_off_the_calling_thread_and_share_one_tokenizer(
     monkeypatch.setattr(Grammars, "_matcher", slow_matcher)
     pending = [grammars.compile(Grammars.check(json.dumps(s))) for s in (PERSON, POINT, PERSON)]
     assert built == []  # compile() returned while every compile still waits: the caller was not held
+    masks = grammars.start_masks([None, *pending])  # the step's masks, computed while its forward runs
+    assert masks is not None and not masks.done()  # it waits for the compiles off the step thread
     release.set()
+    bitmask = masks.result(timeout=30)
+    assert bitmask is not None and bitmask.shape == (4, (tok.n_real_vocab + 31) // 32)
+    assert bool((bitmask[0] == -1).all()) and not bool((bitmask[1] == -1).all())
     assert all(not g.matcher.is_error() for g in pending)
     assert len(built) == 1 and built[0].startswith("grammar")  # one tokenizer, built on the pool
-    assert grammars.masks(pending) is not None
+    assert grammars.start_masks([None, None]) is None  # unconstrained: nothing to compute

@@ -265,9 +265,9 @@ class Engine:
         """Sample a token for every request, append it and check the stops; this shard's generations."""
         assert self.runner is not None
         adapter_slots = self.adapters.request_slots(batch) if self.adapters is not None else None
+        masks = self.grammars.start_masks([r.grammar for r in batch.requests])  # None unless one is constrained
         step = self._logits(batch, prefill, adapter_slots)
-        allowed = self.grammars.masks([r.grammar for r in batch.requests])  # None unless a request is constrained
-        out = batch.sampler(step.last, [r.ids for r in batch.requests], allowed)
+        out = batch.sampler(step.last, [r.ids for r in batch.requests], masks.result() if masks else None)
         next_ids = self.pctx.broadcast(out.next_ids.clone()).tolist()  # identical tokens on every rank
         logprobs = out.logprobs.tolist()
         tok = self.tokenizer

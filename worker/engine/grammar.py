@@ -82,6 +82,7 @@ class Grammars:
     _lltok: llguidance.LLTokenizer | None = field(default=None, init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _executor: llguidance.LLExecutor | None = field(default=None, init=False, repr=False)
+    _mask_thread: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     @staticmethod
     def check(schema: str) -> str:
@@ -114,6 +115,15 @@ class Grammars:
                 self._lltok = lltokenizer(self.tokenizer)
             lltok = self._lltok
         return llguidance.LLMatcher(lltok, grammar, log_level=0)
+
+    def start_masks(self, grammars: Sequence[Grammar | None]) -> Future[torch.Tensor | None] | None:
+        """`masks` on a background thread, to overlap the step's forward (the matchers are not touched again
+        before the result is taken); None when no row has a grammar."""
+        if all(g is None for g in grammars):
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return self._mask_thread.submit(self.masks, list(grammars))
 
     def masks(self, grammars: Sequence[Grammar | None]) -> torch.Tensor | None:
         """The allowed next tokens of each row as a bitmask [B, ceil(n_real_vocab / 32)] int32 on the CPU (bit j
