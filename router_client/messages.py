@@ -125,16 +125,14 @@ def sampling_parameters(params: dict[str, Any] | None) -> pb.NextTokenChooserPar
 
 
 def _check_ranges(p: dict[str, Any]) -> None:
-    """Refuse sampling values the shard refuses (ValidationError naming the field and the range)."""
+    """Refuse non-finite values and those that would overflow the shard's fp32 sampler (ValidationError naming the
+    field and the range); the shard checks the rest (top_k, top_p, typical_p) itself."""
     for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
         if not math.isfinite(p[name]):
             raise ValidationError(f"{name} must be a finite number, got {p[name]}")
     t, rep, additive = p["temperature"], p["repetition_penalty"], MAX_ADDITIVE_PENALTY
     checks = [
         ("temperature", t == 0 or t >= MIN_TEMPERATURE, f"0 (greedy) or >= {MIN_TEMPERATURE:g}"),
-        ("top_k", p["top_k"] >= 0, ">= 0 (0 disables top-k)"),
-        ("top_p", 0 < p["top_p"] <= 1, "in (0, 1]"),
-        ("typical_p", 0 < p["typical_p"] <= 1, "in (0, 1]"),
         (
             "repetition_penalty",
             1 / MAX_PENALTY_FACTOR <= rep <= MAX_PENALTY_FACTOR,
