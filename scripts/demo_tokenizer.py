@@ -4,6 +4,7 @@ Ranks 0..255 are the single bytes; each merge learned on the training text (NFC,
 pre-tokenisation pattern) gets the next rank. Training segments every pre-token exactly as tiktoken
 does (`bpe_pieces`), so tiktoken's encoding of the training text is the trainer's final segmentation.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,7 +32,7 @@ def bpe_pieces(ranks: dict[bytes, int], piece: bytes) -> list[bytes]:
                 best, best_rank = i, rank
         if best < 0:
             break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return parts
 
 

@@ -1,4 +1,5 @@
 """Session fixtures; shared helpers live in tests/helpers.py (import them from `helpers`)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Start and stop real shard processes (through the launcher) on real unix sockets, for tests."""
+
 from __future__ import annotations
 
 import os
@@ -40,11 +41,27 @@ def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra:
     log_dir = os.environ.get("QWEN_SHARD_LOG_DIR")  # e.g. the device's $OUT: logs survive a killed run
     log_path = os.path.join(log_dir, f"shard-{os.path.basename(tmp)}.log") if log_dir else os.path.join(tmp, "log.txt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(num_shard), "--uds-path", uds,
-           "--adapter-root", adapter_root, "--max-total-tokens", "4096", "--block-size", "16", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker.launcher",
+        model_dir,
+        "--num-shard",
+        str(num_shard),
+        "--uds-path",
+        uds,
+        "--adapter-root",
+        adapter_root,
+        "--max-total-tokens",
+        "4096",
+        "--block-size",
+        "16",
+        *extra,
+    ]
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)  # no orphans even if pytest is killed
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )  # no orphans even if pytest is killed
     deadline = time.time() + 180
     while not all(os.path.exists(f"{uds}-{r}") for r in range(num_shard)):
         if proc.poll() is not None or time.time() > deadline:
@@ -63,5 +80,3 @@ def stop(shard: ShardProc) -> int:
         rc = -9
     shutil.rmtree(os.path.dirname(shard.uds), ignore_errors=True)
     return rc
-
-

@@ -1,5 +1,6 @@
 """`qwen-worker serve MODEL_DIR --uds-path PATH [...]`: one shard of the model, serving LoRAX's gRPC
 contract on `unix://PATH-{RANK}`. Rank and world size come from the torchrun environment."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,23 @@ IGNORED_FLAGS = {
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                           "msg": record.getMessage()})
+        return json.dumps(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname,
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
 
 
 def setup_logging(level: str, json_logs: bool, rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_logs else
-                         logging.Formatter(f"%(asctime)s %(levelname)s [shard {rank}] %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if json_logs
+        else logging.Formatter(f"%(asctime)s %(levelname)s [shard {rank}] %(name)s: %(message)s")
+    )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
@@ -47,39 +57,72 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve one shard")
     s.add_argument("model_dir", help="directory with config.json, safetensors and qwen.tiktoken")
     s.add_argument("--uds-path", default="/tmp/qwen-worker", help="socket path prefix: shard r binds PATH-r")
-    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weights/activations dtype (auto: bf16 on GPU, fp32 on CPU)")
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights/activations dtype (auto: bf16 on GPU, fp32 on CPU)",
+    )
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
-    s.add_argument("--max-total-tokens", type=int, default=0,
-                   help="KV token slots per shard (0: from free GPU memory after Warmup; 16384 on CPU)")
+    s.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=0,
+        help="KV token slots per shard (0: from free GPU memory after Warmup; 16384 on CPU)",
+    )
     s.add_argument("--memory-fraction", type=float, default=0.9, help="share of free GPU memory for the KV cache")
-    s.add_argument("--kv-cache-dtype", default="auto",
-                   choices=["auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8"],
-                   help="KV cache dtype (auto: the model dtype). fp8_e4m3 (alias fp8) halves the KV bytes of "
-                   "bf16: per-layer K/V scales come from the checkpoint (transformer.h.N.attn.k_scale / "
-                   "v_scale) when present, else from Warmup's prefill (max |k|, |v| per layer)")
-    s.add_argument("--kv-scale-margin", type=float, default=2.0,
-                   help="fp8 KV calibrated at Warmup: scale = margin x max|x| / 448, so values up to margin "
-                   "times Warmup's largest fit before they clamp")
+    s.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8"],
+        help="KV cache dtype (auto: the model dtype). fp8_e4m3 (alias fp8) halves the KV bytes of "
+        "bf16: per-layer K/V scales come from the checkpoint (transformer.h.N.attn.k_scale / "
+        "v_scale) when present, else from Warmup's prefill (max |k|, |v| per layer)",
+    )
+    s.add_argument(
+        "--kv-scale-margin",
+        type=float,
+        default=2.0,
+        help="fp8 KV calibrated at Warmup: scale = margin x max|x| / 448, so values up to margin "
+        "times Warmup's largest fit before they clamp",
+    )
     s.add_argument("--eager", action="store_true", help="no CUDA graphs for decode")
-    s.add_argument("--look-ahead", choices=["auto", "on", "off"], default="auto",
-                   help="start each batch's next decode forward before replying, so the reply, the router and the "
-                        "next Decode overlap the GPU (auto: where CUDA graphs serve the batch, TP=1 only)")
-    s.add_argument("--max-seq-len", type=int, default=16384,
-                   help="longest context served from CUDA graphs (longer ones decode eagerly)")
+    s.add_argument(
+        "--look-ahead",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="start each batch's next decode forward before replying, so the reply, the router and the "
+        "next Decode overlap the GPU (auto: where CUDA graphs serve the batch, TP=1 only)",
+    )
+    s.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=16384,
+        help="longest context served from CUDA graphs (longer ones decode eagerly)",
+    )
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
-    s.add_argument("--lora-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="mixed-adapter matmuls: triton (segmented shrink/expand kernels that skip unused rank, "
-                        "captured in the decode CUDA graphs), torch (batched bmm over gathered slots), or auto: "
-                        "triton on CUDA when it imports, else torch")
+    s.add_argument(
+        "--lora-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="mixed-adapter matmuls: triton (segmented shrink/expand kernels that skip unused rank, "
+        "captured in the decode CUDA graphs), torch (batched bmm over gathered slots), or auto: "
+        "triton on CUDA when it imports, else torch",
+    )
     s.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident at once (the pool size)")
-    s.add_argument("--allow-bin-adapters", action="store_true",
-                   help="also read adapter_model.bin (weights-only torch.load); default: safetensors only")
-    s.add_argument("--preloaded-adapter-ids", default="", help="comma-separated adapter ids loaded at start-up "
-                   "as indices 1..n (reported in Info)")
+    s.add_argument(
+        "--allow-bin-adapters",
+        action="store_true",
+        help="also read adapter_model.bin (weights-only torch.load); default: safetensors only",
+    )
+    s.add_argument(
+        "--preloaded-adapter-ids",
+        default="",
+        help="comma-separated adapter ids loaded at start-up as indices 1..n (reported in Info)",
+    )
     s.add_argument("--max-batch-size", type=int, default=0, help="reject larger batches (0: no limit)")
     s.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective gives up")
     s.add_argument("--log-level", default="info")
@@ -118,29 +161,50 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     if not args.kv_scale_margin > 0:
         raise SystemExit(f"--kv-scale-margin must be positive, got {args.kv_scale_margin}")
     pctx = init_from_env(env, args.device, args.dist_timeout)
-    dtype = (torch.bfloat16 if pctx.device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+    dtype = (
+        (torch.bfloat16 if pctx.device.type == "cuda" else torch.float32)
+        if args.dtype == "auto"
         else torch_dtype(args.dtype)
+    )
     backend = make_backend(args.attention_backend, pctx.device)
-    log.info("rank %d/%d on %s, dtype %s, attention backend %s", pctx.rank, pctx.world_size, pctx.device, dtype,
-             backend.name)
+    log.info(
+        "rank %d/%d on %s, dtype %s, attention backend %s", pctx.rank, pctx.world_size, pctx.device, dtype, backend.name
+    )
     t0 = time.time()
     tokenizer = checked_tokenizer(args.model_dir)  # before the weights: a clear refusal, fast
     model = FlashQwenForCausalLM.from_pretrained(args.model_dir, pctx, dtype, backend)
-    log.info("model loaded in %.1fs: %d layers, hidden %d, vocab %d", time.time() - t0,
-             model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size)
+    log.info(
+        "model loaded in %.1fs: %d layers, hidden %d, vocab %d",
+        time.time() - t0,
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        model.config.vocab_size,
+    )
     adapters = None
     if args.adapter_root:
         from worker.adapters.pool import AdapterManager
 
-        adapters = AdapterManager.from_args(args, model, pctx,
-                                            triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1")
+        adapters = AdapterManager.from_args(
+            args, model, pctx, triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1"
+        )
     kv_dtype = parse_kv_dtype(args.kv_cache_dtype)
-    engine = Engine(model, tokenizer, pctx,
-                    EngineConfig(block_size=args.block_size, kv_cache_dtype=kv_dtype,
-                                 max_total_tokens=args.max_total_tokens, memory_fraction=args.memory_fraction,
-                                 max_batch_size=args.max_batch_size, cuda_graphs=not args.eager,
-                                 look_ahead={"auto": None, "on": True, "off": False}[args.look_ahead],
-                                 max_seq_len=args.max_seq_len, kv_scale_margin=args.kv_scale_margin), adapters)
+    engine = Engine(
+        model,
+        tokenizer,
+        pctx,
+        EngineConfig(
+            block_size=args.block_size,
+            kv_cache_dtype=kv_dtype,
+            max_total_tokens=args.max_total_tokens,
+            memory_fraction=args.memory_fraction,
+            max_batch_size=args.max_batch_size,
+            cuda_graphs=not args.eager,
+            look_ahead={"auto": None, "on": True, "off": False}[args.look_ahead],
+            max_seq_len=args.max_seq_len,
+            kv_scale_margin=args.kv_scale_margin,
+        ),
+        adapters,
+    )
     if adapters is not None:
         adapters.attach(engine)
         adapters.preload([a for a in args.preloaded_adapter_ids.split(",") if a])

@@ -1,4 +1,5 @@
 """Tensor parallelism over NCCL (triton backend): logits at world size 2 (and 4) equal world size 1."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ from helpers import TINY, write_checkpoint
 from lora_helpers import write_adapter
 from random_weights import random_checkpoint
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                                  reason="needs 2 CUDA GPUs")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
+]
 CFG = {**TINY, "seq_length": 8, "kv_channels": 16}
 
 
@@ -26,7 +29,10 @@ def test_nccl_equals_single(tmp_path):
     single = run_world(ckpt, str(tmp_path / "w1"), 1, root, **env)[0]
     for w in worlds:
         for rank_result in run_world(ckpt, str(tmp_path / f"w{w}"), w, root, **env):
-            worst = max((rank_result[k] - v).abs().max().item() for k, v in single.items()
-                        if k.startswith(("prefill", "decode", "suffix", "lora")))
+            worst = max(
+                (rank_result[k] - v).abs().max().item()
+                for k, v in single.items()
+                if k.startswith(("prefill", "decode", "suffix", "lora"))
+            )
             print(f"NCCL world size {w}: max abs logit diff vs world size 1 = {worst:.2e}")
             assert worst <= 1e-3

@@ -1,4 +1,5 @@
 """Fixtures: a real shard process on the demo model, and a Router driving it."""
+
 from __future__ import annotations
 
 import json

@@ -1,14 +1,32 @@
 """QwenConfig: both spellings, version defaults, validation errors."""
+
 import json
 
 import pytest
 
 from worker.config import ConfigError, QwenConfig
 
-V11 = dict(model_type="qwen", hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-           intermediate_size=256, vocab_size=512, seq_length=32, kv_channels=16)
-V10 = dict(model_type="qwen", n_embd=64, n_head=4, n_layer=2, ffn_hidden_size=256, n_positions=128,
-           seq_length=32, kv_channels=16, padded_vocab_size=640)
+V11 = dict(
+    model_type="qwen",
+    hidden_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    vocab_size=512,
+    seq_length=32,
+    kv_channels=16,
+)
+V10 = dict(
+    model_type="qwen",
+    n_embd=64,
+    n_head=4,
+    n_layer=2,
+    ffn_hidden_size=256,
+    n_positions=128,
+    seq_length=32,
+    kv_channels=16,
+    padded_vocab_size=640,
+)
 
 
 def test_v11_defaults():
@@ -33,14 +51,17 @@ def test_rope_theta_and_base():
     assert QwenConfig.from_dict({**V11, "rotary_emb_base": 1e6, "rope_theta": 10000}).rotary_emb_base == 1e6
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"kv_channels": 8}, "kv_channels"),
-    ({"model_type": "qwen2"}, "unknown model_type"),
-    ({"seq_length": None}, "seq_length"),
-    ({"hidden_size": None}, "hidden_size"),
-    ({"intermediate_size": 255}, "even"),
-    ({"rotary_pct": 0.0}, "rotary_pct"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"kv_channels": 8}, "kv_channels"),
+        ({"model_type": "qwen2"}, "unknown model_type"),
+        ({"seq_length": None}, "seq_length"),
+        ({"hidden_size": None}, "hidden_size"),
+        ({"intermediate_size": 255}, "even"),
+        ({"rotary_pct": 0.0}, "rotary_pct"),
+    ],
+)
 def test_invalid(change, needle):
     raw = {k: v for k, v in {**V11, **change}.items() if v is not None}
     with pytest.raises(ConfigError, match=needle):

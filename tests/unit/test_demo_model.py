@@ -1,5 +1,6 @@
 """The demo checkpoint: exact HF layout, and greedy generation (by the independent reference, the
 adapters merged into the weights by the reference) reproduces the built-in training sentences."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Safetensors reader (single file, sharded + index) and the tensor-parallel slicing helpers."""
+
 import json
 
 import pytest
@@ -10,8 +11,11 @@ from worker.weights import WeightError, Weights, shard_packed, shard_tensor, uns
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(12, 6, generator=g), "b.weight": torch.randn(6, 10, generator=g),
-            "c.bias": torch.randn(12, generator=g)}
+    return {
+        "a.weight": torch.randn(12, 6, generator=g),
+        "b.weight": torch.randn(6, 10, generator=g),
+        "c.bias": torch.randn(12, generator=g),
+    }
 
 
 def test_single_file_and_dtype(tmp_path):
@@ -27,9 +31,17 @@ def test_sharded_index(tmp_path):
     t = _tensors()
     save_file({"a.weight": t["a.weight"]}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b.weight": t["b.weight"], "c.bias": t["c.bias"]}, str(tmp_path / "model-00002-of-00002.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors",
-        "c.bias": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a.weight": "model-00001-of-00002.safetensors",
+                    "b.weight": "model-00002-of-00002.safetensors",
+                    "c.bias": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     w = Weights(str(tmp_path), torch.float32)
     for name, ref in t.items():
         assert torch.equal(w.get(name), ref)
@@ -56,7 +68,7 @@ def test_truncated_file(tmp_path):
     save_file(_tensors(), str(tmp_path / "model.safetensors"))
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception):
+    with pytest.raises(WeightError, match="cannot read .*model.safetensors"):
         Weights(str(tmp_path), torch.float32).get("b.weight")
 
 
@@ -78,4 +90,4 @@ def test_shard_and_reassemble(tmp_path, world):
             assert torch.equal(p, shard_packed(full, 0, [8, 8, 8], r, world))
             q, k, v = p.chunk(3)  # rank r holds q_r, k_r, v_r, not a contiguous slice of the fused rows
             n = 8 // world
-            assert torch.equal(q, full[r * n:(r + 1) * n]) and torch.equal(k, full[8 + r * n: 8 + (r + 1) * n])
+            assert torch.equal(q, full[r * n : (r + 1) * n]) and torch.equal(k, full[8 + r * n : 8 + (r + 1) * n])
