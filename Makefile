@@ -6,7 +6,7 @@ NUM_SHARD ?= 1
 NO_DEPS := lorax-client==0.6.3 text-generation==0.7.0
 STUBS := worker/pb/generate_pb2.py worker/pb/generate_pb2_grpc.py
 
-.PHONY: install proto test test-gpu test-packaging demo lint clean
+.PHONY: install proto test test-gpu test-packaging soak demo lint clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-gpu: install proto
 # A fresh virtualenv, `pip install -e .` and `pip install .` of a copy of the tracked files, a shard served.
 test-packaging: install
 	QWEN_PACKAGING_TEST=1 $(PY) -m pytest -q tests/packaging
+
+# The long soak (2,000 requests, 16 clients, TP=2 over gloo) and a long fuzz of the gRPC surface; CI runs small ones.
+soak: install proto
+	QWEN_SOAK_REQUESTS=2000 QWEN_SOAK_CLIENTS=16 QWEN_SOAK_SHARDS=2 $(PY) -m pytest -q -s -m soak tests/soak
+	QWEN_FUZZ_RANDOM=1 QWEN_FUZZ_EXAMPLES=1500 $(PY) -m pytest -q -s tests/integration/test_fuzz_grpc.py
 
 demo: install proto
 	$(PY) scripts/demo.py --num-shard $(NUM_SHARD)
