@@ -36,37 +36,41 @@ class ShardProc:
 
 
 def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra: tuple[str, ...] = ()) -> ShardProc:
+    """Launch the shards; a launcher that exits before its sockets appear is started once more (seen once in
+    hundreds of starts: a gRPC epoll error in a fresh shard, not reproduced), a second failure raises."""
+    for attempt in (1, 2):
+        try:
+            return _start_once(model_dir, adapter_root, num_shard, extra)
+        except _EarlyExit as exc:
+            if attempt == 2:
+                raise RuntimeError(str(exc)) from None
+            print(f"shard launcher exited early, starting it again:\n{exc}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+class _EarlyExit(RuntimeError):
+    pass
+
+
+def _start_once(model_dir: str, adapter_root: str, num_shard: int, extra: tuple[str, ...]) -> ShardProc:
     tmp = tempfile.mkdtemp(prefix="qw", dir="/tmp")  # short: unix socket paths are limited to 107 bytes
     uds = os.path.join(tmp, "s")
     log_dir = os.environ.get("QWEN_SHARD_LOG_DIR")  # e.g. the device's $OUT: logs survive a killed run
     log_path = os.path.join(log_dir, f"shard-{os.path.basename(tmp)}.log") if log_dir else os.path.join(tmp, "log.txt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "worker.launcher",
-        model_dir,
-        "--num-shard",
-        str(num_shard),
-        "--uds-path",
-        uds,
-        "--adapter-root",
-        adapter_root,
-        "--max-total-tokens",
-        "4096",
-        "--block-size",
-        "16",
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(num_shard), "--uds-path", uds]
+    cmd += ["--adapter-root", adapter_root, "--max-total-tokens", "4096", "--block-size", "16", *extra]
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )  # no orphans even if pytest is killed
     deadline = time.time() + 180
     while not all(os.path.exists(f"{uds}-{r}") for r in range(num_shard)):
-        if proc.poll() is not None or time.time() > deadline:
+        if proc.poll() is not None:
+            raise _EarlyExit("shards did not start:\n" + open(log_path).read()[-4000:])
+        if time.time() > deadline:
             proc.kill()
-            raise RuntimeError("shards did not start:\n" + open(log_path).read()[-4000:])
+            raise RuntimeError("shards did not start in 180 s:\n" + open(log_path).read()[-4000:])
         time.sleep(0.1)
     return ShardProc(uds, proc, log_path)
 
