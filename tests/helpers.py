@@ -78,3 +78,23 @@ def randn(
     """Seeded N(0, scale²) in `dtype` (drawn in fp32 on `device`)."""
     g = torch.Generator(device=device).manual_seed(seed)
     return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+
+# JSON schemas the structured-output tests constrain to (bounded, so greedy outputs complete quickly).
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
+    },
+    "required": ["name", "age", "color", "tags"],
+    "additionalProperties": False,
+}
+POINT = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}, "ok": {"type": "boolean"}},
+    "required": ["x", "ok"],
+    "additionalProperties": False,
+}

@@ -18,26 +18,9 @@ import openai
 import pytest
 
 from fronts import FrontProc, start_front, stop_front
+from helpers import PERSON, POINT
 from make_demo_model import BASE_TEXTS
 from shards import start_launcher, stop
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
-    },
-    "required": ["name", "age", "color", "tags"],
-    "additionalProperties": False,
-}
-POINT = {
-    "type": "object",
-    "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}, "ok": {"type": "boolean"}},
-    "required": ["x", "ok"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")

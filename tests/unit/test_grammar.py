@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import PERSON, POINT
 from worker.distributed import ParallelContext
 from worker.engine import grammar as grammar_module
 from worker.engine.batch import Batch
@@ -32,23 +33,6 @@ from worker.tokenizer import QwenTokenizer
 
 PROMPT = "Once upon a time"
 EOS = FinishReason.FINISH_REASON_EOS_TOKEN
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
-    },
-    "required": ["name", "age", "color", "tags"],
-    "additionalProperties": False,
-}
-POINT = {
-    "type": "object",
-    "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}, "ok": {"type": "boolean"}},
-    "required": ["x", "ok"],
-    "additionalProperties": False,
-}
 
 
 @dataclass
