@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "next Decode overlap the GPU (auto: where CUDA graphs serve the batch, TP=1 only)",
     )
     s.add_argument(
+        "--no-chunked-prefill",
+        action="store_true",
+        help="refuse Request.chunk_len and report Info.chunked_prefill=false (the router then prefills new "
+        "batches whole and alone)",
+    )
+    s.add_argument(
         "--max-seq-len",
         type=int,
         default=16384,
@@ -201,6 +207,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
             cuda_graphs=not args.eager,
             look_ahead={"auto": None, "on": True, "off": False}[args.look_ahead],
             max_seq_len=args.max_seq_len,
+            chunked_prefill=not args.no_chunked_prefill,
             kv_scale_margin=args.kv_scale_margin,
         ),
         adapters,

@@ -1,4 +1,5 @@
-"""The engine's settings (one shard): KV cache size and dtype, batch limits, CUDA graphs, look-ahead."""
+"""The engine's settings (one shard): KV cache size and dtype, batch limits, CUDA graphs, look-ahead, chunked
+prefill."""
 
 from __future__ import annotations
 
@@ -26,3 +27,8 @@ class EngineConfig:
     # start each batch's next decode forward before replying (worker/engine/lookahead.py).
     # None: auto (CUDA graphs, TP=1); True: always; False: never
     look_ahead: bool | None = None
+    # chunked prefill (LoRAX semantics, worker/engine/chunks.py): Info.chunked_prefill, Request.chunk_len honoured,
+    # Prefill(cached_batch) runs one forward for the running and the new requests; --no-chunked-prefill turns it off
+    chunked_prefill: bool = True
+    # tokens a step may compute for requests still prefilling, until Warmup's max_prefill_tokens replaces it
+    max_prefill_tokens: int = 4096
