@@ -34,6 +34,18 @@ def _router_args(p: argparse.ArgumentParser) -> None:
         help="KV tokens to assume when Warmup is skipped or answers none",
     )
     p.add_argument("--no-warmup", action="store_true", help="skip Warmup (needs --max-batch-total-tokens)")
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of prompt prefixes computed before (keyed by adapter and NTK alpha)",
+    )
+    p.add_argument(
+        "--chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split long prompts into chunks of --max-batch-prefill-tokens when the shards offer it",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each RPC, seconds")
     p.add_argument("--connect-timeout", type=float, default=60.0)
     p.add_argument(
@@ -110,6 +122,7 @@ def _sampling(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _start_router(a: argparse.Namespace) -> Any:
+    from router_client.model_facts import read_model_facts
     from router_client.router import Router, RouterConfig
 
     if not a.model_dir:
@@ -117,6 +130,7 @@ def _start_router(a: argparse.Namespace) -> Any:
     from worker.tokenizer import QwenTokenizer
 
     tokenizer = QwenTokenizer.from_dir(a.model_dir)
+    facts = read_model_facts(a.model_dir)
     config = RouterConfig(
         max_input_length=a.max_input_length,
         max_total_tokens=a.max_total_tokens,
@@ -126,6 +140,10 @@ def _start_router(a: argparse.Namespace) -> Any:
         warmup=not a.no_warmup,
         call_timeout_s=a.timeout,
         connect_timeout_s=a.connect_timeout,
+        chunked_prefill=a.chunked_prefill,
+        prefix_caching=a.prefix_caching,
+        seq_length=facts.seq_length,
+        use_dynamic_ntk=facts.use_dynamic_ntk,
     )
     return Router.connect(f"{a.uds_path}-0", tokenizer=tokenizer, config=config)
 
@@ -222,7 +240,7 @@ def cmd_load(a: argparse.Namespace) -> int:
                 except Exception as err:  # counted and reported, the run goes on
                     errors.append(str(err))
         wall = time.perf_counter() - start
-        stats = router.stats
+        stats, load = router.stats, router.load()
     tokens = sum(r.generated_tokens for r in results)
     summary: dict[str, Any] = {
         "requests": a.requests,
@@ -233,6 +251,7 @@ def cmd_load(a: argparse.Namespace) -> int:
         "generated_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
         "steps": stats.steps,
+        "prefix_cache_hit_rate": round(load.prefix_hit_tokens / max(load.prefix_lookup_tokens, 1), 4),
         "errors": errors[:5],
     }
     for name, values in (("latency_s", [r.latency_s for r in results]), ("ttft_s", [r.ttft_s for r in results])):
@@ -246,6 +265,7 @@ def cmd_load(a: argparse.Namespace) -> int:
             f"wall {wall:.2f}s, {stats.steps} steps"
         )
         print(f"generated tokens {tokens}: {summary['tokens_per_s']} tokens/s")
+        print(f"prefix cache: {summary['prefix_cache_hit_rate']:.1%} of prompt tokens reused")
         for name in ("latency_s", "ttft_s"):
             if name in summary:
                 print(f"{name[:-2]:8s} " + "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in summary[name].items()))

@@ -1,8 +1,15 @@
 """`ServingLoop`: the router's background thread. Each step: load back the adapter the queue's head
-needs, admit waiting requests (scheduler.py), Prefill them as a new batch, Decode the running batch
-together with the new one (the shards merge them keeping the running id), then FilterBatch /
-ClearCache away whatever finished or was cancelled. Commands (health probe, adapter loads) run
-between steps, so every shard sees one call order.
+needs, admit waiting requests (scheduler.py), run one step, then FilterBatch / ClearCache away
+whatever finished or was cancelled. Commands (health probe, adapter loads) run between steps, so
+every shard sees one call order.
+
+A step without chunked prefill: Prefill the new batch alone, then Decode the running batch together
+with the new one (the shards merge them keeping the running id). With chunked prefill (the shards
+say Info.chunked_prefill and the config allows it): one forward per step, `Prefill(new,
+cached_batch=running)` when requests were admitted, else `Decode([running])`; the running batch's
+decode rows and unfinished chunks advance in every step, and admission spends what
+`current_tokens` leaves of the budget. A request's prompt blocks join the prefix cache when its
+first token arrives (its prefill is complete).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any, TypeVar
 
 from router_client.adapters import AdapterScheduler
 from router_client.client import ShardedClient, ShardError
+from router_client.kv import PrefixLog
 from router_client.messages import HEALTH_ID, RouterConfig, RouterStats, StepRecord, Tokenizer, health_batch
 from router_client.requests import CANCELLED, Pending
 from router_client.scheduler import Scheduler
@@ -45,6 +53,7 @@ class ServingLoop:
         config: RouterConfig,
         tokenizer: Tokenizer | None,
         cv: threading.Condition,
+        chunking: bool = False,
     ) -> None:
         self.client = client
         self.scheduler = scheduler
@@ -56,6 +65,8 @@ class ServingLoop:
         self.running: pb.CachedBatch | None = None
         self.step_observer: Callable[[StepRecord], None] | None = None
         self.stopping = False
+        self.chunking = chunking
+        self._prefix_log = PrefixLog(config.prefix_log_interval_s)
         self._commands: list[_Command] = []
         self._next_batch_id = 0
         self._thread = threading.Thread(target=self._loop, name="qwen-router-loop", daemon=True)
@@ -114,16 +125,30 @@ class ServingLoop:
             self._shutdown()
 
     def _step(self) -> None:
-        sched = self.scheduler
+        sched, c = self.scheduler, self.config
         head = sched.head_adapter()
         if head:
             self.adapters.reload(head, sched.busy_adapters())
-        admitted = sched.admit(self.config.max_batch_size, self.config.max_batch_prefill_tokens, self.adapters.ready)
-        new_batches = self._prefill(admitted) if admitted else []
-        batches = [b for b in (self.running, *new_batches) if b is not None]
-        self.running = self._decode(batches) if batches else None
+        self._prefix_log.maybe_log(sched.blocks, sched.cv)
+        if not self.chunking:
+            admitted = sched.admit(c.max_batch_size, c.max_batch_prefill_tokens, self.adapters.ready)
+            new_batches = self._prefill(admitted) if admitted else []
+            batches = [b for b in (self.running, *new_batches) if b is not None]
+            self.running = self._decode(batches) if batches else None
+            return
+        running = self.running
+        busy = max(running.current_tokens, running.size) if running is not None else 0
+        admitted = sched.admit(c.max_batch_size, c.max_batch_prefill_tokens - busy, self.adapters.ready, chunking=True)
+        if admitted:
+            self.running = next(iter(self._prefill(admitted, running)), None)
+        elif running is not None:
+            self.running = self._decode([running])
 
-    def _prefill(self, entries: list[Pending]) -> list[pb.CachedBatch]:
+    def _prefill(self, entries: list[Pending], cached: pb.CachedBatch | None = None) -> list[pb.CachedBatch]:
+        """Prefill `entries` as a new batch (chunked mode: in one forward with `cached`, the running
+        batch). Returns the batch left to run, if any. A refused Prefill of several requests is
+        retried one request at a time; a refusal leaves `cached` in place (the shards validate a new
+        batch before touching any state), any other failure fails `cached` too."""
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         batch = pb.Batch(
@@ -133,22 +158,30 @@ class ServingLoop:
             max_tokens=sum(p.n_tokens for p in entries),
             max_blocks=sum(len(p.blocks) for p in entries),
         )
-        ids = [p.id for p in entries]
+        new_ids = [p.id for p in entries]
+        ids = [*(cached.request_ids if cached is not None else ()), *new_ids]
         start = time.perf_counter()
         try:
-            generations, cached = self.client.prefill(batch)
+            generations, out = self.client.prefill(batch, cached)
         except ShardError as err:
             code = err.code.name if err.code is not None else None
-            if len(entries) > 1 and code in REFUSALS:  # find the refused request: one batch each
-                self._fail([batch_id], [], str(err))
+            if code in REFUSALS and (len(entries) > 1 or cached is not None):
+                self._fail([batch_id], [] if len(entries) > 1 else new_ids, str(err), code, at_prefill=True)
+                if len(entries) == 1:
+                    return [cached] if cached is not None else []
                 log.info("Prefill of %d requests refused (%s): retrying them one by one", len(entries), code)
-                return [b for p in entries for b in self._prefill([p])]
-            self._fail([batch_id], ids, str(err), code, at_prefill=True)
+                if cached is None:
+                    return [b for p in entries for b in self._prefill([p])]
+                for p in entries:
+                    cached = next(iter(self._prefill([p], cached)), None)
+                return [cached] if cached is not None else []
+            batch_ids = [batch_id] + ([cached.id] if cached is not None else [])
+            self._fail(batch_ids, ids, str(err), code, at_prefill=True)
             return []
-        self._observe("prefill", start, len(entries))
+        self._observe("prefill", start, len(ids))
         self.stats.prefills += 1
-        cached = self._after_step(generations, cached, ids)
-        return [cached] if cached is not None else []
+        out = self._after_step(generations, out, ids)
+        return [out] if out is not None else []
 
     def _decode(self, batches: list[pb.CachedBatch]) -> pb.CachedBatch | None:
         ids = [rid for b in batches for rid in b.request_ids]
@@ -185,6 +218,7 @@ class ServingLoop:
             self.stats.tokens_generated += len(gen.next_tokens.ids)
             if p.handle._on_generation(gen):
                 finished.append(p)
+        sched.prefilled([g.request_id for g in generations])
         try:
             retired = sched.release([p.id for p in finished])
             with self.cv:

@@ -45,23 +45,40 @@ class Tokenizer(Protocol):
 class RouterConfig:
     max_input_length: int = 1024  # longest prompt (tokens) a request may have
     max_total_tokens: int = 2048  # prompt + max_new_tokens of one request
-    max_batch_prefill_tokens: int = 4096  # prompt tokens per Prefill (a lone request may exceed it)
+    max_batch_prefill_tokens: int = 4096  # tokens per forward (unchunked: a lone prompt may exceed it)
     max_batch_size: int = 256  # requests in flight (running + new)
     max_batch_total_tokens: int | None = None  # KV tokens, used only when Warmup answers none
     warmup: bool = True
     call_timeout_s: float | None = 120.0  # deadline of every step/bookkeeping RPC
     connect_timeout_s: float = 60.0
     warmup_timeout_s: float | None = 900.0
+    chunked_prefill: bool = True  # split long prompts when the shards offer it (Info.chunked_prefill)
+    prefix_caching: bool = True  # reuse cached prompt blocks; needs seq_length (NTK alpha keys)
+    seq_length: int | None = None  # the model's training context S (config.json); None: ask the shards
+    use_dynamic_ntk: bool = True  # the model's dynamic NTK (config.json): alpha depends on prompt length
+    prefix_log_interval_s: float = 60.0  # how often the prefix-cache hit rate is logged (0: never)
 
     def validate(self) -> None:
         if not 1 <= self.max_input_length < self.max_total_tokens:
             raise ValueError(
                 f"need 1 <= max_input_length ({self.max_input_length}) < max_total_tokens ({self.max_total_tokens})"
             )
-        if self.max_batch_prefill_tokens < self.max_input_length or self.max_batch_size < 1:
+        if self.max_batch_size < 1 or self.max_batch_prefill_tokens < 1:
+            raise ValueError(
+                f"need max_batch_size ({self.max_batch_size}) >= 1 and max_batch_prefill_tokens "
+                f"({self.max_batch_prefill_tokens}) >= 1"
+            )
+        if self.seq_length is not None and self.seq_length < 1:
+            raise ValueError(f"seq_length must be >= 1, got {self.seq_length}")
+        if not self.chunked_prefill:
+            self.check_unchunked()
+
+    def check_unchunked(self) -> None:
+        """Without chunked prefill a whole prompt goes through one forward."""
+        if self.max_batch_prefill_tokens < self.max_input_length:
             raise ValueError(
                 f"need max_batch_prefill_tokens ({self.max_batch_prefill_tokens}) >= max_input_length "
-                f"({self.max_input_length}) and max_batch_size ({self.max_batch_size}) >= 1"
+                f"({self.max_input_length}) without chunked prefill"
             )
 
 
@@ -96,6 +113,11 @@ class RouterLoad:
     blocks_free: int
     adapters_loaded: int
     adapters_offloaded: int
+    prefix_cached_blocks: int = 0  # blocks the prefix cache holds (referenced or not)
+    prefix_lookups: int = 0  # counters since start: admitted requests that looked the cache up,
+    prefix_hits: int = 0  # those that reused at least one block,
+    prefix_lookup_tokens: int = 0  # their prompt tokens,
+    prefix_hit_tokens: int = 0  # and the tokens not computed again
 
 
 @dataclass

@@ -222,7 +222,11 @@ class Pending:
     request: pb.Request
     n_blocks: int
     n_tokens: int  # KV token slots it can use: prompt + max_new_tokens - 1 + speculate
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # from position 0; the first len(nodes) are cached ones
+    nodes: list[Any] = field(default_factory=list)  # prefix_cache.Node it references
+    cache_key: tuple[int, float] | None = None  # (adapter, NTK alpha); None: no prefix cache
+    cache_len: int = 0  # prompt tokens served from the prefix cache
+    prefilled: bool = False  # its first token came back: its prompt's K/V are computed
 
     @property
     def id(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 from router_client.adapters import AdapterScheduler
 from router_client.blocks import BlockAllocator, blocks_needed, tokens_needed
 from router_client.client import ShardedClient
+from router_client.kv import KVBlocks, choose_prefix_cache
 from router_client.loop import ServingLoop
 from router_client.messages import (
     HEALTH_ID,
@@ -39,6 +40,7 @@ from router_client.messages import (
     stopping_parameters,
     warmup_batch,
 )
+from router_client.prefix_cache import CacheKey, ntk_alpha
 from router_client.requests import CANCELLED, GenerationResult, Pending, RequestError, RequestHandle, ValidationError
 from router_client.scheduler import Scheduler
 from worker.pb import generate_pb2 as pb
@@ -112,21 +114,39 @@ class Router:
         if total is None:
             raise RuntimeError("Warmup reported no max_supported_total_tokens: set RouterConfig.max_batch_total_tokens")
         self.max_supported_total_tokens = total
-        blocks = BlockAllocator(total // info.block_size, info.block_size)
-        self._scheduler = Scheduler(blocks, info.requires_block_allocator, self._cv)
+        chunking = c.chunked_prefill and info.chunked_prefill
+        if not chunking:
+            c.check_unchunked()
+        prefix, why = choose_prefix_cache(c, info, self.client.health)
+        blocks = KVBlocks(BlockAllocator(total // info.block_size, info.block_size), prefix)
+        self._scheduler = Scheduler(blocks, info.requires_block_allocator, self._cv, self._cache_key)
         self._adapters.add_preloaded(info.preloaded_adapters)
         log.info(
-            "router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s",
+            "router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s, "
+            "chunked prefill %s, prefix caching %s",
             self.client.world_size,
             info.block_size,
             total,
             blocks.capacity,
             "on" if info.requires_block_allocator else "off (shards allocate)",
+            f"on ({c.max_batch_prefill_tokens} tokens per forward)"
+            if chunking
+            else "off (" + ("not offered by the shards" if c.chunked_prefill else "disabled") + ")",
+            why,
         )
-        self._loop = ServingLoop(self.client, self._scheduler, self._adapters, c, self.tokenizer, self._cv)
+        self._loop = ServingLoop(
+            self.client, self._scheduler, self._adapters, c, self.tokenizer, self._cv, chunking=chunking
+        )
         self._loop.step_observer = self._step_observer
         self._loop.start()
         return self
+
+    def _cache_key(self, p: Pending) -> CacheKey | None:
+        """(adapter index, NTK alpha of the whole prompt); None for requests asking for prefill logprobs."""
+        c = self.config
+        if p.request.prefill_logprobs or c.seq_length is None:
+            return None
+        return (p.request.adapter_index, ntk_alpha(p.prompt_tokens, c.seq_length, c.use_dynamic_ntk))
 
     def close(self) -> None:
         """Stop the loop (failing waiting and running requests), drop their batches, close the channels."""
@@ -275,6 +295,7 @@ class Router:
         loaded, offloaded = self._adapters.counts()
         with self._cv:
             running = self._loop.running if self._loop is not None else None
+            st = sched.blocks.stats
             return RouterLoad(
                 len(sched.queue),
                 len(sched.in_flight),
@@ -284,7 +305,17 @@ class Router:
                 sched.blocks.free_count,
                 loaded,
                 offloaded,
+                sched.blocks.cached_count,
+                st.lookups,
+                st.hits,
+                st.lookup_tokens,
+                st.hit_tokens,
             )
+
+    def clear_prefix_cache(self) -> int:
+        """Evict every cached prompt block no request uses; returns how many blocks were freed."""
+        assert self._scheduler is not None, "call start() first"
+        return self._scheduler.clear_prefix_cache()
 
     def debug_state(self) -> dict[str, Any]:
         """A snapshot for tests and debugging: KV blocks, queue, batch, adapters, counters."""
@@ -296,6 +327,9 @@ class Router:
                 "free_blocks": blocks.free_count if blocks else 0,
                 "usable_blocks": blocks.capacity if blocks else 0,
                 "used_blocks": blocks.used_count if blocks else 0,
+                "cached_blocks": blocks.cached_count if blocks else 0,
+                "allocator_free_blocks": blocks.allocator.free_count if blocks else 0,
+                "prefix_cache": asdict(blocks.stats) if blocks else {},
                 "block_size": blocks.block_size if blocks else 0,
                 "max_supported_total_tokens": self.max_supported_total_tokens,
                 "queued": [p.id for p in sched.queue] if sched else [],

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router_client.messages import RouterLoad, StepRecord
@@ -77,7 +77,7 @@ class _LoadCollector(Collector):
         self._load = load
         self._loading = adapters_loading
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         load = self._load()
         for name, doc, value in (
             ("lorax_batch_current_size", "Requests in the running batch", load.batch_size),
@@ -91,6 +91,17 @@ class _LoadCollector(Collector):
             ("lorax_adapters_offloaded", "Adapters known but offloaded", load.adapters_offloaded),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        cached = load.prefix_cached_blocks
+        yield GaugeMetricFamily("lorax_prefix_cache_blocks", "KV blocks the prefix cache holds", cached)
+        rate = load.prefix_hit_tokens / load.prefix_lookup_tokens if load.prefix_lookup_tokens else 0.0
+        yield GaugeMetricFamily("lorax_prefix_cache_hit_rate", "Prompt tokens reused / prompt tokens looked up", rate)
+        for name, doc, count in (
+            ("lorax_prefix_cache_lookups", "Admitted requests that looked the prefix cache up", load.prefix_lookups),
+            ("lorax_prefix_cache_hits", "Lookups that reused at least one cached block", load.prefix_hits),
+            ("lorax_prefix_cache_lookup_tokens", "Prompt tokens of the lookups", load.prefix_lookup_tokens),
+            ("lorax_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", load.prefix_hit_tokens),
+        ):
+            yield CounterMetricFamily(name, doc, value=count)
 
 
 class Metrics:
