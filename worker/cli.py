@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
 # LoRAX launcher flags accepted for drop-in use but without effect here (each is logged once).
 IGNORED_FLAGS = {
-    "--quantize": "quantization is not supported; weights are served in --dtype",
     "--sharded": "sharding follows WORLD_SIZE from the launcher",
     "--trust-remote-code": "no remote code is ever run; Qwen v1 is implemented natively",
     "--revision": "models are read from a local directory only",
@@ -64,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights/activations dtype (auto: bf16 on GPU, fp32 on CPU)",
     )
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "gptq", "fp8"],
+        help="auto: GPTQ Int4/Int8 when the checkpoint has a quantization_config (config.json or "
+        "quantize_config.json), else unquantized; gptq: require one; fp8: quantize a float checkpoint's five "
+        "linears per block to e4m3 at load (per-output-channel scales, per-token activation scales)",
+    )
     s.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
     s.add_argument(
         "--max-total-tokens",
@@ -178,7 +185,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     )
     t0 = time.time()
     tokenizer = checked_tokenizer(args.model_dir)  # before the weights: a clear refusal, fast
-    model = FlashQwenForCausalLM.from_pretrained(args.model_dir, pctx, dtype, backend)
+    model = FlashQwenForCausalLM.from_pretrained(args.model_dir, pctx, dtype, backend, quantize=args.quantize)
     log.info(
         "model loaded in %.1fs: %d layers, hidden %d, vocab %d",
         time.time() - t0,

@@ -126,8 +126,13 @@ class Weights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
+    def dtype_of(self, name: str) -> str:
+        """The stored dtype's safetensors name (e.g. "I32", "F16", "BF16")."""
+        return str(self._slice(name).get_dtype())
+
     def _finish(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype=self.dtype).to(self.device)
+        """Floating-point tensors in the model dtype; integer ones (packed GPTQ words, g_idx) as stored."""
+        return (t.to(dtype=self.dtype) if t.is_floating_point() else t).to(self.device)
 
     def get(self, name: str, expected_shape: Sequence[int] | None = None) -> torch.Tensor:
         """The whole tensor, checked against `expected_shape`."""

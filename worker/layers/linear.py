@@ -42,8 +42,12 @@ class ColumnParallelLinear(nn.Module):
             shard_range(size, pctx.rank, pctx.world_size, f"{what} output")  # clear error if not divisible
         self.packed_sizes = [s // pctx.world_size for s in packed_sizes]  # per rank
         self.out_features = sum(self.packed_sizes)  # per rank
-        self.weight = _param((self.out_features, in_features), dtype, pctx.device)
         self.bias = _param((self.out_features,), dtype, pctx.device) if bias else None
+        self.allocate(dtype)
+
+    def allocate(self, dtype: torch.dtype) -> None:
+        """The weight storage (quantized subclasses hold other tensors)."""
+        self.weight = _param((self.out_features, self.in_features), dtype, self.pctx.device)
 
     def load(self, weights: Weights, names: Sequence[str]) -> None:
         """`names`: one checkpoint prefix per stored tensor; a single name may hold all packed blocks
@@ -80,6 +84,10 @@ class ColumnParallelLinear(nn.Module):
                 if self.bias is not None
                 else None
             )
+        self.store(w, b)
+
+    def store(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Keep this rank's weight w [out_per_rank, in] and bias."""
         self.weight.data.copy_(w)
         if self.bias is not None and b is not None:
             self.bias.data.copy_(b)
@@ -107,16 +115,23 @@ class RowParallelLinear(nn.Module):
         start, stop = shard_range(in_features_total, pctx.rank, pctx.world_size, f"{what} input")
         self.in_features = stop - start  # per rank
         self.out_features = out_features
-        self.weight = _param((out_features, self.in_features), dtype, pctx.device)
         self.bias = _param((out_features,), dtype, pctx.device) if bias else None
+        self.allocate(dtype)
+
+    def allocate(self, dtype: torch.dtype) -> None:
+        """The weight storage (quantized subclasses hold other tensors)."""
+        self.weight = _param((self.out_features, self.in_features), dtype, self.pctx.device)
 
     def load(self, weights: Weights, name: str) -> None:
         r, n = self.pctx.rank, self.pctx.world_size
-        self.weight.data.copy_(
-            weights.get_sharded(f"{name}.weight", 1, r, n, (self.out_features, self.in_features * n))
-        )
-        if self.bias is not None:
-            self.bias.data.copy_(weights.get(f"{name}.bias", (self.out_features,)))
+        w = weights.get_sharded(f"{name}.weight", 1, r, n, (self.out_features, self.in_features * n))
+        self.store(w, weights.get(f"{name}.bias", (self.out_features,)) if self.bias is not None else None)
+
+    def store(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Keep this rank's weight w [out, in_per_rank] and the (whole) bias."""
+        self.weight.data.copy_(w)
+        if self.bias is not None and b is not None:
+            self.bias.data.copy_(b)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)

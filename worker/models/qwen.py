@@ -22,9 +22,10 @@ from worker.layers.activation import SiluAndMul
 from worker.layers.attention import AttentionBackend, TorchAttention
 from worker.layers.context import ForwardContext, RotarySettings, Seqlen
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, make_qkv
 from worker.layers.norm import RMSNorm
+from worker.layers.quantized import LinearFactory
 from worker.layers.rotary import Rotary
+from worker.quant.config import QuantConfig
 from worker.weights import Weights
 
 __all__ = [
@@ -81,8 +82,10 @@ class FlashQwenAttention(nn.Module):
         dtype: torch.dtype,
         backend: AttentionBackend,
         fused: bool = False,
+        quant: QuantConfig | None = None,
     ):
         super().__init__()
+        linears = LinearFactory(quant, pctx, dtype)
         self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
         self.checkpoint_kv_scales: tuple[float, float] | None = None
         self.num_heads_total = config.num_attention_heads
@@ -90,11 +93,9 @@ class FlashQwenAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.backend = backend
-        self.c_attn = make_qkv(config.hidden_size, self.num_heads_total, self.head_dim, pctx, dtype, bias=True)
+        self.c_attn = linears.qkv(config.hidden_size, self.num_heads_total, self.head_dim, bias=True)
         self.rotary = Rotary(fused)
-        self.c_proj = RowParallelLinear(
-            config.hidden_size, config.hidden_size, not config.no_bias, pctx, dtype, "attn.c_proj"
-        )
+        self.c_proj = linears.row(config.hidden_size, config.hidden_size, not config.no_bias, "attn.c_proj")
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.c_attn.load(weights, [f"{prefix}.c_attn"])
@@ -121,14 +122,20 @@ class QwenMLP(nn.Module):
     """c_proj(w1(x) * silu(w2(x))): w2 is the gate. w2 and w1 are merged into one column-parallel
     gate_up layer ([w2_r; w1_r] per rank); c_proj is row parallel."""
 
-    def __init__(self, config: QwenConfig, pctx: ParallelContext, dtype: torch.dtype, fused: bool = False):
+    def __init__(
+        self,
+        config: QwenConfig,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        fused: bool = False,
+        quant: QuantConfig | None = None,
+    ):
         super().__init__()
         width = config.mlp_width
-        self.gate_up = ColumnParallelLinear(
-            config.hidden_size, [width, width], not config.no_bias, pctx, dtype, "mlp.w2/w1"
-        )
+        linears = LinearFactory(quant, pctx, dtype)
+        self.gate_up = linears.column(config.hidden_size, [width, width], not config.no_bias, "mlp.w2/w1")
         self.act = SiluAndMul(fused)
-        self.c_proj = RowParallelLinear(width, config.hidden_size, not config.no_bias, pctx, dtype, "mlp.c_proj")
+        self.c_proj = linears.row(width, config.hidden_size, not config.no_bias, "mlp.c_proj")
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.gate_up.load(weights, [f"{prefix}.w2", f"{prefix}.w1"])
@@ -150,13 +157,14 @@ class FlashQwenLayer(nn.Module):
         dtype: torch.dtype,
         backend: AttentionBackend,
         fused: bool = False,
+        quant: QuantConfig | None = None,
     ):
         super().__init__()
         eps = config.layer_norm_epsilon
         self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
-        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused)
+        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused, quant)
         self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
-        self.mlp = QwenMLP(config, pctx, dtype, fused)
+        self.mlp = QwenMLP(config, pctx, dtype, fused, quant)
 
     def load(self, weights: Weights, prefix: str) -> None:
         for name in ("ln_1", "ln_2"):
@@ -184,11 +192,12 @@ class FlashQwenModel(nn.Module):
         dtype: torch.dtype,
         backend: AttentionBackend,
         fused: bool = False,
+        quant: QuantConfig | None = None,
     ):
         super().__init__()
         self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
         self.h = nn.ModuleList(
-            FlashQwenLayer(config, pctx, dtype, backend, fused) for _ in range(config.num_hidden_layers)
+            FlashQwenLayer(config, pctx, dtype, backend, fused, quant) for _ in range(config.num_hidden_layers)
         )
         self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device, fused)
 
@@ -207,7 +216,8 @@ class FlashQwenModel(nn.Module):
 class FlashQwenForCausalLM(nn.Module):
     """`fused` (None: on exactly when the model is on CUDA with the `triton` attention backend) runs the
     norms, RoPE and SiLU-mul through worker/kernels/fused.py; the PyTorch path is the reference.
-    `rotary` holds the constants the runner builds each step's ForwardContext from."""
+    `rotary` holds the constants the runner builds each step's ForwardContext from. `quant`: the five linears
+    of each block as GPTQ Int4/Int8 or FP8 (worker/layers/quantized.py); wte, norms and lm_head stay float."""
 
     def __init__(
         self,
@@ -216,9 +226,11 @@ class FlashQwenForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         backend: AttentionBackend | None = None,
         fused: bool | None = None,
+        quant: QuantConfig | None = None,
     ):
         super().__init__()
         self.config = config
+        self.quant = quant
         self.pctx = pctx or ParallelContext()
         self.dtype = dtype
         self.backend = backend or TorchAttention()
@@ -226,7 +238,7 @@ class FlashQwenForCausalLM(nn.Module):
             fused = self.backend.name == "triton" and self.pctx.device.type == "cuda"
         self.use_fused = fused
         self.rotary = RotarySettings(config.rotary_dim, config.rotary_emb_base, config.seq_length, config.use_logn_attn)
-        self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused)
+        self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused, quant)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
 
     @classmethod
@@ -238,12 +250,17 @@ class FlashQwenForCausalLM(nn.Module):
         backend: AttentionBackend | None = None,
         progress: bool = True,
         fused: bool | None = None,
+        quantize: str = "auto",
     ) -> FlashQwenForCausalLM:
+        """quantize: --quantize (auto: GPTQ when the checkpoint has a quantization_config, else float)."""
+        from worker.quant.config import choose
         from worker.weights import torch_dtype
 
         config = QwenConfig.from_pretrained(model_dir)
         dtype = dtype or torch_dtype(config.torch_dtype)
-        model = cls(config, pctx, dtype, backend, fused)
+        quant = choose(model_dir, quantize)
+        log.info("weights: %s", quant.describe() if quant is not None else f"unquantized, {dtype}")
+        model = cls(config, pctx, dtype, backend, fused, quant)
         model.load(Weights(model_dir, dtype, model.pctx.device), progress=progress)
         return model
 

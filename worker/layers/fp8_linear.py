@@ -1,0 +1,74 @@
+"""Column- and row-parallel linears whose weights are quantized to FP8 (e4m3) at load (`--quantize fp8`).
+
+Sharding is the float layers' own (each loads its bf16/fp16 slice, then quantizes it): one scale per
+output channel, so a column shard's scales are its own rows and a row shard's (whole) scales are this
+rank's K slice's per-channel maxima. Activations get a dynamic per-token scale each step. On CUDA the matmul
+is torch._scaled_mm; elsewhere the reference (same quantized operands, dequantized, fp32 matmul).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from worker.distributed import ParallelContext
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.quant.fp8 import FP8, fp8_matmul_reference, fp8_matmul_scaled_mm, quantize_rows
+
+FP8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def fp8_matmul_for(device: torch.device) -> FP8Matmul:
+    return fp8_matmul_scaled_mm if device.type == "cuda" else fp8_matmul_reference
+
+
+class _FP8:
+    weight: nn.Parameter
+    pctx: ParallelContext
+    w_scale: torch.Tensor
+    in_features: int
+    out_features: int
+    matmul: FP8Matmul
+    register_buffer: Callable[..., None]
+
+    def _alloc_fp8(self, device: torch.device) -> None:
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=FP8, device=device), False)
+        self.register_buffer("w_scale", torch.empty(self.out_features, dtype=torch.float32, device=device))
+        self.matmul = fp8_matmul_for(device)
+
+    def _store_fp8(self, w: torch.Tensor) -> None:
+        wq, scale = quantize_rows(w)  # [out, in] e4m3, [out, 1]
+        self.weight.data.copy_(wq)
+        self.w_scale.copy_(scale[:, 0])
+
+
+class FP8ColumnParallelLinear(_FP8, ColumnParallelLinear):
+    """ColumnParallelLinear with e4m3 weights [out_per_rank, in] and fp32 scales [out_per_rank]."""
+
+    def allocate(self, dtype: torch.dtype) -> None:
+        self._alloc_fp8(self.pctx.device)
+
+    def store(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        self._store_fp8(w)
+        if self.bias is not None and b is not None:
+            self.bias.data.copy_(b)
+
+    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        return self.matmul(x, self.weight, self.w_scale, self.bias)  # [T, out_per_rank]
+
+
+class FP8RowParallelLinear(_FP8, RowParallelLinear):
+    """RowParallelLinear with e4m3 weights [out, in_per_rank] and fp32 scales [out] (of this rank's slice)."""
+
+    def allocate(self, dtype: torch.dtype) -> None:
+        self._alloc_fp8(self.pctx.device)
+
+    def store(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        self._store_fp8(w)
+        if self.bias is not None and b is not None:
+            self.bias.data.copy_(b)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight, self.w_scale, None)  # [T, out]

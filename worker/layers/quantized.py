@@ -1,0 +1,258 @@
+"""GPTQ (Int4/Int8) column- and row-parallel linears, and the factory that picks a model's linears.
+
+Per linear (K = in, N = out, P = 32 // bits, G groups; worker/quant/gptq_format.py has the layout):
+- Column parallel (c_attn per q/k/v head range, merged w2|w1): each packed block is split on N, so rank r
+  holds qweight [K/P, N_r], scales [G, N_r], qzeros [G, N_r/P] (the split in packed units: each block's
+  share must be a multiple of P) and its bias; g_idx [K] whole.
+- Row parallel (attn.c_proj, mlp.c_proj): qweight split on its packed rows [K_r/P, N] and g_idx on K
+  [K_r]; every rank keeps the full scales [G, N] and qzeros [G, N/P] and finds each row's group through
+  g_idx, so K_r need not be a whole number of groups (Qwen-14B's mlp.c_proj at any TP, 7B at TP 4) and act
+  order works at any TP; K_r must only be a multiple of P.
+The subclasses keep the float layers' attributes (in_features, out_features, packed_sizes_total), so LoRA
+wraps them unchanged with dims from the config, never from the packed shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.distributed import ParallelContext
+from worker.kernels.gptq_reference import gptq_matmul_reference
+from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLinear
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
+from worker.quant.gptq_format import default_g_idx, unpack_cols
+from worker.weights import WeightError, Weights, shard_range
+
+GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
+
+
+def gptq_matmul_for(device: torch.device) -> GPTQMatmul:
+    """The Triton kernels on CUDA (when Triton imports), else the dequantize-then-matmul reference."""
+    if device.type == "cuda":
+        try:
+            from worker.kernels.gptq import gptq_matmul
+        except ImportError:
+            return gptq_matmul_reference
+        return gptq_matmul
+    return gptq_matmul_reference
+
+
+class _GPTQ:
+    """Storage, checks and the matmul shared by both GPTQ layers."""
+
+    quant: GPTQConfig
+    pctx: ParallelContext
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    matmul: GPTQMatmul
+    group_hint: int = 0
+    k_offset: int = 0
+    register_buffer: Callable[..., None]
+
+    def _allocate_gptq(self, k: int, n: int, k_groups: int, n_zeros: int, dtype: torch.dtype) -> None:
+        """qweight [k/P, n], g_idx [k]; scales [G, n_zeros] and qzeros [G, n_zeros/P] for G groups of k_groups."""
+        q, dev = self.quant, self.pctx.device
+        for size, what in ((k, "input rows"), (n_zeros, "output columns")):
+            if size % q.pack:
+                raise WeightError(f"{size} {what} per shard do not pack into whole {q.bits}-bit words of {q.pack}")
+        g = q.groups(k_groups)
+        self.register_buffer("qweight", torch.empty(k // q.pack, n, dtype=torch.int32, device=dev))
+        self.register_buffer("qzeros", torch.empty(g, n_zeros // q.pack, dtype=torch.int32, device=dev))
+        self.register_buffer("scales", torch.empty(g, n_zeros, dtype=dtype, device=dev))
+        self.register_buffer("g_idx", torch.empty(k, dtype=torch.int32, device=dev))
+        self.matmul = gptq_matmul_for(dev)
+
+    def _check_int(self, weights: Weights, name: str) -> None:
+        found = weights.dtype_of(name)
+        if found != "I32":
+            raise WeightError(f"tensor {name!r}: expected int32 (I32) packed words, found {found}")
+
+    def _read_g_idx(self, weights: Weights, name: str, k_total: int, rank: int, world: int) -> torch.Tensor:
+        """This rank's g_idx rows (missing g_idx: k // group_size, unless the checkpoint is act-order)."""
+        if f"{name}.g_idx" not in weights and not self.quant.desc_act:
+            full = default_g_idx(k_total, self.quant.group_size)
+            start, stop = shard_range(k_total, rank, world, f"{name}.g_idx")
+            return full[start:stop]
+        self._check_int(weights, f"{name}.g_idx")
+        g_idx = weights.get_sharded(f"{name}.g_idx", 0, rank, world, (k_total,))
+        groups = self.quant.groups(k_total)
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise WeightError(
+                f"tensor {name + '.g_idx'!r}: group indices must lie in [0, {groups}) (G = ceil(K / group_size))"
+            )
+        return g_idx
+
+    def _check_zeros(self, name: str, qzeros: torch.Tensor) -> None:
+        """A sym checkpoint in the v1 convention stores 2^(bits−1) − 1; stored 2^(bits−1) everywhere is v2."""
+        q = self.quant
+        if q.sym and q.zero_offset == 1 and qzeros.numel():
+            stored = unpack_cols(qzeros.cpu(), q.bits)
+            if bool((stored == 1 << (q.bits - 1)).all()):
+                raise WeightError(
+                    f"tensor {name + '.qzeros'!r}: every stored zero is {1 << (q.bits - 1)}, the true zero of the v2 "
+                    f"convention (GPTQModel >= 5), but {q.source} declares v1 (stored {(1 << (q.bits - 1)) - 1}); "
+                    'add "checkpoint_format": "gptq_v2" to the quantization_config to serve it'
+                )
+
+    def _copy(
+        self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, k_offset: int
+    ) -> None:
+        """Keep the tensors; g_idx of rows k_offset.. equal to (k_offset + k) // group_size (no act order)
+        lets the kernels read one zero/scale row per aligned K tile (`group_hint`; 0: gather through g_idx)."""
+        for dst, src in ((self.qweight, qweight), (self.qzeros, qzeros), (self.scales, scales), (self.g_idx, g_idx)):
+            dst.copy_(src)
+        gs = self.quant.group_size
+        plain = gs > 0 and torch.equal(g_idx.cpu(), default_g_idx(k_offset + g_idx.numel(), gs)[k_offset:])
+        self.group_hint = gs if plain else 0
+        self.k_offset = k_offset
+
+    def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        q = self.quant
+        return self.matmul(
+            x,
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            q.bits,
+            q.zero_offset,
+            bias,
+            group_size=self.group_hint,
+            k_offset=self.k_offset,
+        )
+
+
+class GPTQColumnParallelLinear(_GPTQ, ColumnParallelLinear):
+    """y_r = x W_r (+ b_r) over this rank's columns of each packed block (see the module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        packed_sizes: Sequence[int],
+        bias: bool,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        quant: GPTQConfig,
+        what: str = "linear",
+    ):
+        super().__init__(in_features, packed_sizes, bias, pctx, dtype, what)
+        self.quant = quant
+        for size in self.packed_sizes:
+            if size % quant.pack:
+                raise WeightError(f"{what}: {size} output columns per shard do not pack into {quant.bits}-bit words")
+        self._allocate_gptq(in_features, self.out_features, in_features, self.out_features, dtype)
+
+    def allocate(self, dtype: torch.dtype) -> None:
+        """No float weight: the GPTQ buffers are registered once `quant` is known."""
+
+    def load(self, weights: Weights, names: Sequence[str]) -> None:
+        r, n, p, k = self.pctx.rank, self.pctx.world_size, self.quant.pack, self.in_features
+        sizes, g = self.packed_sizes_total, self.quant.groups(k)
+        if len(names) != 1 and len(names) != len(sizes):
+            raise ValueError(f"{len(names)} tensors for {len(sizes)} packed blocks")
+        blocks = [(names[0], sizes)] if len(names) == 1 else [(nm, [s]) for nm, s in zip(names, sizes)]
+        parts: dict[str, list[torch.Tensor]] = {"qweight": [], "qzeros": [], "scales": [], "bias": []}
+        g_idx: torch.Tensor | None = None
+        for name, block in blocks:
+            for t in ("qweight", "qzeros"):
+                self._check_int(weights, f"{name}.{t}")
+            total = sum(block)
+            parts["qweight"].append(weights.get_packed_sharded(f"{name}.qweight", 1, block, r, n, (k // p, total)))
+            zeros = weights.get_packed_sharded(f"{name}.qzeros", 1, [s // p for s in block], r, n, (g, total // p))
+            self._check_zeros(name, zeros)
+            parts["qzeros"].append(zeros)
+            parts["scales"].append(weights.get_packed_sharded(f"{name}.scales", 1, block, r, n, (g, total)))
+            if self.bias is not None:
+                parts["bias"].append(weights.get_packed_sharded(f"{name}.bias", 0, block, r, n, (total,)))
+            gi = self._read_g_idx(weights, name, k, 0, 1)
+            if g_idx is not None and not torch.equal(gi, g_idx):
+                raise WeightError(
+                    f"tensor {name + '.g_idx'!r} differs from {names[0] + '.g_idx'!r}: merged layers need one row order"
+                )
+            g_idx = gi
+        assert g_idx is not None
+        qweight, qzeros, scales = (torch.cat(parts[t], dim=1) for t in ("qweight", "qzeros", "scales"))
+        self._copy(qweight, qzeros, scales, g_idx, 0)
+        if self.bias is not None:
+            self.bias.data.copy_(torch.cat(parts["bias"]))
+
+    def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        # x: [T, in] -> [T, out_per_rank]
+        return self._mm(x, self.bias)
+
+
+class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
+    """sum_r x_r W_r (+ b): K split in packed rows, full scales/zeros on every rank (module docstring)."""
+
+    def __init__(
+        self,
+        in_features_total: int,
+        out_features: int,
+        bias: bool,
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        quant: GPTQConfig,
+        what: str = "linear",
+    ):
+        super().__init__(in_features_total, out_features, bias, pctx, dtype, what)
+        self.quant = quant
+        self.in_features_total = in_features_total
+        self._allocate_gptq(self.in_features, out_features, in_features_total, out_features, dtype)
+
+    def allocate(self, dtype: torch.dtype) -> None:
+        """No float weight: the GPTQ buffers are registered once `quant` is known."""
+
+    def load(self, weights: Weights, name: str) -> None:
+        r, n, p, k = self.pctx.rank, self.pctx.world_size, self.quant.pack, self.in_features_total
+        g, out = self.quant.groups(k), self.out_features
+        for t in ("qweight", "qzeros"):
+            self._check_int(weights, f"{name}.{t}")
+        qweight = weights.get_sharded(f"{name}.qweight", 0, r, n, (k // p, out))
+        qzeros = weights.get(f"{name}.qzeros", (g, out // p))
+        self._check_zeros(name, qzeros)
+        scales = weights.get(f"{name}.scales", (g, out))
+        self._copy(qweight, qzeros, scales, self._read_g_idx(weights, name, k, r, n), r * self.in_features)
+        if self.bias is not None:
+            self.bias.data.copy_(weights.get(f"{name}.bias", (out,)))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
+        return self._mm(x, None)
+
+
+@dataclass(frozen=True)
+class LinearFactory:
+    """The model's linears for a quantization: float (None), GPTQ or FP8 quantized at load."""
+
+    quant: QuantConfig | None
+    pctx: ParallelContext
+    dtype: torch.dtype
+
+    def column(self, in_features: int, packed_sizes: Sequence[int], bias: bool, what: str) -> ColumnParallelLinear:
+        args = (in_features, packed_sizes, bias, self.pctx, self.dtype)
+        if isinstance(self.quant, GPTQConfig):
+            return GPTQColumnParallelLinear(*args, self.quant, what)
+        if isinstance(self.quant, FP8Config):
+            return FP8ColumnParallelLinear(*args, what)
+        return ColumnParallelLinear(*args, what)
+
+    def row(self, in_features_total: int, out_features: int, bias: bool, what: str) -> RowParallelLinear:
+        args = (in_features_total, out_features, bias, self.pctx, self.dtype)
+        if isinstance(self.quant, GPTQConfig):
+            return GPTQRowParallelLinear(*args, self.quant, what)
+        if isinstance(self.quant, FP8Config):
+            return FP8RowParallelLinear(*args, what)
+        return RowParallelLinear(*args, what)
+
+    def qkv(self, hidden: int, heads_total: int, head_dim: int, bias: bool = True) -> ColumnParallelLinear:
+        """Fused c_attn: q, k, v each split by heads (so each rank's heads keep their q, k and v)."""
+        if heads_total % self.pctx.world_size:
+            raise ValueError(f"{heads_total} attention heads do not divide across {self.pctx.world_size} shards")
+        size = heads_total * head_dim
+        return self.column(hidden, [size, size, size], bias, "c_attn")
