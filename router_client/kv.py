@@ -106,7 +106,7 @@ class KVBlocks:
             return False
         p.blocks, p.nodes, p.cache_key = [n.block for n in nodes] + own, nodes, key
         p.cache_len = len(nodes) * self.block_size
-        if key is not None:
+        if key is not None and self.prefix is not None:
             self.stats.lookups += 1
             self.stats.hits += bool(nodes)
             self.stats.lookup_tokens += p.prompt_tokens
