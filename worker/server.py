@@ -48,7 +48,7 @@ class LoraxServicer(pb_grpc.LoraxServiceServicer):
             supports_generation=True,
             supports_embeddings=False,
             supports_classification=False,
-            chunked_prefill=False,
+            chunked_prefill=e.cfg.chunked_prefill,
             requires_block_allocator=True,
         )
 

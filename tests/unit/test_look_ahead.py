@@ -67,10 +67,10 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
     runner_forward = runner.forward
     in_decode = {"on": False}
 
-    def counting_forward(batch, prefill, adapter_slots=None):
+    def counting_forward(batch, prefill, adapter_slots=None, spans=None):
         if in_decode["on"] and not prefill:
             computed_rows[-1] += len(batch.requests)
-        return runner_forward(batch, prefill, adapter_slots)
+        return runner_forward(batch, prefill, adapter_slots, spans)
 
     setattr(runner, "forward", counting_forward)  # noqa: B010 - mypy refuses assigning to a method
     real_look_ahead = engine._look_ahead
@@ -159,12 +159,11 @@ def test_rows_come_from_their_own_look_ahead():
 
     x = torch.arange(12.0).view(3, 4)
     y = 100 + torch.arange(8.0).view(2, 4)
-    engine = Engine.__new__(Engine)
-    engine.runner = object()  # no row is missing: the forward is never called
+    runner = object()  # no row is missing: the forward is never called
 
     def logits(*aheads):
         reqs = [SimpleNamespace(ids=[0] * 5, ahead=a) for a in aheads]
-        out = engine._logits(SimpleNamespace(id=1, requests=reqs, sampler=None), False, None).last
+        out = lookahead.step_logits(runner, SimpleNamespace(id=1, requests=reqs, sampler=None), False, None).last
         assert all(r.ahead is None for r in reqs)  # used once
         return out
 
@@ -246,7 +245,7 @@ def test_when_the_look_ahead_runs(setting, world, graphed, runs):
         graphs=SimpleNamespace(can_run=lambda b: True) if graphed else None,
         forward=lambda b, prefill, slots: calls.append(b) or SimpleNamespace(last=torch.zeros(1, 4)),
     )
-    request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None)
+    request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None, prefilling=False)
     engine._look_ahead(SimpleNamespace(id=1, requests=[request]))
     assert bool(calls) == runs and (request.ahead is not None) == runs
 

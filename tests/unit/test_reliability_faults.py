@@ -57,10 +57,10 @@ def test_an_out_of_memory_prefill_fails_alone(demo_dir, monkeypatch):
         if inject:
             forward = engine.runner.forward
 
-            def oom(b, prefill, slots=None):
+            def oom(b, prefill, slots=None, spans=None):
                 if prefill:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-                return forward(b, prefill, slots)
+                return forward(b, prefill, slots, spans)
 
             monkeypatch.setattr(engine.runner, "forward", oom)
             with pytest.raises(torch.OutOfMemoryError) as err:

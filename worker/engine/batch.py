@@ -54,10 +54,23 @@ class RequestState:
     finished: bool = False
     ahead: Ahead | None = None  # the next decode step's logits, computed ahead (worker/engine/lookahead.py)
     grammar: Grammar | None = None  # JSON-schema constrained decoding: the request's matcher (engine/grammar.py)
+    chunk: int = 0  # prompt tokens the next forward computes while prefilling (engine/chunks.py)
+    prompt_logprobs: list[float] = field(default_factory=list)  # prefill logprobs gathered over the chunks so far
+    last_row: torch.Tensor | None = None  # [V] the previous chunk's last logits (prefill logprobs only)
 
     @property
     def n_generated(self) -> int:
         return len(self.ids) - self.prompt_len
+
+    @property
+    def prefilling(self) -> bool:
+        """No token sampled yet: the next forward computes (a chunk of) the prompt."""
+        return len(self.ids) == self.prompt_len
+
+    @property
+    def next_tokens(self) -> int:
+        """Tokens this request adds to the next forward."""
+        return self.chunk if self.prefilling else 1
 
 
 @dataclass
@@ -81,7 +94,7 @@ class Batch:
             request_ids=self.request_ids,
             size=len(self.requests),
             max_tokens=self.max_tokens,
-            current_tokens=len(self.requests),
+            current_tokens=sum(r.next_tokens for r in self.requests),
         )
 
     def to_pb(self, pb: Any) -> Any:
@@ -153,6 +166,7 @@ class RequestPlan:
     stopping: StoppingCriteria
     own_blocks: int  # blocks to take from the shard's allocator (0: the router gave blocks)
     grammar: str | None = None  # llguidance grammar of the request's JSON schema, checked
+    chunk: int = 0  # prompt tokens the first forward computes
 
 
 @dataclass(kw_only=True)
@@ -223,6 +237,7 @@ class BatchBuilder:
                     report=req.id % self.world_size == self.rank,
                     prefill_cache_len=req.cache_len,
                     grammar=self.grammars.compile(plan.grammar) if self.grammars and plan.grammar else None,
+                    chunk=plan.chunk,
                 )
             )
         sampler = BatchSampler([p.sampling for p in plans], self.vocab_size, self.tokenizer.n_real_vocab, self.device)
@@ -271,11 +286,7 @@ class BatchBuilder:
                 f"request {req.id}: cache_len {req.cache_len} must be smaller than the prompt "
                 f"({len(ids)} tokens): at least one token is computed"
             )
-        if req.HasField("chunk_len") and req.chunk_len < len(ids) - req.cache_len and not self.chunked_prefill:
-            raise FailedPrecondition(
-                f"request {req.id}: chunk_len {req.chunk_len} asks for chunked prefill, "
-                "which this worker does not offer (Info.chunked_prefill=false)"
-            )
+        chunk = self._chunk(req, len(ids) - req.cache_len)
         needed = len(ids) + s.max_new_tokens - 1  # KV slots the request will write
         if not req.blocks:
             if req.slots:
@@ -289,7 +300,7 @@ class BatchBuilder:
                     f"tokens needs {needed} KV slots, more than the shard's "
                     f"{self.allocator.count * self.block_size} self-allocatable slots"
                 )
-            return RequestPlan(ids, sp, stop, n_own, grammar)
+            return RequestPlan(ids, sp, stop, n_own, grammar, chunk)
         bad_blocks = [b for b in req.blocks if b >= self.router_blocks]
         if bad_blocks:
             raise InvalidArgument(
@@ -305,7 +316,21 @@ class BatchBuilder:
         bad_slots = [sl for sl in req.slots if sl // self.block_size not in allowed]
         if bad_slots:
             raise InvalidArgument(f"request {req.id}: slot {bad_slots[0]} lies outside the request's blocks")
-        return RequestPlan(ids, sp, stop, 0, grammar)
+        return RequestPlan(ids, sp, stop, 0, grammar, chunk)
+
+    def _chunk(self, req: Any, remaining: int) -> int:
+        """Prompt tokens the first forward computes: chunk_len when given (LoRAX: the router cut the prompt to
+        its prefill budget), else all `remaining`."""
+        if not req.HasField("chunk_len") or req.chunk_len >= remaining:
+            return remaining
+        if not self.chunked_prefill:
+            raise FailedPrecondition(
+                f"request {req.id}: chunk_len {req.chunk_len} asks for chunked prefill, "
+                "which this worker does not offer (Info.chunked_prefill=false)"
+            )
+        if req.chunk_len == 0:
+            raise InvalidArgument(f"request {req.id}: chunk_len 0 computes nothing (at least one token per chunk)")
+        return int(req.chunk_len)
 
     def _grammar(self, request_id: int, schema: str) -> str:
         """A request's JSON schema, checked (the compile starts once the whole batch is valid)."""

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from worker.distributed import ParallelContext
-from worker.engine import lookahead
+from worker.engine import chunks, lookahead, step
 from worker.engine.batch import Adapters, Batch, BatchBuilder, RequestState, prompt_ids
 from worker.engine.config import EngineConfig
-from worker.engine.generations import Generation, alternatives, generated_text, next_token, prompt_tokens
+from worker.engine.generations import Generation
 from worker.engine.grammar import Grammars
 from worker.engine.kv_cache import BlockAllocator, KVCache
-from worker.engine.runner import Runner, StepLogits, kv_blocks, warmup_prefill
-from worker.engine.stopping import FinishReason
+from worker.engine.runner import Runner, kv_blocks, warmup_prefill
 from worker.errors import InvalidArgument, NotFound
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
@@ -62,6 +61,7 @@ class Engine:
         self.router_blocks = 0
         self.max_supported_total_tokens = 0
         self.calibrated_kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # from Warmup (fp8 KV)
+        self.max_prefill_tokens = cfg.max_prefill_tokens  # prefill tokens per step (later chunks); Warmup's value
         nonce = torch.randint(1, 2**62, (1,), device=pctx.device)
         self.seed_nonce = int(pctx.broadcast(nonce).item())  # rank 0's, on every rank
 
@@ -89,6 +89,12 @@ class Engine:
         log.info(
             "decode look-ahead: %s",
             lookahead.describe(self.cfg.look_ahead, self.runner.graphs is not None, self.pctx.world_size),
+        )
+        log.info(
+            "chunked prefill: %s",
+            f"on, later chunks sized to {self.max_prefill_tokens} prefill tokens per step"
+            if self.cfg.chunked_prefill
+            else "off (--no-chunked-prefill)",
         )
         log.info(
             "KV cache: %d blocks x %d tokens (%s), %d for the router (%d tokens), %d kept by the shard",
@@ -126,6 +132,7 @@ class Engine:
             device=str(self.pctx.device),
             adapters=self.adapters,
             max_batch_size=self.cfg.max_batch_size,
+            chunked_prefill=self.cfg.chunked_prefill,
             live_request_ids=live,
             seed_nonce=self.seed_nonce,
             grammars=self.grammars,
@@ -144,6 +151,7 @@ class Engine:
             ids += p
         self.clear(None)
         self.runner = self.allocator = None
+        self.max_prefill_tokens = request.max_prefill_tokens or self.cfg.max_prefill_tokens
         calibrate = self.kv_dtype == torch.float8_e4m3fn and self.model.checkpoint_kv_scales() is None
         probe = warmup_prefill(self.model, self.pctx, lengths, ids, calibrate, self.cfg.kv_scale_margin)
         if probe.kv_scales is not None:
@@ -152,22 +160,29 @@ class Engine:
         return self.max_supported_total_tokens
 
     def prefill(self, pb_batch: pb.Batch, cached: BatchRef | None) -> tuple[list[Generation], Batch | None]:
-        """Build and run a new batch (concatenated after `cached` when given); the batch left to decode."""
+        """Build and run a new batch; the batch left to decode. With `cached` and chunked prefill (LoRAX), one
+        forward runs the cached batch's next step and the new requests' first chunks, under the cached batch's
+        id; a failed forward leaves the cached batch as it was. Without chunked prefill the new batch runs alone
+        and then joins the cached one."""
         if pb_batch.id in self.batches:
             raise InvalidArgument(f"batch id {pb_batch.id} is already live on this shard")
         if cached is not None and cached.id not in self.batches:
             raise NotFound(f"cached batch {cached.id} is not on this shard")
         new = self.builder().build(pb_batch)  # validates everything before any state changes
-        generations, batch = self._run(new, prefill=True)
-        if cached is not None:
+        if cached is not None and self.cfg.chunked_prefill:
             old = self.batches.pop(cached.id)
-            batch = Batch.concatenate([old, batch]) if batch is not None else old
+            generations, batch = self._run(Batch.concatenate([old, new]), keep=old)
+        else:
+            generations, batch = self._run(new)
+            if cached is not None:
+                old = self.batches.pop(cached.id)
+                batch = Batch.concatenate([old, batch]) if batch is not None else old
         if batch is not None:
             self.batches[batch.id] = batch
         return generations, batch
 
     def decode(self, cached: Sequence[BatchRef]) -> tuple[list[Generation], Batch | None]:
-        """One step of the cached batches, concatenated; the batch left to decode."""
+        """One step of the cached batches, concatenated (chunks continue); the batch left to decode."""
         if not cached:
             raise InvalidArgument("Decode needs at least one cached batch")
         missing = [c.id for c in cached if c.id not in self.batches]
@@ -176,22 +191,36 @@ class Engine:
         if len({c.id for c in cached}) != len(cached):
             raise InvalidArgument(f"Decode lists a batch twice: {[c.id for c in cached]}")
         batches = [self.batches.pop(c.id) for c in cached]
-        generations, batch = self._run(Batch.concatenate(batches) if len(batches) > 1 else batches[0], prefill=False)
+        generations, batch = self._run(Batch.concatenate(batches) if len(batches) > 1 else batches[0])
         if batch is not None:
             self.batches[batch.id] = batch
         return generations, batch
 
-    def _run(self, batch: Batch, prefill: bool) -> tuple[list[Generation], Batch | None]:
-        """One step; on failure the batch's KV blocks are released and the error raised. Returns the
-        generations and the batch without its finished requests (None if none are left), whose next
-        forward is then started (look-ahead)."""
+    def _run(self, batch: Batch, keep: Batch | None = None) -> tuple[list[Generation], Batch | None]:
+        """One step. A failure releases the batch's KV blocks and is raised; one in the forward or the sampling
+        leaves `keep` (the cached batch of a merged Prefill) live and unchanged. Returns the generations and
+        the batch without its finished requests (None if none are left), whose next chunks are then sized and
+        whose next forward is started (look-ahead)."""
+        saved = [r.n_cached for r in batch.requests]
         try:
-            generations = self._step(batch, prefill=prefill)
+            assert self.runner is not None
+            computed = step.compute(batch, self.runner, self.pctx, self.grammars, self.adapters)
+        except Exception:
+            for r, n in zip(batch.requests, saved):
+                r.n_cached = n
+            kept = set() if keep is None else {id(r) for r in keep.requests}
+            self._release([r for r in batch.requests if id(r) not in kept])
+            if keep is not None:
+                self.batches[keep.id] = keep
+            raise
+        try:
+            generations = self._step(batch, computed)
         except Exception:
             self._release(batch.requests)
             raise
         survivors = self._drop_finished(batch)
         if survivors is not None:
+            chunks.assign(survivors.requests, self.max_prefill_tokens)
             self._look_ahead(survivors)
         return generations, survivors
 
@@ -257,47 +286,7 @@ class Engine:
         assert self.runner is not None
         lookahead.start(self.runner, batch, self.adapters, wanted=self.cfg.look_ahead, world_size=self.pctx.world_size)
 
-    def _logits(self, batch: Batch, prefill: bool, adapter_slots: list[int] | None) -> StepLogits:
-        assert self.runner is not None
-        return lookahead.step_logits(self.runner, batch, prefill, adapter_slots)
-
-    def _step(self, batch: Batch, prefill: bool) -> list[Generation]:
-        """Sample a token for every request, append it and check the stops; this shard's generations."""
-        assert self.runner is not None
-        adapter_slots = self.adapters.request_slots(batch) if self.adapters is not None else None
-        masks = self.grammars.start_masks([r.grammar for r in batch.requests])  # None unless one is constrained
-        step = self._logits(batch, prefill, adapter_slots)
-        out = batch.sampler(step.last, [r.ids for r in batch.requests], masks.result() if masks else None)
-        next_ids = self.pctx.broadcast(out.next_ids.clone()).tolist()  # identical tokens on every rank
-        logprobs = out.logprobs.tolist()
-        tok = self.tokenizer
-        generations = []
-        for i, r in enumerate(batch.requests):
-            tid = next_ids[i]
-            prompt = None
-            if prefill and r.prefill_logprobs and r.report:
-                prompt = prompt_tokens(tok, r.ids[r.prefill_cache_len : r.prompt_len], step.prompt[i])
-            r.ids.append(tid)
-            text = r.detok.add(tid)
-            reason = r.stopping.check(tid, r.detok.text, r.n_generated)
-            if r.grammar is not None and r.grammar.consume(tid):  # the schema's output is whole: it ends here
-                reason = FinishReason.FINISH_REASON_EOS_TOKEN
-            if reason is not None:
-                r.finished = True
-            if not r.report:
-                continue
-            alts = [alternatives(tok, out.top_ids[i], out.top_logprobs[i])] if r.params.return_k_alternatives else []
-            done = None
-            if reason is not None:
-                seed = None if r.params.is_greedy else batch.sampler.seeds[i]
-                done = generated_text(tok, r.ids[r.prompt_len :], reason, seed)
-            generations.append(
-                Generation(
-                    request_id=r.id,
-                    next_tokens=next_token(tok, tid, logprobs[i], text, alts),
-                    prefill_tokens=prompt,
-                    prefill_tokens_length=(len(r.ids) - 1 - r.prefill_cache_len) if prefill else 0,
-                    generated_text=done,
-                )
-            )
+    def _step(self, batch: Batch, computed: step.Computed) -> list[Generation]:
+        """Append the step's tokens and check the stops; this shard's generations."""
+        generations = step.apply(batch, computed, self.tokenizer)
         return generations

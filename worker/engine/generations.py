@@ -7,9 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from worker.engine.sampling import prefill_logprobs
 from worker.engine.stopping import FinishReason
 from worker.tokenizer import QwenTokenizer
 
@@ -50,8 +47,8 @@ class Generation:
 
     request_id: int
     next_tokens: Tokens
-    prefill_tokens: Tokens | None = None  # Prefill of a request that asked for prefill logprobs
-    prefill_tokens_length: int = 0  # prompt tokens computed by this Prefill (0 in Decode)
+    prefill_tokens: Tokens | None = None  # first token of a request that asked for prefill logprobs
+    prefill_tokens_length: int = 0  # with the first token: prompt tokens computed (after cache_len), else 0
     generated_text: GeneratedText | None = None  # set when the request finished
 
 
@@ -76,12 +73,11 @@ def next_token(tok: QwenTokenizer, token_id: int, logprob: float, text: str, alt
     )
 
 
-def prompt_tokens(tok: QwenTokenizer, ids: list[int], logits: torch.Tensor) -> Tokens:
-    """A prompt's computed tokens with their log-probs under logits [len(ids), V] (NaN for the first)."""
-    lp = prefill_logprobs(logits, torch.tensor(ids, device=logits.device), tok.n_real_vocab)
+def prompt_text(tok: QwenTokenizer, ids: list[int], logprobs: list[float]) -> Tokens:
+    """A prompt's computed tokens with their log-probs (NaN for the first; engine/chunks.py gathers them)."""
     return Tokens(
         ids=ids,
-        logprobs=lp.tolist(),
+        logprobs=logprobs,
         texts=[tok.token_text(t) for t in ids],
         is_special=[tok.is_special(t) for t in ids],
     )

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from worker.engine.batch import Adapters, Ahead, Batch
+from worker.engine.chunks import RowSpan
 from worker.engine.runner import Runner, StepLogits
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,22 @@ class Decision:
 
 
 def decide(
-    *, wanted: bool | None, graphs_available: bool, graphs_can_run: bool, world_size: int, slots_allocated: bool
+    *,
+    wanted: bool | None,
+    graphs_available: bool,
+    graphs_can_run: bool,
+    world_size: int,
+    slots_allocated: bool,
+    prefilling: bool = False,
 ) -> Decision:
     """Whether to look ahead for a batch. wanted None (auto) runs it only where CUDA graphs serve the batch
     and at TP=1: under TP a look-ahead that fails on one rank alone (e.g. out of memory) would leave the
-    ranks' collectives out of step. It never runs before the next position's KV slot is allocated."""
+    ranks' collectives out of step. It never runs before the next position's KV slot is allocated, nor for a
+    batch with requests still prefilling (their next forward is a chunk, not a decode)."""
     if wanted is False:
         return Decision(False, "off")
+    if prefilling:
+        return Decision(False, "requests still prefilling")
     if wanted is None:
         if not graphs_available:
             return Decision(False, "auto: no CUDA graphs")
@@ -117,6 +127,7 @@ def start(runner: Runner, batch: Batch, adapters: Adapters | None, *, wanted: bo
         graphs_can_run=graphs is not None and graphs.can_run(batch),
         world_size=world_size,
         slots_allocated=all(len(r.slots) >= len(r.ids) for r in reqs),
+        prefilling=any(r.prefilling for r in reqs),
     )
     if not decision.run:
         return
@@ -134,14 +145,21 @@ def start(runner: Runner, batch: Batch, adapters: Adapters | None, *, wanted: bo
     attach(reqs, logits)
 
 
-def step_logits(runner: Runner, batch: Batch, prefill: bool, adapter_slots: list[int] | None) -> StepLogits:
+def step_logits(
+    runner: Runner,
+    batch: Batch,
+    prefill: bool,
+    adapter_slots: list[int] | None,
+    spans: Sequence[RowSpan] | None = None,
+) -> StepLogits:
     """This step's logits: a decode takes each request's look-ahead row when it was computed for the
-    request's current tokens, and runs the forward for the other requests only."""
+    request's current tokens, and runs the forward for the other requests only. A prefill (chunks, maybe
+    mixed with decode rows) computes `spans` and uses no look-ahead row."""
     reqs = batch.requests
     is_ready = ready(reqs, prefill)
     if not any(is_ready):
         clear(reqs)
-        return runner.forward(batch, prefill, adapter_slots)
+        return runner.forward(batch, prefill, adapter_slots, spans)
     missing = [i for i, ok in enumerate(is_ready) if not ok]
     computed = None
     if missing:

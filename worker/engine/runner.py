@@ -1,9 +1,9 @@
 """Batch → model inputs (the seed's forward arguments) → logits; the runner owns the KV cache and the
 decode CUDA graphs (sized and built from what the engine asks for).
 
-Prefill computes each request's tokens `ids[n_cached:]`; decode computes each request's last token.
-Logits come back only for the tokens that need them (the last of each request, and every computed
-prompt token of requests that asked for prefill logprobs).
+Each request computes a span of its tokens (engine/chunks.py): a prompt chunk, or its last token. Logits come
+back only for the tokens that need them (the last of each request, and every computed prompt token of requests
+that asked for prefill logprobs).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from worker.distributed import ParallelContext
 from worker.engine.batch import Adapters, Batch
+from worker.engine.chunks import RowSpan
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.kv_cache import KVCache, scales_from_amax
@@ -157,6 +159,21 @@ def capture_decode(
     return graphs
 
 
+class Runnable(Protocol):
+    """What a default span reads of a request (RequestState, or a test's stand-in)."""
+
+    ids: list[int]
+    n_cached: int
+    prefill_logprobs: bool
+
+
+def default_span(r: Runnable, prefill: bool) -> RowSpan:
+    """A whole-prompt prefill computes ids[n_cached:]; a decode the last token."""
+    if prefill:
+        return RowSpan(r.n_cached, len(r.ids), r.prefill_logprobs)
+    return RowSpan(len(r.ids) - 1, len(r.ids), False)
+
+
 class Runner:
     def __init__(
         self, model: FlashQwenForCausalLM, kv: KVCache | None, device: torch.device, graphs: GraphedDecode | None = None
@@ -200,15 +217,28 @@ class Runner:
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, prefill: bool, adapter_slots: list[int] | None = None) -> StepLogits:
-        """adapter_slots: the adapter pool slot of each request (0: base), or None when none uses one."""
+    def forward(
+        self,
+        batch: Batch,
+        prefill: bool,
+        adapter_slots: list[int] | None = None,
+        spans: Sequence[RowSpan] | None = None,
+    ) -> StepLogits:
+        """adapter_slots: the adapter pool slot of each request (0: base), or None when none uses one. spans: the
+        tokens each request computes (engine/chunks.py); None: a prefill computes ids[n_cached:] (every prompt
+        logit for requests with prefill_logprobs), a decode each last token. `prefill` picks the path: the
+        prefill path serves any mix of chunks and decode rows (a decode row is a one-token chunk after
+        len - 1 cached tokens); a decode without spans may replay a CUDA graph."""
         if (
             not prefill
+            and spans is None
             and self.graphs is not None
             and self.graphs.can_run(batch)
             and (adapter_slots is None or self.graphs.has_lora)
         ):
             return StepLogits(last=self.graphs.run(batch, adapter_slots), prompt={})
+        if spans is None:
+            spans = [default_span(r, prefill) for r in batch.requests]
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -216,16 +246,15 @@ class Runner:
         cache_lens: list[int] = []
         head: list[int] = []
         prompt_rows: dict[int, tuple[int, int]] = {}
-        for i, r in enumerate(batch.requests):
-            start = r.n_cached if prefill else len(r.ids) - 1
-            stop = len(r.ids)
+        for i, (r, sp) in enumerate(zip(batch.requests, spans)):
+            start, stop = sp.start, sp.stop
             offset = len(ids)
             ids += r.ids[start:stop]
             pos += range(start, stop)
             slots += r.slots[start:stop]
             n_new.append(stop - start)
             cache_lens.append(start)
-            if prefill and r.prefill_logprobs:
+            if sp.prompt_logits:
                 prompt_rows[i] = (len(head), stop - start)
                 head += range(offset, offset + stop - start)
             else:
@@ -246,8 +275,8 @@ class Runner:
             adapter_data=adapter_data,
         )
         logits = self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx, self.kv.layers)
-        for r in batch.requests:
-            r.n_cached = len(r.ids)
+        for r, sp in zip(batch.requests, spans):
+            r.n_cached = sp.stop
         last_rows, prompt = [], {}
         cursor = 0
         for i in range(len(batch.requests)):

@@ -1,0 +1,72 @@
+"""Chunked prefill bookkeeping (LoRAX semantics): which tokens each request computes in the next forward, the
+chunk sizes the shard gives requests still prefilling, and the prefill logprobs gathered over their chunks.
+
+A request is prefilling until its first token is sampled. Its next forward computes prompt positions
+[n_cached, n_cached + chunk); only the chunk that reaches the end of the prompt samples. A decoding request
+computes its last token. Plain Python over RequestState (no forward pass); every rank takes the same
+decisions from the same state, so the ranks' forwards stay in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.batch import Batch, RequestState
+from worker.engine.sampling import prefill_logprobs
+
+
+@dataclass(frozen=True)
+class RowSpan:
+    """The tokens ids[start:stop] a request computes in one forward."""
+
+    start: int
+    stop: int
+    prompt_logits: bool  # logits for every computed token (prefill logprobs), not only the last
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    spans: list[RowSpan]  # one per request, in batch order
+    sampling: list[int]  # rows that sample a token this step (decoding, or on their last chunk)
+    prefill: bool  # the forward takes the prefill path: some row computes prompt tokens
+
+
+def span(r: RequestState) -> RowSpan:
+    if not r.prefilling:
+        return RowSpan(len(r.ids) - 1, len(r.ids), False)
+    return RowSpan(r.n_cached, r.n_cached + r.chunk, r.prefill_logprobs)
+
+
+def plan(batch: Batch) -> StepPlan:
+    reqs = batch.requests
+    spans = [span(r) for r in reqs]
+    sampling = [i for i, (r, s) in enumerate(zip(reqs, spans)) if s.stop >= len(r.ids)]
+    return StepPlan(spans, sampling, any(r.prefilling for r in reqs))
+
+
+def assign(requests: list[RequestState], max_prefill_tokens: int) -> None:
+    """Size the next chunk of each request still prefilling: the step's budget of `max_prefill_tokens` less one
+    token per decoding request, shared in batch order, at least one token each (one prefilling request gets
+    max_prefill_tokens minus one per other request, as LoRAX does)."""
+    prefilling = [r for r in requests if r.prefilling]
+    left = max_prefill_tokens - (len(requests) - len(prefilling))
+    for k, r in enumerate(prefilling):
+        reserve = len(prefilling) - k - 1  # one token for each prefilling request after this one
+        r.chunk = max(1, min(r.prompt_len - r.n_cached, left - reserve))
+        left -= r.chunk
+
+
+def gather_logprobs(r: RequestState, rows: torch.Tensor, s: RowSpan, n_real_vocab: int) -> None:
+    """Append the log-probs of the prompt tokens a chunk's logits rows [stop - start, V] give. Row t predicts
+    token t + 1: the chunk's first token takes the previous chunk's last row (kept in r.last_row), and the
+    prompt's first computed token has none (NaN), as in an unchunked prefill."""
+    ids = r.ids[s.start : s.stop]
+    if r.last_row is not None:
+        prev = torch.tensor([r.ids[s.start - 1], *ids])
+        lps = prefill_logprobs(torch.cat([r.last_row[None], rows]), prev, n_real_vocab)[1:]
+    else:
+        lps = prefill_logprobs(rows, torch.tensor(ids), n_real_vocab)
+    r.prompt_logprobs += lps.tolist()
+    r.last_row = rows[-1].clone() if s.stop < r.prompt_len else None
