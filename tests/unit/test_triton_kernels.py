@@ -216,11 +216,75 @@ def test_decode_empty_context_gives_zeros():
         close(out[[0, 2]], ref[[0, 2]], torch.float32)
 
 
+# the decode loop's variants (Tiles.decode_*): software-pipelined loads, per-row softmax lanes, register prefetch
+VARIANTS = {
+    "plain": Tiles(decode_n=8, decode_stages=1),
+    "stages3": Tiles(decode_n=8, decode_stages=3),
+    "lanes": Tiles(decode_n=8, decode_lanes=True, decode_stages=2),
+    "prefetch": Tiles(decode_n=16, decode_prefetch=True, decode_stages=2),
+    "lanes_prefetch": Tiles(decode_n=8, decode_lanes=True, decode_prefetch=True, decode_stages=1),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_variants_match_torch(variant):
+    """Every loop variant on contexts shorter than one tile, odd lengths and 130 keys over 17 tiles; one
+    split, a few, and more splits than some contexts have tiles (empty splits); a padding row gives 0."""
+    b = decode_batch([1, 7, 130, 33, 64, 2], torch.float32, seed=8)
+    ref = b.attend(TorchAttention())
+    b.ctx.seqlen.input_lengths[5] = 0  # a padding row
+    for splits in (1, 3, 16):
+        out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=splits)
+        assert torch.equal(out[5], torch.zeros_like(out[5]))
+        close(out[:5], ref[:5], torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["plain", "lanes_prefetch"])
+def test_decode_variants_fp16(variant):
+    b = decode_batch([3, 61, 100], torch.float16, seed=9)
+    out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=5)
+    close(out, b.attend(TorchAttention()), torch.float16)
+
+
+@pytest.mark.parametrize("variant", ["plain", "lanes", "prefetch"])
+def test_decode_variants_fp8_cache_with_scales(variant):
+    """fp8 (e4m3) caches with K and V scales (a tensor and a float) against the reference's dequantised
+    attention over the same fp8 cache; NaN-coded unused rows stay NaN in fp8."""
+    fp8 = torch.float8_e4m3fn
+    b = decode_batch([1, 45, 97], torch.float32, seed=10)
+    k_scale, v_scale = torch.tensor(0.05), 0.02
+    b.k_cache = (b.k_cache * 4 / k_scale).clamp(-448, 448).to(fp8)  # K ~ 4, some values clamp
+    b.v_cache = (b.v_cache / v_scale).clamp(-448, 448).to(fp8)
+    ref = b.attend(TorchAttention(), k_scale=k_scale, v_scale=v_scale)
+    for splits in (1, 4):
+        out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=splits, k_scale=k_scale, v_scale=v_scale)
+        close(out, ref, torch.float32)
+
+
 def test_choose_num_splits():
-    assert choose_num_splits(batch=1, heads=32, max_k=4096, block_n=64, sm_count=132) == 9  # fill the GPU
-    assert choose_num_splits(batch=1, heads=32, max_k=100, block_n=64, sm_count=132) == 1  # short: one tile
-    assert choose_num_splits(batch=64, heads=32, max_k=4096, block_n=64, sm_count=132) == 1  # full already
-    assert choose_num_splits(batch=1, heads=1, max_k=1 << 20, block_n=64, sm_count=132) == 16  # the cap
+    # batch 1, 32 heads on 132 SMs, 4 programs per SM wanted: ceil(528 / 32) = 17 splits
+    assert choose_num_splits(1, 32, 8192, 64, 132, max_splits=32, ctas_per_sm=4, min_tiles=2) == 17
+    # batch 16: 512 programs per split, so 2 splits reach 528
+    assert choose_num_splits(16, 32, 8192, 64, 132, max_splits=32, ctas_per_sm=4, min_tiles=2) == 2
+    # a context of 100 keys has one tile of 64 (< min_tiles): one split
+    assert choose_num_splits(1, 32, 100, 64, 132, max_splits=32, ctas_per_sm=4, min_tiles=2) == 1
+    # 512 keys = 8 tiles of 64, at least 2 tiles per split: 4 splits
+    assert choose_num_splits(1, 32, 512, 64, 132, max_splits=32, ctas_per_sm=4, min_tiles=2) == 4
+    assert choose_num_splits(64, 32, 4096, 64, 132, max_splits=32, ctas_per_sm=4, min_tiles=2) == 1  # full already
+    assert choose_num_splits(1, 1, 1 << 20, 64, 132, max_splits=32, ctas_per_sm=4, min_tiles=2) == 32  # the cap
+    # Tiles carries the policy's knobs
+    tiles = Tiles(decode_n=32, decode_ctas_per_sm=8, decode_min_tiles=4, decode_max_splits=64)
+    assert tiles.decode_splits(1, 32, 1 << 15, 132) == 33
+    assert tiles.decode_splits(1, 32, 256, 132) == 2
+
+
+def test_tiles_parse():
+    t = Tiles.parse("decode_n=128, decode_lanes=1,decode_prefetch=false,prefill_stages=4")
+    assert (t.decode_n, t.decode_lanes, t.decode_prefetch, t.prefill_stages) == (128, True, False, 4)
+    assert Tiles.parse("") == Tiles()
+    for bad in ("decode_q=2", "decode_n", "decode_n=48", "decode_stages=0"):
+        with pytest.raises(ValueError):
+            Tiles.parse(bad)
 
 
 # ----------------------------------------------------------------------------------------- model

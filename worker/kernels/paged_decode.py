@@ -4,6 +4,12 @@ Grid (batch, heads, num_splits): a split owns an equal share of its own sequence
 in-kernel from the context lengths, so a fixed num_splits works under CUDA graphs) and writes fp32
 (max, sum, acc) partials; a second kernel merges the splits with the log-sum-exp rule. One split
 writes the output directly. fp8 keys and values are widened to fp32 exactly.
+
+Bandwidth knobs (Tiles.decode_*, swept by scripts/tune_attention.py): the key tile (BLOCK_N), warps,
+STAGES (tl.range software-pipelines the table, K and V loads of later tiles: without tl.dot in the loop
+Triton pipelines nothing otherwise), LANES (each of the BLOCK_N rows keeps its own running max / sum /
+accumulator, merged once after the loop, so the loop has no cross-warp reductions or barriers) and
+PREFETCH (the next tile's K and V are loaded into registers before this tile is computed).
 """
 
 from __future__ import annotations
@@ -12,11 +18,70 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.triton_attention import LOG2E, NEG_BIG, Tiles, check_cache, pow2, rows_contiguous, scale_args
+from worker.kernels.triton_attention import (
+    LOG2E,
+    NEG_BIG,
+    Tiles,
+    check_cache,
+    choose_num_splits,
+    pow2,
+    rows_contiguous,
+    scale_args,
+)
 from worker.ops import Scale
+
+__all__ = ["choose_num_splits", "paged_decode"]
 
 
 @triton.jit
+def _load_tile(
+    kc_ptr,
+    vc_ptr,
+    table_ptr,
+    n0,
+    end,
+    h,
+    stride_cb,
+    stride_cr,
+    stride_ch,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """K and V rows of key positions [n0, n0 + BLOCK_N) of one head (rows at or past `end` are 0, not read)."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < end
+    blk = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+    rows = blk.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cr + h * stride_ch
+    d = tl.arange(0, HEAD_DIM)
+    k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _update(q, k, v, valid, m_i, l_i, acc, LANES: tl.constexpr):
+    """Online-softmax step over one tile. q: [D] (log2 units); k, v: [BLOCK_N, D]. LANES: m_i, l_i are
+    [BLOCK_N] and acc [BLOCK_N, D] (one running softmax per row); else m_i, l_i scalars, acc [D]."""
+    s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
+    if LANES:
+        s = tl.where(valid, s, NEG_BIG)
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(valid, tl.exp2(s - m_new), 0.0)  # a row never valid yet has m = s = NEG_BIG
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        l_i = l_i * alpha + p
+    else:
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["num_splits", "stride_tb"])  # one compile for any split count / table width
 def _decode_split_kernel(
     q_ptr,
     kc_ptr,
@@ -42,6 +107,9 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+    LANES: tl.constexpr,
+    PREFETCH: tl.constexpr,
     DIRECT: tl.constexpr,
     SCALED: tl.constexpr,
 ):
@@ -53,28 +121,54 @@ def _decode_split_kernel(
     tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
+    table_ptr = tables_ptr + b.to(tl.int64) * stride_tb
 
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + h * stride_qh + d).to(tl.float32) * scale_log2e
     if SCALED:  # scores q·(k_fp8 × k_scale) = (q × k_scale)·k_fp8
         q = q * tl.load(k_scale_ptr)
-    m_i = tl.full([], NEG_BIG, tl.float32)
-    l_i = tl.zeros([], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        blk = tl.load(tables_ptr + b.to(tl.int64) * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
-        rows = blk.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cr + h * stride_ch
-        k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))  # [BLOCK_N], log2 units
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
+    if LANES:
+        m_i = tl.full([BLOCK_N], NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    else:
+        m_i = tl.full([], NEG_BIG, tl.float32)
+        l_i = tl.zeros([], tl.float32)
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+    if PREFETCH:  # k, v: this tile's rows, loaded one iteration ahead (rows past `end` are 0)
+        k, v, _ = _load_tile(
+            kc_ptr, vc_ptr, table_ptr, start, end, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_N
+        )
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+            k_next, v_next, _ = _load_tile(
+                kc_ptr,
+                vc_ptr,
+                table_ptr,
+                n0 + BLOCK_N,
+                end,
+                h,
+                stride_cb,
+                stride_cr,
+                stride_ch,
+                BLOCK_SIZE,
+                HEAD_DIM,
+                BLOCK_N,
+            )
+            valid = n0 + tl.arange(0, BLOCK_N) < end
+            m_i, l_i, acc = _update(q, k, v, valid, m_i, l_i, acc, LANES)
+            k, v = k_next, v_next
+    else:
+        for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+            k, v, valid = _load_tile(
+                kc_ptr, vc_ptr, table_ptr, n0, end, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_N
+            )
+            m_i, l_i, acc = _update(q, k, v, valid, m_i, l_i, acc, LANES)
+    if LANES:  # merge the rows' running softmaxes (rows never valid carry l = 0, acc = 0)
+        m_row = m_i
+        m_i = tl.max(m_row, 0)
+        w = tl.exp2(m_row - m_i)
+        l_i = tl.sum(l_i * w, 0)
+        acc = tl.sum(acc * w[:, None], 0)
     if SCALED:  # Σ p (v_fp8 × v_scale) = v_scale Σ p v_fp8 (the split merge is linear in acc)
         acc = acc * tl.load(v_scale_ptr)
 
@@ -107,14 +201,6 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def choose_num_splits(batch: int, heads: int, max_k: int, block_n: int, sm_count: int, max_splits: int = 16) -> int:
-    """Splits per (sequence, head): enough programs to fill the GPU (~2 per SM), each split covering at
-    least two key tiles of the longest context, at most `max_splits`."""
-    by_length = max(1, max_k // (2 * block_n))
-    by_occupancy = max(1, -(-2 * sm_count // max(1, batch * heads)))
-    return max(1, min(max_splits, by_length, by_occupancy))
-
-
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -141,7 +227,7 @@ def paged_decode(
     ks, vs, scaled = scale_args(k_scale, v_scale, q)
     if num_splits is None:
         sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        num_splits = choose_num_splits(B, H, max_k, tiles.decode_n, sm_count)
+        num_splits = tiles.decode_splits(B, H, max_k, sm_count)
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
@@ -173,6 +259,9 @@ def paged_decode(
         BLOCK_SIZE=pow2(k_cache.shape[1], "block_size"),
         HEAD_DIM=D,
         BLOCK_N=tiles.decode_n,
+        STAGES=tiles.decode_stages,
+        LANES=tiles.decode_lanes,
+        PREFETCH=tiles.decode_prefetch,
         DIRECT=num_splits == 1,
         SCALED=scaled,
         num_warps=tiles.decode_warps,
@@ -188,6 +277,6 @@ def paged_decode(
             out.stride(1),
             HEAD_DIM=D,
             BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=1 if D <= 64 else 2,
+            num_warps=max(1, min(8, triton.next_power_of_2(num_splits) * D // 1024)),  # ~32 fp32 per thread
         )
     return out

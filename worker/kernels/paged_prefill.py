@@ -92,7 +92,7 @@ def _prefill_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_tb"])  # one compile for any batch / table width
 def _prefill_kernel(
     q_ptr,
     k_ptr,

@@ -18,6 +18,7 @@ constexpr) compiles the unscaled kernels.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,25 +34,80 @@ FP8_MAX: tl.constexpr = tl.constexpr(ops.FP8_MAX)
 
 @dataclass(frozen=True)
 class Tiles:
-    """Tile shapes (powers of two) and warps. The defaults compile without register spills for head_dim
-    128 on sm_90 in bf16/fp16 (ptxas -v); fp32 prefill (exact fp32 dots, not the serving path) uses at
-    most 32 x 32 tiles and 4 warps."""
+    """Tile shapes (powers of two), warps, pipeline stages and the decode split policy; every field is a
+    knob that scripts/tune_attention.py sweeps (`Tiles.parse("decode_n=64,decode_stages=3")` builds one from
+    a CLI string). fp32 prefill (exact fp32 dots, not the serving path) uses at most 32 x 32 tiles, 4 warps."""
 
     prefill_m: int = 64  # query rows per program (tl.dot needs >= 16); 64x32x4w measured best on H200
     prefill_n: int = 32  # keys per inner step
     prefill_warps: int = 4
+    prefill_stages: int = 3  # software-pipelined K/V loads (tl.dot operands)
     decode_n: int = 32  # keys per inner step of a split
     decode_warps: int = 4
+    decode_stages: int = 1  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
+    decode_lanes: bool = False  # per-row running softmax: no cross-warp reduction inside the key loop
+    decode_prefetch: bool = False  # load the next tile's K/V before computing on this one (in registers)
+    decode_ctas_per_sm: int = 4  # split policy: enough splits for this many programs per SM ...
+    decode_min_tiles: int = 2  # ... each split at least this many key tiles of the longest context ...
+    decode_max_splits: int = 32  # ... and at most this many splits
 
     def __post_init__(self) -> None:
         for name in ("prefill_m", "prefill_n", "decode_n"):
             pow2(getattr(self, name), name)
+        for name in ("prefill_warps", "prefill_stages", "decode_warps", "decode_stages", "decode_max_splits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def parse(cls, spec: str) -> Tiles:
+        """`"decode_n=64,decode_lanes=1"` -> Tiles (unnamed fields keep their defaults)."""
+        kw: dict[str, int | bool] = {}
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            name, _, value = item.partition("=")
+            if name not in fields or not value:
+                raise ValueError(f"bad tile setting {item!r}: expected name=value with name in {sorted(fields)}")
+            kw[name] = value.lower() in ("1", "true", "yes") if fields[name] in (bool, "bool") else int(value)
+        return cls(**kw)  # type: ignore[arg-type]
 
     def prefill(self, dtype: torch.dtype) -> tuple[int, int, int, int]:
         """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of `dtype`."""
         if dtype == torch.float32:
             return min(self.prefill_m, 32), min(self.prefill_n, 32), 4, 2
-        return self.prefill_m, self.prefill_n, self.prefill_warps, 3
+        return self.prefill_m, self.prefill_n, self.prefill_warps, self.prefill_stages
+
+    def decode_splits(self, batch: int, heads: int, max_k: int, sm_count: int) -> int:
+        """The split count of this policy (see choose_num_splits)."""
+        return choose_num_splits(
+            batch,
+            heads,
+            max_k,
+            self.decode_n,
+            sm_count,
+            self.decode_max_splits,
+            self.decode_ctas_per_sm,
+            self.decode_min_tiles,
+        )
+
+
+def choose_num_splits(
+    batch: int,
+    heads: int,
+    max_k: int,
+    block_n: int,
+    sm_count: int,
+    max_splits: int = Tiles.decode_max_splits,
+    ctas_per_sm: int = Tiles.decode_ctas_per_sm,
+    min_tiles: int = Tiles.decode_min_tiles,
+) -> int:
+    """Splits per (sequence, head) for decode: enough programs for `ctas_per_sm` per SM, each split
+    covering at least `min_tiles` key tiles of the longest context, at most `max_splits`.
+
+    Under CUDA graphs pass the longest context the graph can see (the table width x block size): the
+    count is fixed at capture and stays correct for shorter contexts (their extra splits are empty)."""
+    by_length = max(1, max_k // (min_tiles * block_n))
+    by_occupancy = max(1, -(-ctas_per_sm * sm_count // max(1, batch * heads)))
+    return max(1, min(max_splits, by_length, by_occupancy))
 
 
 def pow2(x: int, what: str) -> int:
