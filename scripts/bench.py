@@ -1,4 +1,4 @@
-"""GPU benchmark against the physical floor (spec/performance.md): P1, P4, P7, P8 (and P5 with --tp, P2/P6
+"""GPU benchmark against the physical floor (spec/performance.md): P1, P1L, P4, P4L, P7, P8 (and P5 with --tp, P2/P6
 and our side of P3 with --lora).
 
     python scripts/bench.py --shape 7b --out bench_out/bench.json        # one GPU
@@ -7,7 +7,9 @@ and our side of P3 with --lora).
 
 Builds a random bf16 checkpoint of the chosen shape in GPU memory (same bytes and FLOPs as the real
 one), measures copy bandwidth and bf16 matmul rate in the same run, then decode step time at batch
-1/8/32/64/128 with 512-token contexts (eager and CUDA graphs), prefill MFU on 8 x 1024 tokens, and
+1/8/32/64/128 with 512-token contexts (eager and CUDA graphs) and at 2k/8k/32k contexts for batch 1 and 16
+(P1L, `--ctx`; rows whose KV does not fit are skipped), prefill MFU on 8 x 1024 tokens and one 32,768-token
+prompt (P4L, NTK active), and
 KV capacity after Warmup. With --lora: decode with N distinct rank-16 adapters (every request its own,
 all five modules) against base-only decode, both replayed from the served CUDA graphs
 (GraphedDecode(adapter_pools=True)) — P2; LoadAdapter latency from local safetensors, cold and from the
@@ -40,19 +42,23 @@ from worker.distributed import ParallelContext
 def bench_decode(
     model: Any, batches: list[int], ctx_len: int, block_size: int, bw: float, graphs: bool
 ) -> list[dict[str, Any]]:
-    """P1 (and P5 per rank): decode step time per batch size, eager and replayed from a CUDA graph, against
-    the time to read the weights and the batch's KV once at copy bandwidth `bw`."""
+    """P1 / P1L (and P5 per rank): decode step time per batch size, eager and replayed from a CUDA graph,
+    against the time to read the weights and every sequence's KV once at copy bandwidth `bw`. Batches
+    whose KV does not fit in 90 % of the free memory are skipped (reported with skipped=True)."""
     from worker.engine.kv_cache import KVCache
 
     c = model.config
     heads = c.num_attention_heads // model.pctx.world_size
-    max_batch = max(batches)
-    num_blocks = 2 + max_batch * math.ceil((ctx_len + 1) / block_size)
-    kv = KVCache(c.num_hidden_layers, num_blocks, block_size, heads, c.head_dim, torch.bfloat16, model.pctx.device)
     kv_per_token = KVCache.bytes_per_token(c.num_hidden_layers, heads, c.head_dim, torch.bfloat16)
+    free = torch.cuda.mem_get_info(model.pctx.device)[0] if torch.cuda.is_available() else 1 << 62
+    fits = [b for b in batches if b * (ctx_len + 1 + block_size) * kv_per_token < 0.9 * free - (2 << 30)]
+    rows: list[dict[str, Any]] = [dict(batch=b, ctx=ctx_len, skipped=True) for b in batches if b not in fits]
+    if not fits:
+        return rows
+    num_blocks = 2 + max(fits) * math.ceil((ctx_len + 1) / block_size)
+    kv = KVCache(c.num_hidden_layers, num_blocks, block_size, heads, c.head_dim, torch.bfloat16, model.pctx.device)
     wbytes = weight_bytes(model)
-    rows = []
-    for b in batches:
+    for b in fits:
         step = DecodeInputs.build(model, b, ctx_len, block_size).step(model, kv.layers)
         eager = cuda_time(step, iters=10)
         graph_t = None
@@ -61,11 +67,13 @@ def bench_decode(
 
             g, _ = capture(step)
             graph_t = cuda_time(g.replay, iters=30)
+            del g
         floor = (wbytes + b * (ctx_len + 1) * kv_per_token) / bw
         best = graph_t or eager
         rows.append(
             dict(
                 batch=b,
+                ctx=ctx_len,
                 eager_ms=eager * 1e3,
                 graph_ms=None if graph_t is None else graph_t * 1e3,
                 floor_ms=floor * 1e3,
@@ -73,11 +81,14 @@ def bench_decode(
                 tok_s=b / best,
             )
         )
+    del kv
+    torch.cuda.empty_cache()
     return rows
 
 
 def bench_prefill(model: Any, n_seqs: int, seq_len: int, block_size: int, matmul: float) -> dict[str, Any]:
-    """P4: prefill of n_seqs x seq_len fresh tokens; model FLOP/s against the measured bf16 matmul rate."""
+    """P4 / P4L: prefill of n_seqs x seq_len fresh tokens; model FLOP/s (linears, LM head of the last
+    tokens, causal attention's QK and PV) against the measured bf16 matmul rate."""
     from worker.engine.kv_cache import KVCache
     from worker.layers.context import Seqlen
 
@@ -89,7 +100,10 @@ def bench_prefill(model: Any, n_seqs: int, seq_len: int, block_size: int, matmul
     tables = torch.arange(1, 1 + n_seqs * per_seq, dtype=torch.int32, device=dev).view(n_seqs, per_seq)
     slots = (tables.long()[:, :, None] * block_size + torch.arange(block_size, device=dev)).view(n_seqs, -1)
     slots = slots[:, :seq_len].reshape(-1)
-    seqlen = Seqlen.for_prefill([seq_len] * n_seqs, None, [1.0] * n_seqs, device=dev)
+    from worker.ops import ntk_alpha
+
+    alpha = ntk_alpha(seq_len, c.seq_length, True)  # > 1 past seq_length: dynamic NTK, as served
+    seqlen = Seqlen.for_prefill([seq_len] * n_seqs, None, [alpha] * n_seqs, device=dev)
     ids = torch.randint(0, 1000, (n_seqs * seq_len,), device=dev)
     pos = torch.arange(seq_len, device=dev).repeat(n_seqs)
     last = torch.arange(1, n_seqs + 1, device=dev) * seq_len - 1
@@ -150,7 +164,13 @@ def main() -> None:
     ap.add_argument("--shape", default="7b", choices=list(SHAPES))
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--batches", default="1,8,32,64,128")
-    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument(
+        "--ctx",
+        default="512,2048,8192,32768",
+        help="decode contexts: the first for P1 (--batches) and the LoRA / RPC / TP rows; the rest are P1L rows",
+    )
+    ap.add_argument("--prefill-long", type=int, default=32768, help="P4L: one prompt of this many tokens (0: skip)")
+    ap.add_argument("--long-batches", default="1,16", help="batch sizes of the long-context (P1L) decode rows")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv, lora, load (P6 alone)")
@@ -172,6 +192,8 @@ def main() -> None:
     ap.add_argument("--peer-prompt", type=int, default=512)
     ap.add_argument("--peer-new", type=int, default=16)
     args = ap.parse_args()
+    ctxs = [int(x) for x in str(args.ctx).split(",")]
+    args.ctx = ctxs[0]  # the base context of every other row
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU")
     dev = torch.device("cuda", 0)
@@ -201,8 +223,21 @@ def main() -> None:
             res["copy_TBps"] * 1e12,
             not args.no_graphs,
         )
+        for ctx in ctxs[1:]:  # P1L: long contexts (decode reads every sequence's KV)
+            res["decode"] += bench_decode(
+                model,
+                [int(b) for b in args.long_batches.split(",")],
+                ctx,
+                args.block_size,
+                res["copy_TBps"] * 1e12,
+                not args.no_graphs,
+            )
     if "prefill" in only:
         res["prefill"] = bench_prefill(model, 8, 1024, args.block_size, res["matmul_TFLOPs"] * 1e12)
+        if args.prefill_long:
+            res["prefill_long"] = bench_prefill(
+                model, 1, args.prefill_long, args.block_size, res["matmul_TFLOPs"] * 1e12
+            )
     if "kv" in only:
         res["kv"] = bench_kv_capacity(model, args.block_size, args.memory_fraction)
         res["kv_fp8"] = bench_kv_capacity(model, args.block_size, args.memory_fraction, torch.float8_e4m3fn)
@@ -232,7 +267,7 @@ def main() -> None:
                 args.lora_file_dtypes.split(","),
             )
     if args.rpc_dir and "decode" in res:
-        fwd = next(r for r in res["decode"] if r["batch"] == 64)
+        fwd = next(r for r in res["decode"] if r["batch"] == 64 and r["ctx"] == args.ctx and not r.get("skipped"))
         res["rpc"] = bench_rpc_overhead(model, args.rpc_dir, 64, args.ctx, fwd["graph_ms"] or fwd["eager_ms"])
     if args.tp:
         del model
