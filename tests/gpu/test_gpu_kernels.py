@@ -20,6 +20,7 @@ from helpers import GPU_TRITON_MARKS, within
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
+from worker.kernels.triton_attention import Tiles  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
 from worker.layers.attention_triton import TritonAttention  # noqa: E402
 from worker.layers.context import ForwardContext, Seqlen  # noqa: E402
@@ -130,6 +131,39 @@ def test_decode(batch, top, num_splits, dtype):
     close(b.attend(TritonAttention(), num_splits=num_splits), b.attend(TorchAttention()), dtype)
 
 
+# the loop variants scripts/tune_attention.py sweeps (Tiles.decode_*): pipelined loads, lanes, prefetch
+VARIANTS = {
+    "n64_s3": Tiles(decode_n=64, decode_stages=3),
+    "n64_w8_lanes_s2": Tiles(decode_n=64, decode_warps=8, decode_lanes=True, decode_stages=2),
+    "n32_prefetch_s2": Tiles(decode_n=32, decode_prefetch=True, decode_stages=2),
+    "n128_w8_s2": Tiles(decode_n=128, decode_warps=8, decode_stages=2),
+    "n32_lanes_prefetch": Tiles(decode_n=32, decode_lanes=True, decode_prefetch=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("num_splits", [None, 1, 48])
+def test_decode_variants(variant, num_splits):
+    """8k and odd contexts, a one-token context (most of 48 splits empty), in bf16."""
+    b = decode_batch([1, 8192, 33, 5001], torch.bfloat16, seed=11)
+    out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=num_splits)
+    close(out, b.attend(TorchAttention()), torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2"])
+def test_decode_variants_fp8(variant):
+    """fp8 caches (scales on the GPU, read in-kernel) against the reference over the same fp8 cache."""
+    fp8 = torch.float8_e4m3fn
+    b = decode_batch([3, 4000, 777], torch.bfloat16, seed=12)
+    k_scale, v_scale = torch.tensor(0.05, device=CUDA), torch.tensor(0.02, device=CUDA)
+    b.k_cache = (b.k_cache.float() * 4 / k_scale).clamp(-448, 448).to(fp8)
+    b.v_cache = (b.v_cache.float() / v_scale).clamp(-448, 448).to(fp8)
+    ref = b.attend(TorchAttention(), k_scale=k_scale, v_scale=v_scale)
+    for splits in (None, 1, 16):
+        out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=splits, k_scale=k_scale, v_scale=v_scale)
+        close(out, ref, torch.bfloat16)
+
+
 PREFILL = {
     "fresh": ([1, 17, 300, 1024, 2000], [0] * 5),
     "suffix": ([1, 17, 300, 1024, 64], [100, 0, 3000, 7, 4000]),
@@ -154,12 +188,13 @@ def test_prefill_without_cache(use_varlen, dtype):
     close(b.attend(TritonAttention(use_varlen_attn=use_varlen), cache=False), ref, dtype)
 
 
-def test_decode_in_cuda_graph():
+@pytest.mark.parametrize("tiles", [Tiles(), VARIANTS["n64_w8_lanes_s2"]], ids=["default", "lanes_pipelined"])
+def test_decode_in_cuda_graph(tiles):
     """Fixed num_splits, captured once; new lengths and block tables written in place, then replayed."""
     dtype = torch.bfloat16
     b = decode_batch([1, 700, 33, 2048], dtype, seed=3)
     c = decode_batch([2048, 16, 1, 900], dtype, seed=4)  # same batch size, another state
-    backend = TritonAttention(num_splits=8)
+    backend = TritonAttention(num_splits=8, tiles=tiles)
     static = decode_batch([2048] * 4, dtype, seed=5)  # widest table; caches large enough for both
     static.k_cache = torch.cat([b.k_cache, c.k_cache])
     static.v_cache = torch.cat([b.v_cache, c.v_cache])
