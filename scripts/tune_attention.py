@@ -35,6 +35,7 @@ import tune_decode
 import tune_prefill
 from bench_common import copy_bandwidth, matmul_rate
 from tune_cases import KV_KINDS, Shape
+from worker.kernels.paged_decode import DecodeWorkspace
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Sweep:
     smoke: bool = False
     results: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
+    decode_ws: DecodeWorkspace = field(default_factory=DecodeWorkspace)  # the fused reduction's counters
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline

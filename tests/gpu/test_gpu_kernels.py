@@ -138,6 +138,7 @@ VARIANTS = {
     "n32_prefetch_s2": Tiles(decode_n=32, decode_prefetch=True, decode_stages=2),
     "n128_w8_s2": Tiles(decode_n=128, decode_warps=8, decode_stages=2),
     "n32_lanes_prefetch": Tiles(decode_n=32, decode_lanes=True, decode_prefetch=True),
+    "n64_s2_fused": Tiles(decode_n=64, decode_stages=2, decode_fused_reduce=True),  # the last split merges
 }
 
 
@@ -150,7 +151,7 @@ def test_decode_variants(variant, num_splits):
     close(out, b.attend(TorchAttention()), torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2"])
+@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2", "n64_s2_fused"])
 def test_decode_variants_fp8(variant):
     """fp8 caches (scales on the GPU, read in-kernel) against the reference over the same fp8 cache."""
     fp8 = torch.float8_e4m3fn
@@ -188,7 +189,11 @@ def test_prefill_without_cache(use_varlen, dtype):
     close(b.attend(TritonAttention(use_varlen_attn=use_varlen), cache=False), ref, dtype)
 
 
-@pytest.mark.parametrize("tiles", [Tiles(), VARIANTS["n64_w8_lanes_s2"]], ids=["default", "lanes_pipelined"])
+@pytest.mark.parametrize(
+    "tiles",
+    [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"]],
+    ids=["default", "lanes_pipelined", "fused_reduce"],
+)
 def test_decode_in_cuda_graph(tiles):
     """Fixed num_splits, captured once; new lengths and block tables written in place, then replayed."""
     dtype = torch.bfloat16

@@ -223,6 +223,7 @@ VARIANTS = {
     "lanes": Tiles(decode_n=8, decode_lanes=True, decode_stages=2),
     "prefetch": Tiles(decode_n=16, decode_prefetch=True, decode_stages=2),
     "lanes_prefetch": Tiles(decode_n=8, decode_lanes=True, decode_prefetch=True, decode_stages=1),
+    "fused": Tiles(decode_n=8, decode_lanes=True, decode_fused_reduce=True),  # the last split merges
 }
 
 
@@ -246,7 +247,7 @@ def test_decode_variants_fp16(variant):
     close(out, b.attend(TorchAttention()), torch.float16)
 
 
-@pytest.mark.parametrize("variant", ["plain", "lanes", "prefetch"])
+@pytest.mark.parametrize("variant", ["plain", "lanes", "prefetch", "fused"])
 def test_decode_variants_fp8_cache_with_scales(variant):
     """fp8 (e4m3) caches with K and V scales (a tensor and a float) against the reference's dequantised
     attention over the same fp8 cache; NaN-coded unused rows stay NaN in fp8."""
@@ -259,6 +260,17 @@ def test_decode_variants_fp8_cache_with_scales(variant):
     for splits in (1, 4):
         out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=splits, k_scale=k_scale, v_scale=v_scale)
         close(out, ref, torch.float32)
+
+
+def test_fused_reduction_leaves_its_counters_at_zero():
+    """The fused reduction's arrival counters (shared by every call of a backend, as a CUDA graph replays
+    them) are back at 0 after each call, so the next call (another batch, other split counts) is right."""
+    backend = TritonAttention(tiles=VARIANTS["fused"])
+    for contexts, splits, seed in (([5, 90, 1], 4, 13), ([33, 2, 64, 17, 8], 16, 14), ([5, 90, 1], 4, 13)):
+        b = decode_batch(contexts, torch.float32, seed=seed)
+        close(b.attend(backend, num_splits=splits), b.attend(TorchAttention()), torch.float32)
+        (counters,) = backend.workspace.buffers[torch.device("cpu")]
+        assert counters.numel() >= len(contexts) * HEADS and not counters.any()
 
 
 def test_choose_num_splits():

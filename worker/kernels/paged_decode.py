@@ -3,7 +3,9 @@
 Grid (batch, heads, num_splits): a split owns an equal share of its own sequence's key tiles (computed
 in-kernel from the context lengths, so a fixed num_splits works under CUDA graphs) and writes fp32
 (max, sum, acc) partials; a second kernel merges the splits with the log-sum-exp rule. One split
-writes the output directly. fp8 keys and values are widened to fp32 exactly.
+writes the output directly. fp8 keys and values are widened to fp32 exactly. With
+Tiles.decode_fused_reduce the last split of each (sequence, head) to finish merges them itself (an
+arrival counter per (sequence, head) in a DecodeWorkspace): one launch instead of two.
 
 Bandwidth knobs (Tiles.decode_*, swept by scripts/tune_attention.py): the key tile (BLOCK_N), warps,
 STAGES (tl.range software-pipelines the table, K and V loads of later tiles: without tl.dot in the loop
@@ -14,10 +16,13 @@ PREFETCH (the next tile's K and V are loaded into registers before this tile is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.decode_tiles import load_tile, merge_splits, softmax_step
 from worker.kernels.triton_attention import (
     LOG2E,
     NEG_BIG,
@@ -30,55 +35,7 @@ from worker.kernels.triton_attention import (
 )
 from worker.ops import Scale
 
-__all__ = ["choose_num_splits", "paged_decode"]
-
-
-@triton.jit
-def _load_tile(
-    kc_ptr,
-    vc_ptr,
-    table_ptr,
-    n0,
-    end,
-    h,
-    stride_cb,
-    stride_cr,
-    stride_ch,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """K and V rows of key positions [n0, n0 + BLOCK_N) of one head (rows at or past `end` are 0, not read)."""
-    pos = n0 + tl.arange(0, BLOCK_N)
-    valid = pos < end
-    blk = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
-    rows = blk.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cr + h * stride_ch
-    d = tl.arange(0, HEAD_DIM)
-    k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    return k, v, valid
-
-
-@triton.jit
-def _update(q, k, v, valid, m_i, l_i, acc, LANES: tl.constexpr):
-    """Online-softmax step over one tile. q: [D] (log2 units); k, v: [BLOCK_N, D]. LANES: m_i, l_i are
-    [BLOCK_N] and acc [BLOCK_N, D] (one running softmax per row); else m_i, l_i scalars, acc [D]."""
-    s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # [BLOCK_N]
-    if LANES:
-        s = tl.where(valid, s, NEG_BIG)
-        m_new = tl.maximum(m_i, s)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(valid, tl.exp2(s - m_new), 0.0)  # a row never valid yet has m = s = NEG_BIG
-        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
-        l_i = l_i * alpha + p
-    else:
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-    return m_new, l_i, acc
+__all__ = ["DecodeWorkspace", "choose_num_splits", "paged_decode"]
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_tb"])  # one compile for any split count / table width
@@ -92,6 +49,7 @@ def _decode_split_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    counter_ptr,
     k_scale_ptr,
     v_scale_ptr,
     scale_log2e,
@@ -112,6 +70,8 @@ def _decode_split_kernel(
     PREFETCH: tl.constexpr,
     DIRECT: tl.constexpr,
     SCALED: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -136,11 +96,11 @@ def _decode_split_kernel(
         l_i = tl.zeros([], tl.float32)
         acc = tl.zeros([HEAD_DIM], tl.float32)
     if PREFETCH:  # k, v: this tile's rows, loaded one iteration ahead (rows past `end` are 0)
-        k, v, _ = _load_tile(
+        k, v, _ = load_tile(
             kc_ptr, vc_ptr, table_ptr, start, end, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_N
         )
         for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
-            k_next, v_next, _ = _load_tile(
+            k_next, v_next, _ = load_tile(
                 kc_ptr,
                 vc_ptr,
                 table_ptr,
@@ -155,14 +115,14 @@ def _decode_split_kernel(
                 BLOCK_N,
             )
             valid = n0 + tl.arange(0, BLOCK_N) < end
-            m_i, l_i, acc = _update(q, k, v, valid, m_i, l_i, acc, LANES)
+            m_i, l_i, acc = softmax_step(q, k, v, valid, m_i, l_i, acc, LANES)
             k, v = k_next, v_next
     else:
         for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
-            k, v, valid = _load_tile(
+            k, v, valid = load_tile(
                 kc_ptr, vc_ptr, table_ptr, n0, end, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_N
             )
-            m_i, l_i, acc = _update(q, k, v, valid, m_i, l_i, acc, LANES)
+            m_i, l_i, acc = softmax_step(q, k, v, valid, m_i, l_i, acc, LANES)
     if LANES:  # merge the rows' running softmaxes (rows never valid carry l = 0, acc = 0)
         m_row = m_i
         m_i = tl.max(m_row, 0)
@@ -180,6 +140,13 @@ def _decode_split_kernel(
         tl.store(m_ptr + part, m_i)
         tl.store(l_ptr + part, l_i)
         tl.store(acc_ptr + part.to(tl.int64) * HEAD_DIM + d, acc)
+        if FUSED_REDUCE:  # the last split of (b, h) to arrive merges them (all partials stored before the
+            tl.debug_barrier()  # release; the acquire orders the merge's reads after every other split's)
+            bh = b * num_heads + h
+            if tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                out = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh
+                merge_splits(m_ptr, l_ptr, acc_ptr, out, bh * num_splits, num_splits, HEAD_DIM, BLOCK_S, True)
+                tl.atomic_xchg(counter_ptr + bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
@@ -188,17 +155,24 @@ def _decode_reduce_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    num_heads = tl.num_programs(1)
-    s = tl.arange(0, BLOCK_S)
-    ok = s < num_splits
-    part = (b * num_heads + h) * num_splits + s
-    m = tl.load(m_ptr + part, mask=ok, other=NEG_BIG)
-    l_sum = tl.load(l_ptr + part, mask=ok, other=0.0)
-    d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(acc_ptr + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))  # [S]: empty splits carry l = 0, acc = 0
-    out = tl.sum(w[:, None] * acc, 0) / tl.maximum(tl.sum(w * l_sum, 0), 1e-30)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    part0 = (b * tl.num_programs(1) + h) * num_splits
+    out = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh
+    merge_splits(m_ptr, l_ptr, acc_ptr, out, part0, num_splits, HEAD_DIM, BLOCK_S, False)
+
+
+@dataclass
+class DecodeWorkspace:
+    """Arrival counters of the fused reduction, one int32 per (sequence, head), zero between launches (the
+    merging program resets its own). Buffers are kept for the object's life: a CUDA graph captured with
+    one keeps reading it."""
+
+    buffers: dict[torch.device, list[torch.Tensor]] = field(default_factory=dict)
+
+    def counters(self, n: int, device: torch.device) -> torch.Tensor:
+        held = self.buffers.setdefault(device, [])
+        if not held or held[-1].numel() < n:
+            held.append(torch.zeros(max(n, 8192), dtype=torch.int32, device=device))
+        return held[-1]
 
 
 def paged_decode(
@@ -213,11 +187,13 @@ def paged_decode(
     num_splits: int | None = None,
     k_scale: Scale = None,
     v_scale: Scale = None,
+    workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's one new token over its whole cached context.
 
     q: [B, heads, head_dim] (row b is sequence b); block_tables: [B, max_blocks] int32; context_lens: [B]
-    int32 (0: a padding row, output 0); max_k: the longest context (picks num_splits when None).
+    int32 (0: a padding row, output 0); max_k: the longest context (picks num_splits when None);
+    workspace: the fused reduction's counters (tiles.decode_fused_reduce; None: zeroed per call).
     Returns [B, heads, head_dim] in q's dtype.
     """
     B, H, D = q.shape
@@ -231,7 +207,10 @@ def paged_decode(
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    m_part = l_part = acc_part = out  # fp32 partials of the splits (unused at 1 split)
+    m_part = l_part = acc_part = counters = out  # fp32 partials of the splits (unused at 1 split)
+    fused = tiles.decode_fused_reduce and num_splits > 1
+    if fused:
+        counters = (workspace or DecodeWorkspace()).counters(B * H, q.device)
     if num_splits > 1:
         m_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
         l_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
@@ -246,6 +225,7 @@ def paged_decode(
         m_part,
         l_part,
         acc_part,
+        counters,
         ks,
         vs,
         scale * LOG2E,
@@ -264,9 +244,11 @@ def paged_decode(
         PREFETCH=tiles.decode_prefetch,
         DIRECT=num_splits == 1,
         SCALED=scaled,
+        FUSED_REDUCE=fused,
+        BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=tiles.decode_warps,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _decode_reduce_kernel[(B, H)](
             m_part,
             l_part,

@@ -47,6 +47,7 @@ class Tiles:
     decode_stages: int = 1  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
     decode_lanes: bool = False  # per-row running softmax: no cross-warp reduction inside the key loop
     decode_prefetch: bool = False  # load the next tile's K/V before computing on this one (in registers)
+    decode_fused_reduce: bool = False  # the last split to finish merges (one launch, no reduce kernel)
     decode_ctas_per_sm: int = 4  # split policy: enough splits for this many programs per SM ...
     decode_min_tiles: int = 2  # ... each split at least this many key tiles of the longest context ...
     decode_max_splits: int = 32  # ... and at most this many splits

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from worker.kernels.paged_decode import paged_decode
+from worker.kernels.paged_decode import DecodeWorkspace, paged_decode
 from worker.kernels.paged_prefill import paged_prefill
 from worker.kernels.triton_attention import Tiles, pow2, rows_contiguous, store_kv
 from worker.layers.context import ForwardContext
@@ -36,13 +36,14 @@ def torch_varlen_attn() -> VarlenAttn | None:
 
 class TritonAttention:
     """Paged attention in Triton. `num_splits` fixes the decode split count (e.g. per captured CUDA-graph
-    batch size); None picks it per call from the batch and the longest context."""
+    batch size); None picks it per call from the batch and the longest context (`tiles.decode_splits`)."""
 
     name = "triton"
 
     def __init__(self, num_splits: int | None = None, tiles: Tiles | None = None, use_varlen_attn: bool = True):
         self.num_splits = num_splits
         self.tiles = tiles or Tiles()
+        self.workspace = DecodeWorkspace()  # the fused decode reduction's counters (kept: graphs read them)
         self.varlen_attn = torch_varlen_attn() if use_varlen_attn else None
 
     # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
@@ -109,6 +110,7 @@ class TritonAttention:
             num_splits,
             k_scale,
             v_scale,
+            self.workspace,
         )
 
     def prefill(
