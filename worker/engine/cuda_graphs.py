@@ -94,14 +94,10 @@ class GraphedDecode:
                 )
                 data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
                 splits = None
-                if hasattr(backend, "num_splits"):
-                    from worker.kernels.paged_decode import choose_num_splits
-
+                if hasattr(backend, "num_splits"):  # the backend's split policy at the longest context a graph sees
                     sm = torch.cuda.get_device_properties(dev).multi_processor_count
                     heads = model.config.num_attention_heads // model.pctx.world_size
-                    splits = choose_num_splits(
-                        bs, heads, max_blocks_per_seq * kv.block_size, backend.tiles.decode_n, sm
-                    )
+                    splits = backend.tiles.decode_splits(bs, heads, max_blocks_per_seq * kv.block_size, sm)
 
                 def step(bs: int = bs, seqlen: Seqlen = seqlen, data: AdapterBatchData | None = data) -> torch.Tensor:
                     ctx = ForwardContext.build(
