@@ -50,8 +50,12 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(qw_ptr + (offs_k[:, None] // P) * N + offs_n[None, :], mask=mask_kn, other=0)  # [BK, BN]
-        q = (words >> ((offs_k[:, None] % P) * BITS)) & MAXQ
+        # each word once: [BK/P, BN] words -> [BK/P, P, BN] values -> [BK, BN] (row kw·P + j)
+        offs_kw = k0 // P + tl.arange(0, BLOCK_K // P)
+        mask_w = (offs_kw[:, None] * P < k_hi) & mask_n[None, :]
+        words = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+        q = (words[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & MAXQ
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
         if GROUP_SIZE > 0:  # the tile's rows share one group: one zero and scale per column
             g = (K_OFFSET + k0) // GROUP_SIZE
             zw = tl.load(qz_ptr + g * (N // P) + offs_n // P, mask=mask_n, other=0)  # [BN]
@@ -130,6 +134,10 @@ def _launch(
 ) -> torch.Tensor:
     M, K = x.shape
     N = qweight.shape[1]
+    if K != qweight.shape[0] * (32 // bits) or tiles.block_k % (32 // bits):
+        raise ValueError(
+            f"x has {K} columns for {qweight.shape[0]} words of {32 // bits} rows (block_k {tiles.block_k})"
+        )
     x = x.contiguous()
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     split_k = triton.cdiv(K, k_per_split)

@@ -133,8 +133,9 @@ def quantize_rtn(
     maxq = (1 << bits) - 1
     scales = torch.empty(n_groups, n)
     zeros = torch.empty(n_groups, n, dtype=torch.int64)
+    grouped = w[order]  # group g is rows [g·size, (g+1)·size) of the permuted order
     for g in range(n_groups):
-        scales[g], zeros[g] = group_params(w[g_idx == g], bits, sym)
+        scales[g], zeros[g] = group_params(grouped[g * size : (g + 1) * size], bits, sym)
     scales16 = scales.to(torch.float16)  # stored fp16: quantize against the scale that will be read back
     gi = g_idx.long()
     q = torch.round(w / scales16.float()[gi]).to(torch.int64) + zeros[gi]
