@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NUM_SHARD ?= 1
+# make demo QUANTIZE=int4 (or int8, fp8): serve the demo model quantized
+QUANTIZE ?= none
 # Test packages installed without their dependencies (pyproject.toml, [test], says why).
 NO_DEPS := lorax-client==0.6.3 text-generation==0.7.0
 STUBS := worker/pb/generate_pb2.py worker/pb/generate_pb2_grpc.py
@@ -41,7 +43,7 @@ soak: install proto
 	QWEN_FUZZ_RANDOM=1 QWEN_FUZZ_EXAMPLES=1500 $(PY) -m pytest -q -s tests/integration/test_fuzz_grpc.py
 
 demo: install proto
-	$(PY) scripts/demo.py --num-shard $(NUM_SHARD)
+	$(PY) scripts/demo.py --num-shard $(NUM_SHARD) --quantize $(QUANTIZE)
 
 # Every check runs; any finding fails the target.
 lint: install proto

@@ -3,7 +3,10 @@ router — base model and both demo adapters in the same batch — print each ou
 start the HTTP front (`qwen-router serve`) and make one OpenAI chat call and one lorax-client call
 with an adapter, and stop everything (also on Ctrl-C: the launcher's shards die with it).
 
-    python scripts/demo.py [--num-shard 2] [--out .demo]
+    python scripts/demo.py [--num-shard 2] [--out .demo] [--quantize int4|int8|fp8]
+
+--quantize int4/int8 serves a GPTQ copy of the demo model (scripts/quantize.py, calibrated on the demo
+texts, group size 32; written once to OUT/model-int4 or -int8); fp8 quantizes the float model at load.
 """
 
 from __future__ import annotations
@@ -29,13 +32,17 @@ def main() -> int:
     ap.add_argument("--num-shard", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, ".demo"))
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--quantize", choices=["none", "int4", "int8", "fp8"], default="none")
     args = ap.parse_args()
 
     t0 = time.time()
     print(f"building the demo model in {args.out} (once; seconds) ...", flush=True)
     ensure(args.out)
     model_dir, adapter_root = os.path.join(args.out, "model"), os.path.join(args.out, "adapters")
-    print(f"demo model ready ({time.time() - t0:.1f}s)")
+    extra = ["--quantize", "fp8"] if args.quantize == "fp8" else []
+    if args.quantize in ("int4", "int8"):
+        model_dir = quantized_copy(model_dir, os.path.join(args.out, f"model-{args.quantize}"), int(args.quantize[3:]))
+    print(f"demo model ready ({time.time() - t0:.1f}s){'' if args.quantize == 'none' else ', ' + args.quantize}")
 
     tmp = tempfile.mkdtemp(prefix="qwen-demo-")
     uds = os.path.join(tmp, "shard")
@@ -56,6 +63,7 @@ def main() -> int:
             adapter_root,
             "--max-total-tokens",
             "8192",
+            *extra,
         ],
         cwd=ROOT,
         env=env,
@@ -76,6 +84,14 @@ def main() -> int:
                 launcher.kill()
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantized_copy(src: str, dst: str, bits: int) -> str:
+    """A GPTQ Int`bits` copy of the demo model in dst (made once)."""
+    if not os.path.isfile(os.path.join(dst, "config.json")):
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "quantize.py"), src, dst]
+        subprocess.run([*cmd, "--bits", str(bits), "--group-size", "32", "--method", "gptq"], check=True)
+    return dst
 
 
 def run(args, model_dir: str, uds: str, launcher: subprocess.Popen, log_path: str) -> int:
