@@ -31,7 +31,7 @@ from shards import start_launcher, stop
 TOL = 1e-4  # the shard computes in fp32, the reference in float64
 NEW = 6  # tokens generated per request
 BLOCK = 16  # the launcher's --block-size in tests/shards.py
-LIMITS = dict(max_input_length=400, max_total_tokens=448, call_timeout_s=120, prefix_log_interval_s=0)
+LIMITS: dict[str, Any] = dict(max_input_length=400, max_total_tokens=448, call_timeout_s=120, prefix_log_interval_s=0)
 # name -> (prefix caching, chunked prefill, max_batch_prefill_tokens): chunks of 77 cut blocks and prompts awkwardly
 VARIANTS = {
     "plain": (False, False, 512),
@@ -118,7 +118,7 @@ def connect(shard: Any, tok: Any, variant: str) -> Any:
         if chunked and "without chunked prefill" in str(err):
             pytest.skip("the shard does not offer chunked prefill yet (Info.chunked_prefill=false)")
         raise
-    assert router.info.chunked_prefill or not chunked
+    assert router.info is not None and (router.info.chunked_prefill or not chunked)
     return router
 
 
