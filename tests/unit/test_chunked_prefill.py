@@ -12,15 +12,19 @@ chunk_len validation are covered too.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from reference import load_checkpoint, ref_forward, ref_greedy
+from helpers import write_checkpoint
+from random_weights import random_checkpoint
+from reference import load_checkpoint, ref_forward
 from worker.distributed import ParallelContext
 from worker.engine import chunks, lookahead
 from worker.engine.engine import Engine, EngineConfig
@@ -29,7 +33,9 @@ from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
 from worker.tokenizer import QwenTokenizer
 
-LONG = [random.Random(0).randrange(0, 500) for _ in range(300)]  # > seq_length 256: NTK alpha 3, logn active
+SEQ = 64  # the test model's seq_length
+LONG = random.Random(0).choices(range(500), k=150)  # > SEQ: NTK alpha 7, logn active
+N_REAL = 518  # the demo tokenizer's vocabulary; the model's rows past it are padding, never sampled
 SHORT = [5, 6, 7, 8]
 SEEDED = [9, 10, 11]
 
@@ -47,6 +53,14 @@ def _engine(model_dir: str, chunked: bool = True, look_ahead: bool | None = None
     warm = pb.Batch(id=0, requests=[_request(0, [1, 2], 2)])
     engine.warmup(pb.WarmupRequest(batch=warm, max_input_length=8, max_prefill_tokens=budget))
     return engine
+
+
+def _greedy(state: dict, cfg: dict, prompt: list[int], n: int) -> list[int]:
+    """The float64 reference's greedy tokens over the real vocabulary (NTK alpha from the whole prompt)."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(ref_forward(state, cfg, seq, prompt_len=len(prompt))[-1, :N_REAL].argmax()))
+    return seq[len(prompt) :]
 
 
 def _request(rid: int, ids: list[int], max_new: int, chunk: int | None = None, **kw) -> pb.Request:
@@ -106,16 +120,22 @@ def _script(engine: Engine, first_chunk: int | None) -> Seen:
 
 
 @pytest.fixture(scope="module")
-def model_dir(demo_dir) -> str:
-    return os.path.join(demo_dir, "model")
+def model_dir(demo_dir, tmp_path_factory) -> str:
+    """Random weights (the demo model's trained attention hardly depends on the NTK alpha) in the demo
+    model's shape, with its tokenizer, and a short seq_length."""
+    with open(os.path.join(demo_dir, "model", "config.json")) as f:
+        cfg = {**json.load(f), "seq_length": SEQ}
+    path = write_checkpoint(str(tmp_path_factory.mktemp("ntk")), cfg, random_checkpoint(cfg, seed=5))
+    shutil.copy(os.path.join(demo_dir, "model", "qwen.tiktoken"), path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def ref(model_dir):
     state, cfg = load_checkpoint(model_dir)
-    logits = ref_forward(state, cfg, LONG)[:, :518]  # the tokenizer's real vocabulary
+    logits = ref_forward(state, cfg, LONG)[:, :N_REAL]  # the tokenizer's real vocabulary
     lp = torch.log_softmax(logits, -1)[torch.arange(len(LONG) - 1), torch.tensor(LONG[1:])]
-    greedy = {1: ref_greedy(state, cfg, SHORT, 40), 3: ref_greedy(state, cfg, LONG, 4)}
+    greedy = {1: _greedy(state, cfg, SHORT, 40), 3: _greedy(state, cfg, LONG, 4)}
     return state, cfg, greedy, [math.nan, *lp.tolist()]
 
 
@@ -123,6 +143,13 @@ def ref(model_dir):
 def unchunked(model_dir) -> Seen:
     engine = _engine(model_dir, chunked=False)
     return _script(engine, None)
+
+
+def _max_diff(got: list[float], want: list[float]) -> float:
+    """Largest |got - want|; NaN (a missing log-prob) counts as a failure."""
+    assert len(got) == len(want)
+    diff = (torch.tensor(got, dtype=torch.float64) - torch.tensor(want, dtype=torch.float64)).abs()
+    return float("inf") if diff.isnan().any() else float(diff.max())
 
 
 def _expected_chunks(first: int, budget: int, decoding: int) -> list[int]:
@@ -133,7 +160,7 @@ def _expected_chunks(first: int, budget: int, decoding: int) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("first_chunk,budget,look_ahead", [(37, 53, None), (1, 91, True), (299, 8, None)])
+@pytest.mark.parametrize("first_chunk,budget,look_ahead", [(37, 53, None), (1, 91, True), (149, 8, None)])
 def test_chunks_give_the_reference_tokens_and_logprobs(model_dir, ref, unchunked, first_chunk, budget, look_ahead):
     _, _, greedy, ref_lp = ref
     engine = _engine(model_dir, look_ahead=look_ahead, budget=budget)
@@ -144,8 +171,8 @@ def test_chunks_give_the_reference_tokens_and_logprobs(model_dir, ref, unchunked
     assert seen.tokens[2] == unchunked.tokens[2]  # the seeded stream went on through the mixed steps
     lps, length = seen.prompt[3]
     assert length == len(LONG) and len(lps) == len(LONG) and math.isnan(lps[0])
-    assert max(abs(a - b) for a, b in zip(lps[1:], ref_lp[1:])) < 1e-4
-    assert max(abs(a - b) for a, b in zip(lps[1:], unchunked.prompt[3][0][1:])) < 1e-5
+    assert _max_diff(lps[1:], ref_lp[1:]) < 1e-4
+    assert _max_diff(lps[1:], unchunked.prompt[3][0][1:]) < 1e-5
     chunk_sizes = _expected_chunks(first_chunk, budget, decoding=2)
     prefilling = seen.steps[2 : 2 + len(chunk_sizes) - 1]  # the merged Prefill, then a Decode per later chunk
     assert all(3 not in ids and set(ids) == {1, 2} for ids, _ in prefilling)  # no Generation while prefilling
@@ -185,35 +212,35 @@ def _router_request(rid: int, ids: list[int], max_new: int, blocks: list[int], *
 
 
 def test_a_cancelled_request_s_computed_chunks_serve_as_a_cached_prefix(model_dir, ref):
-    """A is cancelled (FilterBatch) mid-prefill after 176 of its 300 tokens were computed; B reuses A's first
-    10 blocks (160 tokens, same NTK alpha bucket) with cache_len 160 and is prefilled in chunks of 50."""
+    """A is cancelled (FilterBatch) mid-prefill after 88 of its 150 tokens were computed; B reuses A's first
+    5 blocks (80 tokens; same NTK alpha bucket) with cache_len 80 and is prefilled in chunks of 30."""
     state, cfg, greedy, _ = ref
-    engine = _engine(model_dir, budget=81)
+    engine = _engine(model_dir, budget=41)
     free = engine.allocator.free
     seen = Seen()
     gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 40)]), None)
     seen.add(gens, batch)
-    a_blocks = list(range(0, 19))
-    a = _router_request(2, LONG, 4, a_blocks, chunk_len=96)
+    a_blocks = list(range(0, 10))
+    a = _router_request(2, LONG, 4, a_blocks, chunk_len=48)
     gens, batch = engine.prefill(pb.Batch(id=2, requests=[a]), batch.info())
     seen.add(gens, batch)
-    gens, batch = engine.decode([batch.info()])  # 96 + 80 computed
+    gens, batch = engine.decode([batch.info()])  # 48 + 40 computed
     seen.add(gens, batch)
-    assert batch.info().current_tokens == 81 and 2 not in seen.tokens
+    assert batch.info().current_tokens == 41 and 2 not in seen.tokens
     batch = engine.filter(batch.id, [1])  # the router cancels A mid-chunk
-    b_prompt = LONG[:160] + [(7 * i) % 500 for i in range(150)]
-    b_blocks = a_blocks[:10] + list(range(40, 50))
-    b = _router_request(3, b_prompt, 4, b_blocks, cache_len=160, chunk_len=50, prefill_logprobs=True)
+    b_prompt = LONG[:80] + [(7 * i) % 500 for i in range(70)]
+    b_blocks = a_blocks[:5] + list(range(40, 45))
+    b = _router_request(3, b_prompt, 4, b_blocks, cache_len=80, chunk_len=30, prefill_logprobs=True)
     gens, batch = engine.prefill(pb.Batch(id=3, requests=[b]), batch.info())
     seen.add(gens, batch)
     _to_end(engine, batch, seen)
     assert seen.tokens[1] == greedy[1]
-    assert seen.tokens[3] == ref_greedy(state, cfg, b_prompt, 4)
+    assert seen.tokens[3] == _greedy(state, cfg, b_prompt, 4)
     lps, length = seen.prompt[3]
-    logits = ref_forward(state, cfg, b_prompt)[:, :518]
-    ref_lp = torch.log_softmax(logits, -1)[torch.arange(160, 309), torch.tensor(b_prompt[161:])]
-    assert length == 150 and math.isnan(lps[0])
-    assert max(abs(x - y) for x, y in zip(lps[1:], ref_lp.tolist())) < 1e-4
+    logits = ref_forward(state, cfg, b_prompt)[:, :N_REAL]
+    ref_lp = torch.log_softmax(logits, -1)[torch.arange(80, 149), torch.tensor(b_prompt[81:])]
+    assert length == 70 and math.isnan(lps[0])
+    assert _max_diff(lps[1:], ref_lp.tolist()) < 1e-4
     assert engine.batches == {} and engine.allocator.free == free
 
 
