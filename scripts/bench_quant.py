@@ -4,6 +4,7 @@ with sym zeros and group 128, or FP8 e4m3 with per-channel scales), bf16 embeddi
     python scripts/bench_quant.py --shape 7b --out bench_out/quant_7b.json       # bf16, int4, int8, fp8
     python scripts/bench_quant.py --shape 72b --modes int4 --batches 1,8,32      # 72B-shaped Int4 + KV capacity
     python scripts/bench_quant.py --shape 7b --only linears                      # per-linear kernel timings
+    python scripts/bench_quant.py --only quality --demo-dir .demo                # demo model Int4/Int8/FP8 vs bf16
 
 decode: one decode step (512-token contexts, replayed from a CUDA graph) at each batch, against its floor:
 the bytes one step must read (quantized words + scales + zeros, lm_head and norms; wte is a gather; every
@@ -143,6 +144,45 @@ def bench_linears(batches: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+def quality(out_dir: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+    """The demo model (scripts/make_demo_model.py, built in out_dir) in Int4 / Int8 (GPTQ copies made by
+    scripts/quantize.py as `make demo` makes them) and FP8 vs bf16, on its training texts (CPU is enough):
+    sentences reproduced greedily, teacher-forced next-token agreement with bf16, and loss."""
+    from demo import quantized_copy
+    from make_demo_model import BASE_TEXTS, ensure, full_forward, greedy
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.tokenizer import QwenTokenizer
+
+    ensure(out_dir)
+    src = os.path.join(out_dir, "model")
+    tok = QwenTokenizer.from_dir(src)
+    runs = {
+        "bf16": (src, "none"),
+        "int4": (quantized_copy(src, os.path.join(out_dir, "model-int4"), 4), "auto"),
+        "int8": (quantized_copy(src, os.path.join(out_dir, "model-int8"), 8), "auto"),
+        "fp8": (src, "fp8"),
+    }
+    base_argmax: list[torch.Tensor] = []
+    rows = []
+    for mode, (path, quantize) in runs.items():
+        model = FlashQwenForCausalLM.from_pretrained(path, dtype=dtype, progress=False, quantize=quantize)
+        same = total = exact = 0
+        loss = 0.0
+        for k, (prompt, cont) in enumerate(BASE_TEXTS):
+            p, c = tok.encode(prompt), tok.encode(cont) + [tok.endoftext_id]
+            with torch.no_grad():
+                logits = full_forward(model, [p + c])[len(p) - 1 : -1].float()  # predicting c
+            loss += torch.nn.functional.cross_entropy(logits, torch.tensor(c), reduction="sum").item()
+            if mode == "bf16":
+                base_argmax.append(logits.argmax(-1))
+            same += int((logits.argmax(-1) == base_argmax[k]).sum())
+            total += len(c)
+            exact += greedy(model, p, len(c), tok.endoftext_id) == c
+        rows.append(dict(mode=mode, sentences=f"{exact}/{len(BASE_TEXTS)}", agreement=same / total, loss=loss / total))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -150,12 +190,16 @@ def main() -> None:
     ap.add_argument("--modes", default="bf16,int4,int8,fp8")
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--only", choices=["decode", "linears"], default=None)
+    ap.add_argument("--only", choices=["decode", "linears", "quality"], default=None)
+    ap.add_argument("--demo-dir", default=".demo", help="--only quality: the demo model's directory")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--kv", action="store_true", help="also P8: Warmup's KV capacity with these weights")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.only == "quality":  # CPU is enough
+        print(json.dumps(quality(args.demo_dir), indent=1))
+        return
     bw, rate = copy_bandwidth(CUDA), matmul_rate(CUDA)
     res: dict[str, Any] = dict(shape=args.shape, copy_gbps=bw / 1e9, matmul_tflops=rate / 1e12, modes={})
     print(f"copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
