@@ -26,7 +26,13 @@ def configs(quick: bool, smoke: bool = False) -> list[Tiles]:
         return [Tiles(prefill_m=16, prefill_n=16, prefill_warps=4, prefill_stages=2)]
     grid = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
     if not quick:
-        grid += [(64, 128, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4), (64, 32, 4, 2)]
+        grid += [
+            (64, 128, 4, 3),
+            (128, 32, 8, 3),
+            (64, 64, 4, 4),
+            (128, 64, 8, 4),
+            (64, 32, 4, 2),
+        ]  # (128, 64, 4): spills
     return [Tiles(prefill_m=m, prefill_n=n, prefill_warps=w, prefill_stages=s) for m, n, w, s in grid]
 
 

@@ -36,15 +36,17 @@ FP8_MAX: tl.constexpr = tl.constexpr(ops.FP8_MAX)
 class Tiles:
     """Tile shapes (powers of two), warps, pipeline stages and the decode split policy; every field is a
     knob that scripts/tune_attention.py sweeps (`Tiles.parse("decode_n=64,decode_stages=3")` builds one from
-    a CLI string). fp32 prefill (exact fp32 dots, not the serving path) uses at most 32 x 32 tiles, 4 warps."""
+    a CLI string). fp32 prefill (exact fp32 dots, not the serving path) uses at most 32 x 32 tiles, 4 warps.
+    The decode default compiles for sm_90 with Triton 3.6 and 3.9 without spills (120 registers, 35 KB of
+    shared memory for the two-stage cp.async pipeline), bf16 and fp8 caches."""
 
     prefill_m: int = 64  # query rows per program (tl.dot needs >= 16); 64x32x4w measured best on H200
     prefill_n: int = 32  # keys per inner step
     prefill_warps: int = 4
     prefill_stages: int = 3  # software-pipelined K/V loads (tl.dot operands)
-    decode_n: int = 32  # keys per inner step of a split
+    decode_n: int = 64  # keys per inner step of a split
     decode_warps: int = 4
-    decode_stages: int = 1  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
+    decode_stages: int = 2  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
     decode_lanes: bool = False  # per-row running softmax: no cross-warp reduction inside the key loop
     decode_prefetch: bool = False  # load the next tile's K/V before computing on this one (in registers)
     decode_fused_reduce: bool = False  # the last split to finish merges (one launch, no reduce kernel)
