@@ -6,8 +6,8 @@ Every generated token and its logprob is checked against the float64 reference (
 run on the whole sequence, never against another run of the router: a reused block computed under
 another adapter or NTK alpha, or a block that was never computed, shows as a wrong token or logprob.
 The scenario covers prompts past seq_length (NTK alpha 3, logn on), a prefix shared by two adapters,
-a prefix shared by prompts of different alpha buckets, prefill logprobs, and a request cancelled
-after its prefill whose prefix another request then reuses; afterwards no KV block is held.
+a prefix shared by prompts of different alpha buckets, prefill logprobs, and requests
+cancelled after and during their prefill, at TP=1 and TP=2 (gloo); afterwards no KV block is held.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def shard(demo_dir: str) -> Iterator[Any]:
-    s = start_launcher(os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"))
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def shard(demo_dir: str, request: Any) -> Iterator[Any]:
+    """One shard, or two tensor-parallel shards over gloo (the same blocks on both)."""
+    s = start_launcher(os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"), num_shard=request.param)
+    s.world = request.param  # type: ignore[attr-defined]
     yield s
     assert stop(s) == 0, s.log()[-3000:]
 
@@ -98,10 +100,10 @@ def check(logprobs: Any, adapter: str, prompt: list[int], events: list[Any]) -> 
         assert math.isclose(event.logprob, float(rows[k, event.id]), abs_tol=TOL), (k, event.logprob)
 
 
-def shard_stats(shard: Any) -> dict[str, Any]:
+def shard_stats(shard: Any, rank: int) -> dict[str, Any]:
     from worker.pb import generate_pb2 as pb
 
-    _, call = shard.stub(0).Health.with_call(pb.HealthRequest())
+    _, call = shard.stub(rank).Health.with_call(pb.HealthRequest())
     return dict(json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"]))
 
 
@@ -201,5 +203,6 @@ def test_tokens_and_logprobs_equal_the_reference_with_the_cache_and_chunking_on_
         router.clear_prefix_cache()
         state = router.debug_state()
         assert state["allocator_free_blocks"] == state["usable_blocks"] and state["cached_blocks"] == 0
-    stats = shard_stats(shard)
-    assert stats["batches"] == 0 and stats["shard_blocks_free"] == stats["shard_blocks_total"]
+    for rank in range(shard.world):
+        stats = shard_stats(shard, rank)
+        assert stats["batches"] == 0 and stats["shard_blocks_free"] == stats["shard_blocks_total"], rank
