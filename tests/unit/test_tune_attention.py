@@ -88,3 +88,17 @@ def test_wrong_prefill_config_is_recorded():
 def test_parse_prefill_cases():
     assert tune_prefill.parse_cases("32768;1024x8") == [[32768], [1024] * 8]
     assert tune_prefill.case_name([1024] * 8) == "1024x8" and tune_prefill.case_name([5, 7]) == "5+7"
+
+
+def test_default_kernels_compile_for_sm90_without_spills():
+    """scripts/tune_compile.py --defaults: Tiles()'s decode and prefill kernels compile for sm_90 with
+    Triton's bundled ptxas (no GPU needed), spill nothing and fit in shared memory (exit status 0)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "scripts/tune_compile.py", "--defaults"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("default ") == 5 and "SPILLS" not in proc.stdout  # decode + 2 prefill, x bf16/fp8
