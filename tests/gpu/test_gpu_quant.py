@@ -127,3 +127,19 @@ def test_int4_model_on_the_kernels_equals_the_reference_path(tmp_path):
     for a, b in zip(*outs):
         within(a, b, TOL)
         assert torch.equal(a[-1].argmax(), b[-1].argmax())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_over_nccl_equals_reference(tmp_path):
+    """tests/unit/test_gptq_tp.py's check on 2 GPUs: fp32 activations through the Triton kernels (IEEE fp32
+    dots), Int4 act order and Int8, row shards of 1.5 groups, mixed adapters, within 1e-3 of the float64
+    reference (tests/gpu/test_gpu_tp.py's NCCL bound: GPU fp32 kernels and NCCL's summation order)."""
+    import os
+    import sys
+
+    from helpers import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
+    from test_gptq_tp import check_tp2
+
+    check_tp2(tmp_path, 1e-3, QWEN_TEST_DEVICE="cuda")

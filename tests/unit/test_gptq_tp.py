@@ -35,7 +35,7 @@ def rank_main() -> None:
 
     ckpt, adapters, out = sys.argv[1:4]
     torch.set_num_threads(1)
-    pctx = init_from_env(os.environ, "cpu", timeout_s=60)
+    pctx = init_from_env(os.environ, os.environ.get("QWEN_TEST_DEVICE", "cpu"), timeout_s=60)
     model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, progress=False)
     mgr, _ = attach_manager(model, adapters, max_rank=16, num_slots=2)
     load(mgr, 1, "a4")
@@ -60,7 +60,7 @@ def rank_main() -> None:
     shutdown(pctx)
 
 
-def run_world(ckpt: str, adapters: str, out: str, world: int) -> list[dict[str, torch.Tensor]]:
+def run_world(ckpt: str, adapters: str, out: str, world: int, **env_extra: str) -> list[dict[str, torch.Tensor]]:
     from worker.launcher import free_port
 
     port = free_port()
@@ -74,6 +74,7 @@ def run_world(ckpt: str, adapters: str, out: str, world: int) -> list[dict[str, 
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
+            **env_extra,
         )
         cmd = [sys.executable, os.path.abspath(__file__), ckpt, adapters, out]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -84,6 +85,11 @@ def run_world(ckpt: str, adapters: str, out: str, world: int) -> list[dict[str, 
 
 
 def test_tp2_equals_reference_on_dequantized_weights(tmp_path):
+    check_tp2(tmp_path)
+
+
+def check_tp2(tmp_path, tol: float = 1e-4, **env: str) -> None:
+    """Also run by tests/gpu/test_gpu_quant.py over NCCL (env QWEN_TEST_DEVICE=cuda: the Triton kernels)."""
     import pytest
 
     from gptq_helpers import dequantized_state, gptq_checkpoint
@@ -99,7 +105,7 @@ def test_tp2_equals_reference_on_dequantized_weights(tmp_path):
         path, q = gptq_checkpoint(str(tmp_path / f"q{bits}"), CFG, state, bits, 32, sym, act)
         deq = dequantized_state(q, bits)
         merged = [deq, merge_lora(deq, *a4), merge_lora(deq, *a16)]
-        ranks = run_world(path, root, str(tmp_path / f"out{bits}"), 2)
+        ranks = run_world(path, root, str(tmp_path / f"out{bits}"), 2, **env)
         worst = 0.0
         for res in ranks:
             assert torch.equal(res["seq0"], ranks[0]["seq0"])
@@ -109,7 +115,7 @@ def test_tp2_equals_reference_on_dequantized_weights(tmp_path):
                 for step in range(STEPS + 1):
                     row = ref[len(p) - 1 + step]
                     worst = max(worst, (res[f"step{step}_{k}"].double() - row).abs().max().item())
-        if worst > 1e-4:
+        if worst > tol:
             pytest.fail(f"Int{bits}: max abs logit diff {worst}")
 
 

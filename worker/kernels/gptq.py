@@ -32,7 +32,7 @@ __all__ = ["GemmTiles", "gptq_matmul", "gptq_matmul_reference", "gptq_gemv", "gp
 def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
                  stride_xm, stride_ym, stride_ys,
                  BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -74,7 +74,7 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            acc += tl.dot(x, w.to(x.dtype))
+            acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     if BLOCK_M == 1:
         acc = acc1[None, :]
     if HAS_BIAS:
@@ -151,6 +151,7 @@ def _launch(
         x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y,
         M, N, K, k_per_split, k_offset, x.stride(0), y.stride(1), y.stride(0),
         BITS=bits, ZERO_OFFSET=zero_offset, GROUP_SIZE=gs, HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
