@@ -129,15 +129,15 @@ def sweep(sw: Any, kinds: list[str], ctxs: list[int], batches: list[int], top: i
     for kv in kinds:
         memo: dict = {}
         cases: dict[tuple[int, int], DecodeCase] = {}
+        tiles = variants(sw.quick, sw.shape.head_dim, sw.smoke)
+        for b in batches:  # one anchor row's caches at a time
+            case = case_of(sw, cases, kv, anchor_ctx, b)
+            for t in tiles:
+                measure(sw, case, t, t.decode_splits(b, H, anchor_ctx, sw.sm_count), memo)
         ranked = []
-        for t in variants(sw.quick, sw.shape.head_dim, sw.smoke):
-            times = [
-                measure(
-                    sw, case_of(sw, cases, kv, anchor_ctx, b), t, t.decode_splits(b, H, anchor_ctx, sw.sm_count), memo
-                )
-                for b in batches
-            ]
-            g = geomean(times)
+        for t in tiles:
+            key = [(kv, anchor_ctx, b, spec(t), t.decode_splits(b, H, anchor_ctx, sw.sm_count)) for b in batches]
+            g = geomean([memo.get(k) for k in key])
             if g is not None:
                 ranked.append((g, t))
         ranked.sort(key=lambda r: r[0])
