@@ -1,19 +1,24 @@
-"""scripts/quantize.py and the GPTQ solver: the demo model quantized to Int4 by GPTQ (AutoGPTQ layout) is
-served by the worker and still generates its trained sentences, with the adapters on the quantized base;
-GPTQ's output error on correlated calibration inputs is below round-to-nearest's."""
+"""scripts/quantize.py and the GPTQ solver, end to end: the demo model quantized to Int4 by GPTQ (AutoGPTQ
+layout) is served by two real shard processes (TP=2 over gloo, through the launcher, on unix sockets) and,
+driven by the router with the base model and both adapters in one batch, still generates its trained
+sentences; a bad quantized checkpoint stops `qwen-worker serve` at start with the tensor named; GPTQ's
+output error on correlated calibration inputs is below round-to-nearest's."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import ROOT
-from make_demo_model import ADAPTERS, BASE_TEXTS, STORY_PROMPT, greedy
+from make_demo_model import ADAPTERS, BASE_TEXTS, STORY_PROMPT
+from shards import start_launcher, stop
 from worker.quant.gptq_format import dequantize, quantize_rtn
 from worker.quant.gptq_solver import Hessian, gptq_quantize
 
@@ -51,33 +56,38 @@ def test_layout_is_autogptq(int4):
         assert {w & 0xFFFFFFFF for w in h.get_tensor(f"{p}.qzeros").flatten().tolist()} == {0x77777777}
 
 
-def test_int4_demo_model_generates_its_sentences_with_adapters(int4, demo_dir):
-    from lora_helpers import attach_manager, load
-    from worker.layers.quantized import GPTQRowParallelLinear
-    from worker.models.qwen import FlashQwenForCausalLM
+def test_int4_demo_on_two_shards_with_adapters(int4, demo_dir):
+    from router_client.router import Router, RouterConfig
     from worker.tokenizer import QwenTokenizer
 
-    tok = QwenTokenizer.from_dir(int4)
-    model = FlashQwenForCausalLM.from_pretrained(int4, dtype=torch.float32, progress=False)
-    assert isinstance(model.transformer.layers()[0].mlp.c_proj, GPTQRowParallelLinear)
-    for prompt, continuation in BASE_TEXTS:
-        out = greedy(model, tok.encode(prompt), len(tok.encode(continuation)) + 1, tok.endoftext_id)
-        assert tok.decode(out, skip_special_tokens=True) == continuation
-    # the adapters (trained on the float base) still steer the Int4 base, through the engine's LoRA path
-    mgr, _ = attach_manager(model, os.path.join(demo_dir, "adapters"), max_rank=8, num_slots=2)
-    load(mgr, 1, "pirate")
-    from paged import Paged
+    shard = start_launcher(int4, os.path.join(demo_dir, "adapters"), num_shard=2, extra=("--quantize", "gptq"))
+    try:
+        tok = QwenTokenizer.from_dir(int4)
+        config = RouterConfig(max_input_length=64, max_total_tokens=128, max_batch_prefill_tokens=1024)
+        with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=config) as router:
+            jobs = [(p, 0, c) for p, c in BASE_TEXTS]
+            jobs += [(STORY_PROMPT, router.load_adapter(name), cont) for name, (_, _, cont) in ADAPTERS.items()]
+            handles = [router.submit(p, {}, {"max_new_tokens": 40}, adapter_index=a) for p, a, _ in jobs]
+            texts = [h.result(timeout=300).text for h in handles]
+        assert texts == [c for _, _, c in jobs]
+        assert "weights: GPTQ Int4, group size 32, sym, act order off, v1 zeros" in shard.log()
+    finally:
+        stop(shard)
 
-    paged = Paged(model, num_blocks=64)
-    seq = tok.encode(STORY_PROMPT)
-    n = len(seq)
-    out = paged.step([0], [seq], [0], [1.0], True, [mgr.entries[1].slot])
-    for _ in range(40):
-        seq.append(int(out[0][-1].argmax()))
-        if seq[-1] == tok.endoftext_id:
-            break
-        out = paged.step([0], [seq], [len(seq) - 1], [1.0], False, [mgr.entries[1].slot])
-    assert tok.decode(seq[n:], skip_special_tokens=True) == ADAPTERS["pirate"][2]
+
+def test_v2_zeros_under_a_v1_label_stop_the_start(int4, tmp_path):
+    bad = str(tmp_path / "bad")
+    shutil.copytree(int4, bad)
+    path = os.path.join(bad, "model.safetensors")
+    state = load_file(path)
+    name = "transformer.h.0.attn.c_attn.qzeros"
+    state[name] = state[name] + 0x11111111  # every stored nibble 7 -> 8: the v2 convention
+    save_file(state, path)
+    assert json.load(open(os.path.join(bad, "config.json")))["quantization_config"]["sym"] is True
+    cmd = [sys.executable, "-m", "worker.cli", "serve", bad, "--uds-path", str(tmp_path / "s")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"'{name}': every stored zero is 8" in done.stderr and "gptq_v2" in done.stderr
 
 
 @pytest.mark.parametrize(("bits", "act_order"), [(4, False), (4, True), (8, False)])
