@@ -11,7 +11,8 @@ the bytes one step must read (quantized words + scales + zeros, lm_head and norm
 sequence's KV) at the copy bandwidth measured in the same run. Int4/bf16 speed-up at batch 1 is the P9 ratio.
 prefill: MFU of 8 x 1024 tokens against the measured bf16 matmul rate (scripts/bench.py's FLOP count).
 linears: each 7B-shape linear at M = 1/8/32/128: bf16 F.linear, the GPTQ Triton kernel (Int4, Int8), FP8
-through torch._scaled_mm. kv: P8 (Warmup's KV capacity) with the quantized weights resident.
+through torch._scaled_mm and (M <= 16) the Triton W8A16 kernel: the data behind FP8_TRITON_MAX_M.
+kv: P8 (Warmup's KV capacity) with the quantized weights resident.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def bench_decode(model: Any, batches: list[int], ctx: int, bw: float) -> list[di
 
 def bench_linears(batches: list[int]) -> list[dict[str, Any]]:
     """Per 7B linear: ms of bf16 F.linear, the GPTQ kernel at Int4/Int8 and FP8 _scaled_mm, per M."""
+    from worker.kernels.fp8_matmul import w8a16_matmul
     from worker.kernels.gptq import gptq_matmul
     from worker.quant.fp8 import fp8_matmul_scaled_mm, quantize_rows
 
@@ -138,7 +140,9 @@ def bench_linears(batches: list[int]) -> list[dict[str, Any]]:
             row["bf16_ms"] = cuda_time(lambda: torch.nn.functional.linear(x, w), iters=50) * 1e3  # noqa: B023
             for bits, args in packed.items():
                 row[f"int{bits}_ms"] = cuda_time(lambda: gptq_matmul(x, *args, group_size=128), iters=50) * 1e3  # noqa: B023
-            row["fp8_ms"] = cuda_time(lambda: fp8_matmul_scaled_mm(x, wq, ws[:, 0]), iters=50) * 1e3  # noqa: B023
+            row["fp8_scaled_mm_ms"] = cuda_time(lambda: fp8_matmul_scaled_mm(x, wq, ws[:, 0]), iters=50) * 1e3  # noqa: B023
+            if m <= 16:
+                row["fp8_w8a16_ms"] = cuda_time(lambda: w8a16_matmul(x, wq, ws[:, 0]), iters=50) * 1e3  # noqa: B023
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

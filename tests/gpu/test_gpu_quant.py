@@ -93,6 +93,17 @@ def test_fp8_scaled_mm_matches_reference(m):
     within(out, fp8_matmul_reference(x, wq, ws[:, 0], bias), TOL)
 
 
+@pytest.mark.parametrize(("k", "n"), SHAPES)
+def test_fp8_w8a16_kernel_matches_reference_bf16(k, n):
+    from worker.kernels.fp8_matmul import w8a16_matmul, w8a16_reference
+
+    wq, ws = quantize_rows(torch.randn(n, k, device=CUDA) / k**0.5)
+    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        within(w8a16_matmul(x, wq, ws[:, 0], bias), w8a16_reference(x, wq, ws[:, 0], bias), TOL)
+
+
 def test_int4_model_on_the_kernels_equals_the_reference_path(tmp_path):
     """A 2-layer model of the 7B width (hidden 4096, 32 heads, MLP 11008), bf16, Int4 act order: the layers
     pick the Triton kernels on CUDA; swapping them to the reference gives the same logits and tokens."""

@@ -119,3 +119,17 @@ def test_model_through_the_kernels_equals_the_reference_path(tmp_path):
             outs.append(out)
         for a, b in zip(*outs):
             within(b, a, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 72), (5, 24, 96), (16, 56, 48)])
+def test_fp8_w8a16_kernel_matches_reference(m, n, k, dtype):
+    from worker.kernels.fp8_matmul import w8a16_matmul, w8a16_reference
+    from worker.quant.fp8 import quantize_rows
+
+    g = torch.Generator().manual_seed(m)
+    wq, ws = quantize_rows(torch.randn(n, k, generator=g))
+    x, bias = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    ref = w8a16_reference(x, wq, ws[:, 0], bias)
+    for split in (1, 2):
+        within(w8a16_matmul(x, wq, ws[:, 0], bias, split_k=split, block_n=32, block_k=16), ref, TOL[dtype])

@@ -2,8 +2,9 @@
 
 Sharding is the float layers' own (each loads its bf16/fp16 slice, then quantizes it): one scale per
 output channel, so a column shard's scales are its own rows and a row shard's (whole) scales are this
-rank's K slice's per-channel maxima. Activations get a dynamic per-token scale each step. On CUDA the matmul
-is torch._scaled_mm; elsewhere the reference (same quantized operands, dequantized, fp32 matmul).
+rank's K slice's per-channel maxima. On CUDA, decode batches (M <= 16) run the Triton W8A16 kernel (bf16
+activations) and larger ones torch._scaled_mm with a dynamic per-token activation scale; elsewhere the
+reference of the latter (same quantized operands, dequantized, fp32 matmul).
 """
 
 from __future__ import annotations
@@ -21,7 +22,21 @@ FP8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | N
 
 
 def fp8_matmul_for(device: torch.device) -> FP8Matmul:
-    return fp8_matmul_scaled_mm if device.type == "cuda" else fp8_matmul_reference
+    """CUDA: the Triton W8A16 kernel up to FP8_TRITON_MAX_M rows (decode), torch._scaled_mm above (prefill);
+    elsewhere the reference."""
+    if device.type != "cuda":
+        return fp8_matmul_reference
+    try:
+        from worker.kernels.fp8_matmul import FP8_TRITON_MAX_M, w8a16_matmul
+    except ImportError:
+        return fp8_matmul_scaled_mm
+
+    def matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] <= FP8_TRITON_MAX_M:
+            return w8a16_matmul(x, wq, w_scale, bias)
+        return fp8_matmul_scaled_mm(x, wq, w_scale, bias)
+
+    return matmul
 
 
 class _FP8:
