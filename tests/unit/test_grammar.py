@@ -108,14 +108,29 @@ def test_a_bad_schema_is_named(schema, problem):
     assert problem in str(err.value)
 
 
-def test_masks_agree_with_the_matcher_token_by_token(demo_dir):
-    """The bitmask rows the sampler applies allow exactly the tokens llguidance's own per-token bias allows."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_masks_agree_with_the_matcher_token_by_token(demo_dir, monkeypatch, prefetch):
+    """The bitmask rows the sampler applies allow exactly the tokens llguidance's own per-token bias allows, also
+    when each step's masks were prefetched in the background after the previous token (a stale prefetched mask
+    would disagree); prefetched steps compute nothing on the step thread."""
     tok = QwenTokenizer.from_dir(os.path.join(demo_dir, "model"))
     grammars = Grammars(tok)
     rows = [grammars.compile(Grammars.check(json.dumps(PERSON))), None, grammars.compile(Grammars.check("{}"))]
     text = tok.encode('{"name": "ab", "age": 7, "color": "red", "tags": []}')
+    fills: list[tuple[str, int]] = []  # (thread, rows) of every mask computation
+    real_fill = llguidance.torch.fill_next_token_bitmask_par
+
+    def counting_fill(executor: Any, matchers: Any, bitmask: torch.Tensor) -> None:
+        fills.append((threading.current_thread().name, len(matchers)))
+        real_fill(executor, matchers, bitmask)
+
+    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask_par", counting_fill)
+    prefetched = False
     for step, tid in enumerate(text):
+        fills.clear()
         bitmask = grammars.masks(rows)
+        here = [rows for thread, rows in fills if thread == threading.current_thread().name]
+        assert here == ([] if prefetched else [2])  # prefetched: nothing computed while the step waits
         assert bitmask is not None
         scores = apply_token_bitmask(torch.zeros(3, tok.n_real_vocab), bitmask, tok.n_real_vocab)
         for row in (0, 2):
@@ -123,9 +138,15 @@ def test_masks_agree_with_the_matcher_token_by_token(demo_dir):
             bias = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[: tok.n_real_vocab]
             assert torch.equal(scores[row] == 0, bias > 0), step
         assert bool((scores[1] == 0).all())  # an unconstrained row allows everything
+        stale = prefetch and step % 3 == 1  # every third step, a prefetch that the next token makes stale
+        if stale:
+            grammars.prefetch(rows)
         for row in (0, 2):
             done = rows[row].consume(tid)
             assert done == (step == len(text) - 1)
+        prefetched = prefetch and not stale
+        if prefetched:
+            grammars.prefetch(rows)
     assert grammars.masks([None, None]) is None  # no constrained row: nothing to compute or apply
 
 

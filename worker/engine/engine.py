@@ -289,4 +289,6 @@ class Engine:
     def _step(self, batch: Batch, computed: step.Computed) -> list[Generation]:
         """Append the step's tokens and check the stops; this shard's generations."""
         generations = step.apply(batch, computed, self.tokenizer)
+        # The next step's masks, computed while this one replies and the look-ahead forward runs.
+        self.grammars.prefetch([r.grammar for r in batch.requests if not r.finished])
         return generations

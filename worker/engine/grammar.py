@@ -6,7 +6,14 @@ it at Prefill without the tokenizer (well under a millisecond), so a bad schema 
 changes; `Grammars.compile` then builds the request's matcher on a thread pool while the batch's forward
 runs, and the step waits for it only when it needs the first mask. The llguidance tokenizer is built once,
 by the first compile. Masks are bitmasks computed on the CPU for all constrained rows at once (on
-llguidance's own threads); the sampler applies them on the logits' device.
+llguidance's own threads, which run without the GIL); the sampler applies them on the logits' device.
+
+When a mask is computed: a row's next mask depends only on the tokens its matcher has consumed, so the
+engine calls `Grammars.prefetch` right after a step's tokens are consumed. The masks of the next step are
+then computed in the background while the step replies, the look-ahead forward runs and the next Decode
+arrives; the next step takes them (`Grammar.take_mask`) and computes only the rows that have none (a
+request whose compile just finished). A matcher is never touched by two threads at once: the step waits for
+every row's mask before it samples, and a row is consumed (and prefetched again) only after that.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class Grammar:
     def __init__(self, compiling: Future[llguidance.LLMatcher]):
         self._compiling = compiling
         self._matcher: llguidance.LLMatcher | None = None
+        self._next: tuple[Future[torch.Tensor], int] | None = None  # prefetched next mask: (job, row of its result)
 
     @property
     def matcher(self) -> llguidance.LLMatcher:
@@ -62,12 +70,23 @@ class Grammar:
     def consume(self, token_id: int) -> bool:
         """Advance by the sampled token; True when the output is complete (only an end token may follow)."""
         matcher = self.matcher
+        if self._next is not None:  # a prefetched mask is for the state before this token: let its job finish
+            self._next[0].exception()  # (it reads the matcher) and drop it
+            self._next = None
         if not matcher.consume_token(token_id):  # the mask allowed it, so this is a bug: stop, never emit junk
             log.error(
                 "constrained decoding: token %d was refused (%s); the request stops", token_id, matcher.get_error()
             )
             return True
         return bool(matcher.is_stopped())
+
+    def take_mask(self) -> torch.Tensor | None:
+        """The prefetched mask of the current state ([W] int32, waits for its job), or None when there is none."""
+        if self._next is None:
+            return None
+        job, row = self._next
+        self._next = None
+        return job.result()[row]
 
 
 @dataclass
@@ -121,23 +140,57 @@ class Grammars:
         before the result is taken); None when no row has a grammar."""
         if all(g is None for g in grammars):
             return None
-        if self._mask_thread is None:
-            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        return self._mask_thread.submit(self.masks, list(grammars))
+        return self._thread().submit(self.masks, list(grammars))
+
+    def prefetch(self, grammars: Sequence[Grammar | None]) -> None:
+        """Start computing the next masks of these rows in the background (call it after the step's tokens were
+        consumed; rows whose output is complete are left out by the caller). Returns at once."""
+        live = [g for g in grammars if g is not None]
+        if not live:
+            return
+        job = self._thread().submit(self._fill, live)
+        for row, g in enumerate(live):
+            g._next = (job, row)
 
     def masks(self, grammars: Sequence[Grammar | None]) -> torch.Tensor | None:
         """The allowed next tokens of each row as a bitmask [B, ceil(n_real_vocab / 32)] int32 on the CPU (bit j
-        of word w: token 32·w + j); rows without a grammar allow everything. None when no row has a grammar."""
-        rows = [(g.matcher, i) for i, g in enumerate(grammars) if g is not None]
-        if not rows:
+        of word w: token 32·w + j); rows without a grammar allow everything. None when no row has a grammar.
+        Rows with a prefetched mask take it; the others are computed now, together."""
+        if all(g is None for g in grammars):
             return None
-        bitmask = torch.full(
-            llguidance.torch.get_bitmask_shape(len(grammars), self.tokenizer.n_real_vocab),
-            -1,
-            dtype=torch.int32,
-            pin_memory=torch.cuda.is_available(),  # the sampler copies it to the GPU without blocking
+        bitmask = self._bitmask(len(grammars), pin=torch.cuda.is_available())  # the sampler copies it unblocking
+        missing = []
+        for i, g in enumerate(grammars):
+            if g is None:
+                continue
+            ready = g.take_mask()
+            if ready is None:
+                missing.append((g.matcher, i))
+            else:
+                bitmask[i] = ready
+        if missing:
+            llguidance.torch.fill_next_token_bitmask_par(self._llexecutor(), missing, bitmask)
+        return bitmask
+
+    def _fill(self, grammars: Sequence[Grammar]) -> torch.Tensor:
+        """The masks of these rows, computed together on llguidance's threads (runs on the mask thread)."""
+        bitmask = self._bitmask(len(grammars), pin=False)
+        llguidance.torch.fill_next_token_bitmask_par(
+            self._llexecutor(), [(g.matcher, i) for i, g in enumerate(grammars)], bitmask
         )
+        return bitmask
+
+    def _bitmask(self, rows: int, pin: bool) -> torch.Tensor:
+        shape = llguidance.torch.get_bitmask_shape(rows, self.tokenizer.n_real_vocab)
+        return torch.full(shape, -1, dtype=torch.int32, pin_memory=pin)
+
+    def _llexecutor(self) -> llguidance.LLExecutor:
         if self._executor is None:
             self._executor = llguidance.LLExecutor(self.mask_threads)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bitmask)
-        return bitmask
+        return self._executor
+
+    def _thread(self) -> ThreadPoolExecutor:
+        """The one thread that computes masks: jobs run in order, so a step's masks wait for the prefetch."""
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return self._mask_thread
