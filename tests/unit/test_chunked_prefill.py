@@ -40,8 +40,10 @@ SHORT = [5, 6, 7, 8]
 SEEDED = [9, 10, 11]
 
 
-def _engine(model_dir: str, chunked: bool = True, look_ahead: bool | None = None, budget: int = 64) -> Engine:
-    model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False)
+def _engine(
+    model_dir: str, chunked: bool = True, look_ahead: bool | None = None, budget: int = 64, backend=None
+) -> Engine:
+    model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False, backend=backend)
     cfg = EngineConfig(
         max_total_tokens=4096,
         shard_block_fraction=0.5,
@@ -179,6 +181,63 @@ def test_chunks_give_the_reference_tokens_and_logprobs(model_dir, ref, unchunked
     assert [current for _, current in prefilling] == [c + 2 for c in chunk_sizes[1:]]
     assert 3 in seen.steps[1 + len(chunk_sizes)][0]  # its first token comes with its last chunk
     assert engine.batches == {} and engine.allocator.free == free
+
+
+def test_mixed_steps_on_the_triton_backend(model_dir, ref):
+    """The same chunks through the Triton kernels (the interpreter on the CPU): each mixed step runs the
+    decode rows as one-token chunks through the paged prefill kernel; pure decode steps use paged decode."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter is off (a GPU session: tests/gpu covers the compiled kernels)")
+    from worker.kernels.triton_attention import Tiles
+    from worker.layers.attention_triton import TritonAttention
+
+    _, _, greedy, ref_lp = ref
+    backend = TritonAttention(tiles=Tiles(prefill_m=16, prefill_n=16, decode_n=8))
+    engine = _engine(model_dir, budget=53, backend=backend)
+    assert engine.model.backend.name == "triton"
+    seen = Seen()
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 6)]), None)
+    seen.add(gens, batch)
+    assert batch is not None
+    long = _request(3, LONG, 2, 37, prefill_logprobs=True)
+    gens, batch = engine.prefill(pb.Batch(id=2, requests=[long]), batch.info())
+    seen.add(gens, batch)
+    _to_end(engine, batch, seen)
+    assert seen.tokens[1] == greedy[1][:6] and seen.tokens[3] == greedy[3][:2]
+    assert _max_diff(seen.prompt[3][0][1:], ref_lp[1:]) < 1e-4
+    assert [ids for ids, _ in seen.steps[1:4]] == [[1]] * 3  # chunks 37, 52, 52 with SHORT's decode rows
+
+
+def test_one_prompt_under_two_adapters_in_mixed_steps(model_dir, ref, tmp_path):
+    """The same long prompt under adapters a and b, chunked in one batch beside a decoding request on a: each
+    row's LoRA segments follow its own chunk (or decode token); tokens equal the reference on merged weights."""
+    from lora_helpers import load, write_adapter
+    from reference import merge_lora
+    from worker.adapters.pool import AdapterManager
+
+    state, cfg, greedy, _ = ref
+    root = str(tmp_path / "adapters")
+    merged = {
+        i: merge_lora(state, *write_adapter(root, n, cfg, r, 16, seed=i)) for i, n, r in [(1, "a", 4), (2, "b", 8)]
+    }
+    engine = _engine(model_dir, budget=50)
+    model = engine.model
+    mgr = AdapterManager(root, model, model.pctx, model.dtype, 8, 4)
+    mgr.attach(engine)
+    engine.adapters = mgr
+    load(mgr, 1, "a")
+    load(mgr, 2, "b")
+    seen = Seen()
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 12, adapter_index=1)]), None)
+    seen.add(gens, batch)
+    assert batch is not None
+    new = [_request(2, LONG, 3, 20, adapter_index=1), _request(3, LONG, 3, 25, adapter_index=2)]
+    gens, batch = engine.prefill(pb.Batch(id=2, requests=new), batch.info())
+    seen.add(gens, batch)
+    _to_end(engine, batch, seen)
+    assert seen.tokens[1] == _greedy(merged[1], cfg, SHORT, 12)
+    assert seen.tokens[2] == _greedy(merged[1], cfg, LONG, 3) != greedy[3][:3]
+    assert seen.tokens[3] == _greedy(merged[2], cfg, LONG, 3)
 
 
 def test_look_ahead_waits_for_the_last_chunk():
