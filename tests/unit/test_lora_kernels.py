@@ -250,3 +250,91 @@ def test_model_with_kernels_vs_reference(tmp_path):
     slot = mgr.entries[3].slot
     mgr.offload(pb.OffloadAdapterRequest(adapter_index=3))
     assert not mgr.slots.ranks[slot].any()  # a freed slot costs the kernels nothing
+
+
+# -------------------------------------------------------------- decode in one launch per module
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P,K,N,r_max", SHAPES)
+def test_decode_in_one_launch(dtype, P, K, N, r_max):
+    """add_lora_decode (shrink and expand in one launch) on decode rows with base rows among them, twice
+    over the same counters (as a CUDA graph replays): equal to the reference, base rows exact, counters 0."""
+    from worker.kernels.lora_decode import add_lora_decode
+    from worker.kernels.paged_decode import DecodeWorkspace
+
+    pool = make_pool(P, K, N, r_max, {1: [4] * P, 2: [16] * P, 3: [8, 0][:P] if P == 2 else [8]}, dtype, seed=6)
+    a, b, ranks, (ca, cb) = pool
+    sync = DecodeWorkspace()
+    for seed, slots in ((2, [2, 0, 1, 3, 3, 0, 2]), (3, [0, 1, 1])):
+        data = AdapterBatchData.for_decode(torch.tensor(slots))
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(len(slots), K, generator=g).to(dtype)
+        y0 = torch.randn(len(slots), P * N, generator=g).to(dtype)
+        y, ref = y0.clone(), y0.clone()
+        add_lora_decode(y, x, a, b, ranks, data.starts, data.slots, sync)
+        add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+        base = data.slots == 0
+        assert torch.equal(y[base], y0[base]) and not torch.equal(ref[~base], y0[~base])
+        (counters,) = sync.buffers[torch.device("cpu")]
+        assert not counters.any()
+
+
+def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
+    """The tiny model's decode step with fused_decode on every adapter-aware linear: one LoRA launch per
+    module (two before), and logits equal to the float64 reference with each adapter merged."""
+    import triton.runtime.interpreter as interpreter
+
+    from helpers import TINY, write_checkpoint
+    from lora_helpers import attach_manager, load, write_adapter
+    from paged import Paged
+    from random_weights import random_checkpoint
+    from reference import merge_lora, ref_forward
+    from worker.kernels import lora as kernels
+    from worker.layers.rotary import ntk_alpha
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "seq_length": 16}
+    state = random_checkpoint(cfg, seed=22)
+    model = FlashQwenForCausalLM.from_pretrained(
+        write_checkpoint(str(tmp_path / "ckpt"), cfg, state), dtype=torch.float32, progress=False
+    )
+    root = str(tmp_path / "adapters")
+    adapters = [write_adapter(root, "a8", cfg, 8, 16, seed=2), write_adapter(root, "a16", cfg, 16, 16, seed=3)]
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=3)
+    terms = [getattr(t.owner, t.attr).lora for t in model.lora_targets()]
+    for term in terms:
+        term.kernels = kernels
+    for i, name in enumerate(["a8", "a16"], start=1):
+        load(mgr, i, name)
+    merged = [state] + [merge_lora(state, *ad) for ad in adapters]
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 8, 3)]
+    which = [1, 0, 2]
+    slots = [mgr.entries[i].slot if i else 0 for i in which]
+    alphas = [ntk_alpha(len(p), cfg["seq_length"], True) for p in prompts]
+    paged = Paged(model)
+    out = paged.step([0, 1, 2], prompts, [0] * 3, alphas, True, slots)
+    seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
+
+    launches: list[str] = []
+    run = interpreter.InterpretedFunction.run
+
+    def counting(self, *args, **kw):
+        launches.append(self.fn.__name__)
+        return run(self, *args, **kw)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
+    counts = {}
+    for fused in (False, True):
+        for term in terms:
+            term.fused_decode = fused
+        launches.clear()
+        out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
+        counts[fused] = sum("lora" in n or "shrink" in n or "expand" in n for n in launches)
+        worst = max(
+            (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+            for s, p, a, o in zip(seqs, prompts, which, out)
+        )
+        assert worst <= 1e-4, (fused, worst)
+    assert counts == {False: 2 * len(terms), True: len(terms)}, counts

@@ -15,8 +15,9 @@ Under TP, a column-parallel linear keeps A whole and cuts B by output rows withi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,19 +148,30 @@ def lora_kernels(device: torch.device, interpreter: bool = False) -> ModuleType 
 class LoraTerm:
     """The adapter term of one module: pools with a part dim, per-part slot ranks, the kernels module
     (None: the PyTorch reference) and an optional side stream on which the kernels' shrink runs beside the
-    base matmul (both only read x; the expand waits for both)."""
+    base matmul (both only read x; the expand waits for both). fused_decode: decode steps run shrink and
+    expand as one launch after the base matmul instead (no side stream)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
     ranks: torch.Tensor  # [P, slots] int32
     kernels: ModuleType | None = None
     stream: torch.cuda.Stream | None = None
+    fused_decode: bool = False  # decode steps (one token per segment): one launch (kernels/lora_decode.py)
+    sync: Any = field(default=None, repr=False)  # that launch's counters (a DecodeWorkspace, made on first use)
 
     def apply(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """base() + lora(x): y [T, out] from the base matmul, the adapter term added in place."""
         if self.kernels is None:
             y = base()
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
+            return y
+        if self.fused_decode and data.max_len == 1:
+            from worker.kernels.lora_decode import add_lora_decode
+            from worker.kernels.paged_decode import DecodeWorkspace
+
+            self.sync = self.sync or DecodeWorkspace()
+            y = base()
+            add_lora_decode(y, x, self.a_pool, self.b_pool, self.ranks, data.starts, data.slots, self.sync)
             return y
         k = self.kernels
         segments = (data.starts, data.lens, data.slots, data.max_len)

@@ -1,0 +1,140 @@
+"""Multi-LoRA for decode (one token per segment) in ONE launch per module instead of two (shrink, expand).
+
+Grid (segment, P·SPLIT shrink programs, then P·N_TILES expand programs): the shrink programs write their
+fp32 partial sums of h = x · A[slot, p]ᵀ and count themselves in an arrival counter per (segment, part);
+the expand programs of that (segment, part) wait for SPLIT arrivals, then add (Σ_split h) · B[slot, p]ᵀ to
+their output tile of y in place. GPUs dispatch a launch's programs in order of their linear index and
+every shrink program precedes every expand program in it, so the waiting expands never hold back a
+shrink they wait for (the forward-progress assumption of single-pass scans). The last expand program of a
+(segment, part) to finish resets both counters to 0, so a CUDA graph replays with the same buffer.
+
+Numerics and the K split are those of worker/kernels/lora.py (`_plan`, the reference in lora_reference.py);
+segments of slot 0 or rank 0 return at once. The decode path of `LoraTerm` uses it when `fused_decode`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.kernels.lora import _plan
+from worker.kernels.paged_decode import DecodeWorkspace
+
+
+# fmt: off
+@triton.jit
+def _decode_lora_kernel(x_ptr, a_ptr, b_ptr, y_ptr, h_ptr, sync_ptr, starts_ptr, slots_ptr, ranks_ptr,
+                        K, K_PER_SPLIT, N, N_TILES, NUM_SYNC,
+                        stride_xt, stride_as, stride_ap, stride_ar, stride_hs, stride_ht, stride_hp,
+                        stride_bs, stride_bp, stride_bn, stride_yt, stride_rp, stride_rs,
+                        P: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    seg = tl.program_id(0)
+    z = tl.program_id(1)
+    shrink = z < P * SPLIT_K
+    e = z - P * SPLIT_K  # the expand programs' index
+    part = tl.where(shrink, z // SPLIT_K, e // N_TILES)
+    slot = tl.load(slots_ptr + seg).to(tl.int64)
+    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
+    if (slot == 0) | (rank == 0):
+        return
+    row = tl.load(starts_ptr + seg).to(tl.int64)  # the segment's one token
+    sync = seg * P + part
+    h_base = h_ptr + row * stride_ht + part * stride_hp
+    if shrink:  # h[split, row, part, :rank] over this program's K range (GEMV)
+        split = z % SPLIT_K
+        k_lo = split * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+        a_base = a_ptr + slot * stride_as + part * stride_ap
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < k_hi
+                x = tl.load(x_ptr + row * stride_xt + offs_k, mask=mask_k, other=0.0)
+                a = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :],
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            tl.store(h_base + split * stride_hs + offs_r, acc, mask=mask_r)
+        tl.debug_barrier()  # every thread's partial sums are stored before the release
+        tl.atomic_add(sync_ptr + sync, 1, sem="release", scope="gpu")
+    else:  # y[row, part·N + n-tile] += (Σ_split h) · B[slot, part, n-tile, :rank]ᵀ
+        arrived = tl.atomic_add(sync_ptr + sync, 0, sem="acquire", scope="gpu")
+        while arrived < SPLIT_K:
+            arrived = tl.atomic_add(sync_ptr + sync, 0, sem="acquire", scope="gpu")
+        dtype = y_ptr.dtype.element_ty
+        offs_n = (e % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b_base = b_ptr + slot * stride_bs + part * stride_bp
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            h = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # written by other programs of this launch: past L1
+                h += tl.load(h_base + s * stride_hs + offs_r, mask=mask_r, other=0.0, cache_modifier=".cg")
+            h = h.to(dtype)  # the reference's h is a model-dtype tensor
+            b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc += tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+        y_ptrs = y_ptr + row * stride_yt + part * N + offs_n
+        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=mask_n)
+        if tl.atomic_add(sync_ptr + NUM_SYNC + sync, 1, sem="acq_rel", scope="gpu") == N_TILES - 1:
+            tl.atomic_xchg(sync_ptr + sync, 0, sem="relaxed", scope="gpu")  # the last expand: reset both
+            tl.atomic_xchg(sync_ptr + NUM_SYNC + sync, 0, sem="relaxed", scope="gpu")
+# fmt: on
+
+
+def add_lora_decode(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a_pool: torch.Tensor,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    starts: torch.Tensor,
+    slots: torch.Tensor,
+    workspace: DecodeWorkspace,
+) -> None:
+    """y[t, p·N:(p+1)·N] += B[s, p] A[s, p] x[t] for the one token t = starts[i] of each segment i (slot
+    s = slots[i]), in one launch. y: [T, P·N]; x: [T, K]; a_pool: [slots, P, r_max, K]; b_pool:
+    [slots, P, N, r_max]; ranks: [P, slots] int32; starts, slots: [S]; workspace: its counters (kept)."""
+    T, K = x.shape
+    _, P, N, r_max = b_pool.shape
+    if a_pool.shape[-1] != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1 or b_pool.stride(-1) != 1:
+        raise ValueError(f"add_lora_decode: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
+    if y.shape[1] != P * N or y.stride(-1) != 1:
+        raise ValueError(f"add_lora_decode: y {tuple(y.shape)}, B pool {tuple(b_pool.shape)}")
+    S = slots.shape[0]
+    if S == 0 or T == 0:
+        return
+    plan = _plan(x, a_pool, S, 1)
+    block_n = 256
+    n_tiles = triton.cdiv(N, block_n)
+    h = torch.empty(plan.split, T, P, r_max, dtype=torch.float32, device=x.device)
+    sync = workspace.counters(2 * S * P, x.device)  # arrivals [S·P], then departures [S·P]
+    strides = (x.stride(0), *a_pool.stride()[:3], *h.stride()[:3], *b_pool.stride()[:3], y.stride(0), *ranks.stride())
+    tiles = dict(P=P, SPLIT_K=plan.split, BLOCK_R=16, BLOCK_K=plan.block_k, BLOCK_N=block_n)
+    grid = (S, P * (plan.split + n_tiles))
+    _decode_lora_kernel[grid](
+        x,
+        a_pool,
+        b_pool,
+        y,
+        h,
+        sync,
+        starts,
+        slots,
+        ranks,
+        K,
+        plan.k_per_split,
+        N,
+        n_tiles,
+        S * P,
+        *strides,
+        **tiles,
+        num_warps=4,
+    )
