@@ -4,6 +4,7 @@ is in tests/gpu/test_gpu_kernels.py and test_gpu_fused.py), at Qwen-7B shapes in
     python scripts/bench_kernels.py                      # both tables
     python scripts/bench_kernels.py --only attention     # one layer's paged attention, per tile choice
     python scripts/bench_kernels.py --only fused         # one layer's elementwise ops, reference vs fused
+    python scripts/bench_kernels.py --only lora          # decode LoRA per module: two launches vs one
 
 attention: decode (batch 32 x 512 context) and prefill (8 x 1024 tokens) of one layer, for the default tiles
 and a few others. fused: residual add + ln_2, RoPE + logn on q and k, silu * up, residual add + next ln_1,
@@ -229,9 +230,49 @@ def fused_table() -> None:
         )
 
 
+def lora_table(batch: int = 32, rank: int = 16) -> None:
+    """One decode step's LoRA term per module at the 7B shapes, `batch` rows on distinct rank-16 adapters:
+    shrink + expand (two launches) against kernels/lora_decode.py (one), in CUDA graphs."""
+    from worker.kernels.lora import add_lora
+    from worker.kernels.lora_decode import add_lora_decode
+    from worker.kernels.paged_decode import DecodeWorkspace
+    from worker.layers.lora import AdapterBatchData
+
+    modules = {
+        "c_attn": (1, HIDDEN, 3 * HIDDEN),
+        "attn.c_proj": (1, HIDDEN, HIDDEN),
+        "w2|w1": (2, HIDDEN, WIDTH),
+        "mlp.c_proj": (1, WIDTH, HIDDEN),
+    }
+    data = AdapterBatchData.for_decode(torch.arange(1, batch + 1, device=CUDA))
+    print(
+        f"\n{torch.cuda.get_device_name()}: LoRA term of one module, decode batch {batch}, {batch} adapters of rank "
+        f"{rank}, bf16, in CUDA graphs"
+    )
+    total = [0.0, 0.0]
+    for name, (P, K, N) in modules.items():
+        a = torch.randn(batch + 1, P, rank, K, device=CUDA).to(torch.bfloat16)
+        b = torch.randn(batch + 1, P, N, rank, device=CUDA).to(torch.bfloat16)
+        ranks = torch.full((P, batch + 1), rank, dtype=torch.int32, device=CUDA)
+        x = torch.randn(batch, K, device=CUDA).to(torch.bfloat16)
+        y = torch.zeros(batch, P * N, device=CUDA, dtype=torch.bfloat16)
+        sync = DecodeWorkspace()
+        two = graph_ms(partial(add_lora, y, x, a, b, ranks, data.starts, data.lens, data.slots, 1))
+        one = graph_ms(partial(add_lora_decode, y, x, a, b, ranks, data.starts, data.slots, sync))
+        floor = (a.numel() + b.numel()) * 2 * batch / (batch + 1) / 3.3e9  # ms at ~3.3 TB/s of adapter reads
+        total[0], total[1] = total[0] + two, total[1] + one
+        print(
+            f"  {name:12s} two launches {two * 1000:7.1f} us  one launch {one * 1000:7.1f} us  (~{floor * 1000:.1f} us)"
+        )
+    print(
+        f"  per layer: {total[0] * 1000:.1f} us -> {total[1] * 1000:.1f} us; x32 layers: "
+        f"{32 * total[0]:.2f} ms -> {32 * total[1]:.2f} ms per decode step"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="attention,fused", help="comma list of: attention, fused")
+    ap.add_argument("--only", default="attention,fused,lora", help="comma list of: attention, fused, lora")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -240,6 +281,8 @@ def main() -> None:
         attention_table()
     if "fused" in only:
         fused_table()
+    if "lora" in only:
+        lora_table()
 
 
 if __name__ == "__main__":
