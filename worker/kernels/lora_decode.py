@@ -1,12 +1,13 @@
 """Multi-LoRA for decode (one token per segment) in ONE launch per module instead of two (shrink, expand).
 
-Grid (segment, P·SPLIT shrink programs, then P·N_TILES expand programs): the shrink programs write their
-fp32 partial sums of h = x · A[slot, p]ᵀ and count themselves in an arrival counter per (segment, part);
-the expand programs of that (segment, part) wait for SPLIT arrivals, then add (Σ_split h) · B[slot, p]ᵀ to
-their output tile of y in place. GPUs dispatch a launch's programs in order of their linear index and
-every shrink program precedes every expand program in it, so the waiting expands never hold back a
-shrink they wait for (the forward-progress assumption of single-pass scans). The last expand program of a
-(segment, part) to finish resets both counters to 0, so a CUDA graph replays with the same buffer.
+Work items (segment fastest): P·SPLIT shrink items per segment, then P·N_TILES expand items. A program
+takes the next item from a ticket counter when it starts (as single-pass scans assign tiles), so every
+shrink item is taken before any expand item, by a program already running. Shrinks write their fp32
+partial sums of h = x · A[slot, p]ᵀ and count themselves in an arrival counter per (segment, part); the
+expands of that (segment, part) wait for SPLIT arrivals, then add (Σ_split h) · B[slot, p]ᵀ to their
+output tile of y in place. A wait is only ever for a running program, whatever order the GPU dispatches
+programs in. The program taking the last ticket resets it, the last expand of a (segment, part) its
+counters: a CUDA graph replays with the same buffer.
 
 Numerics and the K split are those of worker/kernels/lora.py (`_plan`, the reference in lora_reference.py);
 segments of slot 0 or rank 0 return at once. The decode path of `LoraTerm` uses it when `fused_decode`.
@@ -30,8 +31,15 @@ def _decode_lora_kernel(x_ptr, a_ptr, b_ptr, y_ptr, h_ptr, sync_ptr, starts_ptr,
                         stride_bs, stride_bp, stride_bn, stride_yt, stride_rp, stride_rs,
                         P: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_N: tl.constexpr):
-    seg = tl.program_id(0)
-    z = tl.program_id(1)
+    # work items in the order programs start (a ticket), not by program id: a waiting expand only ever
+    # waits for shrinks already running, whatever order the GPU dispatches programs in
+    total = tl.num_programs(0)
+    ticket = tl.atomic_add(sync_ptr + 2 * NUM_SYNC, 1, sem="relaxed", scope="gpu")
+    if ticket == total - 1:  # every ticket is taken: ready for the next launch
+        tl.atomic_xchg(sync_ptr + 2 * NUM_SYNC, 0, sem="relaxed", scope="gpu")
+    num_segs = NUM_SYNC // P
+    seg = ticket % num_segs
+    z = ticket // num_segs
     shrink = z < P * SPLIT_K
     e = z - P * SPLIT_K  # the expand programs' index
     part = tl.where(shrink, z // SPLIT_K, e // N_TILES)
@@ -115,10 +123,10 @@ def add_lora_decode(
     block_n = 256
     n_tiles = triton.cdiv(N, block_n)
     h = torch.empty(plan.split, T, P, r_max, dtype=torch.float32, device=x.device)
-    sync = workspace.counters(2 * S * P, x.device)  # arrivals [S·P], then departures [S·P]
+    sync = workspace.counters(2 * S * P + 1, x.device)  # arrivals [S·P], departures [S·P], the ticket
     strides = (x.stride(0), *a_pool.stride()[:3], *h.stride()[:3], *b_pool.stride()[:3], y.stride(0), *ranks.stride())
     tiles = dict(P=P, SPLIT_K=plan.split, BLOCK_R=16, BLOCK_K=plan.block_k, BLOCK_N=block_n)
-    grid = (S, P * (plan.split + n_tiles))
+    grid = (S * P * (plan.split + n_tiles),)  # tickets: (segment fastest) shrinks of every part, then expands
     _decode_lora_kernel[grid](
         x,
         a_pool,
