@@ -236,7 +236,8 @@ def print_rows(kv: str, rows: list[dict[str, Any]], policy: Any) -> None:
     print(f"decode {kv}: per row, best config | split policy now (Tiles()) | before issue #17")
     for r in rows:
         best = (
-            f"{r['best_ms']:8.3f} ms {r['GBps']:6.0f} GB/s x{r['floor_ratio']:.2f} floor  "
+            f"{r['best_ms']:8.3f} ms {r['GBps']:6.0f} GB/s ({1 / r['floor_ratio']:4.0%} of copy, "
+            f"x{r['floor_ratio']:.2f} the KV floor)  "
             f"{r['best']} splits {r['splits']}"
             if "best_ms" in r
             else "   (no config passed)"
