@@ -257,8 +257,12 @@ class FlashQwenForCausalLM(nn.Module):
         from worker.weights import torch_dtype
 
         config = QwenConfig.from_pretrained(model_dir)
-        dtype = dtype or torch_dtype(config.torch_dtype)
         quant = choose(model_dir, quantize)
+        if dtype is None:
+            dtype = torch_dtype(config.torch_dtype)
+            if quant is not None and dtype == torch.float16:  # GPTQ releases say fp16 (for old CUDA kernels)
+                log.info("quantized checkpoint marked fp16: bf16 activations (Qwen trained in bf16; fp16 can overflow)")
+                dtype = torch.bfloat16
         log.info("weights: %s", quant.describe() if quant is not None else f"unquantized, {dtype}")
         model = cls(config, pctx, dtype, backend, fused, quant)
         model.load(Weights(model_dir, dtype, model.pctx.device), progress=progress)
