@@ -4,6 +4,7 @@ with sym zeros and group 128, or FP8 e4m3 with per-channel scales), bf16 embeddi
     python scripts/bench_quant.py --shape 7b --out bench_out/quant_7b.json       # bf16, int4, int8, fp8
     python scripts/bench_quant.py --shape 72b --modes int4 --batches 1,8,32      # 72B-shaped Int4 + KV capacity
     python scripts/bench_quant.py --shape 7b --only linears                      # per-linear kernel timings
+    python scripts/bench_quant.py --only sweep                                   # GEMV tiles x split-K, M = 1
     python scripts/bench_quant.py --only quality --demo-dir .demo                # demo model Int4/Int8/FP8 vs bf16
 
 decode: one decode step (512-token contexts, replayed from a CUDA graph) at each batch, against its floor:
@@ -187,6 +188,35 @@ def quality(out_dir: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str,
     return rows
 
 
+def sweep_gemv(bits: int = 4) -> list[dict[str, Any]]:
+    """Decode GEMV tiles at M = 1 per 7B linear: (block_n, block_k, warps) x split_k, GB/s of the quantized
+    words read; picks the defaults of worker/kernels/gptq.py (DECODE, split_k_for)."""
+    from worker.kernels.gptq import GemmTiles, gptq_gemv
+
+    rows = []
+    for k, n in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)):
+        p = 32 // bits
+        qw = torch.randint(-(2**31), 2**31 - 1, (k // p, n), device=CUDA, dtype=torch.int32)
+        qz = torch.full((k // 128, n // p), 0x77777777 if bits == 4 else 0x7F7F7F7F, device=CUDA, dtype=torch.int32)
+        s = torch.rand(k // 128, n, device=CUDA, dtype=torch.bfloat16) * 1e-3
+        gi = (torch.arange(k, device=CUDA) // 128).to(torch.int32)
+        x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
+        best = None
+        for bn, bk, warps in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8)):
+            for split in (1, 2, 4, 8, 16, 32):
+                if k // split < bk:
+                    continue
+                tiles = GemmTiles(1, bn, bk, warps, 2)
+                t = cuda_time(lambda: gptq_gemv(x, qw, qz, s, gi, bits, 1, None, split, 128, 0, tiles), iters=50)  # noqa: B023
+                row = dict(K=k, N=n, block_n=bn, block_k=bk, warps=warps, split_k=split, us=t * 1e6,
+                           gbps=qw.numel() * 4 / t / 1e9)  # fmt: skip
+                rows.append(row)
+                if best is None or t < best["us"] / 1e6:
+                    best = row
+        print("best", json.dumps(best), flush=True)
+    return rows
+
+
 def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -194,7 +224,7 @@ def main() -> None:
     ap.add_argument("--modes", default="bf16,int4,int8,fp8")
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--only", choices=["decode", "linears", "quality"], default=None)
+    ap.add_argument("--only", choices=["decode", "linears", "sweep", "quality"], default=None)
     ap.add_argument("--demo-dir", default=".demo", help="--only quality: the demo model's directory")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--kv", action="store_true", help="also P8: Warmup's KV capacity with these weights")
@@ -209,6 +239,8 @@ def main() -> None:
     print(f"copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     if args.only == "linears":
         res["linears"] = bench_linears(batches)
+    elif args.only == "sweep":
+        res["sweep"] = sweep_gemv(4) + sweep_gemv(8)
     else:
         for mode in args.modes.split(","):
             model = build(args.shape, MODES[mode])
