@@ -146,9 +146,7 @@ class ServingLoop:
 
     def _prefill(self, entries: list[Pending], cached: pb.CachedBatch | None = None) -> list[pb.CachedBatch]:
         """Prefill `entries` as a new batch (chunked mode: in one forward with `cached`, the running
-        batch). Returns the batch left to run, if any. A refused Prefill of several requests is
-        retried one request at a time; a refusal leaves `cached` in place (the shards validate a new
-        batch before touching any state), any other failure fails `cached` too."""
+        batch). Returns the batch left to run, if any; on failure see `_prefill_failed`."""
         batch_id = self._next_batch_id
         self._next_batch_id += 1
         batch = pb.Batch(
@@ -158,30 +156,42 @@ class ServingLoop:
             max_tokens=sum(p.n_tokens for p in entries),
             max_blocks=sum(len(p.blocks) for p in entries),
         )
-        new_ids = [p.id for p in entries]
-        ids = [*(cached.request_ids if cached is not None else ()), *new_ids]
+        ids = [*(cached.request_ids if cached is not None else ()), *(p.id for p in entries)]
         start = time.perf_counter()
         try:
             generations, out = self.client.prefill(batch, cached)
         except ShardError as err:
-            code = err.code.name if err.code is not None else None
-            if code in REFUSALS and (len(entries) > 1 or cached is not None):
-                self._fail([batch_id], [] if len(entries) > 1 else new_ids, str(err), code, at_prefill=True)
-                if len(entries) == 1:
-                    return [cached] if cached is not None else []
-                log.info("Prefill of %d requests refused (%s): retrying them one by one", len(entries), code)
-                if cached is None:
-                    return [b for p in entries for b in self._prefill([p])]
-                for p in entries:
-                    cached = next(iter(self._prefill([p], cached)), None)
-                return [cached] if cached is not None else []
-            batch_ids = [batch_id] + ([cached.id] if cached is not None else [])
-            self._fail(batch_ids, ids, str(err), code, at_prefill=True)
-            return []
+            return self._prefill_failed(err, batch_id, entries, cached)
         self._observe("prefill", start, len(ids))
         self.stats.prefills += 1
         out = self._after_step(generations, out, ids)
         return [out] if out is not None else []
+
+    def _prefill_failed(
+        self, err: ShardError, batch_id: int, entries: list[Pending], cached: pb.CachedBatch | None
+    ) -> list[pb.CachedBatch]:
+        """A refused Prefill of several requests is retried one request at a time, so only the refused
+        one fails. The shards validate a new batch before touching any state and a failed merged
+        forward leaves the cached batch as it was, so a refusal (and, with one shard, an out-of-memory
+        error) fails the new requests only and the running batch goes on; any other failure fails it too
+        (tensor-parallel shards could have diverged)."""
+        code = err.code.name if err.code is not None else None
+        new_ids = [p.id for p in entries]
+        if code in REFUSALS and len(entries) > 1:
+            self._fail([batch_id], [], str(err))
+            log.info("Prefill of %d requests refused (%s): retrying them one by one", len(entries), code)
+            if cached is None:
+                return [b for p in entries for b in self._prefill([p])]
+            for p in entries:
+                cached = next(iter(self._prefill([p], cached)), None)
+            return [cached] if cached is not None else []
+        kept = code in REFUSALS or (code == "RESOURCE_EXHAUSTED" and self.client.world_size == 1)
+        if cached is not None and kept:
+            self._fail([batch_id], new_ids, str(err), code, at_prefill=True)
+            return [cached]
+        batch_ids = [batch_id] + ([cached.id] if cached is not None else [])
+        self._fail(batch_ids, [*(cached.request_ids if cached is not None else ()), *new_ids], str(err), code, True)
+        return []
 
     def _decode(self, batches: list[pb.CachedBatch]) -> pb.CachedBatch | None:
         ids = [rid for b in batches for rid in b.request_ids]

@@ -131,6 +131,8 @@ class ChunkedShard(FakeShard):
         )
         if any(r.inputs == self.fail_prefill_text for r in batch.requests):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
+        if any(r.inputs == "oom" for r in batch.requests):  # a failed forward: the cached batch stays as it was
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory")
         if any(r.HasField("chunk_len") for r in batch.requests) and not self.chunked:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no chunked prefill here")
         new = []
@@ -279,19 +281,30 @@ def test_a_request_cancelled_while_chunking_leaves_nothing_in_the_cache(served: 
     assert_no_leak(router)
 
 
-def test_a_refused_request_fails_alone_and_the_running_batch_goes_on(served: tuple[Router, ChunkedShard]) -> None:
+@pytest.mark.parametrize("bad_text, code", [("fail me", "INVALID_ARGUMENT"), ("oom", "RESOURCE_EXHAUSTED")])
+def test_a_refused_or_failed_request_fails_alone_and_the_running_batch_goes_on(
+    served: tuple[Router, ChunkedShard], bad_text: str, code: str
+) -> None:
     router, shard = served
     shard.decode_gate.clear()
-    a = router.submit("short", stopping=dict(max_new_tokens=6))
+    a = router.submit("short", stopping=dict(max_new_tokens=8))
     wait_for(lambda: shard.of("Decode"))
-    bad = router.submit("fail me")
-    wait_for(lambda: router.debug_state()["queued"] == [bad.request_id])
+    bad, good = router.submit(bad_text), router.submit("fine", stopping=dict(max_new_tokens=2))
+    wait_for(lambda: router.debug_state()["queued"] == [bad.request_id, good.request_id])
     shard.decode_gate.set()
     with pytest.raises(RequestError) as err:
         bad.result(10)
-    assert err.value.code == "INVALID_ARGUMENT" and err.value.at_prefill
-    assert a.result(10).token_ids == expected(a.request_id, 6)
-    assert router.debug_state()["cached_blocks"] == 1  # a's one full prompt block; none of the refused one's
+    assert err.value.code == code and err.value.at_prefill
+    assert a.result(10).token_ids == expected(a.request_id, 8)
+    prefills = [p["request_ids"] for p in shard.of("Prefill")[1:]]
+    if code == "INVALID_ARGUMENT":  # retried one request at a time: only the refused one fails
+        assert good.result(10).token_ids == expected(good.request_id, 2)
+        assert prefills == [[bad.request_id, good.request_id], [bad.request_id], [good.request_id]]
+    else:  # the new batch failed as a whole
+        with pytest.raises(RequestError, match="RESOURCE_EXHAUSTED"):
+            good.result(10)
+        assert prefills == [[bad.request_id, good.request_id]]
+    assert router.debug_state()["cached_blocks"] == 1 + (code == "INVALID_ARGUMENT")  # a's and good's blocks
     assert_no_leak(router)
 
 
