@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from bench_common import ROOT, SHAPES, build_model
+from proxy_vocab import QWEN_BPE_TOKENS, proxy_vocab
 from worker.distributed import ParallelContext
 from worker.engine.batch import Batch
 from worker.engine.engine import Engine, EngineConfig
 from worker.pb import generate_pb2 as pb
 from worker.tokenizer import SPECIAL_TOKEN_NAMES, QwenTokenizer
 
-QWEN_BPE_TOKENS = 151643
 # A record with free text, bounded so that a request completes now and then (the batch is then replaced).
 SCHEMA = {
     "type": "object",
@@ -59,32 +59,14 @@ class Result:
     unconstrained_ms: float  # median Decode step, wall clock
     constrained_ms: float
     ratio: float  # P14: constrained / unconstrained, target <= 1.10
-    mask_ms: float  # median time computing the 32 masks on the CPU (inside constrained_ms)
+    mask_ms: float  # median time the step spent getting its masks (waiting for a prefetch, or computing)
+    fill_ms: float  # median time computing one step's masks (llguidance, mostly in the background)
     refills: int  # constrained batches replaced because a request completed
 
 
 def proxy_tokenizer(seed: int = 0) -> QwenTokenizer:
-    """Qwen's vocabulary size with made-up tokens (see the module docstring); prompts are sent as ids."""
-    rng = random.Random(seed)
-    lower, punct = "abcdefghijklmnopqrstuvwxyz", "{}[]():;,.\"'!?-_=+*/\\<>#"
-    tokens = [bytes([b]) for b in range(256)]
-    seen = set(tokens)
-    while len(tokens) < QWEN_BPE_TOKENS:
-        r = rng.random()
-        if r < 0.55:
-            word = "".join(rng.choice(lower) for _ in range(rng.randint(2, 10)))
-            text = " " + (word.capitalize() if r < 0.15 else word)
-        elif r < 0.7:
-            text = "".join(rng.choice(lower) for _ in range(rng.randint(2, 8)))
-        elif r < 0.85:
-            text = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 3)))
-        elif r < 0.95:
-            text = "".join(rng.choice(punct) for _ in range(rng.randint(1, 4)))
-        else:
-            text = "".join(rng.choice(" \n\t") for _ in range(rng.randint(2, 8)))
-        if text.encode() not in seen:
-            seen.add(text.encode())
-            tokens.append(text.encode())
+    """Qwen's vocabulary size with made-up tokens (scripts/proxy_vocab.py); prompts are sent as ids."""
+    tokens = proxy_vocab(seed)
     special = {name: QWEN_BPE_TOKENS + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
     token_bytes = tokens + [name.encode() for name in SPECIAL_TOKEN_NAMES]
     return QwenTokenizer(lambda text, allowed: list(text.encode()), token_bytes, special)
@@ -116,11 +98,15 @@ class Side:
     first_id: int  # request and batch ids of the two sides never meet
     batch: Batch | None = None
     times: list[float] = field(default_factory=list)  # Decode wall times at the full batch
-    masks: list[float] = field(default_factory=list)  # mask computation within those steps
+    masks: list[float] = field(default_factory=list)  # time the step spent getting its masks
+    fills: list[float] = field(default_factory=list)  # mask computations (prefetches) during those steps
     refills: int = 0  # batches started
 
 
-def run_chunk(engine: Engine, tok: QwenTokenizer, a: argparse.Namespace, side: Side, mask_log: list[float]) -> None:
+Logs = dict[str, list[float]]  # "masks": the step getting its masks; "fills": mask computations
+
+
+def run_chunk(engine: Engine, tok: QwenTokenizer, a: argparse.Namespace, side: Side, logs: Logs) -> None:
     """`a.chunk` decode steps of this side's batch, the first untimed (the other side ran just before; a look-ahead
     may be in flight). A batch that loses a request (its JSON is complete) is replaced before the next step."""
     for k in range(a.chunk):
@@ -132,13 +118,14 @@ def run_chunk(engine: Engine, tok: QwenTokenizer, a: argparse.Namespace, side: S
             _, side.batch = engine.prefill(pb.Batch(id=ids, requests=reqs, size=a.batch), None)
             side.refills += 1
             continue
-        start, logged = time.perf_counter(), len(mask_log)
+        start, logged = time.perf_counter(), {k: len(v) for k, v in logs.items()}
         _, side.batch = engine.decode([side.batch.info()])
         if a.device == "cuda":
             torch.cuda.synchronize()
         if k > 0 and side.batch is not None and len(side.batch.requests) == a.batch:
             side.times.append(time.perf_counter() - start)
-            side.masks += mask_log[logged:]
+            side.masks += logs["masks"][logged["masks"] :]
+            side.fills += logs["fills"][logged["fills"] :]
 
 
 def main() -> None:
@@ -171,21 +158,26 @@ def main() -> None:
         model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False)
         tok, name = QwenTokenizer.from_dir(model_dir), "demo"
     engine = Engine(model, tok, pctx, cfg)
-    mask_log: list[float] = []
-    masks = engine.grammars.masks
+    logs: Logs = {"masks": [], "fills": []}
 
-    def timed_masks(grammars: Any) -> Any:
-        start = time.perf_counter()
-        out = masks(grammars)
-        if out is not None:
-            mask_log.append(time.perf_counter() - start)
-        return out
+    def timed(name: str) -> None:
+        real = getattr(engine.grammars, name)
 
-    setattr(engine.grammars, "masks", timed_masks)  # noqa: B010 - instrumentation
+        def run(grammars: Any) -> Any:
+            start = time.perf_counter()
+            out = real(grammars)
+            if out is not None:
+                logs["masks" if name == "masks" else "fills"].append(time.perf_counter() - start)
+            return out
+
+        setattr(engine.grammars, name, run)  # instrumentation
+
+    timed("masks")
+    timed("_fill")
     free, constrained = Side(False, 1), Side(True, 2**40)
     while min(len(free.times), len(constrained.times)) < a.steps:  # in turns: load drift hits both alike
-        run_chunk(engine, tok, a, free, mask_log)
-        run_chunk(engine, tok, a, constrained, mask_log)
+        run_chunk(engine, tok, a, free, logs)
+        run_chunk(engine, tok, a, constrained, logs)
     ms = 1e3 * statistics.median(free.times), 1e3 * statistics.median(constrained.times)
     result = Result(
         device=torch.cuda.get_device_name() if gpu else "cpu",
@@ -198,6 +190,7 @@ def main() -> None:
         constrained_ms=round(ms[1], 3),
         ratio=round(ms[1] / ms[0], 3),
         mask_ms=round(1e3 * statistics.median(constrained.masks), 3),
+        fill_ms=round(1e3 * statistics.median(constrained.fills or [0.0]), 3),
         refills=constrained.refills - 1,
     )
     print(json.dumps(asdict(result)))
