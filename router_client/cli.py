@@ -122,7 +122,7 @@ def _sampling(a: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _start_router(a: argparse.Namespace) -> Any:
-    from router_client.model_facts import read_model_facts
+    from router_client.model_facts import ModelFacts, read_model_facts
     from router_client.router import Router, RouterConfig
 
     if not a.model_dir:
@@ -130,7 +130,11 @@ def _start_router(a: argparse.Namespace) -> Any:
     from worker.tokenizer import QwenTokenizer
 
     tokenizer = QwenTokenizer.from_dir(a.model_dir)
-    facts = read_model_facts(a.model_dir)
+    try:
+        facts: ModelFacts | None = read_model_facts(a.model_dir)
+    except ValueError as err:  # the router still serves; its log says the prefix cache is off
+        print(f"warning: {err}: the prefix cache needs the model's seq_length", file=sys.stderr)
+        facts = None
     config = RouterConfig(
         max_input_length=a.max_input_length,
         max_total_tokens=a.max_total_tokens,
@@ -142,8 +146,8 @@ def _start_router(a: argparse.Namespace) -> Any:
         connect_timeout_s=a.connect_timeout,
         chunked_prefill=a.chunked_prefill,
         prefix_caching=a.prefix_caching,
-        seq_length=facts.seq_length,
-        use_dynamic_ntk=facts.use_dynamic_ntk,
+        seq_length=facts.seq_length if facts is not None else None,
+        use_dynamic_ntk=facts.use_dynamic_ntk if facts is not None else True,
     )
     return Router.connect(f"{a.uds_path}-0", tokenizer=tokenizer, config=config)
 

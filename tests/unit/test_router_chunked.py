@@ -350,3 +350,31 @@ def test_the_prefix_cache_can_be_turned_off() -> None:
             router.generate(LONG, timeout=10, stopping=dict(max_new_tokens=1))
         assert [p["cache_len"] for p in shard.of("Prefill")] == [[0], [0]]
         assert router.debug_state()["cached_blocks"] == 0 and router.load().prefix_lookups == 0
+
+
+# ------------------------------------------------------------------------------ CLI and metrics
+
+
+def test_cli_flags_and_model_facts_reach_the_router_config(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router_client import cli
+
+    seen: list[RouterConfig] = []
+    monkeypatch.setattr(Router, "connect", classmethod(lambda cls, path, tokenizer, config: seen.append(config)))
+    monkeypatch.setattr("worker.tokenizer.QwenTokenizer.from_dir", lambda path: CharTokenizer())
+    (tmp_path / "config.json").write_text('{"n_embd": 8, "seq_length": 300}')  # v1.0 spelling: NTK off
+    base = ["--uds-path", "p", "--model-dir", str(tmp_path)]
+    cli._start_router(cli.build_parser().parse_args(["serve", *base]))
+    cli._start_router(cli.build_parser().parse_args(["generate", *base, "x", "--no-prefix-caching"]))
+    cli._start_router(cli.build_parser().parse_args(["load", *base, "--no-chunked-prefill"]))
+    assert [(c.prefix_caching, c.chunked_prefill) for c in seen] == [(True, True), (False, True), (True, False)]
+    assert {(c.seq_length, c.use_dynamic_ntk) for c in seen} == {(300, False)}
+
+
+def test_metrics_export_the_prefix_cache_hit_rate() -> None:
+    from router_client.front.metrics import Metrics
+    from router_client.messages import RouterLoad
+
+    load = RouterLoad(0, 0, 0, 0, 0, 10, 0, 0, 7, 4, 3, 400, 100)
+    text = Metrics(lambda: load, lambda: 0).render().decode()
+    assert "lorax_prefix_cache_hit_rate 0.25" in text and "lorax_prefix_cache_blocks 7.0" in text
+    assert "lorax_prefix_cache_lookups_total 4.0" in text and "lorax_prefix_cache_hit_tokens_total 100.0" in text
