@@ -53,6 +53,8 @@ class PrefixCache:
         self.block_size = block_size
         self._roots: dict[CacheKey, Node] = {}
         self._nodes: set[Node] = set()  # every non-root node
+        self._leaves: set[Node] = set()  # unreferenced nodes without children: the eviction candidates
+        self._unreferenced = 0
         self._tick = 0
 
     @property
@@ -63,7 +65,7 @@ class PrefixCache:
     @property
     def evictable_blocks(self) -> int:
         """Blocks no request references: all of them can be evicted, leaves first."""
-        return sum(1 for n in self._nodes if n.refs == 0)
+        return self._unreferenced
 
     def _chunks(self, tokens: list[int], n_blocks: int) -> list[tuple[int, ...]]:
         bs = self.block_size
@@ -86,6 +88,9 @@ class PrefixCache:
         """Take one reference on each node (a path from its root, as `match` returns it)."""
         self._tick += 1
         for n in nodes:
+            if n.refs == 0:
+                self._unreferenced -= 1
+                self._leaves.discard(n)
             n.refs += 1
             n.last_used = self._tick
 
@@ -97,6 +102,10 @@ class PrefixCache:
         for n in nodes:
             n.refs -= 1
             n.last_used = self._tick
+            if n.refs == 0:
+                self._unreferenced += 1
+                if not n.children:
+                    self._leaves.add(n)
 
     def insert(self, key: CacheKey, tokens: list[int], blocks: list[int], held: list[Node]) -> list[Node]:
         """Hand the computed full prompt blocks of one request to the tree.
@@ -116,7 +125,7 @@ class PrefixCache:
             if chunk in node.children:  # a duplicate: keep ours private, stop here
                 break
             child = Node(chunk, blocks[i], node, refs=1, last_used=self._tick)
-            node.children[chunk] = child
+            node.children[chunk] = child  # `node` is held by the request (or a root): never a leaf to evict
             self._nodes.add(child)
             out.append(child)
             node = child
@@ -125,17 +134,20 @@ class PrefixCache:
     def evict(self, n_blocks: int) -> list[int]:
         """Remove up to `n_blocks` unreferenced leaves, least recently used first (a parent left
         childless and unreferenced becomes a candidate). Returns the freed block ids."""
-        heap = [(n.last_used, id(n), n) for n in self._nodes if n.refs == 0 and not n.children]
+        heap = [(n.last_used, id(n), n) for n in self._leaves]
         heapq.heapify(heap)
         freed: list[int] = []
         while heap and len(freed) < n_blocks:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
-            assert parent is not None
+            assert parent is not None and node.refs == 0 and not node.children
             del parent.children[node.tokens]
             self._nodes.discard(node)
+            self._leaves.discard(node)
+            self._unreferenced -= 1
             freed.append(node.block)
             if parent.parent is not None and parent.refs == 0 and not parent.children:
+                self._leaves.add(parent)
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
         self._roots = {k: r for k, r in self._roots.items() if r.children}
         return freed

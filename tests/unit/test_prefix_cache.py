@@ -236,3 +236,42 @@ def test_model_facts_name_a_missing_seq_length(tmp_path: Path) -> None:
         read_model_facts(str(tmp_path))
     with pytest.raises(ValueError, match="config.json"):
         read_model_facts(os.path.join(str(tmp_path), "nowhere"))
+
+
+def test_random_admissions_keep_every_block_accounted_for() -> None:
+    """Hundreds of random requests over a few shared prefixes, adapters and alphas, some never computed,
+    against brute-force recounts: every block is free, cached or one request's own, exactly once; counts of
+    unreferenced blocks and eviction candidates match; a parent has at least its children's references."""
+    import random
+
+    rng = random.Random(1)
+    kv = kv_blocks(n_blocks=41)
+    prefixes = [toks(24, 1000 * k) for k in range(4)]
+    live: list[Pending] = []
+    for rid in range(600):
+        if live and (rng.random() < 0.45 or kv.free_count < 8):
+            p = live.pop(rng.randrange(len(live)))
+            if rng.random() < 0.8:
+                kv.computed(p)  # else its Prefill failed or it was cancelled before its first token
+            kv.give_back(p)
+        else:
+            prompt = rng.choice(prefixes)[: rng.randrange(4, 25)] + toks(rng.randrange(0, 9), 5000 + rid)
+            key = (rng.randrange(2), rng.choice([1.0, 3.0]))
+            p = pending(prompt, max_new=rng.randrange(1, 6), rid=rid)
+            if kv.take(p, key):
+                live.append(p)
+        if rid % 97 == 0:
+            kv.clear_cache()
+        nodes = list(kv.prefix._nodes)  # type: ignore[union-attr]
+        private = [b for p in live for b in p.blocks[len(p.nodes) :]]
+        owned = [n.block for n in nodes] + private + list(kv.allocator._free)
+        assert sorted(owned) == list(range(1, 41))  # each usable block exactly once
+        assert kv.evictable_count == sum(n.refs == 0 for n in nodes)
+        assert kv.prefix._leaves == {n for n in nodes if n.refs == 0 and not n.children}  # type: ignore[union-attr]
+        assert all(n.parent is None or n.parent.refs >= n.refs for n in nodes if n.parent and n.parent.parent)
+        assert sum(n.refs for n in nodes) == sum(len(p.nodes) for p in live)
+    for p in live:
+        kv.give_back(p)
+    kv.clear_cache()
+    assert kv.allocator.free_count == kv.capacity and kv.cached_count == 0
+    assert kv.stats.hits > 50 and kv.stats.evicted_blocks > 20  # the cache was used, and under pressure
