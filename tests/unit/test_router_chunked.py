@@ -11,6 +11,7 @@ It records every forward so the tests can check what the router made the shards 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import threading
@@ -70,6 +71,7 @@ class ChunkedShard(FakeShard):
     def __init__(self, *args: Any, chunked: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.chunked = chunked
+        self.kv_dtype = "torch.float32"
         self.max_prefill = 0
         self.forwards: list[Forward] = []
 
@@ -77,6 +79,12 @@ class ChunkedShard(FakeShard):
         info = super().Info(request, context)
         info.chunked_prefill = self.chunked
         return info
+
+    def Health(self, request: Any, context: Any) -> pb.HealthResponse:
+        self.record("Health")
+        stats = {"batches": len(self.batches), "kv_cache_dtype": self.kv_dtype}
+        context.set_trailing_metadata((("x-qwen-worker-stats", json.dumps(stats)),))
+        return pb.HealthResponse()
 
     def Warmup(self, request: Any, context: Any) -> pb.WarmupResponse:
         self.max_prefill = request.max_prefill_tokens
@@ -161,10 +169,11 @@ class ChunkedShard(FakeShard):
 
 
 @contextlib.contextmanager
-def serve_chunked(chunked: bool = True) -> Iterator[tuple[str, ChunkedShard]]:
+def serve_chunked(chunked: bool = True, kv_dtype: str = "torch.float32") -> Iterator[tuple[str, ChunkedShard]]:
     tmp = tempfile.mkdtemp(prefix="qc-", dir="/tmp")
     prefix = os.path.join(tmp, "fake")
     shard = ChunkedShard(block_size=4, total_tokens=160, chunked=chunked)
+    shard.kv_dtype = kv_dtype
     shard.urls = [f"unix://{prefix}-0"]
     pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-shard-chunked")
     server = grpc.server(pool)
@@ -344,12 +353,31 @@ def test_prefixes_are_not_shared_across_adapters_alpha_buckets_or_with_prefill_l
     assert_no_leak(router)
 
 
-def test_the_prefix_cache_can_be_turned_off() -> None:
-    with serve_chunked() as (prefix, shard), connect(prefix, prefix_caching=False) as router:
+@pytest.mark.parametrize(
+    "overrides, kv_dtype",
+    [
+        (dict(prefix_caching=False), "torch.float32"),
+        (dict(seq_length=None), "torch.float32"),  # NTK alpha keys unknown
+        ({}, "torch.float8_e4m3fn"),  # a shard that says its KV cache is fp8 (Health stats)
+    ],
+)
+def test_the_prefix_cache_is_off_when_disabled_or_unsafe(overrides: dict[str, Any], kv_dtype: str) -> None:
+    with serve_chunked(kv_dtype=kv_dtype) as (prefix, shard), connect(prefix, **overrides) as router:
         for _ in range(2):
             router.generate(LONG, timeout=10, stopping=dict(max_new_tokens=1))
         assert [p["cache_len"] for p in shard.of("Prefill")] == [[0], [0]]
         assert router.debug_state()["cached_blocks"] == 0 and router.load().prefix_lookups == 0
+
+
+def test_the_hit_rate_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with serve_chunked() as (prefix, _), connect(prefix, prefix_log_interval_s=1e-9) as router:
+        with caplog.at_level("INFO", logger="router_client.kv"):
+            for _ in range(2):
+                router.generate(LONG, timeout=10, stopping=dict(max_new_tokens=2))
+    lines = [r.getMessage() for r in caplog.records if r.name == "router_client.kv"]
+    assert any(
+        line.startswith("prefix cache: 45.0% of prompt tokens reused (36/80), 1/2 requests hit") for line in lines
+    )
 
 
 # ------------------------------------------------------------------------------ CLI and metrics
