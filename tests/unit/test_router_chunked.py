@@ -290,6 +290,28 @@ def test_a_request_cancelled_while_chunking_leaves_nothing_in_the_cache(served: 
     assert_no_leak(router)
 
 
+def test_a_request_cancelled_mid_chunks_is_filtered_out_and_the_batch_goes_on(
+    served: tuple[Router, ChunkedShard],
+) -> None:
+    router, shard = served
+    shard.decode_gate.clear()
+    a = router.submit("short", stopping=dict(max_new_tokens=10))
+    wait_for(lambda: shard.of("Decode"))
+    b = router.submit(LONG, stopping=dict(max_new_tokens=2))
+    wait_for(lambda: router.debug_state()["queued"] == [b.request_id])
+    router.step_observer = lambda step: router.cancel(b.request_id) if step.method == "prefill" else None
+    shard.decode_gate.set()
+    with pytest.raises(RequestError) as err:
+        b.result(10)
+    assert err.value.code == "CANCELLED"
+    assert a.result(10).token_ids == expected(a.request_id, 10)
+    (kept,) = shard.of("FilterBatch")
+    assert kept["request_ids"] == [a.request_id]  # b left a's batch after its first chunk
+    assert [f.chunks for f in shard.forwards if b.request_id in f.chunks] == [{b.request_id: 15}]
+    assert router.debug_state()["cached_blocks"] == 1  # a's block only: b's were never computed
+    assert_no_leak(router)
+
+
 @pytest.mark.parametrize("bad_text, code", [("fail me", "INVALID_ARGUMENT"), ("oom", "RESOURCE_EXHAUSTED")])
 def test_a_refused_or_failed_request_fails_alone_and_the_running_batch_goes_on(
     served: tuple[Router, ChunkedShard], bad_text: str, code: str
