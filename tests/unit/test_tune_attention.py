@@ -92,7 +92,8 @@ def test_parse_prefill_cases():
 
 def test_default_kernels_compile_for_sm90_without_spills():
     """scripts/tune_compile.py --defaults: Tiles()'s decode and prefill kernels compile for sm_90 with
-    Triton's bundled ptxas (no GPU needed), spill nothing and fit in shared memory (exit status 0)."""
+    Triton's bundled ptxas (no GPU needed), spill at most a few bytes (scripts/tune_compile.py's SPILL_OK, which
+    the measured-fastest fp8-cache prefill tiles need) and fit in shared memory (exit status 0)."""
     import triton
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):

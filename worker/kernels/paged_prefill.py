@@ -248,7 +248,8 @@ def paged_prefill(
     if T == 0:
         return out
     cu = cu_seqlen_q
-    block_m, block_n, warps, stages = tiles.prefill(q.dtype)
+    fp8_cache = k_cache is not None and k_cache.element_size() == 1
+    block_m, block_n, warps, stages = tiles.prefill(q.dtype, fp8_cache)
     tile_seq, tile_m = prefill_tile_map(cu, T, block_m)
     if k_cache is not None:
         assert v_cache is not None and block_tables is not None and cache_lens is not None

@@ -40,24 +40,36 @@ class Tiles:
     The decode default compiles for sm_90 with Triton 3.6 and 3.9 without spills (120 registers, 35 KB of
     shared memory for the two-stage cp.async pipeline), bf16 and fp8 caches."""
 
-    prefill_m: int = 64  # query rows per program (tl.dot needs >= 16); 64x32x4w measured best on H200
-    prefill_n: int = 32  # keys per inner step
-    prefill_warps: int = 4
+    # Defaults from scripts/tune_attention.py on an H200 (BENCHMARKS.md, issue 17): 128x128 tiles, 8 warps, 3
+    # stages are fastest for one 32,768-token prompt (18.5 ms vs 22.8 for 64x32x4w per layer's attention).
+    prefill_m: int = 128  # query rows per program (tl.dot needs >= 16)
+    prefill_n: int = 128  # keys per inner step
+    prefill_warps: int = 8
     prefill_stages: int = 3  # software-pipelined K/V loads (tl.dot operands)
-    decode_n: int = 64  # keys per inner step of a split
+    prefill_fp8_stages: int = 2  # with an fp8 cache (3 stages of 128x128 tiles spill there; 2 were fastest)
+    # Decode: the best single config over ctx 2k/8k/32k x batch 1/16 (bf16 cache): 0.96-1.16x the KV floor at
+    # 8k and 32k, where the kernel before issue 17 was 2.7x slower.
+    decode_n: int = 32  # keys per inner step of a split
     decode_warps: int = 4
-    decode_stages: int = 2  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
-    decode_lanes: bool = False  # per-row running softmax: no cross-warp reduction inside the key loop
+    decode_stages: int = 3  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
+    decode_lanes: bool = True  # per-row running softmax: no cross-warp reduction inside the key loop
     decode_prefetch: bool = False  # load the next tile's K/V before computing on this one (in registers)
-    decode_fused_reduce: bool = False  # the last split to finish merges (one launch, no reduce kernel)
-    decode_ctas_per_sm: int = 4  # split policy: enough splits for this many programs per SM ...
-    decode_min_tiles: int = 2  # ... each split at least this many key tiles of the longest context ...
-    decode_max_splits: int = 32  # ... and at most this many splits
+    decode_fused_reduce: bool = True  # the last split to finish merges (one launch, no reduce kernel)
+    decode_ctas_per_sm: int = 2  # split policy: enough splits for this many programs per SM ...
+    decode_min_tiles: int = 1  # ... each split at least this many key tiles of the longest context ...
+    decode_max_splits: int = 16  # ... and at most this many splits
 
     def __post_init__(self) -> None:
         for name in ("prefill_m", "prefill_n", "decode_n"):
             pow2(getattr(self, name), name)
-        for name in ("prefill_warps", "prefill_stages", "decode_warps", "decode_stages", "decode_max_splits"):
+        for name in (
+            "prefill_warps",
+            "prefill_stages",
+            "prefill_fp8_stages",
+            "decode_warps",
+            "decode_stages",
+            "decode_max_splits",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -73,11 +85,12 @@ class Tiles:
             kw[name] = value.lower() in ("1", "true", "yes") if fields[name] in (bool, "bool") else int(value)
         return cls(**kw)  # type: ignore[arg-type]
 
-    def prefill(self, dtype: torch.dtype) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of `dtype`."""
+    def prefill(self, dtype: torch.dtype, fp8_cache: bool = False) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of `dtype` (over an fp8 cache when said)."""
         if dtype == torch.float32:
             return min(self.prefill_m, 32), min(self.prefill_n, 32), 4, 2
-        return self.prefill_m, self.prefill_n, self.prefill_warps, self.prefill_stages
+        stages = self.prefill_fp8_stages if fp8_cache else self.prefill_stages
+        return self.prefill_m, self.prefill_n, self.prefill_warps, stages
 
     def decode_splits(self, batch: int, heads: int, max_k: int, sm_count: int) -> int:
         """The split count of this policy (see choose_num_splits)."""

@@ -34,6 +34,12 @@ def torch_varlen_attn() -> VarlenAttn | None:
     return varlen_attn
 
 
+# Fresh prompts this long or longer go to the Triton kernel: torch's varlen_attn (FlashAttention-2) is faster for
+# 8 x 1024 tokens (0.43 vs 0.63 ms per layer), the Triton kernel for one 32,768-token prompt (18.5 vs 25.0 ms;
+# H200, scripts/tune_attention.py).
+LONG_PROMPT = 8192
+
+
 class TritonAttention:
     """Paged attention in Triton. `num_splits` fixes the decode split count (e.g. per captured CUDA-graph
     batch size); None picks it per call from the batch and the longest context (`tiles.decode_splits`)."""
@@ -80,6 +86,8 @@ class TritonAttention:
                 raise ValueError("decode needs the KV cache")
             return self.decode(q, k_cache, v_cache, ctx, scale, num_splits or self.num_splits, k_scale, v_scale)
         if k_cache is None or ctx.seqlen.max_cache_len == 0:  # fresh prompts: the new tokens are the context
+            if self.varlen_attn is not None and ctx.seqlen.max_q >= LONG_PROMPT:
+                return self.prefill(q, k, v, None, None, ctx, scale)  # over the exact new k/v, as varlen does
             out = self._varlen(q, k, v, ctx, scale)
             if out is not None:
                 return out
