@@ -353,3 +353,9 @@ def test_socket_permissions_stale_socket_and_clean_exit(demo_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_health_reports_the_kv_cache_dtype(shard_stats):
+    """Health's stats name the KV cache's dtype: the router keeps its prefix cache off when a shard says fp8
+    (cached K then depends on the calibrated scales)."""
+    assert shard_stats()["kv_cache_dtype"] == "torch.float32"  # the test shard: fp32 weights, KV in the model dtype

@@ -242,8 +242,9 @@ class Engine:
             if batch is not None:
                 self._release(batch.requests)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         return {
+            "kv_cache_dtype": str(self.kv_dtype),  # the router keeps its prefix cache off for an fp8 cache
             "batches": len(self.batches),
             "requests": sum(len(b.requests) for b in self.batches.values()),
             "shard_blocks_free": self.allocator.free if self.allocator else 0,
