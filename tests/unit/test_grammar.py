@@ -308,3 +308,15 @@ def test_compiles_run_off_the_calling_thread_and_share_one_tokenizer(
     assert all(not g.matcher.is_error() for g in pending)
     assert len(built) == 1 and built[0].startswith("grammar")  # one tokenizer, built on the pool
     assert grammars.start_masks([None, None]) is None  # unconstrained: nothing to compute
+
+
+def test_mask_threads_follow_the_cgroup_quota(tmp_path):
+    """The mask threads' default is sized from the CPUs the process may use: a cgroup v2 quota below the
+    affinity caps it (more busy threads than the quota would stall the step thread); no quota leaves it."""
+    affinity = len(os.sched_getaffinity(0))
+    limited, unlimited = tmp_path / "limited", tmp_path / "unlimited"
+    limited.write_text("100000 100000\n")  # one CPU's worth
+    unlimited.write_text("max 100000\n")
+    assert grammar_module.usable_cpus(str(limited)) == 1
+    assert grammar_module.usable_cpus(str(unlimited)) == affinity
+    assert grammar_module.usable_cpus(str(tmp_path / "absent")) == affinity

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,21 @@ log = logging.getLogger(__name__)
 # At most one space between JSON tokens (outlines' default, hence LoRAX's): a model cannot spend its tokens on
 # whitespace. A schema's own "x-guidance" options override these defaults.
 JSON_DEFAULTS: llguidance._lib.JsonCompileOptions = {"whitespace_pattern": r"[ ]?"}
+
+
+def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may keep busy: its affinity, capped by a cgroup v2 CPU quota (containers often see all
+    of the host's CPUs but may use only a share; llguidance's own default, 80% of os.cpu_count(), would then
+    run more threads than the quota and stall the step thread with them)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def lltokenizer(tok: QwenTokenizer) -> llguidance.LLTokenizer:
@@ -96,7 +112,7 @@ class Grammars:
 
     tokenizer: QwenTokenizer
     compile_threads: int = 2
-    mask_threads: int | None = None  # None: llguidance's default (80% of the CPUs, at most 32)
+    mask_threads: int | None = None  # None: half the CPUs this process may use (usable_cpus), at least 1
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _lltok: llguidance.LLTokenizer | None = field(default=None, init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
@@ -186,7 +202,9 @@ class Grammars:
 
     def _llexecutor(self) -> llguidance.LLExecutor:
         if self._executor is None:
-            self._executor = llguidance.LLExecutor(self.mask_threads)
+            threads = self.mask_threads or max(1, usable_cpus() // 2)
+            log.info("constrained decoding: masks on %d llguidance threads", threads)
+            self._executor = llguidance.LLExecutor(threads)
         return self._executor
 
     def _thread(self) -> ThreadPoolExecutor:
