@@ -10,6 +10,7 @@ decisions from the same state, so the ranks' forwards stay in step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -31,6 +32,21 @@ class StepPlan:
     spans: list[RowSpan]  # one per request, in batch order
     sampling: list[int]  # rows that sample a token this step (decoding, or on their last chunk)
     prefill: bool  # the forward takes the prefill path: some row computes prompt tokens
+
+
+class Runnable(Protocol):
+    """What a default span reads of a request (RequestState, or a test's stand-in)."""
+
+    ids: list[int]
+    n_cached: int
+    prefill_logprobs: bool
+
+
+def default_span(r: Runnable, prefill: bool) -> RowSpan:
+    """A whole-prompt prefill computes ids[n_cached:]; a decode the last token."""
+    if prefill:
+        return RowSpan(r.n_cached, len(r.ids), r.prefill_logprobs)
+    return RowSpan(len(r.ids) - 1, len(r.ids), False)
 
 
 def span(r: RequestState) -> RowSpan:

@@ -13,13 +13,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from worker.distributed import ParallelContext
 from worker.engine.batch import Adapters, Batch
-from worker.engine.chunks import RowSpan
+from worker.engine.chunks import RowSpan, default_span
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.kv_cache import KVCache, scales_from_amax
@@ -157,21 +156,6 @@ def capture_decode(
         (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20,
     )
     return graphs
-
-
-class Runnable(Protocol):
-    """What a default span reads of a request (RequestState, or a test's stand-in)."""
-
-    ids: list[int]
-    n_cached: int
-    prefill_logprobs: bool
-
-
-def default_span(r: Runnable, prefill: bool) -> RowSpan:
-    """A whole-prompt prefill computes ids[n_cached:]; a decode the last token."""
-    if prefill:
-        return RowSpan(r.n_cached, len(r.ids), r.prefill_logprobs)
-    return RowSpan(len(r.ids) - 1, len(r.ids), False)
 
 
 class Runner:
