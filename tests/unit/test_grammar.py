@@ -108,7 +108,7 @@ def test_a_bad_schema_is_named(schema, problem):
     assert problem in str(err.value)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", ["", "background", "inline"])
 def test_masks_agree_with_the_matcher_token_by_token(demo_dir, monkeypatch, prefetch):
     """The bitmask rows the sampler applies allow exactly the tokens llguidance's own per-token bias allows, also
     when each step's masks were prefetched in the background after the previous token (a stale prefetched mask
@@ -138,15 +138,15 @@ def test_masks_agree_with_the_matcher_token_by_token(demo_dir, monkeypatch, pref
             bias = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[: tok.n_real_vocab]
             assert torch.equal(scores[row] == 0, bias > 0), step
         assert bool((scores[1] == 0).all())  # an unconstrained row allows everything
-        stale = prefetch and step % 3 == 1  # every third step, a prefetch that the next token makes stale
+        stale = bool(prefetch) and step % 3 == 1  # every third step, a prefetch that the next token makes stale
         if stale:
-            grammars.prefetch(rows)
+            grammars.prefetch(rows, wait=prefetch == "inline")
         for row in (0, 2):
             done = rows[row].consume(tid)
             assert done == (step == len(text) - 1)
-        prefetched = prefetch and not stale
+        prefetched = bool(prefetch) and not stale
         if prefetched:
-            grammars.prefetch(rows)
+            grammars.prefetch(rows, wait=prefetch == "inline")
     assert grammars.masks([None, None]) is None  # no constrained row: nothing to compute or apply
 
 
@@ -320,3 +320,24 @@ def test_mask_threads_follow_the_cgroup_quota(tmp_path):
     assert grammar_module.usable_cpus(str(limited)) == 1
     assert grammar_module.usable_cpus(str(unlimited)) == affinity
     assert grammar_module.usable_cpus(str(tmp_path / "absent")) == affinity
+
+
+def test_an_inline_prefetch_never_waits_for_a_compile(demo_dir, monkeypatch):
+    """The step thread prefetches masks inline only for compiled matchers: a compile still running (the first
+    one builds the tokenizer, about a second) is left to the step that needs its mask, never waited for here."""
+    tok = QwenTokenizer.from_dir(os.path.join(demo_dir, "model"))
+    grammars = Grammars(tok)
+    release = threading.Event()
+    real_matcher = Grammars._matcher
+
+    def held_matcher(self: Grammars, grammar: str) -> llguidance.LLMatcher:
+        release.wait(30)
+        return real_matcher(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_matcher", held_matcher)
+    row = grammars.compile(Grammars.check(json.dumps(POINT)))
+    grammars.prefetch([row], wait=True)  # returns at once
+    assert not row.compiled and row.take_mask() is None
+    release.set()
+    bitmask = grammars.masks([row])  # the step computes it when it needs it
+    assert bitmask is not None and bool((bitmask[0] != -1).any())  # a real mask: the schema restricts the start

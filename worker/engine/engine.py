@@ -222,6 +222,10 @@ class Engine:
         if survivors is not None:
             chunks.assign(survivors.requests, self.max_prefill_tokens)
             self._look_ahead(survivors)
+            # The next step's masks: computed here while the look-ahead forward runs on the GPU (no GIL handoff
+            # to another thread), else in the background while the step replies and the next Decode arrives.
+            ahead = any(r.ahead is not None for r in survivors.requests)
+            self.grammars.prefetch([r.grammar for r in survivors.requests], wait=ahead)
         return generations, survivors
 
     def filter(self, batch_id: int, request_ids: list[int]) -> Batch:
@@ -290,6 +294,4 @@ class Engine:
     def _step(self, batch: Batch, computed: step.Computed) -> list[Generation]:
         """Append the step's tokens and check the stops; this shard's generations."""
         generations = step.apply(batch, computed, self.tokenizer)
-        # The next step's masks, computed while this one replies and the look-ahead forward runs.
-        self.grammars.prefetch([r.grammar for r in batch.requests if not r.finished])
         return generations

@@ -9,11 +9,13 @@ by the first compile. Masks are bitmasks computed on the CPU for all constrained
 llguidance's own threads, which run without the GIL); the sampler applies them on the logits' device.
 
 When a mask is computed: a row's next mask depends only on the tokens its matcher has consumed, so the
-engine calls `Grammars.prefetch` right after a step's tokens are consumed. The masks of the next step are
-then computed in the background while the step replies, the look-ahead forward runs and the next Decode
-arrives; the next step takes them (`Grammar.take_mask`) and computes only the rows that have none (a
-request whose compile just finished). A matcher is never touched by two threads at once: the step waits for
-every row's mask before it samples, and a row is consumed (and prefetched again) only after that.
+engine calls `Grammars.prefetch` once a step's tokens are consumed and the next forward (look-ahead) is
+launched: the masks of the next step are then computed while that forward runs on the GPU (in the step's own
+thread: handing the work to another thread costs GIL switches of up to 5 ms), or, without a look-ahead, in
+the background while the step replies and the next Decode arrives. The next step takes them
+(`Grammar.take_mask`) and computes only the rows that have none (a request whose compile was not done). A
+matcher is never touched by two threads at once: the step waits for every row's mask before it samples,
+and a row is consumed (and prefetched again) only after that.
 """
 
 from __future__ import annotations
@@ -96,6 +98,11 @@ class Grammar:
             return True
         return bool(matcher.is_stopped())
 
+    @property
+    def compiled(self) -> bool:
+        """The compile has finished (the matcher is available without waiting)."""
+        return self._matcher is not None or self._compiling.done()
+
     def take_mask(self) -> torch.Tensor | None:
         """The prefetched mask of the current state ([W] int32, waits for its job), or None when there is none."""
         if self._next is None:
@@ -158,13 +165,23 @@ class Grammars:
             return None
         return self._thread().submit(self.masks, list(grammars))
 
-    def prefetch(self, grammars: Sequence[Grammar | None]) -> None:
-        """Start computing the next masks of these rows in the background (call it after the step's tokens were
-        consumed; rows whose output is complete are left out by the caller). Returns at once."""
-        live = [g for g in grammars if g is not None]
+    def prefetch(self, grammars: Sequence[Grammar | None], wait: bool = False) -> None:
+        """Compute the next masks of these rows ahead of the step that needs them (call it after the step's tokens
+        were consumed, for the requests that go on): in the background, or, with `wait`, here and now (the
+        caller has started the next forward and would otherwise idle; llguidance's threads run without the GIL,
+        so no other thread has to take it over)."""
+        live = [g for g in grammars if g is not None and (g.compiled or not wait)]  # never wait for a compile here
         if not live:
             return
-        job = self._thread().submit(self._fill, live)
+        job: Future[torch.Tensor]
+        if wait:
+            job = Future()
+            try:
+                job.set_result(self._fill(live))
+            except Exception as exc:  # raised where the mask is taken, as a failed background job would be
+                job.set_exception(exc)
+        else:
+            job = self._thread().submit(self._fill, live)
         for row, g in enumerate(live):
             g._next = (job, row)
 
