@@ -4,7 +4,9 @@ groups, bias), a CUDA-graph capture of the decode kernel, torch._scaled_mm FP8 a
 2-layer model of the 7B width served in Int4 equal to the same model on the reference path.
 
 Tolerance: |ours − ref| <= 2e-2 · (1 + |ref|) (bf16 outputs; the kernels keep dequantized weights in fp32
-for the GEMV and round them to bf16 for tl.dot, the reference rounds them to bf16 before cuBLAS).
+for the FMA GEMV and multiply exact integers on the tensor cores (zero and scale per tile in fp32) or, on
+the g_idx path, weights rounded to bf16; the reference rounds them to bf16 before cuBLAS). The decode
+variants (GemmTiles knobs) are checked at M = 1 and 8.
 Run: `pytest -q -m gpu tests/gpu/test_gpu_quant.py`.
 """
 
@@ -18,13 +20,18 @@ from helpers import GPU_TRITON_MARKS, within
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
-from worker.kernels.gptq import gptq_gemm, gptq_gemv, gptq_matmul, gptq_matmul_reference  # noqa: E402
+from worker.kernels.gptq import GemmTiles, gptq_gemm, gptq_gemv, gptq_matmul, gptq_matmul_reference  # noqa: E402
 from worker.quant.fp8 import fp8_matmul_reference, fp8_matmul_scaled_mm, quantize_rows  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 
 CUDA = torch.device("cuda")
 TOL = 2e-2
 SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096)]  # (K, N): c_attn, gate_up, mlp/attn c_proj
+VARIANTS = [  # the decode knobs: FMA GEMV / tl.dot on 16 rows, pipeline depth, split-K planes / atomics
+    GemmTiles(1, 128, 128, 4, 4, dot=False),
+    GemmTiles(1, 256, 64, 8, 3, split_k=8, dot=False, atomic=True),
+    GemmTiles(16, 64, 64, 4, 4, split_k=16, atomic=True),
+]
 
 
 def _q(k: int, n: int, bits: int, act: bool, seed: int = 0):
@@ -47,6 +54,24 @@ def test_kernels_match_reference_bf16(bits, k, n):
         within(gptq_matmul(x, qw, qz, s, gi, bits, 1, bias), ref, TOL)  # through g_idx
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("k", "n"), [(4096, 12288), (11008, 4096)])
+def test_decode_variants_match_reference_bf16(bits, k, n):
+    """Every decode variant at M = 1 and 8, with the group hint and through g_idx, with bias; planes are
+    deterministic (two calls equal bit for bit)."""
+    qw, qz, s, gi = _q(k, n, bits, act=False)
+    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    for m in (1, 8):
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        ref = gptq_matmul_reference(x, qw, qz, s, gi, bits, 1, bias)
+        for tiles in VARIANTS:
+            for gs in (128, 0):
+                out = gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=tiles)
+                within(out, ref, TOL)
+                if not tiles.atomic:
+                    assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=tiles))
+
+
 def test_act_order_and_a_row_shard_of_half_groups():
     """7B's mlp.c_proj at TP 4: 2752 rows per rank = 21.5 groups; act order gathers through g_idx."""
     k, n = 11008, 4096
@@ -58,6 +83,9 @@ def test_act_order_and_a_row_shard_of_half_groups():
             x = torch.randn(m, hi - lo, device=CUDA, dtype=torch.bfloat16)
             ref = gptq_matmul_reference(x, qw_r, qz, s, gi_r, 4)
             within(gptq_matmul(x, qw_r, qz, s, gi_r, 4, group_size=0 if act else 128, k_offset=lo), ref, TOL)
+            for tiles in VARIANTS if m < 64 else []:  # offset 2752 = 21.5 groups: block_k 128 halves to 64
+                out = gptq_gemv(x, qw_r, qz, s, gi_r, 4, group_size=0 if act else 128, k_offset=lo, tiles=tiles)
+                within(out, ref, TOL)
 
 
 def test_decode_kernel_in_a_cuda_graph():
