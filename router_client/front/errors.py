@@ -4,12 +4,15 @@ unhealthy), and the mapping from router errors to them."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from router_client.requests import CANCELLED, RequestError
 
 REFUSED_CODES = ("INVALID_ARGUMENT", "FAILED_PRECONDITION")  # the shard refused the request itself
 NO_STRUCTURED_OUTPUT = "structured output not supported by this shard"
+_REQUEST_PREFIX = re.compile(r"^request \d+ failed: ")
+_SHARD_ADDRESS = re.compile(r"\b(shard \d+) \([^)]*\) ")  # ShardError's "(unix:///path) ": not for clients
 
 
 class FrontError(Exception):
@@ -39,14 +42,15 @@ def unhealthy(message: str) -> FrontError:
 
 def from_request_error(err: RequestError, structured: bool) -> FrontError:
     """A request the router accepted and then failed: a refusal at Prefill is the request's fault
-    (422); anything else is a generation error (424)."""
+    (422), answered in the shard's own words; anything else is a generation error (424) naming the
+    shard, the call and the status (a shard that died: "shard 0 Decode failed: UNAVAILABLE: ..."),
+    without socket paths."""
     message = str(err)
-    if err.code and f"{err.code}: " in message:  # the shard's own words, without socket paths
-        message = message.split(f"{err.code}: ", 1)[1]
     if err.code == CANCELLED:
         return FrontError(424, "cancelled", message)
     if err.at_prefill and err.code in REFUSED_CODES:
+        message = message.split(f"{err.code}: ", 1)[-1]
         if structured and err.code == "FAILED_PRECONDITION":
             return validation(f"{NO_STRUCTURED_OUTPUT}: {message}")
         return validation(message)
-    return FrontError(424, "generation", message)
+    return FrontError(424, "generation", _SHARD_ADDRESS.sub(r"\1 ", _REQUEST_PREFIX.sub("", message)))

@@ -133,6 +133,13 @@ def test_router_errors_become_lorax_statuses() -> None:
     later = RequestError("Decode failed: INTERNAL: boom", "INTERNAL")
     assert (from_request_error(later, False).status, from_request_error(later, False).error_type) == (424, "generation")
     assert from_request_error(RequestError("x", CANCELLED), False).error_type == "cancelled"
+    died = RequestError(
+        "request 7 failed: shard 1 (unix:///tmp/q/s-1) Decode failed: UNAVAILABLE: Socket closed", "UNAVAILABLE"
+    )
+    assert from_request_error(died, False).body() == {  # names the shard, the call and the status; no socket path
+        "error": "shard 1 Decode failed: UNAVAILABLE: Socket closed",
+        "error_type": "generation",
+    }
 
 
 def test_adapter_refs_and_sampling() -> None:
