@@ -277,9 +277,9 @@ def _sweep_shape(name: str, k: int, n: int, m: int, bits: int, over: Callable[[]
                 raise AssertionError(f"max relative error {err}")
             t = graph_time([functools.partial(call, w) for w in ws])
         except Exception as e:  # a config that does not compile, fit or match: recorded, skipped
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            row["error"] = f"{type(e).__name__}: {str(e)[:3000]}"
             rows.append(row)
-            print("config failed", json.dumps(row), flush=True)
+            print("config failed", json.dumps(dict(row, error=f"{type(e).__name__}: ...{str(e)[-400:]}")), flush=True)
             return None
         row.update(us=t * 1e6, gbps=qbytes / t / 1e9)
         rows.append(row)
@@ -410,7 +410,11 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
-    print(json.dumps(res, indent=1))
+    if args.only == "sweep":  # every row is in --out; the tail of the output stays the summary and table
+        print(json.dumps(res["sweep"]["best"], indent=None))
+        print("\n".join(res["sweep"]["table_lines"]), f"\nsweep took {res['sweep']['elapsed_s']:.0f} s")
+    else:
+        print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
