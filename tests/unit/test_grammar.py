@@ -341,3 +341,17 @@ def test_an_inline_prefetch_never_waits_for_a_compile(demo_dir, monkeypatch):
     release.set()
     bitmask = grammars.masks([row])  # the step computes it when it needs it
     assert bitmask is not None and bool((bitmask[0] != -1).any())  # a real mask: the schema restricts the start
+
+
+def test_prefetched_masks_are_gathered_without_another_thread(demo_dir):
+    """When every constrained row's mask was prefetched, the step's masks are gathered at once on the step
+    thread (a handoff to the mask thread would wait for the GIL) and equal masks computed afresh."""
+    tok = QwenTokenizer.from_dir(os.path.join(demo_dir, "model"))
+    grammars = Grammars(tok)
+    rows = [grammars.compile(Grammars.check(json.dumps(s))) for s in (PERSON, POINT)]
+    first = grammars.masks([rows[0], None, rows[1]])  # waits for the compiles; nothing prefetched yet
+    grammars.prefetch(rows, wait=True)
+    taken = grammars.start_masks([rows[0], None, rows[1]])
+    assert taken is not None and taken.done()  # gathered here, not queued on the mask thread
+    assert grammars._mask_thread is None  # the mask thread was never needed
+    assert first is not None and torch.equal(taken.result(), first)

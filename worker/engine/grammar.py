@@ -103,6 +103,11 @@ class Grammar:
         """The compile has finished (the matcher is available without waiting)."""
         return self._matcher is not None or self._compiling.done()
 
+    @property
+    def mask_ready(self) -> bool:
+        """A prefetched mask of the current state is computed (take_mask returns it without waiting)."""
+        return self._next is not None and self._next[0].done()
+
     def take_mask(self) -> torch.Tensor | None:
         """The prefetched mask of the current state ([W] int32, waits for its job), or None when there is none."""
         if self._next is None:
@@ -160,9 +165,14 @@ class Grammars:
 
     def start_masks(self, grammars: Sequence[Grammar | None]) -> Future[torch.Tensor | None] | None:
         """`masks` on a background thread, to overlap the step's forward (the matchers are not touched again
-        before the result is taken); None when no row has a grammar."""
+        before the result is taken); here and now when every row's mask is already computed (gathering rows
+        is cheaper than a GIL handoff). None when no row has a grammar."""
         if all(g is None for g in grammars):
             return None
+        if all(g is None or g.mask_ready for g in grammars):
+            done: Future[torch.Tensor | None] = Future()
+            done.set_result(self.masks(grammars))
+            return done
         return self._thread().submit(self.masks, list(grammars))
 
     def prefetch(self, grammars: Sequence[Grammar | None], wait: bool = False) -> None:
