@@ -37,9 +37,11 @@ test-gpu: install proto
 test-packaging: install
 	QWEN_PACKAGING_TEST=1 $(PY) -m pytest -q tests/packaging
 
-# The long soak (2,000 requests, 16 clients, TP=2 over gloo) and a long fuzz of the gRPC surface; CI runs small ones.
+# The long soaks (router: 2,000 requests, 16 clients, TP=2 over gloo; HTTP front: 3,000 streams, 32 clients, 30%
+# disconnecting) and a long fuzz of the gRPC surface; CI runs small ones.
 soak: install proto
-	QWEN_SOAK_REQUESTS=2000 QWEN_SOAK_CLIENTS=16 QWEN_SOAK_SHARDS=2 $(PY) -m pytest -q -s -m soak tests/soak
+	QWEN_SOAK_REQUESTS=2000 QWEN_SOAK_CLIENTS=16 QWEN_SOAK_SHARDS=2 QWEN_HTTP_SOAK_REQUESTS=3000 QWEN_HTTP_SOAK_CLIENTS=32 \
+		$(PY) -m pytest -q -s -m soak tests/soak
 	QWEN_FUZZ_RANDOM=1 QWEN_FUZZ_EXAMPLES=1500 $(PY) -m pytest -q -s tests/integration/test_fuzz_grpc.py
 
 demo: install proto

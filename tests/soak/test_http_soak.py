@@ -11,7 +11,8 @@ slots leaked by a fraction of the run's disconnects would show) and no stream ha
 the front noticed disconnects mid-generation (`lorax_request_failure{err="cancelled"}`); afterwards the
 router holds no request, queue entry or KV block (`/metrics`), the shard no batch and all its own KV blocks
 free (Health's `x-qwen-worker-stats`), and the front still serves: `/health` 200 and greedy requests give
-the texts the demo model and adapters were trained on.
+the texts the demo model and adapters were trained on; the front's and the shard's RSS grow by less than
+64 MiB from the end of the first fifth of the run to its end.
 
 And, in order: a client that leaves a stream is cancelled in the router at once: streams that start after a
 long one and would outlast it are left after their first event; when the long one ends, no other request is
@@ -27,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ DEADLINE_S = 120.0  # one request, from send to its end (a hang guard)
 BOUND_S = 30.0  # settling after the load (a hang guard)
 MAX_NEW = 24
 ABANDONED_MAX_NEW = 160  # what a disconnecting client asks for: still generating when it leaves
+RSS_GROWTH_LIMIT_MIB = 64  # front and shard, from the end of the first fifth of the run to its end
 PROMPTS = [p for p, _ in BASE_TEXTS] + [STORY_PROMPT, "a", "the river and the sea " * 4]
 
 
@@ -175,6 +178,17 @@ async def drive(url: str, specs: list[Spec]) -> list[Outcome]:
     return outcomes
 
 
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def shard_pid(shard: ShardProc) -> int:
+    out = subprocess.run(["pgrep", "-P", str(shard.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
 def shard_stats(shard: ShardProc) -> dict:
     from worker.pb import generate_pb2 as pb
     from worker.pb import generate_pb2_grpc as pb_grpc
@@ -214,7 +228,11 @@ def test_http_soak_with_disconnects(stack: tuple[ShardProc, FrontProc]) -> None:
     shard, front = stack
     specs = make_specs(random.Random(18))
     start = time.perf_counter()
-    outcomes = asyncio.run(drive(front.url, specs))
+    warm = len(specs) // 5
+    outcomes = asyncio.run(drive(front.url, specs[:warm]))
+    rss_before = rss(front.proc.pid), rss(shard_pid(shard))
+    outcomes += asyncio.run(drive(front.url, specs[warm:]))
+    rss_after = rss(front.proc.pid), rss(shard_pid(shard))
     elapsed = time.perf_counter() - start
     assert len(outcomes) == len(specs)
 
@@ -264,13 +282,16 @@ def test_http_soak_with_disconnects(stack: tuple[ShardProc, FrontProc]) -> None:
         r = httpx.post(f"{front.url}/generate", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["generated_text"] == text, r.text
 
+    growth = [(after - before) / 2**20 for before, after in zip(rss_before, rss_after)]
+    assert max(growth) < RSS_GROWTH_LIMIT_MIB, f"RSS growth (front, shard) in MiB: {growth}"
     tokens = sum(o.generated or 0 for o in kept)
     routes = Counter((o.spec.route, o.spec.adapter or "base") for o in outcomes)
     print(
         f"\nHTTP soak: {len(outcomes)} requests ({dict(routes)}), {CLIENTS} clients, {elapsed:.1f} s; "
         f"{len(kept)} completed ({tokens} tokens, finish {dict(Counter(o.finish for o in kept))}); "
         f"{len(left)} clients left ({mid_stream} mid-stream, {len(left) - mid_stream} before the first byte); "
-        f"front counted {cancelled:.0f} cancelled; shard after: {st}"
+        f"front counted {cancelled:.0f} cancelled; RSS growth after the first fifth (front, shard): "
+        f"{growth[0]:.1f}, {growth[1]:.1f} MiB; shard after: {st}"
     )
 
 
