@@ -292,13 +292,13 @@ def _sweep_shape(name: str, k: int, n: int, m: int, bits: int, over: Callable[[]
         if over():
             break
         trial(tiles, None)
-    if best:  # stage 2: split-K and the reduction for the best tiles
+    if best:  # stage 2: split-K and the reduction (planes + sum kernel, serial planes, atomics), best tiles
         tb = best["tiles"]
-        for atomic in (False, True):
+        for mode in ("planes", "serial", "atomic"):
             for split in (1, 2, 4, 8, 16, 32):
-                if over() or k // split < tb.block_k or (atomic and split == 1):
+                if over() or k // split < tb.block_k or (mode != "planes" and split == 1):
                     continue
-                trial(dataclasses.replace(tb, atomic=atomic), split)
+                trial(dataclasses.replace(tb, atomic=mode == "atomic", serial=mode == "serial"), split)
     ws.clear()
     torch.cuda.empty_cache()
     summary = dict(linear=name, K=k, N=n, M=m, bits=bits, bf16_us=bf16_us, default_us=default_s and default_s * 1e6)
@@ -344,7 +344,8 @@ def sweep_gemv(
                 )
                 lines.append(
                     f"    {(bits, 1 if m == 1 else 16, k, n)}: GemmTiles({t.block_m}, {t.block_n}, {t.block_k}, "
-                    f"{t.num_warps}, {t.num_stages}, split_k={t.split_k}, dot={t.dot}, atomic={t.atomic}),  # "
+                    f"{t.num_warps}, {t.num_stages}, split_k={t.split_k}, dot={t.dot}, atomic={t.atomic}, "
+                    f"serial={t.serial}),  # "
                     f"{name} M={m} {b['us']:.1f} us {b['gbps']:.0f} GB/s, bf16 {b['bf16_us']:.1f} us"
                 )
                 bests.append(dict(b, tiles=dataclasses.asdict(t)))

@@ -12,6 +12,8 @@ Run: `pytest -q -m gpu tests/gpu/test_gpu_quant.py`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -31,6 +33,7 @@ VARIANTS = [  # the decode knobs: FMA GEMV / tl.dot on 16 rows, pipeline depth, 
     GemmTiles(1, 128, 128, 4, 4, dot=False),
     GemmTiles(1, 256, 64, 8, 3, split_k=8, dot=False, atomic=True),
     GemmTiles(16, 64, 64, 4, 4, split_k=16, atomic=True),
+    GemmTiles(1, 128, 128, 4, 4, split_k=8, dot=False, serial=True),
 ]
 
 
@@ -70,6 +73,9 @@ def test_decode_variants_match_reference_bf16(bits, k, n):
                 within(out, ref, TOL)
                 if not tiles.atomic:
                     assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=tiles))
+                if tiles.serial:  # the same sums in the same order as the second kernel's
+                    planes = replace(tiles, serial=False)
+                    assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=planes))
 
 
 def test_act_order_and_a_row_shard_of_half_groups():
@@ -88,20 +94,22 @@ def test_act_order_and_a_row_shard_of_half_groups():
                 within(out, ref, TOL)
 
 
-def test_decode_kernel_in_a_cuda_graph():
+@pytest.mark.parametrize("tiles", [None, VARIANTS[-1]], ids=["default", "serial"])
+def test_decode_kernel_in_a_cuda_graph(tiles):
     qw, qz, s, gi = _q(4096, 12288, 4, act=False)
     x = torch.randn(1, 4096, device=CUDA, dtype=torch.bfloat16)
-    eager = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128)
+    eager = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        gptq_gemv(x, qw, qz, s, gi, 4, group_size=128)  # warm up (compile) outside the capture
+        gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles)  # warm up (compile) outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128)
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, 4, group_size=128))
+        out = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles))
     assert not torch.equal(out, eager)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -92,9 +93,9 @@ FMA_WIDE = GemmTiles(block_m=1, block_n=16, block_k=32, num_stages=3, dot=False)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dot", [False, True])
 def test_every_decode_knob(bits, dot):
-    """M in {1, 3} x {planes (1 stage), atomics (3 stages)} x {group hint, g_idx} x split {tiles.split_k = 2,
-    1, 99 (more than the K tiles: clamped)}, with bias, on N = 40 (a partial N tile) and K = 160 (a partial
-    last K tile): each equals the reference (fp32, 1e-5)."""
+    """M in {1, 3} x {planes (1 stage), atomics (3 stages), serial planes (2 stages)} x {group hint, g_idx}
+    x split {tiles.split_k = 2, 1, 99 (more than the K tiles: clamped)}, with bias, on N = 40 (a partial N
+    tile) and K = 160 (a partial last K tile): each equals the reference (fp32, 1e-5)."""
     n, k = 40, 160
     q = _quant(n, k, bits, 32, False, seed=bits)
     g = torch.Generator().manual_seed(11)
@@ -103,8 +104,8 @@ def test_every_decode_knob(bits, dot):
         x = torch.randn(m, k, generator=g)
         args = (x, q.qweight, q.qzeros, q.scales.float(), q.g_idx, bits, 1, bias)
         ref = gptq_matmul_reference(*args)
-        for atomic, stages in ((False, 1), (True, 3)):
-            tiles = GemmTiles(16, 32, 32, 4, stages, split_k=2, dot=dot, atomic=atomic)
+        for atomic, serial, stages in ((False, False, 1), (True, False, 3), (False, True, 2)):
+            tiles = GemmTiles(16, 32, 32, 4, stages, split_k=2, dot=dot, atomic=atomic, serial=serial)
             for gs in (32, 0):
                 for split in (None, 1, 99):
                     out = gptq_gemv(*args, split_k=split, group_size=gs, tiles=tiles)
@@ -112,16 +113,23 @@ def test_every_decode_knob(bits, dot):
 
 
 def test_split_k_planes_are_deterministic_and_atomics_agree():
+    """Planes summed by the second kernel and by each tile's last split (serial) are the same sums in the
+    same order: equal bit for bit, twice (the serial counters reset themselves); atomics agree to 1e-6."""
     q = _quant(64, 256, 4, 64, False, seed=12)
-    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(13))
-    args = (x, q.qweight, q.qzeros, q.scales.float(), q.g_idx, 4, 1, None)
-    ref = gptq_matmul_reference(*args)
-    for dot in (False, True):
-        planes = GemmTiles(16, 32, 32, 4, 2, split_k=8, dot=dot)
-        a = gptq_gemv(*args, group_size=64, tiles=planes)
-        assert torch.equal(a, gptq_gemv(*args, group_size=64, tiles=planes))
-        within(a, ref, TOL[torch.float32])
-        within(gptq_gemv(*args, group_size=64, tiles=GemmTiles(16, 32, 32, 4, 2, 8, dot, True)), a, 1e-6)
+    g = torch.Generator().manual_seed(13)
+    x, bias = torch.randn(2, 256, generator=g), torch.randn(64, generator=g)
+    for b in (None, bias):
+        args = (x, q.qweight, q.qzeros, q.scales.float(), q.g_idx, 4, 1, b)
+        ref = gptq_matmul_reference(*args)
+        for dot in (False, True):
+            planes = GemmTiles(16, 32, 32, 4, 2, split_k=8, dot=dot)
+            a = gptq_gemv(*args, group_size=64, tiles=planes)
+            assert torch.equal(a, gptq_gemv(*args, group_size=64, tiles=planes))
+            within(a, ref, TOL[torch.float32])
+            for _ in range(2):
+                assert torch.equal(a, gptq_gemv(*args, group_size=64, tiles=replace(planes, serial=True)))
+            assert not gptq._COUNTERS[-1].any()
+            within(gptq_gemv(*args, group_size=64, tiles=replace(planes, atomic=True)), a, 1e-6)
 
 
 def test_aligned_block_k_for_row_shards():

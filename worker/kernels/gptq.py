@@ -46,11 +46,12 @@ __all__ = [
 
 # fmt: off
 @triton.jit
-def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
-                 stride_xm, stride_ym, stride_ys,
+def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, o_ptr, cnt_ptr, M, N, K, K_PER_SPLIT,
+                 K_OFFSET, stride_xm, stride_ym, stride_ys,
                  BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr, SERIAL: tl.constexpr,
+                 BIAS_LAST: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = P // 2  # values per 16-bit half word
     MAXQ: tl.constexpr = (1 << BITS) - 1
@@ -141,6 +142,19 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
         tl.atomic_add(y, acc, mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
     else:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if SERIAL:  # the last split to finish a tile sums its planes in a fixed order into o (bias, cast)
+        tl.debug_barrier()  # every thread's plane stores precede the release below
+        tile = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == tl.num_programs(2) - 1:
+            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            offs = offs_m[:, None] * stride_ym + offs_n[None, :]
+            for sp in range(0, tl.num_programs(2)):
+                tot += tl.load(y_ptr + sp * stride_ys + offs, mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+                               cache_modifier=".cg")
+            if BIAS_LAST:
+                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(o_ptr + offs, tot.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            tl.atomic_xchg(tile, 0, sem="relaxed")  # ready for the next launch (stream order)
 
 
 @triton.jit
@@ -162,7 +176,11 @@ class GemmTiles:
     """Launch knobs. block_m 1 (or dot False in gptq_gemv): the FMA GEMV, one x row per program; else tl.dot
     on a block_m-row tile (M = 1 padded with masked rows). num_stages: the K loop's software pipeline depth
     (tl.range). split_k 0: split_k_for's choice. atomic: splits fp32-atomic_add into a zeroed buffer (the
-    order of the adds is not fixed) instead of writing fp32 planes summed by one small kernel (deterministic)."""
+    order of the adds is not fixed) instead of writing fp32 planes summed by one small kernel (deterministic).
+    serial (without atomic): the last split of each tile to finish sums the planes in the GEMV kernel itself
+    (no second launch; deterministic; per-device tile counters, so GEMVs on one device must not run
+    concurrently on several streams; planes are used while the counters are not yet allocated in a CUDA
+    graph capture: an eager call allocates them)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -172,6 +190,7 @@ class GemmTiles:
     split_k: int = 0
     dot: bool = True
     atomic: bool = False
+    serial: bool = False
 
 
 DECODE = GemmTiles(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)  # 2 <= M <= 16
@@ -186,6 +205,21 @@ def decode_tiles(bits: int, m: int, k: int, n: int) -> GemmTiles:
     """The decode GEMV's tiles for x [m, k] times an [k, n] weight of `bits`."""
     bucket = 1 if m == 1 else 16
     return DECODE_TABLE.get((bits, bucket, k, n), DECODE_M1 if m == 1 else DECODE)
+
+
+_COUNTERS: dict[int, torch.Tensor] = {}
+_MAX_TILES = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's zeroed int32 tile counters for serial split-K (each finishing program resets its own);
+    None under a CUDA graph capture before an eager call allocated them."""
+    key = device.index or 0 if device.type == "cuda" else -1
+    if key not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[key] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 @functools.cache
@@ -244,26 +278,32 @@ def _launch(
     gs = _group_size_const(group_size, k_offset, tiles.block_k, k_per_split)
     planes = split_k > 1 and not tiles.atomic
     atomic = split_k > 1 and tiles.atomic
+    grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), split_k)
+    counters = _counters(x.device) if planes and tiles.serial and grid[0] * grid[1] <= _MAX_TILES else None
+    serial = counters is not None
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype) if planes else None
     if planes:
         y = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
     elif atomic:
         y = torch.zeros((1, M, N), device=x.device, dtype=torch.float32)
     else:
         y = torch.empty((1, M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), split_k)
     _gptq_kernel[grid](
-        x, qweight, qzeros, scales, g_idx, bias if bias is not None and not planes else scales, y,
+        x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y,
+        out if out is not None else y, counters if counters is not None else g_idx,
         M, N, K, k_per_split, k_offset, x.stride(0), y.stride(1), 0 if atomic else y.stride(0),
         BITS=bits, ZERO_OFFSET=zero_offset, GROUP_SIZE=gs, HAS_BIAS=bias is not None and not planes,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, NUM_STAGES=tiles.num_stages,
-        ATOMIC=atomic, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        ATOMIC=atomic, SERIAL=serial, BIAS_LAST=serial and bias is not None,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if atomic:
         return y[0].to(x.dtype)
-    if not planes:
+    if out is None:
         return y[0]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if serial:
+        return out
     block = 1024
     _sum_planes_kernel[(triton.cdiv(M * N, block),)](
         y, bias if bias is not None else y, out, M * N, N, split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4
