@@ -70,8 +70,9 @@ class ShardedClient:
     """Channels to every shard of one model; see module docstring for fan-out and merge rules.
 
     `timeout_s` is the default deadline of every call (None: no deadline); each method takes a
-    `timeout_s` override. Methods raise `ShardError` (the lowest failing rank) once every shard has
-    answered, so no call is left running behind an error.
+    `timeout_s` override. Methods raise `ShardError` once every shard has answered, so no call is left
+    running behind an error: an unreachable shard's if one was (see `first_cause`), else the lowest
+    failing rank's.
     """
 
     def __init__(self, urls: Sequence[str], timeout_s: float | None = 60.0) -> None:
@@ -170,10 +171,9 @@ class ShardedClient:
             self._pool.submit(self._call, r, method, request, timeout, with_metadata, wait_for_ready)
             for r in range(len(self._stubs))
         ]
-        errors = [f.exception() for f in futures]  # waits for every shard
-        for err in errors:
-            if err is not None:
-                raise err
+        errors = [err for err in (f.exception() for f in futures) if err is not None]  # waits for every shard
+        if errors:
+            raise first_cause(errors)
         return [f.result() for f in futures]
 
     def _one(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
@@ -278,6 +278,22 @@ class ShardedClient:
         """OffloadAdapter `index` on every shard; True when every shard says offloaded."""
         request = pb.OffloadAdapterRequest(adapter_parameters=params, adapter_source=source, adapter_index=index)
         return all(r.offloaded for r in self._all("OffloadAdapter", request, timeout_s))
+
+
+def first_cause(errors: Sequence[BaseException]) -> BaseException:
+    """The error to raise when shards failed one fan-out call: a shard that could not be reached
+    (UNAVAILABLE: it died or is not listening) before the others, whose calls then fail because a
+    collective lost its peer; else the lowest rank. The other shards' statuses are appended."""
+    shard_errors = [e for e in errors if isinstance(e, ShardError)]
+    if len(shard_errors) != len(errors):
+        return errors[0]
+    gone = [e for e in shard_errors if e.code == grpc.StatusCode.UNAVAILABLE]
+    first = (gone or shard_errors)[0]
+    others = [e for e in shard_errors if e is not first]
+    if not others:
+        return first
+    also = ", ".join(f"shard {e.rank} {e.code.name if e.code is not None else 'ERROR'}" for e in others)
+    return ShardError(first.rank, first.url, first.method, first.code, f"{first.details} (also failed: {also})")
 
 
 def _merge_step(responses: list[Any]) -> StepResult:

@@ -75,6 +75,23 @@ def test_shard_error_names_the_shard_and_waits_for_all() -> None:
             assert [h["x-fake-stats"] for h in client.health()] == [{"batches": 1}, {"batches": 1}]
 
 
+def test_an_unreachable_shard_is_named_first() -> None:
+    """A shard that died fails with UNAVAILABLE while its peers fail their broken collective: the error
+    raised names the dead one, and lists the others."""
+    from router_client.client import first_cause
+
+    peer = ShardError(0, "unix:///s-0", "Decode", grpc.StatusCode.INTERNAL, "gloo: Connection reset by peer")
+    dead = ShardError(1, "unix:///s-1", "Decode", grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    err = first_cause([peer, dead])
+    assert isinstance(err, ShardError) and (err.rank, err.code) == (1, grpc.StatusCode.UNAVAILABLE)
+    assert str(err) == "shard 1 (unix:///s-1) Decode failed: UNAVAILABLE: Socket closed (also failed: shard 0 INTERNAL)"
+    refused = ShardError(1, "unix:///s-1", "Prefill", grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    assert first_cause([refused]) is refused
+    assert first_cause([peer, refused]).rank == 0  # none unreachable: the lowest rank
+    other = RuntimeError("closed")
+    assert first_cause([other, peer]) is other
+
+
 def test_info_and_warmup_merge_rules() -> None:
     with serve_fakes(world=2) as (prefix, (s0, s1)):
         s1.total_tokens = 40
