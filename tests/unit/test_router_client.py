@@ -87,7 +87,8 @@ def test_an_unreachable_shard_is_named_first() -> None:
     assert str(err) == "shard 1 (unix:///s-1) Decode failed: UNAVAILABLE: Socket closed (also failed: shard 0 INTERNAL)"
     refused = ShardError(1, "unix:///s-1", "Prefill", grpc.StatusCode.INVALID_ARGUMENT, "bad")
     assert first_cause([refused]) is refused
-    assert first_cause([peer, refused]).rank == 0  # none unreachable: the lowest rank
+    lowest = first_cause([peer, refused])  # none unreachable: the lowest rank
+    assert isinstance(lowest, ShardError) and lowest.rank == 0
     other = RuntimeError("closed")
     assert first_cause([other, peer]) is other
 
