@@ -53,4 +53,9 @@ def from_request_error(err: RequestError, structured: bool) -> FrontError:
         if structured and err.code == "FAILED_PRECONDITION":
             return validation(f"{NO_STRUCTURED_OUTPUT}: {message}")
         return validation(message)
-    return FrontError(424, "generation", _SHARD_ADDRESS.sub(r"\1 ", _REQUEST_PREFIX.sub("", message)))
+    return FrontError(424, "generation", without_address(_REQUEST_PREFIX.sub("", message)))
+
+
+def without_address(message: str) -> str:
+    """A ShardError's text for clients: "shard 0 (unix:///path) Decode failed: ..." without the path."""
+    return _SHARD_ADDRESS.sub(r"\1 ", message)

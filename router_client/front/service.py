@@ -17,7 +17,14 @@ from typing import Any
 
 from router_client.adapters import AdapterBudgetFull
 from router_client.client import ShardError
-from router_client.front.errors import FrontError, from_request_error, overloaded, unhealthy, validation
+from router_client.front.errors import (
+    FrontError,
+    from_request_error,
+    overloaded,
+    unhealthy,
+    validation,
+    without_address,
+)
 from router_client.front.metrics import Metrics, RequestTiming
 from router_client.front.params import AdapterRef
 from router_client.requests import GenerationResult, RequestError, RequestHandle, TokenEvent, ValidationError
@@ -109,7 +116,9 @@ class Front:
             code = err.code.name if err.code is not None else ""
             if code in ADAPTER_REFUSALS:
                 raise validation(f"adapter {ref.label!r} cannot be loaded: {err.details}") from None
-            raise FrontError(424, "generation", f"adapter {ref.label!r} failed to load: {err}") from None
+            raise FrontError(
+                424, "generation", f"adapter {ref.label!r} failed to load: {without_address(str(err))}"
+            ) from None
         except RuntimeError as err:
             raise unhealthy(str(err)) from None
         finally:

@@ -209,6 +209,10 @@ def test_front_reports_a_killed_shard_to_every_request(doomed):
     # new requests: a clear error too, not a hang
     r = httpx.post(f"{front.url}/generate", json={"inputs": "after", "parameters": {"max_new_tokens": 4}}, timeout=60)
     assert r.status_code in (424, 503) and set(r.json()) == {"error", "error_type"}, r.text
+    body = {"inputs": "after", "parameters": {"max_new_tokens": 4, "adapter_id": "robot"}}  # not loaded yet
+    r = httpx.post(f"{front.url}/generate", json=body, timeout=60)
+    assert r.status_code == 424 and set(r.json()) == {"error", "error_type"}, r.text
+    assert "shard 0 DownloadAdapter failed: UNAVAILABLE" in r.json()["error"], r.text
     assert httpx.get(f"{front.url}/health", timeout=60).status_code == 503
     assert httpx.get(f"{front.url}/metrics", timeout=60).status_code == 200  # the front still answers
     launcher_exit(launcher, dead_rank=0)
