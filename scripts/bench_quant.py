@@ -4,7 +4,7 @@ with sym zeros and group 128, or FP8 e4m3 with per-channel scales), bf16 embeddi
     python scripts/bench_quant.py --shape 7b --out bench_out/quant_7b.json       # bf16, int4, int8, fp8
     python scripts/bench_quant.py --shape 72b --modes int4 --batches 1,8,32      # 72B-shaped Int4 + KV capacity
     python scripts/bench_quant.py --shape 7b --only linears                      # per-linear kernel timings
-    python scripts/bench_quant.py --only sweep --batches 1,8 --budget-s 120      # decode GEMV knobs, M = 1, 8
+    python scripts/bench_quant.py --only sweep                                   # GEMV tiles x split-K, M = 1
     python scripts/bench_quant.py --only quality --demo-dir .demo                # demo model Int4/Int8/FP8 vs bf16
 
 decode: one decode step (512-token contexts, replayed from a CUDA graph) at each batch, against its floor:
@@ -19,12 +19,10 @@ kv: P8 (Warmup's KV capacity) with the quantized weights resident.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -190,169 +188,33 @@ def quality(out_dir: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str,
     return rows
 
 
-ROTATE_BYTES = 200e6  # the sweep cycles weight copies of at least this many bytes (H200's L2: 50 MB)
-LINEARS_7B = (("c_attn", 4096, 12288), ("attn.c_proj", 4096, 4096), ("gate_up", 4096, 22016),
-              ("mlp.c_proj", 11008, 4096))  # fmt: skip
+def sweep_gemv(bits: int = 4) -> list[dict[str, Any]]:
+    """Decode GEMV tiles at M = 1 per 7B linear: (block_n, block_k, warps) x split_k, GB/s of the quantized
+    words read; picks the defaults of worker/kernels/gptq.py (DECODE, split_k_for)."""
+    from worker.kernels.gptq import GemmTiles, gptq_gemv
 
-
-def graph_time(fns: list[Any], calls: int = 24, replays: int = 5) -> float:
-    """Seconds per call of `fns` (cycled: one per weight copy, so the 50 MB L2 does not hold the weights as it
-    would not across a model's layers), replayed from a CUDA graph of `calls` calls: GPU time, no launch cost
-    (decode runs from CUDA graphs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    del graph
-    return start.elapsed_time(end) / 1e3 / (calls * replays)
-
-
-def _tile_candidates(bits: int, m: int) -> list[Any]:
-    """The tile variants tried first (each one Triton compile): M = 1 FMA GEMV and tl.dot on 16 rows; M > 1
-    tl.dot (and one FMA, one program per row)."""
-    from worker.kernels.gptq import GemmTiles
-
-    fma = [(128, 128, 4, 4), (64, 128, 4, 4), (256, 128, 8, 4), (128, 64, 4, 6), (256, 64, 4, 4), (128, 128, 8, 3),
-           (64, 64, 2, 6), (256, 128, 4, 2)]  # fmt: skip
-    dot = [(64, 128, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4), (256, 128, 8, 3), (64, 64, 4, 4)]
-    out = []
-    if m == 1:
-        out += [GemmTiles(1, bn, bk, w, st, dot=False) for bn, bk, w, st in fma]
-        out += [GemmTiles(16, bn, bk, w, st) for bn, bk, w, st in dot[:3]]
-    else:
-        out += [GemmTiles(16, bn, bk, w, st) for bn, bk, w, st in dot]
-        out += [GemmTiles(1, 128, 128, 4, 4, dot=False)]
-    return out
-
-
-def _sweep_shape(name: str, k: int, n: int, m: int, bits: int, over: Callable[[], bool]) -> dict[str, Any]:
-    """One shape of sweep_gemv: the rows of every config tried and the best one."""
-    import dataclasses
-
-    from worker.kernels.gptq import GemmTiles, decode_tiles, gptq_gemv, gptq_matmul_reference
-
-    g = torch.Generator(device=CUDA).manual_seed(k + n + m + bits)
-    p = 32 // bits
-    qbytes = k // p * n * 4 + k // 128 * n * 2 + k // 128 * n // p * 4
-    ws = []
-    for _ in range(max(2, math.ceil(ROTATE_BYTES / qbytes))):
-        qw = torch.randint(-(2**31), 2**31 - 1, (k // p, n), device=CUDA, dtype=torch.int32, generator=g)
-        qz = torch.randint(-(2**31), 2**31 - 1, (k // 128, n // p), device=CUDA, dtype=torch.int32, generator=g)
-        s = (torch.rand(k // 128, n, device=CUDA, generator=g) * 2e-3).to(torch.bfloat16)
-        ws.append((qw, qz, s))
-    gi = (torch.arange(k, device=CUDA) // 128).to(torch.int32)
-    x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
-    ref = gptq_matmul_reference(x, *ws[0], gi, bits).float()
-    wf = [
-        torch.randn(n, k, device=CUDA, dtype=torch.bfloat16)
-        for _ in range(max(2, math.ceil(ROTATE_BYTES / (n * k * 2))))
-    ]
-    bf16_us = graph_time([functools.partial(torch.nn.functional.linear, x, w) for w in wf]) * 1e6
-    del wf
-    rows: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-
-    def trial(tiles: GemmTiles, split: int | None) -> float | None:
-        def call(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return gptq_gemv(x, w[0], w[1], w[2], gi, bits, 1, None, split, 128, 0, tiles)
-
-        row: dict[str, Any] = dict(K=k, N=n, M=m, bits=bits, **dataclasses.asdict(tiles), split=split)
-        try:
-            err = ((call(ws[0]).float() - ref).abs() / (1 + ref.abs())).max().item()
-            if not err <= 2e-2:
-                raise AssertionError(f"max relative error {err}")
-            t = graph_time([functools.partial(call, w) for w in ws])
-        except Exception as e:  # a config that does not compile, fit or match: recorded, skipped
-            row["error"] = f"{type(e).__name__}: {str(e)[:3000]}"
-            rows.append(row)
-            print("config failed", json.dumps(dict(row, error=f"{type(e).__name__}: ...{str(e)[-400:]}")), flush=True)
-            return None
-        row.update(us=t * 1e6, gbps=qbytes / t / 1e9)
-        rows.append(row)
-        if not best or t * 1e6 < best["us"]:
-            best.update(tiles=tiles, split=split, us=t * 1e6, gbps=qbytes / t / 1e9)
-        return t
-
-    default_s = trial(decode_tiles(bits, m, k, n), None)
-    for tiles in _tile_candidates(bits, m):
-        if over():
-            break
-        trial(tiles, None)
-    if best:  # stage 2: split-K and the reduction (planes + sum kernel, serial planes, atomics), best tiles
-        tb = best["tiles"]
-        for mode in ("planes", "serial", "atomic"):
+    rows = []
+    for k, n in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)):
+        p = 32 // bits
+        qw = torch.randint(-(2**31), 2**31 - 1, (k // p, n), device=CUDA, dtype=torch.int32)
+        qz = torch.full((k // 128, n // p), 0x77777777 if bits == 4 else 0x7F7F7F7F, device=CUDA, dtype=torch.int32)
+        s = torch.rand(k // 128, n, device=CUDA, dtype=torch.bfloat16) * 1e-3
+        gi = (torch.arange(k, device=CUDA) // 128).to(torch.int32)
+        x = torch.randn(1, k, device=CUDA, dtype=torch.bfloat16)
+        best = None
+        for bn, bk, warps in ((32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (256, 64, 8)):
             for split in (1, 2, 4, 8, 16, 32):
-                if over() or k // split < tb.block_k or (mode != "planes" and split == 1):
+                if k // split < bk:
                     continue
-                trial(dataclasses.replace(tb, atomic=mode == "atomic", serial=mode == "serial"), split)
-    ws.clear()
-    torch.cuda.empty_cache()
-    summary = dict(linear=name, K=k, N=n, M=m, bits=bits, bf16_us=bf16_us, default_us=default_s and default_s * 1e6)
-    return dict(rows=rows, best=dict(summary, **best) if best else None)
-
-
-def sweep_gemv(
-    budget_s: float = 120.0, bits_list: tuple[int, ...] = (4, 8), ms: tuple[int, ...] = (1, 8)
-) -> dict[str, Any]:
-    """Decode GEMV knobs per 7B linear at M = 1 and 8, Int4 and Int8: stage 1 times every tile variant
-    (_tile_candidates) with the automatic split-K; stage 2 sweeps split_k x (planes, atomics) for each shape's
-    best tiles. Every config is checked once against the reference (bf16, 2e-2 · (1 + |ref|)) before it is
-    timed; timings are CUDA-graph replays cycling weight copies of >= 200 MB (no L2 reuse). Prints the best
-    config per shape with GB/s of the bytes read (words, scales, zeros) and bf16 F.linear's time, and the
-    DECODE_TABLE lines to paste into worker/kernels/gptq.py. Stops exploring past budget_s (the best so far
-    is reported)."""
-    import dataclasses
-    import time
-
-    from worker.kernels.gptq import DECODE_TABLE
-
-    t0 = time.perf_counter()
-    saved = dict(DECODE_TABLE)
-    DECODE_TABLE.clear()  # "default" below is the built-in DECODE_M1 / DECODE
-    rows: list[dict[str, Any]] = []
-    lines, bests = [], []
-    for bits in bits_list:
-        for m in ms:
-            for name, k, n in LINEARS_7B:
-                if time.perf_counter() - t0 > budget_s:
-                    break
-                res = _sweep_shape(name, k, n, m, bits, lambda: time.perf_counter() - t0 > budget_s)
-                rows += res["rows"]
-                b = res["best"]
-                if b is None:
-                    continue
-                t = dataclasses.replace(b["tiles"], split_k=b["split"] or 0)
-                print(
-                    f"best int{bits} M={m} {name} K={k} N={n}: {b['us']:.1f} us {b['gbps']:.0f} GB/s; bf16 "
-                    f"{b['bf16_us']:.1f} us ({b['bf16_us'] / b['us']:.2f}x); default {b['default_us']} us; {t} "
-                    f"[{time.perf_counter() - t0:.0f} s]",
-                    flush=True,
-                )
-                lines.append(
-                    f"    {(bits, 1 if m == 1 else 16, k, n)}: GemmTiles({t.block_m}, {t.block_n}, {t.block_k}, "
-                    f"{t.num_warps}, {t.num_stages}, split_k={t.split_k}, dot={t.dot}, atomic={t.atomic}, "
-                    f"serial={t.serial}),  # "
-                    f"{name} M={m} {b['us']:.1f} us {b['gbps']:.0f} GB/s, bf16 {b['bf16_us']:.1f} us"
-                )
-                bests.append(dict(b, tiles=dataclasses.asdict(t)))
-    DECODE_TABLE.update(saved)
-    print("DECODE_TABLE entries for worker/kernels/gptq.py (paste inside the dict):")
-    print("\n".join(lines), flush=True)
-    return dict(rows=rows, best=bests, table_lines=lines, elapsed_s=time.perf_counter() - t0)
+                tiles = GemmTiles(1, bn, bk, warps, 2)
+                t = cuda_time(lambda: gptq_gemv(x, qw, qz, s, gi, bits, 1, None, split, 128, 0, tiles), iters=50)  # noqa: B023
+                row = dict(K=k, N=n, block_n=bn, block_k=bk, warps=warps, split_k=split, us=t * 1e6,
+                           gbps=qw.numel() * 4 / t / 1e9)  # fmt: skip
+                rows.append(row)
+                if best is None or t < best["us"] / 1e6:
+                    best = row
+        print("best", json.dumps(best), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -367,8 +229,6 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--kv", action="store_true", help="also P8: Warmup's KV capacity with these weights")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--budget-s", type=float, default=120.0, help="--only sweep: stop exploring after this long")
-    ap.add_argument("--sweep-bits", default="4,8", help="--only sweep: weight bits to sweep")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.only == "quality":  # CPU is enough
@@ -380,8 +240,7 @@ def main() -> None:
     if args.only == "linears":
         res["linears"] = bench_linears(batches)
     elif args.only == "sweep":
-        bits = tuple(int(b) for b in args.sweep_bits.split(","))
-        res["sweep"] = sweep_gemv(args.budget_s, bits, tuple(b for b in batches if b <= 16) or (1, 8))
+        res["sweep"] = sweep_gemv(4) + sweep_gemv(8)
     else:
         for mode in args.modes.split(","):
             model = build(args.shape, MODES[mode])
@@ -411,11 +270,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
-    if args.only == "sweep":  # every row is in --out; the tail of the output stays the summary and table
-        print(json.dumps(res["sweep"]["best"], indent=None))
-        print("\n".join(res["sweep"]["table_lines"]), f"\nsweep took {res['sweep']['elapsed_s']:.0f} s")
-    else:
-        print(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,11 @@ groups, bias), a CUDA-graph capture of the decode kernel, torch._scaled_mm FP8 a
 2-layer model of the 7B width served in Int4 equal to the same model on the reference path.
 
 Tolerance: |ours − ref| <= 2e-2 · (1 + |ref|) (bf16 outputs; the kernels keep dequantized weights in fp32
-for the FMA GEMV and multiply exact integers on the tensor cores (zero and scale per tile in fp32) or, on
-the g_idx path, weights rounded to bf16; the reference rounds them to bf16 before cuBLAS). The decode
-variants (GemmTiles knobs) are checked at M = 1 and 8.
+for the GEMV and round them to bf16 for tl.dot, the reference rounds them to bf16 before cuBLAS).
 Run: `pytest -q -m gpu tests/gpu/test_gpu_quant.py`.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 import torch
@@ -22,19 +18,13 @@ from helpers import GPU_TRITON_MARKS, within
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
-from worker.kernels.gptq import GemmTiles, gptq_gemm, gptq_gemv, gptq_matmul, gptq_matmul_reference  # noqa: E402
+from worker.kernels.gptq import gptq_gemm, gptq_gemv, gptq_matmul, gptq_matmul_reference  # noqa: E402
 from worker.quant.fp8 import fp8_matmul_reference, fp8_matmul_scaled_mm, quantize_rows  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 
 CUDA = torch.device("cuda")
 TOL = 2e-2
 SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096)]  # (K, N): c_attn, gate_up, mlp/attn c_proj
-VARIANTS = [  # the decode knobs: FMA GEMV / tl.dot on 16 rows, pipeline depth, split-K planes / atomics
-    GemmTiles(1, 128, 128, 4, 4, dot=False),
-    GemmTiles(1, 256, 64, 8, 3, split_k=8, dot=False, atomic=True),
-    GemmTiles(16, 64, 64, 4, 4, split_k=16, atomic=True),
-    GemmTiles(1, 128, 128, 4, 4, split_k=8, dot=False, serial=True),
-]
 
 
 def _q(k: int, n: int, bits: int, act: bool, seed: int = 0):
@@ -57,27 +47,6 @@ def test_kernels_match_reference_bf16(bits, k, n):
         within(gptq_matmul(x, qw, qz, s, gi, bits, 1, bias), ref, TOL)  # through g_idx
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize(("k", "n"), [(4096, 12288), (11008, 4096)])
-def test_decode_variants_match_reference_bf16(bits, k, n):
-    """Every decode variant at M = 1 and 8, with the group hint and through g_idx, with bias; planes are
-    deterministic (two calls equal bit for bit)."""
-    qw, qz, s, gi = _q(k, n, bits, act=False)
-    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
-    for m in (1, 8):
-        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
-        ref = gptq_matmul_reference(x, qw, qz, s, gi, bits, 1, bias)
-        for tiles in VARIANTS:
-            for gs in (128, 0):
-                out = gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=tiles)
-                within(out, ref, TOL)
-                if not tiles.atomic:
-                    assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=tiles))
-                if tiles.serial:  # the same sums in the same order as the second kernel's
-                    planes = replace(tiles, serial=False)
-                    assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, bits, 1, bias, group_size=gs, tiles=planes))
-
-
 def test_act_order_and_a_row_shard_of_half_groups():
     """7B's mlp.c_proj at TP 4: 2752 rows per rank = 21.5 groups; act order gathers through g_idx."""
     k, n = 11008, 4096
@@ -89,27 +58,22 @@ def test_act_order_and_a_row_shard_of_half_groups():
             x = torch.randn(m, hi - lo, device=CUDA, dtype=torch.bfloat16)
             ref = gptq_matmul_reference(x, qw_r, qz, s, gi_r, 4)
             within(gptq_matmul(x, qw_r, qz, s, gi_r, 4, group_size=0 if act else 128, k_offset=lo), ref, TOL)
-            for tiles in VARIANTS if m < 64 else []:  # offset 2752 = 21.5 groups: block_k 128 halves to 64
-                out = gptq_gemv(x, qw_r, qz, s, gi_r, 4, group_size=0 if act else 128, k_offset=lo, tiles=tiles)
-                within(out, ref, TOL)
 
 
-@pytest.mark.parametrize("tiles", [None, VARIANTS[-1]], ids=["default", "serial"])
-def test_decode_kernel_in_a_cuda_graph(tiles):
+def test_decode_kernel_in_a_cuda_graph():
     qw, qz, s, gi = _q(4096, 12288, 4, act=False)
     x = torch.randn(1, 4096, device=CUDA, dtype=torch.bfloat16)
-    eager = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles)
+    eager = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles)  # warm up (compile) outside the capture
+        gptq_gemv(x, qw, qz, s, gi, 4, group_size=128)  # warm up (compile) outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, 4, group_size=128, tiles=tiles))
+        out = gptq_gemv(x, qw, qz, s, gi, 4, group_size=128)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(out, gptq_gemv(x, qw, qz, s, gi, 4, group_size=128))
     assert not torch.equal(out, eager)
 
 
