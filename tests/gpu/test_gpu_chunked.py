@@ -62,7 +62,7 @@ def test_chunks_with_graphs_equal_the_reference(demo_dir, tmp_path):
     dev = torch.device("cuda")
     pctx = ParallelContext(device=dev)
     model = FlashQwenForCausalLM.from_pretrained(path, pctx, torch.float32, make_backend("triton", dev), progress=False)
-    cfg_engine = EngineConfig(max_total_tokens=8192, look_ahead=False)  # every replay counted is a step's own
+    cfg_engine = EngineConfig(max_total_tokens=8192, look_ahead=False, shard_block_fraction=0.5)  # replays: steps
     engine = Engine(model, QwenTokenizer.from_dir(path), pctx, cfg_engine)
     warm = pb.Batch(id=0, requests=[_request(0, [1, 2], 2)])
     engine.warmup(pb.WarmupRequest(batch=warm, max_input_length=256, max_prefill_tokens=53))
