@@ -27,7 +27,7 @@ def test_rpc_threads_bind_the_shard_device(monkeypatch):
     engine = SimpleNamespace(
         pctx=SimpleNamespace(device=torch.device("cuda", 1)),
         model=SimpleNamespace(dtype=torch.bfloat16),
-        cfg=SimpleNamespace(block_size=16),
+        cfg=SimpleNamespace(block_size=16, chunked_prefill=True),
     )
     d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
     path = os.path.join(d, "s-1")
@@ -52,7 +52,7 @@ def test_bare_cuda_device_binds_the_owning_threads_device(monkeypatch):
     engine = SimpleNamespace(
         pctx=SimpleNamespace(device=torch.device("cuda")),
         model=SimpleNamespace(dtype=torch.bfloat16),
-        cfg=SimpleNamespace(block_size=16),
+        cfg=SimpleNamespace(block_size=16, chunked_prefill=True),
     )
     d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
     path = os.path.join(d, "s-1")
