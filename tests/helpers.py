@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -98,3 +99,24 @@ POINT = {
     "required": ["x", "ok"],
     "additionalProperties": False,
 }
+
+
+def chunk_request(rid: int, ids: list[int], max_new: int, chunk: int | None = None, **kw: Any) -> Any:
+    """A greedy (or, with seeded=True, seeded sampling) pb.Request that ignores eos, cut to `chunk` prompt
+    tokens when given (Request.chunk_len); other keywords are Request fields."""
+    from worker.pb import generate_pb2 as pb
+
+    params = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}
+    if kw.pop("seeded", False):
+        params.update(temperature=0.9, do_sample=True, seed=1234)
+    req = pb.Request(
+        id=rid,
+        inputs="",
+        tokenized_inputs=pb.TokenizedInputs(ids=ids),
+        parameters=pb.NextTokenChooserParameters(**params),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
+        **kw,
+    )
+    if chunk is not None:
+        req.chunk_len = chunk
+    return req

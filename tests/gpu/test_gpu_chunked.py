@@ -13,7 +13,7 @@ import shutil
 
 import torch
 
-from helpers import GPU_TRITON_MARKS, write_checkpoint
+from helpers import GPU_TRITON_MARKS, chunk_request, write_checkpoint
 from random_weights import random_checkpoint
 from reference import load_checkpoint, ref_forward
 
@@ -29,22 +29,6 @@ def _greedy(state: dict, cfg: dict, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         seq.append(int(ref_forward(state, cfg, seq, prompt_len=len(prompt))[-1, :N_REAL].argmax()))
     return seq[len(prompt) :]
-
-
-def _request(rid: int, ids: list[int], max_new: int, chunk: int | None = None, **kw):
-    from worker.pb import generate_pb2 as pb
-
-    req = pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-        **kw,
-    )
-    if chunk is not None:
-        req.chunk_len = chunk
-    return req
 
 
 def test_chunks_with_graphs_equal_the_reference(demo_dir, tmp_path):
@@ -64,7 +48,7 @@ def test_chunks_with_graphs_equal_the_reference(demo_dir, tmp_path):
     model = FlashQwenForCausalLM.from_pretrained(path, pctx, torch.float32, make_backend("triton", dev), progress=False)
     cfg_engine = EngineConfig(max_total_tokens=8192, look_ahead=False, shard_block_fraction=0.5)  # replays: steps
     engine = Engine(model, QwenTokenizer.from_dir(path), pctx, cfg_engine)
-    warm = pb.Batch(id=0, requests=[_request(0, [1, 2], 2)])
+    warm = pb.Batch(id=0, requests=[chunk_request(0, [1, 2], 2)])
     engine.warmup(pb.WarmupRequest(batch=warm, max_input_length=256, max_prefill_tokens=53))
     runner = engine.runner
     assert runner is not None and runner.graphs is not None
@@ -81,9 +65,9 @@ def test_chunks_with_graphs_equal_the_reference(demo_dir, tmp_path):
             if g.prefill_tokens is not None:
                 prompt_lps.extend(g.prefill_tokens.logprobs)
 
-    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 24)]), None)
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[chunk_request(1, SHORT, 24)]), None)
     add(gens, batch)
-    long = _request(3, LONG, 4, 37, prefill_logprobs=True)
+    long = chunk_request(3, LONG, 4, 37, prefill_logprobs=True)
     gens, batch = engine.prefill(pb.Batch(id=2, requests=[long]), batch.info())
     add(gens, batch)
     while batch is not None:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from helpers import chunk_request
 from reference import load_checkpoint, ref_greedy
 from shards import start_launcher, stop
 
@@ -59,20 +60,6 @@ class Shards:
         return out
 
 
-def request(rid: int, ids: list[int], max_new: int, chunk: int | None = None):
-    pb = pbm()
-    req = pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
-    if chunk is not None:
-        req.chunk_len = chunk
-    return req
-
-
 @pytest.fixture(scope="module")
 def ref(demo_dir):
     state, cfg = load_checkpoint(os.path.join(demo_dir, "model"))
@@ -93,7 +80,7 @@ def test_a_lorax_router_sequence_with_chunks(demo_dir, ref, world):
 def _sequence(shards: Shards, ref: dict[int, list[int]]) -> None:
     pb = pbm()
     assert shards.call("Info", pb.InfoRequest()).chunked_prefill
-    warm = pb.Batch(id=0, requests=[request(0, SHORT, 2)], size=1)
+    warm = pb.Batch(id=0, requests=[chunk_request(0, SHORT, 2)], size=1)
     shards.call("Warmup", pb.WarmupRequest(batch=warm, max_input_length=512, max_prefill_tokens=BUDGET))
     free = [s["shard_blocks_free"] for s in shards.stats()]
     got: dict[int, list[int]] = {1: [], 2: []}
@@ -108,12 +95,14 @@ def _sequence(shards: Shards, ref: dict[int, list[int]]) -> None:
         return resp.batch
 
     # the router cut LONG to what its budget left after SHORT: 4 + 60 tokens
-    first = pb.Batch(id=1, requests=[request(1, SHORT, 30), request(2, LONG, 3, chunk=BUDGET - len(SHORT))], size=2)
+    first = pb.Batch(
+        id=1, requests=[chunk_request(1, SHORT, 30), chunk_request(2, LONG, 3, chunk=BUDGET - len(SHORT))], size=2
+    )
     batch = step(shards.call("Prefill", pb.PrefillRequest(batch=first)))
     assert got == {1: ref[1][:1], 2: []} and currents[-1] == 1 + (BUDGET - 1)  # SHORT decodes, LONG's next chunk
     batch = step(shards.call("Decode", pb.DecodeRequest(batches=[batch])))  # LONG: [60, 123)
     assert not got[2] and currents[-1] == BUDGET
-    new = pb.Batch(id=2, requests=[request(3, OTHER, 3, chunk=10)], size=1)  # a router with a little more budget
+    new = pb.Batch(id=2, requests=[chunk_request(3, OTHER, 3, chunk=10)], size=1)  # a router with a little more budget
     batch = step(shards.call("Prefill", pb.PrefillRequest(batch=new, cached_batch=batch)))  # one forward
     assert batch.id == 1 and list(batch.request_ids) == [1, 2, 3] and len(got[1]) == 3 and not got[2]
     assert 3 not in got and currents[-1] == 1 + 62 + 1  # the budget less SHORT's row, shared in batch order

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from helpers import write_checkpoint
+from helpers import chunk_request, write_checkpoint
 from random_weights import random_checkpoint
 from reference import load_checkpoint, ref_forward
 from worker.distributed import ParallelContext
@@ -52,7 +52,7 @@ def _engine(
         chunked_prefill=chunked,
     )
     engine = Engine(model, QwenTokenizer.from_dir(model_dir), ParallelContext(), cfg)
-    warm = pb.Batch(id=0, requests=[_request(0, [1, 2], 2)])
+    warm = pb.Batch(id=0, requests=[chunk_request(0, [1, 2], 2)])
     engine.warmup(pb.WarmupRequest(batch=warm, max_input_length=8, max_prefill_tokens=budget))
     return engine
 
@@ -63,23 +63,6 @@ def _greedy(state: dict, cfg: dict, prompt: list[int], n: int) -> list[int]:
     for _ in range(n):
         seq.append(int(ref_forward(state, cfg, seq, prompt_len=len(prompt))[-1, :N_REAL].argmax()))
     return seq[len(prompt) :]
-
-
-def _request(rid: int, ids: list[int], max_new: int, chunk: int | None = None, **kw) -> pb.Request:
-    params = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}
-    if kw.pop("seeded", False):
-        params.update(temperature=0.9, do_sample=True, seed=1234)
-    req = pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(**params),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-        **kw,
-    )
-    if chunk is not None:
-        req.chunk_len = chunk
-    return req
 
 
 @dataclass
@@ -106,7 +89,7 @@ def _script(engine: Engine, first_chunk: int | None) -> Seen:
     """Two requests decode; the long one joins them in a merged Prefill and is prefilled in chunks."""
     seen = Seen()
     gens, batch = engine.prefill(
-        pb.Batch(id=1, requests=[_request(1, SHORT, 40), _request(2, SEEDED, 40, seeded=True)]), None
+        pb.Batch(id=1, requests=[chunk_request(1, SHORT, 40), chunk_request(2, SEEDED, 40, seeded=True)]), None
     )
     seen.add(gens, batch)
     assert batch is not None
@@ -114,7 +97,7 @@ def _script(engine: Engine, first_chunk: int | None) -> Seen:
     seen.add(gens, batch)
     assert batch is not None
     gens, batch = engine.prefill(
-        pb.Batch(id=2, requests=[_request(3, LONG, 4, first_chunk, prefill_logprobs=True)]), batch.info()
+        pb.Batch(id=2, requests=[chunk_request(3, LONG, 4, first_chunk, prefill_logprobs=True)]), batch.info()
     )
     seen.add(gens, batch)
     _to_end(engine, batch, seen)
@@ -196,10 +179,10 @@ def test_mixed_steps_on_the_triton_backend(model_dir, ref):
     engine = _engine(model_dir, budget=53, backend=backend)
     assert engine.model.backend.name == "triton"
     seen = Seen()
-    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 6)]), None)
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[chunk_request(1, SHORT, 6)]), None)
     seen.add(gens, batch)
     assert batch is not None
-    long = _request(3, LONG, 2, 37, prefill_logprobs=True)
+    long = chunk_request(3, LONG, 2, 37, prefill_logprobs=True)
     gens, batch = engine.prefill(pb.Batch(id=2, requests=[long]), batch.info())
     seen.add(gens, batch)
     _to_end(engine, batch, seen)
@@ -228,10 +211,10 @@ def test_one_prompt_under_two_adapters_in_mixed_steps(model_dir, ref, tmp_path):
     load(mgr, 1, "a")
     load(mgr, 2, "b")
     seen = Seen()
-    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 12, adapter_index=1)]), None)
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[chunk_request(1, SHORT, 12, adapter_index=1)]), None)
     seen.add(gens, batch)
     assert batch is not None
-    new = [_request(2, LONG, 3, 20, adapter_index=1), _request(3, LONG, 3, 25, adapter_index=2)]
+    new = [chunk_request(2, LONG, 3, 20, adapter_index=1), chunk_request(3, LONG, 3, 25, adapter_index=2)]
     gens, batch = engine.prefill(pb.Batch(id=2, requests=new), batch.info())
     seen.add(gens, batch)
     _to_end(engine, batch, seen)
@@ -262,8 +245,8 @@ def test_the_budget_is_shared_by_the_prefilling_requests():
     assert [r.chunk for r in reqs] == [10, 40]
 
 
-def _router_request(rid: int, ids: list[int], max_new: int, blocks: list[int], **kw) -> pb.Request:
-    req = _request(rid, ids, max_new, **kw)
+def _routerchunk_request(rid: int, ids: list[int], max_new: int, blocks: list[int], **kw) -> pb.Request:
+    req = chunk_request(rid, ids, max_new, **kw)
     n = len(ids) + max_new - 1
     req.blocks[:] = blocks
     req.slots[:] = [b * 16 + j for b in blocks for j in range(16)][:n]
@@ -277,10 +260,10 @@ def test_a_cancelled_request_s_computed_chunks_serve_as_a_cached_prefix(model_di
     engine = _engine(model_dir, budget=41)
     free = engine.allocator.free
     seen = Seen()
-    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 40)]), None)
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[chunk_request(1, SHORT, 40)]), None)
     seen.add(gens, batch)
     a_blocks = list(range(0, 10))
-    a = _router_request(2, LONG, 4, a_blocks, chunk_len=48)
+    a = _routerchunk_request(2, LONG, 4, a_blocks, chunk_len=48)
     gens, batch = engine.prefill(pb.Batch(id=2, requests=[a]), batch.info())
     seen.add(gens, batch)
     gens, batch = engine.decode([batch.info()])  # 48 + 40 computed
@@ -289,7 +272,7 @@ def test_a_cancelled_request_s_computed_chunks_serve_as_a_cached_prefix(model_di
     batch = engine.filter(batch.id, [1])  # the router cancels A mid-chunk
     b_prompt = LONG[:80] + [(7 * i) % 500 for i in range(70)]
     b_blocks = a_blocks[:5] + list(range(40, 45))
-    b = _router_request(3, b_prompt, 4, b_blocks, cache_len=80, chunk_len=30, prefill_logprobs=True)
+    b = _routerchunk_request(3, b_prompt, 4, b_blocks, cache_len=80, chunk_len=30, prefill_logprobs=True)
     gens, batch = engine.prefill(pb.Batch(id=3, requests=[b]), batch.info())
     seen.add(gens, batch)
     _to_end(engine, batch, seen)
@@ -308,7 +291,7 @@ def test_a_failed_merged_prefill_leaves_the_running_batch(model_dir, ref, monkey
     engine = _engine(model_dir)
     free = engine.allocator.free
     seen = Seen()
-    gens, batch = engine.prefill(pb.Batch(id=1, requests=[_request(1, SHORT, 40)]), None)
+    gens, batch = engine.prefill(pb.Batch(id=1, requests=[chunk_request(1, SHORT, 40)]), None)
     seen.add(gens, batch)
     forward = engine.runner.forward
 
@@ -317,7 +300,7 @@ def test_a_failed_merged_prefill_leaves_the_running_batch(model_dir, ref, monkey
 
     monkeypatch.setattr(engine.runner, "forward", oom)
     with pytest.raises(torch.OutOfMemoryError):
-        engine.prefill(pb.Batch(id=2, requests=[_request(3, LONG, 4, 40)]), batch.info())
+        engine.prefill(pb.Batch(id=2, requests=[chunk_request(3, LONG, 4, 40)]), batch.info())
     monkeypatch.setattr(engine.runner, "forward", forward)
     assert list(engine.batches) == [1] and engine.batches[1] is batch and engine.allocator.free == free - 3
     _to_end(engine, batch, seen)
@@ -327,10 +310,10 @@ def test_a_failed_merged_prefill_leaves_the_running_batch(model_dir, ref, monkey
 def test_chunk_len_is_validated(model_dir):
     engine = _engine(model_dir)
     with pytest.raises(InvalidArgument, match="chunk_len 0"):
-        engine.prefill(pb.Batch(id=1, requests=[_request(1, LONG, 4, 0)]), None)
-    gens, batch = engine.prefill(pb.Batch(id=2, requests=[_request(2, SHORT, 1, 2**32 - 1)]), None)
+        engine.prefill(pb.Batch(id=1, requests=[chunk_request(1, LONG, 4, 0)]), None)
+    gens, batch = engine.prefill(pb.Batch(id=2, requests=[chunk_request(2, SHORT, 1, 2**32 - 1)]), None)
     assert len(gens) == 1 and batch is None  # a chunk_len past the prompt computes it whole
     off = _engine(model_dir, chunked=False)
     with pytest.raises(FailedPrecondition, match="chunked prefill"):
-        off.prefill(pb.Batch(id=1, requests=[_request(1, LONG, 4, 100)]), None)
+        off.prefill(pb.Batch(id=1, requests=[chunk_request(1, LONG, 4, 100)]), None)
     assert engine.batches == {} and off.batches == {}
