@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from worker.models.qwen import FlashQwenForCausalLM
     from worker.tokenizer import QwenTokenizer
 
 # LoRAX launcher flags accepted for drop-in use but without effect here (each is logged once).
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated adapter ids loaded at start-up as indices 1..n (reported in Info)",
     )
+    s.add_argument(
+        "--speculative-adapter",
+        default=None,
+        help="Medusa heads (v1 or v2) used as every request's speculator: a directory relative to "
+        "--adapter-root or absolute under it",
+    )
     s.add_argument("--max-batch-size", type=int, default=0, help="reject larger batches (0: no limit)")
     s.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective gives up")
     s.add_argument("--log-level", default="info")
@@ -193,6 +200,8 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
         model.config.hidden_size,
         model.config.vocab_size,
     )
+    if args.speculative_adapter:
+        attach_speculator(args, model)
     adapters = None
     if args.adapter_root:
         from worker.adapters.pool import AdapterManager
@@ -231,6 +240,18 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     finally:
         shutdown(pctx)
     return 0
+
+
+def attach_speculator(args: argparse.Namespace, model: FlashQwenForCausalLM) -> None:
+    """The base Medusa speculator (--speculative-adapter); a bad one stops the start with ConfigError."""
+    from worker.adapters.medusa import load_speculator
+    from worker.config import ConfigError
+    from worker.errors import WorkerError
+
+    try:
+        model.attach_medusa(load_speculator(args.adapter_root, args.speculative_adapter, model.config))
+    except WorkerError as exc:
+        raise ConfigError(f"--speculative-adapter {args.speculative_adapter}: {exc}") from exc
 
 
 def checked_tokenizer(model_dir: str) -> QwenTokenizer:

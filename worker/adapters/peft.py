@@ -29,6 +29,9 @@ _KEY = re.compile(
     + "|".join(re.escape(m) for m in MODULES)
     + r")\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
+# Medusa head tensors (worker/adapters/medusa.py reads them; a joint LoRA + Medusa file holds both kinds):
+# head i, block j: `{i}.{j}.linear.weight|bias`; v1's projection `{i}.{num_layers}.weight`.
+MEDUSA_KEY = re.compile(r"^(?:medusa_head\.)?(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)$")
 
 
 @dataclass
@@ -67,13 +70,19 @@ def resolve_adapter_dir(root: str, adapter_id: str) -> str:
         raise InvalidArgument(f"adapter id {adapter_id!r} resolves outside the adapter root {root}")
     if not os.path.isdir(real):
         raise NotFound(f"adapter {adapter_id!r} not found under the adapter root {root}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE, BIN_FILE):  # links may point elsewhere under the root (HF cache)
-        file = os.path.join(real, name)
-        if os.path.lexists(file) and os.path.commonpath([os.path.realpath(file), root_real]) != root_real:
-            raise InvalidArgument(
-                f"adapter {adapter_id!r}: {name} is a link that resolves outside the adapter root {root}"
-            )
+    for name in (CONFIG_FILE, WEIGHTS_FILE, BIN_FILE):
+        check_inside_root(root, os.path.join(real, name), f"adapter {adapter_id!r}")
     return real
+
+
+def check_inside_root(root: str, file: str, what: str) -> None:
+    """Refuse `file` (when it exists) if it is a link resolving outside `root`; links may point elsewhere
+    under the root (an HF cache's blobs)."""
+    root_real = os.path.realpath(root)
+    if os.path.lexists(file) and os.path.commonpath([os.path.realpath(file), root_real]) != root_real:
+        raise InvalidArgument(
+            f"{what}: {os.path.basename(file)} is a link that resolves outside the adapter root {root}"
+        )
 
 
 def adapter_dir(root: str, adapter_id: str, source: int) -> str:
@@ -127,6 +136,8 @@ def pair_keys(
     """(layer, module) -> (key of lora_A, key of lora_B), each name and shape checked against the base model."""
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
+        if MEDUSA_KEY.match(key):  # a joint LoRA + Medusa adapter's heads
+            continue
         m = _KEY.match(key)
         if m is None:
             raise FailedPrecondition(f"adapter {path}: unsupported tensor {key!r} (LoRA on {', '.join(MODULES)} only)")

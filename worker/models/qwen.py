@@ -22,6 +22,7 @@ from worker.layers.activation import SiluAndMul
 from worker.layers.attention import AttentionBackend, TorchAttention
 from worker.layers.context import ForwardContext, RotarySettings, Seqlen
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.layers.medusa import MedusaCheckpoint, MedusaHeads, MedusaSet
 from worker.layers.norm import RMSNorm
 from worker.layers.quantized import LinearFactory
 from worker.layers.rotary import Rotary
@@ -240,6 +241,7 @@ class FlashQwenForCausalLM(nn.Module):
         self.rotary = RotarySettings(config.rotary_dim, config.rotary_emb_base, config.seq_length, config.use_logn_attn)
         self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused, quant)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
+        self.medusa = MedusaSet()
 
     @classmethod
     def from_pretrained(
@@ -329,7 +331,9 @@ class FlashQwenForCausalLM(nn.Module):
             lm_head_indices=lm_head_indices,
             adapter_data=adapter_data,
         )
-        return self.forward_context(input_ids, ctx, kv_cache, skip_lm_head), None
+        if skip_lm_head:
+            return self.forward_context(input_ids, ctx, kv_cache, skip_lm_head=True), None
+        return self.forward_speculative(input_ids, ctx, kv_cache, None)
 
     def forward_context(
         self,
@@ -346,6 +350,33 @@ class FlashQwenForCausalLM(nn.Module):
         if skip_lm_head:
             return hidden
         return self.lm_head(hidden)
+
+    @property
+    def medusa_heads(self) -> int:
+        """K, the number of Medusa heads attached (0 when none)."""
+        return self.medusa.num_heads
+
+    def attach_medusa(self, ckpt: MedusaCheckpoint, slot: int | None = None) -> None:
+        """Medusa heads (validated by worker.adapters.medusa): the base speculator (slot None) or the
+        heads of adapter pool slot `slot` (v2, same K; `self.medusa.detach(slot)` forgets them)."""
+        self.medusa.attach(MedusaHeads(ckpt, self.pctx, self.dtype), slot)
+
+    def medusa_rows(self, adapter_slots: Sequence[int]) -> list[bool]:
+        """Which rows (by adapter pool slot, 0: base) get usable speculative logits."""
+        return self.medusa.rows(adapter_slots)
+
+    def forward_speculative(
+        self,
+        input_ids: torch.Tensor,
+        ctx: ForwardContext,
+        kv_cache: Sequence[KVLayer] | None,
+        adapter_slots: Sequence[int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [N, V], speculative logits [N, K, V] or None without heads) of the rows ctx.lm_head_indices
+        picks; `adapter_slots`: each picked row's adapter pool slot (None: all base). A row uses its slot's
+        heads, else the base speculator's; `medusa_rows` says which rows have either."""
+        hidden = self.forward_context(input_ids, ctx, kv_cache, skip_lm_head=True)  # [N, H]
+        return self.medusa(hidden, self.lm_head, adapter_slots)
 
     def lora_targets(self) -> list[LoraTarget]:
         """Every linear an adapter may wrap, layer by layer in LORA_TARGETS order."""
