@@ -21,6 +21,7 @@ from worker.engine.batch import Adapters, Batch
 from worker.engine.chunks import RowSpan, default_span
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
+from worker.engine.graphed_spans import GraphedSpans, capture_spans
 from worker.engine.kv_cache import KVCache, scales_from_amax
 from worker.errors import ResourceExhausted
 from worker.layers.context import ForwardContext, Seqlen
@@ -33,7 +34,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepLogits:
     last: torch.Tensor  # [B, V]: logits for each request's next token
-    prompt: dict[int, torch.Tensor]  # request position in batch -> [n_computed, V] (prefill logprobs only)
+    # request position in batch -> [n_computed, V]: every computed token's logits (prefill logprobs; a verify
+    # row's [last, drafts...])
+    prompt: dict[int, torch.Tensor]
+    # with Medusa heads (forward(..., speculative=True)): per request [n_rows, K, V] at the rows it got logits for
+    # (the last, or those of `prompt`), None for a request whose adapter and the base carry no heads
+    speculative: list[torch.Tensor | None] | None = None
 
 
 def kv_blocks(
@@ -160,12 +166,18 @@ def capture_decode(
 
 class Runner:
     def __init__(
-        self, model: FlashQwenForCausalLM, kv: KVCache | None, device: torch.device, graphs: GraphedDecode | None = None
+        self,
+        model: FlashQwenForCausalLM,
+        kv: KVCache | None,
+        device: torch.device,
+        graphs: GraphedDecode | None = None,
+        span_graphs: GraphedSpans | None = None,
     ):
         self.model = model
         self.kv = kv
         self.device = device
         self.graphs = graphs  # CUDA graphs for decode (None: eager)
+        self.span_graphs = span_graphs  # CUDA graphs for small span steps after a cached prefix (None: eager)
 
     @classmethod
     def with_cache(
@@ -190,10 +202,11 @@ class Runner:
             pctx.device,
         )
         set_kv_scales(model, kv, calibrated, cfg.kv_scale_margin)  # before capture: graphs read them by pointer
-        graphs = None
+        graphs = spans = None
         if cfg.cuda_graphs and pctx.device.type == "cuda" and model.backend.name == "triton":
             graphs = capture_decode(model, kv, pctx, cfg, adapters)
-        return cls(model, kv, pctx.device, graphs)
+            spans = capture_spans(model, kv, pctx, cfg)
+        return cls(model, kv, pctx.device, graphs, spans)
 
     def _block_table(self, batch: Batch) -> torch.Tensor:
         width = max(len(r.blocks) for r in batch.requests)
@@ -207,20 +220,27 @@ class Runner:
         prefill: bool,
         adapter_slots: list[int] | None = None,
         spans: Sequence[RowSpan] | None = None,
+        speculative: bool = False,
     ) -> StepLogits:
         """adapter_slots: the adapter pool slot of each request (0: base), or None when none uses one. spans: the
         tokens each request computes (engine/chunks.py); None: a prefill computes ids[n_cached:] (every prompt
         logit for requests with prefill_logprobs), a decode each last token. `prefill` picks the path: the
-        prefill path serves any mix of chunks and decode rows (a decode row is a one-token chunk after
-        len - 1 cached tokens); a decode without spans may replay a CUDA graph."""
+        prefill path serves any mix of chunks, decode rows (a one-token chunk after len - 1 cached tokens) and
+        verify rows (the last token and its drafts, at the request's own next slots); a decode without spans
+        may replay a CUDA graph. speculative: also the Medusa heads' logits (StepLogits.speculative)."""
         if (
             not prefill
+            and not speculative
             and spans is None
             and self.graphs is not None
             and self.graphs.can_run(batch)
             and (adapter_slots is None or self.graphs.has_lora)
         ):
             return StepLogits(last=self.graphs.run(batch, adapter_slots), prompt={})
+        if prefill and self.span_graphs is not None:
+            graphed = self.span_graphs.try_run(batch, spans, adapter_slots)
+            if graphed is not None:
+                return StepLogits(last=graphed, prompt={})
         if spans is None:
             spans = [default_span(r, prefill) for r in batch.requests]
         ids: list[int] = []
@@ -231,18 +251,18 @@ class Runner:
         head: list[int] = []
         prompt_rows: dict[int, tuple[int, int]] = {}
         for i, (r, sp) in enumerate(zip(batch.requests, spans)):
-            start, stop = sp.start, sp.stop
+            start, n = sp.start, sp.n_tokens  # a verify row's drafts sit at positions stop, stop + 1, ...
             offset = len(ids)
-            ids += r.ids[start:stop]
-            pos += range(start, stop)
-            slots += r.slots[start:stop]
-            n_new.append(stop - start)
+            ids += r.ids[start : sp.stop] + list(sp.drafts)
+            pos += range(start, start + n)
+            slots += r.slots[start : start + n]
+            n_new.append(n)
             cache_lens.append(start)
             if sp.prompt_logits:
-                prompt_rows[i] = (len(head), stop - start)
-                head += range(offset, offset + stop - start)
+                prompt_rows[i] = (len(head), n)
+                head += range(offset, offset + n)
             else:
-                head.append(offset + stop - start - 1)
+                head.append(offset + n - 1)
         assert self.kv is not None  # only forward_no_cache runs without a cache
         dev = self.device
         seqlen = Seqlen.for_prefill(n_new, cache_lens, [r.ntk_alpha for r in batch.requests], device=dev)
@@ -258,12 +278,21 @@ class Runner:
             lm_head_indices=lm_head_indices,
             adapter_data=adapter_data,
         )
-        logits = self.model.forward_context(torch.tensor(ids, dtype=torch.long, device=dev), ctx, self.kv.layers)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        spec = None
+        if speculative:
+            counts = [prompt_rows[i][1] if i in prompt_rows else 1 for i in range(len(spans))]
+            row_slots = None if adapter_slots is None else [a for a, c in zip(adapter_slots, counts) for _ in range(c)]
+            logits, spec = self.model.forward_speculative(input_ids, ctx, self.kv.layers, row_slots)
+        else:
+            logits = self.model.forward_context(input_ids, ctx, self.kv.layers)
         for r, sp in zip(batch.requests, spans):
             r.n_cached = sp.stop
         last_rows, prompt = [], {}
+        starts = []
         cursor = 0
         for i in range(len(batch.requests)):
+            starts.append(cursor)
             if i in prompt_rows:
                 s, n = prompt_rows[i]
                 prompt[i] = logits[s : s + n]
@@ -272,7 +301,18 @@ class Runner:
             else:
                 last_rows.append(cursor)
                 cursor += 1
-        return StepLogits(last=logits[torch.tensor(last_rows, device=logits.device)], prompt=prompt)
+        last = logits[torch.tensor(last_rows, device=logits.device)]
+        return StepLogits(last=last, prompt=prompt, speculative=self._per_request(spec, starts, cursor, adapter_slots))
+
+    def _per_request(
+        self, spec: torch.Tensor | None, starts: list[int], end: int, adapter_slots: list[int] | None
+    ) -> list[torch.Tensor | None] | None:
+        """Medusa logits [N, K, V] cut per request (rows starts[i]..starts[i+1]); None for requests without heads."""
+        if spec is None:
+            return None
+        has = self.model.medusa_rows(adapter_slots if adapter_slots is not None else [0] * len(starts))
+        bounds = [*starts, end]
+        return [spec[bounds[i] : bounds[i + 1]] if has[i] else None for i in range(len(starts))]
 
     @torch.inference_mode()
     def forward_no_cache(
