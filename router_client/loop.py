@@ -28,6 +28,7 @@ from router_client.kv import PrefixLog
 from router_client.messages import HEALTH_ID, RouterConfig, RouterStats, StepRecord, Tokenizer, health_batch
 from router_client.requests import CANCELLED, Pending
 from router_client.scheduler import Scheduler
+from router_client.speculation import AcceptanceLog, count_decode_rows
 from worker.pb import generate_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ServingLoop:
         tokenizer: Tokenizer | None,
         cv: threading.Condition,
         chunking: bool = False,
+        speculate: int = 0,
     ) -> None:
         self.client = client
         self.scheduler = scheduler
@@ -67,6 +69,7 @@ class ServingLoop:
         self.stopping = False
         self.chunking = chunking
         self._prefix_log = PrefixLog(config.prefix_log_interval_s)
+        self._acceptance_log = AcceptanceLog(config.prefix_log_interval_s, speculate)
         self._commands: list[_Command] = []
         self._next_batch_id = 0
         self._thread = threading.Thread(target=self._loop, name="qwen-router-loop", daemon=True)
@@ -130,6 +133,7 @@ class ServingLoop:
         if head:
             self.adapters.reload(head, sched.busy_adapters())
         self._prefix_log.maybe_log(sched.blocks, sched.cv)
+        self._acceptance_log.maybe_log(self.stats, self.cv)
         if not self.chunking:
             admitted = sched.admit(c.max_batch_size, c.max_batch_prefill_tokens, self.adapters.ready)
             new_batches = self._prefill(admitted) if admitted else []
@@ -220,14 +224,18 @@ class ServingLoop:
         sched = self.scheduler
         self.stats.steps += 1
         finished: list[Pending] = []
+        rows: list[tuple[bool, int]] = []
         for gen in generations:
             p = sched.in_flight.get(gen.request_id)
             if p is None:
                 log.warning("generation for unknown request id %d ignored", gen.request_id)
                 continue
-            self.stats.tokens_generated += len(gen.next_tokens.ids)
+            rows.append((p.prefilled, len(gen.next_tokens.ids)))
             if p.handle._on_generation(gen):
                 finished.append(p)
+        with self.cv:
+            self.stats.tokens_generated += sum(n for _, n in rows)
+            count_decode_rows(self.stats, rows)
         sched.prefilled([g.request_id for g in generations])
         try:
             retired = sched.release([p.id for p in finished])

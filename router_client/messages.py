@@ -56,7 +56,7 @@ class RouterConfig:
     prefix_caching: bool = True  # reuse cached prompt blocks; needs seq_length (NTK alpha keys)
     seq_length: int | None = None  # the model's training context S (config.json); None: ask the shards
     use_dynamic_ntk: bool = True  # the model's dynamic NTK (config.json): alpha depends on prompt length
-    prefix_log_interval_s: float = 60.0  # how often the prefix-cache hit rate is logged (0: never)
+    prefix_log_interval_s: float = 60.0  # how often the prefix-cache hit rate and speculative acceptance are logged
 
     def validate(self) -> None:
         if not 1 <= self.max_input_length < self.max_total_tokens:
@@ -90,6 +90,13 @@ class RouterStats:
     decodes: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
+    decode_rows: int = 0  # one request in one step after its first token (a Decode row)
+    decode_tokens: int = 0  # tokens those rows accepted (1 each without speculation; up to 1 + speculate)
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Mean tokens a request gains per Decode step: 1.0 without speculation."""
+        return self.decode_tokens / self.decode_rows if self.decode_rows else 0.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,9 @@ class RouterLoad:
     prefix_hits: int = 0  # those that reused at least one block,
     prefix_lookup_tokens: int = 0  # their prompt tokens,
     prefix_hit_tokens: int = 0  # and the tokens not computed again
+    speculate: int = 0  # draft tokens the shards verify per step (Info.speculate)
+    decode_rows: int = 0  # counters since start: RouterStats.decode_rows
+    decode_tokens: int = 0  # and RouterStats.decode_tokens
 
 
 @dataclass

@@ -75,6 +75,7 @@ class GenerationResult:
     request_id: int
     ttft_s: float  # submit -> first token
     latency_s: float  # submit -> finished
+    skipped_tokens: int = 0  # speculative decoding: accepted tokens beyond the first of each step
 
 
 class RequestHandle:
@@ -189,6 +190,7 @@ class RequestHandle:
             request_id=self.request_id,
             ttft_s=(self.first_token_at or now) - self.submitted_at,
             latency_s=now - self.submitted_at,
+            skipped_tokens=done.skipped_tokens,
         )
         return True  # the router calls _finish() once its bookkeeping for this step is done
 

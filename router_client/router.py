@@ -123,7 +123,7 @@ class Router:
         self._adapters.add_preloaded(info.preloaded_adapters)
         log.info(
             "router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s, "
-            "chunked prefill %s, prefix caching %s",
+            "chunked prefill %s, prefix caching %s, speculative decoding %s",
             self.client.world_size,
             info.block_size,
             total,
@@ -133,9 +133,17 @@ class Router:
             if chunking
             else "off (" + ("not offered by the shards" if c.chunked_prefill else "disabled") + ")",
             why,
+            f"on ({info.speculate} drafts per step)" if info.speculate else "off",
         )
         self._loop = ServingLoop(
-            self.client, self._scheduler, self._adapters, c, self.tokenizer, self._cv, chunking=chunking
+            self.client,
+            self._scheduler,
+            self._adapters,
+            c,
+            self.tokenizer,
+            self._cv,
+            chunking=chunking,
+            speculate=info.speculate,
         )
         self._loop.step_observer = self._step_observer
         self._loop.start()
@@ -296,6 +304,7 @@ class Router:
         with self._cv:
             running = self._loop.running if self._loop is not None else None
             st = sched.blocks.stats
+            steps = self._loop.stats if self._loop is not None else RouterStats()
             return RouterLoad(
                 len(sched.queue),
                 len(sched.in_flight),
@@ -310,6 +319,9 @@ class Router:
                 st.hits,
                 st.lookup_tokens,
                 st.hit_tokens,
+                self.info.speculate if self.info is not None else 0,
+                steps.decode_rows,
+                steps.decode_tokens,
             )
 
     def clear_prefix_cache(self) -> int:

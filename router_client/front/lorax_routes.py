@@ -26,6 +26,7 @@ from router_client.front.text import token_offsets
 from router_client.requests import TokenEvent
 
 SSE_DOC = sse_content("StreamResponse")
+DETAILS = ("finish_reason", "prompt_tokens", "generated_tokens", "skipped_tokens", "seed", "prefill", "tokens")
 
 
 def token_json(e: TokenEvent, alternatives: bool) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def sequence_json(o: Outcome, p: Parameters, run: Run, i: int) -> dict[str, Any]
         "generated_text": res.text,
         "finish_reason": res.finish_reason,
         "generated_tokens": res.generated_tokens,
+        "skipped_tokens": res.skipped_tokens,
         "seed": res.seed,
         "prefill": prefill,
         "tokens": [token_json(e, bool(p.return_k_alternatives)) for e in o.events],
@@ -116,14 +118,12 @@ class LoraxRoutes:
         text = body.inputs + chosen["generated_text"] if p.return_full_text else chosen["generated_text"]
         out: dict[str, Any] = {"generated_text": text}
         if p.details or p.decoder_input_details:
-            details = {
-                k: chosen[k]
-                for k in ("finish_reason", "prompt_tokens", "generated_tokens", "seed", "prefill", "tokens")
-            }
-            details["skipped_tokens"] = 0
+            details = {k: chosen[k] for k in DETAILS}
             if len(seqs) > 1:
                 details["best_of_sequences"] = [
-                    {k: v for k, v in s.items() if k != "prompt_tokens"} for i, s in enumerate(seqs) if i != best
+                    {k: v for k, v in s.items() if k not in ("prompt_tokens", "skipped_tokens")}
+                    for i, s in enumerate(seqs)
+                    if i != best
                 ]
             out["details"] = details
         return out
@@ -154,6 +154,7 @@ class LoraxRoutes:
                     "finish_reason": res.finish_reason,
                     "prompt_tokens": len(run.handles[0].prompt_ids),
                     "generated_tokens": res.generated_tokens,
+                    "skipped_tokens": res.skipped_tokens,
                     "seed": res.seed,
                 }
                 yield sse({"token": token_json(last, alternatives), "generated_text": text, "details": details})

@@ -39,6 +39,7 @@ class RequestTiming:
     finished: float
     input_tokens: int
     generated_tokens: int
+    skipped_tokens: int = 0  # speculative decoding: tokens accepted beyond the first of a step
 
 
 class _Counters:
@@ -102,6 +103,19 @@ class _LoadCollector(Collector):
             ("lorax_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", load.prefix_hit_tokens),
         ):
             yield CounterMetricFamily(name, doc, value=count)
+        yield from _speculation(load)
+
+
+def _speculation(load: RouterLoad) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Drafts per step and accepted tokens per Decode row (a request in one step after its first token):
+    the mean is 1.0 without speculation; rate(tokens) / rate(rows) gives it over a window."""
+    yield GaugeMetricFamily("lorax_speculative_tokens", "Draft tokens the shards verify per step", load.speculate)
+    per_step = load.decode_tokens / load.decode_rows if load.decode_rows else 0.0
+    yield GaugeMetricFamily(
+        "lorax_decode_accepted_tokens_per_step", "Mean tokens a request gains per Decode step since start", per_step
+    )
+    yield CounterMetricFamily("lorax_decode_rows", "Decode rows: one request in one step", value=load.decode_rows)
+    yield CounterMetricFamily("lorax_decode_tokens", "Tokens the Decode rows accepted", value=load.decode_tokens)
 
 
 class Metrics:
@@ -149,7 +163,7 @@ class Metrics:
             self.time_per_token.observe((t.finished - t.admitted) / t.generated_tokens)
         self.generated_tokens.observe(t.generated_tokens)
         self.input_length.observe(t.input_tokens)
-        self.skipped_tokens.observe(0)
+        self.skipped_tokens.observe(t.skipped_tokens)
 
     def observe_step(self, step: StepRecord) -> None:
         self.batch_inference.labels(method=step.method).observe(step.duration_s)

@@ -167,6 +167,7 @@ class StreamDetails(BaseModel):
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
+    skipped_tokens: int = Field(0, description="tokens accepted beyond the first of a speculative step (not LoRAX's)")
     seed: int | None
 
 

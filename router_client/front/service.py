@@ -289,6 +289,7 @@ class Run:
                     finished=finished,
                     input_tokens=len(h.prompt_ids),
                     generated_tokens=res.generated_tokens,
+                    skipped_tokens=res.skipped_tokens,
                 )
             )
         return None

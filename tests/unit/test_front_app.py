@@ -4,6 +4,7 @@ client that disconnects mid-stream (its request is cancelled and its KV blocks c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -74,13 +75,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def served(request: pytest.FixtureRequest) -> Iterator[Served]:
-    """The front on fake shards; `@pytest.mark.parametrize("served", [{...FrontConfig fields}], indirect=True)`."""
-    overrides = getattr(request, "param", {})
-    with serve_fakes(world=1, total_tokens=256) as (prefix, (shard,)):
+@contextlib.contextmanager
+def front_on_fakes(front_config: dict[str, Any], **shard_kwargs: Any) -> Iterator[Served]:
+    """The front (FrontConfig fields `front_config`) in-process on one fake shard (FakeShard keywords)."""
+    with serve_fakes(world=1, total_tokens=256, **shard_kwargs) as (prefix, (shard,)):
         with Router.connect(f"{prefix}-0", tokenizer=ByteTokenizer(), config=CONFIG) as router:
-            front = Front(router, ByteTokenizer(), FrontConfig(model_id="fake", **overrides))
+            front = Front(router, ByteTokenizer(), FrontConfig(model_id="fake", **front_config))
             port = free_port()
             server = uvicorn.Server(uvicorn.Config(create_app(front), host="127.0.0.1", port=port, log_level="warning"))
             thread = threading.Thread(target=server.run, daemon=True)
@@ -95,6 +95,13 @@ def served(request: pytest.FixtureRequest) -> Iterator[Served]:
                 shard.decode_gate.set()
                 server.should_exit = True
                 thread.join(timeout=10)
+
+
+@pytest.fixture
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """The front on fake shards; `@pytest.mark.parametrize("served", [{...FrontConfig fields}], indirect=True)`."""
+    with front_on_fakes(getattr(request, "param", {})) as s:
+        yield s
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 5.0) -> None:

@@ -1,9 +1,12 @@
 """An in-process fake LoraxService shard that records every call, for the router tests.
 
-Generation rule: request `r` at step `s` (its s-th generated token) emits token id (r + s) % 50 with
-text f"<{id}>", and finishes with FINISH_REASON_LENGTH at max_new_tokens. Shard `rank` of `world`
-answers generations only for `r % world == rank`, like a real shard. Batches are kept per id;
-Decode concatenates the listed batches under the first id, as the contract says.
+Generation rule: request `r`'s s-th generated token is id (r + s) % 50 with text f"<{id}>"; it finishes
+with FINISH_REASON_LENGTH at max_new_tokens, or FINISH_REASON_STOP_SEQUENCE once its text contains one
+of its stop sequences. With `speculate` S (Info.speculate), the k-th Decode of request r accepts
+`accepted(r, k, S)` = 1 + (r + k) % (S + 1) of those tokens at once, checked one by one in order (the rest
+of a step is dropped at a stop), and GeneratedText.skipped_tokens counts each step's tokens beyond its
+first. Shard `rank` of `world` answers generations only for `r % world == rank`, like a real shard.
+Batches are kept per id; Decode concatenates the listed batches under the first id, as the contract says.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -29,14 +32,24 @@ class FakeRequest:
     id: int
     max_new_tokens: int
     generated: int = 0
+    stop_sequences: tuple[str, ...] = field(default=(), kw_only=True)
+    steps: int = field(default=0, kw_only=True)  # Prefill and Decode steps that gave it tokens
+    skipped: int = field(default=0, kw_only=True)
+    text: str = field(default="", kw_only=True)
+    reason: int | None = field(default=None, kw_only=True)  # its FinishReason once finished
 
     @property
     def finished(self) -> bool:
-        return self.generated >= self.max_new_tokens
+        return self.reason is not None
 
 
 def token_for(request_id: int, step: int) -> int:
     return (request_id + step) % 50
+
+
+def accepted(request_id: int, decode_step: int, speculate: int) -> int:
+    """Tokens the fake accepts for a request at its `decode_step`-th Decode (from 1)."""
+    return 1 + (request_id + decode_step) % (speculate + 1)
 
 
 class FakeShard(pb_grpc.LoraxServiceServicer):
@@ -51,8 +64,10 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
         block_size: int = 4,
         total_tokens: int = 64,
         requires_block_allocator: bool = True,
+        speculate: int = 0,
     ) -> None:
         self.rank, self.world = rank, world
+        self.speculate = speculate
         self.urls: list[str] = []
         self.block_size = block_size
         self.total_tokens = total_tokens
@@ -62,6 +77,7 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
         self.decode_gate.set()
         self.return_finished_batch = False
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[tuple[int, list[int]]] = []  # (request id, token ids) of every Generation answered
         self.batches: dict[int, list[FakeRequest]] = {}
         self._lock = threading.Lock()
 
@@ -79,21 +95,42 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
         with self._lock:
             return [fields for name, fields in self.calls if name == method]
 
+    def _advance(self, r: FakeRequest) -> list[int]:
+        """The tokens `r` accepts in this step, checked for stops one by one (see the module docstring)."""
+        n = accepted(r.id, r.steps, self.speculate) if r.steps else 1
+        r.steps += 1
+        tokens: list[int] = []
+        while len(tokens) < n and not r.finished:
+            tokens.append(token_for(r.id, r.generated))
+            r.generated += 1
+            r.text += f"<{tokens[-1]}>"
+            if any(s in r.text for s in r.stop_sequences):
+                r.reason = pb.FINISH_REASON_STOP_SEQUENCE
+            elif r.generated >= r.max_new_tokens:
+                r.reason = pb.FINISH_REASON_LENGTH
+        r.skipped += len(tokens) - 1
+        return tokens
+
     def _step(self, reqs: list[FakeRequest]) -> list[pb.Generation]:
         out = []
         for r in reqs:
-            token = token_for(r.id, r.generated)
-            r.generated += 1
+            tokens = self._advance(r)
             if r.id % self.world != self.rank:
                 continue
-            gen = pb.Generation(
-                request_id=r.id,
-                next_tokens=pb.NextTokens(ids=[token], logprobs=[-0.5], texts=[f"<{token}>"], is_special=[False]),
+            nt = pb.NextTokens(
+                ids=tokens,
+                logprobs=[-0.5] * len(tokens),
+                texts=[f"<{t}>" for t in tokens],
+                is_special=[False] * len(tokens),
             )
+            gen = pb.Generation(request_id=r.id, next_tokens=nt)
+            with self._lock:
+                self.sent.append((r.id, tokens))
             if r.finished:
-                text = "".join(f"<{token_for(r.id, s)}>" for s in range(r.generated))
                 gen.generated_text.CopyFrom(
-                    pb.GeneratedText(text=text, generated_tokens=r.generated, finish_reason=pb.FINISH_REASON_LENGTH)
+                    pb.GeneratedText(
+                        text=r.text, generated_tokens=r.generated, skipped_tokens=r.skipped, finish_reason=r.reason
+                    )
                 )
             out.append(gen)
         return out
@@ -138,6 +175,7 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
             block_size=self.block_size,
             supports_generation=True,
             requires_block_allocator=self.requires_block_allocator,
+            speculate=self.speculate,
         )
 
     def Warmup(self, request: Any, context: Any) -> pb.WarmupResponse:
@@ -167,7 +205,12 @@ class FakeShard(pb_grpc.LoraxServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"boom on shard {self.rank}")
         if batch.id in self.batches:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {batch.id} already live")
-        reqs = [FakeRequest(r.id, r.stopping_parameters.max_new_tokens) for r in batch.requests]
+        reqs = [
+            FakeRequest(
+                r.id, r.stopping_parameters.max_new_tokens, stop_sequences=tuple(r.stopping_parameters.stop_sequences)
+            )
+            for r in batch.requests
+        ]
         return self._answer(pb.PrefillResponse, batch.id, reqs)
 
     def Decode(self, request: Any, context: Any) -> pb.DecodeResponse:
