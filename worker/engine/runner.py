@@ -237,7 +237,7 @@ class Runner:
             and (adapter_slots is None or self.graphs.has_lora)
         ):
             return StepLogits(last=self.graphs.run(batch, adapter_slots), prompt={})
-        if prefill and self.span_graphs is not None:
+        if prefill and not speculative and self.span_graphs is not None:
             graphed = self.span_graphs.try_run(batch, spans, adapter_slots)
             if graphed is not None:
                 return StepLogits(last=graphed, prompt={})
