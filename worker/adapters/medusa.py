@@ -16,6 +16,7 @@ import os
 import torch
 from safetensors import safe_open
 
+from worker.adapters.peft import CONFIG_FILE as ADAPTER_CONFIG
 from worker.adapters.peft import MEDUSA_KEY, WEIGHTS_FILE, check_inside_root, resolve_adapter_dir
 from worker.config import QwenConfig
 from worker.errors import InvalidArgument
@@ -86,8 +87,8 @@ def read_medusa(root: str, path: str, config: QwenConfig) -> MedusaCheckpoint | 
                 f"{config.vocab_size}) — were these heads trained for another model?"
             )
 
-    def stack(kind: str, blocks: range) -> torch.Tensor:
-        return torch.stack([torch.stack([tensors[found[(i, j, kind)]] for j in blocks]) for i in range(K)]).float()
+    def stack(kind: str, blocks: range) -> torch.Tensor:  # in the file's dtype (MedusaHeads casts)
+        return torch.stack([torch.stack([tensors[found[(i, j, kind)]] for j in blocks]) for i in range(K)])
 
     return MedusaCheckpoint(
         path=file,
@@ -113,6 +114,26 @@ def check_per_request(ckpt: MedusaCheckpoint, num_heads: int) -> None:
             f"{ckpt.path}: {ckpt.num_heads} Medusa heads, but the loaded speculator has {num_heads}; "
             "per-request Medusa adapters must have the same number of heads"
         )
+
+
+def medusa_only(path: str) -> bool:
+    """Whether the adapter directory `path` holds Medusa heads and no LoRA (no adapter_config.json)."""
+    return not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and medusa_config(path) is not None
+
+
+def adapter_heads(root: str, paths: list[str], config: QwenConfig, num_heads: int) -> MedusaCheckpoint | None:
+    """The Medusa heads an adapter id brings (Medusa-only v2 or joint LoRA + Medusa), checked for riding
+    on requests beside heads of `num_heads` (0: none yet); None when it has none. `paths`: the resolved
+    directory of each id of the request (several: a merge, which cannot merge heads)."""
+    heads = [read_medusa(root, p, config) for p in paths]
+    if len(paths) > 1:
+        for ckpt in heads:
+            if ckpt is not None:
+                raise InvalidArgument(f"{ckpt.path}: Medusa heads cannot be merged; load this adapter alone")
+        return None
+    if heads[0] is not None:
+        check_per_request(heads[0], num_heads)
+    return heads[0]
 
 
 def load_speculator(root: str | None, spec: str, config: QwenConfig) -> MedusaCheckpoint:

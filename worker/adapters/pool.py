@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from worker.adapters.host import HostAdapter
+from worker.adapters.medusa import adapter_heads, medusa_only
 from worker.adapters.merge import merge_adapters
 from worker.adapters.peft import LoraAdapter, adapter_dir, read_adapter
 from worker.adapters.slots import SlotPool
@@ -23,6 +24,7 @@ from worker.adapters.staging import HostCopies
 from worker.distributed import ParallelContext
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from worker.layers.lora import lora_kernels
+from worker.layers.medusa import MedusaCheckpoint
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
 
@@ -39,6 +41,7 @@ class Entry:
     rank: int
     ranks: torch.Tensor  # [layers, modules] int32: rank per module (0: not targeted)
     slot: int | None = None
+    medusa: MedusaCheckpoint | None = None  # its Medusa heads (Medusa-only v2 or joint LoRA + Medusa)
     last_used: float = field(default_factory=time.monotonic)
     offloaded: bool = False  # by OffloadAdapter (not evicted): forgotten when its host copy is dropped
 
@@ -65,6 +68,7 @@ class AdapterManager:
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
+        self.model = model  # its Medusa heads follow the slots (a row's slot picks its heads)
         self.config = model.config
         self.pctx = pctx
         self.dtype = dtype
@@ -146,6 +150,8 @@ class AdapterManager:
         ids = list(params.adapter_ids)
         if not ids:
             raise InvalidArgument("adapter_parameters.adapter_ids is empty")
+        if len(ids) == 1 and medusa_only(adapter_dir(self.root, ids[0], source)):
+            return LoraAdapter(0, {})  # Medusa heads alone: an empty slot of LoRA
         adapters = [
             read_adapter(
                 adapter_dir(self.root, i, source),
@@ -166,13 +172,22 @@ class AdapterManager:
         """(the whole adapter on the host, its ranks [layers, modules] int32; pinned on CUDA)."""
         t0 = time.perf_counter()
         path = adapter_dir(self.root, params.adapter_ids[0], source) if len(params.adapter_ids) == 1 else None
+        if path is not None and medusa_only(path):
+            path = None  # read_weights gives its empty LoRA
         host = self.copies.read(path, self.max_rank, lambda: self._read(params, source, self.dtype))
         ranks = self.slots.ranks_of(host)
         self.last_timing = {"read_ms": (time.perf_counter() - t0) * 1e3}
         return host, ranks.pin_memory() if self.on_cuda else ranks  # 1 KB: copied asynchronously
 
     # ------------------------------------------------------------------ RPC bodies
+    def _medusa(self, params: Any, source: int) -> MedusaCheckpoint | None:
+        """The adapter's Medusa heads, validated to ride on requests beside the heads already known."""
+        known = self.model.medusa_heads or next((e.medusa.num_heads for e in self.entries.values() if e.medusa), 0)
+        paths = [adapter_dir(self.root, i, source) for i in params.adapter_ids]
+        return adapter_heads(self.root, paths, self.config, known)
+
     def download(self, req: Any) -> Any:
+        self._medusa(req.adapter_parameters, req.adapter_source)
         adapter = self._read(req.adapter_parameters, req.adapter_source)
         fraction = 1.0 / self.num_slots  # every adapter takes one fixed-size slot of the budget
         log.info(
@@ -196,10 +211,11 @@ class AdapterManager:
         fresh = entry is None or entry.params != req.adapter_parameters
         if fresh:
             t0 = time.perf_counter()
+            medusa = self._medusa(req.adapter_parameters, req.adapter_source)
             host, ranks = self._host_copy(req.adapter_parameters, req.adapter_source)
             if entry is not None:
                 self._free_slot(entry)
-            entry = Entry(req.adapter_parameters, req.adapter_source, host, host.rank, ranks)
+            entry = Entry(req.adapter_parameters, req.adapter_source, host, host.rank, ranks, medusa=medusa)
             self.entries[index] = entry
             log.info(
                 "adapter index %d (%s) read in %.1f ms (%s)",
@@ -243,6 +259,7 @@ class AdapterManager:
     def _free_slot(self, entry: Entry) -> None:
         if entry.slot is not None:
             self.slots.zero(entry.slot)
+            self.model.medusa.detach(entry.slot)
             self.slot_owner[entry.slot] = None
             entry.slot = None
 
@@ -279,6 +296,8 @@ class AdapterManager:
         if entry.host is None:  # dropped from the host cache: read again
             entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
         self.last_timing.update(self.copies.fill(slot, entry, entry.ranks))
+        if entry.medusa is not None:
+            self.model.attach_medusa(entry.medusa, slot)
         self.slot_owner[slot] = index
         entry.slot = slot
         self._trim_host_cache()
