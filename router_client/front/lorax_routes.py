@@ -1,5 +1,6 @@
 """LoRAX's REST routes: `POST /` (what lorax-client and text-generation call), `/generate`,
-`/generate_stream` (server-sent events, no `[DONE]`) and `/tokenize`."""
+`/generate_stream` (server-sent events, no `[DONE]`; one event per token, also when a speculative step
+accepts several) and `/tokenize`. details.skipped_tokens is the shard's GeneratedText.skipped_tokens."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`, as the `openai` client calls
 them. `model` names an adapter ("" or the base model's id: none). Streams end with `data: [DONE]`;
 `stream_options.include_usage` adds a last chunk with `choices: []` and the usage. Stop sequences
-are cut out of the text, as OpenAI does."""
+are cut out of the text, as OpenAI does. Streams send one chunk per token, also when a speculative
+step accepts several at once; usage counts every accepted token."""
 
 from __future__ import annotations
 
