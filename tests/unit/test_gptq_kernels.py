@@ -107,7 +107,7 @@ def test_model_through_the_kernels_equals_the_reference_path(tmp_path):
         for kernels in (False, True):
             model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
             layers = [m for m in model.modules() if isinstance(m, _GPTQ)]
-            assert len(layers) == 8 and all(m.group_hint == (0 if act else 32) for m in layers)
+            assert len(layers) == 8 and all(m.group_hint == 32 and (m.perm is not None) == act for m in layers)
             if kernels:
                 for m in layers:
                     m.matmul = gptq_matmul

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,10 +25,11 @@ from worker.kernels.gptq_reference import gptq_matmul_reference
 from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLinear
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
-from worker.quant.gptq_format import default_g_idx, unpack_cols
+from worker.quant.gptq_format import default_g_idx, pack_rows, unpack_cols, unpack_rows
 from worker.weights import WeightError, Weights, shard_range
 
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
+GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
 
 
 def gptq_matmul_for(device: torch.device) -> GPTQMatmul:
@@ -53,6 +55,8 @@ class _GPTQ:
     matmul: GPTQMatmul
     group_hint: int = 0
     k_offset: int = 0
+    perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
+    gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
     register_buffer: Callable[..., None]
 
     def _allocate_gptq(self, k: int, n: int, k_groups: int, n_zeros: int, dtype: torch.dtype) -> None:
@@ -103,17 +107,47 @@ class _GPTQ:
     def _copy(
         self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, k_offset: int
     ) -> None:
-        """Keep the tensors; g_idx of rows k_offset.. equal to (k_offset + k) // group_size (no act order)
-        lets the kernels read one zero/scale row per aligned K tile (`group_hint`; 0: gather through g_idx)."""
+        """Keep the tensors with the rows in group order (act order: stably sorted by g_idx, the permutation
+        applied to x per call: the same sum). Sorted g_idx of rows k_offset.. equal to (k_offset + k) //
+        group_size lets the kernels read one zero/scale row per aligned K tile (`group_hint`; 0: gather
+        through g_idx), and on CUDA the decode GEMV take them."""
+        order = torch.argsort(g_idx.long(), stable=True)
+        self.perm = None
+        if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
+            qweight = pack_rows(unpack_rows(qweight, self.quant.bits)[order], self.quant.bits)
+            g_idx, self.perm = g_idx[order], order.to(self.pctx.device)
         for dst, src in ((self.qweight, qweight), (self.qzeros, qzeros), (self.scales, scales), (self.g_idx, g_idx)):
             dst.copy_(src)
         gs = self.quant.group_size
         plain = gs > 0 and torch.equal(g_idx.cpu(), default_g_idx(k_offset + g_idx.numel(), gs)[k_offset:])
         self.group_hint = gs if plain else 0
         self.k_offset = k_offset
+        if self.pctx.device.type == "cuda":
+            self.build_gemv()
+
+    def build_gemv(self) -> None:
+        """The decode GEMV's view of the current buffers (None where it does not apply or Triton is absent)."""
+        self.gemv = None
+        gs, grouped = self.quant.group_size, self.group_hint > 0
+        if not grouped and gs == -1:
+            grouped = not bool(self.g_idx.any())
+        try:
+            from worker.kernels.gemv import default_tiles, gemv_fits, gemv_weights
+        except ImportError:
+            return
+        if grouped:
+            q = self.quant
+            w = gemv_weights(self.qweight, self.qzeros, self.scales, q.bits, q.zero_offset, gs, self.k_offset)
+            self.gemv = w if gemv_fits(w, default_tiles(q.bits)) else None
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        if self.gemv is not None and x.shape[0] <= GEMV_MAX_M:
+            from worker.kernels.gemv import quant_gemv
+
+            return quant_gemv(x, self.gemv, bias)
         return self.matmul(
             x,
             self.qweight,

@@ -1,0 +1,141 @@
+"""The GPTQ GEMV (worker/kernels/gemv.py) against the dequantize-then-matmul reference on the CPU through the
+Triton interpreter (fp32 and fp16; bf16 runs in scripts/gpu_check_gemv.py): Int4/Int8, M 1..16, N not a
+multiple of the tile, K not a multiple of the group, groups 32/64/128/none, act order (rows permuted at
+load, x per call), sym (one zero) and asym zeros, row shards starting inside a tile, split-K with the fused
+reduction (its counters must be back at zero after each call)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+if "worker.kernels.gemv" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels already compiled for the GPU in this session", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from helpers import within  # noqa: E402
+from worker.kernels.gemv import GemvTiles, gemv_weights, group_order, quant_gemv  # noqa: E402
+from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+from worker.quant.gptq_format import quantize_rtn  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def _quant(n: int, k: int, bits: int, group_size: int, act_order: bool, sym: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    perm = torch.randperm(k, generator=g) if act_order else None
+    return quantize_rtn(w, bits, group_size, sym=sym, perm=perm)
+
+
+def _tiles(bits: int, group_size: int) -> GemvTiles:
+    """The smallest legal tile (16 word rows), unless the group is smaller (then too small for M > 1)."""
+    bk = 16 * (32 // bits)
+    return GemvTiles(block_n=32, block_k=bk, num_warps=4, num_stages=1)
+
+
+CASES = [  # (M, N, K, bits, group_size, act_order, sym)
+    (1, 40, 328, 4, 128, False, False),  # K = 2.56 groups, N = 1.25 tiles
+    (3, 56, 256, 8, 64, True, False),
+    (1, 24, 384, 8, 128, True, True),
+    (8, 48, 200, 4, -1, False, True),
+    (16, 40, 256, 4, 128, True, False),
+    (5, 24, 96, 8, 32, False, False),  # Int8 tile of 64 rows in groups of 32: not servable (see below)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k", "bits", "gs", "act", "sym"), CASES)
+def test_gemv_matches_reference(m, n, k, bits, gs, act, sym, dtype):
+    q = _quant(n, k, bits, gs, act, sym, seed=m + k)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    scales = q.scales.to(dtype)
+    ref = gptq_matmul_reference(x, q.qweight, q.qzeros, scales, q.g_idx, bits, 1, bias)
+    qweight, perm = group_order(q.qweight, q.g_idx, bits)
+    assert (perm is None) == (not act)
+    w = gemv_weights(qweight, q.qzeros, scales, bits, 1, gs, 0)
+    assert (w.zeros is None) == sym
+    xp = x if perm is None else x[:, perm]
+    tiles = _tiles(bits, gs)
+    if gs != -1 and gs % tiles.block_k:
+        with pytest.raises(ValueError, match="block_k"):
+            quant_gemv(xp, w, bias, tiles=tiles)
+        return
+    for split in (1, 2, 3):
+        tiles = GemvTiles(tiles.block_n, tiles.block_k, num_warps=4, num_stages=1, prefetch=split != 3)
+        out = quant_gemv(xp, w, bias if split != 2 else None, tiles=tiles, split_k=split)
+        assert out.dtype == dtype
+        within(out, ref if split != 2 else ref - bias, TOL[dtype])
+        assert int(w.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_row_shard_starting_inside_a_tile(bits):
+    """Rows [192, 448) of a K = 512, group 128 linear: the shard's first tile starts 64 rows before its
+    first row (masked), tiles stay inside groups; a shard told the wrong offset reads the wrong groups."""
+    q = _quant(24, 512, bits, 128, False, False, seed=3)
+    p = 32 // bits
+    lo, hi = 192, 448
+    qweight, g_idx = q.qweight[lo // p : hi // p], q.g_idx[lo:hi]
+    x = torch.randn(2, hi - lo, generator=torch.Generator().manual_seed(4))
+    ref = gptq_matmul_reference(x, qweight, q.qzeros, q.scales.float(), g_idx, bits, 1)
+    tiles = GemvTiles(block_n=32, block_k=128, num_warps=4, num_stages=1)
+    for m in (1, 2):
+        w = gemv_weights(qweight, q.qzeros, q.scales.float(), bits, 1, 128, lo)
+        for split in (1, 2):
+            within(quant_gemv(x[:m], w, tiles=tiles, split_k=split), ref[:m], TOL[torch.float32])
+    wrong = gemv_weights(qweight, q.qzeros, q.scales.float(), bits, 1, 128, 0)
+    assert (quant_gemv(x[:1], wrong, tiles=tiles) - ref[:1]).abs().max() > 1e-3
+
+
+def test_bad_shapes_are_refused():
+    q = _quant(16, 128, 4, 128, False, True, seed=5)
+    w = gemv_weights(q.qweight, q.qzeros, q.scales.float(), 4, 1, 128, 0)
+    with pytest.raises(ValueError, match="M <= 16"):
+        quant_gemv(torch.randn(1, 120), w)
+    with pytest.raises(ValueError, match="M <= 16"):
+        quant_gemv(torch.randn(17, 128), w)
+
+
+def test_model_decode_through_the_gemv_equals_the_reference_path(tmp_path):
+    """Every GPTQ layer of an Int4 act-order model (rows permuted at load) and an Int8 sym one, group 128:
+    with the GEMV built (as on CUDA) the 2-sequence decode step goes through it, and prefill and decode
+    logits equal the dequantize-then-matmul path's."""
+    from gptq_helpers import gptq_checkpoint
+    from helpers import TINY
+    from paged import Paged
+    from random_weights import random_checkpoint
+    from worker.kernels.gptq import gptq_matmul
+    from worker.layers.quantized import _GPTQ
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "hidden_size": 256, "kv_channels": 64, "intermediate_size": 512, "seq_length": 16}
+    state = random_checkpoint(cfg, seed=9)
+    for bits, act in ((4, True), (8, False)):
+        path, _ = gptq_checkpoint(str(tmp_path / f"q{bits}"), cfg, state, bits, 128, not act, act)
+        outs = []
+        for kernels in (False, True):
+            model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+            layers = [m for m in model.modules() if isinstance(m, _GPTQ)]
+            assert len(layers) == 8 and all((m.perm is not None) == act and m.group_hint == 128 for m in layers)
+            if kernels:
+                for m in layers:
+                    m.matmul = gptq_matmul
+                    m.build_gemv()
+                    assert m.gemv is not None and (m.gemv.zeros is None) == (not act)
+            paged = Paged(model)
+            prompts = [list(range(3, 14)), [5, 9]]
+            out = paged.step([0, 1], prompts, [0, 0], [1.0, 1.0], True)
+            seqs = [p + [7] for p in prompts]
+            out += paged.step([0, 1], seqs, [len(s) - 1 for s in seqs], [1.0, 1.0], False)
+            outs.append(out)
+        for a, b in zip(*outs):
+            within(b, a, 1e-5)

@@ -1,0 +1,243 @@
+"""Triton W4A16 / W8A16 GPTQ GEMV for decode batches (M <= 16): y [M, N] = x [M, K] · dequant(qweight) (+ bias).
+
+Built to read the packed words at copy speed instead of shuffling them:
+- Rows arrive in group order (act-order checkpoints are permuted at load, x once per call; see
+  `group_order`), so each K tile of BLOCK_K rows lies in one group: one scale and zero row per tile, and
+  Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z Σ_k x_k) moves the zero and scale out of the inner loop.
+- A word's P = 32 / bits values are taken with a mask, not a shift: `(w & (MAXQ << sh)) | 0x4B000000`
+  read as fp32 is 2^23 + q·2^sh exactly (the bf16/fp32 "magic number" trick), so one subtraction gives
+  q·2^sh; M = 1 folds 2^−sh into x (an FMA per value, no int-to-float conversion), M > 1 multiplies it
+  back and feeds each shift's [BLOCK_K/P, BLOCK_N] tile to tl.dot (q < 2^8 is exact in bf16/fp16).
+- Split-K fills the SMs; the last split of an N tile to arrive sums the fp32 partials in split order
+  (deterministic), adds the bias, writes y in x's dtype and resets its arrival counter: one launch.
+Row-parallel shards whose first row is not a tile boundary (K_OFFSET) start at a negative, masked
+tile. The PyTorch reference is worker/kernels/gptq_reference.py (tests/unit/test_gemv.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.quant.gptq_format import pack_rows, unpack_cols, unpack_rows
+
+NO_GROUPS = 1 << 30  # GROUP_SIZE for a checkpoint without groups (group_size -1): every row in group 0
+
+
+@triton.jit
+def _values(words, high, J: tl.constexpr, BITS: tl.constexpr):
+    """q · 2^sh (fp32, exact) of value J of each word, sh = BITS · (J mod P/2)."""
+    HALF: tl.constexpr = 16 // BITS
+    src = words if J < HALF else high
+    bits = (src & (((1 << BITS) - 1) << (BITS * (J % HALF)))) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _words(qw_ptr, kw, k_hi, N, offs_n, mask_n, P: tl.constexpr):
+    """The packed words of word rows kw [BKW] (rows outside [0, k_hi) read as 0), [BKW, BLOCK_N]."""
+    mask = (kw >= 0) & (kw * P < k_hi)
+    return tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=mask[:, None] & mask_n[None, :], other=0)
+
+
+# fmt: off
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
+                 SPLITS, stride_xm, stride_ym,
+                 BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 REDUCE: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    P: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = 16 // BITS
+    BKW: tl.constexpr = BLOCK_K // P
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    rows = tl.arange(0, BKW)
+    k_lo = pid_k * K_PER_SPLIT - K_OFFSET % BLOCK_K  # tiles aligned to BLOCK_K in the global row numbering
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BKW, BLOCK_N], dtype=tl.float32)  # reduced over rows once, after the loop
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        nxt = _words(qw_ptr, k_lo // P + rows, k_hi, N, offs_n, mask_n, P)
+    else:
+        nxt = tl.zeros([BKW, BLOCK_N], dtype=tl.int32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kw = k0 // P + rows  # word rows (k0 is a multiple of P)
+        mask_w = (kw >= 0) & (kw * P < k_hi)
+        if PREFETCH:  # the next tile's words in flight (registers) while this one's are multiplied
+            words = nxt
+            nxt = _words(qw_ptr, kw + BKW, k_hi, N, offs_n, mask_n, P)
+        else:
+            words = _words(qw_ptr, kw, k_hi, N, offs_n, mask_n, P)
+        high = words >> 16
+        g = (K_OFFSET + k0) // GROUP_SIZE
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if ZERO >= 0:
+            z = tl.full([BLOCK_N], ZERO, tl.float32)
+        else:
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if BLOCK_M == 1:
+            part2 = tl.zeros([BKW, BLOCK_N], dtype=tl.float32)
+            sx = tl.zeros([BKW], dtype=tl.float32)
+            for j in tl.static_range(P):
+                xj = tl.load(x_ptr + kw * P + j, mask=mask_w, other=0.0).to(tl.float32)
+                sx += xj
+                part2 += (xj * (1.0 / (1 << (BITS * (j % HALF)))))[:, None] * _values(words, high, j, BITS)
+            acc2 += s[None, :] * (part2 - z[None, :] * sx[:, None])
+        else:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            sxm = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for j in tl.static_range(P):
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kw * P + j)[None, :],
+                             mask=mask_m[:, None] & mask_w[None, :], other=0.0)  # [BM, BKW]
+                sxm += tl.sum(xj.to(tl.float32), axis=1)
+                q = _values(words, high, j, BITS) * (1.0 / (1 << (BITS * (j % HALF))))
+                part += tl.dot(xj, q.to(xj.dtype), input_precision=DOT_PRECISION)
+            acc += s[None, :] * (part - z[None, :] * sxm[:, None])
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    out = offs_m[:, None] * stride_ym + offs_n[None, :]
+    if REDUCE:
+        plane = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + plane, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for i in range(SPLITS):
+                tot += tl.load(part_ptr + i * M * N + plane, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, tot.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+# fmt: on
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    block_n: int = 128
+    block_k: int = 128  # rows per tile; a multiple of 16 · P for M > 1 (tl.dot needs 16 word rows)
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4  # split-K target
+    prefetch: bool = True  # M = 1: load the next tile's words before multiplying this one's (registers)
+
+
+def default_tiles(bits: int) -> GemvTiles:
+    return GemvTiles(block_k=128 if bits == 4 else 64)
+
+
+@dataclass
+class GPTQGemvWeights:
+    """One linear in the GEMV's layout: rows in group order (`group_order`), scales [G, N], zero points
+    z + zero_offset as floats [G, N] in the scales' dtype (None when one value `zero` serves all, as in
+    every sym checkpoint), arrival counters for the fused split-K reduction (zero between launches)."""
+
+    qweight: torch.Tensor  # int32 [K / P, N]
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    zero: int  # -1: read `zeros`
+    bits: int
+    group_size: int  # > 0; NO_GROUPS for a checkpoint without groups
+    k_offset: int  # the shard's first global row
+    counters: torch.Tensor
+
+
+def group_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(qweight with its rows stably sorted by group, the permutation or None when already sorted): the
+    matmul of the permuted rows with x[:, perm] is the same sum (act order costs one gather of x per call)."""
+    order = torch.argsort(g_idx.long(), stable=True)
+    if bool((order == torch.arange(order.numel(), device=order.device)).all()):
+        return qweight, None
+    return pack_rows(unpack_rows(qweight, bits)[order], bits), order
+
+
+def gemv_weights(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zero_offset: int,
+    group_size: int,
+    k_offset: int,
+) -> GPTQGemvWeights:
+    """The GEMV's view of rows already in group order whose row k (global k_offset + k) is in group
+    (k_offset + k) // group_size (group_size -1: no groups). Shares qweight and scales."""
+    zeros = (unpack_cols(qzeros, bits) + zero_offset).to(scales.dtype)
+    uniform = zeros.numel() > 0 and bool((zeros == zeros.flatten()[0]).all())
+    tiles = triton.cdiv(qweight.shape[1], 16)
+    return GPTQGemvWeights(
+        qweight=qweight,
+        scales=scales,
+        zeros=None if uniform else zeros,
+        zero=int(zeros.flatten()[0]) if uniform else -1,
+        bits=bits,
+        group_size=NO_GROUPS if group_size == -1 else group_size,
+        k_offset=k_offset,
+        counters=torch.zeros(tiles, dtype=torch.int32, device=qweight.device),
+    )
+
+
+def gemv_fits(w: GPTQGemvWeights, tiles: GemvTiles) -> bool:
+    """Each tile within one group (the group a multiple of the tile)."""
+    return w.group_size % tiles.block_k == 0 and tiles.block_k % (16 * (32 // w.bits)) == 0
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def splits_for(n: int, span: int, tiles: GemvTiles, device: torch.device) -> int:
+    """K splits for ~programs_per_sm programs per SM (1 off CUDA), at most one per K tile."""
+    if device.type != "cuda":
+        return 1
+    programs = tiles.programs_per_sm * _sm_count(device.index or 0)
+    return max(1, min(triton.cdiv(span, tiles.block_k), round(programs / triton.cdiv(n, tiles.block_n))))
+
+
+def quant_gemv(
+    x: torch.Tensor,  # [M <= 16, K], its columns in the weight's row order
+    w: GPTQGemvWeights,
+    bias: torch.Tensor | None = None,
+    tiles: GemvTiles | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """y [M, N] in x's dtype (fp32 accumulation); split_k None: ~programs_per_sm programs per SM."""
+    tiles = tiles or default_tiles(w.bits)
+    M, K = x.shape
+    N, p = w.qweight.shape[1], 32 // w.bits
+    if M > 16 or K != w.qweight.shape[0] * p:
+        raise ValueError(f"x [{M}, {K}] for a GEMV of {w.qweight.shape[0]} words x {p} rows (M <= 16)")
+    if not gemv_fits(w, tiles):
+        raise ValueError(f"block_k {tiles.block_k} must divide the group ({w.group_size}) and hold 16 word rows")
+    x = x.contiguous()
+    span = K + w.k_offset % tiles.block_k
+    split_k = split_k or splits_for(N, span, tiles, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(span, split_k), tiles.block_k) * tiles.block_k
+    split_k = triton.cdiv(span, k_per_split)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    part = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32) if split_k > 1 else y
+    grid = (triton.cdiv(N, tiles.block_n), split_k)
+    _gemv_kernel[grid](
+        x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
+        y, part, w.counters, M, N, K, k_per_split, w.k_offset, split_k, x.stride(0), y.stride(0),
+        BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
+        PREFETCH=tiles.prefetch and M == 1,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    return y
