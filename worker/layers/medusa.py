@@ -135,7 +135,7 @@ class MedusaSet(nn.Module):
                 stacked[idx, 1:] = r
         if len(v1_groups) < len(groups):  # some v2 rows: one LM head call over [h, r_1..r_K]
             both = lm_head(stacked)  # [N, K+1, V]
-            logits, speculative = both[:, 0], both[:, 1:]
+            logits, speculative = both[:, 0].contiguous(), both[:, 1:]  # logits as the sampler's usual input
         else:
             logits = lm_head(hidden)  # [N, V]
             speculative = logits.unsqueeze(1).repeat(1, K, 1)
