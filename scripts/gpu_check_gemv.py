@@ -1,0 +1,275 @@
+"""One GPU session's check of the decode GEMVs (worker/kernels/gemv.py), bf16 activations:
+
+    PYTHONPATH=. python scripts/gpu_check_gemv.py            # on the H200: correctness, then timings (< 150 s)
+    PYTHONPATH=. python scripts/gpu_check_gemv.py --compile  # on a CPU: compile every variant for sm_90
+
+1. PASS/FAIL of the GPTQ GEMV (Int4/Int8, M 1/3/8/16, act order, asym zeros, a row shard starting inside
+   a tile, groups 128/none) and of the FP8 candidates against fp32 references (max errors printed).
+2. Timings, weights never in L2 (each timed CUDA graph cycles over copies of the weight totalling >=
+   256 MB): per shape and M, the old split-K GPTQ kernel (baseline), the new GEMV's default and its tile
+   variants, bf16 cuBLAS, FP8 Triton W8A16 vs torch._scaled_mm. Prints GB/s of the bytes each must read
+   and the ratio to the baseline. Always exits 0; a failing candidate prints why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+
+from worker.kernels.gemv import (  # noqa: E402
+    NO_GROUPS,
+    GemvTiles,
+    _gemv_kernel,
+    default_tiles,
+    gemv_weights,
+    group_order,
+    quant_gemv,  # noqa: E402
+)
+from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+from worker.quant.gptq_format import quantize_rtn  # noqa: E402
+
+START = time.time()
+SHAPES = {  # (K, N) at TP 1
+    "7b c_attn": (4096, 12288),
+    "7b attn.c_proj": (4096, 4096),
+    "7b w2|w1": (4096, 22016),
+    "7b mlp.c_proj": (11008, 4096),
+    "14b w2|w1": (5120, 27392),
+    "14b mlp.c_proj": (13696, 5120),
+    "72b w2|w1": (8192, 49152),
+    "72b mlp.c_proj": (24576, 8192),
+}
+VARIANTS = [  # M = 1 candidates (block_k follows the bits); programs_per_sm is a runtime choice
+    GemvTiles(block_n=64, num_warps=4),
+    GemvTiles(block_n=128, num_warps=4, prefetch=False),
+    GemvTiles(block_n=128, num_warps=8),
+    GemvTiles(block_n=256, num_warps=8),
+    GemvTiles(block_n=256, num_warps=8, prefetch=False),
+    GemvTiles(block_n=128, num_warps=4, programs_per_sm=2),
+    GemvTiles(block_n=128, num_warps=4, programs_per_sm=8),
+    GemvTiles(block_n=256, num_warps=8, programs_per_sm=8),
+]
+
+
+def _tiles(bits: int, t: GemvTiles) -> GemvTiles:
+    return GemvTiles(t.block_n, default_tiles(bits).block_k, t.num_warps, t.num_stages, t.programs_per_sm, t.prefetch)
+
+
+def report(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> bool:
+    err = (out.float() - ref.float()).abs().max().item()
+    rel = err / max(ref.float().abs().max().item(), 1e-30)
+    ok = bool(torch.isfinite(out).all()) and rel <= tol
+    print(f"{'PASS' if ok else 'FAIL'} {name:58s} max abs err {err:.3e} rel {rel:.2e}", flush=True)
+    return ok
+
+
+def check(name: str, fn: Callable[[], bool]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # a failing candidate is a finding, not the end of the run
+        print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
+def gptq_case(m: int, n: int, k: int, bits: int, gs: int, act: bool, sym: bool, lo: int = 0) -> bool:
+    """The GEMV on rows [lo, k) of a random RTN-quantized linear, against the fp32 reference."""
+    g = torch.Generator().manual_seed(m * 7 + bits)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    q = quantize_rtn(w, bits, gs, sym=sym, perm=torch.randperm(k, generator=g) if act else None)
+    p = 32 // bits
+    qw, g_idx = q.qweight[lo // p :].cuda(), q.g_idx[lo:].cuda()
+    qz, sc = q.qzeros.cuda(), q.scales.to(torch.bfloat16).cuda()
+    x = torch.randn(m, k - lo, generator=g).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    ref = gptq_matmul_reference(x.float(), qw, qz, sc.float(), g_idx, bits, 1, bias.float())
+    qw_sorted, perm = group_order(qw, g_idx, bits)
+    gw = gemv_weights(qw_sorted, qz, sc, bits, 1, gs, lo)
+    xp = x if perm is None else x[:, perm]
+    ok = True
+    for split in (None, 1, 3):
+        out = quant_gemv(xp, gw, bias, split_k=split)
+        ok &= report(f"gptq int{bits} M={m} N={n} K={k} gs={gs} act={act} sym={sym} lo={lo} split={split}", out, ref)
+        ok &= bool(int(gw.counters.abs().sum()) == 0)
+    return ok
+
+
+def correctness() -> None:
+    print("== correctness (bf16 activations vs fp32 reference; rel = max err / max |ref|, PASS <= 1e-2)")
+    for bits in (4, 8):
+        for m, n, k, gs, act, sym, lo in (
+            (1, 200, 1000, 128, False, False, 0),
+            (3, 264, 1024, 128, True, False, 0),
+            (8, 4096, 4096, 128, False, True, 0),
+            (16, 136, 896, -1, False, True, 0),
+            (1, 520, 1408, 128, False, False, 320),
+            (8, 520, 1408, 128, False, False, 320),
+        ):
+            check(f"gptq int{bits} M={m}", lambda a=(m, n, k, bits, gs, act, sym, lo): gptq_case(*a))
+    check("fp8", fp8_correctness)
+
+
+def fp8_correctness() -> bool:
+    from worker.kernels.fp8_matmul import w8a16_matmul, w8a16_reference
+    from worker.quant.fp8 import fp8_matmul_scaled_mm, quantize_rows
+
+    ok = True
+    for m in (1, 8):
+        g = torch.Generator(device="cuda").manual_seed(m)
+        wq, ws = quantize_rows(torch.randn(4096, 4096, device="cuda", generator=g))
+        x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
+        ref = w8a16_reference(x.float(), wq, ws[:, 0])
+        ok &= report(f"fp8 triton w8a16 M={m}", w8a16_matmul(x, wq, ws[:, 0]), ref)
+        ok &= report(f"fp8 torch._scaled_mm M={m}", fp8_matmul_scaled_mm(x, wq, ws[:, 0]), ref, 3e-2)
+    return ok
+
+
+def graph_time(calls: list[Callable[[], Any]], reps: int = 10) -> float:
+    """Median µs per call of a CUDA graph that makes every call once (warmed up first)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def copies(nbytes: int) -> int:
+    return max(2, min(64, -(-(256 << 20) // max(nbytes, 1))))
+
+
+def time_shape(label: str, k: int, n: int, bits: int, m: int, sweep: bool) -> None:
+    from worker.kernels.gptq import gptq_gemv
+
+    p, groups = 32 // bits, k // 128
+    words = [torch.randint(-(2**31), 2**31 - 1, (k // p, n), dtype=torch.int32, device="cuda")]
+    c = copies(words[0].numel() * 4)
+    words += [torch.randint_like(words[0], -(2**31), 2**31 - 1) for _ in range(c - 1)]
+    scales = torch.rand(groups, n, device="cuda").to(torch.bfloat16) * 1e-3
+    qzeros = torch.full((groups, n // p), 0x77777777 if bits == 4 else 0x7F7F7F7F, dtype=torch.int32, device="cuda")
+    g_idx = (torch.arange(k, device="cuda") // 128).to(torch.int32)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    nbytes = words[0].numel() * 4 + scales.numel() * 2 + x.numel() * 2 + m * n * 2
+    base_us = graph_time([lambda w=w: gptq_gemv(x, w, qzeros, scales, g_idx, bits, group_size=128) for w in words])
+    rows = [("old split-K kernel (baseline)", base_us)]
+    gws = [gemv_weights(w, qzeros, scales, bits, 1, 128, 0) for w in words]
+    ref = gptq_matmul_reference(x.float(), words[0], qzeros, scales.float(), g_idx, bits)
+    for t in [default_tiles(bits)] + ([_tiles(bits, v) for v in VARIANTS] if sweep else []):
+        name = (
+            f"gemv n{t.block_n} k{t.block_k} w{t.num_warps} s{t.num_stages} pps{t.programs_per_sm} pf{int(t.prefetch)}"
+        )
+        try:
+            if report(f"  {label} int{bits} M={m} {name}", quant_gemv(x, gws[0], tiles=t), ref):
+                rows.append((name, graph_time([lambda gw=gw, t=t: quant_gemv(x, gw, tiles=t) for gw in gws])))
+        except Exception as exc:
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:200]}")
+    del words, gws
+    w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(n * k * 2))]
+    rows.append(("bf16 cuBLAS F.linear", graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])))
+    del w16
+    print(f"-- {label} K={k} N={n} int{bits} M={m}: {nbytes / 1e6:.1f} MB quantized")
+    for name, us in rows:
+        gbs = nbytes / us / 1e3 if not name.startswith("bf16") else (n * k * 2 + x.numel() * 2) / us / 1e3
+        print(f"   {name:52s} {us:8.1f} us {gbs:7.0f} GB/s  x{base_us / us:5.2f} vs baseline")
+
+
+def time_fp8(label: str, k: int, n: int, m: int) -> None:
+    from worker.kernels.fp8_matmul import w8a16_matmul
+    from worker.quant.fp8 import fp8_matmul_scaled_mm
+
+    ws = torch.rand(n, device="cuda") * 1e-3
+    wqs = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies(n * k))]
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    tri = graph_time([lambda w=w: w8a16_matmul(x, w, ws) for w in wqs])
+    smm = graph_time([lambda w=w: fp8_matmul_scaled_mm(x, w, ws) for w in wqs])
+    best = "triton" if tri < smm else "_scaled_mm"
+    print(f"-- fp8 {label} M={m}: triton {tri:.1f} us ({n * k / tri / 1e3:.0f} GB/s), _scaled_mm {smm:.1f} us"
+          f" ({n * k / smm / 1e3:.0f} GB/s) -> {best}")  # fmt: skip
+
+
+def timings() -> None:
+    print("== timings (CUDA graphs over weight copies > L2; GB/s of the bytes each call must read)")
+    for label, (k, n) in SHAPES.items():
+        seven = label.startswith("7b")
+        for bits, m, sweep in ((4, 1, seven), (8, 1, seven), (4, 8, False)) if seven else ((4, 1, False),):
+            if time.time() - START > 120:
+                print(f"skipped {label} int{bits} M={m}: time budget")
+                continue
+            check(f"timing {label} int{bits} M={m}", lambda a=(label, k, n, bits, m, sweep): time_shape(*a))
+    for label, (k, n) in list(SHAPES.items())[:4]:
+        for m in (1, 8):
+            if time.time() - START < 135:
+                check(f"fp8 timing {label}", lambda a=(label, k, n, m): time_fp8(*a))
+
+
+def compile_all() -> None:
+    """Compile every variant for sm_90 with Triton's bundled ptxas (no GPU needed; not interpreted)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptrs = ("x", "qw", "s", "z", "b", "y", "part", "cnt")
+    types = ("*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32")
+    ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "SPLITS", "stride_xm", "stride_ym")
+    for bits in (4, 8):
+        for t in [default_tiles(bits)] + [_tiles(bits, v) for v in VARIANTS]:
+            for bm, zero, gs in ((1, 1 << (bits - 1), 128), (16, -1, 128), (1, -1, NO_GROUPS)):
+                const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=True, PREFETCH=t.prefetch,
+                             DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
+                sig = {**{f"{p}_ptr": ty for p, ty in zip(ptrs, types)}, **dict.fromkeys(ints, "i32")}
+                sig.update(dict.fromkeys(const, "constexpr"))
+                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a == "N"}
+                label = f"int{bits} M{'1' if bm == 1 else '>1'} zero{zero} gs{gs} {t}"
+                try:
+                    kern = triton.compile(
+                        ASTSource(_gemv_kernel, sig, const, attrs),
+                        target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
+                    )
+                    print(f"ok     {label}: {kern.metadata.shared} B shared")
+                except Exception as exc:
+                    print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--compile", action="store_true", help="CPU: compile the variants for sm_90 only")
+    args = ap.parse_args()
+    if args.compile:
+        compile_all()
+        return
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing checked (use --compile on a CPU)")
+        return
+    watchdog = threading.Timer(148, lambda: (print("TIMEOUT at 148 s: stopped", flush=True), os._exit(0)))
+    watchdog.daemon = True
+    watchdog.start()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    check("correctness", lambda: correctness() or True)
+    timings()
+    print(f"done in {time.time() - START:.0f} s", flush=True)
+    os._exit(0)  # the watchdog thread must not keep the process alive
+
+
+if __name__ == "__main__":
+    main()
