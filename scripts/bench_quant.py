@@ -80,6 +80,7 @@ def build(shape: str, quant: QuantConfig | None, backend: str = "triton", device
             k = m.g_idx.numel()
             m.g_idx.copy_((m.k_offset + torch.arange(k, device=device)) // 128)
             m.group_hint = 128
+            m.build_gemv()  # the decode GEMV's view of the random buffers (load() builds it from a checkpoint)
         if isinstance(m, _FP8):
             m.w_scale.fill_(0.02 / 100)
     return model

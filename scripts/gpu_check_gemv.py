@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
 
 import torch
 
@@ -75,7 +75,7 @@ def report(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -
     return ok
 
 
-def check(name: str, fn: Callable[[], bool]) -> None:
+def check(name: str, fn: Callable[[], object]) -> None:
     try:
         fn()
     except Exception as exc:  # a failing candidate is a finding, not the end of the run
@@ -115,7 +115,7 @@ def correctness() -> None:
             (1, 520, 1408, 128, False, False, 320),
             (8, 520, 1408, 128, False, False, 320),
         ):
-            check(f"gptq int{bits} M={m}", lambda a=(m, n, k, bits, gs, act, sym, lo): gptq_case(*a))
+            check(f"gptq int{bits} M={m}", partial(gptq_case, m, n, k, bits, gs, act, sym, lo))
     check("fp8", fp8_correctness)
 
 
@@ -134,7 +134,7 @@ def fp8_correctness() -> bool:
     return ok
 
 
-def graph_time(calls: list[Callable[[], Any]], reps: int = 10) -> float:
+def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
     """Median µs per call of a CUDA graph that makes every call once (warmed up first)."""
     for c in calls:
         c()
@@ -171,7 +171,7 @@ def time_shape(label: str, k: int, n: int, bits: int, m: int, sweep: bool) -> No
     g_idx = (torch.arange(k, device="cuda") // 128).to(torch.int32)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     nbytes = words[0].numel() * 4 + scales.numel() * 2 + x.numel() * 2 + m * n * 2
-    base_us = graph_time([lambda w=w: gptq_gemv(x, w, qzeros, scales, g_idx, bits, group_size=128) for w in words])
+    base_us = graph_time([partial(gptq_gemv, x, w, qzeros, scales, g_idx, bits, group_size=128) for w in words])
     rows = [("old split-K kernel (baseline)", base_us)]
     gws = [gemv_weights(w, qzeros, scales, bits, 1, 128, 0) for w in words]
     ref = gptq_matmul_reference(x.float(), words[0], qzeros, scales.float(), g_idx, bits)
@@ -181,12 +181,12 @@ def time_shape(label: str, k: int, n: int, bits: int, m: int, sweep: bool) -> No
         )
         try:
             if report(f"  {label} int{bits} M={m} {name}", quant_gemv(x, gws[0], tiles=t), ref):
-                rows.append((name, graph_time([lambda gw=gw, t=t: quant_gemv(x, gw, tiles=t) for gw in gws])))
+                rows.append((name, graph_time([partial(quant_gemv, x, gw, tiles=t) for gw in gws])))
         except Exception as exc:
             print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:200]}")
     del words, gws
     w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(n * k * 2))]
-    rows.append(("bf16 cuBLAS F.linear", graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in w16])))
+    rows.append(("bf16 cuBLAS F.linear", graph_time([partial(torch.nn.functional.linear, x, w) for w in w16])))
     del w16
     print(f"-- {label} K={k} N={n} int{bits} M={m}: {nbytes / 1e6:.1f} MB quantized")
     for name, us in rows:
@@ -201,8 +201,8 @@ def time_fp8(label: str, k: int, n: int, m: int) -> None:
     ws = torch.rand(n, device="cuda") * 1e-3
     wqs = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies(n * k))]
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    tri = graph_time([lambda w=w: w8a16_matmul(x, w, ws) for w in wqs])
-    smm = graph_time([lambda w=w: fp8_matmul_scaled_mm(x, w, ws) for w in wqs])
+    tri = graph_time([partial(w8a16_matmul, x, w, ws) for w in wqs])
+    smm = graph_time([partial(fp8_matmul_scaled_mm, x, w, ws) for w in wqs])
     best = "triton" if tri < smm else "_scaled_mm"
     print(f"-- fp8 {label} M={m}: triton {tri:.1f} us ({n * k / tri / 1e3:.0f} GB/s), _scaled_mm {smm:.1f} us"
           f" ({n * k / smm / 1e3:.0f} GB/s) -> {best}")  # fmt: skip
@@ -216,11 +216,11 @@ def timings() -> None:
             if time.time() - START > 120:
                 print(f"skipped {label} int{bits} M={m}: time budget")
                 continue
-            check(f"timing {label} int{bits} M={m}", lambda a=(label, k, n, bits, m, sweep): time_shape(*a))
+            check(f"timing {label} int{bits} M={m}", partial(time_shape, label, k, n, bits, m, sweep))
     for label, (k, n) in list(SHAPES.items())[:4]:
         for m in (1, 8):
             if time.time() - START < 135:
-                check(f"fp8 timing {label}", lambda a=(label, k, n, m): time_fp8(*a))
+                check(f"fp8 timing {label}", partial(time_fp8, label, k, n, m))
 
 
 def compile_all() -> None:
@@ -265,7 +265,7 @@ def main() -> None:
     watchdog.daemon = True
     watchdog.start()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    check("correctness", lambda: correctness() or True)
+    check("correctness", correctness)
     timings()
     print(f"done in {time.time() - START:.0f} s", flush=True)
     os._exit(0)  # the watchdog thread must not keep the process alive

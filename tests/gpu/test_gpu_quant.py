@@ -127,9 +127,11 @@ def test_int4_model_on_the_kernels_equals_the_reference_path(tmp_path):
     assert layers and all(m.matmul is gptq_matmul for m in layers)
     prompts = [list(range(5, 60)), [7, 8, 9]]
     outs = []
+    assert all(m.gemv is not None and m.perm is not None for m in layers)  # act order: rows in group order
+    gemvs = [m.gemv for m in layers]
     for matmul in (gptq_matmul, gptq_matmul_reference):
-        for m in layers:
-            m.matmul = matmul
+        for m, gemv in zip(layers, gemvs):
+            m.matmul, m.gemv = matmul, gemv if matmul is gptq_matmul else None  # decode: the GEMV vs the reference
         paged = Paged(model)
         out = paged.step([0, 1], prompts, [0, 0], [1.0, 1.0], True)
         seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
