@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
 
+from bench_common import cuda_time  # noqa: E402
 from worker.kernels.gemv import (  # noqa: E402
     NO_GROUPS,
     GemvTiles,
@@ -143,16 +143,7 @@ def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
     with torch.cuda.graph(graph):
         for c in calls:
             c()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(calls))
-    return statistics.median(times)
+    return cuda_time(graph.replay, iters=reps, warmup=1) * 1e6 / len(calls)
 
 
 def copies(nbytes: int) -> int:
