@@ -81,10 +81,10 @@ def truth(y0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d
     return out
 
 
-def check(y0, x, pool, data, touched) -> tuple[float, float]:
+def check(y0, x, pool, data, touched, add=add_lora) -> tuple[float, float]:
     a, b, ranks, clean_a, clean_b = pool
     y, ref = y0.clone(), y0.clone()
-    add_lora(y, x, a, b, ranks, data)
+    add(y, x, a, b, ranks, data)
     add_lora_reference(ref, x, clean_a, clean_b, data)
     exact = truth(y0, x, clean_a, clean_b, data)
     assert torch.isfinite(y).all()  # nothing read past a slot's rank, nor from slot 0
@@ -119,6 +119,23 @@ def test_decode_bf16_7b_shapes(module, bs):
     x = torch.randn(bs, K, device=CUDA).to(torch.bfloat16)
     y0 = torch.randn(bs, P * N, device=CUDA).to(torch.bfloat16)
     check(y0, x, pool, AdapterBatchData.for_decode(slots), slots != 0)
+
+
+@pytest.mark.parametrize("module", list(MODULES))
+@pytest.mark.parametrize("bs", [1, 33])
+def test_decode_local_bf16_7b_shapes(module, bs):
+    """The one-launch decode kernel without counters (kernels/lora_decode.py), as the two launches above."""
+    from worker.kernels.lora_decode import add_lora_decode_local
+
+    P, K, N = MODULES[module]
+    pool = make_pool(P, K, N, seed=bs)
+    slots = torch.tensor([(i % 6) for i in range(bs)], device=CUDA)
+    x = torch.randn(bs, K, device=CUDA).to(torch.bfloat16)
+    y0 = torch.randn(bs, P * N, device=CUDA).to(torch.bfloat16)
+    check(
+        y0, x, pool, AdapterBatchData.for_decode(slots), slots != 0,
+        lambda y, x, a, b, ranks, d: add_lora_decode_local(y, x, a, b, ranks, d.starts, d.slots),
+    )  # fmt: skip
 
 
 def test_decode_kernels_in_a_cuda_graph():
@@ -231,16 +248,19 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     assert effect > 10 * tol  # the adapters change the logits far beyond the tolerance
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_graphed_adapter_decode_equals_eager(tmp_path, overlap):
+@pytest.mark.parametrize("mode,overlap", [("two", True), ("two", False), ("local", False), ("side", True)])
+def test_graphed_adapter_decode_equals_eager(tmp_path, mode, overlap):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
-    the shrink on the side stream (captured as a fork/join in the graph) or serial."""
+    the shrink on the side stream (captured as a fork/join in the graph) or serial, or with another decode
+    mode of LoraTerm ("side": the whole term on the side stream)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
     from worker.layers.rotary import ntk_alpha
 
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
+    for t in model.lora_targets():
+        getattr(t.owner, t.attr).lora.decode = mode
     c = model.config
     kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
     graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=True)

@@ -253,36 +253,64 @@ def test_model_with_kernels_vs_reference(tmp_path):
 
 
 # -------------------------------------------------------------- decode in one launch per module
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("P,K,N,r_max", SHAPES)
-def test_decode_in_one_launch(dtype, P, K, N, r_max):
-    """add_lora_decode (shrink and expand in one launch) on decode rows with base rows among them, twice
-    over the same counters (as a CUDA graph replays): equal to the reference, base rows exact, counters 0."""
-    from worker.kernels.lora_decode import add_lora_decode
-    from worker.kernels.paged_decode import DecodeWorkspace
+def one_launch(kind: str, tiles=None, sync=None):
+    """The one-launch decode kernel `kind` ("sync", with the DecodeWorkspace `sync`, or "local") as
+    f(y, x, a, b, ranks, starts, slots)."""
+    from worker.kernels.lora_decode import LocalTiles, add_lora_decode, add_lora_decode_local
 
+    if kind == "local":
+        return lambda *args: add_lora_decode_local(*args, tiles or LocalTiles())
+    return lambda *args: add_lora_decode(*args, sync)
+
+
+def check_one_launch(add, P, K, N, r_max, dtype) -> None:
+    """`add` on decode rows with base rows among them, twice (as a CUDA graph replays): equal to the
+    reference, base rows exact."""
     pool = make_pool(P, K, N, r_max, {1: [4] * P, 2: [16] * P, 3: [8, 0][:P] if P == 2 else [8]}, dtype, seed=6)
     a, b, ranks, (ca, cb) = pool
-    sync = DecodeWorkspace()
     for seed, slots in ((2, [2, 0, 1, 3, 3, 0, 2]), (3, [0, 1, 1])):
         data = AdapterBatchData.for_decode(torch.tensor(slots))
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(len(slots), K, generator=g).to(dtype)
         y0 = torch.randn(len(slots), P * N, generator=g).to(dtype)
         y, ref = y0.clone(), y0.clone()
-        add_lora_decode(y, x, a, b, ranks, data.starts, data.slots, sync)
+        add(y, x, a, b, ranks, data.starts, data.slots)
         add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
         assert torch.isfinite(y).all()
         torch.testing.assert_close(y, ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
         base = data.slots == 0
         assert torch.equal(y[base], y0[base]) and not torch.equal(ref[~base], y0[~base])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P,K,N,r_max", SHAPES)
+@pytest.mark.parametrize("kind", ["sync", "local"])
+def test_decode_in_one_launch(kind, dtype, P, K, N, r_max):
+    """Both one-launch kernels; the counters of "sync" are back to 0 after each launch."""
+    from worker.kernels.paged_decode import DecodeWorkspace
+
+    sync = DecodeWorkspace()
+    check_one_launch(one_launch(kind, sync=sync), P, K, N, r_max, dtype)
+    if kind == "sync":
         (counters,) = sync.buffers[torch.device("cpu")]
         assert not counters.any()
 
 
+@pytest.mark.parametrize(
+    "n_split,block_k,block_n", [(3, 16, 16), (5, 32, 16), (64, 64, 32)]
+)  # output ranges not a multiple of the tile, more ranges than tiles, K tail
+def test_decode_local_tiles(n_split, block_k, block_n):
+    """add_lora_decode_local at tunable tiles on awkward sizes (K 600 with a 16-wide K tile, N 3 * 40)."""
+    from worker.kernels.lora_decode import LocalTiles
+
+    for P, K, N, r_max in SHAPES:
+        check_one_launch(one_launch("local", LocalTiles(n_split, block_k, block_n)), P, K, N, r_max, torch.float32)
+
+
 def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
-    """The tiny model's decode step with fused_decode on every adapter-aware linear: one LoRA launch per
-    module (two before), and logits equal to the float64 reference with each adapter merged."""
+    """The tiny model's decode step with each decode mode on every adapter-aware linear: one LoRA launch per
+    module for the one-launch modes (two otherwise), and logits equal to the float64 reference with each
+    adapter merged ("side" without a stream on the CPU: its separate buffer and add)."""
     import triton.runtime.interpreter as interpreter
 
     from helpers import TINY, write_checkpoint
@@ -326,15 +354,23 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
     counts = {}
-    for fused in (False, True):
+    for mode in ("two", "sync", "local", "side"):
         for term in terms:
-            term.fused_decode = fused
+            term.decode = mode
         launches.clear()
         out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
-        counts[fused] = sum("lora" in n or "shrink" in n or "expand" in n for n in launches)
+        counts[mode] = sum("lora" in n or "shrink" in n or "expand" in n for n in launches)
         worst = max(
             (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
             for s, p, a, o in zip(seqs, prompts, which, out)
         )
-        assert worst <= 1e-4, (fused, worst)
-    assert counts == {False: 2 * len(terms), True: len(terms)}, counts
+        assert worst <= 1e-4, (mode, worst)
+    assert counts == {"two": 2 * len(terms), "sync": len(terms), "local": len(terms), "side": 2 * len(terms)}, counts
+
+
+def test_lora_term_rejects_an_unknown_decode_mode():
+    from worker.layers.lora import LoraTerm
+
+    pool = torch.zeros(2, 1, 4, 8)
+    with pytest.raises(ValueError, match="decode 'fused'.*'local'"):
+        LoraTerm(pool, pool.transpose(2, 3), torch.zeros(1, 2, dtype=torch.int32), decode="fused")

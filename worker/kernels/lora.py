@@ -246,11 +246,13 @@ def lora_expand(
     lens: torch.Tensor,
     slots: torch.Tensor,
     max_len: int,
+    block_n: int = 0,
 ) -> None:
     """y[t, p·N + n] += (Σ_split h[split, t, p]) · B[slot(t), p, n, :rank]ᵀ, in place.
 
     y: [T, P·N] (row stride free, unit column stride); h from `lora_shrink`; b_pool: [slots, P, N, r_max];
-    ranks, starts, lens, slots, max_len: as for `lora_shrink`.
+    ranks, starts, lens, slots, max_len: as for `lora_shrink`; block_n: output columns per program (0: the
+    default, 256 for decode, else 128; a power of two, for tuning).
     """
     T = y.shape[0]
     _, P, N, r_max = b_pool.shape
@@ -260,7 +262,7 @@ def lora_expand(
     if S == 0 or T == 0:
         return
     block_m = _block_m(max_len)
-    block_n = 256 if block_m == 1 else 128
+    block_n = block_n or (256 if block_m == 1 else 128)
     n_tiles = triton.cdiv(N, block_n)
     strides = (*h.stride()[:3], *b_pool.stride()[:3], y.stride(0), *ranks.stride())
     tiles = {"SPLIT_K": h.shape[0], "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": 16}

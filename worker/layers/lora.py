@@ -14,6 +14,7 @@ Under TP, a column-parallel linear keeps A whole and cuts B by output rows withi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -144,20 +145,30 @@ def lora_kernels(device: torch.device, interpreter: bool = False) -> ModuleType 
     return lora
 
 
+DECODE_MODES = ("two", "sync", "local", "side")
+
+
 @dataclass
 class LoraTerm:
     """The adapter term of one module: pools with a part dim, per-part slot ranks, the kernels module
     (None: the PyTorch reference) and an optional side stream on which the kernels' shrink runs beside the
-    base matmul (both only read x; the expand waits for both). fused_decode: decode steps run shrink and
-    expand as one launch after the base matmul instead (no side stream)."""
+    base matmul (both only read x; the expand waits for both). decode: how decode steps (one token per
+    segment) run the term: "two" launches as above; "sync", one launch whose expands wait on the shrinks'
+    counters; "local", one launch whose programs each recompute their row's h (both after the base matmul,
+    no side stream; worker/kernels/lora_decode.py); "side", shrink and expand both on the side stream into
+    a buffer added to the base output after both."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
     ranks: torch.Tensor  # [P, slots] int32
     kernels: ModuleType | None = None
     stream: torch.cuda.Stream | None = None
-    fused_decode: bool = False  # decode steps (one token per segment): one launch (kernels/lora_decode.py)
-    sync: Any = field(default=None, repr=False)  # that launch's counters (a DecodeWorkspace, made on first use)
+    decode: str = "two"  # one of DECODE_MODES (see above)
+    sync: Any = field(default=None, repr=False)  # "sync"'s counters (a DecodeWorkspace, made on first use)
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"LoraTerm: decode {self.decode!r}, expected one of {DECODE_MODES}")
 
     def apply(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """base() + lora(x): y [T, out] from the base matmul, the adapter term added in place."""
@@ -165,13 +176,11 @@ class LoraTerm:
             y = base()
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
-        if self.fused_decode and data.max_len == 1:
-            from worker.kernels.lora_decode import add_lora_decode
-            from worker.kernels.paged_decode import DecodeWorkspace
-
-            self.sync = self.sync or DecodeWorkspace()
+        if self.decode == "side" and data.max_len == 1:
+            return self._beside(base, x, data)
+        if self.decode != "two" and data.max_len == 1:
             y = base()
-            add_lora_decode(y, x, self.a_pool, self.b_pool, self.ranks, data.starts, data.slots, self.sync)
+            self._one_launch(y, x, data)
             return y
         k = self.kernels
         segments = (data.starts, data.lens, data.slots, data.max_len)
@@ -189,6 +198,40 @@ class LoraTerm:
         main.wait_stream(self.stream)
         k.lora_expand(y, h, self.b_pool, self.ranks, *segments)
         return y
+
+    def _beside(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
+        """Shrink and expand both on the side stream (when there is one), beside the base matmul, into a
+        zeroed buffer; then one add. The critical path keeps one small launch instead of the expand."""
+        k, segments = self.kernels, (data.starts, data.lens, data.slots, data.max_len)
+        assert k is not None
+        side = self.stream
+        main = torch.cuda.current_stream(x.device) if side is not None else None
+        # allocated on the main stream, which frees them after the add
+        h = k.shrink_buffer(x, self.a_pool, data.slots.shape[0], data.max_len)
+        delta = torch.empty(x.shape[0], self.b_pool.shape[1] * self.b_pool.shape[2], dtype=x.dtype, device=x.device)
+        if side is not None and main is not None:
+            side.wait_stream(main)  # x is ready
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            delta.zero_()  # base rows (slot 0) add exact zeros
+            k.lora_expand(
+                delta, k.lora_shrink(x, self.a_pool, self.ranks, *segments, h), self.b_pool, self.ranks, *segments
+            )
+        y = base()
+        if side is not None and main is not None:
+            main.wait_stream(side)
+        return y.add_(delta)  # y + the rounded term, rounded once: the reference's numerics
+
+    def _one_launch(self, y: torch.Tensor, x: torch.Tensor, data: AdapterBatchData) -> None:
+        from worker.kernels import lora_decode
+
+        args = (y, x, self.a_pool, self.b_pool, self.ranks, data.starts, data.slots)
+        if self.decode == "local":
+            lora_decode.add_lora_decode_local(*args)
+            return
+        from worker.kernels.paged_decode import DecodeWorkspace
+
+        self.sync = self.sync or DecodeWorkspace()
+        lora_decode.add_lora_decode(*args, self.sync)
 
 
 class _LoraLinear(nn.Module):
