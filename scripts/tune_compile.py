@@ -156,6 +156,7 @@ def prefill(t: Tiles, kv: str, paged: bool, arch: int) -> dict[str, int]:
         BLOCK_M=t.prefill_m,
         BLOCK_N=t.prefill_n,
         SCALED=scaled,
+        PREFETCH=t.prefill_prefetch and paged,
     )
     sig.update(dict.fromkeys(const, "constexpr"))
     return _compile(_prefill_kernel, sig, const, arch, t.prefill_warps, t.prefill(torch.bfloat16, kv == "fp8")[3])

@@ -48,37 +48,21 @@ def _prefill_tile(
     l_i,
     k_ptr,
     v_ptr,
-    n0,
-    seq,
-    h,
-    kv_start,
+    rows,
+    pos,
     q_pos,
     key_end,
     scale_log2e,
-    tables_ptr,
-    stride_tb,
-    stride_b,
-    stride_r,
-    stride_h,
-    PAGED: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
 ):
-    pos = n0 + tl.arange(0, BLOCK_N)
+    """One key tile (element offsets `rows` of key positions `pos`) into the running softmax."""
     d = tl.arange(0, HEAD_DIM)
     if CAUSAL_MASK:
         valid = pos < key_end
-        rows = _kv_rows(
-            pos, valid, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
-        )
         k = tl.load(k_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_ptr + rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     else:
-        rows = _kv_rows(
-            pos, pos >= 0, seq, h, kv_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
-        )
         k = tl.load(k_ptr + rows[:, None] + d[None, :])
         v = tl.load(v_ptr + rows[:, None] + d[None, :])
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2e  # [BM, BN]
@@ -121,6 +105,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCALED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -147,57 +132,47 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
-            q,
-            acc,
-            m_i,
-            l_i,
-            k_ptr,
-            v_ptr,
-            n0,
-            seq,
-            h,
-            q_start,
-            q_pos,
-            key_end,
-            scale_log2e,
-            tables_ptr,
-            stride_tb,
-            stride_b,
-            stride_r,
-            stride_h,
-            PAGED,
-            BLOCK_SIZE,
-            HEAD_DIM,
-            BLOCK_N,
-            False,
+    if PREFETCH:  # the next tile's table entries load while this tile computes (off the K/V loads' path)
+        pos = tl.arange(0, BLOCK_N)
+        rows = _kv_rows(
+            pos, pos < full_end, seq, h, q_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
         )
+        for _n0 in range(0, full_end, BLOCK_N):
+            nxt = pos + BLOCK_N
+            rows_next = _kv_rows(
+                nxt,
+                nxt < full_end,
+                seq,
+                h,
+                q_start,
+                tables_ptr,
+                stride_tb,
+                stride_b,
+                stride_r,
+                stride_h,
+                PAGED,
+                BLOCK_SIZE,
+            )
+            acc, m_i, l_i = _prefill_tile(
+                q, acc, m_i, l_i, k_ptr, v_ptr, rows, pos, q_pos, key_end, scale_log2e, HEAD_DIM, False
+            )
+            pos, rows = nxt, rows_next
+    else:
+        for n0 in range(0, full_end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            rows = _kv_rows(
+                pos, pos >= 0, seq, h, q_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
+            )
+            acc, m_i, l_i = _prefill_tile(
+                q, acc, m_i, l_i, k_ptr, v_ptr, rows, pos, q_pos, key_end, scale_log2e, HEAD_DIM, False
+            )
     for n0 in range(full_end, key_end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        rows = _kv_rows(
+            pos, pos < key_end, seq, h, q_start, tables_ptr, stride_tb, stride_b, stride_r, stride_h, PAGED, BLOCK_SIZE
+        )
         acc, m_i, l_i = _prefill_tile(
-            q,
-            acc,
-            m_i,
-            l_i,
-            k_ptr,
-            v_ptr,
-            n0,
-            seq,
-            h,
-            q_start,
-            q_pos,
-            key_end,
-            scale_log2e,
-            tables_ptr,
-            stride_tb,
-            stride_b,
-            stride_r,
-            stride_h,
-            PAGED,
-            BLOCK_SIZE,
-            HEAD_DIM,
-            BLOCK_N,
-            True,
+            q, acc, m_i, l_i, k_ptr, v_ptr, rows, pos, q_pos, key_end, scale_log2e, HEAD_DIM, True
         )
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     if SCALED:
@@ -249,7 +224,7 @@ def paged_prefill(
         return out
     cu = cu_seqlen_q
     fp8_cache = k_cache is not None and k_cache.element_size() == 1
-    block_m, block_n, warps, stages = tiles.prefill(q.dtype, fp8_cache)
+    block_m, block_n, warps, stages = tiles.prefill(q.dtype, fp8_cache, paged=k_cache is not None)
     tile_seq, tile_m = prefill_tile_map(cu, T, block_m)
     if k_cache is not None:
         assert v_cache is not None and block_tables is not None and cache_lens is not None
@@ -291,6 +266,7 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SCALED=scaled,
+        PREFETCH=tiles.prefill_prefetch and k_cache is not None,
         num_warps=warps,
         num_stages=stages,
     )

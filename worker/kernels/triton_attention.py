@@ -47,6 +47,13 @@ class Tiles:
     prefill_warps: int = 8
     prefill_stages: int = 3  # software-pipelined K/V loads (tl.dot operands)
     prefill_fp8_stages: int = 2  # with an fp8 cache (3 stages of 128x128 tiles spill there; 2 were fastest)
+    # Over a paged cache (chunks, prefix hits): 0 keeps the fields above; prefetch loads the next key tile's
+    # block-table entries one step ahead (scripts/gpu_check_prefill.py compares both on the chunked rows).
+    prefill_paged_m: int = 0
+    prefill_paged_n: int = 0
+    prefill_paged_warps: int = 0
+    prefill_paged_stages: int = 0
+    prefill_prefetch: bool = True
     # Decode: the best single config over ctx 2k/8k/32k x batch 1/16 (bf16 cache): 0.96-1.16x the KV floor at
     # 8k and 32k, where the kernel before issue 17 was 2.7x slower.
     decode_n: int = 32  # keys per inner step of a split
@@ -62,6 +69,9 @@ class Tiles:
     def __post_init__(self) -> None:
         for name in ("prefill_m", "prefill_n", "decode_n"):
             pow2(getattr(self, name), name)
+        for name in ("prefill_paged_m", "prefill_paged_n"):
+            if getattr(self, name):
+                pow2(getattr(self, name), name)
         for name in (
             "prefill_warps",
             "prefill_stages",
@@ -85,12 +95,17 @@ class Tiles:
             kw[name] = value.lower() in ("1", "true", "yes") if fields[name] in (bool, "bool") else int(value)
         return cls(**kw)  # type: ignore[arg-type]
 
-    def prefill(self, dtype: torch.dtype, fp8_cache: bool = False) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of `dtype` (over an fp8 cache when said)."""
+    def prefill(self, dtype: torch.dtype, fp8_cache: bool = False, paged: bool = False) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_N, num_warps, num_stages) for inputs of `dtype` (over an fp8 cache when said; over
+        a paged cache, the prefill_paged_* fields that are set)."""
+        m, n = self.prefill_m, self.prefill_n
+        warps, stages = self.prefill_warps, self.prefill_fp8_stages if fp8_cache else self.prefill_stages
+        if paged:
+            m, n = self.prefill_paged_m or m, self.prefill_paged_n or n
+            warps, stages = self.prefill_paged_warps or warps, self.prefill_paged_stages or stages
         if dtype == torch.float32:
-            return min(self.prefill_m, 32), min(self.prefill_n, 32), 4, 2
-        stages = self.prefill_fp8_stages if fp8_cache else self.prefill_stages
-        return self.prefill_m, self.prefill_n, self.prefill_warps, stages
+            return min(m, 32), min(n, 32), 4, 2
+        return m, n, warps, stages
 
     def decode_splits(self, batch: int, heads: int, max_k: int, sm_count: int) -> int:
         """The split count of this policy (see choose_num_splits)."""
