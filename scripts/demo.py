@@ -3,7 +3,12 @@ router — base model and both demo adapters in the same batch — print each ou
 start the HTTP front (`qwen-router serve`) and make one OpenAI chat call and one lorax-client call
 with an adapter, and stop everything (also on Ctrl-C: the launcher's shards die with it).
 
-    python scripts/demo.py [--num-shard 2] [--out .demo] [--quantize int4|int8|fp8]
+    python scripts/demo.py [--num-shard 2] [--out .demo] [--quantize int4|int8|fp8] [--speculate auto|medusa|lookup|off]
+
+Speculative decoding: the demo's Medusa heads (OUT/adapters/medusa, trained by make_demo_model.py) serve as
+every request's speculator when present (--speculate auto or medusa); without them, or with --speculate lookup,
+prompt lookup (--speculative-tokens 4) drafts instead. The acceptance rate (tokens a request gains per decode
+step; 1.00 = no gain) is printed next to the results; the outputs must not change.
 
 --quantize int4/int8 serves a GPTQ copy of the demo model (scripts/quantize.py, calibrated on the demo
 texts, group size 32; written once to OUT/model-int4 or -int8); fp8 quantizes the float model at load.
@@ -19,6 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router_client.messages import RouterStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,6 +42,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, ".demo"))
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--quantize", choices=["none", "int4", "int8", "fp8"], default="none")
+    ap.add_argument("--speculate", choices=["auto", "medusa", "lookup", "off"], default="auto")
     args = ap.parse_args()
 
     t0 = time.time()
@@ -43,6 +53,9 @@ def main() -> int:
     if args.quantize in ("int4", "int8"):
         model_dir = quantized_copy(model_dir, os.path.join(args.out, f"model-{args.quantize}"), int(args.quantize[3:]))
     print(f"demo model ready ({time.time() - t0:.1f}s){'' if args.quantize == 'none' else ', ' + args.quantize}")
+    spec_flags, spec_what = speculation(args.speculate, adapter_root)
+    extra += spec_flags
+    print(f"speculative decoding: {spec_what}")
 
     tmp = tempfile.mkdtemp(prefix="qwen-demo-")
     uds = os.path.join(tmp, "shard")
@@ -86,6 +99,29 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def speculation(mode: str, adapter_root: str) -> tuple[list[str], str]:
+    """The shard flags for `--speculate` and what they ask for."""
+    medusa = os.path.isfile(os.path.join(adapter_root, "medusa", "config.json"))
+    if mode == "off":
+        return [], "off"
+    if mode == "medusa" and not medusa:
+        raise SystemExit(f"--speculate medusa: no Medusa heads in {adapter_root}/medusa (rebuild the demo model)")
+    if medusa and mode in ("auto", "medusa"):
+        return ["--speculative-adapter", "medusa"], "the demo's Medusa heads (adapters/medusa)"
+    why = "" if mode == "lookup" else " (no Medusa heads in the demo directory)"
+    return ["--speculative-tokens", "4"], f"prompt lookup, 4 drafts per step{why}"
+
+
+def acceptance(speculate: int, stats: RouterStats) -> str:
+    """The line about speculation: what the shards verify and the tokens gained per decode step."""
+    if not speculate:
+        return "speculative decoding: off (the shards report Info.speculate = 0)"
+    return (
+        f"speculative decoding: {speculate} drafts per step, {stats.accepted_per_step:.2f} accepted tokens per "
+        f"decode step ({stats.decode_tokens} tokens in {stats.decode_rows} request-steps; 1.00 = no gain)"
+    )
+
+
 def quantized_copy(src: str, dst: str, bits: int) -> str:
     """A GPTQ Int`bits` copy of the demo model in dst (made once)."""
     if not os.path.isfile(os.path.join(dst, "config.json")):
@@ -117,14 +153,17 @@ def run(args, model_dir: str, uds: str, launcher: subprocess.Popen, log_path: st
         ]
         results = [h.result(timeout=300) for h in handles]
         elapsed = time.time() - t0
+        speculate, stats = router.info.speculate if router.info else 0, router.stats
     tokens = sum(r.generated_tokens for r in results)
     print()
     for (prompt, who, _), res in zip(jobs, results):
-        print(f"[{who:>6}] {prompt!r} -> {res.text!r}  ({res.generated_tokens} tokens, {res.finish_reason})")
+        skipped = f", {res.skipped_tokens} skipped" if speculate else ""
+        print(f"[{who:>6}] {prompt!r} -> {res.text!r}  ({res.generated_tokens} tokens{skipped}, {res.finish_reason})")
     print(
         f"\n{len(results)} requests in one continuous batch, {tokens} tokens in {elapsed:.2f}s: "
         f"{tokens / elapsed:.0f} tokens/s on {args.num_shard} CPU shard(s)"
     )
+    print(acceptance(speculate, stats))
     expected = {(p, "base"): c for p, c in BASE_TEXTS}
     expected.update({(STORY_PROMPT, name): cont for name, (_, _, cont) in ADAPTERS.items()})
     wrong = [(p, who) for (p, who, _), r in zip(jobs, results) if r.text != expected[(p, who)]]
