@@ -1,6 +1,10 @@
 """The multi-LoRA decode rows of scripts/bench.py (`--only lora`): P2 (graphed decode with every request on
-its own adapter vs base, per LoRA backend) and our side of P3 (bench_peer.py's workload). P6 (LoadAdapter
-latency) is in bench_adapter_load.py."""
+its own adapter vs base, per LoRA backend and decode mode) and our side of P3 (bench_peer.py's workload).
+P6 (LoadAdapter latency) is in bench_adapter_load.py. Run alone, P3's generate-heavy row in one command:
+
+    python scripts/bench_lora.py            # 32 x 128 -> 128, 32 adapters: ours whole, HF + PEFT extrapolated
+    python scripts/bench_lora.py --no-peer  # ours only (and the P2 rows at batch 32)
+"""
 
 from __future__ import annotations
 
@@ -53,9 +57,12 @@ def bench_lora_decode(
     peer_batch: int,
     peer_prompt: int,
     peer_new: int,
+    decode_modes: tuple[str, ...] = ("local", "side"),
 ) -> dict:
     """P2: graphed decode with every request on its own adapter vs graphed base-only decode (the same
-    GraphedDecode, the same inputs); and our side of P3 (prefill + decode of bench_peer's workload)."""
+    GraphedDecode, the same inputs), for the torch path and the kernels (shrink beside the base matmul or
+    not, and each LoraTerm decode mode of `decode_modes`); and our side of P3 (bench_peer's workload: the
+    whole generate, prefill and every decode step)."""
     from worker.adapters.pool import AdapterManager
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
@@ -86,13 +93,15 @@ def bench_lora_decode(
         )
     wbytes, per_adapter = weight_bytes(model), lora_bytes(mgr, rank)
     rows, capture_s = [], {}
-    variants = (
-        [("torch", False)]
-        + ([("triton", False)] if mgr.kernels is not None else [])
-        + ([("triton", True)] if mgr.shrink_stream is not None else [])
+    triton = mgr.kernels is not None
+    side = mgr.shrink_stream is not None
+    variants = (  # (backend, side stream, LoraTerm.decode); the served configuration last (the generate's)
+        [("torch", False, "two")]
+        + ([("triton", False, "two")] + [("triton", m == "side", m) for m in decode_modes] if triton else [])
+        + ([("triton", True, "two")] if triton and side else [])
     )
     graphs: GraphedDecode | None = None
-    for k, (backend, overlap) in enumerate(variants):
+    for k, (backend, overlap, mode) in enumerate(variants):
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
@@ -100,9 +109,10 @@ def bench_lora_decode(
             term = getattr(owner, name).lora
             term.kernels = mgr.kernels if backend == "triton" else None
             term.stream = mgr.shrink_stream if overlap else None
+            term.decode = mode
         t0 = time.time()
         graphs = GraphedDecode(model, kv, max_batch, per_seq, num_blocks - 1, adapter_pools=True)
-        capture_s[f"{backend}{'-overlap' if overlap else ''}"] = time.time() - t0
+        capture_s[f"{backend}{'-overlap' if overlap else ''}{'' if mode == 'two' else '-' + mode}"] = time.time() - t0
         for b in batches:
             batch: Any = SimpleNamespace(requests=reqs[:b])  # a Batch as far as graphs.run reads it
             bucket = next(s for s in graphs.sizes if s >= b)
@@ -117,6 +127,7 @@ def bench_lora_decode(
                     adapters=b,
                     backend=backend,
                     overlap=overlap,
+                    decode_mode=mode,
                     base_ms=base * 1e3,
                     lora_ms=lora * 1e3,
                     ratio=base / lora,
@@ -149,20 +160,36 @@ def bench_generate(
     model: Any, graphs: Any, kv: Any, reqs: list[SimpleNamespace], prompt: int, new_tokens: int
 ) -> dict[str, Any]:
     """Our side of P3, bench_peer's workload: len(reqs) prompts of `prompt` tokens, `new_tokens` new tokens,
-    every request its own adapter (request i on slot i + 1): one eager prefill with adapters, then graphed
-    adapter decode steps."""
+    every request its own adapter (request i on slot i + 1), run whole as a server would: one eager prefill
+    with adapters, then `new_tokens - 1` graphed adapter decode steps, each fed the previous step's greedy
+    tokens (a host sync per step). Wall time of the second run (the first compiles and warms up); the
+    prefill and one step are also timed alone."""
     from worker.layers.context import Seqlen
     from worker.layers.lora import AdapterBatchData
 
-    dev = model.pctx.device
+    dev, bs = model.pctx.device, kv.block_size
     n, L = len(reqs), prompt
-    tables = torch.tensor([r.blocks for r in reqs], dtype=torch.int32, device=dev)
-    kv_slots = torch.tensor([r.slots[p] for r in reqs for p in range(L)], dtype=torch.long, device=dev)
+    if math.ceil((L + new_tokens) / bs) > len(reqs[0].blocks):
+        raise SystemExit(f"P3: {L} + {new_tokens} tokens do not fit the requests' {len(reqs[0].blocks)} blocks")
+    gen = [
+        SimpleNamespace(
+            ids=[(7 * i + j) % 1000 + 1 for j in range(L)],
+            blocks=r.blocks,
+            slots=[r.blocks[p // bs] * bs + p % bs for p in range(L + new_tokens)],
+            ntk_alpha=1.0,
+            n_cached=0,
+        )
+        for i, r in enumerate(reqs)
+    ]
+    tables = torch.tensor([r.blocks for r in gen], dtype=torch.int32, device=dev)
+    kv_slots = torch.tensor([r.slots[p] for r in gen for p in range(L)], dtype=torch.long, device=dev)
     seqlen = Seqlen.for_prefill([L] * n, None, [1.0] * n, device=dev)
-    ids = torch.randint(0, 1000, (n * L,), device=dev)
+    ids = torch.tensor([t for r in gen for t in r.ids], device=dev)
     pos = torch.arange(L, device=dev).repeat(n)
     last = torch.arange(1, n + 1, device=dev) * L - 1
-    data = AdapterBatchData.build(list(range(1, n + 1)), [L] * n, dev)
+    adapter_slots = list(range(1, n + 1))
+    data = AdapterBatchData.build(adapter_slots, [L] * n, dev)
+    batch = SimpleNamespace(requests=gen)
 
     def prefill() -> torch.Tensor:
         with torch.inference_mode():
@@ -170,19 +197,115 @@ def bench_generate(
                 ids, pos, seqlen.cu_seqlen_q, kv.layers, tables, kv_slots, seqlen, L, data, lm_head_indices=last
             )[0]
 
+    def generate() -> float:
+        for r in gen:
+            del r.ids[L:]
+            r.n_cached = 0
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        nxt = prefill().argmax(-1).tolist()
+        for _ in range(new_tokens - 1):
+            for r, t in zip(gen, nxt):
+                r.ids.append(t)
+            nxt = graphs.run(batch, adapter_slots).argmax(-1).tolist()
+        return time.perf_counter() - t0
+
+    generate()
+    gen_s = generate()
     prefill_t = cuda_time(prefill, iters=3, warmup=1)
-    batch = SimpleNamespace(requests=reqs)
-    graphs.run(batch, list(range(1, n + 1)))
+    graphs.run(batch, adapter_slots)
     bucket = next(s for s in graphs.sizes if s >= n)
     step_t = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
-    gen_s = prefill_t + (new_tokens - 1) * step_t
     return dict(
         batch=n,
         prompt=L,
         new_tokens=new_tokens,
         adapters=n,
+        method="measured: the whole generate (prefill + every decode step with greedy tokens), second run",
+        generate_s=gen_s,
         prefill_ms=prefill_t * 1e3,
         step_ms=step_t * 1e3,
         tok_s=n * new_tokens / gen_s,
         decode_tok_s=n / step_t,
     )
+
+
+def peer_generate(shape: str, batch: int, prompt: int, new: int, rank: int, steps: int) -> dict[str, Any]:
+    """HF transformers + PEFT mixed-adapter `generate` (scripts/bench_peer.py's model and adapters; row i on
+    adapter i), extrapolated: its decode step at this batch is ~1.3 s, so it times generate of 1 token
+    (prefill) and of 1 + `steps` tokens, and estimates new tokens as t(1) + (new - 1) * step."""
+    from bench_peer import add_adapters, build_peer, timed_generate
+
+    dev = torch.device("cuda")
+    t0 = time.time()
+    model = add_adapters(build_peer(shape, dev), batch, rank, 2.0 * rank, "peft")
+    build_s = time.time() - t0
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(1, 1000, (batch, prompt), generator=g, device=dev)
+    names = [f"a{i}" for i in range(batch)]
+    timed_generate(model, ids, 2, names)  # warm-up
+    one = timed_generate(model, ids, 1, names)
+    more = timed_generate(model, ids, 1 + steps, names)
+    step = (more - one) / steps
+    est = one + (new - 1) * step
+    del model
+    torch.cuda.empty_cache()
+    return dict(
+        method=f"extrapolated: t(1 token) + {new - 1} x the mean of {steps} decode steps (t(1+{steps}) - t(1))",
+        build_s=build_s,
+        prefill_s=one,
+        step_ms=step * 1e3,
+        generate_s=est,
+        tok_s=batch * new / est,
+        decode_tok_s=batch / step,
+    )
+
+
+def main() -> None:
+    """P3 (and P2 at the same batch) in one command: ours, then the peer on the same GPU."""
+    import argparse
+    import json
+
+    from bench_common import build_model, copy_bandwidth
+    from worker.distributed import ParallelContext
+
+    ap = argparse.ArgumentParser(description="P3: " + (bench_lora_decode.__doc__ or "").split("\n")[0])
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
+    ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--out", default="", help="JSON of the results (optional)")
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    pctx = ParallelContext(0, 1, dev)
+    model = build_model(args.shape, pctx, "auto")
+    b = args.batch
+    ours = bench_lora_decode(
+        model, [b], args.ctx, 16, copy_bandwidth(dev), b, args.rank, args.rank, b, args.prompt, args.new
+    )
+    del model
+    torch.cuda.empty_cache()
+    res: dict[str, Any] = dict(card=torch.cuda.get_device_name(dev), ours=ours)
+    for row in ours["decode"]:
+        mode = row["backend"] + ("+side stream" if row["overlap"] else "") + f" decode={row['decode_mode']}"
+        print(f"P2 b={b}: {mode:32s} {row['lora_ms']:.2f} vs {row['base_ms']:.2f} ms  ratio {row['ratio']:.3f}")
+    g = ours["generate"]
+    print(f"P3 ours: {b} x {args.prompt} -> {args.new}, {b} adapters: {g['tok_s']:.0f} tok/s ({g['method']}; ")
+    print(f"   {g['generate_s']:.3f} s, prefill {g['prefill_ms']:.1f} ms, step {g['step_ms']:.2f} ms)")
+    if not args.no_peer:
+        peer = res["peer"] = peer_generate(args.shape, b, args.prompt, args.new, args.rank, args.peer_steps)
+        res["P3"], res["P3_decode"] = g["tok_s"] / peer["tok_s"], g["decode_tok_s"] / peer["decode_tok_s"]
+        print(f"P3 peer (HF + PEFT): {peer['tok_s']:.1f} tok/s ({peer['method']}; prefill {peer['prefill_s']:.2f} s,")
+        print(f"   step {peer['step_ms']:.0f} ms)")
+        print(f"P3 = {res['P3']:.0f}x end to end, {res['P3_decode']:.0f}x decode only (target >= 100x; spec 150x)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

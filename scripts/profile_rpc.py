@@ -2,6 +2,7 @@
 weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks.
 
     python scripts/profile_rpc.py --batch 64 --ctx 512
+    python scripts/profile_rpc.py --p7       # P7 itself: the shard in its own process, client here
 
 Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC, look-ahead
 off) with its input preparation + replay issue (CPU) and sampling (GPU time by events); then the same
@@ -27,15 +28,42 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import torch  # noqa: E402
 
 
+def p7(shape: str, batch: int, ctx: int) -> None:
+    """P7: a shard process (`worker.cli serve`, its defaults: look-ahead on at TP=1 with CUDA graphs) and a
+    gRPC client here, `bench.py`'s P7 row (bench_serving.bench_rpc_overhead: Prefill of `batch` x `ctx`, then
+    50 Decodes, median of the last 45). Its Decode walls run at contexts ctx+6 .. ctx+50, so the forward is
+    replayed here from a CUDA graph both at ctx (bench.py's figure) and at the median Decode's context."""
+    from bench import bench_decode
+    from bench_common import build_model
+    from bench_serving import bench_rpc_overhead
+    from worker.distributed import ParallelContext
+
+    dev = torch.device("cuda", 0)
+    model = build_model(shape, ParallelContext(0, 1, dev), "auto")
+    fwd = {c: bench_decode(model, [batch], c, 16, 1.0, True)[0]["graph_ms"] for c in (ctx, ctx + 28)}
+    with tempfile.TemporaryDirectory() as tmp:
+        res = bench_rpc_overhead(model, tmp, batch, ctx, fwd[ctx])
+    wall = res["rpc_ms"]
+    print(f"P7, batch {batch}, shard in its own process: Decode RPC wall {wall:.2f} ms (median)")
+    for c, ms in fwd.items():
+        print(
+            f"  forward (graph replay) at context {c}: {ms:.2f} ms -> overhead {(wall - ms) / wall:.1%} (target: 10 %)"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--p7", action="store_true", help="P7 as specified: the shard in its own process (see p7)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_rpc.py needs a CUDA GPU")
+    if args.p7:
+        p7(args.shape, args.batch, args.ctx)
+        return
 
     import grpc
 

@@ -258,9 +258,13 @@ def one_launch(kind: str, tiles=None, sync=None):
     f(y, x, a, b, ranks, starts, slots)."""
     from worker.kernels.lora_decode import LocalTiles, add_lora_decode, add_lora_decode_local
 
-    if kind == "local":
-        return lambda *args: add_lora_decode_local(*args, tiles or LocalTiles())
-    return lambda *args: add_lora_decode(*args, sync)
+    def add(y, x, a, b, ranks, starts, slots) -> None:
+        if kind == "local":
+            add_lora_decode_local(y, x, a, b, ranks, starts, slots, tiles or LocalTiles())
+        else:
+            add_lora_decode(y, x, a, b, ranks, starts, slots, sync)
+
+    return add
 
 
 def check_one_launch(add, P, K, N, r_max, dtype) -> None:
