@@ -118,28 +118,32 @@ class MedusaSet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden [N, H] -> (logits [N, V], speculative logits [N, K, V] or None when no head is attached).
         Rows without heads get r_i = h (their speculative logits repeat the logits: not drafts). Rows are
-        grouped by head set on the host (`adapter_slots` is a list), identically on every rank."""
-        K = self.num_heads
+        grouped by head set on the host (`adapter_slots` is a list), identically on every rank; when one
+        head set serves every row nothing is gathered or copied from the host (CUDA-graph capturable)."""
+        K, N = self.num_heads, hidden.shape[0]
         if K == 0:
             return lm_head(hidden), None
-        slots = [0] * hidden.shape[0] if adapter_slots is None else list(adapter_slots)
-        stacked = hidden.unsqueeze(1).repeat(1, K + 1, 1)  # [N, K+1, H]: [h, r_1..r_K] for v2 rows
-        v1_groups = []
-        groups = _groups(self, slots)
+        groups = _groups(self, [0] * N if adapter_slots is None else list(adapter_slots))
+        v1, v2 = [], []
         for heads, rows in groups:
-            idx = torch.tensor(rows, device=hidden.device)
+            idx: slice | torch.Tensor = slice(None) if len(rows) == N else torch.tensor(rows, device=hidden.device)
             r = heads.residuals(hidden[idx])  # [n, K, H]
             if heads.version == 1:
-                v1_groups.append((idx, heads.project(r)))
+                v1.append((idx, heads.project(r)))  # [n, K, V]
             else:
+                v2.append((idx, r))
+        if v2:  # one LM head call over [h, r_1..r_K] of every row
+            stacked = hidden.unsqueeze(1).repeat(1, K + 1, 1)  # [N, K+1, H]
+            for idx, r in v2:
                 stacked[idx, 1:] = r
-        if len(v1_groups) < len(groups):  # some v2 rows: one LM head call over [h, r_1..r_K]
             both = lm_head(stacked)  # [N, K+1, V]
             logits, speculative = both[:, 0].contiguous(), both[:, 1:]  # logits as the sampler's usual input
         else:
             logits = lm_head(hidden)  # [N, V]
+            if len(v1) == 1 and isinstance(v1[0][0], slice):
+                return logits, v1[0][1]
             speculative = logits.unsqueeze(1).repeat(1, K, 1)
-        for idx, spec in v1_groups:
+        for idx, spec in v1:
             speculative[idx] = spec
         return logits, speculative
 
