@@ -378,3 +378,15 @@ def test_lora_term_rejects_an_unknown_decode_mode():
     pool = torch.zeros(2, 1, 4, 8)
     with pytest.raises(ValueError, match="decode 'fused'.*'local'"):
         LoraTerm(pool, pool.transpose(2, 3), torch.zeros(1, 2, dtype=torch.int32), decode="fused")
+
+
+@pytest.mark.parametrize("kind", ["sync", "local"])
+def test_one_launch_rejects_mismatched_shapes(kind):
+    from worker.kernels.paged_decode import DecodeWorkspace
+
+    a, b, ranks, _ = make_pool(1, 96, 120, 16, {1: [4]}, torch.float32, seed=1)
+    add, starts, slots = one_launch(kind, sync=DecodeWorkspace()), torch.zeros(2, dtype=torch.int32), torch.ones(2)
+    with pytest.raises(ValueError, match="x \\(2, 95\\)"):
+        add(torch.zeros(2, 120), torch.zeros(2, 95), a, b, ranks, starts, slots)
+    with pytest.raises(ValueError, match="y \\(2, 119\\)"):
+        add(torch.zeros(2, 119), torch.zeros(2, 96), a, b, ranks, starts, slots)

@@ -103,6 +103,15 @@ def _decode_lora_kernel(x_ptr, a_ptr, b_ptr, y_ptr, h_ptr, sync_ptr, starts_ptr,
 # fmt: on
 
 
+def _check(name: str, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, b_pool: torch.Tensor) -> None:
+    """The shapes and unit strides the decode kernels assume, else a ValueError naming what is wrong."""
+    _, P, N, _ = b_pool.shape
+    if a_pool.shape[-1] != x.shape[1] or a_pool.stride(-1) != 1 or x.stride(-1) != 1 or b_pool.stride(-1) != 1:
+        raise ValueError(f"{name}: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
+    if y.shape[1] != P * N or y.stride(-1) != 1:
+        raise ValueError(f"{name}: y {tuple(y.shape)}, B pool {tuple(b_pool.shape)}")
+
+
 def add_lora_decode(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -116,12 +125,9 @@ def add_lora_decode(
     """y[t, p·N:(p+1)·N] += B[s, p] A[s, p] x[t] for the one token t = starts[i] of each segment i (slot
     s = slots[i]), in one launch. y: [T, P·N]; x: [T, K]; a_pool: [slots, P, r_max, K]; b_pool:
     [slots, P, N, r_max]; ranks: [P, slots] int32; starts, slots: [S]; workspace: its counters (kept)."""
+    _check("add_lora_decode", y, x, a_pool, b_pool)
     T, K = x.shape
     _, P, N, r_max = b_pool.shape
-    if a_pool.shape[-1] != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1 or b_pool.stride(-1) != 1:
-        raise ValueError(f"add_lora_decode: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
-    if y.shape[1] != P * N or y.stride(-1) != 1:
-        raise ValueError(f"add_lora_decode: y {tuple(y.shape)}, B pool {tuple(b_pool.shape)}")
     S = slots.shape[0]
     if S == 0 or T == 0:
         return
@@ -225,12 +231,9 @@ def add_lora_decode_local(
     every program computes its row's h over all of K itself (the same A re-read by the row's other programs
     comes from L2), then adds h · Bᵀ over its output range. Pays where N ≫ K (c_attn, gate_up); where K ≫ N
     (mlp.c_proj) the redundant A reads dominate. Same arguments and numerics as `add_lora_decode`."""
+    _check("add_lora_decode_local", y, x, a_pool, b_pool)
     T, K = x.shape
     _, P, N, r_max = b_pool.shape
-    if a_pool.shape[-1] != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1 or b_pool.stride(-1) != 1:
-        raise ValueError(f"add_lora_decode_local: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride)")
-    if y.shape[1] != P * N or y.stride(-1) != 1:
-        raise ValueError(f"add_lora_decode_local: y {tuple(y.shape)}, B pool {tuple(b_pool.shape)}")
     S = slots.shape[0]
     if S == 0 or T == 0:
         return
