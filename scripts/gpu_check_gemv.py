@@ -34,10 +34,9 @@ from worker.kernels.gemv import (  # noqa: E402
     _gemv_kernel,
     default_tiles,
     gemv_weights,
-    group_order,
     quant_gemv,  # noqa: E402
 )
-from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+from worker.kernels.gptq_reference import gptq_matmul_reference, group_order  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 
 START = time.time()

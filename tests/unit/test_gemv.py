@@ -20,8 +20,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from helpers import within  # noqa: E402
-from worker.kernels.gemv import GemvTiles, gemv_weights, group_order, quant_gemv  # noqa: E402
-from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+from worker.kernels.gemv import GemvTiles, gemv_weights, quant_gemv  # noqa: E402
+from worker.kernels.gptq_reference import gptq_matmul_reference, group_order  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
@@ -139,3 +139,56 @@ def test_model_decode_through_the_gemv_equals_the_reference_path(tmp_path):
             outs.append(out)
         for a, b in zip(*outs):
             within(b, a, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 200), (3, 24, 520), (8, 56, 64), (16, 40, 136)])
+def test_dense_gemv_matches_linear(m, n, k, dtype):
+    """The float GEMV (weight [N, K], split-K, prefetch on and off) equals F.linear in fp64, bias or not,
+    and leaves its counters at zero."""
+    from worker.kernels.gemv import counters_for, dense_gemv
+
+    g = torch.Generator().manual_seed(m + n)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((m, k), (n, k), (n,)))
+    counters = counters_for(n, x.device)
+    for split, bias, prefetch in ((1, b, True), (2, None, False), (3, b, True)):
+        tiles = GemvTiles(block_n=16, block_k=64, num_warps=4, num_stages=1, prefetch=prefetch)
+        out = dense_gemv(x, w, bias, counters, tiles=tiles, split_k=split)
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert out.dtype == dtype
+        within(out, ref, TOL[dtype])
+        assert int(counters.abs().sum()) == 0
+    with pytest.raises(ValueError, match="M <= 16"):
+        dense_gemv(x, w.t().contiguous().t())
+
+
+def test_float_linears_take_the_gemv_only_for_decode_batches_of_a_chosen_shape(monkeypatch):
+    """A column and a row linear given GEMV counters (as for a DENSE_GEMV_SHAPES shape on CUDA) answer
+    M <= 8 through the kernel and larger M through F.linear, both equal to the fp64 product."""
+    import worker.kernels.gemv as gemv
+    from worker.distributed import ParallelContext
+    from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, _gemv_counters
+
+    calls: list[int] = []
+
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return gemv.dense_gemv.__wrapped__(x, *args)
+
+    spy.__wrapped__ = gemv.dense_gemv  # type: ignore[attr-defined]
+    monkeypatch.setattr(gemv, "dense_gemv", spy)
+    pctx = ParallelContext(device=torch.device("cpu"))
+    assert _gemv_counters(64, 48, pctx.device) is None  # the CPU always takes F.linear
+    col = ColumnParallelLinear(64, [48], True, pctx, torch.float32)
+    row = RowParallelLinear(64, 48, False, pctx, torch.float32)
+    g = torch.Generator().manual_seed(6)
+    for layer in (col, row):
+        layer.weight.data.copy_(torch.randn(48, 64, generator=g))
+        layer.gemv_counters = gemv.counters_for(48, pctx.device)
+    assert col.bias is not None
+    col.bias.data.copy_(torch.randn(48, generator=g))
+    for m in (1, 8, 9):
+        x = torch.randn(m, 64, generator=g)
+        within(col(x), x.double() @ col.weight.double().t() + col.bias.double(), 1e-5)
+        within(row.partial(x), x.double() @ row.weight.double().t(), 1e-5)
+    assert calls == [1, 1, 8, 8]

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.quant.gptq_format import pack_rows, unpack_cols, unpack_rows
+from worker.quant.gptq_format import unpack_cols
 
 NO_GROUPS = 1 << 30  # GROUP_SIZE for a checkpoint without groups (group_size -1): every row in group 0
 
@@ -42,6 +42,47 @@ def _words(qw_ptr, kw, k_hi, N, offs_n, mask_n, P: tl.constexpr):
     """The packed words of word rows kw [BKW] (rows outside [0, k_hi) read as 0), [BKW, BLOCK_N]."""
     mask = (kw >= 0) & (kw * P < k_hi)
     return tl.load(qw_ptr + kw[:, None] * N + offs_n[None, :], mask=mask[:, None] & mask_n[None, :], other=0)
+
+
+@triton.jit
+def _finish(
+    acc,
+    b_ptr,
+    y_ptr,
+    part_ptr,
+    cnt_ptr,
+    pid_n,
+    pid_k,
+    M,
+    N,
+    SPLITS,
+    stride_ym,
+    offs_m,
+    offs_n,
+    HAS_BIAS: tl.constexpr,
+    REDUCE: tl.constexpr,
+):
+    """y tile = acc (+ bias) in y's dtype; split-K: store the fp32 partial, and the split that arrives last
+    sums all partials in split order and resets the tile's counter."""
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    out = offs_m[:, None] * stride_ym + offs_n[None, :]
+    if REDUCE:
+        plane = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + plane, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tot = tl.zeros_like(acc)
+            for i in range(SPLITS):
+                tot += tl.load(part_ptr + i * M * N + plane, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, tot.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # fmt: off
@@ -104,24 +145,52 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             acc += s[None, :] * (part - z[None, :] * sxm[:, None])
     if BLOCK_M == 1:
         acc = tl.sum(acc2, axis=0)[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    out = offs_m[:, None] * stride_ym + offs_n[None, :]
-    if REDUCE:
-        plane = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + pid_k * M * N + plane, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial stored before the release below
-        if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for i in range(SPLITS):
-                tot += tl.load(part_ptr + i * M * N + plane, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                tot += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + out, tot.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    _finish(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, SPLITS, stride_ym, offs_m, offs_n,
+            HAS_BIAS, REDUCE)
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _dense_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLITS, stride_xm, stride_wn,
+                  stride_ym, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, PREFETCH: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float GEMV: w [N, K] (nn.Linear's layout, K contiguous), split-K, the same epilogue."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    cols = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced over K once, after the loop
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        nxt = tl.load(w_rows + (k_lo + cols)[None, :], mask=mask_n[:, None] & (k_lo + cols < k_hi)[None, :], other=0.0)
+    else:
+        nxt = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + cols
+        if PREFETCH:  # the next tile in flight (registers) while this one is multiplied
+            w = nxt
+            nk = offs_k + BLOCK_K
+            nxt = tl.load(w_rows + nk[None, :], mask=mask_n[:, None] & (nk < k_hi)[None, :], other=0.0)
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+            acc2 += w.to(tl.float32) * x[None, :]
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m < M)[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc2, axis=1)[None, :]
+    _finish(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, SPLITS, stride_ym, offs_m, offs_n,
+            HAS_BIAS, REDUCE)
 # fmt: on
 
 
@@ -137,6 +206,12 @@ class GemvTiles:
 
 def default_tiles(bits: int) -> GemvTiles:
     return GemvTiles(block_k=128 if bits == 4 else 64)
+
+
+DENSE = GemvTiles(block_n=32, block_k=256, num_warps=4, num_stages=3)  # the float GEMV's (block_k: columns)
+# (K, N) per rank where dense_gemv beat cuBLAS at M <= 8 on the H200 (scripts/gpu_check_gemv.py); empty until
+# measured, so every float linear stays on F.linear.
+DENSE_GEMV_SHAPES: frozenset[tuple[int, int]] = frozenset()
 
 
 @dataclass
@@ -155,15 +230,6 @@ class GPTQGemvWeights:
     counters: torch.Tensor
 
 
-def group_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(qweight with its rows stably sorted by group, the permutation or None when already sorted): the
-    matmul of the permuted rows with x[:, perm] is the same sum (act order costs one gather of x per call)."""
-    order = torch.argsort(g_idx.long(), stable=True)
-    if bool((order == torch.arange(order.numel(), device=order.device)).all()):
-        return qweight, None
-    return pack_rows(unpack_rows(qweight, bits)[order], bits), order
-
-
 def gemv_weights(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -177,7 +243,6 @@ def gemv_weights(
     (k_offset + k) // group_size (group_size -1: no groups). Shares qweight and scales."""
     zeros = (unpack_cols(qzeros, bits) + zero_offset).to(scales.dtype)
     uniform = zeros.numel() > 0 and bool((zeros == zeros.flatten()[0]).all())
-    tiles = triton.cdiv(qweight.shape[1], 16)
     return GPTQGemvWeights(
         qweight=qweight,
         scales=scales,
@@ -186,7 +251,7 @@ def gemv_weights(
         bits=bits,
         group_size=NO_GROUPS if group_size == -1 else group_size,
         k_offset=k_offset,
-        counters=torch.zeros(tiles, dtype=torch.int32, device=qweight.device),
+        counters=counters_for(qweight.shape[1], qweight.device),
     )
 
 
@@ -201,11 +266,26 @@ def _sm_count(device_index: int) -> int:
 
 
 def splits_for(n: int, span: int, tiles: GemvTiles, device: torch.device) -> int:
-    """K splits for ~programs_per_sm programs per SM (1 off CUDA), at most one per K tile."""
+    """K splits for at most programs_per_sm programs per SM (one wave; 1 off CUDA), one K tile or more each."""
     if device.type != "cuda":
         return 1
     programs = tiles.programs_per_sm * _sm_count(device.index or 0)
-    return max(1, min(triton.cdiv(span, tiles.block_k), round(programs / triton.cdiv(n, tiles.block_n))))
+    return max(1, min(triton.cdiv(span, tiles.block_k), programs // triton.cdiv(n, tiles.block_n)))
+
+
+def counters_for(n: int, device: torch.device) -> torch.Tensor:
+    """Arrival counters of the fused split-K reduction for N columns (any block_n >= 16), zero."""
+    return torch.zeros(triton.cdiv(n, 16), dtype=torch.int32, device=device)
+
+
+def _plan(x: torch.Tensor, n: int, span: int, tiles: GemvTiles, split_k: int | None):
+    """(splits, rows per split, y [M, n] in x's dtype, the fp32 partials [splits, M, n] or y)."""
+    split_k = split_k or splits_for(n, span, tiles, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(span, split_k), tiles.block_k) * tiles.block_k
+    split_k = triton.cdiv(span, k_per_split)
+    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    part = torch.empty(split_k, x.shape[0], n, device=x.device, dtype=torch.float32) if split_k > 1 else y
+    return split_k, k_per_split, y, part
 
 
 def quant_gemv(
@@ -224,12 +304,7 @@ def quant_gemv(
     if not gemv_fits(w, tiles):
         raise ValueError(f"block_k {tiles.block_k} must divide the group ({w.group_size}) and hold 16 word rows")
     x = x.contiguous()
-    span = K + w.k_offset % tiles.block_k
-    split_k = split_k or splits_for(N, span, tiles, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(span, split_k), tiles.block_k) * tiles.block_k
-    split_k = triton.cdiv(span, k_per_split)
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    part = torch.empty(split_k, M, N, device=x.device, dtype=torch.float32) if split_k > 1 else y
+    split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % tiles.block_k, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
     _gemv_kernel[grid](
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
@@ -237,6 +312,33 @@ def quant_gemv(
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
         PREFETCH=tiles.prefetch and M == 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def dense_gemv(
+    x: torch.Tensor,  # [M <= 16, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    tiles: GemvTiles = DENSE,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) for decode batches, fp32 accumulation; counters: `counters_for(N)` kept by
+    the caller (None: zeroed per call)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > 16 or weight.shape[1] != K or weight.stride(1) != 1:
+        raise ValueError(f"x [{M}, {K}] for a GEMV with a weight of {list(weight.shape)} (M <= 16, rows contiguous)")
+    x = x.contiguous()
+    split_k, k_per_split, y, part = _plan(x, N, K, tiles, split_k)
+    _dense_kernel[(triton.cdiv(N, tiles.block_n), split_k)](
+        x, weight, bias if bias is not None else weight, y, part,
+        counters if counters is not None else counters_for(N, x.device), M, N, K, k_per_split, split_k,
+        x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, REDUCE=split_k > 1,
+        PREFETCH=tiles.prefetch and M == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -1,14 +1,15 @@
 """The PyTorch reference of the GPTQ matmul kernels (worker/kernels/gptq.py): dequantize, then matmul.
 
 y [M, N] = x [M, K] · W [K, N] (+ bias), W = (q − (z[g_idx] + zero_offset)) · s[g_idx] rounded once to
-x's dtype; the matmul runs in x's dtype (fp32 on the CPU).
+x's dtype; the matmul runs in x's dtype (fp32 on the CPU). Also `group_order`, the Triton-free row
+reordering both the layers and the GEMV (worker/kernels/gemv.py) rely on.
 """
 
 from __future__ import annotations
 
 import torch
 
-from worker.quant.gptq_format import dequantize
+from worker.quant.gptq_format import dequantize, pack_rows, unpack_rows
 
 
 def gptq_matmul_reference(
@@ -28,3 +29,12 @@ def gptq_matmul_reference(
     w = dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, x.dtype)  # [K, N]
     y = x @ w
     return y if bias is None else y + bias
+
+
+def group_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(qweight with its rows stably sorted by group, the permutation or None when already sorted): the
+    matmul of the permuted rows with x[:, perm] is the same sum (act order costs one gather of x per call)."""
+    order = torch.argsort(g_idx.long(), stable=True)
+    if bool((order == torch.arange(order.numel(), device=order.device)).all()):
+        return qweight, None
+    return pack_rows(unpack_rows(qweight, bits)[order], bits), order

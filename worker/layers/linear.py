@@ -18,12 +18,40 @@ def _param(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> nn
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+GEMV_MAX_M = 8  # decode batches up to this many rows may take the Triton GEMV (worker/kernels/gemv.py)
+
+
+def _gemv_counters(in_features: int, out_features: int, device: torch.device) -> torch.Tensor | None:
+    """The split-K counters of the Triton GEMV where it was measured faster than cuBLAS for this shape
+    (DENSE_GEMV_SHAPES, CUDA only), else None: F.linear."""
+    if device.type != "cuda":
+        return None
+    try:
+        from worker.kernels.gemv import DENSE_GEMV_SHAPES, counters_for
+    except ImportError:
+        return None
+    return counters_for(out_features, device) if (in_features, out_features) in DENSE_GEMV_SHAPES else None
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counters: torch.Tensor | None
+) -> torch.Tensor:
+    """x W^T (+ bias) through the GEMV for decode batches of a chosen shape (counters), else cuBLAS."""
+    if counters is not None and x.shape[0] <= GEMV_MAX_M:
+        from worker.kernels.gemv import dense_gemv
+
+        return dense_gemv(x, weight, bias, counters)
+    return nn.functional.linear(x, weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """y_r = x W_r^T (+ b_r): the output dim is split across ranks, no communication.
 
     Packed layers (fused q/k/v, merged gate/up) split each packed block on its own, so rank r holds
     [block0_r; block1_r; ...]. `packed_sizes` are the blocks' total sizes (one block = plain column).
     """
+
+    gemv_counters: torch.Tensor | None = None  # set where the Triton GEMV serves this shape's decode
 
     def __init__(
         self,
@@ -48,6 +76,7 @@ class ColumnParallelLinear(nn.Module):
     def allocate(self, dtype: torch.dtype) -> None:
         """The weight storage (quantized subclasses hold other tensors)."""
         self.weight = _param((self.out_features, self.in_features), dtype, self.pctx.device)
+        self.gemv_counters = _gemv_counters(self.in_features, self.out_features, self.pctx.device)
 
     def load(self, weights: Weights, names: Sequence[str]) -> None:
         """`names`: one checkpoint prefix per stored tensor; a single name may hold all packed blocks
@@ -94,12 +123,14 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         # x: [T, in] -> [T, out_per_rank]; ctx is read only by LoRA wrappers
-        return nn.functional.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias, self.gemv_counters)
 
 
 class RowParallelLinear(nn.Module):
     """y = sum_r x_r W_r^T (+ b): the input dim is split; one all-reduce in `forward`; bias added once,
     after the reduction. `partial(x)` gives this rank's un-reduced term (LoRA adds into it)."""
+
+    gemv_counters: torch.Tensor | None = None  # set where the Triton GEMV serves this shape's decode
 
     def __init__(
         self,
@@ -121,6 +152,7 @@ class RowParallelLinear(nn.Module):
     def allocate(self, dtype: torch.dtype) -> None:
         """The weight storage (quantized subclasses hold other tensors)."""
         self.weight = _param((self.out_features, self.in_features), dtype, self.pctx.device)
+        self.gemv_counters = _gemv_counters(self.in_features, self.out_features, self.pctx.device)
 
     def load(self, weights: Weights, name: str) -> None:
         r, n = self.pctx.rank, self.pctx.world_size
@@ -135,7 +167,7 @@ class RowParallelLinear(nn.Module):
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
-        return nn.functional.linear(x, self.weight)
+        return _linear(x, self.weight, None, self.gemv_counters)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         y = self.pctx.all_reduce(y)

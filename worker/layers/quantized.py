@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from worker.distributed import ParallelContext
-from worker.kernels.gptq_reference import gptq_matmul_reference
+from worker.kernels.gptq_reference import gptq_matmul_reference, group_order
 from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLinear
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
-from worker.quant.gptq_format import default_g_idx, pack_rows, unpack_cols, unpack_rows
+from worker.quant.gptq_format import default_g_idx, unpack_cols
 from worker.weights import WeightError, Weights, shard_range
 
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
@@ -111,11 +111,10 @@ class _GPTQ:
         applied to x per call: the same sum). Sorted g_idx of rows k_offset.. equal to (k_offset + k) //
         group_size lets the kernels read one zero/scale row per aligned K tile (`group_hint`; 0: gather
         through g_idx), and on CUDA the decode GEMV take them."""
-        order = torch.argsort(g_idx.long(), stable=True)
-        self.perm = None
-        if not torch.equal(order, torch.arange(order.numel(), device=order.device)):
-            qweight = pack_rows(unpack_rows(qweight, self.quant.bits)[order], self.quant.bits)
-            g_idx, self.perm = g_idx[order], order.to(self.pctx.device)
+        qweight, perm = group_order(qweight, g_idx, self.quant.bits)
+        self.perm = None if perm is None else perm.to(self.pctx.device)
+        if perm is not None:
+            g_idx = g_idx[perm]
         for dst, src in ((self.qweight, qweight), (self.qzeros, qzeros), (self.scales, scales), (self.g_idx, g_idx)):
             dst.copy_(src)
         gs = self.quant.group_size
