@@ -15,9 +15,10 @@ from medusa_helpers import forward_spec, medusa_tensors, ref_hidden, ref_medusa,
 from random_weights import random_checkpoint
 from reference import merge_lora
 from worker.adapters.medusa import load_speculator
+from worker.config import QwenConfig
 from worker.models.qwen import FlashQwenForCausalLM
 
-H, V = TINY["hidden_size"], TINY["vocab_size"]
+H, V = QwenConfig.from_dict(TINY).hidden_size, QwenConfig.from_dict(TINY).vocab_size
 SEQS = [[5, 17, 200, 3, 9], [7], [250, 1, 1, 64, 128, 33, 2]]
 TOL = 2e-4
 

@@ -18,8 +18,8 @@ from worker.adapters.medusa import load_speculator
 from worker.config import ConfigError, QwenConfig
 from worker.errors import InvalidArgument
 
-H, V = TINY["hidden_size"], TINY["vocab_size"]
 CONFIG = QwenConfig.from_dict(TINY)
+H, V = CONFIG.hidden_size, CONFIG.vocab_size
 
 
 def good(path: str, K: int = 3, L: int = 1, v1: bool = False) -> str:

@@ -18,8 +18,9 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
 from helpers import TINY, within, write_checkpoint  # noqa: E402
 from medusa_helpers import forward_spec, medusa_tensors, ref_hidden, ref_medusa, write_medusa  # noqa: E402
+from worker.config import QwenConfig  # noqa: E402
 
-H, V, K = TINY["hidden_size"], TINY["vocab_size"], 3
+H, V, K = QwenConfig.from_dict(TINY).hidden_size, QwenConfig.from_dict(TINY).vocab_size, 3
 SEQS = [[5, 17, 200, 3, 9], [7, 250, 1]]
 
 
