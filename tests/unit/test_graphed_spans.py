@@ -8,6 +8,7 @@ import os
 import random
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 
 BLOCK, NUM_BLOCKS, MAX_BLOCKS = 4, 96, 24
 CPU = torch.device("cpu")
+VOCAB = 256  # TINY["vocab_size"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,11 @@ def load(path: str, backend_name: str) -> FlashQwenForCausalLM:
     return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, backend=backend, progress=False)
 
 
+def as_batch(reqs: list[SimpleNamespace]) -> Any:
+    """Stand-in requests as the Batch the runner reads (it reads only .requests)."""
+    return SimpleNamespace(requests=reqs)
+
+
 def requests(lengths: list[int], alphas: list[float], seed: int) -> list[SimpleNamespace]:
     """Requests with shuffled, non-contiguous blocks (never the scratch block, the last)."""
     g = random.Random(seed)
@@ -54,7 +61,7 @@ def requests(lengths: list[int], alphas: list[float], seed: int) -> list[SimpleN
     for n, alpha in zip(lengths, alphas):
         blocks = [free.pop() for _ in range(-(-n // BLOCK))]
         slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)]
-        ids = [g.randrange(TINY["vocab_size"]) for _ in range(n)]
+        ids = [g.randrange(VOCAB) for _ in range(n)]
         out.append(SimpleNamespace(ids=ids, slots=slots, blocks=blocks, ntk_alpha=alpha, n_cached=0))
     return out
 
@@ -67,7 +74,7 @@ def two_runs(model, reqs, cached: list[int], rows=(1, 2, 4, 8), tokens=(16, 32, 
     fill = [(r, n) for r, n in zip(reqs, cached) if n]
     if fill:  # the cached prefixes
         Runner(model, kv, CPU).forward(
-            SimpleNamespace(requests=[r for r, _ in fill]), True, spans=[RowSpan(0, n, False) for _, n in fill]
+            as_batch([r for r, _ in fill]), True, spans=[RowSpan(0, n, False) for _, n in fill]
         )
     spans = [RowSpan(n, len(r.ids), False) for r, n in zip(reqs, cached)]
     graphed = GraphedSpans(model, kv, MAX_BLOCKS, NUM_BLOCKS - 1, rows, tokens, graphs=False)
@@ -76,7 +83,7 @@ def two_runs(model, reqs, cached: list[int], rows=(1, 2, 4, 8), tokens=(16, 32, 
         kv_before = [(k.clone(), v.clone()) for k, v in kv.layers]
         for r, n in zip(reqs, cached):
             r.n_cached = n
-        logits = runner.forward(SimpleNamespace(requests=reqs), True, spans=spans).last
+        logits = runner.forward(as_batch(reqs), True, spans=spans).last
         assert [r.n_cached for r in reqs] == [len(r.ids) for r in reqs]
         results.append((logits, [(k.clone(), v.clone()) for k, v in kv.layers]))
         for (k, v), (k0, v0) in zip(kv.layers, kv_before):
@@ -101,7 +108,7 @@ def test_padded_static_step_equals_the_eager_span_step(checkpoint, backend, case
     reqs = requests(lengths, alphas, seed=len(case))
     (eager, eager_kv), (ours, our_kv), graphed = two_runs(model, reqs, cached)
     new = sum(n - c for n, c in zip(lengths, cached))
-    assert graphed.bucket(SimpleNamespace(requests=reqs), [RowSpan(c, n, False) for n, c in zip(lengths, cached)], None)
+    assert graphed.bucket(as_batch(reqs), [RowSpan(c, n, False) for n, c in zip(lengths, cached)], None)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
     scratch = NUM_BLOCKS - 1
     for (k, v), (k0, v0) in zip(our_kv, eager_kv):  # the same K/V everywhere but the scratch block
@@ -129,7 +136,7 @@ def test_steps_the_graphs_cannot_serve_go_eager(checkpoint):
     kv = KVCache(c.num_hidden_layers, NUM_BLOCKS, BLOCK, c.num_attention_heads, c.head_dim, torch.float32, CPU)
     graphed = GraphedSpans(model, kv, MAX_BLOCKS, NUM_BLOCKS - 1, (1, 2, 4), (16, 32), graphs=False)
     reqs = requests([20, 10, 6], [1.0] * 3, seed=1)
-    batch = SimpleNamespace(requests=reqs)
+    batch = as_batch(reqs)
     cached = [RowSpan(s, len(r.ids), False) for r, s in zip(reqs, (8, 2, 5))]  # 12 + 8 + 1 = 21 tokens
     assert graphed.bucket(batch, cached, None) == (4, 32)
     assert graphed.bucket(batch, cached, [0, 3, 0]) is None  # an adapter

@@ -30,9 +30,8 @@ from worker.engine.chunks import RowSpan, default_span
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import capture
 from worker.engine.kv_cache import KVCache
-from worker.layers.context import ForwardContext, RotarySettings, Seqlen
+from worker.layers.context import ForwardContext, Seqlen
 from worker.models.qwen import FlashQwenForCausalLM
-from worker.ops import logn_scale, rotary_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +42,6 @@ SPAN_TOKENS = (16, 32, 64, 128, 192, 256)
 def span_buckets(rows: Sequence[int], tokens: Sequence[int]) -> list[tuple[int, int]]:
     """(R, T) pairs with T >= R (a step has at least one token per row, so smaller T never serve)."""
     return [(r, t) for r in sorted(rows) for t in sorted(tokens) if t >= r]
-
-
-def span_context(
-    rotary: RotarySettings,
-    positions: torch.Tensor,
-    alpha: torch.Tensor,
-    seqlen: Seqlen,
-    slots: torch.Tensor,
-    block_tables: torch.Tensor,
-    lm_head_indices: torch.Tensor,
-) -> ForwardContext:
-    """ForwardContext.build's prefill context from a per-token NTK alpha (no repeat_interleave, whose output
-    size is a host sync): the same rotary/logn math on the same values."""
-    cos, sin = rotary_cos_sin(positions, alpha, rotary.rotary_dim, rotary.base)
-    return ForwardContext(
-        is_prefill=True,
-        positions=positions,
-        slots=slots,
-        block_tables=block_tables,
-        seqlen=seqlen,
-        cos=cos,
-        sin=sin,
-        logn=logn_scale(positions, rotary.seq_length) if rotary.use_logn else None,
-        lm_head_indices=lm_head_indices,
-    )
 
 
 class GraphedSpans:
@@ -92,15 +66,14 @@ class GraphedSpans:
             raise ValueError(f"no span bucket with tokens >= rows (rows {list(rows)}, tokens {list(tokens)})")
         r_max, t_max = max(r for r, _ in self.buckets), max(t for _, t in self.buckets)
         self.max_rows, self.max_tokens = r_max, t_max
-        tok = dict(dtype=torch.long, device=dev)
-        self.ids, self.pos, self.slots = (torch.zeros(t_max, **tok) for _ in range(3))  # type: ignore[arg-type]
+        long, i32 = torch.long, torch.int32
+        self.ids, self.pos, self.slots = (torch.zeros(t_max, dtype=long, device=dev) for _ in range(3))
         self.alpha = torch.ones(t_max, dtype=torch.float32, device=dev)
-        self.head = torch.zeros(r_max, **tok)  # type: ignore[arg-type]
-        seq = dict(dtype=torch.int32, device=dev)
-        self.cu = torch.zeros(r_max + 2, **seq)  # type: ignore[arg-type]
-        self.cache_lens, self.lengths = (torch.zeros(r_max + 1, **seq) for _ in range(2))  # type: ignore[arg-type]
+        self.head = torch.zeros(r_max, dtype=long, device=dev)
+        self.cu = torch.zeros(r_max + 2, dtype=i32, device=dev)
+        self.cache_lens, self.lengths = (torch.zeros(r_max + 1, dtype=i32, device=dev) for _ in range(2))
         self.seq_alpha = torch.ones(r_max + 1, dtype=torch.float32, device=dev)
-        self.tables = torch.zeros(r_max + 1, max_blocks_per_seq, **seq)  # type: ignore[arg-type]
+        self.tables = torch.zeros(r_max + 1, max_blocks_per_seq, dtype=i32, device=dev)
         self.steps = {b: self._step(*b) for b in self.buckets}
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         if graphs:
@@ -124,14 +97,15 @@ class GraphedSpans:
         )
 
         def step() -> torch.Tensor:
-            ctx = span_context(
+            ctx = ForwardContext.build(
                 model.rotary,
-                self.pos[:T],
-                self.alpha[:T],
-                seqlen,
-                self.slots[:T],
-                self.tables[: R + 1],
-                self.head[:R],
+                is_prefill=True,
+                positions=self.pos[:T],
+                seqlen=seqlen,
+                slots=self.slots[:T],
+                block_tables=self.tables[: R + 1],
+                lm_head_indices=self.head[:R],
+                token_alpha=self.alpha[:T],  # seqlen's per-sequence alpha would need a host sync to repeat
             )
             return model.forward_context(self.ids[:T], ctx, self.kv.layers)
 
@@ -239,13 +213,8 @@ class GraphedSpans:
 
 def capture_spans(model: FlashQwenForCausalLM, kv: KVCache, pctx: ParallelContext, cfg: EngineConfig) -> GraphedSpans:
     """Span-step graphs (engine/graphed_spans.py) beside the decode graphs, sharing their scratch block."""
-    t0 = time.time()
-    free0 = torch.cuda.mem_get_info(pctx.device)[0]
+    t0, free0 = time.time(), torch.cuda.mem_get_info(pctx.device)[0]
     spans = GraphedSpans(model, kv, math.ceil(cfg.max_seq_len / cfg.block_size), kv.num_blocks - 1)
-    log.info(
-        "CUDA graphs: %d span buckets captured in %.1fs, %.0f MiB",
-        len(spans.graphs),
-        time.time() - t0,
-        (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20,
-    )
+    mib = (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20
+    log.info("CUDA graphs: %d span buckets captured in %.1fs, %.0f MiB", len(spans.graphs), time.time() - t0, mib)
     return spans

@@ -87,11 +87,15 @@ class ForwardContext:
         block_tables: torch.Tensor | None = None,
         lm_head_indices: torch.Tensor | None = None,
         adapter_data: Any = None,
+        token_alpha: torch.Tensor | None = None,
     ) -> ForwardContext:
         """The context of one step: each token's rotary tables from its position and its sequence's NTK
-        alpha. A decode step makes no host sync here, so a CUDA graph captures it with the forward."""
+        alpha. A decode step makes no host sync here, so a CUDA graph captures it with the forward; a
+        prefill does when given `token_alpha` ([T] fp32, each token's alpha, instead of repeating seqlen's)."""
         positions = positions.long()
-        if seqlen.ntk_alpha is None:
+        if token_alpha is not None:
+            alpha = token_alpha
+        elif seqlen.ntk_alpha is None:
             alpha = torch.ones(positions.shape[0], device=positions.device)  # [T]
         elif not is_prefill:  # decode: one token per sequence
             alpha = seqlen.ntk_alpha.to(positions.device)
