@@ -39,7 +39,7 @@ def rank_main(ckpt: str, root: str, out: str) -> None:
     logits, spec = forward_spec(model, SEQS, [0, mgr.entries[1].slot])
     assert spec is not None
     heads = model.medusa.base
-    assert heads is not None and heads.weight.shape == (K, 2, H // pctx.world_size, H)  # this rank's rows
+    assert heads is not None and heads.weight.shape == (2, K, H // pctx.world_size, H)  # this rank's rows
     save_file({"logits": logits, "spec": spec.contiguous()}, f"{out}-{pctx.rank}.safetensors")
     shutdown(pctx)
 

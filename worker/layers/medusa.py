@@ -41,7 +41,8 @@ class MedusaCheckpoint:
 
 
 class MedusaHeads(nn.Module):
-    """One checkpoint's heads, this rank's shard: W [K, L, H/n, H], b [K, L, H/n], v1 projection [K, V/n, H]."""
+    """One checkpoint's heads, this rank's shard: W [L, K, H/n, H], b [L, K, H/n] (block-major: the first
+    block of every head is one GEMM, as all read h), v1 projection [K, V/n, H]."""
 
     def __init__(self, ckpt: MedusaCheckpoint, pctx: ParallelContext, dtype: torch.dtype):
         super().__init__()
@@ -52,17 +53,19 @@ class MedusaHeads(nn.Module):
         rank, world = pctx.rank, pctx.world_size
 
         def cut(t: torch.Tensor, dim: int, what: str) -> torch.Tensor:
-            return shard_tensor(t, dim, rank, world, what).to(pctx.device, dtype).contiguous()
+            return shard_tensor(t, dim, rank, world, what).to(pctx.device, dtype)
 
-        self.weight = cut(ckpt.weights, 2, "Medusa hidden size")
-        self.bias = cut(ckpt.biases, 2, "Medusa hidden size")
-        self.proj = None if ckpt.projections is None else cut(ckpt.projections, 1, "Medusa vocab")
+        self.weight = cut(ckpt.weights, 2, "Medusa hidden size").transpose(0, 1).contiguous()
+        self.bias = cut(ckpt.biases, 2, "Medusa hidden size").transpose(0, 1).contiguous()
+        self.proj = None if ckpt.projections is None else cut(ckpt.projections, 1, "Medusa vocab").contiguous()
 
     def residuals(self, h: torch.Tensor) -> torch.Tensor:
         """h [N, H] -> r [N, K, H]: each head's residual blocks (the all-gather before each residual add)."""
-        r = h.unsqueeze(1).expand(-1, self.num_heads, -1)  # [N, K, H]
-        for j in range(self.num_layers):
-            y = torch.einsum("nkh,koh->nko", r, self.weight[:, j]) + self.bias[:, j]  # [N, K, H/n]
+        N, H = h.shape
+        y = (h @ self.weight[0].view(-1, H).T).view(N, self.num_heads, -1) + self.bias[0]  # [N, K, H/n]
+        r = h.unsqueeze(1) + self.pctx.all_gather_last_dim(nn.functional.silu(y))
+        for j in range(1, self.num_layers):
+            y = torch.einsum("nkh,koh->nko", r, self.weight[j]) + self.bias[j]
             r = r + self.pctx.all_gather_last_dim(nn.functional.silu(y))
         return r
 
