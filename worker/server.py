@@ -43,7 +43,7 @@ class LoraxServicer(pb_grpc.LoraxServiceServicer):
             dtype=str(e.model.dtype).replace("torch.", ""),
             device_type=self.device_type,
             block_size=e.cfg.block_size,
-            speculate=0,
+            speculate=e.speculation.tokens,
             preloaded_adapters=preloaded,
             supports_generation=True,
             supports_embeddings=False,

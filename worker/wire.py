@@ -27,7 +27,12 @@ def generation_pb(g: Generation) -> pb.Generation:
     if g.generated_text is not None:
         t = g.generated_text
         out.generated_text.CopyFrom(
-            pb.GeneratedText(text=t.text, generated_tokens=t.generated_tokens, finish_reason=int(t.finish_reason))
+            pb.GeneratedText(
+                text=t.text,
+                generated_tokens=t.generated_tokens,
+                skipped_tokens=t.skipped_tokens,
+                finish_reason=int(t.finish_reason),
+            )
         )
         if t.seed is not None:  # an optional field: present for sampling requests only
             out.generated_text.seed = t.seed

@@ -241,11 +241,12 @@ def test_when_the_look_ahead_runs(setting, world, graphed, runs):
     engine.cfg = EngineConfig(look_ahead=setting)
     engine.pctx = SimpleNamespace(world_size=world)
     engine.adapters = None
+    engine.model = SimpleNamespace(medusa_heads=0)  # no Medusa heads: the look-ahead policy decides
     engine.runner = SimpleNamespace(
         graphs=SimpleNamespace(can_run=lambda b: True) if graphed else None,
         forward=lambda b, prefill, slots: calls.append(b) or SimpleNamespace(last=torch.zeros(1, 4)),
     )
-    request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None, prefilling=False)
+    request = SimpleNamespace(ids=[5, 6], slots=[0, 1, 2], ahead=None, prefilling=False, drafts=[])
     engine._look_ahead(SimpleNamespace(id=1, requests=[request]))
     assert bool(calls) == runs and (request.ahead is not None) == runs
 

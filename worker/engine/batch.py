@@ -16,6 +16,7 @@ import torch
 from worker.engine.generations import CachedBatchInfo
 from worker.engine.grammar import Grammar, Grammars
 from worker.engine.kv_cache import BlockAllocator
+from worker.engine.prompt_lookup import PromptLookup
 from worker.engine.sampling import BatchSampler, SamplingParams
 from worker.engine.stopping import StoppingCriteria
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -57,6 +58,9 @@ class RequestState:
     chunk: int = 0  # prompt tokens the next forward computes while prefilling (engine/chunks.py)
     prompt_logprobs: list[float] = field(default_factory=list)  # prefill logprobs gathered over the chunks so far
     last_row: torch.Tensor | None = None  # [V] the previous chunk's last logits (prefill logprobs only)
+    drafts: list[int] = field(default_factory=list)  # speculative tokens the next forward verifies
+    lookup: PromptLookup | None = None  # prompt-lookup drafting state (engine/prompt_lookup.py)
+    skipped: int = 0  # accepted tokens after the first of each step so far (GeneratedText.skipped_tokens)
 
     @property
     def n_generated(self) -> int:
@@ -70,7 +74,7 @@ class RequestState:
     @property
     def next_tokens(self) -> int:
         """Tokens this request adds to the next forward."""
-        return self.chunk if self.prefilling else 1
+        return self.chunk if self.prefilling else 1 + len(self.drafts)
 
 
 @dataclass

@@ -3,8 +3,9 @@ chunk sizes the shard gives requests still prefilling, and the prefill logprobs 
 
 A request is prefilling until its first token is sampled. Its next forward computes prompt positions
 [n_cached, n_cached + chunk); only the chunk that reaches the end of the prompt samples. A decoding request
-computes its last token. Plain Python over RequestState (no forward pass); every rank takes the same
-decisions from the same state, so the ranks' forwards stay in step.
+computes its last token, then its drafts when it speculates (a verify row, engine/speculative.py). Plain
+Python over RequestState (no forward pass); every rank takes the same decisions from the same state, so the
+ranks' forwards stay in step.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from worker.engine.sampling import prefill_logprobs
 
 @dataclass(frozen=True)
 class RowSpan:
-    """The tokens ids[start:stop] a request computes in one forward."""
+    """The tokens ids[start:stop] a request computes in one forward, then its `drafts` (positions stop, ...)."""
 
     start: int
     stop: int
-    prompt_logits: bool  # logits for every computed token (prefill logprobs), not only the last
+    prompt_logits: bool  # logits for every computed token (prefill logprobs, or a verify row), not only the last
+    drafts: tuple[int, ...] = ()  # speculative tokens verified after ids[start:stop] (a decoding request only)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.stop - self.start + len(self.drafts)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class StepPlan:
     spans: list[RowSpan]  # one per request, in batch order
     sampling: list[int]  # rows that sample a token this step (decoding, or on their last chunk)
     prefill: bool  # the forward takes the prefill path: some row computes prompt tokens
+    verify: bool = False  # some row verifies drafts (it takes the prefill path too: rows of several tokens)
 
 
 class Runnable(Protocol):
@@ -51,7 +58,7 @@ def default_span(r: Runnable, prefill: bool) -> RowSpan:
 
 def span(r: RequestState) -> RowSpan:
     if not r.prefilling:
-        return RowSpan(len(r.ids) - 1, len(r.ids), False)
+        return RowSpan(len(r.ids) - 1, len(r.ids), bool(r.drafts), tuple(r.drafts))
     return RowSpan(r.n_cached, r.n_cached + r.chunk, r.prefill_logprobs)
 
 
@@ -59,7 +66,7 @@ def plan(batch: Batch) -> StepPlan:
     reqs = batch.requests
     spans = [span(r) for r in reqs]
     sampling = [i for i, (r, s) in enumerate(zip(reqs, spans)) if s.stop >= len(r.ids)]
-    return StepPlan(spans, sampling, any(r.prefilling for r in reqs))
+    return StepPlan(spans, sampling, any(r.prefilling for r in reqs), any(s.drafts for s in spans))
 
 
 def assign(requests: list[RequestState], max_prefill_tokens: int) -> None:

@@ -1,5 +1,5 @@
 """The engine's settings (one shard): KV cache size and dtype, batch limits, CUDA graphs, look-ahead, chunked
-prefill."""
+prefill, speculative decoding."""
 
 from __future__ import annotations
 
@@ -32,3 +32,5 @@ class EngineConfig:
     chunked_prefill: bool = True
     # tokens a step may compute for requests still prefilling, until Warmup's max_prefill_tokens replaces it
     max_prefill_tokens: int = 4096
+    # prompt-lookup drafts per step (engine/speculative.py; 0: off). With Medusa heads attached, S = K capped by it
+    speculative_tokens: int = 0

@@ -22,6 +22,7 @@ from worker.engine.generations import Generation
 from worker.engine.grammar import Grammars
 from worker.engine.kv_cache import BlockAllocator, KVCache
 from worker.engine.runner import Runner, kv_blocks, warmup_prefill
+from worker.engine.speculative import Speculation, check_tokens
 from worker.errors import InvalidArgument, NotFound
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
@@ -49,6 +50,7 @@ class Engine:
         cfg: EngineConfig,
         adapters: Adapters | None = None,
     ):
+        check_tokens(cfg.speculative_tokens)
         self.model = model
         self.tokenizer = tokenizer
         self.pctx = pctx
@@ -86,10 +88,13 @@ class Engine:
         self.router_blocks = num_blocks - own
         self.allocator = BlockAllocator(self.router_blocks, own - 1)
         self.max_supported_total_tokens = self.router_blocks * self.cfg.block_size
+        spec = self.speculation
         log.info(
-            "decode look-ahead: %s",
+            "decode look-ahead: %s%s",
             lookahead.describe(self.cfg.look_ahead, self.runner.graphs is not None, self.pctx.world_size),
+            "; never for a batch with drafts to verify or with Medusa heads attached" if spec.tokens else "",
         )
+        log.info("speculative decoding: %s", spec.describe())
         log.info(
             "chunked prefill: %s",
             f"on, later chunks sized to {self.max_prefill_tokens} prefill tokens per step"
@@ -105,6 +110,11 @@ class Engine:
             self.max_supported_total_tokens,
             own,
         )
+
+    @property
+    def speculation(self) -> Speculation:
+        """Prompt-lookup drafts from the config, the heads from the model (a Medusa adapter may attach later)."""
+        return Speculation(self.cfg.speculative_tokens, self.model.medusa_heads)
 
     def _ensure_cache(self) -> None:
         if self.runner is None:
@@ -204,7 +214,8 @@ class Engine:
         saved = [r.n_cached for r in batch.requests]
         try:
             assert self.runner is not None
-            computed = step.compute(batch, self.runner, self.pctx, self.grammars, self.adapters)
+            heads = self.model.medusa_heads > 0
+            computed = step.compute(batch, self.runner, self.pctx, self.grammars, self.adapters, medusa=heads)
         except Exception:
             for r, n in zip(batch.requests, saved):
                 r.n_cached = n
@@ -288,10 +299,14 @@ class Engine:
         return new
 
     def _look_ahead(self, batch: Batch) -> None:
+        """A look-ahead cannot know how many drafts the step accepts, nor compute the heads' logits: none for a
+        batch that speculates."""
         assert self.runner is not None
+        if self.model.medusa_heads or any(r.drafts for r in batch.requests):
+            lookahead.clear(batch.requests)
+            return
         lookahead.start(self.runner, batch, self.adapters, wanted=self.cfg.look_ahead, world_size=self.pctx.world_size)
 
     def _step(self, batch: Batch, computed: step.Computed) -> list[Generation]:
-        """Append the step's tokens and check the stops; this shard's generations."""
-        generations = step.apply(batch, computed, self.tokenizer)
-        return generations
+        """Append the step's tokens, check the stops, set the next drafts; this shard's generations."""
+        return step.apply(batch, computed, self.tokenizer, self.speculation)

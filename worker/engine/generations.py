@@ -22,7 +22,8 @@ class Alternatives:
 
 @dataclass
 class Tokens:
-    """Tokens with their log-probs and texts: the sampled token, or a prompt's (prefill logprobs)."""
+    """Tokens with their log-probs and texts: a step's tokens (one, or more with speculation), or a prompt's
+    (prefill logprobs)."""
 
     ids: list[int]
     logprobs: list[float]  # a prompt's first token has none: NaN
@@ -39,6 +40,7 @@ class GeneratedText:
     generated_tokens: int
     finish_reason: FinishReason
     seed: int | None = None  # sampling requests only
+    skipped_tokens: int = 0  # speculative decoding: tokens after the first of each step (LoRAX's count)
 
 
 @dataclass
@@ -67,9 +69,12 @@ def alternatives(tok: QwenTokenizer, ids: list[int], logprobs: list[float]) -> A
     return Alternatives(ids=ids, logprobs=logprobs, texts=[tok.token_text(t) for t in ids])
 
 
-def next_token(tok: QwenTokenizer, token_id: int, logprob: float, text: str, alts: list[Alternatives]) -> Tokens:
+def next_tokens(
+    tok: QwenTokenizer, ids: list[int], logprobs: list[float], texts: list[str], alts: list[Alternatives]
+) -> Tokens:
+    """A step's tokens (at least one); `texts` are their incremental detokenizations."""
     return Tokens(
-        ids=[token_id], logprobs=[logprob], texts=[text], is_special=[tok.is_special(token_id)], alternative_tokens=alts
+        ids=ids, logprobs=logprobs, texts=texts, is_special=[tok.is_special(t) for t in ids], alternative_tokens=alts
     )
 
 
@@ -83,10 +88,13 @@ def prompt_text(tok: QwenTokenizer, ids: list[int], logprobs: list[float]) -> To
     )
 
 
-def generated_text(tok: QwenTokenizer, generated: list[int], reason: FinishReason, seed: int | None) -> GeneratedText:
+def generated_text(
+    tok: QwenTokenizer, generated: list[int], reason: FinishReason, seed: int | None, skipped: int = 0
+) -> GeneratedText:
     return GeneratedText(
         text=tok.decode(generated, skip_special_tokens=True),
         generated_tokens=len(generated),
         finish_reason=reason,
         seed=seed,
+        skipped_tokens=skipped,
     )

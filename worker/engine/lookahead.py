@@ -151,14 +151,18 @@ def step_logits(
     prefill: bool,
     adapter_slots: list[int] | None,
     spans: Sequence[RowSpan] | None = None,
+    speculative: bool = False,
 ) -> StepLogits:
     """This step's logits: a decode takes each request's look-ahead row when it was computed for the
-    request's current tokens, and runs the forward for the other requests only. A prefill (chunks, maybe
-    mixed with decode rows) computes `spans` and uses no look-ahead row."""
+    request's current tokens, and runs the forward for the other requests only. A prefill (chunks or verify
+    rows, maybe mixed with decode rows) computes `spans` and uses no look-ahead row, nor does a step that
+    needs the Medusa heads' logits (`speculative`: a look-ahead computed none)."""
     reqs = batch.requests
-    is_ready = ready(reqs, prefill)
+    is_ready = ready(reqs, prefill or speculative)
     if not any(is_ready):
         clear(reqs)
+        if speculative:
+            return runner.forward(batch, prefill, adapter_slots, spans, speculative=True)
         return runner.forward(batch, prefill, adapter_slots, spans)
     missing = [i for i, ok in enumerate(is_ready) if not ok]
     computed = None

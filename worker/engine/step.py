@@ -2,9 +2,10 @@
 of the rows that sample) changes no request state but the KV cache; `apply` appends the tokens, runs the stop
 checks and builds this shard's Generations.
 
-Rows of one step may mix decode tokens and prompt chunks (engine/chunks.py). A row still prefilling after
-this step samples nothing and gets no Generation; its prefill logprobs are gathered and go out with its first
-token. Every rank computes every row; the sampled ids are rank 0's, so the ranks' states never drift.
+Rows of one step may mix decode tokens, prompt chunks (engine/chunks.py) and verify rows (a decode token and
+its drafts, engine/speculative.py: such a row yields 1 + its accepted drafts tokens). A row still prefilling
+after this step samples nothing and gets no Generation; its prefill logprobs are gathered and go out with its
+first token. Every rank computes every row; the chosen ids are rank 0's, so the ranks' states never drift.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from worker.distributed import ParallelContext
-from worker.engine import chunks, lookahead
+from worker.engine import chunks, lookahead, speculative
 from worker.engine.batch import Adapters, Batch, RequestState
-from worker.engine.generations import Generation, Tokens, alternatives, generated_text, next_token, prompt_text
+from worker.engine.generations import Generation, Tokens, alternatives, generated_text, next_tokens, prompt_text
 from worker.engine.grammar import Grammars
 from worker.engine.runner import Runner, StepLogits
-from worker.engine.sampling import SampleOutput
+from worker.engine.speculative import Choice
 from worker.engine.stopping import FinishReason
 from worker.tokenizer import QwenTokenizer
 
@@ -28,74 +29,100 @@ from worker.tokenizer import QwenTokenizer
 class Computed:
     plan: chunks.StepPlan
     logits: StepLogits
-    sampled: SampleOutput | None  # rows plan.sampling, in order (None: no row samples)
-    next_ids: list[int]  # the sampled token of each row of plan.sampling, identical on every rank
+    choices: list[Choice]  # per row of plan.sampling, in order: its tokens, identical on every rank
+    medusa: list[list[int]]  # per row of plan.sampling: the Medusa heads' drafts for its next step ([]: none)
 
 
 def compute(
-    batch: Batch, runner: Runner, pctx: ParallelContext, grammars: Grammars, adapters: Adapters | None
+    batch: Batch,
+    runner: Runner,
+    pctx: ParallelContext,
+    grammars: Grammars,
+    adapters: Adapters | None,
+    medusa: bool = False,
 ) -> Computed:
-    """The step's forward and samples; no request state changes (n_cached aside, which the caller restores on
-    failure)."""
+    """The step's forward and choices; no request state changes (n_cached aside, which the caller restores on
+    failure). medusa: Medusa heads are attached, so the forward also returns their logits (eager path)."""
     plan = chunks.plan(batch)
     reqs = batch.requests
     adapter_slots = adapters.request_slots(batch) if adapters is not None else None
     rows = plan.sampling
     masks = grammars.start_masks([reqs[i].grammar for i in rows])  # None unless one is constrained
-    spans = plan.spans if plan.prefill else None  # a pure decode may replay a CUDA graph
-    step = lookahead.step_logits(runner, batch, plan.prefill, adapter_slots, spans)
+    spans_path = plan.prefill or plan.verify  # multi-token rows; a pure decode may replay a CUDA graph
+    spans = plan.spans if spans_path else None
+    step = lookahead.step_logits(runner, batch, spans_path, adapter_slots, spans, speculative=medusa)
     if not rows:
-        return Computed(plan, step, None, [])
-    if len(rows) == len(reqs):
-        sampler, last = batch.sampler, step.last
-    else:  # the filtered sampler shares the rows' generators: their seeded streams continue
-        sampler, last = batch.sampler.filter(rows), step.last[torch.tensor(rows, device=step.last.device)]
-    out = sampler(last, [reqs[i].ids for i in rows], masks.result() if masks else None)
-    next_ids = pctx.broadcast(out.next_ids.clone()).tolist()  # identical tokens on every rank
-    return Computed(plan, step, out, next_ids)
+        return Computed(plan, step, [], [])
+    # the filtered sampler shares the rows' generators: their seeded streams continue
+    sampler = batch.sampler if len(rows) == len(reqs) else batch.sampler.filter(rows)
+    positions = [step.prompt[i] if plan.spans[i].drafts else step.last[i : i + 1] for i in rows]
+    drafts = [plan.spans[i].drafts for i in rows]
+    allowed = masks.result() if masks else None
+    first = None  # without verify rows, round 0 reads the last logits as they are (no copy)
+    if not plan.verify:
+        first = step.last if len(rows) == len(reqs) else step.last[torch.tensor(rows, device=step.last.device)]
+    choices = speculative.choose(sampler, positions, drafts, [reqs[i].ids for i in rows], allowed, pctx, first)
+    heads: list[list[int]] = [[] for _ in rows]
+    if step.speculative is not None:  # drafts from the heads at each row's last chosen position
+        at = [c.accepted if d else -1 for c, d in zip(choices, drafts)]
+        spec = [step.speculative[i] for i in rows]
+        heads = speculative.medusa_drafts(spec, at, batch.sampler.n_real_vocab, pctx)
+    return Computed(plan, step, choices, heads)
 
 
-def apply(batch: Batch, c: Computed, tok: QwenTokenizer) -> list[Generation]:
-    """Advance each row past its span, append the sampled tokens, check the stops; this shard's generations."""
+def apply(batch: Batch, c: Computed, tok: QwenTokenizer, setting: speculative.Speculation) -> list[Generation]:
+    """Advance each row past its span, append its chosen tokens up to the first stop, check the stops, set the
+    next step's drafts; this shard's generations."""
     reqs = batch.requests
     for i, (r, s) in enumerate(zip(reqs, c.plan.spans)):
         if r.prefilling and r.prefill_logprobs and r.report:
             chunks.gather_logprobs(r, c.logits.prompt[i], s, tok.n_real_vocab)
         r.n_cached = s.stop
-    if c.sampled is None:
-        return []
-    logprobs = c.sampled.logprobs.tolist()
     generations = []
     for j, i in enumerate(c.plan.sampling):
-        r = reqs[i]
+        r, choice, drafts = reqs[i], c.choices[j], c.plan.spans[i].drafts
         first = r.prefilling
-        tid = c.next_ids[j]
-        r.ids.append(tid)
-        text = r.detok.add(tid)
-        reason = r.stopping.check(tid, r.detok.text, r.n_generated)
-        if r.grammar is not None and r.grammar.consume(tid):  # the schema's output is whole: it ends here
-            reason = FinishReason.FINISH_REASON_EOS_TOKEN
-        if reason is not None:
-            r.finished = True
+        if r.lookup is not None and drafts and not c.medusa[j]:
+            r.lookup.record(r.id, len(drafts), choice.accepted)
+        kept, texts, reason = _append(r, choice.ids)
+        r.n_cached = len(r.ids) - 1  # the accepted drafts' K/V are in the cache; the last token's is not
+        r.skipped += kept - 1
+        r.drafts = speculative.next_drafts(r, c.medusa[j], setting)
         if not r.report:
             continue
         alts = []
         if r.params.return_k_alternatives:
-            alts = [alternatives(tok, c.sampled.top_ids[j], c.sampled.top_logprobs[j])]
+            alts = [alternatives(tok, ids, lps) for ids, lps in zip(choice.top_ids[:kept], choice.top_logprobs)]
         done = None
         if reason is not None:
             seed = None if r.params.is_greedy else batch.sampler.seeds[i]
-            done = generated_text(tok, r.ids[r.prompt_len :], reason, seed)
+            done = generated_text(tok, r.ids[r.prompt_len :], reason, seed, r.skipped)
         generations.append(
             Generation(
                 request_id=r.id,
-                next_tokens=next_token(tok, tid, logprobs[j], text, alts),
+                next_tokens=next_tokens(tok, choice.ids[:kept], choice.logprobs[:kept], texts, alts),
                 prefill_tokens=_prompt(tok, r) if first and r.prefill_logprobs else None,
                 prefill_tokens_length=r.prompt_len - r.prefill_cache_len if first else 0,
                 generated_text=done,
             )
         )
     return generations
+
+
+def _append(r: RequestState, ids: list[int]) -> tuple[int, list[str], FinishReason | None]:
+    """Append the step's tokens in order, checking the stops after each: the tokens after the first stop are
+    dropped. Returns the tokens kept, their texts and the stop reason (None: the request goes on)."""
+    texts = []
+    for tid in ids:
+        r.ids.append(tid)
+        texts.append(r.detok.add(tid))
+        reason = r.stopping.check(tid, r.detok.text, r.n_generated)
+        if r.grammar is not None and r.grammar.consume(tid):  # the schema's output is whole: it ends here
+            reason = FinishReason.FINISH_REASON_EOS_TOKEN
+        if reason is not None:
+            r.finished = True
+            return len(texts), texts, reason
+    return len(texts), texts, None
 
 
 def _prompt(tok: QwenTokenizer, r: RequestState) -> Tokens:

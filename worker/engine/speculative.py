@@ -1,0 +1,146 @@
+"""Speculative decoding: how many drafts a step verifies, the acceptance of a verify row, the next drafts.
+
+A verify row computes [last, d_1..d_S] in one forward (engine/chunks.py, the runner's span path). At each of
+its positions j the batch's normal chooser (penalties seeing the tokens accepted before j in this step,
+warpers, greedy or the request's seeded generator) picks x_j; d_{j+1} is accepted while it equals x_j. The
+tokens a row yields are x_0..x_a, where a is its number of accepted drafts: each is exactly the token a step
+without drafts would have chosen there (a seeded stream draws once per token either way), so the output,
+greedy or sampled, does not depend on the drafts. The rounds of choices are taken on every rank from rank 0's
+broadcast ids, so every rank accepts the same tokens and its forwards stay in step.
+
+Drafts come from the Medusa heads (argmax of the speculative logits at the row's last chosen position) for
+requests whose adapter or the base carries heads, else from prompt lookup (engine/prompt_lookup.py) when
+--speculative-tokens is set; constrained (JSON-schema) requests and requests still prefilling get none. A
+request never drafts past its own budget: at most max_new_tokens - generated - 1 drafts, so the positions a
+verify row writes stay inside the slots of prompt + max_new_tokens - 1 tokens the request holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.distributed import ParallelContext
+from worker.engine.batch import RequestState
+from worker.engine.prompt_lookup import PromptLookup
+from worker.engine.sampling import BatchSampler
+
+MAX_SPECULATIVE_TOKENS = 16  # drafts per step beyond this only cost verify rows
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """The shard's setting: prompt-lookup drafts per step (0: off) and the Medusa heads attached."""
+
+    lookup_tokens: int = 0  # --speculative-tokens
+    medusa_heads: int = 0  # K (0: no heads attached)
+
+    @property
+    def tokens(self) -> int:
+        """S, drafts per step (Info.speculate): K with Medusa, capped by --speculative-tokens when both are set."""
+        if self.medusa_heads and self.lookup_tokens:
+            return min(self.medusa_heads, self.lookup_tokens)
+        return self.medusa_heads or self.lookup_tokens
+
+    def describe(self) -> str:
+        if self.medusa_heads:
+            rest = ", prompt lookup for requests without heads" if self.lookup_tokens else ""
+            return f"{self.tokens} drafts per step from {self.medusa_heads} Medusa heads{rest}"
+        if self.lookup_tokens:
+            return f"{self.tokens} drafts per step from prompt lookup (n-grams 3..1)"
+        return "off"
+
+
+def check_tokens(n: int) -> int:
+    """--speculative-tokens, validated (ValueError naming the bound)."""
+    if not 0 <= n <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"speculative tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {n}")
+    return n
+
+
+@dataclass
+class Choice:
+    """One sampling row's tokens of a step, in order (the first is the step's usual token)."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)  # per token, return_k_alternatives ids
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        """Drafts accepted: every token but the last was a draft."""
+        return len(self.ids) - 1
+
+
+def choose(
+    sampler: BatchSampler,
+    rows: Sequence[torch.Tensor],
+    drafts: Sequence[Sequence[int]],
+    prev_ids: Sequence[list[int]],
+    allowed: torch.Tensor | None,
+    pctx: ParallelContext,
+    first: torch.Tensor | None = None,
+) -> list[Choice]:
+    """Round j picks x_j for every row whose drafts so far were all accepted. rows[i]: [1 + len(drafts[i]), V]
+    logits of row i's positions (the sampler's rows, in order); prev_ids[i]: its prompt + generated ids;
+    allowed: round 0's token bitmask (constrained rows have no drafts, so never reach round 1); first: round
+    0's logits [B, V] when given (the rows' first positions, stacked)."""
+    choices = [Choice() for _ in rows]
+    alive = list(range(len(rows)))
+    j = 0
+    while alive:
+        sub = sampler if len(alive) == len(sampler) else sampler.filter(alive)  # shares the rows' generators
+        logits = first if j == 0 and first is not None else torch.stack([rows[a][j] for a in alive])  # [A, V]
+        out = sub(logits, [prev_ids[a] + choices[a].ids for a in alive], allowed if j == 0 else None)
+        ids = pctx.broadcast(out.next_ids.clone()).tolist()  # rank 0's: every rank accepts the same tokens
+        logprobs = out.logprobs.tolist()
+        keep = []
+        for k, a in enumerate(alive):
+            c = choices[a]
+            c.ids.append(ids[k])
+            c.logprobs.append(logprobs[k])
+            c.top_ids.append(out.top_ids[k])
+            c.top_logprobs.append(out.top_logprobs[k])
+            if j < len(drafts[a]) and ids[k] == drafts[a][j]:
+                keep.append(a)
+        alive, j = keep, j + 1
+    return choices
+
+
+def medusa_drafts(
+    spec: Sequence[torch.Tensor | None], positions: Sequence[int], n_real_vocab: int, pctx: ParallelContext
+) -> list[list[int]]:
+    """Per row the heads' argmax at `positions[i]` of its speculative logits spec[i] [n, K, V] ([] without
+    heads); rank 0's, so that every rank verifies the same drafts next step."""
+    have = [i for i, s in enumerate(spec) if s is not None]
+    out: list[list[int]] = [[] for _ in spec]
+    if not have:
+        return out
+    picked = torch.stack([s[p] for s, p in zip(spec, positions) if s is not None])  # [R, K, V]
+    ids = pctx.broadcast(picked[..., :n_real_vocab].argmax(dim=-1).contiguous()).tolist()  # [R, K]
+    for i, row in zip(have, ids):
+        out[i] = row
+    return out
+
+
+def budget(r: RequestState, s: int) -> int:
+    """Drafts request r may verify next: S, at most the tokens it may still add after the next one, and the
+    positions its slots hold after its last token."""
+    return max(0, min(s, r.stopping.max_new_tokens - r.n_generated - 1, len(r.slots) - len(r.ids)))
+
+
+def next_drafts(r: RequestState, medusa: list[int], setting: Speculation) -> list[int]:
+    """The drafts request r verifies in its next step (r has its tokens of this step appended)."""
+    if r.finished or r.prefilling or r.grammar is not None:
+        return []
+    n = budget(r, setting.tokens)
+    if medusa:
+        return medusa[:n]
+    if not setting.lookup_tokens:
+        return []
+    if r.lookup is None:
+        r.lookup = PromptLookup()
+    return r.lookup.propose(r.ids, n)
