@@ -21,7 +21,6 @@ IGNORED_FLAGS = {
     "--sharded": "sharding follows WORLD_SIZE from the launcher",
     "--trust-remote-code": "no remote code is ever run; Qwen v1 is implemented natively",
     "--revision": "models are read from a local directory only",
-    "--speculative-tokens": "speculative decoding is not implemented (Info.speculate=0)",
     "--compile": "use CUDA graphs (default on GPU) instead",
     "--otlp-endpoint": "no OpenTelemetry exporter",
     "--source": "models are read from a local directory only",
@@ -143,11 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="Medusa heads (v1 or v2) used as every request's speculator: a directory relative to "
         "--adapter-root or absolute under it",
     )
+    s.add_argument(
+        "--speculative-tokens",
+        type=speculative_tokens,
+        default=0,
+        help="drafts verified per step (Info.speculate), 0..16: prompt lookup (n-gram) drafts for requests without "
+        "Medusa heads; with a Medusa speculator, caps its K heads' drafts",
+    )
     s.add_argument("--max-batch-size", type=int, default=0, help="reject larger batches (0: no limit)")
     s.add_argument("--dist-timeout", type=float, default=600.0, help="seconds before a collective gives up")
     s.add_argument("--log-level", default="info")
     s.add_argument("--json-logs", action="store_true")
     return ap
+
+
+def speculative_tokens(value: str) -> int:
+    """--speculative-tokens: an integer in [0, MAX_SPECULATIVE_TOKENS], else argparse's error naming it."""
+    from worker.engine.speculative import check_tokens
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    try:
+        return check_tokens(n)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def split_ignored(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -225,6 +245,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
             max_seq_len=args.max_seq_len,
             chunked_prefill=not args.no_chunked_prefill,
             kv_scale_margin=args.kv_scale_margin,
+            speculative_tokens=args.speculative_tokens,
         ),
         adapters,
     )
