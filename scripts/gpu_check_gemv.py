@@ -4,10 +4,12 @@
     PYTHONPATH=. python scripts/gpu_check_gemv.py --compile  # on a CPU: compile every variant for sm_90
 
 1. PASS/FAIL of the GPTQ GEMV (Int4/Int8, M 1/3/8/16, act order, asym zeros, a row shard starting inside
-   a tile, groups 128/none) and of the FP8 candidates against fp32 references (max errors printed).
+   a tile, groups 128/none), the FP8 candidates and the bf16 GEMV (every tile variant) against fp32
+   references (max errors printed).
 2. Timings, weights never in L2 (each timed CUDA graph cycles over copies of the weight totalling >=
    256 MB): per shape and M, the old split-K GPTQ kernel (baseline), the new GEMV's default and its tile
-   variants, bf16 cuBLAS, FP8 Triton W8A16 vs torch._scaled_mm. Prints GB/s of the bytes each must read
+   variants, bf16 cuBLAS; the bf16 GEMV's tiles vs cuBLAS (7B shapes, M 1 and 8); FP8 Triton W8A16 vs
+   torch._scaled_mm. Prints GB/s of the bytes each must read
    and the ratio to the baseline. Always exits 0; a failing candidate prints why.
 """
 
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -29,6 +32,7 @@ import triton  # noqa: E402
 
 from bench_common import cuda_time  # noqa: E402
 from worker.kernels.gemv import (  # noqa: E402
+    DENSE,
     NO_GROUPS,
     GemvTiles,
     _gemv_kernel,
@@ -59,6 +63,13 @@ VARIANTS = [  # M = 1 candidates (block_k follows the bits); programs_per_sm is 
     GemvTiles(block_n=128, num_warps=4, programs_per_sm=2),
     GemvTiles(block_n=128, num_warps=4, programs_per_sm=8),
     GemvTiles(block_n=256, num_warps=8, programs_per_sm=8),
+]
+DENSE_VARIANTS = [
+    GemvTiles(block_n=16, block_k=512, num_warps=4),
+    GemvTiles(block_n=32, block_k=256, num_warps=4, prefetch=False),
+    GemvTiles(block_n=64, block_k=128, num_warps=4),
+    GemvTiles(block_n=64, block_k=256, num_warps=8),
+    GemvTiles(block_n=32, block_k=256, num_warps=4, programs_per_sm=8),
 ]
 
 
@@ -116,6 +127,23 @@ def correctness() -> None:
         ):
             check(f"gptq int{bits} M={m}", partial(gptq_case, m, n, k, bits, gs, act, sym, lo))
     check("fp8", fp8_correctness)
+    for m, n, k in ((1, 1000, 1000), (3, 4096, 4096), (8, 12288, 4096), (1, 4096, 11008)):
+        check(f"dense M={m}", partial(dense_case, m, n, k))
+
+
+def dense_case(m: int, n: int, k: int) -> bool:
+    from worker.kernels.gemv import counters_for, dense_gemv
+
+    x, w, b = (torch.randn(*s, device="cuda").to(torch.bfloat16) for s in ((m, k), (n, k), (n,)))
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    counters, ok = counters_for(n, x.device), True
+    for t in [DENSE] + DENSE_VARIANTS:
+        ok &= report(f"dense M={m} N={n} K={k} {_name(t)}", dense_gemv(x, w, b, counters, tiles=t), ref)
+    return ok and int(counters.abs().sum()) == 0
+
+
+def _name(t: GemvTiles) -> str:
+    return f"n{t.block_n} k{t.block_k} w{t.num_warps} s{t.num_stages} pps{t.programs_per_sm} pf{int(t.prefetch)}"
 
 
 def fp8_correctness() -> bool:
@@ -198,47 +226,81 @@ def time_fp8(label: str, k: int, n: int, m: int) -> None:
           f" ({n * k / smm / 1e3:.0f} GB/s) -> {best}")  # fmt: skip
 
 
+def time_dense(label: str, k: int, n: int, m: int) -> None:
+    """bf16 at M <= 8: cuBLAS (the baseline here) against the Triton GEMV's tiles."""
+    from worker.kernels.gemv import counters_for, dense_gemv
+
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(n * k * 2))]
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    base = graph_time([partial(torch.nn.functional.linear, x, w) for w in ws])
+    print(f"-- bf16 {label} K={k} N={n} M={m}: cuBLAS {base:.1f} us {n * k * 2 / base / 1e3:.0f} GB/s")
+    for t in [DENSE] + DENSE_VARIANTS:
+        cs = [counters_for(n, x.device) for _ in ws]
+        us = graph_time([partial(dense_gemv, x, w, None, c, t) for w, c in zip(ws, cs)])
+        print(f"   dense {_name(t):44s} {us:8.1f} us {n * k * 2 / us / 1e3:7.0f} GB/s  x{base / us:5.2f} vs cuBLAS")
+
+
+def _due(limit: float, what: str) -> bool:
+    if time.time() - START < limit:
+        return True
+    print(f"skipped {what}: time budget")
+    return False
+
+
 def timings() -> None:
     print("== timings (CUDA graphs over weight copies > L2; GB/s of the bytes each call must read)")
     for label, (k, n) in SHAPES.items():
         seven = label.startswith("7b")
         for bits, m, sweep in ((4, 1, seven), (8, 1, seven), (4, 8, False)) if seven else ((4, 1, False),):
-            if time.time() - START > 120:
-                print(f"skipped {label} int{bits} M={m}: time budget")
-                continue
-            check(f"timing {label} int{bits} M={m}", partial(time_shape, label, k, n, bits, m, sweep))
+            if _due(90, f"{label} int{bits} M={m}"):
+                check(f"timing {label} int{bits} M={m}", partial(time_shape, label, k, n, bits, m, sweep))
     for label, (k, n) in list(SHAPES.items())[:4]:
         for m in (1, 8):
-            if time.time() - START < 135:
+            if _due(120, f"bf16 {label} M={m}"):
+                check(f"bf16 timing {label}", partial(time_dense, label, k, n, m))
+    for label, (k, n) in list(SHAPES.items())[:4]:
+        for m in (1, 8):
+            if _due(135, f"fp8 {label} M={m}"):
                 check(f"fp8 timing {label}", partial(time_fp8, label, k, n, m))
 
 
-def compile_all() -> None:
-    """Compile every variant for sm_90 with Triton's bundled ptxas (no GPU needed; not interpreted)."""
+def _compile(fn: Any, label: str, ptrs: dict[str, str], ints: tuple[str, ...], const: dict, t: GemvTiles) -> None:
+    """Compile one variant for sm_90 with Triton's bundled ptxas and print ok/FAILED."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptrs = ("x", "qw", "s", "z", "b", "y", "part", "cnt")
-    types = ("*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i32")
+    sig = {**{f"{p}_ptr": ty for p, ty in ptrs.items()}, **dict.fromkeys(ints, "i32")}
+    sig.update(dict.fromkeys(const, "constexpr"))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a == "N"}
+    try:
+        opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
+        kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+        print(f"ok     {label}: {kern.metadata.shared} B shared")
+    except Exception as exc:  # a compiler error is the finding
+        print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def compile_all() -> None:
+    """Every GPTQ and float GEMV variant, as launched (bf16 activations), for sm_90 (no GPU; not interpreted)."""
+    from worker.kernels.gemv import _dense_kernel
+
+    bf16 = "*bf16"
+    ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
     ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "SPLITS", "stride_xm", "stride_ym")
     for bits in (4, 8):
         for t in [default_tiles(bits)] + [_tiles(bits, v) for v in VARIANTS]:
             for bm, zero, gs in ((1, 1 << (bits - 1), 128), (16, -1, 128), (1, -1, NO_GROUPS)):
-                const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=True, PREFETCH=t.prefetch,
-                             DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
-                sig = {**{f"{p}_ptr": ty for p, ty in zip(ptrs, types)}, **dict.fromkeys(ints, "i32")}
-                sig.update(dict.fromkeys(const, "constexpr"))
-                attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a == "N"}
-                label = f"int{bits} M{'1' if bm == 1 else '>1'} zero{zero} gs{gs} {t}"
-                try:
-                    kern = triton.compile(
-                        ASTSource(_gemv_kernel, sig, const, attrs),
-                        target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=t.num_warps, num_stages=t.num_stages),
-                    )
-                    print(f"ok     {label}: {kern.metadata.shared} B shared")
-                except Exception as exc:
-                    print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:300]}")
+                const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=True,
+                             PREFETCH=t.prefetch and bm == 1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n,
+                             BLOCK_K=t.block_k)  # fmt: skip
+                _compile(_gemv_kernel, f"int{bits} M{bm} zero{zero} gs{gs} {_name(t)}", ptrs, ints, const, t)
+    ptrs = dict(x=bf16, w=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
+    ints = ("M", "N", "K", "K_PER_SPLIT", "SPLITS", "stride_xm", "stride_wn", "stride_ym")
+    for t in [DENSE] + DENSE_VARIANTS:
+        for bm in (1, 16):
+            const = dict(HAS_BIAS=True, REDUCE=True, PREFETCH=t.prefetch and bm == 1, DOT_PRECISION="tf32",
+                         BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
+            _compile(_dense_kernel, f"dense M{bm} {_name(t)}", ptrs, ints, const, t)
 
 
 def main() -> None:

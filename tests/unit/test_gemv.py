@@ -170,12 +170,12 @@ def test_float_linears_take_the_gemv_only_for_decode_batches_of_a_chosen_shape(m
     from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, _gemv_counters
 
     calls: list[int] = []
+    kernel = gemv.dense_gemv
 
     def spy(x, *args):
         calls.append(x.shape[0])
-        return gemv.dense_gemv.__wrapped__(x, *args)
+        return kernel(x, *args)
 
-    spy.__wrapped__ = gemv.dense_gemv  # type: ignore[attr-defined]
     monkeypatch.setattr(gemv, "dense_gemv", spy)
     pctx = ParallelContext(device=torch.device("cpu"))
     assert _gemv_counters(64, 48, pctx.device) is None  # the CPU always takes F.linear
