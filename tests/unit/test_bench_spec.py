@@ -30,7 +30,7 @@ def test_rigged_model_copy_and_open_workloads_through_the_engine() -> None:
     warm = pb.Batch(id=0, requests=[pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=[1] * 64))])
     engine.warmup(pb.WarmupRequest(batch=warm, max_input_length=64, max_prefill_tokens=64))
     blocks = Blocks(engine.router_blocks, 16)
-    args = argparse.Namespace(ctx=40, new=12, edit_every=6)
+    args = argparse.Namespace(ctx=40, new=12, edit_every=6, repeats=1)
     copy = compare(engine, blocks, build_workload("copy", succ, 2, args, 1), 4, 10, args)
     assert copy["same_tokens"] and copy["off"]["cycle_ok"] and copy["on"]["cycle_ok"]
     assert copy["on"]["accepted_per_step"] > 2 and copy["off"]["accepted_per_step"] == 1
