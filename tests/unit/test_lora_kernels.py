@@ -390,3 +390,18 @@ def test_one_launch_rejects_mismatched_shapes(kind):
         add(torch.zeros(2, 120), torch.zeros(2, 95), a, b, ranks, starts, slots)
     with pytest.raises(ValueError, match="y \\(2, 119\\)"):
         add(torch.zeros(2, 119), torch.zeros(2, 96), a, b, ranks, starts, slots)
+
+
+@pytest.mark.parametrize("decode_k,block_n", [(16, 16), (512, 512)])
+def test_decode_tiles_of_the_two_launches(decode_k, block_n):
+    """The shrink's decode K tile and the expand's N tile (tuning knobs) keep the reference's result."""
+    from worker.kernels.lora import lora_expand
+
+    for P, K, N, r_max in SHAPES:
+        a, b, ranks, (ca, cb) = make_pool(P, K, N, r_max, {1: [4] * P, 2: [16] * P}, torch.float32, seed=9)
+        data = AdapterBatchData.for_decode(torch.tensor([2, 0, 1, 2]))
+        x, y = torch.randn(4, K), torch.randn(4, P * N)
+        ref = y.clone()
+        lora_expand(y, lora_shrink(x, a, ranks, *segments(data), decode_k=decode_k), b, ranks, *segments(data), block_n)
+        add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
+        torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)

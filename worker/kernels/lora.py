@@ -170,14 +170,14 @@ def _block_m(max_len: int) -> int:
     return 1 if max_len == 1 else 16 if max_len <= 16 else 32 if max_len <= 32 else 64
 
 
-def _plan(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int) -> _Plan:
+def _plan(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int, decode_k: int = 256) -> _Plan:
     """The K split fills the GPU when the segments alone give too few programs; it is rounded down to a
     power of two (SPLIT_K is a compile-time constant: a handful of variants, not one per batch shape) and
-    capped so the partial sums [split, T, P, r_max] stay within H_BUDGET."""
+    capped so the partial sums [split, T, P, r_max] stay within H_BUDGET. decode_k: decode's K tile."""
     (T, K), (_, P, r_max, _) = x.shape, a_pool.shape
     block_m = _block_m(max_len)
     if block_m == 1:  # decode: one token per segment
-        shrink_r, block_k = 16, 256
+        shrink_r, block_k = 16, decode_k
     else:
         shrink_r, block_k = min(64, max(16, triton.next_power_of_2(r_max))), 64  # one pass over x for r_max <= 64
     m_tiles = triton.cdiv(max_len, block_m)
@@ -211,19 +211,21 @@ def lora_shrink(
     slots: torch.Tensor,
     max_len: int,
     h: torch.Tensor | None = None,
+    decode_k: int = 256,
 ) -> torch.Tensor:
     """h[split, t, p, :rank] = partial sums of x[t] · A[slot(t), p, :rank]ᵀ over K split `split`, fp32.
 
     x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32; starts, lens, slots: [S] (segments)
     -> h: [SPLIT, T, P, r_max] fp32 (`h`: a `shrink_buffer` to write into), written only at tokens of
-    segments with a non-zero rank and rank lanes below it (the expand reads no others).
+    segments with a non-zero rank and rank lanes below it (the expand reads no others). decode_k: decode's
+    K tile (a power of two, for tuning; `h` must then come from this call).
     """
     T, K = x.shape
     _, P, r_max, K_a = a_pool.shape
     if K_a != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"lora_shrink: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
     S = slots.shape[0]
-    plan = _plan(x, a_pool, S, max_len)
+    plan = _plan(x, a_pool, S, max_len, decode_k)
     if h is None:
         h = torch.empty(plan.split, T, P, r_max, dtype=torch.float32, device=x.device)
     elif h.shape != (plan.split, T, P, r_max) or h.dtype != torch.float32:

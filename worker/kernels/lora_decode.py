@@ -203,12 +203,14 @@ def _decode_lora_local_kernel(x_ptr, a_ptr, b_ptr, y_ptr, starts_ptr, slots_ptr,
 
 @dataclass(frozen=True)
 class LocalTiles:
-    """Tiles of `add_lora_decode_local`; n_split 0: enough output ranges per (row, part) for ~2 programs per SM."""
+    """Tiles of `add_lora_decode_local` (at r_max 16; wider ranks keep the lanes: fewer K or N per tile);
+    n_split 0: enough output ranges per (row, part) for ~2 programs per SM. Triton does not pipeline these
+    plain loads, so each loop step waits for its tiles: large tiles keep enough bytes in flight."""
 
     n_split: int = 0
-    block_k: int = 256
-    block_n: int = 128
-    num_warps: int = 4
+    block_k: int = 512
+    block_n: int = 512
+    num_warps: int = 8  # ~108 registers at r_max 16 on sm_90: two programs per SM
 
 
 def _n_split(tiles: LocalTiles, rows: int, P: int, N: int, block_n: int, device: torch.device) -> int:
