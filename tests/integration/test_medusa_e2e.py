@@ -56,7 +56,7 @@ def test_the_speculator_is_loaded_and_logged(shard):
     "adapter_id, needle",
     [
         ("v1", "Medusa v1 heads (a vocab projection per head) can only be the base speculator"),
-        ("k2", f"2 Medusa heads, but the loaded speculator has {MEDUSA_HEADS}"),
+        ("k2", f"2 Medusa heads, but the loaded ones have {MEDUSA_HEADS}"),
         ("pickle", "medusa_lm_head.bin is a pickle"),
     ],
 )

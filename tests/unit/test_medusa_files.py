@@ -131,7 +131,7 @@ def test_bad_per_request_adapter_is_refused_and_the_pool_keeps_serving(root, cas
         message = "Medusa v1 heads (a vocab projection per head) can only be the base speculator"
     elif case == "head_count":
         good(path, K=2)
-        message = "2 Medusa heads, but the loaded speculator has 3"
+        message = "2 Medusa heads, but the loaded ones have 3"
     else:
         message = BAD[case](path)
     with pytest.raises(InvalidArgument) as err:
@@ -165,3 +165,18 @@ def test_cli_refuses_a_bad_speculator_at_start(root):
     args = argparse.Namespace(adapter_root=root, speculative_adapter="bad")
     with pytest.raises(ConfigError, match="--speculative-adapter bad: .*medusa_num_heads=4"):
         attach_speculator(args, shapes_only(CONFIG))
+
+
+def test_without_a_speculator_the_first_adapter_sets_the_head_count(root):
+    """Even while that adapter is offloaded (its heads off the model, its entry kept to reload)."""
+    from worker.pb import generate_pb2 as pb
+
+    model = shapes_only(CONFIG)
+    mgr, _ = attach_manager(model, root)
+    load(mgr, 1, os.path.basename(good(os.path.join(root, "k3"), K=3)))
+    mgr.offload(pb.OffloadAdapterRequest(adapter_parameters=mgr.entries[1].params, adapter_index=1))
+    assert model.medusa_heads == 0
+    message = "k2/medusa_lm_head.safetensors: 2 Medusa heads, but the loaded ones have 3"
+    with pytest.raises(InvalidArgument, match=message):
+        load(mgr, 2, os.path.basename(good(os.path.join(root, "k2"), K=2)))
+    assert 2 not in mgr.entries

@@ -111,8 +111,8 @@ def check_per_request(ckpt: MedusaCheckpoint, num_heads: int) -> None:
         )
     if num_heads and ckpt.num_heads != num_heads:
         raise InvalidArgument(
-            f"{ckpt.path}: {ckpt.num_heads} Medusa heads, but the loaded speculator has {num_heads}; "
-            "per-request Medusa adapters must have the same number of heads"
+            f"{ckpt.path}: {ckpt.num_heads} Medusa heads, but the loaded ones have {num_heads}; "
+            "every Medusa adapter must have as many heads as the speculator and the others"
         )
 
 

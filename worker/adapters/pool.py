@@ -216,6 +216,8 @@ class AdapterManager:
             if entry is not None:
                 self._free_slot(entry)
             entry = Entry(req.adapter_parameters, req.adapter_source, host, host.rank, ranks, medusa=medusa)
+            if medusa is not None:
+                log.info("adapter index %d carries %s", index, medusa.describe())
             self.entries[index] = entry
             log.info(
                 "adapter index %d (%s) read in %.1f ms (%s)",

@@ -93,9 +93,9 @@ class MedusaSet(nn.Module):
     def attach(self, heads: MedusaHeads, slot: int | None = None) -> None:
         """The base speculator (slot None) or the heads of adapter pool slot `slot`. Raises ValueError for a
         K other than the attached heads' or for a v1 head on a slot (callers check first, with the file)."""
-        others = [h for s, h in self.slots.items() if s != slot] + (
-            [self.base] if slot is not None and self.base else []
-        )
+        others = [h for s, h in self.slots.items() if s != slot]
+        if slot is not None and self.base is not None:
+            others.append(self.base)
         if others and others[0].num_heads != heads.num_heads:
             raise ValueError(f"{heads.num_heads} Medusa heads where the attached ones have {others[0].num_heads}")
         if slot is None:
