@@ -86,10 +86,14 @@ def test_openai_streams_one_chunk_per_token_and_counts_them_all(served: Served) 
     tokens = [t for s in sent(served) for t in s]
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
     assert texts == [f"<{t}>" for t in tokens]  # one chunk per accepted token
-    assert chunks[-1].usage.completion_tokens == 11
-    short = [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]  # fits max_input_length 32
-    chat = oai.chat.completions.create(model="", messages=short, max_tokens=8)
-    assert chat.usage.completion_tokens == 8 and chat.choices[0].finish_reason == "length"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 11
+    chat = oai.chat.completions.create(
+        model="",
+        messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "x"}],  # fits max_input_length 32
+        max_tokens=8,
+    )
+    assert chat.usage is not None and chat.usage.completion_tokens == 8 and chat.choices[0].finish_reason == "length"
 
 
 def test_metrics_and_info_show_the_acceptance(served: Served) -> None:
