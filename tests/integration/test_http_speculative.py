@@ -20,7 +20,7 @@ import text_generation
 from fronts import FrontProc, start_front, stop_front
 from make_demo_model import BASE_TEXTS
 from reference import ref_greedy
-from shards import ShardProc, start_launcher, stop
+from shards import start_launcher, stop
 
 S = 4
 COPY = BASE_TEXTS[1][0] + BASE_TEXTS[1][1] + " " + BASE_TEXTS[1][0]  # the answer repeats the prompt's words
@@ -28,29 +28,23 @@ PROMPTS = [COPY, BASE_TEXTS[0][0], BASE_TEXTS[2][0]]
 
 
 @pytest.fixture(scope="module")
-def spec_shard(demo_dir) -> Iterator[ShardProc]:
-    s = start_launcher(f"{demo_dir}/model", f"{demo_dir}/adapters", extra=("--speculative-tokens", str(S)))
-    yield s
-    assert stop(s) == 0, s.log()[-3000:]
-
-
-@pytest.fixture(scope="module")
-def front(spec_shard, demo_dir) -> Iterator[FrontProc]:
-    f = start_front(spec_shard, demo_dir)
-    yield f
-    assert stop_front(f) == 0, f.log()[-3000:]
+def front(demo_dir) -> Iterator[FrontProc]:
+    """The HTTP front on its own shard, which drafts by prompt lookup."""
+    shard = start_launcher(f"{demo_dir}/model", f"{demo_dir}/adapters", extra=("--speculative-tokens", str(S)))
+    try:
+        f = start_front(shard, demo_dir)
+        yield f
+        assert stop_front(f) == 0, f.log()[-3000:]
+    finally:
+        rc = stop(shard)
+    assert rc == 0, shard.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
 def greedy(ref_model, tok):
-    """`greedy(prompt)`: the reference's greedy ids (48 at most, through eos)."""
-    state, cfg = ref_model
-
-    @functools.cache
-    def run(prompt: str) -> tuple[int, ...]:
-        return tuple(ref_greedy(state, cfg, tok.encode(prompt), 48, stop_ids=sorted(tok.eos_token_ids)))
-
-    return run
+    """`greedy(prompt)`: the float64 reference's greedy ids (48 at most, through eos)."""
+    state, cfg, eos = *ref_model, sorted(tok.eos_token_ids)
+    return functools.cache(lambda prompt: tuple(ref_greedy(state, cfg, tok.encode(prompt), 48, stop_ids=eos)))
 
 
 def skipped(front: FrontProc, prompt: str, **parameters) -> int:
