@@ -168,6 +168,7 @@ def _result_json(label: str, result: Any) -> dict[str, Any]:
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
         "generated_tokens": result.generated_tokens,
+        "skipped_tokens": result.skipped_tokens,
         "prefill_tokens_length": result.prefill_tokens_length,
         "seed": result.seed,
         "prefill_tokens": [[t.id, t.logprob, t.text] for t in result.prefill_tokens],
@@ -255,6 +256,7 @@ def cmd_load(a: argparse.Namespace) -> int:
         "generated_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2) if wall > 0 else 0.0,
         "steps": stats.steps,
+        "accepted_tokens_per_decode_step": round(stats.accepted_per_step, 4),
         "prefix_cache_hit_rate": round(load.prefix_hit_tokens / max(load.prefix_lookup_tokens, 1), 4),
         "errors": errors[:5],
     }
@@ -270,6 +272,8 @@ def cmd_load(a: argparse.Namespace) -> int:
         )
         print(f"generated tokens {tokens}: {summary['tokens_per_s']} tokens/s")
         print(f"prefix cache: {summary['prefix_cache_hit_rate']:.1%} of prompt tokens reused")
+        if load.speculate:
+            print(f"speculative decoding: {stats.accepted_per_step:.2f} accepted tokens per decode step")
         for name in ("latency_s", "ttft_s"):
             if name in summary:
                 print(f"{name[:-2]:8s} " + "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in summary[name].items()))

@@ -187,3 +187,21 @@ def test_cli_imports_without_stubs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_cli_reports_skipped_tokens_and_the_acceptance(fake_tokenizer_module, capsys) -> None:
+    with serve_fakes(world=1, speculate=3) as (prefix, (shard,)):
+        common = ["--uds-path", prefix, "--model-dir", "unused", "--max-new-tokens", "9", "--json"]
+        assert cli.main(["generate", *common, "hello"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        steps = [ids for rid, ids in shard.sent if rid == 0]
+        assert out["token_ids"] == [t for s in steps for t in s]
+        assert out["skipped_tokens"] == sum(len(s) - 1 for s in steps) > 0
+        shard.sent.clear()
+        assert cli.main(["load", *common, "--requests", "3", "--concurrency", "3"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        by_request: dict[int, list[list[int]]] = {}
+        for rid, ids in shard.sent:
+            by_request.setdefault(rid, []).append(ids)
+        rows = [ids for steps in by_request.values() for ids in steps[1:]]  # after each request's first token
+    assert summary["accepted_tokens_per_decode_step"] == pytest.approx(sum(map(len, rows)) / len(rows), abs=1e-4)
