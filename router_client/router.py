@@ -119,7 +119,7 @@ class Router:
             c.check_unchunked()
         prefix, why = choose_prefix_cache(c, info, self.client.health)
         blocks = KVBlocks(BlockAllocator(total // info.block_size, info.block_size), prefix)
-        self._scheduler = Scheduler(blocks, info.requires_block_allocator, self._cv, self._cache_key)
+        sched = self._scheduler = Scheduler(blocks, info.requires_block_allocator, self._cv, self._cache_key)
         self._adapters.add_preloaded(info.preloaded_adapters)
         log.info(
             "router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s, "
@@ -136,14 +136,7 @@ class Router:
             f"on ({info.speculate} drafts per step)" if info.speculate else "off",
         )
         self._loop = ServingLoop(
-            self.client,
-            self._scheduler,
-            self._adapters,
-            c,
-            self.tokenizer,
-            self._cv,
-            chunking=chunking,
-            speculate=info.speculate,
+            self.client, sched, self._adapters, c, self.tokenizer, self._cv, chunking=chunking, speculate=info.speculate
         )
         self._loop.step_observer = self._step_observer
         self._loop.start()
