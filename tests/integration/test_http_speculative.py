@@ -1,5 +1,6 @@
-"""Speculative decoding end to end: a real shard drafting by prompt lookup (`--speculative-tokens 4`) behind the
-router and the HTTP front (`qwen-router serve`), driven by lorax-client, text-generation and openai.
+"""Speculative decoding end to end: a real shard drafting by prompt lookup (`--speculative-tokens 4`), or with the
+demo's Medusa heads (`--speculative-adapter medusa`), behind the router and the HTTP front (`qwen-router serve`),
+driven by lorax-client, text-generation and openai.
 
 Greedy output must be the float64 reference's (tests/reference.py) and a shard's without speculation (the
 conftest `router`), token for token, with drafts accepted (details.skipped_tokens > 0) on an input-copy prompt:
@@ -18,19 +19,27 @@ import pytest
 import text_generation
 
 from fronts import FrontProc, start_front, stop_front
-from make_demo_model import BASE_TEXTS
+from make_demo_model import BASE_TEXTS, MEDUSA_HEADS
 from reference import ref_greedy
 from shards import start_launcher, stop
 
-S = 4
+MODES = {  # shard flags, and the drafts per step (Info.speculate) they give
+    "lookup": (("--speculative-tokens", "4"), 4),
+    "medusa": (("--speculative-adapter", "medusa"), MEDUSA_HEADS),
+}
 COPY = BASE_TEXTS[1][0] + BASE_TEXTS[1][1] + " " + BASE_TEXTS[1][0]  # the answer repeats the prompt's words
 PROMPTS = [COPY, BASE_TEXTS[0][0], BASE_TEXTS[2][0]]
 
 
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def front(demo_dir) -> Iterator[FrontProc]:
-    """The HTTP front on its own shard, which drafts by prompt lookup."""
-    shard = start_launcher(f"{demo_dir}/model", f"{demo_dir}/adapters", extra=("--speculative-tokens", str(S)))
+def front(mode, demo_dir) -> Iterator[FrontProc]:
+    """The HTTP front on its own shard, which drafts by prompt lookup or with the demo's Medusa heads."""
+    shard = start_launcher(f"{demo_dir}/model", f"{demo_dir}/adapters", extra=MODES[mode][0])
     try:
         f = start_front(shard, demo_dir)
         yield f
@@ -65,8 +74,8 @@ def test_greedy_output_is_unchanged_by_speculation(front, router, tok, greedy, p
     assert res.generated_text == plain.text and res.details.generated_tokens == len(greedy(prompt))
 
 
-def test_input_copy_accepts_drafts_and_streams_every_token(front, tok, greedy):
-    assert httpx.get(f"{front.url}/info").json()["speculate"] == S
+def test_input_copy_accepts_drafts_and_streams_every_token(front, mode, tok, greedy):
+    assert httpx.get(f"{front.url}/info").json()["speculate"] == MODES[mode][1]
     n_skipped = skipped(front, COPY)
     assert n_skipped > 0  # several tokens in one step: drafts were accepted
     events = list(lorax.Client(front.url, timeout=120).generate_stream(COPY, max_new_tokens=48))
