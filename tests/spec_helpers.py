@@ -11,6 +11,7 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.engine import step
+from worker.engine.batch import Batch
 from worker.engine.engine import Engine, EngineConfig
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
@@ -64,11 +65,24 @@ def run(e: Engine, requests: list[Any], seen: Seen | None = None, batch_id: int 
     seen = seen or Seen()
     gens, batch = e.prefill(pb.Batch(id=batch_id, requests=requests), None)
     seen.add(gens)
+    return finish(e, seen, batch)
+
+
+def finish(e: Engine, seen: Seen, batch: Batch | None) -> Seen:
+    """Decode `batch` to the end."""
     while batch is not None:
         gens, batch = e.decode([batch.info()])
         seen.add(gens)
     assert e.batches == {}
     return seen
+
+
+def live(seen: Seen, step: tuple[list[Any], Batch | None]) -> Batch:
+    """Record a step's generations; the batch it leaves (one is expected)."""
+    gens, batch = step
+    seen.add(gens)
+    assert batch is not None
+    return batch
 
 
 @dataclass

@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from helpers import chunk_request
 from make_demo_model import BASE_TEXTS
 from reference import ref_greedy
 from shards import start_launcher, stop
@@ -24,21 +25,12 @@ MAX_NEW = 24
 
 
 def request(rid: int, ids: list[int], blocks: list[int], speculate: int):
-    from worker.pb import generate_pb2 as pb
-
+    """A greedy request holding the router's slots for it: prompt + max_new_tokens + S - 1, in `blocks` order."""
     n = len(ids) + MAX_NEW + speculate - 1
     blocks = blocks[: -(-n // BS)]  # the router's blocks_needed, from the given (scattered) ones
     slots = [b * BS + j for b in blocks for j in range(BS)][:n]
     assert len(slots) == n
-    return pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=MAX_NEW, ignore_eos_token=True),
-        blocks=blocks,
-        slots=slots,
-    )
+    return chunk_request(rid, ids, MAX_NEW, blocks=blocks, slots=slots)
 
 
 def generate(shard, tok) -> tuple[int, dict[int, list[list[int]]], dict]:

@@ -114,6 +114,7 @@ def expected_steps(model: FlashQwenForCausalLM, seq: list[int], prompt_len: int,
     )
     with torch.inference_mode():
         _, spec = model.forward_speculative(torch.tensor(seq), ctx, None, None)
+    assert spec is not None
     guesses = spec[..., :n_real].argmax(-1).tolist()  # [n, K]: head k at position t guesses seq[t + 2 + k]
     steps, t = [1], prompt_len - 1  # the prefill chooses seq[prompt_len]; drafts from the last prompt token
     while t + 2 - prompt_len < n - prompt_len:  # tokens generated so far < max_new_tokens

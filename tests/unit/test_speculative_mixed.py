@@ -14,7 +14,7 @@ import torch
 
 from helpers import PERSON, write_checkpoint
 from random_weights import random_checkpoint
-from spec_helpers import Seen, Spy, close, engine, greedy_request, run
+from spec_helpers import Seen, Spy, close, engine, finish, greedy_request, live, run
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
 from worker.tokenizer import QwenTokenizer
@@ -66,17 +66,10 @@ def chunked_script(model, tok, n: int) -> Seen:
     """A copy request decodes with drafts while a long prompt joins it in a merged Prefill, in chunks."""
     e = engine(model, tok, n, max_prefill_tokens=40)
     seen = Seen()
-    gens, batch = e.prefill(pb.Batch(id=1, requests=[greedy_request(1, LONG[:60], 30)]), None)
-    seen.add(gens)
-    gens, batch = e.decode([batch.info()])
-    seen.add(gens)
+    batch = live(seen, e.prefill(pb.Batch(id=1, requests=[greedy_request(1, LONG[:60], 30)]), None))
+    batch = live(seen, e.decode([batch.info()]))
     new = greedy_request(2, LONG, 10, chunk_len=33)
-    gens, batch = e.prefill(pb.Batch(id=2, requests=[new]), batch.info())
-    seen.add(gens)
-    while batch is not None:
-        gens, batch = e.decode([batch.info()])
-        seen.add(gens)
-    return seen
+    return finish(e, seen, live(seen, e.prefill(pb.Batch(id=2, requests=[new]), batch.info())))
 
 
 def test_verify_rows_beside_prompt_chunks(ntk, monkeypatch):
@@ -87,29 +80,21 @@ def test_verify_rows_beside_prompt_chunks(ntk, monkeypatch):
     assert on.tokens(1) == off.tokens(1) and on.tokens(2) == off.tokens(2) and spy.proposed > 0
 
 
-def concat_script(model, tok, n: int, monkeypatch) -> tuple[Seen, list[bool]]:
+def concat_script(model, tok, n: int) -> tuple[Seen, bool]:
     """Batch 1 speculates; batch 2 (no drafts yet) is prefilled alone and joins it (no chunked prefill)."""
     e = engine(model, tok, n, chunked_prefill=False)
-    seen, mixed = Seen(), []
-    gens, b1 = e.prefill(pb.Batch(id=1, requests=[greedy_request(1, tok.encode(COPY), 30)]), None)
-    seen.add(gens)
-    gens, b1 = e.decode([b1.info()])
-    seen.add(gens)
-    gens, b2 = e.prefill(pb.Batch(id=2, requests=[greedy_request(2, tok.encode(OPEN), 12)]), None)
-    seen.add(gens)
-    mixed.append(bool(b1.requests[0].drafts) and not b2.requests[0].drafts)
-    gens, batch = e.decode([b2.info(), b1.info()])
-    seen.add(gens)
-    while batch is not None:
-        gens, batch = e.decode([batch.info()])
-        seen.add(gens)
-    return seen, mixed
+    seen = Seen()
+    b1 = live(seen, e.prefill(pb.Batch(id=1, requests=[greedy_request(1, tok.encode(COPY), 30)]), None))
+    b1 = live(seen, e.decode([b1.info()]))
+    b2 = live(seen, e.prefill(pb.Batch(id=2, requests=[greedy_request(2, tok.encode(OPEN), 12)]), None))
+    mixed = bool(b1.requests[0].drafts) and not b2.requests[0].drafts
+    return finish(e, seen, live(seen, e.decode([b2.info(), b1.info()]))), mixed
 
 
-def test_batches_with_and_without_drafts_concatenate(demo, monkeypatch):
-    off, _ = concat_script(*demo, 0, monkeypatch)
-    on, mixed = concat_script(*demo, 4, monkeypatch)
-    assert mixed == [True]
+def test_batches_with_and_without_drafts_concatenate(demo):
+    off, _ = concat_script(*demo, 0)
+    on, mixed = concat_script(*demo, 4)
+    assert mixed
     same(on, off, (1, 2))
     assert on.done[1].skipped_tokens > 0
 
