@@ -214,6 +214,8 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
     for r in res["P10"] + res["verify"]:
         flags = "" if r["same_tokens"] and r["on"]["cycle_ok"] else " MISMATCH"
         label = f"P10 batch 1, {r['workload']}" if r in res["P10"] else f"batch {r['batch']}, {r['workload']}"
+        if r["workload"] == "exact":
+            label += f" ({r['batch'] * (res['speculate'] + 1)} verify rows)"
         print(
             f"| {label}{flags} | {r['off']['tok_s']:.0f} | {r['on']['tok_s']:.0f} | {r['speedup']:.2f}x | "
             f"{r['on']['accepted_per_step']:.2f} | {r['off']['ms_per_step']:.2f} / {r['on']['ms_per_step']:.2f} "
