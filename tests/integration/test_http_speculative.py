@@ -52,7 +52,7 @@ def front(mode, demo_dir) -> Iterator[FrontProc]:
 @pytest.fixture(scope="module")
 def greedy(ref_model, tok):
     """`greedy(prompt)`: the float64 reference's greedy ids (48 at most, through eos)."""
-    state, cfg, eos = *ref_model, sorted(tok.eos_token_ids)
+    (state, cfg), eos = ref_model, sorted(tok.eos_token_ids)
     return functools.cache(lambda prompt: tuple(ref_greedy(state, cfg, tok.encode(prompt), 48, stop_ids=eos)))
 
 
