@@ -180,3 +180,28 @@ def test_seeded_sampling_draws_the_same_tokens(demo, monkeypatch):
     assert spy.accepted >= 10
     for rid in range(6):
         assert on.tokens(rid) == off.tokens(rid) and on.done[rid].seed == off.done[rid].seed == 1000 + rid
+
+
+def test_greedy_rows_choose_every_position_in_one_call(demo, monkeypatch):
+    """Greedy rows (penalties too) are chosen at every position in one chooser call per step; a sampling row
+    needs a call per position it reaches (round by round: one draw per token)."""
+    from worker.engine.sampling import BatchSampler
+
+    _, tok = demo
+    calls = []
+    call = BatchSampler.__call__
+    monkeypatch.setattr(
+        BatchSampler, "__call__", lambda self, *a, **kw: calls.append(len(self)) or call(self, *a, **kw)
+    )
+    spy = Spy.on(monkeypatch)
+    plain = run(engine(*demo, 4), [greedy_request(1, tok.encode(COPY[0]), 30), greedy_request(2, tok.encode(OPEN), 30)])
+    steps = max(len(plain.steps[1]), len(plain.steps[2]))
+    assert spy.accepted >= 10 and len(calls) == steps and max(calls) > 2  # the drafts' positions in the one call
+    calls.clear()
+    spy.choices.clear()
+    sample = dict(do_sample=True, temperature=0.5, seed=3)
+    penalty = dict(repetition_penalty=1.01, frequency_penalty=0.01)
+    reqs = [greedy_request(1, tok.encode(COPY[0]), 30, **sample), greedy_request(2, tok.encode(COPY[1]), 3, **penalty)]
+    run(engine(*demo, 4), reqs)
+    sampled = [ids for rid, ids in spy.choices if rid == 1]
+    assert len(calls) == sum(map(len, sampled)) > len(sampled)  # a call per position row 1 reached

@@ -84,30 +84,59 @@ def choose(
     pctx: ParallelContext,
     first: torch.Tensor | None = None,
 ) -> list[Choice]:
-    """Round j picks x_j for every row whose drafts so far were all accepted. rows[i]: [1 + len(drafts[i]), V]
-    logits of row i's positions (the sampler's rows, in order); prev_ids[i]: its prompt + generated ids;
-    allowed: round 0's token bitmask (constrained rows have no drafts, so never reach round 1); first: round
-    0's logits [B, V] when given (the rows' first positions, stacked)."""
+    """Each row's tokens of the step. rows[i]: [1 + len(drafts[i]), V] logits of row i's positions (the sampler's
+    rows, in order); prev_ids[i]: its prompt + generated ids; allowed: the rows' token bitmask at position 0
+    (constrained rows have no drafts); first: position 0's logits [B, V] when given (rows[i][0], stacked).
+
+    Rounds pick, in one sampler call each, a position of every row whose drafts so far were all accepted (round
+    j, position j). A greedy row's choice at position j, given its drafts before j as generated, is the one it
+    makes if it gets there (then they were all accepted), so all its positions are picked in round 0: a batch
+    without sampling rows takes one call and one broadcast. A sampling row draws once per position reached,
+    as without drafts, so that its seeded stream stays the same."""
     choices = [Choice() for _ in rows]
-    alive = list(range(len(rows)))
-    j = 0
-    while alive:
-        sub = sampler if len(alive) == len(sampler) else sampler.filter(alive)  # shares the rows' generators
-        logits = first if j == 0 and first is not None else torch.stack([rows[a][j] for a in alive])  # [A, V]
-        out = sub(logits, [prev_ids[a] + choices[a].ids for a in alive], allowed if j == 0 else None)
-        ids = pctx.broadcast(out.next_ids.clone()).tolist()  # rank 0's: every rank accepts the same tokens
-        logprobs = out.logprobs.tolist()
-        keep = []
-        for k, a in enumerate(alive):
+    flat = [a for a in range(len(rows)) if drafts[a] and sampler.generators[a] is None]
+    todo = [(a, 0) for a in range(len(rows))] + [(a, j) for a in flat for j in range(1, len(drafts[a]) + 1)]
+    alive = set(range(len(rows)))  # rows whose drafts so far were all accepted
+    while todo:
+        ids, logprobs, top_ids, top_lps = _pick(sampler, todo, rows, drafts, prev_ids, allowed, pctx, first)
+        for k, (a, j) in enumerate(todo):  # a row's positions come in order
+            if a not in alive:
+                continue
             c = choices[a]
             c.ids.append(ids[k])
             c.logprobs.append(logprobs[k])
-            c.top_ids.append(out.top_ids[k])
-            c.top_logprobs.append(out.top_logprobs[k])
-            if j < len(drafts[a]) and ids[k] == drafts[a][j]:
-                keep.append(a)
-        alive, j = keep, j + 1
+            c.top_ids.append(top_ids[k])
+            c.top_logprobs.append(top_lps[k])
+            if not (j < len(drafts[a]) and ids[k] == drafts[a][j]):
+                alive.discard(a)
+        todo = [(a, len(choices[a].ids)) for a in sorted(alive) if a not in flat]
+        allowed = first = None
     return choices
+
+
+def _pick(
+    sampler: BatchSampler,
+    positions: list[tuple[int, int]],
+    rows: Sequence[torch.Tensor],
+    drafts: Sequence[Sequence[int]],
+    prev_ids: Sequence[list[int]],
+    allowed: torch.Tensor | None,
+    pctx: ParallelContext,
+    first: torch.Tensor | None,
+) -> tuple[list[int], list[float], list[list[int]], list[list[float]]]:
+    """The chooser at (row, position) pairs: ids (rank 0's, so that every rank accepts the same tokens), logprobs
+    and alternatives. Position j of a row sees its drafts before j as generated (they were accepted)."""
+    index = [a for a, _ in positions]
+    sub = sampler if index == list(range(len(sampler))) else sampler.filter(index)  # shares the rows' generators
+    if first is not None and len(positions) == first.shape[0]:
+        logits = first
+    else:
+        logits = torch.stack([rows[a][j] for a, j in positions])  # [P, V]
+    if allowed is not None and allowed.shape[0] < len(positions):  # later positions: unconstrained rows
+        allowed = torch.cat([allowed, allowed.new_full((len(positions) - allowed.shape[0], allowed.shape[1]), -1)])
+    out = sub(logits, [prev_ids[a] + list(drafts[a][:j]) for a, j in positions], allowed)
+    ids = pctx.broadcast(out.next_ids.clone()).tolist()
+    return ids, out.logprobs.tolist(), out.top_ids, out.top_logprobs
 
 
 def medusa_drafts(
