@@ -62,7 +62,7 @@ class ChunkRequest(FakeRequest):
 
 @dataclass
 class Forward:
-    tokens: int  # tokens computed: chunks + one per decoding request
+    tokens: int  # tokens computed: chunks + one per decoding request (1 + speculate: its verify row)
     decoded: list[int]  # requests that got a decode token
     chunks: dict[int, int] = field(default_factory=dict)  # request id -> prompt tokens computed
 
@@ -101,7 +101,7 @@ class ChunkedShard(FakeShard):
                 if not r.prefilling:
                     emitting.append(r)
             else:
-                fwd.tokens += 1
+                fwd.tokens += 1 + self.speculate  # the last token and its drafts: a verify row
                 fwd.decoded.append(r.id)
                 emitting.append(r)
         self.forwards.append(fwd)
@@ -109,7 +109,7 @@ class ChunkedShard(FakeShard):
         left = [r for r in reqs if not r.finished]
         for r in left:
             if r.prefilling:
-                r.next_chunk = min(r.prompt_len - r.computed, self.max_prefill - (len(left) - 1))
+                r.next_chunk = min(r.prompt_len - r.computed, self.max_prefill - (len(left) - 1) * (1 + self.speculate))
         return generations
 
     def _reply(self, cls: Any, batch_id: int, reqs: list[ChunkRequest]) -> Any:
@@ -121,7 +121,7 @@ class ChunkedShard(FakeShard):
         return resp
 
     def _cached(self, batch_id: int, reqs: list[Any]) -> pb.CachedBatch:
-        current = sum(r.next_chunk if r.prefilling else 1 for r in reqs)
+        current = sum(r.next_chunk if r.prefilling else 1 + self.speculate for r in reqs)
         return pb.CachedBatch(id=batch_id, request_ids=[r.id for r in reqs], size=len(reqs), current_tokens=current)
 
     def Prefill(self, request: Any, context: Any) -> pb.PrefillResponse:
@@ -169,10 +169,12 @@ class ChunkedShard(FakeShard):
 
 
 @contextlib.contextmanager
-def serve_chunked(chunked: bool = True, kv_dtype: str = "torch.float32") -> Iterator[tuple[str, ChunkedShard]]:
+def serve_chunked(
+    chunked: bool = True, kv_dtype: str = "torch.float32", speculate: int = 0
+) -> Iterator[tuple[str, ChunkedShard]]:
     tmp = tempfile.mkdtemp(prefix="qc-", dir="/tmp")
     prefix = os.path.join(tmp, "fake")
-    shard = ChunkedShard(block_size=4, total_tokens=160, chunked=chunked)
+    shard = ChunkedShard(block_size=4, total_tokens=160, chunked=chunked, speculate=speculate)
     shard.kv_dtype = kv_dtype
     shard.urls = [f"unix://{prefix}-0"]
     pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="fake-shard-chunked")

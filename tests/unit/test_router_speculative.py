@@ -8,7 +8,8 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from test_router import CONFIG, CharTokenizer
+from test_router import CONFIG, CharTokenizer, wait_until
+from test_router_chunked import BUDGET, LONG, connect, serve_chunked
 from test_router_fakes import FakeShard, serve_fakes, token_for
 
 from router_client.blocks import blocks_needed
@@ -118,3 +119,20 @@ def test_acceptance_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     lines = [r.getMessage() for r in caplog.records if r.name == "router_client.speculation"]
     mean = sum(len(s) for s in rows) / len(rows)
     assert any(line.startswith(f"speculative decoding (3 drafts per step): {mean:.2f} accepted") for line in lines)
+
+
+def test_chunked_admission_leaves_room_for_the_verify_rows() -> None:
+    """With chunked prefill a step runs the running batch's verify rows (1 + S tokens each, the shard's
+    current_tokens) beside new prompt chunks; the router's budget covers both, and a request whose prompt took
+    several steps has its first token counted as no Decode row."""
+    with serve_chunked(speculate=S) as (prefix, shard), connect(prefix) as router:
+        running = router.submit("abcd", stopping={"max_new_tokens": 30})
+        wait_until(lambda: shard.forwards and shard.forwards[-1].decoded)
+        long = router.submit(LONG, stopping={"max_new_tokens": 5})
+        assert long.result(timeout=10).token_ids == [token_for(long.request_id, k) for k in range(5)]
+        assert running.result(timeout=10).token_ids == [token_for(running.request_id, k) for k in range(30)]
+        chunked = [f for f in shard.forwards if f.chunks.get(long.request_id) and f.decoded]
+        assert len([f for f in shard.forwards if long.request_id in f.chunks]) > 1 and chunked
+        assert max(f.tokens for f in shard.forwards) <= BUDGET
+        rows = [ids for rid, ids in shard.sent if rid in (running.request_id, long.request_id)]
+        assert router.stats.decode_rows == len(rows) - 2  # each request's first Generation is no Decode row
