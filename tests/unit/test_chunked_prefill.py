@@ -235,7 +235,9 @@ def test_the_budget_is_shared_by_the_prefilling_requests():
 
     def row(prompt_len: int, n_cached: int, generated: int = 0):
         ids = [0] * (prompt_len + generated)
-        return SimpleNamespace(ids=ids, prompt_len=prompt_len, n_cached=n_cached, chunk=0, prefilling=not generated)
+        return SimpleNamespace(
+            ids=ids, prompt_len=prompt_len, n_cached=n_cached, chunk=0, prefilling=not generated, drafts=[]
+        )
 
     reqs = [row(10, 10, 3), row(300, 100), row(20, 15), row(300, 0)]
     chunks.assign(reqs, 50)  # 49 left after the decoding row, one kept for each later prefilling request

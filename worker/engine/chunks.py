@@ -70,11 +70,11 @@ def plan(batch: Batch) -> StepPlan:
 
 
 def assign(requests: list[RequestState], max_prefill_tokens: int) -> None:
-    """Size the next chunk of each request still prefilling: the step's budget of `max_prefill_tokens` less one
-    token per decoding request, shared in batch order, at least one token each (one prefilling request gets
-    max_prefill_tokens minus one per other request, as LoRAX does)."""
+    """Size the next chunk of each request still prefilling: the step's budget of `max_prefill_tokens` less the
+    tokens of each decoding request (one, and its drafts), shared in batch order, at least one token each (one
+    prefilling request gets max_prefill_tokens minus one per other request, as LoRAX does)."""
     prefilling = [r for r in requests if r.prefilling]
-    left = max_prefill_tokens - (len(requests) - len(prefilling))
+    left = max_prefill_tokens - sum(1 + len(r.drafts) for r in requests if not r.prefilling)
     for k, r in enumerate(prefilling):
         reserve = len(prefilling) - k - 1  # one token for each prefilling request after this one
         r.chunk = max(1, min(r.prompt_len - r.n_cached, left - reserve))
