@@ -28,6 +28,7 @@ def test_rpc_threads_bind_the_shard_device(monkeypatch):
         pctx=SimpleNamespace(device=torch.device("cuda", 1)),
         model=SimpleNamespace(dtype=torch.bfloat16),
         cfg=SimpleNamespace(block_size=16, chunked_prefill=True),
+        speculation=SimpleNamespace(tokens=0),  # Info.speculate
     )
     d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
     path = os.path.join(d, "s-1")
@@ -53,6 +54,7 @@ def test_bare_cuda_device_binds_the_owning_threads_device(monkeypatch):
         pctx=SimpleNamespace(device=torch.device("cuda")),
         model=SimpleNamespace(dtype=torch.bfloat16),
         cfg=SimpleNamespace(block_size=16, chunked_prefill=True),
+        speculation=SimpleNamespace(tokens=0),  # Info.speculate
     )
     d = tempfile.mkdtemp(prefix="qt", dir="/tmp")
     path = os.path.join(d, "s-1")
