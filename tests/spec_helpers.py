@@ -28,7 +28,7 @@ def engine(
 ) -> Engine:
     """An engine on `model` drafting n tokens per step by prompt lookup (0: no speculation) with a KV cache of
     `tokens` slots, half of them the router's."""
-    config = EngineConfig(shard_block_fraction=0.5, cuda_graphs=False, speculative_tokens=n, **cfg)
+    config = EngineConfig(**{"shard_block_fraction": 0.5, "cuda_graphs": False, **cfg}, speculative_tokens=n)
     e = Engine(model, tok, pctx or ParallelContext(), config)
     e.allocate_cache(tokens // config.block_size)
     return e
