@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -134,9 +135,32 @@ def _pick(
         logits = torch.stack([rows[a][j] for a, j in positions])  # [P, V]
     if allowed is not None and allowed.shape[0] < len(positions):  # later positions: unconstrained rows
         allowed = torch.cat([allowed, allowed.new_full((len(positions) - allowed.shape[0], allowed.shape[1]), -1)])
-    out = sub(logits, [prev_ids[a] + list(drafts[a][:j]) for a, j in positions], allowed)
+    out = sub(logits, _History(prev_ids, drafts, positions), allowed)
     ids = pctx.broadcast(out.next_ids.clone()).tolist()
     return ids, out.logprobs.tolist(), out.top_ids, out.top_logprobs
+
+
+class _History(Sequence[Sequence[int]]):
+    """The ids before each (row, position): the row's ids, then its drafts before the position (accepted, if the
+    position is reached). Built when read: only penalties read them, and a copy per position costs O(context)."""
+
+    def __init__(
+        self, prev_ids: Sequence[list[int]], drafts: Sequence[Sequence[int]], positions: list[tuple[int, int]]
+    ):
+        self.prev_ids, self.drafts, self.positions = prev_ids, drafts, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @overload
+    def __getitem__(self, k: int) -> Sequence[int]: ...
+    @overload
+    def __getitem__(self, k: slice) -> Sequence[Sequence[int]]: ...
+    def __getitem__(self, k: int | slice) -> Sequence[int] | Sequence[Sequence[int]]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        a, j = self.positions[k]
+        return self.prev_ids[a] + list(self.drafts[a][:j]) if j else self.prev_ids[a]
 
 
 def medusa_drafts(
