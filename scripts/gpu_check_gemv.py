@@ -1,16 +1,17 @@
-"""One GPU session's check of the decode GEMVs (worker/kernels/gemv.py), bf16 activations:
+"""One GPU session's check of the decode GEMVs (worker/kernels/gemv.py, gemv_dense.py, fp8_matmul.py), bf16:
 
-    PYTHONPATH=. python scripts/gpu_check_gemv.py            # on the H200: correctness, then timings (< 150 s)
+    PYTHONPATH=. python scripts/gpu_check_gemv.py            # on the H200: < 120 s, SUMMARY block printed last
     PYTHONPATH=. python scripts/gpu_check_gemv.py --compile  # on a CPU: compile every variant for sm_90
 
-1. PASS/FAIL of the GPTQ GEMV (Int4/Int8, M 1/3/8/16, act order, asym zeros, a row shard starting inside
-   a tile, groups 128/none), the FP8 candidates and the bf16 GEMV (every tile variant) against fp32
-   references (max errors printed).
-2. Timings, weights never in L2 (each timed CUDA graph cycles over copies of the weight totalling >=
-   256 MB): per shape and M, the old split-K GPTQ kernel (baseline), the new GEMV's default and its tile
-   variants, bf16 cuBLAS; the bf16 GEMV's tiles vs cuBLAS (7B shapes, M 1 and 8); FP8 Triton W8A16 vs
-   torch._scaled_mm. Prints GB/s of the bytes each must read
-   and the ratio to the baseline. Always exits 0; a failing candidate prints why.
+1. PASS/FAIL of the GPTQ GEMV's edge cases (Int4/Int8, M 1/3/8, act order, asym zeros, a row shard starting
+   inside a tile, tiles of one and of several groups) against fp32 references.
+2. Timings, weights never in L2 (each timed CUDA graph cycles over copies of the weight totalling >= 256 MB),
+   each candidate first checked against the reference on the same weights: the 7B shapes first (Int4, Int8
+   and FP8 at M = 1 with every named tile set, then M = 8), the bf16 GEMV's chosen (shape, M) against cuBLAS,
+   then the 14B/72B Int4/Int8 M = 1 shapes. GB/s counts the bytes each call must read.
+3. SUMMARY: one line per shape, kind and M: the fastest passing candidate, its µs and GB/s, its speed-up over
+   bf16 cuBLAS on the same shape, the default's µs, PASS/FAIL counts. Printed at the end or at the 115 s
+   watchdog, whichever first. Always exits 0.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import torch
 
@@ -31,19 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 
 from bench_common import cuda_time  # noqa: E402
-from worker.kernels.gemv import (  # noqa: E402
-    DENSE,
-    NO_GROUPS,
-    GemvTiles,
-    _gemv_kernel,
-    default_tiles,
-    gemv_weights,
-    quant_gemv,  # noqa: E402
-)
+from worker.kernels.fp8_matmul import FP8_GEMV_DEFAULT, FP8_GEMV_TILES, w8a16_gemv, w8a16_reference  # noqa: E402
+from worker.kernels.gemv import GEMV_DEFAULT, GEMV_TILES, counters_for, gemv_weights, quant_gemv  # noqa: E402
+from worker.kernels.gemv_dense import DENSE_GEMV_PLAN, dense_gemv, dense_tiles  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference, group_order  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 
 START = time.time()
+BUDGET_S = 105  # no new section after this; the watchdog prints the summary at 115 s
 SHAPES = {  # (K, N) at TP 1
     "7b c_attn": (4096, 12288),
     "7b attn.c_proj": (4096, 4096),
@@ -54,35 +50,46 @@ SHAPES = {  # (K, N) at TP 1
     "72b w2|w1": (8192, 49152),
     "72b mlp.c_proj": (24576, 8192),
 }
-VARIANTS = [  # M = 1 candidates (block_k follows the bits); programs_per_sm is a runtime choice
-    GemvTiles(block_n=64, num_warps=4),
-    GemvTiles(block_n=128, num_warps=4, prefetch=False),
-    GemvTiles(block_n=128, num_warps=8),
-    GemvTiles(block_n=256, num_warps=8),
-    GemvTiles(block_n=256, num_warps=8, prefetch=False),
-    GemvTiles(block_n=128, num_warps=4, programs_per_sm=2),
-    GemvTiles(block_n=128, num_warps=4, programs_per_sm=8),
-    GemvTiles(block_n=256, num_warps=8, programs_per_sm=8),
-]
-DENSE_VARIANTS = [
-    GemvTiles(block_n=16, block_k=512, num_warps=4),
-    GemvTiles(block_n=32, block_k=256, num_warps=4, prefetch=False),
-    GemvTiles(block_n=64, block_k=128, num_warps=4),
-    GemvTiles(block_n=64, block_k=256, num_warps=8),
-    GemvTiles(block_n=32, block_k=256, num_warps=4, programs_per_sm=8),
-]
 
 
-def _tiles(bits: int, t: GemvTiles) -> GemvTiles:
-    return GemvTiles(t.block_n, default_tiles(bits).block_k, t.num_warps, t.num_stages, t.programs_per_sm, t.prefetch)
+@dataclass
+class Line:
+    label: str
+    kind: str
+    m: int
+    times: dict[str, float] = field(default_factory=dict)  # candidate -> µs (passing ones)
+    nbytes: int = 0
+    bf16_us: float = 0.0
+    default: str = ""
+    failed: int = 0
+
+    def text(self) -> str:
+        head = f"{self.label:15s} {self.kind:5s} M={self.m}"
+        if not self.times:
+            return f"{head}  no passing candidate ({self.failed} FAIL)"
+        best = min(self.times, key=self.times.__getitem__)
+        us = self.times[best]
+        vs = f"x{self.bf16_us / us:4.2f} vs bf16 {self.bf16_us:6.1f}" if self.bf16_us else "bf16 n/a"
+        dflt = f"default {self.default} {self.times[self.default]:6.1f}" if self.default in self.times else ""
+        ok = f"PASS {len(self.times)}" + (f" FAIL {self.failed}" if self.failed else "")
+        return f"{head}  best {best:11s} {us:6.1f} us {self.nbytes / us / 1e3:5.0f} GB/s  {vs}  {dflt}  {ok}"
 
 
-def report(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> bool:
+LINES: list[Line] = []
+BF16_US: dict[tuple[int, int, int], float] = {}
+
+
+def summary() -> None:
+    print(f"== SUMMARY ({time.time() - START:.0f} s; bf16 = cuBLAS F.linear on the same shape, us per call)")
+    for line in LINES:
+        print(line.text())
+    print(f"defaults: gptq {GEMV_DEFAULT}, fp8 {FP8_GEMV_DEFAULT}", flush=True)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> tuple[bool, float]:
     err = (out.float() - ref.float()).abs().max().item()
     rel = err / max(ref.float().abs().max().item(), 1e-30)
-    ok = bool(torch.isfinite(out).all()) and rel <= tol
-    print(f"{'PASS' if ok else 'FAIL'} {name:58s} max abs err {err:.3e} rel {rel:.2e}", flush=True)
-    return ok
+    return bool(torch.isfinite(out).all()) and rel <= tol, rel
 
 
 def check(name: str, fn: Callable[[], object]) -> None:
@@ -92,76 +99,7 @@ def check(name: str, fn: Callable[[], object]) -> None:
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
-def gptq_case(m: int, n: int, k: int, bits: int, gs: int, act: bool, sym: bool, lo: int = 0) -> bool:
-    """The GEMV on rows [lo, k) of a random RTN-quantized linear, against the fp32 reference."""
-    g = torch.Generator().manual_seed(m * 7 + bits)
-    w = torch.randn(n, k, generator=g) / k**0.5
-    q = quantize_rtn(w, bits, gs, sym=sym, perm=torch.randperm(k, generator=g) if act else None)
-    p = 32 // bits
-    qw, g_idx = q.qweight[lo // p :].cuda(), q.g_idx[lo:].cuda()
-    qz, sc = q.qzeros.cuda(), q.scales.to(torch.bfloat16).cuda()
-    x = torch.randn(m, k - lo, generator=g).to(torch.bfloat16).cuda()
-    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
-    ref = gptq_matmul_reference(x.float(), qw, qz, sc.float(), g_idx, bits, 1, bias.float())
-    qw_sorted, perm = group_order(qw, g_idx, bits)
-    gw = gemv_weights(qw_sorted, qz, sc, bits, 1, gs, lo)
-    xp = x if perm is None else x[:, perm]
-    ok = True
-    for split in (None, 1, 3):
-        out = quant_gemv(xp, gw, bias, split_k=split)
-        ok &= report(f"gptq int{bits} M={m} N={n} K={k} gs={gs} act={act} sym={sym} lo={lo} split={split}", out, ref)
-        ok &= bool(int(gw.counters.abs().sum()) == 0)
-    return ok
-
-
-def correctness() -> None:
-    print("== correctness (bf16 activations vs fp32 reference; rel = max err / max |ref|, PASS <= 1e-2)")
-    for bits in (4, 8):
-        for m, n, k, gs, act, sym, lo in (
-            (1, 200, 1000, 128, False, False, 0),
-            (3, 264, 1024, 128, True, False, 0),
-            (8, 4096, 4096, 128, False, True, 0),
-            (16, 136, 896, -1, False, True, 0),
-            (1, 520, 1408, 128, False, False, 320),
-            (8, 520, 1408, 128, False, False, 320),
-        ):
-            check(f"gptq int{bits} M={m}", partial(gptq_case, m, n, k, bits, gs, act, sym, lo))
-    check("fp8", fp8_correctness)
-    for m, n, k in ((1, 1000, 1000), (3, 4096, 4096), (8, 12288, 4096), (1, 4096, 11008)):
-        check(f"dense M={m}", partial(dense_case, m, n, k))
-
-
-def dense_case(m: int, n: int, k: int) -> bool:
-    from worker.kernels.gemv import counters_for, dense_gemv
-
-    x, w, b = (torch.randn(*s, device="cuda").to(torch.bfloat16) for s in ((m, k), (n, k), (n,)))
-    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
-    counters, ok = counters_for(n, x.device), True
-    for t in [DENSE] + DENSE_VARIANTS:
-        ok &= report(f"dense M={m} N={n} K={k} {_name(t)}", dense_gemv(x, w, b, counters, tiles=t), ref)
-    return ok and int(counters.abs().sum()) == 0
-
-
-def _name(t: GemvTiles) -> str:
-    return f"n{t.block_n} k{t.block_k} w{t.num_warps} s{t.num_stages} pps{t.programs_per_sm} pf{int(t.prefetch)}"
-
-
-def fp8_correctness() -> bool:
-    from worker.kernels.fp8_matmul import w8a16_matmul, w8a16_reference
-    from worker.quant.fp8 import fp8_matmul_scaled_mm, quantize_rows
-
-    ok = True
-    for m in (1, 8):
-        g = torch.Generator(device="cuda").manual_seed(m)
-        wq, ws = quantize_rows(torch.randn(4096, 4096, device="cuda", generator=g))
-        x = torch.randn(m, 4096, device="cuda", generator=g).to(torch.bfloat16)
-        ref = w8a16_reference(x.float(), wq, ws[:, 0])
-        ok &= report(f"fp8 triton w8a16 M={m}", w8a16_matmul(x, wq, ws[:, 0]), ref)
-        ok &= report(f"fp8 torch._scaled_mm M={m}", fp8_matmul_scaled_mm(x, wq, ws[:, 0]), ref, 3e-2)
-    return ok
-
-
-def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
+def graph_time(calls: list[Callable[[], object]], reps: int = 5) -> float:
     """Median µs per call of a CUDA graph that makes every call once (warmed up first)."""
     for c in calls:
         c()
@@ -177,130 +115,148 @@ def copies(nbytes: int) -> int:
     return max(2, min(64, -(-(256 << 20) // max(nbytes, 1))))
 
 
-def time_shape(label: str, k: int, n: int, bits: int, m: int, sweep: bool) -> None:
-    from worker.kernels.gptq import gptq_gemv
+def bf16_us(k: int, n: int, m: int, x: torch.Tensor) -> float:
+    """cuBLAS F.linear on bf16 weights of the shape (cached per shape and M)."""
+    if (k, n, m) not in BF16_US:
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(n * k * 2))]
+        BF16_US[k, n, m] = graph_time([partial(torch.nn.functional.linear, x, w) for w in ws])
+    return BF16_US[k, n, m]
 
+
+def run_candidates(line: Line, cands: dict[str, Callable[[object], object]], ref: torch.Tensor, ws: list) -> None:
+    """Each candidate fn(w): checked on ws[0] against ref, then timed over all of ws (one line each)."""
+    for name, fn in cands.items():
+        try:
+            ok, rel = close(fn(ws[0]), ref)  # type: ignore[arg-type]
+            if not ok:
+                line.failed += 1
+                print(f"   FAIL {line.label} {line.kind} M={line.m} {name}: rel err {rel:.2e}", flush=True)
+                continue
+            line.times[name] = graph_time([partial(fn, w) for w in ws])
+            us = line.times[name]
+            print(f"   {line.label} {line.kind} M={line.m} {name:11s} {us:7.1f} us {line.nbytes / us / 1e3:5.0f} GB/s",
+                  flush=True)  # fmt: skip
+        except Exception as exc:
+            line.failed += 1
+            print(f"   FAIL {line.label} {line.kind} M={line.m} {name}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def time_gptq(label: str, k: int, n: int, bits: int, m: int, names: list[str]) -> None:
     p, groups = 32 // bits, k // 128
     words = [torch.randint(-(2**31), 2**31 - 1, (k // p, n), dtype=torch.int32, device="cuda")]
-    c = copies(words[0].numel() * 4)
-    words += [torch.randint_like(words[0], -(2**31), 2**31 - 1) for _ in range(c - 1)]
+    words += [torch.randint_like(words[0], -(2**31), 2**31 - 1) for _ in range(copies(words[0].numel() * 4) - 1)]
     scales = torch.rand(groups, n, device="cuda").to(torch.bfloat16) * 1e-3
     qzeros = torch.full((groups, n // p), 0x77777777 if bits == 4 else 0x7F7F7F7F, dtype=torch.int32, device="cuda")
     g_idx = (torch.arange(k, device="cuda") // 128).to(torch.int32)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    nbytes = words[0].numel() * 4 + scales.numel() * 2 + x.numel() * 2 + m * n * 2
-    base_us = graph_time([partial(gptq_gemv, x, w, qzeros, scales, g_idx, bits, group_size=128) for w in words])
-    rows = [("old split-K kernel (baseline)", base_us)]
+    line = Line(label, f"int{bits}", m, default=GEMV_DEFAULT)
+    line.nbytes = words[0].numel() * 4 + scales.numel() * 2 + x.numel() * 2 + m * n * 2
+    LINES.append(line)
     gws = [gemv_weights(w, qzeros, scales, bits, 1, 128, 0) for w in words]
     ref = gptq_matmul_reference(x.float(), words[0], qzeros, scales.float(), g_idx, bits)
-    for t in [default_tiles(bits)] + ([_tiles(bits, v) for v in VARIANTS] if sweep else []):
-        name = (
-            f"gemv n{t.block_n} k{t.block_k} w{t.num_warps} s{t.num_stages} pps{t.programs_per_sm} pf{int(t.prefetch)}"
-        )
-        try:
-            if report(f"  {label} int{bits} M={m} {name}", quant_gemv(x, gws[0], tiles=t), ref):
-                rows.append((name, graph_time([partial(quant_gemv, x, gw, tiles=t) for gw in gws])))
-        except Exception as exc:
-            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:200]}")
+    cands = {nm: (lambda gw, t=GEMV_TILES[nm][bits]: quant_gemv(x, gw, tiles=t)) for nm in names}
+    run_candidates(line, cands, ref, gws)  # type: ignore[arg-type]
     del words, gws
-    w16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(n * k * 2))]
-    rows.append(("bf16 cuBLAS F.linear", graph_time([partial(torch.nn.functional.linear, x, w) for w in w16])))
-    del w16
-    print(f"-- {label} K={k} N={n} int{bits} M={m}: {nbytes / 1e6:.1f} MB quantized")
-    for name, us in rows:
-        gbs = nbytes / us / 1e3 if not name.startswith("bf16") else (n * k * 2 + x.numel() * 2) / us / 1e3
-        print(f"   {name:52s} {us:8.1f} us {gbs:7.0f} GB/s  x{base_us / us:5.2f} vs baseline")
+    line.bf16_us = bf16_us(k, n, m, x)
 
 
-def time_fp8(label: str, k: int, n: int, m: int) -> None:
-    from worker.kernels.fp8_matmul import w8a16_matmul
+def time_fp8(label: str, k: int, n: int, m: int, names: list[str]) -> None:
     from worker.quant.fp8 import fp8_matmul_scaled_mm
 
     ws = torch.rand(n, device="cuda") * 1e-3
     wqs = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(copies(n * k))]
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    tri = graph_time([partial(w8a16_matmul, x, w, ws) for w in wqs])
-    smm = graph_time([partial(fp8_matmul_scaled_mm, x, w, ws) for w in wqs])
-    best = "triton" if tri < smm else "_scaled_mm"
-    print(f"-- fp8 {label} M={m}: triton {tri:.1f} us ({n * k / tri / 1e3:.0f} GB/s), _scaled_mm {smm:.1f} us"
-          f" ({n * k / smm / 1e3:.0f} GB/s) -> {best}")  # fmt: skip
+    line = Line(label, "fp8", m, default=FP8_GEMV_DEFAULT, nbytes=n * k + n * 4 + x.numel() * 2 + m * n * 2)
+    LINES.append(line)
+    counters = counters_for(n, x.device)
+    cands: dict[str, Callable[[object], object]] = {
+        nm: (lambda w, nm=nm: w8a16_gemv(x, w, ws, None, counters, nm)) for nm in names
+    }
+    cands["_scaled_mm"] = lambda w: fp8_matmul_scaled_mm(x, w, ws, None)  # type: ignore[arg-type]
+    run_candidates(line, cands, w8a16_reference(x.float(), wqs[0], ws), wqs)
+    line.bf16_us = bf16_us(k, n, m, x)
 
 
 def time_dense(label: str, k: int, n: int, m: int) -> None:
-    """bf16 at M <= 8: cuBLAS (the baseline here) against the Triton GEMV's tiles."""
-    from worker.kernels.gemv import counters_for, dense_gemv
-
+    """bf16 at the (shape, M) DENSE_GEMV_PLAN sends to the Triton GEMV, against cuBLAS."""
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies(n * k * 2))]
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    base = graph_time([partial(torch.nn.functional.linear, x, w) for w in ws])
-    print(f"-- bf16 {label} K={k} N={n} M={m}: cuBLAS {base:.1f} us {n * k * 2 / base / 1e3:.0f} GB/s")
-    for t in [DENSE] + DENSE_VARIANTS:
-        cs = [counters_for(n, x.device) for _ in ws]
-        us = graph_time([partial(dense_gemv, x, w, None, c, t) for w, c in zip(ws, cs)])
-        print(f"   dense {_name(t):44s} {us:8.1f} us {n * k * 2 / us / 1e3:7.0f} GB/s  x{base / us:5.2f} vs cuBLAS")
+    line = Line(label, "bf16", m, default="plan", nbytes=n * k * 2 + x.numel() * 2 + m * n * 2)
+    LINES.append(line)
+    tiles, counters = dense_tiles(k, n, m), counters_for(n, x.device)
+    cands: dict[str, Callable[[object], object]] = {
+        "plan": lambda w: dense_gemv(x, w, None, counters, tiles),  # type: ignore[arg-type]
+        "cuBLAS": lambda w: torch.nn.functional.linear(x, w),  # type: ignore[arg-type]
+    }
+    run_candidates(line, cands, torch.nn.functional.linear(x.float(), ws[0].float()), ws)
+    line.bf16_us = line.times.get("cuBLAS", 0.0)
 
 
-def _due(limit: float, what: str) -> bool:
-    if time.time() - START < limit:
+def gptq_case(m: int, n: int, k: int, bits: int, gs: int, act: bool, sym: bool, lo: int, name: str) -> None:
+    """The GEMV on rows [lo, k) of a random RTN-quantized linear (with bias), against the fp32 reference."""
+    g = torch.Generator().manual_seed(m * 7 + bits)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    q = quantize_rtn(w, bits, gs, sym=sym, perm=torch.randperm(k, generator=g) if act else None)
+    p = 32 // bits
+    qw, g_idx = q.qweight[lo // p :].cuda(), q.g_idx[lo:].cuda()
+    qz, sc = q.qzeros.cuda(), q.scales.to(torch.bfloat16).cuda()
+    x = torch.randn(m, k - lo, generator=g).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).cuda()
+    ref = gptq_matmul_reference(x.float(), qw, qz, sc.float(), g_idx, bits, 1, bias.float())
+    qw_sorted, perm = group_order(qw, g_idx, bits)
+    gw = gemv_weights(qw_sorted, qz, sc, bits, 1, gs, lo)
+    xp = x if perm is None else x[:, perm]
+    for split in (None, 3):
+        ok, rel = close(quant_gemv(xp, gw, bias, tiles=GEMV_TILES[name][bits], split_k=split), ref)
+        ok &= int(gw.counters.abs().sum()) == 0
+        print(f"{'PASS' if ok else 'FAIL'} int{bits} {name} M={m} N={n} K={k} gs={gs} act={act} sym={sym} lo={lo}"
+              f" split={split} rel {rel:.1e}")  # fmt: skip
+
+
+def correctness() -> None:
+    print("== correctness (bf16 activations vs fp32 reference; rel = max err / max |ref|, PASS <= 1e-2)")
+    for bits in (4, 8):
+        for m, n, k, act, sym, lo, name in (
+            (1, 520, 1408, False, False, 320, GEMV_DEFAULT),
+            (1, 520, 1408, True, False, 320, "g2"),
+            (3, 264, 1024, True, False, 0, GEMV_DEFAULT),
+            (8, 4096, 4096, False, True, 0, GEMV_DEFAULT),
+        ):
+            check(f"gptq int{bits} M={m}", partial(gptq_case, m, n, k, bits, 128, act, sym, lo, name))
+
+
+def _due(what: str) -> bool:
+    if time.time() - START < BUDGET_S:
         return True
-    print(f"skipped {what}: time budget")
+    print(f"skipped {what}: time budget", flush=True)
     return False
 
 
 def timings() -> None:
     print("== timings (CUDA graphs over weight copies > L2; GB/s of the bytes each call must read)")
+    gptq_all, fp8_all = list(GEMV_TILES), list(FP8_GEMV_TILES)
+    seven = [(lb, kn) for lb, kn in SHAPES.items() if lb.startswith("7b")]
+    for label, (k, n) in seven:
+        for bits in (4, 8):
+            if _due(f"{label} int{bits} M=1"):
+                check(f"{label} int{bits}", partial(time_gptq, label, k, n, bits, 1, gptq_all))
+        if _due(f"{label} fp8 M=1"):
+            check(f"{label} fp8", partial(time_fp8, label, k, n, 1, fp8_all))
+    for label, (k, n) in seven:
+        for bits in (4, 8):
+            if _due(f"{label} int{bits} M=8"):
+                check(f"{label} int{bits} M=8", partial(time_gptq, label, k, n, bits, 8, [GEMV_DEFAULT, "g2w8"]))
+        if _due(f"{label} fp8 M=8"):
+            check(f"{label} fp8 M=8", partial(time_fp8, label, k, n, 8, ["n32k256w4", "n64k256w8", "splitk"]))
+    for label, (k, n) in seven:
+        for max_m, _ in DENSE_GEMV_PLAN.get((k, n), ()):
+            if _due(f"bf16 {label} M={max_m}"):
+                check(f"bf16 {label}", partial(time_dense, label, k, n, max_m))
     for label, (k, n) in SHAPES.items():
-        seven = label.startswith("7b")
-        for bits, m, sweep in ((4, 1, seven), (8, 1, seven), (4, 8, False)) if seven else ((4, 1, False),):
-            if _due(90, f"{label} int{bits} M={m}"):
-                check(f"timing {label} int{bits} M={m}", partial(time_shape, label, k, n, bits, m, sweep))
-    for label, (k, n) in list(SHAPES.items())[:4]:
-        for m in (1, 8):
-            if _due(120, f"bf16 {label} M={m}"):
-                check(f"bf16 timing {label}", partial(time_dense, label, k, n, m))
-    for label, (k, n) in list(SHAPES.items())[:4]:
-        for m in (1, 8):
-            if _due(135, f"fp8 {label} M={m}"):
-                check(f"fp8 timing {label}", partial(time_fp8, label, k, n, m))
-
-
-def _compile(fn: Any, label: str, ptrs: dict[str, str], ints: tuple[str, ...], const: dict, t: GemvTiles) -> None:
-    """Compile one variant for sm_90 with Triton's bundled ptxas and print ok/FAILED."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {**{f"{p}_ptr": ty for p, ty in ptrs.items()}, **dict.fromkeys(ints, "i32")}
-    sig.update(dict.fromkeys(const, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a == "N"}
-    try:
-        opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
-        kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-        print(f"ok     {label}: {kern.metadata.shared} B shared")
-    except Exception as exc:  # a compiler error is the finding
-        print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:300]}")
-
-
-def compile_all() -> None:
-    """Every GPTQ and float GEMV variant, as launched (bf16 activations), for sm_90 (no GPU; not interpreted)."""
-    from worker.kernels.gemv import _dense_kernel
-
-    bf16 = "*bf16"
-    ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-    ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "SPLITS", "stride_xm", "stride_ym")
-    for bits in (4, 8):
-        for t in [default_tiles(bits)] + [_tiles(bits, v) for v in VARIANTS]:
-            for bm, zero, gs in ((1, 1 << (bits - 1), 128), (16, -1, 128), (1, -1, NO_GROUPS)):
-                const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=True,
-                             PREFETCH=t.prefetch and bm == 1, DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n,
-                             BLOCK_K=t.block_k)  # fmt: skip
-                _compile(_gemv_kernel, f"int{bits} M{bm} zero{zero} gs{gs} {_name(t)}", ptrs, ints, const, t)
-    ptrs = dict(x=bf16, w=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-    ints = ("M", "N", "K", "K_PER_SPLIT", "SPLITS", "stride_xm", "stride_wn", "stride_ym")
-    for t in [DENSE] + DENSE_VARIANTS:
-        for bm in (1, 16):
-            const = dict(HAS_BIAS=True, REDUCE=True, PREFETCH=t.prefetch and bm == 1, DOT_PRECISION="tf32",
-                         BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
-            _compile(_dense_kernel, f"dense M{bm} {_name(t)}", ptrs, ints, const, t)
+        if not label.startswith("7b"):
+            for bits in (4, 8):
+                if _due(f"{label} int{bits} M=1"):
+                    check(f"{label} int{bits}", partial(time_gptq, label, k, n, bits, 1, gptq_all))
 
 
 def main() -> None:
@@ -308,18 +264,26 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="CPU: compile the variants for sm_90 only")
     args = ap.parse_args()
     if args.compile:
+        from gemv_compile import compile_all
+
         compile_all()
         return
     if not torch.cuda.is_available():
         print("no CUDA device: nothing checked (use --compile on a CPU)")
         return
-    watchdog = threading.Timer(148, lambda: (print("TIMEOUT at 148 s: stopped", flush=True), os._exit(0)))
+
+    def timeout() -> None:
+        print("TIMEOUT at 115 s: stopped", flush=True)
+        summary()
+        os._exit(0)
+
+    watchdog = threading.Timer(115, timeout)
     watchdog.daemon = True
     watchdog.start()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     check("correctness", correctness)
     timings()
-    print(f"done in {time.time() - START:.0f} s", flush=True)
+    summary()
     os._exit(0)  # the watchdog thread must not keep the process alive
 
 

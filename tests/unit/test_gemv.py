@@ -2,7 +2,8 @@
 Triton interpreter (fp32 and fp16; bf16 runs in scripts/gpu_check_gemv.py): Int4/Int8, M 1..16, N not a
 multiple of the tile, K not a multiple of the group, groups 32/64/128/none, act order (rows permuted at
 load, x per call), sym (one zero) and asym zeros, row shards starting inside a tile, split-K with the fused
-reduction (its counters must be back at zero after each call)."""
+reduction (its counters must be back at zero after each call), M = 1 tiles of several groups; the dense
+GEMV for float and e4m3 weights, and the float linears' per-shape, per-M choice of it."""
 
 from __future__ import annotations
 
@@ -77,6 +78,32 @@ def test_gemv_matches_reference(m, n, k, bits, gs, act, sym, dtype):
         assert int(w.counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize(
+    ("bits", "gs", "bk", "sym", "lo"),
+    [(4, 32, 128, False, 0), (4, 64, 256, True, 0), (8, 32, 64, False, 96), (8, 16, 64, False, 0)],
+)
+def test_m1_tiles_holding_several_groups(bits, gs, bk, sym, lo):
+    """M = 1 tiles of 2-4 whole groups (each word row takes its own group's scale and zero): K = 328 ends
+    inside a tile and a group, a row shard may start inside a tile; split-K 1/2/3. Such tiles are too big for
+    M > 1's single-group dot: M = 2 falls back to 16 word rows (or is refused where the group is smaller)."""
+    k, n, p = 328 + lo, 40, 32 // bits
+    q = _quant(n, k, bits, gs, False, sym, seed=bk + gs)
+    qweight, g_idx = q.qweight[lo // p :], q.g_idx[lo:]
+    x = torch.randn(2, k - lo, generator=torch.Generator().manual_seed(8))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(9))
+    ref = gptq_matmul_reference(x, qweight, q.qzeros, q.scales.float(), g_idx, bits, 1, bias)
+    w = gemv_weights(qweight, q.qzeros, q.scales.float(), bits, 1, gs, lo)
+    for split in (1, 2, 3):
+        tiles = GemvTiles(block_n=32, block_k=bk, num_warps=4, num_stages=1, prefetch=split != 2)
+        within(quant_gemv(x[:1], w, bias, tiles=tiles, split_k=split), ref[:1], TOL[torch.float32])
+        assert int(w.counters.abs().sum()) == 0
+    if gs % (16 * p):
+        with pytest.raises(ValueError, match="block_k"):
+            quant_gemv(x, w, bias, tiles=tiles)
+    else:
+        within(quant_gemv(x, w, bias, tiles=tiles), ref, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_row_shard_starting_inside_a_tile(bits):
     """Rows [192, 448) of a K = 512, group 128 linear: the shard's first tile starts 64 rows before its
@@ -146,7 +173,8 @@ def test_model_decode_through_the_gemv_equals_the_reference_path(tmp_path):
 def test_dense_gemv_matches_linear(m, n, k, dtype):
     """The float GEMV (weight [N, K], split-K, prefetch on and off) equals F.linear in fp64, bias or not,
     and leaves its counters at zero."""
-    from worker.kernels.gemv import counters_for, dense_gemv
+    from worker.kernels.gemv import counters_for
+    from worker.kernels.gemv_dense import dense_gemv
 
     g = torch.Generator().manual_seed(m + n)
     x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((m, k), (n, k), (n,)))
@@ -162,21 +190,56 @@ def test_dense_gemv_matches_linear(m, n, k, dtype):
         dense_gemv(x, w.t().contiguous().t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 200), (3, 24, 520)])
+def test_fp8_gemv_matches_w8a16_reference(m, n, k, dtype):
+    """e4m3 weights with a scale per row through the dense GEMV (every named tile, split-K 1 and 3, bias or
+    not) equal the dequantize-then-matmul reference; "splitk" names the previous kernel."""
+    from worker.kernels.fp8_matmul import FP8_GEMV_TILES, w8a16_gemv, w8a16_reference
+    from worker.kernels.gemv_dense import dense_gemv
+    from worker.quant.fp8 import quantize_rows
+
+    g = torch.Generator().manual_seed(m + k)
+    wq, ws = quantize_rows(torch.randn(n, k, generator=g))
+    x, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    ref = w8a16_reference(x.double(), wq, ws[:, 0].double(), b.double())
+    for name, tiles in FP8_GEMV_TILES.items():
+        within(w8a16_gemv(x, wq, ws[:, 0], b, tiles=name), ref, TOL[dtype])
+        if tiles is not None:
+            small = GemvTiles(tiles.block_n, 64, num_warps=4, num_stages=1, prefetch=tiles.prefetch)
+            out = dense_gemv(x, wq, None, None, small, split_k=3, scale=ws[:, 0])
+            within(out, ref - b.double(), TOL[dtype])
+
+
+def test_dense_plan_picks_tiles_per_shape_and_m():
+    """The measured choices: c_attn (4096 x 12288) up to M = 8 with one tile, w2|w1 (4096 x 22016) with
+    another above M = 1, the c_proj shapes never (cuBLAS)."""
+    from worker.kernels.gemv_dense import DENSE_N64, DENSE_PF0, dense_tiles
+
+    assert [dense_tiles(4096, 12288, m) for m in (1, 8, 9)] == [DENSE_PF0, DENSE_PF0, None]
+    assert [dense_tiles(4096, 22016, m) for m in (1, 2, 8, 9)] == [DENSE_PF0, DENSE_N64, DENSE_N64, None]
+    assert dense_tiles(4096, 4096, 1) is None and dense_tiles(11008, 4096, 1) is None
+
+
 def test_float_linears_take_the_gemv_only_for_decode_batches_of_a_chosen_shape(monkeypatch):
-    """A column and a row linear given GEMV counters (as for a DENSE_GEMV_SHAPES shape on CUDA) answer
-    M <= 8 through the kernel and larger M through F.linear, both equal to the fp64 product."""
+    """A column and a row linear given GEMV counters (as for a DENSE_GEMV_PLAN shape on CUDA) answer the M its
+    plan lists through the kernel with that M's tiles and other M through F.linear, all equal to the fp64
+    product."""
     import worker.kernels.gemv as gemv
+    import worker.kernels.gemv_dense as gemv_dense
     from worker.distributed import ParallelContext
     from worker.layers.linear import ColumnParallelLinear, RowParallelLinear, _gemv_counters
 
-    calls: list[int] = []
-    kernel = gemv.dense_gemv
+    calls: list[tuple[int, int]] = []
+    kernel = gemv_dense.dense_gemv
+    small, wide = GemvTiles(16, 32, 4, 1), GemvTiles(32, 16, 4, 1)
 
-    def spy(x, *args):
-        calls.append(x.shape[0])
-        return kernel(x, *args)
+    def spy(x, w, bias, counters, tiles):
+        calls.append((x.shape[0], tiles.block_n))
+        return kernel(x, w, bias, counters, tiles)
 
-    monkeypatch.setattr(gemv, "dense_gemv", spy)
+    monkeypatch.setattr(gemv_dense, "dense_gemv", spy)
+    monkeypatch.setitem(gemv_dense.DENSE_GEMV_PLAN, (64, 48), ((1, small), (4, wide)))
     pctx = ParallelContext(device=torch.device("cpu"))
     assert _gemv_counters(64, 48, pctx.device) is None  # the CPU always takes F.linear
     col = ColumnParallelLinear(64, [48], True, pctx, torch.float32)
@@ -187,8 +250,8 @@ def test_float_linears_take_the_gemv_only_for_decode_batches_of_a_chosen_shape(m
         layer.gemv_counters = gemv.counters_for(48, pctx.device)
     assert col.bias is not None
     col.bias.data.copy_(torch.randn(48, generator=g))
-    for m in (1, 8, 9):
+    for m in (1, 4, 8, 9):
         x = torch.randn(m, 64, generator=g)
         within(col(x), x.double() @ col.weight.double().t() + col.bias.double(), 1e-5)
         within(row.partial(x), x.double() @ row.weight.double().t(), 1e-5)
-    assert calls == [1, 1, 8, 8]
+    assert calls == [(1, 16), (1, 16), (4, 32), (4, 32)]

@@ -5,6 +5,12 @@ dtype (bf16), weights are converted in registers, fp32 accumulation, split-K GEM
 worker/kernels/gptq.py). torch._scaled_mm (e4m3 activations too) serves larger M; the layer picks by M
 (`FP8_TRITON_MAX_M`; scripts/bench_quant.py --only linears times both per shape). The PyTorch reference
 with bf16 activations is `w8a16_reference`.
+
+H200, 2026-11-29 (Triton 3.6, weights cycled past L2): this kernel beat torch._scaled_mm on every 7B shape at
+M = 1 (c_attn 33.7 vs 43.2 us, attn.c_proj 13.2 vs 31.0, w2|w1 56.8 vs 65.2, mlp.c_proj 26.7 vs 53.6) and
+M = 8 but w2|w1 (63.4 vs 62.4), so the Triton path stays. It read only 1.1-1.7 TB/s, so M <= FP8_GEMV_MAX_M
+takes `w8a16_gemv` instead: worker/kernels/gemv_dense.py's GEMV (the bf16 one that reached 3.6 TB/s) reading
+e4m3 rows; "splitk" in `FP8_GEMV_TILES` names this kernel, for the GPU check to compare.
 """
 
 from __future__ import annotations
@@ -13,9 +19,20 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.gemv import GemvTiles
+from worker.kernels.gemv_dense import dense_gemv
 from worker.kernels.gptq import split_k_for
 
 FP8_TRITON_MAX_M = 16
+FP8_GEMV_MAX_M = 1
+FP8_GEMV_TILES: dict[str, GemvTiles | None] = {  # block_k: columns (bytes) per tile row
+    "n32k512w8": GemvTiles(block_n=32, block_k=512, num_warps=8),
+    "n32k256w4": GemvTiles(block_n=32, block_k=256, num_warps=4),
+    "n64k256w8": GemvTiles(block_n=64, block_k=256, num_warps=8),
+    "n16k1024w8": GemvTiles(block_n=16, block_k=1024, num_warps=8),
+    "splitk": None,  # the split-K kernel below (`w8a16_matmul`)
+}
+FP8_GEMV_DEFAULT = "n16k1024w8"  # spill-free for sm_90 (scripts/gemv_compile.py); the rest spill a little
 
 
 # fmt: off
@@ -92,3 +109,19 @@ def w8a16_matmul(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=2,
     )  # fmt: skip
     return y.sum(0).to(x.dtype) if planes else y[0]
+
+
+def w8a16_gemv(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    tiles: str = FP8_GEMV_DEFAULT,
+) -> torch.Tensor:
+    """`w8a16_matmul` for decode batches through the dense GEMV (`counters`: `counters_for(N)` kept by the
+    caller; None: zeroed per call); tiles names an entry of FP8_GEMV_TILES."""
+    t = FP8_GEMV_TILES[tiles]
+    if t is None:
+        return w8a16_matmul(x, wq, w_scale, bias)
+    return dense_gemv(x, wq, bias, counters, t, scale=w_scale)

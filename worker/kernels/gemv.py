@@ -16,6 +16,7 @@ tile. The PyTorch reference is worker/kernels/gptq_reference.py (tests/unit/test
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -87,11 +88,32 @@ def _finish(
 
 # fmt: off
 @triton.jit
+def _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, ROWS_PER_GROUP: tl.constexpr, TILE_GROUPS: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """[BKW, BLOCK_N] scales and zeros of a tile of TILE_GROUPS whole groups (group g first): row r takes
+    group g + r // ROWS_PER_GROUP's (groups past the split's end, whose rows are masked, read 0)."""
+    grp = (rows // ROWS_PER_GROUP)[:, None]
+    s2 = tl.zeros([ROWS_PER_GROUP * TILE_GROUPS, BLOCK_N], dtype=tl.float32) + s[None, :]
+    z2 = tl.zeros([ROWS_PER_GROUP * TILE_GROUPS, BLOCK_N], dtype=tl.float32) + z[None, :]
+    for i in tl.static_range(1, TILE_GROUPS):
+        live = mask_n & (offs_n * 0 + k0 + i * GROUP_SIZE < k_hi)  # a tensor mask (the interpreter needs one)
+        si = tl.load(s_ptr + (g + i) * N + offs_n, mask=live, other=0.0).to(tl.float32)
+        s2 = tl.where(grp == i, si[None, :], s2)
+        if ZERO < 0:
+            zi = tl.load(z_ptr + (g + i) * N + offs_n, mask=live, other=0.0).to(tl.float32)
+            z2 = tl.where(grp == i, zi[None, :], z2)
+    return s2, z2
+# fmt: on
+
+
+# fmt: off
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
                  SPLITS, stride_xm, stride_ym,
                  BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  REDUCE: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = 16 // BITS
     BKW: tl.constexpr = BLOCK_K // P
@@ -132,7 +154,12 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 xj = tl.load(x_ptr + kw * P + j, mask=mask_w, other=0.0).to(tl.float32)
                 sx += xj
                 part2 += (xj * (1.0 / (1 << (BITS * (j % HALF)))))[:, None] * _values(words, high, j, BITS)
-            acc2 += s[None, :] * (part2 - z[None, :] * sx[:, None])
+            if TILE_GROUPS == 1:
+                acc2 += s[None, :] * (part2 - z[None, :] * sx[:, None])
+            else:  # the tile spans TILE_GROUPS groups: each word row takes its group's scale and zero
+                s2, z2 = _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO,
+                                      GROUP_SIZE, BKW // TILE_GROUPS, TILE_GROUPS, BLOCK_N)
+                acc2 += s2 * (part2 - z2 * sx[:, None])
         else:
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             sxm = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -150,68 +177,41 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
 # fmt: on
 
 
-# fmt: off
-@triton.jit
-def _dense_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLITS, stride_xm, stride_wn,
-                  stride_ym, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, PREFETCH: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The float GEMV: w [N, K] (nn.Linear's layout, K contiguous), split-K, the same epilogue."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_n = offs_n < N
-    cols = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    if BLOCK_M == 1:
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced over K once, after the loop
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if PREFETCH:
-        nxt = tl.load(w_rows + (k_lo + cols)[None, :], mask=mask_n[:, None] & (k_lo + cols < k_hi)[None, :], other=0.0)
-    else:
-        nxt = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + cols
-        if PREFETCH:  # the next tile in flight (registers) while this one is multiplied
-            w = nxt
-            nk = offs_k + BLOCK_K
-            nxt = tl.load(w_rows + nk[None, :], mask=mask_n[:, None] & (nk < k_hi)[None, :], other=0.0)
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-            acc2 += w.to(tl.float32) * x[None, :]
-        else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m < M)[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc2, axis=1)[None, :]
-    _finish(acc, b_ptr, y_ptr, part_ptr, cnt_ptr, pid_n, pid_k, M, N, SPLITS, stride_ym, offs_m, offs_n,
-            HAS_BIAS, REDUCE)
-# fmt: on
-
-
 @dataclass(frozen=True)
 class GemvTiles:
     block_n: int = 128
-    block_k: int = 128  # rows per tile; a multiple of 16 · P for M > 1 (tl.dot needs 16 word rows)
+    block_k: int = 128  # rows per tile: divides the group or holds whole groups (M = 1 only; see `_tile_k`)
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 4  # split-K target
+    programs_per_sm: int = 4  # split-K target; 0: no split-K (each program owns a full-K strip of columns)
     prefetch: bool = True  # M = 1: load the next tile's words before multiplying this one's (registers)
 
 
-def default_tiles(bits: int) -> GemvTiles:
-    return GemvTiles(block_k=128 if bits == 4 else 64)
+# Named M = 1 tiles per bits (M > 1 keeps one group per tile, `_tile_k`). H200, 2026-11-29 (Triton 3.6, weights
+# cycled past L2): "g1" (one group per tile, 128 x 16 words) took the 14B/72B Int4 GEMVs to 1.3-1.5 TB/s (28.4 us
+# for K 13696 x N 5120; x1.45 vs bf16 cuBLAS). The others put 2-4 groups' rows in a tile (16-32 KB of words per
+# load instead of 8 KB: more bytes in flight per SM) and are measured by scripts/gpu_check_gemv.py. For sm_90
+# (scripts/gemv_compile.py) g1 needs ~122 registers a thread (4 programs of 4 warps per SM), the 2-4 group
+# tiles ~240 (2 per SM: hence g2pps2); "strip" is one program per full-K strip of 32 columns, no split-K.
+GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
+    "g1": {4: GemvTiles(block_k=128), 8: GemvTiles(block_k=64)},
+    "g1n256": {4: GemvTiles(block_n=256, block_k=128), 8: GemvTiles(block_n=256, block_k=64)},
+    "g2": {4: GemvTiles(block_k=256), 8: GemvTiles(block_k=128)},
+    "g2w8": {4: GemvTiles(block_n=256, block_k=256, num_warps=8), 8: GemvTiles(block_n=256, block_k=128, num_warps=8)},
+    "g4n64": {4: GemvTiles(block_n=64, block_k=512), 8: GemvTiles(block_n=64, block_k=256)},
+    "g2pps2": {4: GemvTiles(block_k=256, programs_per_sm=2), 8: GemvTiles(block_k=128, programs_per_sm=2)},
+    "g2nopf": {4: GemvTiles(block_k=256, prefetch=False), 8: GemvTiles(block_k=128, prefetch=False)},
+    "strip": {
+        4: GemvTiles(block_n=32, block_k=512, programs_per_sm=0),
+        8: GemvTiles(block_n=32, block_k=256, programs_per_sm=0),
+    },
+    "g4w8": {4: GemvTiles(block_n=128, block_k=512, num_warps=8), 8: GemvTiles(block_n=128, block_k=256, num_warps=8)},
+}
+GEMV_DEFAULT = "g1"
 
 
-DENSE = GemvTiles(block_n=32, block_k=256, num_warps=4, num_stages=3)  # the float GEMV's (block_k: columns)
-# (K, N) per rank where dense_gemv beat cuBLAS at M <= 8 on the H200 (scripts/gpu_check_gemv.py); empty until
-# measured, so every float linear stays on F.linear.
-DENSE_GEMV_SHAPES: frozenset[tuple[int, int]] = frozenset()
+def default_tiles(bits: int, name: str = GEMV_DEFAULT) -> GemvTiles:
+    return GEMV_TILES[name][bits]
 
 
 @dataclass
@@ -255,9 +255,24 @@ def gemv_weights(
     )
 
 
+def _fits(group_size: int, block_k: int, bits: int, m: int) -> bool:
+    """M = 1: a tile holds whole groups or lies in one; M > 1 (tl.dot): in one group, 16 word rows or more."""
+    p = 32 // bits
+    if m > 1:
+        return group_size % block_k == 0 and block_k % (16 * p) == 0
+    return block_k % p == 0 and (group_size % block_k == 0 or block_k % group_size == 0)
+
+
+def _tile_k(w: GPTQGemvWeights, tiles: GemvTiles, m: int) -> int:
+    """The tile's rows for M rows of x: M > 1 falls back to 16 word rows where tiles.block_k spans groups."""
+    if m == 1 or _fits(w.group_size, tiles.block_k, w.bits, m):
+        return tiles.block_k
+    return 16 * (32 // w.bits)
+
+
 def gemv_fits(w: GPTQGemvWeights, tiles: GemvTiles) -> bool:
-    """Each tile within one group (the group a multiple of the tile)."""
-    return w.group_size % tiles.block_k == 0 and tiles.block_k % (16 * (32 // w.bits)) == 0
+    """The tiles serve both M = 1 and M > 1 for this linear's groups."""
+    return _fits(w.group_size, tiles.block_k, w.bits, 1) and _fits(w.group_size, _tile_k(w, tiles, 2), w.bits, 2)
 
 
 @functools.cache
@@ -267,7 +282,7 @@ def _sm_count(device_index: int) -> int:
 
 def splits_for(n: int, span: int, tiles: GemvTiles, device: torch.device) -> int:
     """K splits for at most programs_per_sm programs per SM (one wave; 1 off CUDA), one K tile or more each."""
-    if device.type != "cuda":
+    if device.type != "cuda" or tiles.programs_per_sm == 0:
         return 1
     programs = tiles.programs_per_sm * _sm_count(device.index or 0)
     return max(1, min(triton.cdiv(span, tiles.block_k), programs // triton.cdiv(n, tiles.block_n)))
@@ -301,10 +316,15 @@ def quant_gemv(
     N, p = w.qweight.shape[1], 32 // w.bits
     if M > 16 or K != w.qweight.shape[0] * p:
         raise ValueError(f"x [{M}, {K}] for a GEMV of {w.qweight.shape[0]} words x {p} rows (M <= 16)")
-    if not gemv_fits(w, tiles):
-        raise ValueError(f"block_k {tiles.block_k} must divide the group ({w.group_size}) and hold 16 word rows")
+    bk = _tile_k(w, tiles, M)
+    if not _fits(w.group_size, bk, w.bits, M):
+        raise ValueError(
+            f"block_k {bk} for M = {M} must divide the group ({w.group_size})"
+            + (" and hold 16 word rows" if M > 1 else " or be a multiple of it")
+        )
+    tiles = dataclasses.replace(tiles, block_k=bk)
     x = x.contiguous()
-    split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % tiles.block_k, tiles, split_k)
+    split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
     _gemv_kernel[grid](
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
@@ -312,34 +332,7 @@ def quant_gemv(
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
         PREFETCH=tiles.prefetch and M == 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )  # fmt: skip
-    return y
-
-
-def dense_gemv(
-    x: torch.Tensor,  # [M <= 16, K]
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
-    tiles: GemvTiles = DENSE,
-    split_k: int | None = None,
-) -> torch.Tensor:
-    """F.linear(x, weight, bias) for decode batches, fp32 accumulation; counters: `counters_for(N)` kept by
-    the caller (None: zeroed per call)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if M > 16 or weight.shape[1] != K or weight.stride(1) != 1:
-        raise ValueError(f"x [{M}, {K}] for a GEMV with a weight of {list(weight.shape)} (M <= 16, rows contiguous)")
-    x = x.contiguous()
-    split_k, k_per_split, y, part = _plan(x, N, K, tiles, split_k)
-    _dense_kernel[(triton.cdiv(N, tiles.block_n), split_k)](
-        x, weight, bias if bias is not None else weight, y, part,
-        counters if counters is not None else counters_for(N, x.device), M, N, K, k_per_split, split_k,
-        x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, REDUCE=split_k > 1,
-        PREFETCH=tiles.prefetch and M == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y

@@ -2,9 +2,9 @@
 
 Sharding is the float layers' own (each loads its bf16/fp16 slice, then quantizes it): one scale per
 output channel, so a column shard's scales are its own rows and a row shard's (whole) scales are this
-rank's K slice's per-channel maxima. On CUDA, decode batches (M <= 16) run the Triton W8A16 kernel (bf16
-activations) and larger ones torch._scaled_mm with a dynamic per-token activation scale; elsewhere the
-reference of the latter (same quantized operands, dequantized, fp32 matmul).
+rank's K slice's per-channel maxima. On CUDA, decode batches (M <= 16) run Triton W8A16 kernels (bf16
+activations; M = 1 the dense GEMV) and larger ones torch._scaled_mm with a dynamic per-token activation
+scale; elsewhere the reference of the latter (same quantized operands, dequantized, fp32 matmul).
 """
 
 from __future__ import annotations
@@ -21,17 +21,22 @@ from worker.quant.fp8 import FP8, fp8_matmul_reference, fp8_matmul_scaled_mm, qu
 FP8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def fp8_matmul_for(device: torch.device) -> FP8Matmul:
-    """CUDA: the Triton W8A16 kernel up to FP8_TRITON_MAX_M rows (decode), torch._scaled_mm above (prefill);
-    elsewhere the reference."""
+def fp8_matmul_for(device: torch.device, out_features: int) -> FP8Matmul:
+    """CUDA: the dense GEMV up to FP8_GEMV_MAX_M rows (its split-K counters made here, one set per layer),
+    the Triton W8A16 kernel up to FP8_TRITON_MAX_M (decode), torch._scaled_mm above (prefill); elsewhere
+    the reference."""
     if device.type != "cuda":
         return fp8_matmul_reference
     try:
-        from worker.kernels.fp8_matmul import FP8_TRITON_MAX_M, w8a16_matmul
+        from worker.kernels.fp8_matmul import FP8_GEMV_MAX_M, FP8_TRITON_MAX_M, w8a16_gemv, w8a16_matmul
+        from worker.kernels.gemv import counters_for
     except ImportError:
         return fp8_matmul_scaled_mm
+    counters = counters_for(out_features, device)
 
     def matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[0] <= FP8_GEMV_MAX_M:
+            return w8a16_gemv(x, wq, w_scale, bias, counters)
         if x.shape[0] <= FP8_TRITON_MAX_M:
             return w8a16_matmul(x, wq, w_scale, bias)
         return fp8_matmul_scaled_mm(x, wq, w_scale, bias)
@@ -51,7 +56,7 @@ class _FP8:
     def _alloc_fp8(self, device: torch.device) -> None:
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=FP8, device=device), False)
         self.register_buffer("w_scale", torch.empty(self.out_features, dtype=torch.float32, device=device))
-        self.matmul = fp8_matmul_for(device)
+        self.matmul = fp8_matmul_for(device, self.out_features)
 
     def _store_fp8(self, w: torch.Tensor) -> None:
         wq, scale = quantize_rows(w)  # [out, in] e4m3, [out, 1]

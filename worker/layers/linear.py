@@ -22,25 +22,28 @@ GEMV_MAX_M = 8  # decode batches up to this many rows may take the Triton GEMV (
 
 
 def _gemv_counters(in_features: int, out_features: int, device: torch.device) -> torch.Tensor | None:
-    """The split-K counters of the Triton GEMV where it was measured faster than cuBLAS for this shape
-    (DENSE_GEMV_SHAPES, CUDA only), else None: F.linear."""
+    """The split-K counters of the Triton GEMV where it was measured faster than cuBLAS for this shape at
+    some decode M (worker/kernels/gemv_dense.py's DENSE_GEMV_PLAN, CUDA only), else None: F.linear."""
     if device.type != "cuda":
         return None
     try:
-        from worker.kernels.gemv import DENSE_GEMV_SHAPES, counters_for
+        from worker.kernels.gemv import counters_for
+        from worker.kernels.gemv_dense import DENSE_GEMV_PLAN
     except ImportError:
         return None
-    return counters_for(out_features, device) if (in_features, out_features) in DENSE_GEMV_SHAPES else None
+    return counters_for(out_features, device) if (in_features, out_features) in DENSE_GEMV_PLAN else None
 
 
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counters: torch.Tensor | None
 ) -> torch.Tensor:
-    """x W^T (+ bias) through the GEMV for decode batches of a chosen shape (counters), else cuBLAS."""
+    """x W^T (+ bias) through the GEMV for decode batches of a chosen shape and M (counters), else cuBLAS."""
     if counters is not None and x.shape[0] <= GEMV_MAX_M:
-        from worker.kernels.gemv import dense_gemv
+        from worker.kernels import gemv_dense
 
-        return dense_gemv(x, weight, bias, counters)
+        tiles = gemv_dense.dense_tiles(weight.shape[1], weight.shape[0], x.shape[0])
+        if tiles is not None:
+            return gemv_dense.dense_gemv(x, weight, bias, counters, tiles)
     return nn.functional.linear(x, weight, bias)
 
 
