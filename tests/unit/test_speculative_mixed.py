@@ -15,6 +15,8 @@ import torch
 from helpers import PERSON, write_checkpoint
 from random_weights import random_checkpoint
 from spec_helpers import Seen, Spy, close, engine, finish, greedy_request, live, run
+from worker.engine import prompt_lookup
+from worker.engine.prompt_lookup import PromptLookup
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
 from worker.tokenizer import QwenTokenizer
@@ -49,7 +51,7 @@ def same(on: Seen, off: Seen, rids) -> None:
 
 
 def test_long_prompts_with_ntk_and_rejected_drafts(ntk, monkeypatch):
-    """Drafts of a 150-token prompt (NTK alpha 7 on a seq_length of 64): the random model mostly rejects them."""
+    """Drafts of a 150-token prompt (NTK alpha 7 on a seq_length of 64): the random model rejects many."""
     model, tok = ntk
 
     def requests():
@@ -60,6 +62,27 @@ def test_long_prompts_with_ntk_and_rejected_drafts(ntk, monkeypatch):
     on = run(engine(model, tok, 5), requests())
     same(on, off, (1, 2, 3))
     assert spy.proposed - spy.accepted >= 20  # drafts were verified and rejected
+
+
+def test_the_lookup_turns_itself_off_for_a_request_whose_drafts_fail(ntk, monkeypatch, caplog):
+    """Every token occurs in the prompt, so each step finds a 1-gram and drafts; hot sampling rejects them all:
+    after a window of drafted steps the request drafts no more, and the log says so."""
+    model, tok = ntk
+    every = random.Random(2).sample(range(518), 518)  # the whole vocabulary, shuffled
+
+    def requests():
+        return [greedy_request(1, every, 20, do_sample=True, temperature=3.0, seed=11)]
+
+    off = run(engine(model, tok, 0), requests())
+    spy = Spy.on(monkeypatch)
+    drafted = []
+    record = PromptLookup.record
+    monkeypatch.setattr(PromptLookup, "record", lambda self, *a: drafted.append(a[1]) or record(self, *a))
+    with caplog.at_level("INFO", logger="worker.engine.prompt_lookup"):
+        on = run(engine(model, tok, 5), requests())
+    assert on.tokens(1) == off.tokens(1) and spy.accepted == 0
+    assert drafted == [5] * prompt_lookup.WINDOW and len(on.steps[1]) == 20  # none after the window
+    assert "request 1: prompt lookup off (0 of 40 drafts accepted over 8 steps, below 20%)" in caplog.text
 
 
 def chunked_script(model, tok, n: int) -> tuple[Seen, list[tuple[int, int]]]:
