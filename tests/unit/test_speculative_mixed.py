@@ -16,6 +16,7 @@ from helpers import PERSON, write_checkpoint
 from random_weights import random_checkpoint
 from spec_helpers import Seen, Spy, close, engine, finish, greedy_request, live, run
 from worker.engine import prompt_lookup
+from worker.engine.batch import Batch
 from worker.engine.prompt_lookup import PromptLookup
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
@@ -178,3 +179,22 @@ def test_a_constrained_row_gets_no_drafts(demo, monkeypatch):
     on = run(engine(*demo, 4), requests())
     same(on, off, (1, 2))
     assert all(len(ids) == 1 for rid, ids in spy.choices if rid == 2) and spy.accepted >= 5
+
+
+def test_no_look_ahead_for_a_batch_with_drafts(demo):
+    """A look-ahead cannot know how many drafts a step accepts: a batch with drafts gets none, a batch without
+    gets one (look-ahead forced on), and the tokens are those of the run without either."""
+    model, tok = demo
+    off = run(engine(model, tok, 0), [greedy_request(1, tok.encode(COPY), 20)])
+    e = engine(model, tok, 4, look_ahead=True)
+    seen, aheads = Seen(), []
+    batch: Batch | None = live(
+        seen, e.prefill(pb.Batch(id=1, requests=[greedy_request(1, tok.encode(COPY), 20)]), None)
+    )
+    while batch is not None:
+        r = batch.requests[0]
+        aheads.append((bool(r.drafts), r.ahead is not None))
+        gens, batch = e.decode([batch.info()])
+        seen.add(gens)
+    assert seen.tokens(1) == off.tokens(1)
+    assert (True, False) in aheads and (False, True) in aheads and (True, True) not in aheads
