@@ -60,9 +60,15 @@ class SlotPool:
         """Replace each target linear of the model by its adapter-aware wrapper over this pool."""
         for t in self.targets:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
+            # decode steps run the whole term on the side stream when there is one ("side"): on the H200 it was
+            # the fastest mode in the served graphs (P2 0.826 vs 0.817 for "two", scripts/bench_lora.py, 2026-11-29)
             term = LoraTerm(
-                *self.stacked[(t.layer, t.key)], self.ranks[:, t.layer, k : k + len(t.modules)].t(), kernels, stream
-            )  # ranks [P, slots]
+                *self.stacked[(t.layer, t.key)],
+                self.ranks[:, t.layer, k : k + len(t.modules)].t(),  # [P, slots]
+                kernels,
+                stream,
+                decode="side" if stream is not None else "two",
+            )
             setattr(t.owner, t.attr, wrap_lora(getattr(t.owner, t.attr), term))
 
     def ranks_of(self, host: HostAdapter) -> torch.Tensor:
