@@ -140,3 +140,30 @@ def test_drafts_are_the_heads_guesses_at_the_last_accepted_position(with_heads):
         assert [len(s) for s in on.steps[rid]] == want
         rejected += sum(n < 4 for n in want[1:-1])
     assert rejected >= 4
+
+
+def test_rows_under_adapters_draft_from_the_base_heads(demo_dir, monkeypatch):
+    """LoRA rows (pirate, robot) and a base row in one batch with the base speculator: each row's logits and
+    heads see its own adapter; the tokens equal the same adapters without heads."""
+    from lora_helpers import load as load_adapter
+    from worker.adapters.pool import AdapterManager
+
+    story = "Tell me a story:"
+
+    def go(with_heads: bool) -> Seen:
+        model, tok = load(demo_dir)
+        if with_heads:
+            model.attach_medusa(load_speculator(os.path.join(demo_dir, "adapters"), "medusa", model.config))
+        mgr = AdapterManager(os.path.join(demo_dir, "adapters"), model, model.pctx, model.dtype, 16, 4)
+        e = engine(model, tok, 0)
+        mgr.attach(e)
+        load_adapter(mgr, 1, "pirate")
+        load_adapter(mgr, 2, "robot")
+        return run(e, [greedy_request(i, tok.encode(story), 20, adapter_index=i) for i in (0, 1, 2)])
+
+    off = go(False)
+    spy = Spy.on(monkeypatch)
+    on = go(True)
+    for rid in (0, 1, 2):
+        assert on.tokens(rid) == off.tokens(rid)
+    assert off.tokens(1) != off.tokens(0) and spy.proposed > 0
