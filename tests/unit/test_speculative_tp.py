@@ -2,7 +2,8 @@
 
 Each rank runs the same requests through an engine with prompt-lookup drafts and through one with the demo's
 Medusa heads (sharded column-parallel); every rank must accept the same tokens (rank 0's broadcast ids), or
-the ranks' next forwards would differ in shape and their collectives hang or fail. The claims: both ranks
+the ranks' next forwards would differ in shape and their collectives hang or fail. Rank 1's chooser is fed
+noise instead of logits, so any of its own choices that leaked into a step would show. The claims: both ranks
 finish, the requests each rank reports (id % 2 == rank) together carry exactly the tokens of a single-process
 engine without drafts, and steps did carry several tokens.
 
@@ -56,6 +57,11 @@ def main() -> None:
     path = os.path.join(demo, "model")
     tok = QwenTokenizer.from_dir(path)
     model = FlashQwenForCausalLM.from_pretrained(path, pctx, torch.float32, progress=False)
+    if pctx.rank == 1:  # rank 1's chooser sees noise: only rank 0's broadcast choices may reach any output
+        from worker.engine.sampling import BatchSampler
+
+        call = BatchSampler.__call__
+        setattr(BatchSampler, "__call__", lambda self, logits, *a: call(self, torch.randn_like(logits), *a))  # noqa: B010
     result = {"lookup": generate(model, tok, 4, pctx)}
     model.attach_medusa(load_speculator(os.path.join(demo, "adapters"), "medusa", model.config))
     result["medusa"] = generate(model, tok, 0, pctx)
