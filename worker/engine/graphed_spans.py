@@ -57,11 +57,15 @@ class GraphedSpans:
         rows: Sequence[int] = SPAN_ROWS,
         tokens: Sequence[int] = SPAN_TOKENS,
         graphs: bool = True,
+        pool: Any = None,
+        buckets: Sequence[tuple[int, int]] | None = None,
     ):
+        """buckets: (R, T) pairs to serve instead of span_buckets(rows, tokens); pool: a graph memory pool to
+        share (graphs of one runner replay one at a time and their outputs are copied out)."""
         dev = model.pctx.device
         self.model, self.kv = model, kv
         self.max_blocks, self.scratch_block = max_blocks_per_seq, scratch_block
-        self.buckets = span_buckets(rows, tokens)
+        self.buckets = list(buckets) if buckets is not None else span_buckets(rows, tokens)
         if not self.buckets:
             raise ValueError(f"no span bucket with tokens >= rows (rows {list(rows)}, tokens {list(tokens)})")
         r_max, t_max = max(r for r, _ in self.buckets), max(t for _, t in self.buckets)
@@ -77,13 +81,25 @@ class GraphedSpans:
         self.steps = {b: self._step(*b) for b in self.buckets}
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         if graphs:
-            self.pool = torch.cuda.graph_pool_handle()  # its own pool: decode graphs' outputs stay intact
+            # not the decode graphs' pool: their outputs (a look-ahead's logits) must stay intact
+            self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
             with torch.inference_mode():
                 for b in sorted(self.buckets, key=lambda b: (-b[1], -b[0])):  # largest first: one pool size
                     self.fill_padding(*b)  # valid metadata while warming up
                     self.graphs[b] = capture(self.steps[b], self.pool)
 
     def _step(self, R: int, T: int) -> Callable[[], torch.Tensor]:
+        """Bucket (R, T)'s forward: the logits of each row's last token (row i's at head[i])."""
+        context = self._context(R, T)
+
+        def step() -> torch.Tensor:
+            return self.model.forward_context(self.ids[:T], context(self.head[:R]), self.kv.layers)
+
+        return step
+
+    def _context(self, R: int, T: int) -> Callable[[torch.Tensor | None], ForwardContext]:
+        """Bucket (R, T)'s ForwardContext over the static buffers, built inside the captured function (its
+        rotary tables are the graph's); the argument picks the rows that get logits (None: every token)."""
         model, bs = self.model, self.kv.block_size
         # max_cache_len 1 (> 0): attention takes the paged prefill path, as the eager path does for these steps
         seqlen = Seqlen(
@@ -96,29 +112,35 @@ class GraphedSpans:
             1,
         )
 
-        def step() -> torch.Tensor:
-            ctx = ForwardContext.build(
+        def context(head: torch.Tensor | None) -> ForwardContext:
+            return ForwardContext.build(
                 model.rotary,
                 is_prefill=True,
                 positions=self.pos[:T],
                 seqlen=seqlen,
                 slots=self.slots[:T],
                 block_tables=self.tables[: R + 1],
-                lm_head_indices=self.head[:R],
+                lm_head_indices=head,
                 token_alpha=self.alpha[:T],  # seqlen's per-sequence alpha would need a host sync to repeat
             )
-            return model.forward_context(self.ids[:T], ctx, self.kv.layers)
 
-        return step
+        return context
 
     def bucket(self, batch: Batch, spans: Sequence[RowSpan], adapter_slots: list[int] | None) -> tuple[int, int] | None:
         """The smallest bucket serving this step, or None where the eager path must run it."""
-        reqs = batch.requests
-        n, total = len(reqs), sum(sp.stop - sp.start for sp in spans)
-        if n > self.max_rows or total > self.max_tokens or any(adapter_slots or []):
+        if any(adapter_slots or []):
             return None
-        if any(sp.prompt_logits for sp in spans) or all(sp.start == 0 for sp in spans):
-            return None  # prompt logprobs / fresh prompts only (eager: varlen attention, not the paged kernel)
+        if any(sp.prompt_logits or sp.drafts for sp in spans):
+            return None  # prompt logprobs, verify rows: every token's logits (engine/graphed_verify.py)
+        return self.smallest(batch, spans)
+
+    def smallest(self, batch: Batch, spans: Sequence[RowSpan]) -> tuple[int, int] | None:
+        """The smallest bucket holding the step's rows and tokens (drafts included), or None: too many, fresh
+        prompts only (eager: varlen attention, not the paged kernel), or a block table wider than the graphs'."""
+        reqs = batch.requests
+        n, total = len(reqs), sum(sp.n_tokens for sp in spans)
+        if n > self.max_rows or total > self.max_tokens or all(sp.start == 0 for sp in spans):
+            return None
         if any(len(r.blocks) > self.max_blocks for r in reqs):
             return None
         fits = [b for b in self.buckets if b[0] >= n and b[1] >= total]
@@ -187,17 +209,25 @@ class GraphedSpans:
         b = self.bucket(batch, spans, adapter_slots)
         if b is None:
             return None
+        out = self.replay(b, batch, spans)
+        return out[: len(reqs)].clone()  # the next replay of any bucket may reuse this memory
+
+    def replay(self, b: tuple[int, int], batch: Batch, spans: Sequence[RowSpan]) -> torch.Tensor:
+        """Fill bucket b's inputs with the step's rows (each row's ids[start:stop], then its drafts at the
+        next positions and slots), run its graph (its step, eagerly, without graphs), mark the spans computed;
+        the bucket's output, valid until the next replay."""
+        reqs = batch.requests
         ids: list[int] = []
         slots: list[int] = []
         for r, sp in zip(reqs, spans):
-            ids += r.ids[sp.start : sp.stop]
-            slots += r.slots[sp.start : sp.stop]
+            ids += r.ids[sp.start : sp.stop] + list(sp.drafts)
+            slots += r.slots[sp.start : sp.start + sp.n_tokens]
         self._fill(
             *b,
             ids,
             slots,
             [sp.start for sp in spans],
-            [sp.stop - sp.start for sp in spans],
+            [sp.n_tokens for sp in spans],
             [r.ntk_alpha for r in reqs],
             [r.blocks for r in reqs],
         )
@@ -208,7 +238,7 @@ class GraphedSpans:
             out = self.steps[b]()
         for r, sp in zip(reqs, spans):
             r.n_cached = sp.stop
-        return out[: len(reqs)].clone()  # the next replay of any bucket may reuse this memory
+        return out
 
 
 def capture_spans(model: FlashQwenForCausalLM, kv: KVCache, pctx: ParallelContext, cfg: EngineConfig) -> GraphedSpans:

@@ -22,6 +22,7 @@ from worker.engine.chunks import RowSpan, default_span
 from worker.engine.config import EngineConfig
 from worker.engine.cuda_graphs import GraphedDecode
 from worker.engine.graphed_spans import GraphedSpans, capture_spans
+from worker.engine.graphed_verify import GraphedVerify, capture_verify
 from worker.engine.kv_cache import KVCache, scales_from_amax
 from worker.errors import ResourceExhausted
 from worker.layers.context import ForwardContext, Seqlen
@@ -172,12 +173,14 @@ class Runner:
         device: torch.device,
         graphs: GraphedDecode | None = None,
         span_graphs: GraphedSpans | None = None,
+        verify_graphs: GraphedVerify | None = None,
     ):
         self.model = model
         self.kv = kv
         self.device = device
         self.graphs = graphs  # CUDA graphs for decode (None: eager)
         self.span_graphs = span_graphs  # CUDA graphs for small span steps after a cached prefix (None: eager)
+        self.verify_graphs = verify_graphs  # ... with every token's logits (verify steps; None: eager)
 
     @classmethod
     def with_cache(
@@ -202,11 +205,12 @@ class Runner:
             pctx.device,
         )
         set_kv_scales(model, kv, calibrated, cfg.kv_scale_margin)  # before capture: graphs read them by pointer
-        graphs = spans = None
+        graphs = spans = verify = None
         if cfg.cuda_graphs and pctx.device.type == "cuda" and model.backend.name == "triton":
             graphs = capture_decode(model, kv, pctx, cfg, adapters)
             spans = capture_spans(model, kv, pctx, cfg)
-        return cls(model, kv, pctx.device, graphs, spans)
+            verify = capture_verify(model, kv, pctx, cfg, spans.pool)
+        return cls(model, kv, pctx.device, graphs, spans, verify)
 
     def _block_table(self, batch: Batch) -> torch.Tensor:
         width = max(len(r.blocks) for r in batch.requests)
@@ -241,6 +245,10 @@ class Runner:
             graphed = self.span_graphs.try_run(batch, spans, adapter_slots)
             if graphed is not None:
                 return StepLogits(last=graphed, prompt={})
+        if prefill and spans is not None and self.verify_graphs is not None:
+            v = self.verify_graphs.try_verify(batch, spans, adapter_slots, speculative)
+            if v is not None:
+                return StepLogits(v.last, v.prompt, v.speculative)
         if spans is None:
             spans = [default_span(r, prefill) for r in batch.requests]
         ids: list[int] = []
