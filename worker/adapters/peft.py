@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from worker.config import QwenConfig
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound
-from worker.models.qwen import LORA_TARGETS
+from worker.models.lora_targets import LORA_TARGETS
 from worker.pb import generate_pb2 as pb
 
 MODULES: tuple[str, ...] = tuple(m for modules in LORA_TARGETS.values() for m in modules)  # PEFT names

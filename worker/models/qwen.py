@@ -7,7 +7,6 @@ mapping from checkpoint names to layers.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +21,13 @@ from worker.layers.activation import SiluAndMul
 from worker.layers.attention import AttentionBackend, TorchAttention
 from worker.layers.context import ForwardContext, RotarySettings, Seqlen
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.layers.kv_scales import CheckpointScales, KVScales, backend_kwargs, every_layer, read_checkpoint_scales
 from worker.layers.medusa import MedusaCheckpoint, MedusaHeads, MedusaSet
 from worker.layers.norm import RMSNorm
 from worker.layers.quantized import LinearFactory
 from worker.layers.rotary import Rotary
+from worker.models.loading import checkpoint_settings, layer_progress
+from worker.models.lora_targets import LoraTarget, lora_targets
 from worker.quant.config import QuantConfig
 from worker.weights import Weights
 
@@ -39,33 +41,32 @@ __all__ = [
     "FlashQwenForCausalLM",
 ]
 
-log = logging.getLogger(__name__)
 KVLayer = tuple[torch.Tensor, torch.Tensor]  # one layer's (K cache, V cache)
-
-
-# LoRA targets: the layer attribute each adapter wraps -> the PEFT modules it packs, in output order
-# (w2 is the gate, so it comes first in gate_up).
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "attn.c_attn": ("attn.c_attn",),
-    "attn.c_proj": ("attn.c_proj",),
-    "mlp.gate_up": ("mlp.w2", "mlp.w1"),
-    "mlp.c_proj": ("mlp.c_proj",),
-}
-
-
-@dataclass
-class LoraTarget:
-    """One wrappable linear: `getattr(owner, attr)` is the layer; setattr replaces it with its LoRA wrapper."""
-
-    layer: int  # decoder layer index
-    key: str  # LORA_TARGETS key, e.g. "mlp.gate_up"
-    modules: tuple[str, ...]  # PEFT module names it packs, in output order
-    owner: nn.Module
-    attr: str
 
 
 class QwenRMSNorm(RMSNorm):
     """ln_1 / ln_2 / ln_f (replicated on every rank)."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """What every part of the model is built from: shapes, this rank's slice, dtype, attention backend,
+    fused kernels or the PyTorch reference, and the linears' quantization (None: float)."""
+
+    config: QwenConfig
+    pctx: ParallelContext
+    dtype: torch.dtype
+    backend: AttentionBackend
+    fused: bool = False
+    quant: QuantConfig | None = None
+
+    def linears(self) -> LinearFactory:
+        return LinearFactory(self.quant, self.pctx, self.dtype)
+
+    def norm(self) -> QwenRMSNorm:
+        return QwenRMSNorm(
+            self.config.hidden_size, self.config.layer_norm_epsilon, self.dtype, self.pctx.device, self.fused
+        )
 
 
 class FlashQwenAttention(nn.Module):
@@ -76,34 +77,24 @@ class FlashQwenAttention(nn.Module):
     per-layer scales, set by `FlashQwenForCausalLM.set_kv_scales`), None for unscaled caches;
     `checkpoint_kv_scales` the checkpoint's `attn.k_scale`/`attn.v_scale` when it has them."""
 
-    def __init__(
-        self,
-        config: QwenConfig,
-        pctx: ParallelContext,
-        dtype: torch.dtype,
-        backend: AttentionBackend,
-        fused: bool = False,
-        quant: QuantConfig | None = None,
-    ):
+    def __init__(self, b: Build):
         super().__init__()
-        linears = LinearFactory(quant, pctx, dtype)
-        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.checkpoint_kv_scales: tuple[float, float] | None = None
+        config, linears = b.config, b.linears()
+        self.kv_scales: KVScales | None = None
+        self.checkpoint_kv_scales: CheckpointScales | None = None
         self.num_heads_total = config.num_attention_heads
-        self.num_heads = self.num_heads_total // pctx.world_size  # per rank
+        self.num_heads = self.num_heads_total // b.pctx.world_size  # per rank
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.backend = backend
+        self.backend = b.backend
         self.c_attn = linears.qkv(config.hidden_size, self.num_heads_total, self.head_dim, bias=True)
-        self.rotary = Rotary(fused)
+        self.rotary = Rotary(b.fused)
         self.c_proj = linears.row(config.hidden_size, config.hidden_size, not config.no_bias, "attn.c_proj")
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.c_attn.load(weights, [f"{prefix}.c_attn"])
         self.c_proj.load(weights, f"{prefix}.c_proj")
-        names = (f"{prefix}.k_scale", f"{prefix}.v_scale")
-        if all(n in weights for n in names):
-            self.checkpoint_kv_scales = (weights.scalar(names[0]), weights.scalar(names[1]))
+        self.checkpoint_kv_scales = read_checkpoint_scales(weights, prefix)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
         # x: [T, H]
@@ -112,7 +103,7 @@ class FlashQwenAttention(nn.Module):
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         q, k = self.rotary(q, k, ctx.cos, ctx.sin, ctx.logn)
         k_cache, v_cache = kv if kv is not None else (None, None)
-        scales = {} if self.kv_scales is None else dict(k_scale=self.kv_scales[0], v_scale=self.kv_scales[1])
+        scales = backend_kwargs(self.kv_scales)
         if kv is not None and ctx.slots is not None:
             self.backend.store(k, v, kv[0], kv[1], ctx.slots, **scales)
         o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
@@ -123,19 +114,12 @@ class QwenMLP(nn.Module):
     """c_proj(w1(x) * silu(w2(x))): w2 is the gate. w2 and w1 are merged into one column-parallel
     gate_up layer ([w2_r; w1_r] per rank); c_proj is row parallel."""
 
-    def __init__(
-        self,
-        config: QwenConfig,
-        pctx: ParallelContext,
-        dtype: torch.dtype,
-        fused: bool = False,
-        quant: QuantConfig | None = None,
-    ):
+    def __init__(self, b: Build):
         super().__init__()
+        config, linears = b.config, b.linears()
         width = config.mlp_width
-        linears = LinearFactory(quant, pctx, dtype)
         self.gate_up = linears.column(config.hidden_size, [width, width], not config.no_bias, "mlp.w2/w1")
-        self.act = SiluAndMul(fused)
+        self.act = SiluAndMul(b.fused)
         self.c_proj = linears.row(width, config.hidden_size, not config.no_bias, "mlp.c_proj")
 
     def load(self, weights: Weights, prefix: str) -> None:
@@ -151,21 +135,12 @@ class FlashQwenLayer(nn.Module):
     """One decoder block. Each residual add is fused into the next norm: the block's input is x + residual
     (residual None: x alone) and it returns (mlp output, h) for the next block to add."""
 
-    def __init__(
-        self,
-        config: QwenConfig,
-        pctx: ParallelContext,
-        dtype: torch.dtype,
-        backend: AttentionBackend,
-        fused: bool = False,
-        quant: QuantConfig | None = None,
-    ):
+    def __init__(self, b: Build):
         super().__init__()
-        eps = config.layer_norm_epsilon
-        self.ln_1 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
-        self.attn = FlashQwenAttention(config, pctx, dtype, backend, fused, quant)
-        self.ln_2 = QwenRMSNorm(config.hidden_size, eps, dtype, pctx.device, fused)
-        self.mlp = QwenMLP(config, pctx, dtype, fused, quant)
+        self.ln_1 = b.norm()
+        self.attn = FlashQwenAttention(b)
+        self.ln_2 = b.norm()
+        self.mlp = QwenMLP(b)
 
     def load(self, weights: Weights, prefix: str) -> None:
         for name in ("ln_1", "ln_2"):
@@ -186,21 +161,12 @@ class FlashQwenLayer(nn.Module):
 class FlashQwenModel(nn.Module):
     """`transformer`: wte (vocab parallel) → layers → ln_f."""
 
-    def __init__(
-        self,
-        config: QwenConfig,
-        pctx: ParallelContext,
-        dtype: torch.dtype,
-        backend: AttentionBackend,
-        fused: bool = False,
-        quant: QuantConfig | None = None,
-    ):
+    def __init__(self, b: Build):
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, pctx, dtype)
-        self.h = nn.ModuleList(
-            FlashQwenLayer(config, pctx, dtype, backend, fused, quant) for _ in range(config.num_hidden_layers)
-        )
-        self.ln_f = QwenRMSNorm(config.hidden_size, config.layer_norm_epsilon, dtype, pctx.device, fused)
+        config = b.config
+        self.wte = VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size, b.pctx, b.dtype)
+        self.h = nn.ModuleList(FlashQwenLayer(b) for _ in range(config.num_hidden_layers))
+        self.ln_f = b.norm()
 
     def layers(self) -> list[FlashQwenLayer]:
         """The decoder layers, typed (an nn.ModuleList indexes to plain Modules)."""
@@ -239,7 +205,7 @@ class FlashQwenForCausalLM(nn.Module):
             fused = self.backend.name == "triton" and self.pctx.device.type == "cuda"
         self.use_fused = fused
         self.rotary = RotarySettings(config.rotary_dim, config.rotary_emb_base, config.seq_length, config.use_logn_attn)
-        self.transformer = FlashQwenModel(config, self.pctx, dtype, self.backend, fused, quant)
+        self.transformer = FlashQwenModel(Build(config, self.pctx, dtype, self.backend, fused, quant))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
         self.medusa = MedusaSet()
 
@@ -255,33 +221,15 @@ class FlashQwenForCausalLM(nn.Module):
         quantize: str = "auto",
     ) -> FlashQwenForCausalLM:
         """quantize: --quantize (auto: GPTQ when the checkpoint has a quantization_config, else float)."""
-        from worker.quant.config import choose
-        from worker.weights import torch_dtype
-
-        config = QwenConfig.from_pretrained(model_dir)
-        quant = choose(model_dir, quantize)
-        if dtype is None:
-            dtype = torch_dtype(config.torch_dtype)
-            if quant is not None and dtype == torch.float16:  # GPTQ releases say fp16 (for old CUDA kernels)
-                log.info("quantized checkpoint marked fp16: bf16 activations (Qwen trained in bf16; fp16 can overflow)")
-                dtype = torch.bfloat16
-        log.info("weights: %s", quant.describe() if quant is not None else f"unquantized, {dtype}")
+        config, dtype, quant = checkpoint_settings(model_dir, dtype, quantize)
         model = cls(config, pctx, dtype, backend, fused, quant)
         model.load(Weights(model_dir, dtype, model.pctx.device), progress=progress)
         return model
 
     def load(self, weights: Weights, progress: bool = True) -> None:
-        from tqdm import tqdm
-
         self.transformer.wte.load(weights, "transformer.wte")
-        layers = tqdm(
-            enumerate(self.transformer.h),
-            total=len(self.transformer.h),
-            desc="loading layers",
-            disable=not progress or self.pctx.rank != 0,
-            unit="layer",
-        )
-        for i, layer in layers:
+        layers = self.transformer.layers()
+        for i, layer in layer_progress(enumerate(layers), len(layers), progress and self.pctx.rank == 0):
             layer.load(weights, f"transformer.h.{i}")
         self.transformer.ln_f.weight.data.copy_(weights.get("transformer.ln_f.weight", (self.config.hidden_size,)))
         self.lm_head.load(weights, "lm_head")
@@ -291,13 +239,7 @@ class FlashQwenForCausalLM(nn.Module):
 
     def checkpoint_kv_scales(self) -> tuple[list[float], list[float]] | None:
         """Per-layer (k_scales, v_scales) from the checkpoint, or None unless every layer has both."""
-        found = [attn.checkpoint_kv_scales for attn in self.attention_layers()]
-        complete = [f for f in found if f is not None]
-        if len(complete) < len(found):
-            if complete:
-                log.warning("the checkpoint has k_scale/v_scale for only some layers: ignoring them")
-            return None
-        return [f[0] for f in complete], [f[1] for f in complete]
+        return every_layer([attn.checkpoint_kv_scales for attn in self.attention_layers()])
 
     def set_kv_scales(self, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None) -> None:
         """Point each attention layer at its entry of the KV cache's per-layer scales ([layers] fp32, read
@@ -380,9 +322,4 @@ class FlashQwenForCausalLM(nn.Module):
 
     def lora_targets(self) -> list[LoraTarget]:
         """Every linear an adapter may wrap, layer by layer in LORA_TARGETS order."""
-        out = []
-        for i, layer in enumerate(self.transformer.h):
-            for key, modules in LORA_TARGETS.items():
-                owner, attr = key.split(".")
-                out.append(LoraTarget(layer=i, key=key, modules=modules, owner=getattr(layer, owner), attr=attr))
-        return out
+        return lora_targets(self.transformer.h)
