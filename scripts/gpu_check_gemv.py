@@ -219,6 +219,7 @@ def correctness() -> None:
         for m, n, k, act, sym, lo, name in (
             (1, 520, 1408, False, False, 320, GEMV_DEFAULT),
             (1, 520, 1408, True, False, 320, "g2"),
+            (1, 520, 1408, False, False, 320, "g1mask"),
             (3, 264, 1024, True, False, 0, GEMV_DEFAULT),
             (8, 4096, 4096, False, True, 0, GEMV_DEFAULT),
         ):

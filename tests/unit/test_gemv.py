@@ -2,7 +2,8 @@
 Triton interpreter (fp32 and fp16; bf16 runs in scripts/gpu_check_gemv.py): Int4/Int8, M 1..16, N not a
 multiple of the tile, K not a multiple of the group, groups 32/64/128/none, act order (rows permuted at
 load, x per call), sym (one zero) and asym zeros, row shards starting inside a tile, split-K with the fused
-reduction (its counters must be back at zero after each call), M = 1 tiles of several groups; the dense
+reduction (its counters must be back at zero after each call), M = 1 tiles of several groups and both M = 1
+unpackings (shift and mask); the dense
 GEMV for float and e4m3 weights, and the float linears' per-shape, per-M choice of it."""
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def test_gemv_matches_reference(m, n, k, bits, gs, act, sym, dtype):
             quant_gemv(xp, w, bias, tiles=tiles)
         return
     for split in (1, 2, 3):
-        tiles = GemvTiles(tiles.block_n, tiles.block_k, num_warps=4, num_stages=1, prefetch=split != 3)
+        unpack = "mask" if split == 2 else "shift"
+        tiles = GemvTiles(tiles.block_n, tiles.block_k, num_warps=4, num_stages=1, prefetch=split != 3, unpack=unpack)
         out = quant_gemv(xp, w, bias if split != 2 else None, tiles=tiles, split_k=split)
         assert out.dtype == dtype
         within(out, ref if split != 2 else ref - bias, TOL[dtype])
@@ -85,7 +87,8 @@ def test_gemv_matches_reference(m, n, k, bits, gs, act, sym, dtype):
 def test_m1_tiles_holding_several_groups(bits, gs, bk, sym, lo):
     """M = 1 tiles of 2-4 whole groups (each word row takes its own group's scale and zero): K = 328 ends
     inside a tile and a group, a row shard may start inside a tile; split-K 1/2/3. Such tiles are too big for
-    M > 1's single-group dot: M = 2 falls back to 16 word rows (or is refused where the group is smaller)."""
+    M > 1's single-group dot: M = 2 falls back to 16 word rows (or is refused where the group is smaller).
+    Both M = 1 unpackings: "shift" (biased values, the bias taken off with the zeros) and "mask"."""
     k, n, p = 328 + lo, 40, 32 // bits
     q = _quant(n, k, bits, gs, False, sym, seed=bk + gs)
     qweight, g_idx = q.qweight[lo // p :], q.g_idx[lo:]
@@ -94,7 +97,8 @@ def test_m1_tiles_holding_several_groups(bits, gs, bk, sym, lo):
     ref = gptq_matmul_reference(x, qweight, q.qzeros, q.scales.float(), g_idx, bits, 1, bias)
     w = gemv_weights(qweight, q.qzeros, q.scales.float(), bits, 1, gs, lo)
     for split in (1, 2, 3):
-        tiles = GemvTiles(block_n=32, block_k=bk, num_warps=4, num_stages=1, prefetch=split != 2)
+        unpack = "mask" if split == 3 else "shift"
+        tiles = GemvTiles(block_n=32, block_k=bk, num_warps=4, num_stages=1, prefetch=split != 2, unpack=unpack)
         within(quant_gemv(x[:1], w, bias, tiles=tiles, split_k=split), ref[:1], TOL[torch.float32])
         assert int(w.counters.abs().sum()) == 0
     if gs % (16 * p):

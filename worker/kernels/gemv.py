@@ -39,6 +39,21 @@ def _values(words, high, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _biased(words, J: tl.constexpr, BITS: tl.constexpr):
+    """2^(23 - T) + q (fp32, exact) of value J of each word: one shift puts q at mantissa bits [T, T + BITS) under
+    a fixed exponent, T = 23 - BITS - 4 for Int4 (+16: small, so x · (16 + q) summed over a word stays exact to
+    ~2^-19) and 15 for Int8 (+256). One SHF, one LOP3 and the FFMA per value; the bias joins the zero point."""
+    T: tl.constexpr = 19 if BITS == 4 else 15  # the bias 2^(23 - T) is quant_gemv's ZBIAS
+    SH: tl.constexpr = T - BITS * J
+    if SH >= 0:
+        moved = words << SH
+    else:
+        moved = words >> -SH
+    bits = (moved & (((1 << BITS) - 1) << T)) | ((127 + 23 - T) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _words(qw_ptr, kw, k_hi, N, offs_n, mask_n, P: tl.constexpr):
     """The packed words of word rows kw [BKW] (rows outside [0, k_hi) read as 0), [BKW, BLOCK_N]."""
     mask = (kw >= 0) & (kw * P < k_hi)
@@ -90,9 +105,10 @@ def _finish(
 @triton.jit
 def _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, ROWS_PER_GROUP: tl.constexpr, TILE_GROUPS: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, ZBIAS: tl.constexpr):
     """[BKW, BLOCK_N] scales and zeros of a tile of TILE_GROUPS whole groups (group g first): row r takes
-    group g + r // ROWS_PER_GROUP's (groups past the split's end, whose rows are masked, read 0)."""
+    group g + r // ROWS_PER_GROUP's (groups past the split's end, whose rows are masked, read 0); zeros + ZBIAS
+    (s and z: group g's, z biased already)."""
     grp = (rows // ROWS_PER_GROUP)[:, None]
     s2 = tl.zeros([ROWS_PER_GROUP * TILE_GROUPS, BLOCK_N], dtype=tl.float32) + s[None, :]
     z2 = tl.zeros([ROWS_PER_GROUP * TILE_GROUPS, BLOCK_N], dtype=tl.float32) + z[None, :]
@@ -101,7 +117,7 @@ def _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO:
         si = tl.load(s_ptr + (g + i) * N + offs_n, mask=live, other=0.0).to(tl.float32)
         s2 = tl.where(grp == i, si[None, :], s2)
         if ZERO < 0:
-            zi = tl.load(z_ptr + (g + i) * N + offs_n, mask=live, other=0.0).to(tl.float32)
+            zi = tl.load(z_ptr + (g + i) * N + offs_n, mask=live, other=0.0).to(tl.float32) + ZBIAS
             z2 = tl.where(grp == i, zi[None, :], z2)
     return s2, z2
 # fmt: on
@@ -112,7 +128,8 @@ def _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO:
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
                  SPLITS, stride_xm, stride_ym,
                  BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 REDUCE: tl.constexpr, PREFETCH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 REDUCE: tl.constexpr, PREFETCH: tl.constexpr, SHIFT: tl.constexpr, ZBIAS: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = 16 // BITS
@@ -140,7 +157,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             nxt = _words(qw_ptr, kw + BKW, k_hi, N, offs_n, mask_n, P)
         else:
             words = _words(qw_ptr, kw, k_hi, N, offs_n, mask_n, P)
-        high = words >> 16
+        high = words >> 16  # (unused by the M = 1 SHIFT unpack: dropped by the compiler)
         g = (K_OFFSET + k0) // GROUP_SIZE
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if ZERO >= 0:
@@ -153,12 +170,17 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             for j in tl.static_range(P):
                 xj = tl.load(x_ptr + kw * P + j, mask=mask_w, other=0.0).to(tl.float32)
                 sx += xj
-                part2 += (xj * (1.0 / (1 << (BITS * (j % HALF)))))[:, None] * _values(words, high, j, BITS)
+                if SHIFT:  # part2 is Σ x (2^(23 - T) + q): the bias is taken off with the zero below
+                    part2 += xj[:, None] * _biased(words, j, BITS)
+                else:
+                    part2 += (xj * (1.0 / (1 << (BITS * (j % HALF)))))[:, None] * _values(words, high, j, BITS)
+            if SHIFT:
+                z = z + ZBIAS
             if TILE_GROUPS == 1:
                 acc2 += s[None, :] * (part2 - z[None, :] * sx[:, None])
             else:  # the tile spans TILE_GROUPS groups: each word row takes its group's scale and zero
                 s2, z2 = _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO,
-                                      GROUP_SIZE, BKW // TILE_GROUPS, TILE_GROUPS, BLOCK_N)
+                                      GROUP_SIZE, BKW // TILE_GROUPS, TILE_GROUPS, BLOCK_N, ZBIAS)
                 acc2 += s2 * (part2 - z2 * sx[:, None])
         else:
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -185,27 +207,32 @@ class GemvTiles:
     num_stages: int = 3
     programs_per_sm: int = 4  # split-K target; 0: no split-K (each program owns a full-K strip of columns)
     prefetch: bool = True  # M = 1: load the next tile's words before multiplying this one's (registers)
+    unpack: str = "shift"  # M = 1: "shift" (`_biased`, 3 instructions a value) or "mask" (`_values`, ~6 on sm_90)
 
 
 # Named M = 1 tiles per bits (M > 1 keeps one group per tile, `_tile_k`). H200, 2026-11-29 (Triton 3.6, weights
-# cycled past L2): "g1" (one group per tile, 128 x 16 words) took the 14B/72B Int4 GEMVs to 1.3-1.5 TB/s (28.4 us
-# for K 13696 x N 5120; x1.45 vs bf16 cuBLAS). The others put 2-4 groups' rows in a tile (16-32 KB of words per
-# load instead of 8 KB: more bytes in flight per SM) and are measured by scripts/gpu_check_gemv.py. For sm_90
-# (scripts/gemv_compile.py) g1 needs ~122 registers a thread (4 programs of 4 warps per SM), the 2-4 group
-# tiles ~240 (2 per SM: hence g2pps2); "strip" is one program per full-K strip of 32 columns, no split-K.
+# cycled past L2): "g1mask" (one group per tile, 128 x 16 words, the mask unpack) took the 14B/72B Int4 GEMVs to
+# 1.3-1.5 TB/s (28.4 us for K 13696 x N 5120; x1.45 vs bf16 cuBLAS). Its sm_90 loop issues ~6.3 instructions a
+# value (cuobjdump; 4 programs of 4 warps per SM at 122 registers): instruction-bound, not memory-bound. "g1" is
+# the same tile with the shift unpack (~5.6 a value, 12% fewer): the default, by construction; revert to
+# "g1mask" if the GPU says otherwise. The others put 2-4 groups' rows in a tile (16-32 KB of words per load; ~250
+# registers, 2 programs per SM: hence g2pps2), or 8 warps over 256 columns (g1n256w8); "strip" is one program
+# per full-K strip of 32 columns, no split-K. All measured by scripts/gpu_check_gemv.py.
 GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
     "g1": {4: GemvTiles(block_k=128), 8: GemvTiles(block_k=64)},
-    "g1n256": {4: GemvTiles(block_n=256, block_k=128), 8: GemvTiles(block_n=256, block_k=64)},
+    "g1n256w8": {
+        4: GemvTiles(block_n=256, block_k=128, num_warps=8),
+        8: GemvTiles(block_n=256, block_k=64, num_warps=8),
+    },
+    "g1mask": {4: GemvTiles(block_k=128, unpack="mask"), 8: GemvTiles(block_k=64, unpack="mask")},
     "g2": {4: GemvTiles(block_k=256), 8: GemvTiles(block_k=128)},
     "g2w8": {4: GemvTiles(block_n=256, block_k=256, num_warps=8), 8: GemvTiles(block_n=256, block_k=128, num_warps=8)},
     "g4n64": {4: GemvTiles(block_n=64, block_k=512), 8: GemvTiles(block_n=64, block_k=256)},
     "g2pps2": {4: GemvTiles(block_k=256, programs_per_sm=2), 8: GemvTiles(block_k=128, programs_per_sm=2)},
-    "g2nopf": {4: GemvTiles(block_k=256, prefetch=False), 8: GemvTiles(block_k=128, prefetch=False)},
     "strip": {
         4: GemvTiles(block_n=32, block_k=512, programs_per_sm=0),
         8: GemvTiles(block_n=32, block_k=256, programs_per_sm=0),
     },
-    "g4w8": {4: GemvTiles(block_n=128, block_k=512, num_warps=8), 8: GemvTiles(block_n=128, block_k=256, num_warps=8)},
 }
 GEMV_DEFAULT = "g1"
 
@@ -323,6 +350,7 @@ def quant_gemv(
             + (" and hold 16 word rows" if M > 1 else " or be a multiple of it")
         )
     tiles = dataclasses.replace(tiles, block_k=bk)
+    shift = tiles.unpack == "shift" and M == 1
     x = x.contiguous()
     split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
@@ -330,7 +358,7 @@ def quant_gemv(
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
         y, part, w.counters, M, N, K, k_per_split, w.k_offset, split_k, x.stride(0), y.stride(0),
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
-        PREFETCH=tiles.prefetch and M == 1,
+        PREFETCH=tiles.prefetch and M == 1, SHIFT=shift, ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
