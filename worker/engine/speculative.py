@@ -25,7 +25,7 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.engine.batch import RequestState
-from worker.engine.prompt_lookup import PromptLookup
+from worker.engine.prompt_lookup import MAX_NGRAM, MIN_RATE, WINDOW, PromptLookup
 from worker.engine.sampling import BatchSampler
 
 MAX_SPECULATIVE_TOKENS = 16  # drafts per step beyond this only cost verify rows
@@ -46,11 +46,19 @@ class Speculation:
         return self.medusa_heads or self.lookup_tokens
 
     def describe(self) -> str:
+        lookup = (
+            f"prompt lookup (n-grams {MAX_NGRAM}..1; off for a request after {WINDOW} drafted steps with under "
+            f"{MIN_RATE:.0%} of their drafts accepted)"
+        )
+        if self.medusa_heads and self.lookup_tokens:
+            return (
+                f"{self.tokens} drafts per step (the fewer of {self.medusa_heads} Medusa heads and "
+                f"--speculative-tokens {self.lookup_tokens}) from the heads, for requests without heads from {lookup}"
+            )
         if self.medusa_heads:
-            rest = ", prompt lookup for requests without heads" if self.lookup_tokens else ""
-            return f"{self.tokens} drafts per step from {self.medusa_heads} Medusa heads{rest}"
+            return f"{self.tokens} drafts per step from {self.medusa_heads} Medusa heads (requests without heads: none)"
         if self.lookup_tokens:
-            return f"{self.tokens} drafts per step from prompt lookup (n-grams 3..1)"
+            return f"{self.tokens} drafts per step from {lookup}"
         return "off"
 
 
