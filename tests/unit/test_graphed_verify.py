@@ -23,12 +23,14 @@ from helpers import TINY, write_checkpoint  # noqa: E402
 from medusa_helpers import medusa_tensors, write_medusa  # noqa: E402
 from random_weights import random_checkpoint  # noqa: E402
 from reference import ref_forward  # noqa: E402
+from spec_helpers import close, engine, greedy_request, run  # noqa: E402
 from worker.adapters.medusa import load_speculator  # noqa: E402
 from worker.engine.chunks import RowSpan  # noqa: E402
 from worker.engine.graphed_verify import GraphedVerify, verify_buckets  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
 from worker.engine.runner import Runner, StepLogits  # noqa: E402
 from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
+from worker.tokenizer import QwenTokenizer  # noqa: E402
 
 BLOCK, NUM_BLOCKS, MAX_BLOCKS, DRAFTS = 4, 96, 24, 4
 CPU = torch.device("cpu")
@@ -161,16 +163,24 @@ def test_verify_step_equals_the_eager_span_path(checkpoint, backend, case):
         torch.testing.assert_close(v[:SCRATCH], v0[:SCRATCH], rtol=1e-5, atol=1e-6)
 
 
+MEDUSA_CASES = {  # drafts per row (< 0: a prompt chunk), the bucket, exactly filled
+    "one_row": ([4], (1, 5), True),
+    "three_rows": ([3, 0, 2], (4, 8), True),
+    "beside_a_prompt_chunk": ([2, -4], (4, 8), False),  # 7 tokens: (4, 8) is smaller than (2, 10)
+}
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
-@pytest.mark.parametrize("drafts", [[4], [3, 0, 2]])
-def test_medusa_logits_equal_the_eager_speculative_forward(checkpoint, version, drafts):
+@pytest.mark.parametrize("case", list(MEDUSA_CASES))
+def test_medusa_logits_equal_the_eager_speculative_forward(checkpoint, version, case):
+    drafts, bucket, exact = MEDUSA_CASES[case]
     model = load(checkpoint[0], medusa=version)
     reqs = requests([14, 8, 19][: len(drafts)], drafts, seed=3)
     spans = verify_spans(reqs, drafts, seed=4)
     (eager, _), (ours, _), replays = two_runs(model, reqs, spans, speculative=True)
-    assert replays == [(1, 5) if len(drafts) == 1 else (4, 8)]  # 5 tokens, 4 + 1 + 3: both exact
+    assert replays == [bucket]
     assert eager.speculative is not None and len(eager.speculative) == len(drafts)
-    same(ours, eager, exact=True)
+    same(ours, eager, exact)
 
 
 def test_verified_positions_match_the_float64_reference(checkpoint):
@@ -217,3 +227,49 @@ def test_buckets_fill_exactly_for_uniform_drafts():
     assert all((r, r * 5) in buckets and (r, r * 2) in buckets for r in (2, 4, 8, 16, 32))
     assert len(buckets) == 4 + 5 * 3
     assert (4, 4 * 11) in verify_buckets((4,), 10) and (4, 4 * 9) in verify_buckets((4,), 10)
+
+
+PROMPTS = [
+    "The capital of France is Paris, a city of light and old stone bridges. The capital of France is",
+    "The quick brown fox jumps over the lazy dog by the river. The quick brown fox",
+    "Water boils at",
+]
+
+
+@pytest.mark.parametrize("heads", ["lookup", "medusa"])
+def test_engine_output_with_verify_steps_through_the_graphs_step(demo_dir, heads):
+    """The engine's verify steps through GraphedVerify (prompt lookup; the demo's trained Medusa heads): greedy
+    tokens and logprobs equal the engine's without drafts, and every verify step took the static-buffer step."""
+    path = os.path.join(demo_dir, "model")
+    tok = QwenTokenizer.from_dir(path)
+
+    def model() -> FlashQwenForCausalLM:
+        return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+
+    def requests() -> list:
+        return [greedy_request(i, tok.encode(p), 16) for i, p in enumerate(PROMPTS)]
+
+    off = run(engine(model(), tok, 0), requests())
+    drafting = model()
+    if heads == "medusa":
+        drafting.attach_medusa(load_speculator(os.path.join(demo_dir, "adapters"), "medusa", drafting.config))
+    e = engine(drafting, tok, 4 if heads == "lookup" else 0)
+    assert e.runner is not None and e.runner.kv is not None and e.speculation.tokens
+    kv, cfg = e.runner.kv, e.cfg
+    graphed = GraphedVerify(drafting, kv, -(-cfg.max_seq_len // cfg.block_size), kv.num_blocks - 1, 4, graphs=False)
+    e.runner.verify_graphs = graphed
+    served: list[bool] = []  # per step with drafts: did the static-buffer step serve it
+    inner = graphed.try_verify
+
+    def spy(batch: Any, spans: Any, *args: Any) -> Any:
+        out = inner(batch, spans, *args)
+        if any(sp.drafts for sp in spans):
+            served.append(out is not None)
+        return out
+
+    graphed.try_verify = spy  # type: ignore[method-assign]
+    on = run(e, requests())
+    for rid in range(len(PROMPTS)):
+        assert on.tokens(rid) == off.tokens(rid) and close(on.logprobs[rid], off.logprobs[rid])
+    assert max(len(s) for rid in range(len(PROMPTS)) for s in on.steps[rid]) > 1  # drafts were accepted
+    assert len(served) >= 3 and all(served)
