@@ -10,6 +10,7 @@ refused with a message naming them.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -55,6 +56,26 @@ def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
     seq += [5, 6]
     assert look.propose(seq, 2) == [4, 5]
     assert look.propose(seq, 0) == []
+
+
+def brute_force_lookup(ids: list[int], n: int) -> list[int]:
+    """The longest suffix (3..1 tokens) with an earlier occurrence followed by a token: what followed its latest one."""
+    for k in range(min(3, len(ids) - 1), 0, -1):
+        starts = [i for i in range(len(ids) - k) if ids[i : i + k] == ids[-k:]]
+        if starts:
+            return ids[starts[-1] + k : starts[-1] + k + n]
+    return []
+
+
+def test_prompt_lookup_equals_a_brute_force_search_as_the_sequence_grows():
+    rng = random.Random(0)
+    for trial in range(40):
+        vocab = rng.choice([2, 3, 5, 12])
+        look, seq = PromptLookup(), []
+        for _ in range(60):
+            seq += rng.choices(range(vocab), k=rng.choice([1, 1, 3]))  # one token a step, or several accepted
+            n = rng.randint(1, 6)
+            assert look.propose(seq, n) == brute_force_lookup(seq, n), (trial, seq, n)
 
 
 def test_prompt_lookup_turns_off_when_a_window_of_drafts_mostly_fails(caplog):

@@ -1,8 +1,8 @@
 """Prompt lookup (n-gram) drafts: no extra weights, the request's own tokens propose the next ones.
 
 The longest suffix of the sequence (n = 3, 2, 1 tokens) that occurred earlier proposes the tokens that followed
-its latest earlier occurrence. An index of n-gram -> position after its latest occurrence is grown as tokens
-are appended, so a step costs O(tokens appended), not a scan of the prompt.
+its latest earlier occurrence. The search is one vectorized pass over the request's tokens per step (kept in a
+growing numpy buffer): microseconds for thousands of tokens, and nothing to build when a long prompt arrives.
 
 A request whose drafts are mostly rejected pays for verify rows it does not use (open-ended chat), so the
 lookup switches itself off per request: after each WINDOW steps that carried drafts, if fewer than MIN_RATE
@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 MAX_NGRAM = 3
@@ -23,10 +25,10 @@ MIN_RATE = 0.2  # accepted / proposed drafts over a window below which the looku
 
 @dataclass
 class PromptLookup:
-    """One request's n-gram index and acceptance record."""
+    """One request's tokens (as searched) and acceptance record."""
 
-    follower: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> index after its latest occurrence
-    indexed: int = 0  # tokens whose n-grams ending just before them are in `follower`
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # ids[:length], spare after
+    length: int = 0
     steps: int = 0  # drafted steps in the current window
     proposed: int = 0  # drafts proposed in the current window
     accepted: int = 0  # of them accepted
@@ -36,19 +38,31 @@ class PromptLookup:
         """Up to n tokens that followed the latest earlier occurrence of the longest matching suffix of `ids`."""
         if self.off or n <= 0 or len(ids) < 2:
             return []
-        self._index(ids)
-        for k in range(min(MAX_NGRAM, len(ids) - 1), 0, -1):
-            j = self.follower.get(tuple(ids[-k:]))
-            if j is not None:
-                return ids[j : j + n]
-        return []
+        a = self._sync(ids)
+        end = len(a) - 1
+        ends = np.flatnonzero(a[:end] == a[end])  # earlier occurrences of the last token (each has a follower)
+        if ends.size == 0:
+            return []
+        for k in range(min(MAX_NGRAM, end), 1, -1):  # longer n-grams first: a[e-k+1..e] == a[end-k+1..end]
+            cand = ends[ends >= k - 1]
+            match = np.ones(cand.size, dtype=bool)
+            for back in range(1, k):
+                match &= a[cand - back] == a[end - back]
+            if match.any():
+                e = int(cand[match][-1])
+                return a[e + 1 : e + 1 + n].tolist()
+        e = int(ends[-1])
+        return a[e + 1 : e + 1 + n].tolist()
 
-    def _index(self, ids: list[int]) -> None:
-        """Record, for each token at index p < len(ids) not yet indexed, the n-grams ending just before it."""
-        for p in range(max(self.indexed, 1), len(ids)):
-            for k in range(1, min(MAX_NGRAM, p) + 1):
-                self.follower[tuple(ids[p - k : p])] = p
-        self.indexed = max(self.indexed, len(ids))
+    def _sync(self, ids: list[int]) -> np.ndarray:
+        """The buffer holding `ids` (a request's ids only grow: the new tail is appended)."""
+        if len(ids) > self.tokens.size:
+            grown = np.zeros(max(len(ids), 2 * self.tokens.size), dtype=np.int64)
+            grown[: self.length] = self.tokens[: self.length]
+            self.tokens = grown
+        self.tokens[self.length : len(ids)] = ids[self.length :]
+        self.length = len(ids)
+        return self.tokens[: self.length]
 
     def record(self, request_id: int, proposed: int, accepted: int) -> None:
         """Count a verified step's drafts; switch off when a whole window's acceptance is below MIN_RATE."""
