@@ -2,7 +2,8 @@
 
 Startup (as LoRAX): ServiceDiscovery (in `ShardedClient.connect`) → ClearCache(None) → Info →
 Warmup → a KV block pool of `max_supported_total_tokens // block_size` blocks, block 0 reserved
-for the health probe. Then continuous batching: requests wait FIFO (scheduler.py), join the running
+for the health probe (startup.py). Requests are checked before they are queued (admission.py).
+Then continuous batching: requests wait FIFO (scheduler.py), join the running
 batch when KV blocks, the batch size and the prefill budget allow, and leave it (FilterBatch) when
 they finish or are cancelled. A failed Prefill/Decode fails the requests of the batches involved,
 frees their blocks, ClearCaches those batch ids, and serving goes on; a Prefill of several requests
@@ -22,9 +23,8 @@ from dataclasses import asdict
 from typing import Any
 
 from router_client.adapters import AdapterScheduler
-from router_client.blocks import BlockAllocator, blocks_needed, tokens_needed
+from router_client.admission import Admission
 from router_client.client import ShardedClient
-from router_client.kv import KVBlocks, choose_prefix_cache
 from router_client.loop import ServingLoop
 from router_client.messages import (
     HEALTH_ID,
@@ -36,13 +36,11 @@ from router_client.messages import (
     Tokenizer,
     adapter_parameters,
     adapter_source,
-    sampling_parameters,
-    stopping_parameters,
-    warmup_batch,
 )
-from router_client.prefix_cache import CacheKey, ntk_alpha
 from router_client.requests import CANCELLED, GenerationResult, Pending, RequestError, RequestHandle, ValidationError
 from router_client.scheduler import Scheduler
+from router_client.snapshot import debug_state, router_load
+from router_client.startup import start_shards
 from worker.pb import generate_pb2 as pb
 
 __all__ = ["Router", "RouterConfig", "RouterStats", "AdapterInfo", "HEALTH_ID"]
@@ -71,6 +69,7 @@ class Router:
         self._step_observer: Callable[[StepRecord], None] | None = None
         self._cv = threading.Condition()
         self._adapters = AdapterScheduler(client, self._cv)
+        self._admission: Admission | None = None
         self._scheduler: Scheduler | None = None
         self._loop: ServingLoop | None = None
         self._next_request_id = 0
@@ -95,59 +94,26 @@ class Router:
     # ------------------------------------------------------------------ startup / shutdown
 
     def start(self) -> Router:
-        """ClearCache(None) → Info → Warmup → block pool → serving thread."""
-        c = self.config
-        self.client.clear_cache(None, timeout_s=c.connect_timeout_s, wait_for_ready=True)
-        info = self.info = self.client.info()
-        if not info.supports_generation:
-            raise RuntimeError("the shards do not support generation (Info.supports_generation is false)")
-        total = None
-        if c.warmup:
-            total = self.client.warmup(
-                warmup_batch(c),
-                c.max_input_length,
-                c.max_batch_prefill_tokens,
-                c.max_total_tokens - c.max_input_length,
-                timeout_s=c.warmup_timeout_s,
-            )
-        total = total if total is not None else c.max_batch_total_tokens
-        if total is None:
-            raise RuntimeError("Warmup reported no max_supported_total_tokens: set RouterConfig.max_batch_total_tokens")
-        self.max_supported_total_tokens = total
-        chunking = c.chunked_prefill and info.chunked_prefill
-        if not chunking:
-            c.check_unchunked()
-        prefix, why = choose_prefix_cache(c, info, self.client.health)
-        blocks = KVBlocks(BlockAllocator(total // info.block_size, info.block_size), prefix)
-        sched = self._scheduler = Scheduler(blocks, info.requires_block_allocator, self._cv, self._cache_key)
+        """ClearCache(None) → Info → Warmup → block pool (startup.py) → serving thread."""
+        shards = start_shards(self.client, self.config)
+        info = self.info = shards.info
+        self.max_supported_total_tokens = shards.max_supported_total_tokens
+        admission = self._admission = Admission(self.config, self.tokenizer, shards.blocks, info.speculate)
+        sched = self._scheduler = Scheduler(shards.blocks, info.requires_block_allocator, self._cv, admission.cache_key)
         self._adapters.add_preloaded(info.preloaded_adapters)
-        log.info(
-            "router ready: %d shard(s), block_size %d, %d KV tokens -> %d usable blocks, block allocator %s, "
-            "chunked prefill %s, prefix caching %s, speculative decoding %s",
-            self.client.world_size,
-            info.block_size,
-            total,
-            blocks.capacity,
-            "on" if info.requires_block_allocator else "off (shards allocate)",
-            f"on ({c.max_batch_prefill_tokens} tokens per forward)"
-            if chunking
-            else "off (" + ("not offered by the shards" if c.chunked_prefill else "disabled") + ")",
-            why,
-            f"on ({info.speculate} drafts per step)" if info.speculate else "off",
-        )
         self._loop = ServingLoop(
-            self.client, sched, self._adapters, c, self.tokenizer, self._cv, chunking=chunking, speculate=info.speculate
+            self.client,
+            sched,
+            self._adapters,
+            self.config,
+            self.tokenizer,
+            self._cv,
+            chunking=shards.chunking,
+            speculate=info.speculate,
         )
         self._loop.step_observer = self._step_observer
         self._loop.start()
         return self
-
-    def _cache_key(self, p: Pending) -> CacheKey | None:
-        """(adapter index, NTK alpha of the whole prompt); None for requests asking for prefill logprobs."""
-        c = self.config
-        if p.request.prefill_logprobs or c.seq_length is None:
-            return None
-        return (p.request.adapter_index, ntk_alpha(p.prompt_tokens, c.seq_length, c.use_dynamic_ntk))
 
     def close(self) -> None:
         """Stop the loop (failing waiting and running requests), drop their batches, close the channels."""
@@ -174,33 +140,10 @@ class Router:
         truncate: int = 0,
     ) -> RequestHandle:
         """Queue one request; raises ValidationError at once if it is malformed or can never fit."""
-        text, ids = self._tokenize(prompt)
-        if truncate and truncate < len(ids):
-            ids = ids[-truncate:]
-        c = self.config
-        if not ids:
-            raise ValidationError("the prompt is empty")
-        if len(ids) > c.max_input_length:
-            raise ValidationError(
-                f"the prompt has {len(ids)} tokens, more than max_input_length {c.max_input_length} "
-                "(pass truncate= to keep the last tokens)"
-            )
-        sampling, stop = sampling_parameters(parameters), stopping_parameters(stopping)
-        if len(ids) + stop.max_new_tokens > c.max_total_tokens:
-            raise ValidationError(
-                f"prompt ({len(ids)}) + max_new_tokens ({stop.max_new_tokens}) exceeds "
-                f"max_total_tokens {c.max_total_tokens}"
-            )
-        sched = self._scheduler
-        assert sched is not None and self.info is not None, "call start() first"
-        speculate, block_size = self.info.speculate, sched.blocks.block_size
-        n_blocks = blocks_needed(len(ids), stop.max_new_tokens, block_size, speculate)
-        n_tokens = tokens_needed(len(ids), stop.max_new_tokens, speculate)
-        if n_blocks > sched.blocks.capacity:
-            raise ValidationError(
-                f"the request needs {n_blocks} KV blocks ({n_tokens} tokens) but the pool has "
-                f"only {sched.blocks.capacity} usable blocks of {block_size}: it can never run"
-            )
+        admission, sched = self._admission, self._scheduler
+        assert admission is not None and sched is not None, "call start() first"
+        checked = admission.check(prompt, parameters, stopping, truncate)
+        sampling = checked.sampling
         with self._cv:
             if self._loop is None or self._loop.stopping:
                 raise RequestError("the router is not running")
@@ -209,19 +152,19 @@ class Router:
                 raise ValidationError(f"adapter index {adapter_index} is not loaded (load_adapter() first)")
             if adapter is not None and not sampling.adapter_id:
                 sampling.adapter_id = ",".join(adapter.ids)
-            handle = RequestHandle(self._next_request_id, ids)
+            handle = RequestHandle(self._next_request_id, checked.ids)
             self._next_request_id += 1
             request = pb.Request(
                 id=handle.request_id,
-                inputs=text,
-                tokenized_inputs=pb.TokenizedInputs(ids=ids),
+                inputs=checked.text,
+                tokenized_inputs=pb.TokenizedInputs(ids=checked.ids),
                 truncate=truncate,
                 parameters=sampling,
-                stopping_parameters=stop,
+                stopping_parameters=checked.stop,
                 prefill_logprobs=prefill_logprobs,
                 adapter_index=adapter_index,
             )
-            sched.enqueue(Pending(handle, request, n_blocks, n_tokens))
+            sched.enqueue(Pending(handle, request, checked.n_blocks, checked.n_tokens))
         return handle
 
     def generate(self, prompt: str | Sequence[int], timeout: float | None = None, **kwargs: Any) -> GenerationResult:
@@ -293,29 +236,9 @@ class Router:
         """Queue, batch, KV blocks and adapters now."""
         sched = self._scheduler
         assert sched is not None, "call start() first"
-        loaded, offloaded = self._adapters.counts()
+        counts = self._adapters.counts()
         with self._cv:
-            running = self._loop.running if self._loop is not None else None
-            st = sched.blocks.stats
-            steps = self._loop.stats if self._loop is not None else RouterStats()
-            return RouterLoad(
-                len(sched.queue),
-                len(sched.in_flight),
-                running.size if running is not None else 0,
-                running.max_tokens if running is not None else 0,
-                sched.blocks.used_count,
-                sched.blocks.free_count,
-                loaded,
-                offloaded,
-                sched.blocks.cached_count,
-                st.lookups,
-                st.hits,
-                st.lookup_tokens,
-                st.hit_tokens,
-                self.info.speculate if self.info is not None else 0,
-                steps.decode_rows,
-                steps.decode_tokens,
-            )
+            return router_load(sched, self._loop, counts, self.info.speculate if self.info is not None else 0)
 
     def clear_prefix_cache(self) -> int:
         """Evict every cached prompt block no request uses; returns how many blocks were freed."""
@@ -324,27 +247,8 @@ class Router:
 
     def debug_state(self) -> dict[str, Any]:
         """A snapshot for tests and debugging: KV blocks, queue, batch, adapters, counters."""
-        sched, loop = self._scheduler, self._loop
         with self._cv:
-            running = loop.running if loop is not None else None
-            blocks = sched.blocks if sched is not None else None
-            return {
-                "free_blocks": blocks.free_count if blocks else 0,
-                "usable_blocks": blocks.capacity if blocks else 0,
-                "used_blocks": blocks.used_count if blocks else 0,
-                "cached_blocks": blocks.cached_count if blocks else 0,
-                "allocator_free_blocks": blocks.allocator.free_count if blocks else 0,
-                "prefix_cache": asdict(blocks.stats) if blocks else {},
-                "block_size": blocks.block_size if blocks else 0,
-                "max_supported_total_tokens": self.max_supported_total_tokens,
-                "queued": [p.id for p in sched.queue] if sched else [],
-                "in_flight": sorted(sched.in_flight) if sched else [],
-                "running_batch": None
-                if running is None
-                else {"id": running.id, "request_ids": list(running.request_ids)},
-                "adapters": {i: {"ids": a.ids, "loaded": a.loaded} for i, a in self.adapters.items()},
-                "stats": asdict(loop.stats if loop is not None else RouterStats()),
-            }
+            return debug_state(self._scheduler, self._loop, self.adapters, self.max_supported_total_tokens)
 
     # ------------------------------------------------------------------ helpers
 
@@ -352,12 +256,3 @@ class Router:
         if self._loop is None:
             raise RuntimeError("the router is not running")
         return self._loop
-
-    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValidationError("a text prompt needs a tokenizer: pass tokenizer= to the Router, or token ids")
-            return prompt, list(self.tokenizer.encode(prompt))
-        ids = [int(i) for i in prompt]
-        decode = getattr(self.tokenizer, "decode", None)
-        return (decode(ids) if decode is not None else ""), ids
