@@ -66,13 +66,14 @@ def compile_all() -> None:
             cases = [(1, 1 << (bits - 1), 128, t.programs_per_sm > 0), (1, -1, 128, True)]
             cases += [(16, -1, 128, True), (1, -1, NO_GROUPS, True)] if name == "g1" else []
             for bm, zero, gs, reduce in cases:
+                bm = 16 if t.dot else bm
                 bk = t.block_k if bm == 1 else 16 * p
-                shift = t.unpack == "shift" and bm == 1
+                shift = t.unpack == "shift" and (bm == 1 or bits == 4)
                 const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=reduce,
                              PREFETCH=t.prefetch and bm == 1, SHIFT=shift, ZBIAS=(16 if bits == 4 else 256) * shift,
                              DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
                              TILE_GROUPS=max(1, bk // gs))  # fmt: skip
-                label = f"int{bits} {name:8s} M{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"
+                label = f"int{bits} {name:8s} BM{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"
                 _compile(_gemv_kernel, label, ptrs, ints, const, t)
     ints = ("M", "N", "K", "K_PER_SPLIT", "SPLITS", "stride_xm", "stride_wn", "stride_ym")
     dense = {"bf16 " + _name(t): (bf16, t) for plan in DENSE_GEMV_PLAN.values() for _, t in plan}

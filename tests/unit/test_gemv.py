@@ -3,7 +3,7 @@ Triton interpreter (fp32 and fp16; bf16 runs in scripts/gpu_check_gemv.py): Int4
 multiple of the tile, K not a multiple of the group, groups 32/64/128/none, act order (rows permuted at
 load, x per call), sym (one zero) and asym zeros, row shards starting inside a tile, split-K with the fused
 reduction (its counters must be back at zero after each call), M = 1 tiles of several groups and both M = 1
-unpackings (shift and mask); the dense
+unpackings (shift and mask; M = 1 through tl.dot too); the dense
 GEMV for float and e4m3 weights, and the float linears' per-shape, per-M choice of it."""
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def test_gemv_matches_reference(m, n, k, bits, gs, act, sym, dtype):
             quant_gemv(xp, w, bias, tiles=tiles)
         return
     for split in (1, 2, 3):
-        unpack = "mask" if split == 2 else "shift"
-        tiles = GemvTiles(tiles.block_n, tiles.block_k, num_warps=4, num_stages=1, prefetch=split != 3, unpack=unpack)
+        unpack, dot = ("mask" if split == 2 else "shift"), split == 3  # dot: M = 1 through tl.dot as well
+        tiles = GemvTiles(tiles.block_n, tiles.block_k, 4, 1, prefetch=split != 3, unpack=unpack, dot=dot)
         out = quant_gemv(xp, w, bias if split != 2 else None, tiles=tiles, split_k=split)
         assert out.dtype == dtype
         within(out, ref if split != 2 else ref - bias, TOL[dtype])

@@ -2,12 +2,14 @@
 
 Built to read the packed words at copy speed instead of shuffling them:
 - Rows arrive in group order (act-order checkpoints are permuted at load, x once per call; see
-  `group_order`), so each K tile of BLOCK_K rows lies in one group: one scale and zero row per tile, and
-  Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k − z Σ_k x_k) moves the zero and scale out of the inner loop.
-- A word's P = 32 / bits values are taken with a mask, not a shift: `(w & (MAXQ << sh)) | 0x4B000000`
-  read as fp32 is 2^23 + q·2^sh exactly (the bf16/fp32 "magic number" trick), so one subtraction gives
-  q·2^sh; M = 1 folds 2^−sh into x (an FMA per value, no int-to-float conversion), M > 1 multiplies it
-  back and feeds each shift's [BLOCK_K/P, BLOCK_N] tile to tl.dot (q < 2^8 is exact in bf16/fp16).
+  `group_order`), so each K tile of BLOCK_K rows lies in one group (or, M = 1, holds whole groups:
+  `_tile_groups`): one scale and zero row per tile (group), and Σ_k x_k (q_k − z) s = s · (Σ_k x_k q_k −
+  z Σ_k x_k) moves the zero and scale out of the inner loop.
+- Value J of a word: "shift" (`_biased`, the default) moves it under a fixed fp32 exponent with one shift and
+  one mask-and-or, giving 2^(23 - T) + q exactly (16 + q for Int4, 256 + q for Int8); the bias joins the zero
+  point (z + ZBIAS), so M = 1 pays one FFMA per value, and M > 1 (Int4: 16 + q is exact in bf16) feeds it to
+  tl.dot as is. "mask" (`_values`) is `(w & (MAXQ << sh)) | 0x4B000000` read as fp32 = 2^23 + q·2^sh, less
+  2^23, with 2^−sh folded into x (M = 1) or multiplied back (M > 1).
 - Split-K fills the SMs; the last split of an N tile to arrive sums the fp32 partials in split order
   (deterministic), adds the bias, writes y in x's dtype and resets its arrival counter: one launch.
 Row-parallel shards whose first row is not a tile boundary (K_OFFSET) start at a negative, masked
@@ -164,6 +166,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             z = tl.full([BLOCK_N], ZERO, tl.float32)
         else:
             z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SHIFT:  # the values carry + ZBIAS: taken off with the zero
+            z = z + ZBIAS
         if BLOCK_M == 1:
             part2 = tl.zeros([BKW, BLOCK_N], dtype=tl.float32)
             sx = tl.zeros([BKW], dtype=tl.float32)
@@ -174,8 +178,6 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                     part2 += xj[:, None] * _biased(words, j, BITS)
                 else:
                     part2 += (xj * (1.0 / (1 << (BITS * (j % HALF)))))[:, None] * _values(words, high, j, BITS)
-            if SHIFT:
-                z = z + ZBIAS
             if TILE_GROUPS == 1:
                 acc2 += s[None, :] * (part2 - z[None, :] * sx[:, None])
             else:  # the tile spans TILE_GROUPS groups: each word row takes its group's scale and zero
@@ -189,7 +191,10 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kw * P + j)[None, :],
                              mask=mask_m[:, None] & mask_w[None, :], other=0.0)  # [BM, BKW]
                 sxm += tl.sum(xj.to(tl.float32), axis=1)
-                q = _values(words, high, j, BITS) * (1.0 / (1 << (BITS * (j % HALF))))
+                if SHIFT:  # Int4 only: 16 + q is exact in bf16/fp16
+                    q = _biased(words, j, BITS)
+                else:
+                    q = _values(words, high, j, BITS) * (1.0 / (1 << (BITS * (j % HALF))))
                 part += tl.dot(xj, q.to(xj.dtype), input_precision=DOT_PRECISION)
             acc += s[None, :] * (part - z[None, :] * sxm[:, None])
     if BLOCK_M == 1:
@@ -207,7 +212,8 @@ class GemvTiles:
     num_stages: int = 3
     programs_per_sm: int = 4  # split-K target; 0: no split-K (each program owns a full-K strip of columns)
     prefetch: bool = True  # M = 1: load the next tile's words before multiplying this one's (registers)
-    unpack: str = "shift"  # M = 1: "shift" (`_biased`, 3 instructions a value) or "mask" (`_values`, ~6 on sm_90)
+    unpack: str = "shift"  # "shift" (`_biased`; M > 1: Int4 only) or "mask" (`_values`)
+    dot: bool = False  # M = 1 too through the M > 1 path (tl.dot over 16 rows, 15 masked)
 
 
 # Named M = 1 tiles per bits (M > 1 keeps one group per tile, `_tile_k`). H200, 2026-11-29 (Triton 3.6, weights
@@ -225,6 +231,13 @@ GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
         8: GemvTiles(block_n=256, block_k=64, num_warps=8),
     },
     "g1mask": {4: GemvTiles(block_k=128, unpack="mask"), 8: GemvTiles(block_k=64, unpack="mask")},
+    "r8n256": {4: GemvTiles(block_n=256, block_k=64), 8: GemvTiles(block_n=256, block_k=32)},
+    "r4n512": {4: GemvTiles(block_n=512, block_k=32), 8: GemvTiles(block_n=512, block_k=16)},
+    "r8n512w8": {
+        4: GemvTiles(block_n=512, block_k=64, num_warps=8),
+        8: GemvTiles(block_n=512, block_k=32, num_warps=8),
+    },
+    "g1dot": {4: GemvTiles(block_k=128, dot=True), 8: GemvTiles(block_k=64, dot=True)},
     "g2": {4: GemvTiles(block_k=256), 8: GemvTiles(block_k=128)},
     "g2w8": {4: GemvTiles(block_n=256, block_k=256, num_warps=8), 8: GemvTiles(block_n=256, block_k=128, num_warps=8)},
     "g4n64": {4: GemvTiles(block_n=64, block_k=512), 8: GemvTiles(block_n=64, block_k=256)},
@@ -343,14 +356,15 @@ def quant_gemv(
     N, p = w.qweight.shape[1], 32 // w.bits
     if M > 16 or K != w.qweight.shape[0] * p:
         raise ValueError(f"x [{M}, {K}] for a GEMV of {w.qweight.shape[0]} words x {p} rows (M <= 16)")
-    bk = _tile_k(w, tiles, M)
-    if not _fits(w.group_size, bk, w.bits, M):
+    dot = M > 1 or tiles.dot
+    bk = _tile_k(w, tiles, 2 if dot else 1)
+    if not _fits(w.group_size, bk, w.bits, 2 if dot else 1):
         raise ValueError(
             f"block_k {bk} for M = {M} must divide the group ({w.group_size})"
-            + (" and hold 16 word rows" if M > 1 else " or be a multiple of it")
+            + (" and hold 16 word rows" if dot else " or be a multiple of it")
         )
     tiles = dataclasses.replace(tiles, block_k=bk)
-    shift = tiles.unpack == "shift" and M == 1
+    shift = tiles.unpack == "shift" and (w.bits == 4 or not dot)  # 256 + q (Int8) is not exact in bf16
     x = x.contiguous()
     split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
@@ -358,9 +372,9 @@ def quant_gemv(
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
         y, part, w.counters, M, N, K, k_per_split, w.k_offset, split_k, x.stride(0), y.stride(0),
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
-        PREFETCH=tiles.prefetch and M == 1, SHIFT=shift, ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
+        PREFETCH=tiles.prefetch and not dot, SHIFT=shift, ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),
+        BLOCK_M=16 if dot else 1, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y
