@@ -43,15 +43,12 @@ class PromptLookup:
         ends = np.flatnonzero(a[:end] == a[end])  # earlier occurrences of the last token (each has a follower)
         if ends.size == 0:
             return []
-        for k in range(min(MAX_NGRAM, end), 1, -1):  # longer n-grams first: a[e-k+1..e] == a[end-k+1..end]
-            cand = ends[ends >= k - 1]
-            match = np.ones(cand.size, dtype=bool)
-            for back in range(1, k):
-                match &= a[cand - back] == a[end - back]
-            if match.any():
-                e = int(cand[match][-1])
-                return a[e + 1 : e + 1 + n].tolist()
-        e = int(ends[-1])
+        length = np.ones(ends.size, dtype=np.int64)  # each occurrence's n-gram match with the suffix, up to 3
+        same = np.ones(ends.size, dtype=bool)
+        for back in range(1, min(MAX_NGRAM, end)):
+            same &= (ends >= back) & (a[np.maximum(ends - back, 0)] == a[end - back])
+            length += same
+        e = int(ends[ends.size - 1 - int(np.argmax(length[::-1]))])  # the longest match, latest among equals
         return a[e + 1 : e + 1 + n].tolist()
 
     def _sync(self, ids: list[int]) -> np.ndarray:
