@@ -2,6 +2,7 @@
 with sym zeros and group 128, or FP8 e4m3 with per-channel scales), bf16 embeddings, norms and lm_head.
 
     python scripts/bench_quant.py --shape 7b --out bench_out/quant_7b.json       # bf16, int4, int8, fp8
+    python scripts/bench_quant.py --shape 7b --batches 1 --only decode           # P9 at batch 1: "P9 ..." lines last
     python scripts/bench_quant.py --shape 72b --modes int4 --batches 1,8,32      # 72B-shaped Int4 + KV capacity
     python scripts/bench_quant.py --shape 7b --only linears                      # per-linear kernel timings
     python scripts/bench_quant.py --only sweep                                   # GEMV tiles x split-K, M = 1
@@ -272,6 +273,12 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
     print(json.dumps(res, indent=1))
+    for mode, entry in res["modes"].items():  # P9's numbers last, one line each
+        for r in entry["decode"]:
+            if r.get("graph_ms"):
+                vs = f"x{r['speedup_vs_bf16']:.2f} vs bf16" if "speedup_vs_bf16" in r else "bf16 not run"
+                print(f"P9 {args.shape} {mode:5s} batch {r['batch']:3d}: step {r['graph_ms']:7.3f} ms, floor"
+                      f" {r['floor_ms']:7.3f} ms, step/floor {r['ratio']:.2f}, {vs}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ import triton  # noqa: E402
 from bench_common import cuda_time  # noqa: E402
 from worker.kernels.fp8_matmul import FP8_GEMV_DEFAULT, FP8_GEMV_TILES, w8a16_gemv, w8a16_reference  # noqa: E402
 from worker.kernels.gemv import GEMV_DEFAULT, GEMV_TILES, counters_for, gemv_weights, quant_gemv  # noqa: E402
-from worker.kernels.gemv_dense import DENSE_GEMV_PLAN, dense_gemv, dense_tiles  # noqa: E402
+from worker.kernels.gemv_dense import DENSE, DENSE_GEMV_PLAN, dense_gemv, dense_tiles  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference, group_order  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 
@@ -123,11 +124,13 @@ def bf16_us(k: int, n: int, m: int, x: torch.Tensor) -> float:
     return BF16_US[k, n, m]
 
 
-def run_candidates(line: Line, cands: dict[str, Callable[[object], object]], ref: torch.Tensor, ws: list) -> None:
+def run_candidates(line: Line, cands: dict[str, Callable[[Any], object]], ref: torch.Tensor, ws: list) -> None:
     """Each candidate fn(w): checked on ws[0] against ref, then timed over all of ws (one line each)."""
     for name, fn in cands.items():
         try:
-            ok, rel = close(fn(ws[0]), ref)  # type: ignore[arg-type]
+            out = fn(ws[0])
+            assert isinstance(out, torch.Tensor)
+            ok, rel = close(out, ref)
             if not ok:
                 line.failed += 1
                 print(f"   FAIL {line.label} {line.kind} M={line.m} {name}: rel err {rel:.2e}", flush=True)
@@ -154,8 +157,10 @@ def time_gptq(label: str, k: int, n: int, bits: int, m: int, names: list[str]) -
     LINES.append(line)
     gws = [gemv_weights(w, qzeros, scales, bits, 1, 128, 0) for w in words]
     ref = gptq_matmul_reference(x.float(), words[0], qzeros, scales.float(), g_idx, bits)
-    cands = {nm: (lambda gw, t=GEMV_TILES[nm][bits]: quant_gemv(x, gw, tiles=t)) for nm in names}
-    run_candidates(line, cands, ref, gws)  # type: ignore[arg-type]
+    cands: dict[str, Callable[[Any], object]] = {
+        nm: partial(lambda t, gw: quant_gemv(x, gw, tiles=t), GEMV_TILES[nm][bits]) for nm in names
+    }
+    run_candidates(line, cands, ref, gws)
     del words, gws
     line.bf16_us = bf16_us(k, n, m, x)
 
@@ -169,10 +174,12 @@ def time_fp8(label: str, k: int, n: int, m: int, names: list[str]) -> None:
     line = Line(label, "fp8", m, default=FP8_GEMV_DEFAULT, nbytes=n * k + n * 4 + x.numel() * 2 + m * n * 2)
     LINES.append(line)
     counters = counters_for(n, x.device)
-    cands: dict[str, Callable[[object], object]] = {
-        nm: (lambda w, nm=nm: w8a16_gemv(x, w, ws, None, counters, nm)) for nm in names
-    }
-    cands["_scaled_mm"] = lambda w: fp8_matmul_scaled_mm(x, w, ws, None)  # type: ignore[arg-type]
+
+    def gemv(nm: str, w: torch.Tensor) -> torch.Tensor:
+        return w8a16_gemv(x, w, ws, None, counters, nm)
+
+    cands: dict[str, Callable[[Any], object]] = {nm: partial(gemv, nm) for nm in names}
+    cands["_scaled_mm"] = lambda w: fp8_matmul_scaled_mm(x, w, ws, None)
     run_candidates(line, cands, w8a16_reference(x.float(), wqs[0], ws), wqs)
     line.bf16_us = bf16_us(k, n, m, x)
 
@@ -183,10 +190,10 @@ def time_dense(label: str, k: int, n: int, m: int) -> None:
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     line = Line(label, "bf16", m, default="plan", nbytes=n * k * 2 + x.numel() * 2 + m * n * 2)
     LINES.append(line)
-    tiles, counters = dense_tiles(k, n, m), counters_for(n, x.device)
-    cands: dict[str, Callable[[object], object]] = {
-        "plan": lambda w: dense_gemv(x, w, None, counters, tiles),  # type: ignore[arg-type]
-        "cuBLAS": lambda w: torch.nn.functional.linear(x, w),  # type: ignore[arg-type]
+    tiles, counters = dense_tiles(k, n, m) or DENSE, counters_for(n, x.device)
+    cands: dict[str, Callable[[Any], object]] = {
+        "plan": lambda w: dense_gemv(x, w, None, counters, tiles),
+        "cuBLAS": lambda w: torch.nn.functional.linear(x, w),
     }
     run_candidates(line, cands, torch.nn.functional.linear(x.float(), ws[0].float()), ws)
     line.bf16_us = line.times.get("cuBLAS", 0.0)

@@ -222,8 +222,9 @@ class GemvTiles:
 # value (cuobjdump; 4 programs of 4 warps per SM at 122 registers): instruction-bound, not memory-bound. "g1" is
 # the same tile with the shift unpack (~5.6 a value, 12% fewer): the default, by construction; revert to
 # "g1mask" if the GPU says otherwise. The others put 2-4 groups' rows in a tile (16-32 KB of words per load; ~250
-# registers, 2 programs per SM: hence g2pps2), or 8 warps over 256 columns (g1n256w8); "strip" is one program
-# per full-K strip of 32 columns, no split-K. All measured by scripts/gpu_check_gemv.py.
+# registers, 2 programs per SM: hence g2pps2), 8 warps over 256 columns (g1n256w8), 4 word rows x 512 columns
+# (r4n512: 95 registers), M = 1 through tl.dot (g1dot: ~6.3 a value); "strip" is one program per full-K strip
+# of 32 columns, no split-K. All measured by scripts/gpu_check_gemv.py.
 GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
     "g1": {4: GemvTiles(block_k=128), 8: GemvTiles(block_k=64)},
     "g1n256w8": {
@@ -231,12 +232,7 @@ GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
         8: GemvTiles(block_n=256, block_k=64, num_warps=8),
     },
     "g1mask": {4: GemvTiles(block_k=128, unpack="mask"), 8: GemvTiles(block_k=64, unpack="mask")},
-    "r8n256": {4: GemvTiles(block_n=256, block_k=64), 8: GemvTiles(block_n=256, block_k=32)},
     "r4n512": {4: GemvTiles(block_n=512, block_k=32), 8: GemvTiles(block_n=512, block_k=16)},
-    "r8n512w8": {
-        4: GemvTiles(block_n=512, block_k=64, num_warps=8),
-        8: GemvTiles(block_n=512, block_k=32, num_warps=8),
-    },
     "g1dot": {4: GemvTiles(block_k=128, dot=True), 8: GemvTiles(block_k=64, dot=True)},
     "g2": {4: GemvTiles(block_k=256), 8: GemvTiles(block_k=128)},
     "g2w8": {4: GemvTiles(block_n=256, block_k=256, num_warps=8), 8: GemvTiles(block_n=256, block_k=128, num_warps=8)},
