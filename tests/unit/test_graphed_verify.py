@@ -227,6 +227,8 @@ def test_buckets_fill_exactly_for_uniform_drafts():
     assert all((r, r * 5) in buckets and (r, r * 2) in buckets for r in (2, 4, 8, 16, 32))
     assert len(buckets) == 4 + 5 * 3
     assert (4, 4 * 11) in verify_buckets((4,), 10) and (4, 4 * 9) in verify_buckets((4,), 10)
+    capped = verify_buckets((1, 32), 16)  # one row: every count; 32 rows: up to 256 tokens (7 drafts each)
+    assert [t for r, t in capped if r == 32] == [64, 96, 160] and len(capped) == 16 + 3
 
 
 PROMPTS = [

@@ -8,8 +8,10 @@ the eager path computes (every token of a row with prompt_logits, the last of th
 tokens fill its bucket exactly gets bitwise the eager path's logits (the same GEMM shapes throughout).
 
 Buckets are only those a verify step of S drafts can hit: R rows (1, 2, 4, .. 32) by R·(j + 1) tokens (every
-row with j drafts: exact) for j in 1, 2, 4, 8, 16 and S; one row gets every j in 1..S (batch 1 is the
-common case: a row of 1 + j tokens replays bucket (1, 1 + j) exactly). Steps with adapters run eagerly.
+row with j drafts: exact) for j in 1, 2, 4, 8, 16 and S, up to VERIFY_MAX_TOKENS (a larger step launches
+enough work per kernel to run eagerly; its [T, V] logits would size the graphs' memory pool); one row gets
+every j in 1..S (batch 1 is the common case: a row of 1 + j tokens replays bucket (1, 1 + j) exactly). Steps
+with adapters run eagerly.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ from worker.models.qwen import FlashQwenForCausalLM
 
 log = logging.getLogger(__name__)
 
+VERIFY_MAX_TOKENS = 256  # 32 rows x (1 + 4 drafts) fit; logits [256, 151936] bf16 are 78 MiB (x K + 1 with v2 heads)
 
-def verify_buckets(rows: Sequence[int], drafts: int) -> list[tuple[int, int]]:
+
+def verify_buckets(rows: Sequence[int], drafts: int, max_tokens: int = VERIFY_MAX_TOKENS) -> list[tuple[int, int]]:
     """(R, T) pairs a verify step of up to `drafts` drafts per row fills exactly when its rows have j drafts
-    each: j in 1..drafts for one row, j in 1, 2, 4, 8, 16 and `drafts` for more."""
+    each: j in 1..drafts for one row, j in 1, 2, 4, 8, 16 and `drafts` for more; T <= max_tokens."""
     out = set()
     for r in rows:
         js = range(1, drafts + 1) if r == 1 else [j for j in (1, 2, 4, 8, 16, drafts) if j <= drafts]
-        out |= {(r, r * (j + 1)) for j in js}
+        out |= {(r, r * (j + 1)) for j in js if r * (j + 1) <= max_tokens}
     return sorted(out)
 
 
