@@ -43,6 +43,7 @@ class Seen:
     alternatives: dict[int, list[list[int]]] = field(default_factory=dict)  # per token, the alternatives' ids
     texts: dict[int, str] = field(default_factory=dict)  # the Generations' texts, joined
     done: dict[int, Any] = field(default_factory=dict)  # GeneratedText
+    prompt: dict[int, list[float]] = field(default_factory=dict)  # prefill logprobs (NaN first)
 
     def tokens(self, rid: int) -> list[int]:
         return [t for s in self.steps[rid] for t in s]
@@ -58,6 +59,8 @@ class Seen:
             alts += [list(a.ids) for a in t.alternative_tokens]
             if g.generated_text is not None:
                 self.done[g.request_id] = g.generated_text
+            if g.prefill_tokens is not None:
+                self.prompt[g.request_id] = list(g.prefill_tokens.logprobs)
 
 
 def run(e: Engine, requests: list[Any], seen: Seen | None = None, batch_id: int = 1) -> Seen:
@@ -118,7 +121,8 @@ def greedy_request(rid: int, ids: list[int], max_new: int, **params: Any) -> Any
     """A pb.Request with the given chooser parameters (greedy by default) that ignores eos unless told."""
     stop = params.pop("stop", [])
     ignore_eos = params.pop("ignore_eos", True)
-    fields = {k: params.pop(k) for k in list(params) if k in ("blocks", "slots", "adapter_index", "chunk_len")}
+    request_fields = ("blocks", "slots", "adapter_index", "chunk_len", "prefill_logprobs")
+    fields = {k: params.pop(k) for k in list(params) if k in request_fields}
     return pb.Request(
         id=rid,
         inputs="",

@@ -114,7 +114,7 @@ def test_greedy_output_is_unchanged_while_steps_accept_drafts(demo, monkeypatch)
 
     def requests():
         prompts = [*COPY, OPEN]
-        return [greedy_request(i, tok.encode(p), 40) for i, p in enumerate(prompts)]
+        return [greedy_request(i, tok.encode(p), 40, prefill_logprobs=i == 0) for i, p in enumerate(prompts)]
 
     off = run(engine(*demo, 0), requests())
     spy = Spy.on(monkeypatch)
@@ -126,6 +126,7 @@ def test_greedy_output_is_unchanged_while_steps_accept_drafts(demo, monkeypatch)
         assert on.done[rid].skipped_tokens == sum(len(s) - 1 for s in on.steps[rid])
         assert off.done[rid].skipped_tokens == 0 and all(len(s) == 1 for s in off.steps[rid])
     assert on.done[0].skipped_tokens >= 10 and max(len(s) for s in on.steps[0]) == 5  # runs of S + 1 tokens
+    assert list(on.prompt) == list(off.prompt) == [0] and close(on.prompt[0][1:], off.prompt[0][1:])
     assert spy.accepted >= 20 and spy.proposed > spy.accepted  # some drafts were rejected too
 
 
