@@ -9,49 +9,24 @@ cache, and writes every logit it computed to OUT-{rank}.safetensors.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from paged import Paged  # noqa: E402
+from tp_spawn import run_ranks  # noqa: E402
 from worker.distributed import init_from_env, shutdown  # noqa: E402
-from worker.launcher import free_port  # noqa: E402
 from worker.layers.rotary import ntk_alpha  # noqa: E402
 from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 
 
 def run_world(ckpt: str, out: str, world: int, adapter_root: str, **env_extra: str) -> list[dict[str, torch.Tensor]]:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            **env_extra,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), ckpt, out, adapter_root],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output.decode()[-3000:]
-    return [load_file(f"{out}-{r}.safetensors") for r in range(world)]
+    return run_ranks([os.path.abspath(__file__), ckpt, out, adapter_root], out, world, **env_extra)
 
 
 def main() -> None:

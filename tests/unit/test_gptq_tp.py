@@ -9,11 +9,10 @@ Run as a script, this file is one rank: RANK/WORLD_SIZE/MASTER_* in the env, arg
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -60,30 +59,6 @@ def rank_main() -> None:
     shutdown(pctx)
 
 
-def run_world(ckpt: str, adapters: str, out: str, world: int, **env_extra: str) -> list[dict[str, torch.Tensor]]:
-    from worker.launcher import free_port
-
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            **env_extra,
-        )
-        cmd = [sys.executable, os.path.abspath(__file__), ckpt, adapters, out]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output.decode()[-3000:]
-    return [load_file(f"{out}-{r}.safetensors") for r in range(world)]
-
-
 def test_tp2_equals_reference_on_dequantized_weights(tmp_path):
     check_tp2(tmp_path)
 
@@ -96,6 +71,7 @@ def check_tp2(tmp_path, tol: float = 1e-4, **env: str) -> None:
     from lora_helpers import write_adapter
     from random_weights import random_checkpoint
     from reference import merge_lora, ref_forward
+    from tp_spawn import run_ranks
 
     state = random_checkpoint(CFG, seed=13)
     root = str(tmp_path / "adapters")
@@ -105,7 +81,8 @@ def check_tp2(tmp_path, tol: float = 1e-4, **env: str) -> None:
         path, q = gptq_checkpoint(str(tmp_path / f"q{bits}"), CFG, state, bits, 32, sym, act)
         deq = dequantized_state(q, bits)
         merged = [deq, merge_lora(deq, *a4), merge_lora(deq, *a16)]
-        ranks = run_world(path, root, str(tmp_path / f"out{bits}"), 2, **env)
+        out = str(tmp_path / f"out{bits}")
+        ranks = run_ranks([os.path.abspath(__file__), path, root, out], out, 2, **env)
         worst = 0.0
         for res in ranks:
             assert torch.equal(res["seq0"], ranks[0]["seq0"])

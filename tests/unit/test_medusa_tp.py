@@ -7,11 +7,10 @@ This file is also the rank script: `python test_medusa_tp.py CKPT ROOT OUT` with
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
@@ -46,7 +45,7 @@ def rank_main(ckpt: str, root: str, out: str) -> None:
 
 def test_tp2_speculative_logits_match_float64(tmp_path):
     from random_weights import random_checkpoint
-    from worker.launcher import free_port
+    from tp_spawn import run_ranks
 
     state = random_checkpoint(TINY, seed=3)
     ckpt = write_checkpoint(str(tmp_path / "ckpt"), TINY, state)
@@ -54,27 +53,14 @@ def test_tp2_speculative_logits_match_float64(tmp_path):
     base, m2 = medusa_tensors(H, V, K, 2, True, seed=1), medusa_tensors(H, V, K, 1, False, seed=2)
     write_medusa(os.path.join(root, "base"), base, K, 2)
     write_medusa(os.path.join(root, "m2"), m2, K, 1)
-    port, out = free_port(), str(tmp_path / "out")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), ckpt, root, out],
-            env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1")
-            | {"MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output.decode()[-3000:]
+    out = str(tmp_path / "out")
+    ranks = run_ranks([os.path.abspath(__file__), ckpt, root, out], out, 2)
     lm_head = state["lm_head.weight"]
     ref = [
         ref_medusa(ref_hidden(state, TINY, SEQS[0]), base, lm_head, K, 2, True),
         ref_medusa(ref_hidden(state, TINY, SEQS[1]), m2, lm_head, K, 1, False),
     ]
-    for r in range(2):
-        got = load_file(f"{out}-{r}.safetensors")
+    for got in ranks:
         within(got["logits"], torch.cat([x[0] for x in ref]), 2e-4)
         within(got["spec"], torch.cat([x[1] for x in ref]), 2e-4)
 
