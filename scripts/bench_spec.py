@@ -99,9 +99,44 @@ def build_workload(kind: str, succ: list[int], batch: int, args: argparse.Namesp
     return Workload(kind, prompts, expect)
 
 
-def run(engine: Engine, blocks: Blocks, w: Workload, drafts: int, rid: int, args: argparse.Namespace) -> dict[str, Any]:
+def count_verify(engine: Engine) -> dict[str, int]:
+    """Counters of the forwards with drafts and of those replayed from the verify CUDA graphs
+    (engine/graphed_verify.py), growing as the engine steps."""
+    runner = engine.runner
+    assert runner is not None
+    counts = {"verify": 0, "graphed": 0}
+    forward, graphs = runner.forward, runner.verify_graphs
+
+    def counted(batch: Any, prefill: bool, slots: Any = None, spans: Any = None, speculative: bool = False) -> Any:
+        counts["verify"] += spans is not None and any(sp.drafts for sp in spans)
+        return forward(batch, prefill, slots, spans, speculative)
+
+    runner.forward = counted  # type: ignore[method-assign]
+    if graphs is not None:
+        tried = graphs.try_verify
+
+        def replayed(batch: Any, spans: Any, *rest: Any) -> Any:
+            out = tried(batch, spans, *rest)
+            counts["graphed"] += out is not None and any(sp.drafts for sp in spans)
+            return out
+
+        graphs.try_verify = replayed  # type: ignore[method-assign]
+    return counts
+
+
+def run(
+    engine: Engine,
+    blocks: Blocks,
+    w: Workload,
+    drafts: int,
+    rid: int,
+    args: argparse.Namespace,
+    counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Prefill the workload (not timed, in batches within the prefill budget), then decode to the end, timed.
-    Returns tokens/s, ms per step, accepted tokens per request-step, and the generated tokens."""
+    Returns tokens/s, ms per step, accepted tokens per request-step, the generated tokens and (with `counts`,
+    count_verify's) the verify steps and those graphed."""
+    before = dict(counts or {})
     engine.cfg.speculative_tokens = drafts
     per = max(1, engine.max_prefill_tokens // args.ctx)
     out: dict[int, list[int]] = {}
@@ -131,6 +166,8 @@ def run(engine: Engine, blocks: Blocks, w: Workload, drafts: int, rid: int, args
         blocks.release(rid + i)
     got = [out.get(rid + i, []) for i in range(len(w.prompts))]
     return dict(
+        verify_steps=(counts or {}).get("verify", 0) - before.get("verify", 0),
+        verify_graphed=(counts or {}).get("graphed", 0) - before.get("graphed", 0),
         tok_s=tokens / elapsed,
         ms_per_step=1e3 * elapsed / max(steps, 1),
         steps=steps,
@@ -140,11 +177,19 @@ def run(engine: Engine, blocks: Blocks, w: Workload, drafts: int, rid: int, args
     )
 
 
-def compare(engine: Engine, blocks: Blocks, w: Workload, s: int, rid: int, args: argparse.Namespace) -> dict[str, Any]:
+def compare(
+    engine: Engine,
+    blocks: Blocks,
+    w: Workload,
+    s: int,
+    rid: int,
+    args: argparse.Namespace,
+    counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """The workload without drafts and with up to `s`, the fastest of args.repeats runs each (the first run at a
     new batch size may compile kernels); same tokens required."""
     runs = [
-        [run(engine, blocks, w, drafts, rid + 1000 * (2 * k + (drafts > 0)), args) for k in range(args.repeats)]
+        [run(engine, blocks, w, drafts, rid + 1000 * (2 * k + (drafts > 0)), args, counts) for k in range(args.repeats)]
         for drafts in (0, s)
     ]
     off, on = (max(r, key=lambda x: x["tok_s"]) for r in runs)
@@ -188,13 +233,17 @@ def main() -> None:
     engine.warmup(pb.WarmupRequest(batch=warm, max_input_length=budget, max_prefill_tokens=budget))
     blocks = Blocks(engine.router_blocks, args.block_size)
     s = args.speculate
+    assert engine.runner is not None
+    graphs = engine.runner.verify_graphs  # captured at Warmup: speculative_tokens > 0 (engine/graphed_verify.py)
+    counts = count_verify(engine)
     compare(engine, blocks, build_workload("exact", succ, 2, args, 99), s, 100_000, args)  # compiles both paths
     res: dict[str, Any] = dict(shape=args.shape, backend=model.backend.name, speculate=s, ctx=args.ctx, new=args.new)
+    res["verify_buckets"] = sorted(graphs.graphs) if graphs is not None else []
     res["P10"] = [
-        compare(engine, blocks, build_workload(k, succ, 1, args, 1), s, 200_000, args) for k in ("copy", "open")
+        compare(engine, blocks, build_workload(k, succ, 1, args, 1), s, 200_000, args, counts) for k in ("copy", "open")
     ]
     res["verify"] = [
-        compare(engine, blocks, build_workload(k, succ, b, args, 2 + b), s, 300_000 + 1000 * b, args)
+        compare(engine, blocks, build_workload(k, succ, b, args, 2 + b), s, 300_000 + 1000 * b, args, counts)
         for b in batches
         for k in ("exact", "copy")
         if b > 1 or k == "exact"  # batch 1's copy row is P10's
@@ -208,8 +257,10 @@ def main() -> None:
 def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\n{res['shape']}, backend {res['backend']}, S = {res['speculate']} prompt-lookup drafts,")
     print(f"{res['ctx']}-token prompts, {res['new']} new tokens each, copy edits every {args.edit_every}")
-    print("| row | off tok/s | on tok/s | speed-up | tokens/step | step ms off / on | target |")
-    print("|---|---|---|---|---|---|---|")
+    buckets = res["verify_buckets"]
+    print(f"verify CUDA graphs: {len(buckets)} buckets (R, T) {buckets}" if buckets else "verify steps: eager")
+    print("| row | off tok/s | on tok/s | speed-up | tokens/step | step ms off / on | verify steps graphed | target |")
+    print("|---|---|---|---|---|---|---|---|")
     target = {"copy": ">= 2x", "open": ">= 0.95x", "exact": ""}
     for r in res["P10"] + res["verify"]:
         flags = "" if r["same_tokens"] and r["on"]["cycle_ok"] else " MISMATCH"
@@ -219,7 +270,8 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
         print(
             f"| {label}{flags} | {r['off']['tok_s']:.0f} | {r['on']['tok_s']:.0f} | {r['speedup']:.2f}x | "
             f"{r['on']['accepted_per_step']:.2f} | {r['off']['ms_per_step']:.2f} / {r['on']['ms_per_step']:.2f} "
-            f"({r['step_cost']:.2f}x) | {target[r['workload']] if r in res['P10'] else ''} |"
+            f"({r['step_cost']:.2f}x) | {r['on']['verify_graphed']}/{r['on']['verify_steps']} | "
+            f"{target[r['workload']] if r in res['P10'] else ''} |"
         )
     print(
         "verify cost: the `exact` rows' step-ms ratio is what one verify step (B·(S+1) rows) costs against a plain "
