@@ -70,7 +70,8 @@ def compile_all() -> None:
                 bk = t.block_k if bm == 1 else 16 * p
                 shift = t.unpack == "shift" and (bm == 1 or bits == 4)
                 const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=reduce,
-                             PREFETCH=t.prefetch and bm == 1, SHIFT=shift, ZBIAS=(16 if bits == 4 else 256) * shift,
+                             PREFETCH=t.prefetch and bm == 1, STAGES=1 if t.prefetch and bm == 1 else t.num_stages,
+                             SHIFT=shift, ZBIAS=(16 if bits == 4 else 256) * shift,
                              DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
                              TILE_GROUPS=max(1, bk // gs))  # fmt: skip
                 label = f"int{bits} {name:8s} BM{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"
@@ -83,5 +84,6 @@ def compile_all() -> None:
         ptrs = dict(x=bf16, w=wty, s="*fp32" if wty != bf16 else bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
         for bm in (1, 16):
             const = dict(HAS_SCALE=wty != bf16, HAS_BIAS=True, REDUCE=True, PREFETCH=t.prefetch and bm == 1,
+                         STAGES=1 if t.prefetch and bm == 1 else t.num_stages,
                          DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
             _compile(_dense_kernel, f"dense {label} M{bm}", ptrs, ints, const, t)

@@ -255,7 +255,7 @@ def timings() -> None:
             if _due(f"{label} int{bits} M=8"):
                 check(f"{label} int{bits} M=8", partial(time_gptq, label, k, n, bits, 8, [GEMV_DEFAULT, "g2w8"]))
         if _due(f"{label} fp8 M=8"):
-            check(f"{label} fp8 M=8", partial(time_fp8, label, k, n, 8, ["n32k256w4", "n64k256w8", "splitk"]))
+            check(f"{label} fp8 M=8", partial(time_fp8, label, k, n, 8, ["n32k256w4", "n32k512pf0", "splitk"]))
     for label, (k, n) in seven:
         for max_m, _ in DENSE_GEMV_PLAN.get((k, n), ()):
             if _due(f"bf16 {label} M={max_m}"):

@@ -28,7 +28,7 @@ FP8_GEMV_MAX_M = 1
 FP8_GEMV_TILES: dict[str, GemvTiles | None] = {  # block_k: columns (bytes) per tile row
     "n32k512w8": GemvTiles(block_n=32, block_k=512, num_warps=8),
     "n32k256w4": GemvTiles(block_n=32, block_k=256, num_warps=4),
-    "n64k256w8": GemvTiles(block_n=64, block_k=256, num_warps=8),
+    "n32k512pf0": GemvTiles(block_n=32, block_k=512, num_warps=8, prefetch=False),  # no spills (sm_90)
     "n16k1024w8": GemvTiles(block_n=16, block_k=1024, num_warps=8),
     "splitk": None,  # the split-K kernel below (`w8a16_matmul`)
 }

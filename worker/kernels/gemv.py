@@ -130,7 +130,8 @@ def _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO:
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
                  SPLITS, stride_xm, stride_ym,
                  BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 REDUCE: tl.constexpr, PREFETCH: tl.constexpr, SHIFT: tl.constexpr, ZBIAS: tl.constexpr,
+                 REDUCE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
+                 ZBIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
     P: tl.constexpr = 32 // BITS
@@ -151,7 +152,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
         nxt = _words(qw_ptr, k_lo // P + rows, k_hi, N, offs_n, mask_n, P)
     else:
         nxt = tl.zeros([BKW, BLOCK_N], dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring in shared memory
         kw = k0 // P + rows  # word rows (k0 is a multiple of P)
         mask_w = (kw >= 0) & (kw * P < k_hi)
         if PREFETCH:  # the next tile's words in flight (registers) while this one's are multiplied
@@ -211,7 +212,8 @@ class GemvTiles:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 4  # split-K target; 0: no split-K (each program owns a full-K strip of columns)
-    prefetch: bool = True  # M = 1: load the next tile's words before multiplying this one's (registers)
+    prefetch: bool = True  # M = 1: load the next tile's words before multiplying this one's (registers); False:
+    # Triton's pipeliner keeps num_stages - 1 tiles in flight (cp.async into shared memory), as for M > 1's tl.dot
     unpack: str = "shift"  # "shift" (`_biased`; M > 1: Int4 only) or "mask" (`_values`)
     dot: bool = False  # M = 1 too through the M > 1 path (tl.dot over 16 rows, 15 masked)
 
@@ -219,12 +221,13 @@ class GemvTiles:
 # Named M = 1 tiles per bits (M > 1 keeps one group per tile, `_tile_k`). H200, 2026-11-29 (Triton 3.6, weights
 # cycled past L2): "g1mask" (one group per tile, 128 x 16 words, the mask unpack) took the 14B/72B Int4 GEMVs to
 # 1.3-1.5 TB/s (28.4 us for K 13696 x N 5120; x1.45 vs bf16 cuBLAS). Its sm_90 loop issues ~6.3 instructions a
-# value (cuobjdump; 4 programs of 4 warps per SM at 122 registers): instruction-bound, not memory-bound. "g1" is
-# the same tile with the shift unpack (~5.6 a value, 12% fewer): the default, by construction; revert to
-# "g1mask" if the GPU says otherwise. The others put 2-4 groups' rows in a tile (16-32 KB of words per load; ~250
-# registers, 2 programs per SM: hence g2pps2), 8 warps over 256 columns (g1n256w8), 4 word rows x 512 columns
-# (r4n512: 95 registers), M = 1 through tl.dot (g1dot: ~6.3 a value); "strip" is one program per full-K strip
-# of 32 columns, no split-K. All measured by scripts/gpu_check_gemv.py.
+# value (cuobjdump; 4 programs of 4 warps per SM at 122 registers) and its register prefetch is scheduled ~60%
+# into the loop: instruction- and latency-bound, not memory-bound. "g1" is the same tile with the shift unpack
+# (~5.6 a value): the default, by construction; revert to "g1mask" if the GPU says otherwise. "g1pipe"/"g1pipe4"/
+# "g2pipe" let Triton's pipeliner keep 2-3 tiles in flight (cp.async, issued at the loop top; ~5.7 a value).
+# g2/g2pps2 put 2 groups' rows in a tile (16 KB of words per load; ~250 registers, 2 programs per SM: hence
+# g2pps2), g1n256w8 8 warps over 256 columns, g1dot M = 1 through tl.dot (~6.3 a value), "strip" one program
+# per full-K strip of 32 columns (no split-K). All measured by scripts/gpu_check_gemv.py.
 GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
     "g1": {4: GemvTiles(block_k=128), 8: GemvTiles(block_k=64)},
     "g1n256w8": {
@@ -232,11 +235,14 @@ GEMV_TILES: dict[str, dict[int, GemvTiles]] = {
         8: GemvTiles(block_n=256, block_k=64, num_warps=8),
     },
     "g1mask": {4: GemvTiles(block_k=128, unpack="mask"), 8: GemvTiles(block_k=64, unpack="mask")},
-    "r4n512": {4: GemvTiles(block_n=512, block_k=32), 8: GemvTiles(block_n=512, block_k=16)},
     "g1dot": {4: GemvTiles(block_k=128, dot=True), 8: GemvTiles(block_k=64, dot=True)},
+    "g1pipe": {4: GemvTiles(block_k=128, prefetch=False), 8: GemvTiles(block_k=64, prefetch=False)},
+    "g1pipe4": {
+        4: GemvTiles(block_k=128, prefetch=False, num_stages=4),
+        8: GemvTiles(block_k=64, prefetch=False, num_stages=4),
+    },
+    "g2pipe": {4: GemvTiles(block_k=256, prefetch=False), 8: GemvTiles(block_k=128, prefetch=False)},
     "g2": {4: GemvTiles(block_k=256), 8: GemvTiles(block_k=128)},
-    "g2w8": {4: GemvTiles(block_n=256, block_k=256, num_warps=8), 8: GemvTiles(block_n=256, block_k=128, num_warps=8)},
-    "g4n64": {4: GemvTiles(block_n=64, block_k=512), 8: GemvTiles(block_n=64, block_k=256)},
     "g2pps2": {4: GemvTiles(block_k=256, programs_per_sm=2), 8: GemvTiles(block_k=128, programs_per_sm=2)},
     "strip": {
         4: GemvTiles(block_n=32, block_k=512, programs_per_sm=0),
@@ -361,6 +367,7 @@ def quant_gemv(
         )
     tiles = dataclasses.replace(tiles, block_k=bk)
     shift = tiles.unpack == "shift" and (w.bits == 4 or not dot)  # 256 + q (Int8) is not exact in bf16
+    prefetch = tiles.prefetch and not dot
     x = x.contiguous()
     split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
@@ -368,7 +375,8 @@ def quant_gemv(
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
         y, part, w.counters, M, N, K, k_per_split, w.k_offset, split_k, x.stride(0), y.stride(0),
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
-        PREFETCH=tiles.prefetch and not dot, SHIFT=shift, ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
+        PREFETCH=prefetch, STAGES=1 if prefetch else tiles.num_stages, SHIFT=shift,
+        ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=16 if dot else 1, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -41,7 +41,7 @@ def dense_tiles(k: int, n: int, m: int) -> GemvTiles | None:
 @triton.jit
 def _dense_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLITS, stride_xm,
                   stride_wn, stride_ym, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
-                  PREFETCH: tl.constexpr,
+                  PREFETCH: tl.constexpr, STAGES: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """w [N, K] (nn.Linear's layout, K contiguous; bf16/fp16/fp32 or e4m3 with a scale per row), split-K."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -60,7 +60,7 @@ def _dense_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K,
         nxt = tl.load(w_rows + (k_lo + cols)[None, :], mask=mask_n[:, None] & (k_lo + cols < k_hi)[None, :], other=0.0)
     else:
         nxt = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring in shared memory
         offs_k = k0 + cols
         if PREFETCH:  # the next tile in flight (registers) while this one is multiplied
             w = nxt
@@ -106,7 +106,8 @@ def dense_gemv(
         counters if counters is not None else counters_for(N, x.device), M, N, K, k_per_split, split_k,
         x.stride(0), weight.stride(0), y.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         REDUCE=split_k > 1,
-        PREFETCH=tiles.prefetch and M == 1, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PREFETCH=tiles.prefetch and M == 1, STAGES=1 if tiles.prefetch and M == 1 else tiles.num_stages,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
