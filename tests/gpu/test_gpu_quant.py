@@ -104,6 +104,36 @@ def test_fp8_w8a16_kernel_matches_reference_bf16(k, n):
         within(w8a16_matmul(x, wq, ws[:, 0], bias), w8a16_reference(x, wq, ws[:, 0], bias), TOL)
 
 
+@pytest.mark.parametrize(("k", "n"), SHAPES[:2])
+def test_fp8_gemv_tiles_match_reference_bf16(k, n):
+    """Every named FP8 GEMV tile set (worker/kernels/fp8_matmul.py) at M 1 and 8, bias included."""
+    from worker.kernels.fp8_matmul import FP8_GEMV_TILES, w8a16_gemv, w8a16_reference
+
+    wq, ws = quantize_rows(torch.randn(n, k, device=CUDA) / k**0.5)
+    bias = torch.randn(n, device=CUDA, dtype=torch.bfloat16)
+    for m in (1, 8):
+        x = torch.randn(m, k, device=CUDA, dtype=torch.bfloat16)
+        for name in FP8_GEMV_TILES:
+            within(w8a16_gemv(x, wq, ws[:, 0], bias, tiles=name), w8a16_reference(x, wq, ws[:, 0], bias), TOL)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_named_tiles_match_reference_bf16(bits):
+    """Every named GPTQ GEMV tile set (shift and mask unpack, tiles of several groups, cp.async pipelining,
+    tl.dot at M = 1, no split-K) at M 1 and 8 on the c_attn shape, act order (rows in group order)."""
+    from worker.kernels.gemv import GEMV_TILES, gemv_weights, quant_gemv
+    from worker.kernels.gptq_reference import group_order
+
+    qweight, qzeros, scales, g_idx = _q(4096, 12288, bits, True, seed=bits)
+    sorted_qw, perm = group_order(qweight, g_idx, bits)
+    w = gemv_weights(sorted_qw, qzeros, scales, bits, 1, 128, 0)
+    for m in (1, 8):
+        x = torch.randn(m, 4096, device=CUDA, dtype=torch.bfloat16)
+        ref = gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits)
+        for tiles in GEMV_TILES.values():
+            within(quant_gemv(x[:, perm], w, tiles=tiles[bits]), ref, TOL)
+
+
 def test_int4_model_on_the_kernels_equals_the_reference_path(tmp_path):
     """A 2-layer model of the 7B width (hidden 4096, 32 heads, MLP 11008), bf16, Int4 act order: the layers
     pick the Triton kernels on CUDA; swapping them to the reference gives the same logits and tokens."""
