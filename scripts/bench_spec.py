@@ -99,44 +99,13 @@ def build_workload(kind: str, succ: list[int], batch: int, args: argparse.Namesp
     return Workload(kind, prompts, expect)
 
 
-def count_verify(engine: Engine) -> dict[str, int]:
-    """Counters of the forwards with drafts and of those replayed from the verify CUDA graphs
-    (engine/graphed_verify.py), growing as the engine steps."""
-    runner = engine.runner
-    assert runner is not None
-    counts = {"verify": 0, "graphed": 0}
-    forward, graphs = runner.forward, runner.verify_graphs
-
-    def counted(batch: Any, prefill: bool, slots: Any = None, spans: Any = None, speculative: bool = False) -> Any:
-        counts["verify"] += spans is not None and any(sp.drafts for sp in spans)
-        return forward(batch, prefill, slots, spans, speculative)
-
-    runner.forward = counted  # type: ignore[method-assign]
-    if graphs is not None:
-        tried = graphs.try_verify
-
-        def replayed(batch: Any, spans: Any, *rest: Any) -> Any:
-            out = tried(batch, spans, *rest)
-            counts["graphed"] += out is not None and any(sp.drafts for sp in spans)
-            return out
-
-        graphs.try_verify = replayed  # type: ignore[method-assign]
-    return counts
-
-
-def run(
-    engine: Engine,
-    blocks: Blocks,
-    w: Workload,
-    drafts: int,
-    rid: int,
-    args: argparse.Namespace,
-    counts: dict[str, int] | None = None,
-) -> dict[str, Any]:
+def run(engine: Engine, blocks: Blocks, w: Workload, drafts: int, rid: int, args: argparse.Namespace) -> dict[str, Any]:
     """Prefill the workload (not timed, in batches within the prefill budget), then decode to the end, timed.
-    Returns tokens/s, ms per step, accepted tokens per request-step, the generated tokens and (with `counts`,
-    count_verify's) the verify steps and those graphed."""
-    before = dict(counts or {})
+    Returns tokens/s, ms per step, accepted tokens per request-step, the verify steps replayed from the verify
+    CUDA graphs and those run eagerly, and the generated tokens."""
+    assert engine.runner is not None
+    graphs = engine.runner.verify_graphs  # captured at Warmup when speculative_tokens > 0 (engine/graphed_verify.py)
+    before = dict(graphs.verify_steps) if graphs is not None else {}
     engine.cfg.speculative_tokens = drafts
     per = max(1, engine.max_prefill_tokens // args.ctx)
     out: dict[int, list[int]] = {}
@@ -166,8 +135,7 @@ def run(
         blocks.release(rid + i)
     got = [out.get(rid + i, []) for i in range(len(w.prompts))]
     return dict(
-        verify_steps=(counts or {}).get("verify", 0) - before.get("verify", 0),
-        verify_graphed=(counts or {}).get("graphed", 0) - before.get("graphed", 0),
+        verify={k: n - before[k] for k, n in graphs.verify_steps.items()} if graphs is not None else None,
         tok_s=tokens / elapsed,
         ms_per_step=1e3 * elapsed / max(steps, 1),
         steps=steps,
@@ -177,19 +145,11 @@ def run(
     )
 
 
-def compare(
-    engine: Engine,
-    blocks: Blocks,
-    w: Workload,
-    s: int,
-    rid: int,
-    args: argparse.Namespace,
-    counts: dict[str, int] | None = None,
-) -> dict[str, Any]:
+def compare(engine: Engine, blocks: Blocks, w: Workload, s: int, rid: int, args: argparse.Namespace) -> dict[str, Any]:
     """The workload without drafts and with up to `s`, the fastest of args.repeats runs each (the first run at a
     new batch size may compile kernels); same tokens required."""
     runs = [
-        [run(engine, blocks, w, drafts, rid + 1000 * (2 * k + (drafts > 0)), args, counts) for k in range(args.repeats)]
+        [run(engine, blocks, w, drafts, rid + 1000 * (2 * k + (drafts > 0)), args) for k in range(args.repeats)]
         for drafts in (0, s)
     ]
     off, on = (max(r, key=lambda x: x["tok_s"]) for r in runs)
@@ -234,16 +194,15 @@ def main() -> None:
     blocks = Blocks(engine.router_blocks, args.block_size)
     s = args.speculate
     assert engine.runner is not None
-    graphs = engine.runner.verify_graphs  # captured at Warmup: speculative_tokens > 0 (engine/graphed_verify.py)
-    counts = count_verify(engine)
+    graphs = engine.runner.verify_graphs
     compare(engine, blocks, build_workload("exact", succ, 2, args, 99), s, 100_000, args)  # compiles both paths
     res: dict[str, Any] = dict(shape=args.shape, backend=model.backend.name, speculate=s, ctx=args.ctx, new=args.new)
     res["verify_buckets"] = sorted(graphs.graphs) if graphs is not None else []
     res["P10"] = [
-        compare(engine, blocks, build_workload(k, succ, 1, args, 1), s, 200_000, args, counts) for k in ("copy", "open")
+        compare(engine, blocks, build_workload(k, succ, 1, args, 1), s, 200_000, args) for k in ("copy", "open")
     ]
     res["verify"] = [
-        compare(engine, blocks, build_workload(k, succ, b, args, 2 + b), s, 300_000 + 1000 * b, args, counts)
+        compare(engine, blocks, build_workload(k, succ, b, args, 2 + b), s, 300_000 + 1000 * b, args)
         for b in batches
         for k in ("exact", "copy")
         if b > 1 or k == "exact"  # batch 1's copy row is P10's
@@ -252,6 +211,11 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print_table(res, args)
+
+
+def graphed(verify: dict[str, int] | None) -> str:
+    """'graphed/all' of a run's verify steps; '-' without verify graphs."""
+    return "-" if verify is None else f"{verify['graphed']}/{verify['graphed'] + verify['eager']}"
 
 
 def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
@@ -270,7 +234,7 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> None:
         print(
             f"| {label}{flags} | {r['off']['tok_s']:.0f} | {r['on']['tok_s']:.0f} | {r['speedup']:.2f}x | "
             f"{r['on']['accepted_per_step']:.2f} | {r['off']['ms_per_step']:.2f} / {r['on']['ms_per_step']:.2f} "
-            f"({r['step_cost']:.2f}x) | {r['on']['verify_graphed']}/{r['on']['verify_steps']} | "
+            f"({r['step_cost']:.2f}x) | {graphed(r['on']['verify'])} | "
             f"{target[r['workload']] if r in res['P10'] else ''} |"
         )
     print(

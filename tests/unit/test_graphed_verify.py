@@ -34,6 +34,7 @@ from worker.tokenizer import QwenTokenizer  # noqa: E402
 
 BLOCK, NUM_BLOCKS, MAX_BLOCKS, DRAFTS = 4, 96, 24, 4
 CPU = torch.device("cpu")
+VOCAB, HIDDEN = 256, 64  # TINY's
 SCRATCH = NUM_BLOCKS - 1
 
 
@@ -54,8 +55,7 @@ def load(path: str, backend_name: str = "torch", medusa: str | None = None) -> F
     model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, backend=backend, progress=False)
     if medusa is not None:
         root, v1 = os.path.dirname(path), medusa == "v1"
-        H, V = TINY["hidden_size"], TINY["vocab_size"]
-        write_medusa(os.path.join(root, medusa), medusa_tensors(H, V, 3, 1 + v1, v1, seed=9), 3, 1 + v1)
+        write_medusa(os.path.join(root, medusa), medusa_tensors(HIDDEN, VOCAB, 3, 1 + v1, v1, seed=9), 3, 1 + v1)
         model.attach_medusa(load_speculator(root, medusa, model.config))
     return model
 
@@ -69,7 +69,7 @@ def requests(lengths: list[int], drafts: list[int], seed: int) -> list[SimpleNam
     for n, d in zip(lengths, drafts):
         blocks = [free.pop() for _ in range(-(-(n + max(d, 0)) // BLOCK))]
         slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n + max(d, 0))]
-        ids = [g.randrange(TINY["vocab_size"]) for _ in range(n)]
+        ids = [g.randrange(VOCAB) for _ in range(n)]
         out.append(SimpleNamespace(ids=ids, slots=slots, blocks=blocks, ntk_alpha=1.0, n_cached=0))
     return out
 
@@ -81,7 +81,7 @@ def verify_spans(reqs: list[SimpleNamespace], drafts: list[int], seed: int) -> l
     out = []
     for r, d in zip(reqs, drafts):
         n = len(r.ids)
-        guesses = tuple(g.randrange(TINY["vocab_size"]) for _ in range(d))
+        guesses = tuple(g.randrange(VOCAB) for _ in range(d))
         out.append(RowSpan(n + d, n, False) if d < 0 else RowSpan(n - 1, n, d > 0, guesses))
     return out
 
@@ -99,7 +99,7 @@ def two_runs(model, reqs, spans, speculative=False):
     graphed = GraphedVerify(model, kv, MAX_BLOCKS, SCRATCH, DRAFTS, (1, 2, 4, 8), graphs=False)
     replays: list[tuple[int, int]] = []
     inner = graphed.replay
-    graphed.replay = lambda b, *a: replays.append(b) or inner(b, *a)  # type: ignore[method-assign]
+    graphed.replay = lambda b, *a: replays.append(b) or inner(b, *a)
     results = []
     for runner in (Runner(model, kv, CPU), Runner(model, kv, CPU, verify_graphs=graphed)):
         before = [(k.clone(), v.clone()) for k, v in kv.layers]
@@ -260,18 +260,8 @@ def test_engine_output_with_verify_steps_through_the_graphs_step(demo_dir, heads
     kv, cfg = e.runner.kv, e.cfg
     graphed = GraphedVerify(drafting, kv, -(-cfg.max_seq_len // cfg.block_size), kv.num_blocks - 1, 4, graphs=False)
     e.runner.verify_graphs = graphed
-    served: list[bool] = []  # per step with drafts: did the static-buffer step serve it
-    inner = graphed.try_verify
-
-    def spy(batch: Any, spans: Any, *args: Any) -> Any:
-        out = inner(batch, spans, *args)
-        if any(sp.drafts for sp in spans):
-            served.append(out is not None)
-        return out
-
-    graphed.try_verify = spy  # type: ignore[method-assign]
     on = run(e, requests())
     for rid in range(len(PROMPTS)):
         assert on.tokens(rid) == off.tokens(rid) and close(on.logprobs[rid], off.logprobs[rid])
     assert max(len(s) for rid in range(len(PROMPTS)) for s in on.steps[rid]) > 1  # drafts were accepted
-    assert len(served) >= 3 and all(served)
+    assert graphed.verify_steps["graphed"] >= 3 and graphed.verify_steps["eager"] == 0

@@ -77,6 +77,7 @@ class GraphedVerify(GraphedSpans):
         # the graphs read these heads' weights by pointer: other heads attached later are served eagerly
         self.heads: MedusaHeads | None = model.medusa.base
         self.spec_out: dict[tuple[int, int], torch.Tensor] = {}  # each bucket's Medusa logits [T, K, V]
+        self.verify_steps = {"graphed": 0, "eager": 0}  # steps with drafts offered to try_verify, by outcome
         buckets = verify_buckets(rows, drafts)
         super().__init__(model, kv, max_blocks_per_seq, scratch_block, graphs=graphs, pool=pool, buckets=buckets)
 
@@ -113,6 +114,8 @@ class GraphedVerify(GraphedSpans):
         """The step's logits as the eager span path returns them (speculative: with the Medusa logits), from
         its bucket's graph, marking the spans computed; None (nothing run) where the eager path must run it."""
         bucket = self.bucket(batch, spans, adapter_slots) if self.serves(speculative) else None
+        if any(sp.drafts for sp in spans):
+            self.verify_steps["eager" if bucket is None else "graphed"] += 1
         if bucket is None:
             return None
         out = self.replay(bucket, batch, spans)
@@ -129,7 +132,7 @@ class GraphedVerify(GraphedSpans):
         logits = out[index]  # a copy: the next replay of any bucket may reuse the graph's memory
         last = logits[torch.tensor([b - 1 for _, b in cuts], device=out.device)]
         prompt = {i: logits[a:b] for i, (a, b) in enumerate(cuts) if spans[i].prompt_logits}
-        per_request = None
+        per_request: list[torch.Tensor | None] | None = None
         if speculative:  # every row uses the base heads (no adapters)
             spec = self.spec_out[bucket][index]
             per_request = [spec[a:b] for a, b in cuts]
