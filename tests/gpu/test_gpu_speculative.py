@@ -1,6 +1,7 @@
 """Speculative decoding on the GPU: the Triton backend, CUDA graphs and the decode look-ahead on (auto), fp32
-weights (the demo model) so that greedy output must be exact. Verify steps run eagerly through the paged
-prefill kernel beside graphed pure-decode steps; the look-ahead stays off for batches with drafts. The claims:
+weights (the demo model) so that greedy output must be exact. Verify steps replay the verify graphs
+(engine/graphed_verify.py, tests/gpu/test_gpu_spec_graphs.py) beside graphed pure-decode steps; the
+look-ahead stays off for batches with drafts. The claims:
 greedy tokens with prompt-lookup drafts and with the demo's Medusa heads equal the run without drafts (which
 replays the decode graphs), with drafts accepted."""
 

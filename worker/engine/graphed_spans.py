@@ -1,5 +1,6 @@
 """CUDA graphs for small span steps: a few rows, each computing a run of tokens after its cached prefix
-(a prompt's suffix after a prefix-cache hit, a chunk's tail, a speculative verify step of B rows x (S+1)).
+(a prompt's suffix after a prefix-cache hit, a chunk's tail); engine/graphed_verify.py builds on it for
+speculative verify steps (every token's logits).
 
 An eager 32-layer forward of 128 tokens spends about half its time launching kernels; a graph per
 (rows, tokens) bucket replays the same kernels from static inputs. Bucket (R, T) has R + 1 sequences: rows
@@ -8,7 +9,7 @@ spare tokens; empty and pad rows read and write only the scratch block, and thei
 paged prefill kernel's grid depends only on (T, R + 1), so one launch shape serves every step of a bucket.
 
 Graphs run only steps that the eager path would also send through the paged prefill kernel (some row has a
-cached prefix; no adapters, no prompt logprobs), so they launch the same kernels on the same rows; with
+cached prefix; no adapters, no prompt logprobs, no drafts), so they launch the same kernels on the same rows; with
 T_real == T the logits are bitwise those of the eager path (a padded step may differ in the last bits where
 cuBLAS picks another GEMM for the larger row count).
 """
