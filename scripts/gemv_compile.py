@@ -15,8 +15,9 @@ from typing import Any
 import triton
 
 from worker.kernels.fp8_matmul import FP8_GEMV_TILES
-from worker.kernels.gemv import GEMV_TILES, NO_GROUPS, GemvTiles, _gemv_kernel
+from worker.kernels.gemv import NO_GROUPS, _gemv_kernel
 from worker.kernels.gemv_dense import DENSE, DENSE_GEMV_PLAN, _dense_kernel
+from worker.kernels.gemv_tiles import GEMV_TILES, GemvTiles
 
 
 def _usage(cubin: bytes) -> str:

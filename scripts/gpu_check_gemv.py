@@ -34,8 +34,9 @@ import triton  # noqa: E402
 
 from bench_common import cuda_time  # noqa: E402
 from worker.kernels.fp8_matmul import FP8_GEMV_DEFAULT, FP8_GEMV_TILES, w8a16_gemv, w8a16_reference  # noqa: E402
-from worker.kernels.gemv import GEMV_DEFAULT, GEMV_TILES, counters_for, gemv_weights, quant_gemv  # noqa: E402
+from worker.kernels.gemv import counters_for, gemv_weights, quant_gemv
 from worker.kernels.gemv_dense import DENSE, DENSE_GEMV_PLAN, dense_gemv, dense_tiles  # noqa: E402
+from worker.kernels.gemv_tiles import GEMV_DEFAULT, GEMV_TILES  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference, group_order  # noqa: E402
 from worker.quant.gptq_format import quantize_rtn  # noqa: E402
 

@@ -121,7 +121,8 @@ def test_fp8_gemv_tiles_match_reference_bf16(k, n):
 def test_gemv_named_tiles_match_reference_bf16(bits):
     """Every named GPTQ GEMV tile set (shift and mask unpack, tiles of several groups, cp.async pipelining,
     tl.dot at M = 1, no split-K) at M 1 and 8 on the c_attn shape, act order (rows in group order)."""
-    from worker.kernels.gemv import GEMV_TILES, gemv_weights, quant_gemv
+    from worker.kernels.gemv import gemv_weights, quant_gemv
+    from worker.kernels.gemv_tiles import GEMV_TILES
     from worker.kernels.gptq_reference import group_order
 
     qweight, qzeros, scales, g_idx = _q(4096, 12288, bits, True, seed=bits)
