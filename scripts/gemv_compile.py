@@ -59,7 +59,7 @@ def compile_all() -> None:
     default's; the dense GEMV: bf16 plan tiles and e4m3 tiles at M = 1 and 16."""
     bf16 = "*bf16"
     ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-    ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "SPLITS", "stride_xm", "stride_ym")
+    ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS", "stride_xm", "stride_ym")
     for bits in (4, 8):
         p = 32 // bits
         for name, by_bits in GEMV_TILES.items():

@@ -42,17 +42,19 @@ def _values(words, high, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _biased(words, J: tl.constexpr, BITS: tl.constexpr):
+def _biased(words, mask_t, J: tl.constexpr, BITS: tl.constexpr):
     """2^(23 - T) + q (fp32, exact) of value J of each word: one shift puts q at mantissa bits [T, T + BITS) under
     a fixed exponent, T = 23 - BITS - 4 for Int4 (+16: small, so x · (16 + q) summed over a word stays exact to
-    ~2^-19) and 15 for Int8 (+256). One SHF, one LOP3 and the FFMA per value; the bias joins the zero point."""
+    ~2^-19) and 15 for Int8 (+256). One SHF, one LOP3 and the FFMA per value; the bias joins the zero point.
+    mask_t is a runtime argument: as an immediate, ptxas re-creates it before most LOP3s (sm_90: 5.6 -> 5.2
+    instructions a value for Int4 once it is not)."""
     T: tl.constexpr = 19 if BITS == 4 else 15  # the bias 2^(23 - T) is quant_gemv's ZBIAS
     SH: tl.constexpr = T - BITS * J
     if SH >= 0:
         moved = words << SH
     else:
         moved = words >> -SH
-    bits = (moved & (((1 << BITS) - 1) << T)) | ((127 + 23 - T) << 23)
+    bits = (moved & mask_t) | ((127 + 23 - T) << 23)  # mask_t = MAXQ << T
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -129,7 +131,7 @@ def _tile_groups(s, z, s_ptr, z_ptr, g, k0, k_hi, N, offs_n, mask_n, rows, ZERO:
 # fmt: off
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
-                 SPLITS, stride_xm, stride_ym,
+                 MASK_T, SPLITS, stride_xm, stride_ym,
                  BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  REDUCE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
                  ZBIAS: tl.constexpr,
@@ -177,7 +179,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                 xj = tl.load(x_ptr + kw * P + j, mask=mask_w, other=0.0).to(tl.float32)
                 sx += xj
                 if SHIFT:  # part2 is Σ x (2^(23 - T) + q): the bias is taken off with the zero below
-                    part2 += xj[:, None] * _biased(words, j, BITS)
+                    part2 += xj[:, None] * _biased(words, MASK_T, j, BITS)
                 else:
                     part2 += (xj * (1.0 / (1 << (BITS * (j % HALF)))))[:, None] * _values(words, high, j, BITS)
             if TILE_GROUPS == 1:
@@ -194,7 +196,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                              mask=mask_m[:, None] & mask_w[None, :], other=0.0)  # [BM, BKW]
                 sxm += tl.sum(xj.to(tl.float32), axis=1)
                 if SHIFT:  # Int4 only: 16 + q is exact in bf16/fp16
-                    q = _biased(words, j, BITS)
+                    q = _biased(words, MASK_T, j, BITS)
                 else:
                     q = _values(words, high, j, BITS) * (1.0 / (1 << (BITS * (j % HALF))))
                 part += tl.dot(xj, q.to(xj.dtype), input_precision=DOT_PRECISION)
@@ -323,7 +325,8 @@ def quant_gemv(
     grid = (triton.cdiv(N, tiles.block_n), split_k)
     _gemv_kernel[grid](
         x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
-        y, part, w.counters, M, N, K, k_per_split, w.k_offset, split_k, x.stride(0), y.stride(0),
+        y, part, w.counters, M, N, K, k_per_split, w.k_offset, ((1 << w.bits) - 1) << (19 if w.bits == 4 else 15),
+        split_k, x.stride(0), y.stride(0),
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
         PREFETCH=prefetch, STAGES=1 if prefetch else tiles.num_stages, SHIFT=shift,
         ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
