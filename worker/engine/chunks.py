@@ -56,15 +56,25 @@ def default_span(r: Runnable, prefill: bool) -> RowSpan:
     return RowSpan(len(r.ids) - 1, len(r.ids), False)
 
 
-def span(r: RequestState) -> RowSpan:
+# Drafts are verified only in batches of at most this many requests: the verify CUDA graphs
+# (engine/graphed_verify.py) go up to 32 rows, and on the H200 an eager verify step of 64 rows x 5 tokens cost 3x
+# a graphed decode step, so a copy workload gained 1.02x at batch 64 against 1.88x at batch 32
+# (scripts/bench_spec.py, 2026-11-29). Larger batches decode plainly (their drafts wait: a batch that shrinks
+# verifies them again). LoRAX stops at 32 verify rows in all (B x (S + 1)).
+MAX_VERIFY_ROWS = 32
+
+
+def span(r: RequestState, verify: bool = True) -> RowSpan:
     if not r.prefilling:
-        return RowSpan(len(r.ids) - 1, len(r.ids), bool(r.drafts), tuple(r.drafts))
+        drafts = tuple(r.drafts) if verify else ()
+        return RowSpan(len(r.ids) - 1, len(r.ids), bool(drafts), drafts)
     return RowSpan(r.n_cached, r.n_cached + r.chunk, r.prefill_logprobs)
 
 
 def plan(batch: Batch) -> StepPlan:
     reqs = batch.requests
-    spans = [span(r) for r in reqs]
+    verify = len(reqs) <= MAX_VERIFY_ROWS
+    spans = [span(r, verify) for r in reqs]
     sampling = [i for i, (r, s) in enumerate(zip(reqs, spans)) if s.stop >= len(r.ids)]
     return StepPlan(spans, sampling, any(r.prefilling for r in reqs), any(s.drafts for s in spans))
 

@@ -50,6 +50,7 @@ def compute(
     masks = grammars.start_masks([reqs[i].grammar for i in rows])  # None unless one is constrained
     spans_path = plan.prefill or plan.verify  # multi-token rows; a pure decode may replay a CUDA graph
     spans = plan.spans if spans_path else None
+    medusa = medusa and len(reqs) <= chunks.MAX_VERIFY_ROWS  # larger batches decode plainly (CUDA graphs)
     step = lookahead.step_logits(runner, batch, spans_path, adapter_slots, spans, speculative=medusa)
     if not rows:
         return Computed(plan, step, [], [])
