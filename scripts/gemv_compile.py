@@ -72,11 +72,11 @@ def compile_all() -> None:
                 shift = t.unpack == "shift" and (bm == 1 or bits == 4)
                 const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=reduce,
                              PREFETCH=t.prefetch and bm == 1, STAGES=1 if t.prefetch and bm == 1 else t.num_stages,
-                             SHIFT=shift, ZBIAS=(16 if bits == 4 else 256) * shift,
+                             SHIFT=shift, X_PAIRS=bm == 1 and t.unpack == "shift", ZBIAS=(16 if bits == 4 else 256) * shift,
                              DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
                              TILE_GROUPS=max(1, bk // gs))  # fmt: skip
                 label = f"int{bits} {name:8s} BM{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"
-                _compile(_gemv_kernel, label, ptrs, ints, const, t)
+                _compile(_gemv_kernel, label, {**ptrs, "x": "*i32" if const["X_PAIRS"] else bf16}, ints, const, t)
     ints = ("M", "N", "K", "K_PER_SPLIT", "SPLITS", "stride_xm", "stride_wn", "stride_ym")
     dense = {"bf16 " + _name(t): (bf16, t) for plan in DENSE_GEMV_PLAN.values() for _, t in plan}
     dense["bf16 " + _name(DENSE)] = (bf16, DENSE)

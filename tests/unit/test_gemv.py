@@ -109,6 +109,21 @@ def test_m1_tiles_holding_several_groups(bits, gs, bk, sym, lo):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_x_read_as_int32_pairs(bits):
+    """M = 1 with bf16 x reads x as int32 pairs (bit operations, which the interpreter runs exactly; scales fp32
+    here): equal to the reference of the same bf16 values, for both unpackings, split-K 1 and 2."""
+    q = _quant(40, 384, bits, 128, False, False, seed=11)
+    x = torch.randn(1, 384, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    ref = gptq_matmul_reference(x.double(), q.qweight, q.qzeros, q.scales.double(), q.g_idx, bits, 1)
+    w = gemv_weights(q.qweight, q.qzeros, q.scales.float(), bits, 1, 128, 0)
+    for split, unpack in ((1, "shift"), (2, "mask")):
+        tiles = GemvTiles(block_n=32, block_k=64, num_warps=4, num_stages=1, unpack=unpack)
+        out = quant_gemv(x, w, tiles=tiles, split_k=split)
+        assert out.dtype == torch.bfloat16
+        within(out.double(), ref, 1e-2)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 def test_row_shard_starting_inside_a_tile(bits):
     """Rows [192, 448) of a K = 512, group 128 linear: the shard's first tile starts 64 rows before its
     first row (masked), tiles stay inside groups; a shard told the wrong offset reads the wrong groups."""

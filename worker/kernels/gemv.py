@@ -10,6 +10,9 @@ Built to read the packed words at copy speed instead of shuffling them:
   point (z + ZBIAS), so M = 1 pays one FFMA per value, and M > 1 (Int4: 16 + q is exact in bf16) feeds it to
   tl.dot as is. "mask" (`_values`) is `(w & (MAXQ << sh)) | 0x4B000000` read as fp32 = 2^23 + q·2^sh, less
   2^23, with 2^−sh folded into x (M = 1) or multiplied back (M > 1).
+- M = 1 with bf16 x reads x as int32 pairs (one load, one shift or mask a value; X_PAIRS). With the shift
+  unpack and its mask as a runtime argument, the sm_90 loop is ~4.8 instructions a value for Int4 (the mask
+  unpack's was 6.3; scripts/gemv_compile.py reports registers, cuobjdump -sass counts the loop).
 - Split-K fills the SMs; the last split of an N tile to arrive sums the fp32 partials in split order
   (deterministic), adds the bias, writes y in x's dtype and resets its arrival counter: one launch.
 Row-parallel shards whose first row is not a tile boundary (K_OFFSET) start at a negative, masked
@@ -134,6 +137,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                  MASK_T, SPLITS, stride_xm, stride_ym,
                  BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  REDUCE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
+                 X_PAIRS: tl.constexpr,
                  ZBIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
@@ -176,7 +180,14 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
             part2 = tl.zeros([BKW, BLOCK_N], dtype=tl.float32)
             sx = tl.zeros([BKW], dtype=tl.float32)
             for j in tl.static_range(P):
-                xj = tl.load(x_ptr + kw * P + j, mask=mask_w, other=0.0).to(tl.float32)
+                if X_PAIRS:  # bf16 x read as int32 pairs (x_ptr: the int32 view): one load and one op a value less
+                    xw = tl.load(x_ptr + kw * (P // 2) + j // 2, mask=mask_w, other=0)
+                    if j % 2 == 0:
+                        xj = (xw << 16).to(tl.float32, bitcast=True)
+                    else:
+                        xj = (xw & -65536).to(tl.float32, bitcast=True)
+                else:
+                    xj = tl.load(x_ptr + kw * P + j, mask=mask_w, other=0.0).to(tl.float32)
                 sx += xj
                 if SHIFT:  # part2 is Σ x (2^(23 - T) + q): the bias is taken off with the zero below
                     part2 += xj[:, None] * _biased(words, MASK_T, j, BITS)
@@ -323,12 +334,13 @@ def quant_gemv(
     x = x.contiguous()
     split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
+    pairs = x.dtype == torch.bfloat16 and not dot and tiles.unpack == "shift"  # "mask": the 2026-11-29 kernel
+    zeros, b = w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales
     _gemv_kernel[grid](
-        x, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales,
-        y, part, w.counters, M, N, K, k_per_split, w.k_offset, ((1 << w.bits) - 1) << (19 if w.bits == 4 else 15),
-        split_k, x.stride(0), y.stride(0),
+        x.view(torch.int32) if pairs else x, w.qweight, w.scales, zeros, b, y, part, w.counters, M, N, K,
+        k_per_split, w.k_offset, ((1 << w.bits) - 1) << (19 if w.bits == 4 else 15), split_k, x.stride(0), y.stride(0),
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
-        PREFETCH=prefetch, STAGES=1 if prefetch else tiles.num_stages, SHIFT=shift,
+        PREFETCH=prefetch, STAGES=1 if prefetch else tiles.num_stages, SHIFT=shift, X_PAIRS=pairs,
         ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=16 if dot else 1, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),

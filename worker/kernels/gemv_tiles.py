@@ -24,8 +24,9 @@ class GemvTiles:
 # 1.3-1.5 TB/s (28.4 us for K 13696 x N 5120; x1.45 vs bf16 cuBLAS). Its sm_90 loop issues ~6.3 instructions a
 # value (cuobjdump; 4 programs of 4 warps per SM at 122 registers) and its register prefetch is scheduled ~60%
 # into the loop: instruction- and latency-bound, not memory-bound. "g1" is the same tile with the shift unpack
-# (~5.2 a value): the default, by construction; revert to "g1mask" if the GPU says otherwise. "g1pipe"/"g1pipe4"/
-# "g2pipe" let Triton's pipeliner keep 2-3 tiles in flight (cp.async, issued at the loop top; ~5.1 a value).
+# and bf16 x read in int32 pairs (~4.8 a value): the default, by construction; revert to "g1mask" (the measured
+# kernel, unchanged) if the GPU says otherwise. "g1pipe"/"g1pipe4"/"g2pipe" let Triton's pipeliner keep 2-3
+# tiles in flight (cp.async, issued at the loop top; ~4.8 a value).
 # g2/g2pps2 put 2 groups' rows in a tile (16 KB of words per load; ~250 registers, 2 programs per SM: hence
 # g2pps2), g1n256w8 8 warps over 256 columns, g1dot M = 1 through tl.dot (~6.0 a value), "strip" one program
 # per full-K strip of 32 columns (no split-K). All measured by scripts/gpu_check_gemv.py.
