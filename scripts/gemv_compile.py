@@ -59,7 +59,7 @@ def compile_all() -> None:
     default's; the dense GEMV: bf16 plan tiles and e4m3 tiles at M = 1 and 16."""
     bf16 = "*bf16"
     ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-    ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS", "stride_xm", "stride_ym")
+    ints: tuple[str, ...] = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS", "stride_xm", "stride_ym")
     for bits in (4, 8):
         p = 32 // bits
         for name, by_bits in GEMV_TILES.items():
@@ -72,7 +72,8 @@ def compile_all() -> None:
                 shift = t.unpack == "shift" and (bm == 1 or bits == 4)
                 const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=reduce,
                              PREFETCH=t.prefetch and bm == 1, STAGES=1 if t.prefetch and bm == 1 else t.num_stages,
-                             SHIFT=shift, X_PAIRS=bm == 1 and t.unpack == "shift", ZBIAS=(16 if bits == 4 else 256) * shift,
+                             SHIFT=shift, X_PAIRS=bm == 1 and t.unpack == "shift",
+                             ZBIAS=(16 if bits == 4 else 256) * shift,
                              DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
                              TILE_GROUPS=max(1, bk // gs))  # fmt: skip
                 label = f"int{bits} {name:8s} BM{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"
