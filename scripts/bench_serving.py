@@ -74,6 +74,27 @@ def bench_kv_capacity(
     return out
 
 
+def same_prompt_requests(ids: list[int], size: int, max_new: int, kv: tuple[int, int] | None = None) -> list[Any]:
+    """`size` greedy requests (ids 0..size-1) of prompt `ids` that ignore eos. kv (block_size, kv_tokens):
+    each request owns consecutive KV blocks from block 1 with one slot per token up to kv_tokens."""
+    from worker.pb import generate_pb2 as pb
+
+    params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
+    stop = pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True)
+    reqs = []
+    for i in range(size):
+        req = pb.Request(
+            id=i, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params, stopping_parameters=stop
+        )
+        if kv is not None:
+            bs, n = kv
+            per = math.ceil(n / bs)
+            req.blocks[:] = list(range(1 + i * per, 1 + (i + 1) * per))
+            req.slots[:] = [b * bs + j for b in req.blocks for j in range(bs)][:n]
+        reqs.append(req)
+    return reqs
+
+
 def bench_rpc_overhead(model: Any, tmp_dir: str, batch: int, ctx_len: int, forward_ms: float) -> dict[str, Any]:
     """P7: Decode RPC wall time through a real shard process vs the in-process forward time."""
     import grpc
@@ -116,36 +137,12 @@ def bench_rpc_overhead(model: Any, tmp_dir: str, batch: int, ctx_len: int, forwa
             time.sleep(0.5)
         stub = pb_grpc.LoraxServiceStub(grpc.insecure_channel(f"unix://{uds}-0"))
         ids = [(7 * i) % 400 + 1 for i in range(ctx_len)]
-        params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
-        stop = pb.StoppingCriteriaParameters(max_new_tokens=60, ignore_eos_token=True)
-        warm = pb.Batch(
-            id=0,
-            requests=[
-                pb.Request(
-                    id=0, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params, stopping_parameters=stop
-                )
-            ],
-        )
+        warm = pb.Batch(id=0, requests=same_prompt_requests(ids, 1, 60))
         total = stub.Warmup(
             pb.WarmupRequest(batch=warm, max_input_length=ctx_len, max_prefill_tokens=8192, max_new_tokens=60)
         ).max_supported_total_tokens
         info = stub.Info(pb.InfoRequest())
-        bs = info.block_size
-        per = math.ceil((ctx_len + 59) / bs)
-        reqs = []
-        for i in range(batch):
-            blocks = list(range(1 + i * per, 1 + (i + 1) * per))
-            slots = [b * bs + j for b in blocks for j in range(bs)][: ctx_len + 59]
-            reqs.append(
-                pb.Request(
-                    id=i,
-                    tokenized_inputs=pb.TokenizedInputs(ids=ids),
-                    parameters=params,
-                    stopping_parameters=stop,
-                    blocks=blocks,
-                    slots=slots,
-                )
-            )
+        reqs = same_prompt_requests(ids, batch, 60, (info.block_size, ctx_len + 59))
         resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=batch)))
         cached = resp.batch
         walls = []

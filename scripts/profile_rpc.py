@@ -14,7 +14,6 @@ then the torch profiler's top CPU operations over a few in-process steps.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -68,6 +67,7 @@ def main() -> None:
     import grpc
 
     from bench_common import build_model
+    from bench_serving import same_prompt_requests
     from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
     from worker.distributed import ParallelContext
     from worker.engine.engine import Engine, EngineConfig
@@ -89,33 +89,11 @@ def main() -> None:
     )  # the gRPC rounds below compare both
     servicer = LoraxServicer(engine, os.path.join(tmp, "s"), "cuda")
     ids = [(7 * i) % 400 + 1 for i in range(ctx)]
-    params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
-    stop = pb.StoppingCriteriaParameters(max_new_tokens=new, ignore_eos_token=True)
-    warm = pb.Batch(
-        id=0,
-        requests=[
-            pb.Request(id=0, tokenized_inputs=pb.TokenizedInputs(ids=ids), parameters=params, stopping_parameters=stop)
-        ],
-    )
+    warm = pb.Batch(id=0, requests=same_prompt_requests(ids, 1, new))
     servicer.Warmup(
         pb.WarmupRequest(batch=warm, max_input_length=ctx, max_prefill_tokens=8192, max_new_tokens=new), None
     )
-    bs = engine.cfg.block_size
-    per = math.ceil((ctx + new) / bs)
-    reqs = []
-    for i in range(B):
-        blocks = list(range(1 + i * per, 1 + (i + 1) * per))
-        slots = [b * bs + j for b in blocks for j in range(bs)][: ctx + new]
-        reqs.append(
-            pb.Request(
-                id=i,
-                tokenized_inputs=pb.TokenizedInputs(ids=ids),
-                parameters=params,
-                stopping_parameters=stop,
-                blocks=blocks,
-                slots=slots,
-            )
-        )
+    reqs = same_prompt_requests(ids, B, new, (engine.cfg.block_size, ctx + new))
     cached = servicer.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=B)), None).batch
 
     # phases of the in-process Decode
