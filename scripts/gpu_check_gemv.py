@@ -228,6 +228,7 @@ def correctness() -> None:
             (1, 520, 1408, False, False, 320, GEMV_DEFAULT),
             (1, 520, 1408, True, False, 320, "g2"),
             (1, 520, 1408, False, False, 320, "g1mask"),
+            (1, 520, 1408, True, False, 320, "g1pipe"),
             (3, 264, 1024, True, False, 0, GEMV_DEFAULT),
             (8, 4096, 4096, False, True, 0, GEMV_DEFAULT),
         ):
@@ -254,7 +255,10 @@ def timings() -> None:
     for label, (k, n) in seven:
         for bits in (4, 8):
             if _due(f"{label} int{bits} M=8"):
-                check(f"{label} int{bits} M=8", partial(time_gptq, label, k, n, bits, 8, [GEMV_DEFAULT, "g2w8"]))
+                check(
+                    f"{label} int{bits} M=8",
+                    partial(time_gptq, label, k, n, bits, 8, [GEMV_DEFAULT, "g1mask", "g1n256w8"]),
+                )
         if _due(f"{label} fp8 M=8"):
             check(f"{label} fp8 M=8", partial(time_fp8, label, k, n, 8, ["n32k256w4", "n32k512pf0", "splitk"]))
     for label, (k, n) in seven:
