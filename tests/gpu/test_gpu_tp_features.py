@@ -1,0 +1,108 @@
+"""Speculative decoding and GPTQ under tensor parallelism over NCCL (world size 2, and 4 with 4 GPUs), the Triton
+backend and CUDA graphs, against world size 1. Ranks are real processes (tests/tp_features.py). The claims:
+- prompt lookup: every rank's reported requests carry the greedy tokens of world size 1 without drafts, with
+  drafts accepted, every verify step replayed from a graph; rank 1's chooser sees noise, so rank 0's broadcast
+  choices must reach both ranks;
+- Medusa heads (the demo's, column-parallel and gathered): each rank's speculative logits equal world size 1's,
+  and the greedy tokens with the heads equal those without;
+- GPTQ Int4 with act order (c_proj's rows split mid-group) and Int8: prefill and decode logits equal world size 1.
+
+QWEN_TP_FEATURES_CPU=1 runs the same checks at world size 2 over gloo on the CPU (torch backend, no graphs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tp_features import GPTQ_DTYPES, PROMPTS, SCRIPT
+from tp_spawn import run_ranks
+
+CPU = os.environ.get("QWEN_TP_FEATURES_CPU") == "1"
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not CPU and GPUS < 2, reason="needs 2 CUDA GPUs (QWEN_TP_FEATURES_CPU=1: gloo on the CPU)"),
+]
+ENV = (
+    dict(QWEN_TEST_DEVICE="cpu", QWEN_TEST_BACKEND="torch")
+    if CPU
+    else dict(QWEN_TEST_DEVICE="cuda", QWEN_TEST_BACKEND="triton")
+)
+WORLDS = [2] if CPU else [w for w in (2, 4) if w <= GPUS]
+Ranks = list[dict[str, torch.Tensor]]
+
+
+def spawn(kind: str, out: str, world: int, *args: str) -> Ranks:
+    """Each rank's results of `tests/tp_features.py KIND OUT ARGS` at world size `world`."""
+    return run_ranks([SCRIPT, kind, out, *args], out, world, **ENV)
+
+
+@pytest.fixture(scope="module")
+def spec_runs(demo_dir, tmp_path_factory) -> dict[int, Ranks]:
+    """Per world size, each rank's results: world 1 decodes plainly, larger worlds with drafts."""
+    tmp = tmp_path_factory.mktemp("tp_spec")
+    runs = {1: spawn("spec", str(tmp / "w1"), 1, demo_dir, "plain")}
+    for w in WORLDS:
+        runs[w] = spawn("spec", str(tmp / f"w{w}"), w, demo_dir, "lookup,medusa")
+    return runs
+
+
+def check_tokens(runs: dict[int, Ranks], name: str) -> None:
+    """Each rank reports its own requests (id % world == rank), with world 1's plain tokens; steps carried
+    several tokens; on the GPU every verify step replayed a graph."""
+    single = runs[1][0]
+    for w in WORLDS:
+        for r, res in enumerate(runs[w]):
+            reported = sorted(int(k.split(".")[2]) for k in res if k.startswith(f"{name}.tokens."))
+            assert reported == [i for i in range(len(PROMPTS)) if i % w == r], (name, w, r)
+            for rid in reported:
+                assert res[f"{name}.tokens.{rid}"].tolist() == single[f"plain.tokens.{rid}"].tolist(), (name, w, rid)
+        steps = torch.cat([res[k] for res in runs[w] for k in res if k.startswith(f"{name}.steps.")])
+        assert int(steps.max()) >= 4, (name, w)  # runs of accepted drafts
+        if not CPU:
+            graphed, eager = runs[w][0][f"{name}.verify"].tolist()
+            assert graphed >= 3 and eager == 0, (name, w, graphed, eager)
+
+
+def test_prompt_lookup_keeps_the_greedy_tokens(spec_runs):
+    check_tokens(spec_runs, "lookup")
+
+
+def test_medusa_heads_equal_world_one(spec_runs):
+    single = spec_runs[1][0]
+    for w in WORLDS:
+        for res in spec_runs[w]:
+            for key in ("logits", "spec"):
+                worst = (res[key] - single[key]).abs().max().item()
+                print(f"world {w}: max abs {key} diff vs world 1 = {worst:.2e}")
+                torch.testing.assert_close(res[key], single[key], rtol=1e-3, atol=2e-3)
+    check_tokens(spec_runs, "medusa")
+
+
+def test_gptq_logits_equal_world_one(tmp_path):
+    from gptq_helpers import gptq_checkpoint
+    from helpers import TINY
+    from random_weights import random_checkpoint
+
+    cfg = {**TINY, "seq_length": 8}  # NTK active on the longer prompts
+    state = random_checkpoint(cfg, seed=21)
+    ckpts = []
+    for name, bits, sym, act in (("int4", 4, False, True), ("int8", 8, True, False)):
+        path, _ = gptq_checkpoint(str(tmp_path / name), cfg, state, bits, 32, sym, act)
+        ckpts.append(f"{name}={path}")
+    single = spawn("gptq", str(tmp_path / "w1"), 1, ",".join(ckpts))[0]
+    assert {k.split(".")[0] for k in single} == {"int4", "int8"}
+    for w in WORLDS:
+        for res in spawn("gptq", str(tmp_path / f"w{w}"), w, ",".join(ckpts)):
+            assert res.keys() == single.keys()
+            for dname in GPTQ_DTYPES:
+                keys = [k for k in single if f".{dname}." in k]
+                worst = max((res[k] - single[k]).abs().max().item() for k in keys)
+                scale = max(single[k].abs().max().item() for k in keys)
+                print(
+                    f"GPTQ {dname}, world {w}: max abs logit diff vs world 1 = {worst:.2e} (logits up to {scale:.1f})"
+                )
+                assert worst <= (1e-3 if dname == "fp32" else 3e-2 * scale), (dname, w, worst)
