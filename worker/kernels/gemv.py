@@ -334,7 +334,7 @@ def quant_gemv(
     x = x.contiguous()
     split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
     grid = (triton.cdiv(N, tiles.block_n), split_k)
-    pairs = x.dtype == torch.bfloat16 and not dot and tiles.unpack == "shift"  # "mask": the 2026-11-29 kernel
+    pairs = x.dtype == torch.bfloat16 and not dot and tiles.unpack == "shift" and x.storage_offset() % 2 == 0
     zeros, b = w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales
     _gemv_kernel[grid](
         x.view(torch.int32) if pairs else x, w.qweight, w.scales, zeros, b, y, part, w.counters, M, N, K,
