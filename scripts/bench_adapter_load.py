@@ -3,7 +3,6 @@ safetensors, cold, after DownloadAdapter and from the host cache."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ def write_peft_adapter(path: str, config: QwenConfig, rank: int, alpha: float, d
     """A PEFT LoRA adapter directory (all five modules of every layer); returns the file's size."""
     from safetensors.torch import save_file
 
+    from make_demo_model import write_peft_config
     from worker.adapters.peft import MODULES, module_dims
 
     g = torch.Generator().manual_seed(seed)
@@ -32,19 +32,7 @@ def write_peft_adapter(path: str, config: QwenConfig, rank: int, alpha: float, d
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, "adapter_model.safetensors")
     save_file(tensors, file)
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": rank,
-                "lora_alpha": alpha,
-                "target_modules": ["c_attn", "c_proj", "w1", "w2"],
-                "lora_dropout": 0.0,
-                "bias": "none",
-            },
-            f,
-        )
+    write_peft_config(path, rank, alpha)
     return os.path.getsize(file)
 
 

@@ -111,6 +111,26 @@ def full_forward(
     return torch.func.functional_call(model, params, args)[0]
 
 
+def write_peft_config(path: str, rank: int, alpha: float, **extra: Any) -> None:
+    """adapter_config.json of a PEFT LoRA adapter over all four Qwen linears (PEFT's defaults written out)."""
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": ["c_attn", "c_proj", "w1", "w2"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        **extra,
+    }
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def greedy(model, prompt: list[int], max_new: int, eos: int, params: dict | None = None) -> list[int]:
     out = list(prompt)
     for _ in range(max_new):
@@ -305,25 +325,7 @@ def build(out_dir: str, seed: int = 0, quiet: bool = False) -> None:
         adir = os.path.join(adapter_root, name)
         os.makedirs(adir, exist_ok=True)
         save_file(tensors, os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(adir, "adapter_config.json"), "w") as f:
-            json.dump(
-                {
-                    "peft_type": "LORA",
-                    "task_type": "CAUSAL_LM",
-                    "r": rank,
-                    "lora_alpha": alpha,
-                    "target_modules": ["c_attn", "c_proj", "w1", "w2"],
-                    "lora_dropout": 0.0,
-                    "bias": "none",
-                    "use_rslora": False,
-                    "use_dora": False,
-                    "fan_in_fan_out": False,
-                    "modules_to_save": None,
-                    "base_model_name_or_path": os.path.abspath(model_dir),
-                },
-                f,
-                indent=2,
-            )
+        write_peft_config(adir, rank, alpha, base_model_name_or_path=os.path.abspath(model_dir))
     seqs = [tok.encode(p + c) + [eos] for p, c in BASE_TEXTS]
     tensors, accuracy = train_medusa(model, seqs, MEDUSA_HEADS, seed + 10, steps=300)
     mdir = os.path.join(adapter_root, "medusa")
