@@ -19,12 +19,10 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -122,40 +120,14 @@ async def _http_load(port: int, a: argparse.Namespace) -> tuple[list[tuple[int, 
 
 
 def run_http(uds: str, model_dir: str, a: argparse.Namespace) -> Load:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from http_front import front_command, start_front
+    from worker.launcher import free_port
+
+    port = free_port()
     limits = [f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items()]
-    front = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router_client.cli",
-            "serve",
-            "--uds-path",
-            uds,
-            "--model-dir",
-            model_dir,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--max-concurrent-requests",
-            str(max(128, a.streams)),
-            *limits,
-        ],
-        cwd=ROOT,
-    )
+    cmd = front_command(uds, model_dir, port, "--max-concurrent-requests", str(max(128, a.streams)), *limits)
+    front = start_front(cmd, port, timeout_s=300)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30):
-                    break
-            except OSError:
-                if front.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("the HTTP front did not start") from None
-                time.sleep(0.2)
         results, wall = asyncio.run(_http_load(port, a))
     finally:
         front.send_signal(signal.SIGTERM)

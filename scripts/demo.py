@@ -176,47 +176,22 @@ def run(args, model_dir: str, uds: str, launcher: subprocess.Popen, log_path: st
 
 def http_front(model_dir: str, uds: str) -> int:
     """`qwen-router serve` on the same shards, called with the openai and lorax-client packages."""
-    import socket
-    import urllib.request
+    from http_front import front_command, start_front
+    from worker.launcher import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "router_client.cli",
-        "serve",
-        "--uds-path",
-        uds,
-        "--model-dir",
-        model_dir,
-        "--adapter-root",
-        os.path.join(os.path.dirname(model_dir), "adapters"),
-        "--port",
-        str(port),
-        "--max-input-length",
-        "96",
-        "--max-total-tokens",
-        "160",
-        "--log-level",
-        "warning",
-    ]
+    adapter_root = os.path.join(os.path.dirname(model_dir), "adapters")
+    cmd = front_command(
+        uds, model_dir, port, "--adapter-root", adapter_root, "--max-input-length", "96", "--max-total-tokens", "160"
+    )
     print(f"\nHTTP front: {' '.join(['qwen-router', *cmd[3:]])}")
-    front = subprocess.Popen(cmd, cwd=ROOT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=30) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                if front.poll() is not None or time.time() > deadline:
-                    print("the HTTP front did not start")
-                    return 1
-                time.sleep(0.2)
+        front = start_front(cmd, port, timeout_s=120)
+    except RuntimeError as err:
+        print(err)
+        return 1
+    try:
         try:
             import openai
             from lorax import Client
