@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from pb_requests import NEUTRAL as NEUTRAL  # the speculative tests import both from here
+from pb_requests import greedy_request as greedy_request
 from worker.distributed import ParallelContext
 from worker.engine import step
 from worker.engine.batch import Batch
@@ -112,27 +114,6 @@ class Spy:
 
         monkeypatch.setattr(step, "compute", wrapped)
         return spy
-
-
-NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}  # no processor on
-
-
-def greedy_request(rid: int, ids: list[int], max_new: int, **params: Any) -> Any:
-    """A pb.Request with the given chooser parameters (greedy by default) that ignores eos unless told."""
-    stop = params.pop("stop", [])
-    ignore_eos = params.pop("ignore_eos", True)
-    request_fields = ("blocks", "slots", "adapter_index", "chunk_len", "prefill_logprobs")
-    fields = {k: params.pop(k) for k in list(params) if k in request_fields}
-    return pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(**{**NEUTRAL, **params}),
-        stopping_parameters=pb.StoppingCriteriaParameters(
-            max_new_tokens=max_new, stop_sequences=stop, ignore_eos_token=ignore_eos
-        ),
-        **fields,
-    )
 
 
 def close(a: list[float], b: list[float], tol: float = 1e-4) -> bool:

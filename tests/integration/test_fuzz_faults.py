@@ -19,6 +19,7 @@ import time
 import grpc
 
 from make_demo_model import ADAPTERS, BASE_TEXTS, STORY_PROMPT
+from pb_requests import paged_request
 from shards import start_launcher, stop
 from worker.pb import generate_pb2 as pb
 
@@ -31,18 +32,8 @@ def _stats(stub) -> dict:
 
 
 def _request(rid: int, ids: list[int], max_new: int, adapter_index: int = 0) -> pb.Request:
-    n = len(ids) + max_new - 1
-    blocks = list(range(1, 1 + math.ceil(n / BS)))
-    return pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-        adapter_index=adapter_index,
-        blocks=blocks,
-        slots=[b * BS + j for b in blocks for j in range(BS)][:n],
-    )
+    blocks = list(range(1, 1 + math.ceil((len(ids) + max_new - 1) / BS)))
+    return paged_request(rid, ids, max_new, blocks, BS, adapter_index=adapter_index)
 
 
 def test_a_new_router_serves_a_shard_a_dead_router_left_mid_generation(shard, tok):

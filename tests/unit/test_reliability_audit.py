@@ -20,6 +20,7 @@ import torch
 from helpers import TINY, write_checkpoint
 from lora_helpers import write_adapter
 from paged import Paged
+from pb_requests import greedy_request, paged_request
 from random_weights import random_checkpoint
 from reference import load_checkpoint, ref_greedy
 from tp_worker import run_world
@@ -43,18 +44,9 @@ def _engine(model_dir: str, look_ahead: bool = False) -> Engine:
 
 
 def _request(rid: int, ids: list[int], max_new: int, blocks: list[int] | None = None) -> pb.Request:
-    req = pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
-    if blocks is not None:
-        n = len(ids) + max_new - 1
-        req.blocks[:] = blocks
-        req.slots[:] = [b * BS + j for b in blocks for j in range(BS)][:n]
-    return req
+    if blocks is None:
+        return greedy_request(rid, ids, max_new)
+    return paged_request(rid, ids, max_new, blocks, BS)
 
 
 def _tokens(generations, out: dict[int, list[int]]) -> None:

@@ -16,6 +16,7 @@ import torch
 from helpers import TINY, write_checkpoint
 from lora_helpers import attach_manager, load, write_adapter
 from paged import Paged
+from pb_requests import greedy_request as _request
 from random_weights import random_checkpoint
 from worker.distributed import ParallelContext
 from worker.engine.engine import Engine, EngineConfig
@@ -23,16 +24,6 @@ from worker.errors import status_of
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
 from worker.tokenizer import QwenTokenizer
-
-
-def _request(rid: int, ids: list[int], max_new: int) -> pb.Request:
-    return pb.Request(
-        id=rid,
-        inputs="",
-        tokenized_inputs=pb.TokenizedInputs(ids=ids),
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
 
 
 def _decode_all(engine: Engine, batch, out: list[int]) -> None:
