@@ -32,7 +32,10 @@ FP8_GEMV_TILES: dict[str, GemvTiles | None] = {  # block_k: columns (bytes) per 
     "n16k1024w8": GemvTiles(block_n=16, block_k=1024, num_warps=8),
     "splitk": None,  # the split-K kernel below (`w8a16_matmul`)
 }
-FP8_GEMV_DEFAULT = "n16k1024w8"  # spill-free for sm_90 (scripts/gemv_compile.py); the rest spill a little
+# fastest on all four 7B shapes at M = 1 on the H200 (2026-11-29, scripts/gpu_check_gemv.py): c_attn 18.4 us vs
+# 32.8 for n16k1024w8 and 29.3 for bf16 cuBLAS; attn.c_proj 10.2 / 18.0 / 12.8; w2|w1 28.0 / 57.6 / 51.5;
+# mlp.c_proj 17.6 / 32.5 / 28.1. No spills on sm_90 (scripts/gemv_compile.py).
+FP8_GEMV_DEFAULT = "n32k512pf0"
 
 
 # fmt: off

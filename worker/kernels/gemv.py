@@ -329,7 +329,8 @@ def quant_gemv(
             + (" and hold 16 word rows" if dot else " or be a multiple of it")
         )
     tiles = dataclasses.replace(tiles, block_k=bk)
-    shift = tiles.unpack == "shift" and (w.bits == 4 or not dot)  # 256 + q (Int8) is not exact in bf16
+    unpack = (tiles.dot_unpack or tiles.unpack) if dot else tiles.unpack
+    shift = unpack == "shift" and (w.bits == 4 or not dot)  # 256 + q (Int8) is not exact in bf16
     prefetch = tiles.prefetch and not dot
     x = x.contiguous()
     split_k, k_per_split, y, part = _plan(x, N, K + w.k_offset % bk, tiles, split_k)
