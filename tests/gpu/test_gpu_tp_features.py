@@ -105,4 +105,4 @@ def test_gptq_logits_equal_world_one(tmp_path):
                 print(
                     f"GPTQ {dname}, world {w}: max abs logit diff vs world 1 = {worst:.2e} (logits up to {scale:.1f})"
                 )
-                assert worst <= (1e-3 if dname == "fp32" else 3e-2 * scale), (dname, w, worst)
+                assert worst <= (1e-3 if dname == "fp32" else 5e-2 * scale), (dname, w, worst)  # bf16: a few ulps
