@@ -225,7 +225,7 @@ class Engine:
                 self.batches[keep.id] = keep
             raise
         try:
-            generations = self._step(batch, computed)
+            reports = step.apply(batch, computed, self.tokenizer, self.speculation)
         except Exception:
             self._release(batch.requests)
             raise
@@ -233,6 +233,12 @@ class Engine:
         if survivors is not None:
             chunks.assign(survivors.requests, self.max_prefill_tokens)
             self._look_ahead(survivors)
+        try:  # the texts and Generations are built while the look-ahead forward runs
+            generations = step.generations(self.tokenizer, reports)
+        except Exception:
+            self._release(batch.requests)
+            raise
+        if survivors is not None:
             # The next step's masks: computed here while the look-ahead forward runs on the GPU (no GIL handoff
             # to another thread), else in the background while the step replies and the next Decode arrives.
             ahead = any(r.ahead is not None for r in survivors.requests)
@@ -306,7 +312,3 @@ class Engine:
             lookahead.clear(batch.requests)
             return
         lookahead.start(self.runner, batch, self.adapters, wanted=self.cfg.look_ahead, world_size=self.pctx.world_size)
-
-    def _step(self, batch: Batch, computed: step.Computed) -> list[Generation]:
-        """Append the step's tokens, check the stops, set the next drafts; this shard's generations."""
-        return step.apply(batch, computed, self.tokenizer, self.speculation)

@@ -92,6 +92,18 @@ def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool], computed: 
     """This step's logits [B, V]: ready requests' look-ahead rows, the others' rows of `computed`
     ([missing, V], in order). Every request's row is used once: all are cleared. All rows of one
     look-ahead, in its order, return its tensor as is (no copy)."""
+    first = requests[0].ahead
+    whole = (
+        all(is_ready)
+        and first is not None
+        and first.logits.shape[0] == len(requests)
+        and all(
+            r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i for i, r in enumerate(requests)
+        )
+    )
+    if whole and first is not None:  # the usual decode step: no per-row slices
+        clear(requests)
+        return first.logits
     rows: list[torch.Tensor] = []
     j = 0
     for r, ok in zip(requests, is_ready):
@@ -102,17 +114,8 @@ def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool], computed: 
             assert computed is not None
             rows.append(computed[j])
             j += 1
-    first = requests[0].ahead
-    whole = (
-        all(is_ready)
-        and first is not None
-        and first.logits.shape[0] == len(requests)
-        and all(
-            r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i for i, r in enumerate(requests)
-        )
-    )
     clear(requests)
-    return first.logits if whole and first is not None else torch.stack(rows)
+    return torch.stack(rows)
 
 
 def start(runner: Runner, batch: Batch, adapters: Adapters | None, *, wanted: bool | None, world_size: int) -> None:

@@ -165,6 +165,7 @@ class BatchSampler:
         self._top_p = col(top_p) if any(x < 1.0 for x in top_p) else None
         typical = [p.typical_p if s else 1.0 for p, s in zip(ps, sampling)]
         self._typical = col(typical) if any(x < 1.0 for x in typical) else None
+        self._ks = [min(p.return_k_alternatives, self.n_real_vocab) for p in ps]  # alternatives per row
 
     def __len__(self) -> int:
         return len(self.params)
@@ -236,7 +237,7 @@ class BatchSampler:
         return scores - self._frequency * counts - self._presence * seen
 
     def _alternatives(self, logprobs: torch.Tensor) -> tuple[list[list[int]], list[list[float]]]:
-        ks = [min(p.return_k_alternatives, self.n_real_vocab) for p in self.params]
+        ks = self._ks
         if not any(ks):
             return [[] for _ in ks], [[] for _ in ks]
         top = torch.topk(logprobs[:, : self.n_real_vocab], max(ks), dim=-1)  # sorted, largest first

@@ -102,6 +102,9 @@ def choose(
     makes if it gets there (then they were all accepted), so all its positions are picked in round 0: a batch
     without sampling rows takes one call and one broadcast. A sampling row draws once per position reached,
     as without drafts, so that its seeded stream stays the same."""
+    if not any(drafts):  # a plain decode step: one round, one token per row
+        picked = _pick(sampler, [(a, 0) for a in range(len(rows))], rows, drafts, prev_ids, allowed, pctx, first)
+        return [Choice([i], [lp], [t], [tl]) for i, lp, t, tl in zip(*picked)]
     choices = [Choice() for _ in rows]
     flat = [a for a in range(len(rows)) if drafts[a] and sampler.generators[a] is None]
     todo = [(a, 0) for a in range(len(rows))] + [(a, j) for a in flat for j in range(1, len(drafts[a]) + 1)]

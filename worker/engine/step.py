@@ -10,7 +10,9 @@ first token. Every rank computes every row; the chosen ids are rank 0's, so the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -31,6 +33,27 @@ class Computed:
     logits: StepLogits
     choices: list[Choice]  # per row of plan.sampling, in order: its tokens, identical on every rank
     medusa: list[list[int]]  # per row of plan.sampling: the Medusa heads' drafts for its next step ([]: none)
+
+
+class _Positions(Sequence[torch.Tensor]):
+    """Per sampling row, the logits of its positions: a verify row's prompt rows, else its last row [1, V].
+    Sliced when read: a plain decode step reads none (the chooser takes the last logits whole)."""
+
+    def __init__(self, logits: StepLogits, spans: Sequence[chunks.RowSpan], rows: list[int]):
+        self.logits, self.spans, self.rows = logits, spans, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, k: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, k: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, k: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        i = self.rows[k]
+        return self.logits.prompt[i] if self.spans[i].drafts else self.logits.last[i : i + 1]
 
 
 def compute(
@@ -56,7 +79,7 @@ def compute(
         return Computed(plan, step, [], [])
     # the filtered sampler shares the rows' generators: their seeded streams continue
     sampler = batch.sampler if len(rows) == len(reqs) else batch.sampler.filter(rows)
-    positions = [step.prompt[i] if plan.spans[i].drafts else step.last[i : i + 1] for i in rows]
+    positions = _Positions(step, plan.spans, rows)
     drafts = [plan.spans[i].drafts for i in rows]
     allowed = masks.result() if masks else None
     first = None  # without verify rows, round 0 reads the last logits as they are (no copy)
@@ -71,15 +94,30 @@ def compute(
     return Computed(plan, step, choices, heads)
 
 
-def apply(batch: Batch, c: Computed, tok: QwenTokenizer, setting: speculative.Speculation) -> list[Generation]:
+@dataclass
+class Report:
+    """What one row's Generation needs, taken when the step is applied; `generations` builds it later (after
+    the next forward is launched, so that the texts and dataclasses do not hold the device idle)."""
+
+    r: RequestState
+    choice: Choice
+    kept: int  # tokens kept: the first stop ends the step's tokens
+    texts: list[str]
+    first: bool  # the request's first token: its prefill tokens go with it
+    reason: FinishReason | None
+    seed: int | None
+    skipped: int
+
+
+def apply(batch: Batch, c: Computed, tok: QwenTokenizer, setting: speculative.Speculation) -> list[Report]:
     """Advance each row past its span, append its chosen tokens up to the first stop, check the stops, set the
-    next step's drafts; this shard's generations."""
+    next step's drafts; what this shard's generations need (`generations` builds them)."""
     reqs = batch.requests
     for i, (r, s) in enumerate(zip(reqs, c.plan.spans)):
         if r.prefilling and r.prefill_logprobs and r.report:
             chunks.gather_logprobs(r, c.logits.prompt[i], s, tok.n_real_vocab)
         r.n_cached = s.stop
-    generations = []
+    reports = []
     for j, i in enumerate(c.plan.sampling):
         r, choice, drafts = reqs[i], c.choices[j], c.plan.spans[i].drafts
         first = r.prefilling
@@ -88,26 +126,35 @@ def apply(batch: Batch, c: Computed, tok: QwenTokenizer, setting: speculative.Sp
         kept, texts, reason = _append(r, choice.ids)
         r.n_cached = len(r.ids) - 1  # the accepted drafts' K/V are in the cache; the last token's is not
         r.skipped += kept - 1
-        r.drafts = speculative.next_drafts(r, c.medusa[j], setting)
-        if not r.report:
-            continue
+        r.drafts = speculative.next_drafts(r, c.medusa[j], setting) if c.medusa[j] or setting.lookup_tokens else []
+        if r.report:
+            seed = None if reason is None or r.params.is_greedy else batch.sampler.seeds[i]
+            reports.append(Report(r, choice, kept, texts, first, reason, seed, r.skipped))
+    return reports
+
+
+def generations(tok: QwenTokenizer, reports: list[Report]) -> list[Generation]:
+    """The Generations of `apply`'s reports. Reads only what no later step has changed yet: the request's ids
+    up to its stop (a finished request gets no more) and its prompt logprobs (taken here)."""
+    out = []
+    for p in reports:
+        r, choice, kept = p.r, p.choice, p.kept
         alts = []
         if r.params.return_k_alternatives:
             alts = [alternatives(tok, ids, lps) for ids, lps in zip(choice.top_ids[:kept], choice.top_logprobs)]
         done = None
-        if reason is not None:
-            seed = None if r.params.is_greedy else batch.sampler.seeds[i]
-            done = generated_text(tok, r.ids[r.prompt_len :], reason, seed, r.skipped)
-        generations.append(
+        if p.reason is not None:
+            done = generated_text(tok, r.ids[r.prompt_len :], p.reason, p.seed, p.skipped)
+        out.append(
             Generation(
                 request_id=r.id,
-                next_tokens=next_tokens(tok, choice.ids[:kept], choice.logprobs[:kept], texts, alts),
-                prefill_tokens=_prompt(tok, r) if first and r.prefill_logprobs else None,
-                prefill_tokens_length=r.prompt_len - r.prefill_cache_len if first else 0,
+                next_tokens=next_tokens(tok, choice.ids[:kept], choice.logprobs[:kept], p.texts, alts),
+                prefill_tokens=_prompt(tok, r) if p.first and r.prefill_logprobs else None,
+                prefill_tokens_length=r.prompt_len - r.prefill_cache_len if p.first else 0,
                 generated_text=done,
             )
         )
-    return generations
+    return out
 
 
 def _append(r: RequestState, ids: list[int]) -> tuple[int, list[str], FinishReason | None]:
