@@ -3,6 +3,7 @@ weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks
 
     python scripts/profile_rpc.py --batch 64 --ctx 512
     python scripts/profile_rpc.py --p7       # P7 itself: the shard in its own process, client here
+    python scripts/profile_rpc.py --host --ctx 64   # no GPU: the shard's host work per Decode (see host)
 
 Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC, look-ahead
 off) with its input preparation + replay issue (CPU) and sampling (GPU time by events); then the same
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -50,6 +52,85 @@ def p7(shape: str, batch: int, ctx: int) -> None:
         )
 
 
+def serve_batch(model: Any, pctx: Any, B: int, ctx: int, new: int, look_ahead: bool | None) -> tuple[Any, Any, Any]:
+    """An engine and servicer on `model` (a byte-level tokenizer), warmed up, with a batch of B greedy requests of
+    `ctx` prompt tokens and router-allocated blocks for `new` more prefilled: (engine, servicer, its CachedBatch)."""
+    from bench_serving import same_prompt_requests
+    from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
+    from worker.engine.engine import Engine, EngineConfig
+    from worker.pb import generate_pb2 as pb
+    from worker.server import LoraxServicer
+    from worker.tokenizer import QwenTokenizer
+
+    tmp = tempfile.mkdtemp()
+    write_tiktoken_file(os.path.join(tmp, "qwen.tiktoken"), train_bpe_ranks("benchmark text", 0))
+    tok = QwenTokenizer.from_dir(tmp)
+    cfg = EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new), look_ahead=look_ahead)
+    engine = Engine(model, tok, pctx, cfg)
+    servicer = LoraxServicer(engine, os.path.join(tmp, "s"), pctx.device.type)
+    ids = [(7 * i) % 400 + 1 for i in range(ctx)]
+    warm = pb.Batch(id=0, requests=same_prompt_requests(ids, 1, new))
+    servicer.Warmup(
+        pb.WarmupRequest(batch=warm, max_input_length=ctx, max_prefill_tokens=8192, max_new_tokens=new), None
+    )
+    reqs = same_prompt_requests(ids, B, new, (engine.cfg.block_size, ctx + new))
+    cached = servicer.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=B)), None).batch
+    return engine, servicer, cached
+
+
+def host(batch: int, ctx: int, steps: int) -> None:
+    """The shard's host work per Decode on the CPU (the `tiny` shape, torch attention, look-ahead on): the handler,
+    the reply's protobufs and their serialization, less the forwards (timed apart); and of it the window the
+    device would idle in, from the chooser's end to the look-ahead's launch. The CPU forward is cheap at this
+    shape, so these figures are the Python/protobuf costs that P7 pays on a GPU host too."""
+    from bench_common import build_model
+    from worker.distributed import ParallelContext
+    from worker.engine import step
+    from worker.pb import generate_pb2 as pb
+
+    torch.set_num_threads(1)
+    pctx = ParallelContext()
+    model = build_model("tiny", pctx, "torch")
+    engine, servicer, cached = serve_batch(model, pctx, batch, ctx, steps + 10, look_ahead=True)
+    runner, choose = engine.runner, step.speculative.choose
+    marks: dict[str, float] = {}
+    forwards: list[float] = []
+    runner_forward = runner.forward
+
+    def forward(*a, **kw):
+        t = time.perf_counter()
+        marks.setdefault("launch", t)
+        out = runner_forward(*a, **kw)
+        forwards.append(time.perf_counter() - t)
+        return out
+
+    def chosen(*a, **kw):
+        out = choose(*a, **kw)
+        marks["chosen"] = time.perf_counter()
+        return out
+
+    runner.forward = forward  # timing instrumentation
+    step.speculative.choose = chosen  # idem (step.compute calls it through this)
+    totals, windows = [], []
+    try:
+        for _ in range(steps):
+            forwards.clear()
+            marks.clear()
+            request = pb.DecodeRequest(batches=[cached]).SerializeToString()
+            t = time.perf_counter()
+            resp = servicer.Decode(pb.DecodeRequest.FromString(request), None)
+            resp.SerializeToString()
+            totals.append(time.perf_counter() - t - sum(forwards))
+            windows.append(marks["launch"] - marks["chosen"])  # the look-ahead's forward is the last one
+            cached = resp.batch
+    finally:
+        step.speculative.choose = choose
+    med = statistics.median
+    print(f"CPU host work per Decode, tiny shape, batch {batch}, context {ctx}+, greedy, look-ahead on:")
+    print(f"  handler + reply protobufs + serialization, forwards excluded: {med(totals[5:]) * 1e3:.3f} ms")
+    print(f"  of it, chooser's end -> look-ahead launch (device idle on a GPU): {med(windows[5:]) * 1e3:.3f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="7b")
@@ -57,7 +138,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--p7", action="store_true", help="P7 as specified: the shard in its own process (see p7)")
+    ap.add_argument("--host", action="store_true", help="the shard's host work per Decode on the CPU (see host)")
     args = ap.parse_args()
+    if args.host:
+        host(args.batch, args.ctx, args.steps)
+        return
     if not torch.cuda.is_available():
         sys.exit("profile_rpc.py needs a CUDA GPU")
     if args.p7:
@@ -67,34 +152,18 @@ def main() -> None:
     import grpc
 
     from bench_common import build_model
-    from bench_serving import same_prompt_requests
-    from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
     from worker.distributed import ParallelContext
-    from worker.engine.engine import Engine, EngineConfig
     from worker.pb import generate_pb2 as pb
     from worker.pb import generate_pb2_grpc as pb_grpc
-    from worker.server import LoraxServicer, make_server
-    from worker.tokenizer import QwenTokenizer
+    from worker.server import make_server
 
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     pctx = ParallelContext(0, 1, dev)
     model = build_model(args.shape, pctx, "triton")
-    tmp = tempfile.mkdtemp()
-    write_tiktoken_file(os.path.join(tmp, "qwen.tiktoken"), train_bpe_ranks("benchmark text", 0))
-    tok = QwenTokenizer.from_dir(tmp)
     B, ctx, new = args.batch, args.ctx, 7 * args.steps + 40  # every Decode round below adds a token
-    engine = Engine(
-        model, tok, pctx, EngineConfig(block_size=16, max_total_tokens=2 * B * (ctx + new), look_ahead=False)
-    )  # the gRPC rounds below compare both
-    servicer = LoraxServicer(engine, os.path.join(tmp, "s"), "cuda")
-    ids = [(7 * i) % 400 + 1 for i in range(ctx)]
-    warm = pb.Batch(id=0, requests=same_prompt_requests(ids, 1, new))
-    servicer.Warmup(
-        pb.WarmupRequest(batch=warm, max_input_length=ctx, max_prefill_tokens=8192, max_new_tokens=new), None
-    )
-    reqs = same_prompt_requests(ids, B, new, (engine.cfg.block_size, ctx + new))
-    cached = servicer.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=reqs, size=B)), None).batch
+    engine, servicer, cached = serve_batch(model, pctx, B, ctx, new, look_ahead=False)  # gRPC rounds compare both
+    tmp = tempfile.mkdtemp()  # the gRPC rounds' sockets
 
     # phases of the in-process Decode
     phases: dict[str, list[float]] = {"prep+issue": [], "sampler_gpu": [], "after_issue": []}
@@ -108,7 +177,7 @@ def main() -> None:
         phases["prep+issue"].append(time.perf_counter() - t)
         return out
 
-    runner.forward = forward  # type: ignore[method-assign]  # timing instrumentation
+    runner.forward = forward  # timing instrumentation
 
     def decode_in_process(n: int) -> list[float]:
         nonlocal cached
@@ -124,7 +193,7 @@ def main() -> None:
                 _end.record()
                 return out
 
-            batch.sampler = timed_sampler  # type: ignore[assignment]  # timing instrumentation
+            batch.sampler = timed_sampler  # timing instrumentation
             t = time.perf_counter()
             resp = servicer.Decode(pb.DecodeRequest(batches=[cached]), None)
             resp.SerializeToString()
@@ -167,7 +236,7 @@ def main() -> None:
         handler_walls.append(time.perf_counter() - t)
         return out
 
-    servicer.Decode = timed_decode  # type: ignore[method-assign]  # registered by make_server below
+    servicer.Decode = timed_decode  # registered by make_server below
     grpc_rows = []
     for workers, interval, ahead in ((4, 0.005, False), (4, 0.005, None), (1, 0.005, False), (4, 1e-4, False)):
         sys.setswitchinterval(interval)

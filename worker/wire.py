@@ -44,7 +44,7 @@ def _fill_generation(out: pb.Generation, g: Generation) -> None:
         done.text = t.text
         done.generated_tokens = t.generated_tokens
         done.skipped_tokens = t.skipped_tokens
-        done.finish_reason = int(t.finish_reason)  # type: ignore[assignment]  # the enum's value
+        done.finish_reason = int(t.finish_reason)  # the enum's value
         if t.seed is not None:  # an optional field: present for sampling requests only
             done.seed = t.seed
 
