@@ -180,3 +180,17 @@ def test_without_a_speculator_the_first_adapter_sets_the_head_count(root):
     with pytest.raises(InvalidArgument, match=message):
         load(mgr, 2, os.path.basename(good(os.path.join(root, "k2"), K=2)))
     assert 2 not in mgr.entries
+
+
+def test_no_adapter_id_is_refused_clearly(root):
+    """LoadAdapter and DownloadAdapter without an adapter id: InvalidArgument naming adapter_ids (the gRPC
+    fuzz test found an IndexError in the Medusa check, answered INTERNAL)."""
+    from worker.pb import generate_pb2 as pb
+
+    mgr, _ = attach_manager(shapes_only(CONFIG), root)
+    with pytest.raises(InvalidArgument, match="adapter_ids is empty"):
+        load(mgr, 1)
+    params = pb.AdapterParameters(adapter_ids=[])
+    with pytest.raises(InvalidArgument, match="adapter_ids is empty"):
+        mgr.download(pb.DownloadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL))
+    assert not mgr.entries

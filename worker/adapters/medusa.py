@@ -125,6 +125,8 @@ def adapter_heads(root: str, paths: list[str], config: QwenConfig, num_heads: in
     """The Medusa heads an adapter id brings (Medusa-only v2 or joint LoRA + Medusa), checked for riding
     on requests beside heads of `num_heads` (0: none yet); None when it has none. `paths`: the resolved
     directory of each id of the request (several: a merge, which cannot merge heads)."""
+    if not paths:
+        return None  # no adapter id: the LoRA reader refuses the request, naming the empty adapter_ids
     heads = [read_medusa(root, p, config) for p in paths]
     if len(paths) > 1:
         for ckpt in heads:
