@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from spec_helpers import Spy, engine, greedy_request, run
+from worker.engine import chunks
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
 
@@ -70,6 +71,7 @@ def test_token_frequencies_agree_with_and_without_drafts(demo, monkeypatch):
         return [Counter(seen.tokens(i)[p] for i in range(N)) for p in range(POSITIONS)]
 
     off = counts(0, 1)
+    monkeypatch.setattr(chunks, "MAX_VERIFY_ROWS", N)  # one batch of N requests verifies its drafts
     spy = Spy.on(monkeypatch)
     on = counts(4, N + 1)
     assert spy.accepted >= N // 2  # many draws went through accepted drafts
