@@ -4,24 +4,12 @@ The cutoff is lowered to 2 here so a 3-request batch crosses it on the CPU."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-import pytest
-import torch
 
 from spec_helpers import engine, greedy_request, run
 from worker.engine import chunks, step
-from worker.models.qwen import FlashQwenForCausalLM
-from worker.tokenizer import QwenTokenizer
 
 COPY = "The capital of France is Paris, a city of light and old stone bridges. The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def demo(demo_dir) -> tuple[FlashQwenForCausalLM, QwenTokenizer]:
-    path = os.path.join(demo_dir, "model")
-    return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False), QwenTokenizer.from_dir(path)
 
 
 def test_no_drafts_verified_above_the_cutoff_and_again_below(demo, monkeypatch):
@@ -34,9 +22,11 @@ def test_no_drafts_verified_above_the_cutoff_and_again_below(demo, monkeypatch):
     plain = run(engine(model, tok, 0), requests())
     monkeypatch.setattr(chunks, "MAX_VERIFY_ROWS", 2)
     steps: list[tuple[int, int]] = []  # (requests in the batch, drafts verified) per computed step
+    pending: list[tuple[int, int]] = []  # (requests in the batch, drafts the requests hold) before each step
     compute = step.compute
 
     def spy(batch: Any, *args: Any, **kw: Any) -> step.Computed:
+        pending.append((len(batch.requests), sum(len(r.drafts) for r in batch.requests)))
         c = compute(batch, *args, **kw)
         steps.append((len(batch.requests), sum(len(s.drafts) for s in c.plan.spans)))
         return c
@@ -45,4 +35,5 @@ def test_no_drafts_verified_above_the_cutoff_and_again_below(demo, monkeypatch):
     drafted = run(engine(model, tok, 4), requests())
     assert {rid: drafted.tokens(rid) for rid in (1, 2, 3)} == {rid: plain.tokens(rid) for rid in (1, 2, 3)}
     assert any(n == 3 for n, _ in steps) and all(d == 0 for n, d in steps if n > 2)
+    assert all(d == 0 for n, d in pending if n > 2)  # no drafts are even proposed for a batch above the cutoff
     assert sum(d for n, d in steps if n <= 2) > 0  # the copy prompt's drafts are verified once the batch is small

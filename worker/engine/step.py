@@ -118,6 +118,8 @@ def apply(batch: Batch, c: Computed, tok: QwenTokenizer, setting: speculative.Sp
             chunks.gather_logprobs(r, c.logits.prompt[i], s, tok.n_real_vocab)
         r.n_cached = s.stop
     reports = []
+    # drafts only for a batch that verifies them (chunks.MAX_VERIFY_ROWS): no lookup pass per row beyond it
+    drafting = (setting.lookup_tokens > 0 or any(c.medusa)) and len(reqs) <= chunks.MAX_VERIFY_ROWS
     for j, i in enumerate(c.plan.sampling):
         r, choice, drafts = reqs[i], c.choices[j], c.plan.spans[i].drafts
         first = r.prefilling
@@ -126,7 +128,7 @@ def apply(batch: Batch, c: Computed, tok: QwenTokenizer, setting: speculative.Sp
         kept, texts, reason = _append(r, choice.ids)
         r.n_cached = len(r.ids) - 1  # the accepted drafts' K/V are in the cache; the last token's is not
         r.skipped += kept - 1
-        r.drafts = speculative.next_drafts(r, c.medusa[j], setting) if c.medusa[j] or setting.lookup_tokens else []
+        r.drafts = speculative.next_drafts(r, c.medusa[j], setting) if drafting else []
         if r.report:
             seed = None if reason is None or r.params.is_greedy else batch.sampler.seeds[i]
             reports.append(Report(r, choice, kept, texts, first, reason, seed, r.skipped))
