@@ -25,3 +25,14 @@ def demo_dir(tmp_path_factory) -> str:
 
     out = os.environ.get("QWEN_DEMO_DIR") or str(tmp_path_factory.mktemp("demo"))
     return ensure(out)
+
+
+@pytest.fixture(scope="module")
+def demo(demo_dir):
+    """(the demo model in fp32, its tokenizer), loaded once per test module (the speculative tests attach
+    Medusa heads to it, so modules do not share it); test_demo_model.py has its own `demo`."""
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.tokenizer import QwenTokenizer
+
+    path = os.path.join(demo_dir, "model")
+    return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False), QwenTokenizer.from_dir(path)

@@ -9,11 +9,9 @@ refused with a message naming them.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
-import torch
 
 from spec_helpers import Seen, Spy, close, engine, greedy_request, run
 from worker.cli import build_parser
@@ -21,8 +19,6 @@ from worker.engine import prompt_lookup
 from worker.engine.prompt_lookup import PromptLookup
 from worker.engine.speculative import Speculation
 from worker.engine.stopping import FinishReason
-from worker.models.qwen import FlashQwenForCausalLM
-from worker.tokenizer import QwenTokenizer
 
 # input-copy prompts: the demo model learnt these sentences, so it copies them back and drafts are accepted
 COPY = [
@@ -30,12 +26,6 @@ COPY = [
     "The quick brown fox jumps over the lazy dog by the river. The quick brown fox",
 ]
 OPEN = "Water boils at"  # no repeated n-gram to copy from at first
-
-
-@pytest.fixture(scope="module")
-def demo(demo_dir) -> tuple[FlashQwenForCausalLM, QwenTokenizer]:
-    path = os.path.join(demo_dir, "model")
-    return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False), QwenTokenizer.from_dir(path)
 
 
 def both(demo, requests, n: int = 4, **cfg) -> tuple[Seen, Seen]:

@@ -30,12 +30,6 @@ OPEN = "Water boils at"
 
 
 @pytest.fixture(scope="module")
-def demo(demo_dir) -> tuple[FlashQwenForCausalLM, QwenTokenizer]:
-    path = os.path.join(demo_dir, "model")
-    return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False), QwenTokenizer.from_dir(path)
-
-
-@pytest.fixture(scope="module")
 def ntk(demo_dir, tmp_path_factory) -> tuple[FlashQwenForCausalLM, QwenTokenizer]:
     """Random weights in the demo model's shape with a short seq_length, and the demo tokenizer."""
     with open(os.path.join(demo_dir, "model", "config.json")) as f:

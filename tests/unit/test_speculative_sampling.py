@@ -12,16 +12,12 @@ so a wrong acceptance rule (accepting drafts unchecked, or choosing from the wro
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
-import pytest
 import torch
 
 from spec_helpers import Spy, engine, greedy_request, run
 from worker.engine import chunks
-from worker.models.qwen import FlashQwenForCausalLM
-from worker.tokenizer import QwenTokenizer
 
 N = 300  # draws per arm
 POSITIONS = 5
@@ -53,12 +49,6 @@ def test_the_homogeneity_test_rejects_different_distributions():
     same = homogeneity_p(Counter({1: 150, 2: 100, 3: 50}), Counter({1: 140, 2: 108, 3: 52}))
     shifted = homogeneity_p(Counter({1: 150, 2: 100, 3: 50}), Counter({1: 100, 2: 100, 3: 100}))
     assert same > 0.5 and shifted < ALPHA
-
-
-@pytest.fixture(scope="module")
-def demo(demo_dir) -> tuple[FlashQwenForCausalLM, QwenTokenizer]:
-    path = os.path.join(demo_dir, "model")
-    return FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False), QwenTokenizer.from_dir(path)
 
 
 def test_token_frequencies_agree_with_and_without_drafts(demo, monkeypatch):
