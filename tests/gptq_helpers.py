@@ -76,3 +76,13 @@ def rewrite(path: str, q: dict[str, torch.Tensor], cfg: dict) -> None:
     write_checkpoint(path, cfg, q)
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f) == cfg
+
+
+def prefill_and_decode(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """The logits of a paged prefill of `prompts` (tests/paged.py), then of one decode step after token 7 each."""
+    from paged import Paged
+
+    paged, rows, ones = Paged(model), list(range(len(prompts))), [1.0] * len(prompts)
+    out = paged.step(rows, prompts, [0] * len(prompts), ones, True)
+    seqs = [p + [7] for p in prompts]
+    return out + paged.step(rows, seqs, [len(s) - 1 for s in seqs], ones, False)

@@ -155,9 +155,8 @@ def test_model_decode_through_the_gemv_equals_the_reference_path(tmp_path):
     """Every GPTQ layer of an Int4 act-order model (rows permuted at load) and an Int8 sym one, group 128:
     with the GEMV built (as on CUDA) the 2-sequence decode step goes through it, and prefill and decode
     logits equal the dequantize-then-matmul path's."""
-    from gptq_helpers import gptq_checkpoint
+    from gptq_helpers import gptq_checkpoint, prefill_and_decode
     from helpers import TINY
-    from paged import Paged
     from random_weights import random_checkpoint
     from worker.kernels.gptq import gptq_matmul
     from worker.layers.quantized import _GPTQ
@@ -177,12 +176,7 @@ def test_model_decode_through_the_gemv_equals_the_reference_path(tmp_path):
                     m.matmul = gptq_matmul
                     m.build_gemv()
                     assert m.gemv is not None and (m.gemv.zeros is None) == (not act)
-            paged = Paged(model)
-            prompts = [list(range(3, 14)), [5, 9]]
-            out = paged.step([0, 1], prompts, [0, 0], [1.0, 1.0], True)
-            seqs = [p + [7] for p in prompts]
-            out += paged.step([0, 1], seqs, [len(s) - 1 for s in seqs], [1.0, 1.0], False)
-            outs.append(out)
+            outs.append(prefill_and_decode(model, [list(range(3, 14)), [5, 9]]))
         for a, b in zip(*outs):
             within(b, a, 1e-5)
 

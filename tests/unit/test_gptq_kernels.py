@@ -91,9 +91,8 @@ def test_v2_zero_offset():
 def test_model_through_the_kernels_equals_the_reference_path(tmp_path):
     """Every GPTQ layer of an Int4 act-order model (and an Int8 one) switched to the kernels' entry point:
     prefill (GEMM) and one-token decode (GEMV) logits equal the dequantize-then-matmul path's."""
-    from gptq_helpers import gptq_checkpoint
+    from gptq_helpers import gptq_checkpoint, prefill_and_decode
     from helpers import TINY
-    from paged import Paged
     from random_weights import random_checkpoint
     from worker.kernels.gptq import gptq_matmul
     from worker.layers.quantized import _GPTQ
@@ -111,12 +110,7 @@ def test_model_through_the_kernels_equals_the_reference_path(tmp_path):
             if kernels:
                 for m in layers:
                     m.matmul = gptq_matmul
-            paged = Paged(model)
-            prompts = [list(range(3, 22)), [5, 9]]
-            out = paged.step([0, 1], prompts, [0, 0], [1.0, 1.0], True)
-            seqs = [p + [7] for p in prompts]
-            out += paged.step([0, 1], seqs, [len(s) - 1 for s in seqs], [1.0, 1.0], False)
-            outs.append(out)
+            outs.append(prefill_and_decode(model, [list(range(3, 22)), [5, 9]]))
         for a, b in zip(*outs):
             within(b, a, 1e-5)
 
