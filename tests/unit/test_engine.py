@@ -9,7 +9,7 @@ from helpers import TINY, write_checkpoint
 from random_weights import random_checkpoint
 from worker.distributed import ParallelContext
 from worker.engine.engine import Engine, EngineConfig
-from worker.engine.runner import kv_blocks
+from worker.engine.warmup import kv_blocks
 from worker.errors import ResourceExhausted
 from worker.models.qwen import FlashQwenForCausalLM
 

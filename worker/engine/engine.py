@@ -21,8 +21,9 @@ from worker.engine.config import EngineConfig
 from worker.engine.generations import Generation
 from worker.engine.grammar import Grammars
 from worker.engine.kv_cache import BlockAllocator, KVCache
-from worker.engine.runner import Runner, kv_blocks, warmup_prefill
+from worker.engine.runner import Runner
 from worker.engine.speculative import Speculation, check_tokens
+from worker.engine.warmup import kv_blocks, warmup_prefill
 from worker.errors import InvalidArgument, NotFound
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.tokenizer import QwenTokenizer
