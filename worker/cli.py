@@ -259,6 +259,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     try:
         serve_forever(server, socket_path, health=servicer.health)
     finally:
+        engine.close()  # its CUDA graphs go before the process group (distributed.shutdown)
         shutdown(pctx)
     return 0
 

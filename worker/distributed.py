@@ -7,6 +7,7 @@ World size 1 runs no collective at all. Built from the torchrun environment (`RA
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -108,8 +109,13 @@ def bind_thread(device: torch.device) -> None:
 
 
 def shutdown(ctx: ParallelContext) -> None:
-    """Leave the process group together (a barrier first: gloo aborts if a peer vanishes mid-teardown)."""
+    """Leave the process group together (a barrier first: gloo aborts if a peer vanishes mid-teardown). CUDA graphs
+    that captured NCCL collectives must be gone first: destroy_process_group hangs while one lives (two H200s,
+    graphs kept alive by a reference cycle), so unreachable ones are collected and the device drained here."""
     if ctx.world_size > 1 and dist.is_initialized():
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
         try:
             dist.barrier(group=ctx.group)
         finally:

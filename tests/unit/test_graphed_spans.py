@@ -151,10 +151,3 @@ def test_steps_the_graphs_cannot_serve_go_eager(checkpoint):
 def test_buckets_fit_a_32_row_verify_step():
     assert (32, 192) in span_buckets((1, 2, 4, 8, 16, 32), (16, 32, 64, 128, 192, 256))
     assert all(t >= r for r, t in span_buckets((1, 8, 64), (16, 32)))
-
-
-def test_span_and_verify_graphs_are_captured_at_tp1_only():
-    """Under TP the span and verify steps run eagerly (their graphs were verified on one GPU only)."""
-    from worker.engine.runner import span_graphs_apply
-
-    assert span_graphs_apply(1) and not span_graphs_apply(2) and not span_graphs_apply(4)

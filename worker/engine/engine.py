@@ -68,6 +68,12 @@ class Engine:
         nonce = torch.randint(1, 2**62, (1,), device=pctx.device)
         self.seed_nonce = int(pctx.broadcast(nonce).item())  # rank 0's, on every rank
 
+    def close(self) -> None:
+        """Release the CUDA graphs and the KV cache: called before the process group is destroyed."""
+        if self.runner is not None:
+            self.runner.release_graphs()
+        self.runner = None
+
     # ------------------------------------------------------------------ KV cache
     @property
     def kv_dtype(self) -> torch.dtype:

@@ -31,14 +31,6 @@ from worker.models.qwen import FlashQwenForCausalLM
 log = logging.getLogger(__name__)
 
 
-def span_graphs_apply(world_size: int) -> bool:
-    """Span-step and verify-step CUDA graphs (graphed_spans.py, graphed_verify.py) are captured at TP=1 only: on
-    the H200 they were verified (replay equal to eager, greedy output unchanged) on one GPU, while the NCCL run of
-    the speculative TP test did not finish in time (BENCHMARKS.md, 2026-11-29): under TP those steps run eagerly,
-    as they did before the graphs existed. Decode graphs are captured at every TP size."""
-    return world_size == 1
-
-
 @dataclass
 class StepLogits:
     last: torch.Tensor  # [B, V]: logits for each request's next token
@@ -151,12 +143,15 @@ class Runner:
         graphs = spans = verify = None
         if cfg.cuda_graphs and pctx.device.type == "cuda" and model.backend.name == "triton":
             graphs = capture_decode(model, kv, pctx, cfg, adapters)
-            if span_graphs_apply(pctx.world_size):
-                spans = capture_spans(model, kv, pctx, cfg)
-                verify = capture_verify(model, kv, pctx, cfg, spans.pool)
-            else:
-                log.info("CUDA graphs: span and verify steps run eagerly under TP (their graphs are verified at TP=1)")
+            spans = capture_spans(model, kv, pctx, cfg)
+            verify = capture_verify(model, kv, pctx, cfg, spans.pool)
         return cls(model, kv, pctx.device, graphs, spans, verify)
+
+    def release_graphs(self) -> None:
+        """Drop every CUDA graph (decode, span, verify). Under TP they hold NCCL collectives, and destroying the
+        process group while such graphs live hangs in destroy_process_group (seen on two H200s): the shard
+        releases them before it leaves the group (Engine.close)."""
+        self.graphs = self.span_graphs = self.verify_graphs = None
 
     def _block_table(self, batch: Batch) -> torch.Tensor:
         width = max(len(r.blocks) for r in batch.requests)
