@@ -314,7 +314,7 @@ def test_decode_local_tiles(n_split, block_k, block_n):
 def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
     """The tiny model's decode step with each decode mode on every adapter-aware linear: one LoRA launch per
     module for the one-launch modes (two otherwise), and logits equal to the float64 reference with each
-    adapter merged ("side" without a stream on the CPU: its separate buffer and add)."""
+    adapter merged ("side", "side_store" without a stream on the CPU: their separate buffer and add)."""
     import triton.runtime.interpreter as interpreter
 
     from helpers import TINY, write_checkpoint
@@ -358,7 +358,7 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
     counts = {}
-    for mode in ("two", "sync", "local", "side"):
+    for mode in ("two", "sync", "local", "side", "side_store"):
         for term in terms:
             term.decode = mode
         launches.clear()
@@ -369,7 +369,8 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
             for s, p, a, o in zip(seqs, prompts, which, out)
         )
         assert worst <= 1e-4, (mode, worst)
-    assert counts == {"two": 2 * len(terms), "sync": len(terms), "local": len(terms), "side": 2 * len(terms)}, counts
+    two = 2 * len(terms)
+    assert counts == {"two": two, "sync": len(terms), "local": len(terms), "side": two, "side_store": two}, counts
 
 
 def test_lora_term_rejects_an_unknown_decode_mode():

@@ -87,7 +87,8 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
 @triton.jit
 def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_ptr, N, N_TILES,
                    stride_hs, stride_ht, stride_hp, stride_bs, stride_bp, stride_bn, stride_yt, stride_rp, stride_rs,
-                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   STORE: tl.constexpr):
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
     part = tl.program_id(2) // N_TILES
@@ -95,15 +96,17 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
     length = tl.load(lens_ptr + seg)
     slot = tl.load(slots_ptr + seg).to(tl.int64)
     rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
-    if (slot == 0) | (rank == 0) | (m0 >= length):
-        return
     dtype = y_ptr.dtype.element_ty
     start = tl.load(starts_ptr + seg).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    y_base = y_ptr + part * N
+    if (slot == 0) | (rank == 0) | (m0 >= length):
+        if STORE:  # decode into an unzeroed buffer (one row per segment): a skipped row's term is zero
+            tl.store(y_base + (start + m0) * stride_yt + offs_n, tl.zeros([BLOCK_N], dtype=dtype), mask=mask_n)
+        return
     b_base = b_ptr + slot * stride_bs + part * stride_bp
     h_base = h_ptr + part * stride_hp
-    y_base = y_ptr + part * N
     if BLOCK_M == 1:  # decode, one token: GEMV
         row = start + m0
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -118,8 +121,11 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
             acc += tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
         y_ptrs = y_base + row * stride_yt + offs_n
-        y = tl.load(y_ptrs, mask=mask_n, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=mask_n)
+        if STORE:  # y = the term, rounded once (the caller adds it to the base output)
+            tl.store(y_ptrs, acc.to(dtype), mask=mask_n)
+        else:
+            y = tl.load(y_ptrs, mask=mask_n, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=mask_n)
     else:  # a tile of tokens: tl.dot
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < length
@@ -170,10 +176,13 @@ def _block_m(max_len: int) -> int:
     return 1 if max_len == 1 else 16 if max_len <= 16 else 32 if max_len <= 32 else 64
 
 
-def _plan(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int, decode_k: int = 256) -> _Plan:
+def _plan(
+    x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int, decode_k: int = 256, per_sm: int = 2
+) -> _Plan:
     """The K split fills the GPU when the segments alone give too few programs; it is rounded down to a
     power of two (SPLIT_K is a compile-time constant: a handful of variants, not one per batch shape) and
-    capped so the partial sums [split, T, P, r_max] stay within H_BUDGET. decode_k: decode's K tile."""
+    capped so the partial sums [split, T, P, r_max] stay within H_BUDGET. decode_k: decode's K tile; per_sm:
+    the programs per SM decode's K split aims at (prefill: 2)."""
     (T, K), (_, P, r_max, _) = x.shape, a_pool.shape
     block_m = _block_m(max_len)
     if block_m == 1:  # decode: one token per segment
@@ -186,7 +195,7 @@ def _plan(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int
         1,
         min(
             triton.cdiv(K, block_k),
-            triton.cdiv(2 * _num_sms(x.device), programs),
+            triton.cdiv((per_sm if block_m == 1 else 2) * _num_sms(x.device), programs),
             H_BUDGET // max(1, T * P * r_max * 4),
         ),
     )
@@ -212,20 +221,22 @@ def lora_shrink(
     max_len: int,
     h: torch.Tensor | None = None,
     decode_k: int = 256,
+    per_sm: int = 2,
 ) -> torch.Tensor:
     """h[split, t, p, :rank] = partial sums of x[t] · A[slot(t), p, :rank]ᵀ over K split `split`, fp32.
 
     x: [T, K]; a_pool: [slots, P, r_max, K]; ranks: [P, slots] int32; starts, lens, slots: [S] (segments)
     -> h: [SPLIT, T, P, r_max] fp32 (`h`: a `shrink_buffer` to write into), written only at tokens of
     segments with a non-zero rank and rank lanes below it (the expand reads no others). decode_k: decode's
-    K tile (a power of two, for tuning; `h` must then come from this call).
+    K tile (a power of two), per_sm: programs per SM its K split aims at (for tuning; `h` must then come
+    from this call).
     """
     T, K = x.shape
     _, P, r_max, K_a = a_pool.shape
     if K_a != K or a_pool.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"lora_shrink: x {tuple(x.shape)} / A pool {tuple(a_pool.shape)} (unit stride on K)")
     S = slots.shape[0]
-    plan = _plan(x, a_pool, S, max_len, decode_k)
+    plan = _plan(x, a_pool, S, max_len, decode_k, per_sm)
     if h is None:
         h = torch.empty(plan.split, T, P, r_max, dtype=torch.float32, device=x.device)
     elif h.shape != (plan.split, T, P, r_max) or h.dtype != torch.float32:
@@ -249,25 +260,31 @@ def lora_expand(
     slots: torch.Tensor,
     max_len: int,
     block_n: int = 0,
+    store: bool = False,
 ) -> None:
     """y[t, p·N + n] += (Σ_split h[split, t, p]) · B[slot(t), p, n, :rank]ᵀ, in place.
 
     y: [T, P·N] (row stride free, unit column stride); h from `lora_shrink`; b_pool: [slots, P, N, r_max];
     ranks, starts, lens, slots, max_len: as for `lora_shrink`; block_n: output columns per program (0: the
-    default, 256 for decode, else 128; a power of two, for tuning).
+    default, 256 for decode, else 128; a power of two, for tuning). store: y = the term instead of y += it
+    (decode with one segment per row of y, so every row is written: y need not be zeroed first).
     """
     T = y.shape[0]
     _, P, N, r_max = b_pool.shape
     if y.shape[1] != P * N or y.stride(-1) != 1 or b_pool.stride(-1) != 1 or h.shape[1:] != (T, P, r_max):
         raise ValueError(f"lora_expand: y {tuple(y.shape)}, h {tuple(h.shape)}, B pool {tuple(b_pool.shape)}")
     S = slots.shape[0]
+    if store and (max_len != 1 or S != T):
+        raise ValueError(
+            f"lora_expand: store needs one segment per row of y ({S} segments, max_len {max_len}, {T} rows)"
+        )
     if S == 0 or T == 0:
         return
     block_m = _block_m(max_len)
     block_n = block_n or (256 if block_m == 1 else 128)
     n_tiles = triton.cdiv(N, block_n)
     strides = (*h.stride()[:3], *b_pool.stride()[:3], y.stride(0), *ranks.stride())
-    tiles = {"SPLIT_K": h.shape[0], "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": 16}
+    tiles = {"SPLIT_K": h.shape[0], "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_R": 16, "STORE": store}
     grid = (S, triton.cdiv(max_len, block_m), P * n_tiles)
     _expand_kernel[grid](h, b_pool, y, starts, lens, slots, ranks, N, n_tiles, *strides, **tiles, num_warps=4)
 

@@ -145,7 +145,7 @@ def lora_kernels(device: torch.device, interpreter: bool = False) -> ModuleType 
     return lora
 
 
-DECODE_MODES = ("two", "sync", "local", "side")
+DECODE_MODES = ("two", "sync", "local", "side", "side_store")
 
 
 @dataclass
@@ -156,7 +156,8 @@ class LoraTerm:
     segment) run the term: "two" launches as above; "sync", one launch whose expands wait on the shrinks'
     counters; "local", one launch whose programs each recompute their row's h (both after the base matmul,
     no side stream; worker/kernels/lora_decode.py); "side", shrink and expand both on the side stream into
-    a buffer added to the base output after both."""
+    a buffer added to the base output after both; "side_store", "side" whose expand writes every row of
+    the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
@@ -176,7 +177,7 @@ class LoraTerm:
             y = base()
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
-        if self.decode == "side" and data.max_len == 1:
+        if self.decode.startswith("side") and data.max_len == 1:
             return self._beside(base, x, data)
         if self.decode != "two" and data.max_len == 1:
             y = base()
@@ -201,7 +202,8 @@ class LoraTerm:
 
     def _beside(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """Shrink and expand both on the side stream (when there is one), beside the base matmul, into a
-        zeroed buffer; then one add. The critical path keeps one small launch instead of the expand."""
+        zeroed buffer (or one the expand writes whole: "side_store"); then one add. The critical path keeps
+        one small launch instead of the expand."""
         k, segments = self.kernels, (data.starts, data.lens, data.slots, data.max_len)
         assert k is not None
         side = self.stream
@@ -211,11 +213,12 @@ class LoraTerm:
         delta = torch.empty(x.shape[0], self.b_pool.shape[1] * self.b_pool.shape[2], dtype=x.dtype, device=x.device)
         if side is not None and main is not None:
             side.wait_stream(main)  # x is ready
+        store = self.decode == "side_store" and data.slots.shape[0] == x.shape[0]  # every row is a segment
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            delta.zero_()  # base rows (slot 0) add exact zeros
-            k.lora_expand(
-                delta, k.lora_shrink(x, self.a_pool, self.ranks, *segments, h), self.b_pool, self.ranks, *segments
-            )
+            if not store:
+                delta.zero_()  # base rows (slot 0) add exact zeros
+            h = k.lora_shrink(x, self.a_pool, self.ranks, *segments, h)
+            k.lora_expand(delta, h, self.b_pool, self.ranks, *segments, store=store)
         y = base()
         if side is not None and main is not None:
             main.wait_stream(side)
