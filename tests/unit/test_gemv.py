@@ -247,9 +247,9 @@ def test_float_linears_take_the_gemv_only_for_decode_batches_of_a_chosen_shape(m
     kernel = gemv_dense.dense_gemv
     small, wide = GemvTiles(16, 32, 4, 1), GemvTiles(32, 16, 4, 1)
 
-    def spy(x, w, bias, counters, tiles):
+    def spy(x, w, bias, counters, tiles, **kw):
         calls.append((x.shape[0], tiles.block_n))
-        return kernel(x, w, bias, counters, tiles)
+        return kernel(x, w, bias, counters, tiles, **kw)
 
     monkeypatch.setattr(gemv_dense, "dense_gemv", spy)
     monkeypatch.setitem(gemv_dense.DENSE_GEMV_PLAN, (64, 48), ((1, small), (4, wide)))

@@ -25,6 +25,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from worker import ops
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 
 
 # --------------------------------------------------------------------------------------- RMSNorm
@@ -44,10 +45,13 @@ def _rms_norm_kernel(
     stride_sum,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    gdc_wait(PDL)
+    gdc_go(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:  # s = x + residual, rounded to the model dtype (PyTorch adds fp16/bf16 in fp32)
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
@@ -62,11 +66,11 @@ def _rms_norm_kernel(
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s), s) with s = x + residual (or s = x when residual is None).
 
-    x, residual: [T, H] in the model dtype; weight: [H] in the same dtype.
+    x, residual: [T, H] in the model dtype; weight: [H] in the same dtype. pdl: launch with worker/kernels/pdl.py.
     """
     T, H = x.shape
     if weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
@@ -84,6 +88,7 @@ def rms_norm(
     if T == 0:
         return out, total
     block = triton.next_power_of_2(H)
+    on = active(pdl, x.device)
     _rms_norm_kernel[(T,)](
         x,
         res,
@@ -99,8 +104,10 @@ def rms_norm(
         total.stride(0),
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        PDL=on,
         num_warps=min(max(block // 512, 1), 16),
         enable_fp_fusion=False,
+        **launch_options(on),
     )
     return out, total
 
@@ -155,7 +162,10 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    gdc_wait(PDL)
+    gdc_go(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
@@ -171,7 +181,12 @@ def _rotary_kernel(
 
 
 def rotary_(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    logn: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> None:
     """In place: q = apply_rotary(q, cos, sin, logn), k = apply_rotary(k, cos, sin).
 
@@ -189,6 +204,7 @@ def rotary_(
     block_half = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(H), max(1, 1024 // block_half))
     rest = D - 2 * half
+    on = active(pdl, q.device)
     _rotary_kernel[(T, triton.cdiv(H, block_h))](
         q,
         k,
@@ -208,16 +224,23 @@ def rotary_(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         BLOCK_REST=triton.next_power_of_2(max(rest, 16)),
+        PDL=on,
         num_warps=4,
         enable_fp_fusion=False,
+        **launch_options(on),
     )
 
 
 def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    logn: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_` returning (q, k), the signature of its reference `ops.rotary_qk`."""
-    rotary_(q, k, cos, sin, logn)
+    rotary_(q, k, cos, sin, logn, pdl)
     return q, k
 
 
@@ -226,23 +249,33 @@ rotary_reference = ops.rotary_qk
 
 # ---------------------------------------------------------------------------------- SiLU · mul
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, width, stride_gu, stride_out, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _silu_mul_kernel(
+    gu_ptr, out_ptr, width, stride_gu, stride_out, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr
+):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
-    dtype = gu_ptr.dtype.element_ty
-    gate = tl.load(gu_ptr + t * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptr + t * stride_gu + width + cols, mask=mask, other=0.0).to(tl.float32)
+    gdc_wait(PDL)
+    gdc_go(PDL)
+    gate = tl.load(gu_ptr + t * stride_gu + cols, mask=mask, other=0.0)
+    up = tl.load(gu_ptr + t * stride_gu + width + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + t * stride_out + cols, silu_mul_rn(gate, up, LIBDEVICE).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_mul_rn(gate, up, LIBDEVICE: tl.constexpr):
+    """up * silu(gate) in gate's dtype, rounded as `ops.silu_mul` (also the prologue of gemv_dense's ACT)."""
+    dtype = gate.dtype
+    g = gate.to(tl.float32)
     if LIBDEVICE:
-        e = libdevice.exp(-gate)  # expf, as PyTorch's CUDA silu: x / (1 + exp(-x)) in fp32
+        e = libdevice.exp(-g)  # expf, as PyTorch's CUDA silu: x / (1 + exp(-x)) in fp32
     else:
-        e = tl.exp(-gate)
-    act = tl.math.div_rn(gate, 1.0 + e).to(dtype)  # silu rounded to the input dtype
-    out = up * act.to(tl.float32)
-    tl.store(out_ptr + t * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        e = tl.exp(-g)
+    act = tl.math.div_rn(g, 1.0 + e).to(dtype)  # silu rounded to the input dtype
+    return (up.to(tl.float32) * act.to(tl.float32)).to(dtype)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """[T, 2W] = [gate | up] -> up * silu(gate): [T, W] in gate_up's dtype."""
     T, W2 = gate_up.shape
     if W2 % 2:
@@ -253,6 +286,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if T == 0:
         return out
     block = min(1024, triton.next_power_of_2(W))
+    on = active(pdl, gate_up.device)
     _silu_mul_kernel[(T, triton.cdiv(W, block))](
         gate_up,
         out,
@@ -261,8 +295,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         BLOCK=block,
         LIBDEVICE=not _INTERPRETED,
+        PDL=on,
         num_warps=4,
         enable_fp_fusion=False,
+        **launch_options(on),
     )
     return out
 
@@ -279,4 +315,13 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-__all__ = ["rms_norm", "rotary", "rotary_", "silu_mul", "rms_norm_reference", "rotary_reference", "silu_mul_reference"]
+__all__ = [
+    "rms_norm",
+    "rotary",
+    "rotary_",
+    "silu_mul",
+    "silu_mul_rn",
+    "rms_norm_reference",
+    "rotary_reference",
+    "silu_mul_reference",
+]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from worker import ops
+from worker.layers.decode_kernels import DecodeKernels
 
 
 class SiluAndMul(nn.Module):
@@ -16,11 +18,16 @@ class SiluAndMul(nn.Module):
 
     def __init__(self, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.impl: Callable[[torch.Tensor], torch.Tensor] = ops.silu_mul
-        if fused:
+        self.set_decode_kernels(DecodeKernels())
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The fused kernel (launched with PDL where opts.pdl) or the reference."""
+        if self.fused:
             from worker.kernels import fused as kernels
 
-            self.impl = kernels.silu_mul
+            self.impl = functools.partial(kernels.silu_mul, pdl=True) if opts.pdl else kernels.silu_mul
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         # gate_up: [T, 2W] -> [T, W]

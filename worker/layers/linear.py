@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from worker.distributed import ParallelContext
+from worker.layers.decode_kernels import DecodeKernels
 from worker.weights import Weights, shard_range
 
 
@@ -35,7 +36,11 @@ def _gemv_counters(in_features: int, out_features: int, device: torch.device) ->
 
 
 def _linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counters: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor | None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """x W^T (+ bias) through the GEMV for decode batches of a chosen shape and M (counters), else cuBLAS."""
     if counters is not None and x.shape[0] <= GEMV_MAX_M:
@@ -43,7 +48,7 @@ def _linear(
 
         tiles = gemv_dense.dense_tiles(weight.shape[1], weight.shape[0], x.shape[0])
         if tiles is not None:
-            return gemv_dense.dense_gemv(x, weight, bias, counters, tiles)
+            return gemv_dense.dense_gemv(x, weight, bias, counters, tiles, pdl=pdl)
     return nn.functional.linear(x, weight, bias)
 
 
@@ -55,6 +60,7 @@ class ColumnParallelLinear(nn.Module):
     """
 
     gemv_counters: torch.Tensor | None = None  # set where the Triton GEMV serves this shape's decode
+    decode_kernels = DecodeKernels()
 
     def __init__(
         self,
@@ -124,9 +130,12 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None and b is not None:
             self.bias.data.copy_(b)
 
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        self.decode_kernels = opts
+
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         # x: [T, in] -> [T, out_per_rank]; ctx is read only by LoRA wrappers
-        return _linear(x, self.weight, self.bias, self.gemv_counters)
+        return _linear(x, self.weight, self.bias, self.gemv_counters, self.decode_kernels.pdl)
 
 
 class RowParallelLinear(nn.Module):
@@ -134,6 +143,8 @@ class RowParallelLinear(nn.Module):
     after the reduction. `partial(x)` gives this rank's un-reduced term (LoRA adds into it)."""
 
     gemv_counters: torch.Tensor | None = None  # set where the Triton GEMV serves this shape's decode
+    decode_kernels = DecodeKernels()
+    act_counters: torch.Tensor | None = None  # the act GEMV's split-K counters (DecodeKernels.act_gemv)
 
     def __init__(
         self,
@@ -170,7 +181,32 @@ class RowParallelLinear(nn.Module):
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
-        return _linear(x, self.weight, None, self.gemv_counters)
+        return _linear(x, self.weight, None, self.gemv_counters, self.decode_kernels.pdl)
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """Keep `opts`; act_gemv on a float weight on CUDA allocates the act GEMV's counters (before capture)."""
+        self.decode_kernels = opts
+        self.act_counters = None
+        if opts.act_gemv and type(self) is RowParallelLinear and self.weight.device.type == "cuda":
+            from worker.kernels.gemv import counters_for
+
+            self.act_counters = counters_for(self.out_features, self.weight.device)
+
+    def fuses_act(self, gate_up: torch.Tensor) -> bool:
+        """Whether `forward_act(gate_up)` runs the act GEMV (else the caller applies the activation itself)."""
+        return self.act_counters is not None and gate_up.shape[0] <= GEMV_MAX_M
+
+    def forward_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(up * silu(gate)) for gate_up [T, 2 * in_per_rank] = [gate | up], the activation computed
+        inside the Triton GEMV (fused.silu_mul's rounding; `fuses_act` says when this applies)."""
+        from worker.kernels import gemv_dense
+
+        m = gate_up.shape[0]
+        tiles = gemv_dense.act_tiles(self.in_features, self.out_features, m)
+        y = gemv_dense.dense_gemv(
+            gate_up, self.weight, None, self.act_counters, tiles, act=True, pdl=self.decode_kernels.pdl
+        )
+        return self.reduce(y)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         y = self.pctx.all_reduce(y)

@@ -7,12 +7,14 @@ runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from worker import ops
+from worker.layers.decode_kernels import DecodeKernels
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
@@ -22,11 +24,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.fused = fused
         self.impl: NormFn = ops.add_rms_norm
-        if fused:
+        self.set_decode_kernels(DecodeKernels())
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The fused kernel (launched with PDL where opts.pdl) or the reference."""
+        if self.fused:
             from worker.kernels import fused as kernels
 
-            self.impl = kernels.rms_norm
+            self.impl = functools.partial(kernels.rms_norm, pdl=True) if opts.pdl else kernels.rms_norm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] -> (normed [T, H], s = x + residual [T, H])

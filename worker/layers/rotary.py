@@ -7,11 +7,13 @@ S = seq_length. The ForwardContext holds the step's tables; `Rotary` applies the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from worker.layers.decode_kernels import DecodeKernels
 from worker.ops import ntk_alpha, rotary_qk
 
 __all__ = ["Rotary", "ntk_alpha"]  # ntk_alpha: the batch builder fixes each prompt's alpha with it
@@ -27,11 +29,16 @@ class Rotary(nn.Module):
 
     def __init__(self, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.impl: RotaryFn = rotary_qk
-        if fused:
+        self.set_decode_kernels(DecodeKernels())
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The fused kernel (launched with PDL where opts.pdl) or the reference."""
+        if self.fused:
             from worker.kernels import fused as kernels
 
-            self.impl = kernels.rotary
+            self.impl = functools.partial(kernels.rotary, pdl=True) if opts.pdl else kernels.rotary
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None

@@ -20,8 +20,10 @@ from worker.distributed import ParallelContext
 from worker.layers.activation import SiluAndMul
 from worker.layers.attention import AttentionBackend, TorchAttention
 from worker.layers.context import ForwardContext, RotarySettings, Seqlen
+from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.kv_scales import CheckpointScales, KVScales, backend_kwargs, every_layer, read_checkpoint_scales
+from worker.layers.linear import RowParallelLinear
 from worker.layers.medusa import MedusaCheckpoint, MedusaHeads, MedusaSet
 from worker.layers.norm import RMSNorm
 from worker.layers.quantized import LinearFactory
@@ -128,6 +130,8 @@ class QwenMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
+        if isinstance(self.c_proj, RowParallelLinear) and self.c_proj.fuses_act(gate_up):
+            return self.c_proj.forward_act(gate_up)  # the activation inside c_proj's GEMV (DecodeKernels.act_gemv)
         return self.c_proj(self.act(gate_up), ctx)
 
 
@@ -184,7 +188,8 @@ class FlashQwenForCausalLM(nn.Module):
     """`fused` (None: on exactly when the model is on CUDA with the `triton` attention backend) runs the
     norms, RoPE and SiLU-mul through worker/kernels/fused.py; the PyTorch path is the reference.
     `rotary` holds the constants the runner builds each step's ForwardContext from. `quant`: the five linears
-    of each block as GPTQ Int4/Int8 or FP8 (worker/layers/quantized.py); wte, norms and lm_head stay float."""
+    of each block as GPTQ Int4/Int8 or FP8 (worker/layers/quantized.py); wte, norms and lm_head stay float.
+    `decode_kernels`: opt-in decode kernel candidates (worker/layers/decode_kernels.py; None: all off)."""
 
     def __init__(
         self,
@@ -194,6 +199,7 @@ class FlashQwenForCausalLM(nn.Module):
         backend: AttentionBackend | None = None,
         fused: bool | None = None,
         quant: QuantConfig | None = None,
+        decode_kernels: DecodeKernels | None = None,
     ):
         super().__init__()
         self.config = config
@@ -208,6 +214,8 @@ class FlashQwenForCausalLM(nn.Module):
         self.transformer = FlashQwenModel(Build(config, self.pctx, dtype, self.backend, fused, quant))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, self.pctx, dtype)
         self.medusa = MedusaSet()
+        if decode_kernels is not None:
+            apply_decode_kernels(self.transformer, decode_kernels)
 
     @classmethod
     def from_pretrained(

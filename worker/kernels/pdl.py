@@ -1,0 +1,50 @@
+"""Programmatic dependent launch (PDL, sm_90+) for our Triton kernels, an opt-in candidate for the batch-1
+decode floor (issue 17, P1).
+
+A kernel launched with `launch_pdl=True` may start while the kernel before it on the stream is still running
+(inside a CUDA graph too: stream capture keeps the programmatic edge, CUDA 12.3+), so its launch and ramp
+overlap the previous kernel's tail. It must therefore call `gdc_wait` (wait for the previous grid to finish
+and its writes to be visible) before it reads anything another kernel writes, and before it writes anything:
+only loads of constant data (weights) may come first. `gdc_go` then lets the next PDL kernel launch.
+
+Under the Triton interpreter (TRITON_INTERPRET=1) and on devices before sm_90 PDL is off: `active` is False,
+the kernels are compiled without the instructions and launched plainly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gdc_wait(PDL: tl.constexpr):
+    """Wait for the previous kernel on the stream (a no-op unless PDL)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def gdc_go(PDL: tl.constexpr):
+    """Let the next PDL kernel on the stream launch (a no-op unless PDL)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+# kernels are bound to the Triton interpreter (TRITON_INTERPRET=1) or to the GPU when defined
+_INTERPRETED = not isinstance(gdc_wait, triton.runtime.JITFunction)
+
+
+def active(requested: bool, device: torch.device) -> bool:
+    """Whether a kernel on `device` launches with PDL: requested, compiled for the GPU, and sm_90 or later."""
+    if not requested or _INTERPRETED or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch_options(pdl: bool) -> dict[str, Any]:
+    """The launch keyword for a PDL launch (`pdl` from `active`), else none."""
+    return {"launch_pdl": True} if pdl else {}
