@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,22 +73,33 @@ def test_expand_store_needs_one_segment_per_row():
 )  # graphed decode (every row a segment); eager decode of build() (base rows are no segment)
 def test_lora_term_side_store_equals_side(slots, tokens):
     """LoraTerm "side_store" (no stream on the CPU) gives "side"'s result, bit for bit, and where base rows
-    are no segment it falls back to zeroing the buffer (no ValueError, base rows exact)."""
-    P, K, N, r_max = 2, 80, 72, 16
+    are no segment it falls back to zeroing the buffer (no ValueError, base rows exact); its per_sm field
+    reaches the shrink's K split."""
+    P, K, N, r_max = 2, 600, 72, 16  # K long enough for a K split
     a, b, ranks, (ca, cb) = make_pool(P, K, N, r_max, ranks_for(P), torch.float32, seed=5)
     sl = torch.tensor(slots)
     data = AdapterBatchData.for_decode(sl) if tokens is None else AdapterBatchData.build(slots, tokens, "cpu")
     g = torch.Generator().manual_seed(3)
     x, y0 = torch.randn(len(slots), K, generator=g), torch.randn(len(slots), P * N, generator=g)
-    out = {}
-    for mode in ("side", "side_store"):
-        term = LoraTerm(a, b, ranks, kernels, None, decode=mode)
-        out[mode] = term.apply(lambda: y0.clone(), x, data)
+    out, splits = {}, []
+
+    def shrink(*args, **kw):  # the real shrink; records its K split
+        h = kernels.lora_shrink(*args, **kw)
+        splits.append(h.shape[0])
+        return h
+
+    spy = SimpleNamespace(shrink_buffer=kernels.shrink_buffer, lora_shrink=shrink, lora_expand=kernels.lora_expand)
+    for mode, per_sm in (("side", 2), ("side_store", 2), ("side_store", 16)):
+        term = LoraTerm(a, b, ranks, spy, None, decode=mode, per_sm=per_sm)  # type: ignore[arg-type]
+        out[mode, per_sm] = term.apply(lambda: y0.clone(), x, data)
     ref = y0.clone()
     add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
-    assert torch.equal(out["side_store"], out["side"])
-    torch.testing.assert_close(out["side_store"], ref, atol=2e-5, rtol=2e-5)
-    assert torch.equal(out["side_store"][sl == 0], y0[sl == 0])
+    assert torch.equal(out["side_store", 2], out["side", 2])
+    for y in out.values():
+        torch.testing.assert_close(y, ref, atol=2e-5, rtol=2e-5)
+        assert torch.equal(y[sl == 0], y0[sl == 0])
+    assert splits[0] == splits[1] <= splits[2], splits
+    assert tokens or splits[1] < splits[2], splits  # per_sm reaches the shrink (4 segments: room to split)
 
 
 def test_shrink_per_sm_splits_k_finer():

@@ -204,10 +204,12 @@ def _plan(
     return _Plan(block_m, m_tiles, shrink_r, block_k, split, k_per_split)  # a trailing empty split writes zeros
 
 
-def shrink_buffer(x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int) -> torch.Tensor:
+def shrink_buffer(
+    x: torch.Tensor, a_pool: torch.Tensor, num_segments: int, max_len: int, per_sm: int = 2
+) -> torch.Tensor:
     """The (uninitialised) output of `lora_shrink` for these inputs: [SPLIT, T, P, r_max] fp32."""
     _, P, r_max, _ = a_pool.shape
-    split = _plan(x, a_pool, num_segments, max_len).split
+    split = _plan(x, a_pool, num_segments, max_len, per_sm=per_sm).split
     return torch.empty(split, x.shape[0], P, r_max, dtype=torch.float32, device=x.device)
 
 

@@ -157,7 +157,8 @@ class LoraTerm:
     counters; "local", one launch whose programs each recompute their row's h (both after the base matmul,
     no side stream; worker/kernels/lora_decode.py); "side", shrink and expand both on the side stream into
     a buffer added to the base output after both; "side_store", "side" whose expand writes every row of
-    the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode)."""
+    the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode). per_sm:
+    the programs per SM the side modes' shrink aims its K split at (worker/kernels/lora.py `_plan`)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
@@ -165,6 +166,7 @@ class LoraTerm:
     kernels: ModuleType | None = None
     stream: torch.cuda.Stream | None = None
     decode: str = "two"  # one of DECODE_MODES (see above)
+    per_sm: int = 2
     sync: Any = field(default=None, repr=False)  # "sync"'s counters (a DecodeWorkspace, made on first use)
 
     def __post_init__(self) -> None:
@@ -209,7 +211,7 @@ class LoraTerm:
         side = self.stream
         main = torch.cuda.current_stream(x.device) if side is not None else None
         # allocated on the main stream, which frees them after the add
-        h = k.shrink_buffer(x, self.a_pool, data.slots.shape[0], data.max_len)
+        h = k.shrink_buffer(x, self.a_pool, data.slots.shape[0], data.max_len, self.per_sm)
         delta = torch.empty(x.shape[0], self.b_pool.shape[1] * self.b_pool.shape[2], dtype=x.dtype, device=x.device)
         if side is not None and main is not None:
             side.wait_stream(main)  # x is ready
@@ -217,7 +219,7 @@ class LoraTerm:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if not store:
                 delta.zero_()  # base rows (slot 0) add exact zeros
-            h = k.lora_shrink(x, self.a_pool, self.ranks, *segments, h)
+            h = k.lora_shrink(x, self.a_pool, self.ranks, *segments, h, per_sm=self.per_sm)
             k.lora_expand(delta, h, self.b_pool, self.ranks, *segments, store=store)
         y = base()
         if side is not None and main is not None:
