@@ -87,5 +87,6 @@ def compile_all() -> None:
         for bm in (1, 16):
             const = dict(HAS_SCALE=wty != bf16, HAS_BIAS=True, REDUCE=True, PREFETCH=t.prefetch and bm == 1,
                          STAGES=1 if t.prefetch and bm == 1 else t.num_stages,
+                         ACT=False, LIBDEVICE=True, PDL=False,
                          DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
             _compile(_dense_kernel, f"dense {label} M{bm}", ptrs, ints, const, t)

@@ -184,17 +184,18 @@ class RowParallelLinear(nn.Module):
         return _linear(x, self.weight, None, self.gemv_counters, self.decode_kernels.pdl)
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
-        """Keep `opts`; act_gemv on a float weight on CUDA allocates the act GEMV's counters (before capture)."""
+        """Keep `opts`; act_gemv on a float weight on CUDA allocates the act GEMV's counters once (before capture;
+        kept when switched off, since graphs captured with them may still replay)."""
         self.decode_kernels = opts
-        self.act_counters = None
-        if opts.act_gemv and type(self) is RowParallelLinear and self.weight.device.type == "cuda":
-            from worker.kernels.gemv import counters_for
+        if opts.act_gemv and self.act_counters is None and type(self) is RowParallelLinear:
+            if self.weight.device.type == "cuda":
+                from worker.kernels.gemv import counters_for
 
-            self.act_counters = counters_for(self.out_features, self.weight.device)
+                self.act_counters = counters_for(self.out_features, self.weight.device)
 
     def fuses_act(self, gate_up: torch.Tensor) -> bool:
         """Whether `forward_act(gate_up)` runs the act GEMV (else the caller applies the activation itself)."""
-        return self.act_counters is not None and gate_up.shape[0] <= GEMV_MAX_M
+        return self.decode_kernels.act_gemv and self.act_counters is not None and gate_up.shape[0] <= GEMV_MAX_M
 
     def forward_act(self, gate_up: torch.Tensor) -> torch.Tensor:
         """forward(up * silu(gate)) for gate_up [T, 2 * in_per_rank] = [gate | up], the activation computed
