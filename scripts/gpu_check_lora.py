@@ -2,15 +2,17 @@
 in bf16, then timings at the Qwen-7B shape, batch 32, 32 distinct rank-16 adapters, 32 layers of distinct
 pools (the adapters' bytes come from HBM, not L2), each candidate replayed from a CUDA graph.
 
-    PYTHONPATH=. python scripts/gpu_check_lora.py                 # on the GPU (< 150 s); always exits 0
-    PYTHONPATH=. python scripts/gpu_check_lora.py --compile-only  # on a CPU: every config compiles for sm_90
+    PYTHONPATH=. python scripts/gpu_check_lora.py          # on the GPU (< 150 s); always exits 0
+    PYTHONPATH=. python scripts/gpu_check_lora_compile.py  # on a CPU: every config compiles for sm_90
 
-Candidates per module: "two" (shrink + expand, today's path; optionally other K / N tiles) and "local"
-(one launch, every program recomputes its row's h; worker/kernels/lora_decode.py) at several tiles;
-"sync" (one launch, counters) is left out: measured slower (68.5 vs 43.4 us per layer). Tables: (1) the
-adapter term alone, per module and per step (32 layers); (2) the base matmuls with the term through
-LoraTerm, as a decode step runs it (the side stream included), against the base matmuls alone: a P2
-proxy without attention. fp8 is not relevant here: the adapter pools are bf16.
+Candidates per module (table 1, by name): "two" (shrink + expand, today's kernels) at other K tiles and K
+splits (`per_sm`: programs per SM the shrink's K split aims at; more programs, more bytes in flight);
+"local" (one launch; lost before: 2.19-3.27 ms); "side_store" (LoraTerm's decode mode: the expand writes
+the whole term buffer, no zeroing launch, then one add; the side stream included). "sync" is left out
+(68.5 vs 43.4 us per layer). Table (2): the base matmuls with the term through LoraTerm, as a decode step
+runs it, against the base matmuls alone (a P2 proxy without attention), per decode mode, side-stream
+priority and per_sm; plus a floor (a ready term, only the add per module) and, for the best mode, each
+module's share. fp8 is not relevant here: the adapter pools are bf16. Ends with a SUMMARY.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gpu_check_lora_summary import summary  # noqa: E402  (this script's folder is on sys.path)
 from worker.kernels import lora as two  # noqa: E402
 from worker.kernels import lora_decode  # noqa: E402
 from worker.kernels.lora_decode import LocalTiles  # noqa: E402
@@ -42,15 +45,25 @@ MODULES = {
 }  # fmt: skip  (P, K, N) at TP=1
 LAYERS, BATCH, RANK = 32, 32, 16
 DEV, DT = "cuda", torch.bfloat16  # --cpu-smoke: the CPU, fp32 (Triton's interpreter), tiny shapes
-P2_BASE_MS, P2_LORA_MS = 8.57, 10.25  # the last in-model P2 measurement (BENCHMARKS.md), for the projection
+P2_BASE_MS, P2_LORA_MS = 7.00, 8.47  # the last in-model P2 measurement (BENCHMARKS.md), for the projection
 Add = Callable[..., None]  # f(y, x, a, b, ranks, data)
 
 
-def _two(block_n: int = 0, decode_k: int = 256) -> Add:
+def _two(block_n: int = 0, decode_k: int = 256, per_sm: int = 2) -> Add:
     def add(y, x, a, b, ranks, data):
         seg = (data.starts, data.lens, data.slots, data.max_len)
-        h = two.lora_shrink(x, a, ranks, *seg, decode_k=decode_k)
+        h = two.lora_shrink(x, a, ranks, *seg, decode_k=decode_k, per_sm=per_sm)
         two.lora_expand(y, h, b, ranks, *seg, block_n=block_n)
+
+    return add
+
+
+def _term(decode: str, per_sm: int = 2, priority: int | None = None) -> Add:
+    """LoraTerm's decode mode on its pools, with a side stream (of `priority`; None: none) on the GPU."""
+    stream = torch.cuda.Stream(priority=priority) if DEV == "cuda" and priority is not None else None
+
+    def add(y, x, a, b, ranks, data):
+        LoraTerm(a, b, ranks, two, stream, decode=decode, per_sm=per_sm).apply(lambda: y, x, data)  # y += term
 
     return add
 
@@ -64,15 +77,16 @@ def _local(tiles: LocalTiles) -> Add:
 CANDIDATES: dict[str, Callable[[], Add]] = {
     "two (now)": _two,
     "two bk512": partial(_two, 0, 512),
-    "two bk512 bn512": partial(_two, 512, 512),
+    "two s4": partial(_two, 0, 256, 4),
+    "two s8": partial(_two, 0, 256, 8),
+    "two s8 bk128": partial(_two, 0, 128, 8),
+    "two s16 bk128": partial(_two, 0, 128, 16),
     "local": partial(_local, LocalTiles()),  # bk512 bn512 w8, n_split auto
-    "local ns2": partial(_local, LocalTiles(n_split=2)),
-    "local ns4": partial(_local, LocalTiles(n_split=4)),
-    "local ns16": partial(_local, LocalTiles(n_split=16)),
-    "local bk1024 bn1024 w16": partial(_local, LocalTiles(block_k=1024, block_n=1024, num_warps=16)),
-    "local bk256 bn128 w4": partial(_local, LocalTiles(block_k=256, block_n=128, num_warps=4)),
+    "side (term + add)": partial(_term, "side", 2, 0),
+    "side_store (term + add)": partial(_term, "side_store", 2, 0),
+    "side_store s8 (term + add)": partial(_term, "side_store", 8, 0),
 }
-CHECK_WIDE = ("two (now)", "local")  # also checked at r_max 64 (the server's default pool)
+CHECK_WIDE = ("two (now)", "two s8", "side_store (term + add)")  # also checked at r_max 64 (the server's default pool)
 
 
 def pool(P: int, K: int, N: int, r_max: int, slots: int, g: torch.Generator, short: bool = False) -> tuple:
@@ -168,6 +182,7 @@ class Step:
         self.pools = {m: [pool(P, K, N, RANK, BATCH + 1, g) for _ in range(LAYERS)] for m, (P, K, N) in MODULES.items()}
         self.x = {m: torch.randn(BATCH, K, device=DEV).to(DT) for m, (P, K, N) in MODULES.items()}
         self.y = {m: torch.zeros(BATCH, P * N, device=DEV, dtype=DT) for m, (P, K, N) in MODULES.items()}
+        self.delta = {m: torch.full_like(y, 0.01) for m, y in self.y.items()}
         self.w = {
             m: [torch.randn(P * N, K, device=DEV).to(DT) * K**-0.5 for _ in range(LAYERS)]
             for m, (P, K, N) in MODULES.items()
@@ -182,13 +197,19 @@ class Step:
                 a, b, r = self.pools[m][layer]
                 add(self.y[m], self.x[m], a, b, r, self.data)
 
+    def run_floor(self) -> None:
+        """The base matmuls plus a ready term (only the add): the side modes' least cost on the critical path."""
+        for layer in range(LAYERS):
+            for m in MODULES:
+                self.y[m] = torch.nn.functional.linear(self.x[m], self.w[m][layer]).add_(self.delta[m])
+
     def run_linears(self, terms: dict[str, list[LoraTerm]] | None) -> None:
-        """The base matmuls, each with its LoraTerm (None: the base alone)."""
+        """The base matmuls, each with its LoraTerm (None, or a module not in terms: the base alone)."""
         for layer in range(LAYERS):
             for m in MODULES:
                 x, w = self.x[m], self.w[m][layer]
                 base = partial(torch.nn.functional.linear, x, w)
-                self.y[m] = base() if terms is None else terms[m][layer].apply(base, x, self.data)
+                self.y[m] = base() if terms is None or m not in terms else terms[m][layer].apply(base, x, self.data)
 
 
 def time_terms(step: Step) -> dict[str, dict[str, float]]:
@@ -217,108 +238,76 @@ def time_terms(step: Step) -> dict[str, dict[str, float]]:
 
 
 def best_per_module(table: dict[str, dict[str, float]]) -> dict[str, str]:
-    return {m: min((row[m], name) for name, row in table.items() if m in row)[1] for m in MODULES}
+    cells = {m: [(row[m], name) for name, row in table.items() if m in row] for m in MODULES}
+    return {m: min(c)[1] for m, c in cells.items() if c}
 
 
-def time_composed(step: Step, table: dict[str, dict[str, float]]) -> None:
+def time_composed(step: Step, table: dict[str, dict[str, float]], res: dict[str, Any]) -> None:
     """The fastest candidate of each module, composed into one step's graph, against today's."""
     best = best_per_module(table)
     now = graph_ms(lambda: step.run_terms({m: CANDIDATES["two (now)"]() for m in MODULES}))
     adds = {m: CANDIDATES[best[m]]() for m in MODULES}
     mixed = graph_ms(lambda: step.run_terms(adds))
-    lora = P2_LORA_MS - (now - mixed)
+    res["alone"] = (now, mixed, best)
     print(f"\n  composed best per module {best}: {mixed:.3f} ms vs two (now) {now:.3f} ms per step")
-    print(f"  projected P2 (in-model {P2_BASE_MS} / {P2_LORA_MS} ms, minus the saving): {P2_BASE_MS / lora:.3f}")
 
 
-def time_linears(step: Step, table: dict[str, dict[str, float]]) -> None:
-    """(2) the base matmuls with LoraTerm (how the model calls it) vs alone: a P2 proxy without attention."""
-    stream = torch.cuda.Stream() if DEV == "cuda" else None
-    best = best_per_module(table)
-    local_best = {m: "local" if best[m].startswith("local") else "two" for m in MODULES}
-    modes: dict[str, Callable[[str], tuple[str, Any]]] = {
-        "now: two + side stream": lambda m: ("two", stream),
-        "two": lambda m: ("two", None),
-        "local": lambda m: ("local", None),
-        "side (all on the side)": lambda m: ("side", stream),
-        "table (1)'s best": lambda m: (local_best[m], stream if local_best[m] == "two" else None),
-        "local if N > K else side": lambda m: ("local", None) if MODULES[m][2] > MODULES[m][1] else ("side", stream),
-    }
+MODES: dict[str, tuple[str, int | None, int]] = {  # label -> (LoraTerm.decode, side stream priority, per_sm)
+    "now: side": ("side", 0, 2),  # (None: no side stream; -1: high priority, its blocks go first)
+    "side_store": ("side_store", 0, 2),
+    "side hi-prio": ("side", -1, 2),
+    "side_store hi-prio": ("side_store", -1, 2),
+    "side_store s8": ("side_store", 0, 8),
+    "side_store hi-prio s8": ("side_store", -1, 8),
+    "two + side stream": ("two", 0, 2),
+    "two": ("two", None, 2),
+}
+
+
+def terms_of(step: Step, label: str, modules: tuple[str, ...] = tuple(MODULES)) -> dict[str, list[LoraTerm]]:
+    decode, priority, per_sm = MODES[label]
+    stream = torch.cuda.Stream(priority=priority) if DEV == "cuda" and priority is not None else None
+    return {m: [LoraTerm(a, b, r, two, stream, decode, per_sm) for a, b, r in step.pools[m]] for m in modules}
+
+
+def time_linears(step: Step, res: dict[str, Any]) -> None:
+    """(2) the base matmuls with LoraTerm (how the model calls it) vs alone: a P2 proxy without attention;
+    then the floor (a ready term: only the add per module) and the best mode's cost per module."""
     base = graph_ms(lambda: step.run_linears(None))
+    res["base"], rows = base, res.setdefault("modes", {})
     print(f"\n(2) base matmuls of {LAYERS} layers, batch {BATCH}: {base:.3f} ms alone; with the adapter term:")
     first: dict[str, torch.Tensor] = {}
-    for label, mode in modes.items():
+    for label in [*MODES, "floor: base + add"]:
         if over_budget(label):
             break
         try:
-            terms = {
-                m: [LoraTerm(a, b, r, two, mode(m)[1], decode=mode(m)[0]) for a, b, r in step.pools[m]] for m in MODULES
-            }
-            ms = graph_ms(partial(step.run_linears, terms))
+            ms = graph_ms(
+                step.run_floor if label.startswith("floor") else partial(step.run_linears, terms_of(step, label))
+            )
             out = {m: step.y[m].float() for m in MODULES}  # the last layer's outputs, after the replays
             first = first or out
             diff = max(((out[m] - first[m]).abs().max() / first[m].abs().max()).item() for m in MODULES)
+            rows[label] = (ms, diff)
             print(
-                f"  {label:24s} {ms:8.3f} ms  extra {ms - base:6.3f} ms  ratio {base / ms:.3f}  "
-                f"max rel. diff vs now {diff:.4f}"
+                f"  {label:24s} {ms:8.3f} ms  extra {ms - base:6.3f} ms  ratio {base / ms:.3f}  diff vs now {diff:.4f}"
             )
         except Exception as exc:
             print(f"  {label:24s} FAILED {type(exc).__name__}: {str(exc)[:200]}")
-
-
-def compile_only(arch: int) -> None:
-    """Compile the local kernel's configs and the two-launch expand tiles for sm_`arch` (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    def build(fn: Any, ptrs: list[str], ints: list[str], const: dict[str, int], warps: int) -> None:
-        sig = {**dict.fromkeys(ptrs, "*bf16"), **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
-        for p in ("starts_ptr", "slots_ptr", "lens_ptr", "ranks_ptr"):
-            if p in sig:
-                sig[p] = "*i32" if p != "slots_ptr" else "*i64"
-        if "h_ptr" in sig:
-            sig["h_ptr"] = "*fp32"
-        triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-
-    local_ints = ["K", "N", "N_PER_PROG", "N_SPLIT", "stride_xt", "stride_as", "stride_ap", "stride_ar", "stride_bs",
-                  "stride_bp", "stride_bn", "stride_yt", "stride_rp", "stride_rs"]  # fmt: skip
-    local_ptrs = ["x_ptr", "a_ptr", "b_ptr", "y_ptr", "starts_ptr", "slots_ptr", "ranks_ptr"]
-    expand_ints = ["N", "N_TILES", "stride_hs", "stride_ht", "stride_hp", "stride_bs", "stride_bp", "stride_bn",
-                   "stride_yt", "stride_rp", "stride_rs"]  # fmt: skip
-    expand_ptrs = ["h_ptr", "b_ptr", "y_ptr", "starts_ptr", "lens_ptr", "slots_ptr", "ranks_ptr"]
-    shrink_ints = ["K", "K_PER_SPLIT", "stride_xt", "stride_as", "stride_ap", "stride_ar", "stride_hs", "stride_ht",
-                   "stride_hp", "stride_rp", "stride_rs"]  # fmt: skip
-    shrink_ptrs = ["x_ptr", "a_ptr", "h_ptr", "starts_ptr", "lens_ptr", "slots_ptr", "ranks_ptr"]
-    ok = True
-    for label, run in [
-        *[(f"local r_max {r} {t}", partial(build, lora_decode._decode_lora_local_kernel, local_ptrs, local_ints,
-           dict(BLOCK_R=max(16, r), BLOCK_K=max(16, t.block_k * 16 // max(16, r)),
-                BLOCK_N=max(16, t.block_n * 16 // max(16, r))), t.num_warps))
-          for r in (16, 64) for t in (LocalTiles(), LocalTiles(1, 1024, 1024, 16), LocalTiles(1, 256, 128, 4))],
-        *[(f"two: expand decode BLOCK_N {bn} SPLIT_K {s}", partial(build, two._expand_kernel, expand_ptrs, expand_ints,
-           dict(SPLIT_K=s, BLOCK_M=1, BLOCK_N=bn, BLOCK_R=16), 4)) for bn in (256, 512) for s in (4, 8)],
-        *[(f"two: shrink decode BLOCK_K {bk} SPLIT_K {s}", partial(build, two._shrink_kernel, shrink_ptrs, shrink_ints,
-           dict(SPLIT_K=s, BLOCK_M=1, BLOCK_R=16, BLOCK_K=bk), 4)) for bk in (256, 512) for s in (4, 8)],
-    ]:  # fmt: skip
-        try:
-            run()
-            print(f"  compiled  sm_{arch}  {label}")
-        except Exception as exc:
-            ok = False
-            print(f"  FAILED    sm_{arch}  {label}: {type(exc).__name__}: {str(exc)[:300]}")
-    sys.exit(0 if ok else 1)
+    timed = {k: v for k, v in rows.items() if k in MODES}
+    if not timed or over_budget("the per-module split"):
+        return
+    res["best_mode"] = best = min(timed, key=lambda k: timed[k][0])
+    print(f"  extra ms per step of each module alone with the adapter term ({best}):")
+    for m in MODULES:
+        ms = graph_ms(partial(step.run_linears, terms_of(step, best, (m,))))
+        print(f"    {m:12s} {ms - base:6.3f}  (its bytes {step.bytes([m]) / 1e9:.2f} GB)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--compile-only", action="store_true", help="compile for --arch on a CPU, then exit")
-    ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--no-base", action="store_true", help="skip table (2), the base matmuls (13 GB of weights)")
     ap.add_argument("--cpu-smoke", action="store_true", help="TRITON_INTERPRET=1, tiny shapes: the script runs")
     args = ap.parse_args()
-    if args.compile_only:
-        compile_only(args.arch)
     if args.cpu_smoke:
         global DEV, DT, LAYERS, BATCH
         DEV, DT, LAYERS, BATCH = "cpu", torch.float32, 2, 6
@@ -328,22 +317,25 @@ def main() -> None:
         return
     card = torch.cuda.get_device_name() if DEV == "cuda" else "CPU smoke run"
     print(f"{card}, torch {torch.__version__}; correctness ({DT}, the module shapes):")
+    passed: dict[str, bool] = {}
     for name, make in CANDIDATES.items():
         for r_max in (16, 64) if name in CHECK_WIDE else (16,):
             try:
-                check(name, make, r_max)
+                passed[f"{name} r_max {r_max}"] = check(name, make, r_max)
             except Exception:
+                passed[f"{name} r_max {r_max}"] = False
                 print(f"  FAIL  {name} r_max {r_max}: raised\n{traceback.format_exc(limit=3)}")
+    res: dict[str, Any] = {}
     for stage in ("terms", "linears"):
         try:
             if stage == "terms":
                 step = Step(with_base=not args.no_base)
-                table = time_terms(step)
-                time_composed(step, table)
+                time_composed(step, time_terms(step), res)
             elif not args.no_base:
-                time_linears(step, table)
+                time_linears(step, res)
         except Exception:
             print(f"  stage {stage} FAILED:\n{traceback.format_exc(limit=4)}")
+    summary(passed, res, MODES, P2_BASE_MS, P2_LORA_MS)
 
 
 if __name__ == "__main__":
