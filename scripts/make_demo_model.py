@@ -1,7 +1,7 @@
 """Build the demo: a tiny Qwen v1 checkpoint in the exact HF layout, trained on CPU in seconds so that
 greedy generation from fixed prompts reproduces known sentences, plus two PEFT LoRA adapters that each
-turn the same prompt into their own continuation, and Medusa v2 heads (speculative decoding) trained to
-draft the base texts.
+turn the same prompt into their own continuation, and Medusa v2 heads (speculative decoding, demo_medusa.py)
+trained to draft the base texts.
 
     python scripts/make_demo_model.py --out .demo   # model in .demo/model, adapters (and medusa) in .demo/adapters
 
@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from demo_medusa import build_medusa  # noqa: E402
 from demo_tokenizer import train_bpe_ranks, write_tiktoken_file  # noqa: E402
 from worker.config import QwenConfig  # noqa: E402
 from worker.layers.context import Seqlen  # noqa: E402
@@ -244,45 +245,6 @@ def train_adapter(model, seqs, rank: int, alpha: int, seed: int, steps: int) -> 
     return tensors
 
 
-def train_medusa(model, seqs: list[list[int]], heads: int, seed: int, steps: int) -> tuple[dict, list[float]]:
-    """Medusa v2 heads on the frozen model: head i (from 0) predicts token t+i+2 from the final hidden state
-    at t (the LM head predicts t+1), through r_i = h + SiLU(W_i h + b_i) and the base LM head. Returns the
-    checkpoint tensors and each head's top-1 accuracy on the training text."""
-    cfg = model.config
-    with torch.no_grad():
-        ids = torch.tensor([t for s in seqs for t in s])
-        seqlen = Seqlen.for_prefill([len(s) for s in seqs])
-        pos = torch.cat([torch.arange(len(s)) for s in seqs])
-        hidden = model(ids, pos, seqlen.cu_seqlen_q, None, None, None, seqlen, seqlen.max_q, skip_lm_head=True)[0]
-    targets = torch.tensor(
-        [[s[t + i + 2] if t + i + 2 < len(s) else -100 for i in range(heads)] for s in seqs for t in range(len(s))]
-    )
-    g = torch.Generator().manual_seed(seed)
-    H = cfg.hidden_size
-    w = torch.randn(heads, H, H, generator=g).mul_(0.01).requires_grad_()
-    b = torch.zeros(heads, H, requires_grad=True)
-    lm_head = model.lm_head.weight.detach()
-    opt = torch.optim.Adam([w, b], lr=1e-2)
-
-    def logits() -> torch.Tensor:  # [T, K, V]
-        r = hidden[:, None, :] + torch.nn.functional.silu(torch.einsum("th,koh->tko", hidden, w) + b)
-        return r @ lm_head.T
-
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(logits().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        hit = (logits().argmax(-1) == targets).float()
-        accuracy = [float(hit[:, i][targets[:, i] >= 0].mean()) for i in range(heads)]
-    tensors = {}
-    for i in range(heads):
-        tensors[f"{i}.0.linear.weight"] = w[i].detach().to(torch.bfloat16).contiguous()
-        tensors[f"{i}.0.linear.bias"] = b[i].detach().to(torch.bfloat16).contiguous()
-    return tensors, accuracy
-
-
 def build(out_dir: str, seed: int = 0, quiet: bool = False) -> None:
     t0 = time.time()
     torch.manual_seed(seed)
@@ -327,18 +289,7 @@ def build(out_dir: str, seed: int = 0, quiet: bool = False) -> None:
         save_file(tensors, os.path.join(adir, "adapter_model.safetensors"), metadata={"format": "pt"})
         write_peft_config(adir, rank, alpha, base_model_name_or_path=os.path.abspath(model_dir))
     seqs = [tok.encode(p + c) + [eos] for p, c in BASE_TEXTS]
-    tensors, accuracy = train_medusa(model, seqs, MEDUSA_HEADS, seed + 10, steps=300)
-    mdir = os.path.join(adapter_root, "medusa")
-    os.makedirs(mdir, exist_ok=True)
-    save_file(tensors, os.path.join(mdir, "medusa_lm_head.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(mdir, "config.json"), "w") as f:
-        medusa_cfg = {
-            "medusa_num_heads": MEDUSA_HEADS,
-            "medusa_num_layers": 1,
-            "version": 2,
-            "hidden_size": config.hidden_size,
-        }
-        json.dump({**medusa_cfg, "base_model_name_or_path": os.path.abspath(model_dir)}, f, indent=2)
+    accuracy = build_medusa(model, seqs, MEDUSA_HEADS, seed + 10, os.path.join(adapter_root, "medusa"), model_dir)
     if not quiet:
         print("medusa heads trained: top-1 accuracy per head " + ", ".join(f"{a:.2f}" for a in accuracy))
     with open(os.path.join(out_dir, "VERSION"), "w") as f:
