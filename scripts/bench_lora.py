@@ -97,7 +97,7 @@ def bench_lora_decode(
     side = mgr.shrink_stream is not None
     variants = (  # (backend, side stream, LoraTerm.decode); the served configuration last (the generate's)
         [("torch", False, "two")]
-        + ([("triton", False, "two")] + [("triton", m == "side", m) for m in decode_modes] if triton else [])
+        + ([("triton", False, "two")] + [("triton", m.startswith("side"), m) for m in decode_modes] if triton else [])
         + ([("triton", True, "two")] if triton and side else [])
     )
     graphs: GraphedDecode | None = None
@@ -275,6 +275,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--max-rank", type=int, default=0, help="the pools' r_max (0: --rank; the server's default is 64)")
+    ap.add_argument("--modes", default="local,side", help="LoraTerm decode modes to time (comma-separated)")
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")
     ap.add_argument("--no-peer", action="store_true")
@@ -285,7 +287,18 @@ def main() -> None:
     model = build_model(args.shape, pctx, "auto")
     b = args.batch
     ours = bench_lora_decode(
-        model, [b], args.ctx, 16, copy_bandwidth(dev), b, args.rank, args.rank, b, args.prompt, args.new
+        model,
+        [b],
+        args.ctx,
+        16,
+        copy_bandwidth(dev),
+        b,
+        args.rank,
+        args.max_rank or args.rank,
+        b,
+        args.prompt,
+        args.new,
+        tuple(args.modes.split(",")),
     )
     del model
     torch.cuda.empty_cache()
