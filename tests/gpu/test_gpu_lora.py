@@ -248,11 +248,15 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     assert effect > 10 * tol  # the adapters change the logits far beyond the tolerance
 
 
-@pytest.mark.parametrize("mode,overlap", [("two", True), ("two", False), ("local", False), ("side", True)])
-def test_graphed_adapter_decode_equals_eager(tmp_path, mode, overlap):
+@pytest.mark.parametrize(
+    "mode,overlap,per_sm",
+    [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)],
+)
+def test_graphed_adapter_decode_equals_eager(tmp_path, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
     the shrink on the side stream (captured as a fork/join in the graph) or serial, or with another decode
-    mode of LoraTerm ("side": the whole term on the side stream)."""
+    mode of LoraTerm ("side": the whole term on the side stream; "side_store": its expand writes the whole
+    buffer, here with a finer K split)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
@@ -261,6 +265,7 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, mode, overlap):
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.decode = mode
+        getattr(t.owner, t.attr).lora.per_sm = per_sm
     c = model.config
     kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
     graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=True)
