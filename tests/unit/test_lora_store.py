@@ -90,7 +90,7 @@ def test_lora_term_side_store_equals_side(slots, tokens):
 
     spy = SimpleNamespace(shrink_buffer=kernels.shrink_buffer, lora_shrink=shrink, lora_expand=kernels.lora_expand)
     for mode, per_sm in (("side", 2), ("side_store", 2), ("side_store", 16)):
-        term = LoraTerm(a, b, ranks, spy, None, decode=mode, per_sm=per_sm)  # type: ignore[arg-type]
+        term = LoraTerm(a, b, ranks, spy, None, decode=mode, per_sm=per_sm)
         out[mode, per_sm] = term.apply(lambda: y0.clone(), x, data)
     ref = y0.clone()
     add_lora_reference(ref, x, ca, cb, data.token_idx, data.valid, data.slots)
