@@ -28,6 +28,7 @@ from worker import ops  # noqa: E402
 from worker.kernels.fused import silu_mul  # noqa: E402
 from worker.kernels.gemv import GemvTiles, counters_for  # noqa: E402
 from worker.kernels.gemv_dense import dense_gemv  # noqa: E402
+from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -74,42 +75,91 @@ def test_pdl_is_off_under_the_interpreter_and_changes_nothing():
     assert torch.equal(dense_gemv(x, w, None, None, tiles, pdl=True), dense_gemv(x, w, None, None, tiles))
 
 
+MODEL_CANDIDATES = {
+    "act": dict(act_gemv=True),
+    "norm": dict(norm_gemv=True),
+    "all": dict(act_gemv=True, norm_gemv=True, pdl=True),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_model_with_the_act_gemv_matches_the_reference_model(tmp_path, monkeypatch, dtype):
-    """Every mlp.c_proj given act counters (as DecodeKernels(act_gemv=True) does on CUDA) decodes through the act
-    GEMV (and prefill, above GEMV_MAX_M rows, through SiLU-mul + F.linear); logits equal the unfused model's:
-    fp32 within 1e-4, fp16 within 2e-2 (logits of O(4); the GEMV sums in another order than F.linear)."""
+@pytest.mark.parametrize("name", list(MODEL_CANDIDATES))
+def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeypatch, dtype, name):
+    """The tiny model's linears given GEMV counters and a plan for their shape (as on CUDA) and the candidates
+    switched on decode through the act GEMV / the norm GEMVs (prefill, above GEMV_MAX_M rows, through the separate
+    kernels); logits equal the unfused reference model's: fp32 within 1e-4, fp16 within 2e-2 (logits of O(4); the
+    GEMV sums in another order than F.linear, the norm's sum of squares in another order than the norm kernel's)."""
     from helpers import TINY, write_checkpoint
     from paged import Paged
     from random_weights import random_checkpoint
-    from worker.layers.decode_kernels import DecodeKernels
-    from worker.layers.linear import RowParallelLinear
-    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.kernels import gemv_dense
+    from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
+    from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 
     cfg = {**TINY, "seq_length": 8}
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, random_checkpoint(cfg, 3))
     ref = FlashQwenForCausalLM.from_pretrained(path, dtype=dtype, progress=False, fused=False)
     model = FlashQwenForCausalLM.from_pretrained(path, dtype=dtype, progress=False, fused=True)
+    opts = DecodeKernels(**MODEL_CANDIDATES[name])
+    apply_decode_kernels(model.transformer, opts)
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(gemv_dense.DENSE_GEMV_PLAN, (64, 192), ((8, GemvTiles(16, 32, 4, 1)),))  # c_attn, w2|w1
     for layer in model.transformer.layers():
-        layer.mlp.c_proj.set_decode_kernels(DecodeKernels(act_gemv=True))
-        assert layer.mlp.c_proj.act_counters is None  # the CPU has no act GEMV of its own
-        layer.mlp.c_proj.act_counters = counters_for(cfg["hidden_size"], torch.device("cpu"))
-    calls: list[int] = []
-    forward_act = RowParallelLinear.forward_act
-
-    def spy(self, gate_up):
-        calls.append(gate_up.shape[0])
-        return forward_act(self, gate_up)
-
-    monkeypatch.setattr(RowParallelLinear, "forward_act", spy)
+        assert layer.mlp.c_proj.act_counters is None  # the CPU has no GEMV of its own
+        layer.mlp.c_proj.act_counters = counters_for(cfg["hidden_size"], cpu)
+        for lin in (layer.attn.c_attn, layer.mlp.gate_up):
+            lin.gemv_counters = counters_for(lin.out_features, cpu)
+    calls: list[str] = []
+    for cls, method in ((RowParallelLinear, "forward_act"), (ColumnParallelLinear, "forward_norm")):
+        monkeypatch.setattr(cls, method, _spy(getattr(cls, method), calls))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     runners = [Paged(m, seed=2) for m in (ref, model)]
     seqs = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12], [3, 1], [40, 41, 42]]
     starts, alphas = [0, 0, 0], [1.0, 1.0, 1.0]
-    for step in range(3):  # prefill (17 rows: no act GEMV), then two decode steps of 3 rows
+    for step in range(3):  # prefill (16 rows: no candidate), then two decode steps of 3 rows
         outs = [r.step([0, 1, 2], seqs, starts, alphas, prefill=step == 0) for r in runners]
         for a, b in zip(*outs):
             torch.testing.assert_close(b, a, atol=tol, rtol=0)
         starts = [len(s) for s in seqs]
         seqs = [s + [int(o[-1].argmax())] for s, o in zip(seqs, outs[0])]
-    assert calls == [3] * (2 * cfg["num_hidden_layers"])
+    per_step = ["forward_act"] * opts.act_gemv + ["forward_norm"] * 2 * opts.norm_gemv
+    assert sorted(calls) == sorted(per_step * 2 * cfg["num_hidden_layers"])
+
+
+def _spy(method, calls: list[str]):
+    def spy(self, *args):
+        calls.append(method.__name__)
+        return method(self, *args)
+
+    return spy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 200), (3, 24, 520), (8, 56, 96)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_gemv_equals_rms_norm_then_gemv(m, n, k, dtype, with_residual):
+    """dense_gemv_norm = (GEMV of fused.rms_norm(x + residual), x + residual): s bit for bit; y equal to the
+    two-kernel path but for the 1/rms, whose sum of squares runs in another order (fp32: within 1e-5 of it; fp16:
+    within 1 ulp of the output's scale), and to the fp64 product of ops.add_rms_norm's output."""
+    from worker.kernels.fused import rms_norm
+    from worker.kernels.gemv_dense import dense_gemv_norm
+
+    g = torch.Generator().manual_seed(m * n + k)
+    x = (3 * torch.randn(m, k, generator=g)).to(dtype)
+    res = (3 * torch.randn(m, k, generator=g)).to(dtype) if with_residual else None
+    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    w, b = (torch.randn(n, k, generator=g) / k**0.5).to(dtype), torch.randn(n, generator=g).to(dtype)
+    counters = counters_for(n, x.device)
+    normed, s_ref = rms_norm(x, nw, 1e-6, res)
+    ref_normed, _ = ops.add_rms_norm(x, nw, 1e-6, res)
+    ref = torch.nn.functional.linear(ref_normed.double(), w.double(), b.double())
+    for split, prefetch in ((1, True), (2, False), (3, True)):
+        tiles = GemvTiles(block_n=16, block_k=64, num_warps=4, num_stages=1, prefetch=prefetch)
+        y, s = dense_gemv_norm(x, res, nw, 1e-6, w, b, counters, tiles, split_k=split)
+        two = dense_gemv(normed, w, b, counters, tiles, split_k=split)
+        assert torch.equal(s, s_ref) and y.shape == (m, n) and y.dtype == dtype
+        within(y, two.double(), TOL[dtype])
+        within(y, ref, TOL[dtype])
+        assert int(counters.abs().sum()) == 0
+    with pytest.raises(ValueError, match="norm weight"):
+        dense_gemv_norm(x, res, nw[:-1], 1e-6, w)
