@@ -1,6 +1,8 @@
 """Where does a decode step's GPU time go? Kernel time by name for one step (torch profiler).
 
-python scripts/profile_decode.py --shape 7b --batch 1
+python scripts/profile_decode.py --shape 7b --batch 1 [--pdl] [--act-gemv] [--norm-gemv]
+
+The flags switch on worker/layers/decode_kernels.py's candidates (issue 17, P1) for the profiled model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from bench_common import DecodeInputs, build_model  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
+from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -25,9 +28,14 @@ def main() -> None:
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ctx", type=int, default=512)
+    for flag in ("--pdl", "--act-gemv", "--norm-gemv"):
+        ap.add_argument(flag, action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     model = build_model(args.shape, ParallelContext(0, 1, dev), "auto")
+    opts = DecodeKernels(pdl=args.pdl, act_gemv=args.act_gemv, norm_gemv=args.norm_gemv)
+    apply_decode_kernels(model.transformer, opts)
+    print(opts)
     c = model.config
     kv = KVCache(
         c.num_hidden_layers,
