@@ -31,6 +31,8 @@ def summary(
         saving = now_ms - ms
         p2 = p2_base / (p2_lora - saving)
         print(f"  (2) {label:24s} extra {ms - base:6.3f} ms  ratio {base / ms:.3f}  proj. P2 {p2:.3f}  diff {diff:.4f}")
+    if "floor: base + add" in rows:  # what fusing the add into its consumer (act, rotary, residual norm) could save
+        print(f"  the add per module alone costs {rows['floor: base + add'][0] - base:.3f} ms per step (fusion bound)")
     best = res.get("best_mode")
     if best and best != "now: side" and not fails and rows[best][0] < 0.98 * now_ms and rows[best][1] < 0.02:
         decode, priority, per_sm = modes[best]
