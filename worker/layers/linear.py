@@ -145,7 +145,7 @@ class ColumnParallelLinear(nn.Module):
 
         return (
             type(self) is ColumnParallelLinear
-            and gemv_dense.dense_tiles(*self.weight.shape[::-1], x.shape[0]) is not None
+            and gemv_dense.dense_tiles(self.in_features, self.out_features, x.shape[0]) is not None
         )
 
     def forward_norm(
