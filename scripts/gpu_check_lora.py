@@ -294,13 +294,28 @@ def time_linears(step: Step, res: dict[str, Any]) -> None:
         except Exception as exc:
             print(f"  {label:24s} FAILED {type(exc).__name__}: {str(exc)[:200]}")
     timed = {k: v for k, v in rows.items() if k in MODES}
-    if not timed or over_budget("the per-module split"):
+    if timed:
+        res["best_mode"] = min(timed, key=lambda k: timed[k][0])
+    per_module(step, base, list(timed), res)
+
+
+def per_module(step: Step, base: float, labels: list[str], res: dict[str, Any]) -> None:
+    """Extra ms per step of each module alone with the term, per mode; then each module's best mode composed
+    into one step (LoraTerm's mode is per target: SlotPool.wrap_targets may pick it per module)."""
+    print(f"  extra ms per step, one module with the term:  {''.join(f'{m:>13s}' for m in MODULES)}")
+    cells: dict[str, dict[str, float]] = {}
+    for label in labels:
+        if over_budget(f"per module {label}"):
+            break
+        cells[label] = {m: graph_ms(partial(step.run_linears, terms_of(step, label, (m,)))) - base for m in MODULES}
+        print(f"    {label:42s}" + "".join(f"{cells[label][m]:13.3f}" for m in MODULES))
+    if not cells or over_budget("the composed modes"):
         return
-    res["best_mode"] = best = min(timed, key=lambda k: timed[k][0])
-    print(f"  extra ms per step of each module alone with the adapter term ({best}):")
-    for m in MODULES:
-        ms = graph_ms(partial(step.run_linears, terms_of(step, best, (m,))))
-        print(f"    {m:12s} {ms - base:6.3f}  (its bytes {step.bytes([m]) / 1e9:.2f} GB)")
+    best = {m: min(cells, key=lambda k: cells[k][m]) for m in MODULES}
+    terms = {m: terms_of(step, best[m], (m,))[m] for m in MODULES}
+    ms = graph_ms(partial(step.run_linears, terms))
+    res["composed"] = (best, ms)
+    print(f"  composed best mode per module {best}: extra {ms - base:.3f} ms  ratio {base / ms:.3f}")
 
 
 def main() -> None:

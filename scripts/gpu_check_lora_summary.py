@@ -33,6 +33,14 @@ def summary(
         print(f"  (2) {label:24s} extra {ms - base:6.3f} ms  ratio {base / ms:.3f}  proj. P2 {p2:.3f}  diff {diff:.4f}")
     if "floor: base + add" in rows:  # what fusing the add into its consumer (act, rotary, residual norm) could save
         print(f"  the add per module alone costs {rows['floor: base + add'][0] - base:.3f} ms per step (fusion bound)")
+    if "composed" in res:
+        per, ms = res["composed"]
+        p2 = p2_base / (p2_lora - now_ms + ms)
+        print(f"  (2) composed best mode per module: extra {ms - base:.3f} ms  proj. P2 {p2:.3f}")
+        print(f"      {per}")
+        best_ms = min(ms_ for label, (ms_, _) in rows.items() if label in modes)
+        if ms < 0.98 * best_ms:
+            print("      (beats every single mode by > 2 %: pick the mode per target key in SlotPool.wrap_targets)")
     best = res.get("best_mode")
     if best and best != "now: side" and not fails and rows[best][0] < 0.98 * now_ms and rows[best][1] < 0.02:
         decode, priority, per_sm = modes[best]
