@@ -1,5 +1,6 @@
 """The adapter manager: the router's adapter_index → pool slot map, LRU eviction of idle adapters, and the
-adapter RPCs' bodies, over the slot pool (slots.py) and the host copies (staging.py).
+adapter RPCs' bodies, over the slot pool (slots.py), the host copies (staging.py) and the slots' Medusa heads
+(medusa_slots.py).
 
 An adapter used by a live batch is never evicted or offloaded. Host copies of offloaded adapters are
 kept up to `host_cache` (least recently used dropped first; read from disk again if used); an offloaded
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 
 from worker.adapters.host import HostAdapter
-from worker.adapters.medusa import adapter_heads, medusa_only
+from worker.adapters.medusa import medusa_only
+from worker.adapters.medusa_slots import MedusaSlots
 from worker.adapters.merge import merge_adapters
 from worker.adapters.peft import LoraAdapter, adapter_dir, read_adapter
 from worker.adapters.slots import SlotPool
@@ -68,7 +70,6 @@ class AdapterManager:
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
-        self.model = model  # its Medusa heads follow the slots (a row's slot picks its heads)
         self.config = model.config
         self.pctx = pctx
         self.dtype = dtype
@@ -91,6 +92,7 @@ class AdapterManager:
         )
         self.slots = SlotPool(model.lora_targets(), pctx, dtype, max_rank, num_slots)
         self.copies = HostCopies(self.slots, self.config, dtype)
+        self.medusa = MedusaSlots(root, model)
         log.info(
             "adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
             num_slots,
@@ -181,10 +183,7 @@ class AdapterManager:
 
     # ------------------------------------------------------------------ RPC bodies
     def _medusa(self, params: Any, source: int) -> MedusaCheckpoint | None:
-        """The adapter's Medusa heads, validated to ride on requests beside the heads already known."""
-        known = self.model.medusa_heads or next((e.medusa.num_heads for e in self.entries.values() if e.medusa), 0)
-        paths = [adapter_dir(self.root, i, source) for i in params.adapter_ids]
-        return adapter_heads(self.root, paths, self.config, known)
+        return self.medusa.read(params, source, (e.medusa for e in self.entries.values()))
 
     def download(self, req: Any) -> Any:
         self._medusa(req.adapter_parameters, req.adapter_source)
@@ -261,7 +260,7 @@ class AdapterManager:
     def _free_slot(self, entry: Entry) -> None:
         if entry.slot is not None:
             self.slots.zero(entry.slot)
-            self.model.medusa.detach(entry.slot)
+            self.medusa.detach(entry.slot)
             self.slot_owner[entry.slot] = None
             entry.slot = None
 
@@ -298,8 +297,7 @@ class AdapterManager:
         if entry.host is None:  # dropped from the host cache: read again
             entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
         self.last_timing.update(self.copies.fill(slot, entry, entry.ranks))
-        if entry.medusa is not None:
-            self.model.attach_medusa(entry.medusa, slot)
+        self.medusa.attach(entry.medusa, slot)
         self.slot_owner[slot] = index
         entry.slot = slot
         self._trim_host_cache()
