@@ -27,6 +27,9 @@ class EngineConfig:
     # start each batch's next decode forward before replying (worker/engine/lookahead.py).
     # None: auto (CUDA graphs, TP=1); True: always; False: never
     look_ahead: bool | None = None
+    # the look-ahead fed on the device: launched right after the sampler with its ids (no host sync before the
+    # forward), instead of after the tokens are appended; False until the GPU shows it faster (issue 17)
+    look_ahead_fed: bool = False
     # chunked prefill (LoRAX semantics, worker/engine/chunks.py): Info.chunked_prefill, Request.chunk_len honoured,
     # Prefill(cached_batch) runs one forward for the running and the new requests; --no-chunked-prefill turns it off
     chunked_prefill: bool = True

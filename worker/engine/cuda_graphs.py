@@ -122,24 +122,55 @@ class GraphedDecode:
                     if splits is not None:
                         backend.num_splits = old
 
-    def can_run(self, batch: Batch) -> bool:
-        return len(batch.requests) <= self.sizes[-1] and all(len(r.blocks) <= self.max_blocks for r in batch.requests)
+    def can_run(self, batch: Batch, ahead: bool = False) -> bool:
+        """ahead: for the step after the one whose tokens are being chosen (a position further on)."""
+        if len(batch.requests) > self.sizes[-1]:
+            return False
+        if ahead:
+            return all(len(r.ids) // self.kv.block_size < self.max_blocks for r in batch.requests)
+        return all(len(r.blocks) <= self.max_blocks for r in batch.requests)
 
     def run(self, batch: Batch, adapter_slots: list[int] | None) -> torch.Tensor:
         """Fill the static inputs for this batch (padding rows point at the scratch block) and replay."""
+        graph, out = self._fill(batch, adapter_slots, ahead=False)
+        graph.replay()
+        for r in batch.requests:
+            r.n_cached = len(r.ids)
+        return out[: len(batch.requests)]
+
+    def prepare_ahead(self, batch: Batch, adapter_slots: list[int] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode of each request's next token, before the host knows it: every input but the token ids is
+        filled now (position len(ids), slot `slot_at`); the returned launch copies the ids [B] from the device
+        into the graph's input and replays, so the forward follows the sampler without a host sync."""
+        graph, out = self._fill(batch, adapter_slots, ahead=True)
+        n = len(batch.requests)
+
+        def launch(ids: torch.Tensor) -> torch.Tensor:
+            self.ids[:n].copy_(ids, non_blocking=True)
+            graph.replay()
+            return out[:n]
+
+        return launch
+
+    def _fill(
+        self, batch: Batch, adapter_slots: list[int] | None, ahead: bool
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Copy the batch's inputs into the static buffers; the bucket's graph and output. ahead: each row's
+        position is len(ids), its token comes later (prepare_ahead)."""
         reqs = batch.requests
         n = len(reqs)
         bs = next(s for s in self.sizes if s >= n)
-        scratch = self.scratch_block
+        scratch, size = self.scratch_block, self.kv.block_size
         tables = np.full((bs, self.max_blocks), scratch, dtype=np.int32)
         ints = np.zeros((5, bs), dtype=np.int64)  # ids, positions, slots, lengths, cache lengths
-        ints[2, n:] = scratch * self.kv.block_size
+        ints[2, n:] = scratch * size
         ints[3, n:] = 1
         alpha = np.ones(bs, dtype=np.float32)
         for i, r in enumerate(reqs):
             tables[i, : len(r.blocks)] = r.blocks
-            last = len(r.ids) - 1
-            ints[:, i] = (r.ids[-1], last, r.slots[last], last + 1, last)
+            pos = len(r.ids) - 1 + ahead
+            slot = r.slots[pos] if not ahead else slot_at(r.slots, r.blocks, pos, scratch, size)
+            ints[:, i] = (r.ids[-1], pos, slot, pos + 1, pos)
             alpha[i] = r.ntk_alpha
         ints_t = torch.from_numpy(ints)
         self.ids[:bs].copy_(ints_t[0], non_blocking=True)
@@ -153,8 +184,14 @@ class GraphedDecode:
         lora = any(slots)
         if lora:
             self.adapter_slots[:bs].copy_(torch.tensor(slots + [0] * (bs - n)), non_blocking=True)
-        graph, out = self.graphs[(bs, lora)]  # (bs, True) exists whenever adapters are enabled
-        graph.replay()
-        for r in reqs:
-            r.n_cached = len(r.ids)
-        return out[:n]
+        return self.graphs[(bs, lora)]  # (bs, True) exists whenever adapters are enabled
+
+
+def slot_at(slots: list[int], blocks: list[int], pos: int, scratch_block: int, block_size: int) -> int:
+    """The KV slot a request writes at `pos`: its own, else (a position past its slots: the request stops at the
+    token before, so the K/V are never read) one in its own block there, else in the scratch block, which no
+    request owns and which the block tables name past a request's blocks."""
+    if pos < len(slots):
+        return slots[pos]
+    block = blocks[pos // block_size] if pos // block_size < len(blocks) else scratch_block
+    return block * block_size + pos % block_size

@@ -222,8 +222,12 @@ class Engine:
         try:
             assert self.runner is not None
             heads = self.model.medusa_heads > 0
-            computed = step.compute(batch, self.runner, self.pctx, self.grammars, self.adapters, medusa=heads)
+            ahead = self._fed_look_ahead if self._feeds(batch) else None
+            computed = step.compute(
+                batch, self.runner, self.pctx, self.grammars, self.adapters, medusa=heads, ahead=ahead
+            )
         except Exception:
+            lookahead.clear(batch.requests)
             for r, n in zip(batch.requests, saved):
                 r.n_cached = n
             kept = set() if keep is None else {id(r) for r in keep.requests}
@@ -239,7 +243,10 @@ class Engine:
         survivors = self._drop_finished(batch)
         if survivors is not None:
             chunks.assign(survivors.requests, self.max_prefill_tokens)
-            self._look_ahead(survivors)
+            if computed.fed:
+                lookahead.settle(survivors.requests)
+            else:
+                self._look_ahead(survivors)
         try:  # the texts and Generations are built while the look-ahead forward runs
             generations = step.generations(self.tokenizer, reports)
         except Exception:
@@ -319,3 +326,15 @@ class Engine:
             lookahead.clear(batch.requests)
             return
         lookahead.start(self.runner, batch, self.adapters, wanted=self.cfg.look_ahead, world_size=self.pctx.world_size)
+
+    def _feeds(self, batch: Batch) -> bool:
+        """The fed look-ahead (EngineConfig.look_ahead_fed) launches before the step's tokens are appended, so
+        only where no drafts can follow them: no Medusa heads, no prompt lookup for a batch that verifies."""
+        drafts = self.cfg.speculative_tokens > 0 and len(batch.requests) <= chunks.MAX_VERIFY_ROWS
+        return self.cfg.look_ahead_fed and not self.model.medusa_heads and not drafts
+
+    def _fed_look_ahead(self, batch: Batch) -> lookahead.Feed | None:
+        assert self.runner is not None
+        return lookahead.prepare_fed(
+            self.runner, batch, self.adapters, wanted=self.cfg.look_ahead, world_size=self.pctx.world_size
+        )

@@ -9,15 +9,17 @@ step would write. Every rank takes the same decisions from the same state, so co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from worker.engine.batch import Adapters, Ahead, Batch
+from worker.engine.batch import Adapters, Ahead, Batch, RequestState
 from worker.engine.chunks import RowSpan
+from worker.engine.cuda_graphs import slot_at
 from worker.engine.runner import Runner, StepLogits
 
 log = logging.getLogger(__name__)
@@ -91,19 +93,19 @@ def ready(requests: Sequence[HasAhead], prefill: bool) -> list[bool]:
 def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool], computed: torch.Tensor | None) -> torch.Tensor:
     """This step's logits [B, V]: ready requests' look-ahead rows, the others' rows of `computed`
     ([missing, V], in order). Every request's row is used once: all are cleared. All rows of one
-    look-ahead, in its order, return its tensor as is (no copy)."""
+    look-ahead, in its order, return its tensor as is (no copy); some of them, one gather."""
     first = requests[0].ahead
-    whole = (
+    shared = (
         all(is_ready)
         and first is not None
-        and first.logits.shape[0] == len(requests)
-        and all(
-            r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i for i, r in enumerate(requests)
-        )
+        and all(r.ahead is not None and r.ahead.logits is first.logits for r in requests)
     )
-    if whole and first is not None:  # the usual decode step: no per-row slices
+    if shared and first is not None:  # the usual decode step: one look-ahead's rows, no per-row slices
+        index = [r.ahead.row for r in requests if r.ahead is not None]
         clear(requests)
-        return first.logits
+        if index == list(range(first.logits.shape[0])):
+            return first.logits
+        return first.logits[torch.tensor(index, device=first.logits.device)]  # requests that finished are left out
     rows: list[torch.Tensor] = []
     j = 0
     for r, ok in zip(requests, is_ready):
@@ -138,14 +140,95 @@ def start(runner: Runner, batch: Batch, adapters: Adapters | None, *, wanted: bo
         slots = adapters.request_slots(batch) if adapters is not None else None
         logits = runner.forward(batch, False, slots).last.clone()  # a graph's output buffer is reused
     except Exception as exc:
-        log.warning(
-            "decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
-            batch.id,
-            exc,
-            "; under TP the ranks' collectives may now be out of step" if world_size > 1 else "",
-        )
+        _failed(batch, exc, world_size)
         return
     attach(reqs, logits)
+
+
+def _failed(batch: Batch, exc: Exception, world_size: int) -> None:
+    log.warning(
+        "decode look-ahead of batch %d failed (%r): its next Decode runs the forward itself%s",
+        batch.id,
+        exc,
+        "; under TP the ranks' collectives may now be out of step" if world_size > 1 else "",
+    )
+
+
+Feed = Callable[[torch.Tensor], bool]
+
+
+def prepare_fed(
+    runner: Runner, batch: Batch, adapters: Adapters | None, *, wanted: bool | None, world_size: int
+) -> Feed | None:
+    """The look-ahead fed on the device (EngineConfig.look_ahead_fed), for a plain decode step whose tokens are
+    being chosen: when `decide` says so, the next forward's inputs but the tokens are filled now, before the
+    sampler runs; the returned feed takes the chosen ids [B] on the device, launches the forward (no host sync
+    before it) and gives each request its row, valid once the token is appended. A request that stops at this
+    token has its row computed and dropped with it: the K/V it writes go to its own slot at that position or
+    to the scratch block (slot_at), and whatever later reuses its blocks runs after it on the same stream. A
+    failure costs only the look-ahead (feed returns False)."""
+    reqs = batch.requests
+    graphs = runner.graphs
+    decision = decide(
+        wanted=wanted,
+        graphs_available=graphs is not None,
+        graphs_can_run=graphs is not None and graphs.can_run(batch, ahead=True),
+        world_size=world_size,
+        slots_allocated=True,  # slot_at gives the rows past their slots (they stop at this token) one
+        prefilling=any(r.prefilling for r in reqs),
+    )
+    if not decision.run:
+        return None
+    try:
+        slots = adapters.request_slots(batch) if adapters is not None else None
+        launch = _prepare(runner, batch, slots)
+    except Exception as exc:
+        _failed(batch, exc, world_size)
+        return None
+
+    def feed(ids: torch.Tensor) -> bool:
+        try:
+            logits = launch(ids).clone()  # a graph's output buffer is reused
+        except Exception as exc:
+            _failed(batch, exc, world_size)
+            return False
+        for i, r in enumerate(reqs):
+            r.ahead = Ahead(logits, i, len(r.ids) + 1)
+        return True
+
+    return feed
+
+
+def _prepare(runner: Runner, batch: Batch, slots: list[int] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fed forward's launch: a CUDA graph's where one serves the batch, else (eager: CPU, tests) the
+    runner's forward of the requests with their next token appended, read from the device then."""
+    graphs = runner.graphs
+    if graphs is not None and graphs.can_run(batch, ahead=True) and (slots is None or graphs.has_lora):
+        return graphs.prepare_ahead(batch, slots)
+    assert runner.kv is not None
+    scratch, size = runner.kv.num_blocks - 1, runner.kv.block_size
+
+    def launch(ids: torch.Tensor) -> torch.Tensor:
+        reqs = [_appended(r, t, scratch, size) for r, t in zip(batch.requests, ids.tolist())]
+        return runner.forward(Batch(batch.id, reqs, batch.sampler), False, slots).last
+
+    return launch
+
+
+def _appended(r: RequestState, token: int, scratch: int, size: int) -> RequestState:
+    """A copy of r with `token` appended, a slot for it (slot_at) and a block there (the scratch block past its own)."""
+    pos = len(r.ids)
+    blocks = r.blocks + [scratch] * max(0, pos // size + 1 - len(r.blocks))
+    slots = r.slots[:pos] + [slot_at(r.slots, r.blocks, pos, scratch, size)]
+    return dataclasses.replace(r, ids=[*r.ids, token], slots=slots, blocks=blocks, ahead=None)
+
+
+def settle(requests: Sequence[RequestState]) -> None:
+    """After the step's tokens are appended: a request with a valid fed look-ahead row has its last token's K/V
+    in the cache (as after `start`)."""
+    for r in requests:
+        if r.ahead is not None and r.ahead.length == len(r.ids):
+            r.n_cached = len(r.ids)
 
 
 def step_logits(

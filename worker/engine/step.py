@@ -10,7 +10,7 @@ first token. Every rank computes every row; the chosen ids are rank 0's, so the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import overload
 
@@ -22,6 +22,7 @@ from worker.engine.batch import Adapters, Batch, RequestState
 from worker.engine.generations import Generation, Tokens, alternatives, generated_text, next_tokens, prompt_text
 from worker.engine.grammar import Grammars
 from worker.engine.runner import Runner, StepLogits
+from worker.engine.sampling import BatchSampler
 from worker.engine.speculative import Choice
 from worker.engine.stopping import FinishReason
 from worker.tokenizer import QwenTokenizer
@@ -33,6 +34,7 @@ class Computed:
     logits: StepLogits
     choices: list[Choice]  # per row of plan.sampling, in order: its tokens, identical on every rank
     medusa: list[list[int]]  # per row of plan.sampling: the Medusa heads' drafts for its next step ([]: none)
+    fed: bool = False  # the next step's forward was launched with this step's tokens (lookahead.prepare_fed)
 
 
 class _Positions(Sequence[torch.Tensor]):
@@ -63,9 +65,12 @@ def compute(
     grammars: Grammars,
     adapters: Adapters | None,
     medusa: bool = False,
+    ahead: Callable[[Batch], lookahead.Feed | None] | None = None,
 ) -> Computed:
-    """The step's forward and choices; no request state changes (n_cached aside, which the caller restores on
-    failure). medusa: Medusa heads are attached, so the forward also returns their logits (eager path)."""
+    """The step's forward and choices; no request state changes (n_cached and look-ahead rows aside: the caller
+    restores n_cached on failure). medusa: Medusa heads are attached, so the forward also returns their logits
+    (eager path). ahead: for a plain decode step (every row samples one token, no verify row, no heads), the
+    fed look-ahead of the batch, whose feed gets the chosen ids before the host waits for them."""
     plan = chunks.plan(batch)
     reqs = batch.requests
     adapter_slots = adapters.request_slots(batch) if adapters is not None else None
@@ -85,6 +90,11 @@ def compute(
     first = None  # without verify rows, round 0 reads the last logits as they are (no copy)
     if not plan.verify:
         first = step.last if len(rows) == len(reqs) else step.last[torch.tensor(rows, device=step.last.device)]
+    plain = first is not None and len(rows) == len(reqs) and step.speculative is None and not plan.prefill
+    feed = ahead(batch) if ahead is not None and plain else None
+    if feed is not None and first is not None:
+        choices, fed = _choose_and_feed(sampler, first, [r.ids for r in reqs], allowed, pctx, feed)
+        return Computed(plan, step, choices, [[] for _ in rows], fed)
     choices = speculative.choose(sampler, positions, drafts, [reqs[i].ids for i in rows], allowed, pctx, first)
     heads: list[list[int]] = [[] for _ in rows]
     if step.speculative is not None:  # drafts from the heads at each row's last chosen position
@@ -92,6 +102,23 @@ def compute(
         spec = [step.speculative[i] for i in rows]
         heads = speculative.medusa_drafts(spec, at, batch.sampler.n_real_vocab, pctx)
     return Computed(plan, step, choices, heads)
+
+
+def _choose_and_feed(
+    sampler: BatchSampler,
+    logits: torch.Tensor,
+    prev_ids: list[list[int]],
+    allowed: torch.Tensor | None,
+    pctx: ParallelContext,
+    feed: lookahead.Feed,
+) -> tuple[list[Choice], bool]:
+    """speculative.choose for a step without drafts (one sampler call, rank 0's ids), whose ids go to `feed` on
+    the device before the host reads them; whether the feed launched its forward."""
+    out = sampler(logits, prev_ids, allowed)
+    ids = pctx.broadcast(out.next_ids.clone())
+    fed = feed(ids)
+    picked = zip(ids.tolist(), out.logprobs.tolist(), out.top_ids, out.top_logprobs)
+    return [Choice([i], [lp], [t], [tl]) for i, lp, t, tl in picked], fed
 
 
 @dataclass
