@@ -6,7 +6,8 @@ Candidates (fields of DecodeKernels, switched on one model instance by apply_dec
   pdl       programmatic dependent launch for the Triton GEMVs and the fused RMSNorm / RoPE / SiLU-mul kernels
   act_gemv  mlp.c_proj as a Triton GEMV that computes up * silu(gate) while reading its input (no SiLU-mul kernel)
   norm_gemv ln_1 / ln_2 (residual add + RMSNorm) in the prologue of the c_attn / gate_up GEMV (no norm kernels)
-  act+norm, all (all three)
+  rope_store RoPE (+ logn) and the KV-cache store in one kernel (worker/kernels/rope_store.py)
+  fusions (act + norm + rope_store), all (the fusions and pdl)
 
 1. Kernels, bf16, each against its PyTorch reference: the act GEMV equals dense_gemv(silu_mul(gate_up)) bit for bit
    and F.linear(ops.silu_mul(gate_up)) within bf16 noise (M = 1 and 8, 7B mlp.c_proj, every tile tried); each
@@ -17,7 +18,8 @@ Candidates (fields of DecodeKernels, switched on one model instance by apply_dec
    the norm in the GEMV, and both (whether the programmatic edges survive capture shows here).
 3. The 7B-shaped model (random bf16 weights), ctx 512, batch 1 and 8: graphed step time and P1 (step / weight+KV
    copy floor) of each candidate, timed in alternating rounds; logits max-abs-diff of each candidate's graph against
-   the baseline's eager step and against its own eager step (PDL must be 0: it changes no arithmetic).
+   the baseline's eager step and against its own eager step (PDL and rope_store must be 0: they change no arithmetic;
+   act_gemv and norm_gemv sum in another order, so bf16 noise: within 2 % of the largest logit).
 SUMMARY: per batch the step times, P1, the gain over the baseline and whether each candidate is exact, then what to
 make default. The default stays the baseline until this says a candidate is faster AND exact.
 """
@@ -50,8 +52,9 @@ CANDIDATES = {
     "pdl": DecodeKernels(pdl=True),
     "act_gemv": DecodeKernels(act_gemv=True),
     "norm_gemv": DecodeKernels(norm_gemv=True),
-    "act+norm": DecodeKernels(act_gemv=True, norm_gemv=True),
-    "all": DecodeKernels(pdl=True, act_gemv=True, norm_gemv=True),
+    "rope_store": DecodeKernels(rope_store=True),
+    "fusions": DecodeKernels(act_gemv=True, norm_gemv=True, rope_store=True),
+    "all": DecodeKernels(pdl=True, act_gemv=True, norm_gemv=True, rope_store=True),
 }
 ACT_TILES = {"dense": DENSE, "dense_pf0": DENSE_PF0, "n64": DENSE_N64, "n64_k256": GemvTiles(64, 256, 4, 3, False)}
 SUMMARY: list[str] = []

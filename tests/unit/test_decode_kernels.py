@@ -78,7 +78,8 @@ def test_pdl_is_off_under_the_interpreter_and_changes_nothing():
 MODEL_CANDIDATES = {
     "act": dict(act_gemv=True),
     "norm": dict(norm_gemv=True),
-    "all": dict(act_gemv=True, norm_gemv=True, pdl=True),
+    "rope_store": dict(rope_store=True),
+    "all": dict(act_gemv=True, norm_gemv=True, rope_store=True, pdl=True),
 }
 
 
@@ -95,6 +96,7 @@ def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeyp
     from worker.kernels import gemv_dense
     from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
     from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from worker.layers.rotary import Rotary
 
     cfg = {**TINY, "seq_length": 8}
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, random_checkpoint(cfg, 3))
@@ -112,6 +114,8 @@ def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeyp
     calls: list[str] = []
     for cls, method in ((RowParallelLinear, "forward_act"), (ColumnParallelLinear, "forward_norm")):
         monkeypatch.setattr(cls, method, _spy(getattr(cls, method), calls))
+    stores: list[str] = []
+    monkeypatch.setattr(Rotary, "rotate_and_store", _spy(Rotary.rotate_and_store, stores))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     runners = [Paged(m, seed=2) for m in (ref, model)]
     seqs = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12], [3, 1], [40, 41, 42]]
@@ -124,6 +128,7 @@ def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeyp
         seqs = [s + [int(o[-1].argmax())] for s, o in zip(seqs, outs[0])]
     per_step = ["forward_act"] * opts.act_gemv + ["forward_norm"] * 2 * opts.norm_gemv
     assert sorted(calls) == sorted(per_step * 2 * cfg["num_hidden_layers"])
+    assert len(stores) == 3 * cfg["num_hidden_layers"] * opts.rope_store  # prefill and both decode steps
 
 
 def _spy(method, calls: list[str]):
@@ -163,3 +168,31 @@ def test_norm_gemv_equals_rms_norm_then_gemv(m, n, k, dtype, with_residual):
         assert int(counters.abs().sum()) == 0
     with pytest.raises(ValueError, match="norm weight"):
         dense_gemv_norm(x, res, nw[:-1], 1e-6, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rot_half", "with_logn"), [(8, True), (4, False)])
+def test_rope_store_equals_rotary_then_store(dtype, rot_half, with_logn):
+    """rotary_store_ = ops.rotary_qk then ops.store_kv, bit for bit: q and k rotated in place (k's pass-through dims
+    when rotary covers half of head_dim), the new k and v in their slots, a padded row (slot -1) stores nothing,
+    every other cache row untouched. 5 heads (not a power of two), head_dim 16, blocks of 4 rows."""
+    from worker.kernels.rope_store import rotary_store_
+
+    T, H, D, blocks, bs = 3, 5, 16, 6, 4
+    g = torch.Generator().manual_seed(rot_half)
+    qkv = torch.randn(T, 3 * H * D, generator=g).to(dtype)
+    cos, sin = torch.rand(T, rot_half, generator=g), torch.rand(T, rot_half, generator=g)
+    logn = 1 + torch.rand(T, generator=g) if with_logn else None
+    caches = [torch.randn(blocks, bs, H, D, generator=g).to(dtype) for _ in range(2)]
+    slots = torch.tensor([9, -1, 22])
+    q, k, v = qkv.view(T, 3, H, D).unbind(1)
+    ref_q, ref_k = ops.rotary_qk(q.clone(), k.clone(), cos, sin, logn)
+    ref_caches = [c.clone() for c in caches]
+    keep = slots >= 0
+    ops.store_kv(ref_k[keep], v[keep], *ref_caches, slots[keep])
+    rotary_store_(q, k, v, cos, sin, logn, *caches, slots)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    with pytest.raises(ValueError, match="caches"):
+        rotary_store_(q, k, v, cos, sin, logn, caches[0].float() if dtype != torch.float32 else caches[0].half(),
+                      caches[1], slots)  # fmt: skip

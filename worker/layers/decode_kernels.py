@@ -19,11 +19,13 @@ class DecodeKernels:
     act_gemv: mlp.c_proj (a float, un-wrapped row-parallel linear) at decode batches <= GEMV_MAX_M computes
     up * silu(gate) while reading its input in the Triton GEMV, and the SiLU-mul kernel disappears.
     norm_gemv: ln_1 / ln_2 (residual add + RMSNorm) run in the prologue of c_attn's / gate_up's Triton GEMV where
-    that GEMV serves the decode batch (float, un-wrapped linears): two kernels a layer fewer."""
+    that GEMV serves the decode batch (float, un-wrapped linears): two kernels a layer fewer.
+    rope_store: RoPE (+ logn) and the KV-cache store in one kernel (caches in the model dtype, unscaled)."""
 
     pdl: bool = False
     act_gemv: bool = False
     norm_gemv: bool = False
+    rope_store: bool = False
 
 
 def apply_decode_kernels(root: nn.Module, opts: DecodeKernels) -> None:

@@ -35,6 +35,7 @@ class Rotary(nn.Module):
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """The fused kernel (launched with PDL where opts.pdl) or the reference."""
+        self.opts = opts
         if self.fused:
             from worker.kernels import fused as kernels
 
@@ -45,3 +46,24 @@ class Rotary(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q, k: [T, heads, head_dim]; cos, sin: [T, rotary_dim/2] fp32; logn: [T] fp32 or None
         return self.impl(q, k, cos, sin, logn)
+
+    def stores(self, q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> bool:
+        """Whether `rotate_and_store` serves this cache (DecodeKernels.rope_store: fused, unscaled, q's dtype)."""
+        return self.opts.rope_store and self.fused and not scaled and k_cache.dtype == q.dtype
+
+    def rotate_and_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        logn: torch.Tensor | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """forward(q, k, ...) in place, then k and v into their cache slots: one kernel (kernels/rope_store.py)."""
+        from worker.kernels.rope_store import rotary_store_
+
+        rotary_store_(q, k, v, cos, sin, logn, k_cache, v_cache, slots, self.opts.pdl)
