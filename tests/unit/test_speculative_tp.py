@@ -8,13 +8,12 @@ finish, the requests each rank reports (id % 2 == rank) together carry exactly t
 engine without drafts, and steps did carry several tokens.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/unit/test_speculative_tp.py DEMO OUT
+    (writes OUT-r.safetensors; tests/tp_spawn.run_ranks starts both ranks)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,6 +21,7 @@ TESTS = os.path.dirname(HERE)
 sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from spec_helpers import engine, greedy_request, run  # noqa: E402
 from worker.models.qwen import FlashQwenForCausalLM  # noqa: E402
@@ -47,6 +47,23 @@ def generate(model: FlashQwenForCausalLM, tok: QwenTokenizer, n: int, pctx=None)
     return run(engine(model, tok, n, pctx), requests(tok)).steps
 
 
+def pack(result: dict[str, dict[int, list[list[int]]]]) -> dict[str, torch.Tensor]:
+    """Each reported request's steps as two tensors: `KIND.ID.tokens` (all, in order) and `KIND.ID.steps`
+    (how many each step carried)."""
+    out = {}
+    for kind, reported in result.items():
+        for rid, steps in reported.items():
+            out[f"{kind}.{rid}.tokens"] = torch.tensor([t for s in steps for t in s], dtype=torch.int64)
+            out[f"{kind}.{rid}.steps"] = torch.tensor([len(s) for s in steps], dtype=torch.int64)
+    return out
+
+
+def unpack(tensors: dict[str, torch.Tensor], kind: str) -> dict[int, tuple[list[int], list[int]]]:
+    """Request id -> (its tokens, tokens per step), as `pack` wrote them for `kind`."""
+    ids = {int(name.split(".")[1]) for name in tensors if name.startswith(kind + ".")}
+    return {rid: (tensors[f"{kind}.{rid}.tokens"].tolist(), tensors[f"{kind}.{rid}.steps"].tolist()) for rid in ids}
+
+
 def main() -> None:
     from worker.adapters.medusa import load_speculator
     from worker.distributed import init_from_env, shutdown
@@ -65,39 +82,25 @@ def main() -> None:
     result = {"lookup": generate(model, tok, 4, pctx)}
     model.attach_medusa(load_speculator(os.path.join(demo, "adapters"), "medusa", model.config))
     result["medusa"] = generate(model, tok, 0, pctx)
-    with open(f"{out}-{pctx.rank}.json", "w") as f:
-        json.dump(result, f)
+    save_file(pack(result), f"{out}-{pctx.rank}.safetensors")
     shutdown(pctx)
 
 
 def test_ranks_accept_the_same_tokens(demo_dir, tmp_path):
-    from worker.launcher import free_port
+    from tp_spawn import run_ranks
 
     out = str(tmp_path / "spec")
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-        env.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, os.path.abspath(__file__), demo_dir, out]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for p in procs:
-        output, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, output.decode()[-3000:]
-    ranks = []
-    for r in range(2):
-        with open(f"{out}-{r}.json") as f:
-            ranks.append(json.load(f))
+    ranks = run_ranks([os.path.abspath(__file__), demo_dir, out], out, 2)
     path = os.path.join(demo_dir, "model")
     tok = QwenTokenizer.from_dir(path)
     single = generate(FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False), tok, 0)
     for kind in ("lookup", "medusa"):
+        reported = [unpack(ranks[r], kind) for r in range(2)]
         for r in range(2):
-            reported = {int(k): v for k, v in ranks[r][kind].items()}
-            assert sorted(reported) == [i for i in range(8) if i % 2 == r]  # each rank reports its own requests
-            for rid, steps in reported.items():
-                assert [t for s in steps for t in s] == [t for s in single[rid] for t in s], (kind, rid)
-        multi = [len(s) for r in range(2) for steps in ranks[r][kind].values() for s in steps]
+            assert sorted(reported[r]) == [i for i in range(8) if i % 2 == r]  # each rank reports its own requests
+            for rid, (tokens, _) in reported[r].items():
+                assert tokens == [t for s in single[rid] for t in s], (kind, rid)
+        multi = [n for r in range(2) for _, steps in reported[r].values() for n in steps]
         assert max(multi) >= 4, kind  # runs of accepted drafts happened
 
 
