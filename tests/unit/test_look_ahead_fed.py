@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from look_ahead_script import Router, assert_same, first_text, request, script, warm_up
 from worker.distributed import ParallelContext
 from worker.engine import lookahead
-from worker.engine.batch import Ahead, Batch
+from worker.engine.batch import Ahead
 from worker.engine.cuda_graphs import slot_at
 from worker.engine.engine import Engine, EngineConfig
 from worker.models.qwen import FlashQwenForCausalLM
@@ -27,131 +28,7 @@ def _engine(model_dir: str, look_ahead: bool, fed: bool) -> Engine:
     cfg = EngineConfig(
         max_total_tokens=4096, shard_block_fraction=0.5, cuda_graphs=False, look_ahead=look_ahead, look_ahead_fed=fed
     )
-    engine = Engine(model, QwenTokenizer.from_dir(model_dir), ParallelContext(), cfg)
-    engine.warmup(
-        pb.WarmupRequest(
-            batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
-            max_input_length=64,
-            max_prefill_tokens=256,
-            max_new_tokens=32,
-        )
-    )
-    return engine
-
-
-def _request(rid: int, text: str, max_new: int, stop: tuple[str, ...] = (), **sampling) -> pb.Request:
-    params = pb.NextTokenChooserParameters(
-        **{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, **sampling}
-    )
-    stopping = pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True, stop_sequences=stop)
-    return pb.Request(id=rid, inputs=text, parameters=params, stopping_parameters=stopping)
-
-
-class Router:
-    """Drives an engine through the script; records every generation and, per Decode, the rows the Decode ran a
-    forward for (a fed look-ahead's launch is not counted) and whether it fed the next step's forward."""
-
-    def __init__(self, engine: Engine):
-        self.engine, self.log, self.computed, self.fed = engine, [], [], []
-        runner = engine.runner
-        assert runner is not None
-        forward, state = runner.forward, {"count": False}
-
-        def counting(batch, prefill, adapter_slots=None, spans=None, speculative=False):
-            if state["count"] and not prefill:
-                self.computed[-1] += len(batch.requests)
-            return forward(batch, prefill, adapter_slots, spans, speculative)
-
-        def uncounted(run):
-            def wrapped(*a):
-                was, state["count"] = state["count"], False
-                try:
-                    return run(*a)
-                finally:
-                    state["count"] = was
-
-            return wrapped
-
-        fed_look_ahead = engine._fed_look_ahead
-
-        def noting_feed(batch):
-            feed = fed_look_ahead(batch)
-            if feed is None:
-                return None
-
-            def feed_and_note(ids):
-                launched = uncounted(feed)(ids)
-                self.fed[-1] = launched
-                return launched
-
-            return feed_and_note
-
-        setattr(runner, "forward", counting)  # noqa: B010 - mypy refuses assigning to a method
-        setattr(engine, "_look_ahead", uncounted(engine._look_ahead))  # noqa: B010
-        setattr(engine, "_fed_look_ahead", noting_feed)  # noqa: B010
-        self.state = state
-
-    def prefill(self, batch_id: int, requests: list[pb.Request]) -> Batch | None:
-        gens, batch = self.engine.prefill(pb.Batch(id=batch_id, size=len(requests), requests=requests), None)
-        self.log.append(_record(gens))
-        return batch
-
-    def decode(self, *batches: Batch) -> Batch | None:
-        self.computed.append(0)
-        self.fed.append(False)
-        self.state["count"] = True
-        try:
-            gens, batch = self.engine.decode([b.info() for b in batches])
-        finally:
-            self.state["count"] = False
-        self.log.append(_record(gens))
-        return batch
-
-
-def _record(generations) -> list[tuple]:
-    out = []
-    for g in generations:
-        t = g.next_tokens
-        done = (g.generated_text.text, g.generated_text.finish_reason) if g.generated_text is not None else None
-        out.append((g.request_id, list(t.ids), list(t.texts), list(t.logprobs), done))
-    return out
-
-
-def _script(router: Router, stop: tuple[str, ...]) -> list:
-    b1 = router.prefill(
-        1,
-        [
-            _request(1, "Once upon a time", 5),  # finishes at max_new_tokens mid-batch
-            _request(2, "The pirate said", 14, temperature=0.8, seed=7, do_sample=True),
-            _request(3, "A robot walks", 14, stop=stop),  # its stop sequence hits mid-batch
-            _request(6, "Far away", 14, top_k=4, seed=11, do_sample=True),
-        ],
-    )
-    for _ in range(3):
-        assert b1 is not None
-        b1 = router.decode(b1)
-    b2 = router.prefill(
-        2, [_request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True), _request(5, "Hello there", 10)]
-    )
-    assert b1 is not None and b2 is not None
-    batch = router.decode(b1, b2)  # concatenated
-    assert batch is not None
-    batch = router.decode(batch)
-    assert batch is not None
-    batch = router.engine.filter(batch.id, [r.id for r in batch.requests if r.id != 6])  # the router drops one
-    batch = router.decode(batch)
-    # a new batch whose requests take the blocks of those that finished, concatenated with the running one
-    b3 = router.prefill(3, [_request(7, "Blocks reused", 6), _request(8, "Again and again", 3)])
-    assert batch is not None and b3 is not None
-    batch = router.decode(batch, b3)
-    while batch is not None:
-        batch = router.decode(batch)
-    return router.log
-
-
-def _first_text(log: list, rid: int, token: int) -> str:
-    texts = [t for step in log for g in step if g[0] == rid for t in g[2]]
-    return texts[token]
+    return warm_up(Engine(model, QwenTokenizer.from_dir(model_dir), ParallelContext(), cfg))
 
 
 @pytest.fixture(scope="module")
@@ -160,19 +37,15 @@ def model_dir(demo_dir):
 
 
 def test_fed_look_ahead_changes_nothing_the_router_sees(model_dir):
-    probe = _script(Router(_engine(model_dir, False, False)), ())
-    stop = (_first_text(probe, 3, 3),)  # request 3's 4th token's text: it stops there (or at an earlier copy)
+    probe = script(Router(_engine(model_dir, False, False)), ())
+    stop = (first_text(probe, 3, 3),)  # request 3's 4th token's text: it stops there (or at an earlier copy)
     assert stop[0]
     off = Router(_engine(model_dir, False, False))
     fed = Router(_engine(model_dir, True, True))
-    expected, got = _script(off, stop), _script(fed, stop)
+    expected, got = script(off, stop), script(fed, stop)
     finished = {g[0]: g[4][1] for step in expected for g in step if g[4] is not None}
     assert finished[3] == pb.FINISH_REASON_STOP_SEQUENCE and finished[1] == pb.FINISH_REASON_LENGTH
-    assert len(got) == len(expected) and sum(len(step) for step in got) > 50
-    for step_fed, step_off in zip(got, expected):
-        assert [(g[0], g[1], g[2], g[4]) for g in step_fed] == [(g[0], g[1], g[2], g[4]) for g in step_off]
-        for g_fed, g_off in zip(step_fed, step_off):
-            assert g_fed[3] == pytest.approx(g_off[3], abs=1e-4)
+    assert_same(got, expected, 1e-4)
     assert all(n > 0 for n in off.computed) and not any(off.fed)
     # every Decode fed the next step's forward, and no Decode ran one of its own
     assert fed.computed == [0] * len(fed.computed)
@@ -208,7 +81,7 @@ def test_a_row_past_its_slots_writes_its_own_block_or_the_scratch_block():
 def test_a_failed_fed_look_ahead_does_not_fail_the_step(model_dir, monkeypatch, caplog):
     engine = _engine(model_dir, True, True)
     _, batch = engine.prefill(
-        pb.Batch(id=1, size=2, requests=[_request(1, "Once upon a time", 4), _request(2, "Hello there", 4)]), None
+        pb.Batch(id=1, size=2, requests=[request(1, "Once upon a time", 4), request(2, "Hello there", 4)]), None
     )
     assert batch is not None and all(r.ahead is not None for r in batch.requests)
     forward = engine.runner.forward

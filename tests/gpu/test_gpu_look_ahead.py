@@ -1,0 +1,51 @@
+"""The look-ahead fed on the device with CUDA graphs (the Triton backend compiled): the sampler's ids go into the
+decode graph's input on the GPU and the graph replays before the host reads them. The router's script
+(tests/look_ahead_script.py) gives the same generations as without any look-ahead, every Decode after the first
+feeds a graph, and no Decode runs a forward of its own."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from helpers import GPU_TRITON_MARKS
+from look_ahead_script import Router, assert_same, first_text, script, warm_up
+
+pytestmark = GPU_TRITON_MARKS
+
+
+def _engine(model_dir: str, look_ahead: bool | None, fed: bool):
+    from worker.distributed import ParallelContext
+    from worker.engine.engine import Engine, EngineConfig
+    from worker.layers.attention import make_backend
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.tokenizer import QwenTokenizer
+
+    dev = torch.device("cuda")
+    pctx = ParallelContext(device=dev)
+    model = FlashQwenForCausalLM.from_pretrained(
+        model_dir, pctx, torch.float32, make_backend("triton", dev), progress=False
+    )
+    cfg = EngineConfig(max_total_tokens=4096, shard_block_fraction=0.5, look_ahead=look_ahead, look_ahead_fed=fed)
+    return warm_up(Engine(model, QwenTokenizer.from_dir(model_dir), pctx, cfg))
+
+
+def test_fed_look_ahead_with_graphs_changes_nothing_the_router_sees(demo_dir):
+    model_dir = os.path.join(demo_dir, "model")
+    probe = script(Router(_engine(model_dir, False, False)), ())
+    stop = (first_text(probe, 3, 3),)
+    off = Router(_engine(model_dir, False, False))
+    fed_engine = _engine(model_dir, None, True)  # auto: on where the graphs serve the batch
+    graphs = fed_engine.runner.graphs
+    assert graphs is not None
+    prepared = []
+    prepare = graphs.prepare_ahead
+    graphs.prepare_ahead = lambda b, s: prepared.append(len(b.requests)) or prepare(b, s)
+    fed = Router(fed_engine)
+    expected, got = script(off, stop), script(fed, stop)
+    assert_same(got, expected, 1e-3)
+    assert fed.computed == [0] * len(fed.computed) and fed.fed == [True] * len(fed.fed)
+    assert len(prepared) == len(fed.fed)  # every fed look-ahead replayed a graph
+    fed_engine.close()
+    off.engine.close()
