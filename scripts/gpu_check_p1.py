@@ -160,6 +160,27 @@ def pdl_chain(dev: torch.device) -> None:
     line = ", ".join(f"{name} {us:.2f}" for name, us in t.items())
     print(f"ln -> c_attn -> rope chain, us per layer: {line}")
     SUMMARY.append(f"ln->c_attn->rope chain, us per layer: {line} (PDL bitwise: {same})")
+    SUMMARY.append(
+        f"programmatic edges in the captured PDL chain's graph (DOT dump): {programmatic_edges(chain(True, False))}"
+    )
+
+
+def programmatic_edges(fn: Callable[[], object]) -> str:
+    """How many edges of fn's captured graph the CUDA DOT dump calls programmatic (0: capture dropped PDL)."""
+    try:
+        g = torch.cuda.CUDAGraph()
+        g.enable_debug_mode()
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            fn()
+        path = "/tmp/gpu_check_p1_graph.dot"
+        g.debug_dump(path)
+        with open(path) as f:
+            text = f.read()
+        return f"{text.lower().count('programmatic')} occurrences of 'programmatic' in {len(text)} chars"
+    except Exception as exc:  # the dump is a diagnostic only
+        return f"not available ({type(exc).__name__}: {str(exc)[:120]})"
 
 
 # ------------------------------------------------------------------------------------------- 3: the model
