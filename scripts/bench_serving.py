@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -95,8 +96,11 @@ def same_prompt_requests(ids: list[int], size: int, max_new: int, kv: tuple[int,
     return reqs
 
 
-def bench_rpc_overhead(model: Any, tmp_dir: str, batch: int, ctx_len: int, forward_ms: float) -> dict[str, Any]:
-    """P7: Decode RPC wall time through a real shard process vs the in-process forward time."""
+def bench_rpc_overhead(
+    model: Any, tmp_dir: str, batch: int, ctx_len: int, forward_ms: float, serve_args: Sequence[str] = ()
+) -> dict[str, Any]:
+    """P7: Decode RPC wall time through a real shard process vs the in-process forward time; serve_args: more
+    `worker.cli serve` options (profile_rpc.py --p7 A/Bs the look-ahead with them)."""
     import grpc
 
     from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
@@ -126,6 +130,7 @@ def bench_rpc_overhead(model: Any, tmp_dir: str, batch: int, ctx_len: int, forwa
             str(2 * batch * (ctx_len + 64)),
             "--log-level",
             "warning",
+            *serve_args,
         ],
         cwd=ROOT,
     )

@@ -5,10 +5,13 @@ weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks
     python scripts/profile_rpc.py --p7       # P7 itself: the shard in its own process, client here
     python scripts/profile_rpc.py --host --ctx 64   # no GPU: the shard's host work per Decode (see host)
 
+--fed off|on|both (default both) picks the look-ahead variant of --p7 and --host: after the stop checks (off),
+or fed on the device right after the sampler (on: EngineConfig.look_ahead_fed, `serve --look-ahead-fed`).
+
 Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC, look-ahead
 off) with its input preparation + replay issue (CPU) and sampling (GPU time by events); then the same
 Decode through gRPC on a unix socket, client in this process, with the handler's own time and the replay
-at that round's context, for look-ahead off and on, one server thread, and a 0.1 ms GIL switch interval;
+at that round's context, for look-ahead off, on and fed, one server thread, and a 0.1 ms GIL switch interval;
 then the torch profiler's top CPU operations over a few in-process steps.
 """
 
@@ -29,11 +32,12 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import torch  # noqa: E402
 
 
-def p7(shape: str, batch: int, ctx: int) -> None:
+def p7(shape: str, batch: int, ctx: int, feds: list[bool]) -> None:
     """P7: a shard process (`worker.cli serve`, its defaults: look-ahead on at TP=1 with CUDA graphs) and a
     gRPC client here, `bench.py`'s P7 row (bench_serving.bench_rpc_overhead: Prefill of `batch` x `ctx`, then
     50 Decodes, median of the last 45). Its Decode walls run at contexts ctx+6 .. ctx+50, so the forward is
-    replayed here from a CUDA graph both at ctx (bench.py's figure) and at the median Decode's context."""
+    replayed here from a CUDA graph both at ctx (bench.py's figure) and at the median Decode's context. One
+    shard process per look-ahead variant in `feds` (fed on the device or not)."""
     from bench import bench_decode
     from bench_common import build_model
     from bench_serving import bench_rpc_overhead
@@ -42,14 +46,17 @@ def p7(shape: str, batch: int, ctx: int) -> None:
     dev = torch.device("cuda", 0)
     model = build_model(shape, ParallelContext(0, 1, dev), "auto")
     fwd = {c: bench_decode(model, [batch], c, 16, 1.0, True)[0]["graph_ms"] for c in (ctx, ctx + 28)}
-    with tempfile.TemporaryDirectory() as tmp:
-        res = bench_rpc_overhead(model, tmp, batch, ctx, fwd[ctx])
-    wall = res["rpc_ms"]
-    print(f"P7, batch {batch}, shard in its own process: Decode RPC wall {wall:.2f} ms (median)")
-    for c, ms in fwd.items():
-        print(
-            f"  forward (graph replay) at context {c}: {ms:.2f} ms -> overhead {(wall - ms) / wall:.1%} (target: 10 %)"
-        )
+    for fed in feds:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = bench_rpc_overhead(model, tmp, batch, ctx, fwd[ctx], ["--look-ahead-fed"] if fed else [])
+        wall = res["rpc_ms"]
+        variant = "fed on the device" if fed else "after the stop checks"
+        print(f"P7, batch {batch}, shard in its own process, look-ahead {variant}: Decode RPC wall {wall:.2f} ms")
+        for c, ms in fwd.items():
+            print(
+                f"  forward (graph replay) at context {c}: {ms:.2f} ms -> overhead (wall - forward) / wall "
+                f"{(wall - ms) / wall:.1%} (BENCHMARKS.md's P7, target 10 %), / forward {(wall - ms) / ms:.1%}"
+            )
 
 
 def serve_batch(model: Any, pctx: Any, B: int, ctx: int, new: int, look_ahead: bool | None) -> tuple[Any, Any, Any]:
@@ -78,21 +85,23 @@ def serve_batch(model: Any, pctx: Any, B: int, ctx: int, new: int, look_ahead: b
     return engine, servicer, cached
 
 
-def host(batch: int, ctx: int, steps: int) -> None:
-    """The shard's host work per Decode on the CPU (the `tiny` shape, torch attention, look-ahead on): the handler,
-    the reply's protobufs and their serialization, less the forwards (timed apart); and of it the window the
-    device would idle in, from the chooser's end to the look-ahead's launch. The CPU forward is cheap at this
-    shape, so these figures are the Python/protobuf costs that P7 pays on a GPU host too."""
+def host(batch: int, ctx: int, steps: int, fed: bool) -> None:
+    """The shard's host work per Decode on the CPU (the `tiny` shape, torch attention, look-ahead on, fed on the
+    device or not): the handler, the reply's protobufs and their serialization, less the forwards (timed apart);
+    and of it the window the device would idle in, from the sampler's return to the look-ahead's launch. The CPU
+    forward is cheap at this shape, so these figures are the Python/protobuf costs that P7 pays on a GPU host
+    too."""
     from bench_common import build_model
     from worker.distributed import ParallelContext
-    from worker.engine import step
+    from worker.engine.sampling import BatchSampler
     from worker.pb import generate_pb2 as pb
 
     torch.set_num_threads(1)
     pctx = ParallelContext()
     model = build_model("tiny", pctx, "torch")
     engine, servicer, cached = serve_batch(model, pctx, batch, ctx, steps + 10, look_ahead=True)
-    runner, choose = engine.runner, step.speculative.choose
+    engine.cfg.look_ahead_fed = fed
+    runner, sample = engine.runner, BatchSampler.__call__
     marks: dict[str, float] = {}
     forwards: list[float] = []
     runner_forward = runner.forward
@@ -104,13 +113,13 @@ def host(batch: int, ctx: int, steps: int) -> None:
         forwards.append(time.perf_counter() - t)
         return out
 
-    def chosen(*a, **kw):
-        out = choose(*a, **kw)
-        marks["chosen"] = time.perf_counter()
+    def sampled(*a, **kw):
+        out = sample(*a, **kw)
+        marks["sampled"] = time.perf_counter()
         return out
 
     runner.forward = forward  # timing instrumentation
-    step.speculative.choose = chosen  # idem (step.compute calls it through this)
+    BatchSampler.__call__ = sampled  # type: ignore[method-assign] # idem
     totals, windows = [], []
     try:
         for _ in range(steps):
@@ -121,14 +130,17 @@ def host(batch: int, ctx: int, steps: int) -> None:
             resp = servicer.Decode(pb.DecodeRequest.FromString(request), None)
             resp.SerializeToString()
             totals.append(time.perf_counter() - t - sum(forwards))
-            windows.append(marks["launch"] - marks["chosen"])  # the look-ahead's forward is the last one
+            windows.append(marks["launch"] - marks["sampled"])  # the look-ahead's forward is the Decode's only one
             cached = resp.batch
     finally:
-        step.speculative.choose = choose
+        BatchSampler.__call__ = sample  # type: ignore[method-assign]
     med = statistics.median
-    print(f"CPU host work per Decode, tiny shape, batch {batch}, context {ctx}+, greedy, look-ahead on:")
+    variant = "fed on the device" if fed else "after the stop checks"
+    print(f"CPU host work per Decode, tiny shape, batch {batch}, context {ctx}+, greedy, look-ahead {variant}:")
     print(f"  handler + reply protobufs + serialization, forwards excluded: {med(totals[5:]) * 1e3:.3f} ms")
-    print(f"  of it, chooser's end -> look-ahead launch (device idle on a GPU): {med(windows[5:]) * 1e3:.3f} ms")
+    print(f"  of it, sampler's return -> look-ahead launch (device idle on a GPU): {med(windows[5:]) * 1e3:.3f} ms")
+    if fed:  # no CUDA graph here: the eager launch copies the requests with their token after the ids are read
+        print("  (fed: a GPU graph's launch is the ids' copy and the replay; other inputs are filled before sampling)")
 
 
 def main() -> None:
@@ -139,14 +151,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--p7", action="store_true", help="P7 as specified: the shard in its own process (see p7)")
     ap.add_argument("--host", action="store_true", help="the shard's host work per Decode on the CPU (see host)")
+    ap.add_argument("--fed", choices=["off", "on", "both"], default="both", help="look-ahead variants (see above)")
     args = ap.parse_args()
+    feds = {"off": [False], "on": [True], "both": [False, True]}[args.fed]
     if args.host:
-        host(args.batch, args.ctx, args.steps)
+        for fed in feds:
+            host(args.batch, args.ctx, args.steps, fed)
         return
     if not torch.cuda.is_available():
         sys.exit("profile_rpc.py needs a CUDA GPU")
     if args.p7:
-        p7(args.shape, args.batch, args.ctx)
+        p7(args.shape, args.batch, args.ctx, feds)
         return
 
     import grpc
@@ -238,9 +253,10 @@ def main() -> None:
 
     servicer.Decode = timed_decode  # registered by make_server below
     grpc_rows = []
-    for workers, interval, ahead in ((4, 0.005, False), (4, 0.005, None), (1, 0.005, False), (4, 1e-4, False)):
+    rounds = ((4, 0.005, False, False), (4, 0.005, None, False), (4, 0.005, None, True), (1, 0.005, False, False))
+    for workers, interval, ahead, fed in (*rounds, (4, 1e-4, False, False)):
         sys.setswitchinterval(interval)
-        engine.cfg.look_ahead = ahead
+        engine.cfg.look_ahead, engine.cfg.look_ahead_fed = ahead, fed
         path = os.path.join(tmp, f"s{workers}{interval}-0")
         server = make_server(servicer, path, workers=workers)
         stub = pb_grpc.LoraxServiceStub(grpc.insecure_channel(f"unix://{path}"))
@@ -258,7 +274,7 @@ def main() -> None:
             (
                 workers,
                 interval,
-                ahead,
+                "off" if ahead is False else "fed" if fed else "on",
                 statistics.median(grpc_walls[3:]),
                 statistics.median(handler_walls[3:]),
                 here,
@@ -279,7 +295,7 @@ def main() -> None:
     print(f"    sampler                       {med(phases['sampler_gpu']) * 1e3:7.2f} ms (GPU)")
     for workers, interval, ahead, decode, handler, here, info in grpc_rows:
         print(
-            f"  through gRPC, look-ahead {'on' if ahead is None else 'off'}, {workers} server threads, GIL switch "
+            f"  through gRPC, look-ahead {ahead}, {workers} server threads, GIL switch "
             f"{interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
             f"its handler {handler * 1e3:.2f} ms, replay at that context {here * 1e3:.2f} ms: "
             f"+{(decode - here) / here * 100:.1f} % (handler +{(handler - here) / here * 100:.1f} %); "
