@@ -293,9 +293,9 @@ def main() -> None:
     )
     print(f"    input prep + replay issue     {med(phases['prep+issue']) * 1e3:7.2f} ms (CPU)")
     print(f"    sampler                       {med(phases['sampler_gpu']) * 1e3:7.2f} ms (GPU)")
-    for workers, interval, ahead, decode, handler, here, info in grpc_rows:
+    for workers, interval, variant, decode, handler, here, info in grpc_rows:
         print(
-            f"  through gRPC, look-ahead {ahead}, {workers} server threads, GIL switch "
+            f"  through gRPC, look-ahead {variant}, {workers} server threads, GIL switch "
             f"{interval * 1e3:g} ms: Decode {decode * 1e3:.2f} ms, "
             f"its handler {handler * 1e3:.2f} ms, replay at that context {here * 1e3:.2f} ms: "
             f"+{(decode - here) / here * 100:.1f} % (handler +{(handler - here) / here * 100:.1f} %); "

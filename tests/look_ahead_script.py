@@ -25,7 +25,10 @@ class Router:
     forward for (a fed look-ahead's launch is not counted) and whether it fed the next step's forward."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.log, self.computed, self.fed = engine, [], [], []
+        self.engine = engine
+        self.log: list[list[tuple]] = []
+        self.computed: list[int] = []  # per Decode
+        self.fed: list[bool] = []  # per Decode
         runner = engine.runner
         assert runner is not None
         forward, state = runner.forward, {"count": False}

@@ -222,10 +222,8 @@ class Engine:
         try:
             assert self.runner is not None
             heads = self.model.medusa_heads > 0
-            ahead = self._fed_look_ahead if self._feeds(batch) else None
-            computed = step.compute(
-                batch, self.runner, self.pctx, self.grammars, self.adapters, medusa=heads, ahead=ahead
-            )
+            fed = self._fed_look_ahead if self._feeds(batch) else None
+            computed = step.compute(batch, self.runner, self.pctx, self.grammars, self.adapters, heads, fed)
         except Exception:
             lookahead.clear(batch.requests)
             for r, n in zip(batch.requests, saved):
