@@ -34,20 +34,39 @@ def _usage(cubin: bytes) -> str:
     return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B stack"
 
 
-def _compile(fn: Any, label: str, ptrs: dict[str, str], ints: tuple[str, ...], const: dict, t: GemvTiles) -> None:
-    """Compile one variant for sm_90 with Triton's bundled ptxas and print ok/FAILED."""
+def _loop_instructions(cubin: bytes) -> int:
+    """SASS instructions in the kernel's largest backward-branch loop (0 where cuobjdump is missing)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return 0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    addrs = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+\S", sass, re.M)]
+    loops = [
+        (int(m.group(2), 16), int(m.group(1), 16))
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/[^;\n]*BRA 0x([0-9a-f]+)", sass)
+    ]
+    return max((sum(lo <= a <= hi for a in addrs) for lo, hi in loops if lo < hi), default=0)
+
+
+def _compile(fn: Any, label: str, ptrs: dict[str, str], ints: tuple[str, ...], const: dict, t: Any) -> Any:
+    """Compile one variant for sm_90 with Triton's bundled ptxas and print ok/FAILED; the kernel or None."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {**{f"{p}_ptr": ty for p, ty in ptrs.items()}, **dict.fromkeys(ints, "i32")}
     sig.update(dict.fromkeys(const, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a == "N"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a in ("N", "NW")}
     try:
         opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
         kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
         print(f"ok     {label}: {kern.metadata.shared} B shared, {_usage(kern.asm['cubin'])}", flush=True)
+        return kern
     except Exception as exc:  # a compiler error is the finding
         print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return None
 
 
 def _name(t: GemvTiles) -> str:
@@ -90,3 +109,32 @@ def compile_all() -> None:
                          ACT=False, LIBDEVICE=True, PDL=False,
                          DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
             _compile(_dense_kernel, f"dense {label} M{bm}", ptrs, ints, const, t)
+
+
+def compile_npack() -> None:
+    """The column-packed M = 1 GEMV's tile sets (sym zeros, split-K, whole tiles) and the row-packed default, for
+    sm_90: registers and the main loop's SASS instructions per weight value (one thread's values an iteration)."""
+    from worker.kernels.gemv_npack import NPACK_TILES, _npack_kernel
+
+    bf16 = "*bf16"
+    for bits in (4, 8):
+        p = 32 // bits
+        ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
+        ints: tuple[str, ...] = ("N", "NW", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS")
+        for name, t in NPACK_TILES.items():
+            const = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True, ROW_MASK=False,
+                         BLOCK_W=t.block_w, BLOCK_K=t.block_k)  # fmt: skip
+            kern = _compile(_npack_kernel, f"npack int{bits} {name}", ptrs, ints, const, t)
+            values = t.block_k * t.block_w * p / (32 * t.num_warps)
+            if kern is not None:
+                print(f"       loop: {_loop_instructions(kern.asm['cubin']) / values:.2f} instructions a value")
+        t = GEMV_TILES["g1"][bits]
+        ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS", "stride_xm", "stride_ym")
+        const = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True, PREFETCH=True,
+                     STAGES=1, SHIFT=True, X_PAIRS=True, ZBIAS=16 if bits == 4 else 256, DOT_PRECISION="tf32",
+                     BLOCK_M=1, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TILE_GROUPS=1)  # fmt: skip
+        ptrs = dict(x="*i32", qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
+        kern = _compile(_gemv_kernel, f"row-packed int{bits} g1", ptrs, ints, const, t)
+        if kern is not None:
+            values = t.block_k * t.block_n / (32 * t.num_warps)
+            print(f"       loop: {_loop_instructions(kern.asm['cubin']) / values:.2f} instructions a value")

@@ -32,6 +32,7 @@ class NpackTiles:
     block_k: int = 16
     num_warps: int = 4
     programs_per_sm: int = 4  # split-K target (one wave); 0: no split-K
+    num_stages: int = 1  # the loads are unrolled in the row loop; Triton's pipeliner adds nothing
 
 
 NPACK_TILES: dict[str, NpackTiles] = {
@@ -188,6 +189,6 @@ def npack_gemv(
         ((1 << w.bits) - 1) << (19 if w.bits == 4 else 15), split_k,
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
         ROW_MASK=w.k_offset % tiles.block_k != 0 or K % tiles.block_k != 0,
-        BLOCK_W=tiles.block_w, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=1,
+        BLOCK_W=tiles.block_w, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y
