@@ -29,6 +29,7 @@ class Router:
         self.log: list[list[tuple]] = []
         self.computed: list[int] = []  # per Decode
         self.fed: list[bool] = []  # per Decode
+        self.cached: list[bool] = []  # per Decode: the surviving requests' K/V are cached up to their last token
         runner = engine.runner
         assert runner is not None
         forward, state = runner.forward, {"count": False}
@@ -81,6 +82,7 @@ class Router:
         finally:
             self.state["count"] = False
         self.log.append(record(gens))
+        self.cached.append(batch is None or all(r.n_cached == len(r.ids) for r in batch.requests))
         return batch
 
 

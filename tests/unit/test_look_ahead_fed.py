@@ -49,7 +49,7 @@ def test_fed_look_ahead_changes_nothing_the_router_sees(model_dir):
     assert all(n > 0 for n in off.computed) and not any(off.fed)
     # every Decode fed the next step's forward, and no Decode ran one of its own
     assert fed.computed == [0] * len(fed.computed)
-    assert fed.fed == [True] * len(fed.fed)
+    assert fed.fed == [True] * len(fed.fed) and all(fed.cached)
     assert fed.engine.batches == {} and fed.engine.allocator.free == off.engine.allocator.free
 
 
