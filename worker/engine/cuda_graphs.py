@@ -1,7 +1,8 @@
 """CUDA graphs for decode: one graph per batch-size bucket, static input tensors, replay per step.
 
 The decode forward (model + Triton attention with a fixed split count) makes no host syncs, so it
-can be captured; inputs live in static buffers that each step overwrites before replay.
+can be captured; inputs live in static buffers that each step overwrites before replay (`prepare_ahead`: all but
+the token ids, which a device copy fills just before the replay).
 """
 
 from __future__ import annotations

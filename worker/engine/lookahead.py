@@ -5,6 +5,10 @@ runs early: sampling waits for the Decode that uses the logits (seeded streams s
 request's row serves only while its tokens are unchanged. Rows that a filter or concatenate leaves out go
 with their requests; requests without a row are computed by the Decode. The K/V written are the ones that
 step would write. Every rank takes the same decisions from the same state, so collectives stay in step.
+
+Two variants: `start` runs after the step's tokens are appended and its stop checks are done; `prepare_fed`
+(EngineConfig.look_ahead_fed) launches right after the sampler, the chosen ids fed to the forward on the device,
+so that the device does not wait for the host to read them, check the stops and fill the inputs.
 """
 
 from __future__ import annotations
