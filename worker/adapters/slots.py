@@ -60,14 +60,15 @@ class SlotPool:
         """Replace each target linear of the model by its adapter-aware wrapper over this pool."""
         for t in self.targets:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
-            # decode steps run the whole term on the side stream when there is one ("side"): on the H200 it was
-            # the fastest mode in the served graphs (P2 0.826 vs 0.817 for "two", scripts/bench_lora.py, 2026-11-29)
+            # decode steps run the whole term on the side stream when there is one, the expand writing every row
+            # of the term buffer ("side_store": no zeroing launch): on the H200 the fastest mode measured, 1.36 ms
+            # a step beside the base matmuls vs 1.59 for "side" and 1.86 for "two" (scripts/gpu_check_lora.py)
             term = LoraTerm(
                 *self.stacked[(t.layer, t.key)],
                 self.ranks[:, t.layer, k : k + len(t.modules)].t(),  # [P, slots]
                 kernels,
                 stream,
-                decode="side" if stream is not None else "two",
+                decode="side_store" if stream is not None else "two",
             )
             setattr(t.owner, t.attr, wrap_lora(getattr(t.owner, t.attr), term))
 
