@@ -122,19 +122,19 @@ def compile_npack() -> None:
         ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
         ints: tuple[str, ...] = ("N", "NW", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS")
         for name, t in NPACK_TILES.items():
-            const = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True, ROW_MASK=False,
-                         BLOCK_W=t.block_w, BLOCK_K=t.block_k)  # fmt: skip
+            const: dict[str, Any] = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True,
+                                         ROW_MASK=False, BLOCK_W=t.block_w, BLOCK_K=t.block_k)  # fmt: skip
             kern = _compile(_npack_kernel, f"npack int{bits} {name}", ptrs, ints, const, t)
             values = t.block_k * t.block_w * p / (32 * t.num_warps)
             if kern is not None:
                 print(f"       loop: {_loop_instructions(kern.asm['cubin']) / values:.2f} instructions a value")
-        t = GEMV_TILES["g1"][bits]
+        g1 = GEMV_TILES["g1"][bits]
         ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS", "stride_xm", "stride_ym")
         const = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True, PREFETCH=True,
                      STAGES=1, SHIFT=True, X_PAIRS=True, ZBIAS=16 if bits == 4 else 256, DOT_PRECISION="tf32",
-                     BLOCK_M=1, BLOCK_N=t.block_n, BLOCK_K=t.block_k, TILE_GROUPS=1)  # fmt: skip
+                     BLOCK_M=1, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, TILE_GROUPS=1)  # fmt: skip
         ptrs = dict(x="*i32", qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-        kern = _compile(_gemv_kernel, f"row-packed int{bits} g1", ptrs, ints, const, t)
+        kern = _compile(_gemv_kernel, f"row-packed int{bits} g1", ptrs, ints, const, g1)
         if kern is not None:
-            values = t.block_k * t.block_n / (32 * t.num_warps)
+            values = g1.block_k * g1.block_n / (32 * g1.num_warps)
             print(f"       loop: {_loop_instructions(kern.asm['cubin']) / values:.2f} instructions a value")

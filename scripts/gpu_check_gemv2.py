@@ -62,10 +62,11 @@ def summary() -> None:
     print("npack_weights(...) for M = 1 and _mm calls npack_gemv; a row-packed one -> GEMV_DEFAULT", flush=True)
 
 
-def candidates(bits: int, bias: torch.Tensor | None = None, split: int | None = None) -> dict[str, Callable]:
-    """name -> fn(x, (row-packed weights, column-packed weights)) -> y."""
+def candidates(bits: int, bias: torch.Tensor | None, split: int | None = None, rows: tuple = ()) -> dict[str, Callable]:
+    """name -> fn(x, (row-packed weights, column-packed weights)) -> y: the row-packed tile sets `rows`
+    (default: ROW_PACKED) and every column-packed one."""
     cands: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}
-    for nm in ROW_PACKED:
+    for nm in rows or ROW_PACKED:
         cands[nm] = partial(lambda t, x, w: quant_gemv(x, w[0], bias, tiles=t, split_k=split), GEMV_TILES[nm][bits])
     for nm, t in NPACK_TILES.items():
         cands[nm] = partial(lambda t, x, w: npack_gemv(x, w[1], bias, tiles=t, split_k=split), t)
@@ -89,7 +90,7 @@ def correctness_case(n: int, k: int, bits: int, gs: int, act: bool, sym: bool, l
     both = (gw, npack_weights(gw))
     xp = x if perm is None else x[:, perm]
     for split in (None, 3):
-        for nm, fn in candidates(bits, bias, split).items():
+        for nm, fn in candidates(bits, bias, split, (GEMV_DEFAULT,)).items():
             try:
                 ok, rel = close(fn(xp, both), ref)
                 ok &= int(gw.counters.abs().sum()) == 0
@@ -101,8 +102,9 @@ def correctness_case(n: int, k: int, bits: int, gs: int, act: bool, sym: bool, l
 
 
 def correctness() -> None:
-    print("== correctness (bf16 x, M = 1, vs the fp32 reference; rel = max err / max |ref|, PASS <= 1e-2)")
-    cases = ((520, 1408, True, False, 0), (520, 1408, False, False, 200), (264, 1024, False, True, 0))
+    print("== correctness (bf16 x, M = 1, vs the fp32 reference; rel = max err / max |ref|, PASS <= 1e-2; the")
+    print("   row-packed tile sets other than the default: scripts/gpu_check_gemv.py, and each timing line below)")
+    cases = ((520, 1408, True, True, 0), (520, 1408, False, False, 200))  # sym: the timings' compiled variant
     for bits in (4, 8):
         for n, k, act, sym, lo in cases:
             correctness_case(n, k, bits, 128, act, sym, lo)
@@ -128,8 +130,10 @@ def time_line(label: str, k: int, n: int, lo: int, act: bool, bits: int) -> None
         ws.append((gw, npack_weights(gw)))
     ref = gptq_matmul_reference(x.float(), words[0], qzeros, scales.float(), g_idx, bits, 1, bias.float())
     xs = x if perm is None else x[:, torch.argsort(perm)]  # x[:, perm] per call gives back x
-    cands = {nm: partial(lambda f, w: f(xs if perm is None else xs.index_select(1, perm), w), fn)
-             for nm, fn in candidates(bits, bias).items()}  # fmt: skip
+    cands: dict[str, Callable[[Any], object]] = {
+        nm: partial(lambda f, w: f(xs if perm is None else xs.index_select(1, perm), w), fn)
+        for nm, fn in candidates(bits, bias).items()
+    }
     run_candidates(line, cands, ref, ws)
     del words, ws
     line.bf16_us = bf16_us(k, n, 1, x)

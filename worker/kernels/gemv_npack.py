@@ -41,6 +41,8 @@ NPACK_TILES: dict[str, NpackTiles] = {
     "np_w512": NpackTiles(block_w=512, block_k=8),  # 4 words a thread (16 B loads), 8 rows in flight
     "np_w8": NpackTiles(block_w=256, block_k=16, num_warps=8),  # 1 word a thread
     "np_pps8": NpackTiles(programs_per_sm=8),
+    "np_k32": NpackTiles(block_k=32),  # 16 KB a program in flight
+    "np_w512pps2": NpackTiles(block_w=512, block_k=8, programs_per_sm=2),  # np_w512's ~210 registers: 2 a SM
 }
 
 
