@@ -89,3 +89,33 @@ def test_bad_inputs_are_refused():
         npack_gemv(torch.randn(1, 256), nw, tiles=NpackTiles(block_w=4, block_k=128, num_warps=1))
     with pytest.raises(ValueError, match="multiple of 8"):
         pack_columns(torch.zeros(4, 12, dtype=torch.int32), 4)
+
+
+def test_model_decode_of_one_sequence_through_npack_equals_the_reference_path(tmp_path, monkeypatch):
+    """An Int4 act-order model, group 128, with build_gemv(npack=...): the 1-sequence decode step goes through
+    the column-packed GEMV in every GPTQ layer, and prefill and decode logits equal the reference path's."""
+    from gptq_helpers import gptq_checkpoint, prefill_and_decode
+    from helpers import TINY
+    from random_weights import random_checkpoint
+    from worker.kernels import gemv_npack
+    from worker.layers.quantized import _GPTQ
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "hidden_size": 256, "kv_channels": 64, "intermediate_size": 512, "seq_length": 16}
+    path, _ = gptq_checkpoint(str(tmp_path / "q4"), cfg, random_checkpoint(cfg, seed=9), 4, 128, False, True)
+    monkeypatch.setitem(gemv_npack.NPACK_TILES, "test", TILES)
+    calls: list[int] = []
+    real = gemv_npack.npack_gemv
+    monkeypatch.setattr(gemv_npack, "npack_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = []
+    for npack in (None, "test"):
+        model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+        layers = [m for m in model.modules() if isinstance(m, _GPTQ)]
+        if npack:
+            for m in layers:
+                m.build_gemv(npack)
+                assert m.gemv_m1 is not None and m.perm is not None
+        outs.append(prefill_and_decode(model, [list(range(3, 14))]))
+    assert len(calls) >= len(layers)  # the decode step's M = 1 rows took it in every layer
+    for a, b in zip(*outs):
+        within(b, a, 1e-5)
