@@ -49,3 +49,23 @@ def test_fed_look_ahead_with_graphs_changes_nothing_the_router_sees(demo_dir):
     assert len(prepared) == len(fed.fed)  # every fed look-ahead replayed a graph
     fed_engine.close()
     off.engine.close()
+
+
+def test_the_chosen_ids_reach_the_host_before_the_work_queued_after_them():
+    """On the GPU the ids and logprobs are copied to the host asynchronously before the fed forward is queued: a
+    feed that overwrites the ids on the device after them does not change what the host reads."""
+    from worker.distributed import ParallelContext
+    from worker.engine import step
+    from worker.engine.sampling import BatchSampler, SamplingParams
+
+    dev = torch.device("cuda")
+    logits = torch.randn(64, 1000, device=dev, generator=torch.Generator(dev).manual_seed(0))
+    sampler = BatchSampler([SamplingParams(temperature=0.0)] * 64, 1000, 1000, dev)
+
+    def feed(ids: torch.Tensor) -> bool:
+        torch.cuda._sleep(10_000_000)  # the fed forward still runs when the host reads the ids
+        ids.fill_(-1)
+        return True
+
+    choices, fed = step._choose_and_feed(sampler, logits, [[1]] * 64, None, ParallelContext(device=dev), feed)
+    assert fed and [c.ids[0] for c in choices] == logits.argmax(-1).tolist()

@@ -105,3 +105,25 @@ def test_rows_of_one_look_ahead_left_by_finished_requests_are_gathered():
     reqs = [SimpleNamespace(ids=[0] * 5, ahead=Ahead(x, 0, 5)), SimpleNamespace(ids=[0] * 5, ahead=Ahead(x, 2, 5))]
     out = lookahead.take_rows(reqs, [True, True], None)
     assert torch.equal(out, x[[0, 2]]) and all(r.ahead is None for r in reqs)
+
+
+def test_the_chosen_ids_are_read_before_the_fed_forward_is_queued():
+    """The host reads the ids and logprobs the sampler chose, not what the work queued after them (the fed
+    forward, here a feed that overwrites the ids in place) leaves in their memory."""
+    from worker.engine import step
+    from worker.engine.sampling import BatchSampler, SamplingParams
+
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    sampler = BatchSampler([SamplingParams(temperature=0.0)] * 3, 8, 8)
+    fed_ids = []
+
+    def feed(ids: torch.Tensor) -> bool:
+        fed_ids.append(ids.tolist())
+        ids.fill_(-1)
+        return True
+
+    choices, fed = step._choose_and_feed(sampler, logits, [[1, 2]] * 3, None, ParallelContext(), feed)
+    want = logits.argmax(-1)
+    assert fed and fed_ids == [want.tolist()] and [c.ids for c in choices] == [[i] for i in want.tolist()]
+    lps = torch.log_softmax(logits.double(), -1).gather(1, want[:, None]).squeeze(1)
+    assert [c.logprobs[0] for c in choices] == pytest.approx(lps.tolist(), abs=1e-6)

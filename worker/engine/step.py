@@ -113,12 +113,32 @@ def _choose_and_feed(
     feed: lookahead.Feed,
 ) -> tuple[list[Choice], bool]:
     """speculative.choose for a step without drafts (one sampler call, rank 0's ids), whose ids go to `feed` on
-    the device before the host reads them; whether the feed launched its forward."""
+    the device before the host reads them; whether the feed launched its forward. The ids and logprobs are
+    copied to the host before the forward is queued: reading them waits for the sampler, not for the forward."""
     out = sampler(logits, prev_ids, allowed)
-    ids = pctx.broadcast(out.next_ids.clone())
+    ids = pctx.broadcast(out.next_ids.clone()) if pctx.world_size > 1 else out.next_ids
+    chosen = _to_host(ids, out.logprobs)
     fed = feed(ids)
-    picked = zip(ids.tolist(), out.logprobs.tolist(), out.top_ids, out.top_logprobs)
+    host_ids, logprobs = chosen()
+    picked = zip(host_ids, logprobs, out.top_ids, out.top_logprobs)
     return [Choice([i], [lp], [t], [tl]) for i, lp, t, tl in picked], fed
+
+
+def _to_host(*tensors: torch.Tensor) -> Callable[[], list[list]]:
+    """Start copying 1-d tensors to the host now; the returned call gives their lists once these copies are done,
+    not waiting for the work queued on the stream after them (a CUDA event marks the copies' end)."""
+    if not tensors[0].is_cuda:
+        values = [t.tolist() for t in tensors]
+        return lambda: values
+    host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory: the copies are asynchronous
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> list[list]:
+        done.synchronize()
+        return [h.tolist() for h in host]
+
+    return wait
 
 
 @dataclass
