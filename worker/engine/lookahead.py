@@ -97,19 +97,20 @@ def ready(requests: Sequence[HasAhead], prefill: bool) -> list[bool]:
 def take_rows(requests: Sequence[HasAhead], is_ready: Sequence[bool], computed: torch.Tensor | None) -> torch.Tensor:
     """This step's logits [B, V]: ready requests' look-ahead rows, the others' rows of `computed`
     ([missing, V], in order). Every request's row is used once: all are cleared. All rows of one
-    look-ahead, in its order, return its tensor as is (no copy); some of them, one gather."""
+    look-ahead, in its order, return its tensor as is (no copy)."""
     first = requests[0].ahead
-    shared = (
+    whole = (
         all(is_ready)
         and first is not None
-        and all(r.ahead is not None and r.ahead.logits is first.logits for r in requests)
+        and first.logits.shape[0] == len(requests)
+        and all(
+            r.ahead is not None and r.ahead.logits is first.logits and r.ahead.row == i for i, r in enumerate(requests)
+        )
     )
-    if shared and first is not None:  # the usual decode step: one look-ahead's rows, no per-row slices
-        index = [r.ahead.row for r in requests if r.ahead is not None]
+    if whole and first is not None:  # the usual decode step: no per-row slices
         clear(requests)
-        if index == list(range(first.logits.shape[0])):
-            return first.logits
-        return first.logits[torch.tensor(index, device=first.logits.device)]  # requests that finished are left out
+        return first.logits
+    # rows stacked, not gathered by an index tensor: its copy to the device would wait for the running forward
     rows: list[torch.Tensor] = []
     j = 0
     for r, ok in zip(requests, is_ready):

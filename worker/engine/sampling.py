@@ -151,7 +151,11 @@ class BatchSampler:
         ps, sampling = self.params, self.sampling
 
         def col(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
+            host = torch.tensor(values, dtype=torch.float32).unsqueeze(1)
+            if self.device.type != "cuda":
+                return host.to(self.device)
+            # pinned and asynchronous: a batch filtered while a (look-ahead) forward runs does not wait for it
+            return host.pin_memory().to(self.device, non_blocking=True)
 
         self._use_penalty = any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in ps)
         self._repetition = col([p.repetition_penalty for p in ps])
