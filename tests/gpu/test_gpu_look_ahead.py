@@ -69,3 +69,36 @@ def test_the_chosen_ids_reach_the_host_before_the_work_queued_after_them():
 
     choices, fed = step._choose_and_feed(sampler, logits, [[1]] * 64, None, ParallelContext(device=dev), feed)
     assert fed and [c.ids[0] for c in choices] == logits.argmax(-1).tolist()
+
+
+def test_a_fed_decode_replies_without_waiting_for_its_forward(demo_dir):
+    """Nothing after the fed launch waits for the forward: the Decode (a request finishing, so the batch is
+    filtered) returns while the launched work, held up seconds by a sleep kernel queued before it, is pending."""
+    from helpers import chunk_request
+    from worker.pb import generate_pb2 as pb
+
+    engine = _engine(os.path.join(demo_dir, "model"), None, True)
+    reqs = [chunk_request(1, [5, 6, 7], 2), chunk_request(2, [8, 9], 6), chunk_request(3, [10, 11, 12, 13], 6)]
+    _, batch = engine.prefill(pb.Batch(id=1, requests=reqs, size=3), None)
+    graphs = engine.runner.graphs
+    prepare, pending = graphs.prepare_ahead, []
+
+    def slow_prepare(b, slots):
+        launch = prepare(b, slots)
+
+        def slow(ids):
+            torch.cuda._sleep(4_000_000_000)  # about two seconds of device time before the forward
+            out = launch(ids)
+            done = torch.cuda.Event()
+            done.record()
+            pending.append(done)
+            return out
+
+        return slow
+
+    graphs.prepare_ahead = slow_prepare
+    gens, batch = engine.decode([batch.info()])
+    assert len(pending) == 1 and not pending[0].query()  # replied with the fed forward still queued
+    assert [g.request_id for g in gens if g.generated_text is not None] == [1] and len(batch.requests) == 2
+    torch.cuda.synchronize()
+    engine.close()
