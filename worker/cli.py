@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from worker.layers.decode_kernels import DecodeKernels
     from worker.models.qwen import FlashQwenForCausalLM
     from worker.tokenizer import QwenTokenizer
 
@@ -51,6 +52,8 @@ def setup_logging(level: str, json_logs: bool, rank: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from worker.layers.decode_kernels import SERVED
+
     ap = argparse.ArgumentParser(prog="qwen-worker", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve one shard")
@@ -120,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=16384,
         help="longest context served from CUDA graphs (longer ones decode eagerly)",
     )
+    s.add_argument(
+        "--decode-kernels",
+        type=decode_kernels,
+        default=",".join(SERVED),
+        help="decode kernel choices (worker/layers/decode_kernels.py): 'none' (today's kernels) or a comma list of "
+        "pdl, rope_store, act_gemv, norm_gemv; default: the set measured faster and exact on an H200. CUDA only "
+        "(pdl on sm_90+); the chosen set is logged",
+    )
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
@@ -176,6 +187,16 @@ def speculative_tokens(value: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def decode_kernels(value: str) -> DecodeKernels:
+    """--decode-kernels: 'none' or a comma list of DecodeKernels fields, else argparse's error naming it."""
+    from worker.layers.decode_kernels import parse_decode_kernels
+
+    try:
+        return parse_decode_kernels(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def split_ignored(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Drop LoRAX flags we accept but ignore (with their value, if any)."""
     kept, ignored, i = [], [], 0
@@ -199,6 +220,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     from worker.engine.engine import Engine, EngineConfig
     from worker.engine.kv_cache import parse_kv_dtype
     from worker.layers.attention import make_backend
+    from worker.layers.decode_kernels import where_applies
     from worker.models.qwen import FlashQwenForCausalLM
     from worker.server import LoraxServicer, make_server, serve_forever
     from worker.weights import torch_dtype
@@ -218,7 +240,11 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     )
     t0 = time.time()
     tokenizer = checked_tokenizer(args.model_dir)  # before the weights: a clear refusal, fast
-    model = FlashQwenForCausalLM.from_pretrained(args.model_dir, pctx, dtype, backend, quantize=args.quantize)
+    kernels = where_applies(args.decode_kernels, pctx.device)
+    log.info("decode kernels: %s (asked: %s)", kernels.describe(), args.decode_kernels.describe())
+    model = FlashQwenForCausalLM.from_pretrained(
+        args.model_dir, pctx, dtype, backend, quantize=args.quantize, decode_kernels=kernels
+    )
     log.info(
         "model loaded in %.1fs: %d layers, hidden %d, vocab %d",
         time.time() - t0,

@@ -87,9 +87,10 @@ MODEL_CANDIDATES = {
 @pytest.mark.parametrize("name", list(MODEL_CANDIDATES))
 def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeypatch, dtype, name):
     """The tiny model's linears given GEMV counters and a plan for their shape (as on CUDA) and the candidates
-    switched on decode through the act GEMV / the norm GEMVs (prefill, above GEMV_MAX_M rows, through the separate
-    kernels); logits equal the unfused reference model's: fp32 within 1e-4, fp16 within 2e-2 (logits of O(4); the
-    GEMV sums in another order than F.linear, the norm's sum of squares in another order than the norm kernel's)."""
+    switched on decode through the norm GEMVs and, at 1 row, the act GEMV (prefill, above GEMV_MAX_M rows, through
+    the separate kernels); logits equal the unfused reference model's: fp32 within 1e-4, fp16 within 2e-2 (logits
+    of O(4); the GEMV sums in another order than F.linear, the norm's sum of squares in another order than the
+    norm kernel's)."""
     from helpers import TINY, write_checkpoint
     from paged import Paged
     from random_weights import random_checkpoint
@@ -120,15 +121,19 @@ def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeyp
     runners = [Paged(m, seed=2) for m in (ref, model)]
     seqs = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12], [3, 1], [40, 41, 42]]
     starts, alphas = [0, 0, 0], [1.0, 1.0, 1.0]
-    for step in range(3):  # prefill (16 rows: no candidate), then two decode steps of 3 rows
-        outs = [r.step([0, 1, 2], seqs, starts, alphas, prefill=step == 0) for r in runners]
+    # prefill (16 rows: no candidate), decode steps of 3 rows (norm GEMV) and of 1 row (norm and act GEMV)
+    for step, idx in enumerate(([0, 1, 2], [0, 1, 2], [1], [0, 1, 2])):
+        rows = [seqs[i] for i in idx]
+        outs = [r.step(idx, rows, [starts[i] for i in idx], alphas[: len(idx)], prefill=step == 0) for r in runners]
         for a, b in zip(*outs):
             torch.testing.assert_close(b, a, atol=tol, rtol=0)
-        starts = [len(s) for s in seqs]
-        seqs = [s + [int(o[-1].argmax())] for s, o in zip(seqs, outs[0])]
-    per_step = ["forward_act"] * opts.act_gemv + ["forward_norm"] * 2 * opts.norm_gemv
-    assert sorted(calls) == sorted(per_step * 2 * cfg["num_hidden_layers"])
-    assert len(stores) == 3 * cfg["num_hidden_layers"] * opts.rope_store  # prefill and both decode steps
+        for i, o in zip(idx, outs[0]):
+            starts[i] = len(seqs[i])
+            seqs[i] = seqs[i] + [int(o[-1].argmax())]
+    layers = cfg["num_hidden_layers"]
+    expected = ["forward_act"] * opts.act_gemv * layers + ["forward_norm"] * 2 * opts.norm_gemv * 3 * layers
+    assert sorted(calls) == sorted(expected)  # the act GEMV at the 1-row step alone (ACT_GEMV_MAX_M)
+    assert len(stores) == 4 * layers * opts.rope_store  # prefill and the three decode steps
 
 
 def _spy(method, calls: list[str]):

@@ -7,6 +7,9 @@ writes the output directly. fp8 keys and values are widened to fp32 exactly. Wit
 Tiles.decode_fused_reduce the last split of each (sequence, head) to finish merges them itself (an
 arrival counter per (sequence, head) in a DecodeWorkspace): one launch instead of two.
 
+With `pdl` (DecodeKernels.pdl, sm_90+) both kernels launch with programmatic dependent launch: each waits for
+the previous kernel (gdc_wait) before its first load, so only the launch and ramp overlap; no arithmetic changes.
+
 Bandwidth knobs (Tiles.decode_*, swept by scripts/tune_attention.py): the key tile (BLOCK_N), warps,
 STAGES (tl.range software-pipelines the table, K and V loads of later tiles: without tl.dot in the loop
 Triton pipelines nothing otherwise), LANES (each of the BLOCK_N rows keeps its own running max / sum /
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.decode_tiles import load_tile, merge_splits, softmax_step
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 from worker.kernels.triton_attention import (
     LOG2E,
     NEG_BIG,
@@ -72,7 +76,10 @@ def _decode_split_kernel(
     SCALED: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    gdc_wait(PDL)  # everything below reads what earlier kernels wrote (q, the cache, the lengths)
+    gdc_go(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -151,8 +158,19 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    out_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    gdc_wait(PDL)
+    gdc_go(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     part0 = (b * tl.num_programs(1) + h) * num_splits
@@ -188,12 +206,14 @@ def paged_decode(
     k_scale: Scale = None,
     v_scale: Scale = None,
     workspace: DecodeWorkspace | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of each sequence's one new token over its whole cached context.
 
     q: [B, heads, head_dim] (row b is sequence b); block_tables: [B, max_blocks] int32; context_lens: [B]
     int32 (0: a padding row, output 0); max_k: the longest context (picks num_splits when None);
-    workspace: the fused reduction's counters (tiles.decode_fused_reduce; None: zeroed per call).
+    workspace: the fused reduction's counters (tiles.decode_fused_reduce; None: zeroed per call); pdl: both
+    kernels launch with programmatic dependent launch where it is active (worker/kernels/pdl.py).
     Returns [B, heads, head_dim] in q's dtype.
     """
     B, H, D = q.shape
@@ -215,6 +235,7 @@ def paged_decode(
         m_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
         l_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
         acc_part = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)
+    on = active(pdl, q.device)
     _decode_split_kernel[(B, H, num_splits)](
         q,
         k_cache,
@@ -246,7 +267,9 @@ def paged_decode(
         SCALED=scaled,
         FUSED_REDUCE=fused,
         BLOCK_S=triton.next_power_of_2(num_splits),
+        PDL=on,
         num_warps=tiles.decode_warps,
+        **launch_options(on),
     )
     if num_splits > 1 and not fused:
         _decode_reduce_kernel[(B, H)](
@@ -259,6 +282,8 @@ def paged_decode(
             out.stride(1),
             HEAD_DIM=D,
             BLOCK_S=triton.next_power_of_2(num_splits),
+            PDL=on,
             num_warps=max(1, min(8, triton.next_power_of_2(num_splits) * D // 1024)),  # ~32 fp32 per thread
+            **launch_options(on),
         )
     return out

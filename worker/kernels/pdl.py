@@ -35,12 +35,12 @@ def gdc_go(PDL: tl.constexpr):
 
 
 # kernels are bound to the Triton interpreter (TRITON_INTERPRET=1) or to the GPU when defined
-_INTERPRETED = not isinstance(gdc_wait, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(gdc_wait, triton.runtime.JITFunction)
 
 
 def active(requested: bool, device: torch.device) -> bool:
     """Whether a kernel on `device` launches with PDL: requested, compiled for the GPU, and sm_90 or later."""
-    if not requested or _INTERPRETED or device.type != "cuda":
+    if not requested or INTERPRETED or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -18,6 +18,7 @@ from worker.kernels.paged_decode import DecodeWorkspace, paged_decode
 from worker.kernels.paged_prefill import paged_prefill
 from worker.kernels.triton_attention import Tiles, pow2, rows_contiguous, store_kv
 from worker.layers.context import ForwardContext
+from worker.layers.decode_kernels import DecodeKernels
 from worker.ops import Scale
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ class TritonAttention:
         self.tiles = tiles or Tiles()
         self.workspace = DecodeWorkspace()  # the fused decode reduction's counters (kept: graphs read them)
         self.varlen_attn = torch_varlen_attn() if use_varlen_attn else None
+        self.pdl = False  # the paged decode kernels launch with PDL (DecodeKernels.pdl; sm_90+, else plainly)
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """Every attention layer of a model hands the model's choices to its (shared) backend."""
+        self.pdl = opts.pdl
 
     # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
     def store(
@@ -119,6 +125,7 @@ class TritonAttention:
             k_scale,
             v_scale,
             self.workspace,
+            self.pdl,
         )
 
     def prefill(

@@ -1,31 +1,79 @@
-"""Opt-in decode kernel candidates for the batch-1 floor (issue 17, P1), chosen per model instance.
+"""Decode kernel choices for the batch-1 floor (issue 17, P1), chosen per model instance.
 
-Every field defaults to off (today's kernels); scripts/gpu_check_p1.py times each against that and checks it
-is exact before a default changes. A layer that reads these has `set_decode_kernels(opts)`;
-`apply_decode_kernels` hands one DecodeKernels to every such layer of a model.
+`DecodeKernels()` (every field off) is today's kernels: the reference that scripts/gpu_check_p1.py times each
+candidate against. SERVED names the candidates the GPU showed faster and exact (graph == eager bit for bit), the
+served default: `qwen-worker serve --decode-kernels` parses a list of names (`parse_decode_kernels`) and
+`where_applies` keeps those that change anything on the shard's device. A layer that reads these has
+`set_decode_kernels(opts)`; `apply_decode_kernels` hands one DecodeKernels to every such layer of a model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
+import torch
 from torch import nn
+
+# On the H200 (7B, graphed decode step, scripts/gpu_check_p1.py): pdl 4.427 vs 4.603 ms at batch 1 and 5.034 vs
+# 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
+# M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
+# it); norm_gemv is 2x slower.
+SERVED = ("pdl", "rope_store")
+ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
 
 @dataclass(frozen=True)
 class DecodeKernels:
-    """pdl: the Triton GEMVs and fused elementwise kernels launch with programmatic dependent launch
-    (worker/kernels/pdl.py), so each one's launch and ramp overlap the previous kernel's tail.
-    act_gemv: mlp.c_proj (a float, un-wrapped row-parallel linear) at decode batches <= GEMV_MAX_M computes
+    """pdl: our Triton kernels of the decode step (GEMVs, fused elementwise, RoPE + store, paged decode
+    attention) launch with programmatic dependent launch (worker/kernels/pdl.py), so each one's launch and ramp
+    overlap the previous kernel's tail. CUDA sm_90+ only (else launched plainly); no arithmetic changes.
+    act_gemv: mlp.c_proj (a float, un-wrapped row-parallel linear) at decode batches <= ACT_GEMV_MAX_M computes
     up * silu(gate) while reading its input in the Triton GEMV, and the SiLU-mul kernel disappears.
     norm_gemv: ln_1 / ln_2 (residual add + RMSNorm) run in the prologue of c_attn's / gate_up's Triton GEMV where
     that GEMV serves the decode batch (float, un-wrapped linears): two kernels a layer fewer.
-    rope_store: RoPE (+ logn) and the KV-cache store in one kernel (caches in the model dtype, unscaled)."""
+    rope_store: RoPE (+ logn) and the KV-cache store in one kernel (fused kernels, caches in the model dtype,
+    unscaled; other caches keep the two kernels). Copies only: the cache is bit for bit the same."""
 
     pdl: bool = False
     act_gemv: bool = False
     norm_gemv: bool = False
     rope_store: bool = False
+
+    def names(self) -> list[str]:
+        """The fields switched on, in declaration order."""
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+    def describe(self) -> str:
+        return ",".join(self.names()) or "none"
+
+
+CANDIDATES = tuple(f.name for f in fields(DecodeKernels))
+
+
+def parse_decode_kernels(spec: str) -> DecodeKernels:
+    """'none' -> all off; else a comma list of DecodeKernels field names (ValueError naming an unknown one)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["none"]:
+        return DecodeKernels()
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown or not names:
+        raise ValueError(
+            f"decode kernels {spec!r}: unknown {unknown or 'empty list'}; "
+            f"give 'none' or a comma list of {', '.join(CANDIDATES)}"
+        )
+    return DecodeKernels(**dict.fromkeys(names, True))
+
+
+def where_applies(opts: DecodeKernels, device: torch.device) -> DecodeKernels:
+    """The part of `opts` that changes anything on `device`: the candidates are Triton kernels of the CUDA
+    decode path (off the GPU and under the interpreter the model keeps today's path); PDL needs sm_90+."""
+    if device.type != "cuda":
+        return DecodeKernels()
+    from worker.kernels import pdl
+
+    if pdl.INTERPRETED:
+        return DecodeKernels()
+    return replace(opts, pdl=pdl.active(opts.pdl, device))
 
 
 def apply_decode_kernels(root: nn.Module, opts: DecodeKernels) -> None:

@@ -93,6 +93,12 @@ class FlashQwenAttention(nn.Module):
         self.rotary = Rotary(b.fused)
         self.c_proj = linears.row(config.hidden_size, config.hidden_size, not config.no_bias, "attn.c_proj")
 
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The backend's decode kernels take them too (PDL for the paged decode attention)."""
+        setter = getattr(self.backend, "set_decode_kernels", None)
+        if setter is not None:
+            setter(opts)
+
     def load(self, weights: Weights, prefix: str) -> None:
         self.c_attn.load(weights, [f"{prefix}.c_attn"])
         self.c_proj.load(weights, f"{prefix}.c_proj")
@@ -209,7 +215,8 @@ class FlashQwenForCausalLM(nn.Module):
     norms, RoPE and SiLU-mul through worker/kernels/fused.py; the PyTorch path is the reference.
     `rotary` holds the constants the runner builds each step's ForwardContext from. `quant`: the five linears
     of each block as GPTQ Int4/Int8 or FP8 (worker/layers/quantized.py); wte, norms and lm_head stay float.
-    `decode_kernels`: opt-in decode kernel candidates (worker/layers/decode_kernels.py; None: all off)."""
+    `decode_kernels`: the decode kernel choices (worker/layers/decode_kernels.py; None: all off, today's
+    kernels; the served shard passes the measured winners, --decode-kernels)."""
 
     def __init__(
         self,
@@ -247,10 +254,12 @@ class FlashQwenForCausalLM(nn.Module):
         progress: bool = True,
         fused: bool | None = None,
         quantize: str = "auto",
+        decode_kernels: DecodeKernels | None = None,
     ) -> FlashQwenForCausalLM:
-        """quantize: --quantize (auto: GPTQ when the checkpoint has a quantization_config, else float)."""
+        """quantize: --quantize (auto: GPTQ when the checkpoint has a quantization_config, else float);
+        decode_kernels: --decode-kernels (None: all off)."""
         config, dtype, quant = checkpoint_settings(model_dir, dtype, quantize)
-        model = cls(config, pctx, dtype, backend, fused, quant)
+        model = cls(config, pctx, dtype, backend, fused, quant, decode_kernels)
         model.load(Weights(model_dir, dtype, model.pctx.device), progress=progress)
         return model
 
