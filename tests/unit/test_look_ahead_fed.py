@@ -127,3 +127,18 @@ def test_the_chosen_ids_are_read_before_the_fed_forward_is_queued():
     assert fed and fed_ids == [want.tolist()] and [c.ids for c in choices] == [[i] for i in want.tolist()]
     lps = torch.log_softmax(logits.double(), -1).gather(1, want[:, None]).squeeze(1)
     assert [c.logprobs[0] for c in choices] == pytest.approx(lps.tolist(), abs=1e-6)
+
+
+def test_graphs_serve_a_fed_look_ahead_only_inside_their_block_table():
+    from worker.engine.cuda_graphs import GraphedDecode
+
+    graphs = GraphedDecode.__new__(GraphedDecode)  # can_run reads only the sizes and the table's shape
+    graphs.sizes, graphs.max_blocks, graphs.kv = [1, 2, 4], 2, SimpleNamespace(block_size=4)
+
+    def batch(*shapes: tuple[int, int]):
+        return SimpleNamespace(requests=[SimpleNamespace(ids=[0] * i, blocks=list(range(b))) for i, b in shapes])
+
+    assert graphs.can_run(batch((7, 2)), ahead=True)  # the next position, 7, is in the table's second block
+    assert not graphs.can_run(batch((8, 2)), ahead=True) and graphs.can_run(batch((8, 2)))  # 8: past the table
+    assert not graphs.can_run(batch((3, 3)), ahead=True) and not graphs.can_run(batch((3, 3)))  # blocks > table
+    assert not graphs.can_run(batch(*[(1, 1)] * 5), ahead=True)  # past the largest bucket

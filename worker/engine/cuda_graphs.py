@@ -125,11 +125,9 @@ class GraphedDecode:
 
     def can_run(self, batch: Batch, ahead: bool = False) -> bool:
         """ahead: for the step after the one whose tokens are being chosen (a position further on)."""
-        if len(batch.requests) > self.sizes[-1]:
+        if len(batch.requests) > self.sizes[-1] or any(len(r.blocks) > self.max_blocks for r in batch.requests):
             return False
-        if ahead:
-            return all(len(r.ids) // self.kv.block_size < self.max_blocks for r in batch.requests)
-        return all(len(r.blocks) <= self.max_blocks for r in batch.requests)
+        return not ahead or all(len(r.ids) // self.kv.block_size < self.max_blocks for r in batch.requests)
 
     def run(self, batch: Batch, adapter_slots: list[int] | None) -> torch.Tensor:
         """Fill the static inputs for this batch (padding rows point at the scratch block) and replay."""
