@@ -10,7 +10,8 @@ one), measures copy bandwidth and bf16 matmul rate in the same run, then decode 
 1/8/32/64/128 with 512-token contexts (eager and CUDA graphs) and at 2k/8k/32k contexts for batch 1 and 16
 (P1L, `--ctx`; rows whose KV does not fit are skipped), prefill MFU on 8 x 1024 tokens and one 32,768-token
 prompt (P4L, NTK active), and
-KV capacity after Warmup. With --lora: decode with N distinct rank-16 adapters (every request its own,
+KV capacity after Warmup. The model runs the decode kernels `serve` runs (--decode-kernels, default the served set;
+'none': the kernels before issue 17). With --lora: decode with N distinct rank-16 adapters (every request its own,
 all five modules) against base-only decode, both replayed from the served CUDA graphs
 (GraphedDecode(adapter_pools=True)) — P2; LoadAdapter latency from local safetensors, cold and from the
 host cache — P6; and the mixed-adapter generate workload of scripts/bench_peer.py (prefill of
@@ -37,6 +38,7 @@ from bench_lora import bench_lora_decode
 from bench_serving import bench_kv_capacity, bench_rpc_overhead
 from bench_table import print_table
 from worker.distributed import ParallelContext
+from worker.layers.decode_kernels import SERVED
 
 
 def bench_decode(
@@ -124,6 +126,17 @@ def bench_prefill(model: Any, n_seqs: int, seq_len: int, block_size: int, matmul
     return dict(tokens=tokens, ms=t * 1e3, tflops=flops / t / 1e12, mfu=flops / t / matmul)
 
 
+def served_model(args: argparse.Namespace, pctx: ParallelContext) -> tuple[Any, str]:
+    """The random-weight model of args.shape with the decode kernels `serve` would run (--decode-kernels), and
+    their names."""
+    from worker.layers.decode_kernels import apply_decode_kernels, parse_decode_kernels, where_applies
+
+    model = build_model(args.shape, pctx, args.backend)
+    kernels = where_applies(parse_decode_kernels(args.decode_kernels), pctx.device)
+    apply_decode_kernels(model.transformer, kernels)
+    return model, kernels.describe()
+
+
 def tp_main(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
     """One rank of the TP decode benchmark (P5): NCCL, CUDA graphs, same shape."""
     from worker.distributed import init_from_env, shutdown
@@ -133,7 +146,7 @@ def tp_main(rank: int, world: int, port: int, args: argparse.Namespace, queue: A
     )
     pctx = init_from_env(env, "cuda")
     bw = copy_bandwidth(pctx.device)
-    model = build_model(args.shape, pctx, args.backend)
+    model, _ = served_model(args, pctx)
     rows = bench_decode(
         model, [int(b) for b in args.tp_batches.split(",")], args.ctx, args.block_size, bw, not args.no_graphs
     )
@@ -172,6 +185,11 @@ def main() -> None:
     ap.add_argument("--prefill-long", type=int, default=32768, help="P4L: one prompt of this many tokens (0: skip)")
     ap.add_argument("--long-batches", default="1,16", help="batch sizes of the long-context (P1L) decode rows")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument(
+        "--decode-kernels",
+        default=",".join(SERVED),
+        help="as serve's flag: 'none' or a comma list of DecodeKernels fields (default: the served set)",
+    )
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv, lora, load (P6 alone)")
     ap.add_argument("--memory-fraction", type=float, default=0.95)
@@ -211,7 +229,7 @@ def main() -> None:
     )
     res["copy_TBps"] = copy_bandwidth(dev) / 1e12
     res["matmul_TFLOPs"] = matmul_rate(dev) / 1e12
-    model = build_model(args.shape, pctx, args.backend)
+    model, res["decode_kernels"] = served_model(args, pctx)
     res["backend"] = model.backend.name
     res["weight_GB"] = weight_bytes(model) / 1e9
     if "decode" in only:

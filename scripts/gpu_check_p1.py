@@ -2,12 +2,15 @@
 
     PYTHONPATH=. python3 scripts/gpu_check_p1.py     # one H200, < 150 s, SUMMARY block printed last; exits 0
 
-Candidates (fields of DecodeKernels, switched on one model instance by apply_decode_kernels):
-  pdl       programmatic dependent launch for the Triton GEMVs and the fused RMSNorm / RoPE / SiLU-mul kernels
-  act_gemv  mlp.c_proj as a Triton GEMV that computes up * silu(gate) while reading its input (no SiLU-mul kernel)
-  norm_gemv ln_1 / ln_2 (residual add + RMSNorm) in the prologue of the c_attn / gate_up GEMV (no norm kernels)
-  rope_store RoPE (+ logn) and the KV-cache store in one kernel (worker/kernels/rope_store.py)
-  fusions (act + norm + rope_store), all (the fusions and pdl)
+Rows (fields of DecodeKernels, switched on one model instance by apply_decode_kernels):
+  baseline      all off (today's kernels before issue 17)
+  default       what `serve` runs by default (decode_kernels.SERVED: pdl, rope_store)
+  def+act_gemv  the default and mlp.c_proj as a Triton GEMV computing up * silu(gate) while reading its input
+                (M = 1 only, ACT_GEMV_MAX_M; at batch 8 the row equals the default)
+  def+norm_gemv the default and ln_1 / ln_2 in the prologue of the c_attn / gate_up GEMV
+  def-attn_pdl  the default with the paged decode attention launched plainly (PDL's share there)
+  pdl           programmatic dependent launch for the Triton GEMVs, the fused RMSNorm / RoPE / SiLU-mul / RoPE+store
+                kernels and the paged decode attention; rope_store RoPE (+ logn) and the KV store in one kernel
 
 1. Kernels, bf16, each against its PyTorch reference: the act GEMV equals dense_gemv(silu_mul(gate_up)) bit for bit
    and F.linear(ops.silu_mul(gate_up)) within bf16 noise (M = 1 and 8, 7B mlp.c_proj, every tile tried); each
@@ -18,20 +21,22 @@ Candidates (fields of DecodeKernels, switched on one model instance by apply_dec
    the norm in the GEMV, and both (whether the programmatic edges survive capture shows here).
 3. The 7B-shaped model (random bf16 weights), ctx 512, batch 1 and 8: graphed step time and P1 (step / weight+KV
    copy floor) of each candidate, timed in alternating rounds; logits max-abs-diff of each candidate's graph against
-   the baseline's eager step and against its own eager step (PDL and rope_store must be 0: they change no arithmetic;
-   act_gemv and norm_gemv sum in another order, so bf16 noise: within 2 % of the largest logit).
+   the baseline's eager step and against its own eager step (the default must be 0 on both: PDL and rope_store change
+   no arithmetic; act_gemv and norm_gemv sum in another order, so bf16 noise: within 2 % of the largest logit).
 SUMMARY: per batch the step times, P1, the gain over the baseline and whether each candidate is exact, then what to
-make default. The default stays the baseline until this says a candidate is faster AND exact.
+make default. A candidate joins SERVED only if this says it is faster AND exact.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -44,18 +49,18 @@ from worker import ops  # noqa: E402
 from worker.kernels import fused  # noqa: E402
 from worker.kernels.gemv import GemvTiles, counters_for  # noqa: E402
 from worker.kernels.gemv_dense import DENSE, DENSE_N64, DENSE_PF0, act_tiles, dense_gemv, dense_gemv_norm  # noqa: E402
-from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels  # noqa: E402
+from worker.layers.decode_kernels import SERVED, DecodeKernels, apply_decode_kernels  # noqa: E402
 
 START = time.time()
-CANDIDATES = {
+DEFAULT = DecodeKernels(**dict.fromkeys(SERVED, True))  # what `serve` runs (--decode-kernels' default)
+CANDIDATES = {  # the baseline (all off), the served default, then the default with each remaining candidate
     "baseline": DecodeKernels(),
-    "act_gemv": DecodeKernels(act_gemv=True),
-    "norm_gemv": DecodeKernels(norm_gemv=True),
-    "rope_store": DecodeKernels(rope_store=True),
-    "fusions": DecodeKernels(act_gemv=True, norm_gemv=True, rope_store=True),
-    "pdl": DecodeKernels(pdl=True),
-    "all": DecodeKernels(pdl=True, act_gemv=True, norm_gemv=True, rope_store=True),
+    "default": DEFAULT,
+    "def+act_gemv": replace(DEFAULT, act_gemv=True),  # act GEMV at M = 1 only (ACT_GEMV_MAX_M)
+    "def+norm_gemv": replace(DEFAULT, norm_gemv=True),
+    "def-attn_pdl": DEFAULT,  # the paged decode attention launched plainly (PDL elsewhere): its PDL's share
 }
+ATTN_PLAIN = {"def-attn_pdl"}
 ACT_TILES = {"dense": DENSE, "dense_pf0": DENSE_PF0, "n64": DENSE_N64, "n64_k256": GemvTiles(64, 256, 4, 3, False)}
 SUMMARY: list[str] = []
 CHECKS: list[tuple[str, bool]] = []
@@ -167,14 +172,14 @@ def pdl_chain(dev: torch.device) -> None:
 
 def programmatic_edges(fn: Callable[[], object]) -> str:
     """How many edges of fn's captured graph the CUDA DOT dump calls programmatic (0: capture dropped PDL)."""
-    try:
-        g = torch.cuda.CUDAGraph()
+    try:  # keep_graph: the captured graph stays (not instantiated, not freed) for the dump
+        g = torch.cuda.CUDAGraph(keep_graph=True)
         g.enable_debug_mode()
         fn()
         torch.cuda.synchronize()
         with torch.cuda.graph(g):
             fn()
-        path = "/tmp/gpu_check_p1_graph.dot"
+        path = os.path.join(tempfile.mkdtemp(prefix="gpu_check_p1_"), "graph.dot")
         g.debug_dump(path)
         with open(path) as f:
             text = f.read()
@@ -205,6 +210,7 @@ def model_steps(dev: torch.device) -> None:
         for name, opts in CANDIDATES.items():  # the PDL ones last: a failed capture is reported, the rest go on
             try:
                 apply_decode_kernels(model.transformer, opts)
+                model.backend.pdl = opts.pdl and name not in ATTN_PLAIN
                 eager = step().float().clone()
                 base_eager = eager if base_eager is None else base_eager
                 g, out = capture(step)
@@ -216,7 +222,7 @@ def model_steps(dev: torch.device) -> None:
                 continue
             d_base = float((out.float() - base_eager).abs().max())
             d_self = float((out.float() - eager).abs().max())
-            reorders = opts.act_gemv or opts.norm_gemv  # other summation orders: bf16 noise, not bitwise
+            reorders = opts.act_gemv and batch == 1 or opts.norm_gemv  # other summation orders: bf16 noise
             exact = d_self == 0 and (rel(out, base_eager) < 2e-2 if reorders else d_base == 0)
             check(f"b={batch} {name}: graph vs own eager {d_self:.3g}, vs baseline eager {d_base:.3g}", exact,
                   f"(|logits| max {float(base_eager.abs().max()):.2f})")  # fmt: skip
@@ -233,6 +239,10 @@ def model_steps(dev: torch.device) -> None:
                     f"gain {(base - t) * 1e6:+.1f} us/step  exact {graphs[name][2]}")  # fmt: skip
             print(line)
             SUMMARY.append(line)
+        if "default" in times:
+            better = [n for n, ts in times.items() if min(ts) < min(times["default"]) and graphs[n][2]]
+            SUMMARY.append(f"b={batch}: exact rows faster than the default: {better or 'none'} (baseline "
+                           f"{'faster' if 'baseline' in better else 'slower'} than the default)")  # fmt: skip
         apply_decode_kernels(model.transformer, CANDIDATES["baseline"])
         del graphs
         torch.cuda.empty_cache()

@@ -1,8 +1,8 @@
 """Where does a decode step's GPU time go? Kernel time by name for one step (torch profiler).
 
-python scripts/profile_decode.py --shape 7b --batch 1 [--pdl] [--act-gemv] [--norm-gemv]
+python scripts/profile_decode.py --shape 7b --batch 1 [--decode-kernels pdl,rope_store,act_gemv | none]
 
-The flags switch on worker/layers/decode_kernels.py's candidates (issue 17, P1) for the profiled model.
+--decode-kernels as serve's (worker/layers/decode_kernels.py, issue 17 P1; default: the served set).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from bench_common import DecodeInputs, build_model  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
-from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels  # noqa: E402
+from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -28,12 +28,11 @@ def main() -> None:
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ctx", type=int, default=512)
-    for flag in ("--pdl", "--act-gemv", "--norm-gemv"):
-        ap.add_argument(flag, action="store_true")
+    ap.add_argument("--decode-kernels", default=",".join(SERVED), help="'none' or a comma list of DecodeKernels fields")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     model = build_model(args.shape, ParallelContext(0, 1, dev), "auto")
-    opts = DecodeKernels(pdl=args.pdl, act_gemv=args.act_gemv, norm_gemv=args.norm_gemv)
+    opts = parse_decode_kernels(args.decode_kernels)
     apply_decode_kernels(model.transformer, opts)
     print(opts)
     c = model.config

@@ -186,7 +186,11 @@ def dense_gemv_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(F.linear(fused.rms_norm(x, norm_weight, eps, residual)[0], weight, bias), s = x + residual): the RMSNorm
     in the GEMV's prologue (DecodeKernels.norm_gemv). Every program sums the squares of the whole rows of s
-    (from L2) itself, so the 1/rms may differ from the norm kernel's in the last bit; one program writes s."""
+    (from L2) itself, so the 1/rms may differ from the norm kernel's in the last bit; one program writes s.
+    Off: 2.5x slower than the norm kernel + GEMV on the H200 (ln -> c_attn -> rope 80.6 vs 31.8 us a layer, 7B).
+    The likely cause is that per-program prologue: each of the ~4 x SMs x split-K programs walks the whole rows
+    serially (K / BLOCK_K dependent loads) before its first multiply-add, then reloads s, the residual and the norm
+    weight in every tile; a 1/rms computed once (by the kernel before, or its own first pass) would remove both."""
     M, K = x.shape
     bad_res = residual is not None and residual.shape != x.shape
     if M > 16 or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,) or bad_res:

@@ -30,7 +30,8 @@ class DecodeKernels:
     act_gemv: mlp.c_proj (a float, un-wrapped row-parallel linear) at decode batches <= ACT_GEMV_MAX_M computes
     up * silu(gate) while reading its input in the Triton GEMV, and the SiLU-mul kernel disappears.
     norm_gemv: ln_1 / ln_2 (residual add + RMSNorm) run in the prologue of c_attn's / gate_up's Triton GEMV where
-    that GEMV serves the decode batch (float, un-wrapped linears): two kernels a layer fewer.
+    that GEMV serves the decode batch (float, un-wrapped linears): two kernels a layer fewer, but 2.5x slower
+    (gemv_dense.dense_gemv_norm says why).
     rope_store: RoPE (+ logn) and the KV-cache store in one kernel (fused kernels, caches in the model dtype,
     unscaled; other caches keep the two kernels). Copies only: the cache is bit for bit the same."""
 
