@@ -5,8 +5,6 @@ with sym zeros and group 128, or FP8 e4m3 with per-channel scales), bf16 embeddi
     python scripts/bench_quant.py --shape 7b --batches 1 --only decode           # P9 at batch 1: "P9 ..." lines last
     python scripts/bench_quant.py --shape 72b --modes int4 --batches 1,8,32      # 72B-shaped Int4 + KV capacity
     python scripts/bench_quant.py --shape 7b --only linears                      # per-linear kernel timings
-    python scripts/bench_quant.py --shape 7b --batches 1 --only decode --modes bf16,int4,int4:np  # A/B: M = 1
-    #   through worker/kernels/gemv_npack.py's tile set np (any NPACK_TILES name after the colon)
     python scripts/bench_quant.py --only sweep                                   # GEMV tiles x split-K, M = 1
     python scripts/bench_quant.py --only quality --demo-dir .demo                # demo model Int4/Int8/FP8 vs bf16
 
@@ -55,13 +53,7 @@ MODES: dict[str, QuantConfig | None] = {
 CUDA = torch.device("cuda")
 
 
-def build(
-    shape: str,
-    quant: QuantConfig | None,
-    backend: str = "triton",
-    device: torch.device = CUDA,
-    npack: str | None = None,
-) -> Any:
+def build(shape: str, quant: QuantConfig | None, backend: str = "triton", device: torch.device = CUDA) -> Any:
     """The model with random weights: bf16 N(0, 0.02²) floats, random GPTQ words with sym zeros (0x77777777 /
     0x7F7F7F7F) and scales ~ 0.02 / 8 per step, or e4m3 weights with per-channel scales."""
     from worker.layers.attention import make_backend
@@ -89,7 +81,7 @@ def build(
             k = m.g_idx.numel()
             m.g_idx.copy_((m.k_offset + torch.arange(k, device=device)) // 128)
             m.group_hint = 128
-            m.build_gemv(npack)  # the decode GEMV's view of the random buffers (load() builds it from a checkpoint)
+            m.build_gemv()  # the decode GEMV's view of the random buffers (load() builds it from a checkpoint)
         if isinstance(m, _FP8):
             m.w_scale.fill_(0.02 / 100)
     return model
@@ -253,8 +245,7 @@ def main() -> None:
         res["sweep"] = sweep_gemv(4) + sweep_gemv(8)
     else:
         for mode in args.modes.split(","):
-            name, _, npack = mode.partition(":")  # int4:np: M = 1 through gemv_npack.py's tile set np
-            model = build(args.shape, MODES[name], npack=npack or None)
+            model = build(args.shape, MODES[mode])
             entry: dict[str, Any] = dict(
                 step_gb=step_bytes(model) / 1e9, decode=bench_decode(model, batches, args.ctx, bw)
             )

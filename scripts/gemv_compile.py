@@ -1,7 +1,8 @@
 """Compile every decode-GEMV variant that scripts/gpu_check_gemv.py launches for sm_90 on a CPU (no GPU, not
 interpreted): `python scripts/gpu_check_gemv.py --compile`. Prints ok/FAILED, shared memory, and registers
 and spills per thread (cuobjdump on the cubin, where Triton bundles it): a variant that spills or needs more
-than 128 registers per thread at 4 warps runs fewer programs per SM than its split-K plan assumes.
+than 128 registers per thread at 4 warps runs fewer programs per SM than its split-K plan assumes. The M = 1
+GPTQ variants also print their main loop's SASS instructions per weight value (cuobjdump -sass).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _compile(fn: Any, label: str, ptrs: dict[str, str], ints: tuple[str, ...], c
 
     sig = {**{f"{p}_ptr": ty for p, ty in ptrs.items()}, **dict.fromkeys(ints, "i32")}
     sig.update(dict.fromkeys(const, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a in ("N", "NW")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if a.endswith("_ptr") or a == "N"}
     try:
         opts = dict(num_warps=t.num_warps, num_stages=t.num_stages)
         kern = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
@@ -96,7 +97,11 @@ def compile_all() -> None:
                              DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
                              TILE_GROUPS=max(1, bk // gs))  # fmt: skip
                 label = f"int{bits} {name:8s} BM{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"
-                _compile(_gemv_kernel, label, {**ptrs, "x": "*i32" if const["X_PAIRS"] else bf16}, ints, const, t)
+                x_ty = "*i32" if const["X_PAIRS"] else bf16
+                kern = _compile(_gemv_kernel, label, {**ptrs, "x": x_ty}, ints, const, t)
+                if kern is not None and bm == 1:  # one thread's values an iteration
+                    per_value = _loop_instructions(kern.asm["cubin"]) / (bk * t.block_n / (32 * t.num_warps))
+                    print(f"       loop: {per_value:.2f} instructions a value", flush=True)
     ints = ("M", "N", "K", "K_PER_SPLIT", "SPLITS", "stride_xm", "stride_wn", "stride_ym")
     dense = {"bf16 " + _name(t): (bf16, t) for plan in DENSE_GEMV_PLAN.values() for _, t in plan}
     dense["bf16 " + _name(DENSE)] = (bf16, DENSE)
@@ -109,32 +114,3 @@ def compile_all() -> None:
                          ACT=False, LIBDEVICE=True, PDL=False,
                          DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=t.block_k)  # fmt: skip
             _compile(_dense_kernel, f"dense {label} M{bm}", ptrs, ints, const, t)
-
-
-def compile_npack() -> None:
-    """The column-packed M = 1 GEMV's tile sets (sym zeros, split-K, whole tiles) and the row-packed default, for
-    sm_90: registers and the main loop's SASS instructions per weight value (one thread's values an iteration)."""
-    from worker.kernels.gemv_npack import NPACK_TILES, _npack_kernel
-
-    bf16 = "*bf16"
-    for bits in (4, 8):
-        p = 32 // bits
-        ptrs = dict(x=bf16, qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-        ints: tuple[str, ...] = ("N", "NW", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS")
-        for name, t in NPACK_TILES.items():
-            const: dict[str, Any] = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True,
-                                         ROW_MASK=False, BLOCK_W=t.block_w, BLOCK_K=t.block_k)  # fmt: skip
-            kern = _compile(_npack_kernel, f"npack int{bits} {name}", ptrs, ints, const, t)
-            values = t.block_k * t.block_w * p / (32 * t.num_warps)
-            if kern is not None:
-                print(f"       loop: {_loop_instructions(kern.asm['cubin']) / values:.2f} instructions a value")
-        g1 = GEMV_TILES["g1"][bits]
-        ints = ("M", "N", "K", "K_PER_SPLIT", "K_OFFSET", "MASK_T", "SPLITS", "stride_xm", "stride_ym")
-        const = dict(BITS=bits, ZERO=1 << (bits - 1), GROUP_SIZE=128, HAS_BIAS=True, REDUCE=True, PREFETCH=True,
-                     STAGES=1, SHIFT=True, X_PAIRS=True, ZBIAS=16 if bits == 4 else 256, DOT_PRECISION="tf32",
-                     BLOCK_M=1, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k, TILE_GROUPS=1)  # fmt: skip
-        ptrs = dict(x="*i32", qw="*i32", s=bf16, z=bf16, b=bf16, y=bf16, part="*fp32", cnt="*i32")
-        kern = _compile(_gemv_kernel, f"row-packed int{bits} g1", ptrs, ints, const, g1)
-        if kern is not None:
-            values = g1.block_k * g1.block_n / (32 * g1.num_warps)
-            print(f"       loop: {_loop_instructions(kern.asm['cubin']) / values:.2f} instructions a value")

@@ -13,6 +13,10 @@ Built to read the packed words at copy speed instead of shuffling them:
 - M = 1 with bf16 x reads x as int32 pairs (one load, one shift or mask a value; X_PAIRS). With the shift
   unpack and its mask as a runtime argument, the sm_90 loop is ~4.8 instructions a value for Int4 (the mask
   unpack's was 6.3; scripts/gemv_compile.py reports registers, cuobjdump -sass counts the loop).
+- Tried and dropped (issue 16): a column-packed copy for M = 1 (8 columns of one row a word, so one x value
+  feeds a whole word; ~4.0 loop instructions a value) was 2.5-10x slower than this kernel on every 7B shape on
+  the H200 (2026-11-29; c_attn Int4 41.8 vs 16.3 us at best, a decode step 14.7 vs 3.19 ms): fewer loop
+  instructions did not make it faster. Its kernel and checks are in git history (26b57e1 to 85dad87).
 - Split-K fills the SMs; the last split of an N tile to arrive sums the fp32 partials in split order
   (deterministic), adds the bias, writes y in x's dtype and resets its arrival counter: one launch.
 Row-parallel shards whose first row is not a tile boundary (K_OFFSET) start at a negative, masked

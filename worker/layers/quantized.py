@@ -57,7 +57,6 @@ class _GPTQ:
     k_offset: int = 0
     perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
-    gemv_m1: Any = None  # (NpackWeights, NpackTiles): M = 1 through worker/kernels/gemv_npack.py (build_gemv)
     register_buffer: Callable[..., None]
 
     def _allocate_gptq(self, k: int, n: int, k_groups: int, n_zeros: int, dtype: torch.dtype) -> None:
@@ -125,11 +124,9 @@ class _GPTQ:
         if self.pctx.device.type == "cuda":
             self.build_gemv()
 
-    def build_gemv(self, npack: str | None = None) -> None:
-        """The decode GEMV's view of the current buffers (None where it does not apply or Triton is absent).
-        npack: a gemv_npack.NPACK_TILES name: M = 1 through the column-packed GEMV on a second copy of qweight
-        (an A/B candidate of issue 16, scripts/bench_quant.py --modes int4:np; M > 1 keeps the row-packed one)."""
-        self.gemv = self.gemv_m1 = None
+    def build_gemv(self) -> None:
+        """The decode GEMV's view of the current buffers (None where it does not apply or Triton is absent)."""
+        self.gemv = None
         gs, grouped = self.quant.group_size, self.group_hint > 0
         if not grouped and gs == -1:
             grouped = not bool(self.g_idx.any())
@@ -141,19 +138,11 @@ class _GPTQ:
             q = self.quant
             w = gemv_weights(self.qweight, self.qzeros, self.scales, q.bits, q.zero_offset, gs, self.k_offset)
             self.gemv = w if gemv_fits(w, default_tiles(q.bits)) else None
-            if npack is not None and self.gemv is not None:
-                from worker.kernels.gemv_npack import NPACK_TILES, npack_weights
-
-                self.gemv_m1 = (npack_weights(w), NPACK_TILES[npack])
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        if self.gemv_m1 is not None and x.shape[0] == 1:
-            from worker.kernels.gemv_npack import npack_gemv
-
-            return npack_gemv(x, self.gemv_m1[0], bias, self.gemv_m1[1])
         if self.gemv is not None and x.shape[0] <= GEMV_MAX_M:
             from worker.kernels.gemv import quant_gemv
 
