@@ -6,7 +6,7 @@ weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks
     python scripts/profile_rpc.py --host --ctx 64   # no GPU: the shard's host work per Decode (see host)
 
 --fed off|on|both (default both) picks the look-ahead variant of --p7 and --host: after the stop checks (off),
-or fed on the device right after the sampler (on: EngineConfig.look_ahead_fed, `serve --look-ahead-fed`).
+or fed on the device right after the sampler (on: EngineConfig.look_ahead_fed, `serve --look-ahead-fed on`, the default).
 
 Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC, look-ahead
 off) with its input preparation + replay issue (CPU) and sampling (GPU time by events); then the same
@@ -48,7 +48,7 @@ def p7(shape: str, batch: int, ctx: int, feds: list[bool]) -> None:
     fwd = {c: bench_decode(model, [batch], c, 16, 1.0, True)[0]["graph_ms"] for c in (ctx, ctx + 28)}
     for fed in feds:
         with tempfile.TemporaryDirectory() as tmp:
-            res = bench_rpc_overhead(model, tmp, batch, ctx, fwd[ctx], ["--look-ahead-fed"] if fed else [])
+            res = bench_rpc_overhead(model, tmp, batch, ctx, fwd[ctx], ["--look-ahead-fed", "on" if fed else "off"])
         wall = res["rpc_ms"]
         variant = "fed on the device" if fed else "after the stop checks"
         print(f"P7, batch {batch}, shard in its own process, look-ahead {variant}: Decode RPC wall {wall:.2f} ms")

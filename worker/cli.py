@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--look-ahead-fed",
-        action="store_true",
-        help="launch the look-ahead right after the sampler, its ids fed on the GPU, before the host reads "
-        "them (plain decode steps; otherwise the look-ahead starts after the stop checks)",
+        choices=["on", "off"],
+        default="on",
+        help="on: launch the look-ahead right after the sampler, its ids fed on the GPU, before the host reads "
+        "them (plain decode steps); off: the look-ahead starts after the stop checks",
     )
     s.add_argument(
         "--no-chunked-prefill",
@@ -274,7 +275,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
             max_batch_size=args.max_batch_size,
             cuda_graphs=not args.eager,
             look_ahead={"auto": None, "on": True, "off": False}[args.look_ahead],
-            look_ahead_fed=args.look_ahead_fed,
+            look_ahead_fed=args.look_ahead_fed == "on",
             max_seq_len=args.max_seq_len,
             chunked_prefill=not args.no_chunked_prefill,
             kv_scale_margin=args.kv_scale_margin,

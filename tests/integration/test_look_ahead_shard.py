@@ -1,4 +1,4 @@
-"""The fed look-ahead in a real shard process (`--look-ahead on --look-ahead-fed`, CPU: the eager launch), driven
+"""The fed look-ahead in a real shard process (`--look-ahead on --look-ahead-fed on`, CPU: the eager launch), driven
 the way LoRAX's router does: requests hold router blocks out of order with exactly prompt + max_new_tokens - 1
 slots (a request's last step feeds a row past its slots), finish at different steps and are filtered out, and a
 new batch takes the freed blocks and joins the running one in a Decode. Every greedy token is the float64
@@ -58,7 +58,7 @@ def test_fed_look_ahead_shard_serves_the_reference_tokens(demo_dir, tok, ref_mod
             return resp.batch
         return stub.FilterBatch(pb.FilterBatchRequest(batch_id=resp.batch.id, request_ids=keep)).batch
 
-    fed = ("--look-ahead", "on", "--look-ahead-fed")
+    fed = ("--look-ahead", "on", "--look-ahead-fed", "on")
     shard = start_launcher(os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"), extra=fed)
     try:
         stub = shard.stub(0)

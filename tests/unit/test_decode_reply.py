@@ -28,7 +28,10 @@ def _request(rid: int, text: str, max_new: int) -> pb.Request:
 def test_generations_are_built_after_the_look_ahead_is_launched(demo_dir, monkeypatch):
     model_dir = os.path.join(demo_dir, "model")
     model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False)
-    cfg = EngineConfig(max_total_tokens=4096, shard_block_fraction=0.5, cuda_graphs=False, look_ahead=True)
+    # the look-ahead launched after the stop checks (the fed one, the default: tests/unit/test_look_ahead_fed.py)
+    cfg = EngineConfig(
+        max_total_tokens=4096, shard_block_fraction=0.5, cuda_graphs=False, look_ahead=True, look_ahead_fed=False
+    )
     tok = QwenTokenizer.from_dir(model_dir)
     engine = Engine(model, tok, ParallelContext(), cfg)
     engine.warmup(

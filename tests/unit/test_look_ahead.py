@@ -24,7 +24,10 @@ from worker.tokenizer import QwenTokenizer
 
 def _engine(model_dir: str, look_ahead: bool) -> Engine:
     model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False)
-    cfg = EngineConfig(max_total_tokens=4096, shard_block_fraction=0.5, cuda_graphs=False, look_ahead=look_ahead)
+    # the look-ahead launched after the stop checks (the fed one, the default: tests/unit/test_look_ahead_fed.py)
+    cfg = EngineConfig(
+        max_total_tokens=4096, shard_block_fraction=0.5, cuda_graphs=False, look_ahead=look_ahead, look_ahead_fed=False
+    )
     return Engine(model, QwenTokenizer.from_dir(model_dir), ParallelContext(), cfg)
 
 
