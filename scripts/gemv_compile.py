@@ -93,7 +93,7 @@ def compile_all() -> None:
                 const = dict(BITS=bits, ZERO=zero, GROUP_SIZE=gs, HAS_BIAS=True, REDUCE=reduce,
                              PREFETCH=t.prefetch and bm == 1, STAGES=1 if t.prefetch and bm == 1 else t.num_stages,
                              SHIFT=shift, X_PAIRS=bm == 1 and t.unpack == "shift",
-                             ZBIAS=(16 if bits == 4 else 256) * shift,
+                             ZBIAS=(16 if bits == 4 else 256) * shift, PDL=False,
                              DOT_PRECISION="tf32", BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
                              TILE_GROUPS=max(1, bk // gs))  # fmt: skip
                 label = f"int{bits} {name:8s} BM{bm} zero{zero} gs{gs} reduce{int(reduce)} {_name(t)} {t.unpack}"

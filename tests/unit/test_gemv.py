@@ -268,3 +268,38 @@ def test_float_linears_take_the_gemv_only_for_decode_batches_of_a_chosen_shape(m
         within(col(x), x.double() @ col.weight.double().t() + col.bias.double(), 1e-5)
         within(row.partial(x), x.double() @ row.weight.double().t(), 1e-5)
     assert calls == [(1, 16), (1, 16), (4, 32), (4, 32)]
+
+
+def test_gptq_layers_launch_their_gemv_with_the_model_decode_kernels(tmp_path, monkeypatch):
+    """DecodeKernels(pdl=True) given to the model reaches every GPTQ layer's decode GEMV (the served default on
+    sm_90+; worker/kernels/pdl.py makes it a plain launch where PDL is unavailable, as here)."""
+    from gptq_helpers import gptq_checkpoint, prefill_and_decode
+    from helpers import TINY
+    from random_weights import random_checkpoint
+    from worker.kernels import gemv
+    from worker.kernels.gptq import gptq_matmul
+    from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
+    from worker.layers.quantized import _GPTQ
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "hidden_size": 256, "kv_channels": 64, "intermediate_size": 512, "seq_length": 16}
+    path, _ = gptq_checkpoint(str(tmp_path / "q4"), cfg, random_checkpoint(cfg, seed=3), 4, 128, True, False)
+    model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False)
+    for m in model.modules():
+        if isinstance(m, _GPTQ):
+            m.matmul = gptq_matmul
+            m.build_gemv()
+    real, seen = gemv.quant_gemv, []
+
+    def spy(x, w, bias=None, tiles=None, split_k=None, pdl=False):
+        seen.append(pdl)
+        return real(x, w, bias, tiles, split_k, pdl)
+
+    monkeypatch.setattr(gemv, "quant_gemv", spy)
+    apply_decode_kernels(model.transformer, DecodeKernels(pdl=True))
+    prefill_and_decode(model, [list(range(3, 14)), [5, 9]])
+    assert len(seen) == 8 and all(seen)  # 4 GPTQ layers x 2 blocks, decode step only
+    seen.clear()
+    apply_decode_kernels(model.transformer, DecodeKernels())
+    prefill_and_decode(model, [list(range(3, 14)), [5, 9]])
+    assert len(seen) == 8 and not any(seen)

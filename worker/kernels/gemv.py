@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.gemv_tiles import GemvTiles, default_tiles
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 from worker.quant.gptq_format import unpack_cols
 
 NO_GROUPS = 1 << 30  # GROUP_SIZE for a checkpoint without groups (group_size -1): every row in group 0
@@ -142,7 +143,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
                  BITS: tl.constexpr, ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  REDUCE: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr,
                  X_PAIRS: tl.constexpr,
-                 ZBIAS: tl.constexpr,
+                 ZBIAS: tl.constexpr, PDL: tl.constexpr,
                  DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr):
     P: tl.constexpr = 32 // BITS
@@ -163,6 +164,8 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M
         nxt = _words(qw_ptr, k_lo // P + rows, k_hi, N, offs_n, mask_n, P)
     else:
         nxt = tl.zeros([BKW, BLOCK_N], dtype=tl.int32)
+    gdc_wait(PDL)  # PDL: only the (constant) packed weights were read before the previous kernel finished
+    gdc_go(PDL)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring in shared memory
         kw = k0 // P + rows  # word rows (k0 is a multiple of P)
         mask_w = (kw >= 0) & (kw * P < k_hi)
@@ -318,8 +321,10 @@ def quant_gemv(
     bias: torch.Tensor | None = None,
     tiles: GemvTiles | None = None,
     split_k: int | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """y [M, N] in x's dtype (fp32 accumulation); split_k None: ~programs_per_sm programs per SM."""
+    """y [M, N] in x's dtype (fp32 accumulation); split_k None: ~programs_per_sm programs per SM. pdl: launch with
+    programmatic dependent launch (worker/kernels/pdl.py; plainly where it is unavailable)."""
     tiles = tiles or default_tiles(w.bits)
     M, K = x.shape
     N, p = w.qweight.shape[1], 32 // w.bits
@@ -341,14 +346,15 @@ def quant_gemv(
     grid = (triton.cdiv(N, tiles.block_n), split_k)
     pairs = x.dtype == torch.bfloat16 and not dot and tiles.unpack == "shift" and x.storage_offset() % 2 == 0
     zeros, b = w.zeros if w.zeros is not None else w.scales, bias if bias is not None else w.scales
+    on = active(pdl, x.device)
     _gemv_kernel[grid](
         x.view(torch.int32) if pairs else x, w.qweight, w.scales, zeros, b, y, part, w.counters, M, N, K,
         k_per_split, w.k_offset, ((1 << w.bits) - 1) << (19 if w.bits == 4 else 15), split_k, x.stride(0), y.stride(0),
         BITS=w.bits, ZERO=w.zero, GROUP_SIZE=w.group_size, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
         PREFETCH=prefetch, STAGES=1 if prefetch else tiles.num_stages, SHIFT=shift, X_PAIRS=pairs,
-        ZBIAS=(16 if w.bits == 4 else 256) if shift else 0,
+        ZBIAS=(16 if w.bits == 4 else 256) if shift else 0, PDL=on,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=16 if dot else 1, BLOCK_N=tiles.block_n, BLOCK_K=bk, TILE_GROUPS=max(1, bk // w.group_size),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_options(on),
     )  # fmt: skip
     return y

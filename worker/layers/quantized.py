@@ -22,6 +22,7 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.kernels.gptq_reference import gptq_matmul_reference, group_order
+from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLinear
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
@@ -57,6 +58,7 @@ class _GPTQ:
     k_offset: int = 0
     perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
+    decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
     def _allocate_gptq(self, k: int, n: int, k_groups: int, n_zeros: int, dtype: torch.dtype) -> None:
@@ -146,7 +148,7 @@ class _GPTQ:
         if self.gemv is not None and x.shape[0] <= GEMV_MAX_M:
             from worker.kernels.gemv import quant_gemv
 
-            return quant_gemv(x, self.gemv, bias)
+            return quant_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)
         return self.matmul(
             x,
             self.qweight,
