@@ -33,12 +33,22 @@ from typing import Any
 import torch
 
 from bench_adapter_load import bench_lora_load
-from bench_common import ROOT, SHAPES, DecodeInputs, build_model, copy_bandwidth, cuda_time, matmul_rate, weight_bytes
+from bench_common import (
+    ROOT,
+    SHAPES,
+    DecodeInputs,
+    add_decode_kernels_arg,
+    build_model,
+    copy_bandwidth,
+    cuda_time,
+    matmul_rate,
+    weight_bytes,
+    with_decode_kernels,
+)
 from bench_lora import bench_lora_decode
 from bench_serving import bench_kv_capacity, bench_rpc_overhead
 from bench_table import print_table
 from worker.distributed import ParallelContext
-from worker.layers.decode_kernels import SERVED
 
 
 def bench_decode(
@@ -129,12 +139,8 @@ def bench_prefill(model: Any, n_seqs: int, seq_len: int, block_size: int, matmul
 def served_model(args: argparse.Namespace, pctx: ParallelContext) -> tuple[Any, str]:
     """The random-weight model of args.shape with the decode kernels `serve` would run (--decode-kernels), and
     their names."""
-    from worker.layers.decode_kernels import apply_decode_kernels, parse_decode_kernels, where_applies
-
     model = build_model(args.shape, pctx, args.backend)
-    kernels = where_applies(parse_decode_kernels(args.decode_kernels), pctx.device)
-    apply_decode_kernels(model.transformer, kernels)
-    return model, kernels.describe()
+    return model, with_decode_kernels(model, args.decode_kernels)
 
 
 def tp_main(rank: int, world: int, port: int, args: argparse.Namespace, queue: Any) -> None:
@@ -185,11 +191,7 @@ def main() -> None:
     ap.add_argument("--prefill-long", type=int, default=32768, help="P4L: one prompt of this many tokens (0: skip)")
     ap.add_argument("--long-batches", default="1,16", help="batch sizes of the long-context (P1L) decode rows")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument(
-        "--decode-kernels",
-        default=",".join(SERVED),
-        help="as serve's flag: 'none' or a comma list of DecodeKernels fields (default: the served set)",
-    )
+    add_decode_kernels_arg(ap)
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--only", default="all", help="comma list of: decode, prefill, kv, lora, load (P6 alone)")
     ap.add_argument("--memory-fraction", type=float, default=0.95)

@@ -97,6 +97,26 @@ def build_model(shape: str, pctx: ParallelContext, backend_name: str) -> Any:
     return model
 
 
+def with_decode_kernels(model: Any, spec: str) -> str:
+    """Give `model` the decode kernels `serve --decode-kernels SPEC` would run on its device; their names."""
+    from worker.layers.decode_kernels import apply_decode_kernels, parse_decode_kernels, where_applies
+
+    kernels = where_applies(parse_decode_kernels(spec), model.pctx.device)
+    apply_decode_kernels(model.transformer, kernels)
+    return kernels.describe()
+
+
+def add_decode_kernels_arg(ap: Any) -> None:
+    """The benchmarks' --decode-kernels, as serve's (default: the served set)."""
+    from worker.layers.decode_kernels import SERVED
+
+    ap.add_argument(
+        "--decode-kernels",
+        default=",".join(SERVED),
+        help="as serve's flag: 'none' or a comma list of DecodeKernels fields (default: the served set)",
+    )
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 

@@ -266,7 +266,7 @@ def main() -> None:
     import argparse
     import json
 
-    from bench_common import build_model, copy_bandwidth
+    from bench_common import add_decode_kernels_arg, build_model, copy_bandwidth, with_decode_kernels
     from worker.distributed import ParallelContext
 
     ap = argparse.ArgumentParser(description="P3: " + (bench_lora_decode.__doc__ or "").split("\n")[0])
@@ -276,15 +276,19 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-rank", type=int, default=0, help="the pools' r_max (0: --rank; the server's default is 64)")
-    ap.add_argument("--modes", default="local,side", help="LoraTerm decode modes to time (comma-separated)")
+    ap.add_argument(
+        "--modes", default="side,side_store", help="LoraTerm decode modes to time (comma-separated; side_store: served)"
+    )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--out", default="", help="JSON of the results (optional)")
+    add_decode_kernels_arg(ap)
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     pctx = ParallelContext(0, 1, dev)
     model = build_model(args.shape, pctx, "auto")
+    print(f"decode kernels: {with_decode_kernels(model, args.decode_kernels)}")
     b = args.batch
     ours = bench_lora_decode(
         model,

@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from bench_common import SHAPES, DecodeInputs, copy_bandwidth, cuda_time, matmul_rate
+from bench_common import (
+    SHAPES,
+    DecodeInputs,
+    add_decode_kernels_arg,
+    copy_bandwidth,
+    cuda_time,
+    matmul_rate,
+    with_decode_kernels,
+)
 from worker.config import QwenConfig
 from worker.distributed import ParallelContext
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
@@ -231,6 +239,7 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--kv", action="store_true", help="also P8: Warmup's KV capacity with these weights")
     ap.add_argument("--out", default=None)
+    add_decode_kernels_arg(ap)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.only == "quality":  # CPU is enough
@@ -246,9 +255,9 @@ def main() -> None:
     else:
         for mode in args.modes.split(","):
             model = build(args.shape, MODES[mode])
-            entry: dict[str, Any] = dict(
-                step_gb=step_bytes(model) / 1e9, decode=bench_decode(model, batches, args.ctx, bw)
-            )
+            kernels = with_decode_kernels(model, args.decode_kernels)
+            decode = bench_decode(model, batches, args.ctx, bw)
+            entry: dict[str, Any] = dict(decode_kernels=kernels, step_gb=step_bytes(model) / 1e9, decode=decode)
             if args.only is None and not args.no_prefill:
                 from bench import bench_prefill
 

@@ -6,7 +6,8 @@ weights, CUDA graphs, a batch of greedy requests with router-allocated KV blocks
     python scripts/profile_rpc.py --host --ctx 64   # no GPU: the shard's host work per Decode (see host)
 
 --fed off|on|both (default both) picks the look-ahead variant of --p7 and --host: after the stop checks (off),
-or fed on the device right after the sampler (on: EngineConfig.look_ahead_fed, `serve --look-ahead-fed on`, the default).
+or fed on the device right after the sampler (on, the served default: EngineConfig.look_ahead_fed,
+`serve --look-ahead-fed on`).
 
 Prints, per decode step (medians): the graph replay alone; the Decode call in-process (no gRPC, look-ahead
 off) with its input preparation + replay issue (CPU) and sampling (GPU time by events); then the same
@@ -39,12 +40,14 @@ def p7(shape: str, batch: int, ctx: int, feds: list[bool]) -> None:
     replayed here from a CUDA graph both at ctx (bench.py's figure) and at the median Decode's context. One
     shard process per look-ahead variant in `feds` (fed on the device or not)."""
     from bench import bench_decode
-    from bench_common import build_model
+    from bench_common import build_model, with_decode_kernels
     from bench_serving import bench_rpc_overhead
     from worker.distributed import ParallelContext
+    from worker.layers.decode_kernels import SERVED
 
     dev = torch.device("cuda", 0)
     model = build_model(shape, ParallelContext(0, 1, dev), "auto")
+    print(f"forward with the shard's decode kernels: {with_decode_kernels(model, ','.join(SERVED))}")
     fwd = {c: bench_decode(model, [batch], c, 16, 1.0, True)[0]["graph_ms"] for c in (ctx, ctx + 28)}
     for fed in feds:
         with tempfile.TemporaryDirectory() as tmp:
