@@ -92,3 +92,27 @@ def test_fp8_needs_a_float_checkpoint(tmp_path):
     path, _ = gptq_checkpoint(str(tmp_path / "q"), cfg, random_checkpoint(cfg, seed=1), 4, 32, True, False)
     with pytest.raises(ConfigError, match="--quantize fp8 needs a floating-point checkpoint"):
         FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False, quantize="fp8")
+
+
+def test_fp8_layers_rebuild_their_matmul_for_the_model_decode_kernels(tmp_path, monkeypatch):
+    """DecodeKernels(pdl=True) reaches every FP8 linear: each rebuilds its matmul so the decode GEMV launches
+    with PDL (the served default on sm_90+), and pdl=False rebuilds it plainly."""
+    from worker.layers import fp8_linear
+    from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
+
+    cfg = {**TINY, "seq_length": 16}
+    path = write_checkpoint(str(tmp_path / "ckpt"), cfg, random_checkpoint(cfg, seed=4))
+    model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False, quantize="fp8")
+    layers = [m for m in model.modules() if isinstance(m, fp8_linear._FP8)]
+    real, built = fp8_linear.fp8_matmul_for, []
+
+    def spy(device, out_features, pdl=False):
+        built.append(pdl)
+        return real(device, out_features, pdl)
+
+    monkeypatch.setattr(fp8_linear, "fp8_matmul_for", spy)
+    apply_decode_kernels(model.transformer, DecodeKernels(pdl=True))
+    assert len(layers) == 4 * cfg["num_hidden_layers"] and built == [True] * len(layers)
+    built.clear()
+    apply_decode_kernels(model.transformer, DecodeKernels())
+    assert built == [False] * len(layers)

@@ -121,10 +121,11 @@ def w8a16_gemv(
     bias: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     tiles: str = FP8_GEMV_DEFAULT,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """`w8a16_matmul` for decode batches through the dense GEMV (`counters`: `counters_for(N)` kept by the
     caller; None: zeroed per call); tiles names an entry of FP8_GEMV_TILES."""
     t = FP8_GEMV_TILES[tiles]
     if t is None:
         return w8a16_matmul(x, wq, w_scale, bias)
-    return dense_gemv(x, wq, bias, counters, t, scale=w_scale)
+    return dense_gemv(x, wq, bias, counters, t, scale=w_scale, pdl=pdl)

@@ -15,16 +15,17 @@ import torch
 from torch import nn
 
 from worker.distributed import ParallelContext
+from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.quant.fp8 import FP8, fp8_matmul_reference, fp8_matmul_scaled_mm, quantize_rows
 
 FP8Matmul = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def fp8_matmul_for(device: torch.device, out_features: int) -> FP8Matmul:
+def fp8_matmul_for(device: torch.device, out_features: int, pdl: bool = False) -> FP8Matmul:
     """CUDA: the dense GEMV up to FP8_GEMV_MAX_M rows (its split-K counters made here, one set per layer),
     the Triton W8A16 kernel up to FP8_TRITON_MAX_M (decode), torch._scaled_mm above (prefill); elsewhere
-    the reference."""
+    the reference. pdl: the GEMV launches with PDL (DecodeKernels.pdl; plainly where it is unavailable)."""
     if device.type != "cuda":
         return fp8_matmul_reference
     try:
@@ -36,7 +37,7 @@ def fp8_matmul_for(device: torch.device, out_features: int) -> FP8Matmul:
 
     def matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.shape[0] <= FP8_GEMV_MAX_M:
-            return w8a16_gemv(x, wq, w_scale, bias, counters)
+            return w8a16_gemv(x, wq, w_scale, bias, counters, pdl=pdl)
         if x.shape[0] <= FP8_TRITON_MAX_M:
             return w8a16_matmul(x, wq, w_scale, bias)
         return fp8_matmul_scaled_mm(x, wq, w_scale, bias)
@@ -51,12 +52,18 @@ class _FP8:
     in_features: int
     out_features: int
     matmul: FP8Matmul
+    decode_kernels: DecodeKernels
     register_buffer: Callable[..., None]
 
     def _alloc_fp8(self, device: torch.device) -> None:
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=FP8, device=device), False)
         self.register_buffer("w_scale", torch.empty(self.out_features, dtype=torch.float32, device=device))
         self.matmul = fp8_matmul_for(device, self.out_features)
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """Keep `opts`; the matmul is rebuilt so its decode GEMV launches with PDL where opts.pdl (before capture)."""
+        self.decode_kernels = opts
+        self.matmul = fp8_matmul_for(self.w_scale.device, self.out_features, opts.pdl)
 
     def _store_fp8(self, w: torch.Tensor) -> None:
         wq, scale = quantize_rows(w)  # [out, in] e4m3, [out, 1]
