@@ -275,7 +275,11 @@ def test_look_ahead_policy(wanted, graphs, can_run, world, slots, runs, reason):
 
 
 def test_look_ahead_setting_as_logged():
-    assert lookahead.describe(None, True, 1) == "on where CUDA graphs serve the batch"
+    assert (
+        lookahead.describe(None, True, 1)
+        == "on where CUDA graphs serve the batch, after the stop checks (--look-ahead-fed off)"
+    )
     assert lookahead.describe(None, True, 2) == "off (TP: set --look-ahead on to use it)"
     assert lookahead.describe(None, False, 1) == "off (no CUDA graphs)"
-    assert lookahead.describe(True, False, 2) == "on" and lookahead.describe(False, True, 1) == "off"
+    assert lookahead.describe(True, False, 2, fed=True) == "on, fed (--look-ahead-fed)"
+    assert lookahead.describe(False, True, 1) == "off"

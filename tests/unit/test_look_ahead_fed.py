@@ -6,6 +6,7 @@ finish reasons and logprobs as without any look-ahead; the Decodes take every ro
 
 from __future__ import annotations
 
+import logging
 import os
 from types import SimpleNamespace
 
@@ -142,3 +143,14 @@ def test_graphs_serve_a_fed_look_ahead_only_inside_their_block_table():
     assert not graphs.can_run(batch((8, 2)), ahead=True) and graphs.can_run(batch((8, 2)))  # 8: past the table
     assert not graphs.can_run(batch((3, 3)), ahead=True) and not graphs.can_run(batch((3, 3)))  # blocks > table
     assert not graphs.can_run(batch(*[(1, 1)] * 5), ahead=True)  # past the largest bucket
+
+
+def test_the_start_up_log_names_the_look_ahead_variant(model_dir, caplog):
+    """--look-ahead-fed changes when the look-ahead launches: the start-up line says which one serves."""
+    assert lookahead.describe(None, True, 1, fed=True) == "on where CUDA graphs serve the batch, fed (--look-ahead-fed)"
+    assert lookahead.describe(True, False, 2, fed=False) == "on, after the stop checks (--look-ahead-fed off)"
+    assert lookahead.describe(False, True, 1, fed=True) == "off"
+    assert lookahead.describe(None, True, 2, fed=True) == "off (TP: set --look-ahead on to use it)"
+    with caplog.at_level(logging.INFO, logger="worker.engine.engine"):
+        _engine(model_dir, True, True)
+    assert "decode look-ahead: on, fed (--look-ahead-fed)" in [r.getMessage() for r in caplog.records]

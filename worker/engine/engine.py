@@ -98,7 +98,9 @@ class Engine:
         spec = self.speculation
         log.info(
             "decode look-ahead: %s%s",
-            lookahead.describe(self.cfg.look_ahead, self.runner.graphs is not None, self.pctx.world_size),
+            lookahead.describe(
+                self.cfg.look_ahead, self.runner.graphs is not None, self.pctx.world_size, self.cfg.look_ahead_fed
+            ),
             "; never for a batch with drafts to verify or with Medusa heads attached" if spec.tokens else "",
         )
         log.info("speculative decoding: %s", spec.describe())

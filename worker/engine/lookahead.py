@@ -69,13 +69,19 @@ def decide(
     return Decision(True, "on" if wanted else "auto: CUDA graphs at TP=1")
 
 
-def describe(wanted: bool | None, graphs_available: bool, world_size: int) -> str:
-    """The setting as the start-up log states it."""
+def describe(wanted: bool | None, graphs_available: bool, world_size: int, fed: bool = False) -> str:
+    """The setting as the start-up log states it; where it can run, which variant (fed: `prepare_fed`)."""
     if wanted is not None:
-        return "on" if wanted else "off"
-    if not graphs_available:
-        return "off (no CUDA graphs)"
-    return "off (TP: set --look-ahead on to use it)" if world_size > 1 else "on where CUDA graphs serve the batch"
+        setting = "on" if wanted else "off"
+    elif not graphs_available:
+        setting = "off (no CUDA graphs)"
+    else:
+        setting = (
+            "off (TP: set --look-ahead on to use it)" if world_size > 1 else "on where CUDA graphs serve the batch"
+        )
+    if setting.startswith("off"):
+        return setting
+    return setting + (", fed (--look-ahead-fed)" if fed else ", after the stop checks (--look-ahead-fed off)")
 
 
 def attach(requests: Sequence[HasAhead], logits: torch.Tensor) -> None:
