@@ -101,7 +101,7 @@ def with_decode_kernels(model: Any, spec: str) -> str:
     """Give `model` the decode kernels `serve --decode-kernels SPEC` would run on its device; their names."""
     from worker.layers.decode_kernels import apply_decode_kernels, parse_decode_kernels, where_applies
 
-    kernels = where_applies(parse_decode_kernels(spec), model.pctx.device)
+    kernels = where_applies(parse_decode_kernels(spec), model.pctx.device, fused=model.use_fused)
     apply_decode_kernels(model.transformer, kernels)
     return kernels.describe()
 

@@ -241,7 +241,7 @@ def serve(args: argparse.Namespace, env: dict[str, str]) -> int:
     )
     t0 = time.time()
     tokenizer = checked_tokenizer(args.model_dir)  # before the weights: a clear refusal, fast
-    kernels = where_applies(args.decode_kernels, pctx.device)
+    kernels = where_applies(args.decode_kernels, pctx.device, fused=backend.name == "triton")
     log.info("decode kernels: %s (asked: %s)", kernels.describe(), args.decode_kernels.describe())
     model = FlashQwenForCausalLM.from_pretrained(
         args.model_dir, pctx, dtype, backend, quantize=args.quantize, decode_kernels=kernels

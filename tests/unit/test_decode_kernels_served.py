@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def test_where_applies(monkeypatch, interpreted, major, expected):
     assert where_applies(MEASURED, torch.device("cuda", 0)) == expected
     assert where_applies(DecodeKernels(), torch.device("cuda", 0)) == DecodeKernels()
     assert where_applies(MEASURED, torch.device("cpu")) == DecodeKernels()
+    # the torch attention backend runs no fused kernels: RoPE + store has nothing to replace there
+    assert where_applies(MEASURED, torch.device("cuda", 0), fused=False) == replace(expected, rope_store=False)
 
 
 class _Built(Exception):
@@ -62,7 +65,7 @@ def test_serve_builds_the_model_with_the_flags_kernels(demo_dir, monkeypatch, ca
     from worker.layers import decode_kernels
     from worker.models.qwen import FlashQwenForCausalLM
 
-    monkeypatch.setattr(decode_kernels, "where_applies", lambda opts, device: opts)
+    monkeypatch.setattr(decode_kernels, "where_applies", lambda opts, device, fused: opts)
     built: list[FlashQwenForCausalLM] = []
     load = FlashQwenForCausalLM.from_pretrained
 

@@ -65,16 +65,17 @@ def parse_decode_kernels(spec: str) -> DecodeKernels:
     return DecodeKernels(**dict.fromkeys(names, True))
 
 
-def where_applies(opts: DecodeKernels, device: torch.device) -> DecodeKernels:
+def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True) -> DecodeKernels:
     """The part of `opts` that changes anything on `device`: the candidates are Triton kernels of the CUDA
-    decode path (off the GPU and under the interpreter the model keeps today's path); PDL needs sm_90+."""
+    decode path (off the GPU and under the interpreter the model keeps today's path); PDL needs sm_90+;
+    rope_store replaces a fused kernel, so it needs the fused path (`fused`: the triton attention backend)."""
     if device.type != "cuda":
         return DecodeKernels()
     from worker.kernels import pdl
 
     if pdl.INTERPRETED:
         return DecodeKernels()
-    return replace(opts, pdl=pdl.active(opts.pdl, device))
+    return replace(opts, pdl=pdl.active(opts.pdl, device), rope_store=opts.rope_store and fused)
 
 
 def apply_decode_kernels(root: nn.Module, opts: DecodeKernels) -> None:
