@@ -154,3 +154,33 @@ def test_the_start_up_log_names_the_look_ahead_variant(model_dir, caplog):
     with caplog.at_level(logging.INFO, logger="worker.engine.engine"):
         _engine(model_dir, True, True)
     assert "decode look-ahead: on, fed (--look-ahead-fed)" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_fed_launch_refuses_inputs_refilled_after_its_prepare():
+    """The decode graphs' static inputs are shared: a fill for another batch between prepare_ahead and its launch
+    would replay with that batch's slots and block tables (K/V written into its blocks): the launch refuses."""
+    from worker.engine.cuda_graphs import GraphedDecode
+
+    g = object.__new__(GraphedDecode)  # the CPU has no graphs: the static buffers and one fake graph
+    replays: list[int] = []
+    g.sizes, g.max_blocks, g.scratch_block, g.fills = [2], 4, 9, 0
+    g.kv = SimpleNamespace(block_size=4)
+    for name in ("ids", "pos", "slots", "lengths", "cache_lengths", "adapter_slots"):
+        setattr(g, name, torch.zeros(2, dtype=torch.int64))
+    g.alpha, g.tables = torch.zeros(2), torch.zeros(2, 4, dtype=torch.int32)
+    g.graphs = {(2, False): (SimpleNamespace(replay=lambda: replays.append(int(g.slots[0]))), torch.zeros(2, 3))}
+
+    def batch(block: int) -> SimpleNamespace:
+        req = SimpleNamespace(
+            ids=[5, 6], blocks=[block], slots=[block * 4, block * 4 + 1, block * 4 + 2], ntk_alpha=1.0
+        )
+        return SimpleNamespace(requests=[req])
+
+    launch = g.prepare_ahead(batch(1), None)
+    launch(torch.tensor([7]))  # nothing in between: replays with its own next slot
+    assert replays == [6]
+    launch = g.prepare_ahead(batch(1), None)
+    g.run(batch(3), None)  # another batch's step fills the same buffers
+    with pytest.raises(RuntimeError, match="refilled between prepare_ahead and its launch"):
+        launch(torch.tensor([7]))
+    assert replays == [6, 13]  # only the other batch's own replay ran

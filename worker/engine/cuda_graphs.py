@@ -65,6 +65,7 @@ class GraphedDecode:
         self.model, self.kv = model, kv
         self.max_blocks = max_blocks_per_seq
         self.scratch_block = scratch_block
+        self.fills = 0  # static-input fills so far (prepare_ahead checks none came between it and its launch)
         self.sizes = bucket_sizes(max_batch)
         n = self.sizes[-1]
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
@@ -140,11 +141,15 @@ class GraphedDecode:
     def prepare_ahead(self, batch: Batch, adapter_slots: list[int] | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The decode of each request's next token, before the host knows it: every input but the token ids is
         filled now (position len(ids), slot `slot_at`); the returned launch copies the ids [B] from the device
-        into the graph's input and replays, so the forward follows the sampler without a host sync."""
+        into the graph's input and replays, so the forward follows the sampler without a host sync. The static
+        inputs are shared by every bucket: a fill in between (another batch's step) would make the launch write K/V
+        at that batch's slots, so the launch refuses then."""
         graph, out = self._fill(batch, adapter_slots, ahead=True)
-        n = len(batch.requests)
+        n, fill = len(batch.requests), self.fills
 
         def launch(ids: torch.Tensor) -> torch.Tensor:
+            if self.fills != fill:
+                raise RuntimeError("decode graph inputs were refilled between prepare_ahead and its launch")
             self.ids[:n].copy_(ids, non_blocking=True)
             graph.replay()
             return out[:n]
@@ -156,6 +161,7 @@ class GraphedDecode:
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Copy the batch's inputs into the static buffers; the bucket's graph and output. ahead: each row's
         position is len(ids), its token comes later (prepare_ahead)."""
+        self.fills += 1
         reqs = batch.requests
         n = len(reqs)
         bs = next(s for s in self.sizes if s >= n)
