@@ -7,22 +7,20 @@ Rows (fields of DecodeKernels, switched on one model instance by apply_decode_ke
   default       what `serve` runs by default (decode_kernels.SERVED: pdl, rope_store)
   def+act_gemv  the default and mlp.c_proj as a Triton GEMV computing up * silu(gate) while reading its input
                 (M = 1 only, ACT_GEMV_MAX_M; at batch 8 the row equals the default)
-  def+norm_gemv the default and ln_1 / ln_2 in the prologue of the c_attn / gate_up GEMV
   def-attn_pdl  the default with the paged decode attention launched plainly (PDL's share there)
   pdl           programmatic dependent launch for the Triton GEMVs, the fused RMSNorm / RoPE / SiLU-mul / RoPE+store
                 kernels and the paged decode attention; rope_store RoPE (+ logn) and the KV store in one kernel
 
 1. Kernels, bf16, each against its PyTorch reference: the act GEMV equals dense_gemv(silu_mul(gate_up)) bit for bit
    and F.linear(ops.silu_mul(gate_up)) within bf16 noise (M = 1 and 8, 7B mlp.c_proj, every tile tried); each
-   kernel launched with PDL equals its plain launch bit for bit; the norm GEMV's s equals the norm kernel's and its
-   output the two-kernel path's within bf16 noise.
+   kernel launched with PDL equals its plain launch bit for bit.
 2. Kernel timings in CUDA graphs (32 distinct weights per graph, so nothing stays in L2): mlp.c_proj as cuBLAS +
-   SiLU-mul (today) vs the act GEMV per tile; a ln -> c_attn GEMV -> RoPE chain of 32 layers plain, with PDL, with
-   the norm in the GEMV, and both (whether the programmatic edges survive capture shows here).
+   SiLU-mul (today) vs the act GEMV per tile; a ln -> c_attn GEMV -> RoPE chain of 32 layers plain and with PDL
+   (whether the programmatic edges survive capture shows here).
 3. The 7B-shaped model (random bf16 weights), ctx 512, batch 1 and 8: graphed step time and P1 (step / weight+KV
    copy floor) of each candidate, timed in alternating rounds; logits max-abs-diff of each candidate's graph against
    the baseline's eager step and against its own eager step (the default must be 0 on both: PDL and rope_store change
-   no arithmetic; act_gemv and norm_gemv sum in another order, so bf16 noise: within 2 % of the largest logit).
+   no arithmetic; act_gemv sums in another order, so bf16 noise: within 2 % of the largest logit).
 SUMMARY: per batch the step times, P1, the gain over the baseline and whether each candidate is exact, then what to
 make default. A candidate joins SERVED only if this says it is faster AND exact.
 """
@@ -48,7 +46,7 @@ from bench_common import DecodeInputs, build_model, copy_bandwidth, cuda_time, w
 from worker import ops  # noqa: E402
 from worker.kernels import fused  # noqa: E402
 from worker.kernels.gemv import GemvTiles, counters_for  # noqa: E402
-from worker.kernels.gemv_dense import DENSE, DENSE_N64, DENSE_PF0, act_tiles, dense_gemv, dense_gemv_norm  # noqa: E402
+from worker.kernels.gemv_dense import DENSE, DENSE_N64, DENSE_PF0, act_tiles, dense_gemv  # noqa: E402
 from worker.layers.decode_kernels import SERVED, DecodeKernels, apply_decode_kernels  # noqa: E402
 
 START = time.time()
@@ -57,7 +55,6 @@ CANDIDATES = {  # the baseline (all off), the served default, then the default w
     "baseline": DecodeKernels(),
     "default": DEFAULT,
     "def+act_gemv": replace(DEFAULT, act_gemv=True),  # act GEMV at M = 1 only (ACT_GEMV_MAX_M)
-    "def+norm_gemv": replace(DEFAULT, norm_gemv=True),
     "def-attn_pdl": DEFAULT,  # the paged decode attention launched plainly (PDL elsewhere): its PDL's share
 }
 ATTN_PLAIN = {"def-attn_pdl"}
@@ -124,8 +121,7 @@ def kernels(dev: torch.device) -> None:
 
 
 def pdl_chain(dev: torch.device) -> None:
-    """32 x (RMSNorm with residual -> c_attn GEMV -> RoPE): with and without PDL (bitwise equal) and with the norm
-    in the GEMV (within bf16 noise), timed."""
+    """32 x (RMSNorm with residual -> c_attn GEMV -> RoPE): with and without PDL (bitwise equal), timed."""
     h, n, layers = 4096, 12288, 32
     g = torch.Generator(device=dev).manual_seed(1)
     ws = [torch.randn(n, h, device=dev, generator=g).mul_(0.02).bfloat16() for _ in range(layers)]
@@ -135,15 +131,12 @@ def pdl_chain(dev: torch.device) -> None:
     cos, sin = torch.rand(1, 64, device=dev), torch.rand(1, 64, device=dev)
     cnts = [counters_for(n, dev) for _ in range(layers)]
 
-    def chain(pdl: bool, norm: bool) -> Callable[[], torch.Tensor]:
+    def chain(pdl: bool) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             y, res = x, x
             for i in range(layers):
-                if norm:
-                    qkv, res = dense_gemv_norm(y, res, nw, 1e-6, ws[i], b, cnts[i], DENSE_PF0, pdl=pdl)
-                else:
-                    normed, res = fused.rms_norm(y, nw, 1e-6, res, pdl=pdl)
-                    qkv = dense_gemv(normed, ws[i], b, cnts[i], DENSE_PF0, pdl=pdl)
+                normed, res = fused.rms_norm(y, nw, 1e-6, res, pdl=pdl)
+                qkv = dense_gemv(normed, ws[i], b, cnts[i], DENSE_PF0, pdl=pdl)
                 q, kk, _ = qkv.view(1, 3, h // 128, 128).unbind(1)
                 fused.rotary_(q, kk, cos, sin, None, pdl=pdl)
                 y = qkv[:, :h] * 0.5  # keeps the chain's values bounded
@@ -151,22 +144,14 @@ def pdl_chain(dev: torch.device) -> None:
 
         return run
 
-    plain = chain(False, False)()
-    same = torch.equal(chain(True, False)(), plain)
+    same = torch.equal(chain(True)(), chain(False)())
     check("PDL chain (rms_norm, dense_gemv, rotary) equals the plain launches", same)
-    normed, s_ref = fused.rms_norm(x, nw, 1e-6, x * 0.25)
-    y, s = dense_gemv_norm(x, x * 0.25, nw, 1e-6, ws[0], b, cnts[0], DENSE_PF0)
-    r = rel(y, dense_gemv(normed, ws[0], b, cnts[0], DENSE_PF0))
-    check("norm GEMV: s bitwise, y vs rms_norm + GEMV", torch.equal(s, s_ref) and r < 1e-2, f"rel {r:.1e}")
-    r = rel(chain(False, True)(), plain)
-    check("norm chain vs plain chain (32 layers)", r < 5e-2, f"rel {r:.1e}")
-    variants = {"plain": (False, False), "pdl": (True, False), "norm": (False, True), "norm+pdl": (True, True)}
-    t = {name: graph_time(chain(*v), layers) for name, v in variants.items()}
+    t = {name: graph_time(chain(pdl), layers) for name, pdl in (("plain", False), ("pdl", True))}
     line = ", ".join(f"{name} {us:.2f}" for name, us in t.items())
     print(f"ln -> c_attn -> rope chain, us per layer: {line}")
     SUMMARY.append(f"ln->c_attn->rope chain, us per layer: {line} (PDL bitwise: {same})")
     SUMMARY.append(
-        f"programmatic edges in the captured PDL chain's graph (DOT dump): {programmatic_edges(chain(True, False))}"
+        f"programmatic edges in the captured PDL chain's graph (DOT dump): {programmatic_edges(chain(True))}"
     )
 
 
@@ -222,7 +207,7 @@ def model_steps(dev: torch.device) -> None:
                 continue
             d_base = float((out.float() - base_eager).abs().max())
             d_self = float((out.float() - eager).abs().max())
-            reorders = opts.act_gemv and batch == 1 or opts.norm_gemv  # other summation orders: bf16 noise
+            reorders = opts.act_gemv and batch == 1  # another summation order: bf16 noise
             exact = d_self == 0 and (rel(out, base_eager) < 2e-2 if reorders else d_base == 0)
             check(f"b={batch} {name}: graph vs own eager {d_self:.3g}, vs baseline eager {d_base:.3g}", exact,
                   f"(|logits| max {float(base_eager.abs().max()):.2f})")  # fmt: skip

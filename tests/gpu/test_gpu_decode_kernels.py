@@ -35,9 +35,8 @@ CANDIDATES = {
     "served": dict.fromkeys(SERVED, True),  # serve's default (--decode-kernels)
     "pdl": dict(pdl=True),
     "act_gemv": dict(act_gemv=True),
-    "norm_gemv": dict(norm_gemv=True),
     "rope_store": dict(rope_store=True),
-    "all": dict(pdl=True, act_gemv=True, norm_gemv=True, rope_store=True),
+    "all": dict(pdl=True, act_gemv=True, rope_store=True),
 }
 
 

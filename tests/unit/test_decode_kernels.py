@@ -77,9 +77,8 @@ def test_pdl_is_off_under_the_interpreter_and_changes_nothing():
 
 MODEL_CANDIDATES = {
     "act": dict(act_gemv=True),
-    "norm": dict(norm_gemv=True),
     "rope_store": dict(rope_store=True),
-    "all": dict(act_gemv=True, norm_gemv=True, rope_store=True, pdl=True),
+    "all": dict(act_gemv=True, rope_store=True, pdl=True),
 }
 
 
@@ -87,16 +86,15 @@ MODEL_CANDIDATES = {
 @pytest.mark.parametrize("name", list(MODEL_CANDIDATES))
 def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeypatch, dtype, name):
     """The tiny model's linears given GEMV counters and a plan for their shape (as on CUDA) and the candidates
-    switched on decode through the norm GEMVs and, at 1 row, the act GEMV (prefill, above GEMV_MAX_M rows, through
+    switched on decode through the dense GEMVs and, at 1 row, the act GEMV (prefill, above GEMV_MAX_M rows, through
     the separate kernels); logits equal the unfused reference model's: fp32 within 1e-4, fp16 within 2e-2 (logits
-    of O(4); the GEMV sums in another order than F.linear, the norm's sum of squares in another order than the
-    norm kernel's)."""
+    of O(4); the GEMV sums in another order than F.linear)."""
     from helpers import TINY, write_checkpoint
     from paged import Paged
     from random_weights import random_checkpoint
     from worker.kernels import gemv_dense
     from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
-    from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from worker.layers.linear import RowParallelLinear
     from worker.layers.rotary import Rotary
 
     cfg = {**TINY, "seq_length": 8}
@@ -113,15 +111,14 @@ def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeyp
         for lin in (layer.attn.c_attn, layer.mlp.gate_up):
             lin.gemv_counters = counters_for(lin.out_features, cpu)
     calls: list[str] = []
-    for cls, method in ((RowParallelLinear, "forward_act"), (ColumnParallelLinear, "forward_norm")):
-        monkeypatch.setattr(cls, method, _spy(getattr(cls, method), calls))
+    monkeypatch.setattr(RowParallelLinear, "forward_act", _spy(RowParallelLinear.forward_act, calls))
     stores: list[str] = []
     monkeypatch.setattr(Rotary, "rotate_and_store", _spy(Rotary.rotate_and_store, stores))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     runners = [Paged(m, seed=2) for m in (ref, model)]
     seqs = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 11, 12], [3, 1], [40, 41, 42]]
     starts, alphas = [0, 0, 0], [1.0, 1.0, 1.0]
-    # prefill (16 rows: no candidate), decode steps of 3 rows (norm GEMV) and of 1 row (norm and act GEMV)
+    # prefill (16 rows: no candidate), decode steps of 3 rows (dense GEMV) and of 1 row (dense and act GEMV)
     for step, idx in enumerate(([0, 1, 2], [0, 1, 2], [1], [0, 1, 2])):
         rows = [seqs[i] for i in idx]
         outs = [r.step(idx, rows, [starts[i] for i in idx], alphas[: len(idx)], prefill=step == 0) for r in runners]
@@ -131,8 +128,7 @@ def test_model_with_the_candidates_matches_the_reference_model(tmp_path, monkeyp
             starts[i] = len(seqs[i])
             seqs[i] = seqs[i] + [int(o[-1].argmax())]
     layers = cfg["num_hidden_layers"]
-    expected = ["forward_act"] * opts.act_gemv * layers + ["forward_norm"] * 2 * opts.norm_gemv * 3 * layers
-    assert sorted(calls) == sorted(expected)  # the act GEMV at the 1-row step alone (ACT_GEMV_MAX_M)
+    assert calls == ["forward_act"] * opts.act_gemv * layers  # the act GEMV at the 1-row step alone (ACT_GEMV_MAX_M)
     assert len(stores) == 4 * layers * opts.rope_store  # prefill and the three decode steps
 
 
@@ -142,37 +138,6 @@ def _spy(method, calls: list[str]):
         return method(self, *args)
 
     return spy
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 40, 200), (3, 24, 520), (8, 56, 96)])
-@pytest.mark.parametrize("with_residual", [True, False])
-def test_norm_gemv_equals_rms_norm_then_gemv(m, n, k, dtype, with_residual):
-    """dense_gemv_norm = (GEMV of fused.rms_norm(x + residual), x + residual): s bit for bit; y equal to the
-    two-kernel path but for the 1/rms, whose sum of squares runs in another order (fp32: within 1e-5 of it; fp16:
-    within 1 ulp of the output's scale), and to the fp64 product of ops.add_rms_norm's output."""
-    from worker.kernels.fused import rms_norm
-    from worker.kernels.gemv_dense import dense_gemv_norm
-
-    g = torch.Generator().manual_seed(m * n + k)
-    x = (3 * torch.randn(m, k, generator=g)).to(dtype)
-    res = (3 * torch.randn(m, k, generator=g)).to(dtype) if with_residual else None
-    nw = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
-    w, b = (torch.randn(n, k, generator=g) / k**0.5).to(dtype), torch.randn(n, generator=g).to(dtype)
-    counters = counters_for(n, x.device)
-    normed, s_ref = rms_norm(x, nw, 1e-6, res)
-    ref_normed, _ = ops.add_rms_norm(x, nw, 1e-6, res)
-    ref = torch.nn.functional.linear(ref_normed.double(), w.double(), b.double())
-    for split, prefetch in ((1, True), (2, False), (3, True)):
-        tiles = GemvTiles(block_n=16, block_k=64, num_warps=4, num_stages=1, prefetch=prefetch)
-        y, s = dense_gemv_norm(x, res, nw, 1e-6, w, b, counters, tiles, split_k=split)
-        two = dense_gemv(normed, w, b, counters, tiles, split_k=split)
-        assert torch.equal(s, s_ref) and y.shape == (m, n) and y.dtype == dtype
-        within(y, two.double(), TOL[dtype])
-        within(y, ref, TOL[dtype])
-        assert int(counters.abs().sum()) == 0
-    with pytest.raises(ValueError, match="norm weight"):
-        dense_gemv_norm(x, res, nw[:-1], 1e-6, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -53,56 +53,27 @@ def act_tiles(k: int, n: int, m: int) -> GemvTiles:
 
 # fmt: off
 @triton.jit
-def _x_tile(x_ptr, offs_m, offs_k, k_hi, M, K, stride_xm, res_ptr, stride_rm, nw_ptr, rstd, ACT: tl.constexpr,
-            LIBDEVICE: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr):
+def _x_tile(x_ptr, offs_m, offs_k, k_hi, M, K, stride_xm, ACT: tl.constexpr, LIBDEVICE: tl.constexpr,
+            BLOCK_M: tl.constexpr):
     """x [BLOCK_M, len(offs_k)] ([len(offs_k)] when BLOCK_M is 1) in x's dtype (0 outside); ACT: up * silu(gate)
-    of x = [gate | up] ([M, 2K]); NORM: RMSNorm(x + residual) · nw with the rows' 1/rms `rstd` (`_norm_rstd`)."""
+    of x = [gate | up] ([M, 2K])."""
     if BLOCK_M == 1:
         ptrs = x_ptr + offs_k
         mask = offs_k < k_hi
-        r_ptrs = res_ptr + offs_k
     else:
         ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
         mask = (offs_m < M)[:, None] & (offs_k < k_hi)[None, :]
-        r_ptrs = res_ptr + offs_m[:, None] * stride_rm + offs_k[None, :]
-        rstd = rstd[:, None]
     x = tl.load(ptrs, mask=mask, other=0.0)
     if ACT:
         x = silu_mul_rn(x, tl.load(ptrs + K, mask=mask, other=0.0), LIBDEVICE)
-    if NORM:  # as fused.rms_norm: s rounded, s / rms rounded, times the weight rounded
-        if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
-        nw = tl.load(nw_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-        x = ((x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * nw).to(x.dtype)
     return x
 
 
 @triton.jit
-def _norm_rstd(x_ptr, res_ptr, h_ptr, offs_m, M, K, stride_xm, stride_rm, inv_k, eps, write_h,
-               HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of each row of s = x + residual (all K columns; [BLOCK_M] fp32); where write_h (one program),
-    also stores s into h [M, K]."""
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-        s = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        if HAS_RES:
-            r = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask, other=0.0)
-            s = (s.to(tl.float32) + r.to(tl.float32)).to(s.dtype)
-            if write_h:
-                tl.store(h_ptr + offs_m[:, None] * K + offs_k[None, :], s, mask=mask)
-        s32 = s.to(tl.float32)
-        ss += tl.sum(s32 * s32, 1)
-    return tl.math.rsqrt(ss * inv_k + eps)
-
-
-@triton.jit
-def _dense_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, res_ptr, nw_ptr, h_ptr, M, N, K,
-                  K_PER_SPLIT, SPLITS, stride_xm, stride_wn, stride_ym, stride_rm, eps, inv_k,
-                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
+def _dense_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, M, N, K, K_PER_SPLIT, SPLITS, stride_xm,
+                  stride_wn, stride_ym, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr,
                   PREFETCH: tl.constexpr, STAGES: tl.constexpr, ACT: tl.constexpr, LIBDEVICE: tl.constexpr,
-                  PDL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                  PDL: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """w [N, K] (nn.Linear's layout, K contiguous; bf16/fp16/fp32 or e4m3 with a scale per row), split-K."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -123,10 +94,6 @@ def _dense_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, res_ptr,
         nxt = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
     gdc_wait(PDL)  # PDL: only the (constant) weights were read before the previous kernel finished
     gdc_go(PDL)
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
-        rstd = _norm_rstd(x_ptr, res_ptr, h_ptr, offs_m, M, K, stride_xm, stride_rm, inv_k, eps,
-                          (pid_n == 0) & (pid_k == 0), HAS_RES, BLOCK_M, BLOCK_K)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring in shared memory
         offs_k = k0 + cols
         if PREFETCH:  # the next tile in flight (registers) while this one is multiplied
@@ -135,8 +102,7 @@ def _dense_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, res_ptr,
             nxt = tl.load(w_rows + nk[None, :], mask=mask_n[:, None] & (nk < k_hi)[None, :], other=0.0)
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_hi)[None, :], other=0.0)
-        x = _x_tile(x_ptr, offs_m, offs_k, k_hi, M, K, stride_xm, res_ptr, stride_rm, nw_ptr, rstd, ACT, LIBDEVICE,
-                    NORM, HAS_RES, BLOCK_M)
+        x = _x_tile(x_ptr, offs_m, offs_k, k_hi, M, K, stride_xm, ACT, LIBDEVICE, BLOCK_M)
         if BLOCK_M == 1:
             acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
         else:
@@ -165,70 +131,21 @@ def dense_gemv(
     by the caller (None: zeroed per call). act: x is [M, 2K] = [gate | up] and the input is fused.silu_mul(x);
     pdl: programmatic dependent launch (a no-op where worker/kernels/pdl.py says it is unavailable)."""
     M, K = x.shape[0], x.shape[1] // 2 if act else x.shape[1]
+    N = weight.shape[0]
     if M > 16 or weight.shape[1] != K or weight.stride(1) != 1 or (act and x.shape[1] != 2 * K):
         raise ValueError(
             f"x {list(x.shape)} for a GEMV with a weight of {list(weight.shape)} (act {act}; M <= 16, rows contiguous)"
         )
-    return _launch(x.contiguous(), weight, bias, counters, tiles, split_k, scale, act, pdl, None)
-
-
-def dense_gemv_norm(
-    x: torch.Tensor,  # [M <= 16, K]
-    residual: torch.Tensor | None,  # [M, K] or None (s = x)
-    norm_weight: torch.Tensor,  # [K]
-    eps: float,
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
-    tiles: GemvTiles = DENSE,
-    split_k: int | None = None,
-    pdl: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F.linear(fused.rms_norm(x, norm_weight, eps, residual)[0], weight, bias), s = x + residual): the RMSNorm
-    in the GEMV's prologue (DecodeKernels.norm_gemv). Every program sums the squares of the whole rows of s
-    (from L2) itself, so the 1/rms may differ from the norm kernel's in the last bit; one program writes s.
-    Off: 2.5x slower than the norm kernel + GEMV on the H200 (ln -> c_attn -> rope 80.6 vs 31.8 us a layer, 7B).
-    The likely cause is that per-program prologue: each of the ~4 x SMs x split-K programs walks the whole rows
-    serially (K / BLOCK_K dependent loads) before its first multiply-add, then reloads s, the residual and the norm
-    weight in every tile; a 1/rms computed once (by the kernel before, or its own first pass) would remove both."""
-    M, K = x.shape
-    bad_res = residual is not None and residual.shape != x.shape
-    if M > 16 or weight.shape[1] != K or weight.stride(1) != 1 or norm_weight.shape != (K,) or bad_res:
-        raise ValueError(
-            f"dense_gemv_norm: x {list(x.shape)}, residual {None if residual is None else list(residual.shape)}, "
-            f"norm weight {list(norm_weight.shape)}, weight {list(weight.shape)}"
-        )
     x = x.contiguous()
-    res = residual.contiguous() if residual is not None else None
-    h = torch.empty_like(x) if res is not None else x
-    y = _launch(x, weight, bias, counters, tiles, split_k, None, False, pdl, (res, norm_weight, h, eps))
-    return y, h
-
-
-def _launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    counters: torch.Tensor | None,
-    tiles: GemvTiles,
-    split_k: int | None,
-    scale: torch.Tensor | None,
-    act: bool,
-    pdl: bool,
-    norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None,  # (residual, weight, h, eps)
-) -> torch.Tensor:
-    M, N, K = x.shape[0], weight.shape[0], weight.shape[1]
-    res, nw, h, eps = norm if norm is not None else (None, weight, weight, 0.0)
     on = active(pdl, x.device)
     split_k, k_per_split, y, part = _plan(x, N, K, tiles, split_k)
     _dense_kernel[(triton.cdiv(N, tiles.block_n), split_k)](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight, y, part,
-        counters if counters is not None else counters_for(N, x.device), res if res is not None else x, nw, h,
-        M, N, K, k_per_split, split_k, x.stride(0), weight.stride(0), y.stride(0),
-        res.stride(0) if res is not None else 0, eps, 1.0 / K,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, REDUCE=split_k > 1,
+        counters if counters is not None else counters_for(N, x.device), M, N, K, k_per_split, split_k,
+        x.stride(0), weight.stride(0), y.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        REDUCE=split_k > 1,
         PREFETCH=tiles.prefetch and M == 1, STAGES=1 if tiles.prefetch and M == 1 else tiles.num_stages,
-        ACT=act, LIBDEVICE=not _INTERPRETED, PDL=on, NORM=norm is not None, HAS_RES=res is not None,
+        ACT=act, LIBDEVICE=not _INTERPRETED, PDL=on,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=1 if M == 1 else 16, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_options(on),

@@ -5,6 +5,10 @@ candidate against. SERVED names the candidates the GPU showed faster and exact (
 served default: `qwen-worker serve --decode-kernels` parses a list of names (`parse_decode_kernels`) and
 `where_applies` keeps those that change anything on the shard's device. A layer that reads these has
 `set_decode_kernels(opts)`; `apply_decode_kernels` hands one DecodeKernels to every such layer of a model.
+
+Removed on 2026-11-29: norm_gemv (ln_1 / ln_2's residual add + RMSNorm in the prologue of c_attn's / gate_up's
+Triton GEMV) was 2x slower on the H200: 7B decode step 9.21 vs 4.60 ms at batch 1, 5.98 vs 5.16 at batch 8, per
+layer ln -> c_attn -> rope 80.6 vs 31.8 us; every GEMV program re-reads the whole rows for the sum of squares.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 # On the H200 (7B, graphed decode step, scripts/gpu_check_p1.py): pdl 4.427 vs 4.603 ms at batch 1 and 5.034 vs
 # 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
 # M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
-# it); norm_gemv is 2x slower.
+# it).
 SERVED = ("pdl", "rope_store")
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
@@ -29,15 +33,11 @@ class DecodeKernels:
     overlap the previous kernel's tail. CUDA sm_90+ only (else launched plainly); no arithmetic changes.
     act_gemv: mlp.c_proj (a float, un-wrapped row-parallel linear) at decode batches <= ACT_GEMV_MAX_M computes
     up * silu(gate) while reading its input in the Triton GEMV, and the SiLU-mul kernel disappears.
-    norm_gemv: ln_1 / ln_2 (residual add + RMSNorm) run in the prologue of c_attn's / gate_up's Triton GEMV where
-    that GEMV serves the decode batch (float, un-wrapped linears): two kernels a layer fewer, but 2.5x slower
-    (gemv_dense.dense_gemv_norm says why).
     rope_store: RoPE (+ logn) and the KV-cache store in one kernel (fused kernels, caches in the model dtype,
     unscaled; other caches keep the two kernels). Copies only: the cache is bit for bit the same."""
 
     pdl: bool = False
     act_gemv: bool = False
-    norm_gemv: bool = False
     rope_store: bool = False
 
     def names(self) -> list[str]:

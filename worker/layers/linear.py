@@ -137,37 +137,6 @@ class ColumnParallelLinear(nn.Module):
         # x: [T, in] -> [T, out_per_rank]; ctx is read only by LoRA wrappers
         return _linear(x, self.weight, self.bias, self.gemv_counters, self.decode_kernels.pdl)
 
-    def fuses_norm(self, x: torch.Tensor) -> bool:
-        """Whether `forward_norm` runs the norm in this linear's GEMV for x (DecodeKernels.norm_gemv)."""
-        if not self.decode_kernels.norm_gemv or self.gemv_counters is None or x.shape[0] > GEMV_MAX_M:
-            return False
-        from worker.kernels import gemv_dense
-
-        return (
-            type(self) is ColumnParallelLinear
-            and gemv_dense.dense_tiles(self.in_features, self.out_features, x.shape[0]) is not None
-        )
-
-    def forward_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward(RMSNorm(s) · norm_weight), s) with s = x + residual, the norm in the GEMV's prologue
-        (`fuses_norm` says when this applies)."""
-        from worker.kernels import gemv_dense
-
-        tiles = gemv_dense.dense_tiles(self.in_features, self.out_features, x.shape[0]) or gemv_dense.DENSE
-        return gemv_dense.dense_gemv_norm(
-            x,
-            residual,
-            norm_weight,
-            eps,
-            self.weight,
-            self.bias,
-            self.gemv_counters,
-            tiles,
-            pdl=self.decode_kernels.pdl,
-        )
-
 
 class RowParallelLinear(nn.Module):
     """y = sum_r x_r W_r^T (+ b): the input dim is split; one all-reduce in `forward`; bias added once,

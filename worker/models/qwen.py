@@ -23,7 +23,7 @@ from worker.layers.context import ForwardContext, RotarySettings, Seqlen
 from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.kv_scales import CheckpointScales, KVScales, backend_kwargs, every_layer, read_checkpoint_scales
-from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.layers.linear import RowParallelLinear
 from worker.layers.medusa import MedusaCheckpoint, MedusaHeads, MedusaSet
 from worker.layers.norm import RMSNorm
 from worker.layers.quantized import LinearFactory
@@ -106,11 +106,8 @@ class FlashQwenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
         # x: [T, H]
-        return self.attend(self.c_attn(x, ctx), ctx, kv)
-
-    def attend(self, qkv: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
-        # qkv: [T, 3 * heads * head_dim] (this rank's heads) -> [T, H]
-        T = qkv.shape[0]
+        T = x.shape[0]
+        qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
@@ -141,10 +138,7 @@ class QwenMLP(nn.Module):
         self.c_proj.load(weights, f"{prefix}.c_proj")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down(self.gate_up(x, ctx), ctx)
-
-    def down(self, gate_up: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # gate_up: [T, 2 * width_per_rank] = [gate | up] -> [T, H]
+        gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
         if isinstance(self.c_proj, RowParallelLinear) and self.c_proj.fuses_act(gate_up):
             return self.c_proj.forward_act(gate_up)  # the activation inside c_proj's GEMV (DecodeKernels.act_gemv)
         return self.c_proj(self.act(gate_up), ctx)
@@ -172,20 +166,9 @@ class FlashQwenLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext, kv: KVLayer | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H]
-        qkv, block_in = _normed_linear(self.ln_1, self.attn.c_attn, x, residual, ctx)
-        gate_up, h = _normed_linear(self.ln_2, self.mlp.gate_up, self.attn.attend(qkv, ctx, kv), block_in, ctx)
-        return self.mlp.down(gate_up, ctx), h  # h = block_in + attention
-
-
-def _normed_linear(
-    norm: QwenRMSNorm, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(norm(s)), s) with s = x + residual; the norm inside the linear's GEMV where DecodeKernels.norm_gemv
-    applies (worker/layers/linear.py `fuses_norm`), else the norm kernel then the linear."""
-    if isinstance(linear, ColumnParallelLinear) and linear.fuses_norm(x):
-        return linear.forward_norm(x, residual, norm.weight, norm.eps)
-    normed, s = norm(x, residual)
-    return linear(normed, ctx), s
+        normed, block_in = self.ln_1(x, residual)
+        normed, h = self.ln_2(self.attn(normed, ctx, kv), block_in)  # h = block_in + attention
+        return self.mlp(normed, ctx), h
 
 
 class FlashQwenModel(nn.Module):
