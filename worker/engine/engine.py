@@ -16,7 +16,8 @@ import torch
 
 from worker.distributed import ParallelContext
 from worker.engine import chunks, lookahead, step
-from worker.engine.batch import Adapters, Batch, BatchBuilder, RequestState, prompt_ids
+from worker.engine.batch import Adapters, Batch, RequestState, prompt_ids
+from worker.engine.batch_builder import BatchBuilder
 from worker.engine.config import EngineConfig
 from worker.engine.generations import Generation
 from worker.engine.grammar import Grammars
