@@ -24,7 +24,7 @@ from worker.engine import grammar as grammar_module
 from worker.engine.batch import Batch
 from worker.engine.engine import Engine, EngineConfig
 from worker.engine.grammar import Grammars
-from worker.engine.sampling import apply_token_bitmask
+from worker.engine.logits_processors import apply_token_bitmask
 from worker.engine.stopping import FinishReason
 from worker.errors import InvalidArgument
 from worker.models.qwen import FlashQwenForCausalLM

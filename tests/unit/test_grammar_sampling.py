@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from worker.engine.sampling import BatchSampler, SamplingParams, apply_token_bitmask
+from worker.engine.logits_processors import apply_token_bitmask
+from worker.engine.sampling import BatchSampler, SamplingParams
 
 
 def pack(allowed: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.engine import sampling
-from worker.engine.sampling import BatchSampler, SamplingParams, prefill_logprobs
+from worker.engine import logits_processors
+from worker.engine.logits_processors import prefill_logprobs
+from worker.engine.sampling import BatchSampler, SamplingParams
 
 V, N_REAL = 37, 33  # logits width and real vocab: awkward sizes, padded columns at the end
 
@@ -329,7 +330,7 @@ def test_input_logits_untouched_and_any_float_dtype():
 
 
 def test_prefill_logprobs_nan_first_then_raw_logsoftmax(monkeypatch):
-    monkeypatch.setattr(sampling, "PREFILL_CHUNK_ROWS", 3)  # several chunks and a short last one
+    monkeypatch.setattr(logits_processors, "PREFILL_CHUNK_ROWS", 3)  # several chunks and a short last one
     g = torch.Generator().manual_seed(5)
     logits, ids = torch.randn(10, V, generator=g).to(torch.bfloat16), torch.randint(0, N_REAL, (10,), generator=g)
     logits[:, N_REAL:] = 50.0  # padded columns must not count

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from worker.engine.batch import Batch, RequestState
-from worker.engine.sampling import prefill_logprobs
+from worker.engine.logits_processors import prefill_logprobs
 
 
 @dataclass(frozen=True)
