@@ -19,8 +19,6 @@ from worker.engine.stopping import StoppingCriteria
 from worker.errors import InvalidArgument, NotFound
 from worker.tokenizer import IncrementalDetokenizer, QwenTokenizer
 
-MAX_U32 = 2**32 - 1
-
 
 @dataclass(frozen=True)
 class Ahead:
