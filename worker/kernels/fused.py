@@ -143,6 +143,24 @@ def _rotate_heads(
 
 
 @triton.jit
+def _rotate_token(q_ptr, k_ptr, cos_ptr, sin_ptr, logn_ptr, heads, stride_qt, stride_qh, stride_kt, stride_kh,
+                  stride_ct, stride_st, t, h, HALF: tl.constexpr, REST: tl.constexpr, HAS_LOGN: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr):  # fmt: skip
+    """RoPE in place on heads `h` of token t: q (times logn with HAS_LOGN) and k, as ops.rotary_qk; shared by
+    _rotary_kernel and rope_store.py's kernel."""
+    j = tl.arange(0, BLOCK_HALF)
+    rest = tl.arange(0, BLOCK_REST)
+    c = tl.load(cos_ptr + t * stride_ct + j, mask=j < HALF, other=0.0)
+    s = tl.load(sin_ptr + t * stride_st + j, mask=j < HALF, other=0.0)
+    if HAS_LOGN:
+        scale = tl.load(logn_ptr + t).to(q_ptr.dtype.element_ty)
+    else:
+        scale = tl.full([], 1.0, q_ptr.dtype.element_ty)
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, heads, c, s, scale, h, j, rest, HALF, REST, HAS_LOGN)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, heads, c, s, scale, h, j, rest, HALF, REST, False)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -168,16 +186,8 @@ def _rotary_kernel(
     gdc_go(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    j = tl.arange(0, BLOCK_HALF)
-    rest = tl.arange(0, BLOCK_REST)
-    c = tl.load(cos_ptr + t * stride_ct + j, mask=j < HALF, other=0.0)
-    s = tl.load(sin_ptr + t * stride_st + j, mask=j < HALF, other=0.0)
-    if HAS_LOGN:
-        scale = tl.load(logn_ptr + t).to(q_ptr.dtype.element_ty)
-    else:
-        scale = tl.full([], 1.0, q_ptr.dtype.element_ty)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, heads, c, s, scale, h, j, rest, HALF, REST, HAS_LOGN)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, heads, c, s, scale, h, j, rest, HALF, REST, False)
+    _rotate_token(q_ptr, k_ptr, cos_ptr, sin_ptr, logn_ptr, heads, stride_qt, stride_qh, stride_kt, stride_kh,
+                  stride_ct, stride_st, t, h, HALF, REST, HAS_LOGN, BLOCK_HALF, BLOCK_REST)  # fmt: skip
 
 
 def rotary_(

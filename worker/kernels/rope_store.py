@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.fused import _rotate_heads
+from worker.kernels.fused import _rotate_token
 from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 
 
@@ -26,16 +26,8 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, 
     gdc_go(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    j = tl.arange(0, BLOCK_HALF)
-    rest = tl.arange(0, BLOCK_REST)
-    c = tl.load(cos_ptr + t * stride_ct + j, mask=j < HALF, other=0.0)
-    s = tl.load(sin_ptr + t * stride_st + j, mask=j < HALF, other=0.0)
-    if HAS_LOGN:
-        scale = tl.load(logn_ptr + t).to(q_ptr.dtype.element_ty)
-    else:
-        scale = tl.full([], 1.0, q_ptr.dtype.element_ty)
-    _rotate_heads(q_ptr + t * stride_qt, stride_qh, heads, c, s, scale, h, j, rest, HALF, REST, HAS_LOGN)
-    _rotate_heads(k_ptr + t * stride_kt, stride_kh, heads, c, s, scale, h, j, rest, HALF, REST, False)
+    _rotate_token(q_ptr, k_ptr, cos_ptr, sin_ptr, logn_ptr, heads, stride_qt, stride_qh, stride_kt, stride_kh,
+                  stride_ct, stride_st, t, h, HALF, REST, HAS_LOGN, BLOCK_HALF, BLOCK_REST)
     tl.debug_barrier()  # this program's rotated k stored (by all its threads) before it is read back
     slot = tl.load(slot_ptr + t).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
