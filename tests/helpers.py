@@ -37,6 +37,19 @@ TINY = dict(
     no_bias=True,
 )
 
+# the GPU tests' small model: 2 heads of 128 (the paged kernels' head size), c_attn and w2|w1 GEMV-sized
+GPU_TINY = dict(
+    model_type="qwen",
+    hidden_size=256,
+    num_attention_heads=2,
+    kv_channels=128,
+    num_hidden_layers=2,
+    intermediate_size=1024,
+    vocab_size=512,
+    seq_length=32,
+    rotary_emb_base=10000,
+)
+
 
 def write_checkpoint(path: str, cfg: dict, state: dict[str, torch.Tensor], n_files: int = 2) -> str:
     """Write `state` as sharded safetensors + index + config.json into `path`."""

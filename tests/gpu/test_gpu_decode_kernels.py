@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import write_checkpoint
+from helpers import GPU_TINY, write_checkpoint
 from paged import Paged
 from random_weights import random_checkpoint
 from reference import ref_forward
@@ -19,17 +19,7 @@ from worker.layers.rotary import ntk_alpha
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-CFG = dict(
-    model_type="qwen",
-    hidden_size=256,
-    num_attention_heads=2,
-    kv_channels=128,
-    num_hidden_layers=2,
-    intermediate_size=1024,
-    vocab_size=512,
-    seq_length=32,
-    rotary_emb_base=10000,
-)
+CFG = GPU_TINY
 CANDIDATES = {
     "baseline": dict(),
     "served": dict.fromkeys(SERVED, True),  # serve's default (--decode-kernels)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import GPU_TRITON_MARKS, ulps
+from helpers import GPU_TINY, GPU_TRITON_MARKS, ulps
 
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
@@ -94,18 +94,7 @@ def test_model_fused_vs_unfused(tmp_path, dtype, tol):
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 
-    cfg = dict(
-        model_type="qwen",
-        hidden_size=256,
-        num_attention_heads=2,
-        kv_channels=128,
-        num_hidden_layers=2,
-        intermediate_size=1024,
-        vocab_size=512,
-        seq_length=32,
-        rotary_emb_base=10000,
-        rotary_pct=0.5,
-    )
+    cfg = dict(GPU_TINY, rotary_pct=0.5)
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, random_checkpoint(cfg, seed=3))
     pctx = ParallelContext(0, 1, CUDA)
     models = [

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import GPU_TRITON_MARKS
+from helpers import GPU_TINY, GPU_TRITON_MARKS
 
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
@@ -171,17 +171,7 @@ def test_decode_kernels_in_a_cuda_graph():
 
 
 # ------------------------------------------------------------------------------------------ model
-CFG = dict(
-    model_type="qwen",
-    hidden_size=256,
-    num_attention_heads=2,
-    kv_channels=128,
-    num_hidden_layers=2,
-    intermediate_size=1024,
-    vocab_size=512,
-    seq_length=32,
-    rotary_emb_base=10000,
-)
+CFG = GPU_TINY
 
 
 def lora_model(tmp_path, dtype, overlap: bool = True):
