@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from look_ahead_script import request, warm_up
 from worker.distributed import ParallelContext
 from worker.engine import step
 from worker.engine.engine import Engine, EngineConfig
@@ -19,12 +20,6 @@ from worker.tokenizer import QwenTokenizer
 from worker.wire import generation_pb, step_response
 
 
-def _request(rid: int, text: str, max_new: int) -> pb.Request:
-    params = pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
-    stop = pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True)
-    return pb.Request(id=rid, inputs=text, parameters=params, stopping_parameters=stop)
-
-
 def test_generations_are_built_after_the_look_ahead_is_launched(demo_dir, monkeypatch):
     model_dir = os.path.join(demo_dir, "model")
     model = FlashQwenForCausalLM.from_pretrained(model_dir, dtype=torch.float32, progress=False)
@@ -34,14 +29,7 @@ def test_generations_are_built_after_the_look_ahead_is_launched(demo_dir, monkey
     )
     tok = QwenTokenizer.from_dir(model_dir)
     engine = Engine(model, tok, ParallelContext(), cfg)
-    engine.warmup(
-        pb.WarmupRequest(
-            batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
-            max_input_length=64,
-            max_prefill_tokens=256,
-            max_new_tokens=8,
-        )
-    )
+    warm_up(engine)
     events: list[str] = []
     runner = engine.runner
     assert runner is not None
@@ -57,7 +45,7 @@ def test_generations_are_built_after_the_look_ahead_is_launched(demo_dir, monkey
 
     setattr(runner, "forward", forward)  # noqa: B010 - mypy refuses assigning to a method
     monkeypatch.setattr(step, "generations", generations)
-    reqs = [_request(1, "Once upon a time", 3), _request(2, "The pirate said", 6)]
+    reqs = [request(1, "Once upon a time", 3), request(2, "The pirate said", 6)]
     gens, batch = engine.prefill(pb.Batch(id=1, size=2, requests=reqs), None)
     ids = {g.request_id: list(g.next_tokens.ids) for g in gens}
     # the Prefill's own forward, then the look-ahead for its first Decode, then the Generations

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from look_ahead_script import record, request, warm_up
 from worker.distributed import ParallelContext
 from worker.engine import lookahead
 from worker.engine.batch import Batch
@@ -31,40 +32,12 @@ def _engine(model_dir: str, look_ahead: bool) -> Engine:
     return Engine(model, QwenTokenizer.from_dir(model_dir), ParallelContext(), cfg)
 
 
-def _request(rid: int, text: str, max_new: int, **sampling) -> pb.Request:
-    params = pb.NextTokenChooserParameters(
-        **{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, **sampling}
-    )
-    return pb.Request(
-        id=rid,
-        inputs=text,
-        parameters=params,
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
-
-
-def _record(generations) -> list[tuple]:
-    out = []
-    for g in generations:
-        t = g.next_tokens
-        done = (g.generated_text.text, g.generated_text.finish_reason) if g.generated_text is not None else None
-        out.append((g.request_id, list(t.ids), list(t.texts), list(t.logprobs), done))
-    return out
-
-
 def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool) -> list:
     """A router's sequence; returns every generation in order. `computed_rows` collects, per decode step,
     how many rows the Decode itself had to run the forward for."""
     runner_forward = engine.runner.forward if engine.runner else None
     log = []
-    engine.warmup(
-        pb.WarmupRequest(
-            batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
-            max_input_length=64,
-            max_prefill_tokens=256,
-            max_new_tokens=32,
-        )
-    )
+    warm_up(engine)
     runner = engine.runner
     assert runner is not None
     runner_forward = runner.forward
@@ -94,7 +67,7 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
             gens, batch = engine.decode(cached)
         finally:
             in_decode["on"] = False
-        log.append(_record(gens))
+        log.append(record(gens))
         return batch
 
     gens, b1 = engine.prefill(
@@ -102,14 +75,14 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
             id=1,
             size=3,
             requests=[
-                _request(1, "Once upon a time", 5),
-                _request(2, "The pirate said", 12, temperature=0.8, seed=7, do_sample=True),
-                _request(3, "A robot walks", 12),
+                request(1, "Once upon a time", 5),
+                request(2, "The pirate said", 12, temperature=0.8, seed=7, do_sample=True),
+                request(3, "A robot walks", 12),
             ],
         ),
         None,
     )
-    log.append(_record(gens))
+    log.append(record(gens))
     for _ in range(3):
         assert b1 is not None
         b1 = decode([b1.info()])
@@ -118,13 +91,13 @@ def _script(engine: Engine, computed_rows: list[int], drop_one_look_ahead: bool)
             id=2,
             size=2,
             requests=[
-                _request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True),
-                _request(5, "Hello there", 10),
+                request(4, "In the morning", 10, top_k=5, seed=3, do_sample=True),
+                request(5, "Hello there", 10),
             ],
         ),
         None,
     )
-    log.append(_record(gens))
+    log.append(record(gens))
     assert b1 is not None and b2 is not None
     if drop_one_look_ahead:  # a request without a look-ahead row: the Decode computes that row alone
         b2.requests[0].ahead = None
@@ -198,16 +171,9 @@ def test_rows_stale_or_missing_are_computed():
 
 def test_a_failed_look_ahead_does_not_fail_the_step(demo_dir, monkeypatch, caplog):
     engine = _engine(os.path.join(demo_dir, "model"), True)
-    engine.warmup(
-        pb.WarmupRequest(
-            batch=pb.Batch(id=0, requests=[_request(0, "warm up", 4)], size=1),
-            max_input_length=64,
-            max_prefill_tokens=256,
-            max_new_tokens=32,
-        )
-    )
+    warm_up(engine)
     gens, batch = engine.prefill(
-        pb.Batch(id=1, size=2, requests=[_request(1, "Once upon a time", 4), _request(2, "Hello there", 4)]), None
+        pb.Batch(id=1, size=2, requests=[request(1, "Once upon a time", 4), request(2, "Hello there", 4)]), None
     )
     assert all(r.ahead is not None for r in batch.requests)
     forward = engine.runner.forward
