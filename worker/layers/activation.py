@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from worker import ops
-from worker.layers.decode_kernels import DecodeKernels
+from worker.layers.decode_kernels import DecodeKernels, launched
 
 
 class SiluAndMul(nn.Module):
@@ -27,7 +26,7 @@ class SiluAndMul(nn.Module):
         if self.fused:
             from worker.kernels import fused as kernels
 
-            self.impl = functools.partial(kernels.silu_mul, pdl=True) if opts.pdl else kernels.silu_mul
+            self.impl = launched(kernels.silu_mul, opts)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         # gate_up: [T, 2W] -> [T, W]

@@ -7,14 +7,13 @@ runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at c
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from worker import ops
-from worker.layers.decode_kernels import DecodeKernels
+from worker.layers.decode_kernels import DecodeKernels, launched
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
@@ -33,7 +32,7 @@ class RMSNorm(nn.Module):
         if self.fused:
             from worker.kernels import fused as kernels
 
-            self.impl = functools.partial(kernels.rms_norm, pdl=True) if opts.pdl else kernels.rms_norm
+            self.impl = launched(kernels.rms_norm, opts)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] -> (normed [T, H], s = x + residual [T, H])

@@ -7,13 +7,12 @@ S = seq_length. The ForwardContext holds the step's tables; `Rotary` applies the
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from worker.layers.decode_kernels import DecodeKernels
+from worker.layers.decode_kernels import DecodeKernels, launched
 from worker.ops import ntk_alpha, rotary_qk
 
 __all__ = ["Rotary", "ntk_alpha"]  # ntk_alpha: the batch builder fixes each prompt's alpha with it
@@ -39,7 +38,7 @@ class Rotary(nn.Module):
         if self.fused:
             from worker.kernels import fused as kernels
 
-            self.impl = functools.partial(kernels.rotary, pdl=True) if opts.pdl else kernels.rotary
+            self.impl = launched(kernels.rotary, opts)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None
