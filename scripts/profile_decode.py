@@ -1,6 +1,7 @@
 """Where does a decode step's GPU time go? Kernel time by name for one step (torch profiler).
 
 python scripts/profile_decode.py --shape 7b --batch 1 [--decode-kernels pdl,rope_store,act_gemv | none]
+                                 [--quant int4|int8|fp8]  (random quantized weights, as bench_quant.py)
 
 --decode-kernels as serve's (worker/layers/decode_kernels.py, issue 17 P1; default: the served set).
 """
@@ -17,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench_common import DecodeInputs, build_model  # noqa: E402
+from bench_common import DecodeInputs, build_model, cuda_time  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
+from worker.engine.cuda_graphs import capture  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
 from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels  # noqa: E402
 
@@ -29,9 +31,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--decode-kernels", default=",".join(SERVED), help="'none' or a comma list of DecodeKernels fields")
+    ap.add_argument("--quant", default="bf16", help="bf16 or a bench_quant.py mode (int4, int8, fp8)")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
-    model = build_model(args.shape, ParallelContext(0, 1, dev), "auto")
+    if args.quant == "bf16":
+        model = build_model(args.shape, ParallelContext(0, 1, dev), "auto")
+    else:
+        from bench_quant import MODES, build
+
+        model = build(args.shape, MODES[args.quant], device=dev)
     opts = parse_decode_kernels(args.decode_kernels)
     apply_decode_kernels(model.transformer, opts)
     print(opts)
@@ -59,6 +67,8 @@ def main() -> None:
         ((e.key, e.device_time_total / 5, e.count // 5) for e in events if e.device_time_total > 0), key=lambda r: -r[1]
     )
     total = sum(r[1] for r in rows)
+    graph, _ = capture(step)
+    print(f"graphed step {cuda_time(graph.replay, iters=30) * 1e3:.3f} ms")
     print(f"GPU kernel time per step: {total / 1e3:.2f} ms over {sum(r[2] for r in rows)} kernels")
     for name, us, n in rows[:25]:
         print(f"{us / 1e3:8.3f} ms  {n:5d}x  {name[:110]}")
