@@ -97,7 +97,11 @@ def bench_lora_decode(
     side = mgr.shrink_stream is not None
     variants = (  # (backend, side stream, LoraTerm.decode); the served configuration last (the generate's)
         [("torch", False, "two")]
-        + ([("triton", False, "two")] + [("triton", m.startswith("side"), m) for m in decode_modes] if triton else [])
+        + (
+            [("triton", False, "two")] + [("triton", m.startswith("side") or m == "gemm", m) for m in decode_modes]
+            if triton
+            else []
+        )
         + ([("triton", True, "two")] if triton and side else [])
     )
     graphs: GraphedDecode | None = None
@@ -277,7 +281,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-rank", type=int, default=0, help="the pools' r_max (0: --rank; the server's default is 64)")
     ap.add_argument(
-        "--modes", default="side,side_store", help="LoraTerm decode modes to time (comma-separated; side_store: served)"
+        "--modes",
+        default="side_store,gemm",
+        help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies)",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")

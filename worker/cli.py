@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident at once (the pool size)")
     s.add_argument(
+        "--lora-decode",
+        default="auto",
+        choices=["auto", "gemm", "side"],
+        help="Triton LoRA at decode (batches over 8 rows): gemm (the shrink inside the base matmul, whose weight "
+        "shares one allocation with its A pool; one expand), side (shrink and expand on a side stream beside "
+        "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 25%% to the matmul",
+    )
+    s.add_argument(
         "--allow-bin-adapters",
         action="store_true",
         help="also read adapter_model.bin (weights-only torch.load); default: safetensors only",

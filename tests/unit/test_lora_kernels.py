@@ -314,7 +314,8 @@ def test_decode_local_tiles(n_split, block_k, block_n):
 def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
     """The tiny model's decode step with each decode mode on every adapter-aware linear: one LoRA launch per
     module for the one-launch modes (two otherwise), and logits equal to the float64 reference with each
-    adapter merged ("side", "side_store" without a stream on the CPU: their separate buffer and add)."""
+    adapter merged ("side", "side_store" without a stream on the CPU: their separate buffer and add; "gemm":
+    the shrink inside the base matmul over the joint weight, here at any batch size, then one expand)."""
     import triton.runtime.interpreter as interpreter
 
     from helpers import TINY, write_checkpoint
@@ -323,6 +324,7 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
     from random_weights import random_checkpoint
     from reference import merge_lora, ref_forward
     from worker.kernels import lora as kernels
+    from worker.layers import lora as lora_layer
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 
@@ -357,8 +359,9 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
         return run(self, *args, **kw)
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
+    monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     counts = {}
-    for mode in ("two", "sync", "local", "side", "side_store"):
+    for mode in ("two", "sync", "local", "side", "side_store", "gemm"):
         for term in terms:
             term.decode = mode
         launches.clear()
@@ -370,7 +373,8 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
         )
         assert worst <= 1e-4, (mode, worst)
     two = 2 * len(terms)
-    assert counts == {"two": two, "sync": len(terms), "local": len(terms), "side": two, "side_store": two}, counts
+    one = len(terms)
+    assert counts == {"two": two, "sync": one, "local": one, "side": two, "side_store": two, "gemm": one}, counts
 
 
 def test_lora_term_rejects_an_unknown_decode_mode():

@@ -21,7 +21,7 @@ from worker.adapters.medusa import medusa_only
 from worker.adapters.medusa_slots import MedusaSlots
 from worker.adapters.merge import merge_adapters
 from worker.adapters.peft import LoraAdapter, adapter_dir, read_adapter
-from worker.adapters.slots import SlotPool
+from worker.adapters.slots import LORA_DECODE, SlotPool
 from worker.adapters.staging import HostCopies
 from worker.distributed import ParallelContext
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -62,11 +62,12 @@ class AdapterManager:
         triton: bool | None = None,
         overlap: bool = True,
         triton_interpreter: bool = False,
+        lora_decode: str = "auto",
     ):
         """model: its LoRA targets shape the pool (`attach` wraps them; a model on the meta device gives the
         shapes alone); pctx, dtype: the pool's device and dtype. triton: the Triton LoRA kernels (None: on
         CUDA when Triton imports; False: the PyTorch path); overlap: with the kernels, run each module's
-        shrink on a side stream beside its base matmul."""
+        shrink on a side stream beside its base matmul; lora_decode: serve's --lora-decode (slots.LORA_DECODE)."""
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
@@ -82,6 +83,9 @@ class AdapterManager:
         self.engine: Any = None
         self.last_timing: dict[str, float] = {}  # phases of the last cold read (logged; read by the benchmark)
         self.preloaded: list[tuple[int, str]] = []
+        if lora_decode not in LORA_DECODE:
+            raise ValueError(f"--lora-decode {lora_decode!r}, expected one of {LORA_DECODE}")
+        self.lora_decode = lora_decode
         auto = triton is None and pctx.device.type == "cuda"
         self.kernels = lora_kernels(pctx.device, triton_interpreter) if triton or auto else None
         if triton and self.kernels is None:
@@ -119,6 +123,7 @@ class AdapterManager:
             args.allow_bin_adapters,
             triton=triton,
             triton_interpreter=triton_interpreter,
+            lora_decode=getattr(args, "lora_decode", "auto"),
         )
 
     # ------------------------------------------------------------------ wiring
@@ -126,7 +131,8 @@ class AdapterManager:
         """Wrap the model's LoRA targets and register with the engine."""
         self.engine = engine
         engine.adapters = self
-        self.slots.wrap_targets(self.kernels, self.shrink_stream)
+        modes = self.slots.wrap_targets(self.kernels, self.shrink_stream, self.lora_decode)
+        log.info("LoRA decode modes (--lora-decode %s): %s", self.lora_decode, modes)
 
     def preload(self, adapter_ids: list[str]) -> None:
         for k, adapter_id in enumerate(adapter_ids, start=1):

@@ -17,8 +17,38 @@ import torch
 from worker.adapters.host import HostAdapter, Key, Pair
 from worker.adapters.peft import MODULES
 from worker.distributed import ParallelContext
-from worker.layers.lora import LoraPart, LoraTerm, lora_parts, wrap_lora
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.layers.lora import JointWeight, LoraPart, LoraTerm, lora_parts, wrap_lora
 from worker.models.qwen import LoraTarget
+
+LORA_DECODE = ("auto", "gemm", "side")  # serve --lora-decode
+JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
+
+
+def joint_layout(
+    base: object, a_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> JointWeight | None:
+    """Move a float base linear's weight (and bias) into the top rows of one allocation whose remaining rows
+    are its zeroed A pool of `a_shape` [slots, P, r_max, in]: the base keeps views of the same values (its
+    forward and `load` are unchanged); None for other linears (quantized, another dtype, width or device than
+    the pool's: a model on the meta device only shapes a pool)."""
+    if type(base) not in (ColumnParallelLinear, RowParallelLinear):
+        return None
+    w = base.weight  # type: ignore[attr-defined]
+    same_device = w.device.type == device.type and device.index in (None, w.device.index)
+    if w.dtype != dtype or w.shape[1] != a_shape[-1] or not same_device:
+        return None
+    out, extra = w.shape[0], a_shape[0] * a_shape[1] * a_shape[2]
+    weight = torch.zeros(out + extra, w.shape[1], dtype=w.dtype, device=w.device)
+    weight[:out].copy_(w)
+    w.data = weight[:out]
+    bias = None
+    b = getattr(base, "bias", None)
+    if isinstance(base, ColumnParallelLinear) and b is not None:  # a row-parallel bias is added after the reduce
+        bias = torch.zeros(out + extra, dtype=b.dtype, device=b.device)
+        bias[:out].copy_(b)
+        b.data = bias[:out]
+    return JointWeight(weight, bias, out)
 
 
 class SlotPool:
@@ -34,6 +64,7 @@ class SlotPool:
         self.stacked: dict[tuple[int, str], Pair] = {}  # (layer, target key) -> (A, B) with the part dim
         self.pools: dict[Key, Pair] = {}  # (layer, module) -> (A, B): views of its part
         self.parts: dict[Key, LoraPart] = {}  # (layer, module) -> full sizes and TP cut
+        self.joints: dict[tuple[int, str], JointWeight] = {}  # (layer, target key) -> base weight + A pool
         layers = 1 + max(t.layer for t in self.targets)
         self.ranks = torch.zeros(num_slots + 1, layers, len(MODULES), dtype=torch.int32, device=pctx.device)
         for t in self.targets:
@@ -42,7 +73,13 @@ class SlotPool:
             if len(dims) != 1:
                 raise ValueError(f"{t.key}: LoRA parts of different sizes {sorted(dims)} cannot share a pool")
             ((d_in, d_out),) = dims
-            a = torch.zeros(num_slots + 1, len(parts), max_rank, d_in, dtype=dtype, device=pctx.device)
+            a_shape = (num_slots + 1, len(parts), max_rank, d_in)
+            joint = joint_layout(getattr(t.owner, t.attr), a_shape, dtype, pctx.device)
+            if joint is not None:
+                self.joints[(t.layer, t.key)] = joint
+                a = joint.weight[joint.out :].view(a_shape)
+            else:
+                a = torch.zeros(a_shape, dtype=dtype, device=pctx.device)
             b = torch.zeros(num_slots + 1, len(parts), d_out, max_rank, dtype=dtype, device=pctx.device)
             self.stacked[(t.layer, t.key)] = (a, b)
             for p, (module, part) in enumerate(zip(t.modules, parts)):
@@ -56,21 +93,40 @@ class SlotPool:
         """Bytes of a whole (unsharded) adapter at the maximum rank on every module, in `dtype`."""
         return sum(self.max_rank * (p.d_in + p.d_out) for p in self.parts.values()) * dtype.itemsize
 
-    def wrap_targets(self, kernels: ModuleType | None, stream: torch.cuda.Stream | None) -> None:
-        """Replace each target linear of the model by its adapter-aware wrapper over this pool."""
+    def decode_mode(self, key: tuple[int, str], kernels: ModuleType | None, stream: object, choice: str) -> str:
+        """LoraTerm's decode mode for one target under `--lora-decode choice` (LORA_DECODE). On the H200 (batch 32,
+        32 rank-16 adapters, 32 layers of the 7B shape): "gemm" (the shrink inside the base GEMM, one expand
+        writing the output) costs 0.86 ms a step beside the base matmuls, "side_store" 1.38 ms
+        (scripts/gpu_check_lora_gemm.py). "side_store" runs the whole term on the side stream, its expand
+        writing every row of the term buffer; without a stream "two"."""
+        if choice not in LORA_DECODE:
+            raise ValueError(f"--lora-decode {choice!r}, expected one of {LORA_DECODE}")
+        joint = self.joints.get(key)
+        if kernels is not None and joint is not None and choice != "side":
+            if choice == "gemm" or joint.weight.shape[0] - joint.out <= JOINT_MAX_SHARE * joint.out:
+                return "gemm"
+        return "side_store" if stream is not None else "two"
+
+    def wrap_targets(self, kernels: ModuleType | None, stream: torch.cuda.Stream | None, decode: str = "auto") -> str:
+        """Replace each target linear of the model by its adapter-aware wrapper over this pool; returns the decode
+        modes chosen (`decode`: serve's --lora-decode), for the log."""
+        modes: dict[str, int] = {}
         for t in self.targets:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
-            # decode steps run the whole term on the side stream when there is one, the expand writing every row
-            # of the term buffer ("side_store": no zeroing launch): on the H200 the fastest mode measured, 1.36 ms
-            # a step beside the base matmuls vs 1.59 for "side" and 1.86 for "two" (scripts/gpu_check_lora.py)
+            mode = self.decode_mode((t.layer, t.key), kernels, stream, decode)
+            modes[mode] = modes.get(mode, 0) + 1
             term = LoraTerm(
                 *self.stacked[(t.layer, t.key)],
                 self.ranks[:, t.layer, k : k + len(t.modules)].t(),  # [P, slots]
                 kernels,
                 stream,
-                decode="side_store" if stream is not None else "two",
+                decode=mode,
+                joint=self.joints.get((t.layer, t.key)),
             )
-            setattr(t.owner, t.attr, wrap_lora(getattr(t.owner, t.attr), term))
+            base = getattr(t.owner, t.attr)
+            term.pdl = getattr(getattr(base, "decode_kernels", None), "pdl", False)  # later: set_decode_kernels
+            setattr(t.owner, t.attr, wrap_lora(base, term))
+        return ", ".join(f"{m} x{n}" for m, n in sorted(modes.items()))
 
     def ranks_of(self, host: HostAdapter) -> torch.Tensor:
         """An adapter's rank per module: [layers, modules] int32 on the host (0: not targeted)."""

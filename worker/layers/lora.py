@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from worker.kernels.lora_reference import add_lora_reference
+from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.weights import shard_packed, shard_tensor
 
@@ -145,7 +146,19 @@ def lora_kernels(device: torch.device, interpreter: bool = False) -> ModuleType 
     return lora
 
 
-DECODE_MODES = ("two", "sync", "local", "side", "side_store")
+DECODE_MODES = ("two", "sync", "local", "side", "side_store", "gemm")
+JOINT_MIN_ROWS = 9  # "gemm" serves decode batches of more rows than the Triton GEMV's (linear.GEMV_MAX_M)
+
+
+@dataclass(frozen=True)
+class JointWeight:
+    """A base linear's weight and its A pool in one allocation (worker/adapters/slots.py `joint_layout`):
+    weight [out + slots·P·r_max, in] = the base rows, then A [slots, P, r_max, in] flattened; bias: the base
+    bias then zeros (a column-parallel base with a bias), else None; out: the base's output rows."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    out: int
 
 
 @dataclass
@@ -157,8 +170,12 @@ class LoraTerm:
     counters; "local", one launch whose programs each recompute their row's h (both after the base matmul,
     no side stream; worker/kernels/lora_decode.py); "side", shrink and expand both on the side stream into
     a buffer added to the base output after both; "side_store", "side" whose expand writes every row of
-    the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode). per_sm:
-    the programs per SM the side modes' shrink aims its K split at (worker/kernels/lora.py `_plan`)."""
+    the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode); "gemm", the
+    shrink inside the base matmul over `joint` (the base weight and the A pool in one allocation), then one
+    expand that writes the output (worker/kernels/lora_rows.py), for decode batches of at least
+    JOINT_MIN_ROWS rows ("side_store" below). per_sm: the programs per SM the side
+    modes' shrink aims its K split at (worker/kernels/lora.py `_plan`); pdl: the "gemm" expand launches
+    with PDL (DecodeKernels.pdl)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
@@ -168,10 +185,14 @@ class LoraTerm:
     decode: str = "two"  # one of DECODE_MODES (see above)
     per_sm: int = 2
     sync: Any = field(default=None, repr=False)  # "sync"'s counters (a DecodeWorkspace, made on first use)
+    joint: JointWeight | None = None
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"LoraTerm: decode {self.decode!r}, expected one of {DECODE_MODES}")
+        if self.decode == "gemm" and self.joint is None:
+            raise ValueError("LoraTerm: decode 'gemm' needs the joint weight of the base and its A pool")
 
     def apply(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """base() + lora(x): y [T, out] from the base matmul, the adapter term added in place."""
@@ -179,6 +200,16 @@ class LoraTerm:
             y = base()
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
+        if self.decode == "gemm" and data.max_len == 1:
+            joint = self.joint
+            if joint is not None and x.shape[0] >= JOINT_MIN_ROWS:
+                slots = data.slots
+                if slots.shape[0] != x.shape[0]:  # eager decode: segments of the adapter rows only; others slot 0
+                    slots = torch.zeros(x.shape[0], dtype=slots.dtype, device=slots.device)
+                    slots[data.starts.long()] = data.slots
+                out = nn.functional.linear(x, joint.weight, joint.bias)  # [T, out + slots·P·r_max]: y0, every h
+                return self.kernels.lora_expand_rows(out, joint.out, self.b_pool, self.ranks, slots, self.pdl)
+            return self._beside(base, x, data)
         if self.decode.startswith("side") and data.max_len == 1:
             return self._beside(base, x, data)
         if self.decode != "two" and data.max_len == 1:
@@ -215,7 +246,8 @@ class LoraTerm:
         delta = torch.empty(x.shape[0], self.b_pool.shape[1] * self.b_pool.shape[2], dtype=x.dtype, device=x.device)
         if side is not None and main is not None:
             side.wait_stream(main)  # x is ready
-        store = self.decode == "side_store" and data.slots.shape[0] == x.shape[0]  # every row is a segment
+        # every row is a segment
+        store = self.decode in ("side_store", "gemm") and data.slots.shape[0] == x.shape[0]
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if not store:
                 delta.zero_()  # base rows (slot 0) add exact zeros
@@ -246,6 +278,10 @@ class _LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.lora = lora
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
+        self.lora.pdl = opts.pdl
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)

@@ -1,0 +1,170 @@
+"""LoRA decode's "gemm" mode (issue 17, P2): the base weight and its A pool in one allocation
+(worker/adapters/slots.py `joint_layout`), one GEMM giving the base output and every slot's h, then
+`lora_expand_rows` (worker/kernels/lora_rows.py) writing the output. Checked on the CPU through the Triton
+interpreter against a float64 loop written here from the definition y[t] = base + B[s] A[s] x[t]."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+if "worker.kernels.lora" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels already compiled for the GPU in this session", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from worker.adapters.slots import SlotPool, joint_layout  # noqa: E402
+from worker.distributed import ParallelContext  # noqa: E402
+from worker.kernels import lora as kernels  # noqa: E402
+from worker.kernels.lora_rows import lora_expand_rows  # noqa: E402
+from worker.layers import lora as lora_layer  # noqa: E402
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from worker.layers.lora import AdapterBatchData, LoraTerm  # noqa: E402
+
+CPU = ParallelContext(device=torch.device("cpu"))
+
+
+def term_f64(x, a, b, slot: int, ranks) -> torch.Tensor:
+    """Σ_p-parts [B[s, p, :, :r] (A[s, p, :r] x)] for one token, float64, parts side by side."""
+    parts = []
+    for p in range(a.shape[1]):
+        r = int(ranks[p, slot])
+        h = a[slot, p, :r].double() @ x.double()
+        parts.append(b[slot, p, :, :r].double() @ h)
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("P,K,N,r_max,block_n", [(1, 40, 3 * 24, 12, 32), (2, 33, 50, 16, 16), (1, 70, 20, 5, 64)])
+def test_expand_rows_equals_the_definition(P, K, N, r_max, block_n):
+    """Awkward sizes (N not a multiple of the tile, r_max not a power of two); ranks below r_max with NaN in
+    the lanes past them (in B and in the GEMM's h columns: never read); base rows (slot 0) come out as the
+    base output exactly."""
+    g = torch.Generator().manual_seed(P * K)
+    S = 4
+    ranks = torch.tensor([[0, r_max, 3, r_max - 1], [0, 2, r_max, 0]][:P], dtype=torch.int32)
+    a = torch.randn(S, P, r_max, K, generator=g) / K**0.5
+    b = torch.randn(S, P, N, r_max, generator=g) / r_max**0.5
+    for s in range(S):
+        for p in range(P):
+            a[s, p, ranks[p, s] :] = 0  # the pool's lanes past a rank are zero; the kernel must not rely on it:
+            b[s, p, :, ranks[p, s] :] = float("nan")  # B's are poisoned here, and h's below
+    w = torch.randn(P * N, K, generator=g) / K**0.5
+    slots = torch.tensor([2, 0, 1, 3, 3, 0, 1])
+    x = torch.randn(len(slots), K, generator=g)
+    out = torch.cat([w, a.reshape(-1, K)]) @ x.T
+    out = out.T.contiguous()  # [T, P·N + S·P·r_max]: the joint GEMM's output
+    for t, s in enumerate(slots.tolist()):
+        for p in range(P):
+            col = P * N + (s * P + p) * r_max
+            out[t, col + int(ranks[p, s]) : col + r_max] = float("nan")
+    y = lora_expand_rows(out, P * N, b, ranks, slots, block_n=block_n)
+    assert y.shape == (len(slots), P * N) and y.is_contiguous()
+    for t, s in enumerate(slots.tolist()):
+        want = (w.double() @ x[t].double()) + term_f64(x[t], a, b, s, ranks)
+        torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
+        if s == 0:
+            assert torch.equal(y[t], out[t, : P * N])
+
+
+def test_expand_rows_rejects_mismatched_shapes():
+    out = torch.zeros(3, 10 + 2 * 4)
+    b = torch.zeros(2, 1, 10, 4)
+    ranks = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="lora_expand_rows: out"):
+        lora_expand_rows(out, 10, b, ranks, torch.zeros(2, dtype=torch.long))  # 2 slots for 3 rows
+    with pytest.raises(ValueError, match="B pool"):
+        lora_expand_rows(torch.zeros(3, 10 + 3 * 4), 10, b, ranks, torch.zeros(3, dtype=torch.long))
+
+
+def test_joint_layout_keeps_the_base_and_aliases_the_pool():
+    """The base's weight and bias become views of the joint allocation with their values; a later load
+    writes through; the A rows are zero and are the pool (a write to one shows in the other); quantized
+    or other linears get none."""
+    col = ColumnParallelLinear(6, [8, 4], True, CPU, torch.float32)
+    col.weight.data.normal_()
+    col.bias.data.normal_()
+    w0, b0 = col.weight.clone(), col.bias.clone()
+    joint = joint_layout(col, (3, 1, 2, 6), torch.float32, CPU.device)
+    assert joint is not None and joint.weight.shape == (12 + 6, 6) and joint.out == 12
+    assert torch.equal(col.weight, w0) and torch.equal(col.bias, b0)
+    assert col.weight.data_ptr() == joint.weight.data_ptr() and col.bias.data_ptr() == joint.bias.data_ptr()
+    assert not joint.weight[12:].any() and not joint.bias[12:].any()
+    col.store(torch.ones(12, 6), torch.full((12,), 2.0))  # a load after the layout writes into it
+    assert torch.equal(joint.weight[:12], torch.ones(12, 6)) and torch.equal(joint.bias[:12], torch.full((12,), 2.0))
+    row = RowParallelLinear(6, 5, True, CPU, torch.float32)
+    joint = joint_layout(row, (2, 1, 3, 6), torch.float32, CPU.device)
+    assert joint is not None and joint.bias is None  # a row-parallel bias is added after the reduce
+    assert joint_layout(row, (2, 1, 3, 6), torch.float16, CPU.device) is None  # another dtype than the pool's
+    assert joint_layout(row, (2, 1, 3, 6), torch.float32, torch.device("meta")) is None  # another device
+    assert joint_layout(torch.nn.Linear(6, 5), (2, 1, 3, 6), torch.float32, CPU.device) is None
+
+
+def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
+    """SlotPool's A pool of a float target is a view of the joint rows; --lora-decode picks "gemm" on
+    it (auto: while the A rows add at most 25 % to the base rows), "side" never; no kernels: "two"."""
+    col = ColumnParallelLinear(6, [8, 8], False, CPU, torch.float32)
+    target = SimpleNamespace(owner=SimpleNamespace(lin=col), attr="lin", layer=0, key="mlp.gate_up",
+                             modules=("w2", "w1"))  # fmt: skip
+    pool = SlotPool([target], CPU, torch.float32, max_rank=2, num_slots=1)  # 2 slots x 2 parts x 2 = 8 rows
+    a, _ = pool.stacked[(0, "mlp.gate_up")]
+    joint = pool.joints[(0, "mlp.gate_up")]
+    a[1, 1, 0] = 7.0
+    assert torch.equal(joint.weight[16 + (1 * 2 + 1) * 2], torch.full((6,), 7.0))
+    key = (0, "mlp.gate_up")
+    assert pool.decode_mode(key, kernels, None, "gemm") == "gemm"
+    assert pool.decode_mode(key, kernels, None, "auto") == "two"  # 8 extra rows > 25 % of 16
+    assert pool.decode_mode(key, kernels, None, "side") == "two"
+    assert pool.decode_mode(key, None, None, "gemm") == "two"
+    with pytest.raises(ValueError, match="--lora-decode 'fast'"):
+        pool.decode_mode(key, kernels, None, "fast")
+    big = SlotPool([target], CPU, torch.float32, max_rank=1, num_slots=1)  # 4 extra rows of 16: auto takes gemm
+    assert big.decode_mode(key, kernels, None, "auto") == "gemm"
+
+
+def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):
+    """LoraTerm "gemm" on a decode batch (one segment per row) gives base + term (float64 loop); below
+    JOINT_MIN_ROWS rows it runs "side_store"'s path, same values; eager decode's segments (adapter rows only)
+    take the joint path too, their other rows on slot 0."""
+    g = torch.Generator().manual_seed(3)
+    col = ColumnParallelLinear(24, [10, 10, 10], True, CPU, torch.float32)
+    col.weight.data.normal_(generator=g)
+    col.bias.data.normal_(generator=g)
+    a_shape = (3, 1, 4, 24)
+    joint = joint_layout(col, a_shape, torch.float32, CPU.device)
+    a = joint.weight[joint.out :].view(a_shape)
+    a[1:].normal_(generator=g)
+    b = torch.randn(3, 1, 30, 4, generator=g)
+    b[0] = 0
+    ranks = torch.tensor([[0, 4, 2]], dtype=torch.int32)
+    a[2, 0, 2:] = 0
+    b[2, 0, :, 2:] = 0
+    term = LoraTerm(a, b, ranks, kernels, None, decode="gemm", joint=joint)
+    slots = torch.tensor([1, 0, 2, 2, 1, 0, 1, 2, 0, 1])  # 10 rows
+    x = torch.randn(len(slots), 24, generator=g)
+    calls = []
+    real = kernels.lora_expand_rows
+    monkeypatch.setattr(kernels, "lora_expand_rows", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+
+    def base():
+        return torch.nn.functional.linear(x, col.weight, col.bias)
+
+    for rows, per_row in ((10, True), (10, False), (5, True)):  # 5 < JOINT_MIN_ROWS: the side path
+        calls.clear()
+        if per_row:  # graphed decode: one segment per row
+            data = AdapterBatchData.for_decode(slots[:rows])
+        else:  # eager decode: segments of the adapter rows only
+            data = AdapterBatchData.build(slots[:rows].tolist(), [1] * rows, "cpu")
+        y = term.apply(lambda n=rows: base()[:n], x[:rows], data)
+        assert len(calls) == (1 if rows >= lora_layer.JOINT_MIN_ROWS else 0)
+        for t in range(rows):
+            s = int(slots[t])
+            want = col.weight.double() @ x[t].double() + col.bias.double() + term_f64(x[t], a, b, s, ranks)
+            torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="'gemm' needs the joint weight"):
+        LoraTerm(a, b, ranks, kernels, None, decode="gemm")

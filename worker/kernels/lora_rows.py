@@ -1,0 +1,93 @@
+"""The decode expand over the joint GEMM (issue 17, P2): y[t] = out[t, :P·N] + h[t, slot(t)] · B[slot(t)]ᵀ.
+
+In the "gemm" decode mode (worker/layers/lora.py) a base linear's weight and its A pool share one allocation,
+[out + slots·P·r_max, in] (worker/adapters/slots.py), so one cuBLAS GEMM gives, per token, the base output and
+h = x · Aᵀ for every slot at once: the shrink rides in the base matmul, where its bytes cost ~0.3 ms a step at
+batch 32 instead of 128 launches beside it. This kernel then writes the output: each token's own slot's h
+(lanes below the slot's rank; slot 0, the base, has rank 0) times that slot's B, rounded to the model dtype,
+added to the base output in fp32 and rounded once (the reference's numerics, worker/kernels/lora_reference.py).
+
+One program per (token, part, BLOCK_N columns); B is read before `gdc_wait` (PDL: pool data, written only
+between steps), so under PDL its load overlaps the GEMM's tail. y is a new contiguous tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
+
+
+# fmt: off
+@triton.jit
+def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES, H_OFFSET, R_MAX,
+                        stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+                        P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    t = tl.program_id(0)
+    part = tl.program_id(1) // N_TILES
+    n0 = (tl.program_id(1) % N_TILES) * BLOCK_N
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_r = offs_r < rank
+    b = tl.load(b_ptr + slot * stride_bs + part * stride_bp + offs_n[:, None] * stride_bn + offs_r[None, :],
+                mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+    gdc_wait(PDL)
+    row = out_ptr + t * stride_o
+    h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=mask_r, other=0.0)  # the GEMM's h
+    dtype = y_ptr.dtype.element_ty
+    acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+    y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
+    gdc_go(PDL)
+    tl.store(y_ptr + t * stride_y + part * N + offs_n, (y0.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype),
+             mask=mask_n)
+# fmt: on
+
+
+def lora_expand_rows(
+    out: torch.Tensor,
+    n_out: int,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    pdl: bool = False,
+    block_n: int = 256,
+) -> torch.Tensor:
+    """y [T, n_out] = out[:, :n_out] + the adapter term of each row's slot, from the joint GEMM's output.
+
+    out: [T, n_out + slots·P·r_max] (row stride free, unit column stride): the base output, then h of
+    slot s, part p at columns n_out + (s·P + p)·r_max; b_pool: [slots, P, n_out / P, r_max]; ranks: [P, slots]
+    int32 (lanes at or past a slot's rank are not read; slot 0's rank is 0); slots: [T], one per row of out.
+    pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
+    T = out.shape[0]
+    S, P, N, r_max = b_pool.shape
+    if (
+        n_out != P * N
+        or out.shape[1] != n_out + S * P * r_max
+        or out.stride(-1) != 1
+        or b_pool.stride(-1) != 1
+        or slots.shape != (T,)
+        or ranks.shape != (P, S)
+    ):
+        raise ValueError(
+            f"lora_expand_rows: out {tuple(out.shape)} with {n_out} base columns, B pool {tuple(b_pool.shape)}, "
+            f"ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
+        )
+    y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
+    if T == 0:
+        return y
+    n_tiles = triton.cdiv(N, block_n)
+    on = active(pdl, out.device)
+    _expand_rows_kernel[(T, P * n_tiles)](
+        out, y, b_pool, slots, ranks, N, n_tiles, n_out, r_max, out.stride(0), y.stride(0), *b_pool.stride()[:3],
+        *ranks.stride(), P=P, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on, num_warps=4,
+        **launch_options(on),
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["lora_expand_rows"]
