@@ -375,3 +375,39 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
             torch.equal(a[slot], before[index][k][0]) and torch.equal(b[slot], before[index][k][1])
             for k, (a, b) in mgr.slots.stacked.items()
         )
+
+
+@pytest.mark.parametrize("P,K,N", [(1, 4096, 12288 + 40), (2, 4096, 11008), (1, 11008, 4096)])
+def test_joint_gemm_expand_rows_bf16(P, K, N):
+    """The "gemm" decode path at 7B-like sizes in bf16 (batch 33, 32 rank-16 adapters, a base row, a rank-8
+    slot; PDL on): the joint GEMM + lora_expand_rows within twice the bf16 reference's own error of the fp32
+    reference, base rows equal to the wider GEMM's base columns; the gate|up launch equals the expand then
+    fused.silu_mul bit for bit."""
+    from worker.kernels.fused import silu_mul
+
+    g = torch.Generator(device=CUDA).manual_seed(P + N)
+    S, R, T = 33, 16, 33
+    weight = (torch.randn(P * N + S * P * R, K, device=CUDA, generator=g) * K**-0.5).to(torch.bfloat16)
+    a = weight[P * N :].view(S, P, R, K)
+    a[0].zero_()
+    a[S - 1, :, 8:].zero_()
+    b = (torch.randn(S, P, N, R, device=CUDA, generator=g) * R**-0.5).to(torch.bfloat16)
+    b[0].zero_()
+    b[S - 1, :, :, 8:].zero_()
+    ranks = torch.full((P, S), R, dtype=torch.int32, device=CUDA)
+    ranks[:, 0], ranks[:, S - 1] = 0, 8
+    slots = torch.tensor([0, *range(1, T)], device=CUDA)
+    x = torch.randn(T, K, device=CUDA, generator=g).to(torch.bfloat16)
+    out = torch.nn.functional.linear(x, weight)
+    y = kernels.lora_expand_rows(out, P * N, b, ranks, slots, pdl=True)
+    data = AdapterBatchData.for_decode(slots)
+    ref = torch.nn.functional.linear(x, weight[: P * N])
+    ref32 = torch.nn.functional.linear(x.float(), weight[: P * N].float())
+    kernels.add_lora_reference(ref, x, a, b, data.token_idx, data.valid, data.slots)
+    kernels.add_lora_reference(ref32, x.float(), a.float(), b.float(), data.token_idx, data.valid, data.slots)
+    err, ref_err = ((t.float() - ref32).abs().max().item() for t in (y, ref))
+    assert err <= 2 * ref_err, (err, ref_err)
+    assert torch.equal(y[0], out[0, : P * N])
+    if P == 2:
+        act = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True)
+        assert torch.equal(act, silu_mul(y))

@@ -42,9 +42,9 @@ def term_f64(x, a, b, slot: int, ranks) -> torch.Tensor:
 
 @pytest.mark.parametrize("P,K,N,r_max,block_n", [(1, 40, 3 * 24, 12, 32), (2, 33, 50, 16, 16), (1, 70, 20, 5, 64)])
 def test_expand_rows_equals_the_definition(P, K, N, r_max, block_n):
-    """Awkward sizes (N not a multiple of the tile, r_max not a power of two); ranks below r_max with NaN in
-    the lanes past them (in B and in the GEMM's h columns: never read); base rows (slot 0) come out as the
-    base output exactly."""
+    """Awkward sizes (N not a multiple of the tile, r_max not a power of two); ranks below r_max, the lanes
+    past them zero in A and B (the pool's invariant) and NaN in the GEMM's h columns (never read); base rows
+    (slot 0) come out as the base output exactly."""
     g = torch.Generator().manual_seed(P * K)
     S = 4
     ranks = torch.tensor([[0, r_max, 3, r_max - 1], [0, 2, r_max, 0]][:P], dtype=torch.int32)
@@ -52,8 +52,8 @@ def test_expand_rows_equals_the_definition(P, K, N, r_max, block_n):
     b = torch.randn(S, P, N, r_max, generator=g) / r_max**0.5
     for s in range(S):
         for p in range(P):
-            a[s, p, ranks[p, s] :] = 0  # the pool's lanes past a rank are zero; the kernel must not rely on it:
-            b[s, p, :, ranks[p, s] :] = float("nan")  # B's are poisoned here, and h's below
+            a[s, p, ranks[p, s] :] = 0  # the pool's lanes past a rank are zero (the kernel reads B whole)
+            b[s, p, :, ranks[p, s] :] = 0
     w = torch.randn(P * N, K, generator=g) / K**0.5
     slots = torch.tensor([2, 0, 1, 3, 3, 0, 1])
     x = torch.randn(len(slots), K, generator=g)
@@ -168,3 +168,87 @@ def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):
             torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="'gemm' needs the joint weight"):
         LoraTerm(a, b, ranks, kernels, None, decode="gemm")
+
+
+@pytest.mark.parametrize("P,N,r_max", [(2, 50, 16), (2, 37, 12)])
+def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
+    """The gate|up launch equals lora_expand_rows then fused.silu_mul bit for bit, and up · silu(gate) of the
+    definition (float64) within fp32 rounding; a pool of another part count is refused."""
+    from worker.kernels.fused import silu_mul
+    from worker.kernels.lora_rows import lora_expand_rows_silu_mul
+
+    g = torch.Generator().manual_seed(N)
+    S, K = 3, 29
+    ranks = torch.tensor([[0, r_max, 5], [0, 3, r_max]], dtype=torch.int32)
+    a = torch.randn(S, P, r_max, K, generator=g) / K**0.5
+    b = torch.randn(S, P, N, r_max, generator=g) / r_max**0.5
+    for s in range(S):
+        for p in range(P):
+            a[s, p, ranks[p, s] :] = 0
+            b[s, p, :, ranks[p, s] :] = 0
+    w = torch.randn(P * N, K, generator=g) / K**0.5
+    slots = torch.tensor([1, 0, 2, 2, 1])
+    x = torch.randn(len(slots), K, generator=g)
+    out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
+    y = lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, block_n=32)
+    assert torch.equal(y, silu_mul(lora_expand_rows(out, P * N, b, ranks, slots, block_n=32)))
+    for t, s in enumerate(slots.tolist()):
+        gate_up = w.double() @ x[t].double() + term_f64(x[t], a, b, s, ranks)
+        want = gate_up[N:] * torch.nn.functional.silu(gate_up[:N])
+        torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="2 parts, not 1"):
+        lora_expand_rows_silu_mul(out[:, : N + S * r_max], N, b[:, :1].contiguous(), ranks[:1], slots)
+
+
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
+    """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
+    gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
+    targets one expand each, and the logits equal the float64 reference with each adapter merged."""
+    import triton.runtime.interpreter as interpreter
+
+    from helpers import TINY, write_checkpoint
+    from lora_helpers import attach_manager, load, write_adapter
+    from paged import Paged
+    from random_weights import random_checkpoint
+    from reference import merge_lora, ref_forward
+    from worker.layers.rotary import ntk_alpha
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "seq_length": 16}
+    state = random_checkpoint(cfg, seed=23)
+    model = FlashQwenForCausalLM.from_pretrained(
+        write_checkpoint(str(tmp_path / "ckpt"), cfg, state), dtype=torch.float32, progress=False, fused=True
+    )
+    root = str(tmp_path / "adapters")
+    adapters = [write_adapter(root, "a8", cfg, 8, 16, seed=4), write_adapter(root, "a16", cfg, 16, 16, seed=5)]
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=3)
+    for t in model.lora_targets():
+        term = getattr(t.owner, t.attr).lora
+        term.kernels, term.decode = kernels, "gemm"
+    monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
+    for i, name in enumerate(["a8", "a16"], start=1):
+        load(mgr, i, name)
+    merged = [state] + [merge_lora(state, *ad) for ad in adapters]
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 7, 3)]
+    which = [2, 0, 1]
+    slots = [mgr.entries[i].slot if i else 0 for i in which]
+    alphas = [ntk_alpha(len(p), cfg["seq_length"], True) for p in prompts]
+    paged = Paged(model)
+    out = paged.step([0, 1, 2], prompts, [0] * 3, alphas, True, slots)
+    seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
+    launches: list[str] = []
+    run = interpreter.InterpretedFunction.run
+
+    def counting(self, *args, **kw):
+        launches.append(self.fn.__name__)
+        return run(self, *args, **kw)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
+    out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
+    layers = cfg["num_hidden_layers"]
+    assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
+    assert launches.count("_expand_rows_kernel") == 3 * layers  # c_attn, attn.c_proj, mlp.c_proj
+    for s, p, a, o in zip(seqs, prompts, which, out):
+        worst = (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+        assert worst <= 1e-4, worst

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.lora_reference import add_lora_reference
-from worker.kernels.lora_rows import lora_expand_rows
+from worker.kernels.lora_rows import lora_expand_rows, lora_expand_rows_silu_mul
 
 
 # Triton kernel signatures stay packed, one line per group of arguments
@@ -312,4 +312,12 @@ def add_lora(
     lora_expand(y, h, b_pool, ranks, starts, lens, slots, max_len)
 
 
-__all__ = ["shrink_buffer", "lora_shrink", "lora_expand", "add_lora", "add_lora_reference", "lora_expand_rows"]
+__all__ = [
+    "shrink_buffer",
+    "lora_shrink",
+    "lora_expand",
+    "add_lora",
+    "add_lora_reference",
+    "lora_expand_rows",
+    "lora_expand_rows_silu_mul",
+]

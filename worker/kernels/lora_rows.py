@@ -8,7 +8,8 @@ batch 32 instead of 128 launches beside it. This kernel then writes the output: 
 added to the base output in fp32 and rounded once (the reference's numerics, worker/kernels/lora_reference.py).
 
 One program per (token, part, BLOCK_N columns); B is read before `gdc_wait` (PDL: pool data, written only
-between steps), so under PDL its load overlaps the GEMM's tail. y is a new contiguous tensor.
+between steps), whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones),
+so under PDL its load overlaps the GEMM's tail. y is a new contiguous tensor.
 """
 
 from __future__ import annotations
@@ -17,52 +18,76 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
+from worker.kernels.fused import silu_mul_rn
+from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
 
 
 # fmt: off
 @triton.jit
-def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES, H_OFFSET, R_MAX,
+def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES, H_OFFSET,
                         stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
-                        P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                        P: tl.constexpr, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                        PDL: tl.constexpr):
     t = tl.program_id(0)
     part = tl.program_id(1) // N_TILES
     n0 = (tl.program_id(1) % N_TILES) * BLOCK_N
     slot = tl.load(slots_ptr + t).to(tl.int64)
-    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
-    mask_r = offs_r < rank
-    b = tl.load(b_ptr + slot * stride_bs + part * stride_bp + offs_n[:, None] * stride_bn + offs_r[None, :],
-                mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+    b_ptrs = b_ptr + slot * stride_bs + part * stride_bp + offs_n[:, None] * stride_bn + offs_r[None, :]
+    if R_MAX == BLOCK_R:  # whole rows of B: vector loads (the pool's lanes past a rank are zero)
+        b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)  # [BN, BR]
+    else:
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r < R_MAX)[None, :], other=0.0)
     gdc_wait(PDL)
-    row = out_ptr + t * stride_o
-    h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=mask_r, other=0.0)  # the GEMM's h
-    dtype = y_ptr.dtype.element_ty
-    acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
-    y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
     gdc_go(PDL)
-    tl.store(y_ptr + t * stride_y + part * N + offs_n, (y0.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype),
-             mask=mask_n)
+    y = _part(out_ptr + t * stride_o, b, ranks_ptr, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
+              stride_rs, P, R_MAX)
+    tl.store(y_ptr + t * stride_y + part * N + offs_n, y, mask=mask_n)
+
+
+@triton.jit
+def _part(row, b, ranks_ptr, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp, stride_rs, P: tl.constexpr,
+          R_MAX: tl.constexpr):
+    """One part's output columns of a row: base + (h · Bᵀ rounded), added in fp32 and rounded once; h is the
+    slot's lanes below its rank in the joint GEMM's output row, b the slot's B rows [BN, BR]."""
+    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
+    h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < rank, other=0.0)
+    y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
+    acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+    return (y0.to(tl.float32) + acc.to(y0.dtype).to(tl.float32)).to(y0.dtype)
+
+
+@triton.jit
+def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET,
+                            stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+                            R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
+                            PDL: tl.constexpr):
+    """A gate|up target (P = 2): y[t, n] = up · silu(gate) of the two parts' outputs, each the expand's value."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    b_ptrs = b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :]
+    if R_MAX == BLOCK_R:
+        b_mask = mask_n[:, None]
+    else:
+        b_mask = mask_n[:, None] & (offs_r < R_MAX)[None, :]
+    b_gate = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    b_up = tl.load(b_ptrs + stride_bp, mask=b_mask, other=0.0)
+    gdc_wait(PDL)
+    gdc_go(PDL)
+    gate = _part(out_ptr + t * stride_o, b_gate, ranks_ptr, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
+                 stride_rs, 2, R_MAX)
+    up = _part(out_ptr + t * stride_o, b_up, ranks_ptr, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
+               stride_rs, 2, R_MAX)
+    tl.store(y_ptr + t * stride_y + offs_n, silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty), mask=mask_n)
 # fmt: on
 
 
-def lora_expand_rows(
-    out: torch.Tensor,
-    n_out: int,
-    b_pool: torch.Tensor,
-    ranks: torch.Tensor,
-    slots: torch.Tensor,
-    pdl: bool = False,
-    block_n: int = 256,
-) -> torch.Tensor:
-    """y [T, n_out] = out[:, :n_out] + the adapter term of each row's slot, from the joint GEMM's output.
-
-    out: [T, n_out + slots·P·r_max] (row stride free, unit column stride): the base output, then h of
-    slot s, part p at columns n_out + (s·P + p)·r_max; b_pool: [slots, P, n_out / P, r_max]; ranks: [P, slots]
-    int32 (lanes at or past a slot's rank are not read; slot 0's rank is 0); slots: [T], one per row of out.
-    pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
+def _check(out: torch.Tensor, n_out: int, b_pool: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor) -> None:
     T = out.shape[0]
     S, P, N, r_max = b_pool.shape
     if (
@@ -77,17 +102,64 @@ def lora_expand_rows(
             f"lora_expand_rows: out {tuple(out.shape)} with {n_out} base columns, B pool {tuple(b_pool.shape)}, "
             f"ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
         )
+
+
+def lora_expand_rows(
+    out: torch.Tensor,
+    n_out: int,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    pdl: bool = False,
+    block_n: int = 256,
+) -> torch.Tensor:
+    """y [T, n_out] = out[:, :n_out] + the adapter term of each row's slot, from the joint GEMM's output.
+
+    out: [T, n_out + slots·P·r_max] (row stride free, unit column stride): the base output, then h of
+    slot s, part p at columns n_out + (s·P + p)·r_max; b_pool: [slots, P, n_out / P, r_max], zero in the lanes
+    at or past each slot's rank (the pool's invariant: B is read whole, for vector loads); ranks: [P, slots]
+    int32 (h's lanes at or past a slot's rank are not read; slot 0's rank is 0); slots: [T], one per row.
+    pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
+    _check(out, n_out, b_pool, ranks, slots)
+    T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
     if T == 0:
         return y
     n_tiles = triton.cdiv(N, block_n)
     on = active(pdl, out.device)
     _expand_rows_kernel[(T, P * n_tiles)](
-        out, y, b_pool, slots, ranks, N, n_tiles, n_out, r_max, out.stride(0), y.stride(0), *b_pool.stride()[:3],
-        *ranks.stride(), P=P, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on, num_warps=4,
-        **launch_options(on),
+        out, y, b_pool, slots, ranks, N, n_tiles, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3],
+        *ranks.stride(), P=P, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on, num_warps=4,
+        enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
 
 
-__all__ = ["lora_expand_rows"]
+def lora_expand_rows_silu_mul(
+    out: torch.Tensor,
+    n_out: int,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    pdl: bool = False,
+    block_n: int = 256,
+) -> torch.Tensor:
+    """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
+    [T, n_out / 2], the same values bit for bit."""
+    _check(out, n_out, b_pool, ranks, slots)
+    T, (_, P, N, r_max) = out.shape[0], b_pool.shape
+    if P != 2:
+        raise ValueError(f"lora_expand_rows_silu_mul: a gate|up pool has 2 parts, not {P}")
+    y = torch.empty(T, N, dtype=out.dtype, device=out.device)
+    if T == 0:
+        return y
+    on = active(pdl, out.device)
+    _expand_rows_act_kernel[(T, triton.cdiv(N, block_n))](
+        out, y, b_pool, slots, ranks, N, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(),
+        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED, PDL=on,
+        num_warps=4, enable_fp_fusion=False, **launch_options(on),
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["lora_expand_rows", "lora_expand_rows_silu_mul"]

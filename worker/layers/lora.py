@@ -201,14 +201,9 @@ class LoraTerm:
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
         if self.decode == "gemm" and data.max_len == 1:
-            joint = self.joint
-            if joint is not None and x.shape[0] >= JOINT_MIN_ROWS:
-                slots = data.slots
-                if slots.shape[0] != x.shape[0]:  # eager decode: segments of the adapter rows only; others slot 0
-                    slots = torch.zeros(x.shape[0], dtype=slots.dtype, device=slots.device)
-                    slots[data.starts.long()] = data.slots
-                out = nn.functional.linear(x, joint.weight, joint.bias)  # [T, out + slots·P·r_max]: y0, every h
-                return self.kernels.lora_expand_rows(out, joint.out, self.b_pool, self.ranks, slots, self.pdl)
+            joint = self._joint_gemm(x, data)
+            if joint is not None:
+                return self.kernels.lora_expand_rows(*joint, self.pdl)
             return self._beside(base, x, data)
         if self.decode.startswith("side") and data.max_len == 1:
             return self._beside(base, x, data)
@@ -232,6 +227,27 @@ class LoraTerm:
         main.wait_stream(self.stream)
         k.lora_expand(y, h, self.b_pool, self.ranks, *segments)
         return y
+
+    def apply_silu_mul(self, x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor | None:
+        """up · silu(gate) of base + term for a gate|up target (P = 2) where "gemm" serves the step: the expand
+        and the activation in one launch (fused.silu_mul's values, bit for bit); None elsewhere."""
+        if self.decode != "gemm" or data.max_len != 1 or self.b_pool.shape[1] != 2 or self.kernels is None:
+            return None
+        joint = self._joint_gemm(x, data)
+        return None if joint is None else self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl)
+
+    def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
+        """ "gemm" at a decode step of at least JOINT_MIN_ROWS rows: the joint GEMM's output [T, out + slots·P·r_max]
+        (the base output, then every slot's h) and the expand's other arguments; None below that size."""
+        joint = self.joint
+        if joint is None or x.shape[0] < JOINT_MIN_ROWS:
+            return None
+        slots = data.slots
+        if slots.shape[0] != x.shape[0]:  # eager decode: segments of the adapter rows only; the others slot 0
+            slots = torch.zeros(x.shape[0], dtype=slots.dtype, device=slots.device)
+            slots[data.starts.long()] = data.slots
+        out = nn.functional.linear(x, joint.weight, joint.bias)
+        return out, joint.out, self.b_pool, self.ranks, slots
 
     def _beside(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """Shrink and expand both on the side stream (when there is one), beside the base matmul, into a
@@ -300,6 +316,12 @@ class LoraColumnParallelLinear(_LoraLinear):
 
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.lora.apply(lambda: self.base(x, ctx), x, data)  # [T, out_per_rank]
+
+    def silu_mul(self, x: torch.Tensor, ctx: object) -> torch.Tensor | None:
+        """A gate|up target's up · silu(gate), its adapter term and the activation in one launch where LoraTerm
+        serves that (`apply_silu_mul`); None: the caller runs forward and the activation itself."""
+        data = getattr(ctx, "adapter_data", None)
+        return None if data is None else self.lora.apply_silu_mul(x, data)
 
 
 class LoraRowParallelLinear(_LoraLinear):

@@ -138,6 +138,10 @@ class QwenMLP(nn.Module):
         self.c_proj.load(weights, f"{prefix}.c_proj")
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        lora_act = getattr(self.gate_up, "silu_mul", None) if self.act.fused else None
+        act = lora_act(x, ctx) if lora_act is not None else None  # adapters' expand fused with the activation
+        if act is not None:
+            return self.c_proj(act, ctx)
         gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
         if isinstance(self.c_proj, RowParallelLinear) and self.c_proj.fuses_act(gate_up):
             return self.c_proj.forward_act(gate_up)  # the activation inside c_proj's GEMV (DecodeKernels.act_gemv)
