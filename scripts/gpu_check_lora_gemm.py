@@ -82,8 +82,8 @@ def main() -> None:
     print(f"base matmuls, {LAYERS} layers, batch {BATCH}: {t_base:.3f} ms")
     variants = {
         "side_store": terms("side_store"),
-        "gemm": terms("gemm"),
-        "gemm, no PDL": terms("gemm", pdl=False),
+        "gemm": terms("gemm", pdl=False),
+        "gemm, PDL": terms("gemm"),
     }
     for name in ["gemm only", *variants]:
         t = graph_ms(partial(run, name, every, variants.get(name)), 20)

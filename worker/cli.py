@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=decode_kernels,
         default=",".join(SERVED),
         help="decode kernel choices (worker/layers/decode_kernels.py): 'none' (today's kernels) or a comma list of "
-        "pdl, rope_store, act_gemv; default: the set measured faster and exact on an H200. CUDA only "
+        "pdl, rope_store, act_gemv, lora_pdl; default: the set measured faster and exact on an H200. CUDA only "
         "(pdl on sm_90+); the chosen set is logged",
     )
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])

@@ -110,7 +110,7 @@ def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
     it (auto: while the A rows add at most 25 % to the base rows), "side" never; no kernels: "two"."""
     col = ColumnParallelLinear(6, [8, 8], False, CPU, torch.float32)
     target = SimpleNamespace(owner=SimpleNamespace(lin=col), attr="lin", layer=0, key="mlp.gate_up",
-                             modules=("w2", "w1"))  # fmt: skip
+                             modules=("mlp.w2", "mlp.w1"))  # fmt: skip
     pool = SlotPool([target], CPU, torch.float32, max_rank=2, num_slots=1)  # 2 slots x 2 parts x 2 = 8 rows
     a, _ = pool.stacked[(0, "mlp.gate_up")]
     joint = pool.joints[(0, "mlp.gate_up")]
@@ -252,3 +252,22 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
     for s, p, a, o in zip(seqs, prompts, which, out):
         worst = (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
+
+
+def test_the_gemm_expand_takes_pdl_from_lora_pdl_only():
+    """DecodeKernels.lora_pdl (not pdl, which measured slower for this expand) sets the "gemm" expand's PDL,
+    through the wrapper's set_decode_kernels and at wrap time from the base's choices."""
+    from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
+
+    col = ColumnParallelLinear(6, [8], False, CPU, torch.float32)
+    col.set_decode_kernels(DecodeKernels(lora_pdl=True))
+    owner = torch.nn.Module()
+    owner.lin = col
+    target = SimpleNamespace(owner=owner, attr="lin", layer=0, key="attn.c_attn", modules=("attn.c_attn",))
+    SlotPool([target], CPU, torch.float32, max_rank=2, num_slots=1).wrap_targets(kernels, None, "gemm")
+    term = owner.lin.lora
+    assert term.decode == "gemm" and term.pdl
+    apply_decode_kernels(owner, DecodeKernels(pdl=True))
+    assert not term.pdl and owner.lin.base.decode_kernels.pdl
+    apply_decode_kernels(owner, DecodeKernels(lora_pdl=True))
+    assert term.pdl

@@ -124,7 +124,7 @@ class SlotPool:
                 joint=self.joints.get((t.layer, t.key)),
             )
             base = getattr(t.owner, t.attr)
-            term.pdl = getattr(getattr(base, "decode_kernels", None), "pdl", False)  # later: set_decode_kernels
+            term.pdl = getattr(getattr(base, "decode_kernels", None), "lora_pdl", False)  # later: set_decode_kernels
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return ", ".join(f"{m} x{n}" for m, n in sorted(modes.items()))
 

@@ -37,11 +37,15 @@ class DecodeKernels:
     act_gemv: mlp.c_proj (a float, un-wrapped row-parallel linear) at decode batches <= ACT_GEMV_MAX_M computes
     up * silu(gate) while reading its input in the Triton GEMV, and the SiLU-mul kernel disappears.
     rope_store: RoPE (+ logn) and the KV-cache store in one kernel (fused kernels, caches in the model dtype,
-    unscaled; other caches keep the two kernels). Copies only: the cache is bit for bit the same."""
+    unscaled; other caches keep the two kernels). Copies only: the cache is bit for bit the same.
+    lora_pdl: the expand of LoRA's "gemm" decode mode (worker/kernels/lora_rows.py) launches with PDL too (it
+    follows a cuBLAS GEMM); off by default: on the H200 it measured slower, 1.05 vs 0.93 ms a step beside the
+    7B base matmuls at batch 32 (scripts/gpu_check_lora_gemm.py)."""
 
     pdl: bool = False
     act_gemv: bool = False
     rope_store: bool = False
+    lora_pdl: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""
@@ -78,7 +82,12 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
 
     if pdl.INTERPRETED:
         return DecodeKernels()
-    return replace(opts, pdl=pdl.active(opts.pdl, device), rope_store=opts.rope_store and fused)
+    return replace(
+        opts,
+        pdl=pdl.active(opts.pdl, device),
+        rope_store=opts.rope_store and fused,
+        lora_pdl=pdl.active(opts.lora_pdl, device),
+    )
 
 
 def launched(kernel: Callable[..., Any], opts: DecodeKernels) -> Callable[..., Any]:

@@ -175,7 +175,7 @@ class LoraTerm:
     expand that writes the output (worker/kernels/lora_rows.py), for decode batches of at least
     JOINT_MIN_ROWS rows ("side_store" below). per_sm: the programs per SM the side
     modes' shrink aims its K split at (worker/kernels/lora.py `_plan`); pdl: the "gemm" expand launches
-    with PDL (DecodeKernels.pdl)."""
+    with PDL (DecodeKernels.lora_pdl)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
@@ -297,7 +297,7 @@ class _LoraLinear(nn.Module):
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
-        self.lora.pdl = opts.pdl
+        self.lora.pdl = opts.lora_pdl
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)
