@@ -382,9 +382,8 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     """The "gemm" decode path at 7B-like sizes in bf16 (batch 33, 32 rank-16 adapters, a base row, a rank-8
     slot; PDL on): the joint GEMM + lora_expand_rows within twice the bf16 reference's own error of the fp32
     reference, base rows equal to the wider GEMM's base columns; the gate|up launch equals the expand then
-    fused.silu_mul bit for bit; the row-parallel launch the expand then fused.rms_norm (s bit for bit, the
-    normed values within a bf16 ulp)."""
-    from worker.kernels.fused import rms_norm, silu_mul
+    fused.silu_mul bit for bit."""
+    from worker.kernels.fused import silu_mul
 
     g = torch.Generator(device=CUDA).manual_seed(P + N)
     S, R, T = 33, 16, 33
@@ -412,11 +411,3 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     if P == 2:
         act = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True)
         assert torch.equal(act, silu_mul(y))
-    if P == 1 and N == 4096:  # a row-parallel target: the term inside the next residual add + RMSNorm
-        res = torch.randn(T, N, device=CUDA, generator=g).to(torch.bfloat16)
-        weight = (torch.rand(N, device=CUDA, generator=g) + 0.5).to(torch.bfloat16)
-        normed, total = kernels.lora_expand_rows_rms_norm(out, N, b, ranks, slots, weight, 1e-6, res, pdl=True)
-        want_n, want_s = rms_norm(y, weight, 1e-6, res)
-        assert torch.equal(total, want_s)
-        ulp = 2.0 ** (torch.floor(torch.log2(want_n.float().abs().clamp_min(1e-30))) - 7)
-        assert bool(((normed.float() - want_n.float()).abs() <= ulp).all())  # sums of squares in other order

@@ -202,9 +202,8 @@ def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
 
 def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
-    gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), c_attn one
-    expand, the row-parallel targets none (the next norm adds their terms), and the logits equal the float64
-    reference with each adapter merged."""
+    gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
+    targets one expand each, and the logits equal the float64 reference with each adapter merged."""
     import triton.runtime.interpreter as interpreter
 
     from helpers import TINY, write_checkpoint
@@ -249,10 +248,7 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
     out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
     layers = cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
-    assert launches.count("_expand_rows_kernel") == layers  # c_attn
-    # attn.c_proj and mlp.c_proj: their terms added by the next residual add + RMSNorm (ln_2, ln_1, ln_f); only
-    # the first ln_1 (after the embedding) is a plain norm
-    assert launches.count("_expand_rows_norm_kernel") == 2 * layers and launches.count("_rms_norm_kernel") == 1
+    assert launches.count("_expand_rows_kernel") == 3 * layers  # c_attn, attn.c_proj, mlp.c_proj
     for s, p, a, o in zip(seqs, prompts, which, out):
         worst = (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
@@ -275,44 +271,3 @@ def test_the_gemm_expand_takes_pdl_from_lora_pdl_only():
     assert not term.pdl and owner.lin.base.decode_kernels.pdl
     apply_decode_kernels(owner, DecodeKernels(lora_pdl=True))
     assert term.pdl
-
-
-@pytest.mark.parametrize("N,r_max,chunk", [(70, 12, 32), (64, 16, 64)])
-def test_expand_rows_rms_norm_equals_the_definition(N, r_max, chunk):
-    """The row-parallel launch: s = base + term + residual and RMSNorm(s) · w, each as the unfused kernels round
-    them (within an fp32 ulp: the sum of squares runs in chunks), and against the float64 definition; a PendingTerm
-    resolves to the same s through lora_expand_rows when the norm cannot take it."""
-    from worker.kernels.fused import rms_norm
-    from worker.kernels.lora_rows import lora_expand_rows_rms_norm
-    from worker.layers.lora import PendingTerm
-    from worker.layers.norm import RMSNorm
-
-    g = torch.Generator().manual_seed(N)
-    S, K, T = 3, 21, 5
-    ranks = torch.tensor([[0, r_max, 4]], dtype=torch.int32)
-    a = torch.randn(S, 1, r_max, K, generator=g) / K**0.5
-    b = torch.randn(S, 1, N, r_max, generator=g) / r_max**0.5
-    a[0], b[0] = 0, 0
-    a[2, 0, 4:], b[2, 0, :, 4:] = 0, 0
-    w = torch.randn(N, K, generator=g) / K**0.5
-    slots = torch.tensor([1, 0, 2, 2, 1])
-    x = torch.randn(T, K, generator=g)
-    res = torch.randn(T, N, generator=g)
-    weight = torch.rand(N, generator=g) + 0.5
-    out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
-    normed, total = lora_expand_rows_rms_norm(out, N, b, ranks, slots, weight, 1e-6, res, chunk=chunk)
-    want_n, want_s = rms_norm(lora_expand_rows(out, N, b, ranks, slots), weight, 1e-6, res)
-    assert torch.equal(total, want_s)
-    torch.testing.assert_close(normed, want_n, atol=1e-6, rtol=1e-6)
-    for t, s in enumerate(slots.tolist()):
-        s64 = w.double() @ x[t].double() + term_f64(x[t], a, b, s, ranks) + res[t].double()
-        n64 = s64 * torch.rsqrt(s64.pow(2).mean() + 1e-6) * weight.double()
-        torch.testing.assert_close(total[t].double(), s64, atol=2e-5, rtol=2e-5)
-        torch.testing.assert_close(normed[t].double(), n64, atol=5e-5, rtol=5e-5)
-    norm = RMSNorm(N, 1e-6, torch.float32, torch.device("cpu"), fused=True)
-    norm.weight.data.copy_(weight)
-    pending = PendingTerm(kernels, out, N, b, ranks, slots, False)
-    assert torch.equal(norm(pending, res)[1], want_s)  # fused: one launch
-    assert torch.equal(norm(pending)[1], lora_expand_rows(out, N, b, ranks, slots))  # no residual: resolved
-    with pytest.raises(ValueError, match="one part"):
-        lora_expand_rows_rms_norm(out, N, b, ranks, slots, weight, 1e-6, res[:, :-1])

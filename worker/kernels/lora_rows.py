@@ -84,46 +84,6 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
     up = _part(out_ptr + t * stride_o, b_up, ranks_ptr, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
                stride_rs, 2, R_MAX)
     tl.store(y_ptr + t * stride_y + offs_n, silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _expand_rows_norm_kernel(out_ptr, res_ptr, w_ptr, normed_ptr, sum_ptr, b_ptr, slots_ptr, ranks_ptr, eps, inv_n, N,
-                             H_OFFSET, stride_o, stride_res, stride_n, stride_s, stride_bs, stride_bn, stride_rs,
-                             R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """A one-part target's row: y = base + term (as _part), s = y + residual, RMSNorm(s) · w (fused.rms_norm's
-    roundings; the sum of squares in CHUNK pieces)."""
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    rank = tl.load(ranks_ptr + slot * stride_rs)
-    row = out_ptr + t * stride_o
-    h = tl.load(row + H_OFFSET + slot * R_MAX + offs_r, mask=offs_r < rank, other=0.0).to(tl.float32)
-    dtype = normed_ptr.dtype.element_ty
-    sq = 0.0
-    for c0 in range(0, N, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        mask = cols < N
-        b = tl.load(b_ptr + slot * stride_bs + cols[:, None] * stride_bn + offs_r[None, :],
-                    mask=mask[:, None] & (offs_r < R_MAX)[None, :], other=0.0)
-        acc = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
-        y0 = tl.load(row + cols, mask=mask, other=0.0)
-        y = (y0.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype)
-        r = tl.load(res_ptr + t * stride_res + cols, mask=mask, other=0.0)
-        x = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(sum_ptr + t * stride_s + cols, x, mask=mask)
-        x32 = x.to(tl.float32)
-        sq += tl.sum(x32 * x32, 0)
-    inv_rms = tl.math.rsqrt(sq * inv_n + eps)
-    tl.debug_barrier()  # every thread's s stored before the second pass reads it back
-    for c0 in range(0, N, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        mask = cols < N
-        x32 = tl.load(sum_ptr + t * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        normed = (x32 * inv_rms).to(dtype)
-        tl.store(normed_ptr + t * stride_n + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(dtype), mask=mask)
 # fmt: on
 
 
@@ -202,40 +162,4 @@ def lora_expand_rows_silu_mul(
     return y
 
 
-def lora_expand_rows_rms_norm(
-    out: torch.Tensor,
-    n_out: int,
-    b_pool: torch.Tensor,
-    ranks: torch.Tensor,
-    slots: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor,
-    pdl: bool = False,
-    chunk: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused.rms_norm(lora_expand_rows(...), weight, eps, residual) in one launch for a one-part target (a
-    row-parallel one at TP = 1, whose output only feeds the next residual add + RMSNorm): (RMSNorm(s), s) with
-    s = base + term + residual, each rounded as the two kernels round it (the sum of squares in chunks)."""
-    _check(out, n_out, b_pool, ranks, slots)
-    T, (_, P, N, r_max) = out.shape[0], b_pool.shape
-    if P != 1 or residual.shape != (T, N) or weight.shape != (N,) or residual.stride(-1) != 1:
-        raise ValueError(
-            f"lora_expand_rows_rms_norm: B pool {tuple(b_pool.shape)} (one part), residual {tuple(residual.shape)}, "
-            f"weight {tuple(weight.shape)} for {T} rows of {N}"
-        )
-    normed = torch.empty(T, N, dtype=out.dtype, device=out.device)
-    total = torch.empty(T, N, dtype=out.dtype, device=out.device)
-    if T == 0:
-        return normed, total
-    on = active(pdl, out.device)
-    _expand_rows_norm_kernel[(T,)](
-        out, residual, weight, normed, total, b_pool, slots, ranks, eps, 1.0 / N, N, n_out, out.stride(0),
-        residual.stride(0), normed.stride(0), total.stride(0), b_pool.stride(0), b_pool.stride(2), ranks.stride(1),
-        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), CHUNK=min(chunk, triton.next_power_of_2(N)), PDL=on,
-        num_warps=8, enable_fp_fusion=False, **launch_options(on),
-    )  # fmt: skip
-    return normed, total
-
-
-__all__ = ["lora_expand_rows", "lora_expand_rows_silu_mul", "lora_expand_rows_rms_norm"]
+__all__ = ["lora_expand_rows", "lora_expand_rows_silu_mul"]

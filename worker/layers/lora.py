@@ -162,30 +162,6 @@ class JointWeight:
 
 
 @dataclass
-class PendingTerm:
-    """A one-part target's decode output in "gemm" mode with its adapter term not yet added: the joint GEMM's
-    output and the expand's arguments. A row-parallel target at TP = 1 returns it, since its output only feeds
-    the next residual add + RMSNorm, which adds the term in its own launch (`rms_norm`; worker/layers/norm.py);
-    `resolve` adds it alone."""
-
-    kernels: ModuleType
-    out: torch.Tensor  # [T, n_out + slots·r_max]
-    n_out: int
-    b_pool: torch.Tensor
-    ranks: torch.Tensor
-    slots: torch.Tensor
-    pdl: bool
-
-    def resolve(self) -> torch.Tensor:
-        return self.kernels.lora_expand_rows(self.out, self.n_out, self.b_pool, self.ranks, self.slots, self.pdl)
-
-    def rms_norm(self, weight: torch.Tensor, eps: float, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(s), s) with s = base + term + residual, one launch."""
-        args = (self.out, self.n_out, self.b_pool, self.ranks, self.slots)
-        return self.kernels.lora_expand_rows_rms_norm(*args, weight, eps, residual, self.pdl)
-
-
-@dataclass
 class LoraTerm:
     """The adapter term of one module: pools with a part dim, per-part slot ranks, the kernels module
     (None: the PyTorch reference) and an optional side stream on which the kernels' shrink runs beside the
@@ -260,20 +236,7 @@ class LoraTerm:
         joint = self._joint_gemm(x, data)
         return None if joint is None else self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl)
 
-    def pending(self, x: torch.Tensor, data: AdapterBatchData) -> PendingTerm | None:
-        """The joint GEMM of a one-part target where "gemm" serves the step, its term left to the consumer; None
-        elsewhere."""
-        if self.decode != "gemm" or data.max_len != 1 or self.b_pool.shape[1] != 1 or self.kernels is None:
-            return None
-        joint = self._joint_gemm(x, data)
-        if joint is None:
-            return None
-        out, n_out, b_pool, ranks, slots = joint
-        return PendingTerm(self.kernels, out, n_out, b_pool, ranks, slots, self.pdl)
-
-    def _joint_gemm(
-        self, x: torch.Tensor, data: AdapterBatchData
-    ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """ "gemm" at a decode step of at least JOINT_MIN_ROWS rows: the joint GEMM's output [T, out + slots·P·r_max]
         (the base output, then every slot's h) and the expand's other arguments; None below that size."""
         joint = self.joint
@@ -368,10 +331,6 @@ class LoraRowParallelLinear(_LoraLinear):
     base: RowParallelLinear
 
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
-        if self.base.pctx.world_size == 1 and self.base.bias is None:  # nothing between the term and the next norm
-            pending = self.lora.pending(x, data)
-            if pending is not None:
-                return pending  # type: ignore[return-value]  # the next RMSNorm adds the term (PendingTerm)
         return self.base.reduce(self.lora.apply(lambda: self.base.partial(x), x, data))  # [T, out]
 
 

@@ -2,9 +2,7 @@
 
 Not sharded: every rank holds the whole weight [H]. `forward(x, residual)` returns (RMSNorm(s), s) with
 s = x + residual, so a decoder loop carries the residual stream the same way whichever implementation
-runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at construction. x may be a
-row-parallel adapter output whose term is still pending (worker/layers/lora.py PendingTerm): the fused norm then
-adds it in the same launch.
+runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at construction.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from torch import nn
 
 from worker import ops
 from worker.layers.decode_kernels import DecodeKernels, launched
-from worker.layers.lora import PendingTerm
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,12 +34,6 @@ class RMSNorm(nn.Module):
 
             self.impl = launched(kernels.rms_norm, opts)
 
-    def forward(
-        self, x: torch.Tensor | PendingTerm, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] -> (normed [T, H], s = x + residual [T, H])
-        if isinstance(x, PendingTerm):  # a row-parallel adapter output in "gemm" mode: its term added here
-            if self.fused and residual is not None:
-                return x.rms_norm(self.weight, self.eps, residual)
-            x = x.resolve()
         return self.impl(x, self.weight, self.eps, residual)
