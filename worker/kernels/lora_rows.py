@@ -7,6 +7,10 @@ batch 32 instead of 128 launches beside it. This kernel then writes the output: 
 (lanes below the slot's rank; slot 0, the base, has rank 0) times that slot's B, rounded to the model dtype,
 added to the base output in fp32 and rounded once (the reference's numerics, worker/kernels/lora_reference.py).
 
+Tried and removed (2026-11-29, H200): the row-parallel targets' term added inside the next residual add +
+RMSNorm (one program per row, each reading its slot's whole B, 128 KB at the 7B width): P2 fell from 0.88 to 0.81,
+the norm being ~8 us slower with 32 programs than the expand's 512 plus the plain norm.
+
 One program per (token, part, BLOCK_N columns); B is read before `gdc_wait` (PDL: pool data, written only
 between steps), whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones),
 so under PDL its load overlaps the GEMM's tail. y is a new contiguous tensor.
