@@ -73,6 +73,11 @@ def main() -> None:
 
             for t in model.lora_targets():
                 getattr(t.owner, t.attr).lora.kernels = kernels
+                if os.environ.get("QWEN_TEST_LORA_DECODE") == "gemm":  # the joint GEMM at these 3-row steps too
+                    from worker.layers import lora as lora_layer
+
+                    lora_layer.JOINT_MIN_ROWS = 1
+                    getattr(t.owner, t.attr).lora.decode = "gemm"
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]

@@ -256,6 +256,10 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
 
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)  # "gemm" at this bucket (8 rows) too
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
+    if mode == "gemm":  # with the served decode kernels (PDL on the expands, RoPE + store)
+        from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
+
+        apply_decode_kernels(model, parse_decode_kernels(",".join(SERVED)))
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.decode = mode
         getattr(t.owner, t.attr).lora.per_sm = per_sm

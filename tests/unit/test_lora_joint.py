@@ -130,7 +130,8 @@ def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
 def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):
     """LoraTerm "gemm" on a decode batch (one segment per row) gives base + term (float64 loop); below
     JOINT_MIN_ROWS rows it runs "side_store"'s path, same values; eager decode's segments (adapter rows only)
-    take the joint path too, their other rows on slot 0."""
+    take the joint path too, their other rows on slot 0; a step with a prompt's rows (max_len 1 among the
+    adapter rows, but not every request one token) runs the segments."""
     g = torch.Generator().manual_seed(3)
     col = ColumnParallelLinear(24, [10, 10, 10], True, CPU, torch.float32)
     col.weight.data.normal_(generator=g)
@@ -154,16 +155,20 @@ def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):
     def base():
         return torch.nn.functional.linear(x, col.weight, col.bias)
 
-    for rows, per_row in ((10, True), (10, False), (5, True)):  # 5 < JOINT_MIN_ROWS: the side path
+    cases = ((10, "graphed"), (10, "eager"), (5, "graphed"), (10, "mixed"))  # 5 < JOINT_MIN_ROWS: the side path
+    for rows, kind in cases:
         calls.clear()
-        if per_row:  # graphed decode: one segment per row
+        if kind == "graphed":  # graphed decode: one segment per row
             data = AdapterBatchData.for_decode(slots[:rows])
-        else:  # eager decode: segments of the adapter rows only
+        elif kind == "eager":  # eager decode: segments of the adapter rows only
             data = AdapterBatchData.build(slots[:rows].tolist(), [1] * rows, "cpu")
+        else:  # a base prompt of 3 rows beside one-token adapter rows: not a decode step, the segments run
+            data = AdapterBatchData.build([0, *slots[3:rows].tolist()], [3] + [1] * (rows - 3), "cpu")
+            assert data.max_len == 1 and not data.decode
         y = term.apply(lambda n=rows: base()[:n], x[:rows], data)
-        assert len(calls) == (1 if rows >= lora_layer.JOINT_MIN_ROWS else 0)
+        assert len(calls) == (1 if rows >= lora_layer.JOINT_MIN_ROWS and kind != "mixed" else 0)
         for t in range(rows):
-            s = int(slots[t])
+            s = 0 if kind == "mixed" and t < 3 else int(slots[t])
             want = col.weight.double() @ x[t].double() + col.bias.double() + term_f64(x[t], a, b, s, ranks)
             torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="'gemm' needs the joint weight"):

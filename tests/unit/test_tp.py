@@ -36,16 +36,18 @@ def test_logits_equal_world_size_1(runs, world):
                 assert diff <= 1e-4, f"{key} at world size {world}: {diff}"
 
 
-def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path):
+@pytest.mark.parametrize("decode", ["two", "gemm"])
+def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path, decode):
     """The mixed-adapter batch with the Triton LoRA kernels (the Triton interpreter here; on CUDA the
     NCCL test runs them compiled) at world size 2 equals the PyTorch LoRA path at world size 1: column
-    layers' B and row layers' A are sharded under the kernels exactly as under the batched matmuls."""
+    layers' B and row layers' A are sharded under the kernels exactly as under the batched matmuls. "gemm"
+    (decode steps through the joint GEMM, here at 3 rows): a row-parallel shard's joint rows are its input
+    columns of A, and its term joins its partial sum before the all-reduce."""
     _, results = runs
     ckpt, root = results["paths"]
     single = results[1][0]
-    for rank_result in run_world(
-        ckpt, str(tmp_path / "w2t"), 2, root, QWEN_TEST_LORA_BACKEND="triton", TRITON_INTERPRET="1"
-    ):
+    env = dict(QWEN_TEST_LORA_BACKEND="triton", QWEN_TEST_LORA_DECODE=decode, TRITON_INTERPRET="1")
+    for rank_result in run_world(ckpt, str(tmp_path / "w2t"), 2, root, **env):
         for key, ref in single.items():
             if key.startswith("lora"):
                 diff = (rank_result[key] - ref).abs().max().item()

@@ -133,6 +133,12 @@ class AdapterManager:
         engine.adapters = self
         modes = self.slots.wrap_targets(self.kernels, self.shrink_stream, self.lora_decode)
         log.info("LoRA decode modes (--lora-decode %s): %s", self.lora_decode, modes)
+        if self.lora_decode == "gemm" and modes != f"gemm x{len(self.slots.targets)}":
+            log.warning(
+                "--lora-decode gemm: targets without a float weight on the pool's device and dtype (quantized, or "
+                "the torch LoRA backend) run another mode: %s",
+                modes,
+            )
 
     def preload(self, adapter_ids: list[str]) -> None:
         for k, adapter_id in enumerate(adapter_ids, start=1):

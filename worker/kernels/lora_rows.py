@@ -9,7 +9,9 @@ added to the base output in fp32 and rounded once (the reference's numerics, wor
 
 Tried and removed (2026-11-29, H200): the row-parallel targets' term added inside the next residual add +
 RMSNorm (one program per row, each reading its slot's whole B, 128 KB at the 7B width): P2 fell from 0.88 to 0.81,
-the norm being ~8 us slower with 32 programs than the expand's 512 plus the plain norm.
+the norm being ~8 us slower with 32 programs than the expand's 512 plus the plain norm. c_attn's term added inside
+RoPE + KV store (one program per head and token) measured no faster than this expand and rope_store apart (P2
+0.886 vs 0.888), so it is not kept either.
 
 One program per (token, part, BLOCK_N columns); B is read before `gdc_wait` (PDL: pool data, written only
 between steps), whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones),
@@ -32,7 +34,7 @@ def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES,
                         stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
                         P: tl.constexpr, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                         PDL: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1) // N_TILES
     n0 = (tl.program_id(1) % N_TILES) * BLOCK_N
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -69,7 +71,7 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
                             R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
                             PDL: tl.constexpr):
     """A gate|up target (P = 2): y[t, n] = up · silu(gate) of the two parts' outputs, each the expand's value."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
@@ -91,7 +93,9 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
 # fmt: on
 
 
-def _check(out: torch.Tensor, n_out: int, b_pool: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor) -> None:
+def _check(
+    name: str, out: torch.Tensor, n_out: int, b_pool: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor
+) -> None:
     T = out.shape[0]
     S, P, N, r_max = b_pool.shape
     if (
@@ -103,7 +107,7 @@ def _check(out: torch.Tensor, n_out: int, b_pool: torch.Tensor, ranks: torch.Ten
         or ranks.shape != (P, S)
     ):
         raise ValueError(
-            f"lora_expand_rows: out {tuple(out.shape)} with {n_out} base columns, B pool {tuple(b_pool.shape)}, "
+            f"{name}: out {tuple(out.shape)} with {n_out} base columns, B pool {tuple(b_pool.shape)}, "
             f"ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
         )
 
@@ -124,7 +128,7 @@ def lora_expand_rows(
     at or past each slot's rank (the pool's invariant: B is read whole, for vector loads); ranks: [P, slots]
     int32 (h's lanes at or past a slot's rank are not read; slot 0's rank is 0); slots: [T], one per row.
     pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
-    _check(out, n_out, b_pool, ranks, slots)
+    _check("lora_expand_rows", out, n_out, b_pool, ranks, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
     if T == 0:
@@ -150,7 +154,7 @@ def lora_expand_rows_silu_mul(
 ) -> torch.Tensor:
     """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
     [T, n_out / 2], the same values bit for bit."""
-    _check(out, n_out, b_pool, ranks, slots)
+    _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     if P != 2:
         raise ValueError(f"lora_expand_rows_silu_mul: a gate|up pool has 2 parts, not {P}")

@@ -24,8 +24,8 @@ from torch import nn
 # On the H200 (7B, graphed decode step, scripts/gpu_check_p1.py): pdl 4.427 vs 4.603 ms at batch 1 and 5.034 vs
 # 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
 # M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
-# it).
-SERVED = ("pdl", "rope_store")
+# it). lora_pdl: see DecodeKernels.
+SERVED = ("pdl", "rope_store", "lora_pdl")
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
 
@@ -38,9 +38,10 @@ class DecodeKernels:
     up * silu(gate) while reading its input in the Triton GEMV, and the SiLU-mul kernel disappears.
     rope_store: RoPE (+ logn) and the KV-cache store in one kernel (fused kernels, caches in the model dtype,
     unscaled; other caches keep the two kernels). Copies only: the cache is bit for bit the same.
-    lora_pdl: the expand of LoRA's "gemm" decode mode (worker/kernels/lora_rows.py) launches with PDL too (it
-    follows a cuBLAS GEMM); off by default: on the H200 it measured slower, 1.05 vs 0.93 ms a step beside the
-    7B base matmuls at batch 32 (scripts/gpu_check_lora_gemm.py)."""
+    lora_pdl: the expands of LoRA's "gemm" decode mode (worker/kernels/lora_rows.py) launch with PDL too (they
+    follow a cuBLAS GEMM). Served: in the 7B decode step (batch 32, 32 adapters) P2 0.888 / 0.886 with it vs
+    0.879 / 0.875 without, in two runs on the H200, although beside the base matmuls alone it measured slower
+    (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py)."""
 
     pdl: bool = False
     act_gemv: bool = False

@@ -37,6 +37,7 @@ class AdapterBatchData:
     starts: torch.Tensor  # [S] int32: first token row of each segment (segments are runs of rows)
     lens: torch.Tensor  # [S] int32: tokens of each segment
     max_len: int  # host-side max of lens (the kernels' grid; no host sync)
+    decode: bool = False  # every request of the step (adapter or not) has one token: the rows are the requests
 
     @staticmethod
     def build(
@@ -53,6 +54,7 @@ class AdapterBatchData:
             offset += n
         if not slots:
             return None
+        decode = all(n == 1 for n in tokens_per_request)
         L = max(lens)
         ar = torch.arange(L)
         start_t, len_t = torch.tensor(starts), torch.tensor(lens)
@@ -65,6 +67,7 @@ class AdapterBatchData:
             start_t.to(device=device, dtype=torch.int32),
             len_t.to(device=device, dtype=torch.int32),
             L,
+            decode,
         )
 
     @staticmethod
@@ -80,6 +83,7 @@ class AdapterBatchData:
             rows.to(torch.int32),
             torch.ones(n, dtype=torch.int32, device=dev),
             1,
+            True,
         )
 
 
@@ -172,8 +176,9 @@ class LoraTerm:
     a buffer added to the base output after both; "side_store", "side" whose expand writes every row of
     the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode); "gemm", the
     shrink inside the base matmul over `joint` (the base weight and the A pool in one allocation), then one
-    expand that writes the output (worker/kernels/lora_rows.py), for decode batches of at least
-    JOINT_MIN_ROWS rows ("side_store" below). per_sm: the programs per SM the side
+    expand that writes the output (worker/kernels/lora_rows.py), for decode steps (one token per request:
+    `AdapterBatchData.decode`; a step mixing prefill rows runs the segments) of at least JOINT_MIN_ROWS rows
+    ("side_store" below). per_sm: the programs per SM the side
     modes' shrink aims its K split at (worker/kernels/lora.py `_plan`); pdl: the "gemm" expand launches
     with PDL (DecodeKernels.lora_pdl)."""
 
@@ -201,7 +206,7 @@ class LoraTerm:
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
         if self.decode == "gemm" and data.max_len == 1:
-            joint = self._joint_gemm(x, data)
+            joint = self._joint_gemm(x, data) if data.decode else None
             if joint is not None:
                 return self.kernels.lora_expand_rows(*joint, self.pdl)
             return self._beside(base, x, data)
@@ -231,7 +236,7 @@ class LoraTerm:
     def apply_silu_mul(self, x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor | None:
         """up · silu(gate) of base + term for a gate|up target (P = 2) where "gemm" serves the step: the expand
         and the activation in one launch (fused.silu_mul's values, bit for bit); None elsewhere."""
-        if self.decode != "gemm" or data.max_len != 1 or self.b_pool.shape[1] != 2 or self.kernels is None:
+        if self.decode != "gemm" or not data.decode or self.b_pool.shape[1] != 2 or self.kernels is None:
             return None
         joint = self._joint_gemm(x, data)
         return None if joint is None else self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl)
