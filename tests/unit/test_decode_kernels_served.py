@@ -1,5 +1,5 @@
 """The served decode kernel choices (issue 17, P1): `serve --decode-kernels` defaults to the set measured faster
-and exact on an H200 (pdl, rope_store), `none` turns them off, a bad name is refused naming it; `where_applies`
+and exact on an H200 (pdl, rope_store, lora_pdl), `none` turns them off, a bad name is refused naming it; `where_applies`
 keeps what changes anything on the shard's device; serve builds the model with them, down to every layer and
 the attention backend (the paged decode's PDL)."""
 
@@ -15,7 +15,7 @@ import torch
 from worker import cli
 from worker.layers.decode_kernels import DecodeKernels, where_applies
 
-MEASURED = DecodeKernels(pdl=True, rope_store=True)
+MEASURED = DecodeKernels(pdl=True, rope_store=True, lora_pdl=True)
 
 
 def _parse(*flags: str) -> DecodeKernels:
@@ -26,7 +26,7 @@ def test_the_flag_defaults_to_the_measured_set_and_none_turns_it_off():
     assert _parse() == MEASURED
     assert _parse("--decode-kernels", "none") == DecodeKernels()
     assert _parse("--decode-kernels", "act_gemv, pdl") == DecodeKernels(pdl=True, act_gemv=True)
-    assert MEASURED.describe() == "pdl,rope_store" and DecodeKernels().describe() == "none"
+    assert MEASURED.describe() == "pdl,rope_store,lora_pdl" and DecodeKernels().describe() == "none"
 
 
 @pytest.mark.parametrize("value", ["pdl,fast", "", "none,pdl", "pdl,norm_gemv"])
