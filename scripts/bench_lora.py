@@ -63,9 +63,12 @@ def bench_lora_decode(
     GraphedDecode, the same inputs), for the torch path and the kernels (shrink beside the base matmul or
     not, and each LoraTerm decode mode of `decode_modes`); and our side of P3 (bench_peer's workload: the
     whole generate, prefill and every decode step)."""
+    from dataclasses import replace
+
     from worker.adapters.pool import AdapterManager
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
+    from worker.layers.decode_kernels import apply_decode_kernels
 
     c, dev = model.config, model.pctx.device
     if max(batches + [peer_batch]) > slots:
@@ -98,17 +101,22 @@ def bench_lora_decode(
     variants = (  # (backend, side stream, LoraTerm.decode); the served configuration last (the generate's)
         [("torch", False, "two")]
         + (
-            [("triton", False, "two")] + [("triton", m.startswith("side") or m == "gemm", m) for m in decode_modes]
+            [("triton", False, "two")] + [("triton", m.startswith(("side", "gemm")), m) for m in decode_modes]
             if triton
             else []
         )
         + ([("triton", True, "two")] if triton and side else [])
     )
     graphs: GraphedDecode | None = None
-    for k, (backend, overlap, mode) in enumerate(variants):
+    served = model.transformer.layers()[0].attn.rotary.opts  # the decode kernels the benchmark was given
+    for k, (backend, overlap, label) in enumerate(variants):
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
+        mode, _, extra = label.partition("+")  # "gemm+lora_rope": that mode with these decode kernels added
+        apply_decode_kernels(
+            model.transformer, replace(served, **dict.fromkeys(extra.split("+") if extra else [], True))
+        )
         for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
             term = getattr(owner, name).lora
             term.kernels = mgr.kernels if backend == "triton" else None
@@ -116,7 +124,7 @@ def bench_lora_decode(
             term.decode = mode
         t0 = time.time()
         graphs = GraphedDecode(model, kv, max_batch, per_seq, num_blocks - 1, adapter_pools=True)
-        capture_s[f"{backend}{'-overlap' if overlap else ''}{'' if mode == 'two' else '-' + mode}"] = time.time() - t0
+        capture_s[f"{backend}{'-overlap' if overlap else ''}{'' if label == 'two' else '-' + label}"] = time.time() - t0
         for b in batches:
             batch: Any = SimpleNamespace(requests=reqs[:b])  # a Batch as far as graphs.run reads it
             bucket = next(s for s in graphs.sizes if s >= b)
@@ -131,7 +139,7 @@ def bench_lora_decode(
                     adapters=b,
                     backend=backend,
                     overlap=overlap,
-                    decode_mode=mode,
+                    decode_mode=label,
                     base_ms=base * 1e3,
                     lora_ms=lora * 1e3,
                     ratio=base / lora,
@@ -283,7 +291,8 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="side_store,gemm",
-        help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies)",
+        help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
+        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+lora_rope)",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")
