@@ -113,7 +113,7 @@ def bench_lora_decode(
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
-        mode, _, extra = label.partition("+")  # "gemm+lora_rope": that mode with these decode kernels added
+        mode, _, extra = label.partition("+")  # "gemm+act_gemv": that mode with these decode kernels added
         apply_decode_kernels(
             model.transformer, replace(served, **dict.fromkeys(extra.split("+") if extra else [], True))
         )
@@ -292,7 +292,7 @@ def main() -> None:
         "--modes",
         default="side_store,gemm",
         help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
-        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+lora_rope)",
+        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv)",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")

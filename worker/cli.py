@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=decode_kernels,
         default=",".join(SERVED),
         help="decode kernel choices (worker/layers/decode_kernels.py): 'none' (today's kernels) or a comma list of "
-        "pdl, rope_store, act_gemv, lora_pdl, lora_rope; default: the set measured faster and exact on an H200. "
-        "CUDA only (pdl on sm_90+); the chosen set is logged",
+        "pdl, rope_store, act_gemv, lora_pdl; default: the set measured faster and exact on an H200. CUDA only "
+        "(pdl on sm_90+); the chosen set is logged",
     )
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")

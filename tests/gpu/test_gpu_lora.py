@@ -241,7 +241,7 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
 @pytest.mark.parametrize(
     "mode,overlap,per_sm",
     [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)]
-    + [("gemm", True, 2), ("gemm+rope", True, 2)],
+    + [("gemm", True, 2)],
 )
 def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
@@ -256,12 +256,10 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
 
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)  # "gemm" at this bucket (8 rows) too
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
-    rope = mode == "gemm+rope"  # c_attn's term inside RoPE + store (DecodeKernels.lora_rope)
-    mode = "gemm" if rope else mode
     if mode == "gemm":  # with the served decode kernels (PDL on the expands, RoPE + store)
         from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
 
-        apply_decode_kernels(model, parse_decode_kernels(",".join(SERVED) + (",lora_rope" if rope else "")))
+        apply_decode_kernels(model, parse_decode_kernels(",".join(SERVED)))
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.decode = mode
         getattr(t.owner, t.attr).lora.per_sm = per_sm
@@ -388,7 +386,7 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     """The "gemm" decode path at 7B-like sizes in bf16 (batch 33, 32 rank-16 adapters, a base row, a rank-8
     slot; PDL on): the joint GEMM + lora_expand_rows within twice the bf16 reference's own error of the fp32
     reference, base rows equal to the wider GEMM's base columns; the gate|up launch equals the expand then
-    fused.silu_mul bit for bit; c_attn's launch with RoPE + KV store the expand then rope_store.rotary_store_."""
+    fused.silu_mul bit for bit."""
     from worker.kernels.fused import silu_mul
 
     g = torch.Generator(device=CUDA).manual_seed(P + N)
@@ -417,25 +415,3 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     if P == 2:
         act = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True)
         assert torch.equal(act, silu_mul(y))
-    if P == 1 and N == 12288:  # c_attn (32 heads of 128): the term inside RoPE + KV store
-        from worker.kernels.lora_rows import lora_rotary_store_
-        from worker.kernels.rope_store import rotary_store_
-
-        H, D = 32, 128
-        cos, sin = torch.rand(T, 64, device=CUDA, generator=g), torch.rand(T, 64, device=CUDA, generator=g)
-        caches = [torch.zeros(8, 16, H, D, device=CUDA, dtype=torch.bfloat16) for _ in range(2)]
-        ref_caches = [c.clone() for c in caches]
-        kv_slots = torch.randperm(128, device=CUDA, generator=g)[:T]
-        joint = out[:, : P * N].clone()
-        q, k, v = y.view(T, 3, H, D).unbind(1)
-        rotary_store_(q, k, v, cos, sin, None, *ref_caches, kv_slots, pdl=True)
-        q, k, v = out[:, : P * N].view(T, 3, H, D).unbind(1)
-        lora_rotary_store_((out, P * N, b, ranks, slots), q, k, v, cos, sin, None, *caches, kv_slots, pdl=True)
-        assert not torch.equal(out[:, : P * N], joint)  # the term was added in place
-
-        def within_ulp(a, b):  # the term's 16 products may be summed in another order than the expand's tile
-            ulp = 2.0 ** (torch.floor(torch.log2(b.float().abs().clamp_min(1e-30))) - 7)
-            return bool(((a.float() - b.float()).abs() <= ulp).all())
-
-        assert within_ulp(out[:, : P * N], y)
-        assert within_ulp(caches[0], ref_caches[0]) and within_ulp(caches[1], ref_caches[1])

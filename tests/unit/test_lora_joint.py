@@ -205,12 +205,10 @@ def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
         lora_expand_rows_silu_mul(out[:, : N + S * r_max], N, b[:, :1].contiguous(), ranks[:1], slots)
 
 
-@pytest.mark.parametrize("lora_rope", [False, True])
-def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, lora_rope):
-    """The tiny model (fused kernels and RoPE + store, Triton interpreter) decoding with adapters in "gemm"
-    mode: gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), c_attn
-    one expand (or, with lora_rope, one expand+RoPE+store launch), the row-parallel targets one expand each, and
-    the logits equal the float64 reference with each adapter merged."""
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
+    """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
+    gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
+    targets one expand each, and the logits equal the float64 reference with each adapter merged."""
     import triton.runtime.interpreter as interpreter
 
     from helpers import TINY, write_checkpoint
@@ -218,7 +216,6 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, l
     from paged import Paged
     from random_weights import random_checkpoint
     from reference import merge_lora, ref_forward
-    from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 
@@ -234,7 +231,6 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, l
         term = getattr(t.owner, t.attr).lora
         term.kernels, term.decode = kernels, "gemm"
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
-    apply_decode_kernels(model.transformer, DecodeKernels(rope_store=True, lora_rope=lora_rope))
     for i, name in enumerate(["a8", "a16"], start=1):
         load(mgr, i, name)
     merged = [state] + [merge_lora(state, *ad) for ad in adapters]
@@ -257,12 +253,7 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, l
     out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
     layers = cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
-    if lora_rope:  # c_attn's term inside RoPE + KV store, no plain RoPE + store left
-        assert launches.count("_expand_rows_kernel") == 2 * layers  # attn.c_proj, mlp.c_proj
-        assert launches.count("_expand_rope_store_kernel") == layers and "_rope_store_kernel" not in launches
-    else:
-        assert launches.count("_expand_rows_kernel") == 3 * layers  # c_attn, attn.c_proj, mlp.c_proj
-        assert launches.count("_rope_store_kernel") == layers and "_expand_rope_store_kernel" not in launches
+    assert launches.count("_expand_rows_kernel") == 3 * layers  # c_attn, attn.c_proj, mlp.c_proj
     for s, p, a, o in zip(seqs, prompts, which, out):
         worst = (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
@@ -285,37 +276,3 @@ def test_the_gemm_expand_takes_pdl_from_lora_pdl_only():
     assert not term.pdl and owner.lin.base.decode_kernels.pdl
     apply_decode_kernels(owner, DecodeKernels(lora_pdl=True))
     assert term.pdl
-
-
-@pytest.mark.parametrize("rot_half,r_max", [(8, 16), (4, 12)])
-def test_lora_rotary_store_is_the_expand_then_rotary_store(rot_half, r_max):
-    """c_attn's launch: q, k, v of the joint output get the term (lora_expand_rows's values) and then RoPE + the KV
-    store as rope_store.rotary_store_ does, bit for bit (5 heads, head_dim 16, a padded row with slot -1, a base
-    row); views that are not the joint output's q | k | v are refused."""
-    from worker.kernels.lora_rows import lora_rotary_store_
-    from worker.kernels.rope_store import rotary_store_
-
-    T, H, D, S, K = 4, 5, 16, 3, 24
-    g = torch.Generator().manual_seed(rot_half)
-    ranks = torch.tensor([[0, r_max, 3]], dtype=torch.int32)
-    a = torch.randn(S, 1, r_max, K, generator=g) / K**0.5
-    b = torch.randn(S, 1, 3 * H * D, r_max, generator=g) / r_max**0.5
-    a[0], b[0] = 0, 0
-    a[2, 0, 3:], b[2, 0, :, 3:] = 0, 0
-    w = torch.randn(3 * H * D, K, generator=g) / K**0.5
-    lslots = torch.tensor([1, 0, 2, 1])
-    x = torch.randn(T, K, generator=g)
-    out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
-    cos, sin, logn = torch.rand(T, rot_half, generator=g), torch.rand(T, rot_half, generator=g), 1 + torch.rand(T)
-    caches = [torch.randn(6, 4, H, D, generator=g) for _ in range(2)]
-    slots = torch.tensor([9, -1, 22, 3])
-    ref = lora_expand_rows(out, 3 * H * D, b, ranks, lslots)
-    ref_caches = [c.clone() for c in caches]
-    q, k, v = ref.view(T, 3, H, D).unbind(1)
-    rotary_store_(q, k, v, cos, sin, logn, *ref_caches, slots)
-    q, k, v = out[:, : 3 * H * D].view(T, 3, H, D).unbind(1)
-    lora_rotary_store_((out, 3 * H * D, b, ranks, lslots), q, k, v, cos, sin, logn, *caches, slots)
-    assert torch.equal(out[:, : 3 * H * D], ref)
-    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
-    with pytest.raises(ValueError, match="q | k | v views"):
-        lora_rotary_store_((out, 3 * H * D, b, ranks, lslots), k, q, v, cos, sin, logn, *caches, slots)

@@ -9,8 +9,10 @@ added to the base output in fp32 and rounded once (the reference's numerics, wor
 
 Tried and removed (2026-11-29, H200): the row-parallel targets' term added inside the next residual add +
 RMSNorm (one program per row, each reading its slot's whole B, 128 KB at the 7B width): P2 fell from 0.88 to 0.81,
-the norm being ~8 us slower with 32 programs than the expand's 512 plus the plain norm. c_attn's term inside
-RoPE + KV store (one program per head and token: `lora_rotary_store_`) is the opt-in DecodeKernels.lora_rope.
+the norm being ~8 us slower with 32 programs than the expand's 512 plus the plain norm. Also tried and removed:
+c_attn's term added inside the RoPE + KV-store kernel (one program per head and token, one launch fewer per layer):
+in the same process, alternating, the step took 7.49-7.51 ms with it and 7.50 ms without (P2 0.885-0.887 vs
+0.884-0.885), no gain for a second RoPE kernel (code in git history: a2e4821, d00104c).
 
 One program per (token, part, BLOCK_N columns); B is read before `gdc_wait` (PDL: pool data, written only
 between steps), whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones),
@@ -25,7 +27,6 @@ import triton.language as tl
 
 from worker.kernels.fused import silu_mul_rn
 from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
-from worker.kernels.rope_store import rope_store_args, rope_store_heads
 
 
 # fmt: off
@@ -90,47 +91,6 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
     up = _part(out_ptr + t * stride_o, b_up, ranks_ptr, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
                stride_rs, 2, R_MAX)
     tl.store(y_ptr + t * stride_y + offs_n, silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _expand_rope_store_kernel(out_ptr, b_ptr, lslots_ptr, ranks_ptr, H_OFFSET, stride_o, stride_bs, stride_bn,
-                              stride_rs, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, vc_ptr, slot_ptr,
-                              heads, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
-                              stride_st, stride_cb, stride_cr, stride_ch, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
-                              HALF: tl.constexpr, REST: tl.constexpr, HAS_LOGN: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-                              PDL: tl.constexpr):
-    """c_attn's term for one head of one token: q, k and v of the head (base + term, as _part) written back in
-    place, then that head's RoPE + KV store (rope_store.rope_store_heads)."""
-    t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    slot = tl.load(lslots_ptr + t).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    cols = head * HEAD_DIM + tl.arange(0, HEAD_DIM)  # q's columns; k's and v's one and two widths on
-    width = heads * HEAD_DIM
-    true = cols >= 0
-    b_ptrs = b_ptr + slot * stride_bs + cols[:, None] * stride_bn + offs_r[None, :]
-    if R_MAX == BLOCK_R:
-        b_mask = true[:, None]
-    else:
-        b_mask = true[:, None] & (offs_r < R_MAX)[None, :]
-    b_q = tl.load(b_ptrs, mask=b_mask, other=0.0)
-    b_k = tl.load(b_ptrs + width * stride_bn, mask=b_mask, other=0.0)
-    b_v = tl.load(b_ptrs + 2 * width * stride_bn, mask=b_mask, other=0.0)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    row = out_ptr + t * stride_o
-    y = _part(row, b_q, ranks_ptr, slot, 0, cols, true, offs_r, 0, H_OFFSET, 0, stride_rs, 1, R_MAX)
-    tl.store(row + cols, y)
-    y = _part(row, b_k, ranks_ptr, slot, 0, width + cols, true, offs_r, 0, H_OFFSET, 0, stride_rs, 1, R_MAX)
-    tl.store(row + width + cols, y)
-    y = _part(row, b_v, ranks_ptr, slot, 0, 2 * width + cols, true, offs_r, 0, H_OFFSET, 0, stride_rs, 1, R_MAX)
-    tl.store(row + 2 * width + cols, y)
-    tl.debug_barrier()  # q, k and v of the head stored (by all threads) before RoPE reads them back
-    rope_store_heads(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, vc_ptr, slot_ptr, heads, stride_qt,
-                     stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st, stride_cb, stride_cr,
-                     stride_ch, t, head + tl.arange(0, 1), HALF, REST, HAS_LOGN, BLOCK_SIZE, HEAD_DIM, BLOCK_HALF,
-                     BLOCK_REST)
 # fmt: on
 
 
@@ -211,41 +171,4 @@ def lora_expand_rows_silu_mul(
     return y
 
 
-def lora_rotary_store_(
-    joint: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    logn: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    pdl: bool = False,
-) -> None:
-    """c_attn's adapter term into q, k and v, then rope_store.rotary_store_, in one launch. joint: (out, n_out,
-    b_pool, ranks, adapter slots) as lora_expand_rows takes them, c_attn's one part; q, k, v: the views of
-    out[:, :n_out] (q | k | v, heads of head_dim each) that rotary_store_ takes, updated in place as there."""
-    out, n_out, b_pool, ranks, lslots = joint
-    _check("lora_rotary_store_", out, n_out, b_pool, ranks, lslots)
-    args, consts = rope_store_args(q, k, v, cos, sin, logn, k_cache, v_cache, slots)
-    T, H, D = q.shape
-    item = out.element_size()
-    views = [x.data_ptr() for x in (q, k, v)] == [out.data_ptr() + i * H * D * item for i in range(3)]
-    if b_pool.shape[1] != 1 or n_out != 3 * H * D or not views or (T > 1 and q.stride(0) != out.stride(0)):
-        raise ValueError(
-            f"lora_rotary_store_: q, k, v {tuple(q.shape)} must be the q | k | v views of the joint output "
-            f"{tuple(out.shape)} ({n_out} base columns), B pool {tuple(b_pool.shape)} one part"
-        )
-    if T == 0:
-        return
-    on = active(pdl, out.device)
-    _expand_rope_store_kernel[(T, H)](
-        out, b_pool, lslots, ranks, n_out, out.stride(0), b_pool.stride(0), b_pool.stride(2), ranks.stride(1), *args,
-        R_MAX=b_pool.shape[3], BLOCK_R=triton.next_power_of_2(b_pool.shape[3]), **consts, PDL=on, num_warps=4,
-        enable_fp_fusion=False, **launch_options(on),
-    )  # fmt: skip
-
-
-__all__ = ["lora_expand_rows", "lora_expand_rows_silu_mul", "lora_rotary_store_"]
+__all__ = ["lora_expand_rows", "lora_expand_rows_silu_mul"]

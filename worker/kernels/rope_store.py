@@ -26,19 +26,6 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, 
     gdc_go(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    rope_store_heads(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, vc_ptr, slot_ptr, heads, stride_qt,
-                     stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st, stride_cb, stride_cr,
-                     stride_ch, t, h, HALF, REST, HAS_LOGN, BLOCK_SIZE, HEAD_DIM, BLOCK_HALF, BLOCK_REST)
-
-
-@triton.jit
-def rope_store_heads(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, vc_ptr, slot_ptr, heads, stride_qt,
-                     stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st, stride_cb, stride_cr,
-                     stride_ch, t, h, HALF: tl.constexpr, REST: tl.constexpr, HAS_LOGN: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                     BLOCK_REST: tl.constexpr):
-    """Heads `h` of token t: RoPE (+ logn) in place, then k and v into the token's cache slot (also the body of
-    worker/kernels/lora_rows.py's kernel that adds c_attn's adapter term first)."""
     _rotate_token(q_ptr, k_ptr, cos_ptr, sin_ptr, logn_ptr, heads, stride_qt, stride_qh, stride_kt, stride_kh,
                   stride_ct, stride_st, t, h, HALF, REST, HAS_LOGN, BLOCK_HALF, BLOCK_REST)
     tl.debug_barrier()  # this program's rotated k stored (by all its threads) before it is read back
@@ -51,41 +38,6 @@ def rope_store_heads(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, logn_ptr, kc_ptr, vc
     tl.store(kc_ptr + dst, k, mask=mask)
     tl.store(vc_ptr + dst, v, mask=mask)
 # fmt: on
-
-
-def rope_store_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    logn: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-) -> tuple[tuple, dict]:
-    """The checked arguments of `rope_store_heads` after (t, h): (tensors and strides, constexprs but BLOCK_H)."""
-    T, H, D = q.shape
-    half = cos.shape[-1]
-    same = k.shape == q.shape == v.shape and k.dtype == q.dtype == v.dtype == k_cache.dtype == v_cache.dtype
-    if not same or k_cache.shape != v_cache.shape or k_cache.shape[2:] != (H, D) or 2 * half > D or D & (D - 1):
-        raise ValueError(
-            f"rotary_store_: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
-            f"{v.dtype}, caches {tuple(k_cache.shape)} {k_cache.dtype} / {tuple(v_cache.shape)} {v_cache.dtype}"
-        )
-    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin)) or k_cache.stride() != v_cache.stride():
-        raise ValueError("rotary_store_ needs unit strides on the last dims and caches of one layout")
-    rest = D - 2 * half
-    args = (
-        q, k, v, cos, sin, logn if logn is not None else cos, k_cache, v_cache, slots, H,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
-        *k_cache.stride()[:3],
-    )  # fmt: skip
-    consts = dict(
-        HALF=half, REST=rest, HAS_LOGN=logn is not None, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
-        BLOCK_HALF=triton.next_power_of_2(half), BLOCK_REST=triton.next_power_of_2(max(rest, 16)),
-    )  # fmt: skip
-    return args, consts
 
 
 def rotary_store_(
@@ -101,12 +53,26 @@ def rotary_store_(
     pdl: bool = False,
 ) -> None:
     """fused.rotary_(q, k, cos, sin, logn) then store_kv(k, v, k_cache, v_cache, slots), in one launch."""
-    args, consts = rope_store_args(q, k, v, cos, sin, logn, k_cache, v_cache, slots)
     T, H, D = q.shape
+    half = cos.shape[-1]
+    same = k.shape == q.shape == v.shape and k.dtype == q.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+    if not same or k_cache.shape != v_cache.shape or k_cache.shape[2:] != (H, D) or 2 * half > D or D & (D - 1):
+        raise ValueError(
+            f"rotary_store_: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} "
+            f"{v.dtype}, caches {tuple(k_cache.shape)} {k_cache.dtype} / {tuple(v_cache.shape)} {v_cache.dtype}"
+        )
+    if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin)) or k_cache.stride() != v_cache.stride():
+        raise ValueError("rotary_store_ needs unit strides on the last dims and caches of one layout")
     if T == 0:
         return
-    block_h = min(triton.next_power_of_2(H), max(1, 1024 // max(consts["BLOCK_HALF"], D)))
+    block_half = triton.next_power_of_2(half)
+    block_h = min(triton.next_power_of_2(H), max(1, 1024 // max(block_half, D)))
+    rest = D - 2 * half
     on = active(pdl, q.device)
     _rope_store_kernel[(T, triton.cdiv(H, block_h))](
-        *args, **consts, BLOCK_H=block_h, PDL=on, num_warps=4, enable_fp_fusion=False, **launch_options(on)
-    )
+        q, k, v, cos, sin, logn if logn is not None else cos, k_cache, v_cache, slots, H,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        *k_cache.stride()[:3], HALF=half, REST=rest, HAS_LOGN=logn is not None, BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=D, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_REST=triton.next_power_of_2(max(rest, 16)),
+        PDL=on, num_warps=4, enable_fp_fusion=False, **launch_options(on),
+    )  # fmt: skip

@@ -41,15 +41,12 @@ class DecodeKernels:
     lora_pdl: the expands of LoRA's "gemm" decode mode (worker/kernels/lora_rows.py) launch with PDL too (they
     follow a cuBLAS GEMM). Served: in the 7B decode step (batch 32, 32 adapters) P2 0.888 / 0.886 with it vs
     0.879 / 0.875 without, in two runs on the H200, although beside the base matmuls alone it measured slower
-    (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py).
-    lora_rope: with rope_store, c_attn's term of LoRA's "gemm" decode mode is added inside the RoPE + KV-store
-    kernel (worker/kernels/lora_rows.py `lora_rotary_store_`: one launch fewer per layer; the same values)."""
+    (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py)."""
 
     pdl: bool = False
     act_gemv: bool = False
     rope_store: bool = False
     lora_pdl: bool = False
-    lora_rope: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""
@@ -91,7 +88,6 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
         pdl=pdl.active(opts.pdl, device),
         rope_store=opts.rope_store and fused,
         lora_pdl=pdl.active(opts.lora_pdl, device),
-        lora_rope=opts.lora_rope and opts.rope_store and fused,
     )
 
 

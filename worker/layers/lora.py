@@ -241,13 +241,6 @@ class LoraTerm:
         joint = self._joint_gemm(x, data)
         return None if joint is None else self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl)
 
-    def joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
-        """A one-part target's joint GEMM output and the expand's other arguments (as `_joint_gemm`) where "gemm"
-        serves the step, its term left to the caller (c_attn's: the RoPE + KV-store kernel adds it); else None."""
-        if self.decode != "gemm" or data.max_len != 1 or self.b_pool.shape[1] != 1 or self.kernels is None:
-            return None
-        return self._joint_gemm(x, data)
-
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """ "gemm" at a decode step of at least JOINT_MIN_ROWS rows: the joint GEMM's output [T, out + slots·P·r_max]
         (the base output, then every slot's h) and the expand's other arguments; None below that size."""
@@ -328,12 +321,6 @@ class LoraColumnParallelLinear(_LoraLinear):
 
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.lora.apply(lambda: self.base(x, ctx), x, data)  # [T, out_per_rank]
-
-    def joint(self, x: torch.Tensor, ctx: object) -> tuple | None:
-        """The joint GEMM's output with the adapter term still to add, where LoraTerm serves that (`joint_gemm`);
-        None: the caller runs forward."""
-        data = getattr(ctx, "adapter_data", None)
-        return None if data is None else self.lora.joint_gemm(x, data)
 
     def silu_mul(self, x: torch.Tensor, ctx: object) -> torch.Tensor | None:
         """A gate|up target's up · silu(gate), its adapter term and the activation in one launch where LoraTerm

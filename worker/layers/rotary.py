@@ -61,16 +61,8 @@ class Rotary(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slots: torch.Tensor,
-        lora: tuple | None = None,
     ) -> None:
-        """forward(q, k, ...) in place, then k and v into their cache slots: one kernel (kernels/rope_store.py).
-        lora: c_attn's joint GEMM output whose adapter term the kernel adds to q, k and v first (q, k, v are its
-        views; worker/kernels/lora_rows.py)."""
-        if lora is not None:
-            from worker.kernels.lora_rows import lora_rotary_store_
-
-            lora_rotary_store_(lora, q, k, v, cos, sin, logn, k_cache, v_cache, slots, self.opts.lora_pdl)
-            return
+        """forward(q, k, ...) in place, then k and v into their cache slots: one kernel (kernels/rope_store.py)."""
         from worker.kernels.rope_store import rotary_store_
 
         rotary_store_(q, k, v, cos, sin, logn, k_cache, v_cache, slots, self.opts.pdl)

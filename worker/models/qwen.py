@@ -107,16 +107,12 @@ class FlashQwenAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
         # x: [T, H]
         T = x.shape[0]
-        scales = backend_kwargs(self.kv_scales)
-        stores = kv is not None and ctx.slots is not None and self.rotary.stores(x, kv[0], bool(scales))
-        lora_joint = getattr(self.c_attn, "joint", None) if stores and self.rotary.opts.lora_rope else None
-        joint = lora_joint(x, ctx) if lora_joint is not None else None  # adapters' term left to RoPE + store
-        qkv = self.c_attn(x, ctx) if joint is None else joint[0][:, : joint[1]]  # [T, 3 * heads * head_dim]
+        qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
-        if stores:
-            assert kv is not None and ctx.slots is not None
-            self.rotary.rotate_and_store(q, k, v, ctx.cos, ctx.sin, ctx.logn, kv[0], kv[1], ctx.slots, joint)
+        scales = backend_kwargs(self.kv_scales)
+        if kv is not None and ctx.slots is not None and self.rotary.stores(q, kv[0], bool(scales)):
+            self.rotary.rotate_and_store(q, k, v, ctx.cos, ctx.sin, ctx.logn, kv[0], kv[1], ctx.slots)
         else:
             q, k = self.rotary(q, k, ctx.cos, ctx.sin, ctx.logn)
             if kv is not None and ctx.slots is not None:
