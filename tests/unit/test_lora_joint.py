@@ -276,3 +276,83 @@ def test_the_gemm_expand_takes_pdl_from_lora_pdl_only():
     assert not term.pdl and owner.lin.base.decode_kernels.pdl
     apply_decode_kernels(owner, DecodeKernels(lora_pdl=True))
     assert term.pdl
+
+
+def test_quantized_bases_keep_their_own_pools_and_auto_takes_gemm_on_float():
+    """GPTQ and FP8 linears get no joint layout (their A pools are separate zeros, their decode mode "side" /
+    "two"); a float model's every target gets one."""
+    from helpers import TINY
+    from worker.config import QwenConfig
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.quant.config import FP8Config, GPTQConfig
+
+    cfg = QwenConfig.from_dict(TINY)
+    for quant in (GPTQConfig(4, 32, True, False, source="test"), FP8Config(), None):
+        model = FlashQwenForCausalLM(cfg, CPU, torch.float32, quant=quant)
+        pool = SlotPool(model.lora_targets(), CPU, torch.float32, max_rank=4, num_slots=2)
+        keys = {(t.layer, t.key) for t in model.lora_targets()}
+        assert set(pool.joints) == (keys if quant is None else set()), quant
+        modes = {pool.decode_mode(k, kernels, None, "gemm") for k in keys}
+        assert modes == ({"gemm"} if quant is None else {"two"}), quant
+
+
+def test_lora_decode_flag_reaches_the_targets(tmp_path, caplog):
+    """serve --lora-decode: the parser's choices, AdapterManager.from_args, the wrapped targets' mode, and a
+    warning when "gemm" is asked for but a target cannot take it (here: no Triton kernels, the torch path)."""
+    import logging
+
+    from helpers import TINY
+    from worker import cli
+    from worker.adapters.pool import AdapterManager
+    from worker.config import QwenConfig
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    parse = cli.build_parser().parse_args
+    assert parse(["serve", "m"]).lora_decode == "auto"
+    with pytest.raises(SystemExit):
+        parse(["serve", "m", "--lora-decode", "fast"])
+    cfg = QwenConfig.from_dict(TINY)
+    for flag, kernels_on, want in (("gemm", True, "gemm"), ("side", True, "two"), ("gemm", False, "two")):
+        backend = ["--lora-backend", "triton" if kernels_on else "torch"]
+        args = parse(
+            ["serve", "m", "--lora-decode", flag, "--max-lora-rank", "4", "--max-adapter-slots", "2", *backend]
+        )
+        args.adapter_root = str(tmp_path)
+        model = FlashQwenForCausalLM(cfg, CPU, torch.float32)
+        mgr = AdapterManager.from_args(args, model, CPU, triton_interpreter=kernels_on)
+        with caplog.at_level(logging.WARNING, logger="worker"):
+            caplog.clear()
+            mgr.attach(SimpleNamespace(model=model, batches={}, adapters=None))
+        modes = {getattr(t.owner, t.attr).lora.decode for t in model.lora_targets()}
+        assert modes == {want}, (flag, kernels_on, modes)
+        warned = any("--lora-decode gemm" in r.getMessage() for r in caplog.records)
+        assert warned == (flag == "gemm" and not kernels_on)
+    with pytest.raises(ValueError, match="--lora-decode 'fast'"):
+        AdapterManager("", model, CPU, torch.float32, 4, 2, lora_decode="fast")
+
+
+def test_gemm_mode_after_eviction_and_a_lower_rank_refill(tmp_path):
+    """A slot freed and refilled with a lower-rank adapter has zeros in the lanes past the new rank, in A (the
+    joint rows) and in B, which the "gemm" expand reads whole (lora_expand_rows relies on it)."""
+    from helpers import TINY
+    from lora_helpers import attach_manager, load, write_adapter
+    from worker.config import QwenConfig
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.pb import generate_pb2 as pb
+
+    model = FlashQwenForCausalLM(QwenConfig.from_dict(TINY), CPU, torch.float32)
+    root = str(tmp_path)
+    write_adapter(root, "r16", TINY, 16, 16, seed=1)
+    write_adapter(root, "r4", TINY, 4, 8, seed=2)
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=1)
+    load(mgr, 1, "r16")
+    slot = mgr.entries[1].slot
+    mgr.offload(pb.OffloadAdapterRequest(adapter_index=1))
+    load(mgr, 2, "r4")
+    assert mgr.entries[2].slot == slot
+    for t in model.lora_targets():
+        lora = getattr(t.owner, t.attr).lora
+        a, b = lora.a_pool[slot], lora.b_pool[slot]
+        assert lora.joint is not None and a.data_ptr() >= lora.joint.weight.data_ptr()  # A is the joint rows
+        assert not a[:, 4:].any() and not b[:, :, 4:].any(), t.key  # the rank-16 adapter's lanes are gone
+        assert a[:, :4].any() and b[:, :, :4].any(), t.key
