@@ -63,3 +63,59 @@ def load(
     return mgr.load(
         pb.LoadAdapterRequest(adapter_parameters=params, adapter_source=pb.AdapterSource.LOCAL, adapter_index=index)
     )
+
+
+def interpreted_lora_decode(tmp_path, seed: int, fused: bool = False, lens=(5, 8, 3), which=(1, 0, 2)):
+    """The tiny model (fp32, seq_length 16) with adapters a8 and a16 in slots and the Triton LoRA kernels set on
+    every target (the interpreter on a CPU), prompts of `lens` on adapters `which` (0: base) prefilled; returns a
+    namespace: model, mgr, terms, merged (state per adapter index, merged), seqs (prompt + first token), prompts,
+    which, slots, alphas, paged, cfg."""
+    from helpers import TINY, write_checkpoint
+    from paged import Paged
+    from random_weights import random_checkpoint
+    from reference import merge_lora
+    from worker.kernels import lora as kernels
+    from worker.layers.rotary import ntk_alpha
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    cfg = {**TINY, "seq_length": 16}
+    state = random_checkpoint(cfg, seed=seed)
+    path = write_checkpoint(str(tmp_path / "ckpt"), cfg, state)
+    model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False, fused=fused)
+    root = str(tmp_path / "adapters")
+    adapters = [
+        write_adapter(root, "a8", cfg, 8, 16, seed=seed + 1),
+        write_adapter(root, "a16", cfg, 16, 16, seed=seed + 2),
+    ]
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=3)
+    terms = [getattr(t.owner, t.attr).lora for t in model.lora_targets()]
+    for term in terms:
+        term.kernels = kernels
+    for i, name in enumerate(["a8", "a16"], start=1):
+        load(mgr, i, name)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lens]
+    slots = [mgr.entries[i].slot if i else 0 for i in which]
+    alphas = [ntk_alpha(len(p), cfg["seq_length"], True) for p in prompts]
+    paged = Paged(model)
+    out = paged.step(list(range(len(lens))), prompts, [0] * len(lens), alphas, True, slots)
+    return SimpleNamespace(
+        model=model, mgr=mgr, terms=terms, merged=[state] + [merge_lora(state, *ad) for ad in adapters],
+        seqs=[p + [int(o[-1].argmax())] for p, o in zip(prompts, out)], prompts=prompts, which=list(which),
+        slots=slots, alphas=alphas, paged=paged, cfg=cfg,
+    )  # fmt: skip
+
+
+def count_launches(monkeypatch) -> list[str]:
+    """The names of the Triton kernels the interpreter runs from now on (the list fills as they launch)."""
+    import triton.runtime.interpreter as interpreter
+
+    launches: list[str] = []
+    run = interpreter.InterpretedFunction.run
+
+    def counting(self, *args, **kw):
+        launches.append(self.fn.__name__)
+        return run(self, *args, **kw)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
+    return launches

@@ -209,53 +209,20 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
     gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
     targets one expand each, and the logits equal the float64 reference with each adapter merged."""
-    import triton.runtime.interpreter as interpreter
+    from lora_helpers import count_launches, interpreted_lora_decode
+    from reference import ref_forward
 
-    from helpers import TINY, write_checkpoint
-    from lora_helpers import attach_manager, load, write_adapter
-    from paged import Paged
-    from random_weights import random_checkpoint
-    from reference import merge_lora, ref_forward
-    from worker.layers.rotary import ntk_alpha
-    from worker.models.qwen import FlashQwenForCausalLM
-
-    cfg = {**TINY, "seq_length": 16}
-    state = random_checkpoint(cfg, seed=23)
-    model = FlashQwenForCausalLM.from_pretrained(
-        write_checkpoint(str(tmp_path / "ckpt"), cfg, state), dtype=torch.float32, progress=False, fused=True
-    )
-    root = str(tmp_path / "adapters")
-    adapters = [write_adapter(root, "a8", cfg, 8, 16, seed=4), write_adapter(root, "a16", cfg, 16, 16, seed=5)]
-    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=3)
-    for t in model.lora_targets():
-        term = getattr(t.owner, t.attr).lora
-        term.kernels, term.decode = kernels, "gemm"
+    run = interpreted_lora_decode(tmp_path, seed=23, fused=True, lens=(4, 7, 3), which=(2, 0, 1))
+    for term in run.terms:
+        term.decode = "gemm"
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
-    for i, name in enumerate(["a8", "a16"], start=1):
-        load(mgr, i, name)
-    merged = [state] + [merge_lora(state, *ad) for ad in adapters]
-    g = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 7, 3)]
-    which = [2, 0, 1]
-    slots = [mgr.entries[i].slot if i else 0 for i in which]
-    alphas = [ntk_alpha(len(p), cfg["seq_length"], True) for p in prompts]
-    paged = Paged(model)
-    out = paged.step([0, 1, 2], prompts, [0] * 3, alphas, True, slots)
-    seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
-    launches: list[str] = []
-    run = interpreter.InterpretedFunction.run
-
-    def counting(self, *args, **kw):
-        launches.append(self.fn.__name__)
-        return run(self, *args, **kw)
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
-    out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
-    layers = cfg["num_hidden_layers"]
+    launches = count_launches(monkeypatch)
+    out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
+    layers = run.cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
     assert launches.count("_expand_rows_kernel") == 3 * layers  # c_attn, attn.c_proj, mlp.c_proj
-    for s, p, a, o in zip(seqs, prompts, which, out):
-        worst = (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+    for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
+        worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
 
 

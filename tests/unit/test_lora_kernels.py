@@ -316,64 +316,27 @@ def test_model_decode_step_one_lora_launch_per_module(tmp_path, monkeypatch):
     module for the one-launch modes (two otherwise), and logits equal to the float64 reference with each
     adapter merged ("side", "side_store" without a stream on the CPU: their separate buffer and add; "gemm":
     the shrink inside the base matmul over the joint weight, here at any batch size, then one expand)."""
-    import triton.runtime.interpreter as interpreter
-
-    from helpers import TINY, write_checkpoint
-    from lora_helpers import attach_manager, load, write_adapter
-    from paged import Paged
-    from random_weights import random_checkpoint
-    from reference import merge_lora, ref_forward
-    from worker.kernels import lora as kernels
+    from lora_helpers import count_launches, interpreted_lora_decode
+    from reference import ref_forward
     from worker.layers import lora as lora_layer
-    from worker.layers.rotary import ntk_alpha
-    from worker.models.qwen import FlashQwenForCausalLM
 
-    cfg = {**TINY, "seq_length": 16}
-    state = random_checkpoint(cfg, seed=22)
-    model = FlashQwenForCausalLM.from_pretrained(
-        write_checkpoint(str(tmp_path / "ckpt"), cfg, state), dtype=torch.float32, progress=False
-    )
-    root = str(tmp_path / "adapters")
-    adapters = [write_adapter(root, "a8", cfg, 8, 16, seed=2), write_adapter(root, "a16", cfg, 16, 16, seed=3)]
-    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=3)
-    terms = [getattr(t.owner, t.attr).lora for t in model.lora_targets()]
-    for term in terms:
-        term.kernels = kernels
-    for i, name in enumerate(["a8", "a16"], start=1):
-        load(mgr, i, name)
-    merged = [state] + [merge_lora(state, *ad) for ad in adapters]
-    g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 8, 3)]
-    which = [1, 0, 2]
-    slots = [mgr.entries[i].slot if i else 0 for i in which]
-    alphas = [ntk_alpha(len(p), cfg["seq_length"], True) for p in prompts]
-    paged = Paged(model)
-    out = paged.step([0, 1, 2], prompts, [0] * 3, alphas, True, slots)
-    seqs = [p + [int(o[-1].argmax())] for p, o in zip(prompts, out)]
-
-    launches: list[str] = []
-    run = interpreter.InterpretedFunction.run
-
-    def counting(self, *args, **kw):
-        launches.append(self.fn.__name__)
-        return run(self, *args, **kw)
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
+    run = interpreted_lora_decode(tmp_path, seed=22)
+    launches = count_launches(monkeypatch)
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     counts = {}
+    ids, starts = [0, 1, 2], [len(s) - 1 for s in run.seqs]
     for mode in ("two", "sync", "local", "side", "side_store", "gemm"):
-        for term in terms:
+        for term in run.terms:
             term.decode = mode
         launches.clear()
-        out = paged.step([0, 1, 2], seqs, [len(s) - 1 for s in seqs], alphas, False, slots)
+        out = run.paged.step(ids, run.seqs, starts, run.alphas, False, run.slots)
         counts[mode] = sum("lora" in n or "shrink" in n or "expand" in n for n in launches)
         worst = max(
-            (o[-1].double() - ref_forward(merged[a], cfg, s, prompt_len=len(p))[-1]).abs().max().item()
-            for s, p, a, o in zip(seqs, prompts, which, out)
+            (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+            for s, p, a, o in zip(run.seqs, run.prompts, run.which, out)
         )
         assert worst <= 1e-4, (mode, worst)
-    two = 2 * len(terms)
-    one = len(terms)
+    two, one = 2 * len(run.terms), len(run.terms)
     assert counts == {"two": two, "sync": one, "local": one, "side": two, "side_store": two, "gemm": one}, counts
 
 
