@@ -164,7 +164,7 @@ def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):
             data = AdapterBatchData.build(slots[:rows].tolist(), [1] * rows, "cpu")
         else:  # a base prompt of 3 rows beside one-token adapter rows: not a decode step, the segments run
             data = AdapterBatchData.build([0, *slots[3:rows].tolist()], [3] + [1] * (rows - 3), "cpu")
-            assert data.max_len == 1 and not data.decode
+            assert data.max_len == 1 and data.row_slots is None
         y = term.apply(lambda n=rows: base()[:n], x[:rows], data)
         assert len(calls) == (1 if rows >= lora_layer.JOINT_MIN_ROWS and kind != "mixed" else 0)
         for t in range(rows):

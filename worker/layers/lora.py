@@ -37,7 +37,9 @@ class AdapterBatchData:
     starts: torch.Tensor  # [S] int32: first token row of each segment (segments are runs of rows)
     lens: torch.Tensor  # [S] int32: tokens of each segment
     max_len: int  # host-side max of lens (the kernels' grid; no host sync)
-    decode: bool = False  # every request of the step (adapter or not) has one token: the rows are the requests
+    # every request of the step (adapter or not) one token, so the rows are the requests: each row's slot (0: base);
+    # None at a step with a longer request
+    row_slots: torch.Tensor | None = None
 
     @staticmethod
     def build(
@@ -55,6 +57,7 @@ class AdapterBatchData:
         if not slots:
             return None
         decode = all(n == 1 for n in tokens_per_request)
+        row_slots = torch.tensor(list(slot_per_request), device=device) if decode else None
         L = max(lens)
         ar = torch.arange(L)
         start_t, len_t = torch.tensor(starts), torch.tensor(lens)
@@ -67,7 +70,7 @@ class AdapterBatchData:
             start_t.to(device=device, dtype=torch.int32),
             len_t.to(device=device, dtype=torch.int32),
             L,
-            decode,
+            row_slots,
         )
 
     @staticmethod
@@ -83,7 +86,7 @@ class AdapterBatchData:
             rows.to(torch.int32),
             torch.ones(n, dtype=torch.int32, device=dev),
             1,
-            True,
+            slots,
         )
 
 
@@ -177,7 +180,7 @@ class LoraTerm:
     the buffer (one launch fewer: no zeroing) when each row is its own segment (graphed decode); "gemm", the
     shrink inside the base matmul over `joint` (the base weight and the A pool in one allocation), then one
     expand that writes the output (worker/kernels/lora_rows.py), for decode steps (one token per request:
-    `AdapterBatchData.decode`; a step mixing prefill rows runs the segments) of at least JOINT_MIN_ROWS rows
+    `AdapterBatchData.row_slots`; a step mixing prefill rows runs the segments) of at least JOINT_MIN_ROWS rows
     ("side_store" below). per_sm: the programs per SM the side
     modes' shrink aims its K split at (worker/kernels/lora.py `_plan`); pdl: the "gemm" expand launches
     with PDL (DecodeKernels.lora_pdl)."""
@@ -206,7 +209,7 @@ class LoraTerm:
             add_lora_reference(y, x, self.a_pool, self.b_pool, data.token_idx, data.valid, data.slots)
             return y
         if self.decode == "gemm" and data.max_len == 1:
-            joint = self._joint_gemm(x, data) if data.decode else None
+            joint = self._joint_gemm(x, data)
             if joint is not None:
                 return self.kernels.lora_expand_rows(*joint, self.pdl)
             return self._beside(base, x, data)
@@ -236,21 +239,17 @@ class LoraTerm:
     def apply_silu_mul(self, x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor | None:
         """up · silu(gate) of base + term for a gate|up target (P = 2) where "gemm" serves the step: the expand
         and the activation in one launch (fused.silu_mul's values, bit for bit); None elsewhere."""
-        if self.decode != "gemm" or not data.decode or self.b_pool.shape[1] != 2 or self.kernels is None:
+        if self.decode != "gemm" or data.row_slots is None or self.b_pool.shape[1] != 2 or self.kernels is None:
             return None
         joint = self._joint_gemm(x, data)
         return None if joint is None else self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl)
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
-        """ "gemm" at a decode step of at least JOINT_MIN_ROWS rows: the joint GEMM's output [T, out + slots·P·r_max]
+        """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
         (the base output, then every slot's h) and the expand's other arguments; None below that size."""
-        joint = self.joint
-        if joint is None or x.shape[0] < JOINT_MIN_ROWS:
+        joint, slots = self.joint, data.row_slots
+        if joint is None or slots is None or x.shape[0] < JOINT_MIN_ROWS:
             return None
-        slots = data.slots
-        if slots.shape[0] != x.shape[0]:  # eager decode: segments of the adapter rows only; the others slot 0
-            slots = torch.zeros(x.shape[0], dtype=slots.dtype, device=slots.device)
-            slots[data.starts.long()] = data.slots
         out = nn.functional.linear(x, joint.weight, joint.bias)
         return out, joint.out, self.b_pool, self.ranks, slots
 
