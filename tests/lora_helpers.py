@@ -78,7 +78,8 @@ def interpreted_lora_decode(tmp_path, seed: int, fused: bool = False, lens=(5, 8
     from worker.layers.rotary import ntk_alpha
     from worker.models.qwen import FlashQwenForCausalLM
 
-    cfg = {**TINY, "seq_length": 16}
+    seq_length = 16
+    cfg = {**TINY, "seq_length": seq_length}
     state = random_checkpoint(cfg, seed=seed)
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, state)
     model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False, fused=fused)
@@ -96,7 +97,7 @@ def interpreted_lora_decode(tmp_path, seed: int, fused: bool = False, lens=(5, 8
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lens]
     slots = [mgr.entries[i].slot if i else 0 for i in which]
-    alphas = [ntk_alpha(len(p), cfg["seq_length"], True) for p in prompts]
+    alphas = [ntk_alpha(len(p), seq_length, True) for p in prompts]
     paged = Paged(model)
     out = paged.step(list(range(len(lens))), prompts, [0] * len(lens), alphas, True, slots)
     return SimpleNamespace(
