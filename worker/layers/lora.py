@@ -181,9 +181,8 @@ class LoraTerm:
     shrink inside the base matmul over `joint` (the base weight and the A pool in one allocation), then one
     expand that writes the output (worker/kernels/lora_rows.py), for decode steps (one token per request:
     `AdapterBatchData.row_slots`; a step mixing prefill rows runs the segments) of at least JOINT_MIN_ROWS rows
-    ("side_store" below). per_sm: the programs per SM the side
-    modes' shrink aims its K split at (worker/kernels/lora.py `_plan`); pdl: the "gemm" expand launches
-    with PDL (DecodeKernels.lora_pdl)."""
+    ("side_store" below). per_sm: the programs per SM the side modes' shrink aims its K split at
+    (worker/kernels/lora.py `_plan`); pdl: the "gemm" expand launches with PDL (DecodeKernels.lora_pdl)."""
 
     a_pool: torch.Tensor  # [slots, P, r_max, in]
     b_pool: torch.Tensor  # [slots, P, out / P, r_max]
@@ -266,8 +265,7 @@ class LoraTerm:
         delta = torch.empty(x.shape[0], self.b_pool.shape[1] * self.b_pool.shape[2], dtype=x.dtype, device=x.device)
         if side is not None and main is not None:
             side.wait_stream(main)  # x is ready
-        # every row is a segment
-        store = self.decode in ("side_store", "gemm") and data.slots.shape[0] == x.shape[0]
+        store = self.decode in ("side_store", "gemm") and data.slots.shape[0] == x.shape[0]  # a segment a row
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if not store:
                 delta.zero_()  # base rows (slot 0) add exact zeros
