@@ -132,12 +132,13 @@ class AdapterManager:
         self.engine = engine
         engine.adapters = self
         modes = self.slots.wrap_targets(self.kernels, self.shrink_stream, self.lora_decode)
-        log.info("LoRA decode modes (--lora-decode %s): %s", self.lora_decode, modes)
-        if self.lora_decode == "gemm" and modes != f"gemm x{len(self.slots.targets)}":
+        described = ", ".join(f"{m} x{n}" for m, n in sorted(modes.items()))
+        log.info("LoRA decode modes (--lora-decode %s): %s", self.lora_decode, described)
+        if self.lora_decode == "gemm" and set(modes) != {"gemm"}:
             log.warning(
                 "--lora-decode gemm: targets without a float weight on the pool's device and dtype (quantized, or "
                 "the torch LoRA backend) run another mode: %s",
-                modes,
+                described,
             )
 
     def preload(self, adapter_ids: list[str]) -> None:

@@ -107,9 +107,11 @@ class SlotPool:
                 return "gemm"
         return "side_store" if stream is not None else "two"
 
-    def wrap_targets(self, kernels: ModuleType | None, stream: torch.cuda.Stream | None, decode: str = "auto") -> str:
-        """Replace each target linear of the model by its adapter-aware wrapper over this pool; returns the decode
-        modes chosen (`decode`: serve's --lora-decode), for the log."""
+    def wrap_targets(
+        self, kernels: ModuleType | None, stream: torch.cuda.Stream | None, decode: str = "auto"
+    ) -> dict[str, int]:
+        """Replace each target linear of the model by its adapter-aware wrapper over this pool; returns how many
+        targets took each decode mode (`decode`: serve's --lora-decode)."""
         modes: dict[str, int] = {}
         for t in self.targets:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
@@ -126,7 +128,7 @@ class SlotPool:
             base = getattr(t.owner, t.attr)
             term.pdl = getattr(getattr(base, "decode_kernels", None), "lora_pdl", False)  # later: set_decode_kernels
             setattr(t.owner, t.attr, wrap_lora(base, term))
-        return ", ".join(f"{m} x{n}" for m, n in sorted(modes.items()))
+        return modes
 
     def ranks_of(self, host: HostAdapter) -> torch.Tensor:
         """An adapter's rank per module: [layers, modules] int32 on the host (0: not targeted)."""
