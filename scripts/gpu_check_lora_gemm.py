@@ -17,15 +17,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_check_lora import graph_ms  # noqa: E402
+from gpu_check_lora import BATCH, DT, LAYERS, MODULES, RANK, graph_ms  # noqa: E402  (the same P2 shapes)
 from worker.kernels import lora as two  # noqa: E402
 from worker.kernels.lora_reference import add_lora_reference  # noqa: E402
 from worker.layers.lora import AdapterBatchData, JointWeight, LoraTerm  # noqa: E402
 
-MODULES = {"c_attn": (1, 4096, 12288), "attn.c_proj": (1, 4096, 4096), "w2|w1": (2, 4096, 11008),
-           "mlp.c_proj": (1, 11008, 4096)}  # fmt: skip
-LAYERS, BATCH, RANK, SLOTS = 32, 32, 16, 33
-DT = torch.bfloat16
+SLOTS = BATCH + 1  # slot 0 (the base) and one adapter per row
 
 
 def main() -> None:
