@@ -98,24 +98,24 @@ def bench_lora_decode(
     rows, capture_s = [], {}
     triton = mgr.kernels is not None
     side = mgr.shrink_stream is not None
+    served = getattr(*lora_linears(model)[0]).lora.decode  # the mode the manager chose for this shape (--lora-decode)
     variants = (  # (backend, side stream, LoraTerm.decode); the served configuration last (the generate's)
         [("torch", False, "two")]
-        + (
-            [("triton", False, "two")] + [("triton", m.startswith(("side", "gemm")), m) for m in decode_modes]
-            if triton
-            else []
-        )
+        + ([("triton", False, "two")] if triton else [])
         + ([("triton", True, "two")] if triton and side else [])
+        + ([("triton", m.startswith(("side", "gemm")), m) for m in decode_modes] if triton else [])
     )
+    if triton and variants[-1][2] != served:
+        variants.append(("triton", served != "two" and side, served))
     graphs: GraphedDecode | None = None
-    served = model.transformer.layers()[0].attn.rotary.opts  # the decode kernels the benchmark was given
+    kernels = model.transformer.layers()[0].attn.rotary.opts  # the decode kernels the benchmark was given
     for k, (backend, overlap, label) in enumerate(variants):
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
         mode, _, extra = label.partition("+")  # "gemm+act_gemv": that mode with these decode kernels added
         apply_decode_kernels(
-            model.transformer, replace(served, **dict.fromkeys(extra.split("+") if extra else [], True))
+            model.transformer, replace(kernels, **dict.fromkeys(extra.split("+") if extra else [], True))
         )
         for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
             term = getattr(owner, name).lora
@@ -292,7 +292,8 @@ def main() -> None:
         "--modes",
         default="side_store,gemm",
         help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
-        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv)",
+        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv). The served mode runs "
+        "last (added if it is not) and its graphs run P3's generate",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")
