@@ -42,16 +42,22 @@ def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
-    b_ptrs = b_ptr + slot * stride_bs + part * stride_bp + offs_n[:, None] * stride_bn + offs_r[None, :]
-    if R_MAX == BLOCK_R:  # whole rows of B: vector loads (the pool's lanes past a rank are zero)
-        b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)  # [BN, BR]
-    else:
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r < R_MAX)[None, :], other=0.0)
+    b = _b_rows(b_ptr + slot * stride_bs + part * stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
     gdc_wait(PDL)
     gdc_go(PDL)
     y = _part(out_ptr + t * stride_o, b, ranks_ptr, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
               stride_rs, P, R_MAX)
     tl.store(y_ptr + t * stride_y + part * N + offs_n, y, mask=mask_n)
+
+
+@triton.jit
+def _b_rows(b_ptr, offs_n, mask_n, offs_r, stride_bn, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A slot's B rows offs_n, all r_max lanes [BN, BR]: whole rows when r_max is a power of two, so the loads are
+    vectors (the pool's lanes past a rank are zero)."""
+    ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :]
+    if R_MAX == BLOCK_R:
+        return tl.load(ptrs, mask=mask_n[:, None], other=0.0)
+    return tl.load(ptrs, mask=mask_n[:, None] & (offs_r < R_MAX)[None, :], other=0.0)
 
 
 @triton.jit
@@ -77,13 +83,8 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
     slot = tl.load(slots_ptr + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
-    b_ptrs = b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :]
-    if R_MAX == BLOCK_R:
-        b_mask = mask_n[:, None]
-    else:
-        b_mask = mask_n[:, None] & (offs_r < R_MAX)[None, :]
-    b_gate = tl.load(b_ptrs, mask=b_mask, other=0.0)
-    b_up = tl.load(b_ptrs + stride_bp, mask=b_mask, other=0.0)
+    b_gate = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
+    b_up = _b_rows(b_ptr + slot * stride_bs + stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
     gdc_wait(PDL)
     gdc_go(PDL)
     gate = _part(out_ptr + t * stride_o, b_gate, ranks_ptr, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
