@@ -96,8 +96,9 @@ class SlotPool:
     def decode_mode(self, key: tuple[int, str], kernels: ModuleType | None, stream: object, choice: str) -> str:
         """LoraTerm's decode mode for one target under `--lora-decode choice` (LORA_DECODE). On the H200 (batch 32,
         32 rank-16 adapters, 32 layers of the 7B shape): "gemm" (the shrink inside the base GEMM, one expand
-        writing the output) costs 0.86 ms a step beside the base matmuls, "side_store" 1.38 ms
-        (scripts/gpu_check_lora_gemm.py). "side_store" runs the whole term on the side stream, its expand
+        writing the output) costs 0.93-1.09 ms a step beside the base matmuls, "side_store" 1.31-1.38 ms
+        (scripts/gpu_check_lora_gemm.py); in the decode step P2 0.884-0.898 vs 0.831-0.843 (bench_lora.py).
+        "side_store" runs the whole term on the side stream, its expand
         writing every row of the term buffer; without a stream "two"."""
         if choice not in LORA_DECODE:
             raise ValueError(f"--lora-decode {choice!r}, expected one of {LORA_DECODE}")
@@ -117,6 +118,7 @@ class SlotPool:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
             mode = self.decode_mode((t.layer, t.key), kernels, stream, decode)
             modes[mode] = modes.get(mode, 0) + 1
+            base = getattr(t.owner, t.attr)
             term = LoraTerm(
                 *self.stacked[(t.layer, t.key)],
                 self.ranks[:, t.layer, k : k + len(t.modules)].t(),  # [P, slots]
@@ -124,9 +126,8 @@ class SlotPool:
                 stream,
                 decode=mode,
                 joint=self.joints.get((t.layer, t.key)),
+                pdl=getattr(getattr(base, "decode_kernels", None), "lora_pdl", False),  # later: set_decode_kernels
             )
-            base = getattr(t.owner, t.attr)
-            term.pdl = getattr(getattr(base, "decode_kernels", None), "lora_pdl", False)  # later: set_decode_kernels
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes
 
