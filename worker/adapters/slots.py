@@ -98,8 +98,8 @@ class SlotPool:
         32 rank-16 adapters, 32 layers of the 7B shape): "gemm" (the shrink inside the base GEMM, one expand
         writing the output) costs 0.93-1.09 ms a step beside the base matmuls, "side_store" 1.31-1.38 ms
         (scripts/gpu_check_lora_gemm.py); in the decode step P2 0.884-0.898 vs 0.831-0.843 (bench_lora.py).
-        "side_store" runs the whole term on the side stream, its expand
-        writing every row of the term buffer; without a stream "two"."""
+        "side_store" runs the whole term on the side stream, its expand writing every row of the term buffer;
+        without a stream "two"."""
         if choice not in LORA_DECODE:
             raise ValueError(f"--lora-decode {choice!r}, expected one of {LORA_DECODE}")
         joint = self.joints.get(key)
