@@ -1,6 +1,7 @@
 """The multi-LoRA decode rows of scripts/bench.py (`--only lora`): P2 (graphed decode with every request on
-its own adapter vs base, per LoRA backend and decode mode) and our side of P3 (bench_peer.py's workload).
-P6 (LoadAdapter latency) is in bench_adapter_load.py. Run alone, P3's generate-heavy row in one command:
+its own adapter vs base, per LoRA backend and decode mode), then our side of P3 (bench_generate.py, on the
+served mode's graphs; the peer's side: bench_peer.py `peer_generate`). P6 (LoadAdapter latency) is in
+bench_adapter_load.py. Run alone, P3's generate-heavy row in one command:
 
     python scripts/bench_lora.py            # 32 x 128 -> 128, 32 adapters: ours whole, HF + PEFT extrapolated
     python scripts/bench_lora.py --no-peer  # ours only (and the P2 rows at batch 32)
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from bench_common import cuda_time, weight_bytes
+from bench_generate import bench_generate
 
 
 def fill_random_adapters(mgr, n: int, rank: int, alpha: float, seed: int = 0) -> None:
@@ -168,117 +170,13 @@ def bench_lora_decode(
     return out
 
 
-def bench_generate(
-    model: Any, graphs: Any, kv: Any, reqs: list[SimpleNamespace], prompt: int, new_tokens: int
-) -> dict[str, Any]:
-    """Our side of P3, bench_peer's workload: len(reqs) prompts of `prompt` tokens, `new_tokens` new tokens,
-    every request its own adapter (request i on slot i + 1), run whole as a server would: one eager prefill
-    with adapters, then `new_tokens - 1` graphed adapter decode steps, each fed the previous step's greedy
-    tokens (a host sync per step). Wall time of the second run (the first compiles and warms up); the
-    prefill and one step are also timed alone."""
-    from worker.layers.context import Seqlen
-    from worker.layers.lora import AdapterBatchData
-
-    dev, bs = model.pctx.device, kv.block_size
-    n, L = len(reqs), prompt
-    if math.ceil((L + new_tokens) / bs) > len(reqs[0].blocks):
-        raise SystemExit(f"P3: {L} + {new_tokens} tokens do not fit the requests' {len(reqs[0].blocks)} blocks")
-    gen = [
-        SimpleNamespace(
-            ids=[(7 * i + j) % 1000 + 1 for j in range(L)],
-            blocks=r.blocks,
-            slots=[r.blocks[p // bs] * bs + p % bs for p in range(L + new_tokens)],
-            ntk_alpha=1.0,
-            n_cached=0,
-        )
-        for i, r in enumerate(reqs)
-    ]
-    tables = torch.tensor([r.blocks for r in gen], dtype=torch.int32, device=dev)
-    kv_slots = torch.tensor([r.slots[p] for r in gen for p in range(L)], dtype=torch.long, device=dev)
-    seqlen = Seqlen.for_prefill([L] * n, None, [1.0] * n, device=dev)
-    ids = torch.tensor([t for r in gen for t in r.ids], device=dev)
-    pos = torch.arange(L, device=dev).repeat(n)
-    last = torch.arange(1, n + 1, device=dev) * L - 1
-    adapter_slots = list(range(1, n + 1))
-    data = AdapterBatchData.build(adapter_slots, [L] * n, dev)
-    batch = SimpleNamespace(requests=gen)
-
-    def prefill() -> torch.Tensor:
-        with torch.inference_mode():
-            return model(
-                ids, pos, seqlen.cu_seqlen_q, kv.layers, tables, kv_slots, seqlen, L, data, lm_head_indices=last
-            )[0]
-
-    def generate() -> float:
-        for r in gen:
-            del r.ids[L:]
-            r.n_cached = 0
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        nxt = prefill().argmax(-1).tolist()
-        for _ in range(new_tokens - 1):
-            for r, t in zip(gen, nxt):
-                r.ids.append(t)
-            nxt = graphs.run(batch, adapter_slots).argmax(-1).tolist()
-        return time.perf_counter() - t0
-
-    generate()
-    gen_s = generate()
-    prefill_t = cuda_time(prefill, iters=3, warmup=1)
-    graphs.run(batch, adapter_slots)
-    bucket = next(s for s in graphs.sizes if s >= n)
-    step_t = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
-    return dict(
-        batch=n,
-        prompt=L,
-        new_tokens=new_tokens,
-        adapters=n,
-        method="measured: the whole generate (prefill + every decode step with greedy tokens), second run",
-        generate_s=gen_s,
-        prefill_ms=prefill_t * 1e3,
-        step_ms=step_t * 1e3,
-        tok_s=n * new_tokens / gen_s,
-        decode_tok_s=n / step_t,
-    )
-
-
-def peer_generate(shape: str, batch: int, prompt: int, new: int, rank: int, steps: int) -> dict[str, Any]:
-    """HF transformers + PEFT mixed-adapter `generate` (scripts/bench_peer.py's model and adapters; row i on
-    adapter i), extrapolated: its decode step at this batch is ~1.3 s, so it times generate of 1 token
-    (prefill) and of 1 + `steps` tokens, and estimates new tokens as t(1) + (new - 1) * step."""
-    from bench_peer import add_adapters, build_peer, timed_generate
-
-    dev = torch.device("cuda")
-    t0 = time.time()
-    model = add_adapters(build_peer(shape, dev), batch, rank, 2.0 * rank, "peft")
-    build_s = time.time() - t0
-    g = torch.Generator(device=dev).manual_seed(0)
-    ids = torch.randint(1, 1000, (batch, prompt), generator=g, device=dev)
-    names = [f"a{i}" for i in range(batch)]
-    timed_generate(model, ids, 2, names)  # warm-up
-    one = timed_generate(model, ids, 1, names)
-    more = timed_generate(model, ids, 1 + steps, names)
-    step = (more - one) / steps
-    est = one + (new - 1) * step
-    del model
-    torch.cuda.empty_cache()
-    return dict(
-        method=f"extrapolated: t(1 token) + {new - 1} x the mean of {steps} decode steps (t(1+{steps}) - t(1))",
-        build_s=build_s,
-        prefill_s=one,
-        step_ms=step * 1e3,
-        generate_s=est,
-        tok_s=batch * new / est,
-        decode_tok_s=batch / step,
-    )
-
-
 def main() -> None:
     """P3 (and P2 at the same batch) in one command: ours, then the peer on the same GPU."""
     import argparse
     import json
 
     from bench_common import add_decode_kernels_arg, build_model, copy_bandwidth, with_decode_kernels
+    from bench_peer import peer_generate
     from worker.distributed import ParallelContext
 
     ap = argparse.ArgumentParser(description="P3: " + (bench_lora_decode.__doc__ or "").split("\n")[0])

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -122,6 +123,35 @@ def measure(model, ids: torch.Tensor, new: int, names, repeats: int) -> dict:
         tok_s=B * new / full,
         decode_tok_s=B * (new - 1) / max(full - one, 1e-9),
         step_ms=(full - one) / (new - 1) * 1e3,
+    )
+
+
+def peer_generate(shape: str, batch: int, prompt: int, new: int, rank: int, steps: int) -> dict[str, Any]:
+    """HF transformers + PEFT mixed-adapter `generate` (scripts/bench_peer.py's model and adapters; row i on
+    adapter i), extrapolated: its decode step at this batch is ~1.3 s, so it times generate of 1 token
+    (prefill) and of 1 + `steps` tokens, and estimates new tokens as t(1) + (new - 1) * step."""
+    dev = torch.device("cuda")
+    t0 = time.time()
+    model = add_adapters(build_peer(shape, dev), batch, rank, 2.0 * rank, "peft")
+    build_s = time.time() - t0
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(1, 1000, (batch, prompt), generator=g, device=dev)
+    names = [f"a{i}" for i in range(batch)]
+    timed_generate(model, ids, 2, names)  # warm-up
+    one = timed_generate(model, ids, 1, names)
+    more = timed_generate(model, ids, 1 + steps, names)
+    step = (more - one) / steps
+    est = one + (new - 1) * step
+    del model
+    torch.cuda.empty_cache()
+    return dict(
+        method=f"extrapolated: t(1 token) + {new - 1} x the mean of {steps} decode steps (t(1+{steps}) - t(1))",
+        build_s=build_s,
+        prefill_s=one,
+        step_ms=step * 1e3,
+        generate_s=est,
+        tok_s=batch * new / est,
+        decode_tok_s=batch / step,
     )
 
 
