@@ -65,6 +65,24 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
     return times[len(times) // 2]
 
 
+def print_kernel_table(fn: Callable[[], object], top: int = 20, reps: int = 5) -> None:
+    """GPU time per kernel name of one call of fn (a graph replay too: CUPTI sees the graph's kernels), largest
+    first, with the sum of kernel times (gaps between kernels are not in it)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(
+        ((e.key, e.device_time_total / reps, e.count // reps) for e in prof.key_averages() if e.device_time_total > 0),
+        key=lambda r: -r[1],
+    )
+    print(f"GPU kernel time per call: {sum(r[1] for r in rows) / 1e3:.3f} ms over {sum(r[2] for r in rows)} kernels")
+    for name, us, n in rows[:top]:
+        print(f"{us / 1e3:8.3f} ms  {n:5d}x  {us / max(n, 1):7.2f} us  {name[:100]}")
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
     x = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bench_common import cuda_time, weight_bytes
+from bench_common import cuda_time, print_kernel_table, weight_bytes
 from bench_generate import bench_generate
 
 
@@ -60,6 +60,7 @@ def bench_lora_decode(
     peer_prompt: int,
     peer_new: int,
     decode_modes: tuple[str, ...] = ("local", "side"),
+    profile: bool = False,
 ) -> dict:
     """P2: graphed decode with every request on its own adapter vs graphed base-only decode (the same
     GraphedDecode, the same inputs), for the torch path and the kernels (shrink beside the base matmul or
@@ -70,6 +71,7 @@ def bench_lora_decode(
     from worker.adapters.pool import AdapterManager
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
+    from worker.kernels import lora_rows
     from worker.layers.decode_kernels import apply_decode_kernels
 
     c, dev = model.config, model.pctx.device
@@ -115,7 +117,10 @@ def bench_lora_decode(
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
-        mode, _, extra = label.partition("+")  # "gemm+act_gemv": that mode with these decode kernels added
+        label_tile, _, tile = label.partition("@")  # "gemm@128x4": the expands' tile (lora_rows.TILE)
+        bn, _, warps = (tile or "256x4").partition("x")
+        lora_rows.TILE.update(block_n=int(bn), num_warps=int(warps))
+        mode, _, extra = label_tile.partition("+")  # "gemm+act_gemv": that mode with these decode kernels added
         apply_decode_kernels(
             model.transformer, replace(kernels, **dict.fromkeys(extra.split("+") if extra else [], True))
         )
@@ -134,6 +139,10 @@ def bench_lora_decode(
             base = cuda_time(graphs.graphs[(bucket, False)][0].replay, iters=30)
             graphs.run(batch, list(range(1, b + 1)))  # request i on slot i + 1: b distinct adapters
             lora = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
+            if profile:
+                for name, g in (("base", graphs.graphs[(bucket, False)][0]), (label, graphs.graphs[(bucket, True)][0])):
+                    print(f"-- kernels of one graphed step, b={b}, {name}")
+                    print_kernel_table(g.replay, top=18)
             floor = (wbytes + b * (ctx_len + 1) * kv_per_token) / bw
             rows.append(
                 dict(
@@ -190,12 +199,14 @@ def main() -> None:
         "--modes",
         default="side_store,gemm",
         help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
-        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv). The served mode runs "
-        "last (added if it is not) and its graphs run P3's generate",
+        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv; MODE@BNxW: the "
+        "expands' tile, e.g. gemm@128x4). The served mode runs last (added if it is not) and its graphs run P3's "
+        "generate",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print each graph's kernel times (torch profiler)")
     ap.add_argument("--out", default="", help="JSON of the results (optional)")
     add_decode_kernels_arg(ap)
     args = ap.parse_args()
@@ -217,6 +228,7 @@ def main() -> None:
         args.prompt,
         args.new,
         tuple(args.modes.split(",")),
+        args.profile,
     )
     del model
     torch.cuda.empty_cache()

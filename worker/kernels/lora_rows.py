@@ -28,6 +28,10 @@ import triton.language as tl
 from worker.kernels.fused import silu_mul_rn
 from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
 
+# The expands' tile: BLOCK_N columns of one row per program, num_warps (scripts/bench_lora.py `--modes gemm@BNxW`
+# measures others in the same process).
+TILE = {"block_n": 256, "num_warps": 4}
+
 
 # fmt: off
 @triton.jit
@@ -121,7 +125,7 @@ def lora_expand_rows(
     ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool = False,
-    block_n: int = 256,
+    block_n: int = 0,
 ) -> torch.Tensor:
     """y [T, n_out] = out[:, :n_out] + the adapter term of each row's slot, from the joint GEMM's output.
 
@@ -135,11 +139,13 @@ def lora_expand_rows(
     y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
     if T == 0:
         return y
+    block_n = block_n or TILE["block_n"]
     n_tiles = triton.cdiv(N, block_n)
     on = active(pdl, out.device)
     _expand_rows_kernel[(T, P * n_tiles)](
         out, y, b_pool, slots, ranks, N, n_tiles, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3],
-        *ranks.stride(), P=P, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on, num_warps=4,
+        *ranks.stride(), P=P, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on,
+        num_warps=TILE["num_warps"],
         enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
@@ -152,7 +158,7 @@ def lora_expand_rows_silu_mul(
     ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool = False,
-    block_n: int = 256,
+    block_n: int = 0,
 ) -> torch.Tensor:
     """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
     [T, n_out / 2], the same values bit for bit."""
@@ -164,10 +170,11 @@ def lora_expand_rows_silu_mul(
     if T == 0:
         return y
     on = active(pdl, out.device)
+    block_n = block_n or TILE["block_n"]
     _expand_rows_act_kernel[(T, triton.cdiv(N, block_n))](
         out, y, b_pool, slots, ranks, N, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(),
         R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED, PDL=on,
-        num_warps=4, enable_fp_fusion=False, **launch_options(on),
+        num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
 
