@@ -14,9 +14,11 @@ c_attn's term added inside the RoPE + KV-store kernel (one program per head and 
 in the same process, alternating, the step took 7.49-7.51 ms with it and 7.50 ms without (P2 0.885-0.887 vs
 0.884-0.885), no gain for a second RoPE kernel (code in git history: a2e4821, d00104c).
 
-One program per (token, part, BLOCK_N columns); B is read before `gdc_wait` (PDL: pool data, written only
-between steps), whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones),
-so under PDL its load overlaps the GEMM's tail. y is a new contiguous tensor.
+One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
+`gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
+steps), so after the wait the program has one memory round trip (h and the base row, together) before its store;
+B is read in whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones).
+y is a new contiguous tensor.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES,
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
     b = _b_rows(b_ptr + slot * stride_bs + part * stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
+    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
     gdc_wait(PDL)
     gdc_go(PDL)
-    y = _part(out_ptr + t * stride_o, b, ranks_ptr, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
-              stride_rs, P, R_MAX)
+    y = _part(out_ptr + t * stride_o, b, rank, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P, R_MAX)
     tl.store(y_ptr + t * stride_y + part * N + offs_n, y, mask=mask_n)
 
 
@@ -65,11 +67,10 @@ def _b_rows(b_ptr, offs_n, mask_n, offs_r, stride_bn, R_MAX: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _part(row, b, ranks_ptr, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp, stride_rs, P: tl.constexpr,
-          R_MAX: tl.constexpr):
+def _part(row, b, rank, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P: tl.constexpr, R_MAX: tl.constexpr):
     """One part's output columns of a row: base + (h · Bᵀ rounded), added in fp32 and rounded once; h is the
-    slot's lanes below its rank in the joint GEMM's output row, b the slot's B rows [BN, BR]."""
-    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
+    slot's lanes below its rank in the joint GEMM's output row, b the slot's B rows [BN, BR]. The two loads here
+    are the only ones after `gdc_wait`, issued together: one memory round trip."""
     h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < rank, other=0.0)
     y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
     acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
@@ -89,12 +90,12 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
     mask_n = offs_n < N
     b_gate = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
     b_up = _b_rows(b_ptr + slot * stride_bs + stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
+    rank_gate = tl.load(ranks_ptr + slot * stride_rs)
+    rank_up = tl.load(ranks_ptr + stride_rp + slot * stride_rs)
     gdc_wait(PDL)
     gdc_go(PDL)
-    gate = _part(out_ptr + t * stride_o, b_gate, ranks_ptr, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
-                 stride_rs, 2, R_MAX)
-    up = _part(out_ptr + t * stride_o, b_up, ranks_ptr, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, stride_rp,
-               stride_rs, 2, R_MAX)
+    gate = _part(out_ptr + t * stride_o, b_gate, rank_gate, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
+    up = _part(out_ptr + t * stride_o, b_up, rank_up, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
     tl.store(y_ptr + t * stride_y + offs_n, silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty), mask=mask_n)
 # fmt: on
 
