@@ -113,11 +113,16 @@ def bench_lora_decode(
         variants.append(("triton", served != "two" and side, served))
     graphs: GraphedDecode | None = None
     kernels = model.transformer.layers()[0].attn.rotary.opts  # the decode kernels the benchmark was given
+    unwrapped: list[tuple[Any, str, Any]] = []
     for k, (backend, overlap, label) in enumerate(variants):
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
-        label_tile, _, tile = label.partition("@")  # "gemm@128x4": the expands' tile (lora_rows.TILE)
+        label_on, _, off = label.partition("-off=")  # "gemm-off=mlp.c_proj": those targets without their term
+        for owner, attr, wrapper in unwrapped:  # the previous variant's "-off" targets get their wrappers back
+            setattr(owner, attr, wrapper)
+        unwrapped = []
+        label_tile, _, tile = label_on.partition("@")  # "gemm@128x4": the expands' tile (lora_rows.TILE)
         bn, _, warps = (tile or "256x4").partition("x")
         lora_rows.TILE.update(block_n=int(bn), num_warps=int(warps))
         mode, _, extra = label_tile.partition("+")  # "gemm+act_gemv": that mode with these decode kernels added
@@ -129,6 +134,10 @@ def bench_lora_decode(
             term.kernels = mgr.kernels if backend == "triton" else None
             term.stream = mgr.shrink_stream if overlap else None
             term.decode = mode
+        for t in model.lora_targets():
+            if t.key in off.split("+"):
+                unwrapped.append((t.owner, t.attr, getattr(t.owner, t.attr)))
+                setattr(t.owner, t.attr, unwrapped[-1][2].base)
         t0 = time.time()
         graphs = GraphedDecode(model, kv, max_batch, per_seq, num_blocks - 1, adapter_pools=True)
         capture_s[f"{backend}{'-overlap' if overlap else ''}{'' if label == 'two' else '-' + label}"] = time.time() - t0
@@ -200,7 +209,8 @@ def main() -> None:
         default="side_store,gemm",
         help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
         "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv; MODE@BNxW: the "
-        "expands' tile, e.g. gemm@128x4). The served mode runs last (added if it is not) and its graphs run P3's "
+        "expands' tile, e.g. gemm@128x4; MODE-off=KEY+KEY: without those targets' term, e.g. "
+        "gemm-off=attn.c_proj+mlp.c_proj). The served mode runs last (added if it is not) and its graphs run P3's "
         "generate",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
