@@ -36,7 +36,9 @@ def main() -> None:
     from worker.layers.attention import make_backend
 
     backend = make_backend(os.environ.get("QWEN_TEST_BACKEND", "torch"), pctx.device)
-    model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, backend, progress=False)
+    lora_decode = os.environ.get("QWEN_TEST_LORA_DECODE", "")
+    fused = True if lora_decode == "gemm_act" else None  # the gate|up expand + activation needs the fused kernels
+    model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, backend, progress=False, fused=fused)
     S = model.config.seq_length
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 7, 21)]
@@ -73,11 +75,12 @@ def main() -> None:
 
             for t in model.lora_targets():
                 getattr(t.owner, t.attr).lora.kernels = kernels
-                if os.environ.get("QWEN_TEST_LORA_DECODE") == "gemm":  # the joint GEMM at these 3-row steps too
+                if lora_decode.startswith("gemm"):  # the joint GEMM at these 3-row steps too
                     from worker.layers import lora as lora_layer
 
                     lora_layer.JOINT_MIN_ROWS = 1
                     getattr(t.owner, t.attr).lora.decode = "gemm"
+                    getattr(t.owner, t.attr).lora.act_shrink = lora_decode == "gemm_act"  # mlp.c_proj's h from gate|up
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]

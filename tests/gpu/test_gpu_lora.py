@@ -413,5 +413,21 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     assert err <= 2 * ref_err, (err, ref_err)
     assert torch.equal(y[0], out[0, : P * N])
     if P == 2:
-        act = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True)
-        assert torch.equal(act, silu_mul(y))
+        act, none = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True)
+        assert torch.equal(act, silu_mul(y)) and none is None
+        # mlp.c_proj's shrink in the same launch (lora_act_shrink): its h from the partials vs a bf16 matmul of act
+        a2 = torch.zeros(S, 1, R, N, device=CUDA, dtype=torch.bfloat16)
+        a2[1:, :, :8].normal_(0.0, N**-0.5, generator=g)
+        b2 = torch.zeros(S, 1, K, R, device=CUDA, dtype=torch.bfloat16)
+        b2[1:, :, :, :8].normal_(0.0, 0.02, generator=g)
+        ranks2 = torch.full((1, S), 8, dtype=torch.int32, device=CUDA)
+        ranks2[0, 0] = 0
+        act2, parts = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True, shrink=a2)
+        assert torch.equal(act2, act)
+        h = torch.einsum("tn,trn->tr", act.float(), a2[slots, 0].float())
+        torch.testing.assert_close(parts.sum(1)[:, :R], h, atol=1e-3, rtol=1e-3)
+        y0 = torch.randn(T, K, device=CUDA, generator=g).to(torch.bfloat16)
+        y2 = kernels.lora_expand_rows_partials(y0, parts, b2, ranks2, slots, pdl=True)
+        want = y0.float() + torch.einsum("tr,tkr->tk", h.to(torch.bfloat16).float(), b2[slots, 0].float())
+        torch.testing.assert_close(y2.float(), want, atol=2e-2, rtol=2e-2)
+        assert torch.equal(y2[0], y0[0])

@@ -195,8 +195,8 @@ def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
     slots = torch.tensor([1, 0, 2, 2, 1])
     x = torch.randn(len(slots), K, generator=g)
     out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
-    y = lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, block_n=32)
-    assert torch.equal(y, silu_mul(lora_expand_rows(out, P * N, b, ranks, slots, block_n=32)))
+    y, none = lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, block_n=32)
+    assert torch.equal(y, silu_mul(lora_expand_rows(out, P * N, b, ranks, slots, block_n=32))) and none is None
     for t, s in enumerate(slots.tolist()):
         gate_up = w.double() @ x[t].double() + term_f64(x[t], a, b, s, ranks)
         want = gate_up[N:] * torch.nn.functional.silu(gate_up[:N])
@@ -205,7 +205,54 @@ def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
         lora_expand_rows_silu_mul(out[:, : N + S * r_max], N, b[:, :1].contiguous(), ranks[:1], slots)
 
 
-def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("N,r2,block_n", [(50, 5, 16), (37, 12, 32)])
+def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_n):
+    """lora_act_shrink: the gate|up launch also writes the consumer's h in fp32 partials per tile; its output is
+    unchanged bit for bit, the partials sum to act · A2ᵀ (float64, act the launch's own output), lanes past a slot's
+    rank stay zero; lora_expand_rows_partials then gives y0 + B2 h (float64, h the summed partials); base rows
+    (slot 0) keep y0 exactly. Awkward sizes: N not a multiple of the tile, r2_max not a power of two."""
+    from worker.kernels.lora_rows import lora_expand_rows_partials, lora_expand_rows_silu_mul
+
+    g = torch.Generator().manual_seed(N + r2)
+    S, K, r_max, N2 = 3, 29, 8, 23  # N2: the consumer's output width
+    ranks = torch.tensor([[0, r_max, 5], [0, 3, r_max]], dtype=torch.int32)
+    ranks2 = torch.tensor([[0, r2, 2]], dtype=torch.int32)
+    a = torch.randn(S, 2, r_max, K, generator=g) / K**0.5
+    b = torch.randn(S, 2, N, r_max, generator=g) / r_max**0.5
+    a2 = torch.randn(S, 1, r2, N, generator=g) / N**0.5
+    b2 = torch.randn(S, 1, N2, r2, generator=g) / r2**0.5
+    for s in range(S):
+        for p in range(2):
+            a[s, p, ranks[p, s] :] = 0
+            b[s, p, :, ranks[p, s] :] = 0
+        a2[s, 0, ranks2[0, s] :] = 0
+        b2[s, 0, :, ranks2[0, s] :] = 0
+    w = torch.randn(2 * N, K, generator=g) / K**0.5
+    slots = torch.tensor([1, 0, 2, 2, 1])
+    x = torch.randn(len(slots), K, generator=g)
+    out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
+    plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n)
+    act, parts = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2)
+    assert torch.equal(act, plain)
+    assert parts is not None and parts.shape == (len(slots), -(-N // block_n), 1 << (r2 - 1).bit_length())
+    h = parts.double().sum(1)
+    y0 = torch.randn(len(slots), N2, generator=g)
+    y = lora_expand_rows_partials(y0, parts, b2, ranks2, slots, block_n=16)
+    for t, s in enumerate(slots.tolist()):
+        want_h = a2[s, 0].double() @ act[t].double()
+        torch.testing.assert_close(h[t, :r2], want_h, atol=1e-5, rtol=1e-5)
+        assert not h[t, r2:].any()
+        want = y0[t].double() + b2[s, 0].double() @ h[t, :r2]
+        torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
+    assert torch.equal(y[1], y0[1])
+    with pytest.raises(ValueError, match="consumer's A pool"):
+        lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, shrink=a2[:, :, :, 1:])
+    with pytest.raises(ValueError, match="lora_expand_rows_partials"):
+        lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
+
+
+@pytest.mark.parametrize("act_shrink", [False, True])
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
     gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
     targets one expand each, and the logits equal the float64 reference with each adapter merged."""
@@ -215,12 +262,15 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch):
     run = interpreted_lora_decode(tmp_path, seed=23, fused=True, lens=(4, 7, 3), which=(2, 0, 1))
     for term in run.terms:
         term.decode = "gemm"
+        term.act_shrink = act_shrink
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     launches = count_launches(monkeypatch)
     out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
     layers = run.cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
-    assert launches.count("_expand_rows_kernel") == 3 * layers  # c_attn, attn.c_proj, mlp.c_proj
+    # c_attn, attn.c_proj and mlp.c_proj; with act_shrink mlp.c_proj's expand sums the gate|up launch's partials
+    assert launches.count("_expand_rows_kernel") == (2 if act_shrink else 3) * layers
+    assert launches.count("_expand_rows_partials_kernel") == (layers if act_shrink else 0)
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
         worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.lora_reference import add_lora_reference
-from worker.kernels.lora_rows import lora_expand_rows, lora_expand_rows_silu_mul
+from worker.kernels.lora_rows import lora_expand_rows, lora_expand_rows_partials, lora_expand_rows_silu_mul
 
 
 # Triton kernel signatures stay packed, one line per group of arguments
@@ -319,5 +319,6 @@ __all__ = [
     "add_lora",
     "add_lora_reference",
     "lora_expand_rows",
+    "lora_expand_rows_partials",
     "lora_expand_rows_silu_mul",
 ]

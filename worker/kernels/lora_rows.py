@@ -78,11 +78,14 @@ def _part(row, b, rank, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P: tl.c
 
 
 @triton.jit
-def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET,
+def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, N, H_OFFSET,
                             stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+                            stride_a2s, stride_a2r, stride_pt,
                             R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
-                            PDL: tl.constexpr):
-    """A gate|up target (P = 2): y[t, n] = up · silu(gate) of the two parts' outputs, each the expand's value."""
+                            SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr, PDL: tl.constexpr):
+    """A gate|up target (P = 2): y[t, n] = up · silu(gate) of the two parts' outputs, each the expand's value.
+    SHRINK: also this tile's share of the consumer's h, Σ_n y[t, n] · A2[slot, r, n] in fp32 over the stored
+    (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials)."""
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -92,11 +95,46 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OF
     b_up = _b_rows(b_ptr + slot * stride_bs + stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
     rank_gate = tl.load(ranks_ptr + slot * stride_rs)
     rank_up = tl.load(ranks_ptr + stride_rp + slot * stride_rs)
+    if SHRINK:  # the consumer's A rows of this tile [BR2, BN] (pool data: before the wait too)
+        offs_r2 = tl.arange(0, BLOCK_R2)
+        a2 = tl.load(a2_ptr + slot * stride_a2s + offs_r2[:, None] * stride_a2r + offs_n[None, :],
+                     mask=(offs_r2 < R2_MAX)[:, None] & mask_n[None, :], other=0.0)
     gdc_wait(PDL)
     gdc_go(PDL)
     gate = _part(out_ptr + t * stride_o, b_gate, rank_gate, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
     up = _part(out_ptr + t * stride_o, b_up, rank_up, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
-    tl.store(y_ptr + t * stride_y + offs_n, silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty), mask=mask_n)
+    act = silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t * stride_y + offs_n, act, mask=mask_n)
+    if SHRINK:
+        h = tl.sum(a2.to(tl.float32) * act.to(tl.float32)[None, :], axis=1)  # [BR2]
+        tl.store(part_ptr + t * stride_pt + tl.program_id(1) * BLOCK_R2 + offs_r2, h)
+
+
+@triton.jit
+def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES,
+                                 stride_y0, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
+                                 R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """y[t] = y0[t] + h · B[slot]ᵀ (one part) where h = Σ over TILES of the producer's fp32 partials (tile order),
+    rounded to the model dtype: the value of the joint GEMM's h with its sum in another order."""
+    t = tl.program_id(0).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    b = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
+    rank = tl.load(ranks_ptr + slot * stride_rs)
+    gdc_wait(PDL)
+    gdc_go(PDL)
+    offs_t = tl.arange(0, BLOCK_T)
+    parts = tl.load(part_ptr + t * stride_pt + offs_t[:, None] * BLOCK_R + offs_r[None, :],
+                    mask=(offs_t < TILES)[:, None] & (offs_r < rank)[None, :], other=0.0)
+    y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
+    h = tl.sum(parts, axis=0).to(y0.dtype)
+    acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
+    y = (y0.to(tl.float32) + acc.to(y0.dtype).to(tl.float32)).to(y0.dtype)
+    tl.store(y_ptr + t * stride_y + offs_n, y, mask=mask_n)
 # fmt: on
 
 
@@ -160,24 +198,81 @@ def lora_expand_rows_silu_mul(
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
-) -> torch.Tensor:
+    shrink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
-    [T, n_out / 2], the same values bit for bit."""
+    [T, n_out / 2], the same values bit for bit. shrink: the consumer's A pool [slots, 1, r2_max, n_out / 2] (its
+    input is this output: mlp.c_proj after gate|up); the same launch then also returns its h in fp32 partials per
+    tile, [T, tiles, next_power_of_2(r2_max)], which `lora_expand_rows_partials` sums (else None)."""
     _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     if P != 2:
         raise ValueError(f"lora_expand_rows_silu_mul: a gate|up pool has 2 parts, not {P}")
+    if shrink is not None and (
+        shrink.dim() != 4 or shrink.shape[:2] != (b_pool.shape[0], 1) or shrink.shape[3] != N or shrink.stride(3) != 1
+    ):
+        raise ValueError(f"lora_expand_rows_silu_mul: the consumer's A pool {tuple(shrink.shape)} for {N} columns")
     y = torch.empty(T, N, dtype=out.dtype, device=out.device)
+    block_n = block_n or TILE["block_n"]
+    tiles = triton.cdiv(N, block_n)
+    r2 = shrink.shape[2] if shrink is not None else 1
+    br2 = triton.next_power_of_2(r2)
+    parts = torch.empty(T, tiles, br2, dtype=torch.float32, device=out.device) if shrink is not None else None
+    if T == 0:
+        return y, parts
+    on = active(pdl, out.device)
+    a2 = shrink if shrink is not None else b_pool
+    _expand_rows_act_kernel[(T, tiles)](
+        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, N, n_out, out.stride(0), y.stride(0),
+        *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2), tiles * br2,
+        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
+        SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, PDL=on,
+        num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
+    )  # fmt: skip
+    return y, parts
+
+
+def lora_expand_rows_partials(
+    y0: torch.Tensor,
+    parts: torch.Tensor,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    pdl: bool = False,
+    block_n: int = 0,
+) -> torch.Tensor:
+    """y [T, N] = y0 + each row's adapter term (one part), its h the sum of `parts` [T, tiles, BR] (fp32, from
+    lora_expand_rows_silu_mul's shrink) over the tiles, rounded to y0's dtype; b_pool [slots, 1, N, r_max] (lanes
+    past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots."""
+    T, N = y0.shape
+    S, P, n_b, r_max = b_pool.shape
+    br = triton.next_power_of_2(r_max)
+    if (
+        P != 1
+        or n_b != N
+        or parts.shape[::2] != (T, br)
+        or not parts.is_contiguous()
+        or y0.stride(1) != 1
+        or b_pool.stride(-1) != 1
+        or ranks.shape != (1, S)
+        or slots.shape != (T,)
+    ):
+        raise ValueError(
+            f"lora_expand_rows_partials: y0 {tuple(y0.shape)}, partials {tuple(parts.shape)}, B pool "
+            f"{tuple(b_pool.shape)}, ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
+        )
+    y = torch.empty_like(y0, memory_format=torch.contiguous_format)
     if T == 0:
         return y
-    on = active(pdl, out.device)
     block_n = block_n or TILE["block_n"]
-    _expand_rows_act_kernel[(T, triton.cdiv(N, block_n))](
-        out, y, b_pool, slots, ranks, N, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(),
-        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED, PDL=on,
+    on = active(pdl, y0.device)
+    _expand_rows_partials_kernel[(T, triton.cdiv(N, block_n))](
+        y0, y, b_pool, slots, ranks, parts, N, parts.shape[1], y0.stride(0), y.stride(0),
+        b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0),
+        R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n, PDL=on,
         num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
 
 
-__all__ = ["lora_expand_rows", "lora_expand_rows_silu_mul"]
+__all__ = ["lora_expand_rows", "lora_expand_rows_partials", "lora_expand_rows_silu_mul"]

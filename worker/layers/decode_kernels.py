@@ -41,12 +41,16 @@ class DecodeKernels:
     lora_pdl: the expands of LoRA's "gemm" decode mode (worker/kernels/lora_rows.py) launch with PDL too (they
     follow a cuBLAS GEMM). Served: in the 7B decode step (batch 32, 32 adapters) P2 0.888 / 0.886 with it vs
     0.879 / 0.875 without, in two runs on the H200, although beside the base matmuls alone it measured slower
-    (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py)."""
+    (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py).
+    lora_act_shrink: in "gemm" mode, mlp.c_proj's h comes from the gate|up expand that writes its input (fp32
+    partials per tile, summed by c_proj's expand) instead of from A rows in c_proj's GEMM, which then is the
+    base GEMM alone (worker/kernels/lora_rows.py)."""
 
     pdl: bool = False
     act_gemv: bool = False
     rope_store: bool = False
     lora_pdl: bool = False
+    lora_act_shrink: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -194,6 +194,7 @@ class LoraTerm:
     sync: Any = field(default=None, repr=False)  # "sync"'s counters (a DecodeWorkspace, made on first use)
     joint: JointWeight | None = None
     pdl: bool = False
+    act_shrink: bool = False  # DecodeKernels.lora_act_shrink: a gate|up target's expand computes its consumer's h
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -235,13 +236,28 @@ class LoraTerm:
         k.lora_expand(y, h, self.b_pool, self.ranks, *segments)
         return y
 
-    def apply_silu_mul(self, x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor | None:
+    def apply_silu_mul(
+        self, x: torch.Tensor, data: AdapterBatchData, then: LoraTerm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """up · silu(gate) of base + term for a gate|up target (P = 2) where "gemm" serves the step: the expand
-        and the activation in one launch (fused.silu_mul's values, bit for bit); None elsewhere."""
+        and the activation in one launch (fused.silu_mul's values, bit for bit); None elsewhere. With
+        `act_shrink` and the consumer's term `then` (mlp.c_proj, one part, also "gemm"), the same launch also
+        computes the consumer's h (fp32 partials per tile: then.apply_partials), else that is None."""
         if self.decode != "gemm" or data.row_slots is None or self.b_pool.shape[1] != 2 or self.kernels is None:
             return None
         joint = self._joint_gemm(x, data)
-        return None if joint is None else self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl)
+        if joint is None:
+            return None
+        shrink = None
+        if self.act_shrink and then is not None and then.decode == "gemm" and then.a_pool.shape[1] == 1:
+            shrink = then.a_pool
+        return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
+
+    def apply_partials(self, base: Callable[[], torch.Tensor], parts: torch.Tensor, data: AdapterBatchData):
+        """base() + term where the producer computed h (`apply_silu_mul`'s partials): the base matmul alone, as
+        without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py)."""
+        assert self.kernels is not None and data.row_slots is not None
+        return self.kernels.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, data.row_slots, self.pdl)
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
@@ -300,6 +316,7 @@ class _LoraLinear(nn.Module):
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
         self.lora.pdl = opts.lora_pdl
+        self.lora.act_shrink = opts.lora_act_shrink
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)
@@ -319,11 +336,14 @@ class LoraColumnParallelLinear(_LoraLinear):
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.lora.apply(lambda: self.base(x, ctx), x, data)  # [T, out_per_rank]
 
-    def silu_mul(self, x: torch.Tensor, ctx: object) -> torch.Tensor | None:
+    def silu_mul(
+        self, x: torch.Tensor, ctx: object, then: LoraTerm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """A gate|up target's up · silu(gate), its adapter term and the activation in one launch where LoraTerm
-        serves that (`apply_silu_mul`); None: the caller runs forward and the activation itself."""
+        serves that (`apply_silu_mul`), with the consumer's (`then`) h partials or None; None: the caller runs
+        forward and the activation itself."""
         data = getattr(ctx, "adapter_data", None)
-        return None if data is None else self.lora.apply_silu_mul(x, data)
+        return None if data is None else self.lora.apply_silu_mul(x, data, then)
 
 
 class LoraRowParallelLinear(_LoraLinear):
@@ -334,6 +354,14 @@ class LoraRowParallelLinear(_LoraLinear):
 
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.base.reduce(self.lora.apply(lambda: self.base.partial(x), x, data))  # [T, out]
+
+    def forward_partials(self, x: torch.Tensor, ctx: object, parts: torch.Tensor | None) -> torch.Tensor:
+        """forward, or, given the h partials its producer computed (LoraColumnParallelLinear.silu_mul), the base
+        partial sum plus the term from them before the all-reduce."""
+        data = getattr(ctx, "adapter_data", None)
+        if parts is None or data is None:
+            return self(x, ctx)
+        return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), parts, data))
 
 
 def wrap_lora(base: nn.Module, lora: LoraTerm) -> _LoraLinear:

@@ -139,8 +139,12 @@ class QwenMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         lora_act = getattr(self.gate_up, "silu_mul", None) if self.act.fused else None
-        act = lora_act(x, ctx) if lora_act is not None else None  # adapters' expand fused with the activation
-        if act is not None:
+        # adapters' expand fused with the activation (and with c_proj's shrink where both serve it)
+        fused = lora_act(x, ctx, getattr(self.c_proj, "lora", None)) if lora_act is not None else None
+        if fused is not None:
+            act, parts = fused
+            if parts is not None:
+                return self.c_proj.forward_partials(act, ctx, parts)  # type: ignore[operator]
             return self.c_proj(act, ctx)
         gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
         if isinstance(self.c_proj, RowParallelLinear) and self.c_proj.fuses_act(gate_up):
