@@ -80,8 +80,7 @@ def main() -> None:
 
                     lora_layer.JOINT_MIN_ROWS = 1
                     getattr(t.owner, t.attr).lora.decode = "gemm"
-                    term = getattr(t.owner, t.attr).lora
-                    term.act_shrink = term.splitk = lora_decode == "gemm_act"  # mlp.c_proj's h from gate|up
+                    getattr(t.owner, t.attr).lora.act_shrink = lora_decode == "gemm_act"  # mlp.c_proj's h from gate|up
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]

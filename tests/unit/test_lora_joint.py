@@ -23,7 +23,6 @@ from worker.adapters.slots import SlotPool, joint_layout  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.kernels import lora as kernels  # noqa: E402
 from worker.kernels.lora_rows import lora_expand_rows  # noqa: E402
-from worker.kernels.lora_rows import split_k_planes as kernels_split  # noqa: E402
 from worker.layers import lora as lora_layer  # noqa: E402
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 from worker.layers.lora import AdapterBatchData, LoraTerm  # noqa: E402
@@ -246,36 +245,14 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
         want = y0[t].double() + b2[s, 0].double() @ h[t, :r2]
         torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
     assert torch.equal(y[1], y0[1])
-    planes = torch.randn(3, len(slots), N2, generator=g)  # y0 as fp32 split-K planes: summed in plane order
-    y = lora_expand_rows_partials(planes, parts, b2, ranks2, slots, block_n=16)
-    base = planes[0] + planes[1] + planes[2]
-    for t, s in enumerate(slots.tolist()):
-        want = base[t].double() + b2[s, 0].double() @ h[t, :r2]
-        torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
-    assert torch.equal(y[1], base[1])
     with pytest.raises(ValueError, match="consumer's A pool"):
         lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, shrink=a2[:, :, :, 1:])
     with pytest.raises(ValueError, match="lora_expand_rows_partials"):
         lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
 
 
-def test_split_k_planes_sum_to_the_matmul():
-    """split_k_planes: S equal K chunks of x · wᵀ as fp32 planes (their sum is the product), the most splits <= 8
-    with chunks of whole 16s, x and w strided (a joint weight's base rows, a row view of x); None where none fits."""
-    from worker.kernels.lora_rows import split_k_planes
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(7, 2 * 96, generator=g)[:, :96]
-    w = torch.randn(40, 96, generator=g)
-    planes = split_k_planes(x, w)
-    assert planes is not None and planes.shape == (6, 7, 40)
-    for s in range(6):
-        torch.testing.assert_close(planes[s], x[:, 16 * s : 16 * (s + 1)] @ w[:, 16 * s : 16 * (s + 1)].T)
-    assert split_k_planes(torch.randn(3, 40), torch.randn(5, 40)) is None  # 40 columns: no two chunks of 16s
-
-
-@pytest.mark.parametrize("act_shrink,splitk", [(False, False), (True, False), (True, True)])
-def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink, splitk):
+@pytest.mark.parametrize("act_shrink", [False, True])
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
     gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
     targets one expand each, and the logits equal the float64 reference with each adapter merged."""
@@ -285,7 +262,7 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, a
     run = interpreted_lora_decode(tmp_path, seed=23, fused=True, lens=(4, 7, 3), which=(2, 0, 1))
     for term in run.terms:
         term.decode = "gemm"
-        term.act_shrink, term.splitk = act_shrink, splitk
+        term.act_shrink = act_shrink
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     launches = count_launches(monkeypatch)
     out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
@@ -294,11 +271,6 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, a
     # c_attn, attn.c_proj and mlp.c_proj; with act_shrink mlp.c_proj's expand sums the gate|up launch's partials
     assert launches.count("_expand_rows_kernel") == (2 if act_shrink else 3) * layers
     assert launches.count("_expand_rows_partials_kernel") == (layers if act_shrink else 0)
-    if splitk:  # c_proj's base GEMM as planes (96 columns: 6 of 16), summed by that expand
-        planes = []
-        monkeypatch.setattr(kernels, "split_k_planes", lambda *a: planes.append(kernels_split(*a)) or planes[-1])
-        run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
-        assert len(planes) == layers and all(p is not None and p.shape[0] == 6 for p in planes)
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
         worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst

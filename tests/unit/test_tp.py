@@ -43,8 +43,7 @@ def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path, decod
     layers' B and row layers' A are sharded under the kernels exactly as under the batched matmuls. "gemm"
     (decode steps through the joint GEMM, here at 3 rows): a row-parallel shard's joint rows are its input
     columns of A, and its term joins its partial sum before the all-reduce. "gemm_act" (fused kernels,
-    lora_act_shrink, lora_splitk): mlp.c_proj's h from each rank's own activation columns in the gate|up launch,
-    its base GEMM as split-K planes of the rank's K columns."""
+    lora_act_shrink): mlp.c_proj's h from each rank's own activation columns in the gate|up launch."""
     _, results = runs
     ckpt, root = results["paths"]
     single = results[1][0]

@@ -128,7 +128,6 @@ class SlotPool:
                 joint=self.joints.get((t.layer, t.key)),
                 pdl=getattr(getattr(base, "decode_kernels", None), "lora_pdl", False),  # later: set_decode_kernels
                 act_shrink=getattr(getattr(base, "decode_kernels", None), "lora_act_shrink", False),
-                splitk=getattr(getattr(base, "decode_kernels", None), "lora_splitk", False),
             )
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes

@@ -32,12 +32,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.lora_reference import add_lora_reference
-from worker.kernels.lora_rows import (
-    lora_expand_rows,
-    lora_expand_rows_partials,
-    lora_expand_rows_silu_mul,
-    split_k_planes,
-)
+from worker.kernels.lora_rows import lora_expand_rows, lora_expand_rows_partials, lora_expand_rows_silu_mul
 
 
 # Triton kernel signatures stay packed, one line per group of arguments
@@ -326,5 +321,4 @@ __all__ = [
     "lora_expand_rows",
     "lora_expand_rows_partials",
     "lora_expand_rows_silu_mul",
-    "split_k_planes",
 ]

@@ -112,12 +112,11 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
 
 @triton.jit
 def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES,
-                                 stride_y0, stride_y0s, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
+                                 stride_y0, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
                                  R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PLANES: tl.constexpr, PDL: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """y[t] = y0[t] + h · B[slot]ᵀ (one part) where h = Σ over TILES of the producer's fp32 partials (tile order),
-    rounded to the model dtype: the value of the joint GEMM's h with its sum in another order. PLANES > 0: y0 is
-    the sum of that many fp32 split-K planes of the base GEMM (in plane order), rounded to y's dtype."""
+    rounded to the model dtype: the value of the joint GEMM's h with its sum in another order."""
     t = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -131,13 +130,7 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, par
     offs_t = tl.arange(0, BLOCK_T)
     parts = tl.load(part_ptr + t * stride_pt + offs_t[:, None] * BLOCK_R + offs_r[None, :],
                     mask=(offs_t < TILES)[:, None] & (offs_r < rank)[None, :], other=0.0)
-    if PLANES > 0:
-        acc0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
-        for i in tl.static_range(1, PLANES):
-            acc0 += tl.load(y0_ptr + i * stride_y0s + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
-        y0 = acc0.to(y_ptr.dtype.element_ty)
-    else:
-        y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
+    y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
     h = tl.sum(parts, axis=0).to(y0.dtype)
     acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
     y = (y0.to(tl.float32) + acc.to(y0.dtype).to(tl.float32)).to(y0.dtype)
@@ -249,11 +242,9 @@ def lora_expand_rows_partials(
     block_n: int = 0,
 ) -> torch.Tensor:
     """y [T, N] = y0 + each row's adapter term (one part), its h the sum of `parts` [T, tiles, BR] (fp32, from
-    lora_expand_rows_silu_mul's shrink) over the tiles, rounded to y's dtype; b_pool [slots, 1, N, r_max] (lanes
-    past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots. y0: the base output [T, N], or its
-    fp32 split-K planes [S, T, N] (`split_k_planes`), summed in plane order and rounded to the pool's dtype."""
-    planes = y0.shape[0] if y0.dim() == 3 else 0
-    T, N = y0.shape[-2:]
+    lora_expand_rows_silu_mul's shrink) over the tiles, rounded to y0's dtype; b_pool [slots, 1, N, r_max] (lanes
+    past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots."""
+    T, N = y0.shape
     S, P, n_b, r_max = b_pool.shape
     br = triton.next_power_of_2(r_max)
     if (
@@ -261,8 +252,7 @@ def lora_expand_rows_partials(
         or n_b != N
         or parts.shape[::2] != (T, br)
         or not parts.is_contiguous()
-        or y0.stride(-1) != 1
-        or (planes and y0.dtype != torch.float32)
+        or y0.stride(1) != 1
         or b_pool.stride(-1) != 1
         or ranks.shape != (1, S)
         or slots.shape != (T,)
@@ -271,38 +261,18 @@ def lora_expand_rows_partials(
             f"lora_expand_rows_partials: y0 {tuple(y0.shape)}, partials {tuple(parts.shape)}, B pool "
             f"{tuple(b_pool.shape)}, ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
         )
-    y = torch.empty(T, N, dtype=b_pool.dtype if planes else y0.dtype, device=y0.device)
+    y = torch.empty_like(y0, memory_format=torch.contiguous_format)
     if T == 0:
         return y
     block_n = block_n or TILE["block_n"]
     on = active(pdl, y0.device)
     _expand_rows_partials_kernel[(T, triton.cdiv(N, block_n))](
-        y0, y, b_pool, slots, ranks, parts, N, parts.shape[1], y0.stride(-2), y0.stride(0) if planes else 0,
-        y.stride(0), b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0),
-        R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n, PLANES=planes,
-        PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
+        y0, y, b_pool, slots, ranks, parts, N, parts.shape[1], y0.stride(0), y.stride(0),
+        b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0),
+        R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n, PDL=on,
+        num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
 
 
-def split_k_planes(x: torch.Tensor, weight: torch.Tensor, max_splits: int = 8) -> torch.Tensor | None:
-    """x [T, K] · weightᵀ ([N, K], unit column stride) as S fp32 planes [S, T, N] over S equal K chunks, one strided
-    batched GEMM (cuBLAS, fp32 output): the base GEMM's split-K without its reduce kernel, which
-    `lora_expand_rows_partials` then does. S: the most splits <= max_splits whose chunks are whole multiples of 16
-    columns (7B's mlp.c_proj: 8 of 1,376); None when no S > 1 fits or the torch has no bmm out_dtype."""
-    T, K = x.shape
-    S = next((s for s in range(max_splits, 1, -1) if K % (s * 16) == 0), 0)
-    if not S or x.stride(1) != 1 or weight.stride(1) != 1:
-        return None
-    kc = K // S
-    xs = x.as_strided((S, T, kc), (kc, x.stride(0), 1))
-    ws = weight.as_strided((S, kc, weight.shape[0]), (kc, 1, weight.stride(0)))
-    if x.dtype == torch.float32:
-        return torch.bmm(xs, ws)
-    try:
-        return torch.bmm(xs, ws, out_dtype=torch.float32)
-    except (TypeError, NotImplementedError, RuntimeError):  # a torch or device without bmm's out_dtype
-        return None
-
-
-__all__ = ["lora_expand_rows", "lora_expand_rows_partials", "lora_expand_rows_silu_mul", "split_k_planes"]
+__all__ = ["lora_expand_rows", "lora_expand_rows_partials", "lora_expand_rows_silu_mul"]

@@ -44,16 +44,13 @@ class DecodeKernels:
     (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py).
     lora_act_shrink: in "gemm" mode, mlp.c_proj's h comes from the gate|up expand that writes its input (fp32
     partials per tile, summed by c_proj's expand) instead of from A rows in c_proj's GEMM, which then is the
-    base GEMM alone (worker/kernels/lora_rows.py).
-    lora_splitk: with lora_act_shrink, c_proj's base GEMM runs as fp32 split-K planes (one strided batched cuBLAS
-    GEMM) that its expand sums, in place of cuBLAS's own split-K reduce kernel: one launch fewer."""
+    base GEMM alone (worker/kernels/lora_rows.py)."""
 
     pdl: bool = False
     act_gemv: bool = False
     rope_store: bool = False
     lora_pdl: bool = False
     lora_act_shrink: bool = False
-    lora_splitk: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

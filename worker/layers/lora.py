@@ -195,7 +195,6 @@ class LoraTerm:
     joint: JointWeight | None = None
     pdl: bool = False
     act_shrink: bool = False  # DecodeKernels.lora_act_shrink: a gate|up target's expand computes its consumer's h
-    splitk: bool = False  # DecodeKernels.lora_splitk: apply_partials's base GEMM as fp32 split-K planes
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -254,18 +253,11 @@ class LoraTerm:
             shrink = then.a_pool
         return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
 
-    def apply_partials(
-        self, base: Callable[[], torch.Tensor], x: torch.Tensor, parts: torch.Tensor, data: AdapterBatchData
-    ) -> torch.Tensor:
+    def apply_partials(self, base: Callable[[], torch.Tensor], parts: torch.Tensor, data: AdapterBatchData):
         """base() + term where the producer computed h (`apply_silu_mul`'s partials): the base matmul alone, as
-        without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py). `splitk` (a float
-        base): the base matmul as fp32 split-K planes instead, which that expand also sums (no reduce kernel)."""
-        k = self.kernels
-        assert k is not None and data.row_slots is not None
-        y0 = k.split_k_planes(x, self.joint.weight[: self.joint.out]) if self.splitk and self.joint else None
-        return k.lora_expand_rows_partials(
-            base() if y0 is None else y0, parts, self.b_pool, self.ranks, data.row_slots, self.pdl
-        )
+        without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py)."""
+        assert self.kernels is not None and data.row_slots is not None
+        return self.kernels.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, data.row_slots, self.pdl)
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
@@ -325,7 +317,6 @@ class _LoraLinear(nn.Module):
         """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
         self.lora.pdl = opts.lora_pdl
         self.lora.act_shrink = opts.lora_act_shrink
-        self.lora.splitk = opts.lora_splitk
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)
@@ -370,7 +361,7 @@ class LoraRowParallelLinear(_LoraLinear):
         data = getattr(ctx, "adapter_data", None)
         if parts is None or data is None:
             return self(x, ctx)
-        return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), x, parts, data))
+        return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), parts, data))
 
 
 def wrap_lora(base: nn.Module, lora: LoraTerm) -> _LoraLinear:
