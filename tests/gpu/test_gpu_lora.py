@@ -386,7 +386,8 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     """The "gemm" decode path at 7B-like sizes in bf16 (batch 33, 32 rank-16 adapters, a base row, a rank-8
     slot; PDL on): the joint GEMM + lora_expand_rows within twice the bf16 reference's own error of the fp32
     reference, base rows equal to the wider GEMM's base columns; the gate|up launch equals the expand then
-    fused.silu_mul bit for bit."""
+    fused.silu_mul bit for bit, and with the consumer's shrink (lora_act_shrink) its partials sum to act · A2ᵀ and
+    their expand adds B2 h."""
     from worker.kernels.fused import silu_mul
 
     g = torch.Generator(device=CUDA).manual_seed(P + N)

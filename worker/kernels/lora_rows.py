@@ -14,6 +14,12 @@ c_attn's term added inside the RoPE + KV-store kernel (one program per head and 
 in the same process, alternating, the step took 7.49-7.51 ms with it and 7.50 ms without (P2 0.885-0.887 vs
 0.884-0.885), no gain for a second RoPE kernel (code in git history: a2e4821, d00104c).
 
+With DecodeKernels.lora_act_shrink the gate|up launch also computes mlp.c_proj's h from the activation it writes
+(fp32 partials per tile) and c_proj's expand sums them (`lora_expand_rows_partials`), so c_proj's GEMM is the base
+GEMM alone: the A rows had made cuBLAS pick a slower split-K kernel there. Tried and removed (2026-11-29, H200):
+c_proj's base GEMM as fp32 split-K planes (a strided bmm with out_dtype) summed in that expand, to drop cuBLAS's
+reduce kernel: P2 0.882-0.886 vs 0.887-0.888 without (revert of 66d0eac).
+
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
 `gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
 steps), so after the wait the program has one memory round trip (h and the base row, together) before its store;

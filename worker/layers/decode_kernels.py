@@ -25,7 +25,7 @@ from torch import nn
 # 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
 # M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
 # it). lora_pdl: see DecodeKernels.
-SERVED = ("pdl", "rope_store", "lora_pdl")
+SERVED = ("pdl", "rope_store", "lora_pdl", "lora_act_shrink")
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
 
@@ -44,7 +44,9 @@ class DecodeKernels:
     (1.05 vs 0.93 ms a step, scripts/gpu_check_lora_gemm.py).
     lora_act_shrink: in "gemm" mode, mlp.c_proj's h comes from the gate|up expand that writes its input (fp32
     partials per tile, summed by c_proj's expand) instead of from A rows in c_proj's GEMM, which then is the
-    base GEMM alone (worker/kernels/lora_rows.py)."""
+    base GEMM alone (worker/kernels/lora_rows.py). Served: P2 +0.003-0.006 in each of 10 same-process pairs on two
+    H200s (e.g. 7.49 vs 7.53 ms, 7.44 vs 7.47 ms at batch 32, 32 adapters; scripts/bench_lora.py --modes
+    gemm+lora_act_shrink,gemm)."""
 
     pdl: bool = False
     act_gemv: bool = False
