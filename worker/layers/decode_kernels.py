@@ -46,13 +46,16 @@ class DecodeKernels:
     partials per tile, summed by c_proj's expand) instead of from A rows in c_proj's GEMM, which then is the
     base GEMM alone (worker/kernels/lora_rows.py). Served: P2 +0.003-0.006 in each of 10 same-process pairs on two
     H200s (e.g. 7.49 vs 7.53 ms, 7.44 vs 7.47 ms at batch 32, 32 adapters; scripts/bench_lora.py --modes
-    gemm+lora_act_shrink,gemm)."""
+    gemm+lora_act_shrink,gemm).
+    gptq_cuda: Int4 GPTQ linears at one-row decode steps take the CUDA GEMV (worker/kernels/gemv_cuda.py, built with
+    nvcc on first use) instead of the Triton one, where it serves the layout and builds."""
 
     pdl: bool = False
     act_gemv: bool = False
     rope_store: bool = False
     lora_pdl: bool = False
     lora_act_shrink: bool = False
+    gptq_cuda: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -14,6 +14,7 @@ wraps them unchanged with dims from the config, never from the packed shapes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
 from worker.quant.gptq_format import default_g_idx, unpack_cols
 from worker.weights import WeightError, Weights, shard_range
 
+log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
 
@@ -58,6 +60,7 @@ class _GPTQ:
     k_offset: int = 0
     perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
+    _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves one-row steps (None: not decided yet)
     decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
@@ -128,7 +131,7 @@ class _GPTQ:
 
     def build_gemv(self) -> None:
         """The decode GEMV's view of the current buffers (None where it does not apply or Triton is absent)."""
-        self.gemv = None
+        self.gemv, self._cuda_gemv = None, None
         gs, grouped = self.quant.group_size, self.group_hint > 0
         if not grouped and gs == -1:
             grouped = not bool(self.g_idx.any())
@@ -141,11 +144,30 @@ class _GPTQ:
             w = gemv_weights(self.qweight, self.qzeros, self.scales, q.bits, q.zero_offset, gs, self.k_offset)
             self.gemv = w if gemv_fits(w, default_tiles(q.bits)) else None
 
+    def _cuda_gemv_serves(self, dtype: torch.dtype) -> bool:
+        """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's one-row
+        steps; decided once (the first call builds the library, before any graph capture: Warmup's eager step)."""
+        if self._cuda_gemv is None:
+            from worker.kernels.gemv_cuda import library, supports
+
+            assert self.gemv is not None
+            lib = library(*torch.cuda.get_device_capability(self.qweight.device))
+            why = lib if isinstance(lib, str) else supports(self.gemv, dtype)
+            if why:
+                shape = tuple(self.qweight.shape)
+                log.warning("--decode-kernels gptq_cuda: the Triton GEMV serves a %s linear: %s", shape, why)
+            self._cuda_gemv = not why
+        return self._cuda_gemv
+
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         if self.gemv is not None and x.shape[0] <= GEMV_MAX_M:
+            if x.shape[0] == 1 and self.decode_kernels.gptq_cuda and self._cuda_gemv_serves(x.dtype):
+                from worker.kernels.gemv_cuda import cuda_gemv
+
+                return cuda_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)
             from worker.kernels.gemv import quant_gemv
 
             return quant_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)

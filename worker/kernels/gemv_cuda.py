@@ -1,0 +1,114 @@
+"""The CUDA Int4 GPTQ GEMV for one decode row (worker/kernels/gptq_gemv.cu; issue 16, P9), built on first use.
+
+nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (no PyTorch headers, so no build against
+PyTorch's ABI) cached under $QWEN_WORKER_CACHE (default ~/.cache/qwen-worker) by the source's hash and the
+device's compute capability; ctypes calls it with raw pointers on PyTorch's current stream (CUDA graphs capture
+it like any launch). Where nvcc is missing, the build fails, or a linear's layout is not one this kernel serves
+(`supports`), `library` / `cuda_gemv` say so and the layer keeps the Triton GEMV (worker/kernels/gemv.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from worker.kernels.gemv import NO_GROUPS, GPTQGemvWeights
+
+log = logging.getLogger("worker")
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_gemv.cu")
+CHUNK = 128  # K rows per chunk (the .cu's kChunk)
+COLS = 128  # columns per block (kCols)
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+@functools.cache
+def library(major: int, minor: int) -> ctypes.CDLL | str:
+    """The built library for compute capability major.minor, or why there is none (a message)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        return "no nvcc (set CUDA_HOME)"
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read() + f"{major}{minor}".encode()).hexdigest()[:16]
+    cache = os.environ.get("QWEN_WORKER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen-worker")
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    path = os.path.join(cache, f"gptq_gemv_{digest}.so")
+    if not os.path.exists(path):
+        arch = f"{major}{minor}"
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = os.path.join(tmp, "lib.so")
+            cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+            done = subprocess.run([*cmd, "-o", out, SOURCE], capture_output=True, text=True)
+            if done.returncode != 0:
+                return f"nvcc failed: {done.stderr.strip()[-500:]}"
+            os.replace(out, path)  # atomic: another process may build the same file
+        log.info("built the CUDA GPTQ GEMV for sm_%s: %s", arch, path)
+    lib = ctypes.CDLL(path)
+    lib.gptq4_gemv.restype = ctypes.c_int
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
+    lib.gptq4_gemv_error.restype = ctypes.c_char_p
+    lib.gptq4_gemv_error.argtypes = [i]
+    return lib
+
+
+def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
+    """None when the kernel serves this linear for one bf16 row; else what it lacks."""
+    K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
+    if w.bits != 4 or dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
+        return f"Int4 with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
+    if N % 4 or K % CHUNK or w.k_offset % CHUNK:
+        return f"N a multiple of 4, K and the shard's first row multiples of {CHUNK} (N {N}, K {K}, {w.k_offset})"
+    if w.group_size != NO_GROUPS and w.group_size % CHUNK:
+        return f"group size a multiple of {CHUNK} (got {w.group_size})"
+    return None
+
+
+def plan(n: int, k: int, sms: int) -> tuple[int, int]:
+    """(chunks per split, splits): ~3 blocks per SM over the column tiles, each warp of a block one chunk or more."""
+    tiles, chunks = -(-n // COLS), k // CHUNK
+    splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
+    per = -(-chunks // splits)
+    return per, -(-chunks // per)
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+    """y [1, N] = x [1, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), x's columns in the weight's row
+    order; the caller checked `supports` and that `library` built."""
+    lib = library(*torch.cuda.get_device_capability(x.device))
+    assert not isinstance(lib, str), lib
+    K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
+    if x.shape != (1, K):
+        raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for one row of {K}")
+    x = x.contiguous()
+    per, splits = plan(N, K, _sms(x.device.index or 0))
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    code = lib.gptq4_gemv(
+        x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
+        float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
+        w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
+    )  # fmt: skip
+    if code:
+        raise RuntimeError(f"gptq4_gemv: {lib.gptq4_gemv_error(code).decode()}")
+    return y

@@ -1,0 +1,222 @@
+// Int4 GPTQ GEMV for one decode row (issue 16, P9): y[N] = x[K] . dequant(qweight) (+ bias), bf16 in and out,
+// fp32 accumulation. Built by worker/kernels/gemv_cuda.py with nvcc into a small shared library (no PyTorch
+// headers) and called through ctypes with raw pointers on PyTorch's current stream; the Triton GEMV
+// (worker/kernels/gemv.py) stays the path wherever this one does not apply or cannot be built.
+//
+// Layout: GPTQGemvWeights's (rows in group order): qweight int32 [K/8, N] (row 8w + j of a column in bits
+// [4j, 4j + 4) of word w), scales bf16 [G, N], zeros bf16 [G, N] holding z + zero_offset (or one value for all),
+// group g = (k_offset + k) / group_size, group_size a multiple of 128 (or no groups), k_offset a multiple of 128.
+//
+// Work: a block of 4 warps owns 128 columns (4 per thread: one 16-byte load covers 4 words = 32 values) and a K
+// range of whole 128-row chunks (one group or a part of one); warp w takes the range's chunks w, w + 4, ... and
+// keeps the next chunk's 16 loads in flight while it multiplies the current one. Value j of a word becomes
+// 16 + q exactly with one shift and one mask-and-or under a fixed fp32 exponent (the Triton GEMV's "shift"
+// unpack), so a value costs SHF + LOP3 + FFMA; the 16 joins the zero point: s (sum x (16 + q) - (z + 16) sum x).
+// Split K over blocks: each block stores its fp32 partial, the last to arrive at a column tile sums all partials
+// in split order (deterministic), adds the bias, writes y and resets the tile's counter: one launch.
+// PDL: the first chunk's weights are loaded before griddepcontrol.wait (constant data); x after it.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kCols = 128;       // columns per block: 32 lanes x 4
+constexpr int kChunk = 128;      // K rows per chunk
+constexpr int kWordRows = kChunk / 8;
+
+__device__ __forceinline__ void gdc_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void gdc_go() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+__device__ __forceinline__ uint4 load_words(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// 16 + q of value J of a word (exact): q moved to mantissa bits [19, 23) under the exponent of 16. `mask` is
+// 0x00780000 passed in as a kernel argument: with both constants immediates ptxas splits the mask-and-or in two.
+template <int J>
+__device__ __forceinline__ float biased(uint32_t w, uint32_t mask) {
+  constexpr int kShift = 19 - 4 * J;
+  uint32_t moved = kShift >= 0 ? (w << (kShift >= 0 ? kShift : 0)) : (w >> (kShift < 0 ? -kShift : 0));
+  return __uint_as_float((moved & mask) | 0x41800000u);
+}
+
+__device__ __forceinline__ void word_dot(uint32_t w, const float* xv, float& acc, uint32_t mask) {
+  acc = fmaf(xv[0], biased<0>(w, mask), acc);
+  acc = fmaf(xv[1], biased<1>(w, mask), acc);
+  acc = fmaf(xv[2], biased<2>(w, mask), acc);
+  acc = fmaf(xv[3], biased<3>(w, mask), acc);
+  acc = fmaf(xv[4], biased<4>(w, mask), acc);
+  acc = fmaf(xv[5], biased<5>(w, mask), acc);
+  acc = fmaf(xv[6], biased<6>(w, mask), acc);
+  acc = fmaf(xv[7], biased<7>(w, mask), acc);
+}
+
+template <bool kZeros, bool kBias>
+__global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
+    const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
+    const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
+    __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
+    int k_offset, int group_size, int chunks_per_split, int splits, uint32_t mask) {
+  extern __shared__ float smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = blockIdx.x * kCols + lane * 4;
+  const bool live = n < N;
+  const int n4 = N >> 2;
+  const int total_chunks = K / kChunk;
+  const int c0 = blockIdx.y * chunks_per_split;
+  const int c1 = min(c0 + chunks_per_split, total_chunks);
+  float* xs = smem;                                  // [chunks_per_split * 128] x of the block's rows
+  float* xsum = smem + chunks_per_split * kChunk;    // [chunks_per_split] sum of x per chunk
+  float* red = xsum + chunks_per_split;              // [kWarps][kCols] the warps' sums
+
+  uint4 w[kWordRows];
+  int c = c0 + warp;
+  if (c < c1 && live) {
+#pragma unroll
+    for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(c * kWordRows + r) * n4 + (n >> 2));
+  }
+  gdc_wait();
+  for (int i = threadIdx.x; i < (c1 - c0) * kChunk; i += kThreads) xs[i] = __bfloat162float(x[c0 * kChunk + i]);
+  __syncthreads();
+  for (int cc = warp; cc < c1 - c0; cc += kWarps) {
+    const float* xc = xs + cc * kChunk + lane * 4;
+    float s = (xc[0] + xc[1]) + (xc[2] + xc[3]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) xsum[cc] = s;
+  }
+  __syncthreads();
+  gdc_go();
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (; c < c1; c += kWarps) {
+    uint4 cur[kWordRows];
+#pragma unroll
+    for (int r = 0; r < kWordRows; ++r) cur[r] = w[r];
+    const int cn = c + kWarps;
+    if (cn < c1 && live) {
+#pragma unroll
+      for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(cn * kWordRows + r) * n4 + (n >> 2));
+    }
+    if (live) {
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      const float* xc = xs + (c - c0) * kChunk;
+#pragma unroll
+      for (int r = 0; r < kWordRows; ++r) {
+        const float4 xa = *reinterpret_cast<const float4*>(xc + r * 8);
+        const float4 xb = *reinterpret_cast<const float4*>(xc + r * 8 + 4);
+        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        word_dot(cur[r].x, xv, part[0], mask);
+        word_dot(cur[r].y, xv, part[1], mask);
+        word_dot(cur[r].z, xv, part[2], mask);
+        word_dot(cur[r].w, xv, part[3], mask);
+      }
+      const size_t g = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
+      const float sx = xsum[c - c0];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float s = __bfloat162float(scales[g + j]);
+        const float z = (kZeros ? __bfloat162float(zeros[g + j]) : zero) + 16.f;
+        acc[j] = fmaf(s, part[j] - z * sx, acc[j]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < 4; ++j) red[warp * kCols + lane * 4 + j] = acc[j];
+  __syncthreads();
+  if (splits == 1) {
+    if (warp == 0 && live) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float t = red[lane * 4 + j];
+        for (int v = 1; v < kWarps; ++v) t += red[v * kCols + lane * 4 + j];
+        if (kBias) t += __bfloat162float(bias[n + j]);
+        y[n + j] = __float2bfloat16_rn(t);
+      }
+    }
+    return;
+  }
+  __shared__ int last;
+  if (warp == 0 && live) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float t = red[lane * 4 + j];
+      for (int v = 1; v < kWarps; ++v) t += red[v * kCols + lane * 4 + j];
+      partial[(size_t)blockIdx.y * N + n + j] = t;
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp == 0 && live) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float t = 0.f;
+      for (int s = 0; s < splits; ++s) t += __ldcg(partial + (size_t)s * N + n + j);
+      if (kBias) t += __bfloat162float(bias[n + j]);
+      y[n + j] = __float2bfloat16_rn(t);
+    }
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
+}
+
+template <bool kZeros, bool kBias>
+cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
+                   void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
+                   int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((N + kCols - 1) / kCols, splits);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  auto kernel = gptq4_gemv_kernel<kZeros, kBias>;
+  if (config.dynamicSmemBytes > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)config.dynamicSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+                            static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
+                            static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
+                            N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u);
+}
+
+}  // namespace
+
+extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                          const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                          int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t e;
+  if (zeros != nullptr) {
+    e = bias != nullptr ? launch<true, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                             group_size, chunks_per_split, splits, pdl, s)
+                        : launch<true, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                              group_size, chunks_per_split, splits, pdl, s);
+  } else {
+    e = bias != nullptr ? launch<false, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                              group_size, chunks_per_split, splits, pdl, s)
+                        : launch<false, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                               group_size, chunks_per_split, splits, pdl, s);
+  }
+  return static_cast<int>(e);
+}
+
+extern "C" const char* gptq4_gemv_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
