@@ -70,11 +70,11 @@ def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
     """None when the kernel serves this linear for one bf16 row; else what it lacks."""
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
     if w.bits != 4 or dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
-        return f"Int4 with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
+        return f"it serves Int4 with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
     if N % 4 or K % CHUNK or w.k_offset % CHUNK:
-        return f"N a multiple of 4, K and the shard's first row multiples of {CHUNK} (N {N}, K {K}, {w.k_offset})"
+        return f"it needs N a multiple of 4, K and the shard's first row of {CHUNK} (N {N}, K {K}, row {w.k_offset})"
     if w.group_size != NO_GROUPS and w.group_size % CHUNK:
-        return f"group size a multiple of {CHUNK} (got {w.group_size})"
+        return f"it needs groups of a multiple of {CHUNK} rows (got {w.group_size})"
     return None
 
 

@@ -14,6 +14,7 @@ wraps them unchanged with dims from the config, never from the packed shapes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ from worker.weights import WeightError, Weights, shard_range
 log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def gptq_matmul_for(device: torch.device) -> GPTQMatmul:
@@ -154,8 +160,7 @@ class _GPTQ:
             lib = library(*torch.cuda.get_device_capability(self.qweight.device))
             why = lib if isinstance(lib, str) else supports(self.gemv, dtype)
             if why:
-                shape = tuple(self.qweight.shape)
-                log.warning("--decode-kernels gptq_cuda: the Triton GEMV serves a %s linear: %s", shape, why)
+                _warn_once(f"--decode-kernels gptq_cuda: the Triton GEMV serves one-row steps where {why}")
             self._cuda_gemv = not why
         return self._cuda_gemv
 
