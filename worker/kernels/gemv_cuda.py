@@ -61,6 +61,8 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
+    lib.gptq4_gemv_mma.restype = ctypes.c_int
+    lib.gptq4_gemv_mma.argtypes = lib.gptq4_gemv.argtypes
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -71,17 +73,21 @@ def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
     if w.bits != 4 or dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
         return f"it serves Int4 with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
-    if N % 4 or K % CHUNK or w.k_offset % CHUNK:
-        return f"it needs N a multiple of 4, K and the shard's first row of {CHUNK} (N {N}, K {K}, row {w.k_offset})"
+    if N % 8 or K % CHUNK or w.k_offset % CHUNK:
+        return f"it needs N a multiple of 8, K and the shard's first row of {CHUNK} (N {N}, K {K}, row {w.k_offset})"
     if w.group_size != NO_GROUPS and w.group_size % CHUNK:
         return f"it needs groups of a multiple of {CHUNK} rows (got {w.group_size})"
     return None
 
 
-def plan(n: int, k: int, sms: int) -> tuple[int, int]:
-    """(chunks per split, splits): ~3 blocks per SM over the column tiles, each warp of a block one chunk or more."""
+def plan(n: int, k: int, sms: int, variant: str = "mma") -> tuple[int, int]:
+    """(chunks per split, splits). "fma": ~3 blocks per SM over the column tiles (167 registers), each of a block's
+    4 warps a chunk or more; "mma": ~4 blocks per SM, every warp of a block (its own 32 columns) all the chunks."""
     tiles, chunks = -(-n // COLS), k // CHUNK
-    splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
+    if variant == "fma":
+        splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
+    else:
+        splits = max(1, min(chunks, (4 * sms) // tiles))
     per = -(-chunks // splits)
     return per, -(-chunks // per)
 
@@ -91,20 +97,24 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+def cuda_gemv(
+    x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False, variant: str = "mma"
+) -> torch.Tensor:
     """y [1, N] = x [1, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), x's columns in the weight's row
-    order; the caller checked `supports` and that `library` built."""
+    order; the caller checked `supports` and that `library` built. variant: "mma" (tensor cores) or "fma"."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
     if x.shape != (1, K):
         raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for one row of {K}")
     x = x.contiguous()
-    per, splits = plan(N, K, _sms(x.device.index or 0))
+    if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
+        x = x.clone()
+    per, splits = plan(N, K, _sms(x.device.index or 0), variant)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    code = lib.gptq4_gemv(
+    code = (lib.gptq4_gemv_mma if variant == "mma" else lib.gptq4_gemv)(
         x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
