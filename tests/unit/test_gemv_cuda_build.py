@@ -26,7 +26,7 @@ def test_supports_names_what_it_lacks():
     bf16 = torch.bfloat16
     assert gemv_cuda.supports(_weights(4096, 12288), bf16) is None
     assert gemv_cuda.supports(_weights(4096, 12288, group=NO_GROUPS), bf16) is None
-    assert gemv_cuda.supports(_weights(2048, 260, group=256, k_offset=128), bf16) is None
+    assert gemv_cuda.supports(_weights(2048, 264, group=256, k_offset=128), bf16) is None
     assert "Int4" in gemv_cuda.supports(_weights(4096, 128, bits=8), bf16)
     assert "Int4" in gemv_cuda.supports(_weights(4096, 128), torch.float16)
     assert "N a multiple of 8" in gemv_cuda.supports(_weights(4096, 132), bf16)
