@@ -54,17 +54,17 @@ def main() -> None:
         ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, zero_offset, None)
         if bias is not None:
             ref = ref + bias.float()
-        yc = cuda_gemv(x, gw, bias, pdl=True)
+        yc = cuda_gemv(x, gw, bias, pdl=True, variant="mma")
         yf = cuda_gemv(x, gw, bias, pdl=True, variant="fma")
         yt = quant_gemv(x, gw, bias, pdl=True)
         err_c = (yc.float() - ref).abs().max().item()
         err_f = (yf.float() - ref).abs().max().item()
         err_t = (yt.float() - ref).abs().max().item()
         err_bf = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
-        again = torch.equal(cuda_gemv(x, gw, bias, pdl=True), yc)
+        again = torch.equal(cuda_gemv(x, gw, bias, pdl=True, variant="mma"), yc)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            yg = cuda_gemv(x, gw, bias, pdl=True)
+            yg = cuda_gemv(x, gw, bias, pdl=True, variant="mma")
         graph.replay()
         torch.cuda.synchronize()
         same = torch.equal(yg, yc)
@@ -73,8 +73,8 @@ def main() -> None:
         copies = max(2, -(-256 * 2**20 // nbytes))
         ws = [gemv_weights(qweight.clone(), qzeros, scales.clone(), 4, zero_offset, 128, 0) for _ in range(copies)]
         times = {}
-        fma = partial(cuda_gemv, variant="fma")
-        for label, fn in (("mma", cuda_gemv), ("fma", fma), ("triton", quant_gemv)):
+        mma, fma = partial(cuda_gemv, variant="mma"), partial(cuda_gemv, variant="fma")
+        for label, fn in (("mma", mma), ("fma", fma), ("triton", quant_gemv)):
             fn(x, ws[0], bias, pdl=True)
             gr = torch.cuda.CUDAGraph()
             with torch.cuda.graph(gr):

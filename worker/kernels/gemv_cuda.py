@@ -80,14 +80,14 @@ def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
     return None
 
 
-def plan(n: int, k: int, sms: int, variant: str = "mma") -> tuple[int, int]:
-    """(chunks per split, splits). "fma": ~3 blocks per SM over the column tiles (167 registers), each of a block's
-    4 warps a chunk or more; "mma": ~4 blocks per SM, every warp of a block (its own 32 columns) all the chunks."""
+def plan(n: int, k: int, sms: int, variant: str = "fma") -> tuple[int, int]:
+    """(chunks per split, splits): ~3 blocks per SM over the column tiles (both variants use ~165 registers). "fma":
+    each of a block's 4 warps a chunk or more; "mma": every warp of a block (its own 32 columns) all the chunks."""
     tiles, chunks = -(-n // COLS), k // CHUNK
     if variant == "fma":
         splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
     else:
-        splits = max(1, min(chunks, (4 * sms) // tiles))
+        splits = max(1, min(chunks, (3 * sms) // tiles))
     per = -(-chunks // splits)
     return per, -(-chunks // per)
 
@@ -98,10 +98,11 @@ def _sms(index: int) -> int:
 
 
 def cuda_gemv(
-    x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False, variant: str = "mma"
+    x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False, variant: str = "fma"
 ) -> torch.Tensor:
     """y [1, N] = x [1, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), x's columns in the weight's row
-    order; the caller checked `supports` and that `library` built. variant: "mma" (tensor cores) or "fma"."""
+    order; the caller checked `supports` and that `library` built. variant: "fma" (CUDA cores, the measured faster
+    one) or "mma" (tensor cores)."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]

@@ -28,8 +28,13 @@ constexpr int kCols = 128;       // columns per block: 32 lanes x 4
 constexpr int kChunk = 128;      // K rows per chunk
 constexpr int kWordRows = kChunk / 8;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // PDL's instructions (a no-op launched without the attribute)
 __device__ __forceinline__ void gdc_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void gdc_go() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#else
+__device__ __forceinline__ void gdc_wait() {}
+__device__ __forceinline__ void gdc_go() {}
+#endif
 
 __device__ __forceinline__ uint4 load_words(const uint4* p) {
   uint4 v;
@@ -182,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
 // 0-3 then add s (C - (z + 128) sum x) for their 8 columns. ~1.1 instructions a value (SHF, LOP3, a quarter mma).
 
 constexpr int kMmaWarps = 4;
+constexpr int kDepth = 4;  // chunks in flight per warp
 constexpr int kMmaCols = 32 * kMmaWarps;  // columns per block
 
 __device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {  // nibbles 0 and 4 of w -> bf16x2 (128 + q0, 128 + q4)
@@ -216,14 +222,17 @@ __global__ void __launch_bounds__(32 * kMmaWarps) gptq4_gemv_mma_kernel(
   uint4* xs = smem4;  // x of the block's rows, 8 rows per uint4 in the order 0 4 1 5 2 6 3 7
   float* xsum = reinterpret_cast<float*>(smem4 + chunks_per_split * (kChunk / 8));
 
-  // two chunks in flight: a chunk is 4 steps of one 16-byte load a lane
-  uint4 buf0[4], buf1[4];
+  // kDepth chunks in flight: a chunk is 4 steps of one 16-byte load a lane; buf[i] holds chunk c with c % kDepth == i
+  // relative to c0 (the loop is unrolled by kDepth, so the ring needs no register moves)
+  uint4 buf[kDepth][4];
   const uint4* base = qw + (nw >> 2) + g;
   if (live) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      if (c0 < c1) buf0[s] = load_words(base + (size_t)(c0 * kWordRows + s * 4 + t) * n4);
-      if (c0 + 1 < c1) buf1[s] = load_words(base + (size_t)((c0 + 1) * kWordRows + s * 4 + t) * n4);
+    for (int i = 0; i < kDepth; ++i) {
+      if (c0 + i < c1) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c0 + i) * kWordRows + s * 4 + t) * n4);
+      }
     }
   }
   gdc_wait();
@@ -249,49 +258,51 @@ __global__ void __launch_bounds__(32 * kMmaWarps) gptq4_gemv_mma_kernel(
   gdc_go();
 
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // lanes 0-3: columns nw + 8t .. nw + 8t + 7
-  for (int c = c0; c < c1; ++c) {
-    uint4 cur[4];
+  for (int cb = c0; cb < c1; cb += kDepth) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      cur[s] = buf0[s];
-      buf0[s] = buf1[s];
-    }
-    if (c + 2 < c1 && live) {
+    for (int i = 0; i < kDepth; ++i) {
+      const int c = cb + i;
+      if (c >= c1) break;
+      uint4 cur[4];
 #pragma unroll
-      for (int s = 0; s < 4; ++s) buf1[s] = load_words(base + (size_t)((c + 2) * kWordRows + s * 4 + t) * n4);
-    }
-    float d[4][4] = {};
+      for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
+      if (c + kDepth < c1 && live) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      uint4 a = make_uint4(0u, 0u, 0u, 0u);
-      if (g == 0) a = xs[(c - c0) * (kChunk / 8) + s * 4 + t];  // rows 32s + 8t .. + 7, permuted
-      const uint32_t words[4] = {cur[s].x, cur[s].y, cur[s].z, cur[s].w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t w = words[j];
-        mma_bf16(d[j], a.x, a.y, pair_bf16(w), pair_bf16(w >> 4));
-        mma_bf16(d[j], a.z, a.w, pair_bf16(w >> 8), pair_bf16(w >> 12));
+        for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c + kDepth) * kWordRows + s * 4 + t) * n4);
       }
-    }
-    if (g == 0 && nw + 8 * t < N) {  // row 0 of D: d[j][0] is column nw + 8t + j, d[j][1] column nw + 8t + 4 + j
-      const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + nw + 8 * t;
-      const uint4 s8 = *reinterpret_cast<const uint4*>(scales + gi);
-      const __nv_bfloat16* sv = reinterpret_cast<const __nv_bfloat16*>(&s8);
-      float z[8];
-      if (kZeros) {
-        const uint4 z8 = *reinterpret_cast<const uint4*>(zeros + gi);
-        const __nv_bfloat16* zv = reinterpret_cast<const __nv_bfloat16*>(&z8);
+      float d[4][4] = {};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) z[i] = __bfloat162float(zv[i]) + 128.f;
-      } else {
+      for (int s = 0; s < 4; ++s) {
+        uint4 a = make_uint4(0u, 0u, 0u, 0u);
+        if (g == 0) a = xs[(c - c0) * (kChunk / 8) + s * 4 + t];  // rows 32s + 8t .. + 7, permuted
+        const uint32_t words[4] = {cur[s].x, cur[s].y, cur[s].z, cur[s].w};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) z[i] = zero + 128.f;
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t w = words[j];
+          mma_bf16(d[j], a.x, a.y, pair_bf16(w), pair_bf16(w >> 4));
+          mma_bf16(d[j], a.z, a.w, pair_bf16(w >> 8), pair_bf16(w >> 12));
+        }
       }
-      const float sx = xsum[c - c0];
+      if (g == 0 && nw + 8 * t < N) {  // row 0 of D: d[j][0] is column nw + 8t + j, d[j][1] column nw + 8t + 4 + j
+        const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + nw + 8 * t;
+        const uint4 s8 = *reinterpret_cast<const uint4*>(scales + gi);
+        const __nv_bfloat16* sv = reinterpret_cast<const __nv_bfloat16*>(&s8);
+        float z[8];
+        if (kZeros) {
+          const uint4 z8 = *reinterpret_cast<const uint4*>(zeros + gi);
+          const __nv_bfloat16* zv = reinterpret_cast<const __nv_bfloat16*>(&z8);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        acc[j] = fmaf(__bfloat162float(sv[j]), d[j][0] - z[j] * sx, acc[j]);
-        acc[4 + j] = fmaf(__bfloat162float(sv[4 + j]), d[j][1] - z[4 + j] * sx, acc[4 + j]);
+          for (int k = 0; k < 8; ++k) z[k] = __bfloat162float(zv[k]) + 128.f;
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) z[k] = zero + 128.f;
+        }
+        const float sx = xsum[c - c0];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[j] = fmaf(__bfloat162float(sv[j]), d[j][0] - z[j] * sx, acc[j]);
+          acc[4 + j] = fmaf(__bfloat162float(sv[4 + j]), d[j][1] - z[4 + j] * sx, acc[4 + j]);
+        }
       }
     }
   }

@@ -25,7 +25,7 @@ from torch import nn
 # 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
 # M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
 # it). lora_pdl: see DecodeKernels.
-SERVED = ("pdl", "rope_store", "lora_pdl", "lora_act_shrink")
+SERVED = ("pdl", "rope_store", "lora_pdl", "lora_act_shrink", "gptq_cuda")
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
 
@@ -48,7 +48,9 @@ class DecodeKernels:
     H200s (e.g. 7.49 vs 7.53 ms, 7.44 vs 7.47 ms at batch 32, 32 adapters; scripts/bench_lora.py --modes
     gemm+lora_act_shrink,gemm).
     gptq_cuda: Int4 GPTQ linears at one-row decode steps take the CUDA GEMV (worker/kernels/gemv_cuda.py, built with
-    nvcc on first use) instead of the Triton one, where it serves the layout and builds."""
+    nvcc on first use) instead of the Triton one, where it serves the layout and builds (else one warning says why).
+    Served: the 7B Int4 batch-1 step 2.658 / 2.657 ms vs 2.880 / 2.865 with the Triton GEMV (two paired runs on an
+    H200, scripts/bench_quant.py); deterministic, so graph == eager bit for bit."""
 
     pdl: bool = False
     act_gemv: bool = False
