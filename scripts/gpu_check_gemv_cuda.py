@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import partial
 
 import torch
 
@@ -54,17 +53,15 @@ def main() -> None:
         ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, zero_offset, None)
         if bias is not None:
             ref = ref + bias.float()
-        yc = cuda_gemv(x, gw, bias, pdl=True, variant="mma")
-        yf = cuda_gemv(x, gw, bias, pdl=True, variant="fma")
+        yc = cuda_gemv(x, gw, bias, pdl=True)
         yt = quant_gemv(x, gw, bias, pdl=True)
         err_c = (yc.float() - ref).abs().max().item()
-        err_f = (yf.float() - ref).abs().max().item()
         err_t = (yt.float() - ref).abs().max().item()
         err_bf = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
-        again = torch.equal(cuda_gemv(x, gw, bias, pdl=True, variant="mma"), yc)
+        again = torch.equal(cuda_gemv(x, gw, bias, pdl=True), yc)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            yg = cuda_gemv(x, gw, bias, pdl=True, variant="mma")
+            yg = cuda_gemv(x, gw, bias, pdl=True)
         graph.replay()
         torch.cuda.synchronize()
         same = torch.equal(yg, yc)
@@ -73,8 +70,7 @@ def main() -> None:
         copies = max(2, -(-256 * 2**20 // nbytes))
         ws = [gemv_weights(qweight.clone(), qzeros, scales.clone(), 4, zero_offset, 128, 0) for _ in range(copies)]
         times = {}
-        mma, fma = partial(cuda_gemv, variant="mma"), partial(cuda_gemv, variant="fma")
-        for label, fn in (("mma", mma), ("fma", fma), ("triton", quant_gemv)):
+        for label, fn in (("cuda", cuda_gemv), ("triton", quant_gemv)):
             fn(x, ws[0], bias, pdl=True)
             gr = torch.cuda.CUDAGraph()
             with torch.cuda.graph(gr):
@@ -82,11 +78,11 @@ def main() -> None:
                     fn(x, wc, bias, pdl=True)
             times[label] = cuda_time(gr.replay, iters=20) / copies
         print(
-            f"{name:16s} K {K:5d} N {N:5d}: err mma {err_c:.2e} fma {err_f:.2e} triton {err_t:.2e} "
+            f"{name:16s} K {K:5d} N {N:5d}: err cuda {err_c:.2e} triton {err_t:.2e} "
             f"(bf16 rounding {err_bf:.2e}) "
             f"repeat {'==' if again else '!='} graph {'==' if same else '!='} | "
             + "  ".join(f"{k} {t * 1e6:6.1f} us {nbytes / t / 1e9:6.0f} GB/s" for k, t in times.items())
-            + f"  mma x{times['triton'] / times['mma']:.2f} vs triton"
+            + f"  x{times['triton'] / times['cuda']:.2f}"
         )
         del ws
 

@@ -27,8 +27,7 @@ CUDA = torch.device("cuda", 0)
         (11008, 4096, 128, False, True, 0),  # 7B mlp.c_proj: split K, the last split shorter
     ],
 )
-@pytest.mark.parametrize("variant", ["mma", "fma"])
-def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset, variant):
+def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset):
     from worker.kernels.gemv import gemv_weights
     from worker.kernels.gemv_cuda import cuda_gemv, library, plan, supports
     from worker.kernels.gptq_reference import gptq_matmul_reference
@@ -52,20 +51,20 @@ def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset, varia
     x = torch.randn(1, K, device=CUDA, generator=g).to(torch.bfloat16)
     ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, 1)
     ref = ref if b is None else ref + b.float()
-    y = cuda_gemv(x, w, b, pdl=True, variant=variant)
+    y = cuda_gemv(x, w, b, pdl=True)
     err = (y.float() - ref).abs().max().item()
     rounding = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
     assert err <= rounding + 1e-3 * ref.abs().max().item(), (err, rounding)
-    assert torch.equal(cuda_gemv(x, w, b, variant=variant), y)  # deterministic, PDL or not
+    assert torch.equal(cuda_gemv(x, w, b), y)  # deterministic, PDL or not
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        yg = cuda_gemv(x, w, b, pdl=True, variant=variant)
+        yg = cuda_gemv(x, w, b, pdl=True)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(yg, y)
     assert not w.counters.any()  # the split-K counters are reset for the next launch
     if K == 11008:
-        assert plan(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, variant)[1] > 1
+        assert plan(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count)[1] > 1
 
 
 def _decode(path: str, gptq_cuda: bool) -> tuple[list[torch.Tensor], list[bool]]:

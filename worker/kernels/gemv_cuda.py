@@ -61,8 +61,6 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
-    lib.gptq4_gemv_mma.restype = ctypes.c_int
-    lib.gptq4_gemv_mma.argtypes = lib.gptq4_gemv.argtypes
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -80,14 +78,11 @@ def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
     return None
 
 
-def plan(n: int, k: int, sms: int, variant: str = "fma") -> tuple[int, int]:
-    """(chunks per split, splits): ~3 blocks per SM over the column tiles (both variants use ~165 registers). "fma":
-    each of a block's 4 warps a chunk or more; "mma": every warp of a block (its own 32 columns) all the chunks."""
+def plan(n: int, k: int, sms: int) -> tuple[int, int]:
+    """(chunks per split, splits): ~3 blocks per SM over the column tiles (the kernel uses ~165 registers), each of a
+    block's 4 warps a chunk or more."""
     tiles, chunks = -(-n // COLS), k // CHUNK
-    if variant == "fma":
-        splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
-    else:
-        splits = max(1, min(chunks, (3 * sms) // tiles))
+    splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
     per = -(-chunks // splits)
     return per, -(-chunks // per)
 
@@ -97,12 +92,9 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def cuda_gemv(
-    x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False, variant: str = "fma"
-) -> torch.Tensor:
+def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """y [1, N] = x [1, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), x's columns in the weight's row
-    order; the caller checked `supports` and that `library` built. variant: "fma" (CUDA cores, the measured faster
-    one) or "mma" (tensor cores)."""
+    order; the caller checked `supports` and that `library` built."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
@@ -111,11 +103,11 @@ def cuda_gemv(
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
-    per, splits = plan(N, K, _sms(x.device.index or 0), variant)
+    per, splits = plan(N, K, _sms(x.device.index or 0))
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    code = (lib.gptq4_gemv_mma if variant == "mma" else lib.gptq4_gemv)(
+    code = lib.gptq4_gemv(
         x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,

@@ -15,6 +15,11 @@
 // Split K over blocks: each block stores its fp32 partial, the last to arrive at a column tile sums all partials
 // in split order (deterministic), adds the bias, writes y and resets the tile's counter: one launch.
 // PDL: the first chunk's weights are loaded before griddepcontrol.wait (constant data); x after it.
+//
+// Tried and removed (H200, 2026-11-29): a tensor-core variant, one warp per 32 columns, the packed words used as
+// mma.m16n8k16 B fragments as loaded (one mask-and-or gives the bf16 pair (128 + q_i, 128 + q_(i+4)); x's k order
+// permuted to match; ~1.1 instructions a value against ~3.8 here), 2 or 4 chunks in flight per warp: slower on every
+// 7B/14B/72B shape (c_attn 17.6 vs 13.5 us, 72B w2|w1 89.8 vs 66.0 us). It is in git history (55c67c8, 40ee63a).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -177,199 +182,6 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The tensor-core variant ("mma"): the same layout and split-K, one warp per 32 columns. Per 32-row step a lane
-// (group g = lane / 4, t = lane % 4) loads 16 bytes: word row t of the step for columns 4g .. 4g + 3. One
-// mask-and-or turns nibbles i and i + 4 of a word into the bf16 pair (128 + q_i, 128 + q_(i+4)) (exact), which
-// is a B fragment of mma.m16n8k16 as it stands: the k order inside the step is permuted (B's k' = 2t, 2t + 1 are
-// rows 8t + i, 8t + i + 4), and x's A fragment (only row 0 of A is not zero: lanes 0-3) takes the same
-// permutation, staged so in shared memory. The mma accumulates sum x (128 + q) in fp32 per 128-row chunk; lanes
-// 0-3 then add s (C - (z + 128) sum x) for their 8 columns. ~1.1 instructions a value (SHF, LOP3, a quarter mma).
-
-constexpr int kMmaWarps = 4;
-constexpr int kDepth = 4;  // chunks in flight per warp
-constexpr int kMmaCols = 32 * kMmaWarps;  // columns per block
-
-__device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {  // nibbles 0 and 4 of w -> bf16x2 (128 + q0, 128 + q4)
-  uint32_t r;
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(w));  // (w & mask) | bias
-  return r;
-}
-
-__device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-}
-
-template <bool kZeros, bool kBias>
-__global__ void __launch_bounds__(32 * kMmaWarps) gptq4_gemv_mma_kernel(
-    const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
-    const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
-    __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits) {
-  extern __shared__ uint4 smem4[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int nw = blockIdx.x * kMmaCols + warp * 32;  // the warp's first column
-  const int n4 = N >> 2;
-  const bool live = nw + 4 * g < N;  // this lane's 4 columns of the loads (N % 4 == 0)
-  const int total_chunks = K / kChunk;
-  const int c0 = blockIdx.y * chunks_per_split;
-  const int c1 = min(c0 + chunks_per_split, total_chunks);
-  uint4* xs = smem4;  // x of the block's rows, 8 rows per uint4 in the order 0 4 1 5 2 6 3 7
-  float* xsum = reinterpret_cast<float*>(smem4 + chunks_per_split * (kChunk / 8));
-
-  // kDepth chunks in flight: a chunk is 4 steps of one 16-byte load a lane; buf[i] holds chunk c with c % kDepth == i
-  // relative to c0 (the loop is unrolled by kDepth, so the ring needs no register moves)
-  uint4 buf[kDepth][4];
-  const uint4* base = qw + (nw >> 2) + g;
-  if (live) {
-#pragma unroll
-    for (int i = 0; i < kDepth; ++i) {
-      if (c0 + i < c1) {
-#pragma unroll
-        for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c0 + i) * kWordRows + s * 4 + t) * n4);
-      }
-    }
-  }
-  gdc_wait();
-  const int groups8 = (c1 - c0) * (kChunk / 8);
-  for (int i = threadIdx.x; i < groups8; i += 32 * kMmaWarps) {
-    const uint4 v = *reinterpret_cast<const uint4*>(x + (size_t)(c0 * kChunk + i * 8));
-    uint4 p;  // bf16 e0..e7 -> (e0 e4) (e1 e5) (e2 e6) (e3 e7)
-    p.x = __byte_perm(v.x, v.z, 0x5410);
-    p.y = __byte_perm(v.x, v.z, 0x7632);
-    p.z = __byte_perm(v.y, v.w, 0x5410);
-    p.w = __byte_perm(v.y, v.w, 0x7632);
-    xs[i] = p;
-  }
-  __syncthreads();
-  for (int cc = warp; cc < c1 - c0; cc += kMmaWarps) {  // sum of x per chunk, in a fixed order
-    const __nv_bfloat16* xc = x + (size_t)(c0 + cc) * kChunk + lane * 4;
-    float s = (__bfloat162float(xc[0]) + __bfloat162float(xc[1])) + (__bfloat162float(xc[2]) + __bfloat162float(xc[3]));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) xsum[cc] = s;
-  }
-  __syncthreads();
-  gdc_go();
-
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // lanes 0-3: columns nw + 8t .. nw + 8t + 7
-  for (int cb = c0; cb < c1; cb += kDepth) {
-#pragma unroll
-    for (int i = 0; i < kDepth; ++i) {
-      const int c = cb + i;
-      if (c >= c1) break;
-      uint4 cur[4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
-      if (c + kDepth < c1 && live) {
-#pragma unroll
-        for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c + kDepth) * kWordRows + s * 4 + t) * n4);
-      }
-      float d[4][4] = {};
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        uint4 a = make_uint4(0u, 0u, 0u, 0u);
-        if (g == 0) a = xs[(c - c0) * (kChunk / 8) + s * 4 + t];  // rows 32s + 8t .. + 7, permuted
-        const uint32_t words[4] = {cur[s].x, cur[s].y, cur[s].z, cur[s].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t w = words[j];
-          mma_bf16(d[j], a.x, a.y, pair_bf16(w), pair_bf16(w >> 4));
-          mma_bf16(d[j], a.z, a.w, pair_bf16(w >> 8), pair_bf16(w >> 12));
-        }
-      }
-      if (g == 0 && nw + 8 * t < N) {  // row 0 of D: d[j][0] is column nw + 8t + j, d[j][1] column nw + 8t + 4 + j
-        const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + nw + 8 * t;
-        const uint4 s8 = *reinterpret_cast<const uint4*>(scales + gi);
-        const __nv_bfloat16* sv = reinterpret_cast<const __nv_bfloat16*>(&s8);
-        float z[8];
-        if (kZeros) {
-          const uint4 z8 = *reinterpret_cast<const uint4*>(zeros + gi);
-          const __nv_bfloat16* zv = reinterpret_cast<const __nv_bfloat16*>(&z8);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) z[k] = __bfloat162float(zv[k]) + 128.f;
-        } else {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) z[k] = zero + 128.f;
-        }
-        const float sx = xsum[c - c0];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc[j] = fmaf(__bfloat162float(sv[j]), d[j][0] - z[j] * sx, acc[j]);
-          acc[4 + j] = fmaf(__bfloat162float(sv[4 + j]), d[j][1] - z[4 + j] * sx, acc[4 + j]);
-        }
-      }
-    }
-  }
-
-  const int n = nw + 8 * t;  // lanes 0-3 own columns n .. n + 7 (N % 8 == 0: whole or none)
-  const bool mine = g == 0 && n < N;
-  if (splits == 1) {
-    if (mine) {
-      uint4 out;
-      __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(acc[i] + (kBias ? __bfloat162float(bias[n + i]) : 0.f));
-      *reinterpret_cast<uint4*>(y + n) = out;
-    }
-    return;
-  }
-  __shared__ int last;
-  if (mine) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) partial[(size_t)blockIdx.y * N + n + i] = acc[i];
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (mine) {
-    uint4 out;
-    __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float v = 0.f;
-      for (int s = 0; s < splits; ++s) v += __ldcg(partial + (size_t)s * N + n + i);
-      o[i] = __float2bfloat16_rn(v + (kBias ? __bfloat162float(bias[n + i]) : 0.f));
-    }
-    *reinterpret_cast<uint4*>(y + n) = out;
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
-}
-
-template <bool kZeros, bool kBias>
-cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
-                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
-  config.blockDim = dim3(32 * kMmaWarps);
-  config.dynamicSmemBytes = chunks_per_split * (kChunk * 2 + sizeof(float));
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq4_gemv_mma_kernel<kZeros, kBias>;
-  if (config.dynamicSmemBytes > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)config.dynamicSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
-                            static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
-                            static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits);
-}
-
 template <bool kZeros, bool kBias>
 cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                    void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
@@ -413,25 +225,6 @@ extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, con
                                               group_size, chunks_per_split, splits, pdl, s)
                         : launch<false, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
                                                group_size, chunks_per_split, splits, pdl, s);
-  }
-  return static_cast<int>(e);
-}
-
-extern "C" int gptq4_gemv_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
-                              const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                              int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t e;
-  if (zeros != nullptr) {
-    e = bias != nullptr ? launch_mma<true, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                 k_offset, group_size, chunks_per_split, splits, pdl, s)
-                        : launch_mma<true, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                  k_offset, group_size, chunks_per_split, splits, pdl, s);
-  } else {
-    e = bias != nullptr ? launch_mma<false, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                  k_offset, group_size, chunks_per_split, splits, pdl, s)
-                        : launch_mma<false, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                   k_offset, group_size, chunks_per_split, splits, pdl, s);
   }
   return static_cast<int>(e);
 }
