@@ -34,13 +34,15 @@ def test_supports_names_what_it_lacks():
     assert "groups of a multiple of 128" in gemv_cuda.supports(_weights(4096, 128, group=64), bf16)
 
 
-@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640)])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (65536, 24576)])
 def test_plan_covers_every_chunk_once(N, K):
     per, splits = gemv_cuda.plan(N, K, 132)
     chunks = K // 128
     assert per * (splits - 1) < chunks <= per * splits  # no empty split, none missing
-    assert splits <= -(-chunks // 4)  # at most one split per 4 chunks (a block's 4 warps share a split)
-    assert -(-N // 128) * splits <= 3 * 132 or splits == 1  # one wave at 3 blocks per SM
+    assert per <= gemv_cuda.MAX_CHUNKS and (per * 129 + 4 * 128) * 4 <= 48 * 1024  # the kernel's shared memory
+    if per < gemv_cuda.MAX_CHUNKS:
+        assert splits <= -(-chunks // 4)  # at most one split per 4 chunks (a block's 4 warps share a split)
+        assert -(-N // 128) * splits <= 3 * 132 or splits == 1  # one wave at 3 blocks per SM
 
 
 def test_library_without_nvcc_says_so(monkeypatch):

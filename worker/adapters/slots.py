@@ -17,6 +17,7 @@ import torch
 from worker.adapters.host import HostAdapter, Key, Pair
 from worker.adapters.peft import MODULES
 from worker.distributed import ParallelContext
+from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.layers.lora import JointWeight, LoraPart, LoraTerm, lora_parts, wrap_lora
 from worker.models.qwen import LoraTarget
@@ -119,6 +120,7 @@ class SlotPool:
             mode = self.decode_mode((t.layer, t.key), kernels, stream, decode)
             modes[mode] = modes.get(mode, 0) + 1
             base = getattr(t.owner, t.attr)
+            opts = getattr(base, "decode_kernels", None) or DecodeKernels()  # later: the wrapper's set_decode_kernels
             term = LoraTerm(
                 *self.stacked[(t.layer, t.key)],
                 self.ranks[:, t.layer, k : k + len(t.modules)].t(),  # [P, slots]
@@ -126,8 +128,8 @@ class SlotPool:
                 stream,
                 decode=mode,
                 joint=self.joints.get((t.layer, t.key)),
-                pdl=getattr(getattr(base, "decode_kernels", None), "lora_pdl", False),  # later: set_decode_kernels
-                act_shrink=getattr(getattr(base, "decode_kernels", None), "lora_act_shrink", False),
+                pdl=opts.lora_pdl,
+                act_shrink=opts.lora_act_shrink,
             )
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes

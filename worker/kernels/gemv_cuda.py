@@ -27,6 +27,7 @@ log = logging.getLogger("worker")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_gemv.cu")
 CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols)
+MAX_CHUNKS = 88  # chunks per split: x's rows, their sums and the warps' sums stay in 48 KB of shared memory
 
 
 def _nvcc() -> str | None:
@@ -80,10 +81,10 @@ def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
 
 def plan(n: int, k: int, sms: int) -> tuple[int, int]:
     """(chunks per split, splits): ~3 blocks per SM over the column tiles (the kernel uses ~165 registers), each of a
-    block's 4 warps a chunk or more."""
+    block's 4 warps a chunk or more, at most MAX_CHUNKS a split."""
     tiles, chunks = -(-n // COLS), k // CHUNK
     splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
-    per = -(-chunks // splits)
+    per = min(-(-chunks // splits), MAX_CHUNKS)
     return per, -(-chunks // per)
 
 

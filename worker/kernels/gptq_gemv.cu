@@ -196,12 +196,7 @@ cudaError_t launch(const void* x, const void* qw, const void* scales, const void
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq4_gemv_kernel<kZeros, kBias>;
-  if (config.dynamicSmemBytes > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)config.dynamicSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
+  auto kernel = gptq4_gemv_kernel<kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
   return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,

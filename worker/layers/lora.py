@@ -253,7 +253,9 @@ class LoraTerm:
             shrink = then.a_pool
         return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
 
-    def apply_partials(self, base: Callable[[], torch.Tensor], parts: torch.Tensor, data: AdapterBatchData):
+    def apply_partials(
+        self, base: Callable[[], torch.Tensor], parts: torch.Tensor, data: AdapterBatchData
+    ) -> torch.Tensor:
         """base() + term where the producer computed h (`apply_silu_mul`'s partials): the base matmul alone, as
         without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py)."""
         assert self.kernels is not None and data.row_slots is not None
@@ -355,12 +357,11 @@ class LoraRowParallelLinear(_LoraLinear):
     def with_adapters(self, x: torch.Tensor, ctx: object, data: AdapterBatchData) -> torch.Tensor:
         return self.base.reduce(self.lora.apply(lambda: self.base.partial(x), x, data))  # [T, out]
 
-    def forward_partials(self, x: torch.Tensor, ctx: object, parts: torch.Tensor | None) -> torch.Tensor:
-        """forward, or, given the h partials its producer computed (LoraColumnParallelLinear.silu_mul), the base
-        partial sum plus the term from them before the all-reduce."""
+    def forward_partials(self, x: torch.Tensor, ctx: object, parts: torch.Tensor) -> torch.Tensor:
+        """forward where the producer computed this term's h (partials from LoraColumnParallelLinear.silu_mul): the
+        base partial sum plus the term from them, before the all-reduce."""
         data = getattr(ctx, "adapter_data", None)
-        if parts is None or data is None:
-            return self(x, ctx)
+        assert data is not None  # the partials come from a step with adapters
         return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), parts, data))
 
 

@@ -149,10 +149,18 @@ class _GPTQ:
             q = self.quant
             w = gemv_weights(self.qweight, self.qzeros, self.scales, q.bits, q.zero_offset, gs, self.k_offset)
             self.gemv = w if gemv_fits(w, default_tiles(q.bits)) else None
+        if self.gemv is not None and self.decode_kernels.gptq_cuda:
+            self._cuda_gemv_serves(self.scales.dtype)  # decided (and built) now, not inside a graph capture
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The float linears' choices (pdl), and gptq_cuda's decision for loaded weights made now."""
+        super().set_decode_kernels(opts)  # type: ignore[misc]
+        if self.gemv is not None and opts.gptq_cuda:
+            self._cuda_gemv_serves(self.scales.dtype)
 
     def _cuda_gemv_serves(self, dtype: torch.dtype) -> bool:
         """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's one-row
-        steps; decided once (the first call builds the library, before any graph capture: Warmup's eager step)."""
+        steps; decided once per load (the first decision builds the library), at load or when the choices arrive."""
         if self._cuda_gemv is None:
             from worker.kernels.gemv_cuda import library, supports
 
