@@ -68,3 +68,59 @@ def test_nvcc_builds_the_kernel(tmp_path, monkeypatch):
         gemv_cuda.library.cache_clear()
     assert isinstance(lib, ctypes.CDLL), lib
     assert lib.gptq4_gemv_error(0) == b"no error"
+
+
+def _layer():
+    from worker.distributed import ParallelContext
+    from worker.layers.quantized import GPTQColumnParallelLinear
+    from worker.quant.config import GPTQConfig
+
+    cpu = ParallelContext(device=torch.device("cpu"))
+    layer = GPTQColumnParallelLinear(256, [256], False, cpu, torch.bfloat16, GPTQConfig(4, 128, True, False, "test"))
+    layer.gemv = _weights(256, 256)  # as build_gemv leaves it on a GPU
+    return layer
+
+
+def test_the_layer_keeps_the_triton_gemv_with_one_warning_when_the_kernel_cannot_serve(monkeypatch, caplog):
+    """gptq_cuda where the library is not there (no nvcc) or the layout is not served: the Triton GEMV, one warning
+    naming why for all the linears; the choice is made once per linear, when the decode kernels arrive."""
+    import logging
+
+    from worker.layers import quantized
+    from worker.layers.decode_kernels import DecodeKernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: "no nvcc (set CUDA_HOME)")
+    quantized._warn_once.cache_clear()
+    layers = [_layer(), _layer()]
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        for layer in layers:
+            layer.set_decode_kernels(DecodeKernels(gptq_cuda=True))
+            assert layer._cuda_gemv is False and layer._cuda_gemv_serves(torch.bfloat16) is False
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "gptq_cuda" in warnings[0] and "no nvcc" in warnings[0], warnings
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())  # built
+    fp16 = _layer()
+    assert fp16._cuda_gemv_serves(torch.float16) is False  # not a layout it serves: Int4 with bf16 only
+    assert "bf16" in caplog.records[-1].getMessage()
+    assert _layer()._cuda_gemv_serves(torch.bfloat16) is True
+
+
+def test_one_row_steps_take_the_cuda_gemv_and_others_the_triton_one(monkeypatch):
+    """Routing in the layer: gptq_cuda and one row -> cuda_gemv (with the layer's PDL choice); more rows, or the flag
+    off -> the Triton GEMV."""
+    from worker.kernels import gemv as triton_gemv
+    from worker.layers.decode_kernels import DecodeKernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
+    calls: list[tuple[str, int, bool]] = []
+    monkeypatch.setattr(gemv_cuda, "cuda_gemv", lambda x, w, b, pdl: calls.append(("cuda", x.shape[0], pdl)) or x)
+    monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0], pdl)) or x)
+    layer = _layer()
+    layer.set_decode_kernels(DecodeKernels(pdl=True, gptq_cuda=True))
+    for rows in (1, 3):
+        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
+    layer.set_decode_kernels(DecodeKernels(pdl=False))
+    layer._mm(torch.zeros(1, 256, dtype=torch.bfloat16), None)
+    assert calls == [("cuda", 1, True), ("triton", 3, True), ("triton", 1, False)]
