@@ -79,6 +79,12 @@ def _part(row, b, rank, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P: tl.c
     are the only ones after `gdc_wait`, issued together: one memory round trip."""
     h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < rank, other=0.0)
     y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
+    return _add_term(y0, b, h)
+
+
+@triton.jit
+def _add_term(y0, b, h):
+    """y0 + (h · Bᵀ rounded to y0's dtype), added in fp32 and rounded once (the reference's numerics); b [BN, BR]."""
     acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
     return (y0.to(tl.float32) + acc.to(y0.dtype).to(tl.float32)).to(y0.dtype)
 
@@ -137,9 +143,7 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, par
     parts = tl.load(part_ptr + t * stride_pt + offs_t[:, None] * BLOCK_R + offs_r[None, :],
                     mask=(offs_t < TILES)[:, None] & (offs_r < rank)[None, :], other=0.0)
     y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
-    h = tl.sum(parts, axis=0).to(y0.dtype)
-    acc = tl.sum(b.to(tl.float32) * h.to(tl.float32)[None, :], axis=1)
-    y = (y0.to(tl.float32) + acc.to(y0.dtype).to(tl.float32)).to(y0.dtype)
+    y = _add_term(y0, b, tl.sum(parts, axis=0).to(y0.dtype))
     tl.store(y_ptr + t * stride_y + offs_n, y, mask=mask_n)
 # fmt: on
 
