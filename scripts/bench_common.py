@@ -65,10 +65,11 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
     return times[len(times) // 2]
 
 
-def print_kernel_table(fn: Callable[[], object], top: int = 20, reps: int = 5) -> None:
+def print_kernel_table(fn: Callable[[], object], top: int = 20, reps: int = 5, warmup: int = 1) -> None:
     """GPU time per kernel name of one call of fn (a graph replay too: CUPTI sees the graph's kernels), largest
     first, with the sum of kernel times (gaps between kernels are not in it)."""
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):

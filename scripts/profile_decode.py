@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench_common import DecodeInputs, build_model, cuda_time  # noqa: E402
+from bench_common import DecodeInputs, build_model, cuda_time, print_kernel_table  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.engine.cuda_graphs import capture  # noqa: E402
 from worker.engine.kv_cache import KVCache  # noqa: E402
@@ -55,23 +55,9 @@ def main() -> None:
     )
     step = DecodeInputs.build(model, args.batch, args.ctx, 16).step(model, kv.layers)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    rows = sorted(
-        ((e.key, e.device_time_total / 5, e.count // 5) for e in events if e.device_time_total > 0), key=lambda r: -r[1]
-    )
-    total = sum(r[1] for r in rows)
+    print_kernel_table(step, top=25, warmup=3)  # one eager step's kernels
     graph, _ = capture(step)
     print(f"graphed step {cuda_time(graph.replay, iters=30) * 1e3:.3f} ms")
-    print(f"GPU kernel time per step: {total / 1e3:.2f} ms over {sum(r[2] for r in rows)} kernels")
-    for name, us, n in rows[:25]:
-        print(f"{us / 1e3:8.3f} ms  {n:5d}x  {name[:110]}")
 
 
 if __name__ == "__main__":
