@@ -52,7 +52,8 @@ def setup_logging(level: str, json_logs: bool, rank: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from worker.layers.decode_kernels import SERVED
+    from worker.layers.decode_kernels import CANDIDATES, SERVED
+    from worker.layers.lora import LORA_DECODE
 
     ap = argparse.ArgumentParser(prog="qwen-worker", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=decode_kernels,
         default=",".join(SERVED),
         help="decode kernel choices (worker/layers/decode_kernels.py): 'none' (today's kernels) or a comma list of "
-        "pdl, rope_store, act_gemv, lora_pdl; default: the set measured faster and exact on an H200. CUDA only "
+        f"{', '.join(CANDIDATES)}; default: the set measured faster and exact on an H200. CUDA only "
         "(pdl on sm_90+); the chosen set is logged",
     )
     s.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--lora-decode",
         default="auto",
-        choices=["auto", "gemm", "side"],
+        choices=LORA_DECODE,
         help="Triton LoRA at decode (batches over 8 rows): gemm (the shrink inside the base matmul, whose weight "
         "shares one allocation with its A pool; one expand), side (shrink and expand on a side stream beside "
         "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 25%% to the matmul",

@@ -21,11 +21,11 @@ from worker.adapters.medusa import medusa_only
 from worker.adapters.medusa_slots import MedusaSlots
 from worker.adapters.merge import merge_adapters
 from worker.adapters.peft import LoraAdapter, adapter_dir, read_adapter
-from worker.adapters.slots import LORA_DECODE, SlotPool
+from worker.adapters.slots import SlotPool
 from worker.adapters.staging import HostCopies
 from worker.distributed import ParallelContext
 from worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from worker.layers.lora import lora_kernels
+from worker.layers.lora import check_lora_decode, lora_kernels
 from worker.layers.medusa import MedusaCheckpoint
 from worker.models.qwen import FlashQwenForCausalLM
 from worker.pb import generate_pb2 as pb
@@ -67,7 +67,7 @@ class AdapterManager:
         """model: its LoRA targets shape the pool (`attach` wraps them; a model on the meta device gives the
         shapes alone); pctx, dtype: the pool's device and dtype. triton: the Triton LoRA kernels (None: on
         CUDA when Triton imports; False: the PyTorch path); overlap: with the kernels, run each module's
-        shrink on a side stream beside its base matmul; lora_decode: serve's --lora-decode (slots.LORA_DECODE)."""
+        shrink on a side stream beside its base matmul; lora_decode: serve's --lora-decode (layers.lora.LORA_DECODE)."""
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
@@ -83,9 +83,7 @@ class AdapterManager:
         self.engine: Any = None
         self.last_timing: dict[str, float] = {}  # phases of the last cold read (logged; read by the benchmark)
         self.preloaded: list[tuple[int, str]] = []
-        if lora_decode not in LORA_DECODE:
-            raise ValueError(f"--lora-decode {lora_decode!r}, expected one of {LORA_DECODE}")
-        self.lora_decode = lora_decode
+        self.lora_decode = check_lora_decode(lora_decode)
         auto = triton is None and pctx.device.type == "cuda"
         self.kernels = lora_kernels(pctx.device, triton_interpreter) if triton or auto else None
         if triton and self.kernels is None:

@@ -19,10 +19,9 @@ from worker.adapters.peft import MODULES
 from worker.distributed import ParallelContext
 from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
-from worker.layers.lora import JointWeight, LoraPart, LoraTerm, lora_parts, wrap_lora
+from worker.layers.lora import JointWeight, LoraPart, LoraTerm, check_lora_decode, lora_parts, wrap_lora
 from worker.models.qwen import LoraTarget
 
-LORA_DECODE = ("auto", "gemm", "side")  # serve --lora-decode
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
 
 
@@ -95,14 +94,13 @@ class SlotPool:
         return sum(self.max_rank * (p.d_in + p.d_out) for p in self.parts.values()) * dtype.itemsize
 
     def decode_mode(self, key: tuple[int, str], kernels: ModuleType | None, stream: object, choice: str) -> str:
-        """LoraTerm's decode mode for one target under `--lora-decode choice` (LORA_DECODE). On the H200 (batch 32,
+        """LoraTerm's decode mode for one target under `--lora-decode choice` (lora.LORA_DECODE). On the H200 (batch 32,
         32 rank-16 adapters, 32 layers of the 7B shape): "gemm" (the shrink inside the base GEMM, one expand
         writing the output) costs 0.93-1.09 ms a step beside the base matmuls, "side_store" 1.31-1.38 ms
         (scripts/gpu_check_lora_gemm.py); in the decode step P2 0.884-0.898 vs 0.831-0.843 (bench_lora.py).
         "side_store" runs the whole term on the side stream, its expand writing every row of the term buffer;
         without a stream "two"."""
-        if choice not in LORA_DECODE:
-            raise ValueError(f"--lora-decode {choice!r}, expected one of {LORA_DECODE}")
+        check_lora_decode(choice)
         joint = self.joints.get(key)
         if kernels is not None and joint is not None and choice != "side":
             if choice == "gemm" or joint.weight.shape[0] - joint.out <= JOINT_MAX_SHARE * joint.out:

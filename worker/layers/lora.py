@@ -154,6 +154,16 @@ def lora_kernels(device: torch.device, interpreter: bool = False) -> ModuleType 
 
 
 DECODE_MODES = ("two", "sync", "local", "side", "side_store", "gemm")
+LORA_DECODE = ("auto", "gemm", "side")  # serve --lora-decode: how worker/adapters/slots.py picks among DECODE_MODES
+
+
+def check_lora_decode(choice: str) -> str:
+    """`choice` when it is one of LORA_DECODE, else ValueError naming it."""
+    if choice not in LORA_DECODE:
+        raise ValueError(f"--lora-decode {choice!r}, expected one of {LORA_DECODE}")
+    return choice
+
+
 JOINT_MIN_ROWS = 9  # "gemm" serves decode batches of more rows than the Triton GEMV's (linear.GEMV_MAX_M)
 
 
