@@ -47,6 +47,16 @@ def unwrap_lora(model) -> None:
         setattr(owner, name, getattr(owner, name).base)
 
 
+def parse_variant(label: str) -> tuple[str, list[str], tuple[int, int], list[str]]:
+    """A --modes entry MODE[+KERNEL...][@BNxW][-off=KEY+KEY...] -> (LoraTerm decode mode, DecodeKernels fields switched
+    on besides the benchmark's, the expands' (block_n, num_warps), the targets left without their term)."""
+    rest, _, off = label.partition("-off=")
+    rest, _, tile = rest.partition("@")
+    mode, *extra = rest.split("+")
+    block_n, _, warps = (tile or "256x4").partition("x")
+    return mode, extra, (int(block_n), int(warps)), off.split("+") if off else []
+
+
 def bench_lora_decode(
     model,
     batches: list[int],
@@ -118,24 +128,19 @@ def bench_lora_decode(
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
             torch.cuda.empty_cache()
-        label_on, _, off = label.partition("-off=")  # "gemm-off=mlp.c_proj": those targets without their term
         for owner, attr, wrapper in unwrapped:  # the previous variant's "-off" targets get their wrappers back
             setattr(owner, attr, wrapper)
         unwrapped = []
-        label_tile, _, tile = label_on.partition("@")  # "gemm@128x4": the expands' tile (lora_rows.TILE)
-        bn, _, warps = (tile or "256x4").partition("x")
-        lora_rows.TILE.update(block_n=int(bn), num_warps=int(warps))
-        mode, _, extra = label_tile.partition("+")  # "gemm+act_gemv": that mode with these decode kernels added
-        apply_decode_kernels(
-            model.transformer, replace(kernels, **dict.fromkeys(extra.split("+") if extra else [], True))
-        )
+        mode, extra, (block_n, warps), off = parse_variant(label)
+        lora_rows.TILE.update(block_n=block_n, num_warps=warps)
+        apply_decode_kernels(model.transformer, replace(kernels, **dict.fromkeys(extra, True)))
         for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
             term = getattr(owner, name).lora
             term.kernels = mgr.kernels if backend == "triton" else None
             term.stream = mgr.shrink_stream if overlap else None
             term.decode = mode
         for t in model.lora_targets():
-            if t.key in off.split("+"):
+            if t.key in off:
                 unwrapped.append((t.owner, t.attr, getattr(t.owner, t.attr)))
                 setattr(t.owner, t.attr, unwrapped[-1][2].base)
         t0 = time.time()
