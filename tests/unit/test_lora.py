@@ -304,7 +304,7 @@ def test_tp_cut_rules_reassemble_the_full_lora_term(world):
     from lora_helpers import shapes_only
     from worker.config import QwenConfig
     from worker.layers.linear import ColumnParallelLinear
-    from worker.layers.lora import lora_parts
+    from worker.layers.lora_tp import lora_parts
     from worker.weights import unshard_packed
 
     config = QwenConfig.from_dict(CFG)

@@ -19,7 +19,8 @@ from worker.adapters.peft import MODULES
 from worker.distributed import ParallelContext
 from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
-from worker.layers.lora import JointWeight, LoraPart, LoraTerm, check_lora_decode, lora_parts, wrap_lora
+from worker.layers.lora import JointWeight, LoraTerm, check_lora_decode, wrap_lora
+from worker.layers.lora_tp import LoraPart, lora_parts
 from worker.models.qwen import LoraTarget
 
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
