@@ -80,7 +80,9 @@ def main() -> None:
 
                     lora_layer.JOINT_MIN_ROWS = 1
                     getattr(t.owner, t.attr).lora.decode = "gemm"
-                    getattr(t.owner, t.attr).lora.act_shrink = lora_decode == "gemm_act"  # mlp.c_proj's h from gate|up
+                    term = getattr(t.owner, t.attr).lora
+                    term.act_shrink = lora_decode in ("gemm_act", "gemm_term")  # mlp.c_proj's h from gate|up
+                    term.term_first = lora_decode == "gemm_term"  # and its term as c_proj's GEMM's C
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]

@@ -241,13 +241,14 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
 @pytest.mark.parametrize(
     "mode,overlap,per_sm",
     [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)]
-    + [("gemm", True, 2)],
+    + [("gemm", True, 2), ("gemm+lora_term_first", True, 2)],
 )
 def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
     the shrink on the side stream (captured as a fork/join in the graph) or serial, or with another decode
     mode of LoraTerm ("side": the whole term on the side stream; "side_store": its expand writes the whole
-    buffer, here with a finer K split; "gemm": the shrink inside the base matmul, then one expand)."""
+    buffer, here with a finer K split; "gemm": the shrink inside the base matmul, then one expand; with
+    lora_term_first mlp.c_proj's GEMM adds its term)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
@@ -256,10 +257,11 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
 
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)  # "gemm" at this bucket (8 rows) too
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
+    mode, *extra = mode.split("+")
     if mode == "gemm":  # with the served decode kernels (PDL on the expands, RoPE + store)
         from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
 
-        apply_decode_kernels(model, parse_decode_kernels(",".join(SERVED)))
+        apply_decode_kernels(model, parse_decode_kernels(",".join([*SERVED, *extra])))
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.decode = mode
         getattr(t.owner, t.attr).lora.per_sm = per_sm
@@ -432,3 +434,6 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
         want = y0.float() + torch.einsum("tr,tkr->tk", h.to(torch.bfloat16).float(), b2[slots, 0].float())
         torch.testing.assert_close(y2.float(), want, atol=2e-2, rtol=2e-2)
         assert torch.equal(y2[0], y0[0])
+        # lora_term_first: the same term alone, which the base GEMM then adds (addmm): y0 + term rounded once
+        term = kernels.lora_term_rows_partials(parts, b2, ranks2, slots, pdl=True)
+        assert torch.equal(torch.add(y0, term), y2) and not term[0].any()

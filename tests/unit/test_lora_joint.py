@@ -211,7 +211,7 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
     unchanged bit for bit, the partials sum to act · A2ᵀ (float64, act the launch's own output), lanes past a slot's
     rank stay zero; lora_expand_rows_partials then gives y0 + B2 h (float64, h the summed partials); base rows
     (slot 0) keep y0 exactly. Awkward sizes: N not a multiple of the tile, r2_max not a power of two."""
-    from worker.kernels.lora_rows import lora_expand_rows_partials, lora_expand_rows_silu_mul
+    from worker.kernels.lora_rows import lora_expand_rows_partials, lora_expand_rows_silu_mul, lora_term_rows_partials
 
     g = torch.Generator().manual_seed(N + r2)
     S, K, r_max, N2 = 3, 29, 8, 23  # N2: the consumer's output width
@@ -245,17 +245,26 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
         want = y0[t].double() + b2[s, 0].double() @ h[t, :r2]
         torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
     assert torch.equal(y[1], y0[1])
+    # lora_term_first: the term alone, each row's B2 h rounded once (float64 h: the summed partials); base rows zero
+    term = lora_term_rows_partials(parts, b2, ranks2, slots, block_n=16)
+    assert term.shape == (len(slots), N2) and term.dtype == b2.dtype
+    for t, s in enumerate(slots.tolist()):
+        torch.testing.assert_close(term[t].double(), b2[s, 0].double() @ h[t, :r2], atol=2e-5, rtol=2e-5)
+    assert not term[1].any()
+    with pytest.raises(ValueError, match="lora_term_rows_partials"):
+        lora_term_rows_partials(parts, b2, ranks2, slots[1:])
     with pytest.raises(ValueError, match="consumer's A pool"):
         lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, shrink=a2[:, :, :, 1:])
     with pytest.raises(ValueError, match="lora_expand_rows_partials"):
         lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
 
 
-@pytest.mark.parametrize("act_shrink", [False, True])
-def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink):
+@pytest.mark.parametrize("act_shrink,term_first", [(False, False), (True, False), (True, True)])
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink, term_first):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
     gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
-    targets one expand each, and the logits equal the float64 reference with each adapter merged."""
+    targets one expand each, and the logits equal the float64 reference with each adapter merged. term_first:
+    mlp.c_proj's term is computed before its GEMM (the term-only launch) and the GEMM adds it (addmm)."""
     from lora_helpers import count_launches, interpreted_lora_decode
     from reference import ref_forward
 
@@ -263,14 +272,24 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, a
     for term in run.terms:
         term.decode = "gemm"
         term.act_shrink = act_shrink
+        term.term_first = term_first
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     launches = count_launches(monkeypatch)
+    added: list[torch.Size] = []
+    plain_plus = RowParallelLinear.partial_plus
+
+    def partial_plus(self, x, c):
+        added.append(c.shape)
+        return plain_plus(self, x, c)
+
+    monkeypatch.setattr(RowParallelLinear, "partial_plus", partial_plus)
     out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
     layers = run.cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
     # c_attn, attn.c_proj and mlp.c_proj; with act_shrink mlp.c_proj's expand sums the gate|up launch's partials
     assert launches.count("_expand_rows_kernel") == (2 if act_shrink else 3) * layers
     assert launches.count("_expand_rows_partials_kernel") == (layers if act_shrink else 0)
+    assert len(added) == (layers if term_first else 0)  # the term as c_proj's GEMM's C
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
         worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst

@@ -129,6 +129,7 @@ class SlotPool:
                 joint=self.joints.get((t.layer, t.key)),
                 pdl=opts.lora_pdl,
                 act_shrink=opts.lora_act_shrink,
+                term_first=opts.lora_term_first,
             )
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes

@@ -32,7 +32,12 @@ import triton
 import triton.language as tl
 
 from worker.kernels.lora_reference import add_lora_reference
-from worker.kernels.lora_rows import lora_expand_rows, lora_expand_rows_partials, lora_expand_rows_silu_mul
+from worker.kernels.lora_rows import (
+    lora_expand_rows,
+    lora_expand_rows_partials,
+    lora_expand_rows_silu_mul,
+    lora_term_rows_partials,
+)
 
 
 # Triton kernel signatures stay packed, one line per group of arguments
@@ -321,4 +326,5 @@ __all__ = [
     "lora_expand_rows",
     "lora_expand_rows_partials",
     "lora_expand_rows_silu_mul",
+    "lora_term_rows_partials",
 ]

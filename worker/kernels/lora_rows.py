@@ -126,9 +126,10 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
 def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES,
                                  stride_y0, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
                                  R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, HAS_Y0: tl.constexpr, PDL: tl.constexpr):
     """y[t] = y0[t] + h · B[slot]ᵀ (one part) where h = Σ over TILES of the producer's fp32 partials (tile order),
-    rounded to the model dtype: the value of the joint GEMM's h with its sum in another order."""
+    rounded to the model dtype: the value of the joint GEMM's h with its sum in another order. Without y0
+    (HAS_Y0 false) y[t] is the term alone, rounded: the C that the base GEMM then adds (lora_term_rows_partials)."""
     t = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -142,7 +143,10 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, par
     offs_t = tl.arange(0, BLOCK_T)
     parts = tl.load(part_ptr + t * stride_pt + offs_t[:, None] * BLOCK_R + offs_r[None, :],
                     mask=(offs_t < TILES)[:, None] & (offs_r < rank)[None, :], other=0.0)
-    y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
+    if HAS_Y0:
+        y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
+    else:
+        y0 = tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty)
     y = _add_term(y0, b, tl.sum(parts, axis=0).to(y0.dtype))
     tl.store(y_ptr + t * stride_y + offs_n, y, mask=mask_n)
 # fmt: on
@@ -254,7 +258,36 @@ def lora_expand_rows_partials(
     """y [T, N] = y0 + each row's adapter term (one part), its h the sum of `parts` [T, tiles, BR] (fp32, from
     lora_expand_rows_silu_mul's shrink) over the tiles, rounded to y0's dtype; b_pool [slots, 1, N, r_max] (lanes
     past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots."""
-    T, N = y0.shape
+    return _partials("lora_expand_rows_partials", y0, y0.shape, parts, b_pool, ranks, slots, pdl, block_n)
+
+
+def lora_term_rows_partials(
+    parts: torch.Tensor,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    pdl: bool = False,
+    block_n: int = 0,
+) -> torch.Tensor:
+    """The term alone, [T, N] in b_pool's dtype: lora_expand_rows_partials' y0 + term with y0 = 0 (each row's
+    h · B[slot]ᵀ rounded once; base rows, slot 0, exact zeros), for a base GEMM to add as its C
+    (DecodeKernels.lora_term_first)."""
+    shape = (parts.shape[0], b_pool.shape[2])
+    return _partials("lora_term_rows_partials", None, shape, parts, b_pool, ranks, slots, pdl, block_n)
+
+
+def _partials(
+    name: str,
+    y0: torch.Tensor | None,
+    shape: tuple[int, ...],
+    parts: torch.Tensor,
+    b_pool: torch.Tensor,
+    ranks: torch.Tensor,
+    slots: torch.Tensor,
+    pdl: bool,
+    block_n: int,
+) -> torch.Tensor:
+    T, N = shape
     S, P, n_b, r_max = b_pool.shape
     br = triton.next_power_of_2(r_max)
     if (
@@ -262,27 +295,31 @@ def lora_expand_rows_partials(
         or n_b != N
         or parts.shape[::2] != (T, br)
         or not parts.is_contiguous()
-        or y0.stride(1) != 1
+        or (y0 is not None and y0.stride(1) != 1)
         or b_pool.stride(-1) != 1
         or ranks.shape != (1, S)
         or slots.shape != (T,)
     ):
         raise ValueError(
-            f"lora_expand_rows_partials: y0 {tuple(y0.shape)}, partials {tuple(parts.shape)}, B pool "
+            f"{name}: y0 {tuple(shape)}, partials {tuple(parts.shape)}, B pool "
             f"{tuple(b_pool.shape)}, ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
         )
-    y = torch.empty_like(y0, memory_format=torch.contiguous_format)
+    if y0 is None:
+        y = torch.empty(T, N, dtype=b_pool.dtype, device=b_pool.device)
+    else:
+        y = torch.empty_like(y0, memory_format=torch.contiguous_format)
     if T == 0:
         return y
     block_n = block_n or TILE["block_n"]
-    on = active(pdl, y0.device)
+    on = active(pdl, y.device)
+    src = y0 if y0 is not None else y
     _expand_rows_partials_kernel[(T, triton.cdiv(N, block_n))](
-        y0, y, b_pool, slots, ranks, parts, N, parts.shape[1], y0.stride(0), y.stride(0),
+        src, y, b_pool, slots, ranks, parts, N, parts.shape[1], src.stride(0), y.stride(0),
         b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0),
-        R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n, PDL=on,
-        num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
+        R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n,
+        HAS_Y0=y0 is not None, PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
 
 
-__all__ = ["lora_expand_rows", "lora_expand_rows_partials", "lora_expand_rows_silu_mul"]
+__all__ = ["lora_expand_rows", "lora_expand_rows_partials", "lora_expand_rows_silu_mul", "lora_term_rows_partials"]

@@ -50,7 +50,11 @@ class DecodeKernels:
     gptq_cuda: Int4 GPTQ linears at one-row decode steps take the CUDA GEMV (worker/kernels/gemv_cuda.py, built with
     nvcc on first use) instead of the Triton one, where it serves the layout and builds (else one warning says why).
     Served: the 7B Int4 batch-1 step 2.658 / 2.657 ms vs 2.880 / 2.865 with the Triton GEMV (two paired runs on an
-    H200, scripts/bench_quant.py); deterministic, so graph == eager bit for bit."""
+    H200, scripts/bench_quant.py); deterministic, so graph == eager bit for bit.
+    lora_term_first: with lora_act_shrink, mlp.c_proj's term (h from the gate|up launch's partials, times B) is
+    computed before its base GEMM, right after the launch that wrote the partials (PDL overlaps it), and cuBLAS adds
+    it as the GEMM's C (addmm): no launch follows the GEMM. y = rn(x·Wᵀ + rn(term)) instead of
+    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -58,6 +62,7 @@ class DecodeKernels:
     lora_pdl: bool = False
     lora_act_shrink: bool = False
     gptq_cuda: bool = False
+    lora_term_first: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -183,6 +183,14 @@ class RowParallelLinear(nn.Module):
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
         return _linear(x, self.weight, None, self.gemv_counters, self.decode_kernels.pdl)
 
+    def adds_c(self) -> bool:
+        """Whether `partial_plus` serves: a float weight (quantized subclasses have their own matmuls)."""
+        return type(self) is RowParallelLinear
+
+    def partial_plus(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """partial(x) + c with c added inside the GEMM (cuBLAS's epilogue: one rounding), c [T, out]."""
+        return torch.addmm(c, x, self.weight.t())
+
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """Keep `opts`; act_gemv on a float weight on CUDA allocates the act GEMV's counters once (before capture;
         kept when switched off, since graphs captured with them may still replay)."""

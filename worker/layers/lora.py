@@ -15,6 +15,7 @@ Under TP, a column-parallel linear keeps A whole and cuts B by output rows withi
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -154,6 +155,7 @@ class LoraTerm:
     joint: JointWeight | None = None
     pdl: bool = False
     act_shrink: bool = False  # DecodeKernels.lora_act_shrink: a gate|up target's expand computes its consumer's h
+    term_first: bool = False  # DecodeKernels.lora_term_first: apply_partials' term before the GEMM, as its C
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -213,12 +215,21 @@ class LoraTerm:
         return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
 
     def apply_partials(
-        self, base: Callable[[], torch.Tensor], parts: torch.Tensor, data: AdapterBatchData
+        self,
+        base: Callable[[], torch.Tensor],
+        parts: torch.Tensor,
+        data: AdapterBatchData,
+        base_plus: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """base() + term where the producer computed h (`apply_silu_mul`'s partials): the base matmul alone, as
-        without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py)."""
-        assert self.kernels is not None and data.row_slots is not None
-        return self.kernels.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, data.row_slots, self.pdl)
+        without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py). With `term_first`
+        and `base_plus` (the base matmul plus a C it adds in its epilogue) the term is computed first and added by
+        the GEMM instead."""
+        k, slots = self.kernels, data.row_slots
+        assert k is not None and slots is not None
+        if self.term_first and base_plus is not None:
+            return base_plus(k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl))
+        return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
@@ -278,6 +289,7 @@ class _LoraLinear(nn.Module):
         """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
         self.lora.pdl = opts.lora_pdl
         self.lora.act_shrink = opts.lora_act_shrink
+        self.lora.term_first = opts.lora_term_first
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)
@@ -321,7 +333,9 @@ class LoraRowParallelLinear(_LoraLinear):
         base partial sum plus the term from them, before the all-reduce."""
         data = getattr(ctx, "adapter_data", None)
         assert data is not None  # the partials come from a step with adapters
-        return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), parts, data))
+        base = self.base
+        plus = functools.partial(base.partial_plus, x) if base.adds_c() else None
+        return base.reduce(self.lora.apply_partials(lambda: base.partial(x), parts, data, plus))
 
 
 def wrap_lora(base: nn.Module, lora: LoraTerm) -> _LoraLinear:
