@@ -241,14 +241,15 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
 @pytest.mark.parametrize(
     "mode,overlap,per_sm",
     [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)]
-    + [("gemm", True, 2), ("gemm+lora_term_first", True, 2)],
+    + [("gemm", True, 2), ("gemm+lora_term_first", True, 2), ("gemm+lora_term_first+lora_norm_shrink", True, 2)]
+    + [("gemm+lora_norm_shrink", True, 2)],
 )
 def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
     the shrink on the side stream (captured as a fork/join in the graph) or serial, or with another decode
     mode of LoraTerm ("side": the whole term on the side stream; "side_store": its expand writes the whole
     buffer, here with a finer K split; "gemm": the shrink inside the base matmul, then one expand; with
-    lora_term_first mlp.c_proj's GEMM adds its term)."""
+    lora_term_first mlp.c_proj's GEMM adds its term; with lora_norm_shrink c_attn's h comes from ln_1)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
@@ -437,3 +438,25 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
         # lora_term_first: the same term alone, which the base GEMM then adds (addmm): y0 + term rounded once
         term = kernels.lora_term_rows_partials(parts, b2, ranks2, slots, pdl=True)
         assert torch.equal(torch.add(y0, term), y2) and not term[0].any()
+
+
+def test_rms_norm_shrink_bf16():
+    """lora_norm_shrink's launch at the 7B width in bf16 (batch 33, 32 rank-16 adapters and a base row, PDL on):
+    (out, s) equal fused.rms_norm's bit for bit, the partials sum to A[slot] · out (fp32 reference), zero on the
+    base row."""
+    from worker.kernels.fused import rms_norm
+    from worker.kernels.lora_rows import rms_norm_shrink
+
+    g = torch.Generator(device=CUDA).manual_seed(4096)
+    S, R, T, H = 33, 16, 33, 4096
+    a = (torch.randn(S, 1, R, H, device=CUDA, generator=g) * H**-0.5).to(torch.bfloat16)
+    a[0].zero_()
+    w = (1 + 0.1 * torch.randn(H, device=CUDA, generator=g)).to(torch.bfloat16)
+    x, res = (torch.randn(T, H, device=CUDA, generator=g).to(torch.bfloat16) for _ in range(2))
+    slots = torch.tensor([0, *range(1, T)], device=CUDA)
+    out, total, parts = rms_norm_shrink(x, w, 1e-6, res, a, slots, pdl=True)
+    want_out, want_total = rms_norm(x, w, 1e-6, res)
+    assert torch.equal(out, want_out) and torch.equal(total, want_total)
+    h = torch.einsum("tn,trn->tr", out.float(), a[slots, 0].float())
+    torch.testing.assert_close(parts.sum(1), h, atol=1e-3, rtol=1e-3)
+    assert not parts[0].any()

@@ -259,12 +259,16 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
         lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
 
 
-@pytest.mark.parametrize("act_shrink,term_first", [(False, False), (True, False), (True, True)])
-def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink, term_first):
+@pytest.mark.parametrize(
+    "act_shrink,term_first,norm_shrink",
+    [(False, False, False), (True, False, False), (True, True, False), (False, False, True), (True, True, True)],
+)
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink, term_first, norm_shrink):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
     gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
-    targets one expand each, and the logits equal the float64 reference with each adapter merged. term_first:
-    mlp.c_proj's term is computed before its GEMM (the term-only launch) and the GEMM adds it (addmm)."""
+    targets one expand each, and the logits equal the float64 reference with each adapter merged. act_shrink:
+    mlp.c_proj's h from the gate|up launch, summed by its expand; norm_shrink: c_attn's h from ln_1's launch;
+    term_first: those terms computed before their GEMMs (the term-only launch), which add them (addmm)."""
     from lora_helpers import count_launches, interpreted_lora_decode
     from reference import ref_forward
 
@@ -273,26 +277,67 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, a
         term.decode = "gemm"
         term.act_shrink = act_shrink
         term.term_first = term_first
+        term.norm_shrink = norm_shrink
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     launches = count_launches(monkeypatch)
-    added: list[torch.Size] = []
-    plain_plus = RowParallelLinear.partial_plus
-
-    def partial_plus(self, x, c):
-        added.append(c.shape)
-        return plain_plus(self, x, c)
-
-    monkeypatch.setattr(RowParallelLinear, "partial_plus", partial_plus)
+    added: list[str] = []
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        monkeypatch.setattr(cls, "partial_plus", _recording(cls.partial_plus, added, cls.__name__))
     out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
     layers = run.cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
-    # c_attn, attn.c_proj and mlp.c_proj; with act_shrink mlp.c_proj's expand sums the gate|up launch's partials
-    assert launches.count("_expand_rows_kernel") == (2 if act_shrink else 3) * layers
-    assert launches.count("_expand_rows_partials_kernel") == (layers if act_shrink else 0)
-    assert len(added) == (layers if term_first else 0)  # the term as c_proj's GEMM's C
+    # the targets whose h the joint GEMM computes: c_attn (unless norm_shrink), attn.c_proj, mlp.c_proj (unless
+    # act_shrink); the others' expand sums partials
+    assert launches.count("_expand_rows_kernel") == (3 - act_shrink - norm_shrink) * layers
+    assert launches.count("_expand_rows_partials_kernel") == (act_shrink + norm_shrink) * layers
+    assert launches.count("_norm_shrink_kernel") == (layers if norm_shrink else 0)
+    assert launches.count("_rms_norm_kernel") == (layers + 1 if norm_shrink else 2 * layers + 1)  # ln_2s, ln_f
+    assert added.count("RowParallelLinear") == (layers if term_first and act_shrink else 0)  # the term as C
+    assert added.count("ColumnParallelLinear") == (layers if term_first and norm_shrink else 0)
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
         worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
+
+
+def _recording(fn, calls: list[str], name: str):
+    def record(self, x, c):
+        calls.append(name)
+        return fn(self, x, c)
+
+    return record
+
+
+@pytest.mark.parametrize("H,block_n,r_max,residual", [(50, 16, 5, True), (64, 32, 8, False), (37, 64, 3, True)])
+def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, residual):
+    """lora_norm_shrink's launch: its (out, s) equal fused.rms_norm's (bit for bit here; the same formula per
+    column), its fp32 partials per tile sum to A[slot] · out (float64, out the launch's own output), base rows
+    (slot 0, a zero pool slot) get zero partials. Awkward sizes: H not a multiple of the tile, r_max not a power
+    of two; without a residual s is x itself."""
+    from worker.kernels.fused import rms_norm
+    from worker.kernels.lora_rows import rms_norm_shrink
+
+    g = torch.Generator().manual_seed(H + r_max)
+    S, T = 3, 5
+    a = torch.randn(S, 1, r_max, H, generator=g) / H**0.5
+    a[0] = 0
+    a[2, :, r_max - 1 :] = 0
+    w = torch.randn(H, generator=g)
+    x = torch.randn(T, H, generator=g)
+    res = torch.randn(T, H, generator=g) if residual else None
+    slots = torch.tensor([1, 0, 2, 2, 1])
+    out, total, parts = rms_norm_shrink(x, w, 1e-6, res, a, slots, block_n=block_n)
+    want_out, want_total = rms_norm(x, w, 1e-6, res)
+    assert torch.equal(out, want_out) and torch.equal(total, want_total)
+    if not residual:
+        assert total is x
+    assert parts.shape == (T, -(-H // block_n), 1 << (r_max - 1).bit_length())
+    h = parts.double().sum(1)
+    for t, s in enumerate(slots.tolist()):
+        torch.testing.assert_close(h[t, :r_max], a[s, 0].double() @ out[t].double(), atol=1e-5, rtol=1e-5)
+        assert not h[t, r_max:].any()
+    assert not parts[1].any()
+    with pytest.raises(ValueError, match="rms_norm_shrink"):
+        rms_norm_shrink(x, w, 1e-6, res, a[:, :, :, 1:], slots)
 
 
 def test_the_gemm_expand_takes_pdl_from_lora_pdl_only():

@@ -130,6 +130,7 @@ class SlotPool:
                 pdl=opts.lora_pdl,
                 act_shrink=opts.lora_act_shrink,
                 term_first=opts.lora_term_first,
+                norm_shrink=opts.lora_norm_shrink,
             )
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes

@@ -37,6 +37,7 @@ from worker.kernels.lora_rows import (
     lora_expand_rows_partials,
     lora_expand_rows_silu_mul,
     lora_term_rows_partials,
+    rms_norm_shrink,
 )
 
 
@@ -327,4 +328,5 @@ __all__ = [
     "lora_expand_rows_partials",
     "lora_expand_rows_silu_mul",
     "lora_term_rows_partials",
+    "rms_norm_shrink",
 ]

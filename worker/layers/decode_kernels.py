@@ -54,7 +54,11 @@ class DecodeKernels:
     lora_term_first: with lora_act_shrink, mlp.c_proj's term (h from the gate|up launch's partials, times B) is
     computed before its base GEMM, right after the launch that wrote the partials (PDL overlaps it), and cuBLAS adds
     it as the GEMM's C (addmm): no launch follows the GEMM. y = rn(x·Wᵀ + rn(term)) instead of
-    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order."""
+    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order.
+    lora_norm_shrink: in "gemm" mode, c_attn's h comes from ln_1's kernel (RMSNorm + residual add, one program per
+    tile of a row, each also writing its tile's fp32 partials of h: lora_rows.rms_norm_shrink) instead of from A
+    rows in c_attn's GEMM, which then is the base GEMM; the term is added from the partials after it, or (with
+    lora_term_first) with the bias before it, as the GEMM's C."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -63,6 +67,7 @@ class DecodeKernels:
     lora_act_shrink: bool = False
     gptq_cuda: bool = False
     lora_term_first: bool = False
+    lora_norm_shrink: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -156,6 +156,7 @@ class LoraTerm:
     pdl: bool = False
     act_shrink: bool = False  # DecodeKernels.lora_act_shrink: a gate|up target's expand computes its consumer's h
     term_first: bool = False  # DecodeKernels.lora_term_first: apply_partials' term before the GEMM, as its C
+    norm_shrink: bool = False  # DecodeKernels.lora_norm_shrink: c_attn's h from the norm before it (`shrink_pool`)
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -220,16 +221,25 @@ class LoraTerm:
         parts: torch.Tensor,
         data: AdapterBatchData,
         base_plus: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """base() + term where the producer computed h (`apply_silu_mul`'s partials): the base matmul alone, as
-        without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py). With `term_first`
-        and `base_plus` (the base matmul plus a C it adds in its epilogue) the term is computed first and added by
-        the GEMM instead."""
+        """base() + term where the producer computed h (`apply_silu_mul`'s or `rms_norm_shrink`'s partials): the
+        base matmul alone, as without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py).
+        With `term_first` and `base_plus` (the base matmul without its bias, plus a C it adds in its epilogue) the
+        term (plus `bias`, the base's) is computed first and added by the GEMM instead."""
         k, slots = self.kernels, data.row_slots
         assert k is not None and slots is not None
         if self.term_first and base_plus is not None:
-            return base_plus(k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl))
+            return base_plus(k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, bias=bias))
         return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
+
+    def shrink_pool(self, rows: int, data: AdapterBatchData | None) -> torch.Tensor | None:
+        """The A pool [slots, 1, r_max, in] the producer of this term's input (the norm before c_attn) computes h
+        with (`rms_norm_shrink`), at a decode step that "gemm" serves with `norm_shrink` on; else None."""
+        on = self.norm_shrink and self.decode == "gemm" and self.kernels is not None and self.a_pool.shape[1] == 1
+        if not on or data is None or data.row_slots is None or rows < JOINT_MIN_ROWS:
+            return None
+        return self.a_pool
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
@@ -290,6 +300,7 @@ class _LoraLinear(nn.Module):
         self.lora.pdl = opts.lora_pdl
         self.lora.act_shrink = opts.lora_act_shrink
         self.lora.term_first = opts.lora_term_first
+        self.lora.norm_shrink = opts.lora_norm_shrink
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)
@@ -317,6 +328,15 @@ class LoraColumnParallelLinear(_LoraLinear):
         forward and the activation itself."""
         data = getattr(ctx, "adapter_data", None)
         return None if data is None else self.lora.apply_silu_mul(x, data, then)
+
+    def forward_partials(self, x: torch.Tensor, ctx: object, parts: torch.Tensor) -> torch.Tensor:
+        """forward where the producer computed this term's h (partials from `rms_norm_shrink`): the base matmul,
+        then the term from them, or (term_first) the term plus the bias first, added by the base GEMM."""
+        data = getattr(ctx, "adapter_data", None)
+        assert data is not None  # the partials come from a step with adapters
+        base = self.base
+        plus = functools.partial(base.partial_plus, x) if base.adds_c() else None
+        return self.lora.apply_partials(lambda: base(x, ctx), parts, data, plus, base.bias)
 
 
 class LoraRowParallelLinear(_LoraLinear):

@@ -25,6 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.fused = fused
         self.impl: NormFn = ops.add_rms_norm
+        self.pdl = False
         self.set_decode_kernels(DecodeKernels())
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
@@ -33,7 +34,17 @@ class RMSNorm(nn.Module):
             from worker.kernels import fused as kernels
 
             self.impl = launched(kernels.rms_norm, opts)
+            self.pdl = opts.pdl
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H] -> (normed [T, H], s = x + residual [T, H])
         return self.impl(x, self.weight, self.eps, residual)
+
+    def with_shrink(
+        self, x: torch.Tensor, residual: torch.Tensor | None, a_pool: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward, plus the next linear's adapter h in fp32 partials per tile (DecodeKernels.lora_norm_shrink;
+        the fused path only): a_pool [slots, 1, r_max, H], slots [T] each row's adapter slot."""
+        from worker.kernels.lora_rows import rms_norm_shrink
+
+        return rms_norm_shrink(x, self.weight, self.eps, residual, a_pool, slots, self.pdl)

@@ -104,10 +104,20 @@ class FlashQwenAttention(nn.Module):
         self.c_proj.load(weights, f"{prefix}.c_proj")
         self.checkpoint_kv_scales = read_checkpoint_scales(weights, prefix)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
-        # x: [T, H]
+    def shrink_pool(self, rows: int, ctx: ForwardContext) -> torch.Tensor | None:
+        """c_attn's A pool where its adapter term takes h from the norm before it (LoraTerm.shrink_pool), else None."""
+        term = getattr(self.c_attn, "lora", None)
+        return term.shrink_pool(rows, ctx.adapter_data) if term is not None else None
+
+    def forward(
+        self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: [T, H]; parts: c_attn's adapter h in partials from the norm (`shrink_pool`), or None
         T = x.shape[0]
-        qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
+        if parts is not None:
+            qkv = self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
+        else:
+            qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
@@ -174,8 +184,14 @@ class FlashQwenLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext, kv: KVLayer | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H]
-        normed, block_in = self.ln_1(x, residual)
-        normed, h = self.ln_2(self.attn(normed, ctx, kv), block_in)  # h = block_in + attention
+        pool = self.attn.shrink_pool(x.shape[0], ctx) if self.ln_1.fused else None
+        parts = None
+        if pool is None:
+            normed, block_in = self.ln_1(x, residual)
+        else:  # c_attn's adapter h from ln_1's kernel (DecodeKernels.lora_norm_shrink)
+            assert ctx.adapter_data is not None and ctx.adapter_data.row_slots is not None
+            normed, block_in, parts = self.ln_1.with_shrink(x, residual, pool, ctx.adapter_data.row_slots)
+        normed, h = self.ln_2(self.attn(normed, ctx, kv, parts), block_in)  # h = block_in + attention
         return self.mlp(normed, ctx), h
 
 
