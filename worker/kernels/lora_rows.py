@@ -36,9 +36,9 @@ import triton.language as tl
 from worker.kernels.fused import silu_mul_rn
 from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
 
-# The expands' tile: BLOCK_N columns of one row per program, num_warps (scripts/bench_lora.py `--modes gemm@BNxW`
-# measures others in the same process).
-TILE = {"block_n": 256, "num_warps": 4}
+# The expands' tile: BLOCK_N columns of one row per program, num_warps; rms_norm_shrink's columns a program (0: the
+# expands') (scripts/bench_lora.py `--modes gemm@BNxW[xNORM_BN]` measures others in the same process).
+TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 0}
 
 
 # fmt: off
@@ -393,7 +393,7 @@ def rms_norm_shrink(
             f"residual {None if residual is None else tuple(residual.shape)}, A pool {tuple(a_pool.shape)}, "
             f"slots {tuple(slots.shape)}"
         )
-    block_n = block_n or TILE["block_n"]
+    block_n = block_n or TILE["norm_block_n"] or TILE["block_n"]
     tiles = triton.cdiv(H, block_n)
     br = triton.next_power_of_2(a_pool.shape[2])
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
