@@ -90,18 +90,14 @@ def _add_term(y0, b, h):
 
 
 @triton.jit
-def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, hp_ptr, N, H_OFFSET,
-                            H_TILES, stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
-                            stride_a2s, stride_a2r, stride_pt, stride_ht,
+def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, N, H_OFFSET,
+                            stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+                            stride_a2s, stride_a2r, stride_pt,
                             R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
-                            SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr,
-                            FROM_PARTS: tl.constexpr, BLOCK_HT: tl.constexpr, BLOCK_HR: tl.constexpr,
-                            PDL: tl.constexpr):
+                            SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr, PDL: tl.constexpr):
     """A gate|up target (P = 2): y[t, n] = up · silu(gate) of the two parts' outputs, each the expand's value.
     SHRINK: also this tile's share of the consumer's h, Σ_n y[t, n] · A2[slot, r, n] in fp32 over the stored
-    (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials).
-    FROM_PARTS: out is the base GEMM's output alone and each part's h the sum over H_TILES of the norm's fp32
-    partials hp[t, tile, part · R_MAX + r] (rms_norm_shrink), rounded to the model dtype."""
+    (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials)."""
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -117,18 +113,8 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
                      mask=(offs_r2 < R2_MAX)[:, None] & mask_n[None, :], other=0.0)
     gdc_wait(PDL)
     gdc_go(PDL)
-    if FROM_PARTS:
-        row = out_ptr + t * stride_o
-        offs_t = tl.arange(0, BLOCK_HT)
-        hp = hp_ptr + t * stride_ht + offs_t[:, None] * BLOCK_HR + offs_r[None, :]
-        mask_t = (offs_t < H_TILES)[:, None]
-        h_gate = tl.sum(tl.load(hp, mask=mask_t & (offs_r < rank_gate)[None, :], other=0.0), axis=0)
-        h_up = tl.sum(tl.load(hp + R_MAX, mask=mask_t & (offs_r < rank_up)[None, :], other=0.0), axis=0)
-        gate = _add_term(tl.load(row + offs_n, mask=mask_n, other=0.0), b_gate, h_gate.to(y_ptr.dtype.element_ty))
-        up = _add_term(tl.load(row + N + offs_n, mask=mask_n, other=0.0), b_up, h_up.to(y_ptr.dtype.element_ty))
-    else:
-        gate = _part(out_ptr + t * stride_o, b_gate, rank_gate, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
-        up = _part(out_ptr + t * stride_o, b_up, rank_up, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
+    gate = _part(out_ptr + t * stride_o, b_gate, rank_gate, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
+    up = _part(out_ptr + t * stride_o, b_up, rank_up, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
     act = silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + t * stride_y + offs_n, act, mask=mask_n)
     if SHRINK:
@@ -204,19 +190,13 @@ def _norm_shrink_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, a_ptr, slots_pt
 
 
 def _check(
-    name: str,
-    out: torch.Tensor,
-    n_out: int,
-    b_pool: torch.Tensor,
-    ranks: torch.Tensor,
-    slots: torch.Tensor,
-    h_columns: bool = True,
+    name: str, out: torch.Tensor, n_out: int, b_pool: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor
 ) -> None:
     T = out.shape[0]
     S, P, N, r_max = b_pool.shape
     if (
         n_out != P * N
-        or out.shape[1] != n_out + (S * P * r_max if h_columns else 0)
+        or out.shape[1] != n_out + S * P * r_max
         or out.stride(-1) != 1
         or b_pool.stride(-1) != 1
         or slots.shape != (T,)
@@ -270,15 +250,12 @@ def lora_expand_rows_silu_mul(
     pdl: bool = False,
     block_n: int = 0,
     shrink: torch.Tensor | None = None,
-    h_parts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
     [T, n_out / 2], the same values bit for bit. shrink: the consumer's A pool [slots, 1, r2_max, n_out / 2] (its
     input is this output: mlp.c_proj after gate|up); the same launch then also returns its h in fp32 partials per
-    tile, [T, tiles, next_power_of_2(r2_max)], which `lora_expand_rows_partials` sums (else None). h_parts: this
-    target's h as the norm's fp32 partials [T, tiles, next_power_of_2(2 · r_max)] (rms_norm_shrink over the A pool
-    [slots, 2, r_max, in]); out is then the base GEMM's output alone, [T, n_out]."""
-    _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots, h_parts is None)
+    tile, [T, tiles, next_power_of_2(r2_max)], which `lora_expand_rows_partials` sums (else None)."""
+    _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     if P != 2:
         raise ValueError(f"lora_expand_rows_silu_mul: a gate|up pool has 2 parts, not {P}")
@@ -294,19 +271,13 @@ def lora_expand_rows_silu_mul(
     parts = torch.empty(T, tiles, br2, dtype=torch.float32, device=out.device) if shrink is not None else None
     if T == 0:
         return y, parts
-    hr = triton.next_power_of_2(2 * r_max)
-    if h_parts is not None and (h_parts.dim() != 3 or h_parts.shape[::2] != (T, hr) or not h_parts.is_contiguous()):
-        raise ValueError(f"lora_expand_rows_silu_mul: h partials {tuple(h_parts.shape)} for {T} rows, r_max {r_max}")
     on = active(pdl, out.device)
     a2 = shrink if shrink is not None else b_pool
-    hp = h_parts if h_parts is not None else y
-    h_tiles = h_parts.shape[1] if h_parts is not None else 1
     _expand_rows_act_kernel[(T, tiles)](
-        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, hp, N, n_out, h_tiles, out.stride(0),
-        y.stride(0), *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2), tiles * br2, h_tiles * hr,
+        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, N, n_out, out.stride(0), y.stride(0),
+        *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2), tiles * br2,
         R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
-        SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, FROM_PARTS=h_parts is not None,
-        BLOCK_HT=triton.next_power_of_2(h_tiles), BLOCK_HR=hr, PDL=on,
+        SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, PDL=on,
         num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y, parts
@@ -410,7 +381,7 @@ def rms_norm_shrink(
         or weight.dtype != x.dtype
         or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype))
         or a_pool.dim() != 4
-        or (a_pool.shape[1] > 1 and a_pool.stride(1) != a_pool.shape[2] * a_pool.stride(2))
+        or a_pool.shape[1] != 1
         or a_pool.shape[3] != H
         or a_pool.stride(3) != 1
         or slots.shape != (T,)
@@ -424,8 +395,7 @@ def rms_norm_shrink(
         )
     block_n = block_n or TILE["norm_block_n"] or TILE["block_n"]
     tiles = triton.cdiv(H, block_n)
-    rows = a_pool.shape[1] * a_pool.shape[2]  # the parts' rows, one after another
-    br = triton.next_power_of_2(rows)
+    br = triton.next_power_of_2(a_pool.shape[2])
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     total = x if residual is None else torch.empty(T, H, dtype=x.dtype, device=x.device)
     parts = torch.empty(T, tiles, br, dtype=torch.float32, device=x.device)
@@ -437,7 +407,7 @@ def rms_norm_shrink(
     _norm_shrink_kernel[(T, tiles)](
         x, res, weight, out, total, a_pool, slots, parts, eps, 1.0 / H, H, x.stride(0), res.stride(0), out.stride(0),
         total.stride(0), a_pool.stride(0), a_pool.stride(2), parts.stride(0), HAS_RESIDUAL=residual is not None,
-        BLOCK=block, BLOCK_N=block_n, R_MAX=rows, BLOCK_R=br, PDL=on,
+        BLOCK=block, BLOCK_N=block_n, R_MAX=a_pool.shape[2], BLOCK_R=br, PDL=on,
         num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return out, total, parts

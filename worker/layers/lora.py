@@ -199,30 +199,21 @@ class LoraTerm:
         return y
 
     def apply_silu_mul(
-        self,
-        x: torch.Tensor,
-        data: AdapterBatchData,
-        then: LoraTerm | None = None,
-        base: Callable[[], torch.Tensor] | None = None,
-        h_parts: torch.Tensor | None = None,
+        self, x: torch.Tensor, data: AdapterBatchData, then: LoraTerm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """up · silu(gate) of base + term for a gate|up target (P = 2) where "gemm" serves the step: the expand
         and the activation in one launch (fused.silu_mul's values, bit for bit); None elsewhere. With
         `act_shrink` and the consumer's term `then` (mlp.c_proj, one part, also "gemm"), the same launch also
-        computes the consumer's h (fp32 partials per tile: then.apply_partials), else that is None. h_parts: this
-        term's h from the norm before it (`shrink_pool`); the GEMM is then `base()`, the base one alone."""
+        computes the consumer's h (fp32 partials per tile: then.apply_partials), else that is None."""
         if self.decode != "gemm" or data.row_slots is None or self.b_pool.shape[1] != 2 or self.kernels is None:
             return None
-        if h_parts is not None and base is not None:
-            joint: tuple | None = (base(), 2 * self.b_pool.shape[2], self.b_pool, self.ranks, data.row_slots)
-        else:
-            joint = self._joint_gemm(x, data)
+        joint = self._joint_gemm(x, data)
         if joint is None:
             return None
         shrink = None
         if self.act_shrink and then is not None and then.decode == "gemm" and then.a_pool.shape[1] == 1:
             shrink = then.a_pool
-        return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink, h_parts=h_parts)
+        return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
 
     def apply_partials(
         self,
@@ -243,9 +234,9 @@ class LoraTerm:
         return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
 
     def shrink_pool(self, rows: int, data: AdapterBatchData | None) -> torch.Tensor | None:
-        """The A pool [slots, P, r_max, in] the producer of this term's input (the norm before c_attn or gate|up)
-        computes h with (`rms_norm_shrink`), at a decode step that "gemm" serves with `norm_shrink` on; else None."""
-        on = self.norm_shrink and self.decode == "gemm" and self.kernels is not None
+        """The A pool [slots, 1, r_max, in] the producer of this term's input (the norm before c_attn) computes h
+        with (`rms_norm_shrink`), at a decode step that "gemm" serves with `norm_shrink` on; else None."""
+        on = self.norm_shrink and self.decode == "gemm" and self.kernels is not None and self.a_pool.shape[1] == 1
         if not on or data is None or data.row_slots is None or rows < JOINT_MIN_ROWS:
             return None
         return self.a_pool
@@ -330,15 +321,13 @@ class LoraColumnParallelLinear(_LoraLinear):
         return self.lora.apply(lambda: self.base(x, ctx), x, data)  # [T, out_per_rank]
 
     def silu_mul(
-        self, x: torch.Tensor, ctx: object, then: LoraTerm | None = None, h_parts: torch.Tensor | None = None
+        self, x: torch.Tensor, ctx: object, then: LoraTerm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """A gate|up target's up · silu(gate), its adapter term and the activation in one launch where LoraTerm
         serves that (`apply_silu_mul`), with the consumer's (`then`) h partials or None; None: the caller runs
-        forward and the activation itself. h_parts: this term's h from the norm (LoraTerm.shrink_pool)."""
+        forward and the activation itself."""
         data = getattr(ctx, "adapter_data", None)
-        if data is None:
-            return None
-        return self.lora.apply_silu_mul(x, data, then, lambda: self.base(x, ctx), h_parts)
+        return None if data is None else self.lora.apply_silu_mul(x, data, then)
 
     def forward_partials(self, x: torch.Tensor, ctx: object, parts: torch.Tensor) -> torch.Tensor:
         """forward where the producer computed this term's h (partials from `rms_norm_shrink`): the base matmul,

@@ -147,18 +147,10 @@ class QwenMLP(nn.Module):
         self.gate_up.load(weights, [f"{prefix}.w2", f"{prefix}.w1"])
         self.c_proj.load(weights, f"{prefix}.c_proj")
 
-    def shrink_pool(self, rows: int, ctx: ForwardContext) -> torch.Tensor | None:
-        """gate|up's A pool where its adapter term takes h from the norm before it (LoraTerm.shrink_pool; the fused
-        activation only), else None."""
-        term = getattr(self.gate_up, "lora", None)
-        return term.shrink_pool(rows, ctx.adapter_data) if term is not None and self.act.fused else None
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, parts: torch.Tensor | None = None) -> torch.Tensor:
-        # parts: gate|up's adapter h in partials from the norm (`shrink_pool`), or None
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         lora_act = getattr(self.gate_up, "silu_mul", None) if self.act.fused else None
         # adapters' expand fused with the activation (and with c_proj's shrink where both serve it)
-        fused = lora_act(x, ctx, getattr(self.c_proj, "lora", None), parts) if lora_act is not None else None
-        assert parts is None or fused is not None  # shrink_pool offers partials only where the fused launch serves
+        fused = lora_act(x, ctx, getattr(self.c_proj, "lora", None)) if lora_act is not None else None
         if fused is not None:
             act, parts = fused
             if parts is not None:
@@ -192,26 +184,15 @@ class FlashQwenLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext, kv: KVLayer | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H]
-        rows = x.shape[0]
-        normed, block_in, parts = self._norm(self.ln_1, x, residual, self.attn.shrink_pool(rows, ctx), ctx)
-        attn = self.attn(normed, ctx, kv, parts)
-        normed, h, parts = self._norm(self.ln_2, attn, block_in, self.mlp.shrink_pool(rows, ctx), ctx)
-        return self.mlp(normed, ctx, parts), h  # h = block_in + attention
-
-    @staticmethod
-    def _norm(
-        norm: QwenRMSNorm,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        pool: torch.Tensor | None,
-        ctx: ForwardContext,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(norm(x + residual), x + residual, the next linear's adapter h in partials from the same launch where
-        `pool`, its A pool, is given and the norm is the fused kernel (DecodeKernels.lora_norm_shrink), else None)."""
-        if pool is None or not norm.fused:
-            return (*norm(x, residual), None)
-        assert ctx.adapter_data is not None and ctx.adapter_data.row_slots is not None
-        return norm.with_shrink(x, residual, pool, ctx.adapter_data.row_slots)
+        pool = self.attn.shrink_pool(x.shape[0], ctx) if self.ln_1.fused else None
+        parts = None
+        if pool is None:
+            normed, block_in = self.ln_1(x, residual)
+        else:  # c_attn's adapter h from ln_1's kernel (DecodeKernels.lora_norm_shrink)
+            assert ctx.adapter_data is not None and ctx.adapter_data.row_slots is not None
+            normed, block_in, parts = self.ln_1.with_shrink(x, residual, pool, ctx.adapter_data.row_slots)
+        normed, h = self.ln_2(self.attn(normed, ctx, kv, parts), block_in)  # h = block_in + attention
+        return self.mlp(normed, ctx), h
 
 
 class FlashQwenModel(nn.Module):
