@@ -125,6 +125,7 @@ def bench_lora_decode(
     graphs: GraphedDecode | None = None
     kernels = model.transformer.layers()[0].attn.rotary.opts  # the decode kernels the benchmark was given
     unwrapped: list[tuple[Any, str, Any]] = []
+    served_tile = dict(lora_rows.TILE)
     for k, (backend, overlap, label) in enumerate(variants):
         if k:  # the previous variant's graphs go before the next capture
             graphs = None
@@ -133,7 +134,7 @@ def bench_lora_decode(
             setattr(owner, attr, wrapper)
         unwrapped = []
         mode, extra, (block_n, warps, norm_n), off = parse_variant(label)
-        lora_rows.TILE.update(block_n=block_n, num_warps=warps, norm_block_n=norm_n)
+        lora_rows.TILE.update(block_n=block_n, num_warps=warps, norm_block_n=norm_n or served_tile["norm_block_n"])
         apply_decode_kernels(model.transformer, replace(kernels, **dict.fromkeys(extra, True)))
         for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
             term = getattr(owner, name).lora

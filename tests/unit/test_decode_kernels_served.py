@@ -1,7 +1,7 @@
 """The served decode kernel choices (issue 17, P1): `serve --decode-kernels` defaults to the set measured faster
-and exact on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda), `none` turns them off, a bad name is
-refused naming it; `where_applies` keeps what changes anything on the shard's device; serve builds the model with them,
-down to every layer and the attention backend (the paged decode's PDL)."""
+on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda, lora_term_first, lora_norm_shrink), `none` turns
+them off, a bad name is refused naming it; `where_applies` keeps what changes anything on the shard's device; serve
+builds the model with them, down to every layer and the attention backend (the paged decode's PDL)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ import torch
 from worker import cli
 from worker.layers.decode_kernels import DecodeKernels, where_applies
 
-MEASURED = DecodeKernels(pdl=True, rope_store=True, lora_pdl=True, lora_act_shrink=True, gptq_cuda=True)
+MEASURED = DecodeKernels(
+    pdl=True,
+    rope_store=True,
+    lora_pdl=True,
+    lora_act_shrink=True,
+    gptq_cuda=True,
+    lora_term_first=True,
+    lora_norm_shrink=True,
+)
 
 
 def _parse(*flags: str) -> DecodeKernels:
@@ -26,7 +34,7 @@ def test_the_flag_defaults_to_the_measured_set_and_none_turns_it_off():
     assert _parse() == MEASURED
     assert _parse("--decode-kernels", "none") == DecodeKernels()
     assert _parse("--decode-kernels", "act_gemv, pdl") == DecodeKernels(pdl=True, act_gemv=True)
-    assert MEASURED.describe() == "pdl,rope_store,lora_pdl,lora_act_shrink,gptq_cuda"
+    assert MEASURED.describe() == "pdl,rope_store,lora_pdl,lora_act_shrink,gptq_cuda,lora_term_first,lora_norm_shrink"
     assert DecodeKernels().describe() == "none"
 
 
@@ -40,7 +48,7 @@ def test_a_bad_decode_kernels_value_is_refused_naming_it(value, capsys):
 
 @pytest.mark.parametrize(("interpreted", "major", "expected"), [
     (False, 9, MEASURED),
-    (False, 8, DecodeKernels(rope_store=True, lora_act_shrink=True, gptq_cuda=True)),  # no PDL before sm_90
+    (False, 8, replace(MEASURED, pdl=False, lora_pdl=False)),  # no PDL before sm_90
     (True, 9, DecodeKernels()),  # the interpreter's path is unchanged
 ])  # fmt: skip
 def test_where_applies(monkeypatch, interpreted, major, expected):

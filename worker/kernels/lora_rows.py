@@ -37,8 +37,9 @@ from worker.kernels.fused import silu_mul_rn
 from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
 
 # The expands' tile: BLOCK_N columns of one row per program, num_warps; rms_norm_shrink's columns a program (0: the
-# expands') (scripts/bench_lora.py `--modes gemm@BNxW[xNORM_BN]` measures others in the same process).
-TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 0}
+# expands'; 1,024 and 2,048 measured alike at the 7B width, 512 and 4,096 slower). scripts/bench_lora.py
+# `--modes gemm@BNxW[xNORM_BN]` measures others in the same process.
+TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 2048}
 
 
 # fmt: off

@@ -25,7 +25,7 @@ from torch import nn
 # 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
 # M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
 # it). lora_pdl: see DecodeKernels.
-SERVED = ("pdl", "rope_store", "lora_pdl", "lora_act_shrink", "gptq_cuda")
+SERVED = ("pdl", "rope_store", "lora_pdl", "lora_act_shrink", "gptq_cuda", "lora_term_first", "lora_norm_shrink")
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
 
@@ -54,11 +54,15 @@ class DecodeKernels:
     lora_term_first: with lora_act_shrink, mlp.c_proj's term (h from the gate|up launch's partials, times B) is
     computed before its base GEMM, right after the launch that wrote the partials (PDL overlaps it), and cuBLAS adds
     it as the GEMM's C (addmm): no launch follows the GEMM. y = rn(x·Wᵀ + rn(term)) instead of
-    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order.
+    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order. Served: P2 0.893-0.895
+    vs 0.886-0.887 in 6 same-process pairs on two H200s (7.53 vs 7.60 ms at batch 32, 32 adapters), 0.904-0.906
+    vs 0.897-0.898 on another day's card.
     lora_norm_shrink: in "gemm" mode, c_attn's h comes from ln_1's kernel (RMSNorm + residual add, one program per
     tile of a row, each also writing its tile's fp32 partials of h: lora_rows.rms_norm_shrink) instead of from A
     rows in c_attn's GEMM, which then is the base GEMM; the term is added from the partials after it, or (with
-    lora_term_first) with the bias before it, as the GEMM's C."""
+    lora_term_first) with the bias before it, as the GEMM's C. Served (with lora_term_first): P2 0.896-0.897 vs
+    0.893-0.895 with lora_term_first alone (two H200s, tiles of 1,024 and 2,048 columns); alone it is slower
+    (0.878-0.879 vs 0.884). Tried and removed: the same for gate|up in ln_2 (0.881-0.886 vs 0.892)."""
 
     pdl: bool = False
     act_gemv: bool = False
