@@ -65,10 +65,9 @@ def load(
     )
 
 
-def interpreted_lora_decode(tmp_path, seed: int, fused: bool = False, lens=(5, 8, 3), which=(1, 0, 2), backend=None):
+def interpreted_lora_decode(tmp_path, seed: int, fused: bool = False, lens=(5, 8, 3), which=(1, 0, 2)):
     """The tiny model (fp32, seq_length 16) with adapters a8 and a16 in slots and the Triton LoRA kernels set on
-    every target (the interpreter on a CPU), prompts of `lens` on adapters `which` (0: base) prefilled (`backend`:
-    the attention backend, None: the model's default); returns a
+    every target (the interpreter on a CPU), prompts of `lens` on adapters `which` (0: base) prefilled; returns a
     namespace: model, mgr, terms, merged (state per adapter index, merged), seqs (prompt + first token), prompts,
     which, slots, alphas, paged, cfg."""
     from helpers import TINY, write_checkpoint
@@ -83,9 +82,7 @@ def interpreted_lora_decode(tmp_path, seed: int, fused: bool = False, lens=(5, 8
     cfg = {**TINY, "seq_length": seq_length}
     state = random_checkpoint(cfg, seed=seed)
     path = write_checkpoint(str(tmp_path / "ckpt"), cfg, state)
-    model = FlashQwenForCausalLM.from_pretrained(
-        path, dtype=torch.float32, backend=backend, progress=False, fused=fused
-    )
+    model = FlashQwenForCausalLM.from_pretrained(path, dtype=torch.float32, progress=False, fused=fused)
     root = str(tmp_path / "adapters")
     adapters = [
         write_adapter(root, "a8", cfg, 8, 16, seed=seed + 1),

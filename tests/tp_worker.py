@@ -38,7 +38,7 @@ def main() -> None:
     backend = make_backend(os.environ.get("QWEN_TEST_BACKEND", "torch"), pctx.device)
     lora_decode = os.environ.get("QWEN_TEST_LORA_DECODE", "")
     # the gate|up expand + activation and ln_1's shrink need the fused kernels
-    fused = True if lora_decode in ("gemm_act", "gemm_term", "gemm_norm", "gemm_attn") else None
+    fused = True if lora_decode in ("gemm_act", "gemm_term", "gemm_norm") else None
     model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, backend, progress=False, fused=fused)
     S = model.config.seq_length
     g = torch.Generator().manual_seed(0)
@@ -87,9 +87,8 @@ def main() -> None:
                         "gemm_term",
                         "gemm_norm",
                     )  # mlp.c_proj's h from gate|up
-                    term.term_first = lora_decode in ("gemm_term", "gemm_norm", "gemm_attn")  # the term as the GEMM's C
-                    term.norm_shrink = lora_decode in ("gemm_norm", "gemm_attn")  # c_attn's h from ln_1
-                    term.attn_shrink = lora_decode == "gemm_attn"  # attn.c_proj's h from the attention kernel
+                    term.term_first = lora_decode in ("gemm_term", "gemm_norm")  # the term as the GEMM's C
+                    term.norm_shrink = lora_decode == "gemm_norm"  # c_attn's h from ln_1
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]

@@ -242,15 +242,14 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     "mode,overlap,per_sm",
     [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)]
     + [("gemm", True, 2), ("gemm+lora_term_first", True, 2), ("gemm+lora_term_first+lora_norm_shrink", True, 2)]
-    + [("gemm+lora_norm_shrink", True, 2), ("gemm+lora_attn_shrink", True, 2)],
+    + [("gemm+lora_norm_shrink", True, 2)],
 )
 def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
     the shrink on the side stream (captured as a fork/join in the graph) or serial, or with another decode
     mode of LoraTerm ("side": the whole term on the side stream; "side_store": its expand writes the whole
     buffer, here with a finer K split; "gemm": the shrink inside the base matmul, then one expand; with
-    lora_term_first mlp.c_proj's GEMM adds its term; with lora_norm_shrink c_attn's h comes from ln_1, with
-    lora_attn_shrink attn.c_proj's from the paged decode attention)."""
+    lora_term_first mlp.c_proj's GEMM adds its term; with lora_norm_shrink c_attn's h comes from ln_1)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
@@ -459,35 +458,5 @@ def test_rms_norm_shrink_bf16():
     want_out, want_total = rms_norm(x, w, 1e-6, res)
     assert torch.equal(out, want_out) and torch.equal(total, want_total)
     h = torch.einsum("tn,trn->tr", out.float(), a[slots, 0].float())
-    torch.testing.assert_close(parts.sum(1), h, atol=1e-3, rtol=1e-3)
-    assert not parts[0].any()
-
-
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_paged_decode_shrink_bf16(num_splits):
-    """lora_attn_shrink's launch compiled, bf16, 7B heads (batch 33, 32 rank-16 adapters and a base row, PDL on): the
-    output equals paged decode's without the shrink bit for bit, and the partials sum over the heads to A[slot] · out
-    (fp32 reference), zero on the base row."""
-    from worker.kernels.paged_decode import DecodeWorkspace, paged_decode
-    from worker.kernels.triton_attention import Tiles
-
-    g = torch.Generator(device=CUDA).manual_seed(num_splits)
-    B, H, D, bs, S, R = 33, 32, 128, 16, 33, 16
-    blocks = 33 * 4 + 1
-    kc, vc = (torch.randn(blocks, bs, H, D, device=CUDA, generator=g).to(torch.bfloat16) for _ in range(2))
-    tables = torch.arange(1, blocks, device=CUDA, dtype=torch.int32).view(B, 4)
-    lens = torch.randint(1, 4 * bs, (B,), device=CUDA, generator=g, dtype=torch.int32)
-    q = torch.randn(B, H, D, device=CUDA, generator=g).to(torch.bfloat16)
-    a = (torch.randn(S, 1, R, H * D, device=CUDA, generator=g) * (H * D) ** -0.5).to(torch.bfloat16)
-    a[0].zero_()
-    slots = torch.tensor([0, *range(1, B)], device=CUDA)
-    parts = torch.empty(B, H, R, device=CUDA)
-    tiles, ws = Tiles(), DecodeWorkspace()
-    plain = paged_decode(q, kc, vc, tables, lens, 4 * bs, 0.088, tiles, num_splits, workspace=ws, pdl=True)
-    out = paged_decode(
-        q, kc, vc, tables, lens, 4 * bs, 0.088, tiles, num_splits, workspace=ws, pdl=True, shrink=(a, slots, parts)
-    )
-    assert torch.equal(out, plain)
-    h = torch.einsum("tn,trn->tr", out.reshape(B, -1).float(), a[slots, 0].float())
     torch.testing.assert_close(parts.sum(1), h, atol=1e-3, rtol=1e-3)
     assert not parts[0].any()

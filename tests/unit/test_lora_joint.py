@@ -260,39 +260,24 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
 
 
 @pytest.mark.parametrize(
-    "act_shrink,term_first,norm_shrink,attn_shrink",
-    [
-        (False, False, False, False),
-        (True, False, False, False),
-        (True, True, False, False),
-        (False, False, True, False),
-        (True, True, True, False),
-        (False, False, False, True),
-        (True, True, True, True),
-    ],
+    "act_shrink,term_first,norm_shrink",
+    [(False, False, False), (True, False, False), (True, True, False), (False, False, True), (True, True, True)],
 )
-def test_model_decode_in_gemm_mode_fuses_the_activation(
-    tmp_path, monkeypatch, act_shrink, term_first, norm_shrink, attn_shrink
-):
+def test_model_decode_in_gemm_mode_fuses_the_activation(tmp_path, monkeypatch, act_shrink, term_first, norm_shrink):
     """The tiny model (fused kernels, Triton interpreter) decoding with adapters in "gemm" mode: the MLP's
     gate|up runs the joint GEMM and one expand+activation launch per layer (no separate SiLU-mul), the other
     targets one expand each, and the logits equal the float64 reference with each adapter merged. act_shrink:
     mlp.c_proj's h from the gate|up launch, summed by its expand; norm_shrink: c_attn's h from ln_1's launch;
-    attn_shrink: attn.c_proj's h from the paged decode attention (the Triton backend, 2 splits); term_first: those
-    terms computed before their GEMMs (the term-only launch), which add them (addmm)."""
+    term_first: those terms computed before their GEMMs (the term-only launch), which add them (addmm)."""
     from lora_helpers import count_launches, interpreted_lora_decode
     from reference import ref_forward
-    from worker.kernels.triton_attention import Tiles
-    from worker.layers.attention_triton import TritonAttention
 
-    backend = TritonAttention(2, Tiles(prefill_m=16, prefill_n=16, decode_n=8), False) if attn_shrink else None
-    run = interpreted_lora_decode(tmp_path, seed=23, fused=True, lens=(4, 7, 3), which=(2, 0, 1), backend=backend)
+    run = interpreted_lora_decode(tmp_path, seed=23, fused=True, lens=(4, 7, 3), which=(2, 0, 1))
     for term in run.terms:
         term.decode = "gemm"
         term.act_shrink = act_shrink
         term.term_first = term_first
         term.norm_shrink = norm_shrink
-        term.attn_shrink = attn_shrink
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     launches = count_launches(monkeypatch)
     added: list[str] = []
@@ -301,49 +286,17 @@ def test_model_decode_in_gemm_mode_fuses_the_activation(
     out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
     layers = run.cfg["num_hidden_layers"]
     assert launches.count("_expand_rows_act_kernel") == layers and "_silu_mul_kernel" not in launches
-    # the targets whose h the joint GEMM computes: c_attn (unless norm_shrink), attn.c_proj (unless attn_shrink),
-    # mlp.c_proj (unless act_shrink); the others' expand sums partials
-    shrunk = act_shrink + norm_shrink + attn_shrink
-    assert launches.count("_expand_rows_kernel") == (3 - shrunk) * layers
-    assert launches.count("_expand_rows_partials_kernel") == shrunk * layers
+    # the targets whose h the joint GEMM computes: c_attn (unless norm_shrink), attn.c_proj, mlp.c_proj (unless
+    # act_shrink); the others' expand sums partials
+    assert launches.count("_expand_rows_kernel") == (3 - act_shrink - norm_shrink) * layers
+    assert launches.count("_expand_rows_partials_kernel") == (act_shrink + norm_shrink) * layers
     assert launches.count("_norm_shrink_kernel") == (layers if norm_shrink else 0)
     assert launches.count("_rms_norm_kernel") == (layers + 1 if norm_shrink else 2 * layers + 1)  # ln_2s, ln_f
-    assert added.count("RowParallelLinear") == (act_shrink + attn_shrink if term_first else 0) * layers  # term as C
+    assert added.count("RowParallelLinear") == (layers if term_first and act_shrink else 0)  # the term as C
     assert added.count("ColumnParallelLinear") == (layers if term_first and norm_shrink else 0)
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
         worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
-
-
-@pytest.mark.parametrize("num_splits,fused", [(1, True), (3, True), (3, False)])
-def test_paged_decode_shrink_writes_each_heads_partials(num_splits, fused):
-    """lora_attn_shrink's launch: paged decode with `shrink` returns the same output bit for bit (one split, the
-    fused merge, and the separate reduce kernel) and writes parts[b, h] = A[slot(b), :, head h's columns] · out[b, h]
-    (float64, out the launch's own output); a base row (slot 0, a zero pool slot) gets zeros, lanes past r_max too."""
-    from worker.kernels.paged_decode import paged_decode
-    from worker.kernels.triton_attention import Tiles
-
-    g = torch.Generator().manual_seed(num_splits + fused)
-    B, H, D, bs, S, r_max = 3, 2, 16, 8, 3, 5
-    kc, vc = (torch.randn(12, bs, H, D, generator=g) for _ in range(2))
-    tables = torch.tensor([[3, 7, 1, 0], [2, 5, 8, 11], [9, 4, 6, 10]], dtype=torch.int32)
-    lens = torch.tensor([5, 29, 13], dtype=torch.int32)
-    q = torch.randn(B, H, D, generator=g)
-    tiles = Tiles(decode_n=8, decode_fused_reduce=fused)
-    a = torch.randn(S, 1, r_max, H * D, generator=g)
-    a[0] = 0
-    slots = torch.tensor([1, 0, 2])
-    parts = torch.full((B, H, 8), float("nan"))
-    plain = paged_decode(q, kc, vc, tables, lens, 29, 0.25, tiles, num_splits)
-    out = paged_decode(q, kc, vc, tables, lens, 29, 0.25, tiles, num_splits, shrink=(a, slots, parts))
-    assert torch.equal(out, plain)
-    for b, s in enumerate(slots.tolist()):
-        for h in range(H):
-            want = a[s, 0, :, h * D : (h + 1) * D].double() @ out[b, h].double()
-            torch.testing.assert_close(parts[b, h, :r_max].double(), want, atol=1e-5, rtol=1e-5)
-    assert not parts[:, :, r_max:].any() and not parts[1].any()
-    with pytest.raises(ValueError, match="shrink"):
-        paged_decode(q, kc, vc, tables, lens, 29, 0.25, tiles, num_splits, shrink=(a, slots, parts[:, :, :4]))
 
 
 def _recording(fn, calls: list[str], name: str):

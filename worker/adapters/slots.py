@@ -131,7 +131,6 @@ class SlotPool:
                 act_shrink=opts.lora_act_shrink,
                 term_first=opts.lora_term_first,
                 norm_shrink=opts.lora_norm_shrink,
-                attn_shrink=opts.lora_attn_shrink,
             )
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes

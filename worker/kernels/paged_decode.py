@@ -56,13 +56,8 @@ def _decode_split_kernel(
     counter_ptr,
     k_scale_ptr,
     v_scale_ptr,
-    a_ptr,
-    slot_ptr,
-    part_ptr,
     scale_log2e,
     num_splits,
-    stride_as,
-    stride_ar,
     stride_qt,
     stride_qh,
     stride_cb,
@@ -81,9 +76,6 @@ def _decode_split_kernel(
     SCALED: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    SHRINK: tl.constexpr,
-    R_MAX: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,
 ):
     gdc_wait(PDL)  # everything below reads what earlier kernels wrote (q, the cache, the lengths)
@@ -150,10 +142,6 @@ def _decode_split_kernel(
     if DIRECT:  # a single split: l_i >= 1 unless the context is empty (padding), then the output is 0
         out = acc / tl.maximum(l_i, 1e-30)
         tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
-        if SHRINK:
-            o_row = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh
-            _shrink_head(o_row, d, a_ptr, slot_ptr, part_ptr, b, h, num_heads, stride_as, stride_ar, HEAD_DIM, R_MAX,
-                         BLOCK_R)  # fmt: skip
     else:
         part = (b * num_heads + h) * num_splits + split
         tl.store(m_ptr + part, m_i)
@@ -166,9 +154,6 @@ def _decode_split_kernel(
                 out = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh
                 merge_splits(m_ptr, l_ptr, acc_ptr, out, bh * num_splits, num_splits, HEAD_DIM, BLOCK_S, True)
                 tl.atomic_xchg(counter_ptr + bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                if SHRINK:
-                    _shrink_head(out, d, a_ptr, slot_ptr, part_ptr, b, h, num_heads, stride_as, stride_ar, HEAD_DIM,
-                                 R_MAX, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
@@ -177,19 +162,11 @@ def _decode_reduce_kernel(
     l_ptr,
     acc_ptr,
     out_ptr,
-    a_ptr,
-    slot_ptr,
-    part_ptr,
     num_splits,
-    stride_as,
-    stride_ar,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    SHRINK: tl.constexpr,
-    R_MAX: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,
 ):
     gdc_wait(PDL)
@@ -199,24 +176,6 @@ def _decode_reduce_kernel(
     part0 = (b * tl.num_programs(1) + h) * num_splits
     out = out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh
     merge_splits(m_ptr, l_ptr, acc_ptr, out, part0, num_splits, HEAD_DIM, BLOCK_S, False)
-    if SHRINK:
-        d = tl.arange(0, HEAD_DIM)
-        _shrink_head(out, d, a_ptr, slot_ptr, part_ptr, b, h, tl.num_programs(1), stride_as, stride_ar, HEAD_DIM,
-                     R_MAX, BLOCK_R)  # fmt: skip
-
-
-@triton.jit
-def _shrink_head(o_row, d, a_ptr, slot_ptr, part_ptr, b, h, num_heads, stride_as, stride_ar, HEAD_DIM: tl.constexpr,
-                 R_MAX: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
-    """The consumer's (attn.c_proj's) adapter h over this head's output columns, read back as stored (rounded):
-    part[b, h, r] = Σ_d A[slot(b), r, h·HEAD_DIM + d] · o[d] in fp32 (the consumer's expand sums the heads)."""
-    tl.debug_barrier()  # the output stored by all this program's threads before it is read back
-    o = tl.load(o_row + d).to(tl.float32)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + h * HEAD_DIM + d[None, :],
-                mask=(offs_r < R_MAX)[:, None], other=0.0)  # fmt: skip
-    tl.store(part_ptr + (b.to(tl.int64) * num_heads + h) * BLOCK_R + offs_r, tl.sum(a.to(tl.float32) * o[None, :], 1))
 
 
 @dataclass
@@ -248,7 +207,6 @@ def paged_decode(
     v_scale: Scale = None,
     workspace: DecodeWorkspace | None = None,
     pdl: bool = False,
-    shrink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's one new token over its whole cached context.
 
@@ -256,9 +214,6 @@ def paged_decode(
     int32 (0: a padding row, output 0); max_k: the longest context (picks num_splits when None);
     workspace: the fused reduction's counters (tiles.decode_fused_reduce; None: zeroed per call); pdl: both
     kernels launch with programmatic dependent launch where it is active (worker/kernels/pdl.py).
-    shrink: (A pool [slots, 1, r_max, heads·head_dim], slots [B], parts [B, heads, next_power_of_2(r_max)] fp32):
-    the launch that writes each (sequence, head)'s output also writes parts[b, h] = A[slot(b), :, head h's columns] ·
-    output (DecodeKernels.lora_attn_shrink: attn.c_proj's adapter h, whose expand sums the heads).
     Returns [B, heads, head_dim] in q's dtype.
     """
     B, H, D = q.shape
@@ -270,22 +225,6 @@ def paged_decode(
         sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = tiles.decode_splits(B, H, max_k, sm_count)
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    a_pool, slots, parts = shrink if shrink is not None else (out, out, out)
-    if shrink is not None:
-        br = triton.next_power_of_2(a_pool.shape[2])
-        if (
-            a_pool.dim() != 4
-            or a_pool.shape[1] != 1
-            or a_pool.shape[3] != H * D
-            or a_pool.stride(3) != 1
-            or slots.shape != (B,)
-            or parts.shape != (B, H, br)
-            or not parts.is_contiguous()
-        ):
-            raise ValueError(
-                f"paged_decode: shrink A pool {tuple(a_pool.shape)}, slots {tuple(slots.shape)}, parts "
-                f"{tuple(parts.shape)} for {B} rows of {H} heads x {D}"
-            )
     if B == 0:
         return out
     m_part = l_part = acc_part = counters = out  # fp32 partials of the splits (unused at 1 split)
@@ -310,13 +249,8 @@ def paged_decode(
         counters,
         ks,
         vs,
-        a_pool,
-        slots,
-        parts,
         scale * LOG2E,
         num_splits,
-        a_pool.stride(0),
-        a_pool.stride(2) if shrink is not None else 0,
         q.stride(0),
         q.stride(1),
         *k_cache.stride()[:3],
@@ -333,9 +267,6 @@ def paged_decode(
         SCALED=scaled,
         FUSED_REDUCE=fused,
         BLOCK_S=triton.next_power_of_2(num_splits),
-        SHRINK=shrink is not None,
-        R_MAX=a_pool.shape[2] if shrink is not None else 1,
-        BLOCK_R=parts.shape[2] if shrink is not None else 1,
         PDL=on,
         num_warps=tiles.decode_warps,
         **launch_options(on),
@@ -346,19 +277,11 @@ def paged_decode(
             l_part,
             acc_part,
             out,
-            a_pool,
-            slots,
-            parts,
             num_splits,
-            a_pool.stride(0),
-            a_pool.stride(2) if shrink is not None else 0,
             out.stride(0),
             out.stride(1),
             HEAD_DIM=D,
             BLOCK_S=triton.next_power_of_2(num_splits),
-            SHRINK=shrink is not None,
-            R_MAX=a_pool.shape[2] if shrink is not None else 1,
-            BLOCK_R=parts.shape[2] if shrink is not None else 1,
             PDL=on,
             num_warps=max(1, min(8, triton.next_power_of_2(num_splits) * D // 1024)),  # ~32 fp32 per thread
             **launch_options(on),

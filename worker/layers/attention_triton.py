@@ -128,38 +128,6 @@ class TritonAttention:
             self.pdl,
         )
 
-    def decode_shrink(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        ctx: ForwardContext,
-        scale: float,
-        shrink: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        k_scale: Scale = None,
-        v_scale: Scale = None,
-    ) -> torch.Tensor:
-        """`decode` whose launch also writes the consumer's adapter h per head into shrink's partials (paged_decode's
-        `shrink`: DecodeKernels.lora_attn_shrink)."""
-        assert ctx.block_tables is not None and not ctx.is_prefill
-        q = rows_contiguous(q)
-        return paged_decode(
-            q,
-            k_cache,
-            v_cache,
-            ctx.block_tables,
-            ctx.seqlen.input_lengths,
-            ctx.seqlen.max_k,
-            scale,
-            self.tiles,
-            self.num_splits,
-            k_scale,
-            v_scale,
-            self.workspace,
-            self.pdl,
-            shrink,
-        )
-
     def prefill(
         self,
         q: torch.Tensor,

@@ -62,10 +62,7 @@ class DecodeKernels:
     rows in c_attn's GEMM, which then is the base GEMM; the term is added from the partials after it, or (with
     lora_term_first) with the bias before it, as the GEMM's C. Served (with lora_term_first): P2 0.896-0.897 vs
     0.893-0.895 with lora_term_first alone (two H200s, tiles of 1,024 and 2,048 columns); alone it is slower
-    (0.878-0.879 vs 0.884). Tried and removed: the same for gate|up in ln_2 (0.881-0.886 vs 0.892).
-    lora_attn_shrink: in "gemm" mode, attn.c_proj's h comes from the paged decode attention (the program that writes a
-    head's output also writes that head's fp32 partials of h) instead of from A rows in attn.c_proj's GEMM; the
-    term is added as with lora_norm_shrink (from the partials after the GEMM, or before it as its C)."""
+    (0.878-0.879 vs 0.884). Tried and removed: the same for gate|up in ln_2 (0.881-0.886 vs 0.892)."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -75,7 +72,6 @@ class DecodeKernels:
     gptq_cuda: bool = False
     lora_term_first: bool = False
     lora_norm_shrink: bool = False
-    lora_attn_shrink: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -157,7 +157,6 @@ class LoraTerm:
     act_shrink: bool = False  # DecodeKernels.lora_act_shrink: a gate|up target's expand computes its consumer's h
     term_first: bool = False  # DecodeKernels.lora_term_first: apply_partials' term before the GEMM, as its C
     norm_shrink: bool = False  # DecodeKernels.lora_norm_shrink: c_attn's h from the norm before it (`shrink_pool`)
-    attn_shrink: bool = False  # DecodeKernels.lora_attn_shrink: attn.c_proj's h from the attention kernel
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -234,12 +233,10 @@ class LoraTerm:
             return base_plus(k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, bias=bias))
         return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
 
-    def shrink_pool(self, rows: int, data: AdapterBatchData | None, producer: str) -> torch.Tensor | None:
-        """The A pool [slots, 1, r_max, in] the producer of this term's input computes h with, at a decode step that
-        "gemm" serves with that producer's field on; else None. producer: "norm" (c_attn's, `rms_norm_shrink`,
-        norm_shrink) or "attn" (attn.c_proj's, the paged decode attention, attn_shrink)."""
-        wanted = {"norm": self.norm_shrink, "attn": self.attn_shrink}[producer]
-        on = wanted and self.decode == "gemm" and self.kernels is not None and self.a_pool.shape[1] == 1
+    def shrink_pool(self, rows: int, data: AdapterBatchData | None) -> torch.Tensor | None:
+        """The A pool [slots, 1, r_max, in] the producer of this term's input (the norm before c_attn) computes h
+        with (`rms_norm_shrink`), at a decode step that "gemm" serves with `norm_shrink` on; else None."""
+        on = self.norm_shrink and self.decode == "gemm" and self.kernels is not None and self.a_pool.shape[1] == 1
         if not on or data is None or data.row_slots is None or rows < JOINT_MIN_ROWS:
             return None
         return self.a_pool
@@ -304,7 +301,6 @@ class _LoraLinear(nn.Module):
         self.lora.act_shrink = opts.lora_act_shrink
         self.lora.term_first = opts.lora_term_first
         self.lora.norm_shrink = opts.lora_norm_shrink
-        self.lora.attn_shrink = opts.lora_attn_shrink
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)

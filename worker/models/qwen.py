@@ -107,7 +107,7 @@ class FlashQwenAttention(nn.Module):
     def shrink_pool(self, rows: int, ctx: ForwardContext) -> torch.Tensor | None:
         """c_attn's A pool where its adapter term takes h from the norm before it (LoraTerm.shrink_pool), else None."""
         term = getattr(self.c_attn, "lora", None)
-        return term.shrink_pool(rows, ctx.adapter_data, "norm") if term is not None else None
+        return term.shrink_pool(rows, ctx.adapter_data) if term is not None else None
 
     def forward(
         self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
@@ -127,23 +127,8 @@ class FlashQwenAttention(nn.Module):
             q, k = self.rotary(q, k, ctx.cos, ctx.sin, ctx.logn)
             if kv is not None and ctx.slots is not None:
                 self.backend.store(k, v, kv[0], kv[1], ctx.slots, **scales)
-        pool = self._attn_shrink_pool(T, ctx, k_cache)
-        if pool is not None and k_cache is not None and v_cache is not None:  # attn.c_proj's h from the attention
-            assert ctx.adapter_data is not None
-            parts = torch.empty(T, self.num_heads, 1 << (pool.shape[2] - 1).bit_length(), device=x.device)
-            shrink = (pool, ctx.adapter_data.row_slots, parts)
-            o = self.backend.decode_shrink(q, k_cache, v_cache, ctx, self.scale, shrink, **scales)  # type: ignore[attr-defined]
-            return self.c_proj.forward_partials(o.reshape(T, -1), ctx, parts)  # type: ignore[operator]
         o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
         return self.c_proj(o.reshape(T, self.num_heads * self.head_dim), ctx)
-
-    def _attn_shrink_pool(self, rows: int, ctx: ForwardContext, k_cache: torch.Tensor | None) -> torch.Tensor | None:
-        """attn.c_proj's A pool where its adapter term takes h from the paged decode attention (a decode step, a
-        backend with `decode_shrink`; LoraTerm.shrink_pool), else None."""
-        term = getattr(self.c_proj, "lora", None)
-        if term is None or ctx.is_prefill or k_cache is None or not hasattr(self.backend, "decode_shrink"):
-            return None
-        return term.shrink_pool(rows, ctx.adapter_data, "attn")
 
 
 class QwenMLP(nn.Module):
