@@ -20,6 +20,13 @@ GEMM alone: the A rows had made cuBLAS pick a slower split-K kernel there. Tried
 c_proj's base GEMM as fp32 split-K planes (a strided bmm with out_dtype) summed in that expand, to drop cuBLAS's
 reduce kernel: P2 0.882-0.886 vs 0.887-0.888 without (revert of 66d0eac).
 
+DecodeKernels.lora_term_first: that expand runs before c_proj's GEMM instead, as the term alone
+(`lora_term_rows_partials`, right after the launch that wrote the partials, so PDL overlaps it), and cuBLAS adds it as
+its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (`rms_norm_shrink`, the RMSNorm per
+tile of a row) writes c_attn's h as fp32 partials the same way, and c_attn's GEMM is the base one, its C the term plus
+the bias. Tried and removed (2026-11-30, H200): the same for gate|up inside ln_2 (P2 0.881-0.886 vs 0.892; revert
+of a391abb).
+
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
 `gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
 steps), so after the wait the program has one memory round trip (h and the base row, together) before its store;
