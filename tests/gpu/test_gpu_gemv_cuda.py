@@ -1,8 +1,8 @@
 """The CUDA Int4 GEMV (worker/kernels/gptq_gemv.cu via gemv_cuda.py; DecodeKernels.gptq_cuda) on the GPU: against the
 fp32 dequantize-then-matmul reference on awkward shapes (a partial column tile, chunks not a multiple of the
 splits, no groups, groups of 256, a row shard starting inside a group, asym zeros, a bias), deterministic and equal
-under CUDA graph replay, at 1 and 2 rows; and a GPTQ model decoding at batch 1 and 2 through it (every GPTQ
-linear) close to the Triton GEMV's logits."""
+under CUDA graph replay, at 1-8 rows; and a GPTQ model decoding at batch 1 and 3 through it (every GPTQ linear) close
+to the Triton GEMV's logits."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
 @pytest.mark.parametrize(
     "K,N,group,asym,bias,k_offset",
     [
@@ -93,7 +93,7 @@ def _decode(path: str, gptq_cuda: bool, batch: int) -> tuple[list[torch.Tensor],
     return logits, [bool(m._cuda_gemv) for m in model.modules() if isinstance(m, _GPTQ)]
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
 def test_a_gptq_model_decodes_through_the_cuda_gemv(tmp_path, batch):
     from gptq_helpers import gptq_checkpoint
 

@@ -1,5 +1,4 @@
-"""The CUDA Int4 GPTQ GEMV for decode steps of 1 or 2 rows (worker/kernels/gptq_gemv.cu; issue 16, P9), built on
-first use.
+"""The CUDA Int4 GPTQ GEMV for decode steps of 1-8 rows (worker/kernels/gptq_gemv.cu; issue 16, P9), built on first use.
 
 nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (no PyTorch headers, so no build against
 PyTorch's ABI) cached under $QWEN_WORKER_CACHE (default ~/.cache/qwen-worker) by the source's hash and the
@@ -29,11 +28,11 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_gemv.cu"
 CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols)
 MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums stay in 48 KB of shared memory
-MAX_ROWS = 2  # rows a launch serves (the kernel's instances: 1 and 2 rows; 4 and 8 measured slower than Triton)
+MAX_ROWS = 8  # rows a launch serves (the kernel's instances: 1, 2, 4 and 8 rows)
 
 
 def tile_rows(m: int) -> int:
-    """The kernel instance's rows for m rows (the next power of two)."""
+    """The kernel instance's rows for m rows: 1, 2, 4 or 8."""
     return 1 << (m - 1).bit_length()
 
 

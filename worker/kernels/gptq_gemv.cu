@@ -97,10 +97,9 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   }
   gdc_wait();
   const int len = (c1 - c0) * kChunk;
-#pragma unroll
-  for (int row = 0; row < MT; ++row) {
-    for (int j = threadIdx.x; j < len; j += kThreads)
-      xs[row * span + j] = row < m ? __bfloat162float(x[(size_t)row * K + c0 * kChunk + j]) : 0.f;
+  for (int i = threadIdx.x; i < MT * len; i += kThreads) {
+    const int row = i / len, j = i - row * len;
+    xs[row * span + j] = row < m ? __bfloat162float(x[(size_t)row * K + c0 * kChunk + j]) : 0.f;
   }
   __syncthreads();
   for (int cc = warp; cc < c1 - c0; cc += kWarps) {
@@ -157,15 +156,13 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
         }
       }
       const size_t g = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
-      float sx[MT];
-#pragma unroll
-      for (int row = 0; row < MT; ++row) sx[row] = xsum[row * chunks_per_split + c - c0];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float s = __bfloat162float(scales[g + j]);
         const float z = (kZeros ? __bfloat162float(zeros[g + j]) : zero) + 16.f;
 #pragma unroll
-        for (int row = 0; row < MT; ++row) acc[row][j] = fmaf(s, part[row][j] - z * sx[row], acc[row][j]);
+        for (int row = 0; row < MT; ++row)
+          acc[row][j] = fmaf(s, part[row][j] - z * xsum[row * chunks_per_split + c - c0], acc[row][j]);
       }
     }
   }
@@ -263,10 +260,12 @@ extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, con
                           const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                           int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m) {
   auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = cudaErrorInvalidValue;  // m outside 1..2
+  cudaError_t e = cudaErrorInvalidValue;  // m outside 1..8
   const int a[] = {N, K, k_offset, group_size, chunks_per_split, splits, pdl};
   if (m == 1) e = launch_rows<1>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
   else if (m == 2) e = launch_rows<2>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
+  else if (m >= 3 && m <= 4) e = launch_rows<4>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
+  else if (m >= 5 && m <= 8) e = launch_rows<8>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
   return static_cast<int>(e);
 }
 

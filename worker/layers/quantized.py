@@ -34,7 +34,7 @@ from worker.weights import WeightError, Weights, shard_range
 log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
-CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py
+CUDA_GEMV_MAX_M = 8  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py
 
 
 @functools.cache
@@ -67,7 +67,7 @@ class _GPTQ:
     k_offset: int = 0
     perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
-    _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves decode steps of <= 2 rows (None: not decided)
+    _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves decode steps of <= 8 rows (None: not decided)
     decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
