@@ -69,13 +69,12 @@ __device__ __forceinline__ void word_dot(uint32_t w, const float* xv, float& acc
   acc = fmaf(xv[7], biased<7>(w, mask), acc);
 }
 
-template <int MT, bool kZeros, bool kBias>
+template <bool kZeros, bool kBias>
 __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, uint32_t mask, int m) {
-  constexpr bool kPrefetch = MT == 1;  // the next chunk's loads in flight (more rows: their sums take the registers)
+    int k_offset, int group_size, int chunks_per_split, int splits, uint32_t mask) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = blockIdx.x * kCols + lane * 4;
@@ -84,117 +83,85 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   const int total_chunks = K / kChunk;
   const int c0 = blockIdx.y * chunks_per_split;
   const int c1 = min(c0 + chunks_per_split, total_chunks);
-  const int span = chunks_per_split * kChunk;
-  float* xs = smem;                                  // [MT][span] x of the block's rows (rows >= m: zero)
-  float* xsum = smem + MT * span;                    // [MT][chunks_per_split] sum of x per chunk
-  float* red = xsum + MT * chunks_per_split;         // [MT][kWarps][kCols] the warps' sums
+  float* xs = smem;                                  // [chunks_per_split * 128] x of the block's rows
+  float* xsum = smem + chunks_per_split * kChunk;    // [chunks_per_split] sum of x per chunk
+  float* red = xsum + chunks_per_split;              // [kWarps][kCols] the warps' sums
 
   uint4 w[kWordRows];
   int c = c0 + warp;
-  if (kPrefetch && c < c1 && live) {
+  if (c < c1 && live) {
 #pragma unroll
     for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(c * kWordRows + r) * n4 + (n >> 2));
   }
   gdc_wait();
-  const int len = (c1 - c0) * kChunk;
-  for (int i = threadIdx.x; i < MT * len; i += kThreads) {
-    const int row = i / len, j = i - row * len;
-    xs[row * span + j] = row < m ? __bfloat162float(x[(size_t)row * K + c0 * kChunk + j]) : 0.f;
-  }
+  for (int i = threadIdx.x; i < (c1 - c0) * kChunk; i += kThreads) xs[i] = __bfloat162float(x[c0 * kChunk + i]);
   __syncthreads();
   for (int cc = warp; cc < c1 - c0; cc += kWarps) {
+    const float* xc = xs + cc * kChunk + lane * 4;
+    float s = (xc[0] + xc[1]) + (xc[2] + xc[3]);
 #pragma unroll
-    for (int row = 0; row < MT; ++row) {
-      const float* xc = xs + row * span + cc * kChunk + lane * 4;
-      float s = (xc[0] + xc[1]) + (xc[2] + xc[3]);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) xsum[row * chunks_per_split + cc] = s;
-    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) xsum[cc] = s;
   }
   __syncthreads();
   gdc_go();
 
-  float acc[MT][4];
-#pragma unroll
-  for (int row = 0; row < MT; ++row)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[row][j] = 0.f;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (; c < c1; c += kWarps) {
     uint4 cur[kWordRows];
-    if (kPrefetch) {
 #pragma unroll
-      for (int r = 0; r < kWordRows; ++r) cur[r] = w[r];
-      const int cn = c + kWarps;
-      if (cn < c1 && live) {
+    for (int r = 0; r < kWordRows; ++r) cur[r] = w[r];
+    const int cn = c + kWarps;
+    if (cn < c1 && live) {
 #pragma unroll
-        for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(cn * kWordRows + r) * n4 + (n >> 2));
-      }
-    } else if (live) {
-#pragma unroll
-      for (int r = 0; r < kWordRows; ++r) cur[r] = load_words(qw + (size_t)(c * kWordRows + r) * n4 + (n >> 2));
+      for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(cn * kWordRows + r) * n4 + (n >> 2));
     }
     if (live) {
-      float part[MT][4];
-#pragma unroll
-      for (int row = 0; row < MT; ++row)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) part[row][j] = 0.f;
-      const int off = (c - c0) * kChunk;
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
+      const float* xc = xs + (c - c0) * kChunk;
 #pragma unroll
       for (int r = 0; r < kWordRows; ++r) {
-#pragma unroll
-        for (int row = 0; row < MT; ++row) {
-          const float* xc = xs + row * span + off + r * 8;
-          const float4 xa = *reinterpret_cast<const float4*>(xc);
-          const float4 xb = *reinterpret_cast<const float4*>(xc + 4);
-          const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-          word_dot(cur[r].x, xv, part[row][0], mask);
-          word_dot(cur[r].y, xv, part[row][1], mask);
-          word_dot(cur[r].z, xv, part[row][2], mask);
-          word_dot(cur[r].w, xv, part[row][3], mask);
-        }
+        const float4 xa = *reinterpret_cast<const float4*>(xc + r * 8);
+        const float4 xb = *reinterpret_cast<const float4*>(xc + r * 8 + 4);
+        const float xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        word_dot(cur[r].x, xv, part[0], mask);
+        word_dot(cur[r].y, xv, part[1], mask);
+        word_dot(cur[r].z, xv, part[2], mask);
+        word_dot(cur[r].w, xv, part[3], mask);
       }
       const size_t g = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
+      const float sx = xsum[c - c0];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float s = __bfloat162float(scales[g + j]);
         const float z = (kZeros ? __bfloat162float(zeros[g + j]) : zero) + 16.f;
-#pragma unroll
-        for (int row = 0; row < MT; ++row)
-          acc[row][j] = fmaf(s, part[row][j] - z * xsum[row * chunks_per_split + c - c0], acc[row][j]);
+        acc[j] = fmaf(s, part[j] - z * sx, acc[j]);
       }
     }
   }
 
 #pragma unroll
-  for (int row = 0; row < MT; ++row)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) red[(row * kWarps + warp) * kCols + lane * 4 + j] = acc[row][j];
+  for (int j = 0; j < 4; ++j) red[warp * kCols + lane * 4 + j] = acc[j];
   __syncthreads();
   if (splits == 1) {
     if (warp == 0 && live) {
-      for (int row = 0; row < m; ++row) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          float t = red[row * kWarps * kCols + lane * 4 + j];
-          for (int v = 1; v < kWarps; ++v) t += red[(row * kWarps + v) * kCols + lane * 4 + j];
-          if (kBias) t += __bfloat162float(bias[n + j]);
-          y[(size_t)row * N + n + j] = __float2bfloat16_rn(t);
-        }
+      for (int j = 0; j < 4; ++j) {
+        float t = red[lane * 4 + j];
+        for (int v = 1; v < kWarps; ++v) t += red[v * kCols + lane * 4 + j];
+        if (kBias) t += __bfloat162float(bias[n + j]);
+        y[n + j] = __float2bfloat16_rn(t);
       }
     }
     return;
   }
   __shared__ int last;
   if (warp == 0 && live) {
-    for (int row = 0; row < m; ++row) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float t = red[row * kWarps * kCols + lane * 4 + j];
-        for (int v = 1; v < kWarps; ++v) t += red[(row * kWarps + v) * kCols + lane * 4 + j];
-        partial[((size_t)blockIdx.y * m + row) * N + n + j] = t;
-      }
+    for (int j = 0; j < 4; ++j) {
+      float t = red[lane * 4 + j];
+      for (int v = 1; v < kWarps; ++v) t += red[v * kCols + lane * 4 + j];
+      partial[(size_t)blockIdx.y * N + n + j] = t;
     }
   }
   __threadfence();
@@ -204,68 +171,56 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   if (!last) return;
   __threadfence();
   if (warp == 0 && live) {
-    for (int row = 0; row < m; ++row) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float t = 0.f;
-        for (int s = 0; s < splits; ++s) t += __ldcg(partial + ((size_t)s * m + row) * N + n + j);
-        if (kBias) t += __bfloat162float(bias[n + j]);
-        y[(size_t)row * N + n + j] = __float2bfloat16_rn(t);
-      }
+    for (int j = 0; j < 4; ++j) {
+      float t = 0.f;
+      for (int s = 0; s < splits; ++s) t += __ldcg(partial + (size_t)s * N + n + j);
+      if (kBias) t += __bfloat162float(bias[n + j]);
+      y[n + j] = __float2bfloat16_rn(t);
     }
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <int MT, bool kZeros, bool kBias>
+template <bool kZeros, bool kBias>
 cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                    void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
-                   int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
+                   int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kCols - 1) / kCols, splits);
   config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = MT * (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float);
+  config.dynamicSmemBytes = (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float);
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq4_gemv_kernel<MT, kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.plan's max_chunks
+  auto kernel = gptq4_gemv_kernel<kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
   return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u, m);
-}
-
-template <int MT>
-cudaError_t launch_rows(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
-                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t s, int m) {
-  if (zeros != nullptr) {
-    return bias != nullptr ? launch<MT, true, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                    k_offset, group_size, chunks_per_split, splits, pdl, s, m)
-                           : launch<MT, true, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                     k_offset, group_size, chunks_per_split, splits, pdl, s, m);
-  }
-  return bias != nullptr ? launch<MT, false, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                   k_offset, group_size, chunks_per_split, splits, pdl, s, m)
-                         : launch<MT, false, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K,
-                                                    k_offset, group_size, chunks_per_split, splits, pdl, s, m);
+                            N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u);
 }
 
 }  // namespace
 
 extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                           const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                          int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m) {
+                          int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t e = cudaErrorInvalidValue;  // m outside 1..8
-  const int a[] = {N, K, k_offset, group_size, chunks_per_split, splits, pdl};
-  if (m == 1) e = launch_rows<1>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
-  else if (m == 2) e = launch_rows<2>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
-  else if (m >= 3 && m <= 4) e = launch_rows<4>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
-  else if (m >= 5 && m <= 8) e = launch_rows<8>(x, qw, scales, zeros, zero, bias, y, partial, counters, a[0], a[1], a[2], a[3], a[4], a[5], a[6], s, m);
+  cudaError_t e;
+  if (zeros != nullptr) {
+    e = bias != nullptr ? launch<true, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                             group_size, chunks_per_split, splits, pdl, s)
+                        : launch<true, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                              group_size, chunks_per_split, splits, pdl, s);
+  } else {
+    e = bias != nullptr ? launch<false, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                              group_size, chunks_per_split, splits, pdl, s)
+                        : launch<false, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
+                                               group_size, chunks_per_split, splits, pdl, s);
+  }
   return static_cast<int>(e);
 }
 
