@@ -20,6 +20,9 @@
 // mma.m16n8k16 B fragments as loaded (one mask-and-or gives the bf16 pair (128 + q_i, 128 + q_(i+4)); x's k order
 // permuted to match; ~1.1 instructions a value against ~3.8 here), 2 or 4 chunks in flight per warp: slower on every
 // 7B/14B/72B shape (c_attn 17.6 vs 13.5 us, 72B w2|w1 89.8 vs 66.0 us). It is in git history (55c67c8, 40ee63a).
+// Also tried and removed (2026-11-30): this kernel for 1-8 rows (a row count template, per-row x, sums and
+// partials): 2 rows beat the Triton GEMV (7B Int4 step 3.76 vs 4.81 ms), 4 and 8 rows lost (5.59 vs 5.15, 10.06
+// vs 5.83 ms), and the generalized one-row instance cost the batch-1 step 0.09 ms (ee1b547, 8a30074).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
