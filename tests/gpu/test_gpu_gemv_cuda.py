@@ -1,8 +1,8 @@
 """The CUDA Int4 GEMV (worker/kernels/gptq_gemv.cu via gemv_cuda.py; DecodeKernels.gptq_cuda) on the GPU: against the
 fp32 dequantize-then-matmul reference on awkward shapes (a partial column tile, chunks not a multiple of the
 splits, no groups, groups of 256, a row shard starting inside a group, asym zeros, a bias), deterministic and equal
-under CUDA graph replay; and a GPTQ model decoding at batch 1 through it (every GPTQ linear) close to the Triton
-GEMV's logits."""
+under CUDA graph replay, at 1 and 2 rows; and a GPTQ model decoding at batch 1 and 2 through it (every GPTQ
+linear) close to the Triton GEMV's logits."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize(
     "K,N,group,asym,bias,k_offset",
     [
@@ -27,7 +28,7 @@ CUDA = torch.device("cuda", 0)
         (11008, 4096, 128, False, True, 0),  # 7B mlp.c_proj: split K, the last split shorter
     ],
 )
-def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset):
+def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     from worker.kernels.gemv import gemv_weights
     from worker.kernels.gemv_cuda import cuda_gemv, library, plan, supports
     from worker.kernels.gptq_reference import gptq_matmul_reference
@@ -48,7 +49,7 @@ def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset):
     w = gemv_weights(qweight, qzeros, scales, 4, 1, group, k_offset)
     assert supports(w, torch.bfloat16) is None and (w.zeros is not None) == asym
     b = (torch.randn(N, device=CUDA, generator=g) * 0.1).to(torch.bfloat16) if bias else None
-    x = torch.randn(1, K, device=CUDA, generator=g).to(torch.bfloat16)
+    x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
     ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, 1)
     ref = ref if b is None else ref + b.float()
     y = cuda_gemv(x, w, b, pdl=True)
@@ -64,10 +65,10 @@ def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset):
     assert torch.equal(yg, y)
     assert not w.counters.any()  # the split-K counters are reset for the next launch
     if K == 11008:
-        assert plan(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count)[1] > 1
+        assert plan(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, M)[1] > 1
 
 
-def _decode(path: str, gptq_cuda: bool) -> tuple[list[torch.Tensor], list[bool]]:
+def _decode(path: str, gptq_cuda: bool, batch: int) -> tuple[list[torch.Tensor], list[bool]]:
     from worker.layers.attention_triton import TritonAttention
     from worker.layers.decode_kernels import DecodeKernels, where_applies
     from worker.layers.quantized import _GPTQ
@@ -78,25 +79,28 @@ def _decode(path: str, gptq_cuda: bool) -> tuple[list[torch.Tensor], list[bool]]
         path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(), progress=False, decode_kernels=kernels
     )
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 512, (15,), generator=g).tolist()  # the same tokens for both runs (no argmax)
-    seq = tokens[:11]
-    p = Paged(model, num_blocks=16)
-    p.step([0], [seq], [0], [1.0], True)
+    ids = list(range(batch))
+    tokens = [torch.randint(0, 512, (15,), generator=g).tolist() for _ in ids]  # the same for both runs (no argmax)
+    seqs = [t[:11] for t in tokens]
+    p = Paged(model, num_blocks=16 * batch)
+    p.step(ids, seqs, [0] * batch, [1.0] * batch, True)
     logits = []
-    for t in tokens[11:]:
-        seq.append(t)
-        out = p.step([0], [seq], [len(seq) - 1], [1.0], False)
-        logits.append(out[0][-1].float().cpu())
+    for i in range(11, 15):
+        for seq, t in zip(seqs, tokens):
+            seq.append(t[i])
+        out = p.step(ids, seqs, [len(s) - 1 for s in seqs], [1.0] * batch, False)
+        logits += [o[-1].float().cpu() for o in out]
     return logits, [bool(m._cuda_gemv) for m in model.modules() if isinstance(m, _GPTQ)]
 
 
-def test_a_gptq_model_decodes_through_the_cuda_gemv(tmp_path):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_gptq_model_decodes_through_the_cuda_gemv(tmp_path, batch):
     from gptq_helpers import gptq_checkpoint
 
     state = random_checkpoint(GPU_TINY, seed=9)
     path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, 4, 128, False, True)  # asym, act order
-    triton, used_t = _decode(path, False)
-    cuda, used_c = _decode(path, True)
+    triton, used_t = _decode(path, False, batch)
+    cuda, used_c = _decode(path, True, batch)
     assert used_c and all(used_c) and not any(used_t)
     for a, b in zip(triton, cuda):  # the same function; the GEMVs sum in other orders (bf16 outputs per layer)
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item(), (a - b).abs().max()

@@ -34,13 +34,15 @@ def test_supports_names_what_it_lacks():
     assert "groups of a multiple of 128" in gemv_cuda.supports(_weights(4096, 128, group=64), bf16)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (65536, 24576)])
-def test_plan_covers_every_chunk_once(N, K):
-    per, splits = gemv_cuda.plan(N, K, 132)
+def test_plan_covers_every_chunk_once(N, K, rows):
+    per, splits = gemv_cuda.plan(N, K, 132, rows)
     chunks = K // 128
+    mt = rows  # the kernel's rows
     assert per * (splits - 1) < chunks <= per * splits  # no empty split, none missing
-    assert per <= gemv_cuda.MAX_CHUNKS and (per * 129 + 4 * 128) * 4 <= 48 * 1024  # the kernel's shared memory
-    if per < gemv_cuda.MAX_CHUNKS:
+    assert per <= gemv_cuda.MAX_CHUNKS and mt * (per * 129 + 4 * 128) * 4 <= 48 * 1024  # the kernel's shared memory
+    if per < gemv_cuda.max_chunks(rows):
         assert splits <= -(-chunks // 4)  # at most one split per 4 chunks (a block's 4 warps share a split)
         assert -(-N // 128) * splits <= 3 * 132 or splits == 1  # one wave at 3 blocks per SM
 
@@ -106,9 +108,9 @@ def test_the_layer_keeps_the_triton_gemv_with_one_warning_when_the_kernel_cannot
     assert _layer()._cuda_gemv_serves(torch.bfloat16) is True
 
 
-def test_one_row_steps_take_the_cuda_gemv_and_others_the_triton_one(monkeypatch):
-    """Routing in the layer: gptq_cuda and one row -> cuda_gemv (with the layer's PDL choice); more rows, or the flag
-    off -> the Triton GEMV."""
+def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monkeypatch):
+    """Routing in the layer: gptq_cuda and 1-2 rows -> cuda_gemv (with the layer's PDL choice); 3-8 rows or the flag
+    off -> the Triton GEMV; more rows -> neither (the tiled GEMM)."""
     from worker.kernels import gemv as triton_gemv
     from worker.layers.decode_kernels import DecodeKernels
 
@@ -119,8 +121,10 @@ def test_one_row_steps_take_the_cuda_gemv_and_others_the_triton_one(monkeypatch)
     monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0], pdl)) or x)
     layer = _layer()
     layer.set_decode_kernels(DecodeKernels(pdl=True, gptq_cuda=True))
-    for rows in (1, 3):
+    monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0], False)) or x)
+    for rows in (1, 2, 3, 8, 9):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
     layer.set_decode_kernels(DecodeKernels(pdl=False))
     layer._mm(torch.zeros(1, 256, dtype=torch.bfloat16), None)
-    assert calls == [("cuda", 1, True), ("triton", 3, True), ("triton", 1, False)]
+    want = [("cuda", 1, True), ("cuda", 2, True), ("triton", 3, True), ("triton", 8, True), ("gemm", 9, False)]
+    assert calls == [*want, ("triton", 1, False)]

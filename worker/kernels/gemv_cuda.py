@@ -1,4 +1,5 @@
-"""The CUDA Int4 GPTQ GEMV for one decode row (worker/kernels/gptq_gemv.cu; issue 16, P9), built on first use.
+"""The CUDA Int4 GPTQ GEMV for decode steps of 1 or 2 rows (worker/kernels/gptq_gemv.cu; issue 16, P9), built on
+first use.
 
 nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (no PyTorch headers, so no build against
 PyTorch's ABI) cached under $QWEN_WORKER_CACHE (default ~/.cache/qwen-worker) by the source's hash and the
@@ -27,7 +28,13 @@ log = logging.getLogger("worker")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_gemv.cu")
 CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols)
-MAX_CHUNKS = 88  # chunks per split: x's rows, their sums and the warps' sums stay in 48 KB of shared memory
+MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums stay in 48 KB of shared memory
+MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
+
+
+def max_chunks(rows: int) -> int:
+    """Chunks per split whose shared memory (rows x (chunks x 129 + 512) floats, the kernels' layout) fits 48 KB."""
+    return min(MAX_CHUNKS, (12288 // rows - 512) // (CHUNK + 1))
 
 
 def _nvcc() -> str | None:
@@ -62,13 +69,15 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
+    lib.gptq4_gemv_rows.restype = ctypes.c_int
+    lib.gptq4_gemv_rows.argtypes = [*lib.gptq4_gemv.argtypes, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
 
 
 def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
-    """None when the kernel serves this linear for one bf16 row; else what it lacks."""
+    """None when the kernels serve this linear for bf16 rows (1 to MAX_ROWS); else what it lacks."""
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
     if w.bits != 4 or dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
         return f"it serves Int4 with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
@@ -79,12 +88,12 @@ def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
     return None
 
 
-def plan(n: int, k: int, sms: int) -> tuple[int, int]:
+def plan(n: int, k: int, sms: int, rows: int = 1) -> tuple[int, int]:
     """(chunks per split, splits): ~3 blocks per SM over the column tiles (the kernel uses ~165 registers), each of a
-    block's 4 warps a chunk or more, at most MAX_CHUNKS a split."""
+    block's 4 warps a chunk or more, at most max_chunks(rows) a split."""
     tiles, chunks = -(-n // COLS), k // CHUNK
     splits = max(1, min(-(-chunks // 4), (3 * sms) // tiles))
-    per = min(-(-chunks // splits), MAX_CHUNKS)
+    per = min(-(-chunks // splits), max_chunks(rows))
     return per, -(-chunks // per)
 
 
@@ -94,25 +103,27 @@ def _sms(index: int) -> int:
 
 
 def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """y [1, N] = x [1, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), x's columns in the weight's row
-    order; the caller checked `supports` and that `library` built."""
+    """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS), x's columns in the
+    weight's row order; the caller checked `supports` and that `library` built."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
-    if x.shape != (1, K):
-        raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for one row of {K}")
+    M = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != K or not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for 1 to {MAX_ROWS} rows of {K}")
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
-    per, splits = plan(N, K, _sms(x.device.index or 0))
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    part = torch.empty(splits, N, dtype=torch.float32, device=x.device) if splits > 1 else y
+    per, splits = plan(N, K, _sms(x.device.index or 0), M)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    code = lib.gptq4_gemv(
+    args = (
         x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
+    code = lib.gptq4_gemv(*args) if M == 1 else lib.gptq4_gemv_rows(*args, M)
     if code:
         raise RuntimeError(f"gptq4_gemv: {lib.gptq4_gemv_error(code).decode()}")
     return y

@@ -47,8 +47,9 @@ class DecodeKernels:
     base GEMM alone (worker/kernels/lora_rows.py). Served: P2 +0.003-0.006 in each of 10 same-process pairs on two
     H200s (e.g. 7.49 vs 7.53 ms, 7.44 vs 7.47 ms at batch 32, 32 adapters; scripts/bench_lora.py --modes
     gemm+lora_act_shrink,gemm).
-    gptq_cuda: Int4 GPTQ linears at one-row decode steps take the CUDA GEMV (worker/kernels/gemv_cuda.py, built with
-    nvcc on first use) instead of the Triton one, where it serves the layout and builds (else one warning says why).
+    gptq_cuda: Int4 GPTQ linears at decode steps of 1 or 2 rows take the CUDA GEMV (worker/kernels/gemv_cuda.py,
+    built with nvcc on first use) instead of the Triton one, where it serves the layout and builds (else one warning
+    says why). Batch 2: 3.76 vs 4.81 ms a 7B Int4 step (H200).
     Served: the 7B Int4 batch-1 step 2.658 / 2.657 ms vs 2.880 / 2.865 with the Triton GEMV (two paired runs on an
     H200, scripts/bench_quant.py); deterministic, so graph == eager bit for bit.
     lora_term_first: with lora_act_shrink, mlp.c_proj's term (h from the gate|up launch's partials, times B) is

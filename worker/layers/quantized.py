@@ -34,6 +34,7 @@ from worker.weights import WeightError, Weights, shard_range
 log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
+CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py
 
 
 @functools.cache
@@ -66,7 +67,7 @@ class _GPTQ:
     k_offset: int = 0
     perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
-    _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves one-row steps (None: not decided yet)
+    _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves decode steps of <= 2 rows (None: not decided)
     decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
@@ -159,7 +160,7 @@ class _GPTQ:
             self._cuda_gemv_serves(self.scales.dtype)
 
     def _cuda_gemv_serves(self, dtype: torch.dtype) -> bool:
-        """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's one-row
+        """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's decode
         steps; decided once per load (the first decision builds the library), at load or when the choices arrive."""
         if self._cuda_gemv is None:
             from worker.kernels.gemv_cuda import library, supports
@@ -168,7 +169,7 @@ class _GPTQ:
             lib = library(*torch.cuda.get_device_capability(self.qweight.device))
             why = lib if isinstance(lib, str) else supports(self.gemv, dtype)
             if why:
-                _warn_once(f"--decode-kernels gptq_cuda: the Triton GEMV serves one-row steps where {why}")
+                _warn_once(f"--decode-kernels gptq_cuda: the Triton GEMV serves decode steps where {why}")
             self._cuda_gemv = not why
         return self._cuda_gemv
 
@@ -177,7 +178,7 @@ class _GPTQ:
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         if self.gemv is not None and x.shape[0] <= GEMV_MAX_M:
-            if x.shape[0] == 1 and self.decode_kernels.gptq_cuda and self._cuda_gemv_serves(x.dtype):
+            if x.shape[0] <= CUDA_GEMV_MAX_M and self.decode_kernels.gptq_cuda and self._cuda_gemv_serves(x.dtype):
                 from worker.kernels.gemv_cuda import cuda_gemv
 
                 return cuda_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)
