@@ -1,4 +1,5 @@
-// Int4 GPTQ GEMV for one decode row (issue 16, P9): y[N] = x[K] . dequant(qweight) (+ bias), bf16 in and out,
+// Int4 GPTQ GEMV for one decode row (issue 16, P9; two rows: gptq4_gemv_rows at the end of the file):
+// y[N] = x[K] . dequant(qweight) (+ bias), bf16 in and out,
 // fp32 accumulation. Built by worker/kernels/gemv_cuda.py with nvcc into a small shared library (no PyTorch
 // headers) and called through ctypes with raw pointers on PyTorch's current stream; the Triton GEMV
 // (worker/kernels/gemv.py) stays the path wherever this one does not apply or cannot be built.
@@ -20,9 +21,8 @@
 // mma.m16n8k16 B fragments as loaded (one mask-and-or gives the bf16 pair (128 + q_i, 128 + q_(i+4)); x's k order
 // permuted to match; ~1.1 instructions a value against ~3.8 here), 2 or 4 chunks in flight per warp: slower on every
 // 7B/14B/72B shape (c_attn 17.6 vs 13.5 us, 72B w2|w1 89.8 vs 66.0 us). It is in git history (55c67c8, 40ee63a).
-// Also tried and removed (2026-11-30): this kernel for 1-8 rows (a row count template, per-row x, sums and
-// partials): 2 rows beat the Triton GEMV (7B Int4 step 3.76 vs 4.81 ms), 4 and 8 rows lost (5.59 vs 5.15, 10.06
-// vs 5.83 ms), and the generalized one-row instance cost the batch-1 step 0.09 ms (ee1b547, 8a30074).
+// Also tried and removed (2026-11-30): this kernel with a row-count template for 1-8 rows (ee1b547, 8a30074); its
+// one-row instance cost the batch-1 step 0.09 ms. Two rows now have their own kernel (gptq4_gemv_rows, below).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
