@@ -445,7 +445,7 @@ def test_rms_norm_shrink_bf16():
     (out, s) equal fused.rms_norm's bit for bit, the partials sum to A[slot] · out (fp32 reference), zero on the
     base row."""
     from worker.kernels.fused import rms_norm
-    from worker.kernels.lora_rows import rms_norm_shrink
+    from worker.kernels.lora_norm import rms_norm_shrink
 
     g = torch.Generator(device=CUDA).manual_seed(4096)
     S, R, T, H = 33, 16, 33, 4096

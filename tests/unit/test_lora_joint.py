@@ -314,7 +314,7 @@ def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, resid
     (slot 0, a zero pool slot) get zero partials. Awkward sizes: H not a multiple of the tile, r_max not a power
     of two; without a residual s is x itself."""
     from worker.kernels.fused import rms_norm
-    from worker.kernels.lora_rows import rms_norm_shrink
+    from worker.kernels.lora_norm import rms_norm_shrink
 
     g = torch.Generator().manual_seed(H + r_max)
     S, T = 3, 5

@@ -31,13 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.kernels.lora_norm import rms_norm_shrink
 from worker.kernels.lora_reference import add_lora_reference
 from worker.kernels.lora_rows import (
     lora_expand_rows,
     lora_expand_rows_partials,
     lora_expand_rows_silu_mul,
     lora_term_rows_partials,
-    rms_norm_shrink,
 )
 
 

@@ -22,10 +22,10 @@ reduce kernel: P2 0.882-0.886 vs 0.887-0.888 without (revert of 66d0eac).
 
 DecodeKernels.lora_term_first: that expand runs before c_proj's GEMM instead, as the term alone
 (`lora_term_rows_partials`, right after the launch that wrote the partials, so PDL overlaps it), and cuBLAS adds it as
-its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (`rms_norm_shrink`, the RMSNorm per
-tile of a row) writes c_attn's h as fp32 partials the same way, and c_attn's GEMM is the base one, its C the term plus
-the bias. Tried and removed (2026-11-30, H200): the same for gate|up inside ln_2 (P2 0.881-0.886 vs 0.892; revert
-of a391abb).
+its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (worker/kernels/lora_norm.py, the
+RMSNorm per tile of a row) writes c_attn's h as fp32 partials the same way, and c_attn's GEMM is the base one, its C
+the term plus the bias. Tried and removed (2026-11-30, H200): the same for gate|up inside ln_2 (P2 0.881-0.886 vs
+0.892; revert of a391abb), and attn.c_proj's h from the paged decode attention (0.892-0.894 vs 0.907; 9d56398).
 
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
 `gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
@@ -157,43 +157,6 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, par
         y0 = tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty)
     y = _add_term(y0, b, tl.sum(parts, axis=0).to(y0.dtype))
     tl.store(y_ptr + t * stride_y + offs_n, y, mask=mask_n)
-
-@triton.jit
-def _norm_shrink_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, a_ptr, slots_ptr, part_ptr, eps, inv_n, n_cols,
-                        stride_x, stride_res, stride_out, stride_sum, stride_as, stride_ar, stride_pt,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
-                        BLOCK_R: tl.constexpr, PDL: tl.constexpr):
-    """fused.rms_norm's (RMSNorm(s), s = x + residual) for BLOCK_N columns of a row, and this tile's share of the
-    consumer's h, Σ_n out[n] · A[slot, r, n] in fp32 over the stored (rounded) values, into part_ptr[t, tile, r].
-    Each program sums the squares of the whole row (as fused.rms_norm does), then writes its own columns."""
-    t = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_cols
-    offs_r = tl.arange(0, BLOCK_R)
-    a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_n[None, :],
-                mask=(offs_r < R_MAX)[:, None] & mask_n[None, :], other=0.0)  # pool data: before the wait
-    w = tl.load(w_ptr + offs_n, mask=mask_n, other=0.0)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0)
-    xt = tl.load(x_ptr + t * stride_x + offs_n, mask=mask_n, other=0.0)
-    if HAS_RESIDUAL:  # s = x + residual, rounded to the model dtype
-        r = tl.load(res_ptr + t * stride_res + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        rt = tl.load(res_ptr + t * stride_res + offs_n, mask=mask_n, other=0.0)
-        xt = (xt.to(tl.float32) + rt.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(sum_ptr + t * stride_sum + offs_n, xt, mask=mask_n)
-    x32 = x.to(tl.float32)
-    mean_sq = tl.sum(x32 * x32, 0) * inv_n  # torch's CUDA mean: sum * (1/n)
-    normed = (xt.to(tl.float32) * tl.math.rsqrt(mean_sq + eps)).to(x_ptr.dtype.element_ty)
-    out = (normed.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + t * stride_out + offs_n, out, mask=mask_n)
-    h = tl.sum(a.to(tl.float32) * out.to(tl.float32)[None, :], axis=1)  # [BR]
-    tl.store(part_ptr + t * stride_pt + tile * BLOCK_R + offs_r, h)
 # fmt: on
 
 
@@ -369,62 +332,9 @@ def _partials(
     return y
 
 
-def rms_norm_shrink(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None,
-    a_pool: torch.Tensor,
-    slots: torch.Tensor,
-    pdl: bool = False,
-    block_n: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fused.rms_norm(x, weight, eps, residual) = (out, s), and the consumer's h from out in fp32 partials per tile
-    of block_n columns, [T, tiles, next_power_of_2(r_max)] (`lora_expand_rows_partials` / `lora_term_rows_partials`
-    sum them), in one launch (DecodeKernels.lora_norm_shrink: c_attn's shrink inside ln_1). a_pool: the consumer's
-    A pool [slots, 1, r_max, H] (lanes past a slot's rank zero, slot 0 all zero), slots: [T], each row's slot."""
-    T, H = x.shape
-    if (
-        weight.shape != (H,)
-        or weight.dtype != x.dtype
-        or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype))
-        or a_pool.dim() != 4
-        or a_pool.shape[1] != 1
-        or a_pool.shape[3] != H
-        or a_pool.stride(3) != 1
-        or slots.shape != (T,)
-        or x.stride(1) != 1
-        or (residual is not None and residual.stride(1) != 1)
-    ):
-        raise ValueError(
-            f"rms_norm_shrink: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}, "
-            f"residual {None if residual is None else tuple(residual.shape)}, A pool {tuple(a_pool.shape)}, "
-            f"slots {tuple(slots.shape)}"
-        )
-    block_n = block_n or TILE["norm_block_n"] or TILE["block_n"]
-    tiles = triton.cdiv(H, block_n)
-    br = triton.next_power_of_2(a_pool.shape[2])
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
-    total = x if residual is None else torch.empty(T, H, dtype=x.dtype, device=x.device)
-    parts = torch.empty(T, tiles, br, dtype=torch.float32, device=x.device)
-    if T == 0:
-        return out, total, parts
-    block = triton.next_power_of_2(H)
-    on = active(pdl, x.device)
-    res = residual if residual is not None else x
-    _norm_shrink_kernel[(T, tiles)](
-        x, res, weight, out, total, a_pool, slots, parts, eps, 1.0 / H, H, x.stride(0), res.stride(0), out.stride(0),
-        total.stride(0), a_pool.stride(0), a_pool.stride(2), parts.stride(0), HAS_RESIDUAL=residual is not None,
-        BLOCK=block, BLOCK_N=block_n, R_MAX=a_pool.shape[2], BLOCK_R=br, PDL=on,
-        num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, **launch_options(on),
-    )  # fmt: skip
-    return out, total, parts
-
-
 __all__ = [
     "lora_expand_rows",
     "lora_expand_rows_partials",
     "lora_expand_rows_silu_mul",
     "lora_term_rows_partials",
-    "rms_norm_shrink",
 ]

@@ -59,11 +59,12 @@ class DecodeKernels:
     vs 0.886-0.887 in 6 same-process pairs on two H200s (7.53 vs 7.60 ms at batch 32, 32 adapters), 0.904-0.906
     vs 0.897-0.898 on another day's card.
     lora_norm_shrink: in "gemm" mode, c_attn's h comes from ln_1's kernel (RMSNorm + residual add, one program per
-    tile of a row, each also writing its tile's fp32 partials of h: lora_rows.rms_norm_shrink) instead of from A
+    tile of a row, each also writing its tile's fp32 partials of h: lora_norm.rms_norm_shrink) instead of from A
     rows in c_attn's GEMM, which then is the base GEMM; the term is added from the partials after it, or (with
     lora_term_first) with the bias before it, as the GEMM's C. Served (with lora_term_first): P2 0.896-0.897 vs
     0.893-0.895 with lora_term_first alone (two H200s, tiles of 1,024 and 2,048 columns); alone it is slower
-    (0.878-0.879 vs 0.884). Tried and removed: the same for gate|up in ln_2 (0.881-0.886 vs 0.892)."""
+    (0.878-0.879 vs 0.884). Tried and removed: the same for gate|up in ln_2 (0.881-0.886 vs 0.892), and attn.c_proj's
+    h from the paged decode attention (0.892-0.894 vs 0.907)."""
 
     pdl: bool = False
     act_gemv: bool = False

@@ -45,6 +45,6 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward, plus the next linear's adapter h in fp32 partials per tile (DecodeKernels.lora_norm_shrink;
         the fused path only): a_pool [slots, 1, r_max, H], slots [T] each row's adapter slot."""
-        from worker.kernels.lora_rows import rms_norm_shrink
+        from worker.kernels.lora_norm import rms_norm_shrink
 
         return rms_norm_shrink(x, self.weight, self.eps, residual, a_pool, slots, self.pdl)
