@@ -112,8 +112,10 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
     """Routing in the layer: gptq_cuda and 1-2 rows -> cuda_gemv (with the layer's PDL choice); 3-8 rows or the flag
     off -> the Triton GEMV; more rows -> neither (the tiled GEMM)."""
     from worker.kernels import gemv as triton_gemv
+    from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
+    assert quantized.CUDA_GEMV_MAX_M == gemv_cuda.MAX_ROWS  # the layer's bound is the kernels' (not imported on CPU)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int, bool]] = []

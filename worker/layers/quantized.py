@@ -34,7 +34,7 @@ from worker.weights import WeightError, Weights, shard_range
 log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
-CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py
+CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py (its MAX_ROWS)
 
 
 @functools.cache
