@@ -21,8 +21,6 @@
 // mma.m16n8k16 B fragments as loaded (one mask-and-or gives the bf16 pair (128 + q_i, 128 + q_(i+4)); x's k order
 // permuted to match; ~1.1 instructions a value against ~3.8 here), 2 or 4 chunks in flight per warp: slower on every
 // 7B/14B/72B shape (c_attn 17.6 vs 13.5 us, 72B w2|w1 89.8 vs 66.0 us). It is in git history (55c67c8, 40ee63a).
-// Also tried and removed (2026-11-30): this kernel with a row-count template for 1-8 rows (ee1b547, 8a30074); its
-// one-row instance cost the batch-1 step 0.09 ms. Two rows now have their own kernel (gptq4_gemv_rows, below).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -206,10 +204,9 @@ cudaError_t launch(const void* x, const void* qw, const void* scales, const void
                             N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u);
 }
 
-// The same product for MT rows at once (gptq4_gemv_rows, 2 rows: the Int4 batch-2 decode step 3.76 vs 4.81 ms with
-// the Triton GEMV on an H200): x, its chunk sums and the partials per row, no next-chunk loads in flight (the rows'
-// sums take those registers). A kernel of its own because folding the row count into the one-row kernel cost that
-// kernel 0.09 ms a 7B step (ee1b547, 8a30074); 4 and 8 rows lost to the Triton GEMV (5.59 vs 5.15, 10.06 vs 5.83 ms).
+// The same product for MT rows at once (gptq4_gemv_rows, 2 rows): x, its chunk sums and the partials per row, no
+// next-chunk loads in flight (the rows' sums take those registers). A kernel of its own: folding the row count into
+// the one-row kernel slowed that one (BENCHMARKS.md, 2026-11-30); at 4 and 8 rows the Triton GEMV is faster.
 template <int MT, bool kZeros, bool kBias>
 __global__ void __launch_bounds__(kThreads) gptq4_gemv_rows_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,

@@ -22,10 +22,8 @@ reduce kernel: P2 0.882-0.886 vs 0.887-0.888 without (revert of 66d0eac).
 
 DecodeKernels.lora_term_first: that expand runs before c_proj's GEMM instead, as the term alone
 (`lora_term_rows_partials`, right after the launch that wrote the partials, so PDL overlaps it), and cuBLAS adds it as
-its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (worker/kernels/lora_norm.py, the
-RMSNorm per tile of a row) writes c_attn's h as fp32 partials the same way, and c_attn's GEMM is the base one, its C
-the term plus the bias. Tried and removed (2026-11-30, H200): the same for gate|up inside ln_2 (P2 0.881-0.886 vs
-0.892; revert of a391abb), and attn.c_proj's h from the paged decode attention (0.892-0.894 vs 0.907; 9d56398).
+its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (worker/kernels/lora_norm.py) writes
+c_attn's h as fp32 partials the same way; c_attn's GEMM is the base one, its C the term plus the bias.
 
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
 `gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
@@ -44,8 +42,7 @@ from worker.kernels.fused import silu_mul_rn
 from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
 
 # The expands' tile: BLOCK_N columns of one row per program, num_warps; rms_norm_shrink's columns a program (0: the
-# expands'; 1,024 and 2,048 measured alike at the 7B width, 512 and 4,096 slower). scripts/bench_lora.py
-# `--modes gemm@BNxW[xNORM_BN]` measures others in the same process.
+# expands'). scripts/bench_lora.py `--modes gemm@BNxW[xNORM_BN]` measures others in the same process.
 TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 2048}
 
 

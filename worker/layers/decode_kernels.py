@@ -49,22 +49,17 @@ class DecodeKernels:
     gemm+lora_act_shrink,gemm).
     gptq_cuda: Int4 GPTQ linears at decode steps of 1 or 2 rows take the CUDA GEMV (worker/kernels/gemv_cuda.py,
     built with nvcc on first use) instead of the Triton one, where it serves the layout and builds (else one warning
-    says why). Batch 2: 3.76 vs 4.81 ms a 7B Int4 step (H200).
-    Served: the 7B Int4 batch-1 step 2.658 / 2.657 ms vs 2.880 / 2.865 with the Triton GEMV (two paired runs on an
-    H200, scripts/bench_quant.py); deterministic, so graph == eager bit for bit.
+    says why). Served: the 7B Int4 batch-1 step 2.658 / 2.657 ms vs 2.880 / 2.865 with the Triton GEMV (two paired
+    runs on an H200, scripts/bench_quant.py), batch 2 3.76 vs 4.81 ms; deterministic, so graph == eager bit for bit.
     lora_term_first: with lora_act_shrink, mlp.c_proj's term (h from the gate|up launch's partials, times B) is
     computed before its base GEMM, right after the launch that wrote the partials (PDL overlaps it), and cuBLAS adds
     it as the GEMM's C (addmm): no launch follows the GEMM. y = rn(x·Wᵀ + rn(term)) instead of
-    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order. Served: P2 0.893-0.895
-    vs 0.886-0.887 in 6 same-process pairs on two H200s (7.53 vs 7.60 ms at batch 32, 32 adapters), 0.904-0.906
-    vs 0.897-0.898 on another day's card.
-    lora_norm_shrink: in "gemm" mode, c_attn's h comes from ln_1's kernel (RMSNorm + residual add, one program per
-    tile of a row, each also writing its tile's fp32 partials of h: lora_norm.rms_norm_shrink) instead of from A
-    rows in c_attn's GEMM, which then is the base GEMM; the term is added from the partials after it, or (with
-    lora_term_first) with the bias before it, as the GEMM's C. Served (with lora_term_first): P2 0.896-0.897 vs
-    0.893-0.895 with lora_term_first alone (two H200s, tiles of 1,024 and 2,048 columns); alone it is slower
-    (0.878-0.879 vs 0.884). Tried and removed: the same for gate|up in ln_2 (0.881-0.886 vs 0.892), and attn.c_proj's
-    h from the paged decode attention (0.892-0.894 vs 0.907)."""
+    rn(rn(x·Wᵀ) + rn(term)): one rounding fewer, so not bit for bit the reference's order. Served: faster in every
+    same-process pair on the H200 (BENCHMARKS.md, 2026-11-30).
+    lora_norm_shrink: in "gemm" mode, c_attn's h comes from ln_1's kernel (RMSNorm + residual add per tile of a row,
+    each tile also writing its fp32 partials of h: lora_norm.rms_norm_shrink) instead of from A rows in c_attn's
+    GEMM, which then is the base GEMM; the term is added from the partials after it, or (with lora_term_first) with
+    the bias before it, as the GEMM's C. Served with lora_term_first (faster in every pair); alone it is slower."""
 
     pdl: bool = False
     act_gemv: bool = False
