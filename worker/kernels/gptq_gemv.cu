@@ -70,6 +70,38 @@ __device__ __forceinline__ void word_dot(uint32_t w, const float* xv, float& acc
   acc = fmaf(xv[7], biased<7>(w, mask), acc);
 }
 
+// The warp's sum of one 128-row chunk of x, each lane holding 4 values at xc.
+__device__ __forceinline__ float chunk_sum(const float* xc) {
+  float s = (xc[0] + xc[1]) + (xc[2] + xc[3]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// Column i's sum over the block's warps, r: the warps' sums [kWarps][kCols].
+__device__ __forceinline__ float warps_sum(const float* r, int i) {
+  float t = r[i];
+  for (int v = 1; v < kWarps; ++v) t += r[v * kCols + i];
+  return t;
+}
+
+// The launch of a kernel over the column tiles and splits, with PDL where asked.
+struct Launch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  Launch(int N, int splits, size_t smem, int pdl, cudaStream_t stream) {
+    config.gridDim = dim3((N + kCols - 1) / kCols, splits);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = pdl ? 1 : 0;
+  }
+  Launch(const Launch&) = delete;  // config.attrs points into this object
+};
+
 template <bool kZeros, bool kBias>
 __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
@@ -98,10 +130,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   for (int i = threadIdx.x; i < (c1 - c0) * kChunk; i += kThreads) xs[i] = __bfloat162float(x[c0 * kChunk + i]);
   __syncthreads();
   for (int cc = warp; cc < c1 - c0; cc += kWarps) {
-    const float* xc = xs + cc * kChunk + lane * 4;
-    float s = (xc[0] + xc[1]) + (xc[2] + xc[3]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float s = chunk_sum(xs + cc * kChunk + lane * 4);
     if (lane == 0) xsum[cc] = s;
   }
   __syncthreads();
@@ -148,8 +177,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     if (warp == 0 && live) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        float t = red[lane * 4 + j];
-        for (int v = 1; v < kWarps; ++v) t += red[v * kCols + lane * 4 + j];
+        float t = warps_sum(red, lane * 4 + j);
         if (kBias) t += __bfloat162float(bias[n + j]);
         y[n + j] = __float2bfloat16_rn(t);
       }
@@ -160,9 +188,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   if (warp == 0 && live) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float t = red[lane * 4 + j];
-      for (int v = 1; v < kWarps; ++v) t += red[v * kCols + lane * 4 + j];
-      partial[(size_t)blockIdx.y * N + n + j] = t;
+      partial[(size_t)blockIdx.y * N + n + j] = warps_sum(red, lane * 4 + j);
     }
   }
   __threadfence();
@@ -187,18 +213,9 @@ template <bool kZeros, bool kBias>
 cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                    void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
                    int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + kCols - 1) / kCols, splits);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
+  Launch l(N, splits, (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
   auto kernel = gptq4_gemv_kernel<kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+  return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
                             N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u);
@@ -238,10 +255,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_rows_kernel(
   for (int cc = warp; cc < c1 - c0; cc += kWarps) {
 #pragma unroll
     for (int row = 0; row < MT; ++row) {
-      const float* xc = xs + row * span + cc * kChunk + lane * 4;
-      float s = (xc[0] + xc[1]) + (xc[2] + xc[3]);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const float s = chunk_sum(xs + row * span + cc * kChunk + lane * 4);
       if (lane == 0) xsum[row * chunks_per_split + cc] = s;
     }
   }
@@ -254,12 +268,10 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_rows_kernel(
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[row][j] = 0.f;
   for (; c < c1; c += kWarps) {
-    uint4 cur[kWordRows];
     if (live) {
+      uint4 cur[kWordRows];
 #pragma unroll
       for (int r = 0; r < kWordRows; ++r) cur[r] = load_words(qw + (size_t)(c * kWordRows + r) * n4 + (n >> 2));
-    }
-    if (live) {
       float part[MT][4];
 #pragma unroll
       for (int row = 0; row < MT; ++row)
@@ -348,18 +360,9 @@ template <int MT, bool kZeros, bool kBias>
 cudaError_t launch_rows_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                            const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                            int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + kCols - 1) / kCols, splits);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = MT * (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float);
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
+  Launch l(N, splits, MT * (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
   auto kernel = gptq4_gemv_rows_kernel<MT, kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.max_chunks
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+  return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
                             N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u, m);
@@ -381,20 +384,10 @@ extern "C" int gptq4_gemv_rows(const void* x, const void* qw, const void* scales
 extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                           const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                           int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t e;
-  if (zeros != nullptr) {
-    e = bias != nullptr ? launch<true, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
-                                             group_size, chunks_per_split, splits, pdl, s)
-                        : launch<true, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
-                                              group_size, chunks_per_split, splits, pdl, s);
-  } else {
-    e = bias != nullptr ? launch<false, true>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
-                                              group_size, chunks_per_split, splits, pdl, s)
-                        : launch<false, false>(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset,
-                                               group_size, chunks_per_split, splits, pdl, s);
-  }
-  return static_cast<int>(e);
+  auto launch1 = zeros != nullptr ? (bias != nullptr ? launch<true, true> : launch<true, false>)
+                                  : (bias != nullptr ? launch<false, true> : launch<false, false>);
+  return static_cast<int>(launch1(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                                  chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream)));
 }
 
 extern "C" const char* gptq4_gemv_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
