@@ -119,7 +119,6 @@ class SlotPool:
             mode = self.decode_mode((t.layer, t.key), kernels, stream, decode)
             modes[mode] = modes.get(mode, 0) + 1
             base = getattr(t.owner, t.attr)
-            opts = getattr(base, "decode_kernels", None) or DecodeKernels()  # later: the wrapper's set_decode_kernels
             term = LoraTerm(
                 *self.stacked[(t.layer, t.key)],
                 self.ranks[:, t.layer, k : k + len(t.modules)].t(),  # [P, slots]
@@ -127,11 +126,9 @@ class SlotPool:
                 stream,
                 decode=mode,
                 joint=self.joints.get((t.layer, t.key)),
-                pdl=opts.lora_pdl,
-                act_shrink=opts.lora_act_shrink,
-                term_first=opts.lora_term_first,
-                norm_shrink=opts.lora_norm_shrink,
             )
+            # the base's choices so far (later ones reach the wrapper's set_decode_kernels)
+            term.set_decode_kernels(getattr(base, "decode_kernels", None) or DecodeKernels())
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes
 

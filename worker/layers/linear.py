@@ -130,15 +130,6 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None and b is not None:
             self.bias.data.copy_(b)
 
-    def adds_c(self) -> bool:
-        """Whether `partial_plus` serves: a float weight (quantized subclasses have their own matmuls)."""
-        return type(self) is ColumnParallelLinear
-
-    def partial_plus(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x · Wᵀ + c, c [T, out_per_rank] (in place; it carries the bias, if any) added inside the GEMM (cuBLAS's
-        epilogue: one rounding)."""
-        return c.addmm_(x, self.weight.t())
-
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         self.decode_kernels = opts
 
@@ -191,14 +182,6 @@ class RowParallelLinear(nn.Module):
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
         return _linear(x, self.weight, None, self.gemv_counters, self.decode_kernels.pdl)
-
-    def adds_c(self) -> bool:
-        """Whether `partial_plus` serves: a float weight (quantized subclasses have their own matmuls)."""
-        return type(self) is RowParallelLinear
-
-    def partial_plus(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """partial(x) + c with c [T, out] (in place) added inside the GEMM (cuBLAS's epilogue: one rounding)."""
-        return c.addmm_(x, self.weight.t())
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """Keep `opts`; act_gemv on a float weight on CUDA allocates the act GEMV's counters once (before capture;

@@ -15,7 +15,6 @@ Under TP, a column-parallel linear keeps A whole and cuts B by output rows withi
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -216,21 +215,19 @@ class LoraTerm:
         return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
 
     def apply_partials(
-        self,
-        base: Callable[[], torch.Tensor],
-        parts: torch.Tensor,
-        data: AdapterBatchData,
-        base_plus: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        bias: torch.Tensor | None = None,
+        self, base: Callable[[], torch.Tensor], x: torch.Tensor, parts: torch.Tensor, data: AdapterBatchData
     ) -> torch.Tensor:
-        """base() + term where the producer computed h (`apply_silu_mul`'s or `rms_norm_shrink`'s partials): the
-        base matmul alone, as without adapters, then one expand that sums the partials (worker/kernels/lora_rows.py).
-        With `term_first` and `base_plus` (the base matmul without its bias, plus a C it adds in its epilogue) the
-        term (plus `bias`, the base's) is computed first and added by the GEMM instead."""
-        k, slots = self.kernels, data.row_slots
-        assert k is not None and slots is not None
-        if self.term_first and base_plus is not None:
-            return base_plus(k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, bias=bias))
+        """base() + term where the producer computed h (`apply_silu_mul`'s or `rms_norm_shrink`'s partials, in
+        "gemm" mode): the base matmul alone, as without adapters, then one expand that sums the partials
+        (worker/kernels/lora_rows.py). With `term_first` the term (plus the base's bias, a column-parallel one) is
+        computed first and the base GEMM over the joint weight's base rows adds it as C (cuBLAS's epilogue: one
+        rounding) instead."""
+        k, slots, joint = self.kernels, data.row_slots, self.joint
+        assert k is not None and slots is not None and joint is not None
+        if self.term_first:
+            bias = joint.bias[: joint.out] if joint.bias is not None else None
+            c = k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, bias=bias)
+            return c.addmm_(x, joint.weight[: joint.out].t())
         return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
 
     def shrink_pool(self, rows: int, data: AdapterBatchData | None) -> torch.Tensor | None:
@@ -240,6 +237,13 @@ class LoraTerm:
         if not on or data is None or data.row_slots is None or rows < JOINT_MIN_ROWS:
             return None
         return self.a_pool
+
+    def set_decode_kernels(self, opts: DecodeKernels) -> None:
+        """The term's share of the decode kernels (the base linear takes its own)."""
+        self.pdl = opts.lora_pdl
+        self.act_shrink = opts.lora_act_shrink
+        self.term_first = opts.lora_term_first
+        self.norm_shrink = opts.lora_norm_shrink
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
@@ -297,10 +301,7 @@ class _LoraLinear(nn.Module):
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
-        self.lora.pdl = opts.lora_pdl
-        self.lora.act_shrink = opts.lora_act_shrink
-        self.lora.term_first = opts.lora_term_first
-        self.lora.norm_shrink = opts.lora_norm_shrink
+        self.lora.set_decode_kernels(opts)
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)
@@ -334,9 +335,7 @@ class LoraColumnParallelLinear(_LoraLinear):
         then the term from them, or (term_first) the term plus the bias first, added by the base GEMM."""
         data = getattr(ctx, "adapter_data", None)
         assert data is not None  # the partials come from a step with adapters
-        base = self.base
-        plus = functools.partial(base.partial_plus, x) if base.adds_c() else None
-        return self.lora.apply_partials(lambda: base(x, ctx), parts, data, plus, base.bias)
+        return self.lora.apply_partials(lambda: self.base(x, ctx), x, parts, data)
 
 
 class LoraRowParallelLinear(_LoraLinear):
@@ -353,9 +352,7 @@ class LoraRowParallelLinear(_LoraLinear):
         base partial sum plus the term from them, before the all-reduce."""
         data = getattr(ctx, "adapter_data", None)
         assert data is not None  # the partials come from a step with adapters
-        base = self.base
-        plus = functools.partial(base.partial_plus, x) if base.adds_c() else None
-        return base.reduce(self.lora.apply_partials(lambda: base.partial(x), parts, data, plus))
+        return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), x, parts, data))
 
 
 def wrap_lora(base: nn.Module, lora: LoraTerm) -> _LoraLinear:
