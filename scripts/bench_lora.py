@@ -47,15 +47,16 @@ def unwrap_lora(model) -> None:
         setattr(owner, name, getattr(owner, name).base)
 
 
-def parse_variant(label: str) -> tuple[str, list[str], tuple[int, int, int], list[str]]:
+def parse_variant(label: str) -> tuple[str, list[str], dict[str, int], list[str]]:
     """A --modes entry MODE[+KERNEL...][@BNxW[xNORM_BN]][-off=KEY+KEY...] -> (LoraTerm decode mode, DecodeKernels
-    fields switched on besides the benchmark's, the expands' (block_n, num_warps) and lora_norm_shrink's block_n,
-    the targets left without their term)."""
+    fields switched on besides the benchmark's, the lora_rows.TILE entries it sets (the expands' block_n and
+    num_warps, lora_norm_shrink's norm_block_n; the others keep the served tile), the targets left without their
+    term)."""
     rest, _, off = label.partition("-off=")
     rest, _, tile = rest.partition("@")
     mode, *extra = rest.split("+")
-    block_n, warps, *norm = (tile or "256x4").split("x")
-    return mode, extra, (int(block_n), int(warps), int(norm[0]) if norm else 0), off.split("+") if off else []
+    sizes = dict(zip(("block_n", "num_warps", "norm_block_n"), map(int, tile.split("x")))) if tile else {}
+    return mode, extra, sizes, off.split("+") if off else []
 
 
 def bench_lora_decode(
@@ -133,8 +134,8 @@ def bench_lora_decode(
         for owner, attr, wrapper in unwrapped:  # the previous variant's "-off" targets get their wrappers back
             setattr(owner, attr, wrapper)
         unwrapped = []
-        mode, extra, (block_n, warps, norm_n), off = parse_variant(label)
-        lora_rows.TILE.update(block_n=block_n, num_warps=warps, norm_block_n=norm_n or served_tile["norm_block_n"])
+        mode, extra, sizes, off = parse_variant(label)
+        lora_rows.TILE.update({**served_tile, **sizes})
         apply_decode_kernels(model.transformer, replace(kernels, **dict.fromkeys(extra, True)))
         for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
             term = getattr(owner, name).lora
