@@ -34,11 +34,18 @@ def main() -> None:
     torch.set_num_threads(1)
     pctx = init_from_env(os.environ, os.environ.get("QWEN_TEST_DEVICE", "cpu"), timeout_s=60)
     from worker.layers.attention import make_backend
+    from worker.layers.decode_kernels import DecodeKernels
 
     backend = make_backend(os.environ.get("QWEN_TEST_BACKEND", "torch"), pctx.device)
     lora_decode = os.environ.get("QWEN_TEST_LORA_DECODE", "")
+    gemm_kernels = {  # QWEN_TEST_LORA_DECODE gemm*: the "gemm" decode mode with these of the term's decode kernels
+        "gemm": DecodeKernels(),
+        "gemm_act": DecodeKernels(lora_act_shrink=True),  # mlp.c_proj's h from gate|up
+        "gemm_term": DecodeKernels(lora_act_shrink=True, lora_term_first=True),  # its term as the GEMM's C
+        "gemm_norm": DecodeKernels(lora_act_shrink=True, lora_term_first=True, lora_norm_shrink=True),  # and c_attn's
+    }
     # the gate|up expand + activation and ln_1's shrink need the fused kernels
-    fused = True if lora_decode in ("gemm_act", "gemm_term", "gemm_norm") else None
+    fused = True if lora_decode in gemm_kernels and lora_decode != "gemm" else None
     model = FlashQwenForCausalLM.from_pretrained(ckpt, pctx, torch.float32, backend, progress=False, fused=fused)
     S = model.config.seq_length
     g = torch.Generator().manual_seed(0)
@@ -76,19 +83,13 @@ def main() -> None:
 
             for t in model.lora_targets():
                 getattr(t.owner, t.attr).lora.kernels = kernels
-                if lora_decode.startswith("gemm"):  # the joint GEMM at these 3-row steps too
+                if lora_decode in gemm_kernels:  # the joint GEMM at these 3-row steps too
                     from worker.layers import lora as lora_layer
 
                     lora_layer.JOINT_MIN_ROWS = 1
-                    getattr(t.owner, t.attr).lora.decode = "gemm"
                     term = getattr(t.owner, t.attr).lora
-                    term.act_shrink = lora_decode in (
-                        "gemm_act",
-                        "gemm_term",
-                        "gemm_norm",
-                    )  # mlp.c_proj's h from gate|up
-                    term.term_first = lora_decode in ("gemm_term", "gemm_norm")  # the term as the GEMM's C
-                    term.norm_shrink = lora_decode == "gemm_norm"  # c_attn's h from ln_1
+                    term.decode = "gemm"
+                    term.set_decode_kernels(gemm_kernels[lora_decode])
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]
