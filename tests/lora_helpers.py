@@ -120,3 +120,13 @@ def count_launches(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", counting)
     return launches
+
+
+def term_f64(x, a, b, slot: int, ranks) -> torch.Tensor:
+    """Σ_p-parts [B[s, p, :, :r] (A[s, p, :r] x)] for one token, float64, parts side by side."""
+    parts = []
+    for p in range(a.shape[1]):
+        r = int(ranks[p, slot])
+        h = a[slot, p, :r].double() @ x.double()
+        parts.append(b[slot, p, :, :r].double() @ h)
+    return torch.cat(parts)
