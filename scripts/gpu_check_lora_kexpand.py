@@ -30,19 +30,21 @@ SHAPES = {"c_attn": (4096, 12288, True, 2), "mlp.c_proj": (11008, 4096, False, 4
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     for name, (K, N, has_bias, tiles) in SHAPES.items():
-        check(name, K, N, has_bias, tiles, g)
+        for align in (1, 64, 128, 256):
+            check(name, K, N, has_bias, tiles, g, align)
 
 
-def check(name: str, K: int, N: int, has_bias: bool, tiles: int, g: torch.Generator) -> None:
+def check(name: str, K: int, N: int, has_bias: bool, tiles: int, g: torch.Generator, align: int) -> None:
+    """The variants with the joint allocation's row pitch K + S·r rounded up to a multiple of `align` elements."""
     slots = torch.arange(1, BATCH + 1, device="cuda")
     ranks = torch.full((1, SLOTS), RANK, dtype=torch.int32, device="cuda")
     ranks[:, 0] = 0
     sr = SLOTS * RANK
     layers = []
     for _ in range(LAYERS):
-        joint = torch.zeros(N + sr, K + sr, device="cuda", dtype=DT)
+        joint = torch.zeros(N + sr, -(-(K + sr) // align) * align, device="cuda", dtype=DT)
         joint[:N, :K].normal_(0, K**-0.5, generator=g)
-        b_cols = joint[:N, K:].view(N, SLOTS, RANK)
+        b_cols = joint[:N, K : K + sr].view(N, SLOTS, RANK)
         b_cols[:, 1:].normal_(0, RANK**-0.5, generator=g)
         b_pool = b_cols.permute(1, 0, 2).unsqueeze(1)  # [S, 1, N, r] strided view
         dense = joint[:N, :K].contiguous()
@@ -73,15 +75,15 @@ def check(name: str, K: int, N: int, has_bias: bool, tiles: int, g: torch.Genera
 
     def kexpand() -> None:
         for joint, _, _, bias in layers:
-            F.linear(xj, joint[:N], bias)
+            F.linear(xj, joint[:N, : K + sr], bias)
 
     joint, dense, b_pool, bias = layers[0]
     ref = F.linear(x.float(), dense.float(), None if bias is None else bias.float())
     ref += torch.einsum("tr,tnr->tn", h.float(), b_pool[slots, 0].float())
     c = lora_rows.lora_term_rows_partials(parts, b_contig[0], ranks, slots, True, bias=bias).addmm_(x, dense.t())
-    k = F.linear(xj, joint[:N], bias)
+    k = F.linear(xj, joint[:N, : K + sr], bias)
     errs = [(t.float() - ref).abs().max().item() for t in (c, k)]
-    print(f"{name}: max err vs fp32: served {errs[0]:.5f}, K-append {errs[1]:.5f}")
+    print(f"{name}, pitch {joint.stride(0)}: max err vs fp32: served {errs[0]:.5f}, K-append {errs[1]:.5f}")
     for label, fn in (("base", base), ("base strided", base_strided), ("served", served), ("K-append", kexpand)):
         ms = [graph_ms(fn) for _ in range(3)]
         print(f"{name:10s} {label:14s} " + " ".join(f"{m / LAYERS * 1e3:6.2f}" for m in ms) + " us a layer")
