@@ -43,6 +43,9 @@ def main() -> None:
         "gemm_act": DecodeKernels(lora_act_shrink=True),  # mlp.c_proj's h from gate|up
         "gemm_term": DecodeKernels(lora_act_shrink=True, lora_term_first=True),  # its term as the GEMM's C
         "gemm_norm": DecodeKernels(lora_act_shrink=True, lora_term_first=True, lora_norm_shrink=True),  # and c_attn's
+        "gemm_lanes": DecodeKernels(  # both h into their consumers' K lanes
+            lora_act_shrink=True, lora_term_first=True, lora_norm_shrink=True, lora_k_lanes=True
+        ),
     }
     # the gate|up expand + activation and ln_1's shrink need the fused kernels
     fused = True if lora_decode in gemm_kernels and lora_decode != "gemm" else None
@@ -77,6 +80,10 @@ def main() -> None:
     if len(sys.argv) > 3:  # adapters: a mixed batch (base + two adapters) under TP
         from lora_helpers import attach_manager, load
 
+        if lora_decode == "gemm_lanes":  # c_attn's and mlp.c_proj's lanes at these tiny widths
+            from worker.adapters import slots as slots_mod
+
+            slots_mod.LANES_MAX_SHARE = 4.0
         mgr, _ = attach_manager(model, sys.argv[3], max_rank=16, num_slots=2)
         if os.environ.get("QWEN_TEST_LORA_BACKEND") == "triton":  # the Triton kernels (interpreted on a CPU)
             from worker.kernels import lora as kernels

@@ -242,14 +242,15 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     "mode,overlap,per_sm",
     [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)]
     + [("gemm", True, 2), ("gemm+lora_term_first", True, 2), ("gemm+lora_term_first+lora_norm_shrink", True, 2)]
-    + [("gemm+lora_norm_shrink", True, 2)],
+    + [("gemm+lora_norm_shrink", True, 2), ("gemm+lora_term_first+lora_norm_shrink+lora_k_lanes", True, 2)],
 )
 def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
     the shrink on the side stream (captured as a fork/join in the graph) or serial, or with another decode
     mode of LoraTerm ("side": the whole term on the side stream; "side_store": its expand writes the whole
     buffer, here with a finer K split; "gemm": the shrink inside the base matmul, then one expand; with
-    lora_term_first mlp.c_proj's GEMM adds its term; with lora_norm_shrink c_attn's h comes from ln_1)."""
+    lora_term_first mlp.c_proj's GEMM adds its term; with lora_norm_shrink c_attn's h comes from ln_1; with
+    lora_k_lanes both h go into their GEMMs' K lanes, where the layout has them)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
@@ -263,6 +264,8 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
         from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
 
         apply_decode_kernels(model, parse_decode_kernels(",".join([*SERVED, *extra])))
+        lanes = {t.key for t in model.lora_targets() if getattr(t.owner, t.attr).lora.input_lanes()}
+        assert lanes == ({"mlp.c_proj"} if "lora_k_lanes" in extra else set())  # c_attn's lanes too wide here
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.decode = mode
         getattr(t.owner, t.attr).lora.per_sm = per_sm

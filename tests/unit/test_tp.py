@@ -36,7 +36,7 @@ def test_logits_equal_world_size_1(runs, world):
                 assert diff <= 1e-4, f"{key} at world size {world}: {diff}"
 
 
-@pytest.mark.parametrize("decode", ["two", "gemm", "gemm_act", "gemm_term", "gemm_norm"])
+@pytest.mark.parametrize("decode", ["two", "gemm", "gemm_act", "gemm_term", "gemm_norm", "gemm_lanes"])
 def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path, decode):
     """The mixed-adapter batch with the Triton LoRA kernels (the Triton interpreter here; on CUDA the
     NCCL test runs them compiled) at world size 2 equals the PyTorch LoRA path at world size 1: column
@@ -45,7 +45,9 @@ def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path, decod
     columns of A, and its term joins its partial sum before the all-reduce. "gemm_act" (fused kernels,
     lora_act_shrink): mlp.c_proj's h from each rank's own activation columns in the gate|up launch; "gemm_term"
     (lora_term_first too): each rank's term added by its own c_proj GEMM, before the all-reduce; "gemm_norm"
-    (lora_norm_shrink too): c_attn's h from ln_1 with the whole A on each rank, its term from the rank's B."""
+    (lora_norm_shrink too): c_attn's h from ln_1 with the whole A on each rank, its term from the rank's B;
+    "gemm_lanes" (lora_k_lanes too): those h in K lanes, each rank's GEMM over its own lanes (its B rows for c_attn,
+    the whole B for mlp.c_proj, whose h is the rank's partial sum)."""
     _, results = runs
     ckpt, root = results["paths"]
     single = results[1][0]

@@ -21,26 +21,34 @@ from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.layers.lora import JointWeight, LoraTerm, check_lora_decode, wrap_lora
 from worker.layers.lora_tp import LoraPart, lora_parts
+from worker.models.lora_targets import H_FROM_PRODUCER
 from worker.models.qwen import LoraTarget
 
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
+# A joint layout with K lanes rounds its row pitch up to this many elements: the base GEMM over the strided view then
+# ran as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py: c_attn 28.7 vs 28.8 us a layer).
+LANE_ALIGN = 64
+LANES_MAX_SHARE = 0.25  # a target gets K lanes where slots·r_max is at most this share of its input width
 
 
 def joint_layout(
-    base: object, a_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    base: object, a_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, lanes: int = 0
 ) -> JointWeight | None:
-    """Move a float base linear's weight (and bias) into the top rows of one allocation whose remaining rows
-    are its zeroed A pool of `a_shape` [slots, P, r_max, in]: the base keeps views of the same values (its
-    forward and `load` are unchanged); None for other linears (quantized, another dtype, width or device than
-    the pool's: a model on the meta device only shapes a pool)."""
+    """Move a float base linear's weight (and bias) into the top left of one allocation whose rows below are its
+    zeroed A pool of `a_shape` [slots, P, r_max, in] and, with `lanes` (slots·r_max, one part), whose columns after
+    the base's hold every slot's B (zeroed; the row pitch rounded up to LANE_ALIGN elements): the base keeps views of
+    the same values (its forward and `load` are unchanged); None for other linears (quantized, another dtype, width
+    or device than the pool's: a model on the meta device only shapes a pool)."""
     if type(base) not in (ColumnParallelLinear, RowParallelLinear):
         return None
     w = base.weight  # type: ignore[attr-defined]
     same_device = w.device.type == device.type and device.index in (None, w.device.index)
     if w.dtype != dtype or w.shape[1] != a_shape[-1] or not same_device:
         return None
-    out, extra = w.shape[0], a_shape[0] * a_shape[1] * a_shape[2]
-    weight = torch.zeros(out + extra, w.shape[1], dtype=w.dtype, device=w.device)
+    (out, k), extra = w.shape, a_shape[0] * a_shape[1] * a_shape[2]
+    pitch = -(-(k + lanes) // LANE_ALIGN) * LANE_ALIGN if lanes else k
+    block = torch.zeros(out + extra, pitch, dtype=w.dtype, device=w.device)
+    weight = block[:, :k]
     weight[:out].copy_(w)
     w.data = weight[:out]
     bias = None
@@ -49,11 +57,13 @@ def joint_layout(
         bias = torch.zeros(out + extra, dtype=b.dtype, device=b.device)
         bias[:out].copy_(b)
         b.data = bias[:out]
-    return JointWeight(weight, bias, out)
+    return JointWeight(weight, bias, out, block[:out, : k + lanes] if lanes else None)
 
 
 class SlotPool:
-    """A [slots, P, r_max, in] and B [slots, P, out/P, r_max] per (layer, target), this rank's shard."""
+    """A [slots, P, r_max, in] and B [slots, P, out/P, r_max] per (layer, target), this rank's shard: A in the rows
+    below a float base weight, B (one part, a target of H_FROM_PRODUCER, slots·r_max at most a share of its
+    input width: LANES_MAX_SHARE) in K lanes beside it (`joint_layout`), else tensors of their own."""
 
     def __init__(
         self, targets: Sequence[LoraTarget], pctx: ParallelContext, dtype: torch.dtype, max_rank: int, num_slots: int
@@ -75,13 +85,19 @@ class SlotPool:
                 raise ValueError(f"{t.key}: LoRA parts of different sizes {sorted(dims)} cannot share a pool")
             ((d_in, d_out),) = dims
             a_shape = (num_slots + 1, len(parts), max_rank, d_in)
-            joint = joint_layout(getattr(t.owner, t.attr), a_shape, dtype, pctx.device)
+            lanes = (num_slots + 1) * max_rank
+            if t.key not in H_FROM_PRODUCER or len(parts) != 1 or lanes > LANES_MAX_SHARE * d_in:
+                lanes = 0
+            joint = joint_layout(getattr(t.owner, t.attr), a_shape, dtype, pctx.device, lanes)
             if joint is not None:
                 self.joints[(t.layer, t.key)] = joint
                 a = joint.weight[joint.out :].view(a_shape)
             else:
                 a = torch.zeros(a_shape, dtype=dtype, device=pctx.device)
-            b = torch.zeros(num_slots + 1, len(parts), d_out, max_rank, dtype=dtype, device=pctx.device)
+            if joint is not None and joint.lanes is not None:  # B [slots, 1, out, r_max] in the lanes
+                b = joint.lanes[:, d_in:].view(d_out, num_slots + 1, max_rank).permute(1, 0, 2).unsqueeze(1)
+            else:
+                b = torch.zeros(num_slots + 1, len(parts), d_out, max_rank, dtype=dtype, device=pctx.device)
             self.stacked[(t.layer, t.key)] = (a, b)
             for p, (module, part) in enumerate(zip(t.modules, parts)):
                 self.pools[(t.layer, module)] = (a[:, p], b[:, p])

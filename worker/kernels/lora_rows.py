@@ -95,14 +95,40 @@ def _add_term(y0, b, h):
 
 
 @triton.jit
-def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, N, H_OFFSET,
-                            stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+def h_into_lanes(part_row, cnt_ptr, lanes_row, slot, tiles, SLOTS, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """After a program stored its partials of row t's h (part_row [tiles, BLOCK_R] fp32), the last of the row's
+    `tiles` programs to arrive (cnt_ptr: the row's counter, which it resets) sums them in tile order (as
+    lora_expand_rows_partials does) and writes h, rounded to the row's dtype, into the row's K lanes: its slot's
+    R_MAX lanes, zeros in every other slot's (lanes_row: the first lane of the row). The stores before the
+    counter's release and the loads after its acquire follow the split-K semaphore pattern (a CTA barrier, then one
+    acq_rel atomic at GPU scope; the partials read past L1)."""
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tiles - 1:
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_r = tl.arange(0, BLOCK_R)
+        parts = tl.load(part_row + offs_t[:, None] * BLOCK_R + offs_r[None, :], mask=(offs_t < tiles)[:, None],
+                        other=0.0, cache_modifier=".cg")
+        h = tl.sum(parts, axis=0).to(lanes_row.dtype.element_ty)
+        offs_s = tl.arange(0, BLOCK_S)
+        lanes = tl.where((offs_s == slot)[:, None], h[None, :], tl.zeros_like(h)[None, :])
+        tl.store(lanes_row + offs_s[:, None] * R_MAX + offs_r[None, :], lanes,
+                 mask=(offs_s < SLOTS)[:, None] & (offs_r < R_MAX)[None, :])
+        tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, cnt_ptr, N, H_OFFSET,
+                            SLOTS, stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
                             stride_a2s, stride_a2r, stride_pt,
                             R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
-                            SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr, PDL: tl.constexpr):
+                            SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr, LANES: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """A gate|up target (P = 2): y[t, n] = up · silu(gate) of the two parts' outputs, each the expand's value.
     SHRINK: also this tile's share of the consumer's h, Σ_n y[t, n] · A2[slot, r, n] in fp32 over the stored
-    (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials)."""
+    (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials).
+    LANES: y's rows go on past N with the consumer's K lanes, into which the row's last program writes h
+    (`h_into_lanes`)."""
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -125,6 +151,9 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
     if SHRINK:
         h = tl.sum(a2.to(tl.float32) * act.to(tl.float32)[None, :], axis=1)  # [BR2]
         tl.store(part_ptr + t * stride_pt + tl.program_id(1) * BLOCK_R2 + offs_r2, h)
+        if LANES:
+            h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, y_ptr + t * stride_y + N, slot, tl.num_programs(1),
+                          SLOTS, R2_MAX, BLOCK_R2, BLOCK_T, BLOCK_S)
 
 
 @triton.jit
@@ -218,37 +247,59 @@ def lora_expand_rows_silu_mul(
     pdl: bool = False,
     block_n: int = 0,
     shrink: torch.Tensor | None = None,
+    lanes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
     [T, n_out / 2], the same values bit for bit. shrink: the consumer's A pool [slots, 1, r2_max, n_out / 2] (its
     input is this output: mlp.c_proj after gate|up); the same launch then also returns its h in fp32 partials per
-    tile, [T, tiles, next_power_of_2(r2_max)], which `lora_expand_rows_partials` sums (else None)."""
+    tile, [T, tiles, next_power_of_2(r2_max)], which `lora_expand_rows_partials` sums (else None). lanes (with
+    shrink): instead of the partials, the consumer's joint input [T, n_out / 2 + slots·r2_max], the activation then
+    each row's h (the partials' sum, rounded) in its slot's K lanes and zeros in the others' (the consumer's GEMM over
+    its JointWeight.lanes then adds the term); the activation returned is a view of its first columns."""
     _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots)
-    T, (_, P, N, r_max) = out.shape[0], b_pool.shape
+    T, (S, P, N, r_max) = out.shape[0], b_pool.shape
     if P != 2:
         raise ValueError(f"lora_expand_rows_silu_mul: a gate|up pool has 2 parts, not {P}")
     if shrink is not None and (
         shrink.dim() != 4 or shrink.shape[:2] != (b_pool.shape[0], 1) or shrink.shape[3] != N or shrink.stride(3) != 1
     ):
         raise ValueError(f"lora_expand_rows_silu_mul: the consumer's A pool {tuple(shrink.shape)} for {N} columns")
-    y = torch.empty(T, N, dtype=out.dtype, device=out.device)
+    if lanes and shrink is None:
+        raise ValueError("lora_expand_rows_silu_mul: K lanes hold the consumer's h, so they need its A pool (shrink)")
     block_n = block_n or TILE["block_n"]
     tiles = triton.cdiv(N, block_n)
     r2 = shrink.shape[2] if shrink is not None else 1
     br2 = triton.next_power_of_2(r2)
+    joint = torch.empty(T, N + S * r2, dtype=out.dtype, device=out.device) if lanes else None
+    y = joint[:, :N] if joint is not None else torch.empty(T, N, dtype=out.dtype, device=out.device)
     parts = torch.empty(T, tiles, br2, dtype=torch.float32, device=out.device) if shrink is not None else None
     if T == 0:
-        return y, parts
+        return y, joint if joint is not None else parts
     on = active(pdl, out.device)
     a2 = shrink if shrink is not None else b_pool
+    counters = row_counters(T, out.device) if lanes else y
     _expand_rows_act_kernel[(T, tiles)](
-        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, N, n_out, out.stride(0), y.stride(0),
-        *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2), tiles * br2,
-        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
-        SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, PDL=on,
-        num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
+        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, counters,
+        N, n_out, S, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2),
+        tiles * br2, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
+        SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, LANES=lanes, BLOCK_T=triton.next_power_of_2(tiles),
+        BLOCK_S=triton.next_power_of_2(S), PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False,
+        **launch_options(on),
     )  # fmt: skip
-    return y, parts
+    return y, joint if joint is not None else parts
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def row_counters(rows: int, device: torch.device) -> torch.Tensor:
+    """One int32 arrival counter per row for the K-lanes producers (`h_into_lanes`): zero between launches, since
+    each row's last program resets its own, so launches in one stream share one buffer per device (grown to a
+    power of two; the first call at a size comes before any CUDA graph capture at it: the eager warm-up)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.shape[0] < rows:
+        _COUNTERS[device] = have = torch.zeros(triton.next_power_of_2(max(rows, 64)), dtype=torch.int32, device=device)
+    return have
 
 
 def lora_expand_rows_partials(
@@ -330,6 +381,7 @@ def _partials(
 
 
 __all__ = [
+    "row_counters",
     "lora_expand_rows",
     "lora_expand_rows_partials",
     "lora_expand_rows_silu_mul",

@@ -120,11 +120,19 @@ JOINT_MIN_ROWS = 9  # "gemm" serves decode batches of more rows than the Triton 
 class JointWeight:
     """A base linear's weight and its A pool in one allocation (worker/adapters/slots.py `joint_layout`):
     weight [out + slots·P·r_max, in] = the base rows, then A [slots, P, r_max, in] flattened; bias: the base
-    bias then zeros (a column-parallel base with a bias), else None; out: the base's output rows."""
+    bias then zeros (a column-parallel base with a bias), else None; out: the base's output rows. lanes: where the
+    layout has them (one part), [out, in + slots·r_max] = the base rows, then every slot's B as extra input columns
+    (slot s's lanes at in + s·r_max; the B pool is a view of them), so linear(input with h in its slot's lanes,
+    lanes) = base + term in one GEMM (DecodeKernels.lora_k_lanes); else None."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     out: int
+    lanes: torch.Tensor | None = None
+
+    def lane_count(self) -> int:
+        """The input columns after the base's that hold B (slots·r_max), 0 without lanes."""
+        return 0 if self.lanes is None else self.lanes.shape[1] - self.weight.shape[1]
 
 
 @dataclass
@@ -156,6 +164,7 @@ class LoraTerm:
     act_shrink: bool = False  # DecodeKernels.lora_act_shrink: a gate|up target's expand computes its consumer's h
     term_first: bool = False  # DecodeKernels.lora_term_first: apply_partials' term before the GEMM, as its C
     norm_shrink: bool = False  # DecodeKernels.lora_norm_shrink: c_attn's h from the norm before it (`shrink_pool`)
+    k_lanes: bool = False  # DecodeKernels.lora_k_lanes: the producer writes h into the joint's K lanes (`input_lanes`)
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -212,7 +221,8 @@ class LoraTerm:
         shrink = None
         if self.act_shrink and then is not None and then.decode == "gemm" and then.a_pool.shape[1] == 1:
             shrink = then.a_pool
-        return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink)
+        lanes = shrink is not None and then is not None and then.input_lanes()
+        return self.kernels.lora_expand_rows_silu_mul(*joint, self.pdl, shrink=shrink, lanes=lanes)
 
     def apply_partials(
         self, base: Callable[[], torch.Tensor], x: torch.Tensor, parts: torch.Tensor, data: AdapterBatchData
@@ -221,11 +231,15 @@ class LoraTerm:
         "gemm" mode): the base matmul alone, as without adapters, then one expand that sums the partials
         (worker/kernels/lora_rows.py). With `term_first` the term (plus the base's bias, a column-parallel one) is
         computed first and the base GEMM over the joint weight's base rows adds it as C (cuBLAS's epilogue: one
-        rounding) instead."""
+        rounding) instead. Where the producer wrote h into K lanes (`input_lanes`), `parts` is the whole input
+        [T, in + lanes] (x its first columns) and one GEMM over the joint's lanes gives base + term."""
         k, slots, joint = self.kernels, data.row_slots, self.joint
         assert k is not None and slots is not None and joint is not None
+        bias = joint.bias[: joint.out] if joint.bias is not None else None
+        if parts.dim() == 2:
+            assert joint.lanes is not None and parts.shape[1] == joint.lanes.shape[1]
+            return nn.functional.linear(parts, joint.lanes, bias)
         if self.term_first:
-            bias = joint.bias[: joint.out] if joint.bias is not None else None
             c = k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, bias=bias)
             return c.addmm_(x, joint.weight[: joint.out].t())
         return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
@@ -238,12 +252,18 @@ class LoraTerm:
             return None
         return self.a_pool
 
+    def input_lanes(self) -> bool:
+        """Whether the producer that computes this term's h (`shrink_pool`, `apply_silu_mul`'s `then`) writes it into
+        the input's K lanes instead of partials: `k_lanes` on and the joint layout has lanes (JointWeight.lanes)."""
+        return self.k_lanes and self.joint is not None and self.joint.lanes is not None
+
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """The term's share of the decode kernels (the base linear takes its own)."""
         self.pdl = opts.lora_pdl
         self.act_shrink = opts.lora_act_shrink
         self.term_first = opts.lora_term_first
         self.norm_shrink = opts.lora_norm_shrink
+        self.k_lanes = opts.lora_k_lanes
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]

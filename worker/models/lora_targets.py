@@ -16,6 +16,11 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "mlp.c_proj": ("mlp.c_proj",),
 }
 
+# Targets whose h = x·Aᵀ a kernel before them can compute while writing their input (ln_1's RMSNorm for c_attn,
+# gate|up's activation for mlp.c_proj): their B may sit beside the base weight as extra input columns ("K lanes",
+# worker/adapters/slots.py `joint_layout`), so the base GEMM adds the term itself.
+H_FROM_PRODUCER = ("attn.c_attn", "mlp.c_proj")
+
 
 @dataclass
 class LoraTarget:

@@ -1,0 +1,216 @@
+"""LoRA decode's K lanes (DecodeKernels.lora_k_lanes, issue 17, P2): a target's B as extra input columns beside its
+base weight (worker/adapters/slots.py `joint_layout`), h written into its slot's lanes of the GEMM's input by the
+kernel before it (the last program of a row to arrive sums the row's partials: worker/kernels/lora_rows.py
+`h_into_lanes`), and the base GEMM over the lanes giving base + term. On the CPU through the Triton interpreter,
+against float64 written here from the definition (y[t] = W x[t] (+ b) + B[s] A[s] x[t])."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+if "worker.kernels.lora" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels already compiled for the GPU in this session", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from worker.adapters import slots as slots_mod  # noqa: E402
+from worker.adapters.slots import LANE_ALIGN, SlotPool, joint_layout  # noqa: E402
+from worker.distributed import ParallelContext  # noqa: E402
+from worker.kernels import lora as kernels  # noqa: E402
+from worker.kernels import lora_rows  # noqa: E402
+from worker.layers import lora as lora_layer  # noqa: E402
+from worker.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from worker.layers.lora import AdapterBatchData, LoraTerm  # noqa: E402
+
+CPU = ParallelContext(device=torch.device("cpu"))
+
+
+def test_joint_layout_with_lanes_keeps_the_base_and_puts_b_beside_it():
+    """With lanes the base weight is the top left of an allocation whose row pitch is a multiple of LANE_ALIGN:
+    its values and forward are unchanged and a later load writes through; the A rows below and the lanes beside
+    it start at zero; without lanes the layout is the plain joint one."""
+    g = torch.Generator().manual_seed(5)
+    col = ColumnParallelLinear(6, [8, 4], True, CPU, torch.float32)
+    col.weight.data.normal_(generator=g)
+    col.bias.data.normal_(generator=g)
+    w0, b0 = col.weight.clone(), col.bias.clone()
+    x = torch.randn(3, 6, generator=g)
+    y0 = col(x)
+    joint = joint_layout(col, (3, 1, 2, 6), torch.float32, CPU.device, lanes=6)
+    assert joint is not None and joint.lanes is not None and joint.lane_count() == 6
+    assert joint.weight.shape == (12 + 6, 6) and joint.lanes.shape == (12, 12) and joint.out == 12
+    assert joint.weight.stride(0) % LANE_ALIGN == 0 and joint.lanes.data_ptr() == joint.weight.data_ptr()
+    assert torch.equal(col.weight, w0) and torch.equal(col.bias, b0) and torch.equal(col(x), y0)
+    assert not joint.weight[12:].any() and not joint.lanes[:, 6:].any()
+    col.store(torch.ones(12, 6), torch.full((12,), 2.0))
+    assert torch.equal(joint.lanes[:, :6], torch.ones(12, 6))
+    plain = joint_layout(RowParallelLinear(6, 5, False, CPU, torch.float32), (2, 1, 3, 6), torch.float32, CPU.device)
+    assert plain is not None and plain.lanes is None and plain.lane_count() == 0 and plain.weight.is_contiguous()
+
+
+def _target(key: str, lin: torch.nn.Module, modules: tuple[str, ...]) -> SimpleNamespace:
+    return SimpleNamespace(owner=SimpleNamespace(lin=lin), attr="lin", layer=0, key=key, modules=modules)
+
+
+def test_slot_pool_gives_lanes_to_the_targets_whose_h_a_producer_computes():
+    """c_attn and mlp.c_proj (one part, slots·r_max within LANES_MAX_SHARE of the input width) get lanes and their
+    B pool is a view of them (a write to B shows in the lanes at in + s·r_max + l); attn.c_proj, gate|up (two parts)
+    and a target too narrow for its lanes keep a B of their own."""
+    targets = [
+        _target("attn.c_attn", ColumnParallelLinear(64, [16, 16, 16], True, CPU, torch.float32), ("attn.c_attn",)),
+        _target("attn.c_proj", RowParallelLinear(64, 64, False, CPU, torch.float32), ("attn.c_proj",)),
+        _target("mlp.gate_up", ColumnParallelLinear(64, [32, 32], False, CPU, torch.float32), ("mlp.w2", "mlp.w1")),
+        _target("mlp.c_proj", RowParallelLinear(32, 64, False, CPU, torch.float32), ("mlp.c_proj",)),
+    ]
+    pool = SlotPool(targets, CPU, torch.float32, max_rank=2, num_slots=2)  # 3 slots x 2 = 6 lanes
+    has = {key: pool.joints[(0, key)].lanes is not None for _, key in pool.joints}
+    assert has == {"attn.c_attn": True, "attn.c_proj": False, "mlp.gate_up": False, "mlp.c_proj": True}
+    for key, width in (("attn.c_attn", 64), ("mlp.c_proj", 32)):
+        joint, (_, b) = pool.joints[(0, key)], pool.stacked[(0, key)]
+        assert b.shape == (3, 1, joint.out, 2)
+        b[2, 0, 5, 1] = 7.0
+        assert joint.lanes[5, width + 2 * 2 + 1] == 7.0 and joint.lanes[:, width:].count_nonzero() == 1
+    narrow = SlotPool(targets[3:], CPU, torch.float32, max_rank=4, num_slots=2)  # 12 lanes > a quarter of 32
+    assert narrow.joints[(0, "mlp.c_proj")].lanes is None
+
+
+def _check_lanes(joint_in, width, h_f64, slots, r_max, S):
+    """Each row's lanes: its slot's r_max lanes equal h (float64) to fp32 rounding, every other lane exactly zero."""
+    for t, s in enumerate(slots.tolist()):
+        lanes = joint_in[t, width:].view(S, r_max)
+        torch.testing.assert_close(lanes[s].double(), h_f64[t], atol=1e-5, rtol=1e-5)
+        others = torch.cat([lanes[:s], lanes[s + 1 :]])
+        assert not others.any(), (t, s)
+
+
+@pytest.mark.parametrize("N,r2,block_n", [(50, 5, 16), (37, 12, 32), (40, 4, 64)])
+def test_act_shrink_into_lanes(N, r2, block_n):
+    """The gate|up launch with lanes: the activation (the joint input's first N columns) equals the launch without
+    lanes bit for bit; each row's lanes hold h = A2[slot] · act (float64) in its slot's lanes and zeros in every
+    other slot's (a base row, slot 0, all zeros); the row counters are back at zero; lanes without the consumer's A
+    pool are refused. Awkward sizes: N not a multiple of the tile, r2_max not a power of two, one tile."""
+    from worker.kernels.lora_rows import lora_expand_rows_silu_mul
+
+    g = torch.Generator().manual_seed(N + r2)
+    S, K, r_max = 3, 29, 8
+    ranks = torch.tensor([[0, r_max, 5], [0, 3, r_max]], dtype=torch.int32)
+    a = torch.randn(S, 2, r_max, K, generator=g) / K**0.5
+    b = torch.randn(S, 2, N, r_max, generator=g) / r_max**0.5
+    a2 = torch.randn(S, 1, r2, N, generator=g) / N**0.5
+    a2[0] = 0
+    a2[2, :, r2 - 2 :] = 0  # a rank below r2_max
+    w = torch.randn(2 * N, K, generator=g) / K**0.5
+    slots = torch.tensor([1, 0, 2, 2, 1])
+    x = torch.randn(len(slots), K, generator=g)
+    out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
+    plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2)
+    act, joint_in = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2, lanes=True)
+    assert joint_in is not None and joint_in.shape == (len(slots), N + S * r2)
+    assert torch.equal(act, plain) and act.data_ptr() == joint_in.data_ptr()
+    h = torch.stack([a2[s, 0].double() @ act[t].double() for t, s in enumerate(slots.tolist())])
+    _check_lanes(joint_in, N, h, slots, r2, S)
+    assert not lora_rows.row_counters(len(slots), out.device).any()
+    with pytest.raises(ValueError, match="need its A pool"):
+        lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, lanes=True)
+
+
+@pytest.mark.parametrize("H,block_n,r_max,residual", [(50, 16, 5, True), (64, 64, 8, False), (37, 16, 3, True)])
+def test_norm_shrink_into_lanes(H, block_n, r_max, residual):
+    """ln_1's launch with lanes: (out, s) equal fused.rms_norm's bit for bit, out is the joint input's first H
+    columns, and each row's lanes hold A[slot] · out (float64) in its slot's lanes, zeros elsewhere; the counters
+    are back at zero."""
+    from worker.kernels.fused import rms_norm
+    from worker.kernels.lora_norm import rms_norm_shrink
+
+    g = torch.Generator().manual_seed(H * r_max)
+    S, T = 4, 6
+    a = torch.randn(S, 1, r_max, H, generator=g) / H**0.5
+    a[0] = 0
+    w = torch.randn(H, generator=g)
+    x = torch.randn(T, H, generator=g)
+    res = torch.randn(T, H, generator=g) if residual else None
+    slots = torch.tensor([1, 0, 3, 2, 3, 1])
+    out, total, joint_in = rms_norm_shrink(x, w, 1e-6, res, a, slots, block_n=block_n, lanes=True)
+    want_out, want_total = rms_norm(x, w, 1e-6, res)
+    assert torch.equal(out, want_out) and torch.equal(total, want_total)
+    assert joint_in.shape == (T, H + S * r_max) and out.data_ptr() == joint_in.data_ptr()
+    h = torch.stack([a[s, 0].double() @ out[t].double() for t, s in enumerate(slots.tolist())])
+    _check_lanes(joint_in, H, h, slots, r_max, S)
+    assert not lora_rows.row_counters(T, x.device).any()
+
+
+@pytest.mark.parametrize("row_parallel", [False, True])
+def test_apply_partials_over_lanes_is_base_plus_term(row_parallel, monkeypatch):
+    """LoraTerm.apply_partials with the producer's joint input (2-D: h in the lanes) runs one GEMM over the lanes:
+    y = W x (+ b) + B[s] A[s] x (float64), for a column-parallel base with a bias and a row-parallel one (its bias
+    added after the reduce by the wrapper, so not here); base rows (slot 0) get the base output."""
+    from worker.kernels.lora_norm import rms_norm_shrink
+
+    g = torch.Generator().manual_seed(11 + row_parallel)
+    H, S, r = 40, 3, 4
+    if row_parallel:
+        lin = RowParallelLinear(H, 24, False, CPU, torch.float32)
+    else:
+        lin = ColumnParallelLinear(H, [8, 8, 8], True, CPU, torch.float32)
+        lin.bias.data.normal_(generator=g)
+    lin.weight.data.normal_(generator=g)
+    key = "mlp.c_proj" if row_parallel else "attn.c_attn"
+    monkeypatch.setattr(slots_mod, "LANES_MAX_SHARE", 1.0)  # 12 lanes for 40 input columns
+    pool = SlotPool([_target(key, lin, (key,))], CPU, torch.float32, max_rank=r, num_slots=S - 1)
+    joint, (a, b) = pool.joints[(0, key)], pool.stacked[(0, key)]
+    assert joint.lanes is not None
+    a[1:].normal_(generator=g)
+    b[1:].normal_(generator=g)
+    a[2, :, 3:] = 0
+    b[2, :, :, 3:] = 0
+    ranks = torch.tensor([[0, 4, 3]], dtype=torch.int32)
+    term = LoraTerm(a, b, ranks, kernels, None, decode="gemm", joint=joint, k_lanes=True)
+    assert term.input_lanes()
+    slots = torch.tensor([2, 0, 1, 1, 2, 0])
+    xn = torch.randn(len(slots), H, generator=g)
+    _, _, joint_in = rms_norm_shrink(xn, torch.ones(H), 1e-6, None, a, slots, block_n=16, lanes=True)
+    x = joint_in[:, :H]
+    data = AdapterBatchData.for_decode(slots)
+    y = term.apply_partials(lambda: pytest.fail("the base GEMM runs over the lanes"), x, joint_in, data)
+    for t, s in enumerate(slots.tolist()):
+        want = lin.weight.double() @ x[t].double()
+        if not row_parallel:
+            want += lin.bias.double()
+        want += b[s, 0].double() @ (a[s, 0].double() @ x[t].double())
+        torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_model_decode_with_k_lanes_equals_the_reference(tmp_path, monkeypatch):
+    """The tiny model (fused kernels, Triton interpreter, lanes let in by LANES_MAX_SHARE) decoding with adapters
+    in "gemm" mode with lora_k_lanes (and the shrinks that produce h): c_attn and mlp.c_proj have lanes, no term
+    launch runs for them (attn.c_proj keeps its one expand), and the logits equal the float64 reference with each
+    adapter merged."""
+    from lora_helpers import count_launches, interpreted_lora_decode
+    from reference import ref_forward
+    from worker.layers.decode_kernels import DecodeKernels
+
+    monkeypatch.setattr(slots_mod, "LANES_MAX_SHARE", 4.0)
+    run = interpreted_lora_decode(tmp_path, seed=29, fused=True, lens=(4, 7, 3), which=(2, 0, 1))
+    opts = DecodeKernels(lora_act_shrink=True, lora_term_first=True, lora_norm_shrink=True, lora_k_lanes=True)
+    for term in run.terms:
+        term.decode = "gemm"
+        term.set_decode_kernels(opts)
+    lanes = {t.key for t in run.model.lora_targets() if getattr(t.owner, t.attr).lora.input_lanes()}
+    assert lanes == {"attn.c_attn", "mlp.c_proj"}
+    monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
+    launches = count_launches(monkeypatch)
+    out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
+    layers = run.cfg["num_hidden_layers"]
+    assert launches.count("_expand_rows_partials_kernel") == 0
+    assert launches.count("_expand_rows_kernel") == layers  # attn.c_proj's
+    assert launches.count("_norm_shrink_kernel") == layers and launches.count("_expand_rows_act_kernel") == layers
+    for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
+        worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
+        assert worst <= 1e-4, worst
