@@ -129,8 +129,11 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
     (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials).
     LANES: y's rows go on past N with the consumer's K lanes, into which the row's last program writes h
     (`h_into_lanes`)."""
-    t = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # LANES: a row's tiles launch together (grid [tiles, T]), so each row's last program comes early, not all in the
+    # last wave
+    t = tl.program_id(1 if LANES else 0).to(tl.int64)
+    tile = tl.program_id(0 if LANES else 1)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
@@ -150,10 +153,10 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
     tl.store(y_ptr + t * stride_y + offs_n, act, mask=mask_n)
     if SHRINK:
         h = tl.sum(a2.to(tl.float32) * act.to(tl.float32)[None, :], axis=1)  # [BR2]
-        tl.store(part_ptr + t * stride_pt + tl.program_id(1) * BLOCK_R2 + offs_r2, h)
+        tl.store(part_ptr + t * stride_pt + tile * BLOCK_R2 + offs_r2, h)
         if LANES:
-            h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, y_ptr + t * stride_y + N, slot, tl.num_programs(1),
-                          SLOTS, R2_MAX, BLOCK_R2, BLOCK_T, BLOCK_S)
+            h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, y_ptr + t * stride_y + N, slot, tl.num_programs(0),
+                         SLOTS, R2_MAX, BLOCK_R2, BLOCK_T, BLOCK_S)
 
 
 @triton.jit
@@ -278,7 +281,7 @@ def lora_expand_rows_silu_mul(
     on = active(pdl, out.device)
     a2 = shrink if shrink is not None else b_pool
     counters = row_counters(T, out.device) if lanes else y
-    _expand_rows_act_kernel[(T, tiles)](
+    _expand_rows_act_kernel[(tiles, T) if lanes else (T, tiles)](
         out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, counters,
         N, n_out, S, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2),
         tiles * br2, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
