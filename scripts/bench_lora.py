@@ -226,8 +226,19 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print each graph's kernel times (torch profiler)")
     ap.add_argument("--out", default="", help="JSON of the results (optional)")
+    ap.add_argument(
+        "--lanes-max-share",
+        type=float,
+        default=None,
+        help="worker/adapters/slots.py LANES_MAX_SHARE for this run's pools (which targets get K lanes; e.g. 0.1: "
+        "mlp.c_proj's only at the 7B shape with 32 rank-16 slots)",
+    )
     add_decode_kernels_arg(ap)
     args = ap.parse_args()
+    if args.lanes_max_share is not None:
+        from worker.adapters import slots
+
+        slots.LANES_MAX_SHARE = args.lanes_max_share
     dev = torch.device("cuda", 0)
     pctx = ParallelContext(0, 1, dev)
     model = build_model(args.shape, pctx, "auto")
