@@ -43,7 +43,7 @@ def main() -> None:
         "gemm_act": DecodeKernels(lora_act_shrink=True),  # mlp.c_proj's h from gate|up
         "gemm_term": DecodeKernels(lora_act_shrink=True, lora_term_first=True),  # its term as the GEMM's C
         "gemm_norm": DecodeKernels(lora_act_shrink=True, lora_term_first=True, lora_norm_shrink=True),  # and c_attn's
-        "gemm_lanes": DecodeKernels(  # both h into their consumers' K lanes
+        "gemm_lanes": DecodeKernels(  # and mlp.c_proj's h into its K lanes
             lora_act_shrink=True, lora_term_first=True, lora_norm_shrink=True, lora_k_lanes=True
         ),
     }
@@ -80,7 +80,7 @@ def main() -> None:
     if len(sys.argv) > 3:  # adapters: a mixed batch (base + two adapters) under TP
         from lora_helpers import attach_manager, load
 
-        if lora_decode == "gemm_lanes":  # c_attn's and mlp.c_proj's lanes at these tiny widths
+        if lora_decode == "gemm_lanes":  # mlp.c_proj's lanes at this tiny width
             from worker.adapters import slots as slots_mod
 
             slots_mod.LANES_MAX_SHARE = 4.0

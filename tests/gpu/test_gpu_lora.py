@@ -265,7 +265,7 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
 
         apply_decode_kernels(model, parse_decode_kernels(",".join([*SERVED, *extra])))
         lanes = {t.key for t in model.lora_targets() if getattr(t.owner, t.attr).lora.input_lanes()}
-        assert lanes == ({"mlp.c_proj"} if "lora_k_lanes" in extra else set())  # c_attn's lanes too wide here
+        assert lanes == ({"mlp.c_proj"} if "lora_k_lanes" in extra else set())
     for t in model.lora_targets():
         getattr(t.owner, t.attr).lora.decode = mode
         getattr(t.owner, t.attr).lora.per_sm = per_sm

@@ -1,6 +1,6 @@
-"""LoRA decode's K lanes (DecodeKernels.lora_k_lanes, issue 17, P2): a target's B as extra input columns beside its
+"""LoRA decode's K lanes (DecodeKernels.lora_k_lanes, issue 17, P2): mlp.c_proj's B as extra input columns beside its
 base weight (worker/adapters/slots.py `joint_layout`), h written into its slot's lanes of the GEMM's input by the
-kernel before it (the last program of a row to arrive sums the row's partials: worker/kernels/lora_rows.py
+gate|up launch (the last program of a row to arrive sums the row's partials: worker/kernels/lora_rows.py
 `h_into_lanes`), and the base GEMM over the lanes giving base + term. On the CPU through the Triton interpreter,
 against float64 written here from the definition (y[t] = W x[t] (+ b) + B[s] A[s] x[t])."""
 
@@ -59,10 +59,10 @@ def _target(key: str, lin: torch.nn.Module, modules: tuple[str, ...]) -> SimpleN
     return SimpleNamespace(owner=SimpleNamespace(lin=lin), attr="lin", layer=0, key=key, modules=modules)
 
 
-def test_slot_pool_gives_lanes_to_the_targets_whose_h_a_producer_computes():
-    """c_attn and mlp.c_proj (one part, slots·r_max within LANES_MAX_SHARE of the input width) get lanes and their
-    B pool is a view of them (a write to B shows in the lanes at in + s·r_max + l); attn.c_proj, gate|up (two parts)
-    and a target too narrow for its lanes keep a B of their own."""
+def test_slot_pool_gives_lanes_to_mlp_c_proj_only():
+    """mlp.c_proj (LANE_TARGETS; one part, slots·r_max within LANES_MAX_SHARE of its input width) gets lanes and its
+    B pool is a view of them (a write to B shows in the lanes at in + s·r_max + l); c_attn, attn.c_proj and gate|up
+    keep a B of their own, and so does mlp.c_proj when its lanes would be too wide."""
     targets = [
         _target("attn.c_attn", ColumnParallelLinear(64, [16, 16, 16], True, CPU, torch.float32), ("attn.c_attn",)),
         _target("attn.c_proj", RowParallelLinear(64, 64, False, CPU, torch.float32), ("attn.c_proj",)),
@@ -71,12 +71,11 @@ def test_slot_pool_gives_lanes_to_the_targets_whose_h_a_producer_computes():
     ]
     pool = SlotPool(targets, CPU, torch.float32, max_rank=2, num_slots=2)  # 3 slots x 2 = 6 lanes
     has = {key: pool.joints[(0, key)].lanes is not None for _, key in pool.joints}
-    assert has == {"attn.c_attn": True, "attn.c_proj": False, "mlp.gate_up": False, "mlp.c_proj": True}
-    for key, width in (("attn.c_attn", 64), ("mlp.c_proj", 32)):
-        joint, (_, b) = pool.joints[(0, key)], pool.stacked[(0, key)]
-        assert b.shape == (3, 1, joint.out, 2)
-        b[2, 0, 5, 1] = 7.0
-        assert joint.lanes[5, width + 2 * 2 + 1] == 7.0 and joint.lanes[:, width:].count_nonzero() == 1
+    assert has == {"attn.c_attn": False, "attn.c_proj": False, "mlp.gate_up": False, "mlp.c_proj": True}
+    joint, (_, b) = pool.joints[(0, "mlp.c_proj")], pool.stacked[(0, "mlp.c_proj")]
+    assert b.shape == (3, 1, joint.out, 2)
+    b[2, 0, 5, 1] = 7.0
+    assert joint.lanes[5, 32 + 2 * 2 + 1] == 7.0 and joint.lanes[:, 32:].count_nonzero() == 1
     narrow = SlotPool(targets[3:], CPU, torch.float32, max_rank=4, num_slots=2)  # 12 lanes > a quarter of 32
     assert narrow.joints[(0, "mlp.c_proj")].lanes is None
 
@@ -121,77 +120,41 @@ def test_act_shrink_into_lanes(N, r2, block_n):
         lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, lanes=True)
 
 
-@pytest.mark.parametrize("H,block_n,r_max,residual", [(50, 16, 5, True), (64, 64, 8, False), (37, 16, 3, True)])
-def test_norm_shrink_into_lanes(H, block_n, r_max, residual):
-    """ln_1's launch with lanes: (out, s) equal fused.rms_norm's bit for bit, out is the joint input's first H
-    columns, and each row's lanes hold A[slot] · out (float64) in its slot's lanes, zeros elsewhere; the counters
-    are back at zero."""
-    from worker.kernels.fused import rms_norm
-    from worker.kernels.lora_norm import rms_norm_shrink
-
-    g = torch.Generator().manual_seed(H * r_max)
-    S, T = 4, 6
-    a = torch.randn(S, 1, r_max, H, generator=g) / H**0.5
-    a[0] = 0
-    w = torch.randn(H, generator=g)
-    x = torch.randn(T, H, generator=g)
-    res = torch.randn(T, H, generator=g) if residual else None
-    slots = torch.tensor([1, 0, 3, 2, 3, 1])
-    out, total, joint_in = rms_norm_shrink(x, w, 1e-6, res, a, slots, block_n=block_n, lanes=True)
-    want_out, want_total = rms_norm(x, w, 1e-6, res)
-    assert torch.equal(out, want_out) and torch.equal(total, want_total)
-    assert joint_in.shape == (T, H + S * r_max) and out.data_ptr() == joint_in.data_ptr()
-    h = torch.stack([a[s, 0].double() @ out[t].double() for t, s in enumerate(slots.tolist())])
-    _check_lanes(joint_in, H, h, slots, r_max, S)
-    assert not lora_rows.row_counters(T, x.device).any()
-
-
-@pytest.mark.parametrize("row_parallel", [False, True])
-def test_apply_partials_over_lanes_is_base_plus_term(row_parallel, monkeypatch):
-    """LoraTerm.apply_partials with the producer's joint input (2-D: h in the lanes) runs one GEMM over the lanes:
-    y = W x (+ b) + B[s] A[s] x (float64), for a column-parallel base with a bias and a row-parallel one (its bias
-    added after the reduce by the wrapper, so not here); base rows (slot 0) get the base output."""
-    from worker.kernels.lora_norm import rms_norm_shrink
-
-    g = torch.Generator().manual_seed(11 + row_parallel)
-    H, S, r = 40, 3, 4
-    if row_parallel:
-        lin = RowParallelLinear(H, 24, False, CPU, torch.float32)
-    else:
-        lin = ColumnParallelLinear(H, [8, 8, 8], True, CPU, torch.float32)
-        lin.bias.data.normal_(generator=g)
+def test_apply_partials_over_lanes_is_base_plus_term():
+    """LoraTerm.apply_partials given the producer's joint input (2-D: h, rounded, in each row's slot's lanes, zeros
+    in the others') runs one GEMM over the lanes: y = W x + B[s] h (float64; the row-parallel bias is the wrapper's,
+    after the reduce), never the base alone; base rows (slot 0) get W x."""
+    g = torch.Generator().manual_seed(12)
+    K, N, S, r = 96, 24, 3, 4
+    lin = RowParallelLinear(K, N, False, CPU, torch.float32)
     lin.weight.data.normal_(generator=g)
-    key = "mlp.c_proj" if row_parallel else "attn.c_attn"
-    monkeypatch.setattr(slots_mod, "LANES_MAX_SHARE", 1.0)  # 12 lanes for 40 input columns
-    pool = SlotPool([_target(key, lin, (key,))], CPU, torch.float32, max_rank=r, num_slots=S - 1)
-    joint, (a, b) = pool.joints[(0, key)], pool.stacked[(0, key)]
-    assert joint.lanes is not None
-    a[1:].normal_(generator=g)
+    pool = SlotPool([_target("mlp.c_proj", lin, ("mlp.c_proj",))], CPU, torch.float32, max_rank=r, num_slots=S - 1)
+    joint, (a, b) = pool.joints[(0, "mlp.c_proj")], pool.stacked[(0, "mlp.c_proj")]
+    assert joint.lanes is not None and joint.lane_count() == S * r
     b[1:].normal_(generator=g)
-    a[2, :, 3:] = 0
     b[2, :, :, 3:] = 0
     ranks = torch.tensor([[0, 4, 3]], dtype=torch.int32)
     term = LoraTerm(a, b, ranks, kernels, None, decode="gemm", joint=joint, k_lanes=True)
-    assert term.input_lanes()
+    assert term.input_lanes() and not LoraTerm(a, b, ranks, kernels, None, decode="gemm", joint=joint).input_lanes()
     slots = torch.tensor([2, 0, 1, 1, 2, 0])
-    xn = torch.randn(len(slots), H, generator=g)
-    _, _, joint_in = rms_norm_shrink(xn, torch.ones(H), 1e-6, None, a, slots, block_n=16, lanes=True)
-    x = joint_in[:, :H]
+    joint_in = torch.zeros(len(slots), K + S * r)
+    joint_in[:, :K] = torch.randn(len(slots), K, generator=g)
+    h = torch.randn(len(slots), r, generator=g)
+    for t, s in enumerate(slots.tolist()):
+        joint_in[t, K + s * r : K + (s + 1) * r] = h[t] if s else 0.0
+    x = joint_in[:, :K]
     data = AdapterBatchData.for_decode(slots)
     y = term.apply_partials(lambda: pytest.fail("the base GEMM runs over the lanes"), x, joint_in, data)
     for t, s in enumerate(slots.tolist()):
-        want = lin.weight.double() @ x[t].double()
-        if not row_parallel:
-            want += lin.bias.double()
-        want += b[s, 0].double() @ (a[s, 0].double() @ x[t].double())
+        want = lin.weight.double() @ x[t].double() + (b[s, 0].double() @ h[t].double() if s else 0.0)
         torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
 
 
 def test_model_decode_with_k_lanes_equals_the_reference(tmp_path, monkeypatch):
     """The tiny model (fused kernels, Triton interpreter, lanes let in by LANES_MAX_SHARE) decoding with adapters
-    in "gemm" mode with lora_k_lanes (and the shrinks that produce h): c_attn and mlp.c_proj have lanes, no term
-    launch runs for them (attn.c_proj keeps its one expand), and the logits equal the float64 reference with each
-    adapter merged."""
+    in "gemm" mode with lora_k_lanes and the served kernels around it: mlp.c_proj has lanes and no term launch of its
+    own (c_attn keeps its term-only launch, attn.c_proj its expand), and the logits equal the float64 reference with
+    each adapter merged."""
     from lora_helpers import count_launches, interpreted_lora_decode
     from reference import ref_forward
     from worker.layers.decode_kernels import DecodeKernels
@@ -203,12 +166,12 @@ def test_model_decode_with_k_lanes_equals_the_reference(tmp_path, monkeypatch):
         term.decode = "gemm"
         term.set_decode_kernels(opts)
     lanes = {t.key for t in run.model.lora_targets() if getattr(t.owner, t.attr).lora.input_lanes()}
-    assert lanes == {"attn.c_attn", "mlp.c_proj"}
+    assert lanes == {"mlp.c_proj"}
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)
     launches = count_launches(monkeypatch)
     out = run.paged.step([0, 1, 2], run.seqs, [len(s) - 1 for s in run.seqs], run.alphas, False, run.slots)
     layers = run.cfg["num_hidden_layers"]
-    assert launches.count("_expand_rows_partials_kernel") == 0
+    assert launches.count("_expand_rows_partials_kernel") == layers  # c_attn's term before its GEMM
     assert launches.count("_expand_rows_kernel") == layers  # attn.c_proj's
     assert launches.count("_norm_shrink_kernel") == layers and launches.count("_expand_rows_act_kernel") == layers
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):

@@ -46,8 +46,8 @@ def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path, decod
     lora_act_shrink): mlp.c_proj's h from each rank's own activation columns in the gate|up launch; "gemm_term"
     (lora_term_first too): each rank's term added by its own c_proj GEMM, before the all-reduce; "gemm_norm"
     (lora_norm_shrink too): c_attn's h from ln_1 with the whole A on each rank, its term from the rank's B;
-    "gemm_lanes" (lora_k_lanes too): those h in K lanes, each rank's GEMM over its own lanes (its B rows for c_attn,
-    the whole B for mlp.c_proj, whose h is the rank's partial sum)."""
+    "gemm_lanes" (lora_k_lanes too): mlp.c_proj's h in K lanes, each rank's GEMM over its own lanes (the whole B,
+    times the rank's partial h)."""
     _, results = runs
     ckpt, root = results["paths"]
     single = results[1][0]

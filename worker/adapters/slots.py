@@ -21,12 +21,13 @@ from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.layers.lora import JointWeight, LoraTerm, check_lora_decode, wrap_lora
 from worker.layers.lora_tp import LoraPart, lora_parts
-from worker.models.lora_targets import H_FROM_PRODUCER
+from worker.models.lora_targets import LANE_TARGETS
 from worker.models.qwen import LoraTarget
 
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
 # A joint layout with K lanes rounds its row pitch up to this many elements: the base GEMM over the strided view then
-# ran as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py: c_attn 28.7 vs 28.8 us a layer).
+# ran about as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py: mlp.c_proj 26.5 vs 26.4 us a
+# layer, 1.1 us slower unaligned).
 LANE_ALIGN = 64
 LANES_MAX_SHARE = 0.25  # a target gets K lanes where slots·r_max is at most this share of its input width
 
@@ -62,7 +63,7 @@ def joint_layout(
 
 class SlotPool:
     """A [slots, P, r_max, in] and B [slots, P, out/P, r_max] per (layer, target), this rank's shard: A in the rows
-    below a float base weight, B (one part, a target of H_FROM_PRODUCER, slots·r_max at most a share of its
+    below a float base weight, B (one part, a target of LANE_TARGETS, slots·r_max at most a share of its
     input width: LANES_MAX_SHARE) in K lanes beside it (`joint_layout`), else tensors of their own."""
 
     def __init__(
@@ -86,7 +87,7 @@ class SlotPool:
             ((d_in, d_out),) = dims
             a_shape = (num_slots + 1, len(parts), max_rank, d_in)
             lanes = (num_slots + 1) * max_rank
-            if t.key not in H_FROM_PRODUCER or len(parts) != 1 or lanes > LANES_MAX_SHARE * d_in:
+            if t.key not in LANE_TARGETS or len(parts) != 1 or lanes > LANES_MAX_SHARE * d_in:
                 lanes = 0
             joint = joint_layout(getattr(t.owner, t.attr), a_shape, dtype, pctx.device, lanes)
             if joint is not None:

@@ -13,21 +13,19 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.lora_rows import TILE, h_into_lanes, row_counters
+from worker.kernels.lora_rows import TILE
 from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 
 
 # fmt: off
 @triton.jit
-def _norm_shrink_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, a_ptr, slots_ptr, part_ptr, cnt_ptr, eps, inv_n,
-                        n_cols, SLOTS, stride_x, stride_res, stride_out, stride_sum, stride_as, stride_ar, stride_pt,
+def _norm_shrink_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, a_ptr, slots_ptr, part_ptr, eps, inv_n, n_cols,
+                        stride_x, stride_res, stride_out, stride_sum, stride_as, stride_ar, stride_pt,
                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, R_MAX: tl.constexpr,
-                        BLOCK_R: tl.constexpr, LANES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-                        PDL: tl.constexpr):
+                        BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     """fused.rms_norm's (RMSNorm(s), s = x + residual) for BLOCK_N columns of a row, and this tile's share of the
     consumer's h, Σ_n out[n] · A[slot, r, n] in fp32 over the stored (rounded) values, into part_ptr[t, tile, r].
-    Each program sums the squares of the whole row (as fused.rms_norm does), then writes its own columns. LANES: out's
-    rows go on past n_cols with the consumer's K lanes, into which the row's last program writes h."""
+    Each program sums the squares of the whole row (as fused.rms_norm does), then writes its own columns."""
     t = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -56,9 +54,6 @@ def _norm_shrink_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, a_ptr, slots_pt
     tl.store(out_ptr + t * stride_out + offs_n, out, mask=mask_n)
     h = tl.sum(a.to(tl.float32) * out.to(tl.float32)[None, :], axis=1)  # [BR]
     tl.store(part_ptr + t * stride_pt + tile * BLOCK_R + offs_r, h)
-    if LANES:
-        h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, out_ptr + t * stride_out + n_cols, slot,
-                      tl.num_programs(1), SLOTS, R_MAX, BLOCK_R, BLOCK_T, BLOCK_S)
 # fmt: on
 
 
@@ -71,14 +66,11 @@ def rms_norm_shrink(
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
-    lanes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fused.rms_norm(x, weight, eps, residual) = (out, s), and the consumer's h from out in fp32 partials per tile
     of block_n columns, [T, tiles, next_power_of_2(r_max)] (`lora_expand_rows_partials` / `lora_term_rows_partials`
     sum them), in one launch (DecodeKernels.lora_norm_shrink: c_attn's shrink inside ln_1). a_pool: the consumer's
-    A pool [slots, 1, r_max, H] (lanes past a slot's rank zero, slot 0 all zero), slots: [T], each row's slot.
-    lanes: instead of the partials, the consumer's joint input [T, H + slots·r_max]: out, then each row's h (rounded)
-    in its slot's K lanes and zeros in the others' (DecodeKernels.lora_k_lanes); out is a view of its first columns."""
+    A pool [slots, 1, r_max, H] (lanes past a slot's rank zero, slot 0 all zero), slots: [T], each row's slot."""
     T, H = x.shape
     if (
         weight.shape != (H,)
@@ -99,26 +91,22 @@ def rms_norm_shrink(
         )
     block_n = block_n or TILE["norm_block_n"] or TILE["block_n"]
     tiles = triton.cdiv(H, block_n)
-    S, r_max = a_pool.shape[0], a_pool.shape[2]
-    br = triton.next_power_of_2(r_max)
-    joint = torch.empty(T, H + S * r_max, dtype=x.dtype, device=x.device) if lanes else None
-    out = joint[:, :H] if joint is not None else torch.empty(T, H, dtype=x.dtype, device=x.device)
+    br = triton.next_power_of_2(a_pool.shape[2])
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     total = x if residual is None else torch.empty(T, H, dtype=x.dtype, device=x.device)
     parts = torch.empty(T, tiles, br, dtype=torch.float32, device=x.device)
     if T == 0:
-        return out, total, joint if joint is not None else parts
+        return out, total, parts
     block = triton.next_power_of_2(H)
     on = active(pdl, x.device)
     res = residual if residual is not None else x
-    counters = row_counters(T, x.device) if lanes else slots
     _norm_shrink_kernel[(T, tiles)](
-        x, res, weight, out, total, a_pool, slots, parts, counters, eps, 1.0 / H, H, S, x.stride(0), res.stride(0),
-        out.stride(0), total.stride(0), a_pool.stride(0), a_pool.stride(2), parts.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, BLOCK_N=block_n, R_MAX=r_max, BLOCK_R=br, LANES=lanes,
-        BLOCK_T=triton.next_power_of_2(tiles), BLOCK_S=triton.next_power_of_2(S), PDL=on,
+        x, res, weight, out, total, a_pool, slots, parts, eps, 1.0 / H, H, x.stride(0), res.stride(0), out.stride(0),
+        total.stride(0), a_pool.stride(0), a_pool.stride(2), parts.stride(0), HAS_RESIDUAL=residual is not None,
+        BLOCK=block, BLOCK_N=block_n, R_MAX=a_pool.shape[2], BLOCK_R=br, PDL=on,
         num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
-    return out, total, joint if joint is not None else parts
+    return out, total, parts
 
 
 __all__ = ["rms_norm_shrink"]

@@ -60,11 +60,11 @@ class DecodeKernels:
     each tile also writing its fp32 partials of h: lora_norm.rms_norm_shrink) instead of from A rows in c_attn's
     GEMM, which then is the base GEMM; the term is added from the partials after it, or (with lora_term_first) with
     the bias before it, as the GEMM's C. Served with lora_term_first (faster in every pair); alone it is slower.
-    lora_k_lanes: where a target's B sits in K lanes beside its base weight (worker/adapters/slots.py: c_attn and
-    mlp.c_proj when slots·r_max is at most a quarter of the input width), the kernel that computes its h
-    (lora_norm_shrink's, lora_act_shrink's) writes h, rounded, into its slot's lanes of the GEMM's input (the last
-    program of a row to arrive sums the row's partials), and the base GEMM over the lanes adds the term: no expand
-    launch. y = rn(x·Wᵀ + h·Bᵀ (+ b)), the term unrounded inside the GEMM's fp32 sum."""
+    lora_k_lanes: where mlp.c_proj's B sits in K lanes beside its base weight (worker/adapters/slots.py: when
+    slots·r_max is at most a quarter of its input width), lora_act_shrink's gate|up launch writes h, rounded, into the
+    row's slot's lanes of c_proj's input (the last program of a row to arrive sums the row's partials), and c_proj's
+    base GEMM over the lanes adds the term: no term launch. y = rn(x·Wᵀ + h·Bᵀ), the term unrounded inside the GEMM's
+    fp32 sum."""
 
     pdl: bool = False
     act_gemv: bool = False

@@ -231,8 +231,8 @@ class LoraTerm:
         "gemm" mode): the base matmul alone, as without adapters, then one expand that sums the partials
         (worker/kernels/lora_rows.py). With `term_first` the term (plus the base's bias, a column-parallel one) is
         computed first and the base GEMM over the joint weight's base rows adds it as C (cuBLAS's epilogue: one
-        rounding) instead. Where the producer wrote h into K lanes (`input_lanes`), `parts` is the whole input
-        [T, in + lanes] (x its first columns) and one GEMM over the joint's lanes gives base + term."""
+        rounding) instead. Where the producer wrote h into K lanes (`input_lanes`: apply_silu_mul's), `parts` is the
+        whole input [T, in + lanes] (x its first columns) and one GEMM over the joint's lanes gives base + term."""
         k, slots, joint = self.kernels, data.row_slots, self.joint
         assert k is not None and slots is not None and joint is not None
         bias = joint.bias[: joint.out] if joint.bias is not None else None
@@ -253,8 +253,8 @@ class LoraTerm:
         return self.a_pool
 
     def input_lanes(self) -> bool:
-        """Whether the producer that computes this term's h (`shrink_pool`, `apply_silu_mul`'s `then`) writes it into
-        the input's K lanes instead of partials: `k_lanes` on and the joint layout has lanes (JointWeight.lanes)."""
+        """Whether the producer that computes this term's h (`apply_silu_mul`'s `then`) writes it into the input's K
+        lanes instead of partials: `k_lanes` on and the joint layout has lanes (JointWeight.lanes)."""
         return self.k_lanes and self.joint is not None and self.joint.lanes is not None
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:

@@ -41,16 +41,10 @@ class RMSNorm(nn.Module):
         return self.impl(x, self.weight, self.eps, residual)
 
     def with_shrink(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        a_pool: torch.Tensor,
-        slots: torch.Tensor,
-        lanes: bool = False,
+        self, x: torch.Tensor, residual: torch.Tensor | None, a_pool: torch.Tensor, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward, plus the next linear's adapter h in fp32 partials per tile (DecodeKernels.lora_norm_shrink;
-        the fused path only): a_pool [slots, 1, r_max, H], slots [T] each row's adapter slot; lanes: h in the K lanes
-        of the next linear's joint input instead, which is returned in the partials' place (rms_norm_shrink)."""
+        the fused path only): a_pool [slots, 1, r_max, H], slots [T] each row's adapter slot."""
         from worker.kernels.lora_norm import rms_norm_shrink
 
-        return rms_norm_shrink(x, self.weight, self.eps, residual, a_pool, slots, self.pdl, lanes=lanes)
+        return rms_norm_shrink(x, self.weight, self.eps, residual, a_pool, slots, self.pdl)

@@ -16,10 +16,11 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "mlp.c_proj": ("mlp.c_proj",),
 }
 
-# Targets whose h = x·Aᵀ a kernel before them can compute while writing their input (ln_1's RMSNorm for c_attn,
-# gate|up's activation for mlp.c_proj): their B may sit beside the base weight as extra input columns ("K lanes",
-# worker/adapters/slots.py `joint_layout`), so the base GEMM adds the term itself.
-H_FROM_PRODUCER = ("attn.c_attn", "mlp.c_proj")
+# Targets whose B may sit beside the base weight as extra input columns ("K lanes", worker/adapters/slots.py
+# `joint_layout`), their h = x·Aᵀ written into those lanes by the kernel that writes x (mlp.c_proj's: the gate|up
+# activation), so the base GEMM adds the term itself. c_attn's (h from ln_1's kernel) measured no faster on the H200:
+# its GEMM over 528 lanes took 4 us a layer more than the base (BENCHMARKS.md, 2026-11-30).
+LANE_TARGETS = ("mlp.c_proj",)
 
 
 @dataclass

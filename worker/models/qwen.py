@@ -104,17 +104,15 @@ class FlashQwenAttention(nn.Module):
         self.c_proj.load(weights, f"{prefix}.c_proj")
         self.checkpoint_kv_scales = read_checkpoint_scales(weights, prefix)
 
-    def shrink_pool(self, rows: int, ctx: ForwardContext) -> tuple[torch.Tensor, bool] | None:
-        """c_attn's A pool where its adapter term takes h from the norm before it (LoraTerm.shrink_pool), and whether
-        into its input's K lanes (LoraTerm.input_lanes); else None."""
+    def shrink_pool(self, rows: int, ctx: ForwardContext) -> torch.Tensor | None:
+        """c_attn's A pool where its adapter term takes h from the norm before it (LoraTerm.shrink_pool), else None."""
         term = getattr(self.c_attn, "lora", None)
-        pool = term.shrink_pool(rows, ctx.adapter_data) if term is not None else None
-        return None if term is None or pool is None else (pool, term.input_lanes())
+        return term.shrink_pool(rows, ctx.adapter_data) if term is not None else None
 
     def forward(
         self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # x: [T, H]; parts: c_attn's h from the norm (`shrink_pool`: partials, or its input with K lanes), or None
+        # x: [T, H]; parts: c_attn's adapter h in partials from the norm (`shrink_pool`), or None
         T = x.shape[0]
         if parts is not None:
             qkv = self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
@@ -186,14 +184,13 @@ class FlashQwenLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext, kv: KVLayer | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, H]
-        shrink = self.attn.shrink_pool(x.shape[0], ctx) if self.ln_1.fused else None
+        pool = self.attn.shrink_pool(x.shape[0], ctx) if self.ln_1.fused else None
         parts = None
-        if shrink is None:
+        if pool is None:
             normed, block_in = self.ln_1(x, residual)
         else:  # c_attn's adapter h from ln_1's kernel (DecodeKernels.lora_norm_shrink)
             assert ctx.adapter_data is not None and ctx.adapter_data.row_slots is not None
-            pool, lanes = shrink
-            normed, block_in, parts = self.ln_1.with_shrink(x, residual, pool, ctx.adapter_data.row_slots, lanes)
+            normed, block_in, parts = self.ln_1.with_shrink(x, residual, pool, ctx.adapter_data.row_slots)
         normed, h = self.ln_2(self.attn(normed, ctx, kv, parts), block_in)  # h = block_in + attention
         return self.mlp(normed, ctx), h
 
