@@ -1,6 +1,6 @@
 """The served decode kernel choices (issue 17, P1): `serve --decode-kernels` defaults to the set measured faster
-on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda, lora_term_first, lora_norm_shrink), `none` turns
-them off, a bad name is refused naming it; `where_applies` keeps what changes anything on the shard's device; serve
+on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda, lora_term_first, lora_norm_shrink, lora_k_lanes),
+`none` turns them off, a bad name is refused naming it; `where_applies` keeps what changes anything on the shard's device; serve
 builds the model with them, down to every layer and the attention backend (the paged decode's PDL)."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ MEASURED = DecodeKernels(
     gptq_cuda=True,
     lora_term_first=True,
     lora_norm_shrink=True,
+    lora_k_lanes=True,
 )
 
 
@@ -34,7 +35,9 @@ def test_the_flag_defaults_to_the_measured_set_and_none_turns_it_off():
     assert _parse() == MEASURED
     assert _parse("--decode-kernels", "none") == DecodeKernels()
     assert _parse("--decode-kernels", "act_gemv, pdl") == DecodeKernels(pdl=True, act_gemv=True)
-    assert MEASURED.describe() == "pdl,rope_store,lora_pdl,lora_act_shrink,gptq_cuda,lora_term_first,lora_norm_shrink"
+    assert MEASURED.describe() == (
+        "pdl,rope_store,lora_pdl,lora_act_shrink,gptq_cuda,lora_term_first,lora_norm_shrink,lora_k_lanes"
+    )
     assert DecodeKernels().describe() == "none"
 
 

@@ -26,9 +26,9 @@ from worker.models.qwen import LoraTarget
 
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
 # A joint layout with K lanes rounds its row pitch up to this many elements: the base GEMM over the strided view then
-# ran about as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py: mlp.c_proj 26.5 vs 26.4 us a
-# layer, 1.1 us slower unaligned).
-LANE_ALIGN = 64
+# ran about as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py, mlp.c_proj at batch 32:
+# 26.47 vs 26.40 us a layer at 256, 26.53 vs 26.36 at 64, 27.04 vs 26.33 unaligned), and so did the GEMM over the lanes.
+LANE_ALIGN = 256
 LANES_MAX_SHARE = 0.25  # a target gets K lanes where slots·r_max is at most this share of its input width
 
 

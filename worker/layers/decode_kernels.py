@@ -25,7 +25,16 @@ from torch import nn
 # 5.157 at batch 8, rope_store 4.550 / 5.087; both bit for bit equal to the baseline. act_gemv is faster at
 # M = 1 only (4.567 ms) and sums in another order than cuBLAS (not bitwise: off until a run shows the gain worth
 # it). lora_pdl: see DecodeKernels.
-SERVED = ("pdl", "rope_store", "lora_pdl", "lora_act_shrink", "gptq_cuda", "lora_term_first", "lora_norm_shrink")
+SERVED = (
+    "pdl",
+    "rope_store",
+    "lora_pdl",
+    "lora_act_shrink",
+    "gptq_cuda",
+    "lora_term_first",
+    "lora_norm_shrink",
+    "lora_k_lanes",
+)
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
 
@@ -64,7 +73,8 @@ class DecodeKernels:
     slots·r_max is at most a quarter of its input width), lora_act_shrink's gate|up launch writes h, rounded, into the
     row's slot's lanes of c_proj's input (the last program of a row to arrive sums the row's partials), and c_proj's
     base GEMM over the lanes adds the term: no term launch. y = rn(x·Wᵀ + h·Bᵀ), the term unrounded inside the GEMM's
-    fp32 sum."""
+    fp32 sum. Served: faster in every same-process pair on the H200 (P2 +0.001-0.004 at batch 32, BENCHMARKS.md
+    2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False
