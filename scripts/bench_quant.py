@@ -239,12 +239,6 @@ def main() -> None:
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--kv", action="store_true", help="also P8: Warmup's KV capacity with these weights")
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--gemv-prefetch",
-        default="",
-        help="comma list of worker/kernels/gemv_cuda.py PREFETCH values: the decode rows once per value, same model "
-        "(the CUDA Int4 GEMV's L2 prefetch window)",
-    )
     add_decode_kernels_arg(ap)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -262,13 +256,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             model = build(args.shape, MODES[mode])
             kernels = with_decode_kernels(model, args.decode_kernels)
-            decode = []
-            for pf in [int(v) for v in args.gemv_prefetch.split(",") if v] or [None]:
-                if pf is not None:
-                    from worker.kernels import gemv_cuda
-
-                    gemv_cuda.PREFETCH = pf
-                decode += [dict(r, gemv_prefetch=pf) for r in bench_decode(model, batches, args.ctx, bw)]
+            decode = bench_decode(model, batches, args.ctx, bw)
             entry: dict[str, Any] = dict(decode_kernels=kernels, step_gb=step_bytes(model) / 1e9, decode=decode)
             if args.only is None and not args.no_prefill:
                 from bench import bench_prefill
@@ -298,8 +286,7 @@ def main() -> None:
         for r in entry["decode"]:
             if r.get("graph_ms"):
                 vs = f"x{r['speedup_vs_bf16']:.2f} vs bf16" if "speedup_vs_bf16" in r else "bf16 not run"
-                pf = "" if r.get("gemv_prefetch") is None else f" prefetch {r['gemv_prefetch']}"
-                print(f"P9 {args.shape} {mode:5s} batch {r['batch']:3d}{pf}: step {r['graph_ms']:7.3f} ms, floor"
+                print(f"P9 {args.shape} {mode:5s} batch {r['batch']:3d}: step {r['graph_ms']:7.3f} ms, floor"
                       f" {r['floor_ms']:7.3f} ms, step/floor {r['ratio']:.2f}, {vs}")  # fmt: skip
 
 

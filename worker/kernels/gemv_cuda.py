@@ -30,7 +30,6 @@ CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols)
 MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums stay in 48 KB of shared memory
 MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
-PREFETCH = 0  # gptq4_gemv's L2 prefetch window, chunks a warp (0: off); read at each launch (and CUDA graph capture)
 
 
 def max_chunks(rows: int) -> int:
@@ -69,10 +68,9 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib = ctypes.CDLL(path)
     lib.gptq4_gemv.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
-    args = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
-    lib.gptq4_gemv.argtypes = [*args, i]  # + the prefetch window
+    lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
     lib.gptq4_gemv_rows.restype = ctypes.c_int
-    lib.gptq4_gemv_rows.argtypes = [*args, i]  # + the row count
+    lib.gptq4_gemv_rows.argtypes = [*lib.gptq4_gemv.argtypes, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -125,7 +123,7 @@ def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = N
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
-    code = lib.gptq4_gemv(*args, PREFETCH) if M == 1 else lib.gptq4_gemv_rows(*args, M)
+    code = lib.gptq4_gemv(*args) if M == 1 else lib.gptq4_gemv_rows(*args, M)
     if code:
         raise RuntimeError(f"gptq4_gemv: {lib.gptq4_gemv_error(code).decode()}")
     return y

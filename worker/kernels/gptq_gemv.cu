@@ -15,9 +15,7 @@
 // unpack), so a value costs SHF + LOP3 + FFMA; the 16 joins the zero point: s (sum x (16 + q) - (z + 16) sum x).
 // Split K over blocks: each block stores its fp32 partial, the last to arrive at a column tile sums all partials
 // in split order (deterministic), adds the bias, writes y and resets the tile's counter: one launch.
-// PDL: the first chunk's weights are loaded before griddepcontrol.wait (constant data); x after it. `prefetch` (0: off):
-// the warp's next that many chunks are prefetched into L2 before the wait too, and the window moves on a chunk at
-// each step of the loop.
+// PDL: the first chunk's weights are loaded before griddepcontrol.wait (constant data); x after it.
 //
 // Tried and removed (H200, 2026-11-29): a tensor-core variant, one warp per 32 columns, the packed words used as
 // mma.m16n8k16 B fragments as loaded (one mask-and-or gives the bf16 pair (128 + q_i, 128 + q_(i+4)); x's k order
@@ -80,18 +78,6 @@ __device__ __forceinline__ float chunk_sum(const float* xc) {
   return s;
 }
 
-// L2 prefetch of chunk cp's 16 word rows of the block's columns (a 512-byte segment a row: two 128-byte lines a lane),
-// lines past the row's last column skipped.
-__device__ __forceinline__ void prefetch_chunk(const uint4* qw, int cp, int n4, int N, int lane) {
-  const int line = (lane & 1) * 2;
-  const char* seg =
-      reinterpret_cast<const char*>(qw + (size_t)(cp * kWordRows + (lane >> 1)) * n4 + blockIdx.x * (kCols / 4));
-#pragma unroll
-  for (int l = line; l < line + 2; ++l) {
-    if (blockIdx.x * kCols + l * 32 < N) asm volatile("prefetch.global.L2 [%0];" ::"l"(seg + l * 128));
-  }
-}
-
 // Column i's sum over the block's warps, r: the warps' sums [kWarps][kCols].
 __device__ __forceinline__ float warps_sum(const float* r, int i) {
   float t = r[i];
@@ -121,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, uint32_t mask, int prefetch) {
+    int k_offset, int group_size, int chunks_per_split, int splits, uint32_t mask) {
   extern __shared__ float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = blockIdx.x * kCols + lane * 4;
@@ -139,9 +125,6 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   if (c < c1 && live) {
 #pragma unroll
     for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(c * kWordRows + r) * n4 + (n >> 2));
-  }
-  for (int k = 1; k <= prefetch; ++k) {  // the warp's next chunks into L2 while the previous kernel runs
-    if (c + k * kWarps < c1) prefetch_chunk(qw, c + k * kWarps, n4, N, lane);
   }
   gdc_wait();
   for (int i = threadIdx.x; i < (c1 - c0) * kChunk; i += kThreads) xs[i] = __bfloat162float(x[c0 * kChunk + i]);
@@ -163,8 +146,6 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
 #pragma unroll
       for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(cn * kWordRows + r) * n4 + (n >> 2));
     }
-    const int cp = c + (prefetch + 1) * kWarps;  // the L2 window moves on by one chunk
-    if (prefetch > 0 && cp < c1) prefetch_chunk(qw, cp, n4, N, lane);
     if (live) {
       float part[4] = {0.f, 0.f, 0.f, 0.f};
       const float* xc = xs + (c - c0) * kChunk;
@@ -231,13 +212,13 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
 template <bool kZeros, bool kBias>
 cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                    void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
-                   int chunks_per_split, int splits, int pdl, cudaStream_t stream, int prefetch) {
+                   int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
   Launch l(N, splits, (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
   auto kernel = gptq4_gemv_kernel<kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u, prefetch);
+                            N, K, k_offset, group_size, chunks_per_split, splits, 0x00780000u);
 }
 
 // The same product for MT rows at once (gptq4_gemv_rows, 2 rows): x, its chunk sums and the partials per row, no
@@ -402,11 +383,11 @@ extern "C" int gptq4_gemv_rows(const void* x, const void* qw, const void* scales
 
 extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                           const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                          int group_size, int chunks_per_split, int splits, int pdl, void* stream, int prefetch) {
+                          int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
   auto launch1 = zeros != nullptr ? (bias != nullptr ? launch<true, true> : launch<true, false>)
                                   : (bias != nullptr ? launch<false, true> : launch<false, false>);
   return static_cast<int>(launch1(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                                  chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), prefetch));
+                                  chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream)));
 }
 
 extern "C" const char* gptq4_gemv_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
