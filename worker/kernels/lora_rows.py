@@ -25,6 +25,11 @@ DecodeKernels.lora_term_first: that expand runs before c_proj's GEMM instead, as
 its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (worker/kernels/lora_norm.py) writes
 c_attn's h as fp32 partials the same way; c_attn's GEMM is the base one, its C the term plus the bias.
 
+DecodeKernels.lora_k_lanes: where mlp.c_proj's B sits in K lanes beside its base weight (worker/adapters/slots.py),
+the gate|up launch writes c_proj's input with its h already in place: each row's last program to arrive sums the row's
+partials and writes h, rounded, into the row's slot's lanes (`h_into_lanes`), and c_proj's GEMM over the lanes adds
+the term: no term launch at all.
+
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
 `gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
 steps), so after the wait the program has one memory round trip (h and the base row, together) before its store;
