@@ -24,22 +24,59 @@ import triton.language as tl
 
 from worker.kernels.gptq_reference import gptq_matmul_reference
 
-__all__ = ["GemmTiles", "gptq_matmul", "gptq_matmul_reference", "gptq_gemv", "gptq_gemm", "split_k_for"]
+__all__ = [
+    "GemmTiles",
+    "gptq_dequant_mm",
+    "gptq_dequantize",
+    "gptq_gemm",
+    "gptq_gemv",
+    "gptq_matmul",
+    "gptq_matmul_reference",
+    "split_k_for",
+]
 
 
 # fmt: off
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_OFFSET, BITS: tl.constexpr,
+                  ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows k0 .. k0 + BLOCK_K (those below k_hi) of W for columns offs_n, (q - z) · s in fp32 [BK, BN]."""
+    P: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    zero_shift = (offs_n % P) * BITS  # [BN]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_hi
+    mask_kn = mask_k[:, None] & mask_n[None, :]
+    # each word once: [BK/P, BN] words -> [BK/P, P, BN] values -> [BK, BN] (row kw·P + j)
+    offs_kw = k0 // P + tl.arange(0, BLOCK_K // P)
+    mask_w = (offs_kw[:, None] * P < k_hi) & mask_n[None, :]
+    words = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+    q = (words[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & MAXQ
+    q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+    if GROUP_SIZE > 0:  # the tile's rows share one group: one zero and scale per column
+        g = (K_OFFSET + k0) // GROUP_SIZE
+        zw = tl.load(qz_ptr + g * (N // P) + offs_n // P, mask=mask_n, other=0)  # [BN]
+        z = ((zw >> zero_shift) & MAXQ) + ZERO_OFFSET
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = (q - z[None, :]).to(tl.float32) * s[None, :]
+    else:  # each row's group through g_idx
+        gk = tl.load(g_ptr + offs_k, mask=mask_k, other=0)  # [BK]
+        zw = tl.load(qz_ptr + gk[:, None] * (N // P) + offs_n[None, :] // P, mask=mask_kn, other=0)
+        z = ((zw >> zero_shift[None, :]) & MAXQ) + ZERO_OFFSET
+        s = tl.load(s_ptr + gk[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0).to(tl.float32)
+        w = (q - z).to(tl.float32) * s
+    return w
+
+
 @triton.jit
 def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
                  stride_xm, stride_ym, stride_ys,
                  BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    P: tl.constexpr = 32 // BITS
-    MAXQ: tl.constexpr = (1 << BITS) - 1
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    zero_shift = (offs_n % P) * BITS  # [BN]
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     if BLOCK_M == 1:
@@ -49,25 +86,8 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        # each word once: [BK/P, BN] words -> [BK/P, P, BN] values -> [BK, BN] (row kw·P + j)
-        offs_kw = k0 // P + tl.arange(0, BLOCK_K // P)
-        mask_w = (offs_kw[:, None] * P < k_hi) & mask_n[None, :]
-        words = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-        q = (words[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & MAXQ
-        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
-        if GROUP_SIZE > 0:  # the tile's rows share one group: one zero and scale per column
-            g = (K_OFFSET + k0) // GROUP_SIZE
-            zw = tl.load(qz_ptr + g * (N // P) + offs_n // P, mask=mask_n, other=0)  # [BN]
-            z = ((zw >> zero_shift) & MAXQ) + ZERO_OFFSET
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = (q - z[None, :]).to(tl.float32) * s[None, :]
-        else:  # each row's group through g_idx
-            gk = tl.load(g_ptr + offs_k, mask=mask_k, other=0)  # [BK]
-            zw = tl.load(qz_ptr + gk[:, None] * (N // P) + offs_n[None, :] // P, mask=mask_kn, other=0)
-            z = ((zw >> zero_shift[None, :]) & MAXQ) + ZERO_OFFSET
-            s = tl.load(s_ptr + gk[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0).to(tl.float32)
-            w = (q - z).to(tl.float32) * s
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_OFFSET, BITS, ZERO_OFFSET,
+                          GROUP_SIZE, BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
             x1 = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
             acc1 += tl.sum(x1[:, None] * w, axis=0)
@@ -82,6 +102,20 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, K_OFFSET, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W [K, N] in w's dtype: one [BLOCK_K, BLOCK_N] tile a program, each value rounded once."""
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, K, offs_n, mask_n, N, K_OFFSET, BITS, ZERO_OFFSET, GROUP_SIZE,
+                      BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(offs_k < K)[:, None] & mask_n[None, :])
 # fmt: on
 
 
@@ -199,6 +233,54 @@ def gptq_gemm(
     if tiles is None:
         tiles = GemmTiles(block_m=64 if x.shape[0] <= 64 else 128, block_n=128, block_k=32, num_warps=8, num_stages=3)
     return _launch(x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias, tiles, 1, group_size, k_offset)
+
+
+def gptq_dequantize(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    zero_offset: int = 1,
+    group_size: int = 0,
+    k_offset: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    block_k: int = 64,
+    block_n: int = 128,
+) -> torch.Tensor:
+    """W [K, N] in `dtype`, the reference's `dequantize` (each value (q - z) · s in fp32, rounded once) in one launch;
+    group_size / k_offset: the same hint as gptq_gemv's."""
+    P = 32 // bits
+    K, N = qweight.shape[0] * P, qweight.shape[1]
+    if block_k % P:
+        raise ValueError(f"gptq_dequantize: block_k {block_k} is not a whole number of {P}-row words")
+    w = torch.empty(K, N, dtype=dtype, device=qweight.device)
+    gs = _group_size_const(g_idx, group_size, k_offset, block_k, block_k)
+    grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    _dequant_kernel[grid](
+        qweight, qzeros, scales, g_idx, w, N, K, k_offset, BITS=bits, ZERO_OFFSET=zero_offset, GROUP_SIZE=gs,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    return w
+
+
+def gptq_dequant_mm(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    zero_offset: int = 1,
+    bias: torch.Tensor | None = None,
+    group_size: int = 0,
+    k_offset: int = 0,
+) -> torch.Tensor:
+    """Prefill-sized M: W dequantized once into x's dtype (gptq_dequantize), then cuBLAS, the bias in its epilogue:
+    the reference's W and a matmul in x's dtype, at the dense GEMM's rate (the dequantization reads 1/4 (Int4) of
+    the bytes the GEMM then reads)."""
+    w = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, group_size, k_offset, x.dtype)
+    return torch.addmm(bias, x, w) if bias is not None else x @ w
 
 
 def gptq_matmul(
