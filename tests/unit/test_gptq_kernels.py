@@ -80,6 +80,51 @@ def test_group_hint_on_a_row_shard_that_is_not_whole_groups(bits):
     assert (wrong - ref).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "k", "bits", "gs", "act"), [(40, 72, 4, 24, False), (56, 64, 8, 16, True),
+                                                          (24, 96, 4, -1, False), (136, 48, 4, 16, True)])  # fmt: skip
+def test_dequantize_equals_the_reference_bit_for_bit(n, k, bits, gs, act, dtype):
+    """gptq_dequantize's W is the reference's `dequantize` exactly (each value (q - z) · s in fp32, rounded once):
+    awkward N and K against the tiles, act order (g_idx), no grouping, the group hint where tiles align; and on a
+    row shard that is not whole groups (k_offset) with the hint."""
+    from worker.kernels.gptq import gptq_dequantize
+    from worker.quant.gptq_format import dequantize
+
+    q = _quant(n, k, bits, gs, act, seed=n + k)
+    scales = q.scales.to(dtype)
+    want = dequantize(q.qweight, q.qzeros, scales, q.g_idx, bits, 1, dtype)
+    for block_k, block_n in ((16, 32), (32, 64)):
+        got = gptq_dequantize(q.qweight, q.qzeros, scales, q.g_idx, bits, 1, dtype=dtype, block_k=block_k,
+                              block_n=block_n)  # fmt: skip
+        assert got.shape == (k, n) and got.dtype == dtype and torch.equal(got, want)
+    if not act and gs > 0 and gs % 16 == 0:
+        got = gptq_dequantize(q.qweight, q.qzeros, scales, q.g_idx, bits, 1, gs, 0, dtype, block_k=16, block_n=32)
+        assert torch.equal(got, want)
+    if not act and gs == 24:  # rows [48, 72) of groups of 24 read with the hint at tiles of 8 rows
+        p = 32 // bits
+        got = gptq_dequantize(q.qweight[48 // p :], q.qzeros, scales, q.g_idx[48:], bits, 1, gs, 48, dtype,
+                              block_k=8, block_n=32)  # fmt: skip
+        assert torch.equal(got, want[48:])
+
+
+@pytest.mark.parametrize(("m", "bits", "act"), [(17, 4, False), (37, 8, True)])
+def test_matmul_above_16_rows_dequantizes_then_multiplies(monkeypatch, m, bits, act):
+    """gptq_matmul: up to 16 rows the split-K kernel, above that W dequantized once and a dense matmul with the bias
+    in its epilogue; both within fp32 rounding of the reference."""
+    from worker.kernels import gptq
+
+    q = _quant(40, 64, bits, 16, act, seed=m)
+    bias = torch.randn(40)
+    calls = []
+    real = gptq.gptq_dequantize
+    monkeypatch.setattr(gptq, "gptq_dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for rows in (16, m):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+        args = (x, q.qweight, q.qzeros, q.scales, q.g_idx, bits, 1, bias)
+        within(gptq.gptq_matmul(*args, group_size=0 if act else 16), gptq_matmul_reference(*args), TOL[torch.float32])
+        assert len(calls) == (rows > 16)
+
+
 def test_v2_zero_offset():
     q = _quant(16, 32, 4, 16, False, seed=5)
     x = torch.randn(1, 32)

@@ -5,7 +5,8 @@ One kernel, two launch shapes:
           tensor cores needed for a memory-bound GEMV), 2..16 rows use tl.dot on a 16-row tile. Each split
           writes an fp32 plane, the planes are summed once (deterministic: no atomics).
   prefill (M > 16): tiled GEMM. grid (M tiles, N tiles, 1), the whole K per program, tl.dot, output in x's
-          dtype with the bias fused.
+          dtype with the bias fused. gptq_matmul instead dequantizes W into x's dtype (one launch of the same
+          per-tile dequantization) and calls cuBLAS there: measured faster at every M above 16.
 Dequantization is fused: a qweight word holds P = 32 / bits rows of a column (row r·P + j in bits
 [bits·j, bits·(j+1))); each row's group comes from g_idx (act order, or a row-parallel shard whose rows are
 not whole groups), or, when the rows of a K tile are known to share one group (GROUP_SIZE > 0: no act
@@ -295,8 +296,11 @@ def gptq_matmul(
     group_size: int = 0,
     k_offset: int = 0,
 ) -> torch.Tensor:
-    """x [M, K] -> [M, N]: the GEMV for M <= 16, the GEMM above (the layers' entry point on CUDA)."""
+    """x [M, K] -> [M, N]: the split-K GEMV for M <= 16, above that W dequantized then cuBLAS (gptq_dequant_mm; the
+    layers' entry point on CUDA). On the H200 (7B linears, scripts/bench_quant.py --only linears) dequantize + cuBLAS
+    beat the tiled GEMM (gptq_gemm) at every M from 24 to 8,192, 1.3-2.9x (mlp.c_proj at M = 32: 107 vs 267 us;
+    at 8,192 all four linears within 2-10 % of bf16 cuBLAS), and split K at M >= 32 on the sum of the four."""
     args = (x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias)
     if x.shape[0] <= 16:
         return gptq_gemv(*args, group_size=group_size, k_offset=k_offset)
-    return gptq_gemm(*args, group_size=group_size, k_offset=k_offset)
+    return gptq_dequant_mm(*args, group_size=group_size, k_offset=k_offset)
