@@ -109,8 +109,8 @@ def test_dequantize_equals_the_reference_bit_for_bit(n, k, bits, gs, act, dtype)
 
 @pytest.mark.parametrize(("m", "bits", "act"), [(17, 4, False), (37, 8, True)])
 def test_matmul_above_16_rows_dequantizes_then_multiplies(monkeypatch, m, bits, act):
-    """gptq_matmul: up to 16 rows the split-K kernel, above that W dequantized once and a dense matmul with the bias
-    in its epilogue; both within fp32 rounding of the reference."""
+    """gptq_matmul: up to 16 rows the split-K kernel (within fp32 rounding of the reference), above that W dequantized
+    once, a dense matmul and the bias add: the reference's own operations, so its values exactly."""
     from worker.kernels import gptq
 
     q = _quant(40, 64, bits, 16, act, seed=m)
@@ -121,8 +121,9 @@ def test_matmul_above_16_rows_dequantizes_then_multiplies(monkeypatch, m, bits, 
     for rows in (16, m):
         x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
         args = (x, q.qweight, q.qzeros, q.scales, q.g_idx, bits, 1, bias)
-        within(gptq.gptq_matmul(*args, group_size=0 if act else 16), gptq_matmul_reference(*args), TOL[torch.float32])
-        assert len(calls) == (rows > 16)
+        out, ref = gptq.gptq_matmul(*args, group_size=0 if act else 16), gptq_matmul_reference(*args)
+        within(out, ref, TOL[torch.float32])
+        assert len(calls) == (rows > 16) and (rows <= 16 or torch.equal(out, ref))
 
 
 def test_v2_zero_offset():
