@@ -16,7 +16,10 @@ pytestmark = [
 CFG = {**TINY, "seq_length": 8, "kv_channels": 16}
 
 
-def test_nccl_equals_single(tmp_path):
+@pytest.mark.parametrize("lora", ["torch", "gemm_lanes"])
+def test_nccl_equals_single(tmp_path, lora):
+    """lora: the adapters' PyTorch path, or the served "gemm" kernels compiled (fused kernels, every LoRA decode
+    kernel up to mlp.c_proj's K lanes) on each rank, against world size 1 on the same path."""
     from tp_worker import run_world
 
     state = random_checkpoint(CFG, seed=11)
@@ -25,6 +28,8 @@ def test_nccl_equals_single(tmp_path):
     write_adapter(root, "a4", CFG, 4, 8, seed=1)
     write_adapter(root, "a16", CFG, 16, 16, seed=2)
     env = dict(QWEN_TEST_DEVICE="cuda", QWEN_TEST_BACKEND="triton")
+    if lora != "torch":
+        env.update(QWEN_TEST_LORA_BACKEND="triton", QWEN_TEST_LORA_DECODE=lora)
     worlds = [w for w in (2, 4) if w <= torch.cuda.device_count()]
     single = run_world(ckpt, str(tmp_path / "w1"), 1, root, **env)[0]
     for w in worlds:
