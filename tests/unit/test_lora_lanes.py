@@ -1,7 +1,7 @@
 """LoRA decode's K lanes (DecodeKernels.lora_k_lanes, issue 17, P2): mlp.c_proj's B as extra input columns beside its
 base weight (worker/adapters/slots.py `joint_layout`), h written into its slot's lanes of the GEMM's input by the
 gate|up launch (the last program of a row to arrive sums the row's partials: worker/kernels/lora_rows.py
-`h_into_lanes`), and the base GEMM over the lanes giving base + term. On the CPU through the Triton interpreter,
+`_h_into_lanes`), and the base GEMM over the lanes giving base + term. On the CPU through the Triton interpreter,
 against float64 written here from the definition (y[t] = W x[t] (+ b) + B[s] A[s] x[t])."""
 
 from __future__ import annotations
@@ -177,3 +177,21 @@ def test_model_decode_with_k_lanes_equals_the_reference(tmp_path, monkeypatch):
     for s, p, a, o in zip(run.seqs, run.prompts, run.which, out):
         worst = (o[-1].double() - ref_forward(run.merged[a], run.cfg, s, prompt_len=len(p))[-1]).abs().max().item()
         assert worst <= 1e-4, worst
+
+
+def test_row_counters_grow_without_freeing_the_smaller_buffer():
+    """A batch larger than the counters buffer gets a new one and the old one stays alive (a CUDA graph captured
+    with it keeps writing there); batches that fit share the current one."""
+    import gc
+    import weakref
+
+    device = torch.device("cpu")
+    lora_rows._COUNTERS.pop(device, None)
+    small = lora_rows.row_counters(9, device)
+    assert small.shape == (64,) and not small.any() and lora_rows.row_counters(64, device) is small
+    old = weakref.ref(small)
+    big = lora_rows.row_counters(100, device)
+    assert big.shape == (128,) and big is not small and lora_rows.row_counters(20, device) is big
+    del small
+    gc.collect()
+    assert old() is not None  # still referenced by the module

@@ -27,7 +27,7 @@ c_attn's h as fp32 partials the same way; c_attn's GEMM is the base one, its C t
 
 DecodeKernels.lora_k_lanes: where mlp.c_proj's B sits in K lanes beside its base weight (worker/adapters/slots.py),
 the gate|up launch writes c_proj's input with its h already in place: each row's last program to arrive sums the row's
-partials and writes h, rounded, into the row's slot's lanes (`h_into_lanes`), and c_proj's GEMM over the lanes adds
+partials and writes h, rounded, into the row's slot's lanes (`_h_into_lanes`), and c_proj's GEMM over the lanes adds
 the term: no term launch at all.
 
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
@@ -100,8 +100,8 @@ def _add_term(y0, b, h):
 
 
 @triton.jit
-def h_into_lanes(part_row, cnt_ptr, lanes_row, slot, tiles, SLOTS, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+def _h_into_lanes(part_row, cnt_ptr, lanes_row, slot, tiles, SLOTS, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
     """After a program stored its partials of row t's h (part_row [tiles, BLOCK_R] fp32), the last of the row's
     `tiles` programs to arrive (cnt_ptr: the row's counter, which it resets) sums them in tile order (as
     lora_expand_rows_partials does) and writes h, rounded to the row's dtype, into the row's K lanes: its slot's
@@ -133,7 +133,7 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
     SHRINK: also this tile's share of the consumer's h, Σ_n y[t, n] · A2[slot, r, n] in fp32 over the stored
     (rounded) values, into part_ptr[t, tile, r] (the consumer's expand sums the tiles: lora_expand_rows_partials).
     LANES: y's rows go on past N with the consumer's K lanes, into which the row's last program writes h
-    (`h_into_lanes`)."""
+    (`_h_into_lanes`)."""
     # LANES: a row's tiles launch together (grid [tiles, T]), so each row's last program comes early, not all in the
     # last wave
     t = tl.program_id(1 if LANES else 0).to(tl.int64)
@@ -160,7 +160,7 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
         h = tl.sum(a2.to(tl.float32) * act.to(tl.float32)[None, :], axis=1)  # [BR2]
         tl.store(part_ptr + t * stride_pt + tile * BLOCK_R2 + offs_r2, h)
         if LANES:
-            h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, y_ptr + t * stride_y + N, slot, tl.num_programs(0),
+            _h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, y_ptr + t * stride_y + N, slot, tl.num_programs(0),
                          SLOTS, R2_MAX, BLOCK_R2, BLOCK_T, BLOCK_S)
 
 
@@ -297,17 +297,18 @@ def lora_expand_rows_silu_mul(
     return y, joint if joint is not None else parts
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def row_counters(rows: int, device: torch.device) -> torch.Tensor:
-    """One int32 arrival counter per row for the K-lanes producers (`h_into_lanes`): zero between launches, since
-    each row's last program resets its own, so launches in one stream share one buffer per device (grown to a
-    power of two; the first call at a size comes before any CUDA graph capture at it: the eager warm-up)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.shape[0] < rows:
-        _COUNTERS[device] = have = torch.zeros(triton.next_power_of_2(max(rows, 64)), dtype=torch.int32, device=device)
-    return have
+    """One int32 arrival counter per row for the K-lanes producer (`_h_into_lanes`): zero between launches, since
+    each row's last program resets its own, so launches in one stream share one buffer per device. A larger batch
+    gets a larger buffer (a power of two) and the smaller ones stay alive: CUDA graphs captured with them keep
+    their addresses."""
+    have = _COUNTERS.setdefault(device, [])
+    if not have or have[-1].shape[0] < rows:
+        have.append(torch.zeros(triton.next_power_of_2(max(rows, 64)), dtype=torch.int32, device=device))
+    return have[-1]
 
 
 def lora_expand_rows_partials(
