@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.fused import silu_mul_rn
+from worker.kernels.paged_decode import DecodeWorkspace
 from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_options
 
 # The expands' tile: BLOCK_N columns of one row per program, num_warps; rms_norm_shrink's columns a program (0: the
@@ -297,18 +298,14 @@ def lora_expand_rows_silu_mul(
     return y, joint if joint is not None else parts
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_COUNTERS = DecodeWorkspace()  # the K-lanes producer's own buffers (not the attention's)
 
 
 def row_counters(rows: int, device: torch.device) -> torch.Tensor:
     """One int32 arrival counter per row for the K-lanes producer (`_h_into_lanes`): zero between launches, since
-    each row's last program resets its own, so launches in one stream share one buffer per device. A larger batch
-    gets a larger buffer (a power of two) and the smaller ones stay alive: CUDA graphs captured with them keep
-    their addresses."""
-    have = _COUNTERS.setdefault(device, [])
-    if not have or have[-1].shape[0] < rows:
-        have.append(torch.zeros(triton.next_power_of_2(max(rows, 64)), dtype=torch.int32, device=device))
-    return have[-1]
+    each row's last program resets its own, so launches in one stream share one buffer per device; a larger one
+    leaves the smaller alive for the CUDA graphs captured with it (DecodeWorkspace)."""
+    return _COUNTERS.counters(rows, device)
 
 
 def lora_expand_rows_partials(
