@@ -195,3 +195,36 @@ def test_row_counters_grow_without_freeing_the_smaller_buffer():
     del small
     gc.collect()
     assert old() is not None  # still referenced by the module
+
+
+def test_lanes_after_eviction_and_a_lower_rank_refill(tmp_path, monkeypatch):
+    """A slot freed and refilled with a lower-rank adapter: mlp.c_proj's B, a view of the weight's K lanes, holds
+    the new adapter's B (times its scale) in the first lanes and zeros past its rank, so the GEMM over the lanes adds
+    nothing from the evicted adapter; the base weight beside the lanes is untouched."""
+    from helpers import TINY
+    from lora_helpers import attach_manager, load, write_adapter
+    from worker.config import QwenConfig
+    from worker.models.qwen import FlashQwenForCausalLM
+    from worker.pb import generate_pb2 as pb
+
+    monkeypatch.setattr(slots_mod, "LANES_MAX_SHARE", 4.0)
+    model = FlashQwenForCausalLM(QwenConfig.from_dict(TINY), CPU, torch.float32)
+    model.transformer.layers()[0].mlp.c_proj.weight.data.normal_()
+    base = model.transformer.layers()[0].mlp.c_proj.weight.clone()
+    root = str(tmp_path)
+    write_adapter(root, "r16", TINY, 16, 16, seed=1)
+    tensors, _ = write_adapter(root, "r4", TINY, 4, 8, seed=2)  # alpha 8, rank 4: scale 2
+    (key,) = [k for k in tensors if ".h.0.mlp.c_proj.lora_B" in k]
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=1)
+    load(mgr, 1, "r16")
+    slot = mgr.entries[1].slot
+    mgr.offload(pb.OffloadAdapterRequest(adapter_index=1))
+    load(mgr, 2, "r4")
+    assert mgr.entries[2].slot == slot
+    c_proj = model.transformer.layers()[0].mlp.c_proj
+    joint, b = c_proj.lora.joint, c_proj.lora.b_pool
+    assert joint is not None and joint.lanes is not None and b.data_ptr() >= joint.lanes.data_ptr()
+    width = joint.weight.shape[1]
+    lanes = joint.lanes[:, width:].view(joint.out, -1, 16)[:, slot]  # [out, r_max] of the slot
+    torch.testing.assert_close(lanes[:, :4], tensors[key].float() * 2.0, atol=1e-6, rtol=1e-6)
+    assert not lanes[:, 4:].any() and torch.equal(c_proj.base.weight, base)
