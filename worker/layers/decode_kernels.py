@@ -73,8 +73,8 @@ class DecodeKernels:
     slots·r_max is at most a quarter of its input width), lora_act_shrink's gate|up launch writes h, rounded, into the
     row's slot's lanes of c_proj's input (the last program of a row to arrive sums the row's partials), and c_proj's
     base GEMM over the lanes adds the term: no term launch. y = rn(x·Wᵀ + h·Bᵀ), the term unrounded inside the GEMM's
-    fp32 sum. Served: faster in every same-process pair on the H200 (P2 +0.001-0.004 at batch 32, BENCHMARKS.md
-    2026-11-30)."""
+    fp32 sum. Served: never slower in a same-process pair on the H200, 0-0.03 ms a step faster (P2 +0.000-0.004 at
+    batch 32, BENCHMARKS.md 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False
