@@ -128,11 +128,12 @@ def bench_decode(model: Any, batches: list[int], ctx: int, bw: float) -> list[di
 
 
 def bench_linears(batches: list[int]) -> list[dict[str, Any]]:
-    """Per 7B linear: ms of bf16 F.linear, the GPTQ kernel at Int4/Int8 and FP8 _scaled_mm, per M."""
+    """Per 7B linear: ms of bf16 F.linear, the GPTQ matmul at Int4/Int8 (above 16 rows also the split-K and tiled
+    kernels it does not serve there) and FP8 _scaled_mm, per M."""
     import triton
 
     from worker.kernels.fp8_matmul import w8a16_matmul
-    from worker.kernels.gptq import GemmTiles, gptq_dequant_mm, gptq_gemv, gptq_matmul
+    from worker.kernels.gptq import GemmTiles, gptq_gemm, gptq_gemv, gptq_matmul
     from worker.quant.fp8 import fp8_matmul_scaled_mm, quantize_rows
 
     rows = []
@@ -153,22 +154,13 @@ def bench_linears(batches: list[int]) -> list[dict[str, Any]]:
             row["bf16_ms"] = cuda_time(lambda: torch.nn.functional.linear(x, w), iters=50) * 1e3  # noqa: B023
             for bits, args in packed.items():
                 row[f"int{bits}_ms"] = cuda_time(lambda: gptq_matmul(x, *args, group_size=128), iters=50) * 1e3  # noqa: B023
-                if m > 16:  # the candidates for M > 16: split K with the rows in one tile, dequantize + cuBLAS
+                if m > 16:  # int{bits}_ms is the served dequantize + cuBLAS; the other candidates beside it
                     split = GemmTiles(min(64, triton.next_power_of_2(m)), 64, 64, 4, 2)
-                    row[f"int{bits}_splitk_ms"] = (
-                        cuda_time(
-                            lambda: gptq_gemv(x, *args, group_size=128, tiles=split),  # noqa: B023
-                            iters=50,
-                        )
-                        * 1e3
-                    )
-                    row[f"int{bits}_dequant_ms"] = (
-                        cuda_time(
-                            lambda: gptq_dequant_mm(x, *args, group_size=128),  # noqa: B023
-                            iters=50,
-                        )
-                        * 1e3
-                    )
+                    for label, run in (
+                        ("splitk", lambda: gptq_gemv(x, *args, group_size=128, tiles=split)),  # noqa: B023
+                        ("tiled", lambda: gptq_gemm(x, *args, group_size=128)),  # noqa: B023
+                    ):
+                        row[f"int{bits}_{label}_ms"] = cuda_time(run, iters=50) * 1e3
             row["fp8_scaled_mm_ms"] = cuda_time(lambda: fp8_matmul_scaled_mm(x, wq, ws[:, 0]), iters=50) * 1e3  # noqa: B023
             if m <= 16:
                 row["fp8_w8a16_ms"] = cuda_time(lambda: w8a16_matmul(x, wq, ws[:, 0]), iters=50) * 1e3  # noqa: B023
