@@ -141,3 +141,53 @@ def test_h_into_lanes_bf16_eager_and_graphed():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(g_joint, eager) and not row_counters(T, CUDA).any()
+
+
+@pytest.mark.parametrize("programs", [132, 264, 528])
+def test_persistent_launches_bf16(programs):
+    """The persistent launches (a fixed number of programs streaming the work items) at 7B widths in bf16, PDL on
+    (batch 33, 32 rank-16 adapters and a base row): the gate|up launch with lanes, attn.c_proj's expand and c_attn's
+    term (with its bias) equal the per-tile launches bit for bit, in a CUDA graph too; the row counters end at zero."""
+    from worker.kernels.lora_rows import row_counters
+
+    g = torch.Generator(device=CUDA).manual_seed(programs)
+    S, R, T, H, N, Q = 33, 16, 33, 4096, 11008, 12288
+    bf = torch.bfloat16
+    weight = (torch.randn(2 * N + S * 2 * R, H, device=CUDA, generator=g) * H**-0.5).to(bf)
+    b = (torch.randn(S, 2, N, R, device=CUDA, generator=g) * R**-0.5).to(bf)
+    a2 = (torch.randn(S, 1, R, N, device=CUDA, generator=g) * N**-0.5).to(bf)
+    b_o = (torch.randn(S, 1, H, R, device=CUDA, generator=g) * R**-0.5).to(bf)
+    b_q = (torch.randn(S, 1, Q, R, device=CUDA, generator=g) * R**-0.5).to(bf)
+    for t in (weight[2 * N :].view(S, 2, R, H), b, a2, b_o, b_q):
+        t[0].zero_()
+    ranks = torch.full((2, S), R, dtype=torch.int32, device=CUDA)
+    ranks[:, 0] = 0
+    slots = torch.tensor([0, *range(1, T)], device=CUDA)
+    out = torch.nn.functional.linear(torch.randn(T, H, device=CUDA, generator=g).to(bf), weight)
+    out_o = torch.randn(T, H + S * R, device=CUDA, generator=g).to(bf)
+    parts = torch.randn(T, 2, R, device=CUDA, generator=g) * 0.1
+    bias = torch.randn(Q, device=CUDA, generator=g).to(bf)
+
+    def launch(n):
+        act, joint = kernels.lora_expand_rows_silu_mul(
+            out, 2 * N, b, ranks, slots, pdl=True, shrink=a2, lanes=True, programs=n
+        )
+        y_o = kernels.lora_expand_rows(out_o, H, b_o, ranks[:1], slots, pdl=True, programs=n)
+        term = kernels.lora_term_rows_partials(parts, b_q, ranks[:1], slots, pdl=True, bias=bias, programs=n)
+        return joint, y_o, term
+
+    want = [t.clone() for t in launch(0)]
+    got = launch(programs)
+    torch.cuda.synchronize()
+    assert not row_counters(T, CUDA).any()
+    for w, t in zip(want, got):
+        assert torch.equal(w, t)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = launch(programs)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for w, t in zip(want, g_out):
+            assert torch.equal(w, t)
+    assert not row_counters(T, CUDA).any()
