@@ -48,18 +48,14 @@ def unwrap_lora(model) -> None:
 
 
 def parse_variant(label: str) -> tuple[str, list[str], dict[str, int], list[str]]:
-    """A --modes entry MODE[+KERNEL...][@BNxW[xNORM_BN[xPROGS[xTERM_PROGS]]]][-off=KEY+KEY...] -> (LoraTerm decode mode,
-    DecodeKernels fields switched on besides the benchmark's, the lora_rows.TILE entries it sets (the expands'
-    block_n and num_warps, lora_norm_shrink's norm_block_n, the persistent launches' programs per SM; the
-    others keep the served tile), the targets left without their term)."""
+    """A --modes entry MODE[+KERNEL...][@BNxW[xNORM_BN]][-off=KEY+KEY...] -> (LoraTerm decode mode, DecodeKernels
+    fields switched on besides the benchmark's, the lora_rows.TILE entries it sets (the expands' block_n and
+    num_warps, lora_norm_shrink's norm_block_n; the others keep the served tile), the targets left without their
+    term)."""
     rest, _, off = label.partition("-off=")
     rest, _, tile = rest.partition("@")
     mode, *extra = rest.split("+")
-    sizes = (
-        dict(zip(("block_n", "num_warps", "norm_block_n", "programs", "term_programs"), map(int, tile.split("x"))))
-        if tile
-        else {}
-    )
+    sizes = dict(zip(("block_n", "num_warps", "norm_block_n"), map(int, tile.split("x")))) if tile else {}
     return mode, extra, sizes, off.split("+") if off else []
 
 
@@ -220,11 +216,10 @@ def main() -> None:
         "--modes",
         default="side_store,gemm",
         help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
-        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv; "
-        "MODE@BNxW[xNORM_BN[xPROGS[xTERM_PROGS]]]: the expands' tile, e.g. gemm@128x4, and the persistent launches' "
-        "programs per SM (gate|up; the other expands), e.g. gemm@256x4x2048x4x2; MODE-off=KEY+KEY: without those "
-        "targets' term, e.g. gemm-off=attn.c_proj+mlp.c_proj). The served mode runs last (added if it is not) and its "
-        "graphs run P3's generate",
+        "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv; MODE@BNxW: the "
+        "expands' tile, e.g. gemm@128x4; MODE-off=KEY+KEY: without those targets' term, e.g. "
+        "gemm-off=attn.c_proj+mlp.c_proj). The served mode runs last (added if it is not) and its graphs run P3's "
+        "generate",
     )
     ap.add_argument("--ctx", type=int, default=512, help="the P2 rows' context (P3's is --prompt)")
     ap.add_argument("--peer-steps", type=int, default=8, help="decode steps the peer runs (then extrapolated)")

@@ -120,35 +120,6 @@ def test_act_shrink_into_lanes(N, r2, block_n):
         lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, lanes=True)
 
 
-@pytest.mark.parametrize("programs", [1, 4, 7])
-@pytest.mark.parametrize("mode", ["plain", "shrink", "lanes"])
-def test_persistent_act_launch_equals_per_tile(mode, programs):
-    """The persistent gate|up launch (a fixed number of programs, each streaming work items and loading the next
-    item's data before computing the current) writes the same activation, partials and lanes as the launch with a
-    program per (row, tile), bit for bit, for program counts that divide the items or not (7 of 15), down to one
-    program doing all; its row counters are back at zero."""
-    from worker.kernels.lora_rows import lora_expand_rows_silu_mul
-
-    g = torch.Generator().manual_seed(programs)
-    S, K, r_max, N, r2, block_n = 3, 29, 8, 37, 12, 16
-    ranks = torch.tensor([[0, r_max, 5], [0, 3, r_max]], dtype=torch.int32)
-    a = torch.randn(S, 2, r_max, K, generator=g) / K**0.5
-    b = torch.randn(S, 2, N, r_max, generator=g) / r_max**0.5
-    a2 = torch.randn(S, 1, r2, N, generator=g) / N**0.5
-    a2[0] = 0
-    w = torch.randn(2 * N, K, generator=g) / K**0.5
-    slots = torch.tensor([1, 0, 2, 2, 1])  # 5 rows x 3 tiles = 15 items
-    out = (torch.cat([w, a.reshape(-1, K)]) @ torch.randn(len(slots), K, generator=g).T).T.contiguous()
-    kw = {"block_n": block_n, "shrink": a2 if mode != "plain" else None, "lanes": mode == "lanes"}
-    ref_act, ref_extra = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, programs=0, **kw)
-    act, extra = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, programs=programs, **kw)
-    assert torch.equal(act, ref_act)
-    assert (extra is None) == (mode == "plain")
-    if extra is not None:
-        assert torch.equal(extra, ref_extra)
-    assert not lora_rows.row_counters(len(slots), out.device).any()
-
-
 def test_apply_partials_over_lanes_is_base_plus_term():
     """LoraTerm.apply_partials given the producer's joint input (2-D: h, rounded, in each row's slot's lanes, zeros
     in the others') runs one GEMM over the lanes: y = W x + B[s] h (float64; the row-parallel bias is the wrapper's,

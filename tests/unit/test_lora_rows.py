@@ -148,35 +148,6 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
         lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
 
 
-@pytest.mark.parametrize("programs", [1, 5, 8])
-def test_persistent_expands_equal_per_tile(programs):
-    """The persistent launches of lora_expand_rows (attn.c_proj, two parts here), lora_expand_rows_partials and
-    lora_term_rows_partials (with and without the bias as y0): a fixed number of programs streaming the work items
-    gives the same output bit for bit as a program per (row, part, tile), for counts that divide the items or not,
-    down to one program doing all."""
-    from worker.kernels.lora_rows import lora_expand_rows_partials, lora_term_rows_partials
-
-    g = torch.Generator().manual_seed(programs)
-    S, N, r_max, P, block_n = 3, 37, 5, 2, 16
-    ranks = torch.tensor([[0, r_max, 3], [0, 2, r_max]], dtype=torch.int32)
-    b = torch.randn(S, P, N, r_max, generator=g)
-    b[0] = 0
-    slots = torch.tensor([1, 0, 2, 2])  # 4 rows x 2 parts x 3 tiles = 24 items
-    out = torch.randn(len(slots), P * N + S * P * r_max, generator=g)
-    ref = lora_expand_rows(out, P * N, b, ranks, slots, block_n=block_n, programs=0)
-    assert torch.equal(lora_expand_rows(out, P * N, b, ranks, slots, block_n=block_n, programs=programs), ref)
-    parts = torch.randn(len(slots), 3, 8, generator=g)
-    y0, bias = torch.randn(len(slots), N, generator=g), torch.randn(N, generator=g)
-    b1, ranks1 = b[:, :1].contiguous(), ranks[:1].contiguous()
-    for fn, args, kw in [
-        (lora_expand_rows_partials, (y0, parts, b1, ranks1, slots), {}),
-        (lora_term_rows_partials, (parts, b1, ranks1, slots), {}),
-        (lora_term_rows_partials, (parts, b1, ranks1, slots), {"bias": bias}),
-    ]:
-        ref = fn(*args, block_n=block_n, programs=0, **kw)
-        assert torch.equal(fn(*args, block_n=block_n, programs=programs, **kw), ref), (fn.__name__, kw)
-
-
 @pytest.mark.parametrize("H,block_n,r_max,residual", [(50, 16, 5, True), (64, 32, 8, False), (37, 64, 3, True)])
 def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, residual):
     """lora_norm_shrink's launch: its (out, s) equal fused.rms_norm's (bit for bit here; the same formula per

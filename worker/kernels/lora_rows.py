@@ -49,19 +49,7 @@ from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_opt
 
 # The expands' tile: BLOCK_N columns of one row per program, num_warps; rms_norm_shrink's columns a program (0: the
 # expands'). scripts/bench_lora.py `--modes gemm@BNxW[xNORM_BN]` measures others in the same process.
-TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 2048, "programs": 0, "term_programs": 0}
-# "programs": the gate|up launch's programs per SM when persistent (each streams its work items), "term_programs" the
-# same for the other expands; 0: a program per (row, tile) as served
-
-
-def persistent_programs(device: torch.device, items: int, programs: int | None, key: str = "programs") -> int:
-    """A persistent launch's program count for `items` work items (0: not persistent): `programs` itself where
-    given, else TILE[key] per SM (one "SM" off the GPU); 0 where that is not fewer than the items."""
-    if programs is None:
-        per_sm = TILE[key]
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        programs = per_sm * sms
-    return programs if 0 < programs < items else 0
+TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 2048}
 
 
 # fmt: off
@@ -178,93 +166,6 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
 
 
 @triton.jit
-def _act_weights(i, items, tiles, slots_ptr, b_ptr, ranks_ptr, a2_ptr, N, stride_bs, stride_bp, stride_bn,
-                 stride_rp, stride_rs, stride_a2s, stride_a2r, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr):
-    """Work item i's (row t, tile) pool data for the persistent gate|up launch: the slot, its B rows of both parts
-    and ranks, and the consumer's A rows (SHRINK); all masked off past the last item."""
-    t = (tl.minimum(i, items - 1) // tiles).to(tl.int64)  # a real row past the last item, its columns masked
-    offs_n = (i % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    mask_n = offs_n < tl.where(i < items, N, 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    b_gate = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    b_up = _b_rows(b_ptr + slot * stride_bs + stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    rank_gate = tl.load(ranks_ptr + slot * stride_rs)
-    rank_up = tl.load(ranks_ptr + stride_rp + slot * stride_rs)
-    offs_r2 = tl.arange(0, BLOCK_R2)
-    if SHRINK:
-        a2 = tl.load(a2_ptr + slot * stride_a2s + offs_r2[:, None] * stride_a2r + offs_n[None, :],
-                     mask=(offs_r2 < R2_MAX)[:, None] & mask_n[None, :], other=0.0)
-    else:
-        a2 = tl.zeros([BLOCK_R2, BLOCK_N], dtype=b_gate.dtype)
-    return slot, b_gate, b_up, rank_gate, rank_up, a2
-
-
-@triton.jit
-def _act_inputs(i, items, tiles, slot, rank_gate, rank_up, out_ptr, N, H_OFFSET, stride_o, R_MAX: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Work item i's values from the joint GEMM (read after `gdc_wait`): both parts' base outputs and h."""
-    live = i < items
-    row = out_ptr + (tl.minimum(i, items - 1) // tiles).to(tl.int64) * stride_o
-    offs_n = (i % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < tl.where(live, N, 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    h_gate = tl.load(row + H_OFFSET + (slot * 2) * R_MAX + offs_r, mask=offs_r < tl.where(live, rank_gate, 0),
-                     other=0.0)
-    h_up = tl.load(row + H_OFFSET + (slot * 2 + 1) * R_MAX + offs_r, mask=offs_r < tl.where(live, rank_up, 0),
-                   other=0.0)
-    y_gate = tl.load(row + offs_n, mask=mask_n, other=0.0)
-    y_up = tl.load(row + N + offs_n, mask=mask_n, other=0.0)
-    return y_gate, y_up, h_gate, h_up
-
-
-@triton.jit
-def _expand_rows_act_persistent_kernel(
-        out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, cnt_ptr, N, H_OFFSET, SLOTS, items, tiles,
-        stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs, stride_a2s, stride_a2r, stride_pt,
-        R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
-        SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr, LANES: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    """_expand_rows_act_kernel's values with a fixed number of programs, each taking the work items (row t, tile)
-    i = pid, pid + programs, ... (i = t · tiles + tile) and loading item i + programs' pool data and joint-GEMM
-    values while it computes item i: the loads of a short program's single round trip become a stream."""
-    step = tl.num_programs(0)
-    i = tl.program_id(0)
-    slot, b_gate, b_up, rank_gate, rank_up, a2 = _act_weights(
-        i, items, tiles, slots_ptr, b_ptr, ranks_ptr, a2_ptr, N, stride_bs, stride_bp, stride_bn, stride_rp,
-        stride_rs, stride_a2s, stride_a2r, R_MAX, BLOCK_R, BLOCK_N, SHRINK, R2_MAX, BLOCK_R2)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    y_gate, y_up, h_gate, h_up = _act_inputs(i, items, tiles, slot, rank_gate, rank_up, out_ptr, N, H_OFFSET,
-                                            stride_o, R_MAX, BLOCK_R, BLOCK_N)
-    offs_r2 = tl.arange(0, BLOCK_R2)
-    while i < items:
-        nxt = i + step
-        n_slot, n_b_gate, n_b_up, n_rank_gate, n_rank_up, n_a2 = _act_weights(
-            nxt, items, tiles, slots_ptr, b_ptr, ranks_ptr, a2_ptr, N, stride_bs, stride_bp, stride_bn, stride_rp,
-            stride_rs, stride_a2s, stride_a2r, R_MAX, BLOCK_R, BLOCK_N, SHRINK, R2_MAX, BLOCK_R2)
-        n_y_gate, n_y_up, n_h_gate, n_h_up = _act_inputs(nxt, items, tiles, n_slot, n_rank_gate, n_rank_up, out_ptr,
-                                                         N, H_OFFSET, stride_o, R_MAX, BLOCK_R, BLOCK_N)
-        t = (i // tiles).to(tl.int64)
-        tile = i % tiles
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        act = silu_mul_rn(_add_term(y_gate, b_gate, h_gate), _add_term(y_up, b_up, h_up), LIBDEVICE)
-        act = act.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + t * stride_y + offs_n, act, mask=mask_n)
-        if SHRINK:
-            h = tl.sum(a2.to(tl.float32) * act.to(tl.float32)[None, :], axis=1)  # [BR2]
-            tl.store(part_ptr + t * stride_pt + tile * BLOCK_R2 + offs_r2, h)
-            if LANES:
-                _h_into_lanes(part_ptr + t * stride_pt, cnt_ptr + t, y_ptr + t * stride_y + N, slot, tiles, SLOTS,
-                              R2_MAX, BLOCK_R2, BLOCK_T, BLOCK_S)
-        i = nxt
-        slot, b_gate, b_up, rank_gate, rank_up, a2 = n_slot, n_b_gate, n_b_up, n_rank_gate, n_rank_up, n_a2
-        y_gate, y_up, h_gate, h_up = n_y_gate, n_y_up, n_h_gate, n_h_up
-
-
-@triton.jit
 def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES,
                                  stride_y0, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
                                  R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -291,111 +192,6 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, par
         y0 = tl.zeros([BLOCK_N], dtype=y_ptr.dtype.element_ty)
     y = _add_term(y0, b, tl.sum(parts, axis=0).to(y0.dtype))
     tl.store(y_ptr + t * stride_y + offs_n, y, mask=mask_n)
-@triton.jit
-def _term_loads(i, items, tiles, y0_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES, stride_y0, stride_bs,
-                stride_bn, stride_rs, stride_pt, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_N: tl.constexpr, HAS_Y0: tl.constexpr, AFTER_WAIT: tl.constexpr):
-    """Work item i's (row t, tile) data for the persistent partials expand: the slot, its B rows and rank, and
-    (AFTER_WAIT) the row's partials and y0 tile, else zeros in their place."""
-    t = (tl.minimum(i, items - 1) // tiles).to(tl.int64)
-    offs_n = (i % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < tl.where(i < items, N, 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_t = tl.arange(0, BLOCK_T)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    b = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    rank = tl.load(ranks_ptr + slot * stride_rs)
-    parts = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    y0 = tl.zeros([BLOCK_N], dtype=y0_ptr.dtype.element_ty)
-    if AFTER_WAIT:
-        parts = tl.load(part_ptr + t * stride_pt + offs_t[:, None] * BLOCK_R + offs_r[None, :],
-                        mask=(offs_t < TILES)[:, None] & (offs_r < rank)[None, :], other=0.0)
-        if HAS_Y0:
-            y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
-    return b, parts, y0
-
-
-@triton.jit
-def _expand_rows_partials_persistent_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES, items,
-                                            tiles, stride_y0, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
-                                            R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-                                            BLOCK_N: tl.constexpr, HAS_Y0: tl.constexpr, PDL: tl.constexpr):
-    """_expand_rows_partials_kernel's values with a fixed number of programs streaming the work items (row t,
-    tile) i = pid, pid + programs, ..., each loading item i + programs' data while it computes item i."""
-    step = tl.num_programs(0)
-    i = tl.program_id(0)
-    b, parts, y0 = _term_loads(i, items, tiles, y0_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES, stride_y0,
-                               stride_bs, stride_bn, stride_rs, stride_pt, R_MAX, BLOCK_R, BLOCK_T, BLOCK_N, HAS_Y0,
-                               False)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    b, parts, y0 = _term_loads(i, items, tiles, y0_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES, stride_y0,
-                               stride_bs, stride_bn, stride_rs, stride_pt, R_MAX, BLOCK_R, BLOCK_T, BLOCK_N, HAS_Y0,
-                               True)
-    while i < items:
-        nxt = i + step
-        n_b, n_parts, n_y0 = _term_loads(nxt, items, tiles, y0_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES,
-                                         stride_y0, stride_bs, stride_bn, stride_rs, stride_pt, R_MAX, BLOCK_R,
-                                         BLOCK_T, BLOCK_N, HAS_Y0, True)
-        offs_n = (i % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = _add_term(y0, b, tl.sum(parts, axis=0).to(y0.dtype))
-        tl.store(y_ptr + (i // tiles).to(tl.int64) * stride_y + offs_n, y, mask=offs_n < N)
-        i = nxt
-        b, parts, y0 = n_b, n_parts, n_y0
-
-
-@triton.jit
-def _expand_loads(i, items, tiles, out_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET, stride_o, stride_bs,
-                  stride_bp, stride_bn, stride_rp, stride_rs, P: tl.constexpr, R_MAX: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, AFTER_WAIT: tl.constexpr):
-    """Work item i's (row t, part, tile) data for the persistent expand: its slot's B rows, and (AFTER_WAIT) h and
-    the base output's tile from the joint GEMM's row, else zeros."""
-    t = (tl.minimum(i, items - 1) // tiles).to(tl.int64)
-    part = (i % tiles) // (tiles // P)
-    offs_n = (i % (tiles // P)) * BLOCK_N + tl.arange(0, BLOCK_N)
-    live = i < items
-    mask_n = offs_n < tl.where(live, N, 0)
-    offs_r = tl.arange(0, BLOCK_R)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    b = _b_rows(b_ptr + slot * stride_bs + part * stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
-    h = tl.zeros([BLOCK_R], dtype=out_ptr.dtype.element_ty)
-    y0 = tl.zeros([BLOCK_N], dtype=out_ptr.dtype.element_ty)
-    if AFTER_WAIT:
-        row = out_ptr + t * stride_o
-        h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < tl.where(live, rank, 0),
-                    other=0.0)
-        y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
-    return b, h, y0
-
-
-@triton.jit
-def _expand_rows_persistent_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET, items, tiles,
-                                   stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
-                                   P: tl.constexpr, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   PDL: tl.constexpr):
-    """_expand_rows_kernel's values with a fixed number of programs streaming the work items (row t, part, tile)
-    i = pid, pid + programs, ... (tiles: the P parts' tiles of a row), each loading item i + programs' data while
-    it computes item i."""
-    step = tl.num_programs(0)
-    i = tl.program_id(0)
-    b, h, y0 = _expand_loads(i, items, tiles, out_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET, stride_o, stride_bs,
-                             stride_bp, stride_bn, stride_rp, stride_rs, P, R_MAX, BLOCK_R, BLOCK_N, False)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    b, h, y0 = _expand_loads(i, items, tiles, out_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET, stride_o, stride_bs,
-                             stride_bp, stride_bn, stride_rp, stride_rs, P, R_MAX, BLOCK_R, BLOCK_N, True)
-    while i < items:
-        nxt = i + step
-        n_b, n_h, n_y0 = _expand_loads(nxt, items, tiles, out_ptr, b_ptr, slots_ptr, ranks_ptr, N, H_OFFSET, stride_o,
-                                       stride_bs, stride_bp, stride_bn, stride_rp, stride_rs, P, R_MAX, BLOCK_R,
-                                       BLOCK_N, True)
-        part = (i % tiles) // (tiles // P)
-        offs_n = (i % (tiles // P)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = _add_term(y0, b, h)
-        tl.store(y_ptr + (i // tiles).to(tl.int64) * stride_y + part * N + offs_n, y, mask=offs_n < N)
-        i = nxt
-        b, h, y0 = n_b, n_h, n_y0
 # fmt: on
 
 
@@ -426,7 +222,6 @@ def lora_expand_rows(
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """y [T, n_out] = out[:, :n_out] + the adapter term of each row's slot, from the joint GEMM's output.
 
@@ -434,8 +229,7 @@ def lora_expand_rows(
     slot s, part p at columns n_out + (s·P + p)·r_max; b_pool: [slots, P, n_out / P, r_max], zero in the lanes
     at or past each slot's rank (the pool's invariant: B is read whole, for vector loads); ranks: [P, slots]
     int32 (h's lanes at or past a slot's rank are not read; slot 0's rank is 0); slots: [T], one per row.
-    pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled). programs: see
-    `persistent_programs` (TILE["term_programs"]; the same values either way)."""
+    pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
     _check("lora_expand_rows", out, n_out, b_pool, ranks, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
@@ -444,20 +238,11 @@ def lora_expand_rows(
     block_n = block_n or TILE["block_n"]
     n_tiles = triton.cdiv(N, block_n)
     on = active(pdl, out.device)
-    consts = dict(
-        P=P, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on, num_warps=TILE["num_warps"],
-        enable_fp_fusion=False, **launch_options(on),
-    )  # fmt: skip
-    n_prog = persistent_programs(out.device, T * P * n_tiles, programs, "term_programs")
-    if n_prog:
-        _expand_rows_persistent_kernel[(n_prog,)](
-            out, y, b_pool, slots, ranks, N, n_out, T * P * n_tiles, P * n_tiles, out.stride(0), y.stride(0),
-            *b_pool.stride()[:3], *ranks.stride(), **consts,
-        )  # fmt: skip
-        return y
     _expand_rows_kernel[(T, P * n_tiles)](
         out, y, b_pool, slots, ranks, N, n_tiles, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3],
-        *ranks.stride(), **consts,
+        *ranks.stride(), P=P, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on,
+        num_warps=TILE["num_warps"],
+        enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return y
 
@@ -472,7 +257,6 @@ def lora_expand_rows_silu_mul(
     block_n: int = 0,
     shrink: torch.Tensor | None = None,
     lanes: bool = False,
-    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fused.silu_mul(lora_expand_rows(...)) in one launch for a gate|up target (P = 2: gate, then up):
     [T, n_out / 2], the same values bit for bit. shrink: the consumer's A pool [slots, 1, r2_max, n_out / 2] (its
@@ -480,8 +264,7 @@ def lora_expand_rows_silu_mul(
     tile, [T, tiles, next_power_of_2(r2_max)], which `lora_expand_rows_partials` sums (else None). lanes (with
     shrink): instead of the partials, the consumer's joint input [T, n_out / 2 + slots·r2_max], the activation then
     each row's h (the partials' sum, rounded) in its slot's K lanes and zeros in the others' (the consumer's GEMM over
-    its JointWeight.lanes then adds the term); the activation returned is a view of its first columns. programs:
-    see `persistent_programs` (the same values either way)."""
+    its JointWeight.lanes then adds the term); the activation returned is a view of its first columns."""
     _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots)
     T, (S, P, N, r_max) = out.shape[0], b_pool.shape
     if P != 2:
@@ -504,24 +287,14 @@ def lora_expand_rows_silu_mul(
     on = active(pdl, out.device)
     a2 = shrink if shrink is not None else b_pool
     counters = row_counters(T, out.device) if lanes else y
-    consts = dict(
-        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
+    _expand_rows_act_kernel[(tiles, T) if lanes else (T, tiles)](
+        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, counters,
+        N, n_out, S, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2),
+        tiles * br2, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
         SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, LANES=lanes, BLOCK_T=triton.next_power_of_2(tiles),
         BLOCK_S=triton.next_power_of_2(S), PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False,
         **launch_options(on),
     )  # fmt: skip
-    strides = (out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2))
-    partials = parts if parts is not None else y
-    n_prog = persistent_programs(out.device, T * tiles, programs)
-    if n_prog:
-        _expand_rows_act_persistent_kernel[(n_prog,)](
-            out, y, b_pool, slots, ranks, a2, partials, counters, N, n_out, S, T * tiles, tiles, *strides,
-            tiles * br2, **consts,
-        )  # fmt: skip
-    else:
-        _expand_rows_act_kernel[(tiles, T) if lanes else (T, tiles)](
-            out, y, b_pool, slots, ranks, a2, partials, counters, N, n_out, S, *strides, tiles * br2, **consts,
-        )  # fmt: skip
     return y, joint if joint is not None else parts
 
 
@@ -543,13 +316,11 @@ def lora_expand_rows_partials(
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """y [T, N] = y0 + each row's adapter term (one part), its h the sum of `parts` [T, tiles, BR] (fp32, from
     lora_expand_rows_silu_mul's shrink) over the tiles, rounded to y0's dtype; b_pool [slots, 1, N, r_max] (lanes
-    past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots. programs: see `persistent_programs`
-    (TILE["term_programs"])."""
-    return _partials("lora_expand_rows_partials", y0, y0.shape, parts, b_pool, ranks, slots, pdl, block_n, programs)
+    past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots."""
+    return _partials("lora_expand_rows_partials", y0, y0.shape, parts, b_pool, ranks, slots, pdl, block_n)
 
 
 def lora_term_rows_partials(
@@ -560,14 +331,13 @@ def lora_term_rows_partials(
     pdl: bool = False,
     block_n: int = 0,
     bias: torch.Tensor | None = None,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """The term alone, [T, N] in b_pool's dtype: lora_expand_rows_partials' y0 + term with y0 = 0 (each row's
     h · B[slot]ᵀ rounded once; base rows, slot 0, exact zeros), or y0 = bias [N] on every row, for a base GEMM to
     add as its C (DecodeKernels.lora_term_first)."""
     shape = (parts.shape[0], b_pool.shape[2])
     y0 = bias.expand(shape) if bias is not None else None
-    return _partials("lora_term_rows_partials", y0, shape, parts, b_pool, ranks, slots, pdl, block_n, programs)
+    return _partials("lora_term_rows_partials", y0, shape, parts, b_pool, ranks, slots, pdl, block_n)
 
 
 def _partials(
@@ -580,7 +350,6 @@ def _partials(
     slots: torch.Tensor,
     pdl: bool,
     block_n: int,
-    programs: int | None = None,
 ) -> torch.Tensor:
     T, N = shape
     S, P, n_b, r_max = b_pool.shape
@@ -608,21 +377,12 @@ def _partials(
     block_n = block_n or TILE["block_n"]
     on = active(pdl, y.device)
     src = y0 if y0 is not None else y
-    tiles = triton.cdiv(N, block_n)
-    strides = (src.stride(0), y.stride(0), b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0))
-    consts = dict(
+    _expand_rows_partials_kernel[(T, triton.cdiv(N, block_n))](
+        src, y, b_pool, slots, ranks, parts, N, parts.shape[1], src.stride(0), y.stride(0),
+        b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0),
         R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n,
         HAS_Y0=y0 is not None, PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
-    n_prog = persistent_programs(y.device, T * tiles, programs, "term_programs")
-    if n_prog:
-        _expand_rows_partials_persistent_kernel[(n_prog,)](
-            src, y, b_pool, slots, ranks, parts, N, parts.shape[1], T * tiles, tiles, *strides, **consts,
-        )  # fmt: skip
-    else:
-        _expand_rows_partials_kernel[(T, tiles)](
-            src, y, b_pool, slots, ranks, parts, N, parts.shape[1], *strides, **consts,
-        )  # fmt: skip
     return y
 
 
