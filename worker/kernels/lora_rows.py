@@ -20,6 +20,11 @@ GEMM alone: the A rows had made cuBLAS pick a slower split-K kernel there. Tried
 c_proj's base GEMM as fp32 split-K planes (a strided bmm with out_dtype) summed in that expand, to drop cuBLAS's
 reduce kernel: P2 0.882-0.886 vs 0.887-0.888 without (revert of 66d0eac).
 
+Tried and removed (2026-11-30, H200): persistent launches of these expands (a fixed number of programs, 2-8 per
+SM, each streaming (row, tile) items with the next item's loads issued before the current one's math): the gate|up
+launch took 21.4 us a layer against 13.7 us per tile, c_attn's term 9.8 against 6.7, P2 0.855-0.882 against
+0.891-0.899 in the same process (code in git history: eee5aa5).
+
 DecodeKernels.lora_term_first: that expand runs before c_proj's GEMM instead, as the term alone
 (`lora_term_rows_partials`, right after the launch that wrote the partials, so PDL overlaps it), and cuBLAS adds it as
 its C: no launch follows the GEMM. DecodeKernels.lora_norm_shrink: ln_1's kernel (worker/kernels/lora_norm.py) writes
