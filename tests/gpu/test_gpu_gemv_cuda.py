@@ -1,8 +1,9 @@
-"""The CUDA Int4 GEMV (worker/kernels/gptq_gemv.cu via gemv_cuda.py; DecodeKernels.gptq_cuda) on the GPU: against the
-fp32 dequantize-then-matmul reference on awkward shapes (a partial column tile, chunks not a multiple of the
-splits, no groups, groups of 256, a row shard starting inside a group, asym zeros, a bias), deterministic and equal
-under CUDA graph replay, at 1 and 2 rows; and a GPTQ model decoding at batch 1 and 2 through it (every GPTQ
-linear) close to the Triton GEMV's logits."""
+"""The CUDA Int4 GEMV (worker/kernels/gptq_gemv.cu via gemv_cuda.py; DecodeKernels.gptq_cuda) and the tensor-core
+matmul (gptq_mma.cu; DecodeKernels.gptq_mma) on the GPU: against the fp32 dequantize-then-matmul reference on awkward
+shapes (a partial column tile, chunks not a multiple of the splits, no groups, groups of 256, a row shard starting
+inside a group, asym zeros, a bias), deterministic and equal under CUDA graph replay, at 1 and 2 rows (GEMV) and 1
+to 64 (mma); and a GPTQ model decoding at batch 1 and 2 through the GEMV and at 3 to 24 through the mma kernel
+(every GPTQ linear) close to the Triton path's logits."""
 
 from __future__ import annotations
 
@@ -18,19 +19,30 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda", 0)
 
 
+SHAPES = [
+    (640, 152, 128, True, True, 0),  # 5 chunks, 2 column tiles (the second of 24 columns)
+    (1408, 4104, -1, False, False, 0),  # no groups: one scale row
+    (2048, 264, 256, True, False, 128),  # groups of 256, the shard's first row in the middle of a group
+    (11008, 4096, 128, False, True, 0),  # 7B mlp.c_proj: split K, the last split shorter
+]
+
+
 @pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize(
-    "K,N,group,asym,bias,k_offset",
-    [
-        (640, 152, 128, True, True, 0),  # 5 chunks, 2 column tiles (the second of 24 columns)
-        (1408, 4104, -1, False, False, 0),  # no groups: one scale row
-        (2048, 264, 256, True, False, 128),  # groups of 256, the shard's first row in the middle of a group
-        (11008, 4096, 128, False, True, 0),  # 7B mlp.c_proj: split K, the last split shorter
-    ],
-)
+@pytest.mark.parametrize("K,N,group,asym,bias,k_offset", SHAPES)
 def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset, M):
+    _check(K, N, group, asym, bias, k_offset, M, mma=False)
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 40, 64])
+@pytest.mark.parametrize("K,N,group,asym,bias,k_offset", SHAPES)
+def test_cuda_mma_equals_the_reference(K, N, group, asym, bias, k_offset, M):
+    """gptq4_mma (DecodeKernels.gptq_mma) at 1 to 64 rows: partial 16-row tiles (3, 17, 40), one to four tiles."""
+    _check(K, N, group, asym, bias, k_offset, M, mma=True)
+
+
+def _check(K, N, group, asym, bias, k_offset, M, mma):
     from worker.kernels.gemv import gemv_weights
-    from worker.kernels.gemv_cuda import cuda_gemv, library, plan, supports
+    from worker.kernels.gemv_cuda import cuda_gemv, library, plan, plan_mma, supports
     from worker.kernels.gptq_reference import gptq_matmul_reference
 
     assert not isinstance(library(*torch.cuda.get_device_capability(CUDA)), str)
@@ -52,29 +64,29 @@ def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
     ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, 1)
     ref = ref if b is None else ref + b.float()
-    y = cuda_gemv(x, w, b, pdl=True)
+    y = cuda_gemv(x, w, b, pdl=True, mma=mma)
     err = (y.float() - ref).abs().max().item()
     rounding = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
     assert err <= rounding + 1e-3 * ref.abs().max().item(), (err, rounding)
-    assert torch.equal(cuda_gemv(x, w, b), y)  # deterministic, PDL or not
+    assert torch.equal(cuda_gemv(x, w, b, mma=mma), y)  # deterministic, PDL or not
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        yg = cuda_gemv(x, w, b, pdl=True)
+        yg = cuda_gemv(x, w, b, pdl=True, mma=mma)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(yg, y)
     assert not w.counters.any()  # the split-K counters are reset for the next launch
     if K == 11008:
-        assert plan(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, M)[1] > 1
+        assert (plan_mma if mma else plan)(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, M)[1] > 1
 
 
-def _decode(path: str, gptq_cuda: bool, batch: int) -> tuple[list[torch.Tensor], list[bool]]:
+def _decode(path: str, gptq_cuda: bool, batch: int, mma: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
     from worker.layers.attention_triton import TritonAttention
     from worker.layers.decode_kernels import DecodeKernels, where_applies
     from worker.layers.quantized import _GPTQ
     from worker.models.qwen import FlashQwenForCausalLM
 
-    kernels = where_applies(DecodeKernels(pdl=True, gptq_cuda=gptq_cuda), CUDA)
+    kernels = where_applies(DecodeKernels(pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma), CUDA)
     model = FlashQwenForCausalLM.from_pretrained(
         path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(), progress=False, decode_kernels=kernels
     )
@@ -103,4 +115,20 @@ def test_a_gptq_model_decodes_through_the_cuda_gemv(tmp_path, batch):
     cuda, used_c = _decode(path, True, batch)
     assert used_c and all(used_c) and not any(used_t)
     for a, b in zip(triton, cuda):  # the same function; the GEMVs sum in other orders (bf16 outputs per layer)
+        assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("batch", [3, 8, 24])
+def test_a_gptq_model_decodes_through_the_mma_kernel(tmp_path, batch):
+    """gptq_mma: a GPTQ model (asym, act order) decoding at batch 3, 8 and 24 through the tensor-core matmul in every
+    GPTQ linear gives the Triton path's logits (the GEMV up to 8 rows, dequantize + cuBLAS above) within bf16's
+    per-layer rounding."""
+    from gptq_helpers import gptq_checkpoint
+
+    state = random_checkpoint(GPU_TINY, seed=9)
+    path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, 4, 128, False, True)
+    triton, used_t = _decode(path, False, batch)
+    mma, used_m = _decode(path, False, batch, mma=True)
+    assert used_m and all(used_m) and not any(used_t)
+    for a, b in zip(triton, mma):
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item(), (a - b).abs().max()

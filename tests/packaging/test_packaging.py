@@ -70,6 +70,13 @@ def test_fresh_venv_installs_and_serves(tmp_path, demo_dir):
     venv.pip(src, cwd=work)  # a wheel: the stubs are generated into it
     site_stubs = venv.stubs_file(work)
     assert site_stubs.endswith(os.path.join("site-packages", "worker", "pb", "generate_pb2_grpc.py")), site_stubs
+    sources = venv.run(
+        os.path.join(venv.bin, "python"),
+        "-c",
+        "from worker.kernels import gemv_cuda as g; print(*g.SOURCES, *g.HEADERS)",
+        cwd=work,
+    ).split()  # the CUDA kernels' sources travel in the wheel (nvcc builds them on first use)
+    assert len(sources) == 3 and all("site-packages" in p and os.path.isfile(p) for p in sources), sources
 
     sock_dir = tempfile.mkdtemp(prefix="qw", dir="/tmp")  # unix socket paths are limited to 107 bytes
     uds = os.path.join(sock_dir, "s")

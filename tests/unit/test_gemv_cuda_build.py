@@ -119,7 +119,11 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int, bool]] = []
-    monkeypatch.setattr(gemv_cuda, "cuda_gemv", lambda x, w, b, pdl: calls.append(("cuda", x.shape[0], pdl)) or x)
+    monkeypatch.setattr(
+        gemv_cuda,
+        "cuda_gemv",
+        lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0], pdl)) or x,
+    )
     monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0], pdl)) or x)
     layer = _layer()
     layer.set_decode_kernels(DecodeKernels(pdl=True, gptq_cuda=True))
@@ -130,3 +134,44 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
     layer._mm(torch.zeros(1, 256, dtype=torch.bfloat16), None)
     want = [("cuda", 1, True), ("cuda", 2, True), ("triton", 3, True), ("triton", 8, True), ("gemm", 9, False)]
     assert calls == [*want, ("triton", 1, False)]
+
+
+def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
+    """gptq_mma: the tensor-core matmul takes every decode step of up to 64 rows (MMA_MAX_M, the kernel's bound)
+    except the 1-2 rows that gptq_cuda, where it is on too, gives the FMA GEMV; more rows take the GEMM path."""
+    from worker.kernels import gemv as triton_gemv
+    from worker.layers import quantized
+    from worker.layers.decode_kernels import DecodeKernels
+
+    assert quantized.MMA_MAX_M == gemv_cuda.MMA_MAX_ROWS
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        gemv_cuda,
+        "cuda_gemv",
+        lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0])) or x,
+    )
+    monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0])) or x)
+    layer = _layer()
+    monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0])) or x)
+    layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True))
+    for rows in (1, 2, 3, 9, 64, 65):
+        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
+    assert calls == [("cuda", 1), ("cuda", 2), ("mma", 3), ("mma", 9), ("mma", 64), ("gemm", 65)]
+    calls.clear()
+    layer.set_decode_kernels(DecodeKernels(gptq_mma=True))
+    for rows in (1, 2):
+        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
+    assert calls == [("mma", 1), ("mma", 2)]
+
+
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 32, 48, 64])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (65536, 24576)])
+def test_plan_mma_covers_every_chunk_within_its_shared_memory(N, K, rows):
+    per, splits = gemv_cuda.plan_mma(N, K, 132, rows)
+    chunks, tiles = K // 128, -(-rows // 16)
+    assert per * (splits - 1) < chunks <= per * splits  # no empty split, none missing
+    assert 16 * tiles * per * (128 * 2 + 4) <= gemv_cuda.MMA_SMEM  # x of the split and its sums
+    if per < gemv_cuda.mma_max_chunks(rows):
+        assert -(-N // 128) * (splits - 1) < 2 * 132  # no more splits than ~2 blocks per SM need

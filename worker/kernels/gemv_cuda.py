@@ -1,5 +1,5 @@
-"""The CUDA Int4 GPTQ GEMV for decode steps of 1 or 2 rows (worker/kernels/gptq_gemv.cu; issue 16, P9), built on
-first use.
+"""The CUDA Int4 GPTQ GEMV for decode steps of 1 or 2 rows (worker/kernels/gptq_gemv.cu; issue 16, P9) and the
+tensor-core matmul for up to 64 rows (gptq_mma.cu), built on first use into one library.
 
 nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (no PyTorch headers, so no build against
 PyTorch's ABI) cached under $QWEN_WORKER_CACHE (default ~/.cache/qwen-worker) by the source's hash and the
@@ -25,11 +25,15 @@ from worker.kernels.gemv import NO_GROUPS, GPTQGemvWeights
 
 log = logging.getLogger("worker")
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gptq_gemv.cu")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("gptq_gemv.cu", "gptq_mma.cu"))  # built into one library
+HEADERS = (os.path.join(_HERE, "gptq_cuda.cuh"),)  # what they include (part of the build's hash)
 CHUNK = 128  # K rows per chunk (the .cu's kChunk)
-COLS = 128  # columns per block (kCols)
+COLS = 128  # columns per block (kCols, kMmaCols)
 MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums stay in 48 KB of shared memory
 MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
+MMA_MAX_ROWS = 64  # rows gptq4_mma serves (4 tiles of 16)
+MMA_SMEM = 100 * 1024  # gptq4_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
 def max_chunks(rows: int) -> int:
@@ -50,8 +54,11 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     nvcc = _nvcc()
     if nvcc is None:
         return "no nvcc (set CUDA_HOME)"
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + f"{major}{minor}".encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    digest = hashlib.sha256(h.digest() + f"{major}{minor}".encode()).hexdigest()[:16]
     cache = os.environ.get("QWEN_WORKER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen-worker")
     os.makedirs(cache, mode=0o700, exist_ok=True)
     path = os.path.join(cache, f"gptq_gemv_{digest}.so")
@@ -60,7 +67,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = os.path.join(tmp, "lib.so")
             cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-            done = subprocess.run([*cmd, "-o", out, SOURCE], capture_output=True, text=True)
+            done = subprocess.run([*cmd, "-o", out, *SOURCES], capture_output=True, text=True)
             if done.returncode != 0:
                 return f"nvcc failed: {done.stderr.strip()[-500:]}"
             os.replace(out, path)  # atomic: another process may build the same file
@@ -71,6 +78,8 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
     lib.gptq4_gemv_rows.restype = ctypes.c_int
     lib.gptq4_gemv_rows.argtypes = [*lib.gptq4_gemv.argtypes, i]
+    lib.gptq4_mma.restype = ctypes.c_int
+    lib.gptq4_mma.argtypes = [*lib.gptq4_gemv.argtypes, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -97,24 +106,44 @@ def plan(n: int, k: int, sms: int, rows: int = 1) -> tuple[int, int]:
     return per, -(-chunks // per)
 
 
+def mma_max_chunks(rows: int) -> int:
+    """gptq4_mma's chunks per split for `rows` rows: x of the split (16-row tiles x chunks x 256 bytes) and its sums
+    (4 bytes a row and chunk) within MMA_SMEM."""
+    tiles = -(-rows // 16)
+    return MMA_SMEM // (16 * tiles * (CHUNK * 2 + 4))
+
+
+def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
+    """(chunks per split, splits) for gptq4_mma: ~2 blocks per SM over the column tiles (its ~160-245 registers and
+    shared memory allow two), at most mma_max_chunks(rows) a split."""
+    tiles, chunks = -(-n // COLS), k // CHUNK
+    splits = max(1, min(chunks, -(-(2 * sms) // tiles)))
+    per = min(-(-chunks // splits), mma_max_chunks(rows))
+    return per, -(-chunks // per)
+
+
 @functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
-    """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS), x's columns in the
-    weight's row order; the caller checked `supports` and that `library` built."""
+def cuda_gemv(
+    x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False, mma: bool = False
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
+    or (mma) 1 to MMA_MAX_ROWS on the tensor-core kernel; x's columns in the weight's row order; the caller checked
+    `supports` and that `library` built."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
     M = x.shape[0]
-    if x.dim() != 2 or x.shape[1] != K or not 1 <= M <= MAX_ROWS:
-        raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for 1 to {MAX_ROWS} rows of {K}")
+    most = MMA_MAX_ROWS if mma else MAX_ROWS
+    if x.dim() != 2 or x.shape[1] != K or not 1 <= M <= most:
+        raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for 1 to {most} rows of {K}")
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
-    per, splits = plan(N, K, _sms(x.device.index or 0), M)
+    per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -123,7 +152,10 @@ def cuda_gemv(x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = N
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
-    code = lib.gptq4_gemv(*args) if M == 1 else lib.gptq4_gemv_rows(*args, M)
+    if mma:
+        code = lib.gptq4_mma(*args, M)
+    else:
+        code = lib.gptq4_gemv(*args) if M == 1 else lib.gptq4_gemv_rows(*args, M)
     if code:
         raise RuntimeError(f"gptq4_gemv: {lib.gptq4_gemv_error(code).decode()}")
     return y

@@ -26,30 +26,13 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words
+
 namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kCols = 128;       // columns per block: 32 lanes x 4
-constexpr int kChunk = 128;      // K rows per chunk
-constexpr int kWordRows = kChunk / 8;
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // PDL's instructions (a no-op launched without the attribute)
-__device__ __forceinline__ void gdc_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void gdc_go() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-#else
-__device__ __forceinline__ void gdc_wait() {}
-__device__ __forceinline__ void gdc_go() {}
-#endif
-
-__device__ __forceinline__ uint4 load_words(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // 16 + q of value J of a word (exact): q moved to mantissa bits [19, 23) under the exponent of 16. `mask` is
 // 0x00780000 passed in as a kernel argument: with both constants immediates ptxas splits the mask-and-or in two.
 template <int J>

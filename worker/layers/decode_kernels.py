@@ -74,7 +74,11 @@ class DecodeKernels:
     row's slot's lanes of c_proj's input (the last program of a row to arrive sums the row's partials), and c_proj's
     base GEMM over the lanes adds the term: no term launch. y = rn(x·Wᵀ + h·Bᵀ), the term unrounded inside the GEMM's
     fp32 sum. Served: never slower in a same-process pair on the H200, 0-0.03 ms a step faster (P2 +0.000-0.004 at
-    batch 32, BENCHMARKS.md 2026-11-30)."""
+    batch 32, BENCHMARKS.md 2026-11-30).
+    gptq_mma: Int4 GPTQ linears at decode steps of up to 64 rows (above gptq_cuda's 2 where that is on) take the CUDA
+    tensor-core matmul (worker/kernels/gptq_mma.cu: each packed word read once, fed to mma.m16n8k16 as loaded)
+    instead of the Triton GEMV (up to 8 rows) or dequantize + cuBLAS; where it serves the layout and builds, as
+    gptq_cuda. Deterministic (split K summed in order), so graph == eager bit for bit."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -85,6 +89,7 @@ class DecodeKernels:
     lora_term_first: bool = False
     lora_norm_shrink: bool = False
     lora_k_lanes: bool = False
+    gptq_mma: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -35,6 +35,9 @@ log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
 CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py (its MAX_ROWS)
+MMA_MAX_M = (
+    64  # DecodeKernels.gptq_mma: steps of more rows than the above, up to this many, on gemv_cuda's tensor cores
+)
 
 
 @functools.cache
@@ -150,18 +153,19 @@ class _GPTQ:
             q = self.quant
             w = gemv_weights(self.qweight, self.qzeros, self.scales, q.bits, q.zero_offset, gs, self.k_offset)
             self.gemv = w if gemv_fits(w, default_tiles(q.bits)) else None
-        if self.gemv is not None and self.decode_kernels.gptq_cuda:
+        if self.gemv is not None and (self.decode_kernels.gptq_cuda or self.decode_kernels.gptq_mma):
             self._cuda_gemv_serves(self.scales.dtype)  # decided (and built) now, not inside a graph capture
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
-        """The float linears' choices (pdl), and gptq_cuda's decision for loaded weights made now."""
+        """The float linears' choices (pdl), and gptq_cuda's / gptq_mma's decision for loaded weights made now."""
         super().set_decode_kernels(opts)  # type: ignore[misc]
-        if self.gemv is not None and opts.gptq_cuda:
+        if self.gemv is not None and (opts.gptq_cuda or opts.gptq_mma):
             self._cuda_gemv_serves(self.scales.dtype)
 
     def _cuda_gemv_serves(self, dtype: torch.dtype) -> bool:
-        """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's decode
-        steps; decided once per load (the first decision builds the library), at load or when the choices arrive."""
+        """DecodeKernels.gptq_cuda / gptq_mma: whether the CUDA kernels (worker/kernels/gemv_cuda.py) serve this
+        linear's decode steps; decided once per load (the first decision builds the library), at load or when the
+        choices arrive."""
         if self._cuda_gemv is None:
             from worker.kernels.gemv_cuda import library, supports
 
@@ -169,7 +173,7 @@ class _GPTQ:
             lib = library(*torch.cuda.get_device_capability(self.qweight.device))
             why = lib if isinstance(lib, str) else supports(self.gemv, dtype)
             if why:
-                _warn_once(f"--decode-kernels gptq_cuda: the Triton GEMV serves decode steps where {why}")
+                _warn_once(f"--decode-kernels gptq_cuda/gptq_mma: the Triton kernels serve decode steps where {why}")
             self._cuda_gemv = not why
         return self._cuda_gemv
 
@@ -177,11 +181,15 @@ class _GPTQ:
         q = self.quant
         if self.perm is not None:
             x = x.index_select(1, self.perm)
-        if self.gemv is not None and x.shape[0] <= GEMV_MAX_M:
-            if x.shape[0] <= CUDA_GEMV_MAX_M and self.decode_kernels.gptq_cuda and self._cuda_gemv_serves(x.dtype):
-                from worker.kernels.gemv_cuda import cuda_gemv
+        m, k = x.shape[0], self.decode_kernels
+        if self.gemv is not None and m <= MMA_MAX_M and (k.gptq_cuda or k.gptq_mma) and self._cuda_gemv_serves(x.dtype):
+            from worker.kernels.gemv_cuda import cuda_gemv
 
-                return cuda_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)
+            if m <= CUDA_GEMV_MAX_M and k.gptq_cuda:
+                return cuda_gemv(x, self.gemv, bias, pdl=k.pdl)
+            if k.gptq_mma:
+                return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
+        if self.gemv is not None and m <= GEMV_MAX_M:
             from worker.kernels.gemv import quant_gemv
 
             return quant_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)

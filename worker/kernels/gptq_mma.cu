@@ -1,0 +1,312 @@
+// Int4 GPTQ matmul on tensor cores for decode steps of a few to 64 rows (issue 16): y [M, N] = x [M, K] .
+// dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu into one library by
+// worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there (rows in group order, qweight int32
+// [K/8, N], scales and zeros [G, N] bf16, zeros holding z + zero_offset or one value for all).
+//
+// Above two rows the GEMVs of gptq_gemv.cu pay an FMA a value for every row, and the dequantize-then-cuBLAS path
+// writes and reads W in bf16 (4.5 bytes a weight against bf16's 2): both were slower than bf16 at 8 and 32 rows.
+// Here each packed word is read once and feeds mma.m16n8k16 as it stands, so a weight costs the same for 1 or 64
+// rows:
+// - A warp owns 32 columns; per 32-row step lane (g = lane / 4, t = lane % 4) loads 16 bytes, word row t of the
+//   step for columns 4g .. 4g + 3. One mask-and-or (LOP3) turns nibbles i and i + 4 of a word into the bf16 pair
+//   (128 + q_i, 128 + q_(i+4)) exactly, a B fragment of mma.m16n8k16 as it stands: inside a step the k order is
+//   permuted (B's k = 2t, 2t + 1 are rows 8t + i, 8t + i + 4), and x takes the same permutation when the block
+//   stages it in shared memory (8 rows a uint4 in the order 0 4 1 5 2 6 3 7). Each B fragment serves the MT
+//   16-row tiles of x.
+// - The mma sums x (128 + q) per 128-row chunk (one group) in fp32; then s (D - (z + 128) sum x) goes into the
+//   accumulators, with sum x per row and chunk from shared memory (summed in a fixed order).
+// - Split K over blocks as in gptq_gemv.cu: each block stores its fp32 partials, the last to arrive at a column
+//   tile sums them in split order (deterministic), adds the bias, writes y and resets the tile's counter.
+// - PDL: the first chunks' words are loaded before griddepcontrol.wait (constant data); x after it.
+// A first version for one row (M = 1, rows 1-15 of A zero) measured slower than the FMA GEMV there (2026-11-29,
+// BENCHMARKS.md); it is the same loop with the other rows of A filled.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words
+
+namespace {
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kMmaCols = 32 * kMmaWarps;  // columns per block: a warp owns 32
+
+// nibbles 0 and 4 of w -> the bf16 pair (128 + q0, 128 + q4): (w & 0x000F000F) | 0x43004300 in one LOP3
+__device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(w));
+  return r;
+}
+
+// D += A (16 x 16, rows g and g + 8 of this lane: a0 a1 for k 2t, 2t + 1; a2 a3 for k 2t + 8, 2t + 9) . B (16 x 8)
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 8 bf16 of x (k 8t .. 8t + 7 of a step) in the fragments' order: (0 4) (1 5) (2 6) (3 7)
+__device__ __forceinline__ uint4 permuted(uint4 v) {
+  uint4 p;
+  p.x = __byte_perm(v.x, v.z, 0x5410);
+  p.y = __byte_perm(v.x, v.z, 0x7632);
+  p.z = __byte_perm(v.y, v.w, 0x5410);
+  p.w = __byte_perm(v.y, v.w, 0x7632);
+  return p;
+}
+
+__device__ __forceinline__ uint4 to_bf16x8(const float* v) {
+  uint4 out;
+  __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(v[i]);
+  return out;
+}
+
+// MT 16-row tiles of x (rows >= m are zero); kDepth chunks of words in flight per warp (a ring unrolled by kDepth).
+// Shared memory: x of the block's K range [16 MT][chunks_per_split * 16] uint4, then its sums [16 MT][chunks].
+template <int MT, int kDepth, bool kZeros, bool kBias>
+__global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
+    const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
+    const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
+    __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
+    int k_offset, int group_size, int chunks_per_split, int splits, int m) {
+  extern __shared__ uint4 smem4[];
+  constexpr int kRows = 16 * MT;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nw = blockIdx.x * kMmaCols + warp * 32;  // the warp's first column
+  const int n4 = N >> 2;
+  const bool live = nw + 4 * g < N;  // this lane's 4 columns of the loads (N % 4 == 0)
+  const int c0 = blockIdx.y * chunks_per_split;
+  const int c1 = min(c0 + chunks_per_split, K / kChunk);
+  const int span = chunks_per_split * (kChunk / 8);  // uint4 of a row in xs
+  uint4* xs = smem4;
+  float* xsum = reinterpret_cast<float*>(smem4 + kRows * span);
+
+  uint4 buf[kDepth][4];  // buf[i]: the chunk c with (c - c0) % kDepth == i
+  const uint4* base = qw + (nw >> 2) + g;
+#pragma unroll
+  for (int i = 0; i < kDepth; ++i) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
+    if (live && c0 + i < c1) {
+#pragma unroll
+      for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c0 + i) * kWordRows + s * 4 + t) * n4);
+    }
+  }
+  gdc_wait();
+  const int len = (c1 - c0) * (kChunk / 8);
+  for (int i = threadIdx.x; i < kRows * len; i += kMmaThreads) {
+    const int row = i / len, j = i - row * len;
+    uint4 p = make_uint4(0u, 0u, 0u, 0u);
+    if (row < m) p = permuted(*reinterpret_cast<const uint4*>(x + (size_t)row * K + (size_t)c0 * kChunk + j * 8));
+    xs[row * span + j] = p;
+  }
+  const int chunks = c1 - c0;
+  for (int rc = warp; rc < kRows * chunks; rc += kMmaWarps) {  // sum of x per row and chunk, in a fixed order
+    const int row = rc / chunks, cc = rc - row * chunks;
+    float s = 0.f;
+    if (row < m) {
+      const __nv_bfloat16* xc = x + (size_t)row * K + (size_t)(c0 + cc) * kChunk + lane * 4;
+      s = (__bfloat162float(xc[0]) + __bfloat162float(xc[1])) + (__bfloat162float(xc[2]) + __bfloat162float(xc[3]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) xsum[row * chunks_per_split + cc] = s;
+  }
+  __syncthreads();
+  gdc_go();
+
+  const int n = nw + 8 * t;  // this lane's 8 output columns n .. n + 7 (N % 8 == 0: whole or none)
+  float acc[MT][2][8];       // [tile][rows g, g + 8][column]
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[mt][h][c] = 0.f;
+  for (int cb = c0; cb < c1; cb += kDepth) {
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      const int c = cb + i;
+      if (c >= c1) break;
+      uint4 cur[4];
+#pragma unroll
+      for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
+      if (live && c + kDepth < c1) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c + kDepth) * kWordRows + s * 4 + t) * n4);
+      }
+      float d[MT][4][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) d[mt][j][e] = 0.f;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const uint32_t words[4] = {cur[s].x, cur[s].y, cur[s].z, cur[s].w};
+        uint32_t b[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          b[j][0] = pair_bf16(words[j]);
+          b[j][1] = pair_bf16(words[j] >> 4);
+          b[j][2] = pair_bf16(words[j] >> 8);
+          b[j][3] = pair_bf16(words[j] >> 12);
+        }
+        const uint4* xr = xs + (c - c0) * (kChunk / 8) + s * 4 + t;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint4 lo = xr[(mt * 16 + g) * span];
+          const uint4 hi = xr[(mt * 16 + g + 8) * span];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            mma_bf16(d[mt][j], lo.x, hi.x, lo.y, hi.y, b[j][0], b[j][1]);
+            mma_bf16(d[mt][j], lo.z, hi.z, lo.w, hi.w, b[j][2], b[j][3]);
+          }
+        }
+      }
+      if (n < N) {  // d[mt][j]: rows (g, g, g + 8, g + 8) x columns (n + j, n + 4 + j, n + j, n + 4 + j)
+        const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
+        const uint4 s8 = *reinterpret_cast<const uint4*>(scales + gi);
+        const __nv_bfloat16* sv = reinterpret_cast<const __nv_bfloat16*>(&s8);
+        float sc[8], z[8];
+        if (kZeros) {
+          const uint4 z8 = *reinterpret_cast<const uint4*>(zeros + gi);
+          const __nv_bfloat16* zv = reinterpret_cast<const __nv_bfloat16*>(&z8);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) z[k] = __bfloat162float(zv[k]) + 128.f;
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) z[k] = zero + 128.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sc[k] = __bfloat162float(sv[k]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float sx = xsum[(mt * 16 + g + 8 * h) * chunks_per_split + (c - c0)];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              acc[mt][h][j] = fmaf(sc[j], d[mt][j][2 * h] - z[j] * sx, acc[mt][h][j]);
+              acc[mt][h][4 + j] = fmaf(sc[4 + j], d[mt][j][2 * h + 1] - z[4 + j] * sx, acc[mt][h][4 + j]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  const bool mine = n < N;
+  if (splits == 1) {
+    if (mine) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = mt * 16 + g + 8 * h;
+          if (row >= m) continue;
+          float v[8];
+#pragma unroll
+          for (int c = 0; c < 8; ++c) v[c] = acc[mt][h][c] + (kBias ? __bfloat162float(bias[n + c]) : 0.f);
+          *reinterpret_cast<uint4*>(y + (size_t)row * N + n) = to_bf16x8(v);
+        }
+    }
+    return;
+  }
+  __shared__ int last;
+  if (mine) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = mt * 16 + g + 8 * h;
+        if (row >= m) continue;
+        float4* p = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * m + row) * N + n);
+        p[0] = make_float4(acc[mt][h][0], acc[mt][h][1], acc[mt][h][2], acc[mt][h][3]);
+        p[1] = make_float4(acc[mt][h][4], acc[mt][h][5], acc[mt][h][6], acc[mt][h][7]);
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (mine) {
+    for (int row = g; row < m; row += 8) {
+      float v[8];
+#pragma unroll
+      for (int c = 0; c < 8; ++c) v[c] = 0.f;
+      for (int s = 0; s < splits; ++s) {
+        const float4* p = reinterpret_cast<const float4*>(partial + ((size_t)s * m + row) * N + n);
+        const float4 a = __ldcg(p), b = __ldcg(p + 1);
+        v[0] += a.x, v[1] += a.y, v[2] += a.z, v[3] += a.w, v[4] += b.x, v[5] += b.y, v[6] += b.z, v[7] += b.w;
+      }
+      if (kBias) {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) v[c] += __bfloat162float(bias[n + c]);
+      }
+      *reinterpret_cast<uint4*>(y + (size_t)row * N + n) = to_bf16x8(v);
+    }
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
+}
+
+template <int MT, bool kZeros, bool kBias>
+cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
+  constexpr int kDepth = MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT
+  const size_t smem = (size_t)16 * MT * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
+  config.blockDim = dim3(kMmaThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  auto kernel = gptq4_mma_kernel<MT, kDepth, kZeros, kBias>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+                            static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
+                            static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
+                            N, K, k_offset, group_size, chunks_per_split, splits, m);
+}
+
+template <int MT>
+cudaError_t launch_tiles(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                         int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
+  auto f = zeros != nullptr ? (bias != nullptr ? launch_mma<MT, true, true> : launch_mma<MT, true, false>)
+                            : (bias != nullptr ? launch_mma<MT, false, true> : launch_mma<MT, false, false>);
+  return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
+           splits, pdl, stream, m);
+}
+
+}  // namespace
+
+// m rows (1 to 64) of x; the host (gemv_cuda.plan_mma) keeps the shared memory within what the device allows
+extern "C" int gptq4_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                         int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const int tiles = (m + 15) / 16;
+  auto f = tiles == 1 ? launch_tiles<1> : tiles == 2 ? launch_tiles<2> : tiles == 3 ? launch_tiles<3> : launch_tiles<4>;
+  if (m < 1 || tiles > 4) return static_cast<int>(cudaErrorInvalidValue);
+  return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                            chunks_per_split, splits, pdl, s, m));
+}
