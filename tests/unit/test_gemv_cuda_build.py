@@ -170,8 +170,9 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (65536, 24576)])
 def test_plan_mma_covers_every_chunk_within_its_shared_memory(N, K, rows):
     per, splits = gemv_cuda.plan_mma(N, K, 132, rows)
-    chunks, tiles = K // 128, -(-rows // 16)
+    chunks = K // 128
     assert per * (splits - 1) < chunks <= per * splits  # no empty split, none missing
-    assert 16 * tiles * per * (128 * 2 + 4) <= gemv_cuda.MMA_SMEM  # x of the split and its sums
-    if per < gemv_cuda.mma_max_chunks(rows):
-        assert -(-N // 128) * (splits - 1) < 2 * 132  # no more splits than ~2 blocks per SM need
+    assert rows * per * (128 * 2 + 4) <= gemv_cuda.MMA_SMEM  # x of the split and its sums
+    tiles = -(-N // 128)
+    assert tiles * splits >= 132 or splits == chunks  # fills the H200's 132 SMs where K allows
+    assert splits <= 16 or per == gemv_cuda.mma_max_chunks(rows)  # many splits only when shared memory forces them

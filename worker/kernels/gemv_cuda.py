@@ -107,19 +107,27 @@ def plan(n: int, k: int, sms: int, rows: int = 1) -> tuple[int, int]:
 
 
 def mma_max_chunks(rows: int) -> int:
-    """gptq4_mma's chunks per split for `rows` rows: x of the split (16-row tiles x chunks x 256 bytes) and its sums
-    (4 bytes a row and chunk) within MMA_SMEM."""
-    tiles = -(-rows // 16)
-    return MMA_SMEM // (16 * tiles * (CHUNK * 2 + 4))
+    """gptq4_mma's chunks per split for `rows` rows: x of the split (rows x chunks x 256 bytes) and its sums (4 bytes
+    a row and chunk) within MMA_SMEM."""
+    return MMA_SMEM // (rows * (CHUNK * 2 + 4))
 
 
 def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
-    """(chunks per split, splits) for gptq4_mma: ~2 blocks per SM over the column tiles (its ~160-245 registers and
-    shared memory allow two), at most mma_max_chunks(rows) a split."""
-    tiles, chunks = -(-n // COLS), k // CHUNK
-    splits = max(1, min(chunks, -(-(2 * sms) // tiles)))
-    per = min(-(-chunks // splits), mma_max_chunks(rows))
-    return per, -(-chunks // per)
+    """(chunks per split, splits) for gptq4_mma: the fewest splits whose time is least, taken as waves of 2 blocks
+    per SM (its ~200-255 registers allow two) times a block's work in chunks of words (8 KB): its chunks, x staged
+    for them (rows x 256 bytes a chunk from L2, counted at half a DRAM byte), its fp32 partials (rows x 512 bytes)
+    and one chunk's worth of launch and prologue; at most mma_max_chunks(rows) chunks a split."""
+    tiles, chunks, most = -(-n // COLS), k // CHUNK, mma_max_chunks(rows)
+    best: tuple[float, int, int] | None = None
+    for splits in range(1, chunks + 1):
+        per = -(-chunks // splits)
+        if per > most or per * (splits - 1) >= chunks:  # too much shared memory, or an empty split
+            continue
+        cost = -(-(tiles * splits) // (2 * sms)) * (per * (1 + rows / 32) + rows / 16 + 1)
+        if best is None or cost < best[0]:
+            best = (cost, per, splits)
+    assert best is not None
+    return best[1], best[2]
 
 
 @functools.cache

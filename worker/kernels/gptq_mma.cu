@@ -10,9 +10,9 @@
 // - A warp owns 32 columns; per 32-row step lane (g = lane / 4, t = lane % 4) loads 16 bytes, word row t of the
 //   step for columns 4g .. 4g + 3. One mask-and-or (LOP3) turns nibbles i and i + 4 of a word into the bf16 pair
 //   (128 + q_i, 128 + q_(i+4)) exactly, a B fragment of mma.m16n8k16 as it stands: inside a step the k order is
-//   permuted (B's k = 2t, 2t + 1 are rows 8t + i, 8t + i + 4), and x takes the same permutation when the block
-//   stages it in shared memory (8 rows a uint4 in the order 0 4 1 5 2 6 3 7). Each B fragment serves the MT
-//   16-row tiles of x.
+//   permuted (B's k = 2t, 2t + 1 are rows 8t + i, 8t + i + 4), and x's A fragments take the same permutation as
+//   they are read from shared memory (8 rows a uint4 reordered 0 4 1 5 2 6 3 7; the block stages x there with
+//   cp.async). Each B fragment serves the MT 16-row tiles of x.
 // - The mma sums x (128 + q) per 128-row chunk (one group) in fp32; then s (D - (z + 128) sum x) goes into the
 //   accumulators, with sum x per row and chunk from shared memory (summed in a fixed order).
 // - Split K over blocks as in gptq_gemv.cu: each block stores its fp32 partials, the last to arrive at a column
@@ -59,6 +59,12 @@ __device__ __forceinline__ uint4 permuted(uint4 v) {
   return p;
 }
 
+// 16 bytes global -> shared without a register round trip (many in flight: no load-use chain per copy)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
+
 __device__ __forceinline__ uint4 to_bf16x8(const float* v) {
   uint4 out;
   __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
@@ -67,8 +73,26 @@ __device__ __forceinline__ uint4 to_bf16x8(const float* v) {
   return out;
 }
 
-// MT 16-row tiles of x (rows >= m are zero); kDepth chunks of words in flight per warp (a ring unrolled by kDepth).
-// Shared memory: x of the block's K range [16 MT][chunks_per_split * 16] uint4, then its sums [16 MT][chunks].
+// Chunk c's words for this lane (word rows 4s + t of its 4 steps, columns 4g .. 4g + 3; `base` at column 4g) and
+// its group's scales and zeros for columns n .. n + 7.
+template <bool kZeros>
+__device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, const uint4* base,
+                                           const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
+                                           bool live, int n, int N, int k_offset, int group_size, int t) {
+  if (live) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
+  }
+  if (n < N) {
+    const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
+    s8 = *reinterpret_cast<const uint4*>(scales + gi);
+    if (kZeros) z8 = *reinterpret_cast<const uint4*>(zeros + gi);
+  }
+}
+
+// MT 16-row tiles of x (rows >= m read as zeros); kDepth chunks of words in flight per warp (a ring unrolled by
+// kDepth). Shared memory: x's m rows over the block's K range [m][chunks_per_split * 16] uint4 (as in memory; the
+// fragments permute what they read), then its sums [m][chunks_per_split].
 template <int MT, int kDepth, bool kZeros, bool kBias>
 __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
@@ -76,7 +100,6 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
     int k_offset, int group_size, int chunks_per_split, int splits, int m) {
   extern __shared__ uint4 smem4[];
-  constexpr int kRows = 16 * MT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int nw = blockIdx.x * kMmaCols + warp * 32;  // the warp's first column
@@ -86,35 +109,34 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   const int c1 = min(c0 + chunks_per_split, K / kChunk);
   const int span = chunks_per_split * (kChunk / 8);  // uint4 of a row in xs
   uint4* xs = smem4;
-  float* xsum = reinterpret_cast<float*>(smem4 + kRows * span);
+  float* xsum = reinterpret_cast<float*>(smem4 + m * span);
 
-  uint4 buf[kDepth][4];  // buf[i]: the chunk c with (c - c0) % kDepth == i
+  const int n = nw + 8 * t;  // this lane's 8 output columns n .. n + 7 (N % 8 == 0: whole or none)
+  // the ring, slot i for the chunk c with (c - c0) % kDepth == i: its words, and its group's scales and zeros for
+  // columns n .. n + 7 (in flight as long as the words)
+  uint4 buf[kDepth][4], sbuf[kDepth], zbuf[kDepth];
   const uint4* base = qw + (nw >> 2) + g;
 #pragma unroll
   for (int i = 0; i < kDepth; ++i) {
 #pragma unroll
     for (int s = 0; s < 4; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
-    if (live && c0 + i < c1) {
-#pragma unroll
-      for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c0 + i) * kWordRows + s * 4 + t) * n4);
-    }
+    sbuf[i] = zbuf[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (c0 + i < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
+                                        k_offset, group_size, t);
   }
   gdc_wait();
   const int len = (c1 - c0) * (kChunk / 8);
-  for (int i = threadIdx.x; i < kRows * len; i += kMmaThreads) {
+  for (int i = threadIdx.x; i < m * len; i += kMmaThreads) {
     const int row = i / len, j = i - row * len;
-    uint4 p = make_uint4(0u, 0u, 0u, 0u);
-    if (row < m) p = permuted(*reinterpret_cast<const uint4*>(x + (size_t)row * K + (size_t)c0 * kChunk + j * 8));
-    xs[row * span + j] = p;
+    cp_async16(xs + row * span + j, x + (size_t)row * K + (size_t)c0 * kChunk + j * 8);
   }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
   const int chunks = c1 - c0;
-  for (int rc = warp; rc < kRows * chunks; rc += kMmaWarps) {  // sum of x per row and chunk, in a fixed order
+  for (int rc = warp; rc < m * chunks; rc += kMmaWarps) {  // sum of x per row and chunk, in a fixed order
     const int row = rc / chunks, cc = rc - row * chunks;
-    float s = 0.f;
-    if (row < m) {
-      const __nv_bfloat16* xc = x + (size_t)row * K + (size_t)(c0 + cc) * kChunk + lane * 4;
-      s = (__bfloat162float(xc[0]) + __bfloat162float(xc[1])) + (__bfloat162float(xc[2]) + __bfloat162float(xc[3]));
-    }
+    const __nv_bfloat16* xc = reinterpret_cast<const __nv_bfloat16*>(xs + row * span) + cc * kChunk + lane * 4;
+    float s = (__bfloat162float(xc[0]) + __bfloat162float(xc[1])) + (__bfloat162float(xc[2]) + __bfloat162float(xc[3]));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) xsum[row * chunks_per_split + cc] = s;
@@ -122,7 +144,6 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   __syncthreads();
   gdc_go();
 
-  const int n = nw + 8 * t;  // this lane's 8 output columns n .. n + 7 (N % 8 == 0: whole or none)
   float acc[MT][2][8];       // [tile][rows g, g + 8][column]
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -138,10 +159,9 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
       uint4 cur[4];
 #pragma unroll
       for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
-      if (live && c + kDepth < c1) {
-#pragma unroll
-        for (int s = 0; s < 4; ++s) buf[i][s] = load_words(base + (size_t)((c + kDepth) * kWordRows + s * 4 + t) * n4);
-      }
+      const uint4 s8 = sbuf[i], z8 = zbuf[i];
+      if (c + kDepth < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
+                                              N, k_offset, group_size, t);
       float d[MT][4][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -163,8 +183,9 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
         const uint4* xr = xs + (c - c0) * (kChunk / 8) + s * 4 + t;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          const uint4 lo = xr[(mt * 16 + g) * span];
-          const uint4 hi = xr[(mt * 16 + g + 8) * span];
+          const int r0 = mt * 16 + g;
+          const uint4 lo = r0 < m ? permuted(xr[r0 * span]) : make_uint4(0u, 0u, 0u, 0u);
+          const uint4 hi = r0 + 8 < m ? permuted(xr[(r0 + 8) * span]) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             mma_bf16(d[mt][j], lo.x, hi.x, lo.y, hi.y, b[j][0], b[j][1]);
@@ -173,12 +194,9 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
         }
       }
       if (n < N) {  // d[mt][j]: rows (g, g, g + 8, g + 8) x columns (n + j, n + 4 + j, n + j, n + 4 + j)
-        const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
-        const uint4 s8 = *reinterpret_cast<const uint4*>(scales + gi);
         const __nv_bfloat16* sv = reinterpret_cast<const __nv_bfloat16*>(&s8);
         float sc[8], z[8];
         if (kZeros) {
-          const uint4 z8 = *reinterpret_cast<const uint4*>(zeros + gi);
           const __nv_bfloat16* zv = reinterpret_cast<const __nv_bfloat16*>(&z8);
 #pragma unroll
           for (int k = 0; k < 8; ++k) z[k] = __bfloat162float(zv[k]) + 128.f;
@@ -192,7 +210,8 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const float sx = xsum[(mt * 16 + g + 8 * h) * chunks_per_split + (c - c0)];
+            const int row = mt * 16 + g + 8 * h;
+            const float sx = row < m ? xsum[row * chunks_per_split + (c - c0)] : 0.f;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
               acc[mt][h][j] = fmaf(sc[j], d[mt][j][2 * h] - z[j] * sx, acc[mt][h][j]);
@@ -265,7 +284,7 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
   constexpr int kDepth = MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT
-  const size_t smem = (size_t)16 * MT * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
+  const size_t smem = (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
   config.blockDim = dim3(kMmaThreads);

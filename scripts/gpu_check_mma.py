@@ -1,0 +1,93 @@
+"""The Int4 tensor-core matmul (worker/kernels/gptq_mma.cu, DecodeKernels.gptq_mma) per 7B linear and row count:
+
+    PYTHONPATH=. python scripts/gpu_check_mma.py [--rows 1,4,8,16,32,64]
+
+For each 7B Int4 shape (random packed weights, group 128, sym) and each row count: µs and GB/s (packed bytes) of
+gptq4_mma, of what serves that row count without it (the FMA GEMV at 1-2 rows, the Triton GEMV at 3-8, dequantize
++ cuBLAS above) and of bf16 cuBLAS on a dense weight of the same shape; weights cycled past L2 (copies totalling
+>= 256 MB, one CUDA graph), and the mma result's max error against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_common import copy_bandwidth, cuda_time  # noqa: E402
+from worker.kernels.gemv import gemv_weights, quant_gemv  # noqa: E402
+from worker.kernels.gemv_cuda import cuda_gemv, library  # noqa: E402
+from worker.kernels.gptq import gptq_dequant_mm  # noqa: E402
+from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+
+SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
+
+
+def graphed(fn, copies: int) -> float:
+    """Seconds per call of fn(i) for i over the copies, in one CUDA graph."""
+    fn(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    return cuda_time(graph.replay, iters=20) / copies
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,4,8,16,32,64")
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    lib = library(*torch.cuda.get_device_capability(dev))
+    if isinstance(lib, str):
+        print("library:", lib)
+        return
+    print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bandwidth(dev) / 1e12:.2f} TB/s")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (K, N) in SHAPES.items():
+        shape(name, K, N, [int(m) for m in args.rows.split(",")], g, dev)
+
+
+def shape(name: str, K: int, N: int, rows: list[int], g: torch.Generator, dev: torch.device) -> None:
+    G = K // 128
+    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=dev, dtype=torch.int32, generator=g)
+    qzeros = torch.full((G, N // 8), 0x77777777, device=dev, dtype=torch.int32)
+    scales = (torch.rand(G, N, device=dev, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    g_idx = (torch.arange(K, device=dev) // 128).to(torch.int32)
+    nbytes = qweight.numel() * 4 + scales.numel() * 2
+    copies = max(2, -(-256 * 2**20 // nbytes))
+    qs = [qweight.clone() for _ in range(copies)]
+    ws = [gemv_weights(q, qzeros, scales, 4, 1, 128, 0) for q in qs]
+    dense = [torch.randn(N, K, device=dev, generator=g).to(torch.bfloat16) for _ in range(max(2, copies // 4))]
+    for m in rows:
+        x = torch.randn(m, K, device=dev, generator=g).to(torch.bfloat16)
+        ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, 1, None)
+        err = (cuda_gemv(x, ws[0], None, mma=True).float() - ref).abs().max().item()
+        rounding = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
+
+        def mma(i: int, x: torch.Tensor = x) -> torch.Tensor:
+            return cuda_gemv(x, ws[i], None, pdl=True, mma=True)
+
+        def without(i: int, x: torch.Tensor = x, m: int = m) -> torch.Tensor:
+            if m <= 2:
+                return cuda_gemv(x, ws[i], None, pdl=True)
+            if m <= 8:
+                return quant_gemv(x, ws[i], None, pdl=True)
+            return gptq_dequant_mm(x, qs[i], qzeros, scales, g_idx, 4, 1, group_size=128)
+
+        def bf16(i: int, x: torch.Tensor = x) -> torch.Tensor:
+            return torch.nn.functional.linear(x, dense[i])
+
+        t_mma, t_old, t_bf = graphed(mma, copies), graphed(without, copies), graphed(bf16, len(dense))
+        print(
+            f"{name:12s} M {m:3d}: mma {t_mma * 1e6:7.1f} us {nbytes / t_mma / 1e9:5.0f} GB/s | without "
+            f"{t_old * 1e6:7.1f} us | bf16 {t_bf * 1e6:7.1f} us | err {err:.1e} (bf16 rounding {rounding:.1e})"
+        )
+
+
+if __name__ == "__main__":
+    main()
