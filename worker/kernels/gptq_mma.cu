@@ -133,13 +133,20 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();
   const int chunks = c1 - c0;
-  for (int rc = warp; rc < m * chunks; rc += kMmaWarps) {  // sum of x per row and chunk, in a fixed order
+  for (int rc = threadIdx.x; rc < m * chunks; rc += kMmaThreads) {  // sum of x per row and chunk, a thread each
     const int row = rc / chunks, cc = rc - row * chunks;
-    const __nv_bfloat16* xc = reinterpret_cast<const __nv_bfloat16*>(xs + row * span) + cc * kChunk + lane * 4;
-    float s = (__bfloat162float(xc[0]) + __bfloat162float(xc[1])) + (__bfloat162float(xc[2]) + __bfloat162float(xc[3]));
+    const uint4* p = xs + row * span + cc * (kChunk / 8);
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) xsum[row * chunks_per_split + cc] = s;
+    for (int i = 0; i < kChunk / 8; ++i) {  // starting at the lane's own 16 bytes: no bank conflicts
+      const int q = (i + lane) % (kChunk / 8);
+      const uint4 v = p[q];
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+      float2 f0 = __bfloat1622float2(h[0]), f1 = __bfloat1622float2(h[1]);
+      float2 f2 = __bfloat1622float2(h[2]), f3 = __bfloat1622float2(h[3]);
+      a[i % 4] += ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+    }
+    xsum[row * chunks_per_split + cc] = (a[0] + a[1]) + (a[2] + a[3]);
   }
   __syncthreads();
   gdc_go();
@@ -259,22 +266,22 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (mine) {
-    for (int row = g; row < m; row += 8) {
-      float v[8];
-#pragma unroll
-      for (int c = 0; c < 8; ++c) v[c] = 0.f;
-      for (int s = 0; s < splits; ++s) {
-        const float4* p = reinterpret_cast<const float4*>(partial + ((size_t)s * m + row) * N + n);
-        const float4 a = __ldcg(p), b = __ldcg(p + 1);
-        v[0] += a.x, v[1] += a.y, v[2] += a.z, v[3] += a.w, v[4] += b.x, v[5] += b.y, v[6] += b.z, v[7] += b.w;
-      }
-      if (kBias) {
-#pragma unroll
-        for (int c = 0; c < 8; ++c) v[c] += __bfloat162float(bias[n + c]);
-      }
-      *reinterpret_cast<uint4*>(y + (size_t)row * N + n) = to_bf16x8(v);
+  const int col0 = blockIdx.x * kMmaCols;  // the tile's partials, 4 columns of a row a thread, summed in split order
+  for (int i = threadIdx.x; i < m * (kMmaCols / 4); i += kMmaThreads) {
+    const int row = i / (kMmaCols / 4), col = col0 + 4 * (i % (kMmaCols / 4));
+    if (col >= N) continue;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+      const float4 a = __ldcg(reinterpret_cast<const float4*>(partial + ((size_t)s * m + row) * N + col));
+      v.x += a.x, v.y += a.y, v.z += a.z, v.w += a.w;
     }
+    if (kBias) {
+      v.x += __bfloat162float(bias[col]), v.y += __bfloat162float(bias[col + 1]);
+      v.z += __bfloat162float(bias[col + 2]), v.w += __bfloat162float(bias[col + 3]);
+    }
+    __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+    *reinterpret_cast<uint2*>(y + (size_t)row * N + col) = *reinterpret_cast<const uint2*>(o);
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
