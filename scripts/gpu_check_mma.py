@@ -1,11 +1,12 @@
 """The Int4 tensor-core matmul (worker/kernels/gptq_mma.cu, DecodeKernels.gptq_mma) per 7B linear and row count:
 
-    PYTHONPATH=. python scripts/gpu_check_mma.py [--rows 1,4,8,16,32,64]
+    PYTHONPATH=. python scripts/gpu_check_mma.py [--rows 1,4,8,16,32,64] [--splits 2,4,8]
 
 For each 7B Int4 shape (random packed weights, group 128, sym) and each row count: µs and GB/s (packed bytes) of
 gptq4_mma, of what serves that row count without it (the FMA GEMV at 1-2 rows, the Triton GEMV at 3-8, dequantize
 + cuBLAS above) and of bf16 cuBLAS on a dense weight of the same shape; weights cycled past L2 (copies totalling
->= 256 MB, one CUDA graph), and the mma result's max error against the fp32 reference.
+>= 256 MB, one CUDA graph), and the mma result's max error against the fp32 reference. --splits: also gptq4_mma
+at each of these K splits instead of its plan's (gemv_cuda.plan_mma), where the shared memory allows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import copy_bandwidth, cuda_time  # noqa: E402
 from worker.kernels.gemv import gemv_weights, quant_gemv  # noqa: E402
-from worker.kernels.gemv_cuda import cuda_gemv, library  # noqa: E402
+from worker.kernels.gemv_cuda import MMA_SMEM, cuda_gemv, library, plan_mma  # noqa: E402
 from worker.kernels.gptq import gptq_dequant_mm  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 
@@ -40,6 +41,7 @@ def graphed(fn, copies: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,4,8,16,32,64")
+    ap.add_argument("--splits", default="")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     lib = library(*torch.cuda.get_device_capability(dev))
@@ -49,10 +51,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bandwidth(dev) / 1e12:.2f} TB/s")
     g = torch.Generator(device=dev).manual_seed(0)
     for name, (K, N) in SHAPES.items():
-        shape(name, K, N, [int(m) for m in args.rows.split(",")], g, dev)
+        splits = [int(s) for s in args.splits.split(",") if s]
+        shape(name, K, N, [int(m) for m in args.rows.split(",")], splits, g, dev)
 
 
-def shape(name: str, K: int, N: int, rows: list[int], g: torch.Generator, dev: torch.device) -> None:
+def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torch.Generator, dev: torch.device) -> None:
     G = K // 128
     qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=dev, dtype=torch.int32, generator=g)
     qzeros = torch.full((G, N // 8), 0x77777777, device=dev, dtype=torch.int32)
@@ -87,6 +90,19 @@ def shape(name: str, K: int, N: int, rows: list[int], g: torch.Generator, dev: t
             f"{name:12s} M {m:3d}: mma {t_mma * 1e6:7.1f} us {nbytes / t_mma / 1e9:5.0f} GB/s | without "
             f"{t_old * 1e6:7.1f} us | bf16 {t_bf * 1e6:7.1f} us | err {err:.1e} (bf16 rounding {rounding:.1e})"
         )
+        plan = plan_mma(N, K, torch.cuda.get_device_properties(dev).multi_processor_count, m)
+        swept = []
+        for s in splits:
+            per = -(-(K // 128) // s)
+            if m * per * 260 > MMA_SMEM:
+                continue
+
+            def split(i: int, x: torch.Tensor = x, s: int = s) -> torch.Tensor:
+                return cuda_gemv(x, ws[i], None, pdl=True, mma=True, splits=s)
+
+            swept.append(f"{s}: {graphed(split, copies) * 1e6:.1f}")
+        if swept:
+            print(f"{'':12s} M {m:3d}: plan {plan[1]} splits of {plan[0]} chunks; us at splits " + ", ".join(swept))
 
 
 if __name__ == "__main__":

@@ -136,11 +136,16 @@ def _sms(index: int) -> int:
 
 
 def cuda_gemv(
-    x: torch.Tensor, w: GPTQGemvWeights, bias: torch.Tensor | None = None, pdl: bool = False, mma: bool = False
+    x: torch.Tensor,
+    w: GPTQGemvWeights,
+    bias: torch.Tensor | None = None,
+    pdl: bool = False,
+    mma: bool = False,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS on the tensor-core kernel; x's columns in the weight's row order; the caller checked
-    `supports` and that `library` built."""
+    `supports` and that `library` built. splits: K's splits instead of the plan's (benchmarks)."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
@@ -151,7 +156,11 @@ def cuda_gemv(
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
-    per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
+    if splits is None:
+        per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
+    else:  # a measurement's choice (scripts/gpu_check_mma.py --splits); shared memory is the caller's to keep
+        per = -(-(K // CHUNK) // splits)
+        splits = -(-(K // CHUNK) // per)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
