@@ -137,13 +137,13 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
 
 
 def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
-    """gptq_mma: the tensor-core matmul takes every decode step of up to 64 rows (MMA_MAX_M, the kernel's bound)
+    """gptq_mma: the tensor-core matmul takes every decode step of up to 48 rows (MMA_MAX_M, within the kernel's 64)
     except the 1-2 rows that gptq_cuda, where it is on too, gives the FMA GEMV; more rows take the GEMM path."""
     from worker.kernels import gemv as triton_gemv
     from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
-    assert quantized.MMA_MAX_M == gemv_cuda.MMA_MAX_ROWS
+    assert quantized.MMA_MAX_M == 48 <= gemv_cuda.MMA_MAX_ROWS
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int]] = []
@@ -156,9 +156,9 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
     layer = _layer()
     monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0])) or x)
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True))
-    for rows in (1, 2, 3, 9, 64, 65):
+    for rows in (1, 2, 3, 9, 48, 49):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
-    assert calls == [("cuda", 1), ("cuda", 2), ("mma", 3), ("mma", 9), ("mma", 64), ("gemm", 65)]
+    assert calls == [("cuda", 1), ("cuda", 2), ("mma", 3), ("mma", 9), ("mma", 48), ("gemm", 49)]
     calls.clear()
     layer.set_decode_kernels(DecodeKernels(gptq_mma=True))
     for rows in (1, 2):
