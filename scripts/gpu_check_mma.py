@@ -94,7 +94,7 @@ def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torc
         swept = []
         for s in splits:
             per = -(-(K // 128) // s)
-            if m * (per * 260 + 64) > MMA_SMEM:
+            if m * per * 260 > MMA_SMEM:
                 continue
 
             def split(i: int, x: torch.Tensor = x, s: int = s) -> torch.Tensor:

@@ -34,7 +34,6 @@ MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums 
 MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
 MMA_MAX_ROWS = 64  # rows gptq4_mma serves (4 tiles of 16)
 MMA_SMEM = 100 * 1024  # gptq4_mma's shared memory at most (x of a split and its sums): two blocks per SM
-MMA_ROW_PAD = 64  # bytes gptq4_mma adds to each row of x in shared memory (kRowPad uint4)
 
 
 def max_chunks(rows: int) -> int:
@@ -108,9 +107,9 @@ def plan(n: int, k: int, sms: int, rows: int = 1) -> tuple[int, int]:
 
 
 def mma_max_chunks(rows: int) -> int:
-    """gptq4_mma's chunks per split for `rows` rows: x of the split (rows x (chunks x 256 + 64) bytes, the .cu's
-    kRowPad) and its sums (4 bytes a row and chunk) within MMA_SMEM."""
-    return (MMA_SMEM // rows - MMA_ROW_PAD) // (CHUNK * 2 + 4)
+    """gptq4_mma's chunks per split for `rows` rows: x of the split (rows x chunks x 256 bytes) and its sums (4 bytes
+    a row and chunk) within MMA_SMEM."""
+    return MMA_SMEM // (rows * (CHUNK * 2 + 4))
 
 
 def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:

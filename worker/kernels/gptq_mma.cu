@@ -32,9 +32,6 @@ namespace {
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kMmaCols = 32 * kMmaWarps;  // columns per block: a warp owns 32
-// xs's rows are 64 bytes longer than x's: rows g and g + 1, read by one quarter-warp's 16-byte loads, fall on other
-// banks (a row of whole chunks is a multiple of 128 bytes)
-constexpr int kRowPad = 4;
 
 // nibbles 0 and 4 of w -> the bf16 pair (128 + q0, 128 + q4): (w & 0x000F000F) | 0x43004300 in one LOP3
 __device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
@@ -94,8 +91,8 @@ __device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, c
 }
 
 // MT 16-row tiles of x (rows >= m read as zeros); kDepth chunks of words in flight per warp (a ring unrolled by
-// kDepth). Shared memory: x's m rows over the block's K range [m][chunks_per_split * 16 + kRowPad] uint4 (as in
-// memory; the fragments permute what they read), then its sums [m][chunks_per_split].
+// kDepth). Shared memory: x's m rows over the block's K range [m][chunks_per_split * 16] uint4 (as in memory; the
+// fragments permute what they read), then its sums [m][chunks_per_split].
 template <int MT, int kDepth, bool kZeros, bool kBias>
 __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
@@ -110,7 +107,7 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   const bool live = nw + 4 * g < N;  // this lane's 4 columns of the loads (N % 4 == 0)
   const int c0 = blockIdx.y * chunks_per_split;
   const int c1 = min(c0 + chunks_per_split, K / kChunk);
-  const int span = chunks_per_split * (kChunk / 8) + kRowPad;  // uint4 of a row in xs
+  const int span = chunks_per_split * (kChunk / 8);  // uint4 of a row in xs
   uint4* xs = smem4;
   float* xsum = reinterpret_cast<float*>(smem4 + m * span);
 
@@ -294,8 +291,7 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
   constexpr int kDepth = MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT
-  const size_t smem = (size_t)m * (chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float)) +
-                                    kRowPad * sizeof(uint4));
+  const size_t smem = (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
   config.blockDim = dim3(kMmaThreads);
