@@ -20,6 +20,8 @@
 // - PDL: the first chunks' words are loaded before griddepcontrol.wait (constant data); x after it.
 // A first version for one row (M = 1, rows 1-15 of A zero) measured slower than the FMA GEMV there (2026-11-29,
 // BENCHMARKS.md); it is the same loop with the other rows of A filled.
+// Tried (2026-11-30, H200): x's shared-memory rows padded by 64 bytes, so the fragment loads of rows g and g + 1 in
+// one quarter-warp fall on other banks: no change (c_attn at 32 rows 36.8 us against 35.9-37.1), reverted.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
