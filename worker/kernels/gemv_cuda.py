@@ -33,8 +33,7 @@ COLS = 128  # columns per block (kCols, kMmaCols)
 MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums stay in 48 KB of shared memory
 MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
 MMA_MAX_ROWS = 64  # rows gptq4_mma serves (4 tiles of 16)
-MMA_STAGE_BYTES = 4 * 6 * 136 * 16  # gptq4_mma's word stages: 4 warps x kStages (6) x 136 uint4 (51 KB)
-MMA_SMEM = 113 * 1024 - MMA_STAGE_BYTES  # ... and beside them x of a split and its sums at most: two blocks per SM
+MMA_SMEM = 100 * 1024  # gptq4_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
 def max_chunks(rows: int) -> int:

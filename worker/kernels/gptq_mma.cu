@@ -17,9 +17,6 @@
 //   accumulators, with sum x per row and chunk from shared memory (summed in a fixed order).
 // - Split K over blocks as in gptq_gemv.cu: each block stores its fp32 partials, the last to arrive at a column
 //   tile sums them in split order (deterministic), adds the bias, writes y and resets the tile's counter.
-// - Each warp streams its chunks (words, scales, zeros) through kStages stages of shared memory of its own with
-//   cp.async (no registers held by loads in flight: the first version's register ring of 2-4 chunks limited the
-//   loads in flight at 32-64 rows).
 // - PDL: the first chunks' words are loaded before griddepcontrol.wait (constant data); x after it.
 // A first version for one row (M = 1, rows 1-15 of A zero) measured slower than the FMA GEMV there (2026-11-29,
 // BENCHMARKS.md); it is the same loop with the other rows of A filled.
@@ -37,8 +34,6 @@ namespace {
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kMmaCols = 32 * kMmaWarps;  // columns per block: a warp owns 32
-constexpr int kStages = 6;                // chunks a warp has in flight (shared memory, gemv_cuda.MMA_STAGE_BYTES)
-constexpr int kStageUint4 = 128 + 8;      // a stage: 32 lanes x 4 words rows' 16 bytes, 4 scales, 4 zeros
 
 // nibbles 0 and 4 of w -> the bf16 pair (128 + q0, 128 + q4): (w & 0x000F000F) | 0x43004300 in one LOP3
 __device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
@@ -80,34 +75,27 @@ __device__ __forceinline__ uint4 to_bf16x8(const float* v) {
   return out;
 }
 
-// Chunk c into stage buffers: this lane's words (word rows 4s + t of its 4 steps, columns 4g .. 4g + 3; `base` at
-// column 4g) into w[s * 32 + lane], and (lanes 0-3, t = lane) its group's scales and zeros for columns n .. n + 7
-// into sb[t], zb[t]; then one commit group (empty past the last chunk, so the waits count uniformly).
+// Chunk c's words for this lane (word rows 4s + t of its 4 steps, columns 4g .. 4g + 3; `base` at column 4g) and
+// its group's scales and zeros for columns n .. n + 7.
 template <bool kZeros>
-__device__ __forceinline__ void stage_chunk(uint4* w, uint4* sb, uint4* zb, const uint4* base,
-                                            const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int c1,
-                                            int n4, bool live, int n, int N, int k_offset, int group_size, int lane) {
-  const int t = lane & 3;
-  if (c < c1) {
-    if (live) {
+__device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, const uint4* base,
+                                           const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
+                                           bool live, int n, int N, int k_offset, int group_size, int t) {
+  if (live) {
 #pragma unroll
-      for (int s = 0; s < 4; ++s) cp_async16(w + s * 32 + lane, base + (size_t)(c * kWordRows + s * 4 + t) * n4);
-    }
-    if (lane < 4 && n < N) {
-      const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
-      cp_async16(sb + t, scales + gi);
-      if (kZeros) cp_async16(zb + t, zeros + gi);
-    }
+    for (int s = 0; s < 4; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
   }
-  asm volatile("cp.async.commit_group;" ::: "memory");
+  if (n < N) {
+    const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
+    s8 = *reinterpret_cast<const uint4*>(scales + gi);
+    if (kZeros) z8 = *reinterpret_cast<const uint4*>(zeros + gi);
+  }
 }
 
-// MT 16-row tiles of x (rows >= m read as zeros). Each warp streams its chunks through kStages shared-memory stages
-// of its own (cp.async; a chunk's stage is refilled with the chunk kStages on once the warp has used it), so the words
-// in flight take no registers. Shared memory: the stages [kMmaWarps][kStages] (words 128 uint4, scales 4, zeros 4),
-// then x's m rows over the block's K range [m][chunks_per_split * 16] uint4 (as in memory; the fragments permute
-// what they read), then x's sums [m][chunks_per_split].
-template <int MT, bool kZeros, bool kBias>
+// MT 16-row tiles of x (rows >= m read as zeros); kDepth chunks of words in flight per warp (a ring unrolled by
+// kDepth). Shared memory: x's m rows over the block's K range [m][chunks_per_split * 16] uint4 (as in memory; the
+// fragments permute what they read), then its sums [m][chunks_per_split].
+template <int MT, int kDepth, bool kZeros, bool kBias>
 __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
@@ -122,17 +110,21 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   const int c0 = blockIdx.y * chunks_per_split;
   const int c1 = min(c0 + chunks_per_split, K / kChunk);
   const int span = chunks_per_split * (kChunk / 8);  // uint4 of a row in xs
-  uint4* stages = smem4 + warp * kStages * kStageUint4;  // this warp's
-  uint4* xs = smem4 + kMmaWarps * kStages * kStageUint4;
-  float* xsum = reinterpret_cast<float*>(xs + m * span);
+  uint4* xs = smem4;
+  float* xsum = reinterpret_cast<float*>(smem4 + m * span);
 
   const int n = nw + 8 * t;  // this lane's 8 output columns n .. n + 7 (N % 8 == 0: whole or none)
+  // the ring, slot i for the chunk c with (c - c0) % kDepth == i: its words, and its group's scales and zeros for
+  // columns n .. n + 7 (in flight as long as the words)
+  uint4 buf[kDepth][4], sbuf[kDepth], zbuf[kDepth];
   const uint4* base = qw + (nw >> 2) + g;
 #pragma unroll
-  for (int i = 0; i < kStages; ++i) {  // constant data: before the wait
-    uint4* st = stages + i * kStageUint4;
-    stage_chunk<kZeros>(st, st + 128, st + 132, base, scales, zeros, c0 + i, c1, n4, live, n, N, k_offset, group_size,
-                        lane);
+  for (int i = 0; i < kDepth; ++i) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
+    sbuf[i] = zbuf[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (c0 + i < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
+                                        k_offset, group_size, t);
   }
   gdc_wait();
   const int len = (c1 - c0) * (kChunk / 8);
@@ -168,15 +160,17 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int c = 0; c < 8; ++c) acc[mt][h][c] = 0.f;
-  for (int c = c0; c < c1; ++c) {
-    {
-      uint4* st = stages + ((c - c0) % kStages) * kStageUint4;
-      asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");  // chunk c has landed (this lane's)
-      __syncwarp();                                                            // ... and lanes 0-3's scales and zeros
+  for (int cb = c0; cb < c1; cb += kDepth) {
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      const int c = cb + i;
+      if (c >= c1) break;
       uint4 cur[4];
 #pragma unroll
-      for (int s = 0; s < 4; ++s) cur[s] = st[s * 32 + lane];
-      const uint4 s8 = st[128 + t], z8 = kZeros ? st[132 + t] : make_uint4(0u, 0u, 0u, 0u);
+      for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
+      const uint4 s8 = sbuf[i], z8 = zbuf[i];
+      if (c + kDepth < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
+                                              N, k_offset, group_size, t);
       float d[MT][4][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -235,9 +229,6 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
           }
         }
       }
-      __syncwarp();  // every lane has read the stage: refill it with the chunk kStages on
-      stage_chunk<kZeros>(st, st + 128, st + 132, base, scales, zeros, c + kStages, c1, n4, live, n, N, k_offset,
-                          group_size, lane);
     }
   }
 
@@ -301,8 +292,8 @@ template <int MT, bool kZeros, bool kBias>
 cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
-  const size_t smem = (size_t)kMmaWarps * kStages * kStageUint4 * sizeof(uint4) +
-                      (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
+  constexpr int kDepth = MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT
+  const size_t smem = (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
   config.blockDim = dim3(kMmaThreads);
@@ -313,7 +304,7 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq4_mma_kernel<MT, kZeros, kBias>;
+  auto kernel = gptq4_mma_kernel<MT, kDepth, kZeros, kBias>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
