@@ -21,7 +21,10 @@
 // A first version for one row (M = 1, rows 1-15 of A zero) measured slower than the FMA GEMV there (2026-11-29,
 // BENCHMARKS.md); it is the same loop with the other rows of A filled.
 // Tried (2026-11-30, H200): x's shared-memory rows padded by 64 bytes, so the fragment loads of rows g and g + 1 in
-// one quarter-warp fall on other banks: no change (c_attn at 32 rows 36.8 us against 35.9-37.1), reverted.
+// one quarter-warp fall on other banks: no change (c_attn at 32 rows 36.8 us against 35.9-37.1), reverted. Each
+// warp streaming its chunks through 6 shared-memory stages (cp.async; 72-194 registers instead of 198-255): slower
+// at 1-32 rows (c_attn at 8 rows 26.1 against 21.6 us, w2|w1 42.4 against 31.6; the 7B step at batch 8 4.86 against
+// 3.96 ms), faster only at 48 (c_attn 51.6 against 59.9 us); reverted (c37b087).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
