@@ -80,13 +80,15 @@ def _check(K, N, group, asym, bias, k_offset, M, mma):
         assert (plan_mma if mma else plan)(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, M)[1] > 1
 
 
-def _decode(path: str, gptq_cuda: bool, batch: int, mma: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
+def _decode(
+    path: str, gptq_cuda: bool, batch: int, mma: bool = False, act: bool = False
+) -> tuple[list[torch.Tensor], list[bool]]:
     from worker.layers.attention_triton import TritonAttention
     from worker.layers.decode_kernels import DecodeKernels, where_applies
     from worker.layers.quantized import _GPTQ
     from worker.models.qwen import FlashQwenForCausalLM
 
-    kernels = where_applies(DecodeKernels(pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma), CUDA)
+    kernels = where_applies(DecodeKernels(pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma, gptq_act=act), CUDA)
     model = FlashQwenForCausalLM.from_pretrained(
         path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(), progress=False, decode_kernels=kernels
     )
@@ -102,6 +104,13 @@ def _decode(path: str, gptq_cuda: bool, batch: int, mma: bool = False) -> tuple[
             seq.append(t[i])
         out = p.step(ids, seqs, [len(s) - 1 for s in seqs], [1.0] * batch, False)
         logits += [o[-1].float().cpu() for o in out]
+    if act:  # whether each layer's mlp.c_proj takes gate_up at one row (forward_act), instead of the GEMVs used
+        return logits, [
+            layer.mlp.c_proj.fuses_act(
+                torch.empty(1, 2 * layer.mlp.c_proj.in_features, device=CUDA, dtype=torch.bfloat16)
+            )
+            for layer in model.transformer.layers()
+        ]
     return logits, [bool(m._cuda_gemv) for m in model.modules() if isinstance(m, _GPTQ)]
 
 
@@ -132,3 +141,40 @@ def test_a_gptq_model_decodes_through_the_mma_kernel(tmp_path, batch):
     assert used_m and all(used_m) and not any(used_t)
     for a, b in zip(triton, mma):
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item(), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("K,N,asym", [(11008, 4096, False), (640, 152, True)])
+def test_act_gemv_equals_silu_mul_then_the_gemv(K, N, asym):
+    """gptq_act's kernel: the GEMV of gate_up [1, 2K] with the activation computed while staging equals
+    fused.silu_mul then the plain GEMV bit for bit (the same rounding of up * silu(gate), the same sums)."""
+    from worker.kernels.fused import silu_mul
+    from worker.kernels.gemv import gemv_weights
+    from worker.kernels.gemv_cuda import cuda_gemv
+
+    g = torch.Generator(device=CUDA).manual_seed(K)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=CUDA, dtype=torch.int32, generator=g)
+    if asym:
+        qzeros = torch.randint(-(2**31), 2**31 - 1, (K // 128, N // 8), device=CUDA, dtype=torch.int32, generator=g)
+    else:
+        qzeros = torch.full((K // 128, N // 8), 0x77777777, device=CUDA, dtype=torch.int32)
+    scales = (torch.rand(K // 128, N, device=CUDA, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    w = gemv_weights(qweight, qzeros, scales, 4, 1, 128, 0)
+    gate_up = (torch.randn(1, 2 * K, device=CUDA, generator=g) * 3).to(torch.bfloat16)
+    want = cuda_gemv(silu_mul(gate_up), w, None, pdl=True)
+    got = cuda_gemv(gate_up, w, None, pdl=True, act=True)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="act"):
+        cuda_gemv(gate_up[:, :K], w, None, act=True)
+
+
+def test_a_gptq_model_decodes_the_same_with_the_act_gemv(tmp_path):
+    """gptq_act in a GPTQ model (no act order) at batch 1: the logits equal those without it bit for bit, and every
+    layer's mlp.c_proj took the fused path."""
+    from gptq_helpers import gptq_checkpoint
+
+    state = random_checkpoint(GPU_TINY, seed=5)
+    path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, 4, 128, True, False)
+    plain, _ = _decode(path, True, 1)
+    fused, took = _decode(path, True, 1, act=True)
+    assert took and all(took), took
+    assert all(torch.equal(a, b) for a, b in zip(plain, fused))

@@ -176,3 +176,46 @@ def test_plan_mma_covers_every_chunk_within_its_shared_memory(N, K, rows):
     tiles = -(-N // 128)
     assert tiles * splits >= 132 or splits == chunks  # fills the H200's 132 SMs where K allows
     assert splits <= 16 or per == gemv_cuda.mma_max_chunks(rows)  # many splits only when shared memory forces them
+
+
+def _row_layer():
+    from worker.distributed import ParallelContext
+    from worker.layers.quantized import GPTQRowParallelLinear
+    from worker.quant.config import GPTQConfig
+
+    cpu = ParallelContext(device=torch.device("cpu"))
+    layer = GPTQRowParallelLinear(256, 128, True, cpu, torch.bfloat16, GPTQConfig(4, 128, True, False, "test"))
+    layer.gemv = _weights(256, 128)  # as build_gemv leaves it on a GPU
+    layer.bias.data.fill_(0.5)
+    return layer
+
+
+def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypatch):
+    """gptq_act (with gptq_cuda, the CUDA GEMV serving the layout): a GPTQ row-parallel linear takes gate_up at one
+    decode row and runs the act GEMV on it (act=True, no bias inside), then adds its bias after the reduce; two rows,
+    act order (a row permutation), gptq_cuda off or gptq_act off keep the activation outside."""
+    from worker.layers.decode_kernels import DecodeKernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
+    calls: list[tuple[int, bool, object]] = []
+
+    def fake(x, w, b, pdl, act=False):
+        calls.append((x.shape[1], act, b))
+        return torch.zeros(x.shape[0], 128, dtype=x.dtype)
+
+    monkeypatch.setattr(gemv_cuda, "cuda_gemv", fake)
+    layer = _row_layer()
+    one, two = torch.zeros(1, 512, dtype=torch.bfloat16), torch.zeros(2, 512, dtype=torch.bfloat16)
+    for kernels, want in [
+        (DecodeKernels(gptq_cuda=True, gptq_act=True), True),
+        (DecodeKernels(gptq_cuda=True), False),
+        (DecodeKernels(gptq_act=True), False),
+    ]:
+        layer.set_decode_kernels(kernels)
+        assert layer.fuses_act(one) is want and layer.fuses_act(two) is False
+    layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_act=True))
+    y = layer.forward_act(one)
+    assert calls == [(512, True, None)] and torch.equal(y, torch.full((1, 128), 0.5, dtype=torch.bfloat16))
+    layer.perm = torch.arange(256)  # act order: the GEMV's rows are permuted, gate_up's are not
+    assert layer.fuses_act(one) is False

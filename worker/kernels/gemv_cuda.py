@@ -78,6 +78,8 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, p, i, i, i, i, i, i, i, p]
     lib.gptq4_gemv_rows.restype = ctypes.c_int
     lib.gptq4_gemv_rows.argtypes = [*lib.gptq4_gemv.argtypes, i]
+    lib.gptq4_gemv_act.restype = ctypes.c_int
+    lib.gptq4_gemv_act.argtypes = lib.gptq4_gemv.argtypes
     lib.gptq4_mma.restype = ctypes.c_int
     lib.gptq4_mma.argtypes = [*lib.gptq4_gemv.argtypes, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
@@ -142,17 +144,24 @@ def cuda_gemv(
     pdl: bool = False,
     mma: bool = False,
     splits: int | None = None,
+    act: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS on the tensor-core kernel; x's columns in the weight's row order; the caller checked
-    `supports` and that `library` built. splits: K's splits instead of the plan's (benchmarks)."""
+    `supports` and that `library` built. splits: K's splits instead of the plan's (benchmarks). act (one row, no
+    bias): x is mlp's gate_up [1, 2K] = [gate | up] and the product's input up * silu(gate), rounded as
+    fused.silu_mul, computed in the GEMV (DecodeKernels.gptq_act)."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
     M = x.shape[0]
-    most = MMA_MAX_ROWS if mma else MAX_ROWS
-    if x.dim() != 2 or x.shape[1] != K or not 1 <= M <= most:
-        raise ValueError(f"cuda_gemv: x {tuple(x.shape)} for 1 to {most} rows of {K}")
+    most = MMA_MAX_ROWS if mma else 1 if act else MAX_ROWS
+    width = 2 * K if act else K
+    if x.dim() != 2 or x.shape[1] != width or not 1 <= M <= most or (act and (mma or bias is not None)):
+        raise ValueError(
+            f"cuda_gemv: x {tuple(x.shape)} for 1 to {most} rows of {width}"
+            + (" (act: one gate_up row, no bias, no mma)" if act else "")
+        )
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
@@ -171,6 +180,8 @@ def cuda_gemv(
     )  # fmt: skip
     if mma:
         code = lib.gptq4_mma(*args, M)
+    elif act:
+        code = lib.gptq4_gemv_act(*args)
     else:
         code = lib.gptq4_gemv(*args) if M == 1 else lib.gptq4_gemv_rows(*args, M)
     if code:

@@ -85,7 +85,17 @@ struct Launch {
   Launch(const Launch&) = delete;  // config.attrs points into this object
 };
 
-template <bool kZeros, bool kBias>
+// up * silu(gate) rounded as fused.silu_mul (worker/kernels/fused.py): silu = g / (1 + expf(-g)) in fp32, rounded to
+// bf16, times up in fp32, rounded to bf16 (the value mlp.c_proj's input holds without the fusion)
+__device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16 up) {
+  const float g = __bfloat162float(gate);
+  const float act = __bfloat162float(__float2bfloat16_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))));
+  return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
+}
+
+// kAct: x is mlp's gate_up row [gate (K) | up (K)] and the product's input is up * silu(gate) (silu_mul_bf16),
+// computed while x is staged (DecodeKernels.gptq_act: the SiLU-mul launch before mlp.c_proj goes)
+template <bool kZeros, bool kBias, bool kAct = false>
 __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
@@ -110,7 +120,10 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     for (int r = 0; r < kWordRows; ++r) w[r] = load_words(qw + (size_t)(c * kWordRows + r) * n4 + (n >> 2));
   }
   gdc_wait();
-  for (int i = threadIdx.x; i < (c1 - c0) * kChunk; i += kThreads) xs[i] = __bfloat162float(x[c0 * kChunk + i]);
+  for (int i = threadIdx.x; i < (c1 - c0) * kChunk; i += kThreads) {
+    const int k = c0 * kChunk + i;
+    xs[i] = kAct ? silu_mul_bf16(x[k], x[K + k]) : __bfloat162float(x[k]);
+  }
   __syncthreads();
   for (int cc = warp; cc < c1 - c0; cc += kWarps) {
     const float s = chunk_sum(xs + cc * kChunk + lane * 4);
@@ -192,12 +205,12 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias>
+template <bool kZeros, bool kBias, bool kAct = false>
 cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                    void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
                    int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
   Launch l(N, splits, (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
-  auto kernel = gptq4_gemv_kernel<kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
+  auto kernel = gptq4_gemv_kernel<kZeros, kBias, kAct>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
@@ -369,6 +382,16 @@ extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, con
                           int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
   auto launch1 = zeros != nullptr ? (bias != nullptr ? launch<true, true> : launch<true, false>)
                                   : (bias != nullptr ? launch<false, true> : launch<false, false>);
+  return static_cast<int>(launch1(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                                  chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream)));
+}
+
+// x: the gate_up row [2K]; no bias (a row-parallel linear's is added after the reduce)
+extern "C" int gptq4_gemv_act(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                              const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                              int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
+  if (bias != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  auto launch1 = zeros != nullptr ? launch<true, false, true> : launch<false, false, true>;
   return static_cast<int>(launch1(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                                   chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream)));
 }

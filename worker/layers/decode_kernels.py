@@ -82,7 +82,10 @@ class DecodeKernels:
     layout and builds, as gptq_cuda. Deterministic (split K summed in order), so graph == eager bit for bit. Served:
     the 7B Int4 step at batch 4 / 8 / 16 / 32 / 48 took 3.39 / 3.98 / 4.87 / 7.39 / 11.85 ms with it against 5.17 /
     5.85 / 7.87 / 11.40 / 12.48 without (bf16: 4.61 / 4.99 / 5.64 / 6.74 / 7.81; one H200, back to back), the
-    72B-shaped step at batch 8 / 32 25.2 / 49.1 ms against 43.1 / 93.6 (BENCHMARKS.md, 2026-11-30)."""
+    72B-shaped step at batch 8 / 32 25.2 / 49.1 ms against 43.1 / 93.6 (BENCHMARKS.md, 2026-11-30).
+    gptq_act: with gptq_cuda, a GPTQ mlp.c_proj (no act order, no adapter) at decode steps of one row computes
+    up * silu(gate) while its CUDA GEMV stages its input (gptq_gemv.cu's kAct, fused.silu_mul's rounding), so the
+    SiLU-mul launch goes."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -94,6 +97,7 @@ class DecodeKernels:
     lora_norm_shrink: bool = False
     lora_k_lanes: bool = False
     gptq_mma: bool = False
+    gptq_act: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -305,6 +305,26 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
         return self._mm(x, None)
 
+    def fuses_act(self, gate_up: torch.Tensor) -> bool:
+        """DecodeKernels.gptq_act: one decode row, rows in checkpoint order (no act order), and the CUDA GEMV serving
+        this linear (gptq_cuda): `forward_act` then computes the activation inside it."""
+        k = self.decode_kernels
+        return (
+            k.gptq_act
+            and k.gptq_cuda
+            and gate_up.shape[0] == 1
+            and self.perm is None
+            and self.gemv is not None
+            and self._cuda_gemv_serves(gate_up.dtype)
+        )
+
+    def forward_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(up * silu(gate)) for gate_up [1, 2 * in_per_rank] = [gate | up], the activation computed while the
+        CUDA GEMV stages its input (fused.silu_mul's rounding)."""
+        from worker.kernels.gemv_cuda import cuda_gemv
+
+        return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True))
+
 
 @dataclass(frozen=True)
 class LinearFactory:
