@@ -35,6 +35,7 @@ SERVED = (
     "lora_norm_shrink",
     "lora_k_lanes",
     "gptq_mma",
+    "gptq_act",
 )
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
@@ -85,7 +86,8 @@ class DecodeKernels:
     72B-shaped step at batch 8 / 32 25.2 / 49.1 ms against 43.1 / 93.6 (BENCHMARKS.md, 2026-11-30).
     gptq_act: with gptq_cuda, a GPTQ mlp.c_proj (no act order, no adapter) at decode steps of one row computes
     up * silu(gate) while its CUDA GEMV stages its input (gptq_gemv.cu's kAct, fused.silu_mul's rounding), so the
-    SiLU-mul launch goes."""
+    SiLU-mul launch goes. Bit for bit the same logits. Served: the 7B Int4 batch-1 step 2.618-2.634 ms with it
+    against 2.652-2.661 without, in each of 4 alternating pairs on two H200s (BENCHMARKS.md, 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False
