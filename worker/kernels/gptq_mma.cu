@@ -236,34 +236,33 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   }
 
   const bool mine = n < N;
-  if (splits == 1) {
-    if (mine) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = mt * 16 + g + 8 * h;
-          if (row >= m) continue;
-          float v[8];
-#pragma unroll
-          for (int c = 0; c < 8; ++c) v[c] = acc[mt][h][c] + (kBias ? __bfloat162float(bias[n + c]) : 0.f);
-          *reinterpret_cast<uint4*>(y + (size_t)row * N + n) = to_bf16x8(v);
-        }
-    }
-    return;
-  }
-  __shared__ int last;
-  if (mine) {
+  auto each_row = [&](auto&& put) {  // put(row, the row's 8 sums) for this lane's rows below m
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = mt * 16 + g + 8 * h;
-        if (row >= m) continue;
-        float4* p = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * m + row) * N + n);
-        p[0] = make_float4(acc[mt][h][0], acc[mt][h][1], acc[mt][h][2], acc[mt][h][3]);
-        p[1] = make_float4(acc[mt][h][4], acc[mt][h][5], acc[mt][h][6], acc[mt][h][7]);
+        if (row < m) put(row, acc[mt][h]);
       }
+  };
+  if (splits == 1) {
+    if (mine) {
+      each_row([&](int row, const float* a) {
+        float v[8];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) v[c] = a[c] + (kBias ? __bfloat162float(bias[n + c]) : 0.f);
+        *reinterpret_cast<uint4*>(y + (size_t)row * N + n) = to_bf16x8(v);
+      });
+    }
+    return;
+  }
+  __shared__ int last;
+  if (mine) {
+    each_row([&](int row, const float* a) {
+      float4* p = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * m + row) * N + n);
+      p[0] = make_float4(a[0], a[1], a[2], a[3]);
+      p[1] = make_float4(a[4], a[5], a[6], a[7]);
+    });
   }
   __threadfence();
   __syncthreads();
