@@ -156,13 +156,7 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   __syncthreads();
   gdc_go();
 
-  float acc[MT][2][8];       // [tile][rows g, g + 8][column]
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int c = 0; c < 8; ++c) acc[mt][h][c] = 0.f;
+  float acc[MT][2][8] = {};  // [tile][rows g, g + 8][column]
   for (int cb = c0; cb < c1; cb += kDepth) {
 #pragma unroll
     for (int i = 0; i < kDepth; ++i) {
@@ -174,13 +168,7 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
       const uint4 s8 = sbuf[i], z8 = zbuf[i];
       if (c + kDepth < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
                                               N, k_offset, group_size, t);
-      float d[MT][4][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) d[mt][j][e] = 0.f;
+      float d[MT][4][4] = {};  // this chunk's sums x (128 + q)
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         const uint32_t words[4] = {cur[s].x, cur[s].y, cur[s].z, cur[s].w};
