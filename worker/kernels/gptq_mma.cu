@@ -1,12 +1,13 @@
-// Int4 GPTQ matmul on tensor cores for decode steps of a few to 64 rows (issue 16): y [M, N] = x [M, K] .
+// Int4 GPTQ matmul on tensor cores for decode steps of 1 to 64 rows (served at 3-48, quantized.MMA_MAX_M; issue 16):
+// y [M, N] = x [M, K] .
 // dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu into one library by
 // worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there (rows in group order, qweight int32
 // [K/8, N], scales and zeros [G, N] bf16, zeros holding z + zero_offset or one value for all).
 //
 // Above two rows the GEMVs of gptq_gemv.cu pay an FMA a value for every row, and the dequantize-then-cuBLAS path
 // writes and reads W in bf16 (4.5 bytes a weight against bf16's 2): both were slower than bf16 at 8 and 32 rows.
-// Here each packed word is read once and feeds mma.m16n8k16 as it stands, so a weight costs the same for 1 or 64
-// rows:
+// Here each packed word is read once, whatever the row count, and feeds mma.m16n8k16 as it stands (the mma work
+// grows with the 16-row tiles of x; on the H200 it stays ahead of bf16 up to 16 rows, BENCHMARKS.md):
 // - A warp owns 32 columns; per 32-row step lane (g = lane / 4, t = lane % 4) loads 16 bytes, word row t of the
 //   step for columns 4g .. 4g + 3. One mask-and-or (LOP3) turns nibbles i and i + 4 of a word into the bf16 pair
 //   (128 + q_i, 128 + q_(i+4)) exactly, a B fragment of mma.m16n8k16 as it stands: inside a step the k order is
@@ -16,7 +17,8 @@
 // - The mma sums x (128 + q) per 128-row chunk (one group) in fp32; then s (D - (z + 128) sum x) goes into the
 //   accumulators, with sum x per row and chunk from shared memory (summed in a fixed order).
 // - Split K over blocks as in gptq_gemv.cu: each block stores its fp32 partials, the last to arrive at a column
-//   tile sums them in split order (deterministic), adds the bias, writes y and resets the tile's counter.
+//   tile sums them in split order (deterministic; 4 columns of a row a thread, all of its threads), adds the bias,
+//   writes y and resets the tile's counter. The split count: gemv_cuda.plan_mma.
 // - PDL: the first chunks' words are loaded before griddepcontrol.wait (constant data); x after it.
 // A first version for one row (M = 1, rows 1-15 of A zero) measured slower than the FMA GEMV there (2026-11-29,
 // BENCHMARKS.md); it is the same loop with the other rows of A filled.
