@@ -1,6 +1,6 @@
 // Int4 GPTQ matmul on tensor cores for decode steps of 1 to 64 rows (served at 3-48, quantized.MMA_MAX_M; issue 16):
-// y [M, N] = x [M, K] .
-// dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu into one library by
+// y [M, N] = x [M, K] . dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu into
+// one library by
 // worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there (rows in group order, qweight int32
 // [K/8, N], scales and zeros [G, N] bf16, zeros holding z + zero_offset or one value for all).
 //
