@@ -1,8 +1,7 @@
 // Int4 GPTQ matmul on tensor cores for decode steps of 1 to 64 rows (served at 3-48, quantized.MMA_MAX_M; issue 16):
 // y [M, N] = x [M, K] . dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu into
-// one library by
-// worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there (rows in group order, qweight int32
-// [K/8, N], scales and zeros [G, N] bf16, zeros holding z + zero_offset or one value for all).
+// one library by worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there (rows in group order,
+// qweight int32 [K/8, N], scales and zeros [G, N] bf16, zeros holding z + zero_offset or one value for all).
 //
 // Above two rows the GEMVs of gptq_gemv.cu pay an FMA a value for every row, and the dequantize-then-cuBLAS path
 // writes and reads W in bf16 (4.5 bytes a weight against bf16's 2): both were slower than bf16 at 8 and 32 rows.
