@@ -33,6 +33,13 @@ def test_cuda_gemv_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     _check(K, N, group, asym, bias, k_offset, M, mma=False)
 
 
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 32])
+@pytest.mark.parametrize("K,N,group,asym,bias,k_offset", SHAPES)
+def test_cuda_mma_int8_equals_the_reference(K, N, group, asym, bias, k_offset, M):
+    """gptq_mma's Int8 (the low and high nibbles of each byte summed by two mma) at 1 to 32 rows."""
+    _check(K, N, group, asym, bias, k_offset, M, mma=True, bits=8)
+
+
 @pytest.mark.parametrize("M", [1, 3, 8, 16, 17, 40, 64])
 @pytest.mark.parametrize("K,N,group,asym,bias,k_offset", SHAPES)
 def test_cuda_mma_equals_the_reference(K, N, group, asym, bias, k_offset, M):
@@ -40,7 +47,7 @@ def test_cuda_mma_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     _check(K, N, group, asym, bias, k_offset, M, mma=True)
 
 
-def _check(K, N, group, asym, bias, k_offset, M, mma):
+def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4):
     from worker.kernels.gemv import gemv_weights
     from worker.kernels.gemv_cuda import cuda_gemv, library, plan, plan_mma, supports
     from worker.kernels.gptq_reference import gptq_matmul_reference
@@ -49,20 +56,21 @@ def _check(K, N, group, asym, bias, k_offset, M, mma):
     g = torch.Generator(device=CUDA).manual_seed(K + N)
     rows = k_offset + K
     G = 1 if group == -1 else -(-rows // group)
-    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=CUDA, dtype=torch.int32, generator=g)
+    p = 32 // bits  # values a word
+    qweight = torch.randint(-(2**31), 2**31 - 1, (K // p, N), device=CUDA, dtype=torch.int32, generator=g)
     if asym:
-        qzeros = torch.randint(-(2**31), 2**31 - 1, (G, N // 8), device=CUDA, dtype=torch.int32, generator=g)
-    else:
-        qzeros = torch.full((G, N // 8), 0x77777777, device=CUDA, dtype=torch.int32)
+        qzeros = torch.randint(-(2**31), 2**31 - 1, (G, N // p), device=CUDA, dtype=torch.int32, generator=g)
+    else:  # sym: the middle of the range stored everywhere, less the v1 offset
+        qzeros = torch.full((G, N // p), 0x77777777 if bits == 4 else 0x7F7F7F7F, device=CUDA, dtype=torch.int32)
     scales = (torch.rand(G, N, device=CUDA, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
     g_idx = torch.zeros(K, device=CUDA, dtype=torch.int32)
     if group != -1:
         g_idx = ((k_offset + torch.arange(K, device=CUDA)) // group).to(torch.int32)
-    w = gemv_weights(qweight, qzeros, scales, 4, 1, group, k_offset)
-    assert supports(w, torch.bfloat16) is None and (w.zeros is not None) == asym
+    w = gemv_weights(qweight, qzeros, scales, bits, 1, group, k_offset)
+    assert supports(w, torch.bfloat16, mma=mma) is None and (w.zeros is not None) == asym
     b = (torch.randn(N, device=CUDA, generator=g) * 0.1).to(torch.bfloat16) if bias else None
     x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
-    ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, 1)
+    ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, bits, 1)
     ref = ref if b is None else ref + b.float()
     y = cuda_gemv(x, w, b, pdl=True, mma=mma)
     err = (y.float() - ref).abs().max().item()
@@ -111,7 +119,7 @@ def _decode(
             )
             for layer in model.transformer.layers()
         ]
-    return logits, [bool(m._cuda_gemv) for m in model.modules() if isinstance(m, _GPTQ)]
+    return logits, [bool(m._cuda_mma if mma else m._cuda_gemv) for m in model.modules() if isinstance(m, _GPTQ)]
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -127,15 +135,15 @@ def test_a_gptq_model_decodes_through_the_cuda_gemv(tmp_path, batch):
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item(), (a - b).abs().max()
 
 
-@pytest.mark.parametrize("batch", [3, 8, 24])
-def test_a_gptq_model_decodes_through_the_mma_kernel(tmp_path, batch):
-    """gptq_mma: a GPTQ model (asym, act order) decoding at batch 3, 8 and 24 through the tensor-core matmul in every
-    GPTQ linear gives the Triton path's logits (the GEMV up to 8 rows, dequantize + cuBLAS above) within bf16's
-    per-layer rounding."""
+@pytest.mark.parametrize("bits,batch", [(4, 3), (4, 8), (4, 24), (8, 1), (8, 8), (8, 24)])
+def test_a_gptq_model_decodes_through_the_mma_kernel(tmp_path, bits, batch):
+    """gptq_mma: a GPTQ model (asym, act order; Int4, and Int8 from one row) decoding through the tensor-core matmul
+    in every GPTQ linear gives the Triton path's logits (the GEMV up to 8 rows, dequantize + cuBLAS above) within
+    bf16's per-layer rounding."""
     from gptq_helpers import gptq_checkpoint
 
     state = random_checkpoint(GPU_TINY, seed=9)
-    path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, 4, 128, False, True)
+    path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, bits, 128, False, True)
     triton, used_t = _decode(path, False, batch)
     mma, used_m = _decode(path, False, batch, mma=True)
     assert used_m and all(used_m) and not any(used_t)

@@ -28,6 +28,8 @@ def test_supports_names_what_it_lacks():
     assert gemv_cuda.supports(_weights(4096, 12288, group=NO_GROUPS), bf16) is None
     assert gemv_cuda.supports(_weights(2048, 264, group=256, k_offset=128), bf16) is None
     assert "Int4" in gemv_cuda.supports(_weights(4096, 128, bits=8), bf16)
+    assert gemv_cuda.supports(_weights(4096, 128, bits=8), bf16, mma=True) is None  # the tensor-core matmul's Int8
+    assert "Int4 or Int8" in gemv_cuda.supports(_weights(4096, 128, bits=8), torch.float16, mma=True)
     assert "Int4" in gemv_cuda.supports(_weights(4096, 128), torch.float16)
     assert "N a multiple of 8" in gemv_cuda.supports(_weights(4096, 132), bf16)
     assert "row 64" in gemv_cuda.supports(_weights(4096, 128, k_offset=64), bf16)
@@ -72,14 +74,15 @@ def test_nvcc_builds_the_kernel(tmp_path, monkeypatch):
     assert lib.gptq4_gemv_error(0) == b"no error"
 
 
-def _layer():
+def _layer(bits: int = 4):
     from worker.distributed import ParallelContext
     from worker.layers.quantized import GPTQColumnParallelLinear
     from worker.quant.config import GPTQConfig
 
     cpu = ParallelContext(device=torch.device("cpu"))
-    layer = GPTQColumnParallelLinear(256, [256], False, cpu, torch.bfloat16, GPTQConfig(4, 128, True, False, "test"))
-    layer.gemv = _weights(256, 256)  # as build_gemv leaves it on a GPU
+    quant = GPTQConfig(bits, 128, True, False, "test")
+    layer = GPTQColumnParallelLinear(256, [256], False, cpu, torch.bfloat16, quant)
+    layer.gemv = _weights(256, 256, bits=bits)  # as build_gemv leaves it on a GPU
     return layer
 
 
@@ -143,7 +146,9 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
     from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
-    assert quantized.MMA_MAX_M == 48 <= gemv_cuda.MMA_MAX_ROWS
+    assert quantized.MMA_MAX_M == {4: 48, 8: 32} and all(
+        quantized.MMA_MAX_M[b] <= gemv_cuda.MMA_MAX_ROWS[b] for b in (4, 8)
+    )
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int]] = []
@@ -219,3 +224,40 @@ def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypat
     assert calls == [(512, True, None)] and torch.equal(y, torch.full((1, 128), 0.5, dtype=torch.bfloat16))
     layer.perm = torch.arange(256)  # act order: the GEMV's rows are permuted, gate_up's are not
     assert layer.fuses_act(one) is False
+
+
+def test_gptq_mma_serves_int8_up_to_32_rows_and_gptq_cuda_leaves_it_the_small_steps(monkeypatch, caplog):
+    """An Int8 linear: the FMA GEMV does not serve it (Int4 only; one warning says so), so with gptq_cuda and gptq_mma
+    every step of up to 32 rows (MMA_MAX_M[8], the kernel's 2 tiles) takes the tensor-core matmul, 1-2 rows too; more
+    rows take the GEMM path; without gptq_mma the Triton GEMV keeps its 1-8 rows."""
+    import logging
+
+    from worker.kernels import gemv as triton_gemv
+    from worker.layers import quantized
+    from worker.layers.decode_kernels import DecodeKernels
+
+    assert quantized.MMA_MAX_M[8] == 32 == gemv_cuda.MMA_MAX_ROWS[8]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
+    quantized._warn_once.cache_clear()
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        gemv_cuda,
+        "cuda_gemv",
+        lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0])) or x,
+    )
+    monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0])) or x)
+    layer = _layer(bits=8)
+    monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0])) or x)
+    with caplog.at_level(logging.WARNING, logger="worker"):
+        layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True))
+    assert layer._cuda_gemv is False and layer._cuda_mma is True
+    assert [r.getMessage() for r in caplog.records if "Int4" in r.getMessage()], caplog.records
+    for rows in (1, 2, 32, 33):
+        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
+    assert calls == [("mma", 1), ("mma", 2), ("mma", 32), ("gemm", 33)]
+    calls.clear()
+    layer.set_decode_kernels(DecodeKernels(gptq_cuda=True))
+    for rows in (1, 8):
+        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
+    assert calls == [("triton", 1), ("triton", 8)]

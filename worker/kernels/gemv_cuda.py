@@ -32,8 +32,9 @@ CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols, kMmaCols)
 MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums stay in 48 KB of shared memory
 MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
-MMA_MAX_ROWS = 64  # rows gptq4_mma serves (4 tiles of 16)
-MMA_SMEM = 100 * 1024  # gptq4_mma's shared memory at most (x of a split and its sums): two blocks per SM
+MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 for Int4; 2 for Int8, whose registers
+# hold two sums a value)
+MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
 def max_chunks(rows: int) -> int:
@@ -80,18 +81,23 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv_rows.argtypes = [*lib.gptq4_gemv.argtypes, i]
     lib.gptq4_gemv_act.restype = ctypes.c_int
     lib.gptq4_gemv_act.argtypes = lib.gptq4_gemv.argtypes
-    lib.gptq4_mma.restype = ctypes.c_int
-    lib.gptq4_mma.argtypes = [*lib.gptq4_gemv.argtypes, i]
+    lib.gptq_mma.restype = ctypes.c_int
+    lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
 
 
-def supports(w: GPTQGemvWeights, dtype: torch.dtype) -> str | None:
-    """None when the kernels serve this linear for bf16 rows (1 to MAX_ROWS); else what it lacks."""
-    K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
-    if w.bits != 4 or dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
-        return f"it serves Int4 with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
+def supports(w: GPTQGemvWeights, dtype: torch.dtype, mma: bool = False) -> str | None:
+    """None when the kernels serve this linear for bf16 rows (the GEMVs, 1 to MAX_ROWS; mma: the tensor-core matmul,
+    1 to MMA_MAX_ROWS[bits]); else what it lacks."""
+    K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
+    bits = (4, 8) if mma else (4,)
+    if w.bits not in bits or dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
+        what = "Int4 or Int8" if mma else "Int4"
+        return (
+            f"it serves {what} with bf16 scales and activations only (bits {w.bits}, {dtype}, scales {w.scales.dtype})"
+        )
     if N % 8 or K % CHUNK or w.k_offset % CHUNK:
         return f"it needs N a multiple of 8, K and the shard's first row of {CHUNK} (N {N}, K {K}, row {w.k_offset})"
     if w.group_size != NO_GROUPS and w.group_size % CHUNK:
@@ -109,13 +115,13 @@ def plan(n: int, k: int, sms: int, rows: int = 1) -> tuple[int, int]:
 
 
 def mma_max_chunks(rows: int) -> int:
-    """gptq4_mma's chunks per split for `rows` rows: x of the split (rows x chunks x 256 bytes) and its sums (4 bytes
+    """gptq_mma's chunks per split for `rows` rows: x of the split (rows x chunks x 256 bytes) and its sums (4 bytes
     a row and chunk) within MMA_SMEM."""
     return MMA_SMEM // (rows * (CHUNK * 2 + 4))
 
 
 def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
-    """(chunks per split, splits) for gptq4_mma: the fewest splits whose time is least, taken as waves of 2 blocks
+    """(chunks per split, splits) for gptq_mma: the fewest splits whose time is least, taken as waves of 2 blocks
     per SM (its ~200-255 registers allow two) times a block's work in chunks of words (8 KB): its chunks, x staged
     for them (rows x 256 bytes a chunk from L2, counted at half a DRAM byte), its fp32 partials (rows x 512 bytes)
     and one chunk's worth of launch and prologue; at most mma_max_chunks(rows) chunks a split."""
@@ -147,15 +153,15 @@ def cuda_gemv(
     act: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
-    or (mma) 1 to MMA_MAX_ROWS on the tensor-core kernel; x's columns in the weight's row order; the caller checked
-    `supports` and that `library` built. splits: K's splits instead of the plan's (benchmarks). act (one row, no
-    bias): x is mlp's gate_up [1, 2K] = [gate | up] and the product's input up * silu(gate), rounded as
-    fused.silu_mul, computed in the GEMV (DecodeKernels.gptq_act)."""
+    or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
+    order; the caller checked `supports` and that `library` built. splits: K's splits instead of the plan's
+    (benchmarks). act (one row, no bias): x is mlp's gate_up [1, 2K] = [gate | up] and the product's input
+    up * silu(gate), rounded as fused.silu_mul, computed in the GEMV (DecodeKernels.gptq_act)."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
-    K, N = w.qweight.shape[0] * 8, w.qweight.shape[1]
+    K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
     M = x.shape[0]
-    most = MMA_MAX_ROWS if mma else 1 if act else MAX_ROWS
+    most = MMA_MAX_ROWS[w.bits] if mma else 1 if act else MAX_ROWS
     width = 2 * K if act else K
     if x.dim() != 2 or x.shape[1] != width or not 1 <= M <= most or (act and (mma or bias is not None)):
         raise ValueError(
@@ -179,7 +185,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if mma:
-        code = lib.gptq4_mma(*args, M)
+        code = lib.gptq_mma(*args, M, w.bits)
     elif act:
         code = lib.gptq4_gemv_act(*args)
     else:

@@ -65,6 +65,11 @@ __device__ __forceinline__ uint4 permuted(uint4 v) {
   return p;
 }
 
+// 4 bf16 of x (k 4t .. 4t + 3 of an Int8 step) in the fragments' order: (0 2) (1 3)
+__device__ __forceinline__ uint2 permuted(uint2 v) {
+  return make_uint2(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632));
+}
+
 // 16 bytes global -> shared without a register round trip (many in flight: no load-use chain per copy)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -79,15 +84,20 @@ __device__ __forceinline__ uint4 to_bf16x8(const float* v) {
   return out;
 }
 
-// Chunk c's words for this lane (word rows 4s + t of its 4 steps, columns 4g .. 4g + 3; `base` at column 4g) and
-// its group's scales and zeros for columns n .. n + 7.
-template <bool kZeros>
+// The steps of a 128-row chunk: 32 rows (Int4, 4 word rows of 8 values) or 16 (Int8, 4 word rows of 4 values)
+template <int BITS>
+constexpr int kSteps = BITS == 4 ? 4 : 8;
+
+// Chunk c's words for this lane (word rows 4s + t of its kSteps steps, columns 4g .. 4g + 3; `base` at column 4g)
+// and its group's scales and zeros for columns n .. n + 7.
+template <int BITS, bool kZeros>
 __device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, const uint4* base,
                                            const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
                                            bool live, int n, int N, int k_offset, int group_size, int t) {
+  constexpr int kRows = kChunk * BITS / 32;  // word rows of a chunk
   if (live) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
+    for (int s = 0; s < kSteps<BITS>; ++s) words[s] = load_words(base + (size_t)(c * kRows + s * 4 + t) * n4);
   }
   if (n < N) {
     const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
@@ -99,8 +109,12 @@ __device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, c
 // MT 16-row tiles of x (rows >= m read as zeros); kDepth chunks of words in flight per warp (a ring unrolled by
 // kDepth). Shared memory: x's m rows over the block's K range [m][chunks_per_split * 16] uint4 (as in memory; the
 // fragments permute what they read), then its sums [m][chunks_per_split].
-template <int MT, int kDepth, bool kZeros, bool kBias>
-__global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
+// Int8 (BITS 8): a word holds 4 rows of a column; the low and the high nibbles of its bytes are two Int4 words as
+// above (one LOP3 each gives the pairs (ql_0, ql_2), (ql_1, ql_3), (qh_0, qh_2), (qh_1, qh_3)), summed by two mma into
+// D_lo = sum x (128 + ql) and D_hi = sum x (128 + qh): sum x q = 16 D_hi + D_lo - 2176 sum x. A step is 16 rows,
+// x's order (0 2) (1 3) inside each 4.
+template <int BITS, int MT, int kDepth, bool kZeros, bool kBias>
+__global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
@@ -120,14 +134,14 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   const int n = nw + 8 * t;  // this lane's 8 output columns n .. n + 7 (N % 8 == 0: whole or none)
   // the ring, slot i for the chunk c with (c - c0) % kDepth == i: its words, and its group's scales and zeros for
   // columns n .. n + 7 (in flight as long as the words)
-  uint4 buf[kDepth][4], sbuf[kDepth], zbuf[kDepth];
+  uint4 buf[kDepth][kSteps<BITS>], sbuf[kDepth], zbuf[kDepth];
   const uint4* base = qw + (nw >> 2) + g;
 #pragma unroll
   for (int i = 0; i < kDepth; ++i) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
+    for (int s = 0; s < kSteps<BITS>; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
     sbuf[i] = zbuf[i] = make_uint4(0u, 0u, 0u, 0u);
-    if (c0 + i < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
+    if (c0 + i < c1) load_chunk<BITS, kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
                                         k_offset, group_size, t);
   }
   gdc_wait();
@@ -163,15 +177,16 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
     for (int i = 0; i < kDepth; ++i) {
       const int c = cb + i;
       if (c >= c1) break;
-      uint4 cur[4];
+      uint4 cur[kSteps<BITS>];
 #pragma unroll
-      for (int s = 0; s < 4; ++s) cur[s] = buf[i][s];
+      for (int s = 0; s < kSteps<BITS>; ++s) cur[s] = buf[i][s];
       const uint4 s8 = sbuf[i], z8 = zbuf[i];
-      if (c + kDepth < c1) load_chunk<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
+      if (c + kDepth < c1) load_chunk<BITS, kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
                                               N, k_offset, group_size, t);
-      float d[MT][4][4] = {};  // this chunk's sums x (128 + q)
+      float d[MT][4][4] = {};                    // this chunk's sums x (128 + q) (Int8: of the low nibbles)
+      float dh[BITS == 8 ? MT : 1][4][4] = {};  // Int8: of the high nibbles
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
+      for (int s = 0; s < kSteps<BITS>; ++s) {
         const uint32_t words[4] = {cur[s].x, cur[s].y, cur[s].z, cur[s].w};
         uint32_t b[4][4];
 #pragma unroll
@@ -181,29 +196,53 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
           b[j][2] = pair_bf16(words[j] >> 8);
           b[j][3] = pair_bf16(words[j] >> 12);
         }
-        const uint4* xr = xs + (c - c0) * (kChunk / 8) + s * 4 + t;
+        if constexpr (BITS == 4) {
+          const uint4* xr = xs + (c - c0) * (kChunk / 8) + s * 4 + t;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const int r0 = mt * 16 + g;
-          const uint4 lo = r0 < m ? permuted(xr[r0 * span]) : make_uint4(0u, 0u, 0u, 0u);
-          const uint4 hi = r0 + 8 < m ? permuted(xr[(r0 + 8) * span]) : make_uint4(0u, 0u, 0u, 0u);
+          for (int mt = 0; mt < MT; ++mt) {
+            const int r0 = mt * 16 + g;
+            const uint4 lo = r0 < m ? permuted(xr[r0 * span]) : make_uint4(0u, 0u, 0u, 0u);
+            const uint4 hi = r0 + 8 < m ? permuted(xr[(r0 + 8) * span]) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            mma_bf16(d[mt][j], lo.x, hi.x, lo.y, hi.y, b[j][0], b[j][1]);
-            mma_bf16(d[mt][j], lo.z, hi.z, lo.w, hi.w, b[j][2], b[j][3]);
+            for (int j = 0; j < 4; ++j) {
+              mma_bf16(d[mt][j], lo.x, hi.x, lo.y, hi.y, b[j][0], b[j][1]);
+              mma_bf16(d[mt][j], lo.z, hi.z, lo.w, hi.w, b[j][2], b[j][3]);
+            }
+          }
+        } else {  // rows 16s + 4t .. + 3: low nibbles (b[j][0], b[j][2]), high (b[j][1], b[j][3])
+          const uint2* xr = reinterpret_cast<const uint2*>(xs) + (c - c0) * (kChunk / 4) + s * 4 + t;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const int r0 = mt * 16 + g;
+            const uint2 lo = r0 < m ? permuted(xr[r0 * 2 * span]) : make_uint2(0u, 0u);
+            const uint2 hi = r0 + 8 < m ? permuted(xr[(r0 + 8) * 2 * span]) : make_uint2(0u, 0u);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              mma_bf16(d[mt][j], lo.x, hi.x, lo.y, hi.y, b[j][0], b[j][2]);
+              mma_bf16(dh[mt][j], lo.x, hi.x, lo.y, hi.y, b[j][1], b[j][3]);
+            }
           }
         }
       }
+      if constexpr (BITS == 8) {  // 16 D_hi + D_lo = sum x (q + 2176): the zero below takes the 2176 off
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) d[mt][j][e] = fmaf(16.f, dh[mt][j][e], d[mt][j][e]);
+      }
+      constexpr float kBiasQ = BITS == 4 ? 128.f : 2176.f;  // what the unpacked values carry beside q
       if (n < N) {  // d[mt][j]: rows (g, g, g + 8, g + 8) x columns (n + j, n + 4 + j, n + j, n + 4 + j)
         const __nv_bfloat16* sv = reinterpret_cast<const __nv_bfloat16*>(&s8);
         float sc[8], z[8];
         if (kZeros) {
           const __nv_bfloat16* zv = reinterpret_cast<const __nv_bfloat16*>(&z8);
 #pragma unroll
-          for (int k = 0; k < 8; ++k) z[k] = __bfloat162float(zv[k]) + 128.f;
+          for (int k = 0; k < 8; ++k) z[k] = __bfloat162float(zv[k]) + kBiasQ;
         } else {
 #pragma unroll
-          for (int k = 0; k < 8; ++k) z[k] = zero + 128.f;
+          for (int k = 0; k < 8; ++k) z[k] = zero + kBiasQ;
         }
 #pragma unroll
         for (int k = 0; k < 8; ++k) sc[k] = __bfloat162float(sv[k]);
@@ -279,11 +318,11 @@ __global__ void __launch_bounds__(kMmaThreads) gptq4_mma_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <int MT, bool kZeros, bool kBias>
+template <int BITS, int MT, bool kZeros, bool kBias>
 cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
-  constexpr int kDepth = MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT
+  constexpr int kDepth = BITS == 4 && MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT (and Int8)
   const size_t smem = (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
@@ -295,7 +334,7 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq4_mma_kernel<MT, kDepth, kZeros, kBias>;
+  auto kernel = gptq_mma_kernel<BITS, MT, kDepth, kZeros, kBias>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -306,26 +345,32 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
-template <int MT>
+template <int BITS, int MT>
 cudaError_t launch_tiles(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                          const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                          int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
-  auto f = zeros != nullptr ? (bias != nullptr ? launch_mma<MT, true, true> : launch_mma<MT, true, false>)
-                            : (bias != nullptr ? launch_mma<MT, false, true> : launch_mma<MT, false, false>);
+  auto f = zeros != nullptr
+               ? (bias != nullptr ? launch_mma<BITS, MT, true, true> : launch_mma<BITS, MT, true, false>)
+               : (bias != nullptr ? launch_mma<BITS, MT, false, true> : launch_mma<BITS, MT, false, false>);
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
            splits, pdl, stream, m);
 }
 
 }  // namespace
 
-// m rows (1 to 64) of x; the host (gemv_cuda.plan_mma) keeps the shared memory within what the device allows
-extern "C" int gptq4_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
-                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                         int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m) {
+// m rows of x: 1 to 64 for Int4 (bits 4), 1 to 32 for Int8 (bits 8); the host (gemv_cuda.plan_mma) keeps the shared
+// memory within what the device allows
+extern "C" int gptq_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int bits) {
   auto s = static_cast<cudaStream_t>(stream);
   const int tiles = (m + 15) / 16;
-  auto f = tiles == 1 ? launch_tiles<1> : tiles == 2 ? launch_tiles<2> : tiles == 3 ? launch_tiles<3> : launch_tiles<4>;
-  if (m < 1 || tiles > 4) return static_cast<int>(cudaErrorInvalidValue);
+  if (m < 1 || tiles > (bits == 4 ? 4 : 2) || (bits != 4 && bits != 8)) return static_cast<int>(cudaErrorInvalidValue);
+  auto f = bits == 8 ? (tiles == 1 ? launch_tiles<8, 1> : launch_tiles<8, 2>)
+           : tiles == 1 ? launch_tiles<4, 1>
+           : tiles == 2 ? launch_tiles<4, 2>
+           : tiles == 3 ? launch_tiles<4, 3>
+                        : launch_tiles<4, 4>;
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                             chunks_per_split, splits, pdl, s, m));
 }

@@ -77,12 +77,12 @@ class DecodeKernels:
     base GEMM over the lanes adds the term: no term launch. y = rn(x·Wᵀ + h·Bᵀ), the term unrounded inside the GEMM's
     fp32 sum. Served: never slower in a same-process pair on the H200, 0-0.03 ms a step faster (P2 +0.000-0.004 at
     batch 32, BENCHMARKS.md 2026-11-30).
-    gptq_mma: Int4 GPTQ linears at decode steps of up to 48 rows (quantized.MMA_MAX_M; above gptq_cuda's 2 where that
-    is on) take the CUDA tensor-core matmul (worker/kernels/gptq_mma.cu: each packed word read once, fed to
-    mma.m16n8k16 as loaded) instead of the Triton GEMV (up to 8 rows) or dequantize + cuBLAS; where it serves the
-    layout and builds, as gptq_cuda. Deterministic (split K summed in order), so graph == eager bit for bit. Served:
-    the 7B Int4 step at batch 4 / 8 / 16 / 32 / 48 took 3.39 / 3.98 / 4.87 / 7.39 / 11.85 ms with it against 5.17 /
-    5.85 / 7.87 / 11.40 / 12.48 without (bf16: 4.61 / 4.99 / 5.64 / 6.74 / 7.81; one H200, back to back), the
+    gptq_mma: Int4 GPTQ linears at decode steps of up to 48 rows and Int8 ones at up to 32 (quantized.MMA_MAX_M; Int4
+    above gptq_cuda's 2 where that is on) take the CUDA tensor-core matmul (worker/kernels/gptq_mma.cu: each packed word
+    read once, fed to mma.m16n8k16 as loaded) instead of the Triton GEMV (up to 8 rows) or dequantize + cuBLAS; where it
+    serves the layout and builds, as gptq_cuda. Deterministic (split K summed in order), so graph == eager bit for bit.
+    Served: the 7B Int4 step at batch 4 / 8 / 16 / 32 / 48 took 3.39 / 3.98 / 4.87 / 7.39 / 11.85 ms with it against
+    5.17 / 5.85 / 7.87 / 11.40 / 12.48 without (bf16: 4.61 / 4.99 / 5.64 / 6.74 / 7.81; one H200, back to back), the
     72B-shaped step at batch 8 / 32 25.2 / 49.1 ms against 43.1 / 93.6 (BENCHMARKS.md, 2026-11-30).
     gptq_act: with gptq_cuda, a GPTQ mlp.c_proj (no act order, no adapter) at decode steps of one row computes
     up * silu(gate) while its CUDA GEMV stages its input (gptq_gemv.cu's kAct, fused.silu_mul's rounding), so the

@@ -35,10 +35,10 @@ log = logging.getLogger("worker")
 GPTQMatmul = Callable[..., torch.Tensor]  # gptq_matmul_reference's signature
 GEMV_MAX_M = 8  # decode batches up to this many rows take worker/kernels/gemv.py on CUDA
 CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, worker/kernels/gemv_cuda.py (its MAX_ROWS)
-# DecodeKernels.gptq_mma: steps of more rows than the above, up to this many, on gemv_cuda's tensor cores (the kernel
-# serves 64; on the H200 the 7B step at 64 rows measured 15.5 ms with it against 13.5 with dequantize + cuBLAS, at 48
-# 11.9 against 12.5)
-MMA_MAX_M = 48
+# DecodeKernels.gptq_mma: steps of more rows than the above, up to this many by bits, on gemv_cuda's tensor cores (the
+# kernel serves 64 Int4 rows; on the H200 the 7B step at 64 rows measured 15.5 ms with it against 13.5 with dequantize +
+# cuBLAS, at 48 11.9 against 12.5; Int8: the kernel's 32)
+MMA_MAX_M = {4: 48, 8: 32}
 
 
 @functools.cache
@@ -72,6 +72,7 @@ class _GPTQ:
     perm: torch.Tensor | None = None  # act order: rows stored in group order, x[:, perm] per call
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
     _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves decode steps of <= 2 rows (None: not decided)
+    _cuda_mma: bool | None = None  # whether the CUDA tensor-core matmul serves (decided with the above)
     decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
@@ -142,7 +143,7 @@ class _GPTQ:
 
     def build_gemv(self) -> None:
         """The decode GEMV's view of the current buffers (None where it does not apply or Triton is absent)."""
-        self.gemv, self._cuda_gemv = None, None
+        self.gemv, self._cuda_gemv, self._cuda_mma = None, None, None
         gs, grouped = self.quant.group_size, self.group_hint > 0
         if not grouped and gs == -1:
             grouped = not bool(self.g_idx.any())
@@ -164,31 +165,41 @@ class _GPTQ:
             self._cuda_gemv_serves(self.scales.dtype)
 
     def _cuda_gemv_serves(self, dtype: torch.dtype) -> bool:
-        """DecodeKernels.gptq_cuda / gptq_mma: whether the CUDA kernels (worker/kernels/gemv_cuda.py) serve this
-        linear's decode steps; decided once per load (the first decision builds the library), at load or when the
-        choices arrive."""
+        """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's decode
+        steps of 1-2 rows; decided once per load with `_cuda_mma_serves` (the first decision builds the library), at
+        load or when the choices arrive."""
         if self._cuda_gemv is None:
             from worker.kernels.gemv_cuda import library, supports
 
             assert self.gemv is not None
             lib = library(*torch.cuda.get_device_capability(self.qweight.device))
             why = lib if isinstance(lib, str) else supports(self.gemv, dtype)
-            if why:
-                _warn_once(f"--decode-kernels gptq_cuda/gptq_mma: the Triton kernels serve decode steps where {why}")
-            self._cuda_gemv = not why
+            why_mma = lib if isinstance(lib, str) else supports(self.gemv, dtype, mma=True)
+            if why_mma:
+                _warn_once(
+                    f"--decode-kernels gptq_cuda/gptq_mma: the Triton kernels serve decode steps where {why_mma}"
+                )
+            elif why and self.decode_kernels.gptq_cuda:
+                _warn_once(f"--decode-kernels gptq_cuda: gptq_mma or the Triton GEMV serves 1-2 rows where {why}")
+            self._cuda_gemv, self._cuda_mma = not why, not why_mma
         return self._cuda_gemv
+
+    def _cuda_mma_serves(self, dtype: torch.dtype) -> bool:
+        """DecodeKernels.gptq_mma: whether the CUDA tensor-core matmul serves this linear (decided with the GEMV)."""
+        self._cuda_gemv_serves(dtype)
+        return bool(self._cuda_mma)
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
         if self.perm is not None:
             x = x.index_select(1, self.perm)
         m, k = x.shape[0], self.decode_kernels
-        if self.gemv is not None and m <= MMA_MAX_M and (k.gptq_cuda or k.gptq_mma) and self._cuda_gemv_serves(x.dtype):
+        if self.gemv is not None and m <= MMA_MAX_M.get(q.bits, 0) and (k.gptq_cuda or k.gptq_mma):
             from worker.kernels.gemv_cuda import cuda_gemv
 
-            if m <= CUDA_GEMV_MAX_M and k.gptq_cuda:
+            if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl)
-            if k.gptq_mma:
+            if k.gptq_mma and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
         if self.gemv is not None and m <= GEMV_MAX_M:
             from worker.kernels.gemv import quant_gemv
