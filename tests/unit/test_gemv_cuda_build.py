@@ -228,15 +228,16 @@ def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypat
 
 def test_gptq_mma_serves_int8_up_to_32_rows_and_gptq_cuda_leaves_it_the_small_steps(monkeypatch, caplog):
     """An Int8 linear: the FMA GEMV does not serve it (Int4 only; one warning says so), so with gptq_cuda and gptq_mma
-    every step of up to 32 rows (MMA_MAX_M[8], the kernel's 2 tiles) takes the tensor-core matmul, 1-2 rows too; more
-    rows take the GEMM path; without gptq_mma the Triton GEMV keeps its 1-8 rows."""
+    the steps of 3 to 32 rows (MMA_MIN_M[8], MMA_MAX_M[8]: the kernel's 2 tiles) take the tensor-core matmul, 1-2
+    rows the Triton GEMV (faster at one row), more rows the GEMM path; without gptq_mma the Triton GEMV keeps its 1-8
+    rows."""
     import logging
 
     from worker.kernels import gemv as triton_gemv
     from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
-    assert quantized.MMA_MAX_M[8] == 32 == gemv_cuda.MMA_MAX_ROWS[8]
+    assert quantized.MMA_MAX_M[8] == 32 == gemv_cuda.MMA_MAX_ROWS[8] and quantized.MMA_MIN_M[8] == 3
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     quantized._warn_once.cache_clear()
@@ -253,9 +254,9 @@ def test_gptq_mma_serves_int8_up_to_32_rows_and_gptq_cuda_leaves_it_the_small_st
         layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True))
     assert layer._cuda_gemv is False and layer._cuda_mma is True
     assert [r.getMessage() for r in caplog.records if "Int4" in r.getMessage()], caplog.records
-    for rows in (1, 2, 32, 33):
+    for rows in (1, 2, 3, 32, 33):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
-    assert calls == [("mma", 1), ("mma", 2), ("mma", 32), ("gemm", 33)]
+    assert calls == [("triton", 1), ("triton", 2), ("mma", 3), ("mma", 32), ("gemm", 33)]
     calls.clear()
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True))
     for rows in (1, 8):

@@ -39,6 +39,9 @@ CUDA_GEMV_MAX_M = 2  # ... or, with DecodeKernels.gptq_cuda where it serves, wor
 # kernel serves 64 Int4 rows; on the H200 the 7B step at 64 rows measured 15.5 ms with it against 13.5 with dequantize +
 # cuBLAS, at 48 11.9 against 12.5; Int8: the kernel's 32)
 MMA_MAX_M = {4: 48, 8: 32}
+# ... and from this many: Int8 one-row steps measured 3.91 ms on the matmul against 3.34 on the Triton GEMV (7B, H200),
+# two rows not measured, so the Triton GEMV keeps both; at 8 rows the matmul took 4.86 against 6.30
+MMA_MIN_M = {4: 1, 8: 3}
 
 
 @functools.cache
@@ -199,7 +202,7 @@ class _GPTQ:
 
             if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl)
-            if k.gptq_mma and self._cuda_mma_serves(x.dtype):
+            if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
         if self.gemv is not None and m <= GEMV_MAX_M:
             from worker.kernels.gemv import quant_gemv
