@@ -1,4 +1,5 @@
-// Int4 GPTQ matmul on tensor cores for decode steps of 1 to 64 rows (served at 3-48, quantized.MMA_MAX_M; issue 16):
+// GPTQ matmul on tensor cores for decode steps of 1 to 64 Int4 rows (served at 3-48, quantized.MMA_MAX_M) and 1 to 32
+// Int8 rows (served at 3-32; the Int8 scheme is above gptq_mma_kernel) (issue 16):
 // y [M, N] = x [M, K] . dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu into
 // one library by worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there (rows in group order,
 // qweight int32 [K/8, N], scales and zeros [G, N] bf16, zeros holding z + zero_offset or one value for all).
