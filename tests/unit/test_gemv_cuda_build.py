@@ -139,16 +139,11 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
     assert calls == [*want, ("triton", 1, False)]
 
 
-def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
-    """gptq_mma: the tensor-core matmul takes every decode step of up to 48 rows (MMA_MAX_M, within the kernel's 64)
-    except the 1-2 rows that gptq_cuda, where it is on too, gives the FMA GEMV; more rows take the GEMM path."""
+def _routes(monkeypatch, bits: int):
+    """A GPTQ layer of `bits` on a pretend sm_90 with the library built, and the list of the paths its matmuls take:
+    ("cuda" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV, ("gemm", rows) otherwise."""
     from worker.kernels import gemv as triton_gemv
-    from worker.layers import quantized
-    from worker.layers.decode_kernels import DecodeKernels
 
-    assert quantized.MMA_MAX_M == {4: 48, 8: 32} and all(
-        quantized.MMA_MAX_M[b] <= gemv_cuda.MMA_MAX_ROWS[b] for b in (4, 8)
-    )
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int]] = []
@@ -158,8 +153,21 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
         lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0])) or x,
     )
     monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0])) or x)
-    layer = _layer()
+    layer = _layer(bits)
     monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0])) or x)
+    return layer, calls
+
+
+def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
+    """gptq_mma: the tensor-core matmul takes every decode step of up to 48 rows (MMA_MAX_M, within the kernel's 64)
+    except the 1-2 rows that gptq_cuda, where it is on too, gives the FMA GEMV; more rows take the GEMM path."""
+    from worker.layers import quantized
+    from worker.layers.decode_kernels import DecodeKernels
+
+    assert quantized.MMA_MAX_M == {4: 48, 8: 32} and all(
+        quantized.MMA_MAX_M[b] <= gemv_cuda.MMA_MAX_ROWS[b] for b in (4, 8)
+    )
+    layer, calls = _routes(monkeypatch, bits=4)
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True))
     for rows in (1, 2, 3, 9, 48, 49):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
@@ -233,23 +241,12 @@ def test_gptq_mma_serves_int8_up_to_32_rows_and_gptq_cuda_leaves_it_the_small_st
     rows."""
     import logging
 
-    from worker.kernels import gemv as triton_gemv
     from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
     assert quantized.MMA_MAX_M[8] == 32 == gemv_cuda.MMA_MAX_ROWS[8] and quantized.MMA_MIN_M[8] == 3
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     quantized._warn_once.cache_clear()
-    calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(
-        gemv_cuda,
-        "cuda_gemv",
-        lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0])) or x,
-    )
-    monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0])) or x)
-    layer = _layer(bits=8)
-    monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0])) or x)
+    layer, calls = _routes(monkeypatch, bits=8)
     with caplog.at_level(logging.WARNING, logger="worker"):
         layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True))
     assert layer._cuda_gemv is False and layer._cuda_mma is True
