@@ -147,14 +147,23 @@ def _routes(monkeypatch, bits: int):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(
-        gemv_cuda,
-        "cuda_gemv",
-        lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0])) or x,
-    )
-    monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0])) or x)
+
+    def cuda(x: torch.Tensor, w: object, b: object, pdl: bool, mma: bool = False) -> torch.Tensor:
+        calls.append(("mma" if mma else "cuda", x.shape[0]))
+        return x
+
+    def triton(x: torch.Tensor, w: object, b: object, pdl: bool) -> torch.Tensor:
+        calls.append(("triton", x.shape[0]))
+        return x
+
+    def gemm(x: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        calls.append(("gemm", x.shape[0]))
+        return x
+
+    monkeypatch.setattr(gemv_cuda, "cuda_gemv", cuda)
+    monkeypatch.setattr(triton_gemv, "quant_gemv", triton)
     layer = _layer(bits)
-    monkeypatch.setattr(layer, "matmul", lambda x, *args, **kw: calls.append(("gemm", x.shape[0])) or x)
+    monkeypatch.setattr(layer, "matmul", gemm)
     return layer, calls
 
 
