@@ -21,9 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import copy_bandwidth, cuda_time  # noqa: E402
 from worker.kernels.gemv import gemv_weights, quant_gemv  # noqa: E402
-from worker.kernels.gemv_cuda import MMA_SMEM, cuda_gemv, library, plan_mma  # noqa: E402
+from worker.kernels.gemv_cuda import cuda_gemv, library, mma_max_chunks, plan_mma  # noqa: E402
 from worker.kernels.gptq import gptq_dequant_mm  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+from worker.layers.quantized import CUDA_GEMV_MAX_M, GEMV_MAX_M  # noqa: E402
 
 SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
 
@@ -76,9 +77,9 @@ def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torc
             return cuda_gemv(x, ws[i], None, pdl=True, mma=True)
 
         def without(i: int, x: torch.Tensor = x, m: int = m) -> torch.Tensor:
-            if m <= 2:
+            if m <= CUDA_GEMV_MAX_M:
                 return cuda_gemv(x, ws[i], None, pdl=True)
-            if m <= 8:
+            if m <= GEMV_MAX_M:
                 return quant_gemv(x, ws[i], None, pdl=True)
             return gptq_dequant_mm(x, qs[i], qzeros, scales, g_idx, 4, 1, group_size=128)
 
@@ -94,7 +95,7 @@ def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torc
         swept = []
         for s in splits:
             per = -(-(K // 128) // s)
-            if m * per * 260 > MMA_SMEM:
+            if per > mma_max_chunks(m):
                 continue
 
             def split(i: int, x: torch.Tensor = x, s: int = s) -> torch.Tensor:
