@@ -47,7 +47,21 @@ def test_cuda_mma_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     _check(K, N, group, asym, bias, k_offset, M, mma=True)
 
 
-def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4):
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K,N,group,asym,bias,k_offset", SHAPES)
+def test_cuda_tc_equals_the_reference(K, N, group, asym, bias, k_offset, M):
+    """gptq_tc (the weights as mma's A operand, x's rows as its N) at 1 to 8 rows."""
+    _check(K, N, group, asym, bias, k_offset, M, mma=False, tc=True)
+
+
+@pytest.mark.parametrize("warps,depth,splits", [(1, 2, 1), (3, 4, 1), (16, 2, 1), (4, 2, 3), (8, 4, 2)])
+def test_cuda_tc_plans_agree(warps, depth, splits):
+    """gptq_tc at other warps a block, chunks in flight and K splits than its plan: the same values within the
+    reference's rounding (the sums' order differs), and each deterministic."""
+    _check(11008, 4104, 128, True, True, 0, 3, mma=False, tc=dict(warps=warps, depth=depth, splits=splits))
+
+
+def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4, tc=False):
     from worker.kernels.gemv import gemv_weights
     from worker.kernels.gemv_cuda import cuda_gemv, library, plan, plan_mma, supports
     from worker.kernels.gptq_reference import gptq_matmul_reference
@@ -72,19 +86,20 @@ def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4):
     x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
     ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, bits, 1)
     ref = ref if b is None else ref + b.float()
-    y = cuda_gemv(x, w, b, pdl=True, mma=mma)
+    kw = dict(mma=mma) if not tc else dict(tc=True, **(tc if isinstance(tc, dict) else {}))
+    y = cuda_gemv(x, w, b, pdl=True, **kw)
     err = (y.float() - ref).abs().max().item()
     rounding = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
     assert err <= rounding + 1e-3 * ref.abs().max().item(), (err, rounding)
-    assert torch.equal(cuda_gemv(x, w, b, mma=mma), y)  # deterministic, PDL or not
+    assert torch.equal(cuda_gemv(x, w, b, **kw), y)  # deterministic, PDL or not
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        yg = cuda_gemv(x, w, b, pdl=True, mma=mma)
+        yg = cuda_gemv(x, w, b, pdl=True, **kw)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(yg, y)
     assert not w.counters.any()  # the split-K counters are reset for the next launch
-    if K == 11008:
+    if K == 11008 and not tc:
         assert (plan_mma if mma else plan)(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, M)[1] > 1
 
 
@@ -171,6 +186,9 @@ def test_act_gemv_equals_silu_mul_then_the_gemv(K, N, asym):
     want = cuda_gemv(silu_mul(gate_up), w, None, pdl=True)
     got = cuda_gemv(gate_up, w, None, pdl=True, act=True)
     assert torch.equal(got, want)
+    rows = (torch.randn(5, 2 * K, device=CUDA, generator=g) * 3).to(torch.bfloat16)  # gptq_tc: up to 8 rows
+    want = cuda_gemv(silu_mul(rows), w, None, pdl=True, tc=True)
+    assert torch.equal(cuda_gemv(rows, w, None, pdl=True, act=True, tc=True), want)
     with pytest.raises(ValueError, match="act"):
         cuda_gemv(gate_up[:, :K], w, None, act=True)
 

@@ -26,7 +26,7 @@ from worker.kernels.gemv import NO_GROUPS, GPTQGemvWeights
 log = logging.getLogger("worker")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, f) for f in ("gptq_gemv.cu", "gptq_mma.cu"))  # built into one library
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("gptq_gemv.cu", "gptq_mma.cu", "gptq_tc.cu"))  # built into one library
 HEADERS = (os.path.join(_HERE, "gptq_cuda.cuh"),)  # what they include (part of the build's hash)
 CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols, kMmaCols)
@@ -34,6 +34,9 @@ MAX_CHUNKS = 88  # chunks per split at one row: x, its sums and the warps' sums 
 MAX_ROWS = 2  # rows a launch serves: gptq4_gemv (1) and gptq4_gemv_rows (2; 4 and 8 measured slower than Triton)
 MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 for Int4; 2 for Int8, whose registers
 # hold two sums a value)
+TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
+TC_COLS = 32  # its columns per block
+TC_WARPS = 16  # its warps per SM in the plan (~110-120 registers at 2 chunks in flight)
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -83,6 +86,8 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq4_gemv_act.argtypes = lib.gptq4_gemv.argtypes
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
+    lib.gptq_tc.restype = ctypes.c_int
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -138,6 +143,23 @@ def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def tc_smem(rows: int, per: int, warps: int) -> int:
+    """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes), their chunk sums, the warps' sums."""
+    return rows * (per * CHUNK + 32) * 2 + rows * per * 4 + warps * 8 * TC_COLS * 4
+
+
+def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int]:
+    """(chunks per split, splits, warps a block) for gptq_tc: no split while x's rows fit MMA_SMEM, and warps a block
+    so that the column tiles x warps fill TC_WARPS a SM (1 to 16, at most a split's chunks)."""
+    tiles, chunks = -(-n // TC_COLS), k // CHUNK
+    splits = 1
+    while tc_smem(rows, -(-chunks // splits), 16) > MMA_SMEM:
+        splits += 1
+    per = -(-chunks // splits)
+    warps = max(1, min(16, per, (TC_WARPS * sms) // (tiles * splits)))
+    return per, -(-chunks // per), warps
+
+
 @functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -151,6 +173,9 @@ def cuda_gemv(
     mma: bool = False,
     splits: int | None = None,
     act: bool = False,
+    tc: bool = False,
+    warps: int | None = None,
+    depth: int = 2,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
@@ -161,7 +186,7 @@ def cuda_gemv(
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
     M = x.shape[0]
-    most = MMA_MAX_ROWS[w.bits] if mma else 1 if act else MAX_ROWS
+    most = MMA_MAX_ROWS[w.bits] if mma else TC_MAX_ROWS if tc else 1 if act else MAX_ROWS
     width = 2 * K if act else K
     if x.dim() != 2 or x.shape[1] != width or not 1 <= M <= most or (act and (mma or bias is not None)):
         raise ValueError(
@@ -171,7 +196,15 @@ def cuda_gemv(
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
-    if splits is None:
+    if tc:
+        per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M)
+        warps = warps or planned_warps
+        if splits is None:
+            splits = planned
+        else:
+            per = -(-(K // CHUNK) // splits)
+            splits = -(-(K // CHUNK) // per)
+    elif splits is None:
         per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
     else:  # a measurement's choice (scripts/gpu_check_mma.py --splits); shared memory is the caller's to keep
         per = -(-(K // CHUNK) // splits)
@@ -184,7 +217,9 @@ def cuda_gemv(
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
-    if mma:
+    if tc:
+        code = lib.gptq_tc(*args, M, warps, depth, int(act))
+    elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:
         code = lib.gptq4_gemv_act(*args)

@@ -1,0 +1,104 @@
+"""The Int4 tensor-core GEMV for 1-8 rows (worker/kernels/gptq_tc.cu, weights as mma's A operand) per 7B linear:
+
+    PYTHONPATH=. python scripts/gpu_check_tc.py [--rows 1,2,4,8] [--sweep]
+
+For each 7B Int4 shape (random packed weights, group 128, sym) and row count: µs and TB/s (packed bytes + scales) of
+gptq_tc at its plan (gemv_cuda.plan_tc) and of what serves that row count without it (the FMA GEMV at 1-2 rows,
+gptq_mma at 3-8), weights cycled past L2 (copies totalling >= 256 MB, one CUDA graph), and gptq_tc's max error
+against the fp32 reference beside the reference's own bf16 rounding. --sweep: also gptq_tc at other warps a block,
+chunks in flight and K splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_common import copy_bandwidth, cuda_time  # noqa: E402
+from worker.kernels.gemv import gemv_weights  # noqa: E402
+from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
+from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
+from worker.layers.quantized import CUDA_GEMV_MAX_M  # noqa: E402
+
+SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
+
+
+def graphed(fn, copies: int) -> float:
+    """Seconds per call of fn(i) for i over the copies, in one CUDA graph."""
+    fn(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    return cuda_time(graph.replay, iters=20) / copies
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda", 0)
+    lib = library(*torch.cuda.get_device_capability(dev))
+    if isinstance(lib, str):
+        print("library:", lib)
+        return
+    print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bandwidth(dev) / 1e12:.2f} TB/s")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (K, N) in SHAPES.items():
+        shape(name, K, N, [int(m) for m in args.rows.split(",")], args.sweep, g, dev)
+
+
+def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Generator, dev: torch.device) -> None:
+    G = K // 128
+    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=dev, dtype=torch.int32, generator=g)
+    qzeros = torch.full((G, N // 8), 0x77777777, device=dev, dtype=torch.int32)
+    scales = (torch.rand(G, N, device=dev, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    g_idx = (torch.arange(K, device=dev) // 128).to(torch.int32)
+    nbytes = qweight.numel() * 4 + scales.numel() * 2
+    copies = max(2, -(-256 * 2**20 // nbytes))
+    ws = [gemv_weights(qweight.clone(), qzeros, scales, 4, 1, 128, 0) for _ in range(copies)]
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for m in rows:
+        x = torch.randn(m, K, device=dev, generator=g).to(torch.bfloat16)
+        ref = gptq_matmul_reference(x.float(), qweight, qzeros, scales.float(), g_idx, 4, 1, None)
+        err = (cuda_gemv(x, ws[0], None, tc=True).float() - ref).abs().max().item()
+        rounding = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
+
+        def tc(i: int, x: torch.Tensor = x, **kw) -> torch.Tensor:
+            return cuda_gemv(x, ws[i], None, pdl=True, tc=True, **kw)
+
+        def without(i: int, x: torch.Tensor = x, m: int = m) -> torch.Tensor:
+            return cuda_gemv(x, ws[i], None, pdl=True, mma=m > CUDA_GEMV_MAX_M)
+
+        t_tc, t_old = graphed(tc, copies), graphed(without, copies)
+        per, splits, warps = plan_tc(N, K, sms, m)
+        print(
+            f"{name:12s} M {m}: tc {t_tc * 1e6:6.1f} us {nbytes / t_tc / 1e12:4.2f} TB/s (plan: {warps} warps, "
+            f"{splits} splits) | served {t_old * 1e6:6.1f} us | err {err:.1e} (bf16 rounding {rounding:.1e})",
+            flush=True,
+        )
+        if not sweep:
+            continue
+        out = []
+        for depth in (2, 4):
+            for w in (2, 4, 8, 16):
+                if depth == 4 and w > 8:
+                    continue
+                for s in (1, 2, 4):
+                    p = -(-(K // CHUNK) // s)
+                    if tc_smem(m, p, w) > MMA_SMEM or p < w:
+                        continue
+                    t = graphed(lambda i, w=w, s=s, depth=depth: tc(i, warps=w, splits=s, depth=depth), copies)
+                    out.append((t, f"d{depth} w{w} s{s}: {t * 1e6:.1f}"))
+        out.sort()
+        print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:6]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

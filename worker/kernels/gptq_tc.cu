@@ -1,0 +1,285 @@
+// Int4 GPTQ product for decode steps of 1 to 8 rows on tensor cores, the weights as mma's A operand (issue 16, P9):
+// y [M, N] = x [M, K] . dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu and
+// gptq_mma.cu into one library by worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there.
+//
+// Why: at one row the FMA GEMV (gptq_gemv.cu) spends ~3.8 instructions a value (shift, mask-and-or, FFMA and the
+// loop's), about as long as the words take to arrive at 7B widths, and gptq_mma.cu puts x's rows in mma's 16-row A
+// tile (15 of 16 rows zero at one row). Here the weights are A and x is B:
+// - mma.m16n8k16's M is 16 columns of W, its N the (up to 8) rows of x, its K 16 rows of the product's K. A warp
+//   owns 32 columns; per 32-row step lane (g = lane / 4, t = lane % 4) loads 16 bytes, word row t of the step for
+//   columns 4g .. 4g + 3 (words w0..w3). One LOP3 turns nibbles i and i + 4 of a word into the bf16 pair
+//   (128 + q_i, 128 + q_(i+4)) exactly (P_i, gptq_mma.cu's pair_bf16). Tile A is columns 4g (A row g) and 4g + 1
+//   (A row g + 8), tile B columns 4g + 2 and 4g + 3; the step's first mma takes P_0 as k pair 2t and P_1 as k pair
+//   2t + 8, the second P_2 and P_3, so x's B fragments are its 8 values of word row t reordered 0 4 1 5 | 2 6 3 7.
+// - Lane (g, t) reads row g of x (zero for g >= m) from shared memory, rows padded so a quarter-warp's 16-byte reads
+//   fall on distinct banks; its D holds columns (4g, 4g + 1 | 4g + 2, 4g + 3) x rows 2t, 2t + 1.
+// - Per 128-row chunk (one group): acc += s (D - (z + 128) sum x), sum x per row and chunk from shared memory.
+// - A block is 32 columns and W warps splitting its K range by chunks (warp w: chunks w, w + W, ...); the warps'
+//   sums meet in shared memory and are added in warp order (deterministic). K may also be split over blocks, summed
+//   in split order by the last block to arrive, as in gptq_gemv.cu.
+// - PDL: the first kDepth chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
+// kAct: x's row r is mlp's gate_up row [gate (K) | up (K)], and the product's input is up * silu(gate) with
+// fused.silu_mul's rounding, computed while x is staged (DecodeKernels.gptq_act).
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words
+
+namespace {
+
+constexpr int kTcCols = 32;   // columns per block
+constexpr int kTcRows = 8;    // rows at most (mma's N)
+constexpr int kTcSteps = 4;   // 32-row steps of a chunk
+constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
+
+__device__ __forceinline__ uint32_t tc_pair(uint32_t w) {  // nibbles 0 and 4 -> bf16 (128 + q0, 128 + q4)
+  uint32_t r;
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(w));
+  return r;
+}
+
+__device__ __forceinline__ void tc_mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float tc_silu_mul(__nv_bfloat16 gate, __nv_bfloat16 up) {  // fused.silu_mul's rounding
+  const float g = __bfloat162float(gate);
+  const float act = __bfloat162float(__float2bfloat16_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))));
+  return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
+}
+
+// Chunk c's words for this lane (its 4 steps) and the group's scales and zeros for columns 4g .. 4g + 3
+template <bool kZeros>
+__device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, const uint4* base,
+                                        const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
+                                        bool live, int n, int N, int k_offset, int group_size, int t) {
+  if (!live) return;
+#pragma unroll
+  for (int s = 0; s < kTcSteps; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
+  const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
+  s4 = *reinterpret_cast<const uint2*>(scales + gi);
+  if (kZeros) z4 = *reinterpret_cast<const uint2*>(zeros + gi);
+}
+
+template <int kDepth, bool kZeros, bool kBias, bool kAct>
+__global__ void __launch_bounds__(kDepth == 4 ? 256 : 512) gptq_tc_kernel(  // depth 4: up to 8 warps
+    const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
+    const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
+    __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
+    int k_offset, int group_size, int chunks_per_split, int splits, int m) {
+  extern __shared__ uint4 smem4[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nb = blockIdx.x * kTcCols;  // the block's first column
+  const int n = nb + 4 * g;             // this lane's columns n .. n + 3 (N % 4 == 0: whole or none)
+  const bool live = n < N;
+  const int n4 = N >> 2;
+  const int c0 = blockIdx.y * chunks_per_split;
+  const int c1 = min(c0 + chunks_per_split, K / kChunk);
+  const int chunks = c1 - c0;
+  const int pitch = chunks_per_split * kChunk + kTcPad;  // bf16 of a staged row
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem4);
+  float* xsum = reinterpret_cast<float*>(xs + (size_t)m * pitch);  // [m][chunks_per_split]
+  float* red = xsum + m * chunks_per_split;                        // [warps][kTcRows][kTcCols]
+
+  uint4 buf[kDepth][kTcSteps];
+  uint2 sbuf[kDepth], zbuf[kDepth];
+  const uint4* base = qw + (n >> 2);
+#pragma unroll
+  for (int i = 0; i < kDepth; ++i) {
+    sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
+    const int c = c0 + warp + i * warps;
+    if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
+                                group_size, t);
+  }
+  gdc_wait();
+  const int len = chunks * kChunk;
+  if (kAct) {
+    for (int i = threadIdx.x; i < m * len; i += blockDim.x) {
+      const int row = i / len, k = c0 * kChunk + (i - row * len);
+      const __nv_bfloat16* xr = x + (size_t)row * 2 * K;
+      xs[row * pitch + (i - row * len)] = __float2bfloat16_rn(tc_silu_mul(xr[k], xr[K + k]));
+    }
+  } else {
+    for (int i = threadIdx.x; i < m * (len / 8); i += blockDim.x) {  // 16 bytes a thread
+      const int row = i / (len / 8), j = i - row * (len / 8);
+      *reinterpret_cast<uint4*>(xs + row * pitch + j * 8) =
+          *reinterpret_cast<const uint4*>(x + (size_t)row * K + (size_t)c0 * kChunk + j * 8);
+    }
+  }
+  __syncthreads();
+  for (int rc = threadIdx.x; rc < m * chunks; rc += blockDim.x) {  // sum of x per row and chunk, in a fixed order
+    const int row = rc / chunks, cc = rc - row * chunks;
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(xs + row * pitch + cc * kChunk);
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
+    for (int i = 0; i < kChunk / 2; ++i) {
+      const float2 f = __bfloat1622float2(p[i]);
+      a[i % 4] += f.x + f.y;
+    }
+    xsum[row * chunks_per_split + cc] = (a[0] + a[1]) + (a[2] + a[3]);
+  }
+  __syncthreads();
+  gdc_go();
+
+  // B fragments: row g of x (zero at g >= m); this lane's results are rows 2t, 2t + 1
+  const bool xrow = g < m;
+  const __nv_bfloat16* xg = xs + g * pitch + 8 * t;
+  float acc[4][2] = {};  // [column 4g + j][row 2t + r]
+  auto chunk = [&](const uint4* cur, uint2 s4, uint2 z4, int c) {
+    float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f};
+    const int off = (c - c0) * kChunk;
+#pragma unroll
+    for (int s = 0; s < kTcSteps; ++s) {
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (xrow) v = *reinterpret_cast<const uint4*>(xg + off + 32 * s);
+      const uint32_t b0 = __byte_perm(v.x, v.z, 0x5410), b1 = __byte_perm(v.x, v.z, 0x7632);
+      const uint32_t b2 = __byte_perm(v.y, v.w, 0x5410), b3 = __byte_perm(v.y, v.w, 0x7632);
+      const uint32_t w0 = cur[s].x, w1 = cur[s].y, w2 = cur[s].z, w3 = cur[s].w;
+      tc_mma(da, tc_pair(w0), tc_pair(w1), tc_pair(w0 >> 4), tc_pair(w1 >> 4), b0, b1);
+      tc_mma(da, tc_pair(w0 >> 8), tc_pair(w1 >> 8), tc_pair(w0 >> 12), tc_pair(w1 >> 12), b2, b3);
+      tc_mma(db, tc_pair(w2), tc_pair(w3), tc_pair(w2 >> 4), tc_pair(w3 >> 4), b0, b1);
+      tc_mma(db, tc_pair(w2 >> 8), tc_pair(w3 >> 8), tc_pair(w2 >> 12), tc_pair(w3 >> 12), b2, b3);
+    }
+    if (!live) return;  // da: (col 4g, row 2t), (4g, 2t + 1), (4g + 1, 2t), (4g + 1, 2t + 1); db: columns 4g + 2, + 3
+    const __nv_bfloat162* sv = reinterpret_cast<const __nv_bfloat162*>(&s4);
+    const float2 s01 = __bfloat1622float2(sv[0]), s23 = __bfloat1622float2(sv[1]);
+    float z[4];
+    if (kZeros) {
+      const __nv_bfloat162* zv = reinterpret_cast<const __nv_bfloat162*>(&z4);
+      const float2 z01 = __bfloat1622float2(zv[0]), z23 = __bfloat1622float2(zv[1]);
+      z[0] = z01.x + 128.f, z[1] = z01.y + 128.f, z[2] = z23.x + 128.f, z[3] = z23.y + 128.f;
+    } else {
+      z[0] = z[1] = z[2] = z[3] = zero + 128.f;
+    }
+    const int r0 = 2 * t;
+    const float sx0 = r0 < m ? xsum[r0 * chunks_per_split + (c - c0)] : 0.f;
+    const float sx1 = r0 + 1 < m ? xsum[(r0 + 1) * chunks_per_split + (c - c0)] : 0.f;
+    acc[0][0] = fmaf(s01.x, da[0] - z[0] * sx0, acc[0][0]);
+    acc[0][1] = fmaf(s01.x, da[1] - z[0] * sx1, acc[0][1]);
+    acc[1][0] = fmaf(s01.y, da[2] - z[1] * sx0, acc[1][0]);
+    acc[1][1] = fmaf(s01.y, da[3] - z[1] * sx1, acc[1][1]);
+    acc[2][0] = fmaf(s23.x, db[0] - z[2] * sx0, acc[2][0]);
+    acc[2][1] = fmaf(s23.x, db[1] - z[2] * sx1, acc[2][1]);
+    acc[3][0] = fmaf(s23.y, db[2] - z[3] * sx0, acc[3][0]);
+    acc[3][1] = fmaf(s23.y, db[3] - z[3] * sx1, acc[3][1]);
+  };
+  for (int cb = c0 + warp; cb < c1; cb += kDepth * warps) {  // the ring: chunk cb + i * warps in slot i
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      const int c = cb + i * warps;
+      if (c >= c1) break;
+      uint4 cur[kTcSteps];
+#pragma unroll
+      for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
+      const uint2 s4 = sbuf[i], z4 = zbuf[i];
+      const int cn = c + kDepth * warps;
+      if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+                                   group_size, t);
+      chunk(cur, s4, z4, c);
+    }
+  }
+
+  float* rw = red + warp * kTcRows * kTcCols;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rw[(2 * t + r) * kTcCols + 4 * g + j] = acc[j][r];
+  __syncthreads();
+  // item i: row i / 32, column nb + i % 32, the warps' sums in warp order
+  auto sum = [&](int i) {
+    float v = 0.f;
+    for (int w = 0; w < warps; ++w) v += red[(w * kTcRows + i / kTcCols) * kTcCols + i % kTcCols];
+    return v;
+  };
+  if (splits == 1) {
+    for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+      const int row = i / kTcCols, col = nb + i % kTcCols;
+      if (col < N) y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? sum(i) + __bfloat162float(bias[col]) : sum(i));
+    }
+    return;
+  }
+  __shared__ int last;
+  for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+    const int row = i / kTcCols, col = nb + i % kTcCols;
+    if (col < N) partial[((size_t)blockIdx.y * m + row) * N + col] = sum(i);
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+    const int row = i / kTcCols, col = nb + i % kTcCols;
+    if (col >= N) continue;
+    float u = 0.f;
+    for (int s = 0; s < splits; ++s) u += __ldcg(partial + ((size_t)s * m + row) * N + col);
+    y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? u + __bfloat162float(bias[col]) : u);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
+}
+
+template <int kDepth, bool kZeros, bool kBias, bool kAct>
+cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                      const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                      int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
+                      int warps) {
+  const size_t smem = (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4 +
+                      (size_t)warps * kTcRows * kTcCols * 4;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((N + kTcCols - 1) / kTcCols, splits);
+  config.blockDim = dim3(32 * warps);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 1 : 0;
+  auto kernel = gptq_tc_kernel<kDepth, kZeros, kBias, kAct>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+                            static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
+                            static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
+                            N, K, k_offset, group_size, chunks_per_split, splits, m);
+}
+
+template <int kDepth>
+cudaError_t launch_tc_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                         int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
+                         int warps, int act) {
+  auto f = act ? (zeros != nullptr ? launch_tc<kDepth, true, false, true> : launch_tc<kDepth, false, false, true>)
+           : zeros != nullptr
+               ? (bias != nullptr ? launch_tc<kDepth, true, true, false> : launch_tc<kDepth, true, false, false>)
+               : (bias != nullptr ? launch_tc<kDepth, false, true, false> : launch_tc<kDepth, false, false, false>);
+  return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
+           splits, pdl, stream, m, warps);
+}
+
+}  // namespace
+
+// m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 at depth 4), `depth` chunks in flight a warp (2 or 4); act: x's rows are
+// gate_up rows [gate | up] of 2K and there is no bias. The host (gemv_cuda.plan_tc) keeps the shared memory within
+// what the device allows.
+extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
+                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
+                       int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
+                       int depth, int act) {
+  if (m < 1 || m > kTcRows || warps < 1 || warps > (depth == 4 ? 8 : 16) || (depth != 2 && depth != 4) ||
+      (act && bias != nullptr))
+    return static_cast<int>(cudaErrorInvalidValue);
+  auto f = depth == 2 ? launch_tc_as<2> : launch_tc_as<4>;
+  return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act));
+}
