@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import copy_bandwidth, cuda_time  # noqa: E402
 from worker.kernels.gemv import gemv_weights  # noqa: E402
-from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
+from worker.kernels.gemv_cuda import CHUNK, TC_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 from worker.layers.quantized import CUDA_GEMV_MAX_M  # noqa: E402
 
@@ -77,27 +77,26 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
             return cuda_gemv(x, ws[i], None, pdl=True, mma=m > CUDA_GEMV_MAX_M)
 
         t_tc, t_old = graphed(tc, copies), graphed(without, copies)
-        per, splits, warps = plan_tc(N, K, sms, m)
+        per, splits, warps, depth = plan_tc(N, K, sms, m)
         print(
             f"{name:12s} M {m}: tc {t_tc * 1e6:6.1f} us {nbytes / t_tc / 1e12:4.2f} TB/s (plan: {warps} warps, "
-            f"{splits} splits) | served {t_old * 1e6:6.1f} us | err {err:.1e} (bf16 rounding {rounding:.1e})",
+            f"{splits} splits, depth {depth}) | served {t_old * 1e6:6.1f} us | err {err:.1e} "
+            f"(bf16 rounding {rounding:.1e})",
             flush=True,
         )
         if not sweep:
             continue
         out = []
-        for depth in (2, 4):
+        for depth in (0, 2):
             for w in (2, 4, 8, 16):
-                if depth == 4 and w > 8:
-                    continue
                 for s in (1, 2, 4):
                     p = -(-(K // CHUNK) // s)
-                    if tc_smem(m, p, w) > MMA_SMEM or p < w:
+                    if tc_smem(m, p, w, depth) > TC_SMEM or p < w:
                         continue
                     t = graphed(lambda i, w=w, s=s, depth=depth: tc(i, warps=w, splits=s, depth=depth), copies)
                     out.append((t, f"d{depth} w{w} s{s}: {t * 1e6:.1f}"))
         out.sort()
-        print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:6]), flush=True)
+        print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:8]), flush=True)
 
 
 if __name__ == "__main__":

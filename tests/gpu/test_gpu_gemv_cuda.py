@@ -54,7 +54,9 @@ def test_cuda_tc_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     _check(K, N, group, asym, bias, k_offset, M, mma=False, tc=True)
 
 
-@pytest.mark.parametrize("warps,depth,splits", [(1, 2, 1), (3, 4, 1), (16, 2, 1), (4, 2, 3), (8, 4, 2)])
+@pytest.mark.parametrize(
+    "warps,depth,splits", [(1, 2, 1), (3, 4, 1), (16, 2, 1), (4, 2, 3), (8, 4, 2), (3, 0, 4), (16, 0, 2), (5, 0, 3)]
+)
 def test_cuda_tc_plans_agree(warps, depth, splits):
     """gptq_tc at other warps a block, chunks in flight and K splits than its plan: the same values within the
     reference's rounding (the sums' order differs), and each deterministic."""

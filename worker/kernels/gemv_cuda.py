@@ -143,21 +143,25 @@ def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def tc_smem(rows: int, per: int, warps: int) -> int:
-    """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes), their chunk sums, the warps' sums."""
-    return rows * (per * CHUNK + 32) * 2 + rows * per * 4 + warps * 8 * TC_COLS * 4
+TC_SMEM = 227 * 1024  # shared memory a block may have (sm_90)
 
 
-def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int]:
-    """(chunks per split, splits, warps a block) for gptq_tc: no split while x's rows fit MMA_SMEM, and warps a block
-    so that the column tiles x warps fill TC_WARPS a SM (1 to 16, at most a split's chunks)."""
-    tiles, chunks = -(-n // TC_COLS), k // CHUNK
+def tc_smem(rows: int, per: int, warps: int, depth: int = 0) -> int:
+    """gptq_tc's shared memory: at depth 0 every chunk's words (2 KB) and scales (512 B) for each warp, then x's rows
+    over a split (padded by 64 bytes), their chunk sums, the warps' sums."""
+    ring = warps * -(-per // warps) * 2560 if depth == 0 else 0
+    return ring + rows * (per * CHUNK + 32) * 2 + rows * per * 4 + warps * 8 * TC_COLS * 4
+
+
+def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int, int]:
+    """(chunks per split, splits, warps a block, depth) for gptq_tc: depth 0 (a warp's chunks all in flight from
+    shared memory), 8 warps a block, the fewest splits whose shared memory fits TC_SMEM."""
+    chunks, warps = k // CHUNK, 8
     splits = 1
-    while tc_smem(rows, -(-chunks // splits), 16) > MMA_SMEM:
+    while tc_smem(rows, -(-chunks // splits), warps) > TC_SMEM:
         splits += 1
     per = -(-chunks // splits)
-    warps = max(1, min(16, per, (TC_WARPS * sms) // (tiles * splits)))
-    return per, -(-chunks // per), warps
+    return per, -(-chunks // per), min(warps, per), 0
 
 
 @functools.cache
@@ -175,7 +179,7 @@ def cuda_gemv(
     act: bool = False,
     tc: bool = False,
     warps: int | None = None,
-    depth: int = 2,
+    depth: int | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
@@ -197,13 +201,16 @@ def cuda_gemv(
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
     if tc:
-        per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M)
+        per, planned, planned_warps, planned_depth = plan_tc(N, K, _sms(x.device.index or 0), M)
         warps = warps or planned_warps
+        depth = planned_depth if depth is None else depth
         if splits is None:
             splits = planned
         else:
             per = -(-(K // CHUNK) // splits)
             splits = -(-(K // CHUNK) // per)
+        if tc_smem(M, per, warps, depth) > TC_SMEM:
+            raise ValueError(f"gptq_tc: {warps} warps at depth {depth}, {per} chunks a split: over {TC_SMEM} bytes")
     elif splits is None:
         per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
     else:  # a measurement's choice (scripts/gpu_check_mma.py --splits); shared memory is the caller's to keep
