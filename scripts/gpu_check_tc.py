@@ -5,8 +5,8 @@
 For each 7B Int4 shape (random packed weights, group 128, sym) and row count: µs and TB/s (packed bytes + scales) of
 gptq_tc at its plan (gemv_cuda.plan_tc) and of what serves that row count without it (the FMA GEMV at 1-2 rows,
 gptq_mma at 3-8), weights cycled past L2 (copies totalling >= 256 MB, one CUDA graph), and gptq_tc's max error
-against the fp32 reference beside the reference's own bf16 rounding. --sweep: also gptq_tc at other warps a block,
-chunks in flight and K splits.
+against the fp32 reference beside the reference's own bf16 rounding. --sweep: also gptq_tc at other warps a block
+and K splits.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import copy_bandwidth, cuda_time  # noqa: E402
 from worker.kernels.gemv import gemv_weights  # noqa: E402
-from worker.kernels.gemv_cuda import CHUNK, TC_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
+from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 from worker.layers.quantized import CUDA_GEMV_MAX_M  # noqa: E402
 
@@ -77,24 +77,23 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
             return cuda_gemv(x, ws[i], None, pdl=True, mma=m > CUDA_GEMV_MAX_M)
 
         t_tc, t_old = graphed(tc, copies), graphed(without, copies)
-        per, splits, warps, depth = plan_tc(N, K, sms, m)
+        per, splits, warps = plan_tc(N, K, sms, m)
         print(
             f"{name:12s} M {m}: tc {t_tc * 1e6:6.1f} us {nbytes / t_tc / 1e12:4.2f} TB/s (plan: {warps} warps, "
-            f"{splits} splits, depth {depth}) | served {t_old * 1e6:6.1f} us | err {err:.1e} "
+            f"{splits} splits) | served {t_old * 1e6:6.1f} us | err {err:.1e} "
             f"(bf16 rounding {rounding:.1e})",
             flush=True,
         )
         if not sweep:
             continue
         out = []
-        for depth in (0, 2):
-            for w in (2, 4, 8, 16):
-                for s in (1, 2, 4):
-                    p = -(-(K // CHUNK) // s)
-                    if tc_smem(m, p, w, depth) > TC_SMEM or p < w:
-                        continue
-                    t = graphed(lambda i, w=w, s=s, depth=depth: tc(i, warps=w, splits=s, depth=depth), copies)
-                    out.append((t, f"d{depth} w{w} s{s}: {t * 1e6:.1f}"))
+        for w in (2, 4, 8, 16):
+            for s in (1, 2, 4):
+                p = -(-(K // CHUNK) // s)
+                if tc_smem(m, p, w) > MMA_SMEM or p < w:
+                    continue
+                t = graphed(lambda i, w=w, s=s: tc(i, warps=w, splits=s), copies)
+                out.append((t, f"w{w} s{s}: {t * 1e6:.1f}"))
         out.sort()
         print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:8]), flush=True)
 

@@ -125,7 +125,7 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
     monkeypatch.setattr(
         gemv_cuda,
         "cuda_gemv",
-        lambda x, w, b, pdl, mma=False: calls.append(("mma" if mma else "cuda", x.shape[0], pdl)) or x,
+        lambda x, w, b, pdl, mma=False, tc=False: calls.append(("mma" if mma else "cuda", x.shape[0], pdl)) or x,
     )
     monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0], pdl)) or x)
     layer = _layer()
@@ -141,15 +141,16 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
 
 def _routes(monkeypatch, bits: int):
     """A GPTQ layer of `bits` on a pretend sm_90 with the library built, and the list of the paths its matmuls take:
-    ("cuda" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV, ("gemm", rows) otherwise."""
+    ("cuda" | "tc" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV, ("gemm", rows)
+    otherwise."""
     from worker.kernels import gemv as triton_gemv
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int]] = []
 
-    def cuda(x: torch.Tensor, w: object, b: object, pdl: bool, mma: bool = False) -> torch.Tensor:
-        calls.append(("mma" if mma else "cuda", x.shape[0]))
+    def cuda(x: torch.Tensor, w: object, b: object, pdl: bool, mma: bool = False, tc: bool = False) -> torch.Tensor:
+        calls.append(("mma" if mma else "tc" if tc else "cuda", x.shape[0]))
         return x
 
     def triton(x: torch.Tensor, w: object, b: object, pdl: bool) -> torch.Tensor:
@@ -188,6 +189,38 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
     assert calls == [("mma", 1), ("mma", 2)]
 
 
+@pytest.mark.parametrize("one_row_tiles,one", [(2, "tc"), (0, "cuda")])
+def test_gptq_tc_takes_two_rows_and_one_where_the_linear_is_narrow(monkeypatch, one_row_tiles, one):
+    """gptq_tc (with gptq_cuda): 2 rows take the tensor-core GEMV, one row takes it only where the linear has at most
+    TC_ONE_ROW_TILES 32-column tiles an SM (else the FMA GEMV); 3 rows and up are gptq_mma's as before."""
+    from worker.layers import quantized
+    from worker.layers.decode_kernels import DecodeKernels
+
+    layer, calls = _routes(monkeypatch, bits=4)
+    monkeypatch.setattr(quantized, "_sms", lambda device: 132)
+    monkeypatch.setattr(gemv_cuda, "TC_ONE_ROW_TILES", one_row_tiles)  # 256 columns: 8 tiles, against 264 or 0
+    layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True, gptq_tc=True))
+    for rows in (1, 2, 3):
+        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
+    assert calls == [(one, 1), ("tc", 2), ("mma", 3)]
+    calls.clear()
+    layer.set_decode_kernels(DecodeKernels(gptq_mma=True, gptq_tc=True))  # gptq_tc rides on gptq_cuda
+    layer._mm(torch.zeros(2, 256, dtype=torch.bfloat16), None)
+    assert calls == [("mma", 2)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (8192, 24576)])
+def test_plan_tc_covers_every_chunk_within_its_shared_memory(N, K, rows):
+    per, splits, warps = gemv_cuda.plan_tc(N, K, 132, rows)
+    chunks = K // 128
+    assert per * (splits - 1) < chunks <= per * splits  # no empty split, none missing
+    assert gemv_cuda.tc_smem(rows, per, warps) <= gemv_cuda.MMA_SMEM
+    assert 1 <= warps <= min(16, per) and (
+        splits == 1 or gemv_cuda.tc_smem(rows, -(-chunks // (splits - 1)), warps) > gemv_cuda.MMA_SMEM
+    )
+
+
 @pytest.mark.parametrize("rows", [1, 8, 16, 17, 32, 48, 64])
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (65536, 24576)])
 def test_plan_mma_covers_every_chunk_within_its_shared_memory(N, K, rows):
@@ -222,13 +255,15 @@ def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypat
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[int, bool, object]] = []
 
-    def fake(x, w, b, pdl, act=False):
+    def fake(x, w, b, pdl, act=False, tc=False):
         calls.append((x.shape[1], act, b))
         return torch.zeros(x.shape[0], 128, dtype=x.dtype)
 
     monkeypatch.setattr(gemv_cuda, "cuda_gemv", fake)
     layer = _row_layer()
     one, two = torch.zeros(1, 512, dtype=torch.bfloat16), torch.zeros(2, 512, dtype=torch.bfloat16)
+    layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_act=True, gptq_tc=True))
+    assert layer.fuses_act(two) is True  # gptq_tc's GEMV computes the activation at two rows too
     for kernels, want in [
         (DecodeKernels(gptq_cuda=True, gptq_act=True), True),
         (DecodeKernels(gptq_cuda=True), False),

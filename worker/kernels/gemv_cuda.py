@@ -36,7 +36,7 @@ MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 f
 # hold two sums a value)
 TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
 TC_COLS = 32  # its columns per block
-TC_WARPS = 16  # its warps per SM in the plan (~110-120 registers at 2 chunks in flight)
+TC_ONE_ROW_TILES = 2  # tc_one_row's bound
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -87,7 +87,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
-    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i]
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -143,25 +143,27 @@ def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-TC_SMEM = 227 * 1024  # shared memory a block may have (sm_90)
+def tc_smem(rows: int, per: int, warps: int) -> int:
+    """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes), their chunk sums, the warps' sums."""
+    return rows * (per * CHUNK + 32) * 2 + rows * per * 4 + warps * 8 * TC_COLS * 4
 
 
-def tc_smem(rows: int, per: int, warps: int, depth: int = 0) -> int:
-    """gptq_tc's shared memory: at depth 0 every chunk's words (2 KB) and scales (512 B) for each warp, then x's rows
-    over a split (padded by 64 bytes), their chunk sums, the warps' sums."""
-    ring = warps * -(-per // warps) * 2560 if depth == 0 else 0
-    return ring + rows * (per * CHUNK + 32) * 2 + rows * per * 4 + warps * 8 * TC_COLS * 4
-
-
-def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int, int]:
-    """(chunks per split, splits, warps a block, depth) for gptq_tc: depth 0 (a warp's chunks all in flight from
-    shared memory), 8 warps a block, the fewest splits whose shared memory fits TC_SMEM."""
-    chunks, warps = k // CHUNK, 8
+def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int]:
+    """(chunks per split, splits, warps a block) for gptq_tc: 16 warps a block where the 32-column tiles are no more
+    than the SMs, else 8 (at most a split's chunks); the fewest splits whose shared memory fits MMA_SMEM."""
+    tiles, chunks = -(-n // TC_COLS), k // CHUNK
+    warps = 16 if tiles <= sms else 8
     splits = 1
-    while tc_smem(rows, -(-chunks // splits), warps) > TC_SMEM:
+    while tc_smem(rows, -(-chunks // splits), warps) > MMA_SMEM:
         splits += 1
     per = -(-chunks // splits)
-    return per, -(-chunks // per), min(warps, per), 0
+    return per, -(-chunks // per), min(warps, per)
+
+
+def tc_one_row(n: int, sms: int) -> bool:
+    """Whether gptq_tc serves one row of an n-column linear (DecodeKernels.gptq_tc): up to TC_ONE_ROW_TILES 32-column
+    tiles an SM; wider, the FMA GEMV's 128-column blocks were as fast or faster (7B c_attn, w2|w1; H200)."""
+    return -(-n // TC_COLS) <= TC_ONE_ROW_TILES * sms
 
 
 @functools.cache
@@ -179,7 +181,6 @@ def cuda_gemv(
     act: bool = False,
     tc: bool = False,
     warps: int | None = None,
-    depth: int | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
@@ -201,16 +202,15 @@ def cuda_gemv(
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
     if tc:
-        per, planned, planned_warps, planned_depth = plan_tc(N, K, _sms(x.device.index or 0), M)
+        per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M)
         warps = warps or planned_warps
-        depth = planned_depth if depth is None else depth
         if splits is None:
             splits = planned
         else:
             per = -(-(K // CHUNK) // splits)
             splits = -(-(K // CHUNK) // per)
-        if tc_smem(M, per, warps, depth) > TC_SMEM:
-            raise ValueError(f"gptq_tc: {warps} warps at depth {depth}, {per} chunks a split: over {TC_SMEM} bytes")
+        if tc_smem(M, per, warps) > MMA_SMEM:
+            raise ValueError(f"gptq_tc: {warps} warps, {per} chunks a split: over {MMA_SMEM} bytes of shared memory")
     elif splits is None:
         per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
     else:  # a measurement's choice (scripts/gpu_check_mma.py --splits); shared memory is the caller's to keep
@@ -225,7 +225,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if tc:
-        code = lib.gptq_tc(*args, M, warps, depth, int(act))
+        code = lib.gptq_tc(*args, M, warps, int(act))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:

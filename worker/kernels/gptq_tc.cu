@@ -17,7 +17,7 @@
 // - A block is 32 columns and W warps splitting its K range by chunks (warp w: chunks w, w + W, ...); the warps'
 //   sums meet in shared memory and are added in warp order (deterministic). K may also be split over blocks, summed
 //   in split order by the last block to arrive, as in gptq_gemv.cu.
-// - PDL: the first kDepth chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
+// - PDL: the first kTcDepth chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
 // kAct: x's row r is mlp's gate_up row [gate (K) | up (K)], and the product's input is up * silu(gate) with
 // fused.silu_mul's rounding, computed while x is staged (DecodeKernels.gptq_act).
 
@@ -32,6 +32,7 @@ namespace {
 constexpr int kTcCols = 32;   // columns per block
 constexpr int kTcRows = 8;    // rows at most (mma's N)
 constexpr int kTcSteps = 4;   // 32-row steps of a chunk
+constexpr int kTcDepth = 2;   // chunks in flight a warp (4, and all via shared memory, measured slower)
 constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
 
 __device__ __forceinline__ uint32_t tc_pair(uint32_t w) {  // nibbles 0 and 4 -> bf16 (128 + q0, 128 + q4)
@@ -54,29 +55,6 @@ __device__ __forceinline__ float tc_silu_mul(__nv_bfloat16 gate, __nv_bfloat16 u
   return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
 }
 
-__device__ __forceinline__ void tc_cp16(void* smem, const void* gmem) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem));
-}
-
-__device__ __forceinline__ void tc_cp8(void* smem, const void* gmem) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(a), "l"(gmem));
-}
-
-__device__ __forceinline__ void tc_wait(int pending) {  // until at most `pending` (capped at 7) of its groups remain
-  switch (pending) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-  }
-}
-
 // Chunk c's words for this lane (its 4 steps) and the group's scales and zeros for columns 4g .. 4g + 3
 template <bool kZeros>
 __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, const uint4* base,
@@ -90,8 +68,8 @@ __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, cons
   if (kZeros) z4 = *reinterpret_cast<const uint2*>(zeros + gi);
 }
 
-template <int kDepth, bool kZeros, bool kBias, bool kAct>
-__global__ void __launch_bounds__(kDepth == 4 ? 256 : 512) gptq_tc_kernel(  // depth 4: up to 8 warps; 0: all in smem
+template <bool kZeros, bool kBias, bool kAct>
+__global__ void __launch_bounds__(512) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
@@ -107,40 +85,19 @@ __global__ void __launch_bounds__(kDepth == 4 ? 256 : 512) gptq_tc_kernel(  // d
   const int c1 = min(c0 + chunks_per_split, K / kChunk);
   const int chunks = c1 - c0;
   const int pitch = chunks_per_split * kChunk + kTcPad;  // bf16 of a staged row
-  const int per_warp = (chunks_per_split + warps - 1) / warps;  // kDepth 0: chunks a warp at most
-  uint4* ring = smem4;                                           // kDepth 0: [warps][per_warp][4 steps][32] words
-  uint4* sz = ring + (kDepth == 0 ? warps * per_warp * kTcSteps * 32 : 0);  // [warps][per_warp][32] (s4, z4)
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(sz + (kDepth == 0 ? warps * per_warp * 32 : 0));
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem4);
   float* xsum = reinterpret_cast<float*>(xs + (size_t)m * pitch);  // [m][chunks_per_split]
   float* red = xsum + m * chunks_per_split;                        // [warps][kTcRows][kTcCols]
 
-  constexpr int kRing = kDepth == 0 ? 1 : kDepth;
-  uint4 buf[kRing][kTcSteps];
-  uint2 sbuf[kRing], zbuf[kRing];
+  uint4 buf[kTcDepth][kTcSteps];
+  uint2 sbuf[kTcDepth], zbuf[kTcDepth];
   const uint4* base = qw + (n >> 2);
-  uint4* my_ring = ring + (size_t)warp * per_warp * kTcSteps * 32 + lane;
-  uint4* my_sz = sz + (size_t)warp * per_warp * 32 + lane;
-  if constexpr (kDepth == 0) {  // every chunk of this warp's, into shared memory, a commit group each
-    for (int j = 0; j < per_warp; ++j) {
-      const int c = c0 + warp + j * warps;
-      if (c < c1 && live) {
 #pragma unroll
-        for (int s = 0; s < kTcSteps; ++s)
-          tc_cp16(my_ring + (j * kTcSteps + s) * 32, base + (size_t)(c * kWordRows + s * 4 + t) * n4);
-        const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
-        tc_cp8(my_sz + j * 32, scales + gi);
-        if (kZeros) tc_cp8(reinterpret_cast<uint2*>(my_sz + j * 32) + 1, zeros + gi);
-      }
-      asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kRing; ++i) {
-      sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
-      const int c = c0 + warp + i * warps;
-      if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
-                                  group_size, t);
-    }
+  for (int i = 0; i < kTcDepth; ++i) {
+    sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
+    const int c = c0 + warp + i * warps;
+    if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
+                                group_size, t);
   }
   gdc_wait();
   const int len = chunks * kChunk;
@@ -214,32 +171,19 @@ __global__ void __launch_bounds__(kDepth == 4 ? 256 : 512) gptq_tc_kernel(  // d
     acc[3][0] = fmaf(s23.y, db[2] - z[3] * sx0, acc[3][0]);
     acc[3][1] = fmaf(s23.y, db[3] - z[3] * sx1, acc[3][1]);
   };
-  if constexpr (kDepth == 0) {
-    for (int j = 0; j < per_warp; ++j) {
-      const int c = c0 + warp + j * warps;
+  for (int cb = c0 + warp; cb < c1; cb += kTcDepth * warps) {  // the ring: chunk cb + i * warps in slot i
+#pragma unroll
+    for (int i = 0; i < kTcDepth; ++i) {
+      const int c = cb + i * warps;
       if (c >= c1) break;
-      tc_wait(per_warp - 1 - j);  // this lane's copies of chunk j have landed (it reads only what it copied)
       uint4 cur[kTcSteps];
 #pragma unroll
-      for (int s = 0; s < kTcSteps; ++s) cur[s] = my_ring[(j * kTcSteps + s) * 32];
-      const uint4 q = my_sz[j * 32];
-      chunk(cur, make_uint2(q.x, q.y), make_uint2(q.z, q.w), c);
-    }
-  } else {
-    for (int cb = c0 + warp; cb < c1; cb += kRing * warps) {  // the ring: chunk cb + i * warps in slot i
-#pragma unroll
-      for (int i = 0; i < kRing; ++i) {
-        const int c = cb + i * warps;
-        if (c >= c1) break;
-        uint4 cur[kTcSteps];
-#pragma unroll
-        for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
-        const uint2 s4 = sbuf[i], z4 = zbuf[i];
-        const int cn = c + kRing * warps;
-        if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
-                                     group_size, t);
-        chunk(cur, s4, z4, c);
-      }
+      for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
+      const uint2 s4 = sbuf[i], z4 = zbuf[i];
+      const int cn = c + kTcDepth * warps;
+      if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+                                   group_size, t);
+      chunk(cur, s4, z4, c);
     }
   }
 
@@ -283,14 +227,12 @@ __global__ void __launch_bounds__(kDepth == 4 ? 256 : 512) gptq_tc_kernel(  // d
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <int kDepth, bool kZeros, bool kBias, bool kAct>
+template <bool kZeros, bool kBias, bool kAct>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
                       int warps) {
-  const size_t per_warp = (chunks_per_split + warps - 1) / warps;
-  const size_t smem = (kDepth == 0 ? (size_t)warps * per_warp * (kTcSteps + 1) * 32 * 16 : 0) +
-                      (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4 +
+  const size_t smem = (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4 +
                       (size_t)warps * kTcRows * kTcCols * 4;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kTcCols - 1) / kTcCols, splits);
@@ -302,7 +244,7 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq_tc_kernel<kDepth, kZeros, kBias, kAct>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -313,33 +255,19 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
-template <int kDepth>
-cudaError_t launch_tc_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
-                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                         int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
-                         int warps, int act) {
-  auto f = act ? (zeros != nullptr ? launch_tc<kDepth, true, false, true> : launch_tc<kDepth, false, false, true>)
-           : zeros != nullptr
-               ? (bias != nullptr ? launch_tc<kDepth, true, true, false> : launch_tc<kDepth, true, false, false>)
-               : (bias != nullptr ? launch_tc<kDepth, false, true, false> : launch_tc<kDepth, false, false, false>);
-  return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
-           splits, pdl, stream, m, warps);
-}
-
 }  // namespace
 
-// m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 at depth 4), `depth` chunks in flight a warp (2 or 4; 0:
-// all of them, copied into shared memory before griddepcontrol.wait); act: x's rows are
-// gate_up rows [gate | up] of 2K and there is no bias. The host (gemv_cuda.plan_tc) keeps the shared memory within
-// what the device allows.
+// m rows of x (1 to 8), `warps` warps a block (1 to 16); act: x's rows are gate_up rows [gate | up] of 2K and there is
+// no bias. The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                       int depth, int act) {
-  if (m < 1 || m > kTcRows || warps < 1 || warps > (depth == 4 ? 8 : 16) || (depth != 0 && depth != 2 && depth != 4) ||
-      (act && bias != nullptr))
+                       int act) {
+  if (m < 1 || m > kTcRows || warps < 1 || warps > 16 || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
-  auto f = depth == 0 ? launch_tc_as<0> : depth == 2 ? launch_tc_as<2> : launch_tc_as<4>;
+  auto f = act ? (zeros != nullptr ? launch_tc<true, false, true> : launch_tc<false, false, true>)
+           : zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false> : launch_tc<true, false, false>)
+                              : (bias != nullptr ? launch_tc<false, true, false> : launch_tc<false, false, false>);
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act));
+                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
 }

@@ -87,7 +87,11 @@ class DecodeKernels:
     gptq_act: with gptq_cuda, a GPTQ mlp.c_proj (no act order, no adapter) at decode steps of one row computes
     up * silu(gate) while its CUDA GEMV stages its input (gptq_gemv.cu's kAct, fused.silu_mul's rounding), so the
     SiLU-mul launch goes. Bit for bit the same logits. Served: the 7B Int4 batch-1 step 2.618-2.634 ms with it
-    against 2.652-2.661 without, in each of 4 alternating pairs on two H200s (BENCHMARKS.md, 2026-11-30)."""
+    against 2.652-2.661 without, in each of 4 alternating pairs on two H200s (BENCHMARKS.md, 2026-11-30).
+    gptq_tc: with gptq_cuda, Int4 GPTQ linears at decode steps of 2 rows, and of one row where the linear has at most
+    gemv_cuda.TC_ONE_ROW_TILES 32-column tiles an SM (7B: attn.c_proj, mlp.c_proj), take the tensor-core GEMV with the
+    weights as mma's A operand (worker/kernels/gptq_tc.cu) instead of the FMA GEMVs; gptq_act's activation then rides
+    in it at 1-2 rows. Deterministic, so graph == eager bit for bit."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -100,6 +104,7 @@ class DecodeKernels:
     lora_k_lanes: bool = False
     gptq_mma: bool = False
     gptq_act: bool = False
+    gptq_tc: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

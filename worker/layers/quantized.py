@@ -49,6 +49,11 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def gptq_matmul_for(device: torch.device) -> GPTQMatmul:
     """The Triton kernels on CUDA (when Triton imports), else the dequantize-then-matmul reference."""
     if device.type == "cuda":
@@ -192,6 +197,15 @@ class _GPTQ:
         self._cuda_gemv_serves(dtype)
         return bool(self._cuda_mma)
 
+    def _takes_tc(self, m: int) -> bool:
+        """DecodeKernels.gptq_tc (with gptq_cuda serving): 2 rows, or one where gemv_cuda.tc_one_row says so."""
+        if not self.decode_kernels.gptq_tc or m > 2:
+            return False
+        from worker.kernels.gemv_cuda import tc_one_row
+
+        assert self.gemv is not None
+        return m == 2 or tc_one_row(self.gemv.qweight.shape[1], _sms(self.qweight.device))
+
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
         if self.perm is not None:
@@ -201,7 +215,7 @@ class _GPTQ:
             from worker.kernels.gemv_cuda import cuda_gemv
 
             if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
-                return cuda_gemv(x, self.gemv, bias, pdl=k.pdl)
+                return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, tc=self._takes_tc(m))
             if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
         if self.gemv is not None and m <= GEMV_MAX_M:
@@ -320,24 +334,25 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         return self._mm(x, None)
 
     def fuses_act(self, gate_up: torch.Tensor) -> bool:
-        """DecodeKernels.gptq_act: one decode row, rows in checkpoint order (no act order), and the CUDA GEMV serving
-        this linear (gptq_cuda): `forward_act` then computes the activation inside it."""
+        """DecodeKernels.gptq_act: one decode row (two with gptq_tc), rows in checkpoint order (no act order), and the
+        CUDA GEMV serving this linear (gptq_cuda): `forward_act` then computes the activation inside it."""
         k = self.decode_kernels
         return (
             k.gptq_act
             and k.gptq_cuda
-            and gate_up.shape[0] == 1
+            and (gate_up.shape[0] == 1 or (gate_up.shape[0] == 2 and k.gptq_tc))
             and self.perm is None
             and self.gemv is not None
             and self._cuda_gemv_serves(gate_up.dtype)
         )
 
     def forward_act(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """forward(up * silu(gate)) for gate_up [1, 2 * in_per_rank] = [gate | up], the activation computed while the
-        CUDA GEMV stages its input (fused.silu_mul's rounding)."""
+        """forward(up * silu(gate)) for gate_up [m, 2 * in_per_rank] = [gate | up] (m as `fuses_act` allows), the
+        activation computed while the CUDA GEMV stages its input (fused.silu_mul's rounding)."""
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True))
+        tc = self._takes_tc(gate_up.shape[0])
+        return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, tc=tc))
 
 
 @dataclass(frozen=True)
