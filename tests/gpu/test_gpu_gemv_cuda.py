@@ -208,11 +208,11 @@ def test_a_gptq_model_decodes_the_same_with_the_act_gemv(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain, fused))
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [2])
 def test_a_gptq_model_decodes_through_the_tc_gemv(tmp_path, batch):
-    """gptq_tc: a GPTQ model (asym, act order) at batch 1 and 2 with every GPTQ linear on the tensor-core GEMV (the
-    tiny model's linears are narrow) gives the Triton path's logits within bf16's per-layer rounding; without act
-    order, gptq_act's activation inside it gives the same logits bit for bit."""
+    """gptq_tc: a GPTQ model (asym, act order) at batch 2 with every GPTQ linear on the tensor-core GEMV gives the
+    Triton path's logits within bf16's per-layer rounding; without act order, gptq_act's activation inside it gives
+    the same logits bit for bit."""
     from gptq_helpers import gptq_checkpoint
 
     state = random_checkpoint(GPU_TINY, seed=9)

@@ -189,20 +189,18 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
     assert calls == [("mma", 1), ("mma", 2)]
 
 
-@pytest.mark.parametrize("one_row_tiles,one", [(2, "tc"), (0, "cuda")])
-def test_gptq_tc_takes_two_rows_and_one_where_the_linear_is_narrow(monkeypatch, one_row_tiles, one):
-    """gptq_tc (with gptq_cuda): 2 rows take the tensor-core GEMV, one row takes it only where the linear has at most
-    TC_ONE_ROW_TILES 32-column tiles an SM (else the FMA GEMV); 3 rows and up are gptq_mma's as before."""
+def test_gptq_tc_takes_two_rows(monkeypatch):
+    """gptq_tc (with gptq_cuda): 2 rows (TC_MIN_M..TC_MAX_M) take the tensor-core GEMV; one row keeps the FMA GEMV
+    and 3 rows and up are gptq_mma's as before; without gptq_cuda it takes nothing."""
     from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
+    assert (quantized.TC_MIN_M, quantized.TC_MAX_M) == (2, 2) and quantized.TC_MAX_M <= gemv_cuda.TC_MAX_ROWS
     layer, calls = _routes(monkeypatch, bits=4)
-    monkeypatch.setattr(quantized, "_sms", lambda device: 132)
-    monkeypatch.setattr(gemv_cuda, "TC_ONE_ROW_TILES", one_row_tiles)  # 256 columns: 8 tiles, against 264 or 0
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True, gptq_tc=True))
     for rows in (1, 2, 3):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
-    assert calls == [(one, 1), ("tc", 2), ("mma", 3)]
+    assert calls == [("cuda", 1), ("tc", 2), ("mma", 3)]
     calls.clear()
     layer.set_decode_kernels(DecodeKernels(gptq_mma=True, gptq_tc=True))  # gptq_tc rides on gptq_cuda
     layer._mm(torch.zeros(2, 256, dtype=torch.bfloat16), None)

@@ -36,7 +36,6 @@ MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 f
 # hold two sums a value)
 TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
 TC_COLS = 32  # its columns per block
-TC_ONE_ROW_TILES = 2  # tc_one_row's bound
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -158,12 +157,6 @@ def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int]:
         splits += 1
     per = -(-chunks // splits)
     return per, -(-chunks // per), min(warps, per)
-
-
-def tc_one_row(n: int, sms: int) -> bool:
-    """Whether gptq_tc serves one row of an n-column linear (DecodeKernels.gptq_tc): up to TC_ONE_ROW_TILES 32-column
-    tiles an SM; wider, the FMA GEMV's 128-column blocks were as fast or faster (7B c_attn, w2|w1; H200)."""
-    return -(-n // TC_COLS) <= TC_ONE_ROW_TILES * sms
 
 
 @functools.cache

@@ -42,16 +42,14 @@ MMA_MAX_M = {4: 48, 8: 32}
 # ... and from this many: Int8 one-row steps measured 3.91 ms on the matmul against 3.34 on the Triton GEMV (7B, H200),
 # two rows not measured, so the Triton GEMV keeps both; at 8 rows the matmul took 4.86 against 6.30
 MMA_MIN_M = {4: 1, 8: 3}
+# DecodeKernels.gptq_tc: Int4 steps of these rows take gemv_cuda's tensor-core GEMV (weights as mma's A) instead of the
+# FMA GEMV (it serves 1-8). 7B on the H200: batch 2 3.21 ms against 3.75-3.77; batch 1 2.66 against 2.61-2.63
+TC_MIN_M, TC_MAX_M = 2, 2
 
 
 @functools.cache
 def _warn_once(message: str) -> None:
     log.warning(message)
-
-
-@functools.cache
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gptq_matmul_for(device: torch.device) -> GPTQMatmul:
@@ -198,13 +196,8 @@ class _GPTQ:
         return bool(self._cuda_mma)
 
     def _takes_tc(self, m: int) -> bool:
-        """DecodeKernels.gptq_tc (with gptq_cuda serving): 2 rows, or one where gemv_cuda.tc_one_row says so."""
-        if not self.decode_kernels.gptq_tc or m > 2:
-            return False
-        from worker.kernels.gemv_cuda import tc_one_row
-
-        assert self.gemv is not None
-        return m == 2 or tc_one_row(self.gemv.qweight.shape[1], _sms(self.qweight.device))
+        """DecodeKernels.gptq_tc (with gptq_cuda serving): TC_MIN_M to TC_MAX_M rows."""
+        return self.decode_kernels.gptq_tc and TC_MIN_M <= m <= TC_MAX_M
 
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
@@ -334,13 +327,13 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         return self._mm(x, None)
 
     def fuses_act(self, gate_up: torch.Tensor) -> bool:
-        """DecodeKernels.gptq_act: one decode row (two with gptq_tc), rows in checkpoint order (no act order), and the
+        """DecodeKernels.gptq_act: one decode row (or gptq_tc's rows), rows in checkpoint order (no act order), and the
         CUDA GEMV serving this linear (gptq_cuda): `forward_act` then computes the activation inside it."""
         k = self.decode_kernels
         return (
             k.gptq_act
             and k.gptq_cuda
-            and (gate_up.shape[0] == 1 or (gate_up.shape[0] == 2 and k.gptq_tc))
+            and (gate_up.shape[0] == 1 or self._takes_tc(gate_up.shape[0]))
             and self.perm is None
             and self.gemv is not None
             and self._cuda_gemv_serves(gate_up.dtype)
