@@ -4,10 +4,9 @@
 
 For each 7B Int4 shape, in one CUDA graph with the weights cycled past L2 (as gpu_check_tc.py / gpu_check_mma.py
 time the GEMVs): a Triton kernel that only reads the packed words (every program sums its part into one int, with
-PDL as the served kernels launch) in the GEMVs' pattern (a program per 128 columns and K split, 16-byte rows
-of its columns) and contiguously (a program per 64 KB), and an empty kernel's launch. The GEMV's time less the
-read's is what its arithmetic, x and the reduction cost; the read less bytes / copy bandwidth is the pattern's and
-the launch's.
+PDL as the served kernels launch) in the GEMVs' pattern (a program per 128 or 32 columns and K split) and
+contiguously (a program per 64 KB), and an empty kernel's launch. The GEMV's time less the read's is what its
+arithmetic, x and the reduction cost; the read less bytes / copy bandwidth is the pattern's and the launch's.
 """
 
 from __future__ import annotations
@@ -28,10 +27,10 @@ SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 
 
 
 @triton.jit
-def _read_tiles(q, out, N, ROWS_PER: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+def _read_tiles(q, out, N, ROWS_PER: tl.constexpr, BLOCK_R: tl.constexpr, COLS: tl.constexpr, PDL: tl.constexpr):
     tile, split = tl.program_id(0), tl.program_id(1)
-    cols = tile * 128 + tl.arange(0, 128)
-    acc = tl.zeros([BLOCK_R, 128], dtype=tl.int32)
+    cols = tile * COLS + tl.arange(0, COLS)
+    acc = tl.zeros([BLOCK_R, COLS], dtype=tl.int32)
     for r in range(0, ROWS_PER, BLOCK_R):
         rows = split * ROWS_PER + r + tl.arange(0, BLOCK_R)
         acc ^= tl.load(q + rows[:, None] * N + cols[None, :], cache_modifier=".cg")
@@ -85,15 +84,16 @@ def shape(name: str, K: int, N: int, bw: float, out: torch.Tensor, opts: dict, d
     qs = [q.clone() for _ in range(copies)]
     rows = K // 8
     line = f"{name:12s} {nbytes / 1e6:5.1f} MB, at copy speed {nbytes / bw * 1e6:5.1f} us |"
-    for splits in (1, 2, 4, 8):
-        if rows % (splits * 16):
-            continue
-        per = rows // splits
+    for cols, block_r in ((128, 16), (32, 64)):
+        for splits in (1, 2, 4, 8):
+            if rows % (splits * block_r):
+                continue
+            per = rows // splits
 
-        def tiles(i: int, per: int = per, splits: int = splits) -> None:
-            _read_tiles[(N // 128, splits)](qs[i], out, N, per, 16, True, **opts)
+            def tiles(i: int, per: int = per, splits: int = splits, cols: int = cols, block_r: int = block_r) -> None:
+                _read_tiles[(N // cols, splits)](qs[i], out, N, per, block_r, cols, True, **opts)
 
-        line += f" tiles x{splits} {graphed(tiles, copies) * 1e6:5.1f}"
+            line += f" {cols}-col tiles x{splits} {graphed(tiles, copies) * 1e6:5.1f}"
 
     def flat(i: int) -> None:
         _read_flat[(q.numel() // 16384,)](qs[i], out, 16384, 2048, True, **opts)

@@ -89,12 +89,11 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
         out = []
         for w in (2, 4, 8, 16):
             for s in (1, 2, 4):
-                for pf in (0, 2, 64):
-                    p = -(-(K // CHUNK) // s)
-                    if tc_smem(m, p, w) > MMA_SMEM or p < w:
-                        continue
-                    t = graphed(lambda i, w=w, s=s, pf=pf: tc(i, warps=w, splits=s, prefetch=pf), copies)
-                    out.append((t, f"w{w} s{s} p{pf}: {t * 1e6:.1f}"))
+                p = -(-(K // CHUNK) // s)
+                if tc_smem(m, p, w) > MMA_SMEM or p < w:
+                    continue
+                t = graphed(lambda i, w=w, s=s: tc(i, warps=w, splits=s), copies)
+                out.append((t, f"w{w} s{s}: {t * 1e6:.1f}"))
         out.sort()
         print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:8]), flush=True)
 

@@ -76,7 +76,7 @@ def test_fresh_venv_installs_and_serves(tmp_path, demo_dir):
         "import importlib.resources as r; print(*sorted(p.name for p in r.files('worker.kernels').iterdir()))",
         cwd=work,
     ).split()  # the CUDA kernels' sources travel in the wheel (nvcc builds them on first use, gemv_cuda.py)
-    assert {"gptq_gemv.cu", "gptq_mma.cu", "gptq_cuda.cuh"} <= set(shipped), shipped
+    assert {"gptq_gemv.cu", "gptq_mma.cu", "gptq_tc.cu", "gptq_cuda.cuh"} <= set(shipped), shipped
 
     sock_dir = tempfile.mkdtemp(prefix="qw", dir="/tmp")  # unix socket paths are limited to 107 bytes
     uds = os.path.join(sock_dir, "s")

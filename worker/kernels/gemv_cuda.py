@@ -86,7 +86,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
-    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i]
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -174,7 +174,6 @@ def cuda_gemv(
     act: bool = False,
     tc: bool = False,
     warps: int | None = None,
-    prefetch: int = 0,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
@@ -219,7 +218,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if tc:
-        code = lib.gptq_tc(*args, M, warps, int(act), prefetch)
+        code = lib.gptq_tc(*args, M, warps, int(act))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:

@@ -32,7 +32,7 @@ namespace {
 constexpr int kTcCols = 32;   // columns per block
 constexpr int kTcRows = 8;    // rows at most (mma's N)
 constexpr int kTcSteps = 4;   // 32-row steps of a chunk
-constexpr int kTcDepth = 2;   // chunks in flight a warp (4, and all via shared memory, measured slower)
+constexpr int kTcDepth = 2;  // chunks in flight a warp (4, all via shared memory, or an L2 prefetch past 2: slower)
 constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
 
 __device__ __forceinline__ uint32_t tc_pair(uint32_t w) {  // nibbles 0 and 4 -> bf16 (128 + q0, 128 + q4)
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, int m, int prefetch) {
+    int k_offset, int group_size, int chunks_per_split, int splits, int m) {
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -98,17 +98,6 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
     const int c = c0 + warp + i * warps;
     if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
                                 group_size, t);
-  }
-  // L2 prefetch of the warp's next `prefetch` chunks past the ring: a chunk is 16 word rows of 128 bytes (the block's
-  // 32 columns), lane l < 16 takes row l
-  if (lane < kWordRows && nb < N) {
-    const char* row0 = reinterpret_cast<const char*>(qw) + (size_t)nb * 4;
-    for (int j = kTcDepth; j < kTcDepth + prefetch; ++j) {
-      const int c = c0 + warp + j * warps;
-      if (c >= c1) break;
-      const char* p = row0 + (size_t)(c * kWordRows + lane) * N * 4;
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], 128;" ::"l"(p) : "memory");
-    }
   }
   gdc_wait();
   const int len = chunks * kChunk;
@@ -242,7 +231,7 @@ template <bool kZeros, bool kBias, bool kAct>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
-                      int warps, int prefetch) {
+                      int warps) {
   const size_t smem = (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4 +
                       (size_t)warps * kTcRows * kTcCols * 4;
   cudaLaunchConfig_t config = {};
@@ -263,23 +252,22 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
   return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, m, prefetch);
+                            N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
 }  // namespace
 
-// m rows of x (1 to 8), `warps` warps a block (1 to 16), `prefetch` chunks a warp prefetched into L2 past the two in
-// registers (0: none); act: x's rows are gate_up rows [gate | up] of 2K and there is
+// m rows of x (1 to 8), `warps` warps a block (1 to 16); act: x's rows are gate_up rows [gate | up] of 2K and there is
 // no bias. The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                       int act, int prefetch) {
+                       int act) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > 16 || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   auto f = act ? (zeros != nullptr ? launch_tc<true, false, true> : launch_tc<false, false, true>)
            : zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false> : launch_tc<true, false, false>)
                               : (bias != nullptr ? launch_tc<false, true, false> : launch_tc<false, false, false>);
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps, prefetch));
+                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
 }

@@ -36,6 +36,7 @@ SERVED = (
     "lora_k_lanes",
     "gptq_mma",
     "gptq_act",
+    "gptq_tc",
 )
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
