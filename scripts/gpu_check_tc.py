@@ -87,13 +87,14 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
         if not sweep:
             continue
         out = []
-        for w in (2, 4, 8, 16):
-            for s in (1, 2, 4):
-                p = -(-(K // CHUNK) // s)
-                if tc_smem(m, p, w) > MMA_SMEM or p < w:
-                    continue
-                t = graphed(lambda i, w=w, s=s: tc(i, warps=w, splits=s), copies)
-                out.append((t, f"w{w} s{s}: {t * 1e6:.1f}"))
+        for stage in (True, False):
+            for w in (2, 4, 8, 16):
+                for s in (1, 2, 4):
+                    p = -(-(K // CHUNK) // s)
+                    if tc_smem(m, p, w, stage) > MMA_SMEM or p < w or (not stage and w > 8):
+                        continue
+                    t = graphed(lambda i, w=w, s=s, stage=stage: tc(i, warps=w, splits=s, stage=stage), copies)
+                    out.append((t, f"{'staged' if stage else 'warp x'} w{w} s{s}: {t * 1e6:.1f}"))
         out.sort()
         print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:8]), flush=True)
 

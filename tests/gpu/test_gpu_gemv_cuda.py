@@ -54,11 +54,21 @@ def test_cuda_tc_equals_the_reference(K, N, group, asym, bias, k_offset, M):
     _check(K, N, group, asym, bias, k_offset, M, mma=False, tc=True)
 
 
-@pytest.mark.parametrize("warps,splits", [(1, 1), (3, 1), (16, 1), (4, 3), (8, 2)])
-def test_cuda_tc_plans_agree(warps, splits):
-    """gptq_tc at other warps a block and K splits than its plan: the same values within the reference's rounding
-    (the sums' order differs), each deterministic."""
-    _check(11008, 4104, 128, True, True, 0, 3, mma=False, tc=dict(warps=warps, splits=splits))
+@pytest.mark.parametrize(
+    "warps,splits,stage", [(1, 1, True), (3, 1, True), (16, 1, True), (4, 3, True), (8, 2, True), (3, 1, False),
+                           (8, 2, False)]
+)  # fmt: skip
+def test_cuda_tc_plans_agree(warps, splits, stage):
+    """gptq_tc at other warps a block and K splits than its plan, x staged by the block or loaded by each warp: the
+    same values within the reference's rounding (the sums' order differs), each deterministic."""
+    _check(11008, 4104, 128, True, True, 0, 3, mma=False, tc=dict(warps=warps, splits=splits, stage=stage))
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 8])
+@pytest.mark.parametrize("K,N,group,asym,bias,k_offset", SHAPES)
+def test_cuda_tc_unstaged_equals_the_reference(K, N, group, asym, bias, k_offset, M):
+    """gptq_tc with each warp loading its chunks' x (no block staging; sums by shuffles)."""
+    _check(K, N, group, asym, bias, k_offset, M, mma=False, tc=dict(stage=False, warps=4))
 
 
 def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4, tc=False):
@@ -189,8 +199,9 @@ def test_act_gemv_equals_silu_mul_then_the_gemv(K, N, asym):
     got = cuda_gemv(gate_up, w, None, pdl=True, act=True)
     assert torch.equal(got, want)
     rows = (torch.randn(5, 2 * K, device=CUDA, generator=g) * 3).to(torch.bfloat16)  # gptq_tc: up to 8 rows
-    want = cuda_gemv(silu_mul(rows), w, None, pdl=True, tc=True)
-    assert torch.equal(cuda_gemv(rows, w, None, pdl=True, act=True, tc=True), want)
+    for stage in (True, False):
+        want = cuda_gemv(silu_mul(rows), w, None, pdl=True, tc=True, stage=stage, warps=4)
+        assert torch.equal(cuda_gemv(rows, w, None, pdl=True, act=True, tc=True, stage=stage, warps=4), want)
     with pytest.raises(ValueError, match="act"):
         cuda_gemv(gate_up[:, :K], w, None, act=True)
 

@@ -125,7 +125,9 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
     monkeypatch.setattr(
         gemv_cuda,
         "cuda_gemv",
-        lambda x, w, b, pdl, mma=False, tc=False: calls.append(("mma" if mma else "cuda", x.shape[0], pdl)) or x,
+        lambda x, w, b, pdl, mma=False, tc=False, stage=True: (
+            calls.append(("mma" if mma else "cuda", x.shape[0], pdl)) or x
+        ),
     )
     monkeypatch.setattr(triton_gemv, "quant_gemv", lambda x, w, b, pdl: calls.append(("triton", x.shape[0], pdl)) or x)
     layer = _layer()
@@ -149,7 +151,9 @@ def _routes(monkeypatch, bits: int):
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[str, int]] = []
 
-    def cuda(x: torch.Tensor, w: object, b: object, pdl: bool, mma: bool = False, tc: bool = False) -> torch.Tensor:
+    def cuda(
+        x: torch.Tensor, w: object, b: object, pdl: bool, mma: bool = False, tc: bool = False, stage: bool = True
+    ) -> torch.Tensor:
         calls.append(("mma" if mma else "tc" if tc else "cuda", x.shape[0]))
         return x
 
@@ -253,7 +257,7 @@ def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypat
     monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
     calls: list[tuple[int, bool, object]] = []
 
-    def fake(x, w, b, pdl, act=False, tc=False):
+    def fake(x, w, b, pdl, act=False, tc=False, stage=True):
         calls.append((x.shape[1], act, b))
         return torch.zeros(x.shape[0], 128, dtype=x.dtype)
 

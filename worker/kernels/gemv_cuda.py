@@ -86,7 +86,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
-    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i]
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -142,9 +142,10 @@ def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def tc_smem(rows: int, per: int, warps: int) -> int:
-    """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes), their chunk sums, the warps' sums."""
-    return rows * (per * CHUNK + 32) * 2 + rows * per * 4 + warps * 8 * TC_COLS * 4
+def tc_smem(rows: int, per: int, warps: int, stage: bool = True) -> int:
+    """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes) and their chunk sums where the block stages
+    them, the warps' sums."""
+    return (rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0) + warps * 8 * TC_COLS * 4
 
 
 def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int]:
@@ -174,6 +175,7 @@ def cuda_gemv(
     act: bool = False,
     tc: bool = False,
     warps: int | None = None,
+    stage: bool = True,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
@@ -196,13 +198,13 @@ def cuda_gemv(
         x = x.clone()
     if tc:
         per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M)
-        warps = warps or planned_warps
+        warps = warps or (planned_warps if stage else min(planned_warps, 8))
         if splits is None:
             splits = planned
         else:
             per = -(-(K // CHUNK) // splits)
             splits = -(-(K // CHUNK) // per)
-        if tc_smem(M, per, warps) > MMA_SMEM:
+        if tc_smem(M, per, warps, stage) > MMA_SMEM or (not stage and warps > 8):
             raise ValueError(f"gptq_tc: {warps} warps, {per} chunks a split: over {MMA_SMEM} bytes of shared memory")
     elif splits is None:
         per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
@@ -218,7 +220,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if tc:
-        code = lib.gptq_tc(*args, M, warps, int(act))
+        code = lib.gptq_tc(*args, M, warps, int(act), int(stage))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:

@@ -68,8 +68,39 @@ __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, cons
   if (kZeros) z4 = *reinterpret_cast<const uint2*>(zeros + gi);
 }
 
-template <bool kZeros, bool kBias, bool kAct>
-__global__ void __launch_bounds__(512) gptq_tc_kernel(
+// x's 8 values of a step for this lane (row g, rows >= m zero): as stored, or (kAct) up * silu(gate) from gate_up
+template <bool kAct>
+__device__ __forceinline__ void tc_load_x(uint4* xv, uint4* uv, const __nv_bfloat16* x, int c, int K, int g, int t,
+                                          int m) {
+#pragma unroll
+  for (int s = 0; s < kTcSteps; ++s) {
+    xv[s] = uv[s] = make_uint4(0u, 0u, 0u, 0u);
+    if (g < m) {
+      const size_t k = (size_t)c * kChunk + 32 * s + 8 * t;
+      if (kAct) {
+        xv[s] = *reinterpret_cast<const uint4*>(x + (size_t)g * 2 * K + k);
+        uv[s] = *reinterpret_cast<const uint4*>(x + (size_t)g * 2 * K + K + k);
+      } else {
+        xv[s] = *reinterpret_cast<const uint4*>(x + (size_t)g * K + k);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of up * silu(gate), bf16
+  const __nv_bfloat16* gv = reinterpret_cast<const __nv_bfloat16*>(&gate);
+  const __nv_bfloat16* uv = reinterpret_cast<const __nv_bfloat16*>(&up);
+  uint4 out;
+  __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(tc_silu_mul(gv[i], uv[i]));
+  return out;
+}
+
+// kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
+// loads its chunks' x beside their words (ring slots) and sums them with shuffles: no block-wide wait before the loop
+template <bool kZeros, bool kBias, bool kAct, bool kStage>
+__global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
@@ -86,11 +117,12 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
   const int chunks = c1 - c0;
   const int pitch = chunks_per_split * kChunk + kTcPad;  // bf16 of a staged row
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem4);
-  float* xsum = reinterpret_cast<float*>(xs + (size_t)m * pitch);  // [m][chunks_per_split]
-  float* red = xsum + m * chunks_per_split;                        // [warps][kTcRows][kTcCols]
+  float* xsum = reinterpret_cast<float*>(xs + (kStage ? (size_t)m * pitch : 0));  // [m][chunks_per_split]
+  float* red = xsum + (kStage ? m * chunks_per_split : 0);                        // [warps][kTcRows][kTcCols]
 
   uint4 buf[kTcDepth][kTcSteps];
   uint2 sbuf[kTcDepth], zbuf[kTcDepth];
+  uint4 xbuf[kStage ? 1 : kTcDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kTcDepth][kTcSteps];  // !kStage: x (gate, up)
   const uint4* base = qw + (n >> 2);
 #pragma unroll
   for (int i = 0; i < kTcDepth; ++i) {
@@ -100,46 +132,63 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
                                 group_size, t);
   }
   gdc_wait();
-  const int len = chunks * kChunk;
-  if (kAct) {
-    for (int i = threadIdx.x; i < m * len; i += blockDim.x) {
-      const int row = i / len, k = c0 * kChunk + (i - row * len);
-      const __nv_bfloat16* xr = x + (size_t)row * 2 * K;
-      xs[row * pitch + (i - row * len)] = __float2bfloat16_rn(tc_silu_mul(xr[k], xr[K + k]));
+  if constexpr (kStage) {
+    const int len = chunks * kChunk;
+    if (kAct) {
+      for (int i = threadIdx.x; i < m * len; i += blockDim.x) {
+        const int row = i / len, k = c0 * kChunk + (i - row * len);
+        const __nv_bfloat16* xr = x + (size_t)row * 2 * K;
+        xs[row * pitch + (i - row * len)] = __float2bfloat16_rn(tc_silu_mul(xr[k], xr[K + k]));
+      }
+    } else {
+      for (int i = threadIdx.x; i < m * (len / 8); i += blockDim.x) {  // 16 bytes a thread
+        const int row = i / (len / 8), j = i - row * (len / 8);
+        *reinterpret_cast<uint4*>(xs + row * pitch + j * 8) =
+            *reinterpret_cast<const uint4*>(x + (size_t)row * K + (size_t)c0 * kChunk + j * 8);
+      }
     }
-  } else {
-    for (int i = threadIdx.x; i < m * (len / 8); i += blockDim.x) {  // 16 bytes a thread
-      const int row = i / (len / 8), j = i - row * (len / 8);
-      *reinterpret_cast<uint4*>(xs + row * pitch + j * 8) =
-          *reinterpret_cast<const uint4*>(x + (size_t)row * K + (size_t)c0 * kChunk + j * 8);
-    }
-  }
-  __syncthreads();
-  for (int rc = threadIdx.x; rc < m * chunks; rc += blockDim.x) {  // sum of x per row and chunk, in a fixed order
-    const int row = rc / chunks, cc = rc - row * chunks;
-    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(xs + row * pitch + cc * kChunk);
-    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    __syncthreads();
+    for (int rc = threadIdx.x; rc < m * chunks; rc += blockDim.x) {  // sum of x per row and chunk, in a fixed order
+      const int row = rc / chunks, cc = rc - row * chunks;
+      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(xs + row * pitch + cc * kChunk);
+      float a[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 8
-    for (int i = 0; i < kChunk / 2; ++i) {
-      const float2 f = __bfloat1622float2(p[i]);
-      a[i % 4] += f.x + f.y;
+      for (int i = 0; i < kChunk / 2; ++i) {
+        const float2 f = __bfloat1622float2(p[i]);
+        a[i % 4] += f.x + f.y;
+      }
+      xsum[row * chunks_per_split + cc] = (a[0] + a[1]) + (a[2] + a[3]);
     }
-    xsum[row * chunks_per_split + cc] = (a[0] + a[1]) + (a[2] + a[3]);
+    __syncthreads();
+  } else {
+#pragma unroll
+    for (int i = 0; i < kTcDepth; ++i) {
+      const int c = c0 + warp + i * warps;
+      if (c < c1) tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, c, K, g, t, m);
+    }
   }
-  __syncthreads();
   gdc_go();
 
   // B fragments: row g of x (zero at g >= m); this lane's results are rows 2t, 2t + 1
   const bool xrow = g < m;
   const __nv_bfloat16* xg = xs + g * pitch + 8 * t;
   float acc[4][2] = {};  // [column 4g + j][row 2t + r]
-  auto chunk = [&](const uint4* cur, uint2 s4, uint2 z4, int c) {
+  auto chunk = [&](const uint4* cur, const uint4* xv, uint2 s4, uint2 z4, int c) {
     float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f};
     const int off = (c - c0) * kChunk;
+    float part = 0.f;  // !kStage: this lane's sum of its x values of the chunk
 #pragma unroll
     for (int s = 0; s < kTcSteps; ++s) {
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (xrow) v = *reinterpret_cast<const uint4*>(xg + off + 32 * s);
+      if constexpr (kStage) {
+        if (xrow) v = *reinterpret_cast<const uint4*>(xg + off + 32 * s);
+      } else {
+        v = xv[s];
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+        const float2 f0 = __bfloat1622float2(h[0]), f1 = __bfloat1622float2(h[1]);
+        const float2 f2 = __bfloat1622float2(h[2]), f3 = __bfloat1622float2(h[3]);
+        part += ((f0.x + f0.y) + (f1.x + f1.y)) + ((f2.x + f2.y) + (f3.x + f3.y));
+      }
       const uint32_t b0 = __byte_perm(v.x, v.z, 0x5410), b1 = __byte_perm(v.x, v.z, 0x7632);
       const uint32_t b2 = __byte_perm(v.y, v.w, 0x5410), b3 = __byte_perm(v.y, v.w, 0x7632);
       const uint32_t w0 = cur[s].x, w1 = cur[s].y, w2 = cur[s].z, w3 = cur[s].w;
@@ -147,6 +196,17 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
       tc_mma(da, tc_pair(w0 >> 8), tc_pair(w1 >> 8), tc_pair(w0 >> 12), tc_pair(w1 >> 12), b2, b3);
       tc_mma(db, tc_pair(w2), tc_pair(w3), tc_pair(w2 >> 4), tc_pair(w3 >> 4), b0, b1);
       tc_mma(db, tc_pair(w2 >> 8), tc_pair(w3 >> 8), tc_pair(w2 >> 12), tc_pair(w3 >> 12), b2, b3);
+    }
+    float sx0 = 0.f, sx1 = 0.f;
+    const int r0 = 2 * t;
+    if constexpr (kStage) {
+      sx0 = r0 < m ? xsum[r0 * chunks_per_split + (c - c0)] : 0.f;
+      sx1 = r0 + 1 < m ? xsum[(r0 + 1) * chunks_per_split + (c - c0)] : 0.f;
+    } else {  // row g's sum over the lanes (g, 0..3), then rows 2t and 2t + 1 from lanes (2t, 0) and (2t + 1, 0)
+      part += __shfl_xor_sync(0xffffffffu, part, 1);
+      part += __shfl_xor_sync(0xffffffffu, part, 2);
+      sx0 = __shfl_sync(0xffffffffu, part, 8 * t);
+      sx1 = __shfl_sync(0xffffffffu, part, 8 * t + 4);
     }
     if (!live) return;  // da: (col 4g, row 2t), (4g, 2t + 1), (4g + 1, 2t), (4g + 1, 2t + 1); db: columns 4g + 2, + 3
     const __nv_bfloat162* sv = reinterpret_cast<const __nv_bfloat162*>(&s4);
@@ -159,9 +219,6 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
     } else {
       z[0] = z[1] = z[2] = z[3] = zero + 128.f;
     }
-    const int r0 = 2 * t;
-    const float sx0 = r0 < m ? xsum[r0 * chunks_per_split + (c - c0)] : 0.f;
-    const float sx1 = r0 + 1 < m ? xsum[(r0 + 1) * chunks_per_split + (c - c0)] : 0.f;
     acc[0][0] = fmaf(s01.x, da[0] - z[0] * sx0, acc[0][0]);
     acc[0][1] = fmaf(s01.x, da[1] - z[0] * sx1, acc[0][1]);
     acc[1][0] = fmaf(s01.y, da[2] - z[1] * sx0, acc[1][0]);
@@ -176,14 +233,27 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
     for (int i = 0; i < kTcDepth; ++i) {
       const int c = cb + i * warps;
       if (c >= c1) break;
-      uint4 cur[kTcSteps];
-#pragma unroll
-      for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
-      const uint2 s4 = sbuf[i], z4 = zbuf[i];
       const int cn = c + kTcDepth * warps;
-      if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
-                                   group_size, t);
-      chunk(cur, s4, z4, c);
+      if constexpr (kStage) {  // the slot refilled before the chunk's arithmetic
+        uint4 cur[kTcSteps];
+#pragma unroll
+        for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
+        const uint2 s4 = sbuf[i], z4 = zbuf[i];
+        if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+                                     group_size, t);
+        chunk(cur, nullptr, s4, z4, c);
+      } else {  // after it (registers: the other slot is in flight meanwhile)
+        if constexpr (kAct) {
+#pragma unroll
+          for (int s = 0; s < kTcSteps; ++s) xbuf[i][s] = tc_act8(xbuf[i][s], ubuf[kAct ? i : 0][s]);
+        }
+        chunk(buf[i], xbuf[i], sbuf[i], zbuf[i], c);
+        if (cn < c1) {
+          tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset, group_size,
+                          t);
+          tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
+        }
+      }
     }
   }
 
@@ -227,12 +297,13 @@ __global__ void __launch_bounds__(512) gptq_tc_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias, bool kAct>
+template <bool kZeros, bool kBias, bool kAct, bool kStage>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
                       int warps) {
-  const size_t smem = (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4 +
+  const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
+                             : 0) +
                       (size_t)warps * kTcRows * kTcCols * 4;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((N + kTcCols - 1) / kTcCols, splits);
@@ -244,7 +315,7 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 1 : 0;
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;
@@ -255,19 +326,30 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
+template <bool kStage>
+int launch_tc_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
+                 void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
+                 int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps, int act) {
+  auto f = act ? (zeros != nullptr ? launch_tc<true, false, true, kStage> : launch_tc<false, false, true, kStage>)
+           : zeros != nullptr
+               ? (bias != nullptr ? launch_tc<true, true, false, kStage> : launch_tc<true, false, false, kStage>)
+               : (bias != nullptr ? launch_tc<false, true, false, kStage> : launch_tc<false, false, false, kStage>);
+  return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                            chunks_per_split, splits, pdl, stream, m, warps));
+}
+
 }  // namespace
 
-// m rows of x (1 to 8), `warps` warps a block (1 to 16); act: x's rows are gate_up rows [gate | up] of 2K and there is
-// no bias. The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
+// m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
+// and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). The host
+// (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                       int act) {
-  if (m < 1 || m > kTcRows || warps < 1 || warps > 16 || (act && bias != nullptr))
+                       int act, int stage) {
+  if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
-  auto f = act ? (zeros != nullptr ? launch_tc<true, false, true> : launch_tc<false, false, true>)
-           : zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false> : launch_tc<true, false, false>)
-                              : (bias != nullptr ? launch_tc<false, true, false> : launch_tc<false, false, false>);
-  return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
+  auto f = stage ? launch_tc_as<true> : launch_tc_as<false>;
+  return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
+           splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act);
 }

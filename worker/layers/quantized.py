@@ -45,6 +45,7 @@ MMA_MIN_M = {4: 1, 8: 3}
 # DecodeKernels.gptq_tc: Int4 steps of these rows take gemv_cuda's tensor-core GEMV (weights as mma's A) instead of the
 # FMA GEMV (it serves 1-8). 7B on the H200: batch 2 3.21 ms against 3.75-3.77; batch 1 2.66 against 2.61-2.63
 TC_MIN_M, TC_MAX_M = 2, 2
+TC_STAGE = True  # gptq_tc's x staged in shared memory by the block (else loaded by each warp with its chunks)
 
 
 @functools.cache
@@ -208,7 +209,8 @@ class _GPTQ:
             from worker.kernels.gemv_cuda import cuda_gemv
 
             if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
-                return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, tc=self._takes_tc(m))
+                tc = dict(tc=True, stage=TC_STAGE) if self._takes_tc(m) else {}
+                return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, **tc)
             if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
         if self.gemv is not None and m <= GEMV_MAX_M:
@@ -344,8 +346,8 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         activation computed while the CUDA GEMV stages its input (fused.silu_mul's rounding)."""
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        tc = self._takes_tc(gate_up.shape[0])
-        return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, tc=tc))
+        tc = dict(tc=True, stage=TC_STAGE) if self._takes_tc(gate_up.shape[0]) else {}
+        return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, **tc))
 
 
 @dataclass(frozen=True)
