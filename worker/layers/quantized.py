@@ -329,13 +329,13 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         return self._mm(x, None)
 
     def fuses_act(self, gate_up: torch.Tensor) -> bool:
-        """DecodeKernels.gptq_act: one decode row (or gptq_tc's rows), rows in checkpoint order (no act order), and the
+        """DecodeKernels.gptq_act: one decode row (two with gptq_tc), rows in checkpoint order (no act order), and the
         CUDA GEMV serving this linear (gptq_cuda): `forward_act` then computes the activation inside it."""
         k = self.decode_kernels
         return (
             k.gptq_act
             and k.gptq_cuda
-            and (gate_up.shape[0] == 1 or self._takes_tc(gate_up.shape[0]))
+            and (gate_up.shape[0] == 1 or (gate_up.shape[0] == 2 and k.gptq_tc))
             and self.perm is None
             and self.gemv is not None
             and self._cuda_gemv_serves(gate_up.dtype)
@@ -346,7 +346,8 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         activation computed while the CUDA GEMV stages its input (fused.silu_mul's rounding)."""
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        tc = dict(tc=True, stage=TC_STAGE) if self._takes_tc(gate_up.shape[0]) else {}
+        # two rows: gptq_tc with x staged (each warp recomputing the activation for its chunks was far slower)
+        tc = dict(tc=True, stage=True) if gate_up.shape[0] == 2 else {}
         return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, **tc))
 
 
