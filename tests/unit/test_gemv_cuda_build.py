@@ -193,22 +193,34 @@ def test_gptq_mma_takes_steps_of_up_to_64_rows(monkeypatch):
     assert calls == [("mma", 1), ("mma", 2)]
 
 
-def test_gptq_tc_takes_two_rows(monkeypatch):
-    """gptq_tc (with gptq_cuda): 2 rows (TC_MIN_M..TC_MAX_M) take the tensor-core GEMV; one row keeps the FMA GEMV
-    and 3 rows and up are gptq_mma's as before; without gptq_cuda it takes nothing."""
+def test_gptq_tc_takes_one_and_two_rows(monkeypatch):
+    """gptq_tc (with gptq_cuda): 1-2 rows (TC_MIN_M..TC_MAX_M) take the tensor-core GEMV instead of the FMA GEMVs;
+    3 rows and up are gptq_mma's as before; without gptq_cuda it takes nothing."""
     from worker.layers import quantized
     from worker.layers.decode_kernels import DecodeKernels
 
-    assert (quantized.TC_MIN_M, quantized.TC_MAX_M) == (2, 2) and quantized.TC_MAX_M <= gemv_cuda.TC_MAX_ROWS
+    assert (quantized.TC_MIN_M, quantized.TC_MAX_M) == (1, 2) and quantized.TC_MAX_M <= gemv_cuda.TC_MAX_ROWS
     layer, calls = _routes(monkeypatch, bits=4)
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True, gptq_tc=True))
     for rows in (1, 2, 3):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
-    assert calls == [("cuda", 1), ("tc", 2), ("mma", 3)]
+    assert calls == [("tc", 1), ("tc", 2), ("mma", 3)]
     calls.clear()
     layer.set_decode_kernels(DecodeKernels(gptq_mma=True, gptq_tc=True))  # gptq_tc rides on gptq_cuda
     layer._mm(torch.zeros(2, 256, dtype=torch.bfloat16), None)
     assert calls == [("mma", 2)]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (152, 640), (8192, 24576)])
+def test_plan_tc_unstaged_fills_the_sms_with_two_chunks_a_warp(N, K, rows):
+    per, splits, warps = gemv_cuda.plan_tc(N, K, 132, rows, stage=False)
+    chunks, tiles = K // 128, -(-N // 32)
+    assert per * (splits - 1) < chunks <= per * splits
+    assert warps <= 8 and gemv_cuda.tc_smem(rows, per, warps, stage=False) <= gemv_cuda.MMA_SMEM
+    assert splits == 1 or (per >= 2 * warps and tiles * warps * (splits - 1) < 16 * 132)
+    if (N, K) == (4096, 11008):  # 7B mlp.c_proj: 128 tiles, split so that ~16 warps an SM each take >= 2 chunks
+        assert (warps, splits) == (8, 2)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])

@@ -148,10 +148,17 @@ def tc_smem(rows: int, per: int, warps: int, stage: bool = True) -> int:
     return (rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0) + warps * 8 * TC_COLS * 4
 
 
-def plan_tc(n: int, k: int, sms: int, rows: int) -> tuple[int, int, int]:
-    """(chunks per split, splits, warps a block) for gptq_tc: 16 warps a block where the 32-column tiles are no more
-    than the SMs, else 8 (at most a split's chunks); the fewest splits whose shared memory fits MMA_SMEM."""
+def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[int, int, int]:
+    """(chunks per split, splits, warps a block) for gptq_tc. Staged: 16 warps a block where the 32-column tiles are
+    no more than the SMs, else 8 (at most a split's chunks), and the fewest splits whose shared memory fits MMA_SMEM.
+    Unstaged (x loaded by each warp): 8 warps where the tiles are no more than the SMs, else 4, and K split so that
+    the warps fill ~16 an SM, each keeping 2 chunks or more (the 7B linears' sweep on an H200, BENCHMARKS.md)."""
     tiles, chunks = -(-n // TC_COLS), k // CHUNK
+    if not stage:
+        warps = 8 if tiles <= sms else 4
+        splits = max(1, min((16 * sms) // (tiles * warps), chunks // (2 * warps)))
+        per = -(-chunks // splits)
+        return per, -(-chunks // per), min(warps, per)
     warps = 16 if tiles <= sms else 8
     splits = 1
     while tc_smem(rows, -(-chunks // splits), warps) > MMA_SMEM:
@@ -197,8 +204,8 @@ def cuda_gemv(
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
     if tc:
-        per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M)
-        warps = warps or (planned_warps if stage else min(planned_warps, 8))
+        per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M, stage)
+        warps = warps or planned_warps
         if splits is None:
             splits = planned
         else:

@@ -89,12 +89,12 @@ class DecodeKernels:
     up * silu(gate) while its CUDA GEMV stages its input (gptq_gemv.cu's kAct, fused.silu_mul's rounding), so the
     SiLU-mul launch goes. Bit for bit the same logits. Served: the 7B Int4 batch-1 step 2.618-2.634 ms with it
     against 2.652-2.661 without, in each of 4 alternating pairs on two H200s (BENCHMARKS.md, 2026-11-30).
-    gptq_tc: with gptq_cuda, Int4 GPTQ linears at decode steps of 2 rows (quantized.TC_MIN_M / TC_MAX_M) take the
-    tensor-core GEMV with the weights as mma's A operand and x's rows as its N (worker/kernels/gptq_tc.cu) instead of
-    the FMA GEMV; gptq_act's activation rides in it there too. Deterministic, so graph == eager bit for bit. Served:
-    the 7B Int4 step at batch 2 took 3.208 / 3.212 ms with it against 3.768 / 3.749 without (two alternating pairs on
-    an H200; bf16 4.354). At one row it was slower in the model (2.659 / 2.664 against 2.630 / 2.614 ms, on 7B's
-    narrow linears only), though alone it measured faster on attn.c_proj and mlp.c_proj (BENCHMARKS.md, 2026-11-30)."""
+    gptq_tc: with gptq_cuda, Int4 GPTQ linears at decode steps of 1-2 rows (quantized.TC_MIN_M / TC_MAX_M) take the
+    tensor-core GEMV with the weights as mma's A operand and x's rows as its N (worker/kernels/gptq_tc.cu; each warp
+    loads its chunks' x) instead of the FMA GEMVs; gptq_act's activation rides in it at 2 rows (x staged by the
+    block), at one row in the FMA GEMV as before. Deterministic, so graph == eager bit for bit. Served: the 7B Int4
+    step at batch 1 took 2.575 / 2.586 ms with it against 2.615 / 2.617, at batch 2 3.062 / 3.064 against 3.749-3.768
+    (alternating on one H200; bf16 4.31 / 4.45; BENCHMARKS.md, 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False

@@ -43,9 +43,10 @@ MMA_MAX_M = {4: 48, 8: 32}
 # two rows not measured, so the Triton GEMV keeps both; at 8 rows the matmul took 4.86 against 6.30
 MMA_MIN_M = {4: 1, 8: 3}
 # DecodeKernels.gptq_tc: Int4 steps of these rows take gemv_cuda's tensor-core GEMV (weights as mma's A) instead of the
-# FMA GEMV (it serves 1-8). 7B on the H200: batch 2 3.21 ms against 3.75-3.77; batch 1 2.66 against 2.61-2.63
-TC_MIN_M, TC_MAX_M = 2, 2
-TC_STAGE = True  # gptq_tc's x staged in shared memory by the block (else loaded by each warp with its chunks)
+# FMA GEMVs (it serves 1-8), x loaded by each warp (TC_STAGE False). 7B on the H200: batch 1 2.575 / 2.586 ms against
+# 2.615 / 2.617, batch 2 3.062 / 3.064 against 3.749-3.768 (x staged by the block: 3.219 / 3.222)
+TC_MIN_M, TC_MAX_M = 1, 2
+TC_STAGE = False  # gptq_tc's x staged in shared memory by the block (else loaded by each warp with its chunks)
 
 
 @functools.cache
@@ -346,7 +347,8 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         activation computed while the CUDA GEMV stages its input (fused.silu_mul's rounding)."""
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        # two rows: gptq_tc with x staged (each warp recomputing the activation for its chunks was far slower)
+        # two rows: gptq_tc with x staged (each warp recomputing the activation for its chunks was far slower); one:
+        # the FMA GEMV's act kernel
         tc = dict(tc=True, stage=True) if gate_up.shape[0] == 2 else {}
         return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, **tc))
 
