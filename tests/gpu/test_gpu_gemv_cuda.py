@@ -225,7 +225,6 @@ def test_a_gptq_model_decodes_through_the_tc_gemv(tmp_path, batch, monkeypatch):
     the Triton path's logits within bf16's per-layer rounding; without act order at 2 rows, gptq_act's activation
     inside it (x staged) gives the logits of the same kernel without it bit for bit."""
     from gptq_helpers import gptq_checkpoint
-
     from worker.layers import quantized
 
     state = random_checkpoint(GPU_TINY, seed=9)
