@@ -1,5 +1,6 @@
-"""The CUDA Int4 GPTQ GEMV for decode steps of 1 or 2 rows (worker/kernels/gptq_gemv.cu; issue 16, P9) and the
-tensor-core matmul for up to 64 rows (gptq_mma.cu), built on first use into one library.
+"""The CUDA Int4 GPTQ GEMVs for decode steps of 1 or 2 rows (worker/kernels/gptq_gemv.cu on FMAs, gptq_tc.cu on
+tensor cores with the weights as mma's A operand, up to 8 rows; issue 16, P9) and the tensor-core matmul for up to 64
+rows (gptq_mma.cu), built on first use into one library.
 
 nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (no PyTorch headers, so no build against
 PyTorch's ABI) cached under $QWEN_WORKER_CACHE (default ~/.cache/qwen-worker) by the source's hash and the
@@ -185,10 +186,12 @@ def cuda_gemv(
     stage: bool = True,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
-    or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core kernel (Int4 or Int8); x's columns in the weight's row
-    order; the caller checked `supports` and that `library` built. splits: K's splits instead of the plan's
-    (benchmarks). act (one row, no bias): x is mlp's gate_up [1, 2K] = [gate | up] and the product's input
-    up * silu(gate), rounded as fused.silu_mul, computed in the GEMV (DecodeKernels.gptq_act)."""
+    (tc) 1 to TC_MAX_ROWS on gptq_tc (Int4), or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core matmul (Int4 or
+    Int8); x's columns in the weight's row order; the caller checked `supports` and that `library` built. splits:
+    K's splits instead of the plan's, warps: gptq_tc's warps a block (benchmarks). stage: gptq_tc's x staged by the
+    block (else loaded by each warp). act (no bias; one row, or gptq_tc's rows): x is mlp's gate_up [M, 2K] =
+    [gate | up] and the product's input up * silu(gate), rounded as fused.silu_mul, computed in the GEMV
+    (DecodeKernels.gptq_act)."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]

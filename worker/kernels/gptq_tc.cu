@@ -1,6 +1,7 @@
-// Int4 GPTQ product for decode steps of 1 to 8 rows on tensor cores, the weights as mma's A operand (issue 16, P9):
-// y [M, N] = x [M, K] . dequant(qweight) (+ bias), bf16 in and out, fp32 accumulation. Built with gptq_gemv.cu and
-// gptq_mma.cu into one library by worker/kernels/gemv_cuda.py; the layout is GPTQGemvWeights's, as there.
+// Int4 GPTQ product for decode steps of 1 to 8 rows on tensor cores, the weights as mma's A operand (issue 16, P9;
+// served at 1-2 rows, DecodeKernels.gptq_tc): y [M, N] = x [M, K] . dequant(qweight) (+ bias), bf16 in and out, fp32
+// accumulation. Built with gptq_gemv.cu and gptq_mma.cu into one library by worker/kernels/gemv_cuda.py; the layout is
+// GPTQGemvWeights's, as there.
 //
 // Why: at one row the FMA GEMV (gptq_gemv.cu) spends ~3.8 instructions a value (shift, mask-and-or, FFMA and the
 // loop's), about as long as the words take to arrive at 7B widths, and gptq_mma.cu puts x's rows in mma's 16-row A
@@ -11,15 +12,23 @@
 //   (128 + q_i, 128 + q_(i+4)) exactly (P_i, gptq_mma.cu's pair_bf16). Tile A is columns 4g (A row g) and 4g + 1
 //   (A row g + 8), tile B columns 4g + 2 and 4g + 3; the step's first mma takes P_0 as k pair 2t and P_1 as k pair
 //   2t + 8, the second P_2 and P_3, so x's B fragments are its 8 values of word row t reordered 0 4 1 5 | 2 6 3 7.
-// - Lane (g, t) reads row g of x (zero for g >= m) from shared memory, rows padded so a quarter-warp's 16-byte reads
-//   fall on distinct banks; its D holds columns (4g, 4g + 1 | 4g + 2, 4g + 3) x rows 2t, 2t + 1.
-// - Per 128-row chunk (one group): acc += s (D - (z + 128) sum x), sum x per row and chunk from shared memory.
+// - Lane (g, t) takes row g of x (zero for g >= m); its D holds columns (4g, 4g + 1 | 4g + 2, 4g + 3) x rows 2t,
+//   2t + 1. Per 128-row chunk (one group): acc += s (D - (z + 128) sum x).
+// - x two ways (kStage). Unstaged (served): each warp loads its chunks' x beside their words, in the same ring of 2
+//   chunks, and sums them with shuffles, so nothing waits block-wide before the loop. Staged: the block copies x's
+//   rows into shared memory after griddepcontrol.wait (rows padded so a quarter-warp's 16-byte reads fall on distinct
+//   banks) with their chunk sums; the served two-row activation (kAct) takes this form, since unstaged every warp
+//   would compute up * silu(gate) for its chunks, all 32 lanes over 8 rows' slots.
 // - A block is 32 columns and W warps splitting its K range by chunks (warp w: chunks w, w + W, ...); the warps'
 //   sums meet in shared memory and are added in warp order (deterministic). K may also be split over blocks, summed
-//   in split order by the last block to arrive, as in gptq_gemv.cu.
+//   in split order by the last block to arrive, as in gptq_gemv.cu. The plan: gemv_cuda.plan_tc.
 // - PDL: the first kTcDepth chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
 // kAct: x's row r is mlp's gate_up row [gate (K) | up (K)], and the product's input is up * silu(gate) with
-// fused.silu_mul's rounding, computed while x is staged (DecodeKernels.gptq_act).
+// fused.silu_mul's rounding (DecodeKernels.gptq_act).
+// Measured on the H200 (BENCHMARKS.md, 2026-11-30): the 7B Int4 step at batch 1 2.462 ms against the FMA GEMV's
+// 2.615; batch 2 2.909 against 3.75. Tried and removed: 4 chunks in flight a warp, every chunk of a warp copied into
+// shared memory before the wait (cp.async; c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the
+// ring (cp.async.bulk.prefetch.L2; the step 2.910 against 2.759 ms).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

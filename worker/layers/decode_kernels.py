@@ -93,8 +93,8 @@ class DecodeKernels:
     tensor-core GEMV with the weights as mma's A operand and x's rows as its N (worker/kernels/gptq_tc.cu; each warp
     loads its chunks' x) instead of the FMA GEMVs; gptq_act's activation rides in it at 2 rows (x staged by the
     block), at one row in the FMA GEMV as before. Deterministic, so graph == eager bit for bit. Served: the 7B Int4
-    step at batch 1 took 2.575 / 2.586 ms with it against 2.615 / 2.617, at batch 2 3.062 / 3.064 against 3.749-3.768
-    (alternating on one H200; bf16 4.31 / 4.45; BENCHMARKS.md, 2026-11-30)."""
+    step at batch 1 took 2.462 ms with it (its final plan) against 2.615-2.637 without, at batch 2 2.909 against
+    3.749-3.768 (one H200; bf16 4.296 / 4.414; BENCHMARKS.md, 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False

@@ -43,8 +43,9 @@ MMA_MAX_M = {4: 48, 8: 32}
 # two rows not measured, so the Triton GEMV keeps both; at 8 rows the matmul took 4.86 against 6.30
 MMA_MIN_M = {4: 1, 8: 3}
 # DecodeKernels.gptq_tc: Int4 steps of these rows take gemv_cuda's tensor-core GEMV (weights as mma's A) instead of the
-# FMA GEMVs (it serves 1-8), x loaded by each warp (TC_STAGE False). 7B on the H200: batch 1 2.575 / 2.586 ms against
-# 2.615 / 2.617, batch 2 3.062 / 3.064 against 3.749-3.768 (x staged by the block: 3.219 / 3.222)
+# FMA GEMVs (it serves 1-8), x loaded by each warp (TC_STAGE False). 7B on the H200: batch 1 2.462 ms against
+# 2.615-2.637, batch 2 2.909 against 3.749-3.768 (x staged by the block: 3.219 / 3.222); at 3-8 rows gptq_mma's matmul
+# measured alike or faster per linear, so it keeps them
 TC_MIN_M, TC_MAX_M = 1, 2
 TC_STAGE = False  # gptq_tc's x staged in shared memory by the block (else loaded by each warp with its chunks)
 
