@@ -1,7 +1,8 @@
-// What the CUDA GPTQ kernels share (gptq_gemv.cu, gptq_mma.cu): the K chunk, PDL's instructions, the packed
-// words' load. Included inside each file's anonymous namespace.
+// What the CUDA GPTQ kernels share (gptq_gemv.cu, gptq_mma.cu, gptq_tc.cu): the K chunk, PDL's instructions, the
+// packed words' load, the bf16 pairs and mma of the tensor-core kernels, the activation's rounding, split K's arrival.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -25,6 +26,41 @@ __device__ __forceinline__ uint4 load_words(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// nibbles 0 and 4 of w -> the bf16 pair (128 + q0, 128 + q4): (w & 0x000F000F) | 0x43004300 in one LOP3
+__device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(w));
+  return r;
+}
+
+// D += A (16 x 16, rows g and g + 8 of this lane: a0 a1 for k 2t, 2t + 1; a2 a3 for k 2t + 8, 2t + 9) . B (16 x 8)
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// up * silu(gate) rounded as fused.silu_mul (worker/kernels/fused.py): silu = g / (1 + expf(-g)) in fp32, rounded to
+// bf16, times up in fp32, rounded to bf16 (the value mlp.c_proj's input holds without the fusion)
+__device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16 up) {
+  const float g = __bfloat162float(gate);
+  const float act = __bfloat162float(__float2bfloat16_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))));
+  return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
+}
+
+// Split K, by every thread once the block's partials are stored: whether this block is the last of its column tile
+// to arrive (it then fences, sums the partials in split order and resets the tile's counter).
+__device__ __forceinline__ bool last_to_arrive(int* counters, int splits) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  __syncthreads();
+  return last;
 }
 
 }  // namespace

@@ -26,7 +26,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words
+#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words, silu_mul_bf16, last_to_arrive
 
 namespace {
 
@@ -84,14 +84,6 @@ struct Launch {
   }
   Launch(const Launch&) = delete;  // config.attrs points into this object
 };
-
-// up * silu(gate) rounded as fused.silu_mul (worker/kernels/fused.py): silu = g / (1 + expf(-g)) in fp32, rounded to
-// bf16, times up in fp32, rounded to bf16 (the value mlp.c_proj's input holds without the fusion)
-__device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16 up) {
-  const float g = __bfloat162float(gate);
-  const float act = __bfloat162float(__float2bfloat16_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))));
-  return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
-}
 
 // kAct: x is mlp's gate_up row [gate (K) | up (K)] and the product's input is up * silu(gate) (silu_mul_bf16),
 // computed while x is staged (DecodeKernels.gptq_act: the SiLU-mul launch before mlp.c_proj goes)
@@ -180,18 +172,13 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_kernel(
     }
     return;
   }
-  __shared__ int last;
   if (warp == 0 && live) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       partial[(size_t)blockIdx.y * N + n + j] = warps_sum(red, lane * 4 + j);
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
+  if (!last_to_arrive(counters, splits)) return;
   __threadfence();
   if (warp == 0 && live) {
 #pragma unroll
@@ -321,7 +308,6 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_rows_kernel(
     }
     return;
   }
-  __shared__ int last;
   if (warp == 0 && live) {
     for (int row = 0; row < m; ++row) {
 #pragma unroll
@@ -332,11 +318,7 @@ __global__ void __launch_bounds__(kThreads) gptq4_gemv_rows_kernel(
       }
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
+  if (!last_to_arrive(counters, splits)) return;
   __threadfence();
   if (warp == 0 && live) {
     for (int row = 0; row < m; ++row) {

@@ -32,29 +32,13 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words
+#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words, pair_bf16, mma_bf16, last_to_arrive
 
 namespace {
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kMmaCols = 32 * kMmaWarps;  // columns per block: a warp owns 32
-
-// nibbles 0 and 4 of w -> the bf16 pair (128 + q0, 128 + q4): (w & 0x000F000F) | 0x43004300 in one LOP3
-__device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
-  uint32_t r;
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(w));
-  return r;
-}
-
-// D += A (16 x 16, rows g and g + 8 of this lane: a0 a1 for k 2t, 2t + 1; a2 a3 for k 2t + 8, 2t + 9) . B (16 x 8)
-__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // 8 bf16 of x (k 8t .. 8t + 7 of a step) in the fragments' order: (0 4) (1 5) (2 6) (3 7)
 __device__ __forceinline__ uint4 permuted(uint4 v) {
@@ -285,7 +269,6 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
     }
     return;
   }
-  __shared__ int last;
   if (mine) {
     each_row([&](int row, const float* a) {
       float4* p = reinterpret_cast<float4*>(partial + ((size_t)blockIdx.y * m + row) * N + n);
@@ -293,11 +276,7 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
       p[1] = make_float4(a[4], a[5], a[6], a[7]);
     });
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
+  if (!last_to_arrive(counters, splits)) return;
   __threadfence();
   const int col0 = blockIdx.x * kMmaCols;  // the tile's partials, 4 columns of a row a thread, summed in split order
   for (int i = threadIdx.x; i < m * (kMmaCols / 4); i += kMmaThreads) {

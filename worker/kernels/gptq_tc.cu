@@ -34,7 +34,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words
+#include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words, pair_bf16, mma_bf16, and more
 
 namespace {
 
@@ -43,26 +43,6 @@ constexpr int kTcRows = 8;    // rows at most (mma's N)
 constexpr int kTcSteps = 4;   // 32-row steps of a chunk
 constexpr int kTcDepth = 2;  // chunks in flight a warp (4, all via shared memory, or an L2 prefetch past 2: slower)
 constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
-
-__device__ __forceinline__ uint32_t tc_pair(uint32_t w) {  // nibbles 0 and 4 -> bf16 (128 + q0, 128 + q4)
-  uint32_t r;
-  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(w));
-  return r;
-}
-
-__device__ __forceinline__ void tc_mma(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                       uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float tc_silu_mul(__nv_bfloat16 gate, __nv_bfloat16 up) {  // fused.silu_mul's rounding
-  const float g = __bfloat162float(gate);
-  const float act = __bfloat162float(__float2bfloat16_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))));
-  return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
-}
 
 // Chunk c's words for this lane (its 4 steps) and the group's scales and zeros for columns 4g .. 4g + 3
 template <bool kZeros>
@@ -102,7 +82,7 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
   uint4 out;
   __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(tc_silu_mul(gv[i], uv[i]));
+  for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16_rn(silu_mul_bf16(gv[i], uv[i]));
   return out;
 }
 
@@ -147,7 +127,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
       for (int i = threadIdx.x; i < m * len; i += blockDim.x) {
         const int row = i / len, k = c0 * kChunk + (i - row * len);
         const __nv_bfloat16* xr = x + (size_t)row * 2 * K;
-        xs[row * pitch + (i - row * len)] = __float2bfloat16_rn(tc_silu_mul(xr[k], xr[K + k]));
+        xs[row * pitch + (i - row * len)] = __float2bfloat16_rn(silu_mul_bf16(xr[k], xr[K + k]));
       }
     } else {
       for (int i = threadIdx.x; i < m * (len / 8); i += blockDim.x) {  // 16 bytes a thread
@@ -201,10 +181,10 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
       const uint32_t b0 = __byte_perm(v.x, v.z, 0x5410), b1 = __byte_perm(v.x, v.z, 0x7632);
       const uint32_t b2 = __byte_perm(v.y, v.w, 0x5410), b3 = __byte_perm(v.y, v.w, 0x7632);
       const uint32_t w0 = cur[s].x, w1 = cur[s].y, w2 = cur[s].z, w3 = cur[s].w;
-      tc_mma(da, tc_pair(w0), tc_pair(w1), tc_pair(w0 >> 4), tc_pair(w1 >> 4), b0, b1);
-      tc_mma(da, tc_pair(w0 >> 8), tc_pair(w1 >> 8), tc_pair(w0 >> 12), tc_pair(w1 >> 12), b2, b3);
-      tc_mma(db, tc_pair(w2), tc_pair(w3), tc_pair(w2 >> 4), tc_pair(w3 >> 4), b0, b1);
-      tc_mma(db, tc_pair(w2 >> 8), tc_pair(w3 >> 8), tc_pair(w2 >> 12), tc_pair(w3 >> 12), b2, b3);
+      mma_bf16(da, pair_bf16(w0), pair_bf16(w1), pair_bf16(w0 >> 4), pair_bf16(w1 >> 4), b0, b1);
+      mma_bf16(da, pair_bf16(w0 >> 8), pair_bf16(w1 >> 8), pair_bf16(w0 >> 12), pair_bf16(w1 >> 12), b2, b3);
+      mma_bf16(db, pair_bf16(w2), pair_bf16(w3), pair_bf16(w2 >> 4), pair_bf16(w3 >> 4), b0, b1);
+      mma_bf16(db, pair_bf16(w2 >> 8), pair_bf16(w3 >> 8), pair_bf16(w2 >> 12), pair_bf16(w3 >> 12), b2, b3);
     }
     float sx0 = 0.f, sx1 = 0.f;
     const int r0 = 2 * t;
@@ -285,16 +265,11 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     }
     return;
   }
-  __shared__ int last;
   for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
     const int row = i / kTcCols, col = nb + i % kTcCols;
     if (col < N) partial[((size_t)blockIdx.y * m + row) * N + col] = sum(i);
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
+  if (!last_to_arrive(counters, splits)) return;
   __threadfence();
   for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
     const int row = i / kTcCols, col = nb + i % kTcCols;
