@@ -65,6 +65,21 @@ def cuda_time(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
     return times[len(times) // 2]
 
 
+# The 7B linears as (K, N) of the GEMV layout: c_attn, attn.c_proj, mlp's gate|up (w2|w1) and mlp.c_proj
+LINEARS_7B = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
+
+
+def graphed_time(fn: Callable[[int], object], copies: int) -> float:
+    """Median seconds per call of fn(i) for i over 0 .. copies - 1 (each on its own copy of the weights, so that
+    together they pass L2), captured in one CUDA graph."""
+    fn(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    return cuda_time(graph.replay, iters=20) / copies
+
+
 def print_kernel_table(fn: Callable[[], object], top: int = 20, reps: int = 5, warmup: int = 1) -> None:
     """GPU time per kernel name of one call of fn (a graph replay too: CUPTI sees the graph's kernels), largest
     first, with the sum of kernel times (gaps between kernels are not in it)."""

@@ -19,24 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import copy_bandwidth, cuda_time  # noqa: E402
+from bench_common import LINEARS_7B, copy_bandwidth, graphed_time  # noqa: E402
 from worker.kernels.gemv import gemv_weights, quant_gemv  # noqa: E402
 from worker.kernels.gemv_cuda import cuda_gemv, library, mma_max_chunks, plan_mma  # noqa: E402
 from worker.kernels.gptq import gptq_dequant_mm  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 from worker.layers.quantized import CUDA_GEMV_MAX_M, GEMV_MAX_M  # noqa: E402
-
-SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
-
-
-def graphed(fn, copies: int) -> float:
-    """Seconds per call of fn(i) for i over the copies, in one CUDA graph."""
-    fn(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    return cuda_time(graph.replay, iters=20) / copies
 
 
 def main() -> None:
@@ -51,7 +39,7 @@ def main() -> None:
         return
     print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bandwidth(dev) / 1e12:.2f} TB/s")
     g = torch.Generator(device=dev).manual_seed(0)
-    for name, (K, N) in SHAPES.items():
+    for name, (K, N) in LINEARS_7B.items():
         splits = [int(s) for s in args.splits.split(",") if s]
         shape(name, K, N, [int(m) for m in args.rows.split(",")], splits, g, dev)
 
@@ -86,7 +74,7 @@ def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torc
         def bf16(i: int, x: torch.Tensor = x) -> torch.Tensor:
             return torch.nn.functional.linear(x, dense[i])
 
-        t_mma, t_old, t_bf = graphed(mma, copies), graphed(without, copies), graphed(bf16, len(dense))
+        t_mma, t_old, t_bf = graphed_time(mma, copies), graphed_time(without, copies), graphed_time(bf16, len(dense))
         print(
             f"{name:12s} M {m:3d}: mma {t_mma * 1e6:7.1f} us {nbytes / t_mma / 1e9:5.0f} GB/s | without "
             f"{t_old * 1e6:7.1f} us | bf16 {t_bf * 1e6:7.1f} us | err {err:.1e} (bf16 rounding {rounding:.1e})"
@@ -101,7 +89,7 @@ def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torc
             def split(i: int, x: torch.Tensor = x, s: int = s) -> torch.Tensor:
                 return cuda_gemv(x, ws[i], None, pdl=True, mma=True, splits=s)
 
-            swept.append(f"{s}: {graphed(split, copies) * 1e6:.1f}")
+            swept.append(f"{s}: {graphed_time(split, copies) * 1e6:.1f}")
         if swept:
             print(f"{'':12s} M {m:3d}: plan {plan[1]} splits of {plan[0]} chunks; us at splits " + ", ".join(swept))
 

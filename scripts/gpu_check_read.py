@@ -20,10 +20,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import copy_bandwidth, cuda_time  # noqa: E402
+from bench_common import LINEARS_7B, copy_bandwidth, graphed_time  # noqa: E402
 from worker.kernels.pdl import gdc_go, gdc_wait, launch_options  # noqa: E402
-
-SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
 
 
 @triton.jit
@@ -57,23 +55,14 @@ def _empty(out, PDL: tl.constexpr):
     tl.store(out + tl.program_id(0), 1)
 
 
-def graphed(fn, copies: int) -> float:
-    fn(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    return cuda_time(graph.replay, iters=20) / copies
-
-
 def main() -> None:
     dev = torch.device("cuda", 0)
     bw = copy_bandwidth(dev)
     print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
     out = torch.zeros(1 << 16, device=dev, dtype=torch.int32)
     opts = launch_options(True)
-    print(f"empty kernel, 132 programs: {graphed(lambda i: _empty[(132,)](out, True, **opts), 64) * 1e6:.2f} us")
-    for name, (K, N) in SHAPES.items():
+    print(f"empty kernel, 132 programs: {graphed_time(lambda i: _empty[(132,)](out, True, **opts), 64) * 1e6:.2f} us")
+    for name, (K, N) in LINEARS_7B.items():
         shape(name, K, N, bw, out, opts, dev)
 
 
@@ -93,12 +82,12 @@ def shape(name: str, K: int, N: int, bw: float, out: torch.Tensor, opts: dict, d
             def tiles(i: int, per: int = per, splits: int = splits, cols: int = cols, block_r: int = block_r) -> None:
                 _read_tiles[(N // cols, splits)](qs[i], out, N, per, block_r, cols, True, **opts)
 
-            line += f" {cols}-col tiles x{splits} {graphed(tiles, copies) * 1e6:5.1f}"
+            line += f" {cols}-col tiles x{splits} {graphed_time(tiles, copies) * 1e6:5.1f}"
 
     def flat(i: int) -> None:
         _read_flat[(q.numel() // 16384,)](qs[i], out, 16384, 2048, True, **opts)
 
-    print(line + f" | flat {graphed(flat, copies) * 1e6:5.1f} us", flush=True)
+    print(line + f" | flat {graphed_time(flat, copies) * 1e6:5.1f} us", flush=True)
 
 
 if __name__ == "__main__":

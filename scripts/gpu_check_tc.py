@@ -19,23 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import copy_bandwidth, cuda_time  # noqa: E402
+from bench_common import LINEARS_7B, copy_bandwidth, graphed_time  # noqa: E402
 from worker.kernels.gemv import gemv_weights  # noqa: E402
 from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 from worker.layers.quantized import CUDA_GEMV_MAX_M  # noqa: E402
-
-SHAPES = {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "w2|w1": (4096, 22016), "mlp.c_proj": (11008, 4096)}
-
-
-def graphed(fn, copies: int) -> float:
-    """Seconds per call of fn(i) for i over the copies, in one CUDA graph."""
-    fn(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    return cuda_time(graph.replay, iters=20) / copies
 
 
 def main() -> None:
@@ -50,7 +38,7 @@ def main() -> None:
         return
     print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bandwidth(dev) / 1e12:.2f} TB/s")
     g = torch.Generator(device=dev).manual_seed(0)
-    for name, (K, N) in SHAPES.items():
+    for name, (K, N) in LINEARS_7B.items():
         shape(name, K, N, [int(m) for m in args.rows.split(",")], args.sweep, g, dev)
 
 
@@ -76,7 +64,7 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
         def without(i: int, x: torch.Tensor = x, m: int = m) -> torch.Tensor:
             return cuda_gemv(x, ws[i], None, pdl=True, mma=m > CUDA_GEMV_MAX_M)
 
-        t_tc, t_old = graphed(tc, copies), graphed(without, copies)
+        t_tc, t_old = graphed_time(tc, copies), graphed_time(without, copies)
         per, splits, warps = plan_tc(N, K, sms, m)
         print(
             f"{name:12s} M {m}: tc {t_tc * 1e6:6.1f} us {nbytes / t_tc / 1e12:4.2f} TB/s (plan: {warps} warps, "
@@ -93,7 +81,7 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
                     p = -(-(K // CHUNK) // s)
                     if tc_smem(m, p, w, stage) > MMA_SMEM or p < w or (not stage and w > 8):
                         continue
-                    t = graphed(lambda i, w=w, s=s, stage=stage: tc(i, warps=w, splits=s, stage=stage), copies)
+                    t = graphed_time(lambda i, w=w, s=s, stage=stage: tc(i, warps=w, splits=s, stage=stage), copies)
                     out.append((t, f"{'staged' if stage else 'warp x'} w{w} s{s}: {t * 1e6:.1f}"))
         out.sort()
         print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:8]), flush=True)
