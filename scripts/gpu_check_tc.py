@@ -12,6 +12,7 @@ and K splits.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -81,7 +82,7 @@ def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Gene
                     p = -(-(K // CHUNK) // s)
                     if tc_smem(m, p, w, stage) > MMA_SMEM or p < w or (not stage and w > 8):
                         continue
-                    t = graphed_time(lambda i, w=w, s=s, stage=stage: tc(i, warps=w, splits=s, stage=stage), copies)
+                    t = graphed_time(functools.partial(tc, warps=w, splits=s, stage=stage), copies)
                     out.append((t, f"{'staged' if stage else 'warp x'} w{w} s{s}: {t * 1e6:.1f}"))
         out.sort()
         print(f"{'':12s} M {m}: best " + ", ".join(o[1] for o in out[:8]), flush=True)
