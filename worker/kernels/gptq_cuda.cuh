@@ -52,6 +52,29 @@ __device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16
   return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
 }
 
+// A launch's configuration (cudaLaunchKernelEx(&l.config, ...)) with PDL's attribute where asked; `allow` lets a kernel
+// have more than 48 KB of dynamic shared memory when its launch asks for that much.
+struct PdlLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  PdlLaunch(dim3 grid, dim3 block, size_t smem, int pdl, cudaStream_t stream) {
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = pdl ? 1 : 0;
+  }
+  PdlLaunch(const PdlLaunch&) = delete;  // config.attrs points into this object
+  template <typename Kernel>
+  cudaError_t allow(Kernel kernel) const {
+    if (config.dynamicSmemBytes <= 48 * 1024) return cudaSuccess;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)config.dynamicSmemBytes);
+  }
+};
+
 // Split K, by every thread once the block's partials are stored: whether this block is the last of its column tile
 // to arrive (it then fences, sums the partials in split order and resets the tile's counter).
 __device__ __forceinline__ bool last_to_arrive(int* counters, int splits) {

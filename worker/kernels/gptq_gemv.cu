@@ -68,23 +68,6 @@ __device__ __forceinline__ float warps_sum(const float* r, int i) {
   return t;
 }
 
-// The launch of a kernel over the column tiles and splits, with PDL where asked.
-struct Launch {
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[1];
-  Launch(int N, int splits, size_t smem, int pdl, cudaStream_t stream) {
-    config.gridDim = dim3((N + kCols - 1) / kCols, splits);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = attr;
-    config.numAttrs = pdl ? 1 : 0;
-  }
-  Launch(const Launch&) = delete;  // config.attrs points into this object
-};
-
 // kAct: x is mlp's gate_up row [gate (K) | up (K)] and the product's input is up * silu(gate) (silu_mul_bf16),
 // computed while x is staged (DecodeKernels.gptq_act: the SiLU-mul launch before mlp.c_proj goes)
 template <bool kZeros, bool kBias, bool kAct = false>
@@ -196,7 +179,8 @@ template <bool kZeros, bool kBias, bool kAct = false>
 cudaError_t launch(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                    void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
                    int chunks_per_split, int splits, int pdl, cudaStream_t stream) {
-  Launch l(N, splits, (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
+  PdlLaunch l(dim3((N + kCols - 1) / kCols, splits), dim3(kThreads),
+              (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
   auto kernel = gptq4_gemv_kernel<kZeros, kBias, kAct>;  // <= 48 KB of shared memory: gemv_cuda.plan's MAX_CHUNKS
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
@@ -338,7 +322,8 @@ template <int MT, bool kZeros, bool kBias>
 cudaError_t launch_rows_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                            const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                            int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
-  Launch l(N, splits, MT * (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
+  PdlLaunch l(dim3((N + kCols - 1) / kCols, splits), dim3(kThreads),
+              MT * (chunks_per_split * (kChunk + 1) + kWarps * kCols) * sizeof(float), pdl, stream);
   auto kernel = gptq4_gemv_rows_kernel<MT, kZeros, kBias>;  // <= 48 KB of shared memory: gemv_cuda.max_chunks
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,

@@ -304,22 +304,10 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
   constexpr int kDepth = BITS == 4 && MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT (and Int8)
   const size_t smem = (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + kMmaCols - 1) / kMmaCols, splits);
-  config.blockDim = dim3(kMmaThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
+  PdlLaunch l(dim3((N + kMmaCols - 1) / kMmaCols, splits), dim3(kMmaThreads), smem, pdl, stream);
   auto kernel = gptq_mma_kernel<BITS, MT, kDepth, kZeros, kBias>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+  if (cudaError_t e = l.allow(kernel)) return e;
+  return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
                             N, K, k_offset, group_size, chunks_per_split, splits, m);

@@ -289,22 +289,10 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
   const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
                              : 0) +
                       (size_t)warps * kTcRows * kTcCols * 4;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((N + kTcCols - 1) / kTcCols, splits);
-  config.blockDim = dim3(32 * warps);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl ? 1 : 0;
+  PdlLaunch l(dim3((N + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
   auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e != cudaSuccess) return e;
-  }
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
+  if (cudaError_t e = l.allow(kernel)) return e;
+  return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
