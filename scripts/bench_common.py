@@ -80,6 +80,34 @@ def graphed_time(fn: Callable[[int], object], copies: int) -> float:
     return cuda_time(graph.replay, iters=20) / copies
 
 
+def gptq_library_ready(device: torch.device) -> bool:
+    """Whether gemv_cuda's CUDA GPTQ library built for `device` (else says why); prints the card and its copy
+    bandwidth (the gpu_check_* scripts' header)."""
+    from worker.kernels.gemv_cuda import library
+
+    lib = library(*torch.cuda.get_device_capability(device))
+    if isinstance(lib, str):
+        print("library:", lib)
+        return False
+    print(f"{torch.cuda.get_device_name(device)}: copy {copy_bandwidth(device) / 1e12:.2f} TB/s")
+    return True
+
+
+def random_int4_linear(K: int, N: int, g: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A random Int4 GPTQ linear as the 7B checks use it (groups of 128, sym): qweight, qzeros, bf16 scales, g_idx."""
+    G = K // 128
+    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=device, dtype=torch.int32, generator=g)
+    qzeros = torch.full((G, N // 8), 0x77777777, device=device, dtype=torch.int32)
+    scales = (torch.rand(G, N, device=device, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    g_idx = (torch.arange(K, device=device) // 128).to(torch.int32)
+    return qweight, qzeros, scales, g_idx
+
+
+def copies_past_l2(nbytes: int) -> int:
+    """Copies of an nbytes weight that together pass L2 (>= 256 MB), at least 2."""
+    return max(2, -(-256 * 2**20 // nbytes))
+
+
 def print_kernel_table(fn: Callable[[], object], top: int = 20, reps: int = 5, warmup: int = 1) -> None:
     """GPU time per kernel name of one call of fn (a graph replay too: CUPTI sees the graph's kernels), largest
     first, with the sum of kernel times (gaps between kernels are not in it)."""

@@ -20,7 +20,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import LINEARS_7B, copy_bandwidth, graphed_time  # noqa: E402
+from bench_common import LINEARS_7B, copies_past_l2, copy_bandwidth, graphed_time  # noqa: E402
 from worker.kernels.pdl import gdc_go, gdc_wait, launch_options  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main() -> None:
 def shape(name: str, K: int, N: int, bw: float, out: torch.Tensor, opts: dict, dev: torch.device) -> None:
     q = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=dev, dtype=torch.int32)
     nbytes = q.numel() * 4
-    copies = max(2, -(-256 * 2**20 // nbytes))
+    copies = copies_past_l2(nbytes)
     qs = [q.clone() for _ in range(copies)]
     rows = K // 8
     line = f"{name:12s} {nbytes / 1e6:5.1f} MB, at copy speed {nbytes / bw * 1e6:5.1f} us |"

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import LINEARS_7B, copy_bandwidth, graphed_time  # noqa: E402
+from bench_common import LINEARS_7B, copies_past_l2, gptq_library_ready, graphed_time, random_int4_linear  # noqa: E402
 from worker.kernels.gemv import gemv_weights  # noqa: E402
-from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, library, plan_tc, tc_smem  # noqa: E402
+from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, plan_tc, tc_smem  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 from worker.layers.quantized import CUDA_GEMV_MAX_M  # noqa: E402
 
@@ -33,24 +33,17 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
-    lib = library(*torch.cuda.get_device_capability(dev))
-    if isinstance(lib, str):
-        print("library:", lib)
+    if not gptq_library_ready(dev):
         return
-    print(f"{torch.cuda.get_device_name(dev)}: copy {copy_bandwidth(dev) / 1e12:.2f} TB/s")
     g = torch.Generator(device=dev).manual_seed(0)
     for name, (K, N) in LINEARS_7B.items():
         shape(name, K, N, [int(m) for m in args.rows.split(",")], args.sweep, g, dev)
 
 
 def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Generator, dev: torch.device) -> None:
-    G = K // 128
-    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=dev, dtype=torch.int32, generator=g)
-    qzeros = torch.full((G, N // 8), 0x77777777, device=dev, dtype=torch.int32)
-    scales = (torch.rand(G, N, device=dev, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
-    g_idx = (torch.arange(K, device=dev) // 128).to(torch.int32)
+    qweight, qzeros, scales, g_idx = random_int4_linear(K, N, g, dev)
     nbytes = qweight.numel() * 4 + scales.numel() * 2
-    copies = max(2, -(-256 * 2**20 // nbytes))
+    copies = copies_past_l2(nbytes)
     ws = [gemv_weights(qweight.clone(), qzeros, scales, 4, 1, 128, 0) for _ in range(copies)]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     for m in rows:
