@@ -259,10 +259,11 @@ def _row_layer():
     return layer
 
 
-def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypatch):
+def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_or_two_with_gptq_tc(monkeypatch):
     """gptq_act (with gptq_cuda, the CUDA GEMV serving the layout): a GPTQ row-parallel linear takes gate_up at one
-    decode row and runs the act GEMV on it (act=True, no bias inside), then adds its bias after the reduce; two rows,
-    act order (a row permutation), gptq_cuda off or gptq_act off keep the activation outside."""
+    decode row and runs the FMA act GEMV on it (act=True, no bias inside), then adds its bias after the reduce; with
+    gptq_tc two rows too, on gptq_tc with x staged (three rows never); without gptq_tc two rows, act order (a row
+    permutation), gptq_cuda off or gptq_act off keep the activation outside."""
     from worker.layers.decode_kernels import DecodeKernels
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -270,14 +271,18 @@ def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypat
     calls: list[tuple[int, bool, object]] = []
 
     def fake(x, w, b, pdl, act=False, tc=False, stage=True):
-        calls.append((x.shape[1], act, b))
+        calls.append((x.shape[1], act, b, tc, stage))
         return torch.zeros(x.shape[0], 128, dtype=x.dtype)
 
     monkeypatch.setattr(gemv_cuda, "cuda_gemv", fake)
     layer = _row_layer()
     one, two = torch.zeros(1, 512, dtype=torch.bfloat16), torch.zeros(2, 512, dtype=torch.bfloat16)
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_act=True, gptq_tc=True))
-    assert layer.fuses_act(two) is True  # gptq_tc's GEMV computes the activation at two rows too
+    assert layer.fuses_act(two) is True and layer.fuses_act(torch.zeros(3, 512, dtype=torch.bfloat16)) is False
+    layer.forward_act(two)
+    layer.forward_act(one)
+    assert calls == [(512, True, None, True, True), (512, True, None, False, True)]  # two rows: gptq_tc, staged
+    calls.clear()
     for kernels, want in [
         (DecodeKernels(gptq_cuda=True, gptq_act=True), True),
         (DecodeKernels(gptq_cuda=True), False),
@@ -287,7 +292,7 @@ def test_gptq_act_fuses_the_activation_into_mlp_c_proj_at_one_row_only(monkeypat
         assert layer.fuses_act(one) is want and layer.fuses_act(two) is False
     layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_act=True))
     y = layer.forward_act(one)
-    assert calls == [(512, True, None)] and torch.equal(y, torch.full((1, 128), 0.5, dtype=torch.bfloat16))
+    assert calls == [(512, True, None, False, True)] and torch.equal(y, torch.full((1, 128), 0.5, dtype=torch.bfloat16))
     layer.perm = torch.arange(256)  # act order: the GEMV's rows are permuted, gate_up's are not
     assert layer.fuses_act(one) is False
 

@@ -214,8 +214,11 @@ def cuda_gemv(
         else:
             per = -(-(K // CHUNK) // splits)
             splits = -(-(K // CHUNK) // per)
-        if tc_smem(M, per, warps, stage) > MMA_SMEM or (not stage and warps > 8):
-            raise ValueError(f"gptq_tc: {warps} warps, {per} chunks a split: over {MMA_SMEM} bytes of shared memory")
+        if tc_smem(M, per, warps, stage) > MMA_SMEM or warps > (16 if stage else 8):
+            raise ValueError(
+                f"gptq_tc: {warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
+                f"{tc_smem(M, per, warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
+            )
     elif splits is None:
         per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
     else:  # a measurement's choice (scripts/gpu_check_mma.py --splits); shared memory is the caller's to keep
