@@ -1,9 +1,10 @@
-"""The CUDA Int4 GEMV (worker/kernels/gptq_gemv.cu via gemv_cuda.py; DecodeKernels.gptq_cuda) and the tensor-core
-matmul (gptq_mma.cu; DecodeKernels.gptq_mma) on the GPU: against the fp32 dequantize-then-matmul reference on awkward
-shapes (a partial column tile, chunks not a multiple of the splits, no groups, groups of 256, a row shard starting
-inside a group, asym zeros, a bias), deterministic and equal under CUDA graph replay, at 1 and 2 rows (GEMV) and 1
-to 64 (mma); and a GPTQ model decoding at batch 1 and 2 through the GEMV and at 3 to 24 through the mma kernel
-(every GPTQ linear) close to the Triton path's logits."""
+"""The CUDA Int4 GEMV (worker/kernels/gptq_gemv.cu via gemv_cuda.py; DecodeKernels.gptq_cuda), the tensor-core GEMV
+with the weights as mma's A operand (gptq_tc.cu; DecodeKernels.gptq_tc) and the tensor-core matmul (gptq_mma.cu;
+DecodeKernels.gptq_mma) on the GPU: against the fp32 dequantize-then-matmul reference on awkward shapes (a partial
+column tile, chunks not a multiple of the splits, no groups, groups of 256, a row shard starting inside a group, asym
+zeros, a bias), deterministic and equal under CUDA graph replay, at 1 and 2 rows (GEMV), 1 to 8 (gptq_tc, x staged or
+not) and 1 to 64 (mma); the activation kernels bit for bit against fused.silu_mul then the GEMV; and GPTQ models
+decoding through each close to the Triton path's logits."""
 
 from __future__ import annotations
 
