@@ -201,29 +201,27 @@ def cuda_gemv(
     if x.dim() != 2 or x.shape[1] != width or not 1 <= M <= most or (act and (mma or bias is not None)):
         raise ValueError(
             f"cuda_gemv: x {tuple(x.shape)} for 1 to {most} rows of {width}"
-            + (" (act: one gate_up row, no bias, no mma)" if act else "")
+            + (" (act: gate_up rows, one unless tc, no bias, no mma)" if act else "")
         )
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
+    sms = _sms(x.device.index or 0)
     if tc:
-        per, planned, planned_warps = plan_tc(N, K, _sms(x.device.index or 0), M, stage)
-        warps = warps or planned_warps
-        if splits is None:
-            splits = planned
-        else:
-            per = -(-(K // CHUNK) // splits)
-            splits = -(-(K // CHUNK) // per)
-        if tc_smem(M, per, warps, stage) > MMA_SMEM or warps > (16 if stage else 8):
-            raise ValueError(
-                f"gptq_tc: {warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
-                f"{tc_smem(M, per, warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
-            )
-    elif splits is None:
-        per, splits = (plan_mma if mma else plan)(N, K, _sms(x.device.index or 0), M)
-    else:  # a measurement's choice (scripts/gpu_check_mma.py --splits); shared memory is the caller's to keep
+        per, planned, planned_warps = plan_tc(N, K, sms, M, stage)
+        tc_warps = warps or planned_warps
+    else:
+        per, planned = (plan_mma if mma else plan)(N, K, sms, M)
+    if splits is None:
+        splits = planned
+    else:  # a measurement's choice (scripts/gpu_check_*.py); shared memory is the caller's to keep (checked for tc)
         per = -(-(K // CHUNK) // splits)
         splits = -(-(K // CHUNK) // per)
+    if tc and (tc_smem(M, per, tc_warps, stage) > MMA_SMEM or tc_warps > (16 if stage else 8)):
+        raise ValueError(
+            f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
+            f"{tc_smem(M, per, tc_warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
+        )
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -233,7 +231,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if tc:
-        code = lib.gptq_tc(*args, M, warps, int(act), int(stage))
+        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:
