@@ -20,7 +20,6 @@ import triton.language as tl
 from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 
 BUDGET = 24 << 20  # bytes prefetched a layer
-SIDE = True  # the launch on a side stream (`beside`), else in the stream's PDL chain
 CHUNK = 64 * 1024  # bytes a request
 PROGRAMS = 32  # programs of one launch (one warp each; thread 0 issues)
 SEGMENTS = 4  # tensors one launch prefetches from, at most
@@ -85,25 +84,3 @@ def l2_prefetch(tensors: list[torch.Tensor], budget: int, pdl: bool = False) -> 
         args += [view, n]
     on = active(pdl, dev)
     _l2_prefetch_kernel[(PROGRAMS,)](*args, CHUNK=CHUNK, PDL=on, num_warps=1, **launch_options(on))
-
-
-_SIDE: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def beside(tensors: list[torch.Tensor], budget: int) -> None:
-    """l2_prefetch on a side stream after the current stream's work so far (a fork inside a CUDA graph), so no
-    kernel of the current stream waits for the requests; `join` before the step ends."""
-    dev = tensors[0].device
-    side = _SIDE.get(dev)
-    if side is None:
-        side = _SIDE[dev] = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        l2_prefetch(tensors, budget)
-
-
-def join(device: torch.device) -> None:
-    """The current stream waits for the side stream's prefetches (`beside`)."""
-    side = _SIDE.get(device)
-    if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)

@@ -128,10 +128,7 @@ class FlashQwenAttention(nn.Module):
         if prefetch:
             from worker.kernels import l2_prefetch
 
-            if l2_prefetch.SIDE:
-                l2_prefetch.beside(prefetch, l2_prefetch.BUDGET)
-            else:
-                l2_prefetch.l2_prefetch(prefetch, l2_prefetch.BUDGET, self.rotary.opts.pdl)
+            l2_prefetch.l2_prefetch(prefetch, l2_prefetch.BUDGET, self.rotary.opts.pdl)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
@@ -222,12 +219,7 @@ class FlashQwenLayer(nn.Module):
         if self.l2_prefetch and x.shape[0] <= PREFETCH_MAX_ROWS and kv is not None:
             prefetch = self.attn.c_proj.decode_tensors() + self.mlp.gate_up.decode_tensors()
         normed, h = self.ln_2(self.attn(normed, ctx, kv, parts, prefetch), block_in)  # h = block_in + attention
-        out = self.mlp(normed, ctx)
-        if prefetch:
-            from worker.kernels import l2_prefetch
-
-            l2_prefetch.join(x.device)
-        return out, h
+        return self.mlp(normed, ctx), h
 
 
 class FlashQwenModel(nn.Module):
