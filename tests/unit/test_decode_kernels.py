@@ -201,15 +201,3 @@ def test_rope_store_with_a_term_adds_it_before_rotating_and_storing(dtype, monke
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
     with pytest.raises(ValueError, match="term"):
         rotary_store_(q, k, v, cos, sin, logn, *caches, slots, term=(views[0].contiguous(), *views[1:]))
-
-
-def test_l2_prefetch_segments_take_the_budget_in_order():
-    """l2_prefetch.segments: the first `budget` bytes of the tensors in order, each length rounded down to the
-    requests' 16 bytes, a non-contiguous tensor left out, nothing past the budget."""
-    from worker.kernels.l2_prefetch import segments
-
-    a, b, c = torch.zeros(25), torch.zeros(250), torch.zeros(64)  # 100, 1000, 256 bytes
-    got = [(v.data_ptr(), n) for v, n in segments([a, torch.zeros(8, 8).t(), b, c], 500)]
-    assert got == [(a.data_ptr(), 96), (b.data_ptr(), 400)]
-    assert [n for _, n in segments([a, b, c], 10**6)] == [96, 992, 256]  # 1000 = 62 * 16 + 8
-    assert segments([a], 15) == []

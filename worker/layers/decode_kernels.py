@@ -98,10 +98,7 @@ class DecodeKernels:
     lora_side_term: with lora_norm_shrink, c_attn's term (h from ln_1's partials, times B) runs on the adapter pool's
     side stream beside c_attn's base GEMM (which keeps its bias) instead of before it, and the RoPE + KV-store kernel
     (rope_store; elsewhere one add) adds it to q, k and v first: qkv = rn(rn(x·Wᵀ + b) + rn(term)), the reference's
-    order. Supersedes lora_term_first for c_attn.
-    l2_prefetch: at decode steps of up to qwen.PREFETCH_MAX_ROWS rows, one launch after c_attn's GEMV asks for the first
-    l2_prefetch.BUDGET bytes of attn.c_proj's and then gate_up's weights in L2 (cp.async.bulk.prefetch.L2, sm_90+),
-    while the RoPE step and the attention leave DRAM idle. A hint: no values change."""
+    order. Supersedes lora_term_first for c_attn."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -116,7 +113,6 @@ class DecodeKernels:
     gptq_act: bool = False
     gptq_tc: bool = False
     lora_side_term: bool = False
-    l2_prefetch: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""
@@ -158,7 +154,6 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
         pdl=pdl.active(opts.pdl, device),
         rope_store=opts.rope_store and fused,
         lora_pdl=pdl.active(opts.lora_pdl, device),
-        l2_prefetch=pdl.active(opts.l2_prefetch, device),
     )
 
 

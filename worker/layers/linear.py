@@ -133,10 +133,6 @@ class ColumnParallelLinear(nn.Module):
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         self.decode_kernels = opts
 
-    def decode_tensors(self) -> list[torch.Tensor]:
-        """The weights a decode step's GEMV reads, in the order to prefetch them (DecodeKernels.l2_prefetch)."""
-        return [self.weight]
-
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         # x: [T, in] -> [T, out_per_rank]; ctx is read only by LoRA wrappers
         return _linear(x, self.weight, self.bias, self.gemv_counters, self.decode_kernels.pdl)
@@ -186,10 +182,6 @@ class RowParallelLinear(nn.Module):
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_per_rank] -> [T, out] (this rank's share of the sum)
         return _linear(x, self.weight, None, self.gemv_counters, self.decode_kernels.pdl)
-
-    def decode_tensors(self) -> list[torch.Tensor]:
-        """The weights a decode step's GEMV reads, in the order to prefetch them (DecodeKernels.l2_prefetch)."""
-        return [self.weight]
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """Keep `opts`; act_gemv on a float weight on CUDA allocates the act GEMV's counters once (before capture;

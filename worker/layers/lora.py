@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -347,11 +347,6 @@ class _LoraLinear(nn.Module):
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """The adapter term's share of the decode kernels (the base, a child module, gets them itself)."""
         self.lora.set_decode_kernels(opts)
-
-    def decode_tensors(self) -> list[torch.Tensor]:
-        """The base's (DecodeKernels.l2_prefetch)."""
-        base = cast(ColumnParallelLinear | RowParallelLinear, self.base)
-        return base.decode_tensors()
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> torch.Tensor:
         data = getattr(ctx, "adapter_data", None)

@@ -85,14 +85,6 @@ class _GPTQ:
     decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
-    def decode_tensors(self) -> list[torch.Tensor]:
-        """What a decode step's GEMV reads, in the order to prefetch it (DecodeKernels.l2_prefetch): the GEMV layout's
-        scales and zeros (a chunk needs its group's), then the packed words."""
-        w = self.gemv
-        if w is None:
-            return [self.scales, self.qzeros, self.qweight]
-        return [t for t in (w.scales, w.zeros, w.qweight) if t is not None]
-
     def _allocate_gptq(self, k: int, n: int, k_groups: int, n_zeros: int, dtype: torch.dtype) -> None:
         """qweight [k/P, n], g_idx [k]; scales [G, n_zeros] and qzeros [G, n_zeros/P] for G groups of k_groups."""
         q, dev = self.quant, self.pctx.device

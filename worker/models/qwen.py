@@ -110,25 +110,15 @@ class FlashQwenAttention(nn.Module):
         return term.shrink_pool(rows, ctx.adapter_data) if term is not None else None
 
     def forward(
-        self,
-        x: torch.Tensor,
-        ctx: ForwardContext,
-        kv: KVLayer | None,
-        parts: torch.Tensor | None = None,
-        prefetch: list[torch.Tensor] | None = None,
+        self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # x: [T, H]; parts: c_attn's adapter h in partials from the norm (`shrink_pool`), or None; prefetch: weights
-        # to ask into L2 after c_attn (DecodeKernels.l2_prefetch)
+        # x: [T, H]; parts: c_attn's adapter h in partials from the norm (`shrink_pool`), or None
         T = x.shape[0]
         term = None  # c_attn's adapter term where the RoPE step adds it (DecodeKernels.lora_side_term)
         if parts is not None:
             qkv, term = self.c_attn.forward_partials_term(x, ctx, parts)  # type: ignore[operator]
         else:
             qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
-        if prefetch:
-            from worker.kernels import l2_prefetch
-
-            l2_prefetch.l2_prefetch(prefetch, l2_prefetch.BUDGET, self.rotary.opts.pdl)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
@@ -176,9 +166,6 @@ class QwenMLP(nn.Module):
         return self.c_proj(self.act(gate_up), ctx)
 
 
-PREFETCH_MAX_ROWS = 8  # DecodeKernels.l2_prefetch serves steps of at most this many rows
-
-
 class FlashQwenLayer(nn.Module):
     """One decoder block. Each residual add is fused into the next norm: the block's input is x + residual
     (residual None: x alone) and it returns (mlp output, h) for the next block to add."""
@@ -189,13 +176,6 @@ class FlashQwenLayer(nn.Module):
         self.attn = FlashQwenAttention(b)
         self.ln_2 = b.norm()
         self.mlp = QwenMLP(b)
-        self.l2_prefetch = False  # DecodeKernels.l2_prefetch
-
-    def set_decode_kernels(self, opts: DecodeKernels) -> None:
-        """l2_prefetch where the device runs it (compiled, sm_90+)."""
-        from worker.kernels.pdl import active
-
-        self.l2_prefetch = active(opts.l2_prefetch, self.ln_1.weight.device)
 
     def load(self, weights: Weights, prefix: str) -> None:
         for name in ("ln_1", "ln_2"):
@@ -215,10 +195,7 @@ class FlashQwenLayer(nn.Module):
         else:  # c_attn's adapter h from ln_1's kernel (DecodeKernels.lora_norm_shrink)
             assert ctx.adapter_data is not None and ctx.adapter_data.row_slots is not None
             normed, block_in, parts = self.ln_1.with_shrink(x, residual, pool, ctx.adapter_data.row_slots)
-        prefetch = None
-        if self.l2_prefetch and x.shape[0] <= PREFETCH_MAX_ROWS and kv is not None:
-            prefetch = self.attn.c_proj.decode_tensors() + self.mlp.gate_up.decode_tensors()
-        normed, h = self.ln_2(self.attn(normed, ctx, kv, parts, prefetch), block_in)  # h = block_in + attention
+        normed, h = self.ln_2(self.attn(normed, ctx, kv, parts), block_in)  # h = block_in + attention
         return self.mlp(normed, ctx), h
 
 
