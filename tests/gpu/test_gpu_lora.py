@@ -242,7 +242,7 @@ def test_mixed_adapter_model_vs_reference(tmp_path, dtype, tol):
     "mode,overlap,per_sm",
     [("two", True, 2), ("two", False, 2), ("local", False, 2), ("side", True, 2), ("side_store", True, 8)]
     + [("gemm", True, 2), ("gemm+lora_term_first", True, 2), ("gemm+lora_term_first+lora_norm_shrink", True, 2)]
-    + [("gemm+lora_norm_shrink", True, 2), ("gemm+lora_side_term", True, 2), ("gemm+lora_side_term", False, 2)],
+    + [("gemm+lora_norm_shrink", True, 2)],
 )
 def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overlap, per_sm):
     """The served decode path with adapters (GraphedDecode(adapter_pools=True)) equals eager decode, with
@@ -250,8 +250,7 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
     mode of LoraTerm ("side": the whole term on the side stream; "side_store": its expand writes the whole
     buffer, here with a finer K split; "gemm": the shrink inside the base matmul, then one expand; with
     lora_term_first mlp.c_proj's GEMM adds its term; with lora_norm_shrink c_attn's h comes from ln_1; with
-    lora_k_lanes both h go into their GEMMs' K lanes, where the layout has them; with lora_side_term c_attn's term
-    runs beside its GEMM on the side stream, or serially without one, and the RoPE + store kernel adds it)."""
+    lora_k_lanes both h go into their GEMMs' K lanes, where the layout has them)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner

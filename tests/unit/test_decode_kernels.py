@@ -166,38 +166,3 @@ def test_rope_store_equals_rotary_then_store(dtype, rot_half, with_logn):
     with pytest.raises(ValueError, match="caches"):
         rotary_store_(q, k, v, cos, sin, logn, caches[0].float() if dtype != torch.float32 else caches[0].half(),
                       caches[1], slots)  # fmt: skip
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope_store_with_a_term_adds_it_before_rotating_and_storing(dtype, monkeypatch):
-    """rotary_store_ with a term (DecodeKernels.lora_side_term: c_attn's adapter term) = qkv + term, rounded once
-    (torch's add in the dtype), then rotary and store, bit for bit: q and k rotated from the sums, the stored v the
-    sum (not the base v), a padded row's q/k/v summed but nothing stored; 5 heads (3 programs of 2 heads: a masked
-    head in the last), rotary over half of head_dim. A term with other strides than q's is refused."""
-    from worker.kernels import rope_store
-    from worker.kernels.rope_store import rotary_store_
-
-    T, H, D, blocks, bs, half = 3, 5, 16, 6, 4, 4
-    g = torch.Generator().manual_seed(31)
-    qkv = torch.randn(T, 3 * H * D, generator=g).to(dtype)
-    term = (0.5 * torch.randn(T, 3 * H * D, generator=g)).to(dtype)
-    cos, sin = torch.rand(T, half, generator=g), torch.rand(T, half, generator=g)
-    logn = 1 + torch.rand(T, generator=g)
-    caches = [torch.randn(blocks, bs, H, D, generator=g).to(dtype) for _ in range(2)]
-    slots = torch.tensor([9, -1, 22])
-    summed = qkv + term
-    rq, rk, rv = summed.view(T, 3, H, D).unbind(1)
-    ref_q, ref_k = ops.rotary_qk(rq.clone(), rk.clone(), cos, sin, logn)
-    ref_caches = [c.clone() for c in caches]
-    keep = slots >= 0
-    ops.store_kv(ref_k[keep], rv[keep], *ref_caches, slots[keep])
-    q, k, v = qkv.view(T, 3, H, D).unbind(1)
-    views = tuple(term.view(T, 3, H, D).unbind(1))
-    real = rope_store.triton.next_power_of_2
-    monkeypatch.setattr(rope_store.triton, "next_power_of_2", lambda n: 2 if n == H else real(n))  # 2 heads a program
-    rotary_store_(q, k, v, cos, sin, logn, *caches, slots, term=views)
-    monkeypatch.undo()
-    assert torch.equal(q, ref_q) and torch.equal(k, ref_k) and torch.equal(v, rv)
-    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
-    with pytest.raises(ValueError, match="term"):
-        rotary_store_(q, k, v, cos, sin, logn, *caches, slots, term=(views[0].contiguous(), *views[1:]))

@@ -336,14 +336,13 @@ def lora_term_rows_partials(
     pdl: bool = False,
     block_n: int = 0,
     bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The term alone, [T, N] in b_pool's dtype: lora_expand_rows_partials' y0 + term with y0 = 0 (each row's
     h · B[slot]ᵀ rounded once; base rows, slot 0, exact zeros), or y0 = bias [N] on every row, for a base GEMM to
-    add as its C (DecodeKernels.lora_term_first). out: a contiguous [T, N] tensor to write (else a new one)."""
+    add as its C (DecodeKernels.lora_term_first)."""
     shape = (parts.shape[0], b_pool.shape[2])
     y0 = bias.expand(shape) if bias is not None else None
-    return _partials("lora_term_rows_partials", y0, shape, parts, b_pool, ranks, slots, pdl, block_n, out)
+    return _partials("lora_term_rows_partials", y0, shape, parts, b_pool, ranks, slots, pdl, block_n)
 
 
 def _partials(
@@ -356,7 +355,6 @@ def _partials(
     slots: torch.Tensor,
     pdl: bool,
     block_n: int,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     T, N = shape
     S, P, n_b, r_max = b_pool.shape
@@ -370,16 +368,12 @@ def _partials(
         or b_pool.stride(-1) != 1
         or ranks.shape != (1, S)
         or slots.shape != (T,)
-        or (out is not None and (out.shape != (T, N) or not out.is_contiguous() or out.dtype != b_pool.dtype))
     ):
         raise ValueError(
             f"{name}: y0 {tuple(shape)}, partials {tuple(parts.shape)}, B pool "
             f"{tuple(b_pool.shape)}, ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
-            + (f", out {tuple(out.shape)} {out.dtype}" if out is not None else "")
         )
-    if out is not None:
-        y = out
-    elif y0 is None:
+    if y0 is None:
         y = torch.empty(T, N, dtype=b_pool.dtype, device=b_pool.device)
     else:
         y = torch.empty_like(y0, memory_format=torch.contiguous_format)

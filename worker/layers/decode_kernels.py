@@ -94,11 +94,7 @@ class DecodeKernels:
     loads its chunks' x) instead of the FMA GEMVs; gptq_act's activation rides in it at 2 rows (x staged by the
     block), at one row in the FMA GEMV as before. Deterministic, so graph == eager bit for bit. Served: the 7B Int4
     step at batch 1 took 2.462 ms with it (its final plan) against 2.615-2.637 without, at batch 2 2.909 against
-    3.749-3.768 (one H200; bf16 4.296 / 4.414; BENCHMARKS.md, 2026-11-30).
-    lora_side_term: with lora_norm_shrink, c_attn's term (h from ln_1's partials, times B) runs on the adapter pool's
-    side stream beside c_attn's base GEMM (which keeps its bias) instead of before it, and the RoPE + KV-store kernel
-    (rope_store; elsewhere one add) adds it to q, k and v first: qkv = rn(rn(x·Wᵀ + b) + rn(term)), the reference's
-    order. Supersedes lora_term_first for c_attn."""
+    3.749-3.768 (one H200; bf16 4.296 / 4.414; BENCHMARKS.md, 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -112,7 +108,6 @@ class DecodeKernels:
     gptq_mma: bool = False
     gptq_act: bool = False
     gptq_tc: bool = False
-    lora_side_term: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

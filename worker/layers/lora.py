@@ -165,7 +165,6 @@ class LoraTerm:
     term_first: bool = False  # DecodeKernels.lora_term_first: apply_partials' term before the GEMM, as its C
     norm_shrink: bool = False  # DecodeKernels.lora_norm_shrink: c_attn's h from the norm before it (`shrink_pool`)
     k_lanes: bool = False  # DecodeKernels.lora_k_lanes: the producer writes h into the joint's K lanes (`input_lanes`)
-    side_term: bool = False  # DecodeKernels.lora_side_term: the term beside the base GEMM, for the consumer to add
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -245,29 +244,6 @@ class LoraTerm:
             return c.addmm_(x, joint.weight[: joint.out].t())
         return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
 
-    def apply_partials_term(
-        self, base: Callable[[], torch.Tensor], x: torch.Tensor, parts: torch.Tensor, data: AdapterBatchData
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(y, term) for a consumer that adds the term itself (the RoPE step after c_attn), where the norm before
-        computed h (`rms_norm_shrink`'s partials): with `side_term`, the term kernel runs on the side stream (when
-        there is one) beside the base matmul, which keeps its bias, and both are joined before they return, so y +
-        term rounded once is the reference's base + rn(term). Else (apply_partials(...), None)."""
-        k, slots = self.kernels, data.row_slots
-        if not self.side_term or parts.dim() != 3 or k is None or slots is None:
-            return self.apply_partials(base, x, parts, data), None
-        side = self.stream
-        main = torch.cuda.current_stream(x.device) if side is not None else None
-        # allocated on the main stream, which frees it after the consumer
-        term = torch.empty(x.shape[0], self.b_pool.shape[2], dtype=self.b_pool.dtype, device=x.device)
-        if side is not None and main is not None:
-            side.wait_stream(main)  # the partials are ready
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, out=term)
-        y = base()
-        if side is not None and main is not None:
-            main.wait_stream(side)
-        return y, term
-
     def shrink_pool(self, rows: int, data: AdapterBatchData | None) -> torch.Tensor | None:
         """The A pool [slots, 1, r_max, in] the producer of this term's input (the norm before c_attn) computes h
         with (`rms_norm_shrink`), at a decode step that "gemm" serves with `norm_shrink` on; else None."""
@@ -288,7 +264,6 @@ class LoraTerm:
         self.term_first = opts.lora_term_first
         self.norm_shrink = opts.lora_norm_shrink
         self.k_lanes = opts.lora_k_lanes
-        self.side_term = opts.lora_side_term
 
     def _joint_gemm(self, x: torch.Tensor, data: AdapterBatchData) -> tuple | None:
         """The "gemm" mode at a decode step of >= JOINT_MIN_ROWS rows: the joint GEMM output [T, out + slots·P·r_max]
@@ -381,16 +356,6 @@ class LoraColumnParallelLinear(_LoraLinear):
         data = getattr(ctx, "adapter_data", None)
         assert data is not None  # the partials come from a step with adapters
         return self.lora.apply_partials(lambda: self.base(x, ctx), x, parts, data)
-
-    def forward_partials_term(
-        self, x: torch.Tensor, ctx: object, parts: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """forward_partials for a consumer that can add the term itself: (y, term) where the term was computed
-        beside the base matmul (DecodeKernels.lora_side_term; the caller adds it), else (forward_partials(...),
-        None)."""
-        data = getattr(ctx, "adapter_data", None)
-        assert data is not None  # the partials come from a step with adapters
-        return self.lora.apply_partials_term(lambda: self.base(x, ctx), x, parts, data)
 
 
 class LoraRowParallelLinear(_LoraLinear):

@@ -61,10 +61,8 @@ class Rotary(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slots: torch.Tensor,
-        term: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """forward(q, k, ...) in place, then k and v into their cache slots: one kernel (kernels/rope_store.py); with
-        `term` (views like q, k, v: c_attn's adapter term, DecodeKernels.lora_side_term) added to q, k, v first."""
+        """forward(q, k, ...) in place, then k and v into their cache slots: one kernel (kernels/rope_store.py)."""
         from worker.kernels.rope_store import rotary_store_
 
-        rotary_store_(q, k, v, cos, sin, logn, k_cache, v_cache, slots, self.opts.pdl, term)
+        rotary_store_(q, k, v, cos, sin, logn, k_cache, v_cache, slots, self.opts.pdl)

@@ -114,20 +114,16 @@ class FlashQwenAttention(nn.Module):
     ) -> torch.Tensor:
         # x: [T, H]; parts: c_attn's adapter h in partials from the norm (`shrink_pool`), or None
         T = x.shape[0]
-        term = None  # c_attn's adapter term where the RoPE step adds it (DecodeKernels.lora_side_term)
         if parts is not None:
-            qkv, term = self.c_attn.forward_partials_term(x, ctx, parts)  # type: ignore[operator]
+            qkv = self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
         else:
             qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
         if kv is not None and ctx.slots is not None and self.rotary.stores(q, kv[0], bool(scales)):
-            views = term.view(T, 3, self.num_heads, self.head_dim).unbind(1) if term is not None else None
-            self.rotary.rotate_and_store(q, k, v, ctx.cos, ctx.sin, ctx.logn, kv[0], kv[1], ctx.slots, views)
+            self.rotary.rotate_and_store(q, k, v, ctx.cos, ctx.sin, ctx.logn, kv[0], kv[1], ctx.slots)
         else:
-            if term is not None:
-                qkv.add_(term)  # base + the rounded term, rounded once
             q, k = self.rotary(q, k, ctx.cos, ctx.sin, ctx.logn)
             if kv is not None and ctx.slots is not None:
                 self.backend.store(k, v, kv[0], kv[1], ctx.slots, **scales)
