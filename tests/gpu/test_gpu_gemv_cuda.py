@@ -115,14 +115,15 @@ def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4, tc=False):
 
 
 def _decode(
-    path: str, gptq_cuda: bool, batch: int, mma: bool = False, act: bool = False, tc: bool = False
+    path: str, gptq_cuda: bool, batch: int, mma: bool = False, act: bool = False, tc: bool = False, act_out=False
 ) -> tuple[list[torch.Tensor], list[bool]]:
     from worker.layers.attention_triton import TritonAttention
     from worker.layers.decode_kernels import DecodeKernels, where_applies
     from worker.layers.quantized import _GPTQ
     from worker.models.qwen import FlashQwenForCausalLM
 
-    kernels = where_applies(DecodeKernels(pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma, gptq_act=act, gptq_tc=tc), CUDA)
+    kernels = DecodeKernels(pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma, gptq_act=act, gptq_tc=tc, gptq_act_out=act_out)
+    kernels = where_applies(kernels, CUDA)
     model = FlashQwenForCausalLM.from_pretrained(
         path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(), progress=False, decode_kernels=kernels
     )
@@ -138,6 +139,9 @@ def _decode(
             seq.append(t[i])
         out = p.step(ids, seqs, [len(s) - 1 for s in seqs], [1.0] * batch, False)
         logits += [o[-1].float().cpu() for o in out]
+    if act_out:  # whether each layer's gate_up gives the activation (forward_silu_mul) at this batch
+        x = torch.zeros(batch, model.config.hidden_size, device=CUDA, dtype=torch.bfloat16)
+        return logits, [layer.mlp.gate_up.forward_silu_mul(x) is not None for layer in model.transformer.layers()]  # type: ignore[operator]
     if act:  # whether each layer's mlp.c_proj takes gate_up at one row (forward_act), instead of the GEMVs used
         return logits, [
             layer.mlp.c_proj.fuses_act(
@@ -242,3 +246,56 @@ def test_a_gptq_model_decodes_through_the_tc_gemv(tmp_path, batch, monkeypatch):
         fused, took = _decode(path, True, batch, act=True, tc=True)
         assert took and all(took), took
         assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+
+
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize(
+    "K,N,asym,bias", [(4096, 22016, False, False), (640, 304, True, True), (1408, 520, False, True)]
+)
+def test_tc_pair_equals_the_gemv_then_silu_mul(K, N, asym, bias, M):
+    """gptq_act_out's kernel (gptq_tc's kPair): the activation of a gate_up GEMV [M, N] = [gate | up] from its epilogue
+    equals fused.silu_mul of the same kernel's output with the same warps a half, bit for bit (7B's gate_up; halves of
+    152 and 260 columns: partial tiles; asym zeros and a bias on both halves), under graph replay too; odd warps, a
+    staged x and a K split are refused."""
+    from worker.kernels.fused import silu_mul
+    from worker.kernels.gemv import gemv_weights
+    from worker.kernels.gemv_cuda import cuda_gemv
+
+    g = torch.Generator(device=CUDA).manual_seed(K + N + M)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=CUDA, dtype=torch.int32, generator=g)
+    if asym:
+        qzeros = torch.randint(-(2**31), 2**31 - 1, (K // 128, N // 8), device=CUDA, dtype=torch.int32, generator=g)
+    else:
+        qzeros = torch.full((K // 128, N // 8), 0x77777777, device=CUDA, dtype=torch.int32)
+    scales = (torch.rand(K // 128, N, device=CUDA, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    w = gemv_weights(qweight, qzeros, scales, 4, 1, 128, 0)
+    b = (torch.randn(N, device=CUDA, generator=g) * 0.5).to(torch.bfloat16) if bias else None
+    x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
+    for half in (2, 4):
+        want = silu_mul(cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, warps=half, splits=1))
+        got = cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, pair=True, warps=2 * half)
+        assert got.shape == (M, N // 2) and torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, pair=True, warps=8)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, got)
+    for bad in (dict(warps=3), dict(stage=True), dict(splits=2)):
+        with pytest.raises(ValueError, match="pair"):
+            cuda_gemv(x, w, b, tc=True, pair=True, **{"stage": False, **bad})
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_gptq_model_decodes_the_same_with_the_activation_from_gate_up(tmp_path, batch):
+    """gptq_act_out in a GPTQ model (asym, act order) at batch 1 and 2: every layer's gate_up gives the activation and
+    the logits equal those of gptq_tc with the activation in its own kernel bit for bit (the same sums a half, the
+    same rounding)."""
+    from gptq_helpers import gptq_checkpoint
+
+    state = random_checkpoint(GPU_TINY, seed=9)
+    path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, 4, 128, False, True)
+    plain, _ = _decode(path, True, batch, tc=True)
+    fused, took = _decode(path, True, batch, tc=True, act_out=True)
+    assert took and all(took), took
+    assert all(torch.equal(a, b) for a, b in zip(plain, fused))

@@ -322,3 +322,70 @@ def test_gptq_mma_serves_int8_up_to_32_rows_and_gptq_cuda_leaves_it_the_small_st
     for rows in (1, 8):
         layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
     assert calls == [("triton", 1), ("triton", 8)]
+
+
+def test_gptq_act_out_gives_the_activation_from_gate_up_at_the_steps_gptq_tc_serves(monkeypatch):
+    """gptq_act_out (with gptq_cuda and gptq_tc, the CUDA GEMV serving the layout): a GPTQ gate_up (two equal parts)
+    at one and two decode rows runs gptq_tc's pair epilogue (unstaged, its bias inside) and returns what it gives; three
+    rows, a one-part linear, Int8, or any of the three flags off give None (the caller runs gate_up, then the
+    activation). The model's MLP then hands that activation to mlp.c_proj without running gate_up's forward. A bad
+    pair request is refused naming it, before any launch."""
+    from worker.distributed import ParallelContext
+    from worker.layers.decode_kernels import DecodeKernels
+    from worker.layers.quantized import GPTQColumnParallelLinear
+    from worker.quant.config import GPTQConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gemv_cuda, "library", lambda major, minor: object())
+    calls: list[dict] = []
+
+    def fake(x, w, b, pdl, **kw):
+        calls.append(dict(rows=x.shape[0], bias=b, **kw))
+        return torch.full((x.shape[0], 128), 2.0, dtype=x.dtype)
+
+    real = gemv_cuda.cuda_gemv
+    monkeypatch.setattr(gemv_cuda, "cuda_gemv", fake)
+    cpu = ParallelContext(device=torch.device("cpu"))
+
+    def gate_up(bits: int = 4, sizes: tuple[int, ...] = (128, 128)):
+        layer = GPTQColumnParallelLinear(
+            256, list(sizes), True, cpu, torch.bfloat16, GPTQConfig(bits, 128, True, False, "t")
+        )
+        layer.gemv = _weights(256, 256, bits=bits)
+        return layer
+
+    on = DecodeKernels(gptq_cuda=True, gptq_tc=True, gptq_act_out=True)
+    layer = gate_up()
+    layer.set_decode_kernels(on)
+    for rows in (1, 2):
+        y = layer.forward_silu_mul(torch.zeros(rows, 256, dtype=torch.bfloat16))
+        assert y is not None and torch.equal(y, torch.full((rows, 128), 2.0, dtype=torch.bfloat16))
+    assert [c["rows"] for c in calls] == [1, 2]
+    assert all(c["pair"] and c["tc"] and c["stage"] is False and c["bias"] is layer.bias for c in calls)
+    assert layer.forward_silu_mul(torch.zeros(3, 256, dtype=torch.bfloat16)) is None
+    for kernels in (
+        DecodeKernels(gptq_cuda=True, gptq_tc=True),
+        DecodeKernels(gptq_cuda=True, gptq_act_out=True),
+        DecodeKernels(gptq_tc=True, gptq_act_out=True),
+    ):
+        layer.set_decode_kernels(kernels)
+        assert layer.forward_silu_mul(torch.zeros(1, 256, dtype=torch.bfloat16)) is None
+    for other in (gate_up(sizes=(256,)), gate_up(bits=8)):
+        other.set_decode_kernels(on)
+        assert other.forward_silu_mul(torch.zeros(1, 256, dtype=torch.bfloat16)) is None
+    assert len(calls) == 2
+
+    from worker.models.qwen import QwenMLP
+
+    mlp = QwenMLP.__new__(QwenMLP)
+    torch.nn.Module.__init__(mlp)
+    mlp.gate_up = layer
+    mlp.act = type("Act", (), {"fused": True})()
+    mlp.c_proj = lambda act, ctx: ("c_proj", act)
+    layer.set_decode_kernels(on)
+    layer.forward = lambda *a: pytest.fail("gate_up's forward runs beside its activation")
+    name, act = mlp.forward(torch.zeros(1, 256, dtype=torch.bfloat16), None)
+    assert name == "c_proj" and act.shape == (1, 128)
+
+    with pytest.raises(ValueError, match="pair"):
+        real(torch.zeros(1, 256, dtype=torch.bfloat16), _weights(256, 256), None, tc=True, stage=True, pair=True)

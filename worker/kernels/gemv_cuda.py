@@ -87,7 +87,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
-    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i]
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -184,6 +184,7 @@ def cuda_gemv(
     tc: bool = False,
     warps: int | None = None,
     stage: bool = True,
+    pair: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     (tc) 1 to TC_MAX_ROWS on gptq_tc (Int4), or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core matmul (Int4 or
@@ -191,7 +192,9 @@ def cuda_gemv(
     K's splits instead of the plan's, warps: gptq_tc's warps a block (benchmarks). stage: gptq_tc's x staged by the
     block (else loaded by each warp). act (no bias; one row, or gptq_tc's rows): x is mlp's gate_up [M, 2K] =
     [gate | up] and the product's input up * silu(gate), rounded as fused.silu_mul, computed in the GEMV
-    (DecodeKernels.gptq_act)."""
+    (DecodeKernels.gptq_act). pair (tc, unstaged, no act): the product is mlp's gate_up [M, N] = [gate | up] and y its
+    activation [M, N / 2], up * silu(gate) of the two halves each rounded to bf16 (fused.silu_mul's values;
+    DecodeKernels.gptq_act_out); the halves take the plan's warps each, K is not split."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
@@ -203,6 +206,12 @@ def cuda_gemv(
             f"cuda_gemv: x {tuple(x.shape)} for 1 to {most} rows of {width}"
             + (" (act: gate_up rows, one unless tc, no bias, no mma)" if act else "")
         )
+    if pair and (not tc or stage or act or N % 8 or splits not in (None, 1) or (warps or 0) % 2):
+        raise ValueError(
+            f"cuda_gemv: pair (gate | up -> activation) needs tc, unstaged, no act, no K split, halves of a multiple "
+            f"of 4 columns and an even number of warps; N {N}, tc {tc}, stage {stage}, act {act}, splits {splits}, "
+            f"warps {warps}"
+        )
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
@@ -210,6 +219,8 @@ def cuda_gemv(
     if tc:
         per, planned, planned_warps = plan_tc(N, K, sms, M, stage)
         tc_warps = warps or planned_warps
+        if pair:  # each half as the plan's block, within the unstaged kernel's 8 warps; no K split
+            per, planned, tc_warps = K // CHUNK, 1, warps or min(2 * planned_warps, 8)
     else:
         per, planned = (plan_mma if mma else plan)(N, K, sms, M)
     if splits is None:
@@ -222,7 +233,7 @@ def cuda_gemv(
             f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
             f"{tc_smem(M, per, tc_warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
         )
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N // 2 if pair else N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
     args = (
@@ -231,7 +242,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if tc:
-        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage))
+        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:

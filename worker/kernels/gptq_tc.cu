@@ -25,6 +25,10 @@
 // - PDL: the first kTcDepth chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
 // kAct: x's row r is mlp's gate_up row [gate (K) | up (K)], and the product's input is up * silu(gate) with
 // fused.silu_mul's rounding (DecodeKernels.gptq_act).
+// kPair: the product is mlp's gate_up [gate (N/2) | up (N/2)] and y its activation, up * silu(gate) [M, N/2]
+// (DecodeKernels.gptq_act_out): block b owns gate columns 32b .. 32b + 31 with its first W/2 warps and the same up
+// columns with the others, each half splitting K as a block of W/2 warps would; the epilogue rounds each sum (plus its
+// bias) to bf16 as the GEMV's output would be, then applies fused.silu_mul's rounding. No K split over blocks.
 // Measured on the H200 (BENCHMARKS.md, 2026-11-30): the 7B Int4 step at batch 1 2.462 ms against the FMA GEMV's
 // 2.615; batch 2 2.909 against 3.75. Tried and removed: 4 chunks in flight a warp, every chunk of a warp copied into
 // shared memory before the wait (cp.async; c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the
@@ -88,18 +92,21 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
 // loads its chunks' x beside their words (ring slots) and sums them with shuffles: no block-wide wait before the loop
-template <bool kZeros, bool kBias, bool kAct, bool kStage>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
     int k_offset, int group_size, int chunks_per_split, int splits, int m) {
   extern __shared__ uint4 smem4[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int nb = blockIdx.x * kTcCols;  // the block's first column
-  const int n = nb + 4 * g;             // this lane's columns n .. n + 3 (N % 4 == 0: whole or none)
-  const bool live = n < N;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // kPair: warps [0, W/2) the gate columns, [W/2, W) the up columns; `warp` and `warps` within the half
+  const int half = kPair ? (int)(threadIdx.x >> 5) / (int)(blockDim.x >> 6) : 0;
+  const int warps = kPair ? blockDim.x >> 6 : blockDim.x >> 5, warp = (threadIdx.x >> 5) - half * warps;
+  const int nh = kPair ? N / 2 : N;           // the columns a half covers
+  const int nb = blockIdx.x * kTcCols;        // the block's first column (of its half)
+  const int n = half * nh + nb + 4 * g;       // this lane's columns n .. n + 3 of W (N % 4 == 0: whole or none)
+  const bool live = nb + 4 * g < nh;
   const int n4 = N >> 2;
   const int c0 = blockIdx.y * chunks_per_split;
   const int c1 = min(c0 + chunks_per_split, K / kChunk);
@@ -246,18 +253,29 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     }
   }
 
-  float* rw = red + warp * kTcRows * kTcCols;
+  float* rw = red + (half * warps + warp) * kTcRows * kTcCols;
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
     for (int r = 0; r < 2; ++r) rw[(2 * t + r) * kTcCols + 4 * g + j] = acc[j][r];
   __syncthreads();
-  // item i: row i / 32, column nb + i % 32, the warps' sums in warp order
-  auto sum = [&](int i) {
+  // item i: row i / 32, column nb + i % 32, the warps' sums (of half h) in warp order
+  auto sum = [&](int i, int h = 0) {
     float v = 0.f;
-    for (int w = 0; w < warps; ++w) v += red[(w * kTcRows + i / kTcCols) * kTcCols + i % kTcCols];
+    for (int w = h * warps; w < (h + 1) * warps; ++w) v += red[(w * kTcRows + i / kTcCols) * kTcCols + i % kTcCols];
     return v;
   };
+  if constexpr (kPair) {  // y [m, N/2] = up * silu(gate), each rounded to bf16 first (splits == 1)
+    for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+      const int row = i / kTcCols, col = nb + i % kTcCols;
+      if (col >= nh) continue;
+      const float gs = kBias ? sum(i, 0) + __bfloat162float(bias[col]) : sum(i, 0);
+      const float us = kBias ? sum(i, 1) + __bfloat162float(bias[nh + col]) : sum(i, 1);
+      y[(size_t)row * nh + col] =
+          __float2bfloat16_rn(silu_mul_bf16(__float2bfloat16_rn(gs), __float2bfloat16_rn(us)));
+    }
+    return;
+  }
   if (splits == 1) {
     for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
       const int row = i / kTcCols, col = nb + i % kTcCols;
@@ -281,7 +299,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias, bool kAct, bool kStage>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
@@ -289,8 +307,9 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
   const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
                              : 0) +
                       (size_t)warps * kTcRows * kTcCols * 4;
-  PdlLaunch l(dim3((N + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage>;
+  const int cols = kPair ? N / 2 : N;
+  PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair>;
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
@@ -313,14 +332,24 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
 }  // namespace
 
 // m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
-// and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). The host
-// (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
+// and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
+// activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
+// a multiple of 4). The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                       int act, int stage) {
+                       int act, int stage, int pair) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
+  if (pair) {
+    if (stage || act || splits != 1 || warps % 2 || (N / 2) % 4) return static_cast<int>(cudaErrorInvalidValue);
+    auto f = zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, false, true>
+                                                 : launch_tc<true, false, false, false, true>)
+                              : (bias != nullptr ? launch_tc<false, true, false, false, true>
+                                                 : launch_tc<false, false, false, false, true>);
+    return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                              chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
+  }
   auto f = stage ? launch_tc_as<true> : launch_tc_as<false>;
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
            splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act);

@@ -94,7 +94,11 @@ class DecodeKernels:
     loads its chunks' x) instead of the FMA GEMVs; gptq_act's activation rides in it at 2 rows (x staged by the
     block), at one row in the FMA GEMV as before. Deterministic, so graph == eager bit for bit. Served: the 7B Int4
     step at batch 1 took 2.462 ms with it (its final plan) against 2.615-2.637 without, at batch 2 2.909 against
-    3.749-3.768 (one H200; bf16 4.296 / 4.414; BENCHMARKS.md, 2026-11-30)."""
+    3.749-3.768 (one H200; bf16 4.296 / 4.414; BENCHMARKS.md, 2026-11-30).
+    gptq_act_out: with gptq_cuda and gptq_tc, a GPTQ Int4 gate_up at the decode steps gptq_tc serves writes up *
+    silu(gate) from its GEMV's epilogue (gptq_tc.cu's kPair: a block owns the same gate and up columns), so
+    mlp.c_proj runs gptq_tc without an activation inside (gptq_act then serves nothing there). The same values:
+    each half rounded as the GEMV's output, then fused.silu_mul's rounding."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -108,6 +112,7 @@ class DecodeKernels:
     gptq_mma: bool = False
     gptq_act: bool = False
     gptq_tc: bool = False
+    gptq_act_out: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

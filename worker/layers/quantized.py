@@ -291,6 +291,22 @@ class GPTQColumnParallelLinear(_GPTQ, ColumnParallelLinear):
         # x: [T, in] -> [T, out_per_rank]
         return self._mm(x, self.bias)
 
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """DecodeKernels.gptq_act_out: for mlp's gate_up (two equal parts, gate then up) at a decode step that gptq_tc
+        serves, up * silu(gate) [T, out_per_rank / 2] from its GEMV's epilogue (each half rounded as the GEMV's output,
+        then fused.silu_mul's rounding: the values of forward then the SiLU-mul kernel); None elsewhere."""
+        k, m = self.decode_kernels, x.shape[0]
+        sizes = self.packed_sizes_total
+        if not (k.gptq_act_out and k.gptq_cuda and self._takes_tc(m) and len(sizes) == 2 and sizes[0] == sizes[1]):
+            return None
+        if self.gemv is None or self.quant.bits != 4 or not self._cuda_gemv_serves(x.dtype):
+            return None
+        from worker.kernels.gemv_cuda import cuda_gemv
+
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)
+        return cuda_gemv(x, self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True)
+
 
 class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
     """sum_r x_r W_r (+ b): K split in packed rows, full scales/zeros on every rank (module docstring)."""

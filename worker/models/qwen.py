@@ -156,6 +156,10 @@ class QwenMLP(nn.Module):
             if parts is not None:
                 return self.c_proj.forward_partials(act, ctx, parts)  # type: ignore[operator]
             return self.c_proj(act, ctx)
+        act_out = getattr(self.gate_up, "forward_silu_mul", None) if self.act.fused else None
+        act = act_out(x) if act_out is not None else None  # the activation in gate_up's GEMV (gptq_act_out)
+        if act is not None:
+            return self.c_proj(act, ctx)
         gate_up = self.gate_up(x, ctx)  # [T, 2 * width_per_rank] = [gate | up]
         if isinstance(self.c_proj, RowParallelLinear) and self.c_proj.fuses_act(gate_up):
             return self.c_proj.forward_act(gate_up)  # the activation inside c_proj's GEMV (DecodeKernels.act_gemv)
