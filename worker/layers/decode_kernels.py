@@ -37,6 +37,7 @@ SERVED = (
     "gptq_mma",
     "gptq_act",
     "gptq_tc",
+    "gptq_act_out",
 )
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
@@ -98,7 +99,9 @@ class DecodeKernels:
     gptq_act_out: with gptq_cuda and gptq_tc, a GPTQ Int4 gate_up at the decode steps gptq_tc serves writes up *
     silu(gate) from its GEMV's epilogue (gptq_tc.cu's kPair: a block owns the same gate and up columns), so
     mlp.c_proj runs gptq_tc without an activation inside (gptq_act then serves nothing there). The same values:
-    each half rounded as the GEMV's output, then fused.silu_mul's rounding."""
+    each half rounded as the GEMV's output, then fused.silu_mul's rounding. Served: the 7B Int4 step at batch 1 took
+    2.348-2.353 ms with it against 2.400-2.426 without, at batch 2 2.433-2.441 against 2.874-2.881 (three alternating
+    pairs on one H200; bf16 4.248 / 4.358; BENCHMARKS.md, 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False
