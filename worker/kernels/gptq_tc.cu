@@ -46,7 +46,6 @@ constexpr int kTcCols = 32;   // columns per block
 constexpr int kTcRows = 8;    // rows at most (mma's N)
 constexpr int kTcSteps = 4;   // 32-row steps of a chunk
 constexpr int kTcDepth = 2;  // chunks in flight a warp (4, all via shared memory, or an L2 prefetch past 2: slower)
-constexpr int kTcCompactDepth = 4;  // ... with x compact (kCompact: 2 rows at most, x's registers an eighth)
 constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
 
 // Chunk c's words for this lane (its 4 steps) and the group's scales and zeros for columns 4g .. 4g + 3
@@ -81,42 +80,6 @@ __device__ __forceinline__ void tc_load_x(uint4* xv, uint4* uv, const __nv_bfloa
   }
 }
 
-// kCompact: x's chunk c, rows 0 and 1 (zero at r >= m), 4 values a lane (lane L: k = 128c + 4L .. + 3), as stored or
-// (kAct) with gate_up's up beside it; the B fragments are gathered from these by shuffles
-template <bool kAct>
-__device__ __forceinline__ void tc_load_xc(uint2* xc, uint2* uc, const __nv_bfloat16* x, int c, int K, int lane,
-                                           int m) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    xc[r] = uc[r] = make_uint2(0u, 0u);
-    if (r < m) {
-      const size_t k = (size_t)c * kChunk + 4 * lane;
-      if (kAct) {
-        xc[r] = *reinterpret_cast<const uint2*>(x + (size_t)r * 2 * K + k);
-        uc[r] = *reinterpret_cast<const uint2*>(x + (size_t)r * 2 * K + K + k);
-      } else {
-        xc[r] = *reinterpret_cast<const uint2*>(x + (size_t)r * K + k);
-      }
-    }
-  }
-}
-
-__device__ __forceinline__ uint2 tc_act4(uint2 gate, uint2 up) {  // 4 values of up * silu(gate), bf16
-  const __nv_bfloat16* gv = reinterpret_cast<const __nv_bfloat16*>(&gate);
-  const __nv_bfloat16* uv = reinterpret_cast<const __nv_bfloat16*>(&up);
-  uint2 out;
-  __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) o[i] = __float2bfloat16_rn(silu_mul_bf16(gv[i], uv[i]));
-  return out;
-}
-
-__device__ __forceinline__ float tc_sum4(uint2 v) {  // the 4 bf16 values' sum, in a fixed order
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-  return (a.x + a.y) + (b.x + b.y);
-}
-
 __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of up * silu(gate), bf16
   const __nv_bfloat16* gv = reinterpret_cast<const __nv_bfloat16*>(&gate);
   const __nv_bfloat16* uv = reinterpret_cast<const __nv_bfloat16*>(&up);
@@ -129,7 +92,7 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
 // loads its chunks' x beside their words (ring slots) and sums them with shuffles: no block-wide wait before the loop
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kCompact>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
@@ -153,15 +116,12 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   float* xsum = reinterpret_cast<float*>(xs + (kStage ? (size_t)m * pitch : 0));  // [m][chunks_per_split]
   float* red = xsum + (kStage ? m * chunks_per_split : 0);                        // [warps][kTcRows][kTcCols]
 
-  constexpr int kDepth = kCompact ? kTcCompactDepth : kTcDepth;
-  uint4 buf[kDepth][kTcSteps];
-  uint2 sbuf[kDepth], zbuf[kDepth];
-  // !kStage: x (gate, up) of the chunks in flight, whole fragments or (kCompact) 4 values a lane of rows 0 and 1
-  uint4 xbuf[kStage || kCompact ? 1 : kDepth][kTcSteps], ubuf[kStage || kCompact || !kAct ? 1 : kDepth][kTcSteps];
-  uint2 xc[kCompact ? kDepth : 1][2], uc[kCompact && kAct ? kDepth : 1][2];
+  uint4 buf[kTcDepth][kTcSteps];
+  uint2 sbuf[kTcDepth], zbuf[kTcDepth];
+  uint4 xbuf[kStage ? 1 : kTcDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kTcDepth][kTcSteps];  // !kStage: x (gate, up)
   const uint4* base = qw + (n >> 2);
 #pragma unroll
-  for (int i = 0; i < kDepth; ++i) {
+  for (int i = 0; i < kTcDepth; ++i) {
     sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
     const int c = c0 + warp + i * warps;
     if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
@@ -198,14 +158,9 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     __syncthreads();
   } else {
 #pragma unroll
-    for (int i = 0; i < kDepth; ++i) {
+    for (int i = 0; i < kTcDepth; ++i) {
       const int c = c0 + warp + i * warps;
-      if (c >= c1) continue;
-      if constexpr (kCompact) {
-        tc_load_xc<kAct>(xc[i], uc[kAct ? i : 0], x, c, K, lane, m);
-      } else {
-        tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, c, K, g, t, m);
-      }
+      if (c < c1) tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, c, K, g, t, m);
     }
   }
   gdc_go();
@@ -214,36 +169,15 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   const bool xrow = g < m;
   const __nv_bfloat16* xg = xs + g * pitch + 8 * t;
   float acc[4][2] = {};  // [column 4g + j][row 2t + r]
-  auto chunk = [&](const uint4* cur, const uint4* xv, const uint2* xcv, uint2 s4, uint2 z4, int c) {
+  auto chunk = [&](const uint4* cur, const uint4* xv, uint2 s4, uint2 z4, int c) {
     float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f};
     const int off = (c - c0) * kChunk;
     float part = 0.f;  // !kStage: this lane's sum of its x values of the chunk
-    float rs[2] = {0.f, 0.f};  // kCompact: rows 0 and 1's sums over the chunk (the warp's, in every lane)
-    if constexpr (kCompact) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (r >= m) break;
-        float v = tc_sum4(xcv[r]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        rs[r] = v;
-      }
-    }
 #pragma unroll
     for (int s = 0; s < kTcSteps; ++s) {
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if constexpr (kStage) {
         if (xrow) v = *reinterpret_cast<const uint4*>(xg + off + 32 * s);
-      } else if constexpr (kCompact) {  // row g's values 32s + 8t .. + 7: lanes 8s + 2t and 8s + 2t + 1 hold them
-        const int src = 8 * s + 2 * t;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          if (r >= m) break;
-          const uint4 w = make_uint4(__shfl_sync(0xffffffffu, xcv[r].x, src), __shfl_sync(0xffffffffu, xcv[r].y, src),
-                                     __shfl_sync(0xffffffffu, xcv[r].x, src + 1),
-                                     __shfl_sync(0xffffffffu, xcv[r].y, src + 1));
-          if (g == r) v = w;
-        }
       } else {
         v = xv[s];
         const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -261,10 +195,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     }
     float sx0 = 0.f, sx1 = 0.f;
     const int r0 = 2 * t;
-    if constexpr (kCompact) {  // rows 2t and 2t + 1: 0 and 1 at t = 0, none else
-      sx0 = t == 0 ? rs[0] : 0.f;
-      sx1 = t == 0 ? rs[1] : 0.f;
-    } else if constexpr (kStage) {
+    if constexpr (kStage) {
       sx0 = r0 < m ? xsum[r0 * chunks_per_split + (c - c0)] : 0.f;
       sx1 = r0 + 1 < m ? xsum[(r0 + 1) * chunks_per_split + (c - c0)] : 0.f;
     } else {  // row g's sum over the lanes (g, 0..3), then rows 2t and 2t + 1 from lanes (2t, 0) and (2t + 1, 0)
@@ -293,12 +224,12 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     acc[3][0] = fmaf(s23.y, db[2] - z[3] * sx0, acc[3][0]);
     acc[3][1] = fmaf(s23.y, db[3] - z[3] * sx1, acc[3][1]);
   };
-  for (int cb = c0 + warp; cb < c1; cb += kDepth * warps) {  // the ring: chunk cb + i * warps in slot i
+  for (int cb = c0 + warp; cb < c1; cb += kTcDepth * warps) {  // the ring: chunk cb + i * warps in slot i
 #pragma unroll
-    for (int i = 0; i < kDepth; ++i) {
+    for (int i = 0; i < kTcDepth; ++i) {
       const int c = cb + i * warps;
       if (c >= c1) break;
-      const int cn = c + kDepth * warps;
+      const int cn = c + kTcDepth * warps;
       if constexpr (kStage) {  // the slot refilled before the chunk's arithmetic
         uint4 cur[kTcSteps];
 #pragma unroll
@@ -306,24 +237,17 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
         const uint2 s4 = sbuf[i], z4 = zbuf[i];
         if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
                                      group_size, t);
-        chunk(cur, nullptr, nullptr, s4, z4, c);
+        chunk(cur, nullptr, s4, z4, c);
       } else {  // after it (registers: the other slot is in flight meanwhile)
-        if constexpr (kAct && kCompact) {  // each lane its 4 values a row
-#pragma unroll
-          for (int r = 0; r < 2; ++r) xc[i][r] = tc_act4(xc[i][r], uc[kAct ? i : 0][r]);
-        } else if constexpr (kAct) {
+        if constexpr (kAct) {
 #pragma unroll
           for (int s = 0; s < kTcSteps; ++s) xbuf[i][s] = tc_act8(xbuf[i][s], ubuf[kAct ? i : 0][s]);
         }
-        chunk(buf[i], kCompact ? nullptr : xbuf[i], kCompact ? xc[i] : nullptr, sbuf[i], zbuf[i], c);
+        chunk(buf[i], xbuf[i], sbuf[i], zbuf[i], c);
         if (cn < c1) {
           tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset, group_size,
                           t);
-          if constexpr (kCompact) {
-            tc_load_xc<kAct>(xc[i], uc[kAct ? i : 0], x, cn, K, lane, m);
-          } else {
-            tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
-          }
+          tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
         }
       }
     }
@@ -375,7 +299,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false, bool kCompact = false>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
@@ -385,7 +309,7 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                       (size_t)warps * kTcRows * kTcCols * 4;
   const int cols = kPair ? N / 2 : N;
   PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kCompact>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair>;
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
@@ -393,18 +317,14 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
-template <bool kStage, bool kPair, bool kCompact>
+template <bool kStage>
 int launch_tc_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                  void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
                  int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps, int act) {
-  auto f = zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, kStage, kPair, kCompact>
-                                               : launch_tc<true, false, false, kStage, kPair, kCompact>)
-                            : (bias != nullptr ? launch_tc<false, true, false, kStage, kPair, kCompact>
-                                               : launch_tc<false, false, false, kStage, kPair, kCompact>);
-  if constexpr (!kPair) {
-    if (act) f = zeros != nullptr ? launch_tc<true, false, true, kStage, false, kCompact>
-                                  : launch_tc<false, false, true, kStage, false, kCompact>;
-  }
+  auto f = act ? (zeros != nullptr ? launch_tc<true, false, true, kStage> : launch_tc<false, false, true, kStage>)
+           : zeros != nullptr
+               ? (bias != nullptr ? launch_tc<true, true, false, kStage> : launch_tc<true, false, false, kStage>)
+               : (bias != nullptr ? launch_tc<false, true, false, kStage> : launch_tc<false, false, false, kStage>);
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                             chunks_per_split, splits, pdl, stream, m, warps));
 }
@@ -421,17 +341,16 @@ extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const 
                        int act, int stage, int pair) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
-  // x compact (4 values a lane, B fragments by shuffles) where a warp loads its own x of at most 2 rows
-  const bool compact = !stage && m <= 2;
-  const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (pair) {
     if (stage || act || splits != 1 || warps % 2 || (N / 2) % 4) return static_cast<int>(cudaErrorInvalidValue);
-    auto f = compact ? launch_tc_as<false, true, true> : launch_tc_as<false, true, false>;
-    return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
-             splits, pdl, st, m, warps, 0);
+    auto f = zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, false, true>
+                                                 : launch_tc<true, false, false, false, true>)
+                              : (bias != nullptr ? launch_tc<false, true, false, false, true>
+                                                 : launch_tc<false, false, false, false, true>);
+    return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                              chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
   }
-  auto f = stage ? launch_tc_as<true, false, false> : compact ? launch_tc_as<false, false, true>
-                                                              : launch_tc_as<false, false, false>;
+  auto f = stage ? launch_tc_as<true> : launch_tc_as<false>;
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
-           splits, pdl, st, m, warps, act);
+           splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act);
 }
