@@ -364,8 +364,8 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
         activation computed while the CUDA GEMV stages its input (fused.silu_mul's rounding)."""
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        # two rows: gptq_tc with x staged (each warp recomputing the activation for its chunks was far slower); one:
-        # the FMA GEMV's act kernel
+        # where gptq_act_out is off (gate_up gives the activation itself where it is on). Two rows: gptq_tc with x
+        # staged (each warp recomputing the activation for its chunks was far slower); one: the FMA GEMV's act kernel
         tc = dict(tc=True, stage=True) if gate_up.shape[0] == 2 else {}
         return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, **tc))
 
