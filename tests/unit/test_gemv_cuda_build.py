@@ -389,3 +389,19 @@ def test_gptq_act_out_gives_the_activation_from_gate_up_at_the_steps_gptq_tc_ser
 
     with pytest.raises(ValueError, match="pair"):
         real(torch.zeros(1, 256, dtype=torch.bfloat16), _weights(256, 256), None, tc=True, stage=True, pair=True)
+
+
+def test_plan_tc_pair_keeps_the_gate_up_blocks_in_one_wave():
+    """plan_tc_pair: the most of 8, 4, 2 warps whose n / 2 / 32 blocks fit in one wave at 16 warps an SM, each half's
+    warps at most its chunks: 7B's gate_up (344 blocks on 132 SMs) 4 warps (8 would give two blocks an SM, 264 < 344),
+    its TP=2 shard (172 blocks) 8, a gate_up of two chunks 4 (2 a half), one too wide for 4 a block 2."""
+    assert gemv_cuda.TC_WARPS_PER_SM == 16
+    assert gemv_cuda.plan_tc_pair(22016, 4096, 132) == 4
+    assert gemv_cuda.plan_tc_pair(11008, 4096, 132) == 8
+    assert gemv_cuda.plan_tc_pair(1024, 256, 132) == 4
+    assert gemv_cuda.plan_tc_pair(2 * 32 * 600, 4096, 132) == 2  # 600 blocks > 132 x 4
+    for n, k in ((22016, 4096), (11008, 4096), (1024, 256), (2 * 32 * 600, 4096), (304, 640)):
+        w = gemv_cuda.plan_tc_pair(n, k, 132)
+        blocks = -(-(n // 2) // 32)
+        assert w in (2, 4, 8) and w // 2 <= max(1, k // 128)
+        assert w == 2 or blocks <= 132 * (16 // w)

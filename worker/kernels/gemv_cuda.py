@@ -37,6 +37,7 @@ MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 f
 # hold two sums a value)
 TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
 TC_COLS = 32  # its columns per block
+TC_WARPS_PER_SM = 16  # its unstaged blocks' warps an SM at most (123-125 registers a thread: 4 blocks of 4 warps)
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -168,6 +169,19 @@ def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[in
     return per, -(-chunks // per), min(warps, per)
 
 
+def plan_tc_pair(n: int, k: int, sms: int) -> int:
+    """gptq_tc's warps a block for mlp's gate | up with the activation in its epilogue (kPair: n / 2 / TC_COLS blocks,
+    half the warps on each half): the most of 8, 4, 2 whose blocks all fit in one wave at TC_WARPS_PER_SM warps an SM,
+    each half's warps at most its chunks. On the H200 the 7B gate_up (344 blocks) took 4 warps: the batch-1 step
+    2.290-2.302 ms against 2.346-2.374 with 8 (two blocks an SM, a second wave), batch 2 2.383-2.384 against
+    2.448-2.451."""
+    blocks, chunks = -(-(n // 2) // TC_COLS), k // CHUNK
+    for warps in (8, 4):
+        if blocks <= sms * (TC_WARPS_PER_SM // warps) and warps // 2 <= chunks:
+            return warps
+    return 2
+
+
 @functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -194,7 +208,7 @@ def cuda_gemv(
     [gate | up] and the product's input up * silu(gate), rounded as fused.silu_mul, computed in the GEMV
     (DecodeKernels.gptq_act). pair (tc, unstaged, no act): the product is mlp's gate_up [M, N] = [gate | up] and y its
     activation [M, N / 2], up * silu(gate) of the two halves each rounded to bf16 (fused.silu_mul's values;
-    DecodeKernels.gptq_act_out); the halves take the plan's warps each, K is not split."""
+    DecodeKernels.gptq_act_out); warps a block from plan_tc_pair, K not split."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
@@ -219,8 +233,8 @@ def cuda_gemv(
     if tc:
         per, planned, planned_warps = plan_tc(N, K, sms, M, stage)
         tc_warps = warps or planned_warps
-        if pair:  # each half as the plan's block, within the unstaged kernel's 8 warps; no K split
-            per, planned, tc_warps = K // CHUNK, 1, warps or min(2 * planned_warps, 8)
+        if pair:  # no K split
+            per, planned, tc_warps = K // CHUNK, 1, warps or plan_tc_pair(N, K, sms)
     else:
         per, planned = (plan_mma if mma else plan)(N, K, sms, M)
     if splits is None:

@@ -28,7 +28,8 @@
 // kPair: the product is mlp's gate_up [gate (N/2) | up (N/2)] and y its activation, up * silu(gate) [M, N/2]
 // (DecodeKernels.gptq_act_out): block b owns gate columns 32b .. 32b + 31 with its first W/2 warps and the same up
 // columns with the others, each half splitting K as a block of W/2 warps would; the epilogue rounds each sum (plus its
-// bias) to bf16 as the GEMV's output would be, then applies fused.silu_mul's rounding. No K split over blocks.
+// bias) to bf16 as the GEMV's output would be, then applies fused.silu_mul's rounding. No K split over blocks; W from
+// gemv_cuda.plan_tc_pair (all blocks in one wave).
 // Measured on the H200 (BENCHMARKS.md, 2026-11-30): the 7B Int4 step at batch 1 2.462 ms against the FMA GEMV's
 // 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.35 / 2.44 ms. Tried and removed: 4 chunks
 // in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async; c_attn 21.4 against
