@@ -101,7 +101,8 @@ class DecodeKernels:
     mlp.c_proj runs gptq_tc without an activation inside (gptq_act then serves nothing there). The same values:
     each half rounded as the GEMV's output, then fused.silu_mul's rounding. Served: the 7B Int4 step at batch 1 took
     2.348-2.353 ms with it against 2.400-2.426 without, at batch 2 2.433-2.441 against 2.874-2.881 (three alternating
-    pairs on one H200; bf16 4.248 / 4.358; BENCHMARKS.md, 2026-11-30)."""
+    pairs on one H200; bf16 4.248 / 4.358), and 2.263-2.295 / 2.371-2.392 with its blocks in one wave
+    (gemv_cuda.plan_tc_pair; BENCHMARKS.md, 2026-11-30)."""
 
     pdl: bool = False
     act_gemv: bool = False
