@@ -31,11 +31,12 @@
 // bias) to bf16 as the GEMV's output would be, then applies fused.silu_mul's rounding. No K split over blocks; W from
 // gemv_cuda.plan_tc_pair (all blocks in one wave).
 // Measured on the H200 (BENCHMARKS.md, 2026-11-30): the 7B Int4 step at batch 1 2.462 ms against the FMA GEMV's
-// 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.35 / 2.44 ms. Tried and removed: 4 chunks
-// in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async; c_attn 21.4 against
-// 12.9 us), an L2 prefetch of a warp's chunks past the ring (cp.async.bulk.prefetch.L2; the step 2.910 against 2.759
-// ms), x compact at 1-2 rows (4 values a lane, the B fragments gathered by shuffles, 3-4 chunks in flight: the step
-// 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36 against 2.47 at batch 2; code in git history: 7c8b0f5).
+// 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.26-2.30 / 2.37-2.39 ms. Tried and
+// removed: 4 chunks in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async;
+// c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the ring (cp.async.bulk.prefetch.L2; the step
+// 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B fragments gathered by shuffles, 3-4 chunks in
+// flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36 against 2.47 at batch 2; code in git
+// history: 7c8b0f5).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
