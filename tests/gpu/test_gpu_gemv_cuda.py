@@ -183,22 +183,28 @@ def test_a_gptq_model_decodes_through_the_mma_kernel(tmp_path, bits, batch):
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item(), (a - b).abs().max()
 
 
-@pytest.mark.parametrize("K,N,asym", [(11008, 4096, False), (640, 152, True)])
-def test_act_gemv_equals_silu_mul_then_the_gemv(K, N, asym):
-    """gptq_act's kernel: the GEMV of gate_up [1, 2K] with the activation computed while staging equals
-    fused.silu_mul then the plain GEMV bit for bit (the same rounding of up * silu(gate), the same sums)."""
-    from worker.kernels.fused import silu_mul
+def _int4_group128(K: int, N: int, asym: bool, g: torch.Generator):
+    """Random Int4 weights with groups of 128 in the GEMV's layout: asym zeros, or sym (the v1 offset's 7 stored)."""
     from worker.kernels.gemv import gemv_weights
-    from worker.kernels.gemv_cuda import cuda_gemv
 
-    g = torch.Generator(device=CUDA).manual_seed(K)
     qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=CUDA, dtype=torch.int32, generator=g)
     if asym:
         qzeros = torch.randint(-(2**31), 2**31 - 1, (K // 128, N // 8), device=CUDA, dtype=torch.int32, generator=g)
     else:
         qzeros = torch.full((K // 128, N // 8), 0x77777777, device=CUDA, dtype=torch.int32)
     scales = (torch.rand(K // 128, N, device=CUDA, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
-    w = gemv_weights(qweight, qzeros, scales, 4, 1, 128, 0)
+    return gemv_weights(qweight, qzeros, scales, 4, 1, 128, 0)
+
+
+@pytest.mark.parametrize("K,N,asym", [(11008, 4096, False), (640, 152, True)])
+def test_act_gemv_equals_silu_mul_then_the_gemv(K, N, asym):
+    """gptq_act's kernel: the GEMV of gate_up [1, 2K] with the activation computed while staging equals
+    fused.silu_mul then the plain GEMV bit for bit (the same rounding of up * silu(gate), the same sums)."""
+    from worker.kernels.fused import silu_mul
+    from worker.kernels.gemv_cuda import cuda_gemv
+
+    g = torch.Generator(device=CUDA).manual_seed(K)
+    w = _int4_group128(K, N, asym, g)
     gate_up = (torch.randn(1, 2 * K, device=CUDA, generator=g) * 3).to(torch.bfloat16)
     want = cuda_gemv(silu_mul(gate_up), w, None, pdl=True)
     got = cuda_gemv(gate_up, w, None, pdl=True, act=True)
@@ -258,17 +264,10 @@ def test_tc_pair_equals_the_gemv_then_silu_mul(K, N, asym, bias, M):
     152 and 260 columns: partial tiles; asym zeros and a bias on both halves), under graph replay too; odd warps, a
     staged x and a K split are refused."""
     from worker.kernels.fused import silu_mul
-    from worker.kernels.gemv import gemv_weights
     from worker.kernels.gemv_cuda import cuda_gemv
 
     g = torch.Generator(device=CUDA).manual_seed(K + N + M)
-    qweight = torch.randint(-(2**31), 2**31 - 1, (K // 8, N), device=CUDA, dtype=torch.int32, generator=g)
-    if asym:
-        qzeros = torch.randint(-(2**31), 2**31 - 1, (K // 128, N // 8), device=CUDA, dtype=torch.int32, generator=g)
-    else:
-        qzeros = torch.full((K // 128, N // 8), 0x77777777, device=CUDA, dtype=torch.int32)
-    scales = (torch.rand(K // 128, N, device=CUDA, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
-    w = gemv_weights(qweight, qzeros, scales, 4, 1, 128, 0)
+    w = _int4_group128(K, N, asym, g)
     b = (torch.randn(N, device=CUDA, generator=g) * 0.5).to(torch.bfloat16) if bias else None
     x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
     for half in (2, 4):
