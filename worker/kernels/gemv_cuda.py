@@ -230,11 +230,11 @@ def cuda_gemv(
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
     sms = _sms(x.device.index or 0)
-    if tc:
+    if pair:  # no K split
+        per, planned, tc_warps = K // CHUNK, 1, warps or plan_tc_pair(N, K, sms)
+    elif tc:
         per, planned, planned_warps = plan_tc(N, K, sms, M, stage)
         tc_warps = warps or planned_warps
-        if pair:  # no K split
-            per, planned, tc_warps = K // CHUNK, 1, warps or plan_tc_pair(N, K, sms)
     else:
         per, planned = (plan_mma if mma else plan)(N, K, sms, M)
     if splits is None:
