@@ -299,7 +299,7 @@ class GPTQColumnParallelLinear(_GPTQ, ColumnParallelLinear):
         sizes = self.packed_sizes_total
         if not (k.gptq_act_out and k.gptq_cuda and self._takes_tc(m) and len(sizes) == 2 and sizes[0] == sizes[1]):
             return None
-        if self.gemv is None or self.quant.bits != 4 or not self._cuda_gemv_serves(x.dtype):
+        if self.gemv is None or not self._cuda_gemv_serves(x.dtype):  # (it serves Int4 only: gemv_cuda.supports)
             return None
         from worker.kernels.gemv_cuda import cuda_gemv
 
