@@ -93,6 +93,17 @@ def gptq_library_ready(device: torch.device) -> bool:
     return True
 
 
+def each_7b_linear(shape: Callable[[str, int, int, torch.Generator, torch.device], object]) -> None:
+    """shape(name, K, N, generator, device) for each of LINEARS_7B on cuda:0 with one generator seeded 0, after the
+    gpu_check_* header (`gptq_library_ready`); nothing more where the CUDA GPTQ library did not build."""
+    dev = torch.device("cuda", 0)
+    if not gptq_library_ready(dev):
+        return
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (K, N) in LINEARS_7B.items():
+        shape(name, K, N, g, dev)
+
+
 def random_int4_linear(K: int, N: int, g: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
     """A random Int4 GPTQ linear as the 7B checks use it (groups of 128, sym): qweight, qzeros, bf16 scales, g_idx."""
     G = K // 128

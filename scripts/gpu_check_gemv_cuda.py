@@ -17,21 +17,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import copy_bandwidth, cuda_time  # noqa: E402
+from bench_common import cuda_time, gptq_library_ready  # noqa: E402
 from gpu_check_gemv import SHAPES  # noqa: E402
 from worker.kernels.gemv import gemv_weights, quant_gemv  # noqa: E402
-from worker.kernels.gemv_cuda import cuda_gemv, library, supports  # noqa: E402
+from worker.kernels.gemv_cuda import cuda_gemv, supports  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
 
 
 def main() -> None:
     dev = torch.device("cuda", 0)
-    lib = library(*torch.cuda.get_device_capability(dev))
-    print("library:", lib)
-    if isinstance(lib, str):
+    if not gptq_library_ready(dev):
         return
-    bw = copy_bandwidth(dev)
-    print(f"{torch.cuda.get_device_name(dev)}: copy {bw / 1e12:.2f} TB/s")
     g = torch.Generator(device=dev).manual_seed(0)
     for i, (name, (K, N)) in enumerate(SHAPES.items()):
         G = K // 128

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import LINEARS_7B, copies_past_l2, gptq_library_ready, graphed_time, random_int4_linear  # noqa: E402
+from bench_common import copies_past_l2, each_7b_linear, graphed_time, random_int4_linear  # noqa: E402
 from worker.kernels.gemv import gemv_weights, quant_gemv  # noqa: E402
 from worker.kernels.gemv_cuda import cuda_gemv, mma_max_chunks, plan_mma  # noqa: E402
 from worker.kernels.gptq import gptq_dequant_mm  # noqa: E402
@@ -32,13 +32,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,8,16,32,64")
     ap.add_argument("--splits", default="")
     args = ap.parse_args()
-    dev = torch.device("cuda", 0)
-    if not gptq_library_ready(dev):
-        return
-    g = torch.Generator(device=dev).manual_seed(0)
-    for name, (K, N) in LINEARS_7B.items():
-        splits = [int(s) for s in args.splits.split(",") if s]
-        shape(name, K, N, [int(m) for m in args.rows.split(",")], splits, g, dev)
+    rows, splits = [int(m) for m in args.rows.split(",")], [int(s) for s in args.splits.split(",") if s]
+    each_7b_linear(lambda name, K, N, g, dev: shape(name, K, N, rows, splits, g, dev))
 
 
 def shape(name: str, K: int, N: int, rows: list[int], splits: list[int], g: torch.Generator, dev: torch.device) -> None:

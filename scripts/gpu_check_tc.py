@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import LINEARS_7B, copies_past_l2, gptq_library_ready, graphed_time, random_int4_linear  # noqa: E402
+from bench_common import copies_past_l2, each_7b_linear, graphed_time, random_int4_linear  # noqa: E402
 from worker.kernels.gemv import gemv_weights  # noqa: E402
 from worker.kernels.gemv_cuda import CHUNK, MMA_SMEM, cuda_gemv, plan_tc, tc_smem  # noqa: E402
 from worker.kernels.gptq_reference import gptq_matmul_reference  # noqa: E402
@@ -32,12 +32,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8")
     ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
-    dev = torch.device("cuda", 0)
-    if not gptq_library_ready(dev):
-        return
-    g = torch.Generator(device=dev).manual_seed(0)
-    for name, (K, N) in LINEARS_7B.items():
-        shape(name, K, N, [int(m) for m in args.rows.split(",")], args.sweep, g, dev)
+    rows = [int(m) for m in args.rows.split(",")]
+    each_7b_linear(lambda name, K, N, g, dev: shape(name, K, N, rows, args.sweep, g, dev))
 
 
 def shape(name: str, K: int, N: int, rows: list[int], sweep: bool, g: torch.Generator, dev: torch.device) -> None:
