@@ -38,8 +38,6 @@ MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 f
 TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
 TC_COLS = 32  # its columns per block
 TC_WARPS_PER_SM = 16  # its unstaged blocks' warps an SM at most (123-125 registers a thread: 4 blocks of 4 warps)
-TC_RING = 0  # slots of gptq_tc's cp.async ring a warp where x is unstaged (kRing); 0: the registers' ring of 2
-TC_RING_MOST = 8  # the .cu's kTcRingMost
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -90,7 +88,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
-    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i, i]
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -146,17 +144,10 @@ def plan_mma(n: int, k: int, sms: int, rows: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def tc_slot_bytes(rows: int) -> int:
-    """One slot of gptq_tc's cp.async ring (the .cu's tc_slot_bytes): a warp's chunk of words, x's rows of the chunk,
-    the group's scales and zeros for its 32 columns."""
-    return 32 * 4 * 16 + rows * CHUNK * 2 + 2 * TC_COLS * 2
-
-
-def tc_smem(rows: int, per: int, warps: int, stage: bool = True, ring: int = 0) -> int:
+def tc_smem(rows: int, per: int, warps: int, stage: bool = True) -> int:
     """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes) and their chunk sums where the block stages
-    them, the warps' sums, each warp's ring slots."""
-    staged = rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0
-    return staged + warps * 8 * TC_COLS * 4 + warps * ring * tc_slot_bytes(rows)
+    them, the warps' sums."""
+    return (rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0) + warps * 8 * TC_COLS * 4
 
 
 def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[int, int, int]:
@@ -167,7 +158,7 @@ def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[in
     tiles, chunks = -(-n // TC_COLS), k // CHUNK
     if not stage:
         warps = 8 if tiles <= sms else 4
-        splits = max(1, min((TC_WARPS_PER_SM * sms) // (tiles * warps), chunks // (2 * warps)))
+        splits = max(1, min((16 * sms) // (tiles * warps), chunks // (2 * warps)))
         per = -(-chunks // splits)
         return per, -(-chunks // per), min(warps, per)
     warps = 16 if tiles <= sms else 8
@@ -208,7 +199,6 @@ def cuda_gemv(
     warps: int | None = None,
     stage: bool = True,
     pair: bool = False,
-    ring: int | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     (tc) 1 to TC_MAX_ROWS on gptq_tc (Int4), or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core matmul (Int4 or
@@ -218,8 +208,7 @@ def cuda_gemv(
     [gate | up] and the product's input up * silu(gate), rounded as fused.silu_mul, computed in the GEMV
     (DecodeKernels.gptq_act). pair (tc, unstaged, no act): the product is mlp's gate_up [M, N] = [gate | up] and y its
     activation [M, N / 2], up * silu(gate) of the two halves each rounded to bf16 (fused.silu_mul's values;
-    DecodeKernels.gptq_act_out); warps a block from plan_tc_pair, K not split. ring (tc, unstaged, no act): slots of
-    each warp's cp.async ring, 2 to TC_RING_MOST, 0 for the registers' ring (default TC_RING)."""
+    DecodeKernels.gptq_act_out); warps a block from plan_tc_pair, K not split."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
@@ -237,13 +226,6 @@ def cuda_gemv(
             f"of 4 columns and an even number of warps; N {N}, tc {tc}, stage {stage}, act {act}, splits {splits}, "
             f"warps {warps}"
         )
-    if ring is None:
-        ring = TC_RING if tc and not stage and not act else 0
-    if ring and (not tc or stage or act or not 2 <= ring <= TC_RING_MOST):
-        raise ValueError(
-            f"cuda_gemv: a ring of {ring} slots needs tc, unstaged, no act and 2 to {TC_RING_MOST} slots; tc {tc}, "
-            f"stage {stage}, act {act}"
-        )
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
@@ -260,10 +242,10 @@ def cuda_gemv(
     else:  # a measurement's choice (scripts/gpu_check_*.py); shared memory is the caller's to keep (checked for tc)
         per = -(-(K // CHUNK) // splits)
         splits = -(-(K // CHUNK) // per)
-    if tc and (tc_smem(M, per, tc_warps, stage, ring) > MMA_SMEM or tc_warps > (16 if stage else 8)):
+    if tc and (tc_smem(M, per, tc_warps, stage) > MMA_SMEM or tc_warps > (16 if stage else 8)):
         raise ValueError(
-            f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}), {per} chunks a split and {ring} ring "
-            f"slots take {tc_smem(M, per, tc_warps, stage, ring)} bytes of shared memory (at most {MMA_SMEM})"
+            f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
+            f"{tc_smem(M, per, tc_warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
         )
     y = torch.empty(M, N // 2 if pair else N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
@@ -274,7 +256,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
     if tc:
-        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair), ring)
+        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:

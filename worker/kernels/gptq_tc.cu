@@ -97,46 +97,14 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
   return out;
 }
 
-// cp.async: 16 bytes (zeros where !valid) and 8 bytes global -> shared; a group's commit and the wait for all but
-// the `pending` most recent groups (pending < kTcRingMost)
-constexpr int kTcRingMost = 8;
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait(int pending) {
-  switch (pending) {  // the count is an immediate
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-  }
-}
-
-// bytes of one ring slot: a warp's chunk of words (32 lanes x 4 steps x 16 bytes), x's m rows of the chunk, the
-// group's scales and zeros for the warp's 32 columns
-__host__ __device__ constexpr int tc_slot_bytes(int m) { return 32 * 4 * 16 + m * kChunk * 2 + 2 * kTcCols * 2; }
-
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
 // loads its chunks' x beside their words (ring slots) and sums them with shuffles: no block-wide wait before the loop
-// kRing (unstaged, no act): each warp streams its chunks through `ring` slots of shared memory by cp.async (words,
-// x's rows, scales and zeros), so ring - 1 chunks stay in flight without holding registers.
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kRing = false>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, int m, int ring) {
-  static_assert(!kRing || (!kStage && !kAct), "the ring serves the unstaged plain and pair forms");
+    int k_offset, int group_size, int chunks_per_split, int splits, int m) {
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // kPair: warps [0, W/2) the gate columns, [W/2, W) the up columns; `warp` and `warps` within the half
@@ -154,55 +122,20 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem4);
   float* xsum = reinterpret_cast<float*>(xs + (kStage ? (size_t)m * pitch : 0));  // [m][chunks_per_split]
   float* red = xsum + (kStage ? m * chunks_per_split : 0);                        // [warps][kTcRows][kTcCols]
-  // kRing: this warp's slots after the warps' sums
-  const int slot_bytes = tc_slot_bytes(m);
-  unsigned char* my_ring = reinterpret_cast<unsigned char*>(red + (blockDim.x >> 5) * kTcRows * kTcCols) +
-                           (size_t)(threadIdx.x >> 5) * ring * slot_bytes;
 
   uint4 buf[kTcDepth][kTcSteps];
   uint2 sbuf[kTcDepth], zbuf[kTcDepth];
   uint4 xbuf[kStage ? 1 : kTcDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kTcDepth][kTcSteps];  // !kStage: x (gate, up)
   const uint4* base = qw + (n >> 2);
-  // kRing: slot i's words, scales and zeros (constant data; before griddepcontrol.wait), and its x rows (after it)
-  auto fill_w = [&](int i, int c) {
-    unsigned char* sl = my_ring + (size_t)i * slot_bytes;
 #pragma unroll
-    for (int st = 0; st < kTcSteps; ++st)
-      cp_async16(sl + (st * 32 + lane) * 16, base + (size_t)(c * kWordRows + st * 4 + t) * n4, live);
-    const int group = group_size == kChunk ? (k_offset >> 7) + c : (k_offset + c * kChunk) / group_size;
-    const int p = lane & 7;  // lanes 0-7 the scales of columns 4p .. 4p + 3, lanes 8-15 the zeros
-    if (lane < (kZeros ? 16 : 8) && nb + 4 * p < nh) {
-      const size_t gi = (size_t)group * N + half * nh + nb + 4 * p;
-      cp_async8(sl + 2048 + m * kChunk * 2 + (lane >> 3) * kTcCols * 2 + 8 * p, (lane < 8 ? scales : zeros) + gi);
-    }
-  };
-  auto fill_x = [&](int i, int c) {
-    unsigned char* sx = my_ring + (size_t)i * slot_bytes + 2048;
-    for (int j = lane; j < m * 16; j += 32)
-      cp_async16(sx + j * 16, x + (size_t)(j >> 4) * K + (size_t)c * kChunk + (j & 15) * 8, true);
-  };
-  if constexpr (kRing) {
-    for (int i = 0; i < ring; ++i) {
-      const int c = c0 + warp + i * warps;
-      if (c < c1) fill_w(i, c);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kTcDepth; ++i) {
-      sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
-      const int c = c0 + warp + i * warps;
-      if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
-                                  group_size, t);
-    }
+  for (int i = 0; i < kTcDepth; ++i) {
+    sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
+    const int c = c0 + warp + i * warps;
+    if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
+                                group_size, t);
   }
   gdc_wait();
-  if constexpr (kRing) {  // one group a slot (the first also holds every slot's words)
-    for (int i = 0; i < ring; ++i) {
-      const int c = c0 + warp + i * warps;
-      if (c < c1) fill_x(i, c);
-      cp_async_commit();
-    }
-  } else if constexpr (kStage) {
+  if constexpr (kStage) {
     const int len = chunks * kChunk;
     if (kAct) {
       for (int i = threadIdx.x; i < m * len; i += blockDim.x) {
@@ -295,33 +228,6 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     acc[3][0] = fmaf(s23.y, db[2] - z[3] * sx0, acc[3][0]);
     acc[3][1] = fmaf(s23.y, db[3] - z[3] * sx1, acc[3][1]);
   };
-  if constexpr (kRing) {  // chunk j of this warp in slot j % ring, refilled with chunk j + ring after its arithmetic
-    int i = 0;
-    for (int c = c0 + warp; c < c1; c += warps) {
-      cp_async_wait(ring - 1);
-      __syncwarp();
-      const unsigned char* sl = my_ring + (size_t)i * slot_bytes;
-      uint4 cur[kTcSteps], xv[kTcSteps];
-#pragma unroll
-      for (int st = 0; st < kTcSteps; ++st) {
-        cur[st] = *reinterpret_cast<const uint4*>(sl + (st * 32 + lane) * 16);
-        xv[st] = g < m ? *reinterpret_cast<const uint4*>(sl + 2048 + g * kChunk * 2 + st * 64 + t * 16)
-                       : make_uint4(0u, 0u, 0u, 0u);
-      }
-      const unsigned char* sz = sl + 2048 + m * kChunk * 2;
-      const uint2 s4 = *reinterpret_cast<const uint2*>(sz + 8 * g);
-      const uint2 z4 = kZeros ? *reinterpret_cast<const uint2*>(sz + kTcCols * 2 + 8 * g) : make_uint2(0u, 0u);
-      chunk(cur, xv, s4, z4, c);
-      __syncwarp();  // every lane has read the slot
-      const int cn = c + ring * warps;
-      if (cn < c1) {
-        fill_w(i, cn);
-        fill_x(i, cn);
-      }
-      cp_async_commit();
-      i = i + 1 == ring ? 0 : i + 1;
-    }
-  } else
   for (int cb = c0 + warp; cb < c1; cb += kTcDepth * warps) {  // the ring: chunk cb + i * warps in slot i
 #pragma unroll
     for (int i = 0; i < kTcDepth; ++i) {
@@ -397,22 +303,22 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false, bool kRing = false>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
-                      int warps, int ring = 0) {
+                      int warps) {
   const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
                              : 0) +
-                      (size_t)warps * kTcRows * kTcCols * 4 + (kRing ? (size_t)warps * ring * tc_slot_bytes(m) : 0);
+                      (size_t)warps * kTcRows * kTcCols * 4;
   const int cols = kPair ? N / 2 : N;
   PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kRing>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair>;
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, m, ring);
+                            N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
 template <bool kStage>
@@ -424,25 +330,7 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
                ? (bias != nullptr ? launch_tc<true, true, false, kStage> : launch_tc<true, false, false, kStage>)
                : (bias != nullptr ? launch_tc<false, true, false, kStage> : launch_tc<false, false, false, kStage>);
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, stream, m, warps, 0));
-}
-
-// the unstaged forms without act (plain or kPair), by zeros and bias, on the register ring or (ring > 0) kRing
-template <bool kPair>
-int launch_tc_unstaged(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
-                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
-                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps,
-                       int ring) {
-  auto f = ring ? (zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, false, kPair, true>
-                                                       : launch_tc<true, false, false, false, kPair, true>)
-                                    : (bias != nullptr ? launch_tc<false, true, false, false, kPair, true>
-                                                       : launch_tc<false, false, false, false, kPair, true>))
-                : (zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, false, kPair>
-                                                       : launch_tc<true, false, false, false, kPair>)
-                                    : (bias != nullptr ? launch_tc<false, true, false, false, kPair>
-                                                       : launch_tc<false, false, false, false, kPair>));
-  return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, stream, m, warps, ring));
+                            chunks_per_split, splits, pdl, stream, m, warps));
 }
 
 }  // namespace
@@ -450,20 +338,22 @@ int launch_tc_unstaged(const void* x, const void* qw, const void* scales, const 
 // m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
 // and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
 // activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
-// a multiple of 4); ring: slots of kRing's cp.async ring a warp (2 to kTcRingMost; unstaged, no act), 0 for the
-// registers' ring. The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
+// a multiple of 4). The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                       int act, int stage, int pair, int ring) {
+                       int act, int stage, int pair) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
-  if (ring && (stage || act || ring < 2 || ring > kTcRingMost)) return static_cast<int>(cudaErrorInvalidValue);
-  if (pair && (stage || act || splits != 1 || warps % 2 || (N / 2) % 4)) return static_cast<int>(cudaErrorInvalidValue);
-  if (pair || ring)
-    return (pair ? launch_tc_unstaged<true> : launch_tc_unstaged<false>)(
-        x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split, splits,
-        pdl, static_cast<cudaStream_t>(stream), m, warps, ring);
+  if (pair) {
+    if (stage || act || splits != 1 || warps % 2 || (N / 2) % 4) return static_cast<int>(cudaErrorInvalidValue);
+    auto f = zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, false, true>
+                                                 : launch_tc<true, false, false, false, true>)
+                              : (bias != nullptr ? launch_tc<false, true, false, false, true>
+                                                 : launch_tc<false, false, false, false, true>);
+    return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
+                              chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
+  }
   auto f = stage ? launch_tc_as<true> : launch_tc_as<false>;
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
            splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act);
