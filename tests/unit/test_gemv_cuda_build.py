@@ -218,9 +218,12 @@ def test_plan_tc_unstaged_fills_the_sms_with_two_chunks_a_warp(N, K, rows):
     chunks, tiles = K // 128, -(-N // 32)
     assert per * (splits - 1) < chunks <= per * splits
     assert warps <= 8 and gemv_cuda.tc_smem(rows, per, warps, stage=False) <= gemv_cuda.MMA_SMEM
-    assert splits == 1 or (per >= 2 * warps and tiles * warps * (splits - 1) < 16 * 132)
-    if (N, K) == (4096, 11008):  # 7B mlp.c_proj: 128 tiles, split so that ~16 warps an SM each take >= 2 chunks
-        assert (warps, splits) == (8, 2)
+    assert gemv_cuda.TC_WARPS_PER_SM == 12  # 3 chunks in flight a warp: 160-166 registers
+    assert splits == 1 or (per >= 2 * warps and tiles * warps * (splits - 1) < 12 * 132)
+    if (N, K) == (4096, 11008):  # 7B mlp.c_proj: 128 tiles of 8 warps already fill ~12 warps an SM unsplit
+        assert (warps, splits) == (8, 1)
+    if (N, K) == (152, 640):  # 5 tiles: 8 warps, 5 chunks (no split leaves 2 chunks a warp)
+        assert (warps, splits) == (5, 1)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
@@ -392,16 +395,18 @@ def test_gptq_act_out_gives_the_activation_from_gate_up_at_the_steps_gptq_tc_ser
 
 
 def test_plan_tc_pair_keeps_the_gate_up_blocks_in_one_wave():
-    """plan_tc_pair: the most of 8, 4, 2 warps whose n / 2 / 32 blocks fit in one wave at 16 warps an SM, each half's
-    warps at most its chunks: 7B's gate_up (344 blocks on 132 SMs) 4 warps (8 would give two blocks an SM, 264 < 344),
-    its TP=2 shard (172 blocks) 8, a gate_up of two chunks 4 (2 a half), one too wide for 4 a block 2."""
-    assert gemv_cuda.TC_WARPS_PER_SM == 16
+    """plan_tc_pair: the most of 8, 4, 2 warps whose n / 2 / 32 blocks fit in one wave at 12 warps an SM, each half's
+    warps at most its chunks: 7B's gate_up (344 blocks on 132 SMs) 4 warps (8 would give one block an SM, 132 < 344),
+    its TP=2 shard (172 blocks) 4 too (172 > 132), a gate_up of two chunks 4 (2 a half), one too wide for 4 a block
+    (600 blocks > 3 x 132) 2."""
+    assert gemv_cuda.TC_WARPS_PER_SM == 12
     assert gemv_cuda.plan_tc_pair(22016, 4096, 132) == 4
-    assert gemv_cuda.plan_tc_pair(11008, 4096, 132) == 8
+    assert gemv_cuda.plan_tc_pair(11008, 4096, 132) == 4
+    assert gemv_cuda.plan_tc_pair(2 * 32 * 100, 4096, 132) == 8  # 100 blocks: one an SM
     assert gemv_cuda.plan_tc_pair(1024, 256, 132) == 4
     assert gemv_cuda.plan_tc_pair(2 * 32 * 600, 4096, 132) == 2  # 600 blocks > 132 x 4
     for n, k in ((22016, 4096), (11008, 4096), (1024, 256), (2 * 32 * 600, 4096), (304, 640)):
         w = gemv_cuda.plan_tc_pair(n, k, 132)
         blocks = -(-(n // 2) // 32)
         assert w in (2, 4, 8) and w // 2 <= max(1, k // 128)
-        assert w == 2 or blocks <= 132 * (16 // w)
+        assert w == 2 or blocks <= 132 * (12 // w)

@@ -37,7 +37,8 @@ MMA_MAX_ROWS = {4: 64, 8: 32}  # rows gptq_mma serves by bits (16-row tiles: 4 f
 # hold two sums a value)
 TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
 TC_COLS = 32  # its columns per block
-TC_WARPS_PER_SM = 16  # its unstaged blocks' warps an SM at most (123-125 registers a thread: 4 blocks of 4 warps)
+TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in flight, 160-166 registers a thread: 3
+# blocks of 4 warps; the H200's 7B step at batch 1 2.10-2.11 ms against 2.32 with 16 planned, and 2.17 at 2 chunks)
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -154,11 +155,12 @@ def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[in
     """(chunks per split, splits, warps a block) for gptq_tc. Staged: 16 warps a block where the 32-column tiles are
     no more than the SMs, else 8 (at most a split's chunks), and the fewest splits whose shared memory fits MMA_SMEM.
     Unstaged (x loaded by each warp): 8 warps where the tiles are no more than the SMs, else 4, and K split so that
-    the warps fill ~16 an SM, each keeping 2 chunks or more (the 7B linears' sweep on an H200, BENCHMARKS.md)."""
+    the warps fill ~TC_WARPS_PER_SM an SM, each keeping 2 chunks or more (the 7B linears' sweep on an H200,
+    BENCHMARKS.md)."""
     tiles, chunks = -(-n // TC_COLS), k // CHUNK
     if not stage:
         warps = 8 if tiles <= sms else 4
-        splits = max(1, min((16 * sms) // (tiles * warps), chunks // (2 * warps)))
+        splits = max(1, min((TC_WARPS_PER_SM * sms) // (tiles * warps), chunks // (2 * warps)))
         per = -(-chunks // splits)
         return per, -(-chunks // per), min(warps, per)
     warps = 16 if tiles <= sms else 8
@@ -174,7 +176,7 @@ def plan_tc_pair(n: int, k: int, sms: int) -> int:
     half the warps on each half): the most of 8, 4, 2 whose blocks all fit in one wave at TC_WARPS_PER_SM warps an SM,
     each half's warps at most its chunks. On the H200 the 7B gate_up (344 blocks) took 4 warps: the batch-1 step
     2.290-2.302 ms against 2.346-2.374 with 8 (two blocks an SM, a second wave), batch 2 2.383-2.384 against
-    2.448-2.451."""
+    2.448-2.451 (at 2 chunks in flight and 16 warps an SM; 4 warps still at 12)."""
     blocks, chunks = -(-(n // 2) // TC_COLS), k // CHUNK
     for warps in (8, 4):
         if blocks <= sms * (TC_WARPS_PER_SM // warps) and warps // 2 <= chunks:

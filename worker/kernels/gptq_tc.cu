@@ -14,15 +14,17 @@
 //   2t + 8, the second P_2 and P_3, so x's B fragments are its 8 values of word row t reordered 0 4 1 5 | 2 6 3 7.
 // - Lane (g, t) takes row g of x (zero for g >= m); its D holds columns (4g, 4g + 1 | 4g + 2, 4g + 3) x rows 2t,
 //   2t + 1. Per 128-row chunk (one group): acc += s (D - (z + 128) sum x).
-// - x two ways (kStage). Unstaged (served): each warp loads its chunks' x beside their words, in the same ring of 2
-//   chunks, and sums them with shuffles, so nothing waits block-wide before the loop. Staged: the block copies x's
+// - x two ways (kStage). Unstaged (served): each warp loads its chunks' x beside their words, in the same ring of
+//   kTcDepth chunks, and sums them by mma with an all-ones A (two more a step: D's rows are then x's sums, rows 2t
+//   and 2t + 1 in this lane, where ~17 conversions and adds a step and 4 shuffles a chunk did it before), so nothing
+//   waits block-wide before the loop. Staged: the block copies x's
 //   rows into shared memory after griddepcontrol.wait (rows padded so a quarter-warp's 16-byte reads fall on distinct
 //   banks) with their chunk sums; the served two-row activation (kAct) takes this form, since unstaged every warp
 //   would compute up * silu(gate) for its chunks, all 32 lanes over 8 rows' slots.
 // - A block is 32 columns and W warps splitting its K range by chunks (warp w: chunks w, w + W, ...); the warps'
 //   sums meet in shared memory and are added in warp order (deterministic). K may also be split over blocks, summed
 //   in split order by the last block to arrive, as in gptq_gemv.cu. The plan: gemv_cuda.plan_tc.
-// - PDL: the first kTcDepth chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
+// - PDL: the ring's first chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
 // kAct: x's row r is mlp's gate_up row [gate (K) | up (K)], and the product's input is up * silu(gate) with
 // fused.silu_mul's rounding (DecodeKernels.gptq_act).
 // kPair: the product is mlp's gate_up [gate (N/2) | up (N/2)] and y its activation, up * silu(gate) [M, N/2]
@@ -31,8 +33,10 @@
 // bias) to bf16 as the GEMV's output would be, then applies fused.silu_mul's rounding. No K split over blocks; W from
 // gemv_cuda.plan_tc_pair (all blocks in one wave).
 // Measured on the H200 (BENCHMARKS.md, 2026-11-30): the 7B Int4 step at batch 1 2.462 ms against the FMA GEMV's
-// 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.26-2.30 / 2.37-2.39 ms. Tried and
-// removed: 4 chunks in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async;
+// 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.26-2.30 / 2.37-2.39 ms; x's sums by mma
+// and groups without a division 2.14-2.16 / 2.25; 3 chunks in flight (12 warps an SM) 2.10-2.11 / 2.18-2.19. Tried
+// and removed: a cp.async ring of 2-4 chunks a warp in shared memory (64-80 registers; the step 3.0-3.2 ms: L2 hit
+// rate 61 % against 5 %, DRAM at 24 %; 97fa31d), 4 chunks in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async;
 // c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the ring (cp.async.bulk.prefetch.L2; the step
 // 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B fragments gathered by shuffles, 3-4 chunks in
 // flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36 against 2.47 at batch 2; code in git
@@ -49,7 +53,10 @@ namespace {
 constexpr int kTcCols = 32;   // columns per block
 constexpr int kTcRows = 8;    // rows at most (mma's N)
 constexpr int kTcSteps = 4;   // 32-row steps of a chunk
-constexpr int kTcDepth = 2;  // chunks in flight a warp (4, all via shared memory, or an L2 prefetch past 2: slower)
+// chunks in flight a warp: 3 for the served unstaged plain and pair forms (~160 registers: 12 warps an SM,
+// gemv_cuda.TC_WARPS_PER_SM), 2 for the staged and act forms (their registers; 4, every chunk via shared memory, a
+// cp.async ring of 2-4 chunks a warp in shared memory, or an L2 prefetch past 2: all slower)
+constexpr int kTcDepth = 3, kTcDepthStagedOrAct = 2;
 constexpr uint32_t kOnes = 0x3F803F80u;  // the bf16 pair (1, 1)
 constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
 
@@ -105,6 +112,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
     int k_offset, int group_size, int chunks_per_split, int splits, int m) {
+  constexpr int kDepth = kStage || kAct ? kTcDepthStagedOrAct : kTcDepth;
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   // kPair: warps [0, W/2) the gate columns, [W/2, W) the up columns; `warp` and `warps` within the half
@@ -123,12 +131,12 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   float* xsum = reinterpret_cast<float*>(xs + (kStage ? (size_t)m * pitch : 0));  // [m][chunks_per_split]
   float* red = xsum + (kStage ? m * chunks_per_split : 0);                        // [warps][kTcRows][kTcCols]
 
-  uint4 buf[kTcDepth][kTcSteps];
-  uint2 sbuf[kTcDepth], zbuf[kTcDepth];
-  uint4 xbuf[kStage ? 1 : kTcDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kTcDepth][kTcSteps];  // !kStage: x (gate, up)
+  uint4 buf[kDepth][kTcSteps];
+  uint2 sbuf[kDepth], zbuf[kDepth];
+  uint4 xbuf[kStage ? 1 : kDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kDepth][kTcSteps];  // !kStage: x (gate, up)
   const uint4* base = qw + (n >> 2);
 #pragma unroll
-  for (int i = 0; i < kTcDepth; ++i) {
+  for (int i = 0; i < kDepth; ++i) {
     sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
     const int c = c0 + warp + i * warps;
     if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
@@ -165,7 +173,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     __syncthreads();
   } else {
 #pragma unroll
-    for (int i = 0; i < kTcDepth; ++i) {
+    for (int i = 0; i < kDepth; ++i) {
       const int c = c0 + warp + i * warps;
       if (c < c1) tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, c, K, g, t, m);
     }
@@ -228,12 +236,12 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     acc[3][0] = fmaf(s23.y, db[2] - z[3] * sx0, acc[3][0]);
     acc[3][1] = fmaf(s23.y, db[3] - z[3] * sx1, acc[3][1]);
   };
-  for (int cb = c0 + warp; cb < c1; cb += kTcDepth * warps) {  // the ring: chunk cb + i * warps in slot i
+  for (int cb = c0 + warp; cb < c1; cb += kDepth * warps) {  // the ring: chunk cb + i * warps in slot i
 #pragma unroll
-    for (int i = 0; i < kTcDepth; ++i) {
+    for (int i = 0; i < kDepth; ++i) {
       const int c = cb + i * warps;
       if (c >= c1) break;
-      const int cn = c + kTcDepth * warps;
+      const int cn = c + kDepth * warps;
       if constexpr (kStage) {  // the slot refilled before the chunk's arithmetic
         uint4 cur[kTcSteps];
 #pragma unroll
