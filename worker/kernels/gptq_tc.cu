@@ -36,7 +36,8 @@
 // 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.26-2.30 / 2.37-2.39 ms; x's sums by mma
 // and groups without a division 2.14-2.16 / 2.25; 3 chunks in flight (12 warps an SM) 2.10-2.11 / 2.18-2.19. Tried
 // and removed: a cp.async ring of 2-4 chunks a warp in shared memory (64-80 registers; the step 3.0-3.2 ms: L2 hit
-// rate 61 % against 5 %, DRAM at 24 %; 97fa31d), 4 chunks in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async;
+// rate 61 % against 5 %, DRAM at 24 %; 97fa31d), x loaded as its chunk starts instead of in the ring (121-128
+// registers, 16 warps an SM: 2.18-2.42 ms at 3-4 chunks in flight), 4 chunks in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async;
 // c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the ring (cp.async.bulk.prefetch.L2; the step
 // 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B fragments gathered by shuffles, 3-4 chunks in
 // flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36 against 2.47 at batch 2; code in git
