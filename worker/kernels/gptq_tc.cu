@@ -17,10 +17,10 @@
 // - x two ways (kStage). Unstaged (served): each warp loads its chunks' x beside their words, in the same ring of
 //   kTcDepth chunks, and sums them by mma with an all-ones A (two more a step: D's rows are then x's sums, rows 2t
 //   and 2t + 1 in this lane, where ~17 conversions and adds a step and 4 shuffles a chunk did it before), so nothing
-//   waits block-wide before the loop. Staged: the block copies x's
-//   rows into shared memory after griddepcontrol.wait (rows padded so a quarter-warp's 16-byte reads fall on distinct
-//   banks) with their chunk sums; the served two-row activation (kAct) takes this form, since unstaged every warp
-//   would compute up * silu(gate) for its chunks, all 32 lanes over 8 rows' slots.
+//   waits block-wide before the loop. Staged: the block copies x's rows into shared memory after
+//   griddepcontrol.wait (rows padded so a quarter-warp's 16-byte reads fall on distinct banks) with their chunk sums;
+//   the served two-row activation (kAct) takes this form, since unstaged every warp would compute up * silu(gate)
+//   for its chunks, all 32 lanes over 8 rows' slots.
 // - A block is 32 columns and W warps splitting its K range by chunks (warp w: chunks w, w + W, ...); the warps'
 //   sums meet in shared memory and are added in warp order (deterministic). K may also be split over blocks, summed
 //   in split order by the last block to arrive, as in gptq_gemv.cu. The plan: gemv_cuda.plan_tc.
@@ -35,13 +35,13 @@
 // Measured on the H200 (BENCHMARKS.md, 2026-11-30): the 7B Int4 step at batch 1 2.462 ms against the FMA GEMV's
 // 2.615; batch 2 2.909 against 3.75; with kPair on gate_up (gptq_act_out) 2.26-2.30 / 2.37-2.39 ms; x's sums by mma
 // and groups without a division 2.14-2.16 / 2.25; 3 chunks in flight (12 warps an SM) 2.10-2.11 / 2.18-2.19. Tried
-// and removed: a cp.async ring of 2-4 chunks a warp in shared memory (64-80 registers; the step 3.0-3.2 ms: L2 hit
-// rate 61 % against 5 %, DRAM at 24 %; 97fa31d), x loaded as its chunk starts instead of in the ring (121-128
-// registers, 16 warps an SM: 2.18-2.42 ms at 3-4 chunks in flight), 4 chunks in flight a warp, every chunk of a warp copied into shared memory before the wait (cp.async;
-// c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the ring (cp.async.bulk.prefetch.L2; the step
-// 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B fragments gathered by shuffles, 3-4 chunks in
-// flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36 against 2.47 at batch 2; code in git
-// history: 7c8b0f5).
+// and removed: a cp.async ring of 2-4 chunks a warp in shared memory (64-80 registers; the step 3.0-3.2 ms: L2 hit rate
+// 61 % against 5 %, DRAM at 24 %; 97fa31d), x loaded as its chunk starts instead of in the ring (121-128 registers, 16
+// warps an SM: 2.18-2.51 ms at 2-4 chunks in flight), 4 chunks in flight a warp, every chunk of a warp copied into
+// shared memory before the wait (cp.async; c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the
+// ring (cp.async.bulk.prefetch.L2; the step 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B
+// fragments gathered by shuffles, 3-4 chunks in flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36
+// against 2.47 at batch 2; code in git history: 7c8b0f5).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -70,7 +70,7 @@ __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, cons
 #pragma unroll
   for (int s = 0; s < kTcSteps; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
   // the chunk's group: at groups of one chunk (Qwen's 128) without the division's ~25 instructions a chunk
-  const int group = group_size == kChunk ? (k_offset >> 7) + c : (k_offset + c * kChunk) / group_size;
+  const int group = group_size == kChunk ? k_offset / kChunk + c : (k_offset + c * kChunk) / group_size;
   const size_t gi = (size_t)group * N + n;
   s4 = *reinterpret_cast<const uint2*>(scales + gi);
   if (kZeros) z4 = *reinterpret_cast<const uint2*>(zeros + gi);
@@ -106,7 +106,7 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 }
 
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
-// loads its chunks' x beside their words (ring slots) and sums them with shuffles: no block-wide wait before the loop
+// loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop
 template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
