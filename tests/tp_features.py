@@ -4,12 +4,16 @@ Triton backend and CUDA graphs; cpu: gloo and the torch backend). Each rank writ
 
     python tests/tp_features.py spec OUT DEMO RUNS   # RUNS: comma list of plain | lookup | medusa
     python tests/tp_features.py gptq OUT NAME=CKPT,...
+    python tests/tp_features.py gptq_served OUT NAME=CKPT,...
 
 spec: the demo model in fp32 (clear argmax margins): each engine run's greedy tokens of the requests this rank
 reports, its step lengths and verify steps (graphed, eager), and the Medusa heads' speculative logits of a prefill.
 At world size > 1, rank 1's chooser sees noise: only rank 0's broadcast choices may reach any output.
 gptq: per checkpoint and dtype, the logits of a prefill and of decode steps on fixed (teacher-forced) tokens, so
 that every world computes the same sequences.
+gptq_served (cuda): the same in bf16 with the served decode kernels (the CUDA GPTQ GEMVs: gptq_tc at 1-2 rows, gate_up's
+activation from its epilogue), decoding 1 and then 2 sequences, and per batch whether every layer's gate_up gave the
+activation and every GPTQ linear took gptq_tc.
 """
 
 from __future__ import annotations
@@ -120,6 +124,38 @@ def gptq_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch.Tensor
     return results
 
 
+def gptq_served_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch.Tensor]:
+    from paged import Paged
+    from worker.layers.attention import make_backend
+    from worker.layers.decode_kernels import SERVED, parse_decode_kernels, where_applies
+    from worker.layers.quantized import _GPTQ
+
+    kernels = where_applies(parse_decode_kernels(",".join(SERVED)), pctx.device)
+    backend = make_backend(os.environ.get("QWEN_TEST_BACKEND", "torch"), pctx.device)
+    results: dict[str, torch.Tensor] = {}
+    for item in ckpts:
+        name, path = item.split("=", 1)
+        model = FlashQwenForCausalLM.from_pretrained(
+            path, pctx, torch.bfloat16, backend, progress=False, decode_kernels=kernels
+        )
+        for batch in (1, 2):
+            paged, ids = Paged(model, seed=5), list(range(batch))
+            seqs = [list(p) for p in GPTQ_PROMPTS[:batch]]
+            paged.step(ids, seqs, [0] * batch, [1.0] * batch, True)
+            for step, forced in enumerate(zip(*GPTQ_FORCED[:batch])):
+                for s, token in zip(seqs, forced):
+                    s.append(token)
+                out = paged.step(ids, seqs, [len(s) - 1 for s in seqs], [1.0] * batch, False)
+                for k, o in enumerate(out):
+                    results[f"{name}.b{batch}.step{step}.{k}"] = o.float()
+            x = torch.zeros(batch, model.config.hidden_size, device=pctx.device, dtype=torch.bfloat16)
+            pair = [layer.mlp.gate_up.forward_silu_mul(x) is not None for layer in model.transformer.layers()]
+            tc = [m._takes_tc(batch) for m in model.modules() if isinstance(m, _GPTQ)]
+            results[f"{name}.b{batch}.took"] = torch.tensor([all(pair), all(tc), len(tc)], dtype=torch.int32)
+        del model
+    return results
+
+
 def main() -> None:
     from worker.distributed import init_from_env, shutdown
 
@@ -128,6 +164,8 @@ def main() -> None:
     kind, out, arg = sys.argv[1:4]
     if kind == "spec":
         results = spec_main(pctx, arg, sys.argv[4].split(","))
+    elif kind == "gptq_served":
+        results = gptq_served_main(pctx, arg.split(","))
     else:
         results = gptq_main(pctx, arg.split(","))
     save_file({k: v.detach().cpu().contiguous() for k, v in results.items()}, f"{out}-{pctx.rank}.safetensors")

@@ -5,7 +5,10 @@ backend and CUDA graphs, against world size 1. Ranks are real processes (tests/t
   choices must reach both ranks;
 - Medusa heads (the demo's, column-parallel and gathered): each rank's speculative logits equal world size 1's,
   and the greedy tokens with the heads equal those without;
-- GPTQ Int4 with act order (c_proj's rows split mid-group) and Int8: prefill and decode logits equal world size 1.
+- GPTQ Int4 with act order (c_proj's rows split mid-group) and Int8: prefill and decode logits equal world size 1;
+- GPTQ Int4 (groups of 128, sym and asym with act order) on the served decode kernels (the CUDA GEMVs: gptq_tc at 1-2
+  rows, gate_up's activation from its epilogue over each rank's [gate_r | up_r]): every rank's bf16 decode logits at
+  batch 1 and 2 equal world size 1's within bf16's rounding, and every layer took those kernels.
 
 QWEN_TP_FEATURES_CPU=1 runs the same checks at world size 2 over gloo on the CPU (torch backend, no graphs).
 """
@@ -105,3 +108,38 @@ def test_gptq_logits_equal_world_one(tmp_path):
                     f"GPTQ {dname}, world {w}: max abs logit diff vs world 1 = {worst:.2e} (logits up to {scale:.1f})"
                 )
                 assert worst <= (1e-3 if dname == "fp32" else 5e-2 * scale), (dname, w, worst)  # bf16: a few ulps
+
+
+@pytest.mark.skipif(CPU, reason="the CUDA GPTQ kernels serve CUDA devices only")
+def test_gptq_served_kernels_equal_world_one(tmp_path):
+    from gptq_helpers import gptq_checkpoint
+    from helpers import GPU_TINY
+    from random_weights import random_checkpoint
+
+    # 4 heads of 128 and 2 x 1024 mlp columns: every rank's shard at world 2 and 4 keeps K, its first row and N as
+    # the CUDA kernels need (multiples of 128, 128 and 8)
+    cfg = {**GPU_TINY, "hidden_size": 512, "num_attention_heads": 4, "intermediate_size": 2048}
+    state = random_checkpoint(cfg, seed=23)
+    ckpts = []
+    for name, sym, act in (("sym", True, False), ("asym_act", False, True)):
+        path, _ = gptq_checkpoint(str(tmp_path / name), cfg, state, 4, 128, sym, act)
+        ckpts.append(f"{name}={path}")
+    single = spawn("gptq_served", str(tmp_path / "w1"), 1, ",".join(ckpts))[0]
+    runs = [(1, 0, single)] + [
+        (w, rank, res)
+        for w in WORLDS
+        for rank, res in enumerate(spawn("gptq_served", str(tmp_path / f"w{w}"), w, ",".join(ckpts)))
+    ]
+    for w, rank, res in runs:
+        assert res.keys() == single.keys()
+        for name in ("sym", "asym_act"):
+            for batch in (1, 2):
+                pair, tc, linears = res[f"{name}.b{batch}.took"].tolist()
+                assert linears == 4 * cfg["num_hidden_layers"]
+                if name == "sym":  # no act order: every gate_up and every linear on the served kernels
+                    assert pair and tc, (w, rank, batch, pair, tc)
+                keys = [k for k in single if k.startswith(f"{name}.b{batch}.step")]
+                worst = max((res[k] - single[k]).abs().max().item() for k in keys)
+                scale = max(single[k].abs().max().item() for k in keys)
+                print(f"served GPTQ {name} batch {batch}, world {w} rank {rank}: max abs logit diff {worst:.2e}")
+                assert worst <= 5e-2 * scale, (name, batch, w, rank, worst, scale)
