@@ -149,7 +149,8 @@ def gptq_served_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch
                 for k, o in enumerate(out):
                     results[f"{name}.b{batch}.step{step}.{k}"] = o.float()
             x = torch.zeros(batch, model.config.hidden_size, device=pctx.device, dtype=torch.bfloat16)
-            pair = [layer.mlp.gate_up.forward_silu_mul(x) is not None for layer in model.transformer.layers()]
+            layers = model.transformer.layers()
+            pair = [layer.mlp.gate_up.forward_silu_mul(x) is not None for layer in layers]  # type: ignore[operator]
             tc = [m._takes_tc(batch) for m in model.modules() if isinstance(m, _GPTQ)]
             results[f"{name}.b{batch}.took"] = torch.tensor([all(pair), all(tc), len(tc)], dtype=torch.int32)
         del model
