@@ -202,10 +202,13 @@ class _GPTQ:
         """DecodeKernels.gptq_tc (with gptq_cuda serving): TC_MIN_M to TC_MAX_M rows."""
         return self.decode_kernels.gptq_tc and TC_MIN_M <= m <= TC_MAX_M
 
+    def _in_group_order(self, x: torch.Tensor) -> torch.Tensor:
+        """x's columns in the stored rows' order (act order: x[:, perm]; else x itself)."""
+        return x if self.perm is None else x.index_select(1, self.perm)
+
     def _mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.quant
-        if self.perm is not None:
-            x = x.index_select(1, self.perm)
+        x = self._in_group_order(x)
         m, k = x.shape[0], self.decode_kernels
         if self.gemv is not None and m <= MMA_MAX_M.get(q.bits, 0) and (k.gptq_cuda or k.gptq_mma):
             from worker.kernels.gemv_cuda import cuda_gemv
@@ -303,9 +306,7 @@ class GPTQColumnParallelLinear(_GPTQ, ColumnParallelLinear):
             return None
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        if self.perm is not None:
-            x = x.index_select(1, self.perm)
-        return cuda_gemv(x, self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True)
+        return cuda_gemv(self._in_group_order(x), self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True)
 
 
 class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
