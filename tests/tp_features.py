@@ -12,7 +12,7 @@ At world size > 1, rank 1's chooser sees noise: only rank 0's broadcast choices 
 gptq: per checkpoint and dtype, the logits of a prefill and of decode steps on fixed (teacher-forced) tokens, so
 that every world computes the same sequences.
 gptq_served (cuda): the same in bf16 with the served decode kernels (the CUDA GPTQ GEMVs: gptq_tc at 1-2 rows, gate_up's
-activation from its epilogue), decoding 1 and then 2 sequences, and per batch whether every layer's gate_up gave the
+activation from its epilogue), for 1 and then 2 sequences, and per batch whether every layer's gate_up gave the
 activation and every GPTQ linear took gptq_tc.
 """
 
@@ -99,33 +99,35 @@ def spec_main(pctx: ParallelContext, demo: str, runs: list[str]) -> dict[str, to
     return results
 
 
-def gptq_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch.Tensor]:
+def teacher_forced(model: FlashQwenForCausalLM, batch: int) -> list[list[torch.Tensor]]:
+    """Per step, each sequence's logits (fp32): the prefill of GPTQ_PROMPTS[:batch], then a decode step per
+    GPTQ_FORCED token, so that every world computes the same sequences."""
     from paged import Paged
     from worker.layers.rotary import ntk_alpha
 
+    c, ids = model.config, list(range(batch))
+    paged, seqs = Paged(model, seed=5), [list(p) for p in GPTQ_PROMPTS[:batch]]
+    alphas = [ntk_alpha(len(p), c.seq_length, c.use_dynamic_ntk) for p in seqs]
+    steps = [paged.step(ids, seqs, [0] * batch, alphas, True)]
+    for forced in zip(*GPTQ_FORCED[:batch]):
+        for s, token in zip(seqs, forced):
+            s.append(token)
+        steps.append(paged.step(ids, seqs, [len(s) - 1 for s in seqs], alphas, False))
+    return [[o.float() for o in out] for out in steps]
+
+
+def gptq_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch.Tensor]:
     results: dict[str, torch.Tensor] = {}
     for item in ckpts:
         name, path = item.split("=", 1)
         for dname, dtype in GPTQ_DTYPES.items():
-            model = load(path, pctx, dtype)
-            c = model.config
-            paged, n = Paged(model, seed=5), len(GPTQ_PROMPTS)
-            seqs = [list(p) for p in GPTQ_PROMPTS]
-            alphas = [ntk_alpha(len(p), c.seq_length, c.use_dynamic_ntk) for p in seqs]
-            out = paged.step(list(range(n)), seqs, [0] * n, alphas, True)
-            for step in range(len(GPTQ_FORCED[0]) + 1):
+            for step, out in enumerate(teacher_forced(load(path, pctx, dtype), len(GPTQ_PROMPTS))):
                 for k, o in enumerate(out):
-                    results[f"{name}.{dname}.step{step}.{k}"] = o.float()
-                if step == len(GPTQ_FORCED[0]):
-                    break
-                for s, forced in zip(seqs, GPTQ_FORCED):
-                    s.append(forced[step])
-                out = paged.step(list(range(n)), seqs, [len(s) - 1 for s in seqs], alphas, False)
+                    results[f"{name}.{dname}.step{step}.{k}"] = o
     return results
 
 
 def gptq_served_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch.Tensor]:
-    from paged import Paged
     from worker.layers.attention import make_backend
     from worker.layers.decode_kernels import SERVED, parse_decode_kernels, where_applies
     from worker.layers.quantized import _GPTQ
@@ -139,15 +141,9 @@ def gptq_served_main(pctx: ParallelContext, ckpts: list[str]) -> dict[str, torch
             path, pctx, torch.bfloat16, backend, progress=False, decode_kernels=kernels
         )
         for batch in (1, 2):
-            paged, ids = Paged(model, seed=5), list(range(batch))
-            seqs = [list(p) for p in GPTQ_PROMPTS[:batch]]
-            paged.step(ids, seqs, [0] * batch, [1.0] * batch, True)
-            for step, forced in enumerate(zip(*GPTQ_FORCED[:batch])):
-                for s, token in zip(seqs, forced):
-                    s.append(token)
-                out = paged.step(ids, seqs, [len(s) - 1 for s in seqs], [1.0] * batch, False)
+            for step, out in enumerate(teacher_forced(model, batch)):
                 for k, o in enumerate(out):
-                    results[f"{name}.b{batch}.step{step}.{k}"] = o.float()
+                    results[f"{name}.b{batch}.step{step}.{k}"] = o
             x = torch.zeros(batch, model.config.hidden_size, device=pctx.device, dtype=torch.bfloat16)
             layers = model.transformer.layers()
             pair = [layer.mlp.gate_up.forward_silu_mul(x) is not None for layer in layers]  # type: ignore[operator]

@@ -7,8 +7,8 @@ backend and CUDA graphs, against world size 1. Ranks are real processes (tests/t
   and the greedy tokens with the heads equal those without;
 - GPTQ Int4 with act order (c_proj's rows split mid-group) and Int8: prefill and decode logits equal world size 1;
 - GPTQ Int4 (groups of 128, sym and asym with act order) on the served decode kernels (the CUDA GEMVs: gptq_tc at 1-2
-  rows, gate_up's activation from its epilogue over each rank's [gate_r | up_r]): every rank's bf16 decode logits at
-  batch 1 and 2 equal world size 1's within bf16's rounding, and every layer took those kernels.
+  rows, gate_up's activation from its epilogue over each rank's [gate_r | up_r]): every rank's bf16 prefill and decode
+  logits at batch 1 and 2 equal world size 1's within bf16's rounding, and every layer took those kernels.
 
 QWEN_TP_FEATURES_CPU=1 runs the same checks at world size 2 over gloo on the CPU (torch backend, no graphs).
 """
