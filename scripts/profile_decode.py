@@ -4,6 +4,9 @@ python scripts/profile_decode.py --shape 7b --batch 1 [--decode-kernels pdl,rope
                                  [--quant int4|int8|fp8]  (random quantized weights, as bench_quant.py)
 
 --decode-kernels as serve's (worker/layers/decode_kernels.py, issue 17 P1; default: the served set).
+--timeline: also one graph replay's kernels in launch order (CUPTI): the step's span, the kernels' summed time, the
+time some kernel runs, and a window of one layer's kernels with each one's start, duration and the gap from the
+previous kernel's end (negative: PDL overlap). --tiles: the attention backend's Tiles (e.g. decode_preload=1).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +36,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--decode-kernels", default=",".join(SERVED), help="'none' or a comma list of DecodeKernels fields")
     ap.add_argument("--quant", default="bf16", help="bf16 or a bench_quant.py mode (int4, int8, fp8)")
+    ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--tiles", default="", help="Tiles.parse string for the attention backend")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     if args.quant == "bf16":
@@ -40,6 +46,10 @@ def main() -> None:
         from bench_quant import MODES, build
 
         model = build(args.shape, MODES[args.quant], device=dev)
+    if args.tiles:
+        from worker.kernels.triton_attention import Tiles
+
+        model.backend.tiles = Tiles.parse(args.tiles)
     opts = parse_decode_kernels(args.decode_kernels)
     apply_decode_kernels(model.transformer, opts)
     print(opts)
@@ -58,6 +68,35 @@ def main() -> None:
     print_kernel_table(step, top=25, warmup=3)  # one eager step's kernels
     graph, _ = capture(step)
     print(f"graphed step {cuda_time(graph.replay, iters=30) * 1e3:.3f} ms")
+    if args.timeline:
+        print_timeline(graph.replay)
+
+
+def print_timeline(fn: Callable[[], object], window: int = 14) -> None:
+    """One call of fn's kernels in start order (see --timeline)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ks = sorted(
+        ((e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type.name == "CUDA"),
+    )
+    if not ks:
+        print("timeline: no kernels seen")
+        return
+    busy, reach = 0.0, ks[0][0]
+    for s, e, _ in ks:  # the union of the kernels' intervals
+        if e > reach:
+            busy += e - max(s, reach)
+            reach = e
+    span = ks[-1][1] - ks[0][0]
+    total = sum(e - s for s, e, _ in ks)
+    print(f"timeline: {len(ks)} kernels, span {span:.1f} us, summed {total:.1f} us, some kernel running {busy:.1f} us")
+    first = len(ks) // 2
+    for i in range(first, min(len(ks), first + window)):
+        s, e, name = ks[i]
+        print(f"  +{s - ks[first][0]:8.2f} us  {e - s:7.2f} us  gap {s - ks[i - 1][1]:+6.2f}  {name[:90]}")
 
 
 if __name__ == "__main__":
