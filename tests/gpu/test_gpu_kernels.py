@@ -225,6 +225,51 @@ def test_decode_in_cuda_graph(tiles):
         close(out, src.attend(TorchAttention()), dtype)
 
 
+def test_decode_preload_reads_the_newest_row_after_rope_store():
+    """Tiles.decode_preload under PDL in a CUDA graph: RoPE + store (launched with PDL, letting the attention start
+    early) writes each sequence's newest K/V row, whose slot holds garbage before every replay; the attention, which
+    reads its first tile before its PDL wait, must see the stored row: the output equals, bit for bit, the eager
+    run of the same loop without the preload (decode_prefetch: the same arithmetic, every read after the wait)."""
+    from worker.kernels.paged_decode import DecodeWorkspace, paged_decode
+    from worker.kernels.rope_store import rotary_store_
+
+    b = decode_batch([1, 700, 33, 2048, 17, 16], torch.bfloat16, seed=13)
+    g = torch.Generator(device=CUDA).manual_seed(13)
+    T = 6
+    cos, sin = torch.rand(2, T, HEAD_DIM // 2, generator=g, device=CUDA).unbind(0)
+    q0, k0, v0 = b.q.contiguous(), b.k.contiguous(), b.v.contiguous()
+    q, k = torch.empty_like(q0), torch.empty_like(k0)
+    lens, ws = b.ctx.seqlen.input_lengths, DecodeWorkspace()
+
+    def step(tiles: Tiles) -> torch.Tensor:
+        q.copy_(q0)
+        k.copy_(k0)
+        rotary_store_(q, k, v0, cos, sin, None, b.k_cache, b.v_cache, b.slots, pdl=True)
+        return paged_decode(q, b.k_cache, b.v_cache, b.tables, lens, 2048, b.scale, tiles, 8, workspace=ws, pdl=True)
+
+    def spoil() -> None:  # the newest rows' slots hold what an earlier step left there
+        b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
+        b.v_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = -300.0
+
+    spoil()
+    ref = step(Tiles(decode_prefetch=True)).clone()
+    preload = Tiles(decode_preload=True)
+    spoil()
+    assert torch.equal(step(preload), ref)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(preload)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(preload)
+    for _ in range(50):
+        spoil()
+        graph.replay()
+        assert torch.equal(out, ref)
+
+
 # ------------------------------------------------------------------ multi-LoRA decode, one launch
 @pytest.mark.parametrize("P,K,N", [(1, 4096, 3 * 4096), (2, 4096, 11008), (1, 11008, 4096)])
 def test_lora_decode_one_launch_in_cuda_graph(P, K, N):
