@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from worker import ops
-from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options, level
 
 
 # --------------------------------------------------------------------------------------- RMSNorm
@@ -104,7 +104,7 @@ def rms_norm(
         total.stride(0),
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
-        PDL=on,
+        PDL=level(on, "rms_norm"),
         num_warps=min(max(block // 512, 1), 16),
         enable_fp_fusion=False,
         **launch_options(on),

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.decode_tiles import load_tile, merge_splits, softmax_step
-from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options, level
 from worker.kernels.triton_attention import (
     LOG2E,
     NEG_BIG,
@@ -293,7 +293,7 @@ def paged_decode(
         SCALED=scaled,
         FUSED_REDUCE=fused,
         BLOCK_S=triton.next_power_of_2(num_splits),
-        PDL=on,
+        PDL=level(on, "decode"),
         PRELOAD=tiles.decode_preload,
         num_warps=tiles.decode_warps,
         **launch_options(on),

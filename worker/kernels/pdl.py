@@ -22,16 +22,30 @@ import triton.language as tl
 
 @triton.jit
 def gdc_wait(PDL: tl.constexpr):
-    """Wait for the previous kernel on the stream (a no-op unless PDL)."""
+    """Wait for the previous kernel on the stream (a no-op unless PDL); at PDL == EARLY, first let the next one
+    launch."""
     if PDL:
+        if PDL == 2:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
 def gdc_go(PDL: tl.constexpr):
-    """Let the next PDL kernel on the stream launch (a no-op unless PDL)."""
-    if PDL:
+    """Let the next PDL kernel on the stream launch (a no-op unless PDL == 1: at EARLY, gdc_wait did)."""
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+EARLY = 2  # the PDL level of a kernel that lets the next one launch before it waits itself (see `level`)
+EARLY_GO: set[str] = set()  # kernel families launched at EARLY (`level`)
+
+
+def level(on: bool, family: str) -> int:
+    """The PDL constexpr of a kernel of `family` (`on` from `active`): 0 off, 1 on, EARLY where the family is in
+    EARLY_GO. At EARLY the next kernel may start while this one's predecessor still runs: what that kernel reads
+    before its wait must then be written before both (every kernel here reads only such data there)."""
+    return 0 if not on else EARLY if family in EARLY_GO else 1
 
 
 # kernels are bound to the Triton interpreter (TRITON_INTERPRET=1) or to the GPU when defined
