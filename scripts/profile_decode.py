@@ -6,7 +6,8 @@ python scripts/profile_decode.py --shape 7b --batch 1 [--decode-kernels pdl,rope
 --decode-kernels as serve's (worker/layers/decode_kernels.py, issue 17 P1; default: the served set).
 --timeline: also one graph replay's kernels in launch order (CUPTI): the step's span, the kernels' summed time, the
 time some kernel runs, and a window of one layer's kernels with each one's start, duration and the gap from the
-previous kernel's end (negative: PDL overlap). --tiles: the attention backend's Tiles (e.g. decode_preload=1).
+previous kernel's end (negative: PDL overlap). --tiles: the attention backend's Tiles (e.g. decode_preload=1);
+--early: kernel families that let the next PDL kernel launch before they wait (worker/kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--quant", default="bf16", help="bf16 or a bench_quant.py mode (int4, int8, fp8)")
     ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--tiles", default="", help="Tiles.parse string for the attention backend")
+    ap.add_argument("--early", default="", help="comma list of kernel families for worker/kernels/pdl.EARLY_GO")
     args = ap.parse_args()
     dev = torch.device("cuda", 0)
     if args.quant == "bf16":
@@ -50,6 +52,10 @@ def main() -> None:
         from worker.kernels.triton_attention import Tiles
 
         model.backend.tiles = Tiles.parse(args.tiles)
+    if args.early:
+        from worker.kernels import pdl
+
+        pdl.EARLY_GO.update(filter(None, args.early.split(",")))
     opts = parse_decode_kernels(args.decode_kernels)
     apply_decode_kernels(model.transformer, opts)
     print(opts)

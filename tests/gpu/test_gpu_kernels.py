@@ -225,14 +225,18 @@ def test_decode_in_cuda_graph(tiles):
         close(out, src.attend(TorchAttention()), dtype)
 
 
-def test_decode_preload_reads_the_newest_row_after_rope_store():
+@pytest.mark.parametrize("early", [False, True], ids=["go_after_wait", "early_go"])
+def test_decode_preload_reads_the_newest_row_after_rope_store(early, monkeypatch):
     """Tiles.decode_preload under PDL in a CUDA graph: RoPE + store (launched with PDL, letting the attention start
     early) writes each sequence's newest K/V row, whose slot holds garbage before every replay; the attention, which
     reads its first tile before its PDL wait, must see the stored row: the output equals, bit for bit, the eager
-    run of the same loop without the preload (decode_prefetch: the same arithmetic, every read after the wait)."""
+    run of the same loop without the preload (decode_prefetch: the same arithmetic, every read after the wait).
+    early: RoPE + store lets the attention launch before it waits itself (pdl.EARLY_GO)."""
+    from worker.kernels import pdl
     from worker.kernels.paged_decode import DecodeWorkspace, paged_decode
     from worker.kernels.rope_store import rotary_store_
 
+    monkeypatch.setattr(pdl, "EARLY_GO", {"rope_store", "decode"} if early else set())
     b = decode_batch([1, 700, 33, 2048, 17, 16], torch.bfloat16, seed=13)
     g = torch.Generator(device=CUDA).manual_seed(13)
     T = 6
