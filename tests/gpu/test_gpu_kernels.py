@@ -274,6 +274,77 @@ def test_decode_preload_reads_the_newest_row_after_rope_store(early, monkeypatch
         assert torch.equal(out, ref)
 
 
+# ------------------------------------------------------------------ the CUDA decode kernel (DecodeKernels.attn_cuda)
+def _cuda_backend() -> TritonAttention:
+    from worker.kernels.paged_decode_cuda import library
+
+    lib = library(*torch.cuda.get_device_capability())
+    if isinstance(lib, str):
+        pytest.skip(lib)
+    backend = TritonAttention()
+    backend.attn_cuda = True
+    return backend
+
+
+@pytest.mark.parametrize("block", [16, 32, 8])
+def test_cuda_decode_matches_torch(block):
+    """Contexts around the 32-key chunks and the 8 blocks' shares (64 keys each read before the wait at 512), long
+    ones that loop past them, one key, and a padding row (0: output 0)."""
+    lens = [1, 2, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 700, 2048, 4097, 9000]
+    b = Batch([1] * len(lens), [n - 1 for n in lens], torch.bfloat16, prefill=False, seed=block)
+    backend = _cuda_backend()
+    close(b.attend(backend), b.attend(TorchAttention()), torch.bfloat16)
+    b.ctx.seqlen.input_lengths[3] = 0
+    out = b.attend(backend)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
+    """As test_decode_preload_reads_the_newest_row_after_rope_store, for the CUDA kernel (which reads its first
+    chunks before its PDL wait) after RoPE + store at EARLY: replays with the newest rows spoiled before each equal
+    the eager run bit for bit, and the reference within bf16 rounding."""
+    from worker.kernels import pdl
+    from worker.kernels.paged_decode_cuda import paged_decode_cuda
+    from worker.kernels.rope_store import rotary_store_
+
+    _cuda_backend()
+    monkeypatch.setattr(pdl, "EARLY_GO", {"rope_store"})
+    b = decode_batch([1, 700, 33, 2048, 17, 16, 512, 64], torch.bfloat16, seed=14)
+    g = torch.Generator(device=CUDA).manual_seed(14)
+    T = 8
+    cos, sin = torch.rand(2, T, HEAD_DIM // 2, generator=g, device=CUDA).unbind(0)
+    q0, k0, v0 = b.q.contiguous(), b.k.contiguous(), b.v.contiguous()
+    q, k = torch.empty_like(q0), torch.empty_like(k0)
+    lens = b.ctx.seqlen.input_lengths
+
+    def step() -> torch.Tensor:
+        q.copy_(q0)
+        k.copy_(k0)
+        rotary_store_(q, k, v0, cos, sin, None, b.k_cache, b.v_cache, b.slots, pdl=True)
+        return paged_decode_cuda(q, b.k_cache, b.v_cache, b.tables, lens, b.scale, pdl=True)
+
+    def spoil() -> None:
+        b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
+        b.v_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = -300.0
+
+    spoil()
+    ref = step().clone()
+    torch_ref = TorchAttention().attend(q, k, v0, b.k_cache, b.v_cache, b.ctx, b.scale)
+    close(ref, torch_ref, torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(50):
+        spoil()
+        graph.replay()
+        assert torch.equal(out, ref)
+
+
 # ------------------------------------------------------------------ multi-LoRA decode, one launch
 @pytest.mark.parametrize("P,K,N", [(1, 4096, 3 * 4096), (2, 4096, 11008), (1, 11008, 4096)])
 def test_lora_decode_one_launch_in_cuda_graph(P, K, N):

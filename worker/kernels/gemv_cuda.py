@@ -2,29 +2,22 @@
 tensor cores with the weights as mma's A operand, up to 8 rows; issue 16, P9) and the tensor-core matmul for up to 64
 rows (gptq_mma.cu), built on first use into one library.
 
-nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (no PyTorch headers, so no build against
-PyTorch's ABI) cached under $QWEN_WORKER_CACHE (default ~/.cache/qwen-worker) by the source's hash and the
-device's compute capability; ctypes calls it with raw pointers on PyTorch's current stream (CUDA graphs capture
-it like any launch). Where nvcc is missing, the build fails, or a linear's layout is not one this kernel serves
-(`supports`), `library` / `cuda_gemv` say so and the layer keeps the Triton GEMV (worker/kernels/gemv.py).
+nvcc (CUDA_HOME/bin or PATH) compiles the .cu into a shared library (worker/kernels/cuda_build.py); ctypes calls it
+with raw pointers on PyTorch's current stream (CUDA graphs capture it like any launch). Where nvcc is missing, the
+build fails, or a linear's layout is not one this kernel serves (`supports`), `library` / `cuda_gemv` say so and the
+layer keeps the Triton GEMV (worker/kernels/gemv.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
 
 import torch
 
+from worker.kernels.cuda_build import BuildError, build, find_nvcc
 from worker.kernels.gemv import NO_GROUPS, GPTQGemvWeights
-
-log = logging.getLogger("worker")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(_HERE, f) for f in ("gptq_gemv.cu", "gptq_mma.cu", "gptq_tc.cu"))  # built into one library
@@ -48,36 +41,16 @@ def max_chunks(rows: int) -> int:
 
 
 def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    return find_nvcc()
 
 
 @functools.cache
 def library(major: int, minor: int) -> ctypes.CDLL | str:
     """The built library for compute capability major.minor, or why there is none (a message)."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        return "no nvcc (set CUDA_HOME)"
-    h = hashlib.sha256()
-    for path in (*SOURCES, *HEADERS):
-        with open(path, "rb") as f:
-            h.update(f.read())
-    digest = hashlib.sha256(h.digest() + f"{major}{minor}".encode()).hexdigest()[:16]
-    cache = os.environ.get("QWEN_WORKER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen-worker")
-    os.makedirs(cache, mode=0o700, exist_ok=True)
-    path = os.path.join(cache, f"gptq_gemv_{digest}.so")
-    if not os.path.exists(path):
-        arch = f"{major}{minor}"
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = os.path.join(tmp, "lib.so")
-            cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-            done = subprocess.run([*cmd, "-o", out, *SOURCES], capture_output=True, text=True)
-            if done.returncode != 0:
-                return f"nvcc failed: {done.stderr.strip()[-500:]}"
-            os.replace(out, path)  # atomic: another process may build the same file
-        log.info("built the CUDA GPTQ GEMV for sm_%s: %s", arch, path)
+    try:
+        path = build("gptq_gemv", SOURCES, HEADERS, major, minor, _nvcc())
+    except BuildError as e:
+        return str(e)
     lib = ctypes.CDLL(path)
     lib.gptq4_gemv.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int

@@ -53,10 +53,12 @@ class TritonAttention:
         self.workspace = DecodeWorkspace()  # the fused decode reduction's counters (kept: graphs read them)
         self.varlen_attn = torch_varlen_attn() if use_varlen_attn else None
         self.pdl = False  # the paged decode kernels launch with PDL (DecodeKernels.pdl; sm_90+, else plainly)
+        self.attn_cuda = False  # decode on the CUDA kernel where it serves (DecodeKernels.attn_cuda)
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """Every attention layer of a model hands the model's choices to its (shared) backend."""
         self.pdl = opts.pdl
+        self.attn_cuda = opts.attn_cuda
 
     # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
     def store(
@@ -112,6 +114,11 @@ class TritonAttention:
     ) -> torch.Tensor:
         """One new token per sequence (row b of q is sequence b), already stored in the cache."""
         assert ctx.block_tables is not None
+        if self.attn_cuda and self._cuda_serves(q, k_cache, k_scale is not None or v_scale is not None):
+            from worker.kernels.paged_decode_cuda import paged_decode_cuda
+
+            lens = ctx.seqlen.input_lengths
+            return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl)
         return paged_decode(
             q,
             k_cache,
@@ -127,6 +134,19 @@ class TritonAttention:
             self.workspace,
             self.pdl,
         )
+
+    def _cuda_serves(self, q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> bool:
+        """Whether the CUDA decode kernel serves this call; where it does not build, says why once and stops asking."""
+        from worker.kernels.paged_decode_cuda import library, supports
+
+        if supports(q, k_cache, scaled) is not None:
+            return False
+        lib = library(*torch.cuda.get_device_capability(q.device))
+        if isinstance(lib, str):
+            log.warning("attn_cuda: the CUDA decode attention is not available (%s); the Triton kernels serve", lib)
+            self.attn_cuda = False
+            return False
+        return True
 
     def prefill(
         self,

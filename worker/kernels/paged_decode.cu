@@ -1,0 +1,222 @@
+// Paged decode attention in CUDA for bf16 caches and head_dim 128 (issue 16 P9, DecodeKernels.attn_cuda): one new
+// token a sequence, already stored in the cache, over its whole context. The same function as paged_decode.py's
+// Triton kernels (fp32 scores in log2 units, online softmax, log-sum-exp merge), summed in another order.
+//
+// Why: at batch 1 the Triton kernel ended ~8.5 us after RoPE + store on the H200 (7B, 512 tokens) for ~2 us of KV
+// bytes, however early it launched: after its PDL wait came the table, K and V loads of its second tile, the partials'
+// stores, an atomic arrival and the merge's loads, each a trip to memory. Here
+// - a thread block cluster of kSplits blocks owns one (sequence, head); block s of it the s-th share of the context's
+//   32-key chunks;
+// - before griddepcontrol.wait each block reads its context length, its block-table entries and the K and V rows of
+//   its first kDepth chunks (all of a 512-token context), except the newest position's: in a decode step only the
+//   newest token's K and V are written by the kernel before this one, and with PDL every kernel before that one has
+//   finished when this one starts (pdl.EARLY_GO's rule: what is read before the wait is written before the step);
+// - after it: q, the newest row where a block holds it, the later chunks (a ring of kDepth in registers);
+// - each warp keeps an online softmax over its 8 keys of every chunk; the block merges its 4 warps in shared memory
+//   and the cluster's rank 0 merges the blocks' partials over distributed shared memory (no global partials, no
+//   atomics), in rank order: deterministic.
+// Lane l holds dims 4l .. 4l + 3 of q, K and V (8 bytes a row).
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "gptq_cuda.cuh"  // gdc_wait / gdc_go
+
+namespace cg = cooperative_groups;
+
+namespace {
+
+constexpr int kDim = 128;                  // head_dim
+constexpr int kWarps = 4;                  // a block's warps
+constexpr int kKeys = 8;                   // keys a warp takes of each chunk
+constexpr int kChunkKeys = kWarps * kKeys; // 32 keys a chunk
+constexpr int kDepth = 2;                  // chunks in flight a block (read before the wait: 64 keys)
+constexpr int kSplits = 8;                 // blocks a cluster: the context's shares (the portable cluster size)
+constexpr float kNegBig = -1.0e30f;        // a finite "minus infinity": empty shares never give NaN
+
+struct Rows {  // this lane's 8 bytes of K and V for the warp's keys of one chunk
+  uint2 k[kKeys], v[kKeys];
+};
+
+struct Cache {
+  const __nv_bfloat16* kc;
+  const __nv_bfloat16* vc;
+  const int* table;  // this sequence's block-table row
+  long long stride_cb, stride_cr, head_off;
+  int block_shift;
+};
+
+__device__ __forceinline__ long long row_of(const Cache& c, int pos, int lane) {
+  const int blk = c.table[pos >> c.block_shift];
+  return (long long)blk * c.stride_cb + (long long)(pos & ((1 << c.block_shift) - 1)) * c.stride_cr + c.head_off +
+         4 * lane;
+}
+
+// keys p0 .. p0 + kKeys - 1 of this warp: rows at or past `stop` are 0 (not read)
+__device__ __forceinline__ void load_rows(Rows& r, const Cache& c, int p0, int stop, int lane) {
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    r.k[j] = r.v[j] = make_uint2(0u, 0u);
+    if (p0 + j < stop) {
+      const long long o = row_of(c, p0 + j, lane);
+      r.k[j] = *reinterpret_cast<const uint2*>(c.kc + o);
+      r.v[j] = *reinterpret_cast<const uint2*>(c.vc + o);
+    }
+  }
+}
+
+__device__ __forceinline__ float4 widen(uint2 u) {
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// the online-softmax step of this warp over its keys p0 .. p0 + kKeys - 1 (valid below `stop`)
+__device__ __forceinline__ void softmax_step(const Rows& r, const float4 q, int p0, int stop, float& m, float& l,
+                                             float4& acc) {
+  float s[kKeys];
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const float4 k = widen(r.k[j]);
+    s[j] = q.x * k.x + q.y * k.y + q.z * k.z + q.w * k.w;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j) s[j] += __shfl_xor_sync(0xffffffffu, s[j], off);
+  float mx = m;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j)
+    if (p0 + j < stop) mx = fmaxf(mx, s[j]);
+  const float alpha = exp2f(m - mx);
+  l *= alpha;
+  acc.x *= alpha, acc.y *= alpha, acc.z *= alpha, acc.w *= alpha;
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) {
+    const float p = p0 + j < stop ? exp2f(s[j] - mx) : 0.f;
+    const float4 v = widen(r.v[j]);
+    l += p;
+    acc.x += p * v.x, acc.y += p * v.y, acc.z += p * v.z, acc.w += p * v.w;
+  }
+  m = mx;
+}
+
+__global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
+    const int* __restrict__ tables, const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e,
+    int stride_qt, int stride_qh, long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb,
+    int stride_ot, int stride_oh, int block_shift) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const Cache c{kc, vc, tables + (size_t)b * stride_tb, stride_cb, stride_cr, (long long)h * stride_ch, block_shift};
+  // before the wait: written before this step (lengths, tables, every K/V row but the newest)
+  const int ctx = lens[b];
+  const int chunks = (ctx + kChunkKeys - 1) / kChunkKeys;
+  const int per = (chunks + kSplits - 1) / kSplits;
+  const int c0 = split * per, c1 = min(c0 + per, chunks);
+  const int newest = ctx - 1;
+  Rows buf[kDepth];
+#pragma unroll
+  for (int i = 0; i < kDepth; ++i) load_rows(buf[i], c, (c0 + i) * kChunkKeys + warp * kKeys, min(newest, (c0 + i < c1 ? ctx : 0)), lane);
+  gdc_wait();
+  gdc_go();
+#pragma unroll
+  for (int i = 0; i < kDepth; ++i) {  // the newest row, where a preloaded chunk holds it
+    const int p0 = (c0 + i) * kChunkKeys + warp * kKeys;
+#pragma unroll
+    for (int j = 0; j < kKeys; ++j)
+      if (c0 + i < c1 && p0 + j == newest) {
+        const long long o = row_of(c, newest, lane);
+        buf[i].k[j] = *reinterpret_cast<const uint2*>(kc + o);
+        buf[i].v[j] = *reinterpret_cast<const uint2*>(vc + o);
+      }
+  }
+  float4 qf = widen(*reinterpret_cast<const uint2*>(q + (size_t)b * stride_qt + (size_t)h * stride_qh + 4 * lane));
+  qf.x *= scale_log2e, qf.y *= scale_log2e, qf.z *= scale_log2e, qf.w *= scale_log2e;
+  float m = kNegBig, l = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int cb = c0; cb < c1; cb += kDepth) {
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      const int cc = cb + i;
+      if (cc >= c1) break;
+      softmax_step(buf[i], qf, cc * kChunkKeys + warp * kKeys, ctx, m, l, acc);
+      if (cc + kDepth < c1) load_rows(buf[i], c, (cc + kDepth) * kChunkKeys + warp * kKeys, ctx, lane);
+    }
+  }
+
+  // the block's partial: its warps merged (in warp order), then read by rank 0 over distributed shared memory
+  __shared__ float wm[kWarps], wl[kWarps];
+  __shared__ float wacc[kWarps][kDim];
+  __shared__ float part[2 + kDim];  // (max, sum, acc[kDim]) of this block
+  if (lane == 0) wm[warp] = m, wl[warp] = l;
+  *reinterpret_cast<float4*>(&wacc[warp][4 * lane]) = acc;
+  __syncthreads();
+  const int d = threadIdx.x;  // kWarps * 32 == kDim: one dim a thread
+  float mb = kNegBig;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, wm[w]);
+  float lb = 0.f, ab = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float e = exp2f(wm[w] - mb);  // an empty warp: l = 0, acc = 0 (whatever e is)
+    lb += wl[w] * e, ab += wacc[w][d] * e;
+  }
+  part[2 + d] = ab;
+  if (d == 0) part[0] = mb, part[1] = lb;
+  cluster.sync();
+  if (cluster.block_rank() == 0) {
+    float ms[kSplits], ls[kSplits], as[kSplits];
+#pragma unroll
+    for (int s = 0; s < kSplits; ++s) {
+      const float* p = cluster.map_shared_rank(part, s);
+      ms[s] = p[0], ls[s] = p[1], as[s] = p[2 + d];
+    }
+    float mm = kNegBig;
+#pragma unroll
+    for (int s = 0; s < kSplits; ++s) mm = fmaxf(mm, ms[s]);
+    float ll = 0.f, aa = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSplits; ++s) {
+      const float e = exp2f(ms[s] - mm);
+      ll += ls[s] * e, aa += as[s] * e;
+    }
+    out[(size_t)b * stride_ot + (size_t)h * stride_oh + d] = __float2bfloat16_rn(aa / fmaxf(ll, 1e-30f));
+  }
+  cluster.sync();  // no block leaves while rank 0 reads its shared memory
+}
+
+}  // namespace
+
+// q [B, H, 128] bf16 (unit stride on the last dim), caches [blocks, block_size, H, 128] bf16, tables [B, width] int32,
+// lens [B] int32, out [B, H, 128] bf16; block_size = 1 << block_shift. pdl: launched with programmatic dependent launch.
+extern "C" int paged_decode_bf16(const void* q, const void* kc, const void* vc, const void* tables, const void* lens,
+                                 void* out, float scale_log2e, int B, int H, int stride_qt, int stride_qh,
+                                 long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb,
+                                 int stride_ot, int stride_oh, int block_shift, int pdl, void* stream) {
+  if (B < 0 || H < 1 || block_shift < 0 || block_shift > 16) return static_cast<int>(cudaErrorInvalidValue);
+  if (B == 0) return static_cast<int>(cudaSuccess);
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[2];
+  config.gridDim = dim3(kSplits, H, B);
+  config.blockDim = dim3(kWarps * 32);
+  config.stream = static_cast<cudaStream_t>(stream);
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kSplits;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = pdl ? 2 : 1;
+  return static_cast<int>(cudaLaunchKernelEx(
+      &config, paged_decode_kernel, static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(kc),
+      static_cast<const __nv_bfloat16*>(vc), static_cast<const int*>(tables), static_cast<const int*>(lens),
+      static_cast<__nv_bfloat16*>(out), scale_log2e, stride_qt, stride_qh, stride_cb, stride_cr, stride_ch, stride_tb,
+      stride_ot, stride_oh, block_shift));
+}
+
+extern "C" const char* paged_decode_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

@@ -1,0 +1,92 @@
+"""The CUDA paged decode attention (worker/kernels/paged_decode.cu; DecodeKernels.attn_cuda, issue 16 P9): bf16
+caches, head_dim 128, unscaled; one thread block cluster of 8 blocks a (sequence, head), the first 64 keys of each
+block's share read before the PDL wait. Built on first use with nvcc (worker/kernels/cuda_build.py) into its own
+library; where nvcc is missing or the build fails, `library` says why and the backend keeps the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+
+import torch
+
+from worker.kernels.cuda_build import BuildError, build, find_nvcc
+from worker.kernels.triton_attention import LOG2E
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = (os.path.join(_HERE, "paged_decode.cu"),)
+HEADERS = (os.path.join(_HERE, "gptq_cuda.cuh"),)
+HEAD_DIM = 128
+
+
+@functools.cache
+def library(major: int, minor: int) -> ctypes.CDLL | str:
+    """The built library for compute capability major.minor, or why there is none (a message)."""
+    if major < 9:
+        return f"it needs thread block clusters (sm_90+), the device is sm_{major}{minor}"
+    try:
+        path = build("paged_decode", SOURCES, HEADERS, major, minor, find_nvcc())
+    except BuildError as e:
+        return str(e)
+    lib = ctypes.CDLL(path)
+    p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.paged_decode_bf16.restype = i
+    lib.paged_decode_bf16.argtypes = [p, p, p, p, p, p, ctypes.c_float, i, i, i, i, ll, ll, ll, i, i, i, i, i, p]
+    lib.paged_decode_error.restype = ctypes.c_char_p
+    lib.paged_decode_error.argtypes = [i]
+    return lib
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> str | None:
+    """None when the kernel serves this decode; else what it lacks."""
+    if not q.is_cuda:
+        return "it runs on CUDA devices only"
+    if scaled or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
+        return f"it serves unscaled bf16 caches only (q {q.dtype}, cache {k_cache.dtype}, scaled {scaled})"
+    if q.shape[-1] != HEAD_DIM:
+        return f"it serves head_dim {HEAD_DIM} only (got {q.shape[-1]})"
+    bs = k_cache.shape[1]
+    if bs & (bs - 1) or k_cache.stride(-1) != 1:
+        return f"it needs a power-of-two block size and unit stride on head_dim (block size {bs})"
+    return None
+
+
+def paged_decode_cuda(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """paged_decode (worker/kernels/paged_decode.py) for what `supports` accepts: q [B, H, 128] bf16, caches
+    [blocks, block_size, H, 128] bf16 of one layout, block_tables [B, width] int32, context_lens [B] int32 (0: a
+    padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16."""
+    why = supports(q, k_cache, False)
+    if why is None and (v_cache.stride() != k_cache.stride() or v_cache.dtype != k_cache.dtype):
+        why = "it needs K and V caches of one layout"
+    if why is None and (block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32):
+        why = f"it needs int32 tables and lengths (got {block_tables.dtype}, {context_lens.dtype})"
+    if why is not None:
+        raise ValueError(f"paged_decode_cuda: {why}")
+    lib = library(*torch.cuda.get_device_capability(q.device))
+    if isinstance(lib, str):
+        raise RuntimeError(f"paged_decode_cuda: {lib}")
+    B, H, D = q.shape
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("paged_decode_cuda needs unit strides on q's head_dim and the tables' rows")
+    lens = context_lens.contiguous()
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    code = lib.paged_decode_bf16(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), lens.data_ptr(),
+        out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
+        block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
+        torch.cuda.current_stream(q.device).cuda_stream,
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"paged_decode_cuda: {lib.paged_decode_error(code).decode()}")
+    return out
