@@ -75,6 +75,39 @@ def test_pdl_is_off_under_the_interpreter_and_changes_nothing():
     assert torch.equal(dense_gemv(x, w, None, None, tiles, pdl=True), dense_gemv(x, w, None, None, tiles))
 
 
+def test_early_go_only_for_its_families_at_few_rows():
+    """pdl.level: off without PDL; EARLY for RoPE + store and RMSNorm at 1-2 rows (measured faster there, slower at
+    8); plain PDL for other families and for more rows."""
+    from worker.kernels.pdl import EARLY, EARLY_MAX_ROWS, level
+
+    assert EARLY_MAX_ROWS == 2
+    on = [level(False, "rope_store", 1), level(True, "rope_store", 1), level(True, "rms_norm", 2)]
+    assert on == [0, EARLY, EARLY]
+    assert [level(True, "rms_norm", 3), level(True, "rope_store", 8), level(True, "gemv", 1)] == [1, 1, 1]
+
+
+def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, caplog):
+    """attn_cuda: off the GPU, above MAX_BATCH sequences, over fp8 / scaled / other head sizes the backend keeps the
+    Triton kernels; where the library does not build it says why once and stops asking."""
+    from worker.kernels import paged_decode_cuda as pdc
+    from worker.layers.attention_triton import TritonAttention
+
+    be = TritonAttention()
+    be.attn_cuda = True
+    q, cache = torch.zeros(1, 2, 128, dtype=torch.bfloat16), torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    assert "CUDA devices only" in pdc.supports(q, cache, False)
+    assert "head_dim 128" in pdc.supports(q[..., :64], cache, False)
+    assert "unscaled bf16" in pdc.supports(q, cache.to(torch.float8_e4m3fn), False)
+    assert "unscaled bf16" in pdc.supports(q, cache, True)
+    monkeypatch.setattr(pdc, "supports", lambda q, k_cache, scaled: None)
+    monkeypatch.setattr(pdc, "library", lambda major, minor: "no nvcc (set CUDA_HOME)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not be._cuda_serves(torch.zeros(2, 2, 128), cache, False) and be.attn_cuda  # 2 > MAX_BATCH: not asked
+    with caplog.at_level("WARNING"):
+        assert not be._cuda_serves(q, cache, False)
+    assert not be.attn_cuda and "no nvcc" in caplog.text
+
+
 MODEL_CANDIDATES = {
     "act": dict(act_gemv=True),
     "rope_store": dict(rope_store=True),

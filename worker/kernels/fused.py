@@ -104,7 +104,7 @@ def rms_norm(
         total.stride(0),
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
-        PDL=level(on, "rms_norm"),
+        PDL=level(on, "rms_norm", T),
         num_warps=min(max(block // 512, 1), 16),
         enable_fp_fusion=False,
         **launch_options(on),

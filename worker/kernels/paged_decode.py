@@ -9,11 +9,6 @@ arrival counter per (sequence, head) in a DecodeWorkspace): one launch instead o
 
 With `pdl` (DecodeKernels.pdl, sm_90+) both kernels launch with programmatic dependent launch: each waits for
 the previous kernel (gdc_wait) before its first load, so only the launch and ramp overlap; no arithmetic changes.
-With Tiles.decode_preload the split kernel reads, before it waits, its sequence's length and block table (written
-before the step) and its first key tile's K and V rows except the newest position's: in a decode step only the
-newest token's keys and values are written by the kernel before this one (RoPE + store, or store), and every
-earlier kernel has finished when a PDL kernel starts (each waits before it lets the next launch). That row, if the
-tile holds it, is read after the wait. The tile is then the loop's first, as with PREFETCH.
 
 Bandwidth knobs (Tiles.decode_*, swept by scripts/tune_attention.py): the key tile (BLOCK_N), warps,
 STAGES (tl.range software-pipelines the table, K and V loads of later tiles: without tl.dot in the loop
@@ -31,7 +26,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.decode_tiles import load_tile, merge_splits, softmax_step
-from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options, level
+from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 from worker.kernels.triton_attention import (
     LOG2E,
     NEG_BIG,
@@ -82,40 +77,20 @@ def _decode_split_kernel(
     FUSED_REDUCE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
-    PRELOAD: tl.constexpr,
 ):
+    gdc_wait(PDL)  # everything below reads what earlier kernels wrote (q, the cache, the lengths)
+    gdc_go(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1)
-    d = tl.arange(0, HEAD_DIM)
-    if PRELOAD:  # before the wait (Tiles.decode_preload, the module docstring)
-        ctx_len = tl.load(lens_ptr + b)
-        tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits)
-        start = split * tiles_per_split * BLOCK_N
-        end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
-        table_ptr = tables_ptr + b.to(tl.int64) * stride_tb
-        newest = ctx_len - 1  # the one position the kernel before this one may have written
-        k, v, _ = load_tile(
-            kc_ptr, vc_ptr, table_ptr, start, tl.minimum(end, newest), h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N,
-        )  # fmt: skip
-    gdc_wait(PDL)  # everything below may read what the kernel before wrote (q, the newest keys and values)
-    gdc_go(PDL)
-    if PRELOAD:  # the newest position's row, if it is in the first tile, read now
-        pos = start + tl.arange(0, BLOCK_N)
-        fix = (pos == newest) & (pos < end)
-        blk = tl.load(table_ptr + pos // BLOCK_SIZE, mask=fix, other=0)
-        rows = blk.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cr + h * stride_ch
-        k = tl.where(fix[:, None], tl.load(kc_ptr + rows[:, None] + d[None, :], mask=fix[:, None], other=0.0), k)
-        v = tl.where(fix[:, None], tl.load(vc_ptr + rows[:, None] + d[None, :], mask=fix[:, None], other=0.0), v)
-    else:
-        ctx_len = tl.load(lens_ptr + b)
-        tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits)
-        start = split * tiles_per_split * BLOCK_N
-        end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
-        table_ptr = tables_ptr + b.to(tl.int64) * stride_tb
+    ctx_len = tl.load(lens_ptr + b)
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
+    table_ptr = tables_ptr + b.to(tl.int64) * stride_tb
 
+    d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + h * stride_qh + d).to(tl.float32) * scale_log2e
     if SCALED:  # scores q·(k_fp8 × k_scale) = (q × k_scale)·k_fp8
         q = q * tl.load(k_scale_ptr)
@@ -127,11 +102,10 @@ def _decode_split_kernel(
         m_i = tl.full([], NEG_BIG, tl.float32)
         l_i = tl.zeros([], tl.float32)
         acc = tl.zeros([HEAD_DIM], tl.float32)
-    if PREFETCH or PRELOAD:  # k, v: this tile's rows, loaded one iteration ahead (rows past `end` are 0)
-        if not PRELOAD:
-            k, v, _ = load_tile(
-                kc_ptr, vc_ptr, table_ptr, start, end, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_N
-            )
+    if PREFETCH:  # k, v: this tile's rows, loaded one iteration ahead (rows past `end` are 0)
+        k, v, _ = load_tile(
+            kc_ptr, vc_ptr, table_ptr, start, end, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, BLOCK_N
+        )
         for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
             k_next, v_next, _ = load_tile(
                 kc_ptr,
@@ -293,8 +267,7 @@ def paged_decode(
         SCALED=scaled,
         FUSED_REDUCE=fused,
         BLOCK_S=triton.next_power_of_2(num_splits),
-        PDL=level(on, "decode"),
-        PRELOAD=tiles.decode_preload,
+        PDL=on,
         num_warps=tiles.decode_warps,
         **launch_options(on),
     )

@@ -20,6 +20,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = (os.path.join(_HERE, "paged_decode.cu"),)
 HEADERS = (os.path.join(_HERE, "gptq_cuda.cuh"),)
 HEAD_DIM = 128
+# The backend takes it at decode batches of at most this many sequences. On the H200 (7B Int4, 512-token contexts,
+# served kernels; BENCHMARKS.md, 2026-11-30, seventh) the step at batch 1 took 1.973-1.983 ms with it against
+# 2.026-2.035 with the Triton kernels, but batch 2 2.195-2.201 against 2.118-2.128 and batch 8 4.26 against 4.08.
+MAX_BATCH = 1
 
 
 @functools.cache
@@ -42,8 +46,6 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> str | None:
     """None when the kernel serves this decode; else what it lacks."""
-    if not q.is_cuda:
-        return "it runs on CUDA devices only"
     if scaled or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
         return f"it serves unscaled bf16 caches only (q {q.dtype}, cache {k_cache.dtype}, scaled {scaled})"
     if q.shape[-1] != HEAD_DIM:
@@ -51,6 +53,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> str | None
     bs = k_cache.shape[1]
     if bs & (bs - 1) or k_cache.stride(-1) != 1:
         return f"it needs a power-of-two block size and unit stride on head_dim (block size {bs})"
+    if not q.is_cuda:
+        return "it runs on CUDA devices only"
     return None
 
 

@@ -5,7 +5,8 @@ A kernel launched with `launch_pdl=True` may start while the kernel before it on
 (inside a CUDA graph too: stream capture keeps the programmatic edge, CUDA 12.3+), so its launch and ramp
 overlap the previous kernel's tail. It must therefore call `gdc_wait` (wait for the previous grid to finish
 and its writes to be visible) before it reads anything another kernel writes, and before it writes anything:
-only loads of constant data (weights) may come first. `gdc_go` then lets the next PDL kernel launch.
+only loads of data written before the step may come first (weights; see `level` for the rest). `gdc_go` then
+lets the next PDL kernel launch; a kernel at level EARLY lets it launch before it waits itself.
 
 Under the Triton interpreter (TRITON_INTERPRET=1) and on devices before sm_90 PDL is off: `active` is False,
 the kernels are compiled without the instructions and launched plainly.
@@ -37,17 +38,6 @@ def gdc_go(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-EARLY = 2  # the PDL level of a kernel that lets the next one launch before it waits itself (see `level`)
-EARLY_GO: set[str] = set()  # kernel families launched at EARLY (`level`)
-
-
-def level(on: bool, family: str) -> int:
-    """The PDL constexpr of a kernel of `family` (`on` from `active`): 0 off, 1 on, EARLY where the family is in
-    EARLY_GO. At EARLY the next kernel may start while this one's predecessor still runs: what that kernel reads
-    before its wait must then be written before both (every kernel here reads only such data there)."""
-    return 0 if not on else EARLY if family in EARLY_GO else 1
-
-
 # kernels are bound to the Triton interpreter (TRITON_INTERPRET=1) or to the GPU when defined
 INTERPRETED = not isinstance(gdc_wait, triton.runtime.JITFunction)
 
@@ -62,3 +52,21 @@ def active(requested: bool, device: torch.device) -> bool:
 def launch_options(pdl: bool) -> dict[str, Any]:
     """The launch keyword for a PDL launch (`pdl` from `active`), else none."""
     return {"launch_pdl": True} if pdl else {}
+
+
+EARLY = 2  # the PDL level of a kernel that lets the next one launch before it waits itself (see `level`)
+# Kernel families launched at EARLY, at decode steps of at most EARLY_MAX_ROWS rows. On the H200 (7B Int4, served
+# decode kernels, 512-token contexts; BENCHMARKS.md, 2026-11-30, seventh) RoPE + store and RMSNorm at EARLY took the
+# batch-1 step from 2.053-2.096 to 2.026-2.035 ms and batch 2 from 2.156-2.160 to 2.118-2.128, but batch 8 from
+# 3.97-4.00 to 4.08-4.09 (its GEMMs' early blocks then take SMs from the running kernel).
+EARLY_GO: set[str] = {"rope_store", "rms_norm"}
+EARLY_MAX_ROWS = 2
+
+
+def level(on: bool, family: str, rows: int) -> int:
+    """The PDL constexpr of a launch of `family` over `rows` rows (`on` from `active`): 0 off, 1 on, EARLY where the
+    family is in EARLY_GO and rows <= EARLY_MAX_ROWS. At EARLY the next kernel may start while this one's predecessor
+    still runs: what that kernel reads before its wait must be written before both (every kernel here reads there
+    only weights or data written before the step: adapter slots and pool rows, the CUDA decode attention's lengths,
+    tables and all but the newest K/V row)."""
+    return 0 if not on else EARLY if family in EARLY_GO and rows <= EARLY_MAX_ROWS else 1

@@ -74,5 +74,5 @@ def rotary_store_(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         *k_cache.stride()[:3], HALF=half, REST=rest, HAS_LOGN=logn is not None, BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=D, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_REST=triton.next_power_of_2(max(rest, 16)),
-        PDL=level(on, "rope_store"), num_warps=4, enable_fp_fusion=False, **launch_options(on),
+        PDL=level(on, "rope_store", T), num_warps=4, enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip

@@ -61,7 +61,6 @@ class Tiles:
     decode_stages: int = 3  # >= 2: tl.range pipelines the table, K and V loads (no tl.dot, so only then)
     decode_lanes: bool = True  # per-row running softmax: no cross-warp reduction inside the key loop
     decode_prefetch: bool = False  # load the next tile's K/V before computing on this one (in registers)
-    decode_preload: bool = False  # the first key tile read before the PDL wait (see paged_decode.py)
     decode_fused_reduce: bool = True  # the last split to finish merges (one launch, no reduce kernel)
     decode_ctas_per_sm: int = 2  # split policy: enough splits for this many programs per SM ...
     decode_min_tiles: int = 1  # ... each split at least this many key tiles of the longest context ...

@@ -137,9 +137,9 @@ class TritonAttention:
 
     def _cuda_serves(self, q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> bool:
         """Whether the CUDA decode kernel serves this call; where it does not build, says why once and stops asking."""
-        from worker.kernels.paged_decode_cuda import library, supports
+        from worker.kernels.paged_decode_cuda import MAX_BATCH, library, supports
 
-        if supports(q, k_cache, scaled) is not None:
+        if q.shape[0] > MAX_BATCH or supports(q, k_cache, scaled) is not None:
             return False
         lib = library(*torch.cuda.get_device_capability(q.device))
         if isinstance(lib, str):

@@ -38,6 +38,7 @@ SERVED = (
     "gptq_act",
     "gptq_tc",
     "gptq_act_out",
+    "attn_cuda",
 )
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
