@@ -56,11 +56,12 @@ def launch_options(pdl: bool) -> dict[str, Any]:
 
 EARLY = 2  # the PDL level of a kernel that lets the next one launch before it waits itself (see `level`)
 # Kernel families launched at EARLY, at decode steps of at most EARLY_MAX_ROWS rows. On the H200 (7B Int4, served
-# decode kernels, 512-token contexts; BENCHMARKS.md, 2026-11-30, seventh) RoPE + store and RMSNorm at EARLY took the
-# batch-1 step from 2.053-2.096 to 2.026-2.035 ms and batch 2 from 2.156-2.160 to 2.118-2.128, but batch 8 from
-# 3.97-4.00 to 4.08-4.09 (its GEMMs' early blocks then take SMs from the running kernel).
+# decode kernels, 512-token contexts; BENCHMARKS.md, 2026-11-30, seventh) RoPE + store and RMSNorm at EARLY let the
+# CUDA decode attention (attn_cuda) read its keys during c_attn: the batch-1 step 1.979-1.986 ms against 2.077 with
+# attn_cuda alone and 2.090-2.092 with neither; at 2 rows (Triton attention) 2.192-2.196 against 2.156-2.161, and at 8
+# rows 4.08-4.09 against 3.97-4.00 (the next kernel's early blocks take SMs from the running one).
 EARLY_GO: set[str] = {"rope_store", "rms_norm"}
-EARLY_MAX_ROWS = 2
+EARLY_MAX_ROWS = 1
 
 
 def level(on: bool, family: str, rows: int) -> int:
