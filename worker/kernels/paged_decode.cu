@@ -103,6 +103,22 @@ __device__ __forceinline__ void softmax_step(const Rows& r, const float4 q, int 
   m = mx;
 }
 
+// the log-sum-exp merge of n partial softmaxes (max, sum, acc) in index order: (max, sum, acc) of all of them (an empty
+// one, sum = acc = 0, adds nothing whatever its weight)
+template <int kN>
+__device__ __forceinline__ float3 lse_merge(const float* m, const float* l, const float* a) {
+  float mm = kNegBig;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) mm = fmaxf(mm, m[i]);
+  float ll = 0.f, aa = 0.f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const float e = exp2f(m[i] - mm);
+    ll += l[i] * e, aa += a[i] * e;
+  }
+  return make_float3(mm, ll, aa);
+}
+
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
     const int* __restrict__ tables, const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e,
@@ -120,7 +136,8 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   const int newest = ctx - 1;
   Rows buf[kDepth];
 #pragma unroll
-  for (int i = 0; i < kDepth; ++i) load_rows(buf[i], c, (c0 + i) * kChunkKeys + warp * kKeys, min(newest, (c0 + i < c1 ? ctx : 0)), lane);
+  for (int i = 0; i < kDepth; ++i)  // chunks past this block's share: none
+    load_rows(buf[i], c, (c0 + i) * kChunkKeys + warp * kKeys, c0 + i < c1 ? newest : 0, lane);
   gdc_wait();
   gdc_go();
 #pragma unroll
@@ -156,17 +173,12 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   *reinterpret_cast<float4*>(&wacc[warp][4 * lane]) = acc;
   __syncthreads();
   const int d = threadIdx.x;  // kWarps * 32 == kDim: one dim a thread
-  float mb = kNegBig;
+  float mw[kWarps], lw[kWarps], aw[kWarps];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, wm[w]);
-  float lb = 0.f, ab = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const float e = exp2f(wm[w] - mb);  // an empty warp: l = 0, acc = 0 (whatever e is)
-    lb += wl[w] * e, ab += wacc[w][d] * e;
-  }
-  part[2 + d] = ab;
-  if (d == 0) part[0] = mb, part[1] = lb;
+  for (int w = 0; w < kWarps; ++w) mw[w] = wm[w], lw[w] = wl[w], aw[w] = wacc[w][d];
+  const float3 blk = lse_merge<kWarps>(mw, lw, aw);
+  part[2 + d] = blk.z;
+  if (d == 0) part[0] = blk.x, part[1] = blk.y;
   cluster.sync();
   if (cluster.block_rank() == 0) {
     float ms[kSplits], ls[kSplits], as[kSplits];
@@ -175,15 +187,8 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
       const float* p = cluster.map_shared_rank(part, s);
       ms[s] = p[0], ls[s] = p[1], as[s] = p[2 + d];
     }
-    float mm = kNegBig;
-#pragma unroll
-    for (int s = 0; s < kSplits; ++s) mm = fmaxf(mm, ms[s]);
-    float ll = 0.f, aa = 0.f;
-#pragma unroll
-    for (int s = 0; s < kSplits; ++s) {
-      const float e = exp2f(ms[s] - mm);
-      ll += ls[s] * e, aa += as[s] * e;
-    }
+    const float3 all = lse_merge<kSplits>(ms, ls, as);
+    const float ll = all.y, aa = all.z;
     out[(size_t)b * stride_ot + (size_t)h * stride_oh + d] = __float2bfloat16_rn(aa / fmaxf(ll, 1e-30f));
   }
   cluster.sync();  // no block leaves while rank 0 reads its shared memory
