@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
 }  // namespace
 
 // q [B, H, 128] bf16 (unit stride on the last dim), caches [blocks, block_size, H, 128] bf16, tables [B, width] int32,
-// lens [B] int32, out [B, H, 128] bf16; block_size = 1 << block_shift. pdl: launched with programmatic dependent launch.
+// lens [B] int32, out [B, H, 128] bf16; block_size = 1 << block_shift. pdl: a PDL launch.
 extern "C" int paged_decode_bf16(const void* q, const void* kc, const void* vc, const void* tables, const void* lens,
                                  void* out, float scale_log2e, int B, int H, int stride_qt, int stride_qh,
                                  long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb,
