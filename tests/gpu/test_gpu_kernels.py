@@ -297,6 +297,66 @@ def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("with_logn", [False, True])
+def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn):
+    """kRope: from the raw q, k, v the kernel rotates (logn on q) and stores the new rows itself. Against RoPE + store
+    (rope_store.rotary_store_) followed by the kernel without it: the same caches and outputs bit for bit, eager and
+    replayed from a CUDA graph (PDL on), the newest rows' slots spoiled before each run; contexts whose newest key
+    lies in a block's first 64 keys (read before the wait) and past them (read back after the store); one padded row
+    (length 0, slot -1)."""
+    from worker.kernels.paged_decode_cuda import Rope, paged_decode_cuda
+    from worker.kernels.rope_store import rotary_store_
+
+    _cuda_backend()
+    lens = [1, 700, 33, 2048, 17, 16, 512, 64, 9000, 5]
+    b = decode_batch(lens, torch.bfloat16, seed=15)
+    g = torch.Generator(device=CUDA).manual_seed(15)
+    T = len(lens)
+    cos, sin = (torch.rand(2, T, HEAD_DIM // 2, generator=g, device=CUDA) * 2 - 1).unbind(0)
+    logn = (1 + torch.rand(T, generator=g, device=CUDA)) if with_logn else None
+    b.ctx.seqlen.input_lengths[9] = 0
+    slots = b.slots.clone()
+    slots[9] = -1
+    q0, k0, v0 = b.q.contiguous(), b.k.contiguous(), b.v.contiguous()
+    q, k = torch.empty_like(q0), torch.empty_like(k0)
+    tables, n = b.tables, b.ctx.seqlen.input_lengths
+
+    def spoil() -> None:
+        b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
+        b.v_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = -300.0
+
+    def two_kernels() -> torch.Tensor:
+        q.copy_(q0), k.copy_(k0)
+        rotary_store_(q, k, v0, cos.contiguous(), sin.contiguous(), logn, b.k_cache, b.v_cache, slots, pdl=True)
+        return paged_decode_cuda(q, b.k_cache, b.v_cache, tables, n, b.scale, pdl=True)
+
+    rope = Rope(k0, v0, cos.contiguous(), sin.contiguous(), logn, slots)
+
+    def one_kernel() -> torch.Tensor:
+        return paged_decode_cuda(q0, b.k_cache, b.v_cache, tables, n, b.scale, pdl=True, rope=rope)
+
+    spoil()
+    ref = two_kernels().clone()
+    ref_k, ref_v = b.k_cache.clone(), b.v_cache.clone()
+    spoil()
+    out = one_kernel()
+    assert torch.equal(out, ref)
+    assert torch.equal(b.k_cache, ref_k) and torch.equal(b.v_cache, ref_v)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        one_kernel()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = one_kernel()
+    for _ in range(20):
+        spoil()
+        graph.replay()
+        assert torch.equal(out, ref)
+    assert torch.equal(b.k_cache, ref_k) and torch.equal(b.v_cache, ref_v)
+
+
 # ------------------------------------------------------------------ multi-LoRA decode, one launch
 @pytest.mark.parametrize("P,K,N", [(1, 4096, 3 * 4096), (2, 4096, 11008), (1, 11008, 4096)])
 def test_lora_decode_one_launch_in_cuda_graph(P, K, N):

@@ -73,6 +73,50 @@ __device__ __forceinline__ float4 widen(uint2 u) {
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
+__device__ __forceinline__ uint2 narrow(float4 f) {
+  const __nv_bfloat162 a = __floats2bfloat162_rn(f.x, f.y), b = __floats2bfloat162_rn(f.z, f.w);
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
+}
+
+__device__ __forceinline__ float rot(float a, float c, float b, float s, bool plus) {  // a c -/+ b s without FMA
+  return plus ? __fadd_rn(__fmul_rn(a, c), __fmul_rn(b, s)) : __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+}
+
+// kRope: RoPE (rotate-half over all 128 dims) of this lane's dims of one head's row, as fused._rotate_heads computes
+// it (fp32 products and sums without FMA, rounded to bf16), then times logn (bf16) where given; lanes 0-15 hold the
+// first half (x1), lanes 16-31 the second (x2), the partner's four values one shuffle away
+__device__ __forceinline__ uint2 rope_row(uint2 raw, const float* cos_t, const float* sin_t, const float* logn_t,
+                                          int lane) {
+  const float4 x = widen(raw);
+  float4 y;
+  y.x = __shfl_xor_sync(0xffffffffu, x.x, 16), y.y = __shfl_xor_sync(0xffffffffu, x.y, 16);
+  y.z = __shfl_xor_sync(0xffffffffu, x.z, 16), y.w = __shfl_xor_sync(0xffffffffu, x.w, 16);
+  const float4 cs = *reinterpret_cast<const float4*>(cos_t + 4 * (lane & 15));
+  const float4 sn = *reinterpret_cast<const float4*>(sin_t + 4 * (lane & 15));
+  const bool hi = lane >= 16;  // x1 c - x2 s (lanes 0-15), x2 c + x1 s (16-31)
+  const float4 o = make_float4(rot(x.x, cs.x, y.x, sn.x, hi), rot(x.y, cs.y, y.y, sn.y, hi),
+                               rot(x.z, cs.z, y.z, sn.z, hi), rot(x.w, cs.w, y.w, sn.w, hi));
+  uint2 r = narrow(o);
+  if (logn_t != nullptr) {  // out * logn.to(bf16), rounded to bf16
+    const float g = __bfloat162float(__float2bfloat16_rn(*logn_t));
+    const float4 w = widen(r);
+    r = narrow(make_float4(__fmul_rn(w.x, g), __fmul_rn(w.y, g), __fmul_rn(w.z, g), __fmul_rn(w.w, g)));
+  }
+  return r;
+}
+
+// kRope's inputs: the step's new k and v rows (views of qkv, q's raw rows in `q`), cos / sin [B, 64] fp32, logn [B]
+// fp32 or null, the new rows' cache slots [B] int64 (< 0: a padded row, not stored)
+struct RopeArgs {
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+  const float* cos;
+  const float* sin;
+  const float* logn;
+  const long long* slots;
+  int stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin;
+};
+
 // the online-softmax step of this warp over its keys p0 .. p0 + kKeys - 1 (valid below `stop`)
 __device__ __forceinline__ void softmax_step(const Rows& r, const float4 q, int p0, int stop, float& m, float& l,
                                              float4& acc) {
@@ -119,11 +163,14 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
   return make_float3(mm, ll, aa);
 }
 
+// kRope: q, k, v are the step's raw rows; RoPE (and logn for q) here, and the newest k and v stored into the cache by
+// the warp that holds that position (it reads the row back later in program order where a later chunk holds it)
+template <bool kRope>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
-    const int* __restrict__ tables, const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e,
-    int stride_qt, int stride_qh, long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb,
-    int stride_ot, int stride_oh, int block_shift) {
+    const __nv_bfloat16* __restrict__ q, __nv_bfloat16* kc, __nv_bfloat16* vc, const int* __restrict__ tables,
+    const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e, int stride_qt, int stride_qh,
+    long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb, int stride_ot, int stride_oh,
+    int block_shift, RopeArgs rope) {
   cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -140,18 +187,45 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     load_rows(buf[i], c, (c0 + i) * kChunkKeys + warp * kKeys, c0 + i < c1 ? newest : 0, lane);
   gdc_wait();
   gdc_go();
+  uint2 qraw = *reinterpret_cast<const uint2*>(q + (size_t)b * stride_qt + (size_t)h * stride_qh + 4 * lane);
+  uint2 k_new = make_uint2(0u, 0u), v_new = make_uint2(0u, 0u);
+  if constexpr (kRope) {
+    const float* logn = rope.logn != nullptr ? rope.logn + b : nullptr;
+    const float* cos_t = rope.cos + (size_t)b * rope.stride_cos;
+    const float* sin_t = rope.sin + (size_t)b * rope.stride_sin;
+    qraw = rope_row(qraw, cos_t, sin_t, logn, lane);
+    const bool owner = newest >= c0 * kChunkKeys && newest < c1 * kChunkKeys &&
+                       (newest & (kChunkKeys - 1)) / kKeys == warp;  // this warp holds the newest position
+    if (owner) {  // the whole warp: the shuffles of rope_row
+      const size_t kt = (size_t)b * rope.stride_kt + (size_t)h * rope.stride_kh + 4 * lane;
+      const size_t vt = (size_t)b * rope.stride_vt + (size_t)h * rope.stride_vh + 4 * lane;
+      k_new = rope_row(*reinterpret_cast<const uint2*>(rope.k + kt), cos_t, sin_t, nullptr, lane);
+      v_new = *reinterpret_cast<const uint2*>(rope.v + vt);
+      const long long slot = rope.slots[b];
+      if (slot >= 0) {
+        const long long o = (slot >> block_shift) * stride_cb + (slot & ((1 << block_shift) - 1)) * stride_cr +
+                            (long long)h * stride_ch + 4 * lane;
+        *reinterpret_cast<uint2*>(kc + o) = k_new;
+        *reinterpret_cast<uint2*>(vc + o) = v_new;
+      }
+    }
+  }
 #pragma unroll
   for (int i = 0; i < kDepth; ++i) {  // the newest row, where a preloaded chunk holds it
     const int p0 = (c0 + i) * kChunkKeys + warp * kKeys;
 #pragma unroll
     for (int j = 0; j < kKeys; ++j)
       if (c0 + i < c1 && p0 + j == newest) {
-        const long long o = row_of(c, newest, lane);
-        buf[i].k[j] = *reinterpret_cast<const uint2*>(kc + o);
-        buf[i].v[j] = *reinterpret_cast<const uint2*>(vc + o);
+        if constexpr (kRope) {
+          buf[i].k[j] = k_new, buf[i].v[j] = v_new;
+        } else {
+          const long long o = row_of(c, newest, lane);
+          buf[i].k[j] = *reinterpret_cast<const uint2*>(kc + o);
+          buf[i].v[j] = *reinterpret_cast<const uint2*>(vc + o);
+        }
       }
   }
-  float4 qf = widen(*reinterpret_cast<const uint2*>(q + (size_t)b * stride_qt + (size_t)h * stride_qh + 4 * lane));
+  float4 qf = widen(qraw);
   qf.x *= scale_log2e, qf.y *= scale_log2e, qf.z *= scale_log2e, qf.w *= scale_log2e;
   float m = kNegBig, l = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -197,12 +271,18 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
 }  // namespace
 
 // q [B, H, 128] bf16 (unit stride on the last dim), caches [blocks, block_size, H, 128] bf16, tables [B, width] int32,
-// lens [B] int32, out [B, H, 128] bf16; block_size = 1 << block_shift. pdl: a PDL launch.
-extern "C" int paged_decode_bf16(const void* q, const void* kc, const void* vc, const void* tables, const void* lens,
-                                 void* out, float scale_log2e, int B, int H, int stride_qt, int stride_qh,
-                                 long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb,
-                                 int stride_ot, int stride_oh, int block_shift, int pdl, void* stream) {
+// lens [B] int32, out [B, H, 128] bf16; block_size = 1 << block_shift. pdl: a PDL launch. k != null: kRope, with k, v
+// [B, H, 128] bf16 (unit stride on the last dim), cos / sin [B, 64] fp32 (unit stride), logn [B] fp32 or null, slots
+// [B] int64: q, k and v are the raw rows, rotated here, and the new k and v stored into the cache here.
+extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* tables, const void* lens, void* out,
+                                 float scale_log2e, int B, int H, int stride_qt, int stride_qh, long long stride_cb,
+                                 long long stride_cr, long long stride_ch, int stride_tb, int stride_ot, int stride_oh,
+                                 int block_shift, int pdl, void* stream, const void* k, const void* v, int stride_kt,
+                                 int stride_kh, int stride_vt, int stride_vh, const void* cos, const void* sin,
+                                 int stride_cos, int stride_sin, const void* logn, const void* slots) {
   if (B < 0 || H < 1 || block_shift < 0 || block_shift > 16) return static_cast<int>(cudaErrorInvalidValue);
+  if (k != nullptr && (v == nullptr || cos == nullptr || sin == nullptr || slots == nullptr))
+    return static_cast<int>(cudaErrorInvalidValue);
   if (B == 0) return static_cast<int>(cudaSuccess);
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attr[2];
@@ -217,11 +297,16 @@ extern "C" int paged_decode_bf16(const void* q, const void* kc, const void* vc, 
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
   config.numAttrs = pdl ? 2 : 1;
+  const RopeArgs rope{static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
+                      static_cast<const float*>(cos), static_cast<const float*>(sin), static_cast<const float*>(logn),
+                      static_cast<const long long*>(slots), stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+                      stride_sin};
+  auto kernel = k != nullptr ? paged_decode_kernel<true> : paged_decode_kernel<false>;
   return static_cast<int>(cudaLaunchKernelEx(
-      &config, paged_decode_kernel, static_cast<const __nv_bfloat16*>(q), static_cast<const __nv_bfloat16*>(kc),
-      static_cast<const __nv_bfloat16*>(vc), static_cast<const int*>(tables), static_cast<const int*>(lens),
+      &config, kernel, static_cast<const __nv_bfloat16*>(q), static_cast<__nv_bfloat16*>(kc),
+      static_cast<__nv_bfloat16*>(vc), static_cast<const int*>(tables), static_cast<const int*>(lens),
       static_cast<__nv_bfloat16*>(out), scale_log2e, stride_qt, stride_qh, stride_cb, stride_cr, stride_ch, stride_tb,
-      stride_ot, stride_oh, block_shift));
+      stride_ot, stride_oh, block_shift, rope));
 }
 
 extern "C" const char* paged_decode_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

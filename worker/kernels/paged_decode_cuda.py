@@ -10,6 +10,7 @@ import ctypes
 import functools
 import math
 import os
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,7 +39,10 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib = ctypes.CDLL(path)
     p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.paged_decode_bf16.restype = i
-    lib.paged_decode_bf16.argtypes = [p, p, p, p, p, p, ctypes.c_float, i, i, i, i, ll, ll, ll, i, i, i, i, i, p]
+    lib.paged_decode_bf16.argtypes = [
+        *(p, p, p, p, p, p, ctypes.c_float, i, i, i, i, ll, ll, ll, i, i, i, i, i, p),
+        *(p, p, i, i, i, i, p, p, i, i, p, p),  # RoPE's: k, v and their strides, cos, sin and theirs, logn, slots
+    ]
     lib.paged_decode_error.restype = ctypes.c_char_p
     lib.paged_decode_error.argtypes = [i]
     return lib
@@ -58,6 +62,36 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> str | None
     return None
 
 
+class Rope(NamedTuple):
+    """The step's raw new k and v rows [B, H, 128] (views of qkv), cos / sin [B, 64] fp32, logn [B] fp32 or None, and
+    the new rows' cache slots [B] int64 (< 0: a padded row)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    logn: torch.Tensor | None
+    slots: torch.Tensor
+
+
+def rope_serves(q: torch.Tensor, rope: Rope) -> str | None:
+    """None when the kernel can apply this RoPE itself (full rotary over 128 dims, the layouts it reads)."""
+    k, v, cos, sin, logn, slots = rope
+    if cos.shape != (q.shape[0], HEAD_DIM // 2) or sin.shape != cos.shape or cos.dtype != torch.float32:
+        return f"it rotates all {HEAD_DIM} dims with fp32 cos / sin [B, {HEAD_DIM // 2}] (got {tuple(cos.shape)})"
+    if any(t.stride(-1) != 1 or t.stride(0) % 4 or t.data_ptr() % 16 for t in (cos, sin)):
+        return "it reads cos / sin rows as 16-byte vectors"
+    if k.shape != q.shape or v.shape != q.shape or k.stride(-1) != 1 or v.stride(-1) != 1 or k.dtype != q.dtype:
+        return "it needs k and v as q (bf16, unit stride on head_dim)"
+    if (
+        slots.dtype != torch.int64
+        or slots.stride(0) != 1
+        or (logn is not None and (logn.dtype, logn.stride(0)) != (torch.float32, 1))
+    ):
+        return "it needs contiguous int64 slots and fp32 logn"
+    return None
+
+
 def paged_decode_cuda(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -66,15 +100,21 @@ def paged_decode_cuda(
     context_lens: torch.Tensor,
     scale: float,
     pdl: bool = False,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """paged_decode (worker/kernels/paged_decode.py) for what `supports` accepts: q [B, H, 128] bf16, caches
     [blocks, block_size, H, 128] bf16 of one layout, block_tables [B, width] int32, context_lens [B] int32 (0: a
-    padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16."""
+    padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16.
+    rope (`rope_serves`): q and rope's k, v are the step's raw rows; the kernel rotates q (times logn) and k as
+    fused.rotary_ does, and stores k and v into their slots as rope_store would (the cache bit for bit the same), so
+    neither RoPE + store nor the store runs before it."""
     why = supports(q, k_cache, False)
     if why is None and (v_cache.stride() != k_cache.stride() or v_cache.dtype != k_cache.dtype):
         why = "it needs K and V caches of one layout"
     if why is None and (block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32):
         why = f"it needs int32 tables and lengths (got {block_tables.dtype}, {context_lens.dtype})"
+    if why is None and rope is not None:
+        why = rope_serves(q, rope)
     if why is not None:
         raise ValueError(f"paged_decode_cuda: {why}")
     lib = library(*torch.cuda.get_device_capability(q.device))
@@ -89,8 +129,18 @@ def paged_decode_cuda(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), lens.data_ptr(),
         out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
-        torch.cuda.current_stream(q.device).cuda_stream,
+        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope),
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"paged_decode_cuda: {lib.paged_decode_error(code).decode()}")
     return out
+
+
+def _rope_args(rope: Rope | None) -> tuple[Any, ...]:
+    if rope is None:
+        return (None, None, 0, 0, 0, 0, None, None, 0, 0, None, None)
+    k, v, cos, sin, logn, slots = rope
+    return (
+        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.data_ptr(),
+        sin.data_ptr(), cos.stride(0), sin.stride(0), logn.data_ptr() if logn is not None else None, slots.data_ptr(),
+    )  # fmt: skip

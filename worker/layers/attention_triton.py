@@ -135,6 +135,31 @@ class TritonAttention:
             self.pdl,
         )
 
+    def decode_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: ForwardContext,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """Decode with RoPE (+ logn) and the new rows' store inside the CUDA kernel (attn_cuda, unscaled caches), from
+        the raw q, k, v of this step; None where it does not serve the step (the caller then rotates, stores and
+        attends as before)."""
+        if ctx.is_prefill or not self.attn_cuda or ctx.block_tables is None or ctx.slots is None:
+            return None
+        if not self._cuda_serves(q, k_cache, False):
+            return None
+        from worker.kernels.paged_decode_cuda import Rope, paged_decode_cuda, rope_serves
+
+        rope = Rope(k, v, ctx.cos, ctx.sin, ctx.logn, ctx.slots)
+        if rope_serves(q, rope) is not None:
+            return None
+        lens = ctx.seqlen.input_lengths
+        return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
+
     def _cuda_serves(self, q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> bool:
         """Whether the CUDA decode kernel serves this call; where it does not build, says why once and stops asking."""
         from worker.kernels.paged_decode_cuda import MAX_BATCH, library, supports

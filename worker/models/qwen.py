@@ -121,13 +121,18 @@ class FlashQwenAttention(nn.Module):
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
+        o = None
         if kv is not None and ctx.slots is not None and self.rotary.stores(q, kv[0], bool(scales)):
-            self.rotary.rotate_and_store(q, k, v, ctx.cos, ctx.sin, ctx.logn, kv[0], kv[1], ctx.slots)
+            fused = getattr(self.backend, "decode_rope", None)  # RoPE + store inside the decode attention
+            o = fused(q, k, v, kv[0], kv[1], ctx, self.scale) if fused is not None else None
+            if o is None:
+                self.rotary.rotate_and_store(q, k, v, ctx.cos, ctx.sin, ctx.logn, kv[0], kv[1], ctx.slots)
         else:
             q, k = self.rotary(q, k, ctx.cos, ctx.sin, ctx.logn)
             if kv is not None and ctx.slots is not None:
                 self.backend.store(k, v, kv[0], kv[1], ctx.slots, **scales)
-        o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
+        if o is None:
+            o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
         return self.c_proj(o.reshape(T, self.num_heads * self.head_dim), ctx)
 
 
