@@ -220,7 +220,9 @@ def test_plan_tc_unstaged_fills_the_sms_with_two_chunks_a_warp(N, K, rows):
     assert warps <= 8 and gemv_cuda.tc_smem(rows, per, warps, stage=False) <= gemv_cuda.MMA_SMEM
     assert gemv_cuda.TC_WARPS_PER_SM == 12  # 3 chunks in flight a warp: 160-166 registers
     assert splits == 1 or (per >= 2 * warps and tiles * warps * (splits - 1) < 12 * 132)
-    if (N, K) == (4096, 11008):  # 7B mlp.c_proj: 128 tiles of 8 warps already fill ~12 warps an SM unsplit
+    if (N, K) == (4096, 11008):  # 7B mlp.c_proj: 86 chunks, 7.2 a warp at 4 warps x 3 splits (>= TC_LONG_K 6)
+        assert (warps, splits) == (4, 3)
+    if (N, K) == (4096, 4096):  # 7B attn.c_proj: 32 chunks, too few to split (2.7 a warp): 8 warps fill ~8 an SM
         assert (warps, splits) == (8, 1)
     if (N, K) == (152, 640):  # 5 tiles: 8 warps, 5 chunks (no split leaves 2 chunks a warp)
         assert (warps, splits) == (5, 1)

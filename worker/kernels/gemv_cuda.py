@@ -32,6 +32,11 @@ TC_MAX_ROWS = 8  # rows gptq_tc serves (mma's N)
 TC_COLS = 32  # its columns per block
 TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in flight, 160-166 registers a thread: 3
 # blocks of 4 warps; the H200's 7B step at batch 1 2.10-2.11 ms against 2.32 with 16 planned, and 2.17 at 2 chunks)
+# plan_tc: where 8-warp blocks fit unsplit, 4-warp blocks over K's splits instead when each warp keeps this many chunks
+# or more. On the H200 (7B Int4 step, BENCHMARKS.md 2026-11-30 seventh) mlp.c_proj (86 chunks) at 4 warps x 3 splits
+# took the batch-1 step to 1.908-1.912 ms from 1.933-1.944 at 8 x 1 (batch 2 2.149-2.151, 2.144-2.153); attn.c_proj (32
+# chunks: 2.7 a warp) at 4 x 3 or 4 x 2 to 1.973-1.983 (slower), 8 x 2 2.066-2.077, c_attn at 4 x 2 or 8 x 1 2.04-2.11.
+TC_LONG_K = 6
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -129,11 +134,14 @@ def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[in
     no more than the SMs, else 8 (at most a split's chunks), and the fewest splits whose shared memory fits MMA_SMEM.
     Unstaged (x loaded by each warp): 8 warps where the tiles are no more than the SMs, else 4, and K split so that
     the warps fill ~TC_WARPS_PER_SM an SM, each keeping 2 chunks or more (the 7B linears' sweep on an H200,
-    BENCHMARKS.md)."""
+    BENCHMARKS.md); where 8 warps stay unsplit, 4 warps over K's splits if each warp still keeps TC_LONG_K chunks."""
     tiles, chunks = -(-n // TC_COLS), k // CHUNK
     if not stage:
         warps = 8 if tiles <= sms else 4
         splits = max(1, min((TC_WARPS_PER_SM * sms) // (tiles * warps), chunks // (2 * warps)))
+        split4 = min((TC_WARPS_PER_SM * sms) // (tiles * 4), chunks // 8)
+        if warps == 8 and splits == 1 and split4 > 1 and chunks >= TC_LONG_K * 4 * split4:
+            warps, splits = 4, split4  # a long K: 4-warp blocks over K's splits fill the SMs better
         per = -(-chunks // splits)
         return per, -(-chunks // per), min(warps, per)
     warps = 16 if tiles <= sms else 8
