@@ -237,10 +237,16 @@ def _cuda_backend() -> TritonAttention:
     return backend
 
 
+@pytest.mark.parametrize("form", [(8, 2), (4, 2), (4, 3), (4, 4)], ids=lambda f: f"{f[0]}x{f[1]}")
 @pytest.mark.parametrize("block", [16, 32, 8])
-def test_cuda_decode_matches_torch(block):
-    """Contexts around the 32-key chunks and the 8 blocks' shares (64 keys each read before the wait at 512), long
-    ones that loop past them, one key, and a padding row (0: output 0)."""
+def test_cuda_decode_matches_torch(block, form, monkeypatch):
+    """Each form (the cluster's blocks, the chunks in flight a block) on contexts around the 32-key chunks and the
+    blocks' shares (the first chunks read before the wait), long ones that loop past them, one key, and a padding
+    row (0: output 0)."""
+    from worker.kernels import paged_decode_cuda
+
+    monkeypatch.setattr(paged_decode_cuda, "SPLITS", form[0])
+    monkeypatch.setattr(paged_decode_cuda, "DEPTH", form[1])
     lens = [1, 2, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 700, 2048, 4097, 9000]
     b = Batch([1] * len(lens), [n - 1 for n in lens], torch.bfloat16, prefill=False, seed=block)
     backend = _cuda_backend()
@@ -297,17 +303,21 @@ def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("form", [(8, 2), (4, 3)], ids=lambda f: f"{f[0]}x{f[1]}")
 @pytest.mark.parametrize("with_logn", [False, True])
-def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn):
+def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn, form, monkeypatch):
     """kRope: from the raw q, k, v the kernel rotates (logn on q) and stores the new rows itself. Against RoPE + store
     (rope_store.rotary_store_) followed by the kernel without it: the same caches and outputs bit for bit, eager and
     replayed from a CUDA graph (PDL on), the newest rows' slots spoiled before each run; contexts whose newest key
     lies in a block's first 64 keys (read before the wait) and past them (read back after the store); one padded row
     (length 0, slot -1)."""
+    from worker.kernels import paged_decode_cuda as pdc
     from worker.kernels.paged_decode_cuda import Rope, paged_decode_cuda
     from worker.kernels.rope_store import rotary_store_
 
     _cuda_backend()
+    monkeypatch.setattr(pdc, "SPLITS", form[0])
+    monkeypatch.setattr(pdc, "DEPTH", form[1])
     lens = [1, 700, 33, 2048, 17, 16, 512, 64, 9000, 5]
     b = decode_batch(lens, torch.bfloat16, seed=15)
     g = torch.Generator(device=CUDA).manual_seed(15)

@@ -32,8 +32,6 @@ constexpr int kDim = 128;                  // head_dim
 constexpr int kWarps = 4;                  // a block's warps
 constexpr int kKeys = 8;                   // keys a warp takes of each chunk
 constexpr int kChunkKeys = kWarps * kKeys; // 32 keys a chunk
-constexpr int kDepth = 2;                  // chunks in flight a block (read before the wait: 64 keys)
-constexpr int kSplits = 8;                 // blocks a cluster: the context's shares (the portable cluster size)
 constexpr float kNegBig = -1.0e30f;        // a finite "minus infinity": empty shares never give NaN
 
 struct Rows {  // this lane's 8 bytes of K and V for the warp's keys of one chunk
@@ -165,7 +163,9 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
 
 // kRope: q, k, v are the step's raw rows; RoPE (and logn for q) here, and the newest k and v stored into the cache by
 // the warp that holds that position (it reads the row back later in program order where a later chunk holds it)
-template <bool kRope>
+// kSplits: blocks a cluster (the context's shares; 8 is the portable cluster size); kDepth: chunks in flight a block
+// (read before the wait: kDepth x 32 keys of each share)
+template <bool kRope, int kSplits, int kDepth>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     const __nv_bfloat16* __restrict__ q, __nv_bfloat16* kc, __nv_bfloat16* vc, const int* __restrict__ tables,
     const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e, int stride_qt, int stride_qh,
@@ -279,18 +279,22 @@ extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* 
                                  long long stride_cr, long long stride_ch, int stride_tb, int stride_ot, int stride_oh,
                                  int block_shift, int pdl, void* stream, const void* k, const void* v, int stride_kt,
                                  int stride_kh, int stride_vt, int stride_vh, const void* cos, const void* sin,
-                                 int stride_cos, int stride_sin, const void* logn, const void* slots) {
+                                 int stride_cos, int stride_sin, const void* logn, const void* slots, int splits,
+                                 int depth) {
   if (B < 0 || H < 1 || block_shift < 0 || block_shift > 16) return static_cast<int>(cudaErrorInvalidValue);
   if (k != nullptr && (v == nullptr || cos == nullptr || sin == nullptr || slots == nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
+  const int form = splits == 8 && depth == 2 ? 0 : splits == 4 && depth == 2 ? 1 : splits == 4 && depth == 3 ? 2
+                 : splits == 4 && depth == 4 ? 3 : -1;
+  if (form < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (B == 0) return static_cast<int>(cudaSuccess);
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute attr[2];
-  config.gridDim = dim3(kSplits, H, B);
+  config.gridDim = dim3(splits, H, B);
   config.blockDim = dim3(kWarps * 32);
   config.stream = static_cast<cudaStream_t>(stream);
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kSplits;
+  attr[0].val.clusterDim.x = splits;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -301,7 +305,15 @@ extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* 
                       static_cast<const float*>(cos), static_cast<const float*>(sin), static_cast<const float*>(logn),
                       static_cast<const long long*>(slots), stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                       stride_sin};
-  auto kernel = k != nullptr ? paged_decode_kernel<true> : paged_decode_kernel<false>;
+  using Kernel = void (*)(const __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, const int*, const int*,
+                          __nv_bfloat16*, float, int, int, long long, long long, long long, int, int, int, int,
+                          RopeArgs);
+  const Kernel forms[2][4] = {
+      {paged_decode_kernel<false, 8, 2>, paged_decode_kernel<false, 4, 2>, paged_decode_kernel<false, 4, 3>,
+       paged_decode_kernel<false, 4, 4>},
+      {paged_decode_kernel<true, 8, 2>, paged_decode_kernel<true, 4, 2>, paged_decode_kernel<true, 4, 3>,
+       paged_decode_kernel<true, 4, 4>}};
+  const Kernel kernel = forms[k != nullptr][form];
   return static_cast<int>(cudaLaunchKernelEx(
       &config, kernel, static_cast<const __nv_bfloat16*>(q), static_cast<__nv_bfloat16*>(kc),
       static_cast<__nv_bfloat16*>(vc), static_cast<const int*>(tables), static_cast<const int*>(lens),

@@ -25,6 +25,7 @@ HEAD_DIM = 128
 # served kernels; BENCHMARKS.md, 2026-11-30, seventh) the step at batch 1 took 1.973-1.983 ms with it against
 # 2.026-2.035 with the Triton kernels, but batch 2 2.195-2.201 against 2.118-2.128 and batch 8 4.26 against 4.08.
 MAX_BATCH = 1
+SPLITS, DEPTH = 8, 2  # the cluster's blocks (a sequence and head) and the 32-key chunks in flight a block (.cu's forms)
 
 
 @functools.cache
@@ -42,6 +43,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.paged_decode_bf16.argtypes = [
         *(p, p, p, p, p, p, ctypes.c_float, i, i, i, i, ll, ll, ll, i, i, i, i, i, p),
         *(p, p, i, i, i, i, p, p, i, i, p, p),  # RoPE's: k, v and their strides, cos, sin and theirs, logn, slots
+        *(i, i),  # the cluster's blocks, the chunks in flight a block
     ]
     lib.paged_decode_error.restype = ctypes.c_char_p
     lib.paged_decode_error.argtypes = [i]
@@ -129,7 +131,7 @@ def paged_decode_cuda(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), lens.data_ptr(),
         out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
-        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope),
+        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), SPLITS, DEPTH,
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"paged_decode_cuda: {lib.paged_decode_error(code).decode()}")
