@@ -245,8 +245,7 @@ def test_cuda_decode_matches_torch(block, form, monkeypatch):
     row (0: output 0)."""
     from worker.kernels import paged_decode_cuda
 
-    monkeypatch.setattr(paged_decode_cuda, "SPLITS", form[0])
-    monkeypatch.setattr(paged_decode_cuda, "DEPTH", form[1])
+    monkeypatch.setattr(paged_decode_cuda, "form_for", lambda batch: form)
     lens = [1, 2, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 700, 2048, 4097, 9000]
     b = Batch([1] * len(lens), [n - 1 for n in lens], torch.bfloat16, prefill=False, seed=block)
     backend = _cuda_backend()
@@ -316,8 +315,7 @@ def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn, form, mo
     from worker.kernels.rope_store import rotary_store_
 
     _cuda_backend()
-    monkeypatch.setattr(pdc, "SPLITS", form[0])
-    monkeypatch.setattr(pdc, "DEPTH", form[1])
+    monkeypatch.setattr(pdc, "form_for", lambda batch: form)
     lens = [1, 700, 33, 2048, 17, 16, 512, 64, 9000, 5]
     b = decode_batch(lens, torch.bfloat16, seed=15)
     g = torch.Generator(device=CUDA).manual_seed(15)

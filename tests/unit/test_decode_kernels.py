@@ -86,6 +86,16 @@ def test_early_go_only_for_its_families_at_few_rows():
     assert [level(True, "rms_norm", 2), level(True, "rope_store", 8), level(True, "gemv", 1)] == [1, 1, 1]
 
 
+def test_cuda_decode_attention_forms_by_batch():
+    """256 blocks at batch 1 (8-block clusters, 2 chunks in flight) and 2 (4 x 3), each a form paged_decode.cu
+    instantiates; batches past MAX_BATCH (direct calls) take the last."""
+    from worker.kernels import paged_decode_cuda as pdc
+
+    compiled = {(8, 2), (4, 2), (4, 3), (4, 4)}  # paged_decode_bf16's forms
+    assert pdc.MAX_BATCH == 2 and set(pdc.FORMS.values()) <= compiled
+    assert [pdc.form_for(b) for b in (1, 2, 7)] == [(8, 2), (4, 3), (4, 3)]
+
+
 def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, caplog):
     """attn_cuda: off the GPU, above MAX_BATCH sequences, over fp8 / scaled / other head sizes the backend keeps the
     Triton kernels; where the library does not build it says why once and stops asking."""
@@ -102,7 +112,7 @@ def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, ca
     monkeypatch.setattr(pdc, "supports", lambda q, k_cache, scaled: None)
     monkeypatch.setattr(pdc, "library", lambda major, minor: "no nvcc (set CUDA_HOME)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert not be._cuda_serves(torch.zeros(2, 2, 128), cache, False) and be.attn_cuda  # 2 > MAX_BATCH: not asked
+    assert not be._cuda_serves(torch.zeros(3, 2, 128), cache, False) and be.attn_cuda  # 3 > MAX_BATCH: not asked
     with caplog.at_level("WARNING"):
         assert not be._cuda_serves(q, cache, False)
     assert not be.attn_cuda and "no nvcc" in caplog.text

@@ -1,8 +1,8 @@
 """The served decode kernel choices (issue 17, P1): `serve --decode-kernels` defaults to the set measured faster
 on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda, lora_term_first, lora_norm_shrink, lora_k_lanes,
-gptq_mma, gptq_act, gptq_tc, gptq_act_out), `none` turns them off, a bad name is refused naming it; `where_applies`
-keeps what changes anything on the shard's device; serve builds the model with them, down to every layer and the
-attention backend (the paged decode's PDL)."""
+gptq_mma, gptq_act, gptq_tc, gptq_act_out, attn_cuda), `none` turns them off, a bad name is refused naming it;
+`where_applies` keeps what changes anything on the shard's device; serve builds the model with them, down to every
+layer and the attention backend (the paged decode's PDL)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ MEASURED = DecodeKernels(
     gptq_act=True,
     gptq_tc=True,
     gptq_act_out=True,
+    attn_cuda=True,
 )
 
 
@@ -42,7 +43,7 @@ def test_the_flag_defaults_to_the_measured_set_and_none_turns_it_off():
     assert _parse("--decode-kernels", "act_gemv, pdl") == DecodeKernels(pdl=True, act_gemv=True)
     assert MEASURED.describe() == (
         "pdl,rope_store,lora_pdl,lora_act_shrink,gptq_cuda,lora_term_first,lora_norm_shrink,lora_k_lanes,gptq_mma,"
-        "gptq_act,gptq_tc,gptq_act_out"
+        "gptq_act,gptq_tc,gptq_act_out,attn_cuda"
     )
     assert DecodeKernels().describe() == "none"
 
@@ -57,7 +58,7 @@ def test_a_bad_decode_kernels_value_is_refused_naming_it(value, capsys):
 
 @pytest.mark.parametrize(("interpreted", "major", "expected"), [
     (False, 9, MEASURED),
-    (False, 8, replace(MEASURED, pdl=False, lora_pdl=False)),  # no PDL before sm_90
+    (False, 8, replace(MEASURED, pdl=False, lora_pdl=False, attn_cuda=False)),  # no PDL, no clusters before sm_90
     (True, 9, DecodeKernels()),  # the interpreter's path is unchanged
 ])  # fmt: skip
 def test_where_applies(monkeypatch, interpreted, major, expected):
@@ -69,7 +70,9 @@ def test_where_applies(monkeypatch, interpreted, major, expected):
     assert where_applies(DecodeKernels(), torch.device("cuda", 0)) == DecodeKernels()
     assert where_applies(MEASURED, torch.device("cpu")) == DecodeKernels()
     # the torch attention backend runs no fused kernels: RoPE + store has nothing to replace there
-    assert where_applies(MEASURED, torch.device("cuda", 0), fused=False) == replace(expected, rope_store=False)
+    assert where_applies(MEASURED, torch.device("cuda", 0), fused=False) == replace(
+        expected, rope_store=False, attn_cuda=False
+    )
 
 
 class _Built(Exception):

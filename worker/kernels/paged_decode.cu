@@ -5,10 +5,10 @@
 // Why: at batch 1 the Triton kernel ended ~8.5 us after RoPE + store on the H200 (7B, 512 tokens) for ~2 us of KV
 // bytes, however early it launched: after its PDL wait came the table, K and V loads of its second tile, the partials'
 // stores, an atomic arrival and the merge's loads, each a trip to memory. Here
-// - a thread block cluster of kSplits blocks owns one (sequence, head); block s of it the s-th share of the context's
-//   32-key chunks;
+// - a thread block cluster of kSplits blocks (8 at batch 1, 4 at batch 2: paged_decode_cuda.FORMS) owns one
+//   (sequence, head); block s of it the s-th share of the context's 32-key chunks;
 // - before griddepcontrol.wait each block reads its context length, its block-table entries and the K and V rows of
-//   its first kDepth chunks (all of a 512-token context), except the newest position's: in a decode step only the
+//   its first kDepth chunks (at 8 x 2, all of a 512-token context), except the newest position's: in a decode step only the
 //   newest token's K and V are written by the kernel before this one, and with PDL every kernel before that one has
 //   finished when this one starts (pdl.EARLY_GO's rule: what is read before the wait is written before the step);
 // - after it: q, the newest row where a block holds it, the later chunks (a ring of kDepth in registers);

@@ -1,6 +1,7 @@
 """The CUDA paged decode attention (worker/kernels/paged_decode.cu; DecodeKernels.attn_cuda, issue 16 P9): bf16
-caches, head_dim 128, unscaled; one thread block cluster of 8 blocks a (sequence, head), the first 64 keys of each
-block's share read before the PDL wait. Built on first use with nvcc (worker/kernels/cuda_build.py) into its own
+caches, head_dim 128, unscaled; one thread block cluster a (sequence, head) of 8 blocks at batch 1 and 4 at batch 2
+(`FORMS`), the first 64 or 96 keys of each block's share read before the PDL wait; optionally (`Rope`) RoPE and the
+new rows' store inside. Built on first use with nvcc (worker/kernels/cuda_build.py) into its own
 library; where nvcc is missing or the build fails, `library` says why and the backend keeps the Triton kernels.
 """
 
@@ -21,11 +22,18 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = (os.path.join(_HERE, "paged_decode.cu"),)
 HEADERS = (os.path.join(_HERE, "gptq_cuda.cuh"),)
 HEAD_DIM = 128
-# The backend takes it at decode batches of at most this many sequences. On the H200 (7B Int4, 512-token contexts,
-# served kernels; BENCHMARKS.md, 2026-11-30, seventh) the step at batch 1 took 1.973-1.983 ms with it against
-# 2.026-2.035 with the Triton kernels, but batch 2 2.195-2.201 against 2.118-2.128 and batch 8 4.26 against 4.08.
-MAX_BATCH = 1
-SPLITS, DEPTH = 8, 2  # the cluster's blocks (a sequence and head) and the 32-key chunks in flight a block (.cu's forms)
+# The cluster's blocks (a sequence and head's shares) and the 32-key chunks in flight a block, by decode batch: 256
+# blocks at both. On the H200 (7B Int4 step, 512-token contexts, served kernels; BENCHMARKS.md, 2026-11-30, seventh):
+# batch 1 at 8 x 2 1.928-1.934 ms against 1.98-2.04 for 4 x 2, 4 x 3, 4 x 4 and 2.08-2.09 with the Triton kernels;
+# batch 2 at 4 x 3 2.099-2.109 against 2.165-2.187 with the Triton kernels and 2.215 at 8 x 2. The backend takes it at
+# decode batches of at most MAX_BATCH (at 8, 8 x 2 measured 4.26 against 4.08 ms with the Triton kernels).
+FORMS = {1: (8, 2), 2: (4, 3)}
+MAX_BATCH = max(FORMS)
+
+
+def form_for(batch: int) -> tuple[int, int]:
+    """(splits, depth) of the kernel at this batch (one of the .cu's forms)."""
+    return FORMS.get(batch, FORMS[MAX_BATCH])
 
 
 @functools.cache
@@ -131,7 +139,7 @@ def paged_decode_cuda(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), lens.data_ptr(),
         out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
-        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), SPLITS, DEPTH,
+        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), *form_for(B),
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"paged_decode_cuda: {lib.paged_decode_error(code).decode()}")

@@ -104,11 +104,14 @@ class DecodeKernels:
     2.348-2.353 ms with it against 2.400-2.426 without, at batch 2 2.433-2.441 against 2.874-2.881 (three alternating
     pairs on one H200; bf16 4.248 / 4.358), and 2.263-2.295 / 2.371-2.392 with its blocks in one wave
     (gemv_cuda.plan_tc_pair; BENCHMARKS.md, 2026-11-30).
-    attn_cuda: the triton backend's decode over unscaled bf16 caches of head_dim 128 takes the CUDA kernel
-    (worker/kernels/paged_decode.cu: a thread block cluster a sequence and head, its first keys read before the PDL
-    wait, the splits merged over distributed shared memory) instead of the Triton split + merge, where it builds
-    (sm_90+, nvcc; else one warning says why). Deterministic, so graph == eager bit for bit; another summation order
-    than the Triton kernel's."""
+    attn_cuda: the triton backend's decode at batches of 1 and 2 (paged_decode_cuda.MAX_BATCH) over unscaled bf16
+    caches of head_dim 128 takes the CUDA kernel (worker/kernels/paged_decode.cu: a thread block cluster a sequence and
+    head, its first keys read before the PDL wait, the splits merged over distributed shared memory) instead of the
+    Triton split + merge, with RoPE + store inside it where rope_store would run (TritonAttention.decode_rope: the
+    cache bit for bit the same); where it builds (sm_90+, nvcc; else one warning says why). Deterministic, so graph ==
+    eager bit for bit; another summation order than the Triton kernel's. Served: the 7B Int4 step at batch 1 1.928-1.934
+    ms against 2.08-2.09 without it, batch 2 2.099-2.109 against 2.165-2.187 (one H200; BENCHMARKS.md, 2026-11-30,
+    seventh)."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -165,7 +168,7 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
         pdl=pdl.active(opts.pdl, device),
         rope_store=opts.rope_store and fused,
         lora_pdl=pdl.active(opts.lora_pdl, device),
-        attn_cuda=opts.attn_cuda and fused,
+        attn_cuda=opts.attn_cuda and fused and pdl.active(True, device),  # thread block clusters: sm_90+ too
     )
 
 
