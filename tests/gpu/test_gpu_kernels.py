@@ -242,17 +242,41 @@ def _cuda_backend() -> TritonAttention:
 def test_cuda_decode_matches_torch(block, form, monkeypatch):
     """Each form (the cluster's blocks, the chunks in flight a block) on contexts around the 32-key chunks and the
     blocks' shares (the first chunks read before the wait), long ones that loop past them, one key, and a padding
-    row (0: output 0)."""
+    row (0: output 0). The kernel is called directly: the backend takes it at batches of 1-2 only (MAX_BATCH)."""
     from worker.kernels import paged_decode_cuda
 
+    _cuda_backend()
     monkeypatch.setattr(paged_decode_cuda, "form_for", lambda batch: form)
     lens = [1, 2, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 700, 2048, 4097, 9000]
     b = Batch([1] * len(lens), [n - 1 for n in lens], torch.bfloat16, prefill=False, seed=block)
-    backend = _cuda_backend()
-    close(b.attend(backend), b.attend(TorchAttention()), torch.bfloat16)
+
+    def ours() -> torch.Tensor:
+        n = b.ctx.seqlen.input_lengths
+        return paged_decode_cuda.paged_decode_cuda(b.q, b.k_cache, b.v_cache, b.tables, n, b.scale)
+
+    close(ours(), b.attend(TorchAttention()), torch.bfloat16)
     b.ctx.seqlen.input_lengths[3] = 0
-    out = b.attend(backend)
+    out = ours()
     assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def test_cuda_decode_serves_batches_of_one_and_two(monkeypatch):
+    """The backend with attn_cuda takes the CUDA kernel at 1-2 sequences and the Triton kernels at 3."""
+    from worker.kernels import paged_decode_cuda
+
+    backend = _cuda_backend()
+    calls: list[int] = []
+    real = paged_decode_cuda.paged_decode_cuda
+
+    def counted(*a, **k) -> torch.Tensor:
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(paged_decode_cuda, "paged_decode_cuda", counted)
+    for lens in ([700], [33, 2048], [5, 64, 513]):
+        b = decode_batch(lens, torch.bfloat16, seed=len(lens))
+        close(b.attend(backend), b.attend(TorchAttention()), torch.bfloat16)
+    assert calls == [1, 2]
 
 
 def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
