@@ -11,6 +11,7 @@ Run: `pytest -q -m gpu tests/gpu/test_gpu_kernels.py`.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -226,6 +227,25 @@ def test_decode_in_cuda_graph(tiles):
 
 
 # ------------------------------------------------------------------ the CUDA decode kernel (DecodeKernels.attn_cuda)
+def _captured(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn warmed up on a side stream, then captured: (the graph, fn's output in the graph's memory)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _spoil_newest(b: Batch) -> None:
+    """The new rows' slots hold what an earlier step left there."""
+    b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
+    b.v_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = -300.0
+
+
 def _cuda_backend() -> TritonAttention:
     from worker.kernels.paged_decode_cuda import library
 
@@ -304,24 +324,13 @@ def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
         rotary_store_(q, k, v0, cos, sin, None, b.k_cache, b.v_cache, b.slots, pdl=True)
         return paged_decode_cuda(q, b.k_cache, b.v_cache, b.tables, lens, b.scale, pdl=True)
 
-    def spoil() -> None:
-        b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
-        b.v_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = -300.0
-
-    spoil()
+    _spoil_newest(b)
     ref = step().clone()
     torch_ref = TorchAttention().attend(q, k, v0, b.k_cache, b.v_cache, b.ctx, b.scale)
     close(ref, torch_ref, torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = _captured(step)
     for _ in range(50):
-        spoil()
+        _spoil_newest(b)
         graph.replay()
         assert torch.equal(out, ref)
 
@@ -353,10 +362,6 @@ def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn, form, mo
     q, k = torch.empty_like(q0), torch.empty_like(k0)
     tables, n = b.tables, b.ctx.seqlen.input_lengths
 
-    def spoil() -> None:
-        b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
-        b.v_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = -300.0
-
     def two_kernels() -> torch.Tensor:
         q.copy_(q0), k.copy_(k0)
         rotary_store_(q, k, v0, cos.contiguous(), sin.contiguous(), logn, b.k_cache, b.v_cache, slots, pdl=True)
@@ -370,22 +375,15 @@ def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn, form, mo
     def same_caches() -> bool:  # bit for bit (unused rows hold NaN)
         return torch.equal(b.k_cache.view(torch.int16), ref_k) and torch.equal(b.v_cache.view(torch.int16), ref_v)
 
-    spoil()
+    _spoil_newest(b)
     ref = two_kernels().clone()
     ref_k, ref_v = b.k_cache.view(torch.int16).clone(), b.v_cache.view(torch.int16).clone()
-    spoil()
+    _spoil_newest(b)
     out = one_kernel()
     assert torch.equal(out, ref) and same_caches()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        one_kernel()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = one_kernel()
+    graph, out = _captured(one_kernel)
     for _ in range(20):
-        spoil()
+        _spoil_newest(b)
         graph.replay()
         assert torch.equal(out, ref) and same_caches()
 
