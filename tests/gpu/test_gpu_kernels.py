@@ -310,6 +310,7 @@ def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
 
     _cuda_backend()
     monkeypatch.setattr(pdl, "EARLY_GO", {"rope_store"})
+    monkeypatch.setattr(pdl, "EARLY_MAX_ROWS", 8)  # served at one row; here 8 sequences (the kernel's 4 x 3 form)
     b = decode_batch([1, 700, 33, 2048, 17, 16, 512, 64], torch.bfloat16, seed=14)
     g = torch.Generator(device=CUDA).manual_seed(14)
     T = 8

@@ -97,24 +97,40 @@ def test_cuda_decode_attention_forms_by_batch():
 
 
 def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, caplog):
-    """attn_cuda: off the GPU, above MAX_BATCH sequences, over fp8 / scaled / other head sizes the backend keeps the
-    Triton kernels; where the library does not build it says why once and stops asking."""
+    """attn_cuda: off the GPU, above MAX_BATCH sequences, over fp8 / scaled caches, other head sizes, caches of
+    fewer heads (GQA), misaligned rows, other table dtypes, and RoPE it cannot apply, the backend keeps the Triton
+    kernels; where the library does not build it says why once and stops asking."""
+    from types import SimpleNamespace
+
     from worker.kernels import paged_decode_cuda as pdc
     from worker.layers.attention_triton import TritonAttention
 
     be = TritonAttention()
     be.attn_cuda = True
     q, cache = torch.zeros(1, 2, 128, dtype=torch.bfloat16), torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
-    assert "CUDA devices only" in pdc.supports(q, cache, False)
-    assert "head_dim 128" in pdc.supports(q[..., :64], cache, False)
-    assert "unscaled bf16" in pdc.supports(q, cache.to(torch.float8_e4m3fn), False)
-    assert "unscaled bf16" in pdc.supports(q, cache, True)
-    monkeypatch.setattr(pdc, "supports", lambda q, k_cache, scaled: None)
+    tables, lens = torch.zeros(1, 4, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+
+    def why(q=q, k=cache, v=cache, tables=tables, lens=lens, scaled=False) -> str:
+        return str(pdc.supports(q, k, v, tables, lens, scaled))
+
+    assert "CUDA devices only" in why()
+    assert "head_dim 128" in why(q=q[..., :64])
+    assert "unscaled bf16" in why(k=cache.to(torch.float8_e4m3fn)) and "unscaled bf16" in why(scaled=True)
+    assert "one cache head a query head" in why(k=cache[:, :, :1], v=cache[:, :, :1])
+    assert "one layout" in why(v=torch.zeros(4, 32, 2, 128, dtype=torch.bfloat16)[:, :16])
+    assert "8-byte vectors" in why(q=torch.zeros(1, 2, 130, dtype=torch.bfloat16)[..., 1:129])
+    assert "int32 tables" in why(tables=tables.long())
+    rope = pdc.Rope(q, q, torch.zeros(1, 64), torch.zeros(1, 64), None, torch.zeros(1, dtype=torch.long))
+    assert pdc.rope_serves(q, rope) is None
+    assert "all 128 dims" in str(pdc.rope_serves(q, rope._replace(cos=torch.zeros(1, 32), sin=torch.zeros(1, 32))))
+    assert "int64 slots" in str(pdc.rope_serves(q, rope._replace(slots=torch.zeros(1, dtype=torch.int32))))
+    monkeypatch.setattr(pdc, "supports", lambda *a: None)
     monkeypatch.setattr(pdc, "library", lambda major, minor: "no nvcc (set CUDA_HOME)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert not be._cuda_serves(torch.zeros(3, 2, 128), cache, False) and be.attn_cuda  # 3 > MAX_BATCH: not asked
+    ctx = SimpleNamespace(block_tables=tables, seqlen=SimpleNamespace(input_lengths=lens))
+    assert not be._cuda_serves(torch.zeros(3, 2, 128), cache, cache, ctx, False) and be.attn_cuda  # 3 > MAX_BATCH
     with caplog.at_level("WARNING"):
-        assert not be._cuda_serves(q, cache, False)
+        assert not be._cuda_serves(q, cache, cache, ctx, False)
     assert not be.attn_cuda and "no nvcc" in caplog.text
 
 

@@ -8,9 +8,10 @@
 // - a thread block cluster of kSplits blocks (8 at batch 1, 4 at batch 2: paged_decode_cuda.FORMS) owns one
 //   (sequence, head); block s of it the s-th share of the context's 32-key chunks;
 // - before griddepcontrol.wait each block reads its context length, its block-table entries and the K and V rows of
-//   its first kDepth chunks (at 8 x 2, all of a 512-token context), except the newest position's: in a decode step only the
-//   newest token's K and V are written by the kernel before this one, and with PDL every kernel before that one has
-//   finished when this one starts (pdl.EARLY_GO's rule: what is read before the wait is written before the step);
+//   its first kDepth chunks (at 8 x 2, all of a 512-token context), except the newest position's: in a decode step
+//   only the newest token's K and V are written by a kernel that may still run when this one starts (RoPE + store or
+//   the store; at pdl.EARLY also the c_attn GEMV before it, which writes only qkv): pdl.level's rule, what is read
+//   before the wait is written before the step;
 // - after it: q, the newest row where a block holds it, the later chunks (a ring of kDepth in registers);
 // - each warp keeps an online softmax over its 8 keys of every chunk; the block merges its 4 warps in shared memory
 //   and the cluster's rank 0 merges the blocks' partials over distributed shared memory (no global partials, no
@@ -167,7 +168,7 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
 // (read before the wait: kDepth x 32 keys of each share)
 template <bool kRope, int kSplits, int kDepth>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
-    const __nv_bfloat16* __restrict__ q, __nv_bfloat16* kc, __nv_bfloat16* vc, const int* __restrict__ tables,
+    const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const int* __restrict__ tables,
     const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e, int stride_qt, int stride_qh,
     long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb, int stride_ot, int stride_oh,
     int block_shift, RopeArgs rope) {
@@ -241,7 +242,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
 
   // the block's partial: its warps merged (in warp order), then read by rank 0 over distributed shared memory
   __shared__ float wm[kWarps], wl[kWarps];
-  __shared__ float wacc[kWarps][kDim];
+  __shared__ __align__(16) float wacc[kWarps][kDim];  // float4 stores
   __shared__ float part[2 + kDim];  // (max, sum, acc[kDim]) of this block
   if (lane == 0) wm[warp] = m, wl[warp] = l;
   *reinterpret_cast<float4*>(&wacc[warp][4 * lane]) = acc;

@@ -58,15 +58,30 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     return lib
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> str | None:
+def supports(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scaled: bool,
+) -> str | None:
     """None when the kernel serves this decode; else what it lacks."""
     if scaled or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
         return f"it serves unscaled bf16 caches only (q {q.dtype}, cache {k_cache.dtype}, scaled {scaled})"
     if q.shape[-1] != HEAD_DIM:
         return f"it serves head_dim {HEAD_DIM} only (got {q.shape[-1]})"
+    if k_cache.shape[2] != q.shape[1]:
+        return f"it needs one cache head a query head (q {q.shape[1]}, cache {k_cache.shape[2]})"
     bs = k_cache.shape[1]
     if bs & (bs - 1) or k_cache.stride(-1) != 1:
         return f"it needs a power-of-two block size and unit stride on head_dim (block size {bs})"
+    if v_cache.stride() != k_cache.stride() or v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape:
+        return "it needs K and V caches of one layout"
+    if q.stride(-1) != 1 or any(t.stride(i) % 4 or t.data_ptr() % 8 for t in (q, k_cache, v_cache) for i in (0, 1)):
+        return "it reads 8-byte vectors of q and the caches (unit stride on head_dim, 8-byte aligned rows)"
+    if tables.dtype != torch.int32 or lens.dtype != torch.int32 or tables.stride(-1) != 1 or lens.stride(0) != 1:
+        return f"it needs int32 tables (unit stride on a row) and lengths (got {tables.dtype}, {lens.dtype})"
     if not q.is_cuda:
         return "it runs on CUDA devices only"
     return None
@@ -91,8 +106,12 @@ def rope_serves(q: torch.Tensor, rope: Rope) -> str | None:
         return f"it rotates all {HEAD_DIM} dims with fp32 cos / sin [B, {HEAD_DIM // 2}] (got {tuple(cos.shape)})"
     if any(t.stride(-1) != 1 or t.stride(0) % 4 or t.data_ptr() % 16 for t in (cos, sin)):
         return "it reads cos / sin rows as 16-byte vectors"
-    if k.shape != q.shape or v.shape != q.shape or k.stride(-1) != 1 or v.stride(-1) != 1 or k.dtype != q.dtype:
-        return "it needs k and v as q (bf16, unit stride on head_dim)"
+    if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "it needs k and v as q (bf16 [B, H, 128])"
+    if any(t.stride(-1) != 1 or t.stride(0) % 4 or t.stride(1) % 4 or t.data_ptr() % 8 for t in (k, v)):
+        return "it reads 8-byte vectors of k and v (unit stride on head_dim, 8-byte aligned rows)"
+    if slots.shape != (q.shape[0],) or (logn is not None and logn.shape != (q.shape[0],)):
+        return f"it needs a slot (and logn) a sequence (slots {tuple(slots.shape)})"
     if (
         slots.dtype != torch.int64
         or slots.stride(0) != 1
@@ -117,12 +136,9 @@ def paged_decode_cuda(
     padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16.
     rope (`rope_serves`): q and rope's k, v are the step's raw rows; the kernel rotates q (times logn) and k as
     fused.rotary_ does, and stores k and v into their slots as rope_store would (the cache bit for bit the same), so
-    neither RoPE + store nor the store runs before it."""
-    why = supports(q, k_cache, False)
-    if why is None and (v_cache.stride() != k_cache.stride() or v_cache.dtype != k_cache.dtype):
-        why = "it needs K and V caches of one layout"
-    if why is None and (block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32):
-        why = f"it needs int32 tables and lengths (got {block_tables.dtype}, {context_lens.dtype})"
+    neither RoPE + store nor the store runs before it. The block holding the newest position stores it: a row of
+    length 0 stores nothing, so its slot must be < 0 (graph padding rows have length 1 or slot -1)."""
+    why = supports(q, k_cache, v_cache, block_tables, context_lens, False)
     if why is None and rope is not None:
         why = rope_serves(q, rope)
     if why is not None:
@@ -131,9 +147,7 @@ def paged_decode_cuda(
     if isinstance(lib, str):
         raise RuntimeError(f"paged_decode_cuda: {lib}")
     B, H, D = q.shape
-    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("paged_decode_cuda needs unit strides on q's head_dim and the tables' rows")
-    lens = context_lens.contiguous()
+    lens = context_lens
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     code = lib.paged_decode_bf16(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), lens.data_ptr(),

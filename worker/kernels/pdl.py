@@ -56,10 +56,13 @@ def launch_options(pdl: bool) -> dict[str, Any]:
 
 EARLY = 2  # the PDL level of a kernel that lets the next one launch before it waits itself (see `level`)
 # Kernel families launched at EARLY, at decode steps of at most EARLY_MAX_ROWS rows. On the H200 (7B Int4, served
-# decode kernels, 512-token contexts; BENCHMARKS.md, 2026-11-30, seventh) RoPE + store and RMSNorm at EARLY let the
-# CUDA decode attention (attn_cuda) read its keys during c_attn: the batch-1 step 1.979-1.986 ms against 2.077 with
-# attn_cuda alone and 2.090-2.092 with neither; at 2 rows (Triton attention) 2.192-2.196 against 2.156-2.161, and at 8
-# rows 4.08-4.09 against 3.97-4.00 (the next kernel's early blocks take SMs from the running one).
+# decode kernels, 512-token contexts; BENCHMARKS.md, 2026-11-30, seventh), before RoPE moved into the CUDA decode
+# attention: RoPE + store and RMSNorm at EARLY let that attention (attn_cuda) read its keys during c_attn, the batch-1
+# step 1.979-1.986 ms against 2.077 with attn_cuda alone and 2.090-2.092 with neither; at 2 rows (Triton attention
+# then) 2.192-2.196 against 2.156-2.161, at 8 rows 4.08-4.09 against 3.97-4.00 (the next kernel's early blocks take
+# SMs from the running one). With RoPE inside the attention (served at 1-2 rows) RoPE + store no longer runs there;
+# its EARLY stays for the steps where the attention cannot take RoPE (rope_serves). Not measured since: RMSNorm at
+# EARLY alone with that attention.
 EARLY_GO: set[str] = {"rope_store", "rms_norm"}
 EARLY_MAX_ROWS = 1
 

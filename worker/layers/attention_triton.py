@@ -114,7 +114,7 @@ class TritonAttention:
     ) -> torch.Tensor:
         """One new token per sequence (row b of q is sequence b), already stored in the cache."""
         assert ctx.block_tables is not None
-        if self.attn_cuda and self._cuda_serves(q, k_cache, k_scale is not None or v_scale is not None):
+        if self.attn_cuda and self._cuda_serves(q, k_cache, v_cache, ctx, k_scale is not None or v_scale is not None):
             from worker.kernels.paged_decode_cuda import paged_decode_cuda
 
             lens = ctx.seqlen.input_lengths
@@ -150,7 +150,7 @@ class TritonAttention:
         attends as before)."""
         if ctx.is_prefill or not self.attn_cuda or ctx.block_tables is None or ctx.slots is None:
             return None
-        if not self._cuda_serves(q, k_cache, False):
+        if not self._cuda_serves(q, k_cache, v_cache, ctx, False):
             return None
         from worker.kernels.paged_decode_cuda import Rope, paged_decode_cuda, rope_serves
 
@@ -160,11 +160,15 @@ class TritonAttention:
         lens = ctx.seqlen.input_lengths
         return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
 
-    def _cuda_serves(self, q: torch.Tensor, k_cache: torch.Tensor, scaled: bool) -> bool:
+    def _cuda_serves(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scaled: bool
+    ) -> bool:
         """Whether the CUDA decode kernel serves this call; where it does not build, says why once and stops asking."""
         from worker.kernels.paged_decode_cuda import MAX_BATCH, library, supports
 
-        if q.shape[0] > MAX_BATCH or supports(q, k_cache, scaled) is not None:
+        assert ctx.block_tables is not None
+        tables, lens = ctx.block_tables, ctx.seqlen.input_lengths
+        if q.shape[0] > MAX_BATCH or supports(q, k_cache, v_cache, tables, lens, scaled) is not None:
             return False
         lib = library(*torch.cuda.get_device_capability(q.device))
         if isinstance(lib, str):
