@@ -190,6 +190,19 @@ def test_prefill_without_cache(use_varlen, dtype):
     close(b.attend(TritonAttention(use_varlen_attn=use_varlen), cache=False), ref, dtype)
 
 
+def _captured(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn warmed up on a side stream, then captured: (the graph, fn's output in the graph's memory)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @pytest.mark.parametrize(
     "tiles",
     [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"]],
@@ -212,14 +225,7 @@ def test_decode_in_cuda_graph(tiles):
         static.tables[:, : src.tables.shape[1]].copy_(src.tables + offset)
 
     load(b, 0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        static.attend(backend)  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = static.attend(backend)
+    graph, out = _captured(lambda: static.attend(backend))  # compiled and warmed up outside the capture
     for src, offset in ((b, 0), (c, b.k_cache.shape[0])):
         load(src, offset)
         graph.replay()
@@ -227,19 +233,6 @@ def test_decode_in_cuda_graph(tiles):
 
 
 # ------------------------------------------------------------------ the CUDA decode kernel (DecodeKernels.attn_cuda)
-def _captured(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """fn warmed up on a side stream, then captured: (the graph, fn's output in the graph's memory)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def _spoil_newest(b: Batch) -> None:
     """The new rows' slots hold what an earlier step left there."""
     b.k_cache.view(-1, HEADS, HEAD_DIM)[b.slots] = 300.0
