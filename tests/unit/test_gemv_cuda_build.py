@@ -50,7 +50,7 @@ def test_plan_covers_every_chunk_once(N, K, rows):
 
 
 def test_library_without_nvcc_says_so(monkeypatch):
-    monkeypatch.setattr(gemv_cuda, "_nvcc", lambda: None)
+    monkeypatch.setattr(gemv_cuda, "find_nvcc", lambda: None)
     gemv_cuda.library.cache_clear()
     try:
         assert gemv_cuda.library(9, 0) == "no nvcc (set CUDA_HOME)"
@@ -59,7 +59,7 @@ def test_library_without_nvcc_says_so(monkeypatch):
 
 
 def test_nvcc_builds_the_kernel(tmp_path, monkeypatch):
-    if gemv_cuda._nvcc() is None:
+    if gemv_cuda.find_nvcc() is None:
         pytest.skip("no nvcc on this machine")
     monkeypatch.setenv("QWEN_WORKER_CACHE", str(tmp_path))
     gemv_cuda.library.cache_clear()

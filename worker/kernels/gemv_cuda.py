@@ -45,15 +45,11 @@ def max_chunks(rows: int) -> int:
     return min(MAX_CHUNKS, (12288 // rows - 512) // (CHUNK + 1))
 
 
-def _nvcc() -> str | None:
-    return find_nvcc()
-
-
 @functools.cache
 def library(major: int, minor: int) -> ctypes.CDLL | str:
     """The built library for compute capability major.minor, or why there is none (a message)."""
     try:
-        path = build("gptq_gemv", SOURCES, HEADERS, major, minor, _nvcc())
+        path = build("gptq_gemv", SOURCES, HEADERS, major, minor, find_nvcc())
     except BuildError as e:
         return str(e)
     lib = ctypes.CDLL(path)
