@@ -147,10 +147,9 @@ def paged_decode_cuda(
     if isinstance(lib, str):
         raise RuntimeError(f"paged_decode_cuda: {lib}")
     B, H, D = q.shape
-    lens = context_lens
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     code = lib.paged_decode_bf16(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), lens.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
         torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), *form_for(B),
