@@ -1,6 +1,6 @@
-"""The multi-LoRA Triton kernels (worker/kernels/lora.py) on CUDA: bf16 at Qwen-7B module shapes against the
-PyTorch path, captured in a CUDA graph, and the tiny model with three adapters (kernels picked by the
-AdapterManager on CUDA) against the float64 reference with each adapter merged, eager and graphed decode;
+"""The multi-LoRA Triton kernels (worker/kernels/lora.py, and lora_decode.py's one launch) on CUDA: bf16 at Qwen-7B
+module shapes against the PyTorch path, captured in a CUDA graph, and the tiny model with three adapters (kernels
+picked by the AdapterManager on CUDA) against the float64 reference with each adapter merged, eager and graphed decode;
 the LoadAdapter fast path (pinned staging buffer, side-stream copies) fills the same slots as before.
 
 Tolerance (bf16): the kernels and the PyTorch path round h and the delta to bf16 at the same points and
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import GPU_TINY, GPU_TRITON_MARKS
+from helpers import GPU_TINY, GPU_TRITON_MARKS, within
 
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
@@ -385,3 +385,48 @@ def test_load_fast_path_fills_the_same_slots(tmp_path, file_dtype):
             torch.equal(a[slot], before[index][k][0]) and torch.equal(b[slot], before[index][k][1])
             for k, (a, b) in mgr.slots.stacked.items()
         )
+
+
+# ------------------------------------------------------------------ multi-LoRA decode, one launch
+@pytest.mark.parametrize("P,K,N", [(1, 4096, 3 * 4096), (2, 4096, 11008), (1, 11008, 4096)])
+def test_lora_decode_one_launch_in_cuda_graph(P, K, N):
+    """kernels/lora_decode.py at 7B module shapes in bf16: 32 decode rows (4 base), replayed from one CUDA
+    graph twice with other slots, against the reference and the two-launch kernels."""
+    from worker.kernels.lora import add_lora
+    from worker.kernels.lora_decode import add_lora_decode
+    from worker.kernels.lora_reference import add_lora_reference
+    from worker.kernels.paged_decode import DecodeWorkspace
+    from worker.layers.lora import AdapterBatchData
+
+    g = torch.Generator(device=CUDA).manual_seed(P * K)
+    dtype, slots_n, r_max = torch.bfloat16, 9, 16
+    a = (torch.randn(slots_n, P, r_max, K, generator=g, device=CUDA) / K**0.5).to(dtype)
+    b = (torch.randn(slots_n, P, N, r_max, generator=g, device=CUDA) / r_max**0.5).to(dtype)
+    a[0], b[0] = 0, 0
+    ranks = torch.full((P, slots_n), r_max, dtype=torch.int32, device=CUDA)
+    ranks[:, 0] = 0
+    x = torch.randn(32, K, generator=g, device=CUDA).to(dtype)
+    y0 = torch.randn(32, P * N, generator=g, device=CUDA).to(dtype)
+    slots = torch.zeros(32, dtype=torch.long, device=CUDA)
+    data = AdapterBatchData.for_decode(slots)
+    y, sync = y0.clone(), DecodeWorkspace()
+
+    def step() -> None:
+        y.copy_(y0)
+        add_lora_decode(y, x, a, b, ranks, data.starts, data.slots, sync)
+
+    slots.copy_(torch.arange(32, device=CUDA) % slots_n)
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in (1, 2):
+        slots.copy_(torch.randint(0, slots_n, (32,), generator=torch.Generator().manual_seed(seed)).to(CUDA))
+        graph.replay()
+        ref, two = y0.clone(), y0.clone()
+        add_lora_reference(ref, x, a, b, data.token_idx, data.valid, data.slots)
+        add_lora(two, x, a, b, ranks, data.starts, data.lens, data.slots, 1)
+        within(y, ref, 2e-2)
+        within(y, two, 1e-2)  # the two-launch kernels: same partial sums, reduction order may differ
+        (counters,) = sync.buffers[y.device]
+        assert not counters.any()
