@@ -40,6 +40,7 @@ TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in fl
 TC_LONG_K = 6
 BULK_STAGES = 6  # gptq_bulk's rounds in flight a block (4, 6 or 8 built)
 BULK_SMEM = 227 * 1024  # its shared memory at most (sm_90's opt-in limit)
+BULK_FLAT = False  # experiment (timing only): the words read as if each chunk of 32 columns were 2 KB contiguous
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -68,7 +69,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_tc.restype = ctypes.c_int
     lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i]
     lib.gptq_bulk.restype = ctypes.c_int
-    lib.gptq_bulk.argtypes = [p, p, *lib.gptq4_gemv.argtypes[2:], i, i, i, i]
+    lib.gptq_bulk.argtypes = [p, p, *lib.gptq4_gemv.argtypes[2:], i, i, i, i, p]
     lib.gptq_bulk_map.restype = ctypes.c_int
     lib.gptq_bulk_map.argtypes = [p, p, ctypes.c_longlong, ctypes.c_longlong, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
@@ -262,7 +263,8 @@ def cuda_gemv(
     )  # fmt: skip
     if tc and bulk and not stage and not act and bulk_smem(M, per, tc_warps, BULK_STAGES) <= BULK_SMEM:
         box = CHUNK // 8 * (tc_warps // 2 if pair else tc_warps)
-        code = lib.gptq_bulk(_bulk_map(lib, w, box), *args[:1], *args[2:], M, tc_warps, int(pair), BULK_STAGES)
+        flat = w.qweight.data_ptr() if BULK_FLAT else None
+        code = lib.gptq_bulk(_bulk_map(lib, w, box), *args[:1], *args[2:], M, tc_warps, int(pair), BULK_STAGES, flat)
     elif tc:
         code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair))
     elif mma:

@@ -66,12 +66,21 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       : "memory");
 }
 
+// bytes [src, src + bytes) into dst (16-byte aligned, bytes a multiple of 16), completing on bar
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+
 template <bool kZeros, bool kBias, bool kPair, int kStages>
 __global__ void __launch_bounds__(256) gptq_bulk_kernel(
     const __grid_constant__ CUtensorMap map, const __nv_bfloat16* __restrict__ x,
     const __nv_bfloat16* __restrict__ scales, const __nv_bfloat16* __restrict__ zeros, float zero,
     const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y, float* __restrict__ partial,
-    int* __restrict__ counters, int N, int K, int k_offset, int group_size, int chunks_per_split, int splits, int m) {
+    int* __restrict__ counters, int N, int K, int k_offset, int group_size, int chunks_per_split, int splits, int m,
+    const uint8_t* __restrict__ flat) {
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full[kStages];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // the swizzle's 1024-byte alignment
@@ -95,8 +104,17 @@ __global__ void __launch_bounds__(256) gptq_bulk_kernel(
   auto issue = [&](int r) {  // round r into slot r % kStages (thread 0)
     uint64_t* bar = &full[r % kStages];
     uint8_t* dst = smem + (r % kStages) * stage_bytes;
-    bar_expect(bar, stage_bytes);
     const int row = (c0 + r * warps) * kWordRows;
+    if (flat) {  // experiment: chunks contiguous, [N / 32][K / 128][2 KB]
+      const int chunks = K / kChunk, c = c0 + r * warps, take = min(warps, chunks - c);
+      bar_expect(bar, (kPair ? 2 : 1) * take * kBkChunkBytes);
+      bulk_load(dst, flat + ((size_t)(nb / kBkCols) * chunks + c) * kBkChunkBytes, take * kBkChunkBytes, bar);
+      if (kPair)
+        bulk_load(dst + warps * kBkChunkBytes, flat + ((size_t)((nh + nb) / kBkCols) * chunks + c) * kBkChunkBytes,
+                  take * kBkChunkBytes, bar);
+      return;
+    }
+    bar_expect(bar, stage_bytes);
     tma_load(dst, &map, nb, row, bar);
     if (kPair) tma_load(dst + warps * kBkChunkBytes, &map, nh + nb, row, bar);
   };
@@ -171,7 +189,7 @@ template <bool kZeros, bool kBias, bool kPair, int kStages>
 cudaError_t launch_bulk(const CUtensorMap& map, const void* x, const void* scales, const void* zeros, float zero,
                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                         int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
-                        int warps) {
+                        int warps, const void* flat) {
   const size_t smem = 1024 + (size_t)kStages * warps * kBkChunkBytes +
                       (size_t)m * (chunks_per_split * kChunk + kBkPad) * 2 + (size_t)warps * kTcRows * kBkCols * 4;
   const int cols = kPair ? N / 2 : N;
@@ -181,21 +199,22 @@ cudaError_t launch_bulk(const CUtensorMap& map, const void* x, const void* scale
   return cudaLaunchKernelEx(&l.config, kernel, map, static_cast<const __nv_bfloat16*>(x),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, m);
+                            N, K, k_offset, group_size, chunks_per_split, splits, m,
+                            static_cast<const uint8_t*>(flat));
 }
 
 template <int kStages>
 cudaError_t launch_bulk_as(const CUtensorMap& map, const void* x, const void* scales, const void* zeros, float zero,
                            const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                            int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
-                           int warps, int pair) {
+                           int warps, int pair, const void* flat) {
   const bool z = zeros != nullptr, b = bias != nullptr;
   auto f = pair ? (z ? (b ? launch_bulk<true, true, true, kStages> : launch_bulk<true, false, true, kStages>)
                      : (b ? launch_bulk<false, true, true, kStages> : launch_bulk<false, false, true, kStages>))
                 : (z ? (b ? launch_bulk<true, true, false, kStages> : launch_bulk<true, false, false, kStages>)
                      : (b ? launch_bulk<false, true, false, kStages> : launch_bulk<false, false, false, kStages>));
   return f(map, x, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
-           splits, pdl, stream, m, warps);
+           splits, pdl, stream, m, warps, flat);
 }
 
 }  // namespace
@@ -229,7 +248,7 @@ extern "C" int gptq_bulk_map(void* out, const void* qweight, long long rows, lon
 extern "C" int gptq_bulk(const void* map, const void* x, const void* scales, const void* zeros, float zero,
                          const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                          int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                         int pair, int stages) {
+                         int pair, int stages, const void* flat) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > 8 || (pair && (splits != 1 || warps % 2 || (N / 2) % 4)))
     return static_cast<int>(cudaErrorInvalidValue);
   CUtensorMap tmap;
@@ -237,5 +256,5 @@ extern "C" int gptq_bulk(const void* map, const void* x, const void* scales, con
   auto f = stages == 4 ? launch_bulk_as<4> : stages == 6 ? launch_bulk_as<6> : stages == 8 ? launch_bulk_as<8> : nullptr;
   if (f == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   return static_cast<int>(f(tmap, x, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps, pair));
+                            chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps, pair, flat));
 }
