@@ -196,6 +196,10 @@ cudaError_t launch_bulk(const CUtensorMap& map, const void* x, const void* scale
   PdlLaunch l(dim3((cols + kBkCols - 1) / kBkCols, splits), dim3(32 * warps), smem, pdl, stream);
   auto kernel = gptq_bulk_kernel<kZeros, kBias, kPair, kStages>;
   if (cudaError_t e = l.allow(kernel)) return e;
+  // the most shared memory an SM can give (else the driver may carve out room for fewer blocks than fit)
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           cudaSharedmemCarveoutMaxShared))
+    return e;
   return cudaLaunchKernelEx(&l.config, kernel, map, static_cast<const __nv_bfloat16*>(x),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
@@ -221,6 +225,16 @@ cudaError_t launch_bulk_as(const CUtensorMap& map, const void* x, const void* sc
 
 // The tensor map of a linear's packed words [rows = K / 8, cols = N] int32 for gptq_bulk: boxes of 32 words x box_rows
 // (16 a warp of a half), 128-byte swizzle; written to out (128 bytes, any alignment). 0 or a cudaError_t.
+// Blocks of gptq_bulk (stages 6, no zeros, no bias, not pair) an SM holds at `smem` bytes of dynamic shared memory
+extern "C" int gptq_bulk_occupancy(int warps, int smem) {
+  int blocks = 0;
+  auto kernel = gptq_bulk_kernel<false, false, false, 6>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 32 * warps, smem) != cudaSuccess) return -1;
+  return blocks;
+}
+
 extern "C" int gptq_bulk_map(void* out, const void* qweight, long long rows, long long cols, int box_rows) {
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   cudaDriverEntryPointQueryResult found;
