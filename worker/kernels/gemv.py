@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
@@ -241,7 +240,6 @@ class GPTQGemvWeights:
     group_size: int  # > 0; NO_GROUPS for a checkpoint without groups
     k_offset: int  # the shard's first global row
     counters: torch.Tensor
-    maps: dict[tuple[int, int], Any] = dataclasses.field(default_factory=dict)  # gptq_bulk's tensor maps
 
 
 def gemv_weights(

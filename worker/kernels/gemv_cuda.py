@@ -20,8 +20,7 @@ from worker.kernels.cuda_build import BuildError, build, find_nvcc
 from worker.kernels.gemv import NO_GROUPS, GPTQGemvWeights
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CU = ("gptq_gemv.cu", "gptq_mma.cu", "gptq_tc.cu", "gptq_bulk.cu")
-SOURCES = tuple(os.path.join(_HERE, f) for f in _CU)  # built into one library
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("gptq_gemv.cu", "gptq_mma.cu", "gptq_tc.cu"))  # built into one library
 HEADERS = (os.path.join(_HERE, "gptq_cuda.cuh"),)  # what they include (part of the build's hash)
 CHUNK = 128  # K rows per chunk (the .cu's kChunk)
 COLS = 128  # columns per block (kCols, kMmaCols)
@@ -38,9 +37,6 @@ TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in fl
 # took the batch-1 step to 1.908-1.912 ms from 1.933-1.944 at 8 x 1 (batch 2 2.149-2.151, 2.144-2.153); attn.c_proj (32
 # chunks: 2.7 a warp) at 4 x 3 or 4 x 2 to 1.973-1.983 (slower), 8 x 2 2.066-2.077, c_attn at 4 x 2 or 8 x 1 2.04-2.11.
 TC_LONG_K = 6
-BULK_STAGES = 6  # gptq_bulk's rounds in flight a block (4, 6 or 8 built)
-BULK_SMEM = 227 * 1024  # its shared memory at most (sm_90's opt-in limit)
-BULK_FLAT = False  # experiment (timing only): the words read as if each chunk of 32 columns were 2 KB contiguous
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -68,10 +64,6 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
     lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i]
-    lib.gptq_bulk.restype = ctypes.c_int
-    lib.gptq_bulk.argtypes = [p, p, *lib.gptq4_gemv.argtypes[2:], i, i, i, i, p]
-    lib.gptq_bulk_map.restype = ctypes.c_int
-    lib.gptq_bulk_map.argtypes = [p, p, ctypes.c_longlong, ctypes.c_longlong, i]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -169,24 +161,6 @@ def plan_tc_pair(n: int, k: int, sms: int) -> int:
     return 2
 
 
-def bulk_smem(rows: int, per: int, warps: int, stages: int) -> int:
-    """gptq_bulk's shared memory: the swizzle's alignment, `stages` rounds of a 2 KB chunk a warp, x's rows over a
-    split (padded by 64 bytes), the warps' sums."""
-    return 1024 + stages * warps * 2048 + rows * (per * CHUNK + 32) * 2 + warps * 8 * TC_COLS * 4
-
-
-def _bulk_map(lib: ctypes.CDLL, w: GPTQGemvWeights, box_rows: int) -> ctypes.Array[ctypes.c_char]:
-    """gptq_bulk's tensor map of w's words for boxes of `box_rows` rows (made once, kept on w)."""
-    key = (w.qweight.data_ptr(), box_rows)
-    if key not in w.maps:
-        buf = ctypes.create_string_buffer(128)
-        code = lib.gptq_bulk_map(buf, w.qweight.data_ptr(), w.qweight.shape[0], w.qweight.shape[1], box_rows)
-        if code:
-            raise RuntimeError(f"gptq_bulk_map: {lib.gptq4_gemv_error(code).decode()}")
-        w.maps[key] = buf
-    return w.maps[key]
-
-
 @functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -204,7 +178,6 @@ def cuda_gemv(
     warps: int | None = None,
     stage: bool = True,
     pair: bool = False,
-    bulk: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     (tc) 1 to TC_MAX_ROWS on gptq_tc (Int4), or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core matmul (Int4 or
@@ -261,11 +234,7 @@ def cuda_gemv(
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
     )  # fmt: skip
-    if tc and bulk and not stage and not act and bulk_smem(M, per, tc_warps, BULK_STAGES) <= BULK_SMEM:
-        box = CHUNK // 8 * (tc_warps // 2 if pair else tc_warps)
-        flat = w.qweight.data_ptr() if BULK_FLAT else None
-        code = lib.gptq_bulk(_bulk_map(lib, w, box), *args[:1], *args[2:], M, tc_warps, int(pair), BULK_STAGES, flat)
-    elif tc:
+    if tc:
         code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)

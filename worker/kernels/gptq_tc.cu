@@ -51,6 +51,8 @@
 
 namespace {
 
+constexpr int kTcCols = 32;   // columns per block
+constexpr int kTcRows = 8;    // rows at most (mma's N)
 constexpr int kTcSteps = 4;   // 32-row steps of a chunk
 // chunks in flight a warp: 3 for the served unstaged plain and pair forms (~160 registers: 12 warps an SM,
 // gemv_cuda.TC_WARPS_PER_SM), 2 for the staged and act forms (their registers; 4, every chunk via shared memory, a
@@ -67,7 +69,11 @@ __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, cons
   if (!live) return;
 #pragma unroll
   for (int s = 0; s < kTcSteps; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
-  tc_scales<kZeros>(s4, z4, scales, zeros, c, n, N, k_offset, group_size);
+  // the chunk's group: at groups of one chunk (Qwen's 128) without the division's ~25 instructions a chunk
+  const int group = group_size == kChunk ? k_offset / kChunk + c : (k_offset + c * kChunk) / group_size;
+  const size_t gi = (size_t)group * N + n;
+  s4 = *reinterpret_cast<const uint2*>(scales + gi);
+  if (kZeros) z4 = *reinterpret_cast<const uint2*>(zeros + gi);
 }
 
 // x's 8 values of a step for this lane (row g, rows >= m zero): as stored, or (kAct) up * silu(gate) from gate_up
@@ -211,7 +217,25 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     } else {
       sx0 = ds[0], sx1 = ds[1];
     }
-    if (live) tc_accumulate<kZeros>(acc, da, db, sx0, sx1, s4, z4, zero);
+    if (!live) return;  // da: (col 4g, row 2t), (4g, 2t + 1), (4g + 1, 2t), (4g + 1, 2t + 1); db: columns 4g + 2, + 3
+    const __nv_bfloat162* sv = reinterpret_cast<const __nv_bfloat162*>(&s4);
+    const float2 s01 = __bfloat1622float2(sv[0]), s23 = __bfloat1622float2(sv[1]);
+    float z[4];
+    if (kZeros) {
+      const __nv_bfloat162* zv = reinterpret_cast<const __nv_bfloat162*>(&z4);
+      const float2 z01 = __bfloat1622float2(zv[0]), z23 = __bfloat1622float2(zv[1]);
+      z[0] = z01.x + 128.f, z[1] = z01.y + 128.f, z[2] = z23.x + 128.f, z[3] = z23.y + 128.f;
+    } else {
+      z[0] = z[1] = z[2] = z[3] = zero + 128.f;
+    }
+    acc[0][0] = fmaf(s01.x, da[0] - z[0] * sx0, acc[0][0]);
+    acc[0][1] = fmaf(s01.x, da[1] - z[0] * sx1, acc[0][1]);
+    acc[1][0] = fmaf(s01.y, da[2] - z[1] * sx0, acc[1][0]);
+    acc[1][1] = fmaf(s01.y, da[3] - z[1] * sx1, acc[1][1]);
+    acc[2][0] = fmaf(s23.x, db[0] - z[2] * sx0, acc[2][0]);
+    acc[2][1] = fmaf(s23.x, db[1] - z[2] * sx1, acc[2][1]);
+    acc[3][0] = fmaf(s23.y, db[2] - z[3] * sx0, acc[3][0]);
+    acc[3][1] = fmaf(s23.y, db[3] - z[3] * sx1, acc[3][1]);
   };
   for (int cb = c0 + warp; cb < c1; cb += kDepth * warps) {  // the ring: chunk cb + i * warps in slot i
 #pragma unroll
@@ -242,7 +266,50 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     }
   }
 
-  tc_epilogue<kBias, kPair>(acc, red, half, warps, nb, nh, N, m, bias, y, partial, counters, splits);
+  float* rw = red + (half * warps + warp) * kTcRows * kTcCols;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rw[(2 * t + r) * kTcCols + 4 * g + j] = acc[j][r];
+  __syncthreads();
+  // item i: row i / 32, column nb + i % 32, the warps' sums (of half h) in warp order
+  auto sum = [&](int i, int h = 0) {
+    float v = 0.f;
+    for (int w = h * warps; w < (h + 1) * warps; ++w) v += red[(w * kTcRows + i / kTcCols) * kTcCols + i % kTcCols];
+    return v;
+  };
+  if constexpr (kPair) {  // y [m, N/2] = up * silu(gate), each rounded to bf16 first (splits == 1)
+    for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+      const int row = i / kTcCols, col = nb + i % kTcCols;
+      if (col >= nh) continue;
+      const float gs = kBias ? sum(i, 0) + __bfloat162float(bias[col]) : sum(i, 0);
+      const float us = kBias ? sum(i, 1) + __bfloat162float(bias[nh + col]) : sum(i, 1);
+      y[(size_t)row * nh + col] =
+          __float2bfloat16_rn(silu_mul_bf16(__float2bfloat16_rn(gs), __float2bfloat16_rn(us)));
+    }
+    return;
+  }
+  if (splits == 1) {
+    for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+      const int row = i / kTcCols, col = nb + i % kTcCols;
+      if (col < N) y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? sum(i) + __bfloat162float(bias[col]) : sum(i));
+    }
+    return;
+  }
+  for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+    const int row = i / kTcCols, col = nb + i % kTcCols;
+    if (col < N) partial[((size_t)blockIdx.y * m + row) * N + col] = sum(i);
+  }
+  if (!last_to_arrive(counters, splits)) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
+    const int row = i / kTcCols, col = nb + i % kTcCols;
+    if (col >= N) continue;
+    float u = 0.f;
+    for (int s = 0; s < splits; ++s) u += __ldcg(partial + ((size_t)s * m + row) * N + col);
+    y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? u + __bfloat162float(bias[col]) : u);
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
 template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false>

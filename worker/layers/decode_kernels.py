@@ -127,7 +127,6 @@ class DecodeKernels:
     gptq_tc: bool = False
     gptq_act_out: bool = False
     attn_cuda: bool = False
-    gptq_bulk: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""
@@ -170,7 +169,6 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
         rope_store=opts.rope_store and fused,
         lora_pdl=pdl.active(opts.lora_pdl, device),
         attn_cuda=opts.attn_cuda and fused and pdl.active(True, device),  # thread block clusters: sm_90+ too
-        gptq_bulk=opts.gptq_bulk and pdl.active(True, device),  # the Tensor Memory Accelerator: sm_90+
     )
 
 

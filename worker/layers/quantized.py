@@ -214,7 +214,7 @@ class _GPTQ:
             from worker.kernels.gemv_cuda import cuda_gemv
 
             if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
-                tc = dict(tc=True, stage=TC_STAGE, bulk=k.gptq_bulk) if self._takes_tc(m) else {}
+                tc = dict(tc=True, stage=TC_STAGE) if self._takes_tc(m) else {}
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, **tc)
             if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
@@ -306,8 +306,7 @@ class GPTQColumnParallelLinear(_GPTQ, ColumnParallelLinear):
             return None
         from worker.kernels.gemv_cuda import cuda_gemv
 
-        x = self._in_group_order(x)
-        return cuda_gemv(x, self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True, bulk=k.gptq_bulk)
+        return cuda_gemv(self._in_group_order(x), self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True)
 
 
 class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
