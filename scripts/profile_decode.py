@@ -6,7 +6,7 @@ python scripts/profile_decode.py --shape 7b --batch 1 [--decode-kernels pdl,rope
 --decode-kernels as serve's (worker/layers/decode_kernels.py, issue 17 P1; default: the served set).
 --timeline: also one graph replay's kernels in launch order (CUPTI): the step's span, the kernels' summed time, the
 time some kernel runs, and a window of one layer's kernels with each one's start, duration and the gap from the
-previous kernel's end (negative: PDL overlap). --tiles: the attention backend's Tiles (e.g. decode_n=64);
+previous kernel's end (negative: PDL overlap); --edges N: the first and last N kernels too. --tiles: the attention backend's Tiles (e.g. decode_n=64);
 --early: kernel families that let the next PDL kernel launch before they wait (worker/kernels/pdl.py).
 """
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--decode-kernels", default=",".join(SERVED), help="'none' or a comma list of DecodeKernels fields")
     ap.add_argument("--quant", default="bf16", help="bf16 or a bench_quant.py mode (int4, int8, fp8)")
     ap.add_argument("--timeline", action="store_true")
+    ap.add_argument("--edges", type=int, default=0, help="--timeline: also the step's first and last N kernels")
     ap.add_argument("--tiles", default="", help="Tiles.parse string for the attention backend")
     ap.add_argument("--early", default="", help="comma list of kernel families for worker/kernels/pdl.EARLY_GO")
     args = ap.parse_args()
@@ -75,11 +76,12 @@ def main() -> None:
     graph, _ = capture(step)
     print(f"graphed step {cuda_time(graph.replay, iters=30) * 1e3:.3f} ms")
     if args.timeline:
-        print_timeline(graph.replay)
+        print_timeline(graph.replay, edges=args.edges)
 
 
-def print_timeline(fn: Callable[[], object], window: int = 14) -> None:
-    """One call of fn's kernels in start order (see --timeline)."""
+def print_timeline(fn: Callable[[], object], window: int = 14, edges: int = 0) -> None:
+    """One call of fn's kernels in start order (see --timeline): `window` from the middle, and the first and last
+    `edges` (the step's work outside the layers)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -100,9 +102,15 @@ def print_timeline(fn: Callable[[], object], window: int = 14) -> None:
     total = sum(e - s for s, e, _ in ks)
     print(f"timeline: {len(ks)} kernels, span {span:.1f} us, summed {total:.1f} us, some kernel running {busy:.1f} us")
     first = len(ks) // 2
-    for i in range(first, min(len(ks), first + window)):
-        s, e, name = ks[i]
-        print(f"  +{s - ks[first][0]:8.2f} us  {e - s:7.2f} us  gap {s - ks[i - 1][1]:+6.2f}  {name[:90]}")
+    parts = [("middle", range(first, min(len(ks), first + window)))]
+    if edges:
+        parts += [("first", range(min(edges, len(ks)))), ("last", range(max(0, len(ks) - edges), len(ks)))]
+    for what, rows in parts:
+        print(f"{what}:")
+        for i in rows:
+            s, e, name = ks[i]
+            gap = s - ks[i - 1][1] if i else 0.0
+            print(f"  +{s - ks[rows[0]][0]:8.2f} us  {e - s:7.2f} us  gap {gap:+6.2f}  {name[:90]}")
 
 
 if __name__ == "__main__":
