@@ -7,7 +7,8 @@ python scripts/profile_decode.py --shape 7b --batch 1 [--decode-kernels pdl,rope
 --timeline: also one graph replay's kernels in launch order (CUPTI): the step's span, the kernels' summed time, the
 time some kernel runs, and a window of one layer's kernels with each one's start, duration and the gap from the
 previous kernel's end (negative: PDL overlap); --edges N: the first and last N kernels too. --tiles: the attention
-backend's Tiles (e.g. decode_n=64); --early: kernel families that let the next PDL kernel launch before they wait (worker/kernels/pdl.py).
+backend's Tiles (e.g. decode_n=64); --early: kernel families that let the next PDL kernel launch before they wait
+(worker/kernels/pdl.py).
 """
 
 from __future__ import annotations
