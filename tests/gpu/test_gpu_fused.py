@@ -4,6 +4,7 @@ path against its unfused path. Timings: scripts/bench_kernels.py --only fused.
 
 Tolerances, in ulps of the reference output (max over elements):
   rotary_   bit-exact: the same fp32 products and sums (no FMA contraction), the same casts
+  rotary_tables  bit-exact: PyTorch's libdevice functions, reciprocals and scalar products, logn in float64
   silu_mul  <= 2 ulps, expected exact (libdevice expf and IEEE division, as PyTorch's CUDA silu); a
             flipped last bit of the rounded silu would show as up to 2 ulps of the product
   rms_norm  the residual sum bit-exact; the output <= 2 ulps in bf16/fp16 (the mean sums in another
@@ -24,6 +25,7 @@ pytest.importorskip("triton")
 
 import helpers  # noqa: E402
 from worker.kernels.fused import rms_norm, rms_norm_reference, rotary_, rotary_reference, silu_mul, silu_mul_reference  # noqa: E402
+from worker.kernels.rotary_tables import rotary_tables, rotary_tables_reference  # noqa: E402
 from worker.ops import logn_scale, rotary_cos_sin  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -68,6 +70,25 @@ def test_rotary(dtype, T, rotary_dim, with_logn):
     rotary_(q, k, cos, sin, logn)
     assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
     assert torch.equal(v, v_before)
+
+
+@pytest.mark.parametrize("rotary_dim", [HEAD_DIM, 96, 64])
+@pytest.mark.parametrize("with_alpha", [False, True])
+@pytest.mark.parametrize("seq_length", [2048, 8192])
+def test_rotary_tables_are_pytorchs(rotary_dim, with_alpha, seq_length):
+    """The one-launch tables equal PyTorch's 18 launches bit for bit: positions to 65,535, NTK alphas 1-64."""
+    g = torch.Generator(device=CUDA).manual_seed(rotary_dim + seq_length)
+    positions = torch.cat([torch.arange(300, device=CUDA) + seq_length - 150,
+                           torch.randint(0, 65536, (4000,), device=CUDA, generator=g)])  # fmt: skip
+    alpha = 1.0 + 63.0 * torch.rand(positions.shape[0], device=CUDA, generator=g) if with_alpha else None
+    if alpha is not None:
+        alpha[::3] = 1.0
+    for base in (10000.0, 1000000.0):
+        got = rotary_tables(positions, alpha, rotary_dim, base, seq_length, True)
+        want = rotary_tables_reference(positions, alpha, rotary_dim, base, seq_length, True)
+        for what, a, b in zip(("cos", "sin", "logn"), got, want):
+            assert a is not None and b is not None
+            assert torch.equal(a, b), f"{what}: {(a != b).sum().item()} of {a.numel()} differ"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

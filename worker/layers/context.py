@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from worker.kernels import rotary_tables as rotary_kernel
 from worker.ops import logn_scale, rotary_cos_sin
 
 
@@ -93,17 +94,25 @@ class ForwardContext:
         alpha. A decode step makes no host sync here, so a CUDA graph captures it with the forward; a
         prefill does when given `token_alpha` ([T] fp32, each token's alpha, instead of repeating seqlen's)."""
         positions = positions.long()
+        alpha: torch.Tensor | None = None  # [T]; None: 1 everywhere
         if token_alpha is not None:
             alpha = token_alpha
         elif seqlen.ntk_alpha is None:
-            alpha = torch.ones(positions.shape[0], device=positions.device)  # [T]
+            pass
         elif not is_prefill:  # decode: one token per sequence
             alpha = seqlen.ntk_alpha.to(positions.device)
         else:
             n_new = seqlen.cu_seqlen_q[1:] - seqlen.cu_seqlen_q[:-1]  # [B]
             alpha = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
-        cos, sin = rotary_cos_sin(positions, alpha, rotary.rotary_dim, rotary.base)
-        logn = logn_scale(positions, rotary.seq_length) if rotary.use_logn else None
+        if positions.is_cuda and not rotary_kernel.INTERPRETED:  # one launch instead of 18, the same bits
+            cos, sin, logn = rotary_kernel.rotary_tables(
+                positions, alpha, rotary.rotary_dim, rotary.base, rotary.seq_length, rotary.use_logn
+            )
+        else:
+            if alpha is None:
+                alpha = torch.ones(positions.shape[0], device=positions.device)
+            cos, sin = rotary_cos_sin(positions, alpha, rotary.rotary_dim, rotary.base)
+            logn = logn_scale(positions, rotary.seq_length) if rotary.use_logn else None
         return cls(
             is_prefill=is_prefill,
             positions=positions,
