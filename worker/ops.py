@@ -64,6 +64,17 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
     return scale.float()
 
 
+def rotary_tables(
+    positions: torch.Tensor, alpha: torch.Tensor | None, rotary_dim: int, base: float, seq_length: int, use_logn: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A step's (cos, sin, logn or None) for positions [T] and each token's NTK alpha [T] (None: 1)."""
+    positions = positions.long()
+    if alpha is None:
+        alpha = torch.ones(positions.shape[0], device=positions.device)
+    cos, sin = rotary_cos_sin(positions, alpha, rotary_dim, base)
+    return cos, sin, logn_scale(positions, seq_length) if use_logn else None
+
+
 def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None = None
 ) -> torch.Tensor:

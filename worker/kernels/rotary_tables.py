@@ -77,12 +77,7 @@ def _rotary_tables_kernel(
 
 
 def rotary_tables(
-    positions: torch.Tensor,
-    alpha: torch.Tensor | None,
-    rotary_dim: int,
-    base: float,
-    seq_length: int,
-    use_logn: bool,
+    positions: torch.Tensor, alpha: torch.Tensor | None, rotary_dim: int, base: float, seq_length: int, use_logn: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(cos, sin, logn or None) for positions [T] (int) and each token's alpha [T] (None: 1), as
     `ops.rotary_cos_sin` and `ops.logn_scale` compute them."""
@@ -110,19 +105,7 @@ def _bits(value: float) -> int:
     return int(struct.unpack("<q", struct.pack("<d", value))[0])
 
 
-def rotary_tables_reference(
-    positions: torch.Tensor,
-    alpha: torch.Tensor | None,
-    rotary_dim: int,
-    base: float,
-    seq_length: int,
-    use_logn: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The same from `ops` (PyTorch's elementwise launches)."""
-    if alpha is None:
-        alpha = torch.ones(positions.shape[0], device=positions.device)
-    cos, sin = ops.rotary_cos_sin(positions.long(), alpha, rotary_dim, base)
-    return cos, sin, ops.logn_scale(positions.long(), seq_length) if use_logn else None
+rotary_tables_reference = ops.rotary_tables
 
 
 # kernels are bound to the Triton interpreter (TRITON_INTERPRET=1) or to the GPU when defined

@@ -7,13 +7,13 @@ level tensors cover the B sequences of the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from worker.kernels import rotary_tables as rotary_kernel
-from worker.ops import logn_scale, rotary_cos_sin
+from worker import ops
 
 
 @dataclass
@@ -104,15 +104,10 @@ class ForwardContext:
         else:
             n_new = seqlen.cu_seqlen_q[1:] - seqlen.cu_seqlen_q[:-1]  # [B]
             alpha = seqlen.ntk_alpha.to(positions.device).repeat_interleave(n_new.to(positions.device).long())
-        if positions.is_cuda and not rotary_kernel.INTERPRETED:  # one launch instead of 18, the same bits
-            cos, sin, logn = rotary_kernel.rotary_tables(
-                positions, alpha, rotary.rotary_dim, rotary.base, rotary.seq_length, rotary.use_logn
-            )
-        else:
-            if alpha is None:
-                alpha = torch.ones(positions.shape[0], device=positions.device)
-            cos, sin = rotary_cos_sin(positions, alpha, rotary.rotary_dim, rotary.base)
-            logn = logn_scale(positions, rotary.seq_length) if rotary.use_logn else None
+        tables = _tables_kernel() if positions.is_cuda else None  # on CUDA one launch instead of PyTorch's 18
+        cos, sin, logn = (tables or ops.rotary_tables)(
+            positions, alpha, rotary.rotary_dim, rotary.base, rotary.seq_length, rotary.use_logn
+        )
         return cls(
             is_prefill=is_prefill,
             positions=positions,
@@ -125,3 +120,12 @@ class ForwardContext:
             lm_head_indices=lm_head_indices,
             adapter_data=adapter_data,
         )
+
+
+def _tables_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
+    """worker/kernels/rotary_tables.py's launch where Triton compiles for the GPU (None: PyTorch's ops)."""
+    try:
+        from worker.kernels import rotary_tables
+    except ImportError:  # no Triton (the gpu extra)
+        return None
+    return None if rotary_tables.INTERPRETED else rotary_tables.rotary_tables
