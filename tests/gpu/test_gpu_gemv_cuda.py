@@ -115,14 +115,23 @@ def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4, tc=False):
 
 
 def _decode(
-    path: str, gptq_cuda: bool, batch: int, mma: bool = False, act: bool = False, tc: bool = False, act_out=False
+    path: str,
+    gptq_cuda: bool,
+    batch: int,
+    mma: bool = False,
+    act: bool = False,
+    tc: bool = False,
+    act_out=False,
+    tiled=False,
 ) -> tuple[list[torch.Tensor], list[bool]]:
     from worker.layers.attention_triton import TritonAttention
     from worker.layers.decode_kernels import DecodeKernels, where_applies
     from worker.layers.quantized import _GPTQ
     from worker.models.qwen import FlashQwenForCausalLM
 
-    kernels = DecodeKernels(pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma, gptq_act=act, gptq_tc=tc, gptq_act_out=act_out)
+    kernels = DecodeKernels(
+        pdl=True, gptq_cuda=gptq_cuda, gptq_mma=mma, gptq_act=act, gptq_tc=tc, gptq_act_out=act_out, gptq_tiled=tiled
+    )
     kernels = where_applies(kernels, CUDA)
     model = FlashQwenForCausalLM.from_pretrained(
         path, ParallelContext(0, 1, CUDA), torch.bfloat16, TritonAttention(), progress=False, decode_kernels=kernels
@@ -149,6 +158,8 @@ def _decode(
             )
             for layer in model.transformer.layers()
         ]
+    if tiled:  # whether each GPTQ linear's words are tiled
+        return logits, [m.tiled for m in model.modules() if isinstance(m, _GPTQ)]
     if tc:  # whether each GPTQ linear takes gptq_tc at this batch
         return logits, [m._takes_tc(batch) for m in model.modules() if isinstance(m, _GPTQ)]
     return logits, [bool(m._cuda_mma if mma else m._cuda_gemv) for m in model.modules() if isinstance(m, _GPTQ)]
@@ -298,3 +309,57 @@ def test_a_gptq_model_decodes_the_same_with_the_activation_from_gate_up(tmp_path
     fused, took = _decode(path, True, batch, tc=True, act_out=True)
     assert took and all(took), took
     assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+
+
+@pytest.mark.parametrize(
+    "K,N,asym,bias", [(4096, 12288, False, True), (11008, 4096, True, False), (640, 320, True, True)]
+)  # fmt: skip
+def test_tiled_words_give_the_row_major_bits(K, N, asym, bias):
+    """DecodeKernels.gptq_tiled: gptq_tc (1-2 rows: plain, split K, x staged, the activation inside, the pair) and
+    gptq_mma (3-48 rows) on words in gptq_format.tile_words' layout give the row-major kernels' values bit for bit
+    (only addresses change), under graph replay too; the FMA GEMVs refuse tiled words."""
+    import dataclasses
+
+    from worker.kernels.gemv_cuda import cuda_gemv
+    from worker.quant.gptq_format import tile_words
+
+    g = torch.Generator(device=CUDA).manual_seed(K + N)
+    w = _int4_group128(K, N, asym, g)
+    t = dataclasses.replace(w, qweight=tile_words(w.qweight), tiled=True, counters=torch.zeros_like(w.counters))
+    b = (torch.randn(N, device=CUDA, generator=g) * 0.5).to(torch.bfloat16) if bias else None
+    cases = [dict(rows=m, tc=True, stage=False) for m in (1, 2)]
+    cases += [dict(rows=1, tc=True, stage=False, splits=3), dict(rows=2, tc=True, stage=True)]
+    cases += [dict(rows=m, mma=True) for m in (3, 16, 48)]
+    if not bias:
+        cases += [dict(rows=m, tc=True, stage=True, act=True) for m in (1, 2)]
+    if N % 64 == 0:
+        cases += [dict(rows=m, tc=True, stage=False, pair=True) for m in (1, 2)]
+    for case in cases:
+        kw = {k: v for k, v in case.items() if k != "rows"}
+        width = 2 * K if kw.get("act") else K
+        x = torch.randn(case["rows"], width, device=CUDA, generator=g).to(torch.bfloat16)
+        bb = None if kw.get("act") else b
+        want = cuda_gemv(x, w, bb, pdl=True, **kw)
+        assert torch.equal(cuda_gemv(x, t, bb, pdl=True, **kw), want), case
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            yg = cuda_gemv(x, t, bb, pdl=True, **kw)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, want), case
+    with pytest.raises(ValueError, match="tiled"):
+        cuda_gemv(torch.zeros(1, K, device=CUDA, dtype=torch.bfloat16), t, b)  # the FMA GEMV
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_a_gptq_model_decodes_the_same_with_tiled_words(tmp_path, batch):
+    """gptq_tiled in a GPTQ model (asym): every GPTQ linear's words tiled, the logits (prefill through the Triton
+    matmul, decode through gptq_tc or gptq_mma) equal the row-major model's bit for bit."""
+    from gptq_helpers import gptq_checkpoint
+
+    state = random_checkpoint(GPU_TINY, seed=11)
+    path, _ = gptq_checkpoint(str(tmp_path / "q"), GPU_TINY, state, 4, 128, False, False)
+    plain, _ = _decode(path, True, batch, mma=True, tc=True)
+    tiled, took = _decode(path, True, batch, mma=True, tc=True, tiled=True)
+    assert took and all(took), took
+    assert all(torch.equal(a, b) for a, b in zip(plain, tiled))

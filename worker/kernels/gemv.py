@@ -240,6 +240,7 @@ class GPTQGemvWeights:
     group_size: int  # > 0; NO_GROUPS for a checkpoint without groups
     k_offset: int  # the shard's first global row
     counters: torch.Tensor
+    tiled: bool = False  # qweight in gptq_format.tile_words' layout (Int4; the CUDA gptq_tc and gptq_mma read it)
 
 
 def gemv_weights(
@@ -328,8 +329,11 @@ def quant_gemv(
     tiles = tiles or default_tiles(w.bits)
     M, K = x.shape
     N, p = w.qweight.shape[1], 32 // w.bits
-    if M > 16 or K != w.qweight.shape[0] * p:
-        raise ValueError(f"x [{M}, {K}] for a GEMV of {w.qweight.shape[0]} words x {p} rows (M <= 16)")
+    if M > 16 or K != w.qweight.shape[0] * p or w.tiled:
+        raise ValueError(
+            f"x [{M}, {K}] for a GEMV of {w.qweight.shape[0]} words x {p} rows (M <= 16, row-major words; tiled "
+            f"{w.tiled})"
+        )
     dot = M > 1 or tiles.dot
     bk = _tile_k(w, tiles, 2 if dot else 1)
     if not _fits(w.group_size, bk, w.bits, 2 if dot else 1):

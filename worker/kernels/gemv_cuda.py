@@ -37,6 +37,7 @@ TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in fl
 # took the batch-1 step to 1.908-1.912 ms from 1.933-1.944 at 8 x 1 (batch 2 2.149-2.151, 2.144-2.153); attn.c_proj (32
 # chunks: 2.7 a warp) at 4 x 3 or 4 x 2 to 1.973-1.983 (slower), 8 x 2 2.066-2.077, c_attn at 4 x 2 or 8 x 1 2.04-2.11.
 TC_LONG_K = 6
+LAUNCH_TILED = 2  # the entry points' `pdl` flags: bit 0 PDL, bit 1 tiled words (gptq_cuda.cuh's kTiled)
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -199,6 +200,8 @@ def cuda_gemv(
             f"cuda_gemv: x {tuple(x.shape)} for 1 to {most} rows of {width}"
             + (" (act: gate_up rows, one unless tc, no bias, no mma)" if act else "")
         )
+    if w.tiled and not (tc or mma):
+        raise ValueError("cuda_gemv: tiled words (GPTQGemvWeights.tiled) are read by gptq_tc and gptq_mma only")
     if pair and (not tc or stage or act or N % 8 or splits not in (None, 1) or (warps or 0) % 2):
         raise ValueError(
             f"cuda_gemv: pair (gate | up -> activation) needs tc, unstaged, no act, no K split, halves of a multiple "
@@ -232,7 +235,8 @@ def cuda_gemv(
     args = (
         x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
-        w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, int(pdl), stream,
+        w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits,
+        int(pdl) | (LAUNCH_TILED if w.tiled else 0), stream,
     )  # fmt: skip
     if tc:
         code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair))

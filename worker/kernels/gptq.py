@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.gptq_reference import gptq_matmul_reference
+from worker.quant.gptq_format import tiles
 
 __all__ = [
     "GemmTiles",
@@ -39,9 +40,11 @@ __all__ = [
 
 # fmt: off
 @triton.jit
-def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_OFFSET, BITS: tl.constexpr,
-                  ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows k0 .. k0 + BLOCK_K (those below k_hi) of W for columns offs_n, (q - z) · s in fp32 [BK, BN]."""
+def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_OFFSET, CHUNKS, BITS: tl.constexpr,
+                  ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  TILED: tl.constexpr):
+    """Rows k0 .. k0 + BLOCK_K (those below k_hi) of W for columns offs_n, (q - z) · s in fp32 [BK, BN]. TILED: the
+    words in gptq_format.tile_words' layout (Int4; CHUNKS: K / 128)."""
     P: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     zero_shift = (offs_n % P) * BITS  # [BN]
@@ -51,7 +54,13 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_O
     # each word once: [BK/P, BN] words -> [BK/P, P, BN] values -> [BK, BN] (row kw·P + j)
     offs_kw = k0 // P + tl.arange(0, BLOCK_K // P)
     mask_w = (offs_kw[:, None] * P < k_hi) & mask_n[None, :]
-    words = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+    if TILED:  # word (r, n) at ((n // 32 · K / 128 + r // 16) · 4 + r % 16 // 4) · 128 + (n % 32 // 4 · 4 + r % 4)
+        #        · 4 + n % 4
+        r, n = offs_kw[:, None], offs_n[None, :]
+        offs_w = ((n // 32 * CHUNKS + r // 16) * 4 + r % 16 // 4) * 128 + (n % 32 // 4 * 4 + r % 4) * 4 + n % 4
+    else:
+        offs_w = offs_kw[:, None] * N + offs_n[None, :]
+    words = tl.load(qw_ptr + offs_w, mask=mask_w, other=0)
     q = (words[:, None, :] >> (tl.arange(0, P) * BITS)[None, :, None]) & MAXQ
     q = tl.reshape(q, (BLOCK_K, BLOCK_N))
     if GROUP_SIZE > 0:  # the tile's rows share one group: one zero and scale per column
@@ -73,7 +82,8 @@ def _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_O
 def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT, K_OFFSET,
                  stride_xm, stride_ym, stride_ys,
                  BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 TILED: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,8 +97,8 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_hi
-        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_OFFSET, BITS, ZERO_OFFSET,
-                          GROUP_SIZE, BLOCK_N, BLOCK_K)
+        w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, k_hi, offs_n, mask_n, N, K_OFFSET, K // 128, BITS,
+                          ZERO_OFFSET, GROUP_SIZE, BLOCK_N, BLOCK_K, TILED)
         if BLOCK_M == 1:
             x1 = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # [BK]
             acc1 += tl.sum(x1[:, None] * w, axis=0)
@@ -107,13 +117,13 @@ def _gptq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, K_P
 
 @triton.jit
 def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, K_OFFSET, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr):
     """W [K, N] in w's dtype: one [BLOCK_K, BLOCK_N] tile a program, each value rounded once."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, K, offs_n, mask_n, N, K_OFFSET, BITS, ZERO_OFFSET, GROUP_SIZE,
-                      BLOCK_N, BLOCK_K)
+    w = _dequant_tile(qw_ptr, qz_ptr, s_ptr, g_ptr, k0, K, offs_n, mask_n, N, K_OFFSET, K // 128, BITS, ZERO_OFFSET,
+                      GROUP_SIZE, BLOCK_N, BLOCK_K, TILED)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
              mask=(offs_k < K)[:, None] & mask_n[None, :])
@@ -166,6 +176,7 @@ def _launch(
     split_k: int,
     group_size: int,
     k_offset: int,
+    tiled: bool = False,
 ) -> torch.Tensor:
     M, K = x.shape
     N = qweight.shape[1]
@@ -173,6 +184,7 @@ def _launch(
         raise ValueError(
             f"x has {K} columns for {qweight.shape[0]} words of {32 // bits} rows (block_k {tiles.block_k})"
         )
+    _check_tiled(qweight, bits, tiled)
     x = x.contiguous()
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     split_k = triton.cdiv(K, k_per_split)
@@ -187,10 +199,16 @@ def _launch(
         M, N, K, k_per_split, k_offset, x.stride(0), y.stride(1), y.stride(0),
         BITS=bits, ZERO_OFFSET=zero_offset, GROUP_SIZE=gs, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, TILED=tiled,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y.sum(0).to(x.dtype) if planes else y[0]
+
+
+def _check_tiled(qweight: torch.Tensor, bits: int, tiled: bool) -> None:
+    if tiled and (bits != 4 or not tiles(qweight)):
+        raise ValueError(f"tiled words are Int4's [a multiple of 16, a multiple of 32]: bits {bits}, "
+                         f"{tuple(qweight.shape)}")  # fmt: skip
 
 
 def gptq_gemv(
@@ -206,15 +224,19 @@ def gptq_gemv(
     group_size: int = 0,
     k_offset: int = 0,
     tiles: GemmTiles = DECODE,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """Decode: split-K (split_k None: ~4 programs per SM). group_size > 0 promises g_idx[k] == (k_offset +
-    k) // group_size (no act order), letting aligned tiles read one zero/scale row."""
+    k) // group_size (no act order), letting aligned tiles read one zero/scale row. tiled: qweight in
+    gptq_format.tile_words' layout (Int4)."""
     M, K = x.shape
     if M == 1:
         tiles = GemmTiles(1, tiles.block_n, tiles.block_k, tiles.num_warps, tiles.num_stages)
     if split_k is None:
         split_k = split_k_for(qweight.shape[1], K, tiles.block_n, tiles.block_k, x.device)
-    return _launch(x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias, tiles, split_k, group_size, k_offset)
+    return _launch(
+        x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias, tiles, split_k, group_size, k_offset, tiled
+    )
 
 
 def gptq_gemm(
@@ -229,11 +251,12 @@ def gptq_gemm(
     group_size: int = 0,
     k_offset: int = 0,
     tiles: GemmTiles | None = None,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """Prefill: tiled GEMM over the whole K, bias fused, output in x's dtype."""
     if tiles is None:
         tiles = GemmTiles(block_m=64 if x.shape[0] <= 64 else 128, block_n=128, block_k=32, num_warps=8, num_stages=3)
-    return _launch(x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias, tiles, 1, group_size, k_offset)
+    return _launch(x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias, tiles, 1, group_size, k_offset, tiled)
 
 
 def gptq_dequantize(
@@ -248,19 +271,21 @@ def gptq_dequantize(
     dtype: torch.dtype = torch.bfloat16,
     block_k: int = 64,
     block_n: int = 128,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """W [K, N] in `dtype`, the reference's `dequantize` (each value (q - z) · s in fp32, rounded once) in one launch;
-    group_size / k_offset: the same hint as gptq_gemv's."""
+    group_size / k_offset / tiled: as gptq_gemv's."""
     P = 32 // bits
     K, N = qweight.shape[0] * P, qweight.shape[1]
     if block_k % P:
         raise ValueError(f"gptq_dequantize: block_k {block_k} is not a whole number of {P}-row words")
+    _check_tiled(qweight, bits, tiled)
     w = torch.empty(K, N, dtype=dtype, device=qweight.device)
     gs = _group_size_const(g_idx, group_size, k_offset, block_k, block_k)
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))
     _dequant_kernel[grid](
         qweight, qzeros, scales, g_idx, w, N, K, k_offset, BITS=bits, ZERO_OFFSET=zero_offset, GROUP_SIZE=gs,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        BLOCK_N=block_n, BLOCK_K=block_k, TILED=tiled, num_warps=4,
     )  # fmt: skip
     return w
 
@@ -276,13 +301,14 @@ def gptq_dequant_mm(
     bias: torch.Tensor | None = None,
     group_size: int = 0,
     k_offset: int = 0,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """Prefill-sized M: W dequantized once into x's dtype (gptq_dequantize), then cuBLAS: the reference's W and its
     matmul, then its bias add (so the same values as gptq_matmul_reference), at the dense GEMM's rate (the
     dequantization reads a quarter (Int4) of the bytes the GEMM then reads). The bias in cuBLAS's epilogue instead
     rounds once where the reference rounds twice: a 2-layer 7B-width model's logits then differed from the
     reference path by one bf16 ulp, so the add stays separate."""
-    w = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, group_size, k_offset, x.dtype)
+    w = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, group_size, k_offset, x.dtype, tiled=tiled)
     y = x @ w
     return y if bias is None else y + bias
 
@@ -298,6 +324,7 @@ def gptq_matmul(
     bias: torch.Tensor | None = None,
     group_size: int = 0,
     k_offset: int = 0,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """x [M, K] -> [M, N]: the split-K GEMV for M <= 16, above that W dequantized then cuBLAS (gptq_dequant_mm; the
     layers' entry point on CUDA). On the H200 (7B linears, scripts/bench_quant.py --only linears) dequantize + cuBLAS
@@ -305,5 +332,5 @@ def gptq_matmul(
     at 8,192 all four linears within 2-10 % of bf16 cuBLAS), and split K at M >= 32 on the sum of the four."""
     args = (x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias)
     if x.shape[0] <= 16:
-        return gptq_gemv(*args, group_size=group_size, k_offset=k_offset)
-    return gptq_dequant_mm(*args, group_size=group_size, k_offset=k_offset)
+        return gptq_gemv(*args, group_size=group_size, k_offset=k_offset, tiled=tiled)
+    return gptq_dequant_mm(*args, group_size=group_size, k_offset=k_offset, tiled=tiled)

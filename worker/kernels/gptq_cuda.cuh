@@ -28,6 +28,13 @@ __device__ __forceinline__ uint4 load_words(const uint4* p) {
   return v;
 }
 
+// Int4 words tiled (the host's gptq_format.tile_words: [N / 32][K / 128][4 steps][8][4] uint4, a warp's step 512
+// contiguous bytes): the 16 bytes of columns 4 c4 .. 4 c4 + 3, word row 4 s + t of chunk c are at
+// tiled_base(qw, c4, chunks) + 128 c + 32 s + t (`chunks`: K / 128).
+__device__ __forceinline__ const uint4* tiled_base(const uint4* qw, int c4, int chunks) {
+  return qw + (size_t)(c4 >> 3) * chunks * 128 + (c4 & 7) * 4;
+}
+
 // nibbles 0 and 4 of w -> the bf16 pair (128 + q0, 128 + q4): (w & 0x000F000F) | 0x43004300 in one LOP3
 __device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
   uint32_t r;
@@ -52,6 +59,10 @@ __device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16
   return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__bfloat162float(up), act)));
 }
 
+// The host's launch flags (the `pdl` argument of the entry points): bit 0 PDL's attribute, bit 1 the words tiled
+// (tiled_base; Int4 only)
+constexpr int kPdl = 1, kTiled = 2;
+
 // A launch's configuration (cudaLaunchKernelEx(&l.config, ...)) with PDL's attribute where asked; `allow` lets a kernel
 // have more than 48 KB of dynamic shared memory when its launch asks for that much.
 struct PdlLaunch {
@@ -65,7 +76,7 @@ struct PdlLaunch {
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attr;
-    config.numAttrs = pdl ? 1 : 0;
+    config.numAttrs = (pdl & kPdl) ? 1 : 0;
   }
   PdlLaunch(const PdlLaunch&) = delete;  // config.attrs points into this object
   template <typename Kernel>

@@ -336,7 +336,7 @@ cudaError_t launch_rows_as(const void* x, const void* qw, const void* scales, co
 extern "C" int gptq4_gemv_rows(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                                const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                                int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m) {
-  if (m != 2) return static_cast<int>(cudaErrorInvalidValue);
+  if (m != 2 || (pdl & kTiled)) return static_cast<int>(cudaErrorInvalidValue);  // row-major words only
   auto launch2 = zeros != nullptr
                      ? (bias != nullptr ? launch_rows_as<2, true, true> : launch_rows_as<2, true, false>)
                      : (bias != nullptr ? launch_rows_as<2, false, true> : launch_rows_as<2, false, false>);
@@ -347,6 +347,7 @@ extern "C" int gptq4_gemv_rows(const void* x, const void* qw, const void* scales
 extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                           const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                           int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
+  if (pdl & kTiled) return static_cast<int>(cudaErrorInvalidValue);  // row-major words only
   auto launch1 = zeros != nullptr ? (bias != nullptr ? launch<true, true> : launch<true, false>)
                                   : (bias != nullptr ? launch<false, true> : launch<false, false>);
   return static_cast<int>(launch1(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
@@ -357,7 +358,7 @@ extern "C" int gptq4_gemv(const void* x, const void* qw, const void* scales, con
 extern "C" int gptq4_gemv_act(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                               const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                               int group_size, int chunks_per_split, int splits, int pdl, void* stream) {
-  if (bias != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  if (bias != nullptr || (pdl & kTiled)) return static_cast<int>(cudaErrorInvalidValue);  // row-major words only
   auto launch1 = zeros != nullptr ? launch<true, false, true> : launch<false, false, true>;
   return static_cast<int>(launch1(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                                   chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream)));

@@ -75,14 +75,17 @@ constexpr int kSteps = BITS == 4 ? 4 : 8;
 
 // Chunk c's words for this lane (word rows 4s + t of its kSteps steps, columns 4g .. 4g + 3; `base` at column 4g)
 // and its group's scales and zeros for columns n .. n + 7.
-template <int BITS, bool kZeros>
+// (kTiled, Int4 only: `base` is tiled_base's plus t)
+template <int BITS, bool kZeros, bool kTiled>
 __device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, const uint4* base,
                                            const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
                                            bool live, int n, int N, int k_offset, int group_size, int t) {
   constexpr int kRows = kChunk * BITS / 32;  // word rows of a chunk
+  static_assert(!kTiled || BITS == 4, "tiled words are Int4's");
   if (live) {
 #pragma unroll
-    for (int s = 0; s < kSteps<BITS>; ++s) words[s] = load_words(base + (size_t)(c * kRows + s * 4 + t) * n4);
+    for (int s = 0; s < kSteps<BITS>; ++s)
+      words[s] = load_words(kTiled ? base + (size_t)c * 128 + s * 32 : base + (size_t)(c * kRows + s * 4 + t) * n4);
   }
   if (n < N) {
     const size_t gi = (size_t)((k_offset + c * kChunk) / group_size) * N + n;
@@ -98,7 +101,7 @@ __device__ __forceinline__ void load_chunk(uint4* words, uint4& s8, uint4& z8, c
 // above (one LOP3 each gives the pairs (ql_0, ql_2), (ql_1, ql_3), (qh_0, qh_2), (qh_1, qh_3)), summed by two mma into
 // D_lo = sum x (128 + ql) and D_hi = sum x (128 + qh): sum x q = 16 D_hi + D_lo - 2176 sum x. A step is 16 rows,
 // x's order (0 2) (1 3) inside each 4.
-template <int BITS, int MT, int kDepth, bool kZeros, bool kBias>
+template <int BITS, int MT, int kDepth, bool kZeros, bool kBias, bool kTiled>
 __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
@@ -120,13 +123,13 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
   // the ring, slot i for the chunk c with (c - c0) % kDepth == i: its words, and its group's scales and zeros for
   // columns n .. n + 7 (in flight as long as the words)
   uint4 buf[kDepth][kSteps<BITS>], sbuf[kDepth], zbuf[kDepth];
-  const uint4* base = qw + (nw >> 2) + g;
+  const uint4* base = kTiled ? tiled_base(qw, (nw >> 2) + g, K / kChunk) + t : qw + (nw >> 2) + g;
 #pragma unroll
   for (int i = 0; i < kDepth; ++i) {
 #pragma unroll
     for (int s = 0; s < kSteps<BITS>; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
     sbuf[i] = zbuf[i] = make_uint4(0u, 0u, 0u, 0u);
-    if (c0 + i < c1) load_chunk<BITS, kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
+    if (c0 + i < c1) load_chunk<BITS, kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
                                         k_offset, group_size, t);
   }
   gdc_wait();
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
 #pragma unroll
       for (int s = 0; s < kSteps<BITS>; ++s) cur[s] = buf[i][s];
       const uint4 s8 = sbuf[i], z8 = zbuf[i];
-      if (c + kDepth < c1) load_chunk<BITS, kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
+      if (c + kDepth < c1) load_chunk<BITS, kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
                                               N, k_offset, group_size, t);
       float d[MT][4][4] = {};                    // this chunk's sums x (128 + q) (Int8: of the low nibbles)
       float dh[BITS == 8 ? MT : 1][4][4] = {};  // Int8: of the high nibbles
@@ -298,14 +301,14 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <int BITS, int MT, bool kZeros, bool kBias>
+template <int BITS, int MT, bool kZeros, bool kBias, bool kTiled>
 cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
   constexpr int kDepth = BITS == 4 && MT <= 2 ? 4 : 2;  // registers: the accumulators grow with MT (and Int8)
   const size_t smem = (size_t)m * chunks_per_split * ((kChunk / 8) * sizeof(uint4) + sizeof(float));
   PdlLaunch l(dim3((N + kMmaCols - 1) / kMmaCols, splits), dim3(kMmaThreads), smem, pdl, stream);
-  auto kernel = gptq_mma_kernel<BITS, MT, kDepth, kZeros, kBias>;
+  auto kernel = gptq_mma_kernel<BITS, MT, kDepth, kZeros, kBias, kTiled>;
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
@@ -313,32 +316,35 @@ cudaError_t launch_mma(const void* x, const void* qw, const void* scales, const 
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
-template <int BITS, int MT>
+template <int BITS, int MT, bool kTiled = false>
 cudaError_t launch_tiles(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                          const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                          int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m) {
-  auto f = zeros != nullptr
-               ? (bias != nullptr ? launch_mma<BITS, MT, true, true> : launch_mma<BITS, MT, true, false>)
-               : (bias != nullptr ? launch_mma<BITS, MT, false, true> : launch_mma<BITS, MT, false, false>);
+  auto f = zeros != nullptr ? (bias != nullptr ? launch_mma<BITS, MT, true, true, kTiled>
+                                               : launch_mma<BITS, MT, true, false, kTiled>)
+                            : (bias != nullptr ? launch_mma<BITS, MT, false, true, kTiled>
+                                               : launch_mma<BITS, MT, false, false, kTiled>);
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
            splits, pdl, stream, m);
 }
 
 }  // namespace
 
-// m rows of x: 1 to 64 for Int4 (bits 4), 1 to 32 for Int8 (bits 8); the host (gemv_cuda.plan_mma) keeps the shared
-// memory within what the device allows
+// m rows of x: 1 to 64 for Int4 (bits 4), 1 to 32 for Int8 (bits 8); pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled:
+// Int4 only); the host (gemv_cuda.plan_mma) keeps the shared memory within what the device allows
 extern "C" int gptq_mma(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                         const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                         int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int bits) {
   auto s = static_cast<cudaStream_t>(stream);
   const int tiles = (m + 15) / 16;
-  if (m < 1 || tiles > (bits == 4 ? 4 : 2) || (bits != 4 && bits != 8)) return static_cast<int>(cudaErrorInvalidValue);
+  const bool tiled = pdl & kTiled;
+  if (m < 1 || tiles > (bits == 4 ? 4 : 2) || (bits != 4 && bits != 8) || (tiled && bits != 4))
+    return static_cast<int>(cudaErrorInvalidValue);
   auto f = bits == 8 ? (tiles == 1 ? launch_tiles<8, 1> : launch_tiles<8, 2>)
-           : tiles == 1 ? launch_tiles<4, 1>
-           : tiles == 2 ? launch_tiles<4, 2>
-           : tiles == 3 ? launch_tiles<4, 3>
-                        : launch_tiles<4, 4>;
+           : tiles == 1 ? (tiled ? launch_tiles<4, 1, true> : launch_tiles<4, 1>)
+           : tiles == 2 ? (tiled ? launch_tiles<4, 2, true> : launch_tiles<4, 2>)
+           : tiles == 3 ? (tiled ? launch_tiles<4, 3, true> : launch_tiles<4, 3>)
+                        : (tiled ? launch_tiles<4, 4, true> : launch_tiles<4, 4>);
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                             chunks_per_split, splits, pdl, s, m));
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.quant.gptq_format import dequantize, pack_rows, unpack_rows
+from worker.quant.gptq_format import dequantize, pack_rows, unpack_rows, untile_words
 
 
 def gptq_matmul_reference(
@@ -23,9 +23,12 @@ def gptq_matmul_reference(
     bias: torch.Tensor | None = None,  # [N]
     group_size: int = 0,
     k_offset: int = 0,
+    tiled: bool = False,
 ) -> torch.Tensor:
     """group_size, k_offset: the kernels' hint that g_idx[k] == (k_offset + k) // group_size; the
-    reference always reads g_idx."""
+    reference always reads g_idx. tiled: qweight in gptq_format.tile_words' layout."""
+    if tiled:
+        qweight = untile_words(qweight)
     w = dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, x.dtype)  # [K, N]
     y = x @ w
     return y if bias is None else y + bias

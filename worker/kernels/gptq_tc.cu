@@ -62,13 +62,15 @@ constexpr uint32_t kOnes = 0x3F803F80u;  // the bf16 pair (1, 1)
 constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitch is 64 bytes past a multiple of 128
 
 // Chunk c's words for this lane (its 4 steps) and the group's scales and zeros for columns 4g .. 4g + 3
-template <bool kZeros>
+// (kTiled: `base` is tiled_base's plus t)
+template <bool kZeros, bool kTiled>
 __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, const uint4* base,
                                         const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
                                         bool live, int n, int N, int k_offset, int group_size, int t) {
   if (!live) return;
 #pragma unroll
-  for (int s = 0; s < kTcSteps; ++s) words[s] = load_words(base + (size_t)(c * kWordRows + s * 4 + t) * n4);
+  for (int s = 0; s < kTcSteps; ++s)
+    words[s] = load_words(kTiled ? base + (size_t)c * 128 + s * 32 : base + (size_t)(c * kWordRows + s * 4 + t) * n4);
   // the chunk's group: at groups of one chunk (Qwen's 128) without the division's ~25 instructions a chunk
   const int group = group_size == kChunk ? k_offset / kChunk + c : (k_offset + c * kChunk) / group_size;
   const size_t gi = (size_t)group * N + n;
@@ -107,7 +109,7 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
 // loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
@@ -135,12 +137,12 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   uint4 buf[kDepth][kTcSteps];
   uint2 sbuf[kDepth], zbuf[kDepth];
   uint4 xbuf[kStage ? 1 : kDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kDepth][kTcSteps];  // !kStage: x (gate, up)
-  const uint4* base = qw + (n >> 2);
+  const uint4* base = kTiled ? tiled_base(qw, n >> 2, K / kChunk) + t : qw + (n >> 2);
 #pragma unroll
   for (int i = 0; i < kDepth; ++i) {
     sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
     const int c = c0 + warp + i * warps;
-    if (c < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
+    if (c < c1) tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
                                 group_size, t);
   }
   gdc_wait();
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
 #pragma unroll
         for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
         const uint2 s4 = sbuf[i], z4 = zbuf[i];
-        if (cn < c1) tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+        if (cn < c1) tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
                                      group_size, t);
         chunk(cur, nullptr, s4, z4, c);
       } else {  // after it (registers: the other slot is in flight meanwhile)
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
         }
         chunk(buf[i], xbuf[i], sbuf[i], zbuf[i], c);
         if (cn < c1) {
-          tc_load<kZeros>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset, group_size,
+          tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset, group_size,
                           t);
           tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
         }
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair = false>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
@@ -322,7 +324,7 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                       (size_t)warps * kTcRows * kTcCols * 4;
   const int cols = kPair ? N / 2 : N;
   PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled>;
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
@@ -330,14 +332,18 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                             N, K, k_offset, group_size, chunks_per_split, splits, m);
 }
 
-template <bool kStage>
+// The launch for a stage / pair / layout form by zeros, bias and act (act: not at kPair)
+template <bool kStage, bool kPair, bool kTiled>
 int launch_tc_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                  void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
                  int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps, int act) {
-  auto f = act ? (zeros != nullptr ? launch_tc<true, false, true, kStage> : launch_tc<false, false, true, kStage>)
-           : zeros != nullptr
-               ? (bias != nullptr ? launch_tc<true, true, false, kStage> : launch_tc<true, false, false, kStage>)
-               : (bias != nullptr ? launch_tc<false, true, false, kStage> : launch_tc<false, false, false, kStage>);
+  const bool z = zeros != nullptr, b = bias != nullptr;
+  auto f = z ? (b ? launch_tc<true, true, false, kStage, kPair, kTiled> : launch_tc<true, false, false, kStage, kPair, kTiled>)
+             : (b ? launch_tc<false, true, false, kStage, kPair, kTiled>
+                  : launch_tc<false, false, false, kStage, kPair, kTiled>);
+  if constexpr (!kPair) {
+    if (act) f = z ? launch_tc<true, false, true, kStage, false, kTiled> : launch_tc<false, false, true, kStage, false, kTiled>;
+  }
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                             chunks_per_split, splits, pdl, stream, m, warps));
 }
@@ -347,23 +353,19 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
 // m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
 // and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
 // activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
-// a multiple of 4). The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
+// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). The host (gemv_cuda.plan_tc) keeps the shared
+// memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
                        int act, int stage, int pair) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
-  if (pair) {
-    if (stage || act || splits != 1 || warps % 2 || (N / 2) % 4) return static_cast<int>(cudaErrorInvalidValue);
-    auto f = zeros != nullptr ? (bias != nullptr ? launch_tc<true, true, false, false, true>
-                                                 : launch_tc<true, false, false, false, true>)
-                              : (bias != nullptr ? launch_tc<false, true, false, false, true>
-                                                 : launch_tc<false, false, false, false, true>);
-    return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                              chunks_per_split, splits, pdl, static_cast<cudaStream_t>(stream), m, warps));
-  }
-  auto f = stage ? launch_tc_as<true> : launch_tc_as<false>;
+  const bool tiled = pdl & kTiled;
+  if (pair && (stage || act || splits != 1 || warps % 2 || (N / 2) % 4)) return static_cast<int>(cudaErrorInvalidValue);
+  auto f = pair    ? (tiled ? launch_tc_as<false, true, true> : launch_tc_as<false, true, false>)
+           : stage ? (tiled ? launch_tc_as<true, false, true> : launch_tc_as<true, false, false>)
+                   : (tiled ? launch_tc_as<false, false, true> : launch_tc_as<false, false, false>);
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
            splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act);
 }

@@ -111,7 +111,14 @@ class DecodeKernels:
     cache bit for bit the same); where it builds (sm_90+, nvcc; else one warning says why). Deterministic, so graph ==
     eager bit for bit; another summation order than the Triton kernel's. Served: the 7B Int4 step at batch 1 1.928-1.934
     ms against 2.08-2.09 without it, batch 2 2.099-2.109 against 2.165-2.187 (one H200; BENCHMARKS.md, 2026-11-30,
-    seventh)."""
+    seventh).
+    gptq_tiled: with gptq_cuda, gptq_tc and gptq_mma serving a GPTQ Int4 linear whose words tile, its qweight is
+    re-laid out in place (gptq_format.tile_words: each 128-row chunk of 32 columns 2 KB in a row, a tensor-core step
+    512 bytes in the order a warp's lanes read it) and every kernel that reads it takes that layout: gptq_tc, gptq_mma
+    and the Triton prefill matmul (the FMA GEMVs and the Triton GEMV are then not used). Only addresses change, so
+    the values are the row-major kernels' bit for bit. Not served yet: a timing-only run of that layout in gptq_tc
+    (every other kernel untouched) took the 7B Int4 step to 1.921-1.923 ms from 1.962-1.966 at batch 1 and 2.082-2.084
+    from 2.144-2.147 at batch 2 (BENCHMARKS.md, 2026-11-30, eighth); the served layout waits for its GPU run."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -127,6 +134,7 @@ class DecodeKernels:
     gptq_tc: bool = False
     gptq_act_out: bool = False
     attn_cuda: bool = False
+    gptq_tiled: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -28,7 +28,7 @@ from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLinear
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
-from worker.quant.gptq_format import default_g_idx, unpack_cols
+from worker.quant.gptq_format import default_g_idx, tile_words, tiles, unpack_cols, untile_words
 from worker.weights import WeightError, Weights, shard_range
 
 log = logging.getLogger("worker")
@@ -82,6 +82,7 @@ class _GPTQ:
     gemv: Any = None  # worker.kernels.gemv.GPTQGemvWeights (CUDA, rows whose tiles lie in one group)
     _cuda_gemv: bool | None = None  # whether the CUDA GEMV serves decode steps of <= 2 rows (None: not decided)
     _cuda_mma: bool | None = None  # whether the CUDA tensor-core matmul serves (decided with the above)
+    tiled: bool = False  # qweight in gptq_format.tile_words' layout (DecodeKernels.gptq_tiled)
     decode_kernels: DecodeKernels  # the float linears' (pdl: the GEMV launches with PDL)
     register_buffer: Callable[..., None]
 
@@ -143,12 +144,14 @@ class _GPTQ:
             g_idx = g_idx[perm]
         for dst, src in ((self.qweight, qweight), (self.qzeros, qzeros), (self.scales, scales), (self.g_idx, g_idx)):
             dst.copy_(src)
+        self.tiled = False  # the checkpoint's row-major words
         gs = self.quant.group_size
         plain = gs > 0 and torch.equal(g_idx.cpu(), default_g_idx(k_offset + g_idx.numel(), gs)[k_offset:])
         self.group_hint = gs if plain else 0
         self.k_offset = k_offset
         if self.pctx.device.type == "cuda":
             self.build_gemv()
+        self.set_tiled(self._wants_tiled())  # a reload under gptq_tiled
 
     def build_gemv(self) -> None:
         """The decode GEMV's view of the current buffers (None where it does not apply or Triton is absent)."""
@@ -163,15 +166,41 @@ class _GPTQ:
         if grouped:
             q = self.quant
             w = gemv_weights(self.qweight, self.qzeros, self.scales, q.bits, q.zero_offset, gs, self.k_offset)
+            w.tiled = self.tiled
             self.gemv = w if gemv_fits(w, default_tiles(q.bits)) else None
         if self.gemv is not None and (self.decode_kernels.gptq_cuda or self.decode_kernels.gptq_mma):
             self._cuda_gemv_serves(self.scales.dtype)  # decided (and built) now, not inside a graph capture
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
-        """The float linears' choices (pdl), and gptq_cuda's / gptq_mma's decision for loaded weights made now."""
+        """The float linears' choices (pdl), and gptq_cuda's / gptq_mma's decision for loaded weights made now; the
+        words tiled or back to row-major as gptq_tiled asks (`_wants_tiled`)."""
         super().set_decode_kernels(opts)  # type: ignore[misc]
         if self.gemv is not None and (opts.gptq_cuda or opts.gptq_mma):
             self._cuda_gemv_serves(self.scales.dtype)
+        self.set_tiled(self._wants_tiled())
+
+    def _wants_tiled(self) -> bool:
+        """DecodeKernels.gptq_tiled: Int4 words that tile, where the CUDA kernels serve every decode step up to
+        MMA_MAX_M rows (gptq_tc at 1-2 rows, gptq_mma above: the FMA GEMVs and the Triton GEMV read row-major words)."""
+        k = self.decode_kernels
+        if not (k.gptq_tiled and k.gptq_cuda and k.gptq_tc and k.gptq_mma) or self.quant.bits != 4:
+            return False
+        if self.gemv is None or not tiles(self.qweight):
+            return False
+        return self._cuda_gemv_serves(self.scales.dtype) and self._cuda_mma_serves(self.scales.dtype)
+
+    def set_tiled(self, on: bool) -> None:
+        """qweight re-laid out in place (gptq_format.tile_words, or back), and the decode GEMV's view rebuilt; every
+        path that reads the words then reads that layout (the matmuls take `tiled`)."""
+        if on == self.tiled:
+            return
+        if on and (self.quant.bits != 4 or not tiles(self.qweight)):
+            raise ValueError(f"tiled words are Int4's [a multiple of 16, a multiple of 32], not {self.qweight.shape}")
+        self.qweight.copy_(tile_words(self.qweight) if on else untile_words(self.qweight))
+        self.tiled = on
+        if self.gemv is not None:
+            self.gemv.tiled = on
+        log.debug("GPTQ words %s: %s", "tiled" if on else "row-major", tuple(self.qweight.shape))
 
     def _cuda_gemv_serves(self, dtype: torch.dtype) -> bool:
         """DecodeKernels.gptq_cuda: whether the CUDA GEMV (worker/kernels/gemv_cuda.py) serves this linear's decode
@@ -218,7 +247,7 @@ class _GPTQ:
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, **tc)
             if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
-        if self.gemv is not None and m <= GEMV_MAX_M:
+        if self.gemv is not None and m <= GEMV_MAX_M and not self.tiled:
             from worker.kernels.gemv import quant_gemv
 
             return quant_gemv(x, self.gemv, bias, pdl=self.decode_kernels.pdl)
@@ -233,6 +262,7 @@ class _GPTQ:
             bias,
             group_size=self.group_hint,
             k_offset=self.k_offset,
+            tiled=self.tiled,
         )
 
 
@@ -367,7 +397,7 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
 
         # where gptq_act_out is off (gate_up gives the activation itself where it is on). Two rows: gptq_tc with x
         # staged (each warp recomputing the activation for its chunks was far slower); one: the FMA GEMV's act kernel
-        tc = dict(tc=True, stage=True) if gate_up.shape[0] == 2 else {}
+        tc = dict(tc=True, stage=True) if gate_up.shape[0] == 2 or self.tiled else {}  # (FMA GEMVs: row-major words)
         return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, **tc))
 
 

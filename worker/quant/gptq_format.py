@@ -60,6 +60,35 @@ def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_rows(values.t(), bits).t().contiguous()
 
 
+TILE_COLS, TILE_ROWS = 32, 16  # the tiled layout's tile: 32 columns x 16 words (128 rows of Int4)
+
+
+def tiles(words: torch.Tensor) -> bool:
+    """Whether [R, N] words tile (R a multiple of TILE_ROWS, N of TILE_COLS)."""
+    return words.dim() == 2 and words.shape[0] % TILE_ROWS == 0 and words.shape[1] % TILE_COLS == 0
+
+
+def tile_words(words: torch.Tensor) -> torch.Tensor:
+    """The CUDA GPTQ kernels' tiled layout of row-major words [R, N] int32 (same shape, `tiles`): word (r, n) moves to
+    ((n // 32 · R / 16 + r // 16) · 4 + r % 16 // 4) · 128 + (n % 32 // 4 · 4 + r % 4) · 4 + n % 4, so that 16 rows
+    of a tile of 32 columns (one 128-row chunk of Int4) are 2 KB in a row, and 4 rows of it (a tensor-core step) 512
+    bytes in which lane (g, t) of a warp finds its 16 bytes (columns 4g .. 4g + 3 of row 4s + t) at 16 (4g + t)."""
+    if not tiles(words):
+        raise ValueError(f"tile_words: {tuple(words.shape)} is not [a multiple of 16, a multiple of 32]")
+    R, N = words.shape
+    v = words.reshape(R // 16, 4, 4, N // 32, 8, 4)  # [chunk, s, t, tile, g, j]
+    return v.permute(3, 0, 1, 4, 2, 5).contiguous().reshape(R, N)  # [tile, chunk, s, g, t, j]
+
+
+def untile_words(tiled: torch.Tensor) -> torch.Tensor:
+    """`tile_words`' inverse."""
+    if not tiles(tiled):
+        raise ValueError(f"untile_words: {tuple(tiled.shape)} is not [a multiple of 16, a multiple of 32]")
+    R, N = tiled.shape
+    v = tiled.reshape(N // 32, R // 16, 4, 8, 4, 4)  # [tile, chunk, s, g, t, j]
+    return v.permute(1, 2, 4, 0, 3, 5).contiguous().reshape(R, N)  # [chunk, s, t, tile, g, j]
+
+
 def dequantize(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
