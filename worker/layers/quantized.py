@@ -190,8 +190,9 @@ class _GPTQ:
         return self._cuda_gemv_serves(self.scales.dtype) and self._cuda_mma_serves(self.scales.dtype)
 
     def set_tiled(self, on: bool) -> None:
-        """qweight re-laid out in place (gptq_format.tile_words, or back), and the decode GEMV's view rebuilt; every
-        path that reads the words then reads that layout (the matmuls take `tiled`)."""
+        """qweight re-laid out in place (gptq_format.tile_words, or back; the decode GEMV's view shares it and is told),
+        so every path that reads the words reads that layout (the matmuls take `tiled`). Before graphs are captured:
+        they keep the layout their kernels were launched for."""
         if on == self.tiled:
             return
         if on and (self.quant.bits != 4 or not tiles(self.qweight)):
