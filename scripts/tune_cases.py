@@ -8,10 +8,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 import bench_common  # noqa: F401  (puts the repository on sys.path)
+from worker.engine.cuda_graphs import capture
 from worker.layers.attention import causal_attention
 from worker.ops import FP8, dequantize, gather_context, store_kv
 
@@ -199,14 +201,7 @@ def time_per_call(fn: Callable[[], object], calls: int, device: torch.device, it
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) / calls
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(cast(Callable[[], torch.Tensor], fn), warmup=1)  # (its output is not kept)
     t = bench_common.cuda_time(graph.replay, iters=iters, warmup=2)
     del graph
     return t / calls

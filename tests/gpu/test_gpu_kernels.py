@@ -11,7 +11,6 @@ Run: `pytest -q -m gpu tests/gpu/test_gpu_kernels.py`.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from helpers import GPU_TRITON_MARKS, within
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
 
+from worker.engine.cuda_graphs import capture  # noqa: E402
 from worker.kernels.triton_attention import Tiles  # noqa: E402
 from worker.layers.attention import TorchAttention  # noqa: E402
 from worker.layers.attention_triton import TritonAttention  # noqa: E402
@@ -190,19 +190,6 @@ def test_prefill_without_cache(use_varlen, dtype):
     close(b.attend(TritonAttention(use_varlen_attn=use_varlen), cache=False), ref, dtype)
 
 
-def _captured(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """fn warmed up on a side stream, then captured: (the graph, fn's output in the graph's memory)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 @pytest.mark.parametrize(
     "tiles",
     [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"]],
@@ -225,7 +212,7 @@ def test_decode_in_cuda_graph(tiles):
         static.tables[:, : src.tables.shape[1]].copy_(src.tables + offset)
 
     load(b, 0)
-    graph, out = _captured(lambda: static.attend(backend))  # compiled and warmed up outside the capture
+    graph, out = capture(lambda: static.attend(backend), warmup=1)  # compiled and warmed up outside the capture
     for src, offset in ((b, 0), (c, b.k_cache.shape[0])):
         load(src, offset)
         graph.replay()
@@ -322,7 +309,7 @@ def test_cuda_decode_preload_after_rope_store_in_cuda_graph(monkeypatch):
     ref = step().clone()
     torch_ref = TorchAttention().attend(q, k, v0, b.k_cache, b.v_cache, b.ctx, b.scale)
     close(ref, torch_ref, torch.bfloat16)
-    graph, out = _captured(step)
+    graph, out = capture(step, warmup=1)
     for _ in range(50):
         _spoil_newest(b)
         graph.replay()
@@ -375,7 +362,7 @@ def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn, form, mo
     _spoil_newest(b)
     out = one_kernel()
     assert torch.equal(out, ref) and same_caches()
-    graph, out = _captured(one_kernel)
+    graph, out = capture(one_kernel, warmup=1)
     for _ in range(20):
         _spoil_newest(b)
         graph.replay()
