@@ -129,8 +129,9 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
 #pragma unroll
     for (int s = 0; s < kSteps<BITS>; ++s) buf[i][s] = make_uint4(0u, 0u, 0u, 0u);
     sbuf[i] = zbuf[i] = make_uint4(0u, 0u, 0u, 0u);
-    if (c0 + i < c1) load_chunk<BITS, kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N,
-                                        k_offset, group_size, t);
+    if (c0 + i < c1)
+      load_chunk<BITS, kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c0 + i, n4, live, n, N, k_offset,
+                                       group_size, t);
   }
   gdc_wait();
   const int len = (c1 - c0) * (kChunk / 8);
@@ -169,8 +170,9 @@ __global__ void __launch_bounds__(kMmaThreads) gptq_mma_kernel(
 #pragma unroll
       for (int s = 0; s < kSteps<BITS>; ++s) cur[s] = buf[i][s];
       const uint4 s8 = sbuf[i], z8 = zbuf[i];
-      if (c + kDepth < c1) load_chunk<BITS, kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n,
-                                              N, k_offset, group_size, t);
+      if (c + kDepth < c1)
+        load_chunk<BITS, kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c + kDepth, n4, live, n, N,
+                                         k_offset, group_size, t);
       float d[MT][4][4] = {};                    // this chunk's sums x (128 + q) (Int8: of the low nibbles)
       float dh[BITS == 8 ? MT : 1][4][4] = {};  // Int8: of the high nibbles
 #pragma unroll

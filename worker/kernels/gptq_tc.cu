@@ -142,8 +142,9 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   for (int i = 0; i < kDepth; ++i) {
     sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
     const int c = c0 + warp + i * warps;
-    if (c < c1) tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
-                                group_size, t);
+    if (c < c1)
+      tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset, group_size,
+                              t);
   }
   gdc_wait();
   if constexpr (kStage) {
@@ -250,8 +251,9 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
 #pragma unroll
         for (int s = 0; s < kTcSteps; ++s) cur[s] = buf[i][s];
         const uint2 s4 = sbuf[i], z4 = zbuf[i];
-        if (cn < c1) tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
-                                     group_size, t);
+        if (cn < c1)
+          tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+                                  group_size, t);
         chunk(cur, nullptr, s4, z4, c);
       } else {  // after it (registers: the other slot is in flight meanwhile)
         if constexpr (kAct) {
@@ -260,8 +262,8 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
         }
         chunk(buf[i], xbuf[i], sbuf[i], zbuf[i], c);
         if (cn < c1) {
-          tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset, group_size,
-                          t);
+          tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+                                  group_size, t);
           tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
         }
       }
@@ -338,11 +340,14 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
                  void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
                  int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps, int act) {
   const bool z = zeros != nullptr, b = bias != nullptr;
-  auto f = z ? (b ? launch_tc<true, true, false, kStage, kPair, kTiled> : launch_tc<true, false, false, kStage, kPair, kTiled>)
+  auto f = z ? (b ? launch_tc<true, true, false, kStage, kPair, kTiled>
+                  : launch_tc<true, false, false, kStage, kPair, kTiled>)
              : (b ? launch_tc<false, true, false, kStage, kPair, kTiled>
                   : launch_tc<false, false, false, kStage, kPair, kTiled>);
   if constexpr (!kPair) {
-    if (act) f = z ? launch_tc<true, false, true, kStage, false, kTiled> : launch_tc<false, false, true, kStage, false, kTiled>;
+    if (act)
+      f = z ? launch_tc<true, false, true, kStage, false, kTiled>
+            : launch_tc<false, false, true, kStage, false, kTiled>;
   }
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
                             chunks_per_split, splits, pdl, stream, m, warps));
