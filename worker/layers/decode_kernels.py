@@ -39,6 +39,7 @@ SERVED = (
     "gptq_tc",
     "gptq_act_out",
     "attn_cuda",
+    "gptq_tiled",
 )
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
@@ -116,9 +117,10 @@ class DecodeKernels:
     re-laid out in place (gptq_format.tile_words: each 128-row chunk of 32 columns 2 KB in a row, a tensor-core step
     512 bytes in the order a warp's lanes read it) and every kernel that reads it takes that layout: gptq_tc, gptq_mma
     and the Triton prefill matmul (the FMA GEMVs and the Triton GEMV are then not used). Only addresses change, so
-    the values are the row-major kernels' bit for bit. Not served yet: a timing-only run of that layout in gptq_tc
-    (every other kernel untouched) took the 7B Int4 step to 1.921-1.923 ms from 1.962-1.966 at batch 1 and 2.082-2.084
-    from 2.144-2.147 at batch 2 (BENCHMARKS.md, 2026-11-30, eighth); the served layout waits for its GPU run."""
+    the values are the row-major kernels' bit for bit. Served: the 7B Int4 step at batch 1 / 2 / 8 took 1.864 /
+    2.022-2.026 / 3.916-3.922 ms with it against 1.911-1.912 / 2.091-2.092 / 3.969-3.970 without (two alternating
+    rounds on one H200); 8,192-token prefill 183-187 ms against 181-183 (the same within the noise); GPU tests: the
+    tiled kernels give the row-major bits, and a GPTQ model decodes the same (BENCHMARKS.md, 2026-11-30, ninth)."""
 
     pdl: bool = False
     act_gemv: bool = False
