@@ -41,6 +41,21 @@ LAUNCH_TILED = 2  # the entry points' `pdl` flags: bit 0 PDL, bit 1 tiled words 
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
+class _NormFold(ctypes.Structure):
+    """gptq_tc.cu's NormFold: kNorm's operands."""
+
+    _fields_ = [
+        ("residual", ctypes.c_void_p),
+        ("weight", ctypes.c_void_p),
+        ("sum", ctypes.c_void_p),
+        ("sq", ctypes.c_void_p),
+        ("sq_in", ctypes.c_void_p),
+        ("tiles_in", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("inv_n", ctypes.c_float),
+    ]
+
+
 def max_chunks(rows: int) -> int:
     """Chunks per split whose shared memory (rows x (chunks x 129 + 512) floats, the kernels' layout) fits 48 KB."""
     return min(MAX_CHUNKS, (12288 // rows - 512) // (CHUNK + 1))
@@ -64,7 +79,7 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
     lib.gptq_mma.restype = ctypes.c_int
     lib.gptq_mma.argtypes = [*lib.gptq4_gemv.argtypes, i, i]
     lib.gptq_tc.restype = ctypes.c_int
-    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i]
+    lib.gptq_tc.argtypes = [*lib.gptq4_gemv.argtypes, i, i, i, i, i, i, p]
     lib.gptq4_gemv_error.restype = ctypes.c_char_p
     lib.gptq4_gemv_error.argtypes = [i]
     return lib
@@ -179,6 +194,10 @@ def cuda_gemv(
     warps: int | None = None,
     stage: bool = True,
     pair: bool = False,
+    norm_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sums: torch.Tensor | None = None,
+    squares: torch.Tensor | None = None,
+    row_scale: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     (tc) 1 to TC_MAX_ROWS on gptq_tc (Int4), or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core matmul (Int4 or
@@ -188,7 +207,12 @@ def cuda_gemv(
     [gate | up] and the product's input up * silu(gate), rounded as fused.silu_mul, computed in the GEMV
     (DecodeKernels.gptq_act). pair (tc, unstaged, no act): the product is mlp's gate_up [M, N] = [gate | up] and y its
     activation [M, N / 2], up * silu(gate) of the two halves each rounded to bf16 (fused.silu_mul's values;
-    DecodeKernels.gptq_act_out); warps a block from plan_tc_pair, K not split."""
+    DecodeKernels.gptq_act_out); warps a block from plan_tc_pair, K not split. norm_out / scaled (tc, unstaged, no
+    act; DecodeKernels.norm_fold; gptq_tc.cu's kNorm): the product is the producer of a residual add + RMSNorm,
+    norm_out = (residual [M, N], the norm's weight [N]) (not at pair): it returns y = rn(s * weight) [M, N] and writes
+    s = rn(rn(product + bias) + residual) into `sums` and each 32-column tile's sum of s^2 into `squares` [M, N / 32]
+    fp32 (both given, written in place); or the consumer of one, row_scale = (squares [M, tiles] from the producer,
+    eps): each row of the product scaled by rsqrt(the row's sum of squares / K + eps) before the bias."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
@@ -208,6 +232,9 @@ def cuda_gemv(
             f"of 4 columns and an even number of warps; N {N}, tc {tc}, stage {stage}, act {act}, splits {splits}, "
             f"warps {warps}"
         )
+    if (norm_out is not None or row_scale is not None) and (not tc or stage or act or (norm_out is not None and pair)):
+        raise ValueError(f"cuda_gemv: norm_out / row_scale need tc, unstaged, no act (norm_out: no pair); tc {tc}, "
+                         f"stage {stage}, act {act}, pair {pair}")  # fmt: skip
     x = x.contiguous()
     if x.data_ptr() % 16:  # the kernels read x in 16-byte vectors
         x = x.clone()
@@ -238,8 +265,34 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits,
         int(pdl) | (LAUNCH_TILED if w.tiled else 0), stream,
     )  # fmt: skip
+    fold, norm = _NormFold(), 0
+    if norm_out is not None:
+        r, nw = norm_out
+        if (r.shape, nw.shape, sums is None or sums.shape, squares is None or squares.shape) != (
+            (M, N),
+            (N,),
+            (M, N),
+            (M, -(-N // TC_COLS)),
+        ) or {r.dtype, nw.dtype, sums.dtype if sums is not None else None} != {x.dtype}:
+            raise ValueError(
+                f"cuda_gemv: norm_out's residual {tuple(r.shape)} and weight {tuple(nw.shape)}, sums and squares "
+                f"{None if sums is None else tuple(sums.shape)} {None if squares is None else tuple(squares.shape)} "
+                f"for y [{M}, {N}] {x.dtype} (want residual and sums [M, N], weight [N], squares [M, N / 32] fp32)"
+            )
+        assert squares is not None and sums is not None and squares.dtype == torch.float32
+        r, nw = r.contiguous(), nw.contiguous()
+        fold.residual, fold.weight, fold.sum, fold.sq = r.data_ptr(), nw.data_ptr(), sums.data_ptr(), squares.data_ptr()
+        norm = 1
+    elif row_scale is not None:
+        sq, eps = row_scale
+        if sq.dim() != 2 or sq.shape[0] != M or sq.dtype != torch.float32 or not sq.is_contiguous():
+            raise ValueError(
+                f"cuda_gemv: row_scale's squares {tuple(sq.shape)} {sq.dtype} for {M} rows (contiguous fp32)"
+            )
+        fold.sq_in, fold.tiles_in, fold.eps, fold.inv_n = sq.data_ptr(), sq.shape[1], eps, 1.0 / K
+        norm = 2
     if tc:
-        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair))
+        code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair), norm, ctypes.byref(fold))
     elif mma:
         code = lib.gptq_mma(*args, M, w.bits)
     elif act:

@@ -27,6 +27,12 @@
 // - PDL: the ring's first chunks of words and scales are loaded before griddepcontrol.wait (constant data), x after.
 // kAct: x's row r is mlp's gate_up row [gate (K) | up (K)], and the product's input is up * silu(gate) with
 // fused.silu_mul's rounding (DecodeKernels.gptq_act).
+// kNorm (DecodeKernels.norm_fold; unstaged, no act, NormFold): the residual add + RMSNorm between two linears folded
+// into them. kNorm 1 (the producer, attn.c_proj or mlp.c_proj, any K split): s = rn(rn(product + bias) + residual), as
+// fused.rms_norm's sum, goes to `sum`; y = rn(s * weight); sq [m][column tiles] holds each block's sum of s^2 over its
+// 32 columns (a warp's butterfly). kNorm 2 (the consumer, c_attn or the gate_up pair): each row of the product is
+// scaled by rsqrt(sum of its sq_in * inv_n + eps) (the sum in a fixed order, the same in every block) before the bias:
+// RMSNorm(s) . W = rsqrt(mean s^2 + eps) (s * weight) . W, without the normalized row rounded to bf16 between.
 // kPair: the product is mlp's gate_up [gate (N/2) | up (N/2)] and y its activation, up * silu(gate) [M, N/2]
 // (DecodeKernels.gptq_act_out): block b owns gate columns 32b .. 32b + 31 with its first W/2 warps and the same up
 // columns with the others, each half splitting K as a block of W/2 warps would; the epilogue rounds each sum (plus its
@@ -48,6 +54,19 @@
 #include <stdint.h>
 
 #include "gptq_cuda.cuh"  // kChunk, kWordRows, gdc_wait / gdc_go, load_words, pair_bf16, mma_bf16, and more
+
+// kNorm's operands (gemv_cuda._NormFold): the producer's residual, RMSNorm weight, `sum` out and sq out; the consumer's
+// sq_in [m][tiles_in], eps and 1 / hidden size
+struct NormFold {
+  const __nv_bfloat16* residual;
+  const __nv_bfloat16* weight;
+  __nv_bfloat16* sum;
+  float* sq;
+  const float* sq_in;
+  int tiles_in;
+  float eps;
+  float inv_n;
+};
 
 namespace {
 
@@ -109,12 +128,12 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
 // loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, int m) {
+    int k_offset, int group_size, int chunks_per_split, int splits, int m, const NormFold nf) {
   constexpr int kDepth = kStage || kAct ? kTcDepthStagedOrAct : kTcDepth;
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -133,6 +152,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem4);
   float* xsum = reinterpret_cast<float*>(xs + (kStage ? (size_t)m * pitch : 0));  // [m][chunks_per_split]
   float* red = xsum + (kStage ? m * chunks_per_split : 0);                        // [warps][kTcRows][kTcCols]
+  float* rs = red + (blockDim.x >> 5) * kTcRows * kTcCols;                         // kNorm 2: [kTcRows] row scales
 
   uint4 buf[kDepth][kTcSteps];
   uint2 sbuf[kDepth], zbuf[kDepth];
@@ -282,22 +302,60 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     for (int w = h * warps; w < (h + 1) * warps; ++w) v += red[(w * kTcRows + i / kTcCols) * kTcCols + i % kTcCols];
     return v;
   };
+  // kNorm 2: rs[row] = rsqrt(mean of s^2 + eps) from the producer's tiles (a warp a row, a fixed order), then a sync
+  auto row_scales = [&]() {
+    if constexpr (kNorm == 2) {
+      for (int r = threadIdx.x >> 5; r < m; r += blockDim.x >> 5) {
+        float a = 0.f;
+        for (int j = lane; j < nf.tiles_in; j += 32) a += __ldcg(nf.sq_in + (size_t)r * nf.tiles_in + j);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+        if (lane == 0) rs[r] = rsqrtf(a * nf.inv_n + nf.eps);
+      }
+      __syncthreads();
+    }
+  };
+  auto scaled = [&](float v, int row) {
+    if constexpr (kNorm == 2) return v * rs[row];
+    return v;
+  };
+  // y's value for item i (row i / 32, column nb + i % 32) from the product's sum v; kNorm 1: the residual add and
+  // RMSNorm's numerator, and the block's sum of s^2 for the row (every lane of the warp calls it: i's row is the warp's)
+  auto put = [&](int i, float v) {
+    const int row = i / kTcCols, col = nb + i % kTcCols;
+    v = scaled(v, row);
+    if constexpr (kNorm == 1) {
+      float sq = 0.f;
+      if (col < N) {
+        const float out = __bfloat162float(__float2bfloat16_rn(kBias ? v + __bfloat162float(bias[col]) : v));
+        const __nv_bfloat16 s = __float2bfloat16_rn(out + __bfloat162float(nf.residual[(size_t)row * N + col]));
+        nf.sum[(size_t)row * N + col] = s;
+        const float sf = __bfloat162float(s);
+        y[(size_t)row * N + col] = __float2bfloat16_rn(sf * __bfloat162float(nf.weight[col]));
+        sq = sf * sf;
+      }
+#pragma unroll
+      for (int o = 16; o; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+      if (i % kTcCols == 0) nf.sq[(size_t)row * gridDim.x + blockIdx.x] = sq;
+    } else if (col < N) {
+      y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? v + __bfloat162float(bias[col]) : v);
+    }
+  };
   if constexpr (kPair) {  // y [m, N/2] = up * silu(gate), each rounded to bf16 first (splits == 1)
+    row_scales();
     for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
       const int row = i / kTcCols, col = nb + i % kTcCols;
       if (col >= nh) continue;
-      const float gs = kBias ? sum(i, 0) + __bfloat162float(bias[col]) : sum(i, 0);
-      const float us = kBias ? sum(i, 1) + __bfloat162float(bias[nh + col]) : sum(i, 1);
+      const float gs = kBias ? scaled(sum(i, 0), row) + __bfloat162float(bias[col]) : scaled(sum(i, 0), row);
+      const float us = kBias ? scaled(sum(i, 1), row) + __bfloat162float(bias[nh + col]) : scaled(sum(i, 1), row);
       y[(size_t)row * nh + col] =
           __float2bfloat16_rn(silu_mul_bf16(__float2bfloat16_rn(gs), __float2bfloat16_rn(us)));
     }
     return;
   }
   if (splits == 1) {
-    for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
-      const int row = i / kTcCols, col = nb + i % kTcCols;
-      if (col < N) y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? sum(i) + __bfloat162float(bias[col]) : sum(i));
-    }
+    row_scales();
+    for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) put(i, sum(i));  // (warp-uniform: m * 32 items)
     return;
   }
   for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
@@ -306,51 +364,53 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   }
   if (!last_to_arrive(counters, splits)) return;
   __threadfence();
+  row_scales();
   for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
     const int row = i / kTcCols, col = nb + i % kTcCols;
-    if (col >= N) continue;
     float u = 0.f;
-    for (int s = 0; s < splits; ++s) u += __ldcg(partial + ((size_t)s * m + row) * N + col);
-    y[(size_t)row * N + col] = __float2bfloat16_rn(kBias ? u + __bfloat162float(bias[col]) : u);
+    if (col < N)
+      for (int s = 0; s < splits; ++s) u += __ldcg(partial + ((size_t)s * m + row) * N + col);
+    put(i, u);
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm>
 cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
-                      int warps) {
+                      int warps, const NormFold& nf) {
   const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
                              : 0) +
-                      (size_t)warps * kTcRows * kTcCols * 4;
+                      (size_t)warps * kTcRows * kTcCols * 4 + (kNorm == 2 ? kTcRows * 4 : 0);
   const int cols = kPair ? N / 2 : N;
   PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm>;
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, m);
+                            N, K, k_offset, group_size, chunks_per_split, splits, m, nf);
 }
 
-// The launch for a stage / pair / layout form by zeros, bias and act (act: not at kPair)
-template <bool kStage, bool kPair, bool kTiled>
+// The launch for a stage / pair / layout / norm form by zeros, bias and act (act: not at kPair nor kNorm)
+template <bool kStage, bool kPair, bool kTiled, int kNorm>
 int launch_tc_as(const void* x, const void* qw, const void* scales, const void* zeros, float zero, const void* bias,
                  void* y, float* partial, int* counters, int N, int K, int k_offset, int group_size,
-                 int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps, int act) {
+                 int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m, int warps, int act,
+                 const NormFold& nf) {
   const bool z = zeros != nullptr, b = bias != nullptr;
-  auto f = z ? (b ? launch_tc<true, true, false, kStage, kPair, kTiled>
-                  : launch_tc<true, false, false, kStage, kPair, kTiled>)
-             : (b ? launch_tc<false, true, false, kStage, kPair, kTiled>
-                  : launch_tc<false, false, false, kStage, kPair, kTiled>);
-  if constexpr (!kPair) {
+  auto f = z ? (b ? launch_tc<true, true, false, kStage, kPair, kTiled, kNorm>
+                  : launch_tc<true, false, false, kStage, kPair, kTiled, kNorm>)
+             : (b ? launch_tc<false, true, false, kStage, kPair, kTiled, kNorm>
+                  : launch_tc<false, false, false, kStage, kPair, kTiled, kNorm>);
+  if constexpr (!kPair && kNorm == 0) {
     if (act)
-      f = z ? launch_tc<true, false, true, kStage, false, kTiled>
-            : launch_tc<false, false, true, kStage, false, kTiled>;
+      f = z ? launch_tc<true, false, true, kStage, false, kTiled, 0>
+            : launch_tc<false, false, true, kStage, false, kTiled, 0>;
   }
   return static_cast<int>(f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size,
-                            chunks_per_split, splits, pdl, stream, m, warps));
+                            chunks_per_split, splits, pdl, stream, m, warps, nf));
 }
 
 }  // namespace
@@ -358,19 +418,26 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
 // m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
 // and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
 // activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
-// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). The host (gemv_cuda.plan_tc) keeps the shared
-// memory within what the device allows.
+// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). norm: kNorm's form (0 none, 1 the producer, not at
+// pair; 2 the consumer; unstaged, no act) with its operands at `fold` (a host NormFold, copied into the launch). The
+// host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
-                       int act, int stage, int pair) {
+                       int act, int stage, int pair, int norm, const void* fold) {
   if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   const bool tiled = pdl & kTiled;
   if (pair && (stage || act || splits != 1 || warps % 2 || (N / 2) % 4)) return static_cast<int>(cudaErrorInvalidValue);
-  auto f = pair    ? (tiled ? launch_tc_as<false, true, true> : launch_tc_as<false, true, false>)
-           : stage ? (tiled ? launch_tc_as<true, false, true> : launch_tc_as<true, false, false>)
-                   : (tiled ? launch_tc_as<false, false, true> : launch_tc_as<false, false, false>);
+  if (norm < 0 || norm > 2 || (norm && (stage || act || fold == nullptr || (pair && norm == 1))))
+    return static_cast<int>(cudaErrorInvalidValue);
+  const NormFold nf = norm ? *static_cast<const NormFold*>(fold) : NormFold{};
+  auto f = pair    ? (tiled ? launch_tc_as<false, true, true, 0> : launch_tc_as<false, true, false, 0>)
+           : stage ? (tiled ? launch_tc_as<true, false, true, 0> : launch_tc_as<true, false, false, 0>)
+                   : (tiled ? launch_tc_as<false, false, true, 0> : launch_tc_as<false, false, false, 0>);
+  if (norm == 2 && pair) f = tiled ? launch_tc_as<false, true, true, 2> : launch_tc_as<false, true, false, 2>;
+  if (norm == 2 && !pair) f = tiled ? launch_tc_as<false, false, true, 2> : launch_tc_as<false, false, false, 2>;
+  if (norm == 1) f = tiled ? launch_tc_as<false, false, true, 1> : launch_tc_as<false, false, false, 1>;
   return f(x, qw, scales, zeros, zero, bias, y, partial, counters, N, K, k_offset, group_size, chunks_per_split,
-           splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act);
+           splits, pdl, static_cast<cudaStream_t>(stream), m, warps, act, nf);
 }

@@ -120,7 +120,14 @@ class DecodeKernels:
     the values are the row-major kernels' bit for bit. Served: the 7B Int4 step at batch 1 / 2 / 8 took 1.864 /
     2.022-2.026 / 3.916-3.922 ms with it against 1.911-1.912 / 2.091-2.092 / 3.969-3.970 without (two alternating
     rounds on one H200); 8,192-token prefill 183-187 ms against 181-183 (the same within the noise); GPU tests: the
-    tiled kernels give the row-major bits, and a GPTQ model decodes the same (BENCHMARKS.md, 2026-11-30, ninth)."""
+    tiled kernels give the row-major bits, and a GPTQ model decodes the same (BENCHMARKS.md, 2026-11-30, ninth).
+    norm_fold: with gptq_cuda, gptq_tc and gptq_act_out serving every linear of the layers at a decode step without
+    adapters on one rank, ln_2 and every ln_1 but the first fold into the gptq_tc launches beside them: attn.c_proj
+    and mlp.c_proj add the residual and write rn(s * weight) with each 32-column tile's sum of s² (worker/layers/
+    norm.Deferred), c_attn and gate_up scale their product's rows by rsqrt(mean(s²) + eps) before the bias
+    (gptq_tc.cu's kNorm): 62 RMSNorm launches fewer a 7B step. The normalized row is not rounded to bf16 before the
+    product (rsqrt(...) · ((s * weight) · W) instead of rn(rn(s · rsqrt(...)) * weight) · W): not the unfused values
+    bit for bit; deterministic, so graph == eager bit for bit."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -137,6 +144,7 @@ class DecodeKernels:
     gptq_act_out: bool = False
     attn_cuda: bool = False
     gptq_tiled: bool = False
+    norm_fold: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""

@@ -375,6 +375,11 @@ class LoraRowParallelLinear(_LoraLinear):
         return self.base.reduce(self.lora.apply_partials(lambda: self.base.partial(x), x, parts, data))
 
 
+def unwrapped(linear: nn.Module) -> nn.Module:
+    """The base linear of an adapter-aware wrapper (what it runs without adapter data), else the linear itself."""
+    return linear.base if isinstance(linear, _LoraLinear) else linear
+
+
 def wrap_lora(base: nn.Module, lora: LoraTerm) -> _LoraLinear:
     """The adapter-aware wrapper of a parallel linear."""
     if isinstance(base, RowParallelLinear):

@@ -3,17 +3,33 @@
 Not sharded: every rank holds the whole weight [H]. `forward(x, residual)` returns (RMSNorm(s), s) with
 s = x + residual, so a decoder loop carries the residual stream the same way whichever implementation
 runs: the fused Triton kernel (one launch) or the PyTorch reference, picked at construction.
+
+`Deferred` is RMSNorm folded into the linears beside it (DecodeKernels.norm_fold): the linear before computes the
+residual add and s * weight, the linear after scales its product's rows by rsqrt(mean(s²) + eps).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from worker import ops
 from worker.layers.decode_kernels import DecodeKernels, launched
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """RMSNorm(s) = rsqrt(mean(s²) + eps) · (s * weight) with the row scale left to the next linear
+    (DecodeKernels.norm_fold): x = rn(s * weight) [T, H], `squares` [T, tiles] fp32 the sums of s² over each tile of
+    the row's columns (their sum over a row is the row's), from the producing linear (`_GPTQ.forward_norm`)."""
+
+    x: torch.Tensor
+    squares: torch.Tensor
+    eps: float
+
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, float, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 

@@ -27,6 +27,7 @@ from worker.kernels.gptq_reference import gptq_matmul_reference, group_order
 from worker.layers.decode_kernels import DecodeKernels
 from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLinear
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
+from worker.layers.norm import Deferred, RMSNorm
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
 from worker.quant.gptq_format import default_g_idx, tile_words, tiles, unpack_cols, untile_words
 from worker.weights import WeightError, Weights, shard_range
@@ -232,6 +233,39 @@ class _GPTQ:
         """DecodeKernels.gptq_tc (with gptq_cuda serving): TC_MIN_M to TC_MAX_M rows."""
         return self.decode_kernels.gptq_tc and TC_MIN_M <= m <= TC_MAX_M
 
+    def folds_norm(self, m: int) -> bool:
+        """DecodeKernels.norm_fold: a residual add + RMSNorm beside this linear can fold into its gptq_tc launch at m
+        rows (`forward_norm` before the norm, `forward_scaled` or `forward_silu_mul` after it): gptq_tc serves m rows
+        unstaged, the rows in checkpoint order (no act order) and one rank (the product is the whole sum)."""
+        k = self.decode_kernels
+        if not (k.norm_fold and k.gptq_cuda and self._takes_tc(m)) or TC_STAGE or self.perm is not None:
+            return False
+        return self.gemv is not None and self.pctx.world_size == 1 and self._cuda_gemv_serves(self.scales.dtype)
+
+    def forward_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[Deferred, torch.Tensor]:
+        """(norm(s) deferred, s) for s = forward(x) + residual (`folds_norm`): one gptq_tc launch computes the
+        product, s rounded as the norm's residual add, rn(s * norm.weight) and the squares (gptq_tc.cu's kNorm 1)."""
+        from worker.kernels.gemv_cuda import TC_COLS, cuda_gemv
+
+        m, n = x.shape[0], self.scales.shape[1]
+        sums = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        squares = torch.empty(m, -(-n // TC_COLS), dtype=torch.float32, device=x.device)
+        y = cuda_gemv(
+            x, self.gemv, getattr(self, "bias", None), pdl=self.decode_kernels.pdl, tc=True, stage=False,
+            norm_out=(residual, norm.weight), sums=sums, squares=squares,
+        )  # fmt: skip
+        return Deferred(y, squares, norm.eps), sums
+
+    def forward_scaled(self, x: Deferred) -> torch.Tensor:
+        """forward(RMSNorm's output) from its deferred form (`folds_norm`): the product's rows scaled in gptq_tc's
+        epilogue before the bias (kNorm 2)."""
+        from worker.kernels.gemv_cuda import cuda_gemv
+
+        return cuda_gemv(
+            x.x, self.gemv, getattr(self, "bias", None), pdl=self.decode_kernels.pdl, tc=True, stage=False,
+            row_scale=(x.squares, x.eps),
+        )  # fmt: skip
+
     def _in_group_order(self, x: torch.Tensor) -> torch.Tensor:
         """x's columns in the stored rows' order (act order: x[:, perm]; else x itself)."""
         return x if self.perm is None else x.index_select(1, self.perm)
@@ -244,7 +278,7 @@ class _GPTQ:
             from worker.kernels.gemv_cuda import cuda_gemv
 
             if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
-                tc = dict(tc=True, stage=TC_STAGE) if self._takes_tc(m) else {}
+                tc: dict[str, Any] = dict(tc=True, stage=TC_STAGE) if self._takes_tc(m) else {}
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, **tc)
             if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
@@ -325,18 +359,23 @@ class GPTQColumnParallelLinear(_GPTQ, ColumnParallelLinear):
         # x: [T, in] -> [T, out_per_rank]
         return self._mm(x, self.bias)
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward_silu_mul(self, x: torch.Tensor | Deferred) -> torch.Tensor | None:
         """DecodeKernels.gptq_act_out: for mlp's gate_up (two equal parts, gate then up) at a decode step that gptq_tc
         serves, up * silu(gate) [T, out_per_rank / 2] from its GEMV's epilogue (each half rounded as the GEMV's output,
-        then fused.silu_mul's rounding: the values of forward then the SiLU-mul kernel); None elsewhere."""
-        k, m = self.decode_kernels, x.shape[0]
-        sizes = self.packed_sizes_total
+        then fused.silu_mul's rounding: the values of forward then the SiLU-mul kernel); None elsewhere. x Deferred
+        (norm_fold, where `folds_norm`): each row of the product scaled first (gptq_tc.cu's kNorm 2)."""
+        k, rows = self.decode_kernels, x.x if isinstance(x, Deferred) else x
+        m, sizes = rows.shape[0], self.packed_sizes_total
         if not (k.gptq_act_out and k.gptq_cuda and self._takes_tc(m) and len(sizes) == 2 and sizes[0] == sizes[1]):
             return None
-        if self.gemv is None or not self._cuda_gemv_serves(x.dtype):  # (it serves Int4 only: gemv_cuda.supports)
+        if self.gemv is None or not self._cuda_gemv_serves(rows.dtype):  # (it serves Int4 only: gemv_cuda.supports)
             return None
         from worker.kernels.gemv_cuda import cuda_gemv
 
+        if isinstance(x, Deferred):
+            return cuda_gemv(
+                x.x, self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True, row_scale=(x.squares, x.eps)
+            )
         return cuda_gemv(self._in_group_order(x), self.gemv, self.bias, pdl=k.pdl, tc=True, stage=False, pair=True)
 
 
@@ -398,7 +437,9 @@ class GPTQRowParallelLinear(_GPTQ, RowParallelLinear):
 
         # where gptq_act_out is off (gate_up gives the activation itself where it is on). Two rows: gptq_tc with x
         # staged (each warp recomputing the activation for its chunks was far slower); one: the FMA GEMV's act kernel
-        tc = dict(tc=True, stage=True) if gate_up.shape[0] == 2 or self.tiled else {}  # (FMA GEMVs: row-major words)
+        tc: dict[str, Any] = (
+            dict(tc=True, stage=True) if gate_up.shape[0] == 2 or self.tiled else {}
+        )  # (FMA: row-major)
         return self.reduce(cuda_gemv(gate_up, self.gemv, None, pdl=self.decode_kernels.pdl, act=True, **tc))
 
 

@@ -24,8 +24,9 @@ from worker.layers.decode_kernels import DecodeKernels, apply_decode_kernels
 from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.kv_scales import CheckpointScales, KVScales, backend_kwargs, every_layer, read_checkpoint_scales
 from worker.layers.linear import RowParallelLinear
+from worker.layers.lora import unwrapped
 from worker.layers.medusa import MedusaCheckpoint, MedusaHeads, MedusaSet
-from worker.layers.norm import RMSNorm
+from worker.layers.norm import Deferred, RMSNorm
 from worker.layers.quantized import LinearFactory
 from worker.layers.rotary import Rotary
 from worker.models.loading import checkpoint_settings, layer_progress
@@ -113,8 +114,23 @@ class FlashQwenAttention(nn.Module):
         self, x: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
     ) -> torch.Tensor:
         # x: [T, H]; parts: c_attn's adapter h in partials from the norm (`shrink_pool`), or None
-        T = x.shape[0]
-        if parts is not None:
+        return self.c_proj(self.attend(x, ctx, kv, parts), ctx)
+
+    def forward_norm(
+        self, x: torch.Tensor | Deferred, ctx: ForwardContext, kv: KVLayer | None, norm: RMSNorm, residual: torch.Tensor
+    ) -> tuple[Deferred, torch.Tensor]:
+        """norm(forward(x) + residual) deferred, and the sum (DecodeKernels.norm_fold: FlashQwenModel.folds_norms):
+        c_proj's launch adds the residual; x may be deferred itself (ln_1 folded into the previous block)."""
+        return unwrapped(self.c_proj).forward_norm(self.attend(x, ctx, kv), residual, norm)  # type: ignore[operator]
+
+    def attend(
+        self, x: torch.Tensor | Deferred, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Everything before c_proj: its input [T, heads * head_dim] (x Deferred: norm_fold's c_attn)."""
+        T = x.x.shape[0] if isinstance(x, Deferred) else x.shape[0]
+        if isinstance(x, Deferred):
+            qkv = unwrapped(self.c_attn).forward_scaled(x)  # type: ignore[operator]
+        elif parts is not None:
             qkv = self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
         else:
             qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
@@ -133,7 +149,7 @@ class FlashQwenAttention(nn.Module):
                 self.backend.store(k, v, kv[0], kv[1], ctx.slots, **scales)
         if o is None:
             o = self.backend.attend(q, k, v, k_cache, v_cache, ctx, self.scale, **scales)  # [T, heads, head_dim]
-        return self.c_proj(o.reshape(T, self.num_heads * self.head_dim), ctx)
+        return o.reshape(T, self.num_heads * self.head_dim)
 
 
 class QwenMLP(nn.Module):
@@ -151,6 +167,17 @@ class QwenMLP(nn.Module):
     def load(self, weights: Weights, prefix: str) -> None:
         self.gate_up.load(weights, [f"{prefix}.w2", f"{prefix}.w1"])
         self.c_proj.load(weights, f"{prefix}.c_proj")
+
+    def act_deferred(self, x: Deferred) -> torch.Tensor:
+        """c_proj's input from ln_2's deferred output (DecodeKernels.norm_fold: FlashQwenModel.folds_norms): gate_up's
+        launch scales its rows and gives the activation (gptq_act_out)."""
+        act = unwrapped(self.gate_up).forward_silu_mul(x)  # type: ignore[operator]
+        assert act is not None, "norm_fold needs gate_up's activation in its launch (folds_norms checks it)"
+        return cast(torch.Tensor, act)
+
+    def forward_norm(self, x: Deferred, norm: RMSNorm, residual: torch.Tensor) -> tuple[Deferred, torch.Tensor]:
+        """norm(forward(x) + residual) deferred, and the sum (norm_fold): c_proj's launch adds the residual."""
+        return unwrapped(self.c_proj).forward_norm(self.act_deferred(x), residual, norm)  # type: ignore[operator]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         lora_act = getattr(self.gate_up, "silu_mul", None) if self.act.fused else None
@@ -203,6 +230,25 @@ class FlashQwenLayer(nn.Module):
         normed, h = self.ln_2(self.attn(normed, ctx, kv, parts), block_in)  # h = block_in + attention
         return self.mlp(normed, ctx), h
 
+    def forward_folded(
+        self, x: torch.Tensor | Deferred, residual: torch.Tensor | None, ctx: ForwardContext, kv: KVLayer | None,
+        next_norm: RMSNorm | None,
+    ) -> tuple[torch.Tensor | Deferred, torch.Tensor]:  # fmt: skip
+        """forward with the norms folded into the linears (DecodeKernels.norm_fold: FlashQwenModel.folds_norms):
+        x is ln_1's deferred output (from the previous block) or, first, the embedding; returns next_norm's deferred
+        output (the next block's ln_1) and the residual sum for the next block, or (next_norm None: the last block)
+        forward's (mlp output, h)."""
+        if isinstance(x, Deferred):
+            normed: torch.Tensor | Deferred = x
+            assert residual is not None
+            block_in = residual
+        else:
+            normed, block_in = self.ln_1(x, residual)
+        deferred, h = self.attn.forward_norm(normed, ctx, kv, self.ln_2, block_in)  # h = block_in + attention
+        if next_norm is None:
+            return self.mlp.c_proj(self.mlp.act_deferred(deferred), ctx), h
+        return self.mlp.forward_norm(deferred, next_norm, h)
+
 
 class FlashQwenModel(nn.Module):
     """`transformer`: wte (vocab parallel) → layers → ln_f."""
@@ -221,9 +267,32 @@ class FlashQwenModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: Sequence[KVLayer] | None) -> torch.Tensor:
         x = self.wte(input_ids)  # [T, H]
         residual = None
-        for i, layer in enumerate(self.h):
+        layers = self.layers()
+        if self.folds_norms(ctx, x.shape[0]):  # the norms inside the linears (norm_fold); ln_f a launch of its own
+            y: torch.Tensor | Deferred = x
+            for i, layer in enumerate(layers):
+                kv = kv_cache[i] if kv_cache is not None else None
+                y, residual = layer.forward_folded(
+                    y, residual, ctx, kv, layers[i + 1].ln_1 if i + 1 < len(layers) else None
+                )
+            assert isinstance(y, torch.Tensor)
+            return self.ln_f(y, residual)[0]
+        for i, layer in enumerate(layers):
             x, residual = layer(x, residual, ctx, kv_cache[i] if kv_cache is not None else None)
         return self.ln_f(x, residual)[0]
+
+    def folds_norms(self, ctx: ForwardContext, rows: int) -> bool:
+        """DecodeKernels.norm_fold at this step: a decode step without adapters whose four linears a block (the same in
+        every block) take gptq_tc's folded norms at `rows` rows (`_GPTQ.folds_norm`), gate_up with its activation
+        (gptq_act_out), with the fused kernels (the norms' weights are read by the linears)."""
+        layers = self.layers()
+        if ctx.is_prefill or ctx.adapter_data is not None or not self.ln_f.fused or len(layers) < 2:
+            return False
+        attn, mlp = layers[0].attn, layers[0].mlp
+        linears: list[Any] = [unwrapped(m) for m in (attn.c_attn, attn.c_proj, mlp.gate_up, mlp.c_proj)]
+        if not all(callable(getattr(m, "folds_norm", None)) and m.folds_norm(rows) for m in linears):
+            return False
+        return bool(linears[2].decode_kernels.gptq_act_out)
 
 
 class FlashQwenForCausalLM(nn.Module):
