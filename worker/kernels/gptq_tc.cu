@@ -166,7 +166,20 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
       tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset, group_size,
                               t);
   }
+  // kNorm's operands of this thread's first item (row threadIdx.x / 32; the epilogue's) and, kNorm 2, its warp's row's
+  // first squares, loaded early so the epilogue does not wait on them: the weight (constant) before the wait, the rest
+  // after it
+  const int row0 = threadIdx.x / kTcCols, col0 = nb + threadIdx.x % kTcCols;
+  const bool own0 = kNorm == 1 && row0 < m && col0 < N;
+  float w0 = 0.f, r0 = 0.f, sq0[4] = {0.f, 0.f, 0.f, 0.f};
+  if (own0) w0 = __bfloat162float(nf.weight[col0]);
   gdc_wait();
+  if (own0) r0 = __bfloat162float(nf.residual[(size_t)row0 * N + col0]);
+  if (kNorm == 2 && (int)(threadIdx.x >> 5) < m) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (lane + 32 * q < nf.tiles_in) sq0[q] = __ldcg(nf.sq_in + (size_t)(threadIdx.x >> 5) * nf.tiles_in + lane + 32 * q);
+  }
   if constexpr (kStage) {
     const int len = chunks * kChunk;
     if (kAct) {
@@ -306,8 +319,14 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   auto row_scales = [&]() {
     if constexpr (kNorm == 2) {
       for (int r = threadIdx.x >> 5; r < m; r += blockDim.x >> 5) {
-        float a = 0.f;
-        for (int j = lane; j < nf.tiles_in; j += 32) a += __ldcg(nf.sq_in + (size_t)r * nf.tiles_in + j);
+        float e[4] = {sq0[0], sq0[1], sq0[2], sq0[3]};  // the lane's first four squares: sq0 in this warp's first row
+        if (r != (int)(threadIdx.x >> 5)) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            e[q] = lane + 32 * q < nf.tiles_in ? __ldcg(nf.sq_in + (size_t)r * nf.tiles_in + lane + 32 * q) : 0.f;
+        }
+        float a = (e[0] + e[1]) + (e[2] + e[3]);
+        for (int j = lane + 128; j < nf.tiles_in; j += 32) a += __ldcg(nf.sq_in + (size_t)r * nf.tiles_in + j);
 #pragma unroll
         for (int o = 16; o; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
         if (lane == 0) rs[r] = rsqrtf(a * nf.inv_n + nf.eps);
@@ -327,11 +346,14 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     if constexpr (kNorm == 1) {
       float sq = 0.f;
       if (col < N) {
+        const bool first = i == (int)threadIdx.x;  // w0, r0 hold this item's weight and residual
+        const float res = first ? r0 : __bfloat162float(nf.residual[(size_t)row * N + col]);
+        const float wt = first ? w0 : __bfloat162float(nf.weight[col]);
         const float out = __bfloat162float(__float2bfloat16_rn(kBias ? v + __bfloat162float(bias[col]) : v));
-        const __nv_bfloat16 s = __float2bfloat16_rn(out + __bfloat162float(nf.residual[(size_t)row * N + col]));
+        const __nv_bfloat16 s = __float2bfloat16_rn(out + res);
         nf.sum[(size_t)row * N + col] = s;
         const float sf = __bfloat162float(s);
-        y[(size_t)row * N + col] = __float2bfloat16_rn(sf * __bfloat162float(nf.weight[col]));
+        y[(size_t)row * N + col] = __float2bfloat16_rn(sf * wt);
         sq = sf * sf;
       }
 #pragma unroll
