@@ -1,6 +1,6 @@
 """The served decode kernel choices (issue 17, P1): `serve --decode-kernels` defaults to the set measured faster
 on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda, lora_term_first, lora_norm_shrink, lora_k_lanes,
-gptq_mma, gptq_act, gptq_tc, gptq_act_out, attn_cuda, gptq_tiled), `none` turns them off, a bad name is refused naming it;
+gptq_mma, gptq_act, gptq_tc, gptq_act_out, attn_cuda, gptq_tiled, norm_fold), `none` turns them off, a bad name is refused naming it;
 `where_applies` keeps what changes anything on the shard's device; serve builds the model with them, down to every
 layer and the attention backend (the paged decode's PDL)."""
 
@@ -31,6 +31,7 @@ MEASURED = DecodeKernels(
     gptq_act_out=True,
     attn_cuda=True,
     gptq_tiled=True,
+    norm_fold=True,
 )
 
 
@@ -44,7 +45,7 @@ def test_the_flag_defaults_to_the_measured_set_and_none_turns_it_off():
     assert _parse("--decode-kernels", "act_gemv, pdl") == DecodeKernels(pdl=True, act_gemv=True)
     assert MEASURED.describe() == (
         "pdl,rope_store,lora_pdl,lora_act_shrink,gptq_cuda,lora_term_first,lora_norm_shrink,lora_k_lanes,gptq_mma,"
-        "gptq_act,gptq_tc,gptq_act_out,attn_cuda,gptq_tiled"
+        "gptq_act,gptq_tc,gptq_act_out,attn_cuda,gptq_tiled,norm_fold"
     )
     assert DecodeKernels().describe() == "none"
 

@@ -40,6 +40,7 @@ SERVED = (
     "gptq_act_out",
     "attn_cuda",
     "gptq_tiled",
+    "norm_fold",
 )
 ACT_GEMV_MAX_M = 1  # act_gemv serves decode batches of this many rows at most (measured 6-30x slower at M = 8)
 
@@ -127,7 +128,11 @@ class DecodeKernels:
     norm.Deferred), c_attn and gate_up scale their product's rows by rsqrt(mean(s²) + eps) before the bias
     (gptq_tc.cu's kNorm): 62 RMSNorm launches fewer a 7B step. The normalized row is not rounded to bf16 before the
     product (rsqrt(...) · ((s * weight) · W) instead of rn(rn(s · rsqrt(...)) * weight) · W): not the unfused values
-    bit for bit; deterministic, so graph == eager bit for bit."""
+    bit for bit; within bf16's bound of the float64 reference; deterministic, so graph == eager bit for bit. Served: the
+    7B Int4 step at batch 1 took 1.842-1.853 ms with it against 1.869-1.880 without, at batch 2 1.955-1.973 against
+    2.025-2.030 (three alternating rounds on one H200; batch 8 unchanged: it folds at 1-2 rows); removing the two
+    norms' launches outright (wrong values, timing only) bounds the gain at ~0.11 ms at batch 1 (BENCHMARKS.md,
+    2026-11-30, ninth)."""
 
     pdl: bool = False
     act_gemv: bool = False
