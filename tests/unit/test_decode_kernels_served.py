@@ -1,8 +1,8 @@
 """The served decode kernel choices (issue 17, P1): `serve --decode-kernels` defaults to the set measured faster
 on an H200 (pdl, rope_store, lora_pdl, lora_act_shrink, gptq_cuda, lora_term_first, lora_norm_shrink, lora_k_lanes,
-gptq_mma, gptq_act, gptq_tc, gptq_act_out, attn_cuda, gptq_tiled, norm_fold), `none` turns them off, a bad name is refused naming it;
-`where_applies` keeps what changes anything on the shard's device; serve builds the model with them, down to every
-layer and the attention backend (the paged decode's PDL)."""
+gptq_mma, gptq_act, gptq_tc, gptq_act_out, attn_cuda, gptq_tiled, norm_fold), `none` turns them off, a bad name is
+refused naming it; `where_applies` keeps what changes anything on the shard's device; serve builds the model with
+them, down to every layer and the attention backend (the paged decode's PDL)."""
 
 from __future__ import annotations
 
