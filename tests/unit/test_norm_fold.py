@@ -88,3 +88,37 @@ def test_folds_norms_says_when(tmp_path, monkeypatch):
     assert not t.folds_norms(decode, 3)  # a linear does not fold at 3 rows
     assert not t.folds_norms(SimpleNamespace(is_prefill=True, adapter_data=None), 1)
     assert not t.folds_norms(SimpleNamespace(is_prefill=False, adapter_data=object()), 1)
+
+
+def test_the_fold_arguments_are_checked_naming_the_tensor():
+    """gemv_cuda's kNorm operands (no GPU needed): the producer's residual, weight, sums and squares and the
+    consumer's squares must be contiguous tensors of their shapes and dtypes, else a ValueError names the one."""
+    import pytest
+
+    from worker.kernels.gemv_cuda import _fold_args
+
+    bf = torch.bfloat16
+    M, N, K = 2, 4096, 11008
+    good = dict(
+        norm_out=(torch.zeros(M, N, dtype=bf), torch.ones(N, dtype=bf)),
+        sums=torch.zeros(M, N, dtype=bf),
+        squares=torch.zeros(M, N // 32),
+        row_scale=None,
+    )
+    fold, form = _fold_args(M, N, K, bf, **good)
+    assert form == 1 and fold.sum == good["sums"].data_ptr() and fold.sq == good["squares"].data_ptr()
+    for name, bad in (
+        ("squares", dict(squares=torch.zeros(M, N // 16))),
+        ("residual", dict(norm_out=(torch.zeros(M, N), torch.ones(N, dtype=bf)))),
+        ("weight", dict(norm_out=(torch.zeros(M, N, dtype=bf), torch.ones(N + 1, dtype=bf)))),
+        ("sums", dict(sums=None)),
+        ("sums", dict(sums=torch.zeros(N, M, dtype=bf).t())),
+    ):
+        with pytest.raises(ValueError, match=f"norm_out's {name} must be"):
+            _fold_args(M, N, K, bf, **{**good, **bad})
+    squares = torch.rand(M, 128)
+    fold, form = _fold_args(M, N, K, bf, None, None, None, (squares, 1e-6))
+    assert form == 2 and fold.tiles_in == 128 and fold.inv_n == pytest.approx(1 / K) and fold.eps == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="row_scale's squares must be"):
+        _fold_args(1, N, K, bf, None, None, None, (squares, 1e-6))  # 2 rows of squares for 1 row
+    assert _fold_args(M, N, K, bf, None, None, None, None)[1] == 0

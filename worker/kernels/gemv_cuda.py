@@ -177,6 +177,43 @@ def plan_tc_pair(n: int, k: int, sms: int) -> int:
     return 2
 
 
+def _fold_args(
+    M: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+    norm_out: tuple[torch.Tensor, torch.Tensor] | None,
+    sums: torch.Tensor | None,
+    squares: torch.Tensor | None,
+    row_scale: tuple[torch.Tensor, float] | None,
+) -> tuple[_NormFold, int]:
+    """gptq_tc's NormFold and kNorm form (0: none) for cuda_gemv's norm_out / row_scale, the tensors checked."""
+    fold = _NormFold()
+    want: dict[str, tuple[torch.Tensor | None, tuple[int, ...], torch.dtype]] = {}
+    if norm_out is not None:
+        want = dict(
+            residual=(norm_out[0], (M, N), dtype), weight=(norm_out[1], (N,), dtype), sums=(sums, (M, N), dtype)
+        )
+        want["squares"] = (squares, (M, -(-N // TC_COLS)), torch.float32)
+    elif row_scale is not None:
+        want = dict(squares=(row_scale[0], (M, row_scale[0].shape[-1]), torch.float32))
+    for name, (t, shape, dt) in want.items():
+        if t is None or tuple(t.shape) != shape or t.dtype != dt or not t.is_contiguous():
+            got = "none" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            what = "norm_out" if norm_out is not None else "row_scale"
+            raise ValueError(f"cuda_gemv: {what}'s {name} must be a contiguous {dt} tensor of {shape}, got {got}")
+    if norm_out is not None:
+        assert sums is not None and squares is not None
+        fold.residual, fold.weight = norm_out[0].data_ptr(), norm_out[1].data_ptr()
+        fold.sum, fold.sq = sums.data_ptr(), squares.data_ptr()
+        return fold, 1
+    if row_scale is not None:
+        sq, eps = row_scale
+        fold.sq_in, fold.tiles_in, fold.eps, fold.inv_n = sq.data_ptr(), sq.shape[1], eps, 1.0 / K
+        return fold, 2
+    return fold, 0
+
+
 @functools.cache
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -265,32 +302,7 @@ def cuda_gemv(
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits,
         int(pdl) | (LAUNCH_TILED if w.tiled else 0), stream,
     )  # fmt: skip
-    fold, norm = _NormFold(), 0
-    if norm_out is not None:
-        r, nw = norm_out
-        if (r.shape, nw.shape, sums is None or sums.shape, squares is None or squares.shape) != (
-            (M, N),
-            (N,),
-            (M, N),
-            (M, -(-N // TC_COLS)),
-        ) or {r.dtype, nw.dtype, sums.dtype if sums is not None else None} != {x.dtype}:
-            raise ValueError(
-                f"cuda_gemv: norm_out's residual {tuple(r.shape)} and weight {tuple(nw.shape)}, sums and squares "
-                f"{None if sums is None else tuple(sums.shape)} {None if squares is None else tuple(squares.shape)} "
-                f"for y [{M}, {N}] {x.dtype} (want residual and sums [M, N], weight [N], squares [M, N / 32] fp32)"
-            )
-        assert squares is not None and sums is not None and squares.dtype == torch.float32
-        r, nw = r.contiguous(), nw.contiguous()
-        fold.residual, fold.weight, fold.sum, fold.sq = r.data_ptr(), nw.data_ptr(), sums.data_ptr(), squares.data_ptr()
-        norm = 1
-    elif row_scale is not None:
-        sq, eps = row_scale
-        if sq.dim() != 2 or sq.shape[0] != M or sq.dtype != torch.float32 or not sq.is_contiguous():
-            raise ValueError(
-                f"cuda_gemv: row_scale's squares {tuple(sq.shape)} {sq.dtype} for {M} rows (contiguous fp32)"
-            )
-        fold.sq_in, fold.tiles_in, fold.eps, fold.inv_n = sq.data_ptr(), sq.shape[1], eps, 1.0 / K
-        norm = 2
+    fold, norm = _fold_args(M, N, K, x.dtype, norm_out, sums, squares, row_scale)
     if tc:
         code = lib.gptq_tc(*args, M, tc_warps, int(act), int(stage), int(pair), norm, ctypes.byref(fold))
     elif mma:

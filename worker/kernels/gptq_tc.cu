@@ -176,9 +176,10 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   gdc_wait();
   if (own0) r0 = __bfloat162float(nf.residual[(size_t)row0 * N + col0]);
   if (kNorm == 2 && (int)(threadIdx.x >> 5) < m) {
+    const float* sq_row = nf.sq_in + (size_t)(threadIdx.x >> 5) * nf.tiles_in;
 #pragma unroll
     for (int q = 0; q < 4; ++q)
-      if (lane + 32 * q < nf.tiles_in) sq0[q] = __ldcg(nf.sq_in + (size_t)(threadIdx.x >> 5) * nf.tiles_in + lane + 32 * q);
+      if (lane + 32 * q < nf.tiles_in) sq0[q] = __ldcg(sq_row + lane + 32 * q);
   }
   if constexpr (kStage) {
     const int len = chunks * kChunk;
@@ -339,7 +340,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     return v;
   };
   // y's value for item i (row i / 32, column nb + i % 32) from the product's sum v; kNorm 1: the residual add and
-  // RMSNorm's numerator, and the block's sum of s^2 for the row (every lane of the warp calls it: i's row is the warp's)
+  // RMSNorm's numerator, and the block's sum of s^2 for the row (the whole warp calls it: i's row is the warp's)
   auto put = [&](int i, float v) {
     const int row = i / kTcCols, col = nb + i % kTcCols;
     v = scaled(v, row);
@@ -440,9 +441,9 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
 // m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
 // and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
 // activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
-// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). norm: kNorm's form (0 none, 1 the producer, not at
-// pair; 2 the consumer; unstaged, no act) with its operands at `fold` (a host NormFold, copied into the launch). The
-// host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
+// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). norm: kNorm's form (0 none, 1 the producer, not
+// at pair; 2 the consumer; unstaged, no act) with its operands at `fold` (a host NormFold, copied into the launch).
+// The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
