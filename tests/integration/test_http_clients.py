@@ -268,16 +268,26 @@ def test_malformed_bodies_get_json_errors(front):
 
 
 def test_disconnect_mid_stream_cancels_and_frees_blocks(front, shard_stats):
-    failures = metric(front, 'lorax_request_failure{err="cancelled"}')
+    """A client that leaves mid-stream: its request is cancelled and its KV blocks freed. The tiny model may finish
+    all 240 tokens before a slow client (a loaded CI machine) reads two of them and the metrics; such an attempt
+    proves nothing and is made again, up to 5 times."""
     body = {"inputs": "a small sea", "parameters": {"max_new_tokens": 240, "ignore_eos_token": True}}
-    with httpx.Client() as client, client.stream("POST", f"{front.url}/generate_stream", json=body) as r:
-        lines = (line for line in r.iter_lines() if line.startswith("data:"))
-        assert [json.loads(next(lines)[5:])["token"] for _ in range(2)]
-        assert metric(front, "lorax_kv_blocks_used") > 0
-    deadline = time.time() + 10
-    while metric(front, 'lorax_request_failure{err="cancelled"}') < failures + 1:
-        assert time.time() < deadline, "the disconnect was not noticed"
-        time.sleep(0.05)
+    for _ in range(5):
+        failures = metric(front, 'lorax_request_failure{err="cancelled"}')
+        with httpx.Client() as client, client.stream("POST", f"{front.url}/generate_stream", json=body) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data:"))
+            assert [json.loads(next(lines)[5:])["token"] for _ in range(2)]
+            mid_stream = metric(front, "lorax_requests_in_flight") == 1
+            assert not mid_stream or metric(front, "lorax_kv_blocks_used") > 0
+        if not mid_stream:  # it had already finished: nothing to cancel
+            continue
+        deadline = time.time() + 10
+        while metric(front, 'lorax_request_failure{err="cancelled"}') < failures + 1:
+            assert time.time() < deadline, "the disconnect was not noticed"
+            time.sleep(0.05)
+        break
+    else:
+        pytest.fail("every attempt finished its 240 tokens before the client read two")
     assert metric(front, "lorax_kv_blocks_used") == 0 and metric(front, "lorax_requests_in_flight") == 0
     assert shard_stats()["batches"] == 0
 
