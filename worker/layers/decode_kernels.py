@@ -126,7 +126,7 @@ class DecodeKernels:
     adapters on one rank, ln_2 and every ln_1 but the first fold into the gptq_tc launches beside them: attn.c_proj
     and mlp.c_proj add the residual and write rn(s * weight) with each 32-column tile's sum of s² (worker/layers/
     norm.Deferred), c_attn and gate_up scale their product's rows by rsqrt(mean(s²) + eps) before the bias
-    (gptq_tc.cu's kNorm): 62 RMSNorm launches fewer a 7B step. The normalized row is not rounded to bf16 before the
+    (gptq_tc.cu's kNorm): 63 RMSNorm launches fewer a 7B step. The normalized row is not rounded to bf16 before the
     product (rsqrt(...) · ((s * weight) · W) instead of rn(rn(s · rsqrt(...)) * weight) · W): not the unfused values
     bit for bit; within bf16's bound of the float64 reference; deterministic, so graph == eager bit for bit. Served: the
     7B Int4 step at batch 1 took 1.842-1.853 ms with it against 1.869-1.880 without, at batch 2 1.955-1.973 against
