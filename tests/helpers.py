@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Any
 
 import pytest
@@ -133,3 +134,28 @@ def chunk_request(rid: int, ids: list[int], max_new: int, chunk: int | None = No
     if chunk is not None:
         req.chunk_len = chunk
     return req
+
+
+def decode_requests(lengths: list[int], seq_length: int = 32, block: int = 16, blocks: int = 199, seed: int = 0) -> Any:
+    """A batch for the engine's Runner and GraphedDecode: a request a length n, n random prompt ids in shuffled blocks
+    1 .. blocks - 1 with a slot for one more token, its dynamic-NTK alpha at `seq_length`, nothing cached yet."""
+    from types import SimpleNamespace
+
+    from worker.layers.rotary import ntk_alpha
+
+    free = list(range(1, blocks))
+    random.Random(seed).shuffle(free)
+    reqs = []
+    for n in lengths:
+        owned = [free.pop() for _ in range(-(-(n + 1) // block))]
+        reqs.append(
+            SimpleNamespace(
+                ids=torch.randint(0, 512, (n,)).tolist(),
+                blocks=owned,
+                slots=[owned[p // block] * block + p % block for p in range(n + 1)],
+                ntk_alpha=ntk_alpha(n, seq_length, True),
+                n_cached=0,
+                prefill_logprobs=False,
+            )
+        )
+    return SimpleNamespace(requests=reqs)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
@@ -195,32 +194,22 @@ def test_a_gptq_model_decodes_with_the_norms_folded(tmp_path, batch, monkeypatch
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_the_folded_decode_replays_from_a_graph_bit_for_bit(tmp_path, batch):
+    from helpers import decode_requests
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
-    from worker.layers.rotary import ntk_alpha
 
     model, _ = _model(tmp_path, True)
     c = model.config
     kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
     graphs = GraphedDecode(model, kv, max_batch=4, max_blocks_per_seq=16, scratch_block=199, adapter_pools=False)
-    free = list(range(1, 199))
-    random.Random(0).shuffle(free)
-    reqs = []
-    for n in (3, 40)[:batch]:
-        blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
-        slots = [blocks[p // 16] * 16 + p % 16 for p in range(n + 1)]
-        ids = torch.randint(0, 512, (n,)).tolist()
-        reqs.append(SimpleNamespace(ids=ids, blocks=blocks, slots=slots, ntk_alpha=ntk_alpha(n, 32, True), n_cached=0,
-                                    prefill_logprobs=False))  # fmt: skip
-    batch_ = SimpleNamespace(requests=reqs)
+    step = decode_requests([3, 40][:batch])
     runner = Runner(model, kv, CUDA)
-    runner.forward(batch_, True)
-    for r in reqs:
+    runner.forward(step, True)
+    for r in step.requests:
         r.ids.append(5)
     assert model.transformer.folds_norms(SimpleNamespace(is_prefill=False, adapter_data=None), batch)
-    eager = runner.forward(batch_, False).last
-    for r in reqs:
-        r.n_cached -= 1
-    graphed = graphs.run(batch_, None)
-    assert torch.equal(eager, graphed)
+    eager = runner.forward(step, False).last
+    for r in step.requests:
+        r.n_cached -= 1  # the same decode step again, replayed from the graph
+    assert torch.equal(eager, graphs.run(step, None))
