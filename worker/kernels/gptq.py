@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.gptq_reference import gptq_matmul_reference
-from worker.quant.gptq_format import tiles
+from worker.quant.gptq_format import check_tiles
 
 __all__ = [
     "GemmTiles",
@@ -184,7 +184,8 @@ def _launch(
         raise ValueError(
             f"x has {K} columns for {qweight.shape[0]} words of {32 // bits} rows (block_k {tiles.block_k})"
         )
-    _check_tiled(qweight, bits, tiled)
+    if tiled:
+        check_tiles(qweight, bits)
     x = x.contiguous()
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), tiles.block_k) * tiles.block_k
     split_k = triton.cdiv(K, k_per_split)
@@ -203,12 +204,6 @@ def _launch(
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y.sum(0).to(x.dtype) if planes else y[0]
-
-
-def _check_tiled(qweight: torch.Tensor, bits: int, tiled: bool) -> None:
-    if tiled and (bits != 4 or not tiles(qweight)):
-        raise ValueError(f"tiled words are Int4's [a multiple of 16, a multiple of 32]: bits {bits}, "
-                         f"{tuple(qweight.shape)}")  # fmt: skip
 
 
 def gptq_gemv(
@@ -279,7 +274,8 @@ def gptq_dequantize(
     K, N = qweight.shape[0] * P, qweight.shape[1]
     if block_k % P:
         raise ValueError(f"gptq_dequantize: block_k {block_k} is not a whole number of {P}-row words")
-    _check_tiled(qweight, bits, tiled)
+    if tiled:
+        check_tiles(qweight, bits)
     w = torch.empty(K, N, dtype=dtype, device=qweight.device)
     gs = _group_size_const(g_idx, group_size, k_offset, block_k, block_k)
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, block_n))

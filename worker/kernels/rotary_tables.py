@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from worker import ops
+from worker.kernels.pdl import INTERPRETED  # no libdevice under the interpreter
 
 
 @triton.jit
@@ -106,7 +107,3 @@ def _bits(value: float) -> int:
 
 
 rotary_tables_reference = ops.rotary_tables
-
-
-# kernels are bound to the Triton interpreter (TRITON_INTERPRET=1) or to the GPU when defined
-INTERPRETED = not isinstance(_rotary_tables_kernel, triton.runtime.JITFunction)

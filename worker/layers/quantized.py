@@ -29,7 +29,7 @@ from worker.layers.fp8_linear import FP8ColumnParallelLinear, FP8RowParallelLine
 from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 from worker.layers.norm import Deferred, RMSNorm
 from worker.quant.config import FP8Config, GPTQConfig, QuantConfig
-from worker.quant.gptq_format import default_g_idx, tile_words, tiles, unpack_cols, untile_words
+from worker.quant.gptq_format import check_tiles, default_g_idx, tile_words, tiles, unpack_cols, untile_words
 from worker.weights import WeightError, Weights, shard_range
 
 log = logging.getLogger("worker")
@@ -196,8 +196,8 @@ class _GPTQ:
         they keep the layout their kernels were launched for."""
         if on == self.tiled:
             return
-        if on and (self.quant.bits != 4 or not tiles(self.qweight)):
-            raise ValueError(f"tiled words are Int4's [a multiple of 16, a multiple of 32], not {self.qweight.shape}")
+        if on:
+            check_tiles(self.qweight, self.quant.bits)
         self.qweight.copy_(tile_words(self.qweight) if on else untile_words(self.qweight))
         self.tiled = on
         if self.gemv is not None:

@@ -68,6 +68,15 @@ def tiles(words: torch.Tensor) -> bool:
     return words.dim() == 2 and words.shape[0] % TILE_ROWS == 0 and words.shape[1] % TILE_COLS == 0
 
 
+def check_tiles(words: torch.Tensor, bits: int) -> None:
+    """ValueError unless words [R, N] may be tiled: Int4 (the layout is the Int4 kernels') and `tiles`."""
+    if bits != 4 or not tiles(words):
+        raise ValueError(
+            f"tiled words are Int4's [a multiple of {TILE_ROWS}, a multiple of {TILE_COLS}]: bits {bits}, "
+            f"{tuple(words.shape)}"
+        )
+
+
 def tile_words(words: torch.Tensor) -> torch.Tensor:
     """The CUDA GPTQ kernels' tiled layout of row-major words [R, N] int32 (same shape, `tiles`): word (r, n) moves to
     ((n // 32 · R / 16 + r // 16) · 4 + r % 16 // 4) · 128 + (n % 32 // 4 · 4 + r % 4) · 4 + n % 4, so that 16 rows
