@@ -127,13 +127,13 @@ class FlashQwenAttention(nn.Module):
         self, x: torch.Tensor | Deferred, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Everything before c_proj: its input [T, heads * head_dim] (x Deferred: norm_fold's c_attn)."""
-        T = x.x.shape[0] if isinstance(x, Deferred) else x.shape[0]
         if isinstance(x, Deferred):
             qkv = unwrapped(self.c_attn).forward_scaled(x)  # type: ignore[operator]
         elif parts is not None:
             qkv = self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
         else:
             qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
+        T = qkv.shape[0]
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
         scales = backend_kwargs(self.kv_scales)
@@ -238,10 +238,9 @@ class FlashQwenLayer(nn.Module):
         x is ln_1's deferred output (from the previous block) or, first, the embedding; returns next_norm's deferred
         output (the next block's ln_1) and the residual sum for the next block, or (next_norm None: the last block)
         forward's (mlp output, h)."""
-        if isinstance(x, Deferred):
-            normed: torch.Tensor | Deferred = x
+        if isinstance(x, Deferred):  # ln_1 folded into the previous block: its residual sum comes with it
             assert residual is not None
-            block_in = residual
+            normed, block_in = x, residual
         else:
             normed, block_in = self.ln_1(x, residual)
         deferred, h = self.attn.forward_norm(normed, ctx, kv, self.ln_2, block_in)  # h = block_in + attention
