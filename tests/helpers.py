@@ -159,3 +159,14 @@ def decode_requests(lengths: list[int], seq_length: int = 32, block: int = 16, b
             )
         )
     return SimpleNamespace(requests=reqs)
+
+
+def replayed(fn: Any) -> Any:
+    """fn's output from a CUDA graph of it (the engine's cuda_graphs.capture; fn already compiled: no warm-up run),
+    replayed once and synchronized."""
+    from worker.engine.cuda_graphs import capture
+
+    graph, out = capture(fn, warmup=0)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out

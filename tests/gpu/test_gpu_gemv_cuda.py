@@ -8,10 +8,12 @@ decoding through each close to the Triton path's logits."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from helpers import GPU_TINY
+from helpers import GPU_TINY, replayed
 from paged import Paged
 from random_weights import random_checkpoint
 from worker.distributed import ParallelContext
@@ -103,12 +105,7 @@ def _check(K, N, group, asym, bias, k_offset, M, mma, bits=4, tc=False):
     rounding = (ref.to(torch.bfloat16).float() - ref).abs().max().item()
     assert err <= rounding + 1e-3 * ref.abs().max().item(), (err, rounding)
     assert torch.equal(cuda_gemv(x, w, b, **kw), y)  # deterministic, PDL or not
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        yg = cuda_gemv(x, w, b, pdl=True, **kw)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(yg, y)
+    assert torch.equal(replayed(lambda: cuda_gemv(x, w, b, pdl=True, **kw)), y)
     assert not w.counters.any()  # the split-K counters are reset for the next launch
     if K == 11008 and not tc:
         assert (plan_mma if mma else plan)(N, K, torch.cuda.get_device_properties(CUDA).multi_processor_count, M)[1] > 1
@@ -285,12 +282,7 @@ def test_tc_pair_equals_the_gemv_then_silu_mul(K, N, asym, bias, M):
         want = silu_mul(cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, warps=half, splits=1))
         got = cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, pair=True, warps=2 * half)
         assert got.shape == (M, N // 2) and torch.equal(got, want)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        yg = cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, pair=True, warps=8)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(yg, got)
+    assert torch.equal(replayed(lambda: cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, pair=True, warps=8)), got)
     for bad in (dict(warps=3), dict(stage=True), dict(splits=2)):
         with pytest.raises(ValueError, match="pair"):
             cuda_gemv(x, w, b, tc=True, pair=True, **{"stage": False, **bad})
@@ -341,12 +333,7 @@ def test_tiled_words_give_the_row_major_bits(K, N, asym, bias):
         bb = None if kw.get("act") else b
         want = cuda_gemv(x, w, bb, pdl=True, **kw)
         assert torch.equal(cuda_gemv(x, t, bb, pdl=True, **kw), want), case
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            yg = cuda_gemv(x, t, bb, pdl=True, **kw)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(yg, want), case
+        assert torch.equal(replayed(functools.partial(cuda_gemv, x, t, bb, pdl=True, **kw)), want), case
     with pytest.raises(ValueError, match="tiled"):
         cuda_gemv(torch.zeros(1, K, device=CUDA, dtype=torch.bfloat16), t, b)  # the FMA GEMV
 

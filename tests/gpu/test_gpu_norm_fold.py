@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import GPU_TINY
+from helpers import GPU_TINY, replayed
 from random_weights import random_checkpoint
 from reference import ref_forward
 from worker.distributed import ParallelContext
@@ -39,15 +39,6 @@ def _int4(K: int, N: int, asym: bool, g: torch.Generator):
     scales = (torch.rand(G, N, device=CUDA, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
     g_idx = (torch.arange(K, device=CUDA) // 128).to(torch.int32)
     return gemv_weights(qweight, qzeros, scales, 4, 1, 128, 0), (qweight, qzeros, scales, g_idx)
-
-
-def _replayed(fn):
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return out
 
 
 @pytest.mark.parametrize("M", [1, 2])
@@ -84,7 +75,7 @@ def test_the_producer_adds_the_residual_and_writes_the_squares(K, N, asym, bias,
     padded[:, :N] = s.float() ** 2
     want = padded.view(M, tiles, TC_COLS).sum(-1)
     torch.testing.assert_close(squares, want, rtol=1e-5, atol=0)
-    again = _replayed(folded)
+    again = replayed(folded)
     assert all(torch.equal(a, b) for a, b in zip(again, (y, sums, squares)))
     assert not w.counters.any()
 
@@ -113,7 +104,7 @@ def test_the_consumer_scales_each_row(K, N, asym, bias, M):
     rounding = (ref.to(torch.bfloat16).double() - ref).abs().max().item()
     assert err <= rounding + 1e-3 * ref.abs().max().item(), (err, rounding)
     assert torch.equal(
-        _replayed(lambda: cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, row_scale=(squares, eps))), y
+        replayed(lambda: cuda_gemv(x, w, b, pdl=True, tc=True, stage=False, row_scale=(squares, eps))), y
     )
     with pytest.raises(ValueError, match="row_scale"):
         cuda_gemv(x, w, b, tc=True, stage=True, row_scale=(squares, eps))
