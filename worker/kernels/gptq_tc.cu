@@ -48,6 +48,11 @@
 // ring (cp.async.bulk.prefetch.L2; the step 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B
 // fragments gathered by shuffles, 3-4 chunks in flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36
 // against 2.47 at batch 2; code in git history: 7c8b0f5).
+// kOne (2026-11-30, tenth): at one row x's chunk sums take one all-ones mma a step, row 0's values in B's columns 0 and
+// 1: the step 1.829-1.834 against 1.838-1.844 ms (batch 2, its forms recompiled: 1.934-1.935 against 1.942-1.948). The
+// sums' 8 mma a chunk bound ~0.08 ms of the batch-1 step (all removed, wrong values); tried and slower: one mma a row
+// and chunk over B's 8 columns with two shuffles at the chunk's end (2.06-2.08 against 1.84-1.86: the chain delays the
+// ring's next loads), and kOne's form chosen by a runtime branch instead of the template (1.881-1.883; batch 2 slower).
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -97,20 +102,22 @@ __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, cons
   if (kZeros) z4 = *reinterpret_cast<const uint2*>(zeros + gi);
 }
 
-// x's 8 values of a step for this lane (row g, rows >= m zero): as stored, or (kAct) up * silu(gate) from gate_up
-template <bool kAct>
+// x's 8 values of a step for this lane (row g, rows >= m zero): as stored, or (kAct) up * silu(gate) from gate_up. At
+// one row (kOne) lanes g == 1 take row 0 as well (their column of the product is row 1's, never stored)
+template <bool kAct, bool kOne>
 __device__ __forceinline__ void tc_load_x(uint4* xv, uint4* uv, const __nv_bfloat16* x, int c, int K, int g, int t,
                                           int m) {
+  const int row = g < m ? g : kOne && g == 1 ? 0 : -1;
 #pragma unroll
   for (int s = 0; s < kTcSteps; ++s) {
     xv[s] = uv[s] = make_uint4(0u, 0u, 0u, 0u);
-    if (g < m) {
+    if (row >= 0) {
       const size_t k = (size_t)c * kChunk + 32 * s + 8 * t;
       if (kAct) {
-        xv[s] = *reinterpret_cast<const uint4*>(x + (size_t)g * 2 * K + k);
-        uv[s] = *reinterpret_cast<const uint4*>(x + (size_t)g * 2 * K + K + k);
+        xv[s] = *reinterpret_cast<const uint4*>(x + (size_t)row * 2 * K + k);
+        uv[s] = *reinterpret_cast<const uint4*>(x + (size_t)row * 2 * K + K + k);
       } else {
-        xv[s] = *reinterpret_cast<const uint4*>(x + (size_t)g * K + k);
+        xv[s] = *reinterpret_cast<const uint4*>(x + (size_t)row * K + k);
       }
     }
   }
@@ -127,8 +134,9 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 }
 
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
-// loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm>
+// loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop.
+// kOne (unstaged, one row): those sums by one all-ones mma a step instead of two, row 0's values in two columns of B
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm, bool kOne>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
@@ -213,7 +221,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
 #pragma unroll
     for (int i = 0; i < kDepth; ++i) {
       const int c = c0 + warp + i * warps;
-      if (c < c1) tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, c, K, g, t, m);
+      if (c < c1) tc_load_x<kAct, kOne>(xbuf[i], ubuf[kAct ? i : 0], x, c, K, g, t, m);
     }
   }
   gdc_go();
@@ -236,9 +244,13 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
       }
       const uint32_t b0 = __byte_perm(v.x, v.z, 0x5410), b1 = __byte_perm(v.x, v.z, 0x7632);
       const uint32_t b2 = __byte_perm(v.y, v.w, 0x5410), b3 = __byte_perm(v.y, v.w, 0x7632);
-      if constexpr (!kStage) {  // all-ones A: every row of D is the sum of the step's 32 values of x's rows
-        mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, b0, b1);
-        mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, b2, b3);
+      if constexpr (!kStage) {  // all-ones A: every row of D is the sum of its column's values of x
+        if constexpr (kOne) {  // row 0's values 0 1 4 5 of each lane in column 0, 2 3 6 7 in column 1 (lanes g == 1, row 0's)
+          mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, g == 1 ? b2 : b0, g == 1 ? b3 : b1);
+        } else {  // the step's 32 values of row g in column g
+          mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, b0, b1);
+          mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, b2, b3);
+        }
       }
       const uint32_t w0 = cur[s].x, w1 = cur[s].y, w2 = cur[s].z, w3 = cur[s].w;
       mma_bf16(da, pair_bf16(w0), pair_bf16(w1), pair_bf16(w0 >> 4), pair_bf16(w1 >> 4), b0, b1);
@@ -251,8 +263,8 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     if constexpr (kStage) {
       sx0 = r0 < m ? xsum[r0 * chunks_per_split + (c - c0)] : 0.f;
       sx1 = r0 + 1 < m ? xsum[(r0 + 1) * chunks_per_split + (c - c0)] : 0.f;
-    } else {
-      sx0 = ds[0], sx1 = ds[1];
+    } else {  // lane (g, t) holds D's columns 2t and 2t + 1: at one row, lanes t == 0 the halves of row 0's sum
+      sx0 = kOne ? ds[0] + ds[1] : ds[0], sx1 = kOne ? 0.f : ds[1];
     }
     if (!live) return;  // da: (col 4g, row 2t), (4g, 2t + 1), (4g + 1, 2t), (4g + 1, 2t + 1); db: columns 4g + 2, + 3
     const __nv_bfloat162* sv = reinterpret_cast<const __nv_bfloat162*>(&s4);
@@ -298,7 +310,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
         if (cn < c1) {
           tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
                                   group_size, t);
-          tc_load_x<kAct>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
+          tc_load_x<kAct, kOne>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
         }
       }
     }
@@ -408,7 +420,10 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                       (size_t)warps * kTcRows * kTcCols * 4 + (kNorm == 2 ? kTcRows * 4 : 0);
   const int cols = kPair ? N / 2 : N;
   PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, false>;
+  if constexpr (!kStage) {
+    if (m == 1) kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, true>;
+  }
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
