@@ -91,3 +91,59 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
     diff = (eager.float() - graphed.float()).abs().max().item()
     print(f"graph vs eager decode: max abs diff {diff:.2e}")
     assert diff <= 1e-2
+
+
+def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
+    """Where the CUDA decode attention takes its long forms (paged_decode_cuda.LONG_FORMS; here from 256 tokens),
+    GraphedDecode captures the buckets of 1-2 rows twice and replays the one on the step's side of LONG_CONTEXT: the
+    long graph at a 301-token context, the short one at 101 tokens, each equal bit for bit to the eager decode, which
+    picks the form by the step's longest context (16-block clusters at one long row, 8 at one short row)."""
+    from worker.engine.cuda_graphs import GraphedDecode
+    from worker.engine.kv_cache import KVCache
+    from worker.engine.runner import Runner
+    from worker.kernels import paged_decode_cuda as pdc
+    from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
+
+    monkeypatch.setattr(pdc, "LONG_CONTEXT", 256)
+    forms: list[tuple[int, int]] = []
+    real = pdc.form_for
+
+    def recorded(batch: int, max_k: int = 0) -> tuple[int, int]:
+        forms.append(real(batch, max_k))
+        return forms[-1]
+
+    monkeypatch.setattr(pdc, "form_for", recorded)
+    _, model = gpu_model(tmp_path, torch.bfloat16)
+    apply_decode_kernels(model.transformer, parse_decode_kernels(",".join(SERVED)))
+    c = model.config
+    kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, torch.device("cuda"))
+    graphs = GraphedDecode(model, kv, max_batch=4, max_blocks_per_seq=32, scratch_block=199, adapter_pools=False)
+    keys = [(1, False, False), (1, False, True), (2, False, False), (2, False, True), (4, False, False)]
+    assert sorted(graphs.graphs) == keys
+    assert set(forms) == {(8, 2), (16, 2), (4, 3)}  # the captures: 1 and 2 rows, short and long (4 rows: Triton)
+    runner = Runner(model, kv, torch.device("cuda"))
+    free = list(range(1, 199))
+    random.Random(1).shuffle(free)
+    for n, is_long in ((300, True), (100, False)):
+        blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
+        ids = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        req = SimpleNamespace(
+            ids=ids,
+            blocks=blocks,
+            slots=[blocks[p // 16] * 16 + p % 16 for p in range(n + 1)],
+            ntk_alpha=ntk_alpha(n, 32, True),
+            n_cached=0,
+            prefill_logprobs=False,
+        )
+        batch = SimpleNamespace(requests=[req])
+        runner.forward(batch, True)  # prefill (eager) fills the cache
+        req.ids.append(5)
+        forms.clear()
+        eager = runner.forward(batch, False).last
+        assert forms == [(16, 2) if is_long else (8, 2)] * c.num_hidden_layers
+        req.n_cached -= 1  # the same decode step again, replayed from a graph
+        graphed = graphs.run(batch, None)
+        assert graphed.data_ptr() == graphs.graphs[(1, False, is_long)][1].data_ptr()
+        diff = (eager.float() - graphed.float()).abs().max().item()
+        print(f"context {n + 1}: graph vs eager max abs diff {diff:.2e}")
+        assert torch.equal(eager, graphed)

@@ -88,12 +88,17 @@ def test_early_go_only_for_its_families_at_few_rows():
 
 def test_cuda_decode_attention_forms_by_batch():
     """256 blocks at batch 1 (8-block clusters, 2 chunks in flight) and 2 (4 x 3), each a form paged_decode.cu
-    instantiates; batches past MAX_BATCH (direct calls) take the last."""
+    instantiates; batches past MAX_BATCH (direct calls) take the last. From LONG_CONTEXT tokens (the step's longest
+    context) 512 blocks: 16-block clusters at batch 1, 8 x 2 at batch 2."""
     from worker.kernels import paged_decode_cuda as pdc
 
-    compiled = {(8, 2), (4, 2), (4, 3), (4, 4)}  # paged_decode_bf16's forms
-    assert pdc.MAX_BATCH == 2 and set(pdc.FORMS.values()) <= compiled
+    compiled = {(8, 2), (4, 2), (4, 3), (4, 4), (16, 2)}  # paged_decode_bf16's forms
+    assert pdc.MAX_BATCH == 2 and set(pdc.FORMS.values()) | set(pdc.LONG_FORMS.values()) <= compiled
+    assert set(pdc.LONG_FORMS) == set(pdc.FORMS)
     assert [pdc.form_for(b) for b in (1, 2, 7)] == [(8, 2), (4, 3), (4, 3)]
+    below, at = pdc.LONG_CONTEXT - 1, pdc.LONG_CONTEXT
+    assert [pdc.form_for(b, below) for b in (1, 2)] == [(8, 2), (4, 3)]
+    assert [pdc.form_for(b, at) for b in (1, 2, 7)] == [(16, 2), (8, 2), (8, 2)]
 
 
 def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, caplog):

@@ -46,7 +46,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class GraphedDecode:
-    """Decode steps replayed from CUDA graphs, one per batch-size bucket (and with/without LoRA).
+    """Decode steps replayed from CUDA graphs, one per batch-size bucket (and with/without LoRA; and, where the
+    attention backend's decode takes other forms from some context length on (`long_decode`), the buckets up to its
+    rows twice: a graph for steps below that length, whose Seqlen.max_k stops short of it, and one for the rest).
 
     Rows past the real batch are padding: they write their K/V into a scratch block that no request
     owns and their logits are dropped.
@@ -77,52 +79,56 @@ class GraphedDecode:
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.alpha = torch.ones(n, dtype=torch.float32, device=dev)
         self.adapter_slots = torch.zeros(n, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bs, lora, long)
         # every tensor a graph reads must outlive it: the graph keeps raw pointers, not references
         # (for_decode's row/segment tensors, freed and reused, were read as garbage slot ids at replay)
-        self.inputs: dict[tuple[int, bool], tuple[object, object]] = {}
+        self.inputs: dict[tuple[int, bool, bool], tuple[object, object]] = {}
         self.has_lora = adapter_pools  # also capture the adapter variant of every bucket
         self.pool = torch.cuda.graph_pool_handle()
         backend: Any = model.backend  # the triton backend has num_splits and tiles
-        for lora in [False, True] if adapter_pools else [False]:
-            for bs in reversed(self.sizes):  # largest first: the pool is sized once
-                seqlen = Seqlen(
-                    self.lengths[:bs],
-                    self.cache_lengths[:bs],
-                    self.cu[: bs + 1],
-                    1,
-                    max_blocks_per_seq * kv.block_size,
-                    self.alpha[:bs],
+        longest = max_blocks_per_seq * kv.block_size
+        long = backend.long_decode() if hasattr(backend, "long_decode") else None
+        # (rows, tokens) where graphs of at most `rows` rows are captured for steps below and from `tokens`
+        self.long = long if long is not None and longest >= long[1] else None
+        keys = [
+            (bs, lora, is_long)
+            for lora in ([False, True] if adapter_pools else [False])
+            for bs in reversed(self.sizes)  # largest first: the pool is sized once
+            for is_long in ([False, True] if self.long is not None and bs <= self.long[0] else [False])
+        ]
+        for bs, lora, is_long in keys:
+            # the graph's longest context: below long's tokens where the bucket has a long graph beside it
+            max_k = self.long[1] - 1 if self.long is not None and bs <= self.long[0] and not is_long else longest
+            seqlen = Seqlen(self.lengths[:bs], self.cache_lengths[:bs], self.cu[: bs + 1], 1, max_k, self.alpha[:bs])
+            data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
+            splits = None
+            if hasattr(backend, "num_splits"):  # the backend's split policy at the longest context a graph sees
+                sm = torch.cuda.get_device_properties(dev).multi_processor_count
+                heads = model.config.num_attention_heads // model.pctx.world_size
+                splits = backend.tiles.decode_splits(bs, heads, longest, sm)
+
+            def step(bs: int = bs, seqlen: Seqlen = seqlen, data: AdapterBatchData | None = data) -> torch.Tensor:
+                ctx = ForwardContext.build(
+                    model.rotary,
+                    is_prefill=False,
+                    positions=self.pos[:bs],
+                    seqlen=seqlen,
+                    slots=self.slots[:bs],
+                    block_tables=self.tables[:bs],
+                    adapter_data=data,
                 )
-                data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
-                splits = None
-                if hasattr(backend, "num_splits"):  # the backend's split policy at the longest context a graph sees
-                    sm = torch.cuda.get_device_properties(dev).multi_processor_count
-                    heads = model.config.num_attention_heads // model.pctx.world_size
-                    splits = backend.tiles.decode_splits(bs, heads, max_blocks_per_seq * kv.block_size, sm)
+                return model.forward_context(self.ids[:bs], ctx, kv.layers)
 
-                def step(bs: int = bs, seqlen: Seqlen = seqlen, data: AdapterBatchData | None = data) -> torch.Tensor:
-                    ctx = ForwardContext.build(
-                        model.rotary,
-                        is_prefill=False,
-                        positions=self.pos[:bs],
-                        seqlen=seqlen,
-                        slots=self.slots[:bs],
-                        block_tables=self.tables[:bs],
-                        adapter_data=data,
-                    )
-                    return model.forward_context(self.ids[:bs], ctx, kv.layers)
-
-                old = getattr(backend, "num_splits", None)
+            old = getattr(backend, "num_splits", None)
+            if splits is not None:
+                backend.num_splits = splits
+            self.inputs[(bs, lora, is_long)] = (seqlen, data)
+            try:
+                with torch.inference_mode():
+                    self.graphs[(bs, lora, is_long)] = capture(step, self.pool)
+            finally:
                 if splits is not None:
-                    backend.num_splits = splits
-                self.inputs[(bs, lora)] = (seqlen, data)
-                try:
-                    with torch.inference_mode():
-                        self.graphs[(bs, lora)] = capture(step, self.pool)
-                finally:
-                    if splits is not None:
-                        backend.num_splits = old
+                    backend.num_splits = old
 
     def can_run(self, batch: Batch, ahead: bool = False) -> bool:
         """ahead: for the step after the one whose tokens are being chosen (a position further on)."""
@@ -171,11 +177,13 @@ class GraphedDecode:
         ints[2, n:] = scratch * size
         ints[3, n:] = 1
         alpha = np.ones(bs, dtype=np.float32)
+        most = 0  # the step's longest context
         for i, r in enumerate(reqs):
             tables[i, : len(r.blocks)] = r.blocks
             pos = len(r.ids) - 1 + ahead
             slot = r.slots[pos] if not ahead else slot_at(r.slots, r.blocks, pos, scratch, size)
             ints[:, i] = (r.ids[-1], pos, slot, pos + 1, pos)
+            most = max(most, pos + 1)
             alpha[i] = r.ntk_alpha
         ints_t = torch.from_numpy(ints)
         self.ids[:bs].copy_(ints_t[0], non_blocking=True)
@@ -189,7 +197,8 @@ class GraphedDecode:
         lora = any(slots)
         if lora:
             self.adapter_slots[:bs].copy_(torch.tensor(slots + [0] * (bs - n)), non_blocking=True)
-        return self.graphs[(bs, lora)]  # (bs, True) exists whenever adapters are enabled
+        is_long = self.long is not None and bs <= self.long[0] and most >= self.long[1]
+        return self.graphs[(bs, lora, is_long)]  # (bs, True, ...) exists whenever adapters are enabled
 
 
 def slot_at(slots: list[int], blocks: list[int], pos: int, scratch_block: int, block_size: int) -> int:

@@ -158,7 +158,18 @@ class TritonAttention:
         if rope_serves(q, rope) is not None:
             return None
         lens = ctx.seqlen.input_lengths
-        return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
+        tables, max_k = ctx.block_tables, ctx.seqlen.max_k
+        return paged_decode_cuda(q, k_cache, v_cache, tables, lens, scale, self.pdl, rope, max_k)
+
+    def long_decode(self) -> tuple[int, int] | None:
+        """(rows, tokens): decode steps of at most `rows` rows whose longest context is `tokens` or more take the CUDA
+        kernel's long forms (paged_decode_cuda.LONG_FORMS, picked by the step's max_k), so a graph of those rows
+        serves one side only and the engine captures both (engine/cuda_graphs.py); None without attn_cuda."""
+        if not self.attn_cuda:
+            return None
+        from worker.kernels.paged_decode_cuda import LONG_CONTEXT, MAX_BATCH
+
+        return MAX_BATCH, LONG_CONTEXT
 
     def _cuda_serves(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scaled: bool
