@@ -94,10 +94,10 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
 
 
 def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
-    """Where the CUDA decode attention takes its long forms (paged_decode_cuda.LONG_FORMS; here from 256 tokens),
-    GraphedDecode captures the buckets of 1-2 rows twice and replays the one on the step's side of LONG_CONTEXT: the
-    long graph at a 301-token context, the short one at 101 tokens, each equal bit for bit to the eager decode, which
-    picks the form by the step's longest context (16-block clusters at one long row, 8 at one short row)."""
+    """Steps of 1-2 rows take the CUDA decode attention below paged_decode_cuda.LONG_CONTEXT (here 256 tokens) and
+    the Triton split kernels from there, by the step's longest context; GraphedDecode captures those buckets twice
+    and replays the one on the step's side: the long graph at a 301-token context (the eager step launched no CUDA
+    attention), the short one at 101 tokens (one a layer), each equal bit for bit to the eager decode."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
     from worker.engine.runner import Runner
@@ -105,14 +105,14 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
     from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
 
     monkeypatch.setattr(pdc, "LONG_CONTEXT", 256)
-    forms: list[tuple[int, int]] = []
-    real = pdc.form_for
+    calls: list[int] = []
+    real = pdc.paged_decode_cuda
 
-    def recorded(batch: int, max_k: int = 0) -> tuple[int, int]:
-        forms.append(real(batch, max_k))
-        return forms[-1]
+    def counted(*a, **k) -> torch.Tensor:
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
 
-    monkeypatch.setattr(pdc, "form_for", recorded)
+    monkeypatch.setattr(pdc, "paged_decode_cuda", counted)
     _, model = gpu_model(tmp_path, torch.bfloat16)
     apply_decode_kernels(model.transformer, parse_decode_kernels(",".join(SERVED)))
     c = model.config
@@ -120,7 +120,6 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
     graphs = GraphedDecode(model, kv, max_batch=4, max_blocks_per_seq=32, scratch_block=199, adapter_pools=False)
     keys = [(1, False, False), (1, False, True), (2, False, False), (2, False, True), (4, False, False)]
     assert sorted(graphs.graphs) == keys
-    assert set(forms) == {(8, 2), (16, 2), (4, 3)}  # the captures: 1 and 2 rows, short and long (4 rows: Triton)
     runner = Runner(model, kv, torch.device("cuda"))
     free = list(range(1, 199))
     random.Random(1).shuffle(free)
@@ -138,9 +137,9 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
         batch = SimpleNamespace(requests=[req])
         runner.forward(batch, True)  # prefill (eager) fills the cache
         req.ids.append(5)
-        forms.clear()
+        calls.clear()
         eager = runner.forward(batch, False).last
-        assert forms == [(16, 2) if is_long else (8, 2)] * c.num_hidden_layers
+        assert calls == ([] if is_long else [1] * c.num_hidden_layers)
         req.n_cached -= 1  # the same decode step again, replayed from a graph
         graphed = graphs.run(batch, None)
         assert graphed.data_ptr() == graphs.graphs[(1, False, is_long)][1].data_ptr()

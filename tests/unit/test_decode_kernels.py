@@ -88,17 +88,12 @@ def test_early_go_only_for_its_families_at_few_rows():
 
 def test_cuda_decode_attention_forms_by_batch():
     """256 blocks at batch 1 (8-block clusters, 2 chunks in flight) and 2 (4 x 3), each a form paged_decode.cu
-    instantiates; batches past MAX_BATCH (direct calls) take the last. From LONG_CONTEXT tokens (the step's longest
-    context) 512 blocks: 16-block clusters at batch 1, 8 x 2 at batch 2."""
+    instantiates; batches past MAX_BATCH (direct calls) take the last."""
     from worker.kernels import paged_decode_cuda as pdc
 
-    compiled = {(8, 2), (4, 2), (4, 3), (4, 4), (16, 2)}  # paged_decode_bf16's forms
-    assert pdc.MAX_BATCH == 2 and set(pdc.FORMS.values()) | set(pdc.LONG_FORMS.values()) <= compiled
-    assert set(pdc.LONG_FORMS) == set(pdc.FORMS)
+    compiled = {(8, 2), (4, 2), (4, 3), (4, 4)}  # paged_decode_bf16's forms
+    assert pdc.MAX_BATCH == 2 and set(pdc.FORMS.values()) <= compiled
     assert [pdc.form_for(b) for b in (1, 2, 7)] == [(8, 2), (4, 3), (4, 3)]
-    below, at = pdc.LONG_CONTEXT - 1, pdc.LONG_CONTEXT
-    assert [pdc.form_for(b, below) for b in (1, 2)] == [(8, 2), (4, 3)]
-    assert [pdc.form_for(b, at) for b in (1, 2, 7)] == [(16, 2), (8, 2), (8, 2)]
 
 
 def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, caplog):
@@ -132,7 +127,9 @@ def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, ca
     monkeypatch.setattr(pdc, "supports", lambda *a: None)
     monkeypatch.setattr(pdc, "library", lambda major, minor: "no nvcc (set CUDA_HOME)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    ctx = SimpleNamespace(block_tables=tables, seqlen=SimpleNamespace(input_lengths=lens))
+    ctx = SimpleNamespace(block_tables=tables, seqlen=SimpleNamespace(input_lengths=lens, max_k=pdc.LONG_CONTEXT))
+    assert not be._cuda_serves(q, cache, cache, ctx, False) and be.attn_cuda  # a long context: the Triton kernels
+    ctx.seqlen.max_k = pdc.LONG_CONTEXT - 1
     assert not be._cuda_serves(torch.zeros(3, 2, 128), cache, cache, ctx, False) and be.attn_cuda  # 3 > MAX_BATCH
     with caplog.at_level("WARNING"):
         assert not be._cuda_serves(q, cache, cache, ctx, False)

@@ -5,8 +5,7 @@
 // Why: at batch 1 the Triton kernel ended ~8.5 us after RoPE + store on the H200 (7B, 512 tokens) for ~2 us of KV
 // bytes, however early it launched: after its PDL wait came the table, K and V loads of its second tile, the partials'
 // stores, an atomic arrival and the merge's loads, each a trip to memory. Here
-// - a thread block cluster of kSplits blocks (8 at batch 1, 4 at batch 2: paged_decode_cuda.FORMS; 16 and 8 for
-//   contexts from paged_decode_cuda.LONG_CONTEXT, graphs of their own: LONG_FORMS) owns one
+// - a thread block cluster of kSplits blocks (8 at batch 1, 4 at batch 2: paged_decode_cuda.FORMS) owns one
 //   (sequence, head); block s of it the s-th share of the context's 32-key chunks;
 // - before griddepcontrol.wait each block reads its context length, its block-table entries and the K and V rows of
 //   its first kDepth chunks (at 8 x 2, all of a 512-token context), except the newest position's: in a decode step
@@ -165,8 +164,7 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
 
 // kRope: q, k, v are the step's raw rows; RoPE (and logn for q) here, and the newest k and v stored into the cache by
 // the warp that holds that position (it reads the row back later in program order where a later chunk holds it)
-// kSplits: blocks a cluster (the context's shares; 8 is the portable cluster size, 16 a non-portable one for long
-// contexts at batch 1: paged_decode_cuda.LONG_FORMS); kDepth: chunks in flight a block
+// kSplits: blocks a cluster (the context's shares; 8 is the portable cluster size); kDepth: chunks in flight a block
 // (read before the wait: kDepth x 32 keys of each share)
 template <bool kRope, int kSplits, int kDepth>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
@@ -288,7 +286,7 @@ extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* 
   if (k != nullptr && (v == nullptr || cos == nullptr || sin == nullptr || slots == nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   const int form = splits == 8 && depth == 2 ? 0 : splits == 4 && depth == 2 ? 1 : splits == 4 && depth == 3 ? 2
-                 : splits == 4 && depth == 4 ? 3 : splits == 16 && depth == 2 ? 4 : -1;
+                 : splits == 4 && depth == 4 ? 3 : -1;
   if (form < 0) return static_cast<int>(cudaErrorInvalidValue);
   if (B == 0) return static_cast<int>(cudaSuccess);
   cudaLaunchConfig_t config = {};
@@ -311,16 +309,12 @@ extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* 
   using Kernel = void (*)(const __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, const int*, const int*,
                           __nv_bfloat16*, float, int, int, long long, long long, long long, int, int, int, int,
                           RopeArgs);
-  const Kernel forms[2][5] = {
+  const Kernel forms[2][4] = {
       {paged_decode_kernel<false, 8, 2>, paged_decode_kernel<false, 4, 2>, paged_decode_kernel<false, 4, 3>,
-       paged_decode_kernel<false, 4, 4>, paged_decode_kernel<false, 16, 2>},
+       paged_decode_kernel<false, 4, 4>},
       {paged_decode_kernel<true, 8, 2>, paged_decode_kernel<true, 4, 2>, paged_decode_kernel<true, 4, 3>,
-       paged_decode_kernel<true, 4, 4>, paged_decode_kernel<true, 16, 2>}};
+       paged_decode_kernel<true, 4, 4>}};
   const Kernel kernel = forms[k != nullptr][form];
-  if (splits > 8) {  // past the portable cluster size (16: the H100 / H200 allow it on request)
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
   return static_cast<int>(cudaLaunchKernelEx(
       &config, kernel, static_cast<const __nv_bfloat16*>(q), static_cast<__nv_bfloat16*>(kc),
       static_cast<__nv_bfloat16*>(vc), static_cast<const int*>(tables), static_cast<const int*>(lens),

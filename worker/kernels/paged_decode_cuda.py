@@ -1,6 +1,6 @@
 """The CUDA paged decode attention (worker/kernels/paged_decode.cu; DecodeKernels.attn_cuda, issue 16 P9): bf16
 caches, head_dim 128, unscaled; one thread block cluster a (sequence, head) of 8 blocks at batch 1 and 4 at batch 2
-(`FORMS`; 16 and 8 from LONG_CONTEXT tokens), the first 64 or 96 keys of each block's share read before the PDL wait;
+(`FORMS`), below LONG_CONTEXT tokens, the first 64 or 96 keys of each block's share read before the PDL wait;
 optionally (`Rope`) RoPE and the new rows' store inside. Built on first use with nvcc (worker/kernels/cuda_build.py)
 into its own library; where nvcc is missing or the build fails, `library` says why and the backend keeps the Triton
 kernels.
@@ -30,19 +30,19 @@ HEAD_DIM = 128
 # decode batches of at most MAX_BATCH (at 8, 8 x 2 measured 4.26 against 4.08 ms with the Triton kernels).
 FORMS = {1: (8, 2), 2: (4, 3)}
 MAX_BATCH = max(FORMS)
-# Steps whose longest context is LONG_CONTEXT tokens or more take LONG_FORMS: more blocks a (sequence, head), each
-# over a shorter share (16-block clusters are non-portable; the H100 / H200 allow them). A graph serves every context
-# up to its own longest, so the engine captures the batches of at most MAX_BATCH twice where contexts can reach it
-# (engine/cuda_graphs.py). On the H200 (7B Int4 step, BENCHMARKS.md, 2026-11-30, tenth): see LONG_CONTEXT's rows there.
-LONG_FORMS = {1: (16, 2), 2: (8, 2)}
+# The backend takes the kernel at steps whose longest context is below LONG_CONTEXT tokens: its forms are sized for
+# short contexts, and from 4,096 tokens the Triton split kernels (splits sized to the context) were faster at 1-2 rows
+# on the H200 (7B step, BENCHMARKS.md, 2026-11-30, tenth): bf16 batch 1 4.92 / 5.50 / 8.94 ms at 4k / 8k / 32k against
+# 5.14 / 6.15 / 12.05, batch 2 5.28 / 6.22 / 11.97 against 5.85 / 7.50 / 17.37 (16-block clusters at batch 1 and 8 x 2
+# at batch 2 in between: 4.97 / 5.74 / 10.19 and 5.88 / 7.48 / 16.98). A graph serves every context up to its own
+# longest, so the engine captures the batches of at most MAX_BATCH twice where contexts can reach it
+# (engine/cuda_graphs.py).
 LONG_CONTEXT = 4096
 
 
-def form_for(batch: int, max_k: int = 0) -> tuple[int, int]:
-    """(splits, depth) of the kernel at this batch (one of the .cu's forms) for a step whose longest context is
-    max_k tokens."""
-    forms = LONG_FORMS if max_k >= LONG_CONTEXT else FORMS
-    return forms.get(batch, forms[MAX_BATCH])
+def form_for(batch: int) -> tuple[int, int]:
+    """(splits, depth) of the kernel at this batch (one of the .cu's forms)."""
+    return FORMS.get(batch, FORMS[MAX_BATCH])
 
 
 @functools.cache
@@ -139,12 +139,10 @@ def paged_decode_cuda(
     scale: float,
     pdl: bool = False,
     rope: Rope | None = None,
-    max_k: int = 0,
 ) -> torch.Tensor:
     """paged_decode (worker/kernels/paged_decode.py) for what `supports` accepts: q [B, H, 128] bf16, caches
     [blocks, block_size, H, 128] bf16 of one layout, block_tables [B, width] int32, context_lens [B] int32 (0: a
-    padding row, output 0). pdl: launched with programmatic dependent launch. max_k: the longest context the call
-    (or the graph it is captured in) serves, which picks the form (`form_for`). Returns [B, H, 128] bf16.
+    padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16.
     rope (`rope_serves`): q and rope's k, v are the step's raw rows; the kernel rotates q (times logn) and k as
     fused.rotary_ does, and stores k and v into their slots as rope_store would (the cache bit for bit the same), so
     neither RoPE + store nor the store runs before it. The block holding the newest position stores it: a row of
@@ -163,7 +161,7 @@ def paged_decode_cuda(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
-        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), *form_for(B, max_k),
+        torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), *form_for(B),
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"paged_decode_cuda: {lib.paged_decode_error(code).decode()}")

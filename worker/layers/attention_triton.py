@@ -158,13 +158,13 @@ class TritonAttention:
         if rope_serves(q, rope) is not None:
             return None
         lens = ctx.seqlen.input_lengths
-        tables, max_k = ctx.block_tables, ctx.seqlen.max_k
-        return paged_decode_cuda(q, k_cache, v_cache, tables, lens, scale, self.pdl, rope, max_k)
+        return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
 
     def long_decode(self) -> tuple[int, int] | None:
-        """(rows, tokens): decode steps of at most `rows` rows whose longest context is `tokens` or more take the CUDA
-        kernel's long forms (paged_decode_cuda.LONG_FORMS, picked by the step's max_k), so a graph of those rows
-        serves one side only and the engine captures both (engine/cuda_graphs.py); None without attn_cuda."""
+        """(rows, tokens): decode steps of at most `rows` rows take the CUDA kernel below a longest context of `tokens`
+        and the Triton split kernels from there (paged_decode_cuda.LONG_CONTEXT, by the step's max_k), so a graph of
+        those rows serves one side only and the engine captures both (engine/cuda_graphs.py); None without
+        attn_cuda."""
         if not self.attn_cuda:
             return None
         from worker.kernels.paged_decode_cuda import LONG_CONTEXT, MAX_BATCH
@@ -175,11 +175,13 @@ class TritonAttention:
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scaled: bool
     ) -> bool:
         """Whether the CUDA decode kernel serves this call; where it does not build, says why once and stops asking."""
-        from worker.kernels.paged_decode_cuda import MAX_BATCH, library, supports
+        from worker.kernels.paged_decode_cuda import LONG_CONTEXT, MAX_BATCH, library, supports
 
         assert ctx.block_tables is not None
         tables, lens = ctx.block_tables, ctx.seqlen.input_lengths
-        if q.shape[0] > MAX_BATCH or supports(q, k_cache, v_cache, tables, lens, scaled) is not None:
+        if q.shape[0] > MAX_BATCH or ctx.seqlen.max_k >= LONG_CONTEXT:
+            return False
+        if supports(q, k_cache, v_cache, tables, lens, scaled) is not None:
             return False
         lib = library(*torch.cuda.get_device_capability(q.device))
         if isinstance(lib, str):
