@@ -87,18 +87,18 @@ class GraphedDecode:
         self.pool = torch.cuda.graph_pool_handle()
         backend: Any = model.backend  # the triton backend has num_splits and tiles
         longest = max_blocks_per_seq * kv.block_size
-        long = backend.long_decode() if hasattr(backend, "long_decode") else None
-        # (rows, tokens) where graphs of at most `rows` rows are captured for steps below and from `tokens`
-        self.long = long if long is not None and longest >= long[1] else None
+        long: tuple[int, int] | None = backend.long_decode() if hasattr(backend, "long_decode") else None
+        # buckets of at most long_rows rows have a graph for steps below long_tokens and one for the rest (0: none)
+        self.long_rows, self.long_tokens = long if long is not None and longest >= long[1] else (0, 0)
         keys = [
             (bs, lora, is_long)
             for lora in ([False, True] if adapter_pools else [False])
             for bs in reversed(self.sizes)  # largest first: the pool is sized once
-            for is_long in ([False, True] if self.long is not None and bs <= self.long[0] else [False])
+            for is_long in ([False, True] if bs <= self.long_rows else [False])
         ]
         for bs, lora, is_long in keys:
-            # the graph's longest context: below long's tokens where the bucket has a long graph beside it
-            max_k = self.long[1] - 1 if self.long is not None and bs <= self.long[0] and not is_long else longest
+            # the graph's longest context: below long_tokens where the bucket has a long graph beside it
+            max_k = self.long_tokens - 1 if bs <= self.long_rows and not is_long else longest
             seqlen = Seqlen(self.lengths[:bs], self.cache_lengths[:bs], self.cu[: bs + 1], 1, max_k, self.alpha[:bs])
             data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
             splits = None
@@ -197,7 +197,7 @@ class GraphedDecode:
         lora = any(slots)
         if lora:
             self.adapter_slots[:bs].copy_(torch.tensor(slots + [0] * (bs - n)), non_blocking=True)
-        is_long = self.long is not None and bs <= self.long[0] and most >= self.long[1]
+        is_long = bs <= self.long_rows and most >= self.long_tokens
         return self.graphs[(bs, lora, is_long)]  # (bs, True, ...) exists whenever adapters are enabled
 
 
