@@ -168,7 +168,8 @@ def test_a_fed_launch_refuses_inputs_refilled_after_its_prepare():
     for name in ("ids", "pos", "slots", "lengths", "cache_lengths", "adapter_slots"):
         setattr(g, name, torch.zeros(2, dtype=torch.int64))
     g.alpha, g.tables = torch.zeros(2), torch.zeros(2, 4, dtype=torch.int32)
-    g.graphs = {(2, False): (SimpleNamespace(replay=lambda: replays.append(int(g.slots[0]))), torch.zeros(2, 3))}
+    g.long_rows = g.long_tokens = 0
+    g.graphs = {(2, False, False): (SimpleNamespace(replay=lambda: replays.append(int(g.slots[0]))), torch.zeros(2, 3))}
 
     def batch(block: int) -> SimpleNamespace:
         req = SimpleNamespace(
@@ -184,3 +185,41 @@ def test_a_fed_launch_refuses_inputs_refilled_after_its_prepare():
     with pytest.raises(RuntimeError, match="refilled between prepare_ahead and its launch"):
         launch(torch.tensor([7]))
     assert replays == [6, 13]  # only the other batch's own replay ran
+
+
+def test_decode_graphs_replay_the_side_of_the_step_s_longest_context():
+    """Where the attention's decode changes kernels at a context length (GraphedDecode.long_rows / long_tokens, from
+    the backend's long_decode), the buckets up to long_rows rows hold two graphs: a step whose longest context
+    (position + 1, one further for a step prepared ahead) reaches long_tokens replays the long one, any other the
+    short one; buckets past long_rows have only the short one."""
+    from worker.engine.cuda_graphs import GraphedDecode
+
+    g = object.__new__(GraphedDecode)  # the CPU has no graphs: the static buffers and fake graphs
+    replayed: list[tuple[int, bool]] = []
+    g.sizes, g.max_blocks, g.scratch_block, g.fills = [1, 2, 4], 8, 9, 0
+    g.kv = SimpleNamespace(block_size=4)
+    for name in ("ids", "pos", "slots", "lengths", "cache_lengths", "adapter_slots"):
+        setattr(g, name, torch.zeros(4, dtype=torch.int64))
+    g.alpha, g.tables = torch.zeros(4), torch.zeros(4, 8, dtype=torch.int32)
+    g.long_rows, g.long_tokens = 2, 8
+
+    def graph(bs: int, is_long: bool) -> tuple[SimpleNamespace, torch.Tensor]:
+        return SimpleNamespace(replay=lambda: replayed.append((bs, is_long))), torch.zeros(bs, 3)
+
+    keys = ((1, False), (1, True), (2, False), (2, True), (4, False))
+    g.graphs = {(bs, False, is_long): graph(bs, is_long) for bs, is_long in keys}
+
+    def batch(*lengths: int) -> SimpleNamespace:
+        reqs = [
+            SimpleNamespace(ids=[5] * n, blocks=[1, 2, 3], slots=list(range(4, 16)), ntk_alpha=1.0, n_cached=0)
+            for n in lengths
+        ]
+        return SimpleNamespace(requests=reqs)
+
+    g.run(batch(7), None)  # context 7: below 8
+    g.run(batch(8), None)  # context 8
+    g.run(batch(3, 9), None)  # the longest decides for the step
+    g.run(batch(3, 7), None)
+    g.run(batch(3, 9, 2), None)  # 3 rows: the 4-row bucket, one graph
+    g.prepare_ahead(batch(7), None)(torch.tensor([1]))  # ahead: position 7, context 8
+    assert replayed == [(1, False), (1, True), (2, True), (2, False), (4, False), (1, True)]
