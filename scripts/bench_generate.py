@@ -72,8 +72,7 @@ def bench_generate(
     gen_s = generate()
     prefill_t = cuda_time(prefill, iters=3, warmup=1)
     graphs.run(batch, adapter_slots)
-    bucket = next(s for s in graphs.sizes if s >= n)
-    step_t = cuda_time(graphs.graphs[(bucket, True)][0].replay, iters=30)
+    step_t = cuda_time(graphs.graphs[graphs.last_key][0].replay, iters=30)
     return dict(
         batch=n,
         prompt=L,

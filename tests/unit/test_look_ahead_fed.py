@@ -218,6 +218,7 @@ def test_decode_graphs_replay_the_side_of_the_step_s_longest_context():
 
     g.run(batch(7), None)  # context 7: below 8
     g.run(batch(8), None)  # context 8
+    assert g.last_key == (1, False, True)  # what the benchmarks replay
     g.run(batch(3, 9), None)  # the longest decides for the step
     g.run(batch(3, 7), None)
     g.run(batch(3, 9, 2), None)  # 3 rows: the 4-row bucket, one graph

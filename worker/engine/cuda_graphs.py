@@ -197,8 +197,8 @@ class GraphedDecode:
         lora = any(slots)
         if lora:
             self.adapter_slots[:bs].copy_(torch.tensor(slots + [0] * (bs - n)), non_blocking=True)
-        is_long = bs <= self.long_rows and most >= self.long_tokens
-        return self.graphs[(bs, lora, is_long)]  # (bs, True, ...) exists whenever adapters are enabled
+        self.last_key = (bs, lora, bs <= self.long_rows and most >= self.long_tokens)  # for benchmarks to replay
+        return self.graphs[self.last_key]  # (bs, True, ...) exists whenever adapters are enabled
 
 
 def slot_at(slots: list[int], blocks: list[int], pos: int, scratch_block: int, block_size: int) -> int:
