@@ -96,6 +96,22 @@ def test_cuda_decode_attention_forms_by_batch():
     assert [pdc.form_for(b) for b in (1, 2, 7)] == [(8, 2), (4, 3), (4, 3)]
 
 
+def test_long_context_graphs_only_where_the_cuda_decode_attention_serves():
+    """TritonAttention.long_decode, which makes GraphedDecode capture the 1-2 row buckets twice: (MAX_BATCH,
+    LONG_CONTEXT) with attn_cuda over a bf16 cache of head_dim 128; None (one graph a bucket) with attn_cuda off, an
+    fp8 or fp16 cache, or another head size, where the Triton kernels serve every context anyway."""
+    from worker.kernels import paged_decode_cuda as pdc
+    from worker.layers.attention_triton import TritonAttention
+
+    be = TritonAttention()
+    be.attn_cuda = True
+    assert be.long_decode(torch.bfloat16, 128) == (pdc.MAX_BATCH, pdc.LONG_CONTEXT) == (2, 4096)
+    assert be.long_decode(torch.float8_e4m3fn, 128) is None and be.long_decode(torch.float16, 128) is None
+    assert be.long_decode(torch.bfloat16, 64) is None
+    be.attn_cuda = False
+    assert be.long_decode(torch.bfloat16, 128) is None
+
+
 def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, caplog):
     """attn_cuda: off the GPU, above MAX_BATCH sequences, over fp8 / scaled caches, other head sizes, caches of
     fewer heads (GQA), misaligned rows, other table dtypes, and RoPE it cannot apply, the backend keeps the Triton

@@ -87,7 +87,9 @@ class GraphedDecode:
         self.pool = torch.cuda.graph_pool_handle()
         backend: Any = model.backend  # the triton backend has num_splits and tiles
         longest = max_blocks_per_seq * kv.block_size
-        long: tuple[int, int] | None = backend.long_decode() if hasattr(backend, "long_decode") else None
+        long: tuple[int, int] | None = None
+        if hasattr(backend, "long_decode"):
+            long = backend.long_decode(kv.dtype, kv.head_dim)
         # buckets of at most long_rows rows have a graph for steps below long_tokens and one for the rest (0: none)
         self.long_rows, self.long_tokens = long if long is not None and longest >= long[1] else (0, 0)
         keys = [

@@ -160,14 +160,15 @@ class TritonAttention:
         lens = ctx.seqlen.input_lengths
         return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
 
-    def long_decode(self) -> tuple[int, int] | None:
+    def long_decode(self, cache_dtype: torch.dtype, head_dim: int) -> tuple[int, int] | None:
         """(rows, tokens): decode steps of at most `rows` rows take the CUDA kernel below a longest context of `tokens`
         and the Triton split kernels from there (paged_decode_cuda.LONG_CONTEXT, by the step's max_k), so a graph of
-        those rows serves one side only and the engine captures both (engine/cuda_graphs.py); None without
-        attn_cuda."""
-        if not self.attn_cuda:
+        those rows serves one side only and the engine captures both (engine/cuda_graphs.py); None where the kernel
+        does not serve a cache of this dtype and head size (bf16, 128) or attn_cuda is off: one graph a bucket."""
+        from worker.kernels.paged_decode_cuda import HEAD_DIM, LONG_CONTEXT, MAX_BATCH
+
+        if not self.attn_cuda or cache_dtype != torch.bfloat16 or head_dim != HEAD_DIM:
             return None
-        from worker.kernels.paged_decode_cuda import LONG_CONTEXT, MAX_BATCH
 
         return MAX_BATCH, LONG_CONTEXT
 
