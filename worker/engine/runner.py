@@ -92,10 +92,16 @@ def capture_decode(
         adapter_pools=adapters is not None,
     )
     log.info(
-        "CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB",
+        "CUDA graphs: %d decode buckets captured in %.1fs, %.0f MiB%s",
         len(graphs.graphs),
         time.time() - t0,
         (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20,
+        (
+            f" (up to {graphs.long_rows} rows twice: the CUDA decode attention below {graphs.long_tokens}-token "
+            "contexts, the Triton split kernels from there)"
+            if graphs.long_rows
+            else ""
+        ),
     )
     return graphs
 
