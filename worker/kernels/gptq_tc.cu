@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
       const uint32_t b0 = __byte_perm(v.x, v.z, 0x5410), b1 = __byte_perm(v.x, v.z, 0x7632);
       const uint32_t b2 = __byte_perm(v.y, v.w, 0x5410), b3 = __byte_perm(v.y, v.w, 0x7632);
       if constexpr (!kStage) {  // all-ones A: every row of D is the sum of its column's values of x
-        if constexpr (kOne) {  // row 0's values 0 1 4 5 of each lane in column 0, 2 3 6 7 in column 1 (lanes g == 1, row 0's)
+        if constexpr (kOne) {  // row 0's values 0 1 4 5 of each lane in column 0, 2 3 6 7 in column 1 (lanes g == 1)
           mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, g == 1 ? b2 : b0, g == 1 ? b3 : b1);
         } else {  // the step's 32 values of row g in column g
           mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, b0, b1);
