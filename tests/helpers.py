@@ -161,6 +161,20 @@ def decode_requests(lengths: list[int], seq_length: int = 32, block: int = 16, b
     return SimpleNamespace(requests=reqs)
 
 
+def counted_calls(monkeypatch: Any, module: Any, name: str) -> list[int]:
+    """Replace module.name by a wrapper that records each call's first argument's rows, then calls the original; the
+    list it fills."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def replayed(fn: Any) -> Any:
     """fn's output from a CUDA graph of it (the engine's cuda_graphs.capture; fn already compiled: no warm-up run),
     replayed once and synchronized."""

@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 
-from helpers import GPU_TRITON_MARKS, within
+from helpers import GPU_TRITON_MARKS, counted_calls, within
 
 pytestmark = GPU_TRITON_MARKS
 pytest.importorskip("triton")
@@ -265,14 +265,7 @@ def test_cuda_decode_serves_batches_of_one_and_two(monkeypatch):
     from worker.kernels import paged_decode_cuda
 
     backend = _cuda_backend()
-    calls: list[int] = []
-    real = paged_decode_cuda.paged_decode_cuda
-
-    def counted(*a, **k) -> torch.Tensor:
-        calls.append(a[0].shape[0])
-        return real(*a, **k)
-
-    monkeypatch.setattr(paged_decode_cuda, "paged_decode_cuda", counted)
+    calls = counted_calls(monkeypatch, paged_decode_cuda, "paged_decode_cuda")
     for lens in ([700], [33, 2048], [5, 64, 513]):
         b = decode_batch(lens, torch.bfloat16, seed=len(lens))
         close(b.attend(backend), b.attend(TorchAttention()), torch.bfloat16)

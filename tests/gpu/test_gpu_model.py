@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import GPU_TINY, write_checkpoint
+from helpers import GPU_TINY, counted_calls, decode_requests, write_checkpoint
 from paged import Paged
 from random_weights import random_checkpoint
 from reference import ref_forward
@@ -60,26 +59,10 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
     c = model.config
     kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, torch.device("cuda"))
     graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=False)
-    free = list(range(1, 199))
-    random.Random(0).shuffle(free)
-    reqs = []
-    for n in (3, 40, 100, 7, 200):
-        blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
-        slots = [blocks[p // 16] * 16 + p % 16 for p in range(n + 1)]
-        ids = torch.randint(0, 512, (n,)).tolist()
-        reqs.append(
-            SimpleNamespace(
-                ids=ids,
-                blocks=blocks,
-                slots=slots,
-                ntk_alpha=ntk_alpha(n, 32, True),
-                n_cached=0,
-                prefill_logprobs=False,
-            )
-        )
     from worker.engine.runner import Runner
 
-    batch = SimpleNamespace(requests=reqs)
+    batch = decode_requests([3, 40, 100, 7, 200])
+    reqs = batch.requests
     runner = Runner(model, kv, torch.device("cuda"))
     runner.forward(batch, True)  # prefill (eager) fills the cache
     for r in reqs:
@@ -105,14 +88,7 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
     from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
 
     monkeypatch.setattr(pdc, "LONG_CONTEXT", 256)
-    calls: list[int] = []
-    real = pdc.paged_decode_cuda
-
-    def counted(*a, **k) -> torch.Tensor:
-        calls.append(a[0].shape[0])
-        return real(*a, **k)
-
-    monkeypatch.setattr(pdc, "paged_decode_cuda", counted)
+    calls = counted_calls(monkeypatch, pdc, "paged_decode_cuda")
     _, model = gpu_model(tmp_path, torch.bfloat16)
     apply_decode_kernels(model.transformer, parse_decode_kernels(",".join(SERVED)))
     c = model.config
@@ -121,19 +97,8 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
     keys = [(1, False, False), (1, False, True), (2, False, False), (2, False, True), (4, False, False)]
     assert sorted(graphs.graphs) == keys
     runner = Runner(model, kv, torch.device("cuda"))
-    free = list(range(1, 199))
-    random.Random(1).shuffle(free)
-    for n, is_long in ((300, True), (100, False)):
-        blocks = [free.pop() for _ in range(-(-(n + 1) // 16))]
-        ids = torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        req = SimpleNamespace(
-            ids=ids,
-            blocks=blocks,
-            slots=[blocks[p // 16] * 16 + p % 16 for p in range(n + 1)],
-            ntk_alpha=ntk_alpha(n, 32, True),
-            n_cached=0,
-            prefill_logprobs=False,
-        )
+    reqs = decode_requests([300, 100], seed=1).requests  # contexts 301 and 101 once a token is appended
+    for req, is_long in zip(reqs, (True, False)):
         batch = SimpleNamespace(requests=[req])
         runner.forward(batch, True)  # prefill (eager) fills the cache
         req.ids.append(5)
@@ -144,5 +109,5 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
         graphed = graphs.run(batch, None)
         assert graphed.data_ptr() == graphs.graphs[(1, False, is_long)][1].data_ptr()
         diff = (eager.float() - graphed.float()).abs().max().item()
-        print(f"context {n + 1}: graph vs eager max abs diff {diff:.2e}")
+        print(f"context {len(req.ids)}: graph vs eager max abs diff {diff:.2e}")
         assert torch.equal(eager, graphed)

@@ -169,7 +169,6 @@ class TritonAttention:
 
         if not self.attn_cuda or cache_dtype != torch.bfloat16 or head_dim != HEAD_DIM:
             return None
-
         return MAX_BATCH, LONG_CONTEXT
 
     def _cuda_serves(
