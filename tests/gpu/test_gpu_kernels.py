@@ -247,7 +247,7 @@ def test_cuda_decode_matches_torch(block, form, monkeypatch):
 
     _cuda_backend()
     monkeypatch.setattr(paged_decode_cuda, "form_for", lambda batch: form)
-    lens = [1, 2, 31, 32, 33, 63, 64, 65, 100, 511, 512, 513, 700, 2048, 4097, 9000]
+    lens = [1, 2, 31, 32, 33, 63, 64, 65, 100, 129, 385, 511, 512, 513, 700, 2048, 4097, 9000]
     b = Batch([1] * len(lens), [n - 1 for n in lens], torch.bfloat16, prefill=False, seed=block)
 
     def ours() -> torch.Tensor:
@@ -315,15 +315,16 @@ def test_cuda_decode_with_rope_equals_rope_store_then_decode(with_logn, form, mo
     """kRope: from the raw q, k, v the kernel rotates (logn on q) and stores the new rows itself. Against RoPE + store
     (rope_store.rotary_store_) followed by the kernel without it: the same caches and outputs bit for bit, eager and
     replayed from a CUDA graph (PDL on), the newest rows' slots spoiled before each run; contexts whose newest key
-    lies in a block's first 64 keys (read before the wait) and past them (read back after the store); one padded row
-    (length 0, slot -1)."""
+    starts a chunk of its own (1, 33, 129, 257, 385, 513: at 8 x 2, 513 fills every block's share with cached keys)
+    or shares one with cached keys, short and long (past the chunks read before the wait); one padded row (length 0,
+    slot -1)."""
     from worker.kernels import paged_decode_cuda as pdc
     from worker.kernels.paged_decode_cuda import Rope, paged_decode_cuda
     from worker.kernels.rope_store import rotary_store_
 
     _cuda_backend()
     monkeypatch.setattr(pdc, "form_for", lambda batch: form)
-    lens = [1, 700, 33, 2048, 17, 16, 512, 64, 9000, 5]
+    lens = [1, 700, 33, 2048, 17, 16, 512, 64, 9000, 5, 513, 385, 129, 257]
     b = decode_batch(lens, torch.bfloat16, seed=15)
     g = torch.Generator(device=CUDA).manual_seed(15)
     T = len(lens)

@@ -6,16 +6,24 @@
 // bytes, however early it launched: after its PDL wait came the table, K and V loads of its second tile, the partials'
 // stores, an atomic arrival and the merge's loads, each a trip to memory. Here
 // - a thread block cluster of kSplits blocks (8 at batch 1, 4 at batch 2: paged_decode_cuda.FORMS) owns one
-//   (sequence, head); block s of it the s-th share of the context's 32-key chunks;
+//   (sequence, head); block s of it the s-th share of the 32-key chunks of the cached keys, all but the newest; the
+//   newest key is the last block's warp 0's, from registers (kRope: its raw row, rotated and stored here) or read
+//   after the wait (the store before this kernel wrote it), folded into that warp's softmax after its chunks;
 // - before griddepcontrol.wait each block reads its context length, its block-table entries and the K and V rows of
-//   its first kDepth chunks (at 8 x 2, all of a 512-token context), except the newest position's: in a decode step
-//   only the newest token's K and V are written by a kernel that may still run when this one starts (RoPE + store or
-//   the store; at pdl.EARLY also the c_attn GEMV before it, which writes only qkv): pdl.level's rule, what is read
-//   before the wait is written before the step;
-// - after it: q, the newest row where a block holds it, the later chunks (a ring of kDepth in registers);
-// - each warp keeps an online softmax over its 8 keys of every chunk; the block merges its 4 warps in shared memory
-//   and the cluster's rank 0 merges the blocks' partials over distributed shared memory (no global partials, no
-//   atomics), in rank order: deterministic.
+//   its first kDepth chunks (at 8 x 2, all of a context of up to 513 tokens: the newest key needs no chunk): in a
+//   decode step only the newest token's K and V are written by a kernel that may still run when this one starts
+//   (RoPE + store or the store; at pdl.EARLY also the c_attn GEMV before it, which writes only qkv): pdl.level's
+//   rule, what is read before the wait is written before the step;
+// - after it: q, the newest row, the later chunks (a ring of kDepth in registers);
+// - each warp keeps an online softmax over its 8 keys of every chunk (their dot products summed by a transpose-
+//   reduce); the block merges its 4 warps in shared memory and the cluster's rank 0 merges the blocks' partials over
+//   distributed shared memory (no global partials, no atomics), in rank order: deterministic.
+// Measured (H200, 7B Int4 step, 512-token contexts: 513 keys a step; BENCHMARKS.md, 2026-11-30, eleventh): the
+// newest key outside the chunks and the transpose-reduce took batch 1 from 1.835-1.839 to 1.791-1.795 ms and batch 2
+// from 1.940-1.942 to 1.889-1.893. Before, the chunks counted the newest key: 17 of them at 513 keys, so 3 a block,
+// one read after the wait, and two blocks idle. Tried (same runs): the rotary rows and slot read before the wait, the
+// cluster's second barrier dropped (each block writing its partial into rank 0's shared memory, then arrive / wait),
+// 4 x 4 at batch 2: none faster.
 // Lane l holds dims 4l .. 4l + 3 of q, K and V (8 bytes a row).
 
 #include <cooperative_groups.h>
@@ -125,10 +133,21 @@ __device__ __forceinline__ void softmax_step(const Rows& r, const float4 q, int 
     const float4 k = widen(r.k[j]);
     s[j] = q.x * k.x + q.y * k.y + q.z * k.z + q.w * k.w;
   }
+  // summed over the warp by a transpose-reduce: rounds 16, 8 and 4 halve the values a lane adds (after them lane l
+  // holds a partial of key 4 (l >> 4 & 1) + 2 (l >> 3 & 1) + (l >> 2 & 1)), rounds 2 and 1 finish the sums, and each
+  // key's sum comes from a lane that holds it: 17 shuffles where a butterfly a key took 40
+  const int lane = threadIdx.x & 31;
+  const bool h16 = lane & 16, h8 = lane & 8, h4 = lane & 4;
+  float t4[4], t2[2];
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1)
+  for (int j = 0; j < 4; ++j) t4[j] = (h16 ? s[j + 4] : s[j]) + __shfl_xor_sync(0xffffffffu, h16 ? s[j] : s[j + 4], 16);
 #pragma unroll
-    for (int j = 0; j < kKeys; ++j) s[j] += __shfl_xor_sync(0xffffffffu, s[j], off);
+  for (int j = 0; j < 2; ++j) t2[j] = (h8 ? t4[j + 2] : t4[j]) + __shfl_xor_sync(0xffffffffu, h8 ? t4[j] : t4[j + 2], 8);
+  float t1 = (h4 ? t2[1] : t2[0]) + __shfl_xor_sync(0xffffffffu, h4 ? t2[0] : t2[1], 4);
+  t1 += __shfl_xor_sync(0xffffffffu, t1, 2);
+  t1 += __shfl_xor_sync(0xffffffffu, t1, 1);
+#pragma unroll
+  for (int j = 0; j < kKeys; ++j) s[j] = __shfl_sync(0xffffffffu, t1, (j & 4) << 2 | (j & 2) << 2 | (j & 1) << 2);
   float mx = m;
 #pragma unroll
   for (int j = 0; j < kKeys; ++j)
@@ -163,7 +182,7 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
 }
 
 // kRope: q, k, v are the step's raw rows; RoPE (and logn for q) here, and the newest k and v stored into the cache by
-// the warp that holds that position (it reads the row back later in program order where a later chunk holds it)
+// the warp that takes the newest key (which keeps them in registers)
 // kSplits: blocks a cluster (the context's shares; 8 is the portable cluster size); kDepth: chunks in flight a block
 // (read before the wait: kDepth x 32 keys of each share)
 template <bool kRope, int kSplits, int kDepth>
@@ -177,11 +196,13 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const Cache c{kc, vc, tables + (size_t)b * stride_tb, stride_cb, stride_cr, (long long)h * stride_ch, block_shift};
   // before the wait: written before this step (lengths, tables, every K/V row but the newest)
+  // the shares split the chunks of the cached keys, all but the newest; the newest key is the last block's warp 0's
   const int ctx = lens[b];
-  const int chunks = (ctx + kChunkKeys - 1) / kChunkKeys;
+  const int newest = ctx - 1;
+  const int chunks = (newest + kChunkKeys - 1) / kChunkKeys;
   const int per = (chunks + kSplits - 1) / kSplits;
   const int c0 = split * per, c1 = min(c0 + per, chunks);
-  const int newest = ctx - 1;
+  const bool owner = split == kSplits - 1 && warp == 0 && newest >= 0;
   Rows buf[kDepth];
 #pragma unroll
   for (int i = 0; i < kDepth; ++i)  // chunks past this block's share: none
@@ -195,8 +216,6 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     const float* cos_t = rope.cos + (size_t)b * rope.stride_cos;
     const float* sin_t = rope.sin + (size_t)b * rope.stride_sin;
     qraw = rope_row(qraw, cos_t, sin_t, logn, lane);
-    const bool owner = newest >= c0 * kChunkKeys && newest < c1 * kChunkKeys &&
-                       (newest & (kChunkKeys - 1)) / kKeys == warp;  // this warp holds the newest position
     if (owner) {  // the whole warp: the shuffles of rope_row
       const size_t kt = (size_t)b * rope.stride_kt + (size_t)h * rope.stride_kh + 4 * lane;
       const size_t vt = (size_t)b * rope.stride_vt + (size_t)h * rope.stride_vh + 4 * lane;
@@ -210,24 +229,20 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
         *reinterpret_cast<uint2*>(vc + o) = v_new;
       }
     }
-  }
-#pragma unroll
-  for (int i = 0; i < kDepth; ++i) {  // the newest row, where a preloaded chunk holds it
-    const int p0 = (c0 + i) * kChunkKeys + warp * kKeys;
-#pragma unroll
-    for (int j = 0; j < kKeys; ++j)
-      if (c0 + i < c1 && p0 + j == newest) {
-        if constexpr (kRope) {
-          buf[i].k[j] = k_new, buf[i].v[j] = v_new;
-        } else {
-          const long long o = row_of(c, newest, lane);
-          buf[i].k[j] = *reinterpret_cast<const uint2*>(kc + o);
-          buf[i].v[j] = *reinterpret_cast<const uint2*>(vc + o);
-        }
-      }
+  } else if (owner) {  // the newest row, stored by a kernel before this one
+    const long long o = row_of(c, newest, lane);
+    k_new = *reinterpret_cast<const uint2*>(kc + o);
+    v_new = *reinterpret_cast<const uint2*>(vc + o);
   }
   float4 qf = widen(qraw);
   qf.x *= scale_log2e, qf.y *= scale_log2e, qf.z *= scale_log2e, qf.w *= scale_log2e;
+  float s_new = 0.f;  // the newest key's score (its warp's), summed before the chunks so that its shuffles overlap them
+  if (owner) {
+    const float4 kf = widen(k_new);
+    s_new = qf.x * kf.x + qf.y * kf.y + qf.z * kf.z + qf.w * kf.w;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s_new += __shfl_xor_sync(0xffffffffu, s_new, off);
+  }
   float m = kNegBig, l = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int cb = c0; cb < c1; cb += kDepth) {
@@ -235,9 +250,17 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     for (int i = 0; i < kDepth; ++i) {
       const int cc = cb + i;
       if (cc >= c1) break;
-      softmax_step(buf[i], qf, cc * kChunkKeys + warp * kKeys, ctx, m, l, acc);
-      if (cc + kDepth < c1) load_rows(buf[i], c, (cc + kDepth) * kChunkKeys + warp * kKeys, ctx, lane);
+      softmax_step(buf[i], qf, cc * kChunkKeys + warp * kKeys, newest, m, l, acc);
+      if (cc + kDepth < c1) load_rows(buf[i], c, (cc + kDepth) * kChunkKeys + warp * kKeys, newest, lane);
     }
+  }
+  if (owner) {  // the newest key into the warp's online softmax
+    const float mx = fmaxf(m, s_new), alpha = exp2f(m - mx), p = exp2f(s_new - mx);
+    const float4 v = widen(v_new);
+    l = l * alpha + p;
+    acc.x = acc.x * alpha + p * v.x, acc.y = acc.y * alpha + p * v.y;
+    acc.z = acc.z * alpha + p * v.z, acc.w = acc.w * alpha + p * v.w;
+    m = mx;
   }
 
   // the block's partial: its warps merged (in warp order), then read by rank 0 over distributed shared memory

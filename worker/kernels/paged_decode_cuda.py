@@ -145,8 +145,9 @@ def paged_decode_cuda(
     padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16.
     rope (`rope_serves`): q and rope's k, v are the step's raw rows; the kernel rotates q (times logn) and k as
     fused.rotary_ does, and stores k and v into their slots as rope_store would (the cache bit for bit the same), so
-    neither RoPE + store nor the store runs before it. The block holding the newest position stores it: a row of
-    length 0 stores nothing, so its slot must be < 0 (graph padding rows have length 1 or slot -1)."""
+    neither RoPE + store nor the store runs before it. The warp that takes the newest key (the last block of the
+    sequence and head's cluster) stores it: a row of length 0 stores nothing, so its slot must be < 0 (graph padding
+    rows have length 1 or slot -1)."""
     why = supports(q, k_cache, v_cache, block_tables, context_lens, False)
     if why is None and rope is not None:
         why = rope_serves(q, rope)
