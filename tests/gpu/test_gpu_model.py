@@ -87,7 +87,7 @@ def test_long_context_decode_replays_a_graph_of_its_own(tmp_path, monkeypatch):
     from worker.kernels import paged_decode_cuda as pdc
     from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
 
-    monkeypatch.setattr(pdc, "LONG_CONTEXT", 256)
+    monkeypatch.setattr(pdc, "LONG_CONTEXT", {1: 256, 2: 256})
     calls = counted_calls(monkeypatch, pdc, "paged_decode_cuda")
     _, model = gpu_model(tmp_path, torch.bfloat16)
     apply_decode_kernels(model.transformer, parse_decode_kernels(",".join(SERVED)))

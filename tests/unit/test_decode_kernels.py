@@ -97,15 +97,16 @@ def test_cuda_decode_attention_forms_by_batch():
 
 
 def test_long_context_graphs_only_where_the_cuda_decode_attention_serves():
-    """TritonAttention.long_decode, which makes GraphedDecode capture the 1-2 row buckets twice: (MAX_BATCH,
-    LONG_CONTEXT) with attn_cuda over a bf16 cache of head_dim 128; None (one graph a bucket) with attn_cuda off, an
-    fp8 or fp16 cache, or another head size, where the Triton kernels serve every context anyway."""
+    """TritonAttention.long_decode, which makes GraphedDecode capture the 1-2 row buckets twice: LONG_CONTEXT's length
+    for each with attn_cuda over a bf16 cache of head_dim 128; None (one graph a bucket) with attn_cuda off, an fp8 or
+    fp16 cache, or another head size, where the Triton kernels serve every context anyway."""
     from worker.kernels import paged_decode_cuda as pdc
     from worker.layers.attention_triton import TritonAttention
 
     be = TritonAttention()
     be.attn_cuda = True
-    assert be.long_decode(torch.bfloat16, 128) == (pdc.MAX_BATCH, pdc.LONG_CONTEXT) == (2, 4096)
+    assert be.long_decode(torch.bfloat16, 128) == pdc.LONG_CONTEXT == {1: 3072, 2: 2048}
+    assert set(pdc.LONG_CONTEXT) == set(range(1, pdc.MAX_BATCH + 1))
     assert be.long_decode(torch.float8_e4m3fn, 128) is None and be.long_decode(torch.float16, 128) is None
     assert be.long_decode(torch.bfloat16, 64) is None
     be.attn_cuda = False
@@ -143,9 +144,12 @@ def test_cuda_decode_attention_falls_back_where_it_is_not_served(monkeypatch, ca
     monkeypatch.setattr(pdc, "supports", lambda *a: None)
     monkeypatch.setattr(pdc, "library", lambda major, minor: "no nvcc (set CUDA_HOME)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    ctx = SimpleNamespace(block_tables=tables, seqlen=SimpleNamespace(input_lengths=lens, max_k=pdc.LONG_CONTEXT))
+    ctx = SimpleNamespace(block_tables=tables, seqlen=SimpleNamespace(input_lengths=lens, max_k=pdc.LONG_CONTEXT[1]))
     assert not be._cuda_serves(q, cache, cache, ctx, False) and be.attn_cuda  # a long context: the Triton kernels
-    ctx.seqlen.max_k = pdc.LONG_CONTEXT - 1
+    q2 = torch.zeros(2, 2, 128, dtype=torch.bfloat16)
+    ctx.seqlen.max_k = pdc.LONG_CONTEXT[2]  # long for two rows, not for one
+    assert not be._cuda_serves(q2, cache, cache, ctx, False) and be.attn_cuda
+    ctx.seqlen.max_k = pdc.LONG_CONTEXT[1] - 1
     assert not be._cuda_serves(torch.zeros(3, 2, 128), cache, cache, ctx, False) and be.attn_cuda  # 3 > MAX_BATCH
     with caplog.at_level("WARNING"):
         assert not be._cuda_serves(q, cache, cache, ctx, False)

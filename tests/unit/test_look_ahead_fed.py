@@ -168,7 +168,7 @@ def test_a_fed_launch_refuses_inputs_refilled_after_its_prepare():
     for name in ("ids", "pos", "slots", "lengths", "cache_lengths", "adapter_slots"):
         setattr(g, name, torch.zeros(2, dtype=torch.int64))
     g.alpha, g.tables = torch.zeros(2), torch.zeros(2, 4, dtype=torch.int32)
-    g.long_rows = g.long_tokens = 0
+    g.long_tokens = {}
     g.graphs = {(2, False, False): (SimpleNamespace(replay=lambda: replays.append(int(g.slots[0]))), torch.zeros(2, 3))}
 
     def batch(block: int) -> SimpleNamespace:
@@ -188,10 +188,10 @@ def test_a_fed_launch_refuses_inputs_refilled_after_its_prepare():
 
 
 def test_decode_graphs_replay_the_side_of_the_step_s_longest_context():
-    """Where the attention's decode changes kernels at a context length (GraphedDecode.long_rows / long_tokens, from
-    the backend's long_decode), the buckets up to long_rows rows hold two graphs: a step whose longest context
-    (position + 1, one further for a step prepared ahead) reaches long_tokens replays the long one, any other the
-    short one; buckets past long_rows have only the short one."""
+    """Where the attention's decode changes kernels at a context length (GraphedDecode.long_tokens, from the backend's
+    long_decode: a length for each bucket it names), those buckets hold two graphs: a step whose longest context
+    (position + 1, one further for a step prepared ahead) reaches its bucket's length replays the long one, any other
+    the short one; other buckets have only the short one."""
     from worker.engine.cuda_graphs import GraphedDecode
 
     g = object.__new__(GraphedDecode)  # the CPU has no graphs: the static buffers and fake graphs
@@ -201,7 +201,7 @@ def test_decode_graphs_replay_the_side_of_the_step_s_longest_context():
     for name in ("ids", "pos", "slots", "lengths", "cache_lengths", "adapter_slots"):
         setattr(g, name, torch.zeros(4, dtype=torch.int64))
     g.alpha, g.tables = torch.zeros(4), torch.zeros(4, 8, dtype=torch.int32)
-    g.long_rows, g.long_tokens = 2, 8
+    g.long_tokens = {1: 8, 2: 6}
 
     def graph(bs: int, is_long: bool) -> tuple[SimpleNamespace, torch.Tensor]:
         return SimpleNamespace(replay=lambda: replayed.append((bs, is_long))), torch.zeros(bs, 3)
@@ -220,7 +220,8 @@ def test_decode_graphs_replay_the_side_of_the_step_s_longest_context():
     g.run(batch(8), None)  # context 8
     assert g.last_key == (1, False, True)  # what the benchmarks replay
     g.run(batch(3, 9), None)  # the longest decides for the step
-    g.run(batch(3, 7), None)
+    g.run(batch(3, 5), None)
+    g.run(batch(3, 6), None)  # two rows: their own length, 6
     g.run(batch(3, 9, 2), None)  # 3 rows: the 4-row bucket, one graph
     g.prepare_ahead(batch(7), None)(torch.tensor([1]))  # ahead: position 7, context 8
-    assert replayed == [(1, False), (1, True), (2, True), (2, False), (4, False), (1, True)]
+    assert replayed == [(1, False), (1, True), (2, True), (2, False), (2, True), (4, False), (1, True)]

@@ -47,8 +47,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class GraphedDecode:
     """Decode steps replayed from CUDA graphs, one per batch-size bucket (and with/without LoRA; and, where the
-    attention backend's decode takes other forms from some context length on (`long_decode`), the buckets up to its
-    rows twice: a graph for steps below that length, whose Seqlen.max_k stops short of it, and one for the rest).
+    attention backend's decode takes other forms from some context length on (`long_decode`: a length for each bucket
+    it names), those buckets twice: a graph for steps below their length, whose Seqlen.max_k stops short of it, and
+    one for the rest).
 
     Rows past the real batch are padding: they write their K/V into a scratch block that no request
     owns and their logits are dropped.
@@ -87,20 +88,20 @@ class GraphedDecode:
         self.pool = torch.cuda.graph_pool_handle()
         backend: Any = model.backend  # the triton backend has num_splits and tiles
         longest = max_blocks_per_seq * kv.block_size
-        long: tuple[int, int] | None = None
+        long: dict[int, int] | None = None
         if hasattr(backend, "long_decode"):
             long = backend.long_decode(kv.dtype, kv.head_dim)
-        # buckets of at most long_rows rows have a graph for steps below long_tokens and one for the rest (0: none)
-        self.long_rows, self.long_tokens = long if long is not None and longest >= long[1] else (0, 0)
+        # the buckets of bs rows in long_tokens have a graph for steps below long_tokens[bs] tokens and one for the rest
+        self.long_tokens = {bs: t for bs, t in (long or {}).items() if bs in self.sizes and longest >= t}
         keys = [
             (bs, lora, is_long)
             for lora in ([False, True] if adapter_pools else [False])
             for bs in reversed(self.sizes)  # largest first: the pool is sized once
-            for is_long in ([False, True] if bs <= self.long_rows else [False])
+            for is_long in ([False, True] if bs in self.long_tokens else [False])
         ]
         for bs, lora, is_long in keys:
-            # the graph's longest context: below long_tokens where the bucket has a long graph beside it
-            max_k = self.long_tokens - 1 if bs <= self.long_rows and not is_long else longest
+            # the graph's longest context: below long_tokens[bs] where the bucket has a long graph beside it
+            max_k = self.long_tokens[bs] - 1 if bs in self.long_tokens and not is_long else longest
             seqlen = Seqlen(self.lengths[:bs], self.cache_lengths[:bs], self.cu[: bs + 1], 1, max_k, self.alpha[:bs])
             data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
             splits = None
@@ -199,7 +200,7 @@ class GraphedDecode:
         lora = any(slots)
         if lora:
             self.adapter_slots[:bs].copy_(torch.tensor(slots + [0] * (bs - n)), non_blocking=True)
-        self.last_key = (bs, lora, bs <= self.long_rows and most >= self.long_tokens)  # for benchmarks to replay
+        self.last_key = (bs, lora, bs in self.long_tokens and most >= self.long_tokens[bs])  # for benchmarks to replay
         return self.graphs[self.last_key]  # (bs, True, ...) exists whenever adapters are enabled
 
 

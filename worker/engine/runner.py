@@ -97,9 +97,10 @@ def capture_decode(
         time.time() - t0,
         (free0 - torch.cuda.mem_get_info(pctx.device)[0]) / 2**20,
         (
-            f" (up to {graphs.long_rows} rows twice: the CUDA decode attention below {graphs.long_tokens}-token "
-            "contexts, the Triton split kernels from there)"
-            if graphs.long_rows
+            " (twice: "
+            + ", ".join(f"{bs} row{'s' * (bs > 1)} below {t} tokens" for bs, t in graphs.long_tokens.items())
+            + " on the CUDA decode attention, the Triton split kernels from there)"
+            if graphs.long_tokens
             else ""
         ),
     )

@@ -30,14 +30,15 @@ HEAD_DIM = 128
 # decode batches of at most MAX_BATCH (at 8, 8 x 2 measured 4.26 against 4.08 ms with the Triton kernels).
 FORMS = {1: (8, 2), 2: (4, 3)}
 MAX_BATCH = max(FORMS)
-# The backend takes the kernel at steps whose longest context is below LONG_CONTEXT tokens: its forms are sized for
-# short contexts, and from 4,096 tokens the Triton split kernels (splits sized to the context) were faster at 1-2 rows
-# on the H200 (7B step, BENCHMARKS.md, 2026-11-30, tenth): bf16 batch 1 4.92 / 5.50 / 8.94 ms at 4k / 8k / 32k against
-# 5.14 / 6.15 / 12.05, batch 2 5.28 / 6.22 / 11.97 against 5.85 / 7.50 / 17.37 (16-block clusters at batch 1 and 8 x 2
-# at batch 2 in between: 4.97 / 5.74 / 10.19 and 5.88 / 7.48 / 16.98). A graph serves every context up to its own
-# longest, so the engine captures the batches of at most MAX_BATCH twice where contexts can reach it
-# (engine/cuda_graphs.py).
-LONG_CONTEXT = 4096
+# The backend takes the kernel at steps whose longest context is below LONG_CONTEXT[rows] tokens: its forms are sized
+# for short contexts, and from there the Triton split kernels (splits sized to the context) were faster on the H200
+# (7B step; BENCHMARKS.md, 2026-11-30, tenth and eleventh). Int4, CUDA against Triton (eleventh): batch 1 2.05 / 2.16 /
+# 2.40 / 2.62 ms at 1,536 / 2,048 / 3,072 / 4,000 tokens against 2.16 / 2.24 / 2.37 / 2.49; batch 2 2.26 / 2.47 / 2.85
+# / 3.22 against 2.26 / 2.39 / 2.62 / 2.83. bf16 at 4k / 8k / 32k (tenth): batch 1 5.14 / 6.15 / 12.05 against 4.92 /
+# 5.50 / 8.94, batch 2 5.85 / 7.50 / 17.37 against 5.28 / 6.22 / 11.97 (16-block clusters at batch 1 and 8 x 2 at batch
+# 2 in between). A graph serves every context up to its own longest, so the engine captures the buckets of these rows
+# twice where contexts can reach the threshold (engine/cuda_graphs.py).
+LONG_CONTEXT = {1: 3072, 2: 2048}
 
 
 def form_for(batch: int) -> tuple[int, int]:

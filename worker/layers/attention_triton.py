@@ -160,16 +160,16 @@ class TritonAttention:
         lens = ctx.seqlen.input_lengths
         return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
 
-    def long_decode(self, cache_dtype: torch.dtype, head_dim: int) -> tuple[int, int] | None:
-        """(rows, tokens): decode steps of at most `rows` rows take the CUDA kernel below a longest context of `tokens`
-        and the Triton split kernels from there (paged_decode_cuda.LONG_CONTEXT, by the step's max_k), so a graph of
-        those rows serves one side only and the engine captures both (engine/cuda_graphs.py); None where the kernel
-        does not serve a cache of this dtype and head size (bf16, 128) or attn_cuda is off: one graph a bucket."""
-        from worker.kernels.paged_decode_cuda import HEAD_DIM, LONG_CONTEXT, MAX_BATCH
+    def long_decode(self, cache_dtype: torch.dtype, head_dim: int) -> dict[int, int] | None:
+        """{rows: tokens}: decode steps of `rows` rows take the CUDA kernel below a longest context of `tokens` and the
+        Triton split kernels from there (paged_decode_cuda.LONG_CONTEXT, by the step's max_k), so a graph of those rows
+        serves one side only and the engine captures both (engine/cuda_graphs.py); None where the kernel does not
+        serve a cache of this dtype and head size (bf16, 128) or attn_cuda is off: one graph a bucket."""
+        from worker.kernels.paged_decode_cuda import HEAD_DIM, LONG_CONTEXT
 
         if not self.attn_cuda or cache_dtype != torch.bfloat16 or head_dim != HEAD_DIM:
             return None
-        return MAX_BATCH, LONG_CONTEXT
+        return dict(LONG_CONTEXT)
 
     def _cuda_serves(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: ForwardContext, scaled: bool
@@ -179,7 +179,7 @@ class TritonAttention:
 
         assert ctx.block_tables is not None
         tables, lens = ctx.block_tables, ctx.seqlen.input_lengths
-        if q.shape[0] > MAX_BATCH or ctx.seqlen.max_k >= LONG_CONTEXT:
+        if q.shape[0] > MAX_BATCH or ctx.seqlen.max_k >= LONG_CONTEXT.get(q.shape[0], 0):
             return False
         if supports(q, k_cache, v_cache, tables, lens, scaled) is not None:
             return False
