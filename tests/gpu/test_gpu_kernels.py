@@ -261,12 +261,13 @@ def test_cuda_decode_matches_torch(block, form, monkeypatch):
 
 
 def test_cuda_decode_serves_batches_of_one_and_two(monkeypatch):
-    """The backend with attn_cuda takes the CUDA kernel at 1-2 sequences and the Triton kernels at 3."""
+    """The backend with attn_cuda takes the CUDA kernel at 1-2 sequences below their LONG_CONTEXT length (2,047 tokens
+    at two rows) and the Triton kernels at 3 sequences or from that length (2,048 at two rows)."""
     from worker.kernels import paged_decode_cuda
 
     backend = _cuda_backend()
     calls = counted_calls(monkeypatch, paged_decode_cuda, "paged_decode_cuda")
-    for lens in ([700], [33, 2048], [5, 64, 513]):
+    for lens in ([700], [33, 2047], [5, 64, 513], [33, 2048]):
         b = decode_batch(lens, torch.bfloat16, seed=len(lens))
         close(b.attend(backend), b.attend(TorchAttention()), torch.bfloat16)
     assert calls == [1, 2]
