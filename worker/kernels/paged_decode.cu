@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const Cache c{kc, vc, tables + (size_t)b * stride_tb, stride_cb, stride_cr, (long long)h * stride_ch, block_shift};
-  // before the wait: written before this step (lengths, tables, every K/V row but the newest)
-  // the shares split the chunks of the cached keys, all but the newest; the newest key is the last block's warp 0's
+  // before the wait: written before this step (lengths, tables, every K/V row but the newest). The shares split the
+  // chunks of the cached keys, all but the newest; the newest key is the last block's warp 0's
   const int ctx = lens[b];
   const int newest = ctx - 1;
   const int chunks = (newest + kChunkKeys - 1) / kChunkKeys;
