@@ -115,6 +115,7 @@ def decode(t: Tiles, kv: str, arch: int, direct: bool = False) -> dict[str, int]
         FUSED_REDUCE=t.decode_fused_reduce,
         BLOCK_S=16,
         PDL=False,  # DecodeKernels.pdl: the same code between the launch-control instructions
+        NEWEST_APART=t.decode_newest_apart,
     )
     sig.update(dict.fromkeys(const, "constexpr"))
     return _compile(_decode_split_kernel, sig, const, arch, t.decode_warps, 3)

@@ -15,7 +15,15 @@ from tune_cases import DecodeCase, PrefillCase, Shape, max_error, time_per_call
 from worker.kernels.paged_decode import choose_num_splits, paged_decode
 from worker.kernels.triton_attention import Tiles
 
-LOOP_KNOBS = ("decode_n", "decode_warps", "decode_stages", "decode_lanes", "decode_prefetch", "decode_fused_reduce")
+LOOP_KNOBS = (
+    "decode_n",
+    "decode_warps",
+    "decode_stages",
+    "decode_lanes",
+    "decode_prefetch",
+    "decode_fused_reduce",
+    "decode_newest_apart",
+)
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 POLICIES = [  # (ctas_per_sm, min_tiles, max_splits) candidates for Tiles' split policy
     (c, t, s) for c in (1, 2, 4, 8, 16) for t in (1, 2, 4) for s in (16, 32, 64)
@@ -34,7 +42,7 @@ def name(t: Tiles) -> str:
     """Compact label: n64 w4 s2 +lanes +prefetch."""
     label = f"n{t.decode_n} w{t.decode_warps} s{t.decode_stages}"
     label += (" +lanes" if t.decode_lanes else "") + (" +prefetch" if t.decode_prefetch else "")
-    return label + (" +fused" if t.decode_fused_reduce else "")
+    return label + (" +fused" if t.decode_fused_reduce else "") + (" +apart" if t.decode_newest_apart else "")
 
 
 def spec(t: Tiles) -> str:
@@ -143,6 +151,7 @@ def sweep(sw: Any, kinds: list[str], ctxs: list[int], batches: list[int], top: i
         ranked.sort(key=lambda r: r[0])
         best_tiles = [t for _, t in ranked[:top]]
         best_tiles += [replace(t, decode_fused_reduce=True) for t in best_tiles[:2]]  # one launch, no reduce kernel
+        best_tiles += [replace(t, decode_newest_apart=True) for t in best_tiles[:2]]  # no tile for the newest alone
         print(
             f"\ndecode {kv}: stage 1, {len(ranked)} variants ok at ctx {anchor_ctx}; best: "
             + "; ".join(f"{name(t)} {g * 1e3:.3f} ms" for g, t in ranked[:top])

@@ -14,7 +14,9 @@ Bandwidth knobs (Tiles.decode_*, swept by scripts/tune_attention.py): the key ti
 STAGES (tl.range software-pipelines the table, K and V loads of later tiles: without tl.dot in the loop
 Triton pipelines nothing otherwise), LANES (each of the BLOCK_N rows keeps its own running max / sum /
 accumulator, merged once after the loop, so the loop has no cross-warp reductions or barriers) and
-PREFETCH (the next tile's K and V are loaded into registers before this tile is computed).
+PREFETCH (the next tile's K and V are loaded into registers before this tile is computed). NEWEST_APART
+(Tiles.decode_newest_apart): the splits share the tiles of the cached keys (all but the newest), and the last split
+folds the newest key in after its loop, its row loaded before the loop.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def _decode_split_kernel(
     FUSED_REDUCE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
+    NEWEST_APART: tl.constexpr,
 ):
     gdc_wait(PDL)  # everything below reads what earlier kernels wrote (q, the cache, the lengths)
     gdc_go(PDL)
@@ -85,15 +88,23 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     num_heads = tl.num_programs(1)
     ctx_len = tl.load(lens_ptr + b)
-    tiles_per_split = tl.cdiv(tl.cdiv(ctx_len, BLOCK_N), num_splits)
+    keys = tl.maximum(ctx_len - 1, 0) if NEWEST_APART else ctx_len  # the keys the splits' tiles cover
+    tiles_per_split = tl.cdiv(tl.cdiv(keys, BLOCK_N), num_splits)
     start = split * tiles_per_split * BLOCK_N
-    end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx_len)
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, keys)
     table_ptr = tables_ptr + b.to(tl.int64) * stride_tb
 
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + h * stride_qh + d).to(tl.float32) * scale_log2e
     if SCALED:  # scores q·(k_fp8 × k_scale) = (q × k_scale)·k_fp8
         q = q * tl.load(k_scale_ptr)
+    if NEWEST_APART:  # the newest key's row (the last split's, of a non-empty context) and score
+        own = (split == num_splits - 1) & (ctx_len > 0)
+        first, stop = tl.maximum(ctx_len - 1, 0), tl.where(own, ctx_len, 0)  # other splits read nothing
+        k_new, v_new, _ = load_tile(
+            kc_ptr, vc_ptr, table_ptr, first, stop, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, 1
+        )
+        s_new = tl.sum(k_new.to(tl.float32) * q[None, :], 1)  # [1]
     if LANES:
         m_i = tl.full([BLOCK_N], NEG_BIG, tl.float32)
         l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -136,6 +147,13 @@ def _decode_split_kernel(
         w = tl.exp2(m_row - m_i)
         l_i = tl.sum(l_i * w, 0)
         acc = tl.sum(acc * w[:, None], 0)
+    if NEWEST_APART:  # fold the newest key into this split's softmax (no change where it is not the split's)
+        m_new = tl.where(own, tl.maximum(m_i, tl.max(s_new, 0)), m_i)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(own, tl.exp2(s_new - m_new), 0.0)  # [1]
+        acc = acc * alpha + tl.sum(p[:, None] * v_new.to(tl.float32), 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
     if SCALED:  # Σ p (v_fp8 × v_scale) = v_scale Σ p v_fp8 (the split merge is linear in acc)
         acc = acc * tl.load(v_scale_ptr)
 
@@ -268,6 +286,7 @@ def paged_decode(
         FUSED_REDUCE=fused,
         BLOCK_S=triton.next_power_of_2(num_splits),
         PDL=on,
+        NEWEST_APART=tiles.decode_newest_apart,
         num_warps=tiles.decode_warps,
         **launch_options(on),
     )

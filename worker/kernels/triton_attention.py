@@ -62,6 +62,11 @@ class Tiles:
     decode_lanes: bool = True  # per-row running softmax: no cross-warp reduction inside the key loop
     decode_prefetch: bool = False  # load the next tile's K/V before computing on this one (in registers)
     decode_fused_reduce: bool = True  # the last split to finish merges (one launch, no reduce kernel)
+    # The splits share the tiles of the cached keys only and the last split folds the newest key in after its loop
+    # (its row loaded before the loop): no tile for it alone where it starts one (a 513-key step: 16 full tiles of 32
+    # and the newest). Off until measured on the GPU (scripts/tune_attention.py sweeps it); paged_decode.cu does this
+    # (BENCHMARKS.md, 2026-11-30, eleventh).
+    decode_newest_apart: bool = False
     decode_ctas_per_sm: int = 2  # split policy: enough splits for this many programs per SM ...
     decode_min_tiles: int = 1  # ... each split at least this many key tiles of the longest context ...
     decode_max_splits: int = 16  # ... and at most this many splits
