@@ -1,0 +1,171 @@
+"""A/B of decode-step variants in one process, the method of BENCHMARKS.md's A/Bs: one model with the served decode
+kernels, each variant's CUDA graph captured and timed in turn, the variants alternating over rounds, so that the
+drift of a card (and between cards: every device call may land on another host) falls on all of them alike.
+
+    python scripts/ab_decode.py served new:src=var/new --quant int4 --batches 1,2 --rounds 3
+    python scripts/ab_decode.py served apart:tiles=decode_newest_apart=1 --batches 8,32
+    python scripts/ab_decode.py cuda:long1=65536,long2=65536 triton:long1=1,long2=1 --ctx 2048
+
+A variant is NAME or NAME:SETTINGS, a comma list of
+  src=DIR      a CUDA library built from DIR's edited copies of its sources (worker/kernels' files where DIR has
+               none): the GPTQ library (gptq_gemv.cu, gptq_mma.cu, gptq_tc.cu) or the decode attention
+               (paged_decode.cu), whichever DIR holds; gptq_cuda.cuh from DIR too where it has one
+  tiles=SPEC   the attention backend's Tiles (Tiles.parse; ';' between knobs)
+  formB=SxD    paged_decode_cuda.FORMS[B] (the cluster's blocks, the chunks in flight) at decode batch B
+  longB=N      paged_decode_cuda.LONG_CONTEXT[B]
+Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = os.path.join(os.path.dirname(HERE), "worker", "kernels")
+LIBRARIES = {  # library stem -> (its module, its sources)
+    "gptq_gemv": ("worker.kernels.gemv_cuda", ("gptq_gemv.cu", "gptq_mma.cu", "gptq_tc.cu")),
+    "paged_decode": ("worker.kernels.paged_decode_cuda", ("paged_decode.cu",)),
+}
+HEADER = "gptq_cuda.cuh"
+
+
+@dataclass
+class Variant:
+    name: str
+    src: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)  # stem -> sources, headers
+    tiles: str = ""
+    forms: dict[int, tuple[int, int]] = field(default_factory=dict)
+    long: dict[int, int] = field(default_factory=dict)
+
+
+def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
+    """NAME[:SETTINGS] (the module docstring) -> Variant; a bad setting raises ValueError naming it."""
+    name, _, settings = text.partition(":")
+    if not name:
+        raise ValueError(f"variant {text!r}: no name")
+    v = Variant(name)
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"variant {name}: {item!r} is not key=value")
+        if key == "src":
+            held = set(os.listdir(value)) if os.path.isdir(value) else set()
+            hits = sorted(stem for stem, (_, files) in LIBRARIES.items() if held & set(files))
+            if len(hits) != 1:
+                raise ValueError(f"variant {name}: {value} holds the sources of {hits or 'no library'}")
+            stem = hits[0]
+            files = (*LIBRARIES[stem][1], HEADER)  # from DIR where it has them
+            paths = [os.path.join(value if f in held else kernels, f) for f in files]
+            v.src[stem] = (tuple(paths[:-1]), (paths[-1],))
+        elif key == "tiles":
+            v.tiles = value.replace(";", ",")
+        elif key.startswith(("form", "long")) and key[4:].isdigit():
+            if key.startswith("form"):
+                blocks, _, depth = value.partition("x")
+                if not (blocks.isdigit() and depth.isdigit()):
+                    raise ValueError(f"variant {name}: {item!r}: a form is SPLITSxDEPTH")
+                v.forms[int(key[4:])] = (int(blocks), int(depth))
+            else:
+                v.long[int(key[4:])] = int(value)
+        else:
+            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB)")
+    return v
+
+
+@contextlib.contextmanager
+def applied(v: Variant, backend: Any) -> Iterator[None]:
+    """The variant's libraries, forms, thresholds and tiles in place for the block; the defaults back after it."""
+    import importlib
+
+    from worker.kernels import paged_decode_cuda as pdc
+    from worker.kernels.triton_attention import Tiles
+
+    modules: dict[str, Any] = {stem: importlib.import_module(mod) for stem, (mod, _) in LIBRARIES.items()}
+    saved_src = {stem: (m.SOURCES, m.HEADERS) for stem, m in modules.items()}
+    saved = (pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles)
+    try:
+        for stem, (sources, headers) in v.src.items():
+            modules[stem].SOURCES, modules[stem].HEADERS = sources, headers
+            modules[stem].library.cache_clear()
+        pdc.FORMS = {**pdc.FORMS, **v.forms}
+        pdc.LONG_CONTEXT = {**pdc.LONG_CONTEXT, **v.long}
+        if v.tiles:
+            backend.tiles = Tiles.parse(v.tiles)
+        yield
+    finally:
+        for stem in v.src:
+            modules[stem].SOURCES, modules[stem].HEADERS = saved_src[stem]
+            modules[stem].library.cache_clear()
+        pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles = saved
+
+
+def prebuild(variants: list[Variant], major: int, minor: int) -> None:
+    """Build every variant's libraries at once (nvcc in parallel processes, into the build cache)."""
+    jobs = {(stem, s, h) for v in variants for stem, (s, h) in v.src.items()}
+    code = (
+        "import sys; from worker.kernels.cuda_build import build, find_nvcc; a = sys.argv; "
+        "build(a[1], tuple(a[2].split('|')), tuple(a[3].split('|')), int(a[4]), int(a[5]), find_nvcc())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, stem, "|".join(s), "|".join(h), str(major), str(minor)])
+        for stem, s, h in sorted(jobs)
+    ]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a variant's library did not build (nvcc's message above)")
+
+
+def main() -> None:
+    sys.path.insert(0, HERE)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("variants", nargs="+", help="NAME or NAME:SETTINGS (see the module docstring)")
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--quant", default="int4", help="bf16 or a bench_quant.py mode (int4, int8, fp8)")
+    ap.add_argument("--batches", default="1,2")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    variants = [parse_variant(t) for t in args.variants]
+    if len({v.name for v in variants}) != len(variants):
+        raise SystemExit("variant names must differ")
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import torch
+
+    import bench_quant
+    from bench_common import copy_bandwidth
+    from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
+
+    dev = torch.device("cuda")
+    prebuild(variants, *torch.cuda.get_device_capability(dev))
+    bw = copy_bandwidth(dev)
+    model = bench_quant.build(args.shape, bench_quant.MODES[args.quant], device=dev)
+    kernels = parse_decode_kernels(",".join(SERVED))
+    print(f"{torch.cuda.get_device_name(dev)}, copy {bw / 1e9:.0f} GB/s, {args.shape} {args.quant}, ctx {args.ctx}")
+    times: dict[str, list[list[float]]] = {v.name: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants:
+            with applied(v, model.backend):
+                apply_decode_kernels(model.transformer, kernels)  # plans and handles from this variant's libraries
+                rows = {
+                    row["batch"]: row.get("graph_ms", float("nan"))
+                    for row in bench_quant.bench_decode(model, batches, args.ctx, bw)
+                }
+            times[v.name].append([rows[b] for b in batches])
+            line = "  ".join(f"batch {b} {t:.4f} ms" for b, t in zip(batches, times[v.name][-1]))
+            print(f"round {r}: {v.name:16s} {line}", flush=True)
+    print("\n| variant | " + " | ".join(f"batch {b} (ms)" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    for v in variants:
+        cols = [sorted(t[i] for t in times[v.name]) for i in range(len(batches))]
+        print(f"| {v.name} | " + " | ".join(", ".join(f"{x:.3f}" for x in c) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()

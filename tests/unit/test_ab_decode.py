@@ -1,0 +1,78 @@
+"""scripts/ab_decode.py (the GPU A/B of decode-step variants in one process) on the CPU: how a variant's settings
+are read (which library a directory of edited sources replaces, the files taken from it), the clear errors for bad
+ones, and that a variant's settings hold inside its block and the defaults come back after it, an exception too."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import ab_decode  # noqa: E402
+
+KERNELS = os.path.join(ROOT, "worker", "kernels")
+
+
+def _dir(tmp_path, name: str, *files: str) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    for f in files:
+        (d / f).write_text("// an edited copy\n")
+    return str(d)
+
+
+def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path):
+    attn = _dir(tmp_path, "attn", "paged_decode.cu")
+    gemv = _dir(tmp_path, "gemv", "gptq_tc.cu", "gptq_cuda.cuh")
+    v = ab_decode.parse_variant(f"new:src={attn},src={gemv},form1=4x2,long2=1024,tiles=decode_n=64;decode_lanes=1")
+    assert v.name == "new"
+    assert v.src["paged_decode"] == ((f"{attn}/paged_decode.cu",), (f"{KERNELS}/gptq_cuda.cuh",))
+    sources, headers = v.src["gptq_gemv"]
+    assert sources == (f"{KERNELS}/gptq_gemv.cu", f"{KERNELS}/gptq_mma.cu", f"{gemv}/gptq_tc.cu")
+    assert headers == (f"{gemv}/gptq_cuda.cuh",)
+    assert (v.forms, v.long, v.tiles) == ({1: (4, 2)}, {2: 1024}, "decode_n=64,decode_lanes=1")
+    assert ab_decode.parse_variant("served") == ab_decode.Variant("served")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("a:kernels=x", "unknown setting 'kernels'"),
+        ("a:form1=4", "a form is SPLITSxDEPTH"),
+        ("a:long1", "is not key=value"),
+        (":form1=4x2", "no name"),
+        ("a:src={empty}", "no library"),
+        ("a:src={both}", "['gptq_gemv', 'paged_decode']"),
+    ],
+)
+def test_bad_variants_are_refused_naming_what_is_wrong(tmp_path, spec, message):
+    empty, both = _dir(tmp_path, "empty"), _dir(tmp_path, "both", "paged_decode.cu", "gptq_tc.cu")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ab_decode.parse_variant(spec.format(empty=empty, both=both))
+
+
+def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
+    from worker.kernels import gemv_cuda
+    from worker.kernels import paged_decode_cuda as pdc
+    from worker.kernels.triton_attention import Tiles
+
+    defaults = (pdc.FORMS, pdc.LONG_CONTEXT, pdc.SOURCES, pdc.HEADERS, gemv_cuda.SOURCES, gemv_cuda.HEADERS)
+    attn = _dir(tmp_path, "attn", "paged_decode.cu")
+    v = ab_decode.parse_variant(f"v:src={attn},form2=4x4,long1=100,tiles=decode_n=64")
+    backend = SimpleNamespace(tiles=Tiles())
+    for fail in (False, True):
+        with pytest.raises(RuntimeError) if fail else ab_decode.contextlib.nullcontext():
+            with ab_decode.applied(v, backend):
+                assert pdc.SOURCES == (f"{attn}/paged_decode.cu",) and gemv_cuda.SOURCES == defaults[4]
+                assert pdc.form_for(2) == (4, 4) and pdc.form_for(1) == defaults[0][1]
+                assert pdc.LONG_CONTEXT == {**defaults[1], 1: 100}
+                assert backend.tiles == Tiles(decode_n=64)
+                if fail:
+                    raise RuntimeError("a variant's run failed")
+        assert (pdc.FORMS, pdc.LONG_CONTEXT, pdc.SOURCES, pdc.HEADERS, gemv_cuda.SOURCES, gemv_cuda.HEADERS) == defaults
+        assert backend.tiles == Tiles()
