@@ -13,6 +13,7 @@ A variant is NAME or NAME:SETTINGS, a comma list of
   tiles=SPEC   the attention backend's Tiles (Tiles.parse; ';' between knobs)
   formB=SxD    paged_decode_cuda.FORMS[B] (the cluster's blocks, the chunks in flight) at decode batch B
   longB=N      paged_decode_cuda.LONG_CONTEXT[B]
+  kernels=SPEC the DecodeKernels fields on ('+' between them; 'none': all off) instead of the served set
 Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
 """
 
@@ -43,6 +44,7 @@ class Variant:
     tiles: str = ""
     forms: dict[int, tuple[int, int]] = field(default_factory=dict)
     long: dict[int, int] = field(default_factory=dict)
+    kernels: str = ""  # parse_decode_kernels' spec ("": the served set)
 
 
 def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
@@ -66,6 +68,11 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             v.src[stem] = (tuple(paths[:-1]), (paths[-1],))
         elif key == "tiles":
             v.tiles = value.replace(";", ",")
+        elif key == "kernels":
+            from worker.layers.decode_kernels import parse_decode_kernels
+
+            v.kernels = value.replace("+", ",")
+            parse_decode_kernels(v.kernels)  # a bad field name fails here, before the GPU work
         elif key.startswith(("form", "long")) and key[4:].isdigit():
             if key.startswith("form"):
                 blocks, _, depth = value.partition("x")
@@ -75,7 +82,7 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             else:
                 v.long[int(key[4:])] = int(value)
         else:
-            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB)")
+            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels)")
     return v
 
 
@@ -146,13 +153,13 @@ def main() -> None:
     prebuild(variants, *torch.cuda.get_device_capability(dev))
     bw = copy_bandwidth(dev)
     model = bench_quant.build(args.shape, bench_quant.MODES[args.quant], device=dev)
-    kernels = parse_decode_kernels(",".join(SERVED))
     print(f"{torch.cuda.get_device_name(dev)}, copy {bw / 1e9:.0f} GB/s, {args.shape} {args.quant}, ctx {args.ctx}")
     times: dict[str, list[list[float]]] = {v.name: [] for v in variants}
     for r in range(args.rounds):
         for v in variants:
             with applied(v, model.backend):
-                apply_decode_kernels(model.transformer, kernels)  # plans and handles from this variant's libraries
+                # the variant's kernels, their plans and handles from its libraries
+                apply_decode_kernels(model.transformer, parse_decode_kernels(v.kernels or ",".join(SERVED)))
                 rows = {
                     row["batch"]: row.get("graph_ms", float("nan"))
                     for row in bench_quant.bench_decode(model, batches, args.ctx, bw)

@@ -29,20 +29,24 @@ def _dir(tmp_path, name: str, *files: str) -> str:
 def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path):
     attn = _dir(tmp_path, "attn", "paged_decode.cu")
     gemv = _dir(tmp_path, "gemv", "gptq_tc.cu", "gptq_cuda.cuh")
-    v = ab_decode.parse_variant(f"new:src={attn},src={gemv},form1=4x2,long2=1024,tiles=decode_n=64;decode_lanes=1")
+    v = ab_decode.parse_variant(
+        f"new:src={attn},src={gemv},form1=4x2,long2=1024,tiles=decode_n=64;decode_lanes=1,kernels=pdl+gptq_tc"
+    )
     assert v.name == "new"
     assert v.src["paged_decode"] == ((f"{attn}/paged_decode.cu",), (f"{KERNELS}/gptq_cuda.cuh",))
     sources, headers = v.src["gptq_gemv"]
     assert sources == (f"{KERNELS}/gptq_gemv.cu", f"{KERNELS}/gptq_mma.cu", f"{gemv}/gptq_tc.cu")
     assert headers == (f"{gemv}/gptq_cuda.cuh",)
     assert (v.forms, v.long, v.tiles) == ({1: (4, 2)}, {2: 1024}, "decode_n=64,decode_lanes=1")
+    assert v.kernels == "pdl,gptq_tc"
     assert ab_decode.parse_variant("served") == ab_decode.Variant("served")
 
 
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("a:kernels=x", "unknown setting 'kernels'"),
+        ("a:kernel=x", "unknown setting 'kernel'"),
+        ("a:kernels=pdl+gptq_fast", "gptq_fast"),
         ("a:form1=4", "a form is SPLITSxDEPTH"),
         ("a:long1", "is not key=value"),
         (":form1=4x2", "no name"),
