@@ -140,19 +140,21 @@ VARIANTS = {
     "n128_w8_s2": Tiles(decode_n=128, decode_warps=8, decode_stages=2),
     "n32_lanes_prefetch": Tiles(decode_n=32, decode_lanes=True, decode_prefetch=True),
     "n64_s2_fused": Tiles(decode_n=64, decode_stages=2, decode_fused_reduce=True),  # the last split merges
+    "apart": Tiles(decode_newest_apart=True),  # the default loop, the newest key folded in by the last split
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("num_splits", [None, 1, 48])
 def test_decode_variants(variant, num_splits):
-    """8k and odd contexts, a one-token context (most of 48 splits empty), in bf16."""
-    b = decode_batch([1, 8192, 33, 5001], torch.bfloat16, seed=11)
+    """8k and odd contexts, a one-token context (most of 48 splits empty), contexts whose newest key starts a tile
+    (33, 513), in bf16."""
+    b = decode_batch([1, 8192, 33, 5001, 513], torch.bfloat16, seed=11)
     out = b.attend(TritonAttention(tiles=VARIANTS[variant]), num_splits=num_splits)
     close(out, b.attend(TorchAttention()), torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2", "n64_s2_fused"])
+@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2", "n64_s2_fused", "apart"])
 def test_decode_variants_fp8(variant):
     """fp8 caches (scales on the GPU, read in-kernel) against the reference over the same fp8 cache."""
     fp8 = torch.float8_e4m3fn
@@ -192,8 +194,8 @@ def test_prefill_without_cache(use_varlen, dtype):
 
 @pytest.mark.parametrize(
     "tiles",
-    [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"]],
-    ids=["default", "lanes_pipelined", "fused_reduce"],
+    [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"], VARIANTS["apart"]],
+    ids=["default", "lanes_pipelined", "fused_reduce", "newest_apart"],
 )
 def test_decode_in_cuda_graph(tiles):
     """Fixed num_splits, captured once; new lengths and block tables written in place, then replayed."""
