@@ -98,13 +98,12 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + h * stride_qh + d).to(tl.float32) * scale_log2e
     if SCALED:  # scores q·(k_fp8 × k_scale) = (q × k_scale)·k_fp8
         q = q * tl.load(k_scale_ptr)
-    if NEWEST_APART:  # the newest key's row (the last split's, of a non-empty context) and score
+    if NEWEST_APART:  # the newest key's row: the last split's, of a non-empty context (valid nowhere else)
         own = (split == num_splits - 1) & (ctx_len > 0)
         first, stop = tl.maximum(ctx_len - 1, 0), tl.where(own, ctx_len, 0)  # other splits read nothing
-        k_new, v_new, _ = load_tile(
+        k_new, v_new, new_valid = load_tile(
             kc_ptr, vc_ptr, table_ptr, first, stop, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, 1
         )
-        s_new = tl.sum(k_new.to(tl.float32) * q[None, :], 1)  # [1]
     if LANES:
         m_i = tl.full([BLOCK_N], NEG_BIG, tl.float32)
         l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -147,13 +146,8 @@ def _decode_split_kernel(
         w = tl.exp2(m_row - m_i)
         l_i = tl.sum(l_i * w, 0)
         acc = tl.sum(acc * w[:, None], 0)
-    if NEWEST_APART:  # fold the newest key into this split's softmax (no change where it is not the split's)
-        m_new = tl.where(own, tl.maximum(m_i, tl.max(s_new, 0)), m_i)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.where(own, tl.exp2(s_new - m_new), 0.0)  # [1]
-        acc = acc * alpha + tl.sum(p[:, None] * v_new.to(tl.float32), 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
+    if NEWEST_APART:  # the newest key folded into this split's softmax: a one-row step (no change where not valid)
+        m_i, l_i, acc = softmax_step(q, k_new, v_new, new_valid, m_i, l_i, acc, False)
     if SCALED:  # Σ p (v_fp8 × v_scale) = v_scale Σ p v_fp8 (the split merge is linear in acc)
         acc = acc * tl.load(v_scale_ptr)
 
