@@ -99,6 +99,8 @@ class GraphedDecode:
             for bs in reversed(self.sizes)  # largest first: the pool is sized once
             for is_long in ([False, True] if bs in self.long_tokens else [False])
         ]
+        sm = torch.cuda.get_device_properties(dev).multi_processor_count
+        heads = model.config.num_attention_heads // model.pctx.world_size
         for bs, lora, is_long in keys:
             # the graph's longest context: below long_tokens[bs] where the bucket has a long graph beside it
             max_k = self.long_tokens[bs] - 1 if bs in self.long_tokens and not is_long else longest
@@ -106,8 +108,6 @@ class GraphedDecode:
             data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
             splits = None
             if hasattr(backend, "num_splits"):  # the backend's split policy at the longest context a graph sees
-                sm = torch.cuda.get_device_properties(dev).multi_processor_count
-                heads = model.config.num_attention_heads // model.pctx.world_size
                 splits = backend.tiles.decode_splits(bs, heads, longest, sm)
 
             def step(bs: int = bs, seqlen: Seqlen = seqlen, data: AdapterBatchData | None = data) -> torch.Tensor:
