@@ -151,7 +151,8 @@ def sweep(sw: Any, kinds: list[str], ctxs: list[int], batches: list[int], top: i
         ranked.sort(key=lambda r: r[0])
         best_tiles = [t for _, t in ranked[:top]]
         best_tiles += [replace(t, decode_fused_reduce=True) for t in best_tiles[:2]]  # one launch, no reduce kernel
-        best_tiles += [replace(t, decode_newest_apart=True) for t in best_tiles[:2]]  # no tile for the newest alone
+        # the newest key in a tile of its own or apart, whichever the best two lack
+        best_tiles += [replace(t, decode_newest_apart=not t.decode_newest_apart) for t in best_tiles[:2]]
         print(
             f"\ndecode {kv}: stage 1, {len(ranked)} variants ok at ctx {anchor_ctx}; best: "
             + "; ".join(f"{name(t)} {g * 1e3:.3f} ms" for g, t in ranked[:top])

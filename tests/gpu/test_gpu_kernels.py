@@ -140,7 +140,7 @@ VARIANTS = {
     "n128_w8_s2": Tiles(decode_n=128, decode_warps=8, decode_stages=2),
     "n32_lanes_prefetch": Tiles(decode_n=32, decode_lanes=True, decode_prefetch=True),
     "n64_s2_fused": Tiles(decode_n=64, decode_stages=2, decode_fused_reduce=True),  # the last split merges
-    "apart": Tiles(decode_newest_apart=True),  # the default loop, the newest key folded in by the last split
+    "together": Tiles(decode_newest_apart=False),  # the default loop, the newest key in a tile (not apart)
 }
 
 
@@ -154,7 +154,7 @@ def test_decode_variants(variant, num_splits):
     close(out, b.attend(TorchAttention()), torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2", "n64_s2_fused", "apart"])
+@pytest.mark.parametrize("variant", ["n64_s3", "n64_w8_lanes_s2", "n32_prefetch_s2", "n64_s2_fused", "together"])
 def test_decode_variants_fp8(variant):
     """fp8 caches (scales on the GPU, read in-kernel) against the reference over the same fp8 cache."""
     fp8 = torch.float8_e4m3fn
@@ -194,8 +194,8 @@ def test_prefill_without_cache(use_varlen, dtype):
 
 @pytest.mark.parametrize(
     "tiles",
-    [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"], VARIANTS["apart"]],
-    ids=["default", "lanes_pipelined", "fused_reduce", "newest_apart"],
+    [Tiles(), VARIANTS["n64_w8_lanes_s2"], VARIANTS["n64_s2_fused"], VARIANTS["together"]],
+    ids=["default", "lanes_pipelined", "fused_reduce", "newest_together"],
 )
 def test_decode_in_cuda_graph(tiles):
     """Fixed num_splits, captured once; new lengths and block tables written in place, then replayed."""

@@ -224,17 +224,18 @@ VARIANTS = {
     "prefetch": Tiles(decode_n=16, decode_prefetch=True, decode_stages=2),
     "lanes_prefetch": Tiles(decode_n=8, decode_lanes=True, decode_prefetch=True, decode_stages=1),
     "fused": Tiles(decode_n=8, decode_lanes=True, decode_fused_reduce=True),  # the last split merges
-    # the newest key apart from the tiles, folded in by the last split: per-row lanes and fused, and plain
-    "apart": Tiles(decode_n=8, decode_lanes=True, decode_fused_reduce=True, decode_newest_apart=True),
-    "apart_plain": Tiles(decode_n=8, decode_stages=1, decode_newest_apart=True),
+    # (the variants above fold the newest key in apart from the tiles, by the last split: the default) the newest key
+    # in the tiles with the cached ones: per-row lanes and fused, and plain
+    "together": Tiles(decode_n=8, decode_lanes=True, decode_fused_reduce=True, decode_newest_apart=False),
+    "together_plain": Tiles(decode_n=8, decode_stages=1, decode_newest_apart=False),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_variants_match_torch(variant):
     """Every loop variant on contexts shorter than one tile, odd lengths and 130 keys over 17 tiles, and whose newest
-    key starts a tile (1, 9, 17, 33: the "apart" variants give it no tile); one split, a few, and more splits than
-    some contexts have tiles (empty splits); a padding row gives 0."""
+    key starts a tile (1, 9, 17, 33: but for the "together" variants it gets no tile); one split, a few, and more
+    splits than some contexts have tiles (empty splits); a padding row gives 0."""
     b = decode_batch([1, 7, 130, 33, 64, 2, 17, 9], torch.float32, seed=8)
     ref = b.attend(TorchAttention())
     b.ctx.seqlen.input_lengths[5] = 0  # a padding row
@@ -252,7 +253,7 @@ def test_decode_variants_fp16(variant):
     close(out, b.attend(TorchAttention()), torch.float16)
 
 
-@pytest.mark.parametrize("variant", ["plain", "lanes", "prefetch", "fused", "apart"])
+@pytest.mark.parametrize("variant", ["plain", "lanes", "prefetch", "fused", "together"])
 def test_decode_variants_fp8_cache_with_scales(variant):
     """fp8 (e4m3) caches with K and V scales (a tensor and a float) against the reference's dequantised
     attention over the same fp8 cache; NaN-coded unused rows stay NaN in fp8."""

@@ -15,8 +15,8 @@ STAGES (tl.range software-pipelines the table, K and V loads of later tiles: wit
 Triton pipelines nothing otherwise), LANES (each of the BLOCK_N rows keeps its own running max / sum /
 accumulator, merged once after the loop, so the loop has no cross-warp reductions or barriers) and
 PREFETCH (the next tile's K and V are loaded into registers before this tile is computed). NEWEST_APART
-(Tiles.decode_newest_apart): the splits share the tiles of the cached keys (all but the newest), and the last split
-folds the newest key in after its loop, its row loaded before the loop.
+(Tiles.decode_newest_apart, the default): the splits share the tiles of the cached keys (all but the newest), and the
+last split folds the newest key in after its loop, its row loaded before the loop.
 """
 
 from __future__ import annotations

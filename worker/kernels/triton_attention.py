@@ -64,9 +64,10 @@ class Tiles:
     decode_fused_reduce: bool = True  # the last split to finish merges (one launch, no reduce kernel)
     # The splits share the tiles of the cached keys only and the last split folds the newest key in after its loop
     # (its row loaded before the loop): no tile for it alone where it starts one (a 513-key step: 16 full tiles of 32
-    # and the newest). Off until measured on the GPU (scripts/tune_attention.py sweeps it); paged_decode.cu does this
-    # (BENCHMARKS.md, 2026-11-30, eleventh).
-    decode_newest_apart: bool = False
+    # and the newest), as paged_decode.cu does. On the H200 the bf16 7B step at 512-token contexts took 4.919-4.922 /
+    # 6.671-6.678 / 8.777-8.782 ms at batch 8 / 32 / 64 with it against 4.964-5.004 / 6.724-6.737 / 8.833-8.861
+    # without (scripts/ab_decode.py, 3 alternating rounds; BENCHMARKS.md, 2026-11-30, twelfth).
+    decode_newest_apart: bool = True
     decode_ctas_per_sm: int = 2  # split policy: enough splits for this many programs per SM ...
     decode_min_tiles: int = 1  # ... each split at least this many key tiles of the longest context ...
     decode_max_splits: int = 16  # ... and at most this many splits
