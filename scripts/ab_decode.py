@@ -14,6 +14,7 @@ A variant is NAME or NAME:SETTINGS, a comma list of
   formB=SxD    paged_decode_cuda.FORMS[B] (the cluster's blocks, the chunks in flight) at decode batch B
   longB=N      paged_decode_cuda.LONG_CONTEXT[B]
   kernels=SPEC the DecodeKernels fields on ('+' between them; 'none': all off) instead of the served set
+  set=M.NAME=N worker/kernels/M.py's integer constant NAME set to N (a plan's knob, e.g. gemv_cuda.TC_LONG_K=2)
 Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
 """
 
@@ -45,6 +46,7 @@ class Variant:
     forms: dict[int, tuple[int, int]] = field(default_factory=dict)
     long: dict[int, int] = field(default_factory=dict)
     kernels: str = ""  # parse_decode_kernels' spec ("": the served set)
+    consts: dict[tuple[str, str], int] = field(default_factory=dict)  # (worker.kernels module, name) -> value
 
 
 def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
@@ -73,6 +75,14 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
 
             v.kernels = value.replace("+", ",")
             parse_decode_kernels(v.kernels)  # a bad field name fails here, before the GPU work
+        elif key == "set":
+            target, _, number = value.partition("=")
+            module, _, const = target.partition(".")
+            if not (module and const and number.lstrip("-").isdigit()):
+                raise ValueError(f"variant {name}: {item!r}: set is MODULE.NAME=INTEGER")
+            if not isinstance(getattr(_kernel_module(module), const, None), int):
+                raise ValueError(f"variant {name}: {item!r}: worker.kernels.{module} has no integer {const}")
+            v.consts[(module, const)] = int(number)
         elif key.startswith(("form", "long")) and key[4:].isdigit():
             if key.startswith("form"):
                 blocks, _, depth = value.partition("x")
@@ -82,8 +92,20 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             else:
                 v.long[int(key[4:])] = int(value)
         else:
-            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels)")
+            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels, set)")
     return v
+
+
+def _kernel_module(name: str) -> Any:
+    """worker.kernels.NAME (ValueError where there is none)."""
+    import importlib
+
+    if not name.isidentifier():
+        raise ValueError(f"{name!r} is not a module name")
+    try:
+        return importlib.import_module(f"worker.kernels.{name}")
+    except ImportError as e:
+        raise ValueError(f"no module worker.kernels.{name}: {e}") from e
 
 
 @contextlib.contextmanager
@@ -97,7 +119,10 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
     modules: dict[str, Any] = {stem: importlib.import_module(mod) for stem, (mod, _) in LIBRARIES.items()}
     saved_src = {stem: (m.SOURCES, m.HEADERS) for stem, m in modules.items()}
     saved = (pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles)
+    consts = {(m, c): (_kernel_module(m), getattr(_kernel_module(m), c)) for m, c in v.consts}
     try:
+        for (m, c), value in v.consts.items():
+            setattr(consts[(m, c)][0], c, value)
         for stem, (sources, headers) in v.src.items():
             modules[stem].SOURCES, modules[stem].HEADERS = sources, headers
             modules[stem].library.cache_clear()
@@ -111,6 +136,8 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
             modules[stem].SOURCES, modules[stem].HEADERS = saved_src[stem]
             modules[stem].library.cache_clear()
         pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles = saved
+        for (_, c), (module, old) in consts.items():
+            setattr(module, c, old)
 
 
 def prebuild(variants: list[Variant], major: int, minor: int) -> None:

@@ -30,7 +30,8 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
     attn = _dir(tmp_path, "attn", "paged_decode.cu")
     gemv = _dir(tmp_path, "gemv", "gptq_tc.cu", "gptq_cuda.cuh")
     v = ab_decode.parse_variant(
-        f"new:src={attn},src={gemv},form1=4x2,long2=1024,tiles=decode_n=64;decode_lanes=1,kernels=pdl+gptq_tc"
+        f"new:src={attn},src={gemv},form1=4x2,long2=1024,tiles=decode_n=64;decode_lanes=1,kernels=pdl+gptq_tc,"
+        "set=gemv_cuda.TC_LONG_K=2"
     )
     assert v.name == "new"
     assert v.src["paged_decode"] == ((f"{attn}/paged_decode.cu",), (f"{KERNELS}/gptq_cuda.cuh",))
@@ -39,6 +40,7 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
     assert headers == (f"{gemv}/gptq_cuda.cuh",)
     assert (v.forms, v.long, v.tiles) == ({1: (4, 2)}, {2: 1024}, "decode_n=64,decode_lanes=1")
     assert v.kernels == "pdl,gptq_tc"
+    assert v.consts == {("gemv_cuda", "TC_LONG_K"): 2}
     assert ab_decode.parse_variant("served") == ab_decode.Variant("served")
 
 
@@ -52,6 +54,11 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
         (":form1=4x2", "no name"),
         ("a:src={empty}", "no library"),
         ("a:src={both}", "['gptq_gemv', 'paged_decode']"),
+        ("a:set=gemv_cuda.TC_LONG_K", "set is MODULE.NAME=INTEGER"),
+        ("a:set=gemv_cuda.TC_LONG_K=x", "set is MODULE.NAME=INTEGER"),
+        ("a:set=gemv_cuda.NOT_THERE=1", "no integer NOT_THERE"),
+        ("a:set=gemv_cuda.SOURCES=1", "no integer SOURCES"),
+        ("a:set=no_such.X=1", "no module worker.kernels.no_such"),
     ],
 )
 def test_bad_variants_are_refused_naming_what_is_wrong(tmp_path, spec, message):
@@ -66,8 +73,9 @@ def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
     from worker.kernels.triton_attention import Tiles
 
     defaults = (pdc.FORMS, pdc.LONG_CONTEXT, pdc.SOURCES, pdc.HEADERS, gemv_cuda.SOURCES, gemv_cuda.HEADERS)
+    long_k = gemv_cuda.TC_LONG_K
     attn = _dir(tmp_path, "attn", "paged_decode.cu")
-    v = ab_decode.parse_variant(f"v:src={attn},form2=4x4,long1=100,tiles=decode_n=64")
+    v = ab_decode.parse_variant(f"v:src={attn},form2=4x4,long1=100,tiles=decode_n=64,set=gemv_cuda.TC_LONG_K=-3")
     backend = SimpleNamespace(tiles=Tiles())
     for fail in (False, True):
         with pytest.raises(RuntimeError) if fail else ab_decode.contextlib.nullcontext():
@@ -76,7 +84,9 @@ def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
                 assert pdc.form_for(2) == (4, 4) and pdc.form_for(1) == defaults[0][1]
                 assert pdc.LONG_CONTEXT == {**defaults[1], 1: 100}
                 assert backend.tiles == Tiles(decode_n=64)
+                assert gemv_cuda.TC_LONG_K == -3
                 if fail:
                     raise RuntimeError("a variant's run failed")
         assert (pdc.FORMS, pdc.LONG_CONTEXT, pdc.SOURCES, pdc.HEADERS, gemv_cuda.SOURCES, gemv_cuda.HEADERS) == defaults
         assert backend.tiles == Tiles()
+        assert gemv_cuda.TC_LONG_K == long_k
