@@ -143,8 +143,8 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
 
 def _routes(monkeypatch, bits: int):
     """A GPTQ layer of `bits` on a pretend sm_90 with the library built, and the list of the paths its matmuls take:
-    ("cuda" | "tc" | "tc-cluster" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV, ("gemm", rows)
-    otherwise."""
+    ("cuda" | "tc" | "tc-cluster" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV,
+    ("gemm", rows) otherwise."""
     from worker.kernels import gemv as triton_gemv
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
