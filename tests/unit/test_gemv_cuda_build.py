@@ -143,8 +143,8 @@ def test_steps_of_up_to_2_rows_take_the_cuda_gemv_and_others_the_triton_one(monk
 
 def _routes(monkeypatch, bits: int):
     """A GPTQ layer of `bits` on a pretend sm_90 with the library built, and the list of the paths its matmuls take:
-    ("cuda" | "tc" | "tc-cluster" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV,
-    ("gemm", rows) otherwise."""
+    ("cuda" | "tc" | "mma", rows) for gemv_cuda.cuda_gemv, ("triton", rows) for the Triton GEMV, ("gemm", rows)
+    otherwise."""
     from worker.kernels import gemv as triton_gemv
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -152,16 +152,9 @@ def _routes(monkeypatch, bits: int):
     calls: list[tuple[str, int]] = []
 
     def cuda(
-        x: torch.Tensor,
-        w: object,
-        b: object,
-        pdl: bool,
-        mma: bool = False,
-        tc: bool = False,
-        stage: bool = True,
-        cluster: bool = False,
+        x: torch.Tensor, w: object, b: object, pdl: bool, mma: bool = False, tc: bool = False, stage: bool = True
     ) -> torch.Tensor:
-        calls.append(("mma" if mma else ("tc-cluster" if cluster else "tc") if tc else "cuda", x.shape[0]))
+        calls.append(("mma" if mma else "tc" if tc else "cuda", x.shape[0]))
         return x
 
     def triton(x: torch.Tensor, w: object, b: object, pdl: bool) -> torch.Tensor:
@@ -216,11 +209,6 @@ def test_gptq_tc_takes_one_and_two_rows(monkeypatch):
     layer.set_decode_kernels(DecodeKernels(gptq_mma=True, gptq_tc=True))  # gptq_tc rides on gptq_cuda
     layer._mm(torch.zeros(2, 256, dtype=torch.bfloat16), None)
     assert calls == [("mma", 2)]
-    calls.clear()
-    layer.set_decode_kernels(DecodeKernels(gptq_cuda=True, gptq_mma=True, gptq_tc=True, gptq_cluster=True))
-    for rows in (1, 2, 3):  # gptq_cluster: gptq_tc's splits in clusters
-        layer._mm(torch.zeros(rows, 256, dtype=torch.bfloat16), None)
-    assert calls == [("tc-cluster", 1), ("tc-cluster", 2), ("mma", 3)]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
@@ -424,18 +412,3 @@ def test_plan_tc_pair_keeps_the_gate_up_blocks_in_one_wave():
         blocks = -(-(n // 2) // 32)
         assert w in (2, 4, 8) and w // 2 <= max(1, k // 128)
         assert w == 2 or blocks <= 132 * (12 // w)
-
-
-def test_plan_tc_keeps_a_cluster_s_splits_within_its_blocks(monkeypatch):
-    """plan_tc(cluster=True) (DecodeKernels.gptq_cluster): at most MAX_CLUSTER splits where the plain plan takes more,
-    the same plan otherwise, and its own long-K threshold for 4-warp blocks over splits."""
-    assert gemv_cuda.MAX_CLUSTER == 8
-    per, splits, warps = gemv_cuda.plan_tc(512, 24576, 132, 1, stage=False)
-    assert (splits, warps) == (12, 8)  # 16 tiles x 8 warps, 192 chunks
-    per, splits, warps = gemv_cuda.plan_tc(512, 24576, 132, 1, stage=False, cluster=True)
-    assert (per, splits, warps) == (24, 8, 8)
-    for N, K in ((4096, 11008), (12288, 4096), (4096, 4096)):
-        assert gemv_cuda.plan_tc(N, K, 132, 1, False, True) == gemv_cuda.plan_tc(N, K, 132, 1, False)
-    monkeypatch.setattr(gemv_cuda, "TC_LONG_K_CLUSTER", 2)  # attn.c_proj's 32 chunks: 2.7 a warp at 4 x 3
-    assert gemv_cuda.plan_tc(4096, 4096, 132, 1, False, True) == (11, 3, 4)
-    assert gemv_cuda.plan_tc(4096, 4096, 132, 1, False) == (32, 1, 8)

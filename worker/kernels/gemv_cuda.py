@@ -37,10 +37,7 @@ TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in fl
 # took the batch-1 step to 1.908-1.912 ms from 1.933-1.944 at 8 x 1 (batch 2 2.149-2.151, 2.144-2.153); attn.c_proj (32
 # chunks: 2.7 a warp) at 4 x 3 or 4 x 2 to 1.973-1.983 (slower), 8 x 2 2.066-2.077, c_attn at 4 x 2 or 8 x 1 2.04-2.11.
 TC_LONG_K = 6
-TC_LONG_K_CLUSTER = TC_LONG_K  # TC_LONG_K where the splits are one cluster's (DecodeKernels.gptq_cluster)
 LAUNCH_TILED = 2  # the entry points' `pdl` flags: bit 0 PDL, bit 1 tiled words (gptq_cuda.cuh's kTiled)
-LAUNCH_CLUSTER = 4  # bit 2 (gptq_tc): K's splits in one thread block cluster (kCluster)
-MAX_CLUSTER = 8  # blocks a cluster at most (the portable size)
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -144,20 +141,18 @@ def tc_smem(rows: int, per: int, warps: int, stage: bool = True) -> int:
     return (rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0) + warps * 8 * TC_COLS * 4
 
 
-def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True, cluster: bool = False) -> tuple[int, int, int]:
+def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[int, int, int]:
     """(chunks per split, splits, warps a block) for gptq_tc. Staged: 16 warps a block where the 32-column tiles are
     no more than the SMs, else 8 (at most a split's chunks), and the fewest splits whose shared memory fits MMA_SMEM.
     Unstaged (x loaded by each warp): 8 warps where the tiles are no more than the SMs, else 4, and K split so that
     the warps fill ~TC_WARPS_PER_SM an SM, each keeping 2 chunks or more (the 7B linears' sweep on an H200,
-    BENCHMARKS.md); where 8 warps stay unsplit, 4 warps over K's splits if each warp still keeps TC_LONG_K chunks
-    (TC_LONG_K_CLUSTER with the splits in one cluster, at most MAX_CLUSTER of them)."""
+    BENCHMARKS.md); where 8 warps stay unsplit, 4 warps over K's splits if each warp still keeps TC_LONG_K chunks."""
     tiles, chunks = -(-n // TC_COLS), k // CHUNK
     if not stage:
-        most, long_k = (MAX_CLUSTER, TC_LONG_K_CLUSTER) if cluster else (chunks, TC_LONG_K)
         warps = 8 if tiles <= sms else 4
-        splits = max(1, min((TC_WARPS_PER_SM * sms) // (tiles * warps), chunks // (2 * warps), most))
-        split4 = min((TC_WARPS_PER_SM * sms) // (tiles * 4), chunks // 8, most)
-        if warps == 8 and splits == 1 and split4 > 1 and chunks >= long_k * 4 * split4:
+        splits = max(1, min((TC_WARPS_PER_SM * sms) // (tiles * warps), chunks // (2 * warps)))
+        split4 = min((TC_WARPS_PER_SM * sms) // (tiles * 4), chunks // 8)
+        if warps == 8 and splits == 1 and split4 > 1 and chunks >= TC_LONG_K * 4 * split4:
             warps, splits = 4, split4  # a long K: 4-warp blocks over K's splits fill the SMs better
         per = -(-chunks // splits)
         return per, -(-chunks // per), min(warps, per)
@@ -240,7 +235,6 @@ def cuda_gemv(
     sums: torch.Tensor | None = None,
     squares: torch.Tensor | None = None,
     row_scale: tuple[torch.Tensor, float] | None = None,
-    cluster: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] · dequant(w) (+ bias) in bf16 (fp32 accumulation), M 1 or 2 (MAX_ROWS) on the FMA GEMVs,
     (tc) 1 to TC_MAX_ROWS on gptq_tc (Int4), or (mma) 1 to MMA_MAX_ROWS[bits] on the tensor-core matmul (Int4 or
@@ -255,9 +249,7 @@ def cuda_gemv(
     norm_out = (residual [M, N], the norm's weight [N]) (not at pair): it returns y = rn(s * weight) [M, N] and writes
     s = rn(rn(product + bias) + residual) into `sums` and each 32-column tile's sum of s^2 into `squares` [M, N / 32]
     fp32 (both given, written in place); or the consumer of one, row_scale = (squares [M, tiles] from the producer,
-    eps): each row of the product scaled by rsqrt(the row's sum of squares / K + eps) before the bias. cluster (tc;
-    DecodeKernels.gptq_cluster): a column tile's K splits (at most MAX_CLUSTER) run as one thread block cluster whose
-    rank 0 adds their sums from the blocks' shared memory, in split order (the same values as through `partial`)."""
+    eps): each row of the product scaled by rsqrt(the row's sum of squares / K + eps) before the bias."""
     lib = library(*torch.cuda.get_device_capability(x.device))
     assert not isinstance(lib, str), lib
     K, N = w.qweight.shape[0] * (32 // w.bits), w.qweight.shape[1]
@@ -277,8 +269,6 @@ def cuda_gemv(
             f"of 4 columns and an even number of warps; N {N}, tc {tc}, stage {stage}, act {act}, splits {splits}, "
             f"warps {warps}"
         )
-    if cluster and not tc:
-        raise ValueError("cuda_gemv: cluster (K's splits in one thread block cluster) is gptq_tc's (tc)")
     if (norm_out is not None or row_scale is not None) and (not tc or stage or act or (norm_out is not None and pair)):
         raise ValueError(f"cuda_gemv: norm_out / row_scale need tc, unstaged, no act (norm_out: no pair); tc {tc}, "
                          f"stage {stage}, act {act}, pair {pair}")  # fmt: skip
@@ -289,7 +279,7 @@ def cuda_gemv(
     if pair:  # no K split
         per, planned, tc_warps = K // CHUNK, 1, warps or plan_tc_pair(N, K, sms)
     elif tc:
-        per, planned, planned_warps = plan_tc(N, K, sms, M, stage, cluster)
+        per, planned, planned_warps = plan_tc(N, K, sms, M, stage)
         tc_warps = warps or planned_warps
     else:
         per, planned = (plan_mma if mma else plan)(N, K, sms, M)
@@ -298,21 +288,19 @@ def cuda_gemv(
     else:  # a measurement's choice (scripts/gpu_check_*.py); shared memory is the caller's to keep (checked for tc)
         per = -(-(K // CHUNK) // splits)
         splits = -(-(K // CHUNK) // per)
-    if cluster and splits > MAX_CLUSTER:
-        raise ValueError(f"cuda_gemv: cluster: {splits} K splits, more than a cluster's {MAX_CLUSTER} blocks")
     if tc and (tc_smem(M, per, tc_warps, stage) > MMA_SMEM or tc_warps > (16 if stage else 8)):
         raise ValueError(
             f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
             f"{tc_smem(M, per, tc_warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
         )
     y = torch.empty(M, N // 2 if pair else N, dtype=x.dtype, device=x.device)
-    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 and not cluster else y
+    part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
     args = (
         x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
         w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits,
-        int(pdl) | (LAUNCH_TILED if w.tiled else 0) | (LAUNCH_CLUSTER if cluster else 0), stream,
+        int(pdl) | (LAUNCH_TILED if w.tiled else 0), stream,
     )  # fmt: skip
     fold, norm = _fold_args(M, N, K, x.dtype, norm_out, sums, squares, row_scale)
     if tc:

@@ -60,33 +60,23 @@ __device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16
 }
 
 // The host's launch flags (the `pdl` argument of the entry points): bit 0 PDL's attribute, bit 1 the words tiled
-// (tiled_base; Int4 only), bit 2 (gptq_tc) K's splits of a column tile in one thread block cluster
-constexpr int kPdl = 1, kTiled = 2, kCluster = 4;
+// (tiled_base; Int4 only)
+constexpr int kPdl = 1, kTiled = 2;
 
-// A launch's configuration (cudaLaunchKernelEx(&l.config, ...)) with PDL's attribute where asked, and a cluster of
-// `cluster_y` blocks along y where more than one; `allow` lets a kernel have more than 48 KB of dynamic shared memory
-// when its launch asks for that much.
+// A launch's configuration (cudaLaunchKernelEx(&l.config, ...)) with PDL's attribute where asked; `allow` lets a kernel
+// have more than 48 KB of dynamic shared memory when its launch asks for that much.
 struct PdlLaunch {
   cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[2];
-  PdlLaunch(dim3 grid, dim3 block, size_t smem, int pdl, cudaStream_t stream, int cluster_y = 1) {
+  cudaLaunchAttribute attr[1];
+  PdlLaunch(dim3 grid, dim3 block, size_t smem, int pdl, cudaStream_t stream) {
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    int n = 0;
-    if (pdl & kPdl) {
-      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[n++].val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (cluster_y > 1) {
-      attr[n].id = cudaLaunchAttributeClusterDimension;
-      attr[n].val.clusterDim.x = 1;
-      attr[n].val.clusterDim.y = cluster_y;
-      attr[n++].val.clusterDim.z = 1;
-    }
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attr;
-    config.numAttrs = n;
+    config.numAttrs = (pdl & kPdl) ? 1 : 0;
   }
   PdlLaunch(const PdlLaunch&) = delete;  // config.attrs points into this object
   template <typename Kernel>

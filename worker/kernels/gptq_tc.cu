@@ -47,14 +47,16 @@
 // shared memory before the wait (cp.async; c_attn 21.4 against 12.9 us), an L2 prefetch of a warp's chunks past the
 // ring (cp.async.bulk.prefetch.L2; the step 2.910 against 2.759 ms), x compact at 1-2 rows (4 values a lane, the B
 // fragments gathered by shuffles, 3-4 chunks in flight: the step 2.41-2.96 against 2.35-2.38 ms at batch 1, 2.75-3.36
-// against 2.47 at batch 2; code in git history: 7c8b0f5).
+// against 2.47 at batch 2; code in git history: 7c8b0f5), K's splits of a column tile in one thread block cluster,
+// rank 0 adding the blocks' sums from their shared memory instead of partials and counters (mlp.c_proj's 4 x 3; the
+// twelfth session: the step 1.986-2.000 against 1.784-1.793 ms at batch 1, 2.088-2.101 against 1.876-1.889 at batch
+// 2, and slower still with attn.c_proj split too; code in git history: f0ad3ec).
 // kOne (2026-11-30, tenth): at one row x's chunk sums take one all-ones mma a step, row 0's values in B's columns 0 and
 // 1: the step 1.829-1.834 against 1.838-1.844 ms (batch 2, its forms recompiled: 1.934-1.935 against 1.942-1.948). The
 // sums' 8 mma a chunk bound ~0.08 ms of the batch-1 step (all removed, wrong values); tried and slower: one mma a row
 // and chunk over B's 8 columns with two shuffles at the chunk's end (2.06-2.08 against 1.84-1.86: the chain delays the
 // ring's next loads), and kOne's form chosen by a runtime branch instead of the template (1.881-1.883; batch 2 slower).
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -75,8 +77,6 @@ struct NormFold {
 };
 
 namespace {
-
-namespace cg = cooperative_groups;
 
 constexpr int kTcCols = 32;   // columns per block
 constexpr int kTcRows = 8;    // rows at most (mma's N)
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, int m, int cluster, const NormFold nf) {
+    int k_offset, int group_size, int chunks_per_split, int splits, int m, const NormFold nf) {
   constexpr int kDepth = kStage || kAct ? kTcDepthStagedOrAct : kTcDepth;
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -396,26 +396,6 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) put(i, sum(i));  // (warp-uniform: m * 32 items)
     return;
   }
-  if (cluster) {  // the column tile's splits are one cluster's blocks (rank s = split s): rank 0 reads their warps'
-    // sums from their shared memory and adds them in split order, as the partials below are (the same values)
-    cg::cluster_group cl = cg::this_cluster();
-    cl.sync();  // every block's sums stored, visible to the cluster
-    if (cl.block_rank() == 0) {
-      row_scales();
-      for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
-        float u = 0.f;
-        for (int s = 0; s < splits; ++s) {
-          const float* rr = cl.map_shared_rank(red, s);
-          float v = 0.f;
-          for (int w = 0; w < warps; ++w) v += rr[(w * kTcRows + i / kTcCols) * kTcCols + i % kTcCols];
-          u += v;
-        }
-        put(i, u);
-      }
-    }
-    cl.sync();  // no block leaves while rank 0 reads its shared memory
-    return;
-  }
   for (int i = threadIdx.x; i < m * kTcCols; i += blockDim.x) {
     const int row = i / kTcCols, col = nb + i % kTcCols;
     if (col < N) partial[((size_t)blockIdx.y * m + row) * N + col] = sum(i);
@@ -438,12 +418,11 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
                       int warps, const NormFold& nf) {
-  const int cluster = (pdl & kCluster) && splits > 1 ? splits : 1;  // K's splits in one cluster (the entry checked)
   const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
                              : 0) +
                       (size_t)warps * kTcRows * kTcCols * 4 + (kNorm == 2 ? kTcRows * 4 : 0);
   const int cols = kPair ? N / 2 : N;
-  PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream, cluster);
+  PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
   auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, false>;
   if constexpr (!kStage) {
     if (m == 1) kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, true>;
@@ -452,7 +431,7 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, m, int(cluster > 1), nf);
+                            N, K, k_offset, group_size, chunks_per_split, splits, m, nf);
 }
 
 // The launch for a stage / pair / layout / norm form by zeros, bias and act (act: not at kPair nor kNorm)
@@ -480,9 +459,7 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
 // m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
 // and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
 // activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
-// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled, kCluster: K's 2 to 8 splits of a column tile in
-// one thread block cluster, their sums added by its rank 0 from the blocks' shared memory instead of through
-// `partial` and `counters`; the same values). norm: kNorm's form (0 none, 1 the producer, not
+// a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). norm: kNorm's form (0 none, 1 the producer, not
 // at pair; 2 the consumer; unstaged, no act) with its operands at `fold` (a host NormFold, copied into the launch).
 // The host (gemv_cuda.plan_tc) keeps the shared memory within what the device allows.
 extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const void* zeros, float zero,
@@ -493,7 +470,6 @@ extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const 
     return static_cast<int>(cudaErrorInvalidValue);
   const bool tiled = pdl & kTiled;
   if (pair && (stage || act || splits != 1 || warps % 2 || (N / 2) % 4)) return static_cast<int>(cudaErrorInvalidValue);
-  if ((pdl & kCluster) && splits > 8) return static_cast<int>(cudaErrorInvalidValue);  // the portable cluster size
   if (norm < 0 || norm > 2 || (norm && (stage || act || fold == nullptr || (pair && norm == 1))))
     return static_cast<int>(cudaErrorInvalidValue);
   const NormFold nf = norm ? *static_cast<const NormFold*>(fold) : NormFold{};

@@ -132,11 +132,7 @@ class DecodeKernels:
     7B Int4 step at batch 1 took 1.842-1.853 ms with it against 1.869-1.880 without, at batch 2 1.955-1.973 against
     2.025-2.030 (three alternating rounds on one H200; batch 8 unchanged: it folds at 1-2 rows); removing the two
     norms' launches outright (wrong values, timing only) bounds the gain at ~0.11 ms at batch 1 (BENCHMARKS.md,
-    2026-11-30, ninth).
-    gptq_cluster: where gptq_tc splits K over blocks (mlp.c_proj at 1-2 rows), a column tile's splits run as one
-    thread block cluster and its rank 0 adds their sums from their shared memory (gemv_cuda.cuda_gemv's cluster)
-    instead of each block storing fp32 partials and the last to arrive at a global counter adding them: the same
-    values in the same order, one L2 round trip and a fence fewer. sm_90+ (clusters)."""
+    2026-11-30, ninth)."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -154,7 +150,6 @@ class DecodeKernels:
     attn_cuda: bool = False
     gptq_tiled: bool = False
     norm_fold: bool = False
-    gptq_cluster: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""
@@ -197,7 +192,6 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
         rope_store=opts.rope_store and fused,
         lora_pdl=pdl.active(opts.lora_pdl, device),
         attn_cuda=opts.attn_cuda and fused and pdl.active(True, device),  # thread block clusters: sm_90+ too
-        gptq_cluster=opts.gptq_cluster and pdl.active(True, device),
     )
 
 

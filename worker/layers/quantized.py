@@ -252,7 +252,7 @@ class _GPTQ:
         squares = torch.empty(m, -(-n // TC_COLS), dtype=torch.float32, device=x.device)
         y = cuda_gemv(
             x, self.gemv, getattr(self, "bias", None), pdl=self.decode_kernels.pdl, tc=True, stage=False,
-            norm_out=(residual, norm.weight), sums=sums, squares=squares, cluster=self.decode_kernels.gptq_cluster,
+            norm_out=(residual, norm.weight), sums=sums, squares=squares,
         )  # fmt: skip
         return Deferred(y, squares, norm.eps), sums
 
@@ -263,7 +263,7 @@ class _GPTQ:
 
         return cuda_gemv(
             x.x, self.gemv, getattr(self, "bias", None), pdl=self.decode_kernels.pdl, tc=True, stage=False,
-            row_scale=(x.squares, x.eps), cluster=self.decode_kernels.gptq_cluster,
+            row_scale=(x.squares, x.eps),
         )  # fmt: skip
 
     def _in_group_order(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,9 +278,7 @@ class _GPTQ:
             from worker.kernels.gemv_cuda import cuda_gemv
 
             if m <= CUDA_GEMV_MAX_M and k.gptq_cuda and self._cuda_gemv_serves(x.dtype):
-                tc: dict[str, Any] = {}
-                if self._takes_tc(m):
-                    tc = dict(tc=True, stage=TC_STAGE, cluster=k.gptq_cluster)
+                tc: dict[str, Any] = dict(tc=True, stage=TC_STAGE) if self._takes_tc(m) else {}
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, **tc)
             if k.gptq_mma and m >= MMA_MIN_M[q.bits] and self._cuda_mma_serves(x.dtype):
                 return cuda_gemv(x, self.gemv, bias, pdl=k.pdl, mma=True)
