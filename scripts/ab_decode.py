@@ -15,6 +15,8 @@ A variant is NAME or NAME:SETTINGS, a comma list of
   longB=N      paged_decode_cuda.LONG_CONTEXT[B]
   kernels=SPEC the DecodeKernels fields on ('+' between them; 'none': all off) instead of the served set
   set=M.NAME=N worker/kernels/M.py's integer constant NAME set to N (a plan's knob, e.g. gemv_cuda.TC_LONG_K=2)
+  plan=NxK=WxS gptq_tc's plan for an N x K linear (columns x rows): W warps a block over S splits of K
+  plan=NxK=W   gptq_tc's warps a block for an N x K gate | up pair (DecodeKernels.gptq_act_out)
 Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
 """
 
@@ -47,6 +49,7 @@ class Variant:
     long: dict[int, int] = field(default_factory=dict)
     kernels: str = ""  # parse_decode_kernels' spec ("": the served set)
     consts: dict[tuple[str, str], int] = field(default_factory=dict)  # (worker.kernels module, name) -> value
+    plans: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (N, K) -> (warps, splits; 0: pair)
 
 
 def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
@@ -83,6 +86,12 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             if not isinstance(getattr(_kernel_module(module), const, None), int):
                 raise ValueError(f"variant {name}: {item!r}: worker.kernels.{module} has no integer {const}")
             v.consts[(module, const)] = int(number)
+        elif key == "plan":
+            shape, _, plan = value.partition("=")
+            dims, ws = shape.split("x"), plan.split("x")
+            if len(dims) != 2 or len(ws) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in dims + ws):
+                raise ValueError(f"variant {name}: {item!r}: plan is NxK=WxS (a linear) or NxK=W (a gate | up pair)")
+            v.plans[(int(dims[0]), int(dims[1]))] = (int(ws[0]), int(ws[1]) if len(ws) == 2 else 0)
         elif key.startswith(("form", "long")) and key[4:].isdigit():
             if key.startswith("form"):
                 blocks, _, depth = value.partition("x")
@@ -92,7 +101,7 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             else:
                 v.long[int(key[4:])] = int(value)
         else:
-            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels, set)")
+            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels, set, plan)")
     return v
 
 
@@ -120,7 +129,11 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
     saved_src = {stem: (m.SOURCES, m.HEADERS) for stem, m in modules.items()}
     saved = (pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles)
     consts = {(m, c): (_kernel_module(m), getattr(_kernel_module(m), c)) for m, c in v.consts}
+    gemv = modules["gptq_gemv"]
+    plans = (gemv.plan_tc, gemv.plan_tc_pair)
     try:
+        if v.plans:
+            gemv.plan_tc, gemv.plan_tc_pair = _planned(v.plans, *plans)
         for (m, c), value in v.consts.items():
             setattr(consts[(m, c)][0], c, value)
         for stem, (sources, headers) in v.src.items():
@@ -138,6 +151,25 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
         pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles = saved
         for (_, c), (module, old) in consts.items():
             setattr(module, c, old)
+        gemv.plan_tc, gemv.plan_tc_pair = plans
+
+
+def _planned(plans: dict[tuple[int, int], tuple[int, int]], plan_tc: Any, plan_tc_pair: Any) -> tuple[Any, Any]:
+    """gemv_cuda.plan_tc and plan_tc_pair with `plans`' shapes forced (warps, splits; splits 0: a pair's warps)."""
+
+    def tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[int, int, int]:
+        warps, splits = plans.get((n, k), (0, 0))
+        if not splits:
+            return plan_tc(n, k, sms, rows, stage)
+        chunks = k // 128
+        per = -(-chunks // splits)
+        return per, -(-chunks // per), min(warps, per)
+
+    def pair(n: int, k: int, sms: int) -> int:
+        warps, splits = plans.get((n, k), (0, 1))
+        return plan_tc_pair(n, k, sms) if splits else warps
+
+    return tc, pair
 
 
 def prebuild(variants: list[Variant], major: int, minor: int) -> None:

@@ -31,7 +31,7 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
     gemv = _dir(tmp_path, "gemv", "gptq_tc.cu", "gptq_cuda.cuh")
     v = ab_decode.parse_variant(
         f"new:src={attn},src={gemv},form1=4x2,long2=1024,tiles=decode_n=64;decode_lanes=1,kernels=pdl+gptq_tc,"
-        "set=gemv_cuda.TC_LONG_K=2"
+        "set=gemv_cuda.TC_LONG_K=2,plan=4096x4096=4x2,plan=22016x4096=2"
     )
     assert v.name == "new"
     assert v.src["paged_decode"] == ((f"{attn}/paged_decode.cu",), (f"{KERNELS}/gptq_cuda.cuh",))
@@ -41,6 +41,7 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
     assert (v.forms, v.long, v.tiles) == ({1: (4, 2)}, {2: 1024}, "decode_n=64,decode_lanes=1")
     assert v.kernels == "pdl,gptq_tc"
     assert v.consts == {("gemv_cuda", "TC_LONG_K"): 2}
+    assert v.plans == {(4096, 4096): (4, 2), (22016, 4096): (2, 0)}
     assert ab_decode.parse_variant("served") == ab_decode.Variant("served")
 
 
@@ -59,6 +60,10 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
         ("a:set=gemv_cuda.NOT_THERE=1", "no integer NOT_THERE"),
         ("a:set=gemv_cuda.SOURCES=1", "no integer SOURCES"),
         ("a:set=no_such.X=1", "no module worker.kernels.no_such"),
+        ("a:plan=4096x4096", "plan is NxK=WxS"),
+        ("a:plan=4096=4x2", "plan is NxK=WxS"),
+        ("a:plan=4096x4096=4x0", "plan is NxK=WxS"),
+        ("a:plan=4096x4096=4x2x1", "plan is NxK=WxS"),
     ],
 )
 def test_bad_variants_are_refused_naming_what_is_wrong(tmp_path, spec, message):
@@ -75,7 +80,11 @@ def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
     defaults = (pdc.FORMS, pdc.LONG_CONTEXT, pdc.SOURCES, pdc.HEADERS, gemv_cuda.SOURCES, gemv_cuda.HEADERS)
     long_k = gemv_cuda.TC_LONG_K
     attn = _dir(tmp_path, "attn", "paged_decode.cu")
-    v = ab_decode.parse_variant(f"v:src={attn},form2=4x4,long1=100,tiles=decode_n=64,set=gemv_cuda.TC_LONG_K=-3")
+    v = ab_decode.parse_variant(
+        f"v:src={attn},form2=4x4,long1=100,tiles=decode_n=64,set=gemv_cuda.TC_LONG_K=-3,plan=4096x4096=4x3,"
+        "plan=22016x4096=2"
+    )
+    plan_tc, plan_tc_pair = gemv_cuda.plan_tc, gemv_cuda.plan_tc_pair
     backend = SimpleNamespace(tiles=Tiles())
     for fail in (False, True):
         with pytest.raises(RuntimeError) if fail else ab_decode.contextlib.nullcontext():
@@ -85,8 +94,13 @@ def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
                 assert pdc.LONG_CONTEXT == {**defaults[1], 1: 100}
                 assert backend.tiles == Tiles(decode_n=64)
                 assert gemv_cuda.TC_LONG_K == -3
+                assert gemv_cuda.plan_tc(4096, 4096, 132, 1, False) == (11, 3, 4)  # 32 chunks: 11, 11, 10
+                assert gemv_cuda.plan_tc(12288, 4096, 132, 1, False) == plan_tc(12288, 4096, 132, 1, False)
+                assert gemv_cuda.plan_tc_pair(22016, 4096, 132) == 2
+                assert gemv_cuda.plan_tc_pair(11008, 4096, 132) == plan_tc_pair(11008, 4096, 132)
                 if fail:
                     raise RuntimeError("a variant's run failed")
         assert (pdc.FORMS, pdc.LONG_CONTEXT, pdc.SOURCES, pdc.HEADERS, gemv_cuda.SOURCES, gemv_cuda.HEADERS) == defaults
         assert backend.tiles == Tiles()
         assert gemv_cuda.TC_LONG_K == long_k
+        assert (gemv_cuda.plan_tc, gemv_cuda.plan_tc_pair) == (plan_tc, plan_tc_pair)
