@@ -5,6 +5,7 @@ there is none. The kernel's values are checked on the GPU (tests/gpu/test_gpu_ge
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import pytest
 import torch
@@ -412,3 +413,34 @@ def test_plan_tc_pair_keeps_the_gate_up_blocks_in_one_wave():
         blocks = -(-(n // 2) // 32)
         assert w in (2, 4, 8) and w // 2 <= max(1, k // 128)
         assert w == 2 or blocks <= 132 * (12 // w)
+
+
+def test_a_build_includes_the_headers_given_wherever_each_file_lies(tmp_path, monkeypatch):
+    """cuda_build.build compiles copies of the sources and headers side by side: a source edited in a directory of its
+    own includes the header given (the original), and an edited header given instead is the one included; two files
+    of one name are refused. A fake nvcc writes the text each source's #include resolves to beside the source."""
+    from worker.kernels.cuda_build import BuildError, build
+
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text(
+        "#!" + sys.executable + "\n"
+        "import os, re, sys\n"
+        "a = sys.argv; out = a[a.index('-o') + 1]; text = ''\n"
+        "for src in [x for x in a[1:] if x.endswith('.cu')]:\n"
+        "    for name in re.findall(r'#include \"(.+)\"', open(src).read()):\n"
+        "        text += open(os.path.join(os.path.dirname(src), name)).read()\n"
+        "open(out, 'w').write(text)\n"
+    )
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("QWEN_WORKER_CACHE", str(tmp_path / "cache"))
+    edited, original = tmp_path / "edited", tmp_path / "kernels"
+    edited.mkdir(), original.mkdir()
+    (edited / "k.cu").write_text('#include "h.cuh"\n// edited\n')
+    (original / "h.cuh").write_text("// the original header\n")
+    (edited / "h.cuh").write_text("// an edited header\n")
+    lib = build("k", (str(edited / "k.cu"),), (str(original / "h.cuh"),), 9, 0, str(nvcc))
+    assert open(lib).read() == "// the original header\n"
+    lib = build("k", (str(edited / "k.cu"),), (str(edited / "h.cuh"),), 9, 0, str(nvcc))
+    assert open(lib).read() == "// an edited header\n"
+    with pytest.raises(BuildError, match="share a name"):
+        build("k", (str(edited / "k.cu"),), (str(edited / "h.cuh"), str(original / "h.cuh")), 9, 0, str(nvcc))

@@ -32,9 +32,14 @@ def find_nvcc() -> str | None:
 def build(
     stem: str, sources: tuple[str, ...], headers: tuple[str, ...], major: int, minor: int, nvcc: str | None
 ) -> str:
-    """The path of `stem`'s library for compute capability major.minor, built from `sources` if not cached."""
+    """The path of `stem`'s library for compute capability major.minor, built from `sources` if not cached. The
+    sources and `headers` (what they include) are compiled as copies side by side in one directory, so the headers
+    given are the ones included wherever each file lies (an edited copy of one file beside the others' originals)."""
     if nvcc is None:
         raise BuildError("no nvcc (set CUDA_HOME)")
+    names = [os.path.basename(f) for f in (*sources, *headers)]
+    if len(set(names)) != len(names):
+        raise BuildError(f"two files of one build share a name: {names}")
     h = hashlib.sha256()
     for path in (*sources, *headers):
         with open(path, "rb") as f:
@@ -47,8 +52,11 @@ def build(
         arch = f"{major}{minor}"
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = os.path.join(tmp, "lib.so")
+            for f in (*sources, *headers):
+                shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
+            copies = [os.path.join(tmp, os.path.basename(f)) for f in sources]
             cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-            done = subprocess.run([*cmd, "-o", out, *sources], capture_output=True, text=True)
+            done = subprocess.run([*cmd, "-o", out, *copies], capture_output=True, text=True)
             if done.returncode != 0:
                 raise BuildError(f"nvcc failed: {done.stderr.strip()[-500:]}")
             os.replace(out, path)  # atomic: another process may build the same file
