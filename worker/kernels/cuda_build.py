@@ -37,7 +37,7 @@ def build(
     given are the ones included wherever each file lies (an edited copy of one file beside the others' originals)."""
     if nvcc is None:
         raise BuildError("no nvcc (set CUDA_HOME)")
-    names = [os.path.basename(f) for f in (*sources, *headers)]
+    names = [os.path.basename(name) for name in (*sources, *headers)]
     if len(set(names)) != len(names):
         raise BuildError(f"two files of one build share a name: {names}")
     h = hashlib.sha256()
@@ -52,9 +52,9 @@ def build(
         arch = f"{major}{minor}"
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = os.path.join(tmp, "lib.so")
-            for f in (*sources, *headers):
-                shutil.copyfile(f, os.path.join(tmp, os.path.basename(f)))
-            copies = [os.path.join(tmp, os.path.basename(f)) for f in sources]
+            for name in (*sources, *headers):
+                shutil.copyfile(name, os.path.join(tmp, os.path.basename(name)))
+            copies = [os.path.join(tmp, os.path.basename(name)) for name in sources]
             cmd = [nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
             done = subprocess.run([*cmd, "-o", out, *copies], capture_output=True, text=True)
             if done.returncode != 0:
