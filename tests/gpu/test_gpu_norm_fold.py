@@ -43,13 +43,12 @@ def _int4(K: int, N: int, asym: bool, g: torch.Generator):
 
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize(
-    "K,N,asym,bias,splits,warps",
-    [(4096, 4096, False, False, None, None), (11008, 4096, True, False, None, None), (640, 152, True, True, 3, None),
-     (11008, 4096, True, True, 1, 12), (4096, 4096, False, False, 1, 11)],
+    "K,N,asym,bias,splits",
+    [(4096, 4096, False, False, None), (11008, 4096, True, False, None), (640, 152, True, True, 3)],
 )  # fmt: skip
-def test_the_producer_adds_the_residual_and_writes_the_squares(K, N, asym, bias, splits, warps, M):
-    """kNorm 1 (attn.c_proj's and mlp.c_proj's shapes at their plans, which split K for 11008, and unsplit over 11 or
-    12 warps; a partial column tile with a bias over 3 K splits)."""
+def test_the_producer_adds_the_residual_and_writes_the_squares(K, N, asym, bias, splits, M):
+    """kNorm 1 (attn.c_proj's and mlp.c_proj's shapes at their plans, which split K for 11008; a partial column tile
+    with a bias over 3 K splits)."""
     from worker.kernels.gemv_cuda import TC_COLS, cuda_gemv
 
     g = torch.Generator(device=CUDA).manual_seed(K + N + M)
@@ -58,7 +57,7 @@ def test_the_producer_adds_the_residual_and_writes_the_squares(K, N, asym, bias,
     x = torch.randn(M, K, device=CUDA, generator=g).to(torch.bfloat16)
     residual = torch.randn(M, N, device=CUDA, generator=g).to(torch.bfloat16)
     weight = (torch.rand(N, device=CUDA, generator=g) + 0.5).to(torch.bfloat16)
-    kw = dict(pdl=True, tc=True, stage=False, splits=splits, warps=warps)
+    kw = dict(pdl=True, tc=True, stage=False, splits=splits)
     plain = cuda_gemv(x, w, b, **kw)
     tiles = -(-N // TC_COLS)
 

@@ -37,7 +37,6 @@ TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in fl
 # took the batch-1 step to 1.908-1.912 ms from 1.933-1.944 at 8 x 1 (batch 2 2.149-2.151, 2.144-2.153); attn.c_proj (32
 # chunks: 2.7 a warp) at 4 x 3 or 4 x 2 to 1.973-1.983 (slower), 8 x 2 2.066-2.077, c_attn at 4 x 2 or 8 x 1 2.04-2.11.
 TC_LONG_K = 6
-TC_MAX_WARPS = 12  # unstaged warps a block at most (the .cu's launch bounds: 384 threads, <= 168 registers)
 LAUNCH_TILED = 2  # the entry points' `pdl` flags: bit 0 PDL, bit 1 tiled words (gptq_cuda.cuh's kTiled)
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
@@ -289,10 +288,9 @@ def cuda_gemv(
     else:  # a measurement's choice (scripts/gpu_check_*.py); shared memory is the caller's to keep (checked for tc)
         per = -(-(K // CHUNK) // splits)
         splits = -(-(K // CHUNK) // per)
-    most_warps = 16 if stage else TC_MAX_WARPS
-    if tc and (tc_smem(M, per, tc_warps, stage) > MMA_SMEM or tc_warps > most_warps):
+    if tc and (tc_smem(M, per, tc_warps, stage) > MMA_SMEM or tc_warps > (16 if stage else 8)):
         raise ValueError(
-            f"gptq_tc: {tc_warps} warps a block (at most {most_warps}) and {per} chunks a split take "
+            f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
             f"{tc_smem(M, per, tc_warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
         )
     y = torch.empty(M, N // 2 if pair else N, dtype=x.dtype, device=x.device)

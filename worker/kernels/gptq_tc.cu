@@ -140,7 +140,7 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 // loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop.
 // kOne (unstaged, one row): those sums by one all-ones mma a step instead of two, row 0's values in two columns of B
 template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm, bool kOne>
-__global__ void __launch_bounds__(kStage ? 512 : 384) gptq_tc_kernel(
+__global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
@@ -456,7 +456,7 @@ int launch_tc_as(const void* x, const void* qw, const void* scales, const void* 
 
 }  // namespace
 
-// m rows of x (1 to 8), `warps` warps a block (1 to 16; 12 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
+// m rows of x (1 to 8), `warps` warps a block (1 to 16; 8 unstaged); act: x's rows are gate_up rows [gate | up] of 2K
 // and there is no bias; stage: x staged in shared memory by the block (else each warp loads its own). pair: y is the
 // activation of the product's halves [gate | up] (kPair: unstaged, no act, no K split, an even number of warps, N / 2
 // a multiple of 4). pdl: launch flags (gptq_cuda.cuh's kPdl, kTiled). norm: kNorm's form (0 none, 1 the producer, not
@@ -466,7 +466,7 @@ extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const 
                        const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                        int group_size, int chunks_per_split, int splits, int pdl, void* stream, int m, int warps,
                        int act, int stage, int pair, int norm, const void* fold) {
-  if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 12) || (act && bias != nullptr))
+  if (m < 1 || m > kTcRows || warps < 1 || warps > (stage ? 16 : 8) || (act && bias != nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   const bool tiled = pdl & kTiled;
   if (pair && (stage || act || splits != 1 || warps % 2 || (N / 2) % 4)) return static_cast<int>(cudaErrorInvalidValue);
