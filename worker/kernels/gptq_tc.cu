@@ -50,7 +50,11 @@
 // against 2.47 at batch 2; code in git history: 7c8b0f5), K's splits of a column tile in one thread block cluster,
 // rank 0 adding the blocks' sums from their shared memory instead of partials and counters (mlp.c_proj's 4 x 3; the
 // twelfth session: the step 1.986-2.000 against 1.784-1.793 ms at batch 1, 2.088-2.101 against 1.876-1.889 at batch
-// 2, and slower still with attn.c_proj split too; code in git history: f0ad3ec).
+// 2, and slower still with attn.c_proj split too; code in git history: f0ad3ec); unstaged blocks of 11-12 warps, a
+// column tile's every chunk in its warps' rings (launch bounds 384: attn.c_proj at 12 x 1 1.809-1.820 against
+// 1.786-1.800 ms at batch 1, mlp.c_proj at 12 x 1 unsplit 1.786-1.794, the same; 2d45d7c). Also slower on the plans
+// (twelfth session, batch 1): attn.c_proj at 4 x 1 1.923-1.928 and 4 x 2 1.834-1.835 against 8 x 1 1.787-1.789,
+// mlp.c_proj at 4 x 2 1.886-1.891, c_attn at 2 x 1 1.952-1.962, gate_up's pair at 2 warps 2.203-2.215.
 // kOne (2026-11-30, tenth): at one row x's chunk sums take one all-ones mma a step, row 0's values in B's columns 0 and
 // 1: the step 1.829-1.834 against 1.838-1.844 ms (batch 2, its forms recompiled: 1.934-1.935 against 1.942-1.948). The
 // sums' 8 mma a chunk bound ~0.08 ms of the batch-1 step (all removed, wrong values); tried and slower: one mma a row
