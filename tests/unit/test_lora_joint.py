@@ -21,7 +21,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lora_helpers import term_f64  # noqa: E402
-from worker.adapters.slots import SlotPool, joint_layout  # noqa: E402
+from worker.adapters.slots import GEMM_MAX_RANK, SlotPool, joint_layout  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.kernels import lora as kernels  # noqa: E402
 from worker.layers import lora as lora_layer  # noqa: E402
@@ -74,6 +74,16 @@ def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
         pool.decode_mode(key, kernels, None, "fast")
     big = SlotPool([target], CPU, torch.float32, max_rank=1, num_slots=1)  # 4 extra rows of 16: auto takes gemm
     assert big.decode_mode(key, kernels, None, "auto") == "gemm"
+    # past GEMM_MAX_RANK lanes a slot auto keeps the other modes (the gemm kernels' tiles spill there:
+    # scripts/lora_compile.py), though the A rows add little; --lora-decode gemm still takes it
+    wide = ColumnParallelLinear(6, [2048, 2048], False, CPU, torch.float32)
+    target = SimpleNamespace(owner=SimpleNamespace(lin=wide), attr="lin", layer=0, key="mlp.gate_up",
+                             modules=("mlp.w2", "mlp.w1"))  # fmt: skip
+    assert GEMM_MAX_RANK == 64
+    for rank, mode in ((64, "gemm"), (65, "two"), (128, "two")):
+        pool = SlotPool([target], CPU, torch.float32, max_rank=rank, num_slots=1)  # 2 x 2 x 128 rows of 4096: 6 %
+        assert pool.decode_mode(key, kernels, None, "auto") == mode, rank
+        assert pool.decode_mode(key, kernels, None, "gemm") == "gemm"
 
 
 def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):

@@ -22,7 +22,10 @@ from lora_helpers import term_f64  # noqa: E402
 from worker.kernels.lora_rows import lora_expand_rows  # noqa: E402
 
 
-@pytest.mark.parametrize("P,K,N,r_max,block_n", [(1, 40, 3 * 24, 12, 32), (2, 33, 50, 16, 16), (1, 70, 20, 5, 64)])
+# block_n 0: the launcher's tile, which shrinks past 16 lanes a slot (lora_rows.tile_columns: 64 columns at r_max 40)
+@pytest.mark.parametrize(
+    "P,K,N,r_max,block_n", [(1, 40, 3 * 24, 12, 32), (2, 33, 50, 16, 16), (1, 70, 20, 5, 64), (1, 30, 150, 40, 0)]
+)
 def test_expand_rows_equals_the_definition(P, K, N, r_max, block_n):
     """Awkward sizes (N not a multiple of the tile, r_max not a power of two); ranks below r_max, the lanes
     past them zero in A and B (the pool's invariant) and NaN in the GEMM's h columns (never read); base rows
@@ -94,7 +97,7 @@ def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
         lora_expand_rows_silu_mul(out[:, : N + S * r_max], N, b[:, :1].contiguous(), ranks[:1], slots)
 
 
-@pytest.mark.parametrize("N,r2,block_n", [(50, 5, 16), (37, 12, 32)])
+@pytest.mark.parametrize("N,r2,block_n", [(50, 5, 16), (37, 12, 32), (150, 40, 0)])
 def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_n):
     """lora_act_shrink: the gate|up launch also writes the consumer's h in fp32 partials per tile; its output is
     unchanged bit for bit, the partials sum to act · A2ᵀ (float64, act the launch's own output), lanes past a slot's
@@ -123,7 +126,8 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
     plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n)
     act, parts = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2)
     assert torch.equal(act, plain)
-    assert parts is not None and parts.shape == (len(slots), -(-N // block_n), 1 << (r2 - 1).bit_length())
+    tile = block_n or 64  # the default tile at 64 lanes (r2 40): 256 columns x 16 lanes / 64
+    assert parts is not None and parts.shape == (len(slots), -(-N // tile), 1 << (r2 - 1).bit_length())
     h = parts.double().sum(1)
     y0 = torch.randn(len(slots), N2, generator=g)
     y = lora_expand_rows_partials(y0, parts, b2, ranks2, slots, block_n=16)
@@ -148,7 +152,9 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
         lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
 
 
-@pytest.mark.parametrize("H,block_n,r_max,residual", [(50, 16, 5, True), (64, 32, 8, False), (37, 64, 3, True)])
+@pytest.mark.parametrize(
+    "H,block_n,r_max,residual", [(50, 16, 5, True), (64, 32, 8, False), (37, 64, 3, True), (1100, 0, 40, True)]
+)
 def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, residual):
     """lora_norm_shrink's launch: its (out, s) equal fused.rms_norm's (bit for bit here; the same formula per
     column), its fp32 partials per tile sum to A[slot] · out (float64, out the launch's own output), base rows
@@ -171,7 +177,8 @@ def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, resid
     assert torch.equal(out, want_out) and torch.equal(total, want_total)
     if not residual:
         assert total is x
-    assert parts.shape == (T, -(-H // block_n), 1 << (r_max - 1).bit_length())
+    tile = block_n or 512  # the default tile at 64 lanes (r_max 40): 2048 columns x 16 lanes / 64
+    assert parts.shape == (T, -(-H // tile), 1 << (r_max - 1).bit_length())
     h = parts.double().sum(1)
     for t, s in enumerate(slots.tolist()):
         torch.testing.assert_close(h[t, :r_max], a[s, 0].double() @ out[t].double(), atol=1e-5, rtol=1e-5)
@@ -179,3 +186,12 @@ def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, resid
     assert not parts[1].any()
     with pytest.raises(ValueError, match="rms_norm_shrink"):
         rms_norm_shrink(x, w, 1e-6, res, a[:, :, :, 1:], slots)
+
+
+def test_tiles_shrink_past_sixteen_lanes_a_slot():
+    """lora_rows.tile_columns: the measured tiles (r_max 16) up to 16 lanes, then columns x lanes kept at the tile's
+    x 16 (serve's default --max-lora-rank 64 spilled otherwise: scripts/lora_compile.py), never under 16 columns."""
+    from worker.kernels.lora_rows import tile_columns
+
+    assert [tile_columns(256, r) for r in (1, 8, 16, 32, 64, 128, 512)] == [256, 256, 256, 128, 64, 32, 16]
+    assert tile_columns(2048, 64) == 512 and tile_columns(2048, 16) == 2048

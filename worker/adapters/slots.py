@@ -25,6 +25,9 @@ from worker.models.lora_targets import LANE_TARGETS
 from worker.models.qwen import LoraTarget
 
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
+# ... and the pool's r_max is at most this: past it the "gemm" mode's kernels spill even with their tiles scaled to
+# the lanes (scripts/lora_compile.py: 8-16 B a thread at r_max 128, 12-17 KB at 256; none up to 64)
+GEMM_MAX_RANK = 64
 # A joint layout with K lanes rounds its row pitch up to this many elements: the base GEMM over the strided view then
 # ran about as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py, mlp.c_proj at batch 32:
 # 26.47 vs 26.40 us a layer at 256, 26.53 vs 26.36 at 64, 27.04 vs 26.33 unaligned), and so did the GEMM over the lanes.
@@ -117,11 +120,13 @@ class SlotPool:
         writing the output) costs 0.93-1.09 ms a step beside the base matmuls, "side_store" 1.31-1.38 ms
         (scripts/gpu_check_lora_gemm.py); in the decode step P2 0.884-0.898 vs 0.831-0.843 (bench_lora.py).
         "side_store" runs the whole term on the side stream, its expand writing every row of the term buffer;
-        without a stream "two"."""
+        without a stream "two". "auto" takes "gemm" where the A rows add at most JOINT_MAX_SHARE to the base rows and
+        r_max is at most GEMM_MAX_RANK."""
         check_lora_decode(choice)
         joint = self.joints.get(key)
         if kernels is not None and joint is not None and choice != "side":
-            if choice == "gemm" or joint.weight.shape[0] - joint.out <= JOINT_MAX_SHARE * joint.out:
+            share = joint.weight.shape[0] - joint.out <= JOINT_MAX_SHARE * joint.out
+            if choice == "gemm" or (share and self.max_rank <= GEMM_MAX_RANK):
                 return "gemm"
         return "side_store" if stream is not None else "two"
 

@@ -4,7 +4,8 @@ In LoRA's "gemm" decode mode (worker/layers/lora.py) c_attn's h = RMSNorm(x + re
 kernel instead of from A rows in c_attn's GEMM: one program per tile of a row computes fused.rms_norm's values for
 its columns (each program sums the squares of the whole row first, in fused.rms_norm's order, so the outputs are the
 same) and this tile's share of h in fp32, which the term's expand sums (worker/kernels/lora_rows.py
-`lora_term_rows_partials` / `lora_expand_rows_partials`). The tile is lora_rows.TILE["norm_block_n"] columns.
+`lora_term_rows_partials` / `lora_expand_rows_partials`). The tile is lora_rows.TILE["norm_block_n"] columns (fewer
+past 16 lanes a slot: lora_rows.tile_columns).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.lora_rows import TILE
+from worker.kernels.lora_rows import TILE, tile_columns
 from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 
 
@@ -89,9 +90,9 @@ def rms_norm_shrink(
             f"residual {None if residual is None else tuple(residual.shape)}, A pool {tuple(a_pool.shape)}, "
             f"slots {tuple(slots.shape)}"
         )
-    block_n = block_n or TILE["norm_block_n"] or TILE["block_n"]
-    tiles = triton.cdiv(H, block_n)
     br = triton.next_power_of_2(a_pool.shape[2])
+    block_n = block_n or tile_columns(TILE["norm_block_n"] or TILE["block_n"], br)
+    tiles = triton.cdiv(H, block_n)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     total = x if residual is None else torch.empty(T, H, dtype=x.dtype, device=x.device)
     parts = torch.empty(T, tiles, br, dtype=torch.float32, device=x.device)
