@@ -3,7 +3,7 @@ kernels, each variant's CUDA graph captured and timed in turn, the variants alte
 drift of a card (and between cards: every device call may land on another host) falls on all of them alike.
 
     python scripts/ab_decode.py served new:src=var/new --quant int4 --batches 1,2 --rounds 3
-    python scripts/ab_decode.py served apart:tiles=decode_newest_apart=1 --batches 8,32
+    python scripts/ab_decode.py served together:tiles=decode_newest_apart=0 --batches 8,32
     python scripts/ab_decode.py cuda:long1=65536,long2=65536 triton:long1=1,long2=1 --ctx 2048
 
 A variant is NAME or NAME:SETTINGS, a comma list of
@@ -15,8 +15,9 @@ A variant is NAME or NAME:SETTINGS, a comma list of
   longB=N      paged_decode_cuda.LONG_CONTEXT[B]
   kernels=SPEC the DecodeKernels fields on ('+' between them; 'none': all off) instead of the served set
   set=M.NAME=N worker/kernels/M.py's integer constant NAME set to N (a plan's knob, e.g. gemv_cuda.TC_LONG_K=2)
-  plan=NxK=WxS gptq_tc's plan for an N x K linear (columns x rows): W warps a block over S splits of K
-  plan=NxK=W   gptq_tc's warps a block for an N x K gate | up pair (DecodeKernels.gptq_act_out)
+  plan=NxK=WxS gptq_tc's plan for an N x K linear (columns x rows): W warps a block over S splits of K, staged or
+               not (the variant's calls decide)
+  plan=NxK=W   gptq_tc's warps a block for an N x K gate | up pair (DecodeKernels.gptq_act_out); one plan a shape
 Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,9 +83,10 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
         elif key == "set":
             target, _, number = value.partition("=")
             module, _, const = target.partition(".")
-            if not (module and const and number.lstrip("-").isdigit()):
+            if not (module and const and re.fullmatch(r"-?\d+", number)):
                 raise ValueError(f"variant {name}: {item!r}: set is MODULE.NAME=INTEGER")
-            if not isinstance(getattr(_kernel_module(module), const, None), int):
+            old = getattr(_kernel_module(module), const, None)
+            if not isinstance(old, int) or isinstance(old, bool):
                 raise ValueError(f"variant {name}: {item!r}: worker.kernels.{module} has no integer {const}")
             v.consts[(module, const)] = int(number)
         elif key == "plan":
@@ -91,6 +94,8 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             dims, ws = shape.split("x"), plan.split("x")
             if len(dims) != 2 or len(ws) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in dims + ws):
                 raise ValueError(f"variant {name}: {item!r}: plan is NxK=WxS (a linear) or NxK=W (a gate | up pair)")
+            if (int(dims[0]), int(dims[1])) in v.plans:
+                raise ValueError(f"variant {name}: {item!r}: a second plan for {shape}")
             v.plans[(int(dims[0]), int(dims[1]))] = (int(ws[0]), int(ws[1]) if len(ws) == 2 else 0)
         elif key.startswith(("form", "long")) and key[4:].isdigit():
             if key.startswith("form"):
@@ -119,7 +124,8 @@ def _kernel_module(name: str) -> Any:
 
 @contextlib.contextmanager
 def applied(v: Variant, backend: Any) -> Iterator[None]:
-    """The variant's libraries, forms, thresholds and tiles in place for the block; the defaults back after it."""
+    """The variant's libraries, forms, thresholds, tiles, constants and plans in place for the block; the defaults
+    back after it."""
     import importlib
 
     from worker.kernels import paged_decode_cuda as pdc
@@ -161,7 +167,9 @@ def _planned(plans: dict[tuple[int, int], tuple[int, int]], plan_tc: Any, plan_t
         warps, splits = plans.get((n, k), (0, 0))
         if not splits:
             return plan_tc(n, k, sms, rows, stage)
-        chunks = k // 128
+        from worker.kernels.gemv_cuda import CHUNK
+
+        chunks = k // CHUNK
         per = -(-chunks // splits)
         return per, -(-chunks // per), min(warps, per)
 

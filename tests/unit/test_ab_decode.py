@@ -64,6 +64,8 @@ def test_a_variant_s_sources_come_from_its_directory_where_it_has_them(tmp_path)
         ("a:plan=4096=4x2", "plan is NxK=WxS"),
         ("a:plan=4096x4096=4x0", "plan is NxK=WxS"),
         ("a:plan=4096x4096=4x2x1", "plan is NxK=WxS"),
+        ("a:plan=4096x4096=4x2,plan=4096x4096=8", "a second plan for 4096x4096"),
+        ("a:set=gemv_cuda.TC_LONG_K=--3", "set is MODULE.NAME=INTEGER"),
     ],
 )
 def test_bad_variants_are_refused_naming_what_is_wrong(tmp_path, spec, message):

@@ -1,6 +1,6 @@
 """scripts/lora_compile.py: the "gemm" decode mode's LoRA kernels compile for sm_90 with Triton's bundled ptxas (no GPU
-needed) without spilling at pool ranks 8 to 64 (serve's default --max-lora-rank is 64), with the tiles their
-launchers pick (issue 17: the unscaled tiles spilled 7 KB a thread in ln_1's shrink at r_max 64)."""
+needed) without spilling at pool ranks 8 to 64 (serve's default --max-lora-rank is 64), as their launchers launch
+them (issue 17: ln_1's shrink with its r_max-16 tile spilled 7 KB a thread at r_max 64)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from lora_helpers import term_f64  # noqa: E402
 from worker.kernels.lora_rows import lora_expand_rows  # noqa: E402
 
 
-# block_n 0: the launcher's tile, which shrinks past 16 lanes a slot (lora_rows.tile_columns: 64 columns at r_max 40)
+# block_n 0: the launcher's tile (TILE's 256 columns) at 40 lanes a slot
 @pytest.mark.parametrize(
     "P,K,N,r_max,block_n", [(1, 40, 3 * 24, 12, 32), (2, 33, 50, 16, 16), (1, 70, 20, 5, 64), (1, 30, 150, 40, 0)]
 )
@@ -126,7 +126,7 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
     plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n)
     act, parts = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2)
     assert torch.equal(act, plain)
-    tile = block_n or 64  # the default tile at 64 lanes (r2 40): 256 columns x 16 lanes / 64
+    tile = block_n or 256  # the expands' default tile keeps its columns at 64 lanes (r2 40)
     assert parts is not None and parts.shape == (len(slots), -(-N // tile), 1 << (r2 - 1).bit_length())
     h = parts.double().sum(1)
     y0 = torch.randn(len(slots), N2, generator=g)
@@ -190,8 +190,10 @@ def test_norm_shrink_equals_the_norm_and_the_definition(H, block_n, r_max, resid
 
 def test_tiles_shrink_past_sixteen_lanes_a_slot():
     """lora_rows.tile_columns: the measured tiles (r_max 16) up to 16 lanes, then columns x lanes kept at the tile's
-    x 16 (serve's default --max-lora-rank 64 spilled otherwise: scripts/lora_compile.py), never under 16 columns."""
-    from worker.kernels.lora_rows import tile_columns
+    x 16, never under 16 columns nor above the tile's; ln_1's shrink takes it (its 2048 columns spilled at serve's
+    default --max-lora-rank 64: scripts/lora_compile.py)."""
+    from worker.kernels.lora_rows import norm_columns, tile_columns
 
     assert [tile_columns(256, r) for r in (1, 8, 16, 32, 64, 128, 512)] == [256, 256, 256, 128, 64, 32, 16]
-    assert tile_columns(2048, 64) == 512 and tile_columns(2048, 16) == 2048
+    assert tile_columns(8, 64) == 8 and tile_columns(2048, 16) == 2048
+    assert [norm_columns(r) for r in (8, 16, 32, 64)] == [2048, 2048, 1024, 512]

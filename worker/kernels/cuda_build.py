@@ -41,7 +41,8 @@ def build(
     if len(set(names)) != len(names):
         raise BuildError(f"two files of one build share a name: {names}")
     h = hashlib.sha256()
-    for path in (*sources, *headers):
+    for path in (*sources, *headers):  # the names too: the copies' #include lines find the headers by name
+        h.update(os.path.basename(path).encode() + b"\0")
         with open(path, "rb") as f:
             h.update(f.read())
     digest = hashlib.sha256(h.digest() + f"{major}{minor}".encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from worker.kernels.lora import _num_sms, _plan
+from worker.kernels.lora_rows import tile_columns
 from worker.kernels.paged_decode import DecodeWorkspace
 
 
@@ -240,11 +241,11 @@ def add_lora_decode_local(
     if S == 0 or T == 0:
         return
     block_r = max(16, triton.next_power_of_2(r_max))
-    block_n = max(16, tiles.block_n * 16 // block_r)  # the tiles' lanes do not grow with r_max
+    block_n = tile_columns(tiles.block_n, block_r)  # the tiles' lanes do not grow with r_max
     n_split = _n_split(tiles, S, P, N, block_n, x.device)
     n_per_prog = triton.cdiv(triton.cdiv(N, n_split), block_n) * block_n
     strides = (x.stride(0), *a_pool.stride()[:3], *b_pool.stride()[:3], y.stride(0), *ranks.stride())
-    consts = dict(BLOCK_R=block_r, BLOCK_K=max(16, tiles.block_k * 16 // block_r), BLOCK_N=block_n)
+    consts = dict(BLOCK_R=block_r, BLOCK_K=tile_columns(tiles.block_k, block_r), BLOCK_N=block_n)
     grid = (S, P * n_split)
     _decode_lora_local_kernel[grid](
         x,

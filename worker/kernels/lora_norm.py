@@ -4,8 +4,8 @@ In LoRA's "gemm" decode mode (worker/layers/lora.py) c_attn's h = RMSNorm(x + re
 kernel instead of from A rows in c_attn's GEMM: one program per tile of a row computes fused.rms_norm's values for
 its columns (each program sums the squares of the whole row first, in fused.rms_norm's order, so the outputs are the
 same) and this tile's share of h in fp32, which the term's expand sums (worker/kernels/lora_rows.py
-`lora_term_rows_partials` / `lora_expand_rows_partials`). The tile is lora_rows.TILE["norm_block_n"] columns (fewer
-past 16 lanes a slot: lora_rows.tile_columns).
+`lora_term_rows_partials` / `lora_expand_rows_partials`). The tile is lora_rows.TILE["norm_block_n"] columns, fewer
+past 16 lanes a slot (lora_rows.norm_columns: the A tile's registers).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.kernels.lora_rows import TILE, tile_columns
+from worker.kernels.lora_rows import norm_columns, norm_warps
 from worker.kernels.pdl import active, gdc_go, gdc_wait, launch_options
 
 
@@ -91,7 +91,7 @@ def rms_norm_shrink(
             f"slots {tuple(slots.shape)}"
         )
     br = triton.next_power_of_2(a_pool.shape[2])
-    block_n = block_n or tile_columns(TILE["norm_block_n"] or TILE["block_n"], br)
+    block_n = block_n or norm_columns(br)
     tiles = triton.cdiv(H, block_n)
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     total = x if residual is None else torch.empty(T, H, dtype=x.dtype, device=x.device)
@@ -105,7 +105,7 @@ def rms_norm_shrink(
         x, res, weight, out, total, a_pool, slots, parts, eps, 1.0 / H, H, x.stride(0), res.stride(0), out.stride(0),
         total.stride(0), a_pool.stride(0), a_pool.stride(2), parts.stride(0), HAS_RESIDUAL=residual is not None,
         BLOCK=block, BLOCK_N=block_n, R_MAX=a_pool.shape[2], BLOCK_R=br, PDL=on,
-        num_warps=min(max(block // 512, 1), 16), enable_fp_fusion=False, **launch_options(on),
+        num_warps=norm_warps(H), enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
     return out, total, parts
 

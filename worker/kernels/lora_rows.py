@@ -55,19 +55,27 @@ from worker.kernels.pdl import INTERPRETED, active, gdc_go, gdc_wait, launch_opt
 # The expands' tile: BLOCK_N columns of one row per program, num_warps; rms_norm_shrink's columns a program (0: the
 # expands'). scripts/bench_lora.py `--modes gemm@BNxW[xNORM_BN]` measures others in the same process.
 TILE = {"block_n": 256, "num_warps": 4, "norm_block_n": 2048}
-# The tiles above were measured with pools of r_max 16 (P2's adapters). A tile holds [columns, lanes] of B (and the
-# norm's and the gate|up launch's [lanes, columns] of A) in registers, so at more lanes its columns shrink in
-# proportion (`tile_columns`): at serve's default --max-lora-rank 64 the tiles above spilled (sm_90, Triton 3.9: the
-# norm's 7 KB of local memory a thread, the gate|up launch's 1 KB; none at r_max 16), scaled they do not
-# (scripts/lora_compile.py, tests/unit/test_lora_compile.py).
+# The tiles above were measured with pools of r_max 16 (P2's adapters). ln_1's shrink (worker/kernels/lora_norm.py)
+# holds [lanes, columns] of A in registers, so at more lanes its columns shrink in proportion (`norm_columns`): at
+# serve's default --max-lora-rank 64 its 2048 columns spilled 7 KB a thread (sm_90, Triton 3.9), 512 do not. The
+# expands' tiles keep their columns: no spill up to 64 lanes (scripts/lora_compile.py, tests/unit/test_lora_compile.py).
 TILE_LANES = 16
 
 
 def tile_columns(block_n: int, lanes: int) -> int:
-    """A tile's columns for a pool of `lanes` lanes a slot (next_power_of_2(r_max); the larger of two pools'):
-    block_n up to TILE_LANES lanes, else block_n · TILE_LANES / lanes (at least 16), so that columns × lanes stay
-    within block_n · TILE_LANES."""
-    return max(16, block_n * TILE_LANES // max(lanes, TILE_LANES))
+    """A tile's columns for `lanes` lanes a slot: block_n up to TILE_LANES lanes, else block_n · TILE_LANES / lanes,
+    but not under 16 (nor above block_n): columns × lanes stay at most block_n · TILE_LANES while that floor allows."""
+    return max(min(block_n, 16), block_n * TILE_LANES // max(lanes, TILE_LANES))
+
+
+def norm_columns(lanes: int) -> int:
+    """ln_1's shrink's columns a program (worker/kernels/lora_norm.py) for an A pool of `lanes` lanes a slot."""
+    return tile_columns(TILE["norm_block_n"] or TILE["block_n"], lanes)
+
+
+def norm_warps(hidden: int) -> int:
+    """ln_1's shrink's warps: every program sums the row's squares over next_power_of_2(hidden) columns."""
+    return min(max(triton.next_power_of_2(hidden) // 512, 1), 16)
 
 
 # fmt: off
@@ -253,7 +261,7 @@ def lora_expand_rows(
     y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
     if T == 0:
         return y
-    block_n = block_n or tile_columns(TILE["block_n"], triton.next_power_of_2(r_max))
+    block_n = block_n or TILE["block_n"]
     n_tiles = triton.cdiv(N, block_n)
     on = active(pdl, out.device)
     _expand_rows_kernel[(T, P * n_tiles)](
@@ -293,10 +301,10 @@ def lora_expand_rows_silu_mul(
         raise ValueError(f"lora_expand_rows_silu_mul: the consumer's A pool {tuple(shrink.shape)} for {N} columns")
     if lanes and shrink is None:
         raise ValueError("lora_expand_rows_silu_mul: K lanes hold the consumer's h, so they need its A pool (shrink)")
+    block_n = block_n or TILE["block_n"]
+    tiles = triton.cdiv(N, block_n)
     r2 = shrink.shape[2] if shrink is not None else 1
     br2 = triton.next_power_of_2(r2)
-    block_n = block_n or tile_columns(TILE["block_n"], max(triton.next_power_of_2(r_max), br2))
-    tiles = triton.cdiv(N, block_n)
     joint = torch.empty(T, N + S * r2, dtype=out.dtype, device=out.device) if lanes else None
     y = joint[:, :N] if joint is not None else torch.empty(T, N, dtype=out.dtype, device=out.device)
     parts = torch.empty(T, tiles, br2, dtype=torch.float32, device=out.device) if shrink is not None else None
@@ -392,7 +400,7 @@ def _partials(
         y = torch.empty_like(y0, memory_format=torch.contiguous_format)
     if T == 0:
         return y
-    block_n = block_n or tile_columns(TILE["block_n"], br)
+    block_n = block_n or TILE["block_n"]
     on = active(pdl, y.device)
     src = y0 if y0 is not None else y
     _expand_rows_partials_kernel[(T, triton.cdiv(N, block_n))](
