@@ -25,8 +25,8 @@ from worker.models.lora_targets import LANE_TARGETS
 from worker.models.qwen import LoraTarget
 
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
-# ... and the pool's r_max is at most this: past it the "gemm" mode's kernels spill even with their tiles scaled to
-# the lanes (scripts/lora_compile.py: 8-16 B a thread at r_max 128, 12-17 KB at 256; none up to 64)
+# ... and the pool's r_max is at most this: past it the "gemm" mode's kernels spill (scripts/lora_compile.py: the
+# gate|up launch ~1 KB a thread at r_max 128; none up to 64)
 GEMM_MAX_RANK = 64
 # A joint layout with K lanes rounds its row pitch up to this many elements: the base GEMM over the strided view then
 # ran about as fast as over a contiguous weight (H200, scripts/gpu_check_lora_kexpand.py, mlp.c_proj at batch 32:
