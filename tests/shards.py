@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from worker.launcher import _die_with_parent
+from worker.launcher import PARENT_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +36,8 @@ class ShardProc:
 
 
 def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra: tuple[str, ...] = ()) -> ShardProc:
-    """Launch the shards; a launcher that exits before its sockets appear is started once more (seen once in
-    hundreds of starts: a gRPC epoll error in a fresh shard, not reproduced), a second failure raises."""
+    """Launch the shards; a launcher that exits before its sockets appear is started once more, a second failure
+    raises."""
     for attempt in (1, 2):
         try:
             return _start_once(model_dir, adapter_root, num_shard, extra)
@@ -46,6 +46,13 @@ def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra:
                 raise RuntimeError(str(exc)) from None
             print(f"shard launcher exited early, starting it again:\n{exc}", file=sys.stderr)
     raise AssertionError("unreachable")
+
+
+def dying_with_us() -> dict[str, str]:
+    """The environment that makes a launcher die with this process (no orphans even if pytest is killed), set by the
+    launcher itself after its exec: a fork with a preexec_fn from this process, which has gRPC loaded, had killed
+    fresh launchers ("epoll_wait error: Bad file descriptor", worker.launcher.die_with_parent_from_env)."""
+    return {PARENT_ENV: str(os.getpid())}
 
 
 class _EarlyExit(RuntimeError):
@@ -57,13 +64,11 @@ def _start_once(model_dir: str, adapter_root: str, num_shard: int, extra: tuple[
     uds = os.path.join(tmp, "s")
     log_dir = os.environ.get("QWEN_SHARD_LOG_DIR")  # e.g. the device's $OUT: logs survive a killed run
     log_path = os.path.join(log_dir, f"shard-{os.path.basename(tmp)}.log") if log_dir else os.path.join(tmp, "log.txt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **dying_with_us())
     cmd = [sys.executable, "-m", "worker.launcher", model_dir, "--num-shard", str(num_shard), "--uds-path", uds]
     cmd += ["--adapter-root", adapter_root, "--max-total-tokens", "4096", "--block-size", "16", *extra]
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-        )  # no orphans even if pytest is killed
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while not all(os.path.exists(f"{uds}-{r}") for r in range(num_shard)):
         if proc.poll() is not None:

@@ -30,12 +30,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child before exec
+def _die_with_parent() -> None:  # runs in the child before exec (or, die_with_parent_from_env, after it)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+PARENT_ENV = "QWEN_LAUNCH_PARENT_PID"  # a parent that wants the launcher to die with it puts its pid here
+
+
+def die_with_parent_from_env() -> None:
+    """Where PARENT_ENV holds the launcher's parent's pid: SIGTERM when that parent dies (PR_SET_PDEATHSIG, set after
+    exec), or exit now if it is already gone. A parent with gRPC loaded (the tests, a front) must start the launcher so
+    rather than with a preexec_fn: that forks and runs Python in the child, where gRPC's fork handlers have killed the
+    child before its exec ("epoll_wait error: Bad file descriptor"); without one, subprocess uses vfork. The variable is
+    not passed on to the shards (the launcher, without gRPC, starts them with a preexec_fn)."""
+    pid = os.environ.pop(PARENT_ENV, "")
+    if not pid:
+        return
+    _die_with_parent()
+    if os.getppid() != int(pid):
+        raise SystemExit(f"qwen-launch: the parent {pid} that {PARENT_ENV} names is gone")
 
 
 class Shard:
@@ -166,6 +183,7 @@ class Launcher:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_parent_from_env()
     ap = argparse.ArgumentParser(prog="qwen-launch", description=__doc__.split("\n")[0])
     ap.add_argument("model_dir")
     ap.add_argument("--num-shard", type=int, default=1, help="shards on this node")

@@ -117,7 +117,7 @@ def test_two_launchers_as_two_nodes(demo_dir):
     import sys
     import tempfile
 
-    from shards import ROOT, ShardProc, _die_with_parent
+    from shards import ROOT, ShardProc, dying_with_us
     from worker.launcher import free_port
 
     pb = _pb()
@@ -154,7 +154,9 @@ def test_two_launchers_as_two_nodes(demo_dir):
         nodes.append(
             ShardProc(
                 uds,
-                subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent),
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=dict(os.environ, **dying_with_us()), stdout=log, stderr=subprocess.STDOUT
+                ),
                 log.name,
             )
         )
