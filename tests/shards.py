@@ -50,8 +50,8 @@ def start_launcher(model_dir: str, adapter_root: str, num_shard: int = 1, extra:
 
 def dying_with_us() -> dict[str, str]:
     """The environment that makes a launcher die with this process (no orphans even if pytest is killed), set by the
-    launcher itself after its exec: a fork with a preexec_fn from this process, which has gRPC loaded, had killed
-    fresh launchers ("epoll_wait error: Bad file descriptor", worker.launcher.die_with_parent_from_env)."""
+    launcher itself after its exec: started with a preexec_fn from this process, which has gRPC loaded, fresh
+    launchers died at times ("epoll_wait error: Bad file descriptor"; worker.launcher.die_with_parent_from_env)."""
     return {PARENT_ENV: str(os.getpid())}
 
 

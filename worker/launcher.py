@@ -43,10 +43,11 @@ PARENT_ENV = "QWEN_LAUNCH_PARENT_PID"  # a parent that wants the launcher to die
 
 def die_with_parent_from_env() -> None:
     """Where PARENT_ENV holds the launcher's parent's pid: SIGTERM when that parent dies (PR_SET_PDEATHSIG, set after
-    exec), or exit now if it is already gone. A parent with gRPC loaded (the tests, a front) must start the launcher so
-    rather than with a preexec_fn: that forks and runs Python in the child, where gRPC's fork handlers have killed the
-    child before its exec ("epoll_wait error: Bad file descriptor"); without one, subprocess uses vfork. The variable is
-    not passed on to the shards (the launcher, without gRPC, starts them with a preexec_fn)."""
+    exec), or exit now if it is already gone. A parent with gRPC loaded (the tests) starts the launcher so rather than
+    with a preexec_fn, which forks and runs Python in the child: fresh launchers started that way died at times with
+    "epoll_wait error: Bad file descriptor", most likely from gRPC's fork handlers in the child; without a preexec_fn
+    subprocess uses vfork. The variable is not passed on to the shards (the launcher, without gRPC, starts them with a
+    preexec_fn)."""
     pid = os.environ.pop(PARENT_ENV, "")
     if not pid:
         return
