@@ -94,9 +94,10 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             dims, ws = shape.split("x"), plan.split("x")
             if len(dims) != 2 or len(ws) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in dims + ws):
                 raise ValueError(f"variant {name}: {item!r}: plan is NxK=WxS (a linear) or NxK=W (a gate | up pair)")
-            if (int(dims[0]), int(dims[1])) in v.plans:
+            nk = (int(dims[0]), int(dims[1]))
+            if nk in v.plans:
                 raise ValueError(f"variant {name}: {item!r}: a second plan for {shape}")
-            v.plans[(int(dims[0]), int(dims[1]))] = (int(ws[0]), int(ws[1]) if len(ws) == 2 else 0)
+            v.plans[nk] = (int(ws[0]), int(ws[1]) if len(ws) == 2 else 0)
         elif key.startswith(("form", "long")) and key[4:].isdigit():
             if key.startswith("form"):
                 blocks, _, depth = value.partition("x")
@@ -134,7 +135,7 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
     modules: dict[str, Any] = {stem: importlib.import_module(mod) for stem, (mod, _) in LIBRARIES.items()}
     saved_src = {stem: (m.SOURCES, m.HEADERS) for stem, m in modules.items()}
     saved = (pdc.FORMS, pdc.LONG_CONTEXT, backend.tiles)
-    consts = {(m, c): (_kernel_module(m), getattr(_kernel_module(m), c)) for m, c in v.consts}
+    consts = {(m, c): (mod, getattr(mod, c)) for m, c in v.consts for mod in [_kernel_module(m)]}
     gemv = modules["gptq_gemv"]
     plans = (gemv.plan_tc, gemv.plan_tc_pair)
     try:
@@ -167,11 +168,9 @@ def _planned(plans: dict[tuple[int, int], tuple[int, int]], plan_tc: Any, plan_t
         warps, splits = plans.get((n, k), (0, 0))
         if not splits:
             return plan_tc(n, k, sms, rows, stage)
-        from worker.kernels.gemv_cuda import CHUNK
+        from worker.kernels.gemv_cuda import CHUNK, tc_plan
 
-        chunks = k // CHUNK
-        per = -(-chunks // splits)
-        return per, -(-chunks // per), min(warps, per)
+        return tc_plan(k // CHUNK, splits, warps)
 
     def pair(n: int, k: int, sms: int) -> int:
         warps, splits = plans.get((n, k), (0, 1))

@@ -75,8 +75,8 @@ def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
         dict(HAS_RESIDUAL=True, BLOCK=HIDDEN, BLOCK_N=norm_bn, R_MAX=r_max, BLOCK_R=br, PDL=False),
         arch, lora_rows.norm_warps(HIDDEN),
     )  # fmt: skip
-    bn = act_bn = TILE["block_n"]  # the expands' columns at every rank
-    act_tiles = triton.cdiv(MLP, act_bn)
+    bn = TILE["block_n"]  # the expands' columns at every rank
+    act_tiles = triton.cdiv(MLP, bn)
     partials = dict(y0_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", ranks_ptr="*i32",
                     part_ptr="*fp32", stride_bn=r_max, stride_rs=rs)  # fmt: skip
     for name, n, tiles, y0 in (("c_attn's term", QKV, norm_tiles, 0), ("mlp.c_proj's", HIDDEN, act_tiles, HIDDEN)):
@@ -95,14 +95,14 @@ def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
     )  # fmt: skip
     for lanes in (False, True):
         width = MLP + (slots * r_max if lanes else 0)  # the consumer's input row: its K lanes after the activation
-        out[f"expand_rows_silu_mul (gate|up, {act_bn} columns{', K lanes' if lanes else ''})"] = _compile(
+        out[f"expand_rows_silu_mul (gate|up, {bn} columns{', K lanes' if lanes else ''})"] = _compile(
             lora_rows._expand_rows_act_kernel,
             dict(out_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", ranks_ptr="*i32", a2_ptr="*bf16",
                  part_ptr="*fp32", cnt_ptr="*i32", N=MLP, H_OFFSET=2 * MLP, SLOTS=slots,
                  stride_o=2 * MLP + slots * 2 * r_max, stride_y=width, stride_bs=2 * MLP * r_max,
                  stride_bp=MLP * r_max, stride_bn=r_max, stride_rp=1, stride_rs=rs, stride_a2s=r_max * width,
                  stride_a2r=width, stride_pt=act_tiles * br),
-            dict(R_MAX=r_max, BLOCK_R=br, BLOCK_N=act_bn, LIBDEVICE=True, SHRINK=True, R2_MAX=r_max, BLOCK_R2=br,
+            dict(R_MAX=r_max, BLOCK_R=br, BLOCK_N=bn, LIBDEVICE=True, SHRINK=True, R2_MAX=r_max, BLOCK_R2=br,
                  LANES=lanes, BLOCK_T=triton.next_power_of_2(act_tiles), BLOCK_S=triton.next_power_of_2(slots),
                  PDL=False),
             arch, warps,

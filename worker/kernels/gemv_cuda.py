@@ -141,6 +141,18 @@ def tc_smem(rows: int, per: int, warps: int, stage: bool = True) -> int:
     return (rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0) + warps * 8 * TC_COLS * 4
 
 
+def split_evenly(chunks: int, splits: int) -> tuple[int, int]:
+    """(chunks per split, splits) for K's `chunks` over about `splits` splits: as even as they go, none empty."""
+    per = -(-chunks // splits)
+    return per, -(-chunks // per)
+
+
+def tc_plan(chunks: int, splits: int, warps: int) -> tuple[int, int, int]:
+    """plan_tc's form of a choice: (chunks per split, splits, warps a block, at most a split's chunks)."""
+    per, splits = split_evenly(chunks, splits)
+    return per, splits, min(warps, per)
+
+
 def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[int, int, int]:
     """(chunks per split, splits, warps a block) for gptq_tc. Staged: 16 warps a block where the 32-column tiles are
     no more than the SMs, else 8 (at most a split's chunks), and the fewest splits whose shared memory fits MMA_SMEM.
@@ -154,14 +166,12 @@ def plan_tc(n: int, k: int, sms: int, rows: int, stage: bool = True) -> tuple[in
         split4 = min((TC_WARPS_PER_SM * sms) // (tiles * 4), chunks // 8)
         if warps == 8 and splits == 1 and split4 > 1 and chunks >= TC_LONG_K * 4 * split4:
             warps, splits = 4, split4  # a long K: 4-warp blocks over K's splits fill the SMs better
-        per = -(-chunks // splits)
-        return per, -(-chunks // per), min(warps, per)
+        return tc_plan(chunks, splits, warps)
     warps = 16 if tiles <= sms else 8
     splits = 1
     while tc_smem(rows, -(-chunks // splits), warps) > MMA_SMEM:
         splits += 1
-    per = -(-chunks // splits)
-    return per, -(-chunks // per), min(warps, per)
+    return tc_plan(chunks, splits, warps)
 
 
 def plan_tc_pair(n: int, k: int, sms: int) -> int:
@@ -286,8 +296,7 @@ def cuda_gemv(
     if splits is None:
         splits = planned
     else:  # a measurement's choice (scripts/gpu_check_*.py); shared memory is the caller's to keep (checked for tc)
-        per = -(-(K // CHUNK) // splits)
-        splits = -(-(K // CHUNK) // per)
+        per, splits = split_evenly(K // CHUNK, splits)
     if tc and (tc_smem(M, per, tc_warps, stage) > MMA_SMEM or tc_warps > (16 if stage else 8)):
         raise ValueError(
             f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "

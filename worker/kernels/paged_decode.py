@@ -100,7 +100,7 @@ def _decode_split_kernel(
         q = q * tl.load(k_scale_ptr)
     if NEWEST_APART:  # the newest key's row: the last split's, of a non-empty context (valid nowhere else)
         own = (split == num_splits - 1) & (ctx_len > 0)
-        first, stop = tl.maximum(ctx_len - 1, 0), tl.where(own, ctx_len, 0)  # other splits read nothing
+        first, stop = keys, tl.where(own, ctx_len, 0)  # the newest position; other splits read nothing
         k_new, v_new, new_valid = load_tile(
             kc_ptr, vc_ptr, table_ptr, first, stop, h, stride_cb, stride_cr, stride_ch, BLOCK_SIZE, HEAD_DIM, 1
         )
