@@ -114,12 +114,14 @@ def bench_lora_decode(
     rows, capture_s = [], {}
     triton = mgr.kernels is not None
     side = mgr.shrink_stream is not None
-    served = getattr(*lora_linears(model)[0]).lora.decode  # the mode the manager chose for this shape (--lora-decode)
+    # the modes the manager chose per target for this shape and pool (--lora-decode auto): the variant "auto" keeps them
+    chosen = [getattr(owner, name).lora.decode for owner, name in lora_linears(model)]
+    served = chosen[0] if len(set(chosen)) == 1 else "auto"
     variants = (  # (backend, side stream, LoraTerm.decode); the served configuration last (the generate's)
         [("torch", False, "two")]
         + ([("triton", False, "two")] if triton else [])
         + ([("triton", True, "two")] if triton and side else [])
-        + ([("triton", m.startswith(("side", "gemm")), m) for m in decode_modes] if triton else [])
+        + ([("triton", m.startswith(("side", "gemm", "auto")), m) for m in decode_modes] if triton else [])
     )
     if triton and variants[-1][2] != served:
         variants.append(("triton", served != "two" and side, served))
@@ -137,11 +139,11 @@ def bench_lora_decode(
         mode, extra, sizes, off = parse_variant(label)
         lora_rows.TILE.update({**served_tile, **sizes})
         apply_decode_kernels(model.transformer, replace(kernels, **dict.fromkeys(extra, True)))
-        for owner, name in lora_linears(model):  # batched bmm, or the kernels (shrink beside the base matmul)
+        for (owner, name), picked in zip(lora_linears(model), chosen):  # batched bmm, or the kernels
             term = getattr(owner, name).lora
             term.kernels = mgr.kernels if backend == "triton" else None
             term.stream = mgr.shrink_stream if overlap else None
-            term.decode = mode
+            term.decode = picked if mode == "auto" else mode
         for t in model.lora_targets():
             if t.key in off:
                 unwrapped.append((t.owner, t.attr, getattr(t.owner, t.attr)))
@@ -216,7 +218,8 @@ def main() -> None:
     ap.add_argument(
         "--modes",
         default="side_store,gemm",
-        help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; MODE+KERNEL: that mode "
+        help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; auto: each target in the "
+        "mode serve's --lora-decode auto picks for this pool; MODE+KERNEL: that mode "
         "with a DecodeKernels field switched on besides --decode-kernels, e.g. gemm+act_gemv; MODE@BNxW: the "
         "expands' tile, e.g. gemm@128x4; MODE-off=KEY+KEY: without those targets' term, e.g. "
         "gemm-off=attn.c_proj+mlp.c_proj). The served mode runs last (added if it is not) and its graphs run P3's "
