@@ -73,6 +73,7 @@ def bench_lora_decode(
     peer_new: int,
     decode_modes: tuple[str, ...] = ("local", "side"),
     profile: bool = False,
+    pool_rank: int | None = None,
 ) -> dict:
     """P2: graphed decode with every request on its own adapter vs graphed base-only decode (the same
     GraphedDecode, the same inputs), for the torch path and the kernels (shrink beside the base matmul or
@@ -89,7 +90,8 @@ def bench_lora_decode(
     c, dev = model.config, model.pctx.device
     if max(batches + [peer_batch]) > slots:
         raise SystemExit(f"--lora-slots {slots} < the largest batch: every request needs its own adapter")
-    mgr = AdapterManager("", model, model.pctx, model.dtype, max_rank, slots)
+    mgr = AdapterManager("", model, model.pctx, model.dtype, max_rank, slots, pool_rank=pool_rank)
+    mgr.slots.set_rank(mgr.slots.rank_for(rank))  # as loading them would (before the targets are wrapped)
     mgr.attach(SimpleNamespace(model=model, batches={}, adapters=None))
     fill_random_adapters(mgr, slots, rank, alpha=2.0 * rank)
     heads = c.num_attention_heads // model.pctx.world_size
@@ -185,6 +187,7 @@ def bench_lora_decode(
     out = dict(
         rank=rank,
         max_rank=max_rank,
+        pool_rank=mgr.slots.rank,
         slots=slots,
         alpha=2.0 * rank,
         adapter_MB=per_adapter / 1e6,
@@ -195,6 +198,41 @@ def bench_lora_decode(
     del graphs, kv
     unwrap_lora(model)
     del mgr
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_pool_growth(model, slots: int, pool_rank: int, max_rank: int, max_batch: int, ctx_len: int) -> dict:
+    """The LoadAdapter that grows the pools (AdapterManager._fit_rank: the steps in flight waited for, every pool
+    re-laid out at more lanes a slot, the decode graphs with adapters captured again), timed over serve's decode
+    graphs (batch buckets up to `max_batch`, contexts up to `ctx_len`) for a pool of `slots` slots."""
+    from worker.adapters.pool import AdapterManager
+    from worker.engine.cuda_graphs import GraphedDecode
+    from worker.engine.kv_cache import KVCache
+
+    c, dev = model.config, model.pctx.device
+    mgr = AdapterManager("", model, model.pctx, model.dtype, max_rank, slots, pool_rank=pool_rank)
+    engine = SimpleNamespace(model=model, batches={}, adapters=None)
+    mgr.attach(engine)
+    per_seq = math.ceil((ctx_len + 1) / 16)
+    heads = c.num_attention_heads // model.pctx.world_size
+    kv = KVCache(c.num_hidden_layers, 2 + per_seq, 16, heads, c.head_dim, torch.bfloat16, dev)
+    t0 = time.perf_counter()
+    graphs = GraphedDecode(model, kv, max_batch, per_seq, 1 + per_seq, adapter_pools=True)
+    capture_s = time.perf_counter() - t0
+    engine.adapter_pool_changed = graphs.recapture_adapters
+    rows = []
+    for r in (2 * pool_rank, max_rank):
+        if r <= mgr.slots.rank or r > max_rank:
+            continue
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        mgr._fit_rank(r)
+        torch.cuda.synchronize()
+        rows.append(dict(lanes=r, ms=(time.perf_counter() - t0) * 1e3))
+    out = dict(slots=slots, max_batch=max_batch, graphs=len(graphs.graphs), capture_all_s=capture_s, grow=rows)
+    del graphs, kv
+    unwrap_lora(model)
     torch.cuda.empty_cache()
     return out
 
@@ -216,6 +254,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-rank", type=int, default=0, help="the pools' r_max (0: --rank; the server's default is 64)")
     ap.add_argument(
+        "--pool-rank",
+        type=int,
+        default=0,
+        help="the pools' lanes a slot before the adapters load (serve's --lora-pool-rank; 0: its default, 16 or "
+        "--max-rank if smaller); they grow to fit --rank as serve's would",
+    )
+    ap.add_argument(
         "--modes",
         default="side_store,gemm",
         help="LoraTerm decode modes to time (comma-separated; gemm: served where it applies; auto: each target in the "
@@ -236,6 +281,13 @@ def main() -> None:
         default=None,
         help="worker/adapters/slots.py LANES_MAX_SHARE for this run's pools (which targets get K lanes; e.g. 0.1: "
         "mlp.c_proj's only at the 7B shape with 32 rank-16 slots)",
+    )
+    ap.add_argument(
+        "--growth",
+        type=int,
+        default=0,
+        help="also time the LoadAdapter that grows the pools from 16 lanes a slot to 32 and --max-rank, over serve's "
+        "decode graphs of this many rows (its default: 128) and 8 slots",
     )
     add_decode_kernels_arg(ap)
     args = ap.parse_args()
@@ -262,10 +314,12 @@ def main() -> None:
         args.new,
         tuple(args.modes.split(",")),
         args.profile,
+        args.pool_rank or None,
     )
     del model
     torch.cuda.empty_cache()
     res: dict[str, Any] = dict(card=torch.cuda.get_device_name(dev), ours=ours)
+    print(f"pools: {ours['pool_rank']} lanes a slot of {ours['max_rank']} (adapters of rank {args.rank})")
     for row in ours["decode"]:
         mode = row["backend"] + ("+side stream" if row["overlap"] else "") + f" decode={row['decode_mode']}"
         print(f"P2 b={b}: {mode:32s} {row['lora_ms']:.2f} vs {row['base_ms']:.2f} ms  ratio {row['ratio']:.3f}")
@@ -278,6 +332,15 @@ def main() -> None:
         print(f"P3 peer (HF + PEFT): {peer['tok_s']:.1f} tok/s ({peer['method']}; prefill {peer['prefill_s']:.2f} s,")
         print(f"   step {peer['step_ms']:.0f} ms)")
         print(f"P3 = {res['P3']:.0f}x end to end, {res['P3_decode']:.0f}x decode only (target >= 100x; spec 150x)")
+    if args.growth:
+        model = build_model(args.shape, pctx, "auto")
+        with_decode_kernels(model, args.decode_kernels)
+        res["growth"] = grow = bench_pool_growth(model, 8, 16, args.max_rank or 64, args.growth, 16384)
+        for row in grow["grow"]:
+            print(
+                f"pool growth to {row['lanes']} lanes a slot: {row['ms']:.0f} ms ({grow['graphs']} decode graphs; "
+                f"capturing them all at start-up took {grow['capture_all_s']:.1f} s)"
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

@@ -41,8 +41,8 @@ def manager(root: str, config, pctx, dtype: torch.dtype, max_rank: int, num_slot
     return AdapterManager(root, model, pctx, dtype, max_rank, num_slots, **kw)
 
 
-def attach_manager(model, root: str, max_rank: int = 16, num_slots: int = 4):
-    mgr = manager(root, model.config, model.pctx, model.dtype, max_rank, num_slots, model=model)
+def attach_manager(model, root: str, max_rank: int = 16, num_slots: int = 4, **kw):
+    mgr = manager(root, model.config, model.pctx, model.dtype, max_rank, num_slots, model=model, **kw)
     engine = SimpleNamespace(model=model, batches={}, adapters=None)
     mgr.attach(engine)
     return mgr, engine

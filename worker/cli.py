@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapter-root", default=None, help="directory LOCAL adapters are resolved under")
     s.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank a slot holds")
     s.add_argument(
+        "--lora-pool-rank",
+        type=int,
+        default=None,
+        help="the adapter pools' lanes a slot at start-up (default 16, at most --max-lora-rank). Every decode step "
+        "reads every slot's lanes, so the pools start small and grow (to the next power of two, up to "
+        "--max-lora-rank) when a larger adapter loads; that LoadAdapter also re-captures the decode graphs with "
+        "adapters (logged). Set it to the largest rank you serve to have no re-capture while serving",
+    )
+    s.add_argument(
         "--lora-backend",
         default="auto",
         choices=["auto", "torch", "triton"],

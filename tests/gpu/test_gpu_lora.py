@@ -174,7 +174,9 @@ def test_decode_kernels_in_a_cuda_graph():
 CFG = GPU_TINY
 
 
-def lora_model(tmp_path, dtype, overlap: bool = True):
+def lora_model(tmp_path, dtype, overlap: bool = True, loaded: int = 3, **kw):
+    """The tiny model with adapters a4, a8 and a16 written (the first `loaded` of them loaded as indices 1..3) and a
+    manager of 4 slots of max rank 16 (`kw`: the manager's other arguments, e.g. pool_rank)."""
     from helpers import write_checkpoint
     from lora_helpers import attach_manager, load, write_adapter
     from random_weights import random_checkpoint
@@ -193,14 +195,14 @@ def lora_model(tmp_path, dtype, overlap: bool = True):
         write_adapter(root, "a8", CFG, 8, 16, seed=2),
         write_adapter(root, "a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj")),
     ]
-    mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
+    mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4, **kw)
     terms = [getattr(t.owner, t.attr).lora for t in model.lora_targets()]
     assert all(term.kernels is not None for term in terms)  # the Triton path on CUDA
     assert all(term.stream is not None for term in terms)  # shrink beside the base matmul
     if not overlap:
         for term in terms:
             term.stream = None
-    for i, name in enumerate(["a4", "a8", "a16"], start=1):
+    for i, name in enumerate(["a4", "a8", "a16"][:loaded], start=1):
         load(mgr, i, name)
     merged = [state] + [merge_lora(state, *ad) for ad in adapters]
     return model, mgr, merged
@@ -253,9 +255,7 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
     lora_k_lanes both h go into their GEMMs' K lanes, where the layout has them)."""
     from worker.engine.cuda_graphs import GraphedDecode
     from worker.engine.kv_cache import KVCache
-    from worker.engine.runner import Runner
     from worker.layers import lora as lora_layer
-    from worker.layers.rotary import ntk_alpha
 
     monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)  # "gemm" at this bucket (8 rows) too
     model, mgr, _ = lora_model(tmp_path, torch.bfloat16, overlap)
@@ -272,6 +272,15 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
     c = model.config
     kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
     graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=True)
+    _check_graphed_adapter_decode(model, mgr, kv, graphs, mode == "gemm")
+
+
+def _check_graphed_adapter_decode(model, mgr, kv, graphs, gemm: bool) -> None:
+    """Six requests on adapters 1, base, 2, 3, 1, base: the graphed decode step equals the eager one (within two bf16
+    ulps), its base rows equal the base-only graph's, and its adapter rows differ from them."""
+    from worker.engine.runner import Runner
+    from worker.layers.rotary import ntk_alpha
+
     free = list(range(1, 199))
     random.Random(0).shuffle(free)
     reqs = []
@@ -309,11 +318,44 @@ def test_graphed_adapter_decode_equals_eager(tmp_path, monkeypatch, mode, overla
         r.n_cached -= 1
     base = graphs.run(batch, None).clone()  # the base-only graph of the same bucket
     on = torch.tensor(adapter_slots, device=CUDA) != 0
-    if mode == "gemm":  # the base rows come from a wider GEMM (its A rows appended): cuBLAS may sum otherwise
+    if gemm:  # the base rows come from a wider GEMM (its A rows appended): cuBLAS may sum otherwise
         assert (graphed[~on].float() - base[~on].float()).abs().max().item() <= 2 * ulp
     else:
         assert torch.equal(graphed[~on], base[~on])  # base rows of the adapter graph: the kernels skipped them
     assert (graphed[on].float() - base[on].float()).abs().max() > 0.1  # adapter rows: the adapters act
+
+
+@pytest.mark.parametrize("mode", ["gemm", "side_store"])
+def test_pool_growth_recaptures_the_adapter_graphs(tmp_path, monkeypatch, mode):
+    """Pools that start at 4 lanes a slot, graphs captured over them with adapter a4 loaded; loading a8 and a16 grows
+    the pools twice (slots.SlotPool.set_rank), each time through the engine's hook (Engine.adapter_pool_changed:
+    GraphedDecode.recapture_adapters), and graphed decode over all three adapters then equals eager decode."""
+    from lora_helpers import load
+    from worker.engine.cuda_graphs import GraphedDecode
+    from worker.engine.engine import Engine
+    from worker.engine.kv_cache import KVCache
+    from worker.layers import lora as lora_layer
+    from worker.layers.decode_kernels import SERVED, apply_decode_kernels, parse_decode_kernels
+
+    monkeypatch.setattr(lora_layer, "JOINT_MIN_ROWS", 1)  # "gemm" at this bucket (8 rows) too
+    model, mgr, _ = lora_model(tmp_path, torch.bfloat16, True, loaded=1, pool_rank=4, lora_decode="gemm")
+    apply_decode_kernels(model, parse_decode_kernels(",".join(SERVED)))  # the served set (K lanes on mlp.c_proj)
+    if mode != "gemm":
+        mgr.slots.choice = "side"  # the modes set_rank chooses again: side_store on every target
+    for t in model.lora_targets():
+        getattr(t.owner, t.attr).lora.decode = "gemm" if mode == "gemm" else "side_store"
+    c = model.config
+    kv = KVCache(c.num_hidden_layers, 200, 16, c.num_attention_heads, c.head_dim, torch.bfloat16, CUDA)
+    graphs = GraphedDecode(model, kv, max_batch=16, max_blocks_per_seq=16, scratch_block=199, adapter_pools=True)
+    captured = len(graphs.graphs)
+    mgr.engine.runner = SimpleNamespace(graphs=graphs)
+    mgr.engine.adapter_pool_changed = lambda: Engine.adapter_pool_changed(mgr.engine)
+    load(mgr, 2, "a8")
+    load(mgr, 3, "a16")
+    assert mgr.slots.rank == 16 and len(graphs.graphs) == captured and graphs.has_lora
+    modes = {getattr(t.owner, t.attr).lora.decode for t in model.lora_targets()}
+    assert modes == ({"gemm"} if mode == "gemm" else {"side_store"}), modes
+    _check_graphed_adapter_decode(model, mgr, kv, graphs, mode == "gemm")
 
 
 @pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32])

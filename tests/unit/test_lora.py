@@ -21,6 +21,10 @@ CFG = {**TINY, "seq_length": 16}
 
 @pytest.fixture()
 def setup(tmp_path):
+    return _setup(tmp_path)
+
+
+def _setup(tmp_path, **kw):
     state = random_checkpoint(CFG, seed=21)
     model = FlashQwenForCausalLM.from_pretrained(
         write_checkpoint(str(tmp_path / "ckpt"), CFG, state), dtype=torch.float32, progress=False
@@ -31,7 +35,7 @@ def setup(tmp_path):
         "a8": write_adapter(root, "a8", CFG, 8, 16, seed=2, use_rslora=True),
         "a16": write_adapter(root, "nested/a16", CFG, 16, 16, seed=3, targets=("c_attn", "w2", "mlp.c_proj")),
     }
-    mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4)
+    mgr, engine = attach_manager(model, root, max_rank=16, num_slots=4, **kw)
     return state, model, root, adapters, mgr, engine
 
 
@@ -39,6 +43,28 @@ def test_mixed_batch_prefill_and_decode(setup):
     state, model, root, adapters, mgr, _ = setup
     for i, name in enumerate(["a4", "a8", "nested/a16"], start=1):
         load(mgr, i, name)
+    _check_mixed_batch(state, model, adapters, mgr)
+
+
+def test_pools_grow_as_larger_adapters_load(tmp_path):
+    """Pools that start at 4 lanes a slot: the rank-4 adapter fits; the rank-8 and rank-16 ones re-lay them out
+    (slots.SlotPool.set_rank: the loaded slots kept), each time after asking the engine to re-capture its graphs with
+    adapters; the mixed batch then still equals the float64 reference with each adapter merged."""
+    state, model, _, adapters, mgr, engine = _setup(tmp_path, pool_rank=4)
+    grown = []
+    engine.adapter_pool_changed = lambda: grown.append(mgr.slots.rank) or 0
+    for i, (name, lanes) in enumerate([("a4", 4), ("a8", 8), ("nested/a16", 16)], start=1):
+        load(mgr, i, name)
+        assert mgr.slots.rank == lanes and all(
+            getattr(t.owner, t.attr).lora.a_pool.shape[2] == lanes for t in model.lora_targets()
+        )
+    assert grown == [8, 16]
+    _check_mixed_batch(state, model, adapters, mgr)
+
+
+def _check_mixed_batch(state, model, adapters, mgr) -> None:
+    """A batch of the base model and the three adapters (adapter 1 twice), prefill then four decode steps, equals
+    the float64 reference with each adapter merged into the weights."""
     merged = {
         0: state,
         1: merge_lora(state, *adapters["a4"]),

@@ -81,9 +81,11 @@ def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
                              modules=("mlp.w2", "mlp.w1"))  # fmt: skip
     assert GEMM_MAX_RANK == 64
     for rank, mode in ((64, "gemm"), (65, "two"), (128, "two")):
-        pool = SlotPool([target], CPU, torch.float32, max_rank=rank, num_slots=1)  # 2 x 2 x r_max A rows: <= 12.5 %
+        pool = SlotPool([target], CPU, torch.float32, max_rank=128, num_slots=1, rank=rank)  # 2 x 2 x r A rows
         assert pool.decode_mode(key, kernels, None, "auto") == mode, rank
         assert pool.decode_mode(key, kernels, None, "gemm") == "gemm"
+        pool.set_rank(128)  # past it once the pools grow (the A rows: 12.5 %)
+        assert pool.decode_mode(key, kernels, None, "auto") == "two", rank
 
 
 def test_lora_term_gemm_equals_the_definition_and_falls_back(monkeypatch):

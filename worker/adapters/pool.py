@@ -63,11 +63,14 @@ class AdapterManager:
         overlap: bool = True,
         triton_interpreter: bool = False,
         lora_decode: str = "auto",
+        pool_rank: int | None = None,
     ):
         """model: its LoRA targets shape the pool (`attach` wraps them; a model on the meta device gives the
         shapes alone); pctx, dtype: the pool's device and dtype. triton: the Triton LoRA kernels (None: on
         CUDA when Triton imports; False: the PyTorch path); overlap: with the kernels, run each module's
-        shrink on a side stream beside its base matmul; lora_decode: serve's --lora-decode (layers.lora.LORA_DECODE)."""
+        shrink on a side stream beside its base matmul; lora_decode: serve's --lora-decode (layers.lora.LORA_DECODE);
+        pool_rank: the pools' lanes a slot at start (None: slots.START_RANK, at most max_rank), grown to fit larger
+        adapters as they load (`_fit_rank`)."""
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot (--max-adapter-slots)")
         self.root = root
@@ -92,15 +95,17 @@ class AdapterManager:
         self.shrink_stream = (
             torch.cuda.Stream(pctx.device) if self.kernels is not None and overlap and self.on_cuda else None
         )
-        self.slots = SlotPool(model.lora_targets(), pctx, dtype, max_rank, num_slots)
+        self.slots = SlotPool(model.lora_targets(), pctx, dtype, max_rank, num_slots, pool_rank)
         self.copies = HostCopies(self.slots, self.config, dtype)
         self.medusa = MedusaSlots(root, model)
         log.info(
-            "adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all), root %s, LoRA backend %s%s",
+            "adapter pool: %d slots of max rank %d (%.1f MiB each, %.1f MiB in all; %d lanes a slot until a larger "
+            "adapter loads), root %s, LoRA backend %s%s",
             num_slots,
             max_rank,
             self.slots.slot_bytes / 2**20,
             self.slots.slot_bytes * num_slots / 2**20,
+            self.slots.rank,
             root,
             "triton" if self.kernels is not None else "torch",
             " (shrink on a side stream)" if self.shrink_stream is not None else "",
@@ -122,6 +127,7 @@ class AdapterManager:
             triton=triton,
             triton_interpreter=triton_interpreter,
             lora_decode=getattr(args, "lora_decode", "auto"),
+            pool_rank=getattr(args, "lora_pool_rank", None),
         )
 
     # ------------------------------------------------------------------ wiring
@@ -307,12 +313,35 @@ class AdapterManager:
         slot = free[0]
         if entry.host is None:  # dropped from the host cache: read again
             entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
+        self._fit_rank(entry.rank)
         self.last_timing.update(self.copies.fill(slot, entry, entry.ranks))
         self.medusa.attach(entry.medusa, slot)
         self.slot_owner[slot] = index
         entry.slot = slot
         self._trim_host_cache()
         return slot
+
+    def _fit_rank(self, rank: int) -> None:
+        """Give the pools enough lanes a slot for an adapter of `rank` (SlotPool.rank_for): after the steps in flight
+        (a look-ahead reads the old views), re-lay them out and have the engine capture its decode graphs with
+        adapters again. Logged, with the time it took (a LoadAdapter that grows the pools waits for it)."""
+        r, old = self.slots.rank_for(rank), self.slots.rank
+        if r == old:
+            return
+        t0 = time.perf_counter()
+        if self.on_cuda:
+            torch.cuda.synchronize(self.pctx.device)
+        self.slots.set_rank(r)
+        changed = getattr(self.engine, "adapter_pool_changed", None)
+        graphs = changed() if changed is not None else 0
+        log.info(
+            "adapter pools re-laid out at %d lanes a slot (were %d) for a rank-%d adapter%s in %.0f ms",
+            r,
+            old,
+            rank,
+            f", {graphs} decode graphs with adapters captured again," if graphs else "",
+            (time.perf_counter() - t0) * 1e3,
+        )
 
     def wait_pinned(self) -> None:
         """Block until the queued host copies are pinned (before CUDA-graph capture, which forbids another

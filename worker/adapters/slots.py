@@ -9,6 +9,7 @@ work. A fill copies this rank's shard, cut by the LoRA layer's rule, with the sc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -24,6 +25,9 @@ from worker.layers.lora_tp import LoraPart, lora_parts
 from worker.models.lora_targets import LANE_TARGETS
 from worker.models.qwen import LoraTarget
 
+# the pools' lanes a slot at start-up where --max-lora-rank allows (they grow when a larger adapter loads: SlotPool):
+# the rank most published adapters have, and the one the decode step was measured at (P2)
+START_RANK = 16
 JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
 # ... and the pool's r_max is at most this: past it the "gemm" mode's kernels spill (scripts/lora_compile.py: the
 # gate|up launch ~1 KB a thread at r_max 128; none up to 64)
@@ -65,21 +69,41 @@ def joint_layout(
 
 
 class SlotPool:
-    """A [slots, P, r_max, in] and B [slots, P, out/P, r_max] per (layer, target), this rank's shard: A in the rows
-    below a float base weight, B (one part, a target of LANE_TARGETS, slots·r_max at most a share of its
-    input width: LANES_MAX_SHARE) in K lanes beside it (`joint_layout`), else tensors of their own."""
+    """A [slots, P, r, in] and B [slots, P, out/P, r] per (layer, target), this rank's shard: A in the rows below a
+    float base weight, B (one part, a target of LANE_TARGETS, slots·r_max at most a share of its input width:
+    LANES_MAX_SHARE) in K lanes beside it (`joint_layout`), else tensors of their own.
+
+    The allocations hold r_max (--max-lora-rank) lanes a slot; the pools are views of their first r lanes a slot
+    (`rank`: START_RANK or r_max if smaller, at start). Every step's kernels and joint GEMMs read all r lanes of
+    every slot, so a pool whose adapters have rank 16 would move 4x their bytes at r = 64: `set_rank` re-lays the
+    pools out at more lanes (the slots' values kept) when a larger adapter loads (AdapterManager: then the decode
+    graphs with adapters are captured again)."""
 
     def __init__(
-        self, targets: Sequence[LoraTarget], pctx: ParallelContext, dtype: torch.dtype, max_rank: int, num_slots: int
+        self,
+        targets: Sequence[LoraTarget],
+        pctx: ParallelContext,
+        dtype: torch.dtype,
+        max_rank: int,
+        num_slots: int,
+        rank: int | None = None,
     ):
         self.targets = list(targets)
         self.pctx = pctx
-        self.max_rank = max_rank
+        self.max_rank = max_rank  # the allocations' lanes a slot: the largest rank an adapter may have
+        self.rank = min(max_rank, START_RANK) if rank is None else rank  # the pools' lanes a slot now
+        if not 1 <= self.rank <= max_rank:
+            raise ValueError(f"adapter pool rank {self.rank} outside 1..{max_rank} (--max-lora-rank)")
         self.num_slots = num_slots
+        self.choice = "auto"  # --lora-decode (wrap_targets), for the modes `set_rank` chooses again
+        self.terms: dict[tuple[int, str], LoraTerm] = {}  # (layer, target key) -> its wrapper's term (wrap_targets)
         self.stacked: dict[tuple[int, str], Pair] = {}  # (layer, target key) -> (A, B) with the part dim
         self.pools: dict[Key, Pair] = {}  # (layer, module) -> (A, B): views of its part
         self.parts: dict[Key, LoraPart] = {}  # (layer, module) -> full sizes and TP cut
         self.joints: dict[tuple[int, str], JointWeight] = {}  # (layer, target key) -> base weight + A pool
+        # (layer, target key) -> the allocations at r_max lanes: a joint weight, or flat A and B buffers
+        self.storage: dict[tuple[int, str], tuple[JointWeight | None, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.shapes: dict[tuple[int, str], tuple[int, int, int]] = {}  # (layer, target key) -> (P, in, out per part)
         layers = 1 + max(t.layer for t in self.targets)
         self.ranks = torch.zeros(num_slots + 1, layers, len(MODULES), dtype=torch.int32, device=pctx.device)
         for t in self.targets:
@@ -92,23 +116,80 @@ class SlotPool:
             lanes = (num_slots + 1) * max_rank
             if t.key not in LANE_TARGETS or len(parts) != 1 or lanes > LANES_MAX_SHARE * d_in:
                 lanes = 0
+            key = (t.layer, t.key)
             joint = joint_layout(getattr(t.owner, t.attr), a_shape, dtype, pctx.device, lanes)
-            if joint is not None:
-                self.joints[(t.layer, t.key)] = joint
-                a = joint.weight[joint.out :].view(a_shape)
-            else:
-                a = torch.zeros(a_shape, dtype=dtype, device=pctx.device)
-            if joint is not None and joint.lanes is not None:  # B [slots, 1, out, r_max] in the lanes
-                b = joint.lanes[:, d_in:].view(d_out, num_slots + 1, max_rank).permute(1, 0, 2).unsqueeze(1)
-            else:
-                b = torch.zeros(num_slots + 1, len(parts), d_out, max_rank, dtype=dtype, device=pctx.device)
-            self.stacked[(t.layer, t.key)] = (a, b)
-            for p, (module, part) in enumerate(zip(t.modules, parts)):
-                self.pools[(t.layer, module)] = (a[:, p], b[:, p])
+            a_buf = b_buf = None
+            if joint is None:
+                a_buf = torch.zeros(math.prod(a_shape), dtype=dtype, device=pctx.device)
+            if joint is None or joint.lanes is None:
+                b_buf = torch.zeros((num_slots + 1) * len(parts) * d_out * max_rank, dtype=dtype, device=pctx.device)
+            self.storage[key] = (joint, a_buf, b_buf)
+            self.shapes[key] = (len(parts), d_in, d_out)
+            for module, part in zip(t.modules, parts):
                 self.parts[(t.layer, module)] = part
-        self.slot_bytes = sum(
-            a[0].numel() * a.element_size() + b[0].numel() * b.element_size() for a, b in self.stacked.values()
-        )
+            self._view(t, self.rank)
+        # a slot's share of the allocations (r_max lanes of A [P, r, in] and B [P, out, r] per target)
+        self.slot_bytes = sum(p * (d_in + d_out) for p, d_in, d_out in self.shapes.values()) * max_rank * dtype.itemsize
+
+    def _view(self, t: LoraTarget, r: int) -> None:
+        """Point the target's pools (and its joint weight) at the first r lanes a slot of its allocations."""
+        key = (t.layer, t.key)
+        (joint, a_buf, b_buf), (parts, d_in, d_out) = self.storage[key], self.shapes[key]
+        slots = self.num_slots + 1
+        a_shape = (slots, parts, r, d_in)
+        view = None
+        if joint is not None:
+            rows = joint.out + slots * parts * r
+            bias = joint.bias[:rows] if joint.bias is not None else None
+            lanes = joint.lanes[:, : d_in + slots * r] if joint.lanes is not None else None
+            view = JointWeight(joint.weight[:rows], bias, joint.out, lanes)
+            self.joints[key] = view
+            a = view.weight[view.out :].view(a_shape)
+        else:
+            assert a_buf is not None
+            a = a_buf[: math.prod(a_shape)].view(a_shape)
+        if view is not None and view.lanes is not None:  # B [slots, 1, out, r] in the lanes
+            b = view.lanes[:, d_in:].view(d_out, slots, r).permute(1, 0, 2).unsqueeze(1)
+        else:
+            assert b_buf is not None
+            b = b_buf[: slots * parts * d_out * r].view(slots, parts, d_out, r)
+        self.stacked[key] = (a, b)
+        for p, module in enumerate(t.modules):
+            self.pools[(t.layer, module)] = (a[:, p], b[:, p])
+
+    def rank_for(self, rank: int) -> int:
+        """The pools' lanes a slot that hold an adapter of `rank` (at most r_max): the current ones where it fits,
+        else the next power of two from it (so that a few larger adapters re-lay the pools out a few times)."""
+        if rank <= self.rank:
+            return self.rank
+        return min(self.max_rank, 1 << (rank - 1).bit_length())
+
+    def set_rank(self, r: int) -> None:
+        """Re-lay every pool out at r lanes a slot (at least the largest rank a slot holds), each slot's values
+        kept, and point the wrapped targets' terms at the new views (their decode modes chosen again for them).
+        Tensors and CUDA graphs that captured the old views must not run after this (the caller re-captures)."""
+        if not 1 <= r <= self.max_rank:
+            raise ValueError(f"adapter pool rank {r} outside 1..{self.max_rank} (--max-lora-rank)")
+        held = int(self.ranks.max())
+        if r < held:
+            raise ValueError(f"adapter pool rank {r} below the rank {held} a slot holds")
+        if r == self.rank:
+            return
+        keep = min(r, self.rank)
+        for t in self.targets:
+            a_old, b_old = self.stacked[(t.layer, t.key)]
+            a_kept, b_kept = a_old[..., :keep, :].clone(), b_old[..., :keep].clone()  # the new views overlap them
+            self._view(t, r)
+            a, b = self.stacked[(t.layer, t.key)]
+            a.zero_()
+            b.zero_()
+            a[..., :keep, :].copy_(a_kept)
+            b[..., :keep].copy_(b_kept)
+        self.rank = r
+        for key, term in self.terms.items():
+            term.a_pool, term.b_pool = self.stacked[key]
+            term.joint = self.joints.get(key)
+            term.decode = self.decode_mode(key, term.kernels, term.stream, self.choice)
 
     def adapter_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of a whole (unsharded) adapter at the maximum rank on every module, in `dtype`."""
@@ -121,12 +202,12 @@ class SlotPool:
         (scripts/gpu_check_lora_gemm.py); in the decode step P2 0.884-0.898 vs 0.831-0.843 (bench_lora.py).
         "side_store" runs the whole term on the side stream, its expand writing every row of the term buffer;
         without a stream "two". "auto" takes "gemm" where the A rows add at most JOINT_MAX_SHARE to the base rows and
-        r_max is at most GEMM_MAX_RANK."""
+        the pools' lanes a slot are at most GEMM_MAX_RANK."""
         check_lora_decode(choice)
         joint = self.joints.get(key)
         if kernels is not None and joint is not None and choice != "side":
             share = joint.weight.shape[0] - joint.out <= JOINT_MAX_SHARE * joint.out
-            if choice == "gemm" or (share and self.max_rank <= GEMM_MAX_RANK):
+            if choice == "gemm" or (share and self.rank <= GEMM_MAX_RANK):
                 return "gemm"
         return "side_store" if stream is not None else "two"
 
@@ -136,6 +217,7 @@ class SlotPool:
         """Replace each target linear of the model by its adapter-aware wrapper over this pool; returns how many
         targets took each decode mode (`decode`: serve's --lora-decode)."""
         modes: dict[str, int] = {}
+        self.choice = decode
         for t in self.targets:
             k = MODULES.index(t.modules[0])  # a target's modules are adjacent on the module axis
             mode = self.decode_mode((t.layer, t.key), kernels, stream, decode)
@@ -151,6 +233,7 @@ class SlotPool:
             )
             # the base's choices so far (later ones reach the wrapper's set_decode_kernels)
             term.set_decode_kernels(getattr(base, "decode_kernels", None) or DecodeKernels())
+            self.terms[(t.layer, t.key)] = term
             setattr(t.owner, t.attr, wrap_lora(base, term))
         return modes
 

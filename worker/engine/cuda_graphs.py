@@ -93,13 +93,20 @@ class GraphedDecode:
             long = backend.long_decode(kv.dtype, kv.head_dim)
         # the buckets of bs rows in long_tokens have a graph for steps below long_tokens[bs] tokens and one for the rest
         self.long_tokens = {bs: t for bs, t in (long or {}).items() if bs in self.sizes and longest >= t}
-        keys = [
-            (bs, lora, is_long)
-            for lora in ([False, True] if adapter_pools else [False])
-            for bs in reversed(self.sizes)  # largest first: the pool is sized once
-            for is_long in ([False, True] if bs in self.long_tokens else [False])
-        ]
-        sm = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.sm = torch.cuda.get_device_properties(dev).multi_processor_count
+        self._capture(
+            [
+                (bs, lora, is_long)
+                for lora in ([False, True] if adapter_pools else [False])
+                for bs in reversed(self.sizes)  # largest first: the pool is sized once
+                for is_long in ([False, True] if bs in self.long_tokens else [False])
+            ]
+        )
+
+    def _capture(self, keys: list[tuple[int, bool, bool]]) -> None:
+        model, kv = self.model, self.kv
+        backend: Any = model.backend
+        longest = self.max_blocks * kv.block_size
         heads = model.config.num_attention_heads // model.pctx.world_size
         for bs, lora, is_long in keys:
             # the graph's longest context: below long_tokens[bs] where the bucket has a long graph beside it
@@ -108,7 +115,7 @@ class GraphedDecode:
             data = AdapterBatchData.for_decode(self.adapter_slots[:bs]) if lora else None
             splits = None
             if hasattr(backend, "num_splits"):  # the backend's split policy at the longest context a graph sees
-                splits = backend.tiles.decode_splits(bs, heads, longest, sm)
+                splits = backend.tiles.decode_splits(bs, heads, longest, self.sm)
 
             def step(bs: int = bs, seqlen: Seqlen = seqlen, data: AdapterBatchData | None = data) -> torch.Tensor:
                 ctx = ForwardContext.build(
@@ -132,6 +139,19 @@ class GraphedDecode:
             finally:
                 if splits is not None:
                     backend.num_splits = old
+
+    def recapture_adapters(self) -> int:
+        """Capture the buckets' adapter variants again (the adapter pools were re-laid out: their graphs read the old
+        views); the graphs without adapters stay. The adapter variants are dropped first, and stay dropped (steps
+        with adapters then run eagerly: `has_lora` False) if a capture fails. Returns how many were captured."""
+        keys = [k for k in self.graphs if k[1]]
+        for k in keys:
+            del self.graphs[k], self.inputs[k]
+        self.fills += 1  # a prepare_ahead before this would replay a dropped graph: its launch refuses
+        self.has_lora = False
+        self._capture(keys)
+        self.has_lora = bool(keys)
+        return len(keys)
 
     def can_run(self, batch: Batch, ahead: bool = False) -> bool:
         """ahead: for the step after the one whose tokens are being chosen (a position further on)."""

@@ -158,6 +158,18 @@ class Engine:
             grammars=self.grammars,
         )
 
+    def adapter_pool_changed(self) -> int:
+        """The adapter manager re-laid its pools out (more lanes a slot): capture the decode graphs' adapter variants
+        again; returns how many (0 without graphs)."""
+        graphs = self.runner.graphs if self.runner is not None else None
+        if graphs is None or not graphs.has_lora:
+            return 0
+        try:
+            return graphs.recapture_adapters()
+        except Exception:  # the adapter variants are gone: steps with adapters run eagerly from now on
+            log.exception("capturing the decode graphs with adapters again failed: those steps now run eagerly")
+            return 0
+
     def warmup(self, request: pb.WarmupRequest) -> int:
         """Run the router's largest prefill without a cache to find the activation peak (and calibrate fp8
         scales), then size the KV cache from what is left. Returns max_supported_total_tokens. The batch is
