@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--slots", type=int, default=0, help="adapter slots in the pool (0: --batch; all hold an adapter)")
     ap.add_argument("--max-rank", type=int, default=0, help="the pools' r_max (0: --rank; the server's default is 64)")
     ap.add_argument(
         "--pool-rank",
@@ -306,7 +307,7 @@ def main() -> None:
         args.ctx,
         16,
         copy_bandwidth(dev),
-        b,
+        args.slots or b,
         args.rank,
         args.max_rank or args.rank,
         b,
