@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LORA_DECODE,
         help="Triton LoRA at decode (batches over 8 rows): gemm (the shrink inside the base matmul, whose weight "
         "shares one allocation with its A pool; one expand), side (shrink and expand on a side stream beside "
-        "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 25%% to the matmul, "
+        "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 55%% to the matmul, "
         "with --max-lora-rank at most 64",
     )
     s.add_argument(

@@ -15,6 +15,7 @@ import math
 import os
 import random
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -298,7 +299,7 @@ def _check_graphed_adapter_decode(model, mgr, kv, graphs, gemm: bool) -> None:
             )
         )
     adapter_slots = [mgr.entries[i].slot if i else 0 for i in (1, 0, 2, 3, 1, 0)]
-    batch = SimpleNamespace(requests=reqs)
+    batch: Any = SimpleNamespace(requests=reqs)  # a Batch as far as the runner and the graphs read it
     runner = Runner(model, kv, CUDA)
     runner.forward(batch, True, adapter_slots)
     for r in reqs:

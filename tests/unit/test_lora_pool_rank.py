@@ -31,6 +31,7 @@ def _targets() -> list[SimpleNamespace]:
     other = RowParallelLinear(32, 32, False, CPU, torch.float64)  # another dtype than the pool's: no joint layout
     for lin in (c_attn, gate_up, c_proj, other):
         lin.weight.data.normal_(generator=g)
+    assert c_attn.bias is not None
     c_attn.bias.data.normal_(generator=g)
     return [
         _target("attn.c_attn", c_attn, ("attn.c_attn",)),

@@ -28,7 +28,11 @@ from worker.models.qwen import LoraTarget
 # the pools' lanes a slot at start-up where --max-lora-rank allows (they grow when a larger adapter loads: SlotPool):
 # the rank most published adapters have, and the one the decode step was measured at (P2)
 START_RANK = 16
-JOINT_MAX_SHARE = 0.25  # "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows
+# "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows. Measured (H200, 7B shape,
+# scripts/bench_lora.py --no-peer --modes auto,gemm,side_store, every slot holding an adapter): "gemm" on every target
+# was faster than "side_store" on the c_projs at each share tried, up to 52 % (32 slots at 64 lanes: P2 0.574 vs
+# 0.563; at 32 lanes 0.798 vs 0.726; 128 slots at 16 lanes, 32 of them in the batch: 0.849 vs 0.820)
+JOINT_MAX_SHARE = 0.55
 # ... and the pool's r_max is at most this: past it the "gemm" mode's kernels spill (scripts/lora_compile.py: the
 # gate|up launch ~1 KB a thread at r_max 128; none up to 64)
 GEMM_MAX_RANK = 64
