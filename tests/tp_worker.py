@@ -84,7 +84,8 @@ def main() -> None:
             from worker.adapters import slots as slots_mod
 
             slots_mod.LANES_MAX_SHARE = 4.0
-        mgr, _ = attach_manager(model, sys.argv[3], max_rank=16, num_slots=2)
+        pool_rank = int(os.environ.get("QWEN_TEST_POOL_RANK", "0")) or None  # pools that grow as a16 loads
+        mgr, _ = attach_manager(model, sys.argv[3], max_rank=16, num_slots=2, pool_rank=pool_rank)
         if os.environ.get("QWEN_TEST_LORA_BACKEND") == "triton":  # the Triton kernels (interpreted on a CPU)
             from worker.kernels import lora as kernels
 
@@ -99,6 +100,7 @@ def main() -> None:
                     term.set_decode_kernels(gemm_kernels[lora_decode])
         load(mgr, 1, "a4")
         load(mgr, 2, "a16")
+        results["pool_rank"] = torch.tensor([mgr.slots.rank])
         slots = [0, mgr.entries[1].slot, mgr.entries[2].slot]
         lp = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 12, 9)]
         paged_l = Paged(model, seed=7)

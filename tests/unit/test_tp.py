@@ -59,6 +59,21 @@ def test_triton_lora_kernels_under_tp_equal_the_torch_path(runs, tmp_path, decod
                 assert diff <= 1e-4, f"{key}: {diff}"
 
 
+def test_pools_grown_on_each_rank_equal_world_size_1(runs, tmp_path):
+    """Pools that start at 4 lanes a slot grow on every rank when the rank-16 adapter loads (each rank re-lays out its
+    own shards; slots.SlotPool.set_rank), and the mixed-adapter batch at world size 2 still equals world size 1's."""
+    _, results = runs
+    ckpt, root = results["paths"]
+    single = results[1][0]
+    assert int(single["pool_rank"]) == 16
+    for rank_result in run_world(ckpt, str(tmp_path / "w2g"), 2, root, QWEN_TEST_POOL_RANK="4"):
+        assert int(rank_result["pool_rank"]) == 16
+        for key, ref in single.items():
+            if key.startswith("lora"):
+                diff = (rank_result[key] - ref).abs().max().item()
+                assert diff <= 1e-4, f"{key}: {diff}"
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_weight_slices_reassemble(runs, world):
     state, results = runs
