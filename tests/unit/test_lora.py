@@ -49,15 +49,30 @@ def test_mixed_batch_prefill_and_decode(setup):
 def test_pools_grow_as_larger_adapters_load(tmp_path):
     """Pools that start at 4 lanes a slot: the rank-4 adapter fits; the rank-8 and rank-16 ones re-lay them out
     (slots.SlotPool.set_rank: the loaded slots kept), each time after asking the engine to re-capture its graphs with
-    adapters; the mixed batch then still equals the float64 reference with each adapter merged."""
+    adapters. Requests prefilled on the rank-4 adapter before the growth decode on after it, and a new mixed batch
+    runs, each equal to the float64 reference with its adapter merged."""
     state, model, _, adapters, mgr, engine = _setup(tmp_path, pool_rank=4)
     grown = []
     engine.adapter_pool_changed = lambda: grown.append(mgr.slots.rank) or 0
-    for i, (name, lanes) in enumerate([("a4", 4), ("a8", 8), ("nested/a16", 16)], start=1):
-        load(mgr, i, name)
+    load(mgr, 1, "a4")
+    assert mgr.slots.rank == 4 and not grown
+    merged = merge_lora(state, *adapters["a4"])
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 10)]  # base, a4
+    lens, slots = [len(s) for s in seqs], [0, mgr.entries[1].slot]
+    paged = Paged(model)
+    out = paged.step([0, 1], seqs, [0, 0], [1.0, 1.0], True, slots)
+    for i, (name, lanes) in enumerate([("a8", 8), ("nested/a16", 16)], start=2):
+        for s, o in zip(seqs, out):
+            s.append(int(o[-1].argmax()))
+        load(mgr, i, name)  # between two decode steps of the running requests
         assert mgr.slots.rank == lanes and all(
             getattr(t.owner, t.attr).lora.a_pool.shape[2] == lanes for t in model.lora_targets()
         )
+        out = paged.step([0, 1], seqs, [len(s) - 1 for s in seqs], [1.0, 1.0], False, slots)
+        for s, n, weights, o in zip(seqs, lens, (state, merged), out):
+            ref = ref_forward(weights, CFG, s, prompt_len=n)[-1]
+            assert (o[-1].double() - ref).abs().max().item() <= 1e-4
     assert grown == [8, 16]
     _check_mixed_batch(state, model, adapters, mgr)
 
