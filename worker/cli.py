@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Triton LoRA at decode (batches over 8 rows): gemm (the shrink inside the base matmul, whose weight "
         "shares one allocation with its A pool; one expand), side (shrink and expand on a side stream beside "
         "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 55%% to the matmul, "
-        "with --max-lora-rank at most 64",
+        "and at most 64 lanes a slot in the pools (--lora-pool-rank)",
     )
     s.add_argument(
         "--allow-bin-adapters",

@@ -41,8 +41,12 @@ def _targets() -> list[SimpleNamespace]:
     ]
 
 
-def test_set_rank_keeps_every_slot_in_each_kind_of_storage(monkeypatch):
+@pytest.mark.parametrize("budget", [slots_mod.RELAYOUT_BYTES, 1])  # all slots at once; one slot at a time
+def test_set_rank_keeps_every_slot_in_each_kind_of_storage(monkeypatch, budget):
+    """Growing 4 -> 8 -> 16 lanes a slot, then shrinking back to 4 (the largest rank held), keeps every slot's lanes,
+    zeroes the rest, and leaves the base weights as they were."""
     monkeypatch.setattr(slots_mod, "LANES_MAX_SHARE", 100.0)  # mlp.c_proj's B in K lanes at this small width
+    monkeypatch.setattr(slots_mod, "RELAYOUT_BYTES", budget)
     targets = _targets()
     bases = {t.key: (t.owner.lin.weight.clone(), getattr(t.owner.lin, "bias", None)) for t in targets}
     bases = {k: (w, None if b is None else b.clone()) for k, (w, b) in bases.items()}
@@ -59,7 +63,7 @@ def test_set_rank_keeps_every_slot_in_each_kind_of_storage(monkeypatch):
             written[(layer, module, slot)] = (wa, wb)
     for slot, r in ranks.items():
         pool.ranks[slot] = r
-    for r in (8, 16):
+    for r in (8, 16, 4):
         pool.set_rank(r)
         assert pool.rank == r
         for (layer, module), (a, b) in pool.pools.items():
@@ -88,7 +92,7 @@ def test_set_rank_points_the_terms_at_the_new_views_and_chooses_their_modes_agai
     pool = SlotPool(targets, CPU, torch.float32, max_rank=32, num_slots=2, rank=2)
     pool.wrap_targets(SimpleNamespace(), None, "auto")  # a kernels module: "gemm" is open to the float targets
     terms = {t.key: t.owner.lin.lora for t in targets}
-    # c_attn: 3 x 2 A rows over 24 base rows (<= 25 %): gemm; at 32 lanes a slot 96 rows: past the share
+    # c_attn: 3 x 2 A rows over 24 base rows (<= 55 %): gemm; at 32 lanes a slot 96 rows: past the share
     assert terms["attn.c_attn"].decode == "gemm"
     pool.set_rank(32)
     for t in targets:
@@ -110,3 +114,30 @@ def test_rank_for_and_the_bounds():
         pool.set_rank(8)
     with pytest.raises(ValueError, match="outside 1..8"):
         SlotPool(_targets(), CPU, torch.float32, max_rank=8, num_slots=2, rank=9)
+
+
+def test_engine_hook_recaptures_and_handles_a_failed_capture(monkeypatch):
+    """Engine.adapter_pool_changed: no graphs (or none with adapters) -> nothing; else the adapter graphs captured
+    again. A failed capture: on one shard the adapter steps go eager (the graphs dropped them); under TP the shard
+    exits (its peers wait in the captures' collectives)."""
+    from worker.engine import engine as engine_mod
+    from worker.engine.engine import Engine
+
+    def shard(world: int, graphs: object) -> SimpleNamespace:
+        return SimpleNamespace(runner=SimpleNamespace(graphs=graphs), pctx=SimpleNamespace(world_size=world))
+
+    assert Engine.adapter_pool_changed(shard(1, None)) == 0
+    assert Engine.adapter_pool_changed(SimpleNamespace(runner=None)) == 0
+    assert Engine.adapter_pool_changed(shard(1, SimpleNamespace(has_lora=False))) == 0
+    ok = SimpleNamespace(has_lora=True, recapture_adapters=lambda: 7)
+    assert Engine.adapter_pool_changed(shard(2, ok)) == 7
+
+    def fail() -> int:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    bad = SimpleNamespace(has_lora=True, recapture_adapters=fail)
+    assert Engine.adapter_pool_changed(shard(1, bad)) == 0
+    exits: list[int] = []
+    monkeypatch.setattr(engine_mod.os, "_exit", exits.append)
+    assert Engine.adapter_pool_changed(shard(2, bad)) == 0
+    assert exits == [1]

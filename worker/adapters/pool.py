@@ -329,6 +329,7 @@ class AdapterManager:
         if r == old:
             return
         t0 = time.perf_counter()
+        self.copies.wait_pinned()  # no pinned allocation in another thread while the graphs are captured
         if self.on_cuda:
             torch.cuda.synchronize(self.pctx.device)
         self.slots.set_rank(r)

@@ -72,6 +72,29 @@ def joint_layout(
     return JointWeight(weight, bias, out, block[:out, : k + lanes] if lanes else None)
 
 
+RELAYOUT_BYTES = 64 * 2**20  # the most `_relayout` copies aside at once
+
+
+def _relayout(old: Pair, new: Pair, keep: int, grow: bool) -> None:
+    """Move every slot's first `keep` lanes of A [slots, P, r, in] and B [slots, P, out, r] from the old views to the
+    new ones over the same storage (the rest of the new lanes zeroed). Slots go a group at a time through a copy of
+    the group (at most RELAYOUT_BYTES, no allocation the size of a pool), in the order that never writes over a slot
+    not yet moved: from the last when growing (a slot's new lanes start at or after its old ones, past every earlier
+    slot's old lanes), from the first when shrinking."""
+    (a_old, b_old), (a_new, b_new) = old, new
+    slots = a_old.shape[0]
+    per_slot = (a_old[0].numel() + b_old[0].numel()) * a_old.element_size()
+    group = max(1, RELAYOUT_BYTES // max(1, per_slot))
+    starts = range(0, slots, group)
+    for s0 in reversed(starts) if grow else starts:
+        s1 = min(slots, s0 + group)
+        a, b = a_old[s0:s1, :, :keep].clone(), b_old[s0:s1, ..., :keep].clone()
+        a_new[s0:s1].zero_()
+        a_new[s0:s1, :, :keep].copy_(a)
+        b_new[s0:s1].zero_()
+        b_new[s0:s1, ..., :keep].copy_(b)
+
+
 class SlotPool:
     """A [slots, P, r, in] and B [slots, P, out/P, r] per (layer, target), this rank's shard: A in the rows below a
     float base weight, B (one part, a target of LANE_TARGETS, slots·r_max at most a share of its input width:
@@ -179,16 +202,11 @@ class SlotPool:
             raise ValueError(f"adapter pool rank {r} below the rank {held} a slot holds")
         if r == self.rank:
             return
-        keep = min(r, self.rank)
+        keep, grow = min(r, self.rank), r > self.rank
         for t in self.targets:
-            a_old, b_old = self.stacked[(t.layer, t.key)]
-            a_kept, b_kept = a_old[..., :keep, :].clone(), b_old[..., :keep].clone()  # the new views overlap them
+            old = self.stacked[(t.layer, t.key)]
             self._view(t, r)
-            a, b = self.stacked[(t.layer, t.key)]
-            a.zero_()
-            b.zero_()
-            a[..., :keep, :].copy_(a_kept)
-            b[..., :keep].copy_(b_kept)
+            _relayout(old, self.stacked[(t.layer, t.key)], keep, grow)
         self.rank = r
         for key, term in self.terms.items():
             term.a_pool, term.b_pool = self.stacked[key]

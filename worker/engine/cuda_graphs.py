@@ -94,6 +94,7 @@ class GraphedDecode:
         # the buckets of bs rows in long_tokens have a graph for steps below long_tokens[bs] tokens and one for the rest
         self.long_tokens = {bs: t for bs, t in (long or {}).items() if bs in self.sizes and longest >= t}
         self.sm = torch.cuda.get_device_properties(dev).multi_processor_count
+        self._point_at_scratch()
         self._capture(
             [
                 (bs, lora, is_long)
@@ -149,9 +150,22 @@ class GraphedDecode:
             del self.graphs[k], self.inputs[k]
         self.fills += 1  # a prepare_ahead before this would replay a dropped graph: its launch refuses
         self.has_lora = False
+        self._point_at_scratch()  # the captures' warm-up steps run for real: they write K/V where the inputs say
         self._capture(keys)
         self.has_lora = bool(keys)
         return len(keys)
+
+    def _point_at_scratch(self) -> None:
+        """Every row of the static inputs a padding row: its K/V slot and block table in the scratch block, which no
+        request owns (the inputs otherwise hold the last step's rows, whose blocks live requests may hold now)."""
+        size = self.kv.block_size
+        self.slots.fill_(self.scratch_block * size)
+        self.tables.fill_(self.scratch_block)
+        self.lengths.fill_(1)
+        self.cache_lengths.zero_()
+        self.pos.zero_()
+        self.ids.zero_()
+        self.adapter_slots.zero_()
 
     def can_run(self, batch: Batch, ahead: bool = False) -> bool:
         """ahead: for the step after the one whose tokens are being chosen (a position further on)."""

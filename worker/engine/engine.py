@@ -9,6 +9,7 @@ and in BatchBuilder); results go out as the dataclasses of worker/engine/generat
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -166,7 +167,12 @@ class Engine:
             return 0
         try:
             return graphs.recapture_adapters()
-        except Exception:  # the adapter variants are gone: steps with adapters run eagerly from now on
+        except Exception:
+            if self.pctx.world_size > 1:  # the other shards wait in the captures' collectives: leave, do not hang them
+                log.critical("capturing the decode graphs with adapters again failed: this shard exits", exc_info=True)
+                logging.shutdown()
+                os._exit(1)
+            # the adapter variants are gone: steps with adapters run eagerly from now on
             log.exception("capturing the decode graphs with adapters again failed: those steps now run eagerly")
             return 0
 

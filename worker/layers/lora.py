@@ -1,9 +1,11 @@
 """Adapter-aware wrappers around the parallel linears (the LoRA TP cut rules: worker/layers/lora_tp.py).
 
 y += (x Aᵀ) Bᵀ per token, for the adapter of the token's request, read from the ForwardContext. Adapter
-weights live in fixed-shape slot pools (slot 0 = the base model, all zeros) with a part dim:
+weights live in slot pools (slot 0 = the base model, all zeros) with a part dim:
 A [slots, P, r_max, in], B [slots, P, out/P, r_max] (P = 2 for the merged gate_up, w2 then w1; else 1),
-and each slot's true rank per part in `ranks` [P, slots] int32. A step's adapter requests form segments;
+and each slot's true rank per part in `ranks` [P, slots] int32. Here r_max is the pools' lanes a slot
+(worker/adapters/slots.py `SlotPool.rank`: it grows with the adapters' ranks, up to --max-lora-rank, and the
+terms are then pointed at the new views). A step's adapter requests form segments;
 each module then costs two kernel launches over all segments (worker/kernels/lora.py on CUDA), or two
 batched matmuls per part (the PyTorch reference) elsewhere.
 
