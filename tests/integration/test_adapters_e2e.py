@@ -197,3 +197,35 @@ def test_bad_adapter_id_is_refused_and_serving_goes_on(router, adapters, expecte
     check_story(
         router.generate(STORY_PROMPT, stopping=STORY, adapter_index=adapters["pirate"], timeout=60), "pirate", expected
     )
+
+
+def test_pools_grow_while_a_request_runs(demo_dir, tok, expected):
+    """A shard whose pools start at 4 lanes a slot (--lora-pool-rank 4): robot (rank 4) fits; pirate (rank 8), loaded
+    while a robot story is being generated, re-lays the pools out (logged). The running story, a pirate one and a base
+    one are then each their reference's tokens."""
+    from conftest import ROUTER_LIMITS
+    from router_client.router import Router, RouterConfig
+
+    shard = start_launcher(
+        os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"), extra=("--lora-pool-rank", "4")
+    )
+    try:
+        with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=RouterConfig(**ROUTER_LIMITS)) as router:
+            robot = router.load_adapter("robot")
+            running = router.submit(STORY_PROMPT, stopping=STORY, adapter_index=robot)
+            stream = running.stream(timeout=60)
+            for _ in range(3):
+                next(stream)
+            pirate = router.load_adapter("pirate")
+            assert not running.done
+            later = {}
+            for name, index in (("pirate", pirate), ("base", 0)):
+                later[name] = router.submit(STORY_PROMPT, stopping=STORY, adapter_index=index)
+            check_story(running.result(timeout=60), "robot", expected)
+            for name, handle in later.items():
+                check_story(handle.result(timeout=60), name, expected)
+        log = shard.log()
+    finally:
+        rc = stop(shard)
+    assert rc == 0
+    assert "4 lanes a slot until a larger adapter loads" in log and "re-laid out at 8 lanes a slot (were 4)" in log
