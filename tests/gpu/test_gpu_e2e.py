@@ -16,7 +16,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize(
     "num_shard,extra",
-    [(1, ()), (1, ("--eager",)), (1, ("--lora-backend", "torch")), (1, ("--kv-cache-dtype", "fp8_e4m3")), (2, ())],
+    [(1, ()), (1, ("--eager",)), (1, ("--lora-backend", "torch")), (1, ("--kv-cache-dtype", "fp8_e4m3")), (2, ())]
+    # pools from 4 lanes a slot: loading pirate (rank 8) re-lays them out and re-captures the adapter graphs (TP 2:
+    # both shards, their captures' collectives in step)
+    + [(1, ("--lora-pool-rank", "4")), (2, ("--lora-pool-rank", "4"))],
 )
 def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
     if num_shard > torch.cuda.device_count():
@@ -37,6 +40,10 @@ def test_demo_through_router_on_gpu(demo_dir, num_shard, extra):
             results = [h.result(timeout=300) for h in handles]
         wrong = [(p, i, res.text) for (p, i, expect), res in zip(jobs, results) if res.text != expect]
         assert not wrong, wrong
+        if "--lora-pool-rank" in extra:
+            log = shard.log()
+            assert "re-laid out at 8 lanes a slot (were 4) for a rank-8 adapter, " in log
+            assert "decode graphs with adapters captured again" in log
     except BaseException:
         print(shard.log()[-4000:])
         raise
