@@ -1,7 +1,8 @@
-"""The adapter slot pool: fixed-shape A and B tensors for every LoRA target of the model, one slot per
-resident adapter.
+"""The adapter slot pool: A and B tensors for every LoRA target of the model, one slot per resident adapter.
 
-Slot 0 is the base model (zeros). Slots never change shape, so decode can be captured in a CUDA graph.
+Slot 0 is the base model (zeros). The pools keep their shapes between loads, so decode can be captured in CUDA
+graphs; their lanes a slot grow with the largest rank loaded (`SlotPool.set_rank`), and the graphs that read them are
+then captured again.
 A target's parts share one stacked pool (gate_up: w2 then w1, one kernel launch), and
 `ranks[slot, layer, module]` holds each slot's true rank per module (0: empty), which bounds the kernels'
 work. A fill copies this rank's shard, cut by the LoRA layer's rule, with the scale folded into B.
