@@ -74,6 +74,7 @@ def bench_lora_decode(
     decode_modes: tuple[str, ...] = ("local", "side"),
     profile: bool = False,
     pool_rank: int | None = None,
+    mix: tuple[int, int] = (0, 0),
 ) -> dict:
     """P2: graphed decode with every request on its own adapter vs graphed base-only decode (the same
     GraphedDecode, the same inputs), for the torch path and the kernels (shrink beside the base matmul or
@@ -91,9 +92,12 @@ def bench_lora_decode(
     if max(batches + [peer_batch]) > slots:
         raise SystemExit(f"--lora-slots {slots} < the largest batch: every request needs its own adapter")
     mgr = AdapterManager("", model, model.pctx, model.dtype, max_rank, slots, pool_rank=pool_rank)
-    mgr.slots.set_rank(mgr.slots.rank_for(rank))  # as loading them would (before the targets are wrapped)
+    big, count = mix  # the first `count` slots hold rank-`big` adapters instead (a pool of mixed ranks)
+    mgr.slots.set_rank(mgr.slots.rank_for(max(rank, big)))  # as loading them would (before the targets are wrapped)
     mgr.attach(SimpleNamespace(model=model, batches={}, adapters=None))
     fill_random_adapters(mgr, slots, rank, alpha=2.0 * rank)
+    if count:
+        fill_random_adapters(mgr, count, big, alpha=2.0 * big, seed=1)
     heads = c.num_attention_heads // model.pctx.world_size
     per_seq = math.ceil((max(ctx_len + 1, peer_prompt + peer_new)) / block_size)
     max_batch = max(batches + [peer_batch])
@@ -188,6 +192,7 @@ def bench_lora_decode(
         rank=rank,
         max_rank=max_rank,
         pool_rank=mgr.slots.rank,
+        mix=mix,
         slots=slots,
         alpha=2.0 * rank,
         adapter_MB=per_adapter / 1e6,
@@ -253,6 +258,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--slots", type=int, default=0, help="adapter slots in the pool (0: --batch; all hold an adapter)")
+    ap.add_argument(
+        "--mix",
+        default="",
+        help="RANK:COUNT: the first COUNT slots hold rank-RANK adapters, the others --rank ones (the pools' lanes then "
+        "fit RANK, as serve's grow when such an adapter loads)",
+    )
     ap.add_argument("--max-rank", type=int, default=0, help="the pools' r_max (0: --rank; the server's default is 64)")
     ap.add_argument(
         "--pool-rank",
@@ -290,8 +301,18 @@ def main() -> None:
         help="also time the LoadAdapter that grows the pools from 16 lanes a slot to 32 and --max-rank, over serve's "
         "decode graphs of this many rows (its default: 128) and 8 slots",
     )
+    ap.add_argument(
+        "--joint-max-share",
+        type=float,
+        default=None,
+        help="worker/adapters/slots.py JOINT_MAX_SHARE for this run (where --lora-decode auto takes gemm)",
+    )
     add_decode_kernels_arg(ap)
     args = ap.parse_args()
+    if args.joint_max_share is not None:
+        from worker.adapters import slots
+
+        slots.JOINT_MAX_SHARE = args.joint_max_share
     if args.lanes_max_share is not None:
         from worker.adapters import slots
 
@@ -316,11 +337,13 @@ def main() -> None:
         tuple(args.modes.split(",")),
         args.profile,
         args.pool_rank or None,
+        tuple(map(int, args.mix.split(":"))) if args.mix else (0, 0),  # type: ignore[arg-type]
     )
     del model
     torch.cuda.empty_cache()
     res: dict[str, Any] = dict(card=torch.cuda.get_device_name(dev), ours=ours)
-    print(f"pools: {ours['pool_rank']} lanes a slot of {ours['max_rank']} (adapters of rank {args.rank})")
+    mixed = f", {ours['mix'][1]} of rank {ours['mix'][0]}" if args.mix else ""
+    print(f"pools: {ours['pool_rank']} lanes a slot of {ours['max_rank']} (adapters of rank {args.rank}{mixed})")
     for row in ours["decode"]:
         mode = row["backend"] + ("+side stream" if row["overlap"] else "") + f" decode={row['decode_mode']}"
         print(f"P2 b={b}: {mode:32s} {row['lora_ms']:.2f} vs {row['base_ms']:.2f} ms  ratio {row['ratio']:.3f}")
