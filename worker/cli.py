@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LORA_DECODE,
         help="Triton LoRA at decode (batches over 8 rows): gemm (the shrink inside the base matmul, whose weight "
         "shares one allocation with its A pool; one expand), side (shrink and expand on a side stream beside "
-        "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 55%% to the matmul, "
-        "and at most 64 lanes a slot in the pools (--lora-pool-rank)",
+        "the base matmul, then an add), auto: gemm on float linears whose A rows add at most 55%% to the matmul "
+        "(25%% past 32 lanes a slot in the pools, --lora-pool-rank), and up to 64 lanes a slot",
     )
     s.add_argument(
         "--allow-bin-adapters",

@@ -141,3 +141,20 @@ def test_engine_hook_recaptures_and_handles_a_failed_capture(monkeypatch):
     monkeypatch.setattr(engine_mod.os, "_exit", exits.append)
     assert Engine.adapter_pool_changed(shard(2, bad)) == 0
     assert exits == [1]
+
+
+def test_auto_takes_gemm_on_wider_shares_only_up_to_32_lanes():
+    """auto: the A rows may add up to 55 % of the base rows at up to 32 lanes a slot, and up to 25 % past them (where
+    every slot's lanes cost their bytes whatever its adapter's rank: scripts/bench_lora.py --mix)."""
+    kernels = SimpleNamespace()
+
+    def mode(out: int, rank: int) -> str:
+        target = _target("attn.c_proj", RowParallelLinear(16, out, False, CPU, torch.float32), ("attn.c_proj",))
+        pool = SlotPool([target], CPU, torch.float32, max_rank=64, num_slots=1, rank=rank)  # 2 slots x rank A rows
+        return pool.decode_mode((0, "attn.c_proj"), kernels, None, "auto")
+
+    assert slots_mod.JOINT_SHARE_LANES == 32
+    assert mode(128, 32) == "gemm"  # 64 rows: 50 %
+    assert mode(96, 32) == "two"  # 67 %
+    assert mode(256, 64) == "two"  # 128 rows: 50 %
+    assert mode(512, 64) == "gemm"  # 25 %

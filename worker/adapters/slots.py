@@ -29,11 +29,18 @@ from worker.models.qwen import LoraTarget
 # the pools' lanes a slot at start-up where --max-lora-rank allows (they grow when a larger adapter loads: SlotPool):
 # the rank most published adapters have, and the one the decode step was measured at (P2)
 START_RANK = 16
-# "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows. Measured (H200, 7B shape,
-# scripts/bench_lora.py --no-peer --modes auto,gemm,side_store, every slot holding an adapter): "gemm" on every target
-# was faster than "side_store" on the c_projs at each share tried, up to 52 % (32 slots at 64 lanes: P2 0.574 vs
-# 0.563; at 32 lanes 0.798 vs 0.726; 128 slots at 16 lanes, 32 of them in the batch: 0.849 vs 0.820)
+# "auto" takes "gemm" where the A rows add at most this share to the base GEMM's rows, with pools of up to
+# JOINT_SHARE_LANES lanes a slot; past them at most JOINT_MAX_SHARE_WIDE. Measured (H200, 7B shape, batch 32,
+# scripts/bench_lora.py --no-peer --modes auto,gemm,side_store [--mix R:1]; the c_projs' A rows 25-52 % of their base):
+# - up to 32 lanes "gemm" on every target was the fastest at each share tried: 32 slots of rank 32 P2 0.798 against
+#   0.726 with side_store on the c_projs; 31 of rank 16 and one of rank 32, 0.798 against 0.772; 128 slots of rank
+#   16, 32 of them in the batch, 0.849 against 0.820;
+# - at 64 lanes it won by little where every adapter had rank 64 (0.574 against 0.563) and lost much where one had
+#   (31 of rank 16: 0.570 against 0.670): every slot's 64 A rows are read whatever its rank, where side_store reads
+#   each row's own rank.
 JOINT_MAX_SHARE = 0.55
+JOINT_MAX_SHARE_WIDE = 0.25
+JOINT_SHARE_LANES = 32
 # ... and the pool's r_max is at most this: past it the "gemm" mode's kernels spill (scripts/lora_compile.py: the
 # gate|up launch ~1 KB a thread at r_max 128; none up to 64)
 GEMM_MAX_RANK = 64
@@ -224,12 +231,14 @@ class SlotPool:
         writing the output) costs 0.93-1.09 ms a step beside the base matmuls, "side_store" 1.31-1.38 ms
         (scripts/gpu_check_lora_gemm.py); in the decode step P2 0.884-0.898 vs 0.831-0.843 (bench_lora.py).
         "side_store" runs the whole term on the side stream, its expand writing every row of the term buffer;
-        without a stream "two". "auto" takes "gemm" where the A rows add at most JOINT_MAX_SHARE to the base rows and
-        the pools' lanes a slot are at most GEMM_MAX_RANK."""
+        without a stream "two". "auto" takes "gemm" where the A rows add at most JOINT_MAX_SHARE to the base rows
+        (JOINT_MAX_SHARE_WIDE past JOINT_SHARE_LANES lanes a slot) and the pools' lanes a slot are at most
+        GEMM_MAX_RANK."""
         check_lora_decode(choice)
         joint = self.joints.get(key)
         if kernels is not None and joint is not None and choice != "side":
-            share = joint.weight.shape[0] - joint.out <= JOINT_MAX_SHARE * joint.out
+            limit = JOINT_MAX_SHARE if self.rank <= JOINT_SHARE_LANES else JOINT_MAX_SHARE_WIDE
+            share = joint.weight.shape[0] - joint.out <= limit * joint.out
             if choice == "gemm" or (share and self.rank <= GEMM_MAX_RANK):
                 return "gemm"
         return "side_store" if stream is not None else "two"
