@@ -47,19 +47,21 @@ def adapters(router):
 @pytest.fixture(scope="module")
 def expected(ref_model, tok, demo_dir):
     """`expected(name)`: the reference's greedy token ids of STORY_PROMPT with adapter `name`
-    merged into the weights ("base": no adapter)."""
+    merged into the weights ("base": no adapter); `expected(name, n)`: its first n, past the end of text."""
     state, cfg = ref_model
     prompt = tok.encode(STORY_PROMPT)
     eos = sorted(tok.eos_token_ids)
 
     @functools.cache
-    def run(name: str) -> list[int]:
+    def run(name: str, past_eos: int = 0) -> list[int]:
         weights = state
         if name != "base":
             path = os.path.join(demo_dir, "adapters", name)
             with open(os.path.join(path, "adapter_config.json")) as f:
                 acfg = json.load(f)
             weights = merge_lora(state, load_file(os.path.join(path, "adapter_model.safetensors")), acfg)
+        if past_eos:
+            return ref_greedy(weights, cfg, prompt, past_eos)
         return ref_greedy(weights, cfg, prompt, STORY["max_new_tokens"], stop_ids=eos)
 
     return run
@@ -201,18 +203,19 @@ def test_bad_adapter_id_is_refused_and_serving_goes_on(router, adapters, expecte
 
 def test_pools_grow_while_a_request_runs(demo_dir, tok, expected):
     """A shard whose pools start at 4 lanes a slot (--lora-pool-rank 4): robot (rank 4) fits; pirate (rank 8), loaded
-    while a robot story is being generated, re-lays the pools out (logged). The running story, a pirate one and a base
-    one are then each their reference's tokens."""
+    while a robot request is being generated (96 tokens, past its end of text), re-lays the pools out (logged). The
+    running request, a pirate story and a base one are then each their reference's tokens."""
     from conftest import ROUTER_LIMITS
     from router_client.router import Router, RouterConfig
 
+    long = dict(max_new_tokens=96, ignore_eos_token=True)
     shard = start_launcher(
         os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"), extra=("--lora-pool-rank", "4")
     )
     try:
         with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=RouterConfig(**ROUTER_LIMITS)) as router:
             robot = router.load_adapter("robot")
-            running = router.submit(STORY_PROMPT, stopping=STORY, adapter_index=robot)
+            running = router.submit(STORY_PROMPT, stopping=long, adapter_index=robot)
             stream = running.stream(timeout=60)
             for _ in range(3):
                 next(stream)
@@ -221,7 +224,7 @@ def test_pools_grow_while_a_request_runs(demo_dir, tok, expected):
             later = {}
             for name, index in (("pirate", pirate), ("base", 0)):
                 later[name] = router.submit(STORY_PROMPT, stopping=STORY, adapter_index=index)
-            check_story(running.result(timeout=60), "robot", expected)
+            assert running.result(timeout=60).token_ids == expected("robot", 96)
             for name, handle in later.items():
                 check_story(handle.result(timeout=60), name, expected)
         log = shard.log()

@@ -7,6 +7,7 @@ in test_lora.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_auto_takes_gemm_on_wider_shares_only_up_to_32_lanes():
     kernels = SimpleNamespace()
 
     def mode(out: int, rank: int) -> str:
-        target = _target("attn.c_proj", RowParallelLinear(16, out, False, CPU, torch.float32), ("attn.c_proj",))
+        target: Any = _target("attn.c_proj", RowParallelLinear(16, out, False, CPU, torch.float32), ("attn.c_proj",))
         pool = SlotPool([target], CPU, torch.float32, max_rank=64, num_slots=1, rank=rank)  # 2 slots x rank A rows
         return pool.decode_mode((0, "attn.c_proj"), kernels, None, "auto")
 
