@@ -93,6 +93,8 @@ def bench_lora_decode(
         raise SystemExit(f"--lora-slots {slots} < the largest batch: every request needs its own adapter")
     mgr = AdapterManager("", model, model.pctx, model.dtype, max_rank, slots, pool_rank=pool_rank)
     big, count = mix  # the first `count` slots hold rank-`big` adapters instead (a pool of mixed ranks)
+    if max(rank, big) > max_rank:
+        raise SystemExit(f"adapters of rank {max(rank, big)} do not fit pools of max rank {max_rank}")
     mgr.slots.set_rank(mgr.slots.rank_for(max(rank, big)))  # as loading them would (before the targets are wrapped)
     mgr.attach(SimpleNamespace(model=model, batches={}, adapters=None))
     fill_random_adapters(mgr, slots, rank, alpha=2.0 * rank)
@@ -330,7 +332,7 @@ def main() -> None:
         copy_bandwidth(dev),
         args.slots or b,
         args.rank,
-        args.max_rank or args.rank,
+        args.max_rank or max(args.rank, int(args.mix.split(":")[0]) if args.mix else 0),
         b,
         args.prompt,
         args.new,
