@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -48,15 +47,7 @@ def router(shard, tok):
 def shard_stats(shard):
     """`shard_stats()`: the shard's own bookkeeping (live batches, shard-owned KV blocks, adapter
     slots), read from Health's trailing metadata."""
-    from worker.pb import generate_pb2 as pb
-
-    stub = shard.stub(0)
-
-    def read() -> dict:
-        _, call = stub.Health.with_call(pb.HealthRequest())
-        return json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"])
-
-    return read
+    return shard.stats
 
 
 @pytest.fixture(scope="module")

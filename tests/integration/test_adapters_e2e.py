@@ -215,12 +215,13 @@ def test_pools_grow_while_a_request_runs(demo_dir, tok, expected):
     try:
         with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=limits) as router:
             robot = router.load_adapter("robot")
+            assert shard.stats()["adapter_pool_lanes"] == 4
             running = router.submit(STORY_PROMPT, stopping=long, adapter_index=robot)
             stream = running.stream(timeout=60)
             for _ in range(3):
                 next(stream)
             pirate = router.load_adapter("pirate")
-            assert not running.done
+            assert not running.done and shard.stats()["adapter_pool_lanes"] == 8
             later = {}
             for name, index in (("pirate", pirate), ("base", 0)):
                 later[name] = router.submit(STORY_PROMPT, stopping=STORY, adapter_index=index)

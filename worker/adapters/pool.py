@@ -365,5 +365,6 @@ class AdapterManager:
             "adapters_known": len(self.entries),
             "adapter_slots_used": sum(o is not None for o in self.slot_owner[1:]),
             "adapter_slots_total": self.num_slots,
+            "adapter_pool_lanes": self.slots.rank,  # lanes a slot: grows with the largest rank loaded
             "adapter_host_bytes": host,
         }

@@ -128,7 +128,7 @@ class SlotPool:
         self.max_rank = max_rank  # the allocations' lanes a slot: the largest rank an adapter may have
         self.rank = min(max_rank, START_RANK) if rank is None else rank  # the pools' lanes a slot now
         if not 1 <= self.rank <= max_rank:
-            raise ValueError(f"adapter pool rank {self.rank} outside 1..{max_rank} (--max-lora-rank)")
+            raise ValueError(f"--lora-pool-rank {self.rank} outside 1..{max_rank} (--max-lora-rank)")
         self.num_slots = num_slots
         self.choice = "auto"  # --lora-decode (wrap_targets), for the modes `set_rank` chooses again
         self.terms: dict[tuple[int, str], LoraTerm] = {}  # (layer, target key) -> its wrapper's term (wrap_targets)
