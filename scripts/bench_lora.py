@@ -324,6 +324,7 @@ def main() -> None:
     model = build_model(args.shape, pctx, "auto")
     print(f"decode kernels: {with_decode_kernels(model, args.decode_kernels)}")
     b = args.batch
+    mix = tuple(map(int, args.mix.split(":"))) if args.mix else (0, 0)
     ours = bench_lora_decode(
         model,
         [b],
@@ -332,14 +333,14 @@ def main() -> None:
         copy_bandwidth(dev),
         args.slots or b,
         args.rank,
-        args.max_rank or max(args.rank, int(args.mix.split(":")[0]) if args.mix else 0),
+        args.max_rank or max(args.rank, mix[0]),
         b,
         args.prompt,
         args.new,
         tuple(args.modes.split(",")),
         args.profile,
         args.pool_rank or None,
-        tuple(map(int, args.mix.split(":"))) if args.mix else (0, 0),  # type: ignore[arg-type]
+        mix,  # type: ignore[arg-type]
     )
     del model
     torch.cuda.empty_cache()

@@ -31,14 +31,14 @@ class ShardProc:
         channel = grpc.insecure_channel(f"unix://{self.uds}-{rank}")
         return pb_grpc.LoraxServiceStub(channel)
 
-    def stats(self, rank: int = 0) -> dict:
+    def stats(self, rank: int = 0, timeout: float = 30.0) -> dict:
         """Shard `rank`'s own bookkeeping (live batches, shard-owned KV blocks, adapter slots and lanes), read from
         Health's trailing metadata."""
         from worker.pb import generate_pb2 as pb
         from worker.pb import generate_pb2_grpc as pb_grpc
 
         with grpc.insecure_channel(f"unix://{self.uds}-{rank}") as channel:
-            _, call = pb_grpc.LoraxServiceStub(channel).Health.with_call(pb.HealthRequest(), timeout=30)
+            _, call = pb_grpc.LoraxServiceStub(channel).Health.with_call(pb.HealthRequest(), timeout=timeout)
         return json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"])
 
     def log(self) -> str:

@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import grpc
 import httpx
 import pytest
 
@@ -189,15 +188,6 @@ def shard_pid(shard: ShardProc) -> int:
     return int(out[0])
 
 
-def shard_stats(shard: ShardProc) -> dict:
-    from worker.pb import generate_pb2 as pb
-    from worker.pb import generate_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(f"unix://{shard.uds}-0") as channel:
-        _, call = pb_grpc.LoraxServiceStub(channel).Health.with_call(pb.HealthRequest(), timeout=BOUND_S)
-        return json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"])
-
-
 def metrics(url: str) -> dict[str, float]:
     return metrics_text(httpx.get(f"{url}/metrics", timeout=BOUND_S).text)
 
@@ -252,7 +242,7 @@ def test_http_soak_with_disconnects(stack: tuple[ShardProc, FrontProc]) -> None:
     # afterwards: nothing held anywhere (bounded wait: cancellations land between router steps)
     deadline = time.time() + BOUND_S
     while True:
-        m, st = metrics(front.url), shard_stats(shard)
+        m, st = metrics(front.url), shard.stats(timeout=BOUND_S)
         settled = (
             m["lorax_requests_in_flight"] == 0
             and m["lorax_queue_length"] == 0

@@ -14,7 +14,6 @@ gloo). `make soak` runs 2,000 requests on 2 shards. The figures are printed (REL
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -79,13 +78,6 @@ def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         kb = next(line.split()[1] for line in f if line.startswith("VmRSS:"))
     return int(kb) * 1024
-
-
-def shard_stats(shard: ShardProc) -> dict:
-    from worker.pb import generate_pb2 as pb
-
-    _, call = shard.stub(0).Health.with_call(pb.HealthRequest(), timeout=30)
-    return json.loads(dict(call.trailing_metadata())["x-qwen-worker-stats"])
 
 
 def make_specs(rng: random.Random, n_real: int, n: int) -> list[Spec]:
@@ -187,7 +179,7 @@ def test_soak(soak_shard, demo_dir):
         rss_end = [rss(p) for p in pids]
         state = router.debug_state()
         loaded = sum(a.loaded for a in router.adapters.values())
-    stats = shard_stats(soak_shard)
+    stats = soak_shard.stats()
     outcomes = soak.outcomes
 
     # every request ended, once, before its deadline; only the cancelled ones may have failed (cancelled)
