@@ -23,6 +23,11 @@ def write_adapter(root: str, name: str, cfg: dict, rank: int, alpha: float, seed
     return tensors, acfg
 
 
+def lora_target(key: str, lin: Any, modules: tuple[str, ...], layer: int = 0) -> Any:
+    """A LoRA target (models.qwen.LoraTarget's fields) over the linear `lin`, for slot pools built without a model."""
+    return SimpleNamespace(owner=SimpleNamespace(lin=lin), attr="lin", layer=layer, key=key, modules=modules)
+
+
 def shapes_only(config, rank: int = 0, world: int = 1):
     """The model of `config` for TP rank `rank` of `world` on the meta device: its LoRA targets' shapes, no
     weights (what an AdapterManager without a real model is built from)."""

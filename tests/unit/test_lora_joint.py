@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lora_helpers import term_f64  # noqa: E402
+from lora_helpers import lora_target, term_f64  # noqa: E402
 from worker.adapters.slots import GEMM_MAX_RANK, SlotPool, joint_layout  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
 from worker.kernels import lora as kernels  # noqa: E402
@@ -58,8 +58,7 @@ def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
     """SlotPool's A pool of a float target is a view of the joint rows; --lora-decode picks "gemm" on
     it (auto: while the A rows add at most 55 % to the base rows), "side" never; no kernels: "two"."""
     col = ColumnParallelLinear(6, [8, 8], False, CPU, torch.float32)
-    target = SimpleNamespace(owner=SimpleNamespace(lin=col), attr="lin", layer=0, key="mlp.gate_up",
-                             modules=("mlp.w2", "mlp.w1"))  # fmt: skip
+    target = lora_target("mlp.gate_up", col, ("mlp.w2", "mlp.w1"))
     pool = SlotPool([target], CPU, torch.float32, max_rank=2, num_slots=1)  # 2 slots x 2 parts x 2 = 8 rows
     a, _ = pool.stacked[(0, "mlp.gate_up")]
     joint = pool.joints[(0, "mlp.gate_up")]
@@ -79,8 +78,7 @@ def test_slot_pool_a_pool_is_the_joint_rows_and_modes_follow_the_flag():
     # past GEMM_MAX_RANK lanes a slot auto keeps the other modes (the gemm kernels' tiles spill there:
     # scripts/lora_compile.py), though the A rows add little; --lora-decode gemm still takes it
     wide = ColumnParallelLinear(6, [2048, 2048], False, CPU, torch.float32)
-    target = SimpleNamespace(owner=SimpleNamespace(lin=wide), attr="lin", layer=0, key="mlp.gate_up",
-                             modules=("mlp.w2", "mlp.w1"))  # fmt: skip
+    target = lora_target("mlp.gate_up", wide, ("mlp.w2", "mlp.w1"))
     assert GEMM_MAX_RANK == 64
     for rank, mode in ((64, "gemm"), (65, "two"), (128, "two")):
         pool = SlotPool([target], CPU, torch.float32, max_rank=128, num_slots=1, rank=rank)  # 2 x 2 x r A rows

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +19,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from lora_helpers import lora_target  # noqa: E402
 from worker.adapters import slots as slots_mod  # noqa: E402
 from worker.adapters.slots import LANE_ALIGN, SlotPool, joint_layout  # noqa: E402
 from worker.distributed import ParallelContext  # noqa: E402
@@ -55,19 +55,15 @@ def test_joint_layout_with_lanes_keeps_the_base_and_puts_b_beside_it():
     assert plain is not None and plain.lanes is None and plain.lane_count() == 0 and plain.weight.is_contiguous()
 
 
-def _target(key: str, lin: torch.nn.Module, modules: tuple[str, ...]) -> SimpleNamespace:
-    return SimpleNamespace(owner=SimpleNamespace(lin=lin), attr="lin", layer=0, key=key, modules=modules)
-
-
 def test_slot_pool_gives_lanes_to_mlp_c_proj_only():
     """mlp.c_proj (LANE_TARGETS; one part, slots·r_max within LANES_MAX_SHARE of its input width) gets lanes and its
     B pool is a view of them (a write to B shows in the lanes at in + s·r_max + l); c_attn, attn.c_proj and gate|up
     keep a B of their own, and so does mlp.c_proj when its lanes would be too wide."""
     targets = [
-        _target("attn.c_attn", ColumnParallelLinear(64, [16, 16, 16], True, CPU, torch.float32), ("attn.c_attn",)),
-        _target("attn.c_proj", RowParallelLinear(64, 64, False, CPU, torch.float32), ("attn.c_proj",)),
-        _target("mlp.gate_up", ColumnParallelLinear(64, [32, 32], False, CPU, torch.float32), ("mlp.w2", "mlp.w1")),
-        _target("mlp.c_proj", RowParallelLinear(32, 64, False, CPU, torch.float32), ("mlp.c_proj",)),
+        lora_target("attn.c_attn", ColumnParallelLinear(64, [16, 16, 16], True, CPU, torch.float32), ("attn.c_attn",)),
+        lora_target("attn.c_proj", RowParallelLinear(64, 64, False, CPU, torch.float32), ("attn.c_proj",)),
+        lora_target("mlp.gate_up", ColumnParallelLinear(64, [32, 32], False, CPU, torch.float32), ("mlp.w2", "mlp.w1")),
+        lora_target("mlp.c_proj", RowParallelLinear(32, 64, False, CPU, torch.float32), ("mlp.c_proj",)),
     ]
     pool = SlotPool(targets, CPU, torch.float32, max_rank=2, num_slots=2)  # 3 slots x 2 = 6 lanes
     has = {key: pool.joints[(0, key)].lanes is not None for _, key in pool.joints}
@@ -128,7 +124,7 @@ def test_apply_partials_over_lanes_is_base_plus_term():
     K, N, S, r = 96, 24, 3, 4
     lin = RowParallelLinear(K, N, False, CPU, torch.float32)
     lin.weight.data.normal_(generator=g)
-    pool = SlotPool([_target("mlp.c_proj", lin, ("mlp.c_proj",))], CPU, torch.float32, max_rank=r, num_slots=S - 1)
+    pool = SlotPool([lora_target("mlp.c_proj", lin, ("mlp.c_proj",))], CPU, torch.float32, max_rank=r, num_slots=S - 1)
     joint, (a, b) = pool.joints[(0, "mlp.c_proj")], pool.stacked[(0, "mlp.c_proj")]
     assert joint.lanes is not None and joint.lane_count() == S * r
     b[1:].normal_(generator=g)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from lora_helpers import lora_target
 from worker.adapters import slots as slots_mod
 from worker.adapters.slots import START_RANK, SlotPool
 from worker.distributed import ParallelContext
@@ -20,11 +21,7 @@ from worker.layers.linear import ColumnParallelLinear, RowParallelLinear
 CPU = ParallelContext(device=torch.device("cpu"))
 
 
-def _target(key: str, lin: torch.nn.Module, modules: tuple[str, ...]) -> SimpleNamespace:
-    return SimpleNamespace(owner=SimpleNamespace(lin=lin), attr="lin", layer=0, key=key, modules=modules)
-
-
-def _targets() -> list[SimpleNamespace]:
+def _targets() -> list[Any]:
     g = torch.Generator().manual_seed(3)
     c_attn = ColumnParallelLinear(32, [8, 8, 8], True, CPU, torch.float32)
     gate_up = ColumnParallelLinear(32, [16, 16], False, CPU, torch.float32)
@@ -35,10 +32,10 @@ def _targets() -> list[SimpleNamespace]:
     assert c_attn.bias is not None
     c_attn.bias.data.normal_(generator=g)
     return [
-        _target("attn.c_attn", c_attn, ("attn.c_attn",)),
-        _target("mlp.gate_up", gate_up, ("mlp.w2", "mlp.w1")),
-        _target("mlp.c_proj", c_proj, ("mlp.c_proj",)),
-        _target("attn.c_proj", other, ("attn.c_proj",)),
+        lora_target("attn.c_attn", c_attn, ("attn.c_attn",)),
+        lora_target("mlp.gate_up", gate_up, ("mlp.w2", "mlp.w1")),
+        lora_target("mlp.c_proj", c_proj, ("mlp.c_proj",)),
+        lora_target("attn.c_proj", other, ("attn.c_proj",)),
     ]
 
 
@@ -150,7 +147,7 @@ def test_auto_takes_gemm_on_wider_shares_only_up_to_32_lanes():
     kernels = SimpleNamespace()
 
     def mode(out: int, rank: int) -> str:
-        target: Any = _target("attn.c_proj", RowParallelLinear(16, out, False, CPU, torch.float32), ("attn.c_proj",))
+        target = lora_target("attn.c_proj", RowParallelLinear(16, out, False, CPU, torch.float32), ("attn.c_proj",))
         pool = SlotPool([target], CPU, torch.float32, max_rank=64, num_slots=1, rank=rank)  # 2 slots x rank A rows
         return pool.decode_mode((0, "attn.c_proj"), kernels, None, "auto")
 
