@@ -21,6 +21,9 @@ GPU_TRITON_MARKS = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A router sized for the demo model (seq_length 256): prompts up to 64 tokens, 256 tokens in all.
+ROUTER_LIMITS = dict(max_input_length=64, max_total_tokens=256, max_batch_prefill_tokens=256)
+
 TINY = dict(
     model_type="qwen",
     hidden_size=64,

@@ -6,10 +6,8 @@ import os
 
 import pytest
 
+from helpers import ROUTER_LIMITS
 from shards import start_launcher, stop
-
-# A router sized for the demo model (seq_length 256): prompts up to 64 tokens, 256 tokens in all.
-ROUTER_LIMITS = dict(max_input_length=64, max_total_tokens=256, max_batch_prefill_tokens=256)
 
 
 @pytest.fixture(scope="module")

@@ -205,15 +205,15 @@ def test_pools_grow_while_a_request_runs(demo_dir, tok, expected):
     """A shard whose pools start at 4 lanes a slot (--lora-pool-rank 4): robot (rank 4) fits; pirate (rank 8), loaded
     while a robot request is being generated (96 tokens, past its end of text), re-lays the pools out (logged). The
     running request, a pirate story and a base one are then each their reference's tokens."""
+    from helpers import ROUTER_LIMITS
     from router_client.router import Router, RouterConfig
 
-    limits = RouterConfig(max_input_length=64, max_total_tokens=256, max_batch_prefill_tokens=256)  # the module's
     long = dict(max_new_tokens=96, ignore_eos_token=True)
     shard = start_launcher(
         os.path.join(demo_dir, "model"), os.path.join(demo_dir, "adapters"), extra=("--lora-pool-rank", "4")
     )
     try:
-        with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=limits) as router:
+        with Router.connect(f"{shard.uds}-0", tokenizer=tok, config=RouterConfig(**ROUTER_LIMITS)) as router:
             robot = router.load_adapter("robot")
             assert shard.stats()["adapter_pool_lanes"] == 4
             running = router.submit(STORY_PROMPT, stopping=long, adapter_index=robot)
