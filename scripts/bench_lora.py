@@ -311,13 +311,11 @@ def main() -> None:
     )
     add_decode_kernels_arg(ap)
     args = ap.parse_args()
-    if args.joint_max_share is not None:
-        from worker.adapters import slots
+    from worker.adapters import slots
 
+    if args.joint_max_share is not None:
         slots.JOINT_MAX_SHARE = args.joint_max_share
     if args.lanes_max_share is not None:
-        from worker.adapters import slots
-
         slots.LANES_MAX_SHARE = args.lanes_max_share
     dev = torch.device("cuda", 0)
     pctx = ParallelContext(0, 1, dev)
