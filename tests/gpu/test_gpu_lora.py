@@ -112,6 +112,19 @@ def test_prefill_bf16_7b_shapes(module):
 
 
 @pytest.mark.parametrize("module", list(MODULES))
+@pytest.mark.parametrize("length", [8, 64, 128])
+def test_prefill_of_one_short_prompt_at_7b_shapes(module, length):
+    """One prompt alone: the K split is widest (the segments alone give one program), and the expand once unrolled its
+    sum over the splits into shared memory it did not have (OutOfResources at the 7B width on an H200)."""
+    P, K, N = MODULES[module]
+    pool = make_pool(P, K, N, seed=length)
+    x = torch.randn(length, K, device=CUDA).to(torch.bfloat16)
+    y0 = torch.randn(length, P * N, device=CUDA).to(torch.bfloat16)
+    data = AdapterBatchData.build([3], [length], CUDA)
+    check(y0, x, pool, data, torch.ones(length, dtype=torch.bool, device=CUDA))
+
+
+@pytest.mark.parametrize("module", list(MODULES))
 @pytest.mark.parametrize("bs", [1, 8, 33, 128])
 def test_decode_bf16_7b_shapes(module, bs):
     P, K, N = MODULES[module]

@@ -143,7 +143,8 @@ def _expand_kernel(h_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr, ranks_p
             mask_r = offs_r < rank
             h_mask = mask_m[:, None] & mask_r[None, :]
             h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in range(SPLIT_K):  # a loop, not unrolled: unrolled, Triton staged every split's loads in shared
+                # memory (SPLIT_K x BLOCK_M x 64 bytes: 528 KB for one 64-token prompt at the 7B width)
                 h += tl.load(h_base + s * stride_hs + rows[:, None] * stride_ht + offs_r[None, :], mask=h_mask,
                              other=0.0)
             b = tl.load(b_base + offs_n[:, None] * stride_bn + offs_r[None, :],
