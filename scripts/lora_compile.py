@@ -69,7 +69,7 @@ def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
     """name -> resources of each kernel as its launcher launches it over pools of r_max lanes (T rows, SLOTS slots;
     the pools' strides as worker/adapters/slots.py lays them out, ranks a [P, slots] view of [slots, layers, 5])."""
     br = triton.next_power_of_2(r_max)
-    warps, out, rs, slots = TILE["num_warps"], {}, LAYERS * 5, SLOTS + 1
+    warps, out, slots = TILE["num_warps"], {}, SLOTS + 1
     norm_bn = lora_rows.norm_columns(br)
     norm_tiles = triton.cdiv(HIDDEN, norm_bn)
     out[f"rms_norm_shrink (c_attn's h, {norm_bn} columns)"] = _compile(
@@ -83,8 +83,8 @@ def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
     )  # fmt: skip
     bn = TILE["block_n"]  # the expands' columns at every rank
     act_tiles = triton.cdiv(MLP, bn)
-    partials = dict(y0_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", ranks_ptr="*i32",
-                    part_ptr="*fp32", stride_bn=r_max, stride_rs=rs)  # fmt: skip
+    partials = dict(y0_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", part_ptr="*fp32",
+                    stride_bn=r_max)  # fmt: skip
     for name, n, tiles, y0 in (("c_attn's term", QKV, norm_tiles, 0), ("mlp.c_proj's", HIDDEN, act_tiles, HIDDEN)):
         out[f"expand_rows_partials ({name}, {bn} columns)"] = _compile(
             lora_rows._expand_rows_partials_kernel,
@@ -94,19 +94,19 @@ def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
         )  # fmt: skip
     out[f"expand_rows (attn.c_proj, {bn} columns)"] = _compile(
         lora_rows._expand_rows_kernel,
-        dict(out_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", ranks_ptr="*i32", N=HIDDEN,
+        dict(out_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", N=HIDDEN,
              N_TILES=triton.cdiv(HIDDEN, bn), H_OFFSET=HIDDEN, stride_o=HIDDEN + slots * r_max, stride_y=HIDDEN,
-             stride_bs=HIDDEN * r_max, stride_bp=HIDDEN * r_max, stride_bn=r_max, stride_rp=1, stride_rs=rs),
+             stride_bs=HIDDEN * r_max, stride_bp=HIDDEN * r_max, stride_bn=r_max),
         dict(P=1, R_MAX=r_max, BLOCK_R=br, BLOCK_N=bn, PDL=False), arch, warps,
     )  # fmt: skip
     for lanes in (False, True):
         width = MLP + (slots * r_max if lanes else 0)  # the consumer's input row: its K lanes after the activation
         out[f"expand_rows_silu_mul (gate|up, {bn} columns{', K lanes' if lanes else ''})"] = _compile(
             lora_rows._expand_rows_act_kernel,
-            dict(out_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", ranks_ptr="*i32", a2_ptr="*bf16",
+            dict(out_ptr="*bf16", y_ptr="*bf16", b_ptr="*bf16", slots_ptr="*i64", a2_ptr="*bf16",
                  part_ptr="*fp32", cnt_ptr="*i32", N=MLP, H_OFFSET=2 * MLP, SLOTS=slots,
                  stride_o=2 * MLP + slots * 2 * r_max, stride_y=width, stride_bs=2 * MLP * r_max,
-                 stride_bp=MLP * r_max, stride_bn=r_max, stride_rp=1, stride_rs=rs, stride_a2s=r_max * width,
+                 stride_bp=MLP * r_max, stride_bn=r_max, stride_a2s=r_max * width,
                  stride_a2r=width, stride_pt=act_tiles * br),
             dict(R_MAX=r_max, BLOCK_R=br, BLOCK_N=bn, LIBDEVICE=True, SHRINK=True, R2_MAX=r_max, BLOCK_R2=br,
                  LANES=lanes, BLOCK_T=triton.next_power_of_2(act_tiles), BLOCK_S=triton.next_power_of_2(slots),

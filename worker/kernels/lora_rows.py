@@ -4,7 +4,7 @@ In the "gemm" decode mode (worker/layers/lora.py) a base linear's weight and its
 [out + slots·P·r_max, in] (worker/adapters/slots.py), so one cuBLAS GEMM gives, per token, the base output and
 h = x · Aᵀ for every slot at once: the shrink rides in the base matmul, where its bytes cost ~0.3 ms a step at
 batch 32 instead of 128 launches beside it. This kernel then writes the output: each token's own slot's h
-(lanes below the slot's rank; slot 0, the base, has rank 0) times that slot's B, rounded to the model dtype,
+(its r_max lanes; slot 0, the base, holds zeros) times that slot's B, rounded to the model dtype,
 added to the base output in fp32 and rounded once (the reference's numerics, worker/kernels/lora_reference.py).
 
 Tried and removed (2026-11-29, H200): the row-parallel targets' term added inside the next residual add +
@@ -36,9 +36,15 @@ partials and writes h, rounded, into the row's slot's lanes (`_h_into_lanes`), a
 the term: no term launch at all.
 
 One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
-`gdc_wait` (PDL: the row's slot, a graph input, then that slot's B and rank, pool data written only between
-steps), so after the wait the program has one memory round trip (h and the base row, together) before its store;
-B is read in whole rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones).
+`gdc_wait` (PDL: the row's slot, a graph input, then that slot's B, pool data written only between steps), so after
+the wait the program has one memory round trip (h and the base row, together) before its store; B is read in whole rows
+of r_max lanes (a rank mask on B would split its vector loads into scalar ones), and so are h and the partials: a
+pool's lanes past a slot's rank are zero in A as in B (slots.SlotPool zeroes a slot before it is reused, and pools
+grow into zeros), so h there is x · 0 = 0. Reading them whole takes the slot's rank off the path from the slot to h
+(masking h by it cost a memory round trip after the slot's: 15.3 against 14.1 us for the gate|up launch alone at P2's
+shapes, ncu, 2026-12-01). The gate|up launch reads the consumer's A rows after its activation, not before the wait:
+fewer registers live (48 against 60: 10 blocks an SM against 8). Together, P2 0.8955 -> 0.9029 in one process
+(BENCHMARKS.md, 2026-12-01).
 y is a new contiguous tensor.
 """
 
@@ -80,8 +86,8 @@ def norm_warps(hidden: int) -> int:
 
 # fmt: off
 @triton.jit
-def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES, H_OFFSET,
-                        stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, N, N_TILES, H_OFFSET,
+                        stride_o, stride_y, stride_bs, stride_bp, stride_bn,
                         P: tl.constexpr, R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                         PDL: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -92,10 +98,9 @@ def _expand_rows_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, N, N_TILES,
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
     b = _b_rows(b_ptr + slot * stride_bs + part * stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    rank = tl.load(ranks_ptr + part * stride_rp + slot * stride_rs)
     gdc_wait(PDL)
     gdc_go(PDL)
-    y = _part(out_ptr + t * stride_o, b, rank, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P, R_MAX)
+    y = _part(out_ptr + t * stride_o, b, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P, R_MAX)
     tl.store(y_ptr + t * stride_y + part * N + offs_n, y, mask=mask_n)
 
 
@@ -110,11 +115,12 @@ def _b_rows(b_ptr, offs_n, mask_n, offs_r, stride_bn, R_MAX: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _part(row, b, rank, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P: tl.constexpr, R_MAX: tl.constexpr):
+def _part(row, b, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P: tl.constexpr, R_MAX: tl.constexpr):
     """One part's output columns of a row: base + (h · Bᵀ rounded), added in fp32 and rounded once; h is the
-    slot's lanes below its rank in the joint GEMM's output row, b the slot's B rows [BN, BR]. The two loads here
-    are the only ones after `gdc_wait`, issued together: one memory round trip."""
-    h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < rank, other=0.0)
+    slot's r_max lanes in the joint GEMM's output row (read whole, as B is: see the module's docstring), b the slot's
+    B rows [BN, BR]. The two loads here are the only ones after `gdc_wait`, issued together: one memory round trip,
+    which waits on nothing but the slot."""
+    h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < R_MAX, other=0.0)
     y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
     return _add_term(y0, b, h)
 
@@ -150,8 +156,8 @@ def _h_into_lanes(part_row, cnt_ptr, lanes_row, slot, tiles, SLOTS, R_MAX: tl.co
 
 
 @triton.jit
-def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr, part_ptr, cnt_ptr, N, H_OFFSET,
-                            SLOTS, stride_o, stride_y, stride_bs, stride_bp, stride_bn, stride_rp, stride_rs,
+def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, a2_ptr, part_ptr, cnt_ptr, N, H_OFFSET,
+                            SLOTS, stride_o, stride_y, stride_bs, stride_bp, stride_bn,
                             stride_a2s, stride_a2r, stride_pt,
                             R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LIBDEVICE: tl.constexpr,
                             SHRINK: tl.constexpr, R2_MAX: tl.constexpr, BLOCK_R2: tl.constexpr, LANES: tl.constexpr,
@@ -171,19 +177,16 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
     mask_n = offs_n < N
     b_gate = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
     b_up = _b_rows(b_ptr + slot * stride_bs + stride_bp, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    rank_gate = tl.load(ranks_ptr + slot * stride_rs)
-    rank_up = tl.load(ranks_ptr + stride_rp + slot * stride_rs)
-    if SHRINK:  # the consumer's A rows of this tile [BR2, BN] (pool data: before the wait too)
+    gdc_wait(PDL)
+    gdc_go(PDL)
+    gate = _part(out_ptr + t * stride_o, b_gate, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
+    up = _part(out_ptr + t * stride_o, b_up, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
+    act = silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t * stride_y + offs_n, act, mask=mask_n)
+    if SHRINK:  # the consumer's A rows of this tile [BR2, BN], read after the activation: fewer registers live
         offs_r2 = tl.arange(0, BLOCK_R2)
         a2 = tl.load(a2_ptr + slot * stride_a2s + offs_r2[:, None] * stride_a2r + offs_n[None, :],
                      mask=(offs_r2 < R2_MAX)[:, None] & mask_n[None, :], other=0.0)
-    gdc_wait(PDL)
-    gdc_go(PDL)
-    gate = _part(out_ptr + t * stride_o, b_gate, rank_gate, slot, 0, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
-    up = _part(out_ptr + t * stride_o, b_up, rank_up, slot, 1, offs_n, mask_n, offs_r, N, H_OFFSET, 2, R_MAX)
-    act = silu_mul_rn(gate, up, LIBDEVICE).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + t * stride_y + offs_n, act, mask=mask_n)
-    if SHRINK:
         h = tl.sum(a2.to(tl.float32) * act.to(tl.float32)[None, :], axis=1)  # [BR2]
         tl.store(part_ptr + t * stride_pt + tile * BLOCK_R2 + offs_r2, h)
         if LANES:
@@ -192,8 +195,8 @@ def _expand_rows_act_kernel(out_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, a2_ptr,
 
 
 @triton.jit
-def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, part_ptr, N, TILES,
-                                 stride_y0, stride_y, stride_bs, stride_bn, stride_rs, stride_pt,
+def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, part_ptr, N, TILES,
+                                 stride_y0, stride_y, stride_bs, stride_bn, stride_pt,
                                  R_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, HAS_Y0: tl.constexpr, PDL: tl.constexpr):
     """y[t] = y0[t] + h · B[slot]ᵀ (one part) where h = Σ over TILES of the producer's fp32 partials (tile order),
@@ -206,12 +209,11 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, ranks_ptr, par
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
     b = _b_rows(b_ptr + slot * stride_bs, offs_n, mask_n, offs_r, stride_bn, R_MAX, BLOCK_R)
-    rank = tl.load(ranks_ptr + slot * stride_rs)
     gdc_wait(PDL)
     gdc_go(PDL)
     offs_t = tl.arange(0, BLOCK_T)
     parts = tl.load(part_ptr + t * stride_pt + offs_t[:, None] * BLOCK_R + offs_r[None, :],
-                    mask=(offs_t < TILES)[:, None] & (offs_r < rank)[None, :], other=0.0)
+                    mask=(offs_t < TILES)[:, None] & (offs_r < R_MAX)[None, :], other=0.0)
     if HAS_Y0:
         y0 = tl.load(y0_ptr + t * stride_y0 + offs_n, mask=mask_n, other=0.0)
     else:
@@ -253,8 +255,9 @@ def lora_expand_rows(
 
     out: [T, n_out + slots·P·r_max] (row stride free, unit column stride): the base output, then h of
     slot s, part p at columns n_out + (s·P + p)·r_max; b_pool: [slots, P, n_out / P, r_max], zero in the lanes
-    at or past each slot's rank (the pool's invariant: B is read whole, for vector loads); ranks: [P, slots]
-    int32 (h's lanes at or past a slot's rank are not read; slot 0's rank is 0); slots: [T], one per row.
+    at or past each slot's rank (the pool's invariant: B is read whole, for vector loads), as A is (so h is zero
+    there: read whole too); ranks: [P, slots] int32, the pool's (its shape checked against the pools; the kernels
+    read every lane); slots: [T], one per row.
     pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
     _check("lora_expand_rows", out, n_out, b_pool, ranks, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
@@ -265,8 +268,8 @@ def lora_expand_rows(
     n_tiles = triton.cdiv(N, block_n)
     on = active(pdl, out.device)
     _expand_rows_kernel[(T, P * n_tiles)](
-        out, y, b_pool, slots, ranks, N, n_tiles, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3],
-        *ranks.stride(), P=P, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on,
+        out, y, b_pool, slots, N, n_tiles, n_out, out.stride(0), y.stride(0), *b_pool.stride()[:3], P=P,
+        R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, PDL=on,
         num_warps=TILE["num_warps"],
         enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
@@ -314,8 +317,8 @@ def lora_expand_rows_silu_mul(
     a2 = shrink if shrink is not None else b_pool
     counters = row_counters(T, out.device) if lanes else y
     _expand_rows_act_kernel[(tiles, T) if lanes else (T, tiles)](
-        out, y, b_pool, slots, ranks, a2, parts if parts is not None else y, counters,
-        N, n_out, S, out.stride(0), y.stride(0), *b_pool.stride()[:3], *ranks.stride(), a2.stride(0), a2.stride(2),
+        out, y, b_pool, slots, a2, parts if parts is not None else y, counters,
+        N, n_out, S, out.stride(0), y.stride(0), *b_pool.stride()[:3], a2.stride(0), a2.stride(2),
         tiles * br2, R_MAX=r_max, BLOCK_R=triton.next_power_of_2(r_max), BLOCK_N=block_n, LIBDEVICE=not INTERPRETED,
         SHRINK=shrink is not None, R2_MAX=r2, BLOCK_R2=br2, LANES=lanes, BLOCK_T=triton.next_power_of_2(tiles),
         BLOCK_S=triton.next_power_of_2(S), PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False,
@@ -404,8 +407,8 @@ def _partials(
     on = active(pdl, y.device)
     src = y0 if y0 is not None else y
     _expand_rows_partials_kernel[(T, triton.cdiv(N, block_n))](
-        src, y, b_pool, slots, ranks, parts, N, parts.shape[1], src.stride(0), y.stride(0),
-        b_pool.stride(0), b_pool.stride(2), ranks.stride(1), parts.stride(0),
+        src, y, b_pool, slots, parts, N, parts.shape[1], src.stride(0), y.stride(0),
+        b_pool.stride(0), b_pool.stride(2), parts.stride(0),
         R_MAX=r_max, BLOCK_R=br, BLOCK_T=triton.next_power_of_2(parts.shape[1]), BLOCK_N=block_n,
         HAS_Y0=y0 is not None, PDL=on, num_warps=TILE["num_warps"], enable_fp_fusion=False, **launch_options(on),
     )  # fmt: skip
