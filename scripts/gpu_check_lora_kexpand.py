@@ -37,8 +37,6 @@ def main() -> None:
 def check(name: str, K: int, N: int, has_bias: bool, tiles: int, g: torch.Generator, align: int) -> None:
     """The variants with the joint allocation's row pitch K + S·r rounded up to a multiple of `align` elements."""
     slots = torch.arange(1, BATCH + 1, device="cuda")
-    ranks = torch.full((1, SLOTS), RANK, dtype=torch.int32, device="cuda")
-    ranks[:, 0] = 0
     sr = SLOTS * RANK
     layers = []
     for _ in range(LAYERS):
@@ -70,7 +68,7 @@ def check(name: str, K: int, N: int, has_bias: bool, tiles: int, g: torch.Genera
 
     def served() -> None:
         for (_, dense, _, bias), bc in zip(layers, b_contig):
-            c = lora_rows.lora_term_rows_partials(parts, bc, ranks, slots, True, bias=bias)
+            c = lora_rows.lora_term_rows_partials(parts, bc, slots, True, bias=bias)
             c.addmm_(x, dense.t())
 
     def kexpand() -> None:
@@ -80,7 +78,7 @@ def check(name: str, K: int, N: int, has_bias: bool, tiles: int, g: torch.Genera
     joint, dense, b_pool, bias = layers[0]
     ref = F.linear(x.float(), dense.float(), None if bias is None else bias.float())
     ref += torch.einsum("tr,tnr->tn", h.float(), b_pool[slots, 0].float())
-    c = lora_rows.lora_term_rows_partials(parts, b_contig[0], ranks, slots, True, bias=bias).addmm_(x, dense.t())
+    c = lora_rows.lora_term_rows_partials(parts, b_contig[0], slots, True, bias=bias).addmm_(x, dense.t())
     k = F.linear(xj, joint[:N, : K + sr], bias)
     errs = [(t.float() - ref).abs().max().item() for t in (c, k)]
     print(f"{name}, pitch {joint.stride(0)}: max err vs fp32: served {errs[0]:.5f}, K-append {errs[1]:.5f}")

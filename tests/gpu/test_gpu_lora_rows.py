@@ -38,12 +38,10 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     b = (torch.randn(S, P, N, R, device=CUDA, generator=g) * R**-0.5).to(torch.bfloat16)
     b[0].zero_()
     b[S - 1, :, :, 8:].zero_()
-    ranks = torch.full((P, S), R, dtype=torch.int32, device=CUDA)
-    ranks[:, 0], ranks[:, S - 1] = 0, 8
     slots = torch.tensor([0, *range(1, T)], device=CUDA)
     x = torch.randn(T, K, device=CUDA, generator=g).to(torch.bfloat16)
     out = torch.nn.functional.linear(x, weight)
-    y = kernels.lora_expand_rows(out, P * N, b, ranks, slots, pdl=True)
+    y = kernels.lora_expand_rows(out, P * N, b, slots, pdl=True)
     data = AdapterBatchData.for_decode(slots)
     ref = torch.nn.functional.linear(x, weight[: P * N])
     ref32 = torch.nn.functional.linear(x.float(), weight[: P * N].float())
@@ -53,26 +51,24 @@ def test_joint_gemm_expand_rows_bf16(P, K, N):
     assert err <= 2 * ref_err, (err, ref_err)
     assert torch.equal(y[0], out[0, : P * N])
     if P == 2:
-        act, none = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True)
+        act, none = kernels.lora_expand_rows_silu_mul(out, P * N, b, slots, pdl=True)
         assert torch.equal(act, silu_mul(y)) and none is None
         # mlp.c_proj's shrink in the same launch (lora_act_shrink): its h from the partials vs a bf16 matmul of act
         a2 = torch.zeros(S, 1, R, N, device=CUDA, dtype=torch.bfloat16)
         a2[1:, :, :8].normal_(0.0, N**-0.5, generator=g)
         b2 = torch.zeros(S, 1, K, R, device=CUDA, dtype=torch.bfloat16)
         b2[1:, :, :, :8].normal_(0.0, 0.02, generator=g)
-        ranks2 = torch.full((1, S), 8, dtype=torch.int32, device=CUDA)
-        ranks2[0, 0] = 0
-        act2, parts = kernels.lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, pdl=True, shrink=a2)
+        act2, parts = kernels.lora_expand_rows_silu_mul(out, P * N, b, slots, pdl=True, shrink=a2)
         assert torch.equal(act2, act)
         h = torch.einsum("tn,trn->tr", act.float(), a2[slots, 0].float())
         torch.testing.assert_close(parts.sum(1)[:, :R], h, atol=1e-3, rtol=1e-3)
         y0 = torch.randn(T, K, device=CUDA, generator=g).to(torch.bfloat16)
-        y2 = kernels.lora_expand_rows_partials(y0, parts, b2, ranks2, slots, pdl=True)
+        y2 = kernels.lora_expand_rows_partials(y0, parts, b2, slots, pdl=True)
         want = y0.float() + torch.einsum("tr,tkr->tk", h.to(torch.bfloat16).float(), b2[slots, 0].float())
         torch.testing.assert_close(y2.float(), want, atol=2e-2, rtol=2e-2)
         assert torch.equal(y2[0], y0[0])
         # lora_term_first: the same term alone, which the base GEMM then adds (addmm): y0 + term rounded once
-        term = kernels.lora_term_rows_partials(parts, b2, ranks2, slots, pdl=True)
+        term = kernels.lora_term_rows_partials(parts, b2, slots, pdl=True)
         assert torch.equal(torch.add(y0, term), y2) and not term[0].any()
 
 
@@ -113,19 +109,17 @@ def test_h_into_lanes_bf16_eager_and_graphed():
     a2 = (torch.randn(S, 1, R, N, device=CUDA, generator=g) * N**-0.5).to(torch.bfloat16)
     for t in (weight[2 * N :].view(S, 2, R, H), b, a2):
         t[0].zero_()
-    ranks = torch.full((2, S), R, dtype=torch.int32, device=CUDA)
-    ranks[:, 0] = 0
     slots = torch.tensor([0, *range(1, T)], device=CUDA)
     x = torch.randn(T, H, device=CUDA, generator=g).to(torch.bfloat16)
     out = torch.nn.functional.linear(x, weight)
 
     def launch():
-        return kernels.lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, pdl=True, shrink=a2, lanes=True)
+        return kernels.lora_expand_rows_silu_mul(out, 2 * N, b, slots, pdl=True, shrink=a2, lanes=True)
 
     act, joint_in = launch()
     torch.cuda.synchronize()
     assert not row_counters(T, CUDA).any()
-    assert torch.equal(act, kernels.lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, pdl=True, shrink=a2)[0])
+    assert torch.equal(act, kernels.lora_expand_rows_silu_mul(out, 2 * N, b, slots, pdl=True, shrink=a2)[0])
     h = torch.einsum("tn,trn->tr", act.float(), a2[slots, 0].float())
     lanes = joint_in[:, N:].view(T, S, R)
     got = lanes[torch.arange(T, device=CUDA), slots]

@@ -98,6 +98,10 @@ def test_act_shrink_into_lanes(N, r2, block_n):
     ranks = torch.tensor([[0, r_max, 5], [0, 3, r_max]], dtype=torch.int32)
     a = torch.randn(S, 2, r_max, K, generator=g) / K**0.5
     b = torch.randn(S, 2, N, r_max, generator=g) / r_max**0.5
+    for s in range(S):  # the pool's invariant: zeros past each slot's rank (slot 0: rank 0), which the kernel reads
+        for p in range(2):
+            a[s, p, ranks[p, s] :] = 0
+            b[s, p, :, ranks[p, s] :] = 0
     a2 = torch.randn(S, 1, r2, N, generator=g) / N**0.5
     a2[0] = 0
     a2[2, :, r2 - 2 :] = 0  # a rank below r2_max
@@ -105,15 +109,15 @@ def test_act_shrink_into_lanes(N, r2, block_n):
     slots = torch.tensor([1, 0, 2, 2, 1])
     x = torch.randn(len(slots), K, generator=g)
     out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
-    plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2)
-    act, joint_in = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2, lanes=True)
+    plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, slots, block_n=block_n, shrink=a2)
+    act, joint_in = lora_expand_rows_silu_mul(out, 2 * N, b, slots, block_n=block_n, shrink=a2, lanes=True)
     assert joint_in is not None and joint_in.shape == (len(slots), N + S * r2)
     assert torch.equal(act, plain) and act.data_ptr() == joint_in.data_ptr()
     h = torch.stack([a2[s, 0].double() @ act[t].double() for t, s in enumerate(slots.tolist())])
     _check_lanes(joint_in, N, h, slots, r2, S)
     assert not lora_rows.row_counters(len(slots), out.device).any()
     with pytest.raises(ValueError, match="need its A pool"):
-        lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, lanes=True)
+        lora_expand_rows_silu_mul(out, 2 * N, b, slots, lanes=True)
 
 
 def test_apply_partials_over_lanes_is_base_plus_term():

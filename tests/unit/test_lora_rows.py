@@ -48,7 +48,7 @@ def test_expand_rows_equals_the_definition(P, K, N, r_max, block_n):
         for p in range(P):
             col = P * N + (s * P + p) * r_max
             assert not out[t, col + int(ranks[p, s]) : col + r_max].any()  # x · 0: what the kernel relies on
-    y = lora_expand_rows(out, P * N, b, ranks, slots, block_n=block_n)
+    y = lora_expand_rows(out, P * N, b, slots, block_n=block_n)
     assert y.shape == (len(slots), P * N) and y.is_contiguous()
     for t, s in enumerate(slots.tolist()):
         want = (w.double() @ x[t].double()) + term_f64(x[t], a, b, s, ranks)
@@ -60,11 +60,10 @@ def test_expand_rows_equals_the_definition(P, K, N, r_max, block_n):
 def test_expand_rows_rejects_mismatched_shapes():
     out = torch.zeros(3, 10 + 2 * 4)
     b = torch.zeros(2, 1, 10, 4)
-    ranks = torch.zeros(1, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="lora_expand_rows: out"):
-        lora_expand_rows(out, 10, b, ranks, torch.zeros(2, dtype=torch.long))  # 2 slots for 3 rows
+        lora_expand_rows(out, 10, b, torch.zeros(2, dtype=torch.long))  # 2 slots for 3 rows
     with pytest.raises(ValueError, match="B pool"):
-        lora_expand_rows(torch.zeros(3, 10 + 3 * 4), 10, b, ranks, torch.zeros(3, dtype=torch.long))
+        lora_expand_rows(torch.zeros(3, 10 + 3 * 4), 10, b, torch.zeros(3, dtype=torch.long))
 
 
 @pytest.mark.parametrize("P,N,r_max", [(2, 50, 16), (2, 37, 12)])
@@ -87,14 +86,14 @@ def test_expand_rows_silu_mul_is_the_expand_then_silu_mul(P, N, r_max):
     slots = torch.tensor([1, 0, 2, 2, 1])
     x = torch.randn(len(slots), K, generator=g)
     out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
-    y, none = lora_expand_rows_silu_mul(out, P * N, b, ranks, slots, block_n=32)
-    assert torch.equal(y, silu_mul(lora_expand_rows(out, P * N, b, ranks, slots, block_n=32))) and none is None
+    y, none = lora_expand_rows_silu_mul(out, P * N, b, slots, block_n=32)
+    assert torch.equal(y, silu_mul(lora_expand_rows(out, P * N, b, slots, block_n=32))) and none is None
     for t, s in enumerate(slots.tolist()):
         gate_up = w.double() @ x[t].double() + term_f64(x[t], a, b, s, ranks)
         want = gate_up[N:] * torch.nn.functional.silu(gate_up[:N])
         torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="2 parts, not 1"):
-        lora_expand_rows_silu_mul(out[:, : N + S * r_max], N, b[:, :1].contiguous(), ranks[:1], slots)
+        lora_expand_rows_silu_mul(out[:, : N + S * r_max], N, b[:, :1].contiguous(), slots)
 
 
 @pytest.mark.parametrize("N,r2,block_n", [(50, 5, 16), (37, 12, 32), (150, 40, 0)])
@@ -123,14 +122,14 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
     slots = torch.tensor([1, 0, 2, 2, 1])
     x = torch.randn(len(slots), K, generator=g)
     out = (torch.cat([w, a.reshape(-1, K)]) @ x.T).T.contiguous()
-    plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n)
-    act, parts = lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, block_n=block_n, shrink=a2)
+    plain, _ = lora_expand_rows_silu_mul(out, 2 * N, b, slots, block_n=block_n)
+    act, parts = lora_expand_rows_silu_mul(out, 2 * N, b, slots, block_n=block_n, shrink=a2)
     assert torch.equal(act, plain)
     tile = block_n or 256  # the expands' default tile keeps its columns at 64 lanes (r2 40)
     assert parts is not None and parts.shape == (len(slots), -(-N // tile), 1 << (r2 - 1).bit_length())
     h = parts.double().sum(1)
     y0 = torch.randn(len(slots), N2, generator=g)
-    y = lora_expand_rows_partials(y0, parts, b2, ranks2, slots, block_n=16)
+    y = lora_expand_rows_partials(y0, parts, b2, slots, block_n=16)
     for t, s in enumerate(slots.tolist()):
         want_h = a2[s, 0].double() @ act[t].double()
         torch.testing.assert_close(h[t, :r2], want_h, atol=1e-5, rtol=1e-5)
@@ -139,17 +138,17 @@ def test_act_shrink_partials_and_their_expand_equal_the_definition(N, r2, block_
         torch.testing.assert_close(y[t].double(), want, atol=2e-5, rtol=2e-5)
     assert torch.equal(y[1], y0[1])
     # lora_term_first: the term alone, each row's B2 h rounded once (float64 h: the summed partials); base rows zero
-    term = lora_term_rows_partials(parts, b2, ranks2, slots, block_n=16)
+    term = lora_term_rows_partials(parts, b2, slots, block_n=16)
     assert term.shape == (len(slots), N2) and term.dtype == b2.dtype
     for t, s in enumerate(slots.tolist()):
         torch.testing.assert_close(term[t].double(), b2[s, 0].double() @ h[t, :r2], atol=2e-5, rtol=2e-5)
     assert not term[1].any()
     with pytest.raises(ValueError, match="lora_term_rows_partials"):
-        lora_term_rows_partials(parts, b2, ranks2, slots[1:])
+        lora_term_rows_partials(parts, b2, slots[1:])
     with pytest.raises(ValueError, match="consumer's A pool"):
-        lora_expand_rows_silu_mul(out, 2 * N, b, ranks, slots, shrink=a2[:, :, :, 1:])
+        lora_expand_rows_silu_mul(out, 2 * N, b, slots, shrink=a2[:, :, :, 1:])
     with pytest.raises(ValueError, match="lora_expand_rows_partials"):
-        lora_expand_rows_partials(y0, parts, b2[:, :, 1:], ranks2, slots)
+        lora_expand_rows_partials(y0, parts, b2[:, :, 1:], slots)
 
 
 @pytest.mark.parametrize(

@@ -223,9 +223,7 @@ def _expand_rows_partials_kernel(y0_ptr, y_ptr, b_ptr, slots_ptr, part_ptr, N, T
 # fmt: on
 
 
-def _check(
-    name: str, out: torch.Tensor, n_out: int, b_pool: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor
-) -> None:
+def _check(name: str, out: torch.Tensor, n_out: int, b_pool: torch.Tensor, slots: torch.Tensor) -> None:
     T = out.shape[0]
     S, P, N, r_max = b_pool.shape
     if (
@@ -234,11 +232,10 @@ def _check(
         or out.stride(-1) != 1
         or b_pool.stride(-1) != 1
         or slots.shape != (T,)
-        or ranks.shape != (P, S)
     ):
         raise ValueError(
             f"{name}: out {tuple(out.shape)} with {n_out} base columns, B pool {tuple(b_pool.shape)}, "
-            f"ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
+            f"slots {tuple(slots.shape)}"
         )
 
 
@@ -246,7 +243,6 @@ def lora_expand_rows(
     out: torch.Tensor,
     n_out: int,
     b_pool: torch.Tensor,
-    ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
@@ -256,10 +252,9 @@ def lora_expand_rows(
     out: [T, n_out + slots·P·r_max] (row stride free, unit column stride): the base output, then h of
     slot s, part p at columns n_out + (s·P + p)·r_max; b_pool: [slots, P, n_out / P, r_max], zero in the lanes
     at or past each slot's rank (the pool's invariant: B is read whole, for vector loads), as A is (so h is zero
-    there: read whole too); ranks: [P, slots] int32, the pool's (its shape checked against the pools; the kernels
-    read every lane); slots: [T], one per row.
+    there: read whole too; slot 0, the base, is all zeros); slots: [T], one per row.
     pdl: launch with programmatic dependent launch where it is active (sm_90+, compiled)."""
-    _check("lora_expand_rows", out, n_out, b_pool, ranks, slots)
+    _check("lora_expand_rows", out, n_out, b_pool, slots)
     T, (_, P, N, r_max) = out.shape[0], b_pool.shape
     y = torch.empty(T, n_out, dtype=out.dtype, device=out.device)
     if T == 0:
@@ -280,7 +275,6 @@ def lora_expand_rows_silu_mul(
     out: torch.Tensor,
     n_out: int,
     b_pool: torch.Tensor,
-    ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
@@ -294,7 +288,7 @@ def lora_expand_rows_silu_mul(
     shrink): instead of the partials, the consumer's joint input [T, n_out / 2 + slots·r2_max], the activation then
     each row's h (the partials' sum, rounded) in its slot's K lanes and zeros in the others' (the consumer's GEMM over
     its JointWeight.lanes then adds the term); the activation returned is a view of its first columns."""
-    _check("lora_expand_rows_silu_mul", out, n_out, b_pool, ranks, slots)
+    _check("lora_expand_rows_silu_mul", out, n_out, b_pool, slots)
     T, (S, P, N, r_max) = out.shape[0], b_pool.shape
     if P != 2:
         raise ValueError(f"lora_expand_rows_silu_mul: a gate|up pool has 2 parts, not {P}")
@@ -341,21 +335,19 @@ def lora_expand_rows_partials(
     y0: torch.Tensor,
     parts: torch.Tensor,
     b_pool: torch.Tensor,
-    ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
 ) -> torch.Tensor:
     """y [T, N] = y0 + each row's adapter term (one part), its h the sum of `parts` [T, tiles, BR] (fp32, from
     lora_expand_rows_silu_mul's shrink) over the tiles, rounded to y0's dtype; b_pool [slots, 1, N, r_max] (lanes
-    past a slot's rank zero), ranks [1, slots], slots [T]: y0's rows' slots."""
-    return _partials("lora_expand_rows_partials", y0, y0.shape, parts, b_pool, ranks, slots, pdl, block_n)
+    past a slot's rank zero), slots [T]: y0's rows' slots."""
+    return _partials("lora_expand_rows_partials", y0, y0.shape, parts, b_pool, slots, pdl, block_n)
 
 
 def lora_term_rows_partials(
     parts: torch.Tensor,
     b_pool: torch.Tensor,
-    ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool = False,
     block_n: int = 0,
@@ -366,7 +358,7 @@ def lora_term_rows_partials(
     add as its C (DecodeKernels.lora_term_first)."""
     shape = (parts.shape[0], b_pool.shape[2])
     y0 = bias.expand(shape) if bias is not None else None
-    return _partials("lora_term_rows_partials", y0, shape, parts, b_pool, ranks, slots, pdl, block_n)
+    return _partials("lora_term_rows_partials", y0, shape, parts, b_pool, slots, pdl, block_n)
 
 
 def _partials(
@@ -375,7 +367,6 @@ def _partials(
     shape: tuple[int, ...],
     parts: torch.Tensor,
     b_pool: torch.Tensor,
-    ranks: torch.Tensor,
     slots: torch.Tensor,
     pdl: bool,
     block_n: int,
@@ -390,12 +381,11 @@ def _partials(
         or not parts.is_contiguous()
         or (y0 is not None and y0.stride(1) != 1)
         or b_pool.stride(-1) != 1
-        or ranks.shape != (1, S)
         or slots.shape != (T,)
     ):
         raise ValueError(
             f"{name}: y0 {tuple(shape)}, partials {tuple(parts.shape)}, B pool "
-            f"{tuple(b_pool.shape)}, ranks {tuple(ranks.shape)}, slots {tuple(slots.shape)}"
+            f"{tuple(b_pool.shape)}, slots {tuple(slots.shape)}"
         )
     if y0 is None:
         y = torch.empty(T, N, dtype=b_pool.dtype, device=b_pool.device)

@@ -242,9 +242,9 @@ class LoraTerm:
             assert joint.lanes is not None and parts.shape[1] == joint.lanes.shape[1]
             return nn.functional.linear(parts, joint.lanes, bias)
         if self.term_first:
-            c = k.lora_term_rows_partials(parts, self.b_pool, self.ranks, slots, self.pdl, bias=bias)
+            c = k.lora_term_rows_partials(parts, self.b_pool, slots, self.pdl, bias=bias)
             return c.addmm_(x, joint.weight[: joint.out].t())
-        return k.lora_expand_rows_partials(base(), parts, self.b_pool, self.ranks, slots, self.pdl)
+        return k.lora_expand_rows_partials(base(), parts, self.b_pool, slots, self.pdl)
 
     def shrink_pool(self, rows: int, data: AdapterBatchData | None) -> torch.Tensor | None:
         """The A pool [slots, 1, r_max, in] the producer of this term's input (the norm before c_attn) computes h
@@ -274,7 +274,7 @@ class LoraTerm:
         if joint is None or slots is None or x.shape[0] < JOINT_MIN_ROWS:
             return None
         out = nn.functional.linear(x, joint.weight, joint.bias)
-        return out, joint.out, self.b_pool, self.ranks, slots
+        return out, joint.out, self.b_pool, slots
 
     def _beside(self, base: Callable[[], torch.Tensor], x: torch.Tensor, data: AdapterBatchData) -> torch.Tensor:
         """Shrink and expand both on the side stream (when there is one), beside the base matmul, into a
