@@ -18,22 +18,13 @@ import random
 import pytest
 import torch
 
-from helpers import GPU_TRITON_MARKS, write_checkpoint
+from helpers import GPU_TINY, GPU_TRITON_MARKS, write_checkpoint
 
 pytestmark = GPU_TRITON_MARKS
 
-WIDE = dict(
-    model_type="qwen",
-    hidden_size=4096,
-    num_attention_heads=32,
-    kv_channels=128,
-    num_hidden_layers=2,
-    intermediate_size=22016,  # Qwen's config counts w1 and w2: an MLP of 11,008
-    vocab_size=512,
-    seq_length=2048,
-    rotary_emb_base=10000,
-    bf16=True,
-)
+# GPU_TINY's heads of 128, two layers and 512-token vocabulary at the 7B widths (Qwen's config counts w1 and w2 in
+# intermediate_size: an MLP of 11,008), in bf16
+WIDE = dict(GPU_TINY, hidden_size=4096, num_attention_heads=32, intermediate_size=22016, seq_length=2048, bf16=True)
 TOL = 0.15  # logits, bf16 serving against float64 (the tiny model's mixed-adapter bound)
 ADAPTERS = {"r8": (8, 16.0, 1), "r16": (16, 32.0, 2), "r64": (64, 64.0, 3)}  # name: rank, alpha, seed
 
