@@ -5,15 +5,17 @@ the kernels pick at real widths: a LoRA prefill of one short prompt at hidden 4,
 memory (OutOfResources on an H200) while every test here passed. This one serves two layers of the 7B shape (hidden
 4,096, 32 heads of 128, MLP 11,008; a 512-token vocabulary) with serve's defaults (CUDA graphs, look-ahead, the served
 decode kernels, chunked prefill, prefix caching) and adapters of ranks 8 and 16, then one of rank 64 (the pools grow
-while requests run). Each request's tokens are checked against the float64 reference on the same bf16 weights, teacher
-forced: every generated token's reference logit is within TOL of the reference's largest at that step (greedy, so a
-near tie may go either way). Run: `pytest -q -s -m gpu tests/gpu/test_gpu_wide_serve.py`.
+while requests run); in bf16, as its GPTQ Int4 copy, and with speculative decoding (prompt-lookup drafts). Each
+request's tokens are checked against the float64 reference on the same weights, teacher forced: every generated token's
+reference logit is within TOL of the reference's largest at that step (greedy, so a near tie may go either way). Run:
+`pytest -q -s -m gpu tests/gpu/test_gpu_wide_serve.py`.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -31,7 +33,8 @@ ADAPTERS = {"r8": (8, 16.0, 1), "r16": (16, 32.0, 2), "r64": (64, 64.0, 3)}  # n
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """(model dir, adapter root, bf16 state): the checkpoint, a byte-level tokenizer and three random adapters."""
+    """(model dir, adapter root, bf16 state, adapters, a scratch directory): the checkpoint, a byte-level tokenizer
+    and three random adapters."""
     from demo_tokenizer import train_bpe_ranks, write_tiktoken_file
     from lora_helpers import write_adapter
     from random_weights import random_checkpoint
@@ -43,7 +46,7 @@ def wide(tmp_path_factory):
     adapters = {}
     for name, (rank, alpha, seed) in ADAPTERS.items():
         adapters[name] = write_adapter(str(root / "adapters"), name, WIDE, rank, alpha, seed)
-    return model_dir, str(root / "adapters"), state, adapters
+    return model_dir, str(root / "adapters"), state, adapters, root
 
 
 def teacher_forced_gap(weights: dict, prompt: list[int], tokens: list[int], n_real_vocab: int) -> float:
@@ -56,19 +59,33 @@ def teacher_forced_gap(weights: dict, prompt: list[int], tokens: list[int], n_re
     return (logits.max(dim=-1).values - chosen).max().item()
 
 
-def test_a_7b_wide_shard_serves_adapters_as_the_reference(wide):
+# bf16: the checkpoint as written; int4: its GPTQ Int4 copy (group 128, round to nearest; the adapters on a quantized
+# base take the side modes, not "gemm"), the reference on its dequantized weights; speculative: prompt-lookup drafts
+# (3 a step) verified in span steps, whose greedy output is the plain one
+VARIANTS = {"bf16": (), "int4": (), "speculative": ("--speculative-tokens", "3")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_7b_wide_shard_serves_adapters_as_the_reference(wide, variant):
     from reference import merge_lora, ref_forward
     from router_client.router import Router, RouterConfig
     from shards import start_launcher, stop
     from worker.tokenizer import QwenTokenizer
 
-    model_dir, adapter_root, state, adapters = wide
+    model_dir, adapter_root, state, adapters, root = wide
+    base = {k: v.double() for k, v in state.items()}
+    if variant == "int4":
+        from gptq_helpers import dequantized_state, gptq_checkpoint
+
+        quantized, q = gptq_checkpoint(str(root / "int4"), WIDE, state, 4, 128, sym=True, act_order=False)
+        shutil.copy(os.path.join(model_dir, "qwen.tiktoken"), quantized)
+        model_dir, base = quantized, dequantized_state(q, 4)
     rng = random.Random(5)
 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(1, 256) for _ in range(n)]
 
-    shard = start_launcher(model_dir, adapter_root)
+    shard = start_launcher(model_dir, adapter_root, extra=VARIANTS[variant])
     runs: list[tuple[str, list[int], list[int]]] = []  # (adapter, prompt, tokens)
     try:
         config = RouterConfig(max_input_length=1024, max_total_tokens=2048, max_batch_prefill_tokens=512)
@@ -104,16 +121,15 @@ def test_a_7b_wide_shard_serves_adapters_as_the_reference(wide):
         rc = stop(shard)
     assert rc == 0, log[-3000:]
     assert "re-laid out at 64 lanes a slot (were 16)" in log
-    weights = {"base": {k: v.double() for k, v in state.items()}}
-    weights |= {name: merge_lora(state, *adapters[name]) for name in ADAPTERS}
+    weights = {"base": base} | {name: merge_lora(base, *adapters[name]) for name in ADAPTERS}
     gaps = []
     for name, ids, tokens in runs:
         assert len(tokens) > 0
         gaps.append(teacher_forced_gap(weights[name], ids, tokens, tok.n_real_vocab))
         assert gaps[-1] <= TOL, (name, len(ids), gaps[-1])
     ids = runs[0][1]
-    base = ref_forward(weights["base"], WIDE, ids)
-    effect = min((ref_forward(weights[name], WIDE, ids) - base).abs().max().item() for name in ADAPTERS)
+    plain = ref_forward(weights["base"], WIDE, ids)
+    effect = min((ref_forward(weights[name], WIDE, ids) - plain).abs().max().item() for name in ADAPTERS)
     print(f"{len(runs)} requests: largest teacher-forced gap {max(gaps):.3f} (bound {TOL}); adapters move the logits")
     print(f"by {effect:.2f} at least")
     assert effect > 10 * TOL  # so the check above would see an adapter left out
