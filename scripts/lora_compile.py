@@ -67,7 +67,7 @@ def _compile(fn: Any, args: dict[str, Any], const: dict[str, Any], arch: int, wa
 
 def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
     """name -> resources of each kernel as its launcher launches it over pools of r_max lanes (T rows, SLOTS slots;
-    the pools' strides as worker/adapters/slots.py lays them out, ranks a [P, slots] view of [slots, layers, 5])."""
+    the pools' strides as worker/adapters/slots.py lays them out)."""
     br = triton.next_power_of_2(r_max)
     warps, out, slots = TILE["num_warps"], {}, SLOTS + 1
     norm_bn = lora_rows.norm_columns(br)
@@ -116,18 +116,19 @@ def kernels(r_max: int, arch: int) -> dict[str, dict[str, int]]:
     return out
 
 
-SMEM = {90: 232448, 100: 232448}  # bytes of shared memory a block may opt into (sm_90, sm_100)
+SMEM = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}  # bytes of shared memory a block may opt into
 PREFILL_SMS = 132  # an H200's SMs: the prefill plans' K split fills them
 
 
 def prefill_plans() -> set[tuple[int, int, int]]:
     """(block_m, split, shrink_r) of every prefill plan `lora._plan` picks for the 7B and 72B linears' widths (K,
-    parts), pools of 16 and 64 lanes, 1 to 64 prompts of 1 to 4,096 tokens, on PREFILL_SMS SMs."""
+    parts), pools of 16, 32 and 64 lanes, 1 to 64 prompts of 2 to 4,096 tokens (one token is decode's plan, whose
+    expand holds no staged loads), on PREFILL_SMS SMs."""
     plans, num_sms = set(), lora._num_sms
     lora._num_sms = lambda device: PREFILL_SMS  # type: ignore[assignment]
     try:
         for k, parts in ((4096, 1), (4096, 2), (11008, 1), (8192, 1), (8192, 2), (24576, 1)):
-            for r_max in (16, 64):
+            for r_max in (16, 32, 64):
                 for segments in (1, 2, 8, 64):
                     for max_len in (2, 16, 32, 64, 128, 512, 4096):
                         x = torch.empty(segments * max_len, k, device="meta")

@@ -107,7 +107,7 @@ def test_a_7b_wide_shard_serves_adapters_as_the_reference(wide, variant):
             # 12 at once (decode batches past 9 rows: the "gemm" decode mode), one prompt chunked (1,000 tokens)
             batch = [(("base", "r8", "r16")[i % 3], prompt(1000 if i == 4 else 5 + 13 * i)) for i in range(12)]
             finish([(name, ids, run(name, ids, 24)) for name, ids in batch])
-            # the long prompt again, on another adapter: its blocks come from the prefix cache
+            # the long prompt again, on the same adapter: its blocks come from the prefix cache
             finish([("r8", batch[4][1], run("r8", batch[4][1], 8))])
             # a rank-64 adapter grows the pools from 16 lanes a slot while requests run
             running = [(name, ids, run(name, ids, 40)) for name, ids in (("r8", prompt(30)), ("base", prompt(7)))]
@@ -116,10 +116,13 @@ def test_a_7b_wide_shard_serves_adapters_as_the_reference(wide, variant):
             finish(
                 running + [(name, ids, run(name, ids, 12)) for name, ids in (("r64", prompt(9)), ("r16", prompt(40)))]
             )
-        log = shard.log()
     finally:
+        log = shard.log()
         rc = stop(shard)
     assert rc == 0, log[-3000:]
+    # the adapter kernels the variant is for: "gemm" over a float base (12 rows at once reach it), the side modes over
+    # a quantized one
+    assert f"LoRA decode modes (--lora-decode auto): {'side_store' if variant == 'int4' else 'gemm'} x8" in log
     assert "re-laid out at 64 lanes a slot (were 16)" in log
     weights = {"base": base} | {name: merge_lora(base, *adapters[name]) for name in ADAPTERS}
     gaps = []

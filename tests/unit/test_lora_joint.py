@@ -279,3 +279,35 @@ def test_gemm_mode_after_eviction_and_a_lower_rank_refill(tmp_path):
         assert lora.joint is not None and a.data_ptr() >= lora.joint.weight.data_ptr()  # A is the joint rows
         assert not a[:, 4:].any() and not b[:, :, 4:].any(), t.key  # the rank-16 adapter's lanes are gone
         assert a[:, :4].any() and b[:, :, :4].any(), t.key
+
+
+def test_a_load_that_fails_after_its_fill_leaves_its_slot_zero(tmp_path, monkeypatch):
+    """LoadAdapter fails after the fill wrote the slot (here: attaching the adapter's Medusa heads raises): the slot is
+    zeroed again, so a lower-rank adapter loaded into it next has zeros past its rank in A and B, which the "gemm"
+    kernels read (worker/kernels/lora_rows.py)."""
+    from helpers import TINY
+    from lora_helpers import attach_manager, load, write_adapter
+    from worker.config import QwenConfig
+    from worker.models.qwen import FlashQwenForCausalLM
+
+    model = FlashQwenForCausalLM(QwenConfig.from_dict(TINY), CPU, torch.float32)
+    root = str(tmp_path)
+    write_adapter(root, "r16", TINY, 16, 16, seed=1)
+    write_adapter(root, "r4", TINY, 4, 8, seed=2)
+    mgr, _ = attach_manager(model, root, max_rank=16, num_slots=1)
+
+    def attach_fails(ckpt, slot):
+        raise MemoryError("no room for the heads")
+
+    monkeypatch.setattr(mgr.medusa, "attach", attach_fails)
+    with pytest.raises(MemoryError):
+        load(mgr, 1, "r16")
+    assert 1 not in mgr.entries
+    monkeypatch.undo()
+    load(mgr, 2, "r4")
+    slot = mgr.entries[2].slot
+    for t in model.lora_targets():
+        lora = getattr(t.owner, t.attr).lora
+        a, b = lora.a_pool[slot], lora.b_pool[slot]
+        assert not a[:, 4:].any() and not b[:, :, 4:].any(), t.key  # nothing of the failed rank-16 load is left
+        assert a[:, :4].any() and b[:, :, :4].any(), t.key

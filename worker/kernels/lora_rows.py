@@ -35,16 +35,16 @@ the gate|up launch writes c_proj's input with its h already in place: each row's
 partials and writes h, rounded, into the row's slot's lanes (`_h_into_lanes`), and c_proj's GEMM over the lanes adds
 the term: no term launch at all.
 
-One program per (token, part, BLOCK_N columns). Everything that is not the GEMM's output is read before
-`gdc_wait` (PDL: the row's slot, a graph input, then that slot's B, pool data written only between steps), so after
-the wait the program has one memory round trip (h and the base row, together) before its store; B is read in whole rows
-of r_max lanes (a rank mask on B would split its vector loads into scalar ones), and so are h and the partials: a
-pool's lanes past a slot's rank are zero in A as in B (slots.SlotPool zeroes a slot before it is reused, and pools
-grow into zeros), so h there is x · 0 = 0. Reading them whole takes the slot's rank off the path from the slot to h
-(masking h by it cost a memory round trip after the slot's: 15.3 against 14.1 us for the gate|up launch alone at P2's
-shapes, ncu, 2026-12-01). The gate|up launch reads the consumer's A rows after its activation, not before the wait:
-fewer registers live (48 against 60: 10 blocks an SM against 8). Together, P2 0.8955 -> 0.9029 in one process
-(BENCHMARKS.md, 2026-12-01).
+One program per (token, part, BLOCK_N columns). The row's slot (a graph input) and that slot's B (pool data, written
+only between steps) are read before `gdc_wait` (PDL), so after the wait an expand has one memory round trip (h and the
+base row, together) before its store; the gate|up launch then reads its consumer's A rows (below). B is read in whole
+rows of r_max lanes (a rank mask on B would split its vector loads into scalar ones), and so are h and the partials: a
+pool's lanes past a slot's rank are zero in A as in B (a slot is zeroed when it is freed and when a load into it fails,
+free slots hold zeros, and pools grow into zeros), so h there is x · 0 = 0. Reading them whole takes the slot's rank
+off the path from the slot to h (masking h by it cost a memory round trip after the slot's: 15.3 against 14.1 us for the
+gate|up launch alone at P2's shapes, ncu, 2026-12-01). The gate|up launch reads the consumer's A rows after its
+activation, not before the wait: fewer registers live (48 against 60: 10 blocks an SM against 8). Together, P2 0.8955
+-> 0.9029 in one process (BENCHMARKS.md, 2026-12-01).
 y is a new contiguous tensor.
 """
 
@@ -118,8 +118,8 @@ def _b_rows(b_ptr, offs_n, mask_n, offs_r, stride_bn, R_MAX: tl.constexpr, BLOCK
 def _part(row, b, slot, part, offs_n, mask_n, offs_r, N, H_OFFSET, P: tl.constexpr, R_MAX: tl.constexpr):
     """One part's output columns of a row: base + (h · Bᵀ rounded), added in fp32 and rounded once; h is the
     slot's r_max lanes in the joint GEMM's output row (read whole, as B is: see the module's docstring), b the slot's
-    B rows [BN, BR]. The two loads here are the only ones after `gdc_wait`, issued together: one memory round trip,
-    which waits on nothing but the slot."""
+    B rows [BN, BR]. The two loads here are an expand's only ones after `gdc_wait`, issued together: one memory round
+    trip, which waits on nothing but the slot."""
     h = tl.load(row + H_OFFSET + (slot * P + part) * R_MAX + offs_r, mask=offs_r < R_MAX, other=0.0)
     y0 = tl.load(row + part * N + offs_n, mask=mask_n, other=0.0)
     return _add_term(y0, b, h)
