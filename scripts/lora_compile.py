@@ -10,7 +10,7 @@ r_max-16 tile (issue 17, P2).
     python scripts/lora_compile.py --ranks 64 --arch 100
 
 Also the prefill shrink and expand (worker/kernels/lora.py) at every tile `_plan` picks for the 7B and 72B widths on
-an H200's 132 SMs, one to 64 prompts of 1 to 4,096 tokens: each must fit the target's shared memory (the expand once
+an H200's 132 SMs, one to 64 prompts of 2 to 4,096 tokens: each must fit the target's shared memory (the expand once
 unrolled its loop over the K split, and one 64-token prompt at the 7B width asked for 528 KB of the H200's 227).
 
 Not under TRITON_INTERPRET=1 (the interpreter replaces the kernels).

@@ -97,7 +97,7 @@ def test_a_7b_wide_shard_serves_adapters_as_the_reference(wide, variant):
                 return router.submit(ids, stopping=dict(max_new_tokens=new, ignore_eos_token=True),
                                      adapter_index=index[name])  # fmt: skip
 
-            def finish(handles: list) -> None:  # the prompt as the router tokenized it (from ids via text)
+            def finish(handles: list) -> None:  # each prompt as the router admitted it
                 runs.extend((name, h.prompt_ids, h.result(timeout=300).token_ids) for name, _, h in handles)
 
             # one short prompt alone per adapter: the LoRA prefill's widest K split

@@ -315,14 +315,13 @@ class AdapterManager:
             entry.host, entry.ranks = self._host_copy(entry.params, entry.source)
         self._fit_rank(entry.rank)
         self.last_timing.update(self.copies.fill(slot, entry, entry.ranks))
-        try:
-            self.medusa.attach(entry.medusa, slot)
-        except BaseException:  # the slot stays free, and free slots hold zeros (the "gemm" kernels read every lane)
-            self.slots.zero(slot)
-            self.medusa.detach(slot)
-            raise
         self.slot_owner[slot] = index
         entry.slot = slot
+        try:
+            self.medusa.attach(entry.medusa, slot)
+        except BaseException:  # freed again, so zeroed: free slots hold zeros (the "gemm" kernels read every lane)
+            self._free_slot(entry)
+            raise
         self._trim_host_cache()
         return slot
 
