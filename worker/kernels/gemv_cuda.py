@@ -38,11 +38,6 @@ TC_WARPS_PER_SM = 12  # its unstaged blocks' warps an SM at most (3 chunks in fl
 # chunks: 2.7 a warp) at 4 x 3 or 4 x 2 to 1.973-1.983 (slower), 8 x 2 2.066-2.077, c_attn at 4 x 2 or 8 x 1 2.04-2.11.
 TC_LONG_K = 6
 LAUNCH_TILED = 2  # the entry points' `pdl` flags: bit 0 PDL, bit 1 tiled words (gptq_cuda.cuh's kTiled)
-LAUNCH_TMA = 4  # bit 2: gptq_tc's words by bulk copies into shared memory (kTmaRing), chunks a copy in bits 8-15
-# gptq_tc's words by bulk copies (sm_90+, tiled words, x unstaged, no act): every chunk of a block's words copied into
-# shared memory by its thread 0 before the PDL wait, this many chunks a copy; 0: off (the register ring)
-TC_TMA = 0
-SMEM_PER_SM = 228 * 1024  # an H100 / H200 SM's shared memory; a block may have 227 KB of it, 1 KB reserved per block
 MMA_SMEM = 100 * 1024  # gptq_mma's shared memory at most (x of a split and its sums): two blocks per SM
 
 
@@ -144,25 +139,6 @@ def tc_smem(rows: int, per: int, warps: int, stage: bool = True) -> int:
     """gptq_tc's shared memory: x's rows over a split (padded by 64 bytes) and their chunk sums where the block stages
     them, the warps' sums."""
     return (rows * (per * CHUNK + 32) * 2 + rows * per * 4 if stage else 0) + warps * 8 * TC_COLS * 4
-
-
-def tc_tma_smem(per: int, warps: int, copies: int, pair: bool) -> int:
-    """gptq_tc's shared memory with its words by bulk copies (gptq_tc.cu's tma_layout): the warps' sums and row
-    scales, the copies' mbarriers, the block's chunks of words (2 KB each, both halves of a pair)."""
-    halves = 2 if pair else 1
-    bars = -(-((warps * 8 * TC_COLS + 8) * 4) // 16) * 16
-    words = -(-(bars + halves * copies * 8) // 128) * 128
-    return words + halves * per * CHUNK * TC_COLS // 2
-
-
-def tc_tma_copy(per: int, warps: int, pair: bool) -> int:
-    """Chunks a bulk copy of gptq_tc's words (TC_TMA), or 0 where the plan's blocks an SM (TC_WARPS_PER_SM warps)
-    would not fit its shared memory with every chunk of theirs in it (the register ring then)."""
-    if not TC_TMA:
-        return 0
-    blocks = max(1, TC_WARPS_PER_SM // warps)
-    need = tc_tma_smem(per, warps, -(-per // TC_TMA), pair) + 1024
-    return TC_TMA if blocks * need <= SMEM_PER_SM else 0
 
 
 def split_evenly(chunks: int, splits: int) -> tuple[int, int]:
@@ -326,18 +302,14 @@ def cuda_gemv(
             f"gptq_tc: {tc_warps} warps a block (at most {16 if stage else 8}) and {per} chunks a split take "
             f"{tc_smem(M, per, tc_warps, stage)} bytes of shared memory (at most {MMA_SMEM})"
         )
-    flags = int(pdl) | (LAUNCH_TILED if w.tiled else 0)
-    if tc and TC_TMA and w.tiled and not stage and not act and (N // 2 if pair else N) % TC_COLS == 0:
-        if torch.cuda.get_device_capability(x.device)[0] >= 9:
-            copy = tc_tma_copy(per, tc_warps, pair)
-            flags |= (LAUNCH_TMA | copy << 8) if copy else 0
     y = torch.empty(M, N // 2 if pair else N, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else y
     stream = torch.cuda.current_stream(x.device).cuda_stream
     args = (
         x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr() if w.zeros is not None else None,
         float(w.zero), bias.data_ptr() if bias is not None else None, y.data_ptr(), part.data_ptr(),
-        w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits, flags, stream,
+        w.counters.data_ptr(), N, K, w.k_offset, min(w.group_size, 1 << 30), per, splits,
+        int(pdl) | (LAUNCH_TILED if w.tiled else 0), stream,
     )  # fmt: skip
     fold, norm = _fold_args(M, N, K, x.dtype, norm_out, sums, squares, row_scale)
     if tc:

@@ -60,51 +60,8 @@ __device__ __forceinline__ float silu_mul_bf16(__nv_bfloat16 gate, __nv_bfloat16
 }
 
 // The host's launch flags (the `pdl` argument of the entry points): bit 0 PDL's attribute, bit 1 the words tiled
-// (tiled_base; Int4 only), bit 2 gptq_tc's weights through a bulk-copy ring in shared memory (kTma; sm_90, tiled),
-// bits 8-15 that ring's chunks a warp
-constexpr int kPdl = 1, kTiled = 2, kTmaRing = 4;
-
-// Hopper's bulk copies into shared memory, completed on an mbarrier (gptq_tc's kTma ring). Below sm_90 they compile to
-// nothing; the host launches that form only on sm_90 and later.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
-// this thread's arrival, expecting `bytes` from the copies that complete on bar
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global src into shared dst, completing on bar
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-// this thread's shared-memory reads before the async proxy's later writes (a ring slot refilled)
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-#else
-__device__ __forceinline__ void mbar_init(uint64_t*, int) {}
-__device__ __forceinline__ void mbar_init_fence() {}
-__device__ __forceinline__ void mbar_expect(uint64_t*, uint32_t) {}
-__device__ __forceinline__ void mbar_wait(uint64_t*, uint32_t) {}
-__device__ __forceinline__ void bulk_copy(void*, const void*, uint32_t, uint64_t*) {}
-__device__ __forceinline__ void fence_proxy_async() {}
-#endif
+// (tiled_base; Int4 only)
+constexpr int kPdl = 1, kTiled = 2;
 
 // A launch's configuration (cudaLaunchKernelEx(&l.config, ...)) with PDL's attribute where asked; `allow` lets a kernel
 // have more than 48 KB of dynamic shared memory when its launch asks for that much.

@@ -94,17 +94,14 @@ constexpr int kTcPad = 32;    // bf16 appended to each staged row of x: its pitc
 
 // Chunk c's words for this lane (its 4 steps) and the group's scales and zeros for columns 4g .. 4g + 3
 // (kTiled: `base` is tiled_base's plus t)
-template <bool kZeros, bool kTiled, bool kWords = true>
+template <bool kZeros, bool kTiled>
 __device__ __forceinline__ void tc_load(uint4* words, uint2& s4, uint2& z4, const uint4* base,
                                         const __nv_bfloat16* scales, const __nv_bfloat16* zeros, int c, int n4,
                                         bool live, int n, int N, int k_offset, int group_size, int t) {
   if (!live) return;
-  if (kWords) {  // (kTma: the words come through shared memory)
 #pragma unroll
-    for (int s = 0; s < kTcSteps; ++s)
-      words[s] =
-          load_words(kTiled ? base + (size_t)c * 128 + s * 32 : base + (size_t)(c * kWordRows + s * 4 + t) * n4);
-  }
+  for (int s = 0; s < kTcSteps; ++s)
+    words[s] = load_words(kTiled ? base + (size_t)c * 128 + s * 32 : base + (size_t)(c * kWordRows + s * 4 + t) * n4);
   // the chunk's group: at groups of one chunk (Qwen's 128) without the division's ~25 instructions a chunk
   const int group = group_size == kChunk ? k_offset / kChunk + c : (k_offset + c * kChunk) / group_size;
   const size_t gi = (size_t)group * N + n;
@@ -146,26 +143,12 @@ __device__ __forceinline__ uint4 tc_act8(uint4 gate, uint4 up) {  // 8 values of
 // kStage: the block stages x's rows in shared memory (and their chunk sums) after griddepcontrol.wait; else each warp
 // loads its chunks' x beside their words (ring slots) and sums them by mma: no block-wide wait before the loop.
 // kOne (unstaged, one row): those sums by one all-ones mma a step instead of two, row 0's values in two columns of B
-// kTma's shared memory (unstaged only): past the warps' sums and row scales, the copies' mbarriers, then the block's
-// words ([halves][chunks_per_split] chunks of 2 KB; halves 2 at kPair)
-struct TmaLayout {
-  size_t bars, words, end;  // byte offsets from the dynamic shared memory's start
-};
-__host__ __device__ inline TmaLayout tma_layout(int warps, int halves, int copies, int chunks_per_split) {
-  TmaLayout t;
-  t.bars = (((size_t)warps * kTcRows * kTcCols + kTcRows) * 4 + 15) / 16 * 16;
-  t.words = (t.bars + (size_t)halves * copies * 8 + 127) / 128 * 128;
-  t.end = t.words + (size_t)halves * chunks_per_split * (kChunk * kTcCols / 2);
-  return t;
-}
-
-template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm, bool kOne, bool kTma>
+template <bool kZeros, bool kBias, bool kAct, bool kStage, bool kPair, bool kTiled, int kNorm, bool kOne>
 __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
     const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ qw, const __nv_bfloat16* __restrict__ scales,
     const __nv_bfloat16* __restrict__ zeros, float zero, const __nv_bfloat16* __restrict__ bias,
     __nv_bfloat16* __restrict__ y, float* __restrict__ partial, int* __restrict__ counters, int N, int K,
-    int k_offset, int group_size, int chunks_per_split, int splits, int m, const NormFold nf, int per_copy) {
-  static_assert(!kTma || (kTiled && !kStage && !kAct), "kTma: tiled words, x unstaged, no act");
+    int k_offset, int group_size, int chunks_per_split, int splits, int m, const NormFold nf) {
   constexpr int kDepth = kStage || kAct ? kTcDepthStagedOrAct : kTcDepth;
   extern __shared__ uint4 smem4[];
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -190,53 +173,14 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
   uint2 sbuf[kDepth], zbuf[kDepth];
   uint4 xbuf[kStage ? 1 : kDepth][kTcSteps], ubuf[kStage || !kAct ? 1 : kDepth][kTcSteps];  // !kStage: x (gate, up)
   const uint4* base = kTiled ? tiled_base(qw, n >> 2, K / kChunk) + t : qw + (n >> 2);
-  // kTma: the block's every chunk of words in shared memory, by thread 0's bulk copies of `per_copy` chunks each
-  // (one mbarrier a copy, used once), issued before griddepcontrol.wait
-  const int copies = kTma ? (chunks_per_split + per_copy - 1) / per_copy : 0;
-  const TmaLayout tl = tma_layout(blockDim.x >> 5, kPair ? 2 : 1, copies, chunks_per_split);
-  unsigned char* smem_b = reinterpret_cast<unsigned char*>(smem4);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem_b + tl.bars);  // [halves][copies]
-  const uint4* words_sm = reinterpret_cast<const uint4*>(smem_b + tl.words) +
-                          (size_t)half * chunks_per_split * (kChunk * kTcCols / 32);  // this half's chunks
-  if constexpr (kTma) {
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < (kPair ? 2 : 1) * copies; ++i) mbar_init(bars + i, 1);
-      mbar_init_fence();
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int h = 0; h < (kPair ? 2 : 1); ++h) {
-        const uint4* tile = tiled_base(qw, (h * nh + nb) >> 2, K / kChunk);  // the half's 32 columns
-        for (int i = 0; i < copies; ++i) {
-          const int cs = c0 + i * per_copy, ce = min(c1, cs + per_copy);
-          if (cs >= ce) break;
-          const uint32_t bytes = (uint32_t)(ce - cs) * (kChunk * kTcCols / 2);
-          uint64_t* bar = bars + h * copies + i;
-          mbar_expect(bar, bytes);
-          bulk_copy(const_cast<unsigned char*>(smem_b) + tl.words +
-                        ((size_t)h * chunks_per_split + (cs - c0)) * (kChunk * kTcCols / 2),
-                    tile + (size_t)cs * 128, bytes, bar);
-        }
-      }
-    }
-  }
 #pragma unroll
   for (int i = 0; i < kDepth; ++i) {
     sbuf[i] = zbuf[i] = make_uint2(0u, 0u);
     const int c = c0 + warp + i * warps;
     if (c < c1)
-      tc_load<kZeros, kTiled, !kTma>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset,
-                                     group_size, t);
+      tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, c, n4, live, n, N, k_offset, group_size,
+                              t);
   }
-  // kTma: chunk c's 4 steps of words for this lane from shared memory, once its copy has landed
-  auto sm_words = [&](uint4* cur, int c) {
-    if constexpr (kTma) {
-      mbar_wait(bars + half * copies + (c - c0) / per_copy, 0u);
-      const uint4* cw = words_sm + (size_t)(c - c0) * (kChunk * kTcCols / 32);
-#pragma unroll
-      for (int s = 0; s < kTcSteps; ++s) cur[s] = cw[s * 32 + g * 4 + t];
-    }
-  };
   // kNorm's operands of this thread's first item (row threadIdx.x / 32; the epilogue's) and, kNorm 2, its warp's row's
   // first squares, loaded early so the epilogue does not wait on them: the weight (constant) before the wait, the rest
   // after it
@@ -369,16 +313,10 @@ __global__ void __launch_bounds__(kStage ? 512 : 256) gptq_tc_kernel(
 #pragma unroll
           for (int s = 0; s < kTcSteps; ++s) xbuf[i][s] = tc_act8(xbuf[i][s], ubuf[kAct ? i : 0][s]);
         }
-        if constexpr (kTma) {
-          uint4 cur[kTcSteps];
-          sm_words(cur, c);
-          chunk(cur, xbuf[i], sbuf[i], zbuf[i], c);
-        } else {
-          chunk(buf[i], xbuf[i], sbuf[i], zbuf[i], c);
-        }
+        chunk(buf[i], xbuf[i], sbuf[i], zbuf[i], c);
         if (cn < c1) {
-          tc_load<kZeros, kTiled, !kTma>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
-                                         group_size, t);
+          tc_load<kZeros, kTiled>(buf[i], sbuf[i], zbuf[i], base, scales, zeros, cn, n4, live, n, N, k_offset,
+                                  group_size, t);
           tc_load_x<kAct, kOne>(xbuf[i], ubuf[kAct ? i : 0], x, cn, K, g, t, m);
         }
       }
@@ -484,29 +422,20 @@ cudaError_t launch_tc(const void* x, const void* qw, const void* scales, const v
                       const void* bias, void* y, float* partial, int* counters, int N, int K, int k_offset,
                       int group_size, int chunks_per_split, int splits, int pdl, cudaStream_t stream, int m,
                       int warps, const NormFold& nf) {
-  const int per_copy = (pdl >> 8) & 0xff;  // kTma's chunks a bulk copy (bits 8-15 of the flags)
-  constexpr bool kTmaForm = !kStage && !kAct && kTiled;
-  const bool tma = kTmaForm && (pdl & kTmaRing);
-  const size_t smem =
-      tma ? tma_layout(warps, kPair ? 2 : 1, (chunks_per_split + per_copy - 1) / per_copy, chunks_per_split).end
-          : (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4 : 0) +
-                (size_t)warps * kTcRows * kTcCols * 4 + (kNorm == 2 ? kTcRows * 4 : 0);
+  const size_t smem = (kStage ? (size_t)m * (chunks_per_split * kChunk + kTcPad) * 2 + (size_t)m * chunks_per_split * 4
+                             : 0) +
+                      (size_t)warps * kTcRows * kTcCols * 4 + (kNorm == 2 ? kTcRows * 4 : 0);
   const int cols = kPair ? N / 2 : N;
   PdlLaunch l(dim3((cols + kTcCols - 1) / kTcCols, splits), dim3(32 * warps), smem, pdl, stream);
-  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, false, false>;
+  auto kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, false>;
   if constexpr (!kStage) {
-    if (m == 1) kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, true, false>;
-  }
-  if constexpr (kTmaForm) {
-    if (tma)
-      kernel = m == 1 ? gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, true, kTmaForm>
-                      : gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, false, kTmaForm>;
+    if (m == 1) kernel = gptq_tc_kernel<kZeros, kBias, kAct, kStage, kPair, kTiled, kNorm, true>;
   }
   if (cudaError_t e = l.allow(kernel)) return e;
   return cudaLaunchKernelEx(&l.config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint4*>(qw),
                             static_cast<const __nv_bfloat16*>(scales), static_cast<const __nv_bfloat16*>(zeros), zero,
                             static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(y), partial, counters,
-                            N, K, k_offset, group_size, chunks_per_split, splits, m, nf, per_copy);
+                            N, K, k_offset, group_size, chunks_per_split, splits, m, nf);
 }
 
 // The launch for a stage / pair / layout / norm form by zeros, bias and act (act: not at kPair nor kNorm)
@@ -545,12 +474,6 @@ extern "C" int gptq_tc(const void* x, const void* qw, const void* scales, const 
     return static_cast<int>(cudaErrorInvalidValue);
   const bool tiled = pdl & kTiled;
   if (pair && (stage || act || splits != 1 || warps % 2 || (N / 2) % 4)) return static_cast<int>(cudaErrorInvalidValue);
-  if (pdl & kTmaRing) {  // words by bulk copies: sm_90, tiled words, x unstaged, no act, whole 32-column tiles
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (major < 9 || !tiled || stage || act || ((pdl >> 8) & 0xff) < 1 || (pair ? N / 2 : N) % kTcCols)
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
   if (norm < 0 || norm > 2 || (norm && (stage || act || fold == nullptr || (pair && norm == 1))))
     return static_cast<int>(cudaErrorInvalidValue);
   const NormFold nf = norm ? *static_cast<const NormFold*>(fold) : NormFold{};
