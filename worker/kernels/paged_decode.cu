@@ -145,8 +145,7 @@ struct ProjArgs {
   int N, chunks, k_offset, group_size;
 };
 constexpr int kProjTiles = 4;
-constexpr int kTcColsProj = 32;  // a tile's columns
-constexpr int kProjLoads = 8;     // 16-byte loads of the heads' partials in flight a lane (32 heads: one round)     // 32-column tiles of attn.c_proj a warp at most (N <= kProjTiles * 32 * 4 * 8)
+constexpr int kTcColsProj = 32;  // a tile's columns     // 32-column tiles of attn.c_proj a warp at most (N <= kProjTiles * 32 * 4 * 8)
 constexpr uint32_t kOnes = 0x3F803F80u;  // the bf16 pair (1, 1)
 
 // the online-softmax step of this warp over its keys p0 .. p0 + kKeys - 1 (valid below `stop`)
@@ -215,13 +214,14 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
 // all-ones mma for the zero point), the tile's partial stored, then the arrival; the last head sums the partials.
 template <int kN>
 __device__ __forceinline__ void proj_tiles(const ProjArgs& pj, const __nv_bfloat16* ob, const uint4 (*pw)[4],
-                                           const uint2* ps, const uint2* pz, const uint2* pwt, const uint2* pb,
-                                           const uint2* pr, int tiles_per_warp, int tile0, int h, int heads, int lane,
+                                           const uint2* ps, const uint2* pz, const float* pwt, const float* pb,
+                                           const float* pr, int tiles_per_warp, int tile0, int h, int heads, int lane,
                                            int g, int t) {
   uint4 xv[4];
 #pragma unroll
   for (int s = 0; s < 4; ++s)
     xv[s] = g < 2 ? *reinterpret_cast<const uint4*>(ob + 32 * s + 8 * t) : make_uint4(0u, 0u, 0u, 0u);
+  unsigned last = 0;
 #pragma unroll
   for (int i = 0; i < kN; ++i) {
     if (i >= tiles_per_warp) break;
@@ -257,57 +257,26 @@ __device__ __forceinline__ void proj_tiles(const ProjArgs& pj, const __nv_bfloat
   }
   __threadfence();
   __syncwarp();
-  // the arrivals, one lane a tile (concurrent atomics); bit i: this head is the last at tile i
-  bool mine = false;
-  if (lane < tiles_per_warp) mine = atomicAdd(pj.counters + tile0 + lane, 1) == heads - 1;
-  const unsigned last = __ballot_sync(0xffffffffu, mine);
+  if (lane == 0)
+    for (int i = 0; i < tiles_per_warp; ++i)
+      if (atomicAdd(pj.counters + tile0 + i, 1) == heads - 1) last |= 1u << i;
+  last = __shfl_sync(0xffffffffu, last, 0);
   if (!last) return;
   __threadfence();
-  // the last head's epilogue for its tiles: lane (r = lane / 8, c = lane % 8) reads columns 4c .. 4c + 3 of heads
-  // r, r + 4, ... (16-byte loads, all in flight at once), sums them in that order, then across r by two shuffles
-  // (a fixed order: deterministic); lanes r == 0 write columns 4c .. 4c + 3
-  const int r = lane >> 3, cq = lane & 7;
 #pragma unroll
   for (int i = 0; i < kN; ++i) {
     if (!(last >> i & 1u)) continue;
-    const int tile = tile0 + i, col = tile * kTcColsProj + 4 * cq;
-    float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int h0 = 0; h0 < heads; h0 += 4 * kProjLoads) {
-      float4 v[kProjLoads];
+    const int tile = tile0 + i, col = tile * kTcColsProj + lane;
+    float u = 0.f;
+    for (int hh = 0; hh < heads; ++hh) u += __ldcg(pj.partial + (size_t)hh * pj.N + col);
+    const float o = __bfloat162float(__float2bfloat16_rn(u + pb[i]));
+    const __nv_bfloat16 sb = __float2bfloat16_rn(o + pr[i]);
+    pj.sum[col] = sb;
+    const float sf = __bfloat162float(sb);
+    pj.y[col] = __float2bfloat16_rn(sf * pwt[i]);
+    float sq = sf * sf;
 #pragma unroll
-      for (int j = 0; j < kProjLoads; ++j) {
-        const int hh = h0 + 4 * j + r;
-        v[j] = hh < heads ? __ldcg(reinterpret_cast<const float4*>(pj.partial + (size_t)hh * pj.N + col))
-                          : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-#pragma unroll
-      for (int j = 0; j < kProjLoads; ++j) u.x += v[j].x, u.y += v[j].y, u.z += v[j].z, u.w += v[j].w;
-    }
-#pragma unroll
-    for (int off = 8; off <= 16; off <<= 1) {
-      u.x += __shfl_xor_sync(0xffffffffu, u.x, off), u.y += __shfl_xor_sync(0xffffffffu, u.y, off);
-      u.z += __shfl_xor_sync(0xffffffffu, u.z, off), u.w += __shfl_xor_sync(0xffffffffu, u.w, off);
-    }
-    const float uu[4] = {u.x, u.y, u.z, u.w};
-    const __nv_bfloat16* bw = reinterpret_cast<const __nv_bfloat16*>(&pwt[i]);
-    const __nv_bfloat16* bb = reinterpret_cast<const __nv_bfloat16*>(&pb[i]);
-    const __nv_bfloat16* br = reinterpret_cast<const __nv_bfloat16*>(&pr[i]);
-    __nv_bfloat16 so[4], yo[4];
-    float sq = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float o = __bfloat162float(__float2bfloat16_rn(uu[e] + __bfloat162float(bb[e])));
-      so[e] = __float2bfloat16_rn(o + __bfloat162float(br[e]));
-      const float sf = __bfloat162float(so[e]);
-      yo[e] = __float2bfloat16_rn(sf * __bfloat162float(bw[e]));
-      sq += sf * sf;
-    }
-#pragma unroll
-    for (int off = 1; off < 8; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    if (r == 0) {
-      *reinterpret_cast<uint2*>(pj.sum + col) = *reinterpret_cast<const uint2*>(so);
-      *reinterpret_cast<uint2*>(pj.y + col) = *reinterpret_cast<const uint2*>(yo);
-    }
+    for (int off = 16; off; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     if (lane == 0) {
       pj.sq[tile] = sq;
       pj.counters[tile] = 0;  // ready for the next launch
@@ -349,7 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   const int tile0 = (split * kWarps + warp) * tiles_per_warp;
   uint4 pw[kProj ? kProjTiles : 1][4];
   uint2 ps[kProj ? kProjTiles : 1], pz[kProj ? kProjTiles : 1];
-  uint2 pwt[kProj ? kProjTiles : 1], pb[kProj ? kProjTiles : 1], pr[kProj ? kProjTiles : 1];
+  float pwt[kProj ? kProjTiles : 1], pb[kProj ? kProjTiles : 1], pr[kProj ? kProjTiles : 1];
   if constexpr (kProj) {
     const int group = (pj.k_offset + h * 128) / pj.group_size;
 #pragma unroll
@@ -362,17 +331,15 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
       const size_t gi = (size_t)group * pj.N + col + 4 * g;
       ps[i] = *reinterpret_cast<const uint2*>(pj.scales + gi);
       pz[i] = pj.zeros != nullptr ? *reinterpret_cast<const uint2*>(pj.zeros + gi) : make_uint2(0u, 0u);
-      const int ce = col + 4 * (lane & 7);  // the epilogue's columns of this lane (kProj's proj_tiles)
-      pwt[i] = *reinterpret_cast<const uint2*>(pj.weight + ce);
-      pb[i] = pj.bias != nullptr ? *reinterpret_cast<const uint2*>(pj.bias + ce) : make_uint2(0u, 0u);
+      pwt[i] = __bfloat162float(pj.weight[col + lane]);
+      pb[i] = pj.bias != nullptr ? __bfloat162float(pj.bias[col + lane]) : 0.f;
     }
   }
   gdc_wait();
   if constexpr (kProj) {
 #pragma unroll
     for (int i = 0; i < kProjTiles; ++i)
-      if (i < tiles_per_warp)
-        pr[i] = *reinterpret_cast<const uint2*>(pj.residual + (tile0 + i) * kTcColsProj + 4 * (lane & 7));
+      if (i < tiles_per_warp) pr[i] = __bfloat162float(pj.residual[(tile0 + i) * kTcColsProj + lane]);
   }
   gdc_go();
   uint2 qraw = *reinterpret_cast<const uint2*>(q + (size_t)b * stride_qt + (size_t)h * stride_qh + 4 * lane);
