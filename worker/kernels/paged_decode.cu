@@ -124,30 +124,6 @@ struct RopeArgs {
   int stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin;
 };
 
-// kProj (one sequence, 8-block clusters): attn.c_proj, a GPTQ Int4 row-parallel linear of K = heads x 128 whose words
-// are tiled (gptq_format.tile_words; groups a multiple of 128, so each head's 128 rows are one chunk of one group), and
-// the residual add + RMSNorm numerator after it (gptq_tc.cu's kNorm 1: y = rn(s * weight), s = rn(rn(product + bias)
-// + residual) into `sum`, each 32-column tile's sum of s^2 into sq). `partial` [heads][N] fp32, `counters` [N / 32]
-// int32 at zero (left at zero).
-struct ProjArgs {
-  const uint4* qw;
-  const __nv_bfloat16* scales;
-  const __nv_bfloat16* zeros;  // bf16 [groups][N], or null: every zero `zero`
-  float zero;
-  const __nv_bfloat16* bias;  // or null
-  const __nv_bfloat16* residual;
-  const __nv_bfloat16* weight;
-  __nv_bfloat16* y;
-  __nv_bfloat16* sum;
-  float* sq;
-  float* partial;
-  int* counters;
-  int N, chunks, k_offset, group_size;
-};
-constexpr int kProjTiles = 4;
-constexpr int kTcColsProj = 32;  // a tile's columns     // 32-column tiles of attn.c_proj a warp at most (N <= kProjTiles * 32 * 4 * 8)
-constexpr uint32_t kOnes = 0x3F803F80u;  // the bf16 pair (1, 1)
-
 // the online-softmax step of this warp over its keys p0 .. p0 + kKeys - 1 (valid below `stop`)
 __device__ __forceinline__ void softmax_step(const Rows& r, const float4 q, int p0, int stop, float& m, float& l,
                                              float4& acc) {
@@ -209,92 +185,12 @@ __device__ __forceinline__ float3 lse_merge(const float* m, const float* l, cons
 // the warp that takes the newest key (which keeps them in registers)
 // kSplits: blocks a cluster (the context's shares; 8 is the portable cluster size); kDepth: chunks in flight a block
 // (read before the wait: kDepth x 32 keys of each share)
-// kProj's product and epilogue for this warp's tiles: o (bf16 in shared memory) times each tile's chunk as gptq_tc.cu's
-// one-row form computes it (weights as mma's A, o as B in columns 0 and 1 of lanes g 0 and 1, the sums of o by an
-// all-ones mma for the zero point), the tile's partial stored, then the arrival; the last head sums the partials.
-template <int kN>
-__device__ __forceinline__ void proj_tiles(const ProjArgs& pj, const __nv_bfloat16* ob, const uint4 (*pw)[4],
-                                           const uint2* ps, const uint2* pz, const float* pwt, const float* pb,
-                                           const float* pr, int tiles_per_warp, int tile0, int h, int heads, int lane,
-                                           int g, int t) {
-  uint4 xv[4];
-#pragma unroll
-  for (int s = 0; s < 4; ++s)
-    xv[s] = g < 2 ? *reinterpret_cast<const uint4*>(ob + 32 * s + 8 * t) : make_uint4(0u, 0u, 0u, 0u);
-  unsigned last = 0;
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-    if (i >= tiles_per_warp) break;
-    float da[4] = {0.f, 0.f, 0.f, 0.f}, db[4] = {0.f, 0.f, 0.f, 0.f}, ds[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const uint4 v = xv[s];
-      const uint32_t b0 = __byte_perm(v.x, v.z, 0x5410), b1 = __byte_perm(v.x, v.z, 0x7632);
-      const uint32_t b2 = __byte_perm(v.y, v.w, 0x5410), b3 = __byte_perm(v.y, v.w, 0x7632);
-      mma_bf16(ds, kOnes, kOnes, kOnes, kOnes, g == 1 ? b2 : b0, g == 1 ? b3 : b1);
-      const uint32_t w0 = pw[i][s].x, w1 = pw[i][s].y, w2 = pw[i][s].z, w3 = pw[i][s].w;
-      mma_bf16(da, pair_bf16(w0), pair_bf16(w1), pair_bf16(w0 >> 4), pair_bf16(w1 >> 4), b0, b1);
-      mma_bf16(da, pair_bf16(w0 >> 8), pair_bf16(w1 >> 8), pair_bf16(w0 >> 12), pair_bf16(w1 >> 12), b2, b3);
-      mma_bf16(db, pair_bf16(w2), pair_bf16(w3), pair_bf16(w2 >> 4), pair_bf16(w3 >> 4), b0, b1);
-      mma_bf16(db, pair_bf16(w2 >> 8), pair_bf16(w3 >> 8), pair_bf16(w2 >> 12), pair_bf16(w3 >> 12), b2, b3);
-    }
-    if (t == 0) {  // row 0: columns 4g .. 4g + 3 of the tile
-      const float sx = ds[0] + ds[1];
-      const __nv_bfloat162* sv = reinterpret_cast<const __nv_bfloat162*>(&ps[i]);
-      const float2 s01 = __bfloat1622float2(sv[0]), s23 = __bfloat1622float2(sv[1]);
-      float z[4];
-      if (pj.zeros != nullptr) {
-        const __nv_bfloat162* zv = reinterpret_cast<const __nv_bfloat162*>(&pz[i]);
-        const float2 z01 = __bfloat1622float2(zv[0]), z23 = __bfloat1622float2(zv[1]);
-        z[0] = z01.x + 128.f, z[1] = z01.y + 128.f, z[2] = z23.x + 128.f, z[3] = z23.y + 128.f;
-      } else {
-        z[0] = z[1] = z[2] = z[3] = pj.zero + 128.f;
-      }
-      const float4 r = make_float4(s01.x * (da[0] - z[0] * sx), s01.y * (da[2] - z[1] * sx),
-                                   s23.x * (db[0] - z[2] * sx), s23.y * (db[2] - z[3] * sx));
-      *reinterpret_cast<float4*>(pj.partial + (size_t)h * pj.N + (tile0 + i) * kTcColsProj + 4 * g) = r;
-    }
-  }
-  __threadfence();
-  __syncwarp();
-  if (lane == 0)
-    for (int i = 0; i < tiles_per_warp; ++i)
-      if (atomicAdd(pj.counters + tile0 + i, 1) == heads - 1) last |= 1u << i;
-  last = __shfl_sync(0xffffffffu, last, 0);
-  if (!last) return;
-  __threadfence();
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-    if (!(last >> i & 1u)) continue;
-    const int tile = tile0 + i, col = tile * kTcColsProj + lane;
-    float u = 0.f;
-    for (int hh = 0; hh < heads; ++hh) u += __ldcg(pj.partial + (size_t)hh * pj.N + col);
-    const float o = __bfloat162float(__float2bfloat16_rn(u + pb[i]));
-    const __nv_bfloat16 sb = __float2bfloat16_rn(o + pr[i]);
-    pj.sum[col] = sb;
-    const float sf = __bfloat162float(sb);
-    pj.y[col] = __float2bfloat16_rn(sf * pwt[i]);
-    float sq = sf * sf;
-#pragma unroll
-    for (int off = 16; off; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    if (lane == 0) {
-      pj.sq[tile] = sq;
-      pj.counters[tile] = 0;  // ready for the next launch
-    }
-  }
-}
-
-// kProj (kSplits 8, one sequence): every block of the cluster merges the shares itself (the same order, so the same
-// output row o), rounds o to bf16 as the attention's output, and multiplies it by its 1/8 of the head's 128 rows of
-// attn.c_proj (each warp up to kProjTiles tiles of 32 columns, read before the wait); the heads' products meet in
-// `partial`, and the last head to arrive at a tile sums them in head order and writes the norm fold's outputs.
-template <bool kRope, int kSplits, int kDepth, bool kProj>
+template <bool kRope, int kSplits, int kDepth>
 __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
     const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const int* __restrict__ tables,
     const int* __restrict__ lens, __nv_bfloat16* __restrict__ out, float scale_log2e, int stride_qt, int stride_qh,
     long long stride_cb, long long stride_cr, long long stride_ch, int stride_tb, int stride_ot, int stride_oh,
-    int block_shift, RopeArgs rope, ProjArgs pj) {
-  static_assert(!kProj || kSplits == 8, "kProj: 8-block clusters");
+    int block_shift, RopeArgs rope) {
   cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -311,36 +207,7 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
 #pragma unroll
   for (int i = 0; i < kDepth; ++i)  // chunks past this block's share: none
     load_rows(buf[i], c, (c0 + i) * kChunkKeys + warp * kKeys, c0 + i < c1 ? newest : 0, lane);
-  // kProj: this warp's tiles of attn.c_proj (head h's chunk of each), their scales and zeros, and for the epilogue
-  // this lane's column of each: the norm's weight and the bias (constant data, before the wait), the residual (after)
-  const int g = lane >> 2, t = lane & 3;
-  const int tiles_per_warp = kProj ? pj.N / (kTcColsProj * kSplits * kWarps) : 0;
-  const int tile0 = (split * kWarps + warp) * tiles_per_warp;
-  uint4 pw[kProj ? kProjTiles : 1][4];
-  uint2 ps[kProj ? kProjTiles : 1], pz[kProj ? kProjTiles : 1];
-  float pwt[kProj ? kProjTiles : 1], pb[kProj ? kProjTiles : 1], pr[kProj ? kProjTiles : 1];
-  if constexpr (kProj) {
-    const int group = (pj.k_offset + h * 128) / pj.group_size;
-#pragma unroll
-    for (int i = 0; i < kProjTiles; ++i) {
-      if (i >= tiles_per_warp) break;
-      const int tile = tile0 + i, col = tile * kTcColsProj;
-      const uint4* base = tiled_base(pj.qw, tile * 8 + g, pj.chunks) + t + (size_t)h * 128;
-#pragma unroll
-      for (int s = 0; s < 4; ++s) pw[i][s] = load_words(base + s * 32);
-      const size_t gi = (size_t)group * pj.N + col + 4 * g;
-      ps[i] = *reinterpret_cast<const uint2*>(pj.scales + gi);
-      pz[i] = pj.zeros != nullptr ? *reinterpret_cast<const uint2*>(pj.zeros + gi) : make_uint2(0u, 0u);
-      pwt[i] = __bfloat162float(pj.weight[col + lane]);
-      pb[i] = pj.bias != nullptr ? __bfloat162float(pj.bias[col + lane]) : 0.f;
-    }
-  }
   gdc_wait();
-  if constexpr (kProj) {
-#pragma unroll
-    for (int i = 0; i < kProjTiles; ++i)
-      if (i < tiles_per_warp) pr[i] = __bfloat162float(pj.residual[(tile0 + i) * kTcColsProj + lane]);
-  }
   gdc_go();
   uint2 qraw = *reinterpret_cast<const uint2*>(q + (size_t)b * stride_qt + (size_t)h * stride_qh + 4 * lane);
   uint2 k_new = make_uint2(0u, 0u), v_new = make_uint2(0u, 0u);
@@ -411,22 +278,6 @@ __global__ void __launch_bounds__(kWarps * 32) paged_decode_kernel(
   part[2 + d] = blk.z;
   if (d == 0) part[0] = blk.x, part[1] = blk.y;
   cluster.sync();
-  if constexpr (kProj) {
-    __shared__ __align__(16) __nv_bfloat16 ob[kDim];  // the head's output row, bf16 (the attention's output)
-    {
-      float ms[kSplits], ls[kSplits], as[kSplits];
-#pragma unroll
-      for (int s = 0; s < kSplits; ++s) {
-        const float* p = cluster.map_shared_rank(part, s);
-        ms[s] = p[0], ls[s] = p[1], as[s] = p[2 + d];
-      }
-      const float3 all = lse_merge<kSplits>(ms, ls, as);
-      ob[d] = __float2bfloat16_rn(all.z / fmaxf(all.y, 1e-30f));
-    }
-    cluster.sync();  // every block has read the others' partials (and its ob is written)
-    proj_tiles<kProjTiles>(pj, ob, pw, ps, pz, pwt, pb, pr, tiles_per_warp, tile0, h, gridDim.y, lane, g, t);
-    return;
-  }
   if (cluster.block_rank() == 0) {
     float ms[kSplits], ls[kSplits], as[kSplits];
 #pragma unroll
@@ -453,13 +304,8 @@ extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* 
                                  int block_shift, int pdl, void* stream, const void* k, const void* v, int stride_kt,
                                  int stride_kh, int stride_vt, int stride_vh, const void* cos, const void* sin,
                                  int stride_cos, int stride_sin, const void* logn, const void* slots, int splits,
-                                 int depth, const void* proj) {
+                                 int depth) {
   if (B < 0 || H < 1 || block_shift < 0 || block_shift > 16) return static_cast<int>(cudaErrorInvalidValue);
-  const ProjArgs pj = proj != nullptr ? *static_cast<const ProjArgs*>(proj) : ProjArgs{};
-  if (proj != nullptr && (k == nullptr || B != 1 || splits != 8 || depth != 2 || pj.group_size % 128 ||
-                          pj.N % (kTcColsProj * 8 * kWarps) || pj.N / (kTcColsProj * 8 * kWarps) > kProjTiles ||
-                          pj.chunks != H || pj.qw == nullptr || pj.partial == nullptr || pj.counters == nullptr))
-    return static_cast<int>(cudaErrorInvalidValue);
   if (k != nullptr && (v == nullptr || cos == nullptr || sin == nullptr || slots == nullptr))
     return static_cast<int>(cudaErrorInvalidValue);
   const int form = splits == 8 && depth == 2 ? 0 : splits == 4 && depth == 2 ? 1 : splits == 4 && depth == 3 ? 2
@@ -485,18 +331,18 @@ extern "C" int paged_decode_bf16(const void* q, void* kc, void* vc, const void* 
                       stride_sin};
   using Kernel = void (*)(const __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, const int*, const int*,
                           __nv_bfloat16*, float, int, int, long long, long long, long long, int, int, int, int,
-                          RopeArgs, ProjArgs);
+                          RopeArgs);
   const Kernel forms[2][4] = {
-      {paged_decode_kernel<false, 8, 2, false>, paged_decode_kernel<false, 4, 2, false>,
-       paged_decode_kernel<false, 4, 3, false>, paged_decode_kernel<false, 4, 4, false>},
-      {paged_decode_kernel<true, 8, 2, false>, paged_decode_kernel<true, 4, 2, false>,
-       paged_decode_kernel<true, 4, 3, false>, paged_decode_kernel<true, 4, 4, false>}};
-  const Kernel kernel = proj != nullptr ? paged_decode_kernel<true, 8, 2, true> : forms[k != nullptr][form];
+      {paged_decode_kernel<false, 8, 2>, paged_decode_kernel<false, 4, 2>, paged_decode_kernel<false, 4, 3>,
+       paged_decode_kernel<false, 4, 4>},
+      {paged_decode_kernel<true, 8, 2>, paged_decode_kernel<true, 4, 2>, paged_decode_kernel<true, 4, 3>,
+       paged_decode_kernel<true, 4, 4>}};
+  const Kernel kernel = forms[k != nullptr][form];
   return static_cast<int>(cudaLaunchKernelEx(
       &config, kernel, static_cast<const __nv_bfloat16*>(q), static_cast<__nv_bfloat16*>(kc),
       static_cast<__nv_bfloat16*>(vc), static_cast<const int*>(tables), static_cast<const int*>(lens),
       static_cast<__nv_bfloat16*>(out), scale_log2e, stride_qt, stride_qh, stride_cb, stride_cr, stride_ch, stride_tb,
-      stride_ot, stride_oh, block_shift, rope, pj));
+      stride_ot, stride_oh, block_shift, rope));
 }
 
 extern "C" const char* paged_decode_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

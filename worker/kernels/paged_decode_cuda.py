@@ -62,59 +62,10 @@ def library(major: int, minor: int) -> ctypes.CDLL | str:
         *(p, p, p, p, p, p, ctypes.c_float, i, i, i, i, ll, ll, ll, i, i, i, i, i, p),
         *(p, p, i, i, i, i, p, p, i, i, p, p),  # RoPE's: k, v and their strides, cos, sin and theirs, logn, slots
         *(i, i),  # the cluster's blocks, the chunks in flight a block
-        p,  # attn.c_proj inside (a _ProjArgs), or null
     ]
     lib.paged_decode_error.restype = ctypes.c_char_p
     lib.paged_decode_error.argtypes = [i]
     return lib
-
-
-class _ProjArgs(ctypes.Structure):
-    """paged_decode.cu's ProjArgs (kProj)."""
-
-    _fields_ = [
-        *((name, ctypes.c_void_p) for name in ("qw", "scales", "zeros")),
-        ("zero", ctypes.c_float),
-        *((name, ctypes.c_void_p) for name in ("bias", "residual", "weight", "y", "sum", "sq", "partial", "counters")),
-        *((name, ctypes.c_int) for name in ("N", "chunks", "k_offset", "group_size")),
-    ]
-
-
-class Proj(NamedTuple):
-    """attn.c_proj inside the kernel (DecodeKernels.attn_proj; `proj_serves`): its GPTQ Int4 weights in the GEMV's
-    layout with tiled words (gemv.GPTQGemvWeights), its bias or None, and the norm fold after it (gptq_tc.cu's kNorm 1):
-    the residual [1, N] and the RMSNorm's weight [N]."""
-
-    w: Any
-    bias: torch.Tensor | None
-    residual: torch.Tensor
-    weight: torch.Tensor
-
-
-# kProj: the 32-column tiles of attn.c_proj a warp takes at most (paged_decode.cu's kProjTiles): N up to 4096
-PROJ_TILES = 4
-PROJ_COLS = 32 * 8 * 4  # a tile for each warp of each block of a cluster
-
-
-def proj_serves(q: torch.Tensor, proj: Proj) -> str | None:
-    """None when the kernel can compute attn.c_proj and its norm fold itself at this step (one sequence)."""
-    w, bias, residual, weight = proj
-    H = q.shape[1]
-    N = w.scales.shape[1]
-    if q.shape[0] != 1:
-        return f"it serves one sequence (got {q.shape[0]})"
-    if not w.tiled or w.bits != 4 or w.qweight.shape[0] * 8 != H * HEAD_DIM:
-        return f"it needs Int4 tiled words of {H * HEAD_DIM} rows (tiled {w.tiled}, bits {w.bits})"
-    if w.group_size % HEAD_DIM or w.k_offset % HEAD_DIM:
-        return f"it needs groups of a multiple of {HEAD_DIM} rows (group {w.group_size}, first row {w.k_offset})"
-    if N % PROJ_COLS or N // PROJ_COLS > PROJ_TILES:
-        return f"it serves {PROJ_COLS} to {PROJ_COLS * PROJ_TILES} columns in steps of {PROJ_COLS} (got {N})"
-    for name, t, shape in (("residual", residual, (1, N)), ("weight", weight, (N,)), ("bias", bias, (N,))):
-        if t is not None and (tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous()):
-            return f"it needs a contiguous bf16 {name} of {shape}"
-    if w.scales.dtype != torch.bfloat16 or w.counters.numel() < N // 32:
-        return "it needs bf16 scales and a counter a 32-column tile"
-    return None
 
 
 def supports(
@@ -189,8 +140,7 @@ def paged_decode_cuda(
     scale: float,
     pdl: bool = False,
     rope: Rope | None = None,
-    proj: Proj | None = None,
-) -> Any:
+) -> torch.Tensor:
     """paged_decode (worker/kernels/paged_decode.py) for what `supports` accepts: q [B, H, 128] bf16, caches
     [blocks, block_size, H, 128] bf16 of one layout, block_tables [B, width] int32, context_lens [B] int32 (0: a
     padding row, output 0). pdl: launched with programmatic dependent launch. Returns [B, H, 128] bf16.
@@ -198,17 +148,10 @@ def paged_decode_cuda(
     fused.rotary_ does, and stores k and v into their slots as rope_store would (the cache bit for bit the same), so
     neither RoPE + store nor the store runs before it. The warp that takes the newest key (the last block of the
     sequence and head's cluster) stores it: a row of length 0 stores nothing, so its slot must be < 0 (graph padding
-    rows have length 1 or slot -1).
-    proj (with rope; `proj_serves`): the kernel also computes attn.c_proj of its output and the residual add +
-    RMSNorm numerator after it (gptq_tc.cu's kNorm 1) and returns (y = rn(s * weight) [1, N], s [1, N], each 32-column
-    tile's sum of s² [1, N / 32] fp32) instead of the attention's output: each block multiplies the head's output row
-    (rounded to bf16) by its share of the head's 128 rows, and the last head to arrive at a tile sums the heads'
-    products in head order (deterministic; another order than gptq_tc's)."""
+    rows have length 1 or slot -1)."""
     why = supports(q, k_cache, v_cache, block_tables, context_lens, False)
     if why is None and rope is not None:
         why = rope_serves(q, rope)
-    if why is None and proj is not None:
-        why = "attn.c_proj inside needs RoPE inside" if rope is None else proj_serves(q, proj)
     if why is not None:
         raise ValueError(f"paged_decode_cuda: {why}")
     lib = library(*torch.cuda.get_device_capability(q.device))
@@ -216,37 +159,15 @@ def paged_decode_cuda(
         raise RuntimeError(f"paged_decode_cuda: {lib}")
     B, H, D = q.shape
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    args, outputs = _proj_args(proj, H, q.device) if proj is not None else (None, None)
     code = lib.paged_decode_bf16(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), scale * LOG2E, B, H, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1), int(math.log2(k_cache.shape[1])), int(pdl),
         torch.cuda.current_stream(q.device).cuda_stream, *_rope_args(rope), *form_for(B),
-        ctypes.byref(args) if args is not None else None,
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"paged_decode_cuda: {lib.paged_decode_error(code).decode()}")
-    return outputs if outputs is not None else out
-
-
-def _proj_args(proj: Proj, H: int, device: torch.device) -> tuple[_ProjArgs, tuple[torch.Tensor, ...]]:
-    """The kernel's ProjArgs and the tensors it writes: y, s, the squares (and the heads' partials it keeps)."""
-    w, bias, residual, weight = proj
-    N = w.scales.shape[1]
-    y = torch.empty(1, N, dtype=torch.bfloat16, device=device)
-    sums = torch.empty(1, N, dtype=torch.bfloat16, device=device)
-    squares = torch.empty(1, N // 32, dtype=torch.float32, device=device)
-    partial = torch.empty(H, N, dtype=torch.float32, device=device)
-    a = _ProjArgs()
-    a.qw, a.scales = w.qweight.data_ptr(), w.scales.data_ptr()
-    a.zeros = w.zeros.data_ptr() if w.zeros is not None else None
-    a.zero = float(w.zero)
-    a.bias = bias.data_ptr() if bias is not None else None
-    a.residual, a.weight = residual.data_ptr(), weight.data_ptr()
-    a.y, a.sum, a.sq = y.data_ptr(), sums.data_ptr(), squares.data_ptr()
-    a.partial, a.counters = partial.data_ptr(), w.counters.data_ptr()
-    a.N, a.chunks, a.k_offset, a.group_size = N, H, w.k_offset, w.group_size
-    return a, (y, sums, squares)
+    return out
 
 
 def _rope_args(rope: Rope | None) -> tuple[Any, ...]:

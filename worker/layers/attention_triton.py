@@ -54,13 +54,11 @@ class TritonAttention:
         self.varlen_attn = torch_varlen_attn() if use_varlen_attn else None
         self.pdl = False  # the paged decode kernels launch with PDL (DecodeKernels.pdl; sm_90+, else plainly)
         self.attn_cuda = False  # decode on the CUDA kernel where it serves (DecodeKernels.attn_cuda)
-        self.attn_proj = False  # attn.c_proj inside it where that serves (DecodeKernels.attn_proj)
 
     def set_decode_kernels(self, opts: DecodeKernels) -> None:
         """Every attention layer of a model hands the model's choices to its (shared) backend."""
         self.pdl = opts.pdl
         self.attn_cuda = opts.attn_cuda
-        self.attn_proj = opts.attn_proj
 
     # k, v: [T, heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, heads, head_dim]; slots: [T]
     def store(
@@ -161,32 +159,6 @@ class TritonAttention:
             return None
         lens = ctx.seqlen.input_lengths
         return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope)
-
-    def decode_rope_proj(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        ctx: ForwardContext,
-        scale: float,
-        proj: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """decode_rope with attn.c_proj and the norm fold after it inside the kernel (DecodeKernels.attn_proj;
-        paged_decode_cuda.Proj): (rn(s * weight), s, the tiles' sums of s²), or None where it does not serve the step
-        (the caller then runs decode_rope and c_proj as before)."""
-        if not self.attn_proj or ctx.is_prefill or not self.attn_cuda or ctx.block_tables is None or ctx.slots is None:
-            return None
-        if not self._cuda_serves(q, k_cache, v_cache, ctx, False):
-            return None
-        from worker.kernels.paged_decode_cuda import Rope, form_for, paged_decode_cuda, proj_serves, rope_serves
-
-        rope = Rope(k, v, ctx.cos, ctx.sin, ctx.logn, ctx.slots)
-        if form_for(q.shape[0]) != (8, 2) or rope_serves(q, rope) is not None or proj_serves(q, proj) is not None:
-            return None
-        lens = ctx.seqlen.input_lengths
-        return paged_decode_cuda(q, k_cache, v_cache, ctx.block_tables, lens, scale, self.pdl, rope, proj)
 
     def long_decode(self, cache_dtype: torch.dtype, head_dim: int) -> dict[int, int] | None:
         """{rows: tokens}: decode steps of `rows` rows take the CUDA kernel below a longest context of `tokens` and the

@@ -132,12 +132,7 @@ class DecodeKernels:
     7B Int4 step at batch 1 took 1.842-1.853 ms with it against 1.869-1.880 without, at batch 2 1.955-1.973 against
     2.025-2.030 (three alternating rounds on one H200; batch 8 unchanged: it folds at 1-2 rows); removing the two
     norms' launches outright (wrong values, timing only) bounds the gain at ~0.11 ms at batch 1 (BENCHMARKS.md,
-    2026-11-30, ninth).
-    attn_proj: with norm_fold and attn_cuda, at decode steps of one sequence, attn.c_proj (GPTQ Int4, tiled words,
-    groups of a multiple of 128, up to 4,096 columns) and the norm fold after it run inside the CUDA decode attention
-    (paged_decode.cu's kProj): each block of a head's cluster multiplies the head's output row, rounded to bf16, by its
-    eighth of the head's 128 rows (read before the PDL wait), and the last head to arrive at a 32-column tile sums the
-    heads' products in head order: one launch fewer a layer. Another summation order than gptq_tc's (deterministic)."""
+    2026-11-30, ninth)."""
 
     pdl: bool = False
     act_gemv: bool = False
@@ -155,7 +150,6 @@ class DecodeKernels:
     attn_cuda: bool = False
     gptq_tiled: bool = False
     norm_fold: bool = False
-    attn_proj: bool = False
 
     def names(self) -> list[str]:
         """The fields switched on, in declaration order."""
@@ -198,7 +192,6 @@ def where_applies(opts: DecodeKernels, device: torch.device, fused: bool = True)
         rope_store=opts.rope_store and fused,
         lora_pdl=pdl.active(opts.lora_pdl, device),
         attn_cuda=opts.attn_cuda and fused and pdl.active(True, device),  # thread block clusters: sm_90+ too
-        attn_proj=opts.attn_proj and opts.attn_cuda and fused and pdl.active(True, device),
     )
 
 

@@ -256,16 +256,6 @@ class _GPTQ:
         )  # fmt: skip
         return Deferred(y, squares, norm.eps), sums
 
-    def proj_fold(self, residual: torch.Tensor, norm: RMSNorm) -> Any:
-        """DecodeKernels.attn_proj: this linear (attn.c_proj) with the norm fold after it as the CUDA decode
-        attention's `paged_decode_cuda.Proj` at a one-row step where it folds the norm (`folds_norm`) and its words
-        are tiled, else None (the attention backend checks the rest: `proj_serves`)."""
-        if not self.decode_kernels.attn_proj or not self.folds_norm(1) or self.gemv is None or not self.gemv.tiled:
-            return None
-        from worker.kernels.paged_decode_cuda import Proj
-
-        return Proj(self.gemv, getattr(self, "bias", None), residual, norm.weight)
-
     def forward_scaled(self, x: Deferred) -> torch.Tensor:
         """forward(RMSNorm's output) from its deferred form (`folds_norm`): the product's rows scaled in gptq_tc's
         epilogue before the bias (kNorm 2)."""

@@ -120,38 +120,19 @@ class FlashQwenAttention(nn.Module):
         self, x: torch.Tensor | Deferred, ctx: ForwardContext, kv: KVLayer | None, norm: RMSNorm, residual: torch.Tensor
     ) -> tuple[Deferred, torch.Tensor]:
         """norm(forward(x) + residual) deferred, and the sum (DecodeKernels.norm_fold: FlashQwenModel.folds_norms):
-        c_proj's launch adds the residual, or (DecodeKernels.attn_proj, where it serves) the decode attention's; x may
-        be deferred itself (ln_1 folded into the previous block)."""
-        c_proj = unwrapped(self.c_proj)
-        qkv = self._qkv(x, ctx)
-        fused: Any = getattr(self.backend, "decode_rope_proj", None)
-        fold: Any = getattr(c_proj, "proj_fold", None)
-        proj = fold(residual, norm) if fused and fold and qkv.shape[0] == 1 and kv is not None else None
-        scaled = bool(backend_kwargs(self.kv_scales))
-        if proj is not None and kv is not None and ctx.slots is not None and self.rotary.stores(qkv, kv[0], scaled):
-            q, k, v = qkv.view(1, 3, self.num_heads, self.head_dim).unbind(1)
-            out = fused(q, k, v, kv[0], kv[1], ctx, self.scale, proj)
-            if out is not None:
-                y, sums, squares = out
-                return Deferred(y, squares, norm.eps), sums
-        return c_proj.forward_norm(self._attend_qkv(qkv, ctx, kv), residual, norm)  # type: ignore[operator]
+        c_proj's launch adds the residual; x may be deferred itself (ln_1 folded into the previous block)."""
+        return unwrapped(self.c_proj).forward_norm(self.attend(x, ctx, kv), residual, norm)  # type: ignore[operator]
 
     def attend(
         self, x: torch.Tensor | Deferred, ctx: ForwardContext, kv: KVLayer | None, parts: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Everything before c_proj: its input [T, heads * head_dim] (x Deferred: norm_fold's c_attn)."""
-        return self._attend_qkv(self._qkv(x, ctx, parts), ctx, kv)
-
-    def _qkv(self, x: torch.Tensor | Deferred, ctx: ForwardContext, parts: torch.Tensor | None = None) -> torch.Tensor:
-        """c_attn's output [T, 3 * heads * head_dim] (this rank's heads)."""
         if isinstance(x, Deferred):
-            return unwrapped(self.c_attn).forward_scaled(x)  # type: ignore[operator]
-        if parts is not None:
-            return self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
-        return self.c_attn(x, ctx)
-
-    def _attend_qkv(self, qkv: torch.Tensor, ctx: ForwardContext, kv: KVLayer | None) -> torch.Tensor:
-        """RoPE, the cache store and the attention from c_attn's output: c_proj's input [T, heads * head_dim]."""
+            qkv = unwrapped(self.c_attn).forward_scaled(x)  # type: ignore[operator]
+        elif parts is not None:
+            qkv = self.c_attn.forward_partials(x, ctx, parts)  # type: ignore[operator]
+        else:
+            qkv = self.c_attn(x, ctx)  # [T, 3 * heads * head_dim] (this rank's heads)
         T = qkv.shape[0]
         q, k, v = qkv.view(T, 3, self.num_heads, self.head_dim).unbind(1)  # each [T, heads, head_dim]
         k_cache, v_cache = kv if kv is not None else (None, None)
