@@ -18,6 +18,10 @@ A variant is NAME or NAME:SETTINGS, a comma list of
   plan=NxK=WxS gptq_tc's plan for an N x K linear (columns x rows): W warps a block over S splits of K, staged or
                not (the variant's calls decide)
   plan=NxK=W   gptq_tc's warps a block for an N x K gate | up pair (DecodeKernels.gptq_act_out); one plan a shape
+  drop=LAUNCH  timing only, values wrong: one of each layer's five launches of the norm-folded decode (GPTQ Int4 at
+               1-2 rows with norm_fold, as served) left out, its output a constant buffer: c_attn, attention,
+               attn.c_proj, gate_up or mlp.c_proj (drop= again for more). The step's drop bounds what any change to
+               that launch can gain (BENCHMARKS.md, 2026-12-01)
 Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
 """
 
@@ -52,6 +56,7 @@ class Variant:
     kernels: str = ""  # parse_decode_kernels' spec ("": the served set)
     consts: dict[tuple[str, str], int] = field(default_factory=dict)  # (worker.kernels module, name) -> value
     plans: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (N, K) -> (warps, splits; 0: pair)
+    drops: tuple[str, ...] = ()  # DROPS' launches left out (timing only)
 
 
 def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
@@ -98,6 +103,10 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             if nk in v.plans:
                 raise ValueError(f"variant {name}: {item!r}: a second plan for {shape}")
             v.plans[nk] = (int(ws[0]), int(ws[1]) if len(ws) == 2 else 0)
+        elif key == "drop":
+            if value not in DROPS:
+                raise ValueError(f"variant {name}: drop {value!r}: one of {', '.join(DROPS)}")
+            v.drops += (value,)
         elif key.startswith(("form", "long")) and key[4:].isdigit():
             if key.startswith("form"):
                 blocks, _, depth = value.partition("x")
@@ -107,8 +116,65 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
             else:
                 v.long[int(key[4:])] = int(value)
         else:
-            raise ValueError(f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels, set, plan)")
+            raise ValueError(
+                f"variant {name}: unknown setting {key!r} (src, tiles, formB, longB, kernels, set, plan, drop)"
+            )
     return v
+
+
+def _drops() -> dict[str, tuple[Any, str, Any]]:
+    """drop=LAUNCH's patches: (class, method, its stand-in), each returning what the launch would, from constant
+    buffers (`_const`) instead of computing it."""
+    from worker.layers.norm import Deferred
+    from worker.layers.quantized import _GPTQ
+    from worker.models import qwen
+
+    def rows(t: Any, n: int) -> Any:  # the first n values of t as [rows, n], contiguous (a view: no launch)
+        return t.reshape(-1)[: t.shape[0] * n].view(t.shape[0], n)
+
+    def squares(like: Any) -> Any:  # the norm fold's squares of like's rows (128 tiles: any count serves the timing)
+        import torch
+
+        return _const((like.shape[0], 128), like.device, torch.float32)
+
+    def attend_only(self: Any, x: Any, ctx: Any, kv: Any, norm: Any, residual: Any) -> Any:
+        o = self.attend(x, ctx, kv)
+        return Deferred(o, squares(o), norm.eps), residual
+
+    def act_only(self: Any, x: Any, norm: Any, residual: Any) -> Any:
+        a = self.act_deferred(x)
+        return Deferred(rows(a, residual.shape[1]), squares(a), norm.eps), residual
+
+    def c_attn_only(self: Any, x: Any, ctx: Any, kv: Any, parts: Any = None) -> Any:
+        c_attn: Any = qwen.unwrapped(self.c_attn)
+        qkv = c_attn.forward_scaled(x) if isinstance(x, Deferred) else self.c_attn(x, ctx)
+        return rows(qkv, self.num_heads * self.head_dim)
+
+    def activation(self: Any, x: Any) -> Any:  # mlp.c_proj's input: its Int4 words' rows x 8
+        c_proj: Any = qwen.unwrapped(self.c_proj)
+        return _const((x.x.shape[0], c_proj.qweight.shape[0] * 8), x.x.device)
+
+    return {
+        "c_attn": (_GPTQ, "forward_scaled", lambda self, x: _const((x.x.shape[0], self.scales.shape[1]), x.x.device)),
+        "attention": (qwen.FlashQwenAttention, "attend", c_attn_only),
+        "attn.c_proj": (qwen.FlashQwenAttention, "forward_norm", attend_only),
+        "gate_up": (qwen.QwenMLP, "act_deferred", activation),
+        "mlp.c_proj": (qwen.QwenMLP, "forward_norm", act_only),
+    }  # fmt: skip
+
+
+DROPS = ("c_attn", "attention", "attn.c_proj", "gate_up", "mlp.c_proj")
+_CONSTS: dict[tuple[Any, ...], Any] = {}
+
+
+def _const(shape: tuple[int, ...], device: Any, dtype: Any = None) -> Any:
+    """A constant buffer of `shape` on `device` (bf16 unless said), one a shape for the whole run."""
+    import torch
+
+    key = (shape, str(device), dtype or torch.bfloat16)
+    if key not in _CONSTS:
+        _CONSTS[key] = torch.full(shape, 0.01, dtype=key[2], device=device)
+    return _CONSTS[key]
 
 
 def _kernel_module(name: str) -> Any:
@@ -138,7 +204,11 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
     consts = {(m, c): (mod, getattr(mod, c)) for m, c in v.consts for mod in [_kernel_module(m)]}
     gemv = modules["gptq_gemv"]
     plans = (gemv.plan_tc, gemv.plan_tc_pair)
+    patches = [_drops()[d] for d in v.drops]
+    originals = [(cls, meth, cls.__dict__[meth]) for cls, meth, _ in patches]
     try:
+        for cls, meth, stand_in in patches:
+            setattr(cls, meth, stand_in)
         if v.plans:
             gemv.plan_tc, gemv.plan_tc_pair = _planned(v.plans, *plans)
         for (m, c), value in v.consts.items():
@@ -159,6 +229,8 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
         for (_, c), (module, old) in consts.items():
             setattr(module, c, old)
         gemv.plan_tc, gemv.plan_tc_pair = plans
+        for cls, meth, original in reversed(originals):
+            setattr(cls, meth, original)
 
 
 def _planned(plans: dict[tuple[int, int], tuple[int, int]], plan_tc: Any, plan_tc_pair: Any) -> tuple[Any, Any]:

@@ -106,3 +106,62 @@ def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
         assert backend.tiles == Tiles()
         assert gemv_cuda.TC_LONG_K == long_k
         assert (gemv_cuda.plan_tc, gemv_cuda.plan_tc_pair) == (plan_tc, plan_tc_pair)
+
+
+def test_drop_names_a_layer_launch_and_holds_only_in_its_block():
+    """drop=LAUNCH (timing bounds): the launches by name, more than one, an unknown one refused naming the choices;
+    inside the variant's block the launch's method is the stand-in, after it (an exception too) the model's again."""
+    from worker.layers.quantized import _GPTQ
+    from worker.models import qwen
+
+    v = ab_decode.parse_variant("b:drop=attention,drop=gate_up")
+    assert v.drops == ("attention", "gate_up")
+    with pytest.raises(ValueError, match="drop 'mlp': one of c_attn, attention, attn.c_proj, gate_up, mlp.c_proj"):
+        ab_decode.parse_variant("b:drop=mlp")
+    methods = {
+        "c_attn": (_GPTQ, "forward_scaled"),
+        "attention": (qwen.FlashQwenAttention, "attend"),
+        "attn.c_proj": (qwen.FlashQwenAttention, "forward_norm"),
+        "gate_up": (qwen.QwenMLP, "act_deferred"),
+        "mlp.c_proj": (qwen.QwenMLP, "forward_norm"),
+    }
+    assert set(methods) == set(ab_decode.DROPS)
+    before = {name: cls.__dict__[meth] for name, (cls, meth) in methods.items()}
+    backend = SimpleNamespace(tiles=None)
+    for fail in (False, True):
+        with pytest.raises(RuntimeError) if fail else ab_decode.contextlib.nullcontext():
+            with ab_decode.applied(ab_decode.parse_variant("b:" + ",".join(f"drop={d}" for d in methods)), backend):
+                assert all(cls.__dict__[m] is not before[n] for n, (cls, m) in methods.items())
+                if fail:
+                    raise RuntimeError("a variant's run failed")
+        assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
+
+
+def test_a_dropped_launch_s_stand_in_has_the_launch_s_output_shape():
+    """Each stand-in returns what its launch would in shape (wrong values): c_attn's q, k, v; the attention's output
+    from c_attn's; attn.c_proj's and mlp.c_proj's deferred norm with the residual as the sum; gate_up's activation as
+    wide as mlp.c_proj's input."""
+    import torch
+
+    from worker.layers.norm import Deferred
+
+    drops = ab_decode._drops()
+    x = Deferred(torch.zeros(2, 256), torch.zeros(2, 8), 1e-6)
+    _, _, c_attn = drops["c_attn"]
+    assert c_attn(SimpleNamespace(scales=torch.zeros(2, 768)), x).shape == (2, 768)
+    _, _, gate_up = drops["gate_up"]
+    assert gate_up(SimpleNamespace(c_proj=SimpleNamespace(qweight=torch.zeros(64, 256))), x).shape == (2, 512)
+    attn = SimpleNamespace(
+        c_attn=SimpleNamespace(forward_scaled=lambda d: torch.arange(2 * 768.0).view(2, 768)), num_heads=2, head_dim=128
+    )
+    _, _, attention = drops["attention"]
+    assert torch.equal(attention(attn, x, None, None), torch.arange(512.0).view(2, 256))
+    residual, norm = torch.ones(2, 256), SimpleNamespace(eps=1e-6)
+    for name, owner in (
+        ("attn.c_proj", SimpleNamespace(attend=lambda x, ctx, kv: torch.zeros(2, 256))),
+        ("mlp.c_proj", SimpleNamespace(act_deferred=lambda x: torch.zeros(2, 512))),
+    ):
+        _, _, stand_in = drops[name]
+        args = (x, None, None, norm, residual) if name == "attn.c_proj" else (x, norm, residual)
+        deferred, s = stand_in(owner, *args)
+        assert deferred.x.shape == (2, 256) and deferred.squares.shape == (2, 128) and s is residual, name
