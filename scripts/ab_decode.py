@@ -21,7 +21,9 @@ A variant is NAME or NAME:SETTINGS, a comma list of
   drop=LAUNCH  timing only, values wrong: one of each layer's five launches of the norm-folded decode (GPTQ Int4 at
                1-2 rows with norm_fold, as served) left out, its output a constant buffer: c_attn, attention,
                attn.c_proj, gate_up or mlp.c_proj (drop= again for more). The step's drop bounds what any change to
-               that launch can gain (BENCHMARKS.md, 2026-12-01)
+               that launch can gain (BENCHMARKS.md, 2026-12-01). c_attn's reaches layers 1-31 (layer 0's follows the
+               unfolded ln_1) and mlp.c_proj's layers 0-30 (the last has no norm after it); a drop that never ran
+               (another path: bf16, more rows, norm_fold off) fails the variant
 Every variant starts from the defaults; the last table gives each variant's step times over the rounds.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -122,9 +125,10 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
     return v
 
 
+@functools.cache
 def _drops() -> dict[str, tuple[Any, str, Any]]:
-    """drop=LAUNCH's patches: (class, method, its stand-in), each returning what the launch would, from constant
-    buffers (`_const`) instead of computing it."""
+    """drop=LAUNCH's patches: (class, method, its stand-in), each returning what the launch would (shape, dtype, a
+    contiguous row-major layout), from constant buffers (`_const`) instead of computing it."""
     from worker.layers.norm import Deferred
     from worker.layers.quantized import _GPTQ
     from worker.models import qwen
@@ -150,12 +154,15 @@ def _drops() -> dict[str, tuple[Any, str, Any]]:
         qkv = c_attn.forward_scaled(x) if isinstance(x, Deferred) else self.c_attn(x, ctx)
         return rows(qkv, self.num_heads * self.head_dim)
 
+    def c_attn_out(self: Any, x: Any) -> Any:  # q, k, v of the rows
+        return _const((x.x.shape[0], self.scales.shape[1]), x.x.device, x.x.dtype)
+
     def activation(self: Any, x: Any) -> Any:  # mlp.c_proj's input: its Int4 words' rows x 8
         c_proj: Any = qwen.unwrapped(self.c_proj)
-        return _const((x.x.shape[0], c_proj.qweight.shape[0] * 8), x.x.device)
+        return _const((x.x.shape[0], c_proj.qweight.shape[0] * 8), x.x.device, x.x.dtype)
 
     return {
-        "c_attn": (_GPTQ, "forward_scaled", lambda self, x: _const((x.x.shape[0], self.scales.shape[1]), x.x.device)),
+        "c_attn": (_GPTQ, "forward_scaled", c_attn_out),
         "attention": (qwen.FlashQwenAttention, "attend", c_attn_only),
         "attn.c_proj": (qwen.FlashQwenAttention, "forward_norm", attend_only),
         "gate_up": (qwen.QwenMLP, "act_deferred", activation),
@@ -204,11 +211,12 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
     consts = {(m, c): (mod, getattr(mod, c)) for m, c in v.consts for mod in [_kernel_module(m)]}
     gemv = modules["gptq_gemv"]
     plans = (gemv.plan_tc, gemv.plan_tc_pair)
-    patches = [_drops()[d] for d in v.drops]
-    originals = [(cls, meth, cls.__dict__[meth]) for cls, meth, _ in patches]
+    patches = [(d, *_drops()[d]) for d in v.drops]
+    originals = [(cls, meth, cls.__dict__[meth]) for _, cls, meth, _ in patches]
+    ran: dict[str, int] = dict.fromkeys(v.drops, 0)
     try:
-        for cls, meth, stand_in in patches:
-            setattr(cls, meth, stand_in)
+        for d, cls, meth, stand_in in patches:
+            setattr(cls, meth, _counted(stand_in, ran, d))
         if v.plans:
             gemv.plan_tc, gemv.plan_tc_pair = _planned(v.plans, *plans)
         for (m, c), value in v.consts.items():
@@ -221,6 +229,12 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
         if v.tiles:
             backend.tiles = Tiles.parse(v.tiles)
         yield
+        idle = [d for d, n in ran.items() if not n]
+        if idle:
+            raise RuntimeError(
+                f"variant {v.name}: drop={','.join(idle)} never ran: the step does not take the norm-folded "
+                "decode (GPTQ Int4 at 1-2 rows with norm_fold)"
+            )
     finally:
         for stem in v.src:
             modules[stem].SOURCES, modules[stem].HEADERS = saved_src[stem]
@@ -231,6 +245,16 @@ def applied(v: Variant, backend: Any) -> Iterator[None]:
         gemv.plan_tc, gemv.plan_tc_pair = plans
         for cls, meth, original in reversed(originals):
             setattr(cls, meth, original)
+
+
+def _counted(fn: Any, ran: dict[str, int], name: str) -> Any:
+    """fn, counting its calls in ran[name]."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        ran[name] += 1
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def _planned(plans: dict[tuple[int, int], tuple[int, int]], plan_tc: Any, plan_tc_pair: Any) -> tuple[Any, Any]:

@@ -108,60 +108,103 @@ def test_a_variant_holds_in_its_block_and_the_defaults_come_back(tmp_path):
         assert (gemv_cuda.plan_tc, gemv_cuda.plan_tc_pair) == (plan_tc, plan_tc_pair)
 
 
-def test_drop_names_a_layer_launch_and_holds_only_in_its_block():
-    """drop=LAUNCH (timing bounds): the launches by name, more than one, an unknown one refused naming the choices;
-    inside the variant's block the launch's method is the stand-in, after it (an exception too) the model's again."""
+def _launch_methods():
     from worker.layers.quantized import _GPTQ
     from worker.models import qwen
 
-    v = ab_decode.parse_variant("b:drop=attention,drop=gate_up")
-    assert v.drops == ("attention", "gate_up")
-    with pytest.raises(ValueError, match="drop 'mlp': one of c_attn, attention, attn.c_proj, gate_up, mlp.c_proj"):
-        ab_decode.parse_variant("b:drop=mlp")
-    methods = {
+    return {
         "c_attn": (_GPTQ, "forward_scaled"),
         "attention": (qwen.FlashQwenAttention, "attend"),
         "attn.c_proj": (qwen.FlashQwenAttention, "forward_norm"),
         "gate_up": (qwen.QwenMLP, "act_deferred"),
         "mlp.c_proj": (qwen.QwenMLP, "forward_norm"),
     }
-    assert set(methods) == set(ab_decode.DROPS)
-    before = {name: cls.__dict__[meth] for name, (cls, meth) in methods.items()}
-    backend = SimpleNamespace(tiles=None)
-    for fail in (False, True):
-        with pytest.raises(RuntimeError) if fail else ab_decode.contextlib.nullcontext():
-            with ab_decode.applied(ab_decode.parse_variant("b:" + ",".join(f"drop={d}" for d in methods)), backend):
-                assert all(cls.__dict__[m] is not before[n] for n, (cls, m) in methods.items())
-                if fail:
-                    raise RuntimeError("a variant's run failed")
-        assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
 
 
-def test_a_dropped_launch_s_stand_in_has_the_launch_s_output_shape():
-    """Each stand-in returns what its launch would in shape (wrong values): c_attn's q, k, v; the attention's output
-    from c_attn's; attn.c_proj's and mlp.c_proj's deferred norm with the residual as the sum; gate_up's activation as
-    wide as mlp.c_proj's input."""
+def _calls(dtype):
+    """For each launch: (the object its method is called on, the call's arguments, a check of what the stand-in
+    returns): what the norm-folded decode passes there (a Deferred x of 2 rows of 256) and returns (shape, dtype,
+    contiguous rows, the norm's eps, the residual as the sum, fp32 squares)."""
     import torch
 
     from worker.layers.norm import Deferred
 
-    drops = ab_decode._drops()
-    x = Deferred(torch.zeros(2, 256), torch.zeros(2, 8), 1e-6)
-    _, _, c_attn = drops["c_attn"]
-    assert c_attn(SimpleNamespace(scales=torch.zeros(2, 768)), x).shape == (2, 768)
-    _, _, gate_up = drops["gate_up"]
-    assert gate_up(SimpleNamespace(c_proj=SimpleNamespace(qweight=torch.zeros(64, 256))), x).shape == (2, 512)
-    attn = SimpleNamespace(
-        c_attn=SimpleNamespace(forward_scaled=lambda d: torch.arange(2 * 768.0).view(2, 768)), num_heads=2, head_dim=128
-    )
-    _, _, attention = drops["attention"]
-    assert torch.equal(attention(attn, x, None, None), torch.arange(512.0).view(2, 256))
-    residual, norm = torch.ones(2, 256), SimpleNamespace(eps=1e-6)
-    for name, owner in (
-        ("attn.c_proj", SimpleNamespace(attend=lambda x, ctx, kv: torch.zeros(2, 256))),
-        ("mlp.c_proj", SimpleNamespace(act_deferred=lambda x: torch.zeros(2, 512))),
+    x = Deferred(torch.zeros(2, 256, dtype=dtype), torch.zeros(2, 8), 1e-5)
+    residual, norm = torch.ones(2, 256, dtype=dtype), SimpleNamespace(eps=1e-6)
+    qkv = torch.arange(2 * 768.0).view(2, 768).to(dtype)
+
+    def folded(out):
+        deferred, s = out
+        assert deferred.x.shape == (2, 256) and deferred.x.dtype == dtype and deferred.x.is_contiguous()
+        assert deferred.squares.shape[0] == 2 and deferred.squares.dtype == torch.float32
+        assert deferred.eps == norm.eps and s is residual
+
+    def plain(shape):
+        def check(out):
+            assert out.shape == shape and out.dtype == dtype and out.is_contiguous()
+
+        return check
+
+    attn = SimpleNamespace(c_attn=SimpleNamespace(forward_scaled=lambda d: qkv), num_heads=2, head_dim=128)
+    return {
+        "c_attn": (SimpleNamespace(scales=torch.zeros(2, 768)), (x,), plain((2, 768))),
+        "attention": (attn, (x, None, None), lambda out: torch.equal(out, qkv.reshape(-1)[:512].view(2, 256)) or 1 / 0),
+        "attn.c_proj": (SimpleNamespace(attend=lambda x, ctx, kv: torch.zeros(2, 256, dtype=dtype)),
+                        (x, None, None, norm, residual), folded),
+        "gate_up": (SimpleNamespace(c_proj=SimpleNamespace(qweight=torch.zeros(64, 256))), (x,), plain((2, 512))),
+        "mlp.c_proj": (SimpleNamespace(act_deferred=lambda x: torch.zeros(2, 512, dtype=dtype)), (x, norm, residual),
+                       folded),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_each_dropped_launch_s_stand_in_returns_what_the_launch_would(dtype):
+    """Inside a variant dropping all five, each launch's method (called as the norm-folded decode calls it) returns
+    the launch's output in shape, dtype and layout (wrong values); attention's from c_attn's, on layer 0's unfolded
+    input too (a plain tensor through c_attn itself). After the block the model's methods are back."""
+    import torch
+
+    methods = _launch_methods()
+    assert set(methods) == set(ab_decode.DROPS)
+    before = {name: cls.__dict__[meth] for name, (cls, meth) in methods.items()}
+    calls = _calls(getattr(torch, dtype))
+    with ab_decode.applied(
+        ab_decode.parse_variant("b:" + ",".join(f"drop={d}" for d in methods)), SimpleNamespace(tiles=None)
     ):
-        _, _, stand_in = drops[name]
-        args = (x, None, None, norm, residual) if name == "attn.c_proj" else (x, norm, residual)
-        deferred, s = stand_in(owner, *args)
-        assert deferred.x.shape == (2, 256) and deferred.squares.shape == (2, 128) and s is residual, name
+        for name, (cls, meth) in methods.items():
+            owner, args, check = calls[name]
+            check(cls.__dict__[meth](owner, *args))
+        owner = SimpleNamespace(c_attn=lambda x, ctx: x.repeat(1, 3), num_heads=2, head_dim=128)
+        layer0 = torch.arange(512.0).view(2, 256).to(getattr(torch, dtype))
+        assert torch.equal(
+            cls_attend(methods)(owner, layer0, None, None), layer0.repeat(1, 3).reshape(-1)[:512].view(2, 256)
+        )
+    assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
+
+
+def cls_attend(methods):
+    cls, meth = methods["attention"]
+    return cls.__dict__[meth]
+
+
+def test_drop_names_a_launch_fails_where_it_never_ran_and_restores_the_model():
+    """drop=LAUNCH: the launches by name, an unknown one refused naming the choices; a variant whose drop never ran
+    (another decode path) fails naming it; after the block (a run that failed, a drop named twice too) the model's
+    methods are back."""
+    import torch
+
+    assert ab_decode.parse_variant("b:drop=attention,drop=gate_up").drops == ("attention", "gate_up")
+    with pytest.raises(ValueError, match="drop 'mlp': one of c_attn, attention, attn.c_proj, gate_up, mlp.c_proj"):
+        ab_decode.parse_variant("b:drop=mlp")
+    methods = _launch_methods()
+    before = {name: cls.__dict__[meth] for name, (cls, meth) in methods.items()}
+    with pytest.raises(RuntimeError, match="drop=gate_up never ran"):
+        with ab_decode.applied(ab_decode.parse_variant("b:drop=attention,drop=gate_up"), SimpleNamespace(tiles=None)):
+            owner, args, _ = _calls(torch.bfloat16)["attention"]
+            cls_attend(methods)(owner, *args)  # the attention's drop runs, gate_up's does not
+    assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
+    with pytest.raises(KeyError, match="a variant's run failed"):
+        with ab_decode.applied(ab_decode.parse_variant("b:drop=attention,drop=attention"), SimpleNamespace(tiles=None)):
+            assert cls_attend(methods) is not before["attention"]
+            raise KeyError("a variant's run failed")
+    assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())

@@ -61,8 +61,9 @@
 // and chunk over B's 8 columns with two shuffles at the chunk's end (2.06-2.08 against 1.84-1.86: the chain delays the
 // ring's next loads), and kOne's form chosen by a runtime branch instead of the template (1.881-1.883; batch 2 slower).
 // Hopper's bulk copies (2026-12-01, second): the words through shared memory by cp.async.bulk with mbarriers, a ring
-// of 2-8 chunks a warp (the step 2.30-2.89 ms against 1.79) or every chunk of a block requested before the PDL wait
-// (2.03 against 1.79; c_attn alone 12.2 against 9.0 us), bit for bit the register ring's values: slower (0bf7387).
+// of 2-8 chunks a warp (the step 2.30-2.89 ms against 1.79; not committed) or every chunk of a block requested before
+// the PDL wait (2.03 against 1.79; c_attn alone 12.2 against 9.0 us; 0bf7387), bit for bit the register ring's values:
+// slower.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
