@@ -145,10 +145,13 @@ def _calls(dtype):
 
         return check
 
+    def qs(out):  # the first 256 values of each row of c_attn's output, as [2, 256] rows
+        assert torch.equal(out, qkv.reshape(-1)[:512].view(2, 256))
+
     attn = SimpleNamespace(c_attn=SimpleNamespace(forward_scaled=lambda d: qkv), num_heads=2, head_dim=128)
     return {
         "c_attn": (SimpleNamespace(scales=torch.zeros(2, 768)), (x,), plain((2, 768))),
-        "attention": (attn, (x, None, None), lambda out: torch.equal(out, qkv.reshape(-1)[:512].view(2, 256)) or 1 / 0),
+        "attention": (attn, (x, None, None), qs),
         "attn.c_proj": (SimpleNamespace(attend=lambda x, ctx, kv: torch.zeros(2, 256, dtype=dtype)),
                         (x, None, None, norm, residual), folded),
         "gate_up": (SimpleNamespace(c_proj=SimpleNamespace(qweight=torch.zeros(64, 256))), (x,), plain((2, 512))),
@@ -177,12 +180,12 @@ def test_each_dropped_launch_s_stand_in_returns_what_the_launch_would(dtype):
         owner = SimpleNamespace(c_attn=lambda x, ctx: x.repeat(1, 3), num_heads=2, head_dim=128)
         layer0 = torch.arange(512.0).view(2, 256).to(getattr(torch, dtype))
         assert torch.equal(
-            cls_attend(methods)(owner, layer0, None, None), layer0.repeat(1, 3).reshape(-1)[:512].view(2, 256)
+            _attend(methods)(owner, layer0, None, None), layer0.repeat(1, 3).reshape(-1)[:512].view(2, 256)
         )
     assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
 
 
-def cls_attend(methods):
+def _attend(methods):
     cls, meth = methods["attention"]
     return cls.__dict__[meth]
 
@@ -201,10 +204,10 @@ def test_drop_names_a_launch_fails_where_it_never_ran_and_restores_the_model():
     with pytest.raises(RuntimeError, match="drop=gate_up never ran"):
         with ab_decode.applied(ab_decode.parse_variant("b:drop=attention,drop=gate_up"), SimpleNamespace(tiles=None)):
             owner, args, _ = _calls(torch.bfloat16)["attention"]
-            cls_attend(methods)(owner, *args)  # the attention's drop runs, gate_up's does not
+            _attend(methods)(owner, *args)  # the attention's drop runs, gate_up's does not
     assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
     with pytest.raises(KeyError, match="a variant's run failed"):
         with ab_decode.applied(ab_decode.parse_variant("b:drop=attention,drop=attention"), SimpleNamespace(tiles=None)):
-            assert cls_attend(methods) is not before["attention"]
+            assert _attend(methods) is not before["attention"]
             raise KeyError("a variant's run failed")
     assert all(cls.__dict__[m] is before[n] for n, (cls, m) in methods.items())
