@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import re
 import subprocess
@@ -125,7 +124,6 @@ def parse_variant(text: str, kernels: str = KERNELS) -> Variant:
     return v
 
 
-@functools.cache
 def _drops() -> dict[str, tuple[Any, str, Any]]:
     """drop=LAUNCH's patches: (class, method, its stand-in), each returning what the launch would (shape, dtype, a
     contiguous row-major layout), from constant buffers (`_const`) instead of computing it."""
